@@ -1,0 +1,61 @@
+# hoptune: every target sets itself up in .venv (created on first use).
+#   make test   install (CUDA extension compiled when nvcc is present) and run the tests
+#   make demo   install and run the built-in demo (tiny model, synthetic task, CPU or GPU)
+#   make lint   ruff (lint + format check) and clang-format on csrc/
+#   make wheel  build a wheel into dist/
+#   make gpu    build + GPU tests + benchmarks on an H200 (bench/run_gpu.sh; OUT=dir)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+HOPTUNE_BUILD_CUDA ?= AUTO
+export HOPTUNE_BUILD_CUDA
+BUILD_DEPS := 'scikit-build-core>=0.10' 'pybind11>=2.12' 'nvidia-cutlass==4.2.0.0' 'cmake>=3.24' ninja
+STAMP := $(VENV)/.hoptune-installed
+SOURCES := pyproject.toml CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
+
+.PHONY: test demo lint format wheel gpu clean setup
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# torch first (CPU build where no CUDA build is wanted), so nothing later pulls another one
+$(VENV)/.torch: | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
+	touch $@
+
+$(STAMP): $(VENV)/.torch $(SOURCES)
+	$(BIN)/python -m pip install -q $(BUILD_DEPS)
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test]"
+	touch $@
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+demo: $(STAMP)
+	$(BIN)/hoptune demo
+
+lint: $(BIN)/python
+	$(BIN)/python -m pip install -q "ruff>=0.6" "clang-format>=18"
+	$(BIN)/ruff check python tests bench
+	$(BIN)/ruff format --check python tests bench
+	$(BIN)/clang-format --dry-run --Werror $$(find csrc -name '*.cu' -o -name '*.cuh' -o -name '*.h' -o -name '*.cpp')
+
+format: $(BIN)/python
+	$(BIN)/python -m pip install -q "ruff>=0.6" "clang-format>=18"
+	$(BIN)/ruff check --fix python tests bench
+	$(BIN)/ruff format python tests bench
+	$(BIN)/clang-format -i $$(find csrc -name '*.cu' -o -name '*.cuh' -o -name '*.h' -o -name '*.cpp')
+
+wheel: $(VENV)/.torch
+	$(BIN)/python -m pip install -q build
+	$(BIN)/python -m build --wheel --outdir dist .
+
+gpu:
+	bash bench/run_gpu.sh $${OUT:-bench/results/gpu-run}
+
+clean:
+	rm -rf build dist $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,108 @@
+// NF4 (bitsandbytes' 4-bit NormalFloat) quantize / dequantize, torch-free.
+//
+// Format (bit-compatible with bitsandbytes 0.50, CUDA path):
+//   * the tensor is flattened; blocks of `blocksize` consecutive elements share one fp32 absmax;
+//   * x is scaled by the fp32 reciprocal of absmax (x * (1/absmax)) and mapped to the nearest of
+//     16 code values by strict `>` against the midpoints between them;
+//   * element 2j goes to the high nibble of byte j, element 2j+1 to the low nibble;
+//   * double quantization stores absmax - offset (offset = mean(absmax)) as 8-bit codes of the
+//     signed dynamic map, blockwise (blocksize2 = 256) with one fp32 scale per block;
+//   * dequantize is bf16_round(code[q] * absmax), absmax = code2[qa] * absmax2 + offset (two
+//     separately rounded fp32 operations, as bitsandbytes does them in two kernels).
+// One deliberate difference: an all-zero block gets code 7 (0.0) in every element so it
+// dequantizes to exact zeros (bitsandbytes' CUDA kernel computes 0 * (1/0) = NaN and stores
+// code 0 = -1.0, which double quantization turns into -absmax' instead of 0).
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "hoptune/common/check.h"
+
+namespace hoptune {
+
+// How the per-block absmax is stored: plain fp32, or nested (double-quantized).
+struct NF4Absmax {
+  const float* absmax = nullptr;     // fp32 [nblocks]; null when nested
+  const uint8_t* qabsmax = nullptr;  // nested: uint8 [nblocks]
+  const float* absmax2 = nullptr;    // nested: fp32 [ceil(nblocks / blocksize2)]
+  const float* code2 = nullptr;      // nested: fp32 [256], the signed dynamic map
+  float offset = 0.f;                // nested: mean(absmax) before the nested quantization
+  int blocksize2 = 256;
+};
+
+// out[i] = bf16/fp16/fp32(code[q_i] * absmax[i / blocksize]) for i < n.
+// n % blocksize == 0, blocksize a power of two in [64, 4096], packed 4-byte aligned,
+// out 16-byte aligned.
+cudaError_t nf4_dequantize(const uint8_t* packed, const NF4Absmax& absmax, int64_t n, int blocksize,
+                           void* out, DType out_dtype, cudaStream_t stream);
+
+// packed[n/2], absmax[n/blocksize] from x[n]. Sets *bad_flag (device int) to 1 when x holds
+// a non-finite value. Same size constraints as nf4_dequantize.
+cudaError_t nf4_quantize(const void* x, DType dtype, int64_t n, int blocksize, uint8_t* packed,
+                         float* absmax, int* bad_flag, cudaStream_t stream);
+
+// Double quantization of absmax[nblocks]: qabsmax[i] = dynamic-map code of
+// (absmax[i] - offset) / absmax2[i / blocksize2], absmax2 = blockwise max |absmax - offset|.
+cudaError_t nf4_quantize_nested(const float* absmax, int64_t nblocks, float offset,
+                                const float* code2, int blocksize2, uint8_t* qabsmax,
+                                float* absmax2, cudaStream_t stream);
+
+#ifdef __CUDACC__
+namespace nf4 {
+
+// Nearest NF4 code: the number of code midpoints that x exceeds. The literals are bitsandbytes'
+// (fp32-rounded midpoints); comparing with strict `>` keeps a NaN at code 0 like its tree does.
+__device__ __forceinline__ uint32_t quantize_value(float x) {
+  uint32_t q = 0;
+  q += x > -0.8480964004993439f;
+  q += x > -0.6106329262256622f;
+  q += x > -0.4599952697753906f;
+  q += x > -0.33967943489551544f;
+  q += x > -0.23460740596055984f;
+  q += x > -0.13791173323988914f;
+  q += x > -0.045525018125772476f;
+  q += x > 0.03979014977812767f;
+  q += x > 0.1202552504837513f;
+  q += x > 0.2035212516784668f;
+  q += x > 0.2920137718319893f;
+  q += x > 0.3893125355243683f;
+  q += x > 0.5016634166240692f;
+  q += x > 0.6427869200706482f;
+  q += x > 0.8614784181118011f;
+  return q;
+}
+
+// bitsandbytes' 8-bit blockwise quantizer: a 7-step binary search over the sorted 256-entry
+// map, then the nearer neighbour by midpoint. Kept step for step so the codes match exactly.
+__device__ __forceinline__ uint32_t quantize_dynamic(const float* code, float x) {
+  int pivot = 127, upper_pivot = 255, lower_pivot = 0;
+  float lower = -1.0f, upper = 1.0f;
+  float val = code[pivot];
+#pragma unroll
+  for (int i = 64; i > 0; i >>= 1) {
+    if (x > val) {
+      lower_pivot = pivot;
+      lower = val;
+      pivot += i;
+    } else {
+      upper_pivot = pivot;
+      upper = val;
+      pivot -= i;
+    }
+    val = code[pivot];
+  }
+  if (upper_pivot == 255) upper = code[upper_pivot];
+  if (lower_pivot == 0) lower = code[lower_pivot];
+  if (x > val) {
+    const float mid = __fmul_rn(__fadd_rn(upper, val), 0.5f);
+    return x > mid ? upper_pivot : pivot;
+  }
+  const float mid = __fmul_rn(__fadd_rn(lower, val), 0.5f);
+  return x < mid ? lower_pivot : pivot;
+}
+
+}  // namespace nf4
+#endif  // __CUDACC__
+
+}  // namespace hoptune

@@ -1,0 +1,33 @@
+"""hoptune: Hopper-native LLM post-training.
+
+``import hoptune`` is lean: it imports torch, creates no CUDA context, compiles nothing and does
+not import transformers; the heavier entry points below load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (loaded lazily)
+_LAZY = {
+    "quantize_nf4": "hoptune.quant",
+    "dequantize_nf4": "hoptune.quant",
+    "NF4Weight": "hoptune.quant",
+    "kernels_available": "hoptune._lib",
+}
+
+
+def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'hoptune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(mod), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

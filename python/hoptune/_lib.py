@@ -1,0 +1,88 @@
+"""Loads the compiled kernels (``hoptune._C``) and decides, per tensor, whether they can run.
+
+The module is imported lazily: ``import hoptune`` neither loads it nor creates a CUDA context.
+Dispatch rule: CUDA tensors on an sm_90 GPU use the kernels; CPU tensors use the PyTorch
+reference; CUDA tensors on any other GPU use the reference with a one-time warning. Setting
+``HOPTUNE_DISABLE_KERNELS=1`` forces the reference everywhere (useful to bisect a problem).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from types import ModuleType
+
+import torch
+
+# dtype codes shared with csrc/include/hoptune/common/check.h (enum class DType).
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+_warned: set[str] = set()
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> tuple[ModuleType | None, str | None]:
+    try:
+        from hoptune import _C  # type: ignore[attr-defined]
+    except ImportError as e:
+        return None, (
+            "the CUDA extension hoptune._C is not built (this is a pure-Python install: nvcc was not "
+            f"found at install time, or HOPTUNE_BUILD_CUDA=0): {e}"
+        )
+    return _C, None
+
+
+def extension() -> ModuleType | None:
+    """The compiled module, or None when this install has no CUDA kernels."""
+    return _load()[0]
+
+
+def unavailable_reason() -> str | None:
+    """Why the CUDA kernels cannot be used in this process (None when they can, on an sm_90 GPU)."""
+    mod, why = _load()
+    if mod is None:
+        return why
+    if os.environ.get("HOPTUNE_DISABLE_KERNELS", "0") not in ("", "0"):
+        return "HOPTUNE_DISABLE_KERNELS is set"
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible to PyTorch"
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) != (9, 0):
+        return f"the kernels are built for sm_90a (H100/H200); this GPU is sm_{major}{minor}"
+    return None
+
+
+def kernels_available() -> bool:
+    return unavailable_reason() is None
+
+
+def use_kernel(t: torch.Tensor, op: str) -> bool:
+    """True when ``op`` should run its CUDA kernel on tensor ``t`` (else the PyTorch reference)."""
+    if t.device.type != "cuda":
+        return False
+    mod, why = _load()
+    if os.environ.get("HOPTUNE_DISABLE_KERNELS", "0") not in ("", "0"):
+        return False
+    if mod is None:
+        reason = why
+    else:
+        major, minor = torch.cuda.get_device_capability(t.device)
+        if (major, minor) == (9, 0):
+            return True
+        reason = (
+            f"the kernels are built for sm_90a; {torch.cuda.get_device_name(t.device)} is sm_{major}{minor}"
+        )
+    if op not in _warned:
+        _warned.add(op)
+        warnings.warn(f"hoptune.{op}: using the PyTorch reference on CUDA because {reason}", stacklevel=3)
+    return False
+
+
+def stream(t: torch.Tensor) -> int:
+    """Integer handle of the current CUDA stream on ``t``'s device."""
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()

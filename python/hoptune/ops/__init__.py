@@ -1,0 +1,8 @@
+"""hoptune ops (``torch.ops.hoptune.*``): torch.library custom ops with fake kernels and autograd.
+
+Importing this package registers the ops; it creates no CUDA context.
+"""
+
+from hoptune.ops.nf4 import nf4_dequantize, nf4_quantize, nf4_quantize_nested
+
+__all__ = ["nf4_dequantize", "nf4_quantize", "nf4_quantize_nested"]

@@ -1,0 +1,44 @@
+"""Argument checks shared by the ops: one place, messages that name the argument."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+
+def tensor(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def dtype_in(name: str, t: torch.Tensor, allowed: Iterable[torch.dtype]) -> None:
+    allowed = tuple(allowed)
+    if t.dtype not in allowed:
+        names = [str(d).replace("torch.", "") for d in allowed]
+        names = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+        raise TypeError(f"{name} must be {names}, got {t.dtype}")
+
+
+def same_device(**tensors: torch.Tensor | None) -> torch.device:
+    devs = {k: v.device for k, v in tensors.items() if v is not None}
+    first = next(iter(devs.values()))
+    for k, d in devs.items():
+        if d != first:
+            desc = ", ".join(f"{n} on {dv}" for n, dv in devs.items())
+            raise ValueError(f"all tensors must be on one device, got {desc} ({k} differs)")
+    return first
+
+
+def contiguous(name: str, t: torch.Tensor) -> None:
+    if not t.is_contiguous():
+        raise ValueError(
+            f"{name} must be contiguous (got strides {tuple(t.stride())} for shape {tuple(t.shape)})"
+        )
+
+
+def blocksize(name: str, value: int, allowed: Iterable[int]) -> None:
+    allowed = tuple(allowed)
+    if not isinstance(value, int) or value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

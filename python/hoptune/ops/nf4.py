@@ -1,0 +1,125 @@
+"""NF4 ops: ``torch.ops.hoptune.nf4_quantize``, ``nf4_quantize_nested``, ``nf4_dequantize``.
+
+Each is a torch.library custom op with a fake (meta) kernel, so quantized models trace and
+compile; the CUDA kernel runs on sm_90 tensors and the reference (hoptune.reference.nf4)
+everywhere else. The ops assume validated inputs: hoptune.quant checks arguments once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hoptune import _lib
+from hoptune.reference import nf4 as ref
+
+
+@torch.library.custom_op("hoptune::nf4_quantize", mutates_args=())
+def nf4_quantize(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (numel % blocksize == 0) -> (packed uint8 [n/2], absmax fp32 [n/bs], non_finite int32 [1])."""
+    n = x.numel()
+    if not _lib.use_kernel(x, "nf4_quantize"):
+        packed, absmax = ref.nf4_quantize(x, blocksize)
+        bad = (~torch.isfinite(x)).any().to(torch.int32).reshape(1)
+        return packed, absmax, bad
+    x = x.contiguous()
+    packed = torch.empty(n // 2, dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(n // blocksize, dtype=torch.float32, device=x.device)
+    bad = torch.zeros(1, dtype=torch.int32, device=x.device)
+    _lib.extension().nf4_quantize(
+        x.data_ptr(),
+        _lib.DTYPE_CODES[x.dtype],
+        n,
+        blocksize,
+        packed.data_ptr(),
+        absmax.data_ptr(),
+        bad.data_ptr(),
+        _lib.stream(x),
+    )
+    return packed, absmax, bad
+
+
+@nf4_quantize.register_fake
+def _(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n = x.numel()
+    return (
+        x.new_empty(n // 2, dtype=torch.uint8),
+        x.new_empty(n // blocksize, dtype=torch.float32),
+        x.new_empty(1, dtype=torch.int32),
+    )
+
+
+@torch.library.custom_op("hoptune::nf4_quantize_nested", mutates_args=())
+def nf4_quantize_nested(
+    absmax: torch.Tensor, code2: torch.Tensor, offset: float, blocksize2: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """absmax fp32 [nb] -> (qabsmax uint8 [nb], absmax2 fp32 [ceil(nb/bs2)])."""
+    if not _lib.use_kernel(absmax, "nf4_quantize_nested"):
+        return ref.nf4_quantize_nested(absmax, code2, offset, blocksize2)
+    nb = absmax.numel()
+    absmax = absmax.contiguous()
+    code2 = code2.to(device=absmax.device, dtype=torch.float32).contiguous()
+    qabsmax = torch.empty(nb, dtype=torch.uint8, device=absmax.device)
+    absmax2 = torch.empty(-(-nb // blocksize2), dtype=torch.float32, device=absmax.device)
+    _lib.extension().nf4_quantize_nested(
+        absmax.data_ptr(),
+        nb,
+        offset,
+        code2.data_ptr(),
+        blocksize2,
+        qabsmax.data_ptr(),
+        absmax2.data_ptr(),
+        _lib.stream(absmax),
+    )
+    return qabsmax, absmax2
+
+
+@nf4_quantize_nested.register_fake
+def _(
+    absmax: torch.Tensor, code2: torch.Tensor, offset: float, blocksize2: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    nb = absmax.numel()
+    return absmax.new_empty(nb, dtype=torch.uint8), absmax.new_empty(
+        -(-nb // blocksize2), dtype=torch.float32
+    )
+
+
+@torch.library.custom_op("hoptune::nf4_dequantize", mutates_args=())
+def nf4_dequantize(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    absmax2: torch.Tensor | None,
+    code2: torch.Tensor | None,
+    offset: float,
+    blocksize: int,
+    blocksize2: int,
+    shape: list[int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """packed uint8 [n/2] + absmax (fp32, or uint8 with absmax2/code2/offset) -> ``dtype`` ``shape``."""
+    if not _lib.use_kernel(packed, "nf4_dequantize"):
+        return ref.nf4_dequantize(packed, absmax, absmax2, code2, offset, blocksize, blocksize2, shape, dtype)
+    n = packed.numel() * 2
+    if packed.data_ptr() % 16:
+        packed = packed.clone()
+    nested = absmax2 is not None
+    out = torch.empty(n, dtype=dtype, device=packed.device)
+    _lib.extension().nf4_dequantize(
+        packed.data_ptr(),
+        0 if nested else absmax.data_ptr(),
+        absmax.data_ptr() if nested else 0,
+        _lib.ptr(absmax2),
+        _lib.ptr(code2),
+        float(offset),
+        blocksize2,
+        n,
+        blocksize,
+        out.data_ptr(),
+        _lib.DTYPE_CODES[dtype],
+        _lib.stream(packed),
+    )
+    return out.view(shape)
+
+
+@nf4_dequantize.register_fake
+def _(packed, absmax, absmax2, code2, offset, blocksize, blocksize2, shape, dtype):
+    return packed.new_empty(shape, dtype=dtype)

@@ -1,0 +1,86 @@
+"""Write a model as a pre-quantized bitsandbytes NF4 checkpoint that transformers loads as is."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from hoptune._io import atomic_write, atomic_write_text
+from hoptune.quant.bnb_format import to_bnb_state_dict
+from hoptune.quant.nf4 import quantize_nf4
+
+
+def bnb_quantization_config(
+    compute_dtype: torch.dtype = torch.bfloat16,
+    double_quant: bool = True,
+    skip_modules: Iterable[str] = ("lm_head",),
+) -> dict:
+    """The ``quantization_config`` block transformers expects for an NF4 bitsandbytes checkpoint."""
+    return {
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": double_quant,
+        "bnb_4bit_compute_dtype": str(compute_dtype).replace("torch.", ""),
+        "bnb_4bit_quant_storage": "uint8",
+        "llm_int8_skip_modules": list(skip_modules),
+        "llm_int8_threshold": 6.0,
+        "llm_int8_has_fp16_weight": False,
+        "llm_int8_enable_fp32_cpu_offload": False,
+    }
+
+
+def _skipped(name: str, skip: Iterable[str]) -> bool:
+    return any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in skip)
+
+
+def save_pretrained_nf4(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    blocksize: int = 64,
+    double_quant: bool = True,
+    skip_modules: Iterable[str] = ("lm_head",),
+    device: torch.device | str | None = None,
+) -> list[str]:
+    """Save a transformers model with every ``nn.Linear`` (but ``skip_modules``) quantized to NF4.
+
+    Writes ``config.json`` (with ``quantization_config``) and ``model.safetensors`` atomically into
+    ``out_dir``; ``AutoModelForCausalLM.from_pretrained(out_dir)`` then loads it through
+    bitsandbytes. Quantizes on ``device`` (default: where each weight lives). Returns the quantized
+    module names.
+    """
+    from safetensors.torch import save_file
+
+    skip = tuple(skip_modules)
+    state: dict[str, torch.Tensor] = {}
+    quantized: list[str] = []
+    linear_weights = set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and not _skipped(name, skip):
+            w = mod.weight.detach()
+            dev = w.device if device is None else torch.device(device)
+            q = quantize_nf4(w.to(dev).contiguous(), blocksize=blocksize, double_quant=double_quant)
+            state.update({k: v.cpu() for k, v in to_bnb_state_dict(q, f"{name}.weight").items()})
+            linear_weights.add(f"{name}.weight")
+            quantized.append(name)
+    for key, t in model.state_dict().items():
+        if key not in linear_weights and key not in state:
+            state[key] = t.detach().cpu().contiguous()
+    # tied weights (lm_head / embed_tokens) are stored once, as transformers does
+    for key in getattr(model, "_tied_weights_keys", None) or []:
+        if isinstance(key, str) and key in state and getattr(model.config, "tie_word_embeddings", False):
+            state.pop(key)
+    config = model.config.to_dict()
+    dtype = next(model.parameters()).dtype
+    config["quantization_config"] = bnb_quantization_config(dtype, double_quant, skip)
+    os.makedirs(out_dir, exist_ok=True)
+    atomic_write(
+        os.path.join(out_dir, "model.safetensors"), lambda p: save_file(state, p, metadata={"format": "pt"})
+    )
+    atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(config, indent=2, sort_keys=True))
+    return quantized

@@ -1,0 +1,60 @@
+"""Shared test helpers: the visible skip of GPU tests, output poisoning, error reports."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    from hoptune import _lib
+
+    reason = _lib.unavailable_reason()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=f"gpu test: {reason}")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def poison_cuda_cache(nbytes: int = 1 << 30, device: str = "cuda") -> None:
+    """Fill freed blocks of the caching allocator with NaN bytes so outputs a kernel forgets to
+    write show up as NaN (torch.empty then hands these blocks out again)."""
+    blocks = []
+    size = nbytes
+    while size >= (1 << 20):
+        try:
+            blocks.append(torch.full((size,), 0xFF, dtype=torch.uint8, device=device))
+        except torch.OutOfMemoryError:
+            break
+        size //= 2
+    del blocks
+
+
+def report_close(
+    actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, name: str = ""
+) -> None:
+    """assert_close that prints the worst elements when it fails."""
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    assert not torch.isnan(a).any(), f"{name}: NaN in the result ({int(torch.isnan(a).sum())} elements)"
+    err = (a - e).abs() - (atol + rtol * e.abs())
+    if (err > 0).any():
+        flat = err.reshape(-1)
+        worst = torch.topk(flat, min(5, flat.numel())).indices
+        rows = [
+            f"  idx {tuple(int(i) for i in torch.unravel_index(w, a.shape))}: got {a.reshape(-1)[w]:.6g} "
+            f"expected {e.reshape(-1)[w]:.6g}"
+            for w in worst
+        ]
+        raise AssertionError(
+            f"{name}: {int((err > 0).sum())} of {a.numel()} elements outside atol={atol} rtol={rtol}\n"
+            + "\n".join(rows)
+        )
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||a - e|| / ||e|| in float64."""
+    a, e = actual.detach().double(), expected.detach().double().to(actual.device)
+    return float((a - e).norm() / e.norm().clamp_min(1e-300))

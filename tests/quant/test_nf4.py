@@ -1,0 +1,246 @@
+"""NF4 format on the CPU: the reference against bitsandbytes' stored state, packing, the bnb
+safetensors keys, and bad input. GPU comparisons live in test_nf4_gpu.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hoptune.quant import (
+    NF4Weight,
+    dequantize_nf4,
+    from_bnb_state_dict,
+    quantize_nf4,
+    to_bnb_state_dict,
+)
+from hoptune.reference import nf4 as ref
+
+bnbf = pytest.importorskip("bitsandbytes.functional")
+
+SHAPES = [(128, 192), (96, 200), (64, 4096), (333, 64)]  # 96x200: in_features not a multiple of 64
+
+
+def _weight(shape, dtype, seed=0, zero_block=True):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(shape, generator=g) * 0.02).to(dtype)
+    if zero_block:
+        w.view(-1)[64:128] = 0  # one all-zero quant block
+    return w
+
+
+def _bnb_state_dict(qb, st, key="w"):
+    sd = {key: qb, f"{key}.absmax": st.absmax, f"{key}.quant_map": st.code}
+    meta = {
+        "quant_type": "nf4",
+        "blocksize": st.blocksize,
+        "dtype": str(st.dtype).replace("torch.", ""),
+        "shape": list(st.shape),
+    }
+    if st.nested:
+        sd[f"{key}.nested_absmax"] = st.state2.absmax
+        sd[f"{key}.nested_quant_map"] = st.state2.code
+        meta.update(
+            nested_blocksize=st.state2.blocksize, nested_dtype="float32", nested_offset=st.offset.item()
+        )
+    sd[f"{key}.quant_state.bitsandbytes__nf4"] = torch.tensor(
+        list(json.dumps(meta).encode()), dtype=torch.uint8
+    )
+    return sd
+
+
+def test_dynamic_map_matches_bitsandbytes():
+    assert torch.equal(ref.dynamic_map(), bnbf.create_dynamic_map(signed=True))
+
+
+def test_code_table_matches_bitsandbytes():
+    assert torch.equal(ref.nf4_code(), bnbf.get_4bit_type("nf4", device="cpu").float())
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_dequantize_equals_bitsandbytes_bit_for_bit(out_dtype, double_quant):
+    """Given bitsandbytes' stored state, our dequantize returns its bytes exactly."""
+    for shape in SHAPES:
+        w = _weight(shape, torch.float32)
+        qb, st = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
+        st.dtype = out_dtype  # dequantize_4bit returns st.dtype
+        expected = bnbf.dequantize_4bit(qb, st)
+        q = from_bnb_state_dict(_bnb_state_dict(qb, st), "w")
+        ours = dequantize_nf4(q, out_dtype)
+        assert ours.dtype == out_dtype and ours.shape == expected.shape
+        assert torch.equal(ours.view(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8)), shape
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_quantize_codes_and_absmax(dtype):
+    """Codes and fp32 absmax equal bitsandbytes' (its CPU path here; the CUDA path is checked on GPU)."""
+    for shape in SHAPES:
+        w = _weight(shape, dtype)
+        qb, st = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4")
+        q = quantize_nf4(w, double_quant=False)
+        assert torch.equal(q.absmax, st.absmax)
+        zero = (q.absmax == 0).repeat_interleave(32)
+        same = q.packed == qb.view(-1)
+        assert same[~zero].all(), f"{shape}: {int((~same[~zero]).sum())} codes differ outside all-zero blocks"
+        # our convention for an all-zero block: code 7 (0.0) in both nibbles
+        assert (q.packed[zero] == 0x77).all()
+
+
+def test_all_zero_block_dequantizes_to_exact_zeros():
+    w = _weight((4, 256), torch.bfloat16)
+    w[1] = 0
+    for dq in (False, True):
+        d = dequantize_nf4(quantize_nf4(w, double_quant=dq))
+        assert torch.equal(d[1], torch.zeros_like(d[1])), dq
+        assert (d.view(-1)[64:128] == 0).all()
+
+
+def test_nested_absmax_close_to_bitsandbytes_cpu():
+    """bitsandbytes' CPU 8-bit quantizer picks the other neighbour for some values; ours follows its
+    CUDA kernel (compared exactly on GPU). On the CPU the two differ by at most one code."""
+    w = _weight((1024, 1024), torch.bfloat16, zero_block=False)
+    qb, st = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    q = quantize_nf4(w)
+    assert q.offset == st.offset.item()
+    assert torch.equal(q.absmax2, st.state2.absmax)
+    diff = (q.absmax.int() - st.absmax.int()).abs()
+    assert diff.max() <= 1
+    assert torch.equal(q.packed, qb.view(-1))
+
+
+def test_packing_order_high_nibble_first():
+    # a block whose elements are exactly code values times absmax=1: element 2j -> high nibble
+    codes = torch.arange(16).repeat(4)  # 64 elements
+    vals = ref.nf4_code()[codes]
+    q = quantize_nf4(vals.view(1, 64), double_quant=False)
+    assert q.absmax.item() == 1.0
+    expected = (codes[0::2] << 4 | codes[1::2]).to(torch.uint8)
+    assert torch.equal(q.packed, expected)
+    assert torch.equal(dequantize_nf4(q).view(-1), vals)
+
+
+def test_midpoint_ties_go_down():
+    """x exactly on a midpoint takes the lower code (strict >), as bitsandbytes' tree does."""
+    mids = torch.tensor(ref.NF4_MIDPOINTS, dtype=torch.float32)
+    block = torch.zeros(64)
+    block[0] = 1.0  # absmax 1 so x * (1/absmax) == x exactly
+    block[1 : 1 + 15] = mids
+    block[16 : 16 + 15] = torch.nextafter(mids, torch.full_like(mids, 2.0))
+    q = quantize_nf4(block.view(1, 64), double_quant=False)
+    nib = torch.stack((q.packed >> 4, q.packed & 15), 1).view(-1).long()
+    assert torch.equal(nib[1:16], torch.arange(15))
+    assert torch.equal(nib[16:31], torch.arange(1, 16))
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_roundtrip_through_safetensors(tmp_path, double_quant):
+    from safetensors.torch import load_file, save_file
+
+    w = _weight((96, 200), torch.bfloat16)
+    q = quantize_nf4(w, double_quant=double_quant)
+    sd = to_bnb_state_dict(q, "model.layers.0.mlp.up_proj.weight")
+    save_file(sd, tmp_path / "m.safetensors", metadata={"format": "pt"})
+    q2 = from_bnb_state_dict(load_file(tmp_path / "m.safetensors"), "model.layers.0.mlp.up_proj.weight")
+    assert q2.shape == q.shape and q2.dtype == q.dtype and q2.offset == q.offset
+    assert torch.equal(dequantize_nf4(q2), dequantize_nf4(q))
+    meta = json.loads(bytes(sd["model.layers.0.mlp.up_proj.weight.quant_state.bitsandbytes__nf4"].tolist()))
+    assert meta["quant_type"] == "nf4" and meta["shape"] == [96, 200] and meta["dtype"] == "bfloat16"
+
+
+def test_bitsandbytes_reads_our_state():
+    """bitsandbytes' own QuantState.from_dict accepts our keys and dequantizes to our values."""
+    w = _weight((128, 192), torch.bfloat16)
+    q = quantize_nf4(w)
+    sd = to_bnb_state_dict(q, "w")
+    qs = bnbf.QuantState.from_dict({k[2:]: v for k, v in sd.items() if k != "w"}, device="cpu")
+    theirs = bnbf.dequantize_4bit(sd["w"], qs)
+    assert torch.equal(theirs.view(torch.int16), dequantize_nf4(q).view(torch.int16))
+
+
+def test_error_wrong_dtype():
+    with pytest.raises(TypeError, match="w must be bfloat16, float16 or float32, got torch.int32"):
+        quantize_nf4(torch.ones(64, dtype=torch.int32))
+    with pytest.raises(TypeError, match="w must be a torch.Tensor"):
+        quantize_nf4([1.0] * 64)
+
+
+def test_error_numel_not_divisible():
+    with pytest.raises(ValueError, match="multiple of blocksize=64"):
+        quantize_nf4(torch.randn(3, 7))
+
+
+def test_error_blocksize():
+    with pytest.raises(ValueError, match="blocksize must be one of"):
+        quantize_nf4(torch.randn(4, 64), blocksize=48)
+
+
+def test_error_non_contiguous():
+    with pytest.raises(ValueError, match="w must be contiguous"):
+        quantize_nf4(torch.randn(64, 128).t())
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), float("-inf")])
+def test_error_non_finite(bad):
+    w = torch.randn(4, 64)
+    w[2, 5] = bad
+    with pytest.raises(ValueError, match="inf or NaN"):
+        quantize_nf4(w)
+
+
+def test_error_mixed_devices():
+    q = quantize_nf4(torch.randn(4, 64), double_quant=False)
+    with pytest.raises(ValueError, match="one device"):
+        NF4Weight(q.packed, q.absmax.to("meta"), q.shape, q.dtype)
+
+
+def test_error_inconsistent_sizes():
+    q = quantize_nf4(torch.randn(4, 64), double_quant=False)
+    with pytest.raises(ValueError, match="shape"):
+        NF4Weight(q.packed, q.absmax, torch.Size([5, 64]), q.dtype)
+
+
+def _sd():
+    return to_bnb_state_dict(quantize_nf4(torch.randn(8, 64)), "w")
+
+
+def test_error_corrupted_quant_state_json():
+    sd = _sd()
+    raw = sd["w.quant_state.bitsandbytes__nf4"].clone()
+    raw[3] = 0xFF
+    sd["w.quant_state.bitsandbytes__nf4"] = raw
+    with pytest.raises(ValueError, match=r"w\.quant_state\.bitsandbytes__nf4.*not valid UTF-8 JSON"):
+        from_bnb_state_dict(sd, "w")
+
+
+def test_error_quant_state_missing_field():
+    sd = _sd()
+    sd["w.quant_state.bitsandbytes__nf4"] = torch.tensor(list(b'{"quant_type": "nf4"}'), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="lacks the field 'blocksize'"):
+        from_bnb_state_dict(sd, "w")
+
+
+def test_error_shape_mismatch_in_checkpoint():
+    sd = _sd()
+    sd["w"] = sd["w"][:-1]
+    with pytest.raises(ValueError, match="holds 255 bytes"):
+        from_bnb_state_dict(sd, "w")
+
+
+def test_error_missing_tensor_and_fp4():
+    sd = _sd()
+    del sd["w.nested_quant_map"]
+    with pytest.raises(ValueError, match="missing the tensor 'w.nested_quant_map'"):
+        from_bnb_state_dict(sd, "w")
+    sd = _sd()
+    sd["w.quant_state.bitsandbytes__fp4"] = sd.pop("w.quant_state.bitsandbytes__nf4")
+    with pytest.raises(ValueError, match="FP4"):
+        from_bnb_state_dict(sd, "w")
+
+
+def test_error_wrong_quant_map():
+    sd = _sd()
+    sd["w.quant_map"] = torch.linspace(-1, 1, 16)
+    with pytest.raises(ValueError, match="not the NF4 code table"):
+        from_bnb_state_dict(sd, "w")
