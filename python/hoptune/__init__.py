@@ -17,6 +17,14 @@ _LAZY = {
     "dequantize_nf4": "hoptune.quant",
     "NF4Weight": "hoptune.quant",
     "kernels_available": "hoptune._lib",
+    "LoRALinear": "hoptune.nn",
+    "apply_lora": "hoptune.patch",
+    "remove_lora": "hoptune.patch",
+    "merge_and_unload": "hoptune.patch",
+    "load_model": "hoptune.loading",
+    "save_adapter": "hoptune.adapters",
+    "load_adapter": "hoptune.adapters",
+    "plan": "hoptune.plan",
 }
 
 

@@ -1,0 +1,248 @@
+"""``LoRALinear``: a drop-in for ``nn.Linear`` with a frozen base (dense or NF4) and a LoRA or
+DoRA adapter, with PEFT's semantics.
+
+    y = base(x) + s * B(A(dropout(x)))                          LoRA,  s = alpha / r
+                                                                       (rsLoRA: alpha / sqrt(r))
+    y = (m / n) * (x W^T + s * B(A(dropout(x)))) + bias         DoRA,  n = ||W + s B A|| per output
+                                                                       row, detached (no gradient)
+
+A starts kaiming-uniform (a = sqrt(5), i.e. U(+-1/sqrt(in))), B at zero, so a fresh adapter
+leaves the model unchanged; the DoRA magnitude m starts at the row norms of W (of the
+dequantized W for an NF4 base).
+
+Two deliberate differences from PEFT, both for rows of W that are entirely zero (Llama-3.1-8B's
+o_proj has such rows): DoRA uses n = max(n, eps) so such a row gives 0 instead of NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hoptune.ops.nf4_lora import MAX_RANK, nf4_lora_linear
+from hoptune.quant.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
+
+DORA_EPS = 1e-12
+_NORM_ROWS = 2048  # rows per chunk when computing DoRA norms (bounds the transient memory)
+
+
+class LoRALinear(nn.Module):
+    """Frozen base weight (``weight`` dense, or NF4 buffers ``weight_packed``/``weight_absmax``...)
+    plus trainable ``lora_A`` ``[r, in]``, ``lora_B`` ``[out, r]`` and, with DoRA,
+    ``lora_magnitude`` ``[out]``. Input ``(*, in_features)``, output ``(*, out_features)``."""
+
+    def __init__(
+        self,
+        base: nn.Linear | NF4Weight,
+        r: int = 16,
+        lora_alpha: float = 32,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        quantize: str | None = None,
+        double_quant: bool = True,
+        blocksize: int = 64,
+        adapter_dtype: torch.dtype = torch.float32,
+        init_lora_weights: bool = True,
+        bias: torch.Tensor | None = None,
+    ) -> None:
+        """``base``: an ``nn.Linear`` (its weight is kept, or quantized with ``quantize="nf4"``) or an
+        already-quantized ``NF4Weight`` ``[out, in]`` (then ``bias`` may be given separately)."""
+        super().__init__()
+        if isinstance(base, NF4Weight):
+            if len(base.shape) != 2:
+                raise ValueError(f"base must be a 2-D [out, in] NF4Weight, got shape {tuple(base.shape)}")
+            out_features, in_features = base.shape
+        elif isinstance(base, nn.Linear):
+            out_features, in_features = base.out_features, base.in_features
+            if bias is not None:
+                raise ValueError("bias is taken from the nn.Linear; pass it only with an NF4Weight base")
+            bias = base.bias
+        else:
+            raise TypeError(f"base must be an nn.Linear or an NF4Weight, got {type(base).__name__}")
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        if r > min(in_features, out_features) or r > MAX_RANK:
+            raise ValueError(
+                f"r={r} is larger than the layer allows (in_features={in_features}, "
+                f"out_features={out_features}, max {MAX_RANK})"
+            )
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        if quantize not in (None, "nf4"):
+            raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.use_rslora = use_rslora
+        self.use_dora = use_dora
+        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.lora_dropout_p = lora_dropout
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.adapters_enabled = True
+        self._nf4_meta: tuple | None = None
+
+        if isinstance(base, NF4Weight):
+            self.quantized = True
+            self._set_nf4(base)
+            device = base.device
+        else:
+            w = base.weight.detach()
+            device = w.device
+            self.quantized = quantize == "nf4"
+            if self.quantized:
+                self._set_nf4(quantize_nf4(w.contiguous(), blocksize=blocksize, double_quant=double_quant))
+            else:
+                self.weight = nn.Parameter(w, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(device), requires_grad=False)
+
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=adapter_dtype, device=device))
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, dtype=adapter_dtype, device=device))
+        self.lora_magnitude = (
+            nn.Parameter(torch.empty(out_features, dtype=adapter_dtype, device=device)) if use_dora else None
+        )
+        self.reset_lora_parameters(init_lora_weights)
+
+    # -- base weight ------------------------------------------------------------------------
+    def _set_nf4(self, q: NF4Weight) -> None:
+        self.register_buffer("weight_packed", q.packed, persistent=True)
+        self.register_buffer("weight_absmax", q.absmax, persistent=True)
+        self.register_buffer("weight_absmax2", q.absmax2, persistent=True)
+        self.register_buffer("weight_code2", q.code2, persistent=True)
+        self._nf4_meta = (tuple(q.shape), q.dtype, q.blocksize, q.offset, q.blocksize2)
+
+    @property
+    def weight_nf4(self) -> NF4Weight:
+        if not self.quantized:
+            raise AttributeError("this LoRALinear has a dense base; use .weight")
+        shape, dtype, bs, offset, bs2 = self._nf4_meta
+        return NF4Weight(
+            self.weight_packed,
+            self.weight_absmax,
+            torch.Size(shape),
+            dtype,
+            bs,
+            self.weight_absmax2,
+            self.weight_code2,
+            offset,
+            bs2,
+        )
+
+    @property
+    def base_dtype(self) -> torch.dtype:
+        return self._nf4_meta[1] if self.quantized else self.weight.dtype
+
+    def base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The base weight ``[out, in]`` as a dense tensor (dequantized for NF4)."""
+        if self.quantized:
+            return dequantize_nf4(self.weight_nf4, dtype)
+        return self.weight if dtype is None else self.weight.to(dtype)
+
+    # -- adapter ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_lora_parameters(self, init_lora_weights: bool = True) -> None:
+        if self.lora_A.device.type == "meta":
+            return
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if init_lora_weights:
+            nn.init.zeros_(self.lora_B)
+        else:  # PEFT's init_lora_weights=False: B random too (for tests of non-trivial adapters)
+            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+        if self.lora_magnitude is not None:
+            self.lora_magnitude.copy_(self.weight_row_norms(include_lora=False).to(self.lora_magnitude.dtype))
+
+    @torch.no_grad()
+    def weight_row_norms(self, include_lora: bool = True) -> torch.Tensor:
+        """fp32 ``||W + s B A||`` per output row (``||W||`` with include_lora=False), in row chunks so
+        the fp32 temporary stays small (an NF4 base is dequantized once, transiently)."""
+        w = self.base_weight()
+        out = torch.empty(self.out_features, dtype=torch.float32, device=w.device)
+        a = self.lora_A.float()
+        for r0 in range(0, self.out_features, _NORM_ROWS):
+            r1 = min(self.out_features, r0 + _NORM_ROWS)
+            rows = w[r0:r1].float()
+            if include_lora:
+                rows = rows + self.scaling * (self.lora_B[r0:r1].float() @ a)
+            out[r0:r1] = torch.linalg.vector_norm(rows, dim=1)
+        return out
+
+    def lora_delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``s * B @ A`` as a dense ``[out, in]`` tensor."""
+        return (self.scaling * (self.lora_B.to(dtype) @ self.lora_A.to(dtype))).to(dtype)
+
+    @torch.no_grad()
+    def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight of the equivalent plain linear layer: ``W + s B A`` (DoRA: ``m/n * (W + s B A)``)."""
+        dtype = dtype or self.base_dtype
+        w = self.base_weight(torch.float32) + self.lora_delta(torch.float32)
+        if self.use_dora:
+            n = torch.linalg.vector_norm(w, dim=1).clamp_min(DORA_EPS)
+            w = w * (self.lora_magnitude.float() / n)[:, None]
+        return w.to(dtype)
+
+    @contextmanager
+    def disable_adapter(self):
+        """Within the block the layer computes its base only (e.g. the DPO reference model)."""
+        prev = self.adapters_enabled
+        self.adapters_enabled = False
+        try:
+            yield self
+        finally:
+            self.adapters_enabled = prev
+
+    # -- forward ----------------------------------------------------------------------------
+    def _base(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.quantized:
+            return nf4_lora_linear(x, self.weight_nf4, None, None, 0.0, bias)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if not self.adapters_enabled:
+            return self._base(x, bias)
+        a = self.lora_A.to(x.dtype)
+        b = self.lora_B.to(x.dtype)
+        dropout_active = self.training and self.lora_dropout_p > 0
+        if self.use_dora:
+            y = self._lora_sum(x, a, b, dropout_active)
+            with torch.no_grad():
+                n = self.weight_row_norms(include_lora=True).clamp_min(DORA_EPS)
+            y = y * (self.lora_magnitude.float() / n).to(x.dtype)
+            return y if bias is None else y + bias
+        if self.quantized and not dropout_active:
+            return nf4_lora_linear(x, self.weight_nf4, a, b, self.scaling, bias)
+        y = self._base(x, bias)
+        return y + self.scaling * F.linear(F.linear(self.lora_dropout(x), a), b)
+
+    def _lora_sum(self, x, a, b, dropout_active: bool) -> torch.Tensor:
+        """x W^T + s B(A(dropout(x))) without bias."""
+        if self.quantized and not dropout_active:
+            return nf4_lora_linear(x, self.weight_nf4, a, b, self.scaling, None)
+        return self._base(x, None) + self.scaling * F.linear(F.linear(self.lora_dropout(x), a), b)
+
+    # -- conversion -------------------------------------------------------------------------
+    def to_linear(self, merge: bool = True, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A plain ``nn.Linear``: merged (``W + s B A``, or the DoRA form) or the base alone."""
+        dtype = dtype or self.base_dtype
+        w = self.merged_weight(dtype) if merge else self.base_weight(dtype)
+        lin = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=dtype
+        )
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if self.bias is not None:
+                lin.bias.copy_(self.bias.to(dtype))
+        return lin
+
+    def extra_repr(self) -> str:
+        base = f"nf4(blocksize={self._nf4_meta[2]})" if self.quantized else str(self.weight.dtype)
+        kind = "dora" if self.use_dora else ("rslora" if self.use_rslora else "lora")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, base={base}, "
+            f"{kind}(r={self.r}, alpha={self.lora_alpha}, dropout={self.lora_dropout_p}), bias={self.bias is not None}"
+        )
