@@ -3,7 +3,15 @@
 Importing this package registers the ops; it creates no CUDA context.
 """
 
+from hoptune.ops.logprob import fused_linear_logprobs, token_logprobs
 from hoptune.ops.nf4 import nf4_dequantize, nf4_quantize, nf4_quantize_nested
 from hoptune.ops.nf4_lora import nf4_lora_linear
 
-__all__ = ["nf4_dequantize", "nf4_lora_linear", "nf4_quantize", "nf4_quantize_nested"]
+__all__ = [
+    "fused_linear_logprobs",
+    "nf4_dequantize",
+    "nf4_lora_linear",
+    "nf4_quantize",
+    "nf4_quantize_nested",
+    "token_logprobs",
+]

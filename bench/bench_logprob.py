@@ -1,0 +1,136 @@
+"""Per-token log-probs, forward + backward to the hidden states, B=8 x T=2048, H=4096, at
+V=128256 (Llama-3) and V=151936 (Qwen): ours (fused lm_head -> log-prob), naive PyTorch, TRL's
+selective_log_softmax (row loop), Liger's fused linear cross-entropy and the bare lm_head
+matmuls (the floor), all in one run; plus the logits-input kernel against the copy rate.
+
+    python bench/bench_logprob.py --out bench/results/logprob.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import bench, copy_rate_tbps, env_info, peak_extra_gib, table, write_json
+from hoptune.ops import fused_linear_logprobs, token_logprobs
+
+B, T, H = 8, 2048, 4096
+
+
+def selective_log_softmax(logits, index):
+    """TRL's memory-saving form for bf16 logits: one batch row at a time."""
+    out = []
+    for row_logits, row_labels in zip(logits, index):
+        lp = F.log_softmax(row_logits, dim=-1)
+        out.append(lp.gather(-1, row_labels.unsqueeze(-1)).squeeze(-1))
+    return torch.stack(out)
+
+
+def step(h, g, fn):
+    h.grad = None
+    fn().backward(g)
+
+
+def lm_head_only(h, W):
+    logits = h @ W.t()
+    logits.backward(torch.ones_like(logits))
+
+
+def run_vocab(v: int, chunk_variants: list[int]) -> dict:
+    torch.manual_seed(0)
+    h = torch.randn(B, T, H, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+    W = torch.randn(v, H, device="cuda", dtype=torch.bfloat16) * 0.02
+    labels = torch.randint(0, v, (B, T), device="cuda")
+    g = torch.randn(B, T, device="cuda", dtype=torch.float32)
+    r: dict = {"B": B, "T": T, "H": H, "V": v}
+
+    def timed(name, fn, rep=5):
+        r[name + "_ms"] = bench(fn, warmup=2, rep=rep)
+        r[name + "_peak_GiB"] = peak_extra_gib(fn)
+        print(name, round(r[name + "_ms"], 2), "ms", round(r[name + "_peak_GiB"], 3), "GiB", flush=True)
+
+    def floor():
+        h.grad = None
+        lm_head_only(h, W)
+
+    timed("lm_head_floor", floor)
+    for c in chunk_variants:
+        key = "ours" if c == 0 else f"ours_chunk{c}"
+        timed(key, partial(step, h, g, lambda c=c: fused_linear_logprobs(h, W, labels, chunk_rows=c)))
+    timed(
+        "naive",
+        partial(
+            step,
+            h,
+            g,
+            lambda: torch.log_softmax((h @ W.t()).float(), -1).gather(-1, labels[..., None])[..., 0],
+        ),
+    )
+    timed("trl_selective", partial(step, h, g, lambda: selective_log_softmax(h @ W.t(), labels).float()))
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        lce = LigerFusedLinearCrossEntropyLoss(reduction="none")
+        timed("liger_flce", partial(step, h, g, lambda: -lce(W, h.view(-1, H), labels.view(-1)).view(B, T)))
+    except Exception as e:
+        r["liger_error"] = repr(e)[:300]
+    r["ours_over_floor"] = r["ours_ms"] / r["lm_head_floor_ms"]
+    for k in list(r):
+        if k.startswith("ours_chunk") and k.endswith("_ms"):
+            r[k.replace("_ms", "_over_floor")] = r[k] / r["lm_head_floor_ms"]
+
+    # logits-input kernel: forward reads the logits once; backward reads and writes them
+    with torch.no_grad():
+        logits = h.detach() @ W.t()
+    nbytes = logits.numel() * logits.element_size()
+    r["tl_fwd_ms"] = bench(lambda: token_logprobs(logits, labels, check_labels=False), rep=10)
+    r["tl_fwd_read_TBps"] = nbytes / r["tl_fwd_ms"] / 1e9
+    lg = logits.clone().requires_grad_(True)
+    lp = token_logprobs(lg, labels)
+
+    def bwd():
+        torch.autograd.grad(lp, lg, g, retain_graph=True)
+
+    r["tl_bwd_ms"] = bench(bwd, rep=10)
+    r["tl_bwd_over_fwd"] = r["tl_bwd_ms"] / r["tl_fwd_ms"]
+    return r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench/results/logprob.json")
+    ap.add_argument("--chunks", default="0,256,512", help="chunk_rows variants of ours (0 = auto)")
+    args = ap.parse_args()
+    chunks = [int(c) for c in args.chunks.split(",")]
+    res = {"env": env_info(), "copy_TBps": copy_rate_tbps(), "rows": []}
+    for v in (128256, 151936):
+        row = run_vocab(v, chunks)
+        row["tl_fwd_frac_copy"] = row["tl_fwd_read_TBps"] / res["copy_TBps"]
+        res["rows"].append(row)
+        torch.cuda.empty_cache()
+        write_json(args.out, res)
+    print(f"HBM copy rate {res['copy_TBps']:.2f} TB/s")
+    cols = [
+        "V",
+        "lm_head_floor_ms",
+        "ours_ms",
+        "ours_over_floor",
+        "ours_peak_GiB",
+        "naive_ms",
+        "trl_selective_ms",
+        "liger_flce_ms",
+        "liger_flce_peak_GiB",
+    ]
+    print(table(res["rows"], cols))
+    print(table(res["rows"], ["V", *[k for k in res["rows"][0] if k.startswith("ours_chunk")]]))
+    print(table(res["rows"], ["V", "tl_fwd_ms", "tl_fwd_frac_copy", "tl_bwd_ms", "tl_bwd_over_fwd"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""NF4 dequantize (bf16 out, double quant) on the five weight shapes of TARGETS.md, against the
+HBM copy rate and bitsandbytes' dequantize_4bit, all measured in this run.
+
+    python bench/bench_nf4_dequant.py --out bench/results/nf4_dequant.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from functools import partial
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import bench_rotating, copy_rate_tbps, env_info, table, write_json
+from hoptune.quant import dequantize_nf4, quantize_nf4
+
+# weights [N, K]: the (K, N) pairs of TARGETS.md §1
+SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192)]
+
+
+def measure(n: int, k: int, copy_tbps: float, bnbf) -> dict:
+    numel = n * k
+    copies = max(2, (256 << 20) // (numel // 2 + 2 * numel) + 1)  # > L2 per rotation
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+    qs = [quantize_nf4(w) for w in ws]
+    nbytes = numel // 2 + numel // 64 + 2 * numel  # codes + nested absmax + bf16 out
+    row = {"N": n, "K": k}
+    row["ours_ms"] = bench_rotating(lambda i: partial(dequantize_nf4, qs[i]), copies)
+    row["ours_TBps"] = nbytes / row["ours_ms"] / 1e9
+    row["ours_frac_copy"] = row["ours_TBps"] / copy_tbps
+    row["quantize_ms"] = bench_rotating(lambda i: partial(quantize_nf4, ws[i]), copies, rep=5)
+    if bnbf is not None:
+        bq = [bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4") for w in ws]
+        row["bnb_ms"] = bench_rotating(lambda i: partial(bnbf.dequantize_4bit, *bq[i]), copies)
+        row["bnb_frac_copy"] = nbytes / row["bnb_ms"] / 1e9 / copy_tbps
+        row["speedup_vs_bnb"] = row["bnb_ms"] / row["ours_ms"]
+        quant = partial(bnbf.quantize_4bit, blocksize=64, compress_statistics=True, quant_type="nf4")
+        row["bnb_quantize_ms"] = bench_rotating(lambda i: partial(quant, ws[i]), copies, rep=5)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench/results/nf4_dequant.json")
+    args = ap.parse_args()
+    try:
+        import bitsandbytes.functional as bnbf
+    except Exception as e:
+        bnbf = None
+        print("bitsandbytes unavailable:", e)
+    res = {"env": env_info(), "copy_TBps": copy_rate_tbps(), "rows": []}
+    for n, k in SHAPES:
+        res["rows"].append(measure(n, k, res["copy_TBps"], bnbf))
+        print(res["rows"][-1], flush=True)
+        torch.cuda.empty_cache()
+    write_json(args.out, res)
+    print(f"HBM copy rate {res['copy_TBps']:.2f} TB/s")
+    print(
+        table(
+            res["rows"],
+            [
+                "N",
+                "K",
+                "ours_ms",
+                "ours_frac_copy",
+                "bnb_ms",
+                "bnb_frac_copy",
+                "speedup_vs_bnb",
+                "quantize_ms",
+            ],
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Shared benchmark harness: CUDA-event medians, ceilings measured in the same run, JSON out.
+
+Every benchmark compares against its anchor measured in the same process on the same inputs and
+reports ratios; absolute times are for orientation only (machines are shared and noisy).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+def bench(fn: Callable[[], object], warmup: int = 3, rep: int = 20) -> float:
+    """Median milliseconds of ``fn()`` over ``rep`` runs (CUDA events), after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rep):
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def bench_rotating(
+    make_fn: Callable[[int], Callable[[], object]], copies: int, warmup: int = 3, rep: int = 20
+) -> float:
+    """Like bench, cycling through ``copies`` input sets so repeated runs don't hit L2."""
+    fns = [make_fn(i) for i in range(copies)]
+    state = {"i": 0}
+
+    def step():
+        state["i"] = (state["i"] + 1) % copies
+        return fns[state["i"]]()
+
+    return bench(step, warmup=warmup, rep=rep)
+
+
+def peak_extra_gib(fn: Callable[[], object]) -> float:
+    """Peak memory allocated by ``fn`` above what was allocated before it, in GiB."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def copy_rate_tbps(nbytes: int = 2 << 30) -> float:
+    """HBM device-to-device copy rate, counting bytes read plus bytes written (TB/s)."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = bench(lambda: b.copy_(a), rep=20)
+    return 2 * nbytes / ms / 1e9
+
+
+def gemm_tflops(n: int = 8192) -> float:
+    x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = bench(lambda: x @ y, rep=20)
+    return 2 * n**3 / ms / 1e9
+
+
+def _version(mod: str) -> str | None:
+    try:
+        m = __import__(mod)
+        return getattr(m, "__version__", "?")
+    except Exception as e:  # record why an anchor library is missing
+        return f"unavailable: {type(e).__name__}"
+
+
+def env_info() -> dict:
+    props = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
+    return {
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "gpu": torch.cuda.get_device_name() if props else None,
+        "sm_count": props.multi_processor_count if props else None,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "hoptune": _version("hoptune"),
+        "bitsandbytes": _version("bitsandbytes"),
+        "peft": _version("peft"),
+        "transformers": _version("transformers"),
+        "liger_kernel": _version("liger_kernel"),
+    }
+
+
+def write_json(path: str, data: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+    print(f"wrote {path}")
+
+
+def table(rows: Sequence[dict], cols: Sequence[str]) -> str:
+    """A plain-text table of ``rows`` restricted to ``cols`` (floats with 3 decimals)."""
+
+    def fmt(v):
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    widths = [max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in cols]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
+    for r in rows:
+        lines.append("  ".join(fmt(r.get(c, "")).rjust(w) for c, w in zip(cols, widths)))
+    return "\n".join(lines)

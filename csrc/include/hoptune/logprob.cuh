@@ -1,0 +1,74 @@
+// Per-token log-probabilities over a vocabulary, torch-free.
+//
+// For row i with logits z (V values) and label y:  z' = transform(z) (temperature, and in the
+// fused path bias, logit scale and soft-capping),  lse = log sum exp z',
+//   logp_i = z'_y - lse,   H_i = lse - sum_v p_v z'_v   (entropy of p = softmax z').
+// Backward: dz'_v = g_lp (1[v = y] - p_v) - g_H p_v (z'_v - lse + H), chained through transform.
+// Rows whose label is ignore_index give logp = H = 0 and a zero gradient row.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "hoptune/common/check.h"
+
+namespace hoptune {
+
+// Logits viewed as [B, T, V] with arbitrary row strides (the vocabulary dim contiguous):
+// row r = b * T + t lives at logits + b * stride_b + t * stride_t.
+struct LogitsView {
+  const void* ptr = nullptr;
+  DType dtype = DType::kBFloat16;
+  int64_t batch = 1, seq = 0, vocab = 0;
+  int64_t stride_b = 0, stride_t = 0;  // in elements
+};
+
+struct TokenLogprobFwd {
+  LogitsView logits;
+  const int64_t* labels = nullptr;  // [B * T]
+  int64_t ignore_index = -100;
+  float inv_temperature = 1.f;
+  float* logp = nullptr;     // [B * T]
+  float* entropy = nullptr;  // [B * T]
+  float* lse = nullptr;      // [B * T], kept for the backward
+};
+
+struct TokenLogprobBwd {
+  LogitsView logits;
+  const int64_t* labels = nullptr;
+  int64_t ignore_index = -100;
+  float inv_temperature = 1.f;
+  const float* lse = nullptr;
+  const float* entropy = nullptr;
+  const float* grad_logp = nullptr;     // [B * T]
+  const float* grad_entropy = nullptr;  // [B * T] or null
+  void* dlogits = nullptr;              // same dtype and strides as logits; may alias it
+};
+
+cudaError_t token_logprobs_fwd(const TokenLogprobFwd& a, cudaStream_t stream);
+cudaError_t token_logprobs_bwd(const TokenLogprobBwd& a, cudaStream_t stream);
+
+// One chunk of the fused lm_head path: fp32 logits [rows, V] (row stride ld, computed by a GEMM
+// in place in `buf`) -> logp, entropy, lse per row, and, when grad is requested, the bf16/fp16
+// matrix G [rows, V] in grad_dtype (16-bit: row stride 2 * ld, written over the first half of
+// each fp32 row; fp32: in place) with G[i, v] = row_scale[i] * d logp_i / d z_iv, so that
+// d logp / d hidden = G @ W. All labels are valid here (the caller drops ignored rows).
+struct FusedLogprobChunk {
+  float* buf = nullptr;  // [rows, ld] fp32
+  int64_t rows = 0, vocab = 0, ld = 0;
+  const int64_t* labels = nullptr;   // [rows]
+  const float* bias = nullptr;       // [V] or null
+  float logit_scale = 1.f;           // z <- z * logit_scale (after bias)
+  float softcap = 0.f;               // > 0: z <- softcap * tanh(z / softcap)
+  float inv_temperature = 1.f;       // z' = z / temperature
+  float* logp = nullptr;             // [rows]
+  float* entropy = nullptr;          // [rows]
+  float* lse = nullptr;              // [rows]
+  DType grad_dtype = DType::kBFloat16;  // dtype of G (the hidden states' dtype)
+  bool write_grad = false;
+  const float* row_scale = nullptr;  // [rows] multiplies G (upstream gradient), or null for 1
+};
+
+cudaError_t fused_logprob_chunk(const FusedLogprobChunk& a, cudaStream_t stream);
+
+}  // namespace hoptune

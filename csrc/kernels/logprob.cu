@@ -1,0 +1,405 @@
+// Per-token log-probs: one CTA per row, one pass over the row for the forward.
+//
+// Each thread keeps an online (max m, s0 = sum e^(z-m), s1 = sum e^(z-m) (z-m)) over its slice of
+// the row; slices are merged with a shuffle + shared-memory tree. Keeping s1 relative to m gives
+// the entropy as log(s0) - s1/s0 without the cancellation of lse - mean(z). Loads are 16 bytes
+// per thread (8 bf16/fp16 or 4+4 fp32), two in flight; rows that are not 16-byte aligned (odd
+// vocab sizes, odd strides) take a scalar path. exp is exp2 of a pre-scaled argument (one FFMA).
+//
+// The backward recomputes p = exp(z' - lse) from the saved lse and writes dlogits in the logits'
+// dtype (in place when the caller passes the logits buffer as dlogits: each element is read and
+// then written by the same thread).
+//
+// The fused-chunk kernel works on fp32 logits a GEMM just wrote: pass 1 gathers the row stats,
+// pass 2 re-reads the row and writes G = d logp / d z as 16-bit values over the first half of
+// the same row; a barrier per iteration orders every read of the overlapped fp32 words before
+// their overwrite.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cfloat>
+#include <type_traits>
+
+#include "hoptune/common/dispatch.h"
+#include "hoptune/logprob.cuh"
+
+namespace hoptune {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr float kLog2e = 1.4426950408889634f;
+
+struct Stats {
+  float m;   // running max
+  float s0;  // sum exp(z - m)
+  float s1;  // sum exp(z - m) * (z - m)
+};
+
+__device__ __forceinline__ Stats stats_empty() { return {-INFINITY, 0.f, 0.f}; }
+
+// Rescale a to a new max mn: s1' = c (s1 + s0 (m - mn)), s0' = c s0.
+__device__ __forceinline__ void rescale(Stats& a, float mn) {
+  if (a.m == -INFINITY) {
+    a.m = mn;
+    return;
+  }
+  const float d = a.m - mn;
+  const float c = exp2f(d * kLog2e);
+  a.s1 = c * (a.s1 + a.s0 * d);
+  a.s0 = c * a.s0;
+  a.m = mn;
+}
+
+__device__ __forceinline__ Stats combine(Stats a, Stats b) {
+  const float mn = fmaxf(a.m, b.m);
+  if (mn == -INFINITY) return a;
+  rescale(a, mn);
+  rescale(b, mn);
+  return {mn, a.s0 + b.s0, a.s1 + b.s1};
+}
+
+template <int N>
+__device__ __forceinline__ void stats_add(Stats& st, const float (&z)[N]) {
+  float gm = z[0];
+#pragma unroll
+  for (int j = 1; j < N; ++j) gm = fmaxf(gm, z[j]);
+  if (gm > st.m) rescale(st, gm);
+  const float ml = st.m * kLog2e;
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    const float e = exp2f(fmaf(z[j], kLog2e, -ml));
+    st.s0 += e;
+    st.s1 = fmaf(e, z[j] - st.m, st.s1);
+  }
+}
+
+// Block-wide merge; every thread gets the result.
+__device__ Stats block_stats(Stats st) {
+  __shared__ Stats warp_st[kThreads / 32];
+  __shared__ Stats result;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    Stats other{__shfl_xor_sync(0xffffffffu, st.m, o), __shfl_xor_sync(0xffffffffu, st.s0, o),
+                __shfl_xor_sync(0xffffffffu, st.s1, o)};
+    st = combine(st, other);
+  }
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (lane == 0) warp_st[warp] = st;
+  __syncthreads();
+  if (warp == 0) {
+    st = lane < static_cast<int>(blockDim.x >> 5) ? warp_st[lane] : stats_empty();
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      Stats other{__shfl_xor_sync(0xffffffffu, st.m, o), __shfl_xor_sync(0xffffffffu, st.s0, o),
+                  __shfl_xor_sync(0xffffffffu, st.s1, o)};
+      st = combine(st, other);
+    }
+    if (lane == 0) result = st;
+  }
+  __syncthreads();
+  return result;
+}
+
+// 8 consecutive elements as floats, one 16-byte load for 16-bit types, two for fp32.
+template <typename T>
+struct Vec8;
+template <>
+struct Vec8<__nv_bfloat16> {
+  __device__ __forceinline__ static void load(const __nv_bfloat16* p, float (&v)[8]) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __bfloat1622float2(h[i]);
+      v[2 * i] = f.x;
+      v[2 * i + 1] = f.y;
+    }
+  }
+  __device__ __forceinline__ static void store(__nv_bfloat16* p, const float (&v)[8]) {
+    uint4 u;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+    *reinterpret_cast<uint4*>(p) = u;
+  }
+};
+template <>
+struct Vec8<__half> {
+  __device__ __forceinline__ static void load(const __half* p, float (&v)[8]) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    const __half2* h = reinterpret_cast<const __half2*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __half22float2(h[i]);
+      v[2 * i] = f.x;
+      v[2 * i + 1] = f.y;
+    }
+  }
+  __device__ __forceinline__ static void store(__half* p, const float (&v)[8]) {
+    uint4 u;
+    __half2* h = reinterpret_cast<__half2*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
+    *reinterpret_cast<uint4*>(p) = u;
+  }
+};
+template <>
+struct Vec8<float> {
+  __device__ __forceinline__ static void load(const float* p, float (&v)[8]) {
+    const float4 a = reinterpret_cast<const float4*>(p)[0];
+    const float4 b = reinterpret_cast<const float4*>(p)[1];
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+  }
+  __device__ __forceinline__ static void store(float* p, const float (&v)[8]) {
+    reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+    reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+  }
+};
+
+__device__ __forceinline__ int64_t row_offset(const LogitsView& v, int64_t row) {
+  const int64_t b = row / v.seq, t = row - b * v.seq;
+  return b * v.stride_b + t * v.stride_t;
+}
+
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kThreads) token_logprobs_fwd_kernel(TokenLogprobFwd a) {
+  const int64_t row = blockIdx.x;
+  const int64_t y = a.labels[row];
+  if (y == a.ignore_index) {
+    if (threadIdx.x == 0) {
+      a.logp[row] = 0.f;
+      a.lse[row] = 0.f;
+      if (a.entropy) a.entropy[row] = 0.f;
+    }
+    return;
+  }
+  const T* z = static_cast<const T*>(a.logits.ptr) + row_offset(a.logits, row);
+  const int64_t V = a.logits.vocab;
+  const float it = a.inv_temperature;
+  Stats st = stats_empty();
+  if (kVec) {
+    const int64_t groups = V / 8;
+    int64_t g = threadIdx.x;
+    for (; g + kThreads < groups; g += 2 * kThreads) {
+      float v0[8], v1[8];
+      Vec8<T>::load(z + 8 * g, v0);
+      Vec8<T>::load(z + 8 * (g + kThreads), v1);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v0[j] *= it, v1[j] *= it;
+      stats_add(st, v0);
+      stats_add(st, v1);
+    }
+    if (g < groups) {
+      float v0[8];
+      Vec8<T>::load(z + 8 * g, v0);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v0[j] *= it;
+      stats_add(st, v0);
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < V; i += kThreads) {
+      float v0[1] = {to_float(z[i]) * it};
+      stats_add(st, v0);
+    }
+  }
+  st = block_stats(st);
+  if (threadIdx.x == 0) {
+    const float log_s0 = logf(st.s0);
+    const float zy = to_float(z[y]) * it;
+    a.logp[row] = (zy - st.m) - log_s0;
+    a.lse[row] = st.m + log_s0;
+    if (a.entropy) a.entropy[row] = log_s0 - st.s1 / st.s0;
+  }
+}
+
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kThreads) token_logprobs_bwd_kernel(TokenLogprobBwd a) {
+  const int64_t row = blockIdx.x;
+  const int64_t y = a.labels[row];
+  const int64_t off = row_offset(a.logits, row);
+  const T* z = static_cast<const T*>(a.logits.ptr) + off;
+  T* dz = static_cast<T*>(a.dlogits) + off;
+  const int64_t V = a.logits.vocab;
+  const bool ignored = y == a.ignore_index;
+  const float it = a.inv_temperature;
+  const float lse = a.lse[row];
+  const float gl = ignored ? 0.f : a.grad_logp[row];
+  const float gh = (ignored || !a.grad_entropy) ? 0.f : a.grad_entropy[row];
+  const float H = (ignored || !a.entropy) ? 0.f : a.entropy[row];
+  // dz_v = it * [gl (1[v=y] - p) - gh p (z'_v - lse + H)]
+  auto grad = [&](float zv, int64_t v) -> float {
+    if (ignored) return 0.f;
+    const float lp = fmaf(zv, it, -lse);
+    const float p = exp2f(lp * kLog2e);
+    float d = -gl * p - gh * p * (lp + H);
+    if (v == y) d += gl;
+    return d * it;
+  };
+  if (kVec) {
+    const int64_t groups = V / 8;
+    for (int64_t g = threadIdx.x; g < groups; g += kThreads) {
+      float v[8];
+      Vec8<T>::load(z + 8 * g, v);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v[j] = grad(v[j], 8 * g + j);
+      Vec8<T>::store(dz + 8 * g, v);
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < V; i += kThreads) dz[i] = from_float<T>(grad(to_float(z[i]), i));
+  }
+}
+
+// --- fused chunk ----------------------------------------------------------------------------
+struct Transform {
+  const float* bias;
+  float scale, softcap, it;
+  // z' and dz'/dz for one raw logit
+  __device__ __forceinline__ float operator()(float z, int64_t v, float* deriv) const {
+    if (bias) z += bias[v];
+    z *= scale;
+    float d = scale * it;
+    if (softcap > 0.f) {
+      const float t = tanhf(z / softcap);
+      z = softcap * t;
+      d *= 1.f - t * t;
+    }
+    *deriv = d;
+    return z * it;
+  }
+};
+
+template <typename G, bool kVec>
+__global__ void __launch_bounds__(kThreads) fused_logprob_chunk_kernel(FusedLogprobChunk a) {
+  const int64_t row = blockIdx.x;
+  float* z = a.buf + row * a.ld;
+  const int64_t V = a.vocab;
+  const int64_t y = a.labels[row];
+  const Transform tf{a.bias, a.logit_scale, a.softcap, a.inv_temperature};
+  float dummy;
+  Stats st = stats_empty();
+  if (kVec) {
+    const int64_t groups = V / 4;
+    for (int64_t g = threadIdx.x; g < groups; g += kThreads) {
+      const float4 q = reinterpret_cast<const float4*>(z)[g];
+      float v[4] = {tf(q.x, 4 * g, &dummy), tf(q.y, 4 * g + 1, &dummy), tf(q.z, 4 * g + 2, &dummy),
+                    tf(q.w, 4 * g + 3, &dummy)};
+      stats_add(st, v);
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < V; i += kThreads) {
+      float v[1] = {tf(z[i], i, &dummy)};
+      stats_add(st, v);
+    }
+  }
+  st = block_stats(st);
+  const float log_s0 = logf(st.s0);
+  const float lse = st.m + log_s0;
+  if (threadIdx.x == 0) {
+    a.logp[row] = tf(z[y], y, &dummy) - lse;
+    a.lse[row] = lse;
+    if (a.entropy) a.entropy[row] = log_s0 - st.s1 / st.s0;
+  }
+  if (!a.write_grad) return;
+  __syncthreads();  // z[y] above is read before pass 2 overwrites the row
+  const float rs = a.row_scale ? a.row_scale[row] : 1.f;
+  G* out = reinterpret_cast<G*>(z);
+  auto grad = [&](float raw, int64_t v) -> float {
+    float d;
+    const float zp = tf(raw, v, &d);
+    const float p = exp2f((zp - lse) * kLog2e);
+    return rs * ((v == y ? 1.f : 0.f) - p) * d;
+  };
+  if (kVec) {
+    const int64_t groups = V / 4;
+    for (int64_t base = 0; base < groups; base += kThreads) {
+      const int64_t g = base + threadIdx.x;
+      float4 q = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (g < groups) q = reinterpret_cast<const float4*>(z)[g];
+      __syncthreads();
+      if (g < groups) {
+        const float r0 = grad(q.x, 4 * g), r1 = grad(q.y, 4 * g + 1), r2 = grad(q.z, 4 * g + 2),
+                    r3 = grad(q.w, 4 * g + 3);
+        if constexpr (std::is_same<G, float>::value) {
+          reinterpret_cast<float4*>(out)[g] = make_float4(r0, r1, r2, r3);  // same words: no overlap
+        } else if constexpr (std::is_same<G, __nv_bfloat16>::value) {
+          __nv_bfloat162 h[2] = {__floats2bfloat162_rn(r0, r1), __floats2bfloat162_rn(r2, r3)};
+          reinterpret_cast<uint2*>(out)[g] = *reinterpret_cast<uint2*>(h);
+        } else {
+          __half2 h[2] = {__floats2half2_rn(r0, r1), __floats2half2_rn(r2, r3)};
+          reinterpret_cast<uint2*>(out)[g] = *reinterpret_cast<uint2*>(h);
+        }
+      }
+    }
+  } else {
+    for (int64_t base = 0; base < V; base += kThreads) {
+      const int64_t i = base + threadIdx.x;
+      const float raw = i < V ? z[i] : 0.f;
+      __syncthreads();
+      if (i < V) out[i] = from_float<G>(grad(raw, i));
+    }
+  }
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+size_t dtype_size(DType d) { return d == DType::kFloat32 ? 4 : 2; }
+
+bool vector_ok(const LogitsView& v) {
+  const size_t es = dtype_size(v.dtype);
+  return aligned16(v.ptr) && v.vocab % 8 == 0 && (v.stride_b * es) % 16 == 0 && (v.stride_t * es) % 16 == 0;
+}
+
+}  // namespace
+
+cudaError_t token_logprobs_fwd(const TokenLogprobFwd& a, cudaStream_t stream) {
+  const int64_t rows = a.logits.batch * a.logits.seq;
+  HOPTUNE_REQUIRE(a.logits.ptr && a.labels && a.logp && a.lse && a.logits.vocab > 0 && a.logits.seq > 0);
+  if (rows == 0) return cudaSuccess;
+  HOPTUNE_REQUIRE(rows <= 0x7fffffff);
+  const bool vec = vector_ok(a.logits);
+  return HOPTUNE_DISPATCH_FLOAT(a.logits.dtype, T, [&] {
+    if (vec) {
+      token_logprobs_fwd_kernel<T, true><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(a);
+    } else {
+      token_logprobs_fwd_kernel<T, false><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(a);
+    }
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t token_logprobs_bwd(const TokenLogprobBwd& a, cudaStream_t stream) {
+  const int64_t rows = a.logits.batch * a.logits.seq;
+  HOPTUNE_REQUIRE(a.logits.ptr && a.labels && a.lse && a.grad_logp && a.dlogits && a.logits.seq > 0);
+  if (rows == 0) return cudaSuccess;
+  HOPTUNE_REQUIRE(rows <= 0x7fffffff);
+  HOPTUNE_REQUIRE(!a.grad_entropy || a.entropy);
+  LogitsView out = a.logits;
+  out.ptr = a.dlogits;
+  const bool vec = vector_ok(a.logits) && vector_ok(out);
+  return HOPTUNE_DISPATCH_FLOAT(a.logits.dtype, T, [&] {
+    if (vec) {
+      token_logprobs_bwd_kernel<T, true><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(a);
+    } else {
+      token_logprobs_bwd_kernel<T, false><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(a);
+    }
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t fused_logprob_chunk(const FusedLogprobChunk& a, cudaStream_t stream) {
+  HOPTUNE_REQUIRE(a.buf && a.labels && a.logp && a.lse && a.vocab > 0 && a.ld >= a.vocab);
+  if (a.rows == 0) return cudaSuccess;
+  HOPTUNE_REQUIRE(a.rows <= 0x7fffffff);
+  const bool vec = aligned16(a.buf) && a.vocab % 4 == 0 && a.ld % 4 == 0;
+  const unsigned grid = static_cast<unsigned>(a.rows);
+  return HOPTUNE_DISPATCH_FLOAT(a.grad_dtype, G, [&] {
+    if (vec) {
+      fused_logprob_chunk_kernel<G, true><<<grid, kThreads, 0, stream>>>(a);
+    } else {
+      fused_logprob_chunk_kernel<G, false><<<grid, kThreads, 0, stream>>>(a);
+    }
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace hoptune

@@ -1,0 +1,537 @@
+"""Per-token log-probs: ``token_logprobs`` (from logits) and ``fused_linear_logprobs`` (from
+hidden states and the lm_head weight, never holding the full logits).
+
+token_logprobs: one CUDA pass over the logits (online max / sum-exp in fp32) gives log-probs,
+entropy and the log-sum-exp saved for the backward, which recomputes softmax and writes dlogits
+(optionally into the logits buffer itself).
+
+fused_linear_logprobs: rows whose label is ignore_index are dropped before any matmul. The
+remaining rows go in chunks: a cuBLAS GEMM writes the chunk's logits in fp32, a kernel turns
+them into log-probs and, over the same buffer, into G = d logp / d logits, and a second GEMM
+forms J = G @ W, the gradient of each row's log-prob with respect to its hidden state. Since
+d loss / d h_i = g_i * J_i for any upstream gradient g, the backward is one scaling: the
+lm_head runs twice in total (as many GEMMs as the logits forward + input gradient of a plain
+lm_head) and the extra memory is J (rows x H) plus one chunk of logits.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from hoptune import _lib
+from hoptune.ops import _check
+from hoptune.reference import logprob as ref
+
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+CHUNK_BYTES = 192 << 20  # fp32 logits of one chunk
+
+
+# --------------------------------------------------------------------------------------------
+# token_logprobs
+# --------------------------------------------------------------------------------------------
+def _view3(logits: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """(batch, seq, vocab, stride_b, stride_t) of a 2-D (N, V) or 3-D (B, T, V) logits tensor."""
+    if logits.dim() == 2:
+        return 1, logits.shape[0], logits.shape[1], 0, logits.stride(0)
+    b, t, v = logits.shape
+    return b, t, v, logits.stride(0), logits.stride(1)
+
+
+@torch.library.custom_op("hoptune::token_logprobs", mutates_args=())
+def _token_logprobs(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if not _lib.use_kernel(logits, "token_logprobs"):
+        return ref.token_logprobs_fwd(logits, labels, temperature, ignore_index)
+    labels = labels.contiguous()
+    logp = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
+    ent = torch.empty_like(logp)
+    lse = torch.empty_like(logp)
+    b, t, v, sb, st = _view3(logits)
+    _lib.extension().token_logprobs_fwd(
+        logits.data_ptr(),
+        _lib.DTYPE_CODES[logits.dtype],
+        b,
+        t,
+        v,
+        sb,
+        st,
+        labels.data_ptr(),
+        ignore_index,
+        1.0 / temperature,
+        logp.data_ptr(),
+        ent.data_ptr(),
+        lse.data_ptr(),
+        _lib.stream(logits),
+    )
+    return logp, ent, lse
+
+
+@_token_logprobs.register_fake
+def _(logits, labels, temperature, ignore_index):
+    out = logits.new_empty(labels.shape, dtype=torch.float32)
+    return out, torch.empty_like(out), torch.empty_like(out)
+
+
+def _bwd_impl(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, out):
+    b, t, v, sb, st = _view3(logits)
+    _lib.extension().token_logprobs_bwd(
+        logits.data_ptr(),
+        _lib.DTYPE_CODES[logits.dtype],
+        b,
+        t,
+        v,
+        sb,
+        st,
+        labels.data_ptr(),
+        ignore_index,
+        1.0 / temperature,
+        lse.data_ptr(),
+        entropy.data_ptr(),
+        grad_logp.contiguous().data_ptr(),
+        _lib.ptr(None if grad_entropy is None else grad_entropy.contiguous()),
+        out.data_ptr(),
+        _lib.stream(logits),
+    )
+
+
+@torch.library.custom_op("hoptune::token_logprobs_backward", mutates_args=())
+def _token_logprobs_backward(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logp: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+) -> torch.Tensor:
+    if not _lib.use_kernel(logits, "token_logprobs"):
+        return ref.token_logprobs_bwd(
+            logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index
+        )
+    out = torch.empty_strided(logits.shape, logits.stride(), dtype=logits.dtype, device=logits.device)
+    _bwd_impl(
+        logits, labels.contiguous(), lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, out
+    )
+    return out
+
+
+@_token_logprobs_backward.register_fake
+def _(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index):
+    return torch.empty_strided(logits.shape, logits.stride(), dtype=logits.dtype, device=logits.device)
+
+
+@torch.library.custom_op("hoptune::token_logprobs_backward_", mutates_args=("logits",))
+def _token_logprobs_backward_inplace(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logp: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+) -> None:
+    if not _lib.use_kernel(logits, "token_logprobs"):
+        logits.copy_(
+            ref.token_logprobs_bwd(
+                logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index
+            )
+        )
+        return
+    _bwd_impl(
+        logits, labels.contiguous(), lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, logits
+    )
+
+
+def _tl_setup(ctx, inputs, output):
+    logits, labels, temperature, ignore_index = inputs
+    _, ent, lse = output
+    ctx.temperature, ctx.ignore_index = temperature, ignore_index
+    ctx.inplace = getattr(_INPLACE, "flag", False)
+    ctx.save_for_backward(logits, labels, lse, ent)
+    ctx.mark_non_differentiable(lse)
+
+
+def _tl_backward(ctx, grad_logp, grad_entropy, grad_lse):
+    logits, labels, lse, ent = ctx.saved_tensors
+    if grad_logp is None:
+        grad_logp = torch.zeros_like(lse)
+    if ctx.inplace:
+        torch.ops.hoptune.token_logprobs_backward_(
+            logits, labels, lse, ent, grad_logp, grad_entropy, ctx.temperature, ctx.ignore_index
+        )
+        return logits, None, None, None
+    d = torch.ops.hoptune.token_logprobs_backward(
+        logits, labels, lse, ent, grad_logp, grad_entropy, ctx.temperature, ctx.ignore_index
+    )
+    return d, None, None, None
+
+
+_token_logprobs.register_autograd(_tl_backward, setup_context=_tl_setup)
+
+
+class _InplaceFlag:
+    flag = False
+
+
+_INPLACE = _InplaceFlag()
+
+
+def _check_labels(labels: torch.Tensor, vocab: int, ignore_index: int, name: str = "labels") -> None:
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        pos = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{name} must be in [0, {vocab}) or ignore_index={ignore_index}; got {int(labels[pos])} at position {pos}"
+        )
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    inplace_backward: bool = False,
+    check_labels: bool = True,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each label under ``softmax(logits / temperature)``.
+
+    logits ``(N, V)`` or ``(B, T, V)`` bf16/fp16/fp32 (any row strides; the vocabulary dim
+    contiguous); labels ``(N,)`` / ``(B, T)`` int64. Returns fp32 log-probs shaped like labels
+    (and the entropy of the same distribution with ``return_entropy``). Positions whose label is
+    ``ignore_index`` give 0 and no gradient. The shift between logits and labels is the
+    caller's (``logits[:, :-1]`` with ``labels[:, 1:]`` works without a copy).
+
+    ``inplace_backward=True`` writes the logits' gradient into the logits tensor itself (saves
+    one logits-sized buffer; the logits must not be used after the backward).
+    ``check_labels`` validates the label range on the host (one device sync).
+    """
+    _check.tensor("logits", logits)
+    _check.tensor("labels", labels)
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"logits must be (N, V) or (B, T, V), got shape {tuple(logits.shape)}")
+    _check.dtype_in("logits", logits, (*FLOAT_DTYPES, torch.float64))
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must be int64 (or int32), got {labels.dtype}")
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"labels must have shape {tuple(logits.shape[:-1])} (logits without V), got {tuple(labels.shape)}"
+        )
+    _check.same_device(logits=logits, labels=labels)
+    if not (temperature > 0 and temperature < float("inf")):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    if logits.shape[-1] == 0:
+        raise ValueError("logits has an empty vocabulary dimension")
+    labels = labels.long()
+    if check_labels:
+        _check_labels(labels, logits.shape[-1], ignore_index)
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    _INPLACE.flag = inplace_backward
+    try:
+        logp, ent, _ = _token_logprobs(logits, labels, float(temperature), int(ignore_index))
+    finally:
+        _INPLACE.flag = False
+    return (logp, ent) if return_entropy else logp
+
+
+# --------------------------------------------------------------------------------------------
+# fused_linear_logprobs
+# --------------------------------------------------------------------------------------------
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """out (fp32, may be row-strided) = a @ b, accumulating and storing in fp32."""
+    if a.dtype == torch.float32:
+        torch.mm(a, b, out=out)
+        return
+    try:
+        torch.mm(a, b, out_dtype=torch.float32, out=out)
+    except (TypeError, RuntimeError) as e:  # torch without mm(out_dtype=)
+        if "fp32_mm" not in _lib._warned:
+            _lib._warned.add("fp32_mm")
+            warnings.warn(
+                f"torch.mm(out_dtype=float32) unavailable ({e}); logits go through {a.dtype}", stacklevel=3
+            )
+        out.copy_(torch.mm(a, b))
+
+
+def _chunk_rows(vocab: int, chunk_rows: int) -> int:
+    if chunk_rows > 0:
+        return chunk_rows
+    return max(64, (CHUNK_BYTES // (4 * vocab)) // 64 * 64)
+
+
+def _run_chunks(
+    hidden,
+    weight,
+    labels,
+    bias,
+    temperature,
+    ignore_index,
+    softcap,
+    logit_scale,
+    chunk_rows,
+    compute_grad,
+    row_scale,
+):
+    """The forward loop (also the weight-gradient recompute when row_scale is given).
+
+    Returns (logp, entropy, lse, J, idx, G_chunks) where G_chunks yields (rows, G, h) per chunk
+    only for the weight-gradient recompute."""
+    n, h = hidden.shape
+    v = weight.shape[0]
+    dev = hidden.device
+    valid = labels != ignore_index
+    nv = int(valid.sum())
+    all_valid = nv == n
+    idx = None if all_valid else valid.nonzero().squeeze(1)
+    logp = torch.zeros(n, dtype=torch.float32, device=dev)
+    ent = torch.zeros_like(logp)
+    lse = torch.zeros_like(logp)
+    J = torch.empty(nv if compute_grad else 0, h, dtype=hidden.dtype, device=dev)
+    use_kernel = _lib.use_kernel(hidden, "fused_linear_logprobs")
+    c = _chunk_rows(v, chunk_rows)
+    ld = (v + 3) // 4 * 4
+    buf = torch.empty(min(c, max(nv, 1)), ld, dtype=torch.float32, device=dev) if use_kernel else None
+    bias_f = None if bias is None else bias.float().contiguous()
+    wt = weight.t()
+    for c0 in range(0, nv, c):
+        c1 = min(nv, c0 + c)
+        rows = slice(c0, c1) if all_valid else idx[c0:c1]
+        hc = hidden[rows]
+        yc = labels[rows].contiguous()
+        rs = None if row_scale is None else row_scale[rows].float().contiguous()
+        want_g = compute_grad or row_scale is not None
+        if use_kernel:
+            logits = buf[: c1 - c0, :v]
+            _mm_fp32(hc, wt, logits)
+            lp_c = torch.empty(c1 - c0, dtype=torch.float32, device=dev)
+            en_c, ls_c = torch.empty_like(lp_c), torch.empty_like(lp_c)
+            gdt = hidden.dtype
+            _lib.extension().fused_logprob_chunk(
+                buf.data_ptr(),
+                c1 - c0,
+                v,
+                ld,
+                yc.data_ptr(),
+                _lib.ptr(bias_f),
+                float(logit_scale),
+                float(softcap),
+                1.0 / temperature,
+                lp_c.data_ptr(),
+                en_c.data_ptr(),
+                ls_c.data_ptr(),
+                _lib.DTYPE_CODES[gdt],
+                want_g,
+                _lib.ptr(rs),
+                _lib.stream(hidden),
+            )
+            G = buf.view(gdt)[: c1 - c0, :v] if gdt != torch.float32 else buf[: c1 - c0, :v]
+        else:
+            logits = hc.float() @ wt.float()
+            lp_c, en_c, ls_c, G = ref.fused_chunk(
+                logits, yc, bias_f, logit_scale, softcap, temperature, want_g, rs
+            )
+            if G is not None:
+                G = G.to(hidden.dtype)
+        logp[rows], ent[rows], lse[rows] = lp_c, en_c, ls_c
+        if row_scale is not None:
+            yield rows, G, hc
+        elif compute_grad:
+            torch.mm(G, weight.to(G.dtype), out=J[c0:c1])
+    yield logp, ent, lse, J, idx
+
+
+@torch.library.custom_op("hoptune::fused_linear_logprobs", mutates_args=())
+def _fused_linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    softcap: float,
+    logit_scale: float,
+    chunk_rows: int,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden (N, H), weight (V, H), labels (N,) -> (logp, entropy, lse, J (N_valid, H), valid rows)."""
+    out = list(
+        _run_chunks(
+            hidden,
+            weight,
+            labels,
+            bias,
+            temperature,
+            ignore_index,
+            softcap,
+            logit_scale,
+            chunk_rows,
+            compute_grad,
+            None,
+        )
+    )
+    logp, ent, lse, J, idx = out[-1]
+    if idx is None:
+        idx = labels.new_empty(0)
+    return logp, ent, lse, J, idx
+
+
+@_fused_linear_logprobs.register_fake
+def _(
+    hidden, weight, labels, bias, temperature, ignore_index, softcap, logit_scale, chunk_rows, compute_grad
+):
+    n, h = hidden.shape
+    logp = hidden.new_empty(n, dtype=torch.float32)
+    nv = torch.library.get_ctx().new_dynamic_size()
+    J = hidden.new_empty(nv if compute_grad else 0, h)
+    idx = labels.new_empty(torch.library.get_ctx().new_dynamic_size())
+    return logp, torch.empty_like(logp), torch.empty_like(logp), J, idx
+
+
+def _fl_setup(ctx, inputs, output):
+    (
+        hidden,
+        weight,
+        labels,
+        bias,
+        temperature,
+        ignore_index,
+        softcap,
+        logit_scale,
+        chunk_rows,
+        _compute_grad,
+    ) = inputs
+    _, ent, lse, J, idx = output
+    ctx.meta = (temperature, ignore_index, softcap, logit_scale, chunk_rows, hidden.shape[0])
+    need_w = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[3])
+    ctx.save_for_backward(J, idx, hidden if need_w else None, weight if need_w else None, labels, bias)
+    ctx.mark_non_differentiable(ent, lse, J, idx)
+
+
+def _fl_backward(ctx, grad_logp, grad_ent, grad_lse, grad_J, grad_idx):
+    J, idx, hidden, weight, labels, bias = ctx.saved_tensors
+    temperature, ignore_index, softcap, logit_scale, chunk_rows, n = ctx.meta
+    dh = dw = db = None
+    if grad_logp is None:
+        return None, None, None, None, None, None, None, None, None, None
+    if ctx.needs_input_grad[0]:
+        if J.shape[0] == 0 and n > 0 and idx.numel() == 0 and int((labels != ignore_index).sum()) > 0:
+            raise RuntimeError(
+                "fused_linear_logprobs: the forward ran without gradients (compute_grad=False)"
+            )
+        if idx.numel() == 0 and J.shape[0] == n:
+            dh = J * grad_logp[:, None].to(J.dtype)
+        else:
+            dh = J.new_zeros(n, J.shape[1])
+            if idx.numel():
+                dh.index_copy_(0, idx, J * grad_logp[idx][:, None].to(J.dtype))
+    if ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[3]):
+        dw32 = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        db32 = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+        for item in _run_chunks(
+            hidden,
+            weight,
+            labels,
+            bias,
+            temperature,
+            ignore_index,
+            softcap,
+            logit_scale,
+            chunk_rows,
+            False,
+            grad_logp,
+        ):
+            if len(item) == 3:
+                _, G, hc = item
+                dw32 += (G.t().float() @ hc.float()) if G.device.type != "cuda" else _mm_tmp(G.t(), hc)
+                if db32 is not None:
+                    db32 += G.float().sum(0)
+        dw = dw32.to(weight.dtype) if ctx.needs_input_grad[1] else None
+        db = db32.to(bias.dtype) if db32 is not None and ctx.needs_input_grad[3] else None
+    return dh, dw, None, db, None, None, None, None, None, None
+
+
+def _mm_tmp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(a.shape[0], b.shape[1], dtype=torch.float32, device=a.device)
+    _mm_fp32(a, b, out)
+    return out
+
+
+_fused_linear_logprobs.register_autograd(_fl_backward, setup_context=_fl_setup)
+
+
+def fused_linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    chunk_rows: int = 0,
+    check_labels: bool = True,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of ``labels`` under ``softmax(lm_head(hidden) / temperature)`` without
+    materialising the logits.
+
+    hidden ``(*, H)`` bf16/fp16/fp32, weight ``(V, H)`` (the lm_head), labels ``(*)`` int64,
+    bias ``(V,)``. Logits are ``(hidden @ weight^T + bias) * logit_scale``, then soft-capped
+    ``softcap * tanh(z / softcap)`` when ``softcap`` is given (Gemma-2), then divided by the
+    temperature. Returns fp32 log-probs shaped like labels (and the entropy, which carries no
+    gradient, with ``return_entropy``). Ignored rows give 0 and no gradient and cost no matmul.
+    The weight (and bias) gradient is computed only if they require grad (a frozen lm_head, the
+    QLoRA case, skips it). ``chunk_rows`` (0 = auto) bounds the fp32 logits held at once.
+    """
+    _check.tensor("hidden", hidden)
+    _check.tensor("weight", weight)
+    _check.tensor("labels", labels)
+    _check.dtype_in("hidden", hidden, FLOAT_DTYPES)
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must be (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]}, got {tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must be int64 (or int32), got {labels.dtype}")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"labels must have shape {tuple(hidden.shape[:-1])} (hidden without H), got {tuple(labels.shape)}"
+        )
+    v = weight.shape[0]
+    if bias is not None:
+        _check.tensor("bias", bias)
+        if tuple(bias.shape) != (v,):
+            raise ValueError(f"bias must be ({v},), got {tuple(bias.shape)}")
+    _check.same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
+    if not (temperature > 0 and temperature < float("inf")):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be positive (or None), got {softcap}")
+    labels = labels.long()
+    if check_labels:
+        _check_labels(labels, v, ignore_index)
+    shape = labels.shape
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    compute_grad = torch.is_grad_enabled() and hidden.requires_grad
+    logp, ent, *_ = _fused_linear_logprobs(
+        h2,
+        weight,
+        labels.reshape(-1),
+        bias,
+        float(temperature),
+        int(ignore_index),
+        float(softcap or 0.0),
+        float(logit_scale),
+        int(chunk_rows),
+        compute_grad,
+    )
+    logp, ent = logp.view(shape), ent.view(shape)
+    return (logp, ent) if return_entropy else logp

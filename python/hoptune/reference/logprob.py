@@ -1,0 +1,124 @@
+"""Pure-PyTorch per-token log-probs: the CPU path and the oracle of ops/logprob.py.
+
+Computes in fp32 (fp64 when given fp64), row chunk by row chunk so the temporaries stay bounded.
+For logits z of a row with label y and temperature T (z' = z / T, p = softmax z'):
+  logp = z'_y - lse(z'),  H = lse - sum_v p_v z'_v,
+  dz = [g_lp (onehot_y - p) - g_H p (log p + H)] / T.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_ROWS = 256
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def token_logprobs_fwd(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits (*, V), labels (*) -> (logp, entropy, lse), each (*) fp32 (fp64 for fp64 logits)."""
+    v = logits.shape[-1]
+    z2 = logits.reshape(-1, v)
+    y = labels.reshape(-1)
+    acc = _acc_dtype(logits)
+    n = y.numel()
+    logp = torch.zeros(n, dtype=acc, device=logits.device)
+    ent = torch.zeros_like(logp)
+    lse = torch.zeros_like(logp)
+    for r0 in range(0, n, _ROWS):
+        r1 = min(n, r0 + _ROWS)
+        z = z2[r0:r1].to(acc) / temperature
+        valid = y[r0:r1] != ignore_index
+        yc = torch.where(valid, y[r0:r1], 0)
+        ls = torch.logsumexp(z, dim=-1)
+        lp = z.gather(1, yc[:, None]).squeeze(1) - ls
+        lsm = z - ls[:, None]
+        h = -(torch.exp(lsm) * lsm).sum(-1)  # not lse - sum p z: that cancels when H is small
+        logp[r0:r1] = torch.where(valid, lp, 0)
+        ent[r0:r1] = torch.where(valid, h, 0)
+        lse[r0:r1] = torch.where(valid, ls, 0)
+    shape = labels.shape
+    return logp.view(shape), ent.view(shape), lse.view(shape)
+
+
+def token_logprobs_bwd(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logp: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+) -> torch.Tensor:
+    """d(sum g_lp logp + g_H H)/d logits, in the logits' dtype and shape."""
+    v = logits.shape[-1]
+    z2 = logits.reshape(-1, v)
+    y = labels.reshape(-1)
+    acc = _acc_dtype(logits)
+    n = y.numel()
+    out = torch.empty(n, v, dtype=logits.dtype, device=logits.device)
+    gl_all = grad_logp.reshape(-1).to(acc)
+    gh_all = None if grad_entropy is None else grad_entropy.reshape(-1).to(acc)
+    for r0 in range(0, n, _ROWS):
+        r1 = min(n, r0 + _ROWS)
+        z = z2[r0:r1].to(acc) / temperature
+        valid = (y[r0:r1] != ignore_index).to(acc)
+        lp = z - lse.reshape(-1)[r0:r1].to(acc)[:, None]
+        p = torch.exp(lp)
+        gl = (gl_all[r0:r1] * valid)[:, None]
+        d = -gl * p
+        if gh_all is not None:
+            gh = (gh_all[r0:r1] * valid)[:, None]
+            d = d - gh * p * (lp + entropy.reshape(-1)[r0:r1].to(acc)[:, None])
+        yc = torch.where(y[r0:r1] != ignore_index, y[r0:r1], 0)
+        d.scatter_add_(1, yc[:, None], gl)
+        out[r0:r1] = (d / temperature).to(logits.dtype)
+    return out.view(logits.shape)
+
+
+def transform_logits(
+    z: torch.Tensor, bias: torch.Tensor | None, logit_scale: float, softcap: float, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw lm_head outputs -> (z', dz'/dz): bias, scale, soft-cap (softcap * tanh(z / softcap)), 1/T."""
+    if bias is not None:
+        z = z + bias.to(z.dtype)
+    z = z * logit_scale
+    deriv = torch.full_like(z, logit_scale / temperature)
+    if softcap > 0:
+        t = torch.tanh(z / softcap)
+        z = softcap * t
+        deriv = deriv * (1 - t * t)
+    return z / temperature, deriv
+
+
+def fused_chunk(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    logit_scale: float,
+    softcap: float,
+    temperature: float,
+    write_grad: bool,
+    row_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One chunk of raw logits (rows, V), all labels valid -> (logp, entropy, lse, G or None) with
+    G = row_scale * d logp / d z (what the CUDA fused-chunk kernel writes)."""
+    zp, deriv = transform_logits(logits.to(_acc_dtype(logits)), bias, logit_scale, softcap, temperature)
+    lse = torch.logsumexp(zp, dim=-1)
+    logp = zp.gather(1, labels[:, None]).squeeze(1) - lse
+    lsm = zp - lse[:, None]
+    p = torch.exp(lsm)
+    ent = -(p * lsm).sum(-1)
+    g = None
+    if write_grad:
+        g = -p
+        g.scatter_add_(1, labels[:, None], torch.ones_like(lse)[:, None])
+        g = g * deriv
+        if row_scale is not None:
+            g = g * row_scale.to(g.dtype)[:, None]
+    return logp, ent, lse, g

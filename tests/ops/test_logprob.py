@@ -1,0 +1,244 @@
+"""token_logprobs and fused_linear_logprobs against an fp64 oracle, on the CPU reference and
+(gpu-marked) the CUDA kernels. Tolerances: fp32 inputs, 1e-5 absolute; 16-bit inputs, at most 2x
+the error of PyTorch's fp32 computation on the upcast values (plus 1e-6 for fp32 round-off)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hoptune.ops import fused_linear_logprobs, token_logprobs
+from tests.conftest import poison_cuda_cache
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def oracle(z, labels, temperature=1.0, ignore_index=-100):
+    """fp64 log-probs and entropy (z already float64, differentiable)."""
+    lsm = torch.log_softmax(z / temperature, dim=-1)
+    valid = labels != ignore_index
+    lp = lsm.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * valid
+    ent = -(lsm.exp() * lsm).sum(-1) * valid
+    return lp, ent
+
+
+def torch_fp32(z, labels, temperature=1.0, ignore_index=-100):
+    return oracle(z.float(), labels, temperature, ignore_index)
+
+
+def err(a, b):
+    return (a.double() - b.double().to(a.device)).abs().max().item()
+
+
+def _case(shape, v, dtype, device, seed, ignore_frac=0.2):
+    g = torch.Generator().manual_seed(seed)
+    z = (torch.randn(*shape, v, generator=g) * 3).to(dtype).to(device)
+    y = torch.randint(0, v, shape, generator=g)
+    y[torch.rand(shape, generator=g) < ignore_frac] = -100
+    return z, y.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,v", [((7,), 33), ((3, 5), 32001), ((2, 9), 1024), ((130,), 4000)])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_fp32(device, shape, v, temperature):
+    z, y = _case(shape, v, torch.float32, device, seed=v)
+    z.requires_grad_(True)
+    lp, ent = token_logprobs(z, y, temperature=temperature, return_entropy=True)
+    z64 = z.detach().double().requires_grad_(True)
+    rlp, rent = oracle(z64, y, temperature)
+    assert err(lp, rlp) <= 1e-5 and err(ent, rent) <= 1e-5
+    g = torch.randn(shape, device=device)
+    gh = torch.randn(shape, device=device)
+    (lp * g + ent * gh).sum().backward()
+    (rlp * g.double() + rent * gh.double()).sum().backward()
+    assert err(z.grad, z64.grad) <= 1e-5
+    ignored = y == -100
+    assert (lp[ignored] == 0).all() and (ent[ignored] == 0).all() and (z.grad[ignored] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_token_logprobs_16bit_within_2x_of_torch_fp32(device, dtype):
+    z, y = _case((4, 77), 50000, dtype, device, seed=3)
+    z.requires_grad_(True)
+    lp, ent = token_logprobs(z, y, temperature=0.9, return_entropy=True)
+    z64 = z.detach().double().requires_grad_(True)
+    rlp, rent = oracle(z64, y, 0.9)
+    tlp, tent = torch_fp32(z.detach(), y, 0.9)
+    assert err(lp, rlp) <= 2 * err(tlp, rlp) + 1e-6
+    assert err(ent, rent) <= 2 * err(tent, rent) + 1e-6
+    g = torch.randn(4, 77, device=device)
+    lp.backward(g)
+    rlp.backward(g.double())
+    zt = z.detach().float().requires_grad_(True)
+    torch_fp32(zt, y, 0.9)[0].backward(g)
+    # gradients are returned in the logits' dtype: compare with the fp32 gradient rounded to it
+    ref_err = err(zt.grad.to(dtype), z64.grad)
+    assert err(z.grad, z64.grad) <= 2 * ref_err + 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_token_logprobs_shifted_view_no_copy(device):
+    """logits[:, :-1] with labels[:, 1:]: a strided 3-D view, handled without a copy."""
+    z, y = _case((3, 17), 1000, torch.float32, device, seed=5, ignore_frac=0.0)
+    zs, ys = z[:, :-1], y[:, 1:]
+    assert not zs.is_contiguous()
+    lp = token_logprobs(zs, ys)
+    assert err(lp, oracle(zs.double(), ys)[0]) <= 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_token_logprobs_inplace_backward(device):
+    z, y = _case((6,), 4096, torch.float32, device, seed=6)
+    z64 = z.double().requires_grad_(True)
+    oracle(z64, y)[0].sum().backward()
+    leaf = z.clone().requires_grad_(True)
+    logits = leaf * 1.0  # a non-leaf the op may overwrite
+    token_logprobs(logits, y, inplace_backward=True).sum().backward()
+    assert err(leaf.grad, z64.grad) <= 1e-5
+    assert err(logits.detach(), z64.grad) <= 1e-5  # the buffer now holds dlogits
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_token_logprobs_bad_input(device):
+    z, y = _case((4,), 10, torch.float32, device, seed=1, ignore_frac=0.0)
+    y[2] = 10
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 10\) or ignore_index=-100; got 10"):
+        token_logprobs(z, y)
+    y[2] = -5
+    with pytest.raises(ValueError, match="got -5"):
+        token_logprobs(z, y)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        token_logprobs(z, y[:3])
+    with pytest.raises(TypeError, match="labels must be int64"):
+        token_logprobs(z, y.float())
+    with pytest.raises(TypeError, match="logits must be"):
+        token_logprobs(z.int(), y.clamp(0, 9))
+    with pytest.raises(ValueError, match="temperature"):
+        token_logprobs(z, y.clamp(0, 9), temperature=0.0)
+
+
+def _fused_case(n, h, v, dtype, device, seed, ignore_frac=0.25):
+    g = torch.Generator().manual_seed(seed)
+    hid = torch.randn(n, h, generator=g).to(dtype).to(device)
+    w = (torch.randn(v, h, generator=g) * h**-0.5 * 2).to(dtype).to(device)
+    b = torch.randn(v, generator=g).to(dtype).to(device)
+    y = torch.randint(0, v, (n,), generator=g)
+    y[torch.rand(n, generator=g) < ignore_frac] = -100
+    return hid, w, b, y.to(device)
+
+
+def fused_oracle(hid, w, b, y, temperature=1.0, softcap=None, scale=1.0):
+    z = hid @ w.t()
+    if b is not None:
+        z = z + b
+    z = z * scale
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    return oracle(z, y, temperature)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"temperature": 0.8}, {"softcap": 5.0, "scale": 0.5}, {"bias": True}],
+)
+@pytest.mark.parametrize("chunk_rows", [0, 7])
+def test_fused_linear_logprobs_fp32(device, kw, chunk_rows):
+    hid, w, b, y = _fused_case(45, 64, 1001, torch.float32, device, seed=len(kw))
+    bias = b if kw.get("bias") else None
+    hid.requires_grad_(True)
+    lp, ent = fused_linear_logprobs(
+        hid,
+        w,
+        y,
+        bias=bias,
+        temperature=kw.get("temperature", 1.0),
+        softcap=kw.get("softcap"),
+        logit_scale=kw.get("scale", 1.0),
+        chunk_rows=chunk_rows,
+        return_entropy=True,
+    )
+    h64 = hid.detach().double().requires_grad_(True)
+    rlp, rent = fused_oracle(
+        h64,
+        w.double(),
+        None if bias is None else bias.double(),
+        y,
+        kw.get("temperature", 1.0),
+        kw.get("softcap"),
+        kw.get("scale", 1.0),
+    )
+    assert err(lp, rlp) <= 1e-5 and err(ent, rent) <= 1e-5
+    assert not ent.requires_grad
+    g = torch.randn(45, device=device)
+    lp.backward(g)
+    rlp.backward(g.double())
+    assert err(hid.grad, h64.grad) <= 1e-5
+    assert (hid.grad[y == -100] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_linear_logprobs_weight_and_bias_grad(device):
+    hid, w, b, y = _fused_case(33, 32, 300, torch.float32, device, seed=9)
+    for t in (hid, w, b):
+        t.requires_grad_(True)
+    lp = fused_linear_logprobs(hid, w, y, bias=b, softcap=4.0, chunk_rows=10)
+    g = torch.randn(33, device=device)
+    lp.backward(g)
+    h64, w64, b64 = (t.detach().double().requires_grad_(True) for t in (hid, w, b))
+    fused_oracle(h64, w64, b64, y, softcap=4.0)[0].backward(g.double())
+    for a, r in ((hid, h64), (w, w64), (b, b64)):
+        assert err(a.grad, r.grad) <= 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,h,v", [(300, 256, 32001), (1000, 512, 50304)])
+def test_fused_linear_logprobs_16bit_gpu(dtype, n, h, v):
+    hid, w, _, y = _fused_case(n, h, v, dtype, "cuda", seed=n)
+    poison_cuda_cache()
+    hid.requires_grad_(True)
+    lp, ent = fused_linear_logprobs(hid, w, y, return_entropy=True, temperature=0.9)
+    h64 = hid.detach().double().requires_grad_(True)
+    rlp, rent = fused_oracle(h64, w.double(), None, y, 0.9)
+    ht = hid.detach().float().requires_grad_(True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    tlp, tent = fused_oracle(ht, w.float(), None, y, 0.9)
+    assert err(lp, rlp) <= 2 * err(tlp, rlp) + 1e-6
+    assert err(ent, rent) <= 2 * err(tent, rent) + 1e-6
+    g = torch.randn(n, device="cuda")
+    lp.backward(g)
+    rlp.backward(g.double())
+    tlp.backward(g)
+    ref_err = err(ht.grad.to(dtype), h64.grad)
+    ours = err(hid.grad, h64.grad)
+    print(f"grad error ours {ours:.3g} vs torch fp32 rounded to {dtype}: {ref_err:.3g}")
+    assert ours <= 2 * ref_err + 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_linear_logprobs_bad_input(device):
+    hid, w, _, y = _fused_case(5, 16, 50, torch.float32, device, seed=2, ignore_frac=0.0)
+    with pytest.raises(ValueError, match="weight must be"):
+        fused_linear_logprobs(hid, w[:, :8], y)
+    with pytest.raises(TypeError, match="weight must have hidden's dtype"):
+        fused_linear_logprobs(hid, w.double(), y)
+    y2 = y.clone()
+    y2[0] = 50
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 50\)"):
+        fused_linear_logprobs(hid, w, y2)
+    with pytest.raises(ValueError, match="softcap"):
+        fused_linear_logprobs(hid, w, y, softcap=-1.0)
+
+
+def test_opcheck():
+    z, y = _case((3, 4), 40, torch.float32, "cpu", seed=0)
+    torch.library.opcheck(torch.ops.hoptune.token_logprobs, (z.requires_grad_(True), y, 0.8, -100))
+    hid, w, _, y = _fused_case(6, 8, 20, torch.float32, "cpu", seed=0, ignore_frac=0.0)
+    torch.library.opcheck(
+        torch.ops.hoptune.fused_linear_logprobs,
+        (hid.requires_grad_(True), w, y, None, 1.0, -100, 0.0, 1.0, 0, True),
+        test_utils=("test_schema", "test_faketensor"),
+    )
