@@ -22,13 +22,12 @@ def lora_forward(
     bias: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x2 (M, K), w (N, K) -> (y (M, N), xa (M, r) or None)."""
-    y = x2 @ w.t()
+    # bias rides in the GEMM epilogue (addmm); the LoRA term accumulates into y in place
+    y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
     xa = None
     if lora_A is not None and lora_B is not None:
         xa = x2 @ lora_A.t()
-        y = y + scale * (xa @ lora_B.t())
-    if bias is not None:
-        y = y + bias
+        y.addmm_(xa, lora_B.t(), alpha=scale)
     return y, xa
 
 
@@ -48,14 +47,14 @@ def lora_backward(
     dx = da = db = None
     dxa = None
     if xa is not None and (need_x or need_A):
-        dxa = scale * (grad @ lora_B)
+        dxa = torch.mm(grad, lora_B).mul_(scale)
     if need_x:
         assert w is not None
         dx = grad @ w
         if dxa is not None:
-            dx = dx + dxa @ lora_A
+            dx.addmm_(dxa, lora_A)
     if need_A and dxa is not None:
         da = dxa.t() @ x2
     if need_B and xa is not None:
-        db = scale * (grad.t() @ xa)
+        db = torch.mm(grad.t(), xa).mul_(scale)
     return dx, da, db

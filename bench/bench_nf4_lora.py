@@ -1,0 +1,214 @@
+"""NF4 + LoRA linear on the shapes of TARGETS.md §1-2, all anchors in the same run:
+
+* forward y = x W^T + s (x A^T) B^T at M = 8192 (r = 16) against torch bf16 x @ W^T without LoRA,
+  and bitsandbytes matmul_4bit; small M for orientation;
+* layer forward + backward (grads of x, A, B) at M = 8192 against the frozen bf16 dense layer,
+  bf16 + LoRA, bitsandbytes + LoRA and PEFT QLoRA.
+
+    python bench/bench_nf4_lora.py --out bench/results/nf4_lora.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import bench, env_info, peak_extra_gib, table, write_json
+from hoptune.nn import LoRALinear
+from hoptune.ops import nf4_lora_linear
+from hoptune.quant import quantize_nf4
+
+FWD_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672)]  # (K, N)
+LAYER_SHAPES = [(4096, 4096), (4096, 14336), (8192, 28672)]
+R = 16
+dev = "cuda"
+
+
+class PlainLora(nn.Module):
+    """The anchor's LoRA on a frozen base: y = base(x) + s * B(A(x))."""
+
+    def __init__(self, base, k, n, r=R, alpha=32):
+        super().__init__()
+        self.base = base
+        self.A = nn.Parameter(torch.randn(r, k, device=dev, dtype=torch.bfloat16) / math.sqrt(k))
+        self.B = nn.Parameter(torch.randn(n, r, device=dev, dtype=torch.bfloat16) * 0.01)
+        self.s = alpha / r
+
+    def forward(self, x):
+        return self.base(x) + self.s * ((x @ self.A.t()) @ self.B.t())
+
+
+def bnb_linear(w):
+    import bitsandbytes as bnb
+
+    k, n = w.shape[1], w.shape[0]
+    lin = bnb.nn.Linear4bit(
+        k, n, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True, device=dev
+    )
+    lin.weight = bnb.nn.Params4bit(
+        w.detach().cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True, blocksize=64
+    ).to(dev)
+    return lin
+
+
+def forward_rows(have_bnb: bool) -> list[dict]:
+    rows = []
+    for k, n in FWD_SHAPES:
+        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
+        q = quantize_nf4(w)
+        a = torch.randn(R, k, device=dev, dtype=torch.bfloat16) / math.sqrt(k)
+        b = torch.randn(n, R, device=dev, dtype=torch.bfloat16) * 0.01
+        if have_bnb:
+            import bitsandbytes as bnb
+            import bitsandbytes.functional as bnbf
+
+            qb, st = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        for m in (1, 16, 64, 8192):
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            row = {"M": m, "K": k, "N": n}
+            row["bf16_ms"] = bench(lambda: x @ w.t())
+            row["ours_lora_ms"] = bench(lambda: nf4_lora_linear(x, q, a, b, 2.0))
+            row["ours_base_ms"] = bench(lambda: nf4_lora_linear(x, q))
+            row["ours_lora_over_bf16"] = row["ours_lora_ms"] / row["bf16_ms"]
+            row["ours_base_over_bf16"] = row["ours_base_ms"] / row["bf16_ms"]
+            if have_bnb:
+                row["bnb_ms"] = bench(lambda: bnb.matmul_4bit(x, qb.t(), quant_state=st))
+                row["bnb_over_bf16"] = row["bnb_ms"] / row["bf16_ms"]
+            rows.append(row)
+            print(row, flush=True)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def layer_rows(have_bnb: bool, have_peft: bool) -> list[dict]:
+    rows = []
+    m = 8192
+    for k, n in LAYER_SHAPES:
+        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        g = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
+        row = {"M": m, "K": k, "N": n}
+        dense = nn.Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16)
+        dense.weight.data.copy_(w)
+        dense.weight.requires_grad_(False)
+
+        def step(mod):
+            def f():
+                x.grad = None
+                for p in mod.parameters():
+                    p.grad = None
+                mod(x).backward(g)
+
+            return f
+
+        row["bf16_frozen_ms"] = bench(step(dense))
+        row["bf16_lora_ms"] = bench(step(PlainLora(dense, k, n)))
+        ours = LoRALinear(
+            copy.deepcopy(dense),
+            r=R,
+            lora_alpha=32,
+            quantize="nf4",
+            adapter_dtype=torch.bfloat16,
+            init_lora_weights=False,
+        )
+        row["ours_qlora_ms"] = bench(step(ours))
+        row["ours_qlora_peak_GiB"] = peak_extra_gib(step(ours))
+        row["layer_bf16_weight_GiB"] = n * k * 2 / 2**30
+        row["ours_over_bf16_frozen"] = row["ours_qlora_ms"] / row["bf16_frozen_ms"]
+        dora = LoRALinear(
+            copy.deepcopy(dense),
+            r=R,
+            lora_alpha=32,
+            quantize="nf4",
+            use_dora=True,
+            adapter_dtype=torch.bfloat16,
+            init_lora_weights=False,
+        )
+        row["ours_qdora_ms"] = bench(step(dora))
+        del dora
+        if have_bnb:
+            q = bnb_linear(w)
+            row["bnb_lora_ms"] = bench(step(PlainLora(q, k, n)))
+            if have_peft:
+                import peft
+
+                holder = nn.Module()
+                holder.proj = bnb_linear(w)
+                cfg = peft.LoraConfig(r=R, lora_alpha=32, target_modules=["proj"], lora_dropout=0.0)
+                holder = peft.inject_adapter_in_model(cfg, holder).to(dev)
+                for name, p in holder.named_parameters():
+                    if "lora_" in name:
+                        p.data = p.data.to(torch.bfloat16)
+                row["peft_qlora_ms"] = bench(step(holder.proj))
+                del holder
+        rows.append(row)
+        print(row, flush=True)
+        del dense, ours
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench/results/nf4_lora.json")
+    args = ap.parse_args()
+    try:
+        import bitsandbytes  # noqa: F401
+
+        have_bnb = True
+    except Exception:
+        have_bnb = False
+    try:
+        import peft  # noqa: F401
+
+        have_peft = True
+    except Exception:
+        have_peft = False
+    res = {"env": env_info(), "r": R}
+    res["forward"] = forward_rows(have_bnb)
+    write_json(args.out, res)
+    res["layer"] = layer_rows(have_bnb, have_peft)
+    write_json(args.out, res)
+    print(
+        table(
+            res["forward"],
+            [
+                "M",
+                "K",
+                "N",
+                "bf16_ms",
+                "ours_lora_ms",
+                "ours_lora_over_bf16",
+                "ours_base_over_bf16",
+                "bnb_over_bf16",
+            ],
+        )
+    )
+    print(
+        table(
+            res["layer"],
+            [
+                "K",
+                "N",
+                "bf16_frozen_ms",
+                "bf16_lora_ms",
+                "ours_qlora_ms",
+                "ours_over_bf16_frozen",
+                "bnb_lora_ms",
+                "peft_qlora_ms",
+                "ours_qdora_ms",
+                "ours_qlora_peak_GiB",
+            ],
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

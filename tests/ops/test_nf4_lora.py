@@ -1,0 +1,182 @@
+"""nf4_lora_linear: output and gradients against an fp32 computation on the dequantized weight.
+Rule (STYLE.md): our error is at most 2x the error of the same computation done by PyTorch in
+the input precision (plus 1e-6 for fp32 round-off)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hoptune.ops import nf4_lora_linear
+from hoptune.quant import dequantize_nf4, quantize_nf4
+from tests.conftest import poison_cuda_cache, rel_err
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _case(m, k, n, r, dtype, device, seed, bias=True, x_shape=None):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * k**-0.5
+    x = torch.randn(*(x_shape or (m,)), k, generator=g)
+    a = torch.randn(r, k, generator=g) * k**-0.5
+    b = torch.randn(n, r, generator=g) * r**-0.5
+    bb = torch.randn(n, generator=g) if bias else None
+    q = quantize_nf4(w.to(dtype).to(device))
+    cast = lambda t: None if t is None else t.to(dtype).to(device)  # noqa: E731
+    return x.to(dtype).to(device), q, cast(a), cast(b), cast(bb)
+
+
+def _run(fn, x, a, b, g):
+    x = x.detach().clone().requires_grad_(True)
+    a = a.detach().clone().requires_grad_(True)
+    b = b.detach().clone().requires_grad_(True)
+    y = fn(x, a, b)
+    y.backward(g)
+    return y.detach(), x.grad, a.grad, b.grad
+
+
+def _check(m, k, n, r, dtype, device, seed, x_shape=None, noncontig=False, scale=0.75):
+    x, q, a, b, bias = _case(m, k, n, r, dtype, device, seed, x_shape=x_shape)
+    if noncontig:  # a strided view of a wider buffer
+        wide = torch.randn(*x.shape[:-1], 2 * k, dtype=dtype, device=device)
+        wide[..., ::2] = x
+        x = wide[..., ::2]
+        assert not x.is_contiguous()
+    w = dequantize_nf4(q)
+    g = torch.randn(*x.shape[:-1], n, dtype=dtype, device=device)
+    if device == "cuda":
+        poison_cuda_cache()
+    ours = _run(lambda x_, a_, b_: nf4_lora_linear(x_, q, a_, b_, scale, bias), x, a, b, g)
+
+    def plain(x_, a_, b_, dt):
+        bb = None if bias is None else bias.to(dt)
+        y = x_.to(dt) @ w.to(dt).t() + scale * (x_.to(dt) @ a_.to(dt).t()) @ b_.to(dt).t()
+        return y if bb is None else y + bb
+
+    ref = _run(
+        lambda x_, a_, b_: plain(x_, a_, b_, torch.float64), x.double(), a.double(), b.double(), g.double()
+    )
+    low = _run(lambda x_, a_, b_: plain(x_, a_, b_, dtype), x, a, b, g)
+    for name, o, r_, lo in zip(("y", "dx", "dA", "dB"), ours, ref, low):
+        assert o.dtype == dtype and o.shape == r_.shape, name
+        assert torch.isfinite(o).all(), name
+        e_ours, e_low = rel_err(o, r_), rel_err(lo, r_)
+        assert e_ours <= 2 * e_low + 1e-6, f"{name}: ours {e_ours:.3g} vs torch {dtype} {e_low:.3g}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m", [1, 7, 128, 1000])
+@pytest.mark.parametrize("k,n", [(256, 384), (320, 200)])  # 200: N not a multiple of 128
+@pytest.mark.parametrize("r", [8, 16, 64])
+def test_matches_reference(device, m, k, n, r):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    _check(m, k, n, r, dtype, device, seed=m * 7 + r)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,n", [(4096, 4096), (4096, 14336), (14336, 4096)])
+def test_large_m_gpu(k, n):
+    _check(8192, k, n, 16, torch.bfloat16, "cuda", seed=1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_3d_and_noncontiguous_x(device):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    _check(0, 192, 128, 8, dtype, device, seed=3, x_shape=(3, 11))
+    _check(0, 192, 128, 8, dtype, device, seed=4, x_shape=(5, 7), noncontig=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16])
+def test_fp16_gpu(dtype):
+    _check(300, 256, 320, 16, dtype, "cuda", seed=5)
+
+
+def test_no_lora_and_frozen_weight():
+    x, q, _, _, bias = _case(9, 128, 64, 8, torch.float32, "cpu", seed=0)
+    y = nf4_lora_linear(x, q, bias=bias)
+    torch.testing.assert_close(y, x @ dequantize_nf4(q).t() + bias)
+
+
+def test_opcheck():
+    x, q, a, b, bias = _case(5, 128, 64, 8, torch.float32, "cpu", seed=0)
+    args = (
+        x.requires_grad_(True),
+        q.packed,
+        q.absmax,
+        q.absmax2,
+        q.code2,
+        q.offset,
+        64,
+        256,
+        64,
+        a.requires_grad_(True),
+        b.requires_grad_(True),
+        0.5,
+        bias,
+    )
+    torch.library.opcheck(torch.ops.hoptune.nf4_lora_linear, args)
+
+
+@pytest.mark.slow
+def test_torch_compile_and_checkpoint():
+    x, q, a, b, bias = _case(6, 128, 64, 8, torch.float32, "cpu", seed=2)
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+
+    def f(x_):
+        return torch.utils.checkpoint.checkpoint(
+            lambda t: nf4_lora_linear(t, q, a, b, 0.5, bias), x_, use_reentrant=False
+        )
+
+    xe = x.clone().requires_grad_(True)
+    f(xe).sum().backward()
+    ga = a.grad.clone()
+    a.grad = None
+    xc = x.clone().requires_grad_(True)
+    torch.compile(f, backend="aot_eager", fullgraph=True)(xc).sum().backward()
+    torch.testing.assert_close(xc.grad, xe.grad)
+    torch.testing.assert_close(a.grad, ga)
+
+
+@pytest.mark.parametrize(
+    "kw,err,msg",
+    [
+        ({"x": "float64"}, TypeError, "x must be bfloat16, float16 or float32"),
+        ({"x_k": 100}, ValueError, "x must have last dim in_features=128"),
+        ({"a_shape": (8, 64)}, ValueError, r"lora_A must be \[r, in_features=128\]"),
+        ({"b_shape": (64, 4)}, ValueError, r"lora_B must be \[out_features=64, r=8\]"),
+        ({"r0": True}, ValueError, "r = 0"),
+        ({"only_a": True}, ValueError, "given together"),
+        ({"a_dtype": "float64"}, TypeError, "lora_A must have x's dtype"),
+        ({"bias_shape": (63,)}, ValueError, r"bias must be \[out_features=64\]"),
+        ({"w": "dense"}, TypeError, "w_nf4 must be an NF4Weight"),
+        ({"device": "meta"}, ValueError, "one device"),
+    ],
+)
+def test_bad_input(kw, err, msg):
+    x, q, a, b, bias = _case(4, 128, 64, 8, torch.float32, "cpu", seed=0)
+    if kw.get("x"):
+        x = x.double()
+    if kw.get("x_k"):
+        x = torch.randn(4, kw["x_k"])
+    if kw.get("a_shape"):
+        a = torch.randn(kw["a_shape"])
+    if kw.get("b_shape"):
+        b = torch.randn(kw["b_shape"])
+    if kw.get("r0"):
+        a, b = torch.randn(0, 128), torch.randn(64, 0)
+    if kw.get("a_dtype"):
+        a = a.double()
+    if kw.get("bias_shape"):
+        bias = torch.randn(kw["bias_shape"])
+    w = q
+    if kw.get("w"):
+        w = torch.randn(64, 128)
+    if kw.get("device"):
+        a = a.to("meta")
+    with pytest.raises(err, match=msg):
+        if kw.get("only_a"):
+            nf4_lora_linear(x, w, a, None, 0.5, bias)
+        else:
+            nf4_lora_linear(x, w, a, b, 0.5, bias)
