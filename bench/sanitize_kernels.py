@@ -19,7 +19,34 @@ def nf4() -> None:
                 dequantize_nf4(q, out)
 
 
-CASES = {"nf4": nf4}
+def logprob() -> None:
+    from hoptune.ops import fused_linear_logprobs, token_logprobs
+
+    for v, dtype in [(1000, torch.bfloat16), (333, torch.float32), (32001, torch.float16)]:
+        z = torch.randn(3, 5, v, device="cuda", dtype=dtype, requires_grad=True)
+        y = torch.randint(0, v, (3, 5), device="cuda")
+        y[0, 0] = -100
+        lp, ent = token_logprobs(z[:, 1:], y[:, 1:], temperature=0.8, return_entropy=True)
+        (lp.sum() + ent.sum()).backward()
+        h = torch.randn(13, 64, device="cuda", dtype=torch.bfloat16 if dtype != torch.float32 else dtype)
+        h.requires_grad_(True)
+        w = torch.randn(v, 64, device="cuda", dtype=h.dtype, requires_grad=True)
+        yy = torch.randint(0, v, (13,), device="cuda")
+        yy[3] = -100
+        fused_linear_logprobs(h, w, yy, softcap=10.0, chunk_rows=5).sum().backward()
+
+
+def nf4_lora() -> None:
+    from hoptune.ops import nf4_lora_linear
+
+    q = quantize_nf4(torch.randn(200, 192, device="cuda", dtype=torch.bfloat16))
+    x = torch.randn(7, 192, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    a = torch.randn(8, 192, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(200, 8, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    nf4_lora_linear(x, q, a, b, 0.5).sum().backward()
+
+
+CASES = {"nf4": nf4, "logprob": logprob, "nf4_lora": nf4_lora}
 
 
 def main() -> None:
