@@ -226,6 +226,12 @@ class LoRALinear(nn.Module):
         return self._base(x, None) + self.scaling * F.linear(F.linear(self.lora_dropout(x), a), b)
 
     # -- conversion -------------------------------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        # model.to(dtype) / .half() move the NF4 buffers but keep their dtypes (part of the format)
+        from hoptune.nn.nf4_linear import apply_keeping_nf4_dtypes
+
+        return apply_keeping_nf4_dtypes(self, super()._apply, fn, recurse)
+
     def to_linear(self, merge: bool = True, dtype: torch.dtype | None = None) -> nn.Linear:
         """A plain ``nn.Linear``: merged (``W + s B A``, or the DoRA form) or the base alone."""
         dtype = dtype or self.base_dtype

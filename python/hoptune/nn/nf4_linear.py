@@ -1,0 +1,146 @@
+"""``NF4Linear``: a frozen linear layer whose weight is stored in NF4 (bitsandbytes' layout).
+
+    y = x deq(W)^T + bias          x (*, in_features) -> y (*, out_features)
+
+This is what :func:`hoptune.load_model` puts in place of each ``nn.Linear`` when it quantizes on
+load, before any adapter exists. :func:`hoptune.apply_lora` wraps its ``NF4Weight`` in a
+``LoRALinear`` as is (no dequantize, no re-quantize), and :func:`hoptune.remove_lora` gives it back.
+Its buffers have the same names as ``LoRALinear``'s NF4 base (``weight_packed``, ``weight_absmax``,
+``weight_absmax2``, ``weight_code2``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from hoptune.ops.nf4_lora import nf4_lora_linear
+from hoptune.quant.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
+
+# buffers that hold NF4 codes and statistics: their dtypes are part of the format
+NF4_BUFFERS = ("weight_packed", "weight_absmax", "weight_absmax2", "weight_code2")
+
+
+def apply_keeping_nf4_dtypes(
+    module: nn.Module, apply: Callable[..., nn.Module], fn: Callable, recurse: bool = True
+) -> nn.Module:
+    """``nn.Module._apply`` that moves the NF4 buffers of ``module`` to ``fn``'s device but never
+    changes their dtype: ``model.to(torch.bfloat16)`` or ``model.half()`` must not turn the fp32
+    absmax statistics into bf16 (they would no longer dequantize to the same weight)."""
+    saved = {n: module._buffers.pop(n) for n in NF4_BUFFERS if n in module._buffers}
+    try:
+        apply(fn, recurse)
+    finally:
+        if saved:
+            # fn may change device, dtype or both; probe it on an empty float tensor for the device
+            ref = next((t for t in saved.values() if t is not None), None)
+            device = None if ref is None else fn(torch.empty(0, device=ref.device)).device
+            for n, t in saved.items():
+                module._buffers[n] = None if t is None else t.to(device)
+    return module
+
+
+class NF4Linear(nn.Module):
+    """Frozen ``y = x deq(W)^T + b`` with W an NF4 weight ``[out, in]``; no trainable parameters
+    besides the (frozen by default) bias."""
+
+    def __init__(self, weight: NF4Weight, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if not isinstance(weight, NF4Weight):
+            raise TypeError(f"weight must be an NF4Weight, got {type(weight).__name__}")
+        if len(weight.shape) != 2:
+            raise ValueError(f"weight must be a 2-D [out, in] NF4Weight, got shape {tuple(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        if bias is not None:
+            if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (self.out_features,):
+                raise ValueError(
+                    f"bias must be a tensor of shape ({self.out_features},), got "
+                    f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}"
+                )
+        self.register_buffer("weight_packed", weight.packed, persistent=True)
+        self.register_buffer("weight_absmax", weight.absmax, persistent=True)
+        self.register_buffer("weight_absmax2", weight.absmax2, persistent=True)
+        self.register_buffer("weight_code2", weight.code2, persistent=True)
+        self._nf4_meta = (
+            tuple(weight.shape),
+            weight.dtype,
+            weight.blocksize,
+            weight.offset,
+            weight.blocksize2,
+        )
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        dtype: torch.dtype | None = None,
+    ) -> NF4Linear:
+        """Quantize ``linear.weight`` (where it lives) into a new ``NF4Linear``; ``dtype`` is the
+        weight's dtype after dequantization (default: the linear's)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight.detach()
+        if dtype is not None:
+            w = w.to(dtype)
+        q = quantize_nf4(w.contiguous(), blocksize=blocksize, double_quant=double_quant)
+        return cls(q, linear.bias)
+
+    @property
+    def weight_nf4(self) -> NF4Weight:
+        shape, dtype, bs, offset, bs2 = self._nf4_meta
+        return NF4Weight(
+            self.weight_packed,
+            self.weight_absmax,
+            torch.Size(shape),
+            dtype,
+            bs,
+            self.weight_absmax2,
+            self.weight_code2,
+            offset,
+            bs2,
+        )
+
+    @property
+    def quantized(self) -> bool:
+        return True
+
+    @property
+    def base_dtype(self) -> torch.dtype:
+        return self._nf4_meta[1]
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight ``[out, in]`` as a dense tensor."""
+        return dequantize_nf4(self.weight_nf4, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return nf4_lora_linear(x, self.weight_nf4, None, None, 0.0, bias)
+
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A plain ``nn.Linear`` with the dequantized weight (frozen like this layer)."""
+        dtype = dtype or self.base_dtype
+        w = self.dequantize(dtype)
+        lin = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=dtype
+        )
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if self.bias is not None:
+                lin.bias.copy_(self.bias.to(dtype))
+        lin.requires_grad_(False)
+        return lin
+
+    def _apply(self, fn, recurse=True):
+        return apply_keeping_nf4_dtypes(self, super()._apply, fn, recurse)
+
+    def extra_repr(self) -> str:
+        dq = ", double_quant" if self.weight_absmax2 is not None else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"nf4(blocksize={self._nf4_meta[2]}{dq}), bias={self.bias is not None}"
+        )

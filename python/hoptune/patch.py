@@ -1,0 +1,446 @@
+"""Put LoRA / QLoRA adapters into a transformers model in place, and take them out again.
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)   # or hoptune.load_model
+    hoptune.apply_lora(model, r=16, alpha=32, quantize="nf4")       # nn.Linear -> LoRALinear, base frozen
+    ... train ...
+    hoptune.save_adapter(model, "out/adapter")                      # PEFT's on-disk format
+    merged = hoptune.merge_and_unload(model)                        # plain transformers model again
+
+Only the model passed is changed, and only after every argument and every targeted layer has
+been checked: a target that matches nothing, a rank larger than a layer or a layer that NF4
+cannot hold is an error before any layer is replaced. Module selection follows PEFT:
+``target_modules`` as a list matches a module whose name equals an entry or ends with
+``"." + entry``; as a string it is a regular expression matched against the whole name; the
+shorthand ``"all-linear"`` takes every linear layer but the output head (``lm_head``).
+``rank_pattern`` / ``alpha_pattern`` keys are regular expressions matched against the end of a
+module name (PEFT's ``(.*\\.)?(key)$``); the first key that matches wins.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hoptune.nn.lora import LoRALinear
+from hoptune.nn.nf4_linear import NF4Linear
+from hoptune.ops.nf4_lora import MAX_RANK
+from hoptune.quant.nf4 import BLOCKSIZES
+
+ALL_LINEAR = "all-linear"
+_STATE_ATTR = "_hoptune_lora"  # per-model record: requires_grad of every parameter before apply_lora
+_ORIGIN_ATTR = "_hoptune_origin"  # per-layer: "linear" (was nn.Linear) or "nf4" (was NF4Linear)
+
+
+@dataclass(frozen=True)
+class _Target:
+    name: str
+    module: nn.Module
+    r: int
+    alpha: float
+
+
+# -- selection (PEFT semantics) ---------------------------------------------------------------
+def _is_bnb_layer(mod: nn.Module) -> bool:
+    return type(mod).__module__.startswith("bitsandbytes") and isinstance(mod, nn.Linear)
+
+
+def _is_linear(mod: nn.Module) -> bool:
+    return isinstance(mod, (nn.Linear, NF4Linear)) and not isinstance(mod, LoRALinear)
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        return set()
+    return {name for name, mod in model.named_modules() if mod is head}
+
+
+def _matches(spec: str | Sequence[str], name: str) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith("." + t) for t in spec)
+
+
+def _check_spec(arg: str, spec: object, allow_none: bool = False) -> None:
+    if spec is None and allow_none:
+        return
+    if isinstance(spec, str):
+        try:
+            re.compile(spec)
+        except re.error as e:
+            raise ValueError(f"{arg}={spec!r} is not a valid regular expression: {e}") from e
+        return
+    if (
+        not isinstance(spec, (list, tuple, set, frozenset))
+        or not spec
+        or not all(isinstance(t, str) and t for t in spec)
+    ):
+        raise TypeError(
+            f"{arg} must be 'all-linear', a regular expression or a non-empty list of module names, got {spec!r}"
+        )
+
+
+def linear_suffixes(model: nn.Module) -> list[str]:
+    """The distinct last name components of the model's linear layers (``q_proj``, ``lm_head``...)."""
+    names = {
+        n.rsplit(".", 1)[-1]
+        for n, m in model.named_modules()
+        if n and (_is_linear(m) or isinstance(m, LoRALinear))
+    }
+    return sorted(names - {"lora_A", "lora_B"})
+
+
+def select_modules(
+    model: nn.Module,
+    target_modules: str | Sequence[str],
+    exclude_modules: str | Sequence[str] | None = None,
+    include_lora: bool = False,
+) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the layers ``target_modules`` picks (PEFT's rules), in model order;
+    with ``include_lora`` existing LoRALinear layers count as linear layers.
+
+    Raises ValueError when nothing matches, or when a match is not a linear layer."""
+    _check_spec("target_modules", target_modules)
+    _check_spec("exclude_modules", exclude_modules, allow_none=True)
+    all_linear = isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR
+    heads = _output_head_names(model) if all_linear else set()
+    spec = target_modules if isinstance(target_modules, str) else list(target_modules)
+    excl = (
+        exclude_modules
+        if exclude_modules is None or isinstance(exclude_modules, str)
+        else list(exclude_modules)
+    )
+
+    def linear(mod: nn.Module) -> bool:
+        return _is_linear(mod) or _is_bnb_layer(mod) or (include_lora and isinstance(mod, LoRALinear))
+
+    chosen, wrong = [], []
+    for name, mod in model.named_modules():
+        if not name or (excl is not None and _matches(excl, name)):
+            continue
+        if all_linear:
+            if linear(mod) and name not in heads:
+                chosen.append((name, mod))
+        elif _matches(spec, name):
+            (chosen if linear(mod) else wrong).append((name, mod))
+    if wrong:
+        desc = ", ".join(f"{n} ({type(m).__name__})" for n, m in wrong[:5])
+        raise ValueError(
+            f"target_modules={target_modules!r} matches modules that are not linear layers: {desc}"
+            f"{' ...' if len(wrong) > 5 else ''}; LoRA goes on nn.Linear (or hoptune NF4Linear) layers only"
+        )
+    if not chosen:
+        raise ValueError(
+            f"target_modules={target_modules!r} matches no linear layer of {type(model).__name__} "
+            f"(exclude_modules={exclude_modules!r}); its linear layers are named {linear_suffixes(model)}"
+        )
+    bnb = [n for n, m in chosen if _is_bnb_layer(m)]
+    if bnb:
+        raise TypeError(
+            f"{bnb[0]} is a bitsandbytes {type(model.get_submodule(bnb[0])).__name__}; hoptune puts LoRA on "
+            "nn.Linear or its own NF4 layers. Load the checkpoint with hoptune.load_model(path, "
+            "quantize='nf4') instead (it reads bitsandbytes NF4 checkpoints without re-quantizing)"
+        )
+    return chosen
+
+
+def pattern_value(pattern: Mapping[str, float] | None, name: str, default: float) -> float:
+    """PEFT's ``get_pattern_key``: the value of the first key matching the end of ``name``."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _check_pattern(arg: str, pattern: object, kind: type) -> None:
+    if pattern is None:
+        return
+    if not isinstance(pattern, Mapping):
+        raise TypeError(f"{arg} must be a dict of module-name pattern -> value, got {type(pattern).__name__}")
+    for k, v in pattern.items():
+        if not isinstance(k, str) or not k:
+            raise TypeError(f"{arg} keys must be non-empty strings (regular expressions), got {k!r}")
+        try:
+            re.compile(k)
+        except re.error as e:
+            raise ValueError(f"{arg} key {k!r} is not a valid regular expression: {e}") from e
+        if kind is int and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"{arg}[{k!r}] must be a positive int, got {v!r}")
+        if kind is float and (
+            not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0
+        ):
+            raise ValueError(f"{arg}[{k!r}] must be a positive number, got {v!r}")
+
+
+def plan_targets(
+    model: nn.Module,
+    r: int,
+    alpha: float,
+    target_modules: str | Sequence[str],
+    exclude_modules: str | Sequence[str] | None,
+    rank_pattern: Mapping[str, int] | None,
+    alpha_pattern: Mapping[str, float] | None,
+    quantize: str | None,
+    blocksize: int,
+) -> list[_Target]:
+    """Select and check every layer to adapt; touches nothing."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ValueError(f"r must be a positive int, got {r!r}")
+    if (
+        not isinstance(alpha, (int, float))
+        or isinstance(alpha, bool)
+        or not math.isfinite(alpha)
+        or alpha <= 0
+    ):
+        raise ValueError(f"alpha must be a positive number, got {alpha!r}")
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+    _check_pattern("rank_pattern", rank_pattern, int)
+    _check_pattern("alpha_pattern", alpha_pattern, float)
+    existing = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    if existing:
+        raise ValueError(
+            f"model already has LoRA layers ({existing[0]}, ... {len(existing)} in all); call "
+            "hoptune.remove_lora(model) or hoptune.merge_and_unload(model) first"
+        )
+    targets = []
+    for name, mod in select_modules(model, target_modules, exclude_modules):
+        rr = pattern_value(rank_pattern, name, r)
+        check_target(name, mod, rr, quantize, blocksize)
+        targets.append(_Target(name, mod, int(rr), float(pattern_value(alpha_pattern, name, alpha))))
+    return targets
+
+
+def check_target(name: str, mod: nn.Module, r: int, quantize: str | None, blocksize: int) -> None:
+    """Whether layer ``name`` can take a rank-``r`` adapter (and NF4 quantization) — raises if not."""
+    fan_in, fan_out = mod.in_features, mod.out_features
+    if r > min(fan_in, fan_out) or r > MAX_RANK:
+        raise ValueError(
+            f"r={r} is larger than layer {name} allows: it is [{fan_out}, {fan_in}] "
+            f"(rank at most min(in, out) = {min(fan_in, fan_out)}, and at most {MAX_RANK})"
+        )
+    if isinstance(mod, nn.Linear):
+        if mod.weight.is_meta:
+            raise ValueError(f"layer {name} has its weight on the meta device; load the weights first")
+        if quantize == "nf4" and (fan_in * fan_out) % blocksize:
+            raise ValueError(
+                f"quantize='nf4': layer {name} has {fan_in * fan_out} weights, not a multiple of "
+                f"blocksize={blocksize}; exclude it (exclude_modules) or use quantize=None"
+            )
+
+
+# -- replacing layers -------------------------------------------------------------------------
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _progress(items: list, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="layer", leave=False)
+
+
+def replace_with_lora(
+    model: nn.Module,
+    targets: list[_Target],
+    *,
+    dropout: float,
+    use_rslora: bool,
+    use_dora: bool,
+    quantize: str | None,
+    double_quant: bool,
+    blocksize: int,
+    adapter_dtype: torch.dtype,
+    init_lora_weights: bool,
+    trainable: bool,
+    progress: bool,
+) -> None:
+    """Swap each target for a LoRALinear; on any failure put every layer back and re-raise."""
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    if adapter_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"adapter_dtype must be float32, bfloat16 or float16, got {adapter_dtype}")
+    record = {n: p.requires_grad for n, p in model.named_parameters()}
+    done: list[tuple[str, nn.Module]] = []
+    try:
+        for t in _progress(targets, progress, "apply_lora"):
+            kw = dict(
+                r=t.r,
+                lora_alpha=t.alpha,
+                lora_dropout=dropout,
+                use_rslora=use_rslora,
+                use_dora=use_dora,
+                adapter_dtype=adapter_dtype,
+                init_lora_weights=init_lora_weights,
+            )
+            if isinstance(t.module, NF4Linear):
+                new = LoRALinear(t.module.weight_nf4, bias=t.module.bias, **kw)
+                origin = "nf4"
+            else:
+                new = LoRALinear(
+                    t.module, quantize=quantize, double_quant=double_quant, blocksize=blocksize, **kw
+                )
+                origin = "linear"
+            setattr(new, _ORIGIN_ATTR, origin)
+            new.train(t.module.training)
+            _set_module(model, t.name, new)
+            done.append((t.name, t.module))
+    except BaseException:
+        for name, old in reversed(done):
+            _set_module(model, name, old)
+        raise
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, _ in done:
+        lora = model.get_submodule(name)
+        for p in (lora.lora_A, lora.lora_B, lora.lora_magnitude):
+            if p is not None:
+                p.requires_grad_(trainable)
+    setattr(model, _STATE_ATTR, {"requires_grad": record})
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+# -- public API -------------------------------------------------------------------------------
+def apply_lora(
+    model: nn.Module,
+    r: int = 16,
+    alpha: float = 32,
+    dropout: float = 0.0,
+    target_modules: str | Sequence[str] = ALL_LINEAR,
+    *,
+    exclude_modules: str | Sequence[str] | None = None,
+    use_dora: bool = False,
+    use_rslora: bool = False,
+    quantize: str | None = None,
+    double_quant: bool = True,
+    blocksize: int = 64,
+    rank_pattern: Mapping[str, int] | None = None,
+    alpha_pattern: Mapping[str, float] | None = None,
+    adapter_dtype: torch.dtype = torch.float32,
+    init_lora_weights: bool = True,
+    progress: bool | None = None,
+) -> nn.Module:
+    """Replace the targeted linear layers of ``model`` with ``LoRALinear`` in place; return ``model``.
+
+    Every other parameter is frozen (and given back its ``requires_grad`` by ``remove_lora`` /
+    ``merge_and_unload``); the adapters (``lora_A`` ``[r, in]``, ``lora_B`` ``[out, r]``, and with
+    DoRA ``lora_magnitude`` ``[out]``) are trainable, in ``adapter_dtype`` (fp32 like PEFT). Scale
+    is ``alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``). ``quantize="nf4"`` quantizes each
+    dense base weight as it is wrapped (QLoRA; lossy); layers that are already NF4 (from
+    :func:`hoptune.load_model`) stay as they are without it. ``init_lora_weights=False`` makes B
+    random too (a non-trivial adapter, for tests), as in PEFT.
+    """
+    targets = plan_targets(
+        model, r, alpha, target_modules, exclude_modules, rank_pattern, alpha_pattern, quantize, blocksize
+    )
+    replace_with_lora(
+        model,
+        targets,
+        dropout=dropout,
+        use_rslora=bool(use_rslora),
+        use_dora=bool(use_dora),
+        quantize=quantize,
+        double_quant=double_quant,
+        blocksize=blocksize,
+        adapter_dtype=adapter_dtype,
+        init_lora_weights=init_lora_weights,
+        trainable=True,
+        progress=(quantize is not None and len(targets) > 32) if progress is None else progress,
+    )
+    return model
+
+
+def _restore_requires_grad(model: nn.Module) -> None:
+    record = getattr(model, _STATE_ATTR, None)
+    if record is None:
+        return
+    flags = record["requires_grad"]
+    for n, p in model.named_parameters():
+        # a name not recorded is a layer that stands for one without that parameter (an NF4 base has
+        # no `weight` parameter): trainable, as a freshly loaded transformers model is
+        p.requires_grad_(flags.get(n, True))
+    delattr(model, _STATE_ATTR)
+
+
+def _base_layer(lora: LoRALinear) -> nn.Module:
+    """The layer the LoRALinear replaced: NF4Linear for an NF4 origin, else nn.Linear (dequantized
+    if apply_lora quantized it: the dense original was not kept)."""
+    if getattr(lora, _ORIGIN_ATTR, "linear") == "nf4" and lora.quantized:
+        out = NF4Linear(lora.weight_nf4, lora.bias)
+    elif not lora.quantized:
+        out = nn.Linear(lora.in_features, lora.out_features, bias=lora.bias is not None, device="meta")
+        out.weight = lora.weight  # the same tensor: no copy
+        if lora.bias is not None:
+            out.bias = lora.bias
+    else:
+        out = lora.to_linear(merge=False)
+    out.train(lora.training)
+    return out
+
+
+def remove_lora(model: nn.Module) -> nn.Module:
+    """Drop the adapters: every ``LoRALinear`` becomes the layer it replaced (``nn.Linear``, or the
+    ``NF4Linear`` that :func:`hoptune.load_model` made) and parameters get back the
+    ``requires_grad`` they had before :func:`apply_lora`. A base that ``apply_lora(quantize="nf4")``
+    quantized comes back dequantized (its dense original was not kept). Returns ``model``."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError(f"model ({type(model).__name__}) has no LoRA layers to remove")
+    for name, lora in layers:
+        _set_module(model, name, _base_layer(lora))
+    _restore_requires_grad(model)
+    return model
+
+
+def merge_and_unload(
+    model: nn.Module, dtype: torch.dtype | None = torch.bfloat16, progress: bool | None = None
+) -> nn.Module:
+    """Fold every adapter into its base and return a plain transformers model (in place).
+
+    Each ``LoRALinear`` becomes an ``nn.Linear`` holding ``W + s B A`` (DoRA: ``m / ||W + s B A|| *
+    (W + s B A)`` per output row), computed in fp32 from the (dequantized) base and rounded once
+    to ``dtype``; NF4 layers without an adapter are dequantized too, so ``save_pretrained`` writes
+    an ordinary checkpoint. With a ``dtype`` every other floating-point parameter is cast to it as
+    well (buffers, e.g. rotary frequencies, are left alone) and ``config.dtype`` is set; with
+    ``dtype=None`` each layer keeps its base dtype."""
+    if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"dtype must be float32, bfloat16, float16 or None, got {dtype}")
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRALinear, NF4Linear))]
+    if not layers:
+        raise ValueError(f"model ({type(model).__name__}) has no LoRA or NF4 layers to merge")
+    for name, mod in _progress(layers, len(layers) > 32 if progress is None else progress, "merge"):
+        new = mod.to_linear(merge=True, dtype=dtype) if isinstance(mod, LoRALinear) else mod.to_linear(dtype)
+        new.train(mod.training)
+        _set_module(model, name, new)
+    if dtype is not None:
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "dtype"):
+            config.dtype = dtype
+    _restore_requires_grad(model)
+    return model
+
+
+def adapter_parameters(model: nn.Module) -> Iterable[nn.Parameter]:
+    """The LoRA parameters of a patched model (for an optimizer)."""
+    for _, lora in lora_layers(model):
+        yield from (p for p in (lora.lora_A, lora.lora_B, lora.lora_magnitude) if p is not None)

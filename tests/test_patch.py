@@ -1,0 +1,344 @@
+"""apply_lora / remove_lora / merge_and_unload on tiny random transformers models of every family
+we cover (Llama, Mistral, Qwen2, Qwen3, Gemma2, Gemma3 text, Phi-3)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+import hoptune  # noqa: E402
+from hoptune.nn import LoRALinear, NF4Linear  # noqa: E402
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"]
+LLAMA_TARGETS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, **over) -> nn.Module:
+    """A 2-layer causal LM of family ``arch`` with random weights (hidden 64, vocab 128)."""
+    tf = transformers
+    common = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    families = {
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, {}),
+        "mistral": (tf.MistralConfig, tf.MistralForCausalLM, {}),
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, {}),  # q/k/v with bias, tied embeddings
+        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {"head_dim": 16}),
+        "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM, {"head_dim": 16}),
+        "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, {"head_dim": 16}),
+        "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, {}),  # fused qkv_proj and gate_up_proj
+    }
+    cfg_cls, model_cls, extra = families[arch]
+    torch.manual_seed(seed)
+    return model_cls(cfg_cls(**{**common, **extra, **over})).to(dtype).eval()
+
+
+def ids(batch: int = 2, seq: int = 7, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, 128, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x).logits.float()
+
+
+def snapshot(model: nn.Module) -> dict:
+    """What 'unchanged' means: module types, tensors and requires_grad."""
+    return {
+        "types": [(n, type(m).__name__) for n, m in model.named_modules()],
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "grad": {n: p.requires_grad for n, p in model.named_parameters()},
+    }
+
+
+def assert_same(model: nn.Module, snap: dict) -> None:
+    now = snapshot(model)
+    assert now["types"] == snap["types"]
+    assert now["grad"] == snap["grad"]
+    assert now["state"].keys() == snap["state"].keys()
+    for k, v in snap["state"].items():
+        torch.testing.assert_close(now["state"][k], v, atol=0, rtol=0, equal_nan=True, msg=k)
+
+
+def lora_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+# -- every family -----------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+def test_apply_all_linear_every_family(arch):
+    model = tiny_model(arch)
+    x = ids()
+    before = logits(model, x)
+    out = hoptune.apply_lora(model, r=4, alpha=8)
+    assert out is model
+    names = lora_names(model)
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
+    want = ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"] if arch == "phi3" else LLAMA_TARGETS
+    assert suffixes == want
+    assert len(names) == 2 * len(want)
+    assert not isinstance(model.lm_head, LoRALinear)  # the output head is not "all-linear"
+    # B starts at zero: the model computes what it did before
+    torch.testing.assert_close(logits(model, x), before, atol=1e-6, rtol=0)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+    assert len(trainable) == 2 * len(names)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_train_step_and_remove_every_family(arch):
+    model = tiny_model(arch)
+    x = ids()
+    before = logits(model, x)
+    grads_before = {n: p.requires_grad for n, p in model.named_parameters()}
+    hoptune.apply_lora(model, r=4, alpha=8, quantize="nf4" if arch in ("llama", "phi3") else None)
+    model.train()
+    loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, n
+        else:
+            assert p.grad is None, n
+    assert any(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith("lora_B"))
+    model.eval()
+    hoptune.remove_lora(model)
+    assert not lora_names(model)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads_before
+    if arch not in ("llama", "phi3"):  # a dense base comes back exactly
+        torch.testing.assert_close(logits(model, x), before, atol=0, rtol=0)
+    else:  # a base quantized by apply_lora comes back dequantized
+        assert all(type(m) is nn.Linear for n, m in model.named_modules() if n.endswith("proj"))
+
+
+# -- selection and patterns -------------------------------------------------------------------
+def test_target_list_regex_exclude_and_lm_head():
+    m = hoptune.apply_lora(tiny_model(), r=2, target_modules=["q_proj", "v_proj"])
+    assert sorted({n.rsplit(".", 1)[-1] for n in lora_names(m)}) == ["q_proj", "v_proj"]
+    m = hoptune.apply_lora(tiny_model(), r=2, target_modules=r".*\.1\.mlp\.(up|down)_proj")
+    assert lora_names(m) == ["model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"]
+    m = hoptune.apply_lora(tiny_model(), r=2, exclude_modules=["mlp.down_proj", "o_proj"])
+    assert len(lora_names(m)) == 2 * 5
+    m = hoptune.apply_lora(tiny_model(), r=2, target_modules=["q_proj", "lm_head"])
+    assert isinstance(m.lm_head, LoRALinear)
+
+
+def test_rank_and_alpha_patterns():
+    m = hoptune.apply_lora(
+        tiny_model(),
+        r=4,
+        alpha=8,
+        rank_pattern={"q_proj": 2, r"layers\.1\.mlp\.down_proj": 8},
+        alpha_pattern={"v_proj": 3},
+        use_rslora=True,
+    )
+    layers = m.model.layers
+    assert layers[0].self_attn.q_proj.r == 2 and layers[1].self_attn.q_proj.r == 2
+    assert layers[0].mlp.down_proj.r == 4 and layers[1].mlp.down_proj.r == 8
+    assert layers[0].self_attn.v_proj.lora_alpha == 3
+    assert layers[0].self_attn.v_proj.scaling == pytest.approx(3 / 2)  # rsLoRA: alpha / sqrt(r)
+    assert layers[0].self_attn.k_proj.scaling == pytest.approx(8 / 2)
+
+
+# -- bad input: clear errors, model unchanged --------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(target_modules=["nope_proj"]), "matches no linear layer.*q_proj"),
+        (dict(target_modules="model\\.layers\\.9\\..*"), "matches no linear layer"),
+        (dict(target_modules=["mlp"]), "not linear layers"),
+        (dict(target_modules=["embed_tokens"]), "not linear layers"),
+        (dict(r=65), "r=65 is larger than layer"),
+        (dict(rank_pattern={"k_proj": 40}), r"r=40 is larger than layer model\.layers\.0\.self_attn\.k_proj"),
+        (dict(r=0), "r must be a positive int"),
+        (dict(alpha=-1), "alpha must be a positive number"),
+        (dict(quantize="int8"), "quantize must be None or 'nf4'"),
+        (dict(dropout=1.0), "dropout must be in"),
+        (dict(target_modules=[]), "target_modules must be"),
+        (dict(rank_pattern={"q_proj": 0}), r"rank_pattern\['q_proj'\] must be a positive int"),
+        (dict(target_modules="(unclosed"), "not a valid regular expression"),
+    ],
+)
+def test_bad_input_leaves_model_unchanged(kwargs, match):
+    model = tiny_model()
+    snap = snapshot(model)
+    with pytest.raises((ValueError, TypeError), match=match):
+        hoptune.apply_lora(model, **kwargs)
+    assert_same(model, snap)
+
+
+def test_failure_half_way_rolls_back():
+    model = tiny_model()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")  # NF4 cannot hold it
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="inf or NaN"):
+        hoptune.apply_lora(model, r=2, quantize="nf4")
+    assert_same(model, snap)
+
+
+def test_twice_is_an_error_and_other_models_untouched():
+    model = tiny_model()
+    other = copy.deepcopy(model)
+    snap_other = snapshot(other)
+    hoptune.apply_lora(model, r=2)
+    with pytest.raises(ValueError, match="already has LoRA layers"):
+        hoptune.apply_lora(model, r=2)
+    assert_same(other, snap_other)
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        hoptune.remove_lora(other)
+
+
+# -- NF4 --------------------------------------------------------------------------------------
+def test_quantize_nf4_matches_dequantized_reference():
+    model = tiny_model()
+    ref = copy.deepcopy(model)
+    hoptune.apply_lora(model, r=4, quantize="nf4", init_lora_weights=False)
+    for name in lora_names(model):
+        lora = model.get_submodule(name)
+        assert lora.quantized
+        ref_lin = ref.get_submodule(name)
+        with torch.no_grad():
+            ref_lin.weight.copy_(lora.merged_weight(torch.float32))
+    x = ids()
+    torch.testing.assert_close(logits(model, x), logits(ref, x), atol=2e-5, rtol=2e-5)
+
+
+def test_nf4_layers_are_wrapped_without_requantizing():
+    model = tiny_model()
+    for name in [n for n, m in model.named_modules() if n.endswith("_proj")]:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, NF4Linear.from_linear(model.get_submodule(name)))
+    packed = {n: m.weight_packed for n, m in model.named_modules() if isinstance(m, NF4Linear)}
+    x = ids()
+    before = logits(model, x)
+    hoptune.apply_lora(model, r=4)  # no quantize: NF4 layers stay NF4
+    for n, buf in packed.items():
+        assert model.get_submodule(n).weight_packed is buf  # the same storage, not a copy
+    torch.testing.assert_close(logits(model, x), before, atol=1e-6, rtol=0)
+    hoptune.remove_lora(model)
+    assert all(model.get_submodule(n).weight_packed is buf for n, buf in packed.items())
+    assert isinstance(model.model.layers[0].mlp.up_proj, NF4Linear)
+
+
+def test_model_to_dtype_keeps_nf4_statistics():
+    model = hoptune.apply_lora(tiny_model(), r=2, quantize="nf4")
+    lora = model.model.layers[0].self_attn.q_proj
+    absmax2 = lora.weight_absmax2.clone()
+    model.to(torch.bfloat16)
+    assert lora.weight_absmax2.dtype == torch.float32 and torch.equal(lora.weight_absmax2, absmax2)
+    assert lora.weight_packed.dtype == torch.uint8
+    assert lora.lora_A.dtype == torch.bfloat16
+    model(ids())  # still runs
+
+
+# -- merge ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", ["lora", "rslora", "dora"])
+def test_merge_and_unload_equals_peft(variant, tmp_path):
+    peft = pytest.importorskip("peft")
+    base = tiny_model()
+    kw = {"use_rslora": variant == "rslora", "use_dora": variant == "dora"}
+    pm = peft.get_peft_model(
+        copy.deepcopy(base),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, **kw),
+    )
+    pm.save_pretrained(tmp_path)
+    ours = hoptune.load_adapter(copy.deepcopy(base), tmp_path)
+    merged = hoptune.merge_and_unload(ours, dtype=torch.float32)
+    theirs = pm.merge_and_unload()
+    assert not any(isinstance(m, (LoRALinear, NF4Linear)) for m in merged.modules())
+    sd_ours, sd_theirs = merged.state_dict(), theirs.state_dict()
+    assert sd_ours.keys() == sd_theirs.keys()
+    for k, v in sd_theirs.items():
+        err = (sd_ours[k] - v).abs().max() / v.abs().max().clamp_min(1e-30)
+        assert err <= 1e-6, (k, float(err))
+
+
+def test_merge_and_unload_saves_a_plain_checkpoint(tmp_path):
+    model = hoptune.apply_lora(tiny_model(), r=4, quantize="nf4", init_lora_weights=False)
+    x = ids()
+    want = logits(model, x)
+    merged = hoptune.merge_and_unload(model)  # bf16 by default
+    assert merged.config.dtype == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 for p in merged.parameters())
+    assert all(p.requires_grad for p in merged.parameters())  # as before apply_lora
+    merged.save_pretrained(tmp_path)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    torch.testing.assert_close(logits(back, x), want, atol=0.05, rtol=0.05)
+
+
+# -- transformers features ---------------------------------------------------------------------
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_generate(quantize):
+    model = tiny_model()
+    prompt = ids(2, 5)
+    want = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    hoptune.apply_lora(model, r=4, quantize=quantize)
+    got = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    if quantize is None:  # B = 0 and a dense base: the same tokens
+        assert torch.equal(got, want)
+    assert got.shape == want.shape
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant):
+    x = ids()
+    grads = []
+    for ckpt in (False, True):
+        model = hoptune.apply_lora(tiny_model(), r=4, quantize="nf4", init_lora_weights=False)
+        model.train()
+        if ckpt:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # renamed in transformers 5
+                model.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": use_reentrant}
+                )
+        model(input_ids=x, labels=x).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_torch_compile_forward(quantize):
+    model = hoptune.apply_lora(tiny_model(), r=4, quantize=quantize, init_lora_weights=False)
+    x = ids()
+    want = logits(model, x)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=False)
+    torch.testing.assert_close(logits(compiled, x), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor_decoder_layer():
+    """Inductor (CPU C++ codegen) over one patched NF4 decoder layer, forward and backward."""
+    model = hoptune.apply_lora(tiny_model(), r=4, quantize="nf4", init_lora_weights=False)
+    layer = model.model.layers[0]
+    h = torch.randn(2, 7, 64, requires_grad=True)
+    pos = torch.arange(7)[None].expand(2, 7)
+    emb = model.model.rotary_emb(h, pos)
+    want = layer(h, position_embeddings=emb)
+    want = want[0] if isinstance(want, tuple) else want
+    torch._dynamo.reset()
+    compiled = torch.compile(layer)
+    got = compiled(h, position_embeddings=emb)
+    got = got[0] if isinstance(got, tuple) else got
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    got.sum().backward()
+    assert layer.self_attn.q_proj.lora_A.grad is not None
