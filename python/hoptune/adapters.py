@@ -1,0 +1,474 @@
+"""LoRA / DoRA adapters in PEFT's on-disk format (``docs/FORMATS.md`` section 2).
+
+A folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` (metadata
+``{"format": "pt"}``) with, for each adapted layer ``<path>`` of the transformers model::
+
+    base_model.model.<path>.lora_A.weight           [r, in]   fp32 by default
+    base_model.model.<path>.lora_B.weight           [out, r]
+    base_model.model.<path>.lora_magnitude_vector   [out]     (DoRA only; no ".weight" on disk)
+
+``PeftModel.from_pretrained(base, folder)`` loads what :func:`save_adapter` writes, and
+:func:`load_adapter` loads what ``PeftModel.save_pretrained`` writes (LoRA, rsLoRA, DoRA,
+``rank_pattern`` / ``alpha_pattern``). A config field hoptune does not implement (``lora_bias``,
+``layer_replication``, ``modules_to_save``...) is an error when it is switched on, and a field it
+does not know at all is an error too: nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from hoptune._io import atomic_write, atomic_write_text
+from hoptune.nn.lora import LoRALinear
+from hoptune.patch import (
+    _is_linear,
+    _Target,
+    check_target,
+    lora_layers,
+    pattern_value,
+    replace_with_lora,
+    select_modules,
+)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+# Config fields, by what hoptune does with them (PEFT 0.21's LoraConfig has all of these).
+_USED = {
+    "peft_type",
+    "r",
+    "lora_alpha",
+    "target_modules",
+    "exclude_modules",
+    "lora_dropout",
+    "use_rslora",
+    "use_dora",
+    "rank_pattern",
+    "alpha_pattern",
+}
+# informational, or used only to initialise a fresh adapter (the weights on disk replace that)
+_IGNORED = {
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "auto_mapping",
+    "peft_version",
+    "task_type",
+    "init_lora_weights",
+    "loftq_config",
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
+    "runtime_config",
+    "layers_pattern",  # only read together with layers_to_transform, which must be off
+    "megatron_core",  # only read together with megatron_config, which must be off
+    "qalora_group_size",  # only read with use_qalora, which must be off
+    "ensure_weight_tying",  # only about modules_to_save / trainable tokens, which must be off
+}
+# features hoptune does not implement: allowed only with the value that switches them off
+_OFF: dict[str, tuple] = {
+    "bias": ("none",),
+    "fan_in_fan_out": (False,),
+    "modules_to_save": (None, []),
+    "layers_to_transform": (None, []),
+    "layer_replication": (None, []),
+    "lora_bias": (False,),
+    "use_qalora": (False,),
+    "megatron_config": (None,),
+    "trainable_token_indices": (None,),
+    "target_parameters": (None, []),
+    "use_bdlora": (None,),
+    "alora_invocation_tokens": (None,),
+    "arrow_config": (None,),
+    "monteclora_config": (None,),
+    "velora_config": (None,),
+    "kasa_config": (None,),
+}
+
+
+# -- config -----------------------------------------------------------------------------------
+def _num(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _common(values: list) -> object:
+    return Counter(values).most_common(1)[0][0]
+
+
+def _pattern_keys(names: list[str], value_of: dict[str, object], default: object) -> dict[str, object]:
+    """Per-module exceptions to ``default`` as PEFT pattern keys: the last name component when every
+    adapted module with that component agrees, else the escaped full path."""
+    out: dict[str, object] = {}
+    by_suffix: dict[str, list[str]] = {}
+    for n in names:
+        by_suffix.setdefault(n.rsplit(".", 1)[-1], []).append(n)
+    for suffix, group in by_suffix.items():
+        vals = {value_of[n] for n in group}
+        if vals == {default}:
+            continue
+        if len(vals) == 1:
+            out[re.escape(suffix)] = next(iter(vals))
+        else:
+            out.update({re.escape(n): value_of[n] for n in group if value_of[n] != default})
+    return out
+
+
+def _target_list(model: nn.Module, names: list[str]) -> list[str]:
+    """target_modules for the config: the last name components when they select exactly the adapted
+    layers (PEFT's suffix rule), else the full module paths."""
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
+    chosen = {n for n, m in model.named_modules() if n and (_is_linear(m) or isinstance(m, LoRALinear))}
+    by_suffix = {n for n in chosen if any(n == s or n.endswith("." + s) for s in suffixes)}
+    return suffixes if by_suffix == set(names) else sorted(names)
+
+
+def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
+    """The ``adapter_config.json`` content describing the LoRA layers of ``model``."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError(f"model ({type(model).__name__}) has no LoRA layers; call hoptune.apply_lora first")
+    for field in ("use_dora", "use_rslora", "lora_dropout_p"):
+        vals = {getattr(m, field) for _, m in layers}
+        if len(vals) > 1:
+            raise ValueError(
+                f"the LoRA layers differ in {field} ({sorted(vals)}); PEFT's format holds one value per adapter"
+            )
+    names = [n for n, _ in layers]
+    ranks = {n: m.r for n, m in layers}
+    alphas = {n: _num(m.lora_alpha) for n, m in layers}
+    r = _common(list(ranks.values()))
+    alpha = _common(list(alphas.values()))
+    first = layers[0][1]
+    if base_model_name_or_path is None:
+        config = getattr(model, "config", None)
+        base_model_name_or_path = getattr(config, "_name_or_path", None) or getattr(
+            config, "name_or_path", None
+        )
+    is_causal_lm = (
+        callable(getattr(model, "get_output_embeddings", None)) and model.get_output_embeddings() is not None
+    )
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM" if is_causal_lm else None,
+        "base_model_name_or_path": base_model_name_or_path or None,
+        "revision": None,
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": _target_list(model, names),
+        "exclude_modules": None,
+        "rank_pattern": _pattern_keys(names, ranks, r),
+        "alpha_pattern": _pattern_keys(names, alphas, alpha),
+        "use_rslora": bool(first.use_rslora),
+        "use_dora": bool(first.use_dora),
+        "lora_dropout": float(first.lora_dropout_p),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "inference_mode": True,
+    }
+
+
+def check_adapter_config(cfg: object, where: str = CONFIG_NAME) -> dict:
+    """Validate an adapter config (a parsed ``adapter_config.json``); returns it with defaults filled."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where} must hold a JSON object, got {type(cfg).__name__}")
+    unknown = sorted(set(cfg) - _USED - _IGNORED - set(_OFF))
+    if unknown:
+        raise ValueError(
+            f"{where} has fields hoptune does not know: {unknown}; refusing to drop them silently "
+            "(they may change what the adapter computes)"
+        )
+    for field, off in _OFF.items():
+        if field in cfg and cfg[field] not in off:
+            raise ValueError(
+                f"{where}: {field}={cfg[field]!r} is not supported by hoptune (supported: {off[0]!r})"
+            )
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{where}: peft_type must be 'LORA', got {cfg.get('peft_type')!r}")
+    out = dict(cfg)
+    out.setdefault("lora_alpha", 8)  # PEFT's defaults
+    out.setdefault("lora_dropout", 0.0)
+    out.setdefault("use_rslora", False)  # FORMATS.md: a missing use_rslora means alpha / r
+    out.setdefault("use_dora", False)
+    out["rank_pattern"] = out.get("rank_pattern") or {}
+    out["alpha_pattern"] = out.get("alpha_pattern") or {}
+    r = out.get("r", 8)
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ValueError(f"{where}: r must be a positive int, got {r!r}")
+    out["r"] = r
+    a = out["lora_alpha"]
+    if not isinstance(a, (int, float)) or isinstance(a, bool) or not math.isfinite(a) or a <= 0:
+        raise ValueError(f"{where}: lora_alpha must be a positive number, got {a!r}")
+    for field in ("use_rslora", "use_dora"):
+        if not isinstance(out[field], bool):
+            raise ValueError(f"{where}: {field} must be true or false, got {out[field]!r}")
+    d = out["lora_dropout"]
+    if not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
+        raise ValueError(f"{where}: lora_dropout must be a number in [0, 1), got {d!r}")
+    if out.get("target_modules") is None:
+        raise ValueError(f"{where}: target_modules is missing")
+    for field in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(out[field], dict):
+            raise ValueError(f"{where}: {field} must be an object, got {out[field]!r}")
+    return out
+
+
+def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
+    path = os.path.join(os.fspath(adapter_dir), CONFIG_NAME)
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    return check_adapter_config(cfg, path)
+
+
+# -- save -------------------------------------------------------------------------------------
+def adapter_state_dict(
+    model: nn.Module, dtype: torch.dtype | None = torch.float32
+) -> dict[str, torch.Tensor]:
+    """The PEFT-keyed adapter tensors of ``model`` on the CPU (``dtype=None`` keeps their dtype)."""
+    out = {}
+    for name, lora in lora_layers(model):
+        parts = {"lora_A.weight": lora.lora_A, "lora_B.weight": lora.lora_B}
+        if lora.lora_magnitude is not None:
+            parts["lora_magnitude_vector"] = lora.lora_magnitude
+        for suffix, t in parts.items():
+            t = t.detach()
+            out[f"{PREFIX}{name}.{suffix}"] = (t if dtype is None else t.to(dtype)).cpu().contiguous()
+    return out
+
+
+def save_adapter(
+    model: nn.Module,
+    adapter_dir: str | os.PathLike,
+    dtype: torch.dtype | None = torch.float32,
+    base_model_name_or_path: str | None = None,
+) -> None:
+    """Write the adapters of ``model`` to ``adapter_dir`` in PEFT's format (atomically, file by file).
+
+    ``dtype``: of the saved tensors (fp32 like PEFT; None keeps the training dtype).
+    ``base_model_name_or_path``: recorded in the config (default: ``model.config._name_or_path``)."""
+    if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"dtype must be float32, bfloat16, float16 or None, got {dtype}")
+    from safetensors.torch import save_file
+
+    cfg = adapter_config(model, base_model_name_or_path)
+    state = adapter_state_dict(model, dtype)
+    folder = os.fspath(adapter_dir)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"adapter_dir {folder!r} exists and is not a directory")
+    os.makedirs(folder, exist_ok=True)
+    atomic_write(os.path.join(folder, WEIGHTS_NAME), lambda p: save_file(state, p, metadata={"format": "pt"}))
+    atomic_write_text(os.path.join(folder, CONFIG_NAME), json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+# -- load -------------------------------------------------------------------------------------
+def _read_weights(adapter_dir: str) -> dict[str, torch.Tensor]:
+    path = os.path.join(adapter_dir, WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        other = [
+            f
+            for f in ("adapter_model.bin", "adapter_model.pt")
+            if os.path.isfile(os.path.join(adapter_dir, f))
+        ]
+        hint = f" (found {other[0]}: hoptune reads safetensors only)" if other else ""
+        raise FileNotFoundError(f"{path} does not exist{hint}")
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except Exception as e:  # safetensors raises its own error types for truncated / corrupt files
+        raise ValueError(f"cannot read {path}: {e} (the file may be truncated or corrupt)") from e
+
+
+def _group(tensors: Mapping[str, torch.Tensor], path: str) -> dict[str, dict[str, torch.Tensor]]:
+    """``{module path: {"A": .., "B": .., "M": ..}}`` from PEFT keys; unknown keys are errors."""
+    parts = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude_vector": "M"}
+    parts["lora_magnitude_vector.weight"] = "M"  # older PEFT versions
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        if not key.startswith(PREFIX):
+            raise ValueError(
+                f"{path}: key {key!r} does not start with {PREFIX!r}; this is not a PEFT LoRA adapter"
+            )
+        rest = key[len(PREFIX) :]
+        for suffix, part in parts.items():
+            if rest.endswith("." + suffix):
+                out.setdefault(rest[: -len(suffix) - 1], {})[part] = t
+                break
+        else:
+            raise ValueError(
+                f"{path}: key {key!r} is not a LoRA A/B or DoRA magnitude tensor; hoptune does not support it "
+                "(lora_bias, embedding adapters, modules_to_save and trainable tokens are not implemented)"
+            )
+    return out
+
+
+def _expected_scaling(alpha: float, r: int, use_rslora: bool) -> float:
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def load_adapter(
+    model: nn.Module,
+    adapter_dir: str | os.PathLike,
+    *,
+    trainable: bool = False,
+    quantize: str | None = None,
+    double_quant: bool = True,
+    blocksize: int = 64,
+    adapter_dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """Load a PEFT-format LoRA/DoRA adapter from ``adapter_dir`` into ``model`` (in place); return it.
+
+    A model without LoRA layers gets them (as :func:`hoptune.apply_lora` would make them, with the
+    ranks and alphas of the file; NF4 layers stay NF4, ``quantize="nf4"`` quantizes dense ones). A
+    model that already has LoRA layers must have exactly the layers, ranks and scales of the
+    adapter: its weights are replaced. ``trainable`` sets ``requires_grad`` of the loaded adapter
+    (False by default, as in PEFT). Everything is checked first: an adapter for another
+    architecture or with other shapes is an error and the model is left unchanged."""
+    folder = os.fspath(adapter_dir)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"adapter_dir {folder!r} is not a directory")
+    cfg = read_adapter_config(folder)
+    weights_path = os.path.join(folder, WEIGHTS_NAME)
+    groups = _group(_read_weights(folder), weights_path)
+    if not groups:
+        raise ValueError(f"{weights_path} holds no LoRA tensors")
+
+    # 1. every module of the file exists, is a linear layer, and its tensors fit it
+    modules = dict(model.named_modules())
+    missing = [n for n in groups if n not in modules]
+    if missing:
+        have = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in modules.items() if _is_linear(m) or isinstance(m, LoRALinear)}
+        )
+        raise ValueError(
+            f"the adapter in {folder} is for another model: {type(model).__name__} has no module {missing[0]!r}"
+            f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; its linear layers are named {have}"
+        )
+    targets: list[_Target] = []
+    for name, g in groups.items():
+        mod = modules[name]
+        if not (_is_linear(mod) or isinstance(mod, LoRALinear)):
+            raise ValueError(
+                f"adapter module {name!r} is a {type(mod).__name__} in the model, not a linear layer"
+            )
+        for part in ("A", "B"):
+            if part not in g:
+                raise ValueError(f"{weights_path}: {name} has no lora_{part}.weight")
+        a, b = g["A"], g["B"]
+        if a.dim() != 2 or b.dim() != 2:
+            raise ValueError(
+                f"{weights_path}: {name} lora_A / lora_B must be 2-D, got {tuple(a.shape)} / {tuple(b.shape)}"
+            )
+        r = a.shape[0]
+        fan_in, fan_out = mod.in_features, mod.out_features
+        if tuple(a.shape) != (r, fan_in) or tuple(b.shape) != (fan_out, r):
+            raise ValueError(
+                f"shape mismatch for {name}: the model's layer is [out={fan_out}, in={fan_in}], so lora_A must "
+                f"be [r, {fan_in}] and lora_B [{fan_out}, r]; the adapter has {tuple(a.shape)} and {tuple(b.shape)} "
+                "(an adapter for another model size?)"
+            )
+        want_r = pattern_value(cfg["rank_pattern"], name, cfg["r"])
+        if r != want_r:
+            raise ValueError(
+                f"{weights_path}: {name} has rank {r} but the config (r / rank_pattern) says {want_r}"
+            )
+        if cfg["use_dora"] != ("M" in g):
+            raise ValueError(
+                f"{weights_path}: {name} {'lacks' if cfg['use_dora'] else 'has'} lora_magnitude_vector but the "
+                f"config says use_dora={cfg['use_dora']}"
+            )
+        if "M" in g and tuple(g["M"].shape) != (fan_out,):
+            raise ValueError(
+                f"shape mismatch for {name}: lora_magnitude_vector must be [{fan_out}], got {tuple(g['M'].shape)}"
+            )
+        for part, t in g.items():
+            if not t.is_floating_point() or not torch.isfinite(t).all():
+                raise ValueError(f"{weights_path}: {name} {part} must hold finite floating-point values")
+        alpha = float(pattern_value(cfg["alpha_pattern"], name, cfg["lora_alpha"]))
+        targets.append(_Target(name, mod, int(r), alpha))
+
+    # 2. the config selects exactly the modules the file has weights for
+    try:
+        picked = select_modules(model, cfg["target_modules"], cfg.get("exclude_modules"), include_lora=True)
+        selected = {n for n, _ in picked}
+    except ValueError as e:
+        raise ValueError(f"the adapter in {folder} does not fit {type(model).__name__}: {e}") from e
+    if selected != set(groups):
+        extra = sorted(selected - set(groups))
+        raise ValueError(
+            f"{folder}: target_modules selects {len(selected)} layers but the weights cover {len(groups)}"
+            + (
+                f"; no weights for {extra[:3]}"
+                if extra
+                else f"; weights for unselected {sorted(set(groups) - selected)[:3]}"
+            )
+        )
+
+    # 3. a model that already has LoRA layers must have exactly these
+    existing = dict(lora_layers(model))
+    if existing:
+        if set(existing) != set(groups):
+            raise ValueError(
+                f"model already has LoRA layers on other modules ({len(existing)} vs the adapter's {len(groups)}); "
+                "call hoptune.remove_lora(model) first"
+            )
+        for t in targets:
+            lora = existing[t.name]
+            want = _expected_scaling(t.alpha, t.r, cfg["use_rslora"])
+            if (
+                lora.r != t.r
+                or not math.isclose(lora.scaling, want, rel_tol=1e-6)
+                or lora.use_dora != cfg["use_dora"]
+            ):
+                raise ValueError(
+                    f"{t.name}: the model's LoRA layer (r={lora.r}, scaling={lora.scaling:g}, dora={lora.use_dora}) "
+                    f"differs from the adapter's (r={t.r}, scaling={want:g}, dora={cfg['use_dora']}); "
+                    "call hoptune.remove_lora(model) first"
+                )
+    else:
+        if quantize not in (None, "nf4"):
+            raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
+        for t in targets:  # the checks apply_lora makes (rank vs layer, NF4 block size), before any change
+            check_target(t.name, t.module, t.r, quantize, blocksize)
+        replace_with_lora(
+            model,
+            targets,
+            dropout=float(cfg["lora_dropout"]),
+            use_rslora=cfg["use_rslora"],
+            use_dora=cfg["use_dora"],
+            quantize=quantize,
+            double_quant=double_quant,
+            blocksize=blocksize,
+            adapter_dtype=adapter_dtype,
+            init_lora_weights=True,
+            trainable=trainable,
+            progress=False,
+        )
+
+    # 4. copy the weights (cannot fail: shapes were checked)
+    with torch.no_grad():
+        for name, g in groups.items():
+            lora = model.get_submodule(name)
+            lora.lora_A.copy_(g["A"])
+            lora.lora_B.copy_(g["B"])
+            if lora.lora_magnitude is not None:
+                lora.lora_magnitude.copy_(g["M"])
+            for p in (lora.lora_A, lora.lora_B, lora.lora_magnitude):
+                if p is not None:
+                    p.requires_grad_(trainable)
+    return model

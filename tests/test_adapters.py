@@ -1,0 +1,315 @@
+"""PEFT-format adapters: what hoptune saves loads in PEFT with the same logits, and the other way
+round (LoRA, rsLoRA, DoRA, rank/alpha patterns); bad adapters are clear errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+import hoptune  # noqa: E402
+from hoptune.nn import LoRALinear  # noqa: E402
+
+VARIANTS = {
+    "lora": dict(r=4, lora_alpha=8),
+    "rslora": dict(r=4, lora_alpha=8, use_rslora=True),
+    "dora": dict(r=4, lora_alpha=8, use_dora=True),
+    "patterns": dict(
+        r=4, lora_alpha=8, rank_pattern={"q_proj": 2, "down_proj": 8}, alpha_pattern={"v_proj": 3}
+    ),
+}
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, hidden: int = 64, layers: int = 2):
+    tf = transformers
+    kw = dict(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    cfg_cls, model_cls = {
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+        "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM),
+    }[arch]
+    torch.manual_seed(seed)
+    return model_cls(cfg_cls(**kw)).eval()
+
+
+def ids() -> torch.Tensor:
+    return torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model, x=None) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids() if x is None else x).logits.double()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def peft_model(base, variant: str, seed: int = 3):
+    torch.manual_seed(seed)
+    cfg = peft.LoraConfig(target_modules="all-linear", init_lora_weights=False, **VARIANTS[variant])
+    return peft.get_peft_model(copy.deepcopy(base), cfg).eval()
+
+
+def ours(base, variant: str, seed: int = 3, **extra):
+    v = dict(VARIANTS[variant])
+    kw = dict(r=v.pop("r"), alpha=v.pop("lora_alpha"), init_lora_weights=False, **extra)
+    kw.update(v)
+    torch.manual_seed(seed)
+    m = hoptune.apply_lora(copy.deepcopy(base), **kw)
+    with torch.no_grad():  # a magnitude different from ||W|| so DoRA's m matters
+        for _, lora in m.named_modules():
+            if isinstance(lora, LoRALinear) and lora.lora_magnitude is not None:
+                lora.lora_magnitude.mul_(torch.linspace(0.5, 1.5, lora.out_features))
+    return m
+
+
+def snapshot(model):
+    return [(n, type(m).__name__) for n, m in model.named_modules()], {
+        k: v.clone() for k, v in model.state_dict().items()
+    }
+
+
+def assert_unchanged(model, snap):
+    types, state = snap
+    assert [(n, type(m).__name__) for n, m in model.named_modules()] == types
+    now = model.state_dict()
+    assert now.keys() == state.keys() and all(torch.equal(now[k], v) for k, v in state.items())
+
+
+# -- interop with PEFT ------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_our_adapter_loads_in_peft(variant, tmp_path):
+    base = tiny_model()
+    model = ours(base, variant)
+    want = logits(model)
+    assert rel(want, logits(base)) > 1e-3  # the adapter does something
+    hoptune.save_adapter(model, tmp_path)
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    assert rel(logits(loaded), want) <= 1e-5
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_peft_adapter_loads_in_hoptune(variant, tmp_path):
+    base = tiny_model()
+    pm = peft_model(base, variant)
+    if variant == "dora":
+        with torch.no_grad():
+            for name, p in pm.named_parameters():
+                if "lora_magnitude_vector" in name:
+                    p.mul_(torch.linspace(0.5, 1.5, p.numel()))
+    want = logits(pm)
+    pm.save_pretrained(tmp_path)
+    model = hoptune.load_adapter(copy.deepcopy(base), tmp_path)
+    assert rel(logits(model), want) <= 1e-5
+    layers = model.model.layers
+    if variant == "patterns":
+        assert layers[0].self_attn.q_proj.r == 2 and layers[1].mlp.down_proj.r == 8
+        assert layers[0].self_attn.v_proj.scaling == pytest.approx(3 / 4)
+    assert not any(p.requires_grad for p in model.parameters())  # PEFT's default: inference
+    hoptune.remove_lora(model)
+    model2 = hoptune.load_adapter(model, tmp_path, trainable=True)
+    assert {n for n, p in model2.named_parameters() if p.requires_grad} == {
+        n for n, _ in model2.named_parameters() if ".lora_" in n
+    }
+
+
+def test_phi3_fused_layers_roundtrip_with_peft(tmp_path):
+    base = tiny_model("phi3")
+    model = ours(base, "lora")
+    hoptune.save_adapter(model, tmp_path / "ours")
+    assert (
+        rel(logits(peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")), logits(model))
+        <= 1e-5
+    )
+    pm = peft_model(base, "dora")
+    pm.save_pretrained(tmp_path / "peft")
+    assert rel(logits(hoptune.load_adapter(copy.deepcopy(base), tmp_path / "peft")), logits(pm)) <= 1e-5
+
+
+def test_qlora_adapter_roundtrip(tmp_path):
+    base = tiny_model()
+    model = ours(base, "dora", quantize="nf4")
+    hoptune.save_adapter(model, tmp_path)
+    again = hoptune.load_adapter(copy.deepcopy(base), tmp_path, quantize="nf4")
+    assert rel(logits(again), logits(model)) <= 1e-6
+
+
+# -- the files --------------------------------------------------------------------------------
+def test_saved_files_are_peft_format(tmp_path):
+    model = ours(tiny_model(), "dora")
+    hoptune.save_adapter(model, tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    with safe_open(tmp_path / "adapter_model.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        keys = set(f.keys())
+        a = f.get_tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight")
+        b = f.get_tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight")
+        m = f.get_tensor("base_model.model.model.layers.0.mlp.down_proj.lora_magnitude_vector")
+    assert a.shape == (4, 64) and b.shape == (64, 4) and m.shape == (64,)
+    assert a.dtype == b.dtype == m.dtype == torch.float32
+    assert len(keys) == 14 * 3
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and cfg["use_dora"] is True and cfg["use_rslora"] is False
+    assert cfg["target_modules"] == [
+        "down_proj",
+        "gate_proj",
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "up_proj",
+        "v_proj",
+    ]
+    assert cfg["rank_pattern"] == {} and cfg["alpha_pattern"] == {}
+    for field in ("lora_dropout", "bias", "fan_in_fan_out", "modules_to_save", "base_model_name_or_path"):
+        assert field in cfg
+
+
+def test_partial_targets_are_written_as_full_paths(tmp_path):
+    model = hoptune.apply_lora(tiny_model(), r=2, target_modules=r"model\.layers\.1\.self_attn\.q_proj")
+    hoptune.save_adapter(model, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == ["model.layers.1.self_attn.q_proj"]
+    again = hoptune.load_adapter(tiny_model(), tmp_path)
+    assert [n for n, m in again.named_modules() if isinstance(m, LoRALinear)] == [
+        "model.layers.1.self_attn.q_proj"
+    ]
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    model = ours(tiny_model(), "lora")
+    hoptune.save_adapter(model, tmp_path)
+    before = {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)}
+
+    def broken(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("safetensors.torch.save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        hoptune.save_adapter(ours(tiny_model(), "lora", seed=9), tmp_path)
+    assert {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)} == before  # no temp files left
+
+
+def test_load_into_a_patched_model_replaces_weights(tmp_path):
+    base = tiny_model()
+    src = ours(base, "lora", seed=4)
+    hoptune.save_adapter(src, tmp_path)
+    dst = ours(base, "lora", seed=5)
+    hoptune.load_adapter(dst, tmp_path)
+    assert rel(logits(dst), logits(src)) <= 1e-7
+    other_rank = hoptune.apply_lora(copy.deepcopy(base), r=2)
+    snap = snapshot(other_rank)
+    with pytest.raises(ValueError, match="rank 4|r=2"):
+        hoptune.load_adapter(other_rank, tmp_path)
+    assert_unchanged(other_rank, snap)
+
+
+# -- bad adapters: clear errors, model unchanged ----------------------------------------------
+@pytest.fixture
+def saved(tmp_path):
+    model = ours(tiny_model(), "lora")
+    hoptune.save_adapter(model, tmp_path)
+    return tmp_path
+
+
+def _edit_config(folder, **changes):
+    path = folder / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"some_future_field": 1}, "does not know.*some_future_field"),
+        ({"lora_bias": True}, "lora_bias=True is not supported"),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"layers_to_transform": [0]}, "layers_to_transform"),
+        ({"fan_in_fan_out": True}, "fan_in_fan_out"),
+        ({"peft_type": "IA3"}, "peft_type must be 'LORA'"),
+        ({"r": 8}, "has rank 4 but the config"),
+        ({"use_dora": True}, "lacks lora_magnitude_vector"),
+        ({"target_modules": ["q_proj"]}, "target_modules selects"),
+    ],
+)
+def test_bad_config(saved, changes, match):
+    _edit_config(saved, **changes)
+    model = tiny_model()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        hoptune.load_adapter(model, saved)
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize(
+    "other, match",
+    [
+        (dict(arch="phi3"), "another model.*has no module"),
+        (dict(layers=1), "has no module 'model.layers.1"),
+        (dict(hidden=128), "shape mismatch"),
+    ],
+)
+def test_adapter_for_another_model(saved, other, match):
+    model = tiny_model(**other)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        hoptune.load_adapter(model, saved)
+    assert_unchanged(model, snap)
+
+
+def test_truncated_and_missing_files(saved, tmp_path_factory):
+    model = tiny_model()
+    snap = snapshot(model)
+    weights = saved / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="adapter_model.safetensors.*truncated or corrupt"):
+        hoptune.load_adapter(model, saved)
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
+        hoptune.load_adapter(model, saved)
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        hoptune.load_adapter(model, saved / "nope")
+    (saved / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        hoptune.load_adapter(model, saved)
+    assert_unchanged(model, snap)
+
+
+def test_unknown_tensor_keys(saved):
+    path = saved / "adapter_model.safetensors"
+    tensors = load_file(path)
+    tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias"] = torch.zeros(64)
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lora_B.bias.*not a LoRA A/B"):
+        hoptune.load_adapter(tiny_model(), saved)
+
+
+def test_save_without_lora_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        hoptune.save_adapter(tiny_model(), tmp_path)
+    assert not os.listdir(tmp_path)
