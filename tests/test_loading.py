@@ -1,0 +1,255 @@
+"""load_model: local safetensors checkpoints (single file or sharded), NF4 on load, pre-quantized
+bitsandbytes checkpoints without re-quantization, and clear errors for bad folders and files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from safetensors.torch import load_file  # noqa: E402
+
+import hoptune  # noqa: E402
+from hoptune.loading import _Reader, read_safetensors_header  # noqa: E402
+from hoptune.nn import LoRALinear, NF4Linear  # noqa: E402
+from hoptune.quant import dequantize_nf4, from_bnb_state_dict, save_pretrained_nf4  # noqa: E402
+
+
+def tiny_model(arch: str = "llama", tie: bool = False, dtype=torch.bfloat16, seed: int = 0):
+    tf = transformers
+    kw = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=tie,
+    )
+    cfg_cls, model_cls = {
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),  # biases on q/k/v
+        "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM),
+        "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM),
+    }[arch]
+    torch.manual_seed(seed)
+    return model_cls(cfg_cls(**kw)).to(dtype).eval()
+
+
+def ids():
+    return torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(ids()).logits.float()
+
+
+def nf4_layers(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, NF4Linear)}
+
+
+@pytest.mark.parametrize(
+    "arch, tie, shard",
+    [
+        ("llama", False, None),
+        ("llama", False, "40KB"),
+        ("qwen2", True, "40KB"),
+        ("phi3", False, None),
+        ("gemma2", True, None),
+    ],
+)
+def test_dense_load_equals_from_pretrained(tmp_path, arch, tie, shard):
+    model = tiny_model(arch, tie)
+    model.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
+    if shard:
+        assert os.path.isfile(tmp_path / "model.safetensors.index.json")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    ours = hoptune.load_model(tmp_path, quantize=None, device="cpu", progress=False)
+    assert not ours.training
+    torch.testing.assert_close(logits(ours), logits(ref), atol=0, rtol=0)
+    if tie:
+        assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    assert all(p.dtype == torch.bfloat16 for p in ours.parameters())
+    assert ours.model.rotary_emb.inv_freq.dtype == torch.float32  # computed, not read or cast
+
+
+@pytest.mark.parametrize("arch, tie", [("llama", False), ("qwen2", True), ("phi3", False)])
+def test_nf4_on_load(tmp_path, arch, tie):
+    model = tiny_model(arch, tie)
+    model.save_pretrained(tmp_path, max_shard_size="40KB")
+    ours = hoptune.load_model(tmp_path, quantize="nf4", device="cpu", progress=False)
+    layers = nf4_layers(ours)
+    assert len(layers) == (8 if arch == "phi3" else 14)
+    assert type(ours.lm_head) is torch.nn.Linear  # the output head stays dense
+    if arch == "qwen2":
+        assert layers["model.layers.0.self_attn.q_proj"].bias is not None
+    # same as quantizing the checkpoint's weights ourselves
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    for name, layer in layers.items():
+        w = ref.get_submodule(name).weight.data
+        q = hoptune.quantize_nf4(w.contiguous())
+        assert torch.equal(layer.weight_packed, q.packed) and torch.equal(layer.weight_absmax, q.absmax), name
+        w.copy_(dequantize_nf4(q))
+    torch.testing.assert_close(logits(ours), logits(ref), atol=0, rtol=0)
+    # LoRA on top, without dequantizing
+    packed = {n: m.weight_packed for n, m in layers.items()}
+    hoptune.apply_lora(ours, r=4)
+    assert all(ours.get_submodule(n).weight_packed is p for n, p in packed.items())
+    assert all(isinstance(ours.get_submodule(n), LoRALinear) for n in packed)
+    ours.train()
+    ours(input_ids=ids(), labels=ids()).loss.backward()
+
+
+def test_skip_modules_and_progress(tmp_path, capsys):
+    tiny_model().save_pretrained(tmp_path)
+    ours = hoptune.load_model(tmp_path, device="cpu", skip_modules=["down_proj"], progress=True)
+    assert type(ours.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    assert isinstance(ours.model.layers[0].mlp.up_proj, NF4Linear)
+    assert "Loading" in capsys.readouterr().err
+
+
+def test_prequantized_bnb_checkpoint_loads_without_requantizing(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    tiny_model().save_pretrained(tmp_path / "bf16")
+    cfg = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    qm = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "bf16", quantization_config=cfg, device_map="cpu"
+    )
+    qm.save_pretrained(tmp_path / "nf4")
+    want = logits(qm)
+    ours = hoptune.load_model(tmp_path / "nf4", device="cpu", progress=False)
+    assert not hasattr(ours.config, "quantization_config")
+    sd = load_file(tmp_path / "nf4" / "model.safetensors")
+    layers = nf4_layers(ours)
+    assert len(layers) == 14
+    for name, layer in layers.items():
+        q = from_bnb_state_dict(sd, f"{name}.weight")
+        assert torch.equal(layer.weight_packed, q.packed) and torch.equal(layer.weight_absmax, q.absmax), name
+        assert layer._nf4_meta[3] == q.offset
+    torch.testing.assert_close(logits(ours), want, atol=2e-2, rtol=2e-2)  # bnb's CPU matmul path
+
+
+def test_our_nf4_checkpoint_loads(tmp_path):
+    model = tiny_model()
+    save_pretrained_nf4(model, tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    ours = hoptune.load_model(tmp_path, quantize=None, device="cpu", progress=False)  # NF4 as stored
+    for name, layer in nf4_layers(ours).items():
+        assert torch.equal(layer.weight_packed, from_bnb_state_dict(sd, f"{name}.weight").packed)
+    assert len(nf4_layers(ours)) == 14
+
+
+def test_staged_reader_reassembles_chunks(tmp_path):
+    """The pinned-buffer ring of the CUDA path, run on the CPU with tiny chunks."""
+    tiny_model().save_pretrained(tmp_path)
+    path = str(tmp_path / "model.safetensors")
+    entries = read_safetensors_header(path)
+    plain, staged = (
+        _Reader(torch.device("cpu")),
+        _Reader(torch.device("cpu"), chunk=1000, slots=3, staged=True),
+    )
+    sd = load_file(path)
+    for r in (plain, staged):
+        r.open(path)
+        for key, e in sorted(entries.items(), key=lambda kv: kv[1].start):
+            assert torch.equal(r.read(e), sd[key]), key
+        r.finish()
+
+
+# -- bad input --------------------------------------------------------------------------------
+def test_missing_path_and_folder_problems(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist.*never downloads"):
+        hoptune.load_model(tmp_path / "nope", device="cpu")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        hoptune.load_model("meta-llama/Meta-Llama-3-8B", device="cpu")  # a hub name is not a folder
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(FileNotFoundError, match="is a file"):
+        hoptune.load_model(tmp_path / "f", device="cpu")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        hoptune.load_model(tmp_path, device="cpu")
+    model = tiny_model()
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="safetensors only"):
+        hoptune.load_model(tmp_path, device="cpu")
+    with pytest.raises(ValueError, match="quantize must be"):
+        hoptune.load_model(tmp_path, quantize="int4", device="cpu")
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.999, 4])
+def test_truncated_file_names_the_file(tmp_path, cut):
+    tiny_model().save_pretrained(tmp_path, max_shard_size="40KB")
+    shard = sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))[1]
+    data = (tmp_path / shard).read_bytes()
+    n = int(len(data) * cut) if cut < 1 else cut
+    (tmp_path / shard).write_bytes(data[:n])
+    with pytest.raises(ValueError, match=f"{shard}.*(truncated|too short)"):
+        hoptune.load_model(tmp_path, device="cpu", progress=False)
+
+
+def test_corrupt_header_and_index(tmp_path):
+    tiny_model().save_pretrained(tmp_path, max_shard_size="40KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shard = next(iter(index["weight_map"].values()))
+    data = bytearray((tmp_path / shard).read_bytes())
+    data[9:14] = b"\xff\xfe{[:"
+    (tmp_path / shard).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"{shard}.*header is not valid JSON"):
+        hoptune.load_model(tmp_path, device="cpu", progress=False)
+    os.unlink(tmp_path / shard)
+    with pytest.raises(FileNotFoundError, match=f"lists {shard}"):
+        hoptune.load_model(tmp_path, device="cpu", progress=False)
+
+
+def test_missing_and_unexpected_tensors(tmp_path):
+    from safetensors.torch import save_file
+
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    sd.pop("model.layers.1.mlp.up_proj.weight")
+    sd["model.layers.0.extra.weight"] = torch.zeros(3)
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="not used by LlamaForCausalLM.*extra"):
+        with pytest.raises(ValueError, match=r"lacks 1 tensors.*model\.layers\.1\.mlp\.up_proj"):
+            hoptune.load_model(tmp_path, device="cpu", progress=False)
+
+
+def test_other_quantization_methods_are_refused(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="bitsandbytes 4-bit NF4 checkpoints only"):
+        hoptune.load_model(tmp_path, device="cpu", progress=False)
+
+
+@pytest.mark.gpu
+def test_load_on_gpu_equals_cpu(tmp_path):
+    tiny_model("qwen2", tie=True).save_pretrained(tmp_path, max_shard_size="40KB")
+    cpu = hoptune.load_model(tmp_path, device="cpu", progress=False)
+    gpu = hoptune.load_model(tmp_path, device="cuda", progress=False)
+    for name, layer in nf4_layers(cpu).items():
+        other = gpu.get_submodule(name)
+        assert other.weight_packed.is_cuda
+        assert torch.equal(other.weight_packed.cpu(), layer.weight_packed), name
+    with torch.no_grad():
+        got = gpu(ids().cuda()).logits.float().cpu()
+    torch.testing.assert_close(got, logits(cpu), atol=2e-2, rtol=2e-2)
+    shutil.rmtree(tmp_path)
