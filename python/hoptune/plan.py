@@ -1,0 +1,614 @@
+"""``hoptune plan``: how much GPU memory a LoRA / QLoRA training step will need, before you run it.
+
+    hoptune plan --model llama-3-8b --seq 2048 --batch 2 --r 16
+    python -m hoptune.plan --model /ckpt/Qwen2.5-7B/config.json --stack hf
+    hoptune.plan("llama-3-70b", seq=2048, batch=1)         # -> MemoryPlan (print it for the table)
+
+The estimate counts bytes the way the PyTorch caching allocator sees them (what
+``torch.cuda.max_memory_allocated`` reports), phase by phase, and takes the largest phase:
+
+* **weights**: NF4 linear layers at 0.5 byte per weight plus absmax statistics (fp32 per 64
+  weights; with double quantization one uint8 per 64 plus an fp32 per 256 blocks and a 1 KiB
+  table per layer); embeddings, the output head and norms in ``dtype`` (2 bytes).
+* **adapters / gradients / optimizer**: r x (in + out) per adapted layer (+ out for DoRA) in the
+  adapter dtype; gradients of the same size; AdamW keeps two moments of the parameter dtype
+  (a paged optimizer keeps them in host memory: 0 on the GPU).
+* **activations**, per token, for a Llama-style layer in transformers (SDPA attention without a
+  padding mask, so grouped-query attention runs natively; bf16 compute; frozen norms). With
+  H = hidden, I = intermediate, q = heads x head_dim, kv = kv_heads x head_dim, r = rank::
+
+      each pre-norm (RMSNorm in fp32)       4H (fp32 copy of its input) + 2H (its output, the
+                                            input the next linear layers save)
+      each post-norm (Gemma 2 / 3)          4H
+      q/k norm (Qwen3, Gemma 3)             4q + 4kv
+      attention                             2q (q after RoPE) + 2kv + 2kv (k, v) + 2q (SDPA
+                                            output, kept for its backward) + 2q (the contiguous
+                                            copy o_proj saves)
+      gated MLP                             2I (gate) + 2I (up) + 2I (act(gate)) + 2I (product)
+      LoRA, per adapted layer               2r (x A^T, saved for the B product); the HF stack
+                                            with fp32 adapters also casts x to fp32 per layer:
+                                            +4 in + 4r
+  Without checkpointing every layer keeps all of it. With gradient checkpointing (transformers
+  checkpoints each decoder layer) a layer keeps only its input, 2H per token, and the backward
+  recomputes one layer at a time: one layer's activations plus the gradients in flight
+  (about 6I + 6H per token) and the dequantized weight of the largest layer (bf16).
+* **logits**: full (the HF stack): the lm_head writes bf16 logits (2V per token, held by the
+  model output until the step ends); the loss casts them to fp32 (4V) and ``cross_entropy`` keeps
+  its fp32 log-softmax (4V); its backward holds the fp32 gradient of the log-softmax (4V) and
+  writes the fp32 gradient of the logits (4V): 2V + 4V + 4V + 4V = **14V bytes per token** at the
+  peak. Fused (hoptune's ``fused_linear_logprobs``): one fp32 chunk of logits (192 MiB) plus
+  the per-row gradient J (2H per token).
+* **phases**: the *loss* phase (weights, optimizer state, stored activations, logits) and the
+  *layer backward* phase (weights, state, stored activations, one recomputed layer, transients,
+  the logits still held) and the *optimizer step* (state + all gradients, twice for AdamW's
+  temporaries). Gradients are set to None between steps (no accumulation buffers at the loss).
+
+Not counted by ``max_memory_allocated`` and shown separately: the CUDA context and libraries
+(~0.5 GiB) and the allocator's slack (reserved minus allocated, ~5 %).
+
+Checked against the HF stack (transformers + bitsandbytes + PEFT, ``docs/TARGETS.md`` section 5)
+on one H200: Llama-3-8B, batch 2 x 2048, QLoRA r=16 on all linear layers, checkpointing, AdamW,
+bf16 adapters as the anchor script makes them: measured 13.5 GiB, ``--stack hf`` says 13.5;
+Llama-3-70B, 1 x 2048: measured 44.1 GiB, ``--stack hf`` says 44.0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import types
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+GiB = 2**30
+_FUSED_CHUNK_BYTES = 192 * 2**20  # hoptune.ops.logprob.CHUNK_BYTES
+_CONTEXT_BYTES = 0.5 * GiB  # CUDA context + cuBLAS/cuDNN handles on an H100/H200, torch 2.x
+_SLACK = 0.05  # caching-allocator reserved / allocated - 1, seen on the 70B anchor (46.2 / 44.1)
+_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+# public shapes (config.json of the released checkpoints) so `plan` runs without any file
+KNOWN_MODELS: dict[str, dict] = {
+    "llama-3-8b": dict(
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    ),
+    "llama-3-70b": dict(
+        model_type="llama",
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    ),
+    "llama-3.2-1b": dict(
+        model_type="llama",
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+    ),
+    "llama-3.2-3b": dict(
+        model_type="llama",
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=28,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+    ),
+}
+KNOWN_MODELS["llama-3.1-8b"] = KNOWN_MODELS["llama-3-8b"]
+KNOWN_MODELS["llama-3.1-70b"] = KNOWN_MODELS["llama-3-70b"]
+
+
+@dataclass
+class MemoryPlan:
+    """GPU memory of one training step, in bytes per component (``table()`` prints GiB)."""
+
+    model: str
+    stack: str
+    batch: int
+    seq: int
+    r: int
+    quantize: str | None
+    double_quant: bool
+    grad_ckpt: bool
+    logits: str
+    optimizer: str
+    adapter_dtype: str
+    use_dora: bool
+    layers: int
+    adapted_layers: int
+    params: int
+    quantized_params: int
+    trainable_params: int
+    weights_quantized: float
+    weights_dense: float
+    adapters: float
+    gradients: float
+    optimizer_state: float
+    stored_activations: float  # kept from forward to backward (layer inputs with checkpointing)
+    layer_activations: float  # one decoder layer's saved activations
+    logits_bytes: float
+    backward_transients: float
+    phases: dict[str, float] = field(default_factory=dict)
+    peak: float = 0.0
+    peak_phase: str = ""
+    context: float = _CONTEXT_BYTES
+    slack: float = 0.0
+    alternatives: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def weights(self) -> float:
+        return self.weights_quantized + self.weights_dense
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak / GiB
+
+    @property
+    def device_total(self) -> float:
+        return self.peak + self.slack + self.context
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(weights=self.weights, peak_gib=self.peak_gib, device_total=self.device_total)
+        return d
+
+    def table(self) -> str:
+        g = lambda b: f"{b / GiB:8.2f}"  # noqa: E731
+        tok = self.batch * self.seq
+        quant = (
+            f"{self.quantize}{' + double quant' if self.double_quant else ''}" if self.quantize else "bf16"
+        )
+        head = (
+            f"{self.model}: batch {self.batch} x seq {self.seq} ({tok} tokens), {quant} weights, "
+            f"{'DoRA' if self.use_dora else 'LoRA'} r={self.r} on {self.adapted_layers} layers, "
+            f"{'gradient checkpointing' if self.grad_ckpt else 'no checkpointing'}, {self.optimizer}, "
+            f"{self.logits} logits  [stack: {self.stack}]"
+        )
+        act_note = (
+            f"layer inputs, {self.layers} x 2H per token" if self.grad_ckpt else "every layer's activations"
+        )
+        rows = []
+        if self.quantize:
+            rows.append(
+                (
+                    f"weights, NF4 linear ({self.quantized_params / 1e9:.2f} B params)",
+                    self.weights_quantized,
+                    "",
+                )
+            )
+        dense_what = "embeddings, head, norms" if self.quantize else "all"
+        rows += [
+            (f"weights, dense ({dense_what})", self.weights_dense, "bf16"),
+            (f"adapters ({self.trainable_params / 1e6:.1f} M params)", self.adapters, self.adapter_dtype),
+            ("gradients", self.gradients, self.adapter_dtype),
+            ("optimizer state", self.optimizer_state, self.optimizer),
+            ("activations kept for backward", self.stored_activations, act_note),
+            (
+                "activations of one layer",
+                self.layer_activations,
+                "recomputed in backward" if self.grad_ckpt else "(included above)",
+            ),
+            (
+                "logits / log-probs",
+                self.logits_bytes,
+                "14V bytes per token" if self.logits == "full" else "one fp32 chunk + J",
+            ),
+            ("backward transients", self.backward_transients, "grads in flight + one dequantized weight"),
+        ]
+        width = max(len(r[0]) for r in rows) + 2
+        lines = [head, "", f"{'component':<{width}}{'GiB':>8}  notes", "-" * (width + 40)]
+        lines += [f"{name:<{width}}{g(b)}  {note}" for name, b, note in rows]
+        lines.append("-" * (width + 40))
+        for phase, b in self.phases.items():
+            mark = "  <- peak" if phase == self.peak_phase else ""
+            lines.append(f"{'phase: ' + phase:<{width}}{g(b)}{mark}")
+        lines += [
+            f"{'peak allocated (max_memory_allocated)':<{width}}{g(self.peak)}",
+            f"{'+ allocator slack (~5%)':<{width}}{g(self.slack)}",
+            f"{'+ CUDA context and libraries':<{width}}{g(self.context)}",
+            f"{'= device total (as nvidia-smi shows)':<{width}}{g(self.device_total)}",
+        ]
+        if self.alternatives:
+            lines += ["", "peak allocated with one change:"]
+            lines += [f"  {name:<{width - 2}}{g(b)}" for name, b in self.alternatives.items()]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+# -- model shape ------------------------------------------------------------------------------
+def _load_config(config: object):
+    """A transformers config from a known name, a config.json path (or its folder), a dict or a
+    config object."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(config, PretrainedConfig):
+        return config, getattr(config, "_name_or_path", "") or config.model_type
+    if isinstance(config, Mapping):
+        d = dict(config)
+        if "model_type" not in d:
+            raise ValueError("config dict needs a 'model_type' (e.g. 'llama')")
+        mt = d.pop("model_type")
+        return AutoConfig.for_model(mt, **d), mt
+    if isinstance(config, (str, os.PathLike)):
+        s = os.fspath(config)
+        if s.lower() in KNOWN_MODELS:
+            return _load_config(KNOWN_MODELS[s.lower()])[0], s.lower()
+        path = os.path.join(s, "config.json") if os.path.isdir(s) else s
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"config {s!r} is neither a known model ({sorted(KNOWN_MODELS)}) nor a config.json file or a "
+                "folder holding one"
+            )
+        with open(path, encoding="utf-8") as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON: {e}") from e
+        d.pop("quantization_config", None)
+        return _load_config(d)[0], os.path.basename(os.path.dirname(os.path.abspath(path))) or path
+    raise TypeError(
+        f"config must be a model name, a path, a dict or a transformers config, got {type(config).__name__}"
+    )
+
+
+@dataclass
+class _Shape:
+    layers: int
+    hidden: int
+    intermediate: int
+    q_dim: int
+    kv_dim: int
+    vocab: int
+    pre_norms: int
+    post_norms: int
+    qk_norm: bool
+    linears: list[tuple[str, int, int, bool]]  # (name, in, out, has_bias) of every nn.Linear
+    head: str | None
+    other_params: int  # embeddings, norms... (tied weights counted once)
+
+
+def _shape(config) -> _Shape:
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+
+    from hoptune.patch import _output_head_names
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    heads = _output_head_names(model)
+    head = next(iter(heads), None)
+    embed = model.get_input_embeddings().weight
+    tied = head is not None and model.get_submodule(head).weight is embed
+    linears, seen = [], set()
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and not (tied and name == head):
+            # a tied head's weight is the embedding: stored once, as the embedding
+            linears.append((name, m.in_features, m.out_features, m.bias is not None))
+            seen.update(id(p) for p in m.parameters())
+    other = sum(p.numel() for p in model.parameters() if id(p) not in seen)
+    nh = text.num_attention_heads
+    hd = getattr(text, "head_dim", None) or text.hidden_size // nh
+    mt = getattr(text, "model_type", "")
+    return _Shape(
+        layers=text.num_hidden_layers,
+        hidden=text.hidden_size,
+        intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
+        q_dim=nh * hd,
+        kv_dim=(getattr(text, "num_key_value_heads", None) or nh) * hd,
+        vocab=text.vocab_size,
+        pre_norms=2,
+        post_norms=2 if mt.startswith(("gemma2", "gemma3")) else 0,
+        qk_norm=mt.startswith(("qwen3", "gemma3", "olmo2")),
+        linears=linears,
+        head=None if tied else head,
+        other_params=other,
+    )
+
+
+def _nf4_bytes(numel: int, double_quant: bool, blocksize: int = 64) -> float:
+    blocks = math.ceil(numel / blocksize)
+    if double_quant:
+        return numel / 2 + blocks + 4 * math.ceil(blocks / 256) + 4 * 256
+    return numel / 2 + 4 * blocks
+
+
+def _targets(shape: _Shape, target_modules: str | Sequence[str]) -> list[tuple[str, int, int, bool]]:
+    if isinstance(target_modules, str) and target_modules.lower() == "all-linear":
+        return [t for t in shape.linears if t[0] != shape.head]
+    names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    out = [t for t in shape.linears if any(t[0] == n or t[0].endswith("." + n) for n in names)]
+    if not out:
+        suffixes = sorted({t[0].rsplit(".", 1)[-1] for t in shape.linears})
+        raise ValueError(
+            f"target_modules={target_modules!r} matches no linear layer; they are named {suffixes}"
+        )
+    return out
+
+
+# -- the estimate -----------------------------------------------------------------------------
+def plan(
+    config: object,
+    seq: int = 2048,
+    batch: int = 1,
+    r: int = 16,
+    *,
+    target_modules: str | Sequence[str] = "all-linear",
+    quantize: str | None = "nf4",
+    double_quant: bool = True,
+    stack: str = "hoptune",
+    grad_ckpt: bool = True,
+    logits: str | None = None,
+    optimizer: str = "adamw",
+    adapter_dtype: str = "fp32",
+    use_dora: bool = False,
+    alternatives: bool = True,
+) -> MemoryPlan:
+    """Estimate the peak GPU memory of one LoRA / QLoRA training step (see the module docstring
+    for every formula). ``config``: a known name (``llama-3-8b``, ``llama-3-70b``...), a
+    ``config.json`` path or its folder, a dict or a transformers config. ``stack``: "hoptune"
+    (fused log-probs by default) or "hf" (transformers + bitsandbytes + PEFT: full fp32 logits).
+    ``logits``: "full" or "fused" (default: the stack's). ``optimizer``: "adamw",
+    "paged_adamw" (state in host memory) or "none". Returns a :class:`MemoryPlan`."""
+    if stack not in ("hoptune", "hf"):
+        raise ValueError(f"stack must be 'hoptune' or 'hf', got {stack!r}")
+    logits = logits or ("full" if stack == "hf" else "fused")
+    if logits not in ("full", "fused"):
+        raise ValueError(f"logits must be 'full' or 'fused', got {logits!r}")
+    if quantize not in ("nf4", None):
+        raise ValueError(f"quantize must be 'nf4' or None, got {quantize!r}")
+    if optimizer not in ("adamw", "paged_adamw", "none"):
+        raise ValueError(f"optimizer must be 'adamw', 'paged_adamw' or 'none', got {optimizer!r}")
+    if adapter_dtype not in _DTYPE_BYTES:
+        raise ValueError(f"adapter_dtype must be one of {sorted(_DTYPE_BYTES)}, got {adapter_dtype!r}")
+    for name, v in (("seq", seq), ("batch", batch), ("r", r)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    cfg, label = _load_config(config)
+    shape = _shape(cfg)
+    return _estimate(
+        shape, label, seq, batch, r, target_modules, quantize, double_quant, stack, grad_ckpt, logits,
+        optimizer, adapter_dtype, use_dora, alternatives,
+    )  # fmt: skip
+
+
+def _estimate(
+    shape: _Shape,
+    label: str,
+    seq: int,
+    batch: int,
+    r: int,
+    target_modules,
+    quantize,
+    double_quant,
+    stack,
+    grad_ckpt,
+    logits,
+    optimizer,
+    adapter_dtype,
+    use_dora,
+    alternatives,
+) -> MemoryPlan:
+    n = batch * seq  # tokens
+    H, I, V, L = shape.hidden, shape.intermediate, shape.vocab, shape.layers  # noqa: E741
+    act = 2  # bf16 compute
+    ab = _DTYPE_BYTES[adapter_dtype]
+
+    # weights
+    quantized = [t for t in shape.linears if t[0] != shape.head] if quantize == "nf4" else []
+    qnames = {t[0] for t in quantized}
+    w_q = sum(_nf4_bytes(i * o, double_quant) for _, i, o, _ in quantized)
+    w_q += sum(act * o for _, i, o, b in quantized if b)
+    dense_linear = sum(i * o + (o if b else 0) for name, i, o, b in shape.linears if name not in qnames)
+    w_dense = act * (dense_linear + shape.other_params)
+    q_params = sum(i * o for _, i, o, _ in quantized)
+    params = sum(i * o + (o if b else 0) for _, i, o, b in shape.linears) + shape.other_params
+
+    # adapters, gradients, optimizer
+    targets = _targets(shape, target_modules)
+    for name, i, o, _ in targets:
+        if r > min(i, o):
+            raise ValueError(f"r={r} is larger than layer {name} allows ([{o}, {i}])")
+    trainable = sum(r * (i + o) + (o if use_dora else 0) for _, i, o, _ in targets)
+    adapters = ab * trainable
+    grads = adapters
+    opt_state = {"adamw": 2 * adapters, "paged_adamw": 0.0, "none": 0.0}[optimizer]
+    # adapters inside the repeated decoder layers (names with a layer index, "...layers.3...")
+    per_layer_targets = [t for t in targets if re.search(r"\.\d+\.", f".{t[0]}.")]
+    grads_one_layer = grads * len(per_layer_targets) / max(1, len(targets)) / max(1, L)
+
+    # activations, per token
+    lora_per_layer = sum(act * r for _ in per_layer_targets) / max(1, L)
+    if stack == "hf" and ab != act:  # PEFT casts x to the adapter dtype before lora_A
+        lora_per_layer += sum(ab * (i + r) for _, i, _, _ in per_layer_targets) / max(1, L)
+    layer = (
+        shape.pre_norms * (4 * H + act * H)
+        + shape.post_norms * 4 * H
+        + (4 * (shape.q_dim + shape.kv_dim) if shape.qk_norm else 0)
+        + act * (3 * shape.q_dim + 2 * shape.kv_dim)
+        + act * 4 * I
+        + lora_per_layer
+    ) * n
+    final_norm = (4 * H + act * H) * n
+    stored = (L * act * H * n if grad_ckpt else L * layer) + final_norm
+    # logits
+    if logits == "full":
+        logit_peak = 14 * V * n  # bf16 logits + fp32 cast + fp32 log-softmax + two fp32 grads
+        logits_held = act * V * n  # the bf16 logits stay referenced by the output during backward
+    else:
+        logit_peak = _FUSED_CHUNK_BYTES + act * H * n + 16 * n
+        logits_held = 0.0
+    max_w = max((i * o for name, i, o, _ in shape.linears if name != shape.head), default=0)
+    transients = (6 * I + 6 * H) * n + act * max_w
+
+    base = w_q + w_dense + adapters + opt_state
+    phases = {
+        "loss": base + stored + logit_peak,
+        "layer backward": base
+        + stored
+        + (layer if grad_ckpt else 0)
+        + transients
+        + logits_held
+        + act * H * n
+        + grads_one_layer,
+        "optimizer step": base + grads * (2 if optimizer == "adamw" else 1),
+    }
+    peak_phase = max(phases, key=phases.get)
+    peak = phases[peak_phase]
+    plan_ = MemoryPlan(
+        model=label,
+        stack=stack,
+        batch=batch,
+        seq=seq,
+        r=r,
+        quantize=quantize,
+        double_quant=double_quant,
+        grad_ckpt=grad_ckpt,
+        logits=logits,
+        optimizer=optimizer,
+        adapter_dtype=adapter_dtype,
+        use_dora=use_dora,
+        layers=L,
+        adapted_layers=len(targets),
+        params=params,
+        quantized_params=q_params,
+        trainable_params=trainable,
+        weights_quantized=w_q,
+        weights_dense=w_dense,
+        adapters=adapters,
+        gradients=grads,
+        optimizer_state=opt_state,
+        stored_activations=stored,
+        layer_activations=layer,
+        logits_bytes=logit_peak,
+        backward_transients=transients,
+        phases=phases,
+        peak=peak,
+        peak_phase=peak_phase,
+        slack=_SLACK * peak,
+    )
+    if alternatives:
+        args = [shape, label, seq, batch, r, target_modules, quantize, double_quant, stack, grad_ckpt, logits]
+        rest = [optimizer, adapter_dtype, use_dora, False]
+        alt = {}
+        a = list(args)
+        a[9] = not grad_ckpt
+        alt["without gradient checkpointing" if grad_ckpt else "with gradient checkpointing"] = _estimate(
+            *a, *rest
+        ).peak
+        a = list(args)
+        a[10] = "full" if logits == "fused" else "fused"
+        alt[f"with {a[10]} logits"] = _estimate(*a, *rest).peak
+        if optimizer == "adamw":
+            alt["with paged AdamW (state in host memory)"] = _estimate(
+                *args, "paged_adamw", adapter_dtype, use_dora, False
+            ).peak
+        a = list(args)
+        a[6] = None if quantize else "nf4"
+        alt["with bf16 weights" if quantize else "with NF4 weights"] = _estimate(*a, *rest).peak
+        plan_.alternatives = alt
+    return plan_
+
+
+# -- command line -----------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hoptune plan",
+        description="GPU memory audit of a LoRA / QLoRA training step (weights, adapters, gradients, "
+        "optimizer state, activations, logits), before running it.",
+    )
+    p.add_argument(
+        "--model", required=True, help=f"one of {sorted(KNOWN_MODELS)}, or a config.json (or its folder)"
+    )
+    p.add_argument("--seq", type=int, default=2048, help="sequence length (default 2048)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
+    p.add_argument("--r", type=int, default=16, help="LoRA rank (default 16)")
+    p.add_argument(
+        "--targets", default="all-linear", help="'all-linear' or comma-separated layer names (q_proj,v_proj)"
+    )
+    p.add_argument("--quantize", choices=["nf4", "none"], default="nf4", help="base weights (default nf4)")
+    p.add_argument("--no-double-quant", action="store_true", help="NF4 without double quantization")
+    p.add_argument(
+        "--stack", choices=["hoptune", "hf"], default="hoptune", help="model the HF stack or hoptune"
+    )
+    p.add_argument(
+        "--logits", choices=["full", "fused"], default=None, help="default: full for hf, fused for hoptune"
+    )
+    p.add_argument("--no-grad-ckpt", action="store_true", help="without gradient checkpointing")
+    p.add_argument("--optimizer", choices=["adamw", "paged_adamw", "none"], default="adamw")
+    p.add_argument("--adapter-dtype", choices=sorted(_DTYPE_BYTES), default="fp32")
+    p.add_argument("--dora", action="store_true", help="DoRA adapters")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``hoptune plan ...``: prints the table (or JSON); returns the exit status."""
+    args = _parser().parse_args(argv)
+    targets = (
+        args.targets
+        if args.targets == "all-linear"
+        else [t.strip() for t in args.targets.split(",") if t.strip()]
+    )
+    try:
+        result = plan(
+            args.model,
+            seq=args.seq,
+            batch=args.batch,
+            r=args.r,
+            target_modules=targets,
+            quantize=None if args.quantize == "none" else "nf4",
+            double_quant=not args.no_double_quant,
+            stack=args.stack,
+            grad_ckpt=not args.no_grad_ckpt,
+            logits=args.logits,
+            optimizer=args.optimizer,
+            adapter_dtype=args.adapter_dtype,
+            use_dora=args.dora,
+        )
+    except (ValueError, TypeError) as e:
+        print(f"hoptune plan: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.as_dict(), indent=2) if args.json else result.table())
+    return 0
+
+
+class _CallableModule(types.ModuleType):
+    """``hoptune.plan`` is both this module and the function ``plan``: once the module is imported,
+    Python binds the attribute ``hoptune.plan`` to the module, so the module forwards calls to the
+    function and ``hoptune.plan("llama-3-8b")`` works however it was reached."""
+
+    def __call__(self, *args, **kwargs) -> MemoryPlan:
+        return plan(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+if __name__ == "__main__":
+    sys.exit(main())
