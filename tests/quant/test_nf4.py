@@ -123,7 +123,7 @@ def test_packing_order_high_nibble_first():
 
 def test_midpoint_ties_go_down():
     """x exactly on a midpoint takes the lower code (strict >), as bitsandbytes' tree does."""
-    mids = torch.tensor(ref.NF4_MIDPOINTS, dtype=torch.float32)
+    mids = ref.nf4_midpoints()
     block = torch.zeros(64)
     block[0] = 1.0  # absmax 1 so x * (1/absmax) == x exactly
     block[1 : 1 + 15] = mids

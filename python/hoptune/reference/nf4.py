@@ -28,24 +28,35 @@ NF4_CODE = (
     0.7229568362236023,
     1.0,
 )
-# Midpoints between consecutive codes, as the fp32 literals bitsandbytes compares against.
-NF4_MIDPOINTS = (
-    -0.8480964004993439,
-    -0.6106329262256622,
-    -0.4599952697753906,
-    -0.33967943489551544,
-    -0.23460740596055984,
-    -0.13791173323988914,
-    -0.045525018125772476,
-    0.03979014977812767,
-    0.1202552504837513,
-    0.2035212516784668,
-    0.2920137718319893,
-    0.3893125355243683,
-    0.5016634166240692,
-    0.6427869200706482,
-    0.8614784181118011,
+# Midpoints between consecutive codes: the fp32 values bitsandbytes' (and our) compiled CUDA code
+# compares against, given as bit patterns. They are written there as decimal literals with an
+# f suffix, which the compiler rounds straight to fp32; four of them are fp32 ties for which
+# Python's decimal -> double -> fp32 route rounds the other way (e.g. 0x3f5c89d9 vs 0x3f5c89da).
+NF4_MIDPOINT_BITS = (
+    0xBF591CD9,  # -0.8480964004993439
+    0xBF1C5270,  # -0.6106329262256622
+    0xBEEB8480,  # -0.4599952697753906
+    0xBEADEA76,  # -0.33967943489551544
+    0xBE703CEC,  # -0.23460740596055984
+    0xBE0D38BC,  # -0.13791173323988914
+    0xBD3A7871,  # -0.045525018125772476
+    0x3D22FAFF,  # 0.03979014977812767
+    0x3DF64863,  # 0.1202552504837513
+    0x3E5067E0,  # 0.2035212516784668
+    0x3E9582D4,  # 0.2920137718319893
+    0x3EC753F9,  # 0.3893125355243683
+    0x3F006D03,  # 0.5016634166240692
+    0x3F248DAF,  # 0.6427869200706482
+    0x3F5C89D9,  # 0.8614784181118011
 )
+
+
+def nf4_midpoints(device: torch.device | str | None = None) -> torch.Tensor:
+    bits = torch.tensor([b - (1 << 32) if b >= 1 << 31 else b for b in NF4_MIDPOINT_BITS], dtype=torch.int32)
+    return bits.view(torch.float32).to(device)
+
+
+NF4_MIDPOINTS = tuple(nf4_midpoints().tolist())
 ZERO_CODE = 7  # code value 0.0: what an all-zero block stores (exact zeros after dequantize)
 
 # Elements handled per step on the CPU so temporaries stay small for 8B-sized layers.
@@ -93,7 +104,7 @@ def nf4_quantize(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.T
     nb = n // blocksize
     absmax = torch.empty(nb, dtype=torch.float32, device=x.device)
     packed = torch.empty(n // 2, dtype=torch.uint8, device=x.device)
-    mids = torch.tensor(NF4_MIDPOINTS, dtype=torch.float32, device=x.device)
+    mids = nf4_midpoints(x.device)
     step = max(1, _CHUNK // blocksize)
     for b0 in range(0, nb, step):
         b1 = min(nb, b0 + step)
