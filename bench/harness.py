@@ -48,6 +48,22 @@ def bench_rotating(
     return bench(step, warmup=warmup, rep=rep)
 
 
+def bench_graph(fns: Sequence[Callable[[], object]], calls: int = 24, rep: int = 10) -> float:
+    """Median milliseconds per call with launch overhead removed: ``calls`` calls cycling through
+    ``fns`` (e.g. one per input copy, so L2 doesn't serve repeats) captured in one CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    return bench(graph.replay, warmup=2, rep=rep) / calls
+
+
 def peak_extra_gib(fn: Callable[[], object]) -> float:
     """Peak memory allocated by ``fn`` above what was allocated before it, in GiB."""
     torch.cuda.synchronize()

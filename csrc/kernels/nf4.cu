@@ -38,36 +38,26 @@ __constant__ float kNF4Code[16] = {
 };
 
 constexpr int kDequantThreads = 256;
-constexpr int kDequantUnroll = 4;  // units (8 elements) per thread
 
+// Write 8 decoded values (one 16-byte store for bf16/fp16, two for fp32).
 template <typename T>
 struct Store8;
 template <>
 struct Store8<__nv_bfloat16> {
   __device__ __forceinline__ static void run(__nv_bfloat16* out, const float (&v)[8]) {
-    uint4 p;
     __nv_bfloat162 h[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
-    p.x = *reinterpret_cast<uint32_t*>(&h[0]);
-    p.y = *reinterpret_cast<uint32_t*>(&h[1]);
-    p.z = *reinterpret_cast<uint32_t*>(&h[2]);
-    p.w = *reinterpret_cast<uint32_t*>(&h[3]);
-    *reinterpret_cast<uint4*>(out) = p;
+    *reinterpret_cast<uint4*>(out) = *reinterpret_cast<uint4*>(h);
   }
 };
 template <>
 struct Store8<__half> {
   __device__ __forceinline__ static void run(__half* out, const float (&v)[8]) {
-    uint4 p;
     __half2 h[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) h[i] = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
-    p.x = *reinterpret_cast<uint32_t*>(&h[0]);
-    p.y = *reinterpret_cast<uint32_t*>(&h[1]);
-    p.z = *reinterpret_cast<uint32_t*>(&h[2]);
-    p.w = *reinterpret_cast<uint32_t*>(&h[3]);
-    *reinterpret_cast<uint4*>(out) = p;
+    *reinterpret_cast<uint4*>(out) = *reinterpret_cast<uint4*>(h);
   }
 };
 template <>
@@ -78,10 +68,29 @@ struct Store8<float> {
   }
 };
 
-template <typename OutT, bool kNested>
+template <int kBytes>
+struct CodeLoad;
+template <>
+struct CodeLoad<4> {
+  using type = uint32_t;
+  __device__ __forceinline__ static uint32_t word(const uint32_t& v, int) { return v; }
+};
+template <>
+struct CodeLoad<16> {
+  using type = uint4;
+  __device__ __forceinline__ static uint32_t word(const uint4& v, int i) {
+    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+  }
+};
+
+// A thread decodes kUnroll chunks of kBytes code bytes (2 * kBytes elements each), the chunks
+// kDequantThreads apart so each load instruction of a warp covers one contiguous run.
+template <typename OutT, bool kNested, int kBytes, int kUnroll>
 __global__ void __launch_bounds__(kDequantThreads)
-    nf4_dequantize_kernel(const uint32_t* __restrict__ packed, NF4Absmax am, int64_t nunits,
-                          int log2_units_per_block, int log2_blocksize2, OutT* __restrict__ out) {
+    nf4_dequantize_kernel(const uint8_t* __restrict__ packed, NF4Absmax am, int64_t nchunks,
+                          int log2_chunks_per_block, int log2_blocksize2, OutT* __restrict__ out) {
+  using Load = CodeLoad<kBytes>;
+  using Word = typename Load::type;
   __shared__ float lut[16];
   __shared__ float code2[256];
   if (threadIdx.x < 16) lut[threadIdx.x] = kNF4Code[threadIdx.x];
@@ -90,38 +99,41 @@ __global__ void __launch_bounds__(kDequantThreads)
   }
   __syncthreads();
 
-  const int64_t base =
-      static_cast<int64_t>(blockIdx.x) * (kDequantThreads * kDequantUnroll) + threadIdx.x;
-  uint32_t q[kDequantUnroll];
-  float scale[kDequantUnroll];
+  const Word* src = reinterpret_cast<const Word*>(packed);
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * (kDequantThreads * kUnroll) + threadIdx.x;
+  Word q[kUnroll];
+  float scale[kUnroll];
 #pragma unroll
-  for (int k = 0; k < kDequantUnroll; ++k) {
-    const int64_t u = base + k * kDequantThreads;
-    q[k] = 0;
+  for (int k = 0; k < kUnroll; ++k) {
+    const int64_t c = base + k * kDequantThreads;
     scale[k] = 0.f;
-    if (u < nunits) {
-      q[k] = __ldg(packed + u);
-      const int64_t b = u >> log2_units_per_block;
+    if (c < nchunks) {
+      q[k] = __ldg(src + c);
+      const int64_t b = c >> log2_chunks_per_block;
       if (kNested) {
-        const float c = code2[__ldg(am.qabsmax + b)];
-        scale[k] = __fadd_rn(__fmul_rn(c, __ldg(am.absmax2 + (b >> log2_blocksize2))), am.offset);
+        const float v = code2[__ldg(am.qabsmax + b)];
+        scale[k] = __fadd_rn(__fmul_rn(v, __ldg(am.absmax2 + (b >> log2_blocksize2))), am.offset);
       } else {
         scale[k] = __ldg(am.absmax + b);
       }
     }
   }
 #pragma unroll
-  for (int k = 0; k < kDequantUnroll; ++k) {
-    const int64_t u = base + k * kDequantThreads;
-    if (u < nunits) {
-      float v[8];
+  for (int k = 0; k < kUnroll; ++k) {
+    const int64_t c = base + k * kDequantThreads;
+    if (c < nchunks) {
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {  // byte j holds elements 2j (high nibble) and 2j+1 (low)
-        const uint32_t byte = (q[k] >> (8 * j)) & 0xFFu;
-        v[2 * j] = __fmul_rn(lut[byte >> 4], scale[k]);
-        v[2 * j + 1] = __fmul_rn(lut[byte & 0xFu], scale[k]);
+      for (int w = 0; w < kBytes / 4; ++w) {
+        const uint32_t word = Load::word(q[k], w);
+        float v[8];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {  // byte j holds elements 2j (high nibble) and 2j+1 (low)
+          const uint32_t byte = (word >> (8 * j)) & 0xFFu;
+          v[2 * j] = __fmul_rn(lut[byte >> 4], scale[k]);
+          v[2 * j + 1] = __fmul_rn(lut[byte & 0xFu], scale[k]);
+        }
+        Store8<OutT>::run(out + c * (2 * kBytes) + 8 * w, v);
       }
-      Store8<OutT>::run(out + u * 8, v);
     }
   }
 }
@@ -198,37 +210,47 @@ inline int ilog2(int64_t v) {
   return r;
 }
 
-}  // namespace
-
-cudaError_t nf4_dequantize(const uint8_t* packed, const NF4Absmax& absmax, int64_t n, int blocksize,
-                           void* out, DType out_dtype, cudaStream_t stream) {
-  HOPTUNE_REQUIRE(packed != nullptr && out != nullptr && n > 0);
-  HOPTUNE_REQUIRE(is_pow2(blocksize) && blocksize >= 64 && blocksize <= 4096 && n % blocksize == 0);
-  HOPTUNE_REQUIRE(reinterpret_cast<uintptr_t>(packed) % 4 == 0 &&
-                  reinterpret_cast<uintptr_t>(out) % 16 == 0);
-  const bool nested = absmax.qabsmax != nullptr;
-  HOPTUNE_REQUIRE(nested ? (absmax.absmax2 && absmax.code2 && is_pow2(absmax.blocksize2))
-                         : absmax.absmax != nullptr);
-  const int64_t nunits = n / 8;
-  const int per_block = kDequantThreads * kDequantUnroll;
-  const int64_t grid = (nunits + per_block - 1) / per_block;
+template <int kBytes, int kUnroll>
+cudaError_t launch_dequantize(const uint8_t* packed, const NF4Absmax& am, int64_t n, int blocksize, void* out,
+                              DType out_dtype, cudaStream_t stream) {
+  const int64_t nchunks = n / (2 * kBytes);
+  const int per_cta = kDequantThreads * kUnroll;
+  const int64_t grid = (nchunks + per_cta - 1) / per_cta;
   HOPTUNE_REQUIRE(grid <= 0x7fffffff);
-  const int log2_upb = ilog2(blocksize / 8);
-  const int log2_bs2 = nested ? ilog2(absmax.blocksize2) : 0;
+  const int log2_cpb = ilog2(blocksize / (2 * kBytes));
+  const bool nested = am.qabsmax != nullptr;
+  const int log2_bs2 = nested ? ilog2(am.blocksize2) : 0;
   return HOPTUNE_DISPATCH_FLOAT(out_dtype, OutT, [&] {
     if (nested) {
-      nf4_dequantize_kernel<OutT, true>
-          <<<static_cast<unsigned>(grid), kDequantThreads, 0, stream>>>(
-              reinterpret_cast<const uint32_t*>(packed), absmax, nunits, log2_upb, log2_bs2,
-              static_cast<OutT*>(out));
+      nf4_dequantize_kernel<OutT, true, kBytes, kUnroll><<<static_cast<unsigned>(grid), kDequantThreads, 0, stream>>>(
+          packed, am, nchunks, log2_cpb, log2_bs2, static_cast<OutT*>(out));
     } else {
-      nf4_dequantize_kernel<OutT, false>
-          <<<static_cast<unsigned>(grid), kDequantThreads, 0, stream>>>(
-              reinterpret_cast<const uint32_t*>(packed), absmax, nunits, log2_upb, log2_bs2,
-              static_cast<OutT*>(out));
+      nf4_dequantize_kernel<OutT, false, kBytes, kUnroll><<<static_cast<unsigned>(grid), kDequantThreads, 0, stream>>>(
+          packed, am, nchunks, log2_cpb, log2_bs2, static_cast<OutT*>(out));
     }
     return cudaGetLastError();
   });
+}
+
+}  // namespace
+
+cudaError_t nf4_dequantize(const uint8_t* packed, const NF4Absmax& absmax, int64_t n, int blocksize,
+                           void* out, DType out_dtype, cudaStream_t stream, int variant) {
+  HOPTUNE_REQUIRE(packed != nullptr && out != nullptr && n > 0);
+  HOPTUNE_REQUIRE(is_pow2(blocksize) && blocksize >= 64 && blocksize <= 4096 && n % blocksize == 0);
+  HOPTUNE_REQUIRE(reinterpret_cast<uintptr_t>(packed) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0);
+  const bool nested = absmax.qabsmax != nullptr;
+  HOPTUNE_REQUIRE(nested ? (absmax.absmax2 && absmax.code2 && is_pow2(absmax.blocksize2)) : absmax.absmax != nullptr);
+  switch (variant) {  // kernel versions under measurement; 0 is the default
+    case 1:
+      return launch_dequantize<4, 8>(packed, absmax, n, blocksize, out, out_dtype, stream);
+    case 2:
+      return launch_dequantize<16, 1>(packed, absmax, n, blocksize, out, out_dtype, stream);
+    case 3:
+      return launch_dequantize<16, 2>(packed, absmax, n, blocksize, out, out_dtype, stream);
+    default:
+      return launch_dequantize<4, 4>(packed, absmax, n, blocksize, out, out_dtype, stream);
+  }
 }
 
 cudaError_t nf4_quantize(const void* x, DType dtype, int64_t n, int blocksize, uint8_t* packed,

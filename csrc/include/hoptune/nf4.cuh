@@ -32,10 +32,10 @@ struct NF4Absmax {
 };
 
 // out[i] = bf16/fp16/fp32(code[q_i] * absmax[i / blocksize]) for i < n.
-// n % blocksize == 0, blocksize a power of two in [64, 4096], packed 4-byte aligned,
-// out 16-byte aligned.
+// n % blocksize == 0, blocksize a power of two in [64, 4096], packed and out 16-byte aligned.
+// `variant` selects a numbered kernel version (0: the default; others kept for measurement).
 cudaError_t nf4_dequantize(const uint8_t* packed, const NF4Absmax& absmax, int64_t n, int blocksize,
-                           void* out, DType out_dtype, cudaStream_t stream);
+                           void* out, DType out_dtype, cudaStream_t stream, int variant = 0);
 
 // packed[n/2], absmax[n/blocksize] from x[n]. Sets *bad_flag (device int) to 1 when x holds
 // a non-finite value. Same size constraints as nf4_dequantize.

@@ -7,10 +7,15 @@ everywhere else. The ops assume validated inputs: hoptune.quant checks arguments
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from hoptune import _lib
 from hoptune.reference import nf4 as ref
+
+# Numbered dequantize kernel versions, for benchmarks only (bench/bench_nf4_dequant.py).
+_DEQUANT_VARIANT = int(os.environ.get("HOPTUNE_NF4_DEQUANT_VARIANT", "0"))
 
 
 @torch.library.custom_op("hoptune::nf4_quantize", mutates_args=())
@@ -116,6 +121,7 @@ def nf4_dequantize(
         out.data_ptr(),
         _lib.DTYPE_CODES[dtype],
         _lib.stream(packed),
+        _DEQUANT_VARIANT,
     )
     return out.view(shape)
 
