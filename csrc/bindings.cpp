@@ -131,7 +131,7 @@ PYBIND11_MODULE(_C, m) {
       "fused_logprob_chunk",
       [](uintptr_t buf, int64_t rows, int64_t vocab, int64_t ld, uintptr_t labels, uintptr_t bias, float logit_scale,
          float softcap, float inv_temperature, uintptr_t logp, uintptr_t entropy, uintptr_t lse, int grad_dtype,
-         bool write_grad, uintptr_t row_scale, uintptr_t stream) {
+         bool write_grad, uintptr_t row_scale, uintptr_t label_coef, uintptr_t stream) {
         hoptune::FusedLogprobChunk a;
         a.buf = ptr<float*>(buf);
         a.rows = rows;
@@ -148,10 +148,11 @@ PYBIND11_MODULE(_C, m) {
         a.grad_dtype = static_cast<DType>(grad_dtype);
         a.write_grad = write_grad;
         a.row_scale = ptr<const float*>(row_scale);
+        a.label_coef = ptr<float*>(label_coef);
         check(hoptune::fused_logprob_chunk(a, stream_of(stream)), "fused_logprob_chunk");
       },
       py::arg("buf"), py::arg("rows"), py::arg("vocab"), py::arg("ld"), py::arg("labels"), py::arg("bias"),
       py::arg("logit_scale"), py::arg("softcap"), py::arg("inv_temperature"), py::arg("logp"), py::arg("entropy"),
-      py::arg("lse"), py::arg("grad_dtype"), py::arg("write_grad"), py::arg("row_scale"), py::arg("stream"),
+      py::arg("lse"), py::arg("grad_dtype"), py::arg("write_grad"), py::arg("row_scale"), py::arg("label_coef"), py::arg("stream"),
       py::call_guard<py::gil_scoped_release>());
 }

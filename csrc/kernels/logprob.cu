@@ -11,9 +11,9 @@
 // then written by the same thread).
 //
 // The fused-chunk kernel works on fp32 logits a GEMM just wrote: pass 1 gathers the row stats,
-// pass 2 re-reads the row and writes G = d logp / d z as 16-bit values over the first half of
-// the same row; a barrier per iteration orders every read of the overlapped fp32 words before
-// their overwrite.
+// pass 2 re-reads the row and writes the softmax part of d logp / d z (-p dz'/dz) as 16-bit
+// values over the first half of the same row; a barrier per iteration orders every read of the
+// overlapped fp32 words before their overwrite. The one-hot part goes out per row in fp32.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -294,20 +294,22 @@ __global__ void __launch_bounds__(kThreads) fused_logprob_chunk_kernel(FusedLogp
   st = block_stats(st);
   const float log_s0 = logf(st.s0);
   const float lse = st.m + log_s0;
+  const float rs = a.row_scale ? a.row_scale[row] : 1.f;
   if (threadIdx.x == 0) {
-    a.logp[row] = tf(z[y], y, &dummy) - lse;
+    float dy;
+    a.logp[row] = tf(z[y], y, &dy) - lse;
     a.lse[row] = lse;
     if (a.entropy) a.entropy[row] = log_s0 - st.s1 / st.s0;
+    if (a.write_grad) a.label_coef[row] = rs * dy;
   }
   if (!a.write_grad) return;
   __syncthreads();  // z[y] above is read before pass 2 overwrites the row
-  const float rs = a.row_scale ? a.row_scale[row] : 1.f;
   G* out = reinterpret_cast<G*>(z);
+  const float nrs = -rs;
   auto grad = [&](float raw, int64_t v) -> float {
     float d;
     const float zp = tf(raw, v, &d);
-    const float p = exp2f((zp - lse) * kLog2e);
-    return rs * ((v == y ? 1.f : 0.f) - p) * d;
+    return nrs * exp2f((zp - lse) * kLog2e) * d;
   };
   if (kVec) {
     const int64_t groups = V / 4;
@@ -388,6 +390,7 @@ cudaError_t token_logprobs_bwd(const TokenLogprobBwd& a, cudaStream_t stream) {
 
 cudaError_t fused_logprob_chunk(const FusedLogprobChunk& a, cudaStream_t stream) {
   HOPTUNE_REQUIRE(a.buf && a.labels && a.logp && a.lse && a.vocab > 0 && a.ld >= a.vocab);
+  HOPTUNE_REQUIRE(!a.write_grad || a.label_coef);
   if (a.rows == 0) return cudaSuccess;
   HOPTUNE_REQUIRE(a.rows <= 0x7fffffff);
   const bool vec = aligned16(a.buf) && a.vocab % 4 == 0 && a.ld % 4 == 0;

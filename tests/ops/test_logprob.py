@@ -197,21 +197,35 @@ def test_fused_linear_logprobs_weight_and_bias_grad(device):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,h,v", [(300, 256, 32001), (1000, 512, 50304)])
 def test_fused_linear_logprobs_16bit_gpu(dtype, n, h, v):
+    """16-bit hidden/weight. Log-probs: the logits come from a tensor-core GEMM (exact 16-bit
+    products, fp32 accumulation); PyTorch's fp32 computation on the upcast values with TF32
+    tensor cores is the same arithmetic class (TF32 holds bf16/fp16 values exactly), and the
+    kernel alone is checked against fp64 on the very logits the GEMM produced. Gradient: against
+    PyTorch's full-fp32 gradient rounded to the hidden dtype."""
     hid, w, _, y = _fused_case(n, h, v, dtype, "cuda", seed=n)
     poison_cuda_cache()
     hid.requires_grad_(True)
     lp, ent = fused_linear_logprobs(hid, w, y, return_entropy=True, temperature=0.9)
     h64 = hid.detach().double().requires_grad_(True)
     rlp, rent = fused_oracle(h64, w.double(), None, y, 0.9)
-    ht = hid.detach().float().requires_grad_(True)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    tlp, tent = fused_oracle(ht, w.float(), None, y, 0.9)
+    prev = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        tlp, tent = fused_oracle(hid.detach().float(), w.float(), None, y, 0.9)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        ht = hid.detach().float().requires_grad_(True)
+        t32 = fused_oracle(ht, w.float(), None, y, 0.9)[0]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
     assert err(lp, rlp) <= 2 * err(tlp, rlp) + 1e-6
     assert err(ent, rent) <= 2 * err(tent, rent) + 1e-6
+    same_logits = torch.mm(hid.detach(), w.t(), out_dtype=torch.float32).double()
+    klp, kent = oracle(same_logits, y, 0.9)
+    assert err(lp, klp) <= 1e-5 and err(ent, kent) <= 1e-5
     g = torch.randn(n, device="cuda")
     lp.backward(g)
     rlp.backward(g.double())
-    tlp.backward(g)
+    t32.backward(g)
     ref_err = err(ht.grad.to(dtype), h64.grad)
     ours = err(hid.grad, h64.grad)
     print(f"grad error ours {ours:.3g} vs torch fp32 rounded to {dtype}: {ref_err:.3g}")

@@ -48,25 +48,28 @@ struct TokenLogprobBwd {
 cudaError_t token_logprobs_fwd(const TokenLogprobFwd& a, cudaStream_t stream);
 cudaError_t token_logprobs_bwd(const TokenLogprobBwd& a, cudaStream_t stream);
 
-// One chunk of the fused lm_head path: fp32 logits [rows, V] (row stride ld, computed by a GEMM
-// in place in `buf`) -> logp, entropy, lse per row, and, when grad is requested, the bf16/fp16
-// matrix G [rows, V] in grad_dtype (16-bit: row stride 2 * ld, written over the first half of
-// each fp32 row; fp32: in place) with G[i, v] = row_scale[i] * d logp_i / d z_iv, so that
-// d logp / d hidden = G @ W. All labels are valid here (the caller drops ignored rows).
+// One chunk of the fused lm_head path: fp32 logits [rows, V] (row stride ld, written by a GEMM
+// into `buf`) -> logp, entropy, lse per row and, when grad is requested, the matrix
+//   G[i, v] = -row_scale[i] * p_iv * dz'_iv/dz_iv            (the softmax part of d logp_i / d z_i)
+// in grad_dtype (16-bit: row stride 2 * ld, written over the first half of each fp32 row; fp32:
+// in place), plus label_coef[i] = row_scale[i] * dz'_iy/dz_iy, the one-hot part, which the caller
+// adds in fp32 (J_i += label_coef_i * W[y_i]) so that the largest term of the gradient is never
+// rounded to 16 bits. All labels are valid here (the caller drops ignored rows).
 struct FusedLogprobChunk {
   float* buf = nullptr;  // [rows, ld] fp32
   int64_t rows = 0, vocab = 0, ld = 0;
-  const int64_t* labels = nullptr;   // [rows]
-  const float* bias = nullptr;       // [V] or null
-  float logit_scale = 1.f;           // z <- z * logit_scale (after bias)
-  float softcap = 0.f;               // > 0: z <- softcap * tanh(z / softcap)
-  float inv_temperature = 1.f;       // z' = z / temperature
-  float* logp = nullptr;             // [rows]
-  float* entropy = nullptr;          // [rows]
-  float* lse = nullptr;              // [rows]
+  const int64_t* labels = nullptr;      // [rows]
+  const float* bias = nullptr;          // [V] or null
+  float logit_scale = 1.f;              // z <- z * logit_scale (after bias)
+  float softcap = 0.f;                  // > 0: z <- softcap * tanh(z / softcap)
+  float inv_temperature = 1.f;          // z' = z / temperature
+  float* logp = nullptr;                // [rows]
+  float* entropy = nullptr;             // [rows]
+  float* lse = nullptr;                 // [rows]
   DType grad_dtype = DType::kBFloat16;  // dtype of G (the hidden states' dtype)
   bool write_grad = false;
-  const float* row_scale = nullptr;  // [rows] multiplies G (upstream gradient), or null for 1
+  const float* row_scale = nullptr;  // [rows] multiplies G and label_coef (upstream gradient), or null
+  float* label_coef = nullptr;       // [rows], written when write_grad
 };
 
 cudaError_t fused_logprob_chunk(const FusedLogprobChunk& a, cudaStream_t stream);

@@ -11,7 +11,9 @@ them into log-probs and, over the same buffer, into G = d logp / d logits, and a
 forms J = G @ W, the gradient of each row's log-prob with respect to its hidden state. Since
 d loss / d h_i = g_i * J_i for any upstream gradient g, the backward is one scaling: the
 lm_head runs twice in total (as many GEMMs as the logits forward + input gradient of a plain
-lm_head) and the extra memory is J (rows x H) plus one chunk of logits.
+lm_head) and the extra memory is J (rows x H, fp32) plus one chunk of fp32 logits. The one-hot
+part of the gradient (the largest term) is added to J in fp32 and only the softmax part passes
+through the 16-bit GEMM operand, so the hidden-state gradient is rounded to 16 bits once.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from hoptune.ops import _check
 from hoptune.reference import logprob as ref
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-CHUNK_BYTES = 192 << 20  # fp32 logits of one chunk
+CHUNK_BYTES = 96 << 20  # fp32 logits of one chunk
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,20 +245,19 @@ def token_logprobs(
 # --------------------------------------------------------------------------------------------
 # fused_linear_logprobs
 # --------------------------------------------------------------------------------------------
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
-    """out (fp32, may be row-strided) = a @ b, accumulating and storing in fp32."""
-    if a.dtype == torch.float32:
-        torch.mm(a, b, out=out)
-        return
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b accumulated and returned in fp32 (bf16/fp16 operands stay on the tensor cores)."""
+    if a.dtype == torch.float32 or a.device.type != "cuda":
+        return torch.mm(a.float(), b.float())
     try:
-        torch.mm(a, b, out_dtype=torch.float32, out=out)
+        return torch.mm(a, b, out_dtype=torch.float32)
     except (TypeError, RuntimeError) as e:  # torch without mm(out_dtype=)
         if "fp32_mm" not in _lib._warned:
             _lib._warned.add("fp32_mm")
             warnings.warn(
-                f"torch.mm(out_dtype=float32) unavailable ({e}); logits go through {a.dtype}", stacklevel=3
+                f"torch.mm(out_dtype=float32) unavailable ({e}); logits pass through {a.dtype}", stacklevel=3
             )
-        out.copy_(torch.mm(a, b))
+        return torch.mm(a, b).float()
 
 
 def _chunk_rows(vocab: int, chunk_rows: int) -> int:
@@ -265,85 +266,54 @@ def _chunk_rows(vocab: int, chunk_rows: int) -> int:
     return max(64, (CHUNK_BYTES // (4 * vocab)) // 64 * 64)
 
 
-def _run_chunks(
-    hidden,
-    weight,
-    labels,
-    bias,
-    temperature,
-    ignore_index,
-    softcap,
-    logit_scale,
-    chunk_rows,
-    compute_grad,
-    row_scale,
-):
-    """The forward loop (also the weight-gradient recompute when row_scale is given).
-
-    Returns (logp, entropy, lse, J, idx, G_chunks) where G_chunks yields (rows, G, h) per chunk
-    only for the weight-gradient recompute."""
-    n, h = hidden.shape
-    v = weight.shape[0]
-    dev = hidden.device
+def _chunks(labels: torch.Tensor, ignore_index: int, rows_per_chunk: int):
+    """Row selections (a slice, or an index tensor when some rows are ignored) of at most
+    rows_per_chunk rows with a valid label, in order; ignored rows never reach a matmul."""
     valid = labels != ignore_index
     nv = int(valid.sum())
-    all_valid = nv == n
-    idx = None if all_valid else valid.nonzero().squeeze(1)
-    logp = torch.zeros(n, dtype=torch.float32, device=dev)
-    ent = torch.zeros_like(logp)
-    lse = torch.zeros_like(logp)
-    J = torch.empty(nv if compute_grad else 0, h, dtype=hidden.dtype, device=dev)
-    use_kernel = _lib.use_kernel(hidden, "fused_linear_logprobs")
-    c = _chunk_rows(v, chunk_rows)
-    ld = (v + 3) // 4 * 4
-    buf = torch.empty(min(c, max(nv, 1)), ld, dtype=torch.float32, device=dev) if use_kernel else None
-    bias_f = None if bias is None else bias.float().contiguous()
-    wt = weight.t()
-    for c0 in range(0, nv, c):
-        c1 = min(nv, c0 + c)
-        rows = slice(c0, c1) if all_valid else idx[c0:c1]
-        hc = hidden[rows]
-        yc = labels[rows].contiguous()
-        rs = None if row_scale is None else row_scale[rows].float().contiguous()
-        want_g = compute_grad or row_scale is not None
-        if use_kernel:
-            logits = buf[: c1 - c0, :v]
-            _mm_fp32(hc, wt, logits)
-            lp_c = torch.empty(c1 - c0, dtype=torch.float32, device=dev)
-            en_c, ls_c = torch.empty_like(lp_c), torch.empty_like(lp_c)
-            gdt = hidden.dtype
-            _lib.extension().fused_logprob_chunk(
-                buf.data_ptr(),
-                c1 - c0,
-                v,
-                ld,
-                yc.data_ptr(),
-                _lib.ptr(bias_f),
-                float(logit_scale),
-                float(softcap),
-                1.0 / temperature,
-                lp_c.data_ptr(),
-                en_c.data_ptr(),
-                ls_c.data_ptr(),
-                _lib.DTYPE_CODES[gdt],
-                want_g,
-                _lib.ptr(rs),
-                _lib.stream(hidden),
-            )
-            G = buf.view(gdt)[: c1 - c0, :v] if gdt != torch.float32 else buf[: c1 - c0, :v]
-        else:
-            logits = hc.float() @ wt.float()
-            lp_c, en_c, ls_c, G = ref.fused_chunk(
-                logits, yc, bias_f, logit_scale, softcap, temperature, want_g, rs
-            )
-            if G is not None:
-                G = G.to(hidden.dtype)
-        logp[rows], ent[rows], lse[rows] = lp_c, en_c, ls_c
-        if row_scale is not None:
-            yield rows, G, hc
-        elif compute_grad:
-            torch.mm(G, weight.to(G.dtype), out=J[c0:c1])
-    yield logp, ent, lse, J, idx
+    idx = None if nv == labels.numel() else valid.nonzero().squeeze(1)
+    for c0 in range(0, nv, rows_per_chunk):
+        c1 = min(nv, c0 + rows_per_chunk)
+        yield slice(c0, c1) if idx is None else idx[c0:c1]
+
+
+def _chunk_stats(hc, weight, yc, bias_f, softcap, logit_scale, temperature, want_grad, row_scale):
+    """One chunk: fp32 logits, then (logp, entropy, lse, G, label_coef) — the kernel on sm_90,
+    the reference elsewhere. G (rows, V) is the softmax part of row_scale * d logp / d logits in
+    hidden's dtype; label_coef the one-hot part (fp32)."""
+    logits = _mm_fp32(hc, weight.t())
+    rows, v = logits.shape
+    if not _lib.use_kernel(hc, "fused_linear_logprobs"):
+        lp, en, ls, g, coef = ref.fused_chunk(
+            logits, yc, bias_f, logit_scale, softcap, temperature, want_grad, row_scale
+        )
+        return lp, en, ls, (None if g is None else g.to(hc.dtype)), coef
+    lp = torch.empty(rows, dtype=torch.float32, device=hc.device)
+    en, ls = torch.empty_like(lp), torch.empty_like(lp)
+    coef = torch.empty_like(lp) if want_grad else None
+    _lib.extension().fused_logprob_chunk(
+        logits.data_ptr(),
+        rows,
+        v,
+        v,
+        yc.data_ptr(),
+        _lib.ptr(bias_f),
+        float(logit_scale),
+        float(softcap),
+        1.0 / temperature,
+        lp.data_ptr(),
+        en.data_ptr(),
+        ls.data_ptr(),
+        _lib.DTYPE_CODES[hc.dtype],
+        want_grad,
+        _lib.ptr(row_scale),
+        _lib.ptr(coef),
+        _lib.stream(hc),
+    )
+    g = None
+    if want_grad:  # 16-bit G sits in the first half of each fp32 row
+        g = logits if hc.dtype == torch.float32 else logits.view(hc.dtype)[:, :v]
+    return lp, en, ls, g, coef
 
 
 @torch.library.custom_op("hoptune::fused_linear_logprobs", mutates_args=())
@@ -358,27 +328,26 @@ def _fused_linear_logprobs(
     logit_scale: float,
     chunk_rows: int,
     compute_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """hidden (N, H), weight (V, H), labels (N,) -> (logp, entropy, lse, J (N_valid, H), valid rows)."""
-    out = list(
-        _run_chunks(
-            hidden,
-            weight,
-            labels,
-            bias,
-            temperature,
-            ignore_index,
-            softcap,
-            logit_scale,
-            chunk_rows,
-            compute_grad,
-            None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden (N, H), weight (V, H), labels (N,) -> (logp, entropy, lse, J) where J (N, H) fp32
+    is d logp_i / d hidden_i (empty without compute_grad; zero rows for ignored labels)."""
+    n, h = hidden.shape
+    dev = hidden.device
+    logp = torch.zeros(n, dtype=torch.float32, device=dev)
+    ent, lse = torch.zeros_like(logp), torch.zeros_like(logp)
+    J = torch.zeros(n if compute_grad else 0, h, dtype=torch.float32, device=dev)
+    bias_f = None if bias is None else bias.float().contiguous()
+    for rows in _chunks(labels, ignore_index, _chunk_rows(weight.shape[0], chunk_rows)):
+        hc, yc = hidden[rows], labels[rows].contiguous()
+        lp, en, ls, g, coef = _chunk_stats(
+            hc, weight, yc, bias_f, softcap, logit_scale, temperature, compute_grad, None
         )
-    )
-    logp, ent, lse, J, idx = out[-1]
-    if idx is None:
-        idx = labels.new_empty(0)
-    return logp, ent, lse, J, idx
+        logp[rows], ent[rows], lse[rows] = lp, en, ls
+        if compute_grad:
+            jc = _mm_fp32(g, weight)
+            jc.add_(weight.index_select(0, yc).float() * coef[:, None])  # the one-hot part, in fp32
+            J[rows] = jc
+    return logp, ent, lse, J
 
 
 @_fused_linear_logprobs.register_fake
@@ -387,79 +356,53 @@ def _(
 ):
     n, h = hidden.shape
     logp = hidden.new_empty(n, dtype=torch.float32)
-    nv = torch.library.get_ctx().new_dynamic_size()
-    J = hidden.new_empty(nv if compute_grad else 0, h)
-    idx = labels.new_empty(torch.library.get_ctx().new_dynamic_size())
-    return logp, torch.empty_like(logp), torch.empty_like(logp), J, idx
+    J = hidden.new_empty(n if compute_grad else 0, h, dtype=torch.float32)
+    return logp, torch.empty_like(logp), torch.empty_like(logp), J
 
 
 def _fl_setup(ctx, inputs, output):
-    (
-        hidden,
-        weight,
-        labels,
-        bias,
-        temperature,
-        ignore_index,
-        softcap,
-        logit_scale,
-        chunk_rows,
-        _compute_grad,
-    ) = inputs
-    _, ent, lse, J, idx = output
-    ctx.meta = (temperature, ignore_index, softcap, logit_scale, chunk_rows, hidden.shape[0])
+    hidden, weight, labels, bias, temperature, ignore_index, softcap, logit_scale, chunk_rows, _ = inputs
+    _, ent, lse, J = output
+    ctx.meta = (temperature, ignore_index, softcap, logit_scale, chunk_rows, hidden.dtype)
     need_w = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[3])
-    ctx.save_for_backward(J, idx, hidden if need_w else None, weight if need_w else None, labels, bias)
-    ctx.mark_non_differentiable(ent, lse, J, idx)
+    ctx.save_for_backward(J, hidden if need_w else None, weight if need_w else None, labels, bias)
+    ctx.mark_non_differentiable(ent, lse, J)
 
 
-def _fl_backward(ctx, grad_logp, grad_ent, grad_lse, grad_J, grad_idx):
-    J, idx, hidden, weight, labels, bias = ctx.saved_tensors
-    temperature, ignore_index, softcap, logit_scale, chunk_rows, n = ctx.meta
+def _fl_backward(ctx, grad_logp, grad_ent, grad_lse, grad_J):
+    J, hidden, weight, labels, bias = ctx.saved_tensors
+    hdtype = ctx.meta[-1]
     dh = dw = db = None
     if grad_logp is None:
-        return None, None, None, None, None, None, None, None, None, None
+        return (None,) * 10
     if ctx.needs_input_grad[0]:
-        if J.shape[0] == 0 and n > 0 and idx.numel() == 0 and int((labels != ignore_index).sum()) > 0:
-            raise RuntimeError(
-                "fused_linear_logprobs: the forward ran without gradients (compute_grad=False)"
-            )
-        if idx.numel() == 0 and J.shape[0] == n:
-            dh = J * grad_logp[:, None].to(J.dtype)
-        else:
-            dh = J.new_zeros(n, J.shape[1])
-            if idx.numel():
-                dh.index_copy_(0, idx, J * grad_logp[idx][:, None].to(J.dtype))
+        if J.numel() == 0 and labels.numel() > 0:
+            raise RuntimeError("fused_linear_logprobs ran its forward without gradients (compute_grad=False)")
+        # J is ours alone: scale it in place, then round once to the hidden dtype
+        dh = J.mul_(grad_logp[:, None]).to(hdtype)
     if ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[3]):
-        dw32 = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        db32 = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
-        for item in _run_chunks(
-            hidden,
-            weight,
-            labels,
-            bias,
-            temperature,
-            ignore_index,
-            softcap,
-            logit_scale,
-            chunk_rows,
-            False,
-            grad_logp,
-        ):
-            if len(item) == 3:
-                _, G, hc = item
-                dw32 += (G.t().float() @ hc.float()) if G.device.type != "cuda" else _mm_tmp(G.t(), hc)
-                if db32 is not None:
-                    db32 += G.float().sum(0)
-        dw = dw32.to(weight.dtype) if ctx.needs_input_grad[1] else None
-        db = db32.to(bias.dtype) if db32 is not None and ctx.needs_input_grad[3] else None
+        dw, db = _weight_grad(hidden, weight, labels, bias, grad_logp, ctx.meta)
+        dw = dw.to(weight.dtype) if ctx.needs_input_grad[1] else None
+        db = db.to(bias.dtype) if db is not None and ctx.needs_input_grad[3] else None
     return dh, dw, None, db, None, None, None, None, None, None
 
 
-def _mm_tmp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    out = torch.empty(a.shape[0], b.shape[1], dtype=torch.float32, device=a.device)
-    _mm_fp32(a, b, out)
-    return out
+def _weight_grad(hidden, weight, labels, bias, grad_logp, meta):
+    """dW = sum_i g_i (d logp_i / d z_i)^T h_i (and db), recomputing each chunk's logits."""
+    temperature, ignore_index, softcap, logit_scale, chunk_rows, _ = meta
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    db = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+    bias_f = None if bias is None else bias.float().contiguous()
+    for rows in _chunks(labels, ignore_index, _chunk_rows(weight.shape[0], chunk_rows)):
+        hc, yc = hidden[rows], labels[rows].contiguous()
+        rs = grad_logp[rows].float().contiguous()
+        _, _, _, g, coef = _chunk_stats(hc, weight, yc, bias_f, softcap, logit_scale, temperature, True, rs)
+        dw += _mm_fp32(g.t(), hc)
+        dw.index_add_(0, yc, hc.float() * coef[:, None])
+        if db is not None:
+            db += g.float().sum(0)
+            db.index_add_(0, yc, coef)
+    return dw, db
 
 
 _fused_linear_logprobs.register_autograd(_fl_backward, setup_context=_fl_setup)
@@ -521,7 +464,7 @@ def fused_linear_logprobs(
     shape = labels.shape
     h2 = hidden.reshape(-1, hidden.shape[-1])
     compute_grad = torch.is_grad_enabled() and hidden.requires_grad
-    logp, ent, *_ = _fused_linear_logprobs(
+    logp, ent, _, _ = _fused_linear_logprobs(
         h2,
         weight,
         labels.reshape(-1),

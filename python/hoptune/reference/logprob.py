@@ -105,20 +105,19 @@ def fused_chunk(
     temperature: float,
     write_grad: bool,
     row_scale: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One chunk of raw logits (rows, V), all labels valid -> (logp, entropy, lse, G or None) with
-    G = row_scale * d logp / d z (what the CUDA fused-chunk kernel writes)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One chunk of raw logits (rows, V), all labels valid -> (logp, entropy, lse, G, label_coef),
+    what the CUDA fused-chunk kernel computes: G = -row_scale * p * dz'/dz (the softmax part of
+    d logp / d z) and label_coef = row_scale * dz'/dz at the label (the one-hot part)."""
     zp, deriv = transform_logits(logits.to(_acc_dtype(logits)), bias, logit_scale, softcap, temperature)
     lse = torch.logsumexp(zp, dim=-1)
     logp = zp.gather(1, labels[:, None]).squeeze(1) - lse
     lsm = zp - lse[:, None]
     p = torch.exp(lsm)
     ent = -(p * lsm).sum(-1)
-    g = None
+    g = coef = None
     if write_grad:
-        g = -p
-        g.scatter_add_(1, labels[:, None], torch.ones_like(lse)[:, None])
-        g = g * deriv
-        if row_scale is not None:
-            g = g * row_scale.to(g.dtype)[:, None]
-    return logp, ent, lse, g
+        rs = torch.ones_like(lse) if row_scale is None else row_scale.to(lse.dtype)
+        g = -p * deriv * rs[:, None]
+        coef = deriv.gather(1, labels[:, None]).squeeze(1) * rs
+    return logp, ent, lse, g, coef
