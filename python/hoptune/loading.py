@@ -21,6 +21,7 @@ Only a local folder is read: nothing is downloaded, and a missing path is an err
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -172,6 +173,7 @@ class _Reader:
             else []
         )
         self.events: list[torch.cuda.Event | None] = [None] * len(self.slots)
+        self.stream = torch.cuda.Stream(device) if self.cuda else None  # host-to-device copies
         self.next = 0
         self.fh = None
         self.path = None
@@ -198,12 +200,16 @@ class _Reader:
             done += got
 
     def read(self, e: _Entry) -> torch.Tensor:
-        """The tensor of entry ``e`` on the device (in its stored dtype)."""
-        out = torch.empty(e.nbytes, dtype=torch.uint8, device=self.device)
+        """The tensor of entry ``e`` on the device (in its stored dtype), usable on the current
+        stream (the copies run on a side stream; the current stream waits for them on the GPU)."""
         if not self.staged:
+            out = torch.empty(e.nbytes, dtype=torch.uint8, device=self.device)
             if e.nbytes:
                 self._fill(memoryview(out.numpy()), e.start)
-        else:
+            return self._view(out, e)
+        current = torch.cuda.current_stream(self.device) if self.cuda else None
+        with torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext():
+            out = torch.empty(e.nbytes, dtype=torch.uint8, device=self.device)
             for pos in range(0, e.nbytes, self.chunk):
                 n = min(self.chunk, e.nbytes - pos)
                 i = self.next
@@ -214,12 +220,18 @@ class _Reader:
                 self._fill(memoryview(slot.numpy())[:n], e.start + pos)
                 out[pos : pos + n].copy_(slot[:n], non_blocking=self.cuda)
                 if self.cuda:
-                    ev = torch.cuda.Event()
-                    ev.record()
-                    self.events[i] = ev
-        if e.dtype == torch.bool:
-            return out.view(torch.bool).view(e.shape)
-        return out.view(e.dtype).view(e.shape)
+                    self.events[i] = torch.cuda.Event()
+                    self.events[i].record(self.stream)
+        if self.cuda:
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
+            current.wait_event(ready)
+            out.record_stream(current)  # freed only after the current stream's use of it
+        return self._view(out, e)
+
+    @staticmethod
+    def _view(raw: torch.Tensor, e: _Entry) -> torch.Tensor:
+        return raw.view(e.dtype).view(e.shape)
 
     def finish(self) -> None:
         for ev in self.events:
@@ -283,6 +295,27 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
 
 def _matches_any(name: str, patterns: Sequence[str]) -> bool:
     return any(name == p or name.endswith("." + p) or name.startswith(p + ".") for p in patterns)
+
+
+def _dtype_kwarg() -> str:
+    """``dtype`` (transformers >= 4.56) or ``torch_dtype`` (older) for from_config / configs."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
+def _tied_keys(model: nn.Module, config) -> dict[str, str]:
+    """``{tied key: source key}`` (lm_head.weight -> model.embed_tokens.weight when tied)."""
+    keys = getattr(model, "all_tied_weights_keys", None)  # transformers 5
+    if keys is not None:
+        return dict(keys)
+    if not getattr(config, "tie_word_embeddings", False):
+        return {}
+    emb = model.get_input_embeddings()
+    src = next((f"{n}.weight" for n, m in model.named_modules() if m is emb), None)
+    old = getattr(model, "_tied_weights_keys", None) or []  # transformers 4: a list of tied keys
+    return {k: src for k in old if src is not None and k != src}
 
 
 def _bnb_owner(key: str, prequant: set[str]) -> str | None:
@@ -366,7 +399,7 @@ def load_model(
     bnb = _bnb_config(config)
     if bnb is not None:
         del config.quantization_config  # the loaded model is hoptune NF4, not bitsandbytes
-    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    kwargs = {_dtype_kwarg(): dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     with _parameters_on_meta():
@@ -395,7 +428,7 @@ def load_model(
                 )
                 continue
             to_quantize.add(n)
-    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    tied = _tied_keys(model, config)
     keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or []) if dtype == torch.float16 else []
     plan: dict[str, tuple[str, str]] = {}  # key -> (what to do, module name)
     for key in entries:
@@ -438,6 +471,22 @@ def load_model(
             desc=f"Loading {os.path.basename(os.path.normpath(folder))}",
         )
     reader = _Reader(device)
+    deferred: list[tuple[str, str, str, torch.Tensor]] = []  # at most one dense weight to quantize
+
+    def quantize_deferred() -> None:
+        # Quantizing weight k after reading weight k+1: the quantizer waits on the GPU (its NaN
+        # check and absmax mean are read back), and by now weight k has long arrived, so the wait
+        # is the kernels alone while weight k+1's copies continue on the copy stream.
+        while deferred:
+            path, key, owner, w = deferred.pop()
+            w = w if w.dtype == dtype else w.to(dtype)
+            try:
+                q = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
+            except ValueError as err:
+                raise ValueError(f"{path}: cannot quantize {key}: {err}") from err
+            del w
+            _to_nf4_layer(model, owner, q)
+
     try:
         for f in files:
             keys = sorted((k for k in plan if entries[k].file == f), key=lambda k: entries[k].start)
@@ -448,6 +497,7 @@ def load_model(
                 e = entries[key]
                 kind, owner = plan[key]
                 t = reader.read(e)
+                quantize_deferred()
                 if kind == "bnb":
                     pending.setdefault(owner, {})[key] = t
                     parts_left[owner] -= 1
@@ -455,20 +505,15 @@ def load_model(
                         q = from_bnb_state_dict(pending.pop(owner), f"{owner}.weight")
                         _to_nf4_layer(model, owner, q)
                 elif kind == "quantize":
-                    w = t if t.dtype == dtype else t.to(dtype)
-                    del t
-                    try:
-                        q = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
-                    except ValueError as err:
-                        raise ValueError(f"{f}: cannot quantize {key}: {err}") from err
-                    del w
-                    _to_nf4_layer(model, owner, q)
+                    deferred.append((f, key, owner, t))
                 else:
                     if t.is_floating_point() and t.dtype != dtype and not _matches_any(owner, keep_fp32):
                         t = t.to(dtype)
                     _set_tensor(model, key, t)
+                del t
                 if bar is not None:
                     bar.update(e.nbytes)
+        quantize_deferred()
         reader.finish()
     finally:
         reader.close()
@@ -478,7 +523,10 @@ def load_model(
     # 5. tie, move the buffers built on the CPU, and check nothing is left on meta
     loaded = set(plan) | {f"{n}.weight" for n in prequant}
     if tied:
-        model.tie_weights(missing_keys=expected - loaded, recompute_mapping=False)
+        try:  # transformers 5: ties whichever of the pair was in the checkpoint
+            model.tie_weights(missing_keys=expected - loaded, recompute_mapping=False)
+        except TypeError:  # transformers 4
+            model.tie_weights()
     for mod in model.modules():
         for name, buf in mod._buffers.items():
             if buf is not None and buf.device != device and not buf.is_meta:
@@ -490,7 +538,7 @@ def load_model(
             f"{folder} lacks {len(left)} tensors that {type(model).__name__} needs, e.g. {left[:5]} "
             "(a checkpoint for another architecture, or an incomplete one?)"
         )
-    config.dtype = dtype
+    setattr(config, "dtype" if _dtype_kwarg() == "dtype" else "torch_dtype", dtype)
     _load_generation_config(model, folder)
     return model
 
