@@ -253,3 +253,19 @@ def test_load_on_gpu_equals_cpu(tmp_path):
         got = gpu(ids().cuda()).logits.float().cpu()
     torch.testing.assert_close(got, logits(cpu), atol=2e-2, rtol=2e-2)
     shutil.rmtree(tmp_path)
+
+
+def test_bench_script_logic(tmp_path, monkeypatch):
+    """bench/bench_loading.py --tiny: writer, reads, load, layer check and the bitsandbytes save."""
+    pytest.importorskip("bitsandbytes")
+    import importlib.util
+
+    bench = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "bench_loading.py")
+    spec = importlib.util.spec_from_file_location("bench_loading", bench)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "loading.json"
+    assert mod.main(["--tiny", "--dir", str(tmp_path / "ckpt"), "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["layers_match_quantize_nf4"] and res["bnb_logits_match"] and res["shards"] > 1
+    assert os.listdir(tmp_path / "ckpt") == []  # the checkpoint is deleted, the folder given is kept
