@@ -110,6 +110,28 @@ def test_nf4_on_load(tmp_path, arch, tie):
     ours(input_ids=ids(), labels=ids()).loss.backward()
 
 
+def test_peft_adapter_onto_an_nf4_model(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = tiny_model(dtype=torch.float32)
+    base.save_pretrained(tmp_path / "ckpt")
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, use_dora=True
+    )
+    peft.get_peft_model(base, cfg).save_pretrained(tmp_path / "adapter")
+    model = hoptune.load_model(tmp_path / "ckpt", device="cpu", dtype=torch.float32, progress=False)
+    packed = {n: m.weight_packed for n, m in nf4_layers(model).items()}
+    want = logits(model)
+    hoptune.load_adapter(model, tmp_path / "adapter")
+    assert all(
+        model.get_submodule(n).quantized and model.get_submodule(n).weight_packed is p
+        for n, p in packed.items()
+    )
+    assert (logits(model) - want).abs().max() > 1e-3  # the adapter is in
+    hoptune.remove_lora(model)
+    torch.testing.assert_close(logits(model), want, atol=0, rtol=0)
+
+
 def test_skip_modules_and_progress(tmp_path, capsys):
     tiny_model().save_pretrained(tmp_path)
     ours = hoptune.load_model(tmp_path, device="cpu", skip_modules=["down_proj"], progress=True)
