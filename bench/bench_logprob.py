@@ -105,7 +105,7 @@ def run_vocab(v: int, chunk_variants: list[int]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/logprob.json")
-    ap.add_argument("--chunks", default="0,256,512", help="chunk_rows variants of ours (0 = auto)")
+    ap.add_argument("--chunks", default="0,256,384,512", help="chunk_rows variants of ours (0 = auto)")
     args = ap.parse_args()
     chunks = [int(c) for c in args.chunks.split(",")]
     res = {"env": env_info(), "copy_TBps": copy_rate_tbps(), "rows": []}

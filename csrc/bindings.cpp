@@ -41,7 +41,7 @@ PYBIND11_MODULE(_C, m) {
       "nf4_dequantize",
       [](uintptr_t packed, uintptr_t absmax, uintptr_t qabsmax, uintptr_t absmax2, uintptr_t code2,
          float offset, int blocksize2, int64_t n, int blocksize, uintptr_t out, int out_dtype,
-         uintptr_t stream) {
+         uintptr_t stream, int variant) {
         hoptune::NF4Absmax am;
         am.absmax = ptr<const float*>(absmax);
         am.qabsmax = ptr<const uint8_t*>(qabsmax);
@@ -51,13 +51,12 @@ PYBIND11_MODULE(_C, m) {
         am.blocksize2 = blocksize2;
         check(
             hoptune::nf4_dequantize(ptr<const uint8_t*>(packed), am, n, blocksize, ptr<void*>(out),
-                                    static_cast<DType>(out_dtype), stream_of(stream)),
+                                    static_cast<DType>(out_dtype), stream_of(stream), variant),
             "nf4_dequantize");
       },
       py::arg("packed"), py::arg("absmax"), py::arg("qabsmax"), py::arg("absmax2"),
       py::arg("code2"), py::arg("offset"), py::arg("blocksize2"), py::arg("n"),
-      py::arg("blocksize"), py::arg("out"), py::arg("out_dtype"), py::arg("stream"),
-      py::call_guard<py::gil_scoped_release>());
+      py::arg("blocksize"), py::arg("out"), py::arg("out_dtype"), py::arg("stream"), py::arg("variant") = 0, py::call_guard<py::gil_scoped_release>());
 
   m.def(
       "nf4_quantize",
@@ -131,7 +130,8 @@ PYBIND11_MODULE(_C, m) {
       "fused_logprob_chunk",
       [](uintptr_t buf, int64_t rows, int64_t vocab, int64_t ld, uintptr_t labels, uintptr_t bias, float logit_scale,
          float softcap, float inv_temperature, uintptr_t logp, uintptr_t entropy, uintptr_t lse, int grad_dtype,
-         bool write_grad, uintptr_t row_scale, uintptr_t label_coef, uintptr_t stream) {
+         bool write_grad, uintptr_t row_scale, uintptr_t label_coef, bool shifted, uintptr_t row_norm,
+         uintptr_t overflow, uintptr_t stream) {
         hoptune::FusedLogprobChunk a;
         a.buf = ptr<float*>(buf);
         a.rows = rows;
@@ -149,10 +149,14 @@ PYBIND11_MODULE(_C, m) {
         a.write_grad = write_grad;
         a.row_scale = ptr<const float*>(row_scale);
         a.label_coef = ptr<float*>(label_coef);
+        a.shifted = shifted;
+        a.row_norm = ptr<float*>(row_norm);
+        a.overflow = ptr<int*>(overflow);
         check(hoptune::fused_logprob_chunk(a, stream_of(stream)), "fused_logprob_chunk");
       },
       py::arg("buf"), py::arg("rows"), py::arg("vocab"), py::arg("ld"), py::arg("labels"), py::arg("bias"),
       py::arg("logit_scale"), py::arg("softcap"), py::arg("inv_temperature"), py::arg("logp"), py::arg("entropy"),
-      py::arg("lse"), py::arg("grad_dtype"), py::arg("write_grad"), py::arg("row_scale"), py::arg("label_coef"), py::arg("stream"),
+      py::arg("lse"), py::arg("grad_dtype"), py::arg("write_grad"), py::arg("row_scale"), py::arg("label_coef"), py::arg("shifted"), py::arg("row_norm"),
+      py::arg("overflow"), py::arg("stream"),
       py::call_guard<py::gil_scoped_release>());
 }

@@ -178,18 +178,21 @@ __global__ void __launch_bounds__(kThreads) token_logprobs_fwd_kernel(TokenLogpr
   const float it = a.inv_temperature;
   Stats st = stats_empty();
   if (kVec) {
+    constexpr int kU = 4;  // 16-byte loads in flight per thread
     const int64_t groups = V / 8;
     int64_t g = threadIdx.x;
-    for (; g + kThreads < groups; g += 2 * kThreads) {
-      float v0[8], v1[8];
-      Vec8<T>::load(z + 8 * g, v0);
-      Vec8<T>::load(z + 8 * (g + kThreads), v1);
+    for (; g + (kU - 1) * kThreads < groups; g += kU * kThreads) {
+      float v[kU][8];
 #pragma unroll
-      for (int j = 0; j < 8; ++j) v0[j] *= it, v1[j] *= it;
-      stats_add(st, v0);
-      stats_add(st, v1);
+      for (int u = 0; u < kU; ++u) Vec8<T>::load(z + 8 * (g + u * kThreads), v[u]);
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[u][j] *= it;
+        stats_add(st, v[u]);
+      }
     }
-    if (g < groups) {
+    for (; g < groups; g += kThreads) {
       float v0[8];
       Vec8<T>::load(z + 8 * g, v0);
 #pragma unroll
@@ -342,6 +345,85 @@ __global__ void __launch_bounds__(kThreads) fused_logprob_chunk_kernel(FusedLogp
   }
 }
 
+// Single-pass variant: z' - z'_y replaces z' - max, so stats and G come from one read of the row.
+template <typename G, bool kVec>
+__global__ void __launch_bounds__(kThreads) fused_logprob_shifted_kernel(FusedLogprobChunk a) {
+  __shared__ float s_zy, s_dy;
+  __shared__ float partial[2][kThreads / 32];
+  const int64_t row = blockIdx.x;
+  float* z = a.buf + row * a.ld;
+  const int64_t V = a.vocab;
+  const int64_t y = a.labels[row];
+  const Transform tf{a.bias, a.logit_scale, a.softcap, a.inv_temperature};
+  if (threadIdx.x == 0) {
+    float dy;
+    s_zy = tf(z[y], y, &dy);
+    s_dy = dy;
+  }
+  __syncthreads();
+  const float zy = s_zy;
+  const float nrs = -(a.row_scale ? a.row_scale[row] : 1.f);
+  G* out = reinterpret_cast<G*>(z);
+  float s0 = 0.f, s1 = 0.f;
+  auto one = [&](float raw, int64_t v) -> float {
+    float d;
+    const float t = tf(raw, v, &d) - zy;
+    const float e = exp2f(t * kLog2e);
+    s0 += e;
+    s1 = fmaf(e, t, s1);
+    return nrs * e * d;
+  };
+  if (kVec) {
+    const int64_t groups = V / 4;
+    for (int64_t base = 0; base < groups; base += kThreads) {
+      const int64_t g = base + threadIdx.x;
+      float4 q = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (g < groups) q = reinterpret_cast<const float4*>(z)[g];
+      if (a.write_grad) __syncthreads();  // every read of the words this iteration overwrites is done
+      if (g < groups) {
+        const float r0 = one(q.x, 4 * g), r1 = one(q.y, 4 * g + 1), r2 = one(q.z, 4 * g + 2), r3 = one(q.w, 4 * g + 3);
+        if (a.write_grad) {
+          if constexpr (std::is_same<G, float>::value) {
+            reinterpret_cast<float4*>(out)[g] = make_float4(r0, r1, r2, r3);
+          } else {
+            __nv_bfloat162 h[2] = {__floats2bfloat162_rn(r0, r1), __floats2bfloat162_rn(r2, r3)};
+            reinterpret_cast<uint2*>(out)[g] = *reinterpret_cast<uint2*>(h);
+          }
+        }
+      }
+    }
+  } else {
+    for (int64_t base = 0; base < V; base += kThreads) {
+      const int64_t i = base + threadIdx.x;
+      const float raw = i < V ? z[i] : 0.f;
+      if (a.write_grad) __syncthreads();
+      if (i < V) {
+        const float r = one(raw, i);
+        if (a.write_grad) out[i] = from_float<G>(r);
+      }
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    s0 += __shfl_xor_sync(0xffffffffu, s0, o);
+    s1 += __shfl_xor_sync(0xffffffffu, s1, o);
+  }
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (lane == 0) partial[0][warp] = s0, partial[1][warp] = s1;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    s0 = s1 = 0.f;
+    for (int w = 0; w < kThreads / 32; ++w) s0 += partial[0][w], s1 += partial[1][w];
+    const float log_s0 = logf(s0);
+    a.logp[row] = -log_s0;
+    a.lse[row] = zy + log_s0;
+    if (a.entropy) a.entropy[row] = log_s0 - s1 / s0;
+    if (a.write_grad) a.label_coef[row] = -nrs * s_dy;
+    a.row_norm[row] = 1.f / s0;
+    if (!(s0 < INFINITY)) atomicOr(a.overflow, 1);  // inf or NaN
+  }
+}
+
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 size_t dtype_size(DType d) { return d == DType::kFloat32 ? 4 : 2; }
@@ -395,6 +477,21 @@ cudaError_t fused_logprob_chunk(const FusedLogprobChunk& a, cudaStream_t stream)
   HOPTUNE_REQUIRE(a.rows <= 0x7fffffff);
   const bool vec = aligned16(a.buf) && a.vocab % 4 == 0 && a.ld % 4 == 0;
   const unsigned grid = static_cast<unsigned>(a.rows);
+  if (a.shifted) {  // unnormalised G can exceed the fp16 range: bf16 or fp32 only
+    HOPTUNE_REQUIRE(a.row_norm && a.overflow && a.grad_dtype != DType::kFloat16);
+    if (a.grad_dtype == DType::kBFloat16) {
+      if (vec) {
+        fused_logprob_shifted_kernel<__nv_bfloat16, true><<<grid, kThreads, 0, stream>>>(a);
+      } else {
+        fused_logprob_shifted_kernel<__nv_bfloat16, false><<<grid, kThreads, 0, stream>>>(a);
+      }
+    } else if (vec) {
+      fused_logprob_shifted_kernel<float, true><<<grid, kThreads, 0, stream>>>(a);
+    } else {
+      fused_logprob_shifted_kernel<float, false><<<grid, kThreads, 0, stream>>>(a);
+    }
+    return cudaGetLastError();
+  }
   return HOPTUNE_DISPATCH_FLOAT(a.grad_dtype, G, [&] {
     if (vec) {
       fused_logprob_chunk_kernel<G, true><<<grid, kThreads, 0, stream>>>(a);

@@ -277,20 +277,23 @@ def _chunks(labels: torch.Tensor, ignore_index: int, rows_per_chunk: int):
         yield slice(c0, c1) if idx is None else idx[c0:c1]
 
 
-def _chunk_stats(hc, weight, yc, bias_f, softcap, logit_scale, temperature, want_grad, row_scale):
-    """One chunk: fp32 logits, then (logp, entropy, lse, G, label_coef) — the kernel on sm_90,
-    the reference elsewhere. G (rows, V) is the softmax part of row_scale * d logp / d logits in
-    hidden's dtype; label_coef the one-hot part (fp32)."""
+def _chunk_stats(hc, weight, yc, bias_f, softcap, logit_scale, temperature, want_grad, row_scale, overflow):
+    """One chunk: fp32 logits, then (logp, entropy, lse, G, label_coef, row_norm) — the kernel on
+    sm_90, the reference elsewhere. G (rows, V), in hidden's dtype, is the softmax part of
+    row_scale * d logp / d logits, times row_norm[i] when row_norm is returned (the single-pass
+    kernel leaves G unnormalised); label_coef (fp32) the one-hot part. ``overflow`` (an int32
+    device flag) selects the single-pass kernel, which sets it if a row overflowed."""
     logits = _mm_fp32(hc, weight.t())
     rows, v = logits.shape
     if not _lib.use_kernel(hc, "fused_linear_logprobs"):
         lp, en, ls, g, coef = ref.fused_chunk(
             logits, yc, bias_f, logit_scale, softcap, temperature, want_grad, row_scale
         )
-        return lp, en, ls, (None if g is None else g.to(hc.dtype)), coef
+        return lp, en, ls, (None if g is None else g.to(hc.dtype)), coef, None
     lp = torch.empty(rows, dtype=torch.float32, device=hc.device)
     en, ls = torch.empty_like(lp), torch.empty_like(lp)
     coef = torch.empty_like(lp) if want_grad else None
+    norm = torch.empty_like(lp) if overflow is not None else None
     _lib.extension().fused_logprob_chunk(
         logits.data_ptr(),
         rows,
@@ -308,12 +311,50 @@ def _chunk_stats(hc, weight, yc, bias_f, softcap, logit_scale, temperature, want
         want_grad,
         _lib.ptr(row_scale),
         _lib.ptr(coef),
+        overflow is not None,
+        _lib.ptr(norm),
+        _lib.ptr(overflow),
         _lib.stream(hc),
     )
     g = None
     if want_grad:  # 16-bit G sits in the first half of each fp32 row
         g = logits if hc.dtype == torch.float32 else logits.view(hc.dtype)[:, :v]
-    return lp, en, ls, g, coef
+    return lp, en, ls, g, coef, norm
+
+
+def _forward(
+    hidden,
+    weight,
+    labels,
+    bias,
+    temperature,
+    ignore_index,
+    softcap,
+    logit_scale,
+    chunk_rows,
+    compute_grad,
+    single_pass,
+):
+    n, h = hidden.shape
+    dev = hidden.device
+    logp = torch.zeros(n, dtype=torch.float32, device=dev)
+    ent, lse = torch.zeros_like(logp), torch.zeros_like(logp)
+    J = torch.zeros(n if compute_grad else 0, h, dtype=torch.float32, device=dev)
+    bias_f = None if bias is None else bias.float().contiguous()
+    overflow = torch.zeros(1, dtype=torch.int32, device=dev) if single_pass else None
+    for rows in _chunks(labels, ignore_index, _chunk_rows(weight.shape[0], chunk_rows)):
+        hc, yc = hidden[rows], labels[rows].contiguous()
+        lp, en, ls, g, coef, norm = _chunk_stats(
+            hc, weight, yc, bias_f, softcap, logit_scale, temperature, compute_grad, None, overflow
+        )
+        logp[rows], ent[rows], lse[rows] = lp, en, ls
+        if compute_grad:
+            jc = _mm_fp32(g, weight)
+            if norm is not None:
+                jc.mul_(norm[:, None])
+            jc.add_(weight.index_select(0, yc).float() * coef[:, None])  # the one-hot part, in fp32
+            J[rows] = jc
+    return logp, ent, lse, J, overflow
 
 
 @torch.library.custom_op("hoptune::fused_linear_logprobs", mutates_args=())
@@ -331,22 +372,24 @@ def _fused_linear_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden (N, H), weight (V, H), labels (N,) -> (logp, entropy, lse, J) where J (N, H) fp32
     is d logp_i / d hidden_i (empty without compute_grad; zero rows for ignored labels)."""
-    n, h = hidden.shape
-    dev = hidden.device
-    logp = torch.zeros(n, dtype=torch.float32, device=dev)
-    ent, lse = torch.zeros_like(logp), torch.zeros_like(logp)
-    J = torch.zeros(n if compute_grad else 0, h, dtype=torch.float32, device=dev)
-    bias_f = None if bias is None else bias.float().contiguous()
-    for rows in _chunks(labels, ignore_index, _chunk_rows(weight.shape[0], chunk_rows)):
-        hc, yc = hidden[rows], labels[rows].contiguous()
-        lp, en, ls, g, coef = _chunk_stats(
-            hc, weight, yc, bias_f, softcap, logit_scale, temperature, compute_grad, None
-        )
-        logp[rows], ent[rows], lse[rows] = lp, en, ls
-        if compute_grad:
-            jc = _mm_fp32(g, weight)
-            jc.add_(weight.index_select(0, yc).float() * coef[:, None])  # the one-hot part, in fp32
-            J[rows] = jc
+    args = (
+        hidden,
+        weight,
+        labels,
+        bias,
+        temperature,
+        ignore_index,
+        softcap,
+        logit_scale,
+        chunk_rows,
+        compute_grad,
+    )
+    # one read of each logits row (exponents relative to the label's logit) where G's dtype can
+    # hold unnormalised values; a logit ~88 above the label's overflows: then redo with the max
+    single = hidden.dtype != torch.float16 and _lib.use_kernel(hidden, "fused_linear_logprobs")
+    logp, ent, lse, J, overflow = _forward(*args, single_pass=single)
+    if overflow is not None and bool(overflow.item()):
+        logp, ent, lse, J, _ = _forward(*args, single_pass=False)
     return logp, ent, lse, J
 
 
@@ -396,7 +439,9 @@ def _weight_grad(hidden, weight, labels, bias, grad_logp, meta):
     for rows in _chunks(labels, ignore_index, _chunk_rows(weight.shape[0], chunk_rows)):
         hc, yc = hidden[rows], labels[rows].contiguous()
         rs = grad_logp[rows].float().contiguous()
-        _, _, _, g, coef = _chunk_stats(hc, weight, yc, bias_f, softcap, logit_scale, temperature, True, rs)
+        _, _, _, g, coef, _ = _chunk_stats(
+            hc, weight, yc, bias_f, softcap, logit_scale, temperature, True, rs, None
+        )
         dw += _mm_fp32(g.t(), hc)
         dw.index_add_(0, yc, hc.float() * coef[:, None])
         if db is not None:
