@@ -36,8 +36,9 @@ The estimate counts bytes the way the PyTorch caching allocator sees them (what
   model output until the step ends); the loss casts them to fp32 (4V) and ``cross_entropy`` keeps
   its fp32 log-softmax (4V); its backward holds the fp32 gradient of the log-softmax (4V) and
   writes the fp32 gradient of the logits (4V): 2V + 4V + 4V + 4V = **14V bytes per token** at the
-  peak. Fused (hoptune's ``fused_linear_logprobs``): one fp32 chunk of logits (192 MiB) plus
-  the per-row gradient J (2H per token).
+  peak. Fused (hoptune's ``fused_linear_logprobs``): one fp32 chunk of logits
+  (``hoptune.ops.logprob.CHUNK_BYTES``), the per-row gradient J in fp32 (4H per token) and the
+  hidden-state gradient made from it (2H per token).
 * **phases**: the *loss* phase (weights, optimizer state, stored activations, logits) and the
   *layer backward* phase (weights, state, stored activations, one recomputed layer, transients,
   the logits still held) and the *optimizer step* (state + all gradients, twice for AdamW's
@@ -68,7 +69,7 @@ from dataclasses import dataclass, field
 import torch
 
 GiB = 2**30
-_FUSED_CHUNK_BYTES = 192 * 2**20  # hoptune.ops.logprob.CHUNK_BYTES
+_FUSED_CHUNK_BYTES = 96 * 2**20  # hoptune.ops.logprob.CHUNK_BYTES, when that cannot be imported
 _CONTEXT_BYTES = 0.5 * GiB  # CUDA context + cuBLAS/cuDNN handles on an H100/H200, torch 2.x
 _SLACK = 0.05  # caching-allocator reserved / allocated - 1, seen on the 70B anchor (46.2 / 44.1)
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -215,7 +216,7 @@ class MemoryPlan:
             (
                 "logits / log-probs",
                 self.logits_bytes,
-                "14V bytes per token" if self.logits == "full" else "one fp32 chunk + J",
+                "14V bytes per token" if self.logits == "full" else "one fp32 chunk + J + dh",
             ),
             ("backward transients", self.backward_transients, "grads in flight + one dequantized weight"),
         ]
@@ -330,6 +331,15 @@ def _shape(config) -> _Shape:
         head=None if tied else head,
         other_params=other,
     )
+
+
+def _fused_chunk_bytes() -> int:
+    try:
+        from hoptune.ops.logprob import CHUNK_BYTES
+
+        return int(CHUNK_BYTES)
+    except (ImportError, AttributeError):
+        return _FUSED_CHUNK_BYTES
 
 
 def _nf4_bytes(numel: int, double_quant: bool, blocksize: int = 64) -> float:
@@ -462,7 +472,8 @@ def _estimate(
         logit_peak = 14 * V * n  # bf16 logits + fp32 cast + fp32 log-softmax + two fp32 grads
         logits_held = act * V * n  # the bf16 logits stay referenced by the output during backward
     else:
-        logit_peak = _FUSED_CHUNK_BYTES + act * H * n + 16 * n
+        # one fp32 chunk of logits, J (fp32) and the hidden gradient made from it, per-row outputs
+        logit_peak = _fused_chunk_bytes() + 4 * H * n + act * H * n + 16 * n
         logits_held = 0.0
     max_w = max((i * o for name, i, o, _ in shape.linears if name != shape.head), default=0)
     transients = (6 * I + 6 * H) * n + act * max_w
