@@ -1,0 +1,388 @@
+"""Recipe configs: typed dataclasses, loaded from YAML with ``key=value`` overrides and strict checks.
+
+A config is a tree of dataclasses (sections ``model``, ``lora``, ``data``, ``train``,
+``output``). Loading checks every key and value against the field types:
+
+* an unknown key is an error that names the nearest valid key (``train.learnig_rate`` ->
+  did you mean ``train.lr``?);
+* a value of the wrong type is an error that names the key, the expected type and what came;
+* overrides are dotted ``section.key=value`` strings whose value is parsed as YAML
+  (``train.lr=1e-4``, ``lora.target_modules=[q_proj,v_proj]``, ``data.eval=null``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+import yaml
+
+# -- the SFT recipe's sections -------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    path: str = "hoptune/tiny"
+    """A local transformers checkpoint (or hub name), or ``hoptune/tiny`` for the built-in model."""
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """auto = bf16 on a GPU, fp32 on a CPU."""
+    device: str = "auto"
+    """auto = cuda when available, else cpu."""
+    quantize: Literal["nf4"] | None = "nf4"
+    """nf4 = QLoRA (frozen NF4 base); null = LoRA over the base in ``dtype``."""
+    double_quant: bool = True
+    gradient_checkpointing: bool = True
+    attn_implementation: str | None = None
+    """transformers' attention implementation (sdpa, eager, flash_attention_2...); null = its default."""
+    chat_template: str | None = None
+    """A Jinja chat template (inline, or a path to a file) replacing the tokenizer's own."""
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True
+    """false = full fine-tuning (every parameter trains; needs model.quantize=null)."""
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+    use_dora: bool = False
+    use_rslora: bool = False
+
+
+@dataclass
+class DataConfig:
+    train: str | None = None
+    """JSONL of {"prompt","completion"}, {"messages":[...]} or {"text"} records."""
+    eval: str | None = None
+    """Held-out JSONL; null = split ``eval_fraction`` off the training data."""
+    eval_fraction: float = 0.0
+    max_seq_len: int = 2048
+    truncation: Literal["right", "left"] = "right"
+    """Which end of a too-long example is cut (right keeps the prompt, left keeps the answer)."""
+    packing: bool = False
+    """Pack examples into rows of max_seq_len (best-fit decreasing, per-document positions)."""
+    general_data: str | None = None
+    """Replay source (same formats) mixed into the training data to limit forgetting."""
+    general_fraction: float = 0.05
+    """Fraction of the training examples drawn from general_data (5-10% is the usual advice)."""
+    skip_bad_examples: bool = False
+    """Skip (and report) malformed lines and examples with no loss token instead of stopping."""
+    add_eos: bool = True
+    """Append EOS to prompt/completion completions that lack it (it stays in the loss)."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1.0
+    max_steps: int = 0
+    """Optimizer steps; 0 = epochs x steps per epoch."""
+    batch_size: int = 2
+    """Rows per micro-batch (examples, or packed rows with data.packing)."""
+    grad_accum: int = 8
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    """Used when warmup_steps is 0: warmup = ratio x total steps."""
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    """0 = no clipping."""
+    seed: int = 42
+    log_every: int = 1
+    eval_every: int = 0
+    """Optimizer steps between evals (0 = only at the end)."""
+    eval_batch_size: int = 0
+    """0 = batch_size."""
+    save_every: int = 0
+    """Optimizer steps between checkpoints (0 = only the final adapter)."""
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/sft"
+    resume: bool | str = "auto"
+    """auto = resume from the newest checkpoint in dir if there is one; true = must resume; false = fresh
+    start (an error if dir already has checkpoints); or a path to a checkpoint folder."""
+    plots: bool = True
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class SFTConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# -- loading and checking ------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A config key or value that is not valid; the message says which and what to write instead."""
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (Any,)
+        return f"list[{_type_name(inner)}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """``value`` checked against (and, for int -> float, converted to) type ``tp``; ConfigError if it
+    does not fit."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        for alt in typing.get_args(tp):
+            try:
+                return _coerce(value, alt, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if origin is Literal:
+        # compare type too: True == 1 must not pass for a Literal[1]
+        if any(value == a and type(value) is type(a) for a in typing.get_args(tp)):
+            return value
+        raise ConfigError(f"{key}: expected one of {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: expected null, got {value!r}")
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return _build(tp, value, key)
+    else:  # pragma: no cover - a field type this loader does not know
+        raise ConfigError(f"{key}: unsupported field type {tp!r}")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        out.append(name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.extend(_all_keys(hints[f.name], name + "."))
+    return out
+
+
+# names other trainers use for the same settings (TRL / transformers / PEFT)
+_ALIASES = {
+    "learning_rate": "train.lr",
+    "num_train_epochs": "train.epochs",
+    "per_device_train_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "max_grad_norm": "train.max_grad_norm",
+    "lr_scheduler_type": "train.lr_schedule",
+    "max_length": "data.max_seq_len",
+    "max_seq_length": "data.max_seq_len",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "lora_r": "lora.r",
+    "rank": "lora.r",
+    "lora_rank": "lora.r",
+    "output_dir": "output.dir",
+    "gradient_checkpointing": "model.gradient_checkpointing",
+}
+
+
+def _unknown_key(cls: type, key: str, root: type) -> ConfigError:
+    """The error for an unknown key, naming the nearest valid one: a close sibling first, then the
+    same name in another section, then a close name anywhere."""
+    leaf = key.rsplit(".", 1)[-1]
+    prefix = key[: len(key) - len(leaf)]
+    siblings = [f.name for f in dataclasses.fields(cls)]
+    everywhere = _all_keys(root)
+    guess = None
+    alias = difflib.get_close_matches(leaf, list(_ALIASES), n=1, cutoff=0.85)
+    if alias and _ALIASES[alias[0]] in everywhere:
+        guess = _ALIASES[alias[0]]
+    if guess is None:
+        same = [k for k in everywhere if k.rsplit(".", 1)[-1] == leaf]
+        guess = same[0] if same else None
+    if guess is None:
+        close = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)
+        guess = prefix + close[0] if close else None
+    if guess is None:
+        leaves = {k.rsplit(".", 1)[-1]: k for k in everywhere}
+        close = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)
+        guess = leaves[close[0]] if close else None
+    if guess is None:
+        close = difflib.get_close_matches(key, everywhere, n=1, cutoff=0.5)
+        guess = close[0] if close else None
+    hint = f"did you mean {guess!r}?" if guess else f"valid keys here: {', '.join(siblings)}"
+    return ConfigError(f"unknown config key {key!r}; {hint}")
+
+
+def _build(cls: type, values: dict, prefix: str = "", root: type | None = None) -> Any:
+    root = root or cls
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in values.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise _unknown_key(cls, key, root)
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            kwargs[k] = _build(tp, v if v is not None else {}, key, root)
+        else:
+            kwargs[k] = _coerce(v, tp, key)
+    return cls(**kwargs)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"train.lr=1e-4"`` -> (["train", "lr"], 1e-4); the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.lr=1e-4)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {item!r}: the key {key!r} is not a dotted name like train.lr")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _merge_override(tree: dict, path: list[str], value: Any, cls: type) -> None:
+    node = tree
+    cur_cls = cls
+    for i, part in enumerate(path):
+        hints = typing.get_type_hints(cur_cls)
+        if part not in hints:
+            raise _unknown_key(cur_cls, ".".join(path[: i + 1]), cls)
+        if i == len(path) - 1:
+            node[part] = value
+            return
+        if not dataclasses.is_dataclass(hints[part]):
+            raise ConfigError(f"override {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a section")
+        cur_cls = hints[part]
+        sub = node.get(part)
+        if not isinstance(sub, dict):
+            sub = {}
+            node[part] = sub
+        node = sub
+
+
+def load_config(
+    source: str | os.PathLike | dict | None, overrides: list[str] | None = None, cls: type = SFTConfig
+) -> Any:
+    """A checked config of dataclass type ``cls`` from a YAML file (or a dict) plus dotted overrides."""
+    if source is None:
+        tree: dict = {}
+    elif isinstance(source, dict):
+        tree = _deepcopy(source)
+    else:
+        path = os.fspath(source)
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path!r} does not exist")
+        with open(path, encoding="utf-8") as f:
+            try:
+                tree = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(
+                f"config file {path!r} must hold a mapping of sections, got {type(tree).__name__}"
+            )
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        _merge_override(tree, keys, value, cls)
+    return _build(cls, tree)
+
+
+def _deepcopy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deepcopy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deepcopy(v) for v in d]
+    return d
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Any) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def check_sft_config(cfg: SFTConfig) -> None:
+    """Value checks the types cannot express; ConfigError naming the key."""
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    t, d, lo = cfg.train, cfg.data, cfg.lora
+    need(d.train is not None, "data.train: set the training JSONL (data.train=path/to/train.jsonl)")
+    need(d.max_seq_len >= 2, f"data.max_seq_len must be >= 2, got {d.max_seq_len}")
+    need(0.0 <= d.eval_fraction < 1.0, f"data.eval_fraction must be in [0, 1), got {d.eval_fraction}")
+    need(
+        0.0 <= d.general_fraction < 1.0, f"data.general_fraction must be in [0, 1), got {d.general_fraction}"
+    )
+    need(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
+    need(t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}")
+    need(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    need(t.epochs > 0 or t.max_steps > 0, "set train.epochs > 0 or train.max_steps > 0")
+    need(t.max_steps >= 0, f"train.max_steps must be >= 0, got {t.max_steps}")
+    need(len(t.betas) == 2, f"train.betas must be two floats [beta1, beta2], got {t.betas}")
+    need(0.0 <= t.warmup_ratio < 1.0, f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+    need(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    need(t.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0, got {t.max_grad_norm}")
+    need(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
+    need(lo.r >= 1, f"lora.r must be >= 1, got {lo.r}")
+    need(0.0 <= lo.dropout < 1.0, f"lora.dropout must be in [0, 1), got {lo.dropout}")
+    need(
+        lo.enabled or cfg.model.quantize is None,
+        "lora.enabled=false (full fine-tuning) needs model.quantize=null: an NF4 base cannot train",
+    )
