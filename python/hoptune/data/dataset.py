@@ -1,0 +1,253 @@
+"""From JSONL files to the rows a trainer consumes: tokenize, mask, truncate, check, split, mix,
+pack; and the deterministic order in which optimizer steps take rows (so a run can resume at
+any step with the same data).
+
+Every example must keep at least one loss token after truncation. One that does not is an
+error: the run stops with the count and the first offending lines, or, with
+``skip_bad_examples``, the example is dropped and counted in the report. A batch can therefore
+never be all-ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from hoptune.data.formatting import (
+    ChatFormatter,
+    Example,
+    ExampleError,
+    record_kind,
+    tokenize_record,
+    truncate,
+)
+from hoptune.data.jsonl import DataError, Record, read_jsonl
+from hoptune.data.packing import Row, pack_examples, rows_from_examples
+
+
+@dataclass
+class DataReport:
+    """What happened to a file's lines on the way to examples."""
+
+    path: str
+    lines: int = 0
+    examples: int = 0
+    malformed: list[tuple[int, str]] = field(default_factory=list)
+    invalid: list[tuple[int, str]] = field(default_factory=list)  # missing fields, wrong types
+    no_loss: list[tuple[int, str]] = field(default_factory=list)  # no loss token (after truncation)
+    truncated: int = 0
+    tokens: int = 0
+    loss_tokens: int = 0
+
+    @property
+    def skipped(self) -> int:
+        return len(self.malformed) + len(self.invalid) + len(self.no_loss)
+
+    def summary(self) -> str:
+        parts = [
+            f"{self.path}: {self.examples} examples, {self.tokens} tokens ({self.loss_tokens} in the loss)"
+        ]
+        if self.truncated:
+            parts.append(f"{self.truncated} truncated")
+        if self.malformed:
+            parts.append(f"{len(self.malformed)} malformed lines skipped ({_lines(self.malformed)})")
+        if self.invalid:
+            parts.append(f"{len(self.invalid)} invalid records skipped ({_lines(self.invalid)})")
+        if self.no_loss:
+            parts.append(
+                f"{len(self.no_loss)} examples without a loss token skipped ({_lines(self.no_loss)})"
+            )
+        return "; ".join(parts)
+
+
+def _lines(items: list[tuple[int, str]], n: int = 5) -> str:
+    s = ", ".join(str(ln) for ln, _ in items[:n])
+    return s + (", ..." if len(items) > n else "")
+
+
+def _details(items: list[tuple[int, str]], n: int = 5) -> str:
+    s = "; ".join(f"line {ln}: {why}" for ln, why in items[:n])
+    return s + (f"; ... and {len(items) - n} more" if len(items) > n else "")
+
+
+def build_examples(
+    records: list[Record],
+    tokenizer: Any,
+    *,
+    max_seq_len: int,
+    truncation: str = "right",
+    add_eos: bool = True,
+    chat_template: str | None = None,
+    skip_bad: bool = False,
+    report: DataReport | None = None,
+) -> tuple[list[Example], DataReport]:
+    """Tokenized, masked and truncated examples of ``records``.
+
+    A record with missing fields, or an example left with no loss token, is collected; unless
+    ``skip_bad``, DataError lists them (line numbers and reasons) once all records are seen."""
+    path = records[0].path if records else "<empty>"
+    report = report or DataReport(path=path)
+    chat = None
+    examples: list[Example] = []
+    for rec in records:
+        try:
+            kind = record_kind(rec.data)
+        except ExampleError as e:
+            report.invalid.append((rec.line, str(e)))
+            continue
+        if chat is None and (kind == "messages" or isinstance(rec.data.get("prompt"), list)):
+            try:  # a tokenizer that cannot format chats is a setup error, not a per-example one
+                chat = ChatFormatter(tokenizer, chat_template)
+            except ExampleError as e:
+                raise DataError(f"{rec.where}: {e}") from None
+        try:
+            ids, mask = tokenize_record(rec.data, tokenizer, chat, add_eos)
+        except ExampleError as e:
+            report.invalid.append((rec.line, str(e)))
+            continue
+        full_loss = sum(mask[1:])
+        if len(ids) > max_seq_len:
+            report.truncated += 1
+            ids, mask = truncate(ids, mask, max_seq_len, truncation)
+        ex = Example(ids, mask, rec.where)
+        if ex.num_loss_tokens == 0:
+            if full_loss == 0:
+                why = "no token is in the loss (empty completion / assistant turns)"
+            else:
+                why = (
+                    f"truncation to data.max_seq_len={max_seq_len} (side {truncation!r}) cut all "
+                    f"{full_loss} loss tokens"
+                )
+            report.no_loss.append((rec.line, why))
+            continue
+        examples.append(ex)
+        report.tokens += len(ex)
+        report.loss_tokens += ex.num_loss_tokens
+    report.examples = len(examples)
+    if not skip_bad and (report.invalid or report.no_loss):
+        bad = sorted(report.invalid + report.no_loss)
+        raise DataError(
+            f"{path}: {len(bad)} example(s) cannot be trained on: {_details(bad)}. Fix them, or set "
+            "data.skip_bad_examples=true to skip and report them"
+        )
+    return examples, report
+
+
+def load_examples(
+    path: str,
+    tokenizer: Any,
+    *,
+    max_seq_len: int,
+    truncation: str = "right",
+    add_eos: bool = True,
+    chat_template: str | None = None,
+    skip_bad: bool = False,
+) -> tuple[list[Example], DataReport]:
+    """Read a JSONL file and build its examples (see ``build_examples``)."""
+    records, rr = read_jsonl(path, skip_malformed=skip_bad)
+    report = DataReport(path=path, lines=rr.records + len(rr.malformed), malformed=list(rr.malformed))
+    examples, report = build_examples(
+        records,
+        tokenizer,
+        max_seq_len=max_seq_len,
+        truncation=truncation,
+        add_eos=add_eos,
+        chat_template=chat_template,
+        skip_bad=skip_bad,
+        report=report,
+    )
+    if not examples:
+        raise DataError(f"{path}: no usable example ({report.summary()})")
+    return examples, report
+
+
+def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, eval): a seeded random ``fraction`` of the examples held out (at least one)."""
+    if fraction <= 0:
+        return examples, []
+    n_eval = max(1, round(len(examples) * fraction))
+    if n_eval >= len(examples):
+        raise DataError(f"data.eval_fraction={fraction} leaves no training example out of {len(examples)}")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+def mix_replay(
+    train: list[Example], general: list[Example], fraction: float, seed: int
+) -> tuple[list[Example], int]:
+    """``train`` plus general examples making up ``fraction`` of the result (drawn without
+    replacement while they last, then again from the top). Returns (mixed, number added)."""
+    if fraction <= 0 or not general:
+        return train, 0
+    n_general = round(fraction / (1.0 - fraction) * len(train))
+    rng = random.Random(seed)
+    picked: list[Example] = []
+    while len(picked) < n_general:
+        order = list(range(len(general)))
+        rng.shuffle(order)
+        picked.extend(general[i] for i in order[: n_general - len(picked)])
+    return train + picked, len(picked)
+
+
+def fingerprint(rows: list[Row]) -> str:
+    """A short hash of the rows (tokens, masks, positions): a resumed run checks it sees the same data."""
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(len(r).to_bytes(4, "little"))
+        h.update(torch.tensor(r.input_ids, dtype=torch.int64).numpy().tobytes())
+        h.update(bytes(r.loss_mask))
+        if r.position_ids is not None:
+            h.update(torch.tensor(r.position_ids, dtype=torch.int64).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def make_rows(examples: list[Example], packing: bool, max_seq_len: int) -> list[Row]:
+    return pack_examples(examples, max_seq_len) if packing else rows_from_examples(examples)
+
+
+class StepSampler:
+    """Which rows each optimizer step takes: a stream of epochs, each a seeded permutation of the
+    rows, cut into steps of ``rows_per_step``. A step may span two epochs. The data position of a
+    run is just its step count, so resuming needs nothing else."""
+
+    def __init__(self, num_rows: int, rows_per_step: int, seed: int, shuffle: bool = True) -> None:
+        if num_rows < 1:
+            raise ValueError(f"num_rows must be >= 1, got {num_rows}")
+        if rows_per_step < 1:
+            raise ValueError(f"rows_per_step must be >= 1, got {rows_per_step}")
+        self.num_rows = num_rows
+        self.rows_per_step = rows_per_step
+        self.seed = seed
+        self.shuffle = shuffle
+        self._perm: dict[int, list[int]] = {}
+
+    def steps_for_epochs(self, epochs: float) -> int:
+        return max(1, math.ceil(epochs * self.num_rows / self.rows_per_step))
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._perm:
+            if len(self._perm) > 2:
+                self._perm.clear()
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                self._perm[epoch] = torch.randperm(self.num_rows, generator=g).tolist()
+            else:
+                self._perm[epoch] = list(range(self.num_rows))
+        return self._perm[epoch]
+
+    def epoch_at(self, step: int) -> float:
+        return step * self.rows_per_step / self.num_rows
+
+    def rows_for_step(self, step: int) -> list[int]:
+        out = []
+        for k in range(step * self.rows_per_step, (step + 1) * self.rows_per_step):
+            epoch, i = divmod(k, self.num_rows)
+            out.append(self._order(epoch)[i])
+        return out

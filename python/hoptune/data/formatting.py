@@ -1,0 +1,256 @@
+"""Turning records into token ids and loss masks.
+
+Three record shapes (the ones TRL reads):
+
+* ``{"prompt": str, "completion": str}``: loss on the completion tokens (plus EOS);
+* ``{"messages": [{"role", "content"}, ...]}``: rendered with the tokenizer's own chat template,
+  loss on every assistant turn including its end-of-turn token;
+* ``{"prompt": [messages], "completion": [messages]}``: as messages, loss on the completion turns;
+* ``{"text": str}``: plain text, every token in the loss (for replay / general data).
+
+``loss_mask[t] = 1`` means token t is a training target (it is predicted from tokens < t).
+
+How the assistant spans of a chat are found, for any template (with or without
+``{% generation %}`` markers): render the conversation up to each assistant turn with the
+generation prompt, and up to and including that turn; the text the turn adds is its span (it
+ends with whatever the template closes a turn with, e.g. ``<|eot_id|>``). This needs a template
+that renders a prefix of a conversation as a prefix of the whole; when it does not (some
+templates rewrite earlier turns), the template's ``{% generation %}`` markers are used, and
+without those the example is an error that says so. A template whose generation prompt is
+empty puts the role header into the added text; the span then starts where the message content
+starts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+_GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
+
+
+class ExampleError(ValueError):
+    """A record that cannot become a training example (missing fields, no loss token...)."""
+
+
+@dataclass
+class Example:
+    """A tokenized example: ``input_ids`` and ``loss_mask`` of equal length ``T``."""
+
+    input_ids: list[int]
+    loss_mask: list[int]
+    where: str = ""
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_loss_tokens(self) -> int:
+        """Targets that can be predicted: token 0 has no context, so it never counts."""
+        return int(sum(self.loss_mask[1:]))
+
+
+def record_kind(data: dict) -> str:
+    """'messages' | 'prompt_completion' | 'text'; ExampleError naming the fields otherwise."""
+    if "messages" in data:
+        return "messages"
+    if "prompt" in data and "completion" in data:
+        return "prompt_completion"
+    if "text" in data:
+        return "text"
+    have = ", ".join(sorted(data)) or "none"
+    missing = "completion" if "prompt" in data else ("prompt" if "completion" in data else None)
+    hint = f"missing field {missing!r}" if missing else "no known fields"
+    raise ExampleError(
+        f"{hint} (fields present: {have}); expected {{'prompt', 'completion'}}, {{'messages'}} or {{'text'}}"
+    )
+
+
+def resolve_chat_template(template: str | None) -> str | None:
+    """An inline Jinja template, or the contents of the file it names."""
+    if template is None:
+        return None
+    if "{" not in template and os.path.isfile(template):
+        with open(template, encoding="utf-8") as f:
+            return f.read()
+    return template
+
+
+def _check_messages(messages: Any, field: str = "messages") -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise ExampleError(f"{field!r} must be a non-empty list of {{'role', 'content'}} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ExampleError(f"{field}[{i}] must be an object with 'role' and 'content', got {m!r}")
+        if not isinstance(m["role"], str) or not isinstance(m["content"], str):
+            raise ExampleError(f"{field}[{i}]: 'role' and 'content' must be strings")
+    return messages
+
+
+class ChatFormatter:
+    """Renders conversations with a tokenizer's chat template and finds the assistant spans."""
+
+    def __init__(self, tokenizer: Any, chat_template: str | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.template = resolve_chat_template(chat_template) or getattr(tokenizer, "chat_template", None)
+        if not self.template:
+            raise ExampleError(
+                "the tokenizer has no chat template, so chat data cannot be formatted; set "
+                "model.chat_template to a Jinja template (inline or a file), or use prompt/completion data"
+            )
+        if not getattr(tokenizer, "is_fast", False):
+            raise ExampleError(
+                "chat masks need a fast tokenizer (token offsets); load the tokenizer with use_fast=True"
+            )
+        self.has_generation_tags = bool(_GENERATION_TAG.search(self.template))
+
+    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        if not messages:
+            return ""
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=self.template
+        )
+
+    def spans(self, messages: list[dict], first_trained: int = 0) -> tuple[str, list[tuple[int, int]]] | None:
+        """The full text and the character spans of assistant turns at index >= first_trained, or None
+        when the template does not render prefixes as prefixes."""
+        full = self.render(messages, add_generation_prompt=False)
+        out = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant" or i < first_trained:
+                continue
+            before = self.render(messages[:i], add_generation_prompt=True)
+            after = self.render(messages[: i + 1], add_generation_prompt=False)
+            if not after.startswith(before) or not full.startswith(after):
+                return None
+            start, end = len(before), len(after)
+            if before == self.render(messages[:i], add_generation_prompt=False):
+                # no generation prompt: the added text holds the role header too; train from the content on
+                pos = after.find(m["content"], start) if m["content"] else -1
+                if pos >= 0:
+                    start = pos
+            if end <= start:
+                raise ExampleError(f"the chat template renders nothing for assistant message {i}")
+            out.append((start, end))
+        return full, out
+
+    def tokenize(self, messages: list[dict], first_trained: int = 0) -> tuple[list[int], list[int]]:
+        """(input_ids, loss_mask) of a conversation; loss on assistant turns >= first_trained."""
+        tok = self.tokenizer
+        found = self.spans(messages, first_trained)
+        if found is None:
+            if not self.has_generation_tags:
+                raise ExampleError(
+                    "the chat template does not render a conversation's beginning the same way as the whole "
+                    "conversation (it rewrites earlier turns), so the assistant tokens cannot be located; add "
+                    "{% generation %} ... {% endgeneration %} around the assistant content in the template "
+                    "(model.chat_template), or use prompt/completion data"
+                )
+            return self._tokenize_with_generation_tags(messages, first_trained)
+        text, spans = found
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        mask = [0] * len(ids)
+        for j, (s, e) in enumerate(enc["offset_mapping"]):
+            # a token belongs to the span that holds its last character (a token straddling the start,
+            # e.g. "▁Hello" with the template's space, is the answer's first token)
+            c = e - 1 if e > s else s
+            for a, b in spans:
+                if a <= c < b:
+                    mask[j] = 1
+                    break
+        return ids, mask
+
+    def _tokenize_with_generation_tags(self, messages, first_trained):
+        out = self.tokenizer.apply_chat_template(
+            messages,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+            chat_template=self.template,
+        )
+        ids = list(out["input_ids"])
+        mask = list(out["assistant_masks"])
+        if first_trained:
+            # spans of the untrained (prompt) assistant turns: rendered prefix length in tokens
+            prefix = self.render(messages[:first_trained], add_generation_prompt=True)
+            n = len(self.tokenizer(prefix, add_special_tokens=False)["input_ids"])
+            mask = [0] * min(n, len(mask)) + mask[n:]
+        return ids, mask
+
+
+def tokenize_prompt_completion(
+    tokenizer: Any, prompt: str, completion: str, add_eos: bool = True
+) -> tuple[list[int], list[int]]:
+    """(input_ids, loss_mask): the completion starts where the tokenized prompt and the tokenized
+    prompt+completion diverge (tokens can merge across the boundary), as in TRL."""
+    p = list(tokenizer(prompt)["input_ids"])
+    full = list(tokenizer(prompt + completion)["input_ids"])
+    n = 0
+    while n < min(len(p), len(full)) and p[n] == full[n]:
+        n += 1
+    mask = [0] * n + [1] * (len(full) - n)
+    eos = tokenizer.eos_token_id
+    if add_eos and eos is not None and (not full or full[-1] != eos):
+        full.append(eos)
+        mask.append(1)
+    return full, mask
+
+
+def tokenize_text(tokenizer: Any, text: str, add_eos: bool = True) -> tuple[list[int], list[int]]:
+    ids = list(tokenizer(text)["input_ids"])
+    eos = tokenizer.eos_token_id
+    if add_eos and eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)
+    return ids, [1] * len(ids)
+
+
+def tokenize_record(
+    data: dict, tokenizer: Any, chat: ChatFormatter | None = None, add_eos: bool = True
+) -> tuple[list[int], list[int]]:
+    """(input_ids, loss_mask) of one record of any supported shape."""
+    kind = record_kind(data)
+    if kind == "messages":
+        messages = _check_messages(data["messages"])
+        if not any(m["role"] == "assistant" for m in messages):
+            raise ExampleError("no assistant message, so nothing to train on")
+        if chat is None:
+            raise ExampleError("chat data needs a ChatFormatter")
+        return chat.tokenize(messages)
+    if kind == "prompt_completion":
+        p, c = data["prompt"], data["completion"]
+        if isinstance(p, list) and isinstance(c, list):
+            prompt = _check_messages(p, "prompt")
+            completion = _check_messages(c, "completion")
+            if not any(m["role"] == "assistant" for m in completion):
+                raise ExampleError("the completion has no assistant message, so nothing to train on")
+            if chat is None:
+                raise ExampleError("conversational prompt/completion data needs a ChatFormatter")
+            return chat.tokenize(prompt + completion, first_trained=len(prompt))
+        if not isinstance(p, str) or not isinstance(c, str):
+            raise ExampleError(
+                "'prompt' and 'completion' must both be strings (or both lists of messages), got "
+                f"{type(p).__name__} and {type(c).__name__}"
+            )
+        if not c:
+            raise ExampleError("empty 'completion'")
+        return tokenize_prompt_completion(tokenizer, p, c, add_eos)
+    text = data["text"]
+    if not isinstance(text, str) or not text:
+        raise ExampleError("'text' must be a non-empty string")
+    return tokenize_text(tokenizer, text, add_eos)
+
+
+def truncate(
+    ids: list[int], mask: list[int], max_len: int, side: str = "right"
+) -> tuple[list[int], list[int]]:
+    """Cut to ``max_len`` tokens: 'right' keeps the beginning, 'left' keeps the end."""
+    if len(ids) <= max_len:
+        return ids, mask
+    if side == "right":
+        return ids[:max_len], mask[:max_len]
+    if side == "left":
+        return ids[-max_len:], mask[-max_len:]
+    raise ValueError(f"truncation must be 'right' or 'left', got {side!r}")

@@ -1,0 +1,82 @@
+"""JSONL reading with errors that point at the line: a malformed line stops the run (with its line
+number and the parser's reason) unless the caller asks to skip such lines, and then every
+skipped line is counted and reported."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+
+class DataError(ValueError):
+    """Bad training data; the message names the file, the line(s) and what to fix."""
+
+
+@dataclass
+class Record:
+    """One JSON object of a JSONL file and where it came from (``line`` is 1-based)."""
+
+    data: dict
+    path: str
+    line: int
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}:{self.line}"
+
+
+@dataclass
+class ReadReport:
+    path: str
+    records: int = 0
+    blank: int = 0
+    malformed: list[tuple[int, str]] = field(default_factory=list)  # (line, reason)
+
+
+def _show(lines: list[tuple[int, str]], n: int = 5) -> str:
+    shown = "; ".join(f"line {ln}: {why}" for ln, why in lines[:n])
+    more = f"; ... and {len(lines) - n} more" if len(lines) > n else ""
+    return shown + more
+
+
+def read_jsonl(path: str | os.PathLike, skip_malformed: bool = False) -> tuple[list[Record], ReadReport]:
+    """Every JSON object of a JSONL file, in order; blank lines are ignored.
+
+    A line that is not valid JSON, or is JSON but not an object, is malformed: DataError listing
+    the malformed lines (all of them are found first, so one run shows every bad line), or, with
+    ``skip_malformed``, skipped and listed in the report."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(f"data file {path!r} does not exist")
+    report = ReadReport(path=path)
+    records: list[Record] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, raw in enumerate(f, start=1):
+            text = raw.strip()
+            if not text:
+                report.blank += 1
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                report.malformed.append((lineno, f"invalid JSON ({e.msg} at column {e.colno})"))
+                continue
+            if not isinstance(obj, dict):
+                report.malformed.append((lineno, f"expected a JSON object, got {type(obj).__name__}"))
+                continue
+            records.append(Record(obj, path, lineno))
+    report.records = len(records)
+    if report.malformed and not skip_malformed:
+        raise DataError(
+            f"{path}: {len(report.malformed)} malformed line(s): {_show(report.malformed)}. Fix them, or set "
+            "data.skip_bad_examples=true to skip and report them"
+        )
+    return records, report
+
+
+def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Write ``rows`` as JSONL atomically."""
+    from hoptune._io import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
