@@ -1,0 +1,1 @@
+"""Trainers: flat recipes (``sft.py``) over the shared pieces in ``loop.py``."""

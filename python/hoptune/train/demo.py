@@ -1,0 +1,134 @@
+"""``hoptune demo``: the whole pipeline on the built-in tiny model, on a CPU in a few minutes.
+
+1. the tiny Llama is pretrained once on equations and subtraction chats (cached);
+2. the demo task is written as JSONL: 70 ``What is a+b?`` chats to train on, 30 held out,
+   and pretraining-style replay data;
+3. QLoRA SFT (NF4 base, LoRA r=16 on every linear layer) runs through ``hoptune sft`` with
+   ``configs/demo_sft.yaml``;
+4. the saved adapter is loaded back onto a fresh NF4 base and both are asked every question:
+   a before/after table of exact-match accuracy.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from importlib import resources
+
+import torch
+
+CONFIG = "demo_sft.yaml"
+
+
+def config_path(name: str = CONFIG) -> str:
+    return str(resources.files("hoptune.configs").joinpath(name))
+
+
+def _nf4_model(device: torch.device, dtype: torch.dtype, adapter: str | None = None):
+    """The pretrained tiny model with an NF4 base: a fresh adapter (B = 0, so it computes exactly
+    the NF4 base) or the one saved at ``adapter``."""
+    from hoptune.adapters import load_adapter
+    from hoptune.models import load_tiny
+    from hoptune.patch import apply_lora
+
+    model, tok = load_tiny(device=device, dtype=dtype, log=lambda s: None)
+    if adapter is None:
+        apply_lora(model, r=16, alpha=32, quantize="nf4")
+    else:
+        load_adapter(model, adapter, quantize="nf4")
+    model.eval()
+    return model, tok
+
+
+def run_demo(out_dir: str = "runs/demo", device: str = "auto", overrides: list[str] | None = None) -> dict:
+    """Run the demo; returns the accuracies and paths (also printed)."""
+    from hoptune.config import load_config
+    from hoptune.data import demo_task as task
+    from hoptune.data.jsonl import write_jsonl
+    from hoptune.models.pretrain import pretrained_tiny_path
+    from hoptune.train import loop, sft
+
+    t0 = time.time()
+    dev = loop.resolve_device(device)
+    dtype = loop.resolve_dtype("auto", dev)
+    out_dir = os.path.abspath(out_dir)
+    print(
+        f"hoptune demo: tiny Llama + QLoRA SFT on {dev} ({torch.get_num_threads()} CPU threads); output in {out_dir}"
+    )
+
+    # 1. base model
+    pretrained_tiny_path()
+
+    # 2. data
+    data_dir = os.path.join(out_dir, "data")
+    train_pairs, held_pairs = task.split_pairs()
+    write_jsonl(os.path.join(data_dir, "train.jsonl"), task.sft_records(train_pairs))
+    write_jsonl(os.path.join(data_dir, "eval.jsonl"), task.sft_records(held_pairs))
+    write_jsonl(os.path.join(data_dir, "general.jsonl"), task.general_records(200))
+    print(
+        f"data: {len(train_pairs)} training chats, {len(held_pairs)} held out, 200 replay records in {data_dir}"
+    )
+
+    held, seen, minus = task.plus_qa(held_pairs), task.plus_qa(train_pairs), task.minus_qa()
+
+    def scores(model, tok) -> dict[str, float]:
+        return {
+            "held": task.accuracy(model, tok, held, dev),
+            "train": task.accuracy(model, tok, seen, dev),
+            "minus": task.accuracy(model, tok, minus, dev),
+        }
+
+    # 3. before
+    base, tok = _nf4_model(dev, dtype)
+    before = scores(base, tok)
+    del base
+
+    # 4. SFT through the recipe, with the demo's paths
+    sft_dir = os.path.join(out_dir, "sft")
+    shutil.rmtree(sft_dir, ignore_errors=True)  # the demo always starts fresh
+    cfg = load_config(
+        config_path(),
+        [
+            f"data.train={os.path.join(data_dir, 'train.jsonl')}",
+            f"data.eval={os.path.join(data_dir, 'eval.jsonl')}",
+            f"data.general_data={os.path.join(data_dir, 'general.jsonl')}",
+            f"output.dir={sft_dir}",
+            f"model.device={dev}",
+            *(overrides or []),
+        ],
+    )
+    t_sft = time.time()
+    res = sft.train(cfg)
+    t_sft = time.time() - t_sft
+
+    # 5. after: the adapter as saved, on a fresh NF4 base
+    tuned, tok = _nf4_model(dev, dtype, adapter=res.output_dir)
+    after = scores(tuned, tok)
+
+    rows = [
+        (f"held-out addition questions ({len(held)})", "held"),
+        (f"trained addition questions ({len(seen)})", "train"),
+        (f"subtraction (replayed, not the task) ({len(minus)})", "minus"),
+    ]
+    w = max(len(r[0]) for r in rows)
+    print()
+    print(f"{'exact-match accuracy':<{w}}  {'base (NF4)':>10}  {'after SFT':>9}")
+    for label, key in rows:
+        print(f"{label:<{w}}  {before[key]:>10.1%}  {after[key]:>9.1%}")
+    print()
+    if res.eval:
+        print(f"held-out SFT loss: {res.eval['loss']:.4f}")
+    print(f"adapter (PEFT format): {res.output_dir}")
+    print(f"plots: {os.path.dirname(res.plots[0]) if res.plots else 'none (' + '; '.join(res.notes) + ')'}")
+    print(f"metrics: {os.path.join(res.run_dir, 'metrics.jsonl')}")
+    total = time.time() - t0
+    print(f"SFT {t_sft:.0f}s, demo total {total:.0f}s")
+    return {
+        "before": before,
+        "after": after,
+        "adapter": res.output_dir,
+        "plots": res.plots,
+        "seconds": total,
+        "sft_seconds": t_sft,
+    }

@@ -1,0 +1,600 @@
+"""Pieces every trainer shares: devices and dtypes, seeds and RNG state, the optimizer and its
+schedule, the forward that returns per-token log-probs, the optimizer step, evaluation, atomic
+checkpoints with exact resume, metrics (JSONL, TensorBoard), the progress bar and the plots.
+
+Recipes (``train/sft.py`` ...) are flat scripts over these functions; nothing here knows about a
+particular loss.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from hoptune._io import atomic_write, atomic_write_text
+from hoptune.losses.logprobs import token_logprobs_from_logits
+
+# -- device, dtype, seeds --------------------------------------------------------------------------
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda when available, else cpu; anything else as torch reads it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but no CUDA device is visible; use model.device=cpu")
+    return dev
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' -> bf16 on a GPU (training compute), fp32 on a CPU (bf16 matmuls are slow there)."""
+    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in table:
+        raise ValueError(f"dtype must be one of auto, {', '.join(table)}; got {name!r}")
+    return table[name]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step may draw from (dropout, shuffles): python, numpy, torch CPU/CUDA."""
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:  # pragma: no cover
+        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- parameters, optimizer, schedule ---------------------------------------------------------------
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; an NF4 base counts its weights (2 codes per byte)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    total += sum(2 * b.numel() for n, b in model.named_buffers() if n.endswith("weight_packed"))
+    return trainable, total
+
+
+def build_optimizer(
+    named_params: list[tuple[str, nn.Parameter]],
+    lr: float,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (biases, norms and DoRA magnitudes are not decayed,
+    as transformers' Trainer does). The fused CUDA implementation when every parameter is on a GPU."""
+    if not named_params:
+        raise ValueError("no trainable parameter: apply_lora (or lora.enabled=false) must leave some")
+    decay = [p for _, p in named_params if p.dim() >= 2]
+    no_decay = [p for _, p in named_params if p.dim() < 2]
+    groups = [
+        g
+        for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+        if g["params"]
+    ]
+    fused = all(p.is_cuda for _, p in named_params)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
+
+
+@dataclass
+class LRSchedule:
+    """The learning-rate multiplier at a step: linear warmup from 0, then cosine (or linear) decay
+    to ``min_ratio``, or constant. A plain object so the scheduler's state pickles."""
+
+    total_steps: int
+    warmup_steps: int = 0
+    kind: str = "cosine"
+    min_ratio: float = 0.0
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        if self.kind == "constant":
+            return 1.0
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        if self.kind == "cosine":
+            shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+        elif self.kind == "linear":
+            shape = 1.0 - progress
+        else:
+            raise ValueError(f"lr_schedule must be cosine, linear or constant, got {self.kind!r}")
+        return self.min_ratio + (1.0 - self.min_ratio) * shape
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    warmup_steps: int = 0,
+    kind: str = "cosine",
+    min_ratio: float = 0.0,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, LRSchedule(total_steps, warmup_steps, kind, min_ratio)
+    )
+
+
+def optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    params: list[nn.Parameter],
+    max_grad_norm: float,
+) -> float:
+    """Clip (when max_grad_norm > 0), step, advance the schedule, clear the gradients.
+    Returns the gradient norm before clipping."""
+    if max_grad_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    else:
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = (
+            torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            if grads
+            else torch.zeros(())
+        )
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+# -- model setup ------------------------------------------------------------------------------------
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in the backward (non-reentrant: works with a frozen embedding,
+    i.e. inputs that do not require grad)."""
+    if not hasattr(model, "gradient_checkpointing_enable"):
+        raise TypeError(
+            f"{type(model).__name__} has no gradient_checkpointing_enable (not a transformers model?)"
+        )
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = False
+
+
+def _decoder(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_decoder", None)
+    if callable(get):
+        try:
+            dec = get()
+        except (AttributeError, NotImplementedError):
+            dec = None
+        if isinstance(dec, nn.Module) and dec is not model:
+            return dec
+    prefix = getattr(model, "base_model_prefix", None)
+    dec = getattr(model, prefix, None) if prefix else None
+    return dec if isinstance(dec, nn.Module) and dec is not model else None
+
+
+def lm_head_logprobs(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Log-probs of ``labels`` ``(N,)`` from final hidden states ``(N, H)`` through the model's output
+    head (with its logit soft-capping / scale, if the architecture has them). fp32 ``(N,)``."""
+    head = model.get_output_embeddings()
+    logits = head(hidden)
+    cfg = getattr(model, "config", None)
+    scale = getattr(cfg, "logit_scale", None)
+    if isinstance(scale, (int, float)) and scale != 1.0:
+        logits = logits * scale
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap:
+        logits = cap * torch.tanh(logits / cap)
+    return token_logprobs_from_logits(logits, labels)
+
+
+def batch_logprobs(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of the loss tokens of a batch.
+
+    batch: ``input_ids`` (B, T), ``loss_mask`` (B, T) bool, ``attention_mask`` (B, T) or None,
+    ``position_ids`` (B, T) or None (packed rows), on the model's device.
+    Returns (logprobs fp32 ``(N,)``, labels ``(N,)``) over the N targets ``loss_mask[:, 1:]`` selects,
+    in row-major order. The output head runs on those N positions only: prompt positions never
+    get logits (a large saving with long prompts and big vocabularies)."""
+    ids = batch["input_ids"]
+    targets = batch["loss_mask"][:, 1:]
+    labels = ids[:, 1:][targets]
+    kwargs = {"input_ids": ids, "use_cache": False}
+    if batch.get("attention_mask") is not None:
+        kwargs["attention_mask"] = batch["attention_mask"]
+    if batch.get("position_ids") is not None:
+        kwargs["position_ids"] = batch["position_ids"]
+    decoder = _decoder(model)
+    if decoder is not None and model.get_output_embeddings() is not None:
+        hidden = decoder(**kwargs).last_hidden_state  # (B, T, H)
+        return lm_head_logprobs(model, hidden[:, :-1][targets], labels), labels
+    logits = model(**kwargs).logits  # models without a separable decoder: full logits
+    return token_logprobs_from_logits(logits[:, :-1][targets], labels), labels
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {
+        k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
+    }
+
+
+@torch.no_grad()
+def evaluate_nll(
+    model: nn.Module, batches: Iterable[dict[str, Any]], device: torch.device
+) -> dict[str, float]:
+    """Token-weighted NLL over ``batches`` (the SFT loss of the whole set) and its perplexity."""
+    was_training = model.training
+    model.eval()
+    nll, n = 0.0, 0
+    try:
+        for b in batches:
+            b = to_device(b, device)
+            if not bool(b["loss_mask"][:, 1:].any()):
+                continue
+            lp, _ = batch_logprobs(model, b)
+            nll += float(-lp.sum())
+            n += lp.numel()
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise ValueError("evaluation data has no loss token")
+    return {"loss": nll / n, "ppl": math.exp(min(nll / n, 50.0)), "tokens": float(n)}
+
+
+def gpu_memory_gib() -> float | None:
+    """Peak memory allocated on the current GPU since the start (GiB), or None without one."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return None
+
+
+# -- checkpoints ------------------------------------------------------------------------------------
+
+STATE_FILE = "trainer_state.pt"
+STATE_JSON = "trainer_state.json"
+ADAPTER_DIR = "adapter"
+WEIGHTS_FILE = "model.safetensors"  # full fine-tuning: the trainable tensors
+LATEST = "latest"
+
+
+def _fsync_tree(folder: str) -> None:
+    for root, _, files in os.walk(folder):
+        for f in files:
+            with open(os.path.join(root, f), "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def has_lora(model: nn.Module) -> bool:
+    from hoptune.nn.lora import LoRALinear
+
+    return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def save_trainable(model: nn.Module, folder: str) -> None:
+    """The model's weights for a checkpoint: the PEFT adapter for a LoRA model, else the trainable
+    tensors as safetensors."""
+    if has_lora(model):
+        from hoptune.adapters import save_adapter
+
+        save_adapter(model, os.path.join(folder, ADAPTER_DIR))
+    else:
+        from safetensors.torch import save_file
+
+        state = {n: p.detach().cpu().contiguous() for n, p in trainable_parameters(model)}
+        atomic_write(
+            os.path.join(folder, WEIGHTS_FILE), lambda p: save_file(state, p, metadata={"format": "pt"})
+        )
+
+
+def load_trainable(model: nn.Module, folder: str) -> None:
+    if has_lora(model):
+        from hoptune.adapters import load_adapter
+
+        load_adapter(model, os.path.join(folder, ADAPTER_DIR), trainable=True)
+        return
+    from safetensors.torch import load_file
+
+    state = load_file(os.path.join(folder, WEIGHTS_FILE))
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+    if missing:
+        raise ValueError(f"checkpoint {folder} lacks trainable tensors, e.g. {missing[:3]}")
+    with torch.no_grad():
+        for n, t in state.items():
+            if n not in params:
+                raise ValueError(f"checkpoint {folder} has tensor {n!r} the model does not have")
+            params[n].copy_(t)
+
+
+class Checkpointer:
+    """Checkpoints under ``<run>/checkpoints/step-XXXXXXXX/`` (weights or PEFT adapter,
+    ``trainer_state.pt`` with optimizer, scheduler, RNG and data position, and a readable
+    ``trainer_state.json``).
+
+    A checkpoint is written in a hidden temporary folder, fsynced, then renamed into place, and
+    only then does the ``latest`` pointer (itself written atomically) move to it: a crash at any
+    moment leaves the previous checkpoint whole and ``latest`` pointing at a complete one."""
+
+    def __init__(self, run_dir: str | os.PathLike, keep: int = 2) -> None:
+        self.dir = os.path.join(os.fspath(run_dir), "checkpoints")
+        self.keep = max(1, keep)
+
+    def _steps(self) -> list[str]:
+        if not os.path.isdir(self.dir):
+            return []
+        names = [
+            n
+            for n in os.listdir(self.dir)
+            if n.startswith("step-") and os.path.isfile(os.path.join(self.dir, n, STATE_FILE))
+        ]
+        return sorted(names)
+
+    def latest(self) -> str | None:
+        """The newest complete checkpoint folder, or None."""
+        pointer = os.path.join(self.dir, LATEST)
+        if os.path.isfile(pointer):
+            with open(pointer, encoding="utf-8") as f:
+                name = f.read().strip()
+            if name and os.path.isfile(os.path.join(self.dir, name, STATE_FILE)):
+                return os.path.join(self.dir, name)
+        steps = self._steps()
+        return os.path.join(self.dir, steps[-1]) if steps else None
+
+    def save(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        state: dict[str, Any],
+    ) -> str:
+        """Write checkpoint ``step``; returns its folder. ``state``: JSON-able training state (step,
+        data position, ...), stored with the optimizer, scheduler and RNG states."""
+        os.makedirs(self.dir, exist_ok=True)
+        for n in os.listdir(self.dir):  # leftovers of an interrupted save
+            if n.startswith(".tmp-"):
+                shutil.rmtree(os.path.join(self.dir, n), ignore_errors=True)
+        name = f"step-{step:08d}"
+        tmp = tempfile.mkdtemp(dir=self.dir, prefix=f".tmp-{name}-")
+        try:
+            save_trainable(model, tmp)
+            blob = {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "rng": rng_state(),
+                "state": state,
+            }
+            torch.save(blob, os.path.join(tmp, STATE_FILE))
+            with open(os.path.join(tmp, STATE_JSON), "w", encoding="utf-8") as f:
+                json.dump(state, f, indent=2, sort_keys=True, default=str)
+            _fsync_tree(tmp)
+            final = os.path.join(self.dir, name)
+            if os.path.exists(final):  # the same step again (e.g. after a resume): replace it
+                trash = tempfile.mkdtemp(dir=self.dir, prefix=f".tmp-old-{name}-")
+                os.replace(final, os.path.join(trash, "old"))
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        atomic_write_text(os.path.join(self.dir, LATEST), name + "\n")
+        for old in self._steps()[: -self.keep]:
+            shutil.rmtree(os.path.join(self.dir, old), ignore_errors=True)
+        for n in os.listdir(self.dir):
+            if n.startswith(".tmp-old-"):
+                shutil.rmtree(os.path.join(self.dir, n), ignore_errors=True)
+        return final
+
+    @staticmethod
+    def load(
+        folder: str,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        restore_rng: bool = True,
+    ) -> dict[str, Any]:
+        """Load the weights (and, when given, optimizer and scheduler); returns the training state.
+        Load the weights before building the optimizer or after: parameters are updated in place."""
+        path = os.path.join(folder, STATE_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{folder} is not a checkpoint (no {STATE_FILE})")
+        load_trainable(model, folder)
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+        if optimizer is not None:
+            optimizer.load_state_dict(blob["optimizer"])
+        if scheduler is not None and blob["scheduler"] is not None:
+            scheduler.load_state_dict(blob["scheduler"])
+        if restore_rng:
+            set_rng_state(blob["rng"])
+        return blob["state"]
+
+
+# -- metrics, progress, plots -----------------------------------------------------------------------
+
+
+class MetricsLog:
+    """Metrics as JSONL lines ``{"step": ..., "split": "train"|"eval", ...}`` (appended and flushed at
+    each call), mirrored to TensorBoard when it is installed and asked for."""
+
+    def __init__(
+        self, path: str | os.PathLike, tensorboard: bool = True, resume_step: int | None = None
+    ) -> None:
+        self.path = os.fspath(path)
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        if resume_step is not None and os.path.isfile(self.path):
+            # drop what the interrupted run logged after the checkpoint we resume from
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        elif resume_step is None and os.path.exists(self.path):
+            os.remove(self.path)
+        self._f = open(self.path, "a", encoding="utf-8")  # closed in close()
+        self.tb = None
+        self.tb_note = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(
+                    os.path.join(os.path.dirname(os.path.abspath(self.path)), "tensorboard")
+                )
+            except Exception:  # tensorboard not installed
+                self.tb_note = "TensorBoard logging skipped (tensorboard is not installed)"
+
+    def log(self, step: int, split: str, values: dict[str, float]) -> None:
+        rec = {
+            "step": step,
+            "split": split,
+            **{k: (float(v) if v is not None else None) for k, v in values.items()},
+        }
+        self._f.write(json.dumps(rec) + "\n")
+        self._f.flush()
+        if self.tb is not None:
+            for k, v in values.items():
+                if v is not None:
+                    self.tb.add_scalar(f"{split}/{k}", v, step)
+
+    def close(self) -> None:
+        self._f.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut by a crash
+                    continue
+    return out
+
+
+class Progress:
+    """A tqdm bar over optimizer steps showing loss, lr, tokens/s and peak GPU memory."""
+
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True, desc: str = "train") -> None:
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
+
+    def update(self, loss: float, lr: float, tokens_per_s: float, mem_gib: float | None) -> None:
+        if self.bar is None:
+            return
+        post = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tokens_per_s:,.0f}"}
+        if mem_gib is not None:
+            post["mem"] = f"{mem_gib:.1f}G"
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.update(1)
+
+    def write(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Timer:
+    """Tokens per second of the last step."""
+
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        dt, self.t = now - self.t, now
+        return dt
+
+
+def plot_metrics(metrics_path: str | os.PathLike, out_dir: str | os.PathLike) -> tuple[list[str], str | None]:
+    """PNG plots of the curves in a metrics JSONL (loss with eval points, lr, tokens/s, grad norm).
+    Returns (files written, a note when plotting was skipped)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return [], "plots skipped: matplotlib is not installed (pip install matplotlib)"
+    recs = read_metrics(metrics_path)
+    train = [r for r in recs if r.get("split") == "train"]
+    evals = [r for r in recs if r.get("split") == "eval"]
+    if not train:
+        return [], "plots skipped: no training metrics"
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    panels = [
+        ("loss", "loss"),
+        ("lr", "learning rate"),
+        ("tokens_per_s", "tokens / s"),
+        ("grad_norm", "grad norm"),
+    ]
+    for key, title in panels:
+        xs = [r["step"] for r in train if r.get(key) is not None]
+        ys = [r[key] for r in train if r.get(key) is not None]
+        if not xs:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+        ax.plot(xs, ys, label=f"train {key}", lw=1.2)
+        if key == "loss" and evals:
+            ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="eval loss")
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if key == "loss":
+            ax.legend()
+        fig.tight_layout()
+        path = os.path.join(os.fspath(out_dir), f"{key}.png")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            atomic_write(path, lambda p, fig=fig: fig.savefig(p, format="png"))
+        plt.close(fig)
+        written.append(path)
+    return written, None

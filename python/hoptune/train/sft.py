@@ -1,0 +1,362 @@
+"""Supervised fine-tuning (LoRA / QLoRA / full), as a flat recipe.
+
+    hoptune sft python/hoptune/configs/sft_qlora.yaml data.train=my.jsonl train.lr=1e-4
+
+Steps: load model and tokenizer -> put in adapters (NF4 base for QLoRA) -> read, mask, check,
+split, mix and pack the data -> AdamW + warmup/cosine -> for each optimizer step: every
+micro-batch's masked NLL divided by the loss tokens of the *whole* step (TRL's SFT loss), one
+backward per micro-batch, clip, step -> eval, checkpoints, metrics -> final adapter and plots.
+
+Copy this file to make a variant; the shared pieces live in ``hoptune.train.loop``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from hoptune.config import ConfigError, SFTConfig, check_sft_config, dump_config
+from hoptune.data.dataset import (
+    DataReport,
+    StepSampler,
+    fingerprint,
+    load_examples,
+    make_rows,
+    mix_replay,
+    split_eval,
+)
+from hoptune.data.formatting import resolve_chat_template
+from hoptune.data.packing import Row, collate, rows_from_examples
+from hoptune.losses.sft import count_loss_tokens, sft_loss
+from hoptune.train import loop
+
+TINY = ("hoptune/tiny", "tiny")
+
+
+@dataclass
+class SFTResult:
+    run_dir: str
+    output_dir: str  # the final adapter (or full model) folder
+    steps: int
+    train_losses: list[float]
+    eval: dict[str, float] | None
+    plots: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    model: Any = None
+    tokenizer: Any = None
+
+
+def load_model_and_tokenizer(
+    cfg: SFTConfig, device: torch.device, dtype: torch.dtype
+) -> tuple[nn.Module, Any]:
+    """The base model (NF4 on load for a checkpoint folder with model.quantize=nf4) and its tokenizer."""
+    m = cfg.model
+    if m.path in TINY:
+        from hoptune.models import load_tiny
+
+        model, tokenizer = load_tiny(device=device, dtype=dtype, log=print)
+    else:
+        from transformers import AutoTokenizer
+
+        from hoptune.loading import load_model
+
+        tokenizer = AutoTokenizer.from_pretrained(m.path)
+        model = load_model(
+            m.path,
+            quantize=m.quantize if cfg.lora.enabled else None,
+            device=device,
+            dtype=dtype,
+            double_quant=m.double_quant,
+            attn_implementation=m.attn_implementation,
+        )
+    if m.attn_implementation is not None and m.path in TINY:
+        model.set_attn_implementation(m.attn_implementation)
+    return model, tokenizer
+
+
+def prepare_model(model: nn.Module, cfg: SFTConfig) -> nn.Module:
+    """Adapters (or full fine-tuning), gradient checkpointing, train mode."""
+    lo = cfg.lora
+    if lo.enabled:
+        from hoptune.patch import apply_lora
+
+        apply_lora(
+            model,
+            r=lo.r,
+            alpha=lo.alpha,
+            dropout=lo.dropout,
+            target_modules=lo.target_modules,
+            use_dora=lo.use_dora,
+            use_rslora=lo.use_rslora,
+            quantize=cfg.model.quantize,
+            double_quant=cfg.model.double_quant,
+        )
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    if cfg.model.gradient_checkpointing:
+        loop.enable_gradient_checkpointing(model)
+    model.train()
+    return model
+
+
+def load_data(cfg: SFTConfig, tokenizer: Any, log=print) -> tuple[list[Row], list[Row], list[DataReport]]:
+    """(train rows, eval rows, reports): examples checked and truncated, eval split or read, the
+    replay source mixed in, packing applied to the training rows."""
+    d = cfg.data
+    kw = dict(
+        max_seq_len=d.max_seq_len,
+        truncation=d.truncation,
+        add_eos=d.add_eos,
+        chat_template=resolve_chat_template(cfg.model.chat_template),
+        skip_bad=d.skip_bad_examples,
+    )
+    train, rep = load_examples(d.train, tokenizer, **kw)
+    reports = [rep]
+    if d.eval:
+        evals, rep_e = load_examples(d.eval, tokenizer, **kw)
+        reports.append(rep_e)
+    else:
+        train, evals = split_eval(train, d.eval_fraction, cfg.train.seed)
+    if d.general_data:
+        general, rep_g = load_examples(d.general_data, tokenizer, **kw)
+        reports.append(rep_g)
+        train, added = mix_replay(train, general, d.general_fraction, cfg.train.seed)
+        log(f"replay: {added} examples from {d.general_data} mixed in ({d.general_fraction:.0%} of training)")
+    rows = make_rows(train, d.packing, d.max_seq_len)
+    if d.packing:
+        log(f"packing: {len(train)} examples -> {len(rows)} rows of <= {d.max_seq_len} tokens")
+    eval_rows = rows_from_examples(sorted(evals, key=len))  # similar lengths together: less padding
+    return rows, eval_rows, reports
+
+
+def eval_batches(rows: list[Row], batch_size: int, pad_id: int):
+    for i in range(0, len(rows), batch_size):
+        yield collate(rows[i : i + batch_size], pad_id)
+
+
+def sft_step(
+    model: nn.Module, micro_batches: list[dict[str, Any]], device: torch.device
+) -> tuple[float, int, int]:
+    """Forward + backward of one optimizer step's micro-batches (gradients accumulate in ``.grad``).
+
+    Each micro-batch's loss is its masked NLL sum divided by the loss tokens of *all* the
+    micro-batches, so the accumulated gradient is that of TRL's SFT loss over the whole step.
+    Returns (loss of the step, loss tokens, tokens)."""
+    n_loss = count_loss_tokens([b["loss_mask"][:, 1:] for b in micro_batches])
+    if n_loss == 0:
+        raise ValueError("an optimizer step has no loss token; the data checks should have caught this")
+    total = torch.zeros((), dtype=torch.float32, device=device)  # summed on device: no sync per micro-batch
+    tokens = 0
+    for b in micro_batches:
+        tokens += int(b["num_tokens"])
+        if not bool(b["loss_mask"][:, 1:].any()):
+            continue
+        b = loop.to_device(b, device)
+        logprobs, _ = loop.batch_logprobs(model, b)
+        loss = sft_loss(logprobs, None, n_loss)
+        loss.backward()
+        total += loss.detach()
+    return float(total), n_loss, tokens
+
+
+def _resume_folder(cfg: SFTConfig, ckpt: loop.Checkpointer) -> str | None:
+    r = cfg.output.resume
+    latest = ckpt.latest()
+    if r is True or r == "auto":
+        if latest is None and r is True:
+            raise ConfigError(f"output.resume=true but {ckpt.dir} has no checkpoint")
+        return latest
+    if r is False:
+        if latest is not None:
+            raise ConfigError(
+                f"output.dir {cfg.output.dir!r} already has checkpoints ({os.path.basename(latest)}); use "
+                "output.resume=auto to continue that run, or another output.dir"
+            )
+        return None
+    if not os.path.isfile(os.path.join(r, loop.STATE_FILE)):
+        raise ConfigError(f"output.resume={r!r} is not a checkpoint folder (no {loop.STATE_FILE})")
+    return r
+
+
+def train(cfg: SFTConfig, log=print, model: nn.Module | None = None, tokenizer: Any = None) -> SFTResult:
+    """Run the recipe; returns where things went, the losses and the trained model.
+
+    ``model`` / ``tokenizer``: an already-built (unpatched) model to train instead of loading
+    ``cfg.model.path`` (tests and benchmarks use this)."""
+    check_sft_config(cfg)
+    t, out = cfg.train, cfg.output
+    device = loop.resolve_device(cfg.model.device)
+    dtype = loop.resolve_dtype(cfg.model.dtype, device)
+    run_dir = os.path.abspath(out.dir)
+    os.makedirs(run_dir, exist_ok=True)
+    ckpt = loop.Checkpointer(run_dir, keep=t.keep_checkpoints)
+    resume_from = _resume_folder(cfg, ckpt)
+    loop.seed_everything(t.seed)
+    from hoptune._io import atomic_write_text
+
+    atomic_write_text(os.path.join(run_dir, "config.yaml"), dump_config(cfg))
+
+    # 1. model
+    if model is None:
+        model, tokenizer = load_model_and_tokenizer(cfg, device, dtype)
+    elif tokenizer is None:
+        raise ValueError("pass the tokenizer together with the model")
+    prepare_model(model, cfg)
+    named = loop.trainable_parameters(model)
+    n_train, n_total = loop.count_parameters(model)
+    log(f"model: {cfg.model.path} on {device} ({dtype}); {n_train:,} trainable of {n_total:,} parameters")
+
+    # 2. data
+    rows, eval_rows, reports = load_data(cfg, tokenizer, log)
+    for r in reports:
+        log("data: " + r.summary())
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    rows_per_step = t.batch_size * t.grad_accum
+    sampler = StepSampler(len(rows), rows_per_step, t.seed)
+    total = t.max_steps or sampler.steps_for_epochs(t.epochs)
+    warmup = t.warmup_steps or round(t.warmup_ratio * total)
+    data_fp = fingerprint(rows)
+
+    # 3. optimizer, schedule, resume
+    optimizer = loop.build_optimizer(named, t.lr, t.weight_decay, tuple(t.betas), t.eps)
+    scheduler = loop.build_scheduler(optimizer, total, warmup, t.lr_schedule, t.min_lr_ratio)
+    step = 0
+    if resume_from is not None:
+        state = loop.Checkpointer.load(resume_from, model, optimizer, scheduler)
+        for key, now in (
+            ("data_fingerprint", data_fp),
+            ("rows_per_step", rows_per_step),
+            ("total_steps", total),
+        ):
+            if state.get(key) != now:
+                raise ConfigError(
+                    f"cannot resume exactly from {resume_from}: {key} was {state.get(key)!r} and is now {now!r} "
+                    "(data or batch settings changed); use the same config, or a new output.dir"
+                )
+        step = int(state["step"])
+        log(f"resumed from {resume_from} at step {step}")
+    metrics = loop.MetricsLog(
+        os.path.join(run_dir, "metrics.jsonl"), out.tensorboard, resume_step=step if resume_from else None
+    )
+    notes = [metrics.tb_note] if metrics.tb_note else []
+    params = [p for _, p in named]
+    eval_bs = t.eval_batch_size or t.batch_size
+
+    def run_eval(at: int) -> dict[str, float] | None:
+        if not eval_rows:
+            return None
+        ev = loop.evaluate_nll(model, eval_batches(eval_rows, eval_bs, pad_id), device)
+        metrics.log(at, "eval", ev)
+        return ev
+
+    def save(at: int) -> str:
+        return ckpt.save(
+            at,
+            model,
+            optimizer,
+            scheduler,
+            {
+                "step": at,
+                "epoch": sampler.epoch_at(at),
+                "rows_per_step": rows_per_step,
+                "total_steps": total,
+                "data_fingerprint": data_fp,
+                "seed": t.seed,
+            },
+        )
+
+    # 4. the loop
+    losses: list[float] = []
+    progress = loop.Progress(total, initial=step, enabled=out.progress, desc="sft")
+    log(
+        f"training: {total} steps x {rows_per_step} rows ({t.batch_size} x {t.grad_accum} accumulation) "
+        f"from {len(rows)} rows, warmup {warmup}, lr {t.lr:g} {t.lr_schedule}"
+    )
+    timer = loop.Timer()
+    last_eval = None
+    try:
+        while step < total:
+            idx = sampler.rows_for_step(step)
+            micro = [
+                collate([rows[i] for i in idx[k * t.batch_size : (k + 1) * t.batch_size]], pad_id)
+                for k in range(t.grad_accum)
+            ]
+            lr = optimizer.param_groups[0]["lr"]
+            loss, n_loss, n_tok = sft_step(model, micro, device)
+            grad_norm = loop.optimizer_step(optimizer, scheduler, params, t.max_grad_norm)
+            step += 1
+            dt = timer.lap()
+            losses.append(loss)
+            mem = loop.gpu_memory_gib()
+            if step % t.log_every == 0 or step == total:
+                metrics.log(
+                    step,
+                    "train",
+                    {
+                        "loss": loss,
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "loss_tokens": n_loss,
+                        "tokens": n_tok,
+                        "tokens_per_s": n_tok / dt,
+                        "epoch": sampler.epoch_at(step),
+                        "gpu_mem_gib": mem,
+                    },
+                )
+            progress.update(loss, lr, n_tok / dt, mem)
+            if t.eval_every and step % t.eval_every == 0 and step < total:
+                last_eval = run_eval(step)
+                if last_eval:
+                    progress.write(f"step {step}: eval loss {last_eval['loss']:.4f}")
+                timer.lap()
+            if t.save_every and step % t.save_every == 0 and step < total:
+                save(step)
+                timer.lap()
+    finally:
+        progress.close()
+    last_eval = run_eval(step) if eval_rows else last_eval
+    if t.save_every:
+        save(step)
+
+    # 5. outputs
+    if loop.has_lora(model):
+        from hoptune.adapters import save_adapter
+
+        final = os.path.join(run_dir, "adapter")
+        save_adapter(model, final, base_model_name_or_path=cfg.model.path)
+    else:
+        final = os.path.join(run_dir, "model")
+        model.save_pretrained(final)
+        tokenizer.save_pretrained(final)
+    metrics.close()
+    plots: list[str] = []
+    if out.plots:
+        plots, note = loop.plot_metrics(
+            os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "plots")
+        )
+        if note:
+            notes.append(note)
+    for n in notes:
+        log(n)
+    return SFTResult(run_dir, final, step, losses, last_eval, plots, notes, model, tokenizer)
+
+
+def main(cfg: SFTConfig) -> int:
+    t0 = time.time()
+    res = train(cfg)
+    ev = f", eval loss {res.eval['loss']:.4f}" if res.eval else ""
+    last = (
+        f"final train loss {res.train_losses[-1]:.4f}" if res.train_losses else "no step run (already done)"
+    )
+    print(f"done in {time.time() - t0:.0f}s: {res.steps} steps, {last}{ev}")
+    print(f"  adapter: {res.output_dir}" if loop.has_lora(res.model) else f"  model: {res.output_dir}")
+    print(f"  metrics: {os.path.join(res.run_dir, 'metrics.jsonl')}")
+    if res.plots:
+        print(f"  plots:   {os.path.dirname(res.plots[0])}")
+    return 0
