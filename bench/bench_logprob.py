@@ -89,7 +89,12 @@ def run_vocab(v: int, chunk_variants: list[int]) -> dict:
     with torch.no_grad():
         logits = h.detach() @ W.t()
     nbytes = logits.numel() * logits.element_size()
-    r["tl_fwd_ms"] = bench(lambda: token_logprobs(logits, labels, check_labels=False), rep=10)
+    from hoptune.ops import logprob as logprob_ops
+
+    for variant in (1, 2, 0):  # threads per row: 256, 128, 512 (the default last)
+        logprob_ops._FWD_VARIANT = variant
+        r[f"tl_fwd_v{variant}_ms"] = bench(lambda: token_logprobs(logits, labels, check_labels=False), rep=10)
+    r["tl_fwd_ms"] = r["tl_fwd_v0_ms"]
     r["tl_fwd_read_TBps"] = nbytes / r["tl_fwd_ms"] / 1e9
     lg = logits.clone().requires_grad_(True)
     lp = token_logprobs(lg, labels)
@@ -130,6 +135,7 @@ def main() -> None:
     print(table(res["rows"], cols))
     print(table(res["rows"], ["V", *[k for k in res["rows"][0] if k.startswith("ours_chunk")]]))
     print(table(res["rows"], ["V", "tl_fwd_ms", "tl_fwd_frac_copy", "tl_bwd_ms", "tl_bwd_over_fwd"]))
+    print(table(res["rows"], ["V", "tl_fwd_v0_ms", "tl_fwd_v1_ms", "tl_fwd_v2_ms"]))
 
 
 if __name__ == "__main__":

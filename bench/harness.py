@@ -34,6 +34,17 @@ def bench(fn: Callable[[], object], warmup: int = 3, rep: int = 20) -> float:
     return statistics.median(times)
 
 
+def bench_queued(fn: Callable[[], object], calls: int = 10, warmup: int = 3, rep: int = 10) -> float:
+    """Milliseconds per call when ``calls`` calls run back to back, so the host's launch work for
+    one call overlaps the device work of the previous ones (as in a model's forward)."""
+
+    def many():
+        for _ in range(calls):
+            fn()
+
+    return bench(many, warmup=warmup, rep=rep) / calls
+
+
 def bench_rotating(
     make_fn: Callable[[int], Callable[[], object]], copies: int, warmup: int = 3, rep: int = 20
 ) -> float:

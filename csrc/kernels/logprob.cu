@@ -58,6 +58,84 @@ __device__ __forceinline__ Stats combine(Stats a, Stats b) {
   return {mn, a.s0 + b.s0, a.s1 + b.s1};
 }
 
+// 2^x, approximate (2 ulp), denormal results flushed: the softmax sums need no more.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Stats of raw values z with the temperature folded into the exponent: m is the max of raw z,
+// s0 = sum 2^((z - m) c), s1 = sum 2^((z - m) c) (z - m), c = log2(e) / T (the caller scales s1
+// and m by 1/T at the end).
+template <int N>
+__device__ __forceinline__ void stats_add_scaled(Stats& st, const float (&z)[N], float c) {
+  float gm = z[0];
+#pragma unroll
+  for (int j = 1; j < N; ++j) gm = fmaxf(gm, z[j]);
+  if (gm > st.m) {
+    if (st.m != -INFINITY) {
+      const float d = st.m - gm;
+      const float f = fast_exp2(d * c);
+      st.s1 = f * (st.s1 + st.s0 * d);
+      st.s0 *= f;
+    }
+    st.m = gm;
+  }
+  const float mc = st.m * c;
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    const float e = fast_exp2(fmaf(z[j], c, -mc));
+    st.s0 += e;
+    st.s1 = fmaf(e, z[j] - st.m, st.s1);
+  }
+}
+
+// Merge for stats_add_scaled (c as there).
+__device__ __forceinline__ Stats combine_scaled(Stats a, Stats b, float c) {
+  const float mn = fmaxf(a.m, b.m);
+  if (mn == -INFINITY) return a;
+  Stats r{mn, 0.f, 0.f};
+  if (a.m != -INFINITY) {
+    const float d = a.m - mn, f = fast_exp2(d * c);
+    r.s0 += f * a.s0;
+    r.s1 += f * (a.s1 + a.s0 * d);
+  }
+  if (b.m != -INFINITY) {
+    const float d = b.m - mn, f = fast_exp2(d * c);
+    r.s0 += f * b.s0;
+    r.s1 += f * (b.s1 + b.s0 * d);
+  }
+  return r;
+}
+
+template <int kBlock>
+__device__ Stats block_stats_scaled(Stats st, float c) {
+  __shared__ Stats warp_st[kBlock / 32];
+  __shared__ Stats result;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    Stats other{__shfl_xor_sync(0xffffffffu, st.m, o), __shfl_xor_sync(0xffffffffu, st.s0, o),
+                __shfl_xor_sync(0xffffffffu, st.s1, o)};
+    st = combine_scaled(st, other, c);
+  }
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (lane == 0) warp_st[warp] = st;
+  __syncthreads();
+  if (warp == 0) {
+    st = lane < kBlock / 32 ? warp_st[lane] : stats_empty();
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      Stats other{__shfl_xor_sync(0xffffffffu, st.m, o), __shfl_xor_sync(0xffffffffu, st.s0, o),
+                  __shfl_xor_sync(0xffffffffu, st.s1, o)};
+      st = combine_scaled(st, other, c);
+    }
+    if (lane == 0) result = st;
+  }
+  __syncthreads();
+  return result;
+}
+
 template <int N>
 __device__ __forceinline__ void stats_add(Stats& st, const float (&z)[N]) {
   float gm = z[0];
@@ -74,8 +152,9 @@ __device__ __forceinline__ void stats_add(Stats& st, const float (&z)[N]) {
 }
 
 // Block-wide merge; every thread gets the result.
+template <int kBlock = kThreads>
 __device__ Stats block_stats(Stats st) {
-  __shared__ Stats warp_st[kThreads / 32];
+  __shared__ Stats warp_st[kBlock / 32];
   __shared__ Stats result;
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
@@ -161,8 +240,8 @@ __device__ __forceinline__ int64_t row_offset(const LogitsView& v, int64_t row) 
   return b * v.stride_b + t * v.stride_t;
 }
 
-template <typename T, bool kVec>
-__global__ void __launch_bounds__(kThreads) token_logprobs_fwd_kernel(TokenLogprobFwd a) {
+template <typename T, bool kVec, int kRowThreads>
+__global__ void __launch_bounds__(kRowThreads) token_logprobs_fwd_kernel(TokenLogprobFwd a) {
   const int64_t row = blockIdx.x;
   const int64_t y = a.labels[row];
   if (y == a.ignore_index) {
@@ -176,42 +255,38 @@ __global__ void __launch_bounds__(kThreads) token_logprobs_fwd_kernel(TokenLogpr
   const T* z = static_cast<const T*>(a.logits.ptr) + row_offset(a.logits, row);
   const int64_t V = a.logits.vocab;
   const float it = a.inv_temperature;
+  const float c = kLog2e * it;  // the temperature rides in the exponent: one FFMA per element
   Stats st = stats_empty();
   if (kVec) {
     constexpr int kU = 4;  // 16-byte loads in flight per thread
     const int64_t groups = V / 8;
     int64_t g = threadIdx.x;
-    for (; g + (kU - 1) * kThreads < groups; g += kU * kThreads) {
+    for (; g + (kU - 1) * kRowThreads < groups; g += kU * kRowThreads) {
       float v[kU][8];
 #pragma unroll
-      for (int u = 0; u < kU; ++u) Vec8<T>::load(z + 8 * (g + u * kThreads), v[u]);
+      for (int u = 0; u < kU; ++u) Vec8<T>::load(z + 8 * (g + u * kRowThreads), v[u]);
 #pragma unroll
-      for (int u = 0; u < kU; ++u) {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) v[u][j] *= it;
-        stats_add(st, v[u]);
-      }
+      for (int u = 0; u < kU; ++u) stats_add_scaled(st, v[u], c);
     }
-    for (; g < groups; g += kThreads) {
+    for (; g < groups; g += kRowThreads) {
       float v0[8];
       Vec8<T>::load(z + 8 * g, v0);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) v0[j] *= it;
-      stats_add(st, v0);
+      stats_add_scaled(st, v0, c);
     }
   } else {
-    for (int64_t i = threadIdx.x; i < V; i += kThreads) {
-      float v0[1] = {to_float(z[i]) * it};
-      stats_add(st, v0);
+    for (int64_t i = threadIdx.x; i < V; i += kRowThreads) {
+      float v0[1] = {to_float(z[i])};
+      stats_add_scaled(st, v0, c);
     }
   }
-  st = block_stats(st);
+  st = block_stats_scaled<kRowThreads>(st, c);
   if (threadIdx.x == 0) {
+    // in units of z' = z / T: max m' = m it, log s0 is natural, s1' = s1 it
     const float log_s0 = logf(st.s0);
-    const float zy = to_float(z[y]) * it;
-    a.logp[row] = (zy - st.m) - log_s0;
-    a.lse[row] = st.m + log_s0;
-    if (a.entropy) a.entropy[row] = log_s0 - st.s1 / st.s0;
+    const float zy = to_float(z[y]);
+    a.logp[row] = (zy - st.m) * it - log_s0;
+    a.lse[row] = st.m * it + log_s0;
+    if (a.entropy) a.entropy[row] = log_s0 - it * st.s1 / st.s0;
   }
 }
 
@@ -435,20 +510,32 @@ bool vector_ok(const LogitsView& v) {
 
 }  // namespace
 
-cudaError_t token_logprobs_fwd(const TokenLogprobFwd& a, cudaStream_t stream) {
+template <int kRowThreads>
+cudaError_t launch_fwd(const TokenLogprobFwd& a, int64_t rows, bool vec, cudaStream_t stream) {
+  return HOPTUNE_DISPATCH_FLOAT(a.logits.dtype, T, [&] {
+    if (vec) {
+      token_logprobs_fwd_kernel<T, true, kRowThreads><<<static_cast<unsigned>(rows), kRowThreads, 0, stream>>>(a);
+    } else {
+      token_logprobs_fwd_kernel<T, false, kRowThreads><<<static_cast<unsigned>(rows), kRowThreads, 0, stream>>>(a);
+    }
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t token_logprobs_fwd(const TokenLogprobFwd& a, cudaStream_t stream, int variant) {
   const int64_t rows = a.logits.batch * a.logits.seq;
   HOPTUNE_REQUIRE(a.logits.ptr && a.labels && a.logp && a.lse && a.logits.vocab > 0 && a.logits.seq > 0);
   if (rows == 0) return cudaSuccess;
   HOPTUNE_REQUIRE(rows <= 0x7fffffff);
   const bool vec = vector_ok(a.logits);
-  return HOPTUNE_DISPATCH_FLOAT(a.logits.dtype, T, [&] {
-    if (vec) {
-      token_logprobs_fwd_kernel<T, true><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(a);
-    } else {
-      token_logprobs_fwd_kernel<T, false><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(a);
-    }
-    return cudaGetLastError();
-  });
+  switch (variant) {  // threads per row (kernel versions under measurement; 0 is the default)
+    case 1:
+      return launch_fwd<256>(a, rows, vec, stream);
+    case 2:
+      return launch_fwd<128>(a, rows, vec, stream);
+    default:
+      return launch_fwd<512>(a, rows, vec, stream);
+  }
 }
 
 cudaError_t token_logprobs_bwd(const TokenLogprobBwd& a, cudaStream_t stream) {

@@ -76,6 +76,11 @@ struct CodeLoad<4> {
   __device__ __forceinline__ static uint32_t word(const uint32_t& v, int) { return v; }
 };
 template <>
+struct CodeLoad<8> {
+  using type = uint2;
+  __device__ __forceinline__ static uint32_t word(const uint2& v, int i) { return i == 0 ? v.x : v.y; }
+};
+template <>
 struct CodeLoad<16> {
   using type = uint4;
   __device__ __forceinline__ static uint32_t word(const uint4& v, int i) {
@@ -243,11 +248,11 @@ cudaError_t nf4_dequantize(const uint8_t* packed, const NF4Absmax& absmax, int64
   HOPTUNE_REQUIRE(nested ? (absmax.absmax2 && absmax.code2 && is_pow2(absmax.blocksize2)) : absmax.absmax != nullptr);
   switch (variant) {  // kernel versions under measurement; 0 is the default
     case 1:
-      return launch_dequantize<4, 8>(packed, absmax, n, blocksize, out, out_dtype, stream);
+      return launch_dequantize<4, 2>(packed, absmax, n, blocksize, out, out_dtype, stream);
     case 2:
-      return launch_dequantize<16, 1>(packed, absmax, n, blocksize, out, out_dtype, stream);
+      return launch_dequantize<4, 1>(packed, absmax, n, blocksize, out, out_dtype, stream);
     case 3:
-      return launch_dequantize<16, 2>(packed, absmax, n, blocksize, out, out_dtype, stream);
+      return launch_dequantize<8, 2>(packed, absmax, n, blocksize, out, out_dtype, stream);
     default:
       return launch_dequantize<4, 4>(packed, absmax, n, blocksize, out, out_dtype, stream);
   }

@@ -57,8 +57,14 @@ def kernels_available() -> bool:
     return unavailable_reason() is None
 
 
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def use_kernel(t: torch.Tensor, op: str) -> bool:
-    """True when ``op`` should run its CUDA kernel on tensor ``t`` (else the PyTorch reference)."""
+    """True when ``op`` should run its CUDA kernel on tensor ``t`` (else the PyTorch reference).
+    Called on every op invocation: cheap (cached capability, no device query)."""
     if t.device.type != "cuda":
         return False
     mod, why = _load()
@@ -67,7 +73,8 @@ def use_kernel(t: torch.Tensor, op: str) -> bool:
     if mod is None:
         reason = why
     else:
-        major, minor = torch.cuda.get_device_capability(t.device)
+        index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+        major, minor = _capability(index)
         if (major, minor) == (9, 0):
             return True
         reason = (

@@ -121,7 +121,7 @@ class LoRALinear(nn.Module):
         if not self.quantized:
             raise AttributeError("this LoRALinear has a dense base; use .weight")
         shape, dtype, bs, offset, bs2 = self._nf4_meta
-        return NF4Weight(
+        return NF4Weight.trusted(
             self.weight_packed,
             self.weight_absmax,
             torch.Size(shape),

@@ -93,7 +93,7 @@ class NF4Linear(nn.Module):
     @property
     def weight_nf4(self) -> NF4Weight:
         shape, dtype, bs, offset, bs2 = self._nf4_meta
-        return NF4Weight(
+        return NF4Weight.trusted(
             self.weight_packed,
             self.weight_absmax,
             torch.Size(shape),

@@ -28,6 +28,8 @@ from hoptune.reference import logprob as ref
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CHUNK_BYTES = 96 << 20  # fp32 logits of one chunk
+# Numbered token_logprobs forward kernel versions (threads per row), for benchmarks only.
+_FWD_VARIANT = 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,6 +69,7 @@ def _token_logprobs(
         ent.data_ptr(),
         lse.data_ptr(),
         _lib.stream(logits),
+        _FWD_VARIANT,
     )
     return logp, ent, lse
 

@@ -101,6 +101,13 @@ def nf4_dequantize(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """packed uint8 [n/2] + absmax (fp32, or uint8 with absmax2/code2/offset) -> ``dtype`` ``shape``."""
+    return dequantize_impl(packed, absmax, absmax2, code2, offset, blocksize, blocksize2, shape, dtype)
+
+
+def dequantize_impl(
+    packed, absmax, absmax2, code2, offset, blocksize, blocksize2, shape, dtype
+) -> torch.Tensor:
+    """The body of nf4_dequantize, callable from other ops without a second op dispatch."""
     if not _lib.use_kernel(packed, "nf4_dequantize"):
         return ref.nf4_dequantize(packed, absmax, absmax2, code2, offset, blocksize, blocksize2, shape, dtype)
     n = packed.numel() * 2

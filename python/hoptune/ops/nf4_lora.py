@@ -20,10 +20,11 @@ from hoptune.reference import nf4_lora as ref
 MAX_RANK = 256
 
 
-def _deq(packed, absmax, absmax2, code2, offset, blocksize, blocksize2, n, k, dtype):
-    return nf4_ops.nf4_dequantize(
-        packed, absmax, absmax2, code2, offset, blocksize, blocksize2, [n, k], dtype
-    )
+def _deq(packed, absmax, absmax2, code2, offset, blocksize, blocksize2, n, k, dtype, inside_op=False):
+    # inside an op's implementation call the kernel directly (no second dispatch); the backward
+    # formula is traced by torch.compile, so there it must go through the registered op
+    fn = nf4_ops.dequantize_impl if inside_op else nf4_ops.nf4_dequantize
+    return fn(packed, absmax, absmax2, code2, offset, blocksize, blocksize2, [n, k], dtype)
 
 
 @torch.library.custom_op("hoptune::nf4_lora_linear", mutates_args=())
@@ -45,7 +46,7 @@ def nf4_lora_linear_op(
     """x (*, K) -> (y (*, N), xa (M, r)); xa is empty without LoRA."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
-    w = _deq(packed, absmax, absmax2, code2, offset, blocksize, blocksize2, out_features, k, x.dtype)
+    w = _deq(packed, absmax, absmax2, code2, offset, blocksize, blocksize2, out_features, k, x.dtype, True)
     y, xa = ref.lora_forward(x2, w, lora_A, lora_B, scale, bias)
     if xa is None:
         xa = x2.new_empty(0)

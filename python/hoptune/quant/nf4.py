@@ -82,6 +82,37 @@ class NF4Weight:
         if not math.isfinite(self.offset):
             raise ValueError(f"offset must be finite, got {self.offset}")
 
+    @classmethod
+    def trusted(
+        cls,
+        packed: torch.Tensor,
+        absmax: torch.Tensor,
+        shape: torch.Size,
+        dtype: torch.dtype,
+        blocksize: int,
+        absmax2: torch.Tensor | None,
+        code2: torch.Tensor | None,
+        offset: float,
+        blocksize2: int,
+    ) -> NF4Weight:
+        """Build without re-validating: for layers that rebuild the view of buffers they validated
+        when they were constructed (every forward; the checks would cost more than the op)."""
+        obj = object.__new__(cls)
+        fields = {
+            "packed": packed,
+            "absmax": absmax,
+            "shape": shape,
+            "dtype": dtype,
+            "blocksize": blocksize,
+            "absmax2": absmax2,
+            "code2": code2,
+            "offset": offset,
+            "blocksize2": blocksize2,
+        }
+        for name, value in fields.items():
+            object.__setattr__(obj, name, value)
+        return obj
+
     @property
     def nested(self) -> bool:
         return self.absmax2 is not None
