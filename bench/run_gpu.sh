@@ -42,8 +42,13 @@ for stage in $STAGES; do
     sanitize)
       for tool in memcheck racecheck initcheck; do
         compute-sanitizer --tool $tool --error-exitcode 9 python3 bench/sanitize_kernels.py >"$OUT/logs/sanitize_$tool.log" 2>&1
-        note "compute-sanitizer $tool rc=$?: $(grep -E 'ERROR SUMMARY' "$OUT/logs/sanitize_$tool.log" | tail -1)"
+        note "compute-sanitizer $tool rc=$?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/logs/sanitize_$tool.log" | tail -1)"
       done
+      # which kernels initcheck flags, and the same check on plain PyTorch reading a cuBLAS result
+      grep -A1 "Uninitialized" "$OUT/logs/sanitize_initcheck.log" | grep -o "at void [^(]*" | sort | uniq -c | tee -a "$SUMMARY"
+      compute-sanitizer --tool initcheck --error-exitcode 9 python3 bench/sanitize_kernels.py probe_cublas \
+        >"$OUT/logs/sanitize_probe.log" 2>&1
+      note "initcheck probe (PyTorch reading a cuBLAS fp32 GEMM result) rc=$?: $(grep -E 'ERROR SUMMARY' "$OUT/logs/sanitize_probe.log" | tail -1)"
       ;;
     bench:*)
       name=${stage#bench:}

@@ -46,13 +46,23 @@ def nf4_lora() -> None:
     nf4_lora_linear(x, q, a, b, 0.5).sum().backward()
 
 
-CASES = {"nf4": nf4, "logprob": logprob, "nf4_lora": nf4_lora}
+def probe_cublas() -> None:
+    """Not a hoptune kernel: PyTorch reading an fp32-output cuBLAS GEMM's result. If initcheck
+    flags this, its reports on kernels that read GEMM outputs (the fused log-prob chunk) come from
+    the tool not seeing cuBLAS' (bulk-copy) stores, not from uninitialised memory."""
+    a = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16)
+    c = torch.mm(a, b, out_dtype=torch.float32)
+    print("probe sum", float(c.sum()))
+
+
+CASES = {"nf4": nf4, "logprob": logprob, "nf4_lora": nf4_lora, "probe_cublas": probe_cublas}
 
 
 def main() -> None:
     import sys
 
-    for name in sys.argv[1:] or list(CASES):
+    for name in sys.argv[1:] or [c for c in CASES if not c.startswith("probe")]:
         CASES[name]()
         torch.cuda.synchronize()
         print("ok", name)
