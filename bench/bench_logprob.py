@@ -91,7 +91,7 @@ def run_vocab(v: int, chunk_variants: list[int]) -> dict:
     nbytes = logits.numel() * logits.element_size()
     from hoptune.ops import logprob as logprob_ops
 
-    for variant in (1, 2, 0):  # threads per row: 256, 128, 512 (the default last)
+    for variant in (1, 2, 0):  # threads per row: 256, 512, 128 (the default, last)
         logprob_ops._FWD_VARIANT = variant
         r[f"tl_fwd_v{variant}_ms"] = bench(lambda: token_logprobs(logits, labels, check_labels=False), rep=10)
     r["tl_fwd_ms"] = r["tl_fwd_v0_ms"]

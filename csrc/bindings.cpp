@@ -56,7 +56,8 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("packed"), py::arg("absmax"), py::arg("qabsmax"), py::arg("absmax2"),
       py::arg("code2"), py::arg("offset"), py::arg("blocksize2"), py::arg("n"),
-      py::arg("blocksize"), py::arg("out"), py::arg("out_dtype"), py::arg("stream"), py::arg("variant") = 0, py::call_guard<py::gil_scoped_release>());
+      py::arg("blocksize"), py::arg("out"), py::arg("out_dtype"), py::arg("stream"),
+      py::arg("variant") = 0, py::call_guard<py::gil_scoped_release>());
 
   m.def(
       "nf4_quantize",
@@ -88,10 +89,16 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "token_logprobs_fwd",
       [](uintptr_t logits, int dtype, int64_t batch, int64_t seq, int64_t vocab, int64_t stride_b,
-         int64_t stride_t, uintptr_t labels, int64_t ignore_index, float inv_temperature, uintptr_t logp,
-         uintptr_t entropy, uintptr_t lse, uintptr_t stream, int variant) {
+         int64_t stride_t, uintptr_t labels, int64_t ignore_index, float inv_temperature,
+         uintptr_t logp, uintptr_t entropy, uintptr_t lse, uintptr_t stream, int variant) {
         hoptune::TokenLogprobFwd a;
-        a.logits = {ptr<const void*>(logits), static_cast<DType>(dtype), batch, seq, vocab, stride_b, stride_t};
+        a.logits = {ptr<const void*>(logits),
+                    static_cast<DType>(dtype),
+                    batch,
+                    seq,
+                    vocab,
+                    stride_b,
+                    stride_t};
         a.labels = ptr<const int64_t*>(labels);
         a.ignore_index = ignore_index;
         a.inv_temperature = inv_temperature;
@@ -100,17 +107,25 @@ PYBIND11_MODULE(_C, m) {
         a.lse = ptr<float*>(lse);
         check(hoptune::token_logprobs_fwd(a, stream_of(stream), variant), "token_logprobs_fwd");
       },
-      py::arg("logits"), py::arg("dtype"), py::arg("batch"), py::arg("seq"), py::arg("vocab"), py::arg("stride_b"),
-      py::arg("stride_t"), py::arg("labels"), py::arg("ignore_index"), py::arg("inv_temperature"), py::arg("logp"),
-      py::arg("entropy"), py::arg("lse"), py::arg("stream"), py::arg("variant") = 0, py::call_guard<py::gil_scoped_release>());
+      py::arg("logits"), py::arg("dtype"), py::arg("batch"), py::arg("seq"), py::arg("vocab"),
+      py::arg("stride_b"), py::arg("stride_t"), py::arg("labels"), py::arg("ignore_index"),
+      py::arg("inv_temperature"), py::arg("logp"), py::arg("entropy"), py::arg("lse"),
+      py::arg("stream"), py::arg("variant") = 0, py::call_guard<py::gil_scoped_release>());
 
   m.def(
       "token_logprobs_bwd",
       [](uintptr_t logits, int dtype, int64_t batch, int64_t seq, int64_t vocab, int64_t stride_b,
-         int64_t stride_t, uintptr_t labels, int64_t ignore_index, float inv_temperature, uintptr_t lse,
-         uintptr_t entropy, uintptr_t grad_logp, uintptr_t grad_entropy, uintptr_t dlogits, uintptr_t stream) {
+         int64_t stride_t, uintptr_t labels, int64_t ignore_index, float inv_temperature,
+         uintptr_t lse, uintptr_t entropy, uintptr_t grad_logp, uintptr_t grad_entropy,
+         uintptr_t dlogits, uintptr_t stream) {
         hoptune::TokenLogprobBwd a;
-        a.logits = {ptr<const void*>(logits), static_cast<DType>(dtype), batch, seq, vocab, stride_b, stride_t};
+        a.logits = {ptr<const void*>(logits),
+                    static_cast<DType>(dtype),
+                    batch,
+                    seq,
+                    vocab,
+                    stride_b,
+                    stride_t};
         a.labels = ptr<const int64_t*>(labels);
         a.ignore_index = ignore_index;
         a.inv_temperature = inv_temperature;
@@ -121,17 +136,18 @@ PYBIND11_MODULE(_C, m) {
         a.dlogits = ptr<void*>(dlogits);
         check(hoptune::token_logprobs_bwd(a, stream_of(stream)), "token_logprobs_bwd");
       },
-      py::arg("logits"), py::arg("dtype"), py::arg("batch"), py::arg("seq"), py::arg("vocab"), py::arg("stride_b"),
-      py::arg("stride_t"), py::arg("labels"), py::arg("ignore_index"), py::arg("inv_temperature"), py::arg("lse"),
-      py::arg("entropy"), py::arg("grad_logp"), py::arg("grad_entropy"), py::arg("dlogits"), py::arg("stream"),
+      py::arg("logits"), py::arg("dtype"), py::arg("batch"), py::arg("seq"), py::arg("vocab"),
+      py::arg("stride_b"), py::arg("stride_t"), py::arg("labels"), py::arg("ignore_index"),
+      py::arg("inv_temperature"), py::arg("lse"), py::arg("entropy"), py::arg("grad_logp"),
+      py::arg("grad_entropy"), py::arg("dlogits"), py::arg("stream"),
       py::call_guard<py::gil_scoped_release>());
 
   m.def(
       "fused_logprob_chunk",
-      [](uintptr_t buf, int64_t rows, int64_t vocab, int64_t ld, uintptr_t labels, uintptr_t bias, float logit_scale,
-         float softcap, float inv_temperature, uintptr_t logp, uintptr_t entropy, uintptr_t lse, int grad_dtype,
-         bool write_grad, uintptr_t row_scale, uintptr_t label_coef, bool shifted, uintptr_t row_norm,
-         uintptr_t overflow, uintptr_t stream) {
+      [](uintptr_t buf, int64_t rows, int64_t vocab, int64_t ld, uintptr_t labels, uintptr_t bias,
+         float logit_scale, float softcap, float inv_temperature, uintptr_t logp, uintptr_t entropy,
+         uintptr_t lse, int grad_dtype, bool write_grad, uintptr_t row_scale, uintptr_t label_coef,
+         bool shifted, uintptr_t row_norm, uintptr_t overflow, uintptr_t stream) {
         hoptune::FusedLogprobChunk a;
         a.buf = ptr<float*>(buf);
         a.rows = rows;
@@ -154,9 +170,10 @@ PYBIND11_MODULE(_C, m) {
         a.overflow = ptr<int*>(overflow);
         check(hoptune::fused_logprob_chunk(a, stream_of(stream)), "fused_logprob_chunk");
       },
-      py::arg("buf"), py::arg("rows"), py::arg("vocab"), py::arg("ld"), py::arg("labels"), py::arg("bias"),
-      py::arg("logit_scale"), py::arg("softcap"), py::arg("inv_temperature"), py::arg("logp"), py::arg("entropy"),
-      py::arg("lse"), py::arg("grad_dtype"), py::arg("write_grad"), py::arg("row_scale"), py::arg("label_coef"), py::arg("shifted"), py::arg("row_norm"),
-      py::arg("overflow"), py::arg("stream"),
+      py::arg("buf"), py::arg("rows"), py::arg("vocab"), py::arg("ld"), py::arg("labels"),
+      py::arg("bias"), py::arg("logit_scale"), py::arg("softcap"), py::arg("inv_temperature"),
+      py::arg("logp"), py::arg("entropy"), py::arg("lse"), py::arg("grad_dtype"),
+      py::arg("write_grad"), py::arg("row_scale"), py::arg("label_coef"), py::arg("shifted"),
+      py::arg("row_norm"), py::arg("overflow"), py::arg("stream"),
       py::call_guard<py::gil_scoped_release>());
 }

@@ -27,6 +27,7 @@ namespace hoptune {
 namespace {
 
 constexpr int kThreads = 512;
+constexpr int kBwdThreads = 256;
 constexpr float kLog2e = 1.4426950408889634f;
 
 struct Stats {
@@ -35,7 +36,9 @@ struct Stats {
   float s1;  // sum exp(z - m) * (z - m)
 };
 
-__device__ __forceinline__ Stats stats_empty() { return {-INFINITY, 0.f, 0.f}; }
+__device__ __forceinline__ Stats stats_empty() {
+  return {-INFINITY, 0.f, 0.f};
+}
 
 // Rescale a to a new max mn: s1' = c (s1 + s0 (m - mn)), s0' = c s0.
 __device__ __forceinline__ void rescale(Stats& a, float mn) {
@@ -290,8 +293,8 @@ __global__ void __launch_bounds__(kRowThreads) token_logprobs_fwd_kernel(TokenLo
   }
 }
 
-template <typename T, bool kVec>
-__global__ void __launch_bounds__(kThreads) token_logprobs_bwd_kernel(TokenLogprobBwd a) {
+template <typename T, bool kVec, int kRowThreads>
+__global__ void __launch_bounds__(kRowThreads) token_logprobs_bwd_kernel(TokenLogprobBwd a) {
   const int64_t row = blockIdx.x;
   const int64_t y = a.labels[row];
   const int64_t off = row_offset(a.logits, row);
@@ -304,18 +307,32 @@ __global__ void __launch_bounds__(kThreads) token_logprobs_bwd_kernel(TokenLogpr
   const float gl = ignored ? 0.f : a.grad_logp[row];
   const float gh = (ignored || !a.grad_entropy) ? 0.f : a.grad_entropy[row];
   const float H = (ignored || !a.entropy) ? 0.f : a.entropy[row];
-  // dz_v = it * [gl (1[v=y] - p) - gh p (z'_v - lse + H)]
+  // dz_v = it [gl (1[v=y] - p) - gh p (lp + H)],  lp = z it - lse,  p = 2^(lp log2 e)
+  const float c = it * kLog2e, lse2 = lse * kLog2e;
+  const float k0 = -(gl + gh * H) * it, k1 = -gh * it;
   auto grad = [&](float zv, int64_t v) -> float {
-    if (ignored) return 0.f;
+    const float p = fast_exp2(fmaf(zv, c, -lse2));
     const float lp = fmaf(zv, it, -lse);
-    const float p = exp2f(lp * kLog2e);
-    float d = -gl * p - gh * p * (lp + H);
-    if (v == y) d += gl;
-    return d * it;
+    float d = p * fmaf(k1, lp, k0);
+    if (v == y) d += gl * it;
+    return ignored ? 0.f : d;
   };
   if (kVec) {
     const int64_t groups = V / 8;
-    for (int64_t g = threadIdx.x; g < groups; g += kThreads) {
+    int64_t g = threadIdx.x;
+    for (; g + kRowThreads < groups; g += 2 * kRowThreads) {  // two 16-byte loads in flight
+      float v0[8], v1[8];
+      Vec8<T>::load(z + 8 * g, v0);
+      Vec8<T>::load(z + 8 * (g + kRowThreads), v1);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        v0[j] = grad(v0[j], 8 * g + j);
+        v1[j] = grad(v1[j], 8 * (g + kRowThreads) + j);
+      }
+      Vec8<T>::store(dz + 8 * g, v0);
+      Vec8<T>::store(dz + 8 * (g + kRowThreads), v1);
+    }
+    for (; g < groups; g += kRowThreads) {
       float v[8];
       Vec8<T>::load(z + 8 * g, v);
 #pragma unroll
@@ -323,7 +340,8 @@ __global__ void __launch_bounds__(kThreads) token_logprobs_bwd_kernel(TokenLogpr
       Vec8<T>::store(dz + 8 * g, v);
     }
   } else {
-    for (int64_t i = threadIdx.x; i < V; i += kThreads) dz[i] = from_float<T>(grad(to_float(z[i]), i));
+    for (int64_t i = threadIdx.x; i < V; i += kRowThreads)
+      dz[i] = from_float<T>(grad(to_float(z[i]), i));
   }
 }
 
@@ -400,7 +418,8 @@ __global__ void __launch_bounds__(kThreads) fused_logprob_chunk_kernel(FusedLogp
         const float r0 = grad(q.x, 4 * g), r1 = grad(q.y, 4 * g + 1), r2 = grad(q.z, 4 * g + 2),
                     r3 = grad(q.w, 4 * g + 3);
         if constexpr (std::is_same<G, float>::value) {
-          reinterpret_cast<float4*>(out)[g] = make_float4(r0, r1, r2, r3);  // same words: no overlap
+          reinterpret_cast<float4*>(out)[g] =
+              make_float4(r0, r1, r2, r3);  // same words: no overlap
         } else if constexpr (std::is_same<G, __nv_bfloat16>::value) {
           __nv_bfloat162 h[2] = {__floats2bfloat162_rn(r0, r1), __floats2bfloat162_rn(r2, r3)};
           reinterpret_cast<uint2*>(out)[g] = *reinterpret_cast<uint2*>(h);
@@ -454,9 +473,11 @@ __global__ void __launch_bounds__(kThreads) fused_logprob_shifted_kernel(FusedLo
       const int64_t g = base + threadIdx.x;
       float4 q = make_float4(0.f, 0.f, 0.f, 0.f);
       if (g < groups) q = reinterpret_cast<const float4*>(z)[g];
-      if (a.write_grad) __syncthreads();  // every read of the words this iteration overwrites is done
+      if (a.write_grad)
+        __syncthreads();  // every read of the words this iteration overwrites is done
       if (g < groups) {
-        const float r0 = one(q.x, 4 * g), r1 = one(q.y, 4 * g + 1), r2 = one(q.z, 4 * g + 2), r3 = one(q.w, 4 * g + 3);
+        const float r0 = one(q.x, 4 * g), r1 = one(q.y, 4 * g + 1), r2 = one(q.z, 4 * g + 2),
+                    r3 = one(q.w, 4 * g + 3);
         if (a.write_grad) {
           if constexpr (std::is_same<G, float>::value) {
             reinterpret_cast<float4*>(out)[g] = make_float4(r0, r1, r2, r3);
@@ -499,13 +520,18 @@ __global__ void __launch_bounds__(kThreads) fused_logprob_shifted_kernel(FusedLo
   }
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+bool aligned16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
 
-size_t dtype_size(DType d) { return d == DType::kFloat32 ? 4 : 2; }
+size_t dtype_size(DType d) {
+  return d == DType::kFloat32 ? 4 : 2;
+}
 
 bool vector_ok(const LogitsView& v) {
   const size_t es = dtype_size(v.dtype);
-  return aligned16(v.ptr) && v.vocab % 8 == 0 && (v.stride_b * es) % 16 == 0 && (v.stride_t * es) % 16 == 0;
+  return aligned16(v.ptr) && v.vocab % 8 == 0 && (v.stride_b * es) % 16 == 0 &&
+         (v.stride_t * es) % 16 == 0;
 }
 
 }  // namespace
@@ -514,9 +540,11 @@ template <int kRowThreads>
 cudaError_t launch_fwd(const TokenLogprobFwd& a, int64_t rows, bool vec, cudaStream_t stream) {
   return HOPTUNE_DISPATCH_FLOAT(a.logits.dtype, T, [&] {
     if (vec) {
-      token_logprobs_fwd_kernel<T, true, kRowThreads><<<static_cast<unsigned>(rows), kRowThreads, 0, stream>>>(a);
+      token_logprobs_fwd_kernel<T, true, kRowThreads>
+          <<<static_cast<unsigned>(rows), kRowThreads, 0, stream>>>(a);
     } else {
-      token_logprobs_fwd_kernel<T, false, kRowThreads><<<static_cast<unsigned>(rows), kRowThreads, 0, stream>>>(a);
+      token_logprobs_fwd_kernel<T, false, kRowThreads>
+          <<<static_cast<unsigned>(rows), kRowThreads, 0, stream>>>(a);
     }
     return cudaGetLastError();
   });
@@ -524,7 +552,8 @@ cudaError_t launch_fwd(const TokenLogprobFwd& a, int64_t rows, bool vec, cudaStr
 
 cudaError_t token_logprobs_fwd(const TokenLogprobFwd& a, cudaStream_t stream, int variant) {
   const int64_t rows = a.logits.batch * a.logits.seq;
-  HOPTUNE_REQUIRE(a.logits.ptr && a.labels && a.logp && a.lse && a.logits.vocab > 0 && a.logits.seq > 0);
+  HOPTUNE_REQUIRE(a.logits.ptr && a.labels && a.logp && a.lse && a.logits.vocab > 0 &&
+                  a.logits.seq > 0);
   if (rows == 0) return cudaSuccess;
   HOPTUNE_REQUIRE(rows <= 0x7fffffff);
   const bool vec = vector_ok(a.logits);
@@ -532,15 +561,16 @@ cudaError_t token_logprobs_fwd(const TokenLogprobFwd& a, cudaStream_t stream, in
     case 1:
       return launch_fwd<256>(a, rows, vec, stream);
     case 2:
-      return launch_fwd<128>(a, rows, vec, stream);
-    default:
       return launch_fwd<512>(a, rows, vec, stream);
+    default:  // 128 threads per row: measured fastest on an H200 (bench/results/logprob.json)
+      return launch_fwd<128>(a, rows, vec, stream);
   }
 }
 
 cudaError_t token_logprobs_bwd(const TokenLogprobBwd& a, cudaStream_t stream) {
   const int64_t rows = a.logits.batch * a.logits.seq;
-  HOPTUNE_REQUIRE(a.logits.ptr && a.labels && a.lse && a.grad_logp && a.dlogits && a.logits.seq > 0);
+  HOPTUNE_REQUIRE(a.logits.ptr && a.labels && a.lse && a.grad_logp && a.dlogits &&
+                  a.logits.seq > 0);
   if (rows == 0) return cudaSuccess;
   HOPTUNE_REQUIRE(rows <= 0x7fffffff);
   HOPTUNE_REQUIRE(!a.grad_entropy || a.entropy);
@@ -549,9 +579,11 @@ cudaError_t token_logprobs_bwd(const TokenLogprobBwd& a, cudaStream_t stream) {
   const bool vec = vector_ok(a.logits) && vector_ok(out);
   return HOPTUNE_DISPATCH_FLOAT(a.logits.dtype, T, [&] {
     if (vec) {
-      token_logprobs_bwd_kernel<T, true><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(a);
+      token_logprobs_bwd_kernel<T, true, kBwdThreads>
+          <<<static_cast<unsigned>(rows), kBwdThreads, 0, stream>>>(a);
     } else {
-      token_logprobs_bwd_kernel<T, false><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(a);
+      token_logprobs_bwd_kernel<T, false, kBwdThreads>
+          <<<static_cast<unsigned>(rows), kBwdThreads, 0, stream>>>(a);
     }
     return cudaGetLastError();
   });

@@ -75,18 +75,6 @@ struct CodeLoad<4> {
   using type = uint32_t;
   __device__ __forceinline__ static uint32_t word(const uint32_t& v, int) { return v; }
 };
-template <>
-struct CodeLoad<8> {
-  using type = uint2;
-  __device__ __forceinline__ static uint32_t word(const uint2& v, int i) { return i == 0 ? v.x : v.y; }
-};
-template <>
-struct CodeLoad<16> {
-  using type = uint4;
-  __device__ __forceinline__ static uint32_t word(const uint4& v, int i) {
-    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
-  }
-};
 
 // A thread decodes kUnroll chunks of kBytes code bytes (2 * kBytes elements each), the chunks
 // kDequantThreads apart so each load instruction of a warp covers one contiguous run.
@@ -105,39 +93,42 @@ __global__ void __launch_bounds__(kDequantThreads)
   __syncthreads();
 
   const Word* src = reinterpret_cast<const Word*>(packed);
-  const int64_t base = static_cast<int64_t>(blockIdx.x) * (kDequantThreads * kUnroll) + threadIdx.x;
-  Word q[kUnroll];
-  float scale[kUnroll];
+  // grid-stride over tiles of kDequantThreads * kUnroll chunks (one pass unless the grid is capped)
+  for (int64_t tile = blockIdx.x; tile * (kDequantThreads * kUnroll) < nchunks; tile += gridDim.x) {
+    const int64_t base = tile * (kDequantThreads * kUnroll) + threadIdx.x;
+    Word q[kUnroll];
+    float scale[kUnroll];
 #pragma unroll
-  for (int k = 0; k < kUnroll; ++k) {
-    const int64_t c = base + k * kDequantThreads;
-    scale[k] = 0.f;
-    if (c < nchunks) {
-      q[k] = __ldg(src + c);
-      const int64_t b = c >> log2_chunks_per_block;
-      if (kNested) {
-        const float v = code2[__ldg(am.qabsmax + b)];
-        scale[k] = __fadd_rn(__fmul_rn(v, __ldg(am.absmax2 + (b >> log2_blocksize2))), am.offset);
-      } else {
-        scale[k] = __ldg(am.absmax + b);
+    for (int k = 0; k < kUnroll; ++k) {
+      const int64_t c = base + k * kDequantThreads;
+      scale[k] = 0.f;
+      if (c < nchunks) {
+        q[k] = __ldg(src + c);
+        const int64_t b = c >> log2_chunks_per_block;
+        if (kNested) {
+          const float v = code2[__ldg(am.qabsmax + b)];
+          scale[k] = __fadd_rn(__fmul_rn(v, __ldg(am.absmax2 + (b >> log2_blocksize2))), am.offset);
+        } else {
+          scale[k] = __ldg(am.absmax + b);
+        }
       }
     }
-  }
 #pragma unroll
-  for (int k = 0; k < kUnroll; ++k) {
-    const int64_t c = base + k * kDequantThreads;
-    if (c < nchunks) {
+    for (int k = 0; k < kUnroll; ++k) {
+      const int64_t c = base + k * kDequantThreads;
+      if (c < nchunks) {
 #pragma unroll
-      for (int w = 0; w < kBytes / 4; ++w) {
-        const uint32_t word = Load::word(q[k], w);
-        float v[8];
+        for (int w = 0; w < kBytes / 4; ++w) {
+          const uint32_t word = Load::word(q[k], w);
+          float v[8];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {  // byte j holds elements 2j (high nibble) and 2j+1 (low)
-          const uint32_t byte = (word >> (8 * j)) & 0xFFu;
-          v[2 * j] = __fmul_rn(lut[byte >> 4], scale[k]);
-          v[2 * j + 1] = __fmul_rn(lut[byte & 0xFu], scale[k]);
+          for (int j = 0; j < 4; ++j) {  // byte j holds elements 2j (high nibble) and 2j+1 (low)
+            const uint32_t byte = (word >> (8 * j)) & 0xFFu;
+            v[2 * j] = __fmul_rn(lut[byte >> 4], scale[k]);
+            v[2 * j + 1] = __fmul_rn(lut[byte & 0xFu], scale[k]);
+          }
+          Store8<OutT>::run(out + c * (2 * kBytes) + 8 * w, v);
         }
-        Store8<OutT>::run(out + c * (2 * kBytes) + 8 * w, v);
       }
     }
   }
@@ -215,23 +206,36 @@ inline int ilog2(int64_t v) {
   return r;
 }
 
-template <int kBytes, int kUnroll>
-cudaError_t launch_dequantize(const uint8_t* packed, const NF4Absmax& am, int64_t n, int blocksize, void* out,
-                              DType out_dtype, cudaStream_t stream) {
+int sm_count() {
+  static int count = [] {
+    int dev = 0, n = 132;
+    if (cudaGetDevice(&dev) == cudaSuccess)
+      cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
+    return n;
+  }();
+  return count;
+}
+
+template <int kBytes, int kUnroll, bool kPersistent = false>
+cudaError_t launch_dequantize(const uint8_t* packed, const NF4Absmax& am, int64_t n, int blocksize,
+                              void* out, DType out_dtype, cudaStream_t stream) {
   const int64_t nchunks = n / (2 * kBytes);
   const int per_cta = kDequantThreads * kUnroll;
-  const int64_t grid = (nchunks + per_cta - 1) / per_cta;
+  int64_t grid = (nchunks + per_cta - 1) / per_cta;
+  if (kPersistent) grid = grid < 8 * sm_count() ? grid : 8 * sm_count();
   HOPTUNE_REQUIRE(grid <= 0x7fffffff);
   const int log2_cpb = ilog2(blocksize / (2 * kBytes));
   const bool nested = am.qabsmax != nullptr;
   const int log2_bs2 = nested ? ilog2(am.blocksize2) : 0;
   return HOPTUNE_DISPATCH_FLOAT(out_dtype, OutT, [&] {
     if (nested) {
-      nf4_dequantize_kernel<OutT, true, kBytes, kUnroll><<<static_cast<unsigned>(grid), kDequantThreads, 0, stream>>>(
-          packed, am, nchunks, log2_cpb, log2_bs2, static_cast<OutT*>(out));
+      nf4_dequantize_kernel<OutT, true, kBytes, kUnroll>
+          <<<static_cast<unsigned>(grid), kDequantThreads, 0, stream>>>(
+              packed, am, nchunks, log2_cpb, log2_bs2, static_cast<OutT*>(out));
     } else {
-      nf4_dequantize_kernel<OutT, false, kBytes, kUnroll><<<static_cast<unsigned>(grid), kDequantThreads, 0, stream>>>(
-          packed, am, nchunks, log2_cpb, log2_bs2, static_cast<OutT*>(out));
+      nf4_dequantize_kernel<OutT, false, kBytes, kUnroll>
+          <<<static_cast<unsigned>(grid), kDequantThreads, 0, stream>>>(
+              packed, am, nchunks, log2_cpb, log2_bs2, static_cast<OutT*>(out));
     }
     return cudaGetLastError();
   });
@@ -243,16 +247,18 @@ cudaError_t nf4_dequantize(const uint8_t* packed, const NF4Absmax& absmax, int64
                            void* out, DType out_dtype, cudaStream_t stream, int variant) {
   HOPTUNE_REQUIRE(packed != nullptr && out != nullptr && n > 0);
   HOPTUNE_REQUIRE(is_pow2(blocksize) && blocksize >= 64 && blocksize <= 4096 && n % blocksize == 0);
-  HOPTUNE_REQUIRE(reinterpret_cast<uintptr_t>(packed) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0);
+  HOPTUNE_REQUIRE(reinterpret_cast<uintptr_t>(packed) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(out) % 16 == 0);
   const bool nested = absmax.qabsmax != nullptr;
-  HOPTUNE_REQUIRE(nested ? (absmax.absmax2 && absmax.code2 && is_pow2(absmax.blocksize2)) : absmax.absmax != nullptr);
+  HOPTUNE_REQUIRE(nested ? (absmax.absmax2 && absmax.code2 && is_pow2(absmax.blocksize2))
+                         : absmax.absmax != nullptr);
   switch (variant) {  // kernel versions under measurement; 0 is the default
     case 1:
       return launch_dequantize<4, 2>(packed, absmax, n, blocksize, out, out_dtype, stream);
     case 2:
       return launch_dequantize<4, 1>(packed, absmax, n, blocksize, out, out_dtype, stream);
     case 3:
-      return launch_dequantize<8, 2>(packed, absmax, n, blocksize, out, out_dtype, stream);
+      return launch_dequantize<4, 2, true>(packed, absmax, n, blocksize, out, out_dtype, stream);
     default:
       return launch_dequantize<4, 4>(packed, absmax, n, blocksize, out, out_dtype, stream);
   }

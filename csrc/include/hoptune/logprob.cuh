@@ -69,8 +69,9 @@ struct FusedLogprobChunk {
   float* lse = nullptr;                 // [rows]
   DType grad_dtype = DType::kBFloat16;  // dtype of G (the hidden states' dtype)
   bool write_grad = false;
-  const float* row_scale = nullptr;  // [rows] multiplies G and label_coef (upstream gradient), or null
-  float* label_coef = nullptr;       // [rows], written when write_grad
+  const float* row_scale =
+      nullptr;                  // [rows] multiplies G and label_coef (upstream gradient), or null
+  float* label_coef = nullptr;  // [rows], written when write_grad
   // Single pass: exponents taken relative to the label's logit instead of the row max, so the
   // row is read once; G is then left unnormalised (the caller scales G @ W by row_norm = 1/s0)
   // and overflow (a logit more than ~88 above the label's) is reported through *overflow.
