@@ -83,7 +83,7 @@ def pretrain(
                 loss.backward()
                 lr = opt.param_groups[0]["lr"]
                 loop.optimizer_step(opt, sched, params, 1.0)
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 bar.update(losses[-1], lr, ids.numel() / timer.lap(), loop.gpu_memory_gib())
         finally:
             bar.close()

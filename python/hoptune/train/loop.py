@@ -190,11 +190,13 @@ def optimizer_step(
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Recompute each decoder layer in the backward (non-reentrant: works with a frozen embedding,
     i.e. inputs that do not require grad)."""
-    if not hasattr(model, "gradient_checkpointing_enable"):
-        raise TypeError(
-            f"{type(model).__name__} has no gradient_checkpointing_enable (not a transformers model?)"
-        )
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise TypeError(f"{type(model).__name__} has no activation checkpointing (not a transformers model?)")
     if getattr(model, "config", None) is not None:
         model.config.use_cache = False
 

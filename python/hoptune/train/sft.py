@@ -51,38 +51,46 @@ class SFTResult:
     tokenizer: Any = None
 
 
-def load_model_and_tokenizer(
-    cfg: SFTConfig, device: torch.device, dtype: torch.dtype
-) -> tuple[nn.Module, Any]:
-    """The base model (NF4 on load for a checkpoint folder with model.quantize=nf4) and its tokenizer."""
+def load_tokenizer(cfg: SFTConfig) -> Any:
+    """The tokenizer alone (cheap), so the data can be checked before the model is loaded."""
+    if cfg.model.path in TINY:
+        from hoptune.models import build_tokenizer
+
+        return build_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(cfg.model.path)
+
+
+def load_base_model(cfg: SFTConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The base model: NF4 on load for a checkpoint folder with model.quantize=nf4 (QLoRA)."""
     m = cfg.model
     if m.path in TINY:
         from hoptune.models import load_tiny
 
-        model, tokenizer = load_tiny(device=device, dtype=dtype, log=print)
-    else:
-        from transformers import AutoTokenizer
+        model, _ = load_tiny(device=device, dtype=dtype, log=print)
+        if m.attn_implementation is not None:
+            model.set_attn_implementation(m.attn_implementation)
+        return model
+    from hoptune.loading import load_model
 
-        from hoptune.loading import load_model
-
-        tokenizer = AutoTokenizer.from_pretrained(m.path)
-        model = load_model(
-            m.path,
-            quantize=m.quantize if cfg.lora.enabled else None,
-            device=device,
-            dtype=dtype,
-            double_quant=m.double_quant,
-            attn_implementation=m.attn_implementation,
-        )
-    if m.attn_implementation is not None and m.path in TINY:
-        model.set_attn_implementation(m.attn_implementation)
-    return model, tokenizer
+    return load_model(
+        m.path,
+        quantize=m.quantize if cfg.lora.enabled else None,
+        device=device,
+        dtype=dtype,
+        double_quant=m.double_quant,
+        attn_implementation=m.attn_implementation,
+    )
 
 
 def prepare_model(model: nn.Module, cfg: SFTConfig) -> nn.Module:
-    """Adapters (or full fine-tuning), gradient checkpointing, train mode."""
+    """Adapters (or full fine-tuning), gradient checkpointing, train mode. A model that already has
+    LoRA layers keeps them (and trains whichever of their parameters require grad)."""
     lo = cfg.lora
-    if lo.enabled:
+    if lo.enabled and loop.has_lora(model):
+        pass  # adapters already in place (e.g. hoptune.load_adapter(..., trainable=True)): train those
+    elif lo.enabled:
         from hoptune.patch import apply_lora
 
         apply_lora(
@@ -202,20 +210,21 @@ def train(cfg: SFTConfig, log=print, model: nn.Module | None = None, tokenizer: 
 
     atomic_write_text(os.path.join(run_dir, "config.yaml"), dump_config(cfg))
 
-    # 1. model
-    if model is None:
-        model, tokenizer = load_model_and_tokenizer(cfg, device, dtype)
-    elif tokenizer is None:
+    # 1. data first: a data problem shows before an expensive model load
+    if model is not None and tokenizer is None:
         raise ValueError("pass the tokenizer together with the model")
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
+    rows, eval_rows, reports = load_data(cfg, tokenizer, log)
+    for r in reports:
+        log("data: " + r.summary())
+
+    # 2. model
+    if model is None:
+        model = load_base_model(cfg, device, dtype)
     prepare_model(model, cfg)
     named = loop.trainable_parameters(model)
     n_train, n_total = loop.count_parameters(model)
     log(f"model: {cfg.model.path} on {device} ({dtype}); {n_train:,} trainable of {n_total:,} parameters")
-
-    # 2. data
-    rows, eval_rows, reports = load_data(cfg, tokenizer, log)
-    for r in reports:
-        log("data: " + r.summary())
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     rows_per_step = t.batch_size * t.grad_accum
     sampler = StepSampler(len(rows), rows_per_step, t.seed)

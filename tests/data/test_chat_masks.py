@@ -1,0 +1,179 @@
+"""Loss masks: completion / assistant turns with their end-of-turn token, for chat templates with
+and without generation prompts or {% generation %} markers, and never silently empty."""
+
+import json
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from hoptune.data import DataError, load_examples
+from hoptune.data.formatting import ChatFormatter, ExampleError, tokenize_prompt_completion, tokenize_record
+
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 3+4?"},
+    {"role": "assistant", "content": "7"},
+    {"role": "user", "content": "And 5+5?"},
+    {"role": "assistant", "content": "10"},
+]
+
+NO_GEN_PROMPT = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+WITH_GENERATION_TAGS = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{% if m['role'] == 'assistant' %}"
+    "{% generation %}{{ m['content'] }}<|end|>{% endgeneration %}{% else %}{{ m['content'] }}<|end|>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+# rewrites earlier assistant turns (as templates that strip reasoning do): prefixes are not prefixes
+REWRITES = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}"
+    "<|assistant|>...<|end|>{% else %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+REWRITES_TAGGED = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}"
+    "<|assistant|>...<|end|>{% elif m['role'] == 'assistant' %}<|assistant|>{% generation %}{{ m['content'] }}"
+    "<|end|>{% endgeneration %}{% else %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def masked_text(tok, ids, mask):
+    """The loss tokens, decoded span by span."""
+    spans, cur = [], []
+    for t, m in zip(ids, mask):
+        if m:
+            cur.append(t)
+        elif cur:
+            spans.append(tok.decode(cur))
+            cur = []
+    if cur:
+        spans.append(tok.decode(cur))
+    return spans
+
+
+def test_tiny_template_without_markers(tokenizer):
+    ids, mask = ChatFormatter(tokenizer).tokenize(CHAT)
+    assert masked_text(tokenizer, ids, mask) == ["7<|end|>", "10<|end|>"]
+    assert tokenizer.decode(ids).startswith("<s><|system|>Be brief.")
+
+
+def test_template_without_generation_prompt(tokenizer):
+    """No generation prompt: the role header is not trained, the content and the newline are."""
+    ids, mask = ChatFormatter(tokenizer, NO_GEN_PROMPT).tokenize(CHAT)
+    assert masked_text(tokenizer, ids, mask) == ["7\n", "10\n"]
+
+
+def test_generation_tags_agree_with_transformers(tokenizer):
+    ids, mask = ChatFormatter(tokenizer, WITH_GENERATION_TAGS).tokenize(CHAT)
+    ref = tokenizer.apply_chat_template(
+        CHAT,
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+        chat_template=WITH_GENERATION_TAGS,
+    )
+    assert ids == list(ref["input_ids"])
+    assert mask == list(ref["assistant_masks"])
+
+
+def test_template_that_rewrites_turns(tokenizer):
+    with pytest.raises(ExampleError, match=r"\{% generation %\}"):
+        ChatFormatter(tokenizer, REWRITES).tokenize(CHAT)
+    # a single-turn chat is fine with it, and markers rescue the multi-turn one
+    ids, mask = ChatFormatter(tokenizer, REWRITES).tokenize(CHAT[:3])
+    assert masked_text(tokenizer, ids, mask) == ["7<|end|>"]
+    ids, mask = ChatFormatter(tokenizer, REWRITES_TAGGED).tokenize(CHAT)
+    assert masked_text(tokenizer, ids, mask) == ["10<|end|>"]
+
+
+def test_no_chat_template_is_a_clear_error(tmp_path, tokenizer):
+    tokenizer.chat_template = None
+    p = tmp_path / "c.jsonl"
+    p.write_text(json.dumps({"messages": CHAT}) + "\n")
+    with pytest.raises(DataError, match="no chat template.*model.chat_template"):
+        load_examples(str(p), tokenizer, max_seq_len=128)
+
+
+def _bpe_tokenizer():
+    """A byte-level BPE tokenizer with multi-character tokens and Llama-3-style headers."""
+    tk = Tokenizer(models.BPE(unk_token=None))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    special = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|pad|>"]
+    corpus = [
+        "What is the answer to the question? The answer is forty two.",
+        "Hello there, how are you?",
+    ] * 50
+    tk.train_from_iterator(
+        corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=special, show_progress=False)
+    )
+    template = (
+        "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+        "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        pad_token="<|pad|>",
+        chat_template=template,
+    )
+
+
+def test_llama3_style_bpe():
+    tok = _bpe_tokenizer()
+    chat = [
+        {"role": "user", "content": "What is the answer?"},
+        {"role": "assistant", "content": "The answer is forty two."},
+    ]
+    ids, mask = ChatFormatter(tok).tokenize(chat)
+    assert masked_text(tok, ids, mask) == ["The answer is forty two.<|eot_id|>"]
+    # the mask starts exactly where the generation prompt ends
+    prompt = tok.apply_chat_template(chat[:1], tokenize=False, add_generation_prompt=True)
+    n = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    assert mask.index(1) == n
+
+
+def test_prompt_completion_keeps_eos_in_loss(tokenizer):
+    ids, mask = tokenize_prompt_completion(tokenizer, "3+4=", "7")
+    assert tokenizer.convert_ids_to_tokens(ids) == ["<s>", "3", "+", "4", "=", "7", "</s>"]
+    assert mask == [0, 0, 0, 0, 0, 1, 1]
+
+
+def test_conversational_prompt_completion(tokenizer):
+    rec = {"prompt": CHAT[:4], "completion": CHAT[4:]}
+    ids, mask = tokenize_record(rec, tokenizer, ChatFormatter(tokenizer))
+    assert masked_text(tokenizer, ids, mask) == ["10<|end|>"]
+
+
+def test_text_records_train_every_token(tokenizer):
+    ids, mask = tokenize_record({"text": "1+1=2"}, tokenizer)
+    assert sum(mask) == len(ids) and ids[-1] == tokenizer.eos_token_id
+
+
+def test_example_without_loss_token_is_an_error(tmp_path, tokenizer):
+    rows = [
+        {"prompt": "a long prompt " * 5, "completion": "x"},  # completion cut by right truncation
+        {"prompt": "ok", "completion": "fine"},
+        {"messages": [{"role": "user", "content": "hi"}]},  # no assistant turn
+        {
+            "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]
+        },  # only <|end|>
+    ]
+    p = tmp_path / "e.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError) as e:
+        load_examples(str(p), tokenizer, max_seq_len=20)
+    msg = str(e.value)
+    assert "2 example(s) cannot be trained on" in msg
+    assert "line 1: truncation to data.max_seq_len=20" in msg and "line 3: no assistant message" in msg
+    ex, rep = load_examples(str(p), tokenizer, max_seq_len=20, skip_bad=True)
+    assert len(ex) == 2 and [ln for ln, _ in rep.no_loss] == [1] and [ln for ln, _ in rep.invalid] == [3]
+    assert all(e.num_loss_tokens > 0 for e in ex)
+    # an empty assistant message still trains its end-of-turn token
+    assert ex[1].num_loss_tokens == 1
+    # keeping the end instead keeps the completion
+    ex, rep = load_examples(str(p), tokenizer, max_seq_len=20, truncation="left", skip_bad=True)
+    assert len(ex) == 3 and rep.truncated == 1

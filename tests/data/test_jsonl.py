@@ -1,0 +1,66 @@
+import json
+
+import pytest
+
+from hoptune.data import DataError, load_examples, read_jsonl
+
+
+def _write(path, lines):
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def test_reads_records_with_line_numbers(tmp_path):
+    p = _write(tmp_path / "a.jsonl", ['{"prompt": "a", "completion": "b"}', "", '{"text": "hello"}'])
+    recs, rep = read_jsonl(p)
+    assert [r.line for r in recs] == [1, 3]
+    assert rep.blank == 1 and rep.records == 2
+    assert recs[1].where.endswith("a.jsonl:3")
+
+
+def test_malformed_lines_stop_with_line_numbers(tmp_path):
+    lines = ['{"text": "ok"}', '{"text": "cut', '{"text": "ok"}', "[1, 2]", "not json"]
+    p = _write(tmp_path / "bad.jsonl", lines)
+    with pytest.raises(DataError) as e:
+        read_jsonl(p)
+    msg = str(e.value)
+    assert "3 malformed line(s)" in msg
+    assert "line 2: invalid JSON" in msg and "line 4: expected a JSON object, got list" in msg
+    assert "line 5" in msg and "data.skip_bad_examples=true" in msg
+
+
+def test_malformed_lines_skipped_when_asked(tmp_path, tokenizer):
+    p = _write(tmp_path / "bad.jsonl", ['{"prompt": "1+1=", "completion": "2"}', "{oops", '{"text": "x"}'])
+    recs, rep = read_jsonl(p, skip_malformed=True)
+    assert len(recs) == 2 and [ln for ln, _ in rep.malformed] == [2]
+    examples, report = load_examples(p, tokenizer, max_seq_len=64, skip_bad=True)
+    assert len(examples) == 2
+    assert "1 malformed lines skipped (2)" in report.summary()
+
+
+def test_missing_fields_are_clear(tmp_path, tokenizer):
+    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "only a prompt"}, {"question": "q", "answer": "a"}]
+    p = _write(tmp_path / "m.jsonl", [json.dumps(r) for r in rows])
+    with pytest.raises(DataError) as e:
+        load_examples(p, tokenizer, max_seq_len=64)
+    msg = str(e.value)
+    assert "line 2: missing field 'completion'" in msg
+    assert "line 3: no known fields (fields present: answer, question)" in msg
+    examples, rep = load_examples(p, tokenizer, max_seq_len=64, skip_bad=True)
+    assert len(examples) == 1 and len(rep.invalid) == 2
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        read_jsonl(tmp_path / "nope.jsonl")
+
+
+def test_wrong_types(tmp_path, tokenizer):
+    rows = [{"prompt": "a", "completion": 3}, {"messages": [{"role": "user"}]}, {"messages": "hi"}]
+    p = _write(tmp_path / "t.jsonl", [json.dumps(r) for r in rows])
+    with pytest.raises(DataError) as e:
+        load_examples(p, tokenizer, max_seq_len=64)
+    msg = str(e.value)
+    assert "line 1: 'prompt' and 'completion' must both be strings" in msg
+    assert "line 2: messages[0] must be an object with 'role' and 'content'" in msg
+    assert "line 3: 'messages' must be a non-empty list" in msg

@@ -1,0 +1,111 @@
+"""Packing: best-fit decreasing, per-document positions, and the same loss and gradient as
+unpacked batches (documents must not attend to each other)."""
+
+import random
+
+import pytest
+import torch
+
+from hoptune.data import StepSampler, best_fit_decreasing, collate, mix_replay, pack_examples, split_eval
+from hoptune.data.formatting import Example
+from hoptune.data.packing import rows_from_examples
+from hoptune.train.sft import sft_step
+from tests.conftest import report_close
+
+
+def test_best_fit_decreasing():
+    lengths = [7, 5, 4, 3, 3, 2, 2, 1, 9]
+    bins = best_fit_decreasing(lengths, 10)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 10 for b in bins)
+    assert len(bins) == 4  # 36 tokens: the optimum is 4 bins of 10
+    with pytest.raises(ValueError, match="truncate it first"):
+        best_fit_decreasing([11], 10)
+
+
+def test_best_fit_many_items_is_tight():
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 100) for _ in range(2000)]
+    bins = best_fit_decreasing(lengths, 256)
+    assert all(sum(lengths[i] for i in b) <= 256 for b in bins)
+    assert len(bins) <= sum(lengths) / 256 * 1.02 + 1
+
+
+def _examples(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = int(torch.randint(4, 20, (1,), generator=g))
+        ids = torch.randint(10, 60, (length,), generator=g).tolist()
+        p = int(torch.randint(1, length - 1, (1,), generator=g))
+        out.append(Example(ids, [0] * p + [1] * (length - p), f"x:{i}"))
+    return out
+
+
+def test_packed_rows_positions_and_masks():
+    ex = _examples(6)
+    rows = pack_examples(ex, 40)
+    assert sum(r.num_docs for r in rows) == 6
+    for r in rows:
+        assert len(r) <= 40
+        starts = [i for i, p in enumerate(r.position_ids) if p == 0]
+        assert len(starts) == r.num_docs and starts[0] == 0
+        assert all(r.loss_mask[s] == 0 for s in starts)  # never predicted across documents
+    b = collate(rows, pad_id=0)
+    assert b["attention_mask"] is None and b["position_ids"].shape == b["input_ids"].shape
+    assert int(b["num_tokens"]) == sum(len(e) for e in ex)
+    total_targets = sum(e.num_loss_tokens for e in ex)
+    assert int(b["loss_mask"][:, 1:].sum()) == total_targets
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_equals_unpacked(small_model, attn):
+    model = small_model
+    model.set_attn_implementation(attn)
+    model.train()
+    ex = _examples(9, seed=3)
+    unpacked = collate(rows_from_examples(ex), pad_id=0)
+    packed_rows = pack_examples(ex, 48)
+    assert len(packed_rows) < len(ex)
+    packed = collate(packed_rows, pad_id=0)
+
+    loss_u, n_u, _ = sft_step(model, [unpacked], torch.device("cpu"))
+    g_u = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    loss_p, n_p, _ = sft_step(model, [packed], torch.device("cpu"))
+    g_p = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert n_u == n_p
+    assert loss_p == pytest.approx(loss_u, rel=1e-5)
+    for n in g_u:
+        report_close(g_p[n], g_u[n], 1e-6, 1e-4, n)
+
+    # and the check is real: the same rows without per-document positions give another loss
+    leaky = dict(packed)
+    leaky["position_ids"] = None
+    leaky["attention_mask"] = (packed["input_ids"] != -1).long()
+    model.zero_grad(set_to_none=True)
+    loss_leak, _, _ = sft_step(model, [leaky], torch.device("cpu"))
+    model.zero_grad(set_to_none=True)
+    assert abs(loss_leak - loss_u) > 1e-4
+
+
+def test_split_and_replay():
+    ex = _examples(50)
+    train, held = split_eval(ex, 0.2, seed=0)
+    assert len(held) == 10 and len(train) == 40
+    assert not {e.where for e in train} & {e.where for e in held}
+    assert split_eval(ex, 0.2, seed=0)[1] == held  # deterministic
+    general = _examples(3, seed=9)
+    mixed, added = mix_replay(train, general, 0.2, seed=0)
+    assert added == 10 and len(mixed) == 50  # 10 of 50 = 20%, drawn again once the 3 are used
+    assert mix_replay(train, general, 0.0, seed=0) == (train, 0)
+
+
+def test_step_sampler_is_deterministic_and_covers_epochs():
+    s = StepSampler(num_rows=10, rows_per_step=4, seed=7)
+    seq = [i for step in range(5) for i in s.rows_for_step(step)]
+    assert sorted(seq[:10]) == list(range(10)) and sorted(seq[10:20]) == list(range(10))
+    assert seq[:10] != seq[10:20]  # a new order each epoch
+    s2 = StepSampler(num_rows=10, rows_per_step=4, seed=7)
+    assert s2.rows_for_step(3) == s.rows_for_step(3)  # any step, without replaying the others
+    assert s.steps_for_epochs(2) == 5

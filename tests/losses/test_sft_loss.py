@@ -1,0 +1,145 @@
+"""The SFT loss equals TRL's definition (docs/FORMATS.md §3): masked token NLL summed over the
+whole accumulated batch, divided by the number of loss tokens of the whole batch.
+
+The oracle is independent of hoptune's forward: TRL's collator builds the labels, the model's
+full logits go through transformers' ``ForCausalLMLoss`` with ``num_items_in_batch`` (what TRL's
+trainer does), and the gradients of every micro-batch are summed."""
+
+import pytest
+import torch
+from transformers.loss.loss_utils import ForCausalLMLoss
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from hoptune.data.packing import Row, collate
+from hoptune.losses import count_loss_tokens, sft_loss, shift_for_next_token, token_logprobs_from_logits
+from hoptune.train.sft import sft_step
+from tests.conftest import report_close
+
+
+def test_token_logprobs_reference():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11, dtype=torch.bfloat16)
+    labels = torch.randint(0, 11, (3, 5))
+    labels[0, 2] = -100
+    lp = token_logprobs_from_logits(logits, labels)
+    assert lp.dtype == torch.float32 and lp.shape == (3, 5)
+    ref = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1)
+    ref[0, 2] = 0.0
+    report_close(lp, ref, 1e-6, 1e-6, "logprobs")
+    lp_t = token_logprobs_from_logits(logits, labels, temperature=0.7)
+    ref_t = torch.log_softmax(logits.float() / 0.7, -1).gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1)
+    ref_t[0, 2] = 0.0
+    report_close(lp_t, ref_t, 1e-6, 1e-6, "logprobs temperature")
+
+
+def test_token_logprobs_errors():
+    with pytest.raises(ValueError, match="labels must have the shape"):
+        token_logprobs_from_logits(torch.randn(2, 3, 5), torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 5\)"):
+        token_logprobs_from_logits(torch.randn(2, 5), torch.tensor([1, 7]))
+    with pytest.raises(TypeError, match="int64"):
+        token_logprobs_from_logits(torch.randn(2, 5), torch.tensor([1.0, 2.0]))
+
+
+def test_sft_loss_normalises_by_whole_batch():
+    lp = torch.tensor([[-1.0, -2.0, -3.0], [-4.0, -5.0, -6.0]])
+    mask = torch.tensor([[True, False, True], [False, False, True]])
+    assert float(sft_loss(lp, mask)) == pytest.approx((1 + 3 + 6) / 3)
+    assert float(sft_loss(lp, mask, num_loss_tokens=10)) == pytest.approx(10 / 10)
+    with pytest.raises(ValueError, match="no loss token"):
+        sft_loss(lp, torch.zeros_like(mask))
+    assert count_loss_tokens([mask, mask[:1]]) == 5
+
+
+def test_shift_for_next_token():
+    ids = torch.tensor([[5, 6, 7, 8]])
+    mask = torch.tensor([[0, 0, 1, 1]], dtype=torch.bool)
+    assert shift_for_next_token(ids, mask).tolist() == [[-100, 7, 8]]
+
+
+def _examples(tokenizer, n, seed):
+    """Prompt/completion examples of very different lengths (uneven loss tokens per micro-batch)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        p_len = int(torch.randint(2, 12, (1,), generator=g))
+        c_len = 1 + (i * 7) % 13
+        ids = torch.randint(10, 60, (p_len + c_len,), generator=g).tolist()
+        out.append((ids, [0] * p_len + [1] * c_len))
+    return out
+
+
+def _oracle_step(model, micro_examples):
+    """TRL's collator + transformers' loss with num_items_in_batch, summed over micro-batches."""
+    collator = DataCollatorForLanguageModeling(pad_token_id=0)
+    batches = []
+    for ex in micro_examples:
+        feats = [
+            {"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, mask)]} for ids, mask in ex
+        ]
+        batches.append(collator(feats))
+    n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    total = 0.0
+    for b in batches:
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        loss = ForCausalLMLoss(logits, b["labels"], vocab_size=logits.shape[-1], num_items_in_batch=n_items)
+        loss.backward()
+        total += float(loss.detach())
+    return total
+
+
+def _hoptune_step(model, micro_examples):
+    micro = [collate([Row(ids, mask) for ids, mask in ex], pad_id=0) for ex in micro_examples]
+    loss, _, _ = sft_step(model, micro, torch.device("cpu"))
+    return loss
+
+
+def _grads(model):
+    out = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_sft_step_matches_trl_definition(small_model, tokenizer, lora):
+    """Per-step loss and gradient, 3 micro-batches with very uneven loss-token counts."""
+    model = small_model
+    if lora:
+        from hoptune.patch import apply_lora
+
+        apply_lora(model, r=4, alpha=8, init_lora_weights=False)
+    model.train()
+    ex = _examples(tokenizer, 7, seed=1)
+    micro = [ex[:1], ex[1:5], ex[5:]]  # 1, 4 and 2 examples
+    counts = [sum(sum(m[1:]) for _, m in e) for e in micro]
+    assert len(set(counts)) == 3, counts
+
+    ours = _hoptune_step(model, micro)
+    g_ours = _grads(model)
+    ref = _oracle_step(model, micro)
+    g_ref = _grads(model)
+    assert ours == pytest.approx(ref, rel=1e-5)
+    assert set(g_ours) == set(g_ref) and g_ours
+    for n in g_ref:
+        report_close(g_ours[n], g_ref[n], 1e-6, 1e-4, n)
+
+    # the test can tell the definitions apart: a mean of per-micro-batch means is not this loss
+    means = 0.0
+    for e in micro:
+        means += _oracle_step(model, [e]) / len(micro)
+    model.zero_grad(set_to_none=True)
+    assert abs(means - ref) > 1e-3
+
+
+def test_one_batch_equals_accumulated(small_model, tokenizer):
+    """Accumulating micro-batches gives the loss and gradient of the same examples as one batch."""
+    model = small_model
+    model.train()
+    ex = _examples(tokenizer, 6, seed=2)
+    one = _hoptune_step(model, [ex])
+    g_one = _grads(model)
+    acc = _hoptune_step(model, [ex[:2], ex[2:3], ex[3:]])
+    g_acc = _grads(model)
+    assert acc == pytest.approx(one, rel=1e-5)
+    for n in g_one:
+        report_close(g_acc[n], g_one[n], 1e-6, 1e-4, n)

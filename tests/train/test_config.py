@@ -1,0 +1,97 @@
+import pytest
+
+from hoptune.config import ConfigError, SFTConfig, check_sft_config, load_config, parse_override
+
+
+def _yaml(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_loads_yaml_and_overrides(tmp_path):
+    p = _yaml(tmp_path, "train:\n  lr: 1.0e-4\n  batch_size: 4\nlora:\n  r: 8\n")
+    cfg = load_config(
+        p, ["train.lr=3e-4", "lora.target_modules=[q_proj, v_proj]", "data.eval=null", "train.epochs=2"]
+    )
+    assert isinstance(cfg, SFTConfig)
+    assert cfg.train.lr == 3e-4 and cfg.train.batch_size == 4 and cfg.lora.r == 8
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.data.eval is None and cfg.train.epochs == 2.0 and isinstance(cfg.train.epochs, float)
+
+
+@pytest.mark.parametrize(
+    ("key", "suggestion"),
+    [
+        ("train.learnig_rate", "train.lr"),
+        ("train.learning_rate", "train.lr"),
+        ("lr", "train.lr"),
+        ("trian.lr", "train"),
+        ("data.max_len", "data.max_seq_len"),
+        ("lora.rank", "lora.r"),
+        ("model.quantise", "model.quantize"),
+        ("train.gradient_accumulation_steps", "train.grad_accum"),
+        ("data.packnig", "data.packing"),
+    ],
+)
+def test_unknown_key_names_the_nearest(tmp_path, key, suggestion):
+    reported = key.split(".")[0] if key.startswith("trian") else key  # an unknown section is reported as such
+    with pytest.raises(ConfigError, match=f"unknown config key '{reported}'; did you mean '{suggestion}'"):
+        load_config(None, [f"{key}=1"])
+    # the same in a YAML file
+    section, _, leaf = key.rpartition(".")
+    text = f"{section}:\n  {leaf}: 1\n" if section else f"{leaf}: 1\n"
+    with pytest.raises(ConfigError, match=f"did you mean '{suggestion}'"):
+        load_config(_yaml(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lr=abc", r"train.lr: expected float, got 'abc' \(str\)"),
+        ("train.batch_size=2.5", "train.batch_size: expected int, got 2.5"),
+        ("train.grad_accum=true", "train.grad_accum: expected int, got True"),
+        ("data.packing=3", "data.packing: expected bool, got 3"),
+        ("model.quantize=nf8", "model.quantize: expected one of 'nf4' | null, got 'nf8'"),
+        ("train.betas=0.9", r"train.betas: expected list\[float\]"),
+        ("lora.target_modules=3", r"lora.target_modules: expected str \| list\[str\], got 3"),
+        ("train=3", "train: expected a mapping"),
+        ("train.lr.x=1", "train.lr is not a section"),
+        ("trainlr", "must look like section.key=value"),
+    ],
+)
+def test_wrong_type_overrides(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_value_checks():
+    cfg = load_config(None, ["data.train=x.jsonl", "lora.enabled=false"])
+    with pytest.raises(ConfigError, match="needs model.quantize=null"):
+        check_sft_config(cfg)
+    cfg = load_config(None, ["data.train=x.jsonl", "data.eval_fraction=1.5"])
+    with pytest.raises(ConfigError, match=r"data.eval_fraction must be in \[0, 1\)"):
+        check_sft_config(cfg)
+    with pytest.raises(ConfigError, match="data.train: set the training JSONL"):
+        check_sft_config(load_config(None))
+
+
+def test_parse_override_yaml_values():
+    # YAML reads 1e-4 as a string; the float field converts it
+    assert load_config(None, ["train.lr=1e-4"]).train.lr == 1e-4
+    assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
+    assert parse_override("a.b=x=y") == (["a", "b"], "x=y")
+
+
+def test_shipped_configs_load():
+    from importlib import resources
+
+    root = resources.files("hoptune.configs")
+    names = [p.name for p in root.iterdir() if p.name.endswith(".yaml")]
+    assert names
+    for n in names:
+        text = root.joinpath(n).read_text()
+        assert text.startswith("#") and "hoptune " in text.splitlines()[0] + text, (
+            f"{n}: header must show the command"
+        )
+        load_config(str(root.joinpath(n)))

@@ -1,0 +1,140 @@
+import json
+import os
+
+import pytest
+import torch
+
+from hoptune.train import loop
+
+
+def test_lr_schedule_warmup_cosine():
+    s = loop.LRSchedule(total_steps=110, warmup_steps=10, kind="cosine", min_ratio=0.1)
+    assert s(0) == pytest.approx(1 / 11)
+    assert s(9) == pytest.approx(10 / 11)
+    assert s(10) == pytest.approx(1.0)
+    assert s(60) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert s(110) == pytest.approx(0.1) and s(500) == pytest.approx(0.1)
+    assert loop.LRSchedule(10, 0, "linear")(5) == pytest.approx(0.5)
+    assert loop.LRSchedule(10, 2, "constant")(7) == 1.0
+
+
+def test_scheduler_state_round_trip():
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = loop.build_optimizer([("p", p)], lr=1.0)
+    sch = loop.build_scheduler(opt, 100, 5)
+    for _ in range(7):
+        opt.step()
+        sch.step()
+    opt2 = loop.build_optimizer([("p", p)], lr=1.0)
+    sch2 = loop.build_scheduler(opt2, 100, 5)
+    sch2.load_state_dict(sch.state_dict())
+    assert sch2.get_last_lr() == sch.get_last_lr()
+
+
+def test_no_weight_decay_on_vectors():
+    w = torch.nn.Parameter(torch.zeros(3, 3))
+    b = torch.nn.Parameter(torch.zeros(3))
+    opt = loop.build_optimizer([("w", w), ("b", b)], lr=1.0, weight_decay=0.1)
+    decays = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert decays[id(w)] == 0.1 and decays[id(b)] == 0.0
+
+
+def _lora_model(small_model):
+    from hoptune.patch import apply_lora
+
+    return apply_lora(small_model, r=2, alpha=4)
+
+
+def test_checkpoint_interrupted_mid_write_keeps_previous(tmp_path, small_model, monkeypatch):
+    model = _lora_model(small_model)
+    params = loop.trainable_parameters(model)
+    opt = loop.build_optimizer(params, 1e-2)
+    sch = loop.build_scheduler(opt, 10)
+    ck = loop.Checkpointer(tmp_path, keep=2)
+    first = ck.save(1, model, opt, sch, {"step": 1})
+    a1 = {n: p.detach().clone() for n, p in params}
+
+    with torch.no_grad():
+        for _, p in params:
+            p.add_(1.0)
+    real_save = torch.save
+
+    def crash(obj, path, *a, **k):  # dies half-way through writing the state file
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save(2, model, opt, sch, {"step": 2})
+    monkeypatch.setattr(torch, "save", real_save)
+
+    assert ck.latest() == first
+    assert not os.path.exists(os.path.join(ck.dir, "step-00000002"))
+    state = loop.Checkpointer.load(first, model, opt, sch)
+    assert state == {"step": 1}
+    for n, p in params:
+        assert torch.equal(p.detach(), a1[n]), n
+
+    # a temporary folder left by a process killed outright is ignored, then cleaned by the next save
+    os.makedirs(os.path.join(ck.dir, ".tmp-step-00000003-x", "adapter"))
+    assert ck.latest() == first
+    ck.save(3, model, opt, sch, {"step": 3})
+    assert not [n for n in os.listdir(ck.dir) if n.startswith(".tmp-")]
+    assert os.path.basename(ck.latest()) == "step-00000003"
+
+
+def test_checkpoint_keeps_the_newest(tmp_path, small_model):
+    model = _lora_model(small_model)
+    opt = loop.build_optimizer(loop.trainable_parameters(model), 1e-2)
+    ck = loop.Checkpointer(tmp_path, keep=2)
+    for s in (1, 2, 3, 3):  # the same step twice replaces it
+        ck.save(s, model, opt, None, {"step": s})
+    assert sorted(n for n in os.listdir(ck.dir) if n.startswith("step-")) == [
+        "step-00000002",
+        "step-00000003",
+    ]
+    with open(os.path.join(ck.latest(), loop.STATE_JSON)) as f:
+        assert json.load(f)["step"] == 3
+    assert os.path.isfile(os.path.join(ck.latest(), "adapter", "adapter_model.safetensors"))
+
+
+def test_metrics_resume_drops_later_lines(tmp_path):
+    path = tmp_path / "m.jsonl"
+    m = loop.MetricsLog(path, tensorboard=False)
+    for s in range(1, 6):
+        m.log(s, "train", {"loss": 1.0 / s})
+    m.close()
+    m = loop.MetricsLog(path, tensorboard=False, resume_step=3)
+    m.log(4, "train", {"loss": 0.0})
+    m.close()
+    assert [r["step"] for r in loop.read_metrics(path)] == [1, 2, 3, 4]
+    m = loop.MetricsLog(path, tensorboard=False)  # a fresh run starts a fresh file
+    m.close()
+    assert loop.read_metrics(path) == []
+
+
+def test_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "m.jsonl"
+    m = loop.MetricsLog(path, tensorboard=False)
+    for s in range(1, 6):
+        m.log(s, "train", {"loss": 1.0 / s, "lr": 1e-3, "tokens_per_s": 100.0, "grad_norm": 1.0})
+    m.log(5, "eval", {"loss": 0.3})
+    m.close()
+    files, note = loop.plot_metrics(path, tmp_path / "plots")
+    assert note is None and {os.path.basename(f) for f in files} == {
+        "loss.png",
+        "lr.png",
+        "tokens_per_s.png",
+        "grad_norm.png",
+    }
+    assert all(open(f, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for f in files)
+
+
+def test_resolve_device_and_dtype():
+    assert loop.resolve_device("cpu").type == "cpu"
+    assert loop.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert loop.resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        loop.resolve_dtype("fp8", torch.device("cpu"))

@@ -1,0 +1,90 @@
+"""Exact resume: 20 steps in one go == 10 steps, killed, resumed for 10 more (losses and adapter)."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hoptune.config import ConfigError
+from hoptune.models.tiny import build_model
+from hoptune.train import loop, sft
+
+from .conftest import SMALL, small_config
+
+
+def _run(cfg, tokenizer):
+    return sft.train(cfg, log=lambda s: None, model=build_model(seed=0, **SMALL), tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_resume_is_exact(tmp_path, tokenizer, demo_data, monkeypatch, packing):
+    common = [
+        "train.max_steps=20",
+        "train.save_every=5",
+        "train.eval_every=5",
+        "lora.dropout=0.1",  # dropout draws random numbers: the RNG state must come back too
+        "train.warmup_steps=3",
+        f"data.packing={str(packing).lower()}",
+        f"data.general_data={demo_data['general']}",
+        "data.general_fraction=0.2",
+    ]
+    full = _run(small_config(tmp_path / "a", demo_data, *common), tokenizer)
+    assert len(full.train_losses) == 20
+
+    cfg_b = small_config(tmp_path / "b", demo_data, *common)
+    real_step = sft.sft_step
+    calls = {"n": 0}
+
+    def dies_at_step_11(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 11:
+            raise KeyboardInterrupt("killed")
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(sft, "sft_step", dies_at_step_11)
+    with pytest.raises(KeyboardInterrupt):
+        _run(cfg_b, tokenizer)
+    monkeypatch.setattr(sft, "sft_step", real_step)
+    ck = loop.Checkpointer(cfg_b.output.dir)
+    assert os.path.basename(ck.latest()) == "step-00000010"
+
+    second = _run(cfg_b, tokenizer)  # output.resume=auto picks up step 10
+    assert second.steps == 20
+    assert second.train_losses == full.train_losses[10:]  # bit-identical, not just close
+
+    a = load_file(os.path.join(full.output_dir, "adapter_model.safetensors"))
+    b = load_file(os.path.join(second.output_dir, "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+    # the metrics file reads as one run: steps 1..20 once each, evals at 5, 10, 15 and 20
+    recs = loop.read_metrics(os.path.join(cfg_b.output.dir, "metrics.jsonl"))
+    assert [r["step"] for r in recs if r["split"] == "train"] == list(range(1, 21))
+    assert [r["step"] for r in recs if r["split"] == "eval"] == [5, 10, 15, 20]
+    ref = loop.read_metrics(os.path.join(tmp_path / "a" / "run", "metrics.jsonl"))
+    assert [r["loss"] for r in recs if r["split"] == "eval"] == [
+        r["loss"] for r in ref if r["split"] == "eval"
+    ]
+    with open(os.path.join(ck.latest(), loop.STATE_JSON)) as f:
+        assert json.load(f)["step"] == 20
+
+
+def test_resume_refuses_other_data(tmp_path, tokenizer, demo_data):
+    cfg = small_config(tmp_path, demo_data, "train.max_steps=2", "train.save_every=1")
+    _run(cfg, tokenizer)
+    cfg = small_config(
+        tmp_path,
+        demo_data,
+        "train.max_steps=2",
+        "train.save_every=1",
+        "data.max_seq_len=12",
+        "data.truncation=left",
+    )
+    with pytest.raises(ConfigError, match="cannot resume exactly.*data_fingerprint"):
+        _run(cfg, tokenizer)
+    cfg = small_config(tmp_path, demo_data, "train.max_steps=2", "output.resume=false")
+    with pytest.raises(ConfigError, match="already has checkpoints"):
+        _run(cfg, tokenizer)

@@ -1,0 +1,96 @@
+"""The recipe end to end on a checkpoint folder: NF4 on load (QLoRA), packing, eval split, replay,
+gradient checkpointing, checkpoints, metrics, plots, and an adapter PEFT can load."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from hoptune.cli import main
+from hoptune.train import loop
+
+from .conftest import SMALL
+
+
+@pytest.fixture
+def checkpoint(tmp_path, small_model, tokenizer):
+    path = tmp_path / "base"
+    small_model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_sft_cli_end_to_end(tmp_path, checkpoint, demo_data, capsys):
+    cfg = tmp_path / "sft.yaml"
+    cfg.write_text(
+        "# hoptune sft sft.yaml\n"
+        f"model:\n  path: {checkpoint}\n  quantize: nf4\n  gradient_checkpointing: true\n  device: cpu\n"
+        "lora:\n  r: 4\n  alpha: 8\n"
+        f"data:\n  train: {demo_data['train']}\n  eval_fraction: 0.2\n  packing: true\n  max_seq_len: 64\n"
+        f"  general_data: {demo_data['general']}\n  general_fraction: 0.1\n"
+        "train:\n  max_steps: 4\n  batch_size: 2\n  grad_accum: 2\n  save_every: 2\n  eval_every: 2\n  lr: 1.0e-3\n"
+        f"output:\n  dir: {tmp_path / 'run'}\n  progress: false\n"
+    )
+    assert main(["sft", str(cfg), "train.warmup_steps=1"]) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "run"
+    assert "done in" in out and str(run / "adapter") in out
+    assert "packing:" in out and "replay:" in out
+
+    recs = loop.read_metrics(run / "metrics.jsonl")
+    train = [r for r in recs if r["split"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert all(r["loss"] > 0 and r["tokens_per_s"] > 0 and r["loss_tokens"] > 0 for r in train)
+    assert [r["step"] for r in recs if r["split"] == "eval"] == [2, 4]
+    assert sorted(os.listdir(run / "checkpoints")) == ["latest", "step-00000002", "step-00000004"]
+    pytest.importorskip("matplotlib")
+    assert os.path.isfile(run / "plots" / "loss.png")
+
+    # PEFT reads the adapter; on the same dequantized base it computes what hoptune computes
+    from peft import PeftModel
+
+    from hoptune.adapters import load_adapter
+    from hoptune.loading import load_model
+
+    with open(run / "adapter" / "adapter_config.json") as f:
+        assert json.load(f)["r"] == 4
+    ours = load_model(checkpoint, quantize="nf4", device="cpu", dtype=torch.float32, progress=False)
+    load_adapter(ours, run / "adapter")
+    x = torch.randint(10, 60, (2, 12))
+    y_ours = ours(input_ids=x).logits
+    from hoptune.patch import merge_and_unload
+
+    dense = merge_and_unload(
+        load_model(checkpoint, quantize="nf4", device="cpu", dtype=torch.float32, progress=False),
+        dtype=torch.float32,
+    )
+    peft = PeftModel.from_pretrained(dense, run / "adapter")
+    torch.testing.assert_close(peft(input_ids=x).logits, y_ours, atol=1e-4, rtol=1e-4)
+    assert SMALL["hidden_size"] == ours.config.hidden_size
+
+
+def test_full_finetuning(tmp_path, checkpoint, demo_data):
+    from hoptune.config import load_config
+    from hoptune.train import sft
+
+    cfg = load_config(
+        None,
+        [
+            f"model.path={checkpoint}",
+            "model.quantize=null",
+            "model.device=cpu",
+            "lora.enabled=false",
+            f"data.train={demo_data['train']}",
+            "train.max_steps=2",
+            "train.save_every=1",
+            "train.batch_size=2",
+            "train.grad_accum=1",
+            f"output.dir={tmp_path / 'full'}",
+            "output.progress=false",
+            "output.plots=false",
+        ],
+    )
+    res = sft.train(cfg, log=lambda s: None)
+    assert os.path.isfile(os.path.join(res.output_dir, "config.json"))
+    assert os.path.isfile(os.path.join(res.run_dir, "checkpoints", "step-00000002", "model.safetensors"))
