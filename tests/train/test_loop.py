@@ -138,3 +138,39 @@ def test_resolve_device_and_dtype():
     assert loop.resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
     with pytest.raises(ValueError, match="dtype must be one of"):
         loop.resolve_dtype("fp8", torch.device("cpu"))
+
+
+def test_activation_checkpointing_is_active(small_model):
+    """Through the decoder-only forward the trainer uses, each layer runs again in the backward,
+    and the gradients are those of the plain run."""
+    from hoptune.patch import apply_lora
+
+    model = apply_lora(small_model, r=2, alpha=4, init_lora_weights=False)
+    model.train()
+    ids = torch.randint(10, 60, (2, 9))
+    batch = {"input_ids": ids, "loss_mask": torch.ones_like(ids, dtype=torch.bool)}
+    calls = []
+    mlp = model.model.layers[0].mlp
+    real_forward = mlp.forward
+
+    def counting_forward(*a, **k):  # (module hooks are not re-run by the recompute; forward is)
+        calls.append(1)
+        return real_forward(*a, **k)
+
+    mlp.forward = counting_forward
+
+    def grads():
+        calls.clear()
+        lp, _ = loop.batch_logprobs(model, batch)
+        (-lp.mean()).backward()
+        g = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return g, len(calls)
+
+    g_plain, n_plain = grads()
+    loop.enable_gradient_checkpointing(model)
+    g_ckpt, n_ckpt = grads()
+    del mlp.forward
+    assert (n_plain, n_ckpt) == (1, 2)
+    for n in g_plain:
+        torch.testing.assert_close(g_ckpt[n], g_plain[n])

@@ -1,0 +1,219 @@
+"""QLoRA SFT steps of a Llama-3-8B-shaped model through hoptune's training loop: tokens/s and peak
+GPU memory.
+
+    python bench/bench_sft_8b.py                                   # H200: ~2 minutes
+    python bench/bench_sft_8b.py --tiny --out /tmp/sft_tiny.json   # CPU: the logic only
+
+Steps: (1) build the model with random bf16 weights directly on the GPU; (2)
+``hoptune.apply_lora(model, r=16, alpha=32, target_modules="all-linear", quantize="nf4")`` (NF4
+base, double quantization, fp32 adapters), activation checkpointing on; (3) run ``--warmup``
+then ``--steps`` optimizer steps of ``--batch`` x ``--seq`` random tokens (every target in the
+loss) with the SFT recipe's own pieces: ``collate``, ``sft_step`` (decoder forward, output head
+on the loss positions, TRL's SFT loss, backward), ``optimizer_step`` (clip, fused AdamW, cosine
+schedule); (4) print and write JSON: tokens/s (median step), peak GPU memory of setup and of
+training, the per-step times and losses, the command, GPU, versions and date.
+
+The speed targets belong to the end-to-end benchmark; this one reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import hoptune
+from harness import env_info, write_json
+from hoptune.data.packing import Row, collate
+from hoptune.train import loop
+from hoptune.train.sft import sft_step
+
+LLAMA_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    tie_word_embeddings=False,
+)
+TINY = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+)
+GiB = 2**30
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(prev)
+
+
+def build(shape: dict, device: torch.device, dtype: torch.dtype, attn: str | None):
+    """A LlamaForCausalLM with random weights, created on ``device`` in ``dtype`` (no host copy)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**shape, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config.use_cache = False
+    if attn:
+        config._attn_implementation = attn
+    with default_dtype(dtype), torch.device(device):
+        model = LlamaForCausalLM(config)
+    return model
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="a tiny model (tests the logic on a CPU)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch", type=int, default=2, help="sequences per micro-batch (default 2)")
+    p.add_argument("--seq", type=int, default=2048, help="tokens per sequence (default 2048)")
+    p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--steps", type=int, default=6, help="timed optimizer steps (default 6)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--no-grad-ckpt", action="store_true", help="without activation checkpointing")
+    p.add_argument("--attn", default=None, help="attention implementation (default: transformers' choice)")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/sft_8b[_tiny].json)")
+    args = p.parse_args(argv)
+
+    device = loop.resolve_device(args.device)
+    cuda = device.type == "cuda"
+    shape = TINY if args.tiny else LLAMA_8B
+    seq = min(args.seq, 64) if args.tiny else args.seq
+    dtype = torch.bfloat16 if cuda else torch.float32
+    out = args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)),
+        "results",
+        "sft_8b_tiny.json" if args.tiny else "sft_8b.json",
+    )
+    if not cuda and not args.tiny:
+        print("no GPU: an 8B model on a CPU would take hours; use --tiny for the logic", file=sys.stderr)
+        return {}
+    loop.seed_everything(0)
+
+    # 1-2. model, adapters, checkpointing
+    t0 = time.perf_counter()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    model = build(shape, device, dtype, args.attn)
+    t_build = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    hoptune.apply_lora(model, r=args.r, alpha=2 * args.r, target_modules="all-linear", quantize="nf4")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    t_quant = time.perf_counter() - t1
+    if not args.no_grad_ckpt:
+        loop.enable_gradient_checkpointing(model)
+    model.train()
+    named = loop.trainable_parameters(model)
+    n_train, n_total = loop.count_parameters(model)
+    setup_peak = loop.gpu_memory_gib()
+    weights_gib = torch.cuda.memory_allocated() / GiB if cuda else None
+    opt = loop.build_optimizer(named, lr=1e-4)
+    total_steps = args.warmup + args.steps
+    sched = loop.build_scheduler(opt, total_steps, warmup_steps=1)
+    params = [p for _, p in named]
+    print(
+        f"model: {'tiny' if args.tiny else 'Llama-3-8B-shaped'} on {device} ({dtype}); "
+        f"{n_train:,} trainable of {n_total:,}; built {t_build:.1f}s, NF4 {t_quant:.1f}s"
+    )
+
+    # 3. steps
+    g = torch.Generator().manual_seed(0)
+
+    def micro_batch():
+        rows = []
+        for _ in range(args.batch):
+            ids = torch.randint(3, shape["vocab_size"], (seq,), generator=g).tolist()
+            rows.append(Row(ids, [1] * seq))
+        return collate(rows, pad_id=0)
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    tokens_per_step = args.batch * seq * args.accum
+    for step in range(total_steps):
+        micro = [micro_batch() for _ in range(args.accum)]
+        if cuda:
+            torch.cuda.synchronize()
+        ts = time.perf_counter()
+        loss, _, _ = sft_step(model, micro, device)
+        loop.optimizer_step(opt, sched, params, 1.0)
+        if cuda:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - ts
+        losses.append(loss)
+        tag = "warmup" if step < args.warmup else "timed"
+        print(
+            f"step {step + 1}/{total_steps} ({tag}): {dt:.3f}s, {tokens_per_step / dt:,.0f} tok/s, loss {loss:.4f}"
+        )
+        if step >= args.warmup:
+            times.append(dt)
+    train_peak = loop.gpu_memory_gib()
+    med = statistics.median(times)
+
+    # 4. report
+    result = {
+        **env_info(),
+        "model": "tiny" if args.tiny else "llama-3-8b-shaped",
+        "shape": shape,
+        "config": {
+            "batch": args.batch,
+            "seq": seq,
+            "accum": args.accum,
+            "tokens_per_step": tokens_per_step,
+            "r": args.r,
+            "alpha": 2 * args.r,
+            "target_modules": "all-linear",
+            "quantize": "nf4",
+            "double_quant": True,
+            "grad_ckpt": not args.no_grad_ckpt,
+            "dtype": str(dtype),
+            "device": str(device),
+            "attn_implementation": model.config._attn_implementation,
+            "kernels": hoptune.kernels_available(),
+        },
+        "trainable_params": n_train,
+        "total_params": n_total,
+        "build_s": t_build,
+        "quantize_s": t_quant,
+        "weights_gib": weights_gib,
+        "setup_peak_gib": setup_peak,
+        "train_peak_gib": train_peak,
+        "step_s": times,
+        "median_step_s": med,
+        "tokens_per_s": tokens_per_step / med,
+        "losses": losses,
+    }
+    mem = f", peak GPU memory {train_peak:.2f} GiB (setup {setup_peak:.2f} GiB)" if cuda else ""
+    print(f"median step {med:.3f}s: {tokens_per_step / med:,.0f} tokens/s{mem}")
+    write_json(out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
