@@ -4,6 +4,7 @@ bitsandbytes checkpoints without re-quantization, and clear errors for bad folde
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 
@@ -176,21 +177,179 @@ def test_our_nf4_checkpoint_loads(tmp_path):
     assert len(nf4_layers(ours)) == 14
 
 
-def test_staged_reader_reassembles_chunks(tmp_path):
-    """The pinned-buffer ring of the CUDA path, run on the CPU with tiny chunks."""
+def _stream_all(reader, path):
+    entries = sorted(read_safetensors_header(path).values(), key=lambda e: e.start)
+    return {e.key: t.clone() for e, t in reader.stream_entries(entries)}
+
+
+READERS = {
+    "direct": dict(),
+    "direct-1-thread": dict(threads=1),
+    "staged": dict(chunk=1000, slots=3, staged=True, threads=4),
+    "staged-1-slot": dict(chunk=777, slots=1, staged=True, threads=3),
+    "staged-big-chunk": dict(chunk=1 << 20, slots=2, staged=True),
+}
+
+
+@pytest.mark.parametrize("how", sorted(READERS))
+def test_reader_reassembles_chunks(tmp_path, how):
+    """The pinned-buffer ring of the CUDA path, run on the CPU with tiny chunks, and the direct
+    reads of the CPU path, with several threads."""
     tiny_model().save_pretrained(tmp_path)
     path = str(tmp_path / "model.safetensors")
-    entries = read_safetensors_header(path)
-    plain, staged = (
-        _Reader(torch.device("cpu")),
-        _Reader(torch.device("cpu"), chunk=1000, slots=3, staged=True),
-    )
     sd = load_file(path)
-    for r in (plain, staged):
-        r.open(path)
-        for key, e in sorted(entries.items(), key=lambda kv: kv[1].start):
-            assert torch.equal(r.read(e), sd[key]), key
-        r.finish()
+    got = _stream_all(_Reader(torch.device("cpu"), **READERS[how]), path)
+    assert got.keys() == sd.keys()
+    for key, t in sd.items():
+        assert t.dtype == got[key].dtype and torch.equal(got[key], t), key
+
+
+def _write_raw(path, layout, total):
+    """A safetensors file with ``layout`` = [(key, dtype name, shape, begin)] placed where asked
+    (gaps, overlaps); the data section is ``total`` bytes counting 0, 1, 2, ... mod 251."""
+    header = {}
+    for key, dt, shape, begin in layout:
+        nbytes = math.prod(shape) * {"U8": 1, "BF16": 2, "F32": 4, "I64": 8}[dt]
+        header[key] = {"dtype": dt, "shape": list(shape), "data_offsets": [begin, begin + nbytes]}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    data = bytes(i % 251 for i in range(total))
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw + data)
+    return data
+
+
+@pytest.mark.parametrize("how", sorted(READERS))
+def test_reader_odd_sizes_gaps_overlaps_and_many_small_tensors(tmp_path, how):
+    layout, pos = [], 0
+    for i in range(700):  # many small tensors, odd sizes, some empty, sometimes a gap
+        n = (i * 37) % 97
+        layout.append((f"small.{i}", "U8", (n,), pos))
+        pos += n + (13 if i % 50 == 7 else 0)
+    layout.append(("big.odd", "U8", (3, 12347), pos))  # spans several chunks of the ring
+    pos += 3 * 12347
+    layout.append(("big.bf16", "BF16", (5, 1001), pos + (1 << 21)))  # after a gap > 1 MiB
+    layout.append(("overlap", "U8", (100,), pos - 50))  # shares bytes with big.odd
+    layout.append(("f32", "F32", (3, 3), 8))
+    layout.append(("empty", "F32", (0, 4), 0))
+    total = pos + (1 << 21) + 2 * 5 * 1001
+    path = str(tmp_path / "odd.safetensors")
+    data = _write_raw(path, layout, total)
+    entries = read_safetensors_header(path)
+    got = _stream_all(_Reader(torch.device("cpu"), **READERS[how]), path)
+    assert got.keys() == entries.keys()
+    base = entries["empty"].start
+    for key, e in entries.items():
+        want = torch.tensor(list(data[e.start - base : e.start - base + e.nbytes]), dtype=torch.uint8)
+        t = got[key]
+        assert t.dtype == e.dtype and tuple(t.shape) == e.shape, key
+        assert torch.equal(t.reshape(-1).view(torch.uint8), want), key
+
+
+def test_plan_chunks_shares_reads_and_splits_big_tensors(tmp_path):
+    from hoptune.loading import _plan_chunks
+
+    layout = [
+        ("a", "U8", (10,), 0),
+        ("b", "U8", (20,), 10),
+        ("c", "U8", (2500,), 40),
+        ("d", "U8", (5,), 10_000),
+    ]
+    path = str(tmp_path / "x.safetensors")
+    _write_raw(path, layout, 10_005)
+    entries = sorted(read_safetensors_header(path).values(), key=lambda e: e.start)
+    chunks, last = _plan_chunks(entries, chunk=1000, max_gap=100)
+    assert [(c.end - c.start, len(c.pieces)) for c in chunks] == [(1000, 3), (1000, 1), (540, 1), (5, 1)]
+    assert last == [0, 0, 2, 3]
+    assert sum(n for c in chunks for *_, n in c.pieces) == sum(e.nbytes for e in entries)
+    chunks, _ = _plan_chunks(entries, chunk=1000, max_gap=100, max_pieces=2)
+    assert [len(c.pieces) for c in chunks] == [2, 1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("how", sorted(READERS))
+def test_reader_file_cut_after_its_header_was_read(tmp_path, how):
+    tiny_model().save_pretrained(tmp_path)
+    path = str(tmp_path / "model.safetensors")
+    entries = sorted(read_safetensors_header(path).values(), key=lambda e: e.start)
+    os.truncate(path, entries[len(entries) // 2].start + 3)
+    reader = _Reader(torch.device("cpu"), **READERS[how])
+    with pytest.raises(
+        ValueError, match=r"model\.safetensors is truncated: it is \d+ bytes but its tensors run to byte"
+    ):
+        for _ in reader.stream_entries(entries):
+            pass
+
+
+def test_pread_of_a_file_cut_while_being_read(tmp_path, monkeypatch):
+    """A file cut short after the reader checked its size: os.preadv comes back short."""
+    from hoptune import loading
+
+    tiny_model().save_pretrained(tmp_path)
+    path = str(tmp_path / "model.safetensors")
+    entries = sorted(read_safetensors_header(path).values(), key=lambda e: e.start)
+    data = (tmp_path / "model.safetensors").read_bytes()
+    real = os.fstat
+
+    def fstat_then_cut(fd):
+        st = real(fd)
+        os.truncate(path, entries[len(entries) // 2].start + 3)
+        return st
+
+    monkeypatch.setattr(loading.os, "fstat", fstat_then_cut)
+    for staged in (False, True):
+        with open(path, "wb") as f:
+            f.write(data)
+        reader = _Reader(torch.device("cpu"), chunk=4096, slots=2, staged=staged, method="pread")
+        with pytest.raises(
+            ValueError, match=r"model\.safetensors ended early at byte \d+: the file is truncated"
+        ):
+            for _ in reader.stream_entries(entries):
+                pass
+
+
+def test_nf4_stream_equals_quantize_nf4():
+    from hoptune.loading import _NF4Stream
+
+    torch.manual_seed(0)
+    ws = [torch.randn(64, 96).to(torch.bfloat16), torch.randn(7, 128) * 100, torch.zeros(2, 64).half()]
+    for blocksize, dq in [(64, True), (128, False), (64, False)]:
+        got = {}
+        s = _NF4Stream(torch.device("cpu"), len(ws), blocksize, dq, got.__setitem__)
+        for i, w in enumerate(ws):
+            s.submit("f", f"w{i}", i, w)
+            s.poll()
+        s.finish()
+        for i, w in enumerate(ws):
+            want, q = hoptune.quantize_nf4(w, blocksize=blocksize, double_quant=dq), got[i]
+            assert q.offset == want.offset and q.shape == want.shape and q.dtype == want.dtype
+            for a, b in [(q.packed, want.packed), (q.absmax, want.absmax), (q.absmax2, want.absmax2)]:
+                assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_nan_weight_names_the_tensor(tmp_path):
+    model = tiny_model()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    model.save_pretrained(tmp_path, max_shard_size="40KB")
+    with pytest.raises(
+        ValueError, match=r"cannot quantize model\.layers\.1\.mlp\.up_proj\.weight: .*inf or NaN"
+    ):
+        hoptune.load_model(tmp_path, device="cpu", progress=False)
+    ours = hoptune.load_model(tmp_path, device="cpu", progress=False, skip_modules=["up_proj"])
+    assert torch.isnan(ours.model.layers[1].mlp.up_proj.weight).any()  # dense layers keep it
+
+
+def test_wrong_shape_names_the_tensor(tmp_path):
+    from safetensors.torch import save_file
+
+    tiny_model().save_pretrained(tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    sd["model.layers.0.mlp.down_proj.weight"] = sd["model.layers.0.mlp.down_proj.weight"].reshape(128, 64)
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(
+        ValueError, match=r"down_proj\.weight has shape \[128, 64\] but LlamaForCausalLM needs \[64, 128\]"
+    ):
+        hoptune.load_model(tmp_path, device="cpu", progress=False)
 
 
 # -- bad input --------------------------------------------------------------------------------

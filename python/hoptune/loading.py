@@ -5,11 +5,15 @@
 
 How: the model is built from ``config.json`` with every parameter on the meta device (buffers such
 as rotary frequencies are computed for real, on the CPU), then the safetensors files are streamed
-tensor by tensor in file order. Each tensor is read with plain sequential ``readinto`` calls into a
-small ring of pinned host buffers and copied to the GPU asynchronously, so the disk, the PCIe link
-and the GPU work at the same time. A linear weight is quantized on the GPU as soon as it has
-arrived and its dense copy is freed, so the peak GPU memory is the quantized model plus one dense
-weight, and the host holds only the ring (4 x 64 MiB by default), not a shard.
+in file order. Their bytes are cut into 16 MiB reads that several threads issue in parallel
+(``os.preadv``, which releases the GIL) into a ring of pinned host buffers (16 x 16 MiB); each
+buffer is copied to the GPU on a side stream as soon as it is full, so the disk or page cache, the
+PCIe link and the GPU work at the same time and the host holds the ring, not a shard. A linear
+weight is quantized on the GPU as soon as it has arrived and its dense copy is freed, so the peak
+GPU memory is the quantized model plus a few dense weights. Nothing in the loop waits for the GPU:
+the numbers NF4 needs back on the host (a non-finite flag, the absmax mean of double
+quantization) come back through pinned memory and an event, and each weight is finished once
+they are there.
 
 Which layers become NF4 (:class:`hoptune.nn.NF4Linear`): every ``nn.Linear`` except the output
 head (``lm_head``, kept in ``dtype`` as bitsandbytes and transformers do) and ``skip_modules``.
@@ -22,27 +26,41 @@ Only a local folder is read: nothing is downloaded, and a missing path is an err
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import math
+import mmap
 import os
 import re
 import warnings
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from hoptune.nn.nf4_linear import NF4Linear
+from hoptune.ops import nf4 as nf4_ops
 from hoptune.quant.bnb_format import QS_SUFFIX, from_bnb_state_dict
-from hoptune.quant.nf4 import BLOCKSIZES, quantize_nf4
+from hoptune.quant.nf4 import BLOCKSIZES, NF4Weight
+from hoptune.reference.nf4 import dynamic_map
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
-_CHUNK = 64 * 2**20  # bytes per host staging buffer
-_SLOTS = 4
+_CHUNK = 16 * 2**20  # bytes per read (and per pinned host buffer on CUDA)
+_SLOTS = 16  # pinned host buffers: 256 MiB
+_THREADS = 12  # reader threads at most (fewer on a host with fewer cores)
+# how the reader threads read: "pread" (os.preadv) or "mmap" (memmove out of a file map; faster
+# reads alone on some hosts, but no faster end to end on an H200 host and slow first loads there)
+_METHOD = "pread"
+_MAX_GAP = 2**20  # tensors at most this far apart in a file share a read
+_MAX_PIECES = 256  # tensors per read at most
+_BLOCKSIZE2 = 256  # nested blocksize of double quantization, as quantize_nf4's default
 
 # safetensors dtype names (the format's spec) -> torch
 _DTYPES = {
@@ -152,106 +170,341 @@ def checkpoint_files(folder: str) -> list[str]:
 
 
 # -- reading tensors --------------------------------------------------------------------------
-class _Reader:
-    """Reads byte ranges of files straight into device tensors.
+@dataclass
+class _Chunk:
+    """One read: bytes [start, end) of ``file``, holding ``pieces`` (entry index, offset in the
+    chunk, offset in the entry, bytes) of one or more tensors."""
 
-    CUDA: sequential ``readinto`` into a ring of pinned buffers, each copied to the GPU with
-    ``non_blocking=True`` while the next one is read; an event per buffer says when it may be
-    reused. CPU: ``readinto`` straight into the destination tensor. Sequential reads of large
-    blocks keep the disk's readahead busy; no memory map, so no page faults per 4 KiB."""
+    file: str
+    start: int
+    end: int
+    pieces: list[tuple[int, int, int, int]]
+
+
+def _plan_chunks(
+    entries: Sequence[_Entry], chunk: int, max_gap: int = _MAX_GAP, max_pieces: int = _MAX_PIECES
+) -> tuple[list[_Chunk], list[int]]:
+    """Cut the byte ranges of ``entries`` (in the order given, best sorted by file and offset) into
+    reads of at most ``chunk`` bytes. Neighbouring tensors share a read (a layer's norms ride
+    along with its weights) when at most ``max_gap`` bytes lie between them; a large tensor spans
+    several reads. Returns the chunks and, per entry, the index of the last chunk it needs."""
+    chunks: list[_Chunk] = []
+    last: list[int] = []
+    cur: _Chunk | None = None
+    for i, e in enumerate(entries):
+        pos, end = e.start, e.start + e.nbytes
+        while pos < end:
+            if (
+                cur is None
+                or cur.file != e.file
+                or pos < cur.start
+                or pos > cur.end + max_gap
+                or pos >= cur.start + chunk
+                or len(cur.pieces) >= max_pieces
+            ):
+                cur = _Chunk(e.file, pos, pos, [])
+                chunks.append(cur)
+            n = min(end, cur.start + chunk) - pos
+            cur.pieces.append((i, pos - cur.start, pos - e.start, n))
+            cur.end = max(cur.end, pos + n)
+            pos += n
+        last.append(len(chunks) - 1)
+    return chunks, last
+
+
+def _pread_full(fd: int, views: list[memoryview], offset: int, path: str) -> None:
+    """Fill ``views`` (in order) from ``offset`` of the file; ``os.preadv`` releases the GIL, so
+    several of these run in parallel threads."""
+    views = [v for v in views if len(v)]
+    while views:
+        got = os.preadv(fd, views, offset)
+        if not got:
+            raise ValueError(f"{path} ended early at byte {offset}: the file is truncated")
+        offset += got
+        while got:
+            if got >= len(views[0]):
+                got -= len(views.pop(0))
+            else:
+                views[0] = views[0][got:]
+                got = 0
+
+
+def _fill(
+    path: str,
+    fd: int,
+    mm: mmap.mmap | None,
+    base: int | None,
+    targets: list[tuple[int, memoryview, int, int]],
+    ev: torch.cuda.Event | None,
+) -> None:
+    """A reader thread's work: ``targets`` = [(file offset, buffer, its address, bytes)] filled
+    from the file, after ``ev`` (the copy out of a reused pinned buffer) has finished. With a
+    file map, a ``memmove`` out of it (ctypes releases the GIL; page-cache pages are mapped, not
+    copied twice), then the range unmapped again; else ``os.preadv``."""
+    if ev is not None:
+        ev.synchronize()
+    for offset, view, addr, n in targets:
+        if base is None:
+            _pread_full(fd, [view], offset, path)
+            continue
+        lo = offset - offset % mmap.PAGESIZE
+        mm.madvise(mmap.MADV_WILLNEED, lo, offset + n - lo)  # a cold file: read ahead at once
+        ctypes.memmove(addr, base + offset, n)
+        # unmap what was copied (it stays in the page cache), so the process never holds a shard
+        mm.madvise(mmap.MADV_DONTNEED, lo, offset + n - lo)
+
+
+class _Reader:
+    """Streams tensors from safetensors files onto a device, in order.
+
+    The tensors' byte ranges are cut into reads of ``chunk`` bytes (:func:`_plan_chunks`), which
+    ``threads`` worker threads do in parallel (page-cache copies scale with threads; a disk gets a
+    deep queue), with ``os.preadv`` (``method="pread"``, the default) or copying out of a map of
+    the file (``"mmap"``); each file's size is checked first. CUDA (``staged``): each read lands
+    in one of ``slots`` pinned buffers and is copied to the GPU on a side stream as soon as it is
+    complete and all
+    reads before it are; the worker that reuses a buffer first waits (off the main thread) for
+    the event of the copy out of it. No step waits for the GPU on the main thread. CPU: reads go
+    straight into the destination tensors."""
 
     def __init__(
-        self, device: torch.device, chunk: int = _CHUNK, slots: int = _SLOTS, staged: bool | None = None
+        self,
+        device: torch.device,
+        chunk: int = _CHUNK,
+        slots: int = _SLOTS,
+        staged: bool | None = None,
+        threads: int | None = None,
+        method: str | None = None,
     ) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
         self.staged = self.cuda if staged is None else staged  # staged on the CPU: to test the ring
+        self.method = method or _METHOD
+        if self.method not in ("mmap", "pread"):
+            raise ValueError(f"method must be 'mmap' or 'pread', got {self.method!r}")
         self.chunk = chunk
-        self.slots = (
-            [torch.empty(chunk, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(slots)]
-            if self.staged
-            else []
-        )
-        self.events: list[torch.cuda.Event | None] = [None] * len(self.slots)
+        self.threads = max(1, threads if threads is not None else min(_THREADS, os.cpu_count() or 1))
+        if self.staged:
+            ring = torch.empty(slots * chunk, dtype=torch.uint8, pin_memory=self.cuda)
+            self.slots = [ring[i * chunk : (i + 1) * chunk] for i in range(slots)]
+            self.views = [memoryview(s.numpy()) for s in self.slots]
+        else:
+            self.slots, self.views = [], []
+        self.ahead = len(self.slots) if self.staged else 2 * self.threads  # reads in flight at most
         self.stream = torch.cuda.Stream(device) if self.cuda else None  # host-to-device copies
-        self.next = 0
-        self.fh = None
-        self.path = None
+        self.events = [torch.cuda.Event() for _ in self.slots] if self.cuda else []
+        self.used = [False] * len(self.slots)  # whether a copy out of the slot was ever issued
 
-    def open(self, path: str) -> None:
-        self.close()
-        self.fh = open(path, "rb", buffering=0)
-        self.path = path
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self.fh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-
-    def close(self) -> None:
-        if self.fh is not None:
-            self.fh.close()
-            self.fh = None
-
-    def _fill(self, view: memoryview, offset: int) -> None:
-        self.fh.seek(offset)
-        done = 0
-        while done < len(view):
-            got = self.fh.readinto(view[done:])
-            if not got:
-                raise ValueError(f"{self.path} ended early at byte {offset + done}: the file is truncated")
-            done += got
-
-    def read(self, e: _Entry) -> torch.Tensor:
-        """The tensor of entry ``e`` on the device (in its stored dtype), usable on the current
-        stream (the copies run on a side stream; the current stream waits for them on the GPU)."""
-        if not self.staged:
-            out = torch.empty(e.nbytes, dtype=torch.uint8, device=self.device)
-            if e.nbytes:
-                self._fill(memoryview(out.numpy()), e.start)
-            return self._view(out, e)
+    def stream_entries(self, entries: Sequence[_Entry]) -> Iterator[tuple[_Entry, torch.Tensor]]:
+        """Yield ``(entry, tensor)`` for each of ``entries`` in order: the tensor on the device in
+        its stored dtype and shape, usable on the current stream (which waits on the GPU for its
+        copies). Read errors (a file cut short since its header was read) raise here."""
+        chunks, last = _plan_chunks(entries, self.chunk)
+        need: dict[str, int] = {}  # bytes each file must have
+        for c in chunks:
+            need[c.file] = max(need.get(c.file, 0), c.end)
         current = torch.cuda.current_stream(self.device) if self.cuda else None
-        with torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext():
-            out = torch.empty(e.nbytes, dtype=torch.uint8, device=self.device)
-            for pos in range(0, e.nbytes, self.chunk):
-                n = min(self.chunk, e.nbytes - pos)
-                i = self.next
-                self.next = (i + 1) % len(self.slots)
-                if self.events[i] is not None:
-                    self.events[i].synchronize()  # the copy out of this buffer has finished
-                slot = self.slots[i]
-                self._fill(memoryview(slot.numpy())[:n], e.start + pos)
-                out[pos : pos + n].copy_(slot[:n], non_blocking=self.cuda)
-                if self.cuda:
-                    self.events[i] = torch.cuda.Event()
-                    self.events[i].record(self.stream)
-        if self.cuda:
-            ready = torch.cuda.Event()
-            ready.record(self.stream)
-            current.wait_event(ready)
-            out.record_stream(current)  # freed only after the current stream's use of it
-        return self._view(out, e)
+        files: dict[str, tuple[int, mmap.mmap | None, np.ndarray | None]] = {}
+        outs: dict[int, torch.Tensor] = {}
+        pending: deque[Future] = deque()
+        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="hoptune-read")
+        nxt = 0  # next chunk to submit
+        done = 0  # next entry to yield
 
-    @staticmethod
-    def _view(raw: torch.Tensor, e: _Entry) -> torch.Tensor:
-        return raw.view(e.dtype).view(e.shape)
+        def out_for(i: int) -> torch.Tensor:
+            t = outs.get(i)
+            if t is None:
+                t = outs[i] = torch.empty(entries[i].nbytes, dtype=torch.uint8, device=self.device)
+            return t
+
+        def open_file(path: str) -> tuple[int, mmap.mmap | None, np.ndarray | None]:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                size = os.fstat(fd).st_size
+                if size < need[path]:
+                    raise ValueError(
+                        f"{path} is truncated: it is {size} bytes but its tensors run to byte {need[path]}"
+                    )
+                if self.method == "pread":
+                    if hasattr(os, "posix_fadvise"):
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                    return fd, None, None
+                mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+                return fd, mm, np.frombuffer(mm, dtype=np.uint8)
+            except BaseException:
+                os.close(fd)
+                raise
+
+        def submit() -> None:
+            nonlocal nxt
+            c = chunks[nxt]
+            if c.file not in files:
+                files[c.file] = open_file(c.file)
+            fd, mm, arr = files[c.file]
+            if self.staged:
+                s = nxt % len(self.slots)
+                ev = self.events[s] if self.cuda and self.used[s] else None
+                n = c.end - c.start
+                targets = [(c.start, self.views[s][:n], self.slots[s].data_ptr(), n)]
+            else:
+                ev, targets = None, []
+                for i, off, dst, n in c.pieces:
+                    out = out_for(i)
+                    targets.append(
+                        (c.start + off, memoryview(out.numpy())[dst : dst + n], out.data_ptr() + dst, n)
+                    )
+            base = None if arr is None else arr.ctypes.data
+            pending.append(pool.submit(_fill, c.file, fd, mm, base, targets, ev))
+            nxt += 1
+
+        try:
+            while nxt < min(self.ahead, len(chunks)):
+                submit()
+            for j in range(len(chunks) + 1):
+                if j < len(chunks):
+                    pending.popleft().result()
+                    if self.staged:
+                        self._copy_out(chunks[j], j % len(self.slots), out_for)
+                    if nxt < len(chunks):
+                        submit()
+                if done < len(entries) and (j == len(chunks) or last[done] <= j):
+                    ready = None
+                    if self.cuda:
+                        ready = torch.cuda.Event()
+                        ready.record(self.stream)
+                        current.wait_event(ready)
+                    while done < len(entries) and (j == len(chunks) or last[done] <= j):
+                        e = entries[done]
+                        raw = outs.pop(done, None)
+                        if raw is None:  # a tensor of no bytes
+                            raw = torch.empty(0, dtype=torch.uint8, device=self.device)
+                        elif self.cuda:
+                            raw.record_stream(current)  # freed only after the current stream's use
+                        done += 1
+                        yield e, raw.view(e.dtype).view(e.shape)
+                        del raw
+        finally:
+            for f in pending:
+                f.cancel()
+            pool.shutdown(wait=True)
+            while files:
+                fd, mm, arr = files.popitem()[1]
+                del arr  # the array holds the map's buffer
+                if mm is not None:
+                    mm.close()
+                os.close(fd)
+
+    def _copy_out(self, c: _Chunk, s: int, out_for) -> None:
+        slot = self.slots[s]
+        with torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext():
+            for i, off, dst, n in c.pieces:
+                out_for(i)[dst : dst + n].copy_(slot[off : off + n], non_blocking=self.cuda)
+            if self.cuda:
+                self.events[s].record(self.stream)
+                self.used[s] = True
 
     def finish(self) -> None:
-        for ev in self.events:
+        """Wait until no copy reads from the pinned buffers any more."""
+        for ev, used in zip(self.events, self.used):
+            if used:
+                ev.synchronize()
+
+
+# -- quantizing without waiting ---------------------------------------------------------------
+class _NF4Stream:
+    """Quantizes weights to NF4 as :func:`hoptune.quant.quantize_nf4` does (same kernels, same
+    bits) without waiting for the GPU per weight.
+
+    ``quantize_nf4`` reads two numbers back per weight (its non-finite flag and, for double
+    quantization, the absmax mean that becomes the nested offset), each a device sync. Here the
+    first kernel and the mean are launched at once, both numbers go to pinned host memory with an
+    asynchronous copy and an event, and the weight is finished (nested quantization, NF4 layer
+    installed) once :meth:`poll` sees the event done, or in :meth:`finish`."""
+
+    def __init__(self, device: torch.device, count: int, blocksize: int, double_quant: bool, install) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.blocksize, self.double_quant, self.install = blocksize, double_quant, install
+        self.code2 = dynamic_map().to(device) if double_quant else None
+        self.host = torch.empty((max(count, 1), 2), dtype=torch.float32, pin_memory=self.cuda)
+        self.n = 0
+        self.waiting: deque[tuple] = deque()
+
+    def submit(self, path: str, key: str, owner: str, w: torch.Tensor) -> None:
+        if w.numel() == 0 or w.numel() % self.blocksize:
+            raise ValueError(
+                f"{path}: cannot quantize {key}: {w.numel()} weights are not a positive multiple of "
+                f"blocksize={self.blocksize} (shape {tuple(w.shape)})"
+            )
+        packed, absmax, bad = nf4_ops.nf4_quantize(w.detach(), self.blocksize)
+        flag = bad.reshape(1).ne(0).to(torch.float32)
+        mean = absmax.mean().reshape(1) if self.double_quant else flag.new_zeros(1)
+        stats = torch.cat([mean, flag])
+        row = self.host[self.n]
+        self.n += 1
+        row.copy_(stats, non_blocking=self.cuda)
+        ev = None
+        if self.cuda:
+            ev = torch.cuda.Event()
+            ev.record()
+        self.waiting.append((ev, row, path, key, owner, packed, absmax, torch.Size(w.shape), w.dtype))
+
+    def poll(self) -> None:
+        """Finish the weights whose numbers have arrived (never waits)."""
+        while self.waiting and (self.waiting[0][0] is None or self.waiting[0][0].query()):
+            self._finish_one()
+
+    def finish(self) -> None:
+        while self.waiting:
+            ev = self.waiting[0][0]
             if ev is not None:
                 ev.synchronize()
-        self.close()
+            self._finish_one()
+
+    def _finish_one(self) -> None:
+        _, row, path, key, owner, packed, absmax, shape, dtype = self.waiting.popleft()
+        offset, bad = row.tolist()
+        try:
+            if bad:
+                raise ValueError(
+                    "w contains inf or NaN values; NF4 cannot represent them (check the checkpoint)"
+                )
+            if not self.double_quant:
+                q = NF4Weight(packed, absmax, shape, dtype, self.blocksize)
+            else:
+                qabsmax, absmax2 = nf4_ops.nf4_quantize_nested(absmax, self.code2, offset, _BLOCKSIZE2)
+                q = NF4Weight(
+                    packed,
+                    qabsmax,
+                    shape,
+                    dtype,
+                    self.blocksize,
+                    absmax2,
+                    self.code2.clone(),
+                    offset,
+                    _BLOCKSIZE2,
+                )
+        except ValueError as err:
+            raise ValueError(f"{path}: cannot quantize {key}: {err}") from err
+        self.install(owner, q)
 
 
 # -- building the model -----------------------------------------------------------------------
 @contextmanager
 def _parameters_on_meta() -> Iterator[None]:
     """Parameters are created on the meta device (no memory, no init cost); buffers stay real, so
-    the model's own code computes them (rotary frequencies and the like) exactly as usual."""
+    the model's own code computes them (rotary frequencies and the like) exactly as usual. Each
+    parameter is marked as initialized, which transformers 5 reads to skip its weight init (on
+    the meta device it is pure overhead, about 60 ms for an 8B model)."""
     register = nn.Module.register_parameter
 
     def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
         register(module, name, param)
         p = module._parameters.get(name)
         if p is not None and p.device.type != "meta":
-            module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+            p = module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+        if p is not None:
+            p._is_hf_initialized = True
 
     nn.Module.register_parameter = on_meta
     try:
@@ -388,6 +641,10 @@ def load_model(
             if key in entries:
                 raise ValueError(f"tensor {key!r} is stored twice: in {entries[key].file} and {f}")
             entries[key] = e
+    # the reader's pinned ring is allocated on a side thread while the model is built (tens of ms)
+    ex = ThreadPoolExecutor(1, thread_name_prefix="hoptune-ring")
+    making_reader = ex.submit(_make_reader, device)
+    ex.shutdown(wait=False)  # the thread ends with its one job
 
     # 2. the model, parameters on meta
     try:
@@ -407,7 +664,8 @@ def load_model(
     model.eval()
 
     # 3. what to do with each key
-    expected = set(model.state_dict().keys())
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = set(shapes)
     heads = _output_heads(model)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     prequant = {k[: -len(".weight" + QS_SUFFIX)] for k in entries if k.endswith(".weight" + QS_SUFFIX)}
@@ -439,6 +697,11 @@ def load_model(
         if key not in expected or tied.get(key) in entries:
             continue  # unused, or a tied copy (lm_head = embed_tokens) that tie_weights restores
         mod_name = key.rpartition(".")[0]
+        if entries[key].shape != shapes[key]:
+            raise ValueError(
+                f"{entries[key].file}: {key} has shape {list(entries[key].shape)} but "
+                f"{type(model).__name__} needs {list(shapes[key])} (a checkpoint for another configuration?)"
+            )
         quant = key.endswith(".weight") and mod_name in to_quantize
         plan[key] = ("quantize" if quant else "tensor", mod_name)
     for n in prequant:
@@ -455,9 +718,11 @@ def load_model(
             stacklevel=2,
         )
 
-    # 4. stream
+    # 4. stream: tensors in file order; weights quantized on the GPU as they arrive, without waiting
     parts_left = {n: sum(1 for k, (kind, o) in plan.items() if kind == "bnb" and o == n) for n in prequant}
     pending: dict[str, dict[str, torch.Tensor]] = {}
+    file_index = {f: i for i, f in enumerate(files)}
+    order = sorted(plan, key=lambda k: (file_index[entries[k].file], entries[k].start))
     total = sum(entries[k].nbytes for k in plan)
     bar = None
     if progress:
@@ -470,53 +735,39 @@ def load_model(
             unit_divisor=1024,
             desc=f"Loading {os.path.basename(os.path.normpath(folder))}",
         )
-    reader = _Reader(device)
-    deferred: list[tuple[str, str, str, torch.Tensor]] = []  # at most one dense weight to quantize
-
-    def quantize_deferred() -> None:
-        # Quantizing weight k after reading weight k+1: the quantizer waits on the GPU (its NaN
-        # check and absmax mean are read back), and by now weight k has long arrived, so the wait
-        # is the kernels alone while weight k+1's copies continue on the copy stream.
-        while deferred:
-            path, key, owner, w = deferred.pop()
-            w = w if w.dtype == dtype else w.to(dtype)
-            try:
-                q = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
-            except ValueError as err:
-                raise ValueError(f"{path}: cannot quantize {key}: {err}") from err
-            del w
-            _to_nf4_layer(model, owner, q)
-
+    reader = making_reader.result()
+    nf4 = _NF4Stream(
+        device,
+        sum(1 for k in plan if plan[k][0] == "quantize"),
+        blocksize,
+        double_quant,
+        lambda owner, q: _to_nf4_layer(model, owner, q),
+    )
+    tensors = reader.stream_entries([entries[k] for k in order])
     try:
-        for f in files:
-            keys = sorted((k for k in plan if entries[k].file == f), key=lambda k: entries[k].start)
-            if not keys:
-                continue
-            reader.open(f)
-            for key in keys:
-                e = entries[key]
-                kind, owner = plan[key]
-                t = reader.read(e)
-                quantize_deferred()
-                if kind == "bnb":
-                    pending.setdefault(owner, {})[key] = t
-                    parts_left[owner] -= 1
-                    if parts_left[owner] == 0:
-                        q = from_bnb_state_dict(pending.pop(owner), f"{owner}.weight")
-                        _to_nf4_layer(model, owner, q)
-                elif kind == "quantize":
-                    deferred.append((f, key, owner, t))
-                else:
-                    if t.is_floating_point() and t.dtype != dtype and not _matches_any(owner, keep_fp32):
-                        t = t.to(dtype)
-                    _set_tensor(model, key, t)
-                del t
-                if bar is not None:
-                    bar.update(e.nbytes)
-        quantize_deferred()
+        for e, t in tensors:
+            key = e.key
+            kind, owner = plan[key]
+            if kind == "bnb":
+                pending.setdefault(owner, {})[key] = t
+                parts_left[owner] -= 1
+                if parts_left[owner] == 0:
+                    q = from_bnb_state_dict(pending.pop(owner), f"{owner}.weight")
+                    _to_nf4_layer(model, owner, q)
+            elif kind == "quantize":
+                nf4.submit(e.file, key, owner, t if t.dtype == dtype else t.to(dtype))
+            else:
+                if t.is_floating_point() and t.dtype != dtype and not _matches_any(owner, keep_fp32):
+                    t = t.to(dtype)
+                _set_tensor(model, key, t)
+            del t
+            nf4.poll()
+            if bar is not None:
+                bar.update(e.nbytes)
+        nf4.finish()
         reader.finish()
     finally:
-        reader.close()
+        tensors.close()
         if bar is not None:
             bar.close()
 
@@ -541,6 +792,11 @@ def load_model(
     setattr(config, "dtype" if _dtype_kwarg() == "dtype" else "torch_dtype", dtype)
     _load_generation_config(model, folder)
     return model
+
+
+def _make_reader(device: torch.device) -> _Reader:
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        return _Reader(device)
 
 
 def _to_nf4_layer(model: nn.Module, name: str, q) -> None:
