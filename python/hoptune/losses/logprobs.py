@@ -57,6 +57,28 @@ def token_logprobs_from_logits(
     return lp.view(labels.shape)
 
 
+def head_logprobs(
+    head: torch.nn.Module,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """``log softmax(head(hidden) * logit_scale, softcapped) [label]`` in fp32: what the trainers call
+    for the output head, on the hidden states of the positions in the loss only.
+
+    head: the model's output layer (``lm_head``); hidden ``(N, H)``; labels ``(N,)`` (no
+    ``ignore_index`` needed: only loss positions are passed). Returns fp32 ``(N,)``. This body
+    materialises the ``(N, V)`` logits; a fused lm_head + log-softmax kernel can take its place."""
+    logits = head(hidden)
+    if logit_scale != 1.0:
+        logits = logits * logit_scale
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return token_logprobs_from_logits(logits, labels, temperature=temperature)
+
+
 def shift_for_next_token(
     input_ids: torch.Tensor, loss_mask: torch.Tensor, ignore_index: int = -100
 ) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """The tiny model's base pretraining, cached: a short deterministic full-parameter run on the demo
 task's general corpus (equations and subtraction chats), so the demo has a base model that
-knows something to fine-tune from. About 300 steps of 32 x 128 tokens: one to two minutes on
+knows something to fine-tune from. About 250 steps of 32 x 128 tokens: about a minute on
 two CPU cores, seconds on a GPU; afterwards it loads from the cache.
 
 Cache folder: ``$HOPTUNE_CACHE`` or ``~/.cache/hoptune``, one sub-folder per recipe version
@@ -26,7 +26,7 @@ from hoptune.models.tiny import TINY_CONFIG, build_model, build_tokenizer
 # bump when the corpus or the recipe changes: a new cache folder is made
 RECIPE = {
     "version": 1,
-    "steps": 300,
+    "steps": 250,
     "batch": 32,
     "seq_len": 128,
     "lr": 3e-3,

@@ -109,7 +109,7 @@ def run_demo(out_dir: str = "runs/demo", device: str = "auto", overrides: list[s
     rows = [
         (f"held-out addition questions ({len(held)})", "held"),
         (f"trained addition questions ({len(seen)})", "train"),
-        (f"subtraction (replayed, not the task) ({len(minus)})", "minus"),
+        (f"subtraction, the base skill ({len(minus)})", "minus"),
     ]
     w = max(len(r[0]) for r in rows)
     print()

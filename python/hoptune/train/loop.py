@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from hoptune._io import atomic_write, atomic_write_text
-from hoptune.losses.logprobs import token_logprobs_from_logits
+from hoptune.losses.logprobs import head_logprobs, token_logprobs_from_logits
 
 # -- device, dtype, seeds --------------------------------------------------------------------------
 
@@ -217,17 +217,16 @@ def _decoder(model: nn.Module) -> nn.Module | None:
 
 def lm_head_logprobs(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Log-probs of ``labels`` ``(N,)`` from final hidden states ``(N, H)`` through the model's output
-    head (with its logit soft-capping / scale, if the architecture has them). fp32 ``(N,)``."""
-    head = model.get_output_embeddings()
-    logits = head(hidden)
+    head, with the architecture's logit scale / soft-capping. fp32 ``(N,)``."""
     cfg = getattr(model, "config", None)
     scale = getattr(cfg, "logit_scale", None)
-    if isinstance(scale, (int, float)) and scale != 1.0:
-        logits = logits * scale
-    cap = getattr(cfg, "final_logit_softcapping", None)
-    if cap:
-        logits = cap * torch.tanh(logits / cap)
-    return token_logprobs_from_logits(logits, labels)
+    return head_logprobs(
+        model.get_output_embeddings(),
+        hidden,
+        labels,
+        logit_scale=float(scale) if isinstance(scale, (int, float)) else 1.0,
+        softcap=getattr(cfg, "final_logit_softcapping", None) or None,
+    )
 
 
 def batch_logprobs(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -57,6 +57,11 @@ def load_tokenizer(cfg: SFTConfig) -> Any:
         from hoptune.models import build_tokenizer
 
         return build_tokenizer()
+    if not os.path.isdir(cfg.model.path):
+        raise ConfigError(
+            f"model.path={cfg.model.path!r} is not a folder; hoptune trains local checkpoints (config.json + "
+            "safetensors + tokenizer files) and never downloads, or the built-in model with model.path=hoptune/tiny"
+        )
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(cfg.model.path)
