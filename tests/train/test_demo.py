@@ -22,3 +22,21 @@ def test_demo_pipeline(tmp_path, monkeypatch, capsys):
         and pretrain.pretrained_tiny_path(log=print) == pretrain.tiny_cache_dir()
     )
     assert "pretraining" not in capsys.readouterr().out
+
+
+def test_tiny_model_and_tokenizer_are_deterministic():
+    import torch
+
+    from hoptune.models import TINY_CONFIG, build_model, build_tokenizer
+
+    a, b = build_tokenizer(), build_tokenizer()
+    assert a.get_vocab() == b.get_vocab() and a.chat_template == b.chat_template
+    text = "What is 3+4? The answer: 7.\n"
+    ids = a(text)["input_ids"]
+    assert ids[0] == a.bos_token_id and a.decode(ids[1:]) == text
+    assert max(a.get_vocab().values()) < TINY_CONFIG["vocab_size"]
+    m1, m2 = build_model(seed=3), build_model(seed=3)
+    for (n, p), (_, q) in zip(m1.named_parameters(), m2.named_parameters()):
+        assert torch.equal(p, q), n
+    # every linear layer can be stored in NF4 (blocks of 64)
+    assert all(mod.weight.numel() % 64 == 0 for mod in m1.modules() if isinstance(mod, torch.nn.Linear))
