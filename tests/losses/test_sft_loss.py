@@ -7,8 +7,6 @@ trainer does), and the gradients of every micro-batch are summed."""
 
 import pytest
 import torch
-from transformers.loss.loss_utils import ForCausalLMLoss
-from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from hoptune.data.packing import Row, collate
 from hoptune.losses import count_loss_tokens, sft_loss, shift_for_next_token, token_logprobs_from_logits
@@ -71,6 +69,11 @@ def _examples(tokenizer, n, seed):
 
 def _oracle_step(model, micro_examples):
     """TRL's collator + transformers' loss with num_items_in_batch, summed over micro-batches."""
+    # imported here: the pure tests above need neither (and GPU machines may lack trl)
+    ForCausalLMLoss = pytest.importorskip("transformers.loss.loss_utils").ForCausalLMLoss
+    DataCollatorForLanguageModeling = pytest.importorskip(
+        "trl.trainer.sft_trainer"
+    ).DataCollatorForLanguageModeling
     collator = DataCollatorForLanguageModeling(pad_token_id=0)
     batches = []
     for ex in micro_examples:

@@ -6,8 +6,6 @@ import copy
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers.loss.loss_utils import ForCausalLMLoss
 
 from hoptune.adapters import load_adapter
 from hoptune.data.dataset import StepSampler
@@ -23,6 +21,8 @@ STEPS = 12
 
 def _peft_losses(model, rows, cfg):
     """A plain loop: labels -100 outside the loss mask, loss = sum / tokens of the whole step."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
     t = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=0.0)
@@ -52,6 +52,7 @@ def _peft_losses(model, rows, cfg):
 
 @pytest.mark.parametrize("quantize", [None, "nf4"])
 def test_losses_match_peft(tmp_path, small_model, tokenizer, demo_data, quantize):
+    peft = pytest.importorskip("peft")
     cfg = small_config(
         tmp_path,
         demo_data,
@@ -72,8 +73,8 @@ def test_losses_match_peft(tmp_path, small_model, tokenizer, demo_data, quantize
                     if isinstance(lin, torch.nn.Linear):
                         lin.weight.copy_(dequantize_nf4(quantize_nf4(lin.weight.detach())))
 
-    peft_model = get_peft_model(
-        copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+    peft_model = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
     )
     with torch.no_grad():  # a non-zero B, so the first steps already exercise the whole path
         for n, p in peft_model.named_parameters():
