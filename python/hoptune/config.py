@@ -232,8 +232,9 @@ _ALIASES = {
 
 
 def _unknown_key(cls: type, key: str, root: type) -> ConfigError:
-    """The error for an unknown key, naming the nearest valid one: a close sibling first, then the
-    same name in another section, then a close name anywhere."""
+    """The error for an unknown key, naming the nearest valid one: another trainer's name for a key
+    (``learning_rate``), else the same name in another section, else a close name in the same
+    section, else a close name anywhere."""
     leaf = key.rsplit(".", 1)[-1]
     prefix = key[: len(key) - len(leaf)]
     siblings = [f.name for f in dataclasses.fields(cls)]
