@@ -1,19 +1,17 @@
 """Per-token log-probabilities: the one place the trainers turn logits into ``log p(label)``.
 
-The reference is an fp32 ``log_softmax`` followed by a gather. The shift by one (logits at
-position t score the token at t + 1) is the caller's job, so this function also serves the
-"hidden states at selected positions -> lm_head -> log-probs" path that never materialises the
-logits of prompt tokens. A fused kernel (lm_head + log-softmax + gather) can replace the body
-without changing callers.
+Both entry points run hoptune's log-prob ops (``hoptune.ops.token_logprobs`` from logits,
+``hoptune.ops.fused_linear_logprobs`` from hidden states and the output head). The shift by one
+(logits at position t score the token at t + 1) is the caller's job, so the head path serves
+"hidden states at the loss positions -> lm_head -> log-probs" and never materialises the logits
+of prompt tokens.
 """
 
 from __future__ import annotations
 
 import torch
 
-# Rows of logits turned into fp32 log-softmax at a time: bounds the fp32 transient to
-# _CHUNK * vocab floats (a 128k vocabulary makes one fp32 row 0.5 MB).
-_CHUNK = 4096
+from hoptune.ops.logprob import fused_linear_logprobs, token_logprobs
 
 
 def token_logprobs_from_logits(
@@ -26,7 +24,9 @@ def token_logprobs_from_logits(
 
     logits: ``(*, V)`` any float dtype; labels: ``(*)`` integer token ids, already aligned with
     the logits (no shift is done here). Positions whose label is ``ignore_index`` give 0.0.
-    Returns fp32 ``(*)``; differentiable with respect to ``logits``.
+    Returns fp32 ``(*)``; differentiable with respect to ``logits``. Runs
+    :func:`hoptune.ops.token_logprobs` (one pass over the logits on an sm_90 GPU, the fp32
+    reference elsewhere).
     """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(
@@ -38,22 +38,10 @@ def token_logprobs_from_logits(
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     vocab = logits.shape[-1]
-    flat_logits = logits.reshape(-1, vocab)
-    flat_labels = labels.reshape(-1).long()
-    valid = flat_labels != ignore_index
-    if bool(((flat_labels < 0) & valid).any()) or bool((flat_labels >= vocab).any()):
-        bad = flat_labels[valid & ((flat_labels < 0) | (flat_labels >= vocab))][:5].tolist()
-        raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}, got e.g. {bad}")
-    safe_labels = torch.where(valid, flat_labels, torch.zeros_like(flat_labels))
-    out = []
-    for s in range(0, flat_logits.shape[0], _CHUNK):
-        x = flat_logits[s : s + _CHUNK].float()
-        if temperature != 1.0:
-            x = x / temperature
-        lp = torch.log_softmax(x, dim=-1).gather(-1, safe_labels[s : s + _CHUNK, None]).squeeze(-1)
-        out.append(lp)
-    lp = torch.cat(out) if out else flat_logits.new_zeros(0, dtype=torch.float32)
-    lp = torch.where(valid, lp, torch.zeros_like(lp))
+    flat = logits.reshape(-1, vocab)
+    if flat.dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        flat = flat.float()
+    lp = token_logprobs(flat, labels.reshape(-1), temperature=temperature, ignore_index=ignore_index)
     return lp.view(labels.shape)
 
 
@@ -69,8 +57,20 @@ def head_logprobs(
     for the output head, on the hidden states of the positions in the loss only.
 
     head: the model's output layer (``lm_head``); hidden ``(N, H)``; labels ``(N,)`` (no
-    ``ignore_index`` needed: only loss positions are passed). Returns fp32 ``(N,)``. This body
-    materialises the ``(N, V)`` logits; a fused lm_head + log-softmax kernel can take its place."""
+    ``ignore_index`` needed: only loss positions are passed). Returns fp32 ``(N,)``. A plain
+    ``nn.Linear`` head goes through :func:`hoptune.ops.fused_linear_logprobs` (the logits are
+    never held whole; a frozen head gets no weight gradient); any other head module is applied
+    as is and its logits go through :func:`token_logprobs_from_logits`."""
+    if type(head) is torch.nn.Linear and head.weight.dtype == hidden.dtype:
+        return fused_linear_logprobs(
+            hidden,
+            head.weight,
+            labels,
+            bias=head.bias,
+            temperature=temperature,
+            softcap=softcap,
+            logit_scale=logit_scale,
+        )
     logits = head(hidden)
     if logit_scale != 1.0:
         logits = logits * logit_scale
