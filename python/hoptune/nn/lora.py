@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hoptune.nn.nf4_linear import apply_keeping_nf4_dtypes, nf4_view, register_nf4
 from hoptune.ops.nf4_lora import MAX_RANK, nf4_lora_linear
 from hoptune.quant.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 
@@ -110,28 +111,13 @@ class LoRALinear(nn.Module):
 
     # -- base weight ------------------------------------------------------------------------
     def _set_nf4(self, q: NF4Weight) -> None:
-        self.register_buffer("weight_packed", q.packed, persistent=True)
-        self.register_buffer("weight_absmax", q.absmax, persistent=True)
-        self.register_buffer("weight_absmax2", q.absmax2, persistent=True)
-        self.register_buffer("weight_code2", q.code2, persistent=True)
-        self._nf4_meta = (tuple(q.shape), q.dtype, q.blocksize, q.offset, q.blocksize2)
+        register_nf4(self, q)
 
     @property
     def weight_nf4(self) -> NF4Weight:
         if not self.quantized:
             raise AttributeError("this LoRALinear has a dense base; use .weight")
-        shape, dtype, bs, offset, bs2 = self._nf4_meta
-        return NF4Weight.trusted(
-            self.weight_packed,
-            self.weight_absmax,
-            torch.Size(shape),
-            dtype,
-            bs,
-            self.weight_absmax2,
-            self.weight_code2,
-            offset,
-            bs2,
-        )
+        return nf4_view(self)
 
     @property
     def base_dtype(self) -> torch.dtype:
@@ -228,8 +214,6 @@ class LoRALinear(nn.Module):
     # -- conversion -------------------------------------------------------------------------
     def _apply(self, fn, recurse=True):
         # model.to(dtype) / .half() move the NF4 buffers but keep their dtypes (part of the format)
-        from hoptune.nn.nf4_linear import apply_keeping_nf4_dtypes
-
         return apply_keeping_nf4_dtypes(self, super()._apply, fn, recurse)
 
     def to_linear(self, merge: bool = True, dtype: torch.dtype | None = None) -> nn.Linear:

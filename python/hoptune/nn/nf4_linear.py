@@ -23,6 +23,33 @@ from hoptune.quant.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 NF4_BUFFERS = ("weight_packed", "weight_absmax", "weight_absmax2", "weight_code2")
 
 
+def register_nf4(module: nn.Module, q: NF4Weight) -> None:
+    """Store ``q`` on ``module`` as the NF4 buffers (state-dict keys ``weight_packed`` ...) plus
+    the Python-side metadata; :func:`nf4_view` rebuilds the ``NF4Weight``."""
+    module.register_buffer("weight_packed", q.packed, persistent=True)
+    module.register_buffer("weight_absmax", q.absmax, persistent=True)
+    module.register_buffer("weight_absmax2", q.absmax2, persistent=True)
+    module.register_buffer("weight_code2", q.code2, persistent=True)
+    module._nf4_meta = (tuple(q.shape), q.dtype, q.blocksize, q.offset, q.blocksize2)
+
+
+def nf4_view(module: nn.Module) -> NF4Weight:
+    """The ``NF4Weight`` over ``module``'s NF4 buffers (validated when they were registered; not
+    again here, this runs every forward)."""
+    shape, dtype, bs, offset, bs2 = module._nf4_meta
+    return NF4Weight.trusted(
+        module.weight_packed,
+        module.weight_absmax,
+        torch.Size(shape),
+        dtype,
+        bs,
+        module.weight_absmax2,
+        module.weight_code2,
+        offset,
+        bs2,
+    )
+
+
 def apply_keeping_nf4_dtypes(
     module: nn.Module, apply: Callable[..., nn.Module], fn: Callable, recurse: bool = True
 ) -> nn.Module:
@@ -59,17 +86,7 @@ class NF4Linear(nn.Module):
                     f"bias must be a tensor of shape ({self.out_features},), got "
                     f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}"
                 )
-        self.register_buffer("weight_packed", weight.packed, persistent=True)
-        self.register_buffer("weight_absmax", weight.absmax, persistent=True)
-        self.register_buffer("weight_absmax2", weight.absmax2, persistent=True)
-        self.register_buffer("weight_code2", weight.code2, persistent=True)
-        self._nf4_meta = (
-            tuple(weight.shape),
-            weight.dtype,
-            weight.blocksize,
-            weight.offset,
-            weight.blocksize2,
-        )
+        register_nf4(self, weight)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     @classmethod
@@ -92,18 +109,7 @@ class NF4Linear(nn.Module):
 
     @property
     def weight_nf4(self) -> NF4Weight:
-        shape, dtype, bs, offset, bs2 = self._nf4_meta
-        return NF4Weight.trusted(
-            self.weight_packed,
-            self.weight_absmax,
-            torch.Size(shape),
-            dtype,
-            bs,
-            self.weight_absmax2,
-            self.weight_code2,
-            offset,
-            bs2,
-        )
+        return nf4_view(self)
 
     @property
     def quantized(self) -> bool:
