@@ -94,13 +94,6 @@ def copy_rate_tbps(nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / ms / 1e9
 
 
-def gemm_tflops(n: int = 8192) -> float:
-    x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    y = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    ms = bench(lambda: x @ y, rep=20)
-    return 2 * n**3 / ms / 1e9
-
-
 def _version(mod: str) -> str | None:
     try:
         m = __import__(mod)

@@ -249,7 +249,7 @@ def test_fused_linear_logprobs_bad_input(device):
 
 def test_opcheck():
     z, y = _case((3, 4), 40, torch.float32, "cpu", seed=0)
-    torch.library.opcheck(torch.ops.hoptune.token_logprobs, (z.requires_grad_(True), y, 0.8, -100))
+    torch.library.opcheck(torch.ops.hoptune.token_logprobs, (z.requires_grad_(True), y, 0.8, -100, False))
     hid, w, _, y = _fused_case(6, 8, 20, torch.float32, "cpu", seed=0, ignore_frac=0.0)
     torch.library.opcheck(
         torch.ops.hoptune.fused_linear_logprobs,

@@ -45,8 +45,9 @@ def _view3(logits: torch.Tensor) -> tuple[int, int, int, int, int]:
 
 @torch.library.custom_op("hoptune::token_logprobs", mutates_args=())
 def _token_logprobs(
-    logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int, inplace_backward: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """inplace_backward only tells the autograd formula where to write dlogits."""
     if not _lib.use_kernel(logits, "token_logprobs"):
         return ref.token_logprobs_fwd(logits, labels, temperature, ignore_index)
     labels = labels.contiguous()
@@ -75,7 +76,7 @@ def _token_logprobs(
 
 
 @_token_logprobs.register_fake
-def _(logits, labels, temperature, ignore_index):
+def _(logits, labels, temperature, ignore_index, inplace_backward):
     out = logits.new_empty(labels.shape, dtype=torch.float32)
     return out, torch.empty_like(out), torch.empty_like(out)
 
@@ -153,10 +154,10 @@ def _token_logprobs_backward_inplace(
 
 
 def _tl_setup(ctx, inputs, output):
-    logits, labels, temperature, ignore_index = inputs
+    logits, labels, temperature, ignore_index, inplace_backward = inputs
     _, ent, lse = output
     ctx.temperature, ctx.ignore_index = temperature, ignore_index
-    ctx.inplace = getattr(_INPLACE, "flag", False)
+    ctx.inplace = inplace_backward
     ctx.save_for_backward(logits, labels, lse, ent)
     ctx.mark_non_differentiable(lse)
 
@@ -169,21 +170,14 @@ def _tl_backward(ctx, grad_logp, grad_entropy, grad_lse):
         torch.ops.hoptune.token_logprobs_backward_(
             logits, labels, lse, ent, grad_logp, grad_entropy, ctx.temperature, ctx.ignore_index
         )
-        return logits, None, None, None
+        return logits, None, None, None, None
     d = torch.ops.hoptune.token_logprobs_backward(
         logits, labels, lse, ent, grad_logp, grad_entropy, ctx.temperature, ctx.ignore_index
     )
-    return d, None, None, None
+    return d, None, None, None, None
 
 
 _token_logprobs.register_autograd(_tl_backward, setup_context=_tl_setup)
-
-
-class _InplaceFlag:
-    flag = False
-
-
-_INPLACE = _InplaceFlag()
 
 
 def _check_labels(labels: torch.Tensor, vocab: int, ignore_index: int, name: str = "labels") -> None:
@@ -237,11 +231,9 @@ def token_logprobs(
         _check_labels(labels, logits.shape[-1], ignore_index)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    _INPLACE.flag = inplace_backward
-    try:
-        logp, ent, _ = _token_logprobs(logits, labels, float(temperature), int(ignore_index))
-    finally:
-        _INPLACE.flag = False
+    logp, ent, _ = _token_logprobs(
+        logits, labels, float(temperature), int(ignore_index), bool(inplace_backward)
+    )
     return (logp, ent) if return_entropy else logp
 
 
