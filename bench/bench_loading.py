@@ -38,25 +38,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hoptune
-from harness import env_info, table, write_json
+from harness import LLAMA_8B, env_info, table, write_json
 from hoptune.loading import _Reader, checkpoint_files, read_safetensors_header
 
 GiB = 2**30
 TARGET_PEAK_GIB = 6.5
 TARGET_RATIO = 1.5
 
-LLAMA_8B = dict(
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    vocab_size=128256,
-    max_position_embeddings=8192,
-    rms_norm_eps=1e-5,
-    rope_theta=500000.0,
-    tie_word_embeddings=False,
-)
 TINY = dict(
     hidden_size=256,
     intermediate_size=512,

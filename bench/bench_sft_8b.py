@@ -29,23 +29,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hoptune
-from harness import env_info, write_json
+from harness import LLAMA_8B, env_info, write_json
 from hoptune.data.packing import Row, collate
 from hoptune.train import loop
 from hoptune.train.sft import sft_step
 
-LLAMA_8B = dict(
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    vocab_size=128256,
-    max_position_embeddings=8192,
-    rms_norm_eps=1e-5,
-    rope_theta=500000.0,
-    tie_word_embeddings=False,
-)
 TINY = dict(
     hidden_size=128,
     intermediate_size=256,

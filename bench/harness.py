@@ -16,6 +16,20 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+# Llama-3-8B shape (public config.json) for benchmarks that build a random-weight model
+LLAMA_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    tie_word_embeddings=False,
+)
+
 
 def bench(fn: Callable[[], object], warmup: int = 3, rep: int = 20) -> float:
     """Median milliseconds of ``fn()`` over ``rep`` runs (CUDA events), after ``warmup`` runs."""
