@@ -18,10 +18,17 @@ from harness import bench_graph, bench_rotating, copy_rate_tbps, env_info, table
 from hoptune.ops import nf4 as nf4_ops
 from hoptune.quant import dequantize_nf4, quantize_nf4
 
-VARIANTS = (0, 1, 2, 3)  # csrc/kernels/nf4.cu: launch_dequantize<bytes per load, loads per thread>
+VARIANTS = (
+    0,
+    1,
+)  # csrc/kernels/nf4.cu: 0 the default, 1 the same kernel without programmatic dependent launch
 
 # weights [N, K]: the (K, N) pairs of TARGETS.md §1
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192)]
+
+
+def _state(q) -> tuple:
+    return q.packed, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize, q.blocksize2
 
 
 def measure(n: int, k: int, copy_tbps: float, bnbf) -> dict:
@@ -40,6 +47,13 @@ def measure(n: int, k: int, copy_tbps: float, bnbf) -> dict:
     row["ours_ms"] = row["v0_ms"]
     row["ours_TBps"] = nbytes / row["ours_ms"] / 1e9
     row["ours_frac_copy"] = row["ours_TBps"] / copy_tbps
+    # dequantize with a rank-r LoRA product folded in (the QLoRA layer's weight pass)
+    for r in (16, 64):
+        a = torch.randn(r, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
+        b = torch.randn(n, r, device="cuda", dtype=torch.bfloat16) * 0.01
+        lora = [partial(nf4_ops.nf4_dequantize_lora, *_state(q), [n, k], a, b, 2.0) for q in qs]
+        row[f"lora{r}_ms"] = bench_graph(lora)
+        row[f"lora{r}_frac_copy"] = nbytes / row[f"lora{r}_ms"] / 1e9 / copy_tbps
     # one eager call from Python (op dispatch included)
     row["ours_eager_ms"] = bench_rotating(lambda i: partial(dequantize_nf4, qs[i]), copies)
     row["quantize_ms"] = bench_rotating(lambda i: partial(quantize_nf4, ws[i]), copies, rep=5)
@@ -71,6 +85,7 @@ def main() -> None:
     write_json(args.out, res)
     print(f"HBM copy rate {res['copy_TBps']:.2f} TB/s; kernel times from CUDA graph replay")
     print(table(res["rows"], ["N", "K", *[f"v{v}_frac_copy" for v in VARIANTS]]))
+    print(table(res["rows"], ["N", "K", "lora16_ms", "lora16_frac_copy", "lora64_ms", "lora64_frac_copy"]))
     print(
         table(
             res["rows"],

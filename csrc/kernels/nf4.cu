@@ -11,6 +11,7 @@
 // block (max, then codes); the second pass re-reads from L1.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <mma.h>
 
 #include "hoptune/common/dispatch.h"
 #include "hoptune/nf4.cuh"
@@ -38,6 +39,14 @@ __constant__ float kNF4Code[16] = {
 };
 
 constexpr int kDequantThreads = 256;
+
+// Programmatic dependent launch, in a kernel started by launch_pdl: let the next kernel in the
+// stream begin launching now, then wait until the previous kernel's writes are visible (the
+// block's setup above the call overlaps that kernel's tail).
+__device__ __forceinline__ void pdl_begin() {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+}
 
 // Write 8 decoded values (one 16-byte store for bf16/fp16, two for fp32).
 template <typename T>
@@ -78,8 +87,9 @@ struct CodeLoad<4> {
 
 // A thread decodes kUnroll chunks of kBytes code bytes (2 * kBytes elements each), the chunks
 // kDequantThreads apart so each load instruction of a warp covers one contiguous run.
-template <typename OutT, bool kNested, int kBytes, int kUnroll>
-__global__ void __launch_bounds__(kDequantThreads)
+template <typename OutT, bool kNested, int kBytes, int kUnroll, int kThreads = kDequantThreads,
+          bool kPdl = false>
+__global__ void __launch_bounds__(kThreads)
     nf4_dequantize_kernel(const uint8_t* __restrict__ packed, NF4Absmax am, int64_t nchunks,
                           int log2_chunks_per_block, int log2_blocksize2, OutT* __restrict__ out) {
   using Load = CodeLoad<kBytes>;
@@ -90,17 +100,17 @@ __global__ void __launch_bounds__(kDequantThreads)
   if (kNested) {
     for (int i = threadIdx.x; i < 256; i += blockDim.x) code2[i] = am.code2[i];
   }
+  if (kPdl) pdl_begin();
   __syncthreads();
 
   const Word* src = reinterpret_cast<const Word*>(packed);
-  // grid-stride over tiles of kDequantThreads * kUnroll chunks (one pass unless the grid is capped)
-  for (int64_t tile = blockIdx.x; tile * (kDequantThreads * kUnroll) < nchunks; tile += gridDim.x) {
-    const int64_t base = tile * (kDequantThreads * kUnroll) + threadIdx.x;
+  {  // the CTA's tile: kThreads * kUnroll chunks
+    const int64_t base = static_cast<int64_t>(blockIdx.x) * (kThreads * kUnroll) + threadIdx.x;
     Word q[kUnroll];
     float scale[kUnroll];
 #pragma unroll
     for (int k = 0; k < kUnroll; ++k) {
-      const int64_t c = base + k * kDequantThreads;
+      const int64_t c = base + k * kThreads;
       scale[k] = 0.f;
       if (c < nchunks) {
         q[k] = __ldg(src + c);
@@ -115,7 +125,7 @@ __global__ void __launch_bounds__(kDequantThreads)
     }
 #pragma unroll
     for (int k = 0; k < kUnroll; ++k) {
-      const int64_t c = base + k * kDequantThreads;
+      const int64_t c = base + k * kThreads;
       if (c < nchunks) {
 #pragma unroll
         for (int w = 0; w < kBytes / 4; ++w) {
@@ -206,39 +216,183 @@ inline int ilog2(int64_t v) {
   return r;
 }
 
-int sm_count() {
-  static int count = [] {
-    int dev = 0, n = 132;
-    if (cudaGetDevice(&dev) == cudaSuccess)
-      cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
-    return n;
-  }();
-  return count;
+// Launch with programmatic dependent launch allowed: the kernel may be scheduled while the previous
+// kernel in the stream drains, and must call pdl_begin() before it reads memory.
+template <typename... Params, typename... Args>
+cudaError_t launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream,
+                       Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
 }
 
-template <int kBytes, int kUnroll, bool kPersistent = false>
+template <typename OutT, bool kNested, int kBytes, int kUnroll, int kThreads, bool kPdl>
+cudaError_t launch_dequantize_kernel(const uint8_t* packed, const NF4Absmax& am, int64_t nchunks,
+                                     int64_t grid, int log2_cpb, int log2_bs2, OutT* out,
+                                     cudaStream_t stream) {
+  auto* kernel = nf4_dequantize_kernel<OutT, kNested, kBytes, kUnroll, kThreads, kPdl>;
+  if (kPdl)
+    return launch_pdl(kernel, dim3(static_cast<unsigned>(grid)), dim3(kThreads), stream, packed, am,
+                      nchunks, log2_cpb, log2_bs2, out);
+  kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(packed, am, nchunks, log2_cpb,
+                                                               log2_bs2, out);
+  return cudaGetLastError();
+}
+
+template <int kBytes, int kUnroll, int kThreads, bool kPdl, bool kAllDtypes = true>
 cudaError_t launch_dequantize(const uint8_t* packed, const NF4Absmax& am, int64_t n, int blocksize,
                               void* out, DType out_dtype, cudaStream_t stream) {
   const int64_t nchunks = n / (2 * kBytes);
-  const int per_cta = kDequantThreads * kUnroll;
-  int64_t grid = (nchunks + per_cta - 1) / per_cta;
-  if (kPersistent) grid = grid < 8 * sm_count() ? grid : 8 * sm_count();
+  const int per_cta = kThreads * kUnroll;
+  const int64_t grid = (nchunks + per_cta - 1) / per_cta;
   HOPTUNE_REQUIRE(grid <= 0x7fffffff);
   const int log2_cpb = ilog2(blocksize / (2 * kBytes));
   const bool nested = am.qabsmax != nullptr;
   const int log2_bs2 = nested ? ilog2(am.blocksize2) : 0;
+  if (!kAllDtypes) {  // measurement-only versions: bf16 output, nested absmax
+    HOPTUNE_REQUIRE(out_dtype == DType::kBFloat16 && nested);
+    return launch_dequantize_kernel<__nv_bfloat16, true, kBytes, kUnroll, kThreads, kPdl>(
+        packed, am, nchunks, grid, log2_cpb, log2_bs2, static_cast<__nv_bfloat16*>(out), stream);
+  }
   return HOPTUNE_DISPATCH_FLOAT(out_dtype, OutT, [&] {
-    if (nested) {
-      nf4_dequantize_kernel<OutT, true, kBytes, kUnroll>
-          <<<static_cast<unsigned>(grid), kDequantThreads, 0, stream>>>(
-              packed, am, nchunks, log2_cpb, log2_bs2, static_cast<OutT*>(out));
-    } else {
-      nf4_dequantize_kernel<OutT, false, kBytes, kUnroll>
-          <<<static_cast<unsigned>(grid), kDequantThreads, 0, stream>>>(
-              packed, am, nchunks, log2_cpb, log2_bs2, static_cast<OutT*>(out));
-    }
-    return cudaGetLastError();
+    if (nested)
+      return launch_dequantize_kernel<OutT, true, kBytes, kUnroll, kThreads, kPdl>(
+          packed, am, nchunks, grid, log2_cpb, log2_bs2, static_cast<OutT*>(out), stream);
+    return launch_dequantize_kernel<OutT, false, kBytes, kUnroll, kThreads, kPdl>(
+        packed, am, nchunks, grid, log2_cpb, log2_bs2, static_cast<OutT*>(out), stream);
   });
+}
+
+// ---- dequantize with the LoRA product folded in: out = deq(W) + scale * B @ A ----------------
+// A CTA covers a 64 x 128 tile of W; each of its 8 warps owns a 16 x 64 piece and works alone
+// (warp-private shared memory, no CTA-wide barrier after setup), so one warp waiting on memory
+// never holds the others. A warp issues its code and absmax loads, forms its 16 x 64 piece of
+// B @ A on tensor cores (wmma, fp32 accumulate; the rank in steps of 16, staged through shared
+// memory with zeros past the rank and the matrix edges), parks the accumulators in shared memory
+// to read them back in the store layout, then rounds each dequantized value to the output dtype
+// (the plain dequantize's weight), adds scale * (B @ A) in fp32 and rounds once more. Memory
+// traffic is the plain dequantize's; A and B come from L2.
+constexpr int kLoraTileN = 64, kLoraTileK = 128, kLoraThreads = 256;
+constexpr int kWarpN = 16, kWarpK = 64;               // a warp's piece
+constexpr int kLoraUnits = kWarpN * kWarpK / 8 / 32;  // 8-element units per lane
+
+template <typename T>
+union alignas(32) LoraWarpSmem {
+  struct {
+    T a[16][kWarpK + 8];  // A[r0 + j, k]: 16 ranks x 64 columns (rows padded against conflicts)
+    T b[kWarpN][16 + 8];  // B[n, r0 + j]
+  } stage;
+  float acc[kWarpN][kWarpK + 4];
+};
+
+template <typename T, bool kNested>
+__global__ void __launch_bounds__(kLoraThreads, 3)
+    nf4_dequantize_lora_kernel(const uint8_t* __restrict__ packed, NF4Absmax am, int64_t rows,
+                               int64_t cols, int log2_blocksize, int log2_blocksize2,
+                               const T* __restrict__ lora_a, const T* __restrict__ lora_b, int rank,
+                               float scale, T* __restrict__ out) {
+  namespace wmma = nvcuda::wmma;
+  __shared__ float lut[16];
+  __shared__ float code2[kNested ? 256 : 1];
+  __shared__ LoraWarpSmem<T> smem[kLoraThreads / 32];
+  if (threadIdx.x < 16) lut[threadIdx.x] = kNF4Code[threadIdx.x];
+  if (kNested) {
+    for (int i = threadIdx.x; i < 256; i += kLoraThreads) code2[i] = am.code2[i];
+  }
+  pdl_begin();
+  __syncthreads();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  LoraWarpSmem<T>& ws = smem[warp];
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kLoraTileN + (warp >> 1) * kWarpN;
+  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * kLoraTileK + (warp & 1) * kWarpK;
+
+  // this lane's units: 8 consecutive elements of one row, 8 units per row of the piece
+  uint32_t q[kLoraUnits], qa[kLoraUnits];
+  float amax[kLoraUnits];
+#pragma unroll
+  for (int u = 0; u < kLoraUnits; ++u) {
+    const int unit = lane + 32 * u;
+    const int64_t n = n0 + (unit >> 3), k = k0 + (unit & 7) * 8;
+    q[u] = qa[u] = 0;
+    amax[u] = 0.f;
+    if (n < rows && k < cols) {
+      const int64_t idx = n * cols + k;
+      q[u] = __ldg(reinterpret_cast<const uint32_t*>(packed + (idx >> 1)));
+      const int64_t b = idx >> log2_blocksize;
+      if (kNested) {
+        qa[u] = __ldg(am.qabsmax + b);
+        amax[u] = __ldg(am.absmax2 + (b >> log2_blocksize2));
+      } else {
+        amax[u] = __ldg(am.absmax + b);
+      }
+    }
+  }
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> c[kWarpK / 16];
+#pragma unroll
+  for (int t = 0; t < kWarpK / 16; ++t) wmma::fill_fragment(c[t], 0.f);
+  const T zero = from_float<T>(0.f);
+  for (int r0 = 0; r0 < rank; r0 += 16) {
+    {  // B: lane -> row lane / 2, ranks r0 + 8 (lane % 2) + [0, 8)
+      const int rr = lane >> 1, j0 = (lane & 1) * 8;
+      const int64_t n = n0 + rr;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int r = r0 + j0 + j;
+        ws.stage.b[rr][j0 + j] = (n < rows && r < rank) ? lora_b[n * rank + r] : zero;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {  // A: 16 ranks x 64 columns as 128 16-byte vectors
+      const int v = lane + 32 * i, j = v >> 3, c8 = (v & 7) * 8;
+      const int64_t k = k0 + c8;
+      uint4 val = make_uint4(0, 0, 0, 0);
+      if (r0 + j < rank && k < cols)
+        val =
+            __ldg(reinterpret_cast<const uint4*>(lora_a + static_cast<int64_t>(r0 + j) * cols + k));
+      *reinterpret_cast<uint4*>(&ws.stage.a[j][c8]) = val;
+    }
+    __syncwarp();
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+    wmma::load_matrix_sync(fa, &ws.stage.b[0][0], 16 + 8);
+#pragma unroll
+    for (int t = 0; t < kWarpK / 16; ++t) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+      wmma::load_matrix_sync(fb, &ws.stage.a[0][16 * t], kWarpK + 8);
+      wmma::mma_sync(c[t], fa, fb, c[t]);
+    }
+    __syncwarp();
+  }
+#pragma unroll
+  for (int t = 0; t < kWarpK / 16; ++t)
+    wmma::store_matrix_sync(&ws.acc[0][16 * t], c[t], kWarpK + 4, wmma::mem_row_major);
+  __syncwarp();
+
+#pragma unroll
+  for (int u = 0; u < kLoraUnits; ++u) {
+    const int unit = lane + 32 * u;
+    const int rr = unit >> 3, c8 = (unit & 7) * 8;
+    const int64_t n = n0 + rr, k = k0 + c8;
+    if (n >= rows || k >= cols) continue;
+    const float s = kNested ? __fadd_rn(__fmul_rn(code2[qa[u]], amax[u]), am.offset) : amax[u];
+    float v[8];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t byte = (q[u] >> (8 * j)) & 0xFFu;
+      v[2 * j] = to_float(from_float<T>(__fmul_rn(lut[byte >> 4], s)));
+      v[2 * j + 1] = to_float(from_float<T>(__fmul_rn(lut[byte & 0xFu], s)));
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = __fmaf_rn(scale, ws.acc[rr][c8 + j], v[j]);
+    Store8<T>::run(out + n * cols + k, v);
+  }
 }
 
 }  // namespace
@@ -252,16 +406,46 @@ cudaError_t nf4_dequantize(const uint8_t* packed, const NF4Absmax& absmax, int64
   const bool nested = absmax.qabsmax != nullptr;
   HOPTUNE_REQUIRE(nested ? (absmax.absmax2 && absmax.code2 && is_pow2(absmax.blocksize2))
                          : absmax.absmax != nullptr);
-  switch (variant) {  // kernel versions under measurement; 0 is the default
-    case 1:
-      return launch_dequantize<4, 2>(packed, absmax, n, blocksize, out, out_dtype, stream);
-    case 2:
-      return launch_dequantize<4, 1>(packed, absmax, n, blocksize, out, out_dtype, stream);
-    case 3:
-      return launch_dequantize<4, 2, true>(packed, absmax, n, blocksize, out, out_dtype, stream);
-    default:
-      return launch_dequantize<4, 4>(packed, absmax, n, blocksize, out, out_dtype, stream);
-  }
+  // Launched with programmatic dependent launch. Version 1 (bf16 output, nested absmax; kept for
+  // measurement) is the same kernel without it. Loads per thread (1-8), CTA size (256-1024) and a
+  // grid capped at 8 CTAs per SM were measured too: none beat 256 threads with 4 loads each.
+  if (variant == 1 && out_dtype == DType::kBFloat16 && nested)
+    return launch_dequantize<4, 4, 256, false, false>(packed, absmax, n, blocksize, out, out_dtype,
+                                                      stream);
+  return launch_dequantize<4, 4, 256, true>(packed, absmax, n, blocksize, out, out_dtype, stream);
+}
+
+cudaError_t nf4_dequantize_lora(const uint8_t* packed, const NF4Absmax& absmax, int64_t rows,
+                                int64_t cols, int blocksize, const void* lora_a, const void* lora_b,
+                                int rank, float scale, void* out, DType dtype,
+                                cudaStream_t stream) {
+  HOPTUNE_REQUIRE(packed != nullptr && out != nullptr && lora_a != nullptr && lora_b != nullptr);
+  HOPTUNE_REQUIRE(rows > 0 && cols > 0 && cols % 8 == 0 && rank >= 1 && rank <= 256);
+  HOPTUNE_REQUIRE(is_pow2(blocksize) && blocksize >= 64 && blocksize <= 4096 &&
+                  (rows * cols) % blocksize == 0);
+  HOPTUNE_REQUIRE(reinterpret_cast<uintptr_t>(packed) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(out) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(lora_a) % 16 == 0);
+  HOPTUNE_REQUIRE(dtype == DType::kBFloat16 || dtype == DType::kFloat16);
+  const bool nested = absmax.qabsmax != nullptr;
+  HOPTUNE_REQUIRE(nested ? (absmax.absmax2 && absmax.code2 && is_pow2(absmax.blocksize2))
+                         : absmax.absmax != nullptr);
+  const int64_t gy = (rows + kLoraTileN - 1) / kLoraTileN;
+  HOPTUNE_REQUIRE(gy <= 65535);
+  const dim3 grid(static_cast<unsigned>((cols + kLoraTileK - 1) / kLoraTileK),
+                  static_cast<unsigned>(gy));
+  const int log2_bs = ilog2(blocksize);
+  const int log2_bs2 = nested ? ilog2(absmax.blocksize2) : 0;
+  auto run = [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    const T* a = static_cast<const T*>(lora_a);
+    const T* b = static_cast<const T*>(lora_b);
+    auto* kernel =
+        nested ? nf4_dequantize_lora_kernel<T, true> : nf4_dequantize_lora_kernel<T, false>;
+    return launch_pdl(kernel, grid, dim3(kLoraThreads), stream, packed, absmax, rows, cols, log2_bs,
+                      log2_bs2, a, b, rank, scale, static_cast<T*>(out));
+  };
+  return dtype == DType::kBFloat16 ? run(__nv_bfloat16{}) : run(__half{});
 }
 
 cudaError_t nf4_quantize(const void* x, DType dtype, int64_t n, int blocksize, uint8_t* packed,

@@ -172,3 +172,16 @@ def test_non_finite_detected_on_gpu():
     w[5, 3] = float("nan")
     with pytest.raises(ValueError, match="inf or NaN"):
         quantize_nf4(w)
+
+
+@pytest.mark.parametrize("variant", [1])
+def test_dequantize_kernel_versions_agree(variant, monkeypatch):
+    """Every numbered dequantize version (bf16 out, nested absmax) equals the default bit for bit."""
+    for shape in SHAPES[:4]:
+        q = quantize_nf4(_weight(shape, torch.bfloat16, seed=1))
+        expected = dequantize_nf4(q)
+        monkeypatch.setattr(nf4_ops, "_DEQUANT_VARIANT", variant)
+        poison_cuda_cache()
+        got = dequantize_nf4(q)
+        monkeypatch.setattr(nf4_ops, "_DEQUANT_VARIANT", 0)
+        assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8)), (variant, shape)

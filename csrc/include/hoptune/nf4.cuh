@@ -37,6 +37,14 @@ struct NF4Absmax {
 cudaError_t nf4_dequantize(const uint8_t* packed, const NF4Absmax& absmax, int64_t n, int blocksize,
                            void* out, DType out_dtype, cudaStream_t stream, int variant = 0);
 
+// The dequantized weight with a LoRA product folded in, for an NF4 weight [rows, cols] (row-major):
+//   out[i, j] = round(w[i, j] + scale * sum_r lora_b[i, r] * lora_a[r, j]),  w = nf4_dequantize's
+// output in dtype (bf16 or fp16); lora_a [rank, cols] and lora_b [rows, rank] contiguous in dtype,
+// 1 <= rank <= 256, cols % 8 == 0, packed, lora_a and out 16-byte aligned.
+cudaError_t nf4_dequantize_lora(const uint8_t* packed, const NF4Absmax& absmax, int64_t rows,
+                                int64_t cols, int blocksize, const void* lora_a, const void* lora_b,
+                                int rank, float scale, void* out, DType dtype, cudaStream_t stream);
+
 // packed[n/2], absmax[n/blocksize] from x[n]. Sets *bad_flag (device int) to 1 when x holds
 // a non-finite value. Same size constraints as nf4_dequantize.
 cudaError_t nf4_quantize(const void* x, DType dtype, int64_t n, int blocksize, uint8_t* packed,
