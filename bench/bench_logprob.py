@@ -1,9 +1,11 @@
 """Per-token log-probs, forward + backward to the hidden states, B=8 x T=2048, H=4096, at
 V=128256 (Llama-3) and V=151936 (Qwen): ours (fused lm_head -> log-prob), naive PyTorch, TRL's
 selective_log_softmax (row loop), Liger's fused linear cross-entropy and the bare lm_head
-matmuls (the floor), all in one run; plus the logits-input kernel against the copy rate.
+matmuls (the floor), all in one run; plus the logits-input kernel against the copy rate, with
+every numbered version of its backward kernel. Off by default: --breakdown (CUDA time per kernel
+of one fused step, from torch.profiler) and --chunk-sweep (the fused step at chunk_rows 256..1024).
 
-    python bench/bench_logprob.py --out bench/results/logprob.json
+    python bench/bench_logprob.py --out bench/results/logprob.json [--breakdown] [--chunk-sweep]
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import bench, copy_rate_tbps, env_info, peak_extra_gib, table, write_json
+from harness import bench, bench_graph, copy_rate_tbps, env_info, peak_extra_gib, table, write_json
 from hoptune.ops import fused_linear_logprobs, token_logprobs
+from hoptune.ops import logprob as logprob_ops
 
 B, T, H = 8, 2048, 4096
 
@@ -89,12 +92,7 @@ def run_vocab(v: int, chunk_variants: list[int]) -> dict:
     with torch.no_grad():
         logits = h.detach() @ W.t()
     nbytes = logits.numel() * logits.element_size()
-    from hoptune.ops import logprob as logprob_ops
-
-    for variant in (1, 2, 0):  # threads per row: 256, 512, 128 (the default, last)
-        logprob_ops._FWD_VARIANT = variant
-        r[f"tl_fwd_v{variant}_ms"] = bench(lambda: token_logprobs(logits, labels, check_labels=False), rep=10)
-    r["tl_fwd_ms"] = r["tl_fwd_v0_ms"]
+    r["tl_fwd_ms"] = bench(lambda: token_logprobs(logits, labels, check_labels=False), rep=10)
     r["tl_fwd_read_TBps"] = nbytes / r["tl_fwd_ms"] / 1e9
     lg = logits.clone().requires_grad_(True)
     lp = token_logprobs(lg, labels)
@@ -104,19 +102,81 @@ def run_vocab(v: int, chunk_variants: list[int]) -> dict:
 
     r["tl_bwd_ms"] = bench(bwd, rep=10)
     r["tl_bwd_over_fwd"] = r["tl_bwd_ms"] / r["tl_fwd_ms"]
+
+    # the kernels alone, in CUDA graphs (no launch, allocation or autograd work): the forward,
+    # then every backward version on the same logits into one preallocated dlogits
+    r["tl_fwd_graph_ms"] = bench_graph([lambda: token_logprobs(logits, labels, check_labels=False)], calls=10)
+    with torch.no_grad():
+        _, ent, lse = torch.ops.hoptune.token_logprobs(logits, labels, 1.0, -100, False)
+    dlogits = torch.empty_like(logits)
+
+    def bwd_kernel():
+        logprob_ops._bwd_impl(logits, labels, lse, ent, g, None, 1.0, -100, dlogits)
+
+    for k in logprob_ops._BWD_VARIANTS:
+        logprob_ops._BWD_VARIANT = k
+        ms = bench_graph([bwd_kernel], calls=10)
+        r[f"bwd_v{k}_ms"] = ms
+        r[f"bwd_v{k}_over_fwd"] = ms / r["tl_fwd_graph_ms"]
+        r[f"bwd_v{k}_TBps"] = 2 * nbytes / ms / 1e9  # bytes read plus bytes written
+    logprob_ops._BWD_VARIANT = 0
     return r
+
+
+def fused_breakdown(v: int = 128256) -> list[dict]:
+    """One forward + backward of fused_linear_logprobs (bf16, B*T x H hidden requiring grad, a
+    frozen lm_head) under the profiler: CUDA time per kernel name, largest first."""
+    torch.manual_seed(0)
+    h = torch.randn(B * T, H, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+    W = torch.randn(v, H, device="cuda", dtype=torch.bfloat16) * 0.02
+    labels = torch.randint(0, v, (B * T,), device="cuda")
+    g = torch.randn(B * T, device="cuda", dtype=torch.float32)
+    fn = partial(step, h, g, lambda: fused_linear_logprobs(h, W, labels))
+    fn()  # warm-up: cuBLAS heuristics, allocator
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    totals: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            t = totals.setdefault(e.name, [0, 0.0])
+            t[0] += 1
+            t[1] += e.time_range.elapsed_us() / 1e3
+    rows = [{"kernel": k, "count": c, "total_ms": ms} for k, (c, ms) in totals.items()]
+    return sorted(rows, key=lambda x: -x["total_ms"])
+
+
+def chunk_sweep(v: int = 128256, chunks=(256, 512, 768, 1024)) -> list[dict]:
+    """fused_linear_logprobs forward + backward (as in run_vocab) for each chunk_rows."""
+    torch.manual_seed(0)
+    h = torch.randn(B, T, H, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+    W = torch.randn(v, H, device="cuda", dtype=torch.bfloat16) * 0.02
+    labels = torch.randint(0, v, (B, T), device="cuda")
+    g = torch.randn(B, T, device="cuda", dtype=torch.float32)
+    out = []
+    for c in chunks:
+        fn = partial(step, h, g, lambda c=c: fused_linear_logprobs(h, W, labels, chunk_rows=c))
+        row = {"V": v, "chunk_rows": c, "ms": bench(fn, warmup=2, rep=5), "peak_GiB": peak_extra_gib(fn)}
+        print("chunk_rows", c, round(row["ms"], 2), "ms", round(row["peak_GiB"], 3), "GiB", flush=True)
+        out.append(row)
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/logprob.json")
     ap.add_argument("--chunks", default="0,256,384,512", help="chunk_rows variants of ours (0 = auto)")
+    ap.add_argument("--breakdown", action="store_true", help="per-kernel CUDA time of one fused step")
+    ap.add_argument("--chunk-sweep", action="store_true", help="fused step for chunk_rows 256..1024")
     args = ap.parse_args()
     chunks = [int(c) for c in args.chunks.split(",")]
     res = {"env": env_info(), "copy_TBps": copy_rate_tbps(), "rows": []}
     for v in (128256, 151936):
         row = run_vocab(v, chunks)
         row["tl_fwd_frac_copy"] = row["tl_fwd_read_TBps"] / res["copy_TBps"]
+        for k in logprob_ops._BWD_VARIANTS:
+            row[f"bwd_v{k}_frac_copy"] = row[f"bwd_v{k}_TBps"] / res["copy_TBps"]
         res["rows"].append(row)
         torch.cuda.empty_cache()
         write_json(args.out, res)
@@ -135,7 +195,31 @@ def main() -> None:
     print(table(res["rows"], cols))
     print(table(res["rows"], ["V", *[k for k in res["rows"][0] if k.startswith("ours_chunk")]]))
     print(table(res["rows"], ["V", "tl_fwd_ms", "tl_fwd_frac_copy", "tl_bwd_ms", "tl_bwd_over_fwd"]))
-    print(table(res["rows"], ["V", "tl_fwd_v0_ms", "tl_fwd_v1_ms", "tl_fwd_v2_ms"]))
+    # backward versions, kernels alone (CUDA graphs): time, ratio to the forward kernel timed the
+    # same way, and bytes moved (read + written) as a fraction of the copy rate
+    bwd_rows = [
+        {
+            "V": row["V"],
+            "version": k,
+            "bwd_ms": row[f"bwd_v{k}_ms"],
+            "fwd_ms": row["tl_fwd_graph_ms"],
+            "over_fwd": row[f"bwd_v{k}_over_fwd"],
+            "frac_copy": row[f"bwd_v{k}_frac_copy"],
+        }
+        for row in res["rows"]
+        for k in logprob_ops._BWD_VARIANTS
+    ]
+    print(table(bwd_rows, ["V", "version", "bwd_ms", "fwd_ms", "over_fwd", "frac_copy"]))
+    if args.breakdown:
+        res["fused_breakdown"] = fused_breakdown()
+        write_json(args.out, res)
+        top = [{**k, "kernel": k["kernel"][:100]} for k in res["fused_breakdown"][:15]]
+        print(f"fused_linear_logprobs forward + backward, B*T={B * T} H={H} V=128256: top kernels")
+        print(table(top, ["total_ms", "count", "kernel"]))
+    if args.chunk_sweep:
+        res["chunk_sweep"] = chunk_sweep()
+        write_json(args.out, res)
+        print(table(res["chunk_sweep"], ["V", "chunk_rows", "ms", "peak_GiB"]))
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ PYBIND11_MODULE(_C, m) {
       "token_logprobs_fwd",
       [](uintptr_t logits, int dtype, int64_t batch, int64_t seq, int64_t vocab, int64_t stride_b,
          int64_t stride_t, uintptr_t labels, int64_t ignore_index, float inv_temperature,
-         uintptr_t logp, uintptr_t entropy, uintptr_t lse, uintptr_t stream, int variant) {
+         uintptr_t logp, uintptr_t entropy, uintptr_t lse, uintptr_t stream) {
         hoptune::TokenLogprobFwd a;
         a.logits = {ptr<const void*>(logits),
                     static_cast<DType>(dtype),
@@ -105,19 +105,19 @@ PYBIND11_MODULE(_C, m) {
         a.logp = ptr<float*>(logp);
         a.entropy = ptr<float*>(entropy);
         a.lse = ptr<float*>(lse);
-        check(hoptune::token_logprobs_fwd(a, stream_of(stream), variant), "token_logprobs_fwd");
+        check(hoptune::token_logprobs_fwd(a, stream_of(stream)), "token_logprobs_fwd");
       },
       py::arg("logits"), py::arg("dtype"), py::arg("batch"), py::arg("seq"), py::arg("vocab"),
       py::arg("stride_b"), py::arg("stride_t"), py::arg("labels"), py::arg("ignore_index"),
       py::arg("inv_temperature"), py::arg("logp"), py::arg("entropy"), py::arg("lse"),
-      py::arg("stream"), py::arg("variant") = 0, py::call_guard<py::gil_scoped_release>());
+      py::arg("stream"), py::call_guard<py::gil_scoped_release>());
 
   m.def(
       "token_logprobs_bwd",
       [](uintptr_t logits, int dtype, int64_t batch, int64_t seq, int64_t vocab, int64_t stride_b,
          int64_t stride_t, uintptr_t labels, int64_t ignore_index, float inv_temperature,
          uintptr_t lse, uintptr_t entropy, uintptr_t grad_logp, uintptr_t grad_entropy,
-         uintptr_t dlogits, uintptr_t stream) {
+         uintptr_t dlogits, uintptr_t stream, int variant) {
         hoptune::TokenLogprobBwd a;
         a.logits = {ptr<const void*>(logits),
                     static_cast<DType>(dtype),
@@ -134,12 +134,12 @@ PYBIND11_MODULE(_C, m) {
         a.grad_logp = ptr<const float*>(grad_logp);
         a.grad_entropy = ptr<const float*>(grad_entropy);
         a.dlogits = ptr<void*>(dlogits);
-        check(hoptune::token_logprobs_bwd(a, stream_of(stream)), "token_logprobs_bwd");
+        check(hoptune::token_logprobs_bwd(a, stream_of(stream), variant), "token_logprobs_bwd");
       },
       py::arg("logits"), py::arg("dtype"), py::arg("batch"), py::arg("seq"), py::arg("vocab"),
       py::arg("stride_b"), py::arg("stride_t"), py::arg("labels"), py::arg("ignore_index"),
       py::arg("inv_temperature"), py::arg("lse"), py::arg("entropy"), py::arg("grad_logp"),
-      py::arg("grad_entropy"), py::arg("dlogits"), py::arg("stream"),
+      py::arg("grad_entropy"), py::arg("dlogits"), py::arg("stream"), py::arg("variant") = 0,
       py::call_guard<py::gil_scoped_release>());
 
   m.def(

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hoptune.ops import fused_linear_logprobs, token_logprobs
+from hoptune.ops import logprob as logprob_ops
 from tests.conftest import poison_cuda_cache
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -98,6 +99,71 @@ def test_token_logprobs_inplace_backward(device):
     token_logprobs(logits, y, inplace_backward=True).sum().backward()
     assert err(leaf.grad, z64.grad) <= 1e-5
     assert err(logits.detach(), z64.grad) <= 1e-5  # the buffer now holds dlogits
+
+
+# logits views for the backward versions: (rows shape, vocab, how the logits are laid out)
+BWD_CASES = {
+    "rows": ((37,), 20000, "contiguous"),  # several rounds per row, a partial last round and tile
+    "small_vocab": ((6,), 40, "contiguous"),  # fewer 16-byte units than threads
+    "odd_vocab": ((2, 9), 32001, "contiguous"),  # V % 8 != 0: the scalar path
+    "shifted_view": ((3, 16), 4096, "shifted"),  # logits[:, :-1] of (3, 17, V): strided 3-D view
+    "misaligned": ((11,), 4096, "offset"),  # pointer one element past 16-byte alignment: scalar
+}
+
+
+def _bwd_view(base: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "shifted":
+        return base[:, :-1]
+    if layout == "offset":
+        return base[:, 1:]
+    return base
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", logprob_ops._BWD_VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", list(BWD_CASES))
+def test_token_logprobs_backward_variants_gpu(variant, dtype, case, monkeypatch):
+    """Every numbered backward kernel version: the gradient of log-probs and entropy (temperature,
+    ignored rows, labels at both ends of a row) against fp64, out of place and in place, on
+    contiguous, strided and unaligned logits. fp32: 1e-5 absolute; 16-bit: at most 2x the error
+    of PyTorch's fp32 gradient rounded to the logits' dtype (plus 1e-6)."""
+    monkeypatch.setattr(logprob_ops, "_BWD_VARIANT", variant)  # restored after the test
+    shape, v, layout = BWD_CASES[case]
+    base_shape = (shape[0], shape[1] + 1) if layout == "shifted" else shape
+    z, y = _case(base_shape, v + (layout == "offset"), dtype, "cuda", seed=v + len(shape), ignore_frac=0.25)
+    if layout == "shifted":
+        y = y[:, 1:].contiguous()  # labels shifted against the logits, as in a causal LM
+    y = y.clamp(max=v - 1)
+    flat = y.view(-1)
+    flat[0], flat[1], flat[-1] = 0, v - 1, -100  # both ends of a row, and an ignored row
+    g = torch.randn(shape, device="cuda")
+    gh = torch.randn(shape, device="cuda")
+    temperature = 0.8
+
+    def grads(zb, inplace):
+        logits = _bwd_view(zb * 1.0, layout)  # a non-leaf the in-place backward may overwrite
+        lp, ent = token_logprobs(
+            logits, y, temperature=temperature, return_entropy=True, inplace_backward=inplace
+        )
+        return torch.autograd.grad((lp * g + ent * gh).sum(), zb)[0]
+
+    poison_cuda_cache()
+    leaf = z.detach().requires_grad_(True)
+    ours = grads(leaf, inplace=False)
+    ours_inplace = grads(leaf, inplace=True)
+    z64 = z.detach().double().requires_grad_(True)
+    rlp, rent = oracle(_bwd_view(z64, layout), y, temperature)
+    (rlp * g.double() + rent * gh.double()).sum().backward()
+    assert torch.equal(ours_inplace, ours)
+    assert (_bwd_view(ours, layout)[y == -100] == 0).all()
+    if dtype == torch.float32:
+        assert err(ours, z64.grad) <= 1e-5
+    else:
+        zt = z.detach().float().requires_grad_(True)
+        tlp, tent = torch_fp32(_bwd_view(zt, layout), y, temperature)
+        (tlp * g + tent * gh).sum().backward()
+        assert err(ours, z64.grad) <= 2 * err(zt.grad.to(dtype), z64.grad) + 1e-6
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -28,8 +28,9 @@ from hoptune.reference import logprob as ref
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CHUNK_BYTES = 128 << 20  # fp32 logits of one chunk: with J, keeps the extra memory near 0.5 GiB at 16k tokens
-# Numbered token_logprobs forward kernel versions (threads per row), for benchmarks only.
-_FWD_VARIANT = 0
+# token_logprobs backward kernel version (csrc/kernels/logprob.cu; 1 is kept for measurement).
+_BWD_VARIANT = 0
+_BWD_VARIANTS = (0, 1)  # every version, for the benchmark and the tests
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,7 +71,6 @@ def _token_logprobs(
         ent.data_ptr(),
         lse.data_ptr(),
         _lib.stream(logits),
-        _FWD_VARIANT,
     )
     return logp, ent, lse
 
@@ -100,6 +100,7 @@ def _bwd_impl(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature
         _lib.ptr(None if grad_entropy is None else grad_entropy.contiguous()),
         out.data_ptr(),
         _lib.stream(logits),
+        _BWD_VARIANT,
     )
 
 
