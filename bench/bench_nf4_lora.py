@@ -22,11 +22,13 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import bench, bench_queued, env_info, peak_extra_gib, table, write_json
 from hoptune.nn import LoRALinear
+from hoptune.ops import nf4_lora as nf4_lora_ops
 from hoptune.ops import nf4_lora_linear
 from hoptune.quant import quantize_nf4
 
 FWD_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672)]  # (K, N)
 LAYER_SHAPES = [(4096, 4096), (4096, 14336), (8192, 28672)]
+SPLIT_ROWS = (0, 1024)
 R = 16
 dev = "cuda"
 
@@ -91,7 +93,28 @@ def forward_rows(have_bnb: bool) -> list[dict]:
     return rows
 
 
-def layer_rows(have_bnb: bool, have_peft: bool) -> list[dict]:
+def kernel_breakdown(fn, steps: int = 5) -> list[dict]:
+    """CUDA time per kernel name over ``steps`` calls (torch.profiler), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    out = []
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", getattr(ev, "cuda_time_total", 0))
+        if t > 0 and ev.device_type.name == "CUDA":
+            out.append({"name": ev.key[:90], "calls": ev.count // steps, "us_per_step": t / steps})
+    out.sort(key=lambda d: -d["us_per_step"])
+    for d in out[:12]:
+        print(f"  {d['us_per_step']:9.1f} us  x{d['calls']:<3d} {d['name']}")
+    return out
+
+
+def layer_rows(have_bnb: bool, have_peft: bool, breakdown: bool = False) -> list[dict]:
     rows = []
     m = 8192
     for k, n in LAYER_SHAPES:
@@ -123,6 +146,13 @@ def layer_rows(have_bnb: bool, have_peft: bool) -> list[dict]:
             init_lora_weights=False,
         )
         row["ours_qlora_ms"] = bench(step(ours))
+        default_split = nf4_lora_ops._SPLIT_ROWS
+        for rows_ in SPLIT_ROWS:  # token reductions dA, dB in one GEMM each, or cut into slices
+            nf4_lora_ops._SPLIT_ROWS = rows_
+            row[f"ours_split{rows_}_ms"] = bench(step(ours))
+        nf4_lora_ops._SPLIT_ROWS = default_split
+        if breakdown:
+            row["breakdown"] = kernel_breakdown(step(ours))
         row["ours_qlora_peak_GiB"] = peak_extra_gib(step(ours))
         row["layer_bf16_weight_GiB"] = n * k * 2 / 2**30
         row["ours_over_bf16_frozen"] = row["ours_qlora_ms"] / row["bf16_frozen_ms"]
@@ -165,6 +195,7 @@ def layer_rows(have_bnb: bool, have_peft: bool) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/nf4_lora.json")
+    ap.add_argument("--breakdown", action="store_true", help="profile the layer step per kernel")
     args = ap.parse_args()
     try:
         import bitsandbytes  # noqa: F401
@@ -181,7 +212,7 @@ def main() -> None:
     res = {"env": env_info(), "r": R}
     res["forward"] = forward_rows(have_bnb)
     write_json(args.out, res)
-    res["layer"] = layer_rows(have_bnb, have_peft)
+    res["layer"] = layer_rows(have_bnb, have_peft, args.breakdown)
     write_json(args.out, res)
     print(
         table(
@@ -209,6 +240,8 @@ def main() -> None:
                 "bf16_lora_ms",
                 "ours_qlora_ms",
                 "ours_over_bf16_frozen",
+                "ours_split0_ms",
+                "ours_split1024_ms",
                 "bnb_lora_ms",
                 "peft_qlora_ms",
                 "ours_qdora_ms",

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from hoptune.ops import logprob as logprob_ops
+from hoptune.ops import nf4 as nf4_ops
 from hoptune.quant import dequantize_nf4, quantize_nf4
 
 
@@ -17,6 +19,12 @@ def nf4() -> None:
             q = quantize_nf4(w, double_quant=dq)
             for out in (torch.bfloat16, torch.float16, torch.float32):
                 dequantize_nf4(q, out)
+    # every numbered dequantize version (bf16 out, nested absmax)
+    q = quantize_nf4(torch.randn(333, 64, device="cuda", dtype=torch.bfloat16))
+    for v in range(2):
+        nf4_ops._DEQUANT_VARIANT = v
+        dequantize_nf4(q)
+    nf4_ops._DEQUANT_VARIANT = 0
 
 
 def logprob() -> None:
@@ -26,8 +34,11 @@ def logprob() -> None:
         z = torch.randn(3, 5, v, device="cuda", dtype=dtype, requires_grad=True)
         y = torch.randint(0, v, (3, 5), device="cuda")
         y[0, 0] = -100
-        lp, ent = token_logprobs(z[:, 1:], y[:, 1:], temperature=0.8, return_entropy=True)
-        (lp.sum() + ent.sum()).backward()
+        for bwd in logprob_ops._BWD_VARIANTS:
+            logprob_ops._BWD_VARIANT = bwd
+            lp, ent = token_logprobs(z[:, 1:], y[:, 1:], temperature=0.8, return_entropy=True)
+            (lp.sum() + ent.sum()).backward()
+        logprob_ops._BWD_VARIANT = 0
         h = torch.randn(13, 64, device="cuda", dtype=torch.bfloat16 if dtype != torch.float32 else dtype)
         h.requires_grad_(True)
         w = torch.randn(v, 64, device="cuda", dtype=h.dtype, requires_grad=True)
@@ -44,6 +55,13 @@ def nf4_lora() -> None:
     a = torch.randn(8, 192, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     b = torch.randn(200, 8, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     nf4_lora_linear(x, q, a, b, 0.5).sum().backward()
+    for dq, r in ((False, 17), (True, 256)):  # the LoRA-merged dequantize: odd rank, largest rank
+        q = quantize_nf4(torch.randn(197, 320, device="cuda", dtype=torch.float16), double_quant=dq)
+        a = torch.randn(r, 320, device="cuda", dtype=torch.float16)
+        b = torch.randn(197, r, device="cuda", dtype=torch.float16)
+        nf4_ops.nf4_dequantize_lora(
+            q.packed, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize, q.blocksize2, [197, 320], a, b, 0.5
+        )
 
 
 def probe_cublas() -> None:

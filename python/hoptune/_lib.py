@@ -86,9 +86,16 @@ def use_kernel(t: torch.Tensor, op: str) -> bool:
     return False
 
 
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def stream(t: torch.Tensor) -> int:
-    """Integer handle of the current CUDA stream on ``t``'s device."""
-    return torch.cuda.current_stream(t.device).cuda_stream
+    """Integer handle of the current CUDA stream on ``t``'s device (called on every kernel launch:
+    the raw C accessor when this torch has it, a few microseconds cheaper than the Stream object)."""
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    if _raw_stream is not None:
+        return _raw_stream(index)
+    return torch.cuda.current_stream(index).cuda_stream
 
 
 def ptr(t: torch.Tensor | None) -> int:

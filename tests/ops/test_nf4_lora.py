@@ -7,8 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hoptune.ops import nf4 as nf4_ops
+from hoptune.ops import nf4_lora as nf4_lora_ops
 from hoptune.ops import nf4_lora_linear
 from hoptune.quant import dequantize_nf4, quantize_nf4
+from hoptune.reference import nf4 as ref_nf4
 from tests.conftest import poison_cuda_cache, rel_err
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -74,9 +77,70 @@ def test_matches_reference(device, m, k, n, r):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("split_rows", [0, 2048])
 @pytest.mark.parametrize("k,n", [(4096, 4096), (4096, 14336), (14336, 4096)])
-def test_large_m_gpu(k, n):
+def test_large_m_gpu(k, n, split_rows, monkeypatch):
+    monkeypatch.setattr(nf4_lora_ops, "_SPLIT_ROWS", split_rows)
     _check(8192, k, n, 16, torch.bfloat16, "cuda", seed=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize(
+    "n,k,r,blocksize",
+    [(200, 192, 16, 64), (64, 128, 1, 64), (197, 320, 17, 64), (384, 256, 64, 128), (96, 512, 256, 64)],
+)
+def test_dequantize_lora_kernel(n, k, r, blocksize, double_quant, dtype):
+    """deq(W) + s B A, rounded once: within half an ulp of the exact value (plus fp32 round-off)."""
+    g = torch.Generator().manual_seed(n + k + r)
+    w = (torch.randn(n, k, generator=g) * 0.05).to(dtype).cuda()
+    a = (torch.randn(r, k, generator=g) * k**-0.5).to(dtype).cuda()
+    b = (torch.randn(n, r, generator=g) * r**-0.5).to(dtype).cuda()
+    q = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
+    s = 0.37
+    poison_cuda_cache()
+    ours = nf4_ops.nf4_dequantize_lora(
+        q.packed, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize, q.blocksize2, [n, k], a, b, s
+    )
+    base = dequantize_nf4(q)  # the plain dequantize's output, in dtype
+    assert base.dtype == dtype and ours.dtype == dtype and ours.shape == (n, k)
+    exact = base.double() + s * (b.double() @ a.double())
+    mag = base.double().abs() + s * (b.double().abs() @ a.double().abs())
+    mant = 7 if dtype == torch.bfloat16 else 10  # explicit mantissa bits
+    tiny = torch.finfo(dtype).smallest_normal  # below it the spacing is constant (subnormals)
+
+    def ulp(t):
+        return torch.exp2(torch.floor(torch.log2(t.abs().clamp_min(tiny))) - mant)
+
+    err = (ours.double() - exact).abs()
+    bound = 0.5 * torch.maximum(ulp(exact), ulp(ours.double())) + 2.0**-22 * mag
+    assert torch.isfinite(ours).all()
+    assert (err <= bound).all(), f"max excess {(err - bound).max().item():.3g}"
+    # the reference (fp32 addmm, one rounding) agrees to the last bit except near a rounding tie
+    ref = ref_nf4.merge_lora(base, a, b, s)
+    assert (ours != ref).float().mean().item() < 1e-3
+
+
+@pytest.mark.gpu
+def test_opcheck_gpu_merged():
+    x, q, a, b, bias = _case(5, 128, 64, 8, torch.bfloat16, "cuda", seed=0)
+    args = (
+        x.requires_grad_(True),
+        q.packed,
+        q.absmax,
+        q.absmax2,
+        q.code2,
+        q.offset,
+        64,
+        256,
+        64,
+        a.requires_grad_(True),
+        b.requires_grad_(True),
+        0.5,
+        bias,
+    )
+    torch.library.opcheck(torch.ops.hoptune.nf4_lora_linear, args)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -119,8 +183,11 @@ def test_opcheck():
 
 
 @pytest.mark.slow
-def test_torch_compile_and_checkpoint():
-    x, q, a, b, bias = _case(6, 128, 64, 8, torch.float32, "cpu", seed=2)
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_and_checkpoint(device):
+    """Eager runs an autograd.Function, torch.compile traces the custom op: same gradients."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    x, q, a, b, bias = _case(6, 128, 64, 8, dtype, device, seed=2)
     a.requires_grad_(True)
     b.requires_grad_(True)
 

@@ -136,3 +136,71 @@ def dequantize_impl(
 @nf4_dequantize.register_fake
 def _(packed, absmax, absmax2, code2, offset, blocksize, blocksize2, shape, dtype):
     return packed.new_empty(shape, dtype=dtype)
+
+
+LORA_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@torch.library.custom_op("hoptune::nf4_dequantize_lora", mutates_args=())
+def nf4_dequantize_lora(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    absmax2: torch.Tensor | None,
+    code2: torch.Tensor | None,
+    offset: float,
+    blocksize: int,
+    blocksize2: int,
+    shape: list[int],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """The NF4 weight ``shape`` = [N, K] dequantized to lora_A's dtype with ``scale * B @ A`` added
+    (lora_A [r, K], lora_B [N, r]): one rounding of w + s B A, w the plain dequantize's output."""
+    return dequantize_lora_impl(
+        packed, absmax, absmax2, code2, offset, blocksize, blocksize2, shape, lora_A, lora_B, scale
+    )
+
+
+def dequantize_lora_impl(
+    packed, absmax, absmax2, code2, offset, blocksize, blocksize2, shape, lora_A, lora_B, scale
+) -> torch.Tensor:
+    """The body of nf4_dequantize_lora, callable from other ops without a second op dispatch."""
+    dtype = lora_A.dtype
+    n, k = shape
+    if dtype not in LORA_DTYPES or k % 8 or not _lib.use_kernel(packed, "nf4_dequantize_lora"):
+        w = dequantize_impl(packed, absmax, absmax2, code2, offset, blocksize, blocksize2, shape, dtype)
+        return ref.merge_lora(w, lora_A, lora_B, scale)
+    if packed.data_ptr() % 16:
+        packed = packed.clone()
+    a = lora_A.contiguous()
+    if a.data_ptr() % 16:
+        a = a.clone()
+    b = lora_B.contiguous()
+    nested = absmax2 is not None
+    out = torch.empty(n, k, dtype=dtype, device=packed.device)
+    _lib.extension().nf4_dequantize_lora(
+        packed.data_ptr(),
+        0 if nested else absmax.data_ptr(),
+        absmax.data_ptr() if nested else 0,
+        _lib.ptr(absmax2),
+        _lib.ptr(code2),
+        float(offset),
+        blocksize2,
+        n,
+        k,
+        blocksize,
+        a.data_ptr(),
+        b.data_ptr(),
+        a.shape[0],
+        float(scale),
+        out.data_ptr(),
+        _lib.DTYPE_CODES[dtype],
+        _lib.stream(packed),
+    )
+    return out
+
+
+@nf4_dequantize_lora.register_fake
+def _(packed, absmax, absmax2, code2, offset, blocksize, blocksize2, shape, lora_A, lora_B, scale):
+    return lora_A.new_empty(shape)

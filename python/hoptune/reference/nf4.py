@@ -213,3 +213,8 @@ def nf4_dequantize(
         scale = am[e0 // blocksize : e1 // blocksize].repeat_interleave(blocksize)
         out[e0:e1] = (code[q] * scale).to(dtype)
     return out.view(shape)
+
+
+def merge_lora(w: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
+    """w [N, K] + scale * lora_B [N, r] @ lora_A [r, K], in fp32, rounded once to w's dtype."""
+    return torch.addmm(w.float(), lora_B.float(), lora_A.float(), alpha=scale).to(w.dtype)
