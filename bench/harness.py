@@ -48,6 +48,17 @@ def bench(fn: Callable[[], object], warmup: int = 3, rep: int = 20) -> float:
     return statistics.median(times)
 
 
+def ratio_interleaved(
+    fn_a: Callable[[], object], fn_b: Callable[[], object], rounds: int = 7, rep: int = 5
+) -> float:
+    """Median over ``rounds`` of time(fn_a) / time(fn_b), the two measured back to back in each
+    round: a ratio robust to the GPU's clock drifting over a run (several % on a busy machine)."""
+    ratios = []
+    for _ in range(rounds):
+        ratios.append(bench(fn_a, warmup=1, rep=rep) / bench(fn_b, warmup=1, rep=rep))
+    return statistics.median(ratios)
+
+
 def bench_queued(fn: Callable[[], object], calls: int = 10, warmup: int = 3, rep: int = 10) -> float:
     """Milliseconds per call when ``calls`` calls run back to back, so the host's launch work for
     one call overlaps the device work of the previous ones (as in a model's forward)."""
