@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import cProfile
 import io
+import itertools
 import os
 import pstats
 import sys
@@ -22,6 +23,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_nf4_lora import PlainLora
 from hoptune.nn import LoRALinear
+from hoptune.ops import nf4_lora as nf4_lora_ops
 
 
 def per_call_us(fn, calls: int = 300) -> float:
@@ -33,6 +35,90 @@ def per_call_us(fn, calls: int = 300) -> float:
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - t) / calls * 1e6
+
+
+def gaps(m: int, k: int, n: int, steps: int = 5) -> None:
+    """Where the GPU waits inside a layer step: device idle time between consecutive kernels of
+    the hoptune QLoRA step at M x K x N (torch.profiler), the largest gaps with their neighbours,
+    and the runtime calls that block the host (synchronizations, device-to-host copies)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dense = nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+    dense.weight.requires_grad_(False)
+    ours = LoRALinear(
+        copy.deepcopy(dense),
+        r=16,
+        lora_alpha=32,
+        quantize="nf4",
+        adapter_dtype=torch.bfloat16,
+        init_lora_weights=False,
+    )
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+
+    def f():
+        x.grad = None
+        for p in ours.parameters():
+            p.grad = None
+        ours(x).backward(g)
+
+    def host_us(fn, calls: int = 10) -> float:
+        """Host time of one call (the launches queued; the device idle at the start of each)."""
+        total = 0.0
+        for _ in range(calls):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            total += time.perf_counter() - t
+        torch.cuda.synchronize()
+        return total / calls * 1e6
+
+    def f_dense():
+        x.grad = None
+        dense(x).backward(g)
+
+    for _ in range(3):
+        f()
+        f_dense()
+    default_split = nf4_lora_ops._SPLIT_ROWS
+    for split in (0, 2048):
+        nf4_lora_ops._SPLIT_ROWS = split
+        print(
+            f"host time per step at {m}x{k}x{n}, split {split}: QLoRA {host_us(f):.0f} us, frozen bf16 {host_us(f_dense):.0f} us"
+        )
+    nf4_lora_ops._SPLIT_ROWS = default_split
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            f()
+        torch.cuda.synchronize()
+    kernels = sorted(
+        (e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start
+    )
+    busy = sum(e.time_range.elapsed_us() for e in kernels)
+    span = kernels[-1].time_range.end - kernels[0].time_range.start
+    found = []
+    for a, b in itertools.pairwise(kernels):
+        gap = b.time_range.start - a.time_range.end
+        if gap > 5:
+            found.append((gap, a.name[:60], b.name[:60]))
+    found.sort(reverse=True)
+    print(
+        f"QLoRA step {m}x{k}x{n}: {steps} steps span {span / steps:.0f} us/step, kernels busy {busy / steps:.0f} us/step"
+    )
+    for gap, a, b in found[:12]:
+        print(f"  idle {gap:7.1f} us  after {a}  before {b}")
+    blocking = (
+        "Synchronize",
+        "cudaMemcpy",
+        "cudaEventSynchronize",
+        "cudaStreamWaitEvent",
+        "cudaMalloc",
+        "cudaFree",
+    )
+    for ev in prof.key_averages():
+        if any(w in ev.key for w in blocking):
+            print(f"  host {ev.key}: {ev.count // steps} per step, {ev.cpu_time_total / steps:.0f} us/step")
 
 
 def main() -> None:
@@ -70,6 +156,7 @@ def main() -> None:
         )
     with torch.no_grad():
         print(f"{'hoptune no_grad':14s} forward {per_call_us(lambda: ours(x)):7.1f} us")
+    gaps(m=8192, k=4096, n=4096)
     prof = cProfile.Profile()
     f = step(ours)
     prof.enable()

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hoptune.nn.nf4_linear import apply_keeping_nf4_dtypes, nf4_view, register_nf4
-from hoptune.ops.nf4_lora import MAX_RANK, nf4_lora_linear
+from hoptune.nn.nf4_linear import apply_keeping_nf4_dtypes, nf4_call, nf4_view, register_nf4
+from hoptune.ops.nf4_lora import MAX_RANK
 from hoptune.quant.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 
 DORA_EPS = 1e-12
@@ -184,7 +184,7 @@ class LoRALinear(nn.Module):
     # -- forward ----------------------------------------------------------------------------
     def _base(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.quantized:
-            return nf4_lora_linear(x, self.weight_nf4, None, None, 0.0, bias)
+            return nf4_call(self, x, None, None, 0.0, bias)
         return F.linear(x, self.weight.to(x.dtype), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -201,14 +201,14 @@ class LoRALinear(nn.Module):
             y = y * (self.lora_magnitude.float() / n).to(x.dtype)
             return y if bias is None else y + bias
         if self.quantized and not dropout_active:
-            return nf4_lora_linear(x, self.weight_nf4, a, b, self.scaling, bias)
+            return nf4_call(self, x, a, b, self.scaling, bias)
         y = self._base(x, bias)
         return y + self.scaling * F.linear(F.linear(self.lora_dropout(x), a), b)
 
     def _lora_sum(self, x, a, b, dropout_active: bool) -> torch.Tensor:
         """x W^T + s B(A(dropout(x))) without bias."""
         if self.quantized and not dropout_active:
-            return nf4_lora_linear(x, self.weight_nf4, a, b, self.scaling, None)
+            return nf4_call(self, x, a, b, self.scaling, None)
         return self._base(x, None) + self.scaling * F.linear(F.linear(self.lora_dropout(x), a), b)
 
     # -- conversion -------------------------------------------------------------------------

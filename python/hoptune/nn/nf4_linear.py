@@ -16,8 +16,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from hoptune.ops.nf4_lora import nf4_lora_linear
-from hoptune.quant.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
+from hoptune.ops.nf4_lora import nf4_lora_linear_trusted
+from hoptune.quant.nf4 import FLOAT_DTYPES, NF4Weight, dequantize_nf4, quantize_nf4
 
 # buffers that hold NF4 codes and statistics: their dtypes are part of the format
 NF4_BUFFERS = ("weight_packed", "weight_absmax", "weight_absmax2", "weight_code2")
@@ -48,6 +48,34 @@ def nf4_view(module: nn.Module) -> NF4Weight:
         offset,
         bs2,
     )
+
+
+def nf4_call(module: nn.Module, x: torch.Tensor, lora_A, lora_B, scale: float, bias) -> torch.Tensor:
+    """``nf4_lora_linear`` on ``module``'s NF4 buffers without re-checking them (validated when they
+    were registered; this runs every forward): only x, which comes from the caller, is checked."""
+    shape, _, bs, offset, bs2 = module._nf4_meta
+    if (
+        not isinstance(x, torch.Tensor)
+        or x.dtype not in FLOAT_DTYPES
+        or x.dim() < 1
+        or x.shape[-1] != shape[1]
+    ):
+        what = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(
+            f"x must be a bfloat16/float16/float32 tensor with last dim in_features={shape[1]}, got {what}"
+        )
+    if x.device != module.weight_packed.device:
+        raise ValueError(f"x is on {x.device} but the layer's NF4 weight is on {module.weight_packed.device}")
+    q = (
+        module.weight_packed,
+        module.weight_absmax,
+        module.weight_absmax2,
+        module.weight_code2,
+        offset,
+        bs,
+        bs2,
+    )
+    return nf4_lora_linear_trusted(x, q, shape[0], lora_A, lora_B, scale, bias)
 
 
 def apply_keeping_nf4_dtypes(
@@ -125,7 +153,7 @@ class NF4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return nf4_lora_linear(x, self.weight_nf4, None, None, 0.0, bias)
+        return nf4_call(self, x, None, None, 0.0, bias)
 
     def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """A plain ``nn.Linear`` with the dequantized weight (frozen like this layer)."""

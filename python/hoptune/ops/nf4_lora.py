@@ -24,8 +24,10 @@ from hoptune.reference import nf4_lora as ref
 
 MAX_RANK = 256
 # Rows per slice of the token reductions dA and dB (0: one cuBLAS GEMM each). Slicing lets a
-# small (r x K or N x r) output fill the GPU: 2-4% faster layer steps at M = 8192 on an H200.
+# small (r x K or N x r) output fill the GPU (2-4% faster layer steps at M = 8192 on an H200)
+# but costs two more launches, so it is used only when the reduction reads _SPLIT_MIN elements.
 _SPLIT_ROWS = 2048
+_SPLIT_MIN = 1 << 26
 
 
 def _merged(x: torch.Tensor, lora_A: torch.Tensor | None) -> bool:
@@ -57,11 +59,28 @@ def _mm_tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     into slices whose products (fp32) are summed, so a small (p, q) output still fills the GPU."""
     m = a.shape[0]
     rows = _SPLIT_ROWS
-    if rows <= 0 or m < 2 * rows or m % rows or a.device.type != "cuda":
+    big = m * max(a.shape[1], b.shape[1]) >= _SPLIT_MIN
+    if rows <= 0 or not big or m < 2 * rows or m % rows or a.device.type != "cuda":
         return a.t() @ b
     s = m // rows
     part = torch.bmm(a.view(s, rows, -1).transpose(1, 2), b.view(s, rows, -1), out_dtype=torch.float32)
     return part.sum(0).to(a.dtype)
+
+
+_zeros: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _mm_scaled(a: torch.Tensor, b: torch.Tensor, scale: float, eager: bool) -> torch.Tensor:
+    """scale * (a @ b) in one GEMM (alpha), not a GEMM and a scaling pass. ``eager``: the zero
+    that addmm ignores (beta = 0) is cached; a traced graph makes its own."""
+    zero = None
+    if eager:
+        zero = _zeros.get((a.device, a.dtype))
+        if zero is None:
+            zero = _zeros[(a.device, a.dtype)] = torch.zeros((), device=a.device, dtype=a.dtype)
+    else:
+        zero = a.new_zeros(())
+    return torch.addmm(zero, a, b, beta=0, alpha=scale)
 
 
 def _forward(x, q, out_features, lora_A, lora_B, scale, bias) -> torch.Tensor:
@@ -93,7 +112,7 @@ def _backward_impl(saved, meta, needs, grad_y, inside_op):
     dx = da = db = None
     dxa = None  # s dY B
     if has_lora and (need_A or (need_x and not merged)):
-        dxa = torch.mm(g2, lora_B).mul_(scale)
+        dxa = _mm_scaled(g2, lora_B, scale, inside_op)
     if need_x:
         dx = g2 @ _weight(q, n, k, x.dtype, lora_A, lora_B, scale, merged, inside_op)
         if dxa is not None and not merged:
@@ -102,7 +121,7 @@ def _backward_impl(saved, meta, needs, grad_y, inside_op):
     if has_lora and need_A:
         da = _mm_tn(dxa, x2)
     if has_lora and need_B:
-        db = _mm_tn(g2, x2 @ lora_A.t()).mul_(scale)  # x A^T recomputed: the forward keeps only x
+        db = _mm_tn(g2, _mm_scaled(x2, lora_A.t(), scale, inside_op))  # s x A^T: the forward keeps only x
     return dx, da, db
 
 
@@ -247,19 +266,7 @@ def nf4_lora_linear(
         if bias.dtype != x.dtype:
             raise TypeError(f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
     _check.same_device(x=x, w_nf4=w_nf4.packed, lora_A=lora_A, lora_B=lora_B, bias=bias)
-    if not torch.compiler.is_compiling():
-        q = (
-            w_nf4.packed,
-            w_nf4.absmax,
-            w_nf4.absmax2,
-            w_nf4.code2,
-            w_nf4.offset,
-            w_nf4.blocksize,
-            w_nf4.blocksize2,
-        )
-        return _EagerNF4LoraLinear.apply(x, q, n, lora_A, lora_B, float(scale), bias)
-    return nf4_lora_linear_op(
-        x,
+    q = (
         w_nf4.packed,
         w_nf4.absmax,
         w_nf4.absmax2,
@@ -267,9 +274,14 @@ def nf4_lora_linear(
         w_nf4.offset,
         w_nf4.blocksize,
         w_nf4.blocksize2,
-        n,
-        lora_A,
-        lora_B,
-        float(scale),
-        bias,
     )
+    return nf4_lora_linear_trusted(x, q, n, lora_A, lora_B, float(scale), bias)
+
+
+def nf4_lora_linear_trusted(x, q, out_features, lora_A, lora_B, scale: float, bias) -> torch.Tensor:
+    """nf4_lora_linear without the argument checks, for layers that validated their weights when
+    they were built (hoptune.nn) and call this every forward; ``q`` is (packed, absmax, absmax2,
+    code2, offset, blocksize, blocksize2)."""
+    if not torch.compiler.is_compiling():
+        return _EagerNF4LoraLinear.apply(x, q, out_features, lora_A, lora_B, scale, bias)
+    return nf4_lora_linear_op(x, *q, out_features, lora_A, lora_B, scale, bias)
