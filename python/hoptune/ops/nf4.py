@@ -7,15 +7,14 @@ everywhere else. The ops assume validated inputs: hoptune.quant checks arguments
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from hoptune import _lib
 from hoptune.reference import nf4 as ref
 
-# Numbered dequantize kernel versions, for benchmarks only (bench/bench_nf4_dequant.py).
-_DEQUANT_VARIANT = int(os.environ.get("HOPTUNE_NF4_DEQUANT_VARIANT", "0"))
+# Dequantize kernel version: 0 the default, 1 the same kernel without programmatic dependent
+# launch (bf16 output, nested absmax; for bench/bench_nf4_dequant.py).
+_DEQUANT_VARIANT = 0
 
 
 @torch.library.custom_op("hoptune::nf4_quantize", mutates_args=())
