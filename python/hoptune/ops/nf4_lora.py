@@ -5,12 +5,13 @@ frozen. Gradients flow to x, A and B. The forward saves only x; no copy of W, de
 merged, lives between the passes.
 
 On sm_90 with 16-bit x, one kernel dequantizes W with the LoRA product folded in,
-W' = deq(W) + s * B @ A (the rank-r product on tensor cores, at the cost of the plain
-dequantize), into a transient buffer of one layer's weight, and a single cuBLAS GEMM gives
-y = x @ W'^T; the backward forms W' again for dX = dY @ W'. So the LoRA terms cost no pass over
-the activations except the ones its own gradients need: x @ A^T, dY @ B, and the two
-reductions over the tokens dA = (s dY B)^T x and dB = s dY^T (x A^T). Elsewhere (CPU, fp32) the
-reference (hoptune.reference.nf4_lora) applies the LoRA terms to the activations.
+W' = deq(W) + s * B @ A (the rank-r product on tensor cores; the same DRAM traffic as the plain
+dequantize but about 3x its time, the kernel being L1-bound), into a transient buffer of one
+layer's weight, and a single cuBLAS GEMM gives y = x @ W'^T. The backward takes dX = dY @ W' when
+N <= M / 2, else dY @ deq(W) + (s dY B) @ A, whichever moves fewer bytes; the other LoRA terms
+are x @ A^T, dY @ B and the two reductions over the tokens dA = (s dY B)^T x and
+dB = s dY^T (x A^T). Elsewhere (CPU, fp32) the reference (hoptune.reference.nf4_lora) applies the
+LoRA terms to the activations.
 """
 
 from __future__ import annotations
