@@ -470,8 +470,8 @@ __device__ __forceinline__ void bwd_grad(typename U::Raw (&q)[kU], int i, const 
 // CTA b handles units [t * tile, min((t + 1) * tile, units)) of row b / tiles, t = b % tiles:
 // tiles = 1 is one CTA per row; with several, consecutive CTAs (resident together) stream
 // adjacent memory and each CTA is short, so the last wave leaves little of the GPU idle. Unit
-// indices are 32-bit (the launcher keeps rows of 2^30 elements or more on version 0): fewer
-// registers for the loop state.
+// indices are 32-bit (the launcher rejects rows of 2^30 elements or more): fewer registers for
+// the loop state.
 template <typename T, bool kVec, class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     token_logprobs_bwd_stream_kernel(TokenLogprobBwd a, unsigned tiles, int tile) {
@@ -511,7 +511,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   r.k0 = -(gl + gh * H) * it;
   r.k1 = -gh * it;
   r.gl = gl;
-  // a label outside [0, V) matches no element, as in version 0
+  // a label outside [0, V) matches no element
   const bool in_row = y >= 0 && y < a.logits.vocab;
   r.yu = in_row ? static_cast<int>(y / U::N) : -1;
   r.jy = in_row ? static_cast<int>(y % U::N) : 0;
