@@ -123,27 +123,6 @@ def test_dequantize_lora_kernel(n, k, r, blocksize, double_quant, dtype):
     assert (ours != ref).float().mean().item() < 1e-3
 
 
-@pytest.mark.gpu
-def test_opcheck_gpu_merged():
-    x, q, a, b, bias = _case(5, 128, 64, 8, torch.bfloat16, "cuda", seed=0)
-    args = (
-        x.requires_grad_(True),
-        q.packed,
-        q.absmax,
-        q.absmax2,
-        q.code2,
-        q.offset,
-        64,
-        256,
-        64,
-        a.requires_grad_(True),
-        b.requires_grad_(True),
-        0.5,
-        bias,
-    )
-    torch.library.opcheck(torch.ops.hoptune.nf4_lora_linear, args)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_3d_and_noncontiguous_x(device):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -163,8 +142,11 @@ def test_no_lora_and_frozen_weight():
     torch.testing.assert_close(y, x @ dequantize_nf4(q).t() + bias)
 
 
-def test_opcheck():
-    x, q, a, b, bias = _case(5, 128, 64, 8, torch.float32, "cpu", seed=0)
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    """The custom op's schema, fake and autograd registrations (on CUDA: the merged-weight path)."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    x, q, a, b, bias = _case(5, 128, 64, 8, dtype, device, seed=0)
     args = (
         x.requires_grad_(True),
         q.packed,

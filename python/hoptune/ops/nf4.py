@@ -103,6 +103,24 @@ def nf4_dequantize(
     return dequantize_impl(packed, absmax, absmax2, code2, offset, blocksize, blocksize2, shape, dtype)
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """t itself, or a copy when the kernels' 16-byte alignment does not hold (an offset view)."""
+    return t.clone() if t.data_ptr() % 16 else t
+
+
+def _state_ptrs(packed, absmax, absmax2, code2) -> tuple[int, int, int, int, int]:
+    """Kernel arguments of an NF4 state (packed already _aligned): packed, fp32 absmax (0 if
+    nested), nested uint8 absmax (0 if not), absmax2, code2."""
+    nested = absmax2 is not None
+    return (
+        packed.data_ptr(),
+        0 if nested else absmax.data_ptr(),
+        absmax.data_ptr() if nested else 0,
+        _lib.ptr(absmax2),
+        _lib.ptr(code2),
+    )
+
+
 def dequantize_impl(
     packed, absmax, absmax2, code2, offset, blocksize, blocksize2, shape, dtype
 ) -> torch.Tensor:
@@ -110,16 +128,10 @@ def dequantize_impl(
     if not _lib.use_kernel(packed, "nf4_dequantize"):
         return ref.nf4_dequantize(packed, absmax, absmax2, code2, offset, blocksize, blocksize2, shape, dtype)
     n = packed.numel() * 2
-    if packed.data_ptr() % 16:
-        packed = packed.clone()
-    nested = absmax2 is not None
+    packed = _aligned(packed)
     out = torch.empty(n, dtype=dtype, device=packed.device)
     _lib.extension().nf4_dequantize(
-        packed.data_ptr(),
-        0 if nested else absmax.data_ptr(),
-        absmax.data_ptr() if nested else 0,
-        _lib.ptr(absmax2),
-        _lib.ptr(code2),
+        *_state_ptrs(packed, absmax, absmax2, code2),
         float(offset),
         blocksize2,
         n,
@@ -170,20 +182,12 @@ def dequantize_lora_impl(
     if dtype not in LORA_DTYPES or k % 8 or not _lib.use_kernel(packed, "nf4_dequantize_lora"):
         w = dequantize_impl(packed, absmax, absmax2, code2, offset, blocksize, blocksize2, shape, dtype)
         return ref.merge_lora(w, lora_A, lora_B, scale)
-    if packed.data_ptr() % 16:
-        packed = packed.clone()
-    a = lora_A.contiguous()
-    if a.data_ptr() % 16:
-        a = a.clone()
+    packed = _aligned(packed)
+    a = _aligned(lora_A.contiguous())
     b = lora_B.contiguous()
-    nested = absmax2 is not None
     out = torch.empty(n, k, dtype=dtype, device=packed.device)
     _lib.extension().nf4_dequantize_lora(
-        packed.data_ptr(),
-        0 if nested else absmax.data_ptr(),
-        absmax.data_ptr() if nested else 0,
-        _lib.ptr(absmax2),
-        _lib.ptr(code2),
+        *_state_ptrs(packed, absmax, absmax2, code2),
         float(offset),
         blocksize2,
         n,

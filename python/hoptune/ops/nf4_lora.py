@@ -89,11 +89,9 @@ def _forward(x, q, out_features, lora_A, lora_B, scale, bias) -> torch.Tensor:
     x2 = x.reshape(-1, k)
     merged = _merged(x, lora_A)
     w = _weight(q, out_features, k, x.dtype, lora_A, lora_B, scale, merged, inside_op=True)
-    if merged:
-        y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
-    else:
-        y, _ = ref.lora_forward(x2, w, lora_A, lora_B, scale, bias)
-    return y.view(*x.shape[:-1], out_features)
+    if merged:  # the LoRA term is in w
+        lora_A = lora_B = None
+    return ref.lora_forward(x2, w, lora_A, lora_B, scale, bias).view(*x.shape[:-1], out_features)
 
 
 def _backward_impl(saved, meta, needs, grad_y, inside_op):

@@ -20,12 +20,10 @@ def lora_forward(
     lora_B: torch.Tensor | None,
     scale: float,
     bias: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x2 (M, K), w (N, K) -> (y (M, N), xa (M, r) or None)."""
+) -> torch.Tensor:
+    """x2 (M, K), w (N, K) -> y (M, N)."""
     # bias rides in the GEMM epilogue (addmm); the LoRA term accumulates into y in place
     y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
-    xa = None
     if lora_A is not None and lora_B is not None:
-        xa = x2 @ lora_A.t()
-        y.addmm_(xa, lora_B.t(), alpha=scale)
-    return y, xa
+        y.addmm_(x2 @ lora_A.t(), lora_B.t(), alpha=scale)
+    return y
