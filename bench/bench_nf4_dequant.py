@@ -48,7 +48,7 @@ def measure(n: int, k: int, copy_tbps: float, bnbf) -> dict:
     row["ours_TBps"] = nbytes / row["ours_ms"] / 1e9
     row["ours_frac_copy"] = row["ours_TBps"] / copy_tbps
     # dequantize with a rank-r LoRA product folded in (the QLoRA layer's weight pass)
-    for r in (16, 64):
+    for r in (16, 32, 64):
         a = torch.randn(r, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
         b = torch.randn(n, r, device="cuda", dtype=torch.bfloat16) * 0.01
         lora = [partial(nf4_ops.nf4_dequantize_lora, *_state(q), [n, k], a, b, 2.0) for q in qs]
@@ -85,7 +85,12 @@ def main() -> None:
     write_json(args.out, res)
     print(f"HBM copy rate {res['copy_TBps']:.2f} TB/s; kernel times from CUDA graph replay")
     print(table(res["rows"], ["N", "K", *[f"v{v}_frac_copy" for v in VARIANTS]]))
-    print(table(res["rows"], ["N", "K", "lora16_ms", "lora16_frac_copy", "lora64_ms", "lora64_frac_copy"]))
+    print(
+        table(
+            res["rows"],
+            ["N", "K"] + [f"lora{r}_frac_copy" for r in (16, 32, 64)],
+        )
+    )
     print(
         table(
             res["rows"],

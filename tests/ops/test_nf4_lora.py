@@ -90,7 +90,16 @@ def test_large_m_gpu(k, n, split_rows, monkeypatch):
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize(
     "n,k,r,blocksize",
-    [(200, 192, 16, 64), (64, 128, 1, 64), (197, 320, 17, 64), (384, 256, 64, 128), (96, 512, 256, 64)],
+    [
+        (200, 192, 16, 64),
+        (64, 128, 1, 64),
+        (197, 320, 17, 64),
+        (384, 256, 64, 128),
+        (96, 512, 256, 64),
+        (2000, 1088, 32, 64),  # more items than CTAs: runs of items across slabs
+        (4100, 1024, 8, 256),
+        (64, 72, 8, 64),  # K not a multiple of 64: the fallback
+    ],
 )
 def test_dequantize_lora_kernel(n, k, r, blocksize, double_quant, dtype):
     """deq(W) + s B A, rounded once: within half an ulp of the exact value (plus fp32 round-off)."""

@@ -40,7 +40,7 @@ cudaError_t nf4_dequantize(const uint8_t* packed, const NF4Absmax& absmax, int64
 // The dequantized weight with a LoRA product folded in, for an NF4 weight [rows, cols] (row-major):
 //   out[i, j] = round(w[i, j] + scale * sum_r lora_b[i, r] * lora_a[r, j]),  w = nf4_dequantize's
 // output in dtype (bf16 or fp16); lora_a [rank, cols] and lora_b [rows, rank] contiguous in dtype,
-// 1 <= rank <= 256, cols % 8 == 0, packed, lora_a and out 16-byte aligned.
+// 1 <= rank <= 256, cols % 64 == 0, packed and out 16-byte aligned.
 cudaError_t nf4_dequantize_lora(const uint8_t* packed, const NF4Absmax& absmax, int64_t rows,
                                 int64_t cols, int blocksize, const void* lora_a, const void* lora_b,
                                 int rank, float scale, void* out, DType dtype, cudaStream_t stream);

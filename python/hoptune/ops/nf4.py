@@ -179,11 +179,11 @@ def dequantize_lora_impl(
     """The body of nf4_dequantize_lora, callable from other ops without a second op dispatch."""
     dtype = lora_A.dtype
     n, k = shape
-    if dtype not in LORA_DTYPES or k % 8 or not _lib.use_kernel(packed, "nf4_dequantize_lora"):
+    if dtype not in LORA_DTYPES or k % 64 or not _lib.use_kernel(packed, "nf4_dequantize_lora"):
         w = dequantize_impl(packed, absmax, absmax2, code2, offset, blocksize, blocksize2, shape, dtype)
         return ref.merge_lora(w, lora_A, lora_B, scale)
     packed = _aligned(packed)
-    a = _aligned(lora_A.contiguous())
+    a = lora_A.contiguous()
     b = lora_B.contiguous()
     out = torch.empty(n, k, dtype=dtype, device=packed.device)
     _lib.extension().nf4_dequantize_lora(
