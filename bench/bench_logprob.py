@@ -3,9 +3,12 @@ V=128256 (Llama-3) and V=151936 (Qwen): ours (fused lm_head -> log-prob), naive 
 selective_log_softmax (row loop), Liger's fused linear cross-entropy and the bare lm_head
 matmuls (the floor), all in one run; plus the logits-input kernel against the copy rate, with
 every numbered version of its backward kernel. Off by default: --breakdown (CUDA time per kernel
-of one fused step, from torch.profiler) and --chunk-sweep (the fused step at chunk_rows 256..1024).
+of one fused step, from torch.profiler), --chunk-sweep (the fused step at chunk_rows 256..1024)
+and --vchunk-sweep (the fused step at several vocabulary-chunk widths and row-block sizes of the
+vocab-chunked forward, and with the row-chunked forward, against the bare matmuls).
 
     python bench/bench_logprob.py --out bench/results/logprob.json [--breakdown] [--chunk-sweep]
+        [--vchunk-sweep [--vchunk-settings 4096:0,8192:0,16384:0,8192:2048,8192:1024,16384:4096]]
 """
 
 from __future__ import annotations
@@ -176,12 +179,75 @@ def chunk_sweep(v: int = 128256, chunks=(256, 512, 768, 1024)) -> list[dict]:
     return out
 
 
+def vchunk_sweep(v: int = 128256, settings=((4096, 0), (8192, 0), (16384, 0))) -> list[dict]:
+    """fused_linear_logprobs forward + backward (as in run_vocab) for each (VCHUNK_COLS,
+    VCHUNK_ROWS) of the vocab-chunked forward (rows 0: from CHUNK_BYTES), then the row-chunked
+    forward (VCHUNK off): time, its ratio to the bare lm_head matmuls timed in the same run
+    (plain and interleaved) and the peak extra memory."""
+    torch.manual_seed(0)
+    h = torch.randn(B, T, H, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+    W = torch.randn(v, H, device="cuda", dtype=torch.bfloat16) * 0.02
+    labels = torch.randint(0, v, (B, T), device="cuda")
+    g = torch.randn(B, T, device="cuda", dtype=torch.float32)
+
+    def floor():
+        h.grad = None
+        lm_head_only(h, W)
+
+    floor_ms = bench(floor, warmup=2, rep=5)
+    print("lm_head_floor", round(floor_ms, 2), "ms", flush=True)
+    fn = partial(step, h, g, lambda: fused_linear_logprobs(h, W, labels))
+    saved = (logprob_ops.VCHUNK, logprob_ops.VCHUNK_COLS, logprob_ops.VCHUNK_ROWS)
+    out = []
+    try:
+        for cols, rows in [*settings, (0, 0)]:
+            logprob_ops.VCHUNK = cols > 0
+            if cols > 0:
+                logprob_ops.VCHUNK_COLS, logprob_ops.VCHUNK_ROWS = cols, rows
+            ms = bench(fn, warmup=2, rep=5)
+            row = {
+                "V": v,
+                "path": "vchunk" if cols > 0 else "rows",
+                "vchunk_cols": cols if cols > 0 else None,
+                "vchunk_rows": logprob_ops._vchunk_rows(0) if cols > 0 else None,
+                "ms": ms,
+                "floor_ms": floor_ms,
+                "over_floor": ms / floor_ms,
+                "over_floor_interleaved": ratio_interleaved(fn, floor, rounds=3, rep=3),
+                "peak_GiB": peak_extra_gib(fn),
+            }
+            print(
+                row["path"],
+                row["vchunk_cols"],
+                row["vchunk_rows"],
+                round(ms, 2),
+                "ms",
+                round(row["over_floor_interleaved"], 3),
+                "x",
+                round(row["peak_GiB"], 3),
+                "GiB",
+                flush=True,
+            )
+            out.append(row)
+    finally:
+        logprob_ops.VCHUNK, logprob_ops.VCHUNK_COLS, logprob_ops.VCHUNK_ROWS = saved
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/logprob.json")
     ap.add_argument("--chunks", default="0,256,384,512", help="chunk_rows variants of ours (0 = auto)")
     ap.add_argument("--breakdown", action="store_true", help="per-kernel CUDA time of one fused step")
     ap.add_argument("--chunk-sweep", action="store_true", help="fused step for chunk_rows 256..1024")
+    ap.add_argument(
+        "--vchunk-sweep", action="store_true", help="fused step per vocabulary-chunk width / row-block size"
+    )
+    ap.add_argument(
+        "--vchunk-settings",
+        default="4096:0,8192:0,16384:0,8192:2048,8192:1024,16384:4096",
+        help="VCHUNK_COLS:VCHUNK_ROWS pairs for --vchunk-sweep (rows 0: from CHUNK_BYTES)",
+    )
     args = ap.parse_args()
     chunks = [int(c) for c in args.chunks.split(",")]
     res = {"env": env_info(), "copy_TBps": copy_rate_tbps(), "rows": []}
@@ -234,6 +300,12 @@ def main() -> None:
         res["chunk_sweep"] = chunk_sweep()
         write_json(args.out, res)
         print(table(res["chunk_sweep"], ["V", "chunk_rows", "ms", "peak_GiB"]))
+    if args.vchunk_sweep:
+        settings = [tuple(int(x) for x in s.split(":")) for s in args.vchunk_settings.split(",")]
+        res["vchunk_sweep"] = vchunk_sweep(settings=settings)
+        write_json(args.out, res)
+        cols = ["V", "path", "vchunk_cols", "vchunk_rows", "ms", "over_floor", "over_floor_interleaved"]
+        print(table(res["vchunk_sweep"], [*cols, "peak_GiB"]))
 
 
 if __name__ == "__main__":

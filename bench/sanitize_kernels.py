@@ -44,7 +44,10 @@ def logprob() -> None:
         w = torch.randn(v, 64, device="cuda", dtype=h.dtype, requires_grad=True)
         yy = torch.randint(0, v, (13,), device="cuda")
         yy[3] = -100
-        fused_linear_logprobs(h, w, yy, softcap=10.0, chunk_rows=5).sum().backward()
+        for cols in (8192, 96, 101):  # vocab chunks: one, several (vector path), several (scalar)
+            logprob_ops.VCHUNK_COLS = cols
+            fused_linear_logprobs(h, w, yy, softcap=10.0, chunk_rows=5).sum().backward()
+        logprob_ops.VCHUNK_COLS = 8192
 
 
 def nf4_lora() -> None:
@@ -55,12 +58,19 @@ def nf4_lora() -> None:
     a = torch.randn(8, 192, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     b = torch.randn(200, 8, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     nf4_lora_linear(x, q, a, b, 0.5).sum().backward()
-    for dq, r in ((False, 17), (True, 256)):  # the LoRA-merged dequantize: odd rank, largest rank
-        q = quantize_nf4(torch.randn(197, 320, device="cuda", dtype=torch.float16), double_quant=dq)
-        a = torch.randn(r, 320, device="cuda", dtype=torch.float16)
-        b = torch.randn(197, r, device="cuda", dtype=torch.float16)
+    # the LoRA-merged dequantize: odd rank, largest rank, ranks in registers, runs of items per CTA
+    cases = [
+        (False, 17, 197, 320, torch.float16),
+        (True, 256, 197, 320, torch.float16),
+        (True, 16, 2000, 1088, torch.bfloat16),
+        (False, 32, 2000, 1088, torch.bfloat16),
+    ]
+    for dq, r, n, k, dt in cases:
+        q = quantize_nf4(torch.randn(n, k, device="cuda", dtype=dt), double_quant=dq)
+        a = torch.randn(r, k, device="cuda", dtype=dt)
+        b = torch.randn(n, r, device="cuda", dtype=dt)
         nf4_ops.nf4_dequantize_lora(
-            q.packed, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize, q.blocksize2, [197, 320], a, b, 0.5
+            q.packed, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize, q.blocksize2, [n, k], a, b, 0.5
         )
 
 

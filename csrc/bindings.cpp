@@ -200,4 +200,41 @@ PYBIND11_MODULE(_C, m) {
       py::arg("write_grad"), py::arg("row_scale"), py::arg("label_coef"), py::arg("shifted"),
       py::arg("row_norm"), py::arg("overflow"), py::arg("stream"),
       py::call_guard<py::gil_scoped_release>());
+
+  m.def(
+      "fused_logprob_vchunk",
+      [](uintptr_t buf, int64_t rows, int64_t cols, int64_t ld, int64_t col0, uintptr_t labels,
+         uintptr_t bias, float logit_scale, float softcap, float inv_temperature, uintptr_t ref,
+         uintptr_t s0, uintptr_t s1, bool accumulate, uintptr_t label_logit, int grad_dtype,
+         bool write_grad, uintptr_t row_scale, uintptr_t label_coef, uintptr_t overflow,
+         uintptr_t stream) {
+        hoptune::FusedLogprobVChunk a;
+        a.buf = ptr<float*>(buf);
+        a.rows = rows;
+        a.cols = cols;
+        a.ld = ld;
+        a.col0 = col0;
+        a.labels = ptr<const int64_t*>(labels);
+        a.bias = ptr<const float*>(bias);
+        a.logit_scale = logit_scale;
+        a.softcap = softcap;
+        a.inv_temperature = inv_temperature;
+        a.ref = ptr<const float*>(ref);
+        a.s0 = ptr<float*>(s0);
+        a.s1 = ptr<float*>(s1);
+        a.accumulate = accumulate;
+        a.label_logit = ptr<float*>(label_logit);
+        a.grad_dtype = static_cast<DType>(grad_dtype);
+        a.write_grad = write_grad;
+        a.row_scale = ptr<const float*>(row_scale);
+        a.label_coef = ptr<float*>(label_coef);
+        a.overflow = ptr<int*>(overflow);
+        check(hoptune::fused_logprob_vchunk(a, stream_of(stream)), "fused_logprob_vchunk");
+      },
+      py::arg("buf"), py::arg("rows"), py::arg("cols"), py::arg("ld"), py::arg("col0"),
+      py::arg("labels"), py::arg("bias"), py::arg("logit_scale"), py::arg("softcap"),
+      py::arg("inv_temperature"), py::arg("ref"), py::arg("s0"), py::arg("s1"),
+      py::arg("accumulate"), py::arg("label_logit"), py::arg("grad_dtype"), py::arg("write_grad"),
+      py::arg("row_scale"), py::arg("label_coef"), py::arg("overflow"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>());
 }

@@ -14,6 +14,13 @@
 // pass 2 re-reads the row and writes the softmax part of d logp / d z (-p dz'/dz) as 16-bit
 // values over the first half of the same row; a barrier per iteration orders every read of the
 // overlapped fp32 words before their overwrite. The one-hot part goes out per row in fp32.
+//
+// The vocab-chunk kernel serves a caller that walks the vocabulary in column chunks for a block
+// of rows (so each chunk of the lm_head weight is read once per row block): exponents are taken
+// relative to a per-row shift fixed before the first chunk, so the chunks' sums simply add up
+// (no running max to rescale by) and G can be written in the same single read of the chunk, left
+// unnormalised; the caller divides G @ W by the final sum. A shift too far below the row's
+// largest logit is reported, and the caller falls back to the two-pass path.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -708,6 +715,99 @@ __global__ void __launch_bounds__(kThreads) fused_logprob_shifted_kernel(FusedLo
   }
 }
 
+// Vocab-chunk variant: the shifted kernel over columns [col0, col0 + cols) of a row, the shift
+// given (ref) rather than read, its sums added to the row's running s0, s1. t <= 64 bounds every
+// e^t by 6.2e27, so the sums over a whole vocabulary, the 16-bit G and G @ W stay finite; past
+// that the row is flagged. A row is 32 KiB at 8192 columns: 256 threads give each 8 float4.
+constexpr int kVThreads = 256;
+constexpr float kMaxShift = 64.f;
+
+template <typename G, bool kVec>
+__global__ void __launch_bounds__(kVThreads) fused_logprob_vchunk_kernel(FusedLogprobVChunk a) {
+  __shared__ float partial[3][kVThreads / 32];
+  const int64_t row = blockIdx.x;
+  float* z = a.buf + row * a.ld;
+  const int64_t C = a.cols, c0 = a.col0;
+  const Transform tf{a.bias, a.logit_scale, a.softcap, a.inv_temperature};
+  const float ref = a.ref[row];
+  const float rs = a.row_scale ? a.row_scale[row] : 1.f;
+  if (threadIdx.x == 0) {
+    // read before thread 0 reaches the loop's first barrier, after which G overwrites the row
+    const int64_t y = a.labels[row];
+    if (y >= c0 && y - c0 < C) {
+      float dy;
+      a.label_logit[row] = tf(z[y - c0], y, &dy);
+      if (a.write_grad) a.label_coef[row] = rs * dy;
+    }
+  }
+  const float nrs = -rs;
+  G* out = reinterpret_cast<G*>(z);
+  float s0 = 0.f, s1 = 0.f;
+  bool big = false;
+  auto one = [&](float raw, int64_t v) -> float {
+    float d;
+    const float t = tf(raw, v, &d) - ref;
+    big |= t > kMaxShift;
+    const float e = exp2f(t * kLog2e);
+    s0 += e;
+    s1 = fmaf(e, t, s1);
+    return nrs * e * d;
+  };
+  if (kVec) {
+    const int64_t groups = C / 4;
+    for (int64_t base = 0; base < groups; base += kVThreads) {
+      const int64_t g = base + threadIdx.x;
+      float4 q = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (g < groups) q = reinterpret_cast<const float4*>(z)[g];
+      if (a.write_grad)
+        __syncthreads();  // every read of the words this iteration overwrites is done
+      if (g < groups) {
+        const int64_t v = c0 + 4 * g;
+        const float r0 = one(q.x, v), r1 = one(q.y, v + 1), r2 = one(q.z, v + 2),
+                    r3 = one(q.w, v + 3);
+        if (a.write_grad) {
+          if constexpr (std::is_same<G, float>::value) {
+            reinterpret_cast<float4*>(out)[g] = make_float4(r0, r1, r2, r3);
+          } else {
+            __nv_bfloat162 h[2] = {__floats2bfloat162_rn(r0, r1), __floats2bfloat162_rn(r2, r3)};
+            reinterpret_cast<uint2*>(out)[g] = *reinterpret_cast<uint2*>(h);
+          }
+        }
+      }
+    }
+  } else {
+    for (int64_t base = 0; base < C; base += kVThreads) {
+      const int64_t i = base + threadIdx.x;
+      const float raw = i < C ? z[i] : 0.f;
+      if (a.write_grad) __syncthreads();
+      if (i < C) {
+        const float r = one(raw, c0 + i);
+        if (a.write_grad) out[i] = from_float<G>(r);
+      }
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    s0 += __shfl_xor_sync(0xffffffffu, s0, o);
+    s1 += __shfl_xor_sync(0xffffffffu, s1, o);
+  }
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const bool warp_big = __any_sync(0xffffffffu, big);
+  if (lane == 0) partial[0][warp] = s0, partial[1][warp] = s1, partial[2][warp] = warp_big;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    s0 = s1 = 0.f;
+    bool any_big = false;
+    for (int w = 0; w < kVThreads / 32; ++w)
+      s0 += partial[0][w], s1 += partial[1][w], any_big |= partial[2][w] != 0.f;
+    // one CTA per row and chunks in stream order: a plain read-add-write is race-free
+    if (a.accumulate) s0 += a.s0[row], s1 += a.s1[row];
+    a.s0[row] = s0;
+    a.s1[row] = s1;
+    if (any_big || !isfinite(s0) || !isfinite(s1)) atomicOr(a.overflow, 1);
+  }
+}
+
 bool aligned16(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
@@ -824,6 +924,30 @@ cudaError_t fused_logprob_chunk(const FusedLogprobChunk& a, cudaStream_t stream)
     }
     return cudaGetLastError();
   });
+}
+
+cudaError_t fused_logprob_vchunk(const FusedLogprobVChunk& a, cudaStream_t stream) {
+  HOPTUNE_REQUIRE(a.buf && a.labels && a.ref && a.s0 && a.s1 && a.label_logit && a.overflow &&
+                  a.cols > 0 && a.ld >= a.cols && a.col0 >= 0);
+  HOPTUNE_REQUIRE(!a.write_grad || a.label_coef);
+  // unnormalised G can exceed the fp16 range: bf16 or fp32 only
+  HOPTUNE_REQUIRE(a.grad_dtype == DType::kBFloat16 || a.grad_dtype == DType::kFloat32);
+  if (a.rows == 0) return cudaSuccess;
+  HOPTUNE_REQUIRE(a.rows <= 0x7fffffff);
+  const bool vec = aligned16(a.buf) && a.cols % 4 == 0 && a.ld % 4 == 0;
+  const unsigned grid = static_cast<unsigned>(a.rows);
+  if (a.grad_dtype == DType::kBFloat16) {
+    if (vec) {
+      fused_logprob_vchunk_kernel<__nv_bfloat16, true><<<grid, kVThreads, 0, stream>>>(a);
+    } else {
+      fused_logprob_vchunk_kernel<__nv_bfloat16, false><<<grid, kVThreads, 0, stream>>>(a);
+    }
+  } else if (vec) {
+    fused_logprob_vchunk_kernel<float, true><<<grid, kVThreads, 0, stream>>>(a);
+  } else {
+    fused_logprob_vchunk_kernel<float, false><<<grid, kVThreads, 0, stream>>>(a);
+  }
+  return cudaGetLastError();
 }
 
 }  // namespace hoptune

@@ -344,3 +344,192 @@ def test_fused_overflow_falls_back_gpu():
     rlp.sum().backward()
     assert torch.isfinite(hid.grad).all()
     assert err(hid.grad, h64.grad) <= 2e-2 * h64.grad.abs().max().item()
+
+
+# vocab-chunked forward knobs: (VCHUNK, VCHUNK_COLS, VCHUNK_ROWS). "small" gives several row
+# blocks and vocabulary chunks (at V = 1001 the last chunk is 41 columns: the scalar path);
+# "rows" is the row-chunked single-pass forward.
+VCHUNK_KNOBS = {"default": (True, 8192, 0), "small": (True, 64, 64), "rows": (False, 8192, 0)}
+FUSED_KW = [
+    {},
+    {"temperature": 0.8},
+    {"softcap": 5.0, "scale": 0.5},
+    {"bias": True},
+    {"bias": True, "softcap": 3.0, "scale": 1.5, "temperature": 0.7},
+]
+
+
+def _set_vchunk(monkeypatch, knobs, on_cpu=False):
+    use, cols, rows = VCHUNK_KNOBS[knobs]
+    monkeypatch.setattr(logprob_ops, "VCHUNK", use)
+    monkeypatch.setattr(logprob_ops, "VCHUNK_COLS", cols)
+    monkeypatch.setattr(logprob_ops, "VCHUNK_ROWS", rows)
+    monkeypatch.setattr(logprob_ops, "_VCHUNK_ON_CPU", on_cpu)
+
+
+def _spy_fallback(monkeypatch) -> list:
+    """Records each row-chunked forward the op runs (single_pass=False: the two-pass redo)."""
+    calls = []
+    orig = logprob_ops._forward
+
+    def spy(*args, single_pass):
+        calls.append(single_pass)
+        return orig(*args, single_pass=single_pass)
+
+    monkeypatch.setattr(logprob_ops, "_forward", spy)
+    return calls
+
+
+def _check_fused_fp32(device, kw, ignore_frac, chunk_rows=0, n=300, v=1001, h=32):
+    hid, w, b, y = _fused_case(n, h, v, torch.float32, device, seed=len(kw) + n, ignore_frac=ignore_frac)
+    y[0], y[-1] = v - 1, 0  # labels in the last (partial) and the first vocabulary chunk
+    bias = b if kw.get("bias") else None
+    temperature, softcap, scale = kw.get("temperature", 1.0), kw.get("softcap"), kw.get("scale", 1.0)
+    hid.requires_grad_(True)
+    lp, ent = fused_linear_logprobs(
+        hid,
+        w,
+        y,
+        bias=bias,
+        temperature=temperature,
+        softcap=softcap,
+        logit_scale=scale,
+        chunk_rows=chunk_rows,
+        return_entropy=True,
+    )
+    h64 = hid.detach().double().requires_grad_(True)
+    rlp, rent = fused_oracle(
+        h64, w.double(), None if bias is None else bias.double(), y, temperature, softcap, scale
+    )
+    assert err(lp, rlp) <= 1e-5 and err(ent, rent) <= 1e-5
+    g = torch.randn(n, device=device)
+    lp.backward(g)
+    rlp.backward(g.double())
+    assert err(hid.grad, h64.grad) <= 1e-5
+    assert (hid.grad[y == -100] == 0).all() and (lp[y == -100] == 0).all()
+
+
+@pytest.mark.parametrize("kw", FUSED_KW)
+@pytest.mark.parametrize("ignore_frac", [0.0, 0.25])  # row blocks as slices of J / index selections
+@pytest.mark.parametrize("chunk_rows", [0, 50])
+def test_fused_vchunk_cpu(kw, ignore_frac, chunk_rows, monkeypatch):
+    """The vocab-chunked forward's Python loop on CPU (the reference for the kernel) with small
+    knobs: several row blocks, 15 full vocabulary chunks and a partial one, against fp64."""
+    _set_vchunk(monkeypatch, "small", on_cpu=True)
+    calls = _spy_fallback(monkeypatch)
+    _check_fused_fp32("cpu", kw, ignore_frac, chunk_rows)
+    assert calls == []  # no overflow, no redo
+
+
+def _check_fused_16bit(device, dtype, n, h, v, temperature=0.9):
+    """16-bit hidden/weight: log-probs and entropy within 2x the error of PyTorch's fp32
+    computation on the upcast values; the gradient within 2x the error of PyTorch's fp32
+    gradient rounded to the hidden dtype (as test_fused_linear_logprobs_16bit_gpu)."""
+    hid, w, _, y = _fused_case(n, h, v, dtype, device, seed=n)
+    hid.requires_grad_(True)
+    lp, ent = fused_linear_logprobs(hid, w, y, return_entropy=True, temperature=temperature)
+    h64 = hid.detach().double().requires_grad_(True)
+    rlp, rent = fused_oracle(h64, w.double(), None, y, temperature)
+    prev = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        tlp, tent = fused_oracle(hid.detach().float(), w.float(), None, y, temperature)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        ht = hid.detach().float().requires_grad_(True)
+        t32 = fused_oracle(ht, w.float(), None, y, temperature)[0]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    assert err(lp, rlp) <= 2 * err(tlp, rlp) + 1e-6
+    assert err(ent, rent) <= 2 * err(tent, rent) + 1e-6
+    g = torch.randn(n, device=device)
+    lp.backward(g)
+    rlp.backward(g.double())
+    t32.backward(g)
+    assert err(hid.grad, h64.grad) <= 2 * err(ht.grad.to(dtype), h64.grad) + 1e-6
+
+
+def test_fused_vchunk_bf16_cpu(monkeypatch):
+    """bf16 through the vocab-chunked loop on CPU: G rounded to bf16, unnormalised."""
+    _set_vchunk(monkeypatch, "small", on_cpu=True)
+    _check_fused_16bit("cpu", torch.bfloat16, 200, 64, 1001)
+
+
+def _overflow_case(device, dtype, gap):
+    """Rows whose label's logit is about `gap` below the row's largest (token 5's logit is
+    2 gap / 3, the others' about -gap / 3) and a row labelled with token 5."""
+    h, v = 64, 1001
+    hid = torch.zeros(4, h, dtype=dtype)
+    hid[:, 0] = gap / 15
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(v, h, generator=g) * 0.01
+    w[:, 0] = -5.0 + torch.randn(v, generator=g) * 0.05
+    w[5, 0] = 10.0
+    return hid.to(device), w.to(dtype).to(device), torch.tensor([7, 5, 1000, 300], device=device)
+
+
+@pytest.mark.parametrize("gap,redo", [(40.0, False), (80.0, True), (200.0, True)])
+def test_fused_vchunk_overflow_cpu(gap, redo, monkeypatch):
+    """A label logit more than 64 below its row's largest flags the vocab-chunked forward (at 80
+    nothing is infinite yet) and the op redoes it in two passes; below 64 it stands. Both exact."""
+    _set_vchunk(monkeypatch, "small", on_cpu=True)
+    calls = _spy_fallback(monkeypatch)
+    hid, w, y = _overflow_case("cpu", torch.float32, gap)
+    hid.requires_grad_(True)
+    lp = fused_linear_logprobs(hid, w, y)
+    assert calls == ([False] if redo else [])
+    h64 = hid.detach().double().requires_grad_(True)
+    rlp = fused_oracle(h64, w.double(), None, y)[0]
+    assert err(lp, rlp) <= 1e-5 * max(1.0, rlp.abs().max().item())
+    lp.sum().backward()
+    rlp.sum().backward()
+    assert err(hid.grad, h64.grad) <= 1e-5 * max(1.0, h64.grad.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("knobs", list(VCHUNK_KNOBS))
+@pytest.mark.parametrize("kw", FUSED_KW)
+@pytest.mark.parametrize("ignore_frac", [0.0, 0.25])
+def test_fused_vchunk_fp32_gpu(knobs, kw, ignore_frac, monkeypatch):
+    """fp32 hidden on CUDA (G written in place in fp32): the vocab-chunked forward with the
+    default and small knobs, and the row-chunked single pass, against fp64."""
+    _set_vchunk(monkeypatch, knobs)
+    calls = _spy_fallback(monkeypatch)
+    poison_cuda_cache()
+    _check_fused_fp32("cuda", kw, ignore_frac)
+    assert calls == ([True] if knobs == "rows" else [])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("knobs", list(VCHUNK_KNOBS))
+@pytest.mark.parametrize("n,h,v", [(300, 256, 32001), (1000, 512, 50304), (150, 64, 1001)])
+def test_fused_vchunk_bf16_gpu(knobs, n, h, v, monkeypatch):
+    """bf16 on CUDA: at V = 32001 the last 8192-column chunk (7425) takes the scalar path, at
+    50304 every chunk the vector path; small knobs give many blocks and chunks."""
+    _set_vchunk(monkeypatch, knobs)
+    calls = _spy_fallback(monkeypatch)
+    poison_cuda_cache()
+    _check_fused_16bit("cuda", torch.bfloat16, n, h, v)
+    assert calls == ([True] if knobs == "rows" else [])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("knobs", ["default", "small"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("gap,redo", [(40.0, False), (80.0, True), (100.0, True), (200.0, True)])
+def test_fused_vchunk_overflow_gpu(knobs, dtype, gap, redo, monkeypatch):
+    """The kernel flags a label logit more than 64 below the row's largest; the op redoes the
+    forward in two passes and the result matches fp64 (relative to the largest value)."""
+    _set_vchunk(monkeypatch, knobs)
+    calls = _spy_fallback(monkeypatch)
+    hid, w, y = _overflow_case("cuda", dtype, gap)
+    hid.requires_grad_(True)
+    lp = fused_linear_logprobs(hid, w, y)
+    assert calls == ([False] if redo else [])
+    h64 = hid.detach().double().requires_grad_(True)
+    rlp = fused_oracle(h64, w.double(), None, y)[0]
+    assert torch.isfinite(lp).all()
+    assert err(lp, rlp) <= 1e-4 * max(1.0, rlp.abs().max().item())
+    lp.sum().backward()
+    rlp.sum().backward()
+    assert torch.isfinite(hid.grad).all()
+    assert err(hid.grad, h64.grad) <= 2e-2 * h64.grad.abs().max().item()

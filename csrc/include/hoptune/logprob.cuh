@@ -82,4 +82,38 @@ struct FusedLogprobChunk {
 
 cudaError_t fused_logprob_chunk(const FusedLogprobChunk& a, cudaStream_t stream);
 
+// One vocabulary chunk, columns [col0, col0 + cols), of the vocab-chunked fused lm_head path:
+// fp32 logits [rows, cols] (row stride ld, written by a GEMM into `buf`). Exponents are taken
+// relative to a per-row shift ref[i] (the caller's estimate of z'_iy, fixed for all chunks):
+//   t = z'_iv - ref_i,  s0_i += sum_v e^t,  s1_i += sum_v e^t t   (over the chunk's columns)
+// and, when grad is requested, G[i, v] = -row_scale[i] * e^t * dz'_iv/dz_iv, unnormalised, in
+// grad_dtype (bf16: row stride 2 * ld over the first half of each fp32 row; fp32: in place; fp16
+// is refused, unnormalised values can exceed its range). The chunk holding row i's label writes
+// label_logit[i] = z'_iy and label_coef[i] = row_scale[i] * dz'_iy/dz_iy. The caller sums the
+// chunks and finishes: logp = label_logit - ref - log s0, lse = ref + log s0,
+// H = log s0 - s1 / s0, d logp / d h = (G @ W) / s0 + label_coef W[y]. *overflow is set when
+// some t > 64 or a sum is not finite (the caller then redoes the rows relative to the max).
+struct FusedLogprobVChunk {
+  float* buf = nullptr;  // [rows, ld] fp32
+  int64_t rows = 0, cols = 0, ld = 0;
+  int64_t col0 = 0;                     // vocabulary index of column 0
+  const int64_t* labels = nullptr;      // [rows], in [0, V)
+  const float* bias = nullptr;          // [V] (indexed by vocabulary id) or null
+  float logit_scale = 1.f;              // z <- z * logit_scale (after bias)
+  float softcap = 0.f;                  // > 0: z <- softcap * tanh(z / softcap)
+  float inv_temperature = 1.f;          // z' = z / temperature
+  const float* ref = nullptr;           // [rows] the shift
+  float* s0 = nullptr;                  // [rows] sum e^t
+  float* s1 = nullptr;                  // [rows] sum e^t t
+  bool accumulate = false;              // add to s0, s1 (false: the first chunk writes them)
+  float* label_logit = nullptr;         // [rows], written by the chunk holding the label
+  DType grad_dtype = DType::kBFloat16;  // dtype of G: bf16 or fp32
+  bool write_grad = false;
+  const float* row_scale = nullptr;  // [rows] multiplies G and label_coef, or null
+  float* label_coef = nullptr;       // [rows], written with label_logit when write_grad
+  int* overflow = nullptr;           // set to 1 when a row overflowed
+};
+
+cudaError_t fused_logprob_vchunk(const FusedLogprobVChunk& a, cudaStream_t stream);
+
 }  // namespace hoptune

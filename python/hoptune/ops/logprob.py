@@ -5,15 +5,24 @@ token_logprobs: one CUDA pass over the logits (online max / sum-exp in fp32) giv
 entropy and the log-sum-exp saved for the backward, which recomputes softmax and writes dlogits
 (optionally into the logits buffer itself).
 
-fused_linear_logprobs: rows whose label is ignore_index are dropped before any matmul. The
-remaining rows go in chunks: a cuBLAS GEMM writes the chunk's logits in fp32, a kernel turns
-them into log-probs and, over the same buffer, into G = d logp / d logits, and a second GEMM
-forms J = G @ W, the gradient of each row's log-prob with respect to its hidden state. Since
-d loss / d h_i = g_i * J_i for any upstream gradient g, the backward is one scaling: the
-lm_head runs twice in total (as many GEMMs as the logits forward + input gradient of a plain
-lm_head) and the extra memory is J (rows x H, fp32) plus one chunk of fp32 logits. The one-hot
-part of the gradient (the largest term) is added to J in fp32 and only the softmax part passes
-through the 16-bit GEMM operand, so the hidden-state gradient is rounded to 16 bits once.
+fused_linear_logprobs: rows whose label is ignore_index are dropped before any matmul. For each
+chunk a cuBLAS GEMM writes logits in fp32, a kernel turns them into log-prob statistics and,
+over the same buffer, into G = d logp / d logits, and a second GEMM forms J = G @ W, the
+gradient of each row's log-prob with respect to its hidden state. Since d loss / d h_i =
+g_i * J_i for any upstream gradient g, the backward is one scaling: the lm_head runs twice in
+total (as many GEMMs as the logits forward + input gradient of a plain lm_head) and the extra
+memory is J (rows x H, fp32) plus one chunk of fp32 logits. The one-hot part of the gradient (the
+largest term) is added to J in fp32 and only the softmax part passes through the 16-bit GEMM
+operand, so the hidden-state gradient is rounded to 16 bits once.
+
+Chunks: by default (CUDA, bf16/fp32) rows go in blocks of R (VCHUNK_ROWS, or CHUNK_BYTES // (4 *
+VCHUNK_COLS)) and each block walks the vocabulary in chunks of VCHUNK_COLS columns, so the weight
+is read once per block rather than once per row chunk. Exponents are taken relative to each row's
+label logit (a gather-dot before the walk), so the chunks' sums add up without rescaling and G is
+written in the same read, unnormalised; J accumulates G @ W_chunk over the chunks and is scaled by
+1 / sum at the end. fp16 keeps row chunks (whole vocabulary rows, two passes relative to the max:
+unnormalised G can exceed its range); a logit more than 64 above the label's flags the row and
+the op redoes the forward that way.
 """
 
 from __future__ import annotations
@@ -28,6 +37,13 @@ from hoptune.reference import logprob as ref
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CHUNK_BYTES = 128 << 20  # fp32 logits of one chunk: with J, keeps the extra memory near 0.5 GiB at 16k tokens
+# fused_linear_logprobs, vocab-chunked forward: vocabulary columns per chunk, and rows per block
+# (0: CHUNK_BYTES // (4 * VCHUNK_COLS), rounded down to a multiple of 64). Read on every call, so
+# a benchmark may set them.
+VCHUNK = True  # False: the row-chunked single-pass forward instead
+VCHUNK_COLS = 8192
+VCHUNK_ROWS = 0
+_VCHUNK_ON_CPU = False  # tests: run the vocab-chunked loop on CPU through the reference
 # token_logprobs backward kernel version (csrc/kernels/logprob.cu; 1 is kept for measurement).
 _BWD_VARIANT = 0
 _BWD_VARIANTS = (0, 1)  # every version, for the benchmark and the tests
@@ -353,6 +369,172 @@ def _forward(
     return logp, ent, lse, J, overflow
 
 
+def _vchunk_rows(chunk_rows: int) -> int:
+    if chunk_rows > 0:
+        return chunk_rows
+    if VCHUNK_ROWS > 0:
+        return VCHUNK_ROWS
+    return max(64, (CHUNK_BYTES // (4 * VCHUNK_COLS)) // 64 * 64)
+
+
+def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, acc fp32, accumulated in fp32 (bf16/fp16 operands stay on the tensor cores)."""
+    if a.dtype == torch.float32 or a.device.type != "cuda":
+        acc.addmm_(a.float(), b.float())
+        return
+    try:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    except (TypeError, RuntimeError) as e:  # torch without addmm(out_dtype=) or with a stricter one
+        if "fp32_addmm" not in _lib._warned:
+            _lib._warned.add("fp32_addmm")
+            warnings.warn(
+                f"torch.addmm(out_dtype=float32) unavailable ({e}); G @ W goes through a temporary",
+                stacklevel=3,
+            )
+        acc += _mm_fp32(a, b)
+
+
+def _vchunk_step(
+    logits,
+    gdtype,
+    yc,
+    v0,
+    bias_f,
+    softcap,
+    logit_scale,
+    temperature,
+    zref,
+    st,
+    first,
+    want_grad,
+    overflow,
+    kernel,
+):
+    """One vocabulary chunk (columns v0 .. v0 + logits.shape[1]) of a row block: adds its sums to
+    st = (s0, s1, label_logit, label_coef) and returns G (rows, C) in gdtype (None without
+    want_grad) — the kernel on sm_90 (G over the logits buffer), the reference elsewhere."""
+    rows, c = logits.shape
+    s0, s1, zy, coef = st
+    if not kernel:
+        s0c, s1c, inside, zyc, coefc, g, bad = ref.fused_vchunk(
+            logits, yc, v0, bias_f, logit_scale, softcap, temperature, zref, want_grad
+        )
+        if first:
+            s0.copy_(s0c)
+            s1.copy_(s1c)
+        else:
+            s0.add_(s0c)
+            s1.add_(s1c)
+        zy.copy_(torch.where(inside, zyc, zy))
+        if want_grad:
+            coef.copy_(torch.where(inside, coefc, coef))
+        overflow.bitwise_or_(bad)
+        return None if g is None else g.to(gdtype)
+    _lib.extension().fused_logprob_vchunk(
+        logits.data_ptr(),
+        rows,
+        c,
+        c,
+        v0,
+        yc.data_ptr(),
+        _lib.ptr(bias_f),
+        float(logit_scale),
+        float(softcap),
+        1.0 / temperature,
+        zref.data_ptr(),
+        s0.data_ptr(),
+        s1.data_ptr(),
+        not first,
+        zy.data_ptr(),
+        _lib.DTYPE_CODES[gdtype],
+        want_grad,
+        0,
+        _lib.ptr(coef),
+        overflow.data_ptr(),
+        _lib.stream(logits),
+    )
+    if not want_grad:
+        return None
+    return (
+        logits if gdtype == torch.float32 else logits.view(gdtype)[:, :c]
+    )  # 16-bit G: first half of each row
+
+
+def _forward_vchunk(
+    hidden,
+    weight,
+    labels,
+    bias,
+    temperature,
+    ignore_index,
+    softcap,
+    logit_scale,
+    chunk_rows,
+    compute_grad,
+    kernel,
+):
+    """Row blocks x vocabulary chunks: each chunk of the weight is read once per row block (twice
+    with compute_grad: logits, then G @ W into J) and the block's rows are finished at the end.
+    Exponents are relative to each row's label logit, estimated by a gather-dot before the loop,
+    so the chunks' sums add without rescaling."""
+    n, h = hidden.shape
+    v = weight.shape[0]
+    dev = hidden.device
+    logp = torch.zeros(n, dtype=torch.float32, device=dev)
+    ent, lse = torch.zeros_like(logp), torch.zeros_like(logp)
+    J = torch.zeros(n if compute_grad else 0, h, dtype=torch.float32, device=dev)
+    bias_f = None if bias is None else bias.float().contiguous()
+    overflow = torch.zeros(1, dtype=torch.int32, device=dev)
+    vc = max(1, VCHUNK_COLS)
+    for rows in _chunks(labels, ignore_index, _vchunk_rows(chunk_rows)):
+        hc, yc = hidden[rows], labels[rows].contiguous()
+        r = yc.numel()
+        wy = weight.index_select(0, yc)
+        # the shift: z'_y from a gather-dot (only a shift: its rounding does not matter)
+        raw = (hc * wy).sum(1, dtype=torch.float32)
+        zref = ref.transform_logits(
+            raw, None if bias_f is None else bias_f.index_select(0, yc), logit_scale, softcap, temperature
+        )[0].contiguous()
+        s0 = torch.empty(r, dtype=torch.float32, device=dev)
+        s1, zy = torch.empty_like(s0), torch.empty_like(s0)
+        coef = torch.empty_like(s0) if compute_grad else None
+        acc = None
+        if compute_grad:  # J's rows themselves when the block is a slice
+            acc = J[rows] if isinstance(rows, slice) else torch.zeros(r, h, dtype=torch.float32, device=dev)
+        for v0 in range(0, v, vc):
+            wc = weight[v0 : v0 + vc]
+            logits = _mm_fp32(hc, wc.t())
+            g = _vchunk_step(
+                logits,
+                hidden.dtype,
+                yc,
+                v0,
+                bias_f,
+                softcap,
+                logit_scale,
+                temperature,
+                zref,
+                (s0, s1, zy, coef),
+                v0 == 0,
+                compute_grad,
+                overflow,
+                kernel,
+            )
+            if compute_grad:
+                _addmm_fp32(acc, g, wc)
+            del logits, g
+        log_s0 = torch.log(s0)
+        logp[rows] = zy - zref - log_s0
+        lse[rows] = zref + log_s0
+        ent[rows] = log_s0 - s1 / s0
+        if compute_grad:
+            # normalise the softmax part, then add the one-hot part in fp32
+            acc.mul_(s0.reciprocal()[:, None]).addcmul_(coef[:, None], wy)
+            if not isinstance(rows, slice):
+                J.index_copy_(0, rows, acc)
+    return logp, ent, lse, J, overflow
+
+
 @torch.library.custom_op("hoptune::fused_linear_logprobs", mutates_args=())
 def _fused_linear_logprobs(
     hidden: torch.Tensor,
@@ -380,10 +562,15 @@ def _fused_linear_logprobs(
         chunk_rows,
         compute_grad,
     )
-    # one read of each logits row (exponents relative to the label's logit) where G's dtype can
-    # hold unnormalised values; a logit ~88 above the label's overflows: then redo with the max
-    single = hidden.dtype != torch.float16 and _lib.use_kernel(hidden, "fused_linear_logprobs")
-    logp, ent, lse, J, overflow = _forward(*args, single_pass=single)
+    # single pass (exponents relative to the label's logit) where G's dtype can hold unnormalised
+    # values: vocab-chunked by default, else row-chunked; a logit far above the label's
+    # overflows it: then redo relative to the row max, in two passes
+    kernel = _lib.use_kernel(hidden, "fused_linear_logprobs")
+    single = hidden.dtype != torch.float16 and kernel
+    if hidden.dtype != torch.float16 and VCHUNK and (kernel or _VCHUNK_ON_CPU):
+        logp, ent, lse, J, overflow = _forward_vchunk(*args, kernel=kernel)
+    else:
+        logp, ent, lse, J, overflow = _forward(*args, single_pass=single)
     if overflow is not None and bool(overflow.item()):
         logp, ent, lse, J, _ = _forward(*args, single_pass=False)
     return logp, ent, lse, J

@@ -121,3 +121,42 @@ def fused_chunk(
         g = -p * deriv * rs[:, None]
         coef = deriv.gather(1, labels[:, None]).squeeze(1) * rs
     return logp, ent, lse, g, coef
+
+
+def fused_vchunk(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    col0: int,
+    bias: torch.Tensor | None,
+    logit_scale: float,
+    softcap: float,
+    temperature: float,
+    ref: torch.Tensor,
+    write_grad: bool,
+    row_scale: torch.Tensor | None = None,
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor
+]:
+    """One vocabulary chunk of raw logits (rows, C), columns [col0, col0 + C), what the CUDA
+    vocab-chunk kernel computes. With t = z' - ref (ref (rows,): a per-row shift, the caller's
+    estimate of z'_y) and e = exp(t), returns (s0, s1, inside, label_logit, label_coef, G, bad):
+    the chunk's sums s0 = sum e and s1 = sum e t (rows,), whether the label lies in the chunk,
+    z'_y and row_scale * dz'/dz at the label (meaningful where inside), G = -row_scale * e * dz'/dz
+    (rows, C) (unnormalised: the caller scales G @ W by 1 / s0 once every chunk is summed) and a
+    0-dim bool: some t > 64 or a sum not finite (the caller redoes the row relative to the max)."""
+    c = logits.shape[1]
+    b = None if bias is None else bias[col0 : col0 + c]
+    zp, deriv = transform_logits(logits.to(_acc_dtype(logits)), b, logit_scale, softcap, temperature)
+    t = zp - ref.to(zp.dtype)[:, None]
+    e = torch.exp(t)
+    s0 = e.sum(1)
+    s1 = (e * t).sum(1)
+    local = labels - col0
+    inside = (local >= 0) & (local < c)
+    li = local.clamp(0, c - 1)[:, None]
+    rs = torch.ones_like(s0) if row_scale is None else row_scale.to(s0.dtype)
+    zy = zp.gather(1, li).squeeze(1)
+    coef = deriv.gather(1, li).squeeze(1) * rs
+    g = -e * deriv * rs[:, None] if write_grad else None
+    bad = (t > 64).any() | ~torch.isfinite(s0).all() | ~torch.isfinite(s1).all()
+    return s0, s1, inside, zy, coef, g, bad
