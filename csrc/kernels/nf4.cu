@@ -283,9 +283,13 @@ cudaError_t launch_dequantize(const uint8_t* packed, const NF4Absmax& am, int64_
 // A lane prefetches the next item's codes, absmax and B fragments before it computes the current
 // one. For rank <= 32 the A fragments stay in registers for the whole slab. On an H200 this runs
 // at 0.43-0.57 of the copy rate for r = 16 (the wmma kernel with a shared-memory accumulator
-// round trip it replaced: 0.28-0.31). Also measured and dropped: the same without the prefetch
-// (three CTAs per SM; no faster) and a version staging each item's codes, absmax and B rows in a
-// 4-stage cp.async ring (0.30-0.40: the per-item CTA barrier costs more than the deeper queue).
+// round trip it replaced: 0.28-0.31). ncu (8192 x 8192): issue-bound rather than memory-bound
+// (0.67 warps issued per scheduler cycle, DRAM 32%, a third of the stalls on fixed-latency
+// dependencies at 4 warps per scheduler, the register limit). Also measured and dropped: the same
+// without the prefetch (three CTAs per SM; no faster), a CTA-wide 4-stage cp.async ring of each
+// item's codes, absmax and B rows (0.30-0.40: a CTA barrier per item) and warp-private cp.async
+// rings of 3, 5 or 8 items (0.40-0.49 at r = 16, the same for every depth: bytes in flight are
+// not the limit).
 constexpr int kMrgThreads = 256;
 constexpr int kMrgRows = 64, kMrgCols = 128;  // a work item
 constexpr int kPieceRows = 16, kPieceCols = 64;

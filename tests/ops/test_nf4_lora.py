@@ -132,6 +132,25 @@ def test_dequantize_lora_kernel(n, k, r, blocksize, double_quant, dtype):
     assert (ours != ref).float().mean().item() < 1e-3
 
 
+@pytest.mark.gpu
+def test_dequantize_lora_offset_absmax_codes():
+    """The 8-bit absmax codes as a view at an odd offset: the same weight."""
+    g = torch.Generator().manual_seed(0)
+    n, k, r = 300, 640, 16
+    w = (torch.randn(n, k, generator=g) * 0.05).to(torch.bfloat16).cuda()
+    a = (torch.randn(r, k, generator=g) * k**-0.5).to(torch.bfloat16).cuda()
+    b = (torch.randn(n, r, generator=g) * r**-0.5).to(torch.bfloat16).cuda()
+    q = quantize_nf4(w, double_quant=True)
+    shifted = torch.empty(q.absmax.numel() + 3, dtype=q.absmax.dtype, device="cuda")[3:]
+    shifted.copy_(q.absmax)
+    assert shifted.data_ptr() % 4 == 3
+    args = (q.packed, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize, q.blocksize2, [n, k], a, b, 0.5)
+    ref = nf4_ops.nf4_dequantize_lora(*args)
+    poison_cuda_cache()
+    ours = nf4_ops.nf4_dequantize_lora(q.packed, shifted, *args[2:])
+    assert torch.equal(ours, ref)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_3d_and_noncontiguous_x(device):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
