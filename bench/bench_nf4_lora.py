@@ -20,7 +20,16 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import bench, bench_queued, env_info, peak_extra_gib, ratio_interleaved, table, write_json
+from harness import (
+    bench,
+    bench_queued,
+    device_ms,
+    env_info,
+    peak_extra_gib,
+    ratio_interleaved,
+    table,
+    write_json,
+)
 from hoptune.nn import LoRALinear
 from hoptune.ops import nf4_lora as nf4_lora_ops
 from hoptune.ops import nf4_lora_linear
@@ -81,6 +90,10 @@ def forward_rows(have_bnb: bool) -> list[dict]:
                 row["ratio_interleaved"] = ratio_interleaved(
                     lambda: nf4_lora_linear(x, q, a, b, 2.0), lambda: x @ w.t()
                 )
+                # device time only (kernels summed, host time and launch gaps excluded)
+                row["dev_bf16_ms"] = device_ms(lambda: x @ w.t())
+                row["dev_ours_lora_ms"] = device_ms(lambda: nf4_lora_linear(x, q, a, b, 2.0))
+                row["dev_ratio"] = row["dev_ours_lora_ms"] / row["dev_bf16_ms"]
             row["ours_base_ms"] = bench(lambda: nf4_lora_linear(x, q))
             row["ours_lora_over_bf16"] = row["ours_lora_ms"] / row["bf16_ms"]
             # back to back (host launch work hidden behind device work, as inside a model)
@@ -164,6 +177,9 @@ def layer_rows(have_bnb: bool, have_peft: bool, breakdown: bool = False) -> list
         row["q_ours_qlora_ms"] = bench_queued(step(ours), calls=5)
         row["q_ours_over_bf16_frozen"] = row["q_ours_qlora_ms"] / row["q_bf16_frozen_ms"]
         row["ratio_interleaved"] = ratio_interleaved(step(ours), step(dense))
+        row["dev_bf16_frozen_ms"] = device_ms(step(dense), calls=5)
+        row["dev_ours_qlora_ms"] = device_ms(step(ours), calls=5)
+        row["dev_ratio"] = row["dev_ours_qlora_ms"] / row["dev_bf16_frozen_ms"]
         dora = LoRALinear(
             copy.deepcopy(dense),
             r=R,
@@ -233,6 +249,7 @@ def main() -> None:
                 "ours_base_over_bf16",
                 "bnb_over_bf16",
                 "q_ours_lora_over_bf16",
+                "dev_ratio",
             ],
         )
     )
@@ -254,6 +271,7 @@ def main() -> None:
                 "ours_qdora_ms",
                 "ours_qlora_peak_GiB",
                 "q_ours_over_bf16_frozen",
+                "dev_ratio",
             ],
         )
     )

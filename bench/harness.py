@@ -70,6 +70,23 @@ def bench_queued(fn: Callable[[], object], calls: int = 10, warmup: int = 3, rep
     return bench(many, warmup=warmup, rep=rep) / calls
 
 
+def device_ms(fn: Callable[[], object], calls: int = 10, warmup: int = 3) -> float:
+    """GPU time of one call: the summed duration of the CUDA kernels (and memsets/copies) that
+    ``calls`` back-to-back calls launch (torch.profiler), divided by ``calls``. Host time and the
+    gaps it leaves between kernels are excluded: what the call costs the device."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    busy_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type.name == "CUDA")
+    return busy_us / calls / 1e3
+
+
 def bench_rotating(
     make_fn: Callable[[int], Callable[[], object]], copies: int, warmup: int = 3, rep: int = 20
 ) -> float:
