@@ -50,6 +50,21 @@ def logprob() -> None:
         logprob_ops.VCHUNK_COLS = 8192
 
 
+def logprob_gemm() -> None:
+    """The fused lm_head GEMM: one chunk, several (and a 1-7 column tail), row blocks of 16."""
+    from hoptune.ops import fused_linear_logprobs
+
+    for v in (1000, 1003):
+        h = torch.randn(40, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        w = torch.randn(v, 64, device="cuda", dtype=torch.bfloat16) * 0.1
+        yy = torch.randint(0, v, (40,), device="cuda")
+        yy[3] = -100
+        for cols, rows in ((32768, 0), (96, 16)):
+            logprob_ops.GEMM_COLS = cols
+            fused_linear_logprobs(h, w, yy, chunk_rows=rows).sum().backward()
+        logprob_ops.GEMM_COLS = 32768
+
+
 def nf4_lora() -> None:
     from hoptune.ops import nf4_lora_linear
 
@@ -84,7 +99,13 @@ def probe_cublas() -> None:
     print("probe sum", float(c.sum()))
 
 
-CASES = {"nf4": nf4, "logprob": logprob, "nf4_lora": nf4_lora, "probe_cublas": probe_cublas}
+CASES = {
+    "nf4": nf4,
+    "logprob": logprob,
+    "logprob_gemm": logprob_gemm,
+    "nf4_lora": nf4_lora,
+    "probe_cublas": probe_cublas,
+}
 
 
 def main() -> None:

@@ -237,4 +237,28 @@ PYBIND11_MODULE(_C, m) {
       py::arg("accumulate"), py::arg("label_logit"), py::arg("grad_dtype"), py::arg("write_grad"),
       py::arg("row_scale"), py::arg("label_coef"), py::arg("overflow"), py::arg("stream"),
       py::call_guard<py::gil_scoped_release>());
+  m.attr("FUSED_LOGPROB_GEMM_TILE") =
+      py::make_tuple(hoptune::kFusedLogprobTileM, hoptune::kFusedLogprobTileN);
+  m.def(
+      "fused_logprob_gemm",
+      [](uintptr_t a, int64_t lda, uintptr_t b, int64_t ldb, uintptr_t g, int64_t ldg, int m, int n,
+         int k, float scale, uintptr_t shift, uintptr_t partial, uintptr_t stream) {
+        hoptune::FusedLogprobGemm p;
+        p.a = ptr<const void*>(a);
+        p.lda = lda;
+        p.b = ptr<const void*>(b);
+        p.ldb = ldb;
+        p.g = ptr<void*>(g);
+        p.ldg = ldg;
+        p.m = m;
+        p.n = n;
+        p.k = k;
+        p.scale = scale;
+        p.shift = ptr<const float*>(shift);
+        p.partial = ptr<float*>(partial);
+        check(hoptune::fused_logprob_gemm(p, stream_of(stream)), "fused_logprob_gemm");
+      },
+      py::arg("a"), py::arg("lda"), py::arg("b"), py::arg("ldb"), py::arg("g"), py::arg("ldg"),
+      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("scale"), py::arg("shift"),
+      py::arg("partial"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
 }

@@ -359,12 +359,35 @@ FUSED_KW = [
 ]
 
 
-def _set_vchunk(monkeypatch, knobs, on_cpu=False):
+def _set_vchunk(monkeypatch, knobs, on_cpu=False, gemm=False):
+    """The vocab-chunked knobs; gemm=True lets eligible calls (bf16, no bias / soft-cap /
+    entropy) take the fused-GEMM walk, otherwise they stay on the path named by the knobs."""
     use, cols, rows = VCHUNK_KNOBS[knobs]
     monkeypatch.setattr(logprob_ops, "VCHUNK", use)
     monkeypatch.setattr(logprob_ops, "VCHUNK_COLS", cols)
     monkeypatch.setattr(logprob_ops, "VCHUNK_ROWS", rows)
     monkeypatch.setattr(logprob_ops, "_VCHUNK_ON_CPU", on_cpu)
+    monkeypatch.setattr(logprob_ops, "GEMM", gemm)
+    if knobs == "small":
+        monkeypatch.setattr(logprob_ops, "GEMM_COLS", cols)
+        monkeypatch.setattr(logprob_ops, "GEMM_ROWS", rows)
+    else:
+        monkeypatch.setattr(logprob_ops, "GEMM_COLS", 32768)
+        monkeypatch.setattr(logprob_ops, "GEMM_ROWS", 2048)
+    monkeypatch.setattr(logprob_ops, "_GEMM_ON_CPU", on_cpu and gemm)
+
+
+def _spy_gemm(monkeypatch) -> list:
+    """Counts the forwards that took the fused-GEMM walk."""
+    calls = []
+    orig = logprob_ops._forward_gemm
+
+    def spy(*args, **kw):
+        calls.append(1)
+        return orig(*args, **kw)
+
+    monkeypatch.setattr(logprob_ops, "_forward_gemm", spy)
+    return calls
 
 
 def _spy_fallback(monkeypatch) -> list:
@@ -421,26 +444,31 @@ def test_fused_vchunk_cpu(kw, ignore_frac, chunk_rows, monkeypatch):
     assert calls == []  # no overflow, no redo
 
 
-def _check_fused_16bit(device, dtype, n, h, v, temperature=0.9):
+def _check_fused_16bit(device, dtype, n, h, v, temperature=0.9, entropy=True, scale=1.0, hid=None):
     """16-bit hidden/weight: log-probs and entropy within 2x the error of PyTorch's fp32
     computation on the upcast values; the gradient within 2x the error of PyTorch's fp32
-    gradient rounded to the hidden dtype (as test_fused_linear_logprobs_16bit_gpu)."""
-    hid, w, _, y = _fused_case(n, h, v, dtype, device, seed=n)
+    gradient rounded to the hidden dtype (as test_fused_linear_logprobs_16bit_gpu). `hid`, when
+    given, replaces the case's hidden states (e.g. a non-contiguous view of the same values)."""
+    hid0, w, _, y = _fused_case(n, h, v, dtype, device, seed=n)
+    hid = hid0 if hid is None else hid(hid0)
     hid.requires_grad_(True)
-    lp, ent = fused_linear_logprobs(hid, w, y, return_entropy=True, temperature=temperature)
+    out = fused_linear_logprobs(hid, w, y, return_entropy=entropy, temperature=temperature, logit_scale=scale)
+    lp, ent = out if entropy else (out, None)
     h64 = hid.detach().double().requires_grad_(True)
-    rlp, rent = fused_oracle(h64, w.double(), None, y, temperature)
+    rlp, rent = fused_oracle(h64, w.double(), None, y, temperature, scale=scale)
     prev = torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = True
-        tlp, tent = fused_oracle(hid.detach().float(), w.float(), None, y, temperature)
+        tlp, tent = fused_oracle(hid.detach().float(), w.float(), None, y, temperature, scale=scale)
         torch.backends.cuda.matmul.allow_tf32 = False
         ht = hid.detach().float().requires_grad_(True)
-        t32 = fused_oracle(ht, w.float(), None, y, temperature)[0]
+        t32 = fused_oracle(ht, w.float(), None, y, temperature, scale=scale)[0]
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
     assert err(lp, rlp) <= 2 * err(tlp, rlp) + 1e-6
-    assert err(ent, rent) <= 2 * err(tent, rent) + 1e-6
+    if entropy:
+        assert err(ent, rent) <= 2 * err(tent, rent) + 1e-6
+    assert (lp[y == -100] == 0).all()
     g = torch.randn(n, device=device)
     lp.backward(g)
     rlp.backward(g.double())
@@ -533,3 +561,170 @@ def test_fused_vchunk_overflow_gpu(knobs, dtype, gap, redo, monkeypatch):
     rlp.sum().backward()
     assert torch.isfinite(hid.grad).all()
     assert err(hid.grad, h64.grad) <= 2e-2 * h64.grad.abs().max().item()
+
+
+# ---- the fused lm_head GEMM (exp and row sums in the GEMM's epilogue; bf16, no entropy) ----
+GEMM_KW = [{}, {"temperature": 0.7, "scale": 1.3}]
+
+
+@pytest.mark.parametrize("kw", GEMM_KW)
+@pytest.mark.parametrize("knobs", ["default", "small"])
+def test_fused_gemm_bf16_cpu(kw, knobs, monkeypatch):
+    """The fused-GEMM walk's Python loop on CPU (the kernel replaced by its reference): row
+    blocks as slices and index selections (ignored rows), a partial last vocabulary chunk."""
+    _set_vchunk(monkeypatch, knobs, on_cpu=True, gemm=True)
+    calls = _spy_gemm(monkeypatch)
+    redo = _spy_fallback(monkeypatch)
+    _check_fused_16bit(
+        "cpu",
+        torch.bfloat16,
+        200,
+        64,
+        1001,
+        kw.get("temperature", 1.0),
+        entropy=False,
+        scale=kw.get("scale", 1.0),
+    )
+    assert calls == [1] and redo == []
+
+
+def test_fused_gemm_routing_cpu(monkeypatch):
+    """Entropy, bias, soft-cap and fp32 keep the vocab-chunked path; plain bf16 takes the GEMM."""
+    _set_vchunk(monkeypatch, "small", on_cpu=True, gemm=True)
+    calls = _spy_gemm(monkeypatch)
+    hid, w, b, y = _fused_case(40, 16, 300, torch.bfloat16, "cpu", seed=1)
+    fused_linear_logprobs(hid, w, y, return_entropy=True)
+    fused_linear_logprobs(hid, w, y, bias=b)
+    fused_linear_logprobs(hid, w, y, softcap=4.0)
+    fused_linear_logprobs(hid.float(), w.float(), y)
+    assert calls == []
+    lp = fused_linear_logprobs(hid, w, y)
+    assert calls == [1] and torch.isfinite(lp).all()
+
+
+@pytest.mark.parametrize("gap,redo", [(40.0, False), (80.0, True), (200.0, True)])
+def test_fused_gemm_overflow_cpu(gap, redo, monkeypatch):
+    """A row whose sum passes e^64 (a logit > 64 above its label's) makes the op redo the forward
+    relative to the row max; below that the GEMM walk's result stands."""
+    _set_vchunk(monkeypatch, "small", on_cpu=True, gemm=True)
+    calls = _spy_fallback(monkeypatch)
+    gemm = _spy_gemm(monkeypatch)
+    hid, w, y = _overflow_case("cpu", torch.bfloat16, gap)
+    hid.requires_grad_(True)
+    lp = fused_linear_logprobs(hid, w, y)
+    assert gemm == [1] and calls == ([False] if redo else [])
+    h64 = hid.detach().double().requires_grad_(True)
+    rlp = fused_oracle(h64, w.double(), None, y)[0]
+    assert torch.isfinite(lp).all()
+    assert err(lp, rlp) <= 1e-4 * max(1.0, rlp.abs().max().item())
+    lp.sum().backward()
+    rlp.sum().backward()
+    assert torch.isfinite(hid.grad).all()
+    assert err(hid.grad, h64.grad) <= 2e-2 * h64.grad.abs().max().item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k", [(1000, 1008, 256), (1, 8192, 4096), (7, 296, 64), (4100, 8192, 512)])
+def test_fused_logprob_gemm_kernel_gpu(m, n, k):
+    """The kernel alone against fp64: G (poisoned first) within 2x the error of PyTorch's
+    computation (its bf16 GEMM with fp32 output, exp in fp32, rounded to bf16), elementwise
+    relative; the row sums (every per-tile entry poisoned first, padded rows must come back 0)
+    likewise; nothing written past n columns of G's padded rows; a second launch gives the same
+    bits. Sizes the kernel cannot take (n or k not a multiple of 8) are refused with an error."""
+    from hoptune import _lib
+
+    g = torch.Generator().manual_seed(m + n)
+    a = torch.randn(m, k, generator=g).bfloat16().cuda()
+    b = (torch.randn(n, k, generator=g) * k**-0.5 * 3).bfloat16().cuda()
+    scale = 0.9
+    z64 = a.double() @ b.double().t() * scale
+    shift = (z64.max(1).values - torch.rand(m, device="cuda", dtype=torch.float64) * 3).float()
+    e64 = torch.exp(z64 - shift.double()[:, None])
+    ld = (n + 7) // 8 * 8 + 8
+    G = torch.full((m, ld), float("nan"), device="cuda", dtype=torch.bfloat16)
+    tm, tn = _lib.extension().FUSED_LOGPROB_GEMM_TILE
+    ldp = -(-m // tm) * tm
+    part = torch.full((-(-n // tn), ldp), float("nan"), device="cuda")  # every entry must be written
+
+    def launch(nn, kk):
+        _lib.extension().fused_logprob_gemm(
+            a.data_ptr(),
+            k,
+            b.data_ptr(),
+            k,
+            G.data_ptr(),
+            ld,
+            m,
+            nn,
+            kk,
+            scale,
+            shift.data_ptr(),
+            part.data_ptr(),
+            torch.cuda.current_stream().cuda_stream,
+        )
+
+    launch(n, k)
+    torch.cuda.synchronize()
+    assert (part[:, m:] == 0).all()
+    s0 = part.sum(0)[:m]
+    # PyTorch's computation of the same: the logits from its bf16 tensor-core GEMM (fp32 out)
+    e32 = torch.exp(torch.mm(a, b.t(), out_dtype=torch.float32) * scale - shift[:, None])
+    gref, sref = e32.bfloat16(), e32.sum(1)
+    rel = lambda x, y: ((x.double() - y) / y).abs().max().item()  # noqa: E731
+    assert rel(G[:, :n], e64) <= 2 * rel(gref, e64) + 1e-6
+    assert rel(s0, e64.sum(1)) <= 2 * rel(sref, e64.sum(1)) + 1e-6
+    assert torch.isnan(G[:, n:].float()).all()
+    for bad_n, bad_k in ((n - 1, k), (n, k - 1)):
+        with pytest.raises(RuntimeError, match="fused_logprob_gemm failed: cudaErrorInvalidValue"):
+            launch(bad_n, bad_k)
+    # the same inputs give the same bits (no atomics in the row sums)
+    first = part.clone()
+    launch(n, k)
+    torch.cuda.synchronize()
+    assert torch.equal(first, part)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "knobs,n,h,v",
+    [
+        *[
+            (k, n, h, v)
+            for k in ("default", "small")
+            for n, h, v in ((300, 256, 32001), (1000, 512, 50304), (150, 64, 1001))
+        ],
+        ("default", 2100, 4096, 128256),
+    ],
+)
+@pytest.mark.parametrize("kw", GEMM_KW)
+def test_fused_gemm_gpu(knobs, n, h, v, kw, monkeypatch):
+    """bf16 through the fused-GEMM walk on CUDA against fp64 (log-probs and the hidden gradient):
+    partial last chunks with a 1-column tail (V = 32001, 1001), several row blocks with the small
+    knobs, and a Llama-3-sized lm_head."""
+    _set_vchunk(monkeypatch, knobs, gemm=True)
+    calls = _spy_gemm(monkeypatch)
+    redo = _spy_fallback(monkeypatch)
+    poison_cuda_cache()
+    _check_fused_16bit(
+        "cuda", torch.bfloat16, n, h, v, kw.get("temperature", 1.0), entropy=False, scale=kw.get("scale", 1.0)
+    )
+    assert calls == [1] and redo == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["padded_rows", "transposed"])
+def test_fused_gemm_noncontiguous_gpu(layout, monkeypatch):
+    """Hidden states as a view with padded rows (taken as is: TMA-compatible strides) and as a
+    transposed copy (made contiguous first): same results as the contiguous input."""
+    _set_vchunk(monkeypatch, "default", gemm=True)
+    calls = _spy_gemm(monkeypatch)
+
+    def view(h0):
+        if layout == "padded_rows":
+            wide = torch.zeros(h0.shape[0], h0.shape[1] + 8, dtype=h0.dtype, device=h0.device)
+            wide[:, : h0.shape[1]] = h0
+            return wide[:, : h0.shape[1]]
+        return h0.t().contiguous().t()
+
+    _check_fused_16bit("cuda", torch.bfloat16, 500, 256, 32001, entropy=False, hid=view)
+    assert calls == [1]

@@ -23,6 +23,13 @@ written in the same read, unnormalised; J accumulates G @ W_chunk over the chunk
 1 / sum at the end. fp16 keeps row chunks (whole vocabulary rows, two passes relative to the max:
 unnormalised G can exceed its range); a logit more than 64 above the label's flags the row and
 the op redoes the forward that way.
+
+Fused GEMM (the default for bf16 on sm_90 without bias, soft-cap or entropy): the same walk (rows
+in blocks of GEMM_ROWS, the vocabulary in chunks of GEMM_COLS), but each chunk is one CUTLASS
+GEMM whose epilogue writes G = exp(c z - c z_y) in bf16 and per-tile row sums directly
+(csrc/kernels/logprob_gemm.cu), so no fp32 logits and no separate kernel exist. The label's
+logit c z_y comes from an fp32 dot product before the walk (the shift, and logp = -log s0). The
+entropy is not formed on this path (return_entropy=True keeps the vocab-chunked one).
 """
 
 from __future__ import annotations
@@ -44,6 +51,12 @@ VCHUNK = True  # False: the row-chunked single-pass forward instead
 VCHUNK_COLS = 8192
 VCHUNK_ROWS = 0
 _VCHUNK_ON_CPU = False  # tests: run the vocab-chunked loop on CPU through the reference
+# bf16 without bias, soft-cap or entropy: the vocab-chunked walk with the fused lm_head GEMM
+# (csrc/kernels/logprob_gemm.cu) instead of cuBLAS + fp32 logits + the vocab-chunk kernel.
+GEMM = True
+GEMM_COLS = 32768  # vocabulary columns per GEMM (a multiple of 8)
+GEMM_ROWS = 2048  # rows per block (G of one block and chunk: 128 MiB in bf16)
+_GEMM_ON_CPU = False  # tests: run the fused-GEMM loop on CPU through the reference
 # token_logprobs backward kernel version (csrc/kernels/logprob.cu; 1 is kept for measurement).
 _BWD_VARIANT = 0
 _BWD_VARIANTS = (0, 1)  # every version, for the benchmark and the tests
@@ -535,6 +548,133 @@ def _forward_vchunk(
     return logp, ent, lse, J, overflow
 
 
+_MAX_S0 = 6.2e27  # e^64: a row whose sum passes it had a logit more than ~64 above its label's
+_ZY_ROWS = 1024  # rows per block of the fp32 label-logit dot (bounds its fp32 temporaries)
+
+
+def _gemm_eligible(hidden, weight, bias, softcap, need_entropy, kernel) -> bool:
+    """Whether the fused lm_head GEMM (exp and row sums in the GEMM's epilogue) can serve the
+    call: bf16 on sm_90 (or the CPU loop of the tests), no bias, no soft-cap, no entropy (those
+    keep the vocab-chunked path), TMA-friendly rows (H a multiple of 8, unit column stride)."""
+    if not (GEMM and (kernel or _GEMM_ON_CPU)) or hidden.dtype != torch.bfloat16:
+        return False
+    if bias is not None or softcap > 0 or need_entropy:
+        return False
+    h = hidden.shape[1]
+    return h % 8 == 0 and weight.stride(1) == 1 and weight.stride(0) % 8 == 0 and weight.data_ptr() % 16 == 0
+
+
+def _label_logit(hc: torch.Tensor, wy: torch.Tensor) -> torch.Tensor:
+    """(hc * wy).sum(1) in fp32 from exact products (bf16 x bf16 fits in fp32), in row blocks."""
+    out = torch.empty(hc.shape[0], dtype=torch.float32, device=hc.device)
+    for i in range(0, hc.shape[0], _ZY_ROWS):
+        out[i : i + _ZY_ROWS] = (hc[i : i + _ZY_ROWS].float() * wy[i : i + _ZY_ROWS]).sum(1)
+    return out
+
+
+def _gemm_tile(kernel: bool) -> tuple[int, int]:
+    """(rows, columns) of the fused GEMM's tile: the layout of its per-tile row sums (the CPU
+    reference writes one column of sums, any layout does)."""
+    return tuple(_lib.extension().FUSED_LOGPROB_GEMM_TILE) if kernel else (256, 128)
+
+
+def _gemm_chunk(hc, wc, g, scale, shift, part, tail, kernel) -> None:
+    """One (row block, vocabulary chunk): g (rows, C) <- exp(scale * hc @ wc^T - shift) in bf16,
+    part (column tiles, padded rows) <- its row sums per column tile. The kernel takes columns in
+    multiples of 8 (TMA and CUTLASS alignment); the last chunk's 1-7 leftover columns go through
+    a small fp32 matmul, their sums into tail (rows,)."""
+    r, h = hc.shape
+    nw = wc.shape[0]
+    n8 = nw // 8 * 8
+    if n8 and kernel:
+        _lib.extension().fused_logprob_gemm(
+            hc.data_ptr(),
+            hc.stride(0),
+            wc.data_ptr(),
+            wc.stride(0),
+            g.data_ptr(),
+            g.stride(0),
+            r,
+            n8,
+            h,
+            scale,
+            shift.data_ptr(),
+            part.data_ptr(),
+            _lib.stream(hc),
+        )
+    elif n8:
+        gref, s0ref = ref.fused_gemm(hc, wc[:n8], scale, shift)
+        g[:, :n8] = gref
+        part[0, :r] = s0ref
+    if n8 < nw:
+        e = torch.exp(_mm_fp32(hc, wc[n8:].t()).mul_(scale).sub_(shift[:, None]))
+        g[:, n8:] = e
+        tail.add_(e.sum(1))
+
+
+def _forward_gemm(
+    hidden,
+    weight,
+    labels,
+    bias,
+    temperature,
+    ignore_index,
+    softcap,
+    logit_scale,
+    chunk_rows,
+    compute_grad,
+    kernel,
+):
+    """The vocab-chunked walk with the fused lm_head GEMM: each (row block, vocabulary chunk) is
+    one GEMM whose epilogue writes G = exp(c z - c z_y) in bf16 and the row sums of each tile, so
+    no fp32 logits exist; J accumulates G @ W_chunk in fp32 as in the vocab-chunked path.
+    c = logit_scale / temperature; the shift is the label's own logit c z_y, computed in fp32
+    before the walk, so logp = -log s0 and lse = c z_y + log s0. No entropy (nan)."""
+    n, h = hidden.shape
+    v = weight.shape[0]
+    dev = hidden.device
+    c = float(logit_scale) / temperature
+    logp = torch.zeros(n, dtype=torch.float32, device=dev)
+    lse = torch.zeros_like(logp)
+    ent = torch.full_like(logp, float("nan"))
+    J = torch.zeros(n if compute_grad else 0, h, dtype=torch.float32, device=dev)
+    overflow = torch.zeros(1, dtype=torch.int32, device=dev)
+    vc = max(8, GEMM_COLS // 8 * 8)
+    chunks = [weight[v0 : v0 + vc] for v0 in range(0, v, vc)]
+    tm, tn = _gemm_tile(kernel)
+    g = None
+    for rows in _chunks(labels, ignore_index, chunk_rows if chunk_rows > 0 else max(1, GEMM_ROWS)):
+        hc, yc = hidden[rows], labels[rows]
+        if hc.stride(1) != 1 or hc.stride(0) % 8 != 0 or hc.data_ptr() % 16 != 0:
+            hc = hc.contiguous()
+        r = hc.shape[0]
+        shift = _label_logit(hc, weight.index_select(0, yc)).mul_(c)
+        # per chunk, per column tile, per (padded) row: every tile's row sums, summed once at the end
+        part = torch.zeros(len(chunks), -(-vc // tn), -(-r // tm) * tm, dtype=torch.float32, device=dev)
+        tail = torch.zeros(r, dtype=torch.float32, device=dev)
+        if g is None or g.shape[0] < r:
+            g = torch.empty(r, vc, dtype=hidden.dtype, device=dev)
+        acc = None
+        if compute_grad:  # J's rows themselves when the block is a slice
+            acc = J[rows] if isinstance(rows, slice) else torch.zeros(r, h, dtype=torch.float32, device=dev)
+        for j, wc in enumerate(chunks):
+            gc = g[:r, : wc.shape[0]]
+            _gemm_chunk(hc, wc, gc, c, shift, part[j], tail, kernel)
+            if compute_grad:
+                _addmm_fp32(acc, gc, wc)
+        s0 = part.view(-1, part.shape[-1]).sum(0)[:r].add_(tail)
+        log_s0 = torch.log(s0)
+        logp[rows] = -log_s0
+        lse[rows] = shift + log_s0
+        overflow.bitwise_or_((~(s0 <= _MAX_S0)).any().int())  # also catches nan
+        if compute_grad:
+            # J = c (W[y] - (G @ W) / s0): the one-hot part added in fp32
+            acc.mul_((-c / s0)[:, None]).add_(weight.index_select(0, yc), alpha=c)
+            if not isinstance(rows, slice):
+                J.index_copy_(0, rows, acc)
+    return logp, ent, lse, J, overflow
+
+
 @torch.library.custom_op("hoptune::fused_linear_logprobs", mutates_args=())
 def _fused_linear_logprobs(
     hidden: torch.Tensor,
@@ -547,9 +687,11 @@ def _fused_linear_logprobs(
     logit_scale: float,
     chunk_rows: int,
     compute_grad: bool,
+    need_entropy: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden (N, H), weight (V, H), labels (N,) -> (logp, entropy, lse, J) where J (N, H) fp32
-    is d logp_i / d hidden_i (empty without compute_grad; zero rows for ignored labels)."""
+    is d logp_i / d hidden_i (empty without compute_grad; zero rows for ignored labels). Without
+    need_entropy the entropy may come back as nan (the fused-GEMM path does not form it)."""
     args = (
         hidden,
         weight,
@@ -567,7 +709,9 @@ def _fused_linear_logprobs(
     # overflows it: then redo relative to the row max, in two passes
     kernel = _lib.use_kernel(hidden, "fused_linear_logprobs")
     single = hidden.dtype != torch.float16 and kernel
-    if hidden.dtype != torch.float16 and VCHUNK and (kernel or _VCHUNK_ON_CPU):
+    if _gemm_eligible(hidden, weight, bias, softcap, need_entropy, kernel):
+        logp, ent, lse, J, overflow = _forward_gemm(*args, kernel=kernel)
+    elif hidden.dtype != torch.float16 and VCHUNK and (kernel or _VCHUNK_ON_CPU):
         logp, ent, lse, J, overflow = _forward_vchunk(*args, kernel=kernel)
     else:
         logp, ent, lse, J, overflow = _forward(*args, single_pass=single)
@@ -578,7 +722,17 @@ def _fused_linear_logprobs(
 
 @_fused_linear_logprobs.register_fake
 def _(
-    hidden, weight, labels, bias, temperature, ignore_index, softcap, logit_scale, chunk_rows, compute_grad
+    hidden,
+    weight,
+    labels,
+    bias,
+    temperature,
+    ignore_index,
+    softcap,
+    logit_scale,
+    chunk_rows,
+    compute_grad,
+    need_entropy=True,
 ):
     n, h = hidden.shape
     logp = hidden.new_empty(n, dtype=torch.float32)
@@ -587,7 +741,7 @@ def _(
 
 
 def _fl_setup(ctx, inputs, output):
-    hidden, weight, labels, bias, temperature, ignore_index, softcap, logit_scale, chunk_rows, _ = inputs
+    hidden, weight, labels, bias, temperature, ignore_index, softcap, logit_scale, chunk_rows = inputs[:9]
     _, ent, lse, J = output
     ctx.meta = (temperature, ignore_index, softcap, logit_scale, chunk_rows, hidden.dtype)
     need_w = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[3])
@@ -600,7 +754,7 @@ def _fl_backward(ctx, grad_logp, grad_ent, grad_lse, grad_J):
     hdtype = ctx.meta[-1]
     dh = dw = db = None
     if grad_logp is None:
-        return (None,) * 10
+        return (None,) * 11
     if ctx.needs_input_grad[0]:
         if J.numel() == 0 and labels.numel() > 0:
             raise RuntimeError("fused_linear_logprobs ran its forward without gradients (compute_grad=False)")
@@ -610,7 +764,7 @@ def _fl_backward(ctx, grad_logp, grad_ent, grad_lse, grad_J):
         dw, db = _weight_grad(hidden, weight, labels, bias, grad_logp, ctx.meta)
         dw = dw.to(weight.dtype) if ctx.needs_input_grad[1] else None
         db = db.to(bias.dtype) if db is not None and ctx.needs_input_grad[3] else None
-    return dh, dw, None, db, None, None, None, None, None, None
+    return dh, dw, None, db, None, None, None, None, None, None, None
 
 
 def _weight_grad(hidden, weight, labels, bias, grad_logp, meta):
@@ -703,6 +857,7 @@ def fused_linear_logprobs(
         float(logit_scale),
         int(chunk_rows),
         compute_grad,
+        bool(return_entropy),
     )
     logp, ent = logp.view(shape), ent.view(shape)
     return (logp, ent) if return_entropy else logp

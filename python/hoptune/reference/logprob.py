@@ -160,3 +160,13 @@ def fused_vchunk(
     g = -e * deriv * rs[:, None] if write_grad else None
     bad = (t > 64).any() | ~torch.isfinite(s0).all() | ~torch.isfinite(s1).all()
     return s0, s1, inside, zy, coef, g, bad
+
+
+def fused_gemm(
+    a: torch.Tensor, b: torch.Tensor, scale: float, shift: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the CUDA fused lm_head GEMM computes for hidden rows a (rows, H) and lm_head rows
+    b (C, H): G = exp(scale * (a @ b^T) - shift[:, None]) (rows, C) in a's dtype and its row sums
+    s0 (rows,) in fp32, both from the fp32 values (the logits themselves are never returned)."""
+    e = torch.exp((a.float() @ b.float().t()) * scale - shift.float()[:, None])
+    return e.to(a.dtype), e.sum(1)
