@@ -446,9 +446,9 @@ def test_fused_vchunk_cpu(kw, ignore_frac, chunk_rows, monkeypatch):
 
 def _check_fused_16bit(device, dtype, n, h, v, temperature=0.9, entropy=True, scale=1.0, hid=None):
     """16-bit hidden/weight: log-probs and entropy within 2x the error of PyTorch's fp32
-    computation on the upcast values; the gradient within 2x the error of PyTorch's fp32
-    gradient rounded to the hidden dtype (as test_fused_linear_logprobs_16bit_gpu). `hid`, when
-    given, replaces the case's hidden states (e.g. a non-contiguous view of the same values)."""
+    computation on the upcast values; the gradient within 2x the error of PyTorch's computation
+    (see the yardstick below). `hid`, when given, replaces the case's hidden states (e.g. a
+    non-contiguous view of the same values)."""
     hid0, w, _, y = _fused_case(n, h, v, dtype, device, seed=n)
     hid = hid0 if hid is None else hid(hid0)
     hid.requires_grad_(True)
@@ -469,11 +469,25 @@ def _check_fused_16bit(device, dtype, n, h, v, temperature=0.9, entropy=True, sc
     if entropy:
         assert err(ent, rent) <= 2 * err(tent, rent) + 1e-6
     assert (lp[y == -100] == 0).all()
-    g = torch.randn(n, device=device)
+    g = torch.randn(n, generator=torch.Generator().manual_seed(n + 1)).to(device)
     lp.backward(g)
     rlp.backward(g.double())
     t32.backward(g)
-    assert err(hid.grad, h64.grad) <= 2 * err(ht.grad.to(dtype), h64.grad) + 1e-6
+    # Gradient yardstick: PyTorch's fp32 gradient rounded to the hidden dtype, or the same
+    # computation with d logp / d logits stored in the hidden dtype (as PyTorch's own 16-bit
+    # backward stores them), whichever errs more. Both fused paths pass the softmax part of
+    # d logp / d logits through the GEMM as a 16-bit operand (G), so their gradient can sit about
+    # one 16-bit ulp from the truth where the fp32 gradient rounded once sits within half an ulp
+    # (one seeded case on the H200 came to 2.04x that alone).
+    c = scale / temperature
+    valid = y != -100
+    p = torch.softmax((hid.detach().float() @ w.float().t()) * c, -1)
+    onehot = torch.zeros_like(p)
+    onehot[valid, y[valid]] = 1.0
+    dlogits = ((onehot - p) * (c * g * valid)[:, None]).to(dtype)
+    low = (dlogits.float() @ w.float()).to(dtype)
+    ref_err = max(err(ht.grad.to(dtype), h64.grad), err(low, h64.grad))
+    assert err(hid.grad, h64.grad) <= 2 * ref_err + 1e-6
 
 
 def test_fused_vchunk_bf16_cpu(monkeypatch):
