@@ -509,6 +509,19 @@ def _overflow_case(device, dtype, gap):
     return hid.to(device), w.to(dtype).to(device), torch.tensor([7, 5, 1000, 300], device=device)
 
 
+def _check_overflow_result(hid, w, y, lp):
+    """After an overflow case: finite log-probs and gradients, close to fp64 (relative to the
+    largest values, which are ~100 here)."""
+    h64 = hid.detach().double().requires_grad_(True)
+    rlp = fused_oracle(h64, w.double(), None, y)[0]
+    assert torch.isfinite(lp).all()
+    assert err(lp, rlp) <= 1e-4 * max(1.0, rlp.abs().max().item())
+    lp.sum().backward()
+    rlp.sum().backward()
+    assert torch.isfinite(hid.grad).all()
+    assert err(hid.grad, h64.grad) <= 2e-2 * h64.grad.abs().max().item()
+
+
 @pytest.mark.parametrize("gap,redo", [(40.0, False), (80.0, True), (200.0, True)])
 def test_fused_vchunk_overflow_cpu(gap, redo, monkeypatch):
     """A label logit more than 64 below its row's largest flags the vocab-chunked forward (at 80
@@ -567,14 +580,7 @@ def test_fused_vchunk_overflow_gpu(knobs, dtype, gap, redo, monkeypatch):
     hid.requires_grad_(True)
     lp = fused_linear_logprobs(hid, w, y)
     assert calls == ([False] if redo else [])
-    h64 = hid.detach().double().requires_grad_(True)
-    rlp = fused_oracle(h64, w.double(), None, y)[0]
-    assert torch.isfinite(lp).all()
-    assert err(lp, rlp) <= 1e-4 * max(1.0, rlp.abs().max().item())
-    lp.sum().backward()
-    rlp.sum().backward()
-    assert torch.isfinite(hid.grad).all()
-    assert err(hid.grad, h64.grad) <= 2e-2 * h64.grad.abs().max().item()
+    _check_overflow_result(hid, w, y, lp)
 
 
 # ---- the fused lm_head GEMM (exp and row sums in the GEMM's epilogue; bf16, no entropy) ----
@@ -627,14 +633,7 @@ def test_fused_gemm_overflow_cpu(gap, redo, monkeypatch):
     hid.requires_grad_(True)
     lp = fused_linear_logprobs(hid, w, y)
     assert gemm == [1] and calls == ([False] if redo else [])
-    h64 = hid.detach().double().requires_grad_(True)
-    rlp = fused_oracle(h64, w.double(), None, y)[0]
-    assert torch.isfinite(lp).all()
-    assert err(lp, rlp) <= 1e-4 * max(1.0, rlp.abs().max().item())
-    lp.sum().backward()
-    rlp.sum().backward()
-    assert torch.isfinite(hid.grad).all()
-    assert err(hid.grad, h64.grad) <= 2e-2 * h64.grad.abs().max().item()
+    _check_overflow_result(hid, w, y, lp)
 
 
 @pytest.mark.gpu
