@@ -16,7 +16,7 @@
 // fused_logprob_vchunk, so the two paths agree to the rounding of the GEMM's accumulation order.
 //
 // Measured alternatives (bench/results/logprob_gemm_variants.json): alone, this configuration ran
-// at 0.95-0.99x of cuBLAS' plain bf16 GEMM on the chunk shapes; pingpong 128x128 and 128x192
+// at 0.96-0.99x of cuBLAS' plain bf16 GEMM on the chunk shapes; pingpong 128x128 and 128x192
 // tiles and a cooperative 128x256 tile with a 2x1 cluster at 0.81-1.04x, none faster inside the
 // op; tile-scheduler swizzles 2, 4, 8 gained nothing.
 #include <cuda_runtime_api.h>
