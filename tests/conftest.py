@@ -27,6 +27,27 @@ def _seed_global_rng(request):
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
+# a tiny model small enough for CPU tests of data, losses and recipes
+SMALL = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1
+)
+
+
+@pytest.fixture
+def tokenizer():
+    from hoptune.models.tiny import build_tokenizer
+
+    return build_tokenizer()
+
+
+@pytest.fixture
+def small_model():
+    from hoptune.models.tiny import build_model
+
+    torch.manual_seed(0)
+    return build_model(seed=0, **SMALL)
+
+
 def poison_cuda_cache(nbytes: int = 1 << 30, device: str = "cuda") -> None:
     """Fill freed blocks of the caching allocator with NaN bytes so outputs a kernel forgets to
     write show up as NaN (torch.empty then hands these blocks out again)."""

@@ -10,8 +10,9 @@ from safetensors.torch import load_file
 from hoptune.config import ConfigError
 from hoptune.models.tiny import build_model
 from hoptune.train import loop, sft
+from tests.conftest import SMALL
 
-from .conftest import SMALL, small_config
+from .conftest import small_config
 
 
 def _run(cfg, tokenizer):

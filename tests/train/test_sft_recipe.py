@@ -9,8 +9,7 @@ import torch
 
 from hoptune.cli import main
 from hoptune.train import loop
-
-from .conftest import SMALL
+from tests.conftest import SMALL
 
 
 @pytest.fixture
