@@ -56,6 +56,31 @@ class PlainLora(nn.Module):
         return self.base(x) + self.s * ((x @ self.A.t()) @ self.B.t())
 
 
+def qlora_layer(dense: nn.Linear, **kw) -> LoRALinear:
+    """hoptune's LoRALinear on an NF4 copy of ``dense`` (rank R, alpha 32, B non-zero)."""
+    return LoRALinear(
+        copy.deepcopy(dense),
+        r=R,
+        lora_alpha=32,
+        quantize="nf4",
+        adapter_dtype=torch.bfloat16,
+        init_lora_weights=False,
+        **kw,
+    )
+
+
+def layer_step(mod: nn.Module, x: torch.Tensor, g: torch.Tensor):
+    """One layer training step: forward, backward with upstream gradient g, grads cleared first."""
+
+    def f():
+        x.grad = None
+        for p in mod.parameters():
+            p.grad = None
+        mod(x).backward(g)
+
+    return f
+
+
 def bnb_linear(w):
     import bitsandbytes as bnb
 
@@ -144,24 +169,11 @@ def layer_rows(have_bnb: bool, have_peft: bool, breakdown: bool = False) -> list
         dense.weight.requires_grad_(False)
 
         def step(mod):
-            def f():
-                x.grad = None
-                for p in mod.parameters():
-                    p.grad = None
-                mod(x).backward(g)
-
-            return f
+            return layer_step(mod, x, g)
 
         row["bf16_frozen_ms"] = bench(step(dense))
         row["bf16_lora_ms"] = bench(step(PlainLora(dense, k, n)))
-        ours = LoRALinear(
-            copy.deepcopy(dense),
-            r=R,
-            lora_alpha=32,
-            quantize="nf4",
-            adapter_dtype=torch.bfloat16,
-            init_lora_weights=False,
-        )
+        ours = qlora_layer(dense)
         row["ours_qlora_ms"] = bench(step(ours))
         default_split = nf4_lora_ops._SPLIT_ROWS
         for rows_ in SPLIT_ROWS:  # token reductions dA, dB in one GEMM each, or cut into slices
@@ -180,15 +192,7 @@ def layer_rows(have_bnb: bool, have_peft: bool, breakdown: bool = False) -> list
         row["dev_bf16_frozen_ms"] = device_ms(step(dense), calls=5)
         row["dev_ours_qlora_ms"] = device_ms(step(ours), calls=5)
         row["dev_ratio"] = row["dev_ours_qlora_ms"] / row["dev_bf16_frozen_ms"]
-        dora = LoRALinear(
-            copy.deepcopy(dense),
-            r=R,
-            lora_alpha=32,
-            quantize="nf4",
-            use_dora=True,
-            adapter_dtype=torch.bfloat16,
-            init_lora_weights=False,
-        )
+        dora = qlora_layer(dense, use_dora=True)
         row["ours_qdora_ms"] = bench(step(dora))
         del dora
         if have_bnb:

@@ -8,7 +8,6 @@ of hoptune's step (top functions by own time).
 
 from __future__ import annotations
 
-import copy
 import cProfile
 import io
 import itertools
@@ -21,8 +20,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_nf4_lora import PlainLora
-from hoptune.nn import LoRALinear
+from bench_nf4_lora import PlainLora, layer_step, qlora_layer
 from hoptune.ops import nf4_lora as nf4_lora_ops
 
 
@@ -45,22 +43,11 @@ def gaps(m: int, k: int, n: int, steps: int = 5) -> None:
 
     dense = nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
     dense.weight.requires_grad_(False)
-    ours = LoRALinear(
-        copy.deepcopy(dense),
-        r=16,
-        lora_alpha=32,
-        quantize="nf4",
-        adapter_dtype=torch.bfloat16,
-        init_lora_weights=False,
-    )
+    ours = qlora_layer(dense)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
 
-    def f():
-        x.grad = None
-        for p in ours.parameters():
-            p.grad = None
-        ours(x).backward(g)
+    f = layer_step(ours, x, g)
 
     def host_us(fn, calls: int = 10) -> float:
         """Host time of one call (the launches queued; the device idle at the start of each)."""
@@ -126,25 +113,12 @@ def main() -> None:
     m, k, n = 8, 256, 256
     dense = nn.Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16)
     dense.weight.requires_grad_(False)
-    ours = LoRALinear(
-        copy.deepcopy(dense),
-        r=16,
-        lora_alpha=32,
-        quantize="nf4",
-        adapter_dtype=torch.bfloat16,
-        init_lora_weights=False,
-    )
+    ours = qlora_layer(dense)
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
 
     def step(mod):
-        def f():
-            x.grad = None
-            for p in mod.parameters():
-                p.grad = None
-            mod(x).backward(g)
-
-        return f
+        return layer_step(mod, x, g)
 
     for name, mod in (
         ("bf16 frozen", dense),
