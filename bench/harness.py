@@ -16,18 +16,15 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-# Llama-3-8B shape (public config.json) for benchmarks that build a random-weight model
+from hoptune.plan import KNOWN_MODELS
+
+# Llama-3-8B shape for benchmarks that build a random-weight model: the sizes `hoptune plan`
+# knows, plus the config fields a transformers LlamaConfig needs (public config.json)
 LLAMA_8B = dict(
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    vocab_size=128256,
+    {k: v for k, v in KNOWN_MODELS["llama-3-8b"].items() if k != "model_type"},
     max_position_embeddings=8192,
     rms_norm_eps=1e-5,
     rope_theta=500000.0,
-    tie_word_embeddings=False,
 )
 
 
