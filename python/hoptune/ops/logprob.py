@@ -347,6 +347,26 @@ def _chunk_stats(hc, weight, yc, bias_f, softcap, logit_scale, temperature, want
     return lp, en, ls, g, coef, norm
 
 
+def _fused_outputs(hidden: torch.Tensor, compute_grad: bool):
+    """(logp, entropy, lse) zeros (N,) in fp32 (ignored rows stay 0) and J (N, H) fp32 zeros
+    (empty without compute_grad): what every fused forward fills block by block."""
+    n, h = hidden.shape
+    logp = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+    J = torch.zeros(n if compute_grad else 0, h, dtype=torch.float32, device=hidden.device)
+    return logp, torch.zeros_like(logp), torch.zeros_like(logp), J
+
+
+def _block_acc(J: torch.Tensor, rows, r: int) -> torch.Tensor:
+    """Where a row block accumulates its J rows: J's rows themselves when the block is a slice,
+    else a buffer that _store_block_acc copies back."""
+    return J[rows] if isinstance(rows, slice) else J.new_zeros(r, J.shape[1])
+
+
+def _store_block_acc(J: torch.Tensor, rows, acc: torch.Tensor) -> None:
+    if not isinstance(rows, slice):
+        J.index_copy_(0, rows, acc)
+
+
 def _forward(
     hidden,
     weight,
@@ -360,11 +380,8 @@ def _forward(
     compute_grad,
     single_pass,
 ):
-    n, h = hidden.shape
     dev = hidden.device
-    logp = torch.zeros(n, dtype=torch.float32, device=dev)
-    ent, lse = torch.zeros_like(logp), torch.zeros_like(logp)
-    J = torch.zeros(n if compute_grad else 0, h, dtype=torch.float32, device=dev)
+    logp, ent, lse, J = _fused_outputs(hidden, compute_grad)
     bias_f = None if bias is None else bias.float().contiguous()
     overflow = torch.zeros(1, dtype=torch.int32, device=dev) if single_pass else None
     for rows in _chunks(labels, ignore_index, _chunk_rows(weight.shape[0], chunk_rows)):
@@ -490,12 +507,9 @@ def _forward_vchunk(
     with compute_grad: logits, then G @ W into J) and the block's rows are finished at the end.
     Exponents are relative to each row's label logit, estimated by a gather-dot before the loop,
     so the chunks' sums add without rescaling."""
-    n, h = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
-    logp = torch.zeros(n, dtype=torch.float32, device=dev)
-    ent, lse = torch.zeros_like(logp), torch.zeros_like(logp)
-    J = torch.zeros(n if compute_grad else 0, h, dtype=torch.float32, device=dev)
+    logp, ent, lse, J = _fused_outputs(hidden, compute_grad)
     bias_f = None if bias is None else bias.float().contiguous()
     overflow = torch.zeros(1, dtype=torch.int32, device=dev)
     vc = max(1, VCHUNK_COLS)
@@ -511,9 +525,7 @@ def _forward_vchunk(
         s0 = torch.empty(r, dtype=torch.float32, device=dev)
         s1, zy = torch.empty_like(s0), torch.empty_like(s0)
         coef = torch.empty_like(s0) if compute_grad else None
-        acc = None
-        if compute_grad:  # J's rows themselves when the block is a slice
-            acc = J[rows] if isinstance(rows, slice) else torch.zeros(r, h, dtype=torch.float32, device=dev)
+        acc = _block_acc(J, rows, r) if compute_grad else None
         for v0 in range(0, v, vc):
             wc = weight[v0 : v0 + vc]
             logits = _mm_fp32(hc, wc.t())
@@ -543,8 +555,7 @@ def _forward_vchunk(
         if compute_grad:
             # normalise the softmax part, then add the one-hot part in fp32
             acc.mul_(s0.reciprocal()[:, None]).addcmul_(coef[:, None], wy)
-            if not isinstance(rows, slice):
-                J.index_copy_(0, rows, acc)
+            _store_block_acc(J, rows, acc)
     return logp, ent, lse, J, overflow
 
 
@@ -630,14 +641,11 @@ def _forward_gemm(
     no fp32 logits exist; J accumulates G @ W_chunk in fp32 as in the vocab-chunked path.
     c = logit_scale / temperature; the shift is the label's own logit c z_y, computed in fp32
     before the walk, so logp = -log s0 and lse = c z_y + log s0. No entropy (nan)."""
-    n, h = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
     c = float(logit_scale) / temperature
-    logp = torch.zeros(n, dtype=torch.float32, device=dev)
-    lse = torch.zeros_like(logp)
-    ent = torch.full_like(logp, float("nan"))
-    J = torch.zeros(n if compute_grad else 0, h, dtype=torch.float32, device=dev)
+    logp, ent, lse, J = _fused_outputs(hidden, compute_grad)
+    ent.fill_(float("nan"))
     overflow = torch.zeros(1, dtype=torch.int32, device=dev)
     vc = max(8, GEMM_COLS // 8 * 8)
     chunks = [weight[v0 : v0 + vc] for v0 in range(0, v, vc)]
@@ -654,9 +662,7 @@ def _forward_gemm(
         tail = torch.zeros(r, dtype=torch.float32, device=dev)
         if g is None or g.shape[0] < r:
             g = torch.empty(r, vc, dtype=hidden.dtype, device=dev)
-        acc = None
-        if compute_grad:  # J's rows themselves when the block is a slice
-            acc = J[rows] if isinstance(rows, slice) else torch.zeros(r, h, dtype=torch.float32, device=dev)
+        acc = _block_acc(J, rows, r) if compute_grad else None
         for j, wc in enumerate(chunks):
             gc = g[:r, : wc.shape[0]]
             _gemm_chunk(hc, wc, gc, c, shift, part[j], tail, kernel)
@@ -670,8 +676,7 @@ def _forward_gemm(
         if compute_grad:
             # J = c (W[y] - (G @ W) / s0): the one-hot part added in fp32
             acc.mul_((-c / s0)[:, None]).add_(weight.index_select(0, yc), alpha=c)
-            if not isinstance(rows, slice):
-                J.index_copy_(0, rows, acc)
+            _store_block_acc(J, rows, acc)
     return logp, ent, lse, J, overflow
 
 
