@@ -51,14 +51,17 @@ def logprob() -> None:
 
 
 def logprob_gemm() -> None:
-    """The fused lm_head GEMM: one chunk, several (and a 1-7 column tail), row blocks of 16."""
+    """The fused lm_head GEMM and the kernels around it: one chunk, several (and a 1-7 column
+    tail), row blocks of 16; with an ignored row (index-selected blocks) and without (slices, 41
+    rows: a last block not a multiple of 4)."""
     from hoptune.ops import fused_linear_logprobs
 
-    for v in (1000, 1003):
-        h = torch.randn(40, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    for v, ignored in ((1000, True), (1003, True), (1003, False)):
+        h = torch.randn(41, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         w = torch.randn(v, 64, device="cuda", dtype=torch.bfloat16) * 0.1
-        yy = torch.randint(0, v, (40,), device="cuda")
-        yy[3] = -100
+        yy = torch.randint(0, v, (41,), device="cuda")
+        if ignored:
+            yy[3] = -100
         for cols, rows in ((32768, 0), (96, 16)):
             logprob_ops.GEMM_COLS = cols
             fused_linear_logprobs(h, w, yy, chunk_rows=rows).sum().backward()

@@ -237,6 +237,75 @@ PYBIND11_MODULE(_C, m) {
       py::arg("accumulate"), py::arg("label_logit"), py::arg("grad_dtype"), py::arg("write_grad"),
       py::arg("row_scale"), py::arg("label_coef"), py::arg("overflow"), py::arg("stream"),
       py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "fused_logprob_gemm_shift",
+      [](uintptr_t h, int64_t ldh, uintptr_t w, int64_t ldw, uintptr_t labels, int64_t rows,
+         int64_t k, int64_t vocab, float scale, uintptr_t shift, uintptr_t stream) {
+        hoptune::FusedLogprobGemmRows a;
+        a.h = ptr<const void*>(h);
+        a.ldh = ldh;
+        a.w = ptr<const void*>(w);
+        a.ldw = ldw;
+        a.labels = ptr<const int64_t*>(labels);
+        a.rows = rows;
+        a.k = k;
+        a.vocab = vocab;
+        a.scale = scale;
+        a.shift = ptr<float*>(shift);
+        check(hoptune::fused_logprob_gemm_shift(a, stream_of(stream)), "fused_logprob_gemm_shift");
+      },
+      py::arg("h"), py::arg("ldh"), py::arg("w"), py::arg("ldw"), py::arg("labels"),
+      py::arg("rows"), py::arg("k"), py::arg("vocab"), py::arg("scale"), py::arg("shift"),
+      py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "fused_logprob_gemm_finish",
+      [](uintptr_t partial, int64_t n_partial, int64_t ldp, uintptr_t tail, uintptr_t shift,
+         uintptr_t labels, int64_t rows, int64_t vocab, float scale, float max_s0, uintptr_t logp,
+         uintptr_t lse, uintptr_t overflow, uintptr_t acc, int64_t ld_acc, uintptr_t w, int64_t ldw,
+         int64_t k, uintptr_t stream) {
+        hoptune::FusedLogprobGemmRows a;
+        a.partial = ptr<const float*>(partial);
+        a.n_partial = n_partial;
+        a.ldp = ldp;
+        a.tail = ptr<const float*>(tail);
+        a.shift = ptr<float*>(shift);
+        a.labels = ptr<const int64_t*>(labels);
+        a.rows = rows;
+        a.vocab = vocab;
+        a.scale = scale;
+        a.max_s0 = max_s0;
+        a.logp = ptr<float*>(logp);
+        a.lse = ptr<float*>(lse);
+        a.overflow = ptr<int*>(overflow);
+        a.acc = ptr<float*>(acc);
+        a.ld_acc = ld_acc;
+        a.w = ptr<const void*>(w);
+        a.ldw = ldw;
+        a.k = k;
+        check(hoptune::fused_logprob_gemm_finish(a, stream_of(stream)),
+              "fused_logprob_gemm_finish");
+      },
+      py::arg("partial"), py::arg("n_partial"), py::arg("ldp"), py::arg("tail"), py::arg("shift"),
+      py::arg("labels"), py::arg("rows"), py::arg("vocab"), py::arg("scale"), py::arg("max_s0"),
+      py::arg("logp"), py::arg("lse"), py::arg("overflow"), py::arg("acc"), py::arg("ld_acc"),
+      py::arg("w"), py::arg("ldw"), py::arg("k"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "scale_rows",
+      [](uintptr_t j, int64_t ld_j, uintptr_t row_scale, uintptr_t out, int out_dtype, int64_t rows,
+         int64_t k, uintptr_t stream) {
+        hoptune::ScaleRows a;
+        a.j = ptr<const float*>(j);
+        a.ld_j = ld_j;
+        a.row_scale = ptr<const float*>(row_scale);
+        a.out = ptr<void*>(out);
+        a.out_dtype = static_cast<DType>(out_dtype);
+        a.rows = rows;
+        a.k = k;
+        check(hoptune::scale_rows(a, stream_of(stream)), "scale_rows");
+      },
+      py::arg("j"), py::arg("ld_j"), py::arg("row_scale"), py::arg("out"), py::arg("out_dtype"),
+      py::arg("rows"), py::arg("k"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.attr("FUSED_LOGPROB_GEMM_TILE") =
       py::make_tuple(hoptune::kFusedLogprobTileM, hoptune::kFusedLogprobTileN);
   m.def(

@@ -822,6 +822,130 @@ bool vector_ok(const LogitsView& v) {
          (v.stride_t * es) % 16 == 0;
 }
 
+// ---- the row-wise steps around the fused lm_head GEMM -------------------------------------------
+// shift: one warp per row, 16-byte loads of the hidden row and its label's lm_head row; bf16
+// products are exact in fp32, accumulated by FMA in fp32.
+constexpr int kShiftWarps = 8;
+
+__global__ void __launch_bounds__(kShiftWarps * 32)
+    fused_gemm_shift_kernel(FusedLogprobGemmRows a) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kShiftWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= a.rows) return;
+  const int64_t y = a.labels[row];
+  if (y < 0 || y >= a.vocab) {
+    if (lane == 0) a.shift[row] = NAN;
+    return;
+  }
+  const uint4* hp =
+      reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(a.h) + row * a.ldh);
+  const uint4* wp =
+      reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(a.w) + y * a.ldw);
+  const int64_t n = a.k / 8;
+  float s = 0.f;
+#pragma unroll 4
+  for (int64_t j = lane; j < n; j += 32) {
+    const uint4 hv = __ldg(hp + j), wv = __ldg(wp + j);
+    const __nv_bfloat162* h2 = reinterpret_cast<const __nv_bfloat162*>(&hv);
+    const __nv_bfloat162* w2 = reinterpret_cast<const __nv_bfloat162*>(&wv);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const float2 hf = __bfloat1622float2(h2[q]), wf = __bfloat1622float2(w2[q]);
+      s = fmaf(hf.x, wf.x, s);
+      s = fmaf(hf.y, wf.y, s);
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);
+  if (lane == 0) a.shift[row] = a.scale * s;
+}
+
+// finish: kFinRows rows per CTA. The per-tile sums of those rows (kFinRows consecutive floats per
+// tile) are summed in a fixed order (per thread, then warps, then the CTA), so s0 is the same
+// bits on every run; then the rows of acc are finished in place with float4 / 4 x bf16 loads.
+constexpr int kFinRows = 4, kFinThreads = 256;
+
+__global__ void __launch_bounds__(kFinThreads) fused_gemm_finish_kernel(FusedLogprobGemmRows a) {
+  __shared__ float red[kFinThreads / 32][kFinRows];
+  __shared__ float coef[kFinRows];
+  __shared__ int64_t label[kFinRows];
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kFinRows;
+  const int nr = static_cast<int>(min(static_cast<int64_t>(kFinRows), a.rows - r0));
+  float s[kFinRows] = {};
+  for (int64_t p = threadIdx.x; p < a.n_partial; p += kFinThreads) {
+    const float4 v = *reinterpret_cast<const float4*>(a.partial + p * a.ldp + r0);
+    s[0] += v.x;
+    s[1] += v.y;
+    s[2] += v.z;
+    s[3] += v.w;
+  }
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int j = 0; j < kFinRows; ++j) {
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) s[j] += __shfl_xor_sync(0xffffffffu, s[j], o);
+    if (lane == 0) red[warp][j] = s[j];
+  }
+  __syncthreads();
+  if (threadIdx.x < nr) {
+    const int j = threadIdx.x;
+    const int64_t row = r0 + j;
+    float s0 = a.tail ? a.tail[row] : 0.f;
+#pragma unroll
+    for (int w = 0; w < kFinThreads / 32; ++w) s0 += red[w][j];
+    const float log_s0 = logf(s0);
+    a.logp[row] = -log_s0;
+    a.lse[row] = a.shift[row] + log_s0;
+    if (!(s0 <= a.max_s0) || isnan(a.shift[row])) atomicOr(a.overflow, 1);
+    coef[j] = -a.scale / s0;
+    const int64_t y = a.labels[row];
+    label[j] = (y >= 0 && y < a.vocab) ? y : -1;
+  }
+  if (!a.acc) return;
+  __syncthreads();
+  const int64_t n4 = a.k / 4;
+  for (int64_t idx = threadIdx.x; idx < nr * n4; idx += kFinThreads) {
+    const int j = static_cast<int>(idx / n4);
+    const int64_t c4 = idx - j * n4;
+    float4* ap = reinterpret_cast<float4*>(a.acc + (r0 + j) * a.ld_acc) + c4;
+    float4 v = *ap;
+    if (label[j] < 0) {
+      v = make_float4(NAN, NAN, NAN, NAN);
+    } else {
+      const uint2 wv = __ldg(reinterpret_cast<const uint2*>(static_cast<const __nv_bfloat16*>(a.w) +
+                                                            label[j] * a.ldw) +
+                             c4);
+      const float2 w01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&wv.x));
+      const float2 w23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&wv.y));
+      const float c = coef[j];
+      v.x = fmaf(c, v.x, a.scale * w01.x);
+      v.y = fmaf(c, v.y, a.scale * w01.y);
+      v.z = fmaf(c, v.z, a.scale * w23.x);
+      v.w = fmaf(c, v.w, a.scale * w23.y);
+    }
+    *ap = v;
+  }
+}
+
+// scale_rows: one float4 of J per thread, one vector store of the rounded values.
+template <typename T>
+__global__ void __launch_bounds__(256) scale_rows_kernel(ScaleRows a) {
+  const int64_t k4 = a.k / 4;
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
+  if (idx >= a.rows * k4) return;
+  const int64_t row = idx / k4, c4 = idx - row * k4;
+  const float s = a.row_scale[row];
+  const float4 v = *(reinterpret_cast<const float4*>(a.j + row * a.ld_j) + c4);
+  struct alignas(4 * sizeof(T)) Pack {
+    T x[4];
+  } o;
+  o.x[0] = from_float<T>(v.x * s);
+  o.x[1] = from_float<T>(v.y * s);
+  o.x[2] = from_float<T>(v.z * s);
+  o.x[3] = from_float<T>(v.w * s);
+  reinterpret_cast<Pack*>(static_cast<T*>(a.out) + row * a.k)[c4] = o;  // one 8- or 16-byte store
+}
+
 }  // namespace
 
 template <int kRowThreads>
@@ -948,6 +1072,45 @@ cudaError_t fused_logprob_vchunk(const FusedLogprobVChunk& a, cudaStream_t strea
     fused_logprob_vchunk_kernel<float, false><<<grid, kVThreads, 0, stream>>>(a);
   }
   return cudaGetLastError();
+}
+
+cudaError_t fused_logprob_gemm_shift(const FusedLogprobGemmRows& a, cudaStream_t stream) {
+  HOPTUNE_REQUIRE(a.h && a.w && a.labels && a.shift && a.vocab > 0 && a.k > 0 && a.k % 8 == 0 &&
+                  a.ldh >= a.k && a.ldw >= a.k && a.ldh % 8 == 0 && a.ldw % 8 == 0 &&
+                  aligned16(a.h) && aligned16(a.w));
+  if (a.rows == 0) return cudaSuccess;
+  const int64_t grid = (a.rows + kShiftWarps - 1) / kShiftWarps;
+  HOPTUNE_REQUIRE(grid <= 0x7fffffff);
+  fused_gemm_shift_kernel<<<static_cast<unsigned>(grid), kShiftWarps * 32, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+cudaError_t fused_logprob_gemm_finish(const FusedLogprobGemmRows& a, cudaStream_t stream) {
+  // the float4 loads of the partial sums read kFinRows rows from a multiple of kFinRows
+  HOPTUNE_REQUIRE(a.partial && a.n_partial > 0 && a.ldp % kFinRows == 0 &&
+                  a.ldp >= (a.rows + kFinRows - 1) / kFinRows * kFinRows && aligned16(a.partial));
+  HOPTUNE_REQUIRE(a.labels && a.shift && a.logp && a.lse && a.overflow && a.vocab > 0);
+  if (a.acc) {
+    HOPTUNE_REQUIRE(a.w && a.k > 0 && a.k % 8 == 0 && a.ldw >= a.k && a.ldw % 8 == 0 &&
+                    aligned16(a.w) && a.ld_acc >= a.k && a.ld_acc % 4 == 0 && aligned16(a.acc));
+  }
+  if (a.rows == 0) return cudaSuccess;
+  const int64_t grid = (a.rows + kFinRows - 1) / kFinRows;
+  HOPTUNE_REQUIRE(grid <= 0x7fffffff);
+  fused_gemm_finish_kernel<<<static_cast<unsigned>(grid), kFinThreads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+cudaError_t scale_rows(const ScaleRows& a, cudaStream_t stream) {
+  HOPTUNE_REQUIRE(a.j && a.row_scale && a.out && a.k > 0 && a.k % 4 == 0 && a.ld_j >= a.k &&
+                  a.ld_j % 4 == 0 && aligned16(a.j));
+  if (a.rows == 0) return cudaSuccess;
+  const int64_t grid = (a.rows * (a.k / 4) + 255) / 256;
+  HOPTUNE_REQUIRE(grid <= 0x7fffffff);
+  return HOPTUNE_DISPATCH_FLOAT(a.out_dtype, T, [&] {
+    scale_rows_kernel<T><<<static_cast<unsigned>(grid), 256, 0, stream>>>(a);
+    return cudaGetLastError();
+  });
 }
 
 }  // namespace hoptune

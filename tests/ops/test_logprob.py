@@ -444,12 +444,14 @@ def test_fused_vchunk_cpu(kw, ignore_frac, chunk_rows, monkeypatch):
     assert calls == []  # no overflow, no redo
 
 
-def _check_fused_16bit(device, dtype, n, h, v, temperature=0.9, entropy=True, scale=1.0, hid=None):
+def _check_fused_16bit(
+    device, dtype, n, h, v, temperature=0.9, entropy=True, scale=1.0, hid=None, ignore_frac=0.25
+):
     """16-bit hidden/weight: log-probs and entropy within 2x the error of PyTorch's fp32
     computation on the upcast values; the gradient within 2x the error of PyTorch's computation
     (see the yardstick below). `hid`, when given, replaces the case's hidden states (e.g. a
     non-contiguous view of the same values)."""
-    hid0, w, _, y = _fused_case(n, h, v, dtype, device, seed=n)
+    hid0, w, _, y = _fused_case(n, h, v, dtype, device, seed=n, ignore_frac=ignore_frac)
     hid = hid0 if hid is None else hid(hid0)
     hid.requires_grad_(True)
     out = fused_linear_logprobs(hid, w, y, return_entropy=entropy, temperature=temperature, logit_scale=scale)
@@ -722,6 +724,34 @@ def test_fused_gemm_gpu(knobs, n, h, v, kw, monkeypatch):
         "cuda", torch.bfloat16, n, h, v, kw.get("temperature", 1.0), entropy=False, scale=kw.get("scale", 1.0)
     )
     assert calls == [1] and redo == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("knobs,n", [("small", 1001), ("default", 2050)])
+def test_fused_gemm_all_rows_gpu(knobs, n, monkeypatch):
+    """No ignored rows: the row blocks are slices, so the block's log-probs and gradient rows are
+    written in place; the last block's row count is not a multiple of 4 (the finishing kernel
+    takes rows in fours)."""
+    _set_vchunk(monkeypatch, knobs, gemm=True)
+    calls = _spy_gemm(monkeypatch)
+    poison_cuda_cache()
+    _check_fused_16bit("cuda", torch.bfloat16, n, 256, 32000, entropy=False, ignore_frac=0.0)
+    assert calls == [1]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gap,redo", [(40.0, False), (80.0, True), (200.0, True)])
+def test_fused_gemm_overflow_gpu(gap, redo, monkeypatch):
+    """On CUDA, the fused-GEMM walk flags a row whose sum passes e^64 and the op redoes the forward
+    relative to the row max; below that its own result stands. Both against fp64."""
+    _set_vchunk(monkeypatch, "small", gemm=True)
+    calls = _spy_fallback(monkeypatch)
+    gemm = _spy_gemm(monkeypatch)
+    hid, w, y = _overflow_case("cuda", torch.bfloat16, gap)
+    hid.requires_grad_(True)
+    lp = fused_linear_logprobs(hid, w, y)
+    assert gemm == [1] and calls == ([False] if redo else [])
+    _check_overflow_result(hid, w, y, lp)
 
 
 @pytest.mark.gpu

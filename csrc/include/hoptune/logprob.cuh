@@ -142,4 +142,47 @@ struct FusedLogprobGemm {
 
 cudaError_t fused_logprob_gemm(const FusedLogprobGemm& a, cudaStream_t stream);
 
+// The row-wise steps around the fused lm_head GEMM, for a block of rows (bf16 hidden rows h [rows,
+// k] and the lm_head W [V, k], row strides ldh, ldw, 16-byte aligned, k a multiple of 8):
+//   before the GEMMs:  shift[i] = scale * (h_i . W[y_i])   (fp32 sum of the exact products)
+//   after them:        s0_i = tail[i] + sum over p < n_partial of partial[p * ldp + i],
+//                      logp[i] = -log s0_i,  lse[i] = shift[i] + log s0_i,
+//                      *overflow = 1 when s0_i is above max_s0 or not a number, and, when acc is
+//                      given (acc_i = G_i @ W accumulated in fp32):
+//                      acc_i <- scale * (W[y_i] - acc_i / s0_i)   (= d logp_i / d h_i).
+// Labels out of [0, V) give a nan shift (and so set the overflow flag in the finish).
+struct FusedLogprobGemmRows {
+  const void* h = nullptr;  // [rows, k] bf16
+  int64_t ldh = 0;
+  const void* w = nullptr;  // [V, k] bf16
+  int64_t ldw = 0;
+  const int64_t* labels = nullptr;  // [rows]
+  int64_t rows = 0, k = 0, vocab = 0;
+  float scale = 1.f;
+  float* shift = nullptr;  // [rows]
+  // finish only
+  const float* partial = nullptr;  // [n_partial, ldp]
+  int64_t n_partial = 0, ldp = 0;
+  const float* tail = nullptr;  // [rows] or null
+  float max_s0 = 0.f;
+  float* logp = nullptr;  // [rows]
+  float* lse = nullptr;   // [rows]
+  int* overflow = nullptr;
+  float* acc = nullptr;  // [rows, k] fp32, row stride ld_acc, or null (no gradient)
+  int64_t ld_acc = 0;
+};
+cudaError_t fused_logprob_gemm_shift(const FusedLogprobGemmRows& a, cudaStream_t stream);
+cudaError_t fused_logprob_gemm_finish(const FusedLogprobGemmRows& a, cudaStream_t stream);
+// The fused path's backward: out[i, :] = row_scale[i] * J[i, :] in the hidden states' dtype
+// (rounded once), J fp32 [rows, k] with row stride ld_j, out [rows, k] contiguous; k a multiple
+// of 4, J 16-byte aligned.
+struct ScaleRows {
+  const float* j = nullptr;
+  int64_t ld_j = 0;
+  const float* row_scale = nullptr;  // [rows]
+  void* out = nullptr;
+  DType out_dtype = DType::kBFloat16;
+  int64_t rows = 0, k = 0;
+};
+cudaError_t scale_rows(const ScaleRows& a, cudaStream_t stream);
 }  // namespace hoptune

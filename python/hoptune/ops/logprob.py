@@ -34,6 +34,7 @@ entropy is not formed on this path (return_entropy=True keeps the vocab-chunked 
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -54,8 +55,8 @@ _VCHUNK_ON_CPU = False  # tests: run the vocab-chunked loop on CPU through the r
 # bf16 without bias, soft-cap or entropy: the vocab-chunked walk with the fused lm_head GEMM
 # (csrc/kernels/logprob_gemm.cu) instead of cuBLAS + fp32 logits + the vocab-chunk kernel.
 GEMM = True
-GEMM_COLS = 32768  # vocabulary columns per GEMM (a multiple of 8)
-GEMM_ROWS = 2048  # rows per block (G of one block and chunk: 128 MiB in bf16)
+GEMM_COLS = 32768  # vocabulary columns per GEMM, about (a multiple of 8; see _gemm_cols)
+GEMM_ROWS = 2048  # rows per block (G of one block and chunk: ~128 MiB in bf16)
 _GEMM_ON_CPU = False  # tests: run the fused-GEMM loop on CPU through the reference
 # token_logprobs backward kernel version (csrc/kernels/logprob.cu; 1 is kept for measurement).
 _BWD_VARIANT = 0
@@ -190,6 +191,7 @@ def _tl_setup(ctx, inputs, output):
     ctx.inplace = inplace_backward
     ctx.save_for_backward(logits, labels, lse, ent)
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # an unused entropy passes None, not a tensor of zeros
 
 
 def _tl_backward(ctx, grad_logp, grad_entropy, grad_lse):
@@ -563,6 +565,21 @@ _MAX_S0 = 6.2e27  # e^64: a row whose sum passes it had a logit more than ~64 ab
 _ZY_ROWS = 1024  # rows per block of the fp32 label-logit dot (bounds its fp32 temporaries)
 
 
+class _HostFlag:
+    """A device int32 flag copied to pinned host memory behind the work queued so far: item()
+    waits for that work alone, not for what the stream is given afterwards."""
+
+    def __init__(self, flag: torch.Tensor):
+        self.host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+        self.host.copy_(flag, non_blocking=True)
+        self.ready = torch.cuda.Event()
+        self.ready.record()
+
+    def item(self) -> int:
+        self.ready.synchronize()
+        return int(self.host[0])
+
+
 def _gemm_eligible(hidden, weight, bias, softcap, need_entropy, kernel) -> bool:
     """Whether the fused lm_head GEMM (exp and row sums in the GEMM's epilogue) can serve the
     call: bf16 on sm_90 (or the CPU loop of the tests), no bias, no soft-cap, no entropy (those
@@ -583,10 +600,90 @@ def _label_logit(hc: torch.Tensor, wy: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _gemm_shift(hc: torch.Tensor, weight: torch.Tensor, yc: torch.Tensor, c: float, kernel: bool):
+    """The block's shift c * z_y (rows,) fp32: one kernel on the GPU, the exact-product dot on CPU."""
+    if not kernel:
+        return _label_logit(hc, weight.index_select(0, yc)).mul_(c)
+    shift = torch.empty(hc.shape[0], dtype=torch.float32, device=hc.device)
+    _lib.extension().fused_logprob_gemm_shift(
+        hc.data_ptr(),
+        hc.stride(0),
+        weight.data_ptr(),
+        weight.stride(0),
+        yc.data_ptr(),
+        hc.shape[0],
+        hc.shape[1],
+        weight.shape[0],
+        c,
+        shift.data_ptr(),
+        _lib.stream(hc),
+    )
+    return shift
+
+
+def _gemm_finish(part, tail, shift, yc, rows, c, outs, overflow, acc, weight, kernel) -> None:
+    """The block's end: s0 = the sum of its tiles' row sums (and the tail), logp = -log s0 and
+    lse = shift + log s0 into outs = (logp, lse) at rows, the overflow flag, and, with acc (the
+    block's G @ W in fp32), acc <- c (W[y] - acc / s0) in place: d logp / d h of each row."""
+    r = shift.shape[0]
+    logp, lse = outs
+    if not kernel:
+        s0 = part.view(-1, part.shape[-1]).sum(0)[:r]
+        if tail is not None:
+            s0.add_(tail)
+        log_s0 = torch.log(s0)
+        logp[rows] = -log_s0
+        lse[rows] = shift + log_s0
+        overflow.bitwise_or_((~(s0 <= _MAX_S0)).any().int())  # also catches nan
+        if acc is not None:  # the one-hot part added in fp32
+            acc.mul_((-c / s0)[:, None]).add_(weight.index_select(0, yc), alpha=c)
+        return
+    direct = isinstance(rows, slice)
+    lp_out = logp[rows] if direct else torch.empty_like(shift)
+    lse_out = lse[rows] if direct else torch.empty_like(shift)
+    _lib.extension().fused_logprob_gemm_finish(
+        part.data_ptr(),
+        part.numel() // part.shape[-1],
+        part.shape[-1],
+        _lib.ptr(tail),
+        shift.data_ptr(),
+        yc.data_ptr(),
+        r,
+        weight.shape[0],
+        c,
+        _MAX_S0,
+        lp_out.data_ptr(),
+        lse_out.data_ptr(),
+        overflow.data_ptr(),
+        _lib.ptr(acc),
+        0 if acc is None else acc.stride(0),
+        weight.data_ptr(),
+        weight.stride(0),
+        weight.shape[1],
+        _lib.stream(shift),
+    )
+    if not direct:
+        logp[rows], lse[rows] = lp_out, lse_out
+
+
 def _gemm_tile(kernel: bool) -> tuple[int, int]:
     """(rows, columns) of the fused GEMM's tile: the layout of its per-tile row sums (the CPU
     reference writes one column of sums, any layout does)."""
     return tuple(_lib.extension().FUSED_LOGPROB_GEMM_TILE) if kernel else (256, 128)
+
+
+def _gemm_cols(rows: int, tile: tuple[int, int], device: torch.device) -> int:
+    """Vocabulary columns per GEMM: GEMM_COLS rounded to the nearest whole number of waves of the
+    persistent kernel (one tile per SM and wave), so that a chunk does not end on a partly filled
+    wave: with 2048 rows and 132 SMs, 33792 (16 waves of 256x128 tiles) rather than 32768 (15.5).
+    Widths below one such unit (the tests' small knobs) are taken as they are."""
+    cols = max(8, GEMM_COLS // 8 * 8)
+    if device.type != "cuda":
+        return cols
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    row_tiles = -(-rows // tile[0])
+    unit = sms // math.gcd(sms, row_tiles) * tile[1]  # columns whose tiles fill whole waves
+    return cols if cols < unit else max(1, round(cols / unit)) * unit
 
 
 def _gemm_chunk(hc, wc, g, scale, shift, part, tail, kernel) -> None:
@@ -647,37 +744,39 @@ def _forward_gemm(
     logp, ent, lse, J = _fused_outputs(hidden, compute_grad)
     ent.fill_(float("nan"))
     overflow = torch.zeros(1, dtype=torch.int32, device=dev)
-    vc = max(8, GEMM_COLS // 8 * 8)
-    chunks = [weight[v0 : v0 + vc] for v0 in range(0, v, vc)]
     tm, tn = _gemm_tile(kernel)
-    g = None
-    for rows in _chunks(labels, ignore_index, chunk_rows if chunk_rows > 0 else max(1, GEMM_ROWS)):
-        hc, yc = hidden[rows], labels[rows]
+    blocks = list(_chunks(labels, ignore_index, chunk_rows if chunk_rows > 0 else max(1, GEMM_ROWS)))
+    first = blocks[0] if blocks else slice(0, 0)
+    vc = _gemm_cols(first.stop - first.start if isinstance(first, slice) else first.numel(), (tm, tn), dev)
+    chunks = [weight[v0 : v0 + vc] for v0 in range(0, v, vc)]
+    g = flag = None
+    for b, rows in enumerate(blocks):
+        hc, yc = hidden[rows], labels[rows].contiguous()
         if hc.stride(1) != 1 or hc.stride(0) % 8 != 0 or hc.data_ptr() % 16 != 0:
             hc = hc.contiguous()
         r = hc.shape[0]
-        shift = _label_logit(hc, weight.index_select(0, yc)).mul_(c)
+        shift = _gemm_shift(hc, weight, yc, c, kernel)
         # per chunk, per column tile, per (padded) row: every tile's row sums, summed once at the end
         part = torch.zeros(len(chunks), -(-vc // tn), -(-r // tm) * tm, dtype=torch.float32, device=dev)
-        tail = torch.zeros(r, dtype=torch.float32, device=dev)
+        tail = torch.zeros(r, dtype=torch.float32, device=dev) if v % 8 else None
         if g is None or g.shape[0] < r:
             g = torch.empty(r, vc, dtype=hidden.dtype, device=dev)
         acc = _block_acc(J, rows, r) if compute_grad else None
+        last = b == len(blocks) - 1
         for j, wc in enumerate(chunks):
             gc = g[:r, : wc.shape[0]]
             _gemm_chunk(hc, wc, gc, c, shift, part[j], tail, kernel)
+            if last and j == len(chunks) - 1 and kernel and compute_grad:
+                # the last row sums are in: finish the statistics and send the overflow flag to
+                # the host now, so that the caller's wait for it ends while this G @ W still runs
+                _gemm_finish(part, tail, shift, yc, rows, c, (logp, lse), overflow, None, weight, kernel)
+                flag = _HostFlag(overflow)
             if compute_grad:
                 _addmm_fp32(acc, gc, wc)
-        s0 = part.view(-1, part.shape[-1]).sum(0)[:r].add_(tail)
-        log_s0 = torch.log(s0)
-        logp[rows] = -log_s0
-        lse[rows] = shift + log_s0
-        overflow.bitwise_or_((~(s0 <= _MAX_S0)).any().int())  # also catches nan
+        _gemm_finish(part, tail, shift, yc, rows, c, (logp, lse), overflow, acc, weight, kernel)
         if compute_grad:
-            # J = c (W[y] - (G @ W) / s0): the one-hot part added in fp32
-            acc.mul_((-c / s0)[:, None]).add_(weight.index_select(0, yc), alpha=c)
             _store_block_acc(J, rows, acc)
-    return logp, ent, lse, J, overflow
+    return logp, ent, lse, J, overflow if flag is None else flag
 
 
 @torch.library.custom_op("hoptune::fused_linear_logprobs", mutates_args=())
@@ -752,6 +851,8 @@ def _fl_setup(ctx, inputs, output):
     need_w = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[3])
     ctx.save_for_backward(J, hidden if need_w else None, weight if need_w else None, labels, bias)
     ctx.mark_non_differentiable(ent, lse, J)
+    # the unused outputs' gradients stay None: materialised, J's alone would be (N, H) fp32 zeros
+    ctx.set_materialize_grads(False)
 
 
 def _fl_backward(ctx, grad_logp, grad_ent, grad_lse, grad_J):
@@ -763,13 +864,32 @@ def _fl_backward(ctx, grad_logp, grad_ent, grad_lse, grad_J):
     if ctx.needs_input_grad[0]:
         if J.numel() == 0 and labels.numel() > 0:
             raise RuntimeError("fused_linear_logprobs ran its forward without gradients (compute_grad=False)")
-        # J is ours alone: scale it in place, then round once to the hidden dtype
-        dh = J.mul_(grad_logp[:, None]).to(hdtype)
+        dh = _scale_rows(J, grad_logp, hdtype)
     if ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[3]):
         dw, db = _weight_grad(hidden, weight, labels, bias, grad_logp, ctx.meta)
         dw = dw.to(weight.dtype) if ctx.needs_input_grad[1] else None
         db = db.to(bias.dtype) if db is not None and ctx.needs_input_grad[3] else None
     return dh, dw, None, db, None, None, None, None, None, None, None
+
+
+def _scale_rows(J: torch.Tensor, grad_logp: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """grad_logp[:, None] * J in fp32, rounded once to dtype: one pass over J (a kernel on CUDA)."""
+    out = torch.empty(J.shape, dtype=dtype, device=J.device)
+    rs = grad_logp.float().contiguous()
+    aligned = J.shape[1] % 4 == 0 and J.stride(1) == 1 and J.stride(0) % 4 == 0 and J.data_ptr() % 16 == 0
+    if _lib.use_kernel(J, "fused_linear_logprobs") and aligned:
+        _lib.extension().scale_rows(
+            J.data_ptr(),
+            J.stride(0),
+            rs.data_ptr(),
+            out.data_ptr(),
+            _lib.DTYPE_CODES[dtype],
+            J.shape[0],
+            J.shape[1],
+            _lib.stream(J),
+        )
+        return out
+    return torch.mul(J, rs[:, None], out=out)
 
 
 def _weight_grad(hidden, weight, labels, bias, grad_logp, meta):
