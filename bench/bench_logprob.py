@@ -4,11 +4,14 @@ selective_log_softmax (row loop), Liger's fused linear cross-entropy and the bar
 matmuls (the floor), all in one run; plus the logits-input kernel against the copy rate, with
 every numbered version of its backward kernel. Off by default: --breakdown (CUDA time per kernel
 of one fused step, from torch.profiler), --chunk-sweep (the fused step at chunk_rows 256..1024)
-and --vchunk-sweep (the fused step at several vocabulary-chunk widths and row-block sizes of the
-vocab-chunked forward, and with the row-chunked forward, against the bare matmuls).
+--vchunk-sweep (the fused step at several vocabulary-chunk widths and row-block sizes of the
+vocab-chunked forward, and with the row-chunked forward, against the bare matmuls) and
+--gemm-sweep (the fused-GEMM walk, the bf16 default, per chunk width and row-block size, at both
+vocabulary sizes).
 
     python bench/bench_logprob.py --out bench/results/logprob.json [--breakdown] [--chunk-sweep]
         [--vchunk-sweep [--vchunk-settings 4096:0,8192:0,16384:0,8192:2048,8192:1024,16384:4096]]
+        [--gemm-sweep [--gemm-settings 32768:2048,32768:4096,65536:2048]]
 """
 
 from __future__ import annotations
@@ -248,6 +251,50 @@ def vchunk_sweep(v: int = 128256, settings=((4096, 0), (8192, 0), (16384, 0))) -
     return out
 
 
+def gemm_sweep(settings=((32768, 2048), (32768, 4096), (65536, 2048))) -> list[dict]:
+    """The fused-GEMM walk (the bf16 default) per (GEMM_COLS, GEMM_ROWS) at both vocabulary
+    sizes: forward + backward time, its ratio to the bare lm_head matmuls timed in the same run
+    (plain and interleaved), the peak extra memory and the chunk width actually used."""
+    out = []
+    saved = (logprob_ops.GEMM_COLS, logprob_ops.GEMM_ROWS)
+    for v in (128256, 151936):
+        torch.manual_seed(0)
+        h = torch.randn(B, T, H, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+        W = torch.randn(v, H, device="cuda", dtype=torch.bfloat16) * 0.02
+        labels = torch.randint(0, v, (B, T), device="cuda")
+        g = torch.randn(B, T, device="cuda", dtype=torch.float32)
+
+        def floor():
+            h.grad = None
+            lm_head_only(h, W)
+
+        floor_ms = bench(floor, warmup=2, rep=5)
+        fn = partial(step, h, g, lambda: fused_linear_logprobs(h, W, labels))
+        try:
+            for cols, rows in settings:
+                logprob_ops.GEMM_COLS, logprob_ops.GEMM_ROWS = cols, rows
+                ms = bench(fn, warmup=2, rep=5)
+                tile = logprob_ops._gemm_tile(True)
+                row = {
+                    "V": v,
+                    "gemm_cols": cols,
+                    "gemm_rows": rows,
+                    "cols_used": logprob_ops._gemm_cols(rows, tile, h.device),
+                    "ms": ms,
+                    "floor_ms": floor_ms,
+                    "over_floor": ms / floor_ms,
+                    "over_floor_interleaved": ratio_interleaved(fn, floor, rounds=5, rep=3),
+                    "peak_GiB": peak_extra_gib(fn),
+                }
+                print(
+                    *(f"{k}={round(x, 3) if isinstance(x, float) else x}" for k, x in row.items()), flush=True
+                )
+                out.append(row)
+        finally:
+            logprob_ops.GEMM_COLS, logprob_ops.GEMM_ROWS = saved
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/logprob.json")
@@ -256,6 +303,14 @@ def main() -> None:
     ap.add_argument("--chunk-sweep", action="store_true", help="fused step for chunk_rows 256..1024")
     ap.add_argument(
         "--vchunk-sweep", action="store_true", help="fused step per vocabulary-chunk width / row-block size"
+    )
+    ap.add_argument(
+        "--gemm-sweep", action="store_true", help="fused-GEMM step per GEMM_COLS / GEMM_ROWS setting"
+    )
+    ap.add_argument(
+        "--gemm-settings",
+        default="32768:2048,32768:4096,65536:2048",
+        help="GEMM_COLS:GEMM_ROWS pairs for --gemm-sweep",
     )
     ap.add_argument(
         "--vchunk-settings",
@@ -321,6 +376,12 @@ def main() -> None:
         res["chunk_sweep"] = chunk_sweep()
         write_json(args.out, res)
         print(table(res["chunk_sweep"], ["V", "chunk_rows", "ms", "peak_GiB"]))
+    if args.gemm_sweep:
+        settings = [tuple(int(x) for x in s.split(":")) for s in args.gemm_settings.split(",")]
+        res["gemm_sweep"] = gemm_sweep(settings)
+        write_json(args.out, res)
+        cols = ["V", "gemm_cols", "gemm_rows", "cols_used", "ms", "over_floor", "over_floor_interleaved"]
+        print(table(res["gemm_sweep"], [*cols, "peak_GiB"]))
     if args.vchunk_sweep:
         settings = [tuple(int(x) for x in s.split(":")) for s in args.vchunk_settings.split(",")]
         res["vchunk_sweep"] = vchunk_sweep(settings=settings)

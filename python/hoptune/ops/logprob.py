@@ -28,7 +28,8 @@ Fused GEMM (the default for bf16 on sm_90 without bias, soft-cap or entropy): th
 in blocks of GEMM_ROWS, the vocabulary in chunks of GEMM_COLS), but each chunk is one CUTLASS
 GEMM whose epilogue writes G = exp(c z - c z_y) in bf16 and per-tile row sums directly
 (csrc/kernels/logprob_gemm.cu), so no fp32 logits and no separate kernel exist. The label's
-logit c z_y comes from an fp32 dot product before the walk (the shift, and logp = -log s0). The
+logit c z_y comes from an fp32 dot product before each row block's GEMMs (the shift, and
+logp = -log s0); a second small kernel ends the block (sums, logp, lse, overflow flag, J). The
 entropy is not formed on this path (return_entropy=True keeps the vocab-chunked one).
 """
 
@@ -55,8 +56,12 @@ _VCHUNK_ON_CPU = False  # tests: run the vocab-chunked loop on CPU through the r
 # bf16 without bias, soft-cap or entropy: the vocab-chunked walk with the fused lm_head GEMM
 # (csrc/kernels/logprob_gemm.cu) instead of cuBLAS + fp32 logits + the vocab-chunk kernel.
 GEMM = True
-GEMM_COLS = 32768  # vocabulary columns per GEMM, about (a multiple of 8; see _gemm_cols)
-GEMM_ROWS = 2048  # rows per block (G of one block and chunk: ~128 MiB in bf16)
+# Vocabulary columns per GEMM, about (rounded to whole waves, see _gemm_cols), and rows per block:
+# G of one block and chunk is then 2048 x 33792 bf16 (132 MiB) on 132 SMs; extra peak at 16k
+# tokens 0.27 GiB. 4096-row blocks and 65536-column chunks measured the same within noise at
+# 0.40-0.42 GiB (bench/results/logprob_gemm_blocks.json).
+GEMM_COLS = 32768
+GEMM_ROWS = 2048
 _GEMM_ON_CPU = False  # tests: run the fused-GEMM loop on CPU through the reference
 # token_logprobs backward kernel version (csrc/kernels/logprob.cu; 1 is kept for measurement).
 _BWD_VARIANT = 0
