@@ -61,12 +61,19 @@ def lm_head_only(h, W):
     logits.backward(torch.ones_like(logits))
 
 
-def run_vocab(v: int, chunk_variants: list[int]) -> dict:
+def inputs(v: int, shape: tuple[int, ...] = (B, T)):
+    """Seeded bf16 hidden states `shape + (H,)` requiring grad, a frozen lm_head (v, H), labels
+    and an fp32 upstream gradient: the inputs every measurement here uses."""
     torch.manual_seed(0)
-    h = torch.randn(B, T, H, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+    h = torch.randn(*shape, H, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
     W = torch.randn(v, H, device="cuda", dtype=torch.bfloat16) * 0.02
-    labels = torch.randint(0, v, (B, T), device="cuda")
-    g = torch.randn(B, T, device="cuda", dtype=torch.float32)
+    labels = torch.randint(0, v, shape, device="cuda")
+    g = torch.randn(*shape, device="cuda", dtype=torch.float32)
+    return h, W, labels, g
+
+
+def run_vocab(v: int, chunk_variants: list[int]) -> dict:
+    h, W, labels, g = inputs(v)
     r: dict = {"B": B, "T": T, "H": H, "V": v}
 
     def timed(name, fn, rep=5):
@@ -159,11 +166,7 @@ def run_vocab(v: int, chunk_variants: list[int]) -> dict:
 def fused_breakdown(v: int = 128256) -> list[dict]:
     """One forward + backward of fused_linear_logprobs (bf16, B*T x H hidden requiring grad, a
     frozen lm_head) under the profiler: CUDA time per kernel name, largest first."""
-    torch.manual_seed(0)
-    h = torch.randn(B * T, H, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
-    W = torch.randn(v, H, device="cuda", dtype=torch.bfloat16) * 0.02
-    labels = torch.randint(0, v, (B * T,), device="cuda")
-    g = torch.randn(B * T, device="cuda", dtype=torch.float32)
+    h, W, labels, g = inputs(v, (B * T,))
     fn = partial(step, h, g, lambda: fused_linear_logprobs(h, W, labels))
     fn()  # warm-up: cuBLAS heuristics, allocator
     torch.cuda.synchronize()
@@ -182,11 +185,7 @@ def fused_breakdown(v: int = 128256) -> list[dict]:
 
 def chunk_sweep(v: int = 128256, chunks=(256, 512, 768, 1024)) -> list[dict]:
     """fused_linear_logprobs forward + backward (as in run_vocab) for each chunk_rows."""
-    torch.manual_seed(0)
-    h = torch.randn(B, T, H, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
-    W = torch.randn(v, H, device="cuda", dtype=torch.bfloat16) * 0.02
-    labels = torch.randint(0, v, (B, T), device="cuda")
-    g = torch.randn(B, T, device="cuda", dtype=torch.float32)
+    h, W, labels, g = inputs(v)
     out = []
     for c in chunks:
         fn = partial(step, h, g, lambda c=c: fused_linear_logprobs(h, W, labels, chunk_rows=c))
@@ -201,11 +200,7 @@ def vchunk_sweep(v: int = 128256, settings=((4096, 0), (8192, 0), (16384, 0))) -
     VCHUNK_ROWS) of the vocab-chunked forward (rows 0: from CHUNK_BYTES), then the row-chunked
     forward (VCHUNK off): time, its ratio to the bare lm_head matmuls timed in the same run
     (plain and interleaved) and the peak extra memory."""
-    torch.manual_seed(0)
-    h = torch.randn(B, T, H, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
-    W = torch.randn(v, H, device="cuda", dtype=torch.bfloat16) * 0.02
-    labels = torch.randint(0, v, (B, T), device="cuda")
-    g = torch.randn(B, T, device="cuda", dtype=torch.float32)
+    h, W, labels, g = inputs(v)
 
     def floor():
         h.grad = None
@@ -258,11 +253,7 @@ def gemm_sweep(settings=((32768, 2048), (32768, 4096), (65536, 2048))) -> list[d
     out = []
     saved = (logprob_ops.GEMM_COLS, logprob_ops.GEMM_ROWS)
     for v in (128256, 151936):
-        torch.manual_seed(0)
-        h = torch.randn(B, T, H, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
-        W = torch.randn(v, H, device="cuda", dtype=torch.bfloat16) * 0.02
-        labels = torch.randint(0, v, (B, T), device="cuda")
-        g = torch.randn(B, T, device="cuda", dtype=torch.float32)
+        h, W, labels, g = inputs(v)
 
         def floor():
             h.grad = None

@@ -624,14 +624,16 @@ def test_fused_gemm_routing_cpu(monkeypatch):
     assert calls == [1] and torch.isfinite(lp).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("gap,redo", [(40.0, False), (80.0, True), (200.0, True)])
-def test_fused_gemm_overflow_cpu(gap, redo, monkeypatch):
+def test_fused_gemm_overflow(device, gap, redo, monkeypatch):
     """A row whose sum passes e^64 (a logit > 64 above its label's) makes the op redo the forward
-    relative to the row max; below that the GEMM walk's result stands."""
-    _set_vchunk(monkeypatch, "small", on_cpu=True, gemm=True)
+    relative to the row max; below that the GEMM walk's result stands (on CPU the walk's loop
+    with the kernel replaced by its reference; on CUDA the kernels). Both against fp64."""
+    _set_vchunk(monkeypatch, "small", on_cpu=device == "cpu", gemm=True)
     calls = _spy_fallback(monkeypatch)
     gemm = _spy_gemm(monkeypatch)
-    hid, w, y = _overflow_case("cpu", torch.bfloat16, gap)
+    hid, w, y = _overflow_case(device, torch.bfloat16, gap)
     hid.requires_grad_(True)
     lp = fused_linear_logprobs(hid, w, y)
     assert gemm == [1] and calls == ([False] if redo else [])
@@ -737,21 +739,6 @@ def test_fused_gemm_all_rows_gpu(knobs, n, monkeypatch):
     poison_cuda_cache()
     _check_fused_16bit("cuda", torch.bfloat16, n, 256, 32000, entropy=False, ignore_frac=0.0)
     assert calls == [1]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("gap,redo", [(40.0, False), (80.0, True), (200.0, True)])
-def test_fused_gemm_overflow_gpu(gap, redo, monkeypatch):
-    """On CUDA, the fused-GEMM walk flags a row whose sum passes e^64 and the op redoes the forward
-    relative to the row max; below that its own result stands. Both against fp64."""
-    _set_vchunk(monkeypatch, "small", gemm=True)
-    calls = _spy_fallback(monkeypatch)
-    gemm = _spy_gemm(monkeypatch)
-    hid, w, y = _overflow_case("cuda", torch.bfloat16, gap)
-    hid.requires_grad_(True)
-    lp = fused_linear_logprobs(hid, w, y)
-    assert gemm == [1] and calls == ([False] if redo else [])
-    _check_overflow_result(hid, w, y, lp)
 
 
 @pytest.mark.gpu
