@@ -610,6 +610,33 @@ def test_fused_gemm_bf16_cpu(kw, knobs, monkeypatch):
     assert calls == [1] and redo == []
 
 
+@pytest.mark.parametrize(
+    "sms,rows,cols,expect",
+    [
+        (132, 2048, 32768, 33792),  # 8 row tiles: 33 column tiles fill 2 waves; 8 x 33 of them
+        (132, 4096, 32768, 33792),
+        (132, 2048, 65536, 67584),
+        (114, 2048, 32768, 29184),  # 57 column tiles per 4 waves
+        (132, 100, 32768, 33792),  # one row tile: 132 column tiles per wave
+        (132, 2048, 64, 64),  # below one unit (the tests' small knobs): as given
+    ],
+)
+def test_fused_gemm_cols_fill_waves(sms, rows, cols, expect, monkeypatch):
+    """The chunk width is GEMM_COLS rounded to whole waves of 256x128 tiles on the device's SMs."""
+
+    class Props:
+        multi_processor_count = sms
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: Props())
+    monkeypatch.setattr(logprob_ops, "GEMM_COLS", cols)
+    got = logprob_ops._gemm_cols(rows, (256, 128), torch.device("cuda"))
+    assert got == expect
+    if got != cols:
+        tiles = -(-rows // 256) * (got // 128)
+        assert tiles % sms == 0
+    assert logprob_ops._gemm_cols(rows, (256, 128), torch.device("cpu")) == cols
+
+
 def test_fused_gemm_routing_cpu(monkeypatch):
     """Entropy, bias, soft-cap and fp32 keep the vocab-chunked path; plain bf16 takes the GEMM."""
     _set_vchunk(monkeypatch, "small", on_cpu=True, gemm=True)
