@@ -1103,7 +1103,7 @@ cudaError_t fused_logprob_gemm_finish(const FusedLogprobGemmRows& a, cudaStream_
 
 cudaError_t scale_rows(const ScaleRows& a, cudaStream_t stream) {
   HOPTUNE_REQUIRE(a.j && a.row_scale && a.out && a.k > 0 && a.k % 4 == 0 && a.ld_j >= a.k &&
-                  a.ld_j % 4 == 0 && aligned16(a.j));
+                  a.ld_j % 4 == 0 && aligned16(a.j) && aligned16(a.out));
   if (a.rows == 0) return cudaSuccess;
   const int64_t grid = (a.rows * (a.k / 4) + 255) / 256;
   HOPTUNE_REQUIRE(grid <= 0x7fffffff);

@@ -175,7 +175,7 @@ cudaError_t fused_logprob_gemm_shift(const FusedLogprobGemmRows& a, cudaStream_t
 cudaError_t fused_logprob_gemm_finish(const FusedLogprobGemmRows& a, cudaStream_t stream);
 // The fused path's backward: out[i, :] = row_scale[i] * J[i, :] in the hidden states' dtype
 // (rounded once), J fp32 [rows, k] with row stride ld_j, out [rows, k] contiguous; k a multiple
-// of 4, J 16-byte aligned.
+// of 4, J and out 16-byte aligned.
 struct ScaleRows {
   const float* j = nullptr;
   int64_t ld_j = 0;
