@@ -567,7 +567,6 @@ def _forward_vchunk(
 
 
 _MAX_S0 = 6.2e27  # e^64: a row whose sum passes it had a logit more than ~64 above its label's
-_ZY_ROWS = 1024  # rows per block of the fp32 label-logit dot (bounds its fp32 temporaries)
 
 
 class _HostFlag:
@@ -597,18 +596,10 @@ def _gemm_eligible(hidden, weight, bias, softcap, need_entropy, kernel) -> bool:
     return h % 8 == 0 and weight.stride(1) == 1 and weight.stride(0) % 8 == 0 and weight.data_ptr() % 16 == 0
 
 
-def _label_logit(hc: torch.Tensor, wy: torch.Tensor) -> torch.Tensor:
-    """(hc * wy).sum(1) in fp32 from exact products (bf16 x bf16 fits in fp32), in row blocks."""
-    out = torch.empty(hc.shape[0], dtype=torch.float32, device=hc.device)
-    for i in range(0, hc.shape[0], _ZY_ROWS):
-        out[i : i + _ZY_ROWS] = (hc[i : i + _ZY_ROWS].float() * wy[i : i + _ZY_ROWS]).sum(1)
-    return out
-
-
 def _gemm_shift(hc: torch.Tensor, weight: torch.Tensor, yc: torch.Tensor, c: float, kernel: bool):
     """The block's shift c * z_y (rows,) fp32: one kernel on the GPU, the exact-product dot on CPU."""
-    if not kernel:
-        return _label_logit(hc, weight.index_select(0, yc)).mul_(c)
+    if not kernel:  # bf16 x bf16 products are exact in fp32
+        return (hc.float() * weight.index_select(0, yc).float()).sum(1).mul_(c)
     shift = torch.empty(hc.shape[0], dtype=torch.float32, device=hc.device)
     _lib.extension().fused_logprob_gemm_shift(
         hc.data_ptr(),
