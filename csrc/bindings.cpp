@@ -1,11 +1,13 @@
 // hoptune._C: declarations and exports only. Pointers arrive as Python ints, the stream as
-// its integer handle; each call returns None or raises RuntimeError naming the CUDA error.
+// its integer handle; each call returns None (label_stats: two ints) or raises RuntimeError naming
+// the CUDA error.
 #include <cuda_runtime_api.h>
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "hoptune/logprob.cuh"
 #include "hoptune/nf4.cuh"
@@ -306,6 +308,30 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("j"), py::arg("ld_j"), py::arg("row_scale"), py::arg("out"), py::arg("out_dtype"),
       py::arg("rows"), py::arg("k"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "label_stats",
+      [](uintptr_t labels, int64_t n, int64_t ignore_index, int64_t vocab, uintptr_t host_out,
+         uintptr_t stream) {
+        // host_out: two int64 of pinned host memory, which the kernel writes through its mapping
+        void* dev = nullptr;
+        const cudaError_t err = cudaHostGetDevicePointer(&dev, ptr<void*>(host_out), 0);
+        if (err != cudaSuccess) {
+          cudaGetLastError();  // not sticky: clear it so that no later launch check reports it
+          check(err, "label_stats (host_out must be mapped pinned memory)");
+        }
+        hoptune::LabelStats a;
+        a.labels = ptr<const int64_t*>(labels);
+        a.n = n;
+        a.ignore_index = ignore_index;
+        a.vocab = vocab;
+        a.out = static_cast<int64_t*>(dev);
+        check(hoptune::label_stats(a, stream_of(stream)), "label_stats");
+        check(cudaStreamSynchronize(stream_of(stream)), "label_stats");
+        const int64_t* out = ptr<const int64_t*>(host_out);
+        return std::make_pair(out[0], out[1]);
+      },
+      py::arg("labels"), py::arg("n"), py::arg("ignore_index"), py::arg("vocab"),
+      py::arg("host_out"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.attr("FUSED_LOGPROB_GEMM_TILE") =
       py::make_tuple(hoptune::kFusedLogprobTileM, hoptune::kFusedLogprobTileN);
   m.def(

@@ -185,4 +185,14 @@ struct ScaleRows {
   int64_t rows = 0, k = 0;
 };
 cudaError_t scale_rows(const ScaleRows& a, cudaStream_t stream);
+// What the host must know before a log-prob op plans its work, in one pass and one transfer:
+// out[0] = how many of the n labels (int64, contiguous) are not ignore_index, out[1] = the first
+// position of such a label outside [0, vocab), or -1 (no range check when vocab <= 0). out: two
+// int64 the device can write, e.g. host-mapped pinned memory read after the stream's sync.
+struct LabelStats {
+  const int64_t* labels = nullptr;
+  int64_t n = 0, ignore_index = -100, vocab = 0;
+  int64_t* out = nullptr;
+};
+cudaError_t label_stats(const LabelStats& a, cudaStream_t stream);
 }  // namespace hoptune
