@@ -311,6 +311,58 @@ def test_fused_linear_logprobs_bad_input(device):
         fused_linear_logprobs(hid, w, y2)
     with pytest.raises(ValueError, match="softcap"):
         fused_linear_logprobs(hid, w, y, softcap=-1.0)
+    # (B, T) labels with some ignored: the position is reported in the labels' own shape
+    hid3 = hid[:4].reshape(2, 2, 16)
+    y3 = y[:4].reshape(2, 2).clone()
+    y3[0, 0] = -100
+    y3[1, 0] = -3
+    with pytest.raises(ValueError, match=r"got -3 at position \(1, 0\)"):
+        fused_linear_logprobs(hid3, w, y3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("train_head", [False, True])
+def test_fused_linear_logprobs_compiled(device, train_head):
+    """Under torch.compile the custom op and its backward's ops run (not the eager Function):
+    the same values and gradients, with a frozen lm_head and with a trained one and its bias."""
+    hid, w, b, y = _fused_case(37, 16, 50, torch.float32, device, seed=3)
+    g = torch.randn(37, device=device)
+
+    def f(h, w, b):
+        return fused_linear_logprobs(h, w, y, bias=b, temperature=0.9)
+
+    outs = []
+    for fn in (f, torch.compile(f, backend="aot_eager", fullgraph=True)):
+        args = [hid.clone(), w.clone(), b.clone() if train_head else None]
+        trained = args[: 3 if train_head else 1]
+        for a in trained:
+            a.requires_grad_(True)
+        lp = fn(*args)
+        lp.backward(g)
+        outs.append([lp.detach()] + [a.grad for a in trained])
+    for want, got in zip(*outs):  # dW's index_add_ is atomic on CUDA: not bit-reproducible there
+        assert got is not None
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_token_logprobs_compiled(device, inplace):
+    """Under torch.compile the custom ops run (not the eager Function): same values and dlogits."""
+    z, y = _case((3, 5), 40, torch.float32, device, seed=4)
+    g = torch.randn(3, 5, device=device)
+
+    def f(z):
+        return token_logprobs(z * 1.0, y, temperature=0.7, inplace_backward=inplace)
+
+    outs = []
+    for fn in (f, torch.compile(f, backend="aot_eager", fullgraph=True)):
+        zz = z.clone().requires_grad_(True)
+        lp = fn(zz)
+        lp.backward(g)
+        outs.append((lp.detach(), zz.grad))
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert torch.equal(outs[0][1], outs[1][1])
 
 
 def test_opcheck():
@@ -635,6 +687,54 @@ def test_fused_gemm_cols_fill_waves(sms, rows, cols, expect, monkeypatch):
         tiles = -(-rows // 256) * (got // 128)
         assert tiles % sms == 0
     assert logprob_ops._gemm_cols(rows, (256, 128), torch.device("cpu")) == cols
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", ["gemm", "vchunk", "rows"])
+def test_fused_all_rows_ignored(device, path, monkeypatch):
+    """No valid label: no matmul runs, every output row is 0 and so is the gradient (the outputs
+    of the walks start uninitialised when no row is ignored, zeroed when some are)."""
+    gemm = path == "gemm"
+    _set_vchunk(monkeypatch, "rows" if path == "rows" else "small", on_cpu=device == "cpu", gemm=gemm)
+    calls = _spy_gemm(monkeypatch)
+    dtype = torch.bfloat16 if gemm else torch.float32
+    hid, w, _, y = _fused_case(70, 16, 50, dtype, device, seed=5)
+    y.fill_(-100)
+    hid.requires_grad_(True)
+    lp = fused_linear_logprobs(hid, w, y)
+    lp.backward(torch.randn_like(lp))
+    assert calls == ([1] if gemm else [])
+    assert (lp == 0).all() and (hid.grad == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [0, 1, 37, 1025, (1 << 20) + 3])
+def test_label_stats_gpu(n):
+    """The label-stats kernel against the PyTorch ops it stands in for: the count, and the first
+    out-of-range label's position (several bad ones, ignore_index among them, 2-D and strided)."""
+    g = torch.Generator().manual_seed(n)
+    y = torch.randint(0, 1000, (n,), generator=g)
+    y[torch.rand(n, generator=g) < 0.3] = -100
+    want = int((y != -100).sum())
+    assert logprob_ops._label_stats(y.cuda(), -100, 1000) == want
+    assert logprob_ops._label_stats(y.cuda(), -100) == want
+    if n < 37:
+        return
+    for bad in ([n - 1], [n // 2, n - 3], [5, n // 3]):
+        yb = y.clone()
+        yb[bad] = torch.tensor([1000, -7, 5000])[: len(bad)]
+        msgs = []
+        for dev in ("cpu", "cuda"):
+            with pytest.raises(ValueError, match=r"labels must be in \[0, 1000\)") as e:
+                logprob_ops._label_stats(yb.to(dev), -100, 1000)
+            msgs.append(str(e.value))
+        assert msgs[0] == msgs[1] and f"at position ({min(bad)},)" in msgs[0]
+    # a strided (B, T) view: positions in its own shape
+    y2 = y[: (n // 4) * 4].view(-1, 4).cuda()[:, 1:]
+    y2[1, 2] = 1000
+    with pytest.raises(ValueError, match=r"got 1000 at position \(1, 2\)"):
+        logprob_ops._label_stats(y2, -100, 1000)
+    assert logprob_ops._label_stats(y2, -100) == int((y2 != -100).sum())
 
 
 def test_fused_gemm_routing_cpu(monkeypatch):

@@ -79,11 +79,18 @@ def _view3(logits: torch.Tensor) -> tuple[int, int, int, int, int]:
     return b, t, v, logits.stride(0), logits.stride(1)
 
 
-@torch.library.custom_op("hoptune::token_logprobs", mutates_args=())
-def _token_logprobs(
-    logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int, inplace_backward: bool
+def _token_logprobs_impl(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    inplace_backward: bool,
+    check_labels: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """inplace_backward only tells the autograd formula where to write dlogits."""
+    """(logp, entropy, lse); inplace_backward only tells the backward where to write dlogits;
+    check_labels raises on a label outside [0, V) other than ignore_index (one device sync)."""
+    if check_labels:
+        _label_stats(labels, ignore_index, logits.shape[-1])
     if not _lib.use_kernel(logits, "token_logprobs"):
         return ref.token_logprobs_fwd(logits, labels, temperature, ignore_index)
     labels = labels.contiguous()
@@ -110,8 +117,13 @@ def _token_logprobs(
     return logp, ent, lse
 
 
+# the custom ops (forward and the two backward forms) are what torch.compile traces; eager calls
+# go through _EagerTokenLogprobs, which calls the same functions without the ops' dispatch
+_token_logprobs = torch.library.custom_op("hoptune::token_logprobs", _token_logprobs_impl, mutates_args=())
+
+
 @_token_logprobs.register_fake
-def _(logits, labels, temperature, ignore_index, inplace_backward):
+def _(logits, labels, temperature, ignore_index, inplace_backward, check_labels=False):
     out = logits.new_empty(labels.shape, dtype=torch.float32)
     return out, torch.empty_like(out), torch.empty_like(out)
 
@@ -139,8 +151,7 @@ def _bwd_impl(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature
     )
 
 
-@torch.library.custom_op("hoptune::token_logprobs_backward", mutates_args=())
-def _token_logprobs_backward(
+def _tl_bwd_out(
     logits: torch.Tensor,
     labels: torch.Tensor,
     lse: torch.Tensor,
@@ -161,13 +172,17 @@ def _token_logprobs_backward(
     return out
 
 
+_token_logprobs_backward = torch.library.custom_op(
+    "hoptune::token_logprobs_backward", _tl_bwd_out, mutates_args=()
+)
+
+
 @_token_logprobs_backward.register_fake
 def _(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index):
     return torch.empty_strided(logits.shape, logits.stride(), dtype=logits.dtype, device=logits.device)
 
 
-@torch.library.custom_op("hoptune::token_logprobs_backward_", mutates_args=("logits",))
-def _token_logprobs_backward_inplace(
+def _tl_bwd_inplace(
     logits: torch.Tensor,
     labels: torch.Tensor,
     lse: torch.Tensor,
@@ -189,8 +204,13 @@ def _token_logprobs_backward_inplace(
     )
 
 
+_token_logprobs_backward_inplace = torch.library.custom_op(
+    "hoptune::token_logprobs_backward_", _tl_bwd_inplace, mutates_args=("logits",)
+)
+
+
 def _tl_setup(ctx, inputs, output):
-    logits, labels, temperature, ignore_index, inplace_backward = inputs
+    logits, labels, temperature, ignore_index, inplace_backward = inputs[:5]
     _, ent, lse = output
     ctx.temperature, ctx.ignore_index = temperature, ignore_index
     ctx.inplace = inplace_backward
@@ -199,31 +219,65 @@ def _tl_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # an unused entropy passes None, not a tensor of zeros
 
 
-def _tl_backward(ctx, grad_logp, grad_entropy, grad_lse):
+def _tl_backward(ctx, grad_logp, grad_entropy, grad_lse, traced: bool = True):
+    """The backward of both forms: ``traced`` (the custom op's) through the backward ops."""
     logits, labels, lse, ent = ctx.saved_tensors
     if grad_logp is None:
         grad_logp = torch.zeros_like(lse)
+    args = (logits, labels, lse, ent, grad_logp, grad_entropy, ctx.temperature, ctx.ignore_index)
     if ctx.inplace:
-        torch.ops.hoptune.token_logprobs_backward_(
-            logits, labels, lse, ent, grad_logp, grad_entropy, ctx.temperature, ctx.ignore_index
-        )
-        return logits, None, None, None, None
-    d = torch.ops.hoptune.token_logprobs_backward(
-        logits, labels, lse, ent, grad_logp, grad_entropy, ctx.temperature, ctx.ignore_index
-    )
-    return d, None, None, None, None
+        (_token_logprobs_backward_inplace if traced else _tl_bwd_inplace)(*args)
+        return logits, None, None, None, None, None
+    return (_token_logprobs_backward if traced else _tl_bwd_out)(*args), None, None, None, None, None
 
 
 _token_logprobs.register_autograd(_tl_backward, setup_context=_tl_setup)
 
 
-def _check_labels(labels: torch.Tensor, vocab: int, ignore_index: int, name: str = "labels") -> None:
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-    if bool(bad.any()):
-        pos = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(
-            f"{name} must be in [0, {vocab}) or ignore_index={ignore_index}; got {int(labels[pos])} at position {pos}"
+class _EagerTokenLogprobs(torch.autograd.Function):
+    """The custom op's forward and backward for eager mode, without the op's dispatch (host time
+    that a logits-sized stream of ~1 ms notices)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out = _token_logprobs_impl(*inputs)
+        _tl_setup(ctx, inputs, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _tl_backward(ctx, *grads, traced=False)
+
+
+def _label_stats(labels: torch.Tensor, ignore_index: int, vocab: int = 0) -> int:
+    """How many labels are not ignore_index, read on the host (one sync); with vocab > 0 a label
+    outside [0, vocab) raises, naming its position in labels' own shape. On sm_90 one kernel
+    writes both answers to pinned host memory; elsewhere a few PyTorch ops."""
+    n = labels.numel()
+    if _lib.use_kernel(labels, "label_stats") and labels.dtype == torch.int64:
+        flat = labels.reshape(-1).contiguous()
+        host = torch.empty(2, dtype=torch.int64, pin_memory=True)
+        nv, first = _lib.extension().label_stats(
+            flat.data_ptr(), n, ignore_index, vocab, host.data_ptr(), _lib.stream(labels)
         )
+    else:
+        valid = labels != ignore_index
+        if vocab > 0:
+            bad = (valid & ((labels < 0) | (labels >= vocab))).reshape(-1)
+            nv, nbad = torch.stack((valid.reshape(-1), bad)).sum(1).tolist()
+            first = int(bad.nonzero()[0, 0]) if nbad else -1
+        else:
+            nv, first = int(valid.sum()), -1
+    if first >= 0:
+        pos = []
+        for d in reversed(labels.shape):
+            pos.append(first % d)
+            first //= d
+        pos = tuple(reversed(pos))
+        raise ValueError(
+            f"labels must be in [0, {vocab}) or ignore_index={ignore_index}; got {int(labels[pos])} at position {pos}"
+        )
+    return nv
 
 
 def token_logprobs(
@@ -264,13 +318,13 @@ def token_logprobs(
     if logits.shape[-1] == 0:
         raise ValueError("logits has an empty vocabulary dimension")
     labels = labels.long()
-    if check_labels:
-        _check_labels(labels, logits.shape[-1], ignore_index)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    logp, ent, _ = _token_logprobs(
-        logits, labels, float(temperature), int(ignore_index), bool(inplace_backward)
-    )
+    args = (logits, labels, float(temperature), int(ignore_index), bool(inplace_backward), bool(check_labels))
+    if torch.compiler.is_compiling():
+        logp, ent, _ = _token_logprobs(*args)
+    else:
+        logp, ent, _ = _EagerTokenLogprobs.apply(*args)
     return (logp, ent) if return_entropy else logp
 
 
@@ -298,15 +352,22 @@ def _chunk_rows(vocab: int, chunk_rows: int) -> int:
     return max(64, (CHUNK_BYTES // (4 * vocab)) // 64 * 64)
 
 
-def _chunks(labels: torch.Tensor, ignore_index: int, rows_per_chunk: int):
-    """Row selections (a slice, or an index tensor when some rows are ignored) of at most
-    rows_per_chunk rows with a valid label, in order; ignored rows never reach a matmul."""
-    valid = labels != ignore_index
-    nv = int(valid.sum())
-    idx = None if nv == labels.numel() else valid.nonzero().squeeze(1)
+def _valid_rows(labels: torch.Tensor, ignore_index: int, vocab: int = 0) -> torch.Tensor | None:
+    """Flat indices of the rows with a valid label, or None when no row is ignored (then the
+    count was the only transfer to the host); with vocab > 0 the labels' range is checked in the
+    same transfer (``_label_stats``)."""
+    nv = _label_stats(labels, ignore_index, vocab)
+    return None if nv == labels.numel() else (labels.reshape(-1) != ignore_index).nonzero().squeeze(1)
+
+
+def _chunks(valid: torch.Tensor | None, n: int, rows_per_chunk: int):
+    """Row selections of at most rows_per_chunk of the n rows, in order, over the valid rows
+    (``_valid_rows``): slices when no row is ignored, else index tensors; ignored rows never
+    reach a matmul."""
+    nv = n if valid is None else valid.numel()
     for c0 in range(0, nv, rows_per_chunk):
         c1 = min(nv, c0 + rows_per_chunk)
-        yield slice(c0, c1) if idx is None else idx[c0:c1]
+        yield slice(c0, c1) if valid is None else valid[c0:c1]
 
 
 def _chunk_stats(hc, weight, yc, bias_f, softcap, logit_scale, temperature, want_grad, row_scale, overflow):
@@ -354,19 +415,25 @@ def _chunk_stats(hc, weight, yc, bias_f, softcap, logit_scale, temperature, want
     return lp, en, ls, g, coef, norm
 
 
-def _fused_outputs(hidden: torch.Tensor, compute_grad: bool):
-    """(logp, entropy, lse) zeros (N,) in fp32 (ignored rows stay 0) and J (N, H) fp32 zeros
-    (empty without compute_grad): what every fused forward fills block by block."""
+def _fused_outputs(hidden: torch.Tensor, compute_grad: bool, valid, accumulate_j: bool):
+    """(logp, entropy, lse) (N,) fp32 and J (N, H) fp32 (empty without compute_grad): what every
+    fused forward fills block by block. Zeros where some rows are ignored (valid not None: those
+    rows stay 0) and, for J, where the blocks accumulate into it (accumulate_j); otherwise
+    uninitialised, every element being written."""
     n, h = hidden.shape
-    logp = torch.zeros(n, dtype=torch.float32, device=hidden.device)
-    J = torch.zeros(n if compute_grad else 0, h, dtype=torch.float32, device=hidden.device)
-    return logp, torch.zeros_like(logp), torch.zeros_like(logp), J
+    new = torch.empty if valid is None else torch.zeros
+    new_j = torch.zeros if valid is not None or accumulate_j else torch.empty
+    J = new_j(n if compute_grad else 0, h, dtype=torch.float32, device=hidden.device)
+    logp, ent, lse = (new(n, dtype=torch.float32, device=hidden.device) for _ in range(3))
+    return logp, ent, lse, J
 
 
-def _block_acc(J: torch.Tensor, rows, r: int) -> torch.Tensor:
+def _block_acc(J: torch.Tensor, rows, r: int, zero: bool = True) -> torch.Tensor:
     """Where a row block accumulates its J rows: J's rows themselves when the block is a slice,
-    else a buffer that _store_block_acc copies back."""
-    return J[rows] if isinstance(rows, slice) else J.new_zeros(r, J.shape[1])
+    else a buffer (zeros, or uninitialised without ``zero``) that _store_block_acc copies back."""
+    if isinstance(rows, slice):
+        return J[rows]
+    return J.new_zeros(r, J.shape[1]) if zero else J.new_empty(r, J.shape[1])
 
 
 def _store_block_acc(J: torch.Tensor, rows, acc: torch.Tensor) -> None:
@@ -380,7 +447,7 @@ def _forward(
     labels,
     bias,
     temperature,
-    ignore_index,
+    valid,
     softcap,
     logit_scale,
     chunk_rows,
@@ -388,10 +455,10 @@ def _forward(
     single_pass,
 ):
     dev = hidden.device
-    logp, ent, lse, J = _fused_outputs(hidden, compute_grad)
+    logp, ent, lse, J = _fused_outputs(hidden, compute_grad, valid, accumulate_j=False)
     bias_f = None if bias is None else bias.float().contiguous()
     overflow = torch.zeros(1, dtype=torch.int32, device=dev) if single_pass else None
-    for rows in _chunks(labels, ignore_index, _chunk_rows(weight.shape[0], chunk_rows)):
+    for rows in _chunks(valid, hidden.shape[0], _chunk_rows(weight.shape[0], chunk_rows)):
         hc, yc = hidden[rows], labels[rows].contiguous()
         lp, en, ls, g, coef, norm = _chunk_stats(
             hc, weight, yc, bias_f, softcap, logit_scale, temperature, compute_grad, None, overflow
@@ -414,13 +481,14 @@ def _vchunk_rows(chunk_rows: int) -> int:
     return max(64, (CHUNK_BYTES // (4 * VCHUNK_COLS)) // 64 * 64)
 
 
-def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b, acc fp32, accumulated in fp32 (bf16/fp16 operands stay on the tensor cores)."""
+def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float = 1.0) -> None:
+    """acc <- beta * acc + a @ b, acc fp32, accumulated in fp32 (bf16/fp16 operands stay on the
+    tensor cores); beta = 0 ignores acc's contents (it may be uninitialised)."""
     if a.dtype == torch.float32 or a.device.type != "cuda":
-        acc.addmm_(a.float(), b.float())
+        acc.addmm_(a.float(), b.float(), beta=beta)
         return
     try:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        torch.addmm(acc, a, b, out_dtype=torch.float32, beta=beta, out=acc)
     except (TypeError, RuntimeError) as e:  # torch without addmm(out_dtype=) or with a stricter one
         if "fp32_addmm" not in _lib._warned:
             _lib._warned.add("fp32_addmm")
@@ -428,7 +496,13 @@ def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
                 f"torch.addmm(out_dtype=float32) unavailable ({e}); G @ W goes through a temporary",
                 stacklevel=3,
             )
-        acc += _mm_fp32(a, b)
+        mm = _mm_fp32(a, b)
+        if beta == 0:
+            acc.copy_(mm)
+        elif beta == 1:
+            acc.add_(mm)
+        else:
+            acc.mul_(beta).add_(mm)
 
 
 def _vchunk_step(
@@ -503,7 +577,7 @@ def _forward_vchunk(
     labels,
     bias,
     temperature,
-    ignore_index,
+    valid,
     softcap,
     logit_scale,
     chunk_rows,
@@ -516,11 +590,11 @@ def _forward_vchunk(
     so the chunks' sums add without rescaling."""
     v = weight.shape[0]
     dev = hidden.device
-    logp, ent, lse, J = _fused_outputs(hidden, compute_grad)
+    logp, ent, lse, J = _fused_outputs(hidden, compute_grad, valid, accumulate_j=True)
     bias_f = None if bias is None else bias.float().contiguous()
     overflow = torch.zeros(1, dtype=torch.int32, device=dev)
     vc = max(1, VCHUNK_COLS)
-    for rows in _chunks(labels, ignore_index, _vchunk_rows(chunk_rows)):
+    for rows in _chunks(valid, hidden.shape[0], _vchunk_rows(chunk_rows)):
         hc, yc = hidden[rows], labels[rows].contiguous()
         r = yc.numel()
         wy = weight.index_select(0, yc)
@@ -722,7 +796,7 @@ def _forward_gemm(
     labels,
     bias,
     temperature,
-    ignore_index,
+    valid,
     softcap,
     logit_scale,
     chunk_rows,
@@ -731,21 +805,28 @@ def _forward_gemm(
 ):
     """The vocab-chunked walk with the fused lm_head GEMM: each (row block, vocabulary chunk) is
     one GEMM whose epilogue writes G = exp(c z - c z_y) in bf16 and the row sums of each tile, so
-    no fp32 logits exist; J accumulates G @ W_chunk in fp32 as in the vocab-chunked path.
-    c = logit_scale / temperature; the shift is the label's own logit c z_y, computed in fp32
-    before the walk, so logp = -log s0 and lse = c z_y + log s0. No entropy (nan)."""
+    no fp32 logits exist; J accumulates G @ W_chunk in fp32 as in the vocab-chunked path (the
+    first chunk's product overwrites, so J needs no zeroing). c = logit_scale / temperature; the
+    shift is the label's own logit c z_y, computed in fp32 before the walk, so logp = -log s0 and
+    lse = c z_y + log s0. No entropy (nan)."""
     v = weight.shape[0]
     dev = hidden.device
     c = float(logit_scale) / temperature
-    logp, ent, lse, J = _fused_outputs(hidden, compute_grad)
-    ent.fill_(float("nan"))
-    overflow = torch.zeros(1, dtype=torch.int32, device=dev)
     tm, tn = _gemm_tile(kernel)
-    blocks = list(_chunks(labels, ignore_index, chunk_rows if chunk_rows > 0 else max(1, GEMM_ROWS)))
+    blocks = list(_chunks(valid, hidden.shape[0], chunk_rows if chunk_rows > 0 else max(1, GEMM_ROWS)))
     first = blocks[0] if blocks else slice(0, 0)
     vc = _gemm_cols(first.stop - first.start if isinstance(first, slice) else first.numel(), (tm, tn), dev)
     chunks = [weight[v0 : v0 + vc] for v0 in range(0, v, vc)]
-    g = flag = None
+    # narrowest chunk (the vocabulary's remainder) first: the last block's last G @ W, which runs
+    # while the host takes the overflow flag and returns, is then a full-width one
+    order = sorted(range(len(chunks)), key=lambda j: chunks[j].shape[0])
+
+    def outputs():
+        logp, ent, lse, J = _fused_outputs(hidden, compute_grad, valid, accumulate_j=False)
+        ent.fill_(float("nan"))
+        return logp, ent, lse, J, torch.zeros(1, dtype=torch.int32, device=dev)
+
+    g = flag = out = None
     for b, rows in enumerate(blocks):
         hc, yc = hidden[rows], labels[rows].contiguous()
         if hc.stride(1) != 1 or hc.stride(0) % 8 != 0 or hc.data_ptr() % 16 != 0:
@@ -757,48 +838,53 @@ def _forward_gemm(
         tail = torch.zeros(r, dtype=torch.float32, device=dev) if v % 8 else None
         if g is None or g.shape[0] < r:
             g = torch.empty(r, vc, dtype=hidden.dtype, device=dev)
-        acc = _block_acc(J, rows, r) if compute_grad else None
         last = b == len(blocks) - 1
-        for j, wc in enumerate(chunks):
+        for i, j in enumerate(order):
+            wc = chunks[j]
             gc = g[:r, : wc.shape[0]]
             _gemm_chunk(hc, wc, gc, c, shift, part[j], tail, kernel)
-            if last and j == len(chunks) - 1 and kernel and compute_grad:
+            if out is None:  # the first GEMM is queued: the host allocates while it runs
+                out = logp, ent, lse, J, overflow = outputs()
+            if i == 0:
+                acc = _block_acc(J, rows, r, zero=False) if compute_grad else None
+            if last and i == len(order) - 1 and kernel and compute_grad:
                 # the last row sums are in: finish the statistics and send the overflow flag to
                 # the host now, so that the caller's wait for it ends while this G @ W still runs
                 _gemm_finish(part, tail, shift, yc, rows, c, (logp, lse), overflow, None, weight, kernel)
                 flag = _HostFlag(overflow)
             if compute_grad:
-                _addmm_fp32(acc, gc, wc)
+                _addmm_fp32(acc, gc, wc, beta=0.0 if i == 0 else 1.0)
         _gemm_finish(part, tail, shift, yc, rows, c, (logp, lse), overflow, acc, weight, kernel)
         if compute_grad:
             _store_block_acc(J, rows, acc)
+    logp, ent, lse, J, overflow = outputs() if out is None else out
     return logp, ent, lse, J, overflow if flag is None else flag
 
 
-@torch.library.custom_op("hoptune::fused_linear_logprobs", mutates_args=())
-def _fused_linear_logprobs(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    bias: torch.Tensor | None,
-    temperature: float,
-    ignore_index: int,
-    softcap: float,
-    logit_scale: float,
-    chunk_rows: int,
-    compute_grad: bool,
-    need_entropy: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """hidden (N, H), weight (V, H), labels (N,) -> (logp, entropy, lse, J) where J (N, H) fp32
-    is d logp_i / d hidden_i (empty without compute_grad; zero rows for ignored labels). Without
-    need_entropy the entropy may come back as nan (the fused-GEMM path does not form it)."""
+def _fused_impl(
+    hidden,
+    weight,
+    labels,
+    bias,
+    temperature,
+    ignore_index,
+    softcap,
+    logit_scale,
+    chunk_rows,
+    compute_grad,
+    need_entropy=True,
+    check_labels=False,
+):
+    """The forward of fused_linear_logprobs (the custom op's and the eager Function's)."""
+    # one device-to-host transfer: the valid rows' count, and with check_labels the labels' range
+    valid = _valid_rows(labels, ignore_index, weight.shape[0] if check_labels else 0)
     args = (
         hidden,
         weight,
-        labels,
+        labels.reshape(-1),
         bias,
         temperature,
-        ignore_index,
+        valid,
         softcap,
         logit_scale,
         chunk_rows,
@@ -820,6 +906,41 @@ def _fused_linear_logprobs(
     return logp, ent, lse, J
 
 
+@torch.library.custom_op("hoptune::fused_linear_logprobs", mutates_args=())
+def _fused_linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    softcap: float,
+    logit_scale: float,
+    chunk_rows: int,
+    compute_grad: bool,
+    need_entropy: bool = True,
+    check_labels: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden (N, H), weight (V, H), labels (N elements, any shape) -> (logp, entropy, lse, J),
+    each (N,) but J (N, H) fp32, d logp_i / d hidden_i (empty without compute_grad; zero rows for
+    ignored labels). Without need_entropy the entropy may come back as nan (the fused-GEMM path
+    does not form it). check_labels raises on a label outside [0, V) other than ignore_index."""
+    return _fused_impl(
+        hidden,
+        weight,
+        labels,
+        bias,
+        temperature,
+        ignore_index,
+        softcap,
+        logit_scale,
+        chunk_rows,
+        compute_grad,
+        need_entropy,
+        check_labels,
+    )
+
+
 @_fused_linear_logprobs.register_fake
 def _(
     hidden,
@@ -833,6 +954,7 @@ def _(
     chunk_rows,
     compute_grad,
     need_entropy=True,
+    check_labels=False,
 ):
     n, h = hidden.shape
     logp = hidden.new_empty(n, dtype=torch.float32)
@@ -851,21 +973,25 @@ def _fl_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _fl_backward(ctx, grad_logp, grad_ent, grad_lse, grad_J):
+def _fl_backward(ctx, grad_logp, grad_ent, grad_lse, grad_J, traced: bool = True):
+    """The backward of both forms; ``traced`` (the custom op's, which torch.compile traces) goes
+    through the registered ops, the eager Function calls their bodies directly."""
     J, hidden, weight, labels, bias = ctx.saved_tensors
     hdtype = ctx.meta[-1]
     dh = dw = db = None
     if grad_logp is None:
-        return (None,) * 11
+        return (None,) * 12
     if ctx.needs_input_grad[0]:
         if J.numel() == 0 and labels.numel() > 0:
             raise RuntimeError("fused_linear_logprobs ran its forward without gradients (compute_grad=False)")
-        dh = _scale_rows(J, grad_logp, hdtype)
+        scale = _scale_rows_op if traced else _scale_rows
+        dh = scale(J, grad_logp, hdtype)
     if ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[3]):
-        dw, db = _weight_grad(hidden, weight, labels, bias, grad_logp, ctx.meta)
+        args = (hidden, weight, labels, bias, grad_logp, *ctx.meta[:5])
+        dw, db = (_weight_grad_op if traced else _weight_grad)(*args)
         dw = dw.to(weight.dtype) if ctx.needs_input_grad[1] else None
-        db = db.to(bias.dtype) if db is not None and ctx.needs_input_grad[3] else None
-    return dh, dw, None, db, None, None, None, None, None, None, None
+        db = db.to(bias.dtype) if bias is not None and ctx.needs_input_grad[3] else None
+    return dh, dw, None, db, None, None, None, None, None, None, None, None
 
 
 def _scale_rows(J: torch.Tensor, grad_logp: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -888,13 +1014,38 @@ def _scale_rows(J: torch.Tensor, grad_logp: torch.Tensor, dtype: torch.dtype) ->
     return torch.mul(J, rs[:, None], out=out)
 
 
-def _weight_grad(hidden, weight, labels, bias, grad_logp, meta):
-    """dW = sum_i g_i (d logp_i / d z_i)^T h_i (and db), recomputing each chunk's logits."""
-    temperature, ignore_index, softcap, logit_scale, chunk_rows, _ = meta
+# the backward's pieces as ops, for the custom op's backward that torch.compile traces (the
+# eager Function calls the functions themselves)
+_scale_rows_op = torch.library.custom_op(
+    "hoptune::fused_linear_logprobs_scale_rows", _scale_rows, mutates_args=()
+)
+
+
+@_scale_rows_op.register_fake
+def _(J, grad_logp, dtype):
+    return torch.empty(J.shape, dtype=dtype, device=J.device)
+
+
+def _weight_grad(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    grad_logp: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    softcap: float,
+    logit_scale: float,
+    chunk_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dW, db) in fp32, dW = sum_i g_i (d logp_i / d z_i)^T h_i, recomputing each chunk's
+    logits; db is empty without a bias."""
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-    db = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+    db = torch.zeros(0 if bias is None else bias.shape[0], dtype=torch.float32, device=weight.device)
     bias_f = None if bias is None else bias.float().contiguous()
-    for rows in _chunks(labels, ignore_index, _chunk_rows(weight.shape[0], chunk_rows)):
+    labels = labels.reshape(-1)
+    valid = _valid_rows(labels, ignore_index)
+    for rows in _chunks(valid, labels.numel(), _chunk_rows(weight.shape[0], chunk_rows)):
         hc, yc = hidden[rows], labels[rows].contiguous()
         rs = grad_logp[rows].float().contiguous()
         _, _, _, g, coef, _ = _chunk_stats(
@@ -902,13 +1053,41 @@ def _weight_grad(hidden, weight, labels, bias, grad_logp, meta):
         )
         dw += _mm_fp32(g.t(), hc)
         dw.index_add_(0, yc, hc.float() * coef[:, None])
-        if db is not None:
+        if bias is not None:
             db += g.float().sum(0)
             db.index_add_(0, yc, coef)
     return dw, db
 
 
+_weight_grad_op = torch.library.custom_op(
+    "hoptune::fused_linear_logprobs_weight_grad", _weight_grad, mutates_args=()
+)
+
+
+@_weight_grad_op.register_fake
+def _(hidden, weight, labels, bias, grad_logp, temperature, ignore_index, softcap, logit_scale, chunk_rows):
+    db = weight.new_empty(0 if bias is None else bias.shape[0], dtype=torch.float32)
+    return weight.new_empty(weight.shape, dtype=torch.float32), db
+
+
 _fused_linear_logprobs.register_autograd(_fl_backward, setup_context=_fl_setup)
+
+
+class _EagerFusedLinearLogprobs(torch.autograd.Function):
+    """The custom op's forward and backward for eager mode: a plain autograd.Function costs less
+    host time per call than a custom op's dispatch, and the device waits for that host time at
+    both ends of the forward (before the first GEMM, and after the overflow flag's wait until the
+    backward is queued). torch.compile traces the custom op instead."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out = _fused_impl(*inputs)
+        _fl_setup(ctx, inputs, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _fl_backward(ctx, *grads, traced=False)
 
 
 def fused_linear_logprobs(
@@ -934,6 +1113,8 @@ def fused_linear_logprobs(
     gradient, with ``return_entropy``). Ignored rows give 0 and no gradient and cost no matmul.
     The weight (and bias) gradient is computed only if they require grad (a frozen lm_head, the
     QLoRA case, skips it). ``chunk_rows`` (0 = auto) bounds the fp32 logits held at once.
+    ``check_labels`` raises on a label outside [0, V) other than ``ignore_index``; it rides on
+    the host transfer of the valid-row count that the op makes anyway.
     """
     _check.tensor("hidden", hidden)
     _check.tensor("weight", weight)
@@ -962,23 +1143,24 @@ def fused_linear_logprobs(
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be positive (or None), got {softcap}")
     labels = labels.long()
-    if check_labels:
-        _check_labels(labels, v, ignore_index)
     shape = labels.shape
-    h2 = hidden.reshape(-1, hidden.shape[-1])
-    compute_grad = torch.is_grad_enabled() and hidden.requires_grad
-    logp, ent, _, _ = _fused_linear_logprobs(
-        h2,
+    args = (
+        hidden.reshape(-1, hidden.shape[-1]),
         weight,
-        labels.reshape(-1),
+        labels,
         bias,
         float(temperature),
         int(ignore_index),
         float(softcap or 0.0),
         float(logit_scale),
         int(chunk_rows),
-        compute_grad,
+        torch.is_grad_enabled() and hidden.requires_grad,
         bool(return_entropy),
+        bool(check_labels),
     )
+    if torch.compiler.is_compiling():
+        logp, ent, _, _ = _fused_linear_logprobs(*args)
+    else:
+        logp, ent, _, _ = _EagerFusedLinearLogprobs.apply(*args)
     logp, ent = logp.view(shape), ent.view(shape)
     return (logp, ent) if return_entropy else logp
