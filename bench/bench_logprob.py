@@ -183,6 +183,60 @@ def fused_breakdown(v: int = 128256) -> list[dict]:
     return sorted(rows, key=lambda x: -x["total_ms"])
 
 
+def host_marks(v: int = 128256, steps: int = 6) -> list[dict]:
+    """Where the host spends one fused forward + backward, without the profiler: perf_counter marks
+    (us from the step's start) at the label check, the first GEMM's launch, the end of the wait
+    for the overflow flag and the backward's launch. The device idles until the first GEMM is
+    queued, and after the last GEMM until the backward is, when the host is slower than the
+    work queued behind the flag (the last G @ W)."""
+    import time
+
+    h, W, labels, g = inputs(v)
+    marks: list[tuple[str, float]] = []
+
+    def wrap(obj, name):
+        orig = getattr(obj, name)
+
+        def f(*a, **k):
+            marks.append((name + ">", time.perf_counter()))
+            out = orig(*a, **k)
+            marks.append((name + "<", time.perf_counter()))
+            return out
+
+        setattr(obj, name, f)
+        return orig
+
+    names = ("_label_stats", "_gemm_chunk", "_scale_rows")
+    saved = {n: wrap(logprob_ops, n) for n in names}
+    saved_item = wrap(logprob_ops._HostFlag, "item")
+    rows = []
+    try:
+        for i in range(steps):
+            marks.clear()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step(h, g, lambda: fused_linear_logprobs(h, W, labels))
+            torch.cuda.synchronize()
+            first = {}
+            for k, t in marks:
+                first.setdefault(k, (t - t0) * 1e6)
+            flag_end = [(t - t0) * 1e6 for k, t in marks if k == "item<"][-1]
+            rows.append(
+                {
+                    "step": i,
+                    "label_stats_start_us": first["_label_stats>"],
+                    "label_stats_us": first["_label_stats<"] - first["_label_stats>"],
+                    "first_gemm_launch_us": first["_gemm_chunk>"],
+                    "flag_to_backward_us": first["_scale_rows>"] - flag_end,
+                }
+            )
+    finally:
+        for n, f in saved.items():
+            setattr(logprob_ops, n, f)
+        logprob_ops._HostFlag.item = saved_item
+    return rows[1:]  # the first step warms up
+
+
 def chunk_sweep(v: int = 128256, chunks=(256, 512, 768, 1024)) -> list[dict]:
     """fused_linear_logprobs forward + backward (as in run_vocab) for each chunk_rows."""
     h, W, labels, g = inputs(v)
@@ -293,6 +347,9 @@ def main() -> None:
     ap.add_argument("--breakdown", action="store_true", help="per-kernel CUDA time of one fused step")
     ap.add_argument("--chunk-sweep", action="store_true", help="fused step for chunk_rows 256..1024")
     ap.add_argument(
+        "--host-marks", action="store_true", help="host time at the fused step's two syncs (no profiler)"
+    )
+    ap.add_argument(
         "--vchunk-sweep", action="store_true", help="fused step per vocabulary-chunk width / row-block size"
     )
     ap.add_argument(
@@ -363,6 +420,17 @@ def main() -> None:
         top = [{**k, "kernel": k["kernel"][:100]} for k in res["fused_breakdown"][:15]]
         print(f"fused_linear_logprobs forward + backward, B*T={B * T} H={H} V=128256: top kernels")
         print(table(top, ["total_ms", "count", "kernel"]))
+    if args.host_marks:
+        res["host_marks"] = host_marks()
+        write_json(args.out, res)
+        cols = [
+            "step",
+            "label_stats_start_us",
+            "label_stats_us",
+            "first_gemm_launch_us",
+            "flag_to_backward_us",
+        ]
+        print(table(res["host_marks"], cols))
     if args.chunk_sweep:
         res["chunk_sweep"] = chunk_sweep()
         write_json(args.out, res)

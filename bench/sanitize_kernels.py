@@ -28,6 +28,8 @@ def nf4() -> None:
 
 
 def logprob() -> None:
+    """token_logprobs (both backward versions) and the vocab-chunked fused path; every call also
+    runs the label-stats kernel (the labels' check and the valid-row count)."""
     from hoptune.ops import fused_linear_logprobs, token_logprobs
 
     for v, dtype in [(1000, torch.bfloat16), (333, torch.float32), (32001, torch.float16)]:
