@@ -234,19 +234,27 @@ def _tl_backward(ctx, grad_logp, grad_entropy, grad_lse, traced: bool = True):
 _token_logprobs.register_autograd(_tl_backward, setup_context=_tl_setup)
 
 
-class _EagerTokenLogprobs(torch.autograd.Function):
-    """The custom op's forward and backward for eager mode, without the op's dispatch (host time
-    that a logits-sized stream of ~1 ms notices)."""
+def _eager_function(impl, setup_context, backward):
+    """A custom op's forward (impl, then setup_context) and backward (with traced=False: the
+    bodies of the ops it calls, not the ops) as a plain autograd.Function, for eager calls: it
+    costs less host time than the op's dispatch, and the device waits for that host time at
+    both ends of a log-prob call. torch.compile traces the custom op instead."""
 
-    @staticmethod
-    def forward(ctx, *inputs):
-        out = _token_logprobs_impl(*inputs)
-        _tl_setup(ctx, inputs, out)
-        return out
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            out = impl(*inputs)
+            setup_context(ctx, inputs, out)
+            return out
 
-    @staticmethod
-    def backward(ctx, *grads):
-        return _tl_backward(ctx, *grads, traced=False)
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads, traced=False)
+
+    return Eager
+
+
+_EagerTokenLogprobs = _eager_function(_token_logprobs_impl, _tl_setup, _tl_backward)
 
 
 def _label_stats(labels: torch.Tensor, ignore_index: int, vocab: int = 0) -> int:
@@ -862,20 +870,24 @@ def _forward_gemm(
 
 
 def _fused_impl(
-    hidden,
-    weight,
-    labels,
-    bias,
-    temperature,
-    ignore_index,
-    softcap,
-    logit_scale,
-    chunk_rows,
-    compute_grad,
-    need_entropy=True,
-    check_labels=False,
-):
-    """The forward of fused_linear_logprobs (the custom op's and the eager Function's)."""
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    softcap: float,
+    logit_scale: float,
+    chunk_rows: int,
+    compute_grad: bool,
+    need_entropy: bool = True,
+    check_labels: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden (N, H), weight (V, H), labels (N elements, any shape) -> (logp, entropy, lse, J),
+    each (N,) but J (N, H) fp32, d logp_i / d hidden_i (empty without compute_grad; zero rows for
+    ignored labels). Without need_entropy the entropy may come back as nan (the fused-GEMM path
+    does not form it). check_labels raises on a label outside [0, V) other than ignore_index.
+    The body of the custom op and of the eager Function."""
     # one device-to-host transfer: the valid rows' count, and with check_labels the labels' range
     valid = _valid_rows(labels, ignore_index, weight.shape[0] if check_labels else 0)
     args = (
@@ -906,39 +918,10 @@ def _fused_impl(
     return logp, ent, lse, J
 
 
-@torch.library.custom_op("hoptune::fused_linear_logprobs", mutates_args=())
-def _fused_linear_logprobs(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    bias: torch.Tensor | None,
-    temperature: float,
-    ignore_index: int,
-    softcap: float,
-    logit_scale: float,
-    chunk_rows: int,
-    compute_grad: bool,
-    need_entropy: bool = True,
-    check_labels: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """hidden (N, H), weight (V, H), labels (N elements, any shape) -> (logp, entropy, lse, J),
-    each (N,) but J (N, H) fp32, d logp_i / d hidden_i (empty without compute_grad; zero rows for
-    ignored labels). Without need_entropy the entropy may come back as nan (the fused-GEMM path
-    does not form it). check_labels raises on a label outside [0, V) other than ignore_index."""
-    return _fused_impl(
-        hidden,
-        weight,
-        labels,
-        bias,
-        temperature,
-        ignore_index,
-        softcap,
-        logit_scale,
-        chunk_rows,
-        compute_grad,
-        need_entropy,
-        check_labels,
-    )
+# the op torch.compile traces; eager calls go through _EagerFusedLinearLogprobs
+_fused_linear_logprobs = torch.library.custom_op(
+    "hoptune::fused_linear_logprobs", _fused_impl, mutates_args=()
+)
 
 
 @_fused_linear_logprobs.register_fake
@@ -1073,21 +1056,7 @@ def _(hidden, weight, labels, bias, grad_logp, temperature, ignore_index, softca
 _fused_linear_logprobs.register_autograd(_fl_backward, setup_context=_fl_setup)
 
 
-class _EagerFusedLinearLogprobs(torch.autograd.Function):
-    """The custom op's forward and backward for eager mode: a plain autograd.Function costs less
-    host time per call than a custom op's dispatch, and the device waits for that host time at
-    both ends of the forward (before the first GEMM, and after the overflow flag's wait until the
-    backward is queued). torch.compile traces the custom op instead."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        out = _fused_impl(*inputs)
-        _fl_setup(ctx, inputs, out)
-        return out
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return _fl_backward(ctx, *grads, traced=False)
+_EagerFusedLinearLogprobs = _eager_function(_fused_impl, _fl_setup, _fl_backward)
 
 
 def fused_linear_logprobs(
