@@ -488,9 +488,10 @@ def _vchunk_rows(chunk_rows: int) -> int:
     return max(64, (CHUNK_BYTES // (4 * VCHUNK_COLS)) // 64 * 64)
 
 
-def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float = 1.0) -> None:
-    """acc <- beta * acc + a @ b, acc fp32, accumulated in fp32 (bf16/fp16 operands stay on the
-    tensor cores); beta = 0 ignores acc's contents (it may be uninitialised)."""
+def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool = False) -> None:
+    """acc += a @ b, or acc = a @ b when ``first`` (acc's contents, possibly uninitialised, are
+    ignored); acc fp32, accumulated in fp32 (bf16/fp16 operands stay on the tensor cores)."""
+    beta = 0.0 if first else 1.0
     if a.dtype == torch.float32 or a.device.type != "cuda":
         acc.addmm_(a.float(), b.float(), beta=beta)
         return
@@ -504,12 +505,10 @@ def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float
                 stacklevel=3,
             )
         mm = _mm_fp32(a, b)
-        if beta == 0:
+        if first:
             acc.copy_(mm)
-        elif beta == 1:
-            acc.add_(mm)
         else:
-            acc.mul_(beta).add_(mm)
+            acc.add_(mm)
 
 
 def _vchunk_step(
@@ -860,7 +859,7 @@ def _forward_gemm(
                 _gemm_finish(part, tail, shift, yc, rows, c, (logp, lse), overflow, None, weight, kernel)
                 flag = _HostFlag(overflow)
             if compute_grad:
-                _addmm_fp32(acc, gc, wc, beta=0.0 if i == 0 else 1.0)
+                _addmm_fp32(acc, gc, wc, first=i == 0)
         _gemm_finish(part, tail, shift, yc, rows, c, (logp, lse), overflow, acc, weight, kernel)
         if compute_grad:
             _store_block_acc(J, rows, acc)
