@@ -312,13 +312,10 @@ __global__ void __launch_bounds__(kRowThreads) token_logprobs_fwd_kernel(TokenLo
 // kThreads threads per CTA, kU units in flight per thread, ptxas asked to fit kMinBlocks CTAs
 // per SM (a register cap: occupancy is what keeps bytes in flight), kStream: evict-first loads
 // and stores (each byte is touched once; L2 need not keep it).
-// kWarpMajor: a thread's units are 32 apart (a warp covers 32 kU consecutive units per round)
-// instead of kThreads apart.
-template <int kThreads_, int kU_, int kMinBlocks_, bool kStream_, bool kWarpMajor_ = false>
+template <int kThreads_, int kU_, int kMinBlocks_, bool kStream_>
 struct BwdCfg {
   static constexpr int kThreads = kThreads_, kU = kU_, kMinBlocks = kMinBlocks_;
   static constexpr bool kStream = kStream_;
-  static constexpr int kStride = kWarpMajor_ ? 32 : kThreads_;  // units between a thread's units
 };
 
 // Two 16-bit values in one 32-bit word, to and from fp32 (round to nearest even).
@@ -425,30 +422,30 @@ struct BwdRow {
   int jy;  // the label's place in that unit
 };
 
-// The kU units of one thread in a round: i, i + kStride, ... (those at or past end skipped).
+// The kU units of one thread in a round: i, i + kThreads, ... (those at or past end skipped).
 // Every round is guarded, the last one of a row and the full ones alike: one compare per unit,
 // and one loop body (with an unguarded copy of it for the full rounds, ptxas spills).
-template <class U, int kStride, int kU, bool kStream>
+template <class U, int kThreads, int kU, bool kStream>
 __device__ __forceinline__ void bwd_load(typename U::Raw (&q)[kU], const typename U::Raw* z, int i,
                                          int end) {
   const typename U::Raw* p = z + i;
 #pragma unroll
   for (int u = 0; u < kU; ++u)
-    q[u] = i + u * kStride < end ? U::template load<kStream>(p + u * kStride) : U::zero();
+    q[u] = i + u * kThreads < end ? U::template load<kStream>(p + u * kThreads) : U::zero();
 }
 
-template <class U, int kStride, int kU, bool kStream>
+template <class U, int kThreads, int kU, bool kStream>
 __device__ __forceinline__ void bwd_store(const typename U::Raw (&q)[kU], typename U::Raw* dz,
                                           int i, int end) {
   typename U::Raw* p = dz + i;
 #pragma unroll
   for (int u = 0; u < kU; ++u)
-    if (i + u * kStride < end) U::template store<kStream>(p + u * kStride, q[u]);
+    if (i + u * kThreads < end) U::template store<kStream>(p + u * kThreads, q[u]);
 }
 
-// kLabel: unit dy of the round (0 <= dy < kU kStride, a multiple of kStride for this thread)
+// kLabel: unit dy of the round (0 <= dy < kU kThreads, a multiple of kThreads for this thread)
 // holds the label, at place r.jy.
-template <class U, int kStride, int kU, bool kLabel>
+template <class U, int kThreads, int kU, bool kLabel>
 __device__ __forceinline__ void bwd_grad_round(typename U::Raw (&q)[kU], const BwdRow& r, int dy) {
 #pragma unroll
   for (int u = 0; u < kU; ++u) {
@@ -459,7 +456,7 @@ __device__ __forceinline__ void bwd_grad_round(typename U::Raw (&q)[kU], const B
       const float p = fast_exp2(fmaf(v[j], r.c, -r.lse2));
       const float lp = fmaf(v[j], r.it, -r.lse);
       v[j] = p * fmaf(r.k1, lp, r.k0);
-      if (kLabel && dy == u * kStride && j == r.jy) v[j] = fmaf(r.gl, r.it, v[j]);
+      if (kLabel && dy == u * kThreads && j == r.jy) v[j] = fmaf(r.gl, r.it, v[j]);
     }
     q[u] = U::pack(v);
   }
@@ -467,13 +464,13 @@ __device__ __forceinline__ void bwd_grad_round(typename U::Raw (&q)[kU], const B
 
 // The units of one round, i the thread's first: one test per round for the label, so the rounds
 // without it (all but one per row) run straight-line code.
-template <class U, int kStride, int kU>
+template <class U, int kThreads, int kU>
 __device__ __forceinline__ void bwd_grad(typename U::Raw (&q)[kU], int i, const BwdRow& r) {
   const int dy = r.yu - i;
-  if (static_cast<unsigned>(dy) < static_cast<unsigned>(kU * kStride)) {
-    bwd_grad_round<U, kStride, kU, true>(q, r, dy);
+  if (static_cast<unsigned>(dy) < static_cast<unsigned>(kU * kThreads)) {
+    bwd_grad_round<U, kThreads, kU, true>(q, r, dy);
   } else {
-    bwd_grad_round<U, kStride, kU, false>(q, r, dy);
+    bwd_grad_round<U, kThreads, kU, false>(q, r, dy);
   }
 }
 
@@ -486,7 +483,7 @@ template <typename T, bool kVec, class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     token_logprobs_bwd_stream_kernel(TokenLogprobBwd a, unsigned tiles, int tile) {
   using U = BwdUnit<T, kVec>;
-  constexpr int kT = Cfg::kThreads, kU = Cfg::kU, kD = Cfg::kStride;
+  constexpr int kT = Cfg::kThreads, kU = Cfg::kU;
   constexpr bool kS = Cfg::kStream;
   const unsigned row = blockIdx.x / tiles;  // the only division, once per CTA
   const int units = static_cast<int>(a.logits.vocab / U::N);
@@ -508,10 +505,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   Raw* dz = reinterpret_cast<Raw*>(static_cast<T*>(a.dlogits) + off);
   // the first round's data loads go out before the label is known (an ignored row reads one
   // round for nothing), so a CTA never waits on its row's scalars with no data in flight
-  const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
-  int i = begin + (kD == kT ? static_cast<int>(threadIdx.x) : warp * 32 * kU + lane);
+  int i = begin + static_cast<int>(threadIdx.x);
   Raw q[kU];
-  bwd_load<U, kD, kU, kS>(q, z, i, end);
+  bwd_load<U, kT, kU, kS>(q, z, i, end);
   const bool ignored = y == a.ignore_index;
   const float it = a.inv_temperature;
   BwdRow r;
@@ -526,21 +522,21 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   const bool in_row = y >= 0 && y < a.logits.vocab;
   r.yu = in_row ? static_cast<int>(y / U::N) : -1;
   r.jy = in_row ? static_cast<int>(y % U::N) : 0;
-  bwd_grad<U, kD, kU>(q, i, r);
+  bwd_grad<U, kT, kU>(q, i, r);
   if (ignored) {  // uniform over the CTA: zeros, and no more reads
 #pragma unroll
     for (int u = 0; u < kU; ++u) q[u] = U::zero();
   }
-  bwd_store<U, kD, kU, kS>(q, dz, i, end);
+  bwd_store<U, kT, kU, kS>(q, dz, i, end);
   i += kU * kT;
   if (ignored) {
-    for (; i < end; i += kU * kT) bwd_store<U, kD, kU, kS>(q, dz, i, end);
+    for (; i < end; i += kT) U::template store<kS>(dz + i, U::zero());
     return;
   }
   for (; i < end; i += kU * kT) {
-    bwd_load<U, kD, kU, kS>(q, z, i, end);
-    bwd_grad<U, kD, kU>(q, i, r);
-    bwd_store<U, kD, kU, kS>(q, dz, i, end);
+    bwd_load<U, kT, kU, kS>(q, z, i, end);
+    bwd_grad<U, kT, kU>(q, i, r);
+    bwd_store<U, kT, kU, kS>(q, dz, i, end);
   }
 }
 
@@ -1048,23 +1044,21 @@ cudaError_t token_logprobs_bwd(const TokenLogprobBwd& a, cudaStream_t stream, in
   out.ptr = a.dlogits;
   const bool vec = vector_ok(a.logits) && vector_ok(out);
   HOPTUNE_REQUIRE(a.logits.vocab < (int64_t{1} << 30));  // 32-bit unit indices
-  // CTAs of 256 threads, 4 loads in flight each, over tiles of 2 rounds (32 KiB of 16-bit logits:
-  // 8 CTAs per row at V = 128k), evict-first loads and stores. Version 1, the same without the
-  // cache hints, is kept for measurement. Measured against them on an H200: one CTA per row of
-  // 128 or 256 threads, 2 or 4 loads in flight (all 2-6% slower), and the earlier per-row kernel
-  // (0.80 of the copy rate against 0.96).
+  // Short CTAs: 64 threads, 4 loads in flight each, one round per tile (4 KiB of 16-bit logits:
+  // 32 CTAs per row at V = 128k, 32 resident per SM), evict-first loads and stores; 0.99-1.00 of
+  // the copy rate on an H200. Kept for measurement: version 1, the earlier default (256 threads,
+  // tiles of 2 rounds = 32 KiB; 0.96), and versions 2 and 3 (128 threads with 2 loads, one round:
+  // 4 KiB tiles; 128 threads with 4 loads: 8 KiB), close behind version 0. Measured and dropped
+  // (bench/results/logprob_bwd_versions.json): 256 threads over one round, 2 loads, or with a
+  // thread's units 32 apart (a warp covering a contiguous run), 8 loads in flight, no cache
+  // hints; earlier, one CTA per row (2-6% slower than version 1) and a per-row kernel (0.80).
   switch (variant) {
-    case 1: return launch_bwd_stream<BwdCfg<256, 4, 8, false>>(a, rows, vec, 2, stream);
+    case 1: return launch_bwd_stream<BwdCfg<256, 4, 8, true>>(a, rows, vec, 2, stream);
     case 2: return launch_bwd_stream<BwdCfg<128, 2, 16, true>>(a, rows, vec, 1, stream);
-    case 3: return launch_bwd_stream<BwdCfg<256, 2, 8, true>>(a, rows, vec, 1, stream);
-    case 4: return launch_bwd_stream<BwdCfg<64, 4, 32, true>>(a, rows, vec, 1, stream);
-    case 5: return launch_bwd_stream<BwdCfg<128, 4, 16, true>>(a, rows, vec, 2, stream);
-    case 6: return launch_bwd_stream<BwdCfg<128, 4, 16, true>>(a, rows, vec, 1, stream);
-    case 7: return launch_bwd_stream<BwdCfg<128, 8, 8, true>>(a, rows, vec, 1, stream);
-    case 8: return launch_bwd_stream<BwdCfg<128, 4, 16, false>>(a, rows, vec, 1, stream);
+    case 3: return launch_bwd_stream<BwdCfg<128, 4, 16, true>>(a, rows, vec, 1, stream);
     default: break;
   }
-  return launch_bwd_stream<BwdCfg<256, 4, 8, true>>(a, rows, vec, 2, stream);
+  return launch_bwd_stream<BwdCfg<64, 4, 32, true>>(a, rows, vec, 1, stream);
 }
 
 cudaError_t fused_logprob_chunk(const FusedLogprobChunk& a, cudaStream_t stream) {
