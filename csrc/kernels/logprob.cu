@@ -1045,19 +1045,15 @@ cudaError_t token_logprobs_bwd(const TokenLogprobBwd& a, cudaStream_t stream, in
   const bool vec = vector_ok(a.logits) && vector_ok(out);
   HOPTUNE_REQUIRE(a.logits.vocab < (int64_t{1} << 30));  // 32-bit unit indices
   // Short CTAs: 64 threads, 4 loads in flight each, one round per tile (4 KiB of 16-bit logits:
-  // 32 CTAs per row at V = 128k, 32 resident per SM), evict-first loads and stores; 0.99-1.00 of
+  // 63 CTAs per row at V = 128k, 32 resident per SM), evict-first loads and stores; 0.99-1.00 of
   // the copy rate on an H200. Kept for measurement: version 1, the earlier default (256 threads,
-  // tiles of 2 rounds = 32 KiB; 0.96), and versions 2 and 3 (128 threads with 2 loads, one round:
-  // 4 KiB tiles; 128 threads with 4 loads: 8 KiB), close behind version 0. Measured and dropped
-  // (bench/results/logprob_bwd_versions.json): 256 threads over one round, 2 loads, or with a
+  // tiles of 2 rounds = 32 KiB; 0.96), and version 2 (128 threads, one round: 8 KiB tiles; 0.98).
+  // Measured and dropped (bench/results/logprob_bwd_versions.json): 128 threads with 2 loads
+  // (as fast as version 0, but ptxas spills), 256 threads over one round, 2 loads, or with a
   // thread's units 32 apart (a warp covering a contiguous run), 8 loads in flight, no cache
   // hints; earlier, one CTA per row (2-6% slower than version 1) and a per-row kernel (0.80).
-  switch (variant) {
-    case 1: return launch_bwd_stream<BwdCfg<256, 4, 8, true>>(a, rows, vec, 2, stream);
-    case 2: return launch_bwd_stream<BwdCfg<128, 2, 16, true>>(a, rows, vec, 1, stream);
-    case 3: return launch_bwd_stream<BwdCfg<128, 4, 16, true>>(a, rows, vec, 1, stream);
-    default: break;
-  }
+  if (variant == 1) return launch_bwd_stream<BwdCfg<256, 4, 8, true>>(a, rows, vec, 2, stream);
+  if (variant == 2) return launch_bwd_stream<BwdCfg<128, 4, 16, true>>(a, rows, vec, 1, stream);
   return launch_bwd_stream<BwdCfg<64, 4, 32, true>>(a, rows, vec, 1, stream);
 }
 
