@@ -28,7 +28,7 @@ def nf4() -> None:
 
 
 def logprob() -> None:
-    """token_logprobs (both backward versions) and the vocab-chunked fused path; every call also
+    """token_logprobs (every backward version) and the vocab-chunked fused path; every call also
     runs the label-stats kernel (the labels' check and the valid-row count)."""
     from hoptune.ops import fused_linear_logprobs, token_logprobs
 
