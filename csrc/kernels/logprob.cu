@@ -1045,9 +1045,10 @@ cudaError_t token_logprobs_bwd(const TokenLogprobBwd& a, cudaStream_t stream, in
   const bool vec = vector_ok(a.logits) && vector_ok(out);
   HOPTUNE_REQUIRE(a.logits.vocab < (int64_t{1} << 30));  // 32-bit unit indices
   // Short CTAs: 64 threads, 4 loads in flight each, one round per tile (4 KiB of 16-bit logits:
-  // 63 CTAs per row at V = 128k, 32 resident per SM), evict-first loads and stores; 0.99-1.00 of
-  // the copy rate on an H200. Kept for measurement: version 1, the earlier default (256 threads,
-  // tiles of 2 rounds = 32 KiB; 0.96), and version 2 (128 threads, one round: 8 KiB tiles; 0.98).
+  // 63 CTAs per row at V = 128k, 32 resident per SM), evict-first loads and stores; 0.997-1.015
+  // of the copy rate on an H200. Kept for measurement: version 1, the earlier default (256
+  // threads, tiles of 2 rounds = 32 KiB; 0.96-0.98) and version 2 (128 threads, one round: 8 KiB
+  // tiles; 0.98-1.01).
   // Measured and dropped (bench/results/logprob_bwd_versions.json): 128 threads with 2 loads
   // (as fast as version 0, but ptxas spills), 256 threads over one round, 2 loads, or with a
   // thread's units 32 apart (a warp covering a contiguous run), 8 loads in flight, no cache

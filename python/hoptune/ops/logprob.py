@@ -63,7 +63,7 @@ GEMM = True
 GEMM_COLS = 32768
 GEMM_ROWS = 2048
 _GEMM_ON_CPU = False  # tests: run the fused-GEMM loop on CPU through the reference
-# token_logprobs backward kernel version (csrc/kernels/logprob.cu; 1 is kept for measurement).
+# token_logprobs backward kernel version (csrc/kernels/logprob.cu; 1 and 2 are kept for measurement).
 _BWD_VARIANT = 0
 _BWD_VARIANTS = (0, 1, 2)  # every version, for the benchmark and the tests
 
