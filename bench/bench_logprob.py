@@ -7,11 +7,16 @@ of one fused step, from torch.profiler), --chunk-sweep (the fused step at chunk_
 --vchunk-sweep (the fused step at several vocabulary-chunk widths and row-block sizes of the
 vocab-chunked forward, and with the row-chunked forward, against the bare matmuls) and
 --gemm-sweep (the fused-GEMM walk, the bf16 default, per chunk width and row-block size, at both
-vocabulary sizes).
+vocabulary sizes) and --power (sustained runs of the floor, ours and the floor's input-gradient
+GEMM with nvidia-smi sampling the SM clock and board power).
+
+The floor is measured twice: as the anchor measures it (the upstream gradient of the logits is
+torch.ones_like) and given a fixed random upstream gradient. Under the H200's power cap the GEMM
+on an all-ones operand draws less power and runs at a higher clock than on real-valued data.
 
     python bench/bench_logprob.py --out bench/results/logprob.json [--breakdown] [--chunk-sweep]
         [--vchunk-sweep [--vchunk-settings 4096:0,8192:0,16384:0,8192:2048,8192:1024,16384:4096]]
-        [--gemm-sweep [--gemm-settings 32768:2048,32768:4096,65536:2048]]
+        [--gemm-sweep [--gemm-settings 32768:2048,32768:4096,65536:2048]] [--power]
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from harness import (
     env_info,
     peak_extra_gib,
     ratio_interleaved,
+    sustained_clocks,
     table,
     write_json,
 )
@@ -86,6 +92,17 @@ def run_vocab(v: int, chunk_variants: list[int]) -> dict:
         lm_head_only(h, W)
 
     timed("lm_head_floor", floor)
+    # the same two matmuls given a random upstream gradient instead of ones (made once, outside the
+    # timing, so this floor also skips the fill): the board's power cap lets the all-ones GEMM run
+    # at a higher clock (see --power), a gradient with real values does not
+    grad = torch.randn((*h.shape[:-1], v), device="cuda", dtype=torch.bfloat16)
+
+    def floor_randg():
+        h.grad = None
+        (h @ W.t()).backward(grad)
+
+    r["lm_head_floor_randg_ms"] = bench(floor_randg, warmup=2, rep=5)
+    print("lm_head_floor_randg", round(r["lm_head_floor_randg_ms"], 2), "ms", flush=True)
     for c in chunk_variants:
         key = "ours" if c == 0 else f"ours_chunk{c}"
         timed(key, partial(step, h, g, lambda c=c: fused_linear_logprobs(h, W, labels, chunk_rows=c)))
@@ -99,6 +116,9 @@ def run_vocab(v: int, chunk_variants: list[int]) -> dict:
     # the target's ratio, ours and the floor measured back to back in rounds (clock drift)
     r["ours_over_floor_interleaved"] = ratio_interleaved(
         partial(step, h, g, lambda: fused_linear_logprobs(h, W, labels)), floor, rounds=5, rep=3
+    )
+    r["ours_over_floor_randg_interleaved"] = ratio_interleaved(
+        partial(step, h, g, lambda: fused_linear_logprobs(h, W, labels)), floor_randg, rounds=5, rep=3
     )
     timed(
         "naive",
@@ -118,6 +138,7 @@ def run_vocab(v: int, chunk_variants: list[int]) -> dict:
     except Exception as e:
         r["liger_error"] = repr(e)[:300]
     r["ours_over_floor"] = r["ours_ms"] / r["lm_head_floor_ms"]
+    r["ours_over_floor_randg"] = r["ours_ms"] / r["lm_head_floor_randg_ms"]
     r["ours_vchunk_over_floor"] = r["ours_vchunk_ms"] / r["lm_head_floor_ms"]
     for k in list(r):
         if k.startswith("ours_chunk") and k.endswith("_ms"):
@@ -181,6 +202,37 @@ def fused_breakdown(v: int = 128256) -> list[dict]:
             t[1] += e.time_range.elapsed_us() / 1e3
     rows = [{"kernel": k, "count": c, "total_ms": ms} for k, (c, ms) in totals.items()]
     return sorted(rows, key=lambda x: -x["total_ms"])
+
+
+def power_clocks(v: int = 128256, seconds: float = 3.0) -> list[dict]:
+    """Sustained runs (``seconds`` each) with the SM clock and board power sampled: the floor as
+    the anchor defines it (upstream gradient of ones), the floor given a random upstream gradient,
+    ours, and the floor's input-gradient GEMM alone with either gradient."""
+    h, W, labels, g = inputs(v)
+    ones = torch.ones((*h.shape[:-1], v), device="cuda", dtype=torch.bfloat16)
+    grad = torch.randn_like(ones)
+    dh = torch.empty_like(h)
+    flops = 2 * h.numel() * v
+
+    def floor():
+        h.grad = None
+        lm_head_only(h, W)
+
+    def floor_randg():
+        h.grad = None
+        (h @ W.t()).backward(grad)
+
+    cases = [
+        ("lm_head_floor", floor, 2 * flops),
+        ("lm_head_floor_randg", floor_randg, 2 * flops),
+        ("ours", partial(step, h, g, lambda: fused_linear_logprobs(h, W, labels)), 2 * flops),
+        ("input_grad_gemm_ones", lambda: torch.matmul(ones, W, out=dh), flops),
+        ("input_grad_gemm_random", lambda: torch.matmul(grad, W, out=dh), flops),
+    ]
+    rows = sustained_clocks(cases, seconds)
+    for row in rows:
+        row["V"] = v
+    return rows
 
 
 def host_marks(v: int = 128256, steps: int = 6) -> list[dict]:
@@ -350,6 +402,9 @@ def main() -> None:
         "--host-marks", action="store_true", help="host time at the fused step's two syncs (no profiler)"
     )
     ap.add_argument(
+        "--power", action="store_true", help="SM clock and board power in sustained runs (nvidia-smi)"
+    )
+    ap.add_argument(
         "--vchunk-sweep", action="store_true", help="fused step per vocabulary-chunk width / row-block size"
     )
     ap.add_argument(
@@ -383,6 +438,8 @@ def main() -> None:
         "ours_ms",
         "ours_over_floor",
         "ours_over_floor_interleaved",
+        "lm_head_floor_randg_ms",
+        "ours_over_floor_randg_interleaved",
         "ours_peak_GiB",
         "ours_vchunk_over_floor_interleaved",
         "naive_ms",
@@ -431,6 +488,11 @@ def main() -> None:
             "flag_to_backward_us",
         ]
         print(table(res["host_marks"], cols))
+    if args.power:
+        res["power"] = power_clocks()
+        write_json(args.out, res)
+        cols = ["case", "ms", "TFLOPs", "sm_clock_MHz", "power_W", "flop_per_clock_per_sm", "samples"]
+        print(table(res["power"], cols))
     if args.chunk_sweep:
         res["chunk_sweep"] = chunk_sweep()
         write_json(args.out, res)

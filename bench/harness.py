@@ -133,6 +133,77 @@ def copy_rate_tbps(nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / ms / 1e9
 
 
+def sustained_clocks(
+    cases: Sequence[tuple[str, Callable[[], object], float]], seconds: float = 3.0
+) -> list[dict]:
+    """Each ``(name, fn, flops)`` run back to back for ``seconds`` (a sync every 4 calls) while
+    nvidia-smi samples the SM clock and board power every 20 ms: the median call time, the mean
+    clock and power over the window (its first 0.5 s left out) and, with ``flops``, TFLOP/s and
+    FLOP per clock per SM. Under the board's power cap a GEMM's clock, and so its time, depends
+    on how much energy each FLOP takes, which depends on the operands' values."""
+    import subprocess
+    import tempfile
+    import time
+
+    query = "timestamp,clocks.sm,power.draw,clocks_throttle_reasons.active"
+    log = tempfile.NamedTemporaryFile("w+", suffix=".csv", delete=False)
+    try:
+        smi = subprocess.Popen(
+            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits", "-lms", "20"],
+            stdout=log,
+            stderr=subprocess.DEVNULL,
+        )
+    except OSError as e:
+        return [{"case": name, "error": f"nvidia-smi: {e}"} for name, _, _ in cases]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    windows = []
+    try:
+        time.sleep(0.5)
+        for name, fn, flops in cases:
+            fn()
+            torch.cuda.synchronize()
+            times, t0 = [], time.time()
+            while time.time() - t0 < seconds:
+                a = torch.cuda.Event(enable_timing=True)
+                b = torch.cuda.Event(enable_timing=True)
+                a.record()
+                for _ in range(4):
+                    fn()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b) / 4)
+            windows.append((name, t0 + 0.5, time.time(), statistics.median(times), flops))
+            time.sleep(1.0)  # the next case starts from a cooler board
+    finally:
+        smi.terminate()
+        smi.wait()
+    samples = []
+    with open(log.name) as f:
+        for line in f:
+            parts = [p.strip() for p in line.split(",")]
+            try:
+                day, frac = parts[0].split(".")
+                ts = time.mktime(time.strptime(day, "%Y/%m/%d %H:%M:%S")) + float("0." + frac)
+                samples.append((ts, float(parts[1]), float(parts[2]), parts[3]))
+            except (ValueError, IndexError):
+                continue
+    os.unlink(log.name)
+    rows = []
+    for name, t0, t1, ms, flops in windows:
+        sel = [s for s in samples if t0 <= s[0] <= t1]
+        row: dict = {"case": name, "ms": ms, "samples": len(sel)}
+        if sel:
+            row["sm_clock_MHz"] = statistics.mean(s[1] for s in sel)
+            row["power_W"] = statistics.mean(s[2] for s in sel)
+            row["throttle_reasons"] = sorted({s[3] for s in sel})
+        if flops:
+            row["TFLOPs"] = flops / ms / 1e9
+            if sel:
+                row["flop_per_clock_per_sm"] = flops / (ms * 1e-3) / (row["sm_clock_MHz"] * 1e6) / sms
+        rows.append(row)
+    return rows
+
+
 def _version(mod: str) -> str | None:
     try:
         m = __import__(mod)
