@@ -6,19 +6,24 @@
 // so the fp32 logits never reach memory: a chunk that went GEMM -> fp32 logits -> a streaming
 // kernel -> bf16 G (12 bytes per logit through HBM) is now the GEMM writing 2 bytes per logit.
 //
-// Mainloop: TMA + wgmma, warp-specialized cooperative (two consumer warpgroups on a 256x128
-// tile, 2-CTA cluster along N sharing the A tile by multicast), the configuration cuBLAS picks
-// for these shapes. Epilogue: a CUTLASS epilogue visitor tree (EVT) over the fp32 accumulators:
+// Mainloop: TMA + wgmma, warp-specialized cooperative (two consumer warpgroups on a 256x192
+// tile, no cluster), persistent. Epilogue: a CUTLASS epilogue visitor tree (EVT) over the fp32
+// accumulators:
 //   ExpShift(acc, shift[row])  ->  ColReduction (row sums within the tile: registers, then warp
 //   shuffles; one plain store per row and tile into `partial`)  ->  bf16 store through TMA.
 // The row sums stay per tile (no atomics), so s0 = the caller's sum over tiles is the same bits
 // on every run. exp is exp2 of (scale * acc - shift) * log2(e), the same arithmetic as
 // fused_logprob_vchunk, so the two paths agree to the rounding of the GEMM's accumulation order.
 //
-// Measured alternatives (bench/results/logprob_gemm_variants.json): alone, this configuration ran
-// at 0.96-0.99x of cuBLAS' plain bf16 GEMM on the chunk shapes; pingpong 128x128 and 128x192
-// tiles and a cooperative 128x256 tile with a 2x1 cluster at 0.81-1.04x, none faster inside the
-// op; tile-scheduler swizzles 2, 4, 8 gained nothing.
+// The tile: the H200 runs these GEMMs at its board power cap, where the clock (and so the time)
+// follows the energy each FLOP takes. On the 2048-row chunk, run back to back for 2.5 s (an
+// experimental build of this kernel, the clock sampled by nvidia-smi; docs/KERNELS.md), the
+// 256x192 tile without a cluster ran at 691-699 TFLOP/s and 1528-1577 MHz against 664-668 and
+// 1470-1492 MHz for the earlier 256x128 tile with a 1x2 cluster (the configuration cuBLAS picks,
+// which ran at the same 664-667); 256x128 without a cluster 664-666, 256x192 with a 1x2 cluster
+// 633-638, with a 2x1 cluster 688-690, 256x160 531. Earlier (bench/results/
+// logprob_gemm_variants.json): pingpong 128x128 and 128x192 tiles and a cooperative 128x256 tile
+// at 0.81-1.04x cuBLAS, none faster inside the op; tile-scheduler swizzles 2, 4, 8 gained nothing.
 #include <cuda_runtime_api.h>
 
 #include "cute/tensor.hpp"
@@ -67,7 +72,7 @@ namespace fusion = cutlass::epilogue::fusion;
 constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
 
 using TileShape = Shape<Int<kFusedLogprobTileM>, Int<kFusedLogprobTileN>, _64>;
-using ClusterShape = Shape<_1, _2, _1>;
+using ClusterShape = Shape<_1, _1, _1>;
 using Element = cutlass::bfloat16_t;
 using RowVec = Stride<_1, _0, int64_t>;  // one value per row (M), broadcast along N
 

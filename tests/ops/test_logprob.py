@@ -401,7 +401,13 @@ def test_fused_overflow_falls_back_gpu():
 # vocab-chunked forward knobs: (VCHUNK, VCHUNK_COLS, VCHUNK_ROWS). "small" gives several row
 # blocks and vocabulary chunks (at V = 1001 the last chunk is 41 columns: the scalar path);
 # "rows" is the row-chunked single-pass forward.
-VCHUNK_KNOBS = {"default": (True, 8192, 0), "small": (True, 64, 64), "rows": (False, 8192, 0)}
+VCHUNK_KNOBS = {
+    "default": (True, 8192, 0),
+    "small": (True, 64, 64),
+    "rows": (False, 8192, 0),
+    # fused GEMM: 200-column chunks, so V = 1001 or 32001 leaves 1 column that joins the last chunk
+    "merge": (True, 200, 64),
+}
 FUSED_KW = [
     {},
     {"temperature": 0.8},
@@ -420,7 +426,7 @@ def _set_vchunk(monkeypatch, knobs, on_cpu=False, gemm=False):
     monkeypatch.setattr(logprob_ops, "VCHUNK_ROWS", rows)
     monkeypatch.setattr(logprob_ops, "_VCHUNK_ON_CPU", on_cpu)
     monkeypatch.setattr(logprob_ops, "GEMM", gemm)
-    if knobs == "small":
+    if knobs in ("small", "merge"):
         monkeypatch.setattr(logprob_ops, "GEMM_COLS", cols)
         monkeypatch.setattr(logprob_ops, "GEMM_ROWS", rows)
     else:
@@ -642,10 +648,11 @@ GEMM_KW = [{}, {"temperature": 0.7, "scale": 1.3}]
 
 
 @pytest.mark.parametrize("kw", GEMM_KW)
-@pytest.mark.parametrize("knobs", ["default", "small"])
+@pytest.mark.parametrize("knobs", ["default", "small", "merge"])
 def test_fused_gemm_bf16_cpu(kw, knobs, monkeypatch):
     """The fused-GEMM walk's Python loop on CPU (the kernel replaced by its reference): row
-    blocks as slices and index selections (ignored rows), a partial last vocabulary chunk."""
+    blocks as slices and index selections (ignored rows), a partial last vocabulary chunk, and a
+    narrow remainder joined to the last chunk."""
     _set_vchunk(monkeypatch, knobs, on_cpu=True, gemm=True)
     calls = _spy_gemm(monkeypatch)
     redo = _spy_fallback(monkeypatch)
@@ -663,30 +670,32 @@ def test_fused_gemm_bf16_cpu(kw, knobs, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "sms,rows,cols,expect",
+    "sms,rows,cols,tn,expect",
     [
-        (132, 2048, 32768, 33792),  # 8 row tiles: 33 column tiles fill 2 waves; 8 x 33 of them
-        (132, 4096, 32768, 33792),
-        (132, 2048, 65536, 67584),
-        (114, 2048, 32768, 29184),  # 57 column tiles per 4 waves
-        (132, 100, 32768, 33792),  # one row tile: 132 column tiles per wave
-        (132, 2048, 64, 64),  # below one unit (the tests' small knobs): as given
+        (132, 2048, 32768, 192, 31680),  # 8 row tiles: 33 column tiles fill 2 waves; 5 x 33 of them
+        (132, 4096, 32768, 192, 31680),
+        (132, 2048, 65536, 192, 63360),
+        (114, 2048, 32768, 192, 32832),  # 57 column tiles per 4 waves
+        (132, 100, 32768, 192, 25344),  # one row tile: 132 column tiles per wave
+        (132, 2048, 64, 192, 64),  # below one unit (the tests' small knobs): as given
+        (132, 2048, 32768, 128, 33792),  # the earlier 256x128 tile
+        (114, 2048, 32768, 128, 29184),
     ],
 )
-def test_fused_gemm_cols_fill_waves(sms, rows, cols, expect, monkeypatch):
-    """The chunk width is GEMM_COLS rounded to whole waves of 256x128 tiles on the device's SMs."""
+def test_fused_gemm_cols_fill_waves(sms, rows, cols, tn, expect, monkeypatch):
+    """The chunk width is GEMM_COLS rounded to whole waves of 256 x tn tiles on the device's SMs."""
 
     class Props:
         multi_processor_count = sms
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: Props())
     monkeypatch.setattr(logprob_ops, "GEMM_COLS", cols)
-    got = logprob_ops._gemm_cols(rows, (256, 128), torch.device("cuda"))
+    got = logprob_ops._gemm_cols(rows, (256, tn), torch.device("cuda"))
     assert got == expect
     if got != cols:
-        tiles = -(-rows // 256) * (got // 128)
+        tiles = -(-rows // 256) * (got // tn)
         assert tiles % sms == 0
-    assert logprob_ops._gemm_cols(rows, (256, 128), torch.device("cpu")) == cols
+    assert logprob_ops._gemm_cols(rows, (256, tn), torch.device("cpu")) == cols
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -837,6 +846,7 @@ def test_fused_logprob_gemm_kernel_gpu(m, n, k):
             for k in ("default", "small")
             for n, h, v in ((300, 256, 32001), (1000, 512, 50304), (150, 64, 1001))
         ],
+        ("merge", 300, 256, 32001),
         ("default", 2100, 4096, 128256),
     ],
 )
@@ -844,7 +854,8 @@ def test_fused_logprob_gemm_kernel_gpu(m, n, k):
 def test_fused_gemm_gpu(knobs, n, h, v, kw, monkeypatch):
     """bf16 through the fused-GEMM walk on CUDA against fp64 (log-probs and the hidden gradient):
     partial last chunks with a 1-column tail (V = 32001, 1001), several row blocks with the small
-    knobs, and a Llama-3-sized lm_head."""
+    knobs, a 1-column remainder joined to the last chunk, and a Llama-3-sized lm_head (its
+    1536-column remainder joins the last of four chunks)."""
     _set_vchunk(monkeypatch, knobs, gemm=True)
     calls = _spy_gemm(monkeypatch)
     redo = _spy_fallback(monkeypatch)

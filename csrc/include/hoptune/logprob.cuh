@@ -120,12 +120,13 @@ cudaError_t fused_logprob_vchunk(const FusedLogprobVChunk& a, cudaStream_t strea
 // hidden rows) and B [n, k] (a chunk of lm_head rows), both row-major with row strides lda, ldb
 // (in elements; n, k, lda, ldb, ldg multiples of 8 and 16-byte aligned bases, as TMA needs),
 //   G[i, v] = exp(scale * (A_i . B_v) - shift_i)   bf16 [m, n], row stride ldg
-// without writing the logits, and the row sums of the same fp32 values per 128-column tile:
+// without writing the logits, and the row sums of the same fp32 values per tile of
+// kFusedLogprobTileN columns:
 //   partial[t * ldp + i] = sum over v in tile t of G[i, v],  t < ceil(n / kFusedLogprobTileN),
 //   ldp = m rounded up to kFusedLogprobTileM (rows past m get 0).
 // Every entry is written once (no atomics): s0 = the sum over t is reproducible bit for bit.
 // The caller keeps the fp32 label logit, the one-hot part and the overflow check.
-constexpr int kFusedLogprobTileM = 256, kFusedLogprobTileN = 128;
+constexpr int kFusedLogprobTileM = 256, kFusedLogprobTileN = 192;
 
 struct FusedLogprobGemm {
   const void* a = nullptr;

@@ -57,8 +57,8 @@ _VCHUNK_ON_CPU = False  # tests: run the vocab-chunked loop on CPU through the r
 # (csrc/kernels/logprob_gemm.cu) instead of cuBLAS + fp32 logits + the vocab-chunk kernel.
 GEMM = True
 # Vocabulary columns per GEMM, about (rounded to whole waves, see _gemm_cols), and rows per block:
-# G of one block and chunk is then 2048 x 33792 bf16 (132 MiB) on 132 SMs; extra peak at 16k
-# tokens 0.27 GiB. 4096-row blocks and 65536-column chunks measured the same within noise at
+# G of one block and chunk is then 2048 x 31680 bf16 (124 MiB) on 132 SMs; extra peak at 16k
+# tokens about 0.27 GiB. 4096-row blocks and 65536-column chunks measured the same within noise at
 # 0.40-0.42 GiB (bench/results/logprob_gemm_blocks.json).
 GEMM_COLS = 32768
 GEMM_ROWS = 2048
@@ -745,13 +745,13 @@ def _gemm_finish(part, tail, shift, yc, rows, c, outs, overflow, acc, weight, ke
 def _gemm_tile(kernel: bool) -> tuple[int, int]:
     """(rows, columns) of the fused GEMM's tile: the layout of its per-tile row sums (the CPU
     reference writes one column of sums, any layout does)."""
-    return tuple(_lib.extension().FUSED_LOGPROB_GEMM_TILE) if kernel else (256, 128)
+    return tuple(_lib.extension().FUSED_LOGPROB_GEMM_TILE) if kernel else (256, 192)
 
 
 def _gemm_cols(rows: int, tile: tuple[int, int], device: torch.device) -> int:
     """Vocabulary columns per GEMM: GEMM_COLS rounded to the nearest whole number of waves of the
     persistent kernel (one tile per SM and wave), so that a chunk does not end on a partly filled
-    wave: with 2048 rows and 132 SMs, 33792 (16 waves of 256x128 tiles) rather than 32768 (15.5).
+    wave: with 2048 rows and 132 SMs, 31680 (10 waves of 256x192 tiles) rather than 32768 (10.3).
     Widths below one such unit (the tests' small knobs) are taken as they are."""
     cols = max(8, GEMM_COLS // 8 * 8)
     if device.type != "cuda":
@@ -770,6 +770,10 @@ def _gemm_chunk(hc, wc, g, scale, shift, part, tail, kernel) -> None:
     r, h = hc.shape
     nw = wc.shape[0]
     n8 = nw // 8 * 8
+    if n8 and (g.stride(0) % 8 or hc.stride(0) % 8 or wc.stride(0) % 8):  # checked on CPU too
+        raise RuntimeError(
+            f"fused lm_head GEMM: row strides must be multiples of 8, got {g.stride(0)}, {hc.stride(0)}, {wc.stride(0)}"
+        )
     if n8 and kernel:
         _lib.extension().fused_logprob_gemm(
             hc.data_ptr(),
@@ -822,7 +826,11 @@ def _forward_gemm(
     blocks = list(_chunks(valid, hidden.shape[0], chunk_rows if chunk_rows > 0 else max(1, GEMM_ROWS)))
     first = blocks[0] if blocks else slice(0, 0)
     vc = _gemm_cols(first.stop - first.start if isinstance(first, slice) else first.numel(), (tm, tn), dev)
-    chunks = [weight[v0 : v0 + vc] for v0 in range(0, v, vc)]
+    starts = list(range(0, v, vc))
+    if len(starts) > 1 and v - starts[-1] < vc // 4:
+        starts.pop()  # a narrow remainder joins the last full chunk: no GEMM pair for a few tiles
+    chunks = [weight[v0:v1] for v0, v1 in zip(starts, [*starts[1:], v])]
+    vc = -(-max((w.shape[0] for w in chunks), default=vc) // 8) * 8  # G's rows 16-byte aligned (TMA)
     # narrowest chunk (the vocabulary's remainder) first: the last block's last G @ W, which runs
     # while the host takes the overflow flag and returns, is then a full-width one
     order = sorted(range(len(chunks)), key=lambda j: chunks[j].shape[0])
