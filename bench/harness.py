@@ -154,6 +154,8 @@ def sustained_clocks(
             stderr=subprocess.DEVNULL,
         )
     except OSError as e:
+        log.close()
+        os.unlink(log.name)
         return [{"case": name, "error": f"nvidia-smi: {e}"} for name, _, _ in cases]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     windows = []
@@ -177,6 +179,7 @@ def sustained_clocks(
     finally:
         smi.terminate()
         smi.wait()
+        log.close()
     samples = []
     with open(log.name) as f:
         for line in f:

@@ -58,7 +58,7 @@ _VCHUNK_ON_CPU = False  # tests: run the vocab-chunked loop on CPU through the r
 GEMM = True
 # Vocabulary columns per GEMM, about (rounded to whole waves, see _gemm_cols), and rows per block:
 # G of one block and chunk is then 2048 x 31680 bf16 (124 MiB) on 132 SMs; extra peak at 16k
-# tokens about 0.27 GiB. 4096-row blocks and 65536-column chunks measured the same within noise at
+# tokens 0.26 GiB. 4096-row blocks and 65536-column chunks measured the same within noise at
 # 0.40-0.42 GiB (bench/results/logprob_gemm_blocks.json).
 GEMM_COLS = 32768
 GEMM_ROWS = 2048
@@ -831,8 +831,9 @@ def _forward_gemm(
         starts.pop()  # a narrow remainder joins the last full chunk: no GEMM pair for a few tiles
     chunks = [weight[v0:v1] for v0, v1 in zip(starts, [*starts[1:], v])]
     vc = -(-max((w.shape[0] for w in chunks), default=vc) // 8) * 8  # G's rows 16-byte aligned (TMA)
-    # narrowest chunk (the vocabulary's remainder) first: the last block's last G @ W, which runs
-    # while the host takes the overflow flag and returns, is then a full-width one
+    # narrowest chunk (the vocabulary's remainder, unless it joined the last one) first: the last
+    # block's last G @ W, which runs while the host takes the overflow flag and returns, is then a
+    # full-width one
     order = sorted(range(len(chunks)), key=lambda j: chunks[j].shape[0])
 
     def outputs():
