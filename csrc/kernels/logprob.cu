@@ -1004,7 +1004,8 @@ cudaError_t token_logprobs_fwd(const TokenLogprobFwd& a, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   HOPTUNE_REQUIRE(rows <= 0x7fffffff);
   const bool vec = vector_ok(a.logits);
-  // 128 threads per row: faster on an H200 than 256 or 512 (bench/results/logprob.json)
+  // 128 threads per row: faster on an H200 than 256 or 512 (bench/results/logprob_breakdown.json,
+  // tl_fwd_v0 / v1 / v2: 128 / 256 / 512 threads)
   return launch_fwd<128>(a, rows, vec, stream);
 }
 
