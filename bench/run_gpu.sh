@@ -40,15 +40,19 @@ for stage in $STAGES; do
       grep -E "^(FAILED|ERROR)" "$OUT/logs/gpu_tests.log" | head -20 | tee -a "$SUMMARY"
       ;;
     sanitize)
+      # every report printed (the default stops at 100), so the per-kernel counts below are whole
       for tool in memcheck racecheck initcheck; do
-        compute-sanitizer --tool $tool --error-exitcode 9 python3 bench/sanitize_kernels.py >"$OUT/logs/sanitize_$tool.log" 2>&1
+        compute-sanitizer --tool $tool --print-limit 1000000 --error-exitcode 9 python3 bench/sanitize_kernels.py \
+          >"$OUT/logs/sanitize_$tool.log" 2>&1
         note "compute-sanitizer $tool rc=$?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/logs/sanitize_$tool.log" | tail -1)"
       done
       # which kernels racecheck and initcheck flag, and the same check on plain PyTorch reading a
       # cuBLAS result
       grep -A2 "Race reported" "$OUT/logs/sanitize_racecheck.log" | grep -oE "(nvjet|hoptune::)[A-Za-z0-9_:]*" \
         | sort | uniq -c | head -8 | tee -a "$SUMMARY"
-      grep -A1 "Uninitialized" "$OUT/logs/sanitize_initcheck.log" | grep -o "at void [^(]*" | sort | uniq -c | tee -a "$SUMMARY"
+      # (template kernels print as "at void ns::name<...>(...)", the others as "at ns::name(...)")
+      grep -A1 "Uninitialized" "$OUT/logs/sanitize_initcheck.log" | grep -oE "at (void )?[^(]*" | sort | uniq -c \
+        | tee -a "$SUMMARY"
       compute-sanitizer --tool initcheck --error-exitcode 9 python3 bench/sanitize_kernels.py probe_cublas \
         >"$OUT/logs/sanitize_probe.log" 2>&1
       note "initcheck probe (PyTorch reading a cuBLAS fp32 GEMM result) rc=$?: $(grep -E 'ERROR SUMMARY' "$OUT/logs/sanitize_probe.log" | tail -1)"
