@@ -62,9 +62,12 @@ def step(h, g, fn):
     fn().backward(g)
 
 
-def lm_head_only(h, W):
+def lm_head_floor(h, W, grad=None):
+    """The floor: the bare lm_head matmuls, h @ W^T and its backward to h (h.grad cleared first),
+    given ``grad`` as the logits' upstream gradient, or ones as the anchor measures it."""
+    h.grad = None
     logits = h @ W.t()
-    logits.backward(torch.ones_like(logits))
+    logits.backward(torch.ones_like(logits) if grad is None else grad)
 
 
 def inputs(v: int, shape: tuple[int, ...] = (B, T)):
@@ -87,19 +90,13 @@ def run_vocab(v: int, chunk_variants: list[int]) -> dict:
         r[name + "_peak_GiB"] = peak_extra_gib(fn)
         print(name, round(r[name + "_ms"], 2), "ms", round(r[name + "_peak_GiB"], 3), "GiB", flush=True)
 
-    def floor():
-        h.grad = None
-        lm_head_only(h, W)
-
+    floor = partial(lm_head_floor, h, W)
     timed("lm_head_floor", floor)
     # the same two matmuls given a random upstream gradient instead of ones (made once, outside the
     # timing, so this floor also skips the fill): the board's power cap lets the all-ones GEMM run
     # at a higher clock (see --power), a gradient with real values does not
     grad = torch.randn((*h.shape[:-1], v), device="cuda", dtype=torch.bfloat16)
-
-    def floor_randg():
-        h.grad = None
-        (h @ W.t()).backward(grad)
+    floor_randg = partial(lm_head_floor, h, W, grad)
 
     r["lm_head_floor_randg_ms"] = bench(floor_randg, warmup=2, rep=5)
     print("lm_head_floor_randg", round(r["lm_head_floor_randg_ms"], 2), "ms", flush=True)
@@ -214,17 +211,9 @@ def power_clocks(v: int = 128256, seconds: float = 3.0) -> list[dict]:
     dh = torch.empty_like(h)
     flops = 2 * h.numel() * v
 
-    def floor():
-        h.grad = None
-        lm_head_only(h, W)
-
-    def floor_randg():
-        h.grad = None
-        (h @ W.t()).backward(grad)
-
     cases = [
-        ("lm_head_floor", floor, 2 * flops),
-        ("lm_head_floor_randg", floor_randg, 2 * flops),
+        ("lm_head_floor", partial(lm_head_floor, h, W), 2 * flops),
+        ("lm_head_floor_randg", partial(lm_head_floor, h, W, grad), 2 * flops),
         ("ours", partial(step, h, g, lambda: fused_linear_logprobs(h, W, labels)), 2 * flops),
         ("input_grad_gemm_ones", lambda: torch.matmul(ones, W, out=dh), flops),
         ("input_grad_gemm_random", lambda: torch.matmul(grad, W, out=dh), flops),
@@ -308,10 +297,7 @@ def vchunk_sweep(v: int = 128256, settings=((4096, 0), (8192, 0), (16384, 0))) -
     (plain and interleaved) and the peak extra memory."""
     h, W, labels, g = inputs(v)
 
-    def floor():
-        h.grad = None
-        lm_head_only(h, W)
-
+    floor = partial(lm_head_floor, h, W)
     floor_ms = bench(floor, warmup=2, rep=5)
     print("lm_head_floor", round(floor_ms, 2), "ms", flush=True)
     fn = partial(step, h, g, lambda: fused_linear_logprobs(h, W, labels))
@@ -361,10 +347,7 @@ def gemm_sweep(settings=((32768, 2048), (32768, 4096), (65536, 2048))) -> list[d
     for v in (128256, 151936):
         h, W, labels, g = inputs(v)
 
-        def floor():
-            h.grad = None
-            lm_head_only(h, W)
-
+        floor = partial(lm_head_floor, h, W)
         floor_ms = bench(floor, warmup=2, rep=5)
         fn = partial(step, h, g, lambda: fused_linear_logprobs(h, W, labels))
         try:
