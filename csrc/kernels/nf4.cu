@@ -335,6 +335,24 @@ __device__ __forceinline__ uint32_t b_pair(const T* row, int r, int rank, bool v
 // scale * acc in fp32, rounded once more; two 16-byte stores. (Swapping halves between lanes q
 // and q ^ 1 so that each store writes whole 32-byte sectors measured slower: 0.30-0.41 of the
 // copy rate against 0.43-0.57.)
+// a, b rounded to T (round to nearest even) and back to fp32, with one packed conversion.
+__device__ __forceinline__ void round_pair(float& a, float& b, __nv_bfloat16) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  a = __low2float(h);
+  b = __high2float(h);
+}
+__device__ __forceinline__ void round_pair(float& a, float& b, __half) {
+  const __half2 h = __floats2half2_rn(a, b);
+  a = __low2float(h);
+  b = __high2float(h);
+}
+
+// lut[(word >> bit) & 15], the shift and mask forming the byte offset into the table directly.
+__device__ __forceinline__ float lut_at(const float* lut, uint32_t word, int bit) {
+  const uint32_t off = (bit >= 2 ? word >> (bit - 2) : word << (2 - bit)) & 0x3Cu;
+  return *reinterpret_cast<const float*>(reinterpret_cast<const char*>(lut) + off);
+}
+
 template <typename T>
 __device__ __forceinline__ void merge_store(T* dst, uint2 codes, float sc, const float (&acc)[8][4],
                                             int h, float scale, const float* lut) {
@@ -342,9 +360,10 @@ __device__ __forceinline__ void merge_store(T* dst, uint2 codes, float sc, const
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     const uint32_t word = j < 4 ? codes.x : codes.y;
-    const uint32_t byte = (word >> (8 * (j & 3))) & 0xFFu;
-    const float w0 = to_float(from_float<T>(__fmul_rn(lut[byte >> 4], sc)));
-    const float w1 = to_float(from_float<T>(__fmul_rn(lut[byte & 0xFu], sc)));
+    const int bit = 8 * (j & 3);
+    float w0 = __fmul_rn(lut_at(lut, word, bit + 4), sc);
+    float w1 = __fmul_rn(lut_at(lut, word, bit), sc);
+    round_pair(w0, w1, T{});
     v[2 * j] = __fmaf_rn(scale, acc[j][2 * h], w0);
     v[2 * j + 1] = __fmaf_rn(scale, acc[j][2 * h + 1], w1);
   }
@@ -405,10 +424,11 @@ __global__ void __launch_bounds__(kMrgThreads, 2) nf4_dequantize_lora_kernel(Mer
   const int64_t i_begin = bx * per + (bx < extra ? bx : extra);
   const int64_t i_end = i_begin + per + (bx < extra ? 1 : 0);
 
-  auto piece_row = [&](int64_t item) { return (item % a.row_groups) * kMrgRows + wr * kPieceRows; };
-  auto piece_col = [&](int64_t item) { return (item / a.row_groups) * kMrgCols + wc * kPieceCols; };
-  auto prefetch = [&](int64_t item, MergePrefetch<kRegSteps>& p) {
-    const int64_t n0 = piece_row(item), k0 = piece_col(item);
+  // An item is (row group, slab); the walk counts them rather than dividing the item index (a
+  // 64-bit division is a long instruction sequence, and it ran several times per item).
+  auto piece_row = [&](int64_t group) { return group * kMrgRows + wr * kPieceRows; };
+  auto piece_col = [&](int64_t slab_) { return slab_ * kMrgCols + wc * kPieceCols; };
+  auto prefetch = [&](int64_t n0, int64_t k0, MergePrefetch<kRegSteps>& p) {
     const bool active = k0 < a.cols;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -460,9 +480,9 @@ __global__ void __launch_bounds__(kMrgThreads, 2) nf4_dequantize_lora_kernel(Mer
   uint32_t afrag[kRegSteps > 0 ? kRegSteps : 1][8][2];
   MergePrefetch<kRegSteps> cur, nxt;
   int64_t slab = -1;
-  if (i_begin < i_end) prefetch(i_begin, cur);
+  int64_t group = i_begin % a.row_groups, item_slab = i_begin / a.row_groups;
+  if (i_begin < i_end) prefetch(piece_row(group), piece_col(item_slab), cur);
   for (int64_t item = i_begin; item < i_end; ++item) {
-    const int64_t item_slab = item / a.row_groups;
     if (item_slab != slab) {  // uniform across the CTA: every warp walks the same items
       __syncthreads();
       stage(item_slab);
@@ -478,9 +498,14 @@ __global__ void __launch_bounds__(kMrgThreads, 2) nf4_dequantize_lora_kernel(Mer
         }
       }
     }
-    if (item + 1 < i_end) prefetch(item + 1, nxt);
+    int64_t next_group = group + 1, next_slab = item_slab;
+    if (next_group == a.row_groups) {
+      next_group = 0;
+      ++next_slab;
+    }
+    if (item + 1 < i_end) prefetch(piece_row(next_group), piece_col(next_slab), nxt);
 
-    const int64_t n0 = piece_row(item), k0 = piece_col(item);
+    const int64_t n0 = piece_row(group), k0 = piece_col(item_slab);
     float acc[8][4];
 #pragma unroll
     for (int j = 0; j < 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
@@ -522,6 +547,8 @@ __global__ void __launch_bounds__(kMrgThreads, 2) nf4_dequantize_lora_kernel(Mer
       }
     }
     cur = nxt;
+    group = next_group;
+    item_slab = next_slab;
   }
 }
 

@@ -178,10 +178,22 @@ def dequantize_lora_impl(
 ) -> torch.Tensor:
     """The body of nf4_dequantize_lora, callable from other ops without a second op dispatch."""
     dtype = lora_A.dtype
-    n, k = shape
+    k = shape[1]
     if dtype not in LORA_DTYPES or k % 64 or not _lib.use_kernel(packed, "nf4_dequantize_lora"):
         w = dequantize_impl(packed, absmax, absmax2, code2, offset, blocksize, blocksize2, shape, dtype)
         return ref.merge_lora(w, lora_A, lora_B, scale)
+    return dequantize_lora_kernel(
+        packed, absmax, absmax2, code2, offset, blocksize, blocksize2, shape, lora_A, lora_B, scale
+    )
+
+
+def dequantize_lora_kernel(
+    packed, absmax, absmax2, code2, offset, blocksize, blocksize2, shape, lora_A, lora_B, scale
+) -> torch.Tensor:
+    """The CUDA kernel of nf4_dequantize_lora, for a caller that has already decided it runs
+    (CUDA on sm_90, 16-bit lora_A, K % 64 == 0): no second dispatch check on the hot path."""
+    dtype = lora_A.dtype
+    n, k = shape
     packed = _aligned(packed)
     a = lora_A.contiguous()
     b = lora_B.contiguous()

@@ -46,8 +46,8 @@ def _weight(q, n, k, dtype, lora_A, lora_B, scale, merged, inside_op=False):
     directly (no second dispatch); the backward formula is traced by torch.compile, so there it
     goes through the registered ops."""
     packed, absmax, absmax2, code2, offset, blocksize, blocksize2 = q
-    if merged:
-        fn = nf4_ops.dequantize_lora_impl if inside_op else nf4_ops.nf4_dequantize_lora
+    if merged:  # _merged() has decided that the kernel runs
+        fn = nf4_ops.dequantize_lora_kernel if inside_op else nf4_ops.nf4_dequantize_lora
         return fn(
             packed, absmax, absmax2, code2, offset, blocksize, blocksize2, [n, k], lora_A, lora_B, scale
         )
