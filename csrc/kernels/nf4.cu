@@ -282,14 +282,14 @@ cudaError_t launch_dequantize(const uint8_t* packed, const NF4Absmax& am, int64_
 // round to the output dtype (the plain dequantize's value), add scale * acc in fp32, round again.
 // A lane prefetches the next item's codes, absmax and B fragments before it computes the current
 // one. For rank <= 32 the A fragments stay in registers for the whole slab. On an H200 this runs
-// at 0.43-0.57 of the copy rate for r = 16 (the wmma kernel with a shared-memory accumulator
-// round trip it replaced: 0.28-0.31). ncu (8192 x 8192): issue-bound rather than memory-bound
-// (0.67 warps issued per scheduler cycle, DRAM 32%, a third of the stalls on fixed-latency
-// dependencies at 4 warps per scheduler, the register limit). Also measured and dropped: the same
-// without the prefetch (three CTAs per SM; no faster), a CTA-wide 4-stage cp.async ring of each
-// item's codes, absmax and B rows (0.30-0.40: a CTA barrier per item) and warp-private cp.async
-// rings of 3, 5 or 8 items (0.40-0.49 at r = 16, the same for every depth: bytes in flight are
-// not the limit).
+// at 0.49-0.59 of the copy rate for r = 16 (0.43-0.57 while it divided the item index to place
+// each item; the wmma kernel with a shared-memory accumulator round trip before it: 0.28-0.31). ncu
+// of the previous version (8192 x 8192): issue-bound rather than memory-bound (0.67 warps issued
+// per scheduler cycle, DRAM 32%, a third of the stalls on fixed-latency dependencies at 4 warps per
+// scheduler, the register limit). Also measured and dropped: the same without the prefetch (three
+// CTAs per SM; no faster), a CTA-wide 4-stage cp.async ring of each item's codes, absmax and B rows
+// (0.30-0.40: a CTA barrier per item) and warp-private cp.async rings of 3, 5 or 8 items (0.40-0.49
+// at r = 16, the same for every depth: bytes in flight are not the limit).
 constexpr int kMrgThreads = 256;
 constexpr int kMrgRows = 64, kMrgCols = 128;  // a work item
 constexpr int kPieceRows = 16, kPieceCols = 64;
@@ -330,11 +330,6 @@ __device__ __forceinline__ uint32_t b_pair(const T* row, int r, int rank, bool v
   return lo | (hi << 16);
 }
 
-// The epilogue for one of a lane's two rows (h): 16 consecutive elements from 8 code bytes (byte
-// j holds elements 2j, high nibble, and 2j + 1), each the plain dequantize's rounded value plus
-// scale * acc in fp32, rounded once more; two 16-byte stores. (Swapping halves between lanes q
-// and q ^ 1 so that each store writes whole 32-byte sectors measured slower: 0.30-0.41 of the
-// copy rate against 0.43-0.57.)
 // a, b rounded to T (round to nearest even) and back to fp32, with one packed conversion.
 __device__ __forceinline__ void round_pair(float& a, float& b, __nv_bfloat16) {
   const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
@@ -353,6 +348,11 @@ __device__ __forceinline__ float lut_at(const float* lut, uint32_t word, int bit
   return *reinterpret_cast<const float*>(reinterpret_cast<const char*>(lut) + off);
 }
 
+// The epilogue for one of a lane's two rows (h): 16 consecutive elements from 8 code bytes (byte
+// j holds elements 2j, high nibble, and 2j + 1), each the plain dequantize's rounded value plus
+// scale * acc in fp32, rounded once more; two 16-byte stores. (Swapping halves between lanes q
+// and q ^ 1 so that each store writes whole 32-byte sectors measured slower: 0.30-0.41 of the
+// copy rate against 0.43-0.57 for this kernel at the time.)
 template <typename T>
 __device__ __forceinline__ void merge_store(T* dst, uint2 codes, float sc, const float (&acc)[8][4],
                                             int h, float scale, const float* lut) {
