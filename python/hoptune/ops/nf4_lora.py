@@ -36,6 +36,7 @@ def _merged(x: torch.Tensor, lora_A: torch.Tensor | None) -> bool:
     return (
         lora_A is not None
         and x.dtype in nf4_ops.LORA_DTYPES
+        and lora_A.dtype == x.dtype
         and x.shape[-1] % 64 == 0
         and _lib.use_kernel(x, "nf4_lora_linear")
     )
