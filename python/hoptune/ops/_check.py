@@ -22,10 +22,6 @@ def dtype_in(name: str, t: torch.Tensor, allowed: Iterable[torch.dtype]) -> None
 
 
 def same_device(**tensors: torch.Tensor | None) -> torch.device:
-    it = iter(tensors.values())
-    first = next(it).device  # the first argument is required
-    if all(t is None or t.device == first for t in it):  # the common case, without building messages
-        return first
     devs = {k: v.device for k, v in tensors.items() if v is not None}
     first = next(iter(devs.values()))
     for k, d in devs.items():
