@@ -164,6 +164,34 @@ def test_fp16_gpu(dtype):
     _check(300, 256, 320, 16, dtype, "cuda", seed=5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("x_shape", [(37,), (3, 13)])
+def test_without_autograd_matches_the_recorded_call(device, x_shape):
+    """With nothing to differentiate (no_grad, inference_mode, no input that requires grad) the
+    forward runs without the autograd Function: the same values, and no graph."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    x, q, a, b, bias = _case(0, 192, 136, 16, dtype, device, seed=6, x_shape=x_shape)
+    if device == "cuda":
+        poison_cuda_cache()
+    y_rec = nf4_lora_linear(x.clone().requires_grad_(True), q, a, b, 0.5, bias)
+    assert y_rec.grad_fn is not None
+    outs = [nf4_lora_linear(x, q, a, b, 0.5, bias)]
+    with torch.no_grad():
+        outs.append(nf4_lora_linear(x.clone().requires_grad_(True), q, a, b, 0.5, bias))
+    with torch.inference_mode():
+        outs.append(nf4_lora_linear(x, q, a, b, 0.5, bias))
+    for y in outs:
+        assert y.grad_fn is None and not y.requires_grad
+        assert y.shape == (*x_shape, 136)
+        assert torch.equal(y, y_rec.detach())
+    # a bias that requires grad still goes through the Function: frozen, its gradient stays None
+    bias_g = bias.clone().requires_grad_(True)
+    y = nf4_lora_linear(x, q, a, b, 0.5, bias_g)
+    assert torch.equal(y.detach(), y_rec.detach())
+    y.sum().backward()
+    assert bias_g.grad is None
+
+
 def test_no_lora_and_frozen_weight():
     x, q, _, _, bias = _case(9, 128, 64, 8, torch.float32, "cpu", seed=0)
     y = nf4_lora_linear(x, q, bias=bias)

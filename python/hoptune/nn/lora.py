@@ -188,11 +188,18 @@ class LoRALinear(nn.Module):
         return F.linear(x, self.weight.to(x.dtype), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+        bias = self.bias
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
         if not self.adapters_enabled:
             return self._base(x, bias)
-        a = self.lora_A.to(x.dtype)
-        b = self.lora_B.to(x.dtype)
+        # (a cast only when the dtypes differ: .to() returning the tensor itself still costs
+        # host time on every call)
+        a, b = self.lora_A, self.lora_B
+        if a.dtype != x.dtype:
+            a = a.to(x.dtype)
+        if b.dtype != x.dtype:
+            b = b.to(x.dtype)
         dropout_active = self.training and self.lora_dropout_p > 0
         if self.use_dora:
             y = self._lora_sum(x, a, b, dropout_active)

@@ -85,14 +85,26 @@ def _mm_scaled(a: torch.Tensor, b: torch.Tensor, scale: float, eager: bool) -> t
     return torch.addmm(zero, a, b, beta=0, alpha=scale)
 
 
-def _forward(x, q, out_features, lora_A, lora_B, scale, bias) -> torch.Tensor:
+def _merged_weight(x, q, out_features, lora_A, lora_B, scale) -> torch.Tensor | None:
+    """W' = deq(W) + s B A from the merged kernel when it runs for x, else None. The eager path
+    launches it before the autograd Function's host work, which the kernel's device time covers."""
+    if not _merged(x, lora_A):
+        return None
+    return nf4_ops.dequantize_lora_kernel(*q, (out_features, x.shape[-1]), lora_A, lora_B, scale)
+
+
+def _forward(x, q, out_features, lora_A, lora_B, scale, bias, merged_w) -> torch.Tensor:
+    """y from the merged weight (_merged_weight's result), or, when that is None, from deq(W)
+    with the LoRA term applied to the activations."""
     k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    merged = _merged(x, lora_A)
-    w = _weight(q, out_features, k, x.dtype, lora_A, lora_B, scale, merged, inside_op=True)
-    if merged:  # the LoRA term is in w
-        lora_A = lora_B = None
-    return ref.lora_forward(x2, w, lora_A, lora_B, scale, bias).view(*x.shape[:-1], out_features)
+    flat = x.dim() == 2
+    x2 = x if flat else x.reshape(-1, k)
+    if merged_w is not None:  # the LoRA term is in the weight: one GEMM
+        y = torch.mm(x2, merged_w.t()) if bias is None else torch.addmm(bias, x2, merged_w.t())
+    else:
+        w = _weight(q, out_features, k, x.dtype, None, None, scale, False, inside_op=True)
+        y = ref.lora_forward(x2, w, lora_A, lora_B, scale, bias)
+    return y if flat else y.view(*x.shape[:-1], out_features)
 
 
 def _backward_impl(saved, meta, needs, grad_y, inside_op):
@@ -143,7 +155,8 @@ def nf4_lora_linear_op(
 ) -> torch.Tensor:
     """x (*, K) -> y (*, N)."""
     q = (packed, absmax, absmax2, code2, offset, blocksize, blocksize2)
-    return _forward(x, q, out_features, lora_A, lora_B, scale, bias)
+    w = _merged_weight(x, q, out_features, lora_A, lora_B, scale)
+    return _forward(x, q, out_features, lora_A, lora_B, scale, bias, w)
 
 
 @nf4_lora_linear_op.register_fake
@@ -202,16 +215,17 @@ class _EagerNF4LoraLinear(torch.autograd.Function):
     custom op instead."""
 
     @staticmethod
-    def forward(ctx, x, q, out_features, lora_A, lora_B, scale, bias):
+    def forward(ctx, x, q, out_features, lora_A, lora_B, scale, bias, merged_w):
+        # merged_w: launched by the caller; not saved (no copy of W lives between the passes)
         ctx.meta = (q[4], q[5], q[6], out_features, scale)
         ctx.save_for_backward(x, *q[:4], lora_A, lora_B)
-        return _forward(x, q, out_features, lora_A, lora_B, scale, bias)
+        return _forward(x, q, out_features, lora_A, lora_B, scale, bias, merged_w)
 
     @staticmethod
     def backward(ctx, grad_y):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
         dx, da, db = _backward_impl(ctx.saved_tensors, ctx.meta, needs, grad_y, inside_op=True)
-        return dx, None, None, da, db, None, None
+        return dx, None, None, da, db, None, None, None
 
 
 def nf4_lora_linear(
@@ -282,6 +296,22 @@ def nf4_lora_linear_trusted(x, q, out_features, lora_A, lora_B, scale: float, bi
     """nf4_lora_linear without the argument checks, for layers that validated their weights when
     they were built (hoptune.nn) and call this every forward; ``q`` is (packed, absmax, absmax2,
     code2, offset, blocksize, blocksize2)."""
-    if not torch.compiler.is_compiling():
-        return _EagerNF4LoraLinear.apply(x, q, out_features, lora_A, lora_B, scale, bias)
-    return nf4_lora_linear_op(x, *q, out_features, lora_A, lora_B, scale, bias)
+    if torch.compiler.is_compiling():
+        return nf4_lora_linear_op(x, *q, out_features, lora_A, lora_B, scale, bias)
+    # the merged kernel first: the host work below runs while the device dequantizes
+    w = _merged_weight(x, q, out_features, lora_A, lora_B, scale)
+    if _records_graph(x, lora_A, lora_B, bias):
+        return _EagerNF4LoraLinear.apply(x, q, out_features, lora_A, lora_B, scale, bias, w)
+    # nothing to differentiate (no_grad, inference_mode, or no input that requires grad): the
+    # forward alone, without the autograd Function's host work (~10 us a call)
+    return _forward(x, q, out_features, lora_A, lora_B, scale, bias, w)
+
+
+def _records_graph(x, lora_A, lora_B, bias) -> bool:
+    """Whether autograd records this call: grad mode on and an input requires grad (bias too,
+    though its gradient is None: the output then requires grad, as with the Function)."""
+    return torch.is_grad_enabled() and (
+        x.requires_grad
+        or (lora_A is not None and (lora_A.requires_grad or lora_B.requires_grad))
+        or (bias is not None and bias.requires_grad)
+    )
