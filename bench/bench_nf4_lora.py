@@ -1,7 +1,8 @@
 """NF4 + LoRA linear on the shapes of TARGETS.md §1-2, all anchors in the same run:
 
 * forward y = x W^T + s (x A^T) B^T at M = 8192 (r = 16) against torch bf16 x @ W^T without LoRA,
-  and bitsandbytes matmul_4bit; small M for orientation;
+  and bitsandbytes matmul_4bit; at small M (generation) also the device time of ours, of bf16 and
+  of our merged dequantize + GEMM path (what runs above nf4.GEMV_MAX_M rows);
 * layer forward + backward (grads of x, A, B) at M = 8192 against the frozen bf16 dense layer,
   bf16 + LoRA, bitsandbytes + LoRA and PEFT QLoRA.
 
@@ -31,6 +32,7 @@ from harness import (
     write_json,
 )
 from hoptune.nn import LoRALinear
+from hoptune.ops import nf4 as nf4_ops
 from hoptune.ops import nf4_lora as nf4_lora_ops
 from hoptune.ops import nf4_lora_linear
 from hoptune.quant import quantize_nf4
@@ -106,7 +108,7 @@ def forward_rows(have_bnb: bool) -> list[dict]:
             import bitsandbytes.functional as bnbf
 
             qb, st = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-        for m in (1, 16, 64, 8192):
+        for m in (1, 3, 8, 64, 8192):
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             row = {"M": m, "K": k, "N": n}
             row["bf16_ms"] = bench(lambda: x @ w.t())
@@ -118,6 +120,14 @@ def forward_rows(have_bnb: bool) -> list[dict]:
                 # device time only (kernels summed, host time and launch gaps excluded)
                 row["dev_bf16_ms"] = device_ms(lambda: x @ w.t())
                 row["dev_ours_lora_ms"] = device_ms(lambda: nf4_lora_linear(x, q, a, b, 2.0))
+                row["dev_ratio"] = row["dev_ours_lora_ms"] / row["dev_bf16_ms"]
+            if m < 8192:  # device time at small M: the codes-reading kernel (M <= GEMV_MAX_M)
+                # against bf16 and the merged dequantize + GEMM
+                row["dev_bf16_ms"] = device_ms(lambda: x @ w.t())
+                row["dev_ours_lora_ms"] = device_ms(lambda: nf4_lora_linear(x, q, a, b, 2.0))
+                limit, nf4_ops.GEMV_MAX_M = nf4_ops.GEMV_MAX_M, 0
+                row["dev_ours_merged_path_ms"] = device_ms(lambda: nf4_lora_linear(x, q, a, b, 2.0))
+                nf4_ops.GEMV_MAX_M = limit
                 row["dev_ratio"] = row["dev_ours_lora_ms"] / row["dev_bf16_ms"]
             row["ours_base_ms"] = bench(lambda: nf4_lora_linear(x, q))
             row["ours_lora_over_bf16"] = row["ours_lora_ms"] / row["bf16_ms"]
@@ -254,6 +264,9 @@ def main() -> None:
                 "bnb_over_bf16",
                 "q_ours_lora_over_bf16",
                 "dev_ratio",
+                "dev_bf16_ms",
+                "dev_ours_lora_ms",
+                "dev_ours_merged_path_ms",
             ],
         )
     )

@@ -92,6 +92,23 @@ def nf4_lora() -> None:
         nf4_ops.nf4_dequantize_lora(
             q.packed, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize, q.blocksize2, [n, k], a, b, 0.5
         )
+    # the small-M product from the codes (enabled up to the kernel's 8 rows): every row count's kernel, with and without LoRA and bias,
+    # a strided x, N not a multiple of a CTA's 8 rows, K past one step of the lanes' loop
+    for m, dq, r, n, k, dt in [
+        (1, True, 8, 197, 320, torch.bfloat16),
+        (3, False, 0, 60, 4160, torch.float16),
+        (2, True, 256, 33, 128, torch.bfloat16),
+        (8, False, 16, 75, 1024, torch.float16),
+    ]:
+        q = quantize_nf4(torch.randn(n, k, device="cuda", dtype=dt), double_quant=dq)
+        x = torch.randn(m, k + 8, device="cuda", dtype=dt)[:, 8:]
+        a = torch.randn(r, k, device="cuda", dtype=dt) if r else None
+        b = torch.randn(n, r, device="cuda", dtype=dt) if r else None
+        bias = torch.randn(n, device="cuda", dtype=dt) if r != 16 else None
+        limit, nf4_ops.GEMV_MAX_M = nf4_ops.GEMV_MAX_M, 8
+        with torch.no_grad():
+            nf4_lora_linear(x, q, a, b, 0.5, bias)
+        nf4_ops.GEMV_MAX_M = limit
 
 
 def probe_cublas() -> None:

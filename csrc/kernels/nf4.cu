@@ -552,6 +552,143 @@ __global__ void __launch_bounds__(kMrgThreads, 2) nf4_dequantize_lora_kernel(Mer
   }
 }
 
+// ---- small-M product straight from the codes: y = x deq(W)^T + scale * xa B^T + bias --------
+// A warp owns one output row j at a time and reads that row of W once, as codes (0.5 byte per
+// weight against 2 for a bf16 GEMV): each lane takes 32 consecutive columns per step (one 16-byte
+// code load, one absmax), decodes them to the plain dequantize's rounded values and multiplies
+// them with the m rows of x (16-byte loads, served by L1/L2: x is small), accumulating in fp32.
+// The lanes issue the code and absmax loads of up to kGemvSteps steps before decoding any.
+// The LoRA term enters each lane's sums before the warp reduction (lanes over the rank).
+constexpr int kGemvThreads = 256;
+constexpr int kGemvSteps = 4;
+
+struct GemvArgs {
+  const void* x;
+  int64_t ldx;
+  int m;
+  const uint8_t* packed;
+  NF4Absmax am;
+  int log2_blocksize, log2_blocksize2;
+  int64_t n, k;
+  const float* xa;
+  const void* lora_b;
+  int rank;
+  float scale;
+  const void* bias;
+  void* y;
+};
+
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+__device__ __forceinline__ float to_float(__half v) {
+  return __half2float(v);
+}
+__device__ __forceinline__ float round_to(float v, __nv_bfloat16) {
+  return __bfloat162float(__float2bfloat16_rn(v));
+}
+__device__ __forceinline__ float round_to(float v, __half) {
+  return __half2float(__float2half_rn(v));
+}
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+
+// kM: m rounded up to 1, 2, 4 or 8 (rows past m are skipped)
+template <typename T, int kM>
+__global__ void __launch_bounds__(kGemvThreads) nf4_gemv_kernel(GemvArgs a) {
+  __shared__ float lut[16];
+  __shared__ float code2[256];
+  const bool nested = a.am.qabsmax != nullptr;
+  if (threadIdx.x < 16) lut[threadIdx.x] = kNF4Code[threadIdx.x];
+  if (nested) {
+    for (int i = threadIdx.x; i < 256; i += kGemvThreads) code2[i] = a.am.code2[i];
+  }
+  __syncthreads();
+  const T* __restrict__ x = static_cast<const T*>(a.x);
+  const int lane = threadIdx.x & 31;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kGemvThreads / 32) + (threadIdx.x >> 5);
+  if (row >= a.n) return;
+  float acc[kM];
+#pragma unroll
+  for (int i = 0; i < kM; ++i) acc[i] = 0.f;
+
+  const int64_t row0 = row * a.k;  // first element of the row in the flattened weight
+  for (int64_t base = 32 * lane; base < a.k; base += 32 * 32 * kGemvSteps) {
+    uint4 codes[kGemvSteps];
+    float sc[kGemvSteps];
+#pragma unroll
+    for (int s = 0; s < kGemvSteps; ++s) {
+      const int64_t c = base + s * 32 * 32;
+      codes[s] = make_uint4(0u, 0u, 0u, 0u);
+      sc[s] = 0.f;
+      if (c < a.k) {
+        codes[s] = __ldg(reinterpret_cast<const uint4*>(a.packed + ((row0 + c) >> 1)));
+        const int64_t b = (row0 + c) >> a.log2_blocksize;
+        sc[s] = nested ? __fadd_rn(__fmul_rn(code2[__ldg(a.am.qabsmax + b)],
+                                             __ldg(a.am.absmax2 + (b >> a.log2_blocksize2))),
+                                   a.am.offset)
+                       : __ldg(a.am.absmax + b);
+      }
+    }
+#pragma unroll
+    for (int s = 0; s < kGemvSteps; ++s) {
+      const int64_t c = base + s * 32 * 32;
+      if (c >= a.k) break;
+      const uint32_t words[4] = {codes[s].x, codes[s].y, codes[s].z, codes[s].w};
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {  // 8 columns per code word
+        float w[8];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {  // byte j: column 2j in the high nibble, 2j + 1 in the low
+          const uint32_t byte = (words[q] >> (8 * j)) & 0xFFu;
+          w[2 * j] = round_to(__fmul_rn(lut[byte >> 4], sc[s]), T{});
+          w[2 * j + 1] = round_to(__fmul_rn(lut[byte & 0xFu], sc[s]), T{});
+        }
+#pragma unroll
+        for (int i = 0; i < kM; ++i) {
+          if (i < a.m) {
+            const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + i * a.ldx + c + 8 * q));
+            const T* xs = reinterpret_cast<const T*>(&xv);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[i] = __fmaf_rn(to_float(xs[e]), w[e], acc[i]);
+          }
+        }
+      }
+    }
+  }
+  if (a.xa != nullptr) {
+    const T* b = static_cast<const T*>(a.lora_b) + row * a.rank;
+    for (int r = lane; r < a.rank; r += 32) {
+      const float bv = a.scale * to_float(b[r]);
+#pragma unroll
+      for (int i = 0; i < kM; ++i) {
+        if (i < a.m) acc[i] = __fmaf_rn(a.xa[i * a.rank + r], bv, acc[i]);
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kM; ++i) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], off);
+  }
+  if (lane == 0) {
+    const float bias = a.bias != nullptr ? to_float(static_cast<const T*>(a.bias)[row]) : 0.f;
+    T* y = static_cast<T*>(a.y);
+#pragma unroll
+    for (int i = 0; i < kM; ++i) {
+      if (i < a.m) y[i * a.n + row] = from_float<T>(acc[i] + bias);
+    }
+  }
+}
+
 }  // namespace
 
 cudaError_t nf4_dequantize(const uint8_t* packed, const NF4Absmax& absmax, int64_t n, int blocksize,
@@ -659,6 +796,55 @@ cudaError_t nf4_dequantize_lora(const uint8_t* packed, const NF4Absmax& absmax, 
     if (rank <= 16) return launch(nf4_dequantize_lora_kernel<T, 1>, at_bytes);
     if (rank <= 32) return launch(nf4_dequantize_lora_kernel<T, 2>, at_bytes);
     return launch(nf4_dequantize_lora_kernel<T, 0>, at_bytes);
+  };
+  return dtype == DType::kBFloat16 ? run(__nv_bfloat16{}) : run(__half{});
+}
+
+cudaError_t nf4_gemv(const void* x, int64_t ldx, int m, const uint8_t* packed,
+                     const NF4Absmax& absmax, int64_t n, int64_t k, int blocksize, const float* xa,
+                     const void* lora_b, int rank, float scale, const void* bias, void* y,
+                     DType dtype, cudaStream_t stream) {
+  HOPTUNE_REQUIRE(x != nullptr && packed != nullptr && y != nullptr);
+  HOPTUNE_REQUIRE(m >= 1 && m <= 8 && n > 0 && k > 0 && k % 64 == 0 && ldx >= k);
+  HOPTUNE_REQUIRE(is_pow2(blocksize) && blocksize >= 64 && blocksize <= 4096 &&
+                  (n * k) % blocksize == 0);
+  HOPTUNE_REQUIRE(reinterpret_cast<uintptr_t>(packed) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(x) % 16 == 0 && ldx % 8 == 0);
+  HOPTUNE_REQUIRE((xa == nullptr) == (lora_b == nullptr) && (xa == nullptr || rank >= 1));
+  HOPTUNE_REQUIRE(dtype == DType::kBFloat16 || dtype == DType::kFloat16);
+  const bool nested = absmax.qabsmax != nullptr;
+  HOPTUNE_REQUIRE(nested ? (absmax.absmax2 && absmax.code2 && is_pow2(absmax.blocksize2))
+                         : absmax.absmax != nullptr);
+  GemvArgs a;
+  a.x = x;
+  a.ldx = ldx;
+  a.m = m;
+  a.packed = packed;
+  a.am = absmax;
+  a.log2_blocksize = ilog2(blocksize);
+  a.log2_blocksize2 = nested ? ilog2(absmax.blocksize2) : 0;
+  a.n = n;
+  a.k = k;
+  a.xa = xa;
+  a.lora_b = lora_b;
+  a.rank = rank;
+  a.scale = scale;
+  a.bias = bias;
+  a.y = y;
+  const int64_t grid = (n + kGemvThreads / 32 - 1) / (kGemvThreads / 32);
+  HOPTUNE_REQUIRE(grid <= 0x7fffffff);
+  auto run = [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    const dim3 g(static_cast<unsigned>(grid));
+    if (m == 1)
+      nf4_gemv_kernel<T, 1><<<g, kGemvThreads, 0, stream>>>(a);
+    else if (m == 2)
+      nf4_gemv_kernel<T, 2><<<g, kGemvThreads, 0, stream>>>(a);
+    else if (m <= 4)
+      nf4_gemv_kernel<T, 4><<<g, kGemvThreads, 0, stream>>>(a);
+    else
+      nf4_gemv_kernel<T, 8><<<g, kGemvThreads, 0, stream>>>(a);
+    return cudaGetLastError();
   };
   return dtype == DType::kBFloat16 ? run(__nv_bfloat16{}) : run(__half{});
 }

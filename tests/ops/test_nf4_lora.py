@@ -133,6 +133,65 @@ def test_dequantize_lora_kernel(n, k, r, blocksize, double_quant, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("k,n,r", [(320, 200, 8), (1088, 136, 64), (4096, 72, 256)])
+def test_small_m_reads_the_codes(m, dtype, double_quant, k, n, r, monkeypatch):
+    """1 <= M <= 8 rows: one pass over the codes (nf4_gemv, no dequantized weight), every sum in
+    fp32. Against float64 on the dequantized weight by the STYLE rule, for y and the gradients
+    (the backward is the large-M one), with a strided x, N not a multiple of the warp's rows,
+    LoRA and bias; without LoRA the same kernel gives x deq(W)^T + bias."""
+    monkeypatch.setattr(nf4_ops, "GEMV_MAX_M", 8)  # every row count the kernel takes
+    ext = nf4_ops._lib.extension()
+    calls = {"gemv": 0, "merged": 0}
+    for name, key in (("nf4_gemv", "gemv"), ("nf4_dequantize_lora", "merged")):
+        fn = getattr(ext, name)
+
+        def counted(*args, _fn=fn, _key=key, **kw):
+            calls[_key] += 1
+            return _fn(*args, **kw)
+
+        monkeypatch.setattr(ext, name, counted)
+    g = torch.Generator().manual_seed(m * 7 + k + r)
+    w = (torch.randn(n, k, generator=g) * k**-0.5).to(dtype).cuda()
+    q = quantize_nf4(w, double_quant=double_quant)
+    wide = torch.randn(m, k + 64, generator=g).to(dtype).cuda()
+    x = wide[:, 32 : 32 + k]  # rows k + 64 apart, 64 bytes in
+    a = (torch.randn(r, k, generator=g) * k**-0.5).to(dtype).cuda()
+    b = (torch.randn(n, r, generator=g) * r**-0.5).to(dtype).cuda()
+    bias = torch.randn(n, generator=g).to(dtype).cuda()
+    gy = torch.randn(m, n, generator=g).to(dtype).cuda()
+    deq = dequantize_nf4(q)
+    poison_cuda_cache()
+    ours = _run(lambda x_, a_, b_: nf4_lora_linear(x_, q, a_, b_, 0.75, bias), x, a, b, gy)
+    # the forward from the codes; dX from deq(W) plus dxa @ A (few rows: no merged weight)
+    assert calls == {"gemv": 1, "merged": 0}
+
+    def plain(x_, a_, b_, dt):
+        y = x_.to(dt) @ deq.to(dt).t() + 0.75 * (x_.to(dt) @ a_.to(dt).t()) @ b_.to(dt).t()
+        return y + bias.to(dt)
+
+    ref = _run(
+        lambda x_, a_, b_: plain(x_, a_, b_, torch.float64), x.double(), a.double(), b.double(), gy.double()
+    )
+    low = _run(lambda x_, a_, b_: plain(x_, a_, b_, dtype), x, a, b, gy)
+    for name, o, r_, lo in zip(("y", "dx", "dA", "dB"), ours, ref, low):
+        assert o.dtype == dtype and o.shape == r_.shape, name
+        assert torch.isfinite(o).all(), name
+        e_ours, e_low = rel_err(o, r_), rel_err(lo, r_)
+        assert e_ours <= 2 * e_low + 1e-6, f"{name}: ours {e_ours:.3g} vs torch {dtype} {e_low:.3g}"
+    # no LoRA, no grad (generation): the same kernel
+    with torch.no_grad():
+        y0 = nf4_lora_linear(x, q, bias=bias)
+    assert calls["gemv"] == 2
+    exact = x.double() @ deq.double().t() + bias.double()
+    e_ours = rel_err(y0, exact)
+    e_low = rel_err(x @ deq.t() + bias, exact)
+    assert e_ours <= 2 * e_low + 1e-6, f"no LoRA: ours {e_ours:.3g} vs torch {e_low:.3g}"
+
+
+@pytest.mark.gpu
 def test_dequantize_lora_offset_absmax_codes():
     """The 8-bit absmax codes as a view at an odd offset: the same weight."""
     g = torch.Generator().manual_seed(0)

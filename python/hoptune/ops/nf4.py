@@ -216,6 +216,49 @@ def dequantize_lora_kernel(
     return out
 
 
+# Rows of x up to which the forward reads the codes directly (nf4_gemv; the kernel takes up to 8).
+# On an H200 it beat the merged dequantize + GEMM on every benchmark shape up to 3 rows, and lost
+# on some at 4 and on all at 8 (bench/results/nf4_lora.json, the small-M rows).
+GEMV_MAX_M = 3
+
+
+def gemv_kernel(
+    x2, packed, absmax, absmax2, code2, offset, blocksize, blocksize2, n, xa, lora_B, scale, bias
+) -> torch.Tensor:
+    """y = x2 @ deq(W)^T (+ scale * xa @ lora_B^T) (+ bias) for 1 <= M <= 8 rows of x2
+    (M, K) in bf16/fp16, straight from the codes (no dequantized copy of W). xa (M, r) fp32 and
+    lora_B (N, r), or both None; bias (N,) or None, in x2's dtype. The caller has checked that the
+    kernel runs (CUDA on sm_90, 16-bit x2, K % 64 == 0)."""
+    m, k = x2.shape
+    if x2.stride(1) != 1 or x2.stride(0) < k or x2.stride(0) % 8 or x2.data_ptr() % 16:
+        x2 = x2.contiguous()
+    packed = _aligned(packed)
+    b = None if lora_B is None else lora_B.contiguous()
+    xa = None if xa is None else xa.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    _lib.extension().nf4_gemv(
+        x2.data_ptr(),
+        x2.stride(0),
+        m,
+        *_state_ptrs(packed, absmax, absmax2, code2),
+        float(offset),
+        blocksize2,
+        n,
+        k,
+        blocksize,
+        _lib.ptr(xa),
+        _lib.ptr(b),
+        0 if b is None else b.shape[1],
+        float(scale),
+        _lib.ptr(bias),
+        y.data_ptr(),
+        _lib.DTYPE_CODES[x2.dtype],
+        _lib.stream(x2),
+    )
+    return y
+
+
 @nf4_dequantize_lora.register_fake
 def _(packed, absmax, absmax2, code2, offset, blocksize, blocksize2, shape, lora_A, lora_B, scale):
     return lora_A.new_empty(shape)

@@ -7,8 +7,10 @@ merged, lives between the passes.
 On sm_90 with 16-bit x and K % 64 == 0, one kernel dequantizes W with the LoRA product folded
 in, W' = deq(W) + s * B @ A (the rank-r product on tensor cores, mma.sync with the epilogue in
 registers; the same DRAM traffic as the plain dequantize, at about 0.6x its speed for r = 16),
-into a transient buffer of one layer's weight, and a single cuBLAS GEMM gives y = x @ W'^T. The
-backward takes dX = dY @ W' when N <= M / 2, else dY @ deq(W) + (s dY B) @ A, whichever moves
+into a transient buffer of one layer's weight, and a single cuBLAS GEMM gives y = x @ W'^T. For
+a few rows of x (M <= nf4.GEMV_MAX_M = 3: generation) the forward instead reads the codes once (nf4_gemv: no
+dequantized weight at all), with x A^T formed first in fp32 and the LoRA term added in the
+kernel. The backward takes dX = dY @ W' when N <= M / 2, else dY @ deq(W) + (s dY B) @ A, whichever moves
 fewer bytes; the other LoRA terms are x @ A^T, dY @ B and the two reductions over the tokens
 dA = (s dY B)^T x and dB = s dY^T (x A^T). Elsewhere (CPU, fp32, K not a multiple of 64) the
 LoRA terms are applied to the activations (hoptune.reference.nf4_lora on CPU).
@@ -39,6 +41,18 @@ def _merged(x: torch.Tensor, lora_A: torch.Tensor | None) -> bool:
         and lora_A.dtype == x.dtype
         and x.shape[-1] % 64 == 0
         and _lib.use_kernel(x, "nf4_lora_linear")
+    )
+
+
+def _gemv(x2: torch.Tensor, lora_A: torch.Tensor | None) -> bool:
+    """Whether the product reads the codes directly, for 1 <= M <= GEMV_MAX_M rows (generation):
+    CUDA, 16-bit x, K % 64 == 0."""
+    return (
+        1 <= x2.shape[0] <= nf4_ops.GEMV_MAX_M
+        and x2.dtype in nf4_ops.LORA_DTYPES
+        and (lora_A is None or lora_A.dtype == x2.dtype)
+        and x2.shape[1] % 64 == 0
+        and _lib.use_kernel(x2, "nf4_lora_linear")
     )
 
 
@@ -88,19 +102,22 @@ def _mm_scaled(a: torch.Tensor, b: torch.Tensor, scale: float, eager: bool) -> t
 def _merged_weight(x, q, out_features, lora_A, lora_B, scale) -> torch.Tensor | None:
     """W' = deq(W) + s B A from the merged kernel when it runs for x, else None. The eager path
     launches it before the autograd Function's host work, which the kernel's device time covers."""
-    if not _merged(x, lora_A):
-        return None
+    if x.numel() <= nf4_ops.GEMV_MAX_M * x.shape[-1] or not _merged(x, lora_A):
+        return None  # (a few rows: the small-M product reads the codes instead)
     return nf4_ops.dequantize_lora_kernel(*q, (out_features, x.shape[-1]), lora_A, lora_B, scale)
 
 
 def _forward(x, q, out_features, lora_A, lora_B, scale, bias, merged_w) -> torch.Tensor:
-    """y from the merged weight (_merged_weight's result), or, when that is None, from deq(W)
-    with the LoRA term applied to the activations."""
+    """y from the merged weight (_merged_weight's result); else, for a few rows, from the codes
+    directly (nf4_gemv); else from deq(W) with the LoRA term applied to the activations."""
     k = x.shape[-1]
     flat = x.dim() == 2
     x2 = x if flat else x.reshape(-1, k)
     if merged_w is not None:  # the LoRA term is in the weight: one GEMM
         y = torch.mm(x2, merged_w.t()) if bias is None else torch.addmm(bias, x2, merged_w.t())
+    elif _gemv(x2, lora_A):  # a few rows: one pass over the codes, the LoRA term in fp32
+        xa = None if lora_A is None else torch.mm(x2, lora_A.t(), out_dtype=torch.float32)
+        y = nf4_ops.gemv_kernel(x2, *q, out_features, xa, lora_B, scale, bias)
     else:
         w = _weight(q, out_features, k, x.dtype, None, None, scale, False, inside_op=True)
         y = ref.lora_forward(x2, w, lora_A, lora_B, scale, bias)
