@@ -216,6 +216,15 @@ inline int ilog2(int64_t v) {
   return r;
 }
 
+// The checks every reader of an NF4 state makes: blocksize a power of two in [64, 4096] that
+// divides the element count n, and the absmax arrays of its storage (plain or nested) present.
+inline bool valid_state(const NF4Absmax& am, int blocksize, int64_t n) {
+  const bool nested = am.qabsmax != nullptr;
+  return is_pow2(blocksize) && blocksize >= 64 && blocksize <= 4096 && n % blocksize == 0 &&
+         (nested ? (am.absmax2 != nullptr && am.code2 != nullptr && is_pow2(am.blocksize2))
+                 : am.absmax != nullptr);
+}
+
 // Launch with programmatic dependent launch allowed: the kernel may be scheduled while the previous
 // kernel in the stream drains, and must call pdl_begin() before it reads memory.
 template <typename... Params, typename... Args>
@@ -578,27 +587,10 @@ struct GemvArgs {
   void* y;
 };
 
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-__device__ __forceinline__ float to_float(__half v) {
-  return __half2float(v);
-}
-__device__ __forceinline__ float round_to(float v, __nv_bfloat16) {
-  return __bfloat162float(__float2bfloat16_rn(v));
-}
-__device__ __forceinline__ float round_to(float v, __half) {
-  return __half2float(__float2half_rn(v));
-}
+// v rounded to T (nearest even), as fp32
 template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
+__device__ __forceinline__ float round_to(float v) {
+  return to_float(from_float<T>(v));
 }
 
 // kM: m rounded up to 1, 2, 4 or 8 (rows past m are skipped)
@@ -649,8 +641,8 @@ __global__ void __launch_bounds__(kGemvThreads) nf4_gemv_kernel(GemvArgs a) {
 #pragma unroll
         for (int j = 0; j < 4; ++j) {  // byte j: column 2j in the high nibble, 2j + 1 in the low
           const uint32_t byte = (words[q] >> (8 * j)) & 0xFFu;
-          w[2 * j] = round_to(__fmul_rn(lut[byte >> 4], sc[s]), T{});
-          w[2 * j + 1] = round_to(__fmul_rn(lut[byte & 0xFu], sc[s]), T{});
+          w[2 * j] = round_to<T>(__fmul_rn(lut[byte >> 4], sc[s]));
+          w[2 * j + 1] = round_to<T>(__fmul_rn(lut[byte & 0xFu], sc[s]));
         }
 #pragma unroll
         for (int i = 0; i < kM; ++i) {
@@ -694,12 +686,10 @@ __global__ void __launch_bounds__(kGemvThreads) nf4_gemv_kernel(GemvArgs a) {
 cudaError_t nf4_dequantize(const uint8_t* packed, const NF4Absmax& absmax, int64_t n, int blocksize,
                            void* out, DType out_dtype, cudaStream_t stream, int variant) {
   HOPTUNE_REQUIRE(packed != nullptr && out != nullptr && n > 0);
-  HOPTUNE_REQUIRE(is_pow2(blocksize) && blocksize >= 64 && blocksize <= 4096 && n % blocksize == 0);
+  HOPTUNE_REQUIRE(valid_state(absmax, blocksize, n));
   HOPTUNE_REQUIRE(reinterpret_cast<uintptr_t>(packed) % 16 == 0 &&
                   reinterpret_cast<uintptr_t>(out) % 16 == 0);
   const bool nested = absmax.qabsmax != nullptr;
-  HOPTUNE_REQUIRE(nested ? (absmax.absmax2 && absmax.code2 && is_pow2(absmax.blocksize2))
-                         : absmax.absmax != nullptr);
   // Launched with programmatic dependent launch. Version 1 (bf16 output, nested absmax; kept for
   // measurement) is the same kernel without it. Loads per thread (1-8), CTA size (256-1024) and a
   // grid capped at 8 CTAs per SM were measured too: none beat 256 threads with 4 loads each.
@@ -744,14 +734,11 @@ cudaError_t nf4_dequantize_lora(const uint8_t* packed, const NF4Absmax& absmax, 
                                 cudaStream_t stream) {
   HOPTUNE_REQUIRE(packed != nullptr && out != nullptr && lora_a != nullptr && lora_b != nullptr);
   HOPTUNE_REQUIRE(rows > 0 && cols > 0 && cols % 64 == 0 && rank >= 1 && rank <= 256);
-  HOPTUNE_REQUIRE(is_pow2(blocksize) && blocksize >= 64 && blocksize <= 4096 &&
-                  (rows * cols) % blocksize == 0);
+  HOPTUNE_REQUIRE(valid_state(absmax, blocksize, rows * cols));
   HOPTUNE_REQUIRE(reinterpret_cast<uintptr_t>(packed) % 16 == 0 &&
                   reinterpret_cast<uintptr_t>(out) % 16 == 0);
   HOPTUNE_REQUIRE(dtype == DType::kBFloat16 || dtype == DType::kFloat16);
   const bool nested = absmax.qabsmax != nullptr;
-  HOPTUNE_REQUIRE(nested ? (absmax.absmax2 && absmax.code2 && is_pow2(absmax.blocksize2))
-                         : absmax.absmax != nullptr);
   MergeArgs a;
   a.packed = packed;
   a.am = absmax;
@@ -806,15 +793,12 @@ cudaError_t nf4_gemv(const void* x, int64_t ldx, int m, const uint8_t* packed,
                      DType dtype, cudaStream_t stream) {
   HOPTUNE_REQUIRE(x != nullptr && packed != nullptr && y != nullptr);
   HOPTUNE_REQUIRE(m >= 1 && m <= 8 && n > 0 && k > 0 && k % 64 == 0 && ldx >= k);
-  HOPTUNE_REQUIRE(is_pow2(blocksize) && blocksize >= 64 && blocksize <= 4096 &&
-                  (n * k) % blocksize == 0);
+  HOPTUNE_REQUIRE(valid_state(absmax, blocksize, n * k));
   HOPTUNE_REQUIRE(reinterpret_cast<uintptr_t>(packed) % 16 == 0 &&
                   reinterpret_cast<uintptr_t>(x) % 16 == 0 && ldx % 8 == 0);
   HOPTUNE_REQUIRE((xa == nullptr) == (lora_b == nullptr) && (xa == nullptr || rank >= 1));
   HOPTUNE_REQUIRE(dtype == DType::kBFloat16 || dtype == DType::kFloat16);
   const bool nested = absmax.qabsmax != nullptr;
-  HOPTUNE_REQUIRE(nested ? (absmax.absmax2 && absmax.code2 && is_pow2(absmax.blocksize2))
-                         : absmax.absmax != nullptr);
   GemvArgs a;
   a.x = x;
   a.ldx = ldx;

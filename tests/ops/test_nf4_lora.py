@@ -38,6 +38,15 @@ def _run(fn, x, a, b, g):
     return y.detach(), x.grad, a.grad, b.grad
 
 
+def _compare(ours, ref, low, dtype):
+    """y and the gradients: our error against the float64 result at most 2x torch's in dtype."""
+    for name, o, r_, lo in zip(("y", "dx", "dA", "dB"), ours, ref, low):
+        assert o.dtype == dtype and o.shape == r_.shape, name
+        assert torch.isfinite(o).all(), name
+        e_ours, e_low = rel_err(o, r_), rel_err(lo, r_)
+        assert e_ours <= 2 * e_low + 1e-6, f"{name}: ours {e_ours:.3g} vs torch {dtype} {e_low:.3g}"
+
+
 def _check(m, k, n, r, dtype, device, seed, x_shape=None, noncontig=False, scale=0.75):
     x, q, a, b, bias = _case(m, k, n, r, dtype, device, seed, x_shape=x_shape)
     if noncontig:  # a strided view of a wider buffer
@@ -60,11 +69,7 @@ def _check(m, k, n, r, dtype, device, seed, x_shape=None, noncontig=False, scale
         lambda x_, a_, b_: plain(x_, a_, b_, torch.float64), x.double(), a.double(), b.double(), g.double()
     )
     low = _run(lambda x_, a_, b_: plain(x_, a_, b_, dtype), x, a, b, g)
-    for name, o, r_, lo in zip(("y", "dx", "dA", "dB"), ours, ref, low):
-        assert o.dtype == dtype and o.shape == r_.shape, name
-        assert torch.isfinite(o).all(), name
-        e_ours, e_low = rel_err(o, r_), rel_err(lo, r_)
-        assert e_ours <= 2 * e_low + 1e-6, f"{name}: ours {e_ours:.3g} vs torch {dtype} {e_low:.3g}"
+    _compare(ours, ref, low, dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -176,11 +181,7 @@ def test_small_m_reads_the_codes(m, dtype, double_quant, k, n, r, monkeypatch):
         lambda x_, a_, b_: plain(x_, a_, b_, torch.float64), x.double(), a.double(), b.double(), gy.double()
     )
     low = _run(lambda x_, a_, b_: plain(x_, a_, b_, dtype), x, a, b, gy)
-    for name, o, r_, lo in zip(("y", "dx", "dA", "dB"), ours, ref, low):
-        assert o.dtype == dtype and o.shape == r_.shape, name
-        assert torch.isfinite(o).all(), name
-        e_ours, e_low = rel_err(o, r_), rel_err(lo, r_)
-        assert e_ours <= 2 * e_low + 1e-6, f"{name}: ours {e_ours:.3g} vs torch {dtype} {e_low:.3g}"
+    _compare(ours, ref, low, dtype)
     # no LoRA, no grad (generation): the same kernel
     with torch.no_grad():
         y0 = nf4_lora_linear(x, q, bias=bias)
