@@ -92,8 +92,9 @@ def nf4_lora() -> None:
         nf4_ops.nf4_dequantize_lora(
             q.packed, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize, q.blocksize2, [n, k], a, b, 0.5
         )
-    # the small-M product from the codes (enabled up to the kernel's 8 rows): every row count's kernel, with and without LoRA and bias,
-    # a strided x, N not a multiple of a CTA's 8 rows, K past one step of the lanes' loop
+    # the small-M product from the codes (enabled up to the kernel's 8 rows): every row count's
+    # kernel, with and without LoRA and bias, a strided x, N not a multiple of a CTA's 8 rows, K
+    # past one step of the lanes' loop
     for m, dq, r, n, k, dt in [
         (1, True, 8, 197, 320, torch.bfloat16),
         (3, False, 0, 60, 4160, torch.float16),

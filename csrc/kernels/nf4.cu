@@ -568,6 +568,9 @@ __global__ void __launch_bounds__(kMrgThreads, 2) nf4_dequantize_lora_kernel(Mer
 // them with the m rows of x (16-byte loads, served by L1/L2: x is small), accumulating in fp32.
 // The lanes issue the code and absmax loads of up to kGemvSteps steps before decoding any.
 // The LoRA term enters each lane's sums before the warp reduction (lanes over the rank).
+// On an H200 at M = 1 this reads 0.5-0.85 TB/s of codes: latency-bound (four 16-byte loads in
+// flight per lane), and each row of x is re-read and converted per weight row, which is why
+// the dispatch stops at 3 rows (bench/README.md).
 constexpr int kGemvThreads = 256;
 constexpr int kGemvSteps = 4;
 

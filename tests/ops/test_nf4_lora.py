@@ -145,7 +145,7 @@ def test_dequantize_lora_kernel(n, k, r, blocksize, double_quant, dtype):
 def test_small_m_reads_the_codes(m, dtype, double_quant, k, n, r, monkeypatch):
     """1 <= M <= 8 rows: one pass over the codes (nf4_gemv, no dequantized weight), every sum in
     fp32. Against float64 on the dequantized weight by the STYLE rule, for y and the gradients
-    (the backward is the large-M one), with a strided x, N not a multiple of the warp's rows,
+    (the backward is the large-M one), with a strided x, N not a multiple of a CTA's 8 rows,
     LoRA and bias; without LoRA the same kernel gives x deq(W)^T + bias."""
     monkeypatch.setattr(nf4_ops, "GEMV_MAX_M", 8)  # every row count the kernel takes
     ext = nf4_ops._lib.extension()

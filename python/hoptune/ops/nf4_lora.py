@@ -8,11 +8,11 @@ On sm_90 with 16-bit x and K % 64 == 0, one kernel dequantizes W with the LoRA p
 in, W' = deq(W) + s * B @ A (the rank-r product on tensor cores, mma.sync with the epilogue in
 registers; the same DRAM traffic as the plain dequantize, at about 0.6x its speed for r = 16),
 into a transient buffer of one layer's weight, and a single cuBLAS GEMM gives y = x @ W'^T. For
-a few rows of x (M <= nf4.GEMV_MAX_M = 3: generation) the forward instead reads the codes once (nf4_gemv: no
-dequantized weight at all), with x A^T formed first in fp32 and the LoRA term added in the
-kernel. The backward takes dX = dY @ W' when N <= M / 2, else dY @ deq(W) + (s dY B) @ A, whichever moves
-fewer bytes; the other LoRA terms are x @ A^T, dY @ B and the two reductions over the tokens
-dA = (s dY B)^T x and dB = s dY^T (x A^T). Elsewhere (CPU, fp32, K not a multiple of 64) the
+a few rows of x (M <= nf4.GEMV_MAX_M = 3: generation) the forward instead reads the codes once
+(nf4_gemv: no dequantized weight at all), with x A^T formed first in fp32 and the LoRA term added
+in the kernel. The backward takes dX = dY @ W' when N <= M / 2, else dY @ deq(W) + (s dY B) @ A,
+whichever moves fewer bytes; the other LoRA terms are x @ A^T, dY @ B and the two reductions over
+the tokens dA = (s dY B)^T x and dB = s dY^T (x A^T). Elsewhere (CPU, fp32, K not a multiple of 64) the
 LoRA terms are applied to the activations (hoptune.reference.nf4_lora on CPU).
 """
 
