@@ -33,6 +33,19 @@ cudaStream_t stream_of(uintptr_t s) {
   return reinterpret_cast<cudaStream_t>(s);
 }
 
+// An NF4 state's absmax as the kernels take it: plain fp32 (qabsmax 0) or nested.
+hoptune::NF4Absmax nf4_absmax(uintptr_t absmax, uintptr_t qabsmax, uintptr_t absmax2,
+                              uintptr_t code2, float offset, int blocksize2) {
+  hoptune::NF4Absmax am;
+  am.absmax = ptr<const float*>(absmax);
+  am.qabsmax = ptr<const uint8_t*>(qabsmax);
+  am.absmax2 = ptr<const float*>(absmax2);
+  am.code2 = ptr<const float*>(code2);
+  am.offset = offset;
+  am.blocksize2 = blocksize2;
+  return am;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -44,13 +57,8 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t packed, uintptr_t absmax, uintptr_t qabsmax, uintptr_t absmax2, uintptr_t code2,
          float offset, int blocksize2, int64_t n, int blocksize, uintptr_t out, int out_dtype,
          uintptr_t stream, int variant) {
-        hoptune::NF4Absmax am;
-        am.absmax = ptr<const float*>(absmax);
-        am.qabsmax = ptr<const uint8_t*>(qabsmax);
-        am.absmax2 = ptr<const float*>(absmax2);
-        am.code2 = ptr<const float*>(code2);
-        am.offset = offset;
-        am.blocksize2 = blocksize2;
+        const hoptune::NF4Absmax am =
+            nf4_absmax(absmax, qabsmax, absmax2, code2, offset, blocksize2);
         check(
             hoptune::nf4_dequantize(ptr<const uint8_t*>(packed), am, n, blocksize, ptr<void*>(out),
                                     static_cast<DType>(out_dtype), stream_of(stream), variant),
@@ -66,13 +74,8 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t packed, uintptr_t absmax, uintptr_t qabsmax, uintptr_t absmax2, uintptr_t code2,
          float offset, int blocksize2, int64_t rows, int64_t cols, int blocksize, uintptr_t lora_a,
          uintptr_t lora_b, int rank, float scale, uintptr_t out, int dtype, uintptr_t stream) {
-        hoptune::NF4Absmax am;
-        am.absmax = ptr<const float*>(absmax);
-        am.qabsmax = ptr<const uint8_t*>(qabsmax);
-        am.absmax2 = ptr<const float*>(absmax2);
-        am.code2 = ptr<const float*>(code2);
-        am.offset = offset;
-        am.blocksize2 = blocksize2;
+        const hoptune::NF4Absmax am =
+            nf4_absmax(absmax, qabsmax, absmax2, code2, offset, blocksize2);
         check(hoptune::nf4_dequantize_lora(ptr<const uint8_t*>(packed), am, rows, cols, blocksize,
                                            ptr<const void*>(lora_a), ptr<const void*>(lora_b), rank,
                                            scale, ptr<void*>(out), static_cast<DType>(dtype),
@@ -91,13 +94,8 @@ PYBIND11_MODULE(_C, m) {
          uintptr_t absmax2, uintptr_t code2, float offset, int blocksize2, int64_t n, int64_t k,
          int blocksize, uintptr_t xa, uintptr_t lora_b, int rank, float scale, uintptr_t bias,
          uintptr_t y, int dtype, uintptr_t stream) {
-        hoptune::NF4Absmax am;
-        am.absmax = ptr<const float*>(absmax);
-        am.qabsmax = ptr<const uint8_t*>(qabsmax);
-        am.absmax2 = ptr<const float*>(absmax2);
-        am.code2 = ptr<const float*>(code2);
-        am.offset = offset;
-        am.blocksize2 = blocksize2;
+        const hoptune::NF4Absmax am =
+            nf4_absmax(absmax, qabsmax, absmax2, code2, offset, blocksize2);
         check(hoptune::nf4_gemv(ptr<const void*>(x), ldx, rows, ptr<const uint8_t*>(packed), am, n,
                                 k, blocksize, ptr<const float*>(xa), ptr<const void*>(lora_b), rank,
                                 scale, ptr<const void*>(bias), ptr<void*>(y),

@@ -38,6 +38,12 @@ __constant__ float kNF4Code[16] = {
     1.0f,
 };
 
+// The absmax of a nested (double-quantized) block: code2[qa] * absmax2 + offset, two separately
+// rounded fp32 operations, as bitsandbytes does them.
+__device__ __forceinline__ float nested_absmax(float code, float absmax2, float offset) {
+  return __fadd_rn(__fmul_rn(code, absmax2), offset);
+}
+
 constexpr int kDequantThreads = 256;
 
 // Programmatic dependent launch, in a kernel started by launch_pdl: let the next kernel in the
@@ -117,7 +123,7 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t b = c >> log2_chunks_per_block;
         if (kNested) {
           const float v = code2[__ldg(am.qabsmax + b)];
-          scale[k] = __fadd_rn(__fmul_rn(v, __ldg(am.absmax2 + (b >> log2_blocksize2))), am.offset);
+          scale[k] = nested_absmax(v, __ldg(am.absmax2 + (b >> log2_blocksize2)), am.offset);
         } else {
           scale[k] = __ldg(am.absmax + b);
         }
@@ -551,7 +557,7 @@ __global__ void __launch_bounds__(kMrgThreads, 2) nf4_dequantize_lora_kernel(Mer
         const int64_t n = n0 + g + 8 * h;
         if (n >= a.rows) continue;
         const float sc =
-            nested ? __fadd_rn(__fmul_rn(code2[cur.qa[h]], cur.amax[h]), a.am.offset) : cur.amax[h];
+            nested ? nested_absmax(code2[cur.qa[h]], cur.amax[h], a.am.offset) : cur.amax[h];
         merge_store(out + n * a.cols + k0 + 16 * q, cur.codes[h], sc, acc, h, a.scale, lut);
       }
     }
@@ -627,9 +633,8 @@ __global__ void __launch_bounds__(kGemvThreads) nf4_gemv_kernel(GemvArgs a) {
       if (c < a.k) {
         codes[s] = __ldg(reinterpret_cast<const uint4*>(a.packed + ((row0 + c) >> 1)));
         const int64_t b = (row0 + c) >> a.log2_blocksize;
-        sc[s] = nested ? __fadd_rn(__fmul_rn(code2[__ldg(a.am.qabsmax + b)],
-                                             __ldg(a.am.absmax2 + (b >> a.log2_blocksize2))),
-                                   a.am.offset)
+        sc[s] = nested ? nested_absmax(code2[__ldg(a.am.qabsmax + b)],
+                                       __ldg(a.am.absmax2 + (b >> a.log2_blocksize2)), a.am.offset)
                        : __ldg(a.am.absmax + b);
       }
     }

@@ -12,8 +12,8 @@ a few rows of x (M <= nf4.GEMV_MAX_M = 3: generation) the forward instead reads 
 (nf4_gemv: no dequantized weight at all), with x A^T formed first in fp32 and the LoRA term added
 in the kernel. The backward takes dX = dY @ W' when N <= M / 2, else dY @ deq(W) + (s dY B) @ A,
 whichever moves fewer bytes; the other LoRA terms are x @ A^T, dY @ B and the two reductions over
-the tokens dA = (s dY B)^T x and dB = s dY^T (x A^T). Elsewhere (CPU, fp32, K not a multiple of 64) the
-LoRA terms are applied to the activations (hoptune.reference.nf4_lora on CPU).
+the tokens dA = (s dY B)^T x and dB = s dY^T (x A^T). Elsewhere (CPU, fp32, K not a multiple of
+64) the LoRA terms are applied to the activations (hoptune.reference.nf4_lora on CPU).
 """
 
 from __future__ import annotations
