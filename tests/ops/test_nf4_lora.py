@@ -252,6 +252,29 @@ def test_without_autograd_matches_the_recorded_call(device, x_shape):
     assert bias_g.grad is None
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m", [2, 300])  # on CUDA: from the codes, and the merged weight
+def test_in_place_on_the_output(device, m):
+    """The output of a recorded call (3-D x) takes in-place ops, as a Linear's does (y += residual),
+    and the gradients then follow the modified graph."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    x, q, a, b, bias = _case(0, 192, 136, 16, dtype, device, seed=8, x_shape=(2, m // 2))
+    res = torch.randn_like(x[..., :1]).expand(*x.shape[:-1], 136).contiguous()
+
+    def fn(x_, a_, b_):
+        y = nf4_lora_linear(x_, q, a_, b_, 0.5, bias)
+        assert not y._is_view()
+        y += res
+        return y.mul_(3.0)
+
+    def plain(x_, a_, b_):
+        return (nf4_lora_linear(x_, q, a_, b_, 0.5, bias) + res) * 3.0
+
+    g = torch.randn(*x.shape[:-1], 136, dtype=dtype, device=device)
+    for got, want in zip(_run(fn, x, a, b, g), _run(plain, x, a, b, g)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_no_lora_and_frozen_weight():
     x, q, _, _, bias = _case(9, 128, 64, 8, torch.float32, "cpu", seed=0)
     y = nf4_lora_linear(x, q, bias=bias)

@@ -114,8 +114,16 @@ def _forward(x, q, out_features, lora_A, lora_B, scale, bias, merged_w) -> torch
     flat = x.dim() == 2
     x2 = x if flat else x.reshape(-1, k)
     if merged_w is not None:  # the LoRA term is in the weight: one GEMM
-        y = torch.mm(x2, merged_w.t()) if bias is None else torch.addmm(bias, x2, merged_w.t())
-    elif _gemv(x2, lora_A):  # a few rows: one pass over the codes, the LoRA term in fp32
+        # written into y of x's leading shape (not a view of a 2-D result: the Function's
+        # output must not be a view, or an in-place op on it would be refused)
+        y = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype, device=x.device)
+        y2 = y if flat else y.view(-1, out_features)
+        if bias is None:
+            torch.mm(x2, merged_w.t(), out=y2)
+        else:
+            torch.addmm(bias, x2, merged_w.t(), out=y2)
+        return y
+    if _gemv(x2, lora_A):  # a few rows: one pass over the codes, the LoRA term in fp32
         xa = None if lora_A is None else torch.mm(x2, lora_A.t(), out_dtype=torch.float32)
         y = nf4_ops.gemv_kernel(x2, *q, out_features, xa, lora_B, scale, bias)
     else:
@@ -232,11 +240,18 @@ class _EagerNF4LoraLinear(torch.autograd.Function):
     custom op instead."""
 
     @staticmethod
-    def forward(ctx, x, q, out_features, lora_A, lora_B, scale, bias, merged_w):
-        # merged_w: launched by the caller; not saved (no copy of W lives between the passes)
+    def forward(ctx, x, q, out_features, lora_A, lora_B, scale, bias, early):
+        # early: (merged weight, y) as launched by the caller, either None; in a tuple, so that y
+        # is not an input returned as is (autograd would make it a view). The merged weight is not
+        # saved: no copy of W lives between the passes.
         ctx.meta = (q[4], q[5], q[6], out_features, scale)
         ctx.save_for_backward(x, *q[:4], lora_A, lora_B)
-        return _forward(x, q, out_features, lora_A, lora_B, scale, bias, merged_w)
+        merged_w, y = early
+        if y is None:
+            y = _forward(x, q, out_features, lora_A, lora_B, scale, bias, merged_w)
+        # a view as the output would refuse in-place ops on it (3-D x on the paths that reshape
+        # a 2-D result: the CPU reference, a few rows from the codes): a copy there
+        return y.clone() if y._is_view() else y
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -318,7 +333,11 @@ def nf4_lora_linear_trusted(x, q, out_features, lora_A, lora_B, scale: float, bi
     # the merged kernel first: the host work below runs while the device dequantizes
     w = _merged_weight(x, q, out_features, lora_A, lora_B, scale)
     if _records_graph(x, lora_A, lora_B, bias):
-        return _EagerNF4LoraLinear.apply(x, q, out_features, lora_A, lora_B, scale, bias, w)
+        y = None
+        if w is not None:  # and the GEMM, before the Function's host work (on detached inputs)
+            b = None if bias is None else bias.detach()
+            y = _forward(x.detach(), q, out_features, None, None, scale, b, w)
+        return _EagerNF4LoraLinear.apply(x, q, out_features, lora_A, lora_B, scale, bias, (w, y))
     # nothing to differentiate (no_grad, inference_mode, or no input that requires grad): the
     # forward alone, without the autograd Function's host work (~10 us a call)
     return _forward(x, q, out_features, lora_A, lora_B, scale, bias, w)
