@@ -151,9 +151,13 @@ def _backward_impl(saved, meta, needs, grad_y, inside_op):
     if has_lora and (need_A or (need_x and not merged)):
         dxa = _mm_scaled(g2, lora_B, scale, inside_op)
     if need_x:
-        dx = g2 @ _weight(q, n, k, x.dtype, lora_A, lora_B, scale, merged, inside_op)
+        w = _weight(q, n, k, x.dtype, lora_A, lora_B, scale, merged, inside_op)
         if dxa is not None and not merged:
-            dx.addmm_(dxa, lora_A)
+            # the rank-r term written first and taken in by the GEMM's epilogue (beta = 1): one
+            # write of dX, not a GEMM followed by a read and write of dX for the addition
+            dx = torch.mm(dxa, lora_A).addmm_(g2, w)
+        else:
+            dx = g2 @ w
         dx = dx.view(x.shape)
     if has_lora and need_A:
         da = _mm_tn(dxa, x2)
