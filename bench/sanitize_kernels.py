@@ -110,6 +110,25 @@ def nf4_lora() -> None:
         with torch.no_grad():
             nf4_lora_linear(x, q, a, b, 0.5, bias)
         nf4_ops.GEMV_MAX_M = limit
+    # the one-pass dY kernel of the backward: every rank, a row tail, strided dY, one chunk
+    from hoptune.ops import nf4_lora as nf4_lora_ops
+
+    for m, n, r, dt in [
+        (1, 64, 8, torch.bfloat16),
+        (77, 320, 16, torch.float16),
+        (300, 192, 32, torch.bfloat16),
+    ]:
+        dy = torch.randn(m, n + 8, device="cuda", dtype=dt)[:, :n]
+        nf4_lora_ops.dy_pass_kernel(
+            dy, torch.randn(n, r, device="cuda", dtype=dt), torch.randn(m, r, device="cuda", dtype=dt), 0.5
+        )
+    dy = torch.randn(130, 128, device="cuda", dtype=torch.float16)
+    nf4_lora_ops.dy_pass_kernel(
+        dy,
+        torch.randn(128, 64, device="cuda", dtype=torch.float16),
+        torch.randn(130, 64, device="cuda", dtype=torch.float16),
+        2.0,
+    )
 
 
 def probe_cublas() -> None:

@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "hoptune/logprob.cuh"
+#include "hoptune/lora.cuh"
 #include "hoptune/nf4.cuh"
 
 namespace py = pybind11;
@@ -107,6 +108,21 @@ PYBIND11_MODULE(_C, m) {
       py::arg("blocksize2"), py::arg("n"), py::arg("k"), py::arg("blocksize"), py::arg("xa"),
       py::arg("lora_b"), py::arg("rank"), py::arg("scale"), py::arg("bias"), py::arg("y"),
       py::arg("dtype"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+
+  m.def(
+      "lora_dy_pass",
+      [](uintptr_t dy, int64_t ldy, int64_t rows, int64_t n, uintptr_t lora_b, uintptr_t xa,
+         int rank, float scale, uintptr_t workspace, uintptr_t dxa, uintptr_t db, int dtype,
+         uintptr_t stream) {
+        check(hoptune::lora_dy_pass(ptr<const void*>(dy), ldy, rows, n, ptr<const void*>(lora_b),
+                                    ptr<const void*>(xa), rank, scale, ptr<float*>(workspace),
+                                    ptr<void*>(dxa), ptr<void*>(db), static_cast<DType>(dtype),
+                                    stream_of(stream)),
+              "lora_dy_pass");
+      },
+      py::arg("dy"), py::arg("ldy"), py::arg("rows"), py::arg("n"), py::arg("lora_b"),
+      py::arg("xa"), py::arg("rank"), py::arg("scale"), py::arg("workspace"), py::arg("dxa"),
+      py::arg("db"), py::arg("dtype"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
 
   m.def(
       "nf4_quantize",

@@ -193,6 +193,40 @@ def test_small_m_reads_the_codes(m, dtype, double_quant, k, n, r, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("r", nf4_lora_ops.DY_PASS_RANKS)
+@pytest.mark.parametrize("m,n", [(1, 64), (65, 192), (1000, 576), (4099, 1024)])
+def test_dy_pass_kernel(m, n, r, dtype):
+    """dxa = s dY B and dB = dY^T xa from one read of dY: row tails, one to many column chunks,
+    dY rows n + 8 apart; within 2x torch's error in dtype against float64."""
+    g = torch.Generator().manual_seed(m + n + r)
+    dy = torch.randn(m, n + 8, generator=g).to(dtype).cuda()[:, :n]
+    b = (torch.randn(n, r, generator=g) * r**-0.5).to(dtype).cuda()
+    xa = torch.randn(m, r, generator=g).to(dtype).cuda()
+    poison_cuda_cache()
+    dxa, db = nf4_lora_ops.dy_pass_kernel(dy, b, xa, 0.75)
+    want = (0.75 * dy.double() @ b.double(), dy.double().t() @ xa.double())
+    low = ((dy @ b) * 0.75, dy.t() @ xa)
+    for name, got, ref, lo in zip(("dxa", "dB"), (dxa, db), want, low):
+        assert got.dtype == dtype and got.shape == ref.shape, name
+        assert torch.isfinite(got).all(), name
+        e_ours, e_low = rel_err(got, ref), rel_err(lo, ref)
+        assert e_ours <= 2 * e_low + 1e-6, f"{name}: ours {e_ours:.3g} vs torch {dtype} {e_low:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,runs", [(384, True), (200, False)])
+def test_backward_takes_the_dy_pass(n, runs, monkeypatch):
+    """The eager backward forms dxa and dB with the one-pass kernel when N % 64 == 0 (else with
+    two GEMMs), and the gradients agree with the reference either way."""
+    calls = []
+    real = nf4_lora_ops.dy_pass_kernel
+    monkeypatch.setattr(nf4_lora_ops, "dy_pass_kernel", lambda *a: calls.append(1) or real(*a))
+    _check(300, 256, n, 16, torch.bfloat16, "cuda", seed=3)
+    assert bool(calls) == runs
+
+
+@pytest.mark.gpu
 def test_dequantize_lora_offset_absmax_codes():
     """The 8-bit absmax codes as a view at an odd offset: the same weight."""
     g = torch.Generator().manual_seed(0)

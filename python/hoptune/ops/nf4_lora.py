@@ -10,10 +10,12 @@ registers; the same DRAM traffic as the plain dequantize, at about 0.6x its spee
 into a transient buffer of one layer's weight, and a single cuBLAS GEMM gives y = x @ W'^T. For
 a few rows of x (M <= nf4.GEMV_MAX_M = 3: generation) the forward instead reads the codes once
 (nf4_gemv: no dequantized weight at all), with x A^T formed first in fp32 and the LoRA term added
-in the kernel. The backward takes dX = dY @ W' when N <= M / 2, else dY @ deq(W) + (s dY B) @ A,
-whichever moves fewer bytes; the other LoRA terms are x @ A^T, dY @ B and the two reductions over
-the tokens dA = (s dY B)^T x and dB = s dY^T (x A^T). Elsewhere (CPU, fp32, K not a multiple of
-64) the LoRA terms are applied to the activations (hoptune.reference.nf4_lora on CPU).
+in the kernel. The backward takes dX = dY @ W' when N <= M / 2, else dY @ deq(W) + (s dY B) @ A
+(that term written first and added in the GEMM's epilogue), whichever moves fewer bytes; the
+other LoRA terms are x @ A^T, dY @ B and the two reductions over the tokens dA = (s dY B)^T x and
+dB = s dY^T (x A^T). In eager mode on CUDA, for r in DY_PASS_AUTO_RANKS and N % 64 == 0, dY @ B and
+dB come from one read of dY (lora_dy_pass) instead of two GEMMs. Elsewhere (CPU, fp32, K not a
+multiple of 64) the LoRA terms are applied to the activations (hoptune.reference.nf4_lora on CPU).
 """
 
 from __future__ import annotations
@@ -99,6 +101,60 @@ def _mm_scaled(a: torch.Tensor, b: torch.Tensor, scale: float, eager: bool) -> t
     return torch.addmm(zero, a, b, beta=0, alpha=scale)
 
 
+# Ranks the one-pass dY kernel (lora_dy_pass) supports, and those the backward uses it for; at
+# r = 64 it was slower than two cuBLAS GEMMs on an H200 (its fp32 reductions across CTAs grow with
+# r), the others use those.
+DY_PASS_RANKS = (8, 16, 32, 64)
+DY_PASS_AUTO_RANKS = (8, 16)
+# The rank-r term of dX added in the dX GEMM's epilogue (beta = 1) when it is not in the weight.
+_ADD_IN_EPILOGUE = True
+
+
+def _dy_pass_runs(g2: torch.Tensor, lora_B: torch.Tensor) -> bool:
+    """Whether dxa and dB come from one read of dY (g2, (M, N)) by dy_pass_kernel; the caller has
+    decided that the CUDA kernels run (eager, 16-bit). N % 64 == 0 and dY's rows 16-byte aligned."""
+    return (
+        lora_B.shape[1] in DY_PASS_AUTO_RANKS
+        and g2.shape[0] >= 1
+        and g2.shape[1] % 64 == 0
+        and g2.dtype == lora_B.dtype
+        and g2.stride(1) == 1
+        and g2.stride(0) % 8 == 0
+        and g2.data_ptr() % 16 == 0
+    )
+
+
+def dy_pass_kernel(
+    g2: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale * g2 @ lora_B, g2^T @ xa) for g2 (M, N), lora_B (N, r), xa (M, r), from one read of
+    g2 (the CUDA kernel lora_dy_pass; fp32 sums, one rounding each). The caller has checked
+    _dy_pass_runs; xa is scale * x @ A^T in the backward, which makes the second term dB."""
+    m, n = g2.shape
+    r = lora_B.shape[1]
+    b = lora_B.contiguous()
+    xa = xa.contiguous()
+    work = torch.empty((m + n) * r, dtype=torch.float32, device=g2.device)
+    dxa = torch.empty(m, r, dtype=g2.dtype, device=g2.device)
+    db = torch.empty(n, r, dtype=g2.dtype, device=g2.device)
+    _lib.extension().lora_dy_pass(
+        g2.data_ptr(),
+        g2.stride(0),
+        m,
+        n,
+        b.data_ptr(),
+        xa.data_ptr(),
+        r,
+        float(scale),
+        work.data_ptr(),
+        dxa.data_ptr(),
+        db.data_ptr(),
+        _lib.DTYPE_CODES[g2.dtype],
+        _lib.stream(g2),
+    )
+    return dxa, db
+
+
 def _merged_weight(x, q, out_features, lora_A, lora_B, scale) -> torch.Tensor | None:
     """W' = deq(W) + s B A from the merged kernel when it runs for x, else None. The eager path
     launches it before the autograd Function's host work, which the kernel's device time covers."""
@@ -145,23 +201,29 @@ def _backward_impl(saved, meta, needs, grad_y, inside_op):
     # dX: with the LoRA product folded into the weight, or added on the activations (dxa @ A,
     # one read and write of dX) when that is cheaper: the merged weight costs a pass over N x K,
     # the addition one over M x K, and dxa is formed for dA anyway
-    merged = _merged(x, lora_A) and 2 * n <= m
+    kernels = _merged(x, lora_A)
+    merged = kernels and 2 * n <= m
     dx = da = db = None
     dxa = None  # s dY B
-    if has_lora and (need_A or (need_x and not merged)):
+    if inside_op and kernels and need_A and need_B and _dy_pass_runs(g2, lora_B):
+        # eager CUDA: dxa and dB from one read of dY (xa = s x A^T first: the forward keeps only x)
+        dxa, db = dy_pass_kernel(g2, lora_B, _mm_scaled(x2, lora_A.t(), scale, True), scale)
+    elif has_lora and (need_A or (need_x and not merged)):
         dxa = _mm_scaled(g2, lora_B, scale, inside_op)
     if need_x:
         w = _weight(q, n, k, x.dtype, lora_A, lora_B, scale, merged, inside_op)
-        if dxa is not None and not merged:
+        if dxa is not None and not merged and _ADD_IN_EPILOGUE:
             # the rank-r term written first and taken in by the GEMM's epilogue (beta = 1): one
             # write of dX, not a GEMM followed by a read and write of dX for the addition
             dx = torch.mm(dxa, lora_A).addmm_(g2, w)
         else:
             dx = g2 @ w
+            if dxa is not None and not merged:
+                dx.addmm_(dxa, lora_A)
         dx = dx.view(x.shape)
     if has_lora and need_A:
         da = _mm_tn(dxa, x2)
-    if has_lora and need_B:
+    if has_lora and need_B and db is None:
         db = _mm_tn(g2, _mm_scaled(x2, lora_A.t(), scale, inside_op))  # s x A^T: the forward keeps only x
     return dx, da, db
 
