@@ -4,7 +4,9 @@
   and bitsandbytes matmul_4bit; at small M (generation) also the device time of ours, of bf16 and
   of our merged dequantize + GEMM path (what runs above nf4.GEMV_MAX_M rows);
 * layer forward + backward (grads of x, A, B) at M = 8192 against the frozen bf16 dense layer,
-  bf16 + LoRA, bitsandbytes + LoRA and PEFT QLoRA.
+  bf16 + LoRA, bitsandbytes + LoRA and PEFT QLoRA;
+* the backward's one-pass dY kernel (dxa and dB) against the two cuBLAS GEMMs it replaces, per
+  rank (device time).
 
     python bench/bench_nf4_lora.py --out bench/results/nf4_lora.json
 """
@@ -227,6 +229,29 @@ def layer_rows(have_bnb: bool, have_peft: bool, breakdown: bool = False) -> list
     return rows
 
 
+def dy_pass_rows() -> list[dict]:
+    """Device time of the backward's one-pass dY kernel (dxa = s dY B and dB = dY^T xa) against the
+    two cuBLAS GEMMs it replaces, at M = 8192 on the layer shapes' N, per rank."""
+    rows = []
+    m = 8192
+    for n in sorted({n for _, n in LAYER_SHAPES}):
+        g = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
+        for r in nf4_lora_ops.DY_PASS_RANKS:
+            b = torch.randn(n, r, device=dev, dtype=torch.bfloat16) * r**-0.5
+            xa = torch.randn(m, r, device=dev, dtype=torch.bfloat16)
+            row = {"M": m, "N": n, "r": r}
+            row["dev_dy_pass_ms"] = device_ms(lambda: nf4_lora_ops.dy_pass_kernel(g, b, xa, 2.0))
+            row["dev_cublas_pair_ms"] = device_ms(
+                lambda: (nf4_lora_ops._mm_scaled(g, b, 2.0, True), nf4_lora_ops._mm_tn(g, xa))
+            )
+            row["ratio"] = row["dev_dy_pass_ms"] / row["dev_cublas_pair_ms"]
+            row["dy_pass_TBps"] = m * n * 2 / (row["dev_dy_pass_ms"] * 1e-3) / 1e12
+            row["used"] = r in nf4_lora_ops.DY_PASS_AUTO_RANKS
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/nf4_lora.json")
@@ -248,6 +273,8 @@ def main() -> None:
     res["forward"] = forward_rows(have_bnb)
     write_json(args.out, res)
     res["layer"] = layer_rows(have_bnb, have_peft, args.breakdown)
+    write_json(args.out, res)
+    res["dy_pass"] = dy_pass_rows()
     write_json(args.out, res)
     print(
         table(
@@ -290,6 +317,12 @@ def main() -> None:
                 "q_ours_over_bf16_frozen",
                 "dev_ratio",
             ],
+        )
+    )
+    print(
+        table(
+            res["dy_pass"],
+            ["N", "r", "dev_dy_pass_ms", "dev_cublas_pair_ms", "ratio", "dy_pass_TBps", "used"],
         )
     )
 
