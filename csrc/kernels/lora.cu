@@ -266,16 +266,7 @@ cudaError_t lora_dy_pass(const void* dy, int64_t ldy, int64_t m, int64_t n, cons
   const void* ptrs[] = {dy, lora_b, xa, workspace, dxa, db};
   for (const void* p : ptrs) HOPTUNE_REQUIRE(reinterpret_cast<uintptr_t>(p) % 16 == 0);
   HOPTUNE_CUDA_TRY(cudaMemsetAsync(workspace, 0, static_cast<size_t>(m + n) * rank * 4, stream));
-  DyPassArgs a;
-  a.dy = dy;
-  a.ldy = ldy;
-  a.m = m;
-  a.n = n;
-  a.lora_b = lora_b;
-  a.xa = xa;
-  a.acc_dxa = workspace;
-  a.acc_db = workspace + m * rank;
-  a.chunks = 1;
+  const DyPassArgs a{dy, ldy, m, n, lora_b, xa, workspace, workspace + m * rank, /*chunks=*/1};
   return HOPTUNE_DISPATCH_FLOAT(dtype, T, [&]() -> cudaError_t {
     if constexpr (std::is_same_v<T, float>) {
       return cudaErrorInvalidValue;
