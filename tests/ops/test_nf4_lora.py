@@ -227,6 +227,24 @@ def test_backward_takes_the_dy_pass(n, runs, monkeypatch):
 
 
 @pytest.mark.gpu
+def test_dy_pass_skips_a_misaligned_B():
+    """A contiguous B that does not start on 16 bytes (a view into a larger buffer) takes the two
+    GEMMs instead of an error from the kernel's alignment check."""
+    x, q, a, b, _ = _case(64, 256, 192, 16, torch.bfloat16, "cuda", seed=4, bias=False)
+    buf = torch.cat([b.new_zeros(1), b.flatten()]).requires_grad_(True)
+    b_off = buf[1:].view_as(b)  # contiguous, 2 bytes past an aligned start
+    assert b_off.is_contiguous() and b_off.data_ptr() % 16 != 0
+    g = torch.randn(64, 192, dtype=torch.bfloat16, device="cuda")
+    assert not nf4_lora_ops._dy_pass_runs(g, b_off)
+    x_off, a_off = x.clone().requires_grad_(True), a.clone().requires_grad_(True)
+    nf4_lora_linear(x_off, q, a_off, b_off, 0.5).backward(g)
+    _, dx, da, db = _run(lambda x_, a_, b_: nf4_lora_linear(x_, q, a_, b_, 0.5), x, a, b, g)
+    torch.testing.assert_close(x_off.grad, dx, rtol=0.02, atol=1e-2)  # dxa: GEMM vs the dY pass
+    torch.testing.assert_close(a_off.grad, da, rtol=0.02, atol=1e-2)
+    torch.testing.assert_close(buf.grad[1:].view_as(b), db, rtol=0.02, atol=1e-2)
+
+
+@pytest.mark.gpu
 def test_dequantize_lora_offset_absmax_codes():
     """The 8-bit absmax codes as a view at an odd offset: the same weight."""
     g = torch.Generator().manual_seed(0)

@@ -101,9 +101,9 @@ def _mm_scaled(a: torch.Tensor, b: torch.Tensor, scale: float, eager: bool) -> t
     return torch.addmm(zero, a, b, beta=0, alpha=scale)
 
 
-# Ranks the one-pass dY kernel (lora_dy_pass) supports, and those the backward uses it for; at
-# r = 64 it was slower than two cuBLAS GEMMs on an H200 (its fp32 reductions across CTAs grow with
-# r), the others use those.
+# Ranks the one-pass dY kernel (lora_dy_pass) supports, and those the backward uses it for: at
+# r = 32 and 64 it was slower than the two cuBLAS GEMMs on an H200 (its fp32 reductions across
+# CTAs grow with r), so those ranks keep the GEMMs (bench/README.md).
 DY_PASS_RANKS = (8, 16, 32, 64)
 DY_PASS_AUTO_RANKS = (8, 16)
 # The rank-r term of dX added in the dX GEMM's epilogue (beta = 1) when it is not in the weight.
@@ -112,7 +112,8 @@ _ADD_IN_EPILOGUE = True
 
 def _dy_pass_runs(g2: torch.Tensor, lora_B: torch.Tensor) -> bool:
     """Whether dxa and dB come from one read of dY (g2, (M, N)) by dy_pass_kernel; the caller has
-    decided that the CUDA kernels run (eager, 16-bit). N % 64 == 0 and dY's rows 16-byte aligned."""
+    decided that the CUDA kernels run (eager, 16-bit). N % 64 == 0; dY's rows and B 16-byte
+    aligned (B is copied when not contiguous)."""
     return (
         lora_B.shape[1] in DY_PASS_AUTO_RANKS
         and g2.shape[0] >= 1
@@ -121,6 +122,7 @@ def _dy_pass_runs(g2: torch.Tensor, lora_B: torch.Tensor) -> bool:
         and g2.stride(1) == 1
         and g2.stride(0) % 8 == 0
         and g2.data_ptr() % 16 == 0
+        and (not lora_B.is_contiguous() or lora_B.data_ptr() % 16 == 0)
     )
 
 
