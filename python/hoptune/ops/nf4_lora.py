@@ -106,8 +106,6 @@ def _mm_scaled(a: torch.Tensor, b: torch.Tensor, scale: float, eager: bool) -> t
 # CTAs grow with r), so those ranks keep the GEMMs (bench/README.md).
 DY_PASS_RANKS = (8, 16, 32, 64)
 DY_PASS_AUTO_RANKS = (8, 16)
-# The rank-r term of dX added in the dX GEMM's epilogue (beta = 1) when it is not in the weight.
-_ADD_IN_EPILOGUE = True
 
 
 def _dy_pass_runs(g2: torch.Tensor, lora_B: torch.Tensor) -> bool:
@@ -214,14 +212,12 @@ def _backward_impl(saved, meta, needs, grad_y, inside_op):
         dxa = _mm_scaled(g2, lora_B, scale, inside_op)
     if need_x:
         w = _weight(q, n, k, x.dtype, lora_A, lora_B, scale, merged, inside_op)
-        if dxa is not None and not merged and _ADD_IN_EPILOGUE:
+        if dxa is not None and not merged:
             # the rank-r term written first and taken in by the GEMM's epilogue (beta = 1): one
             # write of dX, not a GEMM followed by a read and write of dX for the addition
             dx = torch.mm(dxa, lora_A).addmm_(g2, w)
         else:
             dx = g2 @ w
-            if dxa is not None and not merged:
-                dx.addmm_(dxa, lora_A)
         dx = dx.view(x.shape)
     if has_lora and need_A:
         da = _mm_tn(dxa, x2)
