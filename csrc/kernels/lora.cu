@@ -1,7 +1,7 @@
 // One pass over dY for the two LoRA terms of a layer's backward that read it:
 //   dxa = scale * dY @ B   [m, r]   (then dA = dxa^T x, and the dX term dxa @ A)
 //   dB  = dY^T @ xa        [n, r]   (xa = scale * x A^T, formed from x beforehand)
-// As two cuBLAS GEMMs each reads dY, the largest tensor of the backward when N > K (both are
+// Two cuBLAS GEMMs each read dY, the largest tensor of the backward when N > K (both are
 // memory-bound: r is small). Here a CTA streams 64 x 64 tiles of dY through shared memory
 // (cp.async, a 4-stage ring, XOR-swizzled 16-byte chunks so ldmatrix reads are conflict-free) and
 // feeds both products from each tile on tensor cores (mma.sync m16n8k16, fp32 accumulators): the
