@@ -305,14 +305,14 @@ class _EagerNF4LoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, q, out_features, lora_A, lora_B, scale, bias, early):
-        # early: (merged weight, y) as launched by the caller, either None; in a tuple, so that y
-        # is not an input returned as is (autograd would make it a view). The merged weight is not
-        # saved: no copy of W lives between the passes.
+        # early: (y,) when the caller has already run the merged weight's GEMM, else (None,); in a
+        # tuple, so that y is not an input returned as is (autograd would make it a view). No
+        # copy of W, dequantized or merged, is saved for the backward.
         ctx.meta = (q[4], q[5], q[6], out_features, scale)
         ctx.save_for_backward(x, *q[:4], lora_A, lora_B)
-        merged_w, y = early
+        (y,) = early
         if y is None:
-            y = _forward(x, q, out_features, lora_A, lora_B, scale, bias, merged_w)
+            y = _forward(x, q, out_features, lora_A, lora_B, scale, bias, None)
         # a view as the output would refuse in-place ops on it (3-D x on the paths that reshape
         # a 2-D result: the CPU reference, a few rows from the codes): a copy there
         return y.clone() if y._is_view() else y
@@ -401,7 +401,7 @@ def nf4_lora_linear_trusted(x, q, out_features, lora_A, lora_B, scale: float, bi
         if w is not None:  # and the GEMM, before the Function's host work (on detached inputs)
             b = None if bias is None else bias.detach()
             y = _forward(x.detach(), q, out_features, None, None, scale, b, w)
-        return _EagerNF4LoraLinear.apply(x, q, out_features, lora_A, lora_B, scale, bias, (w, y))
+        return _EagerNF4LoraLinear.apply(x, q, out_features, lora_A, lora_B, scale, bias, (y,))
     # nothing to differentiate (no_grad, inference_mode, or no input that requires grad): the
     # forward alone, without the autograd Function's host work (~10 us a call)
     return _forward(x, q, out_features, lora_A, lora_B, scale, bias, w)
