@@ -287,25 +287,32 @@ cudaError_t launch_dequantize(const uint8_t* packed, const NF4Absmax& am, int64_
 }
 
 // ---- dequantize with the LoRA product folded in: out = deq(W) + scale * B @ A ----------------
-// Work items of 64 rows x 128 columns; a CTA (8 warps: 4 along the rows x 2 along the columns)
-// walks a contiguous run of items ordered slab by slab (a slab: 128 columns), so it stages the
-// slab's A^T in shared memory about once. A warp owns a 16 x 64 piece per item and forms its
-// part of B @ A with mma.sync m16n8k16 (fp32 accumulate, the rank in steps of 16). The columns
-// of A are fed to the MMA in a permuted order so that the accumulators a lane holds belong to 16
-// consecutive columns of W: lane (g = lane / 4, q = lane % 4) ends up with rows g and g + 8,
-// columns 16 q .. 16 q + 15 of the piece, exactly the 8 code bytes it loads and the 32 bytes it
-// stores per row. The epilogue works on registers (no shared-memory round trip): decode,
-// round to the output dtype (the plain dequantize's value), add scale * acc in fp32, round again.
-// A lane prefetches the next item's codes, absmax and B fragments before it computes the current
-// one. For rank <= 32 the A fragments stay in registers for the whole slab. On an H200 this runs
-// at 0.49-0.59 of the copy rate for r = 16 (0.43-0.57 while it divided the item index to place
-// each item; the wmma kernel with a shared-memory accumulator round trip before it: 0.28-0.31). ncu
-// of the previous version (8192 x 8192): issue-bound rather than memory-bound (0.67 warps issued
-// per scheduler cycle, DRAM 32%, a third of the stalls on fixed-latency dependencies at 4 warps per
-// scheduler, the register limit). Also measured and dropped: the same without the prefetch (three
-// CTAs per SM; no faster), a CTA-wide 4-stage cp.async ring of each item's codes, absmax and B rows
-// (0.30-0.40: a CTA barrier per item) and warp-private cp.async rings of 3, 5 or 8 items (0.40-0.49
-// at r = 16, the same for every depth: bytes in flight are not the limit).
+// Work items (tiles) of 64 rows x 128 columns; a CTA has 8 warps (4 along the rows x 2 along the
+// columns) and a warp owns a 16 x 64 piece of each item. The warp forms its part of B @ A with
+// mma.sync m16n8k16 (fp32 accumulate, the rank in steps of 16). The columns of A are fed to the
+// MMA in a permuted order so that the accumulators a lane holds belong to 16 consecutive columns
+// of W: lane (g = lane / 4, q = lane % 4) ends up with rows g and g + 8, columns 16 q .. 16 q + 15
+// of the piece, exactly the 8 code bytes it loads and the 32 bytes it stores per row. The
+// epilogue works on registers: decode, round to the output dtype (the plain dequantize's value),
+// add scale * acc in fp32, round again.
+//
+// The main kernel (rank <= 32, B's rows in 4-byte pairs): a CTA owns one slab (128 columns) and
+// takes every parts-th row group of it, so the CTAs resident at once cover a few whole row groups
+// of W, a contiguous stretch of memory, and each CTA stages its slab's A^T (and its A fragments,
+// kept in registers) once. A lane prefetches the next item's codes, absmax and B fragments before
+// it computes the current one; rows and columns past the weight's edge are clamped for the loads
+// and not stored, so the loop has no branches around its loads. On an H200 at r = 16 this runs at
+// 0.56-0.71 of the copy rate (the plain dequantize: 0.85-0.91). Measured on the way there:
+// - The kernel before it walked a contiguous run of items per CTA, slab-major, so the resident
+//   CTAs wrote all over the weight: 0.49-0.58. ncu showed it issue-bound: 575 instructions per
+//   warp and item, half of them 64-bit index arithmetic, bounds branches and register moves;
+//   trimming those gave 0.53-0.63, and the ordering above the rest.
+// - Deeper prefetch of the codes (warp-private cp.async rings of 3-6 items), staging the output
+//   for full-line stores (through shared memory, or bulk copies): no faster or slower. CTA tiles
+//   of 32 x 256 or 16 x 512: slower (0.48-0.66). Earlier: a CTA-wide cp.async ring with a barrier
+//   per item (0.30-0.40), wmma with a shared-memory accumulator round trip (0.28-0.31).
+// Other ranks (odd, > 32, or B misaligned) take nf4_dequantize_lora_any: the same item layout,
+// a contiguous run of items per CTA, the A fragments read from shared memory at every step.
 constexpr int kMrgThreads = 256;
 constexpr int kMrgRows = 64, kMrgCols = 128;  // a work item
 constexpr int kPieceRows = 16, kPieceCols = 64;
@@ -324,56 +331,59 @@ __device__ __forceinline__ uint32_t b_pair(const T* row, int r, int rank, bool v
   return lo | (hi << 16);
 }
 
-// a, b rounded to T (round to nearest even) and back to fp32, with one packed conversion.
-__device__ __forceinline__ void round_pair(float& a, float& b, __nv_bfloat16) {
+// (a, b) rounded to T (round to nearest even) as one packed word, and its two halves in fp32.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float a, float b);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
   const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-  a = __low2float(h);
-  b = __high2float(h);
+  return *reinterpret_cast<const uint32_t*>(&h);
 }
-__device__ __forceinline__ void round_pair(float& a, float& b, __half) {
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
   const __half2 h = __floats2half2_rn(a, b);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+template <typename T>
+__device__ __forceinline__ void unpack2(uint32_t u, float& a, float& b);
+template <>
+__device__ __forceinline__ void unpack2<__nv_bfloat16>(uint32_t u, float& a, float& b) {
+  a = __uint_as_float(u << 16);  // a bf16 is the high half of an fp32
+  b = __uint_as_float(u & 0xFFFF0000u);
+}
+template <>
+__device__ __forceinline__ void unpack2<__half>(uint32_t u, float& a, float& b) {
+  const __half2 h = *reinterpret_cast<const __half2*>(&u);
   a = __low2float(h);
   b = __high2float(h);
-}
-
-// lut[(word >> bit) & 15], the shift and mask forming the byte offset into the table directly.
-__device__ __forceinline__ float lut_at(const float* lut, uint32_t word, int bit) {
-  const uint32_t off = (bit >= 2 ? word >> (bit - 2) : word << (2 - bit)) & 0x3Cu;
-  return *reinterpret_cast<const float*>(reinterpret_cast<const char*>(lut) + off);
 }
 
 // The epilogue for one of a lane's two rows (h): 16 consecutive elements from 8 code bytes (byte
 // j holds elements 2j, high nibble, and 2j + 1), each the plain dequantize's rounded value plus
-// scale * acc in fp32, rounded once more; two 16-byte stores. (Swapping halves between lanes q
-// and q ^ 1 so that each store writes whole 32-byte sectors measured slower: 0.30-0.41 of the
-// copy rate against 0.43-0.57 for this kernel at the time.)
+// scale * acc in fp32, rounded once more, packed in o. The code values are read from the 16-entry
+// table by byte offset: the nibbles of a word are moved to bits 2-5 of their bytes (two masks per
+// word), then one byte permute per element.
 template <typename T>
-__device__ __forceinline__ void merge_store(T* dst, uint2 codes, float sc, const float (&acc)[8][4],
-                                            int h, float scale, const float* lut) {
-  float v[16];
+__device__ __forceinline__ void merge_values(uint4 (&o)[2], uint2 codes, float sc,
+                                             const float (&acc)[8][4], int h, float scale,
+                                             const float* lut) {
+  const uint32_t hi[2] = {(codes.x >> 2) & 0x3C3C3C3Cu, (codes.y >> 2) & 0x3C3C3C3Cu};
+  const uint32_t lo[2] = {(codes.x << 2) & 0x3C3C3C3Cu, (codes.y << 2) & 0x3C3C3C3Cu};
+  uint32_t p[8];
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
-    const uint32_t word = j < 4 ? codes.x : codes.y;
-    const int bit = 8 * (j & 3);
-    float w0 = __fmul_rn(lut_at(lut, word, bit + 4), sc);
-    float w1 = __fmul_rn(lut_at(lut, word, bit), sc);
-    round_pair(w0, w1, T{});
-    v[2 * j] = __fmaf_rn(scale, acc[j][2 * h], w0);
-    v[2 * j + 1] = __fmaf_rn(scale, acc[j][2 * h + 1], w1);
+    const char* base = reinterpret_cast<const char*>(lut);
+    const float c0 =
+        *reinterpret_cast<const float*>(base + __byte_perm(hi[j >> 2], 0u, 0x4440u | (j & 3)));
+    const float c1 =
+        *reinterpret_cast<const float*>(base + __byte_perm(lo[j >> 2], 0u, 0x4440u | (j & 3)));
+    float w0, w1;
+    unpack2<T>(pack2<T>(__fmul_rn(c0, sc), __fmul_rn(c1, sc)), w0, w1);
+    p[j] = pack2<T>(__fmaf_rn(scale, acc[j][2 * h], w0), __fmaf_rn(scale, acc[j][2 * h + 1], w1));
   }
-  Store8<T>::run(dst, *reinterpret_cast<const float (*)[8]>(&v[0]));
-  Store8<T>::run(dst + 8, *reinterpret_cast<const float (*)[8]>(&v[8]));
+  o[0] = make_uint4(p[0], p[1], p[2], p[3]);
+  o[1] = make_uint4(p[4], p[5], p[6], p[7]);
 }
-
-// What a lane loads for one item before computing it: its two rows' codes and absmax, and the
-// B fragments of up to kRegSteps rank steps (the rest are loaded in the loop).
-template <int kRegSteps>
-struct MergePrefetch {
-  uint2 codes[2];
-  uint32_t qa[2];  // nested: the 8-bit absmax code
-  float amax[2];   // absmax, or nested: absmax2
-  uint32_t bfrag[kRegSteps > 0 ? kRegSteps : 1][4];
-};
 
 struct MergeArgs {
   const uint8_t* packed;
@@ -385,15 +395,164 @@ struct MergeArgs {
   int rank, rank_pad;  // rank_pad: rank rounded up to 16
   float scale;
   bool b_vec;  // B rows 4-byte aligned pairs (rank even, pointer aligned)
-  int64_t row_groups, items;
+  int64_t row_groups, slabs, items;
+  int parts;  // main kernel: CTAs per slab
   void* out;
 };
 
-// kRegSteps: rank steps held in registers (rank <= 16 * kRegSteps), or 0: any rank, the A
-// fragments read from shared memory at every step.
-template <typename T, int kRegSteps>
+// A^T of the slab starting at column c0 into s_at (rank_pad x 128, zeros past the rank and the
+// last column): column c of the slab (piece c / 64) goes to permuted row 64 * piece + 8 * j +
+// (2 * quad + e), c % 64 = 16 * quad + 2 * j + e, so MMA n-tile j, column g is the piece's column
+// 16 * (g / 2) + 2 * j + (g % 2). Rows are rank_pad / 2 + 4 words apart (= 4 mod 8: no bank
+// conflicts on the fragment reads).
+template <typename T>
+__device__ __forceinline__ void stage_a(uint32_t* s_at, const T* lora_a, const MergeArgs& a,
+                                        int64_t c0) {
+  const int words = a.rank_pad / 2 + 4;
+  uint16_t* s16 = reinterpret_cast<uint16_t*>(s_at);
+  for (int idx = threadIdx.x; idx < a.rank_pad * kMrgCols; idx += kMrgThreads) {
+    const int r = idx / kMrgCols, c = idx % kMrgCols;
+    const int cc = c & 63;
+    const int prow = (c & 64) + 8 * ((cc & 15) >> 1) + 2 * (cc >> 4) + (cc & 1);
+    uint16_t v = 0;
+    if (r < a.rank && c0 + c < a.cols)
+      v = bits16(lora_a[static_cast<int64_t>(r) * a.cols + c0 + c]);
+    s16[prow * 2 * words + r] = v;
+  }
+}
+
+// What a lane loads for one item before computing it: its two rows' codes and absmax.
+struct MergeLoads {
+  uint2 codes[2];
+  uint32_t qa[2];  // nested: the 8-bit absmax code
+  float amax[2];   // absmax, or nested: absmax2
+};
+
+// The main kernel: rank <= 16 * kRegSteps, a.b_vec, rows and items below 2^31.
+template <typename T, bool kNested, int kRegSteps>
 __global__ void __launch_bounds__(kMrgThreads, 2) nf4_dequantize_lora_kernel(MergeArgs a) {
-  extern __shared__ uint32_t s_at[];  // A^T of the slab, permuted rows of (rank_pad / 2 + 4) words
+  extern __shared__ uint32_t s_at[];
+  __shared__ float lut[16];
+  __shared__ float code2[256];
+  if (threadIdx.x < 16) lut[threadIdx.x] = kNF4Code[threadIdx.x];
+  pdl_begin();
+  if (kNested) {
+    for (int i = threadIdx.x; i < 256; i += kMrgThreads) code2[i] = a.am.code2[i];
+  }
+  const T* __restrict__ lora_b = static_cast<const T*>(a.lora_b);
+  T* __restrict__ out = static_cast<T*>(a.out);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, q = lane & 3;
+  const int wc = warp & 1, wr = warp >> 1;
+  const int64_t cols = a.cols;
+  const int rows = static_cast<int>(a.rows);
+  const int slabs = static_cast<int>(a.slabs), row_groups = static_cast<int>(a.row_groups);
+  const int parts = a.parts;
+  const int slab = blockIdx.x % slabs, part = blockIdx.x / slabs;
+  const int count = part < row_groups ? (row_groups - part + parts - 1) / parts : 0;
+  const int64_t kc_real = static_cast<int64_t>(slab) * kMrgCols + wc * kPieceCols;
+  const bool col_ok = kc_real < cols;  // (cols % 128 == 64: the slab's second half is empty)
+  const int64_t kc = col_ok ? kc_real : cols - kPieceCols;  // a valid address for the loads
+  bool b_ok[kRegSteps][2];                                  // this lane's B words within the rank
+#pragma unroll
+  for (int s = 0; s < kRegSteps; ++s) {
+    b_ok[s][0] = 16 * s + 2 * q < a.rank;
+    b_ok[s][1] = 16 * s + 2 * q + 8 < a.rank;
+  }
+
+  stage_a(s_at, static_cast<const T*>(a.lora_a), a, static_cast<int64_t>(slab) * kMrgCols);
+  __syncthreads();
+  const int words = a.rank_pad / 2 + 4;
+  uint32_t afrag[kRegSteps][8][2];
+#pragma unroll
+  for (int s = 0; s < kRegSteps; ++s) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const uint32_t* w = s_at + (wc * 64 + 8 * j + g) * words + 8 * s + q;
+      afrag[s][j][0] = w[0];
+      afrag[s][j][1] = w[4];
+    }
+  }
+
+  auto load = [&](int group, MergeLoads& p, uint32_t (&bf)[kRegSteps][4]) {
+    const int n0 = group * kMrgRows + wr * kPieceRows + g;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int n = min(n0 + 8 * h, rows - 1);
+      const int64_t idx = static_cast<int64_t>(n) * cols + kc + 16 * q;
+      p.codes[h] = __ldg(reinterpret_cast<const uint2*>(a.packed + (idx >> 1)));
+      const int64_t b = idx >> a.log2_blocksize;
+      if (kNested) {
+        p.qa[h] = __ldg(a.am.qabsmax + b);
+        p.amax[h] = __ldg(a.am.absmax2 + (b >> a.log2_blocksize2));
+      } else {
+        p.amax[h] = __ldg(a.am.absmax + b);
+      }
+      const uint32_t* brow =
+          reinterpret_cast<const uint32_t*>(lora_b + static_cast<int64_t>(n) * a.rank);
+#pragma unroll
+      for (int s = 0; s < kRegSteps; ++s) {
+        bf[s][h] = b_ok[s][0] ? __ldg(brow + 8 * s + q) : 0u;
+        bf[s][2 + h] = b_ok[s][1] ? __ldg(brow + 8 * s + q + 4) : 0u;
+      }
+    }
+  };
+  auto compute = [&](int group, const MergeLoads& p, const uint32_t (&bf)[kRegSteps][4]) {
+    float acc[8][4];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+#pragma unroll
+    for (int s = 0; s < kRegSteps; ++s) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) mma_16816<T>(acc[j], bf[s], afrag[s][j][0], afrag[s][j][1]);
+    }
+    const int n0 = group * kMrgRows + wr * kPieceRows + g;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int n = n0 + 8 * h;
+      const float sc = kNested ? nested_absmax(code2[p.qa[h]], p.amax[h], a.am.offset) : p.amax[h];
+      uint4 o[2];
+      merge_values<T>(o, p.codes[h], sc, acc, h, a.scale, lut);
+      if (col_ok && n < rows) {
+        uint4* dst = reinterpret_cast<uint4*>(out + static_cast<int64_t>(n) * cols + kc + 16 * q);
+        dst[0] = o[0];
+        dst[1] = o[1];
+      }
+    }
+  };
+
+  // two sets of loads in turn (no register copies between items)
+  MergeLoads la, lb;
+  uint32_t ba[kRegSteps][4], bb[kRegSteps][4];
+  int group = part;
+  if (count > 0) load(group, la, ba);
+  for (int i = 0; i < count; i += 2) {
+    if (i + 1 < count) load(group + parts, lb, bb);
+    compute(group, la, ba);
+    if (i + 1 >= count) break;
+    group += parts;
+    if (i + 2 < count) load(group + parts, la, ba);
+    compute(group, lb, bb);
+    group += parts;
+  }
+}
+
+// The epilogue of nf4_dequantize_lora_any for one of a lane's rows: merge_values, then stores.
+template <typename T>
+__device__ __forceinline__ void merge_store(T* dst, uint2 codes, float sc, const float (&acc)[8][4],
+                                            int h, float scale, const float* lut) {
+  uint4 o[2];
+  merge_values<T>(o, codes, sc, acc, h, scale, lut);
+  reinterpret_cast<uint4*>(dst)[0] = o[0];
+  reinterpret_cast<uint4*>(dst)[1] = o[1];
+}
+
+// Any rank, B's rows at any alignment: a contiguous run of items per CTA, slab-major (A^T staged
+// about once per slab), the rank in steps of 16 with A's fragments from shared memory and B's
+// loaded per step.
+template <typename T>
+__global__ void __launch_bounds__(kMrgThreads, 2) nf4_dequantize_lora_any(MergeArgs a) {
+  extern __shared__ uint32_t s_at[];
   __shared__ float lut[16];
   __shared__ float code2[256];
   const bool nested = a.am.qabsmax != nullptr;
@@ -402,122 +561,56 @@ __global__ void __launch_bounds__(kMrgThreads, 2) nf4_dequantize_lora_kernel(Mer
   if (nested) {
     for (int i = threadIdx.x; i < 256; i += kMrgThreads) code2[i] = a.am.code2[i];
   }
-
-  const T* __restrict__ lora_a = static_cast<const T*>(a.lora_a);
   const T* __restrict__ lora_b = static_cast<const T*>(a.lora_b);
   T* __restrict__ out = static_cast<T*>(a.out);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, q = lane & 3;
   const int wc = warp & 1, wr = warp >> 1;
-  const int words = a.rank_pad / 2 + 4;  // a padded row of s_at; = 4 (mod 8): no bank conflicts
+  const int words = a.rank_pad / 2 + 4;
   const int steps = a.rank_pad / 16;
 
-  // this CTA's items: a contiguous run, slab-major
   const int64_t per = a.items / gridDim.x, extra = a.items % gridDim.x;
   const int64_t bx = blockIdx.x;
   const int64_t i_begin = bx * per + (bx < extra ? bx : extra);
   const int64_t i_end = i_begin + per + (bx < extra ? 1 : 0);
 
-  // An item is (row group, slab); the walk counts them rather than dividing the item index (a
-  // 64-bit division is a long instruction sequence, and it ran several times per item).
-  auto piece_row = [&](int64_t group) { return group * kMrgRows + wr * kPieceRows; };
-  auto piece_col = [&](int64_t slab_) { return slab_ * kMrgCols + wc * kPieceCols; };
-  auto prefetch = [&](int64_t n0, int64_t k0, MergePrefetch<kRegSteps>& p) {
-    const bool active = k0 < a.cols;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t n = n0 + g + 8 * h;
-      p.codes[h] = make_uint2(0u, 0u);
-      p.qa[h] = 0u;
-      p.amax[h] = 0.f;
-      if (active && n < a.rows) {
-        const int64_t idx = n * a.cols + k0 + 16 * q;
-        p.codes[h] = __ldg(reinterpret_cast<const uint2*>(a.packed + (idx >> 1)));
-        const int64_t b = idx >> a.log2_blocksize;
-        if (nested) {
-          p.qa[h] = __ldg(a.am.qabsmax + b);
-          p.amax[h] = __ldg(a.am.absmax2 + (b >> a.log2_blocksize2));
-        } else {
-          p.amax[h] = __ldg(a.am.absmax + b);
-        }
-      }
-    }
-#pragma unroll
-    for (int s = 0; s < (kRegSteps > 0 ? kRegSteps : 0); ++s) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int64_t n = n0 + g + 8 * h;
-        const T* row = lora_b + (n < a.rows ? n : 0) * a.rank;
-        const bool ok = active && n < a.rows;
-        p.bfrag[s][h] = ok ? b_pair(row, 16 * s + 2 * q, a.rank, a.b_vec) : 0u;
-        p.bfrag[s][2 + h] = ok ? b_pair(row, 16 * s + 2 * q + 8, a.rank, a.b_vec) : 0u;
-      }
-    }
-  };
-  // A^T of a slab into s_at: column c of the slab (piece c / 64) goes to permuted row
-  // 64 * piece + 8 * j + (2 * quad + e), c % 64 = 16 * quad + 2 * j + e, so MMA n-tile j, column
-  // g is the piece's column 16 * (g / 2) + 2 * j + (g % 2).
-  auto stage = [&](int64_t slab) {
-    const int64_t c0 = slab * kMrgCols;
-    uint16_t* s16 = reinterpret_cast<uint16_t*>(s_at);
-    for (int idx = threadIdx.x; idx < a.rank_pad * kMrgCols; idx += kMrgThreads) {
-      const int r = idx / kMrgCols, c = idx % kMrgCols;
-      const int cc = c & 63;
-      const int prow = (c & 64) + 8 * ((cc & 15) >> 1) + 2 * (cc >> 4) + (cc & 1);
-      uint16_t v = 0;
-      if (r < a.rank && c0 + c < a.cols)
-        v = bits16(lora_a[static_cast<int64_t>(r) * a.cols + c0 + c]);
-      s16[prow * 2 * words + r] = v;
-    }
-  };
-
-  uint32_t afrag[kRegSteps > 0 ? kRegSteps : 1][8][2];
-  MergePrefetch<kRegSteps> cur, nxt;
+  // An item is (row group, slab); the walk counts them rather than dividing the item index.
   int64_t slab = -1;
   int64_t group = i_begin % a.row_groups, item_slab = i_begin / a.row_groups;
-  if (i_begin < i_end) prefetch(piece_row(group), piece_col(item_slab), cur);
   for (int64_t item = i_begin; item < i_end; ++item) {
     if (item_slab != slab) {  // uniform across the CTA: every warp walks the same items
       __syncthreads();
-      stage(item_slab);
+      stage_a(s_at, static_cast<const T*>(a.lora_a), a, item_slab * kMrgCols);
       __syncthreads();
       slab = item_slab;
-#pragma unroll
-      for (int s = 0; s < (kRegSteps > 0 ? kRegSteps : 0); ++s) {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const uint32_t* w = s_at + (wc * 64 + 8 * j + g) * words + 8 * s + q;
-          afrag[s][j][0] = w[0];
-          afrag[s][j][1] = w[4];
-        }
-      }
     }
-    int64_t next_group = group + 1, next_slab = item_slab;
-    if (next_group == a.row_groups) {
-      next_group = 0;
-      ++next_slab;
-    }
-    if (item + 1 < i_end) prefetch(piece_row(next_group), piece_col(next_slab), nxt);
-
-    const int64_t n0 = piece_row(group), k0 = piece_col(item_slab);
-    float acc[8][4];
+    const int64_t n0 = group * kMrgRows + wr * kPieceRows,
+                  k0 = item_slab * kMrgCols + wc * kPieceCols;
+    if (k0 < a.cols) {
+      // the codes and absmax first: their loads overlap the rank steps
+      uint2 codes[2] = {make_uint2(0u, 0u), make_uint2(0u, 0u)};
+      float sc[2] = {0.f, 0.f};
 #pragma unroll
-    for (int j = 0; j < 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-    if (kRegSteps > 0) {
-#pragma unroll
-      for (int s = 0; s < (kRegSteps > 0 ? kRegSteps : 1); ++s) {
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-          mma_16816<T>(acc[j], cur.bfrag[s], afrag[s][j][0], afrag[s][j][1]);
+      for (int h = 0; h < 2; ++h) {
+        const int64_t n = n0 + g + 8 * h;
+        if (n >= a.rows) continue;
+        const int64_t idx = n * a.cols + k0 + 16 * q;
+        codes[h] = __ldg(reinterpret_cast<const uint2*>(a.packed + (idx >> 1)));
+        const int64_t b = idx >> a.log2_blocksize;
+        sc[h] = nested ? nested_absmax(code2[__ldg(a.am.qabsmax + b)],
+                                       __ldg(a.am.absmax2 + (b >> a.log2_blocksize2)), a.am.offset)
+                       : __ldg(a.am.absmax + b);
       }
-    } else {
+      float acc[8][4];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
 #pragma unroll 1
       for (int s = 0; s < steps; ++s) {
         uint32_t bf[4];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int64_t n = n0 + g + 8 * h;
-          const bool ok = k0 < a.cols && n < a.rows;
+          const bool ok = n < a.rows;
           const T* row = lora_b + (ok ? n : 0) * a.rank;
           bf[h] = ok ? b_pair(row, 16 * s + 2 * q, a.rank, a.b_vec) : 0u;
           bf[2 + h] = ok ? b_pair(row, 16 * s + 2 * q + 8, a.rank, a.b_vec) : 0u;
@@ -528,21 +621,17 @@ __global__ void __launch_bounds__(kMrgThreads, 2) nf4_dequantize_lora_kernel(Mer
           mma_16816<T>(acc[j], bf, w[0], w[4]);
         }
       }
-    }
-
-    if (k0 < a.cols) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int64_t n = n0 + g + 8 * h;
-        if (n >= a.rows) continue;
-        const float sc =
-            nested ? nested_absmax(code2[cur.qa[h]], cur.amax[h], a.am.offset) : cur.amax[h];
-        merge_store(out + n * a.cols + k0 + 16 * q, cur.codes[h], sc, acc, h, a.scale, lut);
+        if (n < a.rows)
+          merge_store(out + n * a.cols + k0 + 16 * q, codes[h], sc[h], acc, h, a.scale, lut);
       }
     }
-    cur = nxt;
-    group = next_group;
-    item_slab = next_slab;
+    if (++group == a.row_groups) {
+      group = 0;
+      ++item_slab;
+    }
   }
 }
 
@@ -740,23 +829,32 @@ cudaError_t nf4_dequantize_lora(const uint8_t* packed, const NF4Absmax& absmax, 
   a.scale = scale;
   a.b_vec = rank % 2 == 0 && reinterpret_cast<uintptr_t>(lora_b) % 4 == 0;
   a.row_groups = (rows + kMrgRows - 1) / kMrgRows;
-  a.items = a.row_groups * ((cols + kMrgCols - 1) / kMrgCols);
+  a.slabs = (cols + kMrgCols - 1) / kMrgCols;
+  a.items = a.row_groups * a.slabs;
+  a.parts = 1;
   a.out = out;
   const size_t at_bytes = static_cast<size_t>(kMrgCols) * (a.rank_pad / 2 + 4) * 4;
-  auto launch = [&](auto* kernel, size_t smem) -> cudaError_t {
-    if (smem > 48 * 1024) {
+  // main: the grid is parts x slabs (parts CTAs per slab, as many as stay resident together);
+  // any: a run of items per resident CTA
+  auto launch = [&](auto* kernel, bool main) -> cudaError_t {
+    if (at_bytes > 48 * 1024) {
       const cudaError_t e = cudaFuncSetAttribute(
-          kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+          kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(at_bytes));
       if (e != cudaSuccess) return e;
     }
     int resident = 0;
-    const cudaError_t e = resident_ctas(reinterpret_cast<const void*>(kernel), smem, &resident);
+    const cudaError_t e = resident_ctas(reinterpret_cast<const void*>(kernel), at_bytes, &resident);
     if (e != cudaSuccess) return e;
-    const int64_t grid = std::min<int64_t>(a.items, resident);
+    int64_t grid = std::min<int64_t>(a.items, resident);
+    if (main) {
+      a.parts = static_cast<int>(
+          std::max<int64_t>(1, std::min<int64_t>(resident / a.slabs, a.row_groups)));
+      grid = a.parts * a.slabs;
+    }
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(static_cast<unsigned>(grid));
     cfg.blockDim = dim3(kMrgThreads);
-    cfg.dynamicSmemBytes = smem;
+    cfg.dynamicSmemBytes = at_bytes;
     cfg.stream = stream;
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -765,11 +863,17 @@ cudaError_t nf4_dequantize_lora(const uint8_t* packed, const NF4Absmax& absmax, 
     cfg.numAttrs = 1;
     return cudaLaunchKernelEx(&cfg, kernel, a);
   };
+  const bool main =
+      rank <= 32 && a.b_vec && rows < (int64_t{1} << 30) && a.slabs < (int64_t{1} << 30);
   auto run = [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    if (rank <= 16) return launch(nf4_dequantize_lora_kernel<T, 1>, at_bytes);
-    if (rank <= 32) return launch(nf4_dequantize_lora_kernel<T, 2>, at_bytes);
-    return launch(nf4_dequantize_lora_kernel<T, 0>, at_bytes);
+    if (!main) return launch(nf4_dequantize_lora_any<T>, false);
+    if (nested) {
+      return rank <= 16 ? launch(nf4_dequantize_lora_kernel<T, true, 1>, true)
+                        : launch(nf4_dequantize_lora_kernel<T, true, 2>, true);
+    }
+    return rank <= 16 ? launch(nf4_dequantize_lora_kernel<T, false, 1>, true)
+                      : launch(nf4_dequantize_lora_kernel<T, false, 2>, true);
   };
   return dtype == DType::kBFloat16 ? run(__nv_bfloat16{}) : run(__half{});
 }
