@@ -6,12 +6,12 @@ merged, lives between the passes.
 
 On sm_90 with 16-bit x and K % 64 == 0, one kernel dequantizes W with the LoRA product folded
 in, W' = deq(W) + s * B @ A (the rank-r product on tensor cores, mma.sync with the epilogue in
-registers; the same DRAM traffic as the plain dequantize, at about 0.6x its speed for r = 16),
+registers; the same DRAM traffic as the plain dequantize, at about 0.75x its speed for r = 16),
 into a transient buffer of one layer's weight, and a single cuBLAS GEMM gives y = x @ W'^T. For
 a few rows of x (M <= nf4.GEMV_MAX_M = 3: generation) the forward instead reads the codes once
 (nf4_gemv: no dequantized weight at all), with x A^T formed first in fp32 and the LoRA term added
-in the kernel. The backward takes dX = dY @ W' when N <= M / 2, else dY @ deq(W) + (s dY B) @ A
-(that term written first and added in the GEMM's epilogue), whichever moves fewer bytes; the
+in the kernel. The backward takes dX = dY @ W' when N <= 2 M, else dY @ deq(W) + (s dY B) @ A
+(that term written first and added in the GEMM's epilogue; MERGED_DX_MAX_N_PER_ROW); the
 other LoRA terms are x @ A^T, dY @ B and the two reductions over the tokens dA = (s dY B)^T x and
 dB = s dY^T (x A^T). In eager mode on CUDA, for r in DY_PASS_AUTO_RANKS and N % 64 == 0, dY @ B and
 dB come from one read of dY (lora_dy_pass) instead of two GEMMs. Elsewhere (CPU, fp32, K not a
@@ -100,6 +100,14 @@ def _mm_scaled(a: torch.Tensor, b: torch.Tensor, scale: float, eager: bool) -> t
         zero = a.new_zeros(())
     return torch.addmm(zero, a, b, beta=0, alpha=scale)
 
+
+# The backward's dX takes the merged weight when N <= this x M, else deq(W) and the rank-r term
+# added in the GEMM's epilogue (see _backward_impl). The merged pass costs about one more copy
+# byte per weight element than the plain one (0.6-0.7 of the copy rate against 0.85-0.9), the
+# addition writes dX once more and reads it in the epilogue. On an H200 (layer step, M = 8192,
+# four alternations each): 4096 x 14336 1.100x the frozen layer merged vs 1.109x, 8192 x 28672
+# 1.057x vs 1.048x; 2 sits between the two.
+MERGED_DX_MAX_N_PER_ROW = 2.0
 
 # Ranks the one-pass dY kernel (lora_dy_pass) supports, and those the backward uses it for: at
 # r = 32 and 64 it was slower than the two cuBLAS GEMMs on an H200 (its fp32 reductions across
@@ -202,7 +210,7 @@ def _backward_impl(saved, meta, needs, grad_y, inside_op):
     # one read and write of dX) when that is cheaper: the merged weight costs a pass over N x K,
     # the addition one over M x K, and dxa is formed for dA anyway
     kernels = _merged(x, lora_A)
-    merged = kernels and 2 * n <= m
+    merged = kernels and n <= MERGED_DX_MAX_N_PER_ROW * m
     dx = da = db = None
     dxa = None  # s dY B
     if inside_op and kernels and need_A and need_B and _dy_pass_runs(g2, lora_B):
