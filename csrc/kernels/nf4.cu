@@ -302,15 +302,16 @@ cudaError_t launch_dequantize(const uint8_t* packed, const NF4Absmax& am, int64_
 // kept in registers) once. A lane prefetches the next item's codes, absmax and B fragments before
 // it computes the current one; rows and columns past the weight's edge are clamped for the loads
 // and not stored, so the loop has no branches around its loads. On an H200 at r = 16 this runs at
-// 0.56-0.71 of the copy rate (the plain dequantize: 0.85-0.91). Measured on the way there:
+// 0.56-0.72 of the copy rate (the plain dequantize: 0.78-0.92). Measured on the way there:
 // - The kernel before it walked a contiguous run of items per CTA, slab-major, so the resident
 //   CTAs wrote all over the weight: 0.49-0.58. ncu showed it issue-bound: 575 instructions per
 //   warp and item, half of them 64-bit index arithmetic, bounds branches and register moves;
 //   trimming those gave 0.53-0.63, and the ordering above the rest.
-// - Deeper prefetch of the codes (warp-private cp.async rings of 3-6 items), staging the output
-//   for full-line stores (through shared memory, or bulk copies): no faster or slower. CTA tiles
-//   of 32 x 256 or 16 x 512: slower (0.48-0.66). Earlier: a CTA-wide cp.async ring with a barrier
-//   per item (0.30-0.40), wmma with a shared-memory accumulator round trip (0.28-0.31).
+// - Fetching the codes further ahead: warp-private cp.async rings of 3-6 items, no faster; L2
+//   prefetches 2-4 items ahead, -12% to +5% by shape. Staging the output for full-line stores
+//   (through shared memory, or bulk copies): slower. CTA tiles of 32 x 256 or 16 x 512: slower
+//   (0.48-0.66). Earlier: a CTA-wide cp.async ring with a barrier per item (0.30-0.40), wmma with
+//   a shared-memory accumulator round trip (0.28-0.31).
 // Other ranks (odd, > 32, or B misaligned) take nf4_dequantize_lora_any: the same item layout,
 // a contiguous run of items per CTA, the A fragments read from shared memory at every step.
 constexpr int kMrgThreads = 256;
@@ -428,7 +429,7 @@ struct MergeLoads {
   float amax[2];   // absmax, or nested: absmax2
 };
 
-// The main kernel: rank <= 16 * kRegSteps, a.b_vec, rows and items below 2^31.
+// The main kernel: rank <= 16 * kRegSteps, a.b_vec, rows and slabs below 2^30.
 template <typename T, bool kNested, int kRegSteps>
 __global__ void __launch_bounds__(kMrgThreads, 2) nf4_dequantize_lora_kernel(MergeArgs a) {
   extern __shared__ uint32_t s_at[];
