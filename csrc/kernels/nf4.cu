@@ -235,11 +235,12 @@ inline bool valid_state(const NF4Absmax& am, int blocksize, int64_t n) {
 // Launch with programmatic dependent launch allowed: the kernel may be scheduled while the previous
 // kernel in the stream drains, and must call pdl_begin() before it reads memory.
 template <typename... Params, typename... Args>
-cudaError_t launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream,
-                       Args... args) {
+cudaError_t launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                       cudaStream_t stream, Args... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -255,8 +256,8 @@ cudaError_t launch_dequantize_kernel(const uint8_t* packed, const NF4Absmax& am,
                                      cudaStream_t stream) {
   auto* kernel = nf4_dequantize_kernel<OutT, kNested, kBytes, kUnroll, kThreads, kPdl>;
   if (kPdl)
-    return launch_pdl(kernel, dim3(static_cast<unsigned>(grid)), dim3(kThreads), stream, packed, am,
-                      nchunks, log2_cpb, log2_bs2, out);
+    return launch_pdl(kernel, dim3(static_cast<unsigned>(grid)), dim3(kThreads), 0, stream, packed,
+                      am, nchunks, log2_cpb, log2_bs2, out);
   kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(packed, am, nchunks, log2_cpb,
                                                                log2_bs2, out);
   return cudaGetLastError();
@@ -852,17 +853,8 @@ cudaError_t nf4_dequantize_lora(const uint8_t* packed, const NF4Absmax& absmax, 
           std::max<int64_t>(1, std::min<int64_t>(resident / a.slabs, a.row_groups)));
       grid = a.parts * a.slabs;
     }
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(static_cast<unsigned>(grid));
-    cfg.blockDim = dim3(kMrgThreads);
-    cfg.dynamicSmemBytes = at_bytes;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    return cudaLaunchKernelEx(&cfg, kernel, a);
+    return launch_pdl(kernel, dim3(static_cast<unsigned>(grid)), dim3(kMrgThreads), at_bytes,
+                      stream, a);
   };
   const bool main =
       rank <= 32 && a.b_vec && rows < (int64_t{1} << 30) && a.slabs < (int64_t{1} << 30);

@@ -109,11 +109,12 @@ def _mm_scaled(a: torch.Tensor, b: torch.Tensor, scale: float, eager: bool) -> t
 # 1.057x vs 1.048x; 2 sits between the two.
 MERGED_DX_MAX_N_PER_ROW = 2.0
 
-# Ranks the one-pass dY kernel (lora_dy_pass) supports, and those the backward uses it for: at
-# r = 32 and 64 it was slower than the two cuBLAS GEMMs on an H200 (its fp32 reductions across
-# CTAs grow with r), so those ranks keep the GEMMs (bench/README.md).
+# Ranks the one-pass dY kernel (lora_dy_pass) supports, and those the backward uses it for: on an
+# H200 at M = 8192 it takes 0.53-0.67x the time of the two cuBLAS GEMMs at r = 8 and 16, and
+# 0.74-1.0x at r = 32; at r = 64 it is slower (1.35-1.76x: its fp32 reductions across CTAs grow
+# with r), so that rank keeps the GEMMs (bench/README.md).
 DY_PASS_RANKS = (8, 16, 32, 64)
-DY_PASS_AUTO_RANKS = (8, 16)
+DY_PASS_AUTO_RANKS = (8, 16, 32)
 
 
 def _dy_pass_runs(g2: torch.Tensor, lora_B: torch.Tensor) -> bool:
