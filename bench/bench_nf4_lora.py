@@ -246,7 +246,7 @@ def dy_pass_rows() -> list[dict]:
             )
             row["ratio"] = row["dev_dy_pass_ms"] / row["dev_cublas_pair_ms"]
             row["dy_pass_TBps"] = m * n * 2 / (row["dev_dy_pass_ms"] * 1e-3) / 1e12
-            row["used"] = r in nf4_lora_ops.DY_PASS_AUTO_RANKS
+            row["used"] = n >= nf4_lora_ops.DY_PASS_MIN_N.get(r, 1 << 62)
             rows.append(row)
             print(row, flush=True)
     return rows

@@ -396,9 +396,10 @@ struct MergeArgs {
   const void* lora_b;
   int rank, rank_pad;  // rank_pad: rank rounded up to 16
   float scale;
-  bool b_vec;  // B rows 4-byte aligned pairs (rank even, pointer aligned)
-  int64_t row_groups, slabs, items;
-  int parts;  // main kernel: CTAs per slab
+  bool b_vec;                        // B rows 4-byte aligned pairs (rank even, pointer aligned)
+  int64_t row_groups, slabs, items;  // nf4_dequantize_lora_any's items
+  int64_t col_pieces;                // main kernel: 64-column pieces, and warps per piece
+  int walkers;
   void* out;
 };
 
@@ -430,10 +431,10 @@ struct MergeLoads {
   float amax[2];   // absmax, or nested: absmax2
 };
 
-// The main kernel: rank <= 16 * kRegSteps, a.b_vec, rows and slabs below 2^30.
+// The main kernel: rank <= 16 * kRegSteps, a.b_vec, rows below 2^30. Each warp is a walker of
+// one 64-column piece (a.walkers per piece) and takes every walkers-th 16-row block of it.
 template <typename T, bool kNested, int kRegSteps>
 __global__ void __launch_bounds__(kMrgThreads, 2) nf4_dequantize_lora_kernel(MergeArgs a) {
-  extern __shared__ uint32_t s_at[];
   __shared__ float lut[16];
   __shared__ float code2[256];
   if (threadIdx.x < 16) lut[threadIdx.x] = kNF4Code[threadIdx.x];
@@ -441,43 +442,50 @@ __global__ void __launch_bounds__(kMrgThreads, 2) nf4_dequantize_lora_kernel(Mer
   if (kNested) {
     for (int i = threadIdx.x; i < 256; i += kMrgThreads) code2[i] = a.am.code2[i];
   }
+  __syncthreads();
+  const T* __restrict__ lora_a = static_cast<const T*>(a.lora_a);
   const T* __restrict__ lora_b = static_cast<const T*>(a.lora_b);
   T* __restrict__ out = static_cast<T*>(a.out);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, q = lane & 3;
-  const int wc = warp & 1, wr = warp >> 1;
   const int64_t cols = a.cols;
   const int rows = static_cast<int>(a.rows);
-  const int slabs = static_cast<int>(a.slabs), row_groups = static_cast<int>(a.row_groups);
-  const int parts = a.parts;
-  const int slab = blockIdx.x % slabs, part = blockIdx.x / slabs;
-  const int count = part < row_groups ? (row_groups - part + parts - 1) / parts : 0;
-  const int64_t kc_real = static_cast<int64_t>(slab) * kMrgCols + wc * kPieceCols;
-  const bool col_ok = kc_real < cols;  // (cols % 128 == 64: the slab's second half is empty)
-  const int64_t kc = col_ok ? kc_real : cols - kPieceCols;  // a valid address for the loads
-  bool b_ok[kRegSteps][2];                                  // this lane's B words within the rank
+  const int col_pieces = static_cast<int>(a.col_pieces), walkers = a.walkers;
+  const int gw = blockIdx.x * (kMrgThreads / 32) + warp;
+  const int walker = gw / col_pieces;
+  if (walker >= walkers) return;  // (the grid's last warps; no barrier follows)
+  const int row_pieces = (rows + kPieceRows - 1) / kPieceRows;
+  const int count = (row_pieces - walker + walkers - 1) / walkers;
+  const int64_t kc = static_cast<int64_t>(gw % col_pieces) * kPieceCols;
+  bool b_ok[kRegSteps][2];  // this lane's B words within the rank
 #pragma unroll
   for (int s = 0; s < kRegSteps; ++s) {
     b_ok[s][0] = 16 * s + 2 * q < a.rank;
     b_ok[s][1] = 16 * s + 2 * q + 8 < a.rank;
   }
 
-  stage_a(s_at, static_cast<const T*>(a.lora_a), a, static_cast<int64_t>(slab) * kMrgCols);
-  __syncthreads();
-  const int words = a.rank_pad / 2 + 4;
+  // A's fragments for the piece, straight from global memory (read once per warp): n-tile j,
+  // column g is the piece's column 16 (g / 2) + 2 j + g % 2 (the stage_a order), ranks 2q, 2q + 1
+  // (+ 8) of step s; zeros past the rank
   uint32_t afrag[kRegSteps][8][2];
 #pragma unroll
   for (int s = 0; s < kRegSteps; ++s) {
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      const uint32_t* w = s_at + (wc * 64 + 8 * j + g) * words + 8 * s + q;
-      afrag[s][j][0] = w[0];
-      afrag[s][j][1] = w[4];
+      const T* col = lora_a + kc + 16 * (g >> 1) + 2 * j + (g & 1);
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int r = 16 * s + 2 * q + 8 * e;
+        const uint32_t lo = r < a.rank ? bits16(__ldg(col + static_cast<int64_t>(r) * cols)) : 0u;
+        const uint32_t hi =
+            r + 1 < a.rank ? bits16(__ldg(col + static_cast<int64_t>(r + 1) * cols)) : 0u;
+        afrag[s][j][e] = lo | (hi << 16);
+      }
     }
   }
 
-  auto load = [&](int group, MergeLoads& p, uint32_t (&bf)[kRegSteps][4]) {
-    const int n0 = group * kMrgRows + wr * kPieceRows + g;
+  auto load = [&](int piece, MergeLoads& p, uint32_t (&bf)[kRegSteps][4]) {
+    const int n0 = piece * kPieceRows + g;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int n = min(n0 + 8 * h, rows - 1);
@@ -499,7 +507,7 @@ __global__ void __launch_bounds__(kMrgThreads, 2) nf4_dequantize_lora_kernel(Mer
       }
     }
   };
-  auto compute = [&](int group, const MergeLoads& p, const uint32_t (&bf)[kRegSteps][4]) {
+  auto compute = [&](int piece, const MergeLoads& p, const uint32_t (&bf)[kRegSteps][4]) {
     float acc[8][4];
 #pragma unroll
     for (int j = 0; j < 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
@@ -508,14 +516,14 @@ __global__ void __launch_bounds__(kMrgThreads, 2) nf4_dequantize_lora_kernel(Mer
 #pragma unroll
       for (int j = 0; j < 8; ++j) mma_16816<T>(acc[j], bf[s], afrag[s][j][0], afrag[s][j][1]);
     }
-    const int n0 = group * kMrgRows + wr * kPieceRows + g;
+    const int n0 = piece * kPieceRows + g;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int n = n0 + 8 * h;
       const float sc = kNested ? nested_absmax(code2[p.qa[h]], p.amax[h], a.am.offset) : p.amax[h];
       uint4 o[2];
       merge_values<T>(o, p.codes[h], sc, acc, h, a.scale, lut);
-      if (col_ok && n < rows) {
+      if (n < rows) {
         uint4* dst = reinterpret_cast<uint4*>(out + static_cast<int64_t>(n) * cols + kc + 16 * q);
         dst[0] = o[0];
         dst[1] = o[1];
@@ -526,16 +534,16 @@ __global__ void __launch_bounds__(kMrgThreads, 2) nf4_dequantize_lora_kernel(Mer
   // two sets of loads in turn (no register copies between items)
   MergeLoads la, lb;
   uint32_t ba[kRegSteps][4], bb[kRegSteps][4];
-  int group = part;
-  if (count > 0) load(group, la, ba);
+  int piece = walker;
+  if (count > 0) load(piece, la, ba);
   for (int i = 0; i < count; i += 2) {
-    if (i + 1 < count) load(group + parts, lb, bb);
-    compute(group, la, ba);
+    if (i + 1 < count) load(piece + walkers, lb, bb);
+    compute(piece, la, ba);
     if (i + 1 >= count) break;
-    group += parts;
-    if (i + 2 < count) load(group + parts, la, ba);
-    compute(group, lb, bb);
-    group += parts;
+    piece += walkers;
+    if (i + 2 < count) load(piece + walkers, la, ba);
+    compute(piece, lb, bb);
+    piece += walkers;
   }
 }
 
@@ -833,31 +841,35 @@ cudaError_t nf4_dequantize_lora(const uint8_t* packed, const NF4Absmax& absmax, 
   a.row_groups = (rows + kMrgRows - 1) / kMrgRows;
   a.slabs = (cols + kMrgCols - 1) / kMrgCols;
   a.items = a.row_groups * a.slabs;
-  a.parts = 1;
+  a.col_pieces = cols / kPieceCols;
+  a.walkers = 1;
   a.out = out;
   const size_t at_bytes = static_cast<size_t>(kMrgCols) * (a.rank_pad / 2 + 4) * 4;
   // main: the grid is parts x slabs (parts CTAs per slab, as many as stay resident together);
   // any: a run of items per resident CTA
   auto launch = [&](auto* kernel, bool main) -> cudaError_t {
-    if (at_bytes > 48 * 1024) {
+    const size_t smem = main ? 0 : at_bytes;  // (the main kernel reads A from global memory)
+    if (smem > 48 * 1024) {
       const cudaError_t e = cudaFuncSetAttribute(
-          kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(at_bytes));
+          kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
       if (e != cudaSuccess) return e;
     }
     int resident = 0;
-    const cudaError_t e = resident_ctas(reinterpret_cast<const void*>(kernel), at_bytes, &resident);
+    const cudaError_t e = resident_ctas(reinterpret_cast<const void*>(kernel), smem, &resident);
     if (e != cudaSuccess) return e;
     int64_t grid = std::min<int64_t>(a.items, resident);
     if (main) {
-      a.parts = static_cast<int>(
-          std::max<int64_t>(1, std::min<int64_t>(resident / a.slabs, a.row_groups)));
-      grid = a.parts * a.slabs;
+      const int64_t warps = static_cast<int64_t>(resident) * (kMrgThreads / 32);
+      const int64_t row_pieces = (rows + kPieceRows - 1) / kPieceRows;
+      a.walkers = static_cast<int>(
+          std::max<int64_t>(1, std::min<int64_t>(warps / a.col_pieces, row_pieces)));
+      grid = (a.walkers * a.col_pieces + kMrgThreads / 32 - 1) / (kMrgThreads / 32);
     }
-    return launch_pdl(kernel, dim3(static_cast<unsigned>(grid)), dim3(kMrgThreads), at_bytes,
-                      stream, a);
+    return launch_pdl(kernel, dim3(static_cast<unsigned>(grid)), dim3(kMrgThreads), smem, stream,
+                      a);
   };
   const bool main =
-      rank <= 32 && a.b_vec && rows < (int64_t{1} << 30) && a.slabs < (int64_t{1} << 30);
+      rank <= 32 && a.b_vec && rows < (int64_t{1} << 30) && a.col_pieces < (int64_t{1} << 30);
   auto run = [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     if (!main) return launch(nf4_dequantize_lora_any<T>, false);

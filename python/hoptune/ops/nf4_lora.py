@@ -13,9 +13,10 @@ a few rows of x (M <= nf4.GEMV_MAX_M = 3: generation) the forward instead reads 
 in the kernel. The backward takes dX = dY @ W' when N <= 2 M, else dY @ deq(W) + (s dY B) @ A
 (that term written first and added in the GEMM's epilogue; MERGED_DX_MAX_N_PER_ROW); the
 other LoRA terms are x @ A^T, dY @ B and the two reductions over the tokens dA = (s dY B)^T x and
-dB = s dY^T (x A^T). In eager mode on CUDA, for r in DY_PASS_AUTO_RANKS and N % 64 == 0, dY @ B and
-dB come from one read of dY (lora_dy_pass) instead of two GEMMs. Elsewhere (CPU, fp32, K not a
-multiple of 64) the LoRA terms are applied to the activations (hoptune.reference.nf4_lora on CPU).
+dB = s dY^T (x A^T). In eager mode on CUDA, for N >= DY_PASS_MIN_N[r] (r = 8, 16, 32) and
+N % 64 == 0, dY @ B and dB come from one read of dY (lora_dy_pass) instead of two GEMMs.
+Elsewhere (CPU, fp32, K not a multiple of 64) the LoRA terms are applied to the activations
+(hoptune.reference.nf4_lora on CPU).
 """
 
 from __future__ import annotations
@@ -109,12 +110,13 @@ def _mm_scaled(a: torch.Tensor, b: torch.Tensor, scale: float, eager: bool) -> t
 # 1.057x vs 1.048x; 2 sits between the two.
 MERGED_DX_MAX_N_PER_ROW = 2.0
 
-# Ranks the one-pass dY kernel (lora_dy_pass) supports, and those the backward uses it for: on an
-# H200 at M = 8192 it takes 0.53-0.67x the time of the two cuBLAS GEMMs at r = 8 and 16, and
-# 0.74-1.0x at r = 32; at r = 64 it is slower (1.35-1.76x: its fp32 reductions across CTAs grow
-# with r), so that rank keeps the GEMMs (bench/README.md).
+# Ranks the one-pass dY kernel (lora_dy_pass) supports, and the smallest N at which the backward
+# uses it for each: on an H200 at M = 8192 it takes 0.53-0.72x the time of the two cuBLAS GEMMs at
+# r = 8 and 16; at r = 32 0.75-0.80x for N >= 14336 but 1.07-1.09x at N = 4096; at r = 64 it is
+# slower (1.35-1.94x: its fp32 reductions across CTAs grow with r), so that rank keeps the GEMMs
+# (bench/README.md).
 DY_PASS_RANKS = (8, 16, 32, 64)
-DY_PASS_AUTO_RANKS = (8, 16, 32)
+DY_PASS_MIN_N = {8: 64, 16: 64, 32: 8192}
 
 
 def _dy_pass_runs(g2: torch.Tensor, lora_B: torch.Tensor) -> bool:
@@ -122,7 +124,7 @@ def _dy_pass_runs(g2: torch.Tensor, lora_B: torch.Tensor) -> bool:
     decided that the CUDA kernels run (eager, 16-bit). N % 64 == 0; dY's rows and B 16-byte
     aligned (B is copied when not contiguous)."""
     return (
-        lora_B.shape[1] in DY_PASS_AUTO_RANKS
+        g2.shape[1] >= DY_PASS_MIN_N.get(lora_B.shape[1], 1 << 62)
         and g2.shape[0] >= 1
         and g2.shape[1] % 64 == 0
         and g2.dtype == lora_B.dtype
