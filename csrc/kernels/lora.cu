@@ -11,8 +11,9 @@
 // runs, as many CTAs as are resident at once. Partial sums meet in an fp32 workspace through
 // 16-byte reductions at L2 (red.global.add.v4.f32): dB's per column chunk, dxa's once at the
 // end; a second kernel rounds them to the outputs. The reductions grow with the rank and shrink
-// with the rows a CTA covers: on an H200 (M = 8192, N = 4096-28672), 128 rows x r per CTA rather
-// than 64 took 3-10% off at r = 16 and 20-27% at r = 32 (r = 8 was slower so).
+// with the rows a CTA covers: on an H200 (M = 8192, N = 4096-28672), kRb * r = 128 rather than
+// 64, with the grid sized to the resident CTAs, took 3-11% off at r = 16 and 19-27% at r = 32
+// (r = 8 was slower so).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 

@@ -288,33 +288,39 @@ cudaError_t launch_dequantize(const uint8_t* packed, const NF4Absmax& am, int64_
 }
 
 // ---- dequantize with the LoRA product folded in: out = deq(W) + scale * B @ A ----------------
-// Work items (tiles) of 64 rows x 128 columns; a CTA has 8 warps (4 along the rows x 2 along the
-// columns) and a warp owns a 16 x 64 piece of each item. The warp forms its part of B @ A with
-// mma.sync m16n8k16 (fp32 accumulate, the rank in steps of 16). The columns of A are fed to the
-// MMA in a permuted order so that the accumulators a lane holds belong to 16 consecutive columns
-// of W: lane (g = lane / 4, q = lane % 4) ends up with rows g and g + 8, columns 16 q .. 16 q + 15
-// of the piece, exactly the 8 code bytes it loads and the 32 bytes it stores per row. The
-// epilogue works on registers: decode, round to the output dtype (the plain dequantize's value),
-// add scale * acc in fp32, round again.
+// A warp computes 16 x 64 pieces of W (16 rows, one 64-column piece). It forms its part of B @ A
+// with mma.sync m16n8k16 (fp32 accumulate, the rank in steps of 16). The columns of A are fed to
+// the MMA in a permuted order so that the accumulators a lane holds belong to 16 consecutive
+// columns of W: lane (g = lane / 4, q = lane % 4) ends up with rows g and g + 8, columns
+// 16 q .. 16 q + 15 of the piece, exactly the 8 code bytes it loads and the 32 bytes it stores per
+// row. The epilogue works on registers: decode, round to the output dtype (the plain dequantize's
+// value), add scale * acc in fp32, round again.
 //
-// The main kernel (rank <= 32, B's rows in 4-byte pairs): a CTA owns one slab (128 columns) and
-// takes every parts-th row group of it, so the CTAs resident at once cover a few whole row groups
-// of W, a contiguous stretch of memory, and each CTA stages its slab's A^T (and its A fragments,
-// kept in registers) once. A lane prefetches the next item's codes, absmax and B fragments before
-// it computes the current one; rows and columns past the weight's edge are clamped for the loads
-// and not stored, so the loop has no branches around its loads. On an H200 at r = 16 this runs at
-// 0.56-0.72 of the copy rate (the plain dequantize: 0.78-0.92). Measured on the way there:
-// - The kernel before it walked a contiguous run of items per CTA, slab-major, so the resident
-//   CTAs wrote all over the weight: 0.49-0.58. ncu showed it issue-bound: 575 instructions per
-//   warp and item, half of them 64-bit index arithmetic, bounds branches and register moves;
-//   trimming those gave 0.53-0.63, and the ordering above the rest.
+// The main kernel (rank <= 32, B's rows in 4-byte pairs): each warp is one of `walkers` warps on
+// a 64-column piece and takes every walkers-th 16-row block of it (walkers = the resident warps /
+// the pieces), so the grid fills the resident warps whatever the shape, and the warps running at
+// once write a band of rows of W. A warp reads its piece's A fragments from global memory once
+// and keeps them in registers (no shared-memory staging, no barrier). A lane prefetches the next
+// block's codes, absmax and B fragments before it computes the current one; rows past the
+// weight's edge are clamped for the loads and not stored, so the loop has no branches around its
+// loads. On an H200 at r = 16 this runs at 0.61-0.75 of the copy rate (the plain dequantize:
+// 0.80-0.94). Measured on the way there:
+// - A contiguous run of 64 x 128 items per CTA, slab-major, so the resident CTAs wrote all over
+//   the weight: 0.49-0.58. ncu showed it issue-bound: 575 instructions per warp and item, half
+//   of them 64-bit index arithmetic, bounds branches and register moves; trimming those gave
+//   0.53-0.63. Then a CTA per 128-column slab taking every parts-th 64-row group (A^T staged in
+//   shared memory once): 0.56-0.72, but at 4096 x 14336 only 224 of 264 resident CTAs had work;
+//   the warp-level walk above: 0.61-0.75.
 // - Fetching the codes further ahead: warp-private cp.async rings of 3-6 items, no faster; L2
 //   prefetches 2-4 items ahead, -12% to +5% by shape. Staging the output for full-line stores
-//   (through shared memory, or bulk copies): slower. CTA tiles of 32 x 256 or 16 x 512: slower
-//   (0.48-0.66). Earlier: a CTA-wide cp.async ring with a barrier per item (0.30-0.40), wmma with
-//   a shared-memory accumulator round trip (0.28-0.31).
-// Other ranks (odd, > 32, or B misaligned) take nf4_dequantize_lora_any: the same item layout,
-// a contiguous run of items per CTA, the A fragments read from shared memory at every step.
+//   (through shared memory, or bulk copies): slower; a lane layout whose 16-byte stores fill whole
+//   sectors: +4% to -3%. The epilogue tile by tile after each tile's MMA (to fit three CTAs per
+//   SM): 2-2.5x slower. CTA tiles of 32 x 256 or 16 x 512: slower (0.48-0.66). Earlier: a CTA-wide
+//   cp.async ring with a barrier per item (0.30-0.40), wmma with a shared-memory accumulator round
+//   trip (0.28-0.31).
+// Other ranks (odd, > 32, or B misaligned) take nf4_dequantize_lora_any: 64 x 128 items (8 warps,
+// 4 along the rows x 2 along the columns), a contiguous run of items per CTA, A^T staged in shared
+// memory per slab and the A fragments read from it at every rank step.
 constexpr int kMrgThreads = 256;
 constexpr int kMrgRows = 64, kMrgCols = 128;  // a work item
 constexpr int kPieceRows = 16, kPieceCols = 64;
@@ -845,8 +851,8 @@ cudaError_t nf4_dequantize_lora(const uint8_t* packed, const NF4Absmax& absmax, 
   a.walkers = 1;
   a.out = out;
   const size_t at_bytes = static_cast<size_t>(kMrgCols) * (a.rank_pad / 2 + 4) * 4;
-  // main: the grid is parts x slabs (parts CTAs per slab, as many as stay resident together);
-  // any: a run of items per resident CTA
+  // main: walkers warps per 64-column piece, as many as stay resident together (the last CTA's
+  // spare warps exit); any: a run of items per resident CTA
   auto launch = [&](auto* kernel, bool main) -> cudaError_t {
     const size_t smem = main ? 0 : at_bytes;  // (the main kernel reads A from global memory)
     if (smem > 48 * 1024) {

@@ -222,6 +222,26 @@ def test_backward_takes_the_dy_pass(n, runs, monkeypatch):
     assert bool(calls) == runs
 
 
+@pytest.mark.parametrize(
+    "r,n,runs",
+    [
+        (8, 64, True),
+        (16, 4096, True),
+        (32, 4096, False),
+        (32, 8192, True),
+        (64, 28672, False),
+        (12, 4096, False),
+    ],
+)
+def test_dy_pass_rank_and_width_rule(r, n, runs):
+    """The backward takes the one-pass dY kernel at r = 8 and 16, at r = 32 only from
+    N = DY_PASS_MIN_N[32] (narrower, it was slower than the two GEMMs), never at r = 64 or at a
+    rank the kernel lacks (the dispatch rule alone: no kernel runs here)."""
+    g = torch.empty(4, n, dtype=torch.bfloat16)
+    b = torch.empty(n, r, dtype=torch.bfloat16)
+    assert nf4_lora_ops._dy_pass_runs(g, b) == runs
+
+
 @pytest.mark.gpu
 def test_dy_pass_skips_a_misaligned_B():
     """A contiguous B that does not start on 16 bytes (a view into a larger buffer) takes the two
