@@ -22,6 +22,7 @@
 
 #include "hoptune/common/dispatch.h"
 #include "hoptune/common/mma.cuh"
+#include "hoptune/common/occupancy.h"
 #include "hoptune/lora.cuh"
 
 namespace hoptune {
@@ -218,17 +219,6 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-int sm_count() {
-  thread_local int device = -1, sms = 0;
-  int d = 0;
-  if (cudaGetDevice(&d) != cudaSuccess) return 132;
-  if (d != device) {
-    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, d) != cudaSuccess) sms = 132;
-    device = d;
-  }
-  return sms;
-}
-
 template <typename T, int kR8>
 cudaError_t launch_dy_pass(const DyPassArgs& base, float scale, void* dxa, void* db,
                            cudaStream_t stream) {
@@ -245,15 +235,8 @@ cudaError_t launch_dy_pass(const DyPassArgs& base, float scale, void* dxa, void*
   const int64_t row_ctas = (a.m + kRb * kTile - 1) / (kRb * kTile);
   const int64_t chunks = a.n / kTile;
   // column runs so that rows x runs fills the resident CTA slots (one wave)
-  thread_local int device = -1, per_sm = 0;
-  int d = 0;
-  HOPTUNE_CUDA_TRY(cudaGetDevice(&d));
-  if (d != device) {
-    HOPTUNE_CUDA_TRY(
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
-    device = d;
-  }
-  const int64_t slots = std::max(per_sm, 1) * static_cast<int64_t>(sm_count());
+  int slots = 0;
+  HOPTUNE_CUDA_TRY(resident_ctas(reinterpret_cast<const void*>(kernel), kThreads, smem, &slots));
   const int64_t runs = std::min<int64_t>(chunks, std::max<int64_t>(1, slots / row_ctas));
   a.chunks = static_cast<int>((chunks + runs - 1) / runs);
   const int64_t col_ctas = (chunks + a.chunks - 1) / a.chunks;

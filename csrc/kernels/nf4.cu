@@ -15,6 +15,7 @@
 
 #include "hoptune/common/dispatch.h"
 #include "hoptune/common/mma.cuh"
+#include "hoptune/common/occupancy.h"
 #include "hoptune/nf4.cuh"
 
 namespace hoptune {
@@ -303,19 +304,27 @@ cudaError_t launch_dequantize(const uint8_t* packed, const NF4Absmax& am, int64_
 // and keeps them in registers (no shared-memory staging, no barrier). A lane prefetches the next
 // block's codes, absmax and B fragments before it computes the current one; rows past the
 // weight's edge are clamped for the loads and not stored, so the loop has no branches around its
-// loads. On an H200 at r = 16 this runs at 0.61-0.75 of the copy rate (the plain dequantize:
-// 0.80-0.94). Measured on the way there:
+// loads. At r <= 16 a warp's finished block goes through shared memory (rows 144 bytes apart) and
+// each lane stores 16 bytes of row 4 j + lane / 8, so one store instruction writes four whole
+// 128-byte rows; storing straight from the MMA layout writes half of every 32-byte sector of
+// eight rows, and the warps stalled on the stores (a build without stores ran 1.66x faster).
+// At r = 32 (128 registers) the staging was 1-3% slower and the stores stay direct. On an H200
+// at r = 16 this runs at 0.64-0.74 of the copy rate (the plain dequantize: 0.77-0.92).
+// Measured on the way there:
 // - A contiguous run of 64 x 128 items per CTA, slab-major, so the resident CTAs wrote all over
 //   the weight: 0.49-0.58. ncu showed it issue-bound: 575 instructions per warp and item, half
 //   of them 64-bit index arithmetic, bounds branches and register moves; trimming those gave
 //   0.53-0.63. Then a CTA per 128-column slab taking every parts-th 64-row group (A^T staged in
 //   shared memory once): 0.56-0.72, but at 4096 x 14336 only 224 of 264 resident CTAs had work;
-//   the warp-level walk above: 0.61-0.75.
+//   the warp-level walk above: 0.61-0.75; the staged stores: +7-13% at 4096 x 4096 and
+//   4096 x 14336 (r = 8, 16), +0-2% on the other shapes.
 // - Fetching the codes further ahead: warp-private cp.async rings of 3-6 items, no faster; L2
-//   prefetches 2-4 items ahead, -12% to +5% by shape. Staging the output for full-line stores
-//   (through shared memory, or bulk copies): slower; a lane layout whose 16-byte stores fill whole
-//   sectors: +4% to -3%. The epilogue tile by tile after each tile's MMA (to fit three CTAs per
-//   SM): 2-2.5x slower. CTA tiles of 32 x 256 or 16 x 512: slower (0.48-0.66). Earlier: a CTA-wide
+//   prefetches 2-4 items ahead, -12% to +5% by shape; two or three blocks ahead in registers,
+//   equal. Staging for full-line stores in an earlier, issue-bound kernel: slower; one bulk copy
+//   per staged row (cp.async.bulk): 15-20% slower; streaming stores: equal; a lane layout whose
+//   16-byte stores fill whole sectors: +4% to -3%. Three CTAs per SM (80 registers): 1-5%
+//   slower. The epilogue tile by tile after each tile's MMA (to fit three CTAs per SM):
+//   2-2.5x slower. CTA tiles of 32 x 256 or 16 x 512: slower (0.48-0.66). Earlier: a CTA-wide
 //   cp.async ring with a barrier per item (0.30-0.40), wmma with a shared-memory accumulator round
 //   trip (0.28-0.31).
 // Other ranks (odd, > 32, or B misaligned) take nf4_dequantize_lora_any: 64 x 128 items (8 warps,
@@ -402,9 +411,9 @@ struct MergeArgs {
   const void* lora_b;
   int rank, rank_pad;  // rank_pad: rank rounded up to 16
   float scale;
-  bool b_vec;                        // B rows 4-byte aligned pairs (rank even, pointer aligned)
-  int64_t row_groups, slabs, items;  // nf4_dequantize_lora_any's items
-  int64_t col_pieces;                // main kernel: 64-column pieces, and warps per piece
+  bool b_vec;                 // B rows 4-byte aligned pairs (rank even, pointer aligned)
+  int64_t row_groups, items;  // nf4_dequantize_lora_any's items (row groups x 128-column slabs)
+  int64_t col_pieces;         // main kernel: 64-column pieces, and warps per piece
   int walkers;
   void* out;
 };
@@ -443,6 +452,11 @@ template <typename T, bool kNested, int kRegSteps>
 __global__ void __launch_bounds__(kMrgThreads, 2) nf4_dequantize_lora_kernel(MergeArgs a) {
   __shared__ float lut[16];
   __shared__ float code2[256];
+  // kRegSteps == 1: each warp's 16 x 64 block passes through here on its way out (rows of
+  // kStageRow bytes), so that one store instruction writes four whole 128-byte rows
+  constexpr int kStageRow = 144;  // 128 + 16: the lanes' 16-byte writes fall in distinct banks
+  __shared__ __align__(16) char stage_all[kRegSteps == 1 ? kMrgThreads / 32 : 1]
+                                         [kRegSteps == 1 ? kPieceRows * kStageRow : 16];
   if (threadIdx.x < 16) lut[threadIdx.x] = kNF4Code[threadIdx.x];
   pdl_begin();
   if (kNested) {
@@ -523,17 +537,34 @@ __global__ void __launch_bounds__(kMrgThreads, 2) nf4_dequantize_lora_kernel(Mer
       for (int j = 0; j < 8; ++j) mma_16816<T>(acc[j], bf[s], afrag[s][j][0], afrag[s][j][1]);
     }
     const int n0 = piece * kPieceRows + g;
+    char* stage = stage_all[kRegSteps == 1 ? warp : 0];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int n = n0 + 8 * h;
       const float sc = kNested ? nested_absmax(code2[p.qa[h]], p.amax[h], a.am.offset) : p.amax[h];
       uint4 o[2];
       merge_values<T>(o, p.codes[h], sc, acc, h, a.scale, lut);
-      if (n < rows) {
+      if constexpr (kRegSteps == 1) {
+        uint4* srow = reinterpret_cast<uint4*>(stage + (g + 8 * h) * kStageRow);
+        srow[2 * q] = o[0];
+        srow[2 * q + 1] = o[1];
+      } else if (n < rows) {
         uint4* dst = reinterpret_cast<uint4*>(out + static_cast<int64_t>(n) * cols + kc + 16 * q);
         dst[0] = o[0];
         dst[1] = o[1];
       }
+    }
+    if constexpr (kRegSteps == 1) {  // lane l stores 16 bytes of row 4 j + l / 8
+      __syncwarp();
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int row = 4 * j + (lane >> 3), chunk = lane & 7;
+        const uint4 v = *reinterpret_cast<const uint4*>(stage + row * kStageRow + 16 * chunk);
+        const int n = piece * kPieceRows + row;
+        if (n < rows)
+          *reinterpret_cast<uint4*>(out + static_cast<int64_t>(n) * cols + kc + 8 * chunk) = v;
+      }
+      __syncwarp();  // (the next block overwrites the staging rows)
     }
   };
 
@@ -791,35 +822,6 @@ cudaError_t nf4_dequantize(const uint8_t* packed, const NF4Absmax& absmax, int64
   return launch_dequantize<4, 4, 256, true>(packed, absmax, n, blocksize, out, out_dtype, stream);
 }
 
-// CTAs of kMrgThreads threads that fit on the current device at once (SMs x CTAs per SM), cached
-// per host thread: the occupancy query costs microseconds on every layer call otherwise.
-static cudaError_t resident_ctas(const void* kernel, size_t smem, int* out) {
-  struct Entry {
-    const void* kernel;
-    size_t smem;
-    int device, ctas;
-  };
-  thread_local Entry cache[8];
-  thread_local int used = 0;
-  int device = 0;
-  cudaError_t e = cudaGetDevice(&device);
-  if (e != cudaSuccess) return e;
-  for (int i = 0; i < used; ++i) {
-    if (cache[i].kernel == kernel && cache[i].smem == smem && cache[i].device == device) {
-      *out = cache[i].ctas;
-      return cudaSuccess;
-    }
-  }
-  int sms = 0, per_sm = 0;
-  e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (e == cudaSuccess)
-    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kMrgThreads, smem);
-  if (e != cudaSuccess) return e;
-  *out = std::max(per_sm, 1) * sms;
-  cache[used < 8 ? used++ : 7] = Entry{kernel, smem, device, *out};
-  return cudaSuccess;
-}
-
 cudaError_t nf4_dequantize_lora(const uint8_t* packed, const NF4Absmax& absmax, int64_t rows,
                                 int64_t cols, int blocksize, const void* lora_a, const void* lora_b,
                                 int rank, float scale, void* out, DType dtype,
@@ -845,8 +847,7 @@ cudaError_t nf4_dequantize_lora(const uint8_t* packed, const NF4Absmax& absmax, 
   a.scale = scale;
   a.b_vec = rank % 2 == 0 && reinterpret_cast<uintptr_t>(lora_b) % 4 == 0;
   a.row_groups = (rows + kMrgRows - 1) / kMrgRows;
-  a.slabs = (cols + kMrgCols - 1) / kMrgCols;
-  a.items = a.row_groups * a.slabs;
+  a.items = a.row_groups * ((cols + kMrgCols - 1) / kMrgCols);
   a.col_pieces = cols / kPieceCols;
   a.walkers = 1;
   a.out = out;
@@ -861,7 +862,8 @@ cudaError_t nf4_dequantize_lora(const uint8_t* packed, const NF4Absmax& absmax, 
       if (e != cudaSuccess) return e;
     }
     int resident = 0;
-    const cudaError_t e = resident_ctas(reinterpret_cast<const void*>(kernel), smem, &resident);
+    const cudaError_t e =
+        resident_ctas(reinterpret_cast<const void*>(kernel), kMrgThreads, smem, &resident);
     if (e != cudaSuccess) return e;
     int64_t grid = std::min<int64_t>(a.items, resident);
     if (main) {
