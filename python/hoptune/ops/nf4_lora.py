@@ -6,7 +6,7 @@ merged, lives between the passes.
 
 On sm_90 with 16-bit x and K % 64 == 0, one kernel dequantizes W with the LoRA product folded
 in, W' = deq(W) + s * B @ A (the rank-r product on tensor cores, mma.sync with the epilogue in
-registers; the same DRAM traffic as the plain dequantize, at 0.76-0.82x its speed for r = 16),
+registers; the same DRAM traffic as the plain dequantize, at 0.80-0.83x its speed for r = 16),
 into a transient buffer of one layer's weight, and a single cuBLAS GEMM gives y = x @ W'^T. For
 a few rows of x (M <= nf4.GEMV_MAX_M = 3: generation) the forward instead reads the codes once
 (nf4_gemv: no dequantized weight at all), with x A^T formed first in fp32 and the LoRA term added
@@ -104,7 +104,7 @@ def _mm_scaled(a: torch.Tensor, b: torch.Tensor, scale: float, eager: bool) -> t
 
 # The backward's dX takes the merged weight when N <= this x M, else deq(W) and the rank-r term
 # added in the GEMM's epilogue (see _backward_impl). The merged pass costs about one more copy
-# byte per weight element than the plain one (0.6-0.75 of the copy rate against 0.8-0.94), the
+# byte per weight element than the plain one (0.64-0.74 of the copy rate against 0.77-0.92), the
 # addition writes dX once more and reads it in the epilogue. On an H200 (layer step, M = 8192,
 # four alternations each): 4096 x 14336 1.100x the frozen layer merged vs 1.109x, 8192 x 28672
 # 1.057x vs 1.048x; 2 sits between the two.
