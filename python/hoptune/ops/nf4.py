@@ -218,8 +218,8 @@ def dequantize_lora_kernel(
 
 # Rows of x up to which the forward reads the codes directly (nf4_gemv; the kernel takes up to 8).
 # On an H200 it beat the merged dequantize + GEMM up to 3 rows on every benchmark shape but one
-# (4096 x 4096 at 3 rows: 8% behind), and lost on some at 4 and on all at 8 (bench/README.md, the
-# small-M table).
+# (4096 x 4096 at 3 rows: 8-14% behind over the runs so far), and lost on some at 4 and on all at
+# 8 (bench/README.md, the small-M table).
 GEMV_MAX_M = 3
 
 
