@@ -3,7 +3,8 @@
 The module is imported lazily: ``import hoptune`` neither loads it nor creates a CUDA context.
 Dispatch rule: CUDA tensors on an sm_90 GPU use the kernels; CPU tensors use the PyTorch
 reference; CUDA tensors on any other GPU use the reference with a one-time warning. Setting
-``HOPTUNE_DISABLE_KERNELS=1`` forces the reference everywhere (useful to bisect a problem).
+``HOPTUNE_DISABLE_KERNELS=1`` forces the reference everywhere (useful to bisect a problem); it is
+read once, when the kernels are first asked for.
 """
 
 from __future__ import annotations
@@ -38,12 +39,19 @@ def extension() -> ModuleType | None:
     return _load()[0]
 
 
+@functools.cache
+def _disabled() -> bool:
+    """HOPTUNE_DISABLE_KERNELS, read once (an environment lookup costs microseconds of host time
+    per call, and use_kernel runs on every op call)."""
+    return os.environ.get("HOPTUNE_DISABLE_KERNELS", "0") not in ("", "0")
+
+
 def unavailable_reason() -> str | None:
     """Why the CUDA kernels cannot be used in this process (None when they can, on an sm_90 GPU)."""
     mod, why = _load()
     if mod is None:
         return why
-    if os.environ.get("HOPTUNE_DISABLE_KERNELS", "0") not in ("", "0"):
+    if _disabled():
         return "HOPTUNE_DISABLE_KERNELS is set"
     if not torch.cuda.is_available():
         return "no CUDA device is visible to PyTorch"
@@ -65,16 +73,15 @@ def _capability(index: int) -> tuple[int, int]:
 def use_kernel(t: torch.Tensor, op: str) -> bool:
     """True when ``op`` should run its CUDA kernel on tensor ``t`` (else the PyTorch reference).
     Called on every op invocation: cheap (cached capability, no device query)."""
-    if t.device.type != "cuda":
+    if not t.is_cuda:
         return False
     mod, why = _load()
-    if os.environ.get("HOPTUNE_DISABLE_KERNELS", "0") not in ("", "0"):
+    if _disabled():
         return False
     if mod is None:
         reason = why
     else:
-        index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-        major, minor = _capability(index)
+        major, minor = _capability(t.get_device())
         if (major, minor) == (9, 0):
             return True
         reason = (
@@ -92,7 +99,7 @@ _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 def stream(t: torch.Tensor) -> int:
     """Integer handle of the current CUDA stream on ``t``'s device (called on every kernel launch:
     the raw C accessor when this torch has it, a few microseconds cheaper than the Stream object)."""
-    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    index = t.get_device()  # (a CUDA tensor's device always has an index)
     if _raw_stream is not None:
         return _raw_stream(index)
     return torch.cuda.current_stream(index).cuda_stream

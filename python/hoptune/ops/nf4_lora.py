@@ -22,6 +22,7 @@ Elsewhere (CPU, fp32, K not a multiple of 64) the LoRA terms are applied to the 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from hoptune import _lib
 from hoptune.ops import _check
@@ -177,19 +178,18 @@ def _merged_weight(x, q, out_features, lora_A, lora_B, scale) -> torch.Tensor | 
 def _forward(x, q, out_features, lora_A, lora_B, scale, bias, merged_w) -> torch.Tensor:
     """y from the merged weight (_merged_weight's result); else, for a few rows, from the codes
     directly (nf4_gemv); else from deq(W) with the LoRA term applied to the activations."""
-    k = x.shape[-1]
-    flat = x.dim() == 2
-    x2 = x if flat else x.reshape(-1, k)
     if merged_w is not None:  # the LoRA term is in the weight: one GEMM
+        if bias is None:  # one op, and a fresh tensor of x's leading shape (not a view)
+            return F.linear(x, merged_w)
         # written into y of x's leading shape (not a view of a 2-D result: the Function's
         # output must not be a view, or an in-place op on it would be refused)
         y = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype, device=x.device)
-        y2 = y if flat else y.view(-1, out_features)
-        if bias is None:
-            torch.mm(x2, merged_w.t(), out=y2)
-        else:
-            torch.addmm(bias, x2, merged_w.t(), out=y2)
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        torch.addmm(bias, x2, merged_w.t(), out=y if x.dim() == 2 else y.view(-1, out_features))
         return y
+    k = x.shape[-1]
+    flat = x.dim() == 2
+    x2 = x if flat else x.reshape(-1, k)
     if _gemv(x2, lora_A):  # a few rows: one pass over the codes, the LoRA term in fp32
         xa = None if lora_A is None else torch.mm(x2, lora_A.t(), out_dtype=torch.float32)
         y = nf4_ops.gemv_kernel(x2, *q, out_features, xa, lora_B, scale, bias)
