@@ -9,8 +9,7 @@
   protocol of the anchors, host launch latency included) and ratio_covered (each call queued behind
   a device sleep: device time, as when the GPU is kept busy);
 * the backward's one-pass dY kernel (dxa and dB) against the two cuBLAS GEMMs it replaces, per
-  rank (device time); lora_grads (x A^T, dxa, dB, dA from one host call) against the two GEMMs
-  and the dY pass it replaces (device time), and the layer ratios without it.
+  rank (device time).
 
     python bench/bench_nf4_lora.py --out bench/results/nf4_lora.json
 """
@@ -207,15 +206,6 @@ def layer_rows(have_bnb: bool, have_peft: bool, breakdown: bool = False) -> list
         row["q_ours_over_bf16_frozen"] = row["q_ours_qlora_ms"] / row["q_bf16_frozen_ms"]
         row["ratio_interleaved"] = ratio_interleaved(step(ours), step(dense))
         row["ratio_covered"] = ratio_interleaved(step(ours), step(dense), covered=True)
-        # the same two ratios with the LoRA factor gradients from the GEMMs and the dY pass
-        # (three host calls) instead of lora_grads (one)
-        ranks, nf4_lora_ops.GRADS_KERNEL_RANKS = nf4_lora_ops.GRADS_KERNEL_RANKS, ()
-        row["ratio_interleaved_without_grads_kernel"] = ratio_interleaved(step(ours), step(dense))
-        row["ratio_covered_without_grads_kernel"] = ratio_interleaved(step(ours), step(dense), covered=True)
-        row["q_ours_without_grads_kernel_over_bf16_frozen"] = (
-            bench_queued(step(ours), calls=5) / row["q_bf16_frozen_ms"]
-        )
-        nf4_lora_ops.GRADS_KERNEL_RANKS = ranks
         row["dev_bf16_frozen_ms"] = device_ms(step(dense), calls=5)
         row["dev_ours_qlora_ms"] = device_ms(step(ours), calls=5)
         row["dev_ratio"] = row["dev_ours_qlora_ms"] / row["dev_bf16_frozen_ms"]
@@ -241,32 +231,6 @@ def layer_rows(have_bnb: bool, have_peft: bool, breakdown: bool = False) -> list
         print(row, flush=True)
         del dense, ours
         torch.cuda.empty_cache()
-    return rows
-
-
-def grads_rows() -> list[dict]:
-    """Device time of lora_grads (x A^T, dxa, dB and dA from one host call) against what it
-    replaces (x A^T and dA by cuBLAS, the dY pass between), at M = 8192 on the layer shapes."""
-    rows = []
-    m = 8192
-    for k, n in LAYER_SHAPES:
-        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-        g = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
-        for r in nf4_lora_ops.GRADS_KERNEL_RANKS:
-            a = torch.randn(r, k, device=dev, dtype=torch.bfloat16) * k**-0.5
-            b = torch.randn(n, r, device=dev, dtype=torch.bfloat16) * r**-0.5
-
-            def before():
-                xa = nf4_lora_ops._mm_scaled(x, a.t(), 2.0, True)
-                dxa, _ = nf4_lora_ops.dy_pass_kernel(g, b, xa, 2.0)
-                return nf4_lora_ops._mm_tn(dxa, x)
-
-            row = {"M": m, "K": k, "N": n, "r": r}
-            row["dev_lora_grads_ms"] = device_ms(lambda: nf4_lora_ops.lora_grads_kernel(x, g, a, b, 2.0))
-            row["dev_gemms_and_dy_pass_ms"] = device_ms(before)
-            row["ratio"] = row["dev_lora_grads_ms"] / row["dev_gemms_and_dy_pass_ms"]
-            rows.append(row)
-            print(row, flush=True)
     return rows
 
 
@@ -317,8 +281,6 @@ def main() -> None:
     write_json(args.out, res)
     res["dy_pass"] = dy_pass_rows()
     write_json(args.out, res)
-    res["grads"] = grads_rows()
-    write_json(args.out, res)
     print(
         table(
             res["forward"],
@@ -353,8 +315,6 @@ def main() -> None:
                 "ours_over_bf16_frozen",
                 "ratio_interleaved",
                 "ratio_covered",
-                "ratio_interleaved_without_grads_kernel",
-                "ratio_covered_without_grads_kernel",
                 "ours_split0_ms",
                 "ours_split1024_ms",
                 "bnb_lora_ms",
@@ -362,7 +322,6 @@ def main() -> None:
                 "ours_qdora_ms",
                 "ours_qlora_peak_GiB",
                 "q_ours_over_bf16_frozen",
-                "q_ours_without_grads_kernel_over_bf16_frozen",
                 "dev_ratio",
             ],
         )
@@ -373,7 +332,6 @@ def main() -> None:
             ["N", "r", "dev_dy_pass_ms", "dev_cublas_pair_ms", "ratio", "dy_pass_TBps", "used"],
         )
     )
-    print(table(res["grads"], ["K", "N", "r", "dev_lora_grads_ms", "dev_gemms_and_dy_pass_ms", "ratio"]))
 
 
 if __name__ == "__main__":

@@ -122,17 +122,6 @@ def nf4_lora() -> None:
         nf4_lora_ops.dy_pass_kernel(
             dy, torch.randn(n, r, device="cuda", dtype=dt), torch.randn(m, r, device="cuda", dtype=dt), 0.5
         )
-    # every LoRA factor gradient from one call: both ranks, row tails, strided x and dY
-    for m, n, k, r, dt in [
-        (1, 64, 64, 8, torch.bfloat16),
-        (77, 320, 192, 16, torch.float16),
-        (300, 192, 320, 16, torch.bfloat16),
-    ]:
-        x = torch.randn(m, k + 8, device="cuda", dtype=dt)[:, :k]
-        dy = torch.randn(m, n + 8, device="cuda", dtype=dt)[:, :n]
-        nf4_lora_ops.lora_grads_kernel(
-            x, dy, torch.randn(r, k, device="cuda", dtype=dt), torch.randn(n, r, device="cuda", dtype=dt), 0.5
-        )
     dy = torch.randn(130, 128, device="cuda", dtype=torch.float16)
     nf4_lora_ops.dy_pass_kernel(
         dy,

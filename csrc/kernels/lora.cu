@@ -14,9 +14,6 @@
 // with the rows a CTA covers: on an H200 (M = 8192, N = 4096-28672), kRb * r = 128 rather than
 // 64, with the grid sized to the resident CTAs, took 3-11% off at r = 16 and 19-27% at r = 32
 // (r = 8 was slower so).
-// The same kernel makes either product alone (kMode), which lora_grads runs over x for
-// xa = scale * x A^T (the first product, with A^T as "B") and dA^T = x^T dxa (the second, with
-// dxa as "xa"): with the dy pass between them, one host call forms every LoRA factor gradient.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -69,9 +66,6 @@ constexpr int row_blocks(int r8) {
   return r8 == 1 ? 8 : 16 / r8;
 }
 
-// Which products a pass makes: both, the first (g B: dxa) or the second (g^T xa: dB).
-enum PassMode : int { kBoth = 0, kFirst = 1, kSecond = 2 };
-
 struct DyPassArgs {
   const void* dy;
   int64_t ldy, m, n;
@@ -82,26 +76,16 @@ struct DyPassArgs {
   int chunks;      // 64-column chunks per CTA
 };
 
-// Dynamic shared memory of a pass: the dY tile ring, B's chunks (first product), the CTA's rows
-// of xa (second product).
-template <int kR8, int kMode>
-constexpr size_t pass_smem() {
-  return static_cast<size_t>(kStages) * kTile * kTile * 2 +
-         (kMode != kSecond ? static_cast<size_t>(kStages) * kTile * 8 * kR8 * 2 : 0) +
-         (kMode != kFirst ? static_cast<size_t>(row_blocks(kR8)) * kTile * 8 * kR8 * 2 : 0);
-}
-
-template <typename T, int kR8, int kMode>
+template <typename T, int kR8>
 __global__ void __launch_bounds__(kThreads) lora_dy_pass_kernel(DyPassArgs a) {
-  constexpr bool kDxa = kMode != kSecond, kDb = kMode != kFirst;
   constexpr int kRank = 8 * kR8;
   constexpr int kRb = row_blocks(kR8);
   constexpr int kRows = kRb * kTile;
   constexpr uint32_t kXBytes = kTile * kTile * 2, kBBytes = kTile * kRank * 2;
   extern __shared__ __align__(128) unsigned char smem[];
-  const uint32_t xs = smem_addr(smem);                       // kStages dY tiles
-  const uint32_t bs = xs + kStages * kXBytes;                // kStages chunks of B
-  const uint32_t qs = bs + (kDxa ? kStages * kBBytes : 0u);  // the CTA's rows of xa
+  const uint32_t xs = smem_addr(smem);         // kStages dY tiles
+  const uint32_t bs = xs + kStages * kXBytes;  // kStages chunks of B
+  const uint32_t qs = bs + kStages * kBBytes;  // the CTA's rows of xa
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kRows;
@@ -125,7 +109,7 @@ __global__ void __launch_bounds__(kThreads) lora_dy_pass_kernel(DyPassArgs a) {
       const T* src = dy + (ok ? (row0 + r) * a.ldy + col + ch * 8 : 0);
       cp_async_16(xs + slot * kXBytes + swizzled<8>(r, ch), src, ok);
     }
-    if (kDxa && rb == 0) {
+    if (rb == 0) {
       const int bslot = lc % kStages;
       for (int idx = tid; idx < kTile * kR8; idx += kThreads) {
         const int r = idx / kR8, ch = idx % kR8;
@@ -136,12 +120,10 @@ __global__ void __launch_bounds__(kThreads) lora_dy_pass_kernel(DyPassArgs a) {
   };
 
   // xa's rows for the whole CTA, with the first group
-  if (kDb) {
-    for (int idx = tid; idx < kRows * kR8; idx += kThreads) {
-      const int r = idx / kR8, ch = idx % kR8;
-      const bool ok = m0 + r < a.m;
-      cp_async_16(qs + swizzled<kR8>(r, ch), xa + (ok ? (m0 + r) * kRank + ch * 8 : 0), ok);
-    }
+  for (int idx = tid; idx < kRows * kR8; idx += kThreads) {
+    const int r = idx / kR8, ch = idx % kR8;
+    const bool ok = m0 + r < a.m;
+    cp_async_16(qs + swizzled<kR8>(r, ch), xa + (ok ? (m0 + r) * kRank + ch * 8 : 0), ok);
   }
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
@@ -179,32 +161,23 @@ __global__ void __launch_bounds__(kThreads) lora_dy_pass_kernel(DyPassArgs a) {
       for (int ks = 0; ks < kTile / 16; ++ks) {
         // dxa: rows 16 warp .. +15 of the tile times B's rows 16 ks .. +15 (the tile's columns)
         uint32_t af[4];
-        if (kDxa) {
-          const int xr = warp * 16 + l16;
-          ldmatrix_x4(af, x_tile + swizzled<8>(xr, ks * 2 + (lane >> 4)));
-        }
+        const int xr = warp * 16 + l16;
+        ldmatrix_x4(af, x_tile + swizzled<8>(xr, ks * 2 + (lane >> 4)));
         // dB: the tile's columns 16 warp .. +15 (transposed) times xa's rows 16 ks .. +15
         uint32_t at[4];
-        if (kDb) {
-          const int tr = ks * 16 + (q >> 1) * 8 + r8;
-          ldmatrix_x4_trans(at, x_tile + swizzled<8>(tr, warp * 2 + (q & 1)));
-        }
+        const int tr = ks * 16 + (q >> 1) * 8 + r8;
+        ldmatrix_x4_trans(at, x_tile + swizzled<8>(tr, warp * 2 + (q & 1)));
 #pragma unroll
         for (int j = 0; j < kR8; ++j) {
-          if (kDxa) {
-            uint32_t b0, b1;
-            ldmatrix_x2_trans(b0, b1, b_tile + swizzled<kR8>(ks * 16 + l16, j));
-            mma_16816<T>(acc_x[rb][j], af, b0, b1);
-          }
-          if (kDb) {
-            uint32_t c0, c1;
-            ldmatrix_x2_trans(c0, c1, qs + swizzled<kR8>(rb * kTile + ks * 16 + l16, j));
-            mma_16816<T>(acc_b[j], at, c0, c1);
-          }
+          uint32_t b0, b1, c0, c1;
+          ldmatrix_x2_trans(b0, b1, b_tile + swizzled<kR8>(ks * 16 + l16, j));
+          mma_16816<T>(acc_x[rb][j], af, b0, b1);
+          ldmatrix_x2_trans(c0, c1, qs + swizzled<kR8>(rb * kTile + ks * 16 + l16, j));
+          mma_16816<T>(acc_b[j], at, c0, c1);
         }
       }
     }
-    if (kDb && rb_t == kRb - 1) {  // the chunk's last row block: its dB partial sums out
+    if (rb_t == kRb - 1) {  // the chunk's last row block: its dB partial sums out
       float* origin = a.acc_db + ((chunk0 + lc) * kTile + warp * 16) * kRank;
 #pragma unroll
       for (int j = 0; j < kR8; ++j) {
@@ -215,16 +188,14 @@ __global__ void __launch_bounds__(kThreads) lora_dy_pass_kernel(DyPassArgs a) {
     }
   }
   cp_async_wait<0>();
-  if constexpr (kDxa) {
 #pragma unroll
-    for (int rb = 0; rb < kRb; ++rb) {
-      const int64_t row = m0 + rb * kTile + warp * 16;
-      if (row >= a.m) break;
-      const int rows = static_cast<int>(std::min<int64_t>(16, a.m - row));
+  for (int rb = 0; rb < kRb; ++rb) {
+    const int64_t row = m0 + rb * kTile + warp * 16;
+    if (row >= a.m) break;
+    const int rows = static_cast<int>(std::min<int64_t>(16, a.m - row));
 #pragma unroll
-      for (int j = 0; j < kR8; ++j)
-        red_tile(a.acc_dxa + row * kRank + j * 8, kRank, acc_x[rb][j], lane, rows);
-    }
+    for (int j = 0; j < kR8; ++j)
+      red_tile(a.acc_dxa + row * kRank + j * 8, kRank, acc_x[rb][j], lane, rows);
   }
 }
 
@@ -248,39 +219,14 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-// at[i, j] = a[j, i] for a [rank, k] (A^T as the first product's "B"; tiny: rank x k).
-template <typename T>
-__global__ void __launch_bounds__(256) lora_transpose_a(const T* a, int64_t k, int rank, T* at) {
-  const int64_t total = k * rank;
-  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
-       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    at[t] = a[(t % rank) * k + t / rank];
-  }
-}
-
-// da[j, i] = round(acc[i, j]) for acc [k, rank] fp32 (x^T dxa, the gradient of A transposed).
-template <typename T>
-__global__ void __launch_bounds__(256)
-    lora_finish_transposed(const float* acc, int64_t k, int rank, T* da) {
-  const int64_t total = k * rank;
-  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
-       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    da[t] = from_float<T>(acc[(t % k) * rank + t / k]);
-  }
-}
-
-// Grid for an elementwise kernel over `total` elements, 256 threads, at most 8 CTAs per SM.
-unsigned elementwise_grid(int64_t total) {
-  return static_cast<unsigned>(std::max<int64_t>(
-      1, std::min<int64_t>((total + 255) / 256, 8 * static_cast<int64_t>(sm_count()))));
-}
-
-// One pass (kMode's products) over a.dy [a.m, a.n]: partial sums added into a.acc_dxa / a.acc_db.
-template <typename T, int kR8, int kMode>
-cudaError_t launch_pass(const DyPassArgs& base, cudaStream_t stream) {
+template <typename T, int kR8>
+cudaError_t launch_dy_pass(const DyPassArgs& base, float scale, void* dxa, void* db,
+                           cudaStream_t stream) {
   constexpr int kRb = row_blocks(kR8);
-  constexpr size_t smem = pass_smem<kR8, kMode>();
-  auto* kernel = lora_dy_pass_kernel<T, kR8, kMode>;
+  constexpr int kRank = 8 * kR8;
+  const size_t smem = static_cast<size_t>(kStages) * (kTile * kTile * 2 + kTile * kRank * 2) +
+                      kRb * kTile * kRank * 2;
+  auto* kernel = lora_dy_pass_kernel<T, kR8>;
   if (smem > 48 * 1024) {
     HOPTUNE_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(smem)));
@@ -297,48 +243,12 @@ cudaError_t launch_pass(const DyPassArgs& base, cudaStream_t stream) {
   if (row_ctas > 0x7fffffff || col_ctas > 65535) return cudaErrorInvalidConfiguration;
   kernel<<<dim3(static_cast<unsigned>(row_ctas), static_cast<unsigned>(col_ctas)), kThreads, smem,
            stream>>>(a);
-  return cudaGetLastError();
-}
-
-// The dy pass (both products) and the rounding of its two sums.
-template <typename T, int kR8>
-cudaError_t launch_dy_pass(const DyPassArgs& a, float scale, void* dxa, void* db,
-                           cudaStream_t stream) {
-  HOPTUNE_CUDA_TRY((launch_pass<T, kR8, kBoth>(a, stream)));
-  const int64_t total = (a.m + a.n) * 8 * kR8;
-  lora_dy_pass_finish<T><<<elementwise_grid(total / 4), 256, 0, stream>>>(
-      a.acc_dxa, a.m * 8 * kR8, total, scale, static_cast<T*>(dxa), static_cast<T*>(db));
-  return cudaGetLastError();
-}
-
-// lora_grads' sequence (see lora.cuh) at rank 8 * kR8.
-template <typename T, int kR8>
-cudaError_t launch_grads(const void* x, int64_t ldx, const void* dy, int64_t ldy, int64_t m,
-                         int64_t n, int64_t k, const void* lora_a, const void* lora_b, float scale,
-                         float* acc, T* at, T* xa, void* dxa, void* da, void* db,
-                         cudaStream_t stream) {
-  constexpr int kRank = 8 * kR8;
-  float* acc_xa = acc;
-  float* acc_dxa = acc_xa + m * kRank;
-  float* acc_db = acc_dxa + m * kRank;
-  float* acc_da = acc_db + n * kRank;
-  lora_transpose_a<T><<<elementwise_grid(k * kRank), 256, 0, stream>>>(
-      static_cast<const T*>(lora_a), k, kRank, at);
   HOPTUNE_CUDA_TRY(cudaGetLastError());
-  // xa = scale * x A^T: the first product over x with A^T as B
-  const DyPassArgs first{x, ldx, m, k, at, nullptr, acc_xa, nullptr, /*chunks=*/1};
-  HOPTUNE_CUDA_TRY((launch_pass<T, kR8, kFirst>(first, stream)));
-  lora_dy_pass_finish<T><<<elementwise_grid(m * kRank / 4), 256, 0, stream>>>(
-      acc_xa, m * kRank, m * kRank, scale, xa, nullptr);
-  HOPTUNE_CUDA_TRY(cudaGetLastError());
-  // dxa = scale * dy B and db = dy^T xa
-  const DyPassArgs both{dy, ldy, m, n, lora_b, xa, acc_dxa, acc_db, /*chunks=*/1};
-  HOPTUNE_CUDA_TRY((launch_dy_pass<T, kR8>(both, scale, dxa, db, stream)));
-  // da^T = x^T dxa: the second product over x with dxa as xa
-  const DyPassArgs second{x, ldx, m, k, nullptr, dxa, nullptr, acc_da, /*chunks=*/1};
-  HOPTUNE_CUDA_TRY((launch_pass<T, kR8, kSecond>(second, stream)));
-  lora_finish_transposed<T>
-      <<<elementwise_grid(k * kRank), 256, 0, stream>>>(acc_da, k, kRank, static_cast<T*>(da));
+  const int64_t total = (a.m + a.n) * kRank;
+  const int64_t grid =
+      std::min<int64_t>((total / 4 + 255) / 256, 8 * static_cast<int64_t>(sm_count()));
+  lora_dy_pass_finish<T><<<static_cast<unsigned>(grid), 256, 0, stream>>>(
+      a.acc_dxa, a.m * kRank, total, scale, static_cast<T*>(dxa), static_cast<T*>(db));
   return cudaGetLastError();
 }
 
@@ -370,43 +280,6 @@ cudaError_t lora_dy_pass(const void* dy, int64_t ldy, int64_t m, int64_t n, cons
         default:
           return launch_dy_pass<T, 8>(a, scale, dxa, db, stream);
       }
-    }
-  });
-}
-
-size_t lora_grads_workspace(int64_t m, int64_t n, int64_t k, int rank) {
-  return static_cast<size_t>(2 * m + n + k) * rank * 4 + static_cast<size_t>(k + m) * rank * 2;
-}
-
-cudaError_t lora_grads(const void* x, int64_t ldx, const void* dy, int64_t ldy, int64_t m,
-                       int64_t n, int64_t k, const void* lora_a, const void* lora_b, int rank,
-                       float scale, void* workspace, size_t workspace_bytes, void* dxa, void* da,
-                       void* db, DType dtype, cudaStream_t stream) {
-  HOPTUNE_REQUIRE(x != nullptr && dy != nullptr && lora_a != nullptr && lora_b != nullptr &&
-                  workspace != nullptr && dxa != nullptr && da != nullptr && db != nullptr);
-  HOPTUNE_REQUIRE(m >= 1 && n >= kTile && n % kTile == 0 && k >= kTile && k % kTile == 0);
-  HOPTUNE_REQUIRE(ldx >= k && ldx % 8 == 0 && ldy >= n && ldy % 8 == 0);
-  HOPTUNE_REQUIRE(rank == 8 || rank == 16);
-  HOPTUNE_REQUIRE(dtype == DType::kBFloat16 || dtype == DType::kFloat16);
-  HOPTUNE_REQUIRE(workspace_bytes >= lora_grads_workspace(m, n, k, rank));
-  const void* ptrs[] = {x, dy, lora_a, lora_b, workspace, dxa, da, db};
-  for (const void* p : ptrs) HOPTUNE_REQUIRE(reinterpret_cast<uintptr_t>(p) % 16 == 0);
-  const size_t acc_bytes = static_cast<size_t>(2 * m + n + k) * rank * 4;
-  HOPTUNE_CUDA_TRY(cudaMemsetAsync(workspace, 0, acc_bytes, stream));
-  float* acc = static_cast<float*>(workspace);
-  char* scratch = static_cast<char*>(workspace) + acc_bytes;  // A^T [k, rank], then xa [m, rank]
-  return HOPTUNE_DISPATCH_FLOAT(dtype, T, [&]() -> cudaError_t {
-    if constexpr (std::is_same_v<T, float>) {
-      return cudaErrorInvalidValue;
-    } else {
-      T* at = reinterpret_cast<T*>(scratch);
-      T* xa = at + k * rank;
-      if (rank == 8) {
-        return launch_grads<T, 1>(x, ldx, dy, ldy, m, n, k, lora_a, lora_b, scale, acc, at, xa, dxa,
-                                  da, db, stream);
-      }
-      return launch_grads<T, 2>(x, ldx, dy, ldy, m, n, k, lora_a, lora_b, scale, acc, at, xa, dxa,
-                                da, db, stream);
     }
   });
 }

@@ -211,81 +211,15 @@ def test_dy_pass_kernel(m, n, r, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(
-    "r,n,path",
-    [(16, 384, "grads"), (8, 64, "grads"), (16, 200, None), (32, 384, None), (32, 8192, "dy_pass")],
-)
-def test_backward_takes_the_lora_kernels(r, n, path, monkeypatch):
-    """The eager backward forms x A^T, dxa, dB and dA with lora_grads at r = 8 and 16 when
-    N % 64 == 0, dxa and dB with the dY pass at r = 32 from N = 8192, else with GEMMs; the
-    gradients agree with the reference either way."""
+@pytest.mark.parametrize("n,runs", [(384, True), (200, False)])
+def test_backward_takes_the_dy_pass(n, runs, monkeypatch):
+    """The eager backward forms dxa and dB with the one-pass kernel when N % 64 == 0 (else with
+    two GEMMs), and the gradients agree with the reference either way."""
     calls = []
-    for name in ("dy_pass_kernel", "lora_grads_kernel"):
-        real = getattr(nf4_lora_ops, name)
-        monkeypatch.setattr(nf4_lora_ops, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
-    _check(300, 256, n, r, torch.bfloat16, "cuda", seed=3)
-    want = {"grads": ["lora_grads_kernel"], "dy_pass": ["dy_pass_kernel"], None: []}[path]
-    assert calls == want
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("r", nf4_lora_ops.GRADS_KERNEL_RANKS)
-@pytest.mark.parametrize("m,n,k", [(1, 64, 64), (65, 192, 320), (1000, 576, 128), (4099, 128, 1024)])
-def test_lora_grads_kernel(m, n, k, r, dtype):
-    """(dxa, dA, dB) from one call against float64: row tails, one to many column chunks of x
-    and of dY, x rows k + 8 and dY rows n + 8 apart; within 2x torch's error in dtype (torch
-    also rounds x A^T before dB and dxa before dA)."""
-    g = torch.Generator().manual_seed(m + n + k + r)
-    x = torch.randn(m, k + 8, generator=g).to(dtype).cuda()[:, :k]
-    dy = torch.randn(m, n + 8, generator=g).to(dtype).cuda()[:, :n]
-    a = (torch.randn(r, k, generator=g) * k**-0.5).to(dtype).cuda()
-    b = (torch.randn(n, r, generator=g) * r**-0.5).to(dtype).cuda()
-    assert nf4_lora_ops._grads_kernel_runs(x, dy, a, b)
-    poison_cuda_cache()
-    dxa, da, db = nf4_lora_ops.lora_grads_kernel(x, dy, a, b, 0.75)
-    xd, dyd, ad, bd = x.double(), dy.double(), a.double(), b.double()
-    dxa_d = 0.75 * dyd @ bd
-    want = (dxa_d, dxa_d.t() @ xd, dyd.t() @ (0.75 * xd @ ad.t()))
-    dxa_low = (dy @ b) * 0.75
-    low = (dxa_low, dxa_low.t() @ x, dy.t() @ ((x @ a.t()) * 0.75))
-    _compare((dxa, da, db), want, low, dtype, names=("dxa", "dA", "dB"))
-
-
-@pytest.mark.gpu
-def test_lora_grads_refuses_a_short_workspace():
-    """The CUDA function checks its workspace size and alignment itself: a clear error, no write
-    past the buffer."""
-    ext = nf4_ops._lib.extension()
-    m, n, k, r = 64, 128, 128, 16
-    t = lambda *s: torch.zeros(*s, dtype=torch.bfloat16, device="cuda")  # noqa: E731
-    x, dy, a, b, dxa, da, db = t(m, k), t(m, n), t(r, k), t(n, r), t(m, r), t(r, k), t(n, r)
-    need = (2 * m + n + k) * r * 4 + (k + m) * r * 2
-    work = torch.empty(need + 16, dtype=torch.uint8, device="cuda")
-    stream = torch.cuda.current_stream().cuda_stream
-    args = [x.data_ptr(), k, dy.data_ptr(), n, m, n, k, a.data_ptr(), b.data_ptr(), r, 1.0]
-    outs = [dxa.data_ptr(), da.data_ptr(), db.data_ptr(), 2, stream]
-    with pytest.raises(RuntimeError, match="lora_grads failed"):
-        ext.lora_grads(*args, work.data_ptr(), need - 16, *outs)  # too small
-    with pytest.raises(RuntimeError, match="lora_grads failed"):
-        ext.lora_grads(*args, work.data_ptr() + 8, need, *outs)  # misaligned
-    ext.lora_grads(*args, work.data_ptr(), need, *outs)  # the exact size is enough
-    torch.cuda.synchronize()
-
-
-@pytest.mark.parametrize(
-    "r,n,k_pad,runs",
-    [(8, 64, 0, True), (16, 4096, 0, True), (32, 8192, 0, False), (12, 4096, 0, False), (16, 4096, 4, False)],
-)
-def test_lora_grads_rule(r, n, k_pad, runs):
-    """lora_grads runs at r = 8 and 16 where the dY pass runs and x's rows are 16-byte aligned
-    with unit stride (the dispatch rule alone: no kernel runs here)."""
-    k = 128
-    x = torch.empty(4, k + k_pad, dtype=torch.bfloat16)[:, k_pad:]
-    g = torch.empty(4, n, dtype=torch.bfloat16)
-    a = torch.empty(r, k, dtype=torch.bfloat16)
-    b = torch.empty(n, r, dtype=torch.bfloat16)
-    assert nf4_lora_ops._grads_kernel_runs(x, g, a, b) == runs
+    real = nf4_lora_ops.dy_pass_kernel
+    monkeypatch.setattr(nf4_lora_ops, "dy_pass_kernel", lambda *a: calls.append(1) or real(*a))
+    _check(300, 256, n, 16, torch.bfloat16, "cuda", seed=3)
+    assert bool(calls) == runs
 
 
 @pytest.mark.parametrize(

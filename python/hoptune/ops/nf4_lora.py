@@ -14,9 +14,8 @@ in the kernel. The backward takes dX = dY @ W' when N <= 2 M, else dY @ deq(W) +
 (that term written first and added in the GEMM's epilogue; MERGED_DX_MAX_N_PER_ROW); the
 other LoRA terms are x @ A^T, dY @ B and the two reductions over the tokens dA = (s dY B)^T x and
 dB = s dY^T (x A^T). In eager mode on CUDA, for N >= DY_PASS_MIN_N[r] (r = 8, 16, 32) and
-N % 64 == 0, dY @ B and dB come from one read of dY (lora_dy_pass) instead of two GEMMs; at
-r = 8 and 16 x @ A^T and dA come from the same kernel run over x, all four from one host call
-(lora_grads). Elsewhere (CPU, fp32, K not a multiple of 64) the LoRA terms are applied to the activations
+N % 64 == 0, dY @ B and dB come from one read of dY (lora_dy_pass) instead of two GEMMs.
+Elsewhere (CPU, fp32, K not a multiple of 64) the LoRA terms are applied to the activations
 (hoptune.reference.nf4_lora on CPU).
 """
 
@@ -168,71 +167,6 @@ def dy_pass_kernel(
     return dxa, db
 
 
-# Ranks at which every LoRA factor gradient comes from one host call (lora_grads: x A^T and dA by
-# the dY pass' kernel run over x, with the dY pass between them) instead of two cuBLAS GEMMs and
-# the dY pass: three calls' host time saved per backward; device time within a few % of the
-# GEMMs' (bench/README.md).
-GRADS_KERNEL_RANKS = (8, 16)
-
-
-def _grads_kernel_runs(
-    x2: torch.Tensor, g2: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
-) -> bool:
-    """Whether lora_grads_kernel runs: the dY pass runs (_dy_pass_runs), r in GRADS_KERNEL_RANKS,
-    x's rows 16-byte aligned with unit stride (K % 64 == 0 is the merged path's own condition)."""
-    return (
-        lora_A.shape[0] in GRADS_KERNEL_RANKS
-        and _dy_pass_runs(g2, lora_B)
-        and x2.shape[1] % 64 == 0
-        and x2.stride(1) == 1
-        and x2.stride(0) % 8 == 0
-        and x2.data_ptr() % 16 == 0
-        and x2.dtype == g2.dtype
-        and lora_A.dtype == g2.dtype
-        and (not lora_A.is_contiguous() or lora_A.data_ptr() % 16 == 0)
-    )
-
-
-def lora_grads_kernel(
-    x2: torch.Tensor, g2: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dxa, dA, dB) = (s g2 B, dxa^T x2, g2^T (s x2 A^T)) for x2 (M, K), g2 (M, N), A (r, K),
-    B (N, r), from one host call (the CUDA function lora_grads; fp32 sums, one rounding each,
-    x A^T rounded before it enters dB as in the cuBLAS path). The caller has checked
-    _grads_kernel_runs."""
-    m, k = x2.shape
-    n = g2.shape[1]
-    r = lora_A.shape[0]
-    a = lora_A.contiguous()
-    b = lora_B.contiguous()
-    nbytes = (2 * m + n + k) * r * 4 + (k + m) * r * 2
-    work = torch.empty(nbytes, dtype=torch.uint8, device=g2.device)
-    dxa = torch.empty(m, r, dtype=g2.dtype, device=g2.device)
-    da = torch.empty(r, k, dtype=g2.dtype, device=g2.device)
-    db = torch.empty(n, r, dtype=g2.dtype, device=g2.device)
-    _lib.extension().lora_grads(
-        x2.data_ptr(),
-        x2.stride(0),
-        g2.data_ptr(),
-        g2.stride(0),
-        m,
-        n,
-        k,
-        a.data_ptr(),
-        b.data_ptr(),
-        r,
-        float(scale),
-        work.data_ptr(),
-        nbytes,
-        dxa.data_ptr(),
-        da.data_ptr(),
-        db.data_ptr(),
-        _lib.DTYPE_CODES[g2.dtype],
-        _lib.stream(g2),
-    )
-    return dxa, da, db
-
-
 def _merged_weight(x, q, out_features, lora_A, lora_B, scale) -> torch.Tensor | None:
     """W' = deq(W) + s B A from the merged kernel when it runs for x, else None. The eager path
     launches it before the autograd Function's host work, which the kernel's device time covers."""
@@ -282,10 +216,7 @@ def _backward_impl(saved, meta, needs, grad_y, inside_op):
     merged = kernels and n <= MERGED_DX_MAX_N_PER_ROW * m
     dx = da = db = None
     dxa = None  # s dY B
-    if inside_op and kernels and need_A and need_B and _grads_kernel_runs(x2, g2, lora_A, lora_B):
-        # eager CUDA: x A^T, dxa, dB and dA from one host call
-        dxa, da, db = lora_grads_kernel(x2, g2, lora_A, lora_B, scale)
-    elif inside_op and kernels and need_A and need_B and _dy_pass_runs(g2, lora_B):
+    if inside_op and kernels and need_A and need_B and _dy_pass_runs(g2, lora_B):
         # eager CUDA: dxa and dB from one read of dY (xa = s x A^T first: the forward keeps only x)
         dxa, db = dy_pass_kernel(g2, lora_B, _mm_scaled(x2, lora_A.t(), scale, True), scale)
     elif has_lora and (need_A or (need_x and not merged)):
@@ -299,7 +230,7 @@ def _backward_impl(saved, meta, needs, grad_y, inside_op):
         else:
             dx = g2 @ w
         dx = dx.view(x.shape)
-    if has_lora and need_A and da is None:
+    if has_lora and need_A:
         da = _mm_tn(dxa, x2)
     if has_lora and need_B and db is None:
         db = _mm_tn(g2, _mm_scaled(x2, lora_A.t(), scale, inside_op))  # s x A^T: the forward keeps only x
