@@ -28,28 +28,12 @@ LLAMA_8B = dict(
 )
 
 
-def bench(fn: Callable[[], object], warmup: int = 3, rep: int = 20) -> float:
-    """Median milliseconds of ``fn()`` over ``rep`` runs (CUDA events), after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rep):
-        a = torch.cuda.Event(enable_timing=True)
-        b = torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
-def bench_covered(fn: Callable[[], object], warmup: int = 3, rep: int = 20, lead_ms: float = 3.0) -> float:
-    """Like bench, but each timed call is queued behind a ``lead_ms`` device sleep, so the host
-    has launched all of the call's work before the device reaches it: the call's device time
-    with no launch latency or host gaps inside it, as when the GPU is kept busy in training.
-    (The host work of one call must take less than ``lead_ms``.)"""
+def bench(fn: Callable[[], object], warmup: int = 3, rep: int = 20, lead_ms: float = 0.0) -> float:
+    """Median milliseconds of ``fn()`` over ``rep`` runs (CUDA events), after ``warmup`` runs.
+    ``lead_ms`` > 0: each timed call is queued behind a device sleep of that length, so the host
+    has launched all of the call's work before the device reaches it: the call's device time with
+    no launch latency or host gaps inside it, as when the GPU is kept busy in training (the
+    host work of one call must take less than ``lead_ms``)."""
     cycles = int(lead_ms * 2e6)  # at most ~2 GHz on an H100/H200: at least lead_ms
     for _ in range(warmup):
         fn()
@@ -58,7 +42,8 @@ def bench_covered(fn: Callable[[], object], warmup: int = 3, rep: int = 20, lead
     for _ in range(rep):
         a = torch.cuda.Event(enable_timing=True)
         b = torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(cycles)
+        if cycles:
+            torch.cuda._sleep(cycles)
         a.record()
         fn()
         b.record()
@@ -76,11 +61,12 @@ def ratio_interleaved(
 ) -> float:
     """Median over ``rounds`` of time(fn_a) / time(fn_b), the two measured back to back in each
     round: a ratio robust to the GPU's clock drifting over a run (several % on a busy machine).
-    ``covered``: each call timed behind a device sleep (bench_covered: device time, host hidden)."""
-    timer = bench_covered if covered else bench
+    ``covered``: each call timed behind a 3 ms device sleep (bench's lead_ms: device time, the
+    host's launch work hidden)."""
+    lead = 3.0 if covered else 0.0
     ratios = []
     for _ in range(rounds):
-        ratios.append(timer(fn_a, warmup=1, rep=rep) / timer(fn_b, warmup=1, rep=rep))
+        ratios.append(bench(fn_a, 1, rep, lead) / bench(fn_b, 1, rep, lead))
     return statistics.median(ratios)
 
 
