@@ -35,6 +35,7 @@
 #include "cutlass/gemm/device/gemm_universal_adapter.h"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/kernel_hardware_info.h"
+#include "hoptune/common/occupancy.h"
 #include "hoptune/logprob.cuh"
 
 namespace hoptune {
@@ -119,14 +120,11 @@ cudaError_t fused_logprob_gemm(const FusedLogprobGemm& a, cudaStream_t stream) {
   typename Kernel::StrideD sd{};
   get<0>(sd) = a.ldg;
 
-  static thread_local int sm_count = 0, device = -1, smem_device = -1;
+  static thread_local int smem_device = -1;
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
-  if (dev != device) {
-    sm_count = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(dev);
-    device = dev;
-  }
+  const int sm_count = hoptune::sm_count();
 
   typename Gemm::Arguments args{
       cutlass::gemm::GemmUniversalMode::kGemm,
