@@ -236,6 +236,39 @@ def test_nf4_layers_are_wrapped_without_requantizing():
     assert isinstance(model.model.layers[0].mlp.up_proj, NF4Linear)
 
 
+def test_layer_reads_replaced_buffers_and_parametrized_factors():
+    """The forward takes the NF4 buffers and LoRA factors from the module's dicts (fast), and still
+    follows a buffer assigned anew and a factor under a parametrization (no longer in the dict)."""
+    from torch.nn.utils import parametrize
+
+    from hoptune.quant import dequantize_nf4, quantize_nf4
+
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(128, 48, bias=False), r=4, quantize="nf4", init_lora_weights=False)
+    x = torch.randn(5, 128)
+
+    def expected(a):
+        w = dequantize_nf4(layer.weight_nf4, torch.float32)
+        return x @ w.t() + layer.scaling * (x @ a.t()) @ layer.lora_B.t()
+
+    q = quantize_nf4(torch.randn(48, 128))  # same shape and layout, other values
+    layer.weight_packed = q.packed
+    layer.weight_absmax = q.absmax
+    layer.weight_absmax2 = q.absmax2
+    layer.weight_code2 = q.code2
+    layer._nf4_meta = (tuple(q.shape), q.dtype, q.blocksize, q.offset, q.blocksize2)
+    torch.testing.assert_close(layer(x), expected(layer.lora_A), rtol=1e-5, atol=1e-5)
+
+    class Doubled(nn.Module):
+        def forward(self, a):
+            return 2 * a
+
+    a0 = layer.lora_A.detach().clone()
+    parametrize.register_parametrization(layer, "lora_A", Doubled())
+    assert "lora_A" not in layer._parameters
+    torch.testing.assert_close(layer(x), expected(2 * a0), rtol=1e-5, atol=1e-5)
+
+
 def test_model_to_dtype_keeps_nf4_statistics():
     model = hoptune.apply_lora(tiny_model(), r=2, quantize="nf4")
     lora = model.model.layers[0].self_attn.q_proj

@@ -195,7 +195,10 @@ class LoRALinear(nn.Module):
             return self._base(x, bias)
         # (a cast only when the dtypes differ: .to() returning the tensor itself still costs
         # host time on every call)
-        a, b = self.lora_A, self.lora_B
+        params = self._parameters  # (nn.Module's __getattr__ costs ~1 us per parameter)
+        a, b = params.get("lora_A"), params.get("lora_B")
+        if a is None or b is None:  # held elsewhere (a parametrization)
+            a, b = self.lora_A, self.lora_B
         if a.dtype != x.dtype:
             a = a.to(x.dtype)
         if b.dtype != x.dtype:

@@ -64,17 +64,21 @@ def nf4_call(module: nn.Module, x: torch.Tensor, lora_A, lora_B, scale: float, b
         raise ValueError(
             f"x must be a bfloat16/float16/float32 tensor with last dim in_features={shape[1]}, got {what}"
         )
-    if x.device != module.weight_packed.device:
-        raise ValueError(f"x is on {x.device} but the layer's NF4 weight is on {module.weight_packed.device}")
-    q = (
-        module.weight_packed,
-        module.weight_absmax,
-        module.weight_absmax2,
-        module.weight_code2,
-        offset,
-        bs,
-        bs2,
-    )
+    try:  # the registered buffers straight from their dict (nn.Module's __getattr__ costs ~1 us each)
+        b = module._buffers
+        q = (b["weight_packed"], b["weight_absmax"], b["weight_absmax2"], b["weight_code2"], offset, bs, bs2)
+    except KeyError:  # held elsewhere (a wrapper's property)
+        q = (
+            module.weight_packed,
+            module.weight_absmax,
+            module.weight_absmax2,
+            module.weight_code2,
+            offset,
+            bs,
+            bs2,
+        )
+    if x.device != q[0].device:
+        raise ValueError(f"x is on {x.device} but the layer's NF4 weight is on {q[0].device}")
     return nf4_lora_linear_trusted(x, q, shape[0], lora_A, lora_B, scale, bias)
 
 
