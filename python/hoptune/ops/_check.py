@@ -22,6 +22,17 @@ def dtype_in(name: str, t: torch.Tensor, allowed: Iterable[torch.dtype]) -> None
 
 
 def same_device(**tensors: torch.Tensor | None) -> torch.device:
+    first = None
+    for v in tensors.values():  # (ops call this on every invocation: the common case first)
+        if v is None:
+            continue
+        d = v.device
+        if first is None:
+            first = d
+        elif d != first:
+            break
+    else:
+        return first
     devs = {k: v.device for k, v in tensors.items() if v is not None}
     first = next(iter(devs.values()))
     for k, d in devs.items():

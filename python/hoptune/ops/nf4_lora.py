@@ -21,6 +21,8 @@ Elsewhere (CPU, fp32, K not a multiple of 64) the LoRA terms are applied to the 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -335,6 +337,15 @@ class _EagerNF4LoraLinear(torch.autograd.Function):
         return dx, None, None, da, db, None, None, None
 
 
+@functools.cache
+def _quant_types():
+    """hoptune.quant.nf4's FLOAT_DTYPES and NF4Weight, imported on first use (that module imports
+    this package; an import statement in the op would cost ~2 us of host time per call)."""
+    from hoptune.quant.nf4 import FLOAT_DTYPES, NF4Weight
+
+    return FLOAT_DTYPES, NF4Weight
+
+
 def nf4_lora_linear(
     x: torch.Tensor,
     w_nf4,
@@ -348,8 +359,7 @@ def nf4_lora_linear(
     x (*, K) bf16/fp16/fp32; w_nf4 an NF4Weight of shape (N, K); lora_A (r, K) and lora_B (N, r)
     in x's dtype (both or neither); bias (N,). Returns (*, N) in x's dtype.
     """
-    from hoptune.quant.nf4 import FLOAT_DTYPES, NF4Weight
-
+    FLOAT_DTYPES, NF4Weight = _quant_types()
     _check.tensor("x", x)
     _check.dtype_in("x", x, FLOAT_DTYPES)
     if not isinstance(w_nf4, NF4Weight):
