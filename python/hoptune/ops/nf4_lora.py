@@ -21,8 +21,6 @@ Elsewhere (CPU, fp32, K not a multiple of 64) the LoRA terms are applied to the 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -337,13 +335,18 @@ class _EagerNF4LoraLinear(torch.autograd.Function):
         return dx, None, None, da, db, None, None, None
 
 
-@functools.cache
-def _quant_types():
+_quant_types: tuple | None = None
+
+
+def _load_quant_types() -> tuple:
     """hoptune.quant.nf4's FLOAT_DTYPES and NF4Weight, imported on first use (that module imports
-    this package; an import statement in the op would cost ~2 us of host time per call)."""
+    this package; an import statement in the op would cost ~2 us of host time per call). A global,
+    not functools.cache, which torch.compile warns about when it traces the op."""
+    global _quant_types
     from hoptune.quant.nf4 import FLOAT_DTYPES, NF4Weight
 
-    return FLOAT_DTYPES, NF4Weight
+    _quant_types = (FLOAT_DTYPES, NF4Weight)
+    return _quant_types
 
 
 def nf4_lora_linear(
@@ -359,7 +362,7 @@ def nf4_lora_linear(
     x (*, K) bf16/fp16/fp32; w_nf4 an NF4Weight of shape (N, K); lora_A (r, K) and lora_B (N, r)
     in x's dtype (both or neither); bias (N,). Returns (*, N) in x's dtype.
     """
-    FLOAT_DTYPES, NF4Weight = _quant_types()
+    FLOAT_DTYPES, NF4Weight = _quant_types or _load_quant_types()
     _check.tensor("x", x)
     _check.dtype_in("x", x, FLOAT_DTYPES)
     if not isinstance(w_nf4, NF4Weight):
