@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -146,6 +147,7 @@ def main() -> None:
     finally:
         if tmp:
             subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", wt], check=False)
+            shutil.rmtree(tmp, ignore_errors=True)
     write_json(args.out, res)
 
 

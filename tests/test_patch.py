@@ -241,6 +241,7 @@ def test_layer_reads_replaced_buffers_and_parametrized_factors():
     follows a buffer assigned anew and a factor under a parametrization (no longer in the dict)."""
     from torch.nn.utils import parametrize
 
+    from hoptune.nn.nf4_linear import register_nf4
     from hoptune.quant import dequantize_nf4, quantize_nf4
 
     torch.manual_seed(0)
@@ -251,12 +252,7 @@ def test_layer_reads_replaced_buffers_and_parametrized_factors():
         w = dequantize_nf4(layer.weight_nf4, torch.float32)
         return x @ w.t() + layer.scaling * (x @ a.t()) @ layer.lora_B.t()
 
-    q = quantize_nf4(torch.randn(48, 128))  # same shape and layout, other values
-    layer.weight_packed = q.packed
-    layer.weight_absmax = q.absmax
-    layer.weight_absmax2 = q.absmax2
-    layer.weight_code2 = q.code2
-    layer._nf4_meta = (tuple(q.shape), q.dtype, q.blocksize, q.offset, q.blocksize2)
+    register_nf4(layer, quantize_nf4(torch.randn(48, 128)))  # new buffers, other values
     torch.testing.assert_close(layer(x), expected(layer.lora_A), rtol=1e-5, atol=1e-5)
 
     class Doubled(nn.Module):

@@ -66,17 +66,10 @@ def nf4_call(module: nn.Module, x: torch.Tensor, lora_A, lora_B, scale: float, b
         )
     try:  # the registered buffers straight from their dict (nn.Module's __getattr__ costs ~1 us each)
         b = module._buffers
-        q = (b["weight_packed"], b["weight_absmax"], b["weight_absmax2"], b["weight_code2"], offset, bs, bs2)
+        w = (b["weight_packed"], b["weight_absmax"], b["weight_absmax2"], b["weight_code2"])
     except KeyError:  # held elsewhere (a wrapper's property)
-        q = (
-            module.weight_packed,
-            module.weight_absmax,
-            module.weight_absmax2,
-            module.weight_code2,
-            offset,
-            bs,
-            bs2,
-        )
+        w = tuple(getattr(module, name) for name in NF4_BUFFERS)
+    q = (*w, offset, bs, bs2)
     if x.device != q[0].device:
         raise ValueError(f"x is on {x.device} but the layer's NF4 weight is on {q[0].device}")
     return nf4_lora_linear_trusted(x, q, shape[0], lora_A, lora_B, scale, bias)
