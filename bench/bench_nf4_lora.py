@@ -2,7 +2,7 @@
 
 * forward y = x W^T + s (x A^T) B^T at M = 8192 (r = 16) against torch bf16 x @ W^T without LoRA,
   and bitsandbytes matmul_4bit; at small M (generation) also the device time of ours, of bf16 and
-  of our merged dequantize + GEMM path (what runs above nf4.GEMV_MAX_M rows);
+  of our merged dequantize + GEMM path (what runs above nf4.small_m_max rows);
 * layer forward + backward (grads of x, A, B) at M = 8192 against the frozen bf16 dense layer,
   bf16 + LoRA, bitsandbytes + LoRA and PEFT QLoRA;
 * both M = 8192 ratios twice: ratio_interleaved (each call timed alone, after a sync: the
@@ -130,11 +130,10 @@ def forward_rows(have_bnb: bool) -> list[dict]:
             row["dev_bf16_ms"] = device_ms(lambda: x @ w.t())
             row["dev_ours_lora_ms"] = device_ms(lambda: nf4_lora_linear(x, q, a, b, 2.0))
             row["dev_ratio"] = row["dev_ours_lora_ms"] / row["dev_bf16_ms"]
-            if m < 8192:  # small M: the codes-reading kernel (M <= GEMV_MAX_M) against the merged
-                # dequantize + GEMM as well
-                limit, nf4_ops.GEMV_MAX_M = nf4_ops.GEMV_MAX_M, 0
-                row["dev_ours_merged_path_ms"] = device_ms(lambda: nf4_lora_linear(x, q, a, b, 2.0))
-                nf4_ops.GEMV_MAX_M = limit
+            if m < 8192:  # small M: the codes-reading kernel (nf4.small_m_max) against the
+                # merged dequantize + GEMM as well
+                with _forced(0):
+                    row["dev_ours_merged_path_ms"] = device_ms(lambda: nf4_lora_linear(x, q, a, b, 2.0))
             row["ours_base_ms"] = bench(lambda: nf4_lora_linear(x, q))
             row["ours_lora_over_bf16"] = row["ours_lora_ms"] / row["bf16_ms"]
             # back to back (host launch work hidden behind device work, as inside a model)
@@ -145,6 +144,63 @@ def forward_rows(have_bnb: bool) -> list[dict]:
             if have_bnb:
                 row["bnb_ms"] = bench(lambda: bnb.matmul_4bit(x, qb.t(), quant_state=st))
                 row["bnb_over_bf16"] = row["bnb_ms"] / row["bf16_ms"]
+            rows.append(row)
+            print(row, flush=True)
+        torch.cuda.empty_cache()
+    return rows
+
+
+SMALL_MS = (1, 2, 3, 4, 8, 12, 16, 24, 32, 48, 64)
+
+
+def _forced(small_max: int, ctas_per_sm: float | None = None):
+    """A context that makes the forward read the codes (nf4_small_m) up to small_max rows on every
+    weight and take the merged dequantize + GEMM above (and ctas_per_sm for nf4_small_m)."""
+    import contextlib
+
+    names = ("SMALL_M_MAX", "SMALL_M_MAX_SMALL_WEIGHT", "SMALL_M_CTAS_PER_SM")
+
+    @contextlib.contextmanager
+    def ctx():
+        old = [getattr(nf4_ops, a) for a in names]
+        nf4_ops.SMALL_M_MAX = nf4_ops.SMALL_M_MAX_SMALL_WEIGHT = small_max
+        if ctas_per_sm is not None:
+            nf4_ops.SMALL_M_CTAS_PER_SM = ctas_per_sm
+        try:
+            yield
+        finally:
+            for a, v in zip(names, old):
+                setattr(nf4_ops, a, v)
+
+    return ctx()
+
+
+def small_m_rows() -> list[dict]:
+    """Generation-sized M (r = 16, with LoRA): device time of each forward path against torch bf16
+    x @ W^T: the codes read on tensor cores (nf4_small_m, M <= 32; with 1, 2 (the default) and 4
+    CTAs per SM as its slice target) and the merged dequantize + GEMM; and per call, the default
+    dispatch against bf16."""
+    rows = []
+    for k, n in FWD_SHAPES:
+        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
+        q = quantize_nf4(w)
+        a = torch.randn(R, k, device=dev, dtype=torch.bfloat16) / math.sqrt(k)
+        b = torch.randn(n, R, device=dev, dtype=torch.bfloat16) * 0.01
+        for m in SMALL_MS:
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            f = lambda: nf4_lora_linear(x, q, a, b, 2.0)  # noqa: E731
+            row = {"M": m, "K": k, "N": n, "dev_bf16_ms": device_ms(lambda: x @ w.t())}
+            if m <= 32:
+                for c in (1, 2, 4):
+                    with _forced(32, c):
+                        row[f"dev_small_c{c}_ms"] = device_ms(f)
+            with _forced(0):
+                row["dev_merged_ms"] = device_ms(f)
+            row["dev_default_ms"] = device_ms(f)
+            row["dev_default_over_bf16"] = row["dev_default_ms"] / row["dev_bf16_ms"]
+            row["bf16_ms"] = bench(lambda: x @ w.t())
+            row["default_ms"] = bench(f)
+            row["default_over_bf16"] = row["default_ms"] / row["bf16_ms"]
             rows.append(row)
             print(row, flush=True)
         torch.cuda.empty_cache()
@@ -261,7 +317,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/nf4_lora.json")
     ap.add_argument("--breakdown", action="store_true", help="profile the layer step per kernel")
+    ap.add_argument(
+        "--small-m", action="store_true", help="only the generation-sized M table (each forward path)"
+    )
     args = ap.parse_args()
+    if args.small_m:
+        res = {"env": env_info(), "r": R, "small_m": small_m_rows()}
+        write_json(args.out, res)
+        cols = ["M", "K", "N", "dev_bf16_ms", "dev_small_c1_ms", "dev_small_c2_ms"]
+        cols += ["dev_small_c4_ms", "dev_merged_ms", "dev_default_over_bf16", "default_over_bf16"]
+        print(table(res["small_m"], cols))
+        return
     try:
         import bitsandbytes  # noqa: F401
 

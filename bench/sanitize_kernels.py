@@ -92,24 +92,28 @@ def nf4_lora() -> None:
         nf4_ops.nf4_dequantize_lora(
             q.packed, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize, q.blocksize2, [n, k], a, b, 0.5
         )
-    # the small-M product from the codes (enabled up to the kernel's 8 rows): every row count's
-    # kernel, with and without LoRA and bias, a strided x, N not a multiple of a CTA's 8 rows, K
-    # past one step of the lanes' loop
-    for m, dq, r, n, k, dt in [
-        (1, True, 8, 197, 320, torch.bfloat16),
-        (3, False, 0, 60, 4160, torch.float16),
-        (2, True, 256, 33, 128, torch.bfloat16),
-        (8, False, 16, 75, 1024, torch.float16),
+    # the small-M product from the codes (nf4_small_m): each of its row tilings, sliced columns
+    # (partial sums through the workspace; twice, so the second launch finds the counters reset)
+    # and one slice, N not a multiple of 16, K not a multiple of the 128-column step
+    for m, dq, r, n, k, dt, ctas in [
+        (1, True, 8, 197, 320, torch.bfloat16, None),
+        (12, False, 0, 60, 4160, torch.float16, None),
+        (32, True, 256, 33, 1088, torch.bfloat16, 1e-6),
+        (7, False, 16, 300, 1024, torch.float16, 1e-6),
     ]:
         q = quantize_nf4(torch.randn(n, k, device="cuda", dtype=dt), double_quant=dq)
         x = torch.randn(m, k + 8, device="cuda", dtype=dt)[:, 8:]
         a = torch.randn(r, k, device="cuda", dtype=dt) if r else None
         b = torch.randn(n, r, device="cuda", dtype=dt) if r else None
         bias = torch.randn(n, device="cuda", dtype=dt) if r != 16 else None
-        limit, nf4_ops.GEMV_MAX_M = nf4_ops.GEMV_MAX_M, 8
+        saved = (nf4_ops.SMALL_M_MAX_SMALL_WEIGHT, nf4_ops.SMALL_M_CTAS_PER_SM)
+        nf4_ops.SMALL_M_MAX_SMALL_WEIGHT = 32  # (every row count the kernel takes)
+        if ctas is not None:
+            nf4_ops.SMALL_M_CTAS_PER_SM = ctas
         with torch.no_grad():
-            nf4_lora_linear(x, q, a, b, 0.5, bias)
-        nf4_ops.GEMV_MAX_M = limit
+            for _ in range(2):
+                nf4_lora_linear(x, q, a, b, 0.5, bias)
+        nf4_ops.SMALL_M_MAX_SMALL_WEIGHT, nf4_ops.SMALL_M_CTAS_PER_SM = saved
     # the one-pass dY kernel of the backward: every rank, a row tail, strided dY, one chunk
     from hoptune.ops import nf4_lora as nf4_lora_ops
 

@@ -90,24 +90,27 @@ PYBIND11_MODULE(_C, m) {
       py::call_guard<py::gil_scoped_release>());
 
   m.def(
-      "nf4_gemv",
+      "nf4_small_m",
       [](uintptr_t x, int64_t ldx, int rows, uintptr_t packed, uintptr_t absmax, uintptr_t qabsmax,
          uintptr_t absmax2, uintptr_t code2, float offset, int blocksize2, int64_t n, int64_t k,
          int blocksize, uintptr_t xa, uintptr_t lora_b, int rank, float scale, uintptr_t bias,
-         uintptr_t y, int dtype, uintptr_t stream) {
+         int slices, uintptr_t workspace, uintptr_t counters, uintptr_t y, int dtype,
+         uintptr_t stream) {
         const hoptune::NF4Absmax am =
             nf4_absmax(absmax, qabsmax, absmax2, code2, offset, blocksize2);
-        check(hoptune::nf4_gemv(ptr<const void*>(x), ldx, rows, ptr<const uint8_t*>(packed), am, n,
-                                k, blocksize, ptr<const float*>(xa), ptr<const void*>(lora_b), rank,
-                                scale, ptr<const void*>(bias), ptr<void*>(y),
-                                static_cast<DType>(dtype), stream_of(stream)),
-              "nf4_gemv");
+        check(hoptune::nf4_small_m(ptr<const void*>(x), ldx, rows, ptr<const uint8_t*>(packed), am,
+                                   n, k, blocksize, ptr<const float*>(xa), ptr<const void*>(lora_b),
+                                   rank, scale, ptr<const void*>(bias), slices,
+                                   ptr<float*>(workspace), ptr<int*>(counters), ptr<void*>(y),
+                                   static_cast<DType>(dtype), stream_of(stream)),
+              "nf4_small_m");
       },
       py::arg("x"), py::arg("ldx"), py::arg("rows"), py::arg("packed"), py::arg("absmax"),
       py::arg("qabsmax"), py::arg("absmax2"), py::arg("code2"), py::arg("offset"),
       py::arg("blocksize2"), py::arg("n"), py::arg("k"), py::arg("blocksize"), py::arg("xa"),
-      py::arg("lora_b"), py::arg("rank"), py::arg("scale"), py::arg("bias"), py::arg("y"),
-      py::arg("dtype"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+      py::arg("lora_b"), py::arg("rank"), py::arg("scale"), py::arg("bias"), py::arg("slices"),
+      py::arg("workspace"), py::arg("counters"), py::arg("y"), py::arg("dtype"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>());
 
   m.def(
       "lora_dy_pass",

@@ -683,19 +683,31 @@ __global__ void __launch_bounds__(kMrgThreads, 2) nf4_dequantize_lora_any(MergeA
 }
 
 // ---- small-M product straight from the codes: y = x deq(W)^T + scale * xa B^T + bias --------
-// A warp owns one output row j at a time and reads that row of W once, as codes (0.5 byte per
-// weight against 2 for a bf16 GEMV): each lane takes 32 consecutive columns per step (one 16-byte
-// code load, one absmax), decodes them to the plain dequantize's rounded values and multiplies
-// them with the m rows of x (16-byte loads, served by L1/L2: x is small), accumulating in fp32.
-// The lanes issue the code and absmax loads of up to kGemvSteps steps before decoding any.
-// The LoRA term enters each lane's sums before the warp reduction (lanes over the rank).
-// On an H200 at M = 1 this reads 0.5-0.85 TB/s of codes: latency-bound (four 16-byte loads in
-// flight per lane), and each row of x is re-read and converted per weight row, which is why
-// the dispatch stops at 3 rows (bench/README.md).
-constexpr int kGemvThreads = 256;
-constexpr int kGemvSteps = 4;
+// ---- small-M product on tensor cores, from the codes: y = x deq(W)^T (+ LoRA, bias) --------
+// For one to a few dozen rows of x (generation, alone or batched) the weight is read once, as
+// codes. A warp owns 16 weight rows and walks 128 columns per step: each lane copies 16 code
+// bytes of row g and of row g + 8 (32 consecutive columns, one quant block) into a warp-private
+// shared-memory ring of kSmallStages steps (cp.async), decodes them to the plain dequantize's
+// rounded values and feeds them to mma.sync m16n8k16 as the A operand (weight rows on the MMA's
+// M side), with x's rows on its N side (kMT tiles of 8). The 128 columns are fed in a permuted
+// order: at k-step s (0-7), a lane's A slots 2t, 2t + 1 and 2t + 8, 2t + 9 hold columns
+// 32t + 4s .. 32t + 4s + 3, so its 32 columns are the 16 bytes it copied, and its B fragment is
+// the same 4 columns of one row of x (its four 16-byte loads of x cover the 8 k-steps).
+// On an H200 the kernel is issue-bound, not bandwidth-bound: the decode (a byte permute, a
+// shared-memory table read and an fp32 multiply per element, a conversion per pair) is most of
+// its instructions; see docs/KERNELS.md.
+// A CTA's 8 warps take 128 consecutive weight rows (x's reads are shared through L1) and one of
+// `slices` ranges of the columns (blockIdx.y), so that a small N still fills the GPU. With more
+// than one slice each CTA writes its fp32 partial sums to a workspace and counts itself in; the
+// last CTA of a row group adds the slices in a fixed order (deterministic), then the LoRA term
+// and the bias, rounds and stores, and resets the counter for the next launch.
+constexpr int kSmallThreads = 256;
+constexpr int kSmallRows = 128;  // weight rows per CTA: 8 warps x 16
+constexpr int kSmallStep = 128;  // columns per warp step
+constexpr int kSmallMaxM = 32;   // rows of x: up to 4 tiles of 8
+constexpr int kSmallStages = 4;  // steps per warp in the shared-memory ring
 
-struct GemvArgs {
+struct SmallArgs {
   const void* x;
   int64_t ldx;
   int m;
@@ -703,103 +715,205 @@ struct GemvArgs {
   NF4Absmax am;
   int log2_blocksize, log2_blocksize2;
   int64_t n, k;
+  int steps, slices;
   const float* xa;
   const void* lora_b;
   int rank;
   float scale;
   const void* bias;
+  float* ws;      // slices x m x n fp32 (slices > 1)
+  int* counters;  // one per row group, zero between launches (slices > 1)
   void* y;
 };
 
-// v rounded to T (nearest even), as fp32
-template <typename T>
-__device__ __forceinline__ float round_to(float v) {
-  return to_float(from_float<T>(v));
-}
+// A lane's absmax for its two rows at one step (the codes go through a shared-memory ring).
+struct SmallLoads {
+  uint32_t qa[2];  // nested: the 8-bit absmax code
+  float amax[2];   // absmax, or nested: absmax2
+};
 
-// kM: m rounded up to 1, 2, 4 or 8 (rows past m are skipped)
-template <typename T, int kM>
-__global__ void __launch_bounds__(kGemvThreads) nf4_gemv_kernel(GemvArgs a) {
-  __shared__ float lut[16];
+// kMT: tiles of 8 rows of x (rows past m are zeros and not stored)
+template <typename T, int kMT, bool kNested>
+__global__ void __launch_bounds__(kSmallThreads, 2) nf4_small_m_kernel(SmallArgs a) {
+  // the code table 256-byte aligned: a lookup's shared address is the table's with its low byte
+  // replaced by the code's offset (one byte permute, no add)
+  __shared__ __align__(256) float lut[16];
   __shared__ float code2[256];
-  const bool nested = a.am.qabsmax != nullptr;
+  __shared__ int last;
+  __shared__ __align__(16) uint4 ring_all[kSmallThreads / 32][kSmallStages][64];
   if (threadIdx.x < 16) lut[threadIdx.x] = kNF4Code[threadIdx.x];
-  if (nested) {
-    for (int i = threadIdx.x; i < 256; i += kGemvThreads) code2[i] = a.am.code2[i];
+  pdl_begin();
+  if (kNested) {
+    for (int i = threadIdx.x; i < 256; i += kSmallThreads) code2[i] = a.am.code2[i];
   }
   __syncthreads();
-  const T* __restrict__ x = static_cast<const T*>(a.x);
-  const int lane = threadIdx.x & 31;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kGemvThreads / 32) + (threadIdx.x >> 5);
-  if (row >= a.n) return;
-  float acc[kM];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int64_t n = a.n;
+  const int k = static_cast<int>(a.k);
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kSmallRows + warp * 16 + g;
+  const int slice = blockIdx.y;
+  const int s_begin = static_cast<int>(static_cast<int64_t>(a.steps) * slice / a.slices);
+  const int s_end = static_cast<int>(static_cast<int64_t>(a.steps) * (slice + 1) / a.slices);
+  // the lane's first element of rows g and g + 8 (clamped to the last row for loads) at column
+  // 32 t; a step moves 128 columns on
+  int64_t first[2];
 #pragma unroll
-  for (int i = 0; i < kM; ++i) acc[i] = 0.f;
+  for (int h = 0; h < 2; ++h) first[h] = min(row0 + 8 * h, n - 1) * k + 32 * t;
+  const T* xrow[kMT];  // row 8 j + g of x at column 32 t, or null past m
+#pragma unroll
+  for (int j = 0; j < kMT; ++j) {
+    const int mi = 8 * j + g;
+    xrow[j] = mi < a.m ? static_cast<const T*>(a.x) + mi * a.ldx + 32 * t : nullptr;
+  }
+  const uint32_t lut_s = smem_addr(lut);
 
-  const int64_t row0 = row * a.k;  // first element of the row in the flattened weight
-  for (int64_t base = 32 * lane; base < a.k; base += 32 * 32 * kGemvSteps) {
-    uint4 codes[kGemvSteps];
-    float sc[kGemvSteps];
+  // the codes of step st into ring slot `slot` (16 bytes of row g at [lane], of row g + 8 at
+  // [32 + lane]: each lane reads back only what it copied, so no barrier), zeros past k; the
+  // step's absmax into p, from ordinary loads
+  uint4(*ring)[64] = ring_all[warp];
+  auto load = [&](int st, int slot, SmallLoads& p) {
+    const bool in = st * kSmallStep + 32 * t < k;
 #pragma unroll
-    for (int s = 0; s < kGemvSteps; ++s) {
-      const int64_t c = base + s * 32 * 32;
-      codes[s] = make_uint4(0u, 0u, 0u, 0u);
-      sc[s] = 0.f;
-      if (c < a.k) {
-        codes[s] = __ldg(reinterpret_cast<const uint4*>(a.packed + ((row0 + c) >> 1)));
-        const int64_t b = (row0 + c) >> a.log2_blocksize;
-        sc[s] = nested ? nested_absmax(code2[__ldg(a.am.qabsmax + b)],
-                                       __ldg(a.am.absmax2 + (b >> a.log2_blocksize2)), a.am.offset)
-                       : __ldg(a.am.absmax + b);
-      }
-    }
-#pragma unroll
-    for (int s = 0; s < kGemvSteps; ++s) {
-      const int64_t c = base + s * 32 * 32;
-      if (c >= a.k) break;
-      const uint32_t words[4] = {codes[s].x, codes[s].y, codes[s].z, codes[s].w};
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {  // 8 columns per code word
-        float w[8];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {  // byte j: column 2j in the high nibble, 2j + 1 in the low
-          const uint32_t byte = (words[q] >> (8 * j)) & 0xFFu;
-          w[2 * j] = round_to<T>(__fmul_rn(lut[byte >> 4], sc[s]));
-          w[2 * j + 1] = round_to<T>(__fmul_rn(lut[byte & 0xFu], sc[s]));
-        }
-#pragma unroll
-        for (int i = 0; i < kM; ++i) {
-          if (i < a.m) {
-            const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + i * a.ldx + c + 8 * q));
-            const T* xs = reinterpret_cast<const T*>(&xv);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) acc[i] = __fmaf_rn(to_float(xs[e]), w[e], acc[i]);
-          }
+    for (int h = 0; h < 2; ++h) {
+      const int64_t idx = first[h] + st * kSmallStep;
+      cp_async_16(smem_addr(&ring[slot][32 * h + lane]), a.packed + (in ? idx >> 1 : 0), in);
+      p.qa[h] = 0u;
+      p.amax[h] = 0.f;  // past k: zero weights (and zero x)
+      if (in) {
+        const int64_t b = idx >> a.log2_blocksize;
+        if (kNested) {
+          p.qa[h] = __ldg(a.am.qabsmax + b);
+          p.amax[h] = __ldg(a.am.absmax2 + (b >> a.log2_blocksize2));
+        } else {
+          p.amax[h] = __ldg(a.am.absmax + b);
         }
       }
     }
-  }
-  if (a.xa != nullptr) {
-    const T* b = static_cast<const T*>(a.lora_b) + row * a.rank;
-    for (int r = lane; r < a.rank; r += 32) {
-      const float bv = a.scale * to_float(b[r]);
+  };
+
+  float acc[kMT][4];
 #pragma unroll
-      for (int i = 0; i < kM; ++i) {
-        if (i < a.m) acc[i] = __fmaf_rn(a.xa[i * a.rank + r], bv, acc[i]);
+  for (int j = 0; j < kMT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+
+  auto compute = [&](int st, int slot, const SmallLoads& p) {
+    const uint4 codes[2] = {ring[slot][lane], ring[slot][32 + lane]};
+    // the lane's A fragments: row g + 8 h, byte i of its 16 holds columns 2i (high nibble), 2i + 1
+    uint32_t af[8][4];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float sc = kNested ? nested_absmax(code2[p.qa[h]], p.amax[h], a.am.offset) : p.amax[h];
+      const uint32_t words[4] = {codes[h].x, codes[h].y, codes[h].z, codes[h].w};
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        const uint32_t hi = (words[w] >> 2) & 0x3C3C3C3Cu, lo = (words[w] << 2) & 0x3C3C3C3Cu;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {  // byte i = 4 w + j -> step i / 2, slot pair (i % 2)
+          float c0, c1;
+          asm("ld.shared.f32 %0, [%1];" : "=f"(c0) : "r"(__byte_perm(hi, lut_s, 0x7650u | j)));
+          asm("ld.shared.f32 %0, [%1];" : "=f"(c1) : "r"(__byte_perm(lo, lut_s, 0x7650u | j)));
+          const int i = 4 * w + j;
+          af[i >> 1][h + 2 * (i & 1)] = pack2<T>(__fmul_rn(c0, sc), __fmul_rn(c1, sc));
+        }
       }
     }
+    // x: row 8 j + g, columns 128 st + 32 t .. + 31 (four 16-byte loads, served by L1/L2),
+    // zeros past m or k
+    const bool in = st * kSmallStep + 32 * t < k;
+#pragma unroll
+    for (int j = 0; j < kMT; ++j) {
+      const bool ok = xrow[j] != nullptr && in;
+      const uint4* src = reinterpret_cast<const uint4*>(xrow[j] + st * kSmallStep);
+      uint4 xv[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) xv[q] = ok ? __ldg(src + q) : make_uint4(0u, 0u, 0u, 0u);
+      const uint32_t* xw = reinterpret_cast<const uint32_t*>(xv);
+#pragma unroll
+      for (int s = 0; s < 8; ++s) mma_16816<T>(acc[j], af[s], xw[2 * s], xw[2 * s + 1]);
+    }
+  };
+
+  // a ring of kSmallStages steps per warp: kSmallStages - 1 steps' codes in flight while one is
+  // computed (one commit group per step, empty past the slice's end)
+  constexpr int S = kSmallStages;
+  SmallLoads am[S];
+  const bool active = row0 - g < n;  // (a warp past the last row only joins the barriers)
+  if (active) {
+#pragma unroll
+    for (int u = 0; u < S - 1; ++u) {
+      if (s_begin + u < s_end) load(s_begin + u, u, am[u]);
+      cp_async_commit();
+    }
   }
+  for (int base = s_begin; active && base < s_end; base += S) {
 #pragma unroll
-  for (int i = 0; i < kM; ++i) {
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], off);
+    for (int u = 0; u < S; ++u) {
+      const int st = base + u;
+      if (st >= s_end) break;
+      cp_async_wait<S - 2>();  // step st has landed
+      if (st + S - 1 < s_end) load(st + S - 1, (u + S - 1) % S, am[(u + S - 1) % S]);
+      cp_async_commit();
+      compute(st, u, am[u]);
+    }
   }
-  if (lane == 0) {
-    const float bias = a.bias != nullptr ? to_float(static_cast<const T*>(a.bias)[row]) : 0.f;
-    T* y = static_cast<T*>(a.y);
+
+  // accumulator e of tile j: weight row row0 + 8 (e / 2), row of x 8 j + 2 t + e % 2
+  T* y = static_cast<T*>(a.y);
+  auto finish = [&](int64_t row, int mi, float v) {
+    if (a.xa != nullptr) {
+      const T* b = static_cast<const T*>(a.lora_b) + row * a.rank;
+      const float* xa = a.xa + static_cast<int64_t>(mi) * a.rank;
+      float l = 0.f;
+      for (int r = 0; r < a.rank; ++r) l = __fmaf_rn(xa[r], to_float(b[r]), l);
+      v = __fmaf_rn(a.scale, l, v);
+    }
+    if (a.bias != nullptr) v += to_float(static_cast<const T*>(a.bias)[row]);
+    y[static_cast<int64_t>(mi) * n + row] = from_float<T>(v);
+  };
+  if (a.slices == 1) {
 #pragma unroll
-    for (int i = 0; i < kM; ++i) {
-      if (i < a.m) y[i * a.n + row] = from_float<T>(acc[i] + bias);
+    for (int j = 0; j < kMT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t row = row0 + 8 * (e >> 1);
+        const int mi = 8 * j + 2 * t + (e & 1);
+        if (row < n && mi < a.m) finish(row, mi, acc[j][e]);
+      }
+    }
+    return;
+  }
+  const int64_t plane = static_cast<int64_t>(a.m) * n;
+  float* part = a.ws + slice * plane;
+#pragma unroll
+  for (int j = 0; j < kMT; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t row = row0 + 8 * (e >> 1);
+      const int mi = 8 * j + 2 * t + (e & 1);
+      if (row < n && mi < a.m) part[mi * n + row] = acc[j][e];
+    }
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int ticket = atomicAdd(a.counters + blockIdx.x, 1);
+    last = ticket == a.slices - 1;
+    if (last) a.counters[blockIdx.x] = 0;  // (every other CTA of the group has counted)
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+#pragma unroll
+  for (int j = 0; j < kMT; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t row = row0 + 8 * (e >> 1);
+      const int mi = 8 * j + 2 * t + (e & 1);
+      if (row < n && mi < a.m) {
+        float v = 0.f;
+        for (int s = 0; s < a.slices; ++s) v += __ldcg(a.ws + s * plane + mi * n + row);
+        finish(row, mi, v);
+      }
     }
   }
 }
@@ -891,19 +1005,25 @@ cudaError_t nf4_dequantize_lora(const uint8_t* packed, const NF4Absmax& absmax, 
   return dtype == DType::kBFloat16 ? run(__nv_bfloat16{}) : run(__half{});
 }
 
-cudaError_t nf4_gemv(const void* x, int64_t ldx, int m, const uint8_t* packed,
-                     const NF4Absmax& absmax, int64_t n, int64_t k, int blocksize, const float* xa,
-                     const void* lora_b, int rank, float scale, const void* bias, void* y,
-                     DType dtype, cudaStream_t stream) {
+cudaError_t nf4_small_m(const void* x, int64_t ldx, int m, const uint8_t* packed,
+                        const NF4Absmax& absmax, int64_t n, int64_t k, int blocksize,
+                        const float* xa, const void* lora_b, int rank, float scale,
+                        const void* bias, int slices, float* workspace, int* counters, void* y,
+                        DType dtype, cudaStream_t stream) {
   HOPTUNE_REQUIRE(x != nullptr && packed != nullptr && y != nullptr);
-  HOPTUNE_REQUIRE(m >= 1 && m <= 8 && n > 0 && k > 0 && k % 64 == 0 && ldx >= k);
+  HOPTUNE_REQUIRE(m >= 1 && m <= kSmallMaxM && n > 0 && k > 0 && k % 64 == 0 && ldx >= k &&
+                  k < (int64_t{1} << 30));
   HOPTUNE_REQUIRE(valid_state(absmax, blocksize, n * k));
   HOPTUNE_REQUIRE(reinterpret_cast<uintptr_t>(packed) % 16 == 0 &&
                   reinterpret_cast<uintptr_t>(x) % 16 == 0 && ldx % 8 == 0);
   HOPTUNE_REQUIRE((xa == nullptr) == (lora_b == nullptr) && (xa == nullptr || rank >= 1));
   HOPTUNE_REQUIRE(dtype == DType::kBFloat16 || dtype == DType::kFloat16);
+  const int64_t steps = (k + kSmallStep - 1) / kSmallStep;
+  const int64_t groups = (n + kSmallRows - 1) / kSmallRows;
+  HOPTUNE_REQUIRE(slices >= 1 && slices <= steps && slices <= 65535 && groups <= 0x7fffffff);
+  HOPTUNE_REQUIRE(slices == 1 || (workspace != nullptr && counters != nullptr));
   const bool nested = absmax.qabsmax != nullptr;
-  GemvArgs a;
+  SmallArgs a;
   a.x = x;
   a.ldx = ldx;
   a.m = m;
@@ -913,26 +1033,30 @@ cudaError_t nf4_gemv(const void* x, int64_t ldx, int m, const uint8_t* packed,
   a.log2_blocksize2 = nested ? ilog2(absmax.blocksize2) : 0;
   a.n = n;
   a.k = k;
+  a.steps = static_cast<int>(steps);
+  a.slices = slices;
   a.xa = xa;
   a.lora_b = lora_b;
   a.rank = rank;
   a.scale = scale;
   a.bias = bias;
+  a.ws = workspace;
+  a.counters = counters;
   a.y = y;
-  const int64_t grid = (n + kGemvThreads / 32 - 1) / (kGemvThreads / 32);
-  HOPTUNE_REQUIRE(grid <= 0x7fffffff);
+  const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(slices));
+  auto launch = [&](auto* kernel) {
+    return launch_pdl(kernel, grid, dim3(kSmallThreads), 0, stream, a);
+  };
   auto run = [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    const dim3 g(static_cast<unsigned>(grid));
-    if (m == 1)
-      nf4_gemv_kernel<T, 1><<<g, kGemvThreads, 0, stream>>>(a);
-    else if (m == 2)
-      nf4_gemv_kernel<T, 2><<<g, kGemvThreads, 0, stream>>>(a);
-    else if (m <= 4)
-      nf4_gemv_kernel<T, 4><<<g, kGemvThreads, 0, stream>>>(a);
-    else
-      nf4_gemv_kernel<T, 8><<<g, kGemvThreads, 0, stream>>>(a);
-    return cudaGetLastError();
+    if (nested) {
+      if (m <= 8) return launch(nf4_small_m_kernel<T, 1, true>);
+      if (m <= 16) return launch(nf4_small_m_kernel<T, 2, true>);
+      return launch(nf4_small_m_kernel<T, 4, true>);
+    }
+    if (m <= 8) return launch(nf4_small_m_kernel<T, 1, false>);
+    if (m <= 16) return launch(nf4_small_m_kernel<T, 2, false>);
+    return launch(nf4_small_m_kernel<T, 4, false>);
   };
   return dtype == DType::kBFloat16 ? run(__nv_bfloat16{}) : run(__half{});
 }

@@ -138,27 +138,33 @@ def test_dequantize_lora_kernel(n, k, r, blocksize, double_quant, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 16, 17, 32])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("double_quant", [True, False])
-@pytest.mark.parametrize("k,n,r", [(320, 200, 8), (1088, 136, 64), (4096, 72, 256)])
-def test_small_m_reads_the_codes(m, dtype, double_quant, k, n, r, monkeypatch):
-    """1 <= M <= 8 rows: one pass over the codes (nf4_gemv, no dequantized weight), every sum in
-    fp32. Against float64 on the dequantized weight by the STYLE rule, for y and the gradients
-    (the backward is the large-M one), with a strided x, N not a multiple of a CTA's 8 rows,
-    LoRA and bias; without LoRA the same kernel gives x deq(W)^T + bias."""
-    monkeypatch.setattr(nf4_ops, "GEMV_MAX_M", 8)  # every row count the kernel takes
+@pytest.mark.parametrize("k,n,r,sliced", [(320, 200, 8, True), (1088, 136, 64, False), (4096, 72, 16, True)])
+def test_small_m_on_tensor_cores(m, dtype, double_quant, k, n, r, sliced, monkeypatch):
+    """1 <= M <= 32 rows: the weight read once as codes, on tensor cores (nf4_small_m). Against
+    float64 on the dequantized weight by the STYLE rule, for y and the gradients, with a strided x,
+    N not a multiple of 16, K not a multiple of the kernel's 128-column step (320, 1088), LoRA and
+    bias; the columns cut into one slice per step (sliced: partial sums through the workspace) or
+    a single slice; twice in a row, bit-identical (the counters reset, the sum order fixed)."""
+    monkeypatch.setattr(nf4_ops, "SMALL_M_MAX_SMALL_WEIGHT", 32)  # every row count the kernel takes
+    if not sliced:
+        monkeypatch.setattr(nf4_ops, "SMALL_M_CTAS_PER_SM", 1e-6)
     ext = nf4_ops._lib.extension()
-    calls = {"gemv": 0, "merged": 0}
-    for name, key in (("nf4_gemv", "gemv"), ("nf4_dequantize_lora", "merged")):
+    calls = {"small": 0, "merged": 0}
+    slices = []
+    for name, key in (("nf4_small_m", "small"), ("nf4_dequantize_lora", "merged")):
         fn = getattr(ext, name)
 
         def counted(*args, _fn=fn, _key=key, **kw):
             calls[_key] += 1
+            if _key == "small":
+                slices.append(args[18])
             return _fn(*args, **kw)
 
         monkeypatch.setattr(ext, name, counted)
-    g = torch.Generator().manual_seed(m * 7 + k + r)
+    g = torch.Generator().manual_seed(m * 5 + k + r)
     w = (torch.randn(n, k, generator=g) * k**-0.5).to(dtype).cuda()
     q = quantize_nf4(w, double_quant=double_quant)
     wide = torch.randn(m, k + 64, generator=g).to(dtype).cuda()
@@ -170,8 +176,9 @@ def test_small_m_reads_the_codes(m, dtype, double_quant, k, n, r, monkeypatch):
     deq = dequantize_nf4(q)
     poison_cuda_cache()
     ours = _run(lambda x_, a_, b_: nf4_lora_linear(x_, q, a_, b_, 0.75, bias), x, a, b, gy)
-    # the forward from the codes; dX from deq(W) plus dxa @ A (few rows: no merged weight)
-    assert calls == {"gemv": 1, "merged": 0}
+    assert calls == {"small": 1, "merged": 0}
+    steps = -(-k // 128)
+    assert slices == [steps if sliced else 1]
 
     def plain(x_, a_, b_, dt):
         y = x_.to(dt) @ deq.to(dt).t() + 0.75 * (x_.to(dt) @ a_.to(dt).t()) @ b_.to(dt).t()
@@ -182,14 +189,37 @@ def test_small_m_reads_the_codes(m, dtype, double_quant, k, n, r, monkeypatch):
     )
     low = _run(lambda x_, a_, b_: plain(x_, a_, b_, dtype), x, a, b, gy)
     _compare(ours, ref, low, dtype)
-    # no LoRA, no grad (generation): the same kernel
+    # no LoRA, no grad (generation): the same kernel, twice, bit-identical
     with torch.no_grad():
         y0 = nf4_lora_linear(x, q, bias=bias)
-    assert calls["gemv"] == 2
+        y1 = nf4_lora_linear(x, q, bias=bias)
+    assert calls["small"] == 3
+    assert torch.equal(y0, y1)
     exact = x.double() @ deq.double().t() + bias.double()
     e_ours = rel_err(y0, exact)
     e_low = rel_err(x @ deq.t() + bias, exact)
     assert e_ours <= 2 * e_low + 1e-6, f"no LoRA: ours {e_ours:.3g} vs torch {e_low:.3g}"
+
+
+def test_small_m_dispatch_rule():
+    """The codes are read directly up to 32 rows for a weight of 2^25 elements or more, up to 12
+    below (where the merged weight and a GEMM win from 16 rows on an H200)."""
+    assert nf4_ops.small_m_max(4096, 4096) == 12
+    assert nf4_ops.small_m_max(4096, 8192) == 32
+    assert nf4_ops.small_m_max(14336, 4096) == 32
+
+
+@pytest.mark.gpu
+def test_small_m_rejects_bad_arguments():
+    """The launcher's checks surface as errors naming the kernel, not as a crash."""
+    q = quantize_nf4(torch.randn(64, 256, dtype=torch.bfloat16, device="cuda"))
+    x = torch.randn(33, 256, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(RuntimeError, match="nf4_small_m"):  # 33 rows: above the kernel's 32
+        nf4_ops.small_m_kernel(x, *_q_args(q), 64, None, None, 1.0, None)
+
+
+def _q_args(q):
+    return (q.packed, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize, q.blocksize2)
 
 
 @pytest.mark.gpu

@@ -45,16 +45,23 @@ cudaError_t nf4_dequantize_lora(const uint8_t* packed, const NF4Absmax& absmax, 
                                 int64_t cols, int blocksize, const void* lora_a, const void* lora_b,
                                 int rank, float scale, void* out, DType dtype, cudaStream_t stream);
 
-// Small-M product with an NF4 weight [n, k] (row-major), for generation (1 <= m <= 8):
+// Small-M product with an NF4 weight [n, k] (row-major), for generation (1 <= m <= 32 rows):
 //   y[i, j] = round(sum_c x[i, c] w[j, c] + scale * sum_r xa[i, r] lora_b[j, r] + bias[j])
-// w = nf4_dequantize's output in dtype (bf16 or fp16), every sum in fp32; x [m, k] in dtype with
-// rows ldx elements apart (x and ldx * 2 bytes 16-byte aligned), k % 64 == 0, packed 16-byte
+// w = nf4_dequantize's output in dtype (bf16 or fp16), the sums in fp32 (the first on tensor
+// cores: mma.sync with the decoded codes as one operand); x [m, k] in dtype with rows ldx elements
+// apart (x and ldx * 2 bytes 16-byte aligned), 64 <= k < 2^30 with k % 64 == 0, packed 16-byte
 // aligned. xa [m, rank] fp32 (x A^T) and lora_b [n, rank] in dtype, or both null; bias [n] in
 // dtype or null; y [m, n] contiguous in dtype. The weight is read once, as codes: no bf16 copy.
-cudaError_t nf4_gemv(const void* x, int64_t ldx, int m, const uint8_t* packed,
-                     const NF4Absmax& absmax, int64_t n, int64_t k, int blocksize, const float* xa,
-                     const void* lora_b, int rank, float scale, const void* bias, void* y,
-                     DType dtype, cudaStream_t stream);
+// The columns are cut into `slices` ranges (1 <= slices <= ceil(k / 128)) so that a small n
+// still fills the GPU; with slices > 1, workspace holds slices * m * n floats (no initial value
+// needed) and counters ceil(n / 128) ints that are zero before the launch and are left at zero
+// after it (one set per stream: concurrent launches must not share them). The sums over the slices
+// are added in a fixed order: the result does not depend on the schedule.
+cudaError_t nf4_small_m(const void* x, int64_t ldx, int m, const uint8_t* packed,
+                        const NF4Absmax& absmax, int64_t n, int64_t k, int blocksize,
+                        const float* xa, const void* lora_b, int rank, float scale,
+                        const void* bias, int slices, float* workspace, int* counters, void* y,
+                        DType dtype, cudaStream_t stream);
 
 // packed[n/2], absmax[n/blocksize] from x[n]. Sets *bad_flag (device int) to 1 when x holds
 // a non-finite value. Same size constraints as nf4_dequantize.

@@ -216,20 +216,47 @@ def dequantize_lora_kernel(
     return out
 
 
-# Rows of x up to which the forward reads the codes directly (nf4_gemv; the kernel takes up to 8).
-# On an H200 it beat the merged dequantize + GEMM up to 3 rows on every benchmark shape but one
-# (4096 x 4096 at 3 rows: 8-14% behind over the runs so far), and lost on some at 4 and on all at
-# 8 (bench/README.md, the small-M table).
-GEMV_MAX_M = 3
+# Rows of x up to which the forward reads the codes (nf4_small_m; the kernel takes up to 32)
+# instead of forming the merged weight for a GEMM; SMALL_M_MAX_SMALL_WEIGHT for a weight of fewer
+# than SMALL_WEIGHT elements. On an H200 (r = 16, bench/README.md) it beat or tied the merged
+# path at every M <= 32 on the weights of 4096 x 14336 and larger, and up to 12 rows on
+# 4096 x 4096 (16: 12% behind, 32: 1.8x).
+SMALL_M_MAX = 32
+SMALL_M_MAX_SMALL_WEIGHT = 12
+SMALL_WEIGHT = 1 << 25
+# CTAs per SM that nf4_small_m's column slices aim at (two of 8 warps are resident per SM).
+SMALL_M_CTAS_PER_SM = 2
+_SMALL_ROWS, _SMALL_STEP = 128, 128  # the kernel's weight rows per CTA and columns per step
+
+_sm_counts: dict[int, int] = {}
+# zeroed counters of nf4_small_m, per (device, stream): the kernel leaves them at zero, but two
+# launches running at once must not share them
+_counters: dict[tuple[int, int], torch.Tensor] = {}
 
 
-def gemv_kernel(
+def small_m_slices(n: int, k: int, device: torch.device) -> int:
+    """Column slices of nf4_small_m for an [n, k] weight: enough CTAs to fill the GPU."""
+    sms = _sm_counts.get(device.index)
+    if sms is None:
+        sms = _sm_counts[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    groups = -(-n // _SMALL_ROWS)
+    steps = -(-k // _SMALL_STEP)
+    return max(1, min(steps, round(SMALL_M_CTAS_PER_SM * sms / groups)))
+
+
+def small_m_max(n: int, k: int) -> int:
+    """Rows of x up to which the forward reads an [n, k] weight's codes directly."""
+    return SMALL_M_MAX if n * k >= SMALL_WEIGHT else min(SMALL_M_MAX, SMALL_M_MAX_SMALL_WEIGHT)
+
+
+def small_m_kernel(
     x2, packed, absmax, absmax2, code2, offset, blocksize, blocksize2, n, xa, lora_B, scale, bias
 ) -> torch.Tensor:
-    """y = x2 @ deq(W)^T (+ scale * xa @ lora_B^T) (+ bias) for 1 <= M <= 8 rows of x2
-    (M, K) in bf16/fp16, straight from the codes (no dequantized copy of W). xa (M, r) fp32 and
-    lora_B (N, r), or both None; bias (N,) or None, in x2's dtype. The caller has checked that the
-    kernel runs (CUDA on sm_90, 16-bit x2, K % 64 == 0)."""
+    """y = x2 @ deq(W)^T (+ scale * xa @ lora_B^T) (+ bias) for 1 <= M <= 32 rows of x2 (M, K) in
+    bf16/fp16, straight from the codes (nf4_small_m: no dequantized copy of W; on tensor cores,
+    the columns cut into slices so that a small N fills the GPU). xa (M, r) fp32 and lora_B (N, r),
+    or both None; bias (N,) or None, in x2's dtype. The caller has checked that the kernel runs
+    (CUDA on sm_90, 16-bit x2, K % 64 == 0)."""
     m, k = x2.shape
     if x2.stride(1) != 1 or x2.stride(0) < k or x2.stride(0) % 8 or x2.data_ptr() % 16:
         x2 = x2.contiguous()
@@ -237,8 +264,18 @@ def gemv_kernel(
     b = None if lora_B is None else lora_B.contiguous()
     xa = None if xa is None else xa.contiguous()
     bias = None if bias is None else bias.contiguous()
-    y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
-    _lib.extension().nf4_gemv(
+    dev = x2.device
+    y = torch.empty(m, n, dtype=x2.dtype, device=dev)
+    slices = small_m_slices(n, k, dev)
+    stream = _lib.stream(x2)
+    ws = counters = None
+    if slices > 1:
+        ws = torch.empty(slices * m * n, dtype=torch.float32, device=dev)
+        groups = -(-n // _SMALL_ROWS)
+        counters = _counters.get((dev.index, stream))
+        if counters is None or counters.numel() < groups:
+            counters = _counters[(dev.index, stream)] = torch.zeros(groups, dtype=torch.int32, device=dev)
+    _lib.extension().nf4_small_m(
         x2.data_ptr(),
         x2.stride(0),
         m,
@@ -253,9 +290,12 @@ def gemv_kernel(
         0 if b is None else b.shape[1],
         float(scale),
         _lib.ptr(bias),
+        slices,
+        _lib.ptr(ws),
+        _lib.ptr(counters),
         y.data_ptr(),
         _lib.DTYPE_CODES[x2.dtype],
-        _lib.stream(x2),
+        stream,
     )
     return y
 

@@ -8,9 +8,9 @@ On sm_90 with 16-bit x and K % 64 == 0, one kernel dequantizes W with the LoRA p
 in, W' = deq(W) + s * B @ A (the rank-r product on tensor cores, mma.sync with the epilogue in
 registers; the same DRAM traffic as the plain dequantize, at 0.80-0.83x its speed for r = 16),
 into a transient buffer of one layer's weight, and a single cuBLAS GEMM gives y = x @ W'^T. For
-a few rows of x (M <= nf4.GEMV_MAX_M = 3: generation) the forward instead reads the codes once
-(nf4_gemv: no dequantized weight at all), with x A^T formed first in fp32 and the LoRA term added
-in the kernel. The backward takes dX = dY @ W' when N <= 2 M, else dY @ deq(W) + (s dY B) @ A
+a few rows of x (M <= nf4.small_m_max(N, K), 12 to 32: generation) the forward instead reads the
+codes once (nf4_small_m, on tensor cores: no dequantized weight at all), with x A^T formed first
+in fp32 and the LoRA term added in the kernel. The backward takes dX = dY @ W' when N <= 2 M, else dY @ deq(W) + (s dY B) @ A
 (that term written first and added in the GEMM's epilogue; MERGED_DX_MAX_N_PER_ROW); the
 other LoRA terms are x @ A^T, dY @ B and the two reductions over the tokens dA = (s dY B)^T x and
 dB = s dY^T (x A^T). In eager mode on CUDA, for N >= DY_PASS_MIN_N[r] (r = 8, 16, 32) and
@@ -48,11 +48,11 @@ def _merged(x: torch.Tensor, lora_A: torch.Tensor | None) -> bool:
     )
 
 
-def _gemv(x2: torch.Tensor, lora_A: torch.Tensor | None) -> bool:
-    """Whether the product reads the codes directly, for 1 <= M <= GEMV_MAX_M rows (generation):
-    CUDA, 16-bit x, K % 64 == 0."""
+def _from_codes(x2: torch.Tensor, lora_A: torch.Tensor | None, n: int) -> bool:
+    """Whether the product reads the codes directly, for 1 <= M <= nf4.small_m_max(N, K) rows
+    (generation): CUDA, 16-bit x, K % 64 == 0."""
     return (
-        1 <= x2.shape[0] <= nf4_ops.GEMV_MAX_M
+        1 <= x2.shape[0] <= nf4_ops.small_m_max(n, x2.shape[1])
         and x2.dtype in nf4_ops.LORA_DTYPES
         and (lora_A is None or lora_A.dtype == x2.dtype)
         and x2.shape[1] % 64 == 0
@@ -170,14 +170,15 @@ def dy_pass_kernel(
 def _merged_weight(x, q, out_features, lora_A, lora_B, scale) -> torch.Tensor | None:
     """W' = deq(W) + s B A from the merged kernel when it runs for x, else None. The eager path
     launches it before the autograd Function's host work, which the kernel's device time covers."""
-    if x.numel() <= nf4_ops.GEMV_MAX_M * x.shape[-1] or not _merged(x, lora_A):
+    k = x.shape[-1]
+    if x.numel() <= nf4_ops.small_m_max(out_features, k) * k or not _merged(x, lora_A):
         return None  # (a few rows: the small-M product reads the codes instead)
     return nf4_ops.dequantize_lora_kernel(*q, (out_features, x.shape[-1]), lora_A, lora_B, scale)
 
 
 def _forward(x, q, out_features, lora_A, lora_B, scale, bias, merged_w) -> torch.Tensor:
     """y from the merged weight (_merged_weight's result); else, for a few rows, from the codes
-    directly (nf4_gemv); else from deq(W) with the LoRA term applied to the activations."""
+    directly (nf4_small_m); else from deq(W) with the LoRA term applied to the activations."""
     if merged_w is not None:  # the LoRA term is in the weight: one GEMM
         if bias is None:  # one op, and a fresh tensor of x's leading shape (not a view)
             return F.linear(x, merged_w)
@@ -190,9 +191,9 @@ def _forward(x, q, out_features, lora_A, lora_B, scale, bias, merged_w) -> torch
     k = x.shape[-1]
     flat = x.dim() == 2
     x2 = x if flat else x.reshape(-1, k)
-    if _gemv(x2, lora_A):  # a few rows: one pass over the codes, the LoRA term in fp32
+    if _from_codes(x2, lora_A, out_features):  # a few rows: one pass over the codes
         xa = None if lora_A is None else torch.mm(x2, lora_A.t(), out_dtype=torch.float32)
-        y = nf4_ops.gemv_kernel(x2, *q, out_features, xa, lora_B, scale, bias)
+        y = nf4_ops.small_m_kernel(x2, *q, out_features, xa, lora_B, scale, bias)
     else:
         w = _weight(q, out_features, k, x.dtype, None, None, scale, False, inside_op=True)
         y = ref.lora_forward(x2, w, lora_A, lora_B, scale, bias)
