@@ -101,13 +101,18 @@ def bnb_linear(w):
     return lin
 
 
+def _forward_case(k: int, n: int):
+    """A bf16 weight [n, k], its NF4 copy and rank-R LoRA factors (B non-zero)."""
+    w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
+    a = torch.randn(R, k, device=dev, dtype=torch.bfloat16) / math.sqrt(k)
+    b = torch.randn(n, R, device=dev, dtype=torch.bfloat16) * 0.01
+    return w, quantize_nf4(w), a, b
+
+
 def forward_rows(have_bnb: bool) -> list[dict]:
     rows = []
     for k, n in FWD_SHAPES:
-        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
-        q = quantize_nf4(w)
-        a = torch.randn(R, k, device=dev, dtype=torch.bfloat16) / math.sqrt(k)
-        b = torch.randn(n, R, device=dev, dtype=torch.bfloat16) * 0.01
+        w, q, a, b = _forward_case(k, n)
         if have_bnb:
             import bitsandbytes as bnb
             import bitsandbytes.functional as bnbf
@@ -182,10 +187,7 @@ def small_m_rows() -> list[dict]:
     dispatch against bf16."""
     rows = []
     for k, n in FWD_SHAPES:
-        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
-        q = quantize_nf4(w)
-        a = torch.randn(R, k, device=dev, dtype=torch.bfloat16) / math.sqrt(k)
-        b = torch.randn(n, R, device=dev, dtype=torch.bfloat16) * 0.01
+        w, q, a, b = _forward_case(k, n)
         for m in SMALL_MS:
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             f = lambda: nf4_lora_linear(x, q, a, b, 2.0)  # noqa: E731

@@ -439,6 +439,19 @@ __device__ __forceinline__ void stage_a(uint32_t* s_at, const T* lora_a, const M
   }
 }
 
+// The absmax of quant block b as loaded: nested, its 8-bit code (qa) and absmax2 (amax), decoded
+// later with nested_absmax; plain, the fp32 absmax (amax).
+template <bool kNested>
+__device__ __forceinline__ void load_absmax(const NF4Absmax& am, int64_t b, int log2_blocksize2,
+                                            uint32_t& qa, float& amax) {
+  if (kNested) {
+    qa = __ldg(am.qabsmax + b);
+    amax = __ldg(am.absmax2 + (b >> log2_blocksize2));
+  } else {
+    amax = __ldg(am.absmax + b);
+  }
+}
+
 // What a lane loads for one item before computing it: its two rows' codes and absmax.
 struct MergeLoads {
   uint2 codes[2];
@@ -511,13 +524,7 @@ __global__ void __launch_bounds__(kMrgThreads, 2) nf4_dequantize_lora_kernel(Mer
       const int n = min(n0 + 8 * h, rows - 1);
       const int64_t idx = static_cast<int64_t>(n) * cols + kc + 16 * q;
       p.codes[h] = __ldg(reinterpret_cast<const uint2*>(a.packed + (idx >> 1)));
-      const int64_t b = idx >> a.log2_blocksize;
-      if (kNested) {
-        p.qa[h] = __ldg(a.am.qabsmax + b);
-        p.amax[h] = __ldg(a.am.absmax2 + (b >> a.log2_blocksize2));
-      } else {
-        p.amax[h] = __ldg(a.am.absmax + b);
-      }
+      load_absmax<kNested>(a.am, idx >> a.log2_blocksize, a.log2_blocksize2, p.qa[h], p.amax[h]);
       const uint32_t* brow =
           reinterpret_cast<const uint32_t*>(lora_b + static_cast<int64_t>(n) * a.rank);
 #pragma unroll
@@ -780,15 +787,8 @@ __global__ void __launch_bounds__(kSmallThreads, 2) nf4_small_m_kernel(SmallArgs
       cp_async_16(smem_addr(&ring[slot][32 * h + lane]), a.packed + (in ? idx >> 1 : 0), in);
       p.qa[h] = 0u;
       p.amax[h] = 0.f;  // past k: zero weights (and zero x)
-      if (in) {
-        const int64_t b = idx >> a.log2_blocksize;
-        if (kNested) {
-          p.qa[h] = __ldg(a.am.qabsmax + b);
-          p.amax[h] = __ldg(a.am.absmax2 + (b >> a.log2_blocksize2));
-        } else {
-          p.amax[h] = __ldg(a.am.absmax + b);
-        }
-      }
+      if (in)
+        load_absmax<kNested>(a.am, idx >> a.log2_blocksize, a.log2_blocksize2, p.qa[h], p.amax[h]);
     }
   };
 
