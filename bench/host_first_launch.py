@@ -4,7 +4,9 @@ In a call timed on its own (the anchors' per-call protocol) the GPU idles until 
 is launched, so this host time adds to the call's time. Here the compiled extension is replaced
 by a stub that notes when it is first called and launches nothing, and the dispatch check is
 told that the kernels run: what is timed is the Python path a GPU run takes up to its first
-launch (the merged dequantize of the QLoRA forward, M = 4 rows of bf16, K = N = 64, r = 16).
+launch (the merged dequantize of the QLoRA forward, M = 16 rows of bf16, K = N = 64, r = 16:
+above the rows the small-M kernel takes for this weight; results/host_first_launch.json was
+measured with 4 rows, which took the same path before that kernel).
 nn.Linear's whole call (its CPU matmul included) is given for orientation.
 
     python bench/host_first_launch.py [--out bench/results/host_first_launch.json]
@@ -59,7 +61,7 @@ def measure(calls: int = 3000, repeats: int = 5) -> dict:
     _lib.use_kernel = lambda t, op: True
     _lib._load = lambda: (Stub(), None)
     _lib.stream = lambda t: 0
-    x = torch.randn(4, k, dtype=torch.bfloat16)
+    x = torch.randn(16, k, dtype=torch.bfloat16)
     xg = x.clone().requires_grad_(True)
 
     def to_first_launch(fn) -> float:
