@@ -700,9 +700,9 @@ __global__ void __launch_bounds__(kMrgThreads, 2) nf4_dequantize_lora_any(MergeA
 // order: at k-step s (0-7), a lane's A slots 2t, 2t + 1 and 2t + 8, 2t + 9 hold columns
 // 32t + 4s .. 32t + 4s + 3, so its 32 columns are the 16 bytes it copied, and its B fragment is
 // the same 4 columns of one row of x (its four 16-byte loads of x cover the 8 k-steps).
-// On an H200 the kernel is issue-bound, not bandwidth-bound: the decode (a byte permute, a
-// shared-memory table read and an fp32 multiply per element, a conversion per pair) is most of
-// its instructions; see docs/KERNELS.md.
+// On an H200 it runs far below the bandwidth limit, on the decode's instruction count (a byte
+// permute, a shared-memory table read and an fp32 multiply per element, a conversion per pair)
+// and latency with 16 warps per SM; see docs/KERNELS.md.
 // A CTA's 8 warps take 128 consecutive weight rows (x's reads are shared through L1) and one of
 // `slices` ranges of the columns (blockIdx.y), so that a small N still fills the GPU. With more
 // than one slice each CTA writes its fp32 partial sums to a workspace and counts itself in; the
