@@ -218,9 +218,9 @@ def dequantize_lora_kernel(
 
 # Rows of x up to which the forward reads the codes (nf4_small_m; the kernel takes up to 32)
 # instead of forming the merged weight for a GEMM; SMALL_M_MAX_SMALL_WEIGHT for a weight of fewer
-# than SMALL_WEIGHT elements. On an H200 (r = 16, bench/README.md) it beat or tied the merged
-# path at every M <= 32 on the weights of 4096 x 14336 and larger, and up to 12 rows on
-# 4096 x 4096 (16: 12% behind, 32: 1.8x).
+# than SMALL_WEIGHT elements. On an H200 (r = 16, bench/README.md) it beat the merged path at
+# every M <= 24 on the weights of 4096 x 14336 and larger (at 32: within 3% or faster), and
+# matched it at 12 rows on 4096 x 4096 (16: 11% behind, 32: 1.9x the time).
 SMALL_M_MAX = 32
 SMALL_M_MAX_SMALL_WEIGHT = 12
 SMALL_WEIGHT = 1 << 25
