@@ -113,6 +113,38 @@ PYBIND11_MODULE(_C, m) {
       py::call_guard<py::gil_scoped_release>());
 
   m.def(
+      "nf4_lora_gemm",
+      [](uintptr_t x, int64_t ldx, int64_t rows, uintptr_t packed, uintptr_t absmax,
+         uintptr_t qabsmax, uintptr_t absmax2, uintptr_t code2, float offset, int blocksize2,
+         int64_t n, int64_t k, int blocksize, uintptr_t absmax_t, uintptr_t xs, uintptr_t lora_b,
+         int rank, uintptr_t bias, uintptr_t y, int64_t ldy, int tile_n, uintptr_t stream) {
+        hoptune::NF4LoraGemm a;
+        a.x = ptr<const void*>(x);
+        a.ldx = ldx;
+        a.m = rows;
+        a.packed = ptr<const uint8_t*>(packed);
+        a.absmax = nf4_absmax(absmax, qabsmax, absmax2, code2, offset, blocksize2);
+        a.n = n;
+        a.k = k;
+        a.blocksize = blocksize;
+        a.absmax_t = ptr<float*>(absmax_t);
+        a.xs = ptr<const void*>(xs);
+        a.lora_b = ptr<const void*>(lora_b);
+        a.rank = rank;
+        a.bias = ptr<const void*>(bias);
+        a.y = ptr<void*>(y);
+        a.ldy = ldy;
+        a.tile_n = tile_n;
+        check(hoptune::nf4_lora_gemm(a, stream_of(stream)), "nf4_lora_gemm");
+      },
+      py::arg("x"), py::arg("ldx"), py::arg("rows"), py::arg("packed"), py::arg("absmax"),
+      py::arg("qabsmax"), py::arg("absmax2"), py::arg("code2"), py::arg("offset"),
+      py::arg("blocksize2"), py::arg("n"), py::arg("k"), py::arg("blocksize"), py::arg("absmax_t"),
+      py::arg("xs"), py::arg("lora_b"), py::arg("rank"), py::arg("bias"), py::arg("y"),
+      py::arg("ldy"), py::arg("tile_n"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>());
+
+  m.def(
       "lora_dy_pass",
       [](uintptr_t dy, int64_t ldy, int64_t rows, int64_t n, uintptr_t lora_b, uintptr_t xa,
          int rank, float scale, uintptr_t workspace, uintptr_t dxa, uintptr_t db, int dtype,

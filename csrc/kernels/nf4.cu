@@ -21,24 +21,7 @@
 namespace hoptune {
 namespace {
 
-__constant__ float kNF4Code[16] = {
-    -1.0f,
-    -0.6961928009986877f,
-    -0.5250730514526367f,
-    -0.39491748809814453f,
-    -0.28444138169288635f,
-    -0.18477343022823334f,
-    -0.09105003625154495f,
-    0.0f,
-    0.07958029955625534f,
-    0.16093020141124725f,
-    0.24611230194568634f,
-    0.33791524171829224f,
-    0.44070982933044434f,
-    0.5626170039176941f,
-    0.7229568362236023f,
-    1.0f,
-};
+__constant__ float kNF4Code[16] = {HOPTUNE_NF4_CODE_VALUES};
 
 // The absmax of a nested (double-quantized) block: code2[qa] * absmax2 + offset, two separately
 // rounded fp32 operations, as bitsandbytes does them.
@@ -918,6 +901,37 @@ __global__ void __launch_bounds__(kSmallThreads, 2) nf4_small_m_kernel(SmallArgs
   }
 }
 
+// The fused GEMM's scales: one 32 x 32 tile of (rows, quant blocks) per CTA, read along a row's
+// blocks and written along the rows (a transpose through shared memory), decoded to fp32.
+template <bool kNested>
+__global__ void __launch_bounds__(256)
+    nf4_absmax_transposed_kernel(NF4Absmax am, int64_t rows, int64_t kb, int log2_bs2, float* out) {
+  __shared__ float tile[32][33];
+  __shared__ float code2[256];
+  const int tid = threadIdx.y * 32 + threadIdx.x;
+  if (kNested) code2[tid] = __ldg(am.code2 + tid);
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * 32;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.y) * 32;
+  uint32_t qa[4] = {0, 0, 0, 0};
+  float amax[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t r = r0 + threadIdx.y + 8 * i, j = j0 + threadIdx.x;
+    if (r < rows && j < kb) load_absmax<kNested>(am, r * kb + j, log2_bs2, qa[i], amax[i]);
+  }
+  if (kNested) __syncthreads();
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    tile[threadIdx.y + 8 * i][threadIdx.x] =
+        kNested ? nested_absmax(code2[qa[i]], amax[i], am.offset) : amax[i];
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t j = j0 + threadIdx.y + 8 * i, r = r0 + threadIdx.x;
+    if (r < rows && j < kb) out[j * rows + r] = tile[threadIdx.x][threadIdx.y + 8 * i];
+  }
+}
+
 }  // namespace
 
 cudaError_t nf4_dequantize(const uint8_t* packed, const NF4Absmax& absmax, int64_t n, int blocksize,
@@ -1085,6 +1099,23 @@ cudaError_t nf4_quantize_nested(const float* absmax, int64_t nblocks, float offs
   const int64_t grid = (nb2 + 7) / 8;
   nf4_quantize_nested_kernel<<<static_cast<unsigned>(grid), 256, 0, stream>>>(
       absmax, nblocks, offset, code2, blocksize2, qabsmax, absmax2);
+  return cudaGetLastError();
+}
+
+cudaError_t nf4_absmax_transposed(const NF4Absmax& absmax, int64_t rows, int64_t cols,
+                                  int blocksize, float* out, cudaStream_t stream) {
+  HOPTUNE_REQUIRE(out != nullptr && rows > 0 && cols > 0 && cols % blocksize == 0);
+  HOPTUNE_REQUIRE(valid_state(absmax, blocksize, rows * cols));
+  const int64_t kb = cols / blocksize;
+  HOPTUNE_REQUIRE((kb + 31) / 32 <= 65535 && (rows + 31) / 32 <= INT32_MAX);
+  const bool nested = absmax.qabsmax != nullptr;
+  const dim3 grid(static_cast<unsigned>((rows + 31) / 32), static_cast<unsigned>((kb + 31) / 32));
+  const dim3 block(32, 8);
+  if (nested)
+    nf4_absmax_transposed_kernel<true>
+        <<<grid, block, 0, stream>>>(absmax, rows, kb, ilog2(absmax.blocksize2), out);
+  else
+    nf4_absmax_transposed_kernel<false><<<grid, block, 0, stream>>>(absmax, rows, kb, 0, out);
   return cudaGetLastError();
 }
 

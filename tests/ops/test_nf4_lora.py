@@ -218,6 +218,130 @@ def test_small_m_rejects_bad_arguments():
         nf4_ops.small_m_kernel(x, *_q_args(q), 64, None, None, 1.0, None)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 7, 128, 1000, 2304])
+@pytest.mark.parametrize("tile_n", [128, 256])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize(
+    "k,n,r,blocksize", [(320, 200, 8, 64), (1088, 136, 64, 64), (4096, 392, 16, 128), (256, 384, 0, 64)]
+)
+def test_fused_gemm(m, tile_n, double_quant, k, n, r, blocksize):
+    """nf4_lora_gemm (the codes decoded in the GEMM's mainloop, the LoRA term and bias added to its
+    accumulators) against float64 on the dequantized weight by the STYLE rule: both token tiles, a
+    strided x, N not a multiple of the 128-row tile, M not a multiple of the token tile, ranks 0
+    (no LoRA) to 64, block sizes 64 and 128, an output poisoned first."""
+    g = torch.Generator().manual_seed(m + k + n + r)
+    w = (torch.randn(n, k, generator=g) * k**-0.5).to(torch.bfloat16).cuda()
+    q = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
+    wide = torch.randn(m, k + 64, generator=g).to(torch.bfloat16).cuda()
+    x = wide[:, 32 : 32 + k]  # rows k + 64 apart, 64 bytes in
+    a = (torch.randn(r, k, generator=g) * k**-0.5).to(torch.bfloat16).cuda()
+    b = (torch.randn(n, r, generator=g) * r**-0.5).to(torch.bfloat16).cuda() if r else None
+    bias = torch.randn(n, generator=g).to(torch.bfloat16).cuda()
+    xs = (0.75 * (x @ a.t())).to(torch.bfloat16) if r else None
+    deq = dequantize_nf4(q)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    poison_cuda_cache()
+    y = nf4_ops.fused_gemm_kernel(x, *_q_args(q), n, xs, b, bias, out=out, tile_n=tile_n)
+    torch.cuda.synchronize()
+    exact = x.double() @ deq.double().t() + bias.double()
+    low = x @ deq.t() + bias
+    if r:
+        exact += xs.double() @ b.double().t()
+        low = low + xs @ b.t()
+    e_ours, e_low = rel_err(y, exact), rel_err(low, exact)
+    assert e_ours <= 2 * e_low + 1e-6, f"ours {e_ours:.3g} vs torch {e_low:.3g}"
+
+
+def test_fused_gemm_dispatch_rule():
+    """The fused GEMM runs for N >= 8192 up to 512 rows; 128 tokens per CTA up to 128 rows or when
+    256-token tiles would number fewer than 100, else 256 (the measured faster one)."""
+    x = torch.empty(300, 4096, dtype=torch.bfloat16)
+    assert nf4_ops.fused_gemm_runs(x, 8192, 64, 16)
+    assert not nf4_ops.fused_gemm_runs(x, 4096, 64, 16)  # 32 row tiles: most SMs idle
+    assert not nf4_ops.fused_gemm_runs(x, 8192, 64, 7)  # an odd rank
+    assert not nf4_ops.fused_gemm_runs(x.half(), 8192, 64, 16)  # bf16 only
+    assert not nf4_ops.fused_gemm_runs(torch.empty(513, 4096, dtype=torch.bfloat16), 8192, 64, 16)
+    assert nf4_ops.fused_tile_n(128, 28672) == 128
+    assert nf4_ops.fused_tile_n(256, 8192) == 128
+    assert nf4_ops.fused_tile_n(256, 14336) == 256
+    assert nf4_ops.fused_tile_n(512, 8192) == 256
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,r", [(33, 16), (128, 8), (300, 64), (512, 0)])
+def test_fused_gemm_in_the_op(m, r, monkeypatch):
+    """The op's forward takes the fused GEMM for nf4.small_m_max < M <= nf4.FUSED_MAX_M rows of a
+    weight with N >= nf4.FUSED_MIN_N (no merged weight), 3-D x, LoRA and bias; y and every
+    gradient by the STYLE rule against float64 on the dequantized weight."""
+    ext = nf4_ops._lib.extension()
+    calls = {"fused": 0, "merged": 0}
+    for name, key in (("nf4_lora_gemm", "fused"), ("nf4_dequantize_lora", "merged")):
+        fn = getattr(ext, name)
+
+        def counted(*args, _fn=fn, _key=key, **kw):
+            calls[_key] += 1
+            return _fn(*args, **kw)
+
+        monkeypatch.setattr(ext, name, counted)
+    k, n, dtype = 256, 8192, torch.bfloat16
+    g = torch.Generator().manual_seed(m + r)
+    q = quantize_nf4((torch.randn(n, k, generator=g) * k**-0.5).to(dtype).cuda())
+    x = torch.randn(1, m, k, generator=g).to(dtype).cuda()
+    a = (torch.randn(max(r, 1), k, generator=g) * k**-0.5).to(dtype).cuda()
+    b = (torch.randn(n, max(r, 1), generator=g) * max(r, 1) ** -0.5).to(dtype).cuda()
+    bias = torch.randn(n, generator=g).to(dtype).cuda()
+    gy = torch.randn(1, m, n, generator=g).to(dtype).cuda()
+    deq = dequantize_nf4(q)
+    if r == 0:  # no LoRA: the forward alone
+        poison_cuda_cache()
+        with torch.no_grad():
+            y = nf4_lora_linear(x, q, bias=bias)
+        assert calls == {"fused": 1, "merged": 0}
+        exact = x.double() @ deq.double().t() + bias.double()
+        e_ours, e_low = rel_err(y, exact), rel_err(x @ deq.t() + bias, exact)
+        assert e_ours <= 2 * e_low + 1e-6, f"ours {e_ours:.3g} vs torch {e_low:.3g}"
+        return
+    poison_cuda_cache()
+    ours = _run(lambda x_, a_, b_: nf4_lora_linear(x_, q, a_, b_, 0.75, bias), x, a, b, gy)
+    assert calls["fused"] == 1  # (the backward's dX may take the merged weight)
+
+    def plain(x_, a_, b_, dt):
+        y = x_.to(dt) @ deq.to(dt).t() + 0.75 * (x_.to(dt) @ a_.to(dt).t()) @ b_.to(dt).t()
+        return y + bias.to(dt)
+
+    ref = _run(
+        lambda x_, a_, b_: plain(x_, a_, b_, torch.float64), x.double(), a.double(), b.double(), gy.double()
+    )
+    low = _run(lambda x_, a_, b_: plain(x_, a_, b_, dtype), x, a, b, gy)
+    _compare(ours, ref, low, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_fused_gemm_decodes_exactly(double_quant):
+    """With x the identity, y = deq(W)^T: every weight the mainloop decodes is bit-identical to
+    the dequantize's (bf16_round(code[q] * absmax), the nibble order included)."""
+    k, n = 384, 264
+    w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.1
+    q = quantize_nf4(w, double_quant=double_quant)
+    eye = torch.eye(k, dtype=torch.bfloat16, device="cuda")
+    for tile_n in (128, 256):
+        y = nf4_ops.fused_gemm_kernel(eye, *_q_args(q), n, None, None, None, tile_n=tile_n)
+        assert torch.equal(y, dequantize_nf4(q).t())
+
+
+@pytest.mark.gpu
+def test_fused_gemm_rejects_bad_arguments():
+    """The launcher's checks surface as errors naming the kernel."""
+    q = quantize_nf4(torch.randn(64, 256, dtype=torch.bfloat16, device="cuda"))
+    x = torch.randn(40, 256, dtype=torch.bfloat16, device="cuda")
+    xs = torch.randn(40, 3, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(64, 3, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(RuntimeError, match="nf4_lora_gemm"):  # an odd rank
+        nf4_ops.fused_gemm_kernel(x, *_q_args(q), 64, xs, b, None)
+
+
 def _q_args(q):
     return (q.packed, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize, q.blocksize2)
 

@@ -19,6 +19,13 @@
 
 #include "hoptune/common/check.h"
 
+// The 16 NF4 code values (bitsandbytes' fp32 literals), for tables in device memory.
+#define HOPTUNE_NF4_CODE_VALUES                                                                    \
+  -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f, -0.28444138169288635f, \
+      -0.18477343022823334f, -0.09105003625154495f, 0.0f, 0.07958029955625534f,                    \
+      0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f, 0.44070982933044434f,      \
+      0.5626170039176941f, 0.7229568362236023f, 1.0f
+
 namespace hoptune {
 
 // How the per-block absmax is stored: plain fp32, or nested (double-quantized).
@@ -62,6 +69,42 @@ cudaError_t nf4_small_m(const void* x, int64_t ldx, int m, const uint8_t* packed
                         const float* xa, const void* lora_b, int rank, float scale,
                         const void* bias, int slices, float* workspace, int* counters, void* y,
                         DType dtype, cudaStream_t stream);
+
+// The absmax of an NF4 weight [rows, cols] (cols % blocksize == 0) decoded to fp32 and
+// transposed: out[j * rows + i] = absmax of row i's quant block j (j < cols / blocksize), the
+// layout the fused GEMM's mainloop loads its scales in (rows % 4 == 0: 16-byte aligned rows).
+cudaError_t nf4_absmax_transposed(const NF4Absmax& absmax, int64_t rows, int64_t cols,
+                                  int blocksize, float* out, cudaStream_t stream);
+
+// The fused forward for many rows of x (bf16): one CUTLASS sm_90a GEMM whose mainloop decodes the
+// NF4 codes in registers (TMA + wgmma, the weight as the register operand), with the LoRA term
+// and the bias added to its fp32 accumulators before the single rounding:
+//   y[i, j] = round(sum_c x[i, c] w[j, c] + sum_r xs[i, r] lora_b[j, r] + bias[j])
+// w = nf4_dequantize's bf16 output (the same bits), xs = s x A^T [m, rank] in bf16 (the caller
+// forms it; the backward needs it too). x [m, k] with rows ldx elements apart; y [m, n] with rows
+// ldy apart. Requires: k % 64 == 0, blocksize % 64 == 0 and k % blocksize == 0 (quant blocks
+// within rows), n % 8 == 0, ldx and ldy % 8 == 0, x, y and packed 16-byte aligned, rank even
+// (0 <= rank <= 256; xs and lora_b null when 0), bias [n] bf16 or null. absmax_t is a scratch of
+// n * k / blocksize floats (nf4_absmax_transposed's output, written by this call).
+struct NF4LoraGemm {
+  const void* x = nullptr;
+  int64_t ldx = 0;
+  int64_t m = 0;
+  const uint8_t* packed = nullptr;
+  NF4Absmax absmax;
+  int64_t n = 0;
+  int64_t k = 0;
+  int blocksize = 64;
+  float* absmax_t = nullptr;
+  const void* xs = nullptr;
+  const void* lora_b = nullptr;
+  int rank = 0;
+  const void* bias = nullptr;
+  void* y = nullptr;
+  int64_t ldy = 0;
+  int tile_n = 0;  // tokens per CTA: 128 or 256; 0 picks by m
+};
+cudaError_t nf4_lora_gemm(const NF4LoraGemm& a, cudaStream_t stream);
 
 // packed[n/2], absmax[n/blocksize] from x[n]. Sets *bad_flag (device int) to 1 when x holds
 // a non-finite value. Same size constraints as nf4_dequantize.

@@ -300,6 +300,85 @@ def small_m_kernel(
     return y
 
 
+# The fused GEMM (nf4_lora_gemm) against the merged dequantize + cuBLAS GEMM, on an H200 (device
+# time of the forward with r = 16, xs's GEMM included; bench/results/nf4_gemm_sweep.json): at
+# N >= 8192 and 64 <= M <= 512 it takes 0.54-0.97x the time (8192 x 28672: 0.54x at M <= 128);
+# above M = 1024 it loses (its mainloop runs at ~0.75x cuBLAS's rate: the decode's issue and
+# latency share), and at N = 4096 its 32 row tiles leave most SMs idle at every M. Tokens per CTA:
+# 128 up to FUSED_TILE128_MAX_M rows (half a 256-token tile would idle) or when 256-token tiles
+# would number fewer than FUSED_MIN_TILES (8192 x 8192 at M = 256: 0.095 against 0.123 ms), else
+# 256 (each tile decodes its weight rows once: twice as many decodes per token at 128).
+FUSED_MIN_N = 8192
+FUSED_MAX_M = 512
+FUSED_TILE128_MAX_M = 128
+FUSED_MIN_TILES = 100
+
+
+def fused_tile_n(m: int, n: int) -> int:
+    """Tokens per CTA of the fused GEMM for M rows and N output features."""
+    if m <= FUSED_TILE128_MAX_M or -(-n // 128) * -(-m // 256) < FUSED_MIN_TILES:
+        return 128
+    return 256
+
+
+def fused_gemm_runs(x2: torch.Tensor, n: int, blocksize: int, rank: int) -> bool:
+    """Whether the forward takes nf4_lora_gemm for x2 (M, K): M and N in the measured range, bf16,
+    K % 64 == 0 and the quant blocks within rows, N % 8 == 0, an even rank (the caller has checked
+    CUDA on sm_90)."""
+    m, k = x2.shape
+    return (
+        m <= FUSED_MAX_M
+        and n >= FUSED_MIN_N
+        and x2.dtype == torch.bfloat16
+        and k % 64 == 0
+        and blocksize % 64 == 0
+        and k % blocksize == 0
+        and n % 8 == 0
+        and rank % 2 == 0
+    )
+
+
+def fused_gemm_kernel(
+    x2, packed, absmax, absmax2, code2, offset, blocksize, blocksize2, n, xs, lora_B, bias, out=None, tile_n=0
+) -> torch.Tensor:
+    """y = x2 @ deq(W)^T (+ xs @ lora_B^T) (+ bias) for x2 (M, K) bf16, from one GEMM that decodes
+    the codes in its mainloop (nf4_lora_gemm: no dequantized copy of W). xs = s x2 @ A^T (M, r)
+    and lora_B (N, r) in bf16, or both None; bias (N,) or None. ``out``: an (M, N) tensor, rows
+    contiguous, to write y into. ``tile_n``: tokens per CTA, 128 or 256 (0: the kernel's choice by
+    M). The caller has checked the layout and dtype conditions of fused_gemm_runs."""
+    m, k = x2.shape
+    if x2.stride(1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
+        x2 = x2.contiguous()
+    packed = _aligned(packed)
+    b = None if lora_B is None else lora_B.contiguous()
+    xs = None if xs is None else xs.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    dev = x2.device
+    y = torch.empty(m, n, dtype=x2.dtype, device=dev) if out is None else out
+    scales = torch.empty(n * (k // blocksize), dtype=torch.float32, device=dev)
+    _lib.extension().nf4_lora_gemm(
+        x2.data_ptr(),
+        x2.stride(0),
+        m,
+        *_state_ptrs(packed, absmax, absmax2, code2),
+        float(offset),
+        blocksize2,
+        n,
+        k,
+        blocksize,
+        scales.data_ptr(),
+        _lib.ptr(xs),
+        _lib.ptr(b),
+        0 if b is None else b.shape[1],
+        _lib.ptr(bias),
+        y.data_ptr(),
+        y.stride(0),
+        tile_n or fused_tile_n(m, n),
+        _lib.stream(x2),
+    )
+    return y
+
+
 @nf4_dequantize_lora.register_fake
 def _(packed, absmax, absmax2, code2, offset, blocksize, blocksize2, shape, lora_A, lora_B, scale):
     return lora_A.new_empty(shape)
