@@ -10,7 +10,9 @@ registers; the same DRAM traffic as the plain dequantize, at 0.80-0.83x its spee
 into a transient buffer of one layer's weight, and a single cuBLAS GEMM gives y = x @ W'^T. For
 a few rows of x (M <= nf4.small_m_max(N, K), 12 to 32: generation) the forward instead reads the
 codes once (nf4_small_m, on tensor cores: no dequantized weight at all), with x A^T formed first
-in fp32 and the LoRA term added in the kernel. The backward takes dX = dY @ W' when N <= 2 M,
+in fp32 and the LoRA term added in the kernel; for up to nf4.FUSED_MAX_M rows of a weight with
+N >= nf4.FUSED_MIN_N (bf16), one CUTLASS GEMM decodes the codes in its mainloop (nf4_lora_gemm),
+with s x A^T formed first and the LoRA term added to its accumulators. The backward takes dX = dY @ W' when N <= 2 M,
 else dY @ deq(W) + (s dY B) @ A (that term written first and added in the GEMM's epilogue;
 MERGED_DX_MAX_N_PER_ROW); the other LoRA terms are x @ A^T, dY @ B and the two reductions over
 the tokens dA = (s dY B)^T x and dB = s dY^T (x A^T). In eager mode on CUDA, for
@@ -57,6 +59,17 @@ def _from_codes(x2: torch.Tensor, lora_A: torch.Tensor | None, n: int) -> bool:
         and x2.dtype in nf4_ops.LORA_DTYPES
         and (lora_A is None or lora_A.dtype == x2.dtype)
         and x2.shape[1] % 64 == 0
+        and _lib.use_kernel(x2, "nf4_lora_linear")
+    )
+
+
+def _fused(x2: torch.Tensor, lora_A: torch.Tensor | None, n: int, blocksize: int) -> bool:
+    """Whether the product is the fused NF4 GEMM (nf4_lora_gemm: the codes decoded in its
+    mainloop), for the rows and shapes where it beats the merged weight (nf4.fused_gemm_runs)."""
+    rank = 0 if lora_A is None else lora_A.shape[0]
+    return (
+        nf4_ops.fused_gemm_runs(x2, n, blocksize, rank)
+        and (lora_A is None or lora_A.dtype == x2.dtype)
         and _lib.use_kernel(x2, "nf4_lora_linear")
     )
 
@@ -174,12 +187,15 @@ def _merged_weight(x, q, out_features, lora_A, lora_B, scale) -> torch.Tensor | 
     k = x.shape[-1]
     if x.numel() <= nf4_ops.small_m_max(out_features, k) * k or not _merged(x, lora_A):
         return None  # (a few rows: the small-M product reads the codes instead)
+    if x.numel() <= nf4_ops.FUSED_MAX_M * k and _fused(x.reshape(-1, k), lora_A, out_features, q[5]):
+        return None  # (the fused GEMM reads the codes)
     return nf4_ops.dequantize_lora_kernel(*q, (out_features, x.shape[-1]), lora_A, lora_B, scale)
 
 
 def _forward(x, q, out_features, lora_A, lora_B, scale, bias, merged_w) -> torch.Tensor:
     """y from the merged weight (_merged_weight's result); else, for a few rows, from the codes
-    directly (nf4_small_m); else from deq(W) with the LoRA term applied to the activations."""
+    directly (nf4_small_m), or for more rows of a wide weight through the fused GEMM; else from
+    deq(W) with the LoRA term applied to the activations."""
     if merged_w is not None:  # the LoRA term is in the weight: one GEMM
         if bias is None:  # one op, and a fresh tensor of x's leading shape (not a view)
             return F.linear(x, merged_w)
@@ -195,6 +211,9 @@ def _forward(x, q, out_features, lora_A, lora_B, scale, bias, merged_w) -> torch
     if _from_codes(x2, lora_A, out_features):  # a few rows: one pass over the codes
         xa = None if lora_A is None else torch.mm(x2, lora_A.t(), out_dtype=torch.float32)
         y = nf4_ops.small_m_kernel(x2, *q, out_features, xa, lora_B, scale, bias)
+    elif _fused(x2, lora_A, out_features, q[5]):  # the codes decoded in the GEMM's mainloop
+        xs = None if lora_A is None else _mm_scaled(x2, lora_A.t(), scale, True)
+        y = nf4_ops.fused_gemm_kernel(x2, *q, out_features, xs, lora_B, bias)
     else:
         w = _weight(q, out_features, k, x.dtype, None, None, scale, False, inside_op=True)
         y = ref.lora_forward(x2, w, lora_A, lora_B, scale, bias)
