@@ -115,7 +115,7 @@ namespace {
 
 using namespace cute;
 
-constexpr int kTileM = 128;                  // weight rows (out_features) per CTA
+constexpr int kTileM = 128;                 // weight rows (out_features) per CTA
 constexpr int64_t kSmallTileMaxRows = 128;  // up to this many tokens: 128 per CTA, else 256
 using ClusterShape = Shape<_1, _1, _1>;
 using Bf16 = cutlass::bfloat16_t;

@@ -302,7 +302,7 @@ def small_m_kernel(
 
 # The fused GEMM (nf4_lora_gemm) against the merged dequantize + cuBLAS GEMM, on an H200 (device
 # time of the forward with r = 16, xs's GEMM included; bench/results/nf4_gemm_sweep.json): at
-# N >= 8192 and 64 <= M <= 512 it takes 0.54-0.97x the time (8192 x 28672: 0.54x at M <= 128);
+# N >= 8192 and 64 <= M <= 512 it takes 0.54-0.92x the time (8192 x 28672: 0.54x at M <= 128);
 # above M = 1024 it loses (its mainloop runs at ~0.75x cuBLAS's rate: the decode's issue and
 # latency share), and at N = 4096 its 32 row tiles leave most SMs idle at every M. Tokens per CTA:
 # 128 up to FUSED_TILE128_MAX_M rows (half a 256-token tile would idle) or when 256-token tiles
