@@ -47,6 +47,21 @@ def _compare(ours, ref, low, dtype, names=("y", "dx", "dA", "dB")):
         assert e_ours <= 2 * e_low + 1e-6, f"{name}: ours {e_ours:.3g} vs torch {dtype} {e_low:.3g}"
 
 
+def _compare_to_plain(ours, x, a, b, gy, deq, bias, dtype):
+    """ours (y and the gradients of s = 0.75 LoRA on deq with bias) by the STYLE rule against the
+    same computation in float64 and in dtype."""
+
+    def plain(x_, a_, b_, dt):
+        y = x_.to(dt) @ deq.to(dt).t() + 0.75 * (x_.to(dt) @ a_.to(dt).t()) @ b_.to(dt).t()
+        return y + bias.to(dt)
+
+    ref = _run(
+        lambda x_, a_, b_: plain(x_, a_, b_, torch.float64), x.double(), a.double(), b.double(), gy.double()
+    )
+    low = _run(lambda x_, a_, b_: plain(x_, a_, b_, dtype), x, a, b, gy)
+    _compare(ours, ref, low, dtype)
+
+
 def _check(m, k, n, r, dtype, device, seed, x_shape=None, noncontig=False, scale=0.75):
     x, q, a, b, bias = _case(m, k, n, r, dtype, device, seed, x_shape=x_shape)
     if noncontig:  # a strided view of a wider buffer
@@ -179,16 +194,7 @@ def test_small_m_on_tensor_cores(m, dtype, double_quant, k, n, r, sliced, monkey
     assert calls == {"small": 1, "merged": 0}
     steps = -(-k // 128)
     assert slices == [steps if sliced else 1]
-
-    def plain(x_, a_, b_, dt):
-        y = x_.to(dt) @ deq.to(dt).t() + 0.75 * (x_.to(dt) @ a_.to(dt).t()) @ b_.to(dt).t()
-        return y + bias.to(dt)
-
-    ref = _run(
-        lambda x_, a_, b_: plain(x_, a_, b_, torch.float64), x.double(), a.double(), b.double(), gy.double()
-    )
-    low = _run(lambda x_, a_, b_: plain(x_, a_, b_, dtype), x, a, b, gy)
-    _compare(ours, ref, low, dtype)
+    _compare_to_plain(ours, x, a, b, gy, deq, bias, dtype)
     # no LoRA, no grad (generation): the same kernel, twice, bit-identical
     with torch.no_grad():
         y0 = nf4_lora_linear(x, q, bias=bias)
@@ -305,16 +311,7 @@ def test_fused_gemm_in_the_op(m, r, monkeypatch):
     poison_cuda_cache()
     ours = _run(lambda x_, a_, b_: nf4_lora_linear(x_, q, a_, b_, 0.75, bias), x, a, b, gy)
     assert calls["fused"] == 1  # (the backward's dX may take the merged weight)
-
-    def plain(x_, a_, b_, dt):
-        y = x_.to(dt) @ deq.to(dt).t() + 0.75 * (x_.to(dt) @ a_.to(dt).t()) @ b_.to(dt).t()
-        return y + bias.to(dt)
-
-    ref = _run(
-        lambda x_, a_, b_: plain(x_, a_, b_, torch.float64), x.double(), a.double(), b.double(), gy.double()
-    )
-    low = _run(lambda x_, a_, b_: plain(x_, a_, b_, dtype), x, a, b, gy)
-    _compare(ours, ref, low, dtype)
+    _compare_to_plain(ours, x, a, b, gy, deq, bias, dtype)
 
 
 @pytest.mark.gpu

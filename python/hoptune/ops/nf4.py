@@ -108,6 +108,19 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t.clone() if t.data_ptr() % 16 else t
 
 
+def _kernel_operands(x2, packed, lora_B, xa, bias) -> tuple:
+    """The products' operands as their kernels take them: x2 (M, K) with unit column stride, rows
+    at least K and a multiple of 8 elements apart and 16-byte aligned (else a contiguous copy),
+    packed 16-byte aligned, lora_B, xa and bias contiguous (or None)."""
+    k = x2.shape[1]
+    if x2.stride(1) != 1 or x2.stride(0) < k or x2.stride(0) % 8 or x2.data_ptr() % 16:
+        x2 = x2.contiguous()
+    b = None if lora_B is None else lora_B.contiguous()
+    xa = None if xa is None else xa.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    return x2, _aligned(packed), b, xa, bias
+
+
 def _state_ptrs(packed, absmax, absmax2, code2) -> tuple[int, int, int, int, int]:
     """Kernel arguments of an NF4 state (packed already _aligned): packed, fp32 absmax (0 if
     nested), nested uint8 absmax (0 if not), absmax2, code2."""
@@ -258,12 +271,7 @@ def small_m_kernel(
     or both None; bias (N,) or None, in x2's dtype. The caller has checked that the kernel runs
     (CUDA on sm_90, 16-bit x2, K % 64 == 0)."""
     m, k = x2.shape
-    if x2.stride(1) != 1 or x2.stride(0) < k or x2.stride(0) % 8 or x2.data_ptr() % 16:
-        x2 = x2.contiguous()
-    packed = _aligned(packed)
-    b = None if lora_B is None else lora_B.contiguous()
-    xa = None if xa is None else xa.contiguous()
-    bias = None if bias is None else bias.contiguous()
+    x2, packed, b, xa, bias = _kernel_operands(x2, packed, lora_B, xa, bias)
     dev = x2.device
     y = torch.empty(m, n, dtype=x2.dtype, device=dev)
     slices = small_m_slices(n, k, dev)
@@ -347,12 +355,7 @@ def fused_gemm_kernel(
     contiguous, to write y into. ``tile_n``: tokens per CTA, 128 or 256 (0: the kernel's choice by
     M). The caller has checked the layout and dtype conditions of fused_gemm_runs."""
     m, k = x2.shape
-    if x2.stride(1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
-        x2 = x2.contiguous()
-    packed = _aligned(packed)
-    b = None if lora_B is None else lora_B.contiguous()
-    xs = None if xs is None else xs.contiguous()
-    bias = None if bias is None else bias.contiguous()
+    x2, packed, b, xs, bias = _kernel_operands(x2, packed, lora_B, xs, bias)
     dev = x2.device
     y = torch.empty(m, n, dtype=x2.dtype, device=dev) if out is None else out
     scales = torch.empty(n * (k // blocksize), dtype=torch.float32, device=dev)
