@@ -272,17 +272,27 @@ def test_fused_gemm_dispatch_rule():
     assert nf4_ops.fused_tile_n(256, 8192) == 128
     assert nf4_ops.fused_tile_n(256, 14336) == 256
     assert nf4_ops.fused_tile_n(512, 8192) == 256
+    # on wide weights the fused GEMM takes over from the small-M kernel above 16 or 24 rows
+    assert nf4_ops.fused_small_m_max(28672) == nf4_ops.fused_small_m_max(14336) == 16
+    assert nf4_ops.fused_small_m_max(8192) == 24
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m,r", [(33, 16), (128, 8), (300, 64), (512, 0)])
-def test_fused_gemm_in_the_op(m, r, monkeypatch):
-    """The op's forward takes the fused GEMM for nf4.small_m_max < M <= nf4.FUSED_MAX_M rows of a
-    weight with N >= nf4.FUSED_MIN_N (no merged weight), 3-D x, LoRA and bias; y and every
-    gradient by the STYLE rule against float64 on the dequantized weight."""
+@pytest.mark.parametrize(
+    "m,r,k", [(28, 16, 4096), (33, 16, 256), (128, 8, 256), (300, 64, 256), (512, 0, 256)]
+)
+def test_fused_gemm_in_the_op(m, r, k, monkeypatch):
+    """The op's forward takes the fused GEMM for nf4.fused_small_m_max(N) < M <= nf4.FUSED_MAX_M
+    rows of a weight with N >= nf4.FUSED_MIN_N (no merged weight; no small-M kernel either: 28 rows
+    of an 8192 x 4096 weight), 3-D x, LoRA and bias; y and every gradient by the STYLE rule
+    against float64 on the dequantized weight."""
     ext = nf4_ops._lib.extension()
-    calls = {"fused": 0, "merged": 0}
-    for name, key in (("nf4_lora_gemm", "fused"), ("nf4_dequantize_lora", "merged")):
+    calls = {"fused": 0, "merged": 0, "small": 0}
+    for name, key in (
+        ("nf4_lora_gemm", "fused"),
+        ("nf4_dequantize_lora", "merged"),
+        ("nf4_small_m", "small"),
+    ):
         fn = getattr(ext, name)
 
         def counted(*args, _fn=fn, _key=key, **kw):
@@ -290,7 +300,7 @@ def test_fused_gemm_in_the_op(m, r, monkeypatch):
             return _fn(*args, **kw)
 
         monkeypatch.setattr(ext, name, counted)
-    k, n, dtype = 256, 8192, torch.bfloat16
+    n, dtype = 8192, torch.bfloat16
     g = torch.Generator().manual_seed(m + r)
     q = quantize_nf4((torch.randn(n, k, generator=g) * k**-0.5).to(dtype).cuda())
     x = torch.randn(1, m, k, generator=g).to(dtype).cuda()
@@ -303,14 +313,14 @@ def test_fused_gemm_in_the_op(m, r, monkeypatch):
         poison_cuda_cache()
         with torch.no_grad():
             y = nf4_lora_linear(x, q, bias=bias)
-        assert calls == {"fused": 1, "merged": 0}
+        assert calls == {"fused": 1, "merged": 0, "small": 0}
         exact = x.double() @ deq.double().t() + bias.double()
         e_ours, e_low = rel_err(y, exact), rel_err(x @ deq.t() + bias, exact)
         assert e_ours <= 2 * e_low + 1e-6, f"ours {e_ours:.3g} vs torch {e_low:.3g}"
         return
     poison_cuda_cache()
     ours = _run(lambda x_, a_, b_: nf4_lora_linear(x_, q, a_, b_, 0.75, bias), x, a, b, gy)
-    assert calls["fused"] == 1  # (the backward's dX may take the merged weight)
+    assert calls["fused"] == 1 and calls["small"] == 0  # (the backward's dX may take the merged weight)
     _compare_to_plain(ours, x, a, b, gy, deq, bias, dtype)
 
 

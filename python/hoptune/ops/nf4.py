@@ -320,6 +320,21 @@ FUSED_MIN_N = 8192
 FUSED_MAX_M = 512
 FUSED_TILE128_MAX_M = 128
 FUSED_MIN_TILES = 100
+# Below nf4.small_m_max rows the small-M kernel's time grows with M while the fused GEMM's stays
+# flat (its tiles are half empty), so on wide weights the fused GEMM takes over above these many
+# rows (results/nf4_gemm_sweep_small.json, device time, r = 16: at M = 20 / 32 it took 0.84 /
+# 0.63x the small-M kernel's time on 4096 x 14336, 0.89 / 0.69x on 8192 x 28672, and on
+# 8192 x 8192 0.96 / 0.90x at M = 28 / 32 but 1.12x at 24): (N at least, rows).
+FUSED_OVER_SMALL_M = ((14336, 16), (FUSED_MIN_N, 24))
+
+
+def fused_small_m_max(n: int) -> int:
+    """Rows up to which the small-M kernel stays ahead of the fused GEMM on a weight of N rows
+    (where the fused GEMM runs: N >= FUSED_MIN_N)."""
+    for min_n, rows in FUSED_OVER_SMALL_M:
+        if n >= min_n:
+            return rows
+    return SMALL_M_MAX
 
 
 def fused_tile_n(m: int, n: int) -> int:

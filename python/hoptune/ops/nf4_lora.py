@@ -11,8 +11,9 @@ into a transient buffer of one layer's weight, and a single cuBLAS GEMM gives y 
 a few rows of x (M <= nf4.small_m_max(N, K), 12 to 32: generation) the forward instead reads the
 codes once (nf4_small_m, on tensor cores: no dequantized weight at all), with x A^T formed first
 in fp32 and the LoRA term added in the kernel; for up to nf4.FUSED_MAX_M rows of a weight with
-N >= nf4.FUSED_MIN_N (bf16), one CUTLASS GEMM decodes the codes in its mainloop (nf4_lora_gemm),
-with s x A^T formed first and the LoRA term added to its accumulators. The backward takes dX = dY @ W' when N <= 2 M,
+N >= nf4.FUSED_MIN_N (bf16; above nf4.fused_small_m_max(N) rows, 16 or 24), one CUTLASS GEMM
+decodes the codes in its mainloop (nf4_lora_gemm), with s x A^T formed first and the LoRA term
+added to its accumulators. The backward takes dX = dY @ W' when N <= 2 M,
 else dY @ deq(W) + (s dY B) @ A (that term written first and added in the GEMM's epilogue;
 MERGED_DX_MAX_N_PER_ROW); the other LoRA terms are x @ A^T, dY @ B and the two reductions over
 the tokens dA = (s dY B)^T x and dB = s dY^T (x A^T). In eager mode on CUDA, for
@@ -51,15 +52,18 @@ def _merged(x: torch.Tensor, lora_A: torch.Tensor | None) -> bool:
     )
 
 
-def _from_codes(x2: torch.Tensor, lora_A: torch.Tensor | None, n: int) -> bool:
+def _from_codes(x2: torch.Tensor, lora_A: torch.Tensor | None, n: int, blocksize: int) -> bool:
     """Whether the product reads the codes directly, for 1 <= M <= nf4.small_m_max(N, K) rows
-    (generation): CUDA, 16-bit x, K % 64 == 0."""
+    (generation): CUDA, 16-bit x, K % 64 == 0; on wide weights only up to
+    nf4.fused_small_m_max(N) rows when the fused GEMM can take the call instead."""
+    m = x2.shape[0]
     return (
-        1 <= x2.shape[0] <= nf4_ops.small_m_max(n, x2.shape[1])
+        1 <= m <= nf4_ops.small_m_max(n, x2.shape[1])
         and x2.dtype in nf4_ops.LORA_DTYPES
         and (lora_A is None or lora_A.dtype == x2.dtype)
         and x2.shape[1] % 64 == 0
         and _lib.use_kernel(x2, "nf4_lora_linear")
+        and (m <= nf4_ops.fused_small_m_max(n) or not _fused(x2, lora_A, n, blocksize))
     )
 
 
@@ -208,7 +212,7 @@ def _forward(x, q, out_features, lora_A, lora_B, scale, bias, merged_w) -> torch
     k = x.shape[-1]
     flat = x.dim() == 2
     x2 = x if flat else x.reshape(-1, k)
-    if _from_codes(x2, lora_A, out_features):  # a few rows: one pass over the codes
+    if _from_codes(x2, lora_A, out_features, q[5]):  # a few rows: one pass over the codes
         xa = None if lora_A is None else torch.mm(x2, lora_A.t(), out_dtype=torch.float32)
         y = nf4_ops.small_m_kernel(x2, *q, out_features, xa, lora_B, scale, bias)
     elif _fused(x2, lora_A, out_features, q[5]):  # the codes decoded in the GEMM's mainloop
