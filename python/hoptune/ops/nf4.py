@@ -258,7 +258,8 @@ def small_m_slices(n: int, k: int, device: torch.device) -> int:
 
 
 def small_m_max(n: int, k: int) -> int:
-    """Rows of x up to which the forward reads an [n, k] weight's codes directly."""
+    """Rows of x up to which the forward reads an [n, k] weight's codes directly (fewer on a
+    weight the fused GEMM takes: fused_small_m_max)."""
     return SMALL_M_MAX if n * k >= SMALL_WEIGHT else min(SMALL_M_MAX, SMALL_M_MAX_SMALL_WEIGHT)
 
 
