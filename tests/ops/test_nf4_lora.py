@@ -268,6 +268,7 @@ def test_fused_gemm_dispatch_rule():
     assert not nf4_ops.fused_gemm_runs(x, 8192, 64, 7)  # an odd rank
     assert not nf4_ops.fused_gemm_runs(x.half(), 8192, 64, 16)  # bf16 only
     assert not nf4_ops.fused_gemm_runs(torch.empty(513, 4096, dtype=torch.bfloat16), 8192, 64, 16)
+    assert not nf4_ops.fused_gemm_runs(torch.empty(0, 4096, dtype=torch.bfloat16), 8192, 64, 16)
     assert nf4_ops.fused_tile_n(128, 28672) == 128
     assert nf4_ops.fused_tile_n(256, 8192) == 128
     assert nf4_ops.fused_tile_n(256, 14336) == 256

@@ -351,7 +351,7 @@ def fused_gemm_runs(x2: torch.Tensor, n: int, blocksize: int, rank: int) -> bool
     CUDA on sm_90)."""
     m, k = x2.shape
     return (
-        m <= FUSED_MAX_M
+        1 <= m <= FUSED_MAX_M
         and n >= FUSED_MIN_N
         and x2.dtype == torch.bfloat16
         and k % 64 == 0
