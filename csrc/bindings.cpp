@@ -12,6 +12,7 @@
 #include "hoptune/logprob.cuh"
 #include "hoptune/lora.cuh"
 #include "hoptune/nf4.cuh"
+#include "hoptune/nf4_gemm.cuh"
 
 namespace py = pybind11;
 using hoptune::DType;

@@ -35,6 +35,7 @@
 #include "hoptune/common/mma.cuh"
 #include "hoptune/common/occupancy.h"
 #include "hoptune/nf4.cuh"
+#include "hoptune/nf4_gemm.cuh"
 
 namespace hoptune {
 
