@@ -368,8 +368,8 @@ def fused_gemm_kernel(
     """y = x2 @ deq(W)^T (+ xs @ lora_B^T) (+ bias) for x2 (M, K) bf16, from one GEMM that decodes
     the codes in its mainloop (nf4_lora_gemm: no dequantized copy of W). xs = s x2 @ A^T (M, r)
     and lora_B (N, r) in bf16, or both None; bias (N,) or None. ``out``: an (M, N) tensor, rows
-    contiguous, to write y into. ``tile_n``: tokens per CTA, 128 or 256 (0: the kernel's choice by
-    M). The caller has checked the layout and dtype conditions of fused_gemm_runs."""
+    contiguous, to write y into. ``tile_n``: tokens per CTA, 128 or 256 (0: fused_tile_n(M, N)).
+    The caller has checked the layout and dtype conditions of fused_gemm_runs."""
     m, k = x2.shape
     x2, packed, b, xs, bias = _kernel_operands(x2, packed, lora_B, xs, bias)
     dev = x2.device
