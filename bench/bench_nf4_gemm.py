@@ -33,15 +33,26 @@ def main() -> None:
     p.add_argument("--m", type=int, default=8192)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--sweep", default="", help="comma-separated M values: device times per M instead")
+    p.add_argument(
+        "--splits",
+        default="",
+        help="with --sweep: comma-separated K splits of the fused GEMM to time (0: stream-K, "
+        "auto: nf4.fused_splits), each with nf4.fused_tile_n's tile, instead of both tiles unsplit",
+    )
+    p.add_argument("--shapes", default="", help="comma-separated KxN shapes (default: all five)")
     p.add_argument("--out", default="bench/results/nf4_gemm.json")
     args = p.parse_args()
+    shapes = FWD_SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s_.split("x")) for s_ in args.shapes.split(",")]
     if args.sweep:
-        sweep([int(v) for v in args.sweep.split(",")], args.rank, args.out)
+        splits = [None if v == "auto" else int(v) for v in args.splits.split(",")] if args.splits else []
+        sweep([int(v) for v in args.sweep.split(",")], args.rank, args.out, shapes, splits)
         return
     torch.manual_seed(0)
     m, r, s = args.m, args.rank, 2.0
     rows = []
-    for k, n in FWD_SHAPES:
+    for k, n in shapes:
         dt = torch.bfloat16
         w = torch.randn(n, k, device="cuda", dtype=dt) * k**-0.5
         q = quantize_nf4(w)
@@ -88,14 +99,17 @@ def main() -> None:
     write_json(args.out, {"env": env_info(), "m": m, "rank": r, "rows": rows})
 
 
-def sweep(ms: list[int], r: int, out: str) -> None:
+def sweep(ms: list[int], r: int, out: str, shapes, splits: list) -> None:
     """Device time per call (queued behind a device sleep) of bf16 ``x @ W^T``, the fused forward
-    (xs by cuBLAS, then nf4_lora_gemm) and the op's forward without autograd (what runs today:
-    the merged dequantize + GEMM above nf4.small_m_max rows) for each M, on every shape."""
+    (xs by cuBLAS, then nf4_lora_gemm), the merged forward (the merged dequantize, then cuBLAS),
+    up to 32 rows the small-M kernel's forward (x A^T, then nf4_small_m), and the op's forward
+    without autograd (what the dispatch picks) for each M, on every shape.
+    The fused forward with 128 and 256 tokens per CTA and the default K split, or with
+    fused_tile_n's tile and each K split in ``splits``."""
     torch.manual_seed(0)
     s, dt = 2.0, torch.bfloat16
     rows = []
-    for k, n in FWD_SHAPES:
+    for k, n in shapes:
         w = torch.randn(n, k, device="cuda", dtype=dt) * k**-0.5
         q = quantize_nf4(w)
         qa = (q.packed, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize, q.blocksize2)
@@ -104,9 +118,13 @@ def sweep(ms: list[int], r: int, out: str) -> None:
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=dt)
 
-            def fused_fwd(tile_n):
+            def fused_fwd(tile_n, split):
                 xs_ = torch.mm(x, a.t()).mul_(s)
-                return nf4_ops.fused_gemm_kernel(x, *qa, n, xs_, b, None, tile_n=tile_n)
+                return nf4_ops.fused_gemm_kernel(x, *qa, n, xs_, b, None, tile_n=tile_n, splits=split)
+
+            def merged_fwd():
+                w_ = nf4_ops.dequantize_lora_kernel(*qa, (n, k), a, b, s)
+                return x @ w_.t()
 
             def op_fwd():
                 with torch.no_grad():
@@ -114,10 +132,25 @@ def sweep(ms: list[int], r: int, out: str) -> None:
 
             row = {"K": k, "N": n, "M": m}
             row["bf16_ms"] = bench(lambda: x @ w.t(), lead_ms=3.0)
+            row["merged_fwd_ms"] = bench(merged_fwd, lead_ms=3.0)
             row["op_fwd_ms"] = bench(op_fwd, lead_ms=3.0)
-            for tn in (128, 256):
-                row[f"fused{tn}_fwd_ms"] = bench(lambda tn=tn: fused_fwd(tn), lead_ms=3.0)
-                row[f"fused{tn}_vs_op"] = row[f"fused{tn}_fwd_ms"] / row["op_fwd_ms"]
+            if m <= nf4_ops.SMALL_M_MAX:  # the small-M kernel (x A^T in fp32 first)
+
+                def small_fwd():
+                    xa = torch.mm(x, a.t(), out_dtype=torch.float32)
+                    return nf4_ops.small_m_kernel(x, *qa, n, xa, b, s, None)
+
+                row["small_fwd_ms"] = bench(small_fwd, lead_ms=3.0)
+            variants = [(f"fused{tn}", tn, None) for tn in (128, 256)] if not splits else []
+            tile = nf4_ops.fused_tile_n(m, n)
+            for sp in splits:
+                variants.append((f"fused_s{'auto' if sp is None else sp}", tile, sp))
+            if splits:
+                row["tile_n"] = tile
+                row["auto_splits"] = nf4_ops.fused_splits(m, n, k, tile, nf4_ops.sm_count(x.device))
+            for name, tn, sp in variants:
+                row[f"{name}_fwd_ms"] = bench(lambda tn=tn, sp=sp: fused_fwd(tn, sp), lead_ms=3.0)
+                row[f"{name}_vs_merged"] = row[f"{name}_fwd_ms"] / row["merged_fwd_ms"]
             rows.append(row)
         print(table([r_ for r_ in rows if r_["N"] == n and r_["K"] == k], list(rows[-1])), flush=True)
         torch.cuda.empty_cache()

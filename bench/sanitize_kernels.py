@@ -114,23 +114,6 @@ def nf4_lora() -> None:
             for _ in range(2):
                 nf4_lora_linear(x, q, a, b, 0.5, bias)
         nf4_ops.SMALL_M_MAX_SMALL_WEIGHT, nf4_ops.SMALL_M_CTAS_PER_SM = saved
-    # the fused GEMM (nf4_lora_gemm): both token tiles, row and token tails, a strided x, LoRA
-    # ranks 0 / 2 / 64, bias or none, block sizes 64 and 128, nested and plain absmax
-    for m, dq, r, n, k, bs, tile in [
-        (37, True, 2, 200, 320, 64, 128),
-        (300, False, 64, 136, 1088, 64, 256),
-        (129, True, 0, 392, 512, 128, 128),
-        (513, False, 16, 264, 256, 64, 256),
-    ]:
-        q = quantize_nf4(
-            torch.randn(n, k, device="cuda", dtype=torch.bfloat16), blocksize=bs, double_quant=dq
-        )
-        qa = (q.packed, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize, q.blocksize2)
-        x = torch.randn(m, k + 8, device="cuda", dtype=torch.bfloat16)[:, 8:]
-        xs = torch.randn(m, r, device="cuda", dtype=torch.bfloat16) if r else None
-        b = torch.randn(n, r, device="cuda", dtype=torch.bfloat16) if r else None
-        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) if r != 16 else None
-        nf4_ops.fused_gemm_kernel(x, *qa, n, xs, b, bias, tile_n=tile)
     # the one-pass dY kernel of the backward: every rank, a row tail, strided dY, one chunk
     from hoptune.ops import nf4_lora as nf4_lora_ops
 
@@ -152,6 +135,30 @@ def nf4_lora() -> None:
     )
 
 
+def nf4_gemm() -> None:
+    """The fused GEMM (nf4_lora_gemm): both token tiles, row and token tails, a strided x, LoRA
+    ranks 0 / 2 / 64, bias or none, block sizes 64 and 128, nested and plain absmax, each tile's
+    K range whole, split in 3 or 5 (partial sums in the scratch) and stream-K (0)."""
+    for m, dq, r, n, k, bs, tile, splits in [
+        (37, True, 2, 200, 320, 64, 128, 1),
+        (300, False, 64, 136, 1088, 64, 256, 1),
+        (129, True, 0, 392, 512, 128, 128, 1),
+        (513, False, 16, 264, 256, 64, 256, 1),
+        (37, False, 16, 200, 320, 64, 128, 5),
+        (300, True, 8, 392, 1088, 64, 256, 3),
+        (129, False, 64, 136, 4096, 128, 128, 0),
+    ]:
+        q = quantize_nf4(
+            torch.randn(n, k, device="cuda", dtype=torch.bfloat16), blocksize=bs, double_quant=dq
+        )
+        qa = (q.packed, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize, q.blocksize2)
+        x = torch.randn(m, k + 8, device="cuda", dtype=torch.bfloat16)[:, 8:]
+        xs = torch.randn(m, r, device="cuda", dtype=torch.bfloat16) if r else None
+        b = torch.randn(n, r, device="cuda", dtype=torch.bfloat16) if r else None
+        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) if r != 16 else None
+        nf4_ops.fused_gemm_kernel(x, *qa, n, xs, b, bias, tile_n=tile, splits=splits)
+
+
 def probe_cublas() -> None:
     """Not a hoptune kernel: PyTorch reading an fp32-output cuBLAS GEMM's result. If initcheck
     flags this, its reports on kernels that read GEMM outputs (the fused log-prob chunk) come from
@@ -167,6 +174,7 @@ CASES = {
     "logprob": logprob,
     "logprob_gemm": logprob_gemm,
     "nf4_lora": nf4_lora,
+    "nf4_gemm": nf4_gemm,
     "probe_cublas": probe_cublas,
 }
 

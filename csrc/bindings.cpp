@@ -117,8 +117,9 @@ PYBIND11_MODULE(_C, m) {
       "nf4_lora_gemm",
       [](uintptr_t x, int64_t ldx, int64_t rows, uintptr_t packed, uintptr_t absmax,
          uintptr_t qabsmax, uintptr_t absmax2, uintptr_t code2, float offset, int blocksize2,
-         int64_t n, int64_t k, int blocksize, uintptr_t absmax_t, uintptr_t xs, uintptr_t lora_b,
-         int rank, uintptr_t bias, uintptr_t y, int64_t ldy, int tile_n, uintptr_t stream) {
+         int64_t n, int64_t k, int blocksize, uintptr_t scratch, uintptr_t xs, uintptr_t lora_b,
+         int rank, uintptr_t bias, uintptr_t y, int64_t ldy, int tile_n, int splits,
+         uintptr_t stream) {
         hoptune::NF4LoraGemm a;
         a.x = ptr<const void*>(x);
         a.ldx = ldx;
@@ -128,7 +129,7 @@ PYBIND11_MODULE(_C, m) {
         a.n = n;
         a.k = k;
         a.blocksize = blocksize;
-        a.absmax_t = ptr<float*>(absmax_t);
+        a.scratch = ptr<void*>(scratch);
         a.xs = ptr<const void*>(xs);
         a.lora_b = ptr<const void*>(lora_b);
         a.rank = rank;
@@ -136,14 +137,32 @@ PYBIND11_MODULE(_C, m) {
         a.y = ptr<void*>(y);
         a.ldy = ldy;
         a.tile_n = tile_n;
+        a.splits = splits;
         check(hoptune::nf4_lora_gemm(a, stream_of(stream)), "nf4_lora_gemm");
       },
       py::arg("x"), py::arg("ldx"), py::arg("rows"), py::arg("packed"), py::arg("absmax"),
       py::arg("qabsmax"), py::arg("absmax2"), py::arg("code2"), py::arg("offset"),
-      py::arg("blocksize2"), py::arg("n"), py::arg("k"), py::arg("blocksize"), py::arg("absmax_t"),
+      py::arg("blocksize2"), py::arg("n"), py::arg("k"), py::arg("blocksize"), py::arg("scratch"),
       py::arg("xs"), py::arg("lora_b"), py::arg("rank"), py::arg("bias"), py::arg("y"),
-      py::arg("ldy"), py::arg("tile_n"), py::arg("stream"),
+      py::arg("ldy"), py::arg("tile_n"), py::arg("splits"), py::arg("stream"),
       py::call_guard<py::gil_scoped_release>());
+
+  m.def(
+      "nf4_lora_gemm_scratch_bytes",
+      [](int64_t rows, int64_t n, int64_t k, int blocksize, int tile_n, int splits) {
+        hoptune::NF4LoraGemm a;
+        a.m = rows;
+        a.n = n;
+        a.k = k;
+        a.blocksize = blocksize;
+        a.tile_n = tile_n;
+        a.splits = splits;
+        const size_t bytes = hoptune::nf4_lora_gemm_scratch_bytes(a);
+        if (bytes == 0) throw std::invalid_argument("nf4_lora_gemm_scratch_bytes: invalid shape");
+        return bytes;
+      },
+      py::arg("rows"), py::arg("n"), py::arg("k"), py::arg("blocksize"), py::arg("tile_n"),
+      py::arg("splits"));
 
   m.def(
       "lora_dy_pass",

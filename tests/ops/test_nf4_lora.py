@@ -259,34 +259,85 @@ def test_fused_gemm(m, tile_n, double_quant, k, n, r, blocksize):
     assert e_ours <= 2 * e_low + 1e-6, f"ours {e_ours:.3g} vs torch {e_low:.3g}"
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [7, 300, 1000])
+@pytest.mark.parametrize("tile_n", [128, 256])
+@pytest.mark.parametrize("splits", [2, 3, 5, 0])
+@pytest.mark.parametrize("k,n,r", [(320, 200, 8), (1088, 136, 64), (4096, 392, 16)])
+def test_fused_gemm_split_k(m, tile_n, splits, k, n, r):
+    """The fused GEMM with each tile's K range split (2, 3, 5 parts, or CUTLASS's stream-K: 0),
+    partial sums reduced in the scratch: by the STYLE rule against float64, the LoRA term and bias
+    added once, an output poisoned first, and the same bits on a second run (the fixed-order
+    reduction)."""
+    g = torch.Generator().manual_seed(m + k + n + r + splits)
+    w = (torch.randn(n, k, generator=g) * k**-0.5).to(torch.bfloat16).cuda()
+    q = quantize_nf4(w)
+    x = torch.randn(m, k + 64, generator=g).to(torch.bfloat16).cuda()[:, 64:]
+    a = (torch.randn(r, k, generator=g) * k**-0.5).to(torch.bfloat16).cuda()
+    b = (torch.randn(n, r, generator=g) * r**-0.5).to(torch.bfloat16).cuda()
+    bias = torch.randn(n, generator=g).to(torch.bfloat16).cuda()
+    xs = (0.75 * (x @ a.t())).to(torch.bfloat16)
+    deq = dequantize_nf4(q)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    poison_cuda_cache()
+    y = nf4_ops.fused_gemm_kernel(x, *_q_args(q), n, xs, b, bias, out=out, tile_n=tile_n, splits=splits)
+    again = nf4_ops.fused_gemm_kernel(x, *_q_args(q), n, xs, b, bias, tile_n=tile_n, splits=splits)
+    torch.cuda.synchronize()
+    exact = x.double() @ deq.double().t() + bias.double() + xs.double() @ b.double().t()
+    low = x @ deq.t() + bias + xs @ b.t()
+    e_ours, e_low = rel_err(y, exact), rel_err(low, exact)
+    assert e_ours <= 2 * e_low + 1e-6, f"ours {e_ours:.3g} vs torch {e_low:.3g}"
+    assert torch.equal(y, again)
+
+
 def test_fused_gemm_dispatch_rule():
-    """The fused GEMM runs for N >= 8192 up to 512 rows; 128 tokens per CTA up to 128 rows or when
-    256-token tiles would number fewer than 100, else 256 (the measured faster one)."""
-    x = torch.empty(300, 4096, dtype=torch.bfloat16)
+    """The fused GEMM runs on weights of 2^25 elements or more with N >= 4096, above 16 rows (the
+    small-M kernel below) up to 256, and from 448 to 512 on N >= 8192; 128 tokens per CTA up to 128
+    rows or when 256-token tiles would number fewer than 100, else 256; the K range split when the
+    tiles are few, stream-K when they are many (the measured faster ones)."""
+    x = torch.empty(200, 4096, dtype=torch.bfloat16)
     assert nf4_ops.fused_gemm_runs(x, 8192, 64, 16)
-    assert not nf4_ops.fused_gemm_runs(x, 4096, 64, 16)  # 32 row tiles: most SMs idle
+    assert not nf4_ops.fused_gemm_runs(x, 4096, 64, 16)  # 4096 x 4096: the merged path wins
+    assert nf4_ops.fused_gemm_runs(torch.empty(200, 8192, dtype=torch.bfloat16), 4096, 64, 16)
+    assert not nf4_ops.fused_gemm_runs(torch.empty(200, 32768, dtype=torch.bfloat16), 1024, 64, 16)
     assert not nf4_ops.fused_gemm_runs(x, 8192, 64, 7)  # an odd rank
     assert not nf4_ops.fused_gemm_runs(x.half(), 8192, 64, 16)  # bf16 only
-    assert not nf4_ops.fused_gemm_runs(torch.empty(513, 4096, dtype=torch.bfloat16), 8192, 64, 16)
     assert not nf4_ops.fused_gemm_runs(torch.empty(0, 4096, dtype=torch.bfloat16), 8192, 64, 16)
+    rows = [m for m in range(1, 600) if nf4_ops.fused_rows(m, 8192)]
+    assert rows == list(range(1, 257)) + list(range(448, 513))
+    assert [m for m in range(1, 600) if nf4_ops.fused_rows(m, 4096)] == list(range(1, 257))
     assert nf4_ops.fused_tile_n(128, 28672) == 128
     assert nf4_ops.fused_tile_n(256, 8192) == 128
     assert nf4_ops.fused_tile_n(256, 14336) == 256
     assert nf4_ops.fused_tile_n(512, 8192) == 256
-    # on wide weights the fused GEMM takes over from the small-M kernel above 16 or 24 rows
-    assert nf4_ops.fused_small_m_max(28672) == nf4_ops.fused_small_m_max(14336) == 16
-    assert nf4_ops.fused_small_m_max(8192) == 24
+    # the K range split so that few tiles fill 132 SMs
+    assert nf4_ops.fused_splits(64, 4096, 4096, 128, 132) == 4  # 32 tiles
+    assert nf4_ops.fused_splits(256, 4096, 4096, 128, 132) == 2  # 64 tiles
+    assert nf4_ops.fused_splits(512, 4096, 4096, 128, 132) == 1  # 128 tiles
+    assert nf4_ops.fused_splits(64, 28672, 8192, 128, 132) == 1  # 224 tiles
+    assert nf4_ops.fused_splits(512, 28672, 8192, 256, 132) == 0  # 448 tiles: stream-K
+    assert nf4_ops.fused_splits(64, 1024, 4096, 128, 132) == 8  # 8 tiles: at most 8 parts
+    assert nf4_ops.fused_splits(64, 1024, 1024, 128, 132) == 2  # parts of >= 8 K blocks
+    # the fused GEMM takes over from the small-M kernel above 16 rows
+    assert nf4_ops.fused_small_m_max(28672) == nf4_ops.fused_small_m_max(4096) == 16
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "m,r,k", [(28, 16, 4096), (33, 16, 256), (128, 8, 256), (300, 64, 256), (512, 0, 256)]
+    "m,r,k,n",
+    [
+        (28, 16, 4096, 8192),
+        (33, 16, 4096, 8192),
+        (128, 8, 8192, 4096),
+        (200, 64, 4096, 8192),
+        (480, 0, 4096, 8192),
+    ],
 )
-def test_fused_gemm_in_the_op(m, r, k, monkeypatch):
-    """The op's forward takes the fused GEMM for nf4.fused_small_m_max(N) < M <= nf4.FUSED_MAX_M
-    rows of a weight with N >= nf4.FUSED_MIN_N (no merged weight; no small-M kernel either: 28 rows
-    of an 8192 x 4096 weight), 3-D x, LoRA and bias; y and every gradient by the STYLE rule
-    against float64 on the dequantized weight."""
+def test_fused_gemm_in_the_op(m, r, k, n, monkeypatch):
+    """The op's forward takes the fused GEMM for nf4.fused_small_m_max(N) < M rows in
+    nf4.fused_rows' range on a weight of 2^25 elements or more (no merged weight; no small-M kernel
+    either: 28 rows; the K range split: N = 4096), 3-D x, LoRA and bias; y and every gradient by
+    the STYLE rule against float64 on the dequantized weight."""
     ext = nf4_ops._lib.extension()
     calls = {"fused": 0, "merged": 0, "small": 0}
     for name, key in (
@@ -301,7 +352,7 @@ def test_fused_gemm_in_the_op(m, r, k, monkeypatch):
             return _fn(*args, **kw)
 
         monkeypatch.setattr(ext, name, counted)
-    n, dtype = 8192, torch.bfloat16
+    dtype = torch.bfloat16
     g = torch.Generator().manual_seed(m + r)
     q = quantize_nf4((torch.randn(n, k, generator=g) * k**-0.5).to(dtype).cuda())
     x = torch.randn(1, m, k, generator=g).to(dtype).cuda()
@@ -334,8 +385,8 @@ def test_fused_gemm_decodes_exactly(double_quant):
     w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.1
     q = quantize_nf4(w, double_quant=double_quant)
     eye = torch.eye(k, dtype=torch.bfloat16, device="cuda")
-    for tile_n in (128, 256):
-        y = nf4_ops.fused_gemm_kernel(eye, *_q_args(q), n, None, None, None, tile_n=tile_n)
+    for tile_n, splits in ((128, 1), (256, 1), (128, 3)):
+        y = nf4_ops.fused_gemm_kernel(eye, *_q_args(q), n, None, None, None, tile_n=tile_n, splits=splits)
         assert torch.equal(y, dequantize_nf4(q).t())
 
 
@@ -348,6 +399,10 @@ def test_fused_gemm_rejects_bad_arguments():
     b = torch.randn(64, 3, dtype=torch.bfloat16, device="cuda")
     with pytest.raises(RuntimeError, match="nf4_lora_gemm"):  # an odd rank
         nf4_ops.fused_gemm_kernel(x, *_q_args(q), 64, xs, b, None)
+    with pytest.raises(ValueError, match="nf4_lora_gemm"):  # more K parts than 64-wide K blocks
+        nf4_ops.fused_gemm_kernel(x, *_q_args(q), 64, None, None, None, splits=5)
+    with pytest.raises(ValueError, match="nf4_lora_gemm"):  # more than 16 parts
+        nf4_ops.fused_gemm_kernel(x, *_q_args(q), 64, None, None, None, splits=17)
 
 
 def _q_args(q):

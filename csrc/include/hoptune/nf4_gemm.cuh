@@ -16,8 +16,15 @@ namespace hoptune {
 // the caller). x [m, k] with rows ldx elements apart; y [m, n] with rows
 // ldy apart. Requires: k % 64 == 0, blocksize % 64 == 0 and k % blocksize == 0 (quant blocks
 // within rows), n % 8 == 0, ldx and ldy % 8 == 0, x, y and packed 16-byte aligned, rank even
-// (0 <= rank <= 256; xs and lora_b null when 0), bias [n] bf16 or null. absmax_t is a scratch of
-// n * k / blocksize floats (nf4_absmax_transposed's output, written by this call).
+// (0 <= rank <= 256; xs and lora_b null when 0), bias [n] bf16 or null. scratch: a 256-byte
+// aligned buffer of nf4_lora_gemm_scratch_bytes(a) bytes (the absmax decoded and transposed, then
+// the tile scheduler's partial sums and flags when the K range is split; written by this call).
+//
+// Work split: with splits = 1 each output tile (128 weight rows x tile_n tokens) is one CTA's
+// work, which leaves SMs idle when there are few tiles (n = 4096 and a few hundred tokens: 32 or
+// 64 tiles on 132 SMs). splits >= 2 cuts each tile's K range into that many parts, summed in fp32
+// in the scratch in a fixed order (the same bits every run); splits = 0 lets CUTLASS's stream-K
+// heuristic balance the K iterations over the SMs.
 struct NF4LoraGemm {
   const void* x = nullptr;
   int64_t ldx = 0;
@@ -27,7 +34,7 @@ struct NF4LoraGemm {
   int64_t n = 0;
   int64_t k = 0;
   int blocksize = 64;
-  float* absmax_t = nullptr;
+  void* scratch = nullptr;
   const void* xs = nullptr;
   const void* lora_b = nullptr;
   int rank = 0;
@@ -35,7 +42,11 @@ struct NF4LoraGemm {
   void* y = nullptr;
   int64_t ldy = 0;
   int tile_n = 0;  // tokens per CTA: 128 or 256; 0 picks by m
+  int splits = 1;  // parts of each tile's K range (1 to 16); 0: stream-K
 };
 cudaError_t nf4_lora_gemm(const NF4LoraGemm& a, cudaStream_t stream);
+// The scratch nf4_lora_gemm needs for a's shape (m, n, k, blocksize), tile_n and splits; 0 when
+// they are invalid.
+size_t nf4_lora_gemm_scratch_bytes(const NF4LoraGemm& a);
 
 }  // namespace hoptune

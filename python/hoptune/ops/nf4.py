@@ -247,11 +247,17 @@ _sm_counts: dict[int, int] = {}
 _counters: dict[tuple[int, int], torch.Tensor] = {}
 
 
-def small_m_slices(n: int, k: int, device: torch.device) -> int:
-    """Column slices of nf4_small_m for an [n, k] weight: enough CTAs to fill the GPU."""
+def sm_count(device: torch.device) -> int:
+    """The device's SM count (cached)."""
     sms = _sm_counts.get(device.index)
     if sms is None:
         sms = _sm_counts[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return sms
+
+
+def small_m_slices(n: int, k: int, device: torch.device) -> int:
+    """Column slices of nf4_small_m for an [n, k] weight: enough CTAs to fill the GPU."""
+    sms = sm_count(device)
     groups = -(-n // _SMALL_ROWS)
     steps = -(-k // _SMALL_STEP)
     return max(1, min(steps, round(SMALL_M_CTAS_PER_SM * sms / groups)))
@@ -310,32 +316,57 @@ def small_m_kernel(
 
 
 # The fused GEMM (nf4_lora_gemm) against the merged dequantize + cuBLAS GEMM, on an H200 (device
-# time of the forward with r = 16, xs's GEMM included; bench/results/nf4_gemm_sweep.json): at
-# N >= 8192 and 64 <= M <= 512 it takes 0.54-0.92x the time (8192 x 28672: 0.54x at M <= 128);
-# above M = 1024 it loses (its mainloop runs at ~0.75x cuBLAS's rate: the decode's issue and
-# latency share), and at N = 4096 its 32 row tiles leave most SMs idle at every M. Tokens per CTA:
-# 128 up to FUSED_TILE128_MAX_M rows (half a 256-token tile would idle) or when 256-token tiles
-# would number fewer than FUSED_MIN_TILES (8192 x 8192 at M = 256: 0.095 against 0.123 ms), else
-# 256 (each tile decodes its weight rows once: twice as many decodes per token at 128).
-FUSED_MIN_N = 8192
+# time of the forward with r = 16, xs's GEMM included; bench/results/nf4_gemm_split_op.json and
+# nf4_gemm_split_sweep.json). It runs on weights of at least FUSED_MIN_WEIGHT elements with
+# N >= FUSED_MIN_N: on 4096 x 4096 and N = 1024 it lost at every M (1.15-2.7x even with the K
+# range split), on 8192 x 4096 and larger it took 0.49-0.93x the merged forward's time from 32
+# to 256 rows. Above 256 rows a 256-token tile runs; its time is flat from 257 to 512 rows while
+# the merged GEMM's grows, so at M = 384 it lost (1.05x on 8192 x 28672, 1.14x on 4096 x 14336)
+# and at 448-512 it won on N >= 8192 (0.78-0.91x; N = 4096 lost at 384-512): FUSED_WIDE_MIN_M to
+# FUSED_MAX_M rows on N >= FUSED_WIDE_MIN_N. Above M = 1024 it loses (its mainloop runs at
+# ~0.75x cuBLAS's rate: the decode's issue and latency share). Tokens per CTA: 128 up to
+# FUSED_TILE128_MAX_M rows (half a 256-token tile would idle) or when 256-token tiles would
+# number fewer than FUSED_MIN_TILES (8192 x 8192 at M = 256: 0.095 against 0.123 ms), else 256
+# (each tile decodes its weight rows once: twice as many decodes per token at 128).
+FUSED_MIN_N = 4096
+FUSED_MIN_WEIGHT = 1 << 25
 FUSED_MAX_M = 512
+FUSED_NARROW_MAX_M = 256
+FUSED_WIDE_MIN_N = 8192
+FUSED_WIDE_MIN_M = 448
 FUSED_TILE128_MAX_M = 128
 FUSED_MIN_TILES = 100
+# The K range split (fused_splits): when the output tiles number at most 1 / FUSED_SPLIT_BELOW
+# of the SMs, each tile's K range is cut into up to FUSED_MAX_SPLITS parts of at least
+# FUSED_MIN_SPLIT_KBLOCKS 64-wide K blocks, as many as fill the SMs (nf4_gemm_split_op.json:
+# the 32 row tiles of 14336 x 4096 at M <= 128 0.064 ms in 4 parts against 0.142 unsplit, the 64
+# of 8192 x 8192 0.064-0.065 in 2 parts against 0.090-0.091). From FUSED_STREAM_K_WAVES tiles per
+# SM, CUTLASS's stream-K schedule evens out the last wave (8192 x 28672 at 512 rows: 0.406
+# against 0.453 ms); elsewhere it cost time, so other shapes keep one CTA per tile.
+FUSED_SPLIT_BELOW = 2
+FUSED_MAX_SPLITS = 8
+FUSED_MIN_SPLIT_KBLOCKS = 8
+FUSED_STREAM_K_WAVES = 3
 # Below nf4.small_m_max rows the small-M kernel's time grows with M while the fused GEMM's stays
-# flat (its tiles are half empty), so on wide weights the fused GEMM takes over above these many
-# rows (results/nf4_gemm_sweep_small.json, device time, r = 16: at M = 20 / 32 it took 0.84 /
-# 0.63x the small-M kernel's time on 4096 x 14336, 0.89 / 0.69x on 8192 x 28672, and on
-# 8192 x 8192 0.96 / 0.90x at M = 28 / 32 but 1.12x at 24): (N at least, rows).
-FUSED_OVER_SMALL_M = ((14336, 16), (FUSED_MIN_N, 24))
+# flat (its tiles are mostly empty), so the fused GEMM takes over above FUSED_SMALL_M_MAX rows
+# (results/nf4_gemm_split_small.json, device time, r = 16: at M = 16 the small-M kernel took
+# 0.82-1.01x the fused GEMM's time on 8192 x 8192, 14336 x 4096, 8192 x 4096, 8192 x 28672 and
+# 28672 x 8192, 1.07x on 4096 x 14336; at M = 20 1.04-1.16x on all six).
+FUSED_SMALL_M_MAX = 16
 
 
 def fused_small_m_max(n: int) -> int:
-    """Rows up to which the small-M kernel stays ahead of the fused GEMM on a weight of N rows
-    (where the fused GEMM runs: N >= FUSED_MIN_N)."""
-    for min_n, rows in FUSED_OVER_SMALL_M:
-        if n >= min_n:
-            return rows
-    return SMALL_M_MAX
+    """Rows up to which the small-M kernel stays ahead of the fused GEMM (where the fused GEMM
+    runs; the same on every weight measured)."""
+    return FUSED_SMALL_M_MAX
+
+
+def fused_rows(m: int, n: int) -> bool:
+    """Whether M rows of x are in the fused GEMM's range for a weight of N rows (above the small-M
+    kernel's range, where the caller checks that)."""
+    if m <= FUSED_NARROW_MAX_M:
+        return m >= 1
+    return n >= FUSED_WIDE_MIN_N and FUSED_WIDE_MIN_M <= m <= FUSED_MAX_M
 
 
 def fused_tile_n(m: int, n: int) -> int:
@@ -351,8 +382,9 @@ def fused_gemm_runs(x2: torch.Tensor, n: int, blocksize: int, rank: int) -> bool
     CUDA on sm_90)."""
     m, k = x2.shape
     return (
-        1 <= m <= FUSED_MAX_M
+        fused_rows(m, n)
         and n >= FUSED_MIN_N
+        and n * k >= FUSED_MIN_WEIGHT
         and x2.dtype == torch.bfloat16
         and k % 64 == 0
         and blocksize % 64 == 0
@@ -362,19 +394,66 @@ def fused_gemm_runs(x2: torch.Tensor, n: int, blocksize: int, rank: int) -> bool
     )
 
 
+def fused_splits(m: int, n: int, k: int, tile_n: int, sms: int) -> int:
+    """Parts of each output tile's K range for the fused GEMM (nf4_lora_gemm's splits) on a GPU of
+    ``sms`` SMs: enough that the tiles fill the SMs when there are few tiles; 0 (stream-K) when
+    there are many."""
+    tiles = -(-n // 128) * -(-m // tile_n)
+    if tiles >= FUSED_STREAM_K_WAVES * sms:
+        return 0
+    if tiles * FUSED_SPLIT_BELOW > sms:
+        return 1
+    return max(1, min(FUSED_MAX_SPLITS, k // 64 // FUSED_MIN_SPLIT_KBLOCKS, sms // tiles))
+
+
+_scratch_bytes: dict[tuple, int] = {}
+
+
+def _fused_scratch(m, n, k, blocksize, tile_n, splits, device) -> torch.Tensor:
+    """The fused GEMM's scratch (the transposed absmax, then the split work's partial sums)."""
+    key = (device.index, m, n, k, blocksize, tile_n, splits)
+    size = _scratch_bytes.get(key)
+    if size is None:
+        if len(_scratch_bytes) > 4096:  # many distinct row counts: start over
+            _scratch_bytes.clear()
+        size = _scratch_bytes[key] = _lib.extension().nf4_lora_gemm_scratch_bytes(
+            m, n, k, blocksize, tile_n, splits
+        )
+    return torch.empty(size, dtype=torch.uint8, device=device)
+
+
 def fused_gemm_kernel(
-    x2, packed, absmax, absmax2, code2, offset, blocksize, blocksize2, n, xs, lora_B, bias, out=None, tile_n=0
+    x2,
+    packed,
+    absmax,
+    absmax2,
+    code2,
+    offset,
+    blocksize,
+    blocksize2,
+    n,
+    xs,
+    lora_B,
+    bias,
+    out=None,
+    tile_n=0,
+    splits=None,
 ) -> torch.Tensor:
     """y = x2 @ deq(W)^T (+ xs @ lora_B^T) (+ bias) for x2 (M, K) bf16, from one GEMM that decodes
     the codes in its mainloop (nf4_lora_gemm: no dequantized copy of W). xs = s x2 @ A^T (M, r)
     and lora_B (N, r) in bf16, or both None; bias (N,) or None. ``out``: an (M, N) tensor, rows
     contiguous, to write y into. ``tile_n``: tokens per CTA, 128 or 256 (0: fused_tile_n(M, N)).
-    The caller has checked the layout and dtype conditions of fused_gemm_runs."""
+    ``splits``: parts of each output tile's K range, 1-16, summed in fp32 in a fixed order, or 0
+    for CUTLASS's stream-K schedule (None: fused_splits). The caller has checked the layout and
+    dtype conditions of fused_gemm_runs."""
     m, k = x2.shape
     x2, packed, b, xs, bias = _kernel_operands(x2, packed, lora_B, xs, bias)
     dev = x2.device
+    tile_n = tile_n or fused_tile_n(m, n)
+    if splits is None:
+        splits = fused_splits(m, n, k, tile_n, sm_count(dev))
     y = torch.empty(m, n, dtype=x2.dtype, device=dev) if out is None else out
-    scales = torch.empty(n * (k // blocksize), dtype=torch.float32, device=dev)
+    scratch = _fused_scratch(m, n, k, blocksize, tile_n, splits, dev)
     _lib.extension().nf4_lora_gemm(
         x2.data_ptr(),
         x2.stride(0),
@@ -385,14 +464,15 @@ def fused_gemm_kernel(
         n,
         k,
         blocksize,
-        scales.data_ptr(),
+        scratch.data_ptr(),
         _lib.ptr(xs),
         _lib.ptr(b),
         0 if b is None else b.shape[1],
         _lib.ptr(bias),
         y.data_ptr(),
         y.stride(0),
-        tile_n or fused_tile_n(m, n),
+        tile_n,
+        splits,
         _lib.stream(x2),
     )
     return y

@@ -10,12 +10,12 @@ registers; the same DRAM traffic as the plain dequantize, at 0.80-0.83x its spee
 into a transient buffer of one layer's weight, and a single cuBLAS GEMM gives y = x @ W'^T. For
 a few rows of x (M <= nf4.small_m_max(N, K), 12 to 32: generation) the forward instead reads the
 codes once (nf4_small_m, on tensor cores: no dequantized weight at all), with x A^T formed first
-in fp32 and the LoRA term added in the kernel; for up to nf4.FUSED_MAX_M rows of a weight with
-N >= nf4.FUSED_MIN_N (bf16; above nf4.fused_small_m_max(N) rows, 16 or 24), one CUTLASS GEMM
-decodes the codes in its mainloop (nf4_lora_gemm), with s x A^T formed first and the LoRA term
-added to its accumulators. The backward takes dX = dY @ W' when N <= 2 M,
-else dY @ deq(W) + (s dY B) @ A (that term written first and added in the GEMM's epilogue;
-MERGED_DX_MAX_N_PER_ROW); the other LoRA terms are x @ A^T, dY @ B and the two reductions over
+in fp32 and the LoRA term added in the kernel; for more rows of a weight of 2^25 elements or
+more (bf16; above nf4.fused_small_m_max(N) = 16 rows, up to 256 or 512: nf4.fused_rows), one
+CUTLASS GEMM decodes the codes in its mainloop (nf4_lora_gemm, each tile's K range split when
+the tiles are few), with s x A^T formed first and the LoRA term added to its accumulators. The
+backward takes dX = dY @ W' when N <= 2 M, else dY @ deq(W) + (s dY B) @ A (that term written
+first and added in the GEMM's epilogue; MERGED_DX_MAX_N_PER_ROW); the other LoRA terms are x @ A^T, dY @ B and the two reductions over
 the tokens dA = (s dY B)^T x and dB = s dY^T (x A^T). In eager mode on CUDA, for
 N >= DY_PASS_MIN_N[r] (r = 8, 16, 32) and N % 64 == 0, dY @ B and dB come from one read of dY
 (lora_dy_pass) instead of two GEMMs.
@@ -52,10 +52,10 @@ def _merged(x: torch.Tensor, lora_A: torch.Tensor | None) -> bool:
     )
 
 
-def _from_codes(x2: torch.Tensor, lora_A: torch.Tensor | None, n: int, blocksize: int) -> bool:
+def _from_codes(x2: torch.Tensor, lora_A: torch.Tensor | None, n: int, fused: bool) -> bool:
     """Whether the product reads the codes directly, for 1 <= M <= nf4.small_m_max(N, K) rows
-    (generation): CUDA, 16-bit x, K % 64 == 0; on wide weights only up to
-    nf4.fused_small_m_max(N) rows when the fused GEMM can take the call instead."""
+    (generation): CUDA, 16-bit x, K % 64 == 0; only up to nf4.fused_small_m_max(N) rows when the
+    fused GEMM can take the call instead (``fused``: _fused's answer)."""
     m = x2.shape[0]
     return (
         1 <= m <= nf4_ops.small_m_max(n, x2.shape[1])
@@ -63,7 +63,7 @@ def _from_codes(x2: torch.Tensor, lora_A: torch.Tensor | None, n: int, blocksize
         and (lora_A is None or lora_A.dtype == x2.dtype)
         and x2.shape[1] % 64 == 0
         and _lib.use_kernel(x2, "nf4_lora_linear")
-        and (m <= nf4_ops.fused_small_m_max(n) or not _fused(x2, lora_A, n, blocksize))
+        and (m <= nf4_ops.fused_small_m_max(n) or not fused)
     )
 
 
@@ -212,10 +212,11 @@ def _forward(x, q, out_features, lora_A, lora_B, scale, bias, merged_w) -> torch
     k = x.shape[-1]
     flat = x.dim() == 2
     x2 = x if flat else x.reshape(-1, k)
-    if _from_codes(x2, lora_A, out_features, q[5]):  # a few rows: one pass over the codes
+    fused = _fused(x2, lora_A, out_features, q[5])
+    if _from_codes(x2, lora_A, out_features, fused):  # a few rows: one pass over the codes
         xa = None if lora_A is None else torch.mm(x2, lora_A.t(), out_dtype=torch.float32)
         y = nf4_ops.small_m_kernel(x2, *q, out_features, xa, lora_B, scale, bias)
-    elif _fused(x2, lora_A, out_features, q[5]):  # the codes decoded in the GEMM's mainloop
+    elif fused:  # the codes decoded in the GEMM's mainloop
         xs = None if lora_A is None else _mm_scaled(x2, lora_A.t(), scale, True)
         y = nf4_ops.fused_gemm_kernel(x2, *q, out_features, xs, lora_B, bias)
     else:
