@@ -39,6 +39,11 @@ def main() -> None:
         help="with --sweep: comma-separated K splits of the fused GEMM to time (0: stream-K, "
         "auto: nf4.fused_splits), each with nf4.fused_tile_n's tile, instead of both tiles unsplit",
     )
+    p.add_argument(
+        "--tiles",
+        default="",
+        help="with --splits: comma-separated tokens per CTA to time each split with (auto: nf4.fused_tile_n)",
+    )
     p.add_argument("--shapes", default="", help="comma-separated KxN shapes (default: all five)")
     p.add_argument("--out", default="bench/results/nf4_gemm.json")
     args = p.parse_args()
@@ -47,7 +52,8 @@ def main() -> None:
         shapes = [tuple(int(v) for v in s_.split("x")) for s_ in args.shapes.split(",")]
     if args.sweep:
         splits = [None if v == "auto" else int(v) for v in args.splits.split(",")] if args.splits else []
-        sweep([int(v) for v in args.sweep.split(",")], args.rank, args.out, shapes, splits)
+        tiles = [0 if v == "auto" else int(v) for v in args.tiles.split(",")] if args.tiles else [0]
+        sweep([int(v) for v in args.sweep.split(",")], args.rank, args.out, shapes, splits, tiles)
         return
     torch.manual_seed(0)
     m, r, s = args.m, args.rank, 2.0
@@ -99,13 +105,13 @@ def main() -> None:
     write_json(args.out, {"env": env_info(), "m": m, "rank": r, "rows": rows})
 
 
-def sweep(ms: list[int], r: int, out: str, shapes, splits: list) -> None:
+def sweep(ms: list[int], r: int, out: str, shapes, splits: list, tiles: list[int]) -> None:
     """Device time per call (queued behind a device sleep) of bf16 ``x @ W^T``, the fused forward
     (xs by cuBLAS, then nf4_lora_gemm), the merged forward (the merged dequantize, then cuBLAS),
     up to 32 rows the small-M kernel's forward (x A^T, then nf4_small_m), and the op's forward
     without autograd (what the dispatch picks) for each M, on every shape.
-    The fused forward with 128 and 256 tokens per CTA and the default K split, or with
-    fused_tile_n's tile and each K split in ``splits``."""
+    The fused forward with 128 and 256 tokens per CTA and the default K split, or with each tile
+    in ``tiles`` (0: fused_tile_n's) and each K split in ``splits``."""
     torch.manual_seed(0)
     s, dt = 2.0, torch.bfloat16
     rows = []
@@ -143,8 +149,10 @@ def sweep(ms: list[int], r: int, out: str, shapes, splits: list) -> None:
                 row["small_fwd_ms"] = bench(small_fwd, lead_ms=3.0)
             variants = [(f"fused{tn}", tn, None) for tn in (128, 256)] if not splits else []
             tile = nf4_ops.fused_tile_n(m, n)
-            for sp in splits:
-                variants.append((f"fused_s{'auto' if sp is None else sp}", tile, sp))
+            for t in tiles:
+                for sp in splits:
+                    prefix = "fused" if t == 0 else f"fused_t{t}"
+                    variants.append((f"{prefix}_s{'auto' if sp is None else sp}", t or tile, sp))
             if splits:
                 row["tile_n"] = tile
                 row["auto_splits"] = nf4_ops.fused_splits(m, n, k, tile, nf4_ops.sm_count(x.device))

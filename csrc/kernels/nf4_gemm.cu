@@ -5,17 +5,17 @@
 namespace hoptune {
 namespace {
 
-constexpr int64_t kSmallTileMaxRows = 128;  // up to this many tokens: 128 per CTA, else 256
-
+// tokens per CTA when the caller leaves it open: 64 up to 64 rows, 128 up to 128, else 256
 int pick_tile_n(const NF4LoraGemm& a) {
-  return a.tile_n ? a.tile_n : (a.m <= kSmallTileMaxRows ? 128 : 256);
+  if (a.tile_n) return a.tile_n;
+  return a.m <= 64 ? 64 : (a.m <= 128 ? 128 : 256);
 }
 
 bool shape_ok(const NF4LoraGemm& a) {
   return a.m > 0 && a.n > 0 && a.k > 0 && a.k % 64 == 0 && a.blocksize % 64 == 0 &&
          a.k % a.blocksize == 0 && a.m <= INT32_MAX && a.n <= INT32_MAX && a.k <= INT32_MAX &&
-         (a.tile_n == 0 || a.tile_n == 128 || a.tile_n == 256) && a.splits >= 0 && a.splits <= 16 &&
-         a.splits <= a.k / 64;
+         (a.tile_n == 0 || a.tile_n == 64 || a.tile_n == 128 || a.tile_n == 256) && a.splits >= 0 &&
+         a.splits <= 16 && a.splits <= a.k / 64;
 }
 
 }  // namespace
@@ -23,14 +23,8 @@ bool shape_ok(const NF4LoraGemm& a) {
 size_t nf4_lora_gemm_scratch_bytes(const NF4LoraGemm& a) {
   if (!shape_ok(a)) return 0;
   const int tile_n = pick_tile_n(a);
-  size_t ws = 0;
-  if (a.splits != 1) {
-    ws = nf4_lora_gemm_split_workspace(a, tile_n);
-  } else {
-    int dev = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess) return 0;
-    ws = tile_n == 128 ? workspace_bytes<128, false>(a, dev) : workspace_bytes<256, false>(a, dev);
-  }
+  const size_t ws =
+      a.splits != 1 ? nf4_lora_gemm_split_workspace(a, tile_n) : workspace_tile<false>(a, tile_n);
   return static_cast<size_t>(scales_bytes(a)) + ws;
 }
 
@@ -46,7 +40,7 @@ cudaError_t nf4_lora_gemm(const NF4LoraGemm& a, cudaStream_t stream) {
                                          static_cast<float*>(a.scratch), stream));
   const int tile_n = pick_tile_n(a);
   if (a.splits != 1) return nf4_lora_gemm_split(a, tile_n, stream);
-  return tile_n == 128 ? launch<128, false>(a, stream) : launch<256, false>(a, stream);
+  return launch_tile<false>(a, tile_n, stream);
 }
 
 }  // namespace hoptune

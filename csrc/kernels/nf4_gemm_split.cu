@@ -5,13 +5,11 @@
 namespace hoptune {
 
 cudaError_t nf4_lora_gemm_split(const NF4LoraGemm& a, int tile_n, cudaStream_t stream) {
-  return tile_n == 128 ? launch<128, true>(a, stream) : launch<256, true>(a, stream);
+  return launch_tile<true>(a, tile_n, stream);
 }
 
 size_t nf4_lora_gemm_split_workspace(const NF4LoraGemm& a, int tile_n) {
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
-  return tile_n == 128 ? workspace_bytes<128, true>(a, dev) : workspace_bytes<256, true>(a, dev);
+  return workspace_tile<true>(a, tile_n);
 }
 
 }  // namespace hoptune

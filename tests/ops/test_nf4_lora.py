@@ -226,14 +226,14 @@ def test_small_m_rejects_bad_arguments():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 7, 128, 1000, 2304])
-@pytest.mark.parametrize("tile_n", [128, 256])
+@pytest.mark.parametrize("tile_n", [64, 128, 256])
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize(
     "k,n,r,blocksize", [(320, 200, 8, 64), (1088, 136, 64, 64), (4096, 392, 16, 128), (256, 384, 0, 64)]
 )
 def test_fused_gemm(m, tile_n, double_quant, k, n, r, blocksize):
     """nf4_lora_gemm (the codes decoded in the GEMM's mainloop, the LoRA term and bias added to its
-    accumulators) against float64 on the dequantized weight by the STYLE rule: both token tiles, a
+    accumulators) against float64 on the dequantized weight by the STYLE rule: every token tile, a
     strided x, N not a multiple of the 128-row tile, M not a multiple of the token tile, ranks 0
     (no LoRA) to 64, block sizes 64 and 128, an output poisoned first."""
     g = torch.Generator().manual_seed(m + k + n + r)
@@ -261,7 +261,7 @@ def test_fused_gemm(m, tile_n, double_quant, k, n, r, blocksize):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [7, 300, 1000])
-@pytest.mark.parametrize("tile_n", [128, 256])
+@pytest.mark.parametrize("tile_n", [64, 128, 256])
 @pytest.mark.parametrize("splits", [2, 3, 5, 0])
 @pytest.mark.parametrize("k,n,r", [(320, 200, 8), (1088, 136, 64), (4096, 392, 16)])
 def test_fused_gemm_split_k(m, tile_n, splits, k, n, r):
@@ -291,10 +291,11 @@ def test_fused_gemm_split_k(m, tile_n, splits, k, n, r):
 
 
 def test_fused_gemm_dispatch_rule():
-    """The fused GEMM runs on weights of 2^25 elements or more with N >= 4096, above 16 rows (the
-    small-M kernel below) up to 256, and from 448 to 512 on N >= 8192; 128 tokens per CTA up to 128
-    rows or when 256-token tiles would number fewer than 100, else 256; the K range split when the
-    tiles are few, stream-K when they are many (the measured faster ones)."""
+    """The fused GEMM runs on weights of 2^25 elements or more with N >= 4096, above 12 or 16
+    rows (the small-M kernel below) up to 256, and from 448 to 512 on N >= 8192; 64 tokens per CTA
+    up to 64 rows, 128 up to 128 rows or when 256-token tiles would number fewer than 100, else
+    256; the K range split when the tiles are few, stream-K when they are many (the measured
+    faster ones)."""
     x = torch.empty(200, 4096, dtype=torch.bfloat16)
     assert nf4_ops.fused_gemm_runs(x, 8192, 64, 16)
     assert not nf4_ops.fused_gemm_runs(x, 4096, 64, 16)  # 4096 x 4096: the merged path wins
@@ -306,6 +307,8 @@ def test_fused_gemm_dispatch_rule():
     rows = [m for m in range(1, 600) if nf4_ops.fused_rows(m, 8192)]
     assert rows == list(range(1, 257)) + list(range(448, 513))
     assert [m for m in range(1, 600) if nf4_ops.fused_rows(m, 4096)] == list(range(1, 257))
+    assert nf4_ops.fused_tile_n(64, 28672) == 64
+    assert nf4_ops.fused_tile_n(65, 28672) == 128
     assert nf4_ops.fused_tile_n(128, 28672) == 128
     assert nf4_ops.fused_tile_n(256, 8192) == 128
     assert nf4_ops.fused_tile_n(256, 14336) == 256
@@ -318,8 +321,9 @@ def test_fused_gemm_dispatch_rule():
     assert nf4_ops.fused_splits(512, 28672, 8192, 256, 132) == 0  # 448 tiles: stream-K
     assert nf4_ops.fused_splits(64, 1024, 4096, 128, 132) == 8  # 8 tiles: at most 8 parts
     assert nf4_ops.fused_splits(64, 1024, 1024, 128, 132) == 2  # parts of >= 8 K blocks
-    # the fused GEMM takes over from the small-M kernel above 16 rows
-    assert nf4_ops.fused_small_m_max(28672) == nf4_ops.fused_small_m_max(4096) == 16
+    # the fused GEMM takes over from the small-M kernel above 12 rows (N >= 8192) or 16
+    assert nf4_ops.fused_small_m_max(28672) == nf4_ops.fused_small_m_max(8192) == 12
+    assert nf4_ops.fused_small_m_max(4096) == 16
 
 
 @pytest.mark.gpu
@@ -385,7 +389,7 @@ def test_fused_gemm_decodes_exactly(double_quant):
     w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.1
     q = quantize_nf4(w, double_quant=double_quant)
     eye = torch.eye(k, dtype=torch.bfloat16, device="cuda")
-    for tile_n, splits in ((128, 1), (256, 1), (128, 3)):
+    for tile_n, splits in ((64, 1), (128, 1), (256, 1), (64, 3), (128, 3)):
         y = nf4_ops.fused_gemm_kernel(eye, *_q_args(q), n, None, None, None, tile_n=tile_n, splits=splits)
         assert torch.equal(y, dequantize_nf4(q).t())
 

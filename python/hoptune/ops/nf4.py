@@ -316,24 +316,27 @@ def small_m_kernel(
 
 
 # The fused GEMM (nf4_lora_gemm) against the merged dequantize + cuBLAS GEMM, on an H200 (device
-# time of the forward with r = 16, xs's GEMM included; bench/results/nf4_gemm_split_op.json and
-# nf4_gemm_split_sweep.json). It runs on weights of at least FUSED_MIN_WEIGHT elements with
-# N >= FUSED_MIN_N: on 4096 x 4096 and N = 1024 it lost at every M (1.15-2.7x even with the K
-# range split), on 8192 x 4096 and larger it took 0.49-0.93x the merged forward's time from 32
-# to 256 rows. Above 256 rows a 256-token tile runs; its time is flat from 257 to 512 rows while
-# the merged GEMM's grows, so at M = 384 it lost (1.05x on 8192 x 28672, 1.14x on 4096 x 14336)
-# and at 448-512 it won on N >= 8192 (0.78-0.91x; N = 4096 lost at 384-512): FUSED_WIDE_MIN_M to
-# FUSED_MAX_M rows on N >= FUSED_WIDE_MIN_N. Above M = 1024 it loses (its mainloop runs at
-# ~0.75x cuBLAS's rate: the decode's issue and latency share). Tokens per CTA: 128 up to
-# FUSED_TILE128_MAX_M rows (half a 256-token tile would idle) or when 256-token tiles would
-# number fewer than FUSED_MIN_TILES (8192 x 8192 at M = 256: 0.095 against 0.123 ms), else 256
-# (each tile decodes its weight rows once: twice as many decodes per token at 128).
+# time of the forward with r = 16, xs's GEMM included; bench/results/nf4_gemm_tile64_op.json,
+# nf4_gemm_split_op.json and nf4_gemm_split_sweep.json). It runs on weights of at least
+# FUSED_MIN_WEIGHT elements with N >= FUSED_MIN_N: on 4096 x 4096 and N = 1024 it lost at every M
+# (1.15-2.7x even with the K range split), on 8192 x 4096 and larger the op's forward with it
+# took 0.43-0.91x the merged forward's time from 32 to 256 rows. Above 256 rows a 256-token tile
+# runs; its time is flat from 257 to 512 rows while the merged GEMM's grows, so at M = 384 it lost
+# (1.05x on 8192 x 28672, 1.14x on 4096 x 14336) and at 448-512 it won on N >= 8192 (0.78-0.91x;
+# N = 4096 lost at 384-512): FUSED_WIDE_MIN_M to FUSED_MAX_M rows on N >= FUSED_WIDE_MIN_N. Above
+# M = 1024 it loses (its mainloop runs at ~0.75x cuBLAS's rate: the decode's issue and latency
+# share). Tokens per CTA (the wgmma runs on the whole tile, filled or not): 64 up to
+# FUSED_TILE64_MAX_M rows (0.86-0.95x the time of 128-token tiles at M = 8-64 on six weights,
+# results/nf4_gemm_tile64.json), 128 up to FUSED_TILE128_MAX_M rows or when 256-token tiles
+# would number fewer than FUSED_MIN_TILES (8192 x 8192 at M = 256: 0.095 against 0.123 ms), else
+# 256 (each tile decodes its weight rows once: twice as many decodes per token at 128).
 FUSED_MIN_N = 4096
 FUSED_MIN_WEIGHT = 1 << 25
 FUSED_MAX_M = 512
 FUSED_NARROW_MAX_M = 256
 FUSED_WIDE_MIN_N = 8192
 FUSED_WIDE_MIN_M = 448
+FUSED_TILE64_MAX_M = 64
 FUSED_TILE128_MAX_M = 128
 FUSED_MIN_TILES = 100
 # The K range split (fused_splits): when the output tiles number at most 1 / FUSED_SPLIT_BELOW
@@ -348,17 +351,21 @@ FUSED_MAX_SPLITS = 8
 FUSED_MIN_SPLIT_KBLOCKS = 8
 FUSED_STREAM_K_WAVES = 3
 # Below nf4.small_m_max rows the small-M kernel's time grows with M while the fused GEMM's stays
-# flat (its tiles are mostly empty), so the fused GEMM takes over above FUSED_SMALL_M_MAX rows
-# (results/nf4_gemm_split_small.json, device time, r = 16: at M = 16 the small-M kernel took
-# 0.82-1.01x the fused GEMM's time on 8192 x 8192, 14336 x 4096, 8192 x 4096, 8192 x 28672 and
-# 28672 x 8192, 1.07x on 4096 x 14336; at M = 20 1.04-1.16x on all six).
-FUSED_SMALL_M_MAX = 16
+# flat (its tiles are mostly empty), so the fused GEMM takes over above these many rows:
+# (N at least, rows). With 64 tokens per CTA (results/nf4_gemm_tile64.json, device time, r = 16),
+# at M = 12 the small-M kernel took 0.95-0.96x the fused GEMM's time on 8192 x 8192,
+# 8192 x 28672 and 28672 x 8192 (1.07x on 4096 x 14336), at M = 16 1.03-1.16x on the weights
+# with N >= 8192; on 14336 x 4096 and 8192 x 4096 0.95-0.97x at M = 16, 1.19-1.21x at 20.
+FUSED_OVER_SMALL_M = ((8192, 12), (FUSED_MIN_N, 16))
 
 
 def fused_small_m_max(n: int) -> int:
-    """Rows up to which the small-M kernel stays ahead of the fused GEMM (where the fused GEMM
-    runs; the same on every weight measured)."""
-    return FUSED_SMALL_M_MAX
+    """Rows up to which the small-M kernel stays ahead of the fused GEMM on a weight of N rows
+    (where the fused GEMM runs)."""
+    for min_n, rows in FUSED_OVER_SMALL_M:
+        if n >= min_n:
+            return rows
+    return SMALL_M_MAX
 
 
 def fused_rows(m: int, n: int) -> bool:
@@ -371,6 +378,8 @@ def fused_rows(m: int, n: int) -> bool:
 
 def fused_tile_n(m: int, n: int) -> int:
     """Tokens per CTA of the fused GEMM for M rows and N output features."""
+    if m <= FUSED_TILE64_MAX_M:
+        return 64
     if m <= FUSED_TILE128_MAX_M or -(-n // 128) * -(-m // 256) < FUSED_MIN_TILES:
         return 128
     return 256
@@ -442,7 +451,7 @@ def fused_gemm_kernel(
     """y = x2 @ deq(W)^T (+ xs @ lora_B^T) (+ bias) for x2 (M, K) bf16, from one GEMM that decodes
     the codes in its mainloop (nf4_lora_gemm: no dequantized copy of W). xs = s x2 @ A^T (M, r)
     and lora_B (N, r) in bf16, or both None; bias (N,) or None. ``out``: an (M, N) tensor, rows
-    contiguous, to write y into. ``tile_n``: tokens per CTA, 128 or 256 (0: fused_tile_n(M, N)).
+    contiguous, to write y into. ``tile_n``: tokens per CTA, 64, 128 or 256 (0: fused_tile_n(M, N)).
     ``splits``: parts of each output tile's K range, 1-16, summed in fp32 in a fixed order, or 0
     for CUTLASS's stream-K schedule (None: fused_splits). The caller has checked the layout and
     dtype conditions of fused_gemm_runs."""

@@ -11,14 +11,14 @@ into a transient buffer of one layer's weight, and a single cuBLAS GEMM gives y 
 a few rows of x (M <= nf4.small_m_max(N, K), 12 to 32: generation) the forward instead reads the
 codes once (nf4_small_m, on tensor cores: no dequantized weight at all), with x A^T formed first
 in fp32 and the LoRA term added in the kernel; for more rows of a weight of 2^25 elements or
-more (bf16; above nf4.fused_small_m_max(N) = 16 rows, up to 256 or 512: nf4.fused_rows), one
-CUTLASS GEMM decodes the codes in its mainloop (nf4_lora_gemm, each tile's K range split when
-the tiles are few), with s x A^T formed first and the LoRA term added to its accumulators. The
-backward takes dX = dY @ W' when N <= 2 M, else dY @ deq(W) + (s dY B) @ A (that term written
-first and added in the GEMM's epilogue; MERGED_DX_MAX_N_PER_ROW); the other LoRA terms are x @
-A^T, dY @ B and the two reductions over the tokens dA = (s dY B)^T x and dB = s dY^T (x A^T). In
-eager mode on CUDA, for N >= DY_PASS_MIN_N[r] (r = 8, 16, 32) and N % 64 == 0, dY @ B and dB
-come from one read of dY (lora_dy_pass) instead of two GEMMs.
+more (bf16; above nf4.fused_small_m_max(N) = 12 or 16 rows, up to 256 or 512: nf4.fused_rows),
+one CUTLASS GEMM decodes the codes in its mainloop (nf4_lora_gemm, each tile's K range split
+when the tiles are few), with s x A^T formed first and the LoRA term added to its accumulators.
+The backward takes dX = dY @ W' when N <= 2 M, else dY @ deq(W) + (s dY B) @ A (that term
+written first and added in the GEMM's epilogue; MERGED_DX_MAX_N_PER_ROW); the other LoRA terms
+are x @ A^T, dY @ B and the two reductions over the tokens dA = (s dY B)^T x and dB = s dY^T (x
+A^T). In eager mode on CUDA, for N >= DY_PASS_MIN_N[r] (r = 8, 16, 32) and N % 64 == 0, dY @ B
+and dB come from one read of dY (lora_dy_pass) instead of two GEMMs.
 Elsewhere (CPU, fp32, K not a multiple of 64) the LoRA terms are applied to the activations
 (hoptune.reference.nf4_lora on CPU).
 """
