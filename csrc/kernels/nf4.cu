@@ -853,29 +853,25 @@ __global__ void __launch_bounds__(kSmallThreads, 2) nf4_small_m_kernel(SmallArgs
     if (a.bias != nullptr) v += to_float(static_cast<const T*>(a.bias)[row]);
     y[static_cast<int64_t>(mi) * n + row] = from_float<T>(v);
   };
-  if (a.slices == 1) {
+  // f(row, mi, accumulator) for each of this thread's accumulators inside the output
+  auto for_each_acc = [&](auto f) {
 #pragma unroll
     for (int j = 0; j < kMT; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int64_t row = row0 + 8 * (e >> 1);
         const int mi = 8 * j + 2 * t + (e & 1);
-        if (row < n && mi < a.m) finish(row, mi, acc[j][e]);
+        if (row < n && mi < a.m) f(row, mi, acc[j][e]);
       }
     }
+  };
+  if (a.slices == 1) {
+    for_each_acc(finish);
     return;
   }
   const int64_t plane = static_cast<int64_t>(a.m) * n;
   float* part = a.ws + slice * plane;
-#pragma unroll
-  for (int j = 0; j < kMT; ++j) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int64_t row = row0 + 8 * (e >> 1);
-      const int mi = 8 * j + 2 * t + (e & 1);
-      if (row < n && mi < a.m) part[mi * n + row] = acc[j][e];
-    }
-  }
+  for_each_acc([&](int64_t row, int mi, float v) { part[mi * n + row] = v; });
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -886,19 +882,11 @@ __global__ void __launch_bounds__(kSmallThreads, 2) nf4_small_m_kernel(SmallArgs
   __syncthreads();
   if (!last) return;
   __threadfence();
-#pragma unroll
-  for (int j = 0; j < kMT; ++j) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int64_t row = row0 + 8 * (e >> 1);
-      const int mi = 8 * j + 2 * t + (e & 1);
-      if (row < n && mi < a.m) {
-        float v = 0.f;
-        for (int s = 0; s < a.slices; ++s) v += __ldcg(a.ws + s * plane + mi * n + row);
-        finish(row, mi, v);
-      }
-    }
-  }
+  for_each_acc([&](int64_t row, int mi, float) {
+    float v = 0.f;
+    for (int s = 0; s < a.slices; ++s) v += __ldcg(a.ws + s * plane + mi * n + row);
+    finish(row, mi, v);
+  });
 }
 
 // The fused GEMM's scales: one 32 x 32 tile of (rows, quant blocks) per CTA, read along a row's
