@@ -136,7 +136,7 @@ def nf4_lora() -> None:
 
 
 def nf4_gemm() -> None:
-    """The fused GEMM (nf4_lora_gemm): every token tile (64, 128, 256), row and token tails, a strided x, LoRA
+    """The fused GEMM (nf4_lora_gemm): every token tile (64, 128, 192, 256), row and token tails, a strided x, LoRA
     ranks 0 / 2 / 64, bias or none, block sizes 64 and 128, nested and plain absmax, each tile's
     K range whole, split in 3 or 5 (partial sums in the scratch) and stream-K (0)."""
     for m, dq, r, n, k, bs, tile, splits in [
@@ -149,6 +149,8 @@ def nf4_gemm() -> None:
         (129, False, 64, 136, 4096, 128, 128, 0),
         (37, True, 16, 200, 320, 64, 64, 1),
         (129, False, 8, 392, 1088, 64, 64, 3),
+        (385, True, 16, 264, 1088, 64, 192, 1),
+        (200, False, 8, 392, 4096, 64, 192, 0),
     ]:
         q = quantize_nf4(
             torch.randn(n, k, device="cuda", dtype=torch.bfloat16), blocksize=bs, double_quant=dq

@@ -5,17 +5,21 @@
 namespace hoptune {
 namespace {
 
-// tokens per CTA when the caller leaves it open: 64 up to 64 rows, 128 up to 128, else 256
+// tokens per CTA when the caller leaves it open: 64 up to 64 rows, 128 up to 128, 192 up to 192
+// and from 257 to 384, else 256 (hoptune.ops.nf4.fused_tile_n also weighs the tile count)
 int pick_tile_n(const NF4LoraGemm& a) {
   if (a.tile_n) return a.tile_n;
-  return a.m <= 64 ? 64 : (a.m <= 128 ? 128 : 256);
+  if (a.m <= 64) return 64;
+  if (a.m <= 128) return 128;
+  return a.m <= 192 || (a.m > 256 && a.m <= 384) ? 192 : 256;
 }
 
 bool shape_ok(const NF4LoraGemm& a) {
   return a.m > 0 && a.n > 0 && a.k > 0 && a.k % 64 == 0 && a.blocksize % 64 == 0 &&
          a.k % a.blocksize == 0 && a.m <= INT32_MAX && a.n <= INT32_MAX && a.k <= INT32_MAX &&
-         (a.tile_n == 0 || a.tile_n == 64 || a.tile_n == 128 || a.tile_n == 256) && a.splits >= 0 &&
-         a.splits <= 16 && a.splits <= a.k / 64;
+         (a.tile_n == 0 || a.tile_n == 64 || a.tile_n == 128 || a.tile_n == 192 ||
+          a.tile_n == 256) &&
+         a.splits >= 0 && a.splits <= 16 && a.splits <= a.k / 64;
 }
 
 }  // namespace

@@ -213,10 +213,10 @@ struct LoraEpilogue : Base {
 
 namespace fusion = cutlass::epilogue::fusion;
 
-// The kernel for kTileN tokens per CTA (256 for many rows; 128 or 64 waste less of a tile when
-// there are few: the wgmma runs on the whole tile), each output tile one CTA's work (kSplit false:
-// CUTLASS's persistent scheduler), or with the K range split (kSplit: its stream-K scheduler, which
-// also does split-K; it costs ~5% in the unsplit case, hence two kernels).
+// The kernel for kTileN tokens per CTA (256 for many rows; 192, 128 or 64 waste less of a tile
+// when there are fewer: the wgmma runs on the whole tile), each output tile one CTA's work (kSplit
+// false: CUTLASS's persistent scheduler), or with the K range split (kSplit: its stream-K
+// scheduler, which also does split-K; it costs ~5% in the unsplit case, hence two kernels).
 template <int kTileN, bool kSplit>
 struct Config {
   using TileShape = Shape<Int<kTileM>, Int<kTileN>, _64>;
@@ -349,20 +349,35 @@ cudaError_t launch(const NF4LoraGemm& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// The kernel for tile_n tokens per CTA (64, 128 or 256).
+// The kernel for tile_n tokens per CTA (64, 128, 192 or 256).
 template <bool kSplit>
 cudaError_t launch_tile(const NF4LoraGemm& a, int tile_n, cudaStream_t stream) {
-  if (tile_n == 64) return launch<64, kSplit>(a, stream);
-  return tile_n == 128 ? launch<128, kSplit>(a, stream) : launch<256, kSplit>(a, stream);
+  switch (tile_n) {
+    case 64:
+      return launch<64, kSplit>(a, stream);
+    case 128:
+      return launch<128, kSplit>(a, stream);
+    case 192:
+      return launch<192, kSplit>(a, stream);
+    default:
+      return launch<256, kSplit>(a, stream);
+  }
 }
 
 template <bool kSplit>
 size_t workspace_tile(const NF4LoraGemm& a, int tile_n) {
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return 0;
-  if (tile_n == 64) return workspace_bytes<64, kSplit>(a, dev);
-  return tile_n == 128 ? workspace_bytes<128, kSplit>(a, dev)
-                       : workspace_bytes<256, kSplit>(a, dev);
+  switch (tile_n) {
+    case 64:
+      return workspace_bytes<64, kSplit>(a, dev);
+    case 128:
+      return workspace_bytes<128, kSplit>(a, dev);
+    case 192:
+      return workspace_bytes<192, kSplit>(a, dev);
+    default:
+      return workspace_bytes<256, kSplit>(a, dev);
+  }
 }
 
 }  // namespace

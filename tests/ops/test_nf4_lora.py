@@ -226,7 +226,7 @@ def test_small_m_rejects_bad_arguments():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 7, 128, 1000, 2304])
-@pytest.mark.parametrize("tile_n", [64, 128, 256])
+@pytest.mark.parametrize("tile_n", [64, 128, 192, 256])
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize(
     "k,n,r,blocksize", [(320, 200, 8, 64), (1088, 136, 64, 64), (4096, 392, 16, 128), (256, 384, 0, 64)]
@@ -261,7 +261,7 @@ def test_fused_gemm(m, tile_n, double_quant, k, n, r, blocksize):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [7, 300, 1000])
-@pytest.mark.parametrize("tile_n", [64, 128, 256])
+@pytest.mark.parametrize("tile_n", [64, 128, 192, 256])
 @pytest.mark.parametrize("splits", [2, 3, 5, 0])
 @pytest.mark.parametrize("k,n,r", [(320, 200, 8), (1088, 136, 64), (4096, 392, 16)])
 def test_fused_gemm_split_k(m, tile_n, splits, k, n, r):
@@ -292,10 +292,10 @@ def test_fused_gemm_split_k(m, tile_n, splits, k, n, r):
 
 def test_fused_gemm_dispatch_rule():
     """The fused GEMM runs on weights of 2^25 elements or more with N >= 4096, above 12 or 16
-    rows (the small-M kernel below) up to 256, and from 448 to 512 on N >= 8192; 64 tokens per CTA
-    up to 64 rows, 128 up to 128 rows or when 256-token tiles would number fewer than 100, else
-    256; the K range split when the tiles are few, stream-K when they are many (the measured
-    faster ones)."""
+    rows (the small-M kernel below) up to 256, and on N >= 8192 also 257-384 and 416-512; 64
+    tokens per CTA up to 64 rows, 128 up to 128, 192 up to 192; to 256 rows 128 when 256-token
+    tiles would number fewer than 100, else 256; 192 up to 384 rows, then 256; the K range split
+    when the tiles are few, stream-K when they are many (the measured faster ones)."""
     x = torch.empty(200, 4096, dtype=torch.bfloat16)
     assert nf4_ops.fused_gemm_runs(x, 8192, 64, 16)
     assert not nf4_ops.fused_gemm_runs(x, 4096, 64, 16)  # 4096 x 4096: the merged path wins
@@ -305,12 +305,17 @@ def test_fused_gemm_dispatch_rule():
     assert not nf4_ops.fused_gemm_runs(x.half(), 8192, 64, 16)  # bf16 only
     assert not nf4_ops.fused_gemm_runs(torch.empty(0, 4096, dtype=torch.bfloat16), 8192, 64, 16)
     rows = [m for m in range(1, 600) if nf4_ops.fused_rows(m, 8192)]
-    assert rows == list(range(1, 257)) + list(range(448, 513))
+    assert rows == list(range(1, 385)) + list(range(416, 513))
     assert [m for m in range(1, 600) if nf4_ops.fused_rows(m, 4096)] == list(range(1, 257))
-    assert nf4_ops.fused_tile_n(64, 28672) == 64
-    assert nf4_ops.fused_tile_n(65, 28672) == 128
-    assert nf4_ops.fused_tile_n(128, 28672) == 128
-    assert nf4_ops.fused_tile_n(256, 8192) == 128
+    tiles = {m: nf4_ops.fused_tile_n(m, 28672) for m in range(1, 513)}
+    assert [t for m, t in sorted(tiles.items()) if m <= 64] == [64] * 64
+    assert {tiles[m] for m in range(65, 129)} == {128}
+    assert {tiles[m] for m in range(129, 193)} == {192}
+    assert {tiles[m] for m in range(193, 257)} == {256}
+    assert {tiles[m] for m in range(257, 385)} == {192}
+    assert {tiles[m] for m in range(385, 513)} == {256}
+    assert nf4_ops.fused_tile_n(160, 4096) == 192
+    assert nf4_ops.fused_tile_n(256, 8192) == 128  # 64 tiles of 256 tokens: fewer than 100
     assert nf4_ops.fused_tile_n(256, 14336) == 256
     assert nf4_ops.fused_tile_n(512, 8192) == 256
     # the K range split so that few tiles fill 132 SMs
@@ -333,7 +338,9 @@ def test_fused_gemm_dispatch_rule():
         (28, 16, 4096, 8192),
         (33, 16, 4096, 8192),
         (128, 8, 8192, 4096),
+        (160, 16, 8192, 4096),  # 192-token tiles
         (200, 64, 4096, 8192),
+        (300, 16, 4096, 8192),  # two 192-token tiles
         (480, 0, 4096, 8192),
     ],
 )
@@ -407,6 +414,8 @@ def test_fused_gemm_rejects_bad_arguments():
         nf4_ops.fused_gemm_kernel(x, *_q_args(q), 64, None, None, None, splits=5)
     with pytest.raises(ValueError, match="nf4_lora_gemm"):  # more than 16 parts
         nf4_ops.fused_gemm_kernel(x, *_q_args(q), 64, None, None, None, splits=17)
+    with pytest.raises(ValueError, match="nf4_lora_gemm"):  # a token tile the kernel lacks
+        nf4_ops.fused_gemm_kernel(x, *_q_args(q), 64, None, None, None, tile_n=96)
 
 
 def _q_args(q):

@@ -41,7 +41,7 @@ struct NF4LoraGemm {
   const void* bias = nullptr;
   void* y = nullptr;
   int64_t ldy = 0;
-  int tile_n = 0;  // tokens per CTA: 64, 128 or 256; 0 picks by m
+  int tile_n = 0;  // tokens per CTA: 64, 128, 192 or 256; 0 picks by m
   int splits = 1;  // parts of each tile's K range (1 to 16); 0: stream-K
 };
 cudaError_t nf4_lora_gemm(const NF4LoraGemm& a, cudaStream_t stream);

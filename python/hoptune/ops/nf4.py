@@ -317,27 +317,33 @@ def small_m_kernel(
 
 # The fused GEMM (nf4_lora_gemm) against the merged dequantize + cuBLAS GEMM, on an H200 (device
 # time of the forward with r = 16, xs's GEMM included; bench/results/nf4_gemm_tile64_op.json,
-# nf4_gemm_split_op.json and nf4_gemm_split_sweep.json). It runs on weights of at least
-# FUSED_MIN_WEIGHT elements with N >= FUSED_MIN_N: on 4096 x 4096 and N = 1024 it lost at every M
-# (1.15-2.7x even with the K range split), on 8192 x 4096 and larger the op's forward with it
-# took 0.43-0.91x the merged forward's time from 32 to 256 rows. Above 256 rows a 256-token tile
-# runs; its time is flat from 257 to 512 rows while the merged GEMM's grows, so at M = 384 it lost
-# (1.05x on 8192 x 28672, 1.14x on 4096 x 14336) and at 448-512 it won on N >= 8192 (0.78-0.91x;
-# N = 4096 lost at 384-512): FUSED_WIDE_MIN_M to FUSED_MAX_M rows on N >= FUSED_WIDE_MIN_N. Above
-# M = 1024 it loses (its mainloop runs at ~0.75x cuBLAS's rate: the decode's issue and latency
-# share). Tokens per CTA (the wgmma runs on the whole tile, filled or not): 64 up to
-# FUSED_TILE64_MAX_M rows (0.86-0.95x the time of 128-token tiles at M = 8-64 on six weights,
-# results/nf4_gemm_tile64.json), 128 up to FUSED_TILE128_MAX_M rows or when 256-token tiles
-# would number fewer than FUSED_MIN_TILES (8192 x 8192 at M = 256: 0.095 against 0.123 ms), else
-# 256 (each tile decodes its weight rows once: twice as many decodes per token at 128).
+# nf4_gemm_tile192.json, nf4_gemm_split_op.json and nf4_gemm_split_sweep.json). It runs on weights
+# of at least FUSED_MIN_WEIGHT elements with N >= FUSED_MIN_N: on 4096 x 4096 and N = 1024 it lost
+# at every M (1.15-2.7x even with the K range split), on 8192 x 4096 and larger the op's forward
+# with it took 0.43-0.91x the merged forward's time from 32 to 256 rows. Above 256 rows its time
+# is flat per tile count while the merged GEMM's grows with M: on N >= FUSED_WIDE_MIN_N, two
+# 192-token tiles up to FUSED_TILE192_WIDE_MAX_M rows (288-384 rows: 0.74-0.91x, 0.95-0.98x on
+# 4096 x 14336; N = 4096 0.93-1.07x, left to the merged path), two 256-token tiles from
+# FUSED_WIDE_MIN_M to FUSED_MAX_M (416 rows: 0.83-0.99x on six weights; 448-512 0.78-0.91x on
+# N >= 8192; 385-415 rows not measured: merged). Above M = 1024 it loses (its mainloop runs at
+# ~0.75x cuBLAS's rate: the decode's issue and latency share). Tokens per CTA (the wgmma runs on
+# the whole tile, filled or not): 64 up to FUSED_TILE64_MAX_M rows (0.86-0.95x the time of
+# 128-token tiles at M = 8-64 on six weights, results/nf4_gemm_tile64.json), 128 up to
+# FUSED_TILE128_MAX_M rows, 192 up to FUSED_TILE192_MAX_M (160-192 rows: 0.56-0.91x the merged
+# forward, against 0.64-1.03x with 256 and 0.82-1.04x with 128 on six weights,
+# nf4_gemm_tile192.json); to 256 rows 128 when 256-token tiles would number fewer than
+# FUSED_MIN_TILES (8192 x 8192 at M = 256: 0.095 against 0.123 ms), else 256 (each tile decodes
+# its weight rows once: twice as many decodes per token at 128); then 192 and 256 as above.
 FUSED_MIN_N = 4096
 FUSED_MIN_WEIGHT = 1 << 25
 FUSED_MAX_M = 512
 FUSED_NARROW_MAX_M = 256
 FUSED_WIDE_MIN_N = 8192
-FUSED_WIDE_MIN_M = 448
+FUSED_WIDE_MIN_M = 416
 FUSED_TILE64_MAX_M = 64
 FUSED_TILE128_MAX_M = 128
+FUSED_TILE192_MAX_M = 192
+FUSED_TILE192_WIDE_MAX_M = 384
 FUSED_MIN_TILES = 100
 # The K range split (fused_splits): when the output tiles number at most 1 / FUSED_SPLIT_BELOW
 # of the SMs, each tile's K range is cut into up to FUSED_MAX_SPLITS parts of at least
@@ -373,16 +379,22 @@ def fused_rows(m: int, n: int) -> bool:
     kernel's range, where the caller checks that)."""
     if m <= FUSED_NARROW_MAX_M:
         return m >= 1
-    return n >= FUSED_WIDE_MIN_N and FUSED_WIDE_MIN_M <= m <= FUSED_MAX_M
+    if n < FUSED_WIDE_MIN_N:
+        return False
+    return m <= FUSED_TILE192_WIDE_MAX_M or FUSED_WIDE_MIN_M <= m <= FUSED_MAX_M
 
 
 def fused_tile_n(m: int, n: int) -> int:
     """Tokens per CTA of the fused GEMM for M rows and N output features."""
     if m <= FUSED_TILE64_MAX_M:
         return 64
-    if m <= FUSED_TILE128_MAX_M or -(-n // 128) * -(-m // 256) < FUSED_MIN_TILES:
+    if m <= FUSED_TILE128_MAX_M:
         return 128
-    return 256
+    if m <= FUSED_TILE192_MAX_M:
+        return 192
+    if m <= FUSED_NARROW_MAX_M:
+        return 128 if -(-n // 128) < FUSED_MIN_TILES else 256
+    return 192 if m <= FUSED_TILE192_WIDE_MAX_M else 256
 
 
 def fused_gemm_runs(x2: torch.Tensor, n: int, blocksize: int, rank: int) -> bool:
@@ -451,7 +463,8 @@ def fused_gemm_kernel(
     """y = x2 @ deq(W)^T (+ xs @ lora_B^T) (+ bias) for x2 (M, K) bf16, from one GEMM that decodes
     the codes in its mainloop (nf4_lora_gemm: no dequantized copy of W). xs = s x2 @ A^T (M, r)
     and lora_B (N, r) in bf16, or both None; bias (N,) or None. ``out``: an (M, N) tensor, rows
-    contiguous, to write y into. ``tile_n``: tokens per CTA, 64, 128 or 256 (0: fused_tile_n(M, N)).
+    contiguous, to write y into. ``tile_n``: tokens per CTA, 64, 128, 192 or 256 (0:
+    fused_tile_n(M, N)).
     ``splits``: parts of each output tile's K range, 1-16, summed in fp32 in a fixed order, or 0
     for CUTLASS's stream-K schedule (None: fused_splits). The caller has checked the layout and
     dtype conditions of fused_gemm_runs."""
