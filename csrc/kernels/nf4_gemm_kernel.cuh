@@ -20,7 +20,7 @@
 // converter swaps the pair.
 //
 // The LoRA term is added to the accumulators before the epilogue: each consumer warp's share of
-// the wgmma accumulators (16 rows x the tile's 64, 128 or 256 tokens) is laid out as m16n8 mma.sync
+// the wgmma accumulators (16 rows x the tile's 64-256 tokens) is laid out as m16n8 mma.sync
 // fragments, so a rank-r product lora_b[rows, r] xs[cols, r]^T is r / 16 x tokens / 8 mma.sync per
 // warp, from registers loaded straight from global memory. The epilogue then adds the bias
 // (CUTLASS's per-row bias) and stores bf16 through TMA.
