@@ -317,23 +317,25 @@ def small_m_kernel(
 
 # The fused GEMM (nf4_lora_gemm) against the merged dequantize + cuBLAS GEMM, on an H200 (device
 # time of the forward with r = 16, xs's GEMM included; bench/results/nf4_gemm_tile64_op.json,
-# nf4_gemm_tile192.json, nf4_gemm_split_op.json and nf4_gemm_split_sweep.json). It runs on weights
-# of at least FUSED_MIN_WEIGHT elements with N >= FUSED_MIN_N: on 4096 x 4096 and N = 1024 it lost
-# at every M (1.15-2.7x even with the K range split), on 8192 x 4096 and larger the op's forward
-# with it took 0.43-0.91x the merged forward's time from 32 to 256 rows. Above 256 rows its time
-# is flat per tile count while the merged GEMM's grows with M: on N >= FUSED_WIDE_MIN_N, two
-# 192-token tiles up to FUSED_TILE192_WIDE_MAX_M rows (288-384 rows: 0.74-0.91x, 0.95-0.98x on
-# 4096 x 14336; N = 4096 0.93-1.07x, left to the merged path), two 256-token tiles from
-# FUSED_WIDE_MIN_M to FUSED_MAX_M (416 rows: 0.83-0.99x on six weights; 448-512 0.78-0.91x on
-# N >= 8192; 385-415 rows not measured: merged). Above M = 1024 it loses (its mainloop runs at
-# ~0.75x cuBLAS's rate: the decode's issue and latency share). Tokens per CTA (the wgmma runs on
-# the whole tile, filled or not): 64 up to FUSED_TILE64_MAX_M rows (0.86-0.95x the time of
-# 128-token tiles at M = 8-64 on six weights, results/nf4_gemm_tile64.json), 128 up to
+# nf4_gemm_tile192.json, nf4_gemm_wide_rows.json, nf4_gemm_split_op.json and
+# nf4_gemm_split_sweep.json). It runs on weights of at least FUSED_MIN_WEIGHT elements with N >=
+# FUSED_MIN_N: on 4096 x 4096 and N = 1024 it lost at every M (1.15-2.7x even with the K range
+# split), on 8192 x 4096 and larger the op's forward with it took 0.43-0.91x the merged forward's
+# time from 32 to 256 rows. Above 256 rows its time is flat per tile count while the merged GEMM's
+# grows with M: on N >= FUSED_WIDE_MIN_N, two 192-token tiles up to FUSED_TILE192_WIDE_MAX_M rows
+# (288-384 rows: 0.74-0.91x, 0.95-0.98x on 4096 x 14336; N = 4096 0.93-1.07x, left to the merged
+# path), two 256-token tiles from FUSED_WIDE_MIN_M to FUSED_MAX_M (416 rows: 0.83-0.99x on six
+# weights; 448-512 0.78-0.91x on N >= 8192). At 385-400 rows two 256-token tiles won only on the two
+# largest weights (0.81-0.93x; 8192 x 8192 0.96-1.00x, 4096 x 14336 1.03-1.05x), and at 576-1024
+# they mostly lost (0.87-1.46x; nf4_gemm_wide_rows.json), so those rows keep the merged path; its
+# mainloop runs at ~0.75x cuBLAS's rate (the decode's issue and latency share). Tokens per CTA (the
+# wgmma runs on the whole tile, filled or not): 64 up to FUSED_TILE64_MAX_M rows (0.86-0.95x the
+# time of 128-token tiles at M = 8-64 on six weights, results/nf4_gemm_tile64.json), 128 up to
 # FUSED_TILE128_MAX_M rows, 192 up to FUSED_TILE192_MAX_M (160-192 rows: 0.56-0.91x the merged
 # forward, against 0.64-1.03x with 256 and 0.82-1.04x with 128 on six weights,
 # nf4_gemm_tile192.json); to 256 rows 128 when 256-token tiles would number fewer than
-# FUSED_MIN_TILES (8192 x 8192 at M = 256: 0.095 against 0.123 ms), else 256 (each tile decodes
-# its weight rows once: twice as many decodes per token at 128); then 192 and 256 as above.
+# FUSED_MIN_TILES (8192 x 8192 at M = 256: 0.095 against 0.123 ms), else 256 (each tile decodes its
+# weight rows once: twice as many decodes per token at 128); then 192 and 256 as above.
 FUSED_MIN_N = 4096
 FUSED_MIN_WEIGHT = 1 << 25
 FUSED_MAX_M = 512
