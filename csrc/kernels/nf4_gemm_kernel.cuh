@@ -349,35 +349,32 @@ cudaError_t launch(const NF4LoraGemm& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// The kernel for tile_n tokens per CTA (64, 128, 192 or 256).
-template <bool kSplit>
-cudaError_t launch_tile(const NF4LoraGemm& a, int tile_n, cudaStream_t stream) {
+// f(the tile as a compile-time constant) for tile_n tokens per CTA: 64, 128, 192, else 256.
+template <class F>
+auto with_tile(int tile_n, F&& f) {
   switch (tile_n) {
     case 64:
-      return launch<64, kSplit>(a, stream);
+      return f(std::integral_constant<int, 64>{});
     case 128:
-      return launch<128, kSplit>(a, stream);
+      return f(std::integral_constant<int, 128>{});
     case 192:
-      return launch<192, kSplit>(a, stream);
+      return f(std::integral_constant<int, 192>{});
     default:
-      return launch<256, kSplit>(a, stream);
+      return f(std::integral_constant<int, 256>{});
   }
+}
+
+template <bool kSplit>
+cudaError_t launch_tile(const NF4LoraGemm& a, int tile_n, cudaStream_t stream) {
+  return with_tile(tile_n, [&](auto t) { return launch<decltype(t)::value, kSplit>(a, stream); });
 }
 
 template <bool kSplit>
 size_t workspace_tile(const NF4LoraGemm& a, int tile_n) {
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return 0;
-  switch (tile_n) {
-    case 64:
-      return workspace_bytes<64, kSplit>(a, dev);
-    case 128:
-      return workspace_bytes<128, kSplit>(a, dev);
-    case 192:
-      return workspace_bytes<192, kSplit>(a, dev);
-    default:
-      return workspace_bytes<256, kSplit>(a, dev);
-  }
+  return with_tile(tile_n,
+                   [&](auto t) { return workspace_bytes<decltype(t)::value, kSplit>(a, dev); });
 }
 
 }  // namespace
