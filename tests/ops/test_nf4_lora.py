@@ -292,10 +292,11 @@ def test_fused_gemm_split_k(m, tile_n, splits, k, n, r):
 
 def test_fused_gemm_dispatch_rule():
     """The fused GEMM runs on weights of 2^25 elements or more with N >= 4096, above 12 or 16
-    rows (the small-M kernel below) up to 256, and on N >= 8192 also 257-384 and 416-512; 64
-    tokens per CTA up to 64 rows, 128 up to 128, 192 up to 192; to 256 rows 128 when 256-token
-    tiles would number fewer than 100, else 256; 192 up to 384 rows, then 256; the K range split
-    when the tiles are few, stream-K when they are many (the measured faster ones)."""
+    rows (the small-M kernel below) up to 256, and on N >= 8192 also 257-384 and 416-512 (and
+    385-415 on weights of 2^27 elements or more); 64 tokens per CTA up to 64 rows, 128 up to 128,
+    192 up to 192; to 256 rows 128 when 256-token tiles would number fewer than 100, else 256; 192
+    up to 384 rows, then 256; the K range split when the tiles are few, stream-K when they are
+    many (the measured faster ones)."""
     x = torch.empty(200, 4096, dtype=torch.bfloat16)
     assert nf4_ops.fused_gemm_runs(x, 8192, 64, 16)
     assert not nf4_ops.fused_gemm_runs(x, 4096, 64, 16)  # 4096 x 4096: the merged path wins
@@ -304,9 +305,13 @@ def test_fused_gemm_dispatch_rule():
     assert not nf4_ops.fused_gemm_runs(x, 8192, 64, 7)  # an odd rank
     assert not nf4_ops.fused_gemm_runs(x.half(), 8192, 64, 16)  # bf16 only
     assert not nf4_ops.fused_gemm_runs(torch.empty(0, 4096, dtype=torch.bfloat16), 8192, 64, 16)
-    rows = [m for m in range(1, 600) if nf4_ops.fused_rows(m, 8192)]
+    rows = [m for m in range(1, 600) if nf4_ops.fused_rows(m, 8192, 8192)]
     assert rows == list(range(1, 385)) + list(range(416, 513))
-    assert [m for m in range(1, 600) if nf4_ops.fused_rows(m, 4096)] == list(range(1, 257))
+    # 385-415 rows too on weights of 2^27 elements or more
+    for n, k in ((28672, 8192), (8192, 28672)):
+        assert [m for m in range(1, 600) if nf4_ops.fused_rows(m, n, k)] == list(range(1, 513))
+    assert [m for m in range(1, 600) if nf4_ops.fused_rows(m, 4096, 4096)] == list(range(1, 257))
+    assert [m for m in range(1, 600) if nf4_ops.fused_rows(m, 4096, 65536)] == list(range(1, 257))
     tiles = {m: nf4_ops.fused_tile_n(m, 28672) for m in range(1, 513)}
     assert [t for m, t in sorted(tiles.items()) if m <= 64] == [64] * 64
     assert {tiles[m] for m in range(65, 129)} == {128}
@@ -341,6 +346,7 @@ def test_fused_gemm_dispatch_rule():
         (160, 16, 8192, 4096),  # 192-token tiles
         (200, 64, 4096, 8192),
         (300, 16, 4096, 8192),  # two 192-token tiles
+        (400, 16, 16384, 8192),  # 385-415 rows: a weight of 2^27 elements
         (480, 0, 4096, 8192),
     ],
 )

@@ -325,10 +325,12 @@ def small_m_kernel(
 # grows with M: on N >= FUSED_WIDE_MIN_N, two 192-token tiles up to FUSED_TILE192_WIDE_MAX_M rows
 # (288-384 rows: 0.74-0.91x, 0.95-0.98x on 4096 x 14336; N = 4096 0.93-1.07x, left to the merged
 # path), two 256-token tiles from FUSED_WIDE_MIN_M to FUSED_MAX_M (416 rows: 0.83-0.99x on six
-# weights; 448-512 0.78-0.91x on N >= 8192). At 385-400 rows two 256-token tiles won only on the two
-# largest weights (0.81-0.93x; 8192 x 8192 0.96-1.00x, 4096 x 14336 1.03-1.05x), and at 576-1024
-# they mostly lost (0.87-1.46x; nf4_gemm_wide_rows.json), so those rows keep the merged path; its
-# mainloop runs at ~0.75x cuBLAS's rate (the decode's issue and latency share). Tokens per CTA (the
+# weights; 448-512 0.78-0.91x on N >= 8192). At 385-415 rows two 256-token tiles win only on
+# weights of FUSED_BIG_WEIGHT elements or more (8192 x 28672 and 28672 x 8192: 0.81-0.94x; 8192 x
+# 8192 0.97-1.01x, 4096 x 14336 1.03-1.05x, N = 4096 0.98-1.16x; nf4_gemm_wide_rows.json,
+# nf4_gemm_rows_385_415.json), so only those take it there; at 576-1024 rows they mostly lost
+# (0.87-1.46x), so those rows keep the merged path; its mainloop runs at ~0.75x cuBLAS's rate (the
+# decode's issue and latency share). Tokens per CTA (the
 # wgmma runs on the whole tile, filled or not): 64 up to FUSED_TILE64_MAX_M rows (0.86-0.95x the
 # time of 128-token tiles at M = 8-64 on six weights, results/nf4_gemm_tile64.json), 128 up to
 # FUSED_TILE128_MAX_M rows, 192 up to FUSED_TILE192_MAX_M (160-192 rows: 0.56-0.91x the merged
@@ -338,6 +340,7 @@ def small_m_kernel(
 # weight rows once: twice as many decodes per token at 128); then 192 and 256 as above.
 FUSED_MIN_N = 4096
 FUSED_MIN_WEIGHT = 1 << 25
+FUSED_BIG_WEIGHT = 1 << 27
 FUSED_MAX_M = 512
 FUSED_NARROW_MAX_M = 256
 FUSED_WIDE_MIN_N = 8192
@@ -376,14 +379,14 @@ def fused_small_m_max(n: int) -> int:
     return SMALL_M_MAX
 
 
-def fused_rows(m: int, n: int) -> bool:
-    """Whether M rows of x are in the fused GEMM's range for a weight of N rows (above the small-M
+def fused_rows(m: int, n: int, k: int) -> bool:
+    """Whether M rows of x are in the fused GEMM's range for a weight [N, K] (above the small-M
     kernel's range, where the caller checks that)."""
     if m <= FUSED_NARROW_MAX_M:
         return m >= 1
-    if n < FUSED_WIDE_MIN_N:
+    if n < FUSED_WIDE_MIN_N or m > FUSED_MAX_M:
         return False
-    return m <= FUSED_TILE192_WIDE_MAX_M or FUSED_WIDE_MIN_M <= m <= FUSED_MAX_M
+    return m <= FUSED_TILE192_WIDE_MAX_M or m >= FUSED_WIDE_MIN_M or n * k >= FUSED_BIG_WEIGHT
 
 
 def fused_tile_n(m: int, n: int) -> int:
@@ -405,7 +408,7 @@ def fused_gemm_runs(x2: torch.Tensor, n: int, blocksize: int, rank: int) -> bool
     CUDA on sm_90)."""
     m, k = x2.shape
     return (
-        fused_rows(m, n)
+        fused_rows(m, n, k)
         and n >= FUSED_MIN_N
         and n * k >= FUSED_MIN_WEIGHT
         and x2.dtype == torch.bfloat16
