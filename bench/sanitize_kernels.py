@@ -151,6 +151,8 @@ def nf4_gemm() -> None:
         (129, False, 8, 392, 1088, 64, 64, 3),
         (385, True, 16, 264, 1088, 64, 192, 1),
         (200, False, 8, 392, 4096, 64, 192, 0),
+        (544, True, 16, 264, 1088, 64, 192, 0),
+        (720, False, 8, 392, 512, 64, 256, 0),
     ]:
         q = quantize_nf4(
             torch.randn(n, k, device="cuda", dtype=torch.bfloat16), blocksize=bs, double_quant=dq

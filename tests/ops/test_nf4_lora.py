@@ -293,10 +293,11 @@ def test_fused_gemm_split_k(m, tile_n, splits, k, n, r):
 def test_fused_gemm_dispatch_rule():
     """The fused GEMM runs on weights of 2^25 elements or more with N >= 4096, above 12 or 16
     rows (the small-M kernel below) up to 256, and on N >= 8192 also 257-384 and 416-512 (and
-    385-415 on weights of 2^27 elements or more); 64 tokens per CTA up to 64 rows, 128 up to 128,
-    192 up to 192; to 256 rows 128 when 256-token tiles would number fewer than 100, else 256; 192
-    up to 384 rows, then 256; the K range split when the tiles are few, stream-K when they are
-    many (the measured faster ones)."""
+    385-415, 513-576 and 704-768 on weights of 2^27 elements or more); 64 tokens per CTA up to 64
+    rows, 128 up to 128, 192 up to 192; to 256 rows 128 when 256-token tiles would number fewer
+    than 100, else 256; 192 up to 384 rows, 256 up to 512, 192 up to 576, then 256; the K range
+    split when the tiles are few, stream-K when they are many or above 512 rows (the measured
+    faster ones)."""
     x = torch.empty(200, 4096, dtype=torch.bfloat16)
     assert nf4_ops.fused_gemm_runs(x, 8192, 64, 16)
     assert not nf4_ops.fused_gemm_runs(x, 4096, 64, 16)  # 4096 x 4096: the merged path wins
@@ -307,9 +308,10 @@ def test_fused_gemm_dispatch_rule():
     assert not nf4_ops.fused_gemm_runs(torch.empty(0, 4096, dtype=torch.bfloat16), 8192, 64, 16)
     rows = [m for m in range(1, 600) if nf4_ops.fused_rows(m, 8192, 8192)]
     assert rows == list(range(1, 385)) + list(range(416, 513))
-    # 385-415 rows too on weights of 2^27 elements or more
-    for n, k in ((28672, 8192), (8192, 28672)):
-        assert [m for m in range(1, 600) if nf4_ops.fused_rows(m, n, k)] == list(range(1, 513))
+    # 385-415, 513-576 and 704-768 rows too on weights of 2^27 elements or more
+    for n, k in ((28672, 8192), (8192, 28672), (8192, 16384)):
+        rows = [m for m in range(1, 1100) if nf4_ops.fused_rows(m, n, k)]
+        assert rows == list(range(1, 577)) + list(range(704, 769))
     assert [m for m in range(1, 600) if nf4_ops.fused_rows(m, 4096, 4096)] == list(range(1, 257))
     assert [m for m in range(1, 600) if nf4_ops.fused_rows(m, 4096, 65536)] == list(range(1, 257))
     tiles = {m: nf4_ops.fused_tile_n(m, 28672) for m in range(1, 513)}
@@ -319,6 +321,8 @@ def test_fused_gemm_dispatch_rule():
     assert {tiles[m] for m in range(193, 257)} == {256}
     assert {tiles[m] for m in range(257, 385)} == {192}
     assert {tiles[m] for m in range(385, 513)} == {256}
+    assert {nf4_ops.fused_tile_n(m, 28672) for m in range(513, 577)} == {192}
+    assert {nf4_ops.fused_tile_n(m, 28672) for m in range(577, 769)} == {256}
     assert nf4_ops.fused_tile_n(160, 4096) == 192
     assert nf4_ops.fused_tile_n(256, 8192) == 128  # 64 tiles of 256 tokens: fewer than 100
     assert nf4_ops.fused_tile_n(256, 14336) == 256
@@ -329,6 +333,7 @@ def test_fused_gemm_dispatch_rule():
     assert nf4_ops.fused_splits(512, 4096, 4096, 128, 132) == 1  # 128 tiles
     assert nf4_ops.fused_splits(64, 28672, 8192, 128, 132) == 1  # 224 tiles
     assert nf4_ops.fused_splits(512, 28672, 8192, 256, 132) == 0  # 448 tiles: stream-K
+    assert nf4_ops.fused_splits(544, 8192, 28672, 192, 132) == 0  # above 512 rows: stream-K
     assert nf4_ops.fused_splits(64, 1024, 4096, 128, 132) == 8  # 8 tiles: at most 8 parts
     assert nf4_ops.fused_splits(64, 1024, 1024, 128, 132) == 2  # parts of >= 8 K blocks
     # the fused GEMM takes over from the small-M kernel above 12 rows (N >= 8192) or 16
@@ -347,6 +352,8 @@ def test_fused_gemm_dispatch_rule():
         (200, 64, 4096, 8192),
         (300, 16, 4096, 8192),  # two 192-token tiles
         (400, 16, 16384, 8192),  # 385-415 rows: a weight of 2^27 elements
+        (544, 16, 16384, 8192),  # 513-576 rows: 192-token tiles, stream-K
+        (720, 16, 16384, 8192),  # 704-768 rows: 256-token tiles, stream-K
         (480, 0, 4096, 8192),
     ],
 )

@@ -328,19 +328,24 @@ def small_m_kernel(
 # weights; 448-512 0.78-0.91x on N >= 8192). At 385-415 rows two 256-token tiles win only on
 # weights of FUSED_BIG_WEIGHT elements or more (8192 x 28672 and 28672 x 8192: 0.81-0.94x; 8192 x
 # 8192 0.97-1.01x, 4096 x 14336 1.03-1.05x, N = 4096 0.98-1.16x; nf4_gemm_wide_rows.json,
-# nf4_gemm_rows_385_415.json), so only those take it there; at 576-1024 rows they mostly lost
-# (0.87-1.46x), so those rows keep the merged path; its mainloop runs at ~0.75x cuBLAS's rate (the
-# decode's issue and latency share). Tokens per CTA (the
-# wgmma runs on the whole tile, filled or not): 64 up to FUSED_TILE64_MAX_M rows (0.86-0.95x the
-# time of 128-token tiles at M = 8-64 on six weights, results/nf4_gemm_tile64.json), 128 up to
+# nf4_gemm_rows_385_415.json), so only those take it there; so do 513 to FUSED_TILE192_BIG_MAX_M
+# rows (three 192-token tiles) and FUSED_BIG_WIDE_MIN_M to FUSED_BIG_MAX_M (three of 256), all
+# stream-K (8192 x 28672 and 28672 x 8192: 544-576 rows 0.88-0.91x, 704-768 0.87-0.88x, but 640
+# 0.96-0.97x; 8192 x 8192 0.99-1.11x at 544-768 with its best tile and split; above 768 rows
+# 0.96-1.02x: nf4_gemm_rows_513_1024.json; at 2^27 elements, 16384 x 8192 and 8192 x 16384:
+# 544-576 0.98-0.99x, 640 1.04-1.05x, 704-768 0.93-0.98x: nf4_gemm_rows_big_op.json). Its mainloop runs at ~0.75x cuBLAS's rate (the decode's issue and
+# latency share), so above those rows the merged path's GEMM wins. Tokens per CTA (the wgmma runs on
+# the whole tile, filled or not): 64 up to FUSED_TILE64_MAX_M rows (0.86-0.95x the time of
+# 128-token tiles at M = 8-64 on six weights, results/nf4_gemm_tile64.json), 128 up to
 # FUSED_TILE128_MAX_M rows, 192 up to FUSED_TILE192_MAX_M (160-192 rows: 0.56-0.91x the merged
 # forward, against 0.64-1.03x with 256 and 0.82-1.04x with 128 on six weights,
 # nf4_gemm_tile192.json); to 256 rows 128 when 256-token tiles would number fewer than
-# FUSED_MIN_TILES (8192 x 8192 at M = 256: 0.095 against 0.123 ms), else 256 (each tile decodes its
-# weight rows once: twice as many decodes per token at 128); then 192 and 256 as above.
+# FUSED_MIN_TILES (8192 x 8192 at M = 256: 0.095 against 0.123 ms), else 256 (each tile decodes
+# its weight rows once: twice as many decodes per token at 128); then 192 and 256 as above.
 FUSED_MIN_N = 4096
 FUSED_MIN_WEIGHT = 1 << 25
 FUSED_BIG_WEIGHT = 1 << 27
+FUSED_BIG_MAX_M = 768  # (the most rows the fused GEMM takes on any weight)
 FUSED_MAX_M = 512
 FUSED_NARROW_MAX_M = 256
 FUSED_WIDE_MIN_N = 8192
@@ -349,6 +354,8 @@ FUSED_TILE64_MAX_M = 64
 FUSED_TILE128_MAX_M = 128
 FUSED_TILE192_MAX_M = 192
 FUSED_TILE192_WIDE_MAX_M = 384
+FUSED_TILE192_BIG_MAX_M = 576
+FUSED_BIG_WIDE_MIN_M = 704
 FUSED_MIN_TILES = 100
 # The K range split (fused_splits): when the output tiles number at most 1 / FUSED_SPLIT_BELOW
 # of the SMs, each tile's K range is cut into up to FUSED_MAX_SPLITS parts of at least
@@ -356,7 +363,9 @@ FUSED_MIN_TILES = 100
 # the 32 row tiles of 14336 x 4096 at M <= 128 0.064 ms in 4 parts against 0.142 unsplit, the 64
 # of 8192 x 8192 0.064-0.065 in 2 parts against 0.090-0.091). From FUSED_STREAM_K_WAVES tiles per
 # SM, CUTLASS's stream-K schedule evens out the last wave (8192 x 28672 at 512 rows: 0.406
-# against 0.453 ms); elsewhere it cost time, so other shapes keep one CTA per tile.
+# against 0.453 ms), and above FUSED_MAX_M rows (28672 x 8192, 192 tiles: 0.91x the merged forward
+# at 544-576 rows against 1.13x unsplit, nf4_gemm_rows_513_1024.json); elsewhere it cost time, so
+# other shapes keep one CTA per tile.
 FUSED_SPLIT_BELOW = 2
 FUSED_MAX_SPLITS = 8
 FUSED_MIN_SPLIT_KBLOCKS = 8
@@ -384,9 +393,12 @@ def fused_rows(m: int, n: int, k: int) -> bool:
     kernel's range, where the caller checks that)."""
     if m <= FUSED_NARROW_MAX_M:
         return m >= 1
-    if n < FUSED_WIDE_MIN_N or m > FUSED_MAX_M:
+    if n < FUSED_WIDE_MIN_N:
         return False
-    return m <= FUSED_TILE192_WIDE_MAX_M or m >= FUSED_WIDE_MIN_M or n * k >= FUSED_BIG_WEIGHT
+    big = n * k >= FUSED_BIG_WEIGHT
+    if m > FUSED_MAX_M:
+        return big and (m <= FUSED_TILE192_BIG_MAX_M or FUSED_BIG_WIDE_MIN_M <= m <= FUSED_BIG_MAX_M)
+    return m <= FUSED_TILE192_WIDE_MAX_M or m >= FUSED_WIDE_MIN_M or big
 
 
 def fused_tile_n(m: int, n: int) -> int:
@@ -399,7 +411,9 @@ def fused_tile_n(m: int, n: int) -> int:
         return 192
     if m <= FUSED_NARROW_MAX_M:
         return 128 if -(-n // 128) < FUSED_MIN_TILES else 256
-    return 192 if m <= FUSED_TILE192_WIDE_MAX_M else 256
+    if m <= FUSED_TILE192_WIDE_MAX_M or FUSED_MAX_M < m <= FUSED_TILE192_BIG_MAX_M:
+        return 192
+    return 256
 
 
 def fused_gemm_runs(x2: torch.Tensor, n: int, blocksize: int, rank: int) -> bool:
@@ -423,9 +437,9 @@ def fused_gemm_runs(x2: torch.Tensor, n: int, blocksize: int, rank: int) -> bool
 def fused_splits(m: int, n: int, k: int, tile_n: int, sms: int) -> int:
     """Parts of each output tile's K range for the fused GEMM (nf4_lora_gemm's splits) on a GPU of
     ``sms`` SMs: enough that the tiles fill the SMs when there are few tiles; 0 (stream-K) when
-    there are many."""
+    there are many, or above FUSED_MAX_M rows."""
     tiles = -(-n // 128) * -(-m // tile_n)
-    if tiles >= FUSED_STREAM_K_WAVES * sms:
+    if tiles >= FUSED_STREAM_K_WAVES * sms or m > FUSED_MAX_M:
         return 0
     if tiles * FUSED_SPLIT_BELOW > sms:
         return 1

@@ -11,7 +11,7 @@ into a transient buffer of one layer's weight, and a single cuBLAS GEMM gives y 
 a few rows of x (M <= nf4.small_m_max(N, K), 12 to 32: generation) the forward instead reads the
 codes once (nf4_small_m, on tensor cores: no dequantized weight at all), with x A^T formed first
 in fp32 and the LoRA term added in the kernel; for more rows of a weight of 2^25 elements or
-more (bf16; above nf4.fused_small_m_max(N) = 12 or 16 rows, up to 256 or 512: nf4.fused_rows),
+more (bf16; above nf4.fused_small_m_max(N) = 12 or 16 rows, up to 256, 512 or 768: nf4.fused_rows),
 one CUTLASS GEMM decodes the codes in its mainloop (nf4_lora_gemm, each tile's K range split
 when the tiles are few), with s x A^T formed first and the LoRA term added to its accumulators.
 The backward takes dX = dY @ W' when N <= 2 M, else dY @ deq(W) + (s dY B) @ A (that term
@@ -191,7 +191,7 @@ def _merged_weight(x, q, out_features, lora_A, lora_B, scale) -> torch.Tensor | 
     k = x.shape[-1]
     if x.numel() <= nf4_ops.small_m_max(out_features, k) * k or not _merged(x, lora_A):
         return None  # (a few rows: the small-M product reads the codes instead)
-    if x.numel() <= nf4_ops.FUSED_MAX_M * k and _fused(x.reshape(-1, k), lora_A, out_features, q[5]):
+    if x.numel() <= nf4_ops.FUSED_BIG_MAX_M * k and _fused(x.reshape(-1, k), lora_A, out_features, q[5]):
         return None  # (the fused GEMM reads the codes)
     return nf4_ops.dequantize_lora_kernel(*q, (out_features, x.shape[-1]), lora_A, lora_B, scale)
 
