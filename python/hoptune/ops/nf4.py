@@ -333,15 +333,16 @@ def small_m_kernel(
 # stream-K (8192 x 28672 and 28672 x 8192: 544-576 rows 0.88-0.91x, 704-768 0.87-0.88x, but 640
 # 0.96-0.97x; 8192 x 8192 0.99-1.11x at 544-768 with its best tile and split; above 768 rows
 # 0.96-1.02x: nf4_gemm_rows_513_1024.json; at 2^27 elements, 16384 x 8192 and 8192 x 16384:
-# 544-576 0.98-0.99x, 640 1.04-1.05x, 704-768 0.93-0.98x: nf4_gemm_rows_big_op.json). Its mainloop runs at ~0.75x cuBLAS's rate (the decode's issue and
-# latency share), so above those rows the merged path's GEMM wins. Tokens per CTA (the wgmma runs on
-# the whole tile, filled or not): 64 up to FUSED_TILE64_MAX_M rows (0.86-0.95x the time of
-# 128-token tiles at M = 8-64 on six weights, results/nf4_gemm_tile64.json), 128 up to
-# FUSED_TILE128_MAX_M rows, 192 up to FUSED_TILE192_MAX_M (160-192 rows: 0.56-0.91x the merged
-# forward, against 0.64-1.03x with 256 and 0.82-1.04x with 128 on six weights,
-# nf4_gemm_tile192.json); to 256 rows 128 when 256-token tiles would number fewer than
-# FUSED_MIN_TILES (8192 x 8192 at M = 256: 0.095 against 0.123 ms), else 256 (each tile decodes
-# its weight rows once: twice as many decodes per token at 128); then 192 and 256 as above.
+# 544-576 0.98-0.99x, 640 1.04-1.05x, 704-768 0.93-0.98x: nf4_gemm_rows_big_op.json). Its mainloop
+# runs at ~0.75x cuBLAS's rate (the decode's issue and latency share), so above those rows the
+# merged path's GEMM wins. Tokens per CTA (the wgmma runs on the whole tile, filled or not): 64 up
+# to FUSED_TILE64_MAX_M rows (0.86-0.95x the time of 128-token tiles at M = 8-64 on six weights,
+# results/nf4_gemm_tile64.json), 128 up to FUSED_TILE128_MAX_M rows, 192 up to FUSED_TILE192_MAX_M
+# (160-192 rows: 0.56-0.91x the merged forward, against 0.64-1.03x with 256 and 0.82-1.04x with
+# 128 on six weights, nf4_gemm_tile192.json); to 256 rows 128 when 256-token tiles would number
+# fewer than FUSED_MIN_TILES (8192 x 8192 at M = 256: 0.095 against 0.123 ms), else 256 (each tile
+# decodes its weight rows once: twice as many decodes per token at 128); then 192 and 256 as
+# above.
 FUSED_MIN_N = 4096
 FUSED_MIN_WEIGHT = 1 << 25
 FUSED_BIG_WEIGHT = 1 << 27
