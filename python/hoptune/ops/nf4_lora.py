@@ -52,10 +52,10 @@ def _merged(x: torch.Tensor, lora_A: torch.Tensor | None) -> bool:
     )
 
 
-def _from_codes(x2: torch.Tensor, lora_A: torch.Tensor | None, n: int, fused: bool) -> bool:
-    """Whether the product reads the codes directly, for 1 <= M <= nf4.small_m_max(N, K) rows
-    (generation): CUDA, 16-bit x, K % 64 == 0; only up to nf4.fused_small_m_max(N) rows when the
-    fused GEMM can take the call instead (``fused``: _fused's answer)."""
+def _from_codes(x2: torch.Tensor, lora_A: torch.Tensor | None, n: int) -> bool:
+    """Whether the product can read the codes directly, for 1 <= M <= nf4.small_m_max(N, K) rows
+    (generation): CUDA, 16-bit x, K % 64 == 0. Above nf4.fused_small_m_max(N) rows the fused
+    GEMM takes the call instead where it runs (_forward)."""
     m = x2.shape[0]
     return (
         1 <= m <= nf4_ops.small_m_max(n, x2.shape[1])
@@ -63,7 +63,6 @@ def _from_codes(x2: torch.Tensor, lora_A: torch.Tensor | None, n: int, fused: bo
         and (lora_A is None or lora_A.dtype == x2.dtype)
         and x2.shape[1] % 64 == 0
         and _lib.use_kernel(x2, "nf4_lora_linear")
-        and (m <= nf4_ops.fused_small_m_max(n) or not fused)
     )
 
 
@@ -212,8 +211,12 @@ def _forward(x, q, out_features, lora_A, lora_B, scale, bias, merged_w) -> torch
     k = x.shape[-1]
     flat = x.dim() == 2
     x2 = x if flat else x.reshape(-1, k)
-    fused = _fused(x2, lora_A, out_features, q[5])
-    if _from_codes(x2, lora_A, out_features, fused):  # a few rows: one pass over the codes
+    codes = _from_codes(x2, lora_A, out_features)
+    # (the fused check only where it can change the answer: not for the fewest rows)
+    fused = (not codes or x2.shape[0] > nf4_ops.fused_small_m_max(out_features)) and _fused(
+        x2, lora_A, out_features, q[5]
+    )
+    if codes and not fused:  # a few rows: one pass over the codes
         xa = None if lora_A is None else torch.mm(x2, lora_A.t(), out_dtype=torch.float32)
         y = nf4_ops.small_m_kernel(x2, *q, out_features, xa, lora_B, scale, bias)
     elif fused:  # the codes decoded in the GEMM's mainloop
