@@ -5,20 +5,10 @@
 namespace hoptune {
 namespace {
 
-// tokens per CTA when the caller leaves it open: 64 up to 64 rows, 128 up to 128, 192 up to 192
-// and from 257 to 384, else 256 (hoptune.ops.nf4.fused_tile_n also weighs the tile count)
-int pick_tile_n(const NF4LoraGemm& a) {
-  if (a.tile_n) return a.tile_n;
-  if (a.m <= 64) return 64;
-  if (a.m <= 128) return 128;
-  return a.m <= 192 || (a.m > 256 && a.m <= 384) ? 192 : 256;
-}
-
 bool shape_ok(const NF4LoraGemm& a) {
   return a.m > 0 && a.n > 0 && a.k > 0 && a.k % 64 == 0 && a.blocksize % 64 == 0 &&
          a.k % a.blocksize == 0 && a.m <= INT32_MAX && a.n <= INT32_MAX && a.k <= INT32_MAX &&
-         (a.tile_n == 0 || a.tile_n == 64 || a.tile_n == 128 || a.tile_n == 192 ||
-          a.tile_n == 256) &&
+         (a.tile_n == 64 || a.tile_n == 128 || a.tile_n == 192 || a.tile_n == 256) &&
          a.splits >= 0 && a.splits <= 16 && a.splits <= a.k / 64;
 }
 
@@ -26,9 +16,8 @@ bool shape_ok(const NF4LoraGemm& a) {
 
 size_t nf4_lora_gemm_scratch_bytes(const NF4LoraGemm& a) {
   if (!shape_ok(a)) return 0;
-  const int tile_n = pick_tile_n(a);
-  const size_t ws =
-      a.splits != 1 ? nf4_lora_gemm_split_workspace(a, tile_n) : workspace_tile<false>(a, tile_n);
+  const size_t ws = a.splits != 1 ? nf4_lora_gemm_split_workspace(a, a.tile_n)
+                                  : workspace_tile<false>(a, a.tile_n);
   return static_cast<size_t>(scales_bytes(a)) + ws;
 }
 
@@ -42,9 +31,8 @@ cudaError_t nf4_lora_gemm(const NF4LoraGemm& a, cudaStream_t stream) {
   HOPTUNE_REQUIRE(a.rank == 0 || (a.xs && a.lora_b && aligned(a.xs, 4) && aligned(a.lora_b, 4)));
   HOPTUNE_CUDA_TRY(nf4_absmax_transposed(a.absmax, a.n, a.k, a.blocksize,
                                          static_cast<float*>(a.scratch), stream));
-  const int tile_n = pick_tile_n(a);
-  if (a.splits != 1) return nf4_lora_gemm_split(a, tile_n, stream);
-  return launch_tile<false>(a, tile_n, stream);
+  if (a.splits != 1) return nf4_lora_gemm_split(a, a.tile_n, stream);
+  return launch_tile<false>(a, a.tile_n, stream);
 }
 
 }  // namespace hoptune

@@ -41,8 +41,8 @@ struct NF4LoraGemm {
   const void* bias = nullptr;
   void* y = nullptr;
   int64_t ldy = 0;
-  int tile_n = 0;  // tokens per CTA: 64, 128, 192 or 256; 0 picks by m
-  int splits = 1;  // parts of each tile's K range (1 to 16); 0: stream-K
+  int tile_n = 256;  // tokens per CTA: 64, 128, 192 or 256 (hoptune.ops.nf4.fused_tile_n picks)
+  int splits = 1;    // parts of each tile's K range (1 to 16); 0: stream-K
 };
 cudaError_t nf4_lora_gemm(const NF4LoraGemm& a, cudaStream_t stream);
 // The scratch nf4_lora_gemm needs for a's shape (m, n, k, blocksize), tile_n and splits; 0 when
