@@ -293,7 +293,8 @@ def test_fused_gemm_split_k(m, tile_n, splits, k, n, r):
 def test_fused_gemm_dispatch_rule():
     """The fused GEMM runs on weights of 2^25 elements or more with N >= 4096, above 12 or 16
     rows (the small-M kernel below) up to 256, and on N >= 8192 also 257-384 and 416-512 (and
-    385-415, 513-576 and 704-768 on weights of 2^27 elements or more); 64 tokens per CTA up to 64
+    385-415, 513-576 and 704-768 on weights of 2^27 elements or more, 608-768 on those of
+    3 x 2^26 or more); 64 tokens per CTA up to 64
     rows, 128 up to 128, 192 up to 192; to 256 rows 128 when 256-token tiles would number fewer
     than 100, else 256; 192 up to 384 rows, 256 up to 512, 192 up to 576, then 256; the K range
     split when the tiles are few, stream-K when they are many or above 512 rows (the measured
@@ -309,9 +310,13 @@ def test_fused_gemm_dispatch_rule():
     rows = [m for m in range(1, 600) if nf4_ops.fused_rows(m, 8192, 8192)]
     assert rows == list(range(1, 385)) + list(range(416, 513))
     # 385-415, 513-576 and 704-768 rows too on weights of 2^27 elements or more
-    for n, k in ((28672, 8192), (8192, 28672), (8192, 16384)):
+    for n, k in ((8192, 16384), (16384, 8192), (8192, 24512)):
         rows = [m for m in range(1, 1100) if nf4_ops.fused_rows(m, n, k)]
         assert rows == list(range(1, 577)) + list(range(704, 769))
+    # and 608-703 on those of 3 x 2^26 or more
+    for n, k in ((28672, 8192), (8192, 28672), (8192, 24576)):
+        rows = [m for m in range(1, 1100) if nf4_ops.fused_rows(m, n, k)]
+        assert rows == list(range(1, 577)) + list(range(608, 769))
     assert [m for m in range(1, 600) if nf4_ops.fused_rows(m, 4096, 4096)] == list(range(1, 257))
     assert [m for m in range(1, 600) if nf4_ops.fused_rows(m, 4096, 65536)] == list(range(1, 257))
     tiles = {m: nf4_ops.fused_tile_n(m, 28672) for m in range(1, 513)}
@@ -354,6 +359,7 @@ def test_fused_gemm_dispatch_rule():
         (400, 16, 16384, 8192),  # 385-415 rows: a weight of 2^27 elements
         (544, 16, 16384, 8192),  # 513-576 rows: 192-token tiles, stream-K
         (720, 16, 16384, 8192),  # 704-768 rows: 256-token tiles, stream-K
+        (640, 16, 8192, 24576),  # 608-703 rows: a weight of 3 x 2^26 elements
         (480, 0, 4096, 8192),
     ],
 )

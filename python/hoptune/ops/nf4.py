@@ -333,9 +333,12 @@ def small_m_kernel(
 # stream-K (8192 x 28672 and 28672 x 8192: 544-576 rows 0.88-0.91x, 704-768 0.87-0.88x, but 640
 # 0.96-0.97x; 8192 x 8192 0.99-1.11x at 544-768 with its best tile and split; above 768 rows
 # 0.96-1.02x: nf4_gemm_rows_513_1024.json; at 2^27 elements, 16384 x 8192 and 8192 x 16384:
-# 544-576 0.98-0.99x, 640 1.04-1.05x, 704-768 0.93-0.98x: nf4_gemm_rows_big_op.json). Its mainloop
-# runs at ~0.75x cuBLAS's rate (the decode's issue and latency share), so above those rows the
-# merged path's GEMM wins. Tokens per CTA (the wgmma runs on the whole tile, filled or not): 64 up
+# 544-576 0.98-0.99x, 640 1.04-1.05x, 704-768 0.93-0.98x: nf4_gemm_rows_big_op.json). On weights
+# of FUSED_HUGE_WEIGHT elements or more (the two largest) three 256-token tiles, stream-K, also
+# take FUSED_HUGE_MIN_M to 703 rows (0.81-1.01x, the fastest of the 128-, 192- and 256-token tiles
+# timed, 592 rows 1.02-1.05x: nf4_gemm_rows_577_703.json; the op then 0.86-0.99x the merged path:
+# nf4_gemm_rows_577_703_op.json). Its mainloop runs at ~0.75x cuBLAS's rate (the decode's issue
+# and latency share), so above those rows the merged path's GEMM wins. Tokens per CTA (the wgmma runs on the whole tile, filled or not): 64 up
 # to FUSED_TILE64_MAX_M rows (0.86-0.95x the time of 128-token tiles at M = 8-64 on six weights,
 # results/nf4_gemm_tile64.json), 128 up to FUSED_TILE128_MAX_M rows, 192 up to FUSED_TILE192_MAX_M
 # (160-192 rows: 0.56-0.91x the merged forward, against 0.64-1.03x with 256 and 0.82-1.04x with
@@ -346,6 +349,7 @@ def small_m_kernel(
 FUSED_MIN_N = 4096
 FUSED_MIN_WEIGHT = 1 << 25
 FUSED_BIG_WEIGHT = 1 << 27
+FUSED_HUGE_WEIGHT = 3 << 26
 FUSED_BIG_MAX_M = 768  # (the most rows the fused GEMM takes on any weight)
 FUSED_MAX_M = 512
 FUSED_NARROW_MAX_M = 256
@@ -357,6 +361,7 @@ FUSED_TILE192_MAX_M = 192
 FUSED_TILE192_WIDE_MAX_M = 384
 FUSED_TILE192_BIG_MAX_M = 576
 FUSED_BIG_WIDE_MIN_M = 704
+FUSED_HUGE_MIN_M = 608
 FUSED_MIN_TILES = 100
 # The K range split (fused_splits): when the output tiles number at most 1 / FUSED_SPLIT_BELOW
 # of the SMs, each tile's K range is cut into up to FUSED_MAX_SPLITS parts of at least
@@ -398,7 +403,8 @@ def fused_rows(m: int, n: int, k: int) -> bool:
         return False
     big = n * k >= FUSED_BIG_WEIGHT
     if m > FUSED_MAX_M:
-        return big and (m <= FUSED_TILE192_BIG_MAX_M or FUSED_BIG_WIDE_MIN_M <= m <= FUSED_BIG_MAX_M)
+        wide_min = FUSED_HUGE_MIN_M if n * k >= FUSED_HUGE_WEIGHT else FUSED_BIG_WIDE_MIN_M
+        return big and (m <= FUSED_TILE192_BIG_MAX_M or wide_min <= m <= FUSED_BIG_MAX_M)
     return m <= FUSED_TILE192_WIDE_MAX_M or m >= FUSED_WIDE_MIN_M or big
 
 
