@@ -385,6 +385,31 @@ __device__ __forceinline__ void merge_values(uint4 (&o)[2], uint2 codes, float s
   o[1] = make_uint4(p[4], p[5], p[6], p[7]);
 }
 
+// merge_values' result, the code values read from the pair table in shared memory: 256 rows, one
+// per code byte b, each of 32 copies of (code[b >> 4], code[b & 15]), elements 2j and 2j + 1
+// (bitsandbytes' high nibble first). A lane reads its own copy (row b at b * 256 + 8 * lane
+// bytes): the 16 lanes of a half-warp's 8-byte reads fall in distinct bank pairs. One byte permute
+// and one conflict-free 8-byte read per element pair instead of two masks, two permutes and two
+// reads: 1-3% faster (the main kernel; 64 KiB per CTA, 2 CTAs per SM as before).
+constexpr int kPairTableBytes = 256 * 32 * 8;
+template <typename T>
+__device__ __forceinline__ void merge_values_pairs(uint4 (&o)[2], uint2 codes, float sc,
+                                                   const float (&acc)[8][4], int h, float scale,
+                                                   const char* table, uint32_t lane8) {
+  uint32_t p[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    // byte j of the codes into bits 8-15, the lane's 8 * lane below (its copy's offset)
+    const uint32_t off = __byte_perm(j < 4 ? codes.x : codes.y, lane8, 0x5504u | ((j & 3) << 4));
+    const float2 c = *reinterpret_cast<const float2*>(table + off);
+    float w0, w1;
+    unpack2<T>(pack2<T>(__fmul_rn(c.x, sc), __fmul_rn(c.y, sc)), w0, w1);
+    p[j] = pack2<T>(__fmaf_rn(scale, acc[j][2 * h], w0), __fmaf_rn(scale, acc[j][2 * h + 1], w1));
+  }
+  o[0] = make_uint4(p[0], p[1], p[2], p[3]);
+  o[1] = make_uint4(p[4], p[5], p[6], p[7]);
+}
+
 struct MergeArgs {
   const uint8_t* packed;
   NF4Absmax am;
@@ -446,19 +471,25 @@ struct MergeLoads {
 // one 64-column piece (a.walkers per piece) and takes every walkers-th 16-row block of it.
 template <typename T, bool kNested, int kRegSteps>
 __global__ void __launch_bounds__(kMrgThreads, 2) nf4_dequantize_lora_kernel(MergeArgs a) {
-  __shared__ float lut[16];
+  extern __shared__ uint32_t s_at[];  // here the pair table (kPairTableBytes; merge_values_pairs)
   __shared__ float code2[256];
   // kRegSteps == 1: each warp's 16 x 64 block passes through here on its way out (rows of
   // kStageRow bytes), so that one store instruction writes four whole 128-byte rows
   constexpr int kStageRow = 144;  // 128 + 16: the lanes' 16-byte writes fall in distinct banks
   __shared__ __align__(16) char stage_all[kRegSteps == 1 ? kMrgThreads / 32 : 1]
                                          [kRegSteps == 1 ? kPieceRows * kStageRow : 16];
-  if (threadIdx.x < 16) lut[threadIdx.x] = kNF4Code[threadIdx.x];
+  float2* pairs = reinterpret_cast<float2*>(s_at);
+  for (int i = threadIdx.x; i < kPairTableBytes / 8; i += kMrgThreads) {
+    const int b = i >> 5;
+    pairs[i] = make_float2(kNF4Code[b >> 4], kNF4Code[b & 15]);
+  }
   pdl_begin();
   if (kNested) {
     for (int i = threadIdx.x; i < 256; i += kMrgThreads) code2[i] = a.am.code2[i];
   }
   __syncthreads();
+  const char* pair_table = reinterpret_cast<const char*>(s_at);
+  const uint32_t lane8 = 8u * (threadIdx.x & 31);
   const T* __restrict__ lora_a = static_cast<const T*>(a.lora_a);
   const T* __restrict__ lora_b = static_cast<const T*>(a.lora_b);
   T* __restrict__ out = static_cast<T*>(a.out);
@@ -533,7 +564,7 @@ __global__ void __launch_bounds__(kMrgThreads, 2) nf4_dequantize_lora_kernel(Mer
       const int n = n0 + 8 * h;
       const float sc = kNested ? nested_absmax(code2[p.qa[h]], p.amax[h], a.am.offset) : p.amax[h];
       uint4 o[2];
-      merge_values<T>(o, p.codes[h], sc, acc, h, a.scale, lut);
+      merge_values_pairs<T>(o, p.codes[h], sc, acc, h, a.scale, pair_table, lane8);
       if constexpr (kRegSteps == 1) {
         uint4* srow = reinterpret_cast<uint4*>(stage + (g + 8 * h) * kStageRow);
         srow[2 * q] = o[0];
@@ -971,7 +1002,8 @@ cudaError_t nf4_dequantize_lora(const uint8_t* packed, const NF4Absmax& absmax, 
   // main: walkers warps per 64-column piece, as many as stay resident together (the last CTA's
   // spare warps exit); any: a run of items per resident CTA
   auto launch = [&](auto* kernel, bool main) -> cudaError_t {
-    const size_t smem = main ? 0 : at_bytes;  // (the main kernel reads A from global memory)
+    // (the main kernel reads A from global memory; its shared memory is the pair table)
+    const size_t smem = main ? kPairTableBytes : at_bytes;
     if (smem > 48 * 1024) {
       const cudaError_t e = cudaFuncSetAttribute(
           kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
