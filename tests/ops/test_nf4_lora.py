@@ -293,12 +293,11 @@ def test_fused_gemm_split_k(m, tile_n, splits, k, n, r):
 def test_fused_gemm_dispatch_rule():
     """The fused GEMM runs on weights of 2^25 elements or more with N >= 4096, above 12 or 16
     rows (the small-M kernel below) up to 256, and on N >= 8192 also 257-384 and 416-512 (and
-    385-415, 513-576 and 704-768 on weights of 2^27 elements or more, 608-768 on those of
-    3 x 2^26 or more); 64 tokens per CTA up to 64
-    rows, 128 up to 128, 192 up to 192; to 256 rows 128 when 256-token tiles would number fewer
-    than 100, else 256; 192 up to 384 rows, 256 up to 512, 192 up to 576, then 256; the K range
-    split when the tiles are few, stream-K when they are many or above 512 rows (the measured
-    faster ones)."""
+    385-415, 513-576 and 704-768 on weights of 2^27 elements or more, 608-768 on those of 3 x
+    2^26 or more); 64 tokens per CTA up to 64 rows, 128 up to 128, 192 up to 192; to 256 rows
+    128 when 256-token tiles would number fewer than 100, else 256; 192 up to 384 rows, 256 up
+    to 512, 192 up to 576, then 256; the K range split when the tiles are few, stream-K when
+    they are many or above 512 rows (the measured faster ones)."""
     x = torch.empty(200, 4096, dtype=torch.bfloat16)
     assert nf4_ops.fused_gemm_runs(x, 8192, 64, 16)
     assert not nf4_ops.fused_gemm_runs(x, 4096, 64, 16)  # 4096 x 4096: the merged path wins

@@ -338,14 +338,14 @@ def small_m_kernel(
 # take FUSED_HUGE_MIN_M to 703 rows (0.81-1.01x, the fastest of the 128-, 192- and 256-token tiles
 # timed, 592 rows 1.02-1.05x: nf4_gemm_rows_577_703.json; the op then 0.86-0.99x the merged path:
 # nf4_gemm_rows_577_703_op.json). Its mainloop runs at ~0.75x cuBLAS's rate (the decode's issue
-# and latency share), so above those rows the merged path's GEMM wins. Tokens per CTA (the wgmma runs on the whole tile, filled or not): 64 up
-# to FUSED_TILE64_MAX_M rows (0.86-0.95x the time of 128-token tiles at M = 8-64 on six weights,
-# results/nf4_gemm_tile64.json), 128 up to FUSED_TILE128_MAX_M rows, 192 up to FUSED_TILE192_MAX_M
-# (160-192 rows: 0.56-0.91x the merged forward, against 0.64-1.03x with 256 and 0.82-1.04x with
-# 128 on six weights, nf4_gemm_tile192.json); to 256 rows 128 when 256-token tiles would number
-# fewer than FUSED_MIN_TILES (8192 x 8192 at M = 256: 0.095 against 0.123 ms), else 256 (each tile
-# decodes its weight rows once: twice as many decodes per token at 128); then 192 and 256 as
-# above.
+# and latency share), so above those rows the merged path's GEMM wins. Tokens per CTA (the wgmma
+# runs on the whole tile, filled or not): 64 up to FUSED_TILE64_MAX_M rows (0.86-0.95x the time of
+# 128-token tiles at M = 8-64 on six weights, results/nf4_gemm_tile64.json), 128 up to
+# FUSED_TILE128_MAX_M rows, 192 up to FUSED_TILE192_MAX_M (160-192 rows: 0.56-0.91x the merged
+# forward, against 0.64-1.03x with 256 and 0.82-1.04x with 128 on six weights,
+# nf4_gemm_tile192.json); to 256 rows 128 when 256-token tiles would number fewer than
+# FUSED_MIN_TILES (8192 x 8192 at M = 256: 0.095 against 0.123 ms), else 256 (each tile decodes
+# its weight rows once: twice as many decodes per token at 128); then 192 and 256 as above.
 FUSED_MIN_N = 4096
 FUSED_MIN_WEIGHT = 1 << 25
 FUSED_BIG_WEIGHT = 1 << 27
