@@ -401,9 +401,10 @@ def fused_rows(m: int, n: int, k: int) -> bool:
         return m >= 1
     if n < FUSED_WIDE_MIN_N:
         return False
-    big = n * k >= FUSED_BIG_WEIGHT
+    numel = n * k
+    big = numel >= FUSED_BIG_WEIGHT
     if m > FUSED_MAX_M:
-        wide_min = FUSED_HUGE_MIN_M if n * k >= FUSED_HUGE_WEIGHT else FUSED_BIG_WIDE_MIN_M
+        wide_min = FUSED_HUGE_MIN_M if numel >= FUSED_HUGE_WEIGHT else FUSED_BIG_WIDE_MIN_M
         return big and (m <= FUSED_TILE192_BIG_MAX_M or wide_min <= m <= FUSED_BIG_MAX_M)
     return m <= FUSED_TILE192_WIDE_MAX_M or m >= FUSED_WIDE_MIN_M or big
 
