@@ -381,6 +381,9 @@ def test_fused_gemm_in_the_op(m, r, k, n, monkeypatch):
             return _fn(*args, **kw)
 
         monkeypatch.setattr(ext, name, counted)
+    real_fused = nf4_lora_ops._fused
+    decided = []  # the fused decision is taken once per forward (not again in _forward)
+    monkeypatch.setattr(nf4_lora_ops, "_fused", lambda *a: decided.append(1) or real_fused(*a))
     dtype = torch.bfloat16
     g = torch.Generator().manual_seed(m + r)
     q = quantize_nf4((torch.randn(n, k, generator=g) * k**-0.5).to(dtype).cuda())
@@ -395,6 +398,7 @@ def test_fused_gemm_in_the_op(m, r, k, n, monkeypatch):
         with torch.no_grad():
             y = nf4_lora_linear(x, q, bias=bias)
         assert calls == {"fused": 1, "merged": 0, "small": 0}
+        assert len(decided) == 1
         exact = x.double() @ deq.double().t() + bias.double()
         e_ours, e_low = rel_err(y, exact), rel_err(x @ deq.t() + bias, exact)
         assert e_ours <= 2 * e_low + 1e-6, f"ours {e_ours:.3g} vs torch {e_low:.3g}"
@@ -402,6 +406,7 @@ def test_fused_gemm_in_the_op(m, r, k, n, monkeypatch):
     poison_cuda_cache()
     ours = _run(lambda x_, a_, b_: nf4_lora_linear(x_, q, a_, b_, 0.75, bias), x, a, b, gy)
     assert calls["fused"] == 1 and calls["small"] == 0  # (the backward's dX may take the merged weight)
+    assert len(decided) == 1
     _compare_to_plain(ours, x, a, b, gy, deq, bias, dtype)
 
 

@@ -184,20 +184,23 @@ def dy_pass_kernel(
     return dxa, db
 
 
-def _merged_weight(x, q, out_features, lora_A, lora_B, scale) -> torch.Tensor | None:
-    """W' = deq(W) + s B A from the merged kernel when it runs for x, else None. The eager path
-    launches it before the autograd Function's host work, which the kernel's device time covers."""
+def _merged_weight(x, q, out_features, lora_A, lora_B, scale) -> tuple[torch.Tensor | None, bool | None]:
+    """(W', None), W' = deq(W) + s B A from the merged kernel, when it runs for x; (None, True)
+    when the fused GEMM takes the call instead; else (None, None): _forward decides. The eager
+    path launches the kernel before the autograd Function's host work, which its device time
+    covers."""
     k = x.shape[-1]
     if x.numel() <= nf4_ops.small_m_max(out_features, k) * k or not _merged(x, lora_A):
-        return None  # (a few rows: the small-M product reads the codes instead)
+        return None, None  # (a few rows: the small-M product reads the codes instead)
     if x.numel() <= nf4_ops.FUSED_BIG_MAX_M * k and _fused(x.reshape(-1, k), lora_A, out_features, q[5]):
-        return None  # (the fused GEMM reads the codes)
-    return nf4_ops.dequantize_lora_kernel(*q, (out_features, x.shape[-1]), lora_A, lora_B, scale)
+        return None, True  # (the fused GEMM reads the codes; _forward need not ask again)
+    return nf4_ops.dequantize_lora_kernel(*q, (out_features, x.shape[-1]), lora_A, lora_B, scale), None
 
 
-def _forward(x, q, out_features, lora_A, lora_B, scale, bias, merged_w) -> torch.Tensor:
+def _forward(x, q, out_features, lora_A, lora_B, scale, bias, merged_w, fused=None) -> torch.Tensor:
     """y from the merged weight (_merged_weight's result); else, for a few rows, from the codes
-    directly (nf4_small_m), or for more rows of a wide weight through the fused GEMM; else from
+    directly (nf4_small_m), or for more rows of a wide weight through the fused GEMM (``fused``:
+    True when _merged_weight has already found that it runs, None to decide here); else from
     deq(W) with the LoRA term applied to the activations."""
     if merged_w is not None:  # the LoRA term is in the weight: one GEMM
         if bias is None:  # one op, and a fresh tensor of x's leading shape (not a view)
@@ -211,11 +214,14 @@ def _forward(x, q, out_features, lora_A, lora_B, scale, bias, merged_w) -> torch
     k = x.shape[-1]
     flat = x.dim() == 2
     x2 = x if flat else x.reshape(-1, k)
-    codes = _from_codes(x2, lora_A, out_features)
-    # (the fused check only where it can change the answer: not for the fewest rows)
-    fused = (not codes or x2.shape[0] > nf4_ops.fused_small_m_max(out_features)) and _fused(
-        x2, lora_A, out_features, q[5]
-    )
+    if fused:  # (_merged_weight's rows: more than small_m_max, so not from the codes)
+        codes = False
+    else:
+        codes = _from_codes(x2, lora_A, out_features)
+        # (the fused check only where it can change the answer: not for the fewest rows)
+        fused = (not codes or x2.shape[0] > nf4_ops.fused_small_m_max(out_features)) and _fused(
+            x2, lora_A, out_features, q[5]
+        )
     if codes and not fused:  # a few rows: one pass over the codes
         xa = None if lora_A is None else torch.mm(x2, lora_A.t(), out_dtype=torch.float32)
         y = nf4_ops.small_m_kernel(x2, *q, out_features, xa, lora_B, scale, bias)
@@ -284,8 +290,8 @@ def nf4_lora_linear_op(
 ) -> torch.Tensor:
     """x (*, K) -> y (*, N)."""
     q = (packed, absmax, absmax2, code2, offset, blocksize, blocksize2)
-    w = _merged_weight(x, q, out_features, lora_A, lora_B, scale)
-    return _forward(x, q, out_features, lora_A, lora_B, scale, bias, w)
+    w, fused = _merged_weight(x, q, out_features, lora_A, lora_B, scale)
+    return _forward(x, q, out_features, lora_A, lora_B, scale, bias, w, fused)
 
 
 @nf4_lora_linear_op.register_fake
@@ -345,14 +351,15 @@ class _EagerNF4LoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, q, out_features, lora_A, lora_B, scale, bias, early):
-        # early: (y,) when the caller has already run the merged weight's GEMM, else (None,); in a
-        # tuple, so that y is not an input returned as is (autograd would make it a view). No
-        # copy of W, dequantized or merged, is saved for the backward.
+        # early: (y, None) when the caller has already run the merged weight's GEMM, else
+        # (None, fused) with _merged_weight's fused decision; in a tuple, so that y is not an
+        # input returned as is (autograd would make it a view). No copy of W, dequantized or
+        # merged, is saved for the backward.
         ctx.meta = (q[4], q[5], q[6], out_features, scale)
         ctx.save_for_backward(x, *q[:4], lora_A, lora_B)
-        (y,) = early
+        y, fused = early
         if y is None:
-            y = _forward(x, q, out_features, lora_A, lora_B, scale, bias, None)
+            y = _forward(x, q, out_features, lora_A, lora_B, scale, bias, None, fused)
         # a view as the output would refuse in-place ops on it (3-D x on the paths that reshape
         # a 2-D result: the CPU reference, a few rows from the codes): a copy there
         return y.clone() if y._is_view() else y
@@ -448,16 +455,16 @@ def nf4_lora_linear_trusted(x, q, out_features, lora_A, lora_B, scale: float, bi
     if torch.compiler.is_compiling():
         return nf4_lora_linear_op(x, *q, out_features, lora_A, lora_B, scale, bias)
     # the merged kernel first: the host work below runs while the device dequantizes
-    w = _merged_weight(x, q, out_features, lora_A, lora_B, scale)
+    w, fused = _merged_weight(x, q, out_features, lora_A, lora_B, scale)
     if _records_graph(x, lora_A, lora_B, bias):
         y = None
         if w is not None:  # and the GEMM, before the Function's host work (on detached inputs)
             b = None if bias is None else bias.detach()
             y = _forward(x.detach(), q, out_features, None, None, scale, b, w)
-        return _EagerNF4LoraLinear.apply(x, q, out_features, lora_A, lora_B, scale, bias, (y,))
+        return _EagerNF4LoraLinear.apply(x, q, out_features, lora_A, lora_B, scale, bias, (y, fused))
     # nothing to differentiate (no_grad, inference_mode, or no input that requires grad): the
     # forward alone, without the autograd Function's host work (~10 us a call)
-    return _forward(x, q, out_features, lora_A, lora_B, scale, bias, w)
+    return _forward(x, q, out_features, lora_A, lora_B, scale, bias, w, fused)
 
 
 def _records_graph(x, lora_A, lora_B, bias) -> bool:
