@@ -44,7 +44,6 @@ from hoptune.quant import quantize_nf4
 
 FWD_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672)]  # (K, N)
 LAYER_SHAPES = [(4096, 4096), (4096, 14336), (8192, 28672)]
-SPLIT_ROWS = (0, 1024)
 R = 16
 dev = "cuda"
 
@@ -249,11 +248,6 @@ def layer_rows(have_bnb: bool, have_peft: bool, breakdown: bool = False) -> list
         row["bf16_lora_ms"] = bench(step(PlainLora(dense, k, n)))
         ours = qlora_layer(dense)
         row["ours_qlora_ms"] = bench(step(ours))
-        default_split = nf4_lora_ops._SPLIT_ROWS
-        for rows_ in SPLIT_ROWS:  # token reductions dA, dB in one GEMM each, or cut into slices
-            nf4_lora_ops._SPLIT_ROWS = rows_
-            row[f"ours_split{rows_}_ms"] = bench(step(ours))
-        nf4_lora_ops._SPLIT_ROWS = default_split
         if breakdown:
             row["breakdown"] = kernel_breakdown(step(ours))
         row["ours_qlora_peak_GiB"] = peak_extra_gib(step(ours))
@@ -305,7 +299,7 @@ def dy_pass_rows() -> list[dict]:
             row = {"M": m, "N": n, "r": r}
             row["dev_dy_pass_ms"] = device_ms(lambda: nf4_lora_ops.dy_pass_kernel(g, b, xa, 2.0))
             row["dev_cublas_pair_ms"] = device_ms(
-                lambda: (nf4_lora_ops._mm_scaled(g, b, 2.0, True), nf4_lora_ops._mm_tn(g, xa))
+                lambda: (nf4_lora_ops._mm_scaled(g, b, 2.0, True), g.t() @ xa)
             )
             row["ratio"] = row["dev_dy_pass_ms"] / row["dev_cublas_pair_ms"]
             row["dy_pass_TBps"] = m * n * 2 / (row["dev_dy_pass_ms"] * 1e-3) / 1e12
@@ -383,8 +377,6 @@ def main() -> None:
                 "ours_over_bf16_frozen",
                 "ratio_interleaved",
                 "ratio_covered",
-                "ours_split0_ms",
-                "ours_split1024_ms",
                 "bnb_lora_ms",
                 "peft_qlora_ms",
                 "ours_qdora_ms",

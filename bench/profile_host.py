@@ -21,7 +21,6 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_nf4_lora import PlainLora, layer_step, qlora_layer
-from hoptune.ops import nf4_lora as nf4_lora_ops
 
 
 def per_call_us(fn, calls: int = 300) -> float:
@@ -67,13 +66,9 @@ def gaps(m: int, k: int, n: int, steps: int = 5) -> None:
     for _ in range(3):
         f()
         f_dense()
-    default_split = nf4_lora_ops._SPLIT_ROWS
-    for split in (0, 2048):
-        nf4_lora_ops._SPLIT_ROWS = split
-        print(
-            f"host time per step at {m}x{k}x{n}, split {split}: QLoRA {host_us(f):.0f} us, frozen bf16 {host_us(f_dense):.0f} us"
-        )
-    nf4_lora_ops._SPLIT_ROWS = default_split
+    print(
+        f"host time per step at {m}x{k}x{n}: QLoRA {host_us(f):.0f} us, frozen bf16 {host_us(f_dense):.0f} us"
+    )
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):

@@ -34,11 +34,6 @@ from hoptune.ops import nf4 as nf4_ops
 from hoptune.reference import nf4_lora as ref
 
 MAX_RANK = 256
-# Rows per slice of the token reductions dA and dB (0: one cuBLAS GEMM each). Slicing lets a
-# small (r x K or N x r) output fill the GPU (2-4% faster layer steps at M = 8192 on an H200)
-# but costs two more launches, so it is used only when the reduction reads _SPLIT_MIN elements.
-_SPLIT_ROWS = 2048
-_SPLIT_MIN = 1 << 26
 
 
 def _merged(x: torch.Tensor, lora_A: torch.Tensor | None) -> bool:
@@ -91,19 +86,6 @@ def _weight(q, n, k, dtype, lora_A, lora_B, scale, merged, inside_op=False):
     return fn(packed, absmax, absmax2, code2, offset, blocksize, blocksize2, [n, k], dtype)
 
 
-def _mm_tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a^T @ b for a (M, p), b (M, q): a reduction over the M tokens. With _SPLIT_ROWS, M is cut
-    into slices whose products (fp32) are summed, so a small (p, q) output still fills the GPU."""
-    m = a.shape[0]
-    rows = _SPLIT_ROWS
-    big = m * max(a.shape[1], b.shape[1]) >= _SPLIT_MIN
-    if rows <= 0 or not big or m < 2 * rows or m % rows or a.device.type != "cuda":
-        return a.t() @ b
-    s = m // rows
-    part = torch.bmm(a.view(s, rows, -1).transpose(1, 2), b.view(s, rows, -1), out_dtype=torch.float32)
-    return part.sum(0).to(a.dtype)
-
-
 _zeros: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
@@ -132,7 +114,9 @@ MERGED_DX_MAX_N_PER_ROW = 2.0
 # uses it for each: on an H200 at M = 8192 it takes 0.52-0.72x the time of the two cuBLAS GEMMs at
 # r = 8 and 16; at r = 32 0.74-0.81x for N >= 14336 but 1.00-1.09x at N = 4096; at r = 64 it is
 # slower (1.35-1.94x: its fp32 reductions across CTAs grow with r), so that rank keeps the GEMMs
-# (bench/README.md).
+# (bench/README.md). Against the pair with dB as one GEMM (no longer in 2048-row slices;
+# results/nf4_lora_token_gemm_run.json, dy_pass): 0.55-0.70x at r = 8 and 16, 0.81-0.87x at r = 32
+# for N >= 14336, 1.08x at N = 4096; r = 64 1.58-1.70x.
 DY_PASS_RANKS = (8, 16, 32, 64)
 DY_PASS_MIN_N = {8: 64, 16: 64, 32: 8192}
 
@@ -265,10 +249,12 @@ def _backward_impl(saved, meta, needs, grad_y, inside_op):
         else:
             dx = g2 @ w
         dx = dx.view(x.shape)
+    # the token reductions, one cuBLAS GEMM each (M cut into 2048-row slices with fp32 partial
+    # sums was slower on every shape measured: bench/results/token_reduction_probe.json)
     if has_lora and need_A:
-        da = _mm_tn(dxa, x2)
+        da = dxa.t() @ x2
     if has_lora and need_B and db is None:
-        db = _mm_tn(g2, _mm_scaled(x2, lora_A.t(), scale, inside_op))  # s x A^T: the forward keeps only x
+        db = g2.t() @ _mm_scaled(x2, lora_A.t(), scale, inside_op)  # s x A^T: the forward keeps only x
     return dx, da, db
 
 
