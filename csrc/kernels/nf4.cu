@@ -280,7 +280,7 @@ cudaError_t launch_dequantize(const uint8_t* packed, const NF4Absmax& am, int64_
 // row. The epilogue works on registers: decode, round to the output dtype (the plain dequantize's
 // value), add scale * acc in fp32, round again.
 //
-// The main kernel (rank <= 32, B's rows in 4-byte pairs): each warp is one of `walkers` warps on
+// The main kernel (rank <= 64, B's rows in 4-byte pairs): each warp is one of `walkers` warps on
 // a 64-column piece and takes every walkers-th 16-row block of it (walkers = the resident warps /
 // the pieces), so the grid fills the resident warps whatever the shape, and the warps running at
 // once write a band of rows of W. A warp reads its piece's A fragments from global memory once
@@ -292,7 +292,10 @@ cudaError_t launch_dequantize(const uint8_t* packed, const NF4Absmax& am, int64_
 // 128-byte rows; storing straight from the MMA layout writes half of every 32-byte sector of
 // eight rows, and the warps stalled on the stores (a build without stores ran 1.66x faster).
 // At r = 32 (128 registers) the staging was 1-3% slower and the stores stay direct. On an H200
-// at r = 16 this runs at 0.64-0.74 of the copy rate (the plain dequantize: 0.77-0.92).
+// at r = 16 this runs at 0.64-0.74 of the copy rate (the plain dequantize: 0.77-0.92). Ranks
+// 33-64 (A's fragments in 64 registers) build with 254 registers, one CTA per SM: 0.35-0.47 of
+// the copy rate at r = 64, where the general kernel below, which took those ranks before, ran at
+// 0.21-0.27.
 // Measured on the way there:
 // - A contiguous run of 64 x 128 items per CTA, slab-major, so the resident CTAs wrote all over
 //   the weight: 0.49-0.58. ncu showed it issue-bound: 575 instructions per warp and item, half
@@ -310,7 +313,7 @@ cudaError_t launch_dequantize(const uint8_t* packed, const NF4Absmax& am, int64_
 //   2-2.5x slower. CTA tiles of 32 x 256 or 16 x 512: slower (0.48-0.66). Earlier: a CTA-wide
 //   cp.async ring with a barrier per item (0.30-0.40), wmma with a shared-memory accumulator round
 //   trip (0.28-0.31).
-// Other ranks (odd, > 32, or B misaligned) take nf4_dequantize_lora_any: 64 x 128 items (8 warps,
+// Other ranks (odd, > 64, or B misaligned) take nf4_dequantize_lora_any: 64 x 128 items (8 warps,
 // 4 along the rows x 2 along the columns), a contiguous run of items per CTA, A^T staged in shared
 // memory per slab and the A fragments read from it at every rank step.
 constexpr int kMrgThreads = 256;
@@ -470,7 +473,8 @@ struct MergeLoads {
 // The main kernel: rank <= 16 * kRegSteps, a.b_vec, rows below 2^30. Each warp is a walker of
 // one 64-column piece (a.walkers per piece) and takes every walkers-th 16-row block of it.
 template <typename T, bool kNested, int kRegSteps>
-__global__ void __launch_bounds__(kMrgThreads, 2) nf4_dequantize_lora_kernel(MergeArgs a) {
+__global__ void __launch_bounds__(kMrgThreads, kRegSteps <= 2 ? 2 : 1)
+    nf4_dequantize_lora_kernel(MergeArgs a) {
   extern __shared__ uint32_t s_at[];  // here the pair table (kPairTableBytes; merge_values_pairs)
   __shared__ float code2[256];
   // kRegSteps == 1: each warp's 16 x 64 block passes through here on its way out (rows of
@@ -1025,16 +1029,18 @@ cudaError_t nf4_dequantize_lora(const uint8_t* packed, const NF4Absmax& absmax, 
                       a);
   };
   const bool main =
-      rank <= 32 && a.b_vec && rows < (int64_t{1} << 30) && a.col_pieces < (int64_t{1} << 30);
+      rank <= 64 && a.b_vec && rows < (int64_t{1} << 30) && a.col_pieces < (int64_t{1} << 30);
   auto run = [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     if (!main) return launch(nf4_dequantize_lora_any<T>, false);
     if (nested) {
-      return rank <= 16 ? launch(nf4_dequantize_lora_kernel<T, true, 1>, true)
-                        : launch(nf4_dequantize_lora_kernel<T, true, 2>, true);
+      return rank <= 16   ? launch(nf4_dequantize_lora_kernel<T, true, 1>, true)
+             : rank <= 32 ? launch(nf4_dequantize_lora_kernel<T, true, 2>, true)
+                          : launch(nf4_dequantize_lora_kernel<T, true, 4>, true);
     }
-    return rank <= 16 ? launch(nf4_dequantize_lora_kernel<T, false, 1>, true)
-                      : launch(nf4_dequantize_lora_kernel<T, false, 2>, true);
+    return rank <= 16   ? launch(nf4_dequantize_lora_kernel<T, false, 1>, true)
+           : rank <= 32 ? launch(nf4_dequantize_lora_kernel<T, false, 2>, true)
+                        : launch(nf4_dequantize_lora_kernel<T, false, 4>, true);
   };
   return dtype == DType::kBFloat16 ? run(__nv_bfloat16{}) : run(__half{});
 }

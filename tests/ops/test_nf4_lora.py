@@ -115,6 +115,8 @@ def test_large_m_gpu(k, n, r):
         (384, 256, 64, 128),
         (96, 512, 256, 64),
         (2000, 1088, 32, 64),  # more items than CTAs: runs of items across slabs
+        (2000, 1088, 64, 64),  # ranks 33-64 in registers, one CTA per SM
+        (197, 320, 40, 64),
         (4100, 1024, 8, 256),
         (64, 72, 8, 64),  # K not a multiple of 64: the fallback
     ],
