@@ -12,6 +12,7 @@
   rank (device time).
 
     python bench/bench_nf4_lora.py --out bench/results/nf4_lora.json
+    python bench/bench_nf4_lora.py --rank 64 --sections layer --out bench/results/nf4_lora_r64.json
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ dev = "cuda"
 class PlainLora(nn.Module):
     """The anchor's LoRA on a frozen base: y = base(x) + s * B(A(x))."""
 
-    def __init__(self, base, k, n, r=R, alpha=32):
+    def __init__(self, base, k, n, r=None, alpha=32):
         super().__init__()
+        r = R if r is None else r
         self.base = base
         self.A = nn.Parameter(torch.randn(r, k, device=dev, dtype=torch.bfloat16) / math.sqrt(k))
         self.B = nn.Parameter(torch.randn(n, r, device=dev, dtype=torch.bfloat16) * 0.01)
@@ -310,13 +312,22 @@ def dy_pass_rows() -> list[dict]:
 
 
 def main() -> None:
+    global R
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/nf4_lora.json")
     ap.add_argument("--breakdown", action="store_true", help="profile the layer step per kernel")
     ap.add_argument(
         "--small-m", action="store_true", help="only the generation-sized M table (each forward path)"
     )
+    ap.add_argument("--rank", type=int, default=R, help="LoRA rank of every row (default 16)")
+    ap.add_argument(
+        "--sections", default="forward,layer,dy_pass", help="comma-separated: forward, layer, dy_pass"
+    )
     args = ap.parse_args()
+    R = args.rank
+    sections = set(args.sections.split(","))
+    if not sections <= {"forward", "layer", "dy_pass"}:
+        ap.error(f"--sections: unknown {sorted(sections - {'forward', 'layer', 'dy_pass'})}")
     if args.small_m:
         res = {"env": env_info(), "r": R, "small_m": small_m_rows()}
         write_json(args.out, res)
@@ -337,61 +348,54 @@ def main() -> None:
     except Exception:
         have_peft = False
     res = {"env": env_info(), "r": R}
-    res["forward"] = forward_rows(have_bnb)
-    write_json(args.out, res)
-    res["layer"] = layer_rows(have_bnb, have_peft, args.breakdown)
-    write_json(args.out, res)
-    res["dy_pass"] = dy_pass_rows()
-    write_json(args.out, res)
-    print(
-        table(
-            res["forward"],
-            [
-                "M",
-                "K",
-                "N",
-                "bf16_ms",
-                "ours_lora_ms",
-                "ours_lora_over_bf16",
-                "ratio_interleaved",
-                "ratio_covered",
-                "ours_base_over_bf16",
-                "bnb_over_bf16",
-                "q_ours_lora_over_bf16",
-                "dev_ratio",
-                "dev_bf16_ms",
-                "dev_ours_lora_ms",
-                "dev_ours_merged_path_ms",
-            ],
-        )
-    )
-    print(
-        table(
-            res["layer"],
-            [
-                "K",
-                "N",
-                "bf16_frozen_ms",
-                "bf16_lora_ms",
-                "ours_qlora_ms",
-                "ours_over_bf16_frozen",
-                "ratio_interleaved",
-                "ratio_covered",
-                "bnb_lora_ms",
-                "peft_qlora_ms",
-                "ours_qdora_ms",
-                "ours_qlora_peak_GiB",
-                "q_ours_over_bf16_frozen",
-                "dev_ratio",
-            ],
-        )
-    )
-    print(
-        table(
-            res["dy_pass"],
-            ["N", "r", "dev_dy_pass_ms", "dev_cublas_pair_ms", "ratio", "dy_pass_TBps", "used"],
-        )
-    )
+    if "forward" in sections:
+        res["forward"] = forward_rows(have_bnb)
+        write_json(args.out, res)
+    if "layer" in sections:
+        res["layer"] = layer_rows(have_bnb, have_peft, args.breakdown)
+        write_json(args.out, res)
+    if "dy_pass" in sections:
+        res["dy_pass"] = dy_pass_rows()
+        write_json(args.out, res)
+    columns = {
+        "forward": [
+            "M",
+            "K",
+            "N",
+            "bf16_ms",
+            "ours_lora_ms",
+            "ours_lora_over_bf16",
+            "ratio_interleaved",
+            "ratio_covered",
+            "ours_base_over_bf16",
+            "bnb_over_bf16",
+            "q_ours_lora_over_bf16",
+            "dev_ratio",
+            "dev_bf16_ms",
+            "dev_ours_lora_ms",
+            "dev_ours_merged_path_ms",
+        ],
+        "layer": [
+            "K",
+            "N",
+            "bf16_frozen_ms",
+            "bf16_lora_ms",
+            "ours_qlora_ms",
+            "ours_over_bf16_frozen",
+            "ratio_interleaved",
+            "ratio_covered",
+            "bnb_lora_ms",
+            "peft_qlora_ms",
+            "ours_qdora_ms",
+            "ours_qlora_peak_GiB",
+            "q_ours_over_bf16_frozen",
+            "dev_ratio",
+        ],
+        "dy_pass": ["N", "r", "dev_dy_pass_ms", "dev_cublas_pair_ms", "ratio", "dy_pass_TBps", "used"],
+    }
+    for name, cols in columns.items():
+        if name in res:
+            print(table(res[name], cols))
 
 
 if __name__ == "__main__":
