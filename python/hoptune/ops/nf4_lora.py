@@ -250,7 +250,7 @@ def _backward_impl(saved, meta, needs, grad_y, inside_op):
             dx = g2 @ w
         dx = dx.view(x.shape)
     # the token reductions, one cuBLAS GEMM each (M cut into 2048-row slices with fp32 partial
-    # sums was slower on every shape measured: bench/results/token_reduction_probe.json)
+    # sums was slower on every shape measured: bench/bench_lora_passes.py)
     if has_lora and need_A:
         da = dxa.t() @ x2
     if has_lora and need_B and db is None:

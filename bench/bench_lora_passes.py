@@ -1,0 +1,108 @@
+"""Two choices of the QLoRA layer's backward and merged weight, each against its alternative in
+the same run (device time):
+
+* reductions: the token reductions dA = dxa^T x and dB = dY^T xa (a (M, p)^T b (M, q), one of
+  p, q the rank) as one cuBLAS GEMM (what the op runs) against M cut into 2048-row slices with
+  fp32 partial sums, summed and rounded once (what it ran before: torch.profiler, 20 calls);
+* ranks: the merged dequantize deq(W) + s B A at r = 32, 40 and 64 through the main kernel (B's
+  rows 4-byte aligned) against the general kernel (B one element into its buffer, so its rows
+  are not: nf4_dequantize_lora_any), by CUDA-graph replay over two weights.
+
+    python bench/bench_lora_passes.py --out bench/results/lora_passes.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import bench_graph, device_ms, env_info, table, write_json
+from hoptune.ops import nf4 as nf4_ops
+from hoptune.quant import quantize_nf4
+from hoptune.reference import nf4 as ref_nf4
+
+SLICE_ROWS = 2048
+
+
+def sliced_tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a^T b with the M rows cut into SLICE_ROWS slices, fp32 partial sums, one rounding."""
+    s = a.shape[0] // SLICE_ROWS
+    part = torch.bmm(
+        a.view(s, SLICE_ROWS, -1).transpose(1, 2), b.view(s, SLICE_ROWS, -1), out_dtype=torch.float32
+    )
+    return part.sum(0).to(a.dtype)
+
+
+def reduction_rows() -> list[dict]:
+    rows = []
+    for m in (4096, 8192):
+        for wide in (4096, 14336, 28672):
+            for r in (16, 64):
+                big = torch.randn(m, wide, device="cuda", dtype=torch.bfloat16)
+                thin = torch.randn(m, r, device="cuda", dtype=torch.bfloat16)
+                row = {"M": m, "wide": wide, "r": r}
+                # dA-like: thin^T big, (r, wide); dB-like: big^T thin, (wide, r)
+                for tag, a, b in (("dA", thin, big), ("dB", big, thin)):
+                    row[f"{tag}_one_us"] = device_ms(lambda a=a, b=b: a.t() @ b, calls=20) * 1e3
+                    row[f"{tag}_sliced_us"] = device_ms(lambda a=a, b=b: sliced_tn(a, b), calls=20) * 1e3
+                    row[f"{tag}_one_over_sliced"] = row[f"{tag}_one_us"] / row[f"{tag}_sliced_us"]
+                rows.append(row)
+                del big, thin
+    return rows
+
+
+def rank_rows() -> list[dict]:
+    rows = []
+    for n, k in [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192)]:
+        qs = [quantize_nf4(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02) for _ in range(2)]
+        for r in (32, 40, 64):
+            a = torch.randn(r, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
+            buf = torch.randn(n * r + 1, device="cuda", dtype=torch.bfloat16) * r**-0.5
+            b_aligned, b_odd = buf[: n * r].view(n, r), buf[1:].view(n, r)
+
+            def merged(q, b, a=a):
+                state = (q.packed, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize, q.blocksize2)
+                return lambda: nf4_ops.dequantize_lora_kernel(*state, (n, k), a, b, 0.5)
+
+            row = {"N": n, "K": k, "r": r}
+            row["main_us"] = bench_graph([merged(q, b_aligned) for q in qs]) * 1e3
+            row["general_us"] = bench_graph([merged(q, b_odd) for q in qs]) * 1e3
+            row["main_over_general"] = row["main_us"] / row["general_us"]
+            base = nf4_ops.dequantize_impl(
+                qs[0].packed, qs[0].absmax, qs[0].absmax2, qs[0].code2, qs[0].offset, qs[0].blocksize,
+                qs[0].blocksize2, (n, k), torch.bfloat16,
+            )  # fmt: skip
+            for tag, b in (("main", b_aligned), ("general", b_odd)):
+                exact = ref_nf4.merge_lora(base, a, b, 0.5)  # fp32, rounded once
+                row[f"{tag}_differ_frac"] = (merged(qs[0], b)() != exact).float().mean().item()
+            rows.append(row)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench/results/lora_passes.json")
+    ap.add_argument("--sections", default="reductions,ranks", help="comma-separated: reductions, ranks")
+    args = ap.parse_args()
+    sections = set(args.sections.split(","))
+    if not sections <= {"reductions", "ranks"}:
+        ap.error(f"--sections: unknown {sorted(sections - {'reductions', 'ranks'})}")
+    res = {"env": env_info()}
+    if "reductions" in sections:
+        res["reductions"] = reduction_rows()
+        write_json(args.out, res)
+        cols = ["M", "wide", "r", "dA_one_us", "dA_sliced_us", "dA_one_over_sliced"]
+        print(table(res["reductions"], [*cols, "dB_one_us", "dB_sliced_us", "dB_one_over_sliced"]))
+    if "ranks" in sections:
+        res["ranks"] = rank_rows()
+        write_json(args.out, res)
+        cols = ["N", "K", "r", "main_us", "general_us", "main_over_general"]
+        print(table(res["ranks"], [*cols, "main_differ_frac", "general_differ_frac"]))
+
+
+if __name__ == "__main__":
+    main()
