@@ -4,9 +4,10 @@ the same run (device time):
 * reductions: the token reductions dA = dxa^T x and dB = dY^T xa (a (M, p)^T b (M, q), one of
   p, q the rank) as one cuBLAS GEMM (what the op runs) against M cut into 2048-row slices with
   fp32 partial sums, summed and rounded once (what it ran before: torch.profiler, 20 calls);
-* ranks: the merged dequantize deq(W) + s B A at r = 32, 40 and 64 through the main kernel (B's
-  rows 4-byte aligned) against the general kernel (B one element into its buffer, so its rows
-  are not: nf4_dequantize_lora_any), by CUDA-graph replay over two weights.
+* ranks: the merged dequantize deq(W) + s B A at r = 32, 40, 64, 96 and 128 through the main
+  kernel (B's rows 4-byte aligned; 32-column pieces above r = 64) against the general kernel (B
+  one element into its buffer, so its rows are not: nf4_dequantize_lora_any), by CUDA-graph
+  replay over two weights.
 
     python bench/bench_lora_passes.py --out bench/results/lora_passes.json
 """
@@ -59,7 +60,7 @@ def rank_rows() -> list[dict]:
     rows = []
     for n, k in [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192)]:
         qs = [quantize_nf4(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02) for _ in range(2)]
-        for r in (32, 40, 64):
+        for r in (32, 40, 64, 96, 128):
             a = torch.randn(r, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
             buf = torch.randn(n * r + 1, device="cuda", dtype=torch.bfloat16) * r**-0.5
             b_aligned, b_odd = buf[: n * r].view(n, r), buf[1:].view(n, r)

@@ -280,23 +280,22 @@ cudaError_t launch_dequantize(const uint8_t* packed, const NF4Absmax& am, int64_
 // row. The epilogue works on registers: decode, round to the output dtype (the plain dequantize's
 // value), add scale * acc in fp32, round again.
 //
-// The main kernel (rank <= 64, B's rows in 4-byte pairs): each warp is one of `walkers` warps on
-// a 64-column piece and takes every walkers-th 16-row block of it (walkers = the resident warps /
-// the pieces), so the grid fills the resident warps whatever the shape, and the warps running at
-// once write a band of rows of W. A warp reads its piece's A fragments from global memory once
-// and keeps them in registers (no shared-memory staging, no barrier). A lane prefetches the next
-// block's codes, absmax and B fragments before it computes the current one; rows past the
-// weight's edge are clamped for the loads and not stored, so the loop has no branches around its
-// loads. At r <= 16 a warp's finished block goes through shared memory (rows 144 bytes apart) and
-// each lane stores 16 bytes of row 4 j + lane / 8, so one store instruction writes four whole
-// 128-byte rows; storing straight from the MMA layout writes half of every 32-byte sector of
-// eight rows, and the warps stalled on the stores (a build without stores ran 1.66x faster).
-// At r = 32 (128 registers) the staging was 1-3% slower and the stores stay direct. On an H200
-// at r = 16 this runs at 0.64-0.74 of the copy rate (the plain dequantize: 0.77-0.92). Ranks
-// 33-64 (A's fragments in 64 registers) build with 254 registers, one CTA per SM: 0.35-0.47 of
-// the copy rate at r = 64, where the general kernel below, which took those ranks before, ran at
-// 0.21-0.27.
-// Measured on the way there:
+// The main kernel (rank <= 128, B's rows in 4-byte pairs): each warp is one of `walkers` warps on
+// a 64-column piece (32 columns above r = 64) and takes every walkers-th 16-row block of it
+// (walkers = the resident warps / the pieces), so the grid fills the resident warps whatever the
+// shape, and the warps running at once write a band of rows of W. A warp reads its piece's A
+// fragments from global memory once and keeps them in registers (no shared-memory staging, no
+// barrier). A lane prefetches the next block's codes, absmax and B fragments before it computes the
+// current one; rows past the weight's edge are clamped for the loads and not stored, so the loop
+// has no branches around its loads. At r <= 16 a warp's finished block goes through shared memory
+// (rows 144 bytes apart) and each lane stores 16 bytes of row 4 j + lane / 8, so one store
+// instruction writes four whole 128-byte rows; storing straight from the MMA layout writes half of
+// every 32-byte sector of eight rows, and the warps stalled on the stores (a build without stores
+// ran 1.66x faster). At r = 32 (128 registers) the staging was 1-3% slower and the stores stay
+// direct. On an H200 at r = 16 this runs at 0.64-0.74 of the copy rate (the plain dequantize:
+// 0.77-0.92). Ranks 33-64 (A's fragments in 64 registers) build with 254 registers, one CTA per SM:
+// 0.35-0.47 of the copy rate at r = 64, where the general kernel below, which took those ranks
+// before, ran at 0.21-0.27. Measured on the way there:
 // - A contiguous run of 64 x 128 items per CTA, slab-major, so the resident CTAs wrote all over
 //   the weight: 0.49-0.58. ncu showed it issue-bound: 575 instructions per warp and item, half
 //   of them 64-bit index arithmetic, bounds branches and register moves; trimming those gave
@@ -313,9 +312,13 @@ cudaError_t launch_dequantize(const uint8_t* packed, const NF4Absmax& am, int64_
 //   2-2.5x slower. CTA tiles of 32 x 256 or 16 x 512: slower (0.48-0.66). Earlier: a CTA-wide
 //   cp.async ring with a barrier per item (0.30-0.40), wmma with a shared-memory accumulator round
 //   trip (0.28-0.31).
-// Other ranks (odd, > 64, or B misaligned) take nf4_dequantize_lora_any: 64 x 128 items (8 warps,
-// 4 along the rows x 2 along the columns), a contiguous run of items per CTA, A^T staged in shared
-// memory per slab and the A fragments read from it at every rank step.
+// Ranks 65-128 that are multiples of 8 (B's rows 16-byte aligned) use 32-column pieces: a lane
+// holds 8 columns of its two rows, the 8 rank steps' A fragments (4 n-tiles each) fit the same 64
+// registers (252-254 registers, no spills), and a lane's B values for two rank steps are one
+// 16-byte load. Other ranks (odd, > 128, above 64 and not a multiple of 8, or B misaligned) take
+// nf4_dequantize_lora_any: 64 x 128 items (8 warps, 4 along the rows x 2 along the columns), a
+// contiguous run of items per CTA, A^T staged in shared memory per slab and the A fragments read
+// from it at every rank step.
 constexpr int kMrgThreads = 256;
 constexpr int kMrgRows = 64, kMrgCols = 128;  // a work item
 constexpr int kPieceRows = 16, kPieceCols = 64;
@@ -394,14 +397,16 @@ __device__ __forceinline__ void merge_values(uint4 (&o)[2], uint2 codes, float s
 // bytes): the 16 lanes of a half-warp's 8-byte reads fall in distinct bank pairs. One byte permute
 // and one conflict-free 8-byte read per element pair instead of two masks, two permutes and two
 // reads: 1-3% faster (the main kernel; 64 KiB per CTA, 2 CTAs per SM as before).
+// kNT = 8: 16 elements from the 8 code bytes of codes; kNT = 4 (32-column pieces): 8 elements
+// from the 4 bytes of codes.x.
 constexpr int kPairTableBytes = 256 * 32 * 8;
-template <typename T>
-__device__ __forceinline__ void merge_values_pairs(uint4 (&o)[2], uint2 codes, float sc,
-                                                   const float (&acc)[8][4], int h, float scale,
+template <typename T, int kNT>
+__device__ __forceinline__ void merge_values_pairs(uint4 (&o)[kNT / 4], uint2 codes, float sc,
+                                                   const float (&acc)[kNT][4], int h, float scale,
                                                    const char* table, uint32_t lane8) {
-  uint32_t p[8];
+  uint32_t p[kNT];
 #pragma unroll
-  for (int j = 0; j < 8; ++j) {
+  for (int j = 0; j < kNT; ++j) {
     // byte j of the codes into bits 8-15, the lane's 8 * lane below (its copy's offset)
     const uint32_t off = __byte_perm(j < 4 ? codes.x : codes.y, lane8, 0x5504u | ((j & 3) << 4));
     const float2 c = *reinterpret_cast<const float2*>(table + off);
@@ -409,8 +414,9 @@ __device__ __forceinline__ void merge_values_pairs(uint4 (&o)[2], uint2 codes, f
     unpack2<T>(pack2<T>(__fmul_rn(c.x, sc), __fmul_rn(c.y, sc)), w0, w1);
     p[j] = pack2<T>(__fmaf_rn(scale, acc[j][2 * h], w0), __fmaf_rn(scale, acc[j][2 * h + 1], w1));
   }
-  o[0] = make_uint4(p[0], p[1], p[2], p[3]);
-  o[1] = make_uint4(p[4], p[5], p[6], p[7]);
+#pragma unroll
+  for (int i = 0; i < kNT / 4; ++i)
+    o[i] = make_uint4(p[4 * i], p[4 * i + 1], p[4 * i + 2], p[4 * i + 3]);
 }
 
 struct MergeArgs {
@@ -424,7 +430,7 @@ struct MergeArgs {
   float scale;
   bool b_vec;                 // B rows 4-byte aligned pairs (rank even, pointer aligned)
   int64_t row_groups, items;  // nf4_dequantize_lora_any's items (row groups x 128-column slabs)
-  int64_t col_pieces;         // main kernel: 64-column pieces, and warps per piece
+  int64_t col_pieces;         // main kernel: column pieces (64 or 32 columns), warps per piece
   int walkers;
   void* out;
 };
@@ -471,11 +477,17 @@ struct MergeLoads {
 };
 
 // The main kernel: rank <= 16 * kRegSteps, a.b_vec, rows below 2^30. Each warp is a walker of
-// one 64-column piece (a.walkers per piece) and takes every walkers-th 16-row block of it.
-template <typename T, bool kNested, int kRegSteps>
+// one kCols-column piece (a.walkers per piece) and takes every walkers-th 16-row block of it.
+// kCols = 32 (ranks 65-128, multiples of 8: kRegSteps = 8): kNT = 4 MMA n-tiles per step instead
+// of 8, so A's fragments still take 64 registers; a lane holds 8 consecutive columns of its two
+// rows, and B's rows are read in 16-byte runs (rank_of).
+template <typename T, bool kNested, int kRegSteps, int kCols = 64>
 __global__ void __launch_bounds__(kMrgThreads, kRegSteps <= 2 ? 2 : 1)
     nf4_dequantize_lora_kernel(MergeArgs a) {
-  extern __shared__ uint32_t s_at[];  // here the pair table (kPairTableBytes; merge_values_pairs)
+  static_assert(kCols == 64 || (kCols == 32 && kRegSteps > 1), "32-column pieces store directly");
+  constexpr int kNT = kCols / 8;        // MMA n-tiles (8 columns each) per piece
+  constexpr int kLaneCols = kCols / 4;  // consecutive columns per lane and row
+  extern __shared__ uint32_t s_at[];    // here the pair table (kPairTableBytes; merge_values_pairs)
   __shared__ float code2[256];
   // kRegSteps == 1: each warp's 16 x 64 block passes through here on its way out (rows of
   // kStageRow bytes), so that one store instruction writes four whole 128-byte rows
@@ -507,26 +519,32 @@ __global__ void __launch_bounds__(kMrgThreads, kRegSteps <= 2 ? 2 : 1)
   if (walker >= walkers) return;  // (the grid's last warps; no barrier follows)
   const int row_pieces = (rows + kPieceRows - 1) / kPieceRows;
   const int count = (row_pieces - walker + walkers - 1) / walkers;
-  const int64_t kc = static_cast<int64_t>(gw % col_pieces) * kPieceCols;
+  const int64_t kc = static_cast<int64_t>(gw % col_pieces) * kCols;
+  // The first of the two ranks in k-slots 2q, 2q + 1 (e = 0) or 2q + 8, 2q + 9 (e = 1) at rank
+  // step s. With 32-column pieces (rank % 8 == 0, B 16-byte aligned) two steps' ranks are
+  // regrouped so that a lane's 8 values of a B row for them are contiguous: one 16-byte load.
+  auto rank_of = [&](int s, int e) {
+    return kCols == 64 ? 16 * s + 2 * q + 8 * e : 32 * (s >> 1) + 8 * q + 4 * (s & 1) + 2 * e;
+  };
   bool b_ok[kRegSteps][2];  // this lane's B words within the rank
 #pragma unroll
   for (int s = 0; s < kRegSteps; ++s) {
-    b_ok[s][0] = 16 * s + 2 * q < a.rank;
-    b_ok[s][1] = 16 * s + 2 * q + 8 < a.rank;
+    b_ok[s][0] = rank_of(s, 0) < a.rank;
+    b_ok[s][1] = rank_of(s, 1) < a.rank;
   }
 
   // A's fragments for the piece, straight from global memory (read once per warp): n-tile j,
-  // column g is the piece's column 16 (g / 2) + 2 j + g % 2 (the stage_a order), ranks 2q, 2q + 1
-  // (+ 8) of step s; zeros past the rank
-  uint32_t afrag[kRegSteps][8][2];
+  // column g is the piece's column kLaneCols (g / 2) + 2 j + g % 2 (at 64 columns the stage_a
+  // order), ranks rank_of(s, e) and the next; zeros past the rank
+  uint32_t afrag[kRegSteps][kNT][2];
 #pragma unroll
   for (int s = 0; s < kRegSteps; ++s) {
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const T* col = lora_a + kc + 16 * (g >> 1) + 2 * j + (g & 1);
+    for (int j = 0; j < kNT; ++j) {
+      const T* col = lora_a + kc + kLaneCols * (g >> 1) + 2 * j + (g & 1);
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const int r = 16 * s + 2 * q + 8 * e;
+        const int r = rank_of(s, e);
         const uint32_t lo = r < a.rank ? bits16(__ldg(col + static_cast<int64_t>(r) * cols)) : 0u;
         const uint32_t hi =
             r + 1 < a.rank ? bits16(__ldg(col + static_cast<int64_t>(r + 1) * cols)) : 0u;
@@ -540,26 +558,44 @@ __global__ void __launch_bounds__(kMrgThreads, kRegSteps <= 2 ? 2 : 1)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int n = min(n0 + 8 * h, rows - 1);
-      const int64_t idx = static_cast<int64_t>(n) * cols + kc + 16 * q;
-      p.codes[h] = __ldg(reinterpret_cast<const uint2*>(a.packed + (idx >> 1)));
+      const int64_t idx = static_cast<int64_t>(n) * cols + kc + kLaneCols * q;
+      if constexpr (kCols == 64) {
+        p.codes[h] = __ldg(reinterpret_cast<const uint2*>(a.packed + (idx >> 1)));
+      } else {
+        p.codes[h] =
+            make_uint2(__ldg(reinterpret_cast<const uint32_t*>(a.packed + (idx >> 1))), 0u);
+      }
       load_absmax<kNested>(a.am, idx >> a.log2_blocksize, a.log2_blocksize2, p.qa[h], p.amax[h]);
-      const uint32_t* brow =
-          reinterpret_cast<const uint32_t*>(lora_b + static_cast<int64_t>(n) * a.rank);
+      if constexpr (kCols == 64) {
+        const uint32_t* brow =
+            reinterpret_cast<const uint32_t*>(lora_b + static_cast<int64_t>(n) * a.rank);
 #pragma unroll
-      for (int s = 0; s < kRegSteps; ++s) {
-        bf[s][h] = b_ok[s][0] ? __ldg(brow + 8 * s + q) : 0u;
-        bf[s][2 + h] = b_ok[s][1] ? __ldg(brow + 8 * s + q + 4) : 0u;
+        for (int s = 0; s < kRegSteps; ++s) {
+          bf[s][h] = b_ok[s][0] ? __ldg(brow + 8 * s + q) : 0u;
+          bf[s][2 + h] = b_ok[s][1] ? __ldg(brow + 8 * s + q + 4) : 0u;
+        }
+      } else {  // ranks 32 t + 8 q .. + 7 of the row: steps 2 t and 2 t + 1 (rank_of)
+        const uint4* brow =
+            reinterpret_cast<const uint4*>(lora_b + static_cast<int64_t>(n) * a.rank);
+#pragma unroll
+        for (int t = 0; t < kRegSteps / 2; ++t) {
+          const uint4 v = b_ok[2 * t][0] ? __ldg(brow + 4 * t + q) : make_uint4(0u, 0u, 0u, 0u);
+          bf[2 * t][h] = v.x;
+          bf[2 * t][2 + h] = v.y;
+          bf[2 * t + 1][h] = v.z;
+          bf[2 * t + 1][2 + h] = v.w;
+        }
       }
     }
   };
   auto compute = [&](int piece, const MergeLoads& p, const uint32_t (&bf)[kRegSteps][4]) {
-    float acc[8][4];
+    float acc[kNT][4];
 #pragma unroll
-    for (int j = 0; j < 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    for (int j = 0; j < kNT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
 #pragma unroll
     for (int s = 0; s < kRegSteps; ++s) {
 #pragma unroll
-      for (int j = 0; j < 8; ++j) mma_16816<T>(acc[j], bf[s], afrag[s][j][0], afrag[s][j][1]);
+      for (int j = 0; j < kNT; ++j) mma_16816<T>(acc[j], bf[s], afrag[s][j][0], afrag[s][j][1]);
     }
     const int n0 = piece * kPieceRows + g;
     char* stage = stage_all[kRegSteps == 1 ? warp : 0];
@@ -567,16 +603,17 @@ __global__ void __launch_bounds__(kMrgThreads, kRegSteps <= 2 ? 2 : 1)
     for (int h = 0; h < 2; ++h) {
       const int n = n0 + 8 * h;
       const float sc = kNested ? nested_absmax(code2[p.qa[h]], p.amax[h], a.am.offset) : p.amax[h];
-      uint4 o[2];
-      merge_values_pairs<T>(o, p.codes[h], sc, acc, h, a.scale, pair_table, lane8);
+      uint4 o[kNT / 4];
+      merge_values_pairs<T, kNT>(o, p.codes[h], sc, acc, h, a.scale, pair_table, lane8);
       if constexpr (kRegSteps == 1) {
         uint4* srow = reinterpret_cast<uint4*>(stage + (g + 8 * h) * kStageRow);
         srow[2 * q] = o[0];
         srow[2 * q + 1] = o[1];
       } else if (n < rows) {
-        uint4* dst = reinterpret_cast<uint4*>(out + static_cast<int64_t>(n) * cols + kc + 16 * q);
-        dst[0] = o[0];
-        dst[1] = o[1];
+        uint4* dst =
+            reinterpret_cast<uint4*>(out + static_cast<int64_t>(n) * cols + kc + kLaneCols * q);
+#pragma unroll
+        for (int i = 0; i < kNT / 4; ++i) dst[i] = o[i];
       }
     }
     if constexpr (kRegSteps == 1) {  // lane l stores 16 bytes of row 4 j + l / 8
@@ -999,7 +1036,10 @@ cudaError_t nf4_dequantize_lora(const uint8_t* packed, const NF4Absmax& absmax, 
   a.b_vec = rank % 2 == 0 && reinterpret_cast<uintptr_t>(lora_b) % 4 == 0;
   a.row_groups = (rows + kMrgRows - 1) / kMrgRows;
   a.items = a.row_groups * ((cols + kMrgCols - 1) / kMrgCols);
-  a.col_pieces = cols / kPieceCols;
+  // main kernel: 64-column pieces up to r = 64, 32-column pieces (half the A fragments per
+  // step) for 65-128
+  const int piece_cols = rank <= 64 ? kPieceCols : kPieceCols / 2;
+  a.col_pieces = cols / piece_cols;
   a.walkers = 1;
   a.out = out;
   const size_t at_bytes = static_cast<size_t>(kMrgCols) * (a.rank_pad / 2 + 4) * 4;
@@ -1028,19 +1068,23 @@ cudaError_t nf4_dequantize_lora(const uint8_t* packed, const NF4Absmax& absmax, 
     return launch_pdl(kernel, dim3(static_cast<unsigned>(grid)), dim3(kMrgThreads), smem, stream,
                       a);
   };
-  const bool main =
-      rank <= 64 && a.b_vec && rows < (int64_t{1} << 30) && a.col_pieces < (int64_t{1} << 30);
+  // (ranks 65-128 take the main kernel with B's rows in 16-byte runs)
+  const bool b16 = rank % 8 == 0 && reinterpret_cast<uintptr_t>(lora_b) % 16 == 0;
+  const bool main = (rank <= 64 || (rank <= 128 && b16)) && a.b_vec && rows < (int64_t{1} << 30) &&
+                    a.col_pieces < (int64_t{1} << 30);
   auto run = [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     if (!main) return launch(nf4_dequantize_lora_any<T>, false);
     if (nested) {
       return rank <= 16   ? launch(nf4_dequantize_lora_kernel<T, true, 1>, true)
              : rank <= 32 ? launch(nf4_dequantize_lora_kernel<T, true, 2>, true)
-                          : launch(nf4_dequantize_lora_kernel<T, true, 4>, true);
+             : rank <= 64 ? launch(nf4_dequantize_lora_kernel<T, true, 4>, true)
+                          : launch(nf4_dequantize_lora_kernel<T, true, 8, 32>, true);
     }
     return rank <= 16   ? launch(nf4_dequantize_lora_kernel<T, false, 1>, true)
            : rank <= 32 ? launch(nf4_dequantize_lora_kernel<T, false, 2>, true)
-                        : launch(nf4_dequantize_lora_kernel<T, false, 4>, true);
+           : rank <= 64 ? launch(nf4_dequantize_lora_kernel<T, false, 4>, true)
+                        : launch(nf4_dequantize_lora_kernel<T, false, 8, 32>, true);
   };
   return dtype == DType::kBFloat16 ? run(__nv_bfloat16{}) : run(__half{});
 }

@@ -97,7 +97,8 @@ def test_matches_reference(device, m, k, n, r):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("r", [16, 64])  # 64: dB from a cuBLAS GEMM, not the dY pass
+# 64: dB from a cuBLAS GEMM, not the dY pass; 128: the merged weight from 32-column pieces
+@pytest.mark.parametrize("r", [16, 64, 128])
 @pytest.mark.parametrize("k,n", [(4096, 4096), (4096, 14336), (14336, 4096)])
 def test_large_m_gpu(k, n, r):
     _check(8192, k, n, r, torch.bfloat16, "cuda", seed=1)
@@ -117,6 +118,9 @@ def test_large_m_gpu(k, n, r):
         (2000, 1088, 32, 64),  # more items than CTAs: runs of items across slabs
         (2000, 1088, 64, 64),  # ranks 33-64 in registers, one CTA per SM
         (197, 320, 40, 64),
+        (2000, 1088, 128, 64),  # ranks 65-128: 32-column pieces, one CTA per SM
+        (197, 320, 72, 64),  # (rank past the last full step of 16)
+        (197, 320, 66, 64),  # above 64, not a multiple of 8: the general kernel
         (4100, 1024, 8, 256),
         (64, 72, 8, 64),  # K not a multiple of 64: the fallback
     ],
