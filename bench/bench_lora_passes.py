@@ -4,10 +4,11 @@ the same run (device time):
 * reductions: the token reductions dA = dxa^T x and dB = dY^T xa (a (M, p)^T b (M, q), one of
   p, q the rank) as one cuBLAS GEMM (what the op runs) against M cut into 2048-row slices with
   fp32 partial sums, summed and rounded once (what it ran before: torch.profiler, 20 calls);
-* ranks: the merged dequantize deq(W) + s B A at r = 32, 40, 64, 96 and 128 through the main
-  kernel (B's rows 4-byte aligned; 32-column pieces above r = 64) against the general kernel (B
-  one element into its buffer, so its rows are not: nf4_dequantize_lora_any), by CUDA-graph
-  replay over two weights.
+* ranks: the merged dequantize deq(W) + s B A at r = 16, 32, 40, 64, 96 and 128 through the main
+  kernel (B 16-byte aligned: its rows read in 16-byte runs; 32-column pieces above r = 64)
+  against the general kernel (B one element into its buffer, so its rows are not 4-byte aligned:
+  nf4_dequantize_lora_any) and, up to r = 64, against the main kernel reading B in 4-byte words
+  (B two elements in), by CUDA-graph replay over two weights.
 
     python bench/bench_lora_passes.py --out bench/results/lora_passes.json
 """
@@ -60,10 +61,11 @@ def rank_rows() -> list[dict]:
     rows = []
     for n, k in [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192)]:
         qs = [quantize_nf4(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02) for _ in range(2)]
-        for r in (32, 40, 64, 96, 128):
+        for r in (16, 32, 40, 64, 96, 128):
             a = torch.randn(r, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
-            buf = torch.randn(n * r + 1, device="cuda", dtype=torch.bfloat16) * r**-0.5
-            b_aligned, b_odd = buf[: n * r].view(n, r), buf[1:].view(n, r)
+            buf = torch.randn(n * r + 2, device="cuda", dtype=torch.bfloat16) * r**-0.5
+            b_aligned, b_odd = buf[: n * r].view(n, r), buf[1 : n * r + 1].view(n, r)
+            b_words = buf[2:].view(n, r)  # 4-byte but not 16-byte aligned rows
 
             def merged(q, b, a=a):
                 state = (q.packed, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize, q.blocksize2)
@@ -73,11 +75,15 @@ def rank_rows() -> list[dict]:
             row["main_us"] = bench_graph([merged(q, b_aligned) for q in qs]) * 1e3
             row["general_us"] = bench_graph([merged(q, b_odd) for q in qs]) * 1e3
             row["main_over_general"] = row["main_us"] / row["general_us"]
+            if r <= 64:  # (above 64 the main kernel needs the 16-byte runs)
+                row["main_words_us"] = bench_graph([merged(q, b_words) for q in qs]) * 1e3
+                row["main_over_words"] = row["main_us"] / row["main_words_us"]
             base = nf4_ops.dequantize_impl(
                 qs[0].packed, qs[0].absmax, qs[0].absmax2, qs[0].code2, qs[0].offset, qs[0].blocksize,
                 qs[0].blocksize2, (n, k), torch.bfloat16,
             )  # fmt: skip
-            for tag, b in (("main", b_aligned), ("general", b_odd)):
+            variants = [("main", b_aligned), ("general", b_odd)] + [("main_words", b_words)] * (r <= 64)
+            for tag, b in variants:
                 exact = ref_nf4.merge_lora(base, a, b, 0.5)  # fp32, rounded once
                 row[f"{tag}_differ_frac"] = (merged(qs[0], b)() != exact).float().mean().item()
             rows.append(row)
@@ -101,8 +107,19 @@ def main() -> None:
     if "ranks" in sections:
         res["ranks"] = rank_rows()
         write_json(args.out, res)
-        cols = ["N", "K", "r", "main_us", "general_us", "main_over_general"]
-        print(table(res["ranks"], [*cols, "main_differ_frac", "general_differ_frac"]))
+        cols = [
+            "N",
+            "K",
+            "r",
+            "main_us",
+            "general_us",
+            "main_over_general",
+            "main_words_us",
+            "main_over_words",
+        ]
+        print(
+            table(res["ranks"], [*cols, "main_differ_frac", "general_differ_frac", "main_words_differ_frac"])
+        )
 
 
 if __name__ == "__main__":

@@ -89,6 +89,8 @@ def nf4_lora() -> None:
         (False, 40, 300, 512, torch.float16),
         (True, 128, 197, 320, torch.bfloat16),
         (False, 72, 2000, 1088, torch.float16),
+        (True, 8, 300, 512, torch.bfloat16),
+        (False, 36, 300, 512, torch.bfloat16),
     ]
     for dq, r, n, k, dt in cases:
         q = quantize_nf4(torch.randn(n, k, device="cuda", dtype=dt), double_quant=dq)

@@ -12,6 +12,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <algorithm>
+#include <type_traits>
 
 #include "hoptune/common/dispatch.h"
 #include "hoptune/common/mma.cuh"
@@ -295,7 +296,10 @@ cudaError_t launch_dequantize(const uint8_t* packed, const NF4Absmax& am, int64_
 // direct. On an H200 at r = 16 this runs at 0.64-0.74 of the copy rate (the plain dequantize:
 // 0.77-0.92). Ranks 33-64 (A's fragments in 64 registers) build with 254 registers, one CTA per SM:
 // 0.35-0.47 of the copy rate at r = 64, where the general kernel below, which took those ranks
-// before, ran at 0.21-0.27. Measured on the way there:
+// before, ran at 0.21-0.27. With rank % 8 == 0 and B 16-byte aligned (kB16) a lane reads its B
+// values in 16-byte runs (8 at r <= 16) instead of 4-byte words, whole 32-byte sectors instead of
+// halves: r = 64 0.77-0.81x the time (176-181 registers), r = 40 0.80-0.85x, r = 32 0.96-0.99x,
+// r = 16 equal. Measured on the way there:
 // - A contiguous run of 64 x 128 items per CTA, slab-major, so the resident CTAs wrote all over
 //   the weight: 0.49-0.58. ncu showed it issue-bound: 575 instructions per warp and item, half
 //   of them 64-bit index arithmetic, bounds branches and register moves; trimming those gave
@@ -481,10 +485,13 @@ struct MergeLoads {
 // kCols = 32 (ranks 65-128, multiples of 8: kRegSteps = 8): kNT = 4 MMA n-tiles per step instead
 // of 8, so A's fragments still take 64 registers; a lane holds 8 consecutive columns of its two
 // rows, and B's rows are read in 16-byte runs (rank_of).
-template <typename T, bool kNested, int kRegSteps, int kCols = 64>
+// kB16 (rank % 8 == 0, B 16-byte aligned; always at 32 columns): the ranks regrouped (rank_of) so
+// that a lane reads its B values of a row in 16-byte runs (8 bytes at r <= 16).
+template <typename T, bool kNested, int kRegSteps, int kCols = 64, bool kB16 = true>
 __global__ void __launch_bounds__(kMrgThreads, kRegSteps <= 2 ? 2 : 1)
     nf4_dequantize_lora_kernel(MergeArgs a) {
-  static_assert(kCols == 64 || (kCols == 32 && kRegSteps > 1), "32-column pieces store directly");
+  static_assert(kCols == 64 || (kCols == 32 && kRegSteps > 1 && kB16),
+                "32-column pieces: direct stores, 16-byte B runs");
   constexpr int kNT = kCols / 8;        // MMA n-tiles (8 columns each) per piece
   constexpr int kLaneCols = kCols / 4;  // consecutive columns per lane and row
   extern __shared__ uint32_t s_at[];    // here the pair table (kPairTableBytes; merge_values_pairs)
@@ -521,10 +528,12 @@ __global__ void __launch_bounds__(kMrgThreads, kRegSteps <= 2 ? 2 : 1)
   const int count = (row_pieces - walker + walkers - 1) / walkers;
   const int64_t kc = static_cast<int64_t>(gw % col_pieces) * kCols;
   // The first of the two ranks in k-slots 2q, 2q + 1 (e = 0) or 2q + 8, 2q + 9 (e = 1) at rank
-  // step s. With 32-column pieces (rank % 8 == 0, B 16-byte aligned) two steps' ranks are
-  // regrouped so that a lane's 8 values of a B row for them are contiguous: one 16-byte load.
+  // step s. With kB16 two steps' ranks are regrouped so that a lane's 8 values of a B row for
+  // them are contiguous: one 16-byte load (one step: 4 values, 8 bytes).
   auto rank_of = [&](int s, int e) {
-    return kCols == 64 ? 16 * s + 2 * q + 8 * e : 32 * (s >> 1) + 8 * q + 4 * (s & 1) + 2 * e;
+    if constexpr (!kB16) return 16 * s + 2 * q + 8 * e;
+    if constexpr (kRegSteps == 1) return 4 * q + 2 * e;
+    return 32 * (s >> 1) + 8 * q + 4 * (s & 1) + 2 * e;
   };
   bool b_ok[kRegSteps][2];  // this lane's B words within the rank
 #pragma unroll
@@ -566,7 +575,7 @@ __global__ void __launch_bounds__(kMrgThreads, kRegSteps <= 2 ? 2 : 1)
             make_uint2(__ldg(reinterpret_cast<const uint32_t*>(a.packed + (idx >> 1))), 0u);
       }
       load_absmax<kNested>(a.am, idx >> a.log2_blocksize, a.log2_blocksize2, p.qa[h], p.amax[h]);
-      if constexpr (kCols == 64) {
+      if constexpr (!kB16) {
         const uint32_t* brow =
             reinterpret_cast<const uint32_t*>(lora_b + static_cast<int64_t>(n) * a.rank);
 #pragma unroll
@@ -574,6 +583,12 @@ __global__ void __launch_bounds__(kMrgThreads, kRegSteps <= 2 ? 2 : 1)
           bf[s][h] = b_ok[s][0] ? __ldg(brow + 8 * s + q) : 0u;
           bf[s][2 + h] = b_ok[s][1] ? __ldg(brow + 8 * s + q + 4) : 0u;
         }
+      } else if constexpr (kRegSteps == 1) {  // ranks 4 q .. 4 q + 3 of the row
+        const uint2* brow =
+            reinterpret_cast<const uint2*>(lora_b + static_cast<int64_t>(n) * a.rank);
+        const uint2 v = b_ok[0][0] ? __ldg(brow + q) : make_uint2(0u, 0u);
+        bf[0][h] = v.x;
+        bf[0][2 + h] = v.y;
       } else {  // ranks 32 t + 8 q .. + 7 of the row: steps 2 t and 2 t + 1 (rank_of)
         const uint4* brow =
             reinterpret_cast<const uint4*>(lora_b + static_cast<int64_t>(n) * a.rank);
@@ -1068,23 +1083,26 @@ cudaError_t nf4_dequantize_lora(const uint8_t* packed, const NF4Absmax& absmax, 
     return launch_pdl(kernel, dim3(static_cast<unsigned>(grid)), dim3(kMrgThreads), smem, stream,
                       a);
   };
-  // (ranks 65-128 take the main kernel with B's rows in 16-byte runs)
+  // (B's rows in 16-byte runs: required above r = 64, else the 4-byte word loads)
   const bool b16 = rank % 8 == 0 && reinterpret_cast<uintptr_t>(lora_b) % 16 == 0;
   const bool main = (rank <= 64 || (rank <= 128 && b16)) && a.b_vec && rows < (int64_t{1} << 30) &&
                     a.col_pieces < (int64_t{1} << 30);
   auto run = [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     if (!main) return launch(nf4_dequantize_lora_any<T>, false);
-    if (nested) {
-      return rank <= 16   ? launch(nf4_dequantize_lora_kernel<T, true, 1>, true)
-             : rank <= 32 ? launch(nf4_dequantize_lora_kernel<T, true, 2>, true)
-             : rank <= 64 ? launch(nf4_dequantize_lora_kernel<T, true, 4>, true)
-                          : launch(nf4_dequantize_lora_kernel<T, true, 8, 32>, true);
-    }
-    return rank <= 16   ? launch(nf4_dequantize_lora_kernel<T, false, 1>, true)
-           : rank <= 32 ? launch(nf4_dequantize_lora_kernel<T, false, 2>, true)
-           : rank <= 64 ? launch(nf4_dequantize_lora_kernel<T, false, 4>, true)
-                        : launch(nf4_dequantize_lora_kernel<T, false, 8, 32>, true);
+    auto pick = [&](auto nested_tag) -> cudaError_t {
+      constexpr bool kN = decltype(nested_tag)::value;
+      if (rank > 64) return launch(nf4_dequantize_lora_kernel<T, kN, 8, 32>, true);
+      if (b16) {
+        return rank <= 16   ? launch(nf4_dequantize_lora_kernel<T, kN, 1>, true)
+               : rank <= 32 ? launch(nf4_dequantize_lora_kernel<T, kN, 2>, true)
+                            : launch(nf4_dequantize_lora_kernel<T, kN, 4>, true);
+      }
+      return rank <= 16   ? launch(nf4_dequantize_lora_kernel<T, kN, 1, 64, false>, true)
+             : rank <= 32 ? launch(nf4_dequantize_lora_kernel<T, kN, 2, 64, false>, true)
+                          : launch(nf4_dequantize_lora_kernel<T, kN, 4, 64, false>, true);
+    };
+    return nested ? pick(std::true_type{}) : pick(std::false_type{});
   };
   return dtype == DType::kBFloat16 ? run(__nv_bfloat16{}) : run(__half{});
 }

@@ -121,6 +121,9 @@ def test_large_m_gpu(k, n, r):
         (2000, 1088, 128, 64),  # ranks 65-128: 32-column pieces, one CTA per SM
         (197, 320, 72, 64),  # (rank past the last full step of 16)
         (197, 320, 66, 64),  # above 64, not a multiple of 8: the general kernel
+        (200, 192, 12, 64),  # not multiples of 8 (B read in 4-byte words): one, two, four steps
+        (197, 320, 20, 64),
+        (300, 512, 36, 64),
         (4100, 1024, 8, 256),
         (64, 72, 8, 64),  # K not a multiple of 64: the fallback
     ],
