@@ -318,11 +318,12 @@ cudaError_t launch_dequantize(const uint8_t* packed, const NF4Absmax& am, int64_
 //   trip (0.28-0.31).
 // Ranks 65-128 that are multiples of 8 (B's rows 16-byte aligned) use 32-column pieces: a lane
 // holds 8 columns of its two rows, the 8 rank steps' A fragments (4 n-tiles each) fit the same 64
-// registers (252-254 registers, no spills), and a lane's B values for two rank steps are one
-// 16-byte load. Other ranks (odd, > 128, above 64 and not a multiple of 8, or B misaligned) take
-// nf4_dequantize_lora_any: 64 x 128 items (8 warps, 4 along the rows x 2 along the columns), a
-// contiguous run of items per CTA, A^T staged in shared memory per slab and the A fragments read
-// from it at every rank step.
+// registers (196-202 registers, no spills), and a lane's B values for two rank steps are one
+// 16-byte load (with 4-byte word loads, a first build: 252-254 registers, 0.64-0.80x the general
+// kernel's time at r = 128 against 0.39-0.47x). Other ranks (odd, > 128, above 64 and not a
+// multiple of 8, or B misaligned) take nf4_dequantize_lora_any: 64 x 128 items (8 warps, 4 along
+// the rows x 2 along the columns), a contiguous run of items per CTA, A^T staged in shared memory
+// per slab and the A fragments read from it at every rank step.
 constexpr int kMrgThreads = 256;
 constexpr int kMrgRows = 64, kMrgCols = 128;  // a work item
 constexpr int kPieceRows = 16, kPieceCols = 64;
