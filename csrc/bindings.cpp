@@ -3,12 +3,15 @@
 // the CUDA error.
 #include <cuda_runtime_api.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <utility>
 
+#include "hoptune/cublaslt.h"
 #include "hoptune/logprob.cuh"
 #include "hoptune/lora.cuh"
 #include "hoptune/nf4.cuh"
@@ -450,4 +453,34 @@ PYBIND11_MODULE(_C, m) {
       py::arg("a"), py::arg("lda"), py::arg("b"), py::arg("ldb"), py::arg("g"), py::arg("ldg"),
       py::arg("m"), py::arg("n"), py::arg("k"), py::arg("scale"), py::arg("shift"),
       py::arg("partial"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+
+  // cuBLASLt with a caller-chosen algorithm (python/hoptune/ops/gemm.py).
+  m.def(
+      "cublaslt_load", [](const std::string& path) { return hoptune::lt::load(path); },
+      py::arg("path"));
+  m.def("cublaslt_handle", [] { return hoptune::lt::handle_for_current_device(); });
+  using hoptune::lt::Plan;
+  py::class_<Plan>(m, "CublasLtPlan")
+      .def(py::init([](uintptr_t handle, bool transa, bool transb, int64_t m, int64_t n, int64_t k,
+                       int dtype) {
+             return std::make_unique<Plan>(handle, transa, transb, m, n, k,
+                                           static_cast<DType>(dtype));
+           }),
+           py::arg("handle"), py::arg("transa"), py::arg("transb"), py::arg("m"), py::arg("n"),
+           py::arg("k"), py::arg("dtype"))
+      .def("search", &Plan::search, py::arg("max_count"), py::arg("workspace_bytes"))
+      .def("count", &Plan::count)
+      .def("describe", &Plan::describe, py::arg("index"))
+      .def(
+          "run",
+          [](const Plan& p, int index, uintptr_t a, uintptr_t b, uintptr_t d, float beta,
+             uintptr_t workspace, size_t workspace_bytes, uintptr_t stream) {
+            const std::string err =
+                p.run(index, ptr<const void*>(a), ptr<const void*>(b), ptr<void*>(d), beta,
+                      ptr<void*>(workspace), workspace_bytes, stream_of(stream));
+            if (!err.empty()) throw std::runtime_error("hoptune._C.CublasLtPlan.run: " + err);
+          },
+          py::arg("index"), py::arg("a"), py::arg("b"), py::arg("d"), py::arg("beta"),
+          py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"),
+          py::call_guard<py::gil_scoped_release>());
 }

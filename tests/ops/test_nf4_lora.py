@@ -62,8 +62,8 @@ def _compare_to_plain(ours, x, a, b, gy, deq, bias, dtype):
     _compare(ours, ref, low, dtype)
 
 
-def _check(m, k, n, r, dtype, device, seed, x_shape=None, noncontig=False, scale=0.75):
-    x, q, a, b, bias = _case(m, k, n, r, dtype, device, seed, x_shape=x_shape)
+def _check(m, k, n, r, dtype, device, seed, x_shape=None, noncontig=False, scale=0.75, bias=True):
+    x, q, a, b, bias = _case(m, k, n, r, dtype, device, seed, bias=bias, x_shape=x_shape)
     if noncontig:  # a strided view of a wider buffer
         wide = torch.randn(*x.shape[:-1], 2 * k, dtype=dtype, device=device)
         wide[..., ::2] = x

@@ -7,7 +7,8 @@ merged, lives between the passes.
 On sm_90 with 16-bit x and K % 64 == 0, one kernel dequantizes W with the LoRA product folded
 in, W' = deq(W) + s * B @ A (the rank-r product on tensor cores, mma.sync with the epilogue in
 registers; the same DRAM traffic as the plain dequantize, at 0.80-0.83x its speed for r = 16),
-into a transient buffer of one layer's weight, and a single cuBLAS GEMM gives y = x @ W'^T. For
+into a transient buffer of one layer's weight, and a single cuBLAS GEMM gives y = x @ W'^T (from
+2048 rows, with the algorithm chosen by measurement: hoptune.ops.gemm, as for dX). For
 a few rows of x (M <= nf4.small_m_max(N, K), 12 to 32: generation) the forward instead reads the
 codes once (nf4_small_m, on tensor cores: no dequantized weight at all), with x A^T formed first
 in fp32 and the LoRA term added in the kernel; for more rows of a weight of 2^25 elements or
@@ -26,10 +27,9 @@ Elsewhere (CPU, fp32, K not a multiple of 64) the LoRA terms are applied to the 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from hoptune import _lib
-from hoptune.ops import _check
+from hoptune.ops import _check, gemm
 from hoptune.ops import nf4 as nf4_ops
 from hoptune.reference import nf4_lora as ref
 
@@ -187,8 +187,8 @@ def _forward(x, q, out_features, lora_A, lora_B, scale, bias, merged_w, fused=No
     True when _merged_weight has already found that it runs, None to decide here); else from
     deq(W) with the LoRA term applied to the activations."""
     if merged_w is not None:  # the LoRA term is in the weight: one GEMM
-        if bias is None:  # one op, and a fresh tensor of x's leading shape (not a view)
-            return F.linear(x, merged_w)
+        if bias is None:  # a fresh tensor of x's leading shape (not a view)
+            return gemm.linear(x, merged_w)
         # written into y of x's leading shape (not a view of a 2-D result: the Function's
         # output must not be a view, or an in-place op on it would be refused)
         y = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype, device=x.device)
@@ -245,9 +245,13 @@ def _backward_impl(saved, meta, needs, grad_y, inside_op):
         if dxa is not None and not merged:
             # the rank-r term written first and taken in by the GEMM's epilogue (beta = 1): one
             # write of dX, not a GEMM followed by a read and write of dX for the addition
-            dx = torch.mm(dxa, lora_A).addmm_(g2, w)
+            dx = (
+                gemm.mm(g2, w, acc=torch.mm(dxa, lora_A))
+                if inside_op
+                else torch.mm(dxa, lora_A).addmm_(g2, w)
+            )
         else:
-            dx = g2 @ w
+            dx = gemm.mm(g2, w) if inside_op else g2 @ w
         dx = dx.view(x.shape)
     # the token reductions, one cuBLAS GEMM each (M cut into 2048-row slices with fp32 partial
     # sums was slower on every shape measured: bench/bench_lora_passes.py)

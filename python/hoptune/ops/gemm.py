@@ -1,0 +1,272 @@
+"""Large 16-bit GEMMs with cuBLASLt's algorithm chosen by measurement.
+
+cuBLAS picks one algorithm per problem by heuristic. On an H200, at M = 8192, another of
+cuBLASLt's candidates was 2-4% faster than that choice on several of the QLoRA layer's GEMMs
+(``bench/bench_gemm_algo.py``, ``bench/results/gemm_algo.json``). So the first time a problem
+(operation, rows, N, K, dtype, device) comes, its candidates and PyTorch's own GEMM are timed on
+that call's inputs, and the fastest is kept for the rest of the process when it beats PyTorch's by
+at least ``MIN_GAIN``; otherwise the problem stays with PyTorch. Tuning a problem costs a few of
+its GEMMs and one device synchronization, once.
+
+PyTorch's GEMM runs instead (the behaviour without this module) when any of these holds: fewer
+than ``MIN_ROWS`` rows; operands not contiguous, not 256-byte aligned, or not bf16/fp16 on a CUDA
+device where hoptune's kernels run; more than ``MAX_ROWS_PER_SHAPE`` distinct row counts already
+tuned for the weight's shape (a run whose batches change length keeps the first ones); a CUDA
+graph being captured; ``torch.are_deterministic_algorithms_enabled()`` (the choice can differ
+between processes, and with it the rounding); ``HOPTUNE_GEMM_TUNING=0`` in the environment (read
+once) or ``enable(False)``; or cuBLASLt not loaded in this process. ``tuned()`` lists the choices
+made, ``reset()`` forgets them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from hoptune import _lib
+
+MIN_ROWS = 2048
+MAX_ROWS_PER_SHAPE = 16
+MIN_GAIN = 0.015  # a candidate must take at most (1 - MIN_GAIN) of PyTorch's time
+MAX_CANDIDATES = 16
+WORKSPACE_BYTES = 32 << 20  # what PyTorch gives cuBLAS on Hopper
+_ALIGN = 256  # the alignment cuBLASLt's heuristic assumes by default
+
+_choices: dict[tuple, tuple | None] = {}  # key -> (plan, candidate index, description) or None
+_rows_tuned: dict[tuple, int] = {}
+_workspaces: dict[tuple[int, int], torch.Tensor] = {}
+
+
+_override: bool | None = None
+
+
+@functools.cache
+def _enabled_by_env() -> bool:
+    return os.environ.get("HOPTUNE_GEMM_TUNING", "1") not in ("", "0")
+
+
+def _enabled() -> bool:
+    return _enabled_by_env() if _override is None else _override
+
+
+def enable(on: bool | None = True) -> bool | None:
+    """Turns the measured choice on or off for this process (None: back to what
+    HOPTUNE_GEMM_TUNING says); returns the previous setting. Choices already made are kept."""
+    global _override
+    previous, _override = _override, on
+    return previous
+
+
+def reset() -> None:
+    """Forgets every choice: each problem is measured again when it next comes."""
+    _choices.clear()
+    _rows_tuned.clear()
+    _workspaces.clear()
+
+
+@functools.cache
+def _cublaslt() -> tuple[object | None, str | None]:
+    """(the extension with cuBLASLt loaded, None) or (None, why not)."""
+    ext = _lib.extension()
+    if ext is None or not hasattr(ext, "CublasLtPlan"):
+        return None, "the CUDA extension is not built"
+    # PyTorch links cuBLAS, which loads cuBLASLt; a GEMM first in case it is loaded lazily
+    a = torch.ones(16, 16, device="cuda", dtype=torch.bfloat16)
+    torch.mm(a, a)
+    paths = []
+    try:
+        with open("/proc/self/maps") as f:
+            paths = sorted({line.split()[-1] for line in f if "libcublasLt.so" in line})
+    except OSError as e:
+        return None, f"cannot read /proc/self/maps: {e}"
+    if not paths:
+        return None, "libcublasLt is not loaded in this process"
+    err = ext.cublaslt_load(paths[0])
+    return (None, err) if err else (ext, None)
+
+
+def tuning_unavailable_reason() -> str | None:
+    """Why no GEMM is tuned in this process (None when tuning can run on an sm_90 GPU)."""
+    why = _lib.unavailable_reason()
+    if why is not None:
+        return why
+    if not _enabled():
+        return "turned off (HOPTUNE_GEMM_TUNING=0 or hoptune.ops.gemm.enable(False))"
+    return _cublaslt()[1]
+
+
+def tuned() -> dict[tuple, dict | None]:
+    """The problems seen so far: (op, rows, N, K, dtype, device) -> the chosen cuBLASLt candidate
+    (its configuration and measured time against PyTorch's) or None (PyTorch's GEMM kept)."""
+    return {k: (None if v is None else dict(v[2])) for k, v in _choices.items()}
+
+
+def _workspace(device: torch.device, stream: int, nbytes: int) -> torch.Tensor:
+    """cuBLASLt's workspace for one stream (two streams must not share one)."""
+    key = (device.index, stream)
+    ws = _workspaces.get(key)
+    if ws is None or ws.numel() < nbytes:
+        ws = torch.empty(max(nbytes, _ALIGN), dtype=torch.uint8, device=device)
+        _workspaces[key] = ws
+    return ws
+
+
+def _eligible(a: torch.Tensor, b: torch.Tensor, rows: int) -> bool:
+    return (
+        rows >= MIN_ROWS
+        and a.dtype in (torch.bfloat16, torch.float16)
+        and b.dtype == a.dtype
+        and a.is_contiguous()
+        and b.is_contiguous()
+        and a.data_ptr() % _ALIGN == 0
+        and b.data_ptr() % _ALIGN == 0
+        and a.is_cuda
+        and _lib.extension() is not None
+        and not _lib._disabled()
+        and _lib._capability(a.get_device()) == (9, 0)
+        and _enabled()
+        and not torch.are_deterministic_algorithms_enabled()
+    )
+
+
+def _time_ms(fn, calls: int = 3) -> float:
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls
+
+
+def _tune(ext, transa, transb, m, n, k, a_ptr, b_ptr, torch_fn, out: torch.Tensor):
+    """Times PyTorch's GEMM (torch_fn, writing out) and cuBLASLt's candidates (writing out too,
+    beta = 0) on this call's operands; returns (plan, index, description) or None."""
+    handle = ext.cublaslt_handle()
+    plan = ext.CublasLtPlan(handle, transa, transb, m, n, k, _lib.DTYPE_CODES[out.dtype])
+    if plan.search(MAX_CANDIDATES, WORKSPACE_BYTES) == 0:
+        return None
+    stream = _lib.stream(out)
+    ws = _workspace(out.device, stream, WORKSPACE_BYTES)
+    torch_fn()
+    ref = out.clone()
+    scale = ref.abs().max().float().clamp_min(1e-30)
+    runners = {"torch": torch_fn}
+    for i in range(plan.count()):
+
+        def run(i=i):
+            plan.run(i, a_ptr, b_ptr, out.data_ptr(), 0.0, ws.data_ptr(), ws.numel(), stream)
+
+        try:
+            out.fill_(float("nan"))
+            run()
+        except RuntimeError:  # not supported for these operands after all: not a contender
+            continue
+        err = ((out.float() - ref.float()).abs().max() / scale).item()
+        if err < 1e-2:  # the same products summed in another order: bf16 rounding apart
+            runners[i] = run
+    best = {name: float("inf") for name in runners}
+    for _ in range(3):  # rounds over all contenders: a clock drift hits them alike
+        for name, fn in runners.items():
+            fn()
+            best[name] = min(best[name], _time_ms(fn))
+    torch_ms = best.pop("torch")
+    torch_fn()  # leave PyTorch's result in out
+    if not best:
+        return None
+    index = min(best, key=best.get)
+    if best[index] > (1.0 - MIN_GAIN) * torch_ms:
+        return None
+    algo, tile, stages, splitk, cluster, wsb = plan.describe(index)
+    desc = {
+        "candidate": index,
+        "algo": algo,
+        "tile": tile,
+        "stages": stages,
+        "splitk": splitk,
+        "cluster": cluster,
+        "workspace": wsb,
+        "ms": best[index],
+        "torch_ms": torch_ms,
+    }
+    return plan, index, desc
+
+
+def _run(key, transa, transb, m, n, k, a, b, out, torch_fn, beta: float) -> bool:
+    """Runs the problem's chosen candidate into out (tuning it first if new); False when the
+    caller must run PyTorch's GEMM itself."""
+    choice = _choices.get(key, False)
+    if choice is None:
+        return False
+    if torch.cuda.is_current_stream_capturing():
+        return False
+    if choice is False:
+        ext, _ = _cublaslt()
+        shape = key[:1] + key[2:]
+        if ext is None or _rows_tuned.get(shape, 0) >= MAX_ROWS_PER_SHAPE:
+            return False
+        _rows_tuned[shape] = _rows_tuned.get(shape, 0) + 1
+        if beta != 0.0:  # tuned on a scratch output with beta = 0: out holds the addend
+            scratch = torch.empty_like(out)
+            choice = _tune(ext, transa, transb, m, n, k, a, b, lambda: torch_fn(scratch), scratch)
+        else:
+            choice = _tune(ext, transa, transb, m, n, k, a, b, lambda: torch_fn(out), out)
+        _choices[key] = choice
+        if choice is None:
+            return False
+    plan, index, _ = choice
+    stream = _lib.stream(out)
+    ws = _workspace(out.device, stream, WORKSPACE_BYTES)
+    plan.run(index, a, b, out.data_ptr(), beta, ws.data_ptr(), ws.numel(), stream)
+    return True
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (*, K) @ w (N, K)^T as a new tensor (*, N): ``F.linear(x, w)``."""
+    k = x.shape[-1]
+    n = w.shape[0]
+    rows = x.numel() // k if k else 0
+    if not _eligible(x, w, rows):
+        return torch.nn.functional.linear(x, w)
+    y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+    x2, y2 = x.view(rows, k), y.view(rows, n)
+    key = ("x@wT", rows, n, k, x.dtype, x.device.index)
+    # column-major: y^T (N x rows) = (w as K x N)^T (x as K x rows)
+    if not _run(
+        key,
+        True,
+        False,
+        n,
+        rows,
+        k,
+        w.data_ptr(),
+        x.data_ptr(),
+        y2,
+        lambda o: torch.mm(x2, w.t(), out=o),
+        0.0,
+    ):
+        torch.mm(x2, w.t(), out=y2)
+    return y
+
+
+def mm(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor:
+    """a (M, N) @ b (N, K); with ``acc`` (M, K, contiguous, a's dtype), acc += a @ b in place (one
+    write of the result, the addend read in the GEMM's epilogue) and acc returned."""
+    m, n = a.shape
+    k = b.shape[1]
+    if not _eligible(a, b, m) or (
+        acc is not None and not (acc.is_contiguous() and acc.data_ptr() % _ALIGN == 0)
+    ):
+        return torch.mm(a, b) if acc is None else acc.addmm_(a, b)
+    out = acc if acc is not None else torch.empty(m, k, dtype=a.dtype, device=a.device)
+    key = ("a@b" if acc is None else "acc+a@b", m, n, k, a.dtype, a.device.index)
+    beta = 0.0 if acc is None else 1.0
+    # column-major: out^T (K x M) = (b as K x N) (a as N x M)
+    if not _run(
+        key, False, False, k, m, n, b.data_ptr(), a.data_ptr(), out, lambda o: torch.mm(a, b, out=o), beta
+    ):
+        return torch.mm(a, b, out=out) if acc is None else acc.addmm_(a, b)
+    return out

@@ -1,0 +1,202 @@
+"""hoptune.ops.gemm: 16-bit GEMMs with cuBLASLt's algorithm chosen by measurement."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hoptune.ops import gemm
+from tests.conftest import poison_cuda_cache, rel_err
+
+
+@pytest.fixture(autouse=True)
+def _fresh_choices():
+    gemm.reset()
+    previous = gemm.enable(None)
+    yield
+    gemm.enable(previous)
+    gemm.reset()
+
+
+def _operands(op, m, k, n, dtype, device, x_shape=None):
+    """(inputs, float64 result, the same product by PyTorch in dtype) of one problem."""
+    if op == "linear":
+        x = torch.randn(*(x_shape or (m,)), k, device=device).to(dtype)
+        w = (torch.randn(n, k, device=device) * k**-0.5).to(dtype)
+        ref = x.double() @ w.double().t()
+        return (x, w), ref, x @ w.t()
+    a = torch.randn(m, n, device=device).to(dtype)
+    b = (torch.randn(n, k, device=device) * n**-0.5).to(dtype)
+    if op == "mm":
+        return (a, b), a.double() @ b.double(), a @ b
+    acc = torch.randn(m, k, device=device).to(dtype)
+    return (a, b, acc), acc.double() + a.double() @ b.double(), acc + a @ b
+
+
+def _call(op, args):
+    if op == "linear":
+        return gemm.linear(*args)
+    if op == "mm":
+        return gemm.mm(*args)
+    a, b, acc = args
+    return gemm.mm(a, b, acc=acc.clone())
+
+
+def _check_rule(ours, ref, low, name):
+    """STYLE.md: our error against float64 at most 2x PyTorch's in the same dtype."""
+    assert ours.shape == ref.shape and ours.dtype == low.dtype, name
+    assert torch.isfinite(ours).all(), name
+    e_ours, e_low = rel_err(ours, ref), rel_err(low, ref)
+    assert e_ours <= 2 * e_low + 1e-6, f"{name}: ours {e_ours:.3g} vs torch {e_low:.3g}"
+
+
+@pytest.mark.parametrize("op", ["linear", "mm", "acc"])
+def test_cpu_is_torch(op, monkeypatch):
+    monkeypatch.setattr(gemm, "MIN_ROWS", 1)
+    args, _, _ = _operands(op, 37, 24, 40, torch.float32, "cpu")
+    out = _call(op, args)
+    if op == "linear":
+        expected = torch.nn.functional.linear(*args)
+    elif op == "mm":
+        expected = torch.mm(*args)
+    else:
+        expected = args[2].clone().addmm_(args[0], args[1])
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert gemm.tuned() == {}
+
+
+def test_enable_switch():
+    from hoptune import _lib
+
+    assert gemm.enable(False) is None
+    assert not gemm._enabled()
+    why = gemm.tuning_unavailable_reason()
+    # turned off is the reason where the kernels run; elsewhere the kernels' own reason comes first
+    assert why is not None and ("turned off" in why) == (_lib.unavailable_reason() is None)
+    assert gemm.enable(True) is False
+    assert gemm._enabled()
+
+
+@pytest.mark.gpu
+def test_tuning_available_gpu():
+    assert gemm.tuning_unavailable_reason() is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("op", ["linear", "mm", "acc"])
+# N = 1000 and K = 1000: not multiples of 64 or 128
+@pytest.mark.parametrize("m,k,n", [(2048, 512, 1000), (2304, 1000, 768), (4096, 4096, 4096)])
+def test_chosen_candidate_matches(op, dtype, m, k, n, monkeypatch):
+    # every problem takes cuBLASLt's fastest candidate, even when PyTorch's GEMM is faster
+    monkeypatch.setattr(gemm, "MIN_GAIN", -10.0)
+    args, ref, low = _operands(op, m, k, n, dtype, "cuda")
+    for call in ("tuning", "chosen"):
+        poison_cuda_cache()
+        _check_rule(_call(op, args), ref, low, f"{op} {call}")
+    (key, choice), *rest = gemm.tuned().items()
+    assert not rest and key[1:4] == (m, n, k)
+    assert choice is not None and choice["ms"] > 0 and choice["torch_ms"] > 0
+
+
+@pytest.mark.gpu
+def test_linear_3d_input(monkeypatch):
+    monkeypatch.setattr(gemm, "MIN_GAIN", -10.0)
+    args, ref, low = _operands("linear", 0, 320, 200, torch.bfloat16, "cuda", x_shape=(3, 700))
+    y = gemm.linear(*args)
+    assert y.shape == (3, 700, 200) and not y._is_view()
+    _check_rule(y, ref, low, "3-D x")
+    assert next(iter(gemm.tuned()))[1] == 2100
+
+
+@pytest.mark.gpu
+def test_ineligible_operands_keep_torch(monkeypatch):
+    monkeypatch.setattr(gemm, "MIN_GAIN", -10.0)
+    (x, w), _, _ = _operands("linear", 2048, 256, 384, torch.bfloat16, "cuda")
+    wide = torch.randn(2048, 512, device="cuda", dtype=torch.bfloat16)
+    wide[:, :256] = x
+    cases = {
+        "strided": (wide[:, :256], w),
+        "misaligned": (torch.cat([x.new_zeros(1), x.reshape(-1)])[1:].view(2048, 256), w),
+        "fp32": (x.float(), w.float()),
+        "few rows": (x[:1024], w),
+    }
+    for name, (xi, wi) in cases.items():
+        y = gemm.linear(xi, wi)
+        torch.testing.assert_close(y, torch.nn.functional.linear(xi, wi), rtol=0, atol=0, msg=name)
+    assert gemm.tuned() == {}
+    torch.use_deterministic_algorithms(True)
+    try:
+        gemm.linear(x, w)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert gemm.tuned() == {}
+    gemm.enable(False)
+    gemm.linear(x, w)
+    assert gemm.tuned() == {}
+
+
+@pytest.mark.gpu
+def test_rows_per_shape_capped(monkeypatch):
+    monkeypatch.setattr(gemm, "MIN_GAIN", -10.0)
+    monkeypatch.setattr(gemm, "MIN_ROWS", 16)
+    monkeypatch.setattr(gemm, "MAX_ROWS_PER_SHAPE", 2)
+    for m in (64, 80, 96):
+        args, ref, low = _operands("linear", m, 256, 192, torch.bfloat16, "cuda")
+        _check_rule(gemm.linear(*args), ref, low, f"M={m}")
+    assert sorted(key[1] for key in gemm.tuned()) == [64, 80]
+
+
+@pytest.mark.gpu
+def test_graph_capture_uses_torch(monkeypatch):
+    monkeypatch.setattr(gemm, "MIN_GAIN", -10.0)
+    (x, w), ref, low = _operands("linear", 2048, 256, 384, torch.bfloat16, "cuda")
+    w2 = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        gemm.linear(x, w)  # tuned before the capture
+        torch.nn.functional.linear(x, w2)
+    torch.cuda.current_stream().wait_stream(side)
+    assert len(gemm.tuned()) == 1
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = gemm.linear(x, w)  # PyTorch's GEMM inside a capture all the same
+        y2 = gemm.linear(x, w2)  # a new problem is not tuned inside a capture
+    assert len(gemm.tuned()) == 1
+    poison_cuda_cache()
+    graph.replay()
+    torch.cuda.synchronize()
+    _check_rule(y, ref, low, "captured")
+    torch.testing.assert_close(y2, torch.nn.functional.linear(x, w2), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_plan_rejects_bad_arguments():
+    ext, why = gemm._cublaslt()
+    assert ext is not None, why
+    handle = ext.cublaslt_handle()
+    with pytest.raises(ValueError, match="m, n, k"):
+        ext.CublasLtPlan(handle, True, False, 0, 8, 8, 2)
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        ext.CublasLtPlan(handle, True, False, 8, 8, 8, 0)
+    plan = ext.CublasLtPlan(handle, True, False, 256, 256, 256, 2)
+    assert plan.search(4, 1 << 20) > 0
+    with pytest.raises(RuntimeError, match="out of range"):
+        plan.run(plan.count(), 0, 0, 0, 0.0, 0, 0, 0)
+    with pytest.raises(ValueError, match="max_count"):
+        plan.search(0, 1 << 20)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1000, 4160])  # the merged dX (N <= 2 M) and the unmerged one
+def test_in_the_qlora_op(n, monkeypatch):
+    """The op's forward GEMM and dX through chosen cuBLASLt candidates: output and gradients by
+    the rule against float64."""
+    from tests.ops.test_nf4_lora import _check
+
+    monkeypatch.setattr(gemm, "MIN_GAIN", -10.0)
+    _check(2048, 512, n, 16, torch.bfloat16, "cuda", seed=n, x_shape=(2, 1024), bias=False)
+    ops = {key[0] for key, choice in gemm.tuned().items() if choice is not None}
+    assert "x@wT" in ops
+    assert ("a@b" if n <= 4096 else "acc+a@b") in ops
