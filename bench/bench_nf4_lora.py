@@ -8,6 +8,10 @@
 * both M = 8192 ratios twice: ratio_interleaved (each call timed alone, after a sync: the
   protocol of the anchors, host launch latency included) and ratio_covered (each call queued behind
   a device sleep: device time, as when the GPU is kept busy);
+* where the big GEMMs' algorithm choice by measurement (hoptune.ops.gemm) accounts for part of
+  the ratio: ratio_covered_untuned (ours with it off) and, for the forward,
+  ratio_covered_vs_tuned_bf16 (against the bf16 x @ W^T through the same choice); the choices made
+  are listed under ``gemm_choices``;
 * the backward's one-pass dY kernel (dxa and dB) against the two cuBLAS GEMMs it replaces, per
   rank (device time).
 
@@ -38,9 +42,9 @@ from harness import (
     write_json,
 )
 from hoptune.nn import LoRALinear
+from hoptune.ops import gemm, nf4_lora_linear
 from hoptune.ops import nf4 as nf4_ops
 from hoptune.ops import nf4_lora as nf4_lora_ops
-from hoptune.ops import nf4_lora_linear
 from hoptune.quant import quantize_nf4
 
 FWD_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672)]  # (K, N)
@@ -102,6 +106,19 @@ def bnb_linear(w):
     return lin
 
 
+def untuned(fn):
+    """fn with the big GEMMs' measured algorithm choice turned off (PyTorch's GEMM)."""
+
+    def run():
+        previous = gemm.enable(False)
+        try:
+            return fn()
+        finally:
+            gemm.enable(previous)
+
+    return run
+
+
 def _forward_case(k: int, n: int):
     """A bf16 weight [n, k], its NF4 copy and rank-R LoRA factors (B non-zero)."""
     w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
@@ -131,6 +148,12 @@ def forward_rows(have_bnb: bool) -> list[dict]:
                 # the same with the host's launch work hidden behind a device sleep: device time
                 row["ratio_covered"] = ratio_interleaved(
                     lambda: nf4_lora_linear(x, q, a, b, 2.0), lambda: x @ w.t(), covered=True
+                )
+                row["ratio_covered_untuned"] = ratio_interleaved(
+                    untuned(lambda: nf4_lora_linear(x, q, a, b, 2.0)), lambda: x @ w.t(), covered=True
+                )
+                row["ratio_covered_vs_tuned_bf16"] = ratio_interleaved(
+                    lambda: nf4_lora_linear(x, q, a, b, 2.0), lambda: gemm.linear(x, w), covered=True
                 )
             # device time only (kernels summed, host time and launch gaps excluded)
             row["dev_bf16_ms"] = device_ms(lambda: x @ w.t())
@@ -260,6 +283,7 @@ def layer_rows(have_bnb: bool, have_peft: bool, breakdown: bool = False) -> list
         row["q_ours_over_bf16_frozen"] = row["q_ours_qlora_ms"] / row["q_bf16_frozen_ms"]
         row["ratio_interleaved"] = ratio_interleaved(step(ours), step(dense))
         row["ratio_covered"] = ratio_interleaved(step(ours), step(dense), covered=True)
+        row["ratio_covered_untuned"] = ratio_interleaved(untuned(step(ours)), step(dense), covered=True)
         row["dev_bf16_frozen_ms"] = device_ms(step(dense), calls=5)
         row["dev_ours_qlora_ms"] = device_ms(step(ours), calls=5)
         row["dev_ratio"] = row["dev_ours_qlora_ms"] / row["dev_bf16_frozen_ms"]
@@ -357,6 +381,8 @@ def main() -> None:
     if "dy_pass" in sections:
         res["dy_pass"] = dy_pass_rows()
         write_json(args.out, res)
+    res["gemm_choices"] = [{"problem": [str(v) for v in key], "choice": c} for key, c in gemm.tuned().items()]
+    write_json(args.out, res)
     columns = {
         "forward": [
             "M",
@@ -367,6 +393,8 @@ def main() -> None:
             "ours_lora_over_bf16",
             "ratio_interleaved",
             "ratio_covered",
+            "ratio_covered_untuned",
+            "ratio_covered_vs_tuned_bf16",
             "ours_base_over_bf16",
             "bnb_over_bf16",
             "q_ours_lora_over_bf16",
@@ -384,6 +412,7 @@ def main() -> None:
             "ours_over_bf16_frozen",
             "ratio_interleaved",
             "ratio_covered",
+            "ratio_covered_untuned",
             "bnb_lora_ms",
             "peft_qlora_ms",
             "ours_qdora_ms",
