@@ -382,6 +382,7 @@ def main() -> None:
         res["dy_pass"] = dy_pass_rows()
         write_json(args.out, res)
     res["gemm_choices"] = [{"problem": [str(v) for v in key], "choice": c} for key, c in gemm.tuned().items()]
+    res["gemm_measured"] = [{"problem": [str(v) for v in key], **t} for key, t in gemm.measured().items()]
     write_json(args.out, res)
     columns = {
         "forward": [

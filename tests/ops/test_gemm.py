@@ -97,6 +97,8 @@ def test_chosen_candidate_matches(op, dtype, m, k, n, monkeypatch):
     (key, choice), *rest = gemm.tuned().items()
     assert not rest and key[1:4] == (m, n, k)
     assert choice is not None and choice["ms"] > 0 and choice["torch_ms"] > 0
+    timing = gemm.measured()[key]
+    assert timing["best_candidate"] == choice["candidate"] and timing["best_ms"] == choice["ms"]
 
 
 @pytest.mark.gpu

@@ -5,8 +5,14 @@ cuBLASLt's candidates was 2-4% faster than that choice on several of the QLoRA l
 (``bench/bench_gemm_algo.py``, ``bench/results/gemm_algo.json``). So the first time a problem
 (operation, rows, N, K, dtype, device) comes, its candidates and PyTorch's own GEMM are timed on
 that call's inputs, and the fastest is kept for the rest of the process when it beats PyTorch's by
-at least ``MIN_GAIN``; otherwise the problem stays with PyTorch. Tuning a problem costs a few of
-its GEMMs and one device synchronization, once.
+at least ``MIN_GAIN``; otherwise the problem stays with PyTorch. Tuning a problem costs about a
+hundred of its GEMMs and one device synchronization, once.
+
+The margin is wide because this short timing (GEMMs back to back on the same operands) has
+flattered candidates that are no faster in use: on the 4096 x 4096 forward it measured 0.969-0.978
+of PyTorch's time in two of four processes, and the op then ran 1% slower behind a device sleep;
+the 8192 x 28672 forward measured 0.962-0.983 with no gain in use. The gains that held in use
+measured 0.941-0.968 (4096 x 14336 and 8192 x 8192 forwards: 3% of the call).
 
 PyTorch's GEMM runs instead (the behaviour without this module) when any of these holds: fewer
 than ``MIN_ROWS`` rows; operands not contiguous, not 256-byte aligned, or not bf16/fp16 on a CUDA
@@ -15,13 +21,14 @@ tuned for the weight's shape (a run whose batches change length keeps the first 
 graph being captured; ``torch.are_deterministic_algorithms_enabled()`` (the choice can differ
 between processes, and with it the rounding); ``HOPTUNE_GEMM_TUNING=0`` in the environment (read
 once) or ``enable(False)``; or cuBLASLt not loaded in this process. ``tuned()`` lists the choices
-made, ``reset()`` forgets them.
+made, ``measured()`` the timings behind them, ``reset()`` forgets them.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import statistics
 
 import torch
 
@@ -29,13 +36,16 @@ from hoptune import _lib
 
 MIN_ROWS = 2048
 MAX_ROWS_PER_SHAPE = 16
-MIN_GAIN = 0.015  # a candidate must take at most (1 - MIN_GAIN) of PyTorch's time
+MIN_GAIN = 0.04  # a candidate must take at most (1 - MIN_GAIN) of PyTorch's time (see above)
 MAX_CANDIDATES = 16
+ROUNDS = 5  # timing rounds over all contenders
+WINDOW = 4  # calls per timed window
 WORKSPACE_BYTES = 32 << 20  # what PyTorch gives cuBLAS on Hopper
 _ALIGN = 256  # the alignment cuBLASLt's heuristic assumes by default
 
 _choices: dict[tuple, tuple | None] = {}  # key -> (plan, candidate index, description) or None
 _rows_tuned: dict[tuple, int] = {}
+_measured: dict[tuple, dict] = {}  # key -> PyTorch's and the fastest candidate's times
 _workspaces: dict[tuple[int, int], torch.Tensor] = {}
 
 
@@ -63,6 +73,7 @@ def reset() -> None:
     """Forgets every choice: each problem is measured again when it next comes."""
     _choices.clear()
     _rows_tuned.clear()
+    _measured.clear()
     _workspaces.clear()
 
 
@@ -103,6 +114,12 @@ def tuned() -> dict[tuple, dict | None]:
     return {k: (None if v is None else dict(v[2])) for k, v in _choices.items()}
 
 
+def measured() -> dict[tuple, dict]:
+    """For every problem tuned: PyTorch's time, the number of candidates that ran correctly, and
+    the fastest one's index and time (ms, median window), whether kept or not."""
+    return {k: dict(v) for k, v in _measured.items()}
+
+
 def _workspace(device: torch.device, stream: int, nbytes: int) -> torch.Tensor:
     """cuBLASLt's workspace for one stream (two streams must not share one)."""
     key = (device.index, stream)
@@ -131,7 +148,7 @@ def _eligible(a: torch.Tensor, b: torch.Tensor, rows: int) -> bool:
     )
 
 
-def _time_ms(fn, calls: int = 3) -> float:
+def _time_ms(fn, calls: int = WINDOW) -> float:
     start = torch.cuda.Event(enable_timing=True)
     end = torch.cuda.Event(enable_timing=True)
     start.record()
@@ -142,9 +159,10 @@ def _time_ms(fn, calls: int = 3) -> float:
     return start.elapsed_time(end) / calls
 
 
-def _tune(ext, transa, transb, m, n, k, a_ptr, b_ptr, torch_fn, out: torch.Tensor):
+def _tune(ext, key, transa, transb, m, n, k, a_ptr, b_ptr, torch_fn, out: torch.Tensor):
     """Times PyTorch's GEMM (torch_fn, writing out) and cuBLASLt's candidates (writing out too,
-    beta = 0) on this call's operands; returns (plan, index, description) or None."""
+    beta = 0) on this call's operands, in ROUNDS rounds of a call and a timed window of WINDOW
+    calls each (the median window per contender); returns (plan, index, description) or None."""
     handle = ext.cublaslt_handle()
     plan = ext.CublasLtPlan(handle, transa, transb, m, n, k, _lib.DTYPE_CODES[out.dtype])
     if plan.search(MAX_CANDIDATES, WORKSPACE_BYTES) == 0:
@@ -168,16 +186,19 @@ def _tune(ext, transa, transb, m, n, k, a_ptr, b_ptr, torch_fn, out: torch.Tenso
         err = ((out.float() - ref.float()).abs().max() / scale).item()
         if err < 1e-2:  # the same products summed in another order: bf16 rounding apart
             runners[i] = run
-    best = {name: float("inf") for name in runners}
-    for _ in range(3):  # rounds over all contenders: a clock drift hits them alike
+    times: dict = {name: [] for name in runners}
+    for _ in range(ROUNDS):  # rounds over all contenders: a clock drift hits them alike
         for name, fn in runners.items():
             fn()
-            best[name] = min(best[name], _time_ms(fn))
+            times[name].append(_time_ms(fn))
+    best = {name: statistics.median(t) for name, t in times.items()}
     torch_ms = best.pop("torch")
     torch_fn()  # leave PyTorch's result in out
+    _measured[key] = {"candidates": len(best), "torch_ms": torch_ms}
     if not best:
         return None
     index = min(best, key=best.get)
+    _measured[key].update(best_candidate=index, best_ms=best[index])
     if best[index] > (1.0 - MIN_GAIN) * torch_ms:
         return None
     algo, tile, stages, splitk, cluster, wsb = plan.describe(index)
@@ -211,9 +232,9 @@ def _run(key, transa, transb, m, n, k, a, b, out, torch_fn, beta: float) -> bool
         _rows_tuned[shape] = _rows_tuned.get(shape, 0) + 1
         if beta != 0.0:  # tuned on a scratch output with beta = 0: out holds the addend
             scratch = torch.empty_like(out)
-            choice = _tune(ext, transa, transb, m, n, k, a, b, lambda: torch_fn(scratch), scratch)
+            choice = _tune(ext, key, transa, transb, m, n, k, a, b, lambda: torch_fn(scratch), scratch)
         else:
-            choice = _tune(ext, transa, transb, m, n, k, a, b, lambda: torch_fn(out), out)
+            choice = _tune(ext, key, transa, transb, m, n, k, a, b, lambda: torch_fn(out), out)
         _choices[key] = choice
         if choice is None:
             return False
