@@ -6,7 +6,8 @@ cuBLASLt's candidates was 2-4% faster than that choice on several of the QLoRA l
 (operation, rows, N, K, dtype, device) comes, its candidates and PyTorch's own GEMM are timed on
 that call's inputs, and the fastest is kept for the rest of the process when it beats PyTorch's by
 at least ``MIN_GAIN``; otherwise the problem stays with PyTorch. Tuning a problem costs about a
-hundred of its GEMMs and one device synchronization, once.
+hundred of its GEMMs and one device synchronization, once; the chosen GEMMs share a 32 MiB
+cuBLASLt workspace per CUDA stream.
 
 The margin is wide because this short timing (GEMMs back to back on the same operands) has
 flattered candidates that are no faster in use: on the 4096 x 4096 forward it measured 0.969-0.978
