@@ -140,6 +140,16 @@ Plan::Plan(uintptr_t handle, bool transa, bool transb, int64_t m, int64_t n, int
     throw std::invalid_argument("cuBLASLt plan: dtype must be bfloat16 or float16");
   }
   const int type = dtype == DType::kBFloat16 ? kCudaR16BF : kCudaR16F;
+  // The destructor does not run when the constructor throws: release what was created so far.
+  try {
+    create_descriptors(transa, transb, m, n, k, type);
+  } catch (...) {
+    release();
+    throw;
+  }
+}
+
+void Plan::create_descriptors(bool transa, bool transb, int64_t m, int64_t n, int64_t k, int type) {
   require(g_api.desc_create(&desc_, kComputeF32, kCudaR32F), "cublasLtMatmulDescCreate");
   const int32_t op_a = transa ? kOpT : kOpN;
   const int32_t op_b = transb ? kOpT : kOpN;
@@ -157,10 +167,15 @@ Plan::Plan(uintptr_t handle, bool transa, bool transb, int64_t m, int64_t n, int
 }
 
 Plan::~Plan() {
+  release();
+}
+
+void Plan::release() noexcept {
   if (layout_d_ != nullptr) g_api.layout_destroy(layout_d_);
   if (layout_b_ != nullptr) g_api.layout_destroy(layout_b_);
   if (layout_a_ != nullptr) g_api.layout_destroy(layout_a_);
   if (desc_ != nullptr) g_api.desc_destroy(desc_);
+  layout_d_ = layout_b_ = layout_a_ = desc_ = nullptr;
 }
 
 int Plan::search(int max_count, size_t workspace_bytes) {

@@ -43,6 +43,9 @@ class Plan {
                   size_t workspace_bytes, cudaStream_t stream) const;
 
  private:
+  void create_descriptors(bool transa, bool transb, int64_t m, int64_t n, int64_t k, int type);
+  void release() noexcept;
+
   struct AlgoBytes {
     uint64_t data[8];
   };
