@@ -33,7 +33,7 @@ def load_extension():
     """hoptune's extension with cuBLASLt loaded (the library PyTorch's process has loaded)."""
     from hoptune.ops import gemm
 
-    ext, why = gemm._cublaslt()
+    ext, why = gemm.cublaslt_extension()
     if ext is None:
         raise SystemExit(f"cuBLASLt is not reachable through hoptune's extension: {why}")
     return ext

@@ -77,6 +77,16 @@ def test_enable_switch():
     assert gemm._enabled()
 
 
+def test_cublaslt_extension_reason():
+    from hoptune import _lib
+
+    ext, why = gemm.cublaslt_extension()
+    if _lib.unavailable_reason() is not None:  # a reason, not an error from a CUDA call
+        assert ext is None and why == _lib.unavailable_reason()
+    else:
+        assert ext is not None and why is None and hasattr(ext, "CublasLtPlan")
+
+
 @pytest.mark.gpu
 def test_tuning_available_gpu():
     assert gemm.tuning_unavailable_reason() is None
@@ -175,7 +185,7 @@ def test_graph_capture_uses_torch(monkeypatch):
 
 @pytest.mark.gpu
 def test_plan_rejects_bad_arguments():
-    ext, why = gemm._cublaslt()
+    ext, why = gemm.cublaslt_extension()
     assert ext is not None, why
     handle = ext.cublaslt_handle()
     with pytest.raises(ValueError, match="m, n, k"):

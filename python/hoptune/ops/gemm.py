@@ -80,7 +80,8 @@ def reset() -> None:
 
 @functools.cache
 def _cublaslt() -> tuple[object | None, str | None]:
-    """(the extension with cuBLASLt loaded, None) or (None, why not)."""
+    """(the extension with cuBLASLt loaded, None) or (None, why not); the caller has checked that
+    the kernels can run (an sm_90 GPU)."""
     ext = _lib.extension()
     if ext is None or not hasattr(ext, "CublasLtPlan"):
         return None, "the CUDA extension is not built"
@@ -97,6 +98,14 @@ def _cublaslt() -> tuple[object | None, str | None]:
         return None, "libcublasLt is not loaded in this process"
     err = ext.cublaslt_load(paths[0])
     return (None, err) if err else (ext, None)
+
+
+def cublaslt_extension() -> tuple[object | None, str | None]:
+    """(hoptune's extension with this process' cuBLASLt library loaded into it, None), or (None,
+    why not). Its ``CublasLtPlan`` is what the GEMM choice runs; benchmarks and tools that time
+    cuBLASLt's candidates themselves take it from here."""
+    why = _lib.unavailable_reason()
+    return (None, why) if why is not None else _cublaslt()
 
 
 def tuning_unavailable_reason() -> str | None:
