@@ -70,20 +70,24 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+def kernels_run_on(t: torch.Tensor) -> bool:
+    """Whether hoptune's CUDA kernels can run on tensor ``t``'s device (built, not disabled, sm_90),
+    without use_kernel's warning: for callers whose fallback is PyTorch's own behaviour."""
+    return t.is_cuda and _load()[0] is not None and not _disabled() and _capability(t.get_device()) == (9, 0)
+
+
 def use_kernel(t: torch.Tensor, op: str) -> bool:
     """True when ``op`` should run its CUDA kernel on tensor ``t`` (else the PyTorch reference).
     Called on every op invocation: cheap (cached capability, no device query)."""
-    if not t.is_cuda:
+    if kernels_run_on(t):
+        return True
+    if not t.is_cuda or _disabled():
         return False
     mod, why = _load()
-    if _disabled():
-        return False
     if mod is None:
         reason = why
     else:
         major, minor = _capability(t.get_device())
-        if (major, minor) == (9, 0):
-            return True
         reason = (
             f"the kernels are built for sm_90a; {torch.cuda.get_device_name(t.device)} is sm_{major}{minor}"
         )

@@ -184,6 +184,27 @@ def test_graph_capture_uses_torch(monkeypatch):
 
 
 @pytest.mark.gpu
+def test_mismatched_operands_raise():
+    """Operands that do not fit reach PyTorch's error, never a cuBLASLt call on them (rows above
+    MIN_ROWS, so the tuned path would otherwise take them)."""
+    m = gemm.MIN_ROWS
+    a = torch.randn(m, 256, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(256, 128, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError):
+        gemm.mm(a, torch.randn(512, 128, device="cuda", dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError):
+        gemm.mm(a, b.cpu())
+    with pytest.raises(RuntimeError):
+        gemm.mm(a, b, acc=torch.randn(m, 64, device="cuda", dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError):
+        gemm.mm(a, b, acc=torch.randn(m, 128, device="cuda", dtype=torch.float16))
+    with pytest.raises(RuntimeError):
+        gemm.linear(a, torch.randn(128, 512, device="cuda", dtype=torch.bfloat16))
+    # the same operands, fitting, run (and match PyTorch's product to rounding)
+    torch.testing.assert_close(gemm.mm(a, b), a @ b, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
 def test_plan_rejects_bad_arguments():
     ext, why = gemm.cublaslt_extension()
     assert ext is not None, why

@@ -145,14 +145,12 @@ def _eligible(a: torch.Tensor, b: torch.Tensor, rows: int) -> bool:
         rows >= MIN_ROWS
         and a.dtype in (torch.bfloat16, torch.float16)
         and b.dtype == a.dtype
+        and b.device == a.device
         and a.is_contiguous()
         and b.is_contiguous()
         and a.data_ptr() % _ALIGN == 0
         and b.data_ptr() % _ALIGN == 0
-        and a.is_cuda
-        and _lib.extension() is not None
-        and not _lib._disabled()
-        and _lib._capability(a.get_device()) == (9, 0)
+        and _lib.kernels_run_on(a)
         and _enabled()
         and not torch.are_deterministic_algorithms_enabled()
     )
@@ -265,7 +263,8 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     n = w.shape[0]
     rows = x.numel() // k if k else 0
     key = ("x@wT", rows, n, k, x.dtype, x.device.index)
-    if not _eligible(x, w, rows) or _torch_kept(key):
+    # (operands that do not fit go to PyTorch, whose error names the mismatch)
+    if w.dim() != 2 or w.shape[1] != k or not _eligible(x, w, rows) or _torch_kept(key):
         return torch.nn.functional.linear(x, w)
     y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     x2, y2 = x.view(rows, k), y.view(rows, n)
@@ -290,12 +289,23 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def mm(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor:
     """a (M, N) @ b (N, K); with ``acc`` (M, K, contiguous, a's dtype), acc += a @ b in place (one
     write of the result, the addend read in the GEMM's epilogue) and acc returned."""
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:  # PyTorch's error names it
+        return torch.mm(a, b) if acc is None else acc.addmm_(a, b)
     m, n = a.shape
     k = b.shape[1]
     key = ("a@b" if acc is None else "acc+a@b", m, n, k, a.dtype, a.device.index)
     if (
         not _eligible(a, b, m)
-        or (acc is not None and not (acc.is_contiguous() and acc.data_ptr() % _ALIGN == 0))
+        or (
+            acc is not None
+            and not (
+                acc.shape == (m, k)
+                and acc.dtype == a.dtype
+                and acc.device == a.device
+                and acc.is_contiguous()
+                and acc.data_ptr() % _ALIGN == 0
+            )
+        )
         or _torch_kept(key)
     ):
         return torch.mm(a, b) if acc is None else acc.addmm_(a, b)
