@@ -147,13 +147,28 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--build", required=True, help="folder of the variants' .so files")
     ap.add_argument("--variants", default="", help="comma-separated names (default: all)")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", default="")
     ap.add_argument("--sustain-s", type=float, default=1.2)
     ap.add_argument("--checks-only", action="store_true", help="the two small checks only (for a sanitizer)")
+    ap.add_argument(
+        "--once",
+        action="store_true",
+        help="only run each variant three times at 4096 x 14336 (for a profiler), no JSON",
+    )
     args = ap.parse_args()
+    if not args.once and not args.out:
+        ap.error("--out is required (unless --once)")
     names = args.variants.split(",") if args.variants else sorted(
         f[:-3] for f in os.listdir(args.build) if f.endswith(".so"))  # fmt: skip
     probes = {nm: Probe(os.path.join(args.build, nm + ".so")) for nm in names}
+    if args.once:
+        x, codes, scales_t, _ = make(M, 14336, 4096)
+        y = torch.empty(M, 14336, device=dev, dtype=torch.bfloat16)
+        for probe in probes.values():
+            for _ in range(3):
+                probe(x, codes, scales_t, y)
+        torch.cuda.synchronize()
+        return
     nvcc = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout
     out = {
         "command": " ".join([sys.executable, *sys.argv]),
