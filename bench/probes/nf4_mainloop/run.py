@@ -6,13 +6,17 @@
 Per variant (each BUILD/<name>.so):
 - check: max |y - fp32 reference| over 256 rows against the same for PyTorch's bf16 GEMM,
   on four shapes (a partial last token tile, N = 384, K = 320 among them), y poisoned with NaN
-  first; variants named *skeleton* or *fake* compute wrong results by construction and are
+  first; above 2x PyTorch's error (or any NaN) the run stops with an error after writing the
+  JSON; variants named *skeleton* or *fake* compute wrong results by construction and are
   only timed;
 - timing at M = 8192 on the five forward shapes: CUDA-event medians of 10-call windows, the
   contenders interleaved over 7 rounds;
 - sustained: 4096 x 14336 run back to back for 1.2 s each (two rounds), with the SM clock and
   board power sampled by nvidia-smi every 50 ms: TFLOP/s, clock, power and FLOP per clock per
   SM (the H200 runs these GEMMs at its power cap, so the clock differs between kernels).
+
+--checks-only runs the two small checks (for compute-sanitizer); --once only calls each variant
+three times at 4096 x 14336 (for ncu).
 """
 
 import argparse
@@ -188,9 +192,12 @@ def main() -> None:
             r = check(probe, m, n, k) | {"variant": name}
             out["checks"].append(r)
             print("check", json.dumps(r), flush=True)
-    if args.checks_only:
+    bad = [c for c in out["checks"] if c["nan"] or not c["err_ratio"] <= 2.0]
+    if bad or args.checks_only:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)
+        if bad:
+            sys.exit(f"FAILED: {len(bad)} checks above 2x PyTorch's bf16 error (or NaN): {bad}")
         return
     for k, n in SHAPES:
         x, codes, scales_t, w = make(M, n, k)
