@@ -45,8 +45,9 @@ __device__ __forceinline__ uint32_t decode_pair(uint32_t w, int shift, uint32_t 
 #endif
 #ifdef FAKE_NOALU
   return __byte_perm(__float_as_uint(vhi), __float_as_uint(vlo), 0x7632);
-#endif
+#else
   return cvt_pair(vhi * sc, vlo * sc);
+#endif
 #else
   // Entry q of the lane's copy at q * 128 + 4 * lane; lutbase 2048-aligned + 4 * lane.
   const uint32_t ws = w >> shift;
