@@ -14,9 +14,14 @@
   are listed under ``gemm_choices``;
 * the backward's one-pass dY kernel (dxa and dB) against the two cuBLAS GEMMs it replaces, per
   rank (device time).
+* the layer against bitsandbytes + LoRA head to head as well (both ratios), since the per-call
+  times move with the board between measurements;
+* ``rank_paths``: the LoRA product folded into the weight (merged) or applied to the activations,
+  forced, against the default rule (nf4_lora.MERGED_MAX_RANK) at r = 64, 128 and 256.
 
     python bench/bench_nf4_lora.py --out bench/results/nf4_lora.json
     python bench/bench_nf4_lora.py --rank 64 --sections layer --out bench/results/nf4_lora_r64.json
+    python bench/bench_nf4_lora.py --sections rank_paths --out bench/results/nf4_lora_rank_paths.json
 """
 
 from __future__ import annotations
@@ -292,7 +297,12 @@ def layer_rows(have_bnb: bool, have_peft: bool, breakdown: bool = False) -> list
         del dora
         if have_bnb:
             q = bnb_linear(w)
-            row["bnb_lora_ms"] = bench(step(PlainLora(q, k, n)))
+            bnb_lora = PlainLora(q, k, n)
+            row["bnb_lora_ms"] = bench(step(bnb_lora))
+            # head to head, alternated in rounds: the per-call times above move with the board
+            row["ours_over_bnb_interleaved"] = ratio_interleaved(step(ours), step(bnb_lora))
+            row["ours_over_bnb_covered"] = ratio_interleaved(step(ours), step(bnb_lora), covered=True)
+            del bnb_lora
             if have_peft:
                 import peft
 
@@ -309,6 +319,81 @@ def layer_rows(have_bnb: bool, have_peft: bool, breakdown: bool = False) -> list
         print(row, flush=True)
         del dense, ours
         torch.cuda.empty_cache()
+    return rows
+
+
+RANK_PATH_RANKS = (64, 128, 256)
+
+
+def _merge_ranks(max_rank: int):
+    """A context in which the LoRA product is folded into the weight up to ``max_rank`` (0: never,
+    on the activations; 256: always)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        old = nf4_lora_ops.MERGED_MAX_RANK
+        nf4_lora_ops.MERGED_MAX_RANK = max_rank
+        try:
+            yield
+        finally:
+            nf4_lora_ops.MERGED_MAX_RANK = old
+
+    return ctx()
+
+
+def rank_path_rows() -> list[dict]:
+    """The LoRA product folded into the dequantized weight (merged) or applied to the activations
+    (unmerged), forced, against the default (MERGED_MAX_RANK) at ranks RANK_PATH_RANKS, M = 8192:
+    the layer step's ratio to the frozen bf16 layer and the forward's (no grad) to bf16 x @ W^T,
+    covered (device time) and interleaved (per call)."""
+    rows = []
+    m = 8192
+    for k, n in LAYER_SHAPES:
+        dense = nn.Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16)
+        dense.weight.requires_grad_(False)
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        g = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
+        xd = x.detach()
+        for r in RANK_PATH_RANKS:
+            ours = LoRALinear(
+                copy.deepcopy(dense),
+                r=r,
+                lora_alpha=2 * r,
+                quantize="nf4",
+                adapter_dtype=torch.bfloat16,
+                init_lora_weights=False,
+            )
+            row = {"M": m, "K": k, "N": n, "r": r, "merged_by_default": r <= nf4_lora_ops.MERGED_MAX_RANK}
+
+            def fwd(mod=ours):
+                with torch.no_grad():
+                    return mod(xd)
+
+            def bf16_fwd(mod=dense):
+                with torch.no_grad():
+                    return mod(xd)
+
+            for path, max_rank in (("default", None), ("merged", 256), ("unmerged", 0)):
+                for what, fa, fb in (
+                    ("layer", layer_step(ours, x, g), layer_step(dense, x, g)),
+                    ("fwd", fwd, bf16_fwd),
+                ):
+                    if max_rank is None:
+                        cov = ratio_interleaved(fa, fb, covered=True)
+                        per_call = ratio_interleaved(fa, fb)
+                    else:
+                        with _merge_ranks(max_rank):
+                            fa()
+                            cov = ratio_interleaved(fa, fb, covered=True)
+                            per_call = ratio_interleaved(fa, fb)
+                    row[f"{what}_{path}_covered"] = cov
+                    row[f"{what}_{path}_interleaved"] = per_call
+            rows.append(row)
+            print(row, flush=True)
+            del ours
+            torch.cuda.empty_cache()
+        del dense
     return rows
 
 
@@ -345,13 +430,16 @@ def main() -> None:
     )
     ap.add_argument("--rank", type=int, default=R, help="LoRA rank of every row (default 16)")
     ap.add_argument(
-        "--sections", default="forward,layer,dy_pass", help="comma-separated: forward, layer, dy_pass"
+        "--sections",
+        default="forward,layer,dy_pass",
+        help="comma-separated: forward, layer, dy_pass, rank_paths (merged vs unmerged LoRA at r = 64-256)",
     )
     args = ap.parse_args()
     R = args.rank
     sections = set(args.sections.split(","))
-    if not sections <= {"forward", "layer", "dy_pass"}:
-        ap.error(f"--sections: unknown {sorted(sections - {'forward', 'layer', 'dy_pass'})}")
+    known = {"forward", "layer", "dy_pass", "rank_paths"}
+    if not sections <= known:
+        ap.error(f"--sections: unknown {sorted(sections - known)}")
     if args.small_m:
         res = {"env": env_info(), "r": R, "small_m": small_m_rows()}
         write_json(args.out, res)
@@ -380,6 +468,9 @@ def main() -> None:
         write_json(args.out, res)
     if "dy_pass" in sections:
         res["dy_pass"] = dy_pass_rows()
+        write_json(args.out, res)
+    if "rank_paths" in sections:
+        res["rank_paths"] = rank_path_rows()
         write_json(args.out, res)
     res["gemm_choices"] = [{"problem": [str(v) for v in key], "choice": c} for key, c in gemm.tuned().items()]
     res["gemm_measured"] = [{"problem": [str(v) for v in key], **t} for key, t in gemm.measured().items()]
@@ -416,12 +507,15 @@ def main() -> None:
             "ratio_covered_untuned",
             "bnb_lora_ms",
             "peft_qlora_ms",
+            "ours_over_bnb_interleaved",
             "ours_qdora_ms",
             "ours_qlora_peak_GiB",
             "q_ours_over_bf16_frozen",
             "dev_ratio",
         ],
         "dy_pass": ["N", "r", "dev_dy_pass_ms", "dev_cublas_pair_ms", "ratio", "dy_pass_TBps", "used"],
+        "rank_paths": ["K", "N", "r", "merged_by_default"]
+        + [f"{w}_{p}_covered" for w in ("layer", "fwd") for p in ("default", "merged", "unmerged")],
     }
     for name, cols in columns.items():
         if name in res:

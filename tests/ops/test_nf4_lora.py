@@ -97,11 +97,27 @@ def test_matches_reference(device, m, k, n, r):
 
 
 @pytest.mark.gpu
-# 64: dB from a cuBLAS GEMM, not the dY pass; 128: the merged weight from 32-column pieces
-@pytest.mark.parametrize("r", [16, 64, 128])
+# 64: dB from a cuBLAS GEMM, not the dY pass; 128: the merged weight from 32-column pieces;
+# 256: the LoRA terms on the activations (above MERGED_MAX_RANK)
+@pytest.mark.parametrize("r", [16, 64, 128, 256])
 @pytest.mark.parametrize("k,n", [(4096, 4096), (4096, 14336), (14336, 4096)])
 def test_large_m_gpu(k, n, r):
     _check(8192, k, n, r, torch.bfloat16, "cuda", seed=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("r,merged", [(8, True), (128, True), (136, False), (256, False)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_merge_rank_rule(r, merged, bias, monkeypatch):
+    """Up to MERGED_MAX_RANK the LoRA product is folded into the dequantized weight, forward and
+    backward; above it (the general merged kernel, slower than the terms on the activations) the
+    plain dequantize runs and the LoRA terms go on the activations. Same results either way."""
+    assert nf4_lora_ops.MERGED_MAX_RANK == 128
+    calls = []
+    real = nf4_ops.dequantize_lora_kernel
+    monkeypatch.setattr(nf4_ops, "dequantize_lora_kernel", lambda *a: calls.append(1) or real(*a))
+    _check(2100, 256, 384, r, torch.bfloat16, "cuda", seed=r, bias=bias)
+    assert bool(calls) == merged
 
 
 @pytest.mark.gpu

@@ -4,8 +4,8 @@ W is an NF4 weight ``[N, K]`` (frozen), A ``[r, K]`` and B ``[N, r]`` the LoRA f
 frozen. Gradients flow to x, A and B. The forward saves only x; no copy of W, dequantized or
 merged, lives between the passes.
 
-On sm_90 with 16-bit x and K % 64 == 0, one kernel dequantizes W with the LoRA product folded
-in, W' = deq(W) + s * B @ A (the rank-r product on tensor cores, mma.sync with the epilogue in
+On sm_90 with 16-bit x, K % 64 == 0 and r <= MERGED_MAX_RANK (128), one kernel dequantizes W
+with the LoRA product folded in, W' = deq(W) + s * B @ A (the rank-r product on tensor cores, mma.sync with the epilogue in
 registers; the same DRAM traffic as the plain dequantize, at 0.80-0.83x its speed for r = 16),
 into a transient buffer of one layer's weight, and a single cuBLAS GEMM gives y = x @ W'^T (from
 2048 rows, with the algorithm chosen by measurement: hoptune.ops.gemm, as for dX). For
@@ -20,8 +20,8 @@ written first and added in the GEMM's epilogue; MERGED_DX_MAX_N_PER_ROW); the ot
 are x @ A^T, dY @ B and the two reductions over the tokens dA = (s dY B)^T x and dB = s dY^T (x
 A^T). In eager mode on CUDA, for N >= DY_PASS_MIN_N[r] (r = 8, 16, 32) and N % 64 == 0, dY @ B
 and dB come from one read of dY (lora_dy_pass) instead of two GEMMs.
-Elsewhere (CPU, fp32, K not a multiple of 64) the LoRA terms are applied to the activations
-(hoptune.reference.nf4_lora on CPU).
+Elsewhere (CPU, fp32, K not a multiple of 64, ranks above 128) the LoRA terms are applied to the
+activations (hoptune.reference.nf4_lora on CPU).
 """
 
 from __future__ import annotations
@@ -35,11 +35,22 @@ from hoptune.reference import nf4_lora as ref
 
 MAX_RANK = 256
 
+# The largest rank whose LoRA product is folded into the dequantized weight. Above it (ranks that
+# only the general merged kernel takes, whose time grows with the rank) the LoRA terms go on the
+# activations, forward and backward. On an H200 at M = 8192 (bench_nf4_lora.py --sections
+# rank_paths, results/nf4_lora_rank_paths.json; covered ratios on the three layer shapes): at
+# r = 256 the layer step took 1.10-1.38x the frozen bf16 layer unmerged against 1.19-1.64x merged,
+# the forward 1.13-1.27x x @ W^T against 1.28-1.47x; at r = 128 (the main merged kernel) merged was
+# the faster, layer 1.09-1.24x against 1.11-1.33x, forward 1.07-1.11x against 1.13-1.25x.
+MERGED_MAX_RANK = 128
+
 
 def _merged(x: torch.Tensor, lora_A: torch.Tensor | None) -> bool:
-    """Whether the LoRA product is folded into the dequantized weight (CUDA, 16-bit x)."""
+    """Whether the LoRA product is folded into the dequantized weight (CUDA, 16-bit x, rank up to
+    MERGED_MAX_RANK)."""
     return (
         lora_A is not None
+        and lora_A.shape[0] <= MERGED_MAX_RANK
         and x.dtype in nf4_ops.LORA_DTYPES
         and lora_A.dtype == x.dtype
         and x.shape[-1] % 64 == 0
@@ -214,7 +225,13 @@ def _forward(x, q, out_features, lora_A, lora_B, scale, bias, merged_w, fused=No
         y = nf4_ops.fused_gemm_kernel(x2, *q, out_features, xs, lora_B, bias)
     else:
         w = _weight(q, out_features, k, x.dtype, None, None, scale, False, inside_op=True)
-        y = ref.lora_forward(x2, w, lora_A, lora_B, scale, bias)
+        if x2.is_cuda and bias is None and lora_A is not None:
+            # (ranks above MERGED_MAX_RANK on the GPU) the big GEMM with the measured algorithm
+            # choice, then the LoRA term added in place
+            y = gemm.linear(x2, w)
+            y.addmm_(x2 @ lora_A.t(), lora_B.t(), alpha=scale)
+        else:
+            y = ref.lora_forward(x2, w, lora_A, lora_B, scale, bias)
     return y if flat else y.view(*x.shape[:-1], out_features)
 
 
