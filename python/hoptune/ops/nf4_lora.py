@@ -5,10 +5,11 @@ frozen. Gradients flow to x, A and B. The forward saves only x; no copy of W, de
 merged, lives between the passes.
 
 On sm_90 with 16-bit x, K % 64 == 0 and r <= MERGED_MAX_RANK (128), one kernel dequantizes W
-with the LoRA product folded in, W' = deq(W) + s * B @ A (the rank-r product on tensor cores, mma.sync with the epilogue in
-registers; the same DRAM traffic as the plain dequantize, at 0.80-0.83x its speed for r = 16),
-into a transient buffer of one layer's weight, and a single cuBLAS GEMM gives y = x @ W'^T (from
-2048 rows, with the algorithm chosen by measurement: hoptune.ops.gemm, as for dX). For
+with the LoRA product folded in, W' = deq(W) + s * B @ A (the rank-r product on tensor cores,
+mma.sync with the epilogue in registers; the same DRAM traffic as the plain dequantize, at
+0.80-0.83x its speed for r = 16), into a transient buffer of one layer's weight, and a single
+cuBLAS GEMM gives y = x @ W'^T (from 2048 rows, with the algorithm chosen by measurement:
+hoptune.ops.gemm, as for dX). For
 a few rows of x (M <= nf4.small_m_max(N, K), 12 to 32: generation) the forward instead reads the
 codes once (nf4_small_m, on tensor cores: no dequantized weight at all), with x A^T formed first
 in fp32 and the LoRA term added in the kernel; for more rows of a weight of 2^25 elements or
