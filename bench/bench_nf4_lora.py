@@ -31,6 +31,7 @@ import copy
 import math
 import os
 import sys
+from unittest import mock
 
 import torch
 from torch import nn
@@ -325,23 +326,6 @@ def layer_rows(have_bnb: bool, have_peft: bool, breakdown: bool = False) -> list
 RANK_PATH_RANKS = (64, 128, 256)
 
 
-def _merge_ranks(max_rank: int):
-    """A context in which the LoRA product is folded into the weight up to ``max_rank`` (0: never,
-    on the activations; 256: always)."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def ctx():
-        old = nf4_lora_ops.MERGED_MAX_RANK
-        nf4_lora_ops.MERGED_MAX_RANK = max_rank
-        try:
-            yield
-        finally:
-            nf4_lora_ops.MERGED_MAX_RANK = old
-
-    return ctx()
-
-
 def rank_path_rows() -> list[dict]:
     """The LoRA product folded into the dequantized weight (merged) or applied to the activations
     (unmerged), forced, against the default (MERGED_MAX_RANK) at ranks RANK_PATH_RANKS, M = 8192:
@@ -374,21 +358,17 @@ def rank_path_rows() -> list[dict]:
                 with torch.no_grad():
                     return mod(xd)
 
-            for path, max_rank in (("default", None), ("merged", 256), ("unmerged", 0)):
+            # the rank up to which the product is folded in: the rule's, always (256), never (0)
+            paths = (("default", nf4_lora_ops.MERGED_MAX_RANK), ("merged", 256), ("unmerged", 0))
+            for path, max_rank in paths:
                 for what, fa, fb in (
                     ("layer", layer_step(ours, x, g), layer_step(dense, x, g)),
                     ("fwd", fwd, bf16_fwd),
                 ):
-                    if max_rank is None:
-                        cov = ratio_interleaved(fa, fb, covered=True)
-                        per_call = ratio_interleaved(fa, fb)
-                    else:
-                        with _merge_ranks(max_rank):
-                            fa()
-                            cov = ratio_interleaved(fa, fb, covered=True)
-                            per_call = ratio_interleaved(fa, fb)
-                    row[f"{what}_{path}_covered"] = cov
-                    row[f"{what}_{path}_interleaved"] = per_call
+                    with mock.patch.object(nf4_lora_ops, "MERGED_MAX_RANK", max_rank):
+                        fa()
+                        row[f"{what}_{path}_covered"] = ratio_interleaved(fa, fb, covered=True)
+                        row[f"{what}_{path}_interleaved"] = ratio_interleaved(fa, fb)
             rows.append(row)
             print(row, flush=True)
             del ours

@@ -227,8 +227,8 @@ def _forward(x, q, out_features, lora_A, lora_B, scale, bias, merged_w, fused=No
     else:
         w = _weight(q, out_features, k, x.dtype, None, None, scale, False, inside_op=True)
         if x2.is_cuda and bias is None and lora_A is not None:
-            # (ranks above MERGED_MAX_RANK on the GPU) the big GEMM with the measured algorithm
-            # choice, then the LoRA term added in place
+            # (on the GPU: ranks above MERGED_MAX_RANK, fp32 x, K not a multiple of 64) the big
+            # GEMM with the measured algorithm choice, then the LoRA term added in place
             y = gemm.linear(x2, w)
             y.addmm_(x2 @ lora_A.t(), lora_B.t(), alpha=scale)
         else:
