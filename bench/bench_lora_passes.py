@@ -8,7 +8,12 @@ the same run (device time):
   kernel (B 16-byte aligned: its rows read in 16-byte runs; 32-column pieces above r = 64)
   against the general kernel (B one element into its buffer, so its rows are not 4-byte aligned:
   nf4_dequantize_lora_any) and, up to r = 64, against the main kernel reading B in 4-byte words
-  (B two elements in), by CUDA-graph replay over two weights.
+  (B two elements in), by CUDA-graph replay over two weights (the general kernel with
+  nf4.MERGE_PAD_RANKS off, which would otherwise copy B to an aligned buffer);
+* odd_ranks: ranks the main kernel cannot take as given (odd; 65-127 not multiples of 8) through
+  the general kernel (padding off) against what the op runs, the factors padded with zero ranks to
+  a multiple of 8 and the main kernel (nf4.main_kernel_factors, its two copies included), and
+  against the main kernel on factors padded beforehand.
 
     python bench/bench_lora_passes.py --out bench/results/lora_passes.json
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from unittest import mock
 
 import torch
 
@@ -73,7 +79,8 @@ def rank_rows() -> list[dict]:
 
             row = {"N": n, "K": k, "r": r}
             row["main_us"] = bench_graph([merged(q, b_aligned) for q in qs]) * 1e3
-            row["general_us"] = bench_graph([merged(q, b_odd) for q in qs]) * 1e3
+            with mock.patch.object(nf4_ops, "MERGE_PAD_RANKS", False):
+                row["general_us"] = bench_graph([merged(q, b_odd) for q in qs]) * 1e3
             row["main_over_general"] = row["main_us"] / row["general_us"]
             if r <= 64:  # (above 64 the main kernel needs the 16-byte runs)
                 row["main_words_us"] = bench_graph([merged(q, b_words) for q in qs]) * 1e3
@@ -85,19 +92,63 @@ def rank_rows() -> list[dict]:
             variants = [("main", b_aligned), ("general", b_odd)] + [("main_words", b_words)] * (r <= 64)
             for tag, b in variants:
                 exact = ref_nf4.merge_lora(base, a, b, 0.5)  # fp32, rounded once
-                row[f"{tag}_differ_frac"] = (merged(qs[0], b)() != exact).float().mean().item()
+                with mock.patch.object(nf4_ops, "MERGE_PAD_RANKS", tag != "general"):
+                    row[f"{tag}_differ_frac"] = (merged(qs[0], b)() != exact).float().mean().item()
             rows.append(row)
+    return rows
+
+
+ODD_RANKS = (15, 33, 63, 100)
+
+
+def odd_rank_rows() -> list[dict]:
+    rows = []
+    for n, k in [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192)]:
+        qs = [quantize_nf4(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02) for _ in range(2)]
+        base = nf4_ops.dequantize_impl(
+            qs[0].packed, qs[0].absmax, qs[0].absmax2, qs[0].code2, qs[0].offset, qs[0].blocksize,
+            qs[0].blocksize2, (n, k), torch.bfloat16,
+        )  # fmt: skip
+        for r in ODD_RANKS:
+            a = torch.randn(r, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
+            b = torch.randn(n, r, device="cuda", dtype=torch.bfloat16) * r**-0.5
+            a8, b8 = nf4_ops.main_kernel_factors(a, b)
+
+            def merged(q, a, b):
+                state = (q.packed, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize, q.blocksize2)
+                return lambda: nf4_ops.dequantize_lora_kernel(*state, (n, k), a, b, 0.5)
+
+            row = {"N": n, "K": k, "r": r, "padded_r": a8.shape[0]}
+            with mock.patch.object(nf4_ops, "MERGE_PAD_RANKS", False):
+                row["general_us"] = bench_graph([merged(q, a, b) for q in qs]) * 1e3
+                general = merged(qs[0], a, b)()
+            row["padded_us"] = bench_graph([merged(q, a, b) for q in qs]) * 1e3
+            row["prepadded_us"] = bench_graph([merged(q, a8, b8) for q in qs]) * 1e3
+            row["padded_over_general"] = row["padded_us"] / row["general_us"]
+            row["pads_us"] = row["padded_us"] - row["prepadded_us"]
+            padded = merged(qs[0], a, b)()
+            exact = ref_nf4.merge_lora(base, a, b, 0.5)  # fp32, rounded once
+            row["general_differ_frac"] = (general != exact).float().mean().item()
+            row["padded_differ_frac"] = (padded != exact).float().mean().item()
+            row["padded_equals_prepadded"] = torch.equal(padded, merged(qs[0], a8, b8)())
+            rows.append(row)
+            print(row, flush=True)
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/lora_passes.json")
-    ap.add_argument("--sections", default="reductions,ranks", help="comma-separated: reductions, ranks")
+    known = {"reductions", "ranks", "odd_ranks"}
+    ap.add_argument(
+        "--sections",
+        default="reductions,ranks,odd_ranks",
+        help="comma-separated: " + ", ".join(sorted(known)),
+    )
     args = ap.parse_args()
     sections = set(args.sections.split(","))
-    if not sections <= {"reductions", "ranks"}:
-        ap.error(f"--sections: unknown {sorted(sections - {'reductions', 'ranks'})}")
+    if not sections <= known:
+        ap.error(f"--sections: unknown {sorted(sections - known)}")
     res = {"env": env_info()}
     if "reductions" in sections:
         res["reductions"] = reduction_rows()
@@ -120,6 +171,11 @@ def main() -> None:
         print(
             table(res["ranks"], [*cols, "main_differ_frac", "general_differ_frac", "main_words_differ_frac"])
         )
+    if "odd_ranks" in sections:
+        res["odd_ranks"] = odd_rank_rows()
+        write_json(args.out, res)
+        cols = ["N", "K", "r", "padded_r", "general_us", "padded_us", "prepadded_us", "padded_over_general"]
+        print(table(res["odd_ranks"], [*cols, "general_differ_frac", "padded_differ_frac"]))
 
 
 if __name__ == "__main__":

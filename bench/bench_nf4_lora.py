@@ -377,6 +377,63 @@ def rank_path_rows() -> list[dict]:
     return rows
 
 
+RANK_PAD_RANKS = (12, 15, 100)
+
+
+def rank_padding_rows() -> list[dict]:
+    """Ranks that are not multiples of 8, M = 8192: the layer step's ratio to the frozen bf16 layer
+    and the forward's (no grad) to bf16 x @ W^T, covered and interleaved, with the factors padded
+    with zero ranks to a multiple of 8 at the op (nf4_lora.RANK_ALIGN, the default: every rank-r
+    GEMM and kernel on the padded rank), only for the merged kernel (nf4.MERGE_PAD_RANKS), or not
+    at all."""
+    rows = []
+    m = 8192
+    variants = (("op", 8, True), ("kernel", 1, True), ("none", 1, False))
+    for k, n in LAYER_SHAPES:
+        dense = nn.Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16)
+        dense.weight.requires_grad_(False)
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        g = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
+        xd = x.detach()
+        for r in RANK_PAD_RANKS:
+            ours = LoRALinear(
+                copy.deepcopy(dense),
+                r=r,
+                lora_alpha=2 * r,
+                quantize="nf4",
+                adapter_dtype=torch.bfloat16,
+                init_lora_weights=False,
+            )
+            row = {"M": m, "K": k, "N": n, "r": r}
+
+            def fwd(mod=ours):
+                with torch.no_grad():
+                    return mod(xd)
+
+            def bf16_fwd(mod=dense):
+                with torch.no_grad():
+                    return mod(xd)
+
+            for name, align, kernel_pad in variants:
+                for what, fa, fb in (
+                    ("layer", layer_step(ours, x, g), layer_step(dense, x, g)),
+                    ("fwd", fwd, bf16_fwd),
+                ):
+                    with (
+                        mock.patch.object(nf4_lora_ops, "RANK_ALIGN", align),
+                        mock.patch.object(nf4_ops, "MERGE_PAD_RANKS", kernel_pad),
+                    ):
+                        fa()
+                        row[f"{what}_{name}_covered"] = ratio_interleaved(fa, fb, covered=True)
+                        row[f"{what}_{name}_interleaved"] = ratio_interleaved(fa, fb)
+            rows.append(row)
+            print(row, flush=True)
+            del ours
+            torch.cuda.empty_cache()
+        del dense
+    return rows
+
+
 def dy_pass_rows() -> list[dict]:
     """Device time of the backward's one-pass dY kernel (dxa = s dY B and dB = dY^T xa) against the
     two cuBLAS GEMMs it replaces, at M = 8192 on the layer shapes' N, per rank."""
@@ -401,7 +458,7 @@ def dy_pass_rows() -> list[dict]:
 
 
 def main() -> None:
-    global R
+    global R, RANK_PATH_RANKS
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/nf4_lora.json")
     ap.add_argument("--breakdown", action="store_true", help="profile the layer step per kernel")
@@ -410,14 +467,21 @@ def main() -> None:
     )
     ap.add_argument("--rank", type=int, default=R, help="LoRA rank of every row (default 16)")
     ap.add_argument(
+        "--rank-path-ranks",
+        default=",".join(map(str, RANK_PATH_RANKS)),
+        help="comma-separated ranks of the rank_paths section",
+    )
+    ap.add_argument(
         "--sections",
         default="forward,layer,dy_pass",
-        help="comma-separated: forward, layer, dy_pass, rank_paths (merged vs unmerged LoRA at r = 64-256)",
+        help="comma-separated: forward, layer, dy_pass, rank_paths (merged vs unmerged LoRA at r = 64-256), "
+        "rank_padding (ranks not multiples of 8, padded or not)",
     )
     args = ap.parse_args()
     R = args.rank
+    RANK_PATH_RANKS = tuple(int(v) for v in args.rank_path_ranks.split(","))
     sections = set(args.sections.split(","))
-    known = {"forward", "layer", "dy_pass", "rank_paths"}
+    known = {"forward", "layer", "dy_pass", "rank_paths", "rank_padding"}
     if not sections <= known:
         ap.error(f"--sections: unknown {sorted(sections - known)}")
     if args.small_m:
@@ -451,6 +515,9 @@ def main() -> None:
         write_json(args.out, res)
     if "rank_paths" in sections:
         res["rank_paths"] = rank_path_rows()
+        write_json(args.out, res)
+    if "rank_padding" in sections:
+        res["rank_padding"] = rank_padding_rows()
         write_json(args.out, res)
     res["gemm_choices"] = [{"problem": [str(v) for v in key], "choice": c} for key, c in gemm.tuned().items()]
     res["gemm_measured"] = [{"problem": [str(v) for v in key], **t} for key, t in gemm.measured().items()]

@@ -106,6 +106,33 @@ def test_large_m_gpu(k, n, r):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("r", [1, 12, 15, 100, 250])
+@pytest.mark.parametrize(
+    "m,k,n",
+    [
+        (8, 320, 200),  # a few rows: from the codes (nf4_small_m)
+        (64, 4096, 8192),  # the fused GEMM (a weight of 2^25 elements)
+        (2100, 256, 384),  # the merged weight (or the terms on the activations above 128)
+    ],
+)
+def test_ranks_padded_to_multiple_of_8(m, k, n, r, monkeypatch):
+    """On the GPU a rank that is not a multiple of 8 reaches every kernel and GEMM padded with zero
+    ranks; output and the gradients of the given (unpadded) factors by the STYLE rule."""
+    ranks = []
+    real = nf4_lora_ops._aligned_rank
+
+    def spy(a, b):
+        a8, b8 = real(a, b)
+        ranks.append((a8.shape[0], b8.shape[1]))
+        return a8, b8
+
+    monkeypatch.setattr(nf4_lora_ops, "_aligned_rank", spy)
+    _check(m, k, n, r, torch.bfloat16, "cuda", seed=m + r)  # (checks the gradients' shapes too)
+    r8 = -(-r // 8) * 8
+    assert ranks and set(ranks) == {(r8, r8)}
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("r,merged", [(8, True), (128, True), (136, False), (256, False)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_merge_rank_rule(r, merged, bias, monkeypatch):
@@ -158,6 +185,13 @@ def test_dequantize_lora_kernel(n, k, r, blocksize, double_quant, dtype):
     )
     base = dequantize_nf4(q)  # the plain dequantize's output, in dtype
     assert base.dtype == dtype and ours.dtype == dtype and ours.shape == (n, k)
+    _check_merged(ours, base, a, b, s)
+
+
+def _check_merged(ours, base, a, b, s):
+    """ours = deq(W) + s B A rounded once to base's dtype: within half an ulp of the exact value
+    (plus fp32 round-off), and equal to the reference except near rounding ties."""
+    dtype = base.dtype
     exact = base.double() + s * (b.double() @ a.double())
     mag = base.double().abs() + s * (b.double().abs() @ a.double().abs())
     mant = 7 if dtype == torch.bfloat16 else 10  # explicit mantissa bits
@@ -173,6 +207,77 @@ def test_dequantize_lora_kernel(n, k, r, blocksize, double_quant, dtype):
     # the reference (fp32 addmm, one rounding) agrees to the last bit except near a rounding tie
     ref = ref_nf4.merge_lora(base, a, b, s)
     assert (ours != ref).float().mean().item() < 1e-3
+
+
+@pytest.mark.parametrize("r", [1, 7, 15, 33, 63, 66, 100, 121])
+def test_main_kernel_factors_pads_ranks(r):
+    """Ranks the merged kernel's main form cannot take as given get zero ranks appended up to a
+    multiple of 8: the same product."""
+    g = torch.Generator().manual_seed(r)
+    a, b = torch.randn(r, 192, generator=g), torch.randn(40, r, generator=g)
+    ap, bp = nf4_ops.main_kernel_factors(a, b)
+    r8 = -(-r // 8) * 8
+    assert ap.shape == (r8, 192) and bp.shape == (40, r8)
+    assert ap.is_contiguous() and bp.is_contiguous() and bp.data_ptr() % 16 == 0
+    assert torch.equal(ap[:r], a) and torch.equal(bp[:, :r], b)
+    assert not ap[r:].any() and not bp[:, r:].any()
+    assert torch.equal(bp @ ap, b @ a)
+
+
+def test_main_kernel_factors_keeps_or_realigns():
+    """Factors the main form takes (an even rank up to 64 with B 4-byte aligned, a multiple of 8 up
+    to 128 with B 16-byte aligned) and ranks above 128 pass as they are; a multiple of 8 with B
+    misaligned is copied (a fresh copy is aligned)."""
+    a = torch.randn(16, 64, dtype=torch.bfloat16)
+    for r in (2, 10, 16, 64, 96, 128, 136, 256):
+        ar, br = torch.randn(r, 64), torch.randn(24, r)
+        ap, bp = nf4_ops.main_kernel_factors(ar, br)
+        assert ap is ar and bp is br
+    buf = torch.randn(24 * 16 + 8, dtype=torch.bfloat16)
+    b_odd = buf[1 : 1 + 24 * 16].view(24, 16)  # 2 bytes in: not 4-byte aligned
+    assert b_odd.data_ptr() % 4 != 0
+    ap, bp = nf4_ops.main_kernel_factors(a, b_odd)
+    assert ap is a and bp.data_ptr() % 16 == 0 and torch.equal(bp, b_odd)
+    b_words = buf[2 : 2 + 24 * 16].view(24, 16)  # 4 bytes in: 4-byte aligned, not 16
+    assert b_words.data_ptr() % 16 != 0
+    assert nf4_ops.main_kernel_factors(a, b_words)[1] is b_words
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k,r", [(197, 320, 17), (2000, 1088, 63), (300, 512, 100), (64, 128, 1)])
+@pytest.mark.parametrize("misaligned", [False, True])
+def test_dequantize_lora_padded_ranks(n, k, r, misaligned, dtype, monkeypatch):
+    """Odd ranks, ranks 65-127 not multiples of 8 and a misaligned B reach the merged kernel padded
+    to a multiple of 8 (its main form); the general kernel (padding off) gives the same values
+    within the same bound."""
+    ext = nf4_ops._lib.extension()
+    ranks = []
+    real = ext.nf4_dequantize_lora
+
+    def spy(*args):
+        ranks.append(args[12])  # the rank the kernel receives
+        return real(*args)
+
+    monkeypatch.setattr(ext, "nf4_dequantize_lora", spy)
+    g = torch.Generator().manual_seed(n + k + r)
+    w = (torch.randn(n, k, generator=g) * 0.05).to(dtype).cuda()
+    a = (torch.randn(r, k, generator=g) * k**-0.5).to(dtype).cuda()
+    b = (torch.randn(n, r, generator=g) * r**-0.5).to(dtype).cuda()
+    if misaligned:  # B one element into a buffer
+        b = torch.cat([b.new_zeros(1), b.flatten()])[1:].view(n, r)
+    q = quantize_nf4(w)
+    state = (q.packed, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize, q.blocksize2, [n, k])
+    base = dequantize_nf4(q)
+    s = 0.37
+    poison_cuda_cache()
+    padded = nf4_ops.nf4_dequantize_lora(*state, a, b, s)
+    with monkeypatch.context() as mp:
+        mp.setattr(nf4_ops, "MERGE_PAD_RANKS", False)
+        general = nf4_ops.nf4_dequantize_lora(*state, a, b, s)
+    assert ranks == [-(-r // 8) * 8, r]
+    _check_merged(padded, base, a, b, s)
+    _check_merged(general, base, a, b, s)
 
 
 @pytest.mark.gpu

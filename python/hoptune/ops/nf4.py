@@ -200,6 +200,34 @@ def dequantize_lora_impl(
     )
 
 
+# Ranks up to which the merged kernel has its main form (B's rows read in aligned runs, A's
+# fragments held in registers), and whether factors it cannot take that way are padded so that it
+# can (main_kernel_factors).
+MERGE_MAIN_MAX_RANK = 128
+MERGE_PAD_RANKS = True
+
+
+def main_kernel_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """lora_A (r, K) and lora_B (N, r), contiguous, as the merged kernel's main form takes them.
+    That form needs B's rows in aligned runs: an even rank and B 4-byte aligned up to r = 64, a
+    multiple of 8 and 16-byte aligned from 65 to MERGE_MAIN_MAX_RANK. Other ranks up to there
+    (odd ones, 65-127 not multiples of 8) and a misaligned B (a view into a larger buffer) would
+    take the general kernel, which reads A's fragments from shared memory at every rank step and
+    took 2.0-2.9x the main form's time (bench/README.md, ranks). So they are copied with zero
+    ranks appended up to a multiple of 8: the same product (the kernel pads the rank to 16 with
+    zeros itself), through the main form."""
+    r = a.shape[0]
+    if not MERGE_PAD_RANKS or r > MERGE_MAIN_MAX_RANK:
+        return a, b
+    ptr = b.data_ptr()
+    if (r % 8 == 0 and ptr % 16 == 0) or (r <= 64 and r % 2 == 0 and ptr % 4 == 0):
+        return a, b
+    pad = -r % 8
+    if pad == 0:  # (misaligned only: a fresh copy is aligned)
+        return a, b.clone()
+    return torch.nn.functional.pad(a, (0, 0, 0, pad)), torch.nn.functional.pad(b, (0, pad))
+
+
 def dequantize_lora_kernel(
     packed, absmax, absmax2, code2, offset, blocksize, blocksize2, shape, lora_A, lora_B, scale
 ) -> torch.Tensor:
@@ -208,8 +236,7 @@ def dequantize_lora_kernel(
     dtype = lora_A.dtype
     n, k = shape
     packed = _aligned(packed)
-    a = lora_A.contiguous()
-    b = lora_B.contiguous()
+    a, b = main_kernel_factors(lora_A.contiguous(), lora_B.contiguous())
     out = torch.empty(n, k, dtype=dtype, device=packed.device)
     _lib.extension().nf4_dequantize_lora(
         *_state_ptrs(packed, absmax, absmax2, code2),

@@ -22,7 +22,9 @@ are x @ A^T, dY @ B and the two reductions over the tokens dA = (s dY B)^T x and
 A^T). In eager mode on CUDA, for N >= DY_PASS_MIN_N[r] (r = 8, 16, 32) and N % 64 == 0, dY @ B
 and dB come from one read of dY (lora_dy_pass) instead of two GEMMs.
 Elsewhere (CPU, fp32, K not a multiple of 64, ranks above 128) the LoRA terms are applied to the
-activations (hoptune.reference.nf4_lora on CPU).
+activations (hoptune.reference.nf4_lora on CPU). In training on the GPU a rank that is not a
+multiple of 8 is first padded with zero ranks to one (RANK_ALIGN): the same results, aligned
+rank-r GEMMs.
 """
 
 from __future__ import annotations
@@ -44,6 +46,18 @@ MAX_RANK = 256
 # the forward 1.13-1.27x x @ W^T against 1.28-1.47x; at r = 128 (the main merged kernel) merged was
 # the faster, layer 1.09-1.24x against 1.11-1.33x, forward 1.07-1.11x against 1.13-1.25x.
 MERGED_MAX_RANK = 128
+
+# When autograd records the call on the GPU, a rank that is not a multiple of RANK_ALIGN is padded
+# with zero ranks up to one (_aligned_rank): the same product and, through the padding's backward,
+# the same gradients for the given factors. Unpadded, the rank-r GEMMs work on rows of r elements
+# (x A^T, dY B, dA, dB: cuBLAS with leading dimensions that are not 16-byte multiples), and the dY
+# pass refuses such ranks. On an H200 at M = 8192 (bench_nf4_lora.py --sections rank_padding,
+# results/nf4_lora_rank_padding.json; covered, the three layer shapes) the layer step took
+# 1.03-1.19x the frozen layer padded against 1.09-1.47x before at r = 12, 15 and 100. A forward
+# without grad runs no rank-r GEMM on the merged path, and there the two copies cost up to 3% at
+# 4096 x 4096 (r = 12), so it is left as is: the merged kernel pads the ranks it cannot take
+# (nf4.main_kernel_factors), the fused GEMM refuses odd ranks.
+RANK_ALIGN = 8
 
 
 def _merged(x: torch.Tensor, lora_A: torch.Tensor | None) -> bool:
@@ -456,15 +470,25 @@ def nf4_lora_linear(
     return nf4_lora_linear_trusted(x, q, n, lora_A, lora_B, float(scale), bias)
 
 
+def _aligned_rank(lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """lora_A (r, K) and lora_B (N, r) with zero ranks appended up to a multiple of RANK_ALIGN
+    (differentiable: the gradients reaching the given factors are the padded ones' first r)."""
+    pad = -lora_A.shape[0] % RANK_ALIGN
+    return torch.nn.functional.pad(lora_A, (0, 0, 0, pad)), torch.nn.functional.pad(lora_B, (0, pad))
+
+
 def nf4_lora_linear_trusted(x, q, out_features, lora_A, lora_B, scale: float, bias) -> torch.Tensor:
     """nf4_lora_linear without the argument checks, for layers that validated their weights when
     they were built (hoptune.nn) and call this every forward; ``q`` is (packed, absmax, absmax2,
     code2, offset, blocksize, blocksize2)."""
+    records = _records_graph(x, lora_A, lora_B, bias)
+    if records and lora_A is not None and lora_A.shape[0] % RANK_ALIGN and x.is_cuda:
+        lora_A, lora_B = _aligned_rank(lora_A, lora_B)
     if torch.compiler.is_compiling():
         return nf4_lora_linear_op(x, *q, out_features, lora_A, lora_B, scale, bias)
     # the merged kernel first: the host work below runs while the device dequantizes
     w, fused = _merged_weight(x, q, out_features, lora_A, lora_B, scale)
-    if _records_graph(x, lora_A, lora_B, bias):
+    if records:
         y = None
         if w is not None:  # and the GEMM, before the Function's host work (on detached inputs)
             b = None if bias is None else bias.detach()
