@@ -1,8 +1,8 @@
 """``torch.ops.hoptune.nf4_lora_linear``: y = x @ deq(W)^T + s * (x @ A^T) @ B^T (+ bias).
 
 W is an NF4 weight ``[N, K]`` (frozen), A ``[r, K]`` and B ``[N, r]`` the LoRA factors, bias
-frozen. Gradients flow to x, A and B. The forward saves only x; no copy of W, dequantized or
-merged, lives between the passes.
+usually frozen. Gradients flow to x, A, B and a bias that requires grad (the sum of dY over the
+tokens). The forward saves only x; no copy of W, dequantized or merged, lives between the passes.
 
 On sm_90 with 16-bit x, K % 64 == 0 and r <= MERGED_MAX_RANK (128), one kernel dequantizes W
 with the LoRA product folded in, W' = deq(W) + s * B @ A (the rank-r product on tensor cores,
@@ -253,7 +253,7 @@ def _forward(x, q, out_features, lora_A, lora_B, scale, bias, merged_w, fused=No
 def _backward_impl(saved, meta, needs, grad_y, inside_op):
     x, packed, absmax, absmax2, code2, lora_A, lora_B = saved
     offset, blocksize, blocksize2, n, scale = meta
-    need_x, need_A, need_B = needs
+    need_x, need_A, need_B, need_bias = needs
     k = x.shape[-1]
     has_lora = lora_A is not None
     g2 = grad_y.reshape(-1, n)
@@ -291,7 +291,8 @@ def _backward_impl(saved, meta, needs, grad_y, inside_op):
         da = dxa.t() @ x2
     if has_lora and need_B and db is None:
         db = g2.t() @ _mm_scaled(x2, lora_A.t(), scale, inside_op)  # s x A^T: the forward keeps only x
-    return dx, da, db
+    dbias = g2.sum(0) if need_bias else None  # (a bias the caller trains: frozen is the usual case)
+    return dx, da, db, dbias
 
 
 @torch.library.custom_op("hoptune::nf4_lora_linear", mutates_args=())
@@ -356,10 +357,10 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_y):
-    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[9], ctx.needs_input_grad[10])
+    needs = tuple(ctx.needs_input_grad[i] for i in (0, 9, 10, 12))
     # traced by torch.compile: the weight goes through the registered ops
-    dx, da, db = _backward_impl(ctx.saved_tensors, ctx.meta, needs, grad_y, inside_op=False)
-    return dx, None, None, None, None, None, None, None, None, da, db, None, None
+    dx, da, db, dbias = _backward_impl(ctx.saved_tensors, ctx.meta, needs, grad_y, inside_op=False)
+    return dx, None, None, None, None, None, None, None, None, da, db, None, dbias
 
 
 nf4_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -388,9 +389,9 @@ class _EagerNF4LoraLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
-        dx, da, db = _backward_impl(ctx.saved_tensors, ctx.meta, needs, grad_y, inside_op=True)
-        return dx, None, None, da, db, None, None, None
+        needs = tuple(ctx.needs_input_grad[i] for i in (0, 3, 4, 6))
+        dx, da, db, dbias = _backward_impl(ctx.saved_tensors, ctx.meta, needs, grad_y, inside_op=True)
+        return dx, None, None, da, db, None, dbias, None
 
 
 _quant_types: tuple | None = None
