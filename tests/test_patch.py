@@ -168,7 +168,7 @@ def test_rank_and_alpha_patterns():
         (dict(r=0), "r must be a positive int"),
         (dict(alpha=-1), "alpha must be a positive number"),
         (dict(quantize="int8"), "quantize must be None or 'nf4'"),
-        (dict(dropout=1.0), "dropout must be in"),
+        (dict(dropout=1.0), "dropout must be a number in"),
         (dict(target_modules=[]), "target_modules must be"),
         (dict(rank_pattern={"q_proj": 0}), r"rank_pattern\['q_proj'\] must be a positive int"),
         (dict(target_modules="(unclosed"), "not a valid regular expression"),

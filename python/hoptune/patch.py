@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hoptune.nn.lora import LoRALinear
+from hoptune.nn.lora import LoRALinear, check_init_lora_weights
 from hoptune.nn.nf4_linear import NF4Linear
 from hoptune.ops.nf4_lora import MAX_RANK
 from hoptune.quant.nf4 import BLOCKSIZES
@@ -265,13 +265,17 @@ def replace_with_lora(
     double_quant: bool,
     blocksize: int,
     adapter_dtype: torch.dtype,
-    init_lora_weights: bool,
+    init_lora_weights: bool | str,
     trainable: bool,
     progress: bool,
 ) -> None:
     """Swap each target for a LoRALinear; on any failure put every layer back and re-raise."""
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+    for name, flag in (("use_dora", use_dora), ("use_rslora", use_rslora), ("double_quant", double_quant)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
+    check_init_lora_weights(init_lora_weights)
     if adapter_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"adapter_dtype must be float32, bfloat16 or float16, got {adapter_dtype}")
     record = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -334,7 +338,7 @@ def apply_lora(
     rank_pattern: Mapping[str, int] | None = None,
     alpha_pattern: Mapping[str, float] | None = None,
     adapter_dtype: torch.dtype = torch.float32,
-    init_lora_weights: bool = True,
+    init_lora_weights: bool | str = True,
     progress: bool | None = None,
 ) -> nn.Module:
     """Replace the targeted linear layers of ``model`` with ``LoRALinear`` in place; return ``model``.
@@ -344,8 +348,9 @@ def apply_lora(
     DoRA ``lora_magnitude`` ``[out]``) are trainable, in ``adapter_dtype`` (fp32 like PEFT). Scale
     is ``alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``). ``quantize="nf4"`` quantizes each
     dense base weight as it is wrapped (QLoRA; lossy); layers that are already NF4 (from
-    :func:`hoptune.load_model`) stay as they are without it. ``init_lora_weights=False`` makes B
-    random too (a non-trivial adapter, for tests), as in PEFT.
+    :func:`hoptune.load_model`) stay as they are without it. ``init_lora_weights``: PEFT's True
+    (A kaiming-uniform, B zero), ``"gaussian"`` (A normal with std 1/r, B zero) or False (B random
+    too: a non-trivial adapter, for tests).
     """
     targets = plan_targets(
         model, r, alpha, target_modules, exclude_modules, rank_pattern, alpha_pattern, quantize, blocksize
@@ -354,8 +359,8 @@ def apply_lora(
         model,
         targets,
         dropout=dropout,
-        use_rslora=bool(use_rslora),
-        use_dora=bool(use_dora),
+        use_rslora=use_rslora,
+        use_dora=use_dora,
         quantize=quantize,
         double_quant=double_quant,
         blocksize=blocksize,

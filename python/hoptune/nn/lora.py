@@ -3,15 +3,19 @@ DoRA adapter, with PEFT's semantics.
 
     y = base(x) + s * B(A(dropout(x)))                          LoRA,  s = alpha / r
                                                                        (rsLoRA: alpha / sqrt(r))
-    y = (m / n) * (x W^T + s * B(A(dropout(x)))) + bias         DoRA,  n = ||W + s B A|| per output
+    y = (m / n) * (x W^T + s * B(A(x))) + bias                  DoRA,  n = ||W + s B A|| per output
                                                                        row, detached (no gradient)
 
-A starts kaiming-uniform (a = sqrt(5), i.e. U(+-1/sqrt(in))), B at zero, so a fresh adapter
-leaves the model unchanged; the DoRA magnitude m starts at the row norms of W (of the
-dequantized W for an NF4 base).
+With DoRA and dropout active (training), as PEFT computes it: with d = dropout(x),
+    y = x W^T + (m / n - 1) * d W^T + (m / n) * s * B(A(d)) + bias.
 
-Two deliberate differences from PEFT, both for rows of W that are entirely zero (Llama-3.1-8B's
-o_proj has such rows): DoRA uses n = max(n, eps) so such a row gives 0 instead of NaN.
+A starts kaiming-uniform (a = sqrt(5), i.e. U(+-1/sqrt(in))), or normal with std 1/r with
+``init_lora_weights="gaussian"``; B at zero, so a fresh adapter leaves the model unchanged (random
+too with ``init_lora_weights=False``); the DoRA magnitude m starts at n, the row norms of
+W + s B A (of the dequantized W for an NF4 base).
+
+One deliberate difference from PEFT, for rows of W that are entirely zero (Llama-3.1-8B's o_proj
+has such rows): DoRA uses n = max(n, eps) so such a row gives 0 instead of NaN.
 """
 
 from __future__ import annotations
@@ -23,11 +27,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hoptune.nn.nf4_linear import apply_keeping_nf4_dtypes, nf4_call, nf4_view, register_nf4
+from hoptune.nn.nf4_linear import (
+    apply_keeping_nf4_dtypes,
+    load_nf4_meta,
+    nf4_call,
+    nf4_view,
+    register_nf4,
+    save_nf4_meta,
+)
 from hoptune.ops.nf4_lora import MAX_RANK
 from hoptune.quant.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 
 DORA_EPS = 1e-12
+INIT_LORA_WEIGHTS = (True, False, "gaussian")
+
+
+def _is_real(v) -> bool:
+    """An int or float (not a bool, not a string)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_init_lora_weights(value) -> None:
+    """init_lora_weights must be one of PEFT's initializations that hoptune implements."""
+    if not any(value is v if isinstance(v, bool) else value == v for v in INIT_LORA_WEIGHTS):
+        raise ValueError(
+            f"init_lora_weights must be True, False or 'gaussian', got {value!r} "
+            "(PEFT's other initializations, e.g. 'pissa' or 'loftq', are not implemented)"
+        )
+
+
 _NORM_ROWS = 2048  # rows per chunk when computing DoRA norms (bounds the transient memory)
 
 
@@ -48,7 +76,7 @@ class LoRALinear(nn.Module):
         double_quant: bool = True,
         blocksize: int = 64,
         adapter_dtype: torch.dtype = torch.float32,
-        init_lora_weights: bool = True,
+        init_lora_weights: bool | str = True,
         bias: torch.Tensor | None = None,
     ) -> None:
         """``base``: an ``nn.Linear`` (its weight is kept, or quantized with ``quantize="nf4"``) or an
@@ -65,15 +93,25 @@ class LoRALinear(nn.Module):
             bias = base.bias
         else:
             raise TypeError(f"base must be an nn.Linear or an NF4Weight, got {type(base).__name__}")
-        if not isinstance(r, int) or r < 1:
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
             raise ValueError(f"r must be a positive int, got {r!r}")
         if r > min(in_features, out_features) or r > MAX_RANK:
             raise ValueError(
                 f"r={r} is larger than the layer allows (in_features={in_features}, "
                 f"out_features={out_features}, max {MAX_RANK})"
             )
-        if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        if not _is_real(lora_alpha) or not math.isfinite(lora_alpha) or lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be a positive number, got {lora_alpha!r}")
+        if not _is_real(lora_dropout) or not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
+        for name, flag in (
+            ("use_rslora", use_rslora),
+            ("use_dora", use_dora),
+            ("double_quant", double_quant),
+        ):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
+        check_init_lora_weights(init_lora_weights)
         if quantize not in (None, "nf4"):
             raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
         self.in_features = in_features
@@ -98,9 +136,13 @@ class LoRALinear(nn.Module):
             self.quantized = quantize == "nf4"
             if self.quantized:
                 self._set_nf4(quantize_nf4(w.contiguous(), blocksize=blocksize, double_quant=double_quant))
-            else:
-                self.weight = nn.Parameter(w, requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().to(device), requires_grad=False)
+            else:  # the layer's own Parameter, frozen: weights tied to it (lm_head) stay tied
+                self.weight = base.weight
+                self.weight.requires_grad_(False)
+        if isinstance(bias, nn.Parameter) and bias.device == device:
+            self.bias = bias.requires_grad_(False)
+        else:
+            self.bias = None if bias is None else nn.Parameter(bias.detach().to(device), requires_grad=False)
 
         self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=adapter_dtype, device=device))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, dtype=adapter_dtype, device=device))
@@ -131,16 +173,23 @@ class LoRALinear(nn.Module):
 
     # -- adapter ----------------------------------------------------------------------------
     @torch.no_grad()
-    def reset_lora_parameters(self, init_lora_weights: bool = True) -> None:
+    def reset_lora_parameters(self, init_lora_weights: bool | str = True) -> None:
+        """PEFT's initializations: True (A kaiming-uniform, B zero), "gaussian" (A normal with std
+        1/r, B zero) or False (both kaiming-uniform: a non-trivial adapter, for tests); the DoRA
+        magnitude then ||W + s B A|| per row."""
+        check_init_lora_weights(init_lora_weights)
         if self.lora_A.device.type == "meta":
             return
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        if init_lora_weights:
-            nn.init.zeros_(self.lora_B)
-        else:  # PEFT's init_lora_weights=False: B random too (for tests of non-trivial adapters)
+        if init_lora_weights == "gaussian":
+            nn.init.normal_(self.lora_A, std=1 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if init_lora_weights is False:
             nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(self.lora_B)
         if self.lora_magnitude is not None:
-            self.lora_magnitude.copy_(self.weight_row_norms(include_lora=False).to(self.lora_magnitude.dtype))
+            self.lora_magnitude.copy_(self.weight_row_norms(include_lora=True).to(self.lora_magnitude.dtype))
 
     @torch.no_grad()
     def weight_row_norms(self, include_lora: bool = True) -> torch.Tensor:
@@ -205,26 +254,39 @@ class LoRALinear(nn.Module):
             b = b.to(x.dtype)
         dropout_active = self.training and self.lora_dropout_p > 0
         if self.use_dora:
-            y = self._lora_sum(x, a, b, dropout_active)
             with torch.no_grad():
                 n = self.weight_row_norms(include_lora=True).clamp_min(DORA_EPS)
-            y = y * (self.lora_magnitude.float() / n).to(x.dtype)
+            mn = (self.lora_magnitude.float() / n).to(x.dtype)
+            if dropout_active:  # PEFT's form: x W^T + (m/n - 1) d W^T + (m/n) s B A d, d = dropout(x)
+                d = self.lora_dropout(x)
+                lora = self.scaling * F.linear(F.linear(d, a), b)
+                y = self._base(x, None) + (mn - 1) * self._base(d, None) + mn * lora
+            else:  # (m/n) (x W^T + s B A x), the LoRA term fused where the base is NF4
+                y = mn * self._lora_sum(x, a, b)
             return y if bias is None else y + bias
         if self.quantized and not dropout_active:
             return nf4_call(self, x, a, b, self.scaling, bias)
         y = self._base(x, bias)
         return y + self.scaling * F.linear(F.linear(self.lora_dropout(x), a), b)
 
-    def _lora_sum(self, x, a, b, dropout_active: bool) -> torch.Tensor:
-        """x W^T + s B(A(dropout(x))) without bias."""
-        if self.quantized and not dropout_active:
+    def _lora_sum(self, x, a, b) -> torch.Tensor:
+        """x W^T + s B(A(x)) without bias."""
+        if self.quantized:
             return nf4_call(self, x, a, b, self.scaling, None)
-        return self._base(x, None) + self.scaling * F.linear(F.linear(self.lora_dropout(x), a), b)
+        return self._base(x, None) + self.scaling * F.linear(F.linear(x, a), b)
 
     # -- conversion -------------------------------------------------------------------------
     def _apply(self, fn, recurse=True):
         # model.to(dtype) / .half() move the NF4 buffers but keep their dtypes (part of the format)
         return apply_keeping_nf4_dtypes(self, super()._apply, fn, recurse)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        save_nf4_meta(self, destination, prefix)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        load_nf4_meta(self, state_dict, prefix, strict, missing, unexpected, errors)
 
     def to_linear(self, merge: bool = True, dtype: torch.dtype | None = None) -> nn.Linear:
         """A plain ``nn.Linear``: merged (``W + s B A``, or the DoRA form) or the base alone."""

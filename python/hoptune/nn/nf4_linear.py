@@ -6,7 +6,8 @@ This is what :func:`hoptune.load_model` puts in place of each ``nn.Linear`` when
 load, before any adapter exists. :func:`hoptune.apply_lora` wraps its ``NF4Weight`` in a
 ``LoRALinear`` as is (no dequantize, no re-quantize), and :func:`hoptune.remove_lora` gives it back.
 Its buffers have the same names as ``LoRALinear``'s NF4 base (``weight_packed``, ``weight_absmax``,
-``weight_absmax2``, ``weight_code2``).
+``weight_absmax2``, ``weight_code2``); the state dict adds ``weight_nf4_meta`` (the double
+quantization's offset and the two blocksizes), which loading requires with double quantization.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from hoptune.quant.nf4 import FLOAT_DTYPES, NF4Weight, dequantize_nf4, quantize_
 
 # buffers that hold NF4 codes and statistics: their dtypes are part of the format
 NF4_BUFFERS = ("weight_packed", "weight_absmax", "weight_absmax2", "weight_code2")
+# the state-dict entry of the rest of an NF4 weight: float64 (offset, blocksize, blocksize2), the
+# offset being the double quantization's (without it, absmax2 and code2 decode to other scales)
+NF4_META_KEY = "weight_nf4_meta"
 
 
 def register_nf4(module: nn.Module, q: NF4Weight) -> None:
@@ -48,6 +52,48 @@ def nf4_view(module: nn.Module) -> NF4Weight:
         offset,
         bs2,
     )
+
+
+def save_nf4_meta(module: nn.Module, destination: dict, prefix: str) -> None:
+    """Add ``module``'s NF4 metadata to a state dict being built (``_save_to_state_dict``)."""
+    if module._nf4_meta is None:
+        return
+    _, _, bs, offset, bs2 = module._nf4_meta
+    destination[prefix + NF4_META_KEY] = torch.tensor(
+        [offset, bs, bs2], dtype=torch.float64, device=module.weight_packed.device
+    )
+
+
+def load_nf4_meta(
+    module: nn.Module, state_dict, prefix: str, strict: bool, missing_keys, unexpected_keys, error_msgs
+):
+    """Take ``module``'s NF4 metadata from a state dict being loaded (after
+    ``_load_from_state_dict`` has copied the buffers). With double quantization the entry is
+    required: the codes alone would decode to other weights."""
+    key = prefix + NF4_META_KEY
+    if key in unexpected_keys:
+        unexpected_keys.remove(key)
+    if module._nf4_meta is None:  # (a dense base)
+        if key in state_dict and strict:
+            unexpected_keys.append(key)
+        return
+    shape, dtype, bs, _, bs2 = module._nf4_meta
+    t = state_dict.get(key)
+    if t is None:
+        if module.weight_absmax2 is not None and strict:
+            missing_keys.append(key)
+        return
+    if not isinstance(t, torch.Tensor) or t.numel() != 3:
+        error_msgs.append(f"{key}: expected 3 values (offset, blocksize, blocksize2), got {t!r}")
+        return
+    new_offset, new_bs, new_bs2 = t.detach().to("cpu", torch.float64).tolist()
+    if (int(new_bs), int(new_bs2)) != (bs, bs2):
+        error_msgs.append(
+            f"{key}: the state dict's NF4 weight has blocksize {int(new_bs)} / blocksize2 "
+            f"{int(new_bs2)}, this module's {bs} / {bs2} (quantize the module with the same settings)"
+        )
+        return
+    module._nf4_meta = (shape, dtype, bs, float(new_offset), bs2)
 
 
 def nf4_call(module: nn.Module, x: torch.Tensor, lora_A, lora_B, scale: float, bias) -> torch.Tensor:
@@ -168,6 +214,14 @@ class NF4Linear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         return apply_keeping_nf4_dtypes(self, super()._apply, fn, recurse)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        save_nf4_meta(self, destination, prefix)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        load_nf4_meta(self, state_dict, prefix, strict, missing, unexpected, errors)
 
     def extra_repr(self) -> str:
         dq = ", double_quant" if self.weight_absmax2 is not None else ""

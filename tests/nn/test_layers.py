@@ -1,0 +1,254 @@
+"""LoRALinear and NF4Linear as modules: state dicts, PEFT's DoRA forms, argument checks, weight
+tying, a trainable bias."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import hoptune
+from hoptune.nn import LoRALinear, NF4Linear
+from hoptune.ops import nf4_lora_linear
+from hoptune.quant import quantize_nf4
+from tests.conftest import rel_err
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _nf4_pair(make):
+    """Two layers of the same shape whose double-quantized weights differ in scale (and so in the
+    double quantization's offset)."""
+    lin_a, lin_b = nn.Linear(256, 128), nn.Linear(256, 128)
+    with torch.no_grad():
+        lin_b.weight.mul_(3)
+    return make(lin_a), make(lin_b)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        NF4Linear.from_linear,
+        lambda lin: LoRALinear(lin, r=4, quantize="nf4", init_lora_weights=False),
+    ],
+    ids=["nf4_linear", "lora_linear"],
+)
+def test_nf4_state_dict_round_trip(make):
+    """The state dict carries the whole NF4 weight (the offset too): loading it into a layer
+    quantized from other weights gives exactly the source's weights and outputs."""
+    a, b = _nf4_pair(make)
+    assert a._nf4_meta[3] != b._nf4_meta[3]
+    sd = a.state_dict()
+    assert "weight_nf4_meta" in sd and sd["weight_nf4_meta"].dtype == torch.float64
+    b.load_state_dict(sd)
+    base = (lambda m: m.dequantize()) if isinstance(a, NF4Linear) else (lambda m: m.base_weight())
+    assert torch.equal(base(b), base(a))
+    x = torch.randn(5, 256)
+    assert torch.equal(b(x), a(x))
+    # through a file, as a user would save it
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    c = make(nn.Linear(256, 128))
+    c.load_state_dict(torch.load(buf))
+    assert torch.equal(c(x), a(x))
+
+
+def test_nf4_state_dict_without_meta_is_refused():
+    """A state dict without the metadata (saved before it existed) cannot say which offset its
+    double-quantized statistics need: strict loading reports the key as missing."""
+    a, b = _nf4_pair(NF4Linear.from_linear)
+    sd = a.state_dict()
+    del sd["weight_nf4_meta"]
+    with pytest.raises(RuntimeError, match="weight_nf4_meta"):
+        b.load_state_dict(sd)
+    missing, _ = b.load_state_dict(sd, strict=False)
+    assert missing == ["weight_nf4_meta"]
+    # without double quantization there is no offset to lose
+    single = [NF4Linear(quantize_nf4(torch.randn(64, 128), double_quant=False)) for _ in range(2)]
+    sd = single[0].state_dict()
+    del sd["weight_nf4_meta"]
+    single[1].load_state_dict(sd)
+    assert torch.equal(single[1].dequantize(), single[0].dequantize())
+
+
+def test_nf4_state_dict_other_blocksize_is_refused():
+    a = NF4Linear.from_linear(nn.Linear(256, 128), blocksize=64)
+    b = NF4Linear.from_linear(nn.Linear(256, 128), blocksize=64)
+    sd = a.state_dict()
+    sd["weight_nf4_meta"] = torch.tensor([sd["weight_nf4_meta"][0].item(), 128.0, 256.0], dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="blocksize 128"):
+        b.load_state_dict(sd)
+
+
+def _peft_dora_forward(lora: LoRALinear, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """PEFT's DoRA forward with dropout output d: base(x) + (m/n - 1) d W^T + (m/n) s B A d."""
+    w = lora.base_weight(torch.float32)
+    n = torch.linalg.vector_norm(w + lora.lora_delta(), dim=1).detach()
+    mn = lora.lora_magnitude / n
+    y = x @ w.t() + (mn - 1) * (d @ w.t()) + mn * (lora.scaling * (d @ lora.lora_A.t()) @ lora.lora_B.t())
+    return y if lora.bias is None else y + lora.bias
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_dora_with_dropout_is_peft_form(quantize):
+    """With dropout active, DoRA computes PEFT's form (the base on x, the magnitude's correction and
+    the LoRA term on the dropped-out x); in eval mode the dropout is off and both forms agree."""
+    lora = LoRALinear(
+        nn.Linear(128, 64), r=4, lora_dropout=0.5, use_dora=True, quantize=quantize, init_lora_weights=False
+    )
+    with torch.no_grad():
+        lora.lora_magnitude.mul_(torch.rand(64) + 0.5)  # m != n: the correction term matters
+    x = torch.randn(6, 128)
+    lora.train()
+    torch.manual_seed(1)
+    y = lora(x)
+    torch.manual_seed(1)
+    d = lora.lora_dropout(x)
+    assert rel_err(y, _peft_dora_forward(lora, x, d)) < 1e-5
+    lora.eval()
+    assert rel_err(lora(x), _peft_dora_forward(lora, x, x)) < 1e-5
+
+
+def test_dora_matches_peft_with_dropout():
+    """The same weights in PEFT's DoRA layer and ours, dropout active, the same RNG state: the
+    same output and gradients."""
+    peft = pytest.importorskip("peft")
+    base = nn.Sequential()
+    base.add_module("proj", nn.Linear(96, 48))
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, use_dora=True, target_modules=["proj"])
+    theirs = peft.get_peft_model(copy.deepcopy(base), cfg).base_model.model.proj
+    ours = copy.deepcopy(base)
+    hoptune.apply_lora(ours, r=4, alpha=8, dropout=0.3, use_dora=True, target_modules=["proj"])
+    ours = ours.proj
+    with torch.no_grad():
+        theirs.lora_B["default"].weight.normal_()
+        ours.lora_A.copy_(theirs.lora_A["default"].weight)
+        ours.lora_B.copy_(theirs.lora_B["default"].weight)
+        ours.lora_magnitude.copy_(theirs.lora_magnitude_vector["default"].weight * 1.3)
+        theirs.lora_magnitude_vector["default"].weight.mul_(1.3)
+    ours.train()
+    theirs.train()
+    x = torch.randn(5, 96)
+    torch.manual_seed(7)
+    y_theirs = theirs(x)
+    torch.manual_seed(7)
+    y_ours = ours(x)
+    assert rel_err(y_ours, y_theirs) < 1e-5
+    y_ours.square().sum().backward()
+    y_theirs.square().sum().backward()
+    for g_ours, g_theirs in (
+        (ours.lora_A.grad, theirs.lora_A["default"].weight.grad),
+        (ours.lora_B.grad, theirs.lora_B["default"].weight.grad),
+        (ours.lora_magnitude.grad, theirs.lora_magnitude_vector["default"].weight.grad),
+    ):
+        assert rel_err(g_ours, g_theirs) < 1e-4
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_dora_init_with_random_b(quantize):
+    """init_lora_weights=False (B random): the magnitude starts at ||W + s B A|| as in PEFT, so
+    the DoRA layer starts out equal to the plain LoRA layer."""
+    lin = nn.Linear(128, 64)
+    dora = LoRALinear(lin, r=4, use_dora=True, quantize=quantize, init_lora_weights=False)
+    w = dora.base_weight(torch.float32) + dora.lora_delta()
+    assert rel_err(dora.lora_magnitude, torch.linalg.vector_norm(w, dim=1)) < 1e-6
+    x = torch.randn(3, 128)
+    plain = x @ w.t() + dora.bias
+    assert rel_err(dora(x), plain) < 1e-5
+
+
+def test_gaussian_init():
+    lora = LoRALinear(nn.Linear(512, 256), r=8, init_lora_weights="gaussian")
+    assert not lora.lora_B.any()
+    assert abs(lora.lora_A.std().item() - 1 / 8) < 0.01
+    m = nn.Sequential(nn.Linear(64, 64))
+    hoptune.apply_lora(m, r=4, target_modules=["0"], init_lora_weights="gaussian")
+    assert abs(m[0].lora_A.std().item() - 1 / 4) < 0.05
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(r=True), "r must be a positive int"),
+        (dict(lora_alpha=-1), "lora_alpha must be a positive number"),
+        (dict(lora_alpha="16"), "lora_alpha must be a positive number"),
+        (dict(lora_dropout="0.1"), "lora_dropout must be a number"),
+        (dict(use_dora="yes"), "use_dora must be True or False"),
+        (dict(use_rslora=1), "use_rslora must be True or False"),
+        (dict(quantize="nf4", double_quant="no"), "double_quant must be True or False"),
+        (dict(init_lora_weights="pissa"), "init_lora_weights must be True, False or 'gaussian'"),
+    ],
+)
+def test_lora_linear_bad_arguments(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        LoRALinear(nn.Linear(64, 32), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(dropout="0.1"), "dropout must be a number"),
+        (dict(use_dora="yes"), "use_dora must be True or False"),
+        (dict(init_lora_weights="gaussian "), "init_lora_weights must be"),
+    ],
+)
+def test_apply_lora_bad_arguments(kwargs, match):
+    m = nn.Sequential(nn.Linear(64, 64))
+    with pytest.raises((ValueError, TypeError), match=match):
+        hoptune.apply_lora(m, r=4, target_modules=["0"], **kwargs)
+    assert isinstance(m[0], nn.Linear)
+
+
+def test_remove_lora_keeps_tied_weights():
+    """lm_head tied to the embeddings stays tied through apply_lora and remove_lora (the LoRA
+    layer keeps the layer's own Parameter), and a cast keeps one storage."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        tie_word_embeddings=True,
+    )
+    m = LlamaForCausalLM(cfg)
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    hoptune.apply_lora(m, r=4, target_modules=["lm_head", "q_proj"])
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    hoptune.remove_lora(m)
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    assert m.model.embed_tokens.weight.requires_grad  # given back
+    m.half()
+    assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lora", [True, False])
+def test_op_trains_a_bias(device, lora):
+    """A bias that requires grad gets its gradient (the sum of dY over the tokens), with or
+    without an adapter; the other gradients are unchanged."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(96, 128, generator=g) * 0.1).to(dtype).to(device)
+    q = quantize_nf4(w)
+    x = torch.randn(2, 7, 128, generator=g).to(dtype).to(device).requires_grad_(True)
+    a = (torch.randn(4, 128, generator=g) * 0.1).to(dtype).to(device).requires_grad_(lora)
+    b = (torch.randn(96, 4, generator=g) * 0.1).to(dtype).to(device).requires_grad_(lora)
+    bias = torch.randn(96, generator=g).to(dtype).to(device).requires_grad_(True)
+    gy = torch.randn(2, 7, 96, generator=g).to(dtype).to(device)
+    args = (a, b, 0.5) if lora else (None, None, 1.0)
+    nf4_lora_linear(x, q, *args, bias=bias).backward(gy)
+    expected = gy.double().sum((0, 1))
+    low = gy.sum((0, 1))
+    assert bias.grad is not None and bias.grad.dtype == dtype
+    assert rel_err(bias.grad, expected) <= 2 * rel_err(low, expected) + 1e-6
+    # and through the layer, with the bias unfrozen by the user
+    layer = NF4Linear(q, bias.detach().clone()).to(device)
+    layer.bias.requires_grad_(True)
+    layer(x.detach()).backward(gy)
+    assert rel_err(layer.bias.grad, expected) <= 2 * rel_err(low, expected) + 1e-6
