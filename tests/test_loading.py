@@ -177,6 +177,47 @@ def test_our_nf4_checkpoint_loads(tmp_path):
     assert len(nf4_layers(ours)) == 14
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_an_nf4_model_saves_as_it_is(tmp_path, tie):
+    tiny_model("qwen2", tie).save_pretrained(tmp_path / "bf16")  # qwen2: biases on q/k/v
+    model = hoptune.load_model(tmp_path / "bf16", device="cpu", skip_modules=["down_proj"], progress=False)
+    packed = {n: m.weight_packed for n, m in nf4_layers(model).items()}
+    names = save_pretrained_nf4(model, tmp_path / "nf4")
+    assert len(packed) == 12 and len(names) == 14  # the NF4 layers as they are, down_proj quantized
+    sd = load_file(tmp_path / "nf4" / "model.safetensors")
+    assert not [k for k in sd if "weight_" in k or "nf4_meta" in k]  # no raw NF4 buffers
+    assert all(torch.equal(from_bnb_state_dict(sd, f"{n}.weight").packed, p) for n, p in packed.items())
+    for i in range(2):  # the in-memory model with down_proj as saved
+        q = from_bnb_state_dict(sd, f"model.layers.{i}.mlp.down_proj.weight")
+        model.model.layers[i].mlp.down_proj = NF4Linear(q)
+    loaded = hoptune.load_model(tmp_path / "nf4", device="cpu", progress=False)
+    assert len(nf4_layers(loaded)) == 14
+    torch.testing.assert_close(logits(loaded), logits(model), atol=0, rtol=0)
+
+
+def test_save_pretrained_nf4_refuses_lora_and_other_nf4_settings(tmp_path):
+    tiny_model().save_pretrained(tmp_path / "bf16")
+    model = hoptune.load_model(tmp_path / "bf16", device="cpu", blocksize=128, progress=False)
+    out = tmp_path / "nf4"
+    with pytest.raises(
+        ValueError,
+        match=r"layers\.0\.self_attn\.q_proj is NF4 already with blocksize=128, double_quant=True, but "
+        r"blocksize=64, double_quant=True were asked for; pass blocksize=128",
+    ):
+        save_pretrained_nf4(model, out)
+    with pytest.raises(ValueError, match=r"q_proj is in skip_modules=\['lm_head', 'q_proj'\] but is NF4"):
+        save_pretrained_nf4(model, out, blocksize=128, skip_modules=["lm_head", "q_proj"])
+    want = logits(model)
+    hoptune.apply_lora(model, r=4)
+    with pytest.raises(ValueError, match=r"model has 14 LoRA layers.*merge_and_unload.*remove_lora"):
+        save_pretrained_nf4(model, out, blocksize=128)
+    assert not out.exists()
+    hoptune.remove_lora(model)
+    assert len(save_pretrained_nf4(model, out, blocksize=128)) == 14
+    loaded = hoptune.load_model(out, device="cpu", progress=False)
+    torch.testing.assert_close(logits(loaded), want, atol=0, rtol=0)
+
+
 def _stream_all(reader, path):
     entries = sorted(read_safetensors_header(path).values(), key=lambda e: e.start)
     return {e.key: t.clone() for e, t in reader.stream_entries(entries)}
@@ -350,6 +391,98 @@ def test_wrong_shape_names_the_tensor(tmp_path):
         ValueError, match=r"down_proj\.weight has shape \[128, 64\] but LlamaForCausalLM needs \[64, 128\]"
     ):
         hoptune.load_model(tmp_path, device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_keep_in_fp32_modules_as_from_pretrained(tmp_path, monkeypatch, dtype):
+    # _keep_in_fp32_modules for float16 only, _keep_in_fp32_modules_strict for float16 and bfloat16;
+    # each a regular expression searched for in the tensor's name, "*" for any text
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "_keep_in_fp32_modules", ["embed_tokens"])
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "_keep_in_fp32_modules_strict", ["layers.1.*norm"])
+    tiny_model().save_pretrained(tmp_path)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype)
+    ours = hoptune.load_model(tmp_path, quantize=None, device="cpu", dtype=dtype, progress=False)
+    want, got = ref.state_dict(), ours.state_dict()
+    assert {k: t.dtype for k, t in got.items()} == {k: t.dtype for k, t in want.items()}
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    fp32 = {k for k, t in got.items() if t.dtype == torch.float32}
+    strict = {f"model.layers.1.{n}.weight" for n in ("input_layernorm", "post_attention_layernorm")}
+    expect = {
+        torch.bfloat16: strict,
+        torch.float16: strict | {"model.embed_tokens.weight"},
+        torch.float32: set(want),
+    }[dtype]
+    assert fp32 == expect
+
+
+def test_router_kept_in_fp32_as_from_pretrained(tmp_path):
+    if not hasattr(transformers, "Dots1ForCausalLM"):
+        pytest.skip("this transformers has no Dots1")
+    from safetensors.torch import save_file
+
+    cfg = transformers.Dots1Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        max_position_embeddings=64,
+        n_group=1,
+        topk_group=1,
+    )
+    torch.manual_seed(0)
+    model = transformers.Dots1ForCausalLM(cfg).eval()
+    with torch.no_grad():  # a routing bias that bfloat16 would round (its values near 1)
+        model.model.layers[1].mlp.gate.e_score_correction_bias.normal_(0, 1e-3).add_(1.0)
+    model.save_pretrained(tmp_path)
+    # the model's own tensor names (fused experts): the layout load_model reads
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    ours = hoptune.load_model(tmp_path, quantize=None, device="cpu", progress=False)
+    gate = ours.model.layers[1].mlp.gate
+    assert gate.weight.dtype == gate.e_score_correction_bias.dtype == torch.float32
+    torch.testing.assert_close(logits(ours), logits(ref), atol=0, rtol=0)
+
+
+def test_moe_checkpoint_in_a_converted_layout_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    cfg = transformers.MixtralConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(cfg).to(torch.bfloat16).eval()
+    model.save_pretrained(tmp_path)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    saved = read_safetensors_header(str(tmp_path / "model.safetensors"))
+    if set(saved) != set(model.state_dict()):  # transformers >= 5: per-expert tensors on disk
+        with pytest.raises(ValueError) as err:
+            hoptune.load_model(tmp_path, quantize=None, device="cpu", progress=False)
+        msg = str(err.value)
+        assert "MixtralForCausalLM in the layout that transformers converts while loading" in msg
+        assert "does not support this architecture's checkpoint layout yet" in msg
+        assert "from_pretrained" in msg and "apply_lora(model, quantize='nf4'" in msg
+        assert "incomplete" not in msg and "lacks" not in msg
+    # with the model's own tensor names (fused experts) it loads as from_pretrained does
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    ours = hoptune.load_model(tmp_path, quantize=None, device="cpu", progress=False)
+    torch.testing.assert_close(logits(ours), logits(ref), atol=0, rtol=0)
 
 
 # -- bad input --------------------------------------------------------------------------------

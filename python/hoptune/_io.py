@@ -3,13 +3,40 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 
 
+def _umask() -> int:
+    """The process umask. Linux shows it in /proc/self/status; elsewhere ``os.umask`` has to set it
+    to read it, so for that instant the most restrictive one is set (a file another thread creates
+    then is private, never too open)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def _mode_for(path: str) -> int:
+    """The permissions the file at ``path`` ends with: those of the file it replaces, else what
+    ``open`` would give a new file (0o666 less the umask). The temporary file is created 0o600."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
     """Call ``write(tmp_path)`` for a temporary file beside ``path``, fsync it, then rename it over
-    ``path`` (atomic on POSIX): readers see the old file or the new one, never a partial one."""
+    ``path`` (atomic on POSIX): readers see the old file or the new one, never a partial one. The
+    file gets the permissions of the one it replaces, or those of a new file under the umask."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -17,6 +44,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _mode_for(path))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

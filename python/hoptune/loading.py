@@ -580,6 +580,38 @@ def _bnb_owner(key: str, prequant: set[str]) -> str | None:
     return None
 
 
+def _keep_in_fp32(model: nn.Module, dtype: torch.dtype) -> re.Pattern | None:
+    """The tensors that stay float32 in a ``dtype`` model, as transformers' ``from_pretrained``
+    decides: ``_keep_in_fp32_modules`` for float16 only (it guards bf16 weights from fp16's range),
+    ``_keep_in_fp32_modules_strict`` for float16 and bfloat16. Each entry is searched for in a
+    tensor's full name as a regular expression, ``*`` standing for any text."""
+    names = []
+    if dtype == torch.float16:
+        names += list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    if dtype in (torch.float16, torch.bfloat16):
+        names += list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    if not names:
+        return None
+    return re.compile("|".join(f"(?:{n.replace('*', '.*')})" for n in names))
+
+
+def _converts_keys_on_load(model: nn.Module, absent: Sequence[str]) -> bool:
+    """Whether transformers converts ``model``'s checkpoint keys while loading (renames them, fuses
+    the per-expert weights of an MoE layer into one tensor), which load_model does not do: the
+    model has a conversion mapping in transformers, or a tensor the files lack is a fused expert
+    weight ``(E, out, in)``."""
+    try:
+        from transformers import conversion_mapping  # transformers >= 5
+    except ImportError:
+        mapped = False
+    else:
+        get = getattr(conversion_mapping, "get_checkpoint_conversion_mapping", None)
+        names = (type(model).__name__, getattr(model.config, "model_type", None))
+        mapped = callable(get) and any(n and get(n) is not None for n in names)
+    params = dict(model.named_parameters())
+    return mapped or any(k in params and params[k].dim() == 3 for k in absent)
+
+
 def _output_heads(model: nn.Module) -> set[str]:
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
@@ -606,7 +638,11 @@ def load_model(
     ``quantize``: "nf4" makes every linear layer but the output head and ``skip_modules`` an
     :class:`~hoptune.nn.NF4Linear` (``blocksize``, ``double_quant`` as in bitsandbytes); None keeps
     them dense. Layers of a pre-quantized bitsandbytes NF4 checkpoint load as NF4 either way.
-    ``dtype``: of every other floating-point tensor and of the NF4 layers' compute.
+    ``dtype``: of every other floating-point tensor and of the NF4 layers' compute, but for those
+    ``from_pretrained`` keeps otherwise (declared in another dtype by the model, or named by its
+    ``_keep_in_fp32_modules`` for float16 or ``_keep_in_fp32_modules_strict``: float32).
+    Checkpoints in a layout that transformers converts while loading (MoE models whose per-expert
+    weights it fuses, such as Mixtral's) are refused with an error.
     Returns the transformers model in eval mode, as ``from_pretrained`` does.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -664,7 +700,11 @@ def load_model(
     model.eval()
 
     # 3. what to do with each key
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    meta_state = model.state_dict()
+    shapes = {k: tuple(v.shape) for k, v in meta_state.items()}
+    dtypes = {k: v.dtype for k, v in meta_state.items()}  # as the model declares them
+    to_read = {k for k, v in meta_state.items() if v.is_meta}  # not computed by the model itself
+    del meta_state
     expected = set(shapes)
     heads = _output_heads(model)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -687,7 +727,7 @@ def load_model(
                 continue
             to_quantize.add(n)
     tied = _tied_keys(model, config)
-    keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or []) if dtype == torch.float16 else []
+    keep_fp32 = _keep_in_fp32(model, dtype)
     plan: dict[str, tuple[str, str]] = {}  # key -> (what to do, module name)
     for key in entries:
         owner = _bnb_owner(key, prequant)
@@ -712,6 +752,20 @@ def load_model(
     unexpected = sorted(
         k for k in entries if k not in plan and k not in tied and not any(p.search(k) for p in ignore)
     )
+    # what the model needs but the files do not hold (of a tied pair, one is enough)
+    planned = set(plan)
+    absent = sorted(
+        k for k in to_read - planned if not any(k in pair and planned & set(pair) for pair in tied.items())
+    )
+    if absent and unexpected and _converts_keys_on_load(model, absent):
+        raise ValueError(
+            f"{folder} stores {type(model).__name__} in the layout that transformers converts while "
+            f"loading (renamed keys, per-expert weights fused into one tensor): the files have e.g. "
+            f"{unexpected[:3]} where the model has {absent[:3]}. load_model does not support this "
+            "architecture's checkpoint layout yet; load it with "
+            "transformers.AutoModelForCausalLM.from_pretrained(path, dtype=...), then "
+            "hoptune.apply_lora(model, quantize='nf4', ...) quantizes the linear layers it wraps"
+        )
     if unexpected:
         warnings.warn(
             f"{len(unexpected)} tensors in {folder} are not used by {type(model).__name__}: {unexpected[:5]}",
@@ -757,8 +811,9 @@ def load_model(
             elif kind == "quantize":
                 nf4.submit(e.file, key, owner, t if t.dtype == dtype else t.to(dtype))
             else:
-                if t.is_floating_point() and t.dtype != dtype and not _matches_any(owner, keep_fp32):
-                    t = t.to(dtype)
+                want = torch.float32 if keep_fp32 is not None and keep_fp32.search(key) else dtypes[key]
+                if t.is_floating_point() and want.is_floating_point and t.dtype != want:
+                    t = t.to(want)
                 _set_tensor(model, key, t)
             del t
             nf4.poll()

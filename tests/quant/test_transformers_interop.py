@@ -92,6 +92,24 @@ def _check_bnb_checkpoint_loads_in_hoptune(tmp_path, device):
     assert n == 14
 
 
+def test_nf4_model_from_load_model_saves_for_transformers(tmp_path):
+    """A model hoptune.load_model quantized is saved as it is (no re-quantization) and loads in
+    transformers + bitsandbytes with the same outputs."""
+    from transformers import AutoModelForCausalLM
+
+    import hoptune
+
+    _tiny_llama().save_pretrained(tmp_path / "bf16")
+    model = hoptune.load_model(tmp_path / "bf16", device="cpu", dtype=torch.float32, progress=False)
+    assert len(save_pretrained_nf4(model, tmp_path / "nf4")) == 14
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "nf4", device_map="cpu").eval()
+    assert type(loaded.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    ids = torch.randint(0, 384, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, loaded(ids).logits.float()
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+
+
 def test_our_checkpoint_loads_in_transformers(tmp_path):
     _check_our_checkpoint_loads_in_transformers(tmp_path, "cpu")
 

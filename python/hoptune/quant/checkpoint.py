@@ -51,25 +51,57 @@ def save_pretrained_nf4(
 
     Writes ``config.json`` (with ``quantization_config``) and ``model.safetensors`` atomically into
     ``out_dir``; ``AutoModelForCausalLM.from_pretrained(out_dir)`` then loads it through
-    bitsandbytes. Quantizes on ``device`` (default: where each weight lives). Returns the quantized
-    module names.
+    bitsandbytes. Quantizes on ``device`` (default: where each weight lives). Layers that are NF4
+    already (:class:`hoptune.nn.NF4Linear`, as :func:`hoptune.load_model` makes them) are written
+    as they are, not re-quantized; they must have been quantized with ``blocksize`` and
+    ``double_quant``. A model with LoRA layers is refused: fold the adapters in
+    (``hoptune.merge_and_unload``) or take them out (``hoptune.remove_lora``) first. Returns the
+    names of the modules stored in NF4.
     """
     from safetensors.torch import save_file
 
+    from hoptune.nn import LoRALinear  # not at the top: hoptune.nn imports hoptune.quant
+
     skip = tuple(skip_modules)
+    # checked before anything is quantized: LoRA layers, and NF4 layers that cannot be saved as asked
+    lora = [name for name, mod in model.named_modules() if isinstance(mod, LoRALinear)]
+    if lora:
+        raise ValueError(
+            f"model has {len(lora)} LoRA layers (e.g. {lora[:3]}); save_pretrained_nf4 writes a base model "
+            "only: fold the adapters in with hoptune.merge_and_unload(model), or take them out with "
+            "hoptune.remove_lora(model) after hoptune.save_adapter(model, dir), then save"
+        )
+    nf4 = {name: mod.weight_nf4 for name, mod in model.named_modules() if getattr(mod, "quantized", False)}
+    for name, q in nf4.items():
+        if _skipped(name, skip):
+            raise ValueError(
+                f"{name} is in skip_modules={list(skip)} but is NF4 already; leave it out of "
+                "skip_modules, or make it dense first (NF4Linear.to_linear)"
+            )
+        if q.blocksize != blocksize or q.nested != bool(double_quant):
+            raise ValueError(
+                f"{name} is NF4 already with blocksize={q.blocksize}, double_quant={q.nested}, but "
+                f"blocksize={blocksize}, double_quant={double_quant} were asked for; pass "
+                f"blocksize={q.blocksize}, double_quant={q.nested} (NF4 layers are saved as they are)"
+            )
     state: dict[str, torch.Tensor] = {}
     quantized: list[str] = []
-    linear_weights = set()
+    replaced: set[str] = set()  # state-dict keys whose tensors the bitsandbytes ones replace
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and not _skipped(name, skip):
+        if name in nf4:  # NF4 already: saved as it is (re-quantizing would change the weight)
+            q = nf4[name]
+        elif isinstance(mod, nn.Linear) and not _skipped(name, skip):
             w = mod.weight.detach()
             dev = w.device if device is None else torch.device(device)
             q = quantize_nf4(w.to(dev).contiguous(), blocksize=blocksize, double_quant=double_quant)
-            state.update({k: v.cpu() for k, v in to_bnb_state_dict(q, f"{name}.weight").items()})
-            linear_weights.add(f"{name}.weight")
-            quantized.append(name)
+        else:
+            continue
+        state.update({k: v.cpu() for k, v in to_bnb_state_dict(q, f"{name}.weight").items()})
+        # all the layer holds but its bias: the dense weight, or the NF4 buffers and their metadata
+        replaced.update(k for k in mod.state_dict(prefix=f"{name}.") if k != f"{name}.bias")
+        quantized.append(name)
     for key, t in model.state_dict().items():
-        if key not in linear_weights and key not in state:
+        if key not in replaced and key not in state:
             state[key] = t.detach().cpu().contiguous()
     # tied weights (lm_head / embed_tokens) are stored once, as transformers does
     for key in getattr(model, "_tied_weights_keys", None) or []:

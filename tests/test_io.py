@@ -1,0 +1,73 @@
+"""atomic_write: a saved file gets the permissions a plain write would give it, not mkstemp's 0o600."""
+
+from __future__ import annotations
+
+import os
+import stat
+from contextlib import contextmanager
+
+import pytest
+
+from hoptune import _io
+from hoptune._io import atomic_write_text
+
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+
+
+@contextmanager
+def umask(mask):
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.mark.parametrize(
+    "mask, want", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)], ids=["022", "027", "077"]
+)
+def test_a_new_file_gets_the_umask_mode(tmp_path, mask, want):
+    with umask(mask):
+        atomic_write_text(tmp_path / "config.json", "{}")
+        assert mode(tmp_path / "config.json") == want
+        assert _io._umask() == mask
+    assert os.listdir(tmp_path) == ["config.json"]  # no temporary file left
+
+
+def test_umask_without_proc(monkeypatch):
+    def no_proc(*args, **kwargs):
+        raise FileNotFoundError("/proc/self/status")
+
+    monkeypatch.setattr(_io, "open", no_proc, raising=False)
+    with umask(0o027):
+        assert _io._umask() == 0o027
+        assert os.umask(0o027) == 0o027  # read and put back as it was
+
+
+def test_a_replaced_file_keeps_its_mode(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text("old")
+    os.chmod(path, 0o640)
+    with umask(0o022):
+        atomic_write_text(path, "new")
+    assert path.read_text() == "new" and mode(path) == 0o640
+
+
+def test_saved_adapter_is_readable_by_others(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import hoptune
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4
+    )
+    model = transformers.LlamaForCausalLM(cfg)
+    hoptune.apply_lora(model, r=4)
+    with umask(0o022):
+        hoptune.save_adapter(model, tmp_path / "adapter")
+    files = sorted(os.listdir(tmp_path / "adapter"))
+    assert files == ["adapter_config.json", "adapter_model.safetensors"]
+    assert all(mode(tmp_path / "adapter" / f) == 0o644 for f in files)
