@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from hoptune.cli import main
 
@@ -51,6 +52,86 @@ def test_bad_config_is_one_line(tmp_path, capsys, args, message):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train.betas=[0.9,1.5]"], "train.betas must each be in [0, 1), got [0.9, 1.5]"),
+        (["train.log_every=0"], "train.log_every must be >= 1, got 0"),
+        (["train.eval_batch_size=-1"], "train.eval_batch_size must be >= 0"),
+        (["train.epochs=inf", "train.max_steps=0"], "train.epochs must be a finite number, got inf"),
+        (
+            ["model.chat_template=templates/chatml.jinja"],
+            "model.chat_template='templates/chatml.jinja': no such",
+        ),
+    ],
+)
+def test_bad_values_are_one_line_even_with_print_config(tmp_path, capsys, args, message):
+    for extra in ([], ["--print-config"]):
+        assert main(["sft", "demo_sft", f"output.dir={tmp_path}", *args, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("hoptune sft: error: ") and message in err and "Traceback" not in err
+
+
+@pytest.fixture
+def run_config(tmp_path, small_model, tokenizer):
+    """A config over a small checkpoint folder and 16 chats of the demo task, 1 step on the CPU."""
+    from hoptune.data import demo_task
+    from hoptune.data.jsonl import write_jsonl
+
+    base = tmp_path / "base"
+    small_model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    pairs, _ = demo_task.split_pairs()
+    write_jsonl(tmp_path / "train.jsonl", demo_task.sft_records(pairs[:16]))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "# hoptune sft c.yaml\n"
+        f"model:\n  path: {base}\n  device: cpu\n  quantize: null\n  gradient_checkpointing: false\n"
+        f"data:\n  train: {tmp_path / 'train.jsonl'}\n  max_seq_len: 64\n"
+        "train:\n  max_steps: 1\n  batch_size: 4\n  grad_accum: 1\n  save_every: 1\n"
+        f"output:\n  dir: {tmp_path / 'run'}\n  progress: false\n  plots: false\n  tensorboard: false\n"
+    )
+    return str(cfg)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["model.attn_implementation=bogus"], "model.attn_implementation='bogus': "),
+        (["lora.target_modules=q_proj"], "target_modules='q_proj' matches no linear layer"),
+        (["data.train=LATIN1"], "line 1: not valid UTF-8 (byte 0xe9 at column 47)"),
+        pytest.param(
+            ["model.device=cuda"],
+            "no CUDA device is visible; use model.device=cpu",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible"),
+        ),
+    ],
+)
+def test_setup_errors_are_one_line(tmp_path, capsys, run_config, args, message):
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(
+        b'{"messages": [{"role": "user", "content": "caf\xe9"}, {"role": "assistant", "content": "x"}]}\n'
+    )
+    args = [a.replace("LATIN1", str(bad)) for a in args]
+    capsys.readouterr()  # the fixture's own output
+    assert main(["sft", run_config, *args]) == 2
+    err = capsys.readouterr().err  # the model's loading bar may come first
+    last = err.rstrip("\n").split("\n")[-1]
+    assert last.startswith("hoptune sft: error: ") and message in last and "Traceback" not in err
+
+
+def test_resume_with_other_lora_settings_is_one_line(capsys, run_config):
+    capsys.readouterr()  # the fixture's own output
+    # a comma-separated list on the command line is a list of module names
+    assert main(["sft", run_config, "lora.target_modules=q_proj,v_proj"]) == 0
+    capsys.readouterr()
+    assert main(["sft", run_config, "lora.target_modules=q_proj,v_proj", "lora.r=8"]) == 2
+    err = capsys.readouterr().err
+    last = err.rstrip("\n").split("\n")[-1]
+    assert last.startswith("hoptune sft: error: cannot resume exactly from ")
+    assert "lora.r was 16 and is now 8" in last and "remove_lora" not in err
+
+
 def test_unknown_key_in_yaml(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("train:\n  grad_acum: 4\n")
@@ -67,6 +148,8 @@ def test_print_config_of_a_shipped_config(capsys):
     assert main(["sft", "demo_sft", "train.lr=1e-4", "--print-config"]) == 0
     out = capsys.readouterr().out
     assert "lr: 0.0001" in out and "quantize: nf4" in out
+    assert main(["sft", "demo_sft", "--print-config", "train.lr=1e-4"]) == 0  # the option first
+    assert "lr: 0.0001" in capsys.readouterr().out
 
 
 def test_console_script():

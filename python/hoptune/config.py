@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +26,9 @@ import yaml
 
 # -- the SFT recipe's sections -------------------------------------------------------------------
 
+_NAME_LIST = re.compile(r"\s*[\w.-]+(\s*,\s*[\w.-]+)+\s*")
+_DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
+
 
 @dataclass
 class ModelConfig:
@@ -32,7 +37,7 @@ class ModelConfig:
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """auto = bf16 on a GPU, fp32 on a CPU."""
     device: str = "auto"
-    """auto = cuda when available, else cpu."""
+    """auto = cuda when available, else cpu; or cpu, cuda, cuda:N, mps."""
     quantize: Literal["nf4"] | None = "nf4"
     """nf4 = QLoRA (frozen NF4 base); null = LoRA over the base in ``dtype``."""
     double_quant: bool = True
@@ -51,8 +56,16 @@ class LoraConfig:
     alpha: float = 32.0
     dropout: float = 0.0
     target_modules: str | list[str] = "all-linear"
+    """all-linear, a list of module names ([q_proj, v_proj]), or a regular expression matched against
+    the whole module name; a comma-separated string of names (q_proj,v_proj) is read as a list."""
     use_dora: bool = False
     use_rslora: bool = False
+
+    def __post_init__(self) -> None:
+        # "q_proj,v_proj" is what a list looks like on a shell command line; as a regular expression it
+        # could only match module names with a comma in them, and module names have none
+        if isinstance(self.target_modules, str) and _NAME_LIST.fullmatch(self.target_modules):
+            self.target_modules = [n.strip() for n in self.target_modules.split(",")]
 
 
 @dataclass
@@ -228,6 +241,12 @@ _ALIASES = {
     "lora_rank": "lora.r",
     "output_dir": "output.dir",
     "gradient_checkpointing": "model.gradient_checkpointing",
+    "save_steps": "train.save_every",
+    "eval_steps": "train.eval_every",
+    "logging_steps": "train.log_every",
+    "save_total_limit": "train.keep_checkpoints",
+    "per_device_eval_batch_size": "train.eval_batch_size",
+    "adam_epsilon": "train.eps",
 }
 
 
@@ -249,12 +268,14 @@ def _unknown_key(cls: type, key: str, root: type) -> ConfigError:
     if guess is None:
         close = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)
         guess = prefix + close[0] if close else None
+    # a key inside a section is a value, never a section: suggest values only
+    candidates = [k for k in everywhere if "." in k] if prefix else everywhere
     if guess is None:
-        leaves = {k.rsplit(".", 1)[-1]: k for k in everywhere}
+        leaves = {k.rsplit(".", 1)[-1]: k for k in candidates}
         close = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)
         guess = leaves[close[0]] if close else None
     if guess is None:
-        close = difflib.get_close_matches(key, everywhere, n=1, cutoff=0.5)
+        close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
         guess = close[0] if close else None
     hint = f"did you mean {guess!r}?" if guess else f"valid keys here: {', '.join(siblings)}"
     return ConfigError(f"unknown config key {key!r}; {hint}")
@@ -331,6 +352,10 @@ def load_config(
                 tree = yaml.safe_load(f) or {}
             except yaml.YAMLError as e:
                 raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+            except UnicodeDecodeError as e:
+                raise ConfigError(
+                    f"config file {path!r} is not UTF-8 text ({e.reason} at byte {e.start})"
+                ) from None
         if not isinstance(tree, dict):
             raise ConfigError(
                 f"config file {path!r} must hold a mapping of sections, got {type(tree).__name__}"
@@ -364,8 +389,19 @@ def check_sft_config(cfg: SFTConfig) -> None:
         if not ok:
             raise ConfigError(msg)
 
-    t, d, lo = cfg.train, cfg.data, cfg.lora
+    t, d, lo, m = cfg.train, cfg.data, cfg.lora, cfg.model
     need(d.train is not None, "data.train: set the training JSONL (data.train=path/to/train.jsonl)")
+    need(
+        _DEVICE.fullmatch(m.device) is not None,
+        f"model.device must be auto, cpu, cuda, cuda:N or mps, got {m.device!r}",
+    )
+    if m.chat_template is not None:
+        from hoptune.data.formatting import resolve_chat_template
+
+        try:
+            resolve_chat_template(m.chat_template)
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(str(e)) from None
     need(d.max_seq_len >= 2, f"data.max_seq_len must be >= 2, got {d.max_seq_len}")
     need(0.0 <= d.eval_fraction < 1.0, f"data.eval_fraction must be in [0, 1), got {d.eval_fraction}")
     need(
@@ -375,11 +411,23 @@ def check_sft_config(cfg: SFTConfig) -> None:
     need(t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}")
     need(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
     need(t.epochs > 0 or t.max_steps > 0, "set train.epochs > 0 or train.max_steps > 0")
+    need(math.isfinite(t.epochs), f"train.epochs must be a finite number, got {t.epochs}")
     need(t.max_steps >= 0, f"train.max_steps must be >= 0, got {t.max_steps}")
     need(len(t.betas) == 2, f"train.betas must be two floats [beta1, beta2], got {t.betas}")
+    need(all(0.0 <= b < 1.0 for b in t.betas), f"train.betas must each be in [0, 1), got {t.betas}")
+    need(t.eps > 0, f"train.eps must be > 0, got {t.eps}")
+    need(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    need(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     need(0.0 <= t.warmup_ratio < 1.0, f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
     need(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     need(t.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0, got {t.max_grad_norm}")
+    need(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
+    need(t.eval_every >= 0, f"train.eval_every must be >= 0 (0 = only at the end), got {t.eval_every}")
+    need(
+        t.eval_batch_size >= 0,
+        f"train.eval_batch_size must be >= 0 (0 = batch_size), got {t.eval_batch_size}",
+    )
+    need(t.save_every >= 0, f"train.save_every must be >= 0 (0 = no checkpoints), got {t.save_every}")
     need(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
     need(lo.r >= 1, f"lora.r must be >= 1, got {lo.r}")
     need(0.0 <= lo.dropout < 1.0, f"lora.dropout must be in [0, 1), got {lo.dropout}")

@@ -8,7 +8,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from hoptune.data import DataError, load_examples
-from hoptune.data.formatting import ChatFormatter, ExampleError, tokenize_prompt_completion, tokenize_record
+from hoptune.data.formatting import (
+    ChatFormatter,
+    ExampleError,
+    resolve_chat_template,
+    tokenize_prompt_completion,
+    tokenize_record,
+)
 
 CHAT = [
     {"role": "system", "content": "Be brief."},
@@ -62,6 +68,27 @@ def test_template_without_generation_prompt(tokenizer):
     """No generation prompt: the role header is not trained, the content and the newline are."""
     ids, mask = ChatFormatter(tokenizer, NO_GEN_PROMPT).tokenize(CHAT)
     assert masked_text(tokenizer, ids, mask) == ["7\n", "10\n"]
+
+
+def test_content_inside_the_role_header_is_not_trained(tokenizer):
+    """No generation prompt, and the answer "A" also occurs in the header "### Assistant: ": the
+    mask still starts at the content, for every answer alike."""
+    template = "{% for m in messages %}### {{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
+    chat = ChatFormatter(tokenizer, template)
+    for answer in ("A", "B", "t", "Assistant"):
+        msgs = [{"role": "user", "content": "Pick one: A or B?"}, {"role": "assistant", "content": answer}]
+        ids, mask = chat.tokenize(msgs)
+        assert masked_text(tokenizer, ids, mask) == [answer + "\n"], answer
+
+
+def test_chat_template_file_or_inline(tmp_path, tokenizer):
+    path = tmp_path / "t.jinja"
+    path.write_text(NO_GEN_PROMPT)
+    assert resolve_chat_template(str(path)) == NO_GEN_PROMPT
+    assert resolve_chat_template(NO_GEN_PROMPT) == NO_GEN_PROMPT
+    # a mistyped path is an error naming the key, not a template that renders the path itself
+    with pytest.raises(FileNotFoundError, match="model.chat_template='templates/chatml.jinja': no such file"):
+        ChatFormatter(tokenizer, "templates/chatml.jinja")
 
 
 def test_generation_tags_agree_with_transformers(tokenizer):

@@ -38,6 +38,19 @@ def test_malformed_lines_skipped_when_asked(tmp_path, tokenizer):
     assert "1 malformed lines skipped (2)" in report.summary()
 
 
+def test_lines_that_are_not_utf8_are_malformed(tmp_path, tokenizer):
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes(
+        b'{"prompt": "1+1=", "completion": "2"}\n{"prompt": "caf\xe9", "completion": "x"}\n{"text": "y"}\n'
+    )
+    with pytest.raises(
+        DataError, match=r"1 malformed line\(s\): line 2: not valid UTF-8 \(byte 0xe9 at column 16\)"
+    ):
+        read_jsonl(p)
+    examples, report = load_examples(str(p), tokenizer, max_seq_len=64, skip_bad=True)
+    assert len(examples) == 2 and [ln for ln, _ in report.malformed] == [2]
+
+
 def test_missing_fields_are_clear(tmp_path, tokenizer):
     rows = [{"prompt": "a", "completion": "b"}, {"prompt": "only a prompt"}, {"question": "q", "answer": "a"}]
     p = _write(tmp_path / "m.jsonl", [json.dumps(r) for r in rows])

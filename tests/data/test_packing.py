@@ -109,3 +109,18 @@ def test_step_sampler_is_deterministic_and_covers_epochs():
     s2 = StepSampler(num_rows=10, rows_per_step=4, seed=7)
     assert s2.rows_for_step(3) == s.rows_for_step(3)  # any step, without replaying the others
     assert s.steps_for_epochs(2) == 5
+
+
+def test_step_sampler_whole_epochs():
+    """train.epochs: each epoch is cut on its own, its last step takes the rows left over, and no
+    step holds a row twice (not even with fewer rows than a step takes)."""
+    s = StepSampler(num_rows=10, rows_per_step=4, seed=7, whole_epochs=True)
+    assert s.steps_for_epochs(1) == 3 and s.steps_for_epochs(2) == 6 and s.steps_for_epochs(0.5) == 2
+    steps = [s.rows_for_step(k) for k in range(6)]
+    assert [len(r) for r in steps] == [4, 4, 2, 4, 4, 2]
+    assert sorted(i for r in steps[:3] for i in r) == list(range(10))
+    assert sorted(i for r in steps[3:] for i in r) == list(range(10))
+    assert [s.epoch_at(k) for k in range(7)] == [0.0, 0.4, 0.8, 1.0, 1.4, 1.8, 2.0]
+    small = StepSampler(num_rows=10, rows_per_step=16, seed=7, whole_epochs=True)
+    assert small.steps_for_epochs(1) == 1 and sorted(small.rows_for_step(0)) == list(range(10))
+    assert StepSampler(30, 1, 0, whole_epochs=True).steps_for_epochs(0.1) == 3  # 0.1 x 30 is 3, not 4

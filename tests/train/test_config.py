@@ -32,6 +32,13 @@ def test_loads_yaml_and_overrides(tmp_path):
         ("model.quantise", "model.quantize"),
         ("train.gradient_accumulation_steps", "train.grad_accum"),
         ("data.packnig", "data.packing"),
+        # what HF / TRL call them: the nearest-looking key would be another setting
+        ("train.save_steps", "train.save_every"),
+        ("train.eval_steps", "train.eval_every"),
+        ("train.logging_steps", "train.log_every"),
+        ("train.save_total_limit", "train.keep_checkpoints"),
+        ("train.per_device_eval_batch_size", "train.eval_batch_size"),
+        ("data.dataset", "data.train"),  # a key in a section is never answered with a section
     ],
 )
 def test_unknown_key_names_the_nearest(tmp_path, key, suggestion):
@@ -74,6 +81,41 @@ def test_value_checks():
         check_sft_config(cfg)
     with pytest.raises(ConfigError, match="data.train: set the training JSONL"):
         check_sft_config(load_config(None))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.betas=[0.9, 1.5]", r"train.betas must each be in \[0, 1\), got \[0.9, 1.5\]"),
+        ("train.log_every=0", "train.log_every must be >= 1, got 0"),
+        ("train.eval_batch_size=-1", "train.eval_batch_size must be >= 0"),
+        ("train.eval_every=-1", "train.eval_every must be >= 0"),
+        ("train.epochs=.inf", "train.epochs must be a finite number, got inf"),
+        ("model.device=gpu", "model.device must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
+        (
+            "model.chat_template=templates/chatml.jinja",
+            "model.chat_template='templates/chatml.jinja': no such file",
+        ),
+    ],
+)
+def test_value_checks_of_train_and_model(override, message):
+    cfg = load_config(None, ["data.train=x.jsonl", override])
+    with pytest.raises(ConfigError, match=message):
+        check_sft_config(cfg)
+
+
+def test_target_modules_as_comma_separated_names():
+    assert load_config(None, ["lora.target_modules=q_proj,v_proj"]).lora.target_modules == [
+        "q_proj",
+        "v_proj",
+    ]
+    assert load_config(None, ["lora.target_modules=q_proj, v_proj"]).lora.target_modules == [
+        "q_proj",
+        "v_proj",
+    ]
+    # a single name or a regular expression stays a string
+    assert load_config(None, ["lora.target_modules=.*(q|v)_proj"]).lora.target_modules == ".*(q|v)_proj"
+    assert load_config(None, ["lora.target_modules=all-linear"]).lora.target_modules == "all-linear"
 
 
 def test_parse_override_yaml_values():

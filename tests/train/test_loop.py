@@ -99,6 +99,31 @@ def test_checkpoint_keeps_the_newest(tmp_path, small_model):
     assert os.path.isfile(os.path.join(ck.latest(), "adapter", "adapter_model.safetensors"))
 
 
+def test_checkpoint_cleanup_keeps_the_one_just_written(tmp_path, small_model):
+    """A run resumed from an earlier checkpoint: its next save is the newest checkpoint on disk and
+    ``latest`` points at it, whatever checkpoints of later steps the first run left."""
+    model = _lora_model(small_model)
+    opt = loop.build_optimizer(loop.trainable_parameters(model), 1e-2)
+
+    def on_disk(ck):
+        return sorted(n for n in os.listdir(ck.dir) if n.startswith("step-"))
+
+    ck = loop.Checkpointer(tmp_path / "a", keep=3)
+    for s in (2, 4, 6):
+        ck.save(s, model, opt, None, {"step": s})
+    loop.Checkpointer(tmp_path / "a", keep=1).save(4, model, opt, None, {"step": 4})
+    assert on_disk(ck) == ["step-00000004"]
+    assert os.path.basename(ck.latest()) == "step-00000004"
+
+    ck = loop.Checkpointer(tmp_path / "b", keep=4)
+    for s in (2, 4, 6, 8):
+        ck.save(s, model, opt, None, {"step": s})
+    loop.Checkpointer(tmp_path / "b", keep=2).save(4, model, opt, None, {"step": 4})
+    assert on_disk(ck) == ["step-00000002", "step-00000004"]
+    assert os.path.basename(ck.latest()) == "step-00000004"
+    assert loop.Checkpointer.read_state(ck.latest()) == {"step": 4}
+
+
 def test_metrics_resume_drops_later_lines(tmp_path):
     path = tmp_path / "m.jsonl"
     m = loop.MetricsLog(path, tensorboard=False)

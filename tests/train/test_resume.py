@@ -72,6 +72,12 @@ def test_resume_is_exact(tmp_path, tokenizer, demo_data, monkeypatch, packing):
     with open(os.path.join(ck.latest(), loop.STATE_JSON)) as f:
         assert json.load(f)["step"] == 20
 
+    # the finished run started again: nothing to train, and its final eval is not logged twice
+    third = _run(cfg_b, tokenizer)
+    assert third.steps == 20 and third.train_losses == [] and third.eval == second.eval
+    recs = loop.read_metrics(os.path.join(cfg_b.output.dir, "metrics.jsonl"))
+    assert [r["step"] for r in recs if r["split"] == "eval"] == [5, 10, 15, 20]
+
 
 def test_resume_refuses_other_data(tmp_path, tokenizer, demo_data):
     cfg = small_config(tmp_path, demo_data, "train.max_steps=2", "train.save_every=1")
@@ -89,3 +95,31 @@ def test_resume_refuses_other_data(tmp_path, tokenizer, demo_data):
     cfg = small_config(tmp_path, demo_data, "train.max_steps=2", "output.resume=false")
     with pytest.raises(ConfigError, match="already has checkpoints"):
         _run(cfg, tokenizer)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.max_steps=3", "total_steps was 2 and is now 3"),
+        ("train.lr=1e-4", "train.lr was 0.001 and is now 0.0001"),
+        ("train.seed=1", "train.seed was 0 and is now 1"),
+        ("train.warmup_steps=1", "train.warmup_steps was 0 and is now 1"),
+        ("train.lr_schedule=constant", "train.lr_schedule was 'cosine' and is now 'constant'"),
+        ("train.weight_decay=0.1", "train.weight_decay was 0.0 and is now 0.1"),
+        ("train.betas=[0.8, 0.999]", r"train.betas was \[0.9, 0.999\] and is now \[0.8, 0.999\]"),
+        ("lora.r=8", "lora.r was 4 and is now 8"),
+    ],
+)
+def test_resume_refuses_changed_settings(tmp_path, tokenizer, demo_data, override, message):
+    """The optimizer, schedule and seed come back from the checkpoint, so a changed value would be
+    ignored while config.yaml claimed it: refused, naming the key, and config.yaml stays as it was."""
+    cfg = small_config(tmp_path, demo_data, "train.max_steps=2", "train.save_every=1")
+    _run(cfg, tokenizer)
+    config_yaml = os.path.join(cfg.output.dir, "config.yaml")
+    with open(config_yaml) as f:
+        before = f.read()
+    cfg = small_config(tmp_path, demo_data, "train.max_steps=2", "train.save_every=1", override)
+    with pytest.raises(ConfigError, match=f"cannot resume exactly from .*step-00000002: {message}"):
+        _run(cfg, tokenizer)
+    with open(config_yaml) as f:
+        assert f.read() == before

@@ -8,8 +8,11 @@ import pytest
 import torch
 
 from hoptune.cli import main
-from hoptune.train import loop
+from hoptune.models.tiny import build_model
+from hoptune.train import loop, sft
 from tests.conftest import SMALL
+
+from .conftest import small_config
 
 
 @pytest.fixture
@@ -93,3 +96,38 @@ def test_full_finetuning(tmp_path, checkpoint, demo_data):
     res = sft.train(cfg, log=lambda s: None)
     assert os.path.isfile(os.path.join(res.output_dir, "config.json"))
     assert os.path.isfile(os.path.join(res.run_dir, "checkpoints", "step-00000002", "model.safetensors"))
+
+
+def test_adapter_is_saved_before_the_final_eval(tmp_path, tokenizer, demo_data, monkeypatch):
+    cfg = small_config(tmp_path, demo_data, "train.max_steps=2")
+
+    def eval_fails(*a, **k):
+        raise RuntimeError("out of memory in the eval")
+
+    monkeypatch.setattr(loop, "evaluate_nll", eval_fails)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        sft.train(cfg, log=lambda s: None, model=build_model(seed=0, **SMALL), tokenizer=tokenizer)
+    assert os.path.isfile(os.path.join(cfg.output.dir, "adapter", "adapter_model.safetensors"))
+
+
+def test_epochs_cover_each_row_once(tmp_path, tokenizer, demo_data, monkeypatch):
+    """train.epochs=1 over 70 rows, 8 rows a step: 9 steps, the last one the 6 rows left over, and
+    the run ends exactly at epoch 1 (no step spills into the next epoch)."""
+    events = []
+
+    class Bar(loop.Progress):
+        def __init__(self, *a, **k):
+            events.append("progress bar")
+            super().__init__(*a, **{**k, "enabled": False})
+
+    monkeypatch.setattr(loop, "Progress", Bar)
+    cfg = small_config(tmp_path, demo_data, "train.max_steps=0", "train.epochs=1", "data.eval=null")
+    res = sft.train(cfg, log=events.append, model=build_model(seed=0, **SMALL), tokenizer=tokenizer)
+    assert res.steps == 9
+    train = [
+        r for r in loop.read_metrics(os.path.join(res.run_dir, "metrics.jsonl")) if r["split"] == "train"
+    ]
+    assert train[-1]["epoch"] == 1.0 and train[-2]["epoch"] == 64 / 70
+    # the "training: ..." line comes before the bar, not printed onto the bar's line
+    first = next(i for i, e in enumerate(events) if e.startswith("training: 9 steps"))
+    assert events.index("progress bar") == first + 1

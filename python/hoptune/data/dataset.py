@@ -213,11 +213,20 @@ def make_rows(examples: list[Example], packing: bool, max_seq_len: int) -> list[
 
 
 class StepSampler:
-    """Which rows each optimizer step takes: a stream of epochs, each a seeded permutation of the
-    rows, cut into steps of ``rows_per_step``. A step may span two epochs. The data position of a
-    run is just its step count, so resuming needs nothing else."""
+    """Which rows each optimizer step takes. Every epoch is a seeded permutation of the rows; how
+    the epochs are cut into steps of ``rows_per_step`` depends on what sets the run's length:
 
-    def __init__(self, num_rows: int, rows_per_step: int, seed: int, shuffle: bool = True) -> None:
+    * ``whole_epochs=False`` (``train.max_steps``): the epochs form one stream, cut into full steps;
+      a step may span two epochs (and then may take a row of each epoch's permutation).
+    * ``whole_epochs=True`` (``train.epochs``): each epoch is cut on its own into
+      ``ceil(num_rows / rows_per_step)`` steps, the last one taking the rows left over (a smaller
+      step), so every row is seen once per epoch and never twice in one step.
+
+    The data position of a run is just its step count, so resuming needs nothing else."""
+
+    def __init__(
+        self, num_rows: int, rows_per_step: int, seed: int, shuffle: bool = True, whole_epochs: bool = False
+    ) -> None:
         if num_rows < 1:
             raise ValueError(f"num_rows must be >= 1, got {num_rows}")
         if rows_per_step < 1:
@@ -226,9 +235,14 @@ class StepSampler:
         self.rows_per_step = rows_per_step
         self.seed = seed
         self.shuffle = shuffle
+        self.whole_epochs = whole_epochs
+        self.steps_per_epoch = math.ceil(num_rows / rows_per_step)
         self._perm: dict[int, list[int]] = {}
 
     def steps_for_epochs(self, epochs: float) -> int:
+        if self.whole_epochs:
+            # the tolerance keeps e.g. 0.1 x 30 (= 3.0000000000000004) at 3 steps
+            return max(1, math.ceil(epochs * self.steps_per_epoch - 1e-9))
         return max(1, math.ceil(epochs * self.num_rows / self.rows_per_step))
 
     def _order(self, epoch: int) -> list[int]:
@@ -243,9 +257,15 @@ class StepSampler:
         return self._perm[epoch]
 
     def epoch_at(self, step: int) -> float:
+        if self.whole_epochs:
+            epoch, j = divmod(step, self.steps_per_epoch)
+            return epoch + min(j * self.rows_per_step, self.num_rows) / self.num_rows
         return step * self.rows_per_step / self.num_rows
 
     def rows_for_step(self, step: int) -> list[int]:
+        if self.whole_epochs:
+            epoch, j = divmod(step, self.steps_per_epoch)
+            return self._order(epoch)[j * self.rows_per_step : (j + 1) * self.rows_per_step]
         out = []
         for k in range(step * self.rows_per_step, (step + 1) * self.rows_per_step):
             epoch, i = divmod(k, self.num_rows)

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
+# stands in for an assistant message's content to find where the content starts in the rendered turn
+_PROBE = "\ue000hoptune-content\ue000"
 
 
 class ExampleError(ValueError):
@@ -69,13 +71,20 @@ def record_kind(data: dict) -> str:
 
 
 def resolve_chat_template(template: str | None) -> str | None:
-    """An inline Jinja template, or the contents of the file it names."""
+    """An inline Jinja template, or the contents of the file it names. A value without any Jinja
+    syntax cannot render a conversation, so it must name a file: FileNotFoundError when none exists
+    (a mistyped path is not used as template text)."""
     if template is None:
         return None
-    if "{" not in template and os.path.isfile(template):
-        with open(template, encoding="utf-8") as f:
-            return f.read()
-    return template
+    if "{" in template:
+        return template
+    if not os.path.isfile(template):
+        raise FileNotFoundError(
+            f"model.chat_template={template!r}: no such file, and not an inline Jinja template (it has no "
+            "{{ }} or {% %}); give the path of an existing template file, or the template text itself"
+        )
+    with open(template, encoding="utf-8") as f:
+        return f.read()
 
 
 def _check_messages(messages: Any, field: str = "messages") -> list[dict]:
@@ -128,13 +137,28 @@ class ChatFormatter:
             start, end = len(before), len(after)
             if before == self.render(messages[:i], add_generation_prompt=False):
                 # no generation prompt: the added text holds the role header too; train from the content on
-                pos = after.find(m["content"], start) if m["content"] else -1
-                if pos >= 0:
-                    start = pos
+                start = self._content_start(messages, i, after, start, end)
             if end <= start:
                 raise ExampleError(f"the chat template renders nothing for assistant message {i}")
             out.append((start, end))
         return full, out
+
+    def _content_start(self, messages: list[dict], i: int, after: str, start: int, end: int) -> int:
+        """Where the content of assistant message ``i`` starts in ``after`` (the conversation rendered up
+        to and including it), given that its turn spans ``after[start:end]``, header included.
+
+        The turn is rendered again with a placeholder for the content: the header is the text before
+        the placeholder, whatever the content is (searching for the content itself would stop inside a
+        header that happens to contain it, e.g. the answer "A" in "### Assistant: A")."""
+        probe = self.render([*messages[:i], {**messages[i], "content": _PROBE}], add_generation_prompt=False)
+        pos = probe.find(_PROBE, start)
+        if 0 <= pos <= end and probe[:pos] == after[:pos]:
+            return pos
+        # a template that changes the placeholder (or the header with it): the content's last occurrence
+        # in the turn, as the header comes before it
+        content = messages[i]["content"]
+        pos = after.rfind(content, start, end) if content else -1
+        return pos if pos >= 0 else start
 
     def tokenize(self, messages: list[dict], first_trained: int = 0) -> tuple[list[int], list[int]]:
         """(input_ids, loss_mask) of a conversation; loss on assistant turns >= first_trained."""

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
+
+_BAD_BYTE = re.compile("[\udc80-\udcff]")
 
 
 class DataError(ValueError):
@@ -43,19 +46,28 @@ def _show(lines: list[tuple[int, str]], n: int = 5) -> str:
 def read_jsonl(path: str | os.PathLike, skip_malformed: bool = False) -> tuple[list[Record], ReadReport]:
     """Every JSON object of a JSONL file, in order; blank lines are ignored.
 
-    A line that is not valid JSON, or is JSON but not an object, is malformed: DataError listing
-    the malformed lines (all of them are found first, so one run shows every bad line), or, with
-    ``skip_malformed``, skipped and listed in the report."""
+    A line that is not valid UTF-8, not valid JSON, or JSON but not an object, is malformed:
+    DataError listing the malformed lines (all of them are found first, so one run shows every bad
+    line), or, with ``skip_malformed``, skipped and listed in the report."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"data file {path!r} does not exist")
     report = ReadReport(path=path)
     records: list[Record] = []
-    with open(path, encoding="utf-8") as f:
+    # undecodable bytes come through as lone surrogates (U+DC80..U+DCFF), so a bad byte spoils its
+    # line only and the lines around it are read as usual
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for lineno, raw in enumerate(f, start=1):
             text = raw.strip()
             if not text:
                 report.blank += 1
+                continue
+            bad = _BAD_BYTE.search(raw)
+            if bad is not None:
+                byte = ord(bad.group()) - 0xDC00
+                report.malformed.append(
+                    (lineno, f"not valid UTF-8 (byte 0x{byte:02x} at column {bad.start() + 1})")
+                )
                 continue
             try:
                 obj = json.loads(text)

@@ -354,7 +354,8 @@ class Checkpointer:
 
     A checkpoint is written in a hidden temporary folder, fsynced, then renamed into place, and
     only then does the ``latest`` pointer (itself written atomically) move to it: a crash at any
-    moment leaves the previous checkpoint whole and ``latest`` pointing at a complete one."""
+    moment leaves the previous checkpoint whole and ``latest`` pointing at a complete one. Older
+    checkpoints beyond ``keep`` are removed after each save, never the one just written."""
 
     def __init__(self, run_dir: str | os.PathLike, keep: int = 2) -> None:
         self.dir = os.path.join(os.fspath(run_dir), "checkpoints")
@@ -418,12 +419,27 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         atomic_write_text(os.path.join(self.dir, LATEST), name + "\n")
-        for old in self._steps()[: -self.keep]:
+        # keep this checkpoint and the newest keep - 1 before it. Checkpoints of later steps are left
+        # from a run that went further before being resumed from an earlier one; this run writes those
+        # steps again, so they go first (the newest checkpoint on disk is always the one just written)
+        steps = self._steps()
+        older = [n for n in steps if n < name]
+        for old in [n for n in steps if n > name] + older[: max(0, len(older) - (self.keep - 1))]:
             shutil.rmtree(os.path.join(self.dir, old), ignore_errors=True)
         for n in os.listdir(self.dir):
             if n.startswith(".tmp-old-"):
                 shutil.rmtree(os.path.join(self.dir, n), ignore_errors=True)
         return final
+
+    @staticmethod
+    def read_state(folder: str) -> dict[str, Any]:
+        """The training state of a checkpoint (its ``trainer_state.json``), without loading anything
+        else: what a resume checks before it builds the model."""
+        path = os.path.join(folder, STATE_JSON)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+        return torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=False)["state"]
 
     @staticmethod
     def load(

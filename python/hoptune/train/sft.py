@@ -1,6 +1,6 @@
 """Supervised fine-tuning (LoRA / QLoRA / full), as a flat recipe.
 
-    hoptune sft python/hoptune/configs/sft_qlora.yaml data.train=my.jsonl train.lr=1e-4
+    hoptune sft python/hoptune/configs/sft_qlora_8b.yaml model.path=/path/to/model data.train=my.jsonl
 
 Steps: load model and tokenizer -> put in adapters (NF4 base for QLoRA) -> read, mask, check,
 split, mix and pack the data -> AdamW + warmup/cosine -> for each optimizer step: every
@@ -70,23 +70,29 @@ def load_tokenizer(cfg: SFTConfig) -> Any:
 def load_base_model(cfg: SFTConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """The base model: NF4 on load for a checkpoint folder with model.quantize=nf4 (QLoRA)."""
     m = cfg.model
-    if m.path in TINY:
-        from hoptune.models import load_tiny
+    try:
+        if m.path in TINY:
+            from hoptune.models import load_tiny
 
-        model, _ = load_tiny(device=device, dtype=dtype, log=print)
-        if m.attn_implementation is not None:
-            model.set_attn_implementation(m.attn_implementation)
-        return model
-    from hoptune.loading import load_model
+            model, _ = load_tiny(device=device, dtype=dtype, log=print)
+            if m.attn_implementation is not None:
+                model.set_attn_implementation(m.attn_implementation)
+            return model
+        from hoptune.loading import load_model
 
-    return load_model(
-        m.path,
-        quantize=m.quantize if cfg.lora.enabled else None,
-        device=device,
-        dtype=dtype,
-        double_quant=m.double_quant,
-        attn_implementation=m.attn_implementation,
-    )
+        return load_model(
+            m.path,
+            quantize=m.quantize if cfg.lora.enabled else None,
+            device=device,
+            dtype=dtype,
+            double_quant=m.double_quant,
+            attn_implementation=m.attn_implementation,
+        )
+    except (ValueError, ImportError) as e:
+        # transformers refuses an attention implementation it does not know or cannot run here
+        if m.attn_implementation is not None and "attn" in str(e).lower():
+            raise ConfigError(f"model.attn_implementation={m.attn_implementation!r}: {e}") from e
+        raise
 
 
 def prepare_model(model: nn.Module, cfg: SFTConfig) -> nn.Module:
@@ -96,19 +102,28 @@ def prepare_model(model: nn.Module, cfg: SFTConfig) -> nn.Module:
     if lo.enabled and loop.has_lora(model):
         pass  # adapters already in place (e.g. hoptune.load_adapter(..., trainable=True)): train those
     elif lo.enabled:
-        from hoptune.patch import apply_lora
+        from hoptune.patch import ALL_LINEAR, apply_lora
 
-        apply_lora(
-            model,
-            r=lo.r,
-            alpha=lo.alpha,
-            dropout=lo.dropout,
-            target_modules=lo.target_modules,
-            use_dora=lo.use_dora,
-            use_rslora=lo.use_rslora,
-            quantize=cfg.model.quantize,
-            double_quant=cfg.model.double_quant,
-        )
+        try:  # apply_lora checks every argument and layer before it changes anything
+            apply_lora(
+                model,
+                r=lo.r,
+                alpha=lo.alpha,
+                dropout=lo.dropout,
+                target_modules=lo.target_modules,
+                use_dora=lo.use_dora,
+                use_rslora=lo.use_rslora,
+                quantize=cfg.model.quantize,
+                double_quant=cfg.model.double_quant,
+            )
+        except (ValueError, TypeError) as e:
+            hint = ""
+            if isinstance(lo.target_modules, str) and lo.target_modules.lower() != ALL_LINEAR:
+                hint = (
+                    "; a string in lora.target_modules is a regular expression matched against the whole "
+                    "module name, a list ([q_proj, v_proj]) matches names"
+                )
+            raise ConfigError(f"lora settings do not fit {cfg.model.path}: {e}{hint}") from e
     else:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -197,6 +212,45 @@ def _resume_folder(cfg: SFTConfig, ckpt: loop.Checkpointer) -> str | None:
     return r
 
 
+def _resume_settings(cfg: SFTConfig) -> dict[str, Any]:
+    """The settings a resumed run must share with the run that wrote its checkpoint, by config key:
+    the optimizer and its schedule (their state comes back from the checkpoint, so a new value would
+    be silently ignored), the seed (the data order) and the adapters (the weights that come back).
+    Checkpoints store them; ``_check_resume`` compares them."""
+    t, lo = cfg.train, cfg.lora
+    return {
+        "train.seed": t.seed,
+        "train.lr": t.lr,
+        "train.lr_schedule": t.lr_schedule,
+        "train.warmup_steps": t.warmup_steps,
+        "train.warmup_ratio": t.warmup_ratio,
+        "train.min_lr_ratio": t.min_lr_ratio,
+        "train.weight_decay": t.weight_decay,
+        "train.betas": list(t.betas),
+        "train.eps": t.eps,
+        "lora.enabled": lo.enabled,
+        "lora.r": lo.r,
+        "lora.alpha": lo.alpha,
+        "lora.target_modules": lo.target_modules,
+        "lora.use_dora": lo.use_dora,
+        "lora.use_rslora": lo.use_rslora,
+    }
+
+
+def _check_resume(folder: str, state: dict[str, Any], now: dict[str, Any]) -> None:
+    """ConfigError naming every key of ``now`` whose value differs from the checkpoint's ``state``.
+    Settings a checkpoint of an older hoptune does not record are not compared (but its seed is)."""
+    was = {k: state.get(k) for k in ("data_fingerprint", "rows_per_step", "total_steps")}
+    was["data_order"] = state.get("data_order", "steps")
+    was.update(state.get("settings") or {"train.seed": state.get("seed")})
+    changed = [f"{k} was {was[k]!r} and is now {v!r}" for k, v in now.items() if k in was and was[k] != v]
+    if changed:
+        raise ConfigError(
+            f"cannot resume exactly from {folder}: {'; '.join(changed)}. Use the config that run was started "
+            "with (see its config.yaml), or a new output.dir"
+        )
+
+
 def train(cfg: SFTConfig, log=print, model: nn.Module | None = None, tokenizer: Any = None) -> SFTResult:
     """Run the recipe; returns where things went, the losses and the trained model.
 
@@ -204,24 +258,40 @@ def train(cfg: SFTConfig, log=print, model: nn.Module | None = None, tokenizer: 
     ``cfg.model.path`` (tests and benchmarks use this)."""
     check_sft_config(cfg)
     t, out = cfg.train, cfg.output
-    device = loop.resolve_device(cfg.model.device)
+    try:
+        device = loop.resolve_device(cfg.model.device)
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(f"model.device: {e}") from e
     dtype = loop.resolve_dtype(cfg.model.dtype, device)
     run_dir = os.path.abspath(out.dir)
     os.makedirs(run_dir, exist_ok=True)
     ckpt = loop.Checkpointer(run_dir, keep=t.keep_checkpoints)
     resume_from = _resume_folder(cfg, ckpt)
     loop.seed_everything(t.seed)
-    from hoptune._io import atomic_write_text
 
-    atomic_write_text(os.path.join(run_dir, "config.yaml"), dump_config(cfg))
-
-    # 1. data first: a data problem shows before an expensive model load
+    # 1. data first: a data problem (or a resume that cannot be exact) shows before an expensive model load
     if model is not None and tokenizer is None:
         raise ValueError("pass the tokenizer together with the model")
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
     rows, eval_rows, reports = load_data(cfg, tokenizer, log)
     for r in reports:
         log("data: " + r.summary())
+    rows_per_step = t.batch_size * t.grad_accum
+    # train.epochs: whole epochs, each seen once (its last step smaller); train.max_steps: a stream of rows
+    sampler = StepSampler(len(rows), rows_per_step, t.seed, whole_epochs=not t.max_steps)
+    total = t.max_steps or sampler.steps_for_epochs(t.epochs)
+    warmup = t.warmup_steps or round(t.warmup_ratio * total)
+    data_fp = fingerprint(rows)
+    data_order = "epochs" if sampler.whole_epochs else "steps"
+    if resume_from is not None:
+        now = {
+            "data_fingerprint": data_fp,
+            "rows_per_step": rows_per_step,
+            "total_steps": total,
+            "data_order": data_order,
+            **_resume_settings(cfg),
+        }
+        _check_resume(resume_from, loop.Checkpointer.read_state(resume_from), now)
 
     # 2. model
     if model is None:
@@ -231,30 +301,26 @@ def train(cfg: SFTConfig, log=print, model: nn.Module | None = None, tokenizer: 
     n_train, n_total = loop.count_parameters(model)
     log(f"model: {cfg.model.path} on {device} ({dtype}); {n_train:,} trainable of {n_total:,} parameters")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    rows_per_step = t.batch_size * t.grad_accum
-    sampler = StepSampler(len(rows), rows_per_step, t.seed)
-    total = t.max_steps or sampler.steps_for_epochs(t.epochs)
-    warmup = t.warmup_steps or round(t.warmup_ratio * total)
-    data_fp = fingerprint(rows)
 
     # 3. optimizer, schedule, resume
     optimizer = loop.build_optimizer(named, t.lr, t.weight_decay, tuple(t.betas), t.eps)
     scheduler = loop.build_scheduler(optimizer, total, warmup, t.lr_schedule, t.min_lr_ratio)
     step = 0
     if resume_from is not None:
-        state = loop.Checkpointer.load(resume_from, model, optimizer, scheduler)
-        for key, now in (
-            ("data_fingerprint", data_fp),
-            ("rows_per_step", rows_per_step),
-            ("total_steps", total),
-        ):
-            if state.get(key) != now:
-                raise ConfigError(
-                    f"cannot resume exactly from {resume_from}: {key} was {state.get(key)!r} and is now {now!r} "
-                    "(data or batch settings changed); use the same config, or a new output.dir"
-                )
+        try:
+            state = loop.Checkpointer.load(resume_from, model, optimizer, scheduler)
+        except ValueError as e:  # a checkpoint of an older hoptune, which does not record its settings
+            raise ConfigError(
+                f"cannot resume from {resume_from}: its weights do not fit the model this config builds ({e}); "
+                "use the config that run was started with, or a new output.dir"
+            ) from e
         step = int(state["step"])
         log(f"resumed from {resume_from} at step {step}")
+    start = step
+    # written once every check has passed: a refused run leaves the config of the run in output.dir
+    from hoptune._io import atomic_write_text
+
+    atomic_write_text(os.path.join(run_dir, "config.yaml"), dump_config(cfg))
     metrics = loop.MetricsLog(
         os.path.join(run_dir, "metrics.jsonl"), out.tensorboard, resume_step=step if resume_from else None
     )
@@ -281,25 +347,27 @@ def train(cfg: SFTConfig, log=print, model: nn.Module | None = None, tokenizer: 
                 "rows_per_step": rows_per_step,
                 "total_steps": total,
                 "data_fingerprint": data_fp,
+                "data_order": data_order,
                 "seed": t.seed,
+                "settings": _resume_settings(cfg),
             },
         )
 
     # 4. the loop
     losses: list[float] = []
-    progress = loop.Progress(total, initial=step, enabled=out.progress, desc="sft")
-    log(
+    log(  # before the progress bar starts: not printed onto its line
         f"training: {total} steps x {rows_per_step} rows ({t.batch_size} x {t.grad_accum} accumulation) "
         f"from {len(rows)} rows, warmup {warmup}, lr {t.lr:g} {t.lr_schedule}"
     )
+    progress = loop.Progress(total, initial=step, enabled=out.progress, desc="sft")
     timer = loop.Timer()
     last_eval = None
     try:
         while step < total:
             idx = sampler.rows_for_step(step)
-            micro = [
-                collate([rows[i] for i in idx[k * t.batch_size : (k + 1) * t.batch_size]], pad_id)
-                for k in range(t.grad_accum)
+            micro = [  # grad_accum micro-batches (fewer in an epoch's smaller last step)
+                collate([rows[i] for i in idx[k : k + t.batch_size]], pad_id)
+                for k in range(0, len(idx), t.batch_size)
             ]
             lr = optimizer.param_groups[0]["lr"]
             loss, n_loss, n_tok = sft_step(model, micro, device)
@@ -334,11 +402,10 @@ def train(cfg: SFTConfig, log=print, model: nn.Module | None = None, tokenizer: 
                 timer.lap()
     finally:
         progress.close()
-    last_eval = run_eval(step) if eval_rows else last_eval
-    if t.save_every:
+    if t.save_every and step > start:
         save(step)
 
-    # 5. outputs
+    # 5. outputs, then the final eval: an eval that fails loses no training
     if loop.has_lora(model):
         from hoptune.adapters import save_adapter
 
@@ -348,6 +415,10 @@ def train(cfg: SFTConfig, log=print, model: nn.Module | None = None, tokenizer: 
         final = os.path.join(run_dir, "model")
         model.save_pretrained(final)
         tokenizer.save_pretrained(final)
+    if eval_rows:
+        # a finished run started again: its final eval is in metrics.jsonl already
+        done = [] if step > start else _logged_eval(metrics.path, step)
+        last_eval = done[-1] if done else run_eval(step)
     metrics.close()
     plots: list[str] = []
     if out.plots:
@@ -359,6 +430,15 @@ def train(cfg: SFTConfig, log=print, model: nn.Module | None = None, tokenizer: 
     for n in notes:
         log(n)
     return SFTResult(run_dir, final, step, losses, last_eval, plots, notes, model, tokenizer)
+
+
+def _logged_eval(path: str, step: int) -> list[dict[str, float]]:
+    """The eval records of ``step`` in a metrics JSONL, without their step and split."""
+    return [
+        {k: v for k, v in r.items() if k not in ("step", "split")}
+        for r in loop.read_metrics(path)
+        if r.get("split") == "eval" and r.get("step") == step
+    ]
 
 
 def main(cfg: SFTConfig) -> int:
