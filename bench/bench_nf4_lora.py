@@ -27,6 +27,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import os
@@ -324,78 +325,23 @@ def layer_rows(have_bnb: bool, have_peft: bool, breakdown: bool = False) -> list
 
 
 RANK_PATH_RANKS = (64, 128, 256)
-
-
-def rank_path_rows() -> list[dict]:
-    """The LoRA product folded into the dequantized weight (merged) or applied to the activations
-    (unmerged), forced, against the default (MERGED_MAX_RANK) at ranks RANK_PATH_RANKS, M = 8192:
-    the layer step's ratio to the frozen bf16 layer and the forward's (no grad) to bf16 x @ W^T,
-    covered (device time) and interleaved (per call)."""
-    rows = []
-    m = 8192
-    for k, n in LAYER_SHAPES:
-        dense = nn.Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16)
-        dense.weight.requires_grad_(False)
-        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16, requires_grad=True)
-        g = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
-        xd = x.detach()
-        for r in RANK_PATH_RANKS:
-            ours = LoRALinear(
-                copy.deepcopy(dense),
-                r=r,
-                lora_alpha=2 * r,
-                quantize="nf4",
-                adapter_dtype=torch.bfloat16,
-                init_lora_weights=False,
-            )
-            row = {"M": m, "K": k, "N": n, "r": r, "merged_by_default": r <= nf4_lora_ops.MERGED_MAX_RANK}
-
-            def fwd(mod=ours):
-                with torch.no_grad():
-                    return mod(xd)
-
-            def bf16_fwd(mod=dense):
-                with torch.no_grad():
-                    return mod(xd)
-
-            # the rank up to which the product is folded in: the rule's, always (256), never (0)
-            paths = (("default", nf4_lora_ops.MERGED_MAX_RANK), ("merged", 256), ("unmerged", 0))
-            for path, max_rank in paths:
-                for what, fa, fb in (
-                    ("layer", layer_step(ours, x, g), layer_step(dense, x, g)),
-                    ("fwd", fwd, bf16_fwd),
-                ):
-                    with mock.patch.object(nf4_lora_ops, "MERGED_MAX_RANK", max_rank):
-                        fa()
-                        row[f"{what}_{path}_covered"] = ratio_interleaved(fa, fb, covered=True)
-                        row[f"{what}_{path}_interleaved"] = ratio_interleaved(fa, fb)
-            rows.append(row)
-            print(row, flush=True)
-            del ours
-            torch.cuda.empty_cache()
-        del dense
-    return rows
-
-
 RANK_PAD_RANKS = (12, 15, 100)
 
 
-def rank_padding_rows() -> list[dict]:
-    """Ranks that are not multiples of 8, M = 8192: the layer step's ratio to the frozen bf16 layer
-    and the forward's (no grad) to bf16 x @ W^T, covered and interleaved, with the factors padded
-    with zero ranks to a multiple of 8 at the op (nf4_lora.RANK_ALIGN, the default: every rank-r
-    GEMM and kernel on the padded rank), only for the merged kernel (nf4.MERGE_PAD_RANKS), or not
-    at all."""
+def variant_rows(ranks, variants, extra=lambda r: {}) -> list[dict]:
+    """At each rank of ``ranks``, M = 8192, on the layer shapes: the layer step's ratio to the
+    frozen bf16 layer and the forward's (no grad) to bf16 x @ W^T, covered (device time) and
+    interleaved (per call), under each of ``variants``: (name, [(module, attribute, value), ...]),
+    the attributes patched while that variant is timed. ``extra(r)``: more fields of the row."""
     rows = []
     m = 8192
-    variants = (("op", 8, True), ("kernel", 1, True), ("none", 1, False))
     for k, n in LAYER_SHAPES:
         dense = nn.Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16)
         dense.weight.requires_grad_(False)
         x = torch.randn(m, k, device=dev, dtype=torch.bfloat16, requires_grad=True)
         g = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
         xd = x.detach()
-        for r in RANK_PAD_RANKS:
+        for r in ranks:
             ours = LoRALinear(
                 copy.deepcopy(dense),
                 r=r,
@@ -404,7 +350,7 @@ def rank_padding_rows() -> list[dict]:
                 adapter_dtype=torch.bfloat16,
                 init_lora_weights=False,
             )
-            row = {"M": m, "K": k, "N": n, "r": r}
+            row = {"M": m, "K": k, "N": n, "r": r, **extra(r)}
 
             def fwd(mod=ours):
                 with torch.no_grad():
@@ -414,15 +360,14 @@ def rank_padding_rows() -> list[dict]:
                 with torch.no_grad():
                     return mod(xd)
 
-            for name, align, kernel_pad in variants:
+            for name, patches in variants:
                 for what, fa, fb in (
                     ("layer", layer_step(ours, x, g), layer_step(dense, x, g)),
                     ("fwd", fwd, bf16_fwd),
                 ):
-                    with (
-                        mock.patch.object(nf4_lora_ops, "RANK_ALIGN", align),
-                        mock.patch.object(nf4_ops, "MERGE_PAD_RANKS", kernel_pad),
-                    ):
+                    with contextlib.ExitStack() as stack:
+                        for obj, attr, value in patches:
+                            stack.enter_context(mock.patch.object(obj, attr, value))
                         fa()
                         row[f"{what}_{name}_covered"] = ratio_interleaved(fa, fb, covered=True)
                         row[f"{what}_{name}_interleaved"] = ratio_interleaved(fa, fb)
@@ -432,6 +377,31 @@ def rank_padding_rows() -> list[dict]:
             torch.cuda.empty_cache()
         del dense
     return rows
+
+
+def rank_path_rows() -> list[dict]:
+    """The LoRA product folded into the dequantized weight (merged) or applied to the activations
+    (unmerged), forced, against the default (MERGED_MAX_RANK) at ranks RANK_PATH_RANKS."""
+    # the rank up to which the product is folded in: the rule's, always (256), never (0)
+    variants = [
+        (path, [(nf4_lora_ops, "MERGED_MAX_RANK", max_rank)])
+        for path, max_rank in (("default", nf4_lora_ops.MERGED_MAX_RANK), ("merged", 256), ("unmerged", 0))
+    ]
+    return variant_rows(
+        RANK_PATH_RANKS, variants, lambda r: {"merged_by_default": r <= nf4_lora_ops.MERGED_MAX_RANK}
+    )
+
+
+def rank_padding_rows() -> list[dict]:
+    """Ranks that are not multiples of 8 (RANK_PAD_RANKS) with the factors padded with zero ranks
+    to a multiple of 8 at the op in training (nf4_lora.RANK_ALIGN, the default: every rank-r GEMM
+    and kernel on the padded rank), only for the merged kernel (nf4.MERGE_PAD_RANKS), or not at
+    all."""
+    variants = [
+        (name, [(nf4_lora_ops, "RANK_ALIGN", align), (nf4_ops, "MERGE_PAD_RANKS", kernel_pad)])
+        for name, align, kernel_pad in (("op", 8, True), ("kernel", 1, True), ("none", 1, False))
+    ]
+    return variant_rows(RANK_PAD_RANKS, variants)
 
 
 def dy_pass_rows() -> list[dict]:

@@ -206,17 +206,9 @@ def test_apply_lora_bad_arguments(kwargs, match):
 def test_remove_lora_keeps_tied_weights():
     """lm_head tied to the embeddings stays tied through apply_lora and remove_lora (the LoRA
     layer keeps the layer's own Parameter), and a cast keeps one storage."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.test_patch import tiny_model
 
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        tie_word_embeddings=True,
-    )
-    m = LlamaForCausalLM(cfg)
+    m = tiny_model("llama", tie_word_embeddings=True)
     assert m.lm_head.weight is m.model.embed_tokens.weight
     hoptune.apply_lora(m, r=4, target_modules=["lm_head", "q_proj"])
     assert m.lm_head.weight is m.model.embed_tokens.weight

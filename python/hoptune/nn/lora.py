@@ -27,14 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hoptune.nn.nf4_linear import (
-    apply_keeping_nf4_dtypes,
-    load_nf4_meta,
-    nf4_call,
-    nf4_view,
-    register_nf4,
-    save_nf4_meta,
-)
+from hoptune.nn.nf4_linear import NF4Module, nf4_call, nf4_view, register_nf4
 from hoptune.ops.nf4_lora import MAX_RANK
 from hoptune.quant.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 
@@ -59,7 +52,7 @@ def check_init_lora_weights(value) -> None:
 _NORM_ROWS = 2048  # rows per chunk when computing DoRA norms (bounds the transient memory)
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(NF4Module):
     """Frozen base weight (``weight`` dense, or NF4 buffers ``weight_packed``/``weight_absmax``...)
     plus trainable ``lora_A`` ``[r, in]``, ``lora_B`` ``[out, r]`` and, with DoRA,
     ``lora_magnitude`` ``[out]``. Input ``(*, in_features)``, output ``(*, out_features)``."""
@@ -276,18 +269,6 @@ class LoRALinear(nn.Module):
         return self._base(x, None) + self.scaling * F.linear(F.linear(x, a), b)
 
     # -- conversion -------------------------------------------------------------------------
-    def _apply(self, fn, recurse=True):
-        # model.to(dtype) / .half() move the NF4 buffers but keep their dtypes (part of the format)
-        return apply_keeping_nf4_dtypes(self, super()._apply, fn, recurse)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        save_nf4_meta(self, destination, prefix)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
-        load_nf4_meta(self, state_dict, prefix, strict, missing, unexpected, errors)
-
     def to_linear(self, merge: bool = True, dtype: torch.dtype | None = None) -> nn.Linear:
         """A plain ``nn.Linear``: merged (``W + s B A``, or the DoRA form) or the base alone."""
         dtype = dtype or self.base_dtype

@@ -54,48 +54,6 @@ def nf4_view(module: nn.Module) -> NF4Weight:
     )
 
 
-def save_nf4_meta(module: nn.Module, destination: dict, prefix: str) -> None:
-    """Add ``module``'s NF4 metadata to a state dict being built (``_save_to_state_dict``)."""
-    if module._nf4_meta is None:
-        return
-    _, _, bs, offset, bs2 = module._nf4_meta
-    destination[prefix + NF4_META_KEY] = torch.tensor(
-        [offset, bs, bs2], dtype=torch.float64, device=module.weight_packed.device
-    )
-
-
-def load_nf4_meta(
-    module: nn.Module, state_dict, prefix: str, strict: bool, missing_keys, unexpected_keys, error_msgs
-):
-    """Take ``module``'s NF4 metadata from a state dict being loaded (after
-    ``_load_from_state_dict`` has copied the buffers). With double quantization the entry is
-    required: the codes alone would decode to other weights."""
-    key = prefix + NF4_META_KEY
-    if key in unexpected_keys:
-        unexpected_keys.remove(key)
-    if module._nf4_meta is None:  # (a dense base)
-        if key in state_dict and strict:
-            unexpected_keys.append(key)
-        return
-    shape, dtype, bs, _, bs2 = module._nf4_meta
-    t = state_dict.get(key)
-    if t is None:
-        if module.weight_absmax2 is not None and strict:
-            missing_keys.append(key)
-        return
-    if not isinstance(t, torch.Tensor) or t.numel() != 3:
-        error_msgs.append(f"{key}: expected 3 values (offset, blocksize, blocksize2), got {t!r}")
-        return
-    new_offset, new_bs, new_bs2 = t.detach().to("cpu", torch.float64).tolist()
-    if (int(new_bs), int(new_bs2)) != (bs, bs2):
-        error_msgs.append(
-            f"{key}: the state dict's NF4 weight has blocksize {int(new_bs)} / blocksize2 "
-            f"{int(new_bs2)}, this module's {bs} / {bs2} (quantize the module with the same settings)"
-        )
-        return
-    module._nf4_meta = (shape, dtype, bs, float(new_offset), bs2)
-
-
 def nf4_call(module: nn.Module, x: torch.Tensor, lora_A, lora_B, scale: float, bias) -> torch.Tensor:
     """``nf4_lora_linear`` on ``module``'s NF4 buffers without re-checking them (validated when they
     were registered; this runs every forward): only x, which comes from the caller, is checked."""
@@ -140,7 +98,57 @@ def apply_keeping_nf4_dtypes(
     return module
 
 
-class NF4Linear(nn.Module):
+class NF4Module(nn.Module):
+    """A module that may hold an NF4 weight as the buffers of ``register_nf4`` (``_nf4_meta`` None
+    when it does not): casts keep the buffers' dtypes, and the state dict carries the rest of the
+    weight (``weight_nf4_meta``)."""
+
+    _nf4_meta: tuple | None = None
+
+    def _apply(self, fn, recurse=True):
+        # model.to(dtype) / .half() move the NF4 buffers but keep their dtypes (part of the format)
+        return apply_keeping_nf4_dtypes(self, super()._apply, fn, recurse)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._nf4_meta is None:
+            return
+        _, _, bs, offset, bs2 = self._nf4_meta
+        destination[prefix + NF4_META_KEY] = torch.tensor(
+            [offset, bs, bs2], dtype=torch.float64, device=self.weight_packed.device
+        )
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        """After the buffers are copied, the metadata; with double quantization the entry is
+        required: the codes alone would decode to other weights."""
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        key = prefix + NF4_META_KEY
+        if key in unexpected:
+            unexpected.remove(key)
+        if self._nf4_meta is None:  # (a dense base)
+            if key in state_dict and strict:
+                unexpected.append(key)
+            return
+        shape, dtype, bs, _, bs2 = self._nf4_meta
+        t = state_dict.get(key)
+        if t is None:
+            if self.weight_absmax2 is not None and strict:
+                missing.append(key)
+            return
+        if not isinstance(t, torch.Tensor) or t.numel() != 3:
+            errors.append(f"{key}: expected 3 values (offset, blocksize, blocksize2), got {t!r}")
+            return
+        new_offset, new_bs, new_bs2 = t.detach().to("cpu", torch.float64).tolist()
+        if (int(new_bs), int(new_bs2)) != (bs, bs2):
+            errors.append(
+                f"{key}: the state dict's NF4 weight has blocksize {int(new_bs)} / blocksize2 "
+                f"{int(new_bs2)}, this module's {bs} / {bs2} (quantize the module with the same settings)"
+            )
+            return
+        self._nf4_meta = (shape, dtype, bs, float(new_offset), bs2)
+
+
+class NF4Linear(NF4Module):
     """Frozen ``y = x deq(W)^T + b`` with W an NF4 weight ``[out, in]``; no trainable parameters
     besides the (frozen by default) bias."""
 
@@ -211,17 +219,6 @@ class NF4Linear(nn.Module):
                 lin.bias.copy_(self.bias.to(dtype))
         lin.requires_grad_(False)
         return lin
-
-    def _apply(self, fn, recurse=True):
-        return apply_keeping_nf4_dtypes(self, super()._apply, fn, recurse)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        save_nf4_meta(self, destination, prefix)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
-        load_nf4_meta(self, state_dict, prefix, strict, missing, unexpected, errors)
 
     def extra_repr(self) -> str:
         dq = ", double_quant" if self.weight_absmax2 is not None else ""
