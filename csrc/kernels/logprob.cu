@@ -96,7 +96,8 @@ __device__ __forceinline__ void stats_add_scaled(Stats& st, const float (&z)[N],
   for (int j = 0; j < N; ++j) {
     const float e = fast_exp2(fmaf(z[j], c, -mc));
     st.s0 += e;
-    st.s1 = fmaf(e, z[j] - st.m, st.s1);
+    // (clamped: a logit of -inf has e = 0 and must add 0, not 0 * -inf)
+    st.s1 = fmaf(e, fmaxf(z[j] - st.m, -FLT_MAX), st.s1);
   }
 }
 
@@ -156,7 +157,8 @@ __device__ __forceinline__ void stats_add(Stats& st, const float (&z)[N]) {
   for (int j = 0; j < N; ++j) {
     const float e = exp2f(fmaf(z[j], kLog2e, -ml));
     st.s0 += e;
-    st.s1 = fmaf(e, z[j] - st.m, st.s1);
+    // (clamped: a logit of -inf has e = 0 and must add 0, not 0 * -inf)
+    st.s1 = fmaf(e, fmaxf(z[j] - st.m, -FLT_MAX), st.s1);
   }
 }
 
@@ -455,7 +457,9 @@ __device__ __forceinline__ void bwd_grad_round(typename U::Raw (&q)[kU], const B
     for (int j = 0; j < U::N; ++j) {
       const float p = fast_exp2(fmaf(v[j], r.c, -r.lse2));
       const float lp = fmaf(v[j], r.it, -r.lse);
-      v[j] = p * fmaf(r.k1, lp, r.k0);
+      // (lp clamped: a logit of -inf has p = 0 and must give 0, not 0 * -inf; at -1e30 the
+      // product with k1 stays finite unless the entropy's gradient passes 3e8)
+      v[j] = p * fmaf(r.k1, fmaxf(lp, -1e30f), r.k0);
       if (kLabel && dy == u * kThreads && j == r.jy) v[j] = fmaf(r.gl, r.it, v[j]);
     }
     q[u] = U::pack(v);
@@ -659,7 +663,7 @@ __global__ void __launch_bounds__(kThreads) fused_logprob_shifted_kernel(FusedLo
     const float t = tf(raw, v, &d) - zy;
     const float e = exp2f(t * kLog2e);
     s0 += e;
-    s1 = fmaf(e, t, s1);
+    s1 = fmaf(e, fmaxf(t, -FLT_MAX), s1);  // (a logit of -inf adds 0)
     return nrs * e * d;
   };
   if (kVec) {
@@ -750,7 +754,7 @@ __global__ void __launch_bounds__(kVThreads) fused_logprob_vchunk_kernel(FusedLo
     big |= t > kMaxShift;
     const float e = exp2f(t * kLog2e);
     s0 += e;
-    s1 = fmaf(e, t, s1);
+    s1 = fmaf(e, fmaxf(t, -FLT_MAX), s1);  // (a logit of -inf adds 0)
     return nrs * e * d;
   };
   if (kVec) {

@@ -47,6 +47,11 @@ def test_sft_loss_normalises_by_whole_batch():
     with pytest.raises(ValueError, match="no loss token"):
         sft_loss(lp, torch.zeros_like(mask))
     assert count_loss_tokens([mask, mask[:1]]) == 5
+    # a masked-out position may hold -inf or nan (e.g. a forbidden token): it adds nothing
+    bad = torch.tensor([[-1.0, float("nan"), -2.0], [float("-inf"), -4.0, -5.0]])
+    m = torch.tensor([[1, 0, 1], [0, 1, 1]])
+    assert float(sft_loss(bad, m)) == pytest.approx((1 + 2 + 4 + 5) / 4)
+    assert float(sft_loss(bad, m.bool())) == pytest.approx((1 + 2 + 4 + 5) / 4)
 
 
 def test_shift_for_next_token():

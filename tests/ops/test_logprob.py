@@ -167,6 +167,62 @@ def test_token_logprobs_backward_variants_gpu(variant, dtype, case, monkeypatch)
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_entropy_grad", [False, True])
+@pytest.mark.parametrize("shape,v", [((3, 5), 33), ((40,), 4096)])
+def test_token_logprobs_masked_logits(device, with_entropy_grad, shape, v):
+    """Logits of -inf (tokens masked out) add nothing to the entropy and get a zero gradient:
+    log-probs, entropy and gradients finite and equal to the fp64 oracle on the logits with the
+    masked ones at -1e4 (exp underflows to exactly 0 there)."""
+    z, y = _case(shape, v, torch.float32, device, seed=v)
+    g = torch.Generator().manual_seed(1)
+    masked = (torch.rand(*shape, v, generator=g) < 0.3).to(device)
+    masked.scatter_(-1, y.clamp(min=0)[..., None], False)  # (not the label's own logit)
+    z = z.masked_fill(masked, float("-inf"))
+    leaf = z.detach().requires_grad_(True)
+    lp, ent = token_logprobs(leaf, y, temperature=0.9, return_entropy=True)
+    gl = torch.randn(shape, generator=g).to(device)
+    gh = torch.randn(shape, generator=g).to(device)
+    loss = (lp * gl).sum() + ((ent * gh).sum() if with_entropy_grad else 0)
+    loss.backward()
+    z64 = z.detach().double().masked_fill(masked, -1e4).requires_grad_(True)
+    rlp, rent = oracle(z64, y, 0.9)
+    ((rlp * gl.double()).sum() + ((rent * gh.double()).sum() if with_entropy_grad else 0)).backward()
+    for name, ours, ref in (("logp", lp, rlp), ("entropy", ent, rent), ("grad", leaf.grad, z64.grad)):
+        assert torch.isfinite(ours).all(), name
+        assert err(ours, ref) <= 1e-5, name
+    assert (leaf.grad[masked] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_token_logprobs_expanded_logits(device):
+    """Logits whose rows share memory (expand) get each row's gradient summed into the shared
+    rows, as autograd does for any op."""
+    z, y = _case((1, 6), 40, torch.float32, device, seed=5, ignore_frac=0.0)
+    y = torch.randint(0, 40, (3, 6), generator=torch.Generator().manual_seed(2)).to(device)
+    leaf = z.detach().requires_grad_(True)
+    lp, ent = token_logprobs(leaf.expand(3, 6, 40), y, return_entropy=True)
+    (lp.sum() + ent.sum()).backward()
+    z64 = z.detach().double().requires_grad_(True)
+    rlp, rent = oracle(z64.expand(3, 6, 40), y)
+    (rlp.sum() + rent.sum()).backward()
+    assert err(leaf.grad, z64.grad) <= 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_token_logprobs_fp64(device):
+    """fp64 logits run the reference (on the GPU too) and give fp64 results."""
+    z, y = _case((2, 7), 50, torch.float64, device, seed=9)
+    leaf = z.detach().requires_grad_(True)
+    lp, ent = token_logprobs(leaf, y, return_entropy=True)
+    assert lp.dtype == ent.dtype == torch.float64
+    (lp.sum() + ent.sum()).backward()
+    z64 = z.detach().requires_grad_(True)
+    rlp, rent = oracle(z64, y)
+    (rlp.sum() + rent.sum()).backward()
+    assert err(lp, rlp) <= 1e-12 and err(ent, rent) <= 1e-12 and err(leaf.grad, z64.grad) <= 1e-12
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_token_logprobs_bad_input(device):
     z, y = _case((4,), 10, torch.float32, device, seed=1, ignore_frac=0.0)
     y[2] = 10

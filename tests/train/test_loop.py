@@ -199,3 +199,40 @@ def test_activation_checkpointing_is_active(small_model):
     assert (n_plain, n_ckpt) == (1, 2)
     for n in g_plain:
         torch.testing.assert_close(g_ckpt[n], g_plain[n])
+
+
+@pytest.mark.parametrize(
+    "family,over",
+    [
+        ("GraniteForCausalLM", {"logits_scaling": 8.0}),  # logits / logits_scaling
+        ("CohereForCausalLM", {"logit_scale": 0.25}),  # logits * logit_scale
+        ("Gemma2ForCausalLM", {"final_logit_softcapping": 3.0, "head_dim": 16}),
+    ],
+)
+def test_batch_logprobs_follows_the_architectures_logits(family, over):
+    """The output head's log-probs equal log_softmax of the model's own logits for architectures
+    that scale or soft-cap them."""
+    transformers = pytest.importorskip("transformers")
+    model_cls = getattr(transformers, family, None)
+    if model_cls is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {family}")
+    cfg_cls = getattr(transformers, family.replace("ForCausalLM", "Config"))
+    cfg = cfg_cls(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+        **over,
+    )
+    torch.manual_seed(0)
+    model = model_cls(cfg).eval()
+    ids = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        lp, labels = loop.batch_logprobs(
+            model, {"input_ids": ids, "loss_mask": torch.ones_like(ids, dtype=torch.bool)}
+        )
+        ref = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)
+    ref = ref.reshape(-1, 300).gather(1, labels[:, None]).squeeze(1)
+    assert (lp - ref).abs().max().item() < 1e-4

@@ -31,7 +31,8 @@ def sft_loss(
             raise ValueError(
                 f"loss_mask must have the shape of logprobs {tuple(logprobs.shape)}, got {tuple(loss_mask.shape)}"
             )
-        nll = -(logprobs.float() * loss_mask.to(torch.float32)).sum()
+        # selected, not multiplied: a masked-out position may hold -inf or nan (0 * -inf = nan)
+        nll = -torch.where(loss_mask != 0, logprobs.float() * loss_mask.to(torch.float32), 0.0).sum()
         local = loss_mask.sum()
     else:
         nll = -logprobs.float().sum()

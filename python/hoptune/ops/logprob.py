@@ -79,6 +79,11 @@ def _view3(logits: torch.Tensor) -> tuple[int, int, int, int, int]:
     return b, t, v, logits.stride(0), logits.stride(1)
 
 
+def _kernel_runs(logits: torch.Tensor) -> bool:
+    """Whether the CUDA kernels take these logits (fp64 runs the reference everywhere)."""
+    return logits.dtype != torch.float64 and _lib.use_kernel(logits, "token_logprobs")
+
+
 def _token_logprobs_impl(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -91,7 +96,7 @@ def _token_logprobs_impl(
     check_labels raises on a label outside [0, V) other than ignore_index (one device sync)."""
     if check_labels:
         _label_stats(labels, ignore_index, logits.shape[-1])
-    if not _lib.use_kernel(logits, "token_logprobs"):
+    if not _kernel_runs(logits):
         return ref.token_logprobs_fwd(logits, labels, temperature, ignore_index)
     labels = labels.contiguous()
     logp = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
@@ -161,7 +166,7 @@ def _tl_bwd_out(
     temperature: float,
     ignore_index: int,
 ) -> torch.Tensor:
-    if not _lib.use_kernel(logits, "token_logprobs"):
+    if not _kernel_runs(logits):
         return ref.token_logprobs_bwd(
             logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index
         )
@@ -192,7 +197,7 @@ def _tl_bwd_inplace(
     temperature: float,
     ignore_index: int,
 ) -> None:
-    if not _lib.use_kernel(logits, "token_logprobs"):
+    if not _kernel_runs(logits):
         logits.copy_(
             ref.token_logprobs_bwd(
                 logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index
@@ -298,9 +303,11 @@ def token_logprobs(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each label under ``softmax(logits / temperature)``.
 
-    logits ``(N, V)`` or ``(B, T, V)`` bf16/fp16/fp32 (any row strides; the vocabulary dim
-    contiguous); labels ``(N,)`` / ``(B, T)`` int64. Returns fp32 log-probs shaped like labels
-    (and the entropy of the same distribution with ``return_entropy``). Positions whose label is
+    logits ``(N, V)`` or ``(B, T, V)`` bf16/fp16/fp32, or fp64 (through the reference; fp64
+    results) (any row strides; the vocabulary dim contiguous; rows that share memory, as from
+    ``expand``, are copied); labels ``(N,)`` / ``(B, T)`` int64. Returns fp32 log-probs shaped like
+    labels (and the entropy of the same distribution with ``return_entropy``; a logit of -inf, a
+    masked token, adds nothing to it and gets a zero gradient). Positions whose label is
     ``ignore_index`` give 0 and no gradient. The shift between logits and labels is the
     caller's (``logits[:, :-1]`` with ``labels[:, 1:]`` works without a copy).
 
@@ -325,7 +332,9 @@ def token_logprobs(
     if logits.shape[-1] == 0:
         raise ValueError("logits has an empty vocabulary dimension")
     labels = labels.long()
-    if logits.stride(-1) != 1:
+    expanded = any(st == 0 and n > 1 for st, n in zip(logits.stride()[:-1], logits.shape[:-1]))
+    if logits.stride(-1) != 1 or expanded:
+        # (rows that share memory, e.g. from expand(), would share their gradient's rows too)
         logits = logits.contiguous()
     args = (logits, labels, float(temperature), int(ignore_index), bool(inplace_backward), bool(check_labels))
     if torch.compiler.is_compiling():

@@ -17,6 +17,12 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _p_log_p(lsm: torch.Tensor) -> torch.Tensor:
+    """p log p for log-probabilities lsm, 0 where p = 0 (a logit of -inf: not 0 * -inf = nan)."""
+    p = torch.exp(lsm)
+    return torch.where(p > 0, p * lsm, 0)
+
+
 def token_logprobs_fwd(
     logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -37,7 +43,7 @@ def token_logprobs_fwd(
         ls = torch.logsumexp(z, dim=-1)
         lp = z.gather(1, yc[:, None]).squeeze(1) - ls
         lsm = z - ls[:, None]
-        h = -(torch.exp(lsm) * lsm).sum(-1)  # not lse - sum p z: that cancels when H is small
+        h = -_p_log_p(lsm).sum(-1)  # not lse - sum p z: that cancels when H is small
         logp[r0:r1] = torch.where(valid, lp, 0)
         ent[r0:r1] = torch.where(valid, h, 0)
         lse[r0:r1] = torch.where(valid, ls, 0)
@@ -74,7 +80,8 @@ def token_logprobs_bwd(
         d = -gl * p
         if gh_all is not None:
             gh = (gh_all[r0:r1] * valid)[:, None]
-            d = d - gh * p * (lp + entropy.reshape(-1)[r0:r1].to(acc)[:, None])
+            # (p = 0: 0, also where lp is -inf)
+            d = d - gh * torch.where(p > 0, p * (lp + entropy.reshape(-1)[r0:r1].to(acc)[:, None]), 0)
         yc = torch.where(y[r0:r1] != ignore_index, y[r0:r1], 0)
         d.scatter_add_(1, yc[:, None], gl)
         out[r0:r1] = (d / temperature).to(logits.dtype)
@@ -114,7 +121,7 @@ def fused_chunk(
     logp = zp.gather(1, labels[:, None]).squeeze(1) - lse
     lsm = zp - lse[:, None]
     p = torch.exp(lsm)
-    ent = -(p * lsm).sum(-1)
+    ent = -_p_log_p(lsm).sum(-1)
     g = coef = None
     if write_grad:
         rs = torch.ones_like(lse) if row_scale is None else row_scale.to(lse.dtype)
@@ -150,7 +157,7 @@ def fused_vchunk(
     t = zp - ref.to(zp.dtype)[:, None]
     e = torch.exp(t)
     s0 = e.sum(1)
-    s1 = (e * t).sum(1)
+    s1 = torch.where(e > 0, e * t, 0).sum(1)  # (a logit of -inf adds 0)
     local = labels - col0
     inside = (local >= 0) & (local < c)
     li = local.clamp(0, c - 1)[:, None]

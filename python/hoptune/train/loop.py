@@ -219,12 +219,16 @@ def lm_head_logprobs(model: nn.Module, hidden: torch.Tensor, labels: torch.Tenso
     """Log-probs of ``labels`` ``(N,)`` from final hidden states ``(N, H)`` through the model's output
     head, with the architecture's logit scale / soft-capping. fp32 ``(N,)``."""
     cfg = getattr(model, "config", None)
-    scale = getattr(cfg, "logit_scale", None)
+    scale = getattr(cfg, "logit_scale", None)  # Cohere: logits * logit_scale
+    scale = float(scale) if isinstance(scale, (int, float)) and not isinstance(scale, bool) else 1.0
+    divisor = getattr(cfg, "logits_scaling", None)  # Granite: logits / logits_scaling
+    if isinstance(divisor, (int, float)) and not isinstance(divisor, bool) and divisor:
+        scale /= float(divisor)
     return head_logprobs(
         model.get_output_embeddings(),
         hidden,
         labels,
-        logit_scale=float(scale) if isinstance(scale, (int, float)) else 1.0,
+        logit_scale=scale,
         softcap=getattr(cfg, "final_logit_softcapping", None) or None,
     )
 
