@@ -91,7 +91,8 @@ __device__ __forceinline__ void stats_add_scaled(Stats& st, const float (&z)[N],
     }
     st.m = gm;
   }
-  const float mc = st.m * c;
+  // (every value so far -inf, this group's too: m * c would make the exponents -inf + inf = nan)
+  const float mc = st.m == -INFINITY ? 0.f : st.m * c;
 #pragma unroll
   for (int j = 0; j < N; ++j) {
     const float e = fast_exp2(fmaf(z[j], c, -mc));
@@ -152,7 +153,7 @@ __device__ __forceinline__ void stats_add(Stats& st, const float (&z)[N]) {
 #pragma unroll
   for (int j = 1; j < N; ++j) gm = fmaxf(gm, z[j]);
   if (gm > st.m) rescale(st, gm);
-  const float ml = st.m * kLog2e;
+  const float ml = st.m == -INFINITY ? 0.f : st.m * kLog2e;  // (as in stats_add_scaled)
 #pragma unroll
   for (int j = 0; j < N; ++j) {
     const float e = exp2f(fmaf(z[j], kLog2e, -ml));

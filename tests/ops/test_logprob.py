@@ -176,6 +176,7 @@ def test_token_logprobs_masked_logits(device, with_entropy_grad, shape, v):
     z, y = _case(shape, v, torch.float32, device, seed=v)
     g = torch.Generator().manual_seed(1)
     masked = (torch.rand(*shape, v, generator=g) < 0.3).to(device)
+    masked[..., :64] = True  # a whole leading run (every thread's first values, on a short row all)
     masked.scatter_(-1, y.clamp(min=0)[..., None], False)  # (not the label's own logit)
     z = z.masked_fill(masked, float("-inf"))
     leaf = z.detach().requires_grad_(True)
