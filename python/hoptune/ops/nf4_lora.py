@@ -52,8 +52,8 @@ MERGED_MAX_RANK = 128
 # the same gradients for the given factors. Unpadded, the rank-r GEMMs work on rows of r elements
 # (x A^T, dY B, dA, dB: cuBLAS with leading dimensions that are not 16-byte multiples), and the dY
 # pass refuses such ranks. On an H200 at M = 8192 (bench_nf4_lora.py --sections rank_padding,
-# results/nf4_lora_rank_padding.json; covered, the three layer shapes) the layer step took
-# 1.03-1.19x the frozen layer padded against 1.09-1.47x before at r = 12, 15 and 100. A forward
+# results/nf4_lora_rank_padding.json, _2; covered, the three layer shapes, two runs) the layer step
+# took 1.03-1.30x the frozen layer padded against 1.08-1.49x unpadded at r = 12, 15 and 100. A forward
 # without grad runs no rank-r GEMM on the merged path, and there the two copies cost up to 3% at
 # 4096 x 4096 (r = 12), so it is left as is: the merged kernel pads the ranks it cannot take
 # (nf4.main_kernel_factors), the fused GEMM refuses odd ranks.
