@@ -27,7 +27,7 @@ import yaml
 # -- the SFT recipe's sections -------------------------------------------------------------------
 
 _NAME_LIST = re.compile(r"\s*[\w.-]+(\s*,\s*[\w.-]+)+\s*")
-_DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
+_DEVICE = re.compile(r"auto|(cpu|mps|cuda|xpu)(:\d+)?")
 
 
 @dataclass
@@ -393,7 +393,7 @@ def check_sft_config(cfg: SFTConfig) -> None:
     need(d.train is not None, "data.train: set the training JSONL (data.train=path/to/train.jsonl)")
     need(
         _DEVICE.fullmatch(m.device) is not None,
-        f"model.device must be auto, cpu, cuda, cuda:N or mps, got {m.device!r}",
+        f"model.device must be auto, cpu, cuda, cuda:N, mps or xpu (with :N as torch.device reads it), got {m.device!r}",
     )
     if m.chat_template is not None:
         from hoptune.data.formatting import resolve_chat_template

@@ -91,7 +91,7 @@ def test_value_checks():
         ("train.eval_batch_size=-1", "train.eval_batch_size must be >= 0"),
         ("train.eval_every=-1", "train.eval_every must be >= 0"),
         ("train.epochs=.inf", "train.epochs must be a finite number, got inf"),
-        ("model.device=gpu", "model.device must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
+        ("model.device=gpu", "model.device must be auto, cpu, cuda, cuda:N, mps or xpu .*, got 'gpu'"),
         (
             "model.chat_template=templates/chatml.jinja",
             "model.chat_template='templates/chatml.jinja': no such file",
@@ -102,6 +102,11 @@ def test_value_checks_of_train_and_model(override, message):
     cfg = load_config(None, ["data.train=x.jsonl", override])
     with pytest.raises(ConfigError, match=message):
         check_sft_config(cfg)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cpu:0", "cuda", "cuda:1", "mps:0", "auto"])
+def test_device_forms_torch_reads(device):
+    check_sft_config(load_config(None, ["data.train=x.jsonl", f"model.device={device}"]))
 
 
 def test_target_modules_as_comma_separated_names():

@@ -123,3 +123,58 @@ def test_resume_refuses_changed_settings(tmp_path, tokenizer, demo_data, overrid
         _run(cfg, tokenizer)
     with open(config_yaml) as f:
         assert f.read() == before
+
+
+def test_resume_from_a_checkpoint_without_data_order(tmp_path, tokenizer, demo_data, monkeypatch):
+    """A checkpoint that records no data order nor settings (an earlier version's, whose runs cut
+    train.epochs as one stream of rows) resumes with the same config, in its own order and step
+    count: the same losses as an uninterrupted run of that version."""
+    common = ["train.max_steps=0", "train.epochs=0.5", "train.save_every=1"]
+    real_sampler = sft.StepSampler
+
+    def streamed(*a, whole_epochs=False, **k):  # the earlier versions' order
+        return real_sampler(*a, whole_epochs=False, **k)
+
+    monkeypatch.setattr(sft, "StepSampler", streamed)
+    full = _run(small_config(tmp_path / "a", demo_data, *common), tokenizer)
+    assert full.steps > 2
+    cfg = small_config(tmp_path / "b", demo_data, *common)
+    real_step = sft.sft_step
+    calls = {"n": 0}
+
+    def dies_at_step_3(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(sft, "sft_step", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        _run(cfg, tokenizer)
+    monkeypatch.setattr(sft, "sft_step", real_step)
+    monkeypatch.setattr(sft, "StepSampler", real_sampler)
+    folder = loop.Checkpointer(cfg.output.dir).latest()
+    assert os.path.basename(folder) == "step-00000002"
+    pt = os.path.join(folder, loop.STATE_FILE)
+    blob = torch.load(pt, map_location="cpu", weights_only=False)
+    js = os.path.join(folder, loop.STATE_JSON)
+    with open(js) as f:
+        state = json.load(f)
+    for d in (blob["state"], state):  # the fields the earlier versions did not write
+        d.pop("data_order", None)
+        d.pop("settings", None)
+    torch.save(blob, pt)
+    with open(js, "w") as f:
+        json.dump(state, f)
+    second = _run(cfg, tokenizer)  # (refused before: "data_order was 'steps' and is now 'epochs'")
+    assert second.steps == full.steps
+    assert second.train_losses == full.train_losses[2:]
+
+
+def test_resume_settings_as_json_keeps_them(tmp_path, demo_data):
+    """The settings a checkpoint stores compare equal after a JSON round trip (a tuple of target
+    modules comes back as a list)."""
+    cfg = small_config(tmp_path, demo_data)
+    cfg.lora.target_modules = ("q_proj", "v_proj")
+    settings = sft._resume_settings(cfg)
+    assert json.loads(json.dumps(settings)) == settings

@@ -501,8 +501,8 @@ def nf4_lora_linear_trusted(x, q, out_features, lora_A, lora_B, scale: float, bi
 
 
 def _records_graph(x, lora_A, lora_B, bias) -> bool:
-    """Whether autograd records this call: grad mode on and an input requires grad (bias too,
-    though its gradient is None: the output then requires grad, as with the Function)."""
+    """Whether autograd records this call: grad mode on and an input requires grad (the bias
+    too: it then gets its gradient)."""
     return torch.is_grad_enabled() and (
         x.requires_grad
         or (lora_A is not None and (lora_A.requires_grad or lora_B.requires_grad))

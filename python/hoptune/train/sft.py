@@ -118,7 +118,11 @@ def prepare_model(model: nn.Module, cfg: SFTConfig) -> nn.Module:
             )
         except (ValueError, TypeError) as e:
             hint = ""
-            if isinstance(lo.target_modules, str) and lo.target_modules.lower() != ALL_LINEAR:
+            if (
+                isinstance(lo.target_modules, str)
+                and lo.target_modules.lower() != ALL_LINEAR
+                and "target_modules" in str(e)
+            ):
                 hint = (
                     "; a string in lora.target_modules is a regular expression matched against the whole "
                     "module name, a list ([q_proj, v_proj]) matches names"
@@ -231,7 +235,10 @@ def _resume_settings(cfg: SFTConfig) -> dict[str, Any]:
         "lora.enabled": lo.enabled,
         "lora.r": lo.r,
         "lora.alpha": lo.alpha,
-        "lora.target_modules": lo.target_modules,
+        # (as JSON keeps it: a tuple comes back from the checkpoint as a list)
+        "lora.target_modules": lo.target_modules
+        if isinstance(lo.target_modules, str)
+        else list(lo.target_modules),
         "lora.use_dora": lo.use_dora,
         "lora.use_rslora": lo.use_rslora,
     }
@@ -277,8 +284,12 @@ def train(cfg: SFTConfig, log=print, model: nn.Module | None = None, tokenizer: 
     for r in reports:
         log("data: " + r.summary())
     rows_per_step = t.batch_size * t.grad_accum
-    # train.epochs: whole epochs, each seen once (its last step smaller); train.max_steps: a stream of rows
-    sampler = StepSampler(len(rows), rows_per_step, t.seed, whole_epochs=not t.max_steps)
+    prior = None if resume_from is None else loop.Checkpointer.read_state(resume_from)
+    # train.epochs: whole epochs, each seen once (its last step smaller); train.max_steps: a stream of
+    # rows. A checkpoint that records no data order comes from a version that always streamed: its
+    # run resumes as it started
+    whole_epochs = not t.max_steps and (prior is None or "data_order" in prior)
+    sampler = StepSampler(len(rows), rows_per_step, t.seed, whole_epochs=whole_epochs)
     total = t.max_steps or sampler.steps_for_epochs(t.epochs)
     warmup = t.warmup_steps or round(t.warmup_ratio * total)
     data_fp = fingerprint(rows)
@@ -291,7 +302,7 @@ def train(cfg: SFTConfig, log=print, model: nn.Module | None = None, tokenizer: 
             "data_order": data_order,
             **_resume_settings(cfg),
         }
-        _check_resume(resume_from, loop.Checkpointer.read_state(resume_from), now)
+        _check_resume(resume_from, prior, now)
 
     # 2. model
     if model is None:
