@@ -19,6 +19,23 @@ def _run(cfg, tokenizer):
     return sft.train(cfg, log=lambda s: None, model=build_model(seed=0, **SMALL), tokenizer=tokenizer)
 
 
+def _run_killed_at_step(cfg, tokenizer, n: int, monkeypatch) -> None:
+    """Run ``cfg`` until its n-th optimizer step, which raises KeyboardInterrupt (a killed run)."""
+    real_step = sft.sft_step
+    calls = {"n": 0}
+
+    def dies(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt("killed")
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(sft, "sft_step", dies)
+    with pytest.raises(KeyboardInterrupt):
+        _run(cfg, tokenizer)
+    monkeypatch.setattr(sft, "sft_step", real_step)
+
+
 @pytest.mark.parametrize("packing", [False, True])
 def test_resume_is_exact(tmp_path, tokenizer, demo_data, monkeypatch, packing):
     common = [
@@ -35,19 +52,7 @@ def test_resume_is_exact(tmp_path, tokenizer, demo_data, monkeypatch, packing):
     assert len(full.train_losses) == 20
 
     cfg_b = small_config(tmp_path / "b", demo_data, *common)
-    real_step = sft.sft_step
-    calls = {"n": 0}
-
-    def dies_at_step_11(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 11:
-            raise KeyboardInterrupt("killed")
-        return real_step(*a, **k)
-
-    monkeypatch.setattr(sft, "sft_step", dies_at_step_11)
-    with pytest.raises(KeyboardInterrupt):
-        _run(cfg_b, tokenizer)
-    monkeypatch.setattr(sft, "sft_step", real_step)
+    _run_killed_at_step(cfg_b, tokenizer, 11, monkeypatch)
     ck = loop.Checkpointer(cfg_b.output.dir)
     assert os.path.basename(ck.latest()) == "step-00000010"
 
@@ -139,19 +144,7 @@ def test_resume_from_a_checkpoint_without_data_order(tmp_path, tokenizer, demo_d
     full = _run(small_config(tmp_path / "a", demo_data, *common), tokenizer)
     assert full.steps > 2
     cfg = small_config(tmp_path / "b", demo_data, *common)
-    real_step = sft.sft_step
-    calls = {"n": 0}
-
-    def dies_at_step_3(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("killed")
-        return real_step(*a, **k)
-
-    monkeypatch.setattr(sft, "sft_step", dies_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        _run(cfg, tokenizer)
-    monkeypatch.setattr(sft, "sft_step", real_step)
+    _run_killed_at_step(cfg, tokenizer, 3, monkeypatch)
     monkeypatch.setattr(sft, "StepSampler", real_sampler)
     folder = loop.Checkpointer(cfg.output.dir).latest()
     assert os.path.basename(folder) == "step-00000002"
