@@ -77,6 +77,27 @@ def test_config_sources(tmp_path):
     assert a.params == pytest.approx(1.236e9, rel=0.01)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_lora_on_the_output_head(tied):
+    """The head is a target like any linear layer, tied or not: its adapter counts as apply_lora
+    makes it, and the log-probs then come from its whole logits (no fused path for a wrapped head)."""
+    import transformers
+
+    small = dict(KNOWN_MODELS["llama-3.2-1b"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=300,
+                 tie_word_embeddings=tied)  # fmt: skip
+    p = hoptune.plan(small, r=4, target_modules=["lm_head", "q_proj"], alternatives=False)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**small))
+    hoptune.apply_lora(model, r=4, target_modules=["lm_head", "q_proj"])
+    assert p.trainable_params == sum(t.numel() for t in model.parameters() if t.requires_grad)
+    assert p.logits == "full"
+    assert hoptune.plan(small, r=4, target_modules=["q_proj"], alternatives=False).logits == "fused"
+    assert (
+        hoptune.plan(small, r=4, target_modules=["lm_head"], logits="fused", alternatives=False).logits
+        == "fused"
+    )
+
+
 def test_other_families():
     import transformers
 

@@ -38,7 +38,9 @@ The estimate counts bytes the way the PyTorch caching allocator sees them (what
   writes the fp32 gradient of the logits (4V): 2V + 4V + 4V + 4V = **14V bytes per token** at the
   peak. Fused (hoptune's ``fused_linear_logprobs``): one fp32 chunk of logits
   (``hoptune.ops.logprob.CHUNK_BYTES``), the per-row gradient J in fp32 (4H per token) and the
-  hidden-state gradient made from it (2H per token).
+  hidden-state gradient made from it (2H per token). With LoRA on the output head (tied or not:
+  it is a target like any linear layer) the head is no plain linear layer and its whole logits
+  are formed, so the default there is the full estimate (an upper bound for hoptune's path).
 * **phases**: the *loss* phase (weights, optimizer state, stored activations, logits) and the
   *layer backward* phase (weights, state, stored activations, one recomputed layer, transients,
   the logits still held) and the *optimizer step* (state + all gradients, twice for AdamW's
@@ -292,6 +294,8 @@ class _Shape:
     linears: list[tuple[str, int, int, bool]]  # (name, in, out, has_bias) of every nn.Linear
     head: str | None
     other_params: int  # embeddings, norms... (tied weights counted once)
+    # the output head as a layer LoRA can target, tied or not: (name, in, out, has_bias)
+    head_linear: tuple[str, int, int, bool] | None = None
 
 
 def _shape(config) -> _Shape:
@@ -330,7 +334,12 @@ def _shape(config) -> _Shape:
         linears=linears,
         head=None if tied else head,
         other_params=other,
+        head_linear=None if head is None else _linear_dims(head, model.get_submodule(head)),
     )
+
+
+def _linear_dims(name: str, m) -> tuple[str, int, int, bool]:
+    return name, m.in_features, m.out_features, getattr(m, "bias", None) is not None
 
 
 def _fused_chunk_bytes() -> int:
@@ -353,7 +362,12 @@ def _targets(shape: _Shape, target_modules: str | Sequence[str]) -> list[tuple[s
     if isinstance(target_modules, str) and target_modules.lower() == "all-linear":
         return [t for t in shape.linears if t[0] != shape.head]
     names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    out = [t for t in shape.linears if any(t[0] == n or t[0].endswith("." + n) for n in names)]
+    layers = list(shape.linears)
+    if shape.head_linear is not None and all(t[0] != shape.head_linear[0] for t in layers):
+        layers.append(
+            shape.head_linear
+        )  # a tied head: its weight is the embedding's, LoRA wraps it all the same
+    out = [t for t in layers if any(t[0] == n or t[0].endswith("." + n) for n in names)]
     if not out:
         suffixes = sorted({t[0].rsplit(".", 1)[-1] for t in shape.linears})
         raise ValueError(
@@ -388,6 +402,7 @@ def plan(
     "paged_adamw" (state in host memory) or "none". Returns a :class:`MemoryPlan`."""
     if stack not in ("hoptune", "hf"):
         raise ValueError(f"stack must be 'hoptune' or 'hf', got {stack!r}")
+    logits_given = logits
     logits = logits or ("full" if stack == "hf" else "fused")
     if logits not in ("full", "fused"):
         raise ValueError(f"logits must be 'full' or 'fused', got {logits!r}")
@@ -402,6 +417,15 @@ def plan(
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     cfg, label = _load_config(config)
     shape = _shape(cfg)
+    head = shape.head_linear
+    if (
+        logits_given is None
+        and head is not None
+        and any(t[0] == head[0] for t in _targets(shape, target_modules))
+    ):
+        # a LoRA-wrapped head is no plain linear layer: the log-probs come from its whole logits
+        # (losses.head_logprobs), estimated as the HF stack's full logits (an upper bound)
+        logits = "full"
     return _estimate(
         shape, label, seq, batch, r, target_modules, quantize, double_quant, stack, grad_ckpt, logits,
         optimizer, adapter_dtype, use_dora, alternatives,
