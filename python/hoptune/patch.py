@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hoptune.nn.lora import LoRALinear, check_init_lora_weights
+from hoptune.nn.lora import LoRALinear, check_lora_options
 from hoptune.nn.nf4_linear import NF4Linear
 from hoptune.ops.nf4_lora import MAX_RANK
 from hoptune.quant.nf4 import BLOCKSIZES
@@ -270,12 +270,14 @@ def replace_with_lora(
     progress: bool,
 ) -> None:
     """Swap each target for a LoRALinear; on any failure put every layer back and re-raise."""
-    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
-    for name, flag in (("use_dora", use_dora), ("use_rslora", use_rslora), ("double_quant", double_quant)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be True or False, got {flag!r}")
-    check_init_lora_weights(init_lora_weights)
+    check_lora_options(
+        "dropout",
+        dropout,
+        init_lora_weights,
+        use_dora=use_dora,
+        use_rslora=use_rslora,
+        double_quant=double_quant,
+    )
     if adapter_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"adapter_dtype must be float32, bfloat16 or float16, got {adapter_dtype}")
     record = {n: p.requires_grad for n, p in model.named_parameters()}

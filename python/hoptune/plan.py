@@ -315,7 +315,7 @@ def _shape(config) -> _Shape:
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear) and not (tied and name == head):
             # a tied head's weight is the embedding: stored once, as the embedding
-            linears.append((name, m.in_features, m.out_features, m.bias is not None))
+            linears.append(_linear_dims(name, m))
             seen.update(id(p) for p in m.parameters())
     other = sum(p.numel() for p in model.parameters() if id(p) not in seen)
     nh = text.num_attention_heads
@@ -339,6 +339,7 @@ def _shape(config) -> _Shape:
 
 
 def _linear_dims(name: str, m) -> tuple[str, int, int, bool]:
+    """(name, in, out, has_bias) of a linear layer."""
     return name, m.in_features, m.out_features, getattr(m, "bias", None) is not None
 
 
@@ -364,9 +365,8 @@ def _targets(shape: _Shape, target_modules: str | Sequence[str]) -> list[tuple[s
     names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
     layers = list(shape.linears)
     if shape.head_linear is not None and all(t[0] != shape.head_linear[0] for t in layers):
-        layers.append(
-            shape.head_linear
-        )  # a tied head: its weight is the embedding's, LoRA wraps it all the same
+        # a tied head: its weight is the embedding's, LoRA wraps it all the same
+        layers.append(shape.head_linear)
     out = [t for t in layers if any(t[0] == n or t[0].endswith("." + n) for n in names)]
     if not out:
         suffixes = sorted({t[0].rsplit(".", 1)[-1] for t in shape.linears})

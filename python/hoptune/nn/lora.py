@@ -49,6 +49,17 @@ def check_init_lora_weights(value) -> None:
         )
 
 
+def check_lora_options(dropout_name: str, dropout, init_lora_weights, **flags) -> None:
+    """The options LoRALinear and apply_lora share: the dropout (under the caller's name for it) a
+    number in [0, 1), each of ``flags`` True or False, init_lora_weights one that is implemented."""
+    if not _is_real(dropout) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{dropout_name} must be a number in [0, 1), got {dropout!r}")
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
+    check_init_lora_weights(init_lora_weights)
+
+
 _NORM_ROWS = 2048  # rows per chunk when computing DoRA norms (bounds the transient memory)
 
 
@@ -95,16 +106,14 @@ class LoRALinear(NF4Module):
             )
         if not _is_real(lora_alpha) or not math.isfinite(lora_alpha) or lora_alpha <= 0:
             raise ValueError(f"lora_alpha must be a positive number, got {lora_alpha!r}")
-        if not _is_real(lora_dropout) or not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
-        for name, flag in (
-            ("use_rslora", use_rslora),
-            ("use_dora", use_dora),
-            ("double_quant", double_quant),
-        ):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be True or False, got {flag!r}")
-        check_init_lora_weights(init_lora_weights)
+        check_lora_options(
+            "lora_dropout",
+            lora_dropout,
+            init_lora_weights,
+            use_rslora=use_rslora,
+            use_dora=use_dora,
+            double_quant=double_quant,
+        )
         if quantize not in (None, "nf4"):
             raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
         self.in_features = in_features

@@ -207,6 +207,14 @@ MERGE_MAIN_MAX_RANK = 128
 MERGE_PAD_RANKS = True
 
 
+def pad_rank(a: torch.Tensor, b: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """lora_A (r, K) and lora_B (N, r) with zero ranks appended up to a multiple of ``multiple``:
+    the same product B A (differentiable: the given factors' gradients are the padded ones' first
+    r)."""
+    pad = -a.shape[0] % multiple
+    return torch.nn.functional.pad(a, (0, 0, 0, pad)), torch.nn.functional.pad(b, (0, pad))
+
+
 def main_kernel_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """lora_A (r, K) and lora_B (N, r), contiguous, as the merged kernel's main form takes them.
     That form needs B's rows in aligned runs: an even rank and B 4-byte aligned up to r = 64, a
@@ -222,10 +230,9 @@ def main_kernel_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor,
     ptr = b.data_ptr()
     if (r % 8 == 0 and ptr % 16 == 0) or (r <= 64 and r % 2 == 0 and ptr % 4 == 0):
         return a, b
-    pad = -r % 8
-    if pad == 0:  # (misaligned only: a fresh copy is aligned)
+    if r % 8 == 0:  # (misaligned only: a fresh copy is aligned)
         return a, b.clone()
-    return torch.nn.functional.pad(a, (0, 0, 0, pad)), torch.nn.functional.pad(b, (0, pad))
+    return pad_rank(a, b, 8)
 
 
 def dequantize_lora_kernel(

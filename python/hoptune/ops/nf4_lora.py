@@ -472,10 +472,8 @@ def nf4_lora_linear(
 
 
 def _aligned_rank(lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """lora_A (r, K) and lora_B (N, r) with zero ranks appended up to a multiple of RANK_ALIGN
-    (differentiable: the gradients reaching the given factors are the padded ones' first r)."""
-    pad = -lora_A.shape[0] % RANK_ALIGN
-    return torch.nn.functional.pad(lora_A, (0, 0, 0, pad)), torch.nn.functional.pad(lora_B, (0, pad))
+    """lora_A and lora_B padded with zero ranks to a multiple of RANK_ALIGN (nf4.pad_rank)."""
+    return nf4_ops.pad_rank(lora_A, lora_B, RANK_ALIGN)
 
 
 def nf4_lora_linear_trusted(x, q, out_features, lora_A, lora_B, scale: float, bias) -> torch.Tensor:
