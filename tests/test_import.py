@@ -33,3 +33,22 @@ def test_unavailable_reason_is_explained():
 
     reason = _lib.unavailable_reason()
     assert reason is None or len(reason) > 10
+
+
+def test_kernel_stream_refuses_a_tensor_off_the_current_device(monkeypatch):
+    """The kernels take raw pointers and launch on the current CUDA device: a tensor on another GPU
+    gets an error naming both devices and the fix, not a launch on the wrong device."""
+    import pytest
+
+    from hoptune import _lib
+
+    class OnSecondGPU:  # stands for a CUDA tensor on cuda:1 (this test runs without two GPUs)
+        def get_device(self):
+            return 1
+
+    monkeypatch.setattr(_lib, "_current_device", lambda: 0)
+    monkeypatch.setattr(_lib, "_raw_stream", lambda index: 1000 + index)
+    with pytest.raises(RuntimeError, match=r"cuda:0.*cuda:1.*torch\.cuda\.set_device\(1\)"):
+        _lib.stream(OnSecondGPU())
+    monkeypatch.setattr(_lib, "_current_device", lambda: 1)
+    assert _lib.stream(OnSecondGPU()) == 1001

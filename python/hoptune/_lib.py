@@ -98,12 +98,24 @@ def use_kernel(t: torch.Tensor, op: str) -> bool:
 
 
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+_current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
 
 
 def stream(t: torch.Tensor) -> int:
     """Integer handle of the current CUDA stream on ``t``'s device (called on every kernel launch:
-    the raw C accessor when this torch has it, a few microseconds cheaper than the Stream object)."""
+    the raw C accessor when this torch has it, a few microseconds cheaper than the Stream object).
+
+    The kernels launch on the current CUDA device (they take raw pointers, not tensors), so ``t``
+    must be on it: a tensor on another GPU gets a clear error instead of a launch that fails or
+    reads another device's memory."""
     index = t.get_device()  # (a CUDA tensor's device always has an index)
+    current = _current_device()
+    if index != current:
+        raise RuntimeError(
+            f"hoptune's CUDA kernels run on the current CUDA device (cuda:{current}), but the "
+            f"tensors are on cuda:{index}: call torch.cuda.set_device({index}) first, or run "
+            f"the call inside `with torch.cuda.device({index}):`"
+        )
     if _raw_stream is not None:
         return _raw_stream(index)
     return torch.cuda.current_stream(index).cuda_stream

@@ -797,34 +797,37 @@ def load_model(
         double_quant,
         lambda owner, q: _to_nf4_layer(model, owner, q),
     )
-    tensors = reader.stream_entries([entries[k] for k in order])
-    try:
-        for e, t in tensors:
-            key = e.key
-            kind, owner = plan[key]
-            if kind == "bnb":
-                pending.setdefault(owner, {})[key] = t
-                parts_left[owner] -= 1
-                if parts_left[owner] == 0:
-                    q = from_bnb_state_dict(pending.pop(owner), f"{owner}.weight")
-                    _to_nf4_layer(model, owner, q)
-            elif kind == "quantize":
-                nf4.submit(e.file, key, owner, t if t.dtype == dtype else t.to(dtype))
-            else:
-                want = torch.float32 if keep_fp32 is not None and keep_fp32.search(key) else dtypes[key]
-                if t.is_floating_point() and want.is_floating_point and t.dtype != want:
-                    t = t.to(want)
-                _set_tensor(model, key, t)
-            del t
-            nf4.poll()
+    # the kernels (quantize) launch on the current CUDA device: make it the target one
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with on_device:
+        tensors = reader.stream_entries([entries[k] for k in order])
+        try:
+            for e, t in tensors:
+                key = e.key
+                kind, owner = plan[key]
+                if kind == "bnb":
+                    pending.setdefault(owner, {})[key] = t
+                    parts_left[owner] -= 1
+                    if parts_left[owner] == 0:
+                        q = from_bnb_state_dict(pending.pop(owner), f"{owner}.weight")
+                        _to_nf4_layer(model, owner, q)
+                elif kind == "quantize":
+                    nf4.submit(e.file, key, owner, t if t.dtype == dtype else t.to(dtype))
+                else:
+                    want = torch.float32 if keep_fp32 is not None and keep_fp32.search(key) else dtypes[key]
+                    if t.is_floating_point() and want.is_floating_point and t.dtype != want:
+                        t = t.to(want)
+                    _set_tensor(model, key, t)
+                del t
+                nf4.poll()
+                if bar is not None:
+                    bar.update(e.nbytes)
+            nf4.finish()
+            reader.finish()
+        finally:
+            tensors.close()
             if bar is not None:
-                bar.update(e.nbytes)
-        nf4.finish()
-        reader.finish()
-    finally:
-        tensors.close()
-        if bar is not None:
-            bar.close()
+                bar.close()
 
     # 5. tie, move the buffers built on the CPU, and check nothing is left on meta
     loaded = set(plan) | {f"{n}.weight" for n in prequant}

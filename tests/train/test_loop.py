@@ -165,6 +165,21 @@ def test_resolve_device_and_dtype():
         loop.resolve_dtype("fp8", torch.device("cpu"))
 
 
+def test_resolve_device_names_the_visible_gpus(monkeypatch):
+    """cuda:N beyond the visible GPUs fails at once, naming how many there are."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert loop.resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match=r"'cuda:2'.*only 2 CUDA device\(s\).*cuda:0 to cuda:1"):
+        loop.resolve_device("cuda:2")
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    loop.use_device(torch.device("cuda", 1))
+    loop.use_device(torch.device("cuda"))  # no index: the current device stays
+    loop.use_device(torch.device("cpu"))
+    assert calls == [torch.device("cuda", 1)]
+
+
 def test_activation_checkpointing_is_active(small_model):
     """Through the decoder-only forward the trainer uses, each layer runs again in the backward,
     and the gradients are those of the plain run."""

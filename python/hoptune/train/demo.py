@@ -51,6 +51,7 @@ def run_demo(out_dir: str = "runs/demo", device: str = "auto", overrides: list[s
 
     t0 = time.time()
     dev = loop.resolve_device(device)
+    loop.use_device(dev)
     dtype = loop.resolve_dtype("auto", dev)
     out_dir = os.path.abspath(out_dir)
     print(

@@ -36,7 +36,19 @@ def resolve_device(name: str = "auto") -> torch.device:
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but no CUDA device is visible; use model.device=cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {name!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) are "
+            f"visible (cuda:0 to cuda:{torch.cuda.device_count() - 1})"
+        )
     return dev
+
+
+def use_device(dev: torch.device) -> None:
+    """Make ``dev`` the current CUDA device when it names one (cuda:N): hoptune's kernels launch on
+    the current device, and so do the tensors PyTorch makes with device="cuda"."""
+    if dev.type == "cuda" and dev.index is not None:
+        torch.cuda.set_device(dev)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

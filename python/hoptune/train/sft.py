@@ -269,6 +269,7 @@ def train(cfg: SFTConfig, log=print, model: nn.Module | None = None, tokenizer: 
         device = loop.resolve_device(cfg.model.device)
     except (ValueError, RuntimeError) as e:
         raise ConfigError(f"model.device: {e}") from e
+    loop.use_device(device)
     dtype = loop.resolve_dtype(cfg.model.dtype, device)
     run_dir = os.path.abspath(out.dir)
     os.makedirs(run_dir, exist_ok=True)
