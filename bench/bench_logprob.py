@@ -164,6 +164,20 @@ def run_vocab(v: int, chunk_variants: list[int]) -> dict:
     # the kernels alone, in CUDA graphs (no launch, allocation or autograd work): the forward,
     # then every backward version on the same logits into one preallocated dlogits
     r["tl_fwd_graph_ms"] = bench_graph([lambda: token_logprobs(logits, labels, check_labels=False)], calls=10)
+    # every forward version in CUDA graphs, alternating in rounds (the forward's time drifts
+    # between runs more than the versions differ): per version the median, and each version's
+    # median ratio to version 0 over the rounds
+    fwd = {k: [] for k in logprob_ops._FWD_VARIANTS}
+    for _ in range(5):
+        for k in logprob_ops._FWD_VARIANTS:
+            logprob_ops._FWD_VARIANT = k
+            fwd[k].append(bench_graph([lambda: token_logprobs(logits, labels, check_labels=False)], calls=10))
+    logprob_ops._FWD_VARIANT = 0
+    for k, times in fwd.items():
+        r[f"fwd_v{k}_ms"] = sorted(times)[len(times) // 2]
+        r[f"fwd_v{k}_read_TBps"] = nbytes / r[f"fwd_v{k}_ms"] / 1e9
+        ratios = sorted(t / t0 for t, t0 in zip(times, fwd[0]))
+        r[f"fwd_v{k}_over_v0"] = ratios[len(ratios) // 2]
     with torch.no_grad():
         _, ent, lse = torch.ops.hoptune.token_logprobs(logits, labels, 1.0, -100, False)
     dlogits = torch.empty_like(logits)
@@ -411,6 +425,8 @@ def main() -> None:
         row["tl_fwd_frac_copy"] = row["tl_fwd_read_TBps"] / res["copy_TBps"]
         for k in logprob_ops._BWD_VARIANTS:
             row[f"bwd_v{k}_frac_copy"] = row[f"bwd_v{k}_TBps"] / res["copy_TBps"]
+        for k in logprob_ops._FWD_VARIANTS:
+            row[f"fwd_v{k}_frac_copy"] = row[f"fwd_v{k}_read_TBps"] / res["copy_TBps"]
         res["rows"].append(row)
         torch.cuda.empty_cache()
         write_json(args.out, res)
@@ -454,6 +470,18 @@ def main() -> None:
         for k in logprob_ops._BWD_VARIANTS
     ]
     print(table(bwd_rows, ["V", "version", "bwd_ms", "fwd_ms", "over_fwd", "frac_copy"]))
+    fwd_rows = [
+        {
+            "V": row["V"],
+            "version": k,
+            "fwd_ms": row[f"fwd_v{k}_ms"],
+            "frac_copy": row[f"fwd_v{k}_frac_copy"],
+            "over_v0": row[f"fwd_v{k}_over_v0"],
+        }
+        for row in res["rows"]
+        for k in logprob_ops._FWD_VARIANTS
+    ]
+    print(table(fwd_rows, ["V", "version", "fwd_ms", "frac_copy", "over_v0"]))
     if args.breakdown:
         res["fused_breakdown"] = fused_breakdown()
         write_json(args.out, res)

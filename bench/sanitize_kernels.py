@@ -41,6 +41,10 @@ def logprob() -> None:
             lp, ent = token_logprobs(z[:, 1:], y[:, 1:], temperature=0.8, return_entropy=True)
             (lp.sum() + ent.sum()).backward()
         logprob_ops._BWD_VARIANT = 0
+        for fwd in logprob_ops._FWD_VARIANTS[1:]:
+            logprob_ops._FWD_VARIANT = fwd
+            token_logprobs(z[:, 1:], y[:, 1:], temperature=0.8, return_entropy=True)
+        logprob_ops._FWD_VARIANT = 0
         h = torch.randn(13, 64, device="cuda", dtype=torch.bfloat16 if dtype != torch.float32 else dtype)
         h.requires_grad_(True)
         w = torch.randn(v, 64, device="cuda", dtype=h.dtype, requires_grad=True)

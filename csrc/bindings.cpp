@@ -213,7 +213,7 @@ PYBIND11_MODULE(_C, m) {
       "token_logprobs_fwd",
       [](uintptr_t logits, int dtype, int64_t batch, int64_t seq, int64_t vocab, int64_t stride_b,
          int64_t stride_t, uintptr_t labels, int64_t ignore_index, float inv_temperature,
-         uintptr_t logp, uintptr_t entropy, uintptr_t lse, uintptr_t stream) {
+         uintptr_t logp, uintptr_t entropy, uintptr_t lse, uintptr_t stream, int variant) {
         hoptune::TokenLogprobFwd a;
         a.logits = {ptr<const void*>(logits),
                     static_cast<DType>(dtype),
@@ -228,12 +228,12 @@ PYBIND11_MODULE(_C, m) {
         a.logp = ptr<float*>(logp);
         a.entropy = ptr<float*>(entropy);
         a.lse = ptr<float*>(lse);
-        check(hoptune::token_logprobs_fwd(a, stream_of(stream)), "token_logprobs_fwd");
+        check(hoptune::token_logprobs_fwd(a, stream_of(stream), variant), "token_logprobs_fwd");
       },
       py::arg("logits"), py::arg("dtype"), py::arg("batch"), py::arg("seq"), py::arg("vocab"),
       py::arg("stride_b"), py::arg("stride_t"), py::arg("labels"), py::arg("ignore_index"),
       py::arg("inv_temperature"), py::arg("logp"), py::arg("entropy"), py::arg("lse"),
-      py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+      py::arg("stream"), py::arg("variant") = 0, py::call_guard<py::gil_scoped_release>());
 
   m.def(
       "token_logprobs_bwd",

@@ -4,7 +4,8 @@
 // the row; slices are merged with a shuffle + shared-memory tree. Keeping s1 relative to m gives
 // the entropy as log(s0) - s1/s0 without the cancellation of lse - mean(z). Loads are 16 bytes
 // per thread (8 bf16/fp16 or 4+4 fp32), two in flight; rows that are not 16-byte aligned (odd
-// vocab sizes, odd strides) take a scalar path. exp is exp2 of a pre-scaled argument (one FFMA).
+// vocab sizes, odd strides) take a scalar path. exp is exp2 of a pre-scaled argument (one FFMA),
+// and the token kernel sums s1 in that argument's units (2^t t), saving the subtraction z - m.
 //
 // The backward recomputes p = exp(z' - lse) from the saved lse and writes dlogits in the logits'
 // dtype (in place when the caller passes the logits buffer as dlogits: each element is read and
@@ -35,6 +36,7 @@ namespace {
 
 constexpr int kThreads = 512;
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
 
 struct Stats {
   float m;   // running max
@@ -75,9 +77,10 @@ __device__ __forceinline__ float fast_exp2(float x) {
 }
 
 // Stats of raw values z with the temperature folded into the exponent: m is the max of raw z,
-// s0 = sum 2^((z - m) c), s1 = sum 2^((z - m) c) (z - m), c = log2(e) / T (the caller scales s1
-// and m by 1/T at the end).
-template <int N>
+// s0 = sum 2^((z - m) c), c = log2(e) / T. s1 = sum 2^((z - m) c) (z - m) (the caller scales s1
+// and m by 1/T at the end), or with kExpUnits sum 2^t t for the exponent t = z c - m c that the
+// exp already formed (s1 in units of 1 / c: one subtraction less per element).
+template <bool kExpUnits, int N>
 __device__ __forceinline__ void stats_add_scaled(Stats& st, const float (&z)[N], float c) {
   float gm = z[0];
 #pragma unroll
@@ -86,7 +89,7 @@ __device__ __forceinline__ void stats_add_scaled(Stats& st, const float (&z)[N],
     if (st.m != -INFINITY) {
       const float d = st.m - gm;
       const float f = fast_exp2(d * c);
-      st.s1 = f * (st.s1 + st.s0 * d);
+      st.s1 = f * (st.s1 + st.s0 * (kExpUnits ? d * c : d));
       st.s0 *= f;
     }
     st.m = gm;
@@ -95,14 +98,16 @@ __device__ __forceinline__ void stats_add_scaled(Stats& st, const float (&z)[N],
   const float mc = st.m == -INFINITY ? 0.f : st.m * c;
 #pragma unroll
   for (int j = 0; j < N; ++j) {
-    const float e = fast_exp2(fmaf(z[j], c, -mc));
+    const float t = fmaf(z[j], c, -mc);
+    const float e = fast_exp2(t);
     st.s0 += e;
     // (clamped: a logit of -inf has e = 0 and must add 0, not 0 * -inf)
-    st.s1 = fmaf(e, fmaxf(z[j] - st.m, -FLT_MAX), st.s1);
+    st.s1 = fmaf(e, fmaxf(kExpUnits ? t : z[j] - st.m, -FLT_MAX), st.s1);
   }
 }
 
-// Merge for stats_add_scaled (c as there).
+// Merge for stats_add_scaled (c and kExpUnits as there).
+template <bool kExpUnits>
 __device__ __forceinline__ Stats combine_scaled(Stats a, Stats b, float c) {
   const float mn = fmaxf(a.m, b.m);
   if (mn == -INFINITY) return a;
@@ -110,17 +115,17 @@ __device__ __forceinline__ Stats combine_scaled(Stats a, Stats b, float c) {
   if (a.m != -INFINITY) {
     const float d = a.m - mn, f = fast_exp2(d * c);
     r.s0 += f * a.s0;
-    r.s1 += f * (a.s1 + a.s0 * d);
+    r.s1 += f * (a.s1 + a.s0 * (kExpUnits ? d * c : d));
   }
   if (b.m != -INFINITY) {
     const float d = b.m - mn, f = fast_exp2(d * c);
     r.s0 += f * b.s0;
-    r.s1 += f * (b.s1 + b.s0 * d);
+    r.s1 += f * (b.s1 + b.s0 * (kExpUnits ? d * c : d));
   }
   return r;
 }
 
-template <int kBlock>
+template <bool kExpUnits, int kBlock>
 __device__ Stats block_stats_scaled(Stats st, float c) {
   __shared__ Stats warp_st[kBlock / 32];
   __shared__ Stats result;
@@ -128,7 +133,7 @@ __device__ Stats block_stats_scaled(Stats st, float c) {
   for (int o = 16; o > 0; o >>= 1) {
     Stats other{__shfl_xor_sync(0xffffffffu, st.m, o), __shfl_xor_sync(0xffffffffu, st.s0, o),
                 __shfl_xor_sync(0xffffffffu, st.s1, o)};
-    st = combine_scaled(st, other, c);
+    st = combine_scaled<kExpUnits>(st, other, c);
   }
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (lane == 0) warp_st[warp] = st;
@@ -139,7 +144,7 @@ __device__ Stats block_stats_scaled(Stats st, float c) {
     for (int o = 16; o > 0; o >>= 1) {
       Stats other{__shfl_xor_sync(0xffffffffu, st.m, o), __shfl_xor_sync(0xffffffffu, st.s0, o),
                   __shfl_xor_sync(0xffffffffu, st.s1, o)};
-      st = combine_scaled(st, other, c);
+      st = combine_scaled<kExpUnits>(st, other, c);
     }
     if (lane == 0) result = st;
   }
@@ -252,7 +257,7 @@ __device__ __forceinline__ int64_t row_offset(const LogitsView& v, int64_t row) 
   return b * v.stride_b + t * v.stride_t;
 }
 
-template <typename T, bool kVec, int kRowThreads>
+template <typename T, bool kVec, int kRowThreads, bool kExpUnits>
 __global__ void __launch_bounds__(kRowThreads) token_logprobs_fwd_kernel(TokenLogprobFwd a) {
   const int64_t row = blockIdx.x;
   const int64_t y = a.labels[row];
@@ -278,27 +283,28 @@ __global__ void __launch_bounds__(kRowThreads) token_logprobs_fwd_kernel(TokenLo
 #pragma unroll
       for (int u = 0; u < kU; ++u) Vec8<T>::load(z + 8 * (g + u * kRowThreads), v[u]);
 #pragma unroll
-      for (int u = 0; u < kU; ++u) stats_add_scaled(st, v[u], c);
+      for (int u = 0; u < kU; ++u) stats_add_scaled<kExpUnits>(st, v[u], c);
     }
     for (; g < groups; g += kRowThreads) {
       float v0[8];
       Vec8<T>::load(z + 8 * g, v0);
-      stats_add_scaled(st, v0, c);
+      stats_add_scaled<kExpUnits>(st, v0, c);
     }
   } else {
     for (int64_t i = threadIdx.x; i < V; i += kRowThreads) {
       float v0[1] = {to_float(z[i])};
-      stats_add_scaled(st, v0, c);
+      stats_add_scaled<kExpUnits>(st, v0, c);
     }
   }
-  st = block_stats_scaled<kRowThreads>(st, c);
+  st = block_stats_scaled<kExpUnits, kRowThreads>(st, c);
   if (threadIdx.x == 0) {
-    // in units of z' = z / T: max m' = m it, log s0 is natural, s1' = s1 it
+    // in units of z' = z / T: max m' = m it, log s0 is natural, s1' = s1 it (s1 / c it = s1 ln 2
+    // with kExpUnits)
     const float log_s0 = logf(st.s0);
     const float zy = to_float(z[y]);
     a.logp[row] = (zy - st.m) * it - log_s0;
     a.lse[row] = st.m * it + log_s0;
-    if (a.entropy) a.entropy[row] = log_s0 - it * st.s1 / st.s0;
+    if (a.entropy) a.entropy[row] = log_s0 - (kExpUnits ? kLn2 : it) * st.s1 / st.s0;
   }
 }
 
@@ -988,21 +994,21 @@ __global__ void __launch_bounds__(kLabelThreads) label_stats_kernel(LabelStats a
 
 }  // namespace
 
-template <int kRowThreads>
+template <int kRowThreads, bool kExpUnits>
 cudaError_t launch_fwd(const TokenLogprobFwd& a, int64_t rows, bool vec, cudaStream_t stream) {
   return HOPTUNE_DISPATCH_FLOAT(a.logits.dtype, T, [&] {
     if (vec) {
-      token_logprobs_fwd_kernel<T, true, kRowThreads>
+      token_logprobs_fwd_kernel<T, true, kRowThreads, kExpUnits>
           <<<static_cast<unsigned>(rows), kRowThreads, 0, stream>>>(a);
     } else {
-      token_logprobs_fwd_kernel<T, false, kRowThreads>
+      token_logprobs_fwd_kernel<T, false, kRowThreads, kExpUnits>
           <<<static_cast<unsigned>(rows), kRowThreads, 0, stream>>>(a);
     }
     return cudaGetLastError();
   });
 }
 
-cudaError_t token_logprobs_fwd(const TokenLogprobFwd& a, cudaStream_t stream) {
+cudaError_t token_logprobs_fwd(const TokenLogprobFwd& a, cudaStream_t stream, int variant) {
   const int64_t rows = a.logits.batch * a.logits.seq;
   HOPTUNE_REQUIRE(a.logits.ptr && a.labels && a.logp && a.lse && a.logits.vocab > 0 &&
                   a.logits.seq > 0);
@@ -1010,8 +1016,11 @@ cudaError_t token_logprobs_fwd(const TokenLogprobFwd& a, cudaStream_t stream) {
   HOPTUNE_REQUIRE(rows <= 0x7fffffff);
   const bool vec = vector_ok(a.logits);
   // 128 threads per row: faster on an H200 than 256 or 512 (bench/results/logprob_breakdown.json,
-  // tl_fwd_v0 / v1 / v2: 128 / 256 / 512 threads)
-  return launch_fwd<128>(a, rows, vec, stream);
+  // tl_fwd_v0 / v1 / v2: 128 / 256 / 512 threads). The entropy's sum in the exponent's units:
+  // 0.93-0.95x the time of version 1, kept for measurement, which sums e (z - m)
+  // (bench/results/logprob_fwd_exp_units_trial.json, where the two were numbered the other way).
+  if (variant == 1) return launch_fwd<128, false>(a, rows, vec, stream);
+  return launch_fwd<128, true>(a, rows, vec, stream);
 }
 
 // rounds_per_tile = 0: one CTA per row; else rows split in tiles of that many rounds (kThreads *

@@ -166,6 +166,41 @@ def test_token_logprobs_backward_variants_gpu(variant, dtype, case, monkeypatch)
         assert err(ours, z64.grad) <= 2 * err(zt.grad.to(dtype), z64.grad) + 1e-6
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", logprob_ops._FWD_VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", list(BWD_CASES))
+def test_token_logprobs_forward_variants_gpu(variant, dtype, case, monkeypatch):
+    """Every numbered forward kernel version: log-probs, entropy and lse (temperature, ignored rows,
+    labels at both ends of a row, a run of -inf logits) against fp64 on contiguous, strided and
+    unaligned logits. fp32: 1e-5 absolute; 16-bit: at most 2x the error of PyTorch in fp32."""
+    monkeypatch.setattr(logprob_ops, "_FWD_VARIANT", variant)  # restored after the test
+    shape, v, layout = BWD_CASES[case]
+    base_shape = (shape[0], shape[1] + 1) if layout == "shifted" else shape
+    z, y = _case(base_shape, v + (layout == "offset"), dtype, "cuda", seed=v + 7, ignore_frac=0.25)
+    if layout == "shifted":
+        y = y[:, 1:].contiguous()
+    y = y.clamp(max=v - 1)
+    flat = y.view(-1)
+    flat[0], flat[1], flat[-1] = 0, v - 1, -100
+    logits = _bwd_view(z, layout)
+    row = (0,) * (logits.dim() - 2) + (2,)
+    logits[row][-16:] = float("-inf")  # a masked tail in one row (written through the view)
+    y[row] = 0  # (its label unmasked)
+    poison_cuda_cache()
+    lp, ent = token_logprobs(logits, y, temperature=0.8, return_entropy=True)
+    z64 = logits.double().masked_fill(logits.isinf(), -1e4)
+    rlp, rent = oracle(z64, y, 0.8)
+    for name, ours, ref in (("logp", lp, rlp), ("entropy", ent, rent)):
+        assert torch.isfinite(ours).all(), name
+        if dtype == torch.float32:
+            assert err(ours, ref) <= 1e-5, name
+    if dtype != torch.float32:
+        tlp, tent = torch_fp32(logits.float().masked_fill(logits.isinf(), -1e4), y, 0.8)
+        assert err(lp, rlp) <= 2 * err(tlp, rlp) + 1e-6
+        assert err(ent, rent) <= 2 * err(tent, rent) + 1e-6
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("with_entropy_grad", [False, True])
 @pytest.mark.parametrize("shape,v", [((3, 5), 33), ((40,), 4096)])

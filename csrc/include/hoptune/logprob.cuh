@@ -45,8 +45,8 @@ struct TokenLogprobBwd {
   void* dlogits = nullptr;              // same dtype and strides as logits; may alias it
 };
 
-cudaError_t token_logprobs_fwd(const TokenLogprobFwd& a, cudaStream_t stream);
 // `variant` 1 selects a kernel version kept for measurement (0: the default).
+cudaError_t token_logprobs_fwd(const TokenLogprobFwd& a, cudaStream_t stream, int variant = 0);
 cudaError_t token_logprobs_bwd(const TokenLogprobBwd& a, cudaStream_t stream, int variant = 0);
 
 // One chunk of the fused lm_head path: fp32 logits [rows, V] (row stride ld, written by a GEMM

@@ -66,6 +66,10 @@ _GEMM_ON_CPU = False  # tests: run the fused-GEMM loop on CPU through the refere
 # token_logprobs backward kernel version (csrc/kernels/logprob.cu; 1 and 2 are kept for measurement).
 _BWD_VARIANT = 0
 _BWD_VARIANTS = (0, 1, 2)  # every version, for the benchmark and the tests
+# token_logprobs forward kernel version (csrc/kernels/logprob.cu; 1, the entropy's sum in logit
+# units instead of the exponent's, is kept for measurement).
+_FWD_VARIANT = 0
+_FWD_VARIANTS = (0, 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,6 +122,7 @@ def _token_logprobs_impl(
         ent.data_ptr(),
         lse.data_ptr(),
         _lib.stream(logits),
+        _FWD_VARIANT,
     )
     return logp, ent, lse
 
