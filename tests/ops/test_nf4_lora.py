@@ -133,6 +133,32 @@ def test_ranks_padded_to_multiple_of_8(m, k, n, r, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("r", [1, 15])
+def test_fused_gemm_pads_odd_ranks_without_grad(r, monkeypatch):
+    """Without grad (not padded at the op) an odd rank still takes the fused GEMM, padded with zero
+    ranks (the kernel reads B's rows in pairs); the output by the STYLE rule."""
+    m, k, n = 64, 4096, 8192
+    x, q, a, b, bias = _case(m, k, n, r, torch.bfloat16, "cuda", seed=r)
+    ranks = []
+    real = nf4_ops.fused_gemm_kernel
+
+    def spy(*args, **kwargs):
+        ranks.append(args[10].shape[1])  # (x2, 7 NF4 state fields, N, xs, lora_B, bias)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(nf4_ops, "fused_gemm_kernel", spy)
+    poison_cuda_cache()
+    with torch.no_grad():
+        y = nf4_lora_linear(x, q, a, b, 0.75, bias)
+    assert ranks == [-(-r // 8) * 8]
+    w = dequantize_nf4(q)
+    xd, ad, bd = x.double(), a.double(), b.double()
+    exact = xd @ w.double().t() + 0.75 * (xd @ ad.t()) @ bd.t() + bias.double()
+    low = x @ w.t() + 0.75 * (x @ a.t()) @ b.t() + bias
+    assert rel_err(y, exact) <= 2 * rel_err(low, exact) + 1e-6
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("r,merged", [(8, True), (128, True), (136, False), (256, False)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_merge_rank_rule(r, merged, bias, monkeypatch):
@@ -427,13 +453,12 @@ def test_fused_gemm_dispatch_rule():
     to 512, 192 up to 576, then 256; the K range split when the tiles are few, stream-K when
     they are many or above 512 rows (the measured faster ones)."""
     x = torch.empty(200, 4096, dtype=torch.bfloat16)
-    assert nf4_ops.fused_gemm_runs(x, 8192, 64, 16)
-    assert not nf4_ops.fused_gemm_runs(x, 4096, 64, 16)  # 4096 x 4096: the merged path wins
-    assert nf4_ops.fused_gemm_runs(torch.empty(200, 8192, dtype=torch.bfloat16), 4096, 64, 16)
-    assert not nf4_ops.fused_gemm_runs(torch.empty(200, 32768, dtype=torch.bfloat16), 1024, 64, 16)
-    assert not nf4_ops.fused_gemm_runs(x, 8192, 64, 7)  # an odd rank
-    assert not nf4_ops.fused_gemm_runs(x.half(), 8192, 64, 16)  # bf16 only
-    assert not nf4_ops.fused_gemm_runs(torch.empty(0, 4096, dtype=torch.bfloat16), 8192, 64, 16)
+    assert nf4_ops.fused_gemm_runs(x, 8192, 64)
+    assert not nf4_ops.fused_gemm_runs(x, 4096, 64)  # 4096 x 4096: the merged path wins
+    assert nf4_ops.fused_gemm_runs(torch.empty(200, 8192, dtype=torch.bfloat16), 4096, 64)
+    assert not nf4_ops.fused_gemm_runs(torch.empty(200, 32768, dtype=torch.bfloat16), 1024, 64)
+    assert not nf4_ops.fused_gemm_runs(x.half(), 8192, 64)  # bf16 only
+    assert not nf4_ops.fused_gemm_runs(torch.empty(0, 4096, dtype=torch.bfloat16), 8192, 64)
     rows = [m for m in range(1, 600) if nf4_ops.fused_rows(m, 8192, 8192)]
     assert rows == list(range(1, 385)) + list(range(416, 513))
     # 385-415, 513-576 and 704-768 rows too on weights of 2^27 elements or more

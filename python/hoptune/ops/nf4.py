@@ -458,10 +458,10 @@ def fused_tile_n(m: int, n: int) -> int:
     return 256
 
 
-def fused_gemm_runs(x2: torch.Tensor, n: int, blocksize: int, rank: int) -> bool:
+def fused_gemm_runs(x2: torch.Tensor, n: int, blocksize: int) -> bool:
     """Whether the forward takes nf4_lora_gemm for x2 (M, K): M and N in the measured range, bf16,
-    K % 64 == 0 and the quant blocks within rows, N % 8 == 0, an even rank (the caller has checked
-    CUDA on sm_90)."""
+    K % 64 == 0 and the quant blocks within rows, N % 8 == 0 (the caller has checked CUDA on sm_90,
+    and pads an odd rank with a zero rank: the kernel reads B's rows in pairs)."""
     m, k = x2.shape
     return (
         fused_rows(m, n, k)
@@ -472,7 +472,6 @@ def fused_gemm_runs(x2: torch.Tensor, n: int, blocksize: int, rank: int) -> bool
         and blocksize % 64 == 0
         and k % blocksize == 0
         and n % 8 == 0
-        and rank % 2 == 0
     )
 
 

@@ -90,9 +90,8 @@ def _from_codes(x2: torch.Tensor, lora_A: torch.Tensor | None, n: int) -> bool:
 def _fused(x2: torch.Tensor, lora_A: torch.Tensor | None, n: int, blocksize: int) -> bool:
     """Whether the product is the fused NF4 GEMM (nf4_lora_gemm: the codes decoded in its
     mainloop), for the rows and shapes where it beats the merged weight (nf4.fused_gemm_runs)."""
-    rank = 0 if lora_A is None else lora_A.shape[0]
     return (
-        nf4_ops.fused_gemm_runs(x2, n, blocksize, rank)
+        nf4_ops.fused_gemm_runs(x2, n, blocksize)
         and (lora_A is None or lora_A.dtype == x2.dtype)
         and _lib.use_kernel(x2, "nf4_lora_linear")
     )
@@ -236,6 +235,8 @@ def _forward(x, q, out_features, lora_A, lora_B, scale, bias, merged_w, fused=No
         xa = None if lora_A is None else torch.mm(x2, lora_A.t(), out_dtype=torch.float32)
         y = nf4_ops.small_m_kernel(x2, *q, out_features, xa, lora_B, scale, bias)
     elif fused:  # the codes decoded in the GEMM's mainloop
+        if lora_A is not None and lora_A.shape[0] % 2:  # (without grad: not padded at the op)
+            lora_A, lora_B = _aligned_rank(lora_A, lora_B)
         xs = None if lora_A is None else _mm_scaled(x2, lora_A.t(), scale, True)
         y = nf4_ops.fused_gemm_kernel(x2, *q, out_features, xs, lora_B, bias)
     else:
