@@ -1017,7 +1017,7 @@ cudaError_t token_logprobs_fwd(const TokenLogprobFwd& a, cudaStream_t stream, in
   const bool vec = vector_ok(a.logits);
   // 128 threads per row: faster on an H200 than 256 or 512 (bench/results/logprob_breakdown.json,
   // tl_fwd_v0 / v1 / v2: 128 / 256 / 512 threads). The entropy's sum in the exponent's units:
-  // 0.93-0.95x the time of version 1, kept for measurement, which sums e (z - m)
+  // 0.93-0.96x the time of version 1, kept for measurement, which sums e (z - m)
   // (bench/results/logprob_fwd_exp_units_trial.json, where the two were numbered the other way).
   if (variant == 1) return launch_fwd<128, false>(a, rows, vec, stream);
   return launch_fwd<128, true>(a, rows, vec, stream);
