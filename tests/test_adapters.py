@@ -313,3 +313,75 @@ def test_save_without_lora_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no LoRA layers"):
         hoptune.save_adapter(tiny_model(), tmp_path)
     assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"alpha_pattern": {"q_proj": "x"}}, r"alpha_pattern\['q_proj'\] must be a positive number"),
+        ({"alpha_pattern": {"q_proj": -1}}, r"alpha_pattern\['q_proj'\] must be a positive number"),
+        ({"rank_pattern": {"q_proj": "4"}}, r"rank_pattern\['q_proj'\] must be a positive int"),
+        ({"rank_pattern": {"(": 4}}, "rank_pattern key '\\(' is not a valid regular expression"),
+    ],
+)
+def test_bad_patterns_in_config_name_the_field(saved, changes, match):
+    _edit_config(saved, **changes)
+    model = tiny_model()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        hoptune.load_adapter(model, saved)
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq"])
+def test_adapter_whose_init_changed_the_base_is_refused(saved, init):
+    """PEFT recomputes these initializations on load, changing the base weights; the A / B on disk
+    alone do not describe the adapter (PEFT can convert such an adapter to a plain LoRA)."""
+    _edit_config(saved, init_lora_weights=init)
+    model = tiny_model()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=f"init_lora_weights={init!r}.*base weights"):
+        hoptune.load_adapter(model, saved)
+    assert_unchanged(model, snap)
+
+
+def test_peft_pissa_adapter_is_refused_not_loaded_wrongly(tmp_path):
+    base = tiny_model()
+    cfg = peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8, init_lora_weights="pissa")
+    peft.get_peft_model(copy.deepcopy(base), cfg).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="init_lora_weights='pissa'"):
+        hoptune.load_adapter(copy.deepcopy(base), tmp_path)
+
+
+@pytest.mark.parametrize("init", ["gaussian", "eva", "orthogonal", "mica", True, False])
+def test_inits_that_leave_the_base_alone_load(saved, init):
+    _edit_config(saved, init_lora_weights=init)
+    hoptune.load_adapter(tiny_model(), saved)
+
+
+def test_peft_adapter_with_empty_exclude_modules_loads(tmp_path):
+    base = tiny_model()
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(
+        target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8, exclude_modules=[], init_lora_weights=False
+    )
+    pm = peft.get_peft_model(copy.deepcopy(base), cfg).eval()
+    pm.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["exclude_modules"] == []
+    assert rel(logits(hoptune.load_adapter(copy.deepcopy(base), tmp_path)), logits(pm)) <= 1e-6
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(quantize="nf4", blocksize=0), "blocksize must be one of"),
+        (dict(quantize="nf4", blocksize=100), "blocksize must be one of"),
+        (dict(trainable="yes"), "trainable must be True or False"),
+    ],
+)
+def test_load_adapter_bad_arguments(saved, kwargs, match):
+    model = tiny_model()
+    snap = snapshot(model)
+    with pytest.raises((ValueError, TypeError), match=match):
+        hoptune.load_adapter(model, saved, **kwargs)
+    assert_unchanged(model, snap)

@@ -371,3 +371,41 @@ def test_torch_compile_inductor_decoder_layer():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     got.sum().backward()
     assert layer.self_attn.q_proj.lora_A.grad is not None
+
+
+def test_empty_exclude_modules_excludes_nothing():
+    """As in PEFT, an empty exclude_modules (PEFT writes [] to adapter_config.json) excludes nothing."""
+    want = lora_names(hoptune.apply_lora(tiny_model(), r=2))
+    for empty in ([], (), set()):
+        assert lora_names(hoptune.apply_lora(tiny_model(), r=2, exclude_modules=empty)) == want
+
+
+def test_bad_exclude_modules_message_is_about_exclusion():
+    with pytest.raises(TypeError, match="exclude_modules must be a regular expression or a list") as e:
+        hoptune.apply_lora(tiny_model(), r=2, exclude_modules=[3])
+    assert "all-linear" not in str(e.value)
+
+
+def test_merge_of_a_tied_lm_head_unties_it_in_the_config(tmp_path):
+    """The merged head is no longer the embedding matrix: a config still saying tied would let
+    tie_weights() (resize_token_embeddings, loading) put the embeddings back in its place."""
+    base = tiny_model("qwen2", tie_word_embeddings=True)
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    x = ids()
+    model = hoptune.apply_lora(
+        copy.deepcopy(base), r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False
+    )
+    want = logits(model, x)
+    merged = hoptune.merge_and_unload(model, dtype=torch.float32)
+    assert merged.config.tie_word_embeddings is False
+    torch.testing.assert_close(
+        merged.model.embed_tokens.weight, base.model.embed_tokens.weight, atol=0, rtol=0
+    )
+    merged.tie_weights()
+    torch.testing.assert_close(logits(merged, x), want, atol=1e-5, rtol=1e-5)
+    merged.save_pretrained(tmp_path)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits(back, x), want, atol=1e-5, rtol=1e-5)
+    # a head without an adapter stays tied
+    kept = hoptune.merge_and_unload(hoptune.apply_lora(copy.deepcopy(base), r=4), dtype=torch.float32)
+    assert kept.config.tie_word_embeddings is True and kept.lm_head.weight is kept.model.embed_tokens.weight

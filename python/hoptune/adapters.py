@@ -29,6 +29,7 @@ from torch import nn
 from hoptune._io import atomic_write, atomic_write_text
 from hoptune.nn.lora import LoRALinear
 from hoptune.patch import (
+    _check_pattern,
     _is_linear,
     _Target,
     check_target,
@@ -37,6 +38,7 @@ from hoptune.patch import (
     replace_with_lora,
     select_modules,
 )
+from hoptune.quant.nf4 import BLOCKSIZES
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -63,7 +65,7 @@ _IGNORED = {
     "auto_mapping",
     "peft_version",
     "task_type",
-    "init_lora_weights",
+    "init_lora_weights",  # except the initializations that change the base weights (_BASE_CHANGING_INITS)
     "loftq_config",
     "eva_config",
     "corda_config",
@@ -93,6 +95,9 @@ _OFF: dict[str, tuple] = {
     "velora_config": (None,),
     "kasa_config": (None,),
 }
+# PEFT initializations that change the base layer's weight (and are repeated by PEFT when it loads
+# the adapter): the A / B on disk only fit that changed weight, which hoptune does not compute
+_BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq")
 
 
 # -- config -----------------------------------------------------------------------------------
@@ -219,9 +224,21 @@ def check_adapter_config(cfg: object, where: str = CONFIG_NAME) -> dict:
         raise ValueError(f"{where}: lora_dropout must be a number in [0, 1), got {d!r}")
     if out.get("target_modules") is None:
         raise ValueError(f"{where}: target_modules is missing")
-    for field in ("rank_pattern", "alpha_pattern"):
+    for field, kind in (("rank_pattern", int), ("alpha_pattern", float)):
         if not isinstance(out[field], dict):
             raise ValueError(f"{where}: {field} must be an object, got {out[field]!r}")
+        try:
+            _check_pattern(field, out[field], kind)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: {e}") from e
+    init = out.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise ValueError(
+            f"{where}: init_lora_weights={init!r} is not supported: that initialization changes the base weights "
+            "(PEFT repeats it when it loads the adapter) and the lora_A / lora_B on disk only fit those changed "
+            "weights; convert the adapter to a plain LoRA with PEFT first (save_pretrained with "
+            "path_initial_model_for_weight_conversion), or merge it with PEFT"
+        )
     return out
 
 
@@ -339,6 +356,8 @@ def load_adapter(
     adapter: its weights are replaced. ``trainable`` sets ``requires_grad`` of the loaded adapter
     (False by default, as in PEFT). Everything is checked first: an adapter for another
     architecture or with other shapes is an error and the model is left unchanged."""
+    if not isinstance(trainable, bool):
+        raise TypeError(f"trainable must be True or False, got {trainable!r}")
     folder = os.fspath(adapter_dir)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"adapter_dir {folder!r} is not a directory")
@@ -443,6 +462,8 @@ def load_adapter(
     else:
         if quantize not in (None, "nf4"):
             raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
+        if blocksize not in BLOCKSIZES:
+            raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
         for t in targets:  # the checks apply_lora makes (rank vs layer, NF4 block size), before any change
             check_target(t.name, t.module, t.r, quantize, blocksize)
         replace_with_lora(

@@ -81,9 +81,12 @@ def _check_spec(arg: str, spec: object, allow_none: bool = False) -> None:
         or not spec
         or not all(isinstance(t, str) and t for t in spec)
     ):
-        raise TypeError(
-            f"{arg} must be 'all-linear', a regular expression or a non-empty list of module names, got {spec!r}"
+        kinds = (
+            "'all-linear', a regular expression or a non-empty list"
+            if arg == "target_modules"
+            else "a regular expression or a list"
         )
+        raise TypeError(f"{arg} must be {kinds} of module names, got {spec!r}")
 
 
 def linear_suffixes(model: nn.Module) -> list[str]:
@@ -106,6 +109,8 @@ def select_modules(
     with ``include_lora`` existing LoRALinear layers count as linear layers.
 
     Raises ValueError when nothing matches, or when a match is not a linear layer."""
+    if isinstance(exclude_modules, (list, tuple, set, frozenset)) and not exclude_modules:
+        exclude_modules = None  # PEFT: an empty exclude_modules excludes nothing
     _check_spec("target_modules", target_modules)
     _check_spec("exclude_modules", exclude_modules, allow_none=True)
     all_linear = isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR
@@ -426,21 +431,31 @@ def merge_and_unload(
     to ``dtype``; NF4 layers without an adapter are dequantized too, so ``save_pretrained`` writes
     an ordinary checkpoint. With a ``dtype`` every other floating-point parameter is cast to it as
     well (buffers, e.g. rotary frequencies, are left alone) and ``config.dtype`` is set; with
-    ``dtype=None`` each layer keeps its base dtype."""
+    ``dtype=None`` each layer keeps its base dtype. An output head tied to the input embeddings that
+    had an adapter gets its own merged weight, and ``config.tie_word_embeddings`` becomes False."""
     if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"dtype must be float32, bfloat16, float16 or None, got {dtype}")
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRALinear, NF4Linear))]
     if not layers:
         raise ValueError(f"model ({type(model).__name__}) has no LoRA or NF4 layers to merge")
+    heads = _output_head_names(model)
     for name, mod in _progress(layers, len(layers) > 32 if progress is None else progress, "merge"):
         new = mod.to_linear(merge=True, dtype=dtype) if isinstance(mod, LoRALinear) else mod.to_linear(dtype)
         new.train(mod.training)
         _set_module(model, name, new)
+    config = getattr(model, "config", None)
+    get_input = getattr(model, "get_input_embeddings", None)
+    emb = get_input() if callable(get_input) and heads & {n for n, _ in layers} else None
+    if emb is not None and getattr(config, "tie_word_embeddings", False):
+        # the merged head now has its own weight: a config still saying "tied" would let tie_weights()
+        # (resize_token_embeddings, from_pretrained) put the embedding matrix back in its place
+        head = model.get_output_embeddings()
+        if getattr(head, "weight", None) is not getattr(emb, "weight", None):
+            config.tie_word_embeddings = False
     if dtype is not None:
         for p in model.parameters():
             if p.is_floating_point() and p.dtype != dtype:
                 p.data = p.data.to(dtype)
-        config = getattr(model, "config", None)
         if config is not None and hasattr(config, "dtype"):
             config.dtype = dtype
     _restore_requires_grad(model)

@@ -181,6 +181,8 @@ def test_gaussian_init():
         (dict(use_rslora=1), "use_rslora must be True or False"),
         (dict(quantize="nf4", double_quant="no"), "double_quant must be True or False"),
         (dict(init_lora_weights="pissa"), "init_lora_weights must be True, False or 'gaussian'"),
+        (dict(adapter_dtype=torch.int64), "adapter_dtype must be a floating-point dtype"),
+        (dict(adapter_dtype="float32"), "adapter_dtype must be a floating-point dtype"),
     ],
 )
 def test_lora_linear_bad_arguments(kwargs, match):
@@ -244,3 +246,9 @@ def test_op_trains_a_bias(device, lora):
     layer.bias.requires_grad_(True)
     layer(x.detach()).backward(gy)
     assert rel_err(layer.bias.grad, expected) <= 2 * rel_err(low, expected) + 1e-6
+
+
+def test_lora_linear_nf4_base_with_a_bias_of_another_shape():
+    q = quantize_nf4(torch.randn(32, 64))
+    with pytest.raises(ValueError, match=r"bias must have shape \(32,\)"):
+        LoRALinear(q, r=4, bias=torch.zeros(31))

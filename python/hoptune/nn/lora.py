@@ -116,6 +116,12 @@ class LoRALinear(NF4Module):
         )
         if quantize not in (None, "nf4"):
             raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
+        if not isinstance(adapter_dtype, torch.dtype) or not adapter_dtype.is_floating_point:
+            raise TypeError(f"adapter_dtype must be a floating-point dtype, got {adapter_dtype!r}")
+        if bias is not None and tuple(bias.shape) != (out_features,):
+            raise ValueError(
+                f"bias must have shape ({out_features},) (out_features), got {tuple(bias.shape)}"
+            )
         self.in_features = in_features
         self.out_features = out_features
         self.r = r
