@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from hoptune.data.packing import Row, collate
-from hoptune.losses import count_loss_tokens, sft_loss, shift_for_next_token, token_logprobs_from_logits
+from hoptune.losses import (
+    count_loss_tokens,
+    head_logprobs,
+    sft_loss,
+    shift_for_next_token,
+    token_logprobs_from_logits,
+)
 from hoptune.train.sft import sft_step
 from tests.conftest import report_close
 
@@ -37,6 +43,50 @@ def test_token_logprobs_errors():
         token_logprobs_from_logits(torch.randn(2, 5), torch.tensor([1, 7]))
     with pytest.raises(TypeError, match="int64"):
         token_logprobs_from_logits(torch.randn(2, 5), torch.tensor([1.0, 2.0]))
+    # a bad label's position is given in the labels' own shape
+    labels = torch.zeros(2, 3, dtype=torch.long)
+    labels[1, 2] = 9
+    with pytest.raises(ValueError, match=r"got 9 at position \(1, 2\)"):
+        token_logprobs_from_logits(torch.randn(2, 3, 5), labels)
+    with pytest.raises(ValueError, match="empty vocabulary"):
+        token_logprobs_from_logits(torch.randn(2, 3, 0), torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(TypeError, match="labels must be a torch.Tensor"):
+        token_logprobs_from_logits(torch.randn(2, 5), [1, 2])
+    with pytest.raises(TypeError, match="logits must be a torch.Tensor"):
+        token_logprobs_from_logits([[0.0, 1.0]], torch.zeros(1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("shape", [(), (7,), (2, 3), (2, 3, 2)])
+def test_token_logprobs_any_leading_shape(shape):
+    """(*, V) logits with (*) labels, shifted views included, against fp64 log_softmax + gather."""
+    base = torch.randn(*shape, 4, 11, dtype=torch.float64)
+    logits = base[..., :-1, :]  # a strided view (the shift)
+    labels = torch.randint(0, 11, (*shape, 3))
+    if labels.numel() > 1:
+        labels.view(-1)[1] = -100
+    logits.requires_grad_(True)
+    got = token_logprobs_from_logits(logits, labels, temperature=0.8)
+    ref = torch.log_softmax(logits / 0.8, -1).gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1)
+    ref = torch.where(labels != -100, ref, 0.0)
+    assert got.shape == labels.shape
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda z: token_logprobs_from_logits(z, labels, temperature=0.8), (logits,)
+    )
+
+
+def test_head_logprobs_fp64():
+    """An fp64 nn.Linear head (the fused op takes 16/32-bit only) runs through its logits: the
+    fp64 oracle's values, with the scale, soft-cap and temperature, and gradcheck."""
+    head = torch.nn.Linear(6, 13, dtype=torch.float64)
+    hidden = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 13, (5,))
+    kw = dict(logit_scale=0.5, softcap=3.0, temperature=0.9)
+    got = head_logprobs(head, hidden, labels, **kw)
+    z = 3.0 * torch.tanh(head(hidden) * 0.5 / 3.0) / 0.9
+    ref = torch.log_softmax(z, -1).gather(-1, labels[:, None]).squeeze(-1)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda h: head_logprobs(head, h, labels, **kw), (hidden,))
 
 
 def test_sft_loss_normalises_by_whole_batch():

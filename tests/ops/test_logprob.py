@@ -277,6 +277,73 @@ def test_token_logprobs_bad_input(device):
         token_logprobs(z, y.clamp(0, 9), temperature=0.0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_token_logprobs_ignored_rows_large_logits(device, temperature):
+    """An ignored row gets a zero gradient whatever its logits: logits above exp's fp32 range
+    (here through a low temperature) must not turn it into nan (0 * inf)."""
+    z, y = _case((4, 6), 50, torch.float32, device, seed=11, ignore_frac=0.0)
+    z[0, 1] += 100.0
+    z[2, 3] += 30.0
+    y[0, 1] = -100
+    y[2, 3] = -100
+    leaf = z.detach().requires_grad_(True)
+    lp, ent = token_logprobs(leaf, y, temperature=temperature, return_entropy=True)
+    gl, gh = torch.randn(4, 6, device=device), torch.randn(4, 6, device=device)
+    ((lp * gl).sum() + (ent * gh).sum()).backward()
+    z64 = z.detach().double().requires_grad_(True)
+    rlp, rent = oracle(z64, y, temperature)
+    ((rlp * gl.double()).sum() + (rent * gh.double()).sum()).backward()
+    assert torch.isfinite(leaf.grad).all()
+    assert (leaf.grad[y == -100] == 0).all()
+    assert err(leaf.grad, z64.grad) <= 1e-5
+
+
+def test_token_logprobs_gradcheck_fp64():
+    """fp64 logits (the reference): gradcheck of log-probs and entropy together, with ignored
+    positions, a temperature and a shifted 3-D view; the backward is not itself differentiable,
+    so a second derivative is an error, not a silently wrong value."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(2, 5, 9, dtype=torch.float64, generator=g).requires_grad_(True)
+    y = torch.randint(0, 9, (2, 4), generator=g)
+    y[0, 1] = -100
+
+    def f(z):
+        lp, ent = token_logprobs(z[:, :-1], y, temperature=0.7, return_entropy=True)
+        return lp, ent
+
+    assert torch.autograd.gradcheck(f, (base,))
+    w = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    (dz,) = torch.autograd.grad((f(base)[0] * w).sum(), base, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        (dz * dz).sum().backward()
+
+
+def test_token_logprobs_fake_matches_reference():
+    """The ops' fake (meta) outputs, which torch.compile's code is generated from, have the
+    dtype and strides of what the reference returns: fp64 logits give fp64, and the logits'
+    gradient of a shifted (strided) view has the view's strides."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 11, (2, 5), generator=g)
+    y[1, 2] = -100
+    views = {
+        dtype: torch.randn(2, 6, 11, dtype=dtype, generator=g)[:, :-1]
+        for dtype in (torch.float32, torch.float64)
+    }
+    for z in views.values():
+        torch.library.opcheck(
+            torch.ops.hoptune.token_logprobs, (z, y, 0.7, -100, False), test_utils=("test_faketensor",)
+        )
+    for dtype, z in views.items():
+        _, ent, lse = torch.ops.hoptune.token_logprobs(z, y, 0.7, -100, False)
+        grad = torch.randn(2, 5, dtype=dtype, generator=g)
+        torch.library.opcheck(
+            torch.ops.hoptune.token_logprobs_backward,
+            (z, y, lse, ent, grad, None, 0.7, -100),
+            test_utils=("test_faketensor",),
+        )
+
+
 def _fused_case(n, h, v, dtype, device, seed, ignore_frac=0.25):
     g = torch.Generator().manual_seed(seed)
     hid = torch.randn(n, h, generator=g).to(dtype).to(device)
@@ -410,6 +477,27 @@ def test_fused_linear_logprobs_bad_input(device):
     y3[1, 0] = -3
     with pytest.raises(ValueError, match=r"got -3 at position \(1, 0\)"):
         fused_linear_logprobs(hid3, w, y3)
+    with pytest.raises(ValueError, match="empty vocabulary"):
+        fused_linear_logprobs(hid, w[:0], y)
+    with pytest.raises(ValueError, match="empty vocabulary"):
+        fused_linear_logprobs(hid, w[:0], torch.full_like(y, -100))
+    with pytest.raises(ValueError, match="hidden must be"):
+        fused_linear_logprobs(hid[0, 0], w, y[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_linear_logprobs_create_graph(device):
+    """A first-order gradient taken with create_graph (e.g. a penalty on it) matches the oracle's;
+    differentiating it again is an error (the backward is not itself differentiable)."""
+    hid, w, _, y = _fused_case(6, 16, 40, torch.float32, device, seed=4)
+    hid.requires_grad_(True)
+    scale = torch.randn(6, device=device, requires_grad=True)
+    (dh,) = torch.autograd.grad((fused_linear_logprobs(hid, w, y) * scale).sum(), hid, create_graph=True)
+    h64 = hid.detach().double().requires_grad_(True)
+    (rdh,) = torch.autograd.grad((fused_oracle(h64, w.double(), None, y)[0] * scale.double()).sum(), h64)
+    assert err(dh, rdh) <= 1e-5
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        (dh * dh).sum().backward()
 
 
 @pytest.mark.parametrize("device", DEVICES)

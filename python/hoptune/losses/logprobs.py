@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from hoptune.ops.logprob import fused_linear_logprobs, token_logprobs
+from hoptune.ops import _check
+from hoptune.ops.logprob import FLOAT_DTYPES, fused_linear_logprobs, token_logprobs
 
 
 def token_logprobs_from_logits(
@@ -28,7 +29,9 @@ def token_logprobs_from_logits(
     :func:`hoptune.ops.token_logprobs` (one pass over the logits on an sm_90 GPU, the fp32
     reference elsewhere).
     """
-    if logits.shape[:-1] != labels.shape:
+    _check.tensor("logits", logits)
+    _check.tensor("labels", labels)
+    if logits.dim() == 0 or logits.shape[:-1] != labels.shape:
         raise ValueError(
             f"labels must have the shape of logits without the vocab dim: logits {tuple(logits.shape)}, "
             f"labels {tuple(labels.shape)}"
@@ -38,9 +41,13 @@ def token_logprobs_from_logits(
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     vocab = logits.shape[-1]
+    if vocab == 0:
+        raise ValueError(f"logits has an empty vocabulary dimension: shape {tuple(logits.shape)}")
+    if logits.dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        logits = logits.float()
+    if logits.dim() in (2, 3):  # as they are: a bad label's position is reported in labels' shape
+        return token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index)
     flat = logits.reshape(-1, vocab)
-    if flat.dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
-        flat = flat.float()
     lp = token_logprobs(flat, labels.reshape(-1), temperature=temperature, ignore_index=ignore_index)
     return lp.view(labels.shape)
 
@@ -58,10 +65,11 @@ def head_logprobs(
 
     head: the model's output layer (``lm_head``); hidden ``(N, H)``; labels ``(N,)`` (no
     ``ignore_index`` needed: only loss positions are passed). Returns fp32 ``(N,)``. A plain
-    ``nn.Linear`` head goes through :func:`hoptune.ops.fused_linear_logprobs` (the logits are
-    never held whole; a frozen head gets no weight gradient); any other head module is applied
-    as is and its logits go through :func:`token_logprobs_from_logits`."""
-    if type(head) is torch.nn.Linear and head.weight.dtype == hidden.dtype:
+    ``nn.Linear`` head of hidden's dtype (bf16/fp16/fp32) goes through
+    :func:`hoptune.ops.fused_linear_logprobs` (the logits are never held whole; a frozen head
+    gets no weight gradient); any other head module (or an fp64 one) is applied as is and its
+    logits go through :func:`token_logprobs_from_logits`."""
+    if type(head) is torch.nn.Linear and head.weight.dtype == hidden.dtype and hidden.dtype in FLOAT_DTYPES:
         return fused_linear_logprobs(
             hidden,
             head.weight,

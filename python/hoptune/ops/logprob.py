@@ -134,7 +134,10 @@ _token_logprobs = torch.library.custom_op("hoptune::token_logprobs", _token_logp
 
 @_token_logprobs.register_fake
 def _(logits, labels, temperature, ignore_index, inplace_backward, check_labels=False):
-    out = logits.new_empty(labels.shape, dtype=torch.float32)
+    # fp64 logits run the reference, which returns fp64
+    out = logits.new_empty(
+        labels.shape, dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32
+    )
     return out, torch.empty_like(out), torch.empty_like(out)
 
 
@@ -172,9 +175,14 @@ def _tl_bwd_out(
     ignore_index: int,
 ) -> torch.Tensor:
     if not _kernel_runs(logits):
-        return ref.token_logprobs_bwd(
+        grad = ref.token_logprobs_bwd(
             logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index
         )
+        if grad.stride() == logits.stride():
+            return grad
+        # the layout the fake (and the kernel) gives: the logits' strides, as for a shifted view
+        out = torch.empty_strided(logits.shape, logits.stride(), dtype=logits.dtype, device=logits.device)
+        return out.copy_(grad)
     out = torch.empty_strided(logits.shape, logits.stride(), dtype=logits.dtype, device=logits.device)
     _bwd_impl(
         logits, labels.contiguous(), lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, out
@@ -256,6 +264,7 @@ def _eager_function(name: str, impl, setup_context, backward) -> type[torch.auto
         setup_context(ctx, inputs, out)
         return out
 
+    @torch.autograd.function.once_differentiable  # the backward is not itself differentiable
     def backward_(ctx, *grads):
         return backward(ctx, *grads, traced=False)
 
@@ -1110,10 +1119,14 @@ def fused_linear_logprobs(
     _check.tensor("weight", weight)
     _check.tensor("labels", labels)
     _check.dtype_in("hidden", hidden, FLOAT_DTYPES)
+    if hidden.dim() == 0:
+        raise ValueError("hidden must be (*, H), got a 0-dim tensor")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
             f"weight must be (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]}, got {tuple(weight.shape)}"
         )
+    if weight.shape[0] == 0:
+        raise ValueError("weight has an empty vocabulary dimension (V = 0)")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
     if labels.dtype not in (torch.int64, torch.int32):

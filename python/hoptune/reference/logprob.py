@@ -73,9 +73,11 @@ def token_logprobs_bwd(
     for r0 in range(0, n, _ROWS):
         r1 = min(n, r0 + _ROWS)
         z = z2[r0:r1].to(acc) / temperature
-        valid = (y[r0:r1] != ignore_index).to(acc)
+        validb = y[r0:r1] != ignore_index
+        valid = validb.to(acc)
         lp = z - lse.reshape(-1)[r0:r1].to(acc)[:, None]
-        p = torch.exp(lp)
+        # an ignored row's saved lse is 0: exp(z) may overflow there, and 0 * inf = nan
+        p = torch.where(validb[:, None], torch.exp(lp), 0)
         gl = (gl_all[r0:r1] * valid)[:, None]
         d = -gl * p
         if gh_all is not None:
