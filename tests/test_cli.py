@@ -1,5 +1,6 @@
 """The hoptune command: dispatch, stubs, and the one-line errors for bad configs."""
 
+import os
 import subprocess
 import sys
 
@@ -162,3 +163,40 @@ def test_console_script():
     )
     assert out.returncode == 2 and "not implemented yet" in out.stderr
     assert exe is None or exe  # the console script itself is declared in pyproject.toml
+
+
+def test_checkpoint_folder_without_a_tokenizer_is_one_line(tmp_path, capsys, run_config, small_model):
+    """A model folder whose tokenizer files are missing (e.g. weights copied without them)."""
+    weights_only = tmp_path / "weights_only"
+    small_model.save_pretrained(weights_only)
+    capsys.readouterr()
+    assert main(["sft", run_config, f"model.path={weights_only}"]) == 2
+    err = capsys.readouterr().err
+    last = err.rstrip("\n").split("\n")[-1]
+    assert last.startswith(f"hoptune sft: error: model.path={str(weights_only)!r}: cannot load its tokenizer")
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:7"], ids=["not-a-device-type", "absent-device"])
+def test_demo_with_a_bad_device_is_one_line(tmp_path, capsys, device):
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("cuda:7 exists here")
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hoptune demo: error: --device {device}: ") and "Traceback" not in err
+
+
+def test_demo_checks_its_overrides_before_any_work(tmp_path, capsys, monkeypatch):
+    """A mistyped override is refused at once: not after pretraining the base and scoring it."""
+    from hoptune.models import pretrain
+
+    def no_pretraining(*a, **k):
+        raise AssertionError("the demo started work before checking its config")
+
+    monkeypatch.setattr(pretrain, "pretrained_tiny_path", no_pretraining)
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--device", "cpu", "train.lrr=1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'train.lrr'; did you mean 'train.lr'?" in err
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--device", "cpu", "train.log_every=0"]) == 2
+    assert "train.log_every must be >= 1" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "demo" / "data")

@@ -204,3 +204,34 @@ def test_example_without_loss_token_is_an_error(tmp_path, tokenizer):
     # keeping the end instead keeps the completion
     ex, rep = load_examples(str(p), tokenizer, max_seq_len=20, truncation="left", skip_bad=True)
     assert len(ex) == 3 and rep.truncated == 1
+
+
+# refuses conversations whose roles do not alternate, as Llama-2 / Mistral templates do
+ALTERNATING = (
+    "{{ bos_token }}{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def test_template_that_refuses_a_conversation_names_the_line(tmp_path, tokenizer):
+    """A template's raise_exception() is a problem of that example: listed with its line, and
+    skipped with skip_bad (not a crash)."""
+    ok = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    p = tmp_path / "c.jsonl"
+    p.write_text(json.dumps({"messages": ok}) + "\n" + json.dumps({"messages": CHAT}) + "\n")
+    with pytest.raises(DataError, match="line 2: the chat template refused .*roles must alternate"):
+        load_examples(str(p), tokenizer, max_seq_len=128, chat_template=ALTERNATING)
+    ex, rep = load_examples(str(p), tokenizer, max_seq_len=128, chat_template=ALTERNATING, skip_bad=True)
+    assert len(ex) == 1 and [ln for ln, _ in rep.invalid] == [2]
+
+
+def test_template_with_a_syntax_error_is_one_error(tmp_path, tokenizer):
+    p = tmp_path / "c.jsonl"
+    p.write_text(json.dumps({"messages": CHAT}) + "\n")
+    bad = "{% for m in messages %}{{ m['content'] }"
+    with pytest.raises(DataError, match=r"c.jsonl:1: the chat template \(model.chat_template\) is not valid"):
+        load_examples(str(p), tokenizer, max_seq_len=128, chat_template=bad)
+    tokenizer.chat_template = bad  # the tokenizer's own
+    with pytest.raises(DataError, match="the tokenizer's chat template is not valid Jinja"):
+        load_examples(str(p), tokenizer, max_seq_len=128, skip_bad=True)

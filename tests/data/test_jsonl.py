@@ -77,3 +77,15 @@ def test_wrong_types(tmp_path, tokenizer):
     assert "line 1: 'prompt' and 'completion' must both be strings" in msg
     assert "line 2: messages[0] must be an object with 'role' and 'content'" in msg
     assert "line 3: 'messages' must be a non-empty list" in msg
+
+
+def test_lone_surrogate_escapes_are_malformed(tmp_path, tokenizer):
+    r"""JSON may spell a lone UTF-16 surrogate (\ud800), which is no character: such a line is
+    malformed, with its line number, instead of a crash in the tokenizer. A surrogate pair (an
+    emoji written with ensure_ascii) is fine."""
+    lines = ['{"text": "ok \\ud83d\\ude00"}', '{"prompt": "a\\ud800", "completion": "b"}', '{"text": "y"}']
+    p = _write(tmp_path / "s.jsonl", lines)
+    with pytest.raises(DataError, match=r"1 malformed line\(s\): line 2: .*surrogate"):
+        read_jsonl(p)
+    examples, report = load_examples(p, tokenizer, max_seq_len=64, skip_bad=True)
+    assert len(examples) == 2 and [ln for ln, _ in report.malformed] == [2]

@@ -139,6 +139,31 @@ def test_metrics_resume_drops_later_lines(tmp_path):
     assert loop.read_metrics(path) == []
 
 
+def test_tensorboard_mirror_drops_later_steps_on_resume(tmp_path, monkeypatch):
+    """TensorBoard keeps the event files of the interrupted run: the writer of a resumed run must
+    purge what was logged after the checkpoint, as metrics.jsonl does, or TensorBoard shows those
+    steps twice. A fresh run purges the earlier run's points."""
+    import sys
+    import types
+
+    made = []
+
+    class Writer:
+        def __init__(self, log_dir, **kwargs):
+            made.append(kwargs)
+
+        def add_scalar(self, *a, **k):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    loop.MetricsLog(tmp_path / "m.jsonl", tensorboard=True, resume_step=10).close()
+    loop.MetricsLog(tmp_path / "m.jsonl", tensorboard=True).close()
+    assert [k.get("purge_step") for k in made] == [11, 0]
+
+
 def test_plots(tmp_path):
     pytest.importorskip("matplotlib")
     path = tmp_path / "m.jsonl"

@@ -114,13 +114,39 @@ class ChatFormatter:
                 "chat masks need a fast tokenizer (token offsets); load the tokenizer with use_fast=True"
             )
         self.has_generation_tags = bool(_GENERATION_TAG.search(self.template))
+        self._check_syntax(
+            "the chat template (model.chat_template)" if chat_template else "the tokenizer's chat template"
+        )
+
+    def _check_syntax(self, source: str) -> None:
+        """ExampleError when the template is not valid Jinja (a setup error, not one of an example)."""
+        import jinja2
+
+        try:  # the template is compiled on its first use
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": "x"}], tokenize=False, chat_template=self.template
+            )
+        except jinja2.TemplateSyntaxError as e:
+            raise ExampleError(
+                f"{source} is not valid Jinja: {e.message} (template line {e.lineno})"
+            ) from None
+        except Exception:  # the template may refuse this probe conversation; real ones are checked one by one
+            pass
+
+    def _apply(self, messages: list[dict], **kwargs: Any) -> Any:
+        """``apply_chat_template`` with this template; a conversation the template refuses (its
+        ``raise_exception``, e.g. roles that do not alternate) is an ExampleError."""
+        import jinja2
+
+        try:
+            return self.tokenizer.apply_chat_template(messages, chat_template=self.template, **kwargs)
+        except jinja2.TemplateError as e:
+            raise ExampleError(f"the chat template refused this conversation: {e}") from None
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         if not messages:
             return ""
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=self.template
-        )
+        return self._apply(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def spans(self, messages: list[dict], first_trained: int = 0) -> tuple[str, list[tuple[int, int]]] | None:
         """The full text and the character spans of assistant turns at index >= first_trained, or None
@@ -188,13 +214,7 @@ class ChatFormatter:
         return ids, mask
 
     def _tokenize_with_generation_tags(self, messages, first_trained):
-        out = self.tokenizer.apply_chat_template(
-            messages,
-            tokenize=True,
-            return_dict=True,
-            return_assistant_tokens_mask=True,
-            chat_template=self.template,
-        )
+        out = self._apply(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
         ids = list(out["input_ids"])
         mask = list(out["assistant_masks"])
         if first_trained:

@@ -10,6 +10,23 @@ import re
 from dataclasses import dataclass, field
 
 _BAD_BYTE = re.compile("[\udc80-\udcff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(obj: object) -> str | None:
+    """The first lone UTF-16 surrogate in the strings of a JSON value (JSON can spell one as
+    ``\\ud800``; it is no character, and tokenizers cannot encode it), or None."""
+    if isinstance(obj, str):
+        m = _SURROGATE.search(obj)
+        return m.group() if m else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        found = _lone_surrogate(k) if isinstance(k, str) else None
+        found = found or _lone_surrogate(v)
+        if found:
+            return found
+    return None
 
 
 class DataError(ValueError):
@@ -76,6 +93,12 @@ def read_jsonl(path: str | os.PathLike, skip_malformed: bool = False) -> tuple[l
                 continue
             if not isinstance(obj, dict):
                 report.malformed.append((lineno, f"expected a JSON object, got {type(obj).__name__}"))
+                continue
+            lone = _lone_surrogate(obj) if _ESCAPED_SURROGATE.search(text) else None
+            if lone is not None:
+                report.malformed.append(
+                    (lineno, f"invalid Unicode (a lone surrogate \\u{ord(lone):04x}, which is no character)")
+                )
                 continue
             records.append(Record(obj, path, lineno))
     report.records = len(records)

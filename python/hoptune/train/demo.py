@@ -43,17 +43,35 @@ def _nf4_model(device: torch.device, dtype: torch.dtype, adapter: str | None = N
 
 def run_demo(out_dir: str = "runs/demo", device: str = "auto", overrides: list[str] | None = None) -> dict:
     """Run the demo; returns the accuracies and paths (also printed)."""
-    from hoptune.config import load_config
+    from hoptune.config import ConfigError, check_sft_config, load_config
     from hoptune.data import demo_task as task
     from hoptune.data.jsonl import write_jsonl
     from hoptune.models.pretrain import pretrained_tiny_path
     from hoptune.train import loop, sft
 
     t0 = time.time()
-    dev = loop.resolve_device(device)
+    try:
+        dev = loop.resolve_device(device)
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(f"--device {device}: {e}") from e
     loop.use_device(dev)
     dtype = loop.resolve_dtype("auto", dev)
     out_dir = os.path.abspath(out_dir)
+    data_dir = os.path.join(out_dir, "data")
+    sft_dir = os.path.join(out_dir, "sft")
+    # the config first: a mistyped override stops the demo before any work
+    cfg = load_config(
+        config_path(),
+        [
+            f"data.train={os.path.join(data_dir, 'train.jsonl')}",
+            f"data.eval={os.path.join(data_dir, 'eval.jsonl')}",
+            f"data.general_data={os.path.join(data_dir, 'general.jsonl')}",
+            f"output.dir={sft_dir}",
+            f"model.device={dev}",
+            *(overrides or []),
+        ],
+    )
+    check_sft_config(cfg)
     print(
         f"hoptune demo: tiny Llama + QLoRA SFT on {dev} ({torch.get_num_threads()} CPU threads); output in {out_dir}"
     )
@@ -62,7 +80,6 @@ def run_demo(out_dir: str = "runs/demo", device: str = "auto", overrides: list[s
     pretrained_tiny_path()
 
     # 2. data
-    data_dir = os.path.join(out_dir, "data")
     train_pairs, held_pairs = task.split_pairs()
     write_jsonl(os.path.join(data_dir, "train.jsonl"), task.sft_records(train_pairs))
     write_jsonl(os.path.join(data_dir, "eval.jsonl"), task.sft_records(held_pairs))
@@ -86,19 +103,7 @@ def run_demo(out_dir: str = "runs/demo", device: str = "auto", overrides: list[s
     del base
 
     # 4. SFT through the recipe, with the demo's paths
-    sft_dir = os.path.join(out_dir, "sft")
     shutil.rmtree(sft_dir, ignore_errors=True)  # the demo always starts fresh
-    cfg = load_config(
-        config_path(),
-        [
-            f"data.train={os.path.join(data_dir, 'train.jsonl')}",
-            f"data.eval={os.path.join(data_dir, 'eval.jsonl')}",
-            f"data.general_data={os.path.join(data_dir, 'general.jsonl')}",
-            f"output.dir={sft_dir}",
-            f"model.device={dev}",
-            *(overrides or []),
-        ],
-    )
     t_sft = time.time()
     res = sft.train(cfg)
     t_sft = time.time() - t_sft

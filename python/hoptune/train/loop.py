@@ -506,8 +506,11 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
+                # TensorBoard reads every event file of the folder: purge the points an interrupted run
+                # logged after the checkpoint (or, on a fresh start, those of an earlier run), as above
                 self.tb = SummaryWriter(
-                    os.path.join(os.path.dirname(os.path.abspath(self.path)), "tensorboard")
+                    os.path.join(os.path.dirname(os.path.abspath(self.path)), "tensorboard"),
+                    purge_step=0 if resume_step is None else resume_step + 1,
                 )
             except Exception:  # tensorboard not installed
                 self.tb_note = "TensorBoard logging skipped (tensorboard is not installed)"

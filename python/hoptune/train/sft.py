@@ -64,7 +64,14 @@ def load_tokenizer(cfg: SFTConfig) -> Any:
         )
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(cfg.model.path)
+    try:
+        return AutoTokenizer.from_pretrained(cfg.model.path)
+    except (OSError, ValueError) as e:  # no tokenizer files, or files transformers cannot read
+        why = str(e).strip().split("\n")[0]
+        raise ConfigError(
+            f"model.path={cfg.model.path!r}: cannot load its tokenizer ({why}); the folder needs the "
+            "tokenizer files (tokenizer.json, tokenizer_config.json) saved with the model"
+        ) from e
 
 
 def load_base_model(cfg: SFTConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
