@@ -385,3 +385,17 @@ def test_load_adapter_bad_arguments(saved, kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         hoptune.load_adapter(model, saved, **kwargs)
     assert_unchanged(model, snap)
+
+
+def test_save_warns_about_trainable_parameters_it_does_not_hold(tmp_path):
+    """An unfrozen bias (or any parameter besides the LoRA factors) is not in PEFT's adapter: saving
+    says so instead of dropping its training silently; a plain LoRA model saves without a word."""
+    import warnings
+
+    model = hoptune.apply_lora(tiny_model(), r=2, target_modules=["q_proj"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hoptune.save_adapter(model, tmp_path / "plain")
+    model.model.norm.weight.requires_grad_(True)
+    with pytest.warns(UserWarning, match=r"1 other trainable parameter\(s\).*model\.norm\.weight"):
+        hoptune.save_adapter(model, tmp_path / "with_norm")

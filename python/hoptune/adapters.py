@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections import Counter
 from collections.abc import Mapping
 
@@ -284,12 +285,32 @@ def save_adapter(
 
     cfg = adapter_config(model, base_model_name_or_path)
     state = adapter_state_dict(model, dtype)
+    _warn_unsaved_trainables(model)
     folder = os.fspath(adapter_dir)
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ValueError(f"adapter_dir {folder!r} exists and is not a directory")
     os.makedirs(folder, exist_ok=True)
     atomic_write(os.path.join(folder, WEIGHTS_NAME), lambda p: save_file(state, p, metadata={"format": "pt"}))
     atomic_write_text(os.path.join(folder, CONFIG_NAME), json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _warn_unsaved_trainables(model: nn.Module) -> None:
+    """A warning when parameters other than the LoRA factors require grad: the adapter (PEFT's
+    ``bias="none"``, no ``modules_to_save``) does not hold them, so their training would be lost."""
+    saved = {
+        id(t)
+        for _, lora in lora_layers(model)
+        for t in (lora.lora_A, lora.lora_B, lora.lora_magnitude)
+        if t is not None
+    }
+    left = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in saved]
+    if left:
+        warnings.warn(
+            f"save_adapter writes the LoRA factors only: {len(left)} other trainable parameter(s) are "
+            f"not in the adapter, e.g. {left[:3]}; save them separately (from model.state_dict()) "
+            "or freeze them",
+            stacklevel=3,
+        )
 
 
 # -- load -------------------------------------------------------------------------------------
