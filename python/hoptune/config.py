@@ -409,7 +409,7 @@ def check_sft_config(cfg: SFTConfig) -> None:
     )
     need(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
     need(t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}")
-    need(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    need(t.lr > 0 and math.isfinite(t.lr), f"train.lr must be a finite number > 0, got {t.lr}")
     need(t.epochs > 0 or t.max_steps > 0, "set train.epochs > 0 or train.max_steps > 0")
     need(math.isfinite(t.epochs), f"train.epochs must be a finite number, got {t.epochs}")
     need(t.max_steps >= 0, f"train.max_steps must be >= 0, got {t.max_steps}")

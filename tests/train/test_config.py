@@ -88,6 +88,8 @@ def test_value_checks():
     [
         ("train.betas=[0.9, 1.5]", r"train.betas must each be in \[0, 1\), got \[0.9, 1.5\]"),
         ("train.log_every=0", "train.log_every must be >= 1, got 0"),
+        ("train.lr=.inf", "train.lr must be a finite number > 0, got inf"),
+        ("train.lr=0", "train.lr must be a finite number > 0, got 0"),
         ("train.eval_batch_size=-1", "train.eval_batch_size must be >= 0"),
         ("train.eval_every=-1", "train.eval_every must be >= 0"),
         ("train.epochs=.inf", "train.epochs must be a finite number, got inf"),

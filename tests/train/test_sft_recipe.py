@@ -131,3 +131,13 @@ def test_epochs_cover_each_row_once(tmp_path, tokenizer, demo_data, monkeypatch)
     # the "training: ..." line comes before the bar, not printed onto the bar's line
     first = next(i for i, e in enumerate(events) if e.startswith("training: 9 steps"))
     assert events.index("progress bar") == first + 1
+
+
+def test_eval_file_and_eval_fraction_note(tmp_path, demo_data, tokenizer):
+    """With data.eval given, data.eval_fraction splits nothing off: the run says so."""
+    notes = []
+    cfg = small_config(tmp_path, demo_data, "data.eval_fraction=0.2")
+    rows, _, _ = sft.load_data(cfg, tokenizer, log=notes.append)
+    assert any("data.eval_fraction=0.2 is not used" in n for n in notes)
+    plain, _, _ = sft.load_data(small_config(tmp_path, demo_data), tokenizer, log=notes.append)
+    assert len(rows) == len(plain)  # (the training rows are all kept)

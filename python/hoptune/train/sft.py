@@ -160,6 +160,8 @@ def load_data(cfg: SFTConfig, tokenizer: Any, log=print) -> tuple[list[Row], lis
     if d.eval:
         evals, rep_e = load_examples(d.eval, tokenizer, **kw)
         reports.append(rep_e)
+        if d.eval_fraction:
+            log(f"data.eval is set: data.eval_fraction={d.eval_fraction} is not used (nothing is split off)")
     else:
         train, evals = split_eval(train, d.eval_fraction, cfg.train.seed)
     if d.general_data:
