@@ -149,3 +149,104 @@ def test_python_dash_m():
     )
     assert out.returncode == 0, out.stderr
     assert "device total" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ('["llama"]', "not a JSON object"),
+        ('"llama"', "not a JSON object"),
+        ('{"model_type": "no_such_arch"}', "unknown model_type 'no_such_arch'"),
+        ('{"model_type": "t5"}', "not a causal LM"),
+        ('{"model_type": "llama", "hidden_size": "abc"}', "hidden_size"),
+        ('{"model_type": "llama", "vocab_size": null}', "vocab_size"),
+        ('{"model_type": "llama", "hidden_size": 100, "num_attention_heads": 3}', "multiple"),
+        ('{"model_type": "llama", "num_attention_heads": 0}', "config"),
+        ('{"model_type": "llama", "hidden_size": -64}', "config"),
+    ],
+)
+def test_bad_config_json_is_a_one_line_error(tmp_path, capsys, text, match):
+    path = tmp_path / "config.json"
+    path.write_text(text)
+    assert main(["--model", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hoptune plan: error:") and "\n" not in err and len(err) < 400, err
+    assert match in err and str(path) in err, err
+
+
+def test_all_linear_matching_nothing_is_an_error():
+    # GPT-2's projections are transformers Conv1D, not nn.Linear: apply_lora targets nothing there,
+    # so a plan with LoRA on 0 layers would describe a run that cannot happen
+    import transformers
+
+    gpt2 = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100)
+    with pytest.raises(ValueError, match="matches no linear layer"):
+        hoptune.plan(gpt2, alternatives=False)
+
+
+def test_string_target_modules_is_a_regex_as_in_apply_lora():
+    # apply_lora (PEFT's rules): a string is a regular expression over the full module name
+    listed = hoptune.plan("llama-3-8b", target_modules=["q_proj", "v_proj"], alternatives=False)
+    regex = hoptune.plan("llama-3-8b", target_modules=r".*\.(q|v)_proj", alternatives=False)
+    assert regex.adapted_layers == listed.adapted_layers == 64
+    assert regex.trainable_params == listed.trainable_params
+    with pytest.raises(ValueError, match="matches no linear layer"):
+        hoptune.plan("llama-3-8b", target_modules="q_proj", alternatives=False)  # no full name
+
+
+def test_moe_experts_outside_nn_linear_are_shown_as_dense():
+    # transformers keeps an MoE layer's experts in one 3-D tensor, not in nn.Linear layers: neither
+    # NF4 (apply_lora(quantize="nf4"), bitsandbytes) nor LoRA's all-linear touches them, so they
+    # stay bf16, and the table says so instead of calling them embeddings, head and norms
+    import transformers
+
+    cfg = transformers.MixtralConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=1000,
+                                     num_local_experts=8, num_experts_per_tok=2)  # fmt: skip
+    p = hoptune.plan(cfg, alternatives=False)
+    experts = 2 * 8 * 3 * 256 * 512 + 2 * 8 * 256  # the experts and the routers
+    assert p.dense_other_params == experts
+    assert p.weights_dense >= 2 * experts
+    row = next(line for line in p.table().splitlines() if line.startswith("weights, dense"))
+    assert "outside nn.Linear" in row and f"{experts / 1e9:.2f} B" in row, row
+    assert hoptune.plan("llama-3-8b", alternatives=False).dense_other_params == 0
+
+
+def test_config_without_attention_fields_is_an_error(tmp_path, capsys):
+    # a causal LM that is no transformer decoder (Mamba: no attention heads) is named, not a traceback
+    (tmp_path / "config.json").write_text(
+        '{"model_type": "mamba", "hidden_size": 64, "num_hidden_layers": 2}'
+    )
+    assert main(["--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "num_attention_heads" in err and "mamba" in err, err
+
+
+def test_bf16_weights_have_no_dequantized_copy_in_backward():
+    # the transient of one dequantized weight exists only for NF4 weights
+    n = 2 * 2048
+    H, I = 4096, 14336  # noqa: E741
+    bf16 = hoptune.plan("llama-3-8b", batch=2, quantize=None, alternatives=False)
+    nf4 = hoptune.plan("llama-3-8b", batch=2, alternatives=False)
+    assert bf16.backward_transients == (6 * I + 6 * H) * n
+    assert nf4.backward_transients == (6 * I + 6 * H) * n + 2 * I * H
+
+
+def test_config_json_not_utf8_names_the_file(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_bytes(b"\xff\xfe{")
+    assert main(["--model", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(path) in err and "\n" not in err, err
+
+
+def test_tiny_tokenizer_keeps_every_newline():
+    # the built-in model's tokenizer is one token per character, newlines included: a blank line
+    # ("\n\n") is two newline tokens, not one unknown token (hoptune sft uses it with model.path=hoptune/tiny)
+    from hoptune.models import build_tokenizer
+
+    tok = build_tokenizer()
+    nl = tok.convert_tokens_to_ids("\n")
+    ids = tok("a\n\n\nb", add_special_tokens=False)["input_ids"]
+    assert ids == [tok.convert_tokens_to_ids("a"), nl, nl, nl, tok.convert_tokens_to_ids("b")]
+    assert tok.decode(ids) == "a\n\n\nb"

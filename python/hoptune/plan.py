@@ -31,7 +31,7 @@ The estimate counts bytes the way the PyTorch caching allocator sees them (what
   Without checkpointing every layer keeps all of it. With gradient checkpointing (transformers
   checkpoints each decoder layer) a layer keeps only its input, 2H per token, and the backward
   recomputes one layer at a time: one layer's activations plus the gradients in flight
-  (about 6I + 6H per token) and the dequantized weight of the largest layer (bf16).
+  (about 6I + 6H per token) and, for NF4 weights, the dequantized weight of the largest layer (bf16).
 * **logits**: full (the HF stack): the lm_head writes bf16 logits (2V per token, held by the
   model output until the step ends); the loss casts them to fp32 (4V) and ``cross_entropy`` keeps
   its fp32 log-softmax (4V); its backward holds the fp32 gradient of the log-softmax (4V) and
@@ -161,6 +161,8 @@ class MemoryPlan:
     context: float = _CONTEXT_BYTES
     slack: float = 0.0
     alternatives: dict[str, float] = field(default_factory=dict)
+    # dense parameters in matrices outside nn.Linear (an MoE layer's experts): never NF4, no LoRA
+    dense_other_params: int = 0
 
     @property
     def weights(self) -> float:
@@ -204,6 +206,8 @@ class MemoryPlan:
                 )
             )
         dense_what = "embeddings, head, norms" if self.quantize else "all"
+        if self.quantize and self.dense_other_params:
+            dense_what += f", {self.dense_other_params / 1e9:.2f} B params outside nn.Linear"
         rows += [
             (f"weights, dense ({dense_what})", self.weights_dense, "bf16"),
             (f"adapters ({self.trainable_params / 1e6:.1f} M params)", self.adapters, self.adapter_dtype),
@@ -220,7 +224,11 @@ class MemoryPlan:
                 self.logits_bytes,
                 "14V bytes per token" if self.logits == "full" else "one fp32 chunk + J + dh",
             ),
-            ("backward transients", self.backward_transients, "grads in flight + one dequantized weight"),
+            (
+                "backward transients",
+                self.backward_transients,
+                "grads in flight + one dequantized weight" if self.quantize else "grads in flight",
+            ),
         ]
         width = max(len(r[0]) for r in rows) + 2
         lines = [head, "", f"{'component':<{width}}{'GiB':>8}  notes", "-" * (width + 40)]
@@ -253,11 +261,18 @@ def _load_config(config: object):
     if isinstance(config, PretrainedConfig):
         return config, getattr(config, "_name_or_path", "") or config.model_type
     if isinstance(config, Mapping):
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
         d = dict(config)
         if "model_type" not in d:
             raise ValueError("config dict needs a 'model_type' (e.g. 'llama')")
         mt = d.pop("model_type")
-        return AutoConfig.for_model(mt, **d), mt
+        if not isinstance(mt, str) or mt not in CONFIG_MAPPING:
+            raise ValueError(f"unknown model_type {mt!r} (not a model type this transformers knows)")
+        try:
+            return AutoConfig.for_model(mt, **d), mt
+        except Exception as e:  # transformers' own validation: a bad field, a bad combination
+            raise ValueError(f"invalid {mt} config: {_reason(e)}") from e
     if isinstance(config, (str, os.PathLike)):
         s = os.fspath(config)
         if s.lower() in KNOWN_MODELS:
@@ -268,16 +283,33 @@ def _load_config(config: object):
                 f"config {s!r} is neither a known model ({sorted(KNOWN_MODELS)}) nor a config.json file or a "
                 "folder holding one"
             )
-        with open(path, encoding="utf-8") as f:
-            try:
+        try:
+            with open(path, encoding="utf-8") as f:
                 d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} is not valid JSON: {e}") from e
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise ValueError(f"{path} is not valid JSON: {e}") from e
+        except OSError as e:
+            raise ValueError(f"cannot read {path}: {e.strerror or e}") from e
+        if not isinstance(d, dict):
+            raise ValueError(f"{path} is not a JSON object (a model's config.json), got {type(d).__name__}")
         d.pop("quantization_config", None)
-        return _load_config(d)[0], os.path.basename(os.path.dirname(os.path.abspath(path))) or path
+        try:
+            cfg = _load_config(d)[0]
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
+        return cfg, os.path.basename(os.path.dirname(os.path.abspath(path))) or path
     raise TypeError(
         f"config must be a model name, a path, a dict or a transformers config, got {type(config).__name__}"
     )
+
+
+def _reason(e: BaseException) -> str:
+    """The first line of the innermost cause of ``e`` (transformers wraps its validation errors)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    text = lines[0] if lines else type(e).__name__
+    return text if len(text) <= 200 else text[:200] + " ..."
 
 
 @dataclass
@@ -296,6 +328,8 @@ class _Shape:
     other_params: int  # embeddings, norms... (tied weights counted once)
     # the output head as a layer LoRA can target, tied or not: (name, in, out, has_bias)
     head_linear: tuple[str, int, int, bool] | None = None
+    # of other_params: matrices outside nn.Linear besides the embedding (an MoE layer's experts)
+    outside_linear: int = 0
 
 
 def _shape(config) -> _Shape:
@@ -305,8 +339,25 @@ def _shape(config) -> _Shape:
     from hoptune.patch import _output_head_names
 
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as e:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        mt = getattr(config, "model_type", type(config).__name__)
+        if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+            raise ValueError(
+                f"model_type {mt!r} is not a causal LM (AutoModelForCausalLM has no class for it)"
+            ) from e
+        raise ValueError(f"cannot build the {mt} model from this config: {_reason(e)}") from e
+    required = ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")
+    missing = [f for f in required if getattr(text, f, None) is None]
+    if missing:
+        raise ValueError(
+            f"model_type {getattr(text, 'model_type', '')!r} is no transformer decoder this estimate "
+            f"knows: its config has no {', '.join(missing)}"
+        )
     heads = _output_head_names(model)
     head = next(iter(heads), None)
     embed = model.get_input_embeddings().weight
@@ -318,6 +369,9 @@ def _shape(config) -> _Shape:
             linears.append(_linear_dims(name, m))
             seen.update(id(p) for p in m.parameters())
     other = sum(p.numel() for p in model.parameters() if id(p) not in seen)
+    outside = sum(
+        p.numel() for p in model.parameters() if id(p) not in seen and p.ndim >= 2 and p is not embed
+    )
     nh = text.num_attention_heads
     hd = getattr(text, "head_dim", None) or text.hidden_size // nh
     mt = getattr(text, "model_type", "")
@@ -335,6 +389,7 @@ def _shape(config) -> _Shape:
         head=None if tied else head,
         other_params=other,
         head_linear=None if head is None else _linear_dims(head, model.get_submodule(head)),
+        outside_linear=outside,
     )
 
 
@@ -360,14 +415,25 @@ def _nf4_bytes(numel: int, double_quant: bool, blocksize: int = 64) -> float:
 
 
 def _targets(shape: _Shape, target_modules: str | Sequence[str]) -> list[tuple[str, int, int, bool]]:
+    from hoptune.patch import _check_spec, _matches
+
+    _check_spec("target_modules", target_modules)
     if isinstance(target_modules, str) and target_modules.lower() == "all-linear":
-        return [t for t in shape.linears if t[0] != shape.head]
-    names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+        out = [t for t in shape.linears if t[0] != shape.head]
+        if not out:
+            raise ValueError(
+                f"target_modules={target_modules!r} matches no linear layer: the model has no nn.Linear "
+                "layer besides its output head"
+            )
+        return out
+    # apply_lora's (PEFT's) rules: a string is a regular expression over the full name, a list
+    # matches a name that equals an entry or ends with "." + entry
+    spec = target_modules if isinstance(target_modules, str) else list(target_modules)
     layers = list(shape.linears)
     if shape.head_linear is not None and all(t[0] != shape.head_linear[0] for t in layers):
         # a tied head: its weight is the embedding's, LoRA wraps it all the same
         layers.append(shape.head_linear)
-    out = [t for t in layers if any(t[0] == n or t[0].endswith("." + n) for n in names)]
+    out = [t for t in layers if _matches(spec, t[0])]
     if not out:
         suffixes = sorted({t[0].rsplit(".", 1)[-1] for t in shape.linears})
         raise ValueError(
@@ -416,7 +482,13 @@ def plan(
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     cfg, label = _load_config(config)
-    shape = _shape(cfg)
+    try:
+        shape = _shape(cfg)
+    except ValueError as e:
+        src = os.fspath(config) if isinstance(config, (str, os.PathLike)) else label
+        if os.path.isdir(src):
+            src = os.path.join(src, "config.json")
+        raise ValueError(f"{src}: {e}") from e
     head = shape.head_linear
     if (
         logits_given is None
@@ -500,7 +572,7 @@ def _estimate(
         logit_peak = _fused_chunk_bytes() + 4 * H * n + act * H * n + 16 * n
         logits_held = 0.0
     max_w = max((i * o for name, i, o, _ in shape.linears if name != shape.head), default=0)
-    transients = (6 * I + 6 * H) * n + act * max_w
+    transients = (6 * I + 6 * H) * n + (act * max_w if quantize else 0)  # dequantized NF4 weight
 
     base = w_q + w_dense + adapters + opt_state
     phases = {
@@ -547,6 +619,7 @@ def _estimate(
         peak=peak,
         peak_phase=peak_phase,
         slack=_SLACK * peak,
+        dense_other_params=shape.outside_linear,
     )
     if alternatives:
         args = [shape, label, seq, batch, r, target_modules, quantize, double_quant, stack, grad_ckpt, logits]

@@ -20,7 +20,7 @@ def load_tiny(
     the first time) or freshly initialised with ``pretrained=False``."""
     if not pretrained:
         return build_model().to(device=device, dtype=dtype), build_tokenizer()
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
     from hoptune.models.pretrain import pretrained_tiny_path
@@ -34,7 +34,8 @@ def load_tiny(
         if bar:
             hf_logging.enable_progress_bar()
     model.config.use_cache = False
-    return model, AutoTokenizer.from_pretrained(path)
+    # the tokenizer is built in code: a cache written by an older version may hold an older one
+    return model, build_tokenizer()
 
 
 __all__ = ["CHAT_TEMPLATE", "TINY_CONFIG", "build_model", "build_tokenizer", "load_tiny"]

@@ -45,7 +45,8 @@ def build_tokenizer() -> Any:
 
     vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + list(CHARS))}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one token per character
+    # one token per character ("." would leave runs of newlines together, as one unknown token)
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tk.decoder = decoders.Fuse()
     tk.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS])
     tk.post_processor = processors.TemplateProcessing(
