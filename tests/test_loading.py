@@ -583,3 +583,74 @@ def test_bench_script_logic(tmp_path, monkeypatch):
     res = json.loads(out.read_text())
     assert res["layers_match_quantize_nf4"] and res["bnb_logits_match"] and res["shards"] > 1
     assert os.listdir(tmp_path / "ckpt") == []  # the checkpoint is deleted, the folder given is kept
+
+
+def test_prequantized_weight_of_another_shape_names_the_tensor(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    save_pretrained_nf4(tiny_model(), tmp_path / "nf4")
+    cfg = json.loads((tmp_path / "nf4" / "config.json").read_text())
+    cfg["intermediate_size"] = 192  # a model of another size: its mlp weights have more values
+    (tmp_path / "nf4" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(
+        ValueError,
+        match=r"model\.layers\.0\.mlp\.down_proj\.weight holds 8192 4-bit codes but LlamaForCausalLM needs",
+    ):
+        hoptune.load_model(tmp_path / "nf4", device="cpu", progress=False)
+    # as many values, another shape (in the quant state): also refused, naming the tensor
+    cfg["intermediate_size"] = 128
+    (tmp_path / "nf4" / "config.json").write_text(json.dumps(cfg))
+    sd = load_file(tmp_path / "nf4" / "model.safetensors")
+    key = "model.layers.0.mlp.up_proj.weight.quant_state.bitsandbytes__nf4"
+    meta = json.loads(bytes(sd[key].tolist()))
+    meta["shape"] = [64, 128]
+    sd[key] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+    save_file(sd, tmp_path / "nf4" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(
+        ValueError,
+        match=r"model\.safetensors: the NF4 weight model\.layers\.0\.mlp\.up_proj\.weight has shape "
+        r"\[64, 128\] but LlamaForCausalLM needs \[128, 64\]",
+    ):
+        hoptune.load_model(tmp_path / "nf4", device="cpu", progress=False)
+
+
+def test_skip_modules_as_a_bare_string_is_refused(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "bf16")
+    with pytest.raises(TypeError, match=r"skip_modules must be a list .*pass \['down_proj'\]"):
+        hoptune.load_model(tmp_path / "bf16", device="cpu", skip_modules="down_proj", progress=False)
+    with pytest.raises(TypeError, match=r"skip_modules must be a list .*pass \['lm_head'\]"):
+        save_pretrained_nf4(model, tmp_path / "nf4", skip_modules="lm_head")
+    assert not os.path.exists(tmp_path / "nf4" / "model.safetensors")
+
+
+def test_save_pretrained_nf4_refuses_a_tied_head(tmp_path):
+    # a head tied to the embeddings is stored once, as the (dense) embeddings: quantizing it
+    # used to drop its packed weight from the file, which neither loader could read back
+    model = tiny_model("qwen2", tie=True)
+    with pytest.raises(ValueError, match=r"lm_head\.weight is tied to the input embeddings"):
+        save_pretrained_nf4(model, tmp_path, skip_modules=[])
+    assert not os.path.exists(tmp_path / "model.safetensors")
+    untied = tiny_model("qwen2", tie=False)
+    assert "lm_head" in save_pretrained_nf4(untied, tmp_path, skip_modules=[])
+    loaded = hoptune.load_model(tmp_path, device="cpu", progress=False)
+    assert isinstance(loaded.lm_head, NF4Linear)
+
+
+def test_save_pretrained_nf4_errors_name_the_layer(tmp_path):
+    model = tiny_model()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
+    with pytest.raises(
+        ValueError, match=r"cannot quantize model\.layers\.1\.mlp\.down_proj\.weight .*inf or NaN"
+    ):
+        save_pretrained_nf4(model, tmp_path)
+    model = tiny_model()
+    model.model.layers[0].mlp.extra = torch.nn.Linear(3, 5)  # 15 weights: no whole NF4 block
+    with pytest.raises(
+        ValueError, match=r"cannot quantize model\.layers\.0\.mlp\.extra\.weight .*blocksize=64"
+    ):
+        save_pretrained_nf4(model, tmp_path)
+    assert not os.path.exists(tmp_path / "model.safetensors")

@@ -662,6 +662,14 @@ def load_model(
         raise TypeError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+    if isinstance(skip_modules, str):  # would be read as its characters, skipping nothing
+        raise TypeError(
+            f"skip_modules must be a list of module names, got the string {skip_modules!r}: "
+            f"pass [{skip_modules!r}]"
+        )
+    skip_modules = tuple(skip_modules)
+    if not all(isinstance(s, str) for s in skip_modules):
+        raise TypeError(f"skip_modules must be a list of module names (strings), got {list(skip_modules)!r}")
     device = torch.device(device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -744,10 +752,16 @@ def load_model(
             )
         quant = key.endswith(".weight") and mod_name in to_quantize
         plan[key] = ("quantize" if quant else "tensor", mod_name)
-    for n in prequant:
+    for n in sorted(prequant):
         for part in ("", ".absmax", ".quant_map", QS_SUFFIX):
             if f"{n}.weight{part}" not in entries:
                 raise ValueError(f"{folder}: the NF4 weight {n}.weight lacks its tensor {n}.weight{part}")
+        packed, want = entries[f"{n}.weight"], shapes[f"{n}.weight"]
+        if packed.nbytes * 2 != math.prod(want):
+            raise ValueError(
+                f"{packed.file}: the NF4 weight {n}.weight holds {packed.nbytes * 2} 4-bit codes but "
+                f"{type(model).__name__} needs {list(want)} (a checkpoint for another configuration?)"
+            )
     ignore = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
     unexpected = sorted(
         k for k in entries if k not in plan and k not in tied and not any(p.search(k) for p in ignore)
@@ -809,7 +823,14 @@ def load_model(
                     pending.setdefault(owner, {})[key] = t
                     parts_left[owner] -= 1
                     if parts_left[owner] == 0:
-                        q = from_bnb_state_dict(pending.pop(owner), f"{owner}.weight")
+                        wkey = f"{owner}.weight"
+                        q = from_bnb_state_dict(pending.pop(owner), wkey)
+                        if tuple(q.shape) != shapes[wkey]:
+                            raise ValueError(
+                                f"{entries[wkey].file}: the NF4 weight {wkey} has shape {list(q.shape)} but "
+                                f"{type(model).__name__} needs {list(shapes[wkey])} (a checkpoint for another "
+                                "configuration?)"
+                            )
                         _to_nf4_layer(model, owner, q)
                 elif kind == "quantize":
                     nf4.submit(e.file, key, owner, t if t.dtype == dtype else t.to(dtype))

@@ -121,6 +121,23 @@ class NF4Module(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         """After the buffers are copied, the metadata; with double quantization the entry is
         required: the codes alone would decode to other weights."""
+        if self._nf4_meta is not None:
+            # the NF4 buffers' dtypes are part of the format: a copy would convert uint8 codes to
+            # float statistics (or back) and silently give other weights
+            bad = [
+                f"{prefix}{n}: the state dict holds {t.dtype}, this module {mine.dtype}"
+                for n in NF4_BUFFERS
+                if isinstance(t := state_dict.get(prefix + n), torch.Tensor)
+                and (mine := self._buffers.get(n)) is not None
+                and t.dtype != mine.dtype
+            ]
+            if bad:
+                errors.append(
+                    f"NF4 buffers of other dtypes ({'; '.join(bad)}): NF4 codes and statistics are not "
+                    "converted (a double-quantized weight, uint8 absmax, loads only into a double-quantized "
+                    "layer, and a plain one, float32 absmax, only into a plain one)"
+                )
+                return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
         key = prefix + NF4_META_KEY
         if key in unexpected:

@@ -14,6 +14,20 @@ from hoptune.quant.bnb_format import to_bnb_state_dict
 from hoptune.quant.nf4 import quantize_nf4
 
 
+def _skip_names(skip_modules: Iterable[str]) -> tuple[str, ...]:
+    """``skip_modules`` as a tuple of names; a bare string is an error (it would be read as its
+    characters, skipping none of the layers it names)."""
+    if isinstance(skip_modules, str):
+        raise TypeError(
+            f"skip_modules must be a list of module names, got the string {skip_modules!r}: "
+            f"pass [{skip_modules!r}]"
+        )
+    skip = tuple(skip_modules)
+    if not all(isinstance(s, str) for s in skip):
+        raise TypeError(f"skip_modules must be a list of module names (strings), got {list(skip)!r}")
+    return skip
+
+
 def bnb_quantization_config(
     compute_dtype: torch.dtype = torch.bfloat16,
     double_quant: bool = True,
@@ -28,7 +42,7 @@ def bnb_quantization_config(
         "bnb_4bit_use_double_quant": double_quant,
         "bnb_4bit_compute_dtype": str(compute_dtype).replace("torch.", ""),
         "bnb_4bit_quant_storage": "uint8",
-        "llm_int8_skip_modules": list(skip_modules),
+        "llm_int8_skip_modules": list(_skip_names(skip_modules)),
         "llm_int8_threshold": 6.0,
         "llm_int8_has_fp16_weight": False,
         "llm_int8_enable_fp32_cpu_offload": False,
@@ -62,7 +76,7 @@ def save_pretrained_nf4(
 
     from hoptune.nn import LoRALinear  # not at the top: hoptune.nn imports hoptune.quant
 
-    skip = tuple(skip_modules)
+    skip = _skip_names(skip_modules)
     # checked before anything is quantized: LoRA layers, and NF4 layers that cannot be saved as asked
     lora = [name for name, mod in model.named_modules() if isinstance(mod, LoRALinear)]
     if lora:
@@ -84,6 +98,18 @@ def save_pretrained_nf4(
                 f"blocksize={blocksize}, double_quant={double_quant} were asked for; pass "
                 f"blocksize={q.blocksize}, double_quant={q.nested} (NF4 layers are saved as they are)"
             )
+    # a head tied to the input embeddings is stored once, as the embeddings: it cannot be NF4 too
+    tied = set()
+    if getattr(model.config, "tie_word_embeddings", False):
+        tied = {k for k in getattr(model, "_tied_weights_keys", None) or [] if isinstance(k, str)}
+    for name, mod in model.named_modules():
+        if f"{name}.weight" in tied and (
+            name in nf4 or (isinstance(mod, nn.Linear) and not _skipped(name, skip))
+        ):
+            raise ValueError(
+                f"{name}.weight is tied to the input embeddings (tie_word_embeddings=True), which stay "
+                f"dense, so it cannot be stored in NF4; keep {name!r} in skip_modules (as the default does)"
+            )
     state: dict[str, torch.Tensor] = {}
     quantized: list[str] = []
     replaced: set[str] = set()  # state-dict keys whose tensors the bitsandbytes ones replace
@@ -93,7 +119,12 @@ def save_pretrained_nf4(
         elif isinstance(mod, nn.Linear) and not _skipped(name, skip):
             w = mod.weight.detach()
             dev = w.device if device is None else torch.device(device)
-            q = quantize_nf4(w.to(dev).contiguous(), blocksize=blocksize, double_quant=double_quant)
+            try:
+                q = quantize_nf4(w.to(dev).contiguous(), blocksize=blocksize, double_quant=double_quant)
+            except ValueError as err:
+                raise ValueError(
+                    f"cannot quantize {name}.weight to NF4: {err} (skip_modules keeps a layer dense)"
+                ) from err
         else:
             continue
         state.update({k: v.cpu() for k, v in to_bnb_state_dict(q, f"{name}.weight").items()})
