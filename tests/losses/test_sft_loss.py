@@ -94,6 +94,10 @@ def test_sft_loss_normalises_by_whole_batch():
     mask = torch.tensor([[True, False, True], [False, False, True]])
     assert float(sft_loss(lp, mask)) == pytest.approx((1 + 3 + 6) / 3)
     assert float(sft_loss(lp, mask, num_loss_tokens=10)) == pytest.approx(10 / 10)
+    assert float(sft_loss(lp, mask, num_loss_tokens=10.0)) == pytest.approx(10 / 10)
+    assert float(sft_loss(lp, mask, num_loss_tokens=torch.tensor(10))) == pytest.approx(10 / 10)
+    with pytest.raises(ValueError, match="num_loss_tokens must be a whole number of tokens, got 0.5"):
+        sft_loss(lp, mask, num_loss_tokens=0.5)
     with pytest.raises(ValueError, match="no loss token"):
         sft_loss(lp, torch.zeros_like(mask))
     assert count_loss_tokens([mask, mask[:1]]) == 5

@@ -171,3 +171,20 @@ def test_resume_settings_as_json_keeps_them(tmp_path, demo_data):
     cfg.lora.target_modules = ("q_proj", "v_proj")
     settings = sft._resume_settings(cfg)
     assert json.loads(json.dumps(settings)) == settings
+
+
+def test_full_fine_tuning_resume_ignores_lora_keys(tmp_path, demo_data):
+    """A full fine-tuning run trains no adapter: its lora.* settings are not compared on resume
+    (lora.enabled is); a LoRA run's are."""
+    full = small_config(tmp_path, demo_data, "lora.enabled=false")
+    settings = sft._resume_settings(full)
+    assert settings["lora.enabled"] is False
+    assert not any(k.startswith("lora.") and k != "lora.enabled" for k in settings)
+    state = {"settings": settings}
+    full.lora.r = 64  # (changed after the checkpoint: no effect on a full fine-tuning run)
+    sft._check_resume("ckpt", state, sft._resume_settings(full))
+    lora_run = small_config(tmp_path, demo_data)
+    state = {"settings": sft._resume_settings(lora_run)}
+    lora_run.lora.r = 64
+    with pytest.raises(ConfigError, match="lora.r was 4 and is now 64"):
+        sft._check_resume("ckpt", state, sft._resume_settings(lora_run))

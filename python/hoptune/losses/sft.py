@@ -38,6 +38,8 @@ def sft_loss(
         nll = -logprobs.float().sum()
         local = logprobs.numel()
     n = local if num_loss_tokens is None else num_loss_tokens
+    if not isinstance(n, torch.Tensor) and n != int(n):
+        raise ValueError(f"num_loss_tokens must be a whole number of tokens, got {n!r}")
     n = int(n)
     if n <= 0:
         raise ValueError(

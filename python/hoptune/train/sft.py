@@ -231,6 +231,16 @@ def _resume_settings(cfg: SFTConfig) -> dict[str, Any]:
     be silently ignored), the seed (the data order) and the adapters (the weights that come back).
     Checkpoints store them; ``_check_resume`` compares them."""
     t, lo = cfg.train, cfg.lora
+    adapters = {  # (a full fine-tuning run trains no adapter: its lora.* keys do not matter)
+        "lora.r": lo.r,
+        "lora.alpha": lo.alpha,
+        # (as JSON keeps it: a tuple comes back from the checkpoint as a list)
+        "lora.target_modules": lo.target_modules
+        if isinstance(lo.target_modules, str)
+        else list(lo.target_modules),
+        "lora.use_dora": lo.use_dora,
+        "lora.use_rslora": lo.use_rslora,
+    }
     return {
         "train.seed": t.seed,
         "train.lr": t.lr,
@@ -242,14 +252,7 @@ def _resume_settings(cfg: SFTConfig) -> dict[str, Any]:
         "train.betas": list(t.betas),
         "train.eps": t.eps,
         "lora.enabled": lo.enabled,
-        "lora.r": lo.r,
-        "lora.alpha": lo.alpha,
-        # (as JSON keeps it: a tuple comes back from the checkpoint as a list)
-        "lora.target_modules": lo.target_modules
-        if isinstance(lo.target_modules, str)
-        else list(lo.target_modules),
-        "lora.use_dora": lo.use_dora,
-        "lora.use_rslora": lo.use_rslora,
+        **(adapters if lo.enabled else {}),
     }
 
 
