@@ -40,3 +40,24 @@ def test_tiny_model_and_tokenizer_are_deterministic():
         assert torch.equal(p, q), n
     # every linear layer can be stored in NF4 (blocks of 64)
     assert all(mod.weight.numel() % 64 == 0 for mod in m1.modules() if isinstance(mod, torch.nn.Linear))
+
+
+def test_pretrained_cache_written_meanwhile_by_another_process(tmp_path, monkeypatch):
+    """Two processes pretraining at once: when the other one's folder lands just before this one's
+    rename, that rename fails on the non-empty folder, and the finished copy is used."""
+    monkeypatch.setenv("HOPTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(pretrain.RECIPE, "steps", 2)
+    final = pretrain.tiny_cache_dir()
+    real_replace = os.replace
+
+    def other_process_first(src, dst):
+        if dst == final and not os.path.exists(final):
+            os.makedirs(final)
+            with open(os.path.join(final, "config.json"), "w") as f:
+                f.write("{}")  # the other process's finished copy
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(pretrain.os, "replace", other_process_first)
+    assert pretrain.pretrained_tiny_path(log=lambda s: None, progress=False) == final
+    assert os.listdir(final) == ["config.json"]  # (left as the other process wrote it)
+    assert not [n for n in os.listdir(os.path.dirname(final)) if n.startswith(".tmp-")]

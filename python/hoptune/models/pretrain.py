@@ -107,10 +107,12 @@ def pretrained_tiny_path(log: Callable[[str], None] = print, progress: bool = Tr
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "pretrain.json"), "w", encoding="utf-8") as f:
             json.dump({"recipe": RECIPE, "losses": losses, "seconds": time.time() - t0}, f)
-        if os.path.isdir(final):  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
+        try:
             os.replace(tmp, final)
+        except OSError:  # another process finished first (a non-empty folder is not replaced)
+            if not os.path.isfile(os.path.join(final, "config.json")):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
