@@ -46,6 +46,7 @@ from torch import nn
 from hoptune.nn.nf4_linear import NF4Linear
 from hoptune.ops import nf4 as nf4_ops
 from hoptune.quant.bnb_format import QS_SUFFIX, from_bnb_state_dict
+from hoptune.quant.checkpoint import _skip_names
 from hoptune.quant.nf4 import BLOCKSIZES, NF4Weight
 from hoptune.reference.nf4 import dynamic_map
 
@@ -662,14 +663,7 @@ def load_model(
         raise TypeError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
-    if isinstance(skip_modules, str):  # would be read as its characters, skipping nothing
-        raise TypeError(
-            f"skip_modules must be a list of module names, got the string {skip_modules!r}: "
-            f"pass [{skip_modules!r}]"
-        )
-    skip_modules = tuple(skip_modules)
-    if not all(isinstance(s, str) for s in skip_modules):
-        raise TypeError(f"skip_modules must be a list of module names (strings), got {list(skip_modules)!r}")
+    skip_modules = _skip_names(skip_modules)
     device = torch.device(device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
