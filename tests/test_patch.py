@@ -182,13 +182,33 @@ def test_bad_input_leaves_model_unchanged(kwargs, match):
     assert_same(model, snap)
 
 
-def test_failure_half_way_rolls_back():
-    model = tiny_model()
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v biases, kept by the LoRA layers
+def test_failure_half_way_rolls_back(arch):
+    model = tiny_model(arch)
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")  # NF4 cannot hold it
     snap = snapshot(model)
     with pytest.raises(ValueError, match="inf or NaN"):
         hoptune.apply_lora(model, r=2, quantize="nf4")
+    assert_same(model, snap)
+
+
+def test_interrupted_apply_rolls_back_requires_grad(monkeypatch):
+    """A dense base is the layer's own Parameter, frozen when wrapped: an apply that stops half way
+    (here a Ctrl-C) gives the layers back with the requires_grad they had."""
+    model = tiny_model()
+    snap = snapshot(model)
+    real_init, calls = LoRALinear.__init__, []
+
+    def init(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(LoRALinear, "__init__", init)
+    with pytest.raises(KeyboardInterrupt):
+        hoptune.apply_lora(model, r=2)
     assert_same(model, snap)
 
 

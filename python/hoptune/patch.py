@@ -313,6 +313,9 @@ def replace_with_lora(
     except BaseException:
         for name, old in reversed(done):
             _set_module(model, name, old)
+        # a LoRALinear freezes the base Parameters it keeps (the layer's weight and bias)
+        for n, p in model.named_parameters():
+            p.requires_grad_(record.get(n, p.requires_grad))
         raise
     for p in model.parameters():
         p.requires_grad_(False)

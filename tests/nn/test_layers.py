@@ -252,3 +252,14 @@ def test_lora_linear_nf4_base_with_a_bias_of_another_shape():
     q = quantize_nf4(torch.randn(32, 64))
     with pytest.raises(ValueError, match=r"bias must have shape \(32,\)"):
         LoRALinear(q, r=4, bias=torch.zeros(31))
+
+
+def test_nf4_from_linear_names_what_it_cannot_quantize():
+    """A layer built on the meta device (weights not loaded yet) or of a dtype NF4 does not take:
+    an error that names the linear's weight and the way out, not a failure inside quantize_nf4."""
+    with pytest.raises(ValueError, match="linear.weight is on the meta device"):
+        NF4Linear.from_linear(nn.Linear(128, 64, device="meta"))
+    with pytest.raises(TypeError, match=r"linear.weight is torch.float64.*dtype="):
+        NF4Linear.from_linear(nn.Linear(128, 64, dtype=torch.float64))
+    q = NF4Linear.from_linear(nn.Linear(128, 64, dtype=torch.float64), dtype=torch.float32)
+    assert q.base_dtype == torch.float32

@@ -198,8 +198,15 @@ class NF4Linear(NF4Module):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach()
+        if w.is_meta:
+            raise ValueError("linear.weight is on the meta device; load the weights first")
         if dtype is not None:
             w = w.to(dtype)
+        elif w.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"linear.weight is {w.dtype}; NF4 quantizes bfloat16, float16 or float32 weights "
+                "(pass dtype=torch.float32 or another of them)"
+            )
         q = quantize_nf4(w.contiguous(), blocksize=blocksize, double_quant=double_quant)
         return cls(q, linear.bias)
 
