@@ -58,6 +58,18 @@ def test_packed_rows_positions_and_masks():
     assert int(b["loss_mask"][:, 1:].sum()) == total_targets
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [Example([8, 9], [0], "c.jsonl:2"), Example([], [], "c.jsonl:2"), Example([8], [0, 1], "c.jsonl:2")],
+)
+def test_pack_refuses_a_mask_of_another_length(bad):
+    """One mask entry per token: another length would move the later documents' targets (here the
+    first token of the next document would become a target, predicted across the boundary)."""
+    good = Example([5, 6, 7], [0, 1, 1], "a.jsonl:1")
+    with pytest.raises(ValueError, match=r"example 1 \(c.jsonl:2\) has"):
+        pack_examples([good, bad, Example([3, 4], [0, 1])], 16)
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_equals_unpacked(small_model, attn):
     model = small_model

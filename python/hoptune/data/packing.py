@@ -61,6 +61,13 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
 
 def pack_examples(examples: list[Example], capacity: int) -> list[Row]:
     """Best-fit-decreasing packing into rows of at most ``capacity`` tokens (no padding inside)."""
+    for i, e in enumerate(examples):
+        # a mask of another length would shift every later document's targets in its row
+        if not len(e) or len(e.loss_mask) != len(e):
+            raise ValueError(
+                f"example {i} ({e.where or 'no source'}) has {len(e)} input_ids and {len(e.loss_mask)} "
+                "loss_mask entries; packing needs a non-empty example with one mask entry per token"
+            )
     bins = best_fit_decreasing([len(e) for e in examples], capacity)
     rows = []
     for b in bins:
