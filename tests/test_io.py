@@ -71,3 +71,29 @@ def test_saved_adapter_is_readable_by_others(tmp_path):
     files = sorted(os.listdir(tmp_path / "adapter"))
     assert files == ["adapter_config.json", "adapter_model.safetensors"]
     assert all(mode(tmp_path / "adapter" / f) == 0o644 for f in files)
+
+
+def test_checkpoint_folders_get_the_umask_mode(tmp_path, small_model):
+    """A checkpoint folder is made by mkdtemp (0o700) and renamed into place: it ends with the mode
+    a plain os.makedirs gives, as the final adapter's folder does, or other users cannot read it."""
+    from hoptune.patch import apply_lora
+    from hoptune.train import loop
+
+    model = apply_lora(small_model, r=2, alpha=4)
+    opt = loop.build_optimizer(loop.trainable_parameters(model), 1e-2)
+    with umask(0o022):
+        folder = loop.Checkpointer(tmp_path, keep=1).save(1, model, opt, None, {"step": 1})
+    assert mode(folder) == 0o755
+    assert mode(os.path.join(folder, loop.STATE_FILE)) == 0o644
+
+
+def test_pretrained_tiny_cache_gets_the_umask_mode(tmp_path, monkeypatch):
+    """The tiny model's cache folder (mkdtemp, renamed into place) is readable by the other users
+    of a shared HOPTUNE_CACHE."""
+    from hoptune.models import pretrain
+
+    monkeypatch.setenv("HOPTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(pretrain.RECIPE, "steps", 2)
+    with umask(0o022):
+        final = pretrain.pretrained_tiny_path(log=lambda s: None, progress=False)
+    assert mode(final) == 0o755

@@ -276,3 +276,149 @@ def test_batch_logprobs_follows_the_architectures_logits(family, over):
         ref = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)
     ref = ref.reshape(-1, 300).gather(1, labels[:, None]).squeeze(1)
     assert (lp - ref).abs().max().item() < 1e-4
+
+
+def test_full_fine_tuning_checkpoint_of_other_shapes_is_refused(tmp_path, small_model):
+    """A full fine-tuning checkpoint whose tensors do not have the model's shapes is a ValueError
+    naming the tensor and both shapes (it was a bare copy_ error, or a silent broadcast of a
+    size-1 tensor), and the model is left unchanged."""
+    from safetensors.torch import save_file
+
+    from hoptune.models.tiny import build_model
+    from tests.conftest import SMALL
+
+    model = small_model.requires_grad_(True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    other = build_model(seed=1, **{**SMALL, "intermediate_size": 192}).requires_grad_(True)
+    loop.save_trainable(other, str(tmp_path / "a"))
+    with pytest.raises(
+        ValueError, match=r"down_proj.weight' has shape \(64, 192\), the model's is \(64, 128\)"
+    ):
+        loop.load_trainable(model, str(tmp_path / "a"))
+    state = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state["model.norm.weight"] = torch.full((1,), 3.0)  # would broadcast into (64,)
+    os.makedirs(tmp_path / "b")
+    save_file(state, str(tmp_path / "b" / loop.WEIGHTS_FILE))
+    with pytest.raises(ValueError, match=r"model.norm.weight.*\(1,\).*\(64,\)"):
+        loop.load_trainable(model, str(tmp_path / "b"))
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[n]), n
+
+
+def test_checkpoint_replaced_at_the_same_step_survives_an_interrupt(tmp_path, small_model, monkeypatch):
+    """Saving a step that is on disk already moves the old folder aside, then renames the new one in:
+    Ctrl-C between the two renames puts the old one back (with keep=1 it is the only checkpoint)."""
+    model = _lora_model(small_model)
+    opt = loop.build_optimizer(loop.trainable_parameters(model), 1e-2)
+    ck = loop.Checkpointer(tmp_path, keep=1)
+    first = ck.save(3, model, opt, None, {"step": 3})
+    real_replace = os.replace
+
+    def killed(src, dst):
+        if os.path.basename(os.fspath(src)).startswith(".tmp-step-"):
+            raise KeyboardInterrupt("killed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save(3, model, opt, None, {"step": 3, "again": True})
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert ck.latest() == first
+    assert loop.Checkpointer.read_state(first) == {"step": 3}
+    assert os.path.isfile(os.path.join(first, "adapter", "adapter_model.safetensors"))
+
+
+def test_checkpoint_pruning_touches_only_its_own_folders(tmp_path, small_model):
+    """Only ``step-<digits>`` folders are checkpoints: a copy the user keeps beside them (say
+    ``step-00000002-best``) is neither pruned nor taken for the newest checkpoint."""
+    import shutil
+
+    model = _lora_model(small_model)
+    opt = loop.build_optimizer(loop.trainable_parameters(model), 1e-2)
+    ck = loop.Checkpointer(tmp_path, keep=1)
+    shutil.copytree(ck.save(2, model, opt, None, {"step": 2}), os.path.join(ck.dir, "step-00000002-best"))
+    for s in (4, 6):
+        ck.save(s, model, opt, None, {"step": s})
+    assert sorted(n for n in os.listdir(ck.dir) if n.startswith("step-")) == [
+        "step-00000002-best",
+        "step-00000006",
+    ]
+    os.remove(os.path.join(ck.dir, loop.LATEST))
+    assert os.path.basename(ck.latest()) == "step-00000006"
+
+
+def test_tiny_model_and_its_pretraining_leave_the_callers_rngs_alone(monkeypatch):
+    """build_model and pretrain seed their own generators: the caller's python, numpy and torch
+    RNGs are as they were, and no GPU generator is reseeded (on a GPU, torch.manual_seed reseeds
+    every device, which fork_rng(devices=[]) does not restore: a run that pretrained the tiny model
+    first drew its LoRA init and dropout from seed 0 instead of train.seed)."""
+    import random
+
+    import numpy as np
+
+    from hoptune.models.pretrain import pretrain
+    from hoptune.models.tiny import build_model
+
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", seeded.append)
+    monkeypatch.setattr(torch.cuda, "manual_seed", seeded.append)
+    loop.seed_everything(7)
+    want = (random.random(), float(np.random.rand()), float(torch.rand(())))
+    loop.seed_everything(7)
+    seeded.clear()
+    a = build_model(seed=3)
+    pretrain(steps=1, progress=False)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == want
+    assert seeded == []
+    b = build_model(seed=3)
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), n
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names fsynced files through /proc")
+def test_pretrained_tiny_cache_is_on_disk_before_its_rename(tmp_path, monkeypatch):
+    """The cached tiny model is renamed into place only once its files are fsynced: after a power
+    cut, the renamed folder could otherwise hold empty files that every later load fails on."""
+    from hoptune.models import pretrain
+
+    monkeypatch.setenv("HOPTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(pretrain.RECIPE, "steps", 2)
+    synced, at_rename = set(), {}
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        synced.add(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        at_rename[os.fspath(dst)] = set(synced)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    final = pretrain.pretrained_tiny_path(log=lambda s: None, progress=False)
+    assert set(os.listdir(final)) - at_rename[final] == set()
+
+
+def test_rng_state_of_a_machine_with_more_gpus(monkeypatch):
+    """A checkpoint saved where 8 GPUs were visible resumes where 1 is: the states of the devices
+    seen here come back (torch.cuda.set_rng_state_all failed with an IndexError on device 1)."""
+    state = loop.rng_state()
+    state["cuda"] = [torch.full((8,), i, dtype=torch.uint8) for i in range(8)]
+    restored = []
+
+    def set_one(s, device="cuda"):
+        if device >= 1:
+            raise IndexError("tuple index out of range")
+        restored.append((int(s[0]), device))
+
+    def set_all(states):
+        for i, s in enumerate(states):
+            set_one(s, i)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_one)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_all)
+    loop.set_rng_state(state)
+    assert restored == [(0, 0)]

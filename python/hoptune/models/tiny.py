@@ -71,6 +71,8 @@ def build_model(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: 
     config = LlamaConfig(**{**TINY_CONFIG, **tok_ids, **overrides})
     config.use_cache = False
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        # the CPU generator only: torch.manual_seed would also reseed every GPU's, which
+        # fork_rng(devices=[]) does not put back
+        torch.default_generator.manual_seed(seed)
         model = LlamaForCausalLM(config)
     return model.to(dtype)

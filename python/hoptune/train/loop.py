@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hoptune._io import atomic_write, atomic_write_text
+from hoptune._io import _umask, atomic_write, atomic_write_text
 from hoptune.losses.logprobs import head_logprobs, token_logprobs_from_logits
 
 # -- device, dtype, seeds --------------------------------------------------------------------------
@@ -94,7 +95,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
         np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # one state per GPU visible when saved: a machine that shows fewer (CUDA_VISIBLE_DEVICES)
+        # takes those of its own devices (set_rng_state_all fails on the first one it lacks)
+        for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
 
 
 # -- parameters, optimizer, schedule ---------------------------------------------------------------
@@ -356,10 +360,18 @@ def load_trainable(model: nn.Module, folder: str) -> None:
     missing = [n for n, p in params.items() if p.requires_grad and n not in state]
     if missing:
         raise ValueError(f"checkpoint {folder} lacks trainable tensors, e.g. {missing[:3]}")
+    # every tensor checked before any is copied: a refused checkpoint leaves the model unchanged, and
+    # copy_ would broadcast a size-1 tensor without a word
+    for n, t in state.items():
+        if n not in params:
+            raise ValueError(f"checkpoint {folder} has tensor {n!r} the model does not have")
+        if t.shape != params[n].shape:
+            raise ValueError(
+                f"checkpoint {folder}: tensor {n!r} has shape {tuple(t.shape)}, the model's is "
+                f"{tuple(params[n].shape)}"
+            )
     with torch.no_grad():
         for n, t in state.items():
-            if n not in params:
-                raise ValueError(f"checkpoint {folder} has tensor {n!r} the model does not have")
             params[n].copy_(t)
 
 
@@ -380,12 +392,13 @@ class Checkpointer:
     def _steps(self) -> list[str]:
         if not os.path.isdir(self.dir):
             return []
+        # step-<digits> only: a folder the user keeps beside them (step-00000500-best) is not pruned
         names = [
             n
             for n in os.listdir(self.dir)
-            if n.startswith("step-") and os.path.isfile(os.path.join(self.dir, n, STATE_FILE))
+            if re.fullmatch(r"step-\d+", n) and os.path.isfile(os.path.join(self.dir, n, STATE_FILE))
         ]
-        return sorted(names)
+        return sorted(names, key=lambda n: int(n[5:]))
 
     def latest(self) -> str | None:
         """The newest complete checkpoint folder, or None."""
@@ -413,7 +426,9 @@ class Checkpointer:
             if n.startswith(".tmp-"):
                 shutil.rmtree(os.path.join(self.dir, n), ignore_errors=True)
         name = f"step-{step:08d}"
+        final = os.path.join(self.dir, name)
         tmp = tempfile.mkdtemp(dir=self.dir, prefix=f".tmp-{name}-")
+        aside = None
         try:
             save_trainable(model, tmp)
             blob = {
@@ -426,12 +441,14 @@ class Checkpointer:
             with open(os.path.join(tmp, STATE_JSON), "w", encoding="utf-8") as f:
                 json.dump(state, f, indent=2, sort_keys=True, default=str)
             _fsync_tree(tmp)
-            final = os.path.join(self.dir, name)
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0o700 would keep other users out
             if os.path.exists(final):  # the same step again (e.g. after a resume): replace it
-                trash = tempfile.mkdtemp(dir=self.dir, prefix=f".tmp-old-{name}-")
-                os.replace(final, os.path.join(trash, "old"))
+                aside = os.path.join(tempfile.mkdtemp(dir=self.dir, prefix=f".tmp-old-{name}-"), "old")
+                os.replace(final, aside)
             os.replace(tmp, final)
         except BaseException:
+            if aside is not None and os.path.isdir(aside) and not os.path.exists(final):
+                os.replace(aside, final)  # stopped between the two renames: the old checkpoint goes back
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         atomic_write_text(os.path.join(self.dir, LATEST), name + "\n")
@@ -439,8 +456,8 @@ class Checkpointer:
         # from a run that went further before being resumed from an earlier one; this run writes those
         # steps again, so they go first (the newest checkpoint on disk is always the one just written)
         steps = self._steps()
-        older = [n for n in steps if n < name]
-        for old in [n for n in steps if n > name] + older[: max(0, len(older) - (self.keep - 1))]:
+        older = [n for n in steps if int(n[5:]) < step]
+        for old in [n for n in steps if int(n[5:]) > step] + older[: max(0, len(older) - (self.keep - 1))]:
             shutil.rmtree(os.path.join(self.dir, old), ignore_errors=True)
         for n in os.listdir(self.dir):
             if n.startswith(".tmp-old-"):
