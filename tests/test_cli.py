@@ -200,3 +200,31 @@ def test_demo_checks_its_overrides_before_any_work(tmp_path, capsys, monkeypatch
     assert main(["demo", "--out", str(tmp_path / "demo"), "--device", "cpu", "train.log_every=0"]) == 2
     assert "train.log_every must be >= 1" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "demo" / "data")
+
+
+def test_demo_takes_overrides_between_its_options(monkeypatch):
+    from hoptune.train import demo
+
+    seen = {}
+    monkeypatch.setattr(demo, "run_demo", lambda out, device, overrides: seen.update(o=overrides, d=device))
+    assert main(["demo", "train.max_steps=3", "--device", "cpu", "data.general_fraction=0"]) == 0
+    assert seen == {"o": ["train.max_steps=3", "data.general_fraction=0"], "d": "cpu"}
+
+
+def test_filesystem_errors_are_one_line(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("x")
+    assert main(["sft", "demo_sft", f"output.dir={tmp_path / 'notes.txt' / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hoptune sft: error: ") and "Not a directory" in err and "Traceback" not in err
+
+
+def test_demo_refuses_another_model(tmp_path, capsys, monkeypatch):
+    from hoptune.models import pretrain
+
+    def no_pretraining(*a, **k):
+        raise AssertionError("the demo started work before checking its config")
+
+    monkeypatch.setattr(pretrain, "pretrained_tiny_path", no_pretraining)
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--device", "cpu", "model.path=/ckpt/llama"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hoptune demo: error: model.path='/ckpt/llama': the demo runs on the built-in")

@@ -69,7 +69,7 @@ def _demo(argv: list[str]) -> int:
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     p.add_argument("overrides", nargs="*", help="overrides of configs/demo_sft.yaml (section.key=value)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # options before, between or after the overrides
     from hoptune.train.demo import run_demo
 
     run_demo(args.out, args.device, args.overrides)
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return COMMANDS[cmd](rest)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, OSError) as e:  # OSError: a missing file, a folder that is a file...
         print(f"hoptune {cmd}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -28,6 +28,7 @@ import yaml
 
 _NAME_LIST = re.compile(r"\s*[\w.-]+(\s*,\s*[\w.-]+)+\s*")
 _DEVICE = re.compile(r"auto|(cpu|mps|cuda|xpu)(:\d+)?")
+_COMMENT = re.compile(r"(^|\s)#")
 
 
 @dataclass
@@ -291,6 +292,12 @@ def _build(cls: type, values: dict, prefix: str = "", root: type | None = None) 
     for k, v in values.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in names:
+            if isinstance(k, str) and "." in k and key in _all_keys(root):
+                section, leaf = key.rsplit(".", 1)
+                raise ConfigError(
+                    f"config key {key!r}: a YAML file nests keys in their section ({section}: then {leaf}: "
+                    "indented below it); dotted keys are for command-line overrides"
+                )
             raise _unknown_key(cls, key, root)
         tp = hints[k]
         if dataclasses.is_dataclass(tp):
@@ -298,6 +305,25 @@ def _build(cls: type, values: dict, prefix: str = "", root: type | None = None) 
         else:
             kwargs[k] = _coerce(v, tp, key)
     return cls(**kwargs)
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key written twice in one mapping: YAML readers keep the last one, so a
+    second ``train:`` section would silently drop every key of the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # (a merge key's entries may be overridden; a non-scalar key is refused below)
+            key = self.construct_object(key_node)
+            if key in seen:
+                raise ConfigError(
+                    f"key {key!r} is written twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1});"
+                    " YAML would keep only the second"
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -308,8 +334,13 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key or any(not p for p in key.split(".")):
         raise ConfigError(f"override {item!r}: the key {key!r} is not a dotted name like train.lr")
+    text = raw.strip()
+    if text[:1] not in ("'", '"') and _COMMENT.search(text):
+        # on a command line a '#' is part of the value (runs/exp #2, #1.jsonl), not a YAML comment that
+        # would silently cut it
+        return key.split("."), text
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.safe_load(raw) if text else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -349,9 +380,11 @@ def load_config(
             raise ConfigError(f"config file {path!r} does not exist")
         with open(path, encoding="utf-8") as f:
             try:
-                tree = yaml.safe_load(f) or {}
+                tree = yaml.load(f, Loader=_YamlLoader) or {}
             except yaml.YAMLError as e:
                 raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+            except ConfigError as e:
+                raise ConfigError(f"config file {path!r}: {e}") from None
             except UnicodeDecodeError as e:
                 raise ConfigError(
                     f"config file {path!r} is not UTF-8 text ({e.reason} at byte {e.start})"
@@ -402,6 +435,10 @@ def check_sft_config(cfg: SFTConfig) -> None:
             resolve_chat_template(m.chat_template)
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(str(e)) from None
+    need(
+        not os.path.exists(cfg.output.dir) or os.path.isdir(cfg.output.dir),
+        f"output.dir={cfg.output.dir!r} is a file, not a folder",
+    )
     need(d.max_seq_len >= 2, f"data.max_seq_len must be >= 2, got {d.max_seq_len}")
     need(0.0 <= d.eval_fraction < 1.0, f"data.eval_fraction must be in [0, 1), got {d.eval_fraction}")
     need(

@@ -144,3 +144,44 @@ def test_shipped_configs_load():
             f"{n}: header must show the command"
         )
         load_config(str(root.joinpath(n)))
+
+
+def test_a_key_written_twice_in_a_yaml_file_is_an_error(tmp_path):
+    # YAML readers keep the last of two equal keys: the first train section would be dropped whole
+    p = _yaml(tmp_path, "train:\n  lr: 1.0e-4\nmodel:\n  device: cpu\ntrain:\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"c.yaml': key 'train' is written twice \(lines 1 and 5\)"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=r"key 'lr' is written twice \(lines 2 and 3\)"):
+        load_config(_yaml(tmp_path, "train:\n  lr: 1.0e-4\n  lr: 2.0e-4\n"))
+    # a YAML merge key may be overridden by the mapping's own keys
+    cfg = load_config(_yaml(tmp_path, "train:\n  <<: {lr: 1.0e-4, epochs: 2}\n  lr: 3.0e-4\n"))
+    assert cfg.train.lr == 3e-4 and cfg.train.epochs == 2.0
+
+
+def test_dotted_key_in_a_yaml_file_says_to_nest_it(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(_yaml(tmp_path, "train.lr: 1.0e-4\n"))
+    assert "'train.lr'" in str(e.value) and "nest" in str(e.value) and "did you mean" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "value"),
+    [
+        ("output.dir=runs/exp #2", "runs/exp #2"),
+        ("data.train=#1.jsonl", "#1.jsonl"),
+        ('output.dir="runs/exp #2"', "runs/exp #2"),
+        ("output.dir='a: b'", "a: b"),
+    ],
+)
+def test_a_hash_in_an_override_is_part_of_the_value(override, value):
+    key, _ = override.split("=", 1)
+    section, leaf = key.split(".")
+    assert getattr(getattr(load_config(None, [override]), section), leaf) == value
+
+
+def test_output_dir_that_is_a_file(tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("x")
+    cfg = load_config(None, ["data.train=x.jsonl", f"output.dir={f}"])
+    with pytest.raises(ConfigError, match="output.dir=.*notes.txt' is a file, not a folder"):
+        check_sft_config(cfg)

@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 from hoptune.models import pretrain
 from hoptune.train.demo import run_demo
 
@@ -61,3 +63,57 @@ def test_pretrained_cache_written_meanwhile_by_another_process(tmp_path, monkeyp
     assert pretrain.pretrained_tiny_path(log=lambda s: None, progress=False) == final
     assert os.listdir(final) == ["config.json"]  # (left as the other process wrote it)
     assert not [n for n in os.listdir(os.path.dirname(final)) if n.startswith(".tmp-")]
+
+
+def test_demo_paths_are_read_as_written(tmp_path, monkeypatch):
+    """An output folder whose name YAML would read otherwise (a comment, a mapping)."""
+    import hoptune.config
+
+    class Stop(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Stop
+
+    seen = []
+    real_load = hoptune.config.load_config
+    monkeypatch.setattr(
+        hoptune.config, "load_config", lambda *a, **k: seen.append(real_load(*a, **k)) or seen[-1]
+    )
+    monkeypatch.setattr(pretrain, "pretrained_tiny_path", stop)
+    out = tmp_path / "exp #2: r=8"
+    with pytest.raises(Stop):
+        run_demo(str(out), "cpu")
+    (cfg,) = seen
+    assert cfg.data.train == str(out / "data" / "train.jsonl") and cfg.output.dir == str(out / "sft")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["model.quantize=null"], ["model.quantize=null", "lora.enabled=false"]],
+    ids=["lora", "full-fine-tuning"],
+)
+def test_demo_evaluates_the_model_it_trained(tmp_path, monkeypatch, capsys, overrides):
+    """Without NF4 the scores are those of the dense base and of what was trained over it."""
+    import hoptune.adapters
+    import hoptune.patch
+
+    monkeypatch.setenv("HOPTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(pretrain.RECIPE, "steps", 2)
+    quantize = []
+    for mod, name in ((hoptune.patch, "apply_lora"), (hoptune.adapters, "load_adapter")):
+        real = getattr(mod, name)
+
+        def spy(*a, _real=real, **k):
+            quantize.append(k.get("quantize"))
+            return _real(*a, **k)
+
+        monkeypatch.setattr(mod, name, spy)
+    res = run_demo(
+        str(tmp_path / "demo"),
+        "cpu",
+        ["train.max_steps=1", "train.eval_every=0", "output.progress=false", *overrides],
+    )
+    assert quantize and not any(quantize)
+    assert set(res["after"]) == {"held", "train", "minus"}
+    assert "base (NF4)" not in capsys.readouterr().out

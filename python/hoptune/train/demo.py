@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -25,18 +26,22 @@ def config_path(name: str = CONFIG) -> str:
     return str(resources.files("hoptune.configs").joinpath(name))
 
 
-def _nf4_model(device: torch.device, dtype: torch.dtype, adapter: str | None = None):
-    """The pretrained tiny model with an NF4 base: a fresh adapter (B = 0, so it computes exactly
-    the NF4 base) or the one saved at ``adapter``."""
+def _tiny_model(cfg, device: torch.device, dtype: torch.dtype, trained: str | None = None):
+    """The pretrained tiny model as ``cfg`` trains it (NF4 base with model.quantize=nf4): with a
+    fresh adapter (B = 0, so it computes exactly the base), or what the run saved at ``trained`` (its
+    adapter, or the whole model with lora.enabled=false)."""
     from hoptune.adapters import load_adapter
     from hoptune.models import load_tiny
     from hoptune.patch import apply_lora
 
     model, tok = load_tiny(device=device, dtype=dtype, log=lambda s: None)
-    if adapter is None:
-        apply_lora(model, r=16, alpha=32, quantize="nf4")
+    quant = dict(quantize=cfg.model.quantize, double_quant=cfg.model.double_quant)
+    if trained is None:
+        apply_lora(model, r=16, alpha=32, **quant)
+    elif cfg.lora.enabled:
+        load_adapter(model, trained, **quant)
     else:
-        load_adapter(model, adapter, quantize="nf4")
+        model = type(model).from_pretrained(trained, dtype=dtype).to(device)
     model.eval()
     return model, tok
 
@@ -55,23 +60,29 @@ def run_demo(out_dir: str = "runs/demo", device: str = "auto", overrides: list[s
     except (ValueError, RuntimeError) as e:
         raise ConfigError(f"--device {device}: {e}") from e
     loop.use_device(dev)
-    dtype = loop.resolve_dtype("auto", dev)
     out_dir = os.path.abspath(out_dir)
     data_dir = os.path.join(out_dir, "data")
     sft_dir = os.path.join(out_dir, "sft")
-    # the config first: a mistyped override stops the demo before any work
+    # the config first: a mistyped override stops the demo before any work. The paths are quoted (a
+    # folder named "exp #2" or "a: b" is not YAML's to read)
     cfg = load_config(
         config_path(),
         [
-            f"data.train={os.path.join(data_dir, 'train.jsonl')}",
-            f"data.eval={os.path.join(data_dir, 'eval.jsonl')}",
-            f"data.general_data={os.path.join(data_dir, 'general.jsonl')}",
-            f"output.dir={sft_dir}",
+            f"data.train={json.dumps(os.path.join(data_dir, 'train.jsonl'))}",
+            f"data.eval={json.dumps(os.path.join(data_dir, 'eval.jsonl'))}",
+            f"data.general_data={json.dumps(os.path.join(data_dir, 'general.jsonl'))}",
+            f"output.dir={json.dumps(sft_dir)}",
             f"model.device={dev}",
             *(overrides or []),
         ],
     )
     check_sft_config(cfg)
+    if cfg.model.path not in sft.TINY:
+        raise ConfigError(
+            f"model.path={cfg.model.path!r}: the demo runs on the built-in tiny model (its task and scoring are "
+            "made for it); train another model with hoptune sft"
+        )
+    dtype = loop.resolve_dtype(cfg.model.dtype, dev)
     print(
         f"hoptune demo: tiny Llama + QLoRA SFT on {dev} ({torch.get_num_threads()} CPU threads); output in {out_dir}"
     )
@@ -98,7 +109,7 @@ def run_demo(out_dir: str = "runs/demo", device: str = "auto", overrides: list[s
         }
 
     # 3. before
-    base, tok = _nf4_model(dev, dtype)
+    base, tok = _tiny_model(cfg, dev, dtype)
     before = scores(base, tok)
     del base
 
@@ -108,8 +119,8 @@ def run_demo(out_dir: str = "runs/demo", device: str = "auto", overrides: list[s
     res = sft.train(cfg)
     t_sft = time.time() - t_sft
 
-    # 5. after: the adapter as saved, on a fresh NF4 base
-    tuned, tok = _nf4_model(dev, dtype, adapter=res.output_dir)
+    # 5. after: the adapter as saved, on a fresh base (or the saved model of a full fine-tuning)
+    tuned, tok = _tiny_model(cfg, dev, dtype, trained=res.output_dir)
     after = scores(tuned, tok)
 
     rows = [
@@ -119,13 +130,14 @@ def run_demo(out_dir: str = "runs/demo", device: str = "auto", overrides: list[s
     ]
     w = max(len(r[0]) for r in rows)
     print()
-    print(f"{'exact-match accuracy':<{w}}  {'base (NF4)':>10}  {'after SFT':>9}")
+    base_label = "base (NF4)" if cfg.model.quantize else "base"
+    print(f"{'exact-match accuracy':<{w}}  {base_label:>10}  {'after SFT':>9}")
     for label, key in rows:
         print(f"{label:<{w}}  {before[key]:>10.1%}  {after[key]:>9.1%}")
     print()
     if res.eval:
         print(f"held-out SFT loss: {res.eval['loss']:.4f}")
-    print(f"adapter (PEFT format): {res.output_dir}")
+    print(f"adapter (PEFT format): {res.output_dir}" if cfg.lora.enabled else f"model: {res.output_dir}")
     print(f"plots: {os.path.dirname(res.plots[0]) if res.plots else 'none (' + '; '.join(res.notes) + ')'}")
     print(f"metrics: {os.path.join(res.run_dir, 'metrics.jsonl')}")
     total = time.time() - t0
