@@ -101,6 +101,48 @@ def test_packed_equals_unpacked(small_model, attn):
     assert abs(loss_leak - loss_u) > 1e-4
 
 
+def test_packed_batch_goes_flat_to_flash_attention(small_model, monkeypatch):
+    """Flash-attention finds packed documents from position ids only in a batch of one row, so a
+    packed batch of several rows goes to it as one row of B * T tokens (sdpa and eager take the
+    rows as they are); the log-probs are those of the rows."""
+    from types import SimpleNamespace
+
+    from hoptune.train import loop
+
+    model = small_model.eval()
+    model.set_attn_implementation("sdpa")
+    packed = collate(pack_examples(_examples(9, seed=3), 48), pad_id=0)
+    b, t = packed["input_ids"].shape
+    assert b > 1
+    seen = []
+    model.model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["input_ids"].shape), with_kwargs=True
+    )
+    with torch.no_grad():
+        ref, labels = loop.batch_logprobs(model, packed)
+        assert seen.pop() == (b, t)
+        # sdpa also finds the documents of one long row: taken as flash-attention would be
+        monkeypatch.setattr(loop, "_PACKED_ROWS_OK", (None, "eager"))
+        flat, flat_labels = loop.batch_logprobs(model, packed)
+        assert seen.pop() == (1, b * t)
+    assert torch.equal(flat_labels, labels)
+    report_close(flat, ref, 1e-6, 1e-5, "log-probs")
+
+    monkeypatch.undo()
+
+    def cfg(impl):
+        return SimpleNamespace(config=SimpleNamespace(_attn_implementation=impl))
+
+    for impl in ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn3"):
+        assert loop._flatten_packed(cfg(impl), packed)
+    for impl in ("sdpa", "eager", "flex_attention", None):
+        assert not loop._flatten_packed(cfg(impl), packed)
+    one_row = {k: v[:1] if isinstance(v, torch.Tensor) and v.dim() == 2 else v for k, v in packed.items()}
+    assert not loop._flatten_packed(cfg("flash_attention_2"), one_row)
+    unpacked = collate(rows_from_examples(_examples(3)), pad_id=0)
+    assert not loop._flatten_packed(cfg("flash_attention_2"), unpacked)
+
+
 def test_split_and_replay():
     ex = _examples(50)
     train, held = split_eval(ex, 0.2, seed=0)

@@ -2,8 +2,9 @@
 
 A packed row holds several documents back to back. Each document's position ids restart at 0:
 transformers reads a restart (with ``attention_mask=None``) as a document boundary and builds a
-block-diagonal causal mask (sdpa / eager) or varlen arguments (flash-attention), so documents
-never attend to each other. The first token of each document is never a target (it would be
+block-diagonal causal mask (sdpa / eager) or varlen arguments (flash-attention, which finds them
+only in a batch of one row: ``train.loop.batch_logprobs`` passes it a packed batch as one row), so
+documents never attend to each other. The first token of each document is never a target (it would be
 predicted from the previous document).
 """
 

@@ -249,6 +249,20 @@ def lm_head_logprobs(model: nn.Module, hidden: torch.Tensor, labels: torch.Tenso
     )
 
 
+# attention implementations that find packed documents from position ids in every row of a batch
+# (transformers builds their block-diagonal mask); the flash-attention ones do it only in a batch of
+# one row and would let a packed row's documents attend to each other
+_PACKED_ROWS_OK = (None, "eager", "sdpa", "flex_attention")
+
+
+def _flatten_packed(model: nn.Module, batch: dict[str, Any]) -> bool:
+    """Whether a packed batch of several rows goes to ``model`` as one row of B * T tokens."""
+    if batch.get("position_ids") is None or batch.get("attention_mask") is not None:
+        return False
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return batch["input_ids"].shape[0] > 1 and impl not in _PACKED_ROWS_OK
+
+
 def batch_logprobs(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of the loss tokens of a batch.
 
@@ -265,11 +279,16 @@ def batch_logprobs(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tenso
         kwargs["attention_mask"] = batch["attention_mask"]
     if batch.get("position_ids") is not None:
         kwargs["position_ids"] = batch["position_ids"]
+    rows = ids.shape
+    if _flatten_packed(model, batch):
+        # every packed row starts a document at position 0, so one long row keeps the boundaries
+        kwargs["input_ids"] = ids.reshape(1, -1)
+        kwargs["position_ids"] = batch["position_ids"].reshape(1, -1)
     decoder = _decoder(model)
     if decoder is not None and model.get_output_embeddings() is not None:
-        hidden = decoder(**kwargs).last_hidden_state  # (B, T, H)
+        hidden = decoder(**kwargs).last_hidden_state.reshape(*rows, -1)  # (B, T, H)
         return lm_head_logprobs(model, hidden[:, :-1][targets], labels), labels
-    logits = model(**kwargs).logits  # models without a separable decoder: full logits
+    logits = model(**kwargs).logits.reshape(*rows, -1)  # models without a separable decoder: full logits
     return token_logprobs_from_logits(logits[:, :-1][targets], labels), labels
 
 
