@@ -188,3 +188,18 @@ def test_full_fine_tuning_resume_ignores_lora_keys(tmp_path, demo_data):
     lora_run.lora.r = 64
     with pytest.raises(ConfigError, match="lora.r was 4 and is now 64"):
         sft._check_resume("ckpt", state, sft._resume_settings(lora_run))
+
+
+def test_a_second_run_on_the_same_output_dir_is_refused(tmp_path, tokenizer, demo_data):
+    """Two runs writing one output.dir would resume from, prune and overwrite each other's
+    checkpoints: the second is refused while the first holds the folder, and runs once it is free."""
+    cfg = small_config(tmp_path, demo_data, "train.max_steps=1")
+    run_dir = str(tmp_path / "run")
+    os.makedirs(run_dir)
+    with loop.run_lock(run_dir):
+        with pytest.raises(ConfigError, match=r"output.dir: .* is in use by another run \(process \d+"):
+            _run(cfg, tokenizer)
+        assert not os.path.exists(os.path.join(run_dir, "config.yaml"))  # refused before anything
+    assert _run(cfg, tokenizer).steps == 1
+    with loop.run_lock(run_dir):  # and the finished run let it go
+        pass

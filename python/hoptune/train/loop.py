@@ -8,6 +8,7 @@ particular loss.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -17,7 +18,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -392,6 +393,42 @@ def load_trainable(model: nn.Module, folder: str) -> None:
     with torch.no_grad():
         for n, t in state.items():
             params[n].copy_(t)
+
+
+class FolderInUse(ValueError):
+    """Another process holds the folder's run lock."""
+
+
+@contextlib.contextmanager
+def run_lock(folder: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (its ``.lock`` file) for the block: a second run writing
+    the same folder would resume from, prune and overwrite the first one's checkpoints.
+    FolderInUse when another process holds it. Where the file system has no locks, the block runs unguarded."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    path = os.path.join(folder, ".lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        locked = True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode("ascii", "replace").strip()
+            raise FolderInUse(
+                f"{folder} is in use by another run (process {holder or '?'} holds {path}); wait for it "
+                "to finish or use another folder"
+            ) from None
+        except OSError:  # no locks on this file system (some network mounts)
+            locked = False
+        if locked:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 class Checkpointer:

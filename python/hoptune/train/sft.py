@@ -276,15 +276,25 @@ def train(cfg: SFTConfig, log=print, model: nn.Module | None = None, tokenizer: 
     ``model`` / ``tokenizer``: an already-built (unpatched) model to train instead of loading
     ``cfg.model.path`` (tests and benchmarks use this)."""
     check_sft_config(cfg)
-    t, out = cfg.train, cfg.output
     try:
         device = loop.resolve_device(cfg.model.device)
     except (ValueError, RuntimeError) as e:
         raise ConfigError(f"model.device: {e}") from e
+    run_dir = os.path.abspath(cfg.output.dir)
+    os.makedirs(run_dir, exist_ok=True)
+    try:
+        with loop.run_lock(run_dir):
+            return _train(cfg, log, model, tokenizer, device, run_dir)
+    except loop.FolderInUse as e:
+        raise ConfigError(f"output.dir: {e}") from e
+
+
+def _train(
+    cfg: SFTConfig, log, model: nn.Module | None, tokenizer: Any, device: torch.device, run_dir: str
+) -> SFTResult:
+    t, out = cfg.train, cfg.output
     loop.use_device(device)
     dtype = loop.resolve_dtype(cfg.model.dtype, device)
-    run_dir = os.path.abspath(out.dir)
-    os.makedirs(run_dir, exist_ok=True)
     ckpt = loop.Checkpointer(run_dir, keep=t.keep_checkpoints)
     resume_from = _resume_folder(cfg, ckpt)
     loop.seed_everything(t.seed)
