@@ -467,6 +467,7 @@ def check_sft_config(cfg: SFTConfig) -> None:
     need(t.save_every >= 0, f"train.save_every must be >= 0 (0 = no checkpoints), got {t.save_every}")
     need(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
     need(lo.r >= 1, f"lora.r must be >= 1, got {lo.r}")
+    need(math.isfinite(lo.alpha) and lo.alpha > 0, f"lora.alpha must be a finite number > 0, got {lo.alpha}")
     need(0.0 <= lo.dropout < 1.0, f"lora.dropout must be in [0, 1), got {lo.dropout}")
     need(
         lo.enabled or cfg.model.quantize is None,

@@ -93,6 +93,8 @@ def test_value_checks():
         ("train.eval_batch_size=-1", "train.eval_batch_size must be >= 0"),
         ("train.eval_every=-1", "train.eval_every must be >= 0"),
         ("train.epochs=.inf", "train.epochs must be a finite number, got inf"),
+        ("lora.alpha=.nan", "lora.alpha must be a finite number > 0, got nan"),
+        ("lora.alpha=-16", "lora.alpha must be a finite number > 0, got -16"),
         ("model.device=gpu", "model.device must be auto, cpu, cuda, cuda:N, mps or xpu .*, got 'gpu'"),
         (
             "model.chat_template=templates/chatml.jinja",
