@@ -99,6 +99,40 @@ def test_checkpoint_keeps_the_newest(tmp_path, small_model):
     assert os.path.isfile(os.path.join(ck.latest(), "adapter", "adapter_model.safetensors"))
 
 
+def test_checkpoint_pruning_killed_midway_leaves_only_whole_checkpoints(tmp_path, small_model, monkeypatch):
+    """A kill while an old checkpoint is being deleted leaves no step folder with part of its files
+    (it would look complete to a resume that names it); the next save removes what is left."""
+    import shutil
+
+    model = _lora_model(small_model)
+    opt = loop.build_optimizer(loop.trainable_parameters(model), 1e-2)
+    ck = loop.Checkpointer(tmp_path, keep=1)
+    ck.save(1, model, opt, None, {"step": 1})
+    whole = sorted(
+        os.path.relpath(os.path.join(r, f), ck.latest()) for r, _, fs in os.walk(ck.latest()) for f in fs
+    )
+    real_rmtree = shutil.rmtree
+
+    def killed(path, *a, **k):  # deletes one file, then the process dies
+        for r, _, fs in os.walk(path):
+            if fs:
+                os.remove(os.path.join(r, fs[0]))
+                break
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save(2, model, opt, None, {"step": 2})
+    monkeypatch.setattr(loop.shutil, "rmtree", real_rmtree)
+    steps = [n for n in os.listdir(ck.dir) if n.startswith("step-")]
+    assert steps == ["step-00000002"]
+    for n in steps:
+        d = os.path.join(ck.dir, n)
+        assert sorted(os.path.relpath(os.path.join(r, f), d) for r, _, fs in os.walk(d) for f in fs) == whole
+    ck.save(3, model, opt, None, {"step": 3})
+    assert sorted(os.listdir(ck.dir)) == [loop.LATEST, "step-00000003"]
+
+
 def test_checkpoint_cleanup_keeps_the_one_just_written(tmp_path, small_model):
     """A run resumed from an earlier checkpoint: its next save is the newest checkpoint on disk and
     ``latest`` points at it, whatever checkpoints of later steps the first run left."""

@@ -514,7 +514,15 @@ class Checkpointer:
         steps = self._steps()
         older = [n for n in steps if int(n[5:]) < step]
         for old in [n for n in steps if int(n[5:]) > step] + older[: max(0, len(older) - (self.keep - 1))]:
-            shutil.rmtree(os.path.join(self.dir, old), ignore_errors=True)
+            # renamed out of the way first: a kill during the deletion leaves a .tmp- folder (removed
+            # at the next save), never a step folder that has lost some of its files
+            path = os.path.join(self.dir, old)
+            try:
+                os.replace(
+                    path, os.path.join(tempfile.mkdtemp(dir=self.dir, prefix=f".tmp-old-{old}-"), "old")
+                )
+            except OSError:
+                shutil.rmtree(path, ignore_errors=True)
         for n in os.listdir(self.dir):
             if n.startswith(".tmp-old-"):
                 shutil.rmtree(os.path.join(self.dir, n), ignore_errors=True)
