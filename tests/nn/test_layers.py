@@ -248,10 +248,56 @@ def test_op_trains_a_bias(device, lora):
     assert rel_err(layer.bias.grad, expected) <= 2 * rel_err(low, expected) + 1e-6
 
 
+@pytest.mark.parametrize("use_dora", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_lora_linear_nf4_base_in_autocast(use_dora, dropout):
+    """A float32 layer on an NF4 base inside torch.autocast (a bf16 training loop) computes like
+    its dense twin there: the output, and gradients for x and the adapter."""
+    torch.manual_seed(0)
+    nf4 = LoRALinear(
+        nn.Linear(128, 64),
+        r=4,
+        quantize="nf4",
+        use_dora=use_dora,
+        lora_dropout=dropout,
+        init_lora_weights=False,
+    )
+    dense = LoRALinear(nn.Linear(128, 64), r=4, use_dora=use_dora, lora_dropout=dropout)
+    dense.load_state_dict(
+        {k: v for k, v in nf4.state_dict().items() if not k.startswith("weight_")}, strict=False
+    )
+    with torch.no_grad():
+        dense.weight.copy_(nf4.base_weight(torch.float32))
+    x = torch.randn(2, 5, 128)
+    outs = []
+    for layer in (nf4, dense):
+        x_ = x.clone().requires_grad_(True)
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x_)
+        y.float().square().sum().backward()
+        outs.append((y, x_.grad, layer.lora_A.grad, layer.lora_B.grad))
+    for name, o, d in zip(("y", "dx", "dA", "dB"), *outs):
+        assert o.dtype == d.dtype, name
+        assert rel_err(o, d) < 2e-2, name
+
+
 def test_lora_linear_nf4_base_with_a_bias_of_another_shape():
     q = quantize_nf4(torch.randn(32, 64))
     with pytest.raises(ValueError, match=r"bias must have shape \(32,\)"):
         LoRALinear(q, r=4, bias=torch.zeros(31))
+
+
+def test_lora_linear_names_what_it_cannot_take():
+    """quantize="nf4" on a layer built on the meta device (weights not loaded yet) or of a dtype
+    NF4 does not take, and a bias that is not a tensor: errors that name the argument, not a
+    failure inside quantize_nf4 or an AttributeError."""
+    with pytest.raises(ValueError, match="base.weight is on the meta device"):
+        LoRALinear(nn.Linear(128, 64, device="meta"), r=4, quantize="nf4")
+    with pytest.raises(TypeError, match="base.weight is torch.float64"):
+        LoRALinear(nn.Linear(128, 64, dtype=torch.float64), r=4, quantize="nf4")
+    with pytest.raises(ValueError, match=r"bias must have shape \(32,\) \(out_features\), got list"):
+        LoRALinear(quantize_nf4(torch.randn(32, 64)), r=4, bias=[0.0] * 32)
 
 
 def test_nf4_from_linear_names_what_it_cannot_quantize():

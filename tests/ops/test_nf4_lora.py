@@ -750,6 +750,31 @@ def test_in_place_on_the_output(device, m):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("compiled", [False, True])
+def test_autocast(device, compiled):
+    """Inside torch.autocast, float32 x, factors and bias run in the autocast dtype, as nn.Linear's
+    do: the values of the call on inputs cast to it, and gradients in the inputs' own dtype."""
+    x, q, a, b, bias = _case(6, 128, 64, 5, torch.float32, device, seed=9, x_shape=(2, 3))
+    g = torch.randn(2, 3, 64, dtype=torch.bfloat16, device=device)
+    fn = lambda x_, a_, b_: nf4_lora_linear(x_, q, a_, b_, 0.5, bias)  # noqa: E731
+    if compiled:
+        torch._dynamo.reset()
+        fn = torch.compile(fn, backend="aot_eager", fullgraph=True)
+
+    def in_autocast(x_, a_, b_):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            return fn(x_, a_, b_)
+
+    ours = _run(in_autocast, x, a, b, g)
+    cast = [t.bfloat16() for t in (x, a, b)]
+    want = _run(lambda x_, a_, b_: nf4_lora_linear(x_, q, a_, b_, 0.5, bias.bfloat16()), *cast, g)
+    assert ours[0].dtype == torch.bfloat16
+    for name, o, w in zip(("y", "dx", "dA", "dB"), ours, want):
+        assert o.dtype == (torch.bfloat16 if name == "y" else torch.float32), name
+        torch.testing.assert_close(o, w.to(o.dtype), rtol=0, atol=0, msg=name)
+
+
 def test_no_lora_and_frozen_weight():
     x, q, _, _, bias = _case(9, 128, 64, 8, torch.float32, "cpu", seed=0)
     y = nf4_lora_linear(x, q, bias=bias)

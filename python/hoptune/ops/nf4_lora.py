@@ -481,6 +481,8 @@ def nf4_lora_linear_trusted(x, q, out_features, lora_A, lora_B, scale: float, bi
     """nf4_lora_linear without the argument checks, for layers that validated their weights when
     they were built (hoptune.nn) and call this every forward; ``q`` is (packed, absmax, absmax2,
     code2, offset, blocksize, blocksize2)."""
+    if torch.is_autocast_enabled("cuda" if x.is_cuda else "cpu"):
+        x, lora_A, lora_B, bias = _autocast_inputs(x, lora_A, lora_B, bias)
     records = _records_graph(x, lora_A, lora_B, bias)
     if records and lora_A is not None and lora_A.shape[0] % RANK_ALIGN and x.is_cuda:
         lora_A, lora_B = _aligned_rank(lora_A, lora_B)
@@ -497,6 +499,14 @@ def nf4_lora_linear_trusted(x, q, out_features, lora_A, lora_B, scale: float, bi
     # nothing to differentiate (no_grad, inference_mode, or no input that requires grad): the
     # forward alone, without the autograd Function's host work (~10 us a call)
     return _forward(x, q, out_features, lora_A, lora_B, scale, bias, w, fused)
+
+
+def _autocast_inputs(x, lora_A, lora_B, bias) -> tuple:
+    """x, the factors and bias in the autocast dtype, as nn.Linear's inputs are cast inside
+    torch.autocast (differentiably: the gradients come back in their own dtypes). Left as they
+    are, the op's GEMMs would meet autocast's casts half-way (a float32 x with a bf16 product)."""
+    dtype = torch.get_autocast_dtype("cuda" if x.is_cuda else "cpu")
+    return tuple(None if t is None or t.dtype == dtype else t.to(dtype) for t in (x, lora_A, lora_B, bias))
 
 
 def _records_graph(x, lora_A, lora_B, bias) -> bool:
