@@ -654,3 +654,109 @@ def test_save_pretrained_nf4_errors_name_the_layer(tmp_path):
     ):
         save_pretrained_nf4(model, tmp_path)
     assert not os.path.exists(tmp_path / "model.safetensors")
+
+
+def test_prequantized_bnb_checkpoint_keeps_its_dense_layers_dense(tmp_path):
+    # layers bitsandbytes left dense (llm_int8_skip_modules) load dense, as transformers loads them
+    pytest.importorskip("bitsandbytes")
+    tiny_model().save_pretrained(tmp_path / "bf16")
+    cfg = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        llm_int8_skip_modules=["lm_head", "down_proj"],
+    )
+    qm = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "bf16", quantization_config=cfg, device_map="cpu"
+    )
+    qm.save_pretrained(tmp_path / "nf4")
+    ours = hoptune.load_model(tmp_path / "nf4", device="cpu", progress=False)
+    assert len(nf4_layers(ours)) == 12
+    sd = load_file(tmp_path / "nf4" / "model.safetensors")
+    for i in range(2):
+        layer = ours.model.layers[i].mlp.down_proj
+        assert type(layer) is torch.nn.Linear
+        assert torch.equal(layer.weight, sd[f"model.layers.{i}.mlp.down_proj.weight"])
+
+
+def test_single_file_is_read_before_an_index_as_transformers_does(tmp_path):
+    # a folder saved sharded, then saved again as one file, keeps the old index (transformers
+    # removes the old shards only); transformers reads model.safetensors first
+    tiny_model().save_pretrained(tmp_path, max_shard_size="40KB")
+    tiny_model(seed=1).save_pretrained(tmp_path)
+    assert os.path.isfile(tmp_path / "model.safetensors.index.json")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    ours = hoptune.load_model(tmp_path, quantize=None, device="cpu", progress=False)
+    torch.testing.assert_close(logits(ours), logits(ref), atol=0, rtol=0)
+
+
+def test_linear_subclasses_stay_as_they_are(tmp_path):
+    # transformers + bitsandbytes convert plain nn.Linear layers only: a subclass (Llama 4's
+    # router returns scores and logits) is not a linear layer NF4Linear can stand in for
+    if not hasattr(transformers, "Llama4ForCausalLM"):
+        pytest.skip("this transformers has no Llama4")
+    cfg = transformers.Llama4TextConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        intermediate_size_mlp=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=1,
+        max_position_embeddings=64,
+        moe_layers=[0, 1],
+        no_rope_layers=[1, 1],
+    )
+    torch.manual_seed(0)
+    model = transformers.Llama4ForCausalLM(cfg).to(torch.bfloat16).eval()
+    model.save_pretrained(tmp_path / "bf16")
+    ours = hoptune.load_model(tmp_path / "bf16", device="cpu", progress=False)
+    router = ours.model.layers[0].feed_forward.router
+    assert type(router) is type(model.model.layers[0].feed_forward.router)
+    assert isinstance(ours.model.layers[0].self_attn.q_proj, NF4Linear)
+    want = logits(ours)
+    names = save_pretrained_nf4(ours, tmp_path / "nf4")
+    assert names and not [n for n in names if "router" in n]
+    loaded = hoptune.load_model(tmp_path / "nf4", device="cpu", progress=False)
+    torch.testing.assert_close(logits(loaded), want, atol=0, rtol=0)
+
+
+def test_save_pretrained_nf4_keeps_the_generation_config(tmp_path):
+    # as save_pretrained does: the stop tokens and sampling defaults travel with the model
+    model = tiny_model()
+    model.generation_config.eos_token_id = [2, 5]
+    model.generation_config.do_sample = True
+    model.generation_config.temperature = 0.6
+    model.save_pretrained(tmp_path / "bf16")
+    ours = hoptune.load_model(tmp_path / "bf16", device="cpu", progress=False)
+    save_pretrained_nf4(ours, tmp_path / "nf4")
+    for loaded in (
+        hoptune.load_model(tmp_path / "nf4", device="cpu", progress=False),
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "nf4", device_map="cpu"),
+    ):
+        gc = loaded.generation_config
+        assert (gc.eos_token_id, gc.do_sample, gc.temperature) == ([2, 5], True, 0.6)
+
+
+def test_prequantized_layers_take_the_dtype_asked_for(tmp_path):
+    # a float16 bitsandbytes checkpoint loaded as bfloat16: its NF4 layers dequantize to bfloat16
+    # like every other layer (a merge that keeps each layer's dtype used to mix the two)
+    pytest.importorskip("bitsandbytes")
+    tiny_model(dtype=torch.float16).save_pretrained(tmp_path / "fp16")
+    cfg = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16
+    )
+    qm = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "fp16", quantization_config=cfg, device_map="cpu"
+    )
+    qm.save_pretrained(tmp_path / "nf4")
+    ours = hoptune.load_model(tmp_path / "nf4", device="cpu", progress=False)
+    layers = nf4_layers(ours)
+    assert len(layers) == 14 and all(m.dequantize().dtype == torch.bfloat16 for m in layers.values())
+    want = logits(ours)
+    hoptune.merge_and_unload(ours, dtype=None)
+    assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
+    torch.testing.assert_close(logits(ours), want, atol=5e-2, rtol=5e-2)

@@ -16,9 +16,11 @@ quantization) come back through pinned memory and an event, and each weight is f
 they are there.
 
 Which layers become NF4 (:class:`hoptune.nn.NF4Linear`): every ``nn.Linear`` except the output
-head (``lm_head``, kept in ``dtype`` as bitsandbytes and transformers do) and ``skip_modules``.
+head (``lm_head``, kept in ``dtype`` as bitsandbytes and transformers do) and ``skip_modules``;
+subclasses of ``nn.Linear`` stay as they are, as in transformers + bitsandbytes.
 A checkpoint that is already bitsandbytes-NF4 (``quantization_config`` in ``config.json``, keys
-per ``docs/FORMATS.md`` section 1) loads its layers as stored, with no re-quantization.
+per ``docs/FORMATS.md`` section 1) loads its layers as stored, with no re-quantization: its NF4
+layers as NF4 and its dense layers dense.
 
 Only a local folder is read: nothing is downloaded, and a missing path is an error.
 """
@@ -37,7 +39,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -147,7 +149,12 @@ def read_safetensors_header(path: str) -> dict[str, _Entry]:
 
 
 def checkpoint_files(folder: str) -> list[str]:
-    """The safetensors files of a checkpoint folder, in the order of its index (or the single file)."""
+    """The safetensors files of a checkpoint folder: the single file, else those of its index in
+    the index's order. The single file comes first, as in transformers: a folder saved sharded and
+    then as one file keeps the old index (transformers removes the old shards only)."""
+    single = os.path.join(folder, SINGLE_FILE)
+    if os.path.isfile(single):
+        return [single]
     index = os.path.join(folder, INDEX_FILE)
     if os.path.isfile(index):
         try:
@@ -162,9 +169,6 @@ def checkpoint_files(folder: str) -> list[str]:
             if not os.path.isfile(os.path.join(folder, name)):
                 raise FileNotFoundError(f"{index} lists {name}, which is not in {folder}")
         return [os.path.join(folder, name) for name in files]
-    single = os.path.join(folder, SINGLE_FILE)
-    if os.path.isfile(single):
-        return [single]
     others = [f for f in sorted(os.listdir(folder)) if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
     hint = f" (found {others[0]}: load_model reads safetensors only)" if others else ""
     raise FileNotFoundError(f"{folder} has neither {SINGLE_FILE} nor {INDEX_FILE}{hint}")
@@ -638,7 +642,8 @@ def load_model(
     ``model.safetensors.index.json`` (never a hub name: nothing is fetched).
     ``quantize``: "nf4" makes every linear layer but the output head and ``skip_modules`` an
     :class:`~hoptune.nn.NF4Linear` (``blocksize``, ``double_quant`` as in bitsandbytes); None keeps
-    them dense. Layers of a pre-quantized bitsandbytes NF4 checkpoint load as NF4 either way.
+    them dense. A pre-quantized bitsandbytes NF4 checkpoint loads as stored either way (its dense
+    layers stay dense).
     ``dtype``: of every other floating-point tensor and of the NF4 layers' compute, but for those
     ``from_pretrained`` keeps otherwise (declared in another dtype by the model, or named by its
     ``_keep_in_fp32_modules`` for float16 or ``_keep_in_fp32_modules_strict``: float32).
@@ -717,9 +722,11 @@ def load_model(
             f"{folder}: the checkpoint has NF4 weights for {bad[:3]}, which are not linear layers of {type(model).__name__}"
         )
     to_quantize = set()
-    if quantize == "nf4":
+    if quantize == "nf4" and bnb is None and not prequant:  # a bitsandbytes checkpoint loads as stored
         for n, m in linears.items():
-            if n in heads or n in prequant or _matches_any(n, skip_modules):
+            # plain nn.Linear only, as transformers + bitsandbytes: a subclass may compute more
+            # (Llama 4's router returns scores and logits)
+            if type(m) is not nn.Linear or n in heads or n in prequant or _matches_any(n, skip_modules):
                 continue
             if (m.in_features * m.out_features) % blocksize:
                 warnings.warn(
@@ -825,6 +832,8 @@ def load_model(
                                 f"{type(model).__name__} needs {list(shapes[wkey])} (a checkpoint for another "
                                 "configuration?)"
                             )
+                        if q.dtype != dtype:  # the dtype it dequantizes to, as for the layers quantized here
+                            q = replace(q, dtype=dtype)
                         _to_nf4_layer(model, owner, q)
                 elif kind == "quantize":
                     nf4.submit(e.file, key, owner, t if t.dtype == dtype else t.to(dtype))

@@ -61,13 +61,15 @@ def save_pretrained_nf4(
     skip_modules: Iterable[str] = ("lm_head",),
     device: torch.device | str | None = None,
 ) -> list[str]:
-    """Save a transformers model with every ``nn.Linear`` (but ``skip_modules``) quantized to NF4.
+    """Save a transformers model with every ``nn.Linear`` (but ``skip_modules``) quantized to NF4;
+    subclasses of ``nn.Linear`` stay dense, as transformers + bitsandbytes load them.
 
-    Writes ``config.json`` (with ``quantization_config``) and ``model.safetensors`` atomically into
-    ``out_dir``; ``AutoModelForCausalLM.from_pretrained(out_dir)`` then loads it through
-    bitsandbytes. Quantizes on ``device`` (default: where each weight lives). Layers that are NF4
-    already (:class:`hoptune.nn.NF4Linear`, as :func:`hoptune.load_model` makes them) are written
-    as they are, not re-quantized; they must have been quantized with ``blocksize`` and
+    Writes ``config.json`` (with ``quantization_config``), ``model.safetensors`` and, for a model
+    that generates, ``generation_config.json`` atomically into ``out_dir``;
+    ``AutoModelForCausalLM.from_pretrained(out_dir)`` then loads it through bitsandbytes. Quantizes
+    on ``device`` (default: where each weight lives). Layers that are NF4 already
+    (:class:`hoptune.nn.NF4Linear`, as :func:`hoptune.load_model` makes them) are written as they
+    are, not re-quantized; they must have been quantized with ``blocksize`` and
     ``double_quant``. A model with LoRA layers is refused: fold the adapters in
     (``hoptune.merge_and_unload``) or take them out (``hoptune.remove_lora``) first. Returns the
     names of the modules stored in NF4.
@@ -104,7 +106,7 @@ def save_pretrained_nf4(
         tied = {k for k in getattr(model, "_tied_weights_keys", None) or [] if isinstance(k, str)}
     for name, mod in model.named_modules():
         if f"{name}.weight" in tied and (
-            name in nf4 or (isinstance(mod, nn.Linear) and not _skipped(name, skip))
+            name in nf4 or (type(mod) is nn.Linear and not _skipped(name, skip))
         ):
             raise ValueError(
                 f"{name}.weight is tied to the input embeddings (tie_word_embeddings=True), which stay "
@@ -116,7 +118,7 @@ def save_pretrained_nf4(
     for name, mod in model.named_modules():
         if name in nf4:  # NF4 already: saved as it is (re-quantizing would change the weight)
             q = nf4[name]
-        elif isinstance(mod, nn.Linear) and not _skipped(name, skip):
+        elif type(mod) is nn.Linear and not _skipped(name, skip):  # transformers converts no subclass
             w = mod.weight.detach()
             dev = w.device if device is None else torch.device(device)
             try:
@@ -141,9 +143,18 @@ def save_pretrained_nf4(
     config = model.config.to_dict()
     dtype = next(model.parameters()).dtype
     config["quantization_config"] = bnb_quantization_config(dtype, double_quant, skip)
+    config_text = json.dumps(config, indent=2, sort_keys=True)
+    # the stop tokens and sampling defaults, written as save_pretrained writes them
+    generation = getattr(model, "generation_config", None)
+    can_generate = getattr(model, "can_generate", None)
+    generation_text = None
+    if generation is not None and callable(can_generate) and can_generate():
+        generation_text = generation.to_json_string(use_diff=True)
     os.makedirs(out_dir, exist_ok=True)
     atomic_write(
         os.path.join(out_dir, "model.safetensors"), lambda p: save_file(state, p, metadata={"format": "pt"})
     )
-    atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(config, indent=2, sort_keys=True))
+    if generation_text is not None:
+        atomic_write_text(os.path.join(out_dir, "generation_config.json"), generation_text)
+    atomic_write_text(os.path.join(out_dir, "config.json"), config_text)
     return quantized
