@@ -869,3 +869,28 @@ def test_bad_input(kw, err, msg):
             nf4_lora_linear(x, w, a, None, 0.5, bias)
         else:
             nf4_lora_linear(x, w, a, b, 0.5, bias)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_k_not_a_multiple_of_64_warns_once_on_the_gpu(device, monkeypatch):
+    """K % 64 != 0 takes the unfused path: correct results, and on the GPU one warning per K (none
+    on the CPU, where everything is the reference anyway)."""
+    import warnings
+
+    from hoptune import _lib
+
+    monkeypatch.setattr(_lib, "_warned", set())
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    x, q, a, b, bias = _case(24, 96, 128, 8, dtype, device, seed=5)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            y = nf4_lora_linear(x, q, a, b, 0.5, bias)
+    ours = [w for w in got if "not a multiple of 64" in str(w.message)]
+    assert len(ours) == (1 if device == "cuda" else 0), [str(w.message) for w in got]
+    if ours:
+        assert "in_features = 96" in str(ours[0].message)
+    w = dequantize_nf4(q)
+    ref = x.double() @ w.double().t() + 0.5 * (x.double() @ a.double().t()) @ b.double().t() + bias.double()
+    low = x @ w.t() + 0.5 * (x @ a.t()) @ b.t() + bias
+    assert rel_err(y, ref) <= 2 * rel_err(low, ref) + 1e-6

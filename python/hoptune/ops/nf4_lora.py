@@ -22,7 +22,8 @@ are x @ A^T, dY @ B and the two reductions over the tokens dA = (s dY B)^T x and
 A^T). In eager mode on CUDA, for N >= DY_PASS_MIN_N[r] (r = 8, 16, 32) and N % 64 == 0, dY @ B
 and dB come from one read of dY (lora_dy_pass) instead of two GEMMs.
 Elsewhere (CPU, fp32, K not a multiple of 64, ranks above 128) the LoRA terms are applied to the
-activations (hoptune.reference.nf4_lora on CPU). In training on the GPU a rank that is not a
+activations (hoptune.reference.nf4_lora on CPU; on the GPU, K not a multiple of 64 warns once per
+K). In training on the GPU a rank that is not a
 multiple of 8 is first padded with zero ranks to one (RANK_ALIGN): the same results, aligned
 rank-r GEMMs.
 """
@@ -240,6 +241,8 @@ def _forward(x, q, out_features, lora_A, lora_B, scale, bias, merged_w, fused=No
         xs = None if lora_A is None else _mm_scaled(x2, lora_A.t(), scale, True)
         y = nf4_ops.fused_gemm_kernel(x2, *q, out_features, xs, lora_B, bias)
     else:
+        if k % 64 and _lib.kernels_run_on(x2):
+            _warn_unaligned_k(k)
         w = _weight(q, out_features, k, x.dtype, None, None, scale, False, inside_op=True)
         if x2.is_cuda and bias is None and lora_A is not None:
             # (on the GPU: ranks above MERGED_MAX_RANK, fp32 x, K not a multiple of 64) the big
@@ -249,6 +252,15 @@ def _forward(x, q, out_features, lora_A, lora_B, scale, bias, merged_w, fused=No
         else:
             y = ref.lora_forward(x2, w, lora_A, lora_B, scale, bias)
     return y if flat else y.view(*x.shape[:-1], out_features)
+
+
+def _warn_unaligned_k(k: int) -> None:
+    _lib.warn_once(
+        f"nf4_lora_linear:k={k}",
+        f"hoptune.nf4_lora_linear: in_features = {k} is not a multiple of 64, so this layer takes the "
+        "unfused path on the GPU (the weight dequantized, then PyTorch's GEMMs with the LoRA term on "
+        "the activations), slower than the NF4 kernels",
+    )
 
 
 def _backward_impl(saved, meta, needs, grad_y, inside_op):
