@@ -3,7 +3,8 @@
 # then the benchmarks; logs and JSON under OUTDIR, a short summary printed last.
 #
 #   bash bench/run_gpu.sh OUTDIR [STAGE ...]     stages: build tests sanitize bench:<name> ...
-#                                                (default: build tests sanitize and every bench)
+#                                                (default: build tests sanitize and the nf4_dequant,
+#                                                nf4_lora and logprob benchmarks)
 # Wheels missing on the machine (nvidia-cutlass, bitsandbytes, liger-kernel) are taken from .whl/
 # when present.
 set -uo pipefail
