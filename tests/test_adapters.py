@@ -379,3 +379,27 @@ def test_save_warns_about_trainable_parameters_it_does_not_hold(tmp_path):
     model.model.norm.weight.requires_grad_(True)
     with pytest.warns(UserWarning, match=r"1 other trainable parameter\(s\).*model\.norm\.weight"):
         hoptune.save_adapter(model, tmp_path / "with_norm")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_peft_adapter_on_the_output_head_loads(arch, tmp_path):
+    """PEFT saves a LoRA on ``lm_head`` with a copy of the head's weight (its
+    ``save_embedding_layers="auto"``): a copy equal to the model's own head loads; one that differs
+    (a resized or retrained head) is refused, as hoptune does not replace base weights."""
+    base = tiny_model(arch)
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(target_modules=["q_proj", "lm_head"], r=4, lora_alpha=8, init_lora_weights=False)
+    pm = peft.get_peft_model(copy.deepcopy(base), cfg).eval()
+    pm.save_pretrained(tmp_path)
+    assert "base_model.model.lm_head.base_layer.weight" in load_file(tmp_path / "adapter_model.safetensors")
+    assert rel(logits(hoptune.load_adapter(copy.deepcopy(base), tmp_path)), logits(pm)) <= 1e-6
+
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(path)
+    tensors["base_model.model.lm_head.base_layer.weight"][0, 0] += 1.0
+    save_file(tensors, path, metadata={"format": "pt"})
+    model = copy.deepcopy(base)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="lm_head.base_layer.weight.*differs from the model's"):
+        hoptune.load_adapter(model, tmp_path)
+    assert_unchanged(model, snap)

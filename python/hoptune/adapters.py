@@ -336,6 +336,8 @@ def _group(tensors: Mapping[str, torch.Tensor], path: str) -> dict[str, dict[str
     """``{module path: {"A": .., "B": .., "M": ..}}`` from PEFT keys; unknown keys are errors."""
     parts = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude_vector": "M"}
     parts["lora_magnitude_vector.weight"] = "M"  # older PEFT versions
+    # PEFT's copy of a targeted output head's weight (its save_embedding_layers="auto"), checked in load_adapter
+    parts["base_layer.weight"] = "W"
     out: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         if not key.startswith(PREFIX):
@@ -353,6 +355,25 @@ def _group(tensors: Mapping[str, torch.Tensor], path: str) -> dict[str, dict[str
                 "(lora_bias, embedding adapters, modules_to_save and trainable tokens are not implemented)"
             )
     return out
+
+
+def _check_base_copy(name: str, mod: nn.Module, stored: torch.Tensor, path: str) -> None:
+    """PEFT stores ``<name>.base_layer.weight`` beside the LoRA factors of an output head it adapts; the
+    adapter fits the model only when that copy is the model's own weight (compared in the coarser of
+    the two dtypes: a bf16 model loaded from the fp32 weights PEFT saved matches)."""
+    if getattr(mod, "quantized", False):
+        raise ValueError(
+            f"{path}: {name}.base_layer.weight is PEFT's copy of the layer's weight, which cannot be checked "
+            f"against the model's NF4 {name}; load this adapter on a model whose {name} is not quantized"
+        )
+    weight = mod.weight.detach()
+    dtype = max((stored.dtype, weight.dtype), key=lambda d: torch.finfo(d).eps)
+    if stored.shape != weight.shape or not torch.equal(stored.to(weight.device, dtype), weight.to(dtype)):
+        raise ValueError(
+            f"{path}: {name}.base_layer.weight (PEFT's copy of the layer's weight, shape {list(stored.shape)}) "
+            f"differs from the model's {name} (shape {list(weight.shape)}); hoptune does not replace base "
+            "weights: load the adapter on the model it was trained on"
+        )
 
 
 def _expected_scaling(alpha: float, r: int, use_rslora: bool) -> float:
@@ -439,6 +460,8 @@ def load_adapter(
         for part, t in g.items():
             if not t.is_floating_point() or not torch.isfinite(t).all():
                 raise ValueError(f"{weights_path}: {name} {part} must hold finite floating-point values")
+        if "W" in g:
+            _check_base_copy(name, mod, g["W"], weights_path)
         alpha = float(pattern_value(cfg["alpha_pattern"], name, cfg["lora_alpha"]))
         targets.append(_Target(name, mod, int(r), alpha))
 
