@@ -84,6 +84,20 @@ def test_checkpoint_interrupted_mid_write_keeps_previous(tmp_path, small_model, 
     assert os.path.basename(ck.latest()) == "step-00000003"
 
 
+def test_checkpoint_cleans_a_pointer_file_left_by_a_kill(tmp_path, small_model):
+    """A kill while ``latest`` is rewritten leaves the pointer's temporary file (a file, not a
+    folder): the next save removes it as it removes leftover folders."""
+    model = _lora_model(small_model)
+    opt = loop.build_optimizer(loop.trainable_parameters(model), 1e-2)
+    ck = loop.Checkpointer(tmp_path, keep=2)
+    ck.save(1, model, opt, None, {"step": 1})
+    with open(os.path.join(ck.dir, ".tmp-abcd1234-latest"), "w") as f:
+        f.write("step-0000")
+    ck.save(2, model, opt, None, {"step": 2})
+    assert not [n for n in os.listdir(ck.dir) if n.startswith(".tmp-")]
+    assert os.path.basename(ck.latest()) == "step-00000002"
+
+
 def test_checkpoint_keeps_the_newest(tmp_path, small_model):
     model = _lora_model(small_model)
     opt = loop.build_optimizer(loop.trainable_parameters(model), 1e-2)

@@ -479,8 +479,12 @@ class Checkpointer:
         data position, ...), stored with the optimizer, scheduler and RNG states."""
         os.makedirs(self.dir, exist_ok=True)
         for n in os.listdir(self.dir):  # leftovers of an interrupted save
-            if n.startswith(".tmp-"):
-                shutil.rmtree(os.path.join(self.dir, n), ignore_errors=True)
+            path = os.path.join(self.dir, n)
+            if n.startswith(".tmp-") and os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            elif n.startswith(".tmp-"):  # the temporary file of the latest pointer
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
         name = f"step-{step:08d}"
         final = os.path.join(self.dir, name)
         tmp = tempfile.mkdtemp(dir=self.dir, prefix=f".tmp-{name}-")
