@@ -250,3 +250,14 @@ def test_tiny_tokenizer_keeps_every_newline():
     ids = tok("a\n\n\nb", add_special_tokens=False)["input_ids"]
     assert ids == [tok.convert_tokens_to_ids("a"), nl, nl, nl, tok.convert_tokens_to_ids("b")]
     assert tok.decode(ids) == "a\n\n\nb"
+
+
+def test_fused_logits_never_cost_more_than_full_ones_on_a_small_model():
+    """The fused log-probs hold one chunk of fp32 logits, never more than all of them: on a small
+    vocabulary and few tokens the fused estimate is no larger than the full-logits one."""
+    small = dict(KNOWN_MODELS["llama-3.2-1b"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=300)  # fmt: skip
+    fused = hoptune.plan(small, seq=64, logits="fused", alternatives=False)
+    full = hoptune.plan(small, seq=64, logits="full", alternatives=False)
+    assert fused.peak <= full.peak
+    assert fused.peak < 2**20  # not the 128 MiB chunk of a large vocabulary

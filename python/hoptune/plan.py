@@ -568,8 +568,9 @@ def _estimate(
         logit_peak = 14 * V * n  # bf16 logits + fp32 cast + fp32 log-softmax + two fp32 grads
         logits_held = act * V * n  # the bf16 logits stay referenced by the output during backward
     else:
-        # one fp32 chunk of logits, J (fp32) and the hidden gradient made from it, per-row outputs
-        logit_peak = _fused_chunk_bytes() + 4 * H * n + act * H * n + 16 * n
+        # one fp32 chunk of logits (no larger than all of them), J (fp32) and the hidden gradient
+        # made from it, per-row outputs
+        logit_peak = min(_fused_chunk_bytes(), 4 * V * n) + 4 * H * n + act * H * n + 16 * n
         logits_held = 0.0
     max_w = max((i * o for name, i, o, _ in shape.linears if name != shape.head), default=0)
     transients = (6 * I + 6 * H) * n + (act * max_w if quantize else 0)  # dequantized NF4 weight
