@@ -62,6 +62,9 @@ def unavailable_reason() -> str | None:
 
 
 def kernels_available() -> bool:
+    """Whether hoptune's CUDA kernels can run here: the extension is built and loads, they are not
+    disabled, and the current GPU is sm_90 (H100 / H200); ``hoptune._lib.unavailable_reason()``
+    says why not."""
     return unavailable_reason() is None
 
 

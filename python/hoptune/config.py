@@ -34,7 +34,8 @@ _COMMENT = re.compile(r"(^|\s)#")
 @dataclass
 class ModelConfig:
     path: str = "hoptune/tiny"
-    """A local transformers checkpoint (or hub name), or ``hoptune/tiny`` for the built-in model."""
+    """A local transformers checkpoint folder (nothing is downloaded), or ``hoptune/tiny`` for the
+    built-in model."""
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """auto = bf16 on a GPU, fp32 on a CPU."""
     device: str = "auto"

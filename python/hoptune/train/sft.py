@@ -273,8 +273,8 @@ def _check_resume(folder: str, state: dict[str, Any], now: dict[str, Any]) -> No
 def train(cfg: SFTConfig, log=print, model: nn.Module | None = None, tokenizer: Any = None) -> SFTResult:
     """Run the recipe; returns where things went, the losses and the trained model.
 
-    ``model`` / ``tokenizer``: an already-built (unpatched) model to train instead of loading
-    ``cfg.model.path`` (tests and benchmarks use this)."""
+    ``model`` / ``tokenizer``: an already-built model (with or without adapters) to train instead
+    of loading ``cfg.model.path`` (tests and benchmarks use this)."""
     check_sft_config(cfg)
     try:
         device = loop.resolve_device(cfg.model.device)
