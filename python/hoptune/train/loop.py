@@ -402,8 +402,8 @@ class FolderInUse(ValueError):
 @contextlib.contextmanager
 def run_lock(folder: str) -> Iterator[None]:
     """Hold an exclusive lock on ``folder`` (its ``.lock`` file) for the block: a second run writing
-    the same folder would resume from, prune and overwrite the first one's checkpoints.
-    FolderInUse when another process holds it. Where the file system has no locks, the block runs unguarded."""
+    the same folder would resume from, prune and overwrite the first one's checkpoints. FolderInUse
+    when another process holds it; where the file system has no locks, the block runs unguarded."""
     try:
         import fcntl
     except ImportError:  # not POSIX
