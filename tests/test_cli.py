@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hoptune.cli import main
+from hoptune.loading import read_safetensors_header
 
 
 def test_help_and_version(capsys):
@@ -174,6 +175,45 @@ def test_checkpoint_folder_without_a_tokenizer_is_one_line(tmp_path, capsys, run
     err = capsys.readouterr().err
     last = err.rstrip("\n").split("\n")[-1]
     assert last.startswith(f"hoptune sft: error: model.path={str(weights_only)!r}: cannot load its tokenizer")
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("case", ["truncated", "moe"])
+def test_checkpoint_load_model_refuses_is_one_line(
+    tmp_path, capsys, run_config, small_model, tokenizer, case
+):
+    """A checkpoint folder that load_model refuses: a file cut short, or an MoE checkpoint in the
+    per-expert layout transformers >= 5 writes (transformers converts it while loading)."""
+    import transformers
+
+    folder = tmp_path / case
+    if case == "truncated":
+        small_model.save_pretrained(folder)
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-1000])
+        message = "is truncated"
+    else:
+        cfg = transformers.MixtralConfig(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            num_local_experts=2,
+            num_experts_per_tok=1,
+        )
+        transformers.MixtralForCausalLM(cfg).save_pretrained(folder)
+        keys = read_safetensors_header(str(folder / "model.safetensors"))
+        if not any(".experts.0." in k for k in keys):
+            pytest.skip("this transformers saves the experts fused: load_model reads them")
+        message = "does not support this architecture's checkpoint layout yet"
+    tokenizer.save_pretrained(folder)
+    capsys.readouterr()
+    assert main(["sft", run_config, f"model.path={folder}"]) == 2
+    err = capsys.readouterr().err
+    last = err.rstrip("\n").split("\n")[-1]
+    assert last.startswith(f"hoptune sft: error: model.path={str(folder)!r}: ") and message in last
     assert "Traceback" not in err
 
 

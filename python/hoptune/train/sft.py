@@ -99,6 +99,10 @@ def load_base_model(cfg: SFTConfig, device: torch.device, dtype: torch.dtype) ->
         # transformers refuses an attention implementation it does not know or cannot run here
         if m.attn_implementation is not None and "attn" in str(e).lower():
             raise ConfigError(f"model.attn_implementation={m.attn_implementation!r}: {e}") from e
+        if isinstance(e, ValueError) and m.path not in TINY:
+            # load_model refuses a checkpoint it cannot read (truncated, another configuration, an MoE
+            # layout transformers converts while loading) with a message that says why
+            raise ConfigError(f"model.path={m.path!r}: {e}") from e
         raise
 
 
