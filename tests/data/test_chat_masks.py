@@ -114,6 +114,52 @@ def test_template_that_rewrites_turns(tokenizer):
     assert masked_text(tokenizer, ids, mask) == ["10<|end|>"]
 
 
+# the generation prompt opens a reasoning block the rendered turn does not have (as DeepSeek-R1
+# distills' templates do): the prompt rendered alone is not a prefix of the conversation
+THINK_PROMPT_TAGGED = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{% if m['role'] == 'assistant' %}"
+    "{% generation %}{{ m['content'] }}<|end|>{% endgeneration %}{% else %}{{ m['content'] }}<|end|>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|><think>\n{% endif %}"
+)
+
+
+def test_prompt_completion_when_the_generation_prompt_is_not_a_prefix(tokenizer):
+    """The completion starts where the tokenized prompt and the whole conversation diverge (as
+    TRL's common prefix), not after as many tokens as the prompt has: the answer keeps its first
+    tokens in the loss."""
+    chat = ChatFormatter(tokenizer, THINK_PROMPT_TAGGED)
+    rec = {"prompt": CHAT[:4], "completion": CHAT[4:]}
+    ids, mask = tokenize_record(rec, tokenizer, chat)
+    assert masked_text(tokenizer, ids, mask) == ["10<|end|>"]
+    rec = {"prompt": CHAT[:2], "completion": CHAT[2:]}
+    ids, mask = tokenize_record(rec, tokenizer, chat)
+    assert masked_text(tokenizer, ids, mask) == ["7<|end|>", "10<|end|>"]
+
+
+TOOLS_TEMPLATE = (
+    "{{ bos_token }}{% if tools %}<|system|>{% for t in tools %}{{ t['function']['name'] }};{% endfor %}<|end|>"
+    "{% endif %}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_tools_are_rendered(tokenizer, as_json):
+    """A record's "tools" reach the chat template (as TRL passes them; a JSON string too)."""
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {}}}]
+    rec = {"messages": CHAT[1:3], "tools": json.dumps(tools) if as_json else tools}
+    ids, mask = tokenize_record(rec, tokenizer, ChatFormatter(tokenizer, TOOLS_TEMPLATE))
+    assert ids == list(
+        tokenizer.apply_chat_template(CHAT[1:3], tools=tools, chat_template=TOOLS_TEMPLATE, return_dict=True)[
+            "input_ids"
+        ]
+    )
+    assert tokenizer.decode(ids).startswith("<s><|system|>add;<|end|>")
+    assert masked_text(tokenizer, ids, mask) == ["7<|end|>"]
+    rec = {"prompt": CHAT[1:2], "completion": CHAT[2:3], "tools": rec["tools"]}
+    assert tokenize_record(rec, tokenizer, ChatFormatter(tokenizer, TOOLS_TEMPLATE)) == (ids, mask)
+
+
 def test_no_chat_template_is_a_clear_error(tmp_path, tokenizer):
     tokenizer.chat_template = None
     p = tmp_path / "c.jsonl"

@@ -23,6 +23,7 @@ starts.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -143,40 +144,46 @@ class ChatFormatter:
         except jinja2.TemplateError as e:
             raise ExampleError(f"the chat template refused this conversation: {e}") from None
 
-    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool, tools: list | None = None) -> str:
         if not messages:
             return ""
-        return self._apply(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self._apply(messages, tokenize=False, add_generation_prompt=add_generation_prompt, tools=tools)
 
-    def spans(self, messages: list[dict], first_trained: int = 0) -> tuple[str, list[tuple[int, int]]] | None:
+    def spans(
+        self, messages: list[dict], first_trained: int = 0, tools: list | None = None
+    ) -> tuple[str, list[tuple[int, int]]] | None:
         """The full text and the character spans of assistant turns at index >= first_trained, or None
         when the template does not render prefixes as prefixes."""
-        full = self.render(messages, add_generation_prompt=False)
+        full = self.render(messages, add_generation_prompt=False, tools=tools)
         out = []
         for i, m in enumerate(messages):
             if m["role"] != "assistant" or i < first_trained:
                 continue
-            before = self.render(messages[:i], add_generation_prompt=True)
-            after = self.render(messages[: i + 1], add_generation_prompt=False)
+            before = self.render(messages[:i], add_generation_prompt=True, tools=tools)
+            after = self.render(messages[: i + 1], add_generation_prompt=False, tools=tools)
             if not after.startswith(before) or not full.startswith(after):
                 return None
             start, end = len(before), len(after)
-            if before == self.render(messages[:i], add_generation_prompt=False):
+            if before == self.render(messages[:i], add_generation_prompt=False, tools=tools):
                 # no generation prompt: the added text holds the role header too; train from the content on
-                start = self._content_start(messages, i, after, start, end)
+                start = self._content_start(messages, i, after, start, end, tools)
             if end <= start:
                 raise ExampleError(f"the chat template renders nothing for assistant message {i}")
             out.append((start, end))
         return full, out
 
-    def _content_start(self, messages: list[dict], i: int, after: str, start: int, end: int) -> int:
+    def _content_start(
+        self, messages: list[dict], i: int, after: str, start: int, end: int, tools: list | None = None
+    ) -> int:
         """Where the content of assistant message ``i`` starts in ``after`` (the conversation rendered up
         to and including it), given that its turn spans ``after[start:end]``, header included.
 
         The turn is rendered again with a placeholder for the content: the header is the text before
         the placeholder, whatever the content is (searching for the content itself would stop inside a
         header that happens to contain it, e.g. the answer "A" in "### Assistant: A")."""
-        probe = self.render([*messages[:i], {**messages[i], "content": _PROBE}], add_generation_prompt=False)
+        probe = self.render(
+            [*messages[:i], {**messages[i], "content": _PROBE}], add_generation_prompt=False, tools=tools
+        )
         pos = probe.find(_PROBE, start)
         if 0 <= pos <= end and probe[:pos] == after[:pos]:
             return pos
@@ -186,10 +193,13 @@ class ChatFormatter:
         pos = after.rfind(content, start, end) if content else -1
         return pos if pos >= 0 else start
 
-    def tokenize(self, messages: list[dict], first_trained: int = 0) -> tuple[list[int], list[int]]:
-        """(input_ids, loss_mask) of a conversation; loss on assistant turns >= first_trained."""
+    def tokenize(
+        self, messages: list[dict], first_trained: int = 0, tools: list | None = None
+    ) -> tuple[list[int], list[int]]:
+        """(input_ids, loss_mask) of a conversation; loss on assistant turns >= first_trained. ``tools``
+        (function schemas) go to the template, as TRL passes a record's "tools"."""
         tok = self.tokenizer
-        found = self.spans(messages, first_trained)
+        found = self.spans(messages, first_trained, tools)
         if found is None:
             if not self.has_generation_tags:
                 raise ExampleError(
@@ -198,7 +208,7 @@ class ChatFormatter:
                     "{% generation %} ... {% endgeneration %} around the assistant content in the template "
                     "(model.chat_template), or use prompt/completion data"
                 )
-            return self._tokenize_with_generation_tags(messages, first_trained)
+            return self._tokenize_with_generation_tags(messages, first_trained, tools)
         text, spans = found
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
@@ -213,15 +223,21 @@ class ChatFormatter:
                     break
         return ids, mask
 
-    def _tokenize_with_generation_tags(self, messages, first_trained):
-        out = self._apply(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    def _tokenize_with_generation_tags(self, messages, first_trained, tools=None):
+        out = self._apply(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, tools=tools
+        )
         ids = list(out["input_ids"])
         mask = list(out["assistant_masks"])
         if first_trained:
-            # spans of the untrained (prompt) assistant turns: rendered prefix length in tokens
-            prefix = self.render(messages[:first_trained], add_generation_prompt=True)
-            n = len(self.tokenizer(prefix, add_special_tokens=False)["input_ids"])
-            mask = [0] * min(n, len(mask)) + mask[n:]
+            # the prompt ends where the tokenized prompt and the conversation diverge (as TRL): a generation
+            # prompt the rendered turn lacks (e.g. an opened "<think>") is not counted into the prompt
+            prefix = self.render(messages[:first_trained], add_generation_prompt=True, tools=tools)
+            p = self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
+            n = 0
+            while n < min(len(p), len(ids)) and p[n] == ids[n]:
+                n += 1
+            mask = [0] * n + mask[n:]
         return ids, mask
 
 
@@ -251,6 +267,19 @@ def tokenize_text(tokenizer: Any, text: str, add_eos: bool = True) -> tuple[list
     return ids, [1] * len(ids)
 
 
+def _tools(data: dict) -> list | None:
+    """A record's "tools" (function schemas for the chat template), a list or its JSON text as TRL reads it."""
+    tools = data.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except ValueError as e:
+            raise ExampleError(f"'tools' is a string but not JSON: {e}") from None
+    if tools is not None and not isinstance(tools, list):
+        raise ExampleError(f"'tools' must be a list of function schemas, got {type(tools).__name__}")
+    return tools or None
+
+
 def tokenize_record(
     data: dict, tokenizer: Any, chat: ChatFormatter | None = None, add_eos: bool = True
 ) -> tuple[list[int], list[int]]:
@@ -262,7 +291,7 @@ def tokenize_record(
             raise ExampleError("no assistant message, so nothing to train on")
         if chat is None:
             raise ExampleError("chat data needs a ChatFormatter")
-        return chat.tokenize(messages)
+        return chat.tokenize(messages, tools=_tools(data))
     if kind == "prompt_completion":
         p, c = data["prompt"], data["completion"]
         if isinstance(p, list) and isinstance(c, list):
@@ -272,7 +301,7 @@ def tokenize_record(
                 raise ExampleError("the completion has no assistant message, so nothing to train on")
             if chat is None:
                 raise ExampleError("conversational prompt/completion data needs a ChatFormatter")
-            return chat.tokenize(prompt + completion, first_trained=len(prompt))
+            return chat.tokenize(prompt + completion, first_trained=len(prompt), tools=_tools(data))
         if not isinstance(p, str) or not isinstance(c, str):
             raise ExampleError(
                 "'prompt' and 'completion' must both be strings (or both lists of messages), got "
