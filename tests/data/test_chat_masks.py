@@ -160,6 +160,70 @@ def test_tools_are_rendered(tokenizer, as_json):
     assert tokenize_record(rec, tokenizer, ChatFormatter(tokenizer, TOOLS_TEMPLATE)) == (ids, mask)
 
 
+# reads a switch from the record's chat_template_kwargs, as Qwen3's enable_thinking: off, the generation
+# prompt and every assistant turn open with an empty reasoning block
+THINK_SWITCH = (
+    "{{ bos_token }}{% set off = enable_thinking is defined and not enable_thinking %}{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}<|assistant|>{% if off %}<think></think>{% endif %}{% generation %}"
+    "{{ m['content'] }}<|end|>{% endgeneration %}{% else %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% if off %}<think></think>{% endif %}{% endif %}"
+)
+# the same, rewriting earlier assistant turns: the {% generation %} markers are used
+THINK_SWITCH_REWRITES = THINK_SWITCH.replace(
+    "{% if m['role'] == 'assistant' %}",
+    "{% if m['role'] == 'assistant' and not loop.last %}<|assistant|>...<|end|>"
+    "{% elif m['role'] == 'assistant' %}",
+)
+
+
+def _trl_reference(rec, tok, template):
+    """(input_ids, loss mask) as TRL's SFTTrainer computes them with assistant_only_loss: the record's
+    chat_template_kwargs spread into every apply_chat_template call, the completion from where the
+    prompt's tokens and the conversation's diverge."""
+    kwargs = {"chat_template": template, "tools": None, **rec.get("chat_template_kwargs", {})}
+    msgs = rec["prompt"] + rec["completion"] if "prompt" in rec else rec["messages"]
+    out = tok.apply_chat_template(msgs, return_dict=True, return_assistant_tokens_mask=True, **kwargs)
+    ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+    if "prompt" in rec:
+        p = tok.apply_chat_template(rec["prompt"], return_dict=True, add_generation_prompt=True, **kwargs)
+        n = 0
+        while n < min(len(p["input_ids"]), len(ids)) and p["input_ids"][n] == ids[n]:
+            n += 1
+        mask = [0] * n + mask[n:]
+    return ids, mask
+
+
+@pytest.mark.parametrize("template", [THINK_SWITCH, THINK_SWITCH_REWRITES])
+@pytest.mark.parametrize("shape", ["messages", "prompt_completion"])
+def test_chat_template_kwargs_are_rendered(tokenizer, template, shape):
+    """A record's "chat_template_kwargs" reach every render of its template, as TRL passes them."""
+    kwargs = {"enable_thinking": False}
+    rec = {"messages": CHAT} if shape == "messages" else {"prompt": CHAT[:2], "completion": CHAT[2:]}
+    rec["chat_template_kwargs"] = kwargs
+    ids, mask = tokenize_record(rec, tokenizer, ChatFormatter(tokenizer, template))
+    assert (ids, mask) == _trl_reference(rec, tokenizer, template)
+    assert "<|assistant|><think></think>10<|end|>" in tokenizer.decode(ids)
+    assert masked_text(tokenizer, ids, mask)[-1] == "10<|end|>"  # the empty reasoning block is prompt
+    rec["chat_template_kwargs"] = {"enable_thinking": True}
+    assert "<think>" not in tokenizer.decode(
+        tokenize_record(rec, tokenizer, ChatFormatter(tokenizer, template))[0]
+    )
+
+
+@pytest.mark.parametrize(
+    "value, match",
+    [
+        ('{"enable_thinking": false}', "'chat_template_kwargs' must be an object .* got str"),
+        ([["enable_thinking", False]], "'chat_template_kwargs' must be an object .* got list"),
+        ({"add_generation_prompt": True}, "'chat_template_kwargs' cannot set 'add_generation_prompt'"),
+    ],
+)
+def test_bad_chat_template_kwargs(tokenizer, value, match):
+    rec = {"messages": CHAT[1:3], "chat_template_kwargs": value}
+    with pytest.raises(ExampleError, match=match):
+        tokenize_record(rec, tokenizer, ChatFormatter(tokenizer, THINK_SWITCH))
+
+
 def test_no_chat_template_is_a_clear_error(tmp_path, tokenizer):
     tokenizer.chat_template = None
     p = tmp_path / "c.jsonl"

@@ -144,36 +144,48 @@ class ChatFormatter:
         except jinja2.TemplateError as e:
             raise ExampleError(f"the chat template refused this conversation: {e}") from None
 
-    def render(self, messages: list[dict], add_generation_prompt: bool, tools: list | None = None) -> str:
+    def render(
+        self, messages: list[dict], add_generation_prompt: bool, template_kwargs: dict | None = None
+    ) -> str:
+        """``template_kwargs``: the record's extra arguments of the template (its tools and
+        chat_template_kwargs), passed to every render of the conversation."""
         if not messages:
             return ""
-        return self._apply(messages, tokenize=False, add_generation_prompt=add_generation_prompt, tools=tools)
+        return self._apply(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **(template_kwargs or {})
+        )
 
     def spans(
-        self, messages: list[dict], first_trained: int = 0, tools: list | None = None
+        self, messages: list[dict], first_trained: int = 0, template_kwargs: dict | None = None
     ) -> tuple[str, list[tuple[int, int]]] | None:
         """The full text and the character spans of assistant turns at index >= first_trained, or None
         when the template does not render prefixes as prefixes."""
-        full = self.render(messages, add_generation_prompt=False, tools=tools)
+        full = self.render(messages, False, template_kwargs)
         out = []
         for i, m in enumerate(messages):
             if m["role"] != "assistant" or i < first_trained:
                 continue
-            before = self.render(messages[:i], add_generation_prompt=True, tools=tools)
-            after = self.render(messages[: i + 1], add_generation_prompt=False, tools=tools)
+            before = self.render(messages[:i], True, template_kwargs)
+            after = self.render(messages[: i + 1], False, template_kwargs)
             if not after.startswith(before) or not full.startswith(after):
                 return None
             start, end = len(before), len(after)
-            if before == self.render(messages[:i], add_generation_prompt=False, tools=tools):
+            if before == self.render(messages[:i], False, template_kwargs):
                 # no generation prompt: the added text holds the role header too; train from the content on
-                start = self._content_start(messages, i, after, start, end, tools)
+                start = self._content_start(messages, i, after, start, end, template_kwargs)
             if end <= start:
                 raise ExampleError(f"the chat template renders nothing for assistant message {i}")
             out.append((start, end))
         return full, out
 
     def _content_start(
-        self, messages: list[dict], i: int, after: str, start: int, end: int, tools: list | None = None
+        self,
+        messages: list[dict],
+        i: int,
+        after: str,
+        start: int,
+        end: int,
+        template_kwargs: dict | None = None,
     ) -> int:
         """Where the content of assistant message ``i`` starts in ``after`` (the conversation rendered up
         to and including it), given that its turn spans ``after[start:end]``, header included.
@@ -181,9 +193,7 @@ class ChatFormatter:
         The turn is rendered again with a placeholder for the content: the header is the text before
         the placeholder, whatever the content is (searching for the content itself would stop inside a
         header that happens to contain it, e.g. the answer "A" in "### Assistant: A")."""
-        probe = self.render(
-            [*messages[:i], {**messages[i], "content": _PROBE}], add_generation_prompt=False, tools=tools
-        )
+        probe = self.render([*messages[:i], {**messages[i], "content": _PROBE}], False, template_kwargs)
         pos = probe.find(_PROBE, start)
         if 0 <= pos <= end and probe[:pos] == after[:pos]:
             return pos
@@ -194,12 +204,18 @@ class ChatFormatter:
         return pos if pos >= 0 else start
 
     def tokenize(
-        self, messages: list[dict], first_trained: int = 0, tools: list | None = None
+        self,
+        messages: list[dict],
+        first_trained: int = 0,
+        tools: list | None = None,
+        chat_template_kwargs: dict | None = None,
     ) -> tuple[list[int], list[int]]:
         """(input_ids, loss_mask) of a conversation; loss on assistant turns >= first_trained. ``tools``
-        (function schemas) go to the template, as TRL passes a record's "tools"."""
+        (function schemas) and ``chat_template_kwargs`` go to the template, as TRL passes a record's
+        "tools" and "chat_template_kwargs" (the latter spread as keyword arguments, after the tools)."""
         tok = self.tokenizer
-        found = self.spans(messages, first_trained, tools)
+        template_kwargs = {"tools": tools, **(chat_template_kwargs or {})}
+        found = self.spans(messages, first_trained, template_kwargs)
         if found is None:
             if not self.has_generation_tags:
                 raise ExampleError(
@@ -208,7 +224,7 @@ class ChatFormatter:
                     "{% generation %} ... {% endgeneration %} around the assistant content in the template "
                     "(model.chat_template), or use prompt/completion data"
                 )
-            return self._tokenize_with_generation_tags(messages, first_trained, tools)
+            return self._tokenize_with_generation_tags(messages, first_trained, template_kwargs)
         text, spans = found
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
@@ -223,16 +239,20 @@ class ChatFormatter:
                     break
         return ids, mask
 
-    def _tokenize_with_generation_tags(self, messages, first_trained, tools=None):
+    def _tokenize_with_generation_tags(self, messages, first_trained, template_kwargs=None):
         out = self._apply(
-            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, tools=tools
+            messages,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+            **(template_kwargs or {}),
         )
         ids = list(out["input_ids"])
         mask = list(out["assistant_masks"])
         if first_trained:
             # the prompt ends where the tokenized prompt and the conversation diverge (as TRL): a generation
             # prompt the rendered turn lacks (e.g. an opened "<think>") is not counted into the prompt
-            prefix = self.render(messages[:first_trained], add_generation_prompt=True, tools=tools)
+            prefix = self.render(messages[:first_trained], True, template_kwargs)
             p = self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
             n = 0
             while n < min(len(p), len(ids)) and p[n] == ids[n]:
@@ -280,6 +300,35 @@ def _tools(data: dict) -> list | None:
     return tools or None
 
 
+# apply_chat_template arguments the formatter sets itself on each render
+_RENDER_ARGS = (
+    "chat_template",
+    "add_generation_prompt",
+    "tokenize",
+    "return_dict",
+    "return_assistant_tokens_mask",
+)
+
+
+def _chat_template_kwargs(data: dict) -> dict | None:
+    """A record's "chat_template_kwargs": keyword arguments of the chat template (e.g.
+    ``{"enable_thinking": false}``), an object as TRL reads it."""
+    kwargs = data.get("chat_template_kwargs")
+    if kwargs is None:
+        return None
+    if not isinstance(kwargs, dict):
+        raise ExampleError(
+            f"'chat_template_kwargs' must be an object of keyword arguments for the chat template, got "
+            f"{type(kwargs).__name__}"
+        )
+    for k in kwargs:
+        if k in _RENDER_ARGS:
+            raise ExampleError(
+                f"'chat_template_kwargs' cannot set {k!r}: it is set for each render of the chat"
+            )
+    return kwargs
+
+
 def tokenize_record(
     data: dict, tokenizer: Any, chat: ChatFormatter | None = None, add_eos: bool = True
 ) -> tuple[list[int], list[int]]:
@@ -291,7 +340,7 @@ def tokenize_record(
             raise ExampleError("no assistant message, so nothing to train on")
         if chat is None:
             raise ExampleError("chat data needs a ChatFormatter")
-        return chat.tokenize(messages, tools=_tools(data))
+        return chat.tokenize(messages, tools=_tools(data), chat_template_kwargs=_chat_template_kwargs(data))
     if kind == "prompt_completion":
         p, c = data["prompt"], data["completion"]
         if isinstance(p, list) and isinstance(c, list):
@@ -301,7 +350,12 @@ def tokenize_record(
                 raise ExampleError("the completion has no assistant message, so nothing to train on")
             if chat is None:
                 raise ExampleError("conversational prompt/completion data needs a ChatFormatter")
-            return chat.tokenize(prompt + completion, first_trained=len(prompt), tools=_tools(data))
+            return chat.tokenize(
+                prompt + completion,
+                first_trained=len(prompt),
+                tools=_tools(data),
+                chat_template_kwargs=_chat_template_kwargs(data),
+            )
         if not isinstance(p, str) or not isinstance(c, str):
             raise ExampleError(
                 "'prompt' and 'completion' must both be strings (or both lists of messages), got "
