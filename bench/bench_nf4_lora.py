@@ -191,15 +191,17 @@ SMALL_MS = (1, 2, 3, 4, 8, 12, 16, 24, 32, 48, 64)
 
 def _forced(small_max: int, ctas_per_sm: float | None = None):
     """A context that makes the forward read the codes (nf4_small_m) up to small_max rows on every
-    weight and take the merged dequantize + GEMM above (and ctas_per_sm for nf4_small_m)."""
+    weight and take the merged dequantize + GEMM above (and ctas_per_sm for nf4_small_m): the fused
+    NF4 GEMM, which the dispatch would pick above nf4.fused_small_m_max rows, is turned off."""
     import contextlib
 
-    names = ("SMALL_M_MAX", "SMALL_M_MAX_SMALL_WEIGHT", "SMALL_M_CTAS_PER_SM")
+    names = ("SMALL_M_MAX", "SMALL_M_MAX_SMALL_WEIGHT", "SMALL_M_CTAS_PER_SM", "fused_gemm_runs")
 
     @contextlib.contextmanager
     def ctx():
         old = [getattr(nf4_ops, a) for a in names]
         nf4_ops.SMALL_M_MAX = nf4_ops.SMALL_M_MAX_SMALL_WEIGHT = small_max
+        nf4_ops.fused_gemm_runs = lambda x2, n, blocksize: False
         if ctas_per_sm is not None:
             nf4_ops.SMALL_M_CTAS_PER_SM = ctas_per_sm
         try:

@@ -224,9 +224,17 @@ def sustained_clocks(
 def _version(mod: str) -> str | None:
     try:
         m = __import__(mod)
-        return getattr(m, "__version__", "?")
     except Exception as e:  # record why an anchor library is missing
         return f"unavailable: {type(e).__name__}"
+    version = getattr(m, "__version__", None)
+    if version is None:  # (liger_kernel has no __version__: its installed distribution's)
+        try:
+            from importlib.metadata import version as dist_version
+
+            version = dist_version(mod)
+        except Exception:
+            version = "?"
+    return version
 
 
 def env_info() -> dict:
