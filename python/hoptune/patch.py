@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ from hoptune.quant.nf4 import BLOCKSIZES
 ALL_LINEAR = "all-linear"
 _STATE_ATTR = "_hoptune_lora"  # per-model record: requires_grad of every parameter before apply_lora
 _ORIGIN_ATTR = "_hoptune_origin"  # per-layer: "linear" (was nn.Linear) or "nf4" (was NF4Linear)
+_TIED_ATTR = "_hoptune_tied"  # per-layer, when quantized: (its tied dense weight,) for remove_lora
 
 
 @dataclass(frozen=True)
@@ -286,6 +288,7 @@ def replace_with_lora(
     if adapter_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"adapter_dtype must be float32, bfloat16 or float16, got {adapter_dtype}")
     record = {n: p.requires_grad for n, p in model.named_parameters()}
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     done: list[tuple[str, nn.Module]] = []
     try:
         for t in _progress(targets, progress, "apply_lora"):
@@ -306,6 +309,8 @@ def replace_with_lora(
                     t.module, quantize=quantize, double_quant=double_quant, blocksize=blocksize, **kw
                 )
                 origin = "linear"
+                if new.quantized and uses[id(t.module.weight)] > 1:  # tied (lm_head): kept anyway
+                    setattr(new, _TIED_ATTR, (t.module.weight,))
             setattr(new, _ORIGIN_ATTR, origin)
             new.train(t.module.training)
             _set_module(model, t.name, new)
@@ -396,12 +401,13 @@ def _restore_requires_grad(model: nn.Module) -> None:
 
 def _base_layer(lora: LoRALinear) -> nn.Module:
     """The layer the LoRALinear replaced: NF4Linear for an NF4 origin, else nn.Linear (dequantized
-    if apply_lora quantized it: the dense original was not kept)."""
+    if apply_lora quantized it: the dense original was not kept, unless it was tied to another)."""
+    tied = getattr(lora, _TIED_ATTR, None)
     if getattr(lora, _ORIGIN_ATTR, "linear") == "nf4" and lora.quantized:
         out = NF4Linear(lora.weight_nf4, lora.bias)
-    elif not lora.quantized:
+    elif not lora.quantized or tied is not None:
         out = nn.Linear(lora.in_features, lora.out_features, bias=lora.bias is not None, device="meta")
-        out.weight = lora.weight  # the same tensor: no copy
+        out.weight = tied[0] if lora.quantized else lora.weight  # the same tensor: no copy
         if lora.bias is not None:
             out.bias = lora.bias
     else:

@@ -221,6 +221,26 @@ def test_remove_lora_keeps_tied_weights():
     assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()
 
 
+def test_remove_lora_reties_a_quantized_head():
+    """apply_lora(quantize="nf4") quantizes a tied lm_head; remove_lora gives it back the embedding
+    matrix (not a lossy dequantized copy of its own, trainable although the embeddings were frozen)."""
+    from tests.test_patch import ids, logits, tiny_model
+
+    m = tiny_model("llama", tie_word_embeddings=True)
+    emb = m.model.embed_tokens.weight
+    emb.requires_grad_(False)
+    want = logits(m, ids())
+    hoptune.apply_lora(m, r=4, quantize="nf4", target_modules=["lm_head", "q_proj"])
+    assert m.lm_head.quantized
+    hoptune.remove_lora(m)
+    assert m.lm_head.weight is emb and m.model.embed_tokens.weight is emb
+    assert [
+        n for n, p in m.named_parameters() if p.requires_grad and n.startswith(("lm_head", "model.embed"))
+    ] == []
+    assert type(m.model.layers[0].self_attn.q_proj) is nn.Linear  # untied: comes back dequantized
+    torch.testing.assert_close(logits(m, ids()), want, atol=0.1, rtol=0.1)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("lora", [True, False])
 def test_op_trains_a_bias(device, lora):
