@@ -8,6 +8,14 @@ import tempfile
 from collections.abc import Callable
 
 
+def fsync_tree(folder: str) -> None:
+    """fsync every file under ``folder``: on disk before the folder is renamed into place."""
+    for root, _, files in os.walk(folder):
+        for f in files:
+            with open(os.path.join(root, f), "rb") as fh:
+                os.fsync(fh.fileno())
+
+
 def _umask() -> int:
     """The process umask. Linux shows it in /proc/self/status; elsewhere ``os.umask`` has to set it
     to read it, so for that instant the most restrictive one is set (a file another thread creates

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from hoptune._io import _umask
+from hoptune._io import _umask, fsync_tree
 from hoptune.models.tiny import TINY_CONFIG, build_model, build_tokenizer
 
 # bump when the corpus or the recipe changes: a new cache folder is made
@@ -96,8 +96,6 @@ def pretrain(
 
 def pretrained_tiny_path(log: Callable[[str], None] = print, progress: bool = True) -> str:
     """The cached pretrained tiny model's folder, pretraining it first if it is not there."""
-    from hoptune.train import loop
-
     final = tiny_cache_dir()
     if os.path.isfile(os.path.join(final, "config.json")):
         return final
@@ -112,7 +110,7 @@ def pretrained_tiny_path(log: Callable[[str], None] = print, progress: bool = Tr
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "pretrain.json"), "w", encoding="utf-8") as f:
             json.dump({"recipe": RECIPE, "losses": losses, "seconds": time.time() - t0}, f)
-        loop._fsync_tree(tmp)  # on disk before the rename: a power cut must not leave empty files in place
+        fsync_tree(tmp)  # on disk before the rename: a power cut must not leave empty files in place
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0o700 would keep the other users of a shared cache out
         try:
             os.replace(tmp, final)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hoptune._io import _umask, atomic_write, atomic_write_text
+from hoptune._io import _umask, atomic_write, atomic_write_text, fsync_tree
 from hoptune.losses.logprobs import head_logprobs, token_logprobs_from_logits
 
 # -- device, dtype, seeds --------------------------------------------------------------------------
@@ -338,13 +338,6 @@ WEIGHTS_FILE = "model.safetensors"  # full fine-tuning: the trainable tensors
 LATEST = "latest"
 
 
-def _fsync_tree(folder: str) -> None:
-    for root, _, files in os.walk(folder):
-        for f in files:
-            with open(os.path.join(root, f), "rb") as fh:
-                os.fsync(fh.fileno())
-
-
 def has_lora(model: nn.Module) -> bool:
     from hoptune.nn.lora import LoRALinear
 
@@ -478,13 +471,14 @@ class Checkpointer:
         """Write checkpoint ``step``; returns its folder. ``state``: JSON-able training state (step,
         data position, ...), stored with the optimizer, scheduler and RNG states."""
         os.makedirs(self.dir, exist_ok=True)
-        for n in os.listdir(self.dir):  # leftovers of an interrupted save
-            path = os.path.join(self.dir, n)
-            if n.startswith(".tmp-") and os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
-            elif n.startswith(".tmp-"):  # the temporary file of the latest pointer
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
+        for n in os.listdir(self.dir):
+            if n.startswith(".tmp-"):  # leftovers of an interrupted save, or of the latest pointer's write
+                path = os.path.join(self.dir, n)
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
         name = f"step-{step:08d}"
         final = os.path.join(self.dir, name)
         tmp = tempfile.mkdtemp(dir=self.dir, prefix=f".tmp-{name}-")
@@ -500,7 +494,7 @@ class Checkpointer:
             torch.save(blob, os.path.join(tmp, STATE_FILE))
             with open(os.path.join(tmp, STATE_JSON), "w", encoding="utf-8") as f:
                 json.dump(state, f, indent=2, sort_keys=True, default=str)
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0o700 would keep other users out
             if os.path.exists(final):  # the same step again (e.g. after a resume): replace it
                 aside = os.path.join(tempfile.mkdtemp(dir=self.dir, prefix=f".tmp-old-{name}-"), "old")
