@@ -94,17 +94,16 @@ def use_kernel(t: torch.Tensor, op: str) -> bool:
         reason = (
             f"the kernels are built for sm_90a; {torch.cuda.get_device_name(t.device)} is sm_{major}{minor}"
         )
-    if op not in _warned:
-        _warned.add(op)
-        warnings.warn(f"hoptune.{op}: using the PyTorch reference on CUDA because {reason}", stacklevel=3)
+    warn_once(op, f"hoptune.{op}: using the PyTorch reference on CUDA because {reason}", stacklevel=3)
     return False
 
 
-def warn_once(key: str, message: str) -> None:
-    """``warnings.warn(message)`` the first time ``key`` is seen in this process."""
+def warn_once(key: str, message: str, stacklevel: int = 2) -> None:
+    """``warnings.warn(message)`` the first time ``key`` is seen in this process; ``stacklevel`` as
+    warnings.warn's, counted from the caller of warn_once."""
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(message, stacklevel=3)
+        warnings.warn(message, stacklevel=stacklevel + 1)
 
 
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
