@@ -29,7 +29,7 @@ from torch import nn
 
 from hoptune.nn.nf4_linear import NF4Module, nf4_call, nf4_view, register_nf4
 from hoptune.ops.nf4_lora import MAX_RANK
-from hoptune.quant.nf4 import FLOAT_DTYPES, NF4Weight, dequantize_nf4, quantize_nf4
+from hoptune.quant.nf4 import NF4Weight, check_quantizable, dequantize_nf4, quantize_nf4
 
 DORA_EPS = 1e-12
 INIT_LORA_WEIGHTS = (True, False, "gaussian")
@@ -117,14 +117,7 @@ class LoRALinear(NF4Module):
         if quantize not in (None, "nf4"):
             raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
         if quantize == "nf4" and isinstance(base, nn.Linear):
-            if base.weight.is_meta:
-                raise ValueError(
-                    "base.weight is on the meta device; load the weights first (or quantize=None)"
-                )
-            if base.weight.dtype not in FLOAT_DTYPES:
-                raise TypeError(
-                    f"base.weight is {base.weight.dtype}; NF4 quantizes bfloat16, float16 or float32 weights"
-                )
+            check_quantizable(base.weight, "base.weight")
         if not isinstance(adapter_dtype, torch.dtype) or not adapter_dtype.is_floating_point:
             raise TypeError(f"adapter_dtype must be a floating-point dtype, got {adapter_dtype!r}")
         if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_features,)):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from hoptune.ops.nf4_lora import nf4_lora_linear_trusted
-from hoptune.quant.nf4 import FLOAT_DTYPES, NF4Weight, dequantize_nf4, quantize_nf4
+from hoptune.quant.nf4 import FLOAT_DTYPES, NF4Weight, check_quantizable, dequantize_nf4, quantize_nf4
 
 # buffers that hold NF4 codes and statistics: their dtypes are part of the format
 NF4_BUFFERS = ("weight_packed", "weight_absmax", "weight_absmax2", "weight_code2")
@@ -197,16 +197,8 @@ class NF4Linear(NF4Module):
         weight's dtype after dequantization (default: the linear's)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        w = linear.weight.detach()
-        if w.is_meta:
-            raise ValueError("linear.weight is on the meta device; load the weights first")
-        if dtype is not None:
-            w = w.to(dtype)
-        elif w.dtype not in FLOAT_DTYPES:
-            raise TypeError(
-                f"linear.weight is {w.dtype}; NF4 quantizes bfloat16, float16 or float32 weights "
-                "(pass dtype=torch.float32 or another of them)"
-            )
+        w = linear.weight.detach() if dtype is None else linear.weight.detach().to(dtype)
+        check_quantizable(w, "linear.weight", " (pass dtype=torch.float32 or another of them)")
         q = quantize_nf4(w.contiguous(), blocksize=blocksize, double_quant=double_quant)
         return cls(q, linear.bias)
 

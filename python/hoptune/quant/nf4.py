@@ -152,6 +152,17 @@ class NF4Weight:
         )
 
 
+def check_quantizable(w: torch.Tensor, name: str, dtype_hint: str = "") -> None:
+    """Errors naming ``name`` for a weight quantize_nf4 cannot take: one on the meta device (not
+    loaded yet) or of a dtype other than FLOAT_DTYPES (``dtype_hint`` ends that message)."""
+    if w.is_meta:
+        raise ValueError(f"{name} is on the meta device; load the weights first")
+    if w.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} is {w.dtype}; NF4 quantizes bfloat16, float16 or float32 weights{dtype_hint}"
+        )
+
+
 def quantize_nf4(
     w: torch.Tensor, blocksize: int = 64, double_quant: bool = True, blocksize2: int = 256
 ) -> NF4Weight:
