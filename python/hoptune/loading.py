@@ -726,7 +726,7 @@ def load_model(
         for n, m in linears.items():
             # plain nn.Linear only, as transformers + bitsandbytes: a subclass may compute more
             # (Llama 4's router returns scores and logits)
-            if type(m) is not nn.Linear or n in heads or n in prequant or _matches_any(n, skip_modules):
+            if type(m) is not nn.Linear or n in heads or _matches_any(n, skip_modules):
                 continue
             if (m.in_features * m.out_features) % blocksize:
                 warnings.warn(
