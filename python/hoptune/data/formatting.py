@@ -204,17 +204,11 @@ class ChatFormatter:
         return pos if pos >= 0 else start
 
     def tokenize(
-        self,
-        messages: list[dict],
-        first_trained: int = 0,
-        tools: list | None = None,
-        chat_template_kwargs: dict | None = None,
+        self, messages: list[dict], first_trained: int = 0, template_kwargs: dict | None = None
     ) -> tuple[list[int], list[int]]:
-        """(input_ids, loss_mask) of a conversation; loss on assistant turns >= first_trained. ``tools``
-        (function schemas) and ``chat_template_kwargs`` go to the template, as TRL passes a record's
-        "tools" and "chat_template_kwargs" (the latter spread as keyword arguments, after the tools)."""
+        """(input_ids, loss_mask) of a conversation; loss on assistant turns >= first_trained.
+        ``template_kwargs`` go to every render of the template (a record's: _template_kwargs)."""
         tok = self.tokenizer
-        template_kwargs = {"tools": tools, **(chat_template_kwargs or {})}
         found = self.spans(messages, first_trained, template_kwargs)
         if found is None:
             if not self.has_generation_tags:
@@ -287,6 +281,12 @@ def tokenize_text(tokenizer: Any, text: str, add_eos: bool = True) -> tuple[list
     return ids, [1] * len(ids)
 
 
+def _template_kwargs(data: dict) -> dict:
+    """A chat record's extra arguments of the chat template, as TRL passes them: ``tools``, then its
+    ``chat_template_kwargs`` spread as keyword arguments."""
+    return {"tools": _tools(data), **(_chat_template_kwargs(data) or {})}
+
+
 def _tools(data: dict) -> list | None:
     """A record's "tools" (function schemas for the chat template), a list or its JSON text as TRL reads it."""
     tools = data.get("tools")
@@ -340,7 +340,7 @@ def tokenize_record(
             raise ExampleError("no assistant message, so nothing to train on")
         if chat is None:
             raise ExampleError("chat data needs a ChatFormatter")
-        return chat.tokenize(messages, tools=_tools(data), chat_template_kwargs=_chat_template_kwargs(data))
+        return chat.tokenize(messages, template_kwargs=_template_kwargs(data))
     if kind == "prompt_completion":
         p, c = data["prompt"], data["completion"]
         if isinstance(p, list) and isinstance(c, list):
@@ -350,12 +350,7 @@ def tokenize_record(
                 raise ExampleError("the completion has no assistant message, so nothing to train on")
             if chat is None:
                 raise ExampleError("conversational prompt/completion data needs a ChatFormatter")
-            return chat.tokenize(
-                prompt + completion,
-                first_trained=len(prompt),
-                tools=_tools(data),
-                chat_template_kwargs=_chat_template_kwargs(data),
-            )
+            return chat.tokenize(prompt + completion, len(prompt), _template_kwargs(data))
         if not isinstance(p, str) or not isinstance(c, str):
             raise ExampleError(
                 "'prompt' and 'completion' must both be strings (or both lists of messages), got "
