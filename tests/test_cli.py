@@ -226,14 +226,19 @@ def test_demo_with_a_bad_device_is_one_line(tmp_path, capsys, device):
     assert err.startswith(f"hoptune demo: error: --device {device}: ") and "Traceback" not in err
 
 
-def test_demo_checks_its_overrides_before_any_work(tmp_path, capsys, monkeypatch):
-    """A mistyped override is refused at once: not after pretraining the base and scoring it."""
+@pytest.fixture
+def no_demo_work(monkeypatch):
+    """The demo fails the test if it starts work (pretraining the base) before checking its config."""
     from hoptune.models import pretrain
 
     def no_pretraining(*a, **k):
         raise AssertionError("the demo started work before checking its config")
 
     monkeypatch.setattr(pretrain, "pretrained_tiny_path", no_pretraining)
+
+
+def test_demo_checks_its_overrides_before_any_work(tmp_path, capsys, no_demo_work):
+    """A mistyped override is refused at once: not after pretraining the base and scoring it."""
     assert main(["demo", "--out", str(tmp_path / "demo"), "--device", "cpu", "train.lrr=1"]) == 2
     err = capsys.readouterr().err
     assert "unknown config key 'train.lrr'; did you mean 'train.lr'?" in err
@@ -258,13 +263,7 @@ def test_filesystem_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("hoptune sft: error: ") and "Not a directory" in err and "Traceback" not in err
 
 
-def test_demo_refuses_another_model(tmp_path, capsys, monkeypatch):
-    from hoptune.models import pretrain
-
-    def no_pretraining(*a, **k):
-        raise AssertionError("the demo started work before checking its config")
-
-    monkeypatch.setattr(pretrain, "pretrained_tiny_path", no_pretraining)
+def test_demo_refuses_another_model(tmp_path, capsys, no_demo_work):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--device", "cpu", "model.path=/ckpt/llama"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("hoptune demo: error: model.path='/ckpt/llama': the demo runs on the built-in")
