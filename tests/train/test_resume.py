@@ -113,6 +113,10 @@ def test_resume_refuses_other_data(tmp_path, tokenizer, demo_data):
         ("train.weight_decay=0.1", "train.weight_decay was 0.0 and is now 0.1"),
         ("train.betas=[0.8, 0.999]", r"train.betas was \[0.9, 0.999\] and is now \[0.8, 0.999\]"),
         ("lora.r=8", "lora.r was 4 and is now 8"),
+        ("lora.dropout=0.1", "lora.dropout was 0.0 and is now 0.1"),
+        ("train.max_grad_norm=0.5", "train.max_grad_norm was 1.0 and is now 0.5"),
+        ("model.quantize=nf4", "model.quantize was None and is now 'nf4'"),
+        ("model.dtype=fp32", "model.dtype was 'auto' and is now 'fp32'"),
     ],
 )
 def test_resume_refuses_changed_settings(tmp_path, tokenizer, demo_data, override, message):

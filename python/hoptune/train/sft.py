@@ -232,12 +232,15 @@ def _resume_folder(cfg: SFTConfig, ckpt: loop.Checkpointer) -> str | None:
 def _resume_settings(cfg: SFTConfig) -> dict[str, Any]:
     """The settings a resumed run must share with the run that wrote its checkpoint, by config key:
     the optimizer and its schedule (their state comes back from the checkpoint, so a new value would
-    be silently ignored), the seed (the data order) and the adapters (the weights that come back).
-    Checkpoints store them; ``_check_resume`` compares them."""
-    t, lo = cfg.train, cfg.lora
+    be silently ignored), the seed (the data order), gradient clipping, the base model's precision
+    (quantized or not, and how: the function the weights were trained in) and the adapters (the
+    weights that come back, and their dropout). Checkpoints store them; ``_check_resume`` compares
+    them."""
+    t, lo, m = cfg.train, cfg.lora, cfg.model
     adapters = {  # (a full fine-tuning run trains no adapter: its lora.* keys do not matter)
         "lora.r": lo.r,
         "lora.alpha": lo.alpha,
+        "lora.dropout": lo.dropout,
         # (as JSON keeps it: a tuple comes back from the checkpoint as a list)
         "lora.target_modules": lo.target_modules
         if isinstance(lo.target_modules, str)
@@ -255,6 +258,11 @@ def _resume_settings(cfg: SFTConfig) -> dict[str, Any]:
         "train.weight_decay": t.weight_decay,
         "train.betas": list(t.betas),
         "train.eps": t.eps,
+        "train.max_grad_norm": t.max_grad_norm,
+        "model.dtype": m.dtype,
+        "model.quantize": m.quantize,
+        # (double quantization changes the base's values only when it is quantized)
+        **({"model.double_quant": m.double_quant} if m.quantize else {}),
         "lora.enabled": lo.enabled,
         **(adapters if lo.enabled else {}),
     }
