@@ -429,3 +429,29 @@ def test_merge_of_a_tied_lm_head_unties_it_in_the_config(tmp_path):
     # a head without an adapter stays tied
     kept = hoptune.merge_and_unload(hoptune.apply_lora(copy.deepcopy(base), r=4), dtype=torch.float32)
     assert kept.config.tie_word_embeddings is True and kept.lm_head.weight is kept.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen_embeddings", "trainable_embeddings"])
+def test_merge_of_a_tied_head_keeps_its_trainability(frozen, quantize):
+    """The merged head gets its own weight in place of the embedding matrix it shared; it takes
+    that matrix's requires_grad from before apply_lora (as the embeddings get it back), not that of
+    a fresh nn.Linear: frozen embeddings must not leave a trainable head."""
+    model = tiny_model("llama", tie_word_embeddings=True)
+    model.model.embed_tokens.weight.requires_grad_(not frozen)
+    hoptune.apply_lora(
+        model, r=4, target_modules=["q_proj", "lm_head"], quantize=quantize, init_lora_weights=False
+    )
+    merged = hoptune.merge_and_unload(model, dtype=torch.float32)
+    assert merged.lm_head.weight is not merged.model.embed_tokens.weight
+    assert merged.model.embed_tokens.weight.requires_grad is not frozen
+    assert merged.lm_head.weight.requires_grad is not frozen
+    assert merged.model.layers[0].self_attn.q_proj.weight.requires_grad  # as before apply_lora
+
+
+@pytest.mark.parametrize("fn", [hoptune.apply_lora, hoptune.remove_lora, hoptune.merge_and_unload])
+def test_model_that_is_not_a_module_is_named(fn):
+    """A path or a config where the model goes: an error naming model, not an AttributeError from
+    inside (e.g. 'str' object has no attribute 'named_modules')."""
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str"):
+        fn("out/merged")

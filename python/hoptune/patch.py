@@ -185,6 +185,11 @@ def _check_pattern(arg: str, pattern: object, kind: type) -> None:
             raise ValueError(f"{arg}[{k!r}] must be a positive number, got {v!r}")
 
 
+def check_model(model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
 def plan_targets(
     model: nn.Module,
     r: int,
@@ -197,8 +202,7 @@ def plan_targets(
     blocksize: int,
 ) -> list[_Target]:
     """Select and check every layer to adapt; touches nothing."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_model(model)
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise ValueError(f"r must be a positive int, got {r!r}")
     if (
@@ -287,7 +291,9 @@ def replace_with_lora(
     )
     if adapter_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"adapter_dtype must be float32, bfloat16 or float16, got {adapter_dtype}")
-    record = {n: p.requires_grad for n, p in model.named_parameters()}
+    # every name of a shared Parameter: a tied head that merge_and_unload unties gets the flag of
+    # the matrix it shared under its own name (a fresh nn.Linear's True otherwise)
+    record = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     done: list[tuple[str, nn.Module]] = []
     try:
@@ -421,6 +427,7 @@ def remove_lora(model: nn.Module) -> nn.Module:
     ``NF4Linear`` that :func:`hoptune.load_model` made) and parameters get back the
     ``requires_grad`` they had before :func:`apply_lora`. A base that ``apply_lora(quantize="nf4")``
     quantized comes back dequantized (its dense original was not kept). Returns ``model``."""
+    check_model(model)
     layers = lora_layers(model)
     if not layers:
         raise ValueError(f"model ({type(model).__name__}) has no LoRA layers to remove")
@@ -442,6 +449,7 @@ def merge_and_unload(
     well (buffers, e.g. rotary frequencies, are left alone) and ``config.dtype`` is set; with
     ``dtype=None`` each layer keeps its base dtype. An output head tied to the input embeddings that
     had an adapter gets its own merged weight, and ``config.tie_word_embeddings`` becomes False."""
+    check_model(model)
     if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"dtype must be float32, bfloat16, float16 or None, got {dtype}")
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRALinear, NF4Linear))]
@@ -457,7 +465,11 @@ def merge_and_unload(
     emb = get_input() if callable(get_input) and heads & {n for n, _ in layers} else None
     if emb is not None and getattr(config, "tie_word_embeddings", False):
         # the merged head now has its own weight: a config still saying "tied" would let tie_weights()
-        # (resize_token_embeddings, from_pretrained) put the embedding matrix back in its place
+        # (resize_token_embeddings, from_pretrained) put the embedding matrix back in its place. Its
+        # requires_grad is the embedding matrix's from before apply_lora (_restore_requires_grad).
+        # PEFT (0.21) differs: its merge adds the head's s B A into the one shared tensor in place,
+        # so the head stays tied and the input embeddings change with it (though the adapter was
+        # trained on the head only), and requires_grad stays as get_peft_model left it (frozen)
         head = model.get_output_embeddings()
         if getattr(head, "weight", None) is not getattr(emb, "weight", None):
             config.tie_word_embeddings = False

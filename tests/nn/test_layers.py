@@ -3,8 +3,10 @@ tying, a trainable bias."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
+import re
 
 import pytest
 import torch
@@ -80,8 +82,15 @@ def test_nf4_state_dict_other_blocksize_is_refused():
     b = NF4Linear.from_linear(nn.Linear(256, 128), blocksize=64)
     sd = a.state_dict()
     sd["weight_nf4_meta"] = torch.tensor([sd["weight_nf4_meta"][0].item(), 128.0, 256.0], dtype=torch.float64)
+    before = b.dequantize()
     with pytest.raises(RuntimeError, match="blocksize 128"):
         b.load_state_dict(sd)
+    # refused before anything is copied: not the source's codes decoded with this layer's offset
+    assert torch.equal(b.dequantize(), before)
+    sd["weight_nf4_meta"] = torch.tensor([0.0, 64.0], dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="expected 3 values"):
+        b.load_state_dict(sd)
+    assert torch.equal(b.dequantize(), before)
 
 
 def _peft_dora_forward(lora: LoRALinear, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -329,3 +338,107 @@ def test_nf4_from_linear_names_what_it_cannot_quantize():
         NF4Linear.from_linear(nn.Linear(128, 64, dtype=torch.float64))
     q = NF4Linear.from_linear(nn.Linear(128, 64, dtype=torch.float64), dtype=torch.float32)
     assert q.base_dtype == torch.float32
+
+
+# -- inputs and conversions: errors that name the argument ---------------------------------------
+LAYERS = {
+    "dense": lambda: LoRALinear(nn.Linear(64, 32), r=4, init_lora_weights=False),
+    "dense_dora": lambda: LoRALinear(nn.Linear(64, 32), r=4, use_dora=True, init_lora_weights=False),
+    "nf4": lambda: LoRALinear(nn.Linear(64, 32), r=4, quantize="nf4", init_lora_weights=False),
+    "nf4_linear": lambda: NF4Linear.from_linear(nn.Linear(64, 32)),
+}
+
+
+@pytest.mark.parametrize(
+    "layer, disabled",
+    [(name, False) for name in LAYERS] + [(name, True) for name in LAYERS if name != "nf4_linear"],
+    ids=lambda v: {False: "adapter", True: "disabled"}.get(v, v) if isinstance(v, bool) else v,
+)
+@pytest.mark.parametrize(
+    "make_x, match",
+    [
+        (
+            lambda: torch.ones(3, 64, dtype=torch.long),
+            r"float32.* tensor with last dim in_features=64, got torch.int64",
+        ),
+        (lambda: torch.ones(3, 64, dtype=torch.bool), r"got torch.bool \(3, 64\)"),
+        (lambda: torch.randn(3, 63), r"in_features=64, got torch.float32 \(3, 63\)"),
+        (lambda: torch.tensor(1.0), r"in_features=64, got torch.float32 \(\)"),
+        (lambda: [0.0] * 64, "in_features=64, got list"),
+        (lambda: torch.randn(3, 64, device="meta"), "x is on meta but the layer's (NF4 )?weight is on cpu"),
+    ],
+    ids=["long", "bool", "last_dim", "0d", "list", "device"],
+)
+def test_layers_refuse_inputs_they_cannot_compute(layer, make_x, match, disabled):
+    """Every layer, dense or NF4 base, adapter on or off, refuses an x of another dtype, width or
+    device with an error naming x and what it expected: over a dense base an integer x would
+    otherwise run against the weight cast to integers (a silently wrong result), and the rest fail
+    deep inside torch."""
+    mod = LAYERS[layer]()  # (an NF4Linear has no adapter to disable)
+    with mod.disable_adapter() if disabled else contextlib.nullcontext():
+        with pytest.raises(ValueError, match="x must be a |x is on") as e:
+            mod(make_x())
+    assert re.search(match, str(e.value)), str(e.value)
+
+
+def test_dense_base_takes_float64():
+    """Only NF4 limits x to the 16- and 32-bit floats: over a dense base a float64 x computes in
+    float64 (nn.Linear's dtype rule, the base weight cast up)."""
+    lora = LoRALinear(nn.Linear(64, 32).double(), r=4, init_lora_weights=False)
+    x = torch.randn(3, 64, dtype=torch.float64)
+    y = lora(x)
+    assert y.dtype == torch.float64
+    a, b = lora.lora_A.double(), lora.lora_B.double()
+    assert rel_err(y, x @ lora.weight.t() + lora.bias + lora.scaling * (x @ a.t()) @ b.t()) < 1e-12
+    with pytest.raises(ValueError, match="x must be a bfloat16/float16/float32 tensor"):
+        LoRALinear(nn.Linear(64, 32), r=4, quantize="nf4")(x)
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_lora_linear_conversions_refuse_other_dtypes(quantize):
+    """merged_weight / base_weight / lora_delta / to_linear with an integer dtype (or a dtype's
+    name): an error naming dtype, not a weight rounded to integers or 'Invalid device string'."""
+    lora = LoRALinear(nn.Linear(64, 32), r=4, quantize=quantize, init_lora_weights=False)
+    calls = {
+        "merged_weight": lambda: lora.merged_weight(torch.int32),
+        "base_weight": lambda: lora.base_weight(torch.int32),
+        "lora_delta": lambda: lora.lora_delta(torch.int32),
+        "to_linear": lambda: lora.to_linear(dtype=torch.int8),
+        "to_linear(str)": lambda: lora.to_linear(dtype="bfloat16"),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match="dtype must be"):
+            call()
+            pytest.fail(f"{name} took a dtype that is not a float")
+    assert lora.merged_weight(torch.bfloat16).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("layer", ["nf4", "nf4_linear"])
+def test_nf4_buffers_follow_to_empty_and_share_memory(layer):
+    """The NF4 buffers keep their dtypes through casts, but otherwise follow the module's _apply:
+    to_empty() materializes a layer moved to meta (a copy out of meta would fail), and
+    share_memory() shares them like every other tensor."""
+    from hoptune.nn.nf4_linear import NF4_BUFFERS
+
+    src = LAYERS[layer]()
+    mod = copy.deepcopy(src).to("meta")
+    mod.to_empty(device="cpu")
+    for n in NF4_BUFFERS:
+        assert getattr(mod, n).device.type == "cpu" and getattr(mod, n).dtype == getattr(src, n).dtype, n
+    mod.load_state_dict(src.state_dict())
+    x = torch.randn(3, 64)
+    assert torch.equal(mod(x), src(x))
+    src.share_memory()
+    assert [n for n, t in src.named_buffers() if not t.is_shared()] == []
+
+
+@pytest.mark.parametrize(
+    "cls", [NF4Linear, lambda q, bias: LoRALinear(q, r=4, bias=bias)], ids=["nf4_linear", "lora"]
+)
+def test_nf4_layers_put_the_bias_with_the_weight(cls):
+    """A bias given on another device than the NF4 weight is moved to it (as LoRALinear does), not
+    left behind to fail in the first forward."""
+    q = quantize_nf4(torch.randn(32, 64)).to("meta")
+    layer = cls(q, bias=torch.zeros(32))
+    assert layer.bias.device.type == "meta"
+    assert layer(torch.randn(2, 64, device="meta")).shape == (2, 32)

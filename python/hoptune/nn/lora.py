@@ -27,17 +27,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hoptune.nn.nf4_linear import NF4Module, nf4_call, nf4_view, register_nf4
+from hoptune.nn.nf4_linear import NF4Module, check_input, nf4_call, nf4_device, nf4_view, register_nf4
 from hoptune.ops.nf4_lora import MAX_RANK
-from hoptune.quant.nf4 import NF4Weight, check_quantizable, dequantize_nf4, quantize_nf4
+from hoptune.quant.nf4 import FLOAT_DTYPES, NF4Weight, check_quantizable, dequantize_nf4, quantize_nf4
 
 DORA_EPS = 1e-12
 INIT_LORA_WEIGHTS = (True, False, "gaussian")
+# what a dense base computes in (x, and the weights the conversions give): nn.Linear's floats; an
+# NF4 base takes x in FLOAT_DTYPES only, the dtypes of its kernels
+DENSE_DTYPES = (*FLOAT_DTYPES, torch.float64)
 
 
 def _is_real(v) -> bool:
     """An int or float (not a bool, not a string)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_dtype(name: str, dtype) -> None:
+    """``dtype`` is one a weight can be converted to (a float: an integer weight would be truncated)."""
+    if dtype not in DENSE_DTYPES:
+        raise TypeError(f"{name} must be bfloat16, float16, float32 or float64, got {dtype!r}")
 
 
 def check_init_lora_weights(value) -> None:
@@ -176,6 +185,8 @@ class LoRALinear(NF4Module):
 
     def base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The base weight ``[out, in]`` as a dense tensor (dequantized for NF4)."""
+        if dtype is not None:
+            check_dtype("dtype", dtype)
         if self.quantized:
             return dequantize_nf4(self.weight_nf4, dtype)
         return self.weight if dtype is None else self.weight.to(dtype)
@@ -217,12 +228,14 @@ class LoRALinear(NF4Module):
 
     def lora_delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``s * B @ A`` as a dense ``[out, in]`` tensor."""
+        check_dtype("dtype", dtype)
         return (self.scaling * (self.lora_B.to(dtype) @ self.lora_A.to(dtype))).to(dtype)
 
     @torch.no_grad()
     def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight of the equivalent plain linear layer: ``W + s B A`` (DoRA: ``m/n * (W + s B A)``)."""
         dtype = dtype or self.base_dtype
+        check_dtype("dtype", dtype)  # (the fp32 sum below would be rounded to any dtype, integers too)
         w = self.base_weight(torch.float32) + self.lora_delta(torch.float32)
         if self.use_dora:
             n = torch.linalg.vector_norm(w, dim=1).clamp_min(DORA_EPS)
@@ -245,7 +258,15 @@ class LoRALinear(NF4Module):
             return nf4_call(self, x, None, None, 0.0, bias)
         return F.linear(x, self.weight.to(x.dtype), bias)
 
+    def _check_input(self, x: torch.Tensor) -> None:
+        if self.quantized:
+            check_input(x, self.in_features, FLOAT_DTYPES, nf4_device(self), "NF4 weight")
+        else:
+            w = self._parameters.get("weight")  # (None when held elsewhere, a parametrization)
+            check_input(x, self.in_features, DENSE_DTYPES, (self.weight if w is None else w).device, "weight")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)  # once, for every path below
         bias = self.bias
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)

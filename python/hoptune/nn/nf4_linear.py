@@ -54,48 +54,62 @@ def nf4_view(module: nn.Module) -> NF4Weight:
     )
 
 
+def check_input(x, in_features: int, dtypes: tuple, device: torch.device, weight: str) -> None:
+    """A layer's input, which comes from its caller: a tensor of one of ``dtypes``, ``(*,
+    in_features)``, on the device of the layer's ``weight``. Checked once, first thing in the
+    forward: else a wrong width or device fails deep inside torch, and an integer x over a dense
+    weight (cast to x's dtype) computes with the weight truncated to integers, silently."""
+    if not isinstance(x, torch.Tensor) or x.dtype not in dtypes or x.dim() < 1 or x.shape[-1] != in_features:
+        what = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        names = "/".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"x must be a {names} tensor with last dim in_features={in_features}, got {what}")
+    if x.device != device:
+        raise ValueError(f"x is on {x.device} but the layer's {weight} is on {device}")
+
+
+def nf4_device(module: nn.Module) -> torch.device:
+    """The device of ``module``'s NF4 weight."""
+    packed = module._buffers.get("weight_packed")  # (held elsewhere, a wrapper's property: None)
+    return (module.weight_packed if packed is None else packed).device
+
+
 def nf4_call(module: nn.Module, x: torch.Tensor, lora_A, lora_B, scale: float, bias) -> torch.Tensor:
     """``nf4_lora_linear`` on ``module``'s NF4 buffers without re-checking them (validated when they
-    were registered; this runs every forward): only x, which comes from the caller, is checked."""
+    were registered; this runs every forward), nor x: the layer's forward has checked it
+    (``check_input`` with FLOAT_DTYPES and ``nf4_device``), once for all the calls it makes."""
     shape, _, bs, offset, bs2 = module._nf4_meta
-    if (
-        not isinstance(x, torch.Tensor)
-        or x.dtype not in FLOAT_DTYPES
-        or x.dim() < 1
-        or x.shape[-1] != shape[1]
-    ):
-        what = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(
-            f"x must be a bfloat16/float16/float32 tensor with last dim in_features={shape[1]}, got {what}"
-        )
     try:  # the registered buffers straight from their dict (nn.Module's __getattr__ costs ~1 us each)
         b = module._buffers
         w = (b["weight_packed"], b["weight_absmax"], b["weight_absmax2"], b["weight_code2"])
     except KeyError:  # held elsewhere (a wrapper's property)
         w = tuple(getattr(module, name) for name in NF4_BUFFERS)
-    q = (*w, offset, bs, bs2)
-    if x.device != q[0].device:
-        raise ValueError(f"x is on {x.device} but the layer's NF4 weight is on {q[0].device}")
-    return nf4_lora_linear_trusted(x, q, shape[0], lora_A, lora_B, scale, bias)
+    return nf4_lora_linear_trusted(x, (*w, offset, bs, bs2), shape[0], lora_A, lora_B, scale, bias)
 
 
 def apply_keeping_nf4_dtypes(
     module: nn.Module, apply: Callable[..., nn.Module], fn: Callable, recurse: bool = True
 ) -> nn.Module:
-    """``nn.Module._apply`` that moves the NF4 buffers of ``module`` to ``fn``'s device but never
-    changes their dtype: ``model.to(torch.bfloat16)`` or ``model.half()`` must not turn the fp32
-    absmax statistics into bf16 (they would no longer dequantize to the same weight)."""
+    """``nn.Module._apply`` that applies ``fn`` to the NF4 buffers of ``module`` too but never lets it
+    change their dtype: ``model.to(torch.bfloat16)`` or ``model.half()`` must not turn the fp32
+    absmax statistics into bf16 (they would no longer dequantize to the same weight); such a buffer
+    only moves to the device ``fn`` would put it on. An ``fn`` that keeps the dtype is applied as it
+    is: ``to_empty()`` must not copy out of a meta tensor, ``share_memory()`` must share them."""
     saved = {n: module._buffers.pop(n) for n in NF4_BUFFERS if n in module._buffers}
     try:
         apply(fn, recurse)
-    finally:
-        if saved:
-            # fn may change device, dtype or both; probe it on an empty float tensor for the device
-            ref = next((t for t in saved.values() if t is not None), None)
-            device = None if ref is None else fn(torch.empty(0, device=ref.device)).device
-            for n, t in saved.items():
-                module._buffers[n] = None if t is None else t.to(device)
+        done = {n: None if t is None else _apply_keeping_dtype(fn, t) for n, t in saved.items()}
+    except BaseException:
+        module._buffers.update(saved)  # (back in the module, not lost with the failed call)
+        raise
+    module._buffers.update(done)
     return module
+
+
+def _apply_keeping_dtype(fn: Callable, t: torch.Tensor) -> torch.Tensor:
+    """fn(t) where fn keeps t's dtype, else t moved to the device fn gives (probed on an empty
+    tensor of t's dtype and device)."""
+    probe = fn(torch.empty(0, dtype=t.dtype, device=t.device))
+    return fn(t) if probe.dtype == t.dtype else t.to(probe.device)
 
 
 class NF4Module(nn.Module):
@@ -119,8 +133,11 @@ class NF4Module(nn.Module):
         )
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-        """After the buffers are copied, the metadata; with double quantization the entry is
-        required: the codes alone would decode to other weights."""
+        """The buffers, then the metadata; with double quantization the entry is required: the codes
+        alone would decode to other weights. What would load other weights (other dtypes or
+        blocksizes) is refused before anything is copied, so the layer keeps its own."""
+        key = prefix + NF4_META_KEY
+        offset = None
         if self._nf4_meta is not None:
             # the NF4 buffers' dtypes are part of the format: a copy would convert uint8 codes to
             # float statistics (or back) and silently give other weights
@@ -138,31 +155,33 @@ class NF4Module(nn.Module):
                     "layer, and a plain one, float32 absmax, only into a plain one)"
                 )
                 return
+            t = state_dict.get(key)
+            if t is not None:
+                if not isinstance(t, torch.Tensor) or t.numel() != 3:
+                    errors.append(f"{key}: expected 3 values (offset, blocksize, blocksize2), got {t!r}")
+                    return
+                offset, new_bs, new_bs2 = t.detach().to("cpu", torch.float64).tolist()
+                _, _, bs, _, bs2 = self._nf4_meta
+                if (int(new_bs), int(new_bs2)) != (bs, bs2):
+                    errors.append(
+                        f"{key}: the state dict's NF4 weight has blocksize {int(new_bs)} / blocksize2 "
+                        f"{int(new_bs2)}, this module's {bs} / {bs2} (quantize the module with the same "
+                        "settings)"
+                    )
+                    return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
-        key = prefix + NF4_META_KEY
         if key in unexpected:
             unexpected.remove(key)
         if self._nf4_meta is None:  # (a dense base)
             if key in state_dict and strict:
                 unexpected.append(key)
             return
-        shape, dtype, bs, _, bs2 = self._nf4_meta
-        t = state_dict.get(key)
-        if t is None:
+        if offset is None:
             if self.weight_absmax2 is not None and strict:
                 missing.append(key)
             return
-        if not isinstance(t, torch.Tensor) or t.numel() != 3:
-            errors.append(f"{key}: expected 3 values (offset, blocksize, blocksize2), got {t!r}")
-            return
-        new_offset, new_bs, new_bs2 = t.detach().to("cpu", torch.float64).tolist()
-        if (int(new_bs), int(new_bs2)) != (bs, bs2):
-            errors.append(
-                f"{key}: the state dict's NF4 weight has blocksize {int(new_bs)} / blocksize2 "
-                f"{int(new_bs2)}, this module's {bs} / {bs2} (quantize the module with the same settings)"
-            )
-            return
-        self._nf4_meta = (shape, dtype, bs, float(new_offset), bs2)
+        shape, dtype, bs, _, bs2 = self._nf4_meta
+        self._nf4_meta = (shape, dtype, bs, float(offset), bs2)
 
 
 class NF4Linear(NF4Module):
@@ -183,7 +202,10 @@ class NF4Linear(NF4Module):
                     f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}"
                 )
         register_nf4(self, weight)
-        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        # (on the weight's device, as LoRALinear puts it: else the first forward fails)
+        self.bias = (
+            None if bias is None else nn.Parameter(bias.detach().to(weight.device), requires_grad=False)
+        )
 
     @classmethod
     def from_linear(
@@ -219,6 +241,7 @@ class NF4Linear(NF4Module):
         return dequantize_nf4(self.weight_nf4, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.in_features, FLOAT_DTYPES, nf4_device(self), "NF4 weight")
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return nf4_call(self, x, None, None, 0.0, bias)
 
