@@ -89,3 +89,29 @@ def test_lone_surrogate_escapes_are_malformed(tmp_path, tokenizer):
         read_jsonl(p)
     examples, report = load_examples(p, tokenizer, max_seq_len=64, skip_bad=True)
     assert len(examples) == 2 and [ln for ln, _ in report.malformed] == [2]
+
+
+def test_malformed_lines_and_bad_records_in_one_error(tmp_path, tokenizer):
+    """Unparsable lines and records with bad fields are listed together, so one run shows every
+    problem of the file (each list as long as on its own: five lines, then a count)."""
+    good = json.dumps({"prompt": "a", "completion": "b"})
+    lines = [good, '{"text": "cut', json.dumps({"prompt": "only"}), "[1]", json.dumps({"messages": "hi"})]
+    p = _write(tmp_path / "mix.jsonl", lines)
+    with pytest.raises(DataError) as e:
+        load_examples(p, tokenizer, max_seq_len=64)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: 2 malformed line(s): line 2: invalid JSON")
+    assert "line 4: expected a JSON object, got list" in msg
+    assert "2 example(s) cannot be trained on: line 3: missing field 'completion'" in msg
+    assert "line 5: 'messages' must be a non-empty list" in msg
+    assert msg.count("data.skip_bad_examples=true") == 1
+    examples, rep = load_examples(p, tokenizer, max_seq_len=64, skip_bad=True)
+    assert len(examples) == 1 and len(rep.malformed) == 2 and len(rep.invalid) == 2
+
+    p = _write(tmp_path / "many.jsonl", [good] + ["{oops"] * 7 + [json.dumps({"q": 1})] * 7)
+    with pytest.raises(DataError) as e:
+        load_examples(p, tokenizer, max_seq_len=64)
+    msg = str(e.value)
+    assert "7 malformed line(s): line 2: " in msg and "line 6: invalid JSON" in msg
+    assert "7 example(s) cannot be trained on: line 9: " in msg and "line 13: no known fields" in msg
+    assert msg.count("; ... and 2 more") == 2 and "line 7:" not in msg and "line 14:" not in msg

@@ -89,9 +89,11 @@ def build_examples(
     """Tokenized, masked and truncated examples of ``records``.
 
     A record with missing fields, or an example left with no loss token, is collected; unless
-    ``skip_bad``, DataError lists them (line numbers and reasons) once all records are seen."""
-    path = records[0].path if records else "<empty>"
-    report = report or DataReport(path=path)
+    ``skip_bad``, DataError lists them (line numbers and reasons) once all records are seen,
+    together with the malformed lines ``report`` already holds (load_examples passes those in),
+    so that one run shows every problem of the file."""
+    report = report or DataReport(path=records[0].path if records else "<empty>")
+    path = report.path
     chat = None
     examples: list[Example] = []
     for rec in records:
@@ -129,11 +131,16 @@ def build_examples(
         report.tokens += len(ex)
         report.loss_tokens += ex.num_loss_tokens
     report.examples = len(examples)
-    if not skip_bad and (report.invalid or report.no_loss):
-        bad = sorted(report.invalid + report.no_loss)
+    bad = sorted(report.invalid + report.no_loss)
+    if not skip_bad and (report.malformed or bad):
+        problems = []
+        if report.malformed:
+            problems.append(f"{len(report.malformed)} malformed line(s): {_details(report.malformed)}")
+        if bad:
+            problems.append(f"{len(bad)} example(s) cannot be trained on: {_details(bad)}")
         raise DataError(
-            f"{path}: {len(bad)} example(s) cannot be trained on: {_details(bad)}. Fix them, or set "
-            "data.skip_bad_examples=true to skip and report them"
+            f"{path}: {'. '.join(problems)}. Fix them, or set data.skip_bad_examples=true to skip and "
+            "report them"
         )
     return examples, report
 
@@ -148,8 +155,9 @@ def load_examples(
     chat_template: str | None = None,
     skip_bad: bool = False,
 ) -> tuple[list[Example], DataReport]:
-    """Read a JSONL file and build its examples (see ``build_examples``)."""
-    records, rr = read_jsonl(path, skip_malformed=skip_bad)
+    """Read a JSONL file and build its examples (see ``build_examples``). Malformed lines are kept
+    aside, not raised at once, so that the error lists them with the bad records of the other lines."""
+    records, rr = read_jsonl(path, skip_malformed=True)
     report = DataReport(path=path, lines=rr.records + len(rr.malformed), malformed=list(rr.malformed))
     examples, report = build_examples(
         records,

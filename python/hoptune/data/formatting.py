@@ -1,12 +1,18 @@
 """Turning records into token ids and loss masks.
 
-Three record shapes (the ones TRL reads):
+The record shapes TRL's SFTTrainer reads:
 
 * ``{"prompt": str, "completion": str}``: loss on the completion tokens (plus EOS);
 * ``{"messages": [{"role", "content"}, ...]}``: rendered with the tokenizer's own chat template,
   loss on every assistant turn including its end-of-turn token;
+* ``{"conversations": [{"from", "value"}, ...]}`` (ShareGPT): converted as TRL converts it
+  (``convert_to_chatml``), then as messages;
 * ``{"prompt": [messages], "completion": [messages]}``: as messages, loss on the completion turns;
 * ``{"text": str}``: plain text, every token in the loss (for replay / general data).
+
+A message's content is a string, or null for an assistant message that calls tools (OpenAI's
+``{"role": "assistant", "content": null, "tool_calls": [...]}``). Messages go to the template as
+they are written (TRL passes them unchanged), extra keys such as ``tool_calls`` included.
 
 ``loss_mask[t] = 1`` means token t is a training target (it is predicted from tokens < t).
 
@@ -57,7 +63,7 @@ class Example:
 
 def record_kind(data: dict) -> str:
     """'messages' | 'prompt_completion' | 'text'; ExampleError naming the fields otherwise."""
-    if "messages" in data:
+    if "messages" in data or "conversations" in data:
         return "messages"
     if "prompt" in data and "completion" in data:
         return "prompt_completion"
@@ -67,7 +73,8 @@ def record_kind(data: dict) -> str:
     missing = "completion" if "prompt" in data else ("prompt" if "completion" in data else None)
     hint = f"missing field {missing!r}" if missing else "no known fields"
     raise ExampleError(
-        f"{hint} (fields present: {have}); expected {{'prompt', 'completion'}}, {{'messages'}} or {{'text'}}"
+        f"{hint} (fields present: {have}); expected {{'prompt', 'completion'}}, {{'messages'}}, "
+        "{'conversations'} or {'text'}"
     )
 
 
@@ -88,15 +95,84 @@ def resolve_chat_template(template: str | None) -> str | None:
         return f.read()
 
 
-def _check_messages(messages: Any, field: str = "messages") -> list[dict]:
+# the lists TRL's maybe_convert_to_chatml converts, in its order
+_CHATML_KEYS = ("prompt", "completion", "chosen", "rejected", "messages", "conversations")
+# ShareGPT's names for the two sides; TRL keeps them as roles, so they only name the fix in an error
+_SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
+
+
+def convert_to_chatml(data: dict) -> dict:
+    """A ShareGPT record (``{"conversations": [{"from", "value"}, ...]}``) as TRL's SFTTrainer
+    converts it (``trl.data_utils.maybe_convert_to_chatml``): in every message list of the record
+    ``from`` becomes ``role`` and ``value`` becomes ``content``, and ``conversations`` becomes
+    ``messages``. The values are kept as written ("human" stays "human": TRL maps no role names).
+    A record without ``conversations`` is returned as it is (SFTTrainer converts only such data).
+    The record itself is not changed."""
+    if "conversations" not in data:
+        return data
+    out = dict(data)
+    for key in _CHATML_KEYS:
+        if isinstance(out.get(key), list):
+            out[key] = [_renamed(m) if isinstance(m, dict) else m for m in out[key]]
+    out["messages"] = out.pop("conversations")
+    return out
+
+
+def _renamed(message: dict) -> dict:
+    m = dict(message)
+    if "from" in m:
+        m["role"] = m.pop("from")
+    if "value" in m:
+        m["content"] = m.pop("value")
+    return m
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, default=repr)
+
+
+def _check_messages(messages: Any, field: str = "messages", as_written: Any = None) -> list[dict]:
+    """``messages`` checked for the template; errors name ``field``. A ShareGPT record's messages
+    (``field`` "conversations") are checked after convert_to_chatml, and its errors speak of 'from'
+    and 'value' and show the messages ``as_written`` in the record."""
+    role, content = ("from", "value") if field == "conversations" else ("role", "content")
     if not isinstance(messages, list) or not messages:
-        raise ExampleError(f"{field!r} must be a non-empty list of {{'role', 'content'}} objects")
+        raise ExampleError(f"{field!r} must be a non-empty list of {{{role!r}, {content!r}}} objects")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ExampleError(f"{field}[{i}] must be an object with 'role' and 'content', got {m!r}")
-        if not isinstance(m["role"], str) or not isinstance(m["content"], str):
-            raise ExampleError(f"{field}[{i}]: 'role' and 'content' must be strings")
+            got = m if as_written is None else as_written[i]
+            raise ExampleError(f"{field}[{i}] must be an object with {role!r} and {content!r}, got {got!r}")
+        if not isinstance(m["role"], str):
+            raise ExampleError(f"{field}[{i}]: {role!r} must be a string (the role), got {_shown(m['role'])}")
+        if m["content"] is None:
+            # OpenAI's tool-call turn; any other message without content renders as "None" or breaks
+            # the template (Qwen2.5's adds it to a string)
+            calls = m.get("tool_calls")
+            if m["role"] != "assistant" or not isinstance(calls, list) or not calls:
+                raise ExampleError(
+                    f"{field}[{i}]: {content!r} is null, but only an assistant message that calls tools (a "
+                    "non-empty 'tool_calls' list) may have no content"
+                )
+        elif not isinstance(m["content"], str):
+            raise ExampleError(
+                f"{field}[{i}]: {content!r} must be a string (or null in an assistant message that calls "
+                f"tools), got {_shown(m['content'])}"
+            )
     return messages
+
+
+def _no_assistant(messages: list[dict], sharegpt: bool) -> str:
+    """Why a conversation has nothing to train on; for ShareGPT data, which names to write instead."""
+    why = "no assistant message, so nothing to train on"
+    if not sharegpt:
+        return why
+    roles = list(dict.fromkeys(m["role"] for m in messages))
+    renames = ", ".join(f"{r!r} -> {_SHAREGPT_ROLES[r]!r}" for r in roles if r in _SHAREGPT_ROLES)
+    fix = f"rename {renames}" if renames else "the model's turns need 'from': 'assistant'"
+    return (
+        f"{why} (roles: {', '.join(roles)}; a 'from' is the role as written, as TRL converts ShareGPT "
+        f"records: {fix})"
+    )
 
 
 class ChatFormatter:
@@ -335,9 +411,12 @@ def tokenize_record(
     """(input_ids, loss_mask) of one record of any supported shape."""
     kind = record_kind(data)
     if kind == "messages":
-        messages = _check_messages(data["messages"])
+        field = "conversations" if "conversations" in data else "messages"
+        as_written = data[field]
+        data = convert_to_chatml(data)
+        messages = _check_messages(data["messages"], field, as_written)
         if not any(m["role"] == "assistant" for m in messages):
-            raise ExampleError("no assistant message, so nothing to train on")
+            raise ExampleError(_no_assistant(messages, sharegpt=field == "conversations"))
         if chat is None:
             raise ExampleError("chat data needs a ChatFormatter")
         return chat.tokenize(messages, template_kwargs=_template_kwargs(data))

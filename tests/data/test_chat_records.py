@@ -1,0 +1,242 @@
+"""Chat records beyond role/content strings, read as TRL's SFTTrainer reads them: ShareGPT
+``conversations`` (from/value) and OpenAI-style tool calls (an assistant message with
+``content: null`` and ``tool_calls``)."""
+
+import copy
+import json
+from importlib import resources
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from hoptune.data import DataError, load_examples
+from hoptune.data.formatting import ChatFormatter, convert_to_chatml, record_kind, tokenize_record
+from tests.data.test_chat_masks import CHAT, masked_text
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def _sharegpt(messages):
+    return {"conversations": [{"from": m["role"], "value": m["content"]} for m in messages]}
+
+
+# ---------------------------------------------------------------------------------------------
+# ShareGPT
+
+
+def test_sharegpt_record_trains_as_its_messages(tmp_path, tokenizer):
+    """{"conversations": [{"from", "value"}]} gives the tokens and mask of the same chat written as
+    {"messages": [{"role", "content"}]}, from a file as well."""
+    rec = _sharegpt(CHAT)
+    assert record_kind(rec) == "messages"
+    chat = ChatFormatter(tokenizer)
+    assert tokenize_record(rec, tokenizer, chat) == tokenize_record({"messages": CHAT}, tokenizer, chat)
+    p = _write(tmp_path / "s.jsonl", [rec, {"messages": CHAT}])
+    ex, _ = load_examples(p, tokenizer, max_seq_len=128)
+    assert ex[0].input_ids == ex[1].input_ids and ex[0].loss_mask == ex[1].loss_mask
+    assert masked_text(tokenizer, ex[0].input_ids, ex[0].loss_mask) == ["7<|end|>", "10<|end|>"]
+    assert rec == _sharegpt(CHAT)  # the caller's record is not changed
+
+
+@pytest.mark.parametrize(
+    "rec",
+    [
+        _sharegpt(CHAT),
+        # ShareGPT's own names are kept: TRL renames keys, not roles
+        {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},
+        # a message already in role/content, extra keys, and other fields of the record
+        {
+            "conversations": [
+                {"from": "user", "value": "hi", "weight": 0},
+                {"role": "assistant", "content": "yo"},
+            ],
+            "tools": [],
+        },
+        # from/value in a prompt/completion of the same record is converted too
+        {
+            "conversations": [{"from": "user", "value": "hi"}],
+            "prompt": [{"from": "user", "value": "a"}],
+            "completion": [{"from": "assistant", "value": "b"}],
+        },
+        {"messages": CHAT},  # no conversations: nothing to convert
+    ],
+)
+def test_sharegpt_conversion_is_trls(rec):
+    trl_data_utils = pytest.importorskip("trl.data_utils")
+    assert convert_to_chatml(rec) == trl_data_utils.maybe_convert_to_chatml(copy.deepcopy(rec))
+
+
+def test_sharegpt_human_gpt_is_a_clear_error(tmp_path, tokenizer):
+    """TRL keeps ShareGPT's "human" / "gpt" as roles, so no message is an assistant turn: each such
+    line is listed with a hint to rename the roles."""
+    rec = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}
+    p = _write(tmp_path / "s.jsonl", [_sharegpt(CHAT), rec])
+    with pytest.raises(DataError, match=r"s\.jsonl: 1 example\(s\) cannot be trained on: line 2: ") as e:
+        load_examples(p, tokenizer, max_seq_len=128)
+    msg = str(e.value)
+    assert "roles: human, gpt" in msg and "'gpt' -> 'assistant'" in msg and "'human' -> 'user'" in msg
+    ex, rep = load_examples(p, tokenizer, max_seq_len=128, skip_bad=True)
+    assert len(ex) == 1 and [ln for ln, _ in rep.invalid] == [2]
+
+
+def test_sharegpt_unknown_from_reaches_the_template(tokenizer):
+    """A "from" value with no special meaning is the role as it is (as TRL converts it)."""
+    rec = {
+        "conversations": [
+            {"from": "user", "value": "What is 3+4?"},
+            {"from": "observation", "value": "x"},
+            {"from": "assistant", "value": "7"},
+        ]
+    }
+    ids, mask = tokenize_record(rec, tokenizer, ChatFormatter(tokenizer))
+    messages = [{"role": m["from"], "content": m["value"]} for m in rec["conversations"]]
+    assert ids == list(tokenizer.apply_chat_template(messages, return_dict=True)["input_ids"])
+    assert "observation" in tokenizer.decode(ids)
+    assert masked_text(tokenizer, ids, mask) == ["7<|end|>"]
+
+
+@pytest.mark.parametrize(
+    "conversations, why",
+    [
+        ([{"from": "user", "value": "hi"}, {"from": None, "value": "yo"}], r"conversations\[1\]: 'from'"),
+        ([{"from": "user", "value": "hi"}, {"from": 2, "value": "yo"}], r"conversations\[1\]: 'from'"),
+        ([{"from": "user", "value": "hi"}, {"from": "assistant"}], r"conversations\[1\] must be an object"),
+        ([{"from": "user", "value": "hi"}, "yo"], r"conversations\[1\] must be an object"),
+        ("hi", r"'conversations' must be a non-empty list"),
+        ([], r"'conversations' must be a non-empty list"),
+    ],
+)
+def test_bad_sharegpt_records_name_the_line(tmp_path, tokenizer, conversations, why):
+    p = _write(tmp_path / "s.jsonl", [_sharegpt(CHAT), {"conversations": conversations}])
+    with pytest.raises(DataError, match=rf"s\.jsonl: 1 example\(s\) cannot be trained on: line 2: {why}"):
+        load_examples(p, tokenizer, max_seq_len=128)
+
+
+# ---------------------------------------------------------------------------------------------
+# tool calls
+
+
+def _chatml_bpe_tokenizer():
+    """A byte-level BPE tokenizer with Qwen's special tokens (so Qwen's real template renders
+    with its own turn markers)."""
+    tk = Tokenizer(models.BPE(unk_token=None))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    corpus = ['What is 3+4? <tool_call>\n{"name": "add", "arguments": {"a": 3, "b": 4}}\n</tool_call>'] * 50
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # any text, not only the corpus's
+        show_progress=False,
+    )
+    tk.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+def _trl_template(name):
+    """A chat template TRL ships (the model's own, byte for byte, or TRL's training variant)."""
+    pytest.importorskip("trl")
+    return (resources.files("trl") / "chat_templates" / f"{name}.jinja").read_text(encoding="utf-8")
+
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "add",
+            "description": "Add two numbers.",
+            "parameters": {
+                "type": "object",
+                "properties": {"a": {"type": "number"}, "b": {"type": "number"}},
+                "required": ["a", "b"],
+            },
+        },
+    }
+]
+TOOL_CHAT = [
+    {"role": "user", "content": "What is 3+4?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 3, "b": 4}}}],
+    },
+    {"role": "tool", "content": "7"},
+    {"role": "assistant", "content": "3+4 is 7."},
+]
+TOOL_CALL_TEXT = '<tool_call>\n{"name": "add", "arguments": {"a": 3, "b": 4}}\n</tool_call><|im_end|>\n'
+
+
+@pytest.mark.parametrize("shape", ["messages", "prompt_completion"])
+def test_tool_call_with_null_content_qwen2_5(tmp_path, shape):
+    """Qwen2.5's own template (as TRL ships it): the tool call turn, content null, is an assistant
+    span like any other; the tokens are those TRL renders (the messages go to the template
+    unchanged), and the mask is TRL's assistant mask (from its {% generation %} training variant of
+    the template) less the newline after each assistant header, which is the generation prompt."""
+    tok = _chatml_bpe_tokenizer()
+    template = _trl_template("qwen2_5")
+    if shape == "messages":
+        rec = {"messages": TOOL_CHAT, "tools": TOOLS}
+    else:
+        rec = {"prompt": TOOL_CHAT[:1], "completion": TOOL_CHAT[1:], "tools": TOOLS}
+    ids, mask = tokenize_record(rec, tok, ChatFormatter(tok, template))
+    assert masked_text(tok, ids, mask) == [TOOL_CALL_TEXT, "3+4 is 7.<|im_end|>\n"]
+
+    ref = tok.apply_chat_template(
+        TOOL_CHAT,
+        tools=TOOLS,
+        chat_template=_trl_template("qwen2_5_training"),
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+    )
+    assert ids == list(ref["input_ids"])
+    out = tok.apply_chat_template(TOOL_CHAT, tools=TOOLS, chat_template=template, return_dict=True)
+    assert ids == list(out["input_ids"])
+    only_trl = [i for i, (m, r) in enumerate(zip(mask, ref["assistant_masks"])) if r and not m]
+    assert not [i for i, (m, r) in enumerate(zip(mask, ref["assistant_masks"])) if m and not r]
+    assert len(only_trl) == 2
+    for i in only_trl:
+        assert tok.decode(ids[i : i + 1]) == "\n"
+        assert tok.decode(ids[: i + 1]).endswith("<|im_start|>assistant\n")
+
+    # the same from a file, and with the training variant (its markers agree with the prefixes)
+    ex, _ = load_examples(_write(tmp_path / "t.jsonl", [rec]), tok, max_seq_len=2048, chat_template=template)
+    assert (ex[0].input_ids, ex[0].loss_mask) == (ids, mask)
+    assert tokenize_record(rec, tok, ChatFormatter(tok, _trl_template("qwen2_5_training"))) == (ids, mask)
+
+
+# no generation prompt, content and tool calls side by side: the span starts after the role header
+NO_GEN_PROMPT_TOOLS = (
+    "{% for m in messages %}{{ m['role'] }}: {% if m['content'] %}{{ m['content'] }}{% endif %}"
+    "{% for c in m['tool_calls'] or [] %}[call {{ c['function']['name'] }}]{% endfor %}{{ '\\n' }}{% endfor %}"
+)
+
+
+def test_tool_call_with_null_content_without_generation_prompt(tokenizer):
+    ids, mask = tokenize_record(
+        {"messages": TOOL_CHAT}, tokenizer, ChatFormatter(tokenizer, NO_GEN_PROMPT_TOOLS)
+    )
+    text = tokenizer.decode(ids)
+    assert "assistant: [call add]\n" in text and "None" not in text
+    assert masked_text(tokenizer, ids, mask) == ["[call add]\n", "3+4 is 7.\n"]
+
+
+@pytest.mark.parametrize(
+    "message, why",
+    [
+        ({"role": "assistant", "content": None}, r"messages\[1\]: 'content' is null"),
+        ({"role": "assistant", "content": None, "tool_calls": []}, r"messages\[1\]: 'content' is null"),
+        ({"role": "user", "content": None, "tool_calls": []}, r"messages\[1\]: 'content' is null"),
+        ({"role": "assistant", "content": 7}, r"messages\[1\]: 'content' must be a string .*got 7"),
+    ],
+)
+def test_null_content_needs_tool_calls(tmp_path, tokenizer, message, why):
+    """Only an assistant message that calls tools may have no content (as in OpenAI's format)."""
+    rec = {"messages": [CHAT[1], message, {"role": "assistant", "content": "7"}]}
+    p = _write(tmp_path / "n.jsonl", [{"messages": CHAT}, rec])
+    with pytest.raises(DataError, match=rf"n\.jsonl: 1 example\(s\) cannot be trained on: line 2: {why}"):
+        load_examples(p, tokenizer, max_seq_len=128)
