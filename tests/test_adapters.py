@@ -403,3 +403,306 @@ def test_peft_adapter_on_the_output_head_loads(arch, tmp_path):
     with pytest.raises(ValueError, match="lm_head.base_layer.weight.*differs from the model's"):
         hoptune.load_adapter(model, tmp_path)
     assert_unchanged(model, snap)
+
+
+# -- module paths that nest: what the config selects and the patterns match -------------------
+class _Block(torch.nn.Module):
+    def __init__(self, inner: bool = False):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 16)
+        self.x = _Block() if inner else None
+
+    def forward(self, h):
+        h = h + torch.tanh(self.proj(h))
+        return h if self.x is None else self.x(h)
+
+
+class _Nested(torch.nn.Module):
+    """Linear layers ``x.proj``, ``y.proj``, ``y.x.proj`` (whose path ends with ``x.proj``) and
+    ``z.proj``; with ``norm`` also a LayerNorm ``norm.proj`` that shares their last name component."""
+
+    def __init__(self, norm: bool = True):
+        super().__init__()
+        self.x, self.y, self.z = _Block(), _Block(inner=True), _Block()
+        self.norm = torch.nn.ModuleDict({"proj": torch.nn.LayerNorm(16)}) if norm else None
+
+    def forward(self, h):
+        h = self.z(self.y(self.x(h)))
+        return h if self.norm is None else self.norm["proj"](h)
+
+
+def _nested_out(model) -> torch.Tensor:
+    h = torch.randn(3, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        return model(h).double()
+
+
+def _adapted(model) -> list[str]:
+    """The adapted module paths of a hoptune or a PEFT model, without PEFT's prefix."""
+    out = []
+    for n, m in model.named_modules():
+        if isinstance(m, LoRALinear) or isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict):
+            out.append(n.removeprefix("base_model.model."))
+    return sorted(out)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        # a layer whose path ends with another's (y.x.proj / x.proj) gets its own rank / alpha
+        dict(rank_pattern={r"^x\.proj$": 2}),
+        dict(alpha_pattern={r"^x\.proj$": 4}),
+        dict(rank_pattern={r"^y\.x\.proj$": 2}, alpha_pattern={r"^z\.proj$": 4}),
+    ],
+)
+def test_patterns_for_nested_paths_roundtrip_with_peft(kwargs, tmp_path):
+    """A per-layer rank / alpha is written as a key that matches that layer only: ``x\\.proj``
+    alone also matches ``y.x.proj`` (PEFT matches keys against the end of a name), which gave
+    ``y.x.proj`` the rank of ``x.proj`` (PEFT refused the shapes) or, silently, its alpha."""
+    base = _Nested(norm=False).eval()
+    torch.manual_seed(1)
+    model = hoptune.apply_lora(copy.deepcopy(base), r=4, alpha=8, init_lora_weights=False, **kwargs)
+    want = _nested_out(model)
+    hoptune.save_adapter(model, tmp_path)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    assert rel(_nested_out(pm), want) <= 1e-6
+    again = hoptune.load_adapter(copy.deepcopy(base), tmp_path)
+    assert rel(_nested_out(again), want) <= 1e-7
+    scales = {n: m.scaling for n, m in again.named_modules() if isinstance(m, LoRALinear)}
+    assert scales == {n: m.scaling for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@pytest.mark.parametrize(
+    "target, adapted",
+    [
+        (r"x\.proj", ["x.proj"]),  # the list ["x.proj"] would select y.x.proj too
+        (r"y\.x\.proj|z\.proj", ["y.x.proj", "z.proj"]),  # full paths that select no more
+        # ["proj"] would select the LayerNorm norm.proj (PEFT refused it; hoptune refused its own file)
+        ("all-linear", ["x.proj", "y.proj", "y.x.proj", "z.proj"]),
+    ],
+)
+def test_target_modules_select_exactly_the_adapted_layers(target, adapted, tmp_path):
+    """The saved target_modules select, under PEFT's rules and among all modules (not only linear
+    ones), exactly the layers in the file: PEFT then adapts no extra layer (nor fails on a LayerNorm
+    that shares a name), and hoptune loads what it saved."""
+    base = _Nested().eval()
+    torch.manual_seed(1)
+    model = hoptune.apply_lora(
+        copy.deepcopy(base), r=2, alpha=4, target_modules=target, init_lora_weights=False
+    )
+    assert _adapted(model) == adapted
+    want = _nested_out(model)
+    hoptune.save_adapter(model, tmp_path)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    assert _adapted(pm) == adapted
+    assert rel(_nested_out(pm), want) <= 1e-6
+    again = hoptune.load_adapter(copy.deepcopy(base), tmp_path)
+    assert _adapted(again) == adapted
+    assert rel(_nested_out(again), want) <= 1e-7
+
+
+# -- saving: the pair of files, the arguments --------------------------------------------------
+def test_failed_config_write_leaves_the_previous_adapter_whole(tmp_path, monkeypatch):
+    """The disk filling up while the config is written must not leave the new weights beside the
+    old config: with the same shapes they would load with the old alpha, silently."""
+    import builtins
+
+    hoptune.save_adapter(ours(tiny_model(), "lora"), tmp_path)
+    before = {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)}
+    real_open = builtins.open
+
+    def full_disk(file, mode="r", *args, **kwargs):
+        if "adapter_config.json" in os.fspath(file) and any(c in mode for c in "wax"):
+            raise OSError(28, "No space left on device")
+        return real_open(file, mode, *args, **kwargs)
+
+    other = hoptune.apply_lora(tiny_model(), r=4, alpha=32, init_lora_weights=False)
+    monkeypatch.setattr(builtins, "open", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        hoptune.save_adapter(other, tmp_path)
+    monkeypatch.undo()
+    assert {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)} == before  # no temp files left
+
+
+def test_base_model_name_or_path_may_be_a_path(tmp_path):
+    import pathlib
+
+    model = ours(tiny_model(), "lora")
+    hoptune.save_adapter(model, tmp_path / "a", base_model_name_or_path=pathlib.Path("models/base"))
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == os.path.join("models", "base")
+    with pytest.raises(TypeError, match="base_model_name_or_path must be a str, a path or None, got 5"):
+        hoptune.save_adapter(model, tmp_path / "b", base_model_name_or_path=5)
+    assert not (tmp_path / "b").exists()
+
+
+def test_save_and_load_through_torch_compile(tmp_path):
+    """torch.compile's wrapper puts ``_orig_mod.`` in front of every module path: not a part of the
+    model's paths, so not of the keys (PEFT ignored such keys and loaded the base model alone)."""
+    base = tiny_model()
+    model = ours(base, "lora")
+    want = logits(model)
+    hoptune.save_adapter(torch.compile(model), tmp_path)
+    keys = load_file(tmp_path / "adapter_model.safetensors").keys()
+    assert all(k.startswith("base_model.model.model.layers.") for k in keys)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    assert rel(logits(pm), want) <= 1e-6
+    compiled = torch.compile(copy.deepcopy(base))
+    assert hoptune.load_adapter(compiled, tmp_path) is compiled
+    assert rel(logits(compiled._orig_mod), want) <= 1e-7
+
+
+# -- loading: PEFT's copies of base weights ----------------------------------------------------
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_peft_adapter_with_saved_embedding_layers_loads(arch, tmp_path):
+    """``save_pretrained(save_embedding_layers=True)`` (or PEFT's "auto" after a vocabulary resize)
+    adds full copies of the input and output embeddings: copies equal to the model's own load, as
+    in PEFT; copies that differ (a resized or retrained vocabulary) are refused, not dropped."""
+    base = tiny_model(arch)
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(target_modules=["q_proj"], r=4, lora_alpha=8, init_lora_weights=False)
+    pm = peft.get_peft_model(copy.deepcopy(base), cfg).eval()
+    pm.save_pretrained(tmp_path, save_embedding_layers=True)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(path)
+    assert {"base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"} <= tensors.keys()
+    assert rel(logits(hoptune.load_adapter(copy.deepcopy(base), tmp_path)), logits(pm)) <= 1e-6
+
+    tensors["base_model.model.model.embed_tokens.weight"] = torch.cat(
+        [tensors["base_model.model.model.embed_tokens.weight"], torch.zeros(2, 64)]
+    )
+    save_file(tensors, path, metadata={"format": "pt"})
+    model = copy.deepcopy(base)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"model\.embed_tokens\.weight.*differs from the model's.*resized"):
+        hoptune.load_adapter(model, tmp_path)
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        # PEFT saves whole weights of the embedding layers only (and of modules_to_save, which is off)
+        ("model.layers.0.mlp.up_proj.weight", torch.zeros(128, 64), r"mlp\.up_proj\.weight.*not a LoRA A/B"),
+        (
+            "lm_head.weight",
+            torch.zeros(128, 64, dtype=torch.int64),
+            r"lm_head\.weight must hold floating-point",
+        ),
+        ("lm_head.bias", torch.zeros(128), r"lm_head\.bias.*model's lm_head has no bias"),
+    ],
+)
+def test_bad_copies_of_base_weights_are_refused(saved, key, value, match):
+    path = saved / "adapter_model.safetensors"
+    tensors = load_file(path)
+    tensors[f"base_model.model.{key}"] = value
+    save_file(tensors, path, metadata={"format": "pt"})
+    model = tiny_model()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        hoptune.load_adapter(model, saved)
+    assert_unchanged(model, snap)
+
+
+# -- clearer errors ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"target_modules": 5}, r"adapter_config\.json: target_modules must be"),
+        ({"target_modules": []}, r"adapter_config\.json: target_modules must be"),
+        ({"exclude_modules": 3}, r"adapter_config\.json: exclude_modules must be"),
+    ],
+)
+def test_bad_target_modules_name_the_file(saved, changes, match):
+    _edit_config(saved, **changes)
+    model = tiny_model()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        hoptune.load_adapter(model, saved)
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("lora_A.weight", torch.zeros(4, 64, dtype=torch.int32), r"q_proj\.lora_A\.weight must hold finite"),
+        ("lora_B.weight", torch.full((64, 4), float("nan")), r"q_proj\.lora_B\.weight must hold finite"),
+        ("lora_B.weight", torch.zeros(64, 2), r"q_proj: lora_A\.weight has rank 4 but lora_B\.weight has 2"),
+    ],
+)
+def test_bad_tensors_name_the_key(saved, key, value, match):
+    path = saved / "adapter_model.safetensors"
+    tensors = load_file(path)
+    tensors[f"base_model.model.model.layers.0.self_attn.q_proj.{key}"] = value
+    save_file(tensors, path, metadata={"format": "pt"})
+    model = tiny_model()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        hoptune.load_adapter(model, saved)
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize(
+    "extra, adapted_layers",
+    [
+        (dict(layers_to_transform=[1]), {1}),
+        (dict(layers_to_transform=0), {0}),
+        (dict(layers_to_transform=[0, 1], layers_pattern="layers"), {0, 1}),
+        (dict(layers_to_transform=[1], layers_pattern=["h", "layers"]), {1}),
+        (dict(layers_to_transform=[1], layers_pattern=""), {1}),
+    ],
+)
+def test_peft_adapter_with_layers_to_transform_loads(extra, adapted_layers, tmp_path):
+    """PEFT's layers_to_transform (with layers_pattern) only narrows which layers target_modules
+    selects: such an adapter loads, with LoRA on exactly the layers PEFT adapted."""
+    base = tiny_model()
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(
+        target_modules=["q_proj", "down_proj"], r=4, lora_alpha=8, init_lora_weights=False, **extra
+    )
+    pm = peft.get_peft_model(copy.deepcopy(base), cfg).eval()
+    pm.save_pretrained(tmp_path)
+    model = hoptune.load_adapter(copy.deepcopy(base), tmp_path)
+    assert rel(logits(model), logits(pm)) <= 1e-6
+    assert _adapted(model) == _adapted(pm)
+    assert {int(n.split(".")[2]) for n in _adapted(model)} == adapted_layers
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"layers_to_transform": "0"}, "layers_to_transform must be a layer index or a list of them"),
+        (
+            {"layers_to_transform": [0], "target_modules": ".*q_proj"},
+            "layers_to_transform.*list target_modules",
+        ),
+        ({"layers_to_transform": [0], "layers_pattern": 3}, "layers_pattern must be"),
+        (
+            {"layers_to_transform": [0], "layers_pattern": "("},
+            "layers_pattern.*not a valid regular expression",
+        ),
+    ],
+)
+def test_bad_layers_to_transform(saved, changes, match):
+    _edit_config(saved, **changes)
+    model = tiny_model()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        hoptune.load_adapter(model, saved)
+    assert_unchanged(model, snap)
+
+
+def test_folder_of_named_adapters_says_where_they_are(tmp_path):
+    """PEFT saves an adapter not named "default" in a subfolder of that name: the error for the
+    parent folder points there instead of only naming the missing file."""
+    base = tiny_model()
+    cfg = peft.LoraConfig(target_modules=["q_proj"], r=2, lora_alpha=4)
+    pm = peft.get_peft_model(copy.deepcopy(base), cfg, adapter_name="math")
+    pm.save_pretrained(tmp_path)
+    assert (
+        not (tmp_path / "adapter_config.json").exists()
+        and (tmp_path / "math" / "adapter_config.json").exists()
+    )
+    with pytest.raises(FileNotFoundError, match=r"adapter_config\.json does not exist.*subfolders.*'math'"):
+        hoptune.load_adapter(copy.deepcopy(base), tmp_path)
+    hoptune.load_adapter(copy.deepcopy(base), tmp_path / "math")

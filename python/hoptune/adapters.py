@@ -9,9 +9,12 @@ A folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` (metada
 
 ``PeftModel.from_pretrained(base, folder)`` loads what :func:`save_adapter` writes, and
 :func:`load_adapter` loads what ``PeftModel.save_pretrained`` writes (LoRA, rsLoRA, DoRA,
-``rank_pattern`` / ``alpha_pattern``). A config field hoptune does not implement (``lora_bias``,
-``layer_replication``, ``modules_to_save``...) is an error when it is switched on, and a field it
-does not know at all is an error too: nothing is dropped silently.
+``rank_pattern`` / ``alpha_pattern``, ``layers_to_transform``). A config field hoptune does not
+implement (``lora_bias``, ``layer_replication``, ``modules_to_save``...) is an error when it is
+switched on, and a field it does not know at all is an error too: nothing is dropped silently. PEFT's copies of base weights
+(``<head>.base_layer.weight`` beside an adapted output head; ``embed_tokens.weight`` /
+``lm_head.weight`` with ``save_embedding_layers``) load when they equal the model's own weights:
+hoptune never replaces base weights.
 """
 
 from __future__ import annotations
@@ -22,16 +25,18 @@ import os
 import re
 import warnings
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 
-from hoptune._io import atomic_write, atomic_write_text
+from hoptune._io import atomic_write
 from hoptune.nn.lora import LoRALinear
 from hoptune.patch import (
     _check_pattern,
+    _check_spec,
     _is_linear,
+    _matches,
     _Target,
     check_target,
     lora_layers,
@@ -57,6 +62,8 @@ _USED = {
     "use_dora",
     "rank_pattern",
     "alpha_pattern",
+    "layers_to_transform",
+    "layers_pattern",
 }
 # informational, or used only to initialise a fresh adapter (the weights on disk replace that)
 _IGNORED = {
@@ -72,7 +79,6 @@ _IGNORED = {
     "corda_config",
     "lora_ga_config",
     "runtime_config",
-    "layers_pattern",  # only read together with layers_to_transform, which must be off
     "megatron_core",  # only read together with megatron_config, which must be off
     "qalora_group_size",  # only read with use_qalora, which must be off
     "ensure_weight_tying",  # only about modules_to_save / trainable tokens, which must be off
@@ -82,7 +88,6 @@ _OFF: dict[str, tuple] = {
     "bias": ("none",),
     "fan_in_fan_out": (False,),
     "modules_to_save": (None, []),
-    "layers_to_transform": (None, []),
     "layer_replication": (None, []),
     "lora_bias": (False,),
     "use_qalora": (False,),
@@ -111,8 +116,10 @@ def _common(values: list) -> object:
 
 
 def _pattern_keys(names: list[str], value_of: dict[str, object], default: object) -> dict[str, object]:
-    """Per-module exceptions to ``default`` as PEFT pattern keys: the last name component when every
-    adapted module with that component agrees, else the escaped full path."""
+    r"""Per-module exceptions to ``default`` as PEFT pattern keys: the last name component when every
+    adapted module with that component agrees, else the escaped full path anchored with ``^`` (PEFT
+    matches a key against the end of a name, ``(.*\.)?(key)$``: without the anchor ``x\.proj`` would
+    also match ``y.x.proj``, and the first matching key wins)."""
     out: dict[str, object] = {}
     by_suffix: dict[str, list[str]] = {}
     for n in names:
@@ -124,21 +131,49 @@ def _pattern_keys(names: list[str], value_of: dict[str, object], default: object
         if len(vals) == 1:
             out[re.escape(suffix)] = next(iter(vals))
         else:
-            out.update({re.escape(n): value_of[n] for n in group if value_of[n] != default})
+            out.update({"^" + re.escape(n): value_of[n] for n in group if value_of[n] != default})
     return out
 
 
-def _target_list(model: nn.Module, names: list[str]) -> list[str]:
-    """target_modules for the config: the last name components when they select exactly the adapted
-    layers (PEFT's suffix rule), else the full module paths."""
-    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
-    chosen = {n for n, m in model.named_modules() if n and (_is_linear(m) or isinstance(m, LoRALinear))}
-    by_suffix = {n for n in chosen if any(n == s or n.endswith("." + s) for s in suffixes)}
-    return suffixes if by_suffix == set(names) else sorted(names)
+def _module_names_without_lora(model: nn.Module) -> list[str]:
+    """The module paths PEFT sees in the base model: those of ``model`` but the children a LoRALinear
+    adds (``lora_dropout``); the layer it replaced had none."""
+    inside = tuple(n + "." for n, m in model.named_modules() if isinstance(m, LoRALinear))
+    return [n for n, _ in model.named_modules() if n and not n.startswith(inside)]
 
 
-def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
+def _target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
+    """target_modules for the config, the first of these forms that selects exactly the adapted layers
+    among all the modules of the model (PEFT's rules: a list entry matches a path equal to it or
+    ending in ``"." + entry``, a string must match the whole path): the last name components, the
+    full paths, a regular expression of the full paths. A form that selected more (a nested
+    ``y.x.proj`` for ``x.proj``; a LayerNorm or a convolution that shares a layer's last component)
+    makes PEFT adapt layers the file has no weights for, or fail, and hoptune refuse the file."""
+    every = _module_names_without_lora(model)
+    want = set(names)
+    for spec in (sorted({n.rsplit(".", 1)[-1] for n in names}), sorted(names)):
+        if {n for n in every if _matches(spec, n)} == want:
+            return spec
+    return "|".join(re.escape(n) for n in sorted(names))
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile's wrapper: its ``_orig_mod.`` is no part of the model's module
+    paths, of which PEFT's keys are made (PEFT ignores keys it does not know: it would load the base
+    model alone)."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
+def adapter_config(model: nn.Module, base_model_name_or_path: str | os.PathLike | None = None) -> dict:
     """The ``adapter_config.json`` content describing the LoRA layers of ``model``."""
+    if isinstance(base_model_name_or_path, os.PathLike):
+        base_model_name_or_path = os.fspath(base_model_name_or_path)
+    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
+        raise TypeError(
+            f"base_model_name_or_path must be a str, a path or None, got {base_model_name_or_path!r}"
+        )
+    model = _unwrap(model)
     layers = lora_layers(model)
     if not layers:
         raise ValueError(f"model ({type(model).__name__}) has no LoRA layers; call hoptune.apply_lora first")
@@ -169,7 +204,7 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None)
         "revision": None,
         "r": r,
         "lora_alpha": alpha,
-        "target_modules": _target_list(model, names),
+        "target_modules": _target_modules(model, names),
         "exclude_modules": None,
         "rank_pattern": _pattern_keys(names, ranks, r),
         "alpha_pattern": _pattern_keys(names, alphas, alpha),
@@ -225,6 +260,14 @@ def check_adapter_config(cfg: object, where: str = CONFIG_NAME) -> dict:
         raise ValueError(f"{where}: lora_dropout must be a number in [0, 1), got {d!r}")
     if out.get("target_modules") is None:
         raise ValueError(f"{where}: target_modules is missing")
+    for field in ("target_modules", "exclude_modules"):
+        if field == "exclude_modules" and out.get(field) == []:
+            continue  # PEFT: an empty exclude_modules excludes nothing
+        try:
+            _check_spec(field, out.get(field), allow_none=field == "exclude_modules")
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: {e}") from e
+    _check_layers(out, where)
     for field, kind in (("rank_pattern", int), ("alpha_pattern", float)):
         if not isinstance(out[field], dict):
             raise ValueError(f"{where}: {field} must be an object, got {out[field]!r}")
@@ -243,8 +286,75 @@ def check_adapter_config(cfg: object, where: str = CONFIG_NAME) -> dict:
     return out
 
 
+def _is_index(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_layers(cfg: dict, where: str) -> None:
+    """layers_to_transform (a layer index or a list of them) and layers_pattern (a regular expression
+    or a list of them), as PEFT's LoraConfig accepts them: only beside a list target_modules."""
+    idx = cfg.get("layers_to_transform")
+    if idx is None or idx == []:
+        return
+    if not (_is_index(idx) or (isinstance(idx, list) and all(_is_index(i) for i in idx))):
+        raise ValueError(f"{where}: layers_to_transform must be a layer index or a list of them, got {idx!r}")
+    if isinstance(cfg["target_modules"], str):
+        raise ValueError(
+            f"{where}: layers_to_transform needs a list target_modules (PEFT refuses it beside the regular "
+            f"expression {cfg['target_modules']!r})"
+        )
+    pattern = cfg.get("layers_pattern")
+    patterns = [pattern] if isinstance(pattern, str) else pattern
+    if patterns is not None and not (
+        isinstance(patterns, list) and all(isinstance(p, str) for p in patterns)
+    ):
+        raise ValueError(
+            f"{where}: layers_pattern must be a string, a list of strings or null, got {pattern!r}"
+        )
+    for p in patterns or []:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise ValueError(f"{where}: layers_pattern {p!r} is not a valid regular expression: {e}") from e
+
+
+def _layer_filter(cfg: dict) -> Callable[[str], bool] | None:
+    """PEFT's layers_to_transform: None when every layer counts, else whether a module path lies in one
+    of the layers it names. The layer index is the number after the first ``<layers_pattern>.`` in the
+    path, or without a pattern the first number that follows a name component (``model.layers.3.``)."""
+    idx = cfg.get("layers_to_transform")
+    if idx is None or idx == []:
+        return None
+    wanted = {idx} if isinstance(idx, int) else set(idx)
+    pattern = cfg.get("layers_pattern")
+    if not pattern:  # None, "" or []: any name before the index, as in PEFT
+        regexes = [re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")]
+    else:
+        patterns = [pattern] if isinstance(pattern, str) else pattern
+        regexes = [re.compile(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.") for p in patterns]
+
+    def in_layers(name: str) -> bool:
+        for rx in regexes:
+            m = rx.match(name)
+            if m is not None:
+                return int(m["idx"]) in wanted
+        return False
+
+    return in_layers
+
+
 def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
-    path = os.path.join(os.fspath(adapter_dir), CONFIG_NAME)
+    folder = os.fspath(adapter_dir)
+    path = os.path.join(folder, CONFIG_NAME)
+    if not os.path.isfile(path):
+        # PEFT's save_pretrained puts an adapter not named "default" in a subfolder of its name
+        named = (
+            sorted(d for d in os.listdir(folder) if os.path.isfile(os.path.join(folder, d, CONFIG_NAME)))
+            if os.path.isdir(folder)
+            else []
+        )
+        hint = f"; adapters are in its subfolders {named}: pass one of those" if named else ""
+        raise FileNotFoundError(f"{path} does not exist{hint}")
     try:
         with open(path, encoding="utf-8") as f:
             cfg = json.load(f)
@@ -258,6 +368,7 @@ def adapter_state_dict(
     model: nn.Module, dtype: torch.dtype | None = torch.float32
 ) -> dict[str, torch.Tensor]:
     """The PEFT-keyed adapter tensors of ``model`` on the CPU (``dtype=None`` keeps their dtype)."""
+    model = _unwrap(model)
     out = {}
     for name, lora in lora_layers(model):
         parts = {"lora_A.weight": lora.lora_A, "lora_B.weight": lora.lora_B}
@@ -273,25 +384,40 @@ def save_adapter(
     model: nn.Module,
     adapter_dir: str | os.PathLike,
     dtype: torch.dtype | None = torch.float32,
-    base_model_name_or_path: str | None = None,
+    base_model_name_or_path: str | os.PathLike | None = None,
 ) -> None:
-    """Write the adapters of ``model`` to ``adapter_dir`` in PEFT's format (atomically, file by file).
+    """Write the adapters of ``model`` to ``adapter_dir`` in PEFT's format (each file atomically).
 
     ``dtype``: of the saved tensors (fp32 like PEFT; None keeps the training dtype).
-    ``base_model_name_or_path``: recorded in the config (default: ``model.config._name_or_path``)."""
+    ``base_model_name_or_path``: recorded in the config (default: ``model.config._name_or_path``).
+
+    The config is written to a temporary file (and synced) before the weights replace the old ones,
+    and renamed into place right after them: a failure while writing (a full disk) leaves the
+    previous adapter whole, not new weights beside an old config (same shapes, another alpha: a
+    silently wrong scale). Only a crash between the two renames can still leave such a pair."""
     if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"dtype must be float32, bfloat16, float16 or None, got {dtype}")
     from safetensors.torch import save_file
 
-    cfg = adapter_config(model, base_model_name_or_path)
+    model = _unwrap(model)
+    cfg_text = json.dumps(adapter_config(model, base_model_name_or_path), indent=2, sort_keys=True) + "\n"
     state = adapter_state_dict(model, dtype)
     _warn_unsaved_trainables(model)
     folder = os.fspath(adapter_dir)
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ValueError(f"adapter_dir {folder!r} exists and is not a directory")
     os.makedirs(folder, exist_ok=True)
-    atomic_write(os.path.join(folder, WEIGHTS_NAME), lambda p: save_file(state, p, metadata={"format": "pt"}))
-    atomic_write_text(os.path.join(folder, CONFIG_NAME), json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+    def write_config_then_weights(tmp_config: str) -> None:
+        with open(tmp_config, "w", encoding="utf-8") as f:
+            f.write(cfg_text)
+            f.flush()
+            os.fsync(f.fileno())  # a full disk shows here at the latest, before the weights are replaced
+        atomic_write(
+            os.path.join(folder, WEIGHTS_NAME), lambda p: save_file(state, p, metadata={"format": "pt"})
+        )
+
+    atomic_write(os.path.join(folder, CONFIG_NAME), write_config_then_weights)
 
 
 def _warn_unsaved_trainables(model: nn.Module) -> None:
@@ -332,47 +458,92 @@ def _read_weights(adapter_dir: str) -> dict[str, torch.Tensor]:
         raise ValueError(f"cannot read {path}: {e} (the file may be truncated or corrupt)") from e
 
 
-def _group(tensors: Mapping[str, torch.Tensor], path: str) -> dict[str, dict[str, torch.Tensor]]:
-    """``{module path: {"A": .., "B": .., "M": ..}}`` from PEFT keys; unknown keys are errors."""
-    parts = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude_vector": "M"}
-    parts["lora_magnitude_vector.weight"] = "M"  # older PEFT versions
-    # PEFT's copy of a targeted output head's weight (its save_embedding_layers="auto"), checked in load_adapter
-    parts["base_layer.weight"] = "W"
-    out: dict[str, dict[str, torch.Tensor]] = {}
+# on-disk suffix of each LoRA tensor -> its name in _group's output
+_LORA_PARTS = {
+    "lora_A.weight": "lora_A.weight",
+    "lora_B.weight": "lora_B.weight",
+    "lora_magnitude_vector": "lora_magnitude_vector",
+    "lora_magnitude_vector.weight": "lora_magnitude_vector",  # older PEFT versions
+}
+
+
+def _unknown_key(path: str, key: str) -> ValueError:
+    return ValueError(
+        f"{path}: key {key!r} is not a LoRA A/B or DoRA magnitude tensor; hoptune does not support it "
+        "(lora_bias, embedding adapters, modules_to_save and trainable tokens are not implemented)"
+    )
+
+
+def _group(
+    tensors: Mapping[str, torch.Tensor], path: str
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, tuple[str, str, bool, torch.Tensor]]]:
+    """``{module path: {part: tensor}}`` of the LoRA tensors (parts ``lora_A.weight``,
+    ``lora_B.weight``, ``lora_magnitude_vector``), and ``{key: (module path, "weight" | "bias",
+    under base_layer, tensor)}`` of PEFT's copies of base weights: ``<m>.base_layer.weight`` beside
+    an output head it adapts, ``<m>.weight`` of an embedding layer (its ``save_embedding_layers``),
+    both checked in load_adapter. Other keys are errors."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    copies: dict[str, tuple[str, str, bool, torch.Tensor]] = {}
     for key, t in tensors.items():
         if not key.startswith(PREFIX):
             raise ValueError(
                 f"{path}: key {key!r} does not start with {PREFIX!r}; this is not a PEFT LoRA adapter"
             )
         rest = key[len(PREFIX) :]
-        for suffix, part in parts.items():
+        for suffix, part in _LORA_PARTS.items():
             if rest.endswith("." + suffix):
-                out.setdefault(rest[: -len(suffix) - 1], {})[part] = t
+                groups.setdefault(rest[: -len(suffix) - 1], {})[part] = t
                 break
         else:
-            raise ValueError(
-                f"{path}: key {key!r} is not a LoRA A/B or DoRA magnitude tensor; hoptune does not support it "
-                "(lora_bias, embedding adapters, modules_to_save and trainable tokens are not implemented)"
-            )
-    return out
+            module, _, param = rest.rpartition(".")
+            under_base = module.endswith(".base_layer")
+            module = module.removesuffix(".base_layer")
+            if param not in ("weight", "bias") or not module or module.rsplit(".", 1)[-1].startswith("lora_"):
+                raise _unknown_key(path, key)
+            copies[key] = (module, param, under_base, t)
+    return groups, copies
 
 
-def _check_base_copy(name: str, mod: nn.Module, stored: torch.Tensor, path: str) -> None:
-    """PEFT stores ``<name>.base_layer.weight`` beside the LoRA factors of an output head it adapts; the
-    adapter fits the model only when that copy is the model's own weight (compared in the coarser of
-    the two dtypes: a bf16 model loaded from the fp32 weights PEFT saved matches)."""
+def _embedding_names(model: nn.Module) -> set[str]:
+    """Paths of the model's input and output embeddings: the layers PEFT saves whole (its
+    ``save_embedding_layers``)."""
+    layers = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        get = getattr(model, getter, None)
+        try:
+            layers.append(get() if callable(get) else None)
+        except (NotImplementedError, AttributeError):  # transformers' default for models without one
+            continue
+    return {n for n, m in model.named_modules() if any(m is e for e in layers if e is not None)}
+
+
+def _check_base_copy(
+    key: str, name: str, mod: nn.Module, param: str, stored: torch.Tensor, path: str
+) -> None:
+    """``key`` is PEFT's copy of the ``param`` of layer ``name``; the adapter fits the model only when
+    that copy is the model's own tensor (compared in the coarser of the two dtypes: a bf16 model
+    loaded from the fp32 weights PEFT saved matches)."""
     if getattr(mod, "quantized", False):
         raise ValueError(
-            f"{path}: {name}.base_layer.weight is PEFT's copy of the layer's weight, which cannot be checked "
-            f"against the model's NF4 {name}; load this adapter on a model whose {name} is not quantized"
+            f"{path}: {key} is PEFT's copy of the layer's {param}, which cannot be checked against the "
+            f"model's NF4 {name}; load this adapter on a model whose {name} is not quantized"
         )
-    weight = mod.weight.detach()
-    dtype = max((stored.dtype, weight.dtype), key=lambda d: torch.finfo(d).eps)
-    if stored.shape != weight.shape or not torch.equal(stored.to(weight.device, dtype), weight.to(dtype)):
+    own = getattr(mod, param, None)
+    if not isinstance(own, torch.Tensor):
         raise ValueError(
-            f"{path}: {name}.base_layer.weight (PEFT's copy of the layer's weight, shape {list(stored.shape)}) "
-            f"differs from the model's {name} (shape {list(weight.shape)}); hoptune does not replace base "
-            "weights: load the adapter on the model it was trained on"
+            f"{path}: {key} is PEFT's copy of the {param} of {name}, but the model's {name} has no {param}; "
+            "hoptune does not replace base weights: load the adapter on the model it was trained on"
+        )
+    if not stored.is_floating_point():
+        raise ValueError(f"{path}: {key} must hold floating-point values, got {stored.dtype}")
+    own = own.detach()
+    dtype = max((stored.dtype, own.dtype), key=lambda d: torch.finfo(d).eps)
+    if stored.shape != own.shape or not torch.equal(stored.to(own.device, dtype), own.to(dtype)):
+        raise ValueError(
+            f"{path}: {key} (PEFT's copy of the layer's {param}, shape {list(stored.shape)}) differs from the "
+            f"model's {name}.{param} (shape {list(own.shape)}); hoptune does not replace base weights: load "
+            "the adapter on the model it was trained on (PEFT saves such a copy when the vocabulary was resized "
+            "or the layer trained; that adapter needs the same resized or trained layer)"
         )
 
 
@@ -397,21 +568,23 @@ def load_adapter(
     model that already has LoRA layers must have exactly the layers, ranks and scales of the
     adapter: its weights are replaced. ``trainable`` sets ``requires_grad`` of the loaded adapter
     (False by default, as in PEFT). Everything is checked first: an adapter for another
-    architecture or with other shapes is an error and the model is left unchanged."""
+    architecture or with other shapes is an error and the model is left unchanged. A model wrapped
+    by torch.compile is patched inside its wrapper (and the wrapper returned)."""
     if not isinstance(trainable, bool):
         raise TypeError(f"trainable must be True or False, got {trainable!r}")
+    given, model = model, _unwrap(model)
     folder = os.fspath(adapter_dir)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"adapter_dir {folder!r} is not a directory")
     cfg = read_adapter_config(folder)
     weights_path = os.path.join(folder, WEIGHTS_NAME)
-    groups = _group(_read_weights(folder), weights_path)
+    groups, copies = _group(_read_weights(folder), weights_path)
     if not groups:
         raise ValueError(f"{weights_path} holds no LoRA tensors")
 
     # 1. every module of the file exists, is a linear layer, and its tensors fit it
     modules = dict(model.named_modules())
-    missing = [n for n in groups if n not in modules]
+    missing = [n for n in dict.fromkeys([*groups, *(c[0] for c in copies.values())]) if n not in modules]
     if missing:
         have = sorted(
             {n.rsplit(".", 1)[-1] for n, m in modules.items() if _is_linear(m) or isinstance(m, LoRALinear)}
@@ -427,13 +600,18 @@ def load_adapter(
             raise ValueError(
                 f"adapter module {name!r} is a {type(mod).__name__} in the model, not a linear layer"
             )
-        for part in ("A", "B"):
+        for part in ("lora_A.weight", "lora_B.weight"):
             if part not in g:
-                raise ValueError(f"{weights_path}: {name} has no lora_{part}.weight")
-        a, b = g["A"], g["B"]
+                raise ValueError(f"{weights_path}: {name} has no {part}")
+        a, b = g["lora_A.weight"], g["lora_B.weight"]
         if a.dim() != 2 or b.dim() != 2:
             raise ValueError(
                 f"{weights_path}: {name} lora_A / lora_B must be 2-D, got {tuple(a.shape)} / {tuple(b.shape)}"
+            )
+        if a.shape[0] != b.shape[1]:
+            raise ValueError(
+                f"{weights_path}: {name}: lora_A.weight has rank {a.shape[0]} but lora_B.weight has {b.shape[1]} "
+                f"(shapes {tuple(a.shape)} and {tuple(b.shape)}; lora_A is [r, in], lora_B [out, r])"
             )
         r = a.shape[0]
         fan_in, fan_out = mod.in_features, mod.out_features
@@ -448,22 +626,27 @@ def load_adapter(
             raise ValueError(
                 f"{weights_path}: {name} has rank {r} but the config (r / rank_pattern) says {want_r}"
             )
-        if cfg["use_dora"] != ("M" in g):
+        if cfg["use_dora"] != ("lora_magnitude_vector" in g):
             raise ValueError(
                 f"{weights_path}: {name} {'lacks' if cfg['use_dora'] else 'has'} lora_magnitude_vector but the "
                 f"config says use_dora={cfg['use_dora']}"
             )
-        if "M" in g and tuple(g["M"].shape) != (fan_out,):
+        m = g.get("lora_magnitude_vector")
+        if m is not None and tuple(m.shape) != (fan_out,):
             raise ValueError(
-                f"shape mismatch for {name}: lora_magnitude_vector must be [{fan_out}], got {tuple(g['M'].shape)}"
+                f"shape mismatch for {name}: lora_magnitude_vector must be [{fan_out}], got {tuple(m.shape)}"
             )
         for part, t in g.items():
             if not t.is_floating_point() or not torch.isfinite(t).all():
-                raise ValueError(f"{weights_path}: {name} {part} must hold finite floating-point values")
-        if "W" in g:
-            _check_base_copy(name, mod, g["W"], weights_path)
+                raise ValueError(f"{weights_path}: {name}.{part} must hold finite floating-point values")
         alpha = float(pattern_value(cfg["alpha_pattern"], name, cfg["lora_alpha"]))
         targets.append(_Target(name, mod, int(r), alpha))
+    embeddings = _embedding_names(model)
+    for key, (name, param, under_base, t) in copies.items():
+        # PEFT writes base_layer copies for the layers it adapts, whole copies for the embedding layers
+        if name not in (groups if under_base else embeddings):
+            raise _unknown_key(weights_path, key)
+        _check_base_copy(key[len(PREFIX) :], name, modules[name], param, t, weights_path)
 
     # 2. the config selects exactly the modules the file has weights for
     try:
@@ -471,10 +654,14 @@ def load_adapter(
         selected = {n for n, _ in picked}
     except ValueError as e:
         raise ValueError(f"the adapter in {folder} does not fit {type(model).__name__}: {e}") from e
+    in_layers = _layer_filter(cfg)
+    if in_layers is not None:
+        selected = {n for n in selected if in_layers(n)}
     if selected != set(groups):
         extra = sorted(selected - set(groups))
+        by = "target_modules" + (" with layers_to_transform" if in_layers is not None else "")
         raise ValueError(
-            f"{folder}: target_modules selects {len(selected)} layers but the weights cover {len(groups)}"
+            f"{folder}: {by} selects {len(selected)} layers but the weights cover {len(groups)}"
             + (
                 f"; no weights for {extra[:3]}"
                 if extra
@@ -529,11 +716,11 @@ def load_adapter(
     with torch.no_grad():
         for name, g in groups.items():
             lora = model.get_submodule(name)
-            lora.lora_A.copy_(g["A"])
-            lora.lora_B.copy_(g["B"])
+            lora.lora_A.copy_(g["lora_A.weight"])
+            lora.lora_B.copy_(g["lora_B.weight"])
             if lora.lora_magnitude is not None:
-                lora.lora_magnitude.copy_(g["M"])
+                lora.lora_magnitude.copy_(g["lora_magnitude_vector"])
             for p in (lora.lora_A, lora.lora_B, lora.lora_magnitude):
                 if p is not None:
                     p.requires_grad_(trainable)
-    return model
+    return given
