@@ -1,4 +1,4 @@
-"""atomic_write: a saved file gets the permissions a plain write would give it, not mkstemp's 0o600."""
+"""atomic_write and the checkpoint folders: the permissions a plain write would give, and durable renames."""
 
 from __future__ import annotations
 
@@ -97,3 +97,43 @@ def test_pretrained_tiny_cache_gets_the_umask_mode(tmp_path, monkeypatch):
     with umask(0o022):
         final = pretrain.pretrained_tiny_path(log=lambda s: None, progress=False)
     assert mode(final) == 0o755
+
+
+@pytest.fixture
+def synced(monkeypatch):
+    """The paths os.fsync is called on (Linux: through /proc/self/fd)."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to name the synced descriptors")
+    paths, real = [], os.fsync
+
+    def fsync(fd):
+        paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return paths
+
+
+def test_atomic_write_syncs_the_folder_after_the_rename(tmp_path, synced):
+    """A rename is durable only once its directory is synced: without it a power cut can leave the
+    old file (or none) although the write returned."""
+    atomic_write_text(tmp_path / "config.json", "{}")
+    assert synced[-1] == str(tmp_path)
+    assert str(tmp_path / "config.json") not in synced[:-1]  # (the data was synced as the temp file)
+
+
+def test_checkpoint_syncs_its_folders(tmp_path, small_model, synced):
+    """A checkpoint's folder (its entries) and the checkpoints folder (the rename into place) are
+    synced, not only the files in them."""
+    from hoptune.patch import apply_lora
+    from hoptune.train import loop
+
+    model = apply_lora(small_model, r=2, alpha=4)
+    opt = loop.build_optimizer(loop.trainable_parameters(model), 1e-2)
+    folder = loop.Checkpointer(tmp_path / "ckpt", keep=1).save(1, model, opt, None, {"step": 1})
+    tmp_dirs = [p for p in synced if os.path.basename(p).startswith(".tmp-step-00000001")]
+    assert tmp_dirs, synced  # the checkpoint's own folder, before it was renamed
+    after = synced[synced.index(tmp_dirs[-1]) + 1 :]
+    parent = os.path.dirname(folder)
+    pointer = next(i for i, p in enumerate(after) if p.endswith("-" + loop.LATEST))
+    assert parent in after[:pointer]  # the rename on disk before the latest pointer names it

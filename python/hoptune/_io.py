@@ -8,12 +8,30 @@ import tempfile
 from collections.abc import Callable
 
 
+def fsync_dir(folder: str) -> None:
+    """fsync a directory: its entries (a file created or renamed in it) are on disk, not only the
+    files' data. POSIX needs this for a rename to survive a power cut; where a directory cannot be
+    opened or synced (some platforms and filesystems) there is nothing more to do."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def fsync_tree(folder: str) -> None:
-    """fsync every file under ``folder``: on disk before the folder is renamed into place."""
+    """fsync every file and directory under ``folder``: on disk before the folder is renamed into
+    place (the caller then syncs the folder's parent, ``fsync_dir``)."""
     for root, _, files in os.walk(folder):
         for f in files:
             with open(os.path.join(root, f), "rb") as fh:
                 os.fsync(fh.fileno())
+        fsync_dir(root)
 
 
 def _umask() -> int:
@@ -43,8 +61,9 @@ def _mode_for(path: str) -> int:
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
     """Call ``write(tmp_path)`` for a temporary file beside ``path``, fsync it, then rename it over
-    ``path`` (atomic on POSIX): readers see the old file or the new one, never a partial one. The
-    file gets the permissions of the one it replaces, or those of a new file under the umask."""
+    ``path`` (atomic on POSIX) and fsync the folder: readers see the old file or the new one, never
+    a partial one, and after a power cut the new one is there. The file gets the permissions of the
+    one it replaces, or those of a new file under the umask."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -60,6 +79,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    fsync_dir(folder)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

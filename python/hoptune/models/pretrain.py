@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from hoptune._io import _umask, fsync_tree
+from hoptune._io import _umask, fsync_dir, fsync_tree
 from hoptune.models.tiny import TINY_CONFIG, build_model, build_tokenizer
 
 # bump when the corpus or the recipe changes: a new cache folder is made
@@ -114,6 +114,7 @@ def pretrained_tiny_path(log: Callable[[str], None] = print, progress: bool = Tr
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0o700 would keep the other users of a shared cache out
         try:
             os.replace(tmp, final)
+            fsync_dir(os.path.dirname(final))
         except OSError:  # another process finished first (a non-empty folder is not replaced)
             if not os.path.isfile(os.path.join(final, "config.json")):
                 raise

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hoptune._io import _umask, atomic_write, atomic_write_text, fsync_tree
+from hoptune._io import _umask, atomic_write, atomic_write_text, fsync_dir, fsync_tree
 from hoptune.losses.logprobs import head_logprobs, token_logprobs_from_logits
 
 # -- device, dtype, seeds --------------------------------------------------------------------------
@@ -500,6 +500,7 @@ class Checkpointer:
                 aside = os.path.join(tempfile.mkdtemp(dir=self.dir, prefix=f".tmp-old-{name}-"), "old")
                 os.replace(final, aside)
             os.replace(tmp, final)
+            fsync_dir(self.dir)  # the rename on disk before the latest pointer names it
         except BaseException:
             if aside is not None and os.path.isdir(aside) and not os.path.exists(final):
                 os.replace(aside, final)  # stopped between the two renames: the old checkpoint goes back
