@@ -15,6 +15,11 @@ switched on, and a field it does not know at all is an error too: nothing is dro
 (``<head>.base_layer.weight`` beside an adapted output head; ``embed_tokens.weight`` /
 ``lm_head.weight`` with ``save_embedding_layers``) load when they equal the model's own weights:
 hoptune never replaces base weights.
+
+transformers' ``Conv1D`` layers (GPT-2) have the tensors above too (``[in, out]`` is the layer's
+own weight, not the adapter's); ``fan_in_fan_out`` in the config is PEFT's record of such layers:
+PEFT sets it per layer it adapts, in model order, True for a Conv1D and False for an nn.Linear,
+and saves the last value. It never changes how the tensors are read.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ from hoptune.patch import (
     _matches,
     _Target,
     check_target,
+    fan_in_fan_out,
+    layer_features,
     lora_layers,
     pattern_value,
     replace_with_lora,
@@ -64,6 +71,7 @@ _USED = {
     "alpha_pattern",
     "layers_to_transform",
     "layers_pattern",
+    "fan_in_fan_out",
 }
 # informational, or used only to initialise a fresh adapter (the weights on disk replace that)
 _IGNORED = {
@@ -86,7 +94,6 @@ _IGNORED = {
 # features hoptune does not implement: allowed only with the value that switches them off
 _OFF: dict[str, tuple] = {
     "bias": ("none",),
-    "fan_in_fan_out": (False,),
     "modules_to_save": (None, []),
     "layer_replication": (None, []),
     "lora_bias": (False,),
@@ -212,7 +219,7 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | os.PathLike 
         "use_dora": bool(first.use_dora),
         "lora_dropout": float(first.lora_dropout_p),
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": fan_in_fan_out(layers[-1][1]),  # PEFT's value: that of the last layer
         "modules_to_save": None,
         "init_lora_weights": True,
         "layers_to_transform": None,
@@ -243,6 +250,7 @@ def check_adapter_config(cfg: object, where: str = CONFIG_NAME) -> dict:
     out.setdefault("lora_dropout", 0.0)
     out.setdefault("use_rslora", False)  # FORMATS.md: a missing use_rslora means alpha / r
     out.setdefault("use_dora", False)
+    out.setdefault("fan_in_fan_out", False)
     out["rank_pattern"] = out.get("rank_pattern") or {}
     out["alpha_pattern"] = out.get("alpha_pattern") or {}
     r = out.get("r", 8)
@@ -252,7 +260,7 @@ def check_adapter_config(cfg: object, where: str = CONFIG_NAME) -> dict:
     a = out["lora_alpha"]
     if not isinstance(a, (int, float)) or isinstance(a, bool) or not math.isfinite(a) or a <= 0:
         raise ValueError(f"{where}: lora_alpha must be a positive number, got {a!r}")
-    for field in ("use_rslora", "use_dora"):
+    for field in ("use_rslora", "use_dora", "fan_in_fan_out"):
         if not isinstance(out[field], bool):
             raise ValueError(f"{where}: {field} must be true or false, got {out[field]!r}")
     d = out["lora_dropout"]
@@ -614,7 +622,7 @@ def load_adapter(
                 f"(shapes {tuple(a.shape)} and {tuple(b.shape)}; lora_A is [r, in], lora_B [out, r])"
             )
         r = a.shape[0]
-        fan_in, fan_out = mod.in_features, mod.out_features
+        fan_in, fan_out = layer_features(mod)
         if tuple(a.shape) != (r, fan_in) or tuple(b.shape) != (fan_out, r):
             raise ValueError(
                 f"shape mismatch for {name}: the model's layer is [out={fan_out}, in={fan_in}], so lora_A must "
@@ -641,6 +649,17 @@ def load_adapter(
                 raise ValueError(f"{weights_path}: {name}.{part} must hold finite floating-point values")
         alpha = float(pattern_value(cfg["alpha_pattern"], name, cfg["lora_alpha"]))
         targets.append(_Target(name, mod, int(r), alpha))
+    if cfg["fan_in_fan_out"] and not any(fan_in_fan_out(t.module) for t in targets):
+        # PEFT writes true only when a Conv1D is among the layers it adapts (given true for nn.Linear
+        # layers it warns and reads false); false it writes for Conv1D layers too (an nn.Linear adapted
+        # last; a GPT-2 whose Conv1D bitsandbytes made Linear4bit): the tensors read the same either way
+        raise ValueError(
+            f"{folder}: fan_in_fan_out=true says the adapter was trained on transformers Conv1D layers "
+            f"(GPT-2's, weight [in, out]), but none of the layers it adapts in {type(model).__name__} is "
+            f"one ({targets[0].name} is a {type(targets[0].module).__name__}): an adapter for another model? "
+            "Set fan_in_fan_out to false in its config if it is meant for this one (lora_A / lora_B are "
+            "read the same either way)"
+        )
     embeddings = _embedding_names(model)
     for key, (name, param, under_base, t) in copies.items():
         # PEFT writes base_layer copies for the layers it adapts, whole copies for the embedding layers

@@ -11,7 +11,10 @@ been checked: a target that matches nothing, a rank larger than a layer or a lay
 cannot hold is an error before any layer is replaced. Module selection follows PEFT:
 ``target_modules`` as a list matches a module whose name equals an entry or ends with
 ``"." + entry``; as a string it is a regular expression matched against the whole name; the
-shorthand ``"all-linear"`` takes every linear layer but the output head (``lm_head``).
+shorthand ``"all-linear"`` takes every linear layer but the output head (``lm_head``). Linear
+layers are ``nn.Linear`` and, as in PEFT, transformers' ``Conv1D`` (GPT-2's projections: a linear
+layer whose weight is stored transposed, ``[in, out]``); a Conv1D is adapted as a LoRALinear over
+its weight transposed and given back as a Conv1D by :func:`remove_lora` / :func:`merge_and_unload`.
 ``rank_pattern`` / ``alpha_pattern`` keys are regular expressions matched against the end of a
 module name (PEFT's ``(.*\\.)?(key)$``); the first key that matches wins.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,7 +38,7 @@ from hoptune.quant.nf4 import BLOCKSIZES
 
 ALL_LINEAR = "all-linear"
 _STATE_ATTR = "_hoptune_lora"  # per-model record: requires_grad of every parameter before apply_lora
-_ORIGIN_ATTR = "_hoptune_origin"  # per-layer: "linear" (was nn.Linear) or "nf4" (was NF4Linear)
+_ORIGIN_ATTR = "_hoptune_origin"  # per-layer: "linear" (was nn.Linear), "nf4" (NF4Linear), "conv1d"
 _TIED_ATTR = "_hoptune_tied"  # per-layer, when quantized: (its tied dense weight,) for remove_lora
 
 
@@ -51,8 +55,33 @@ def _is_bnb_layer(mod: nn.Module) -> bool:
     return type(mod).__module__.startswith("bitsandbytes") and isinstance(mod, nn.Linear)
 
 
+def _conv1d_class() -> type | None:
+    """transformers' ``Conv1D``, or None when transformers is not loaded: no model holds one then,
+    and ``import hoptune`` stays without transformers."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
+def _is_conv1d(mod: nn.Module) -> bool:
+    conv1d = _conv1d_class()
+    return conv1d is not None and isinstance(mod, conv1d)
+
+
 def _is_linear(mod: nn.Module) -> bool:
-    return isinstance(mod, (nn.Linear, NF4Linear)) and not isinstance(mod, LoRALinear)
+    """A layer LoRA goes on: nn.Linear, hoptune's NF4Linear or transformers' Conv1D."""
+    return (isinstance(mod, (nn.Linear, NF4Linear)) or _is_conv1d(mod)) and not isinstance(mod, LoRALinear)
+
+
+def layer_features(mod: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a linear layer (a Conv1D's weight is ``[in, out]``)."""
+    if _is_conv1d(mod):
+        fan_in, fan_out = mod.weight.shape
+        return fan_in, fan_out
+    return mod.in_features, mod.out_features
+
+
+def fan_in_fan_out(mod: nn.Module) -> bool:
+    """PEFT's ``fan_in_fan_out`` of a layer: whether it is a Conv1D, or a LoRALinear that replaced one."""
+    return _is_conv1d(mod) or getattr(mod, _ORIGIN_ATTR, None) == "conv1d"
 
 
 def _output_head_names(model: nn.Module) -> set[str]:
@@ -140,7 +169,8 @@ def select_modules(
         desc = ", ".join(f"{n} ({type(m).__name__})" for n, m in wrong[:5])
         raise ValueError(
             f"target_modules={target_modules!r} matches modules that are not linear layers: {desc}"
-            f"{' ...' if len(wrong) > 5 else ''}; LoRA goes on nn.Linear (or hoptune NF4Linear) layers only"
+            f"{' ...' if len(wrong) > 5 else ''}; LoRA goes on nn.Linear, transformers Conv1D (or hoptune "
+            "NF4Linear) layers only"
         )
     if not chosen:
         raise ValueError(
@@ -234,13 +264,13 @@ def plan_targets(
 
 def check_target(name: str, mod: nn.Module, r: int, quantize: str | None, blocksize: int) -> None:
     """Whether layer ``name`` can take a rank-``r`` adapter (and NF4 quantization) — raises if not."""
-    fan_in, fan_out = mod.in_features, mod.out_features
+    fan_in, fan_out = layer_features(mod)
     if r > min(fan_in, fan_out) or r > MAX_RANK:
         raise ValueError(
             f"r={r} is larger than layer {name} allows: it is [{fan_out}, {fan_in}] "
             f"(rank at most min(in, out) = {min(fan_in, fan_out)}, and at most {MAX_RANK})"
         )
-    if isinstance(mod, nn.Linear):
+    if isinstance(mod, nn.Linear) or _is_conv1d(mod):
         if mod.weight.is_meta:
             raise ValueError(f"layer {name} has its weight on the meta device; load the weights first")
         if quantize == "nf4" and (fan_in * fan_out) % blocksize:
@@ -255,6 +285,28 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def _conv1d_as_linear(conv: nn.Module) -> nn.Linear:
+    """An ``nn.Linear`` computing what the Conv1D ``conv`` does: its weight ``[in, out]`` as a
+    transposed view ``[out, in]`` (no copy: F.linear with it is Conv1D's own ``x @ W``; the bias is
+    the layer's own Parameter)."""
+    fan_in, fan_out = conv.weight.shape
+    lin = nn.Linear(fan_in, fan_out, bias=False, device="meta")
+    lin.weight = nn.Parameter(conv.weight.detach().t(), requires_grad=False)
+    lin.bias = conv.bias
+    return lin
+
+
+def _to_conv1d(weight: torch.Tensor, bias: nn.Parameter | None) -> nn.Module:
+    """A transformers Conv1D holding ``weight`` ``[in, out]`` (contiguous, as from_pretrained gives
+    it: transposing the view of _conv1d_as_linear back is the layer's original storage again)."""
+    fan_in, fan_out = weight.shape
+    with torch.device("meta"):
+        conv = _conv1d_class()(fan_out, fan_in)
+    conv.weight = nn.Parameter(weight.detach().contiguous())
+    conv.bias = bias
+    return conv
 
 
 def _progress(items: list, enabled: bool, desc: str):
@@ -310,6 +362,12 @@ def replace_with_lora(
             if isinstance(t.module, NF4Linear):
                 new = LoRALinear(t.module.weight_nf4, bias=t.module.bias, **kw)
                 origin = "nf4"
+            elif _is_conv1d(t.module):
+                base = _conv1d_as_linear(t.module)
+                new = LoRALinear(
+                    base, quantize=quantize, double_quant=double_quant, blocksize=blocksize, **kw
+                )
+                origin = "conv1d"
             else:
                 new = LoRALinear(
                     t.module, quantize=quantize, double_quant=double_quant, blocksize=blocksize, **kw
@@ -371,7 +429,9 @@ def apply_lora(
     dense base weight as it is wrapped (QLoRA; lossy); layers that are already NF4 (from
     :func:`hoptune.load_model`) stay as they are without it. ``init_lora_weights``: PEFT's True
     (A kaiming-uniform, B zero), ``"gaussian"`` (A normal with std 1/r, B zero) or False (B random
-    too: a non-trivial adapter, for tests).
+    too: a non-trivial adapter, for tests). A transformers ``Conv1D`` (GPT-2) is adapted as PEFT
+    does with ``fan_in_fan_out``: its LoRALinear holds the weight transposed, ``[out, in]`` (a view
+    of the layer's own, or its NF4 quantization), and the adapters have the shapes above.
     """
     targets = plan_targets(
         model, r, alpha, target_modules, exclude_modules, rank_pattern, alpha_pattern, quantize, blocksize
@@ -406,11 +466,15 @@ def _restore_requires_grad(model: nn.Module) -> None:
 
 
 def _base_layer(lora: LoRALinear) -> nn.Module:
-    """The layer the LoRALinear replaced: NF4Linear for an NF4 origin, else nn.Linear (dequantized
-    if apply_lora quantized it: the dense original was not kept, unless it was tied to another)."""
+    """The layer the LoRALinear replaced: NF4Linear for an NF4 origin, Conv1D for a Conv1D, else
+    nn.Linear (dequantized if apply_lora quantized it: the dense original was not kept, unless it
+    was tied to another)."""
     tied = getattr(lora, _TIED_ATTR, None)
-    if getattr(lora, _ORIGIN_ATTR, "linear") == "nf4" and lora.quantized:
+    origin = getattr(lora, _ORIGIN_ATTR, "linear")
+    if origin == "nf4" and lora.quantized:
         out = NF4Linear(lora.weight_nf4, lora.bias)
+    elif origin == "conv1d":
+        out = _to_conv1d(lora.base_weight().t(), lora.bias)
     elif not lora.quantized or tied is not None:
         out = nn.Linear(lora.in_features, lora.out_features, bias=lora.bias is not None, device="meta")
         out.weight = tied[0] if lora.quantized else lora.weight  # the same tensor: no copy
@@ -423,8 +487,8 @@ def _base_layer(lora: LoRALinear) -> nn.Module:
 
 
 def remove_lora(model: nn.Module) -> nn.Module:
-    """Drop the adapters: every ``LoRALinear`` becomes the layer it replaced (``nn.Linear``, or the
-    ``NF4Linear`` that :func:`hoptune.load_model` made) and parameters get back the
+    """Drop the adapters: every ``LoRALinear`` becomes the layer it replaced (``nn.Linear``, a
+    ``Conv1D``, or the ``NF4Linear`` that :func:`hoptune.load_model` made) and parameters get back the
     ``requires_grad`` they had before :func:`apply_lora`. A base that ``apply_lora(quantize="nf4")``
     quantized comes back dequantized (its dense original was not kept). Returns ``model``."""
     check_model(model)
@@ -444,7 +508,8 @@ def merge_and_unload(
 
     Each ``LoRALinear`` becomes an ``nn.Linear`` holding ``W + s B A`` (DoRA: ``m / ||W + s B A|| *
     (W + s B A)`` per output row), computed in fp32 from the (dequantized) base and rounded once
-    to ``dtype``; NF4 layers without an adapter are dequantized too, so ``save_pretrained`` writes
+    to ``dtype`` (one that replaced a Conv1D becomes a Conv1D holding that weight transposed,
+    ``[in, out]``); NF4 layers without an adapter are dequantized too, so ``save_pretrained`` writes
     an ordinary checkpoint. With a ``dtype`` every other floating-point parameter is cast to it as
     well (buffers, e.g. rotary frequencies, are left alone) and ``config.dtype`` is set; with
     ``dtype=None`` each layer keeps its base dtype. An output head tied to the input embeddings that
@@ -458,6 +523,8 @@ def merge_and_unload(
     heads = _output_head_names(model)
     for name, mod in _progress(layers, len(layers) > 32 if progress is None else progress, "merge"):
         new = mod.to_linear(merge=True, dtype=dtype) if isinstance(mod, LoRALinear) else mod.to_linear(dtype)
+        if fan_in_fan_out(mod):
+            new = _to_conv1d(new.weight.t(), new.bias)
         new.train(mod.training)
         _set_module(model, name, new)
     config = getattr(model, "config", None)
