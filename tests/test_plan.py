@@ -175,13 +175,26 @@ def test_bad_config_json_is_a_one_line_error(tmp_path, capsys, text, match):
 
 
 def test_all_linear_matching_nothing_is_an_error():
-    # GPT-2's projections are transformers Conv1D, not nn.Linear: apply_lora targets nothing there,
-    # so a plan with LoRA on 0 layers would describe a run that cannot happen
+    # a plan with LoRA on 0 layers would describe a run that cannot happen
+    with pytest.raises(ValueError, match="matches no linear layer"):
+        hoptune.plan("llama-3-8b", target_modules=["no_such_proj"], alternatives=False)
+
+
+def test_gpt2_conv1d_layers_are_linear_layers():
+    """GPT-2's projections are transformers Conv1D (weight [in, out]): apply_lora adapts them (as
+    PEFT does), so the plan counts them, with their in / out the right way round."""
     import transformers
 
-    gpt2 = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100)
-    with pytest.raises(ValueError, match="matches no linear layer"):
-        hoptune.plan(gpt2, alternatives=False)
+    from hoptune.patch import apply_lora, lora_layers
+
+    gpt2 = transformers.GPT2Config(
+        n_embd=64, n_layer=2, n_head=4, vocab_size=128, bos_token_id=0, eos_token_id=0
+    )
+    p = hoptune.plan(gpt2, r=4, alternatives=False)
+    model = apply_lora(transformers.GPT2LMHeadModel(gpt2), r=4)
+    layers = lora_layers(model)
+    assert p.adapted_layers == len(layers) == 8  # c_attn, c_proj (attention), c_fc, c_proj (MLP) x 2
+    assert p.trainable_params == sum(m.lora_A.numel() + m.lora_B.numel() for _, m in layers)
 
 
 def test_string_target_modules_is_a_regex_as_in_apply_lora():

@@ -323,7 +323,7 @@ class _Shape:
     pre_norms: int
     post_norms: int
     qk_norm: bool
-    linears: list[tuple[str, int, int, bool]]  # (name, in, out, has_bias) of every nn.Linear
+    linears: list[tuple[str, int, int, bool]]  # (name, in, out, has_bias) of every nn.Linear / Conv1D
     head: str | None
     other_params: int  # embeddings, norms... (tied weights counted once)
     # the output head as a layer LoRA can target, tied or not: (name, in, out, has_bias)
@@ -336,7 +336,7 @@ def _shape(config) -> _Shape:
     from torch import nn
     from transformers import AutoModelForCausalLM
 
-    from hoptune.patch import _output_head_names
+    from hoptune.patch import _is_conv1d, _output_head_names
 
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     try:
@@ -364,7 +364,8 @@ def _shape(config) -> _Shape:
     tied = head is not None and model.get_submodule(head).weight is embed
     linears, seen = [], set()
     for name, m in model.named_modules():
-        if isinstance(m, nn.Linear) and not (tied and name == head):
+        # (transformers' Conv1D, GPT-2's projections, is a linear layer to LoRA and bitsandbytes too)
+        if (isinstance(m, nn.Linear) or _is_conv1d(m)) and not (tied and name == head):
             # a tied head's weight is the embedding: stored once, as the embedding
             linears.append(_linear_dims(name, m))
             seen.update(id(p) for p in m.parameters())
@@ -394,8 +395,11 @@ def _shape(config) -> _Shape:
 
 
 def _linear_dims(name: str, m) -> tuple[str, int, int, bool]:
-    """(name, in, out, has_bias) of a linear layer."""
-    return name, m.in_features, m.out_features, getattr(m, "bias", None) is not None
+    """(name, in, out, has_bias) of a linear layer (nn.Linear or Conv1D)."""
+    from hoptune.patch import layer_features
+
+    fan_in, fan_out = layer_features(m)
+    return name, fan_in, fan_out, getattr(m, "bias", None) is not None
 
 
 def _fused_chunk_bytes() -> int:
@@ -423,7 +427,7 @@ def _targets(shape: _Shape, target_modules: str | Sequence[str]) -> list[tuple[s
         if not out:
             raise ValueError(
                 f"target_modules={target_modules!r} matches no linear layer: the model has no nn.Linear "
-                "layer besides its output head"
+                "or Conv1D layer besides its output head"
             )
         return out
     # apply_lora's (PEFT's) rules: a string is a regular expression over the full name, a list
