@@ -455,3 +455,20 @@ def test_model_that_is_not_a_module_is_named(fn):
     inside (e.g. 'str' object has no attribute 'named_modules')."""
     with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str"):
         fn("out/merged")
+
+
+def test_merge_of_an_nf4_base_gives_a_frozen_layer():
+    """A layer that was an NF4Linear (as load_model makes them; its bias frozen) merges into a dense
+    layer frozen as a whole, as NF4Linear.to_linear gives one without an adapter: its weight came
+    back trainable beside a frozen bias."""
+    model = tiny_model("qwen2")  # (q / k / v projections with a bias)
+    attn = model.model.layers[0].self_attn
+    attn.q_proj = NF4Linear.from_linear(attn.q_proj)
+    attn.o_proj = NF4Linear.from_linear(attn.o_proj)
+    hoptune.apply_lora(model, r=4, target_modules=["q_proj", "v_proj"])
+    merged = hoptune.merge_and_unload(model, dtype=torch.float32)
+    attn = merged.model.layers[0].self_attn
+    for layer in (attn.q_proj, attn.o_proj):  # with an adapter, and without one
+        assert type(layer) is nn.Linear
+        assert not any(p.requires_grad for p in layer.parameters())
+    assert attn.v_proj.weight.requires_grad and attn.v_proj.bias.requires_grad  # a dense base: as before

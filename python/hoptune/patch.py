@@ -459,9 +459,10 @@ def _restore_requires_grad(model: nn.Module) -> None:
         return
     flags = record["requires_grad"]
     for n, p in model.named_parameters():
-        # a name not recorded is a layer that stands for one without that parameter (an NF4 base has
-        # no `weight` parameter): trainable, as a freshly loaded transformers model is
-        p.requires_grad_(flags.get(n, True))
+        # a name not recorded is a layer that stands for one without that parameter (an NF4 base holds
+        # its weight in buffers): frozen, as that layer was, and as its bias comes back (NF4Linear's
+        # to_linear, for an NF4 layer without an adapter, gives the same)
+        p.requires_grad_(flags.get(n, False))
     delattr(model, _STATE_ATTR)
 
 
