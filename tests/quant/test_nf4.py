@@ -244,3 +244,110 @@ def test_error_wrong_quant_map():
     sd["w.quant_map"] = torch.linspace(-1, 1, 16)
     with pytest.raises(ValueError, match="not the NF4 code table"):
         from_bnb_state_dict(sd, "w")
+
+
+def _with_meta(sd, key="w", **fields):
+    """``sd`` with fields of its quant_state JSON replaced (a value of None removes the field)."""
+    name = f"{key}.quant_state.bitsandbytes__nf4"
+    meta = json.loads(bytes(sd[name].tolist()))
+    meta.update(fields)
+    meta = {k: v for k, v in meta.items() if v is not None}
+    return {**sd, name: torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)}
+
+
+@pytest.mark.parametrize("nested_dtype", ["bfloat16", "float16"])
+def test_nested_dtype_other_than_float32_is_refused(nested_dtype):
+    """bitsandbytes decodes the nested absmax in nested_dtype (and adds the offset there): reading
+    such a state as float32 would give other weights than bitsandbytes, without an error."""
+    w = _weight((128, 192), torch.bfloat16, zero_block=False)
+    sd = _with_meta(to_bnb_state_dict(quantize_nf4(w), "w"), nested_dtype=nested_dtype)
+    qs = bnbf.QuantState.from_dict({k[2:]: v for k, v in sd.items() if k != "w"}, device="cpu")
+    theirs = bnbf.dequantize_4bit(sd["w"], qs)
+    ours_as_float32 = dequantize_nf4(from_bnb_state_dict(_with_meta(sd, nested_dtype="float32"), "w"))
+    assert not torch.equal(theirs.view(torch.int16), ours_as_float32.view(torch.int16))
+    with pytest.raises(ValueError, match=rf"nested_dtype must be 'float32', got '{nested_dtype}'"):
+        from_bnb_state_dict(sd, "w")
+
+
+def test_nested_dtype_is_required():
+    # bitsandbytes' QuantState.from_dict reads it unconditionally (KeyError without it)
+    sd = _with_meta(_sd(), nested_dtype=None)
+    with pytest.raises(ValueError, match="lacks 'nested_dtype' although w.nested_absmax is present"):
+        from_bnb_state_dict(sd, "w")
+
+
+@pytest.mark.parametrize("shape", [(3, 7), (5, 40), (1, 33)])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_partial_last_block_from_bitsandbytes_is_refused_as_such(shape, double_quant):
+    """bitsandbytes quantizes any element count: a partial last block (and for an odd count, a
+    last byte holding one code). The error says so, not that the file lacks a byte."""
+    w = _weight(shape, torch.float32, zero_block=False)
+    qb, st = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
+    assert qb.numel() == (w.numel() + 1) // 2
+    with pytest.raises(ValueError, match=rf"has {w.numel()} elements, not a multiple of blocksize 64") as e:
+        from_bnb_state_dict(_bnb_state_dict(qb, st), "w")
+    assert "holds" not in str(e.value)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_state_saved_after_bitsandbytes_cpu_repacking_is_refused(double_quant):
+    """Once bitsandbytes' CPU inference path has repacked a Linear4bit, its state dict holds the
+    absmax re-quantized in the weight's dtype (nested_dtype bfloat16), or unquantized as bfloat16 in
+    another order (which bitsandbytes itself no longer decodes to the layer's weights)."""
+    bnn = pytest.importorskip("bitsandbytes.nn")
+    w = _weight((128, 192), torch.bfloat16, zero_block=False)
+    lin = bnn.Linear4bit(192, 128, bias=False, compute_dtype=torch.bfloat16, compress_statistics=double_quant)
+    lin.weight = bnn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=double_quant)
+    lin = lin.to("cpu").eval()
+    with torch.no_grad():
+        lin(torch.randn(2, 192, dtype=torch.bfloat16))
+    if not getattr(lin.weight.quant_state, "packing_format_for_cpu", False):
+        pytest.skip("bitsandbytes does not repack NF4 weights on this CPU (no AVX512-BF16)")
+    sd = lin.state_dict()
+    with pytest.raises(ValueError, match="once its CPU inference path has repacked the layer") as e:
+        from_bnb_state_dict(sd, "weight")
+    assert ("nested_dtype must be 'float32'" if double_quant else "absmax must be float32") in str(e.value)
+
+
+def _linear4bit(w, double_quant, quant_storage=torch.uint8):
+    bnn = pytest.importorskip("bitsandbytes.nn")
+    out_f, in_f = w.shape
+    lin = bnn.Linear4bit(
+        in_f, out_f, bias=False, compress_statistics=double_quant, quant_storage=quant_storage
+    )
+    lin.weight = bnn.Params4bit(
+        w,
+        requires_grad=False,
+        quant_type="nf4",
+        compress_statistics=double_quant,
+        quant_storage=quant_storage,
+    )
+    return lin.to("cpu")
+
+
+@pytest.mark.parametrize("quant_storage", [torch.uint8, torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_reads_linear4bit_state_of_any_quant_storage(quant_storage, double_quant):
+    """quant_storage only changes the dtype the packed bytes are viewed as ([n/4, 1] bf16 ...)."""
+    w = _weight((128, 192), torch.bfloat16)
+    lin = _linear4bit(w, double_quant, quant_storage)
+    sd = lin.state_dict()
+    assert sd["weight"].dtype == quant_storage
+    theirs = bnbf.dequantize_4bit(lin.weight.data, lin.weight.quant_state)
+    ours = dequantize_nf4(from_bnb_state_dict(sd, "weight"))
+    assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_written_state_equals_linear4bit_state_dict(dtype, double_quant):
+    """Key for key: dtype, shape and bytes (the quant_state JSON too) as Linear4bit saves them. The
+    nested codes come from bitsandbytes' state (its CPU quantizer differs from CUDA by one code)."""
+    w = _weight((128, 192), dtype, zero_block=False)  # all-zero blocks: bitsandbytes' CPU codes differ
+    theirs = _linear4bit(w, double_quant).state_dict()
+    q = from_bnb_state_dict(theirs, "weight") if double_quant else quantize_nf4(w, double_quant=False)
+    ours = to_bnb_state_dict(q, "weight")
+    assert sorted(ours) == sorted(theirs)
+    for k, t in theirs.items():
+        assert (ours[k].dtype, ours[k].shape) == (t.dtype, t.shape), k
+        assert torch.equal(ours[k], t), k

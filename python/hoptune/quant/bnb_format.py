@@ -24,6 +24,12 @@ from hoptune.reference.nf4 import nf4_code
 
 QS_SUFFIX = ".quant_state.bitsandbytes__nf4"
 _DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# Where the states below come from: bitsandbytes' CPU inference path repacks a layer and its absmax
+# in the weight's dtype (Linear4bit.support_avx512bf16_for_cpu); saving undoes only part of that.
+_CPU_REPACKED = (
+    "bitsandbytes saves such a state once its CPU inference path has repacked the layer, which hoptune "
+    "does not read: quantize the dense weights again, or save before running the layer on the CPU"
+)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -110,11 +116,16 @@ def from_bnb_state_dict(state_dict: Mapping[str, torch.Tensor], key: str) -> NF4
     if not isinstance(shape, list) or not all(isinstance(s, int) and s > 0 for s in shape):
         raise ValueError(f"{qs!r}: shape must be a list of positive ints, got {shape!r}")
     n = math.prod(shape)
+    # before the byte count: for an odd n bitsandbytes stores (n + 1) // 2 bytes, and a message
+    # about a missing byte would call a valid file corrupted
+    if n % blocksize:
+        raise ValueError(
+            f"{qs!r}: shape {shape} has {n} elements, not a multiple of blocksize {blocksize}; "
+            "bitsandbytes stores such a weight with a partial last block, which hoptune does not read"
+        )
     packed = _as_uint8(key, _need(state_dict, key))
     if packed.numel() * 2 != n:
         raise ValueError(f"{key!r} holds {packed.numel()} bytes but shape {shape} needs {n // 2} (n/2)")
-    if n % blocksize:
-        raise ValueError(f"{qs!r}: shape {shape} has {n} elements, not a multiple of blocksize {blocksize}")
     nb = n // blocksize
     qmap = _need(state_dict, f"{key}.quant_map")
     if qmap.numel() != 16 or not torch.equal(qmap.float().cpu().reshape(-1), nf4_code()):
@@ -124,12 +135,21 @@ def from_bnb_state_dict(state_dict: Mapping[str, torch.Tensor], key: str) -> NF4
         raise ValueError(f"{key}.absmax has {absmax.numel()} values, expected {nb} (numel / blocksize)")
     if "nested_absmax" not in {k[len(key) + 1 :] for k in state_dict if k.startswith(key + ".")}:
         if absmax.dtype != torch.float32:
-            raise ValueError(f"{key}.absmax must be float32 without double quantization, got {absmax.dtype}")
+            why = f" ({_CPU_REPACKED})" if absmax.is_floating_point() else ""
+            raise ValueError(
+                f"{key}.absmax must be float32 without double quantization, got {absmax.dtype}{why}"
+            )
         return NF4Weight(packed, absmax, torch.Size(shape), dtype, blocksize)
 
-    for field in ("nested_blocksize", "nested_offset"):
+    for field in ("nested_blocksize", "nested_dtype", "nested_offset"):
         if field not in meta:
             raise ValueError(f"{qs!r} lacks {field!r} although {key}.nested_absmax is present")
+    # bitsandbytes decodes the nested absmax in nested_dtype and adds the offset in it before going
+    # to fp32: read as float32, another dtype would give other weights than bitsandbytes does
+    if meta["nested_dtype"] != "float32":
+        raise ValueError(
+            f"{qs!r}: nested_dtype must be 'float32', got {meta['nested_dtype']!r} ({_CPU_REPACKED})"
+        )
     bs2 = meta["nested_blocksize"]
     if bs2 not in NESTED_BLOCKSIZES:
         raise ValueError(f"{qs!r}: nested_blocksize must be one of {NESTED_BLOCKSIZES}, got {bs2!r}")

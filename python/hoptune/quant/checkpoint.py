@@ -11,7 +11,7 @@ from torch import nn
 
 from hoptune._io import atomic_write, atomic_write_text
 from hoptune.quant.bnb_format import to_bnb_state_dict
-from hoptune.quant.nf4 import quantize_nf4
+from hoptune.quant.nf4 import FLOAT_DTYPES, quantize_nf4
 
 
 def _skip_names(skip_modules: Iterable[str]) -> tuple[str, ...]:
@@ -34,6 +34,12 @@ def bnb_quantization_config(
     skip_modules: Iterable[str] = ("lm_head",),
 ) -> dict:
     """The ``quantization_config`` block transformers expects for an NF4 bitsandbytes checkpoint."""
+    # transformers takes any torch dtype name here and bitsandbytes then casts the inputs of every
+    # layer to it: an integer dtype would load without an error and compute garbage
+    if compute_dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"compute_dtype must be torch.bfloat16, torch.float16 or torch.float32, got {compute_dtype!r}"
+        )
     return {
         "quant_method": "bitsandbytes",
         "load_in_4bit": True,
@@ -70,7 +76,8 @@ def save_pretrained_nf4(
     on ``device`` (default: where each weight lives). Layers that are NF4 already
     (:class:`hoptune.nn.NF4Linear`, as :func:`hoptune.load_model` makes them) are written as they
     are, not re-quantized; they must have been quantized with ``blocksize`` and
-    ``double_quant``. A model with LoRA layers is refused: fold the adapters in
+    ``double_quant``. Modules the model keeps in fp32 (``_keep_in_fp32_modules``) stay dense, as
+    transformers never converts them. A model with LoRA layers is refused: fold the adapters in
     (``hoptune.merge_and_unload``) or take them out (``hoptune.remove_lora``) first. Returns the
     names of the modules stored in NF4.
     """
@@ -79,6 +86,16 @@ def save_pretrained_nf4(
     from hoptune.nn import LoRALinear  # not at the top: hoptune.nn imports hoptune.quant
 
     skip = _skip_names(skip_modules)
+    # transformers never converts these (e.g. DeepSeek-V3.2's indexer.weights_proj), whatever
+    # llm_int8_skip_modules says: stored in NF4 they would not load into its dense layers
+    keep_fp32 = tuple(
+        sorted(k for k in getattr(model, "_keep_in_fp32_modules", None) or () if isinstance(k, str))
+    )
+
+    def to_quantize(name: str, mod: nn.Module) -> bool:
+        # plain nn.Linear only: transformers converts no subclass
+        return type(mod) is nn.Linear and not _skipped(name, skip) and not _skipped(name, keep_fp32)
+
     # checked before anything is quantized: LoRA layers, and NF4 layers that cannot be saved as asked
     lora = [name for name, mod in model.named_modules() if isinstance(mod, LoRALinear)]
     if lora:
@@ -94,6 +111,12 @@ def save_pretrained_nf4(
                 f"{name} is in skip_modules={list(skip)} but is NF4 already; leave it out of "
                 "skip_modules, or make it dense first (NF4Linear.to_linear)"
             )
+        if _skipped(name, keep_fp32):
+            raise ValueError(
+                f"{name} is NF4 already but {type(model).__name__} keeps it in fp32 "
+                f"(_keep_in_fp32_modules={list(keep_fp32)}), so transformers loads it as a dense layer; "
+                "make it dense first (NF4Linear.to_linear)"
+            )
         if q.blocksize != blocksize or q.nested != bool(double_quant):
             raise ValueError(
                 f"{name} is NF4 already with blocksize={q.blocksize}, double_quant={q.nested}, but "
@@ -105,9 +128,7 @@ def save_pretrained_nf4(
     if getattr(model.config, "tie_word_embeddings", False):
         tied = {k for k in getattr(model, "_tied_weights_keys", None) or [] if isinstance(k, str)}
     for name, mod in model.named_modules():
-        if f"{name}.weight" in tied and (
-            name in nf4 or (type(mod) is nn.Linear and not _skipped(name, skip))
-        ):
+        if f"{name}.weight" in tied and (name in nf4 or to_quantize(name, mod)):
             raise ValueError(
                 f"{name}.weight is tied to the input embeddings (tie_word_embeddings=True), which stay "
                 f"dense, so it cannot be stored in NF4; keep {name!r} in skip_modules (as the default does)"
@@ -118,7 +139,7 @@ def save_pretrained_nf4(
     for name, mod in model.named_modules():
         if name in nf4:  # NF4 already: saved as it is (re-quantizing would change the weight)
             q = nf4[name]
-        elif type(mod) is nn.Linear and not _skipped(name, skip):  # transformers converts no subclass
+        elif to_quantize(name, mod):
             w = mod.weight.detach()
             dev = w.device if device is None else torch.device(device)
             try:

@@ -1,0 +1,93 @@
+"""save_pretrained_nf4 / bnb_quantization_config: what transformers + bitsandbytes load back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("bitsandbytes")
+transformers = pytest.importorskip("transformers")
+
+from hoptune.nn import NF4Linear  # noqa: E402
+from hoptune.quant import bnb_quantization_config, save_pretrained_nf4  # noqa: E402
+
+
+def _tiny_deepseek_v32(seed=0):
+    """A causal LM whose class keeps a linear layer in fp32 (``indexer.weights_proj``)."""
+    if not hasattr(transformers, "DeepseekV32Config"):
+        pytest.skip("this transformers has no DeepSeek-V3.2")
+    cfg = transformers.DeepseekV32Config(
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=256,
+        moe_intermediate_size=64,
+        num_hidden_layers=2,
+        first_k_dense_replace=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_shared_experts=1,
+        n_routed_experts=4,
+        n_group=1,
+        topk_group=1,
+        num_experts_per_tok=2,
+        kv_lora_rank=64,
+        q_lora_rank=64,
+        qk_rope_head_dim=32,
+        qk_nope_head_dim=32,
+        v_head_dim=32,
+        head_dim=32,
+        index_topk=16,
+        index_head_dim=64,
+        index_n_heads=4,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).eval()
+
+
+def test_modules_kept_in_fp32_stay_dense(tmp_path):
+    """transformers never converts a model's _keep_in_fp32_modules to Linear4bit: stored in NF4,
+    the checkpoint did not load (a [n/2, 1] uint8 weight for a dense [out, in] layer)."""
+    model = _tiny_deepseek_v32()
+    assert "indexer.weights_proj" in model._keep_in_fp32_modules
+    names = save_pretrained_nf4(model, tmp_path)
+    assert names and not [n for n in names if n.endswith("indexer.weights_proj")]
+    assert "model.layers.0.self_attn.indexer.wk" in names  # the indexer's other layers are NF4
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu")
+    for i in range(2):
+        ours = model.model.layers[i].self_attn.indexer.weights_proj
+        theirs = loaded.model.layers[i].self_attn.indexer.weights_proj
+        assert type(theirs) is nn.Linear
+        assert torch.equal(theirs.weight.float(), ours.weight.float())
+        assert type(loaded.model.layers[i].self_attn.indexer.wk).__name__ == "Linear4bit"
+
+
+def test_nf4_module_kept_in_fp32_is_refused(tmp_path):
+    model = _tiny_deepseek_v32()
+    attn = model.model.layers[1].self_attn.indexer
+    attn.weights_proj = NF4Linear.from_linear(attn.weights_proj)
+    with pytest.raises(
+        ValueError,
+        match=r"model\.layers\.1\.self_attn\.indexer\.weights_proj is NF4 already but "
+        r"DeepseekV32ForCausalLM keeps it in fp32",
+    ):
+        save_pretrained_nf4(model, tmp_path)
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("bad", [torch.int8, torch.float64, "bfloat16"])
+def test_quantization_config_refuses_a_compute_dtype_bitsandbytes_cannot_compute_in(bad):
+    # transformers would accept "int8" from the config, and bitsandbytes then casts every input to it
+    with pytest.raises(
+        TypeError, match=r"compute_dtype must be torch\.bfloat16, torch\.float16 or torch\.float32"
+    ):
+        bnb_quantization_config(bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_quantization_config_loads_in_transformers(dtype):
+    cfg = transformers.BitsAndBytesConfig.from_dict(bnb_quantization_config(dtype, skip_modules=["lm_head"]))
+    assert cfg.load_in_4bit and cfg.bnb_4bit_quant_type == "nf4" and cfg.bnb_4bit_use_double_quant
+    assert cfg.bnb_4bit_compute_dtype == dtype and cfg.bnb_4bit_quant_storage == torch.uint8
+    assert cfg.llm_int8_skip_modules == ["lm_head"]
