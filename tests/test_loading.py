@@ -415,6 +415,16 @@ def test_keep_in_fp32_modules_as_from_pretrained(tmp_path, monkeypatch, dtype):
     assert fp32 == expect
 
 
+def test_keep_in_fp32_modules_stay_dense_with_nf4(tmp_path, monkeypatch):
+    """transformers + bitsandbytes never convert a model's _keep_in_fp32_modules (whatever the
+    dtype), and save_pretrained_nf4 keeps them dense: load_model quantized them."""
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "_keep_in_fp32_modules", ["o_proj"])
+    tiny_model().save_pretrained(tmp_path)
+    ours = hoptune.load_model(tmp_path, quantize="nf4", device="cpu", progress=False)
+    attn = ours.model.layers[0].self_attn
+    assert type(attn.o_proj) is torch.nn.Linear and isinstance(attn.q_proj, NF4Linear)
+
+
 def test_router_kept_in_fp32_as_from_pretrained(tmp_path):
     if not hasattr(transformers, "Dots1ForCausalLM"):
         pytest.skip("this transformers has no Dots1")

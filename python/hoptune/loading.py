@@ -722,11 +722,14 @@ def load_model(
             f"{folder}: the checkpoint has NF4 weights for {bad[:3]}, which are not linear layers of {type(model).__name__}"
         )
     to_quantize = set()
+    # transformers + bitsandbytes never convert the model's _keep_in_fp32_modules either (e.g.
+    # DeepSeek-V3.2's indexer.weights_proj), whatever the dtype: save_pretrained_nf4 keeps them dense
+    keep_dense = tuple(k for k in getattr(model, "_keep_in_fp32_modules", None) or () if isinstance(k, str))
     if quantize == "nf4" and bnb is None and not prequant:  # a bitsandbytes checkpoint loads as stored
         for n, m in linears.items():
             # plain nn.Linear only, as transformers + bitsandbytes: a subclass may compute more
             # (Llama 4's router returns scores and logits)
-            if type(m) is not nn.Linear or n in heads or _matches_any(n, skip_modules):
+            if type(m) is not nn.Linear or n in heads or _matches_any(n, skip_modules + keep_dense):
                 continue
             if (m.in_features * m.out_features) % blocksize:
                 warnings.warn(
