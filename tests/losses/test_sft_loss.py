@@ -108,10 +108,80 @@ def test_sft_loss_normalises_by_whole_batch():
     assert float(sft_loss(bad, m.bool())) == pytest.approx((1 + 2 + 4 + 5) / 4)
 
 
+def test_sft_loss_fp64_gradcheck():
+    """fp64 log-probs give an fp64 loss (at least fp32, never rounded down to it): gradcheck of
+    the masked form, the form normalised by the whole batch, and the unmasked ones."""
+    g = torch.Generator().manual_seed(0)
+    lp = -torch.rand(3, 5, dtype=torch.float64, generator=g)
+    lp.requires_grad_(True)
+    mask = torch.rand(3, 5, generator=g) > 0.3
+    for args in ((mask,), (mask.long(), 20), (None,), (None, 20)):
+        assert sft_loss(lp, *args).dtype == torch.float64
+        assert torch.autograd.gradcheck(lambda x, a=args: sft_loss(x, *a), (lp,))
+    assert sft_loss(lp.detach().bfloat16(), mask).dtype == torch.float32
+
+
+def test_sft_loss_bad_arguments():
+    """Masks and token counts that have no meaning in TRL's loss are errors naming the argument,
+    not a loss rounded some other way: a mask of 0.5s (it weighted the sum but the count was
+    truncated), a fractional or multi-element tensor count, a mask on another device."""
+    lp = -torch.rand(2, 3)
+    with pytest.raises(ValueError, match="loss_mask must be bool or hold only 0 and 1, got 0.5"):
+        sft_loss(lp, torch.full((2, 3), 0.5))
+    with pytest.raises(ValueError, match="loss_masks must be bool or hold only 0 and 1, got 2"):
+        count_loss_tokens([torch.ones(2, 3), torch.tensor([[0, 2, 1]])])
+    with pytest.raises(ValueError, match="num_loss_tokens must be a whole number of tokens, got 2.5"):
+        sft_loss(lp, None, torch.tensor(2.5))
+    with pytest.raises(ValueError, match="num_loss_tokens must be a whole number of tokens, got inf"):
+        sft_loss(lp, None, float("inf"))
+    with pytest.raises(ValueError, match=r"num_loss_tokens must be one number, got a tensor of shape \(2,\)"):
+        sft_loss(lp, None, torch.tensor([3, 3]))
+    with pytest.raises(ValueError, match=r"logprobs on cpu, loss_mask on meta"):
+        sft_loss(lp, torch.ones(2, 3, dtype=torch.bool, device="meta"))
+    # 0/1 masks of any dtype are masks
+    for m in (torch.tensor([[1, 0, 1], [0, 0, 1]]), torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])):
+        assert float(sft_loss(lp, m)) == pytest.approx(float(-(lp[0, 0] + lp[0, 2] + lp[1, 2]) / 3))
+        assert count_loss_tokens(m) == 3
+
+
 def test_shift_for_next_token():
     ids = torch.tensor([[5, 6, 7, 8]])
     mask = torch.tensor([[0, 0, 1, 1]], dtype=torch.bool)
     assert shift_for_next_token(ids, mask).tolist() == [[-100, 7, 8]]
+
+
+def test_head_logprobs_bad_arguments():
+    """A plain nn.Linear head whose dtype differs from hidden's: an error naming both (F.linear's
+    speaks of mat1 and mat2); under autocast the head runs as autocast casts it, as it does
+    inside the model."""
+    head = torch.nn.Linear(8, 11)
+    hidden = torch.randn(3, 8, dtype=torch.bfloat16)
+    labels = torch.randint(0, 11, (3,))
+    with pytest.raises(
+        TypeError, match=r"hidden must have head.weight's dtype torch.float32, got torch.bfloat16"
+    ):
+        head_logprobs(head, hidden, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = head_logprobs(head, hidden, labels)
+    z = torch.nn.functional.linear(hidden, head.weight.bfloat16(), head.bias.bfloat16()).double()
+    ref = torch.log_softmax(z, -1).gather(-1, labels[:, None]).squeeze(-1)
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-6)
+    with pytest.raises(TypeError, match="hidden must be a torch.Tensor"):
+        head_logprobs(head, [[0.0] * 8] * 3, labels)
+
+
+def test_shift_for_next_token_bad_arguments():
+    """(B, T) integer ids only: a 3-D batch would be shifted along its second dim without a
+    word, float ids truncated, and a 1-D row or a mask on another device failed inside torch."""
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"input_ids must be \(B, T\), got shape \(5,\)"):
+        shift_for_next_token(torch.arange(5), torch.ones(5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"input_ids must be \(B, T\), got shape \(2, 3, 4\)"):
+        shift_for_next_token(torch.zeros(2, 3, 4, dtype=torch.long), torch.ones(2, 3, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="input_ids must be integer token ids, got torch.float32"):
+        shift_for_next_token(torch.zeros(2, 3), mask)
+    with pytest.raises(ValueError, match=r"input_ids on cpu, loss_mask on meta"):
+        shift_for_next_token(torch.zeros(2, 3, dtype=torch.long), mask.to("meta"))
 
 
 def _examples(tokenizer, n, seed):

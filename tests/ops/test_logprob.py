@@ -245,6 +245,58 @@ def test_token_logprobs_expanded_logits(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_token_logprobs_two_strided_upstream_gradients(device):
+    """Both upstream gradients non-contiguous (from sum(): expanded) and different: each is copied
+    for the kernel, and the first copy must live until the launch (freed early, the second copy
+    could take its memory and be read as the log-prob gradient)."""
+    z, y = _case((3, 6), 40, torch.float32, device, seed=6, ignore_frac=0.2)
+    leaf = z.detach().requires_grad_(True)
+    lp, ent = token_logprobs(leaf, y, return_entropy=True)
+    (lp.sum() - 2.5 * ent.sum()).backward()
+    z64 = z.detach().double().requires_grad_(True)
+    rlp, rent = oracle(z64, y)
+    (rlp.sum() - 2.5 * rent.sum()).backward()
+    assert err(leaf.grad, z64.grad) <= 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_token_logprobs_overlapping_rows(device, inplace):
+    """Rows that overlap in memory without a zero stride (sliding windows from unfold) are copied
+    like expanded rows: each window's gradient adds into the elements it shares with its
+    neighbours, as autograd does, instead of the windows' gradients overwriting one another (out
+    of place, or in place in the logits)."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(2, 40, generator=g).to(device)
+    y = torch.randint(0, 12, (2, 8), generator=g).to(device)
+    y[0, 3] = -100
+    gl = torch.randn(2, 8, generator=g).to(device)
+    gh = torch.randn(2, 8, generator=g).to(device)
+
+    def run(b, fn):
+        leaf = b.detach().clone().requires_grad_(True)
+        lp, ent = fn((leaf * 1.0).unfold(1, 12, 4))  # (2, 8, 12), strides (40, 4, 1)
+        ((lp * gl).sum() + (ent * gh).sum()).backward()
+        return lp, ent, leaf.grad
+
+    ours = run(base, lambda z: token_logprobs(z, y, 0.8, return_entropy=True, inplace_backward=inplace))
+    ref = run(base.double(), lambda z: oracle(z, y, 0.8))
+    for name, a, b in zip(("logp", "entropy", "grad"), ours, ref):
+        assert err(a, b) <= 1e-5, name
+
+
+def test_token_logprobs_overlapping_rows_gradcheck():
+    """The same in fp64 (the reference): gradcheck of log-probs and entropy on unfold windows."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(20, dtype=torch.float64, generator=g).requires_grad_(True)
+    y = torch.randint(0, 6, (8,), generator=g)
+    y[5] = -100
+    assert torch.autograd.gradcheck(
+        lambda b: token_logprobs(b.unfold(0, 6, 2), y, temperature=0.7, return_entropy=True), (base,)
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_token_logprobs_fp64(device):
     """fp64 logits run the reference (on the GPU too) and give fp64 results."""
     z, y = _case((2, 7), 50, torch.float64, device, seed=9)
@@ -924,6 +976,23 @@ def test_label_stats_gpu(n):
     with pytest.raises(ValueError, match=r"got 1000 at position \(1, 2\)"):
         logprob_ops._label_stats(y2, -100, 1000)
     assert logprob_ops._label_stats(y2, -100) == int((y2 != -100).sum())
+
+
+def test_fused_gemm_one_row_block_strided_cpu(monkeypatch):
+    """Hidden states as a view whose row stride (67) the GEMM cannot take, with a row block of a
+    single row (65 rows in blocks of 64): the block is copied to a dense, aligned layout like
+    any other. A one-row tensor counts as contiguous whatever its row stride, so .contiguous()
+    handed it over as it was (on CPU the loop's stride check refused it)."""
+    _set_vchunk(monkeypatch, "small", on_cpu=True, gemm=True)  # GEMM_ROWS = 64
+    calls = _spy_gemm(monkeypatch)
+
+    def view(h0):
+        wide = torch.zeros(h0.shape[0], h0.shape[1] + 3, dtype=h0.dtype, device=h0.device)
+        wide[:, : h0.shape[1]] = h0
+        return wide[:, : h0.shape[1]]
+
+    _check_fused_16bit("cpu", torch.bfloat16, 65, 64, 1001, entropy=False, hid=view, ignore_frac=0.0)
+    assert calls == [1]
 
 
 def test_fused_gemm_routing_cpu(monkeypatch):

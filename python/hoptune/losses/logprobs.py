@@ -25,7 +25,7 @@ def token_logprobs_from_logits(
 
     logits: ``(*, V)`` any float dtype; labels: ``(*)`` integer token ids, already aligned with
     the logits (no shift is done here). Positions whose label is ``ignore_index`` give 0.0.
-    Returns fp32 ``(*)``; differentiable with respect to ``logits``. Runs
+    Returns fp32 ``(*)`` (fp64 for fp64 logits); differentiable with respect to ``logits``. Runs
     :func:`hoptune.ops.token_logprobs` (one pass over the logits on an sm_90 GPU, the fp32
     reference elsewhere).
     """
@@ -64,12 +64,20 @@ def head_logprobs(
     for the output head, on the hidden states of the positions in the loss only.
 
     head: the model's output layer (``lm_head``); hidden ``(N, H)``; labels ``(N,)`` (no
-    ``ignore_index`` needed: only loss positions are passed). Returns fp32 ``(N,)``. A plain
-    ``nn.Linear`` head of hidden's dtype (bf16/fp16/fp32) goes through
+    ``ignore_index`` needed: only loss positions are passed). Returns fp32 ``(N,)`` (fp64 for an
+    fp64 head). A plain ``nn.Linear`` head of hidden's dtype (bf16/fp16/fp32) goes through
     :func:`hoptune.ops.fused_linear_logprobs` (the logits are never held whole; a frozen head
     gets no weight gradient); any other head module (or an fp64 one) is applied as is and its
-    logits go through :func:`token_logprobs_from_logits`."""
-    if type(head) is torch.nn.Linear and head.weight.dtype == hidden.dtype and hidden.dtype in FLOAT_DTYPES:
+    logits go through :func:`token_logprobs_from_logits`. A plain ``nn.Linear`` head of another
+    dtype is an error unless autocast is on (then it runs as autocast casts it, as in the model)."""
+    _check.tensor("hidden", hidden)
+    linear = type(head) is torch.nn.Linear
+    if linear and head.weight.dtype != hidden.dtype:
+        # checked here, by name: F.linear's own error speaks of mat1 and mat2
+        dev = hidden.device.type
+        if not (torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)):
+            raise TypeError(f"hidden must have head.weight's dtype {head.weight.dtype}, got {hidden.dtype}")
+    if linear and head.weight.dtype == hidden.dtype and hidden.dtype in FLOAT_DTYPES:
         return fused_linear_logprobs(
             hidden,
             head.weight,
@@ -95,9 +103,16 @@ def shift_for_next_token(
 
     input_ids, loss_mask: ``(B, T)``. Returns ``(B, T - 1)`` int64, aligned with ``logits[:, :-1]``.
     """
+    _check.tensor("input_ids", input_ids)
+    _check.tensor("loss_mask", loss_mask)
+    if input_ids.dim() != 2:  # (a 3-D batch would be shifted along its second dim)
+        raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
     if input_ids.shape != loss_mask.shape:
         raise ValueError(
             f"loss_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(loss_mask.shape)}"
         )
+    _check.same_device(input_ids=input_ids, loss_mask=loss_mask)
     labels = input_ids[:, 1:].long()
     return torch.where(loss_mask[:, 1:].bool(), labels, torch.full_like(labels, ignore_index))

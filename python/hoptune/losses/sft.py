@@ -12,6 +12,31 @@ from __future__ import annotations
 
 import torch
 
+from hoptune.ops import _check
+
+
+def _mask_count(name: str, mask: torch.Tensor) -> torch.Tensor:
+    """The number of loss tokens in ``mask`` (0-dim). A mask of another dtype than bool must hold
+    only 0 and 1: a 0.5 has no meaning in TRL's loss, and it would weight the sum while the count
+    rounds it (one device sync, for such masks only)."""
+    if mask.dtype != torch.bool:
+        bad = (mask != 0) & (mask != 1)
+        if bool(bad.any()):
+            raise ValueError(f"{name} must be bool or hold only 0 and 1, got {mask[bad][0].item()}")
+    return (mask != 0).sum()
+
+
+def _whole_number(n: int | float | torch.Tensor) -> int:
+    """num_loss_tokens as an int; a fractional, infinite or multi-element count is an error (not
+    truncated: the loss would be divided by another number than the one given)."""
+    if isinstance(n, torch.Tensor):
+        if n.numel() != 1:
+            raise ValueError(f"num_loss_tokens must be one number, got a tensor of shape {tuple(n.shape)}")
+        n = n.item()
+    if not float(n).is_integer():
+        raise ValueError(f"num_loss_tokens must be a whole number of tokens, got {n!r}")
+    return int(n)
+
 
 def sft_loss(
     logprobs: torch.Tensor,
@@ -20,27 +45,27 @@ def sft_loss(
 ) -> torch.Tensor:
     """Masked negative log-likelihood summed and divided by ``num_loss_tokens``.
 
-    logprobs: fp32 ``(*)`` per-token log-probs of the target tokens (already shifted).
+    logprobs: ``(*)`` per-token log-probs of the target tokens (already shifted).
     loss_mask: ``(*)`` bool/0-1, the tokens in the loss; None = all of ``logprobs``.
     num_loss_tokens: the number of loss tokens in the *whole accumulated batch* (every micro-batch
     of one optimizer step); None = the tokens in this mask (a single micro-batch).
-    Returns a scalar fp32 tensor.
+    Returns a scalar tensor, fp32 (fp64 for fp64 log-probs: summed in at least fp32, never in less
+    than the log-probs' own precision).
     """
+    acc = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
     if loss_mask is not None:
         if loss_mask.shape != logprobs.shape:
             raise ValueError(
                 f"loss_mask must have the shape of logprobs {tuple(logprobs.shape)}, got {tuple(loss_mask.shape)}"
             )
+        _check.same_device(logprobs=logprobs, loss_mask=loss_mask)
+        local = _mask_count("loss_mask", loss_mask)
         # selected, not multiplied: a masked-out position may hold -inf or nan (0 * -inf = nan)
-        nll = -torch.where(loss_mask != 0, logprobs.float() * loss_mask.to(torch.float32), 0.0).sum()
-        local = loss_mask.sum()
+        nll = -torch.where(loss_mask != 0, logprobs.to(acc), 0.0).sum()
     else:
-        nll = -logprobs.float().sum()
+        nll = -logprobs.to(acc).sum()
         local = logprobs.numel()
-    n = local if num_loss_tokens is None else num_loss_tokens
-    if not isinstance(n, torch.Tensor) and n != int(n):
-        raise ValueError(f"num_loss_tokens must be a whole number of tokens, got {n!r}")
-    n = int(n)
+    n = _whole_number(local if num_loss_tokens is None else num_loss_tokens)
     if n <= 0:
         raise ValueError(
             "num_loss_tokens must be positive: the batch has no loss token (every target is masked out); "
@@ -52,7 +77,7 @@ def sft_loss(
 def count_loss_tokens(loss_masks: list[torch.Tensor] | torch.Tensor) -> int:
     """The SFT normaliser: loss tokens over every micro-batch of one optimizer step.
 
-    loss_masks: shifted masks ``(B, T-1)`` (or a list of them, one per micro-batch)."""
+    loss_masks: shifted masks ``(B, T-1)`` bool/0-1 (or a list of them, one per micro-batch)."""
     if isinstance(loss_masks, torch.Tensor):
         loss_masks = [loss_masks]
-    return int(sum(int(m.sum()) for m in loss_masks))
+    return int(sum(int(_mask_count("loss_masks", m)) for m in loss_masks))

@@ -83,6 +83,20 @@ def _view3(logits: torch.Tensor) -> tuple[int, int, int, int, int]:
     return b, t, v, logits.stride(0), logits.stride(1)
 
 
+def _may_overlap(t: torch.Tensor) -> bool:
+    """Whether two elements of t may share memory (expand's zero strides, unfold's windows). The
+    dims, by increasing stride, must each step past the span of those before them; a layout this
+    cannot clear counts as overlapping (and is copied), whether or not it does."""
+    if t.numel() <= 1:
+        return False
+    span = 1
+    for st, n in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n > 1):
+        if st < span:
+            return True
+        span += st * (n - 1)
+    return False
+
+
 def _kernel_runs(logits: torch.Tensor) -> bool:
     """Whether the CUDA kernels take these logits (fp64 runs the reference everywhere)."""
     return logits.dtype != torch.float64 and _lib.use_kernel(logits, "token_logprobs")
@@ -143,6 +157,10 @@ def _(logits, labels, temperature, ignore_index, inplace_backward, check_labels=
 
 def _bwd_impl(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, out):
     b, t, v, sb, st = _view3(logits)
+    # the contiguous copies held until the launch: a temporary freed inside the argument list goes
+    # back to the allocator, and the next copy (queued before the kernel) could take its memory
+    grad_logp = grad_logp.contiguous()
+    grad_entropy = None if grad_entropy is None else grad_entropy.contiguous()
     _lib.extension().token_logprobs_bwd(
         logits.data_ptr(),
         _lib.DTYPE_CODES[logits.dtype],
@@ -156,8 +174,8 @@ def _bwd_impl(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature
         1.0 / temperature,
         lse.data_ptr(),
         entropy.data_ptr(),
-        grad_logp.contiguous().data_ptr(),
-        _lib.ptr(None if grad_entropy is None else grad_entropy.contiguous()),
+        grad_logp.data_ptr(),
+        _lib.ptr(grad_entropy),
         out.data_ptr(),
         _lib.stream(logits),
         _BWD_VARIANT,
@@ -346,9 +364,9 @@ def token_logprobs(
     if logits.shape[-1] == 0:
         raise ValueError("logits has an empty vocabulary dimension")
     labels = labels.long()
-    expanded = any(st == 0 and n > 1 for st, n in zip(logits.stride()[:-1], logits.shape[:-1]))
-    if logits.stride(-1) != 1 or expanded:
-        # (rows that share memory, e.g. from expand(), would share their gradient's rows too)
+    if logits.stride(-1) != 1 or _may_overlap(logits):
+        # (rows that share memory, e.g. from expand() or unfold(), would share their gradient's
+        # elements too: the backward writes dlogits with the logits' strides)
         logits = logits.contiguous()
     args = (logits, labels, float(temperature), int(ignore_index), bool(inplace_backward), bool(check_labels))
     if torch.compiler.is_compiling():
@@ -868,7 +886,9 @@ def _forward_gemm(
     for b, rows in enumerate(blocks):
         hc, yc = hidden[rows], labels[rows].contiguous()
         if hc.stride(1) != 1 or hc.stride(0) % 8 != 0 or hc.data_ptr() % 16 != 0:
-            hc = hc.contiguous()
+            # a fresh copy: .contiguous() returns a one-row block as it is (a single row counts
+            # as contiguous whatever its row stride or alignment)
+            hc = torch.empty(hc.shape, dtype=hc.dtype, device=hc.device).copy_(hc)
         r = hc.shape[0]
         shift = _gemm_shift(hc, weight, yc, c, kernel)
         # per chunk, per column tile, per (padded) row: every tile's row sums, summed once at the end
