@@ -3,6 +3,7 @@ bitsandbytes checkpoints without re-quantization, and clear errors for bad folde
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -770,3 +771,213 @@ def test_prequantized_layers_take_the_dtype_asked_for(tmp_path):
     hoptune.merge_and_unload(ours, dtype=None)
     assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
     torch.testing.assert_close(logits(ours), want, atol=5e-2, rtol=5e-2)
+
+
+def _gpt2(tie: bool = True):
+    cfg = transformers.GPT2Config(
+        n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64, tie_word_embeddings=tie
+    )
+    cfg.bos_token_id = cfg.eos_token_id = 2
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg).to(torch.bfloat16).eval()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_checkpoint_of_the_base_model_loads_as_from_pretrained(tmp_path, arch):
+    # GPT-2's own files (and any saved from the base model, LlamaModel) lack base_model_prefix
+    # ("h.0.attn.c_attn.weight", not "transformer.h.0..."): transformers adds it to keys the model
+    # lacks but has with it
+    from safetensors.torch import save_file
+
+    model = _gpt2() if arch == "gpt2" else tiny_model(tie=True)
+    model.save_pretrained(tmp_path)
+    prefix = model.base_model_prefix + "."
+    sd = load_file(tmp_path / "model.safetensors")
+    sd = {k.removeprefix(prefix): v for k, v in sd.items()}
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    ours = hoptune.load_model(tmp_path, quantize=None, device="cpu", progress=False)
+    want, got = ref.state_dict(), ours.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert ours.get_output_embeddings().weight is ours.get_input_embeddings().weight
+    torch.testing.assert_close(logits(ours), logits(ref), atol=0, rtol=0)
+    if arch == "llama":  # and with NF4 on load
+        assert len(nf4_layers(hoptune.load_model(tmp_path, device="cpu", progress=False))) == 14
+    # a tensor stored both with and without the prefix is an error that names both
+    norm = "norm.weight" if arch == "llama" else "ln_f.weight"
+    sd[prefix + norm] = sd[norm].clone()
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(
+        ValueError, match=r"(ln_f|norm)\.weight' is stored twice: as '\S+' in \S+ and as '\S+' in "
+    ):
+        hoptune.load_model(tmp_path, quantize=None, device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("how", ["alias", "overlap", "gap", "trailing"])
+def test_header_whose_tensors_do_not_tile_the_data_is_refused(tmp_path, how):
+    # safetensors (so from_pretrained) refuses these; two keys on the same bytes would otherwise
+    # load one tensor's values into the other
+    tiny_model().save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    body = data[8 + n :]
+    a, b = "model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight"
+    if how == "alias":  # b points at a's bytes
+        header[b]["data_offsets"] = header[a]["data_offsets"]
+    elif how == "overlap":  # a and b shifted into each other's bytes
+        begin, end = header[b]["data_offsets"]
+        header[b]["data_offsets"] = [begin - 2, end - 2]
+    elif how == "gap":
+        last = max(header, key=lambda k: k != "__metadata__" and header[k]["data_offsets"][0])
+        begin, end = header[last]["data_offsets"]
+        header[last]["data_offsets"] = [begin + 2, end + 2]
+        body += b"\0\0"
+    else:
+        body += b"\0" * 8
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + body)
+    with pytest.raises(
+        ValueError, match=r"model\.safetensors: .*(tensor '\S+' starts at data byte|end at data byte)"
+    ):
+        hoptune.load_model(tmp_path, quantize=None, device="cpu", progress=False)
+
+
+def test_gpt2_conv1d_layers_become_nf4_as_with_bitsandbytes(tmp_path):
+    # GPT-2's projections are transformers' Conv1D (y = x @ W + b, W stored (in, out)), which
+    # transformers + bitsandbytes quantize like nn.Linear, transposed; its NF4 checkpoints hold them so
+    pytest.importorskip("bitsandbytes")
+    _gpt2().save_pretrained(tmp_path / "bf16")
+    names = {
+        f"transformer.h.{i}.{n}"
+        for i in range(2)
+        for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    }
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16).eval()
+    ours = hoptune.load_model(tmp_path / "bf16", device="cpu", progress=False)
+    layers = nf4_layers(ours)
+    assert set(layers) == names and type(ours.lm_head) is torch.nn.Linear
+    for name, layer in layers.items():
+        conv = ref.get_submodule(name)
+        q = hoptune.quantize_nf4(conv.weight.data.t().contiguous())
+        assert torch.equal(layer.weight_packed, q.packed) and torch.equal(layer.weight_absmax, q.absmax), name
+        assert torch.equal(layer.bias, conv.bias), name
+        conv.weight.data.copy_(dequantize_nf4(q).t())
+    torch.testing.assert_close(logits(ours), logits(ref), atol=0, rtol=0)
+    # a bitsandbytes NF4 checkpoint of GPT-2 loads as stored
+    cfg = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+    )
+    qm = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "bf16", quantization_config=cfg, device_map="cpu"
+    )
+    qm.save_pretrained(tmp_path / "nf4")
+    loaded = hoptune.load_model(tmp_path / "nf4", device="cpu", progress=False)
+    sd = load_file(tmp_path / "nf4" / "model.safetensors")
+    assert set(nf4_layers(loaded)) == names
+    for name, layer in nf4_layers(loaded).items():
+        assert torch.equal(layer.weight_packed, from_bnb_state_dict(sd, f"{name}.weight").packed), name
+    torch.testing.assert_close(logits(loaded), logits(qm), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("adapted", [False, True], ids=["nf4", "lora"])
+def test_gpt2_nf4_model_merges_back_into_conv1d_layers(tmp_path, adapted):
+    """The NF4 layers load_model makes from GPT-2's Conv1D come back as Conv1D from
+    merge_and_unload (an nn.Linear there would save (out, in) weights that the model's class reads
+    as (in, out)), with an adapter or without, and as NF4Linear from remove_lora."""
+    from transformers.pytorch_utils import Conv1D
+
+    _gpt2().save_pretrained(tmp_path / "bf16")
+    model = hoptune.load_model(tmp_path / "bf16", device="cpu", dtype=torch.float32, progress=False)
+    if adapted:
+        hoptune.apply_lora(model, r=4, target_modules=["c_attn", "c_fc"], init_lora_weights=False)
+    want = logits(model)
+    merged = hoptune.merge_and_unload(copy.deepcopy(model), dtype=torch.float32)
+    for i in range(2):
+        for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+            assert type(merged.get_submodule(f"transformer.h.{i}.{n}")) is Conv1D, n
+    merged.save_pretrained(tmp_path / "merged")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    torch.testing.assert_close(logits(back), want, atol=1e-4, rtol=1e-4)
+    if adapted:
+        hoptune.remove_lora(model)
+        assert isinstance(model.transformer.h[0].attn.c_attn, NF4Linear)
+        assert type(hoptune.merge_and_unload(model).transformer.h[0].attn.c_attn) is Conv1D
+
+
+def test_non_persistent_buffers_as_from_pretrained(tmp_path):
+    # transformers 5 recomputes a model's non-persistent buffers after loading (its _init_weights,
+    # outside the dtype of the build): GPT-J's sin/cos table built in the bfloat16 of the build
+    # has its frequencies rounded to bfloat16
+    cfg = transformers.GPTJConfig(
+        n_embd=64, n_layer=2, n_head=4, rotary_dim=8, vocab_size=128, n_positions=64
+    )
+    torch.manual_seed(0)
+    transformers.GPTJForCausalLM(cfg).to(torch.bfloat16).eval().save_pretrained(tmp_path)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    for quantize in (None, "nf4"):
+        ours = hoptune.load_model(tmp_path, quantize=quantize, device="cpu", progress=False)
+        want, got = dict(ref.named_buffers()), dict(ours.named_buffers())
+        for k, b in want.items():
+            assert b.dtype == got[k].dtype and torch.equal(b, got[k]), k
+        if quantize is None:
+            torch.testing.assert_close(logits(ours), logits(ref), atol=0, rtol=0)
+            assert all(torch.equal(ours.state_dict()[k], v) for k, v in ref.state_dict().items())
+
+
+def test_generation_settings_in_config_json_as_from_pretrained(tmp_path):
+    # an older checkpoint without generation_config.json keeps its sampling defaults in config.json,
+    # where from_pretrained reads them (a transformers 5 config drops them when it is built)
+    tiny_model().save_pretrained(tmp_path)
+    os.unlink(tmp_path / "generation_config.json")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.update(do_sample=True, temperature=0.6, top_p=0.9, max_length=77)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    ours = hoptune.load_model(tmp_path, quantize=None, device="cpu", progress=False)
+    assert ours.generation_config.to_dict() == ref.generation_config.to_dict()
+    gc = ours.generation_config
+    assert (gc.do_sample, gc.temperature, gc.top_p, gc.max_length) == (True, 0.6, 0.9, 77)
+
+
+def test_checkpoint_with_keys_transformers_renames_loads_as_from_pretrained(tmp_path):
+    # GPT-NeoX (Pythia) files name the head embed_out, which transformers 5 renames to lm_head
+    # while loading (and back while saving)
+    cfg = transformers.GPTNeoXConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128
+    )
+    torch.manual_seed(0)
+    transformers.GPTNeoXForCausalLM(cfg).to(torch.bfloat16).eval().save_pretrained(tmp_path)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    ours = hoptune.load_model(tmp_path, quantize=None, device="cpu", progress=False)
+    want, got = ref.state_dict(), ours.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    torch.testing.assert_close(logits(ours), logits(ref), atol=0, rtol=0)
+    nf4 = hoptune.load_model(tmp_path, device="cpu", progress=False)
+    assert len(nf4_layers(nf4)) == 8 and type(nf4.get_output_embeddings()) is torch.nn.Linear
+
+
+@pytest.mark.parametrize("weight_map", [[], {"a.weight": None}, "model.safetensors"])
+def test_index_with_a_malformed_weight_map_names_the_file(tmp_path, weight_map):
+    tiny_model().save_pretrained(tmp_path, max_shard_size="40KB")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json is not a valid safetensors index"):
+        hoptune.load_model(tmp_path, device="cpu", progress=False)
+
+
+def test_progress_bar_is_closed_when_the_reader_cannot_be_made(tmp_path, monkeypatch):
+    from tqdm.auto import tqdm
+
+    from hoptune import loading
+
+    tiny_model().save_pretrained(tmp_path)
+
+    def fail(device):
+        raise RuntimeError("cannot pin memory")
+
+    monkeypatch.setattr(loading, "_make_reader", fail)
+    before = set(getattr(tqdm, "_instances", ()))
+    with pytest.raises(RuntimeError, match="cannot pin memory"):
+        hoptune.load_model(tmp_path, device="cpu", progress=True)
+    assert set(getattr(tqdm, "_instances", ())) == before

@@ -17,7 +17,8 @@ they are there.
 
 Which layers become NF4 (:class:`hoptune.nn.NF4Linear`): every ``nn.Linear`` except the output
 head (``lm_head``, kept in ``dtype`` as bitsandbytes and transformers do) and ``skip_modules``;
-subclasses of ``nn.Linear`` stay as they are, as in transformers + bitsandbytes.
+subclasses of ``nn.Linear`` stay as they are, as in transformers + bitsandbytes, which also
+quantize transformers' ``Conv1D`` (GPT-2's projections; its weight, stored (in, out), transposed).
 A checkpoint that is already bitsandbytes-NF4 (``quantization_config`` in ``config.json``, keys
 per ``docs/FORMATS.md`` section 1) loads its layers as stored, with no re-quantization: its NF4
 layers as NF4 and its dense layers dense.
@@ -47,6 +48,7 @@ from torch import nn
 
 from hoptune.nn.nf4_linear import NF4Linear
 from hoptune.ops import nf4 as nf4_ops
+from hoptune.patch import CONV1D_ATTR
 from hoptune.quant.bnb_format import QS_SUFFIX, from_bnb_state_dict
 from hoptune.quant.checkpoint import _skip_names
 from hoptune.quant.nf4 import BLOCKSIZES, NF4Weight
@@ -98,11 +100,14 @@ class _Entry:
     nbytes: int
 
 
-def read_safetensors_header(path: str) -> dict[str, _Entry]:
+def read_safetensors_header(path: str, exact: bool = False) -> dict[str, _Entry]:
     """Parse and check the header of one safetensors file (8-byte little-endian length, JSON).
 
     A file too short for what its header promises (a truncated download or copy) is an error that
-    names the file; no tensor data is read."""
+    names the file; no tensor data is read. ``exact``: the tensors must also tile the data section
+    in order, without gaps, overlaps or trailing bytes, as the safetensors library itself requires
+    (so ``from_pretrained`` refuses anything else: two keys on the same bytes would load one
+    tensor's values as another's)."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -145,6 +150,21 @@ def read_safetensors_header(path: str) -> dict[str, _Entry]:
                 f"{path} is truncated: it is {size} bytes but tensor {key!r} ends at byte {base + end}"
             )
         out[key] = _Entry(key, path, dtype, shape, base + begin, nbytes)
+    if exact:
+        pos = 0
+        for e in sorted(out.values(), key=lambda e: (e.start, e.nbytes)):
+            if e.start - base != pos:
+                raise ValueError(
+                    f"{path}: tensor {e.key!r} starts at data byte {e.start - base} but the tensors before it "
+                    f"end at byte {pos}; safetensors needs each tensor right after the one before (no gaps or "
+                    "shared bytes): the header is corrupt"
+                )
+            pos += e.nbytes
+        if base + pos != size:
+            raise ValueError(
+                f"{path}: the tensors end at data byte {pos} but the data section has {size - base} bytes; "
+                "safetensors needs them to cover it exactly: the header is corrupt"
+            )
     return out
 
 
@@ -162,6 +182,11 @@ def checkpoint_files(folder: str) -> list[str]:
                 weight_map = json.load(f)["weight_map"]
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {e}") from e
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(
+                f"{index} is not a valid safetensors index: its 'weight_map' must map tensor names to "
+                f"shard file names, got {str(weight_map)[:200]}"
+            )
         files = list(dict.fromkeys(weight_map.values()))
         for name in files:
             if os.path.basename(name) != name:
@@ -576,6 +601,52 @@ def _tied_keys(model: nn.Module, config) -> dict[str, str]:
     return {k: src for k in old if src is not None and k != src}
 
 
+def _model_keys(entries: dict[str, _Entry], expected: set[str], model: nn.Module) -> dict[str, _Entry]:
+    """Key names as the model has them, as transformers' loader makes them. First the plain
+    renamings of the model's conversion mapping (transformers >= 5: GPT-NeoX's ``embed_out`` is
+    its ``lm_head``); the fusing of per-expert weights is not done here (see
+    :func:`_converts_keys_on_load`). Then ``base_model_prefix``: a checkpoint saved from the base
+    model (GPT-2's own files: ``h.0.attn.c_attn.weight``; any ``LlamaModel``) lacks it
+    (``transformer.``), so it is added to a key the model lacks but has with it, and stripped in
+    the opposite case. A bitsandbytes part (``.absmax``, ...) follows its weight."""
+    rename = _renamer(model)
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    out: dict[str, _Entry] = {}
+    stored: dict[str, str] = {}  # model key -> the key in the file
+    for key, e in entries.items():
+        new = rename(key)
+        if new not in expected and key in expected:
+            new = key
+        if new not in expected and prefix:
+            part = next((p for p in _BNB_PARTS if new.endswith(".weight" + p)), "")
+            stem = new[: len(new) - len(part)]
+            if f"{prefix}.{stem}" in expected:
+                new = f"{prefix}.{new}"
+            elif new.startswith(prefix + ".") and stem[len(prefix) + 1 :] in expected:
+                new = new[len(prefix) + 1 :]
+        if new in out:
+            raise ValueError(
+                f"tensor {new!r} is stored twice: as {stored[new]!r} in {out[new].file} and as {key!r} in "
+                f"{e.file} (names that {type(model).__name__} loads as one)"
+            )
+        out[new] = e if new == key else replace(e, key=new)
+        stored[new] = key
+    return out
+
+
+def _renamer(model: nn.Module):
+    """``key -> key`` with the renamings transformers applies to ``model``'s checkpoint keys."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, apply_renamings
+    except ImportError:  # transformers 4: no renamings but the prefix
+        return lambda key: key
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    if not renamings:
+        return lambda key: key
+    return lambda key: apply_renamings(key, renamings)
+
+
 def _bnb_owner(key: str, prequant: set[str]) -> str | None:
     """The module whose bitsandbytes NF4 weight ``key`` is part of, if any."""
     for suffix in ("", *_BNB_PARTS):
@@ -647,8 +718,10 @@ def load_model(
     ``dtype``: of every other floating-point tensor and of the NF4 layers' compute, but for those
     ``from_pretrained`` keeps otherwise (declared in another dtype by the model, or named by its
     ``_keep_in_fp32_modules`` for float16 or ``_keep_in_fp32_modules_strict``: float32).
-    Checkpoints in a layout that transformers converts while loading (MoE models whose per-expert
-    weights it fuses, such as Mixtral's) are refused with an error.
+    Keys are matched as ``from_pretrained`` matches them (its plain renamings, such as GPT-NeoX's
+    ``embed_out``, and a base model's files without ``base_model_prefix``); checkpoints in a
+    layout that transformers converts while loading (MoE models whose per-expert weights it fuses,
+    such as Mixtral's) are refused with an error.
     Returns the transformers model in eval mode, as ``from_pretrained`` does.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -680,7 +753,7 @@ def load_model(
     files = checkpoint_files(folder)
     entries: dict[str, _Entry] = {}
     for f in files:
-        for key, e in read_safetensors_header(f).items():
+        for key, e in read_safetensors_header(f, exact=True).items():
             if key in entries:
                 raise ValueError(f"tensor {key!r} is stored twice: in {entries[key].file} and {f}")
             entries[key] = e
@@ -713,8 +786,17 @@ def load_model(
     to_read = {k for k, v in meta_state.items() if v.is_meta}  # not computed by the model itself
     del meta_state
     expected = set(shapes)
+    entries = _model_keys(entries, expected, model)
     heads = _output_heads(model)
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    # transformers' Conv1D (GPT-2: y = x @ W + b, W stored (in, out)) is a linear layer to
+    # transformers + bitsandbytes, quantized as W.T; its NF4 checkpoints store it that way
+    conv1d = _conv1d_class()
+    linears = {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) or (conv1d is not None and isinstance(m, conv1d))
+    }
+    transposed = {n for n, m in linears.items() if not isinstance(m, nn.Linear)}
     prequant = {k[: -len(".weight" + QS_SUFFIX)] for k in entries if k.endswith(".weight" + QS_SUFFIX)}
     bad = sorted(n for n in prequant if n not in linears)
     if bad:
@@ -729,11 +811,12 @@ def load_model(
         for n, m in linears.items():
             # plain nn.Linear only, as transformers + bitsandbytes: a subclass may compute more
             # (Llama 4's router returns scores and logits)
-            if type(m) is not nn.Linear or n in heads or _matches_any(n, skip_modules + keep_dense):
+            plain = type(m) is nn.Linear or n in transposed
+            if not plain or n in heads or _matches_any(n, skip_modules + keep_dense):
                 continue
-            if (m.in_features * m.out_features) % blocksize:
+            if m.weight.numel() % blocksize:
                 warnings.warn(
-                    f"{n} stays dense: its {m.in_features * m.out_features} weights are not a multiple of blocksize={blocksize}",
+                    f"{n} stays dense: its {m.weight.numel()} weights are not a multiple of blocksize={blocksize}",
                     stacklevel=2,
                 )
                 continue
@@ -778,7 +861,7 @@ def load_model(
     if absent and unexpected and _converts_keys_on_load(model, absent):
         raise ValueError(
             f"{folder} stores {type(model).__name__} in the layout that transformers converts while "
-            f"loading (renamed keys, per-expert weights fused into one tensor): the files have e.g. "
+            f"loading (per-expert weights fused into one tensor and the like): the files have e.g. "
             f"{unexpected[:3]} where the model has {absent[:3]}. load_model does not support this "
             "architecture's checkpoint layout yet; load it with "
             "transformers.AutoModelForCausalLM.from_pretrained(path, dtype=...), then "
@@ -796,7 +879,15 @@ def load_model(
     file_index = {f: i for i, f in enumerate(files)}
     order = sorted(plan, key=lambda k: (file_index[entries[k].file], entries[k].start))
     total = sum(entries[k].nbytes for k in plan)
-    bar = None
+    reader = making_reader.result()
+    nf4 = _NF4Stream(
+        device,
+        sum(1 for k in plan if plan[k][0] == "quantize"),
+        blocksize,
+        double_quant,
+        lambda owner, q: _to_nf4_layer(model, owner, q),
+    )
+    bar = None  # made last: the finally below closes it
     if progress:
         from tqdm.auto import tqdm
 
@@ -807,14 +898,6 @@ def load_model(
             unit_divisor=1024,
             desc=f"Loading {os.path.basename(os.path.normpath(folder))}",
         )
-    reader = making_reader.result()
-    nf4 = _NF4Stream(
-        device,
-        sum(1 for k in plan if plan[k][0] == "quantize"),
-        blocksize,
-        double_quant,
-        lambda owner, q: _to_nf4_layer(model, owner, q),
-    )
     # the kernels (quantize) launch on the current CUDA device: make it the target one
     on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with on_device:
@@ -829,17 +912,19 @@ def load_model(
                     if parts_left[owner] == 0:
                         wkey = f"{owner}.weight"
                         q = from_bnb_state_dict(pending.pop(owner), wkey)
-                        if tuple(q.shape) != shapes[wkey]:
+                        want = shapes[wkey][::-1] if owner in transposed else shapes[wkey]
+                        if tuple(q.shape) != want:
                             raise ValueError(
                                 f"{entries[wkey].file}: the NF4 weight {wkey} has shape {list(q.shape)} but "
-                                f"{type(model).__name__} needs {list(shapes[wkey])} (a checkpoint for another "
+                                f"{type(model).__name__} needs {list(want)} (a checkpoint for another "
                                 "configuration?)"
                             )
                         if q.dtype != dtype:  # the dtype it dequantizes to, as for the layers quantized here
                             q = replace(q, dtype=dtype)
                         _to_nf4_layer(model, owner, q)
                 elif kind == "quantize":
-                    nf4.submit(e.file, key, owner, t if t.dtype == dtype else t.to(dtype))
+                    w = t if t.dtype == dtype else t.to(dtype)
+                    nf4.submit(e.file, key, owner, w.t().contiguous() if owner in transposed else w)
                 else:
                     want = torch.float32 if keep_fp32 is not None and keep_fp32.search(key) else dtypes[key]
                     if t.is_floating_point() and want.is_floating_point and t.dtype != want:
@@ -867,6 +952,7 @@ def load_model(
         for name, buf in mod._buffers.items():
             if buf is not None and buf.device != device and not buf.is_meta:
                 mod._buffers[name] = buf.to(device)
+    _init_non_persistent_buffers(model)
     left = [n for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
     left += [n for n, b in model.named_buffers() if b.is_meta]
     if left:
@@ -888,8 +974,10 @@ def _to_nf4_layer(model: nn.Module, name: str, q) -> None:
     """Put an NF4Linear with weight ``q`` where the (meta) linear ``name`` is; its bias, if read
     already, moves over, else it is set when its key is read."""
     current = model.get_submodule(name)
-    bias = current.bias if isinstance(current, nn.Linear) else None
+    bias = getattr(current, "bias", None)  # nn.Linear's or Conv1D's, (out,) either way
     layer = NF4Linear(q, None)
+    if not isinstance(current, nn.Linear):  # a Conv1D: merge_and_unload gives one back
+        setattr(layer, CONV1D_ATTR, True)
     if bias is not None:  # real if its key came first, else a meta placeholder filled in later
         layer.bias = nn.Parameter(bias.detach(), requires_grad=False)
     layer.train(current.training)
@@ -897,13 +985,52 @@ def _to_nf4_layer(model: nn.Module, name: str, q) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, layer)
 
 
+def _init_non_persistent_buffers(model: nn.Module) -> None:
+    """Recompute the non-persistent buffers as transformers 5's ``from_pretrained`` does after
+    loading: the model's ``_init_weights`` runs on the modules that hold one, in the default dtype
+    rather than that of the build (GPT-J's sin/cos table, built with bfloat16 frequencies, differs
+    otherwise). Every tensor read from the checkpoint is marked initialized first, which its
+    guarded init functions skip, and every other module is skipped whole (NF4 layers included)."""
+    if not hasattr(model, "initialize_weights"):
+        return
+    try:
+        from transformers import initialization  # noqa: F401  (transformers >= 5: guarded init)
+    except ImportError:
+        return  # transformers 4 computes them once, in the build, as here
+    for t in model.state_dict(keep_vars=True).values():
+        t._is_hf_initialized = True
+    todo = False
+    for mod in model.modules():
+        # (from_config's own init flagged every module done: that init ran in the build's dtype)
+        own = any(b is not None and n in mod._non_persistent_buffers_set for n, b in mod._buffers.items())
+        mod._is_hf_initialized = not own
+        todo |= own
+    if todo:
+        model.initialize_weights()
+
+
+def _conv1d_class() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
 def _load_generation_config(model: nn.Module, folder: str) -> None:
-    path = os.path.join(folder, "generation_config.json")
-    if not os.path.isfile(path) or not hasattr(model, "generation_config"):
+    """As ``from_pretrained``: ``generation_config.json``, else the generation settings an older
+    checkpoint keeps in ``config.json`` (sampling defaults, stop tokens), which the model's own
+    config dropped when it was built."""
+    if not hasattr(model, "generation_config"):
         return
     from transformers import GenerationConfig
 
+    path = os.path.join(folder, "generation_config.json")
+    kwargs = {}
+    if not os.path.isfile(path):
+        path = os.path.join(folder, "config.json")
+        kwargs = {"config_file_name": "config.json", "_from_model_config": True}
     try:
-        model.generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
+        model.generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True, **kwargs)
     except (OSError, ValueError) as e:
-        warnings.warn(f"ignoring {path}: {e}", stacklevel=3)
+        warnings.warn(f"ignoring the generation settings of {path}: {e}", stacklevel=3)

@@ -40,6 +40,9 @@ ALL_LINEAR = "all-linear"
 _STATE_ATTR = "_hoptune_lora"  # per-model record: requires_grad of every parameter before apply_lora
 _ORIGIN_ATTR = "_hoptune_origin"  # per-layer: "linear" (was nn.Linear), "nf4" (NF4Linear), "conv1d"
 _TIED_ATTR = "_hoptune_tied"  # per-layer, when quantized: (its tied dense weight,) for remove_lora
+# on an NF4Linear that load_model made from a transformers Conv1D (and on what replaces it): the
+# layer the model's class holds there is a Conv1D, which merge_and_unload gives back
+CONV1D_ATTR = "_hoptune_conv1d"
 
 
 @dataclass(frozen=True)
@@ -80,8 +83,9 @@ def layer_features(mod: nn.Module) -> tuple[int, int]:
 
 
 def fan_in_fan_out(mod: nn.Module) -> bool:
-    """PEFT's ``fan_in_fan_out`` of a layer: whether it is a Conv1D, or a LoRALinear that replaced one."""
-    return _is_conv1d(mod) or getattr(mod, _ORIGIN_ATTR, None) == "conv1d"
+    """PEFT's ``fan_in_fan_out`` of a layer: whether it is a Conv1D, or a LoRALinear or an
+    NF4Linear (load_model's) that stands for one."""
+    return _is_conv1d(mod) or getattr(mod, _ORIGIN_ATTR, None) == "conv1d" or getattr(mod, CONV1D_ATTR, False)
 
 
 def _output_head_names(model: nn.Module) -> set[str]:
@@ -362,6 +366,8 @@ def replace_with_lora(
             if isinstance(t.module, NF4Linear):
                 new = LoRALinear(t.module.weight_nf4, bias=t.module.bias, **kw)
                 origin = "nf4"
+                if getattr(t.module, CONV1D_ATTR, False):
+                    setattr(new, CONV1D_ATTR, True)
             elif _is_conv1d(t.module):
                 base = _conv1d_as_linear(t.module)
                 new = LoRALinear(
@@ -474,6 +480,8 @@ def _base_layer(lora: LoRALinear) -> nn.Module:
     origin = getattr(lora, _ORIGIN_ATTR, "linear")
     if origin == "nf4" and lora.quantized:
         out = NF4Linear(lora.weight_nf4, lora.bias)
+        if getattr(lora, CONV1D_ATTR, False):
+            setattr(out, CONV1D_ATTR, True)
     elif origin == "conv1d":
         out = _to_conv1d(lora.base_weight().t(), lora.bias)
     elif not lora.quantized or tied is not None:
