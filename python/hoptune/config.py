@@ -453,14 +453,22 @@ def check_sft_config(cfg: SFTConfig) -> None:
     need(t.max_steps >= 0, f"train.max_steps must be >= 0, got {t.max_steps}")
     need(len(t.betas) == 2, f"train.betas must be two floats [beta1, beta2], got {t.betas}")
     need(all(0.0 <= b < 1.0 for b in t.betas), f"train.betas must each be in [0, 1), got {t.betas}")
-    need(t.eps > 0, f"train.eps must be > 0, got {t.eps}")
-    need(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    need(t.eps > 0 and math.isfinite(t.eps), f"train.eps must be a finite number > 0, got {t.eps}")
+    need(
+        t.weight_decay >= 0 and math.isfinite(t.weight_decay),
+        f"train.weight_decay must be a finite number >= 0, got {t.weight_decay}",
+    )
     need(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     need(0.0 <= t.warmup_ratio < 1.0, f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
     need(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     need(t.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0, got {t.max_grad_norm}")
     need(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
     need(t.eval_every >= 0, f"train.eval_every must be >= 0 (0 = only at the end), got {t.eval_every}")
+    need(
+        t.eval_every == 0 or d.eval is not None or d.eval_fraction > 0,
+        f"train.eval_every={t.eval_every} needs eval data: set data.eval or data.eval_fraction (or "
+        "train.eval_every=0)",
+    )
     need(
         t.eval_batch_size >= 0,
         f"train.eval_batch_size must be >= 0 (0 = batch_size), got {t.eval_batch_size}",

@@ -92,6 +92,10 @@ def test_value_checks():
         ("train.lr=0", "train.lr must be a finite number > 0, got 0"),
         ("train.eval_batch_size=-1", "train.eval_batch_size must be >= 0"),
         ("train.eval_every=-1", "train.eval_every must be >= 0"),
+        # nothing to evaluate: every eval would be skipped without a word (transformers' Trainer refuses too)
+        ("train.eval_every=10", "train.eval_every=10 needs eval data: set data.eval or data.eval_fraction"),
+        ("train.eps=.inf", "train.eps must be a finite number > 0, got inf"),
+        ("train.weight_decay=.inf", "train.weight_decay must be a finite number >= 0, got inf"),
         ("train.epochs=.inf", "train.epochs must be a finite number, got inf"),
         ("lora.alpha=.nan", "lora.alpha must be a finite number > 0, got nan"),
         ("lora.alpha=-16", "lora.alpha must be a finite number > 0, got -16"),

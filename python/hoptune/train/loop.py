@@ -117,19 +117,44 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+# transformers' Trainer.get_decay_parameter_names: what TRL decays is chosen by name (and LayerNorm
+# layers), not by shape; a DoRA magnitude is a vector that it decays
+_NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
+
+
+def decay_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the parameters of ``model`` that transformers' Trainer (and so TRL) applies weight
+    decay to: all but biases, norms (by name) and the parameters of ``nn.LayerNorm`` layers."""
+    in_layernorm = {
+        f"{mod_name}.{n}" if mod_name else n
+        for mod_name, mod in model.named_modules()
+        if isinstance(mod, nn.LayerNorm)
+        for n, _ in mod.named_parameters()
+    }
+    return {
+        n for n, _ in model.named_parameters() if n not in in_layernorm and not _NO_DECAY.search(n.lower())
+    }
+
+
 def build_optimizer(
     named_params: list[tuple[str, nn.Parameter]],
     lr: float,
     weight_decay: float = 0.0,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    decay_names: set[str] | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (biases, norms and DoRA magnitudes are not decayed,
-    as transformers' Trainer does). The fused CUDA implementation when every parameter is on a GPU."""
+    """AdamW; weight decay on the parameters named in ``decay_names`` (``decay_parameter_names(model)``:
+    what transformers' Trainer decays), or, without it, on matrices only. The fused CUDA
+    implementation when every parameter is on a GPU."""
     if not named_params:
         raise ValueError("no trainable parameter: apply_lora (or lora.enabled=false) must leave some")
-    decay = [p for _, p in named_params if p.dim() >= 2]
-    no_decay = [p for _, p in named_params if p.dim() < 2]
+
+    def decays(n: str, p: nn.Parameter) -> bool:
+        return n in decay_names if decay_names is not None else p.dim() >= 2
+
+    decay = [p for n, p in named_params if decays(n, p)]
+    no_decay = [p for n, p in named_params if not decays(n, p)]
     groups = [
         g
         for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})

@@ -12,7 +12,10 @@ Copy this file to make a variant; the shared pieces live in ``hoptune.train.loop
 
 from __future__ import annotations
 
+import math
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hoptune._io import _umask, fsync_dir, fsync_tree
 from hoptune.config import ConfigError, SFTConfig, check_sft_config, dump_config
 from hoptune.data.dataset import (
     DataReport,
@@ -309,6 +313,17 @@ def _train(
     dtype = loop.resolve_dtype(cfg.model.dtype, device)
     ckpt = loop.Checkpointer(run_dir, keep=t.keep_checkpoints)
     resume_from = _resume_folder(cfg, ckpt)
+    finished = [
+        n
+        for n, f in (("adapter", "adapter_model.safetensors"), ("model", "config.json"))
+        if os.path.isfile(os.path.join(run_dir, n, f))
+    ]
+    if resume_from is None and finished:
+        # a run without checkpoints (train.save_every=0) would train from scratch over it
+        raise ConfigError(
+            f"output.dir {cfg.output.dir!r} holds the {finished[0]}/ of an earlier run and no checkpoint to "
+            "resume from; training would replace it. Use another output.dir, or remove that folder first"
+        )
     loop.seed_everything(t.seed)
 
     # 1. data first: a data problem (or a resume that cannot be exact) shows before an expensive model load
@@ -326,7 +341,7 @@ def _train(
     whole_epochs = not t.max_steps and (prior is None or "data_order" in prior)
     sampler = StepSampler(len(rows), rows_per_step, t.seed, whole_epochs=whole_epochs)
     total = t.max_steps or sampler.steps_for_epochs(t.epochs)
-    warmup = t.warmup_steps or round(t.warmup_ratio * total)
+    warmup = t.warmup_steps or math.ceil(t.warmup_ratio * total)  # as transformers rounds it
     data_fp = fingerprint(rows)
     data_order = "epochs" if sampler.whole_epochs else "steps"
     if resume_from is not None:
@@ -349,9 +364,14 @@ def _train(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
     # 3. optimizer, schedule, resume
-    optimizer = loop.build_optimizer(named, t.lr, t.weight_decay, tuple(t.betas), t.eps)
+    optimizer = loop.build_optimizer(
+        named, t.lr, t.weight_decay, tuple(t.betas), t.eps, decay_names=loop.decay_parameter_names(model)
+    )
     scheduler = loop.build_scheduler(optimizer, total, warmup, t.lr_schedule, t.min_lr_ratio)
     step = 0
+    # the steps since the last train log: its loss is their mean, as transformers' Trainer logs it (a
+    # checkpoint between two logs keeps them, so a resumed run logs what an uninterrupted one does)
+    window = {"steps": 0, "loss": 0.0, "loss_tokens": 0, "tokens": 0, "seconds": 0.0}
     if resume_from is not None:
         try:
             state = loop.Checkpointer.load(resume_from, model, optimizer, scheduler)
@@ -361,6 +381,7 @@ def _train(
                 "use the config that run was started with, or a new output.dir"
             ) from e
         step = int(state["step"])
+        window.update(state.get("log_window") or {})
         log(f"resumed from {resume_from} at step {step}")
     start = step
     # written once every check has passed: a refused run leaves the config of the run in output.dir
@@ -396,6 +417,7 @@ def _train(
                 "data_order": data_order,
                 "seed": t.seed,
                 "settings": _resume_settings(cfg),
+                "log_window": dict(window),
             },
         )
 
@@ -422,21 +444,27 @@ def _train(
             dt = timer.lap()
             losses.append(loss)
             mem = loop.gpu_memory_gib()
+            window["steps"] += 1
+            window["loss"] += loss
+            window["loss_tokens"] += n_loss
+            window["tokens"] += n_tok
+            window["seconds"] += dt
             if step % t.log_every == 0 or step == total:
                 metrics.log(
                     step,
                     "train",
                     {
-                        "loss": loss,
+                        "loss": window["loss"] / window["steps"],
                         "lr": lr,
                         "grad_norm": grad_norm,
-                        "loss_tokens": n_loss,
-                        "tokens": n_tok,
-                        "tokens_per_s": n_tok / dt,
+                        "loss_tokens": window["loss_tokens"],
+                        "tokens": window["tokens"],
+                        "tokens_per_s": window["tokens"] / window["seconds"],
                         "epoch": sampler.epoch_at(step),
                         "gpu_mem_gib": mem,
                     },
                 )
+                window.update(steps=0, loss=0.0, loss_tokens=0, tokens=0, seconds=0.0)
             progress.update(loss, lr, n_tok / dt, mem)
             if t.eval_every and step % t.eval_every == 0 and step < total:
                 last_eval = run_eval(step)
@@ -459,8 +487,7 @@ def _train(
         save_adapter(model, final, base_model_name_or_path=cfg.model.path)
     else:
         final = os.path.join(run_dir, "model")
-        model.save_pretrained(final)
-        tokenizer.save_pretrained(final)
+        _save_model(model, tokenizer, final)
     if eval_rows:
         # a finished run started again: its final eval is in metrics.jsonl already
         done = [] if step > start else _logged_eval(metrics.path, step)
@@ -476,6 +503,36 @@ def _train(
     for n in notes:
         log(n)
     return SFTResult(run_dir, final, step, losses, last_eval, plots, notes, model, tokenizer)
+
+
+def _save_model(model: nn.Module, tokenizer: Any, final: str) -> None:
+    """``model.save_pretrained`` + the tokenizer into ``final``, whole or not at all: written in a
+    hidden folder beside it, synced, then renamed into place (a kill mid-write leaves the previous
+    folder, or none, never one with a cut weights file: with train.save_every=0 it is the only copy)."""
+    parent, name = os.path.split(final)
+    for n in os.listdir(parent):  # leftovers of a save that was killed
+        if n.startswith((f".tmp-{name}-", f".tmp-old-{name}-")):
+            shutil.rmtree(os.path.join(parent, n), ignore_errors=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{name}-")
+    old = None
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        fsync_tree(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0o700 would keep other users out
+        if os.path.exists(final):
+            old = os.path.join(tempfile.mkdtemp(dir=parent, prefix=f".tmp-old-{name}-"), "old")
+            os.replace(final, old)
+        os.replace(tmp, final)
+        fsync_dir(parent)
+    except BaseException:
+        if old is not None and os.path.isdir(old) and not os.path.exists(final):
+            os.replace(old, final)  # stopped between the two renames: the previous model goes back
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(os.path.dirname(old), ignore_errors=True)
 
 
 def _logged_eval(path: str, step: int) -> list[dict[str, float]]:

@@ -1,0 +1,169 @@
+"""The recipe against transformers' Trainer / TRL where a setting's meaning is theirs (warmup ratio,
+which parameters decay), and a second run in a folder that holds a finished one."""
+
+import os
+
+import pytest
+
+from hoptune.config import ConfigError
+from hoptune.models.tiny import build_model
+from hoptune.train import loop, sft
+from tests.conftest import SMALL
+
+from .conftest import small_config
+
+
+def _metrics(run_dir):
+    return loop.read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+
+
+def test_warmup_ratio_rounds_up_as_transformers_does(tmp_path, tokenizer, demo_data):
+    # transformers: warmup = ceil(ratio x steps), so 0.1 of 5 steps is one warmup step (round() gave 0:
+    # the warmup the config asks for silently skipped)
+    cfg = small_config(tmp_path, demo_data, "train.max_steps=5", "train.warmup_ratio=0.1")
+    lines = []
+    sft.train(cfg, log=lines.append, model=build_model(seed=0, **SMALL), tokenizer=tokenizer)
+    assert any("warmup 1," in s for s in lines)
+    lrs = [r["lr"] for r in _metrics(cfg.output.dir) if r["split"] == "train"]
+    assert lrs[0] == pytest.approx(1e-3 / 2)  # the first warmup step runs at lr / (warmup + 1)
+    assert lrs[1] == pytest.approx(1e-3)
+
+
+def test_dora_magnitude_is_decayed_as_transformers_trainer_does(tmp_path, tokenizer, demo_data, monkeypatch):
+    # Trainer.get_decay_parameter_names leaves out biases and norms by name (and LayerNorm layers), not
+    # every vector: PEFT's lora_magnitude_vector is decayed under TRL
+    groups = []
+    build = loop.build_optimizer
+
+    def spy(*a, **k):
+        opt = build(*a, **k)
+        groups.append(opt.param_groups)
+        return opt
+
+    monkeypatch.setattr(loop, "build_optimizer", spy)
+    cfg = small_config(
+        tmp_path, demo_data, "train.max_steps=1", "train.weight_decay=0.1", "lora.use_dora=true"
+    )
+    res = sft.train(cfg, log=lambda s: None, model=build_model(seed=0, **SMALL), tokenizer=tokenizer)
+    decay = {id(p): g["weight_decay"] for g in groups[0] for p in g["params"]}
+    names = dict(res.model.named_parameters())
+    magnitudes = [n for n in names if "magnitude" in n and names[n].requires_grad]
+    assert magnitudes
+    assert all(decay[id(names[n])] == 0.1 for n in magnitudes)
+    assert all(decay[id(names[n])] == 0.1 for n in names if n.endswith(("lora_A", "lora_B")))
+
+
+def test_decay_parameter_names_match_transformers(small_model):
+    import torch
+    from transformers import Trainer
+
+    class WithLayerNorm(torch.nn.Module):  # a LayerNorm whose name says nothing (GPT-2's ln_1)
+        def __init__(self):
+            super().__init__()
+            self.ln_1 = torch.nn.LayerNorm(4)
+            self.proj = torch.nn.Linear(4, 4)
+            self.gate = torch.nn.Parameter(torch.zeros(4))
+
+    for model in (small_model, WithLayerNorm()):
+        theirs = set(Trainer.get_decay_parameter_names(None, model))
+        assert loop.decay_parameter_names(model) == theirs
+    assert loop.decay_parameter_names(WithLayerNorm()) == {"proj.weight", "gate"}
+
+
+@pytest.mark.parametrize("resume", ["auto", "false"])
+def test_finished_run_without_checkpoints_is_not_overwritten(tmp_path, tokenizer, demo_data, resume):
+    # train.save_every=0 (the default) leaves no checkpoint: a second run in the same folder would train
+    # again from scratch and replace the first one's adapter and metrics without a word
+    cfg = small_config(tmp_path, demo_data, "train.max_steps=2")
+    res = sft.train(cfg, log=lambda s: None, model=build_model(seed=0, **SMALL), tokenizer=tokenizer)
+    weights = os.path.join(res.output_dir, "adapter_model.safetensors")
+    before = open(weights, "rb").read()
+    metrics = open(os.path.join(res.run_dir, "metrics.jsonl"), "rb").read()
+    again = small_config(tmp_path, demo_data, "train.max_steps=2", "train.lr=5e-3", f"output.resume={resume}")
+    with pytest.raises(ConfigError, match="output.dir"):
+        sft.train(again, log=lambda s: None, model=build_model(seed=1, **SMALL), tokenizer=tokenizer)
+    assert open(weights, "rb").read() == before
+    assert open(os.path.join(res.run_dir, "metrics.jsonl"), "rb").read() == metrics
+    assert "lr: 0.001" in open(os.path.join(res.run_dir, "config.yaml")).read()
+
+
+def test_logged_loss_is_the_mean_since_the_last_log(tmp_path, tokenizer, demo_data, monkeypatch):
+    # as transformers' Trainer logs it: the loss of train.log_every=3 is the mean of those three steps,
+    # not the last step's alone; a run killed between two logs and resumed logs the same values
+    common = ["train.max_steps=7", "train.log_every=3", "train.save_every=2"]
+    res = sft.train(
+        small_config(tmp_path / "a", demo_data, *common),
+        log=lambda s: None,
+        model=build_model(seed=0, **SMALL),
+        tokenizer=tokenizer,
+    )
+    train = [r for r in _metrics(res.run_dir) if r["split"] == "train"]
+    assert [r["step"] for r in train] == [3, 6, 7]
+    losses = res.train_losses
+    assert train[0]["loss"] == pytest.approx(sum(losses[0:3]) / 3, rel=1e-12)
+    assert train[1]["loss"] == pytest.approx(sum(losses[3:6]) / 3, rel=1e-12)
+    assert train[2]["loss"] == pytest.approx(losses[6], rel=1e-12)
+
+    cfg_b = small_config(tmp_path / "b", demo_data, *common)
+    real_step = sft.sft_step
+    calls = {"n": 0}
+
+    def dies(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 6:  # killed in step 6: the checkpoint of step 4 is mid-window (steps 4..6)
+            raise KeyboardInterrupt("killed")
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(sft, "sft_step", dies)
+    with pytest.raises(KeyboardInterrupt):
+        sft.train(cfg_b, log=lambda s: None, model=build_model(seed=0, **SMALL), tokenizer=tokenizer)
+    monkeypatch.setattr(sft, "sft_step", real_step)
+    sft.train(cfg_b, log=lambda s: None, model=build_model(seed=0, **SMALL), tokenizer=tokenizer)
+    resumed = [r for r in _metrics(cfg_b.output.dir) if r["split"] == "train"]
+    assert [r["step"] for r in resumed] == [3, 6, 7]
+    for r, ref in zip(resumed, train):
+        assert (r["loss"], r["loss_tokens"], r["tokens"]) == (ref["loss"], ref["loss_tokens"], ref["tokens"])
+
+
+def _full_config(tmp_path, data, *overrides):
+    return small_config(tmp_path, data, "lora.enabled=false", "train.max_steps=1", *overrides)
+
+
+def test_full_model_is_not_left_half_written(tmp_path, tokenizer, demo_data, monkeypatch):
+    # a kill while model/ is written (the only copy of the weights with train.save_every=0) must not
+    # leave a model/ folder that looks finished but holds a cut file
+    cfg = _full_config(tmp_path, demo_data)
+    model = build_model(seed=0, **SMALL)
+
+    def killed(folder, *a, **k):
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "model.safetensors"), "wb") as f:
+            f.write(b"cut")
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(model, "save_pretrained", killed)
+    with pytest.raises(KeyboardInterrupt):
+        sft.train(cfg, log=lambda s: None, model=model, tokenizer=tokenizer)
+    assert not os.path.exists(os.path.join(cfg.output.dir, "model"))
+    # and the run can be started again in that folder, which then holds a whole model
+    res = sft.train(cfg, log=lambda s: None, model=build_model(seed=0, **SMALL), tokenizer=tokenizer)
+    assert os.path.isfile(os.path.join(res.output_dir, "config.json"))
+    assert [n for n in os.listdir(res.run_dir) if n.startswith(".tmp")] == []
+
+
+def test_finished_full_run_started_again_keeps_its_model(tmp_path, tokenizer, demo_data, monkeypatch):
+    cfg = _full_config(tmp_path, demo_data, "train.save_every=1")
+    res = sft.train(cfg, log=lambda s: None, model=build_model(seed=0, **SMALL), tokenizer=tokenizer)
+    weights = os.path.join(res.output_dir, "model.safetensors")
+    before = open(weights, "rb").read()
+    model = build_model(seed=0, **SMALL)
+
+    def killed(folder, *a, **k):
+        with open(os.path.join(folder, "model.safetensors"), "wb") as f:
+            f.write(b"cut")
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(model, "save_pretrained", killed)
+    with pytest.raises(KeyboardInterrupt):  # the finished run writes its model again, and is killed
+        sft.train(cfg, log=lambda s: None, model=model, tokenizer=tokenizer)
+    assert open(weights, "rb").read() == before
