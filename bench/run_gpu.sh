@@ -71,4 +71,6 @@ done
 tar -C "$OUT" -czf "$OUT/logs.tgz" logs && tar -C "$OUT" -czf "$OUT/json.tgz" json
 echo "================ summary"
 cat "$SUMMARY"
-for f in "$OUT"/logs/bench_*.log; do [ -f "$f" ] && { echo "---- $f"; tail -12 "$f"; }; done
+for f in "$OUT"/logs/bench_*.log; do
+  if [ -f "$f" ]; then echo "---- $f"; tail -12 "$f"; fi
+done
