@@ -115,3 +115,9 @@ def test_malformed_lines_and_bad_records_in_one_error(tmp_path, tokenizer):
     assert "7 malformed line(s): line 2: " in msg and "line 6: invalid JSON" in msg
     assert "7 example(s) cannot be trained on: line 9: " in msg and "line 13: no known fields" in msg
     assert msg.count("; ... and 2 more") == 2 and "line 7:" not in msg and "line 14:" not in msg
+
+
+def test_a_folder_as_data_file_is_named_as_such(tmp_path):
+    """A folder given as the data file (a dataset saved by another tool) is not 'missing'."""
+    with pytest.raises(DataError, match="is a folder; expected a JSONL file"):
+        read_jsonl(tmp_path)

@@ -67,6 +67,8 @@ def read_jsonl(path: str | os.PathLike, skip_malformed: bool = False) -> tuple[l
     DataError listing the malformed lines (all of them are found first, so one run shows every bad
     line), or, with ``skip_malformed``, skipped and listed in the report."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise DataError(f"data file {path!r} is a folder; expected a JSONL file (one JSON object per line)")
     if not os.path.isfile(path):
         raise DataError(f"data file {path!r} does not exist")
     report = ReadReport(path=path)
