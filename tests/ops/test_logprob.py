@@ -522,6 +522,9 @@ def test_fused_linear_logprobs_bad_input(device):
         fused_linear_logprobs(hid, w, y2)
     with pytest.raises(ValueError, match="softcap"):
         fused_linear_logprobs(hid, w, y, softcap=-1.0)
+    for scale in (float("nan"), float("inf")):  # (every log-prob would be nan)
+        with pytest.raises(ValueError, match="logit_scale must be a finite number"):
+            fused_linear_logprobs(hid, w, y, logit_scale=scale)
     # (B, T) labels with some ignored: the position is reported in the labels' own shape
     hid3 = hid[:4].reshape(2, 2, 16)
     y3 = y[:4].reshape(2, 2).clone()

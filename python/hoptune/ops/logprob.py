@@ -1165,6 +1165,8 @@ def fused_linear_logprobs(
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be positive (or None), got {softcap}")
+    if not math.isfinite(logit_scale):  # (every log-prob would be nan, silently)
+        raise ValueError(f"logit_scale must be a finite number, got {logit_scale}")
     labels = labels.long()
     shape = labels.shape
     args = (
