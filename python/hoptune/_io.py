@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import tempfile
 from collections.abc import Callable
@@ -80,6 +81,39 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
             os.unlink(tmp)
         raise
     fsync_dir(folder)
+
+
+def atomic_dir(final: str | os.PathLike, write: Callable[[str], object]) -> None:
+    """The folder form of atomic_write: ``write(tmp)`` fills a hidden folder beside ``final``, which
+    is fsynced, given the mode a plain os.makedirs would (mkdtemp makes 0o700), and renamed into
+    place, then the parent is fsynced. A folder already at ``final`` is moved aside first and deleted
+    after; stopped between the two renames, it goes back. Readers see the old folder or the new
+    one, whole; leftovers of a save that was killed are removed at the next."""
+    final = os.path.abspath(os.fspath(final))
+    parent, name = os.path.split(final)
+    os.makedirs(parent, exist_ok=True)
+    for n in os.listdir(parent):
+        if n.startswith((f".tmp-{name}-", f".tmp-old-{name}-")):
+            shutil.rmtree(os.path.join(parent, n), ignore_errors=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{name}-")
+    aside = None
+    try:
+        write(tmp)
+        fsync_tree(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())
+        if os.path.exists(final):
+            aside = os.path.join(tempfile.mkdtemp(dir=parent, prefix=f".tmp-old-{name}-"), "old")
+            os.replace(final, aside)
+        os.replace(tmp, final)
+        fsync_dir(parent)
+    except BaseException:
+        if aside is not None and os.path.isdir(aside) and not os.path.exists(final):
+            os.replace(aside, final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if aside is not None:
+            shutil.rmtree(os.path.dirname(aside), ignore_errors=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

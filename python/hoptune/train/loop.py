@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hoptune._io import _umask, atomic_write, atomic_write_text, fsync_dir, fsync_tree
+from hoptune._io import atomic_dir, atomic_write, atomic_write_text
 from hoptune.losses.logprobs import head_logprobs, token_logprobs_from_logits
 
 # -- device, dtype, seeds --------------------------------------------------------------------------
@@ -506,9 +506,8 @@ class Checkpointer:
                         os.unlink(path)
         name = f"step-{step:08d}"
         final = os.path.join(self.dir, name)
-        tmp = tempfile.mkdtemp(dir=self.dir, prefix=f".tmp-{name}-")
-        aside = None
-        try:
+
+        def write(tmp: str) -> None:
             save_trainable(model, tmp)
             blob = {
                 "optimizer": optimizer.state_dict(),
@@ -519,18 +518,10 @@ class Checkpointer:
             torch.save(blob, os.path.join(tmp, STATE_FILE))
             with open(os.path.join(tmp, STATE_JSON), "w", encoding="utf-8") as f:
                 json.dump(state, f, indent=2, sort_keys=True, default=str)
-            fsync_tree(tmp)
-            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0o700 would keep other users out
-            if os.path.exists(final):  # the same step again (e.g. after a resume): replace it
-                aside = os.path.join(tempfile.mkdtemp(dir=self.dir, prefix=f".tmp-old-{name}-"), "old")
-                os.replace(final, aside)
-            os.replace(tmp, final)
-            fsync_dir(self.dir)  # the rename on disk before the latest pointer names it
-        except BaseException:
-            if aside is not None and os.path.isdir(aside) and not os.path.exists(final):
-                os.replace(aside, final)  # stopped between the two renames: the old checkpoint goes back
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+        # (the same step again, e.g. after a resume, replaces its folder; synced before the latest
+        # pointer names it)
+        atomic_dir(final, write)
         atomic_write_text(os.path.join(self.dir, LATEST), name + "\n")
         # keep this checkpoint and the newest keep - 1 before it. Checkpoints of later steps are left
         # from a run that went further before being resumed from an earlier one; this run writes those

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hoptune._io import _umask, fsync_dir, fsync_tree
+from hoptune._io import atomic_dir
 from hoptune.config import ConfigError, SFTConfig, check_sft_config, dump_config
 from hoptune.data.dataset import (
     DataReport,
@@ -487,7 +485,12 @@ def _train(
         save_adapter(model, final, base_model_name_or_path=cfg.model.path)
     else:
         final = os.path.join(run_dir, "model")
-        _save_model(model, tokenizer, final)
+
+        def write(tmp: str) -> None:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+
+        atomic_dir(final, write)  # whole or not at all: with train.save_every=0 the only copy
     if eval_rows:
         # a finished run started again: its final eval is in metrics.jsonl already
         done = [] if step > start else _logged_eval(metrics.path, step)
@@ -503,36 +506,6 @@ def _train(
     for n in notes:
         log(n)
     return SFTResult(run_dir, final, step, losses, last_eval, plots, notes, model, tokenizer)
-
-
-def _save_model(model: nn.Module, tokenizer: Any, final: str) -> None:
-    """``model.save_pretrained`` + the tokenizer into ``final``, whole or not at all: written in a
-    hidden folder beside it, synced, then renamed into place (a kill mid-write leaves the previous
-    folder, or none, never one with a cut weights file: with train.save_every=0 it is the only copy)."""
-    parent, name = os.path.split(final)
-    for n in os.listdir(parent):  # leftovers of a save that was killed
-        if n.startswith((f".tmp-{name}-", f".tmp-old-{name}-")):
-            shutil.rmtree(os.path.join(parent, n), ignore_errors=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{name}-")
-    old = None
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        fsync_tree(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0o700 would keep other users out
-        if os.path.exists(final):
-            old = os.path.join(tempfile.mkdtemp(dir=parent, prefix=f".tmp-old-{name}-"), "old")
-            os.replace(final, old)
-        os.replace(tmp, final)
-        fsync_dir(parent)
-    except BaseException:
-        if old is not None and os.path.isdir(old) and not os.path.exists(final):
-            os.replace(old, final)  # stopped between the two renames: the previous model goes back
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(os.path.dirname(old), ignore_errors=True)
 
 
 def _logged_eval(path: str, step: int) -> list[dict[str, float]]:
