@@ -51,6 +51,16 @@ def ids():
     return torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(1))
 
 
+def _bnb_checkpoint(src, dst, **config):
+    """transformers + bitsandbytes quantize the checkpoint in ``src`` to NF4 and save it in ``dst``
+    (``config``: BitsAndBytesConfig's fields besides load_in_4bit and the quant type); returns
+    that model."""
+    cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", **config)
+    qm = transformers.AutoModelForCausalLM.from_pretrained(src, quantization_config=cfg, device_map="cpu")
+    qm.save_pretrained(dst)
+    return qm
+
+
 def logits(model):
     with torch.no_grad():
         return model(ids()).logits.float()
@@ -145,16 +155,12 @@ def test_skip_modules_and_progress(tmp_path, capsys):
 def test_prequantized_bnb_checkpoint_loads_without_requantizing(tmp_path):
     pytest.importorskip("bitsandbytes")
     tiny_model().save_pretrained(tmp_path / "bf16")
-    cfg = transformers.BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
+    qm = _bnb_checkpoint(
+        tmp_path / "bf16",
+        tmp_path / "nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
     )
-    qm = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path / "bf16", quantization_config=cfg, device_map="cpu"
-    )
-    qm.save_pretrained(tmp_path / "nf4")
     want = logits(qm)
     ours = hoptune.load_model(tmp_path / "nf4", device="cpu", progress=False)
     assert not hasattr(ours.config, "quantization_config")
@@ -671,16 +677,12 @@ def test_prequantized_bnb_checkpoint_keeps_its_dense_layers_dense(tmp_path):
     # layers bitsandbytes left dense (llm_int8_skip_modules) load dense, as transformers loads them
     pytest.importorskip("bitsandbytes")
     tiny_model().save_pretrained(tmp_path / "bf16")
-    cfg = transformers.BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
+    _bnb_checkpoint(
+        tmp_path / "bf16",
+        tmp_path / "nf4",
         bnb_4bit_compute_dtype=torch.bfloat16,
         llm_int8_skip_modules=["lm_head", "down_proj"],
     )
-    qm = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path / "bf16", quantization_config=cfg, device_map="cpu"
-    )
-    qm.save_pretrained(tmp_path / "nf4")
     ours = hoptune.load_model(tmp_path / "nf4", device="cpu", progress=False)
     assert len(nf4_layers(ours)) == 12
     sd = load_file(tmp_path / "nf4" / "model.safetensors")
@@ -757,13 +759,7 @@ def test_prequantized_layers_take_the_dtype_asked_for(tmp_path):
     # like every other layer (a merge that keeps each layer's dtype used to mix the two)
     pytest.importorskip("bitsandbytes")
     tiny_model(dtype=torch.float16).save_pretrained(tmp_path / "fp16")
-    cfg = transformers.BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16
-    )
-    qm = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path / "fp16", quantization_config=cfg, device_map="cpu"
-    )
-    qm.save_pretrained(tmp_path / "nf4")
+    _bnb_checkpoint(tmp_path / "fp16", tmp_path / "nf4", bnb_4bit_compute_dtype=torch.float16)
     ours = hoptune.load_model(tmp_path / "nf4", device="cpu", progress=False)
     layers = nf4_layers(ours)
     assert len(layers) == 14 and all(m.dequantize().dtype == torch.bfloat16 for m in layers.values())
@@ -866,13 +862,7 @@ def test_gpt2_conv1d_layers_become_nf4_as_with_bitsandbytes(tmp_path):
         conv.weight.data.copy_(dequantize_nf4(q).t())
     torch.testing.assert_close(logits(ours), logits(ref), atol=0, rtol=0)
     # a bitsandbytes NF4 checkpoint of GPT-2 loads as stored
-    cfg = transformers.BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
-    )
-    qm = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path / "bf16", quantization_config=cfg, device_map="cpu"
-    )
-    qm.save_pretrained(tmp_path / "nf4")
+    qm = _bnb_checkpoint(tmp_path / "bf16", tmp_path / "nf4", bnb_4bit_compute_dtype=torch.bfloat16)
     loaded = hoptune.load_model(tmp_path / "nf4", device="cpu", progress=False)
     sd = load_file(tmp_path / "nf4" / "model.safetensors")
     assert set(nf4_layers(loaded)) == names
