@@ -48,7 +48,7 @@ from torch import nn
 
 from hoptune.nn.nf4_linear import NF4Linear
 from hoptune.ops import nf4 as nf4_ops
-from hoptune.patch import CONV1D_ATTR
+from hoptune.patch import CONV1D_ATTR, _is_conv1d
 from hoptune.quant.bnb_format import QS_SUFFIX, from_bnb_state_dict
 from hoptune.quant.checkpoint import _skip_names
 from hoptune.quant.nf4 import BLOCKSIZES, NF4Weight
@@ -792,12 +792,7 @@ def load_model(
     heads = _output_heads(model)
     # transformers' Conv1D (GPT-2: y = x @ W + b, W stored (in, out)) is a linear layer to
     # transformers + bitsandbytes, quantized as W.T; its NF4 checkpoints store it that way
-    conv1d = _conv1d_class()
-    linears = {
-        n: m
-        for n, m in model.named_modules()
-        if isinstance(m, nn.Linear) or (conv1d is not None and isinstance(m, conv1d))
-    }
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)}
     transposed = {n for n, m in linears.items() if not isinstance(m, nn.Linear)}
     prequant = {k[: -len(".weight" + QS_SUFFIX)] for k in entries if k.endswith(".weight" + QS_SUFFIX)}
     bad = sorted(n for n in prequant if n not in linears)
@@ -1009,14 +1004,6 @@ def _init_non_persistent_buffers(model: nn.Module) -> None:
         todo |= own
     if todo:
         model.initialize_weights()
-
-
-def _conv1d_class() -> type | None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
-        return None
-    return Conv1D
 
 
 def _load_generation_config(model: nn.Module, folder: str) -> None:
