@@ -38,10 +38,11 @@ from hoptune.quant.nf4 import BLOCKSIZES
 
 ALL_LINEAR = "all-linear"
 _STATE_ATTR = "_hoptune_lora"  # per-model record: requires_grad of every parameter before apply_lora
-_ORIGIN_ATTR = "_hoptune_origin"  # per-layer: "linear" (was nn.Linear), "nf4" (NF4Linear), "conv1d"
+_ORIGIN_ATTR = "_hoptune_origin"  # per-layer: "linear" (was nn.Linear or Conv1D) or "nf4" (NF4Linear)
 _TIED_ATTR = "_hoptune_tied"  # per-layer, when quantized: (its tied dense weight,) for remove_lora
-# on an NF4Linear that load_model made from a transformers Conv1D (and on what replaces it): the
-# layer the model's class holds there is a Conv1D, which merge_and_unload gives back
+# on a layer that stands for a transformers Conv1D (a LoRALinear over one, an NF4Linear that
+# load_model made from one): the model's class holds a Conv1D there, which remove_lora /
+# merge_and_unload give back (NF4 stays NF4 in remove_lora)
 CONV1D_ATTR = "_hoptune_conv1d"
 
 
@@ -85,7 +86,7 @@ def layer_features(mod: nn.Module) -> tuple[int, int]:
 def fan_in_fan_out(mod: nn.Module) -> bool:
     """PEFT's ``fan_in_fan_out`` of a layer: whether it is a Conv1D, or a LoRALinear or an
     NF4Linear (load_model's) that stands for one."""
-    return _is_conv1d(mod) or getattr(mod, _ORIGIN_ATTR, None) == "conv1d" or getattr(mod, CONV1D_ATTR, False)
+    return _is_conv1d(mod) or getattr(mod, CONV1D_ATTR, False)
 
 
 def _output_head_names(model: nn.Module) -> set[str]:
@@ -366,22 +367,17 @@ def replace_with_lora(
             if isinstance(t.module, NF4Linear):
                 new = LoRALinear(t.module.weight_nf4, bias=t.module.bias, **kw)
                 origin = "nf4"
-                if getattr(t.module, CONV1D_ATTR, False):
-                    setattr(new, CONV1D_ATTR, True)
-            elif _is_conv1d(t.module):
-                base = _conv1d_as_linear(t.module)
+            else:
+                base = _conv1d_as_linear(t.module) if _is_conv1d(t.module) else t.module
                 new = LoRALinear(
                     base, quantize=quantize, double_quant=double_quant, blocksize=blocksize, **kw
-                )
-                origin = "conv1d"
-            else:
-                new = LoRALinear(
-                    t.module, quantize=quantize, double_quant=double_quant, blocksize=blocksize, **kw
                 )
                 origin = "linear"
                 if new.quantized and uses[id(t.module.weight)] > 1:  # tied (lm_head): kept anyway
                     setattr(new, _TIED_ATTR, (t.module.weight,))
             setattr(new, _ORIGIN_ATTR, origin)
+            if fan_in_fan_out(t.module):
+                setattr(new, CONV1D_ATTR, True)
             new.train(t.module.training)
             _set_module(model, t.name, new)
             done.append((t.name, t.module))
@@ -478,11 +474,12 @@ def _base_layer(lora: LoRALinear) -> nn.Module:
     was tied to another)."""
     tied = getattr(lora, _TIED_ATTR, None)
     origin = getattr(lora, _ORIGIN_ATTR, "linear")
+    conv1d = getattr(lora, CONV1D_ATTR, False)
     if origin == "nf4" and lora.quantized:
         out = NF4Linear(lora.weight_nf4, lora.bias)
-        if getattr(lora, CONV1D_ATTR, False):
+        if conv1d:
             setattr(out, CONV1D_ATTR, True)
-    elif origin == "conv1d":
+    elif conv1d:
         out = _to_conv1d(lora.base_weight().t(), lora.bias)
     elif not lora.quantized or tied is not None:
         out = nn.Linear(lora.in_features, lora.out_features, bias=lora.bias is not None, device="meta")
