@@ -50,7 +50,7 @@ from hoptune.nn.nf4_linear import NF4Linear
 from hoptune.ops import nf4 as nf4_ops
 from hoptune.patch import CONV1D_ATTR, _is_conv1d
 from hoptune.quant.bnb_format import QS_SUFFIX, from_bnb_state_dict
-from hoptune.quant.checkpoint import _skip_names
+from hoptune.quant.checkpoint import _kept_dense, _skip_names, _skipped
 from hoptune.quant.nf4 import BLOCKSIZES, NF4Weight
 from hoptune.reference.nf4 import dynamic_map
 
@@ -576,10 +576,6 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
         raise KeyError(key)
 
 
-def _matches_any(name: str, patterns: Sequence[str]) -> bool:
-    return any(name == p or name.endswith("." + p) or name.startswith(p + ".") for p in patterns)
-
-
 def _dtype_kwarg() -> str:
     """``dtype`` (transformers >= 4.56) or ``torch_dtype`` (older) for from_config / configs."""
     import transformers
@@ -801,15 +797,13 @@ def load_model(
             f"{folder}: the checkpoint has NF4 weights for {bad[:3]}, which are not linear layers of {type(model).__name__}"
         )
     to_quantize = set()
-    # transformers + bitsandbytes never convert the model's _keep_in_fp32_modules either (e.g.
-    # DeepSeek-V3.2's indexer.weights_proj), whatever the dtype: save_pretrained_nf4 keeps them dense
-    keep_dense = tuple(k for k in getattr(model, "_keep_in_fp32_modules", None) or () if isinstance(k, str))
+    keep_dense = _kept_dense(model)  # (as save_pretrained_nf4 keeps them)
     if quantize == "nf4" and bnb is None and not prequant:  # a bitsandbytes checkpoint loads as stored
         for n, m in linears.items():
             # plain nn.Linear only, as transformers + bitsandbytes: a subclass may compute more
             # (Llama 4's router returns scores and logits)
             plain = type(m) is nn.Linear or n in transposed
-            if not plain or n in heads or _matches_any(n, skip_modules + keep_dense):
+            if not plain or n in heads or _skipped(n, skip_modules + keep_dense):
                 continue
             if m.weight.numel() % blocksize:
                 warnings.warn(

@@ -59,6 +59,12 @@ def _skipped(name: str, skip: Iterable[str]) -> bool:
     return any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in skip)
 
 
+def _kept_dense(model: nn.Module) -> tuple[str, ...]:
+    """The model's ``_keep_in_fp32_modules``: transformers + bitsandbytes never convert them to
+    NF4, whatever the dtype or llm_int8_skip_modules (e.g. DeepSeek-V3.2's indexer.weights_proj)."""
+    return tuple(sorted(k for k in getattr(model, "_keep_in_fp32_modules", None) or () if isinstance(k, str)))
+
+
 def save_pretrained_nf4(
     model: nn.Module,
     out_dir: str | os.PathLike,
@@ -86,11 +92,7 @@ def save_pretrained_nf4(
     from hoptune.nn import LoRALinear  # not at the top: hoptune.nn imports hoptune.quant
 
     skip = _skip_names(skip_modules)
-    # transformers never converts these (e.g. DeepSeek-V3.2's indexer.weights_proj), whatever
-    # llm_int8_skip_modules says: stored in NF4 they would not load into its dense layers
-    keep_fp32 = tuple(
-        sorted(k for k in getattr(model, "_keep_in_fp32_modules", None) or () if isinstance(k, str))
-    )
+    keep_fp32 = _kept_dense(model)  # stored in NF4 they would not load into transformers' dense layers
 
     def to_quantize(name: str, mod: nn.Module) -> bool:
         # plain nn.Linear only: transformers converts no subclass
