@@ -54,6 +54,9 @@ def test_token_logprobs_errors():
         token_logprobs_from_logits(torch.randn(2, 5), [1, 2])
     with pytest.raises(TypeError, match="logits must be a torch.Tensor"):
         token_logprobs_from_logits([[0.0, 1.0]], torch.zeros(1, dtype=torch.long))
+    # integer logits are not scores: refused rather than cast
+    with pytest.raises(TypeError, match="logits must be a floating-point tensor, got torch.int64"):
+        token_logprobs_from_logits(torch.randint(0, 9, (2, 5)), torch.tensor([1, 2]))
 
 
 @pytest.mark.parametrize("shape", [(), (7,), (2, 3), (2, 3, 2)])
@@ -168,6 +171,17 @@ def test_head_logprobs_bad_arguments():
     torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-6)
     with pytest.raises(TypeError, match="hidden must be a torch.Tensor"):
         head_logprobs(head, [[0.0] * 8] * 3, labels)
+    # softcap=0 means the same on every head: refused (a plain Linear head's fused op refused it,
+    # any other head took it as no cap)
+    for h in (torch.nn.Linear(8, 11, dtype=torch.float64), torch.nn.Sequential(torch.nn.Linear(8, 11))):
+        hid = torch.randn(
+            3, 8, dtype=h[0].weight.dtype if isinstance(h, torch.nn.Sequential) else h.weight.dtype
+        )
+        for cap in (0.0, -2.0):
+            with pytest.raises(
+                ValueError, match=f"softcap must be positive \\(or None for no cap\\), got {cap}"
+            ):
+                head_logprobs(h, hid, labels, softcap=cap)
 
 
 def test_shift_for_next_token_bad_arguments():

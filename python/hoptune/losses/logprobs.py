@@ -43,8 +43,10 @@ def token_logprobs_from_logits(
     vocab = logits.shape[-1]
     if vocab == 0:
         raise ValueError(f"logits has an empty vocabulary dimension: shape {tuple(logits.shape)}")
+    if not logits.dtype.is_floating_point:
+        raise TypeError(f"logits must be a floating-point tensor, got {logits.dtype}")
     if logits.dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
-        logits = logits.float()
+        logits = logits.float()  # e.g. float8: computed in fp32
     if logits.dim() in (2, 3):  # as they are: a bad label's position is reported in labels' shape
         return token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index)
     flat = logits.reshape(-1, vocab)
@@ -71,6 +73,9 @@ def head_logprobs(
     logits go through :func:`token_logprobs_from_logits`. A plain ``nn.Linear`` head of another
     dtype is an error unless autocast is on (then it runs as autocast casts it, as in the model)."""
     _check.tensor("hidden", hidden)
+    # one meaning on both paths (the fused op refuses 0 and below; `if softcap:` took 0 as no cap)
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be positive (or None for no cap), got {softcap}")
     linear = type(head) is torch.nn.Linear
     if linear and head.weight.dtype != hidden.dtype:
         # checked here, by name: F.linear's own error speaks of mat1 and mat2
@@ -90,7 +95,7 @@ def head_logprobs(
     logits = head(hidden)
     if logit_scale != 1.0:
         logits = logits * logit_scale
-    if softcap:
+    if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     return token_logprobs_from_logits(logits, labels, temperature=temperature)
 
