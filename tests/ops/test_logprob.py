@@ -99,6 +99,9 @@ def test_token_logprobs_inplace_backward(device):
     token_logprobs(logits, y, inplace_backward=True).sum().backward()
     assert err(leaf.grad, z64.grad) <= 1e-5
     assert err(logits.detach(), z64.grad) <= 1e-5  # the buffer now holds dlogits
+    # a leaf's buffer would become its own .grad: refused
+    with pytest.raises(ValueError, match="logits must be computed by the model"):
+        token_logprobs(z.clone().requires_grad_(True), y, inplace_backward=True)
 
 
 # logits views for the backward versions: (rows shape, vocab, how the logits are laid out)

@@ -344,7 +344,8 @@ def token_logprobs(
     caller's (``logits[:, :-1]`` with ``labels[:, 1:]`` works without a copy).
 
     ``inplace_backward=True`` writes the logits' gradient into the logits tensor itself (saves
-    one logits-sized buffer; the logits must not be used after the backward).
+    one logits-sized buffer; the logits must not be used after the backward; a leaf tensor that
+    requires grad is refused).
     ``check_labels`` validates the label range on the host (one device sync).
     """
     _check.tensor("logits", logits)
@@ -363,6 +364,13 @@ def token_logprobs(
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     if logits.shape[-1] == 0:
         raise ValueError("logits has an empty vocabulary dimension")
+    if inplace_backward and logits.is_leaf and logits.requires_grad:
+        # its gradient would be written into it, and autograd would hand the same tensor back as
+        # its .grad: the values the caller holds replaced by their gradient
+        raise ValueError(
+            "inplace_backward=True overwrites the logits with their gradient, so logits must be "
+            "computed by the model (not a leaf tensor that requires grad)"
+        )
     labels = labels.long()
     if logits.stride(-1) != 1 or _may_overlap(logits):
         # (rows that share memory, e.g. from expand() or unfold(), would share their gradient's
