@@ -319,6 +319,46 @@ def test_adapter_for_another_model(saved, other, match):
     assert_unchanged(model, snap)
 
 
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_peft_bin_adapter_loads(variant, tmp_path):
+    """PEFT's ``safe_serialization=False`` writes ``adapter_model.bin`` (a torch pickle): read as
+    PEFT reads it (``weights_only``), the same outputs as PEFT's model."""
+    base = tiny_model()
+    pm = peft_model(base, variant)
+    want = logits(pm)
+    pm.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "adapter_model.bin").is_file()
+    assert not (tmp_path / "adapter_model.safetensors").exists()
+    model = hoptune.load_adapter(copy.deepcopy(base), tmp_path)
+    assert rel(logits(model), want) <= 1e-5
+
+
+def test_bad_bin_adapters_are_refused(saved):
+    """A truncated .bin, and a pickle that would run code or holds something other than a dict
+    of tensors, are errors naming the file; the model is left as it was."""
+    model = tiny_model()
+    snap = snapshot(model)
+    from safetensors.torch import load_file
+
+    state = load_file(saved / "adapter_model.safetensors")
+    (saved / "adapter_model.safetensors").unlink()
+    bin_path = saved / "adapter_model.bin"
+    torch.save(state, bin_path)
+    data = bin_path.read_bytes()
+    bin_path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="(?s)adapter_model.bin.*truncated or corrupt"):
+        hoptune.load_adapter(model, saved)
+    torch.save({"weights": state, "step": object()}, bin_path)  # not loadable with weights_only
+    with pytest.raises(ValueError, match="(?s)adapter_model.bin.*other than tensors"):
+        hoptune.load_adapter(model, saved)
+    torch.save([1, 2], bin_path)
+    with pytest.raises(
+        ValueError, match="adapter_model.bin must hold a dict of tensor names to tensors, got list"
+    ):
+        hoptune.load_adapter(model, saved)
+    assert_unchanged(model, snap)
+
+
 def test_truncated_and_missing_files(saved, tmp_path_factory):
     model = tiny_model()
     snap = snapshot(model)

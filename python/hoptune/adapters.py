@@ -9,7 +9,8 @@ A folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` (metada
 
 ``PeftModel.from_pretrained(base, folder)`` loads what :func:`save_adapter` writes, and
 :func:`load_adapter` loads what ``PeftModel.save_pretrained`` writes (LoRA, rsLoRA, DoRA,
-``rank_pattern`` / ``alpha_pattern``, ``layers_to_transform``). A config field hoptune does not
+``rank_pattern`` / ``alpha_pattern``, ``layers_to_transform``; ``adapter_model.bin`` from
+``safe_serialization=False`` too). A config field hoptune does not
 implement (``lora_bias``, ``layer_replication``, ``modules_to_save``...) is an error when it is
 switched on, and a field it does not know at all is an error too: nothing is dropped silently. PEFT's copies of base weights
 (``<head>.base_layer.weight`` beside an adapted output head; ``embed_tokens.weight`` /
@@ -55,6 +56,7 @@ from hoptune.quant.nf4 import BLOCKSIZES
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+BIN_WEIGHTS_NAME = "adapter_model.bin"  # PEFT with safe_serialization=False; read, never written
 PREFIX = "base_model.model."
 
 # Config fields, by what hoptune does with them (PEFT 0.21's LoraConfig has all of these).
@@ -449,14 +451,17 @@ def _warn_unsaved_trainables(model: nn.Module) -> None:
 
 # -- load -------------------------------------------------------------------------------------
 def _read_weights(adapter_dir: str) -> dict[str, torch.Tensor]:
+    """The adapter's tensors: ``adapter_model.safetensors``, else ``adapter_model.bin`` (what PEFT
+    writes with ``safe_serialization=False``), read as PEFT reads it: ``torch.load`` with
+    ``weights_only=True``, so a pickle can restore tensors only."""
     path = os.path.join(adapter_dir, WEIGHTS_NAME)
     if not os.path.isfile(path):
-        other = [
-            f
-            for f in ("adapter_model.bin", "adapter_model.pt")
-            if os.path.isfile(os.path.join(adapter_dir, f))
-        ]
-        hint = f" (found {other[0]}: hoptune reads safetensors only)" if other else ""
+        bin_path = os.path.join(adapter_dir, BIN_WEIGHTS_NAME)
+        if os.path.isfile(bin_path):
+            return _read_bin(bin_path)
+        hint = ""
+        if os.path.isfile(os.path.join(adapter_dir, "adapter_model.pt")):
+            hint = f" (found adapter_model.pt: hoptune reads {WEIGHTS_NAME} or {BIN_WEIGHTS_NAME})"
         raise FileNotFoundError(f"{path} does not exist{hint}")
     from safetensors.torch import load_file
 
@@ -464,6 +469,21 @@ def _read_weights(adapter_dir: str) -> dict[str, torch.Tensor]:
         return load_file(path, device="cpu")
     except Exception as e:  # safetensors raises its own error types for truncated / corrupt files
         raise ValueError(f"cannot read {path}: {e} (the file may be truncated or corrupt)") from e
+
+
+def _read_bin(path: str) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip, or a pickle that holds more than tensors
+        raise ValueError(
+            f"cannot read {path}: {e} (the file may be truncated or corrupt, or hold objects "
+            "other than tensors)"
+        ) from e
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise ValueError(f"{path} must hold a dict of tensor names to tensors, got {type(state).__name__}")
+    return state
 
 
 # on-disk suffix of each LoRA tensor -> its name in _group's output
