@@ -263,6 +263,7 @@ def assert_refused(folder, match):
     "changes, match",
     [
         ({"some_future_field": 1}, "does not know.*some_future_field"),
+        ({"some_future_field": "on", "other_field": None}, r"does not know: \{'some_future_field': 'on'\}"),
         ({"lora_bias": True}, "lora_bias=True is not supported"),
         ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
         ({"layers_to_transform": [0]}, "layers_to_transform"),
@@ -301,6 +302,18 @@ def assert_refused(folder, match):
 def test_bad_config(saved, changes, match):
     _edit_config(saved, **changes)
     assert_refused(saved, match)
+
+
+@pytest.mark.parametrize("off", [None, False, [], {}])
+def test_unknown_fields_set_off_load_with_a_warning(saved, off):
+    """A newer PEFT's config adds fields whose default switches a feature off: they cannot change
+    what the adapter computes, so the adapter loads (a warning names them) with the same outputs."""
+    model = tiny_model()
+    want = logits(hoptune.load_adapter(copy.deepcopy(model), saved))
+    _edit_config(saved, some_future_field=off)
+    with pytest.warns(UserWarning, match=r"ignored: \['some_future_field'\]"):
+        got = logits(hoptune.load_adapter(model, saved))
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize(

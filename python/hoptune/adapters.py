@@ -12,7 +12,8 @@ A folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` (metada
 ``rank_pattern`` / ``alpha_pattern``, ``layers_to_transform``; ``adapter_model.bin`` from
 ``safe_serialization=False`` too). A config field hoptune does not
 implement (``lora_bias``, ``layer_replication``, ``modules_to_save``...) is an error when it is
-switched on, and a field it does not know at all is an error too: nothing is dropped silently. PEFT's copies of base weights
+switched on, and a field it does not know at all is an error too unless it holds an off value
+(null, false, an empty list or object: a newer PEFT's default), which loads with a warning. PEFT's copies of base weights
 (``<head>.base_layer.weight`` beside an adapted output head; ``embed_tokens.weight`` /
 ``lm_head.weight`` with ``save_embedding_layers``) load when they equal the model's own weights:
 hoptune never replaces base weights.
@@ -235,10 +236,19 @@ def check_adapter_config(cfg: object, where: str = CONFIG_NAME) -> dict:
     if not isinstance(cfg, dict):
         raise ValueError(f"{where} must hold a JSON object, got {type(cfg).__name__}")
     unknown = sorted(set(cfg) - _USED - _IGNORED - set(_OFF))
-    if unknown:
+    # a newer PEFT adds fields whose default switches a feature off (None, False, an empty list or
+    # object): those cannot change what the adapter computes, so they load with a warning
+    switched_on = [f for f in unknown if cfg[f] not in (None, False) and cfg[f] != [] and cfg[f] != {}]
+    if switched_on:
+        fields = {f: cfg[f] for f in switched_on}
         raise ValueError(
-            f"{where} has fields hoptune does not know: {unknown}; refusing to drop them silently "
+            f"{where} has fields hoptune does not know: {fields}; refusing to drop them silently "
             "(they may change what the adapter computes)"
+        )
+    if unknown:
+        warnings.warn(
+            f"{where}: fields hoptune does not know, set to their off value, are ignored: {unknown}",
+            stacklevel=3,
         )
     for field, off in _OFF.items():
         if field in cfg and cfg[field] not in off:
