@@ -301,7 +301,8 @@ __global__ void __launch_bounds__(kRowThreads) token_logprobs_fwd_kernel(TokenLo
     // in units of z' = z / T: max m' = m it, log s0 is natural, s1' = s1 it (s1 / c it = s1 ln 2
     // with kExpUnits)
     const float log_s0 = logf(st.s0);
-    const float zy = to_float(z[y]);
+    // a label outside [0, V) (labels unchecked by the caller) reads no memory: its logp is nan
+    const float zy = y >= 0 && y < V ? to_float(z[y]) : NAN;
     a.logp[row] = (zy - st.m) * it - log_s0;
     a.lse[row] = st.m * it + log_s0;
     if (a.entropy) a.entropy[row] = log_s0 - (kExpUnits ? kLn2 : it) * st.s1 / st.s0;
@@ -598,8 +599,8 @@ __global__ void __launch_bounds__(kThreads) fused_logprob_chunk_kernel(FusedLogp
   const float lse = st.m + log_s0;
   const float rs = a.row_scale ? a.row_scale[row] : 1.f;
   if (threadIdx.x == 0) {
-    float dy;
-    a.logp[row] = tf(z[y], y, &dy) - lse;
+    float dy = 0.f;  // (a label outside [0, V) reads no memory: nan logp, no one-hot part)
+    a.logp[row] = (y >= 0 && y < V ? tf(z[y], y, &dy) : NAN) - lse;
     a.lse[row] = lse;
     if (a.entropy) a.entropy[row] = log_s0 - st.s1 / st.s0;
     if (a.write_grad) a.label_coef[row] = rs * dy;
@@ -656,8 +657,8 @@ __global__ void __launch_bounds__(kThreads) fused_logprob_shifted_kernel(FusedLo
   const int64_t y = a.labels[row];
   const Transform tf{a.bias, a.logit_scale, a.softcap, a.inv_temperature};
   if (threadIdx.x == 0) {
-    float dy;
-    s_zy = tf(z[y], y, &dy);
+    float dy = 0.f;  // (a label outside [0, V): nan, which the overflow flag reports)
+    s_zy = y >= 0 && y < V ? tf(z[y], y, &dy) : NAN;
     s_dy = dy;
   }
   __syncthreads();

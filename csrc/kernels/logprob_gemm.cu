@@ -112,6 +112,11 @@ cudaError_t fused_logprob_gemm(const FusedLogprobGemm& a, cudaStream_t stream) {
   if (a.m <= 0 || a.n <= 0 || a.k <= 0 || a.n % 8 || a.k % 8 || a.lda % 8 || a.ldb % 8 ||
       a.ldg % 8 || a.ldg < a.n || a.lda < a.k || a.ldb < a.k || !a.partial || !a.shift)
     return cudaErrorInvalidValue;
+  // and 16-byte aligned bases: CUTLASS only asserts that (compiled out with NDEBUG), so a
+  // misaligned one would launch with a TMA descriptor that failed to encode
+  const auto aligned16 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  if (!a.a || !a.b || !a.g || !aligned16(a.a) || !aligned16(a.b) || !aligned16(a.g))
+    return cudaErrorInvalidValue;
 
   typename Kernel::StrideA sa{};
   get<0>(sa) = a.lda;

@@ -1193,7 +1193,7 @@ cudaError_t nf4_quantize_nested(const float* absmax, int64_t nblocks, float offs
 
 cudaError_t nf4_absmax_transposed(const NF4Absmax& absmax, int64_t rows, int64_t cols,
                                   int blocksize, float* out, cudaStream_t stream) {
-  HOPTUNE_REQUIRE(out != nullptr && rows > 0 && cols > 0 && cols % blocksize == 0);
+  HOPTUNE_REQUIRE(out != nullptr && rows > 0 && cols > 0 && blocksize > 0 && cols % blocksize == 0);
   HOPTUNE_REQUIRE(valid_state(absmax, blocksize, rows * cols));
   const int64_t kb = cols / blocksize;
   HOPTUNE_REQUIRE((kb + 31) / 32 <= 65535 && (rows + 31) / 32 <= INT32_MAX);

@@ -6,8 +6,10 @@ namespace hoptune {
 namespace {
 
 bool shape_ok(const NF4LoraGemm& a) {
-  return a.m > 0 && a.n > 0 && a.k > 0 && a.k % 64 == 0 && a.blocksize % 64 == 0 &&
-         a.k % a.blocksize == 0 && a.m <= INT32_MAX && a.n <= INT32_MAX && a.k <= INT32_MAX &&
+  // (blocksize > 0 before the k % blocksize: 0 would divide by zero, a negative one would pass)
+  return a.m > 0 && a.n > 0 && a.k > 0 && a.k % 64 == 0 && a.blocksize >= 64 &&
+         a.blocksize % 64 == 0 && a.k % a.blocksize == 0 && a.m <= INT32_MAX && a.n <= INT32_MAX &&
+         a.k <= INT32_MAX &&
          (a.tile_n == 64 || a.tile_n == 128 || a.tile_n == 192 || a.tile_n == 256) &&
          a.splits >= 0 && a.splits <= 16 && a.splits <= a.k / 64;
 }

@@ -4,7 +4,8 @@
 // fused path bias, logit scale and soft-capping),  lse = log sum exp z',
 //   logp_i = z'_y - lse,   H_i = lse - sum_v p_v z'_v   (entropy of p = softmax z').
 // Backward: dz'_v = g_lp (1[v = y] - p_v) - g_H p_v (z'_v - lse + H), chained through transform.
-// Rows whose label is ignore_index give logp = H = 0 and a zero gradient row.
+// Rows whose label is ignore_index give logp = H = 0 and a zero gradient row; in token_logprobs
+// another label outside [0, V) gives logp = nan (and no one-hot term in the backward).
 #pragma once
 #include <cuda_runtime_api.h>
 
@@ -55,7 +56,8 @@ cudaError_t token_logprobs_bwd(const TokenLogprobBwd& a, cudaStream_t stream, in
 // in grad_dtype (16-bit: row stride 2 * ld, written over the first half of each fp32 row; fp32:
 // in place), plus label_coef[i] = row_scale[i] * dz'_iy/dz_iy, the one-hot part, which the caller
 // adds in fp32 (J_i += label_coef_i * W[y_i]) so that the largest term of the gradient is never
-// rounded to 16 bits. All labels are valid here (the caller drops ignored rows).
+// rounded to 16 bits. All labels are valid here (the caller drops ignored rows; one outside
+// [0, V) gives a nan logp, and in the shifted pass the overflow flag, instead of a stray read).
 struct FusedLogprobChunk {
   float* buf = nullptr;  // [rows, ld] fp32
   int64_t rows = 0, vocab = 0, ld = 0;
