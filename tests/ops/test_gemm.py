@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -202,6 +204,45 @@ def test_mismatched_operands_raise():
         gemm.linear(a, torch.randn(128, 512, device="cuda", dtype=torch.bfloat16))
     # the same operands, fitting, run (and match PyTorch's product to rounding)
     torch.testing.assert_close(gemm.mm(a, b), a @ b, rtol=2e-2, atol=2e-2)
+
+
+def _aligned_bf16(*shape):
+    """A bf16 tensor of ``shape`` starting on 256 bytes (as the CUDA allocator's blocks do)."""
+    n = math.prod(shape)
+    buf = torch.empty(n + 128, dtype=torch.bfloat16)
+    start = (-buf.data_ptr() % 256) // 2
+    return buf[start : start + n].view(shape)
+
+
+def test_empty_operands_are_not_eligible(monkeypatch):
+    """An operand without elements (a zero inner or output size; empty tensors often have no
+    address at all, which passes the alignment check) goes to PyTorch: cuBLASLt's plan refuses a
+    zero size. (The eligibility rule alone, as on a GPU where the kernels run: no GEMM runs here.)"""
+    from hoptune import _lib
+
+    monkeypatch.setattr(_lib, "kernels_run_on", lambda t: True)
+    gemm.enable(True)
+    m = gemm.MIN_ROWS
+    assert gemm._eligible(_aligned_bf16(m, 64), _aligned_bf16(64, 128), m)
+    assert not gemm._eligible(_aligned_bf16(m, 0), _aligned_bf16(0, 128), m)  # mm: inner size 0
+    assert not gemm._eligible(_aligned_bf16(m, 64), _aligned_bf16(64, 0), m)  # mm: no columns
+    assert not gemm._eligible(_aligned_bf16(m, 64), _aligned_bf16(0, 64), m)  # linear: N = 0
+
+
+@pytest.mark.gpu
+def test_empty_operands_gpu(monkeypatch):
+    """Rows above MIN_ROWS but an operand without elements: PyTorch's empty or zero product (acc
+    unchanged), not cuBLASLt's refusal of a zero-size plan."""
+    monkeypatch.setattr(gemm, "MIN_GAIN", -10.0)
+    m = gemm.MIN_ROWS
+    opts = dict(device="cuda", dtype=torch.bfloat16)
+    a, b = torch.randn(m, 0, **opts), torch.randn(0, 128, **opts)
+    assert torch.equal(gemm.mm(a, b), torch.zeros(m, 128, **opts))
+    acc = torch.randn(m, 128, **opts)
+    assert torch.equal(gemm.mm(a, b, acc=acc.clone()), acc)
+    assert gemm.mm(torch.randn(m, 64, **opts), torch.randn(64, 0, **opts)).shape == (m, 0)
+    assert gemm.linear(torch.randn(2, m, 256, **opts), torch.randn(0, 256, **opts)).shape == (2, m, 0)
+    assert gemm.tuned() == {}
 
 
 @pytest.mark.gpu

@@ -666,6 +666,100 @@ def test_dy_pass_skips_a_misaligned_B():
     torch.testing.assert_close(buf.grad[1:].view_as(b), db, rtol=0.02, atol=1e-2)
 
 
+def test_dy_pass_skips_a_gradient_broadcast_over_the_tokens():
+    """dY with rows 0 apart (the gradient of y.sum(0), expanded over the tokens) is not a layout
+    the one-pass kernel takes (its rows must be at least N apart): the two GEMMs take it."""
+    b = torch.empty(256, 16, dtype=torch.bfloat16)
+    assert nf4_lora_ops._dy_pass_runs(torch.empty(4, 256, dtype=torch.bfloat16), b)
+    assert not nf4_lora_ops._dy_pass_runs(torch.empty(256, dtype=torch.bfloat16).expand(4, 256), b)
+
+
+@pytest.mark.gpu
+def test_backward_with_dy_broadcast_over_the_tokens():
+    """A loss of y.sum(0) hands the backward dY with rows 0 apart (N % 64 == 0, r = 16: where the
+    dY pass runs otherwise): gradients by the STYLE rule, not the dY kernel's refusal."""
+    m, k, n = 64, 256, 192
+    x, q, a, b, _ = _case(m, k, n, 16, torch.bfloat16, "cuda", seed=11, bias=False)
+    v = torch.randn(n, generator=torch.Generator().manual_seed(11)).cuda()
+    w = dequantize_nf4(q)
+
+    def grads(fn, dt):
+        ts = [t.detach().to(dt).clone().requires_grad_(True) for t in (x, a, b)]
+        (fn(*ts).sum(0) * v.to(dt)).sum().backward()
+        return [t.grad for t in ts]
+
+    def plain(x_, a_, b_):
+        return x_ @ w.to(x_.dtype).t() + 0.5 * (x_ @ a_.t()) @ b_.t()
+
+    ours = grads(lambda x_, a_, b_: nf4_lora_linear(x_, q, a_, b_, 0.5), torch.bfloat16)
+    _compare(
+        ours,
+        grads(plain, torch.float64),
+        grads(plain, torch.bfloat16),
+        torch.bfloat16,
+        names=("dx", "dA", "dB"),
+    )
+
+
+def _offset_view(t):
+    """(leaf, view): t's values in a leaf that requires grad, seen through a contiguous view that
+    starts one element (2 bytes) past the leaf's aligned start."""
+    buf = torch.cat([t.new_zeros(1), t.flatten()]).detach().requires_grad_(True)
+    return buf, buf[1:].view_as(t)
+
+
+@pytest.mark.parametrize("case", ["offset", "column"])
+def test_kernel_operands_copy_what_the_kernels_refuse(case):
+    """x contiguous all the same but misaligned (a view at an offset), or one row whose row
+    stride PyTorch ignores (a (K, 1) column transposed: rows 1 element apart), and B at an odd
+    offset reach the small-M kernel and the fused GEMM as aligned copies, not as operands that
+    their launchers refuse (x.contiguous() is x itself for both)."""
+    k, n, r = 256, 64, 16
+    if case == "offset":
+        x = _offset_view(torch.randn(3, k, dtype=torch.bfloat16))[1]
+    else:
+        x = torch.randn(k, 1, dtype=torch.bfloat16).t()
+    assert x.is_contiguous() and (x.data_ptr() % 16 or x.stride(0) < k)
+    b = _offset_view(torch.randn(n, r, dtype=torch.bfloat16))[1]
+    assert b.is_contiguous() and b.data_ptr() % 4
+    packed = torch.zeros(n * k // 2, dtype=torch.uint8)
+    x2, _, b2, _, _ = nf4_ops._kernel_operands(x, packed, b, None, None)
+    assert x2.stride() == (k, 1) and x2.data_ptr() % 16 == 0 and torch.equal(x2, x)
+    assert b2.is_contiguous() and b2.data_ptr() % 16 == 0 and torch.equal(b2, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "m,k,n,case",
+    [
+        (1, 320, 200, "column"),  # from the codes (nf4_small_m)
+        (8, 320, 200, "offset"),
+        (64, 4096, 8192, "offset"),  # the fused GEMM
+    ],
+)
+def test_misaligned_x_and_B_reach_the_kernels_as_copies(m, k, n, case):
+    """x and B as contiguous views the kernels cannot take as given (2 bytes past an aligned
+    start; for one row, a (K, 1) column transposed): y and the gradients by the STYLE rule."""
+    dtype = torch.bfloat16
+    x, q, a, b, bias = _case(m, k, n, 16, dtype, "cuda", seed=m + 12)
+    gy = torch.randn(m, n, dtype=dtype, device="cuda")
+    if case == "column":
+        x_leaf = x.reshape(k, 1).clone(memory_format=torch.contiguous_format).requires_grad_(True)
+        x_view = x_leaf.t()  # (1, K), rows 1 element apart
+    else:
+        x_leaf, x_view = _offset_view(x)
+    b_leaf, b_view = _offset_view(b)
+    a_ = a.clone().requires_grad_(True)
+    assert x_view.is_contiguous() and (x_view.data_ptr() % 16 or x_view.stride(0) < k)
+    assert b_view.data_ptr() % 4
+    poison_cuda_cache()
+    y = nf4_lora_linear(x_view, q, a_, b_view, 0.75, bias)
+    y.backward(gy)
+    dx = x_leaf.grad.t() if case == "column" else x_leaf.grad[1:].view_as(x)
+    ours = (y.detach(), dx, a_.grad, b_leaf.grad[1:].view_as(b))
+    _compare_to_plain(ours, x, a, b, gy, dequantize_nf4(q), bias, dtype)
+
+
 @pytest.mark.gpu
 def test_dequantize_lora_offset_absmax_codes():
     """The 8-bit absmax codes as a view at an odd offset: the same weight."""
@@ -773,6 +867,50 @@ def test_autocast(device, compiled):
     for name, o, w in zip(("y", "dx", "dA", "dB"), ours, want):
         assert o.dtype == (torch.bfloat16 if name == "y" else torch.float32), name
         torch.testing.assert_close(o, w.to(o.dtype), rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_inputs_already_in_its_dtype(device):
+    """Inside torch.autocast, inputs already in the autocast dtype (a bf16 model) are taken as they
+    are: the same values and gradients as the call outside autocast."""
+    x, q, a, b, bias = _case(6, 128, 64, 8, torch.bfloat16, device, seed=10, x_shape=(2, 3))
+    g = torch.randn(2, 3, 64, dtype=torch.bfloat16, device=device)
+
+    def in_autocast(x_, a_, b_):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            return nf4_lora_linear(x_, q, a_, b_, 0.5, bias)
+
+    ours = _run(in_autocast, x, a, b, g)
+    want = _run(lambda x_, a_, b_: nf4_lora_linear(x_, q, a_, b_, 0.5, bias), x, a, b, g)
+    for name, o, w in zip(("y", "dx", "dA", "dB"), ours, want):
+        torch.testing.assert_close(o, w, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_mixed_dtypes(device):
+    """Inside torch.autocast, x already in the autocast dtype (an earlier op's output) with float32
+    factors and bias (the parameters' usual dtype) is taken as nn.Linear takes it: the call on the
+    inputs cast to that dtype, gradients in the inputs' own dtypes. Outside autocast the mixed
+    call is refused."""
+    x, q, a, b, bias = _case(6, 128, 64, 8, torch.float32, device, seed=10, x_shape=(2, 3))
+    x = x.bfloat16()
+    g = torch.randn(2, 3, 64, dtype=torch.bfloat16, device=device)
+
+    def in_autocast(x_, a_, b_):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            return nf4_lora_linear(x_, q, a_, b_, 0.5, bias)
+
+    ours = _run(in_autocast, x, a, b, g)
+    cast = (x, a.bfloat16(), b.bfloat16(), g)
+    want = _run(lambda x_, a_, b_: nf4_lora_linear(x_, q, a_, b_, 0.5, bias.bfloat16()), *cast)
+    for name, o, w in zip(("y", "dx", "dA", "dB"), ours, want):
+        assert o.dtype == (torch.float32 if name in ("dA", "dB") else torch.bfloat16), name
+        torch.testing.assert_close(o, w.to(o.dtype), rtol=0, atol=0, msg=name)
+    with pytest.raises(TypeError, match="lora_A must have x's dtype torch.bfloat16"):
+        nf4_lora_linear(x, q, a, b, 0.5, bias)
+    with torch.autocast(device, dtype=torch.bfloat16):  # (a dtype autocast does not take)
+        with pytest.raises(TypeError, match="bias must have x's dtype"):
+            nf4_lora_linear(x, q, a.bfloat16(), b.bfloat16(), 0.5, bias.double())
 
 
 def test_no_lora_and_frozen_weight():

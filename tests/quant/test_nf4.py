@@ -134,6 +134,19 @@ def test_midpoint_ties_go_down():
     assert torch.equal(nib[16:31], torch.arange(1, 16))
 
 
+def test_zero_in_a_block_of_subnormals_takes_code_0():
+    """A block whose absmax is subnormal: 1/absmax overflows to inf, so a zero scales to NaN
+    (0 * inf), which is above none of the midpoints: code 0, as the strict > comparisons of our
+    CUDA kernel give, not the last code (where bucketize puts NaN)."""
+    block = torch.zeros(64)
+    block[0] = 1e-40  # fp32 subnormal: 1 / 1e-40 is above the fp32 range
+    block[1] = -4e-41
+    q = quantize_nf4(block.view(1, 64), double_quant=False)
+    assert q.absmax.item() == block[0].item()
+    nib = torch.stack((q.packed >> 4, q.packed & 15), 1).view(-1)
+    assert nib[0] == 15 and nib[1] == 0 and (nib[2:] == 0).all()
+
+
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_roundtrip_through_safetensors(tmp_path, double_quant):
     from safetensors.torch import load_file, save_file

@@ -143,6 +143,8 @@ def _workspace(device: torch.device, stream: int, nbytes: int) -> torch.Tensor:
 def _eligible(a: torch.Tensor, b: torch.Tensor, rows: int) -> bool:
     return (
         rows >= MIN_ROWS
+        and a.numel() > 0
+        and b.numel() > 0  # (an empty operand: a plan of a zero size is refused)
         and a.dtype in (torch.bfloat16, torch.float16)
         and b.dtype == a.dtype
         and b.device == a.device

@@ -111,11 +111,14 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 def _kernel_operands(x2, packed, lora_B, xa, bias) -> tuple:
     """The products' operands as their kernels take them: x2 (M, K) with unit column stride, rows
     at least K and a multiple of 8 elements apart and 16-byte aligned (else a contiguous copy),
-    packed 16-byte aligned, lora_B, xa and bias contiguous (or None)."""
+    packed and lora_B 16-byte aligned (the fused GEMM reads B's rows in 4-byte pairs), lora_B, xa
+    and bias contiguous (or None)."""
     k = x2.shape[1]
     if x2.stride(1) != 1 or x2.stride(0) < k or x2.stride(0) % 8 or x2.data_ptr() % 16:
-        x2 = x2.contiguous()
-    b = None if lora_B is None else lora_B.contiguous()
+        # a copy: contiguous() returns x2 itself when it is contiguous but misaligned (a view at
+        # an offset), or a single row whose stride PyTorch ignores (a (K, 1) column transposed)
+        x2 = x2.clone(memory_format=torch.contiguous_format)
+    b = None if lora_B is None else _aligned(lora_B.contiguous())
     xa = None if xa is None else xa.contiguous()
     bias = None if bias is None else bias.contiguous()
     return x2, _aligned(packed), b, xa, bias

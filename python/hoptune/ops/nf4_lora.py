@@ -149,7 +149,8 @@ DY_PASS_MIN_N = {8: 64, 16: 64, 32: 8192}
 
 def _dy_pass_runs(g2: torch.Tensor, lora_B: torch.Tensor) -> bool:
     """Whether dxa and dB come from one read of dY (g2, (M, N)) by dy_pass_kernel; the caller has
-    decided that the CUDA kernels run (eager, 16-bit). N % 64 == 0; dY's rows and B 16-byte
+    decided that the CUDA kernels run (eager, 16-bit). N % 64 == 0; dY's rows at least N elements
+    apart (not a gradient broadcast over the tokens, rows 0 apart) and 16-byte aligned, B 16-byte
     aligned (B is copied when not contiguous)."""
     return (
         g2.shape[1] >= DY_PASS_MIN_N.get(lora_B.shape[1], 1 << 62)
@@ -157,6 +158,7 @@ def _dy_pass_runs(g2: torch.Tensor, lora_B: torch.Tensor) -> bool:
         and g2.shape[1] % 64 == 0
         and g2.dtype == lora_B.dtype
         and g2.stride(1) == 1
+        and g2.stride(0) >= g2.shape[1]
         and g2.stride(0) % 8 == 0
         and g2.data_ptr() % 16 == 0
         and (not lora_B.is_contiguous() or lora_B.data_ptr() % 16 == 0)
@@ -432,7 +434,8 @@ def nf4_lora_linear(
     """y = x @ deq(W)^T + scale * (x @ A^T) @ B^T (+ bias).
 
     x (*, K) bf16/fp16/fp32; w_nf4 an NF4Weight of shape (N, K); lora_A (r, K) and lora_B (N, r)
-    in x's dtype (both or neither); bias (N,). Returns (*, N) in x's dtype.
+    in x's dtype (both or neither); bias (N,). Returns (*, N) in x's dtype. Inside torch.autocast
+    the float inputs may differ in dtype: all are cast to the autocast dtype, as nn.Linear's are.
     """
     FLOAT_DTYPES, NF4Weight = _quant_types or _load_quant_types()
     _check.tensor("x", x)
@@ -450,6 +453,9 @@ def nf4_lora_linear(
         )
     if (lora_A is None) != (lora_B is None):
         raise ValueError("lora_A and lora_B must be given together (or neither)")
+    # inside torch.autocast the float inputs are all cast to its dtype (_autocast_inputs), as
+    # nn.Linear's are: there x (bf16 from an earlier op) and fp32 adapter parameters may meet
+    mixed_ok = torch.is_autocast_enabled("cuda" if x.is_cuda else "cpu")
     if lora_A is not None:
         _check.tensor("lora_A", lora_A)
         _check.tensor("lora_B", lora_B)
@@ -463,13 +469,13 @@ def nf4_lora_linear(
         if lora_B.dim() != 2 or tuple(lora_B.shape) != (n, r):
             raise ValueError(f"lora_B must be [out_features={n}, r={r}], got {tuple(lora_B.shape)}")
         for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
-            if t.dtype != x.dtype:
+            if t.dtype != x.dtype and not (mixed_ok and t.dtype in FLOAT_DTYPES):
                 raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
     if bias is not None:
         _check.tensor("bias", bias)
         if tuple(bias.shape) != (n,):
             raise ValueError(f"bias must be [out_features={n}], got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
+        if bias.dtype != x.dtype and not (mixed_ok and bias.dtype in FLOAT_DTYPES):
             raise TypeError(f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
     _check.same_device(x=x, w_nf4=w_nf4.packed, lora_A=lora_A, lora_B=lora_B, bias=bias)
     q = (
@@ -518,7 +524,7 @@ def _autocast_inputs(x, lora_A, lora_B, bias) -> tuple:
     torch.autocast (differentiably: the gradients come back in their own dtypes). Left as they
     are, the op's GEMMs would meet autocast's casts half-way (a float32 x with a bf16 product)."""
     dtype = torch.get_autocast_dtype("cuda" if x.is_cuda else "cpu")
-    return tuple(None if t is None or t.dtype == dtype else t.to(dtype) for t in (x, lora_A, lora_B, bias))
+    return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in (x, lora_A, lora_B, bias))
 
 
 def _records_graph(x, lora_A, lora_B, bias) -> bool:

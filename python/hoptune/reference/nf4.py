@@ -112,8 +112,11 @@ def nf4_quantize(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.T
         amax = blk.abs().amax(dim=1)
         recip = torch.full_like(amax, 1.0) / amax  # fp32 division; inf for an all-zero block
         scaled = blk * recip[:, None]
-        # bucketize(right=False) counts the midpoints strictly below x, i.e. x > mid.
+        # bucketize(right=False) counts the midpoints strictly below x, i.e. x > mid; but it puts
+        # NaN last, which is above no midpoint: code 0, as the kernel's comparisons give (a zero
+        # in a block of subnormals, whose 1/absmax overflows: 0 * inf)
         q = torch.bucketize(scaled, mids, right=False).to(torch.uint8)
+        q[scaled.isnan()] = 0
         q[amax == 0] = ZERO_CODE
         q = q.view(-1, 2)
         packed[b0 * blocksize // 2 : b1 * blocksize // 2] = (q[:, 0] << 4) | q[:, 1]
