@@ -146,6 +146,38 @@ def test_missing_config_file(capsys):
     assert "neither a file nor a shipped config (demo_sft.yaml" in capsys.readouterr().err
 
 
+def test_no_config_names_only_the_config(capsys):
+    # the overrides are optional: the usage error must not list them as required
+    with pytest.raises(SystemExit) as e:
+        main(["sft"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "required: config" in err and "overrides" not in err.split("error:")[-1]
+    assert main(["sft", "demo_sft", "--print-config"]) == 0  # and none at all is fine
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "train:\n  lr: [1\n",
+            "line 3, column 1: expected ',' or ']', but got '<stream end>' (while parsing a flow",
+        ),
+        ("train:\n  lr: 1\n bad: 2\n", "line 3, column 2: expected <block end>"),
+        ("train:\n\tlr: 1\n", "line 2, column 1: found character '\\t' that cannot start any token"),
+    ],
+)
+def test_invalid_yaml_is_one_line(tmp_path, capsys, text, message):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    assert main(["sft", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        f"hoptune sft: error: config file {str(cfg)!r} is not valid YAML: "
+    )
+    assert message in err
+
+
 def test_print_config_of_a_shipped_config(capsys):
     assert main(["sft", "demo_sft", "train.lr=1e-4", "--print-config"]) == 0
     out = capsys.readouterr().out

@@ -45,7 +45,10 @@ def _sft(argv: list[str]) -> int:
         description="Supervised fine-tuning from a YAML config; section.key=value overrides any key.",
     )
     p.add_argument("config", help="YAML config (or the name of a shipped one, e.g. demo_sft)")
-    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-4 data.packing=true")
+    # (default=[]: argparse would otherwise list the optional overrides as required when CONFIG is missing)
+    p.add_argument(
+        "overrides", nargs="*", default=[], help="section.key=value, e.g. train.lr=1e-4 data.packing=true"
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = p.parse_intermixed_args(argv)  # options before, between or after the overrides
     from hoptune.config import check_sft_config, dump_config, load_config

@@ -383,7 +383,7 @@ def load_config(
             try:
                 tree = yaml.load(f, Loader=_YamlLoader) or {}
             except yaml.YAMLError as e:
-                raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+                raise ConfigError(f"config file {path!r} is not valid YAML: {_yaml_error(e)}") from None
             except ConfigError as e:
                 raise ConfigError(f"config file {path!r}: {e}") from None
             except UnicodeDecodeError as e:
@@ -398,6 +398,20 @@ def load_config(
         keys, value = parse_override(item)
         _merge_override(tree, keys, value, cls)
     return _build(cls, tree)
+
+
+def _yaml_error(e: yaml.YAMLError) -> str:
+    """A YAML error on one line (PyYAML's own text spans four, with the file name twice): the place
+    and the problem, then what it was parsing and where that started."""
+    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+    if not problem or mark is None:
+        return " ".join(str(e).split())
+    msg = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context:
+        where = f" started at line {start.line + 1}, column {start.column + 1}" if start is not None else ""
+        msg += f" ({context}{where})"
+    return msg
 
 
 def _deepcopy(d: Any) -> Any:
@@ -425,6 +439,19 @@ def check_sft_config(cfg: SFTConfig) -> None:
 
     t, d, lo, m = cfg.train, cfg.data, cfg.lora, cfg.model
     need(d.train is not None, "data.train: set the training JSONL (data.train=path/to/train.jsonl)")
+    # an empty path (an unset shell variable in `output.dir=$OUT`) would mean the current folder, or
+    # for data.eval / data.general_data no data at all, without a word
+    for key, value in (
+        ("model.path", m.path),
+        ("data.train", d.train),
+        ("data.eval", d.eval),
+        ("data.general_data", d.general_data),
+        ("output.dir", cfg.output.dir),
+    ):
+        need(
+            value is None or value.strip() != "",
+            f"{key} is an empty string: give a path (or null where none is allowed)",
+        )
     need(
         _DEVICE.fullmatch(m.device) is not None,
         f"model.device must be auto, cpu, cuda, cuda:N, mps or xpu (with :N as torch.device reads it), got {m.device!r}",
@@ -451,6 +478,8 @@ def check_sft_config(cfg: SFTConfig) -> None:
     need(t.epochs > 0 or t.max_steps > 0, "set train.epochs > 0 or train.max_steps > 0")
     need(math.isfinite(t.epochs), f"train.epochs must be a finite number, got {t.epochs}")
     need(t.max_steps >= 0, f"train.max_steps must be >= 0, got {t.max_steps}")
+    # (the data order seeds a generator with seed x 1_000_003 + epoch, which must fit in 64 bits)
+    need(-(2**32) < t.seed < 2**32, f"train.seed must be a 32-bit number (|seed| < 2**32), got {t.seed}")
     need(len(t.betas) == 2, f"train.betas must be two floats [beta1, beta2], got {t.betas}")
     need(all(0.0 <= b < 1.0 for b in t.betas), f"train.betas must each be in [0, 1), got {t.betas}")
     need(t.eps > 0 and math.isfinite(t.eps), f"train.eps must be a finite number > 0, got {t.eps}")
@@ -481,4 +510,10 @@ def check_sft_config(cfg: SFTConfig) -> None:
     need(
         lo.enabled or cfg.model.quantize is None,
         "lora.enabled=false (full fine-tuning) needs model.quantize=null: an NF4 base cannot train",
+    )
+    need(
+        lo.enabled or m.dtype != "fp16",
+        "lora.enabled=false (full fine-tuning) with model.dtype=fp16 would train fp16 weights with no fp32 "
+        "copy: AdamW's eps (1e-8) is 0 in fp16 and the first step turns weights into NaN; use model.dtype=bf16 "
+        "or fp32",
     )

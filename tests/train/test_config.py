@@ -104,12 +104,39 @@ def test_value_checks():
             "model.chat_template=templates/chatml.jinja",
             "model.chat_template='templates/chatml.jinja': no such file",
         ),
+        # the data order's generator takes seed x 1_000_003 + epoch: a larger seed overflowed it mid-run
+        ("train.seed=99999999999999", r"train.seed must be a 32-bit number \(\|seed\| < 2\*\*32\)"),
+        ("train.seed=-4294967296", "train.seed must be a 32-bit number"),
+        # an empty path: output.dir= wrote the run into the current folder, data.eval= evaluated nothing
+        ("output.dir=", "output.dir is an empty string"),
+        ("data.eval=", "data.eval is an empty string"),
+        ("data.general_data=", "data.general_data is an empty string"),
+        ("model.path=", "model.path is an empty string"),
+        # fp16 weights under AdamW (eps 1e-8 is 0 in fp16) were NaN after the first step
+        (
+            ("lora.enabled=false", "model.quantize=null", "model.dtype=fp16"),
+            "full fine-tuning.* with model.dtype=fp16",
+        ),
     ],
 )
 def test_value_checks_of_train_and_model(override, message):
-    cfg = load_config(None, ["data.train=x.jsonl", override])
+    overrides = [override] if isinstance(override, str) else list(override)
+    cfg = load_config(None, ["data.train=x.jsonl", *overrides])
     with pytest.raises(ConfigError, match=message):
         check_sft_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.seed=-1",
+        "train.seed=4294967295",
+        "lora.enabled=false model.quantize=null model.dtype=bf16",
+        "model.dtype=fp16",  # (LoRA: the adapters train in fp32)
+    ],
+)
+def test_values_at_the_edge_of_the_checks_pass(override):
+    check_sft_config(load_config(None, ["data.train=x.jsonl", *override.split(" ")]))
 
 
 @pytest.mark.parametrize("device", ["cpu", "cpu:0", "cuda", "cuda:1", "mps:0", "auto"])

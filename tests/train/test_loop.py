@@ -238,6 +238,19 @@ def test_resolve_device_and_dtype():
         loop.resolve_dtype("fp8", torch.device("cpu"))
 
 
+def test_resolve_device_refuses_absent_mps_and_xpu(monkeypatch):
+    # they passed here and failed at the model's first move, with a traceback instead of a config error
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="'mps' asked for, but .* no MPS device"):
+        loop.resolve_device("mps")
+    if hasattr(torch, "xpu"):
+        monkeypatch.setattr(torch.xpu, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="'xpu:0' asked for, but .* no XPU device"):
+        loop.resolve_device("xpu:0")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert loop.resolve_device("mps") == torch.device("mps")
+
+
 def test_resolve_device_names_the_visible_gpus(monkeypatch):
     """cuda:N beyond the visible GPUs fails at once, naming how many there are."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -102,6 +102,22 @@ def test_resume_refuses_other_data(tmp_path, tokenizer, demo_data):
         _run(cfg, tokenizer)
 
 
+def test_resume_refuses_another_eval_set(tmp_path, tokenizer, demo_data):
+    # a finished run started again reports the final eval it logged: with another data.eval it
+    # reported the loss of the old held-out set as that of the new one
+    cfg = small_config(tmp_path, demo_data, "train.max_steps=2", "train.save_every=1")
+    first = _run(cfg, tokenizer)
+    other = tmp_path / "other_eval.jsonl"
+    with open(demo_data["train"]) as f:
+        other.write_text("".join(f.readlines()[:5]))
+    cfg = small_config(tmp_path, demo_data, "train.max_steps=2", "train.save_every=1", f"data.eval={other}")
+    with pytest.raises(ConfigError, match="cannot resume exactly.*eval_fingerprint"):
+        _run(cfg, tokenizer)
+    # the same eval set resumes (here: a finished run, its logged eval reported again)
+    again = _run(small_config(tmp_path, demo_data, "train.max_steps=2", "train.save_every=1"), tokenizer)
+    assert again.train_losses == [] and again.eval == first.eval
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

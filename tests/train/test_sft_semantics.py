@@ -167,3 +167,16 @@ def test_finished_full_run_started_again_keeps_its_model(tmp_path, tokenizer, de
     with pytest.raises(KeyboardInterrupt):  # the finished run writes its model again, and is killed
         sft.train(cfg, log=lambda s: None, model=model, tokenizer=tokenizer)
     assert open(weights, "rb").read() == before
+
+
+def test_a_peft_model_is_refused_not_nested(tmp_path, tokenizer, demo_data):
+    # a PeftModel passed to train() got hoptune's LoRA inside PEFT's (on lora_A, lora_B and base_layer),
+    # trained and saved under names no loader reads
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(
+        build_model(seed=0, **SMALL), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
+    cfg = small_config(tmp_path, demo_data, "train.max_steps=1", "lora.r=2")
+    with pytest.raises(ValueError, match="holds PEFT layers.*hoptune.load_adapter"):
+        sft.train(cfg, log=lambda s: None, model=model, tokenizer=tokenizer)
+    assert not os.path.exists(os.path.join(cfg.output.dir, "adapter"))

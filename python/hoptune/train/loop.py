@@ -36,6 +36,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
+    # (mps and xpu fail later, at the model's first move, with a traceback)
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r} asked for, but this machine (or torch build) has no MPS device")
+    if dev.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise ValueError(f"device {name!r} asked for, but this machine (or torch build) has no XPU device")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but no CUDA device is visible; use model.device=cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():

@@ -112,6 +112,15 @@ def prepare_model(model: nn.Module, cfg: SFTConfig) -> nn.Module:
     """Adapters (or full fine-tuning), gradient checkpointing, train mode. A model that already has
     LoRA layers keeps them (and trains whichever of their parameters require grad)."""
     lo = cfg.lora
+    peft_layers = [n for n, m in model.named_modules() if type(m).__module__.split(".")[0] == "peft"]
+    if peft_layers:
+        # apply_lora would put hoptune's LoRA inside PEFT's (on its base_layer, lora_A and lora_B) and
+        # train and save that nesting, which no loader reads back
+        raise ValueError(
+            f"the model holds PEFT layers ({peft_layers[0] or type(model).__name__}...): hoptune trains its own "
+            "LoRA layers. Pass the plain base model, or load a PEFT adapter to train on with "
+            "hoptune.load_adapter(model, adapter_dir, trainable=True)"
+        )
     if lo.enabled and loop.has_lora(model):
         pass  # adapters already in place (e.g. hoptune.load_adapter(..., trainable=True)): train those
     elif lo.enabled:
@@ -274,6 +283,8 @@ def _check_resume(folder: str, state: dict[str, Any], now: dict[str, Any]) -> No
     """ConfigError naming every key of ``now`` whose value differs from the checkpoint's ``state``.
     Settings a checkpoint of an older hoptune does not record are not compared (but its seed is)."""
     was = {k: state.get(k) for k in ("data_fingerprint", "rows_per_step", "total_steps")}
+    if "eval_fingerprint" in state:  # (not recorded by older checkpoints)
+        was["eval_fingerprint"] = state["eval_fingerprint"]
     was["data_order"] = state.get("data_order", "steps")
     was.update(state.get("settings") or {"train.seed": state.get("seed")})
     changed = [f"{k} was {was[k]!r} and is now {v!r}" for k, v in now.items() if k in was and was[k] != v]
@@ -341,10 +352,14 @@ def _train(
     total = t.max_steps or sampler.steps_for_epochs(t.epochs)
     warmup = t.warmup_steps or math.ceil(t.warmup_ratio * total)  # as transformers rounds it
     data_fp = fingerprint(rows)
+    # the held-out set too: a resumed run's eval curve (and a finished run's logged final eval, which a
+    # rerun reports instead of evaluating again) must be of the same examples
+    eval_fp = fingerprint(eval_rows)
     data_order = "epochs" if sampler.whole_epochs else "steps"
     if resume_from is not None:
         now = {
             "data_fingerprint": data_fp,
+            "eval_fingerprint": eval_fp,
             "rows_per_step": rows_per_step,
             "total_steps": total,
             "data_order": data_order,
@@ -412,6 +427,7 @@ def _train(
                 "rows_per_step": rows_per_step,
                 "total_steps": total,
                 "data_fingerprint": data_fp,
+                "eval_fingerprint": eval_fp,
                 "data_order": data_order,
                 "seed": t.seed,
                 "settings": _resume_settings(cfg),
