@@ -117,6 +117,7 @@ def test_other_families():
         (dict(config="llama-3-8b", stack="vllm"), "stack must be"),
         (dict(config="llama-3-8b", seq=0), "seq must be a positive int"),
         (dict(config="llama-3-8b", r=5000), "r=5000 is larger"),
+        (dict(config="llama-3-8b", r=512), "at most 256"),  # apply_lora's limit
         (dict(config="llama-3-8b", target_modules=["w1"]), "matches no linear layer"),
         (dict(config="llama-3-8b", optimizer="sgd"), "optimizer must be"),
     ],
@@ -274,3 +275,52 @@ def test_fused_logits_never_cost_more_than_full_ones_on_a_small_model():
     full = hoptune.plan(small, seq=64, logits="full", alternatives=False)
     assert fused.peak <= full.peak
     assert fused.peak < 2**20  # not the 128 MiB chunk of a large vocabulary
+
+
+def test_rank_limit_is_hoptunes_alone():
+    # PEFT (the HF stack) takes any rank a layer allows; hoptune's LoRA layers stop at MAX_RANK
+    assert hoptune.plan("llama-3-8b", r=512, stack="hf", alternatives=False).r == 512
+    assert hoptune.plan("llama-3-8b", r=256, alternatives=False).r == 256
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_inner=96),
+        dict(model_type="gptj", n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_inner=96, rotary_dim=8),
+        dict(model_type="opt", hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
+             vocab_size=128, word_embed_proj_dim=64),
+        dict(model_type="falcon", hidden_size=64, ffn_hidden_size=96, num_hidden_layers=2,
+             num_attention_heads=4, vocab_size=128),
+    ],
+    ids=["gpt2", "gptj", "opt", "falcon"],
+)  # fmt: skip
+def test_mlp_width_of_configs_without_intermediate_size(cfg):
+    """GPT-2 / GPT-J (n_inner), OPT (ffn_dim) and Falcon (ffn_hidden_size) name the MLP's width
+    otherwise: the estimate uses it, not 4 x hidden."""
+    p = hoptune.plan(cfg, seq=8, r=4, quantize=None, alternatives=False)
+    assert p.backward_transients == (6 * 96 + 6 * 64) * 8
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, vocab_size=128),
+        dict(model_type="opt", hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+             vocab_size=128, word_embed_proj_dim=64),
+    ],
+    ids=["gpt2", "opt"],
+)  # fmt: skip
+def test_learned_position_embeddings_are_embeddings(cfg):
+    # GPT-2's wpe and OPT's embed_positions are nn.Embedding: no "params outside nn.Linear" (MoE experts)
+    p = hoptune.plan(cfg, r=4, alternatives=False)
+    assert p.dense_other_params == 0
+    assert "outside nn.Linear" not in p.table()
+
+
+def test_fallback_chunk_size_is_the_ops_chunk_size():
+    # the fused estimate's chunk when hoptune.ops cannot be imported: the same as the op's own
+    from hoptune.ops.logprob import CHUNK_BYTES
+    from hoptune.plan import _FUSED_CHUNK_BYTES
+
+    assert _FUSED_CHUNK_BYTES == CHUNK_BYTES

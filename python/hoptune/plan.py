@@ -71,7 +71,7 @@ from dataclasses import dataclass, field
 import torch
 
 GiB = 2**30
-_FUSED_CHUNK_BYTES = 96 * 2**20  # hoptune.ops.logprob.CHUNK_BYTES, when that cannot be imported
+_FUSED_CHUNK_BYTES = 128 * 2**20  # hoptune.ops.logprob.CHUNK_BYTES, when that cannot be imported
 _CONTEXT_BYTES = 0.5 * GiB  # CUDA context + cuBLAS/cuDNN handles on an H100/H200, torch 2.x
 _SLACK = 0.05  # caching-allocator reserved / allocated - 1, seen on the 70B anchor (46.2 / 44.1)
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -370,16 +370,17 @@ def _shape(config) -> _Shape:
             linears.append(_linear_dims(name, m))
             seen.update(id(p) for p in m.parameters())
     other = sum(p.numel() for p in model.parameters() if id(p) not in seen)
-    outside = sum(
-        p.numel() for p in model.parameters() if id(p) not in seen and p.ndim >= 2 and p is not embed
-    )
+    # embeddings (token, and GPT-2's / OPT's learned positions) are no weights outside nn.Linear
+    seen.update(id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters())
+    seen.add(id(embed))
+    outside = sum(p.numel() for p in model.parameters() if id(p) not in seen and p.ndim >= 2)
     nh = text.num_attention_heads
     hd = getattr(text, "head_dim", None) or text.hidden_size // nh
     mt = getattr(text, "model_type", "")
     return _Shape(
         layers=text.num_hidden_layers,
         hidden=text.hidden_size,
-        intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
+        intermediate=_intermediate(text),
         q_dim=nh * hd,
         kv_dim=(getattr(text, "num_key_value_heads", None) or nh) * hd,
         vocab=text.vocab_size,
@@ -392,6 +393,16 @@ def _shape(config) -> _Shape:
         head_linear=None if head is None else _linear_dims(head, model.get_submodule(head)),
         outside_linear=outside,
     )
+
+
+def _intermediate(text) -> int:
+    """The MLP's inner width: ``intermediate_size``, or GPT-2's / GPT-J's ``n_inner``, OPT's
+    ``ffn_dim``, Falcon's ``ffn_hidden_size`` (4 x hidden where the config leaves it unset)."""
+    for key in ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size"):
+        value = getattr(text, key, None)
+        if value:
+            return value
+    return 4 * text.hidden_size
 
 
 def _linear_dims(name: str, m) -> tuple[str, int, int, bool]:
@@ -485,6 +496,11 @@ def plan(
     for name, v in (("seq", seq), ("batch", batch), ("r", r)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if stack == "hoptune":
+        from hoptune.ops.nf4_lora import MAX_RANK
+
+        if r > MAX_RANK:  # apply_lora refuses it (PEFT, the HF stack, has no such limit)
+            raise ValueError(f"r={r} is larger than hoptune's LoRA layers allow (at most {MAX_RANK})")
     cfg, label = _load_config(config)
     try:
         shape = _shape(cfg)

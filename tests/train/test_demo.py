@@ -114,6 +114,116 @@ def test_demo_evaluates_the_model_it_trained(tmp_path, monkeypatch, capsys, over
         "cpu",
         ["train.max_steps=1", "train.eval_every=0", "output.progress=false", *overrides],
     )
-    assert quantize and not any(quantize)
+    # (full fine-tuning puts no adapters anywhere: the before column is the plain dense base)
+    assert not any(quantize) and (bool(quantize) == ("lora.enabled=false" not in overrides))
     assert set(res["after"]) == {"held", "train", "minus"}
     assert "base (NF4)" not in capsys.readouterr().out
+
+
+def test_damaged_pretrained_cache_is_pretrained_again(tmp_path, monkeypatch):
+    """A cache folder whose files are not those written (truncated, altered, missing) is set aside
+    and the model pretrained again, instead of failing to load on every later run."""
+    import json
+
+    from hoptune.models import load_tiny
+
+    monkeypatch.setenv("HOPTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(pretrain.RECIPE, "steps", 1)
+    final = pretrain.pretrained_tiny_path(log=lambda s: None, progress=False)
+    weights = os.path.join(final, "model.safetensors")
+    good = open(weights, "rb").read()
+
+    def truncate():
+        with open(weights, "wb") as f:
+            f.write(good[: len(good) // 2])
+
+    def flip_a_byte():  # same size, a valid header: only the digest tells
+        with open(weights, "r+b") as f:
+            f.seek(len(good) - 100)
+            f.write(bytes([good[-100] ^ 0xFF]))
+
+    def drop_config():
+        os.remove(os.path.join(final, "config.json"))
+
+    for damage in (truncate, flip_a_byte, drop_config):
+        damage()
+        assert pretrain.cache_problem(final) is not None, damage.__name__
+        logs = []
+        assert pretrain.pretrained_tiny_path(log=logs.append, progress=False) == final
+        assert any("damaged" in s for s in logs), (damage.__name__, logs)
+        assert pretrain.cache_problem(final) is None
+        assert open(weights, "rb").read() == good  # pretraining is deterministic
+    load_tiny(log=lambda s: None)
+    assert sorted(os.listdir(tmp_path / "cache")) == [os.path.basename(final)]  # nothing left aside
+
+    # a cache written before the digests were recorded is used while its files load
+    info_path = os.path.join(final, "pretrain.json")
+    with open(info_path) as f:
+        info = json.load(f)
+    del info["files"]
+    with open(info_path, "w") as f:
+        json.dump(info, f)
+    logs = []
+    assert pretrain.pretrained_tiny_path(log=logs.append, progress=False) == final and not logs
+    truncate()
+    assert pretrain.cache_problem(final) is not None
+
+
+def test_demo_base_is_the_base_sft_trains_from(tmp_path, monkeypatch):
+    """The "before" model has the NF4 layers and adapters (B = 0) that SFT starts from: with
+    lora.target_modules=[q_proj,v_proj] only those layers are quantized, as in the trained model."""
+    import torch
+
+    from hoptune.config import load_config
+    from hoptune.nn import LoRALinear
+    from hoptune.train import demo
+
+    monkeypatch.setenv("HOPTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(pretrain.RECIPE, "steps", 1)
+    cfg = load_config(demo.config_path(), ["lora.target_modules=[q_proj,v_proj]", "lora.r=8"])
+    model, _ = demo._tiny_model(cfg, torch.device("cpu"), torch.float32)
+    adapted = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    assert adapted == {"q_proj", "v_proj"}
+    assert {m.r for m in model.modules() if isinstance(m, LoRALinear)} == {8}
+    dense = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
+    assert len(dense) == 4 * 5 + 1  # k, o, gate, up, down of each layer, and the head
+
+
+def test_pretraining_on_a_gpu_uses_deterministic_algorithms(monkeypatch):
+    """On a GPU the tiny model's pretraining runs with PyTorch's deterministic algorithms (two runs
+    on one H200 gave different weights without them), and the caller's settings come back after;
+    on a CPU nothing is changed."""
+    import torch
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    with pretrain.deterministic(torch.device("cpu")):
+        assert not torch.are_deterministic_algorithms_enabled()
+    try:
+        with pretrain.deterministic(torch.device("cuda")):
+            assert torch.are_deterministic_algorithms_enabled()
+            assert os.environ["CUBLAS_WORKSPACE_CONFIG"] in (":4096:8", ":16:8")
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+    seen = []
+    monkeypatch.setattr(
+        pretrain, "deterministic", lambda device: seen.append(device) or pretrain.contextlib.nullcontext()
+    )
+    pretrain.pretrain(steps=1, device="cpu", progress=False)
+    assert seen == [torch.device("cpu")]
+
+
+@pytest.mark.parametrize("override", ["lora.target_modules=[q_prj]", "lora.r=500"])
+def test_demo_lora_settings_are_checked_before_pretraining(tmp_path, monkeypatch, override):
+    """A LoRA setting the tiny model cannot take stops the demo at once, not after pretraining."""
+    from hoptune.config import ConfigError
+
+    def no_pretraining(*a, **k):
+        raise AssertionError("pretraining started")
+
+    monkeypatch.setattr(pretrain, "pretrained_tiny_path", no_pretraining)
+    with pytest.raises(ConfigError, match="lora settings"):
+        run_demo(str(tmp_path / "demo"), "cpu", [override])

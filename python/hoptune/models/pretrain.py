@@ -4,11 +4,14 @@ knows something to fine-tune from. About 250 steps of 32 x 128 tokens: about a m
 two CPU cores, seconds on a GPU; afterwards it loads from the cache.
 
 Cache folder: ``$HOPTUNE_CACHE`` or ``~/.cache/hoptune``, one sub-folder per recipe version
-(``tiny-llama-<hash>``), written to a temporary name and renamed into place when complete.
+(``tiny-llama-<hash>``), written to a temporary name and renamed into place when complete. Its
+``pretrain.json`` holds the SHA-256 of every other file: a folder whose files no longer match (a
+truncated copy, a disk error) is set aside and the model pretrained again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -16,7 +19,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -48,6 +51,32 @@ def tiny_cache_dir() -> str:
     return os.path.join(cache_root(), f"tiny-llama-{key}")
 
 
+@contextlib.contextmanager
+def deterministic(device: torch.device) -> Iterator[None]:
+    """PyTorch's deterministic algorithms while the block runs on a GPU (put back as they were
+    after): without them two runs of the same pretraining on one GPU (an H200) ended with
+    different weights. cuBLAS needs ``CUBLAS_WORKSPACE_CONFIG`` for it; it is set for
+    the block where unset. On a CPU nothing changes (its kernels already give the same bits)."""
+    if device.type != "cuda":
+        yield
+        return
+    was, warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    env = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if env is None:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    # warn_only: an op without a deterministic kernel (in another torch) warns instead of failing
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+        if env is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
 def pretrain(
     steps: int | None = None,
     device: str | torch.device = "cpu",
@@ -65,7 +94,7 @@ def pretrain(
     tokenizer = build_tokenizer()
     # the caller's RNGs stay as they were: the CPU generator is seeded inside fork_rng, and nothing
     # reseeds python's, numpy's or a GPU's (the model and the batches have their own seeds)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), deterministic(device):
         torch.default_generator.manual_seed(r["seed"])
         model = build_model(seed=r["seed"]).to(device)
         model.train()
@@ -94,11 +123,61 @@ def pretrain(
     return model, tokenizer, losses
 
 
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _digests(folder: str) -> dict[str, str]:
+    return {n: _sha256(os.path.join(folder, n)) for n in sorted(os.listdir(folder)) if n != "pretrain.json"}
+
+
+def cache_problem(folder: str) -> str | None:
+    """Why the cached model in ``folder`` cannot be used, or None when it can: every file listed in
+    its ``pretrain.json`` is there with the digest written (a cache written before the digests were
+    recorded: its weights must load)."""
+    try:
+        with open(os.path.join(folder, "pretrain.json"), encoding="utf-8") as f:
+            files = json.load(f).get("files")
+        if files is None:
+            from safetensors.torch import load_file
+
+            with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+                json.load(f)
+            load_file(os.path.join(folder, "model.safetensors"))
+            return None
+        for name, digest in files.items():
+            if _sha256(os.path.join(folder, name)) != digest:
+                return f"{name} is not the file that was written"
+    except Exception as e:  # a missing or unreadable file, invalid JSON, a truncated safetensors file
+        return f"{type(e).__name__}: {e}".splitlines()[0]
+    return None
+
+
+def _set_aside(folder: str) -> None:
+    """Move a broken cache folder out of the way (a rename first: another process may read it) and
+    delete it."""
+    bad = tempfile.mkdtemp(dir=os.path.dirname(folder), prefix=".bad-tiny-")
+    try:
+        os.replace(folder, os.path.join(bad, "old"))
+    except FileNotFoundError:  # another process set it aside first
+        pass
+    shutil.rmtree(bad, ignore_errors=True)
+
+
 def pretrained_tiny_path(log: Callable[[str], None] = print, progress: bool = True) -> str:
-    """The cached pretrained tiny model's folder, pretraining it first if it is not there."""
+    """The cached pretrained tiny model's folder, pretraining it first if it is not there (or if
+    the cached copy is damaged)."""
     final = tiny_cache_dir()
-    if os.path.isfile(os.path.join(final, "config.json")):
-        return final
+    if os.path.exists(final):
+        problem = cache_problem(final)
+        if problem is None:
+            return final
+        log(f"the cached tiny model at {final} is damaged ({problem}); pretraining it again")
+        _set_aside(final)
     os.makedirs(os.path.dirname(final), exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     log(f"pretraining the built-in tiny model on {device} ({RECIPE['steps']} steps; cached at {final}) ...")
@@ -108,8 +187,9 @@ def pretrained_tiny_path(log: Callable[[str], None] = print, progress: bool = Tr
     try:
         model.to("cpu").save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        info = {"recipe": RECIPE, "losses": losses, "seconds": time.time() - t0, "files": _digests(tmp)}
         with open(os.path.join(tmp, "pretrain.json"), "w", encoding="utf-8") as f:
-            json.dump({"recipe": RECIPE, "losses": losses, "seconds": time.time() - t0}, f)
+            json.dump(info, f)
         fsync_tree(tmp)  # on disk before the rename: a power cut must not leave empty files in place
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0o700 would keep the other users of a shared cache out
         try:

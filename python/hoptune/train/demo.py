@@ -3,8 +3,8 @@
 1. the tiny Llama is pretrained once on equations and subtraction chats (cached);
 2. the demo task is written as JSONL: 70 ``What is a+b?`` chats to train on, 30 held out,
    and pretraining-style replay data;
-3. QLoRA SFT (NF4 base, LoRA r=16 on every linear layer) runs through ``hoptune sft`` with
-   ``configs/demo_sft.yaml``;
+3. QLoRA SFT (NF4 base, LoRA r=16 on every linear layer but the head) runs through
+   ``hoptune sft`` with ``configs/demo_sft.yaml``;
 4. the saved adapter is loaded back onto a fresh NF4 base and both are asked every question:
    a before/after table of exact-match accuracy.
 """
@@ -27,17 +27,18 @@ def config_path(name: str = CONFIG) -> str:
 
 
 def _tiny_model(cfg, device: torch.device, dtype: torch.dtype, trained: str | None = None):
-    """The pretrained tiny model as ``cfg`` trains it (NF4 base with model.quantize=nf4): with a
-    fresh adapter (B = 0, so it computes exactly the base), or what the run saved at ``trained`` (its
-    adapter, or the whole model with lora.enabled=false)."""
+    """The pretrained tiny model as ``cfg`` trains it (NF4 base with model.quantize=nf4): as SFT
+    starts from it (``cfg``'s fresh adapters, B = 0, so it computes exactly the base, over the same
+    NF4 layers), or what the run saved at ``trained`` (its adapter, or the whole model with
+    lora.enabled=false)."""
     from hoptune.adapters import load_adapter
     from hoptune.models import load_tiny
-    from hoptune.patch import apply_lora
+    from hoptune.train.sft import prepare_model
 
     model, tok = load_tiny(device=device, dtype=dtype, log=lambda s: None)
     quant = dict(quantize=cfg.model.quantize, double_quant=cfg.model.double_quant)
     if trained is None:
-        apply_lora(model, r=16, alpha=32, **quant)
+        model = prepare_model(model, cfg)
     elif cfg.lora.enabled:
         load_adapter(model, trained, **quant)
     else:
@@ -82,6 +83,12 @@ def run_demo(out_dir: str = "runs/demo", device: str = "auto", overrides: list[s
             f"model.path={cfg.model.path!r}: the demo runs on the built-in tiny model (its task and scoring are "
             "made for it); train another model with hoptune sft"
         )
+    # the LoRA settings against the model's layers (a mistyped lora.target_modules, a rank too large)
+    # on a fresh tiny model, which has the pretrained one's layers: an error now, not after pretraining
+    from hoptune.models import build_model
+
+    with torch.random.fork_rng(devices=[]):  # (apply_lora draws lora_A from the global generator)
+        sft.prepare_model(build_model(), cfg)
     dtype = loop.resolve_dtype(cfg.model.dtype, dev)
     print(
         f"hoptune demo: tiny Llama + QLoRA SFT on {dev} ({torch.get_num_threads()} CPU threads); output in {out_dir}"
