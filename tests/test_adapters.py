@@ -7,17 +7,15 @@ import copy
 import json
 import os
 
+import peft
 import pytest
 import torch
+import transformers
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
-
-from safetensors import safe_open  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-
-import hoptune  # noqa: E402
-from hoptune.nn import LoRALinear  # noqa: E402
+import hoptune
+from hoptune.nn import LoRALinear
 
 VARIANTS = {
     "lora": dict(r=4, lora_alpha=8),

@@ -1,6 +1,8 @@
 """The hoptune command: dispatch, stubs, and the one-line errors for bad configs."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -33,7 +35,8 @@ def test_unknown_command(capsys):
 
 def test_plan_dispatches(capsys):
     assert main(["plan", "--model", "llama-3.1-8b", "--json"]) == 0
-    assert "total" in capsys.readouterr().out.lower()
+    out = capsys.readouterr().out
+    assert json.loads(out)["model"] == "llama-3.1-8b" and "total" in out.lower()
 
 
 @pytest.mark.parametrize(
@@ -187,15 +190,15 @@ def test_print_config_of_a_shipped_config(capsys):
 
 
 def test_console_script():
-    exe = sys.executable.replace("python", "hoptune") if "python" in sys.executable else None
-    out = subprocess.run(
-        [sys.executable, "-c", "from hoptune.cli import main; raise SystemExit(main(['dpo']))"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    """The `hoptune` script that pyproject.toml declares is installed and runs main."""
+    from importlib.metadata import entry_points
+
+    assert [e.value for e in entry_points(group="console_scripts", name="hoptune")] == ["hoptune.cli:main"]
+    # pip puts the script beside the interpreter it installs for (a virtual environment's bin/)
+    exe = shutil.which("hoptune", path=os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]]))
+    assert exe is not None, "the hoptune console script is not installed"
+    out = subprocess.run([exe, "dpo", "x.yaml"], capture_output=True, text=True, check=False)
     assert out.returncode == 2 and "not implemented yet" in out.stderr
-    assert exe is None or exe  # the console script itself is declared in pyproject.toml
 
 
 def test_checkpoint_folder_without_a_tokenizer_is_one_line(tmp_path, capsys, run_config, small_model):

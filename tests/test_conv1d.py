@@ -8,17 +8,16 @@ import copy
 import json
 import warnings
 
+import peft
 import pytest
 import torch
+import transformers
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
-
-from transformers.pytorch_utils import Conv1D  # noqa: E402
-
-import hoptune  # noqa: E402
-from hoptune.nn import LoRALinear  # noqa: E402
+import hoptune
+from hoptune.nn import LoRALinear
+from tests.conftest import poison_cuda_cache
 
 GPT2_TARGETS = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
 VARIANTS = {"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True}}
@@ -338,6 +337,7 @@ def test_nf4_conv1d_layers_on_the_gpu():
             ref.get_submodule(name).weight.copy_(model.get_submodule(name).merged_weight(torch.float32).t())
     model, ref = model.to("cuda", torch.bfloat16), ref.cuda()
     x = ids().cuda()
+    poison_cuda_cache()
     out = model(x).logits
     with torch.no_grad():
         want = ref(x).logits.double()

@@ -11,15 +11,14 @@ import shutil
 
 import pytest
 import torch
+import transformers
+from safetensors.torch import load_file
 
-transformers = pytest.importorskip("transformers")
-
-from safetensors.torch import load_file  # noqa: E402
-
-import hoptune  # noqa: E402
-from hoptune.loading import _Reader, read_safetensors_header  # noqa: E402
-from hoptune.nn import LoRALinear, NF4Linear  # noqa: E402
-from hoptune.quant import dequantize_nf4, from_bnb_state_dict, save_pretrained_nf4  # noqa: E402
+import hoptune
+from hoptune.loading import _Reader, read_safetensors_header
+from hoptune.nn import LoRALinear, NF4Linear
+from hoptune.quant import dequantize_nf4, from_bnb_state_dict, save_pretrained_nf4
+from tests.conftest import poison_cuda_cache
 
 
 def tiny_model(arch: str = "llama", tie: bool = False, dtype=torch.bfloat16, seed: int = 0):
@@ -120,10 +119,14 @@ def test_nf4_on_load(tmp_path, arch, tie):
     assert all(isinstance(ours.get_submodule(n), LoRALinear) for n in packed)
     ours.train()
     ours(input_ids=ids(), labels=ids()).loss.backward()
+    for n in packed:  # (B starts at zero: A's gradient is zero on this first step, B's is not)
+        grad = ours.get_submodule(n).lora_B.grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, n
 
 
 def test_peft_adapter_onto_an_nf4_model(tmp_path):
-    peft = pytest.importorskip("peft")
+    import peft
+
     base = tiny_model(dtype=torch.float32)
     base.save_pretrained(tmp_path / "ckpt")
     torch.manual_seed(0)
@@ -153,7 +156,8 @@ def test_skip_modules_and_progress(tmp_path, capsys):
 
 
 def test_prequantized_bnb_checkpoint_loads_without_requantizing(tmp_path):
-    pytest.importorskip("bitsandbytes")
+    import bitsandbytes  # noqa: F401
+
     tiny_model().save_pretrained(tmp_path / "bf16")
     qm = _bnb_checkpoint(
         tmp_path / "bf16",
@@ -575,6 +579,7 @@ def test_other_quantization_methods_are_refused(tmp_path):
 def test_load_on_gpu_equals_cpu(tmp_path):
     tiny_model("qwen2", tie=True).save_pretrained(tmp_path, max_shard_size="40KB")
     cpu = hoptune.load_model(tmp_path, device="cpu", progress=False)
+    poison_cuda_cache()
     gpu = hoptune.load_model(tmp_path, device="cuda", progress=False)
     for name, layer in nf4_layers(cpu).items():
         other = gpu.get_submodule(name)
@@ -588,8 +593,9 @@ def test_load_on_gpu_equals_cpu(tmp_path):
 
 def test_bench_script_logic(tmp_path, monkeypatch):
     """bench/bench_loading.py --tiny: writer, reads, load, layer check and the bitsandbytes save."""
-    pytest.importorskip("bitsandbytes")
     import importlib.util
+
+    import bitsandbytes  # noqa: F401
 
     bench = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "bench_loading.py")
     spec = importlib.util.spec_from_file_location("bench_loading", bench)
@@ -675,7 +681,8 @@ def test_save_pretrained_nf4_errors_name_the_layer(tmp_path):
 
 def test_prequantized_bnb_checkpoint_keeps_its_dense_layers_dense(tmp_path):
     # layers bitsandbytes left dense (llm_int8_skip_modules) load dense, as transformers loads them
-    pytest.importorskip("bitsandbytes")
+    import bitsandbytes  # noqa: F401
+
     tiny_model().save_pretrained(tmp_path / "bf16")
     _bnb_checkpoint(
         tmp_path / "bf16",
@@ -757,7 +764,8 @@ def test_save_pretrained_nf4_keeps_the_generation_config(tmp_path):
 def test_prequantized_layers_take_the_dtype_asked_for(tmp_path):
     # a float16 bitsandbytes checkpoint loaded as bfloat16: its NF4 layers dequantize to bfloat16
     # like every other layer (a merge that keeps each layer's dtype used to mix the two)
-    pytest.importorskip("bitsandbytes")
+    import bitsandbytes  # noqa: F401
+
     tiny_model(dtype=torch.float16).save_pretrained(tmp_path / "fp16")
     _bnb_checkpoint(tmp_path / "fp16", tmp_path / "nf4", bnb_4bit_compute_dtype=torch.float16)
     ours = hoptune.load_model(tmp_path / "nf4", device="cpu", progress=False)
@@ -843,7 +851,8 @@ def test_header_whose_tensors_do_not_tile_the_data_is_refused(tmp_path, how):
 def test_gpt2_conv1d_layers_become_nf4_as_with_bitsandbytes(tmp_path):
     # GPT-2's projections are transformers' Conv1D (y = x @ W + b, W stored (in, out)), which
     # transformers + bitsandbytes quantize like nn.Linear, transposed; its NF4 checkpoints hold them so
-    pytest.importorskip("bitsandbytes")
+    import bitsandbytes  # noqa: F401
+
     _gpt2().save_pretrained(tmp_path / "bf16")
     names = {
         f"transformer.h.{i}.{n}"

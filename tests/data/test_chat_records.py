@@ -66,7 +66,8 @@ def test_sharegpt_record_trains_as_its_messages(tmp_path, tokenizer):
     ],
 )
 def test_sharegpt_conversion_is_trls(rec):
-    trl_data_utils = pytest.importorskip("trl.data_utils")
+    import trl.data_utils as trl_data_utils
+
     assert convert_to_chatml(rec) == trl_data_utils.maybe_convert_to_chatml(copy.deepcopy(rec))
 
 
@@ -140,7 +141,8 @@ def _chatml_bpe_tokenizer():
 
 def _trl_template(name):
     """A chat template TRL ships (the model's own, byte for byte, or TRL's training variant)."""
-    pytest.importorskip("trl")
+    import trl  # noqa: F401
+
     return (resources.files("trl") / "chat_templates" / f"{name}.jinja").read_text(encoding="utf-8")
 
 

@@ -212,11 +212,10 @@ def _examples(tokenizer, n, seed):
 
 def _oracle_step(model, micro_examples):
     """TRL's collator + transformers' loss with num_items_in_batch, summed over micro-batches."""
-    # imported here: the pure tests above need neither (and GPU machines may lack trl)
-    ForCausalLMLoss = pytest.importorskip("transformers.loss.loss_utils").ForCausalLMLoss
-    DataCollatorForLanguageModeling = pytest.importorskip(
-        "trl.trainer.sft_trainer"
-    ).DataCollatorForLanguageModeling
+    # imported here: the pure tests above need neither
+    from transformers.loss.loss_utils import ForCausalLMLoss
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
     collator = DataCollatorForLanguageModeling(pad_token_id=0)
     batches = []
     for ex in micro_examples:

@@ -125,7 +125,8 @@ def test_dora_with_dropout_is_peft_form(quantize):
 def test_dora_matches_peft_with_dropout():
     """The same weights in PEFT's DoRA layer and ours, dropout active, the same RNG state: the
     same output and gradients."""
-    peft = pytest.importorskip("peft")
+    import peft
+
     base = nn.Sequential()
     base.add_module("proj", nn.Linear(96, 48))
     cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, use_dora=True, target_modules=["proj"])
@@ -270,6 +271,13 @@ def test_op_trains_a_bias(device, lora):
     low = gy.sum((0, 1))
     assert bias.grad is not None and bias.grad.dtype == dtype
     assert rel_err(bias.grad, expected) <= 2 * rel_err(low, expected) + 1e-6
+    # the same call with the bias frozen: the same gradients for x and the adapter
+    frozen = [t.detach().clone().requires_grad_(t.requires_grad) for t in (x, a, b)]
+    fargs = (frozen[1], frozen[2], 0.5) if lora else (None, None, 1.0)
+    nf4_lora_linear(frozen[0], q, *fargs, bias=bias.detach()).backward(gy)
+    for name, t, f in zip(("dx", "dA", "dB"), (x, a, b), frozen):
+        if t.requires_grad:
+            assert f.grad is not None and rel_err(t.grad, f.grad) <= (0 if device == "cpu" else 1e-2), name
     # and through the layer, with the bias unfrozen by the user
     layer = NF4Linear(q, bias.detach().clone()).to(device)
     layer.bias.requires_grad_(True)

@@ -202,6 +202,7 @@ def test_mismatched_operands_raise():
         gemm.mm(a, b, acc=torch.randn(m, 128, device="cuda", dtype=torch.float16))
     with pytest.raises(RuntimeError):
         gemm.linear(a, torch.randn(128, 512, device="cuda", dtype=torch.bfloat16))
+    assert gemm.tuned() == {}  # none of them reached cuBLASLt (not even to be timed)
     # the same operands, fitting, run (and match PyTorch's product to rounding)
     torch.testing.assert_close(gemm.mm(a, b), a @ b, rtol=2e-2, atol=2e-2)
 

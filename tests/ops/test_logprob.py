@@ -625,6 +625,7 @@ def test_fused_overflow_falls_back_gpu():
     w[5, 0] = 10.0  # logit 200 for token 5
     y = torch.tensor([7, 5, 9], device="cuda")
     hid.requires_grad_(True)
+    poison_cuda_cache()
     lp = fused_linear_logprobs(hid, w, y)
     h64 = hid.detach().double().requires_grad_(True)
     rlp = fused_oracle(h64, w.double(), None, y)[0]
@@ -876,6 +877,7 @@ def test_fused_vchunk_overflow_gpu(knobs, dtype, gap, redo, monkeypatch):
     calls = _spy_fallback(monkeypatch)
     hid, w, y = _overflow_case("cuda", dtype, gap)
     hid.requires_grad_(True)
+    poison_cuda_cache()
     lp = fused_linear_logprobs(hid, w, y)
     assert calls == ([False] if redo else [])
     _check_overflow_result(hid, w, y, lp)
@@ -1026,6 +1028,8 @@ def test_fused_gemm_overflow(device, gap, redo, monkeypatch):
     gemm = _spy_gemm(monkeypatch)
     hid, w, y = _overflow_case(device, torch.bfloat16, gap)
     hid.requires_grad_(True)
+    if device == "cuda":
+        poison_cuda_cache()
     lp = fused_linear_logprobs(hid, w, y)
     assert gemm == [1] and calls == ([False] if redo else [])
     _check_overflow_result(hid, w, y, lp)
@@ -1149,5 +1153,6 @@ def test_fused_gemm_noncontiguous_gpu(layout, monkeypatch):
             return wide[:, : h0.shape[1]]
         return h0.t().contiguous().t()
 
+    poison_cuda_cache()
     _check_fused_16bit("cuda", torch.bfloat16, 500, 256, 32001, entropy=False, hid=view)
     assert calls == [1]

@@ -71,6 +71,9 @@ def _check(m, k, n, r, dtype, device, seed, x_shape=None, noncontig=False, scale
         assert not x.is_contiguous()
     w = dequantize_nf4(q)
     g = torch.randn(*x.shape[:-1], n, dtype=dtype, device=device)
+    if noncontig:  # the upstream gradient strided too
+        g = torch.randn(*x.shape[:-1], 2 * n, dtype=dtype, device=device)[..., ::2]
+        assert not g.is_contiguous()
     if device == "cuda":
         poison_cuda_cache()
     ours = _run(lambda x_, a_, b_: nf4_lora_linear(x_, q, a_, b_, scale, bias), x, a, b, g)
@@ -573,6 +576,7 @@ def test_fused_gemm_decodes_exactly(double_quant):
     q = quantize_nf4(w, double_quant=double_quant)
     eye = torch.eye(k, dtype=torch.bfloat16, device="cuda")
     for tile_n, splits in ((64, 1), (128, 1), (256, 1), (64, 3), (128, 3)):
+        poison_cuda_cache()
         y = nf4_ops.fused_gemm_kernel(eye, *_q_args(q), n, None, None, None, tile_n=tile_n, splits=splits)
         assert torch.equal(y, dequantize_nf4(q).t())
 
@@ -659,6 +663,7 @@ def test_dy_pass_skips_a_misaligned_B():
     g = torch.randn(64, 192, dtype=torch.bfloat16, device="cuda")
     assert not nf4_lora_ops._dy_pass_runs(g, b_off)
     x_off, a_off = x.clone().requires_grad_(True), a.clone().requires_grad_(True)
+    poison_cuda_cache()
     nf4_lora_linear(x_off, q, a_off, b_off, 0.5).backward(g)
     _, dx, da, db = _run(lambda x_, a_, b_: nf4_lora_linear(x_, q, a_, b_, 0.5), x, a, b, g)
     torch.testing.assert_close(x_off.grad, dx, rtol=0.02, atol=1e-2)  # dxa: GEMM vs the dY pass
@@ -691,6 +696,7 @@ def test_backward_with_dy_broadcast_over_the_tokens():
     def plain(x_, a_, b_):
         return x_ @ w.to(x_.dtype).t() + 0.5 * (x_ @ a_.t()) @ b_.t()
 
+    poison_cuda_cache()
     ours = grads(lambda x_, a_, b_: nf4_lora_linear(x_, q, a_, b_, 0.5), torch.bfloat16)
     _compare(
         ours,
@@ -914,9 +920,16 @@ def test_autocast_mixed_dtypes(device):
 
 
 def test_no_lora_and_frozen_weight():
+    """No adapter: y = x deq(W)^T + bias, and x's gradient through the frozen NF4 weight."""
     x, q, _, _, bias = _case(9, 128, 64, 8, torch.float32, "cpu", seed=0)
+    w = dequantize_nf4(q)
+    x.requires_grad_(True)
     y = nf4_lora_linear(x, q, bias=bias)
-    torch.testing.assert_close(y, x @ dequantize_nf4(q).t() + bias)
+    torch.testing.assert_close(y, x @ w.t() + bias)
+    g = torch.randn(9, 64)
+    y.backward(g)
+    exact, low = g.double() @ w.double(), g @ w
+    assert rel_err(x.grad, exact) <= 2 * rel_err(low, exact) + 1e-6
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -957,13 +970,17 @@ def test_torch_compile_and_checkpoint(device):
         )
 
     xe = x.clone().requires_grad_(True)
-    f(xe).sum().backward()
-    ga = a.grad.clone()
-    a.grad = None
+    ye = f(xe)
+    ye.sum().backward()
+    ga, gb = a.grad.clone(), b.grad.clone()
+    a.grad = b.grad = None
     xc = x.clone().requires_grad_(True)
-    torch.compile(f, backend="aot_eager", fullgraph=True)(xc).sum().backward()
+    yc = torch.compile(f, backend="aot_eager", fullgraph=True)(xc)
+    yc.sum().backward()
+    torch.testing.assert_close(yc, ye)
     torch.testing.assert_close(xc.grad, xe.grad)
     torch.testing.assert_close(a.grad, ga)
+    torch.testing.assert_close(b.grad, gb)
 
 
 @pytest.mark.parametrize(

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import bitsandbytes  # noqa: F401
 import pytest
 import torch
+import transformers
 from torch import nn
 
-pytest.importorskip("bitsandbytes")
-transformers = pytest.importorskip("transformers")
-
-from hoptune.nn import NF4Linear  # noqa: E402
-from hoptune.quant import bnb_quantization_config, save_pretrained_nf4  # noqa: E402
+from hoptune.nn import NF4Linear
+from hoptune.quant import bnb_quantization_config, save_pretrained_nf4
 
 
 def _tiny_deepseek_v32(seed=0):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import bitsandbytes.functional as bnbf
 import pytest
 import torch
 
@@ -16,8 +17,6 @@ from hoptune.quant import (
     to_bnb_state_dict,
 )
 from hoptune.reference import nf4 as ref
-
-bnbf = pytest.importorskip("bitsandbytes.functional")
 
 SHAPES = [(128, 192), (96, 200), (64, 4096), (333, 64)]  # 96x200: in_features not a multiple of 64
 
@@ -307,7 +306,8 @@ def test_state_saved_after_bitsandbytes_cpu_repacking_is_refused(double_quant):
     """Once bitsandbytes' CPU inference path has repacked a Linear4bit, its state dict holds the
     absmax re-quantized in the weight's dtype (nested_dtype bfloat16), or unquantized as bfloat16 in
     another order (which bitsandbytes itself no longer decodes to the layer's weights)."""
-    bnn = pytest.importorskip("bitsandbytes.nn")
+    import bitsandbytes.nn as bnn
+
     w = _weight((128, 192), torch.bfloat16, zero_block=False)
     lin = bnn.Linear4bit(192, 128, bias=False, compute_dtype=torch.bfloat16, compress_statistics=double_quant)
     lin.weight = bnn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=double_quant)
@@ -323,7 +323,8 @@ def test_state_saved_after_bitsandbytes_cpu_repacking_is_refused(double_quant):
 
 
 def _linear4bit(w, double_quant, quant_storage=torch.uint8):
-    bnn = pytest.importorskip("bitsandbytes.nn")
+    import bitsandbytes.nn as bnn
+
     out_f, in_f = w.shape
     lin = bnn.Linear4bit(
         in_f, out_f, bias=False, compress_statistics=double_quant, quant_storage=quant_storage

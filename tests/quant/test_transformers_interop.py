@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
+import bitsandbytes  # noqa: F401
 import pytest
 import torch
+from safetensors.torch import load_file
 
-pytest.importorskip("bitsandbytes")
-transformers = pytest.importorskip("transformers")
-
-from safetensors.torch import load_file  # noqa: E402
-
-from hoptune.quant import dequantize_nf4, from_bnb_state_dict, save_pretrained_nf4  # noqa: E402
+from hoptune.quant import dequantize_nf4, from_bnb_state_dict, save_pretrained_nf4
 
 
 def _tiny_llama(seed=0):
@@ -43,6 +40,11 @@ def _check_our_checkpoint_loads_in_transformers(tmp_path, device):
     assert len(names) == 2 * 7 and "lm_head" not in names
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, device_map=device).eval()
     assert type(loaded.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    for m in loaded.modules():
+        if type(m).__name__ == "Linear4bit":
+            # on CPUs with AVX512-BF16, bitsandbytes' inference path repacks the weight with its
+            # absmax rounded to bf16: not the stored format under test here
+            m.support_avx512bf16_for_cpu = False
     # reference: the same model with our dequantized weights in plain nn.Linear layers
     sd = load_file(tmp_path / "model.safetensors")
     for name in names:
@@ -54,8 +56,6 @@ def _check_our_checkpoint_loads_in_transformers(tmp_path, device):
         ours, theirs = model(ids).logits.float(), loaded(ids).logits.float()
     print("max |logit diff|", (theirs - ours).abs().max().item())
     torch.testing.assert_close(theirs, ours, atol=2e-2, rtol=2e-2)
-    if device == "cpu":
-        return  # bitsandbytes' CPU path repacks loaded weights for its own kernels
     # the weights themselves: bitsandbytes' dequantize of what it loaded == ours, bit for bit
     import bitsandbytes.functional as F
 

@@ -52,7 +52,8 @@ def _peft_losses(model, rows, cfg):
 
 @pytest.mark.parametrize("quantize", [None, "nf4"])
 def test_losses_match_peft(tmp_path, small_model, tokenizer, demo_data, quantize):
-    peft = pytest.importorskip("peft")
+    import peft
+
     cfg = small_config(
         tmp_path,
         demo_data,

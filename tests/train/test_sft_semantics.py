@@ -172,7 +172,8 @@ def test_finished_full_run_started_again_keeps_its_model(tmp_path, tokenizer, de
 def test_a_peft_model_is_refused_not_nested(tmp_path, tokenizer, demo_data):
     # a PeftModel passed to train() got hoptune's LoRA inside PEFT's (on lora_A, lora_B and base_layer),
     # trained and saved under names no loader reads
-    peft = pytest.importorskip("peft")
+    import peft
+
     model = peft.get_peft_model(
         build_model(seed=0, **SMALL), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     )
