@@ -52,3 +52,40 @@ def test_kernel_stream_refuses_a_tensor_off_the_current_device(monkeypatch):
         _lib.stream(OnSecondGPU())
     monkeypatch.setattr(_lib, "_current_device", lambda: 1)
     assert _lib.stream(OnSecondGPU()) == 1001
+
+
+def test_extension_not_built_or_not_loading_are_told_apart(monkeypatch):
+    """No hoptune._C at all (a pure-Python install) and a hoptune._C whose library fails to load
+    (e.g. a CUDA runtime missing on the machine) get different reasons: the fixes differ."""
+    import importlib.abc
+
+    from hoptune import _lib
+
+    class Refuse(importlib.abc.MetaPathFinder):
+        def __init__(self, error):
+            self.error = error
+
+        def find_spec(self, name, path=None, target=None):
+            if name == "hoptune._C":
+                raise self.error
+            return None
+
+    import hoptune
+
+    monkeypatch.delitem(sys.modules, "hoptune._C", raising=False)
+    monkeypatch.delattr(hoptune, "_C", raising=False)
+    try:
+        for error, want in (
+            (ModuleNotFoundError("No module named 'hoptune._C'", name="hoptune._C"), "is not built"),
+            (ImportError("libcudart.so.13: cannot open shared object file"), "installed but failed to load"),
+        ):
+            finder = Refuse(error)
+            sys.meta_path.insert(0, finder)
+            _lib._load.cache_clear()
+            try:
+                mod, why = _lib._load()
+            finally:
+                sys.meta_path.remove(finder)
+            assert mod is None and want in why and str(error) in why, why
+    finally:
+        _lib._load.cache_clear()

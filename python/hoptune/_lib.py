@@ -10,6 +10,7 @@ read once, when the kernels are first asked for.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import warnings
 from types import ModuleType
@@ -25,12 +26,17 @@ _warned: set[str] = set()
 @functools.lru_cache(maxsize=1)
 def _load() -> tuple[ModuleType | None, str | None]:
     try:
-        from hoptune import _C  # type: ignore[attr-defined]
+        # (import_module: `from hoptune import _C` turns a missing module into "cannot import name")
+        _C = importlib.import_module("hoptune._C")
     except ImportError as e:
-        return None, (
-            "the CUDA extension hoptune._C is not built (this is a pure-Python install: nvcc was not "
-            f"found at install time, or HOPTUNE_BUILD_CUDA=0): {e}"
-        )
+        if isinstance(e, ModuleNotFoundError) and e.name == "hoptune._C":
+            return None, (
+                "the CUDA extension hoptune._C is not built (this is a pure-Python install: nvcc was "
+                f"not found at install time, or HOPTUNE_BUILD_CUDA=0): {e}"
+            )
+        # the module is there but its shared library does not load (a CUDA runtime or C++ library
+        # missing or too old on this machine): a different fix than building it
+        return None, f"the CUDA extension hoptune._C is installed but failed to load: {e}"
     return _C, None
 
 

@@ -995,7 +995,11 @@ def test_torch_compile_and_checkpoint(device):
         ({"a_dtype": "float64"}, TypeError, "lora_A must have x's dtype"),
         ({"bias_shape": (63,)}, ValueError, r"bias must be \[out_features=64\]"),
         ({"w": "dense"}, TypeError, "w_nf4 must be an NF4Weight"),
-        ({"device": "meta"}, ValueError, "one device"),
+        ({"device": "meta"}, ValueError, r"one device.*\(lora_A differs\)"),
+        ({"x_device": "meta"}, ValueError, r"one device.*\(x differs\)"),
+        ({"scale": float("nan")}, ValueError, "scale must be a finite number, got nan"),
+        ({"scale": float("inf")}, ValueError, "scale must be a finite number, got inf"),
+        ({"scale": "0.5"}, TypeError, "scale must be a real number, got '0.5'"),
     ],
 )
 def test_bad_input(kw, err, msg):
@@ -1019,11 +1023,14 @@ def test_bad_input(kw, err, msg):
         w = torch.randn(64, 128)
     if kw.get("device"):
         a = a.to("meta")
+    if kw.get("x_device"):
+        x = x.to("meta")
+    scale = kw.get("scale", 0.5)
     with pytest.raises(err, match=msg):
         if kw.get("only_a"):
-            nf4_lora_linear(x, w, a, None, 0.5, bias)
+            nf4_lora_linear(x, w, a, None, scale, bias)
         else:
-            nf4_lora_linear(x, w, a, b, 0.5, bias)
+            nf4_lora_linear(x, w, a, b, scale, bias)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -34,12 +34,15 @@ def same_device(**tensors: torch.Tensor | None) -> torch.device:
     else:
         return first
     devs = {k: v.device for k, v in tensors.items() if v is not None}
-    first = next(iter(devs.values()))
-    for k, d in devs.items():
-        if d != first:
-            desc = ", ".join(f"{n} on {dv}" for n, dv in devs.items())
-            raise ValueError(f"all tensors must be on one device, got {desc} ({k} differs)")
-    return first
+    # name the tensors off the device most of them are on (the first one's on a tie)
+    counts: dict[torch.device, int] = {}
+    for d in devs.values():
+        counts[d] = counts.get(d, 0) + 1
+    common = max(counts, key=counts.get)
+    odd = [k for k, d in devs.items() if d != common]
+    desc = ", ".join(f"{n} on {dv}" for n, dv in devs.items())
+    verb = "differs" if len(odd) == 1 else "differ"
+    raise ValueError(f"all tensors must be on one device, got {desc} ({', '.join(odd)} {verb})")
 
 
 def contiguous(name: str, t: torch.Tensor) -> None:

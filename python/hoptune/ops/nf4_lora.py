@@ -30,6 +30,8 @@ rank-r GEMMs.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from hoptune import _lib
@@ -478,6 +480,14 @@ def nf4_lora_linear(
         if bias.dtype != x.dtype and not (mixed_ok and bias.dtype in FLOAT_DTYPES):
             raise TypeError(f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
     _check.same_device(x=x, w_nf4=w_nf4.packed, lora_A=lora_A, lora_B=lora_B, bias=bias)
+    try:
+        if isinstance(scale, (str, bytes)):  # (float() would parse a string)
+            raise TypeError
+        scale = float(scale)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"scale must be a real number, got {scale!r}") from None
+    if not math.isfinite(scale):  # (every output would be nan)
+        raise ValueError(f"scale must be a finite number, got {scale}")
     q = (
         w_nf4.packed,
         w_nf4.absmax,
@@ -487,7 +497,7 @@ def nf4_lora_linear(
         w_nf4.blocksize,
         w_nf4.blocksize2,
     )
-    return nf4_lora_linear_trusted(x, q, n, lora_A, lora_B, float(scale), bias)
+    return nf4_lora_linear_trusted(x, q, n, lora_A, lora_B, scale, bias)
 
 
 def _aligned_rank(lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
