@@ -261,6 +261,7 @@ def assert_refused(folder, match):
     "changes, match",
     [
         ({"some_future_field": 1}, "does not know.*some_future_field"),
+        ({"some_future_field": 0}, "does not know.*some_future_field"),  # 0 == False, but not off
         ({"some_future_field": "on", "other_field": None}, r"does not know: \{'some_future_field': 'on'\}"),
         ({"lora_bias": True}, "lora_bias=True is not supported"),
         ({"modules_to_save": ["lm_head"]}, "modules_to_save"),

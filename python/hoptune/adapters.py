@@ -10,10 +10,10 @@ A folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` (metada
 ``PeftModel.from_pretrained(base, folder)`` loads what :func:`save_adapter` writes, and
 :func:`load_adapter` loads what ``PeftModel.save_pretrained`` writes (LoRA, rsLoRA, DoRA,
 ``rank_pattern`` / ``alpha_pattern``, ``layers_to_transform``; ``adapter_model.bin`` from
-``safe_serialization=False`` too). A config field hoptune does not
-implement (``lora_bias``, ``layer_replication``, ``modules_to_save``...) is an error when it is
-switched on, and a field it does not know at all is an error too unless it holds an off value
-(null, false, an empty list or object: a newer PEFT's default), which loads with a warning. PEFT's copies of base weights
+``safe_serialization=False`` too). A config field hoptune does not implement (``lora_bias``,
+``layer_replication``, ``modules_to_save``...) is an error when it is switched on, and a field it
+does not know at all is an error too unless it holds an off value (null, false, an empty list or
+object: a newer PEFT's default), which loads with a warning. PEFT's copies of base weights
 (``<head>.base_layer.weight`` beside an adapted output head; ``embed_tokens.weight`` /
 ``lm_head.weight`` with ``save_embedding_layers``) load when they equal the model's own weights:
 hoptune never replaces base weights.
@@ -238,7 +238,8 @@ def check_adapter_config(cfg: object, where: str = CONFIG_NAME) -> dict:
     unknown = sorted(set(cfg) - _USED - _IGNORED - set(_OFF))
     # a newer PEFT adds fields whose default switches a feature off (None, False, an empty list or
     # object): those cannot change what the adapter computes, so they load with a warning
-    switched_on = [f for f in unknown if cfg[f] not in (None, False) and cfg[f] != [] and cfg[f] != {}]
+    # (by identity: 0 == False in Python, and a 0 may well mean something)
+    switched_on = [f for f in unknown if not (cfg[f] is None or cfg[f] is False or cfg[f] in ([], {}))]
     if switched_on:
         fields = {f: cfg[f] for f in switched_on}
         raise ValueError(
