@@ -188,9 +188,18 @@ def test_failure_half_way_rolls_back(arch):
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")  # NF4 cannot hold it
     snap = snapshot(model)
-    with pytest.raises(ValueError, match="inf or NaN"):
+    with pytest.raises(ValueError, match=r"layer model\.layers\.1\.mlp\.down_proj: .*inf or NaN"):
         hoptune.apply_lora(model, r=2, quantize="nf4")
     assert_same(model, snap)
+
+
+def test_a_layer_nf4_cannot_hold_is_named():
+    """A weight quantize='nf4' cannot take (here float64) is an error that names the layer, out of
+    the model's many."""
+    model = tiny_model(dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"layer model\.layers\.0\.self_attn\.q_proj: .*float64"):
+        hoptune.apply_lora(model, r=2, quantize="nf4")
+    assert lora_names(model) == []
 
 
 def test_interrupted_apply_rolls_back_requires_grad(monkeypatch):
@@ -294,6 +303,25 @@ def test_model_to_dtype_keeps_nf4_statistics():
     assert lora.weight_packed.dtype == torch.uint8
     assert lora.lora_A.dtype == torch.bfloat16
     model(ids())  # still runs
+
+
+@pytest.mark.parametrize("unload", ["remove_lora", "merge_and_unload"])
+def test_nf4_base_follows_a_cast_of_the_model(unload):
+    """After model.bfloat16() the NF4 bases dequantize to bf16 (their statistics stay fp32): the
+    layers remove_lora / merge_and_unload(dtype=None) give back are bf16 like the rest of the model."""
+    model = hoptune.apply_lora(tiny_model(), r=2, quantize="nf4")
+    model.bfloat16()
+    lora = model.model.layers[0].self_attn.q_proj
+    assert lora.base_dtype == torch.bfloat16 and lora.weight_absmax2.dtype == torch.float32
+    if unload == "remove_lora":
+        hoptune.remove_lora(model)
+    else:
+        hoptune.merge_and_unload(model, dtype=None)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model(ids()).logits.dtype == torch.bfloat16
+    nf4 = NF4Linear.from_linear(nn.Linear(128, 64)).half()
+    assert nf4.dequantize().dtype == torch.float16 and nf4.to_linear().weight.dtype == torch.float16
+    assert nf4.double().base_dtype == torch.float16  # (NF4 does not dequantize to float64)
 
 
 # -- merge ------------------------------------------------------------------------------------

@@ -369,9 +369,13 @@ def replace_with_lora(
                 origin = "nf4"
             else:
                 base = _conv1d_as_linear(t.module) if _is_conv1d(t.module) else t.module
-                new = LoRALinear(
-                    base, quantize=quantize, double_quant=double_quant, blocksize=blocksize, **kw
-                )
+                try:
+                    new = LoRALinear(
+                        base, quantize=quantize, double_quant=double_quant, blocksize=blocksize, **kw
+                    )
+                except (TypeError, ValueError) as e:  # (a weight NF4 cannot hold: say which layer)
+                    cls = TypeError if isinstance(e, TypeError) else ValueError
+                    raise cls(f"layer {t.name}: {e}") from e
                 origin = "linear"
                 if new.quantized and uses[id(t.module.weight)] > 1:  # tied (lm_head): kept anyway
                     setattr(new, _TIED_ATTR, (t.module.weight,))

@@ -335,6 +335,8 @@ def test_lora_linear_names_what_it_cannot_take():
         LoRALinear(nn.Linear(128, 64, dtype=torch.float64), r=4, quantize="nf4")
     with pytest.raises(ValueError, match=r"bias must have shape \(32,\) \(out_features\), got list"):
         LoRALinear(quantize_nf4(torch.randn(32, 64)), r=4, bias=[0.0] * 32)
+    with pytest.raises(ValueError, match=r"base.weight has 50 elements .* multiple of blocksize=64"):
+        LoRALinear(nn.Linear(10, 5), r=2, quantize="nf4")
 
 
 def test_nf4_from_linear_names_what_it_cannot_quantize():
@@ -344,6 +346,8 @@ def test_nf4_from_linear_names_what_it_cannot_quantize():
         NF4Linear.from_linear(nn.Linear(128, 64, device="meta"))
     with pytest.raises(TypeError, match=r"linear.weight is torch.float64.*dtype="):
         NF4Linear.from_linear(nn.Linear(128, 64, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"linear.weight has 50 elements .* multiple of blocksize=64"):
+        NF4Linear.from_linear(nn.Linear(10, 5))
     q = NF4Linear.from_linear(nn.Linear(128, 64, dtype=torch.float64), dtype=torch.float32)
     assert q.base_dtype == torch.float32
 
@@ -450,3 +454,15 @@ def test_nf4_layers_put_the_bias_with_the_weight(cls):
     layer = cls(q, bias=torch.zeros(32))
     assert layer.bias.device.type == "meta"
     assert layer(torch.randn(2, 64, device="meta")).shape == (2, 32)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_merge_inside_autocast_is_still_fp32(use_dora):
+    """merged_weight (merge_and_unload) and lora_delta compute in the dtype asked for, also when
+    called inside an autocast block (the end of a training loop), which would round B @ A to bf16."""
+    lora = LoRALinear(nn.Linear(256, 128), r=8, use_dora=use_dora, init_lora_weights=False)
+    want_w, want_d = lora.merged_weight(torch.float32), lora.lora_delta()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(lora.lora_delta(), want_d)
+        assert torch.equal(lora.merged_weight(torch.float32), want_w)
+        assert torch.equal(lora.to_linear(dtype=torch.float32).weight, want_w)

@@ -21,13 +21,21 @@ has such rows): DoRA uses n = max(n, eps) so such a row gives 0 instead of NaN.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hoptune.nn.nf4_linear import NF4Module, check_input, nf4_call, nf4_device, nf4_view, register_nf4
+from hoptune.nn.nf4_linear import (
+    NF4Module,
+    check_blocks,
+    check_input,
+    nf4_call,
+    nf4_device,
+    nf4_view,
+    register_nf4,
+)
 from hoptune.ops.nf4_lora import MAX_RANK
 from hoptune.quant.nf4 import FLOAT_DTYPES, NF4Weight, check_quantizable, dequantize_nf4, quantize_nf4
 
@@ -127,6 +135,7 @@ class LoRALinear(NF4Module):
             raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
         if quantize == "nf4" and isinstance(base, nn.Linear):
             check_quantizable(base.weight, "base.weight")
+            check_blocks(base.weight, "base.weight", blocksize)
         if not isinstance(adapter_dtype, torch.dtype) or not adapter_dtype.is_floating_point:
             raise TypeError(f"adapter_dtype must be a floating-point dtype, got {adapter_dtype!r}")
         if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_features,)):
@@ -227,9 +236,17 @@ class LoRALinear(NF4Module):
         return out
 
     def lora_delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``s * B @ A`` as a dense ``[out, in]`` tensor."""
+        """``s * B @ A`` as a dense ``[out, in]`` tensor, computed in ``dtype`` (also inside an
+        autocast block, which would otherwise round the product to its own dtype)."""
         check_dtype("dtype", dtype)
-        return (self.scaling * (self.lora_B.to(dtype) @ self.lora_A.to(dtype))).to(dtype)
+        device = self.lora_A.device.type
+        off = (
+            torch.autocast(device, enabled=False)
+            if torch.amp.is_autocast_available(device)
+            else nullcontext()
+        )
+        with off:
+            return (self.scaling * (self.lora_B.to(dtype) @ self.lora_A.to(dtype))).to(dtype)
 
     @torch.no_grad()
     def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -18,13 +18,30 @@ import torch
 from torch import nn
 
 from hoptune.ops.nf4_lora import nf4_lora_linear_trusted
-from hoptune.quant.nf4 import FLOAT_DTYPES, NF4Weight, check_quantizable, dequantize_nf4, quantize_nf4
+from hoptune.quant.nf4 import (
+    BLOCKSIZES,
+    FLOAT_DTYPES,
+    NF4Weight,
+    check_quantizable,
+    dequantize_nf4,
+    quantize_nf4,
+)
 
 # buffers that hold NF4 codes and statistics: their dtypes are part of the format
 NF4_BUFFERS = ("weight_packed", "weight_absmax", "weight_absmax2", "weight_code2")
 # the state-dict entry of the rest of an NF4 weight: float64 (offset, blocksize, blocksize2), the
 # offset being the double quantization's (without it, absmax2 and code2 decode to other scales)
 NF4_META_KEY = "weight_nf4_meta"
+
+
+def check_blocks(w: torch.Tensor, name: str, blocksize: int) -> None:
+    """``w`` (the caller's ``name``) fills whole NF4 blocks of ``blocksize`` elements (an invalid
+    blocksize is left to quantize_nf4, which names it)."""
+    if blocksize in BLOCKSIZES and (w.numel() == 0 or w.numel() % blocksize):
+        raise ValueError(
+            f"{name} has {w.numel()} elements (shape {tuple(w.shape)}), not a positive multiple of "
+            f"blocksize={blocksize}: NF4 cannot quantize it"
+        )
 
 
 def register_nf4(module: nn.Module, q: NF4Weight) -> None:
@@ -93,15 +110,24 @@ def apply_keeping_nf4_dtypes(
     change their dtype: ``model.to(torch.bfloat16)`` or ``model.half()`` must not turn the fp32
     absmax statistics into bf16 (they would no longer dequantize to the same weight); such a buffer
     only moves to the device ``fn`` would put it on. An ``fn`` that keeps the dtype is applied as it
-    is: ``to_empty()`` must not copy out of a meta tensor, ``share_memory()`` must share them."""
+    is: ``to_empty()`` must not copy out of a meta tensor, ``share_memory()`` must share them. The
+    dtype the weight dequantizes to does follow a cast to bfloat16, float16 or float32, as a dense
+    weight would: else ``remove_lora`` / ``merge_and_unload(dtype=None)`` after ``model.half()`` give
+    layers in the old dtype, which the rest of the model cannot feed."""
     saved = {n: module._buffers.pop(n) for n in NF4_BUFFERS if n in module._buffers}
+    meta = getattr(module, "_nf4_meta", None) if "weight_packed" in saved else None
     try:
         apply(fn, recurse)
         done = {n: None if t is None else _apply_keeping_dtype(fn, t) for n, t in saved.items()}
+        cast = (
+            None if meta is None else fn(torch.empty(0, dtype=meta[1], device=saved["weight_packed"].device))
+        )
     except BaseException:
         module._buffers.update(saved)  # (back in the module, not lost with the failed call)
         raise
     module._buffers.update(done)
+    if cast is not None and cast.dtype in FLOAT_DTYPES:  # (NF4 does not dequantize to float64)
+        module._nf4_meta = (meta[0], cast.dtype, *meta[2:])
     return module
 
 
@@ -221,6 +247,7 @@ class NF4Linear(NF4Module):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach() if dtype is None else linear.weight.detach().to(dtype)
         check_quantizable(w, "linear.weight", " (pass dtype=torch.float32 or another of them)")
+        check_blocks(w, "linear.weight", blocksize)
         q = quantize_nf4(w.contiguous(), blocksize=blocksize, double_quant=double_quant)
         return cls(q, linear.bias)
 
