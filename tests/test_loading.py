@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import hoptune
 from hoptune.loading import _Reader, read_safetensors_header
@@ -980,3 +980,35 @@ def test_progress_bar_is_closed_when_the_reader_cannot_be_made(tmp_path, monkeyp
     with pytest.raises(RuntimeError, match="cannot pin memory"):
         hoptune.load_model(tmp_path, device="cpu", progress=True)
     assert set(getattr(tqdm, "_instances", ())) == before
+
+
+def test_tensor_stored_as_integers_takes_the_model_dtype_as_from_pretrained(tmp_path):
+    # from_pretrained casts every tensor to the dtype the model declares, integer ones included
+    tiny_model().save_pretrained(tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    sd["model.norm.weight"] = torch.full_like(sd["model.norm.weight"], 2, dtype=torch.int64)
+    sd["model.layers.0.mlp.up_proj.weight"] = (sd["model.layers.0.mlp.up_proj.weight"] * 100).to(torch.int32)
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    ours = hoptune.load_model(tmp_path, quantize=None, device="cpu", progress=False)
+    want = ref.state_dict()
+    for key, t in ours.state_dict().items():
+        assert t.dtype == want[key].dtype and torch.equal(t, want[key]), key
+    torch.testing.assert_close(logits(ours), logits(ref), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_tied_head_stored_with_other_values_stays_apart_as_from_pretrained(tmp_path, same):
+    # transformers 5 ties lm_head to embed_tokens when the files hold both with the same values,
+    # and keeps the stored head (untied) when they differ
+    tiny_model("qwen2", tie=True).save_pretrained(tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    emb = sd["model.embed_tokens.weight"]
+    sd["lm_head.weight"] = emb.clone() if same else torch.randn_like(emb)
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    ours = hoptune.load_model(tmp_path, quantize=None, device="cpu", progress=False)
+    assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == same
+    assert (ref.lm_head.weight is ref.model.embed_tokens.weight) == same
+    assert torch.equal(ours.lm_head.weight, sd["lm_head.weight"])
+    torch.testing.assert_close(logits(ours), logits(ref), atol=0, rtol=0)

@@ -820,8 +820,10 @@ def load_model(
         if owner is not None:
             plan[key] = ("bnb", owner)
             continue
-        if key not in expected or tied.get(key) in entries:
-            continue  # unused, or a tied copy (lm_head = embed_tokens) that tie_weights restores
+        if key not in expected:
+            continue  # unused
+        # a tied copy (lm_head = embed_tokens) is read too: tie_weights ties the pair if they are
+        # equal, and keeps them apart otherwise, as from_pretrained does
         mod_name = key.rpartition(".")[0]
         if entries[key].shape != shapes[key]:
             raise ValueError(
@@ -918,7 +920,8 @@ def load_model(
                     nf4.submit(e.file, key, owner, w.t().contiguous() if owner in transposed else w)
                 else:
                     want = torch.float32 if keep_fp32 is not None and keep_fp32.search(key) else dtypes[key]
-                    if t.is_floating_point() and want.is_floating_point and t.dtype != want:
+                    # as from_pretrained: to the dtype the model declares, a tensor stored as ints too
+                    if t.dtype != want:
                         t = t.to(want)
                     _set_tensor(model, key, t)
                 del t

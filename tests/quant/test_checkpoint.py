@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import bitsandbytes  # noqa: F401
+import bitsandbytes
 import pytest
 import torch
 import transformers
@@ -90,3 +90,46 @@ def test_quantization_config_loads_in_transformers(dtype):
     assert cfg.load_in_4bit and cfg.bnb_4bit_quant_type == "nf4" and cfg.bnb_4bit_use_double_quant
     assert cfg.bnb_4bit_compute_dtype == dtype and cfg.bnb_4bit_quant_storage == torch.uint8
     assert cfg.llm_int8_skip_modules == ["lm_head"]
+
+
+def test_gpt2_conv1d_layers_are_saved_in_nf4(tmp_path):
+    # transformers + bitsandbytes load GPT-2's Conv1D projections as 4-bit layers: stored dense
+    # they fail to load ("quantization state not initialized"); stored as W.T in NF4 they load
+    from transformers.pytorch_utils import Conv1D
+
+    from hoptune.quant import dequantize_nf4, quantize_nf4
+
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).to(torch.bfloat16).eval()
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, Conv1D)}
+    assert sorted(save_pretrained_nf4(model, tmp_path)) == sorted(convs)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu")
+    for name, conv in convs.items():
+        layer = loaded.get_submodule(name)
+        assert type(layer) is bitsandbytes.nn.Linear4bit, name
+        got = bitsandbytes.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        want = dequantize_nf4(quantize_nf4(conv.weight.data.t().contiguous()))
+        assert torch.equal(got.to(want.dtype), want), name
+        assert torch.equal(layer.bias, conv.bias), name
+
+
+def test_config_records_the_dtype_of_the_model_as_save_pretrained_does(tmp_path):
+    # a model built in float32 and cast to bfloat16 still has dtype=float32 in its config
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        dtype="float32",
+    )
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).eval()
+    save_pretrained_nf4(model, tmp_path / "nf4")
+    model.save_pretrained(tmp_path / "ref")  # (which sets the model's config.dtype)
+    ref = transformers.AutoConfig.from_pretrained(tmp_path / "ref")
+    ours = transformers.AutoConfig.from_pretrained(tmp_path / "nf4")
+    assert ref.dtype == torch.bfloat16 and ours.dtype == ref.dtype
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "nf4", device_map="cpu")
+    assert loaded.config.dtype == torch.bfloat16 and loaded.model.norm.weight.dtype == torch.bfloat16

@@ -73,8 +73,9 @@ def save_pretrained_nf4(
     skip_modules: Iterable[str] = ("lm_head",),
     device: torch.device | str | None = None,
 ) -> list[str]:
-    """Save a transformers model with every ``nn.Linear`` (but ``skip_modules``) quantized to NF4;
-    subclasses of ``nn.Linear`` stay dense, as transformers + bitsandbytes load them.
+    """Save a transformers model with every ``nn.Linear`` and transformers ``Conv1D`` (GPT-2's,
+    stored as its weight transposed) but ``skip_modules`` quantized to NF4; subclasses of
+    ``nn.Linear`` stay dense, as transformers + bitsandbytes load them.
 
     Writes ``config.json`` (with ``quantization_config``), ``model.safetensors`` and, for a model
     that generates, ``generation_config.json`` atomically into ``out_dir``;
@@ -90,13 +91,16 @@ def save_pretrained_nf4(
     from safetensors.torch import save_file
 
     from hoptune.nn import LoRALinear  # not at the top: hoptune.nn imports hoptune.quant
+    from hoptune.patch import _is_conv1d
 
     skip = _skip_names(skip_modules)
     keep_fp32 = _kept_dense(model)  # stored in NF4 they would not load into transformers' dense layers
 
     def to_quantize(name: str, mod: nn.Module) -> bool:
-        # plain nn.Linear only: transformers converts no subclass
-        return type(mod) is nn.Linear and not _skipped(name, skip) and not _skipped(name, keep_fp32)
+        # plain nn.Linear only (transformers converts no subclass), and transformers' Conv1D (GPT-2),
+        # which transformers + bitsandbytes load as a 4-bit layer: stored dense, it would not load
+        plain = type(mod) is nn.Linear or _is_conv1d(mod)
+        return plain and not _skipped(name, skip) and not _skipped(name, keep_fp32)
 
     # checked before anything is quantized: LoRA layers, and NF4 layers that cannot be saved as asked
     lora = [name for name, mod in model.named_modules() if isinstance(mod, LoRALinear)]
@@ -143,6 +147,8 @@ def save_pretrained_nf4(
             q = nf4[name]
         elif to_quantize(name, mod):
             w = mod.weight.detach()
+            if _is_conv1d(mod):  # Conv1D stores W as (in, out): bitsandbytes quantizes W.T, (out, in)
+                w = w.t()
             dev = w.device if device is None else torch.device(device)
             try:
                 q = quantize_nf4(w.to(dev).contiguous(), blocksize=blocksize, double_quant=double_quant)
@@ -165,6 +171,9 @@ def save_pretrained_nf4(
             state.pop(key)
     config = model.config.to_dict()
     dtype = next(model.parameters()).dtype
+    # the model's dtype, as save_pretrained records it (the config may still hold the one it was built in)
+    dtype_key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
+    config[dtype_key] = str(dtype).replace("torch.", "")
     config["quantization_config"] = bnb_quantization_config(dtype, double_quant, skip)
     config_text = json.dumps(config, indent=2, sort_keys=True)
     # the stop tokens and sampling defaults, written as save_pretrained writes them
