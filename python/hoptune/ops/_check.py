@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 
 import torch
@@ -35,10 +36,7 @@ def same_device(**tensors: torch.Tensor | None) -> torch.device:
         return first
     devs = {k: v.device for k, v in tensors.items() if v is not None}
     # name the tensors off the device most of them are on (the first one's on a tie)
-    counts: dict[torch.device, int] = {}
-    for d in devs.values():
-        counts[d] = counts.get(d, 0) + 1
-    common = max(counts, key=counts.get)
+    common = Counter(devs.values()).most_common(1)[0][0]
     odd = [k for k, d in devs.items() if d != common]
     desc = ", ".join(f"{n} on {dv}" for n, dv in devs.items())
     verb = "differs" if len(odd) == 1 else "differ"

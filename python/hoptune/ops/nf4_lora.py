@@ -481,11 +481,12 @@ def nf4_lora_linear(
             raise TypeError(f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
     _check.same_device(x=x, w_nf4=w_nf4.packed, lora_A=lora_A, lora_B=lora_B, bias=bias)
     try:
-        if isinstance(scale, (str, bytes)):  # (float() would parse a string)
-            raise TypeError
-        scale = float(scale)
+        value = float(scale) if not isinstance(scale, (str, bytes)) else None  # (float() parses strings)
     except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"scale must be a real number, got {scale!r}") from None
+        value = None
+    if value is None:
+        raise TypeError(f"scale must be a real number, got {scale!r}")
+    scale = value
     if not math.isfinite(scale):  # (every output would be nan)
         raise ValueError(f"scale must be a finite number, got {scale}")
     q = (
