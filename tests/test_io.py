@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -138,3 +139,20 @@ def test_checkpoint_syncs_its_folders(tmp_path, small_model, synced):
     parent = os.path.dirname(folder)
     pointer = next(i for i, p in enumerate(after) if p.endswith("-" + loop.LATEST))
     assert parent in after[:pointer]  # the rename on disk before the latest pointer names it
+
+
+def test_replaced_files_keep_their_mode_and_new_ones_get_the_umask_mode(tmp_path):
+    (tmp_path / "config.json").write_text("old")
+    os.chmod(tmp_path / "config.json", 0o640)
+    (tmp_path / "stale.json").write_text("old")
+
+    def text(s):
+        return lambda p: Path(p).write_text(s)
+
+    with umask(0o022):
+        _io.replace_files(
+            tmp_path, {"weights": text("w"), "stale.json": None, "config.json": text("c")}, last="config.json"
+        )
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "weights"]  # nothing else left behind
+    assert (tmp_path / "config.json").read_text() == "c" and mode(tmp_path / "config.json") == 0o640
+    assert (tmp_path / "weights").read_text() == "w" and mode(tmp_path / "weights") == 0o644

@@ -6,7 +6,9 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+
+STAGE_PREFIX = ".tmp-files-"  # replace_files' staging folder, inside the folder whose files it replaces
 
 
 def fsync_dir(folder: str) -> None:
@@ -114,6 +116,64 @@ def atomic_dir(final: str | os.PathLike, write: Callable[[str], object]) -> None
     finally:
         if aside is not None:
             shutil.rmtree(os.path.dirname(aside), ignore_errors=True)
+
+
+def replace_files(
+    folder: str | os.PathLike, writes: Mapping[str, Callable[[str], object] | None], last: str
+) -> None:
+    """Replace files of ``folder`` that belong together (a checkpoint's weights and the
+    ``config.json`` that describes them) so that no crash pairs new files with old ones. Each
+    ``writes[name](tmp_path)`` fills a file in a hidden folder inside ``folder``; all are fsynced
+    before anything in ``folder`` changes. Then the old ``last`` is taken out, the other files are
+    renamed into place (a ``None`` writer removes the file of that name) and the new ``last`` goes
+    in after them. Killed at any point, the folder holds the old files, the new ones, or files
+    without ``last`` (which then names neither set); an error while swapping (before any other
+    file moved) puts the old ``last`` back. Other files in ``folder`` are not touched. Each file
+    gets the permissions of the one it replaces, else those of a new file under the umask;
+    leftovers of a call that was killed are removed at the next."""
+    folder = os.path.abspath(os.fspath(folder))
+    for name in writes:
+        if not name or os.path.basename(name) != name or name in (".", ".."):
+            raise ValueError(f"writes must name files inside the folder, got {name!r}")
+    if writes.get(last) is None:
+        raise ValueError(f"last={last!r} must be one of the files written, got {sorted(writes)}")
+    os.makedirs(folder, exist_ok=True)
+    for n in os.listdir(folder):
+        if n.startswith(STAGE_PREFIX):
+            shutil.rmtree(os.path.join(folder, n), ignore_errors=True)
+    stage = tempfile.mkdtemp(dir=folder, prefix=STAGE_PREFIX)
+    final_last, aside, moved = os.path.join(folder, last), None, False
+    try:
+        new = os.path.join(stage, "new")
+        os.mkdir(new)
+        for name, write in writes.items():
+            if write is not None:
+                write(os.path.join(new, name))
+                os.chmod(os.path.join(new, name), _mode_for(os.path.join(folder, name)))
+        fsync_tree(new)
+        # from here on, until the new one is in, no `last` names the files of either set
+        if os.path.lexists(final_last):
+            os.replace(final_last, os.path.join(stage, "old-" + last))
+            aside = os.path.join(stage, "old-" + last)
+            fsync_dir(folder)
+        for name, write in writes.items():
+            path = os.path.join(folder, name)
+            if name == last or (write is None and not os.path.lexists(path)):
+                continue
+            if write is None:
+                os.replace(path, os.path.join(stage, "old-" + name))  # deleted with the stage
+            else:
+                os.replace(os.path.join(new, name), path)
+            moved = True
+        fsync_dir(folder)
+        os.replace(os.path.join(new, last), final_last)
+        fsync_dir(folder)
+    except BaseException:
+        if aside is not None and not moved and not os.path.lexists(final_last):
+            os.replace(aside, final_last)
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hoptune._io import STAGE_PREFIX
 from hoptune.nn.nf4_linear import NF4Linear
 from hoptune.ops import nf4 as nf4_ops
 from hoptune.patch import CONV1D_ATTR, _is_conv1d
@@ -732,7 +733,14 @@ def load_model(
             "and never downloads"
         )
     if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise FileNotFoundError(f"{folder} has no config.json")
+        # a save_pretrained_nf4 stopped while it swapped the files in leaves its hidden staging folder
+        stopped = [n for n in os.listdir(folder) if n.startswith(STAGE_PREFIX)]
+        hint = (
+            f" (a save into it was stopped before it finished, see {stopped[0]}: save again)"
+            if stopped
+            else ""
+        )
+        raise FileNotFoundError(f"{folder} has no config.json{hint}")
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize must be 'nf4' or None, got {quantize!r}")
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):

@@ -251,6 +251,15 @@ def test_error_missing_tensor_and_fp4():
         from_bnb_state_dict(sd, "w")
 
 
+def test_error_missing_nested_absmax_names_it():
+    # the absmax of a double-quantized weight is uint8 codes: without its nested absmax the error
+    # named the absmax's dtype, as if the weight were not double quantized
+    sd = _sd()
+    del sd["w.nested_absmax"]
+    with pytest.raises(ValueError, match="missing the tensor 'w.nested_absmax'"):
+        from_bnb_state_dict(sd, "w")
+
+
 def test_error_wrong_quant_map():
     sd = _sd()
     sd["w.quant_map"] = torch.linspace(-1, 1, 16)

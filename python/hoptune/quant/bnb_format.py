@@ -134,6 +134,9 @@ def from_bnb_state_dict(state_dict: Mapping[str, torch.Tensor], key: str) -> NF4
     if absmax.numel() != nb:
         raise ValueError(f"{key}.absmax has {absmax.numel()} values, expected {nb} (numel / blocksize)")
     if "nested_absmax" not in {k[len(key) + 1 :] for k in state_dict if k.startswith(key + ".")}:
+        # double quantized but its nested absmax lost: say so, not that the uint8 absmax is no float32
+        if "nested_offset" in meta:
+            _need(state_dict, f"{key}.nested_absmax")
         if absmax.dtype != torch.float32:
             why = f" ({_CPU_REPACKED})" if absmax.is_floating_point() else ""
             raise ValueError(

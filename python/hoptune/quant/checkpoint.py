@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from collections import Counter
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from hoptune._io import atomic_write, atomic_write_text
+from hoptune._io import replace_files
 from hoptune.quant.bnb_format import to_bnb_state_dict
 from hoptune.quant.nf4 import FLOAT_DTYPES, quantize_nf4
+
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # transformers' shard names
 
 
 def _skip_names(skip_modules: Iterable[str]) -> tuple[str, ...]:
@@ -78,22 +82,32 @@ def save_pretrained_nf4(
     ``nn.Linear`` stay dense, as transformers + bitsandbytes load them.
 
     Writes ``config.json`` (with ``quantization_config``), ``model.safetensors`` and, for a model
-    that generates, ``generation_config.json`` atomically into ``out_dir``;
-    ``AutoModelForCausalLM.from_pretrained(out_dir)`` then loads it through bitsandbytes. Quantizes
+    that generates, ``generation_config.json`` into ``out_dir``, where the files of an earlier save
+    that this one does not write go (``generation_config.json``, the shards ``model-*-of-*`` and
+    index of a sharded save) and other files stay; ``AutoModelForCausalLM.from_pretrained(out_dir)``
+    then loads it through bitsandbytes. A crash leaves the earlier checkpoint, the new one, or a
+    folder without ``config.json``, never files of two saves side by side. Quantizes
     on ``device`` (default: where each weight lives). Layers that are NF4 already
     (:class:`hoptune.nn.NF4Linear`, as :func:`hoptune.load_model` makes them) are written as they
     are, not re-quantized; they must have been quantized with ``blocksize`` and
     ``double_quant``. Modules the model keeps in fp32 (``_keep_in_fp32_modules``) stay dense, as
-    transformers never converts them. A model with LoRA layers is refused: fold the adapters in
-    (``hoptune.merge_and_unload``) or take them out (``hoptune.remove_lora``) first. Returns the
-    names of the modules stored in NF4.
+    transformers never converts them. A model with LoRA layers (or PEFT's) is refused: fold them in
+    (``hoptune.merge_and_unload``) or take them out (``hoptune.remove_lora``) first. A
+    ``torch.compile`` wrapper is saved as the model it wraps. Returns the names of the modules
+    stored in NF4.
     """
     from safetensors.torch import save_file
 
     from hoptune.nn import LoRALinear  # not at the top: hoptune.nn imports hoptune.quant
     from hoptune.patch import _is_conv1d
 
+    # torch.compile's wrapper: its "_orig_mod." would prefix every key (transformers then loads none)
+    inner = getattr(model, "_orig_mod", None)
+    model = inner if isinstance(inner, nn.Module) else model
     skip = _skip_names(skip_modules)
+    folder = os.fspath(out_dir)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"out_dir {folder!r} exists and is not a directory")
     keep_fp32 = _kept_dense(model)  # stored in NF4 they would not load into transformers' dense layers
 
     def to_quantize(name: str, mod: nn.Module) -> bool:
@@ -109,6 +123,14 @@ def save_pretrained_nf4(
             f"model has {len(lora)} LoRA layers (e.g. {lora[:3]}); save_pretrained_nf4 writes a base model "
             "only: fold the adapters in with hoptune.merge_and_unload(model), or take them out with "
             "hoptune.remove_lora(model) after hoptune.save_adapter(model, dir), then save"
+        )
+    # PEFT's wrapper and layers: their base layers and factors would be saved under paths transformers
+    # does not know (".base_layer", "base_model.model."), and it would load random weights in their place
+    peft_mods = [name or type(mod).__name__ for name, mod in model.named_modules() if _from_peft(mod)]
+    if peft_mods:
+        raise ValueError(
+            f"model holds PEFT modules (e.g. {peft_mods[:3]}); save_pretrained_nf4 writes a base model "
+            "only: fold the adapters in with PEFT's merge_and_unload() (or drop them with unload()) first"
         )
     nf4 = {name: mod.weight_nf4 for name, mod in model.named_modules() if getattr(mod, "quantized", False)}
     for name, q in nf4.items():
@@ -162,18 +184,29 @@ def save_pretrained_nf4(
         # all the layer holds but its bias: the dense weight, or the NF4 buffers and their metadata
         replaced.update(k for k in mod.state_dict(prefix=f"{name}.") if k != f"{name}.bias")
         quantized.append(name)
-    for key, t in model.state_dict().items():
+    full = model.state_dict()
+    for key, t in full.items():
         if key not in replaced and key not in state:
             state[key] = t.detach().cpu().contiguous()
-    # tied weights (lm_head / embed_tokens) are stored once, as transformers does
+    # tied weights (lm_head / embed_tokens) are stored once, as transformers does; a head that is
+    # not one tensor with the embeddings (a checkpoint that stores another one loads untied) stays
+    storages = Counter(_storage(t) for t in full.values() if t.numel())
     for key in getattr(model, "_tied_weights_keys", None) or []:
-        if isinstance(key, str) and key in state and getattr(model.config, "tie_word_embeddings", False):
+        if (
+            isinstance(key, str)
+            and key in state
+            and key in full
+            and getattr(model.config, "tie_word_embeddings", False)
+            and storages[_storage(full[key])] > 1
+        ):
             state.pop(key)
     config = model.config.to_dict()
     dtype = next(model.parameters()).dtype
     # the model's dtype, as save_pretrained records it (the config may still hold the one it was built in)
     dtype_key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
     config[dtype_key] = str(dtype).replace("torch.", "")
+    # as save_pretrained: serving stacks (vLLM, TGI) pick the model class by this field
+    config["architectures"] = [type(model).__name__]
     config["quantization_config"] = bnb_quantization_config(dtype, double_quant, skip)
     config_text = json.dumps(config, indent=2, sort_keys=True)
     # the stop tokens and sampling defaults, written as save_pretrained writes them
@@ -182,11 +215,36 @@ def save_pretrained_nf4(
     generation_text = None
     if generation is not None and callable(can_generate) and can_generate():
         generation_text = generation.to_json_string(use_diff=True)
-    os.makedirs(out_dir, exist_ok=True)
-    atomic_write(
-        os.path.join(out_dir, "model.safetensors"), lambda p: save_file(state, p, metadata={"format": "pt"})
+    # config.json goes in last and the old one out first, so a crash at any point leaves the old
+    # checkpoint, the new one, or a folder without config.json: never weights beside the config of
+    # another save. A generation_config.json of an earlier save goes when this model has none, and
+    # the shards and index of an earlier sharded save go (transformers removes such shards too):
+    # loaders that go by the index (vLLM) would read them instead of model.safetensors
+    stale = [n for n in os.listdir(folder) if _SHARD.fullmatch(n)] if os.path.isdir(folder) else []
+    replace_files(
+        folder,
+        {
+            **dict.fromkeys([*stale, "model.safetensors.index.json"]),
+            "model.safetensors": lambda p: save_file(state, p, metadata={"format": "pt"}),
+            "generation_config.json": None if generation_text is None else _text_writer(generation_text),
+            "config.json": _text_writer(config_text),
+        },
+        last="config.json",
     )
-    if generation_text is not None:
-        atomic_write_text(os.path.join(out_dir, "generation_config.json"), generation_text)
-    atomic_write_text(os.path.join(out_dir, "config.json"), config_text)
     return quantized
+
+
+def _from_peft(mod: nn.Module) -> bool:
+    return type(mod).__module__.partition(".")[0] == "peft"
+
+
+def _storage(t: torch.Tensor) -> tuple[torch.device, int]:
+    return t.device, t.untyped_storage().data_ptr()
+
+
+def _text_writer(text: str):
+    def write(path: str) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    return write
