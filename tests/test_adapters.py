@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import hoptune
+from hoptune._io import STAGE_PREFIX
 from hoptune.nn import LoRALinear
 
 VARIANTS = {
@@ -717,6 +718,65 @@ def test_peft_adapter_with_layers_to_transform_loads(extra, adapted_layers, tmp_
     assert {int(n.split(".")[2]) for n in _adapted(model)} == adapted_layers
 
 
+def test_peft_adapter_with_layers_to_transform_and_a_full_path_loads(tmp_path):
+    """PEFT filters by layers_to_transform only the modules a target_modules entry matches as a
+    suffix: a module the list names in full is adapted in any layer, and so it is in hoptune."""
+    base = tiny_model()
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(
+        target_modules=["model.layers.1.self_attn.q_proj", "v_proj"],
+        layers_to_transform=[0],
+        r=4,
+        lora_alpha=8,
+        init_lora_weights=False,
+    )
+    pm = peft.get_peft_model(copy.deepcopy(base), cfg).eval()
+    assert _adapted(pm) == ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.q_proj"]
+    pm.save_pretrained(tmp_path)
+    model = hoptune.load_adapter(copy.deepcopy(base), tmp_path)
+    assert _adapted(model) == _adapted(pm)
+    assert rel(logits(model), logits(pm)) <= 1e-6
+
+
+def test_regex_targets_load_into_a_model_that_has_the_adapter_layers(tmp_path):
+    """A PEFT regex that also matches below a layer (``.*q_proj.*``) selects the same layers in a
+    model that already has LoRA layers (resuming, or loading new weights): the LoRALinear's own
+    lora_dropout, which the base layer PEFT matched against did not have, is not a target."""
+    base = tiny_model()
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(
+        target_modules=r".*q_proj.*", r=4, lora_alpha=8, lora_dropout=0.1, init_lora_weights=False
+    )
+    pm = peft.get_peft_model(copy.deepcopy(base), cfg).eval()
+    pm.save_pretrained(tmp_path)
+    model = hoptune.load_adapter(
+        hoptune.apply_lora(copy.deepcopy(base), r=4, alpha=8, dropout=0.1, target_modules=["q_proj"]),
+        tmp_path,
+    )
+    assert _adapted(model) == _adapted(pm)
+    assert rel(logits(model.eval()), logits(pm)) <= 1e-6
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_peft_adapter_with_a_rank_above_the_layer_loads(quantize, tmp_path):
+    """PEFT takes a rank above min(in, out) (say r = 256 on SmolLM2-135M, whose k_proj is [192,
+    576]): such an adapter loads, computes what PEFT's does and saves back, though apply_lora
+    refuses that rank."""
+    base = tiny_model()
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=80, lora_alpha=16, init_lora_weights=False)
+    pm = peft.get_peft_model(copy.deepcopy(base), cfg).eval()
+    pm.save_pretrained(tmp_path / "peft")
+    model = hoptune.load_adapter(copy.deepcopy(base), tmp_path / "peft", quantize=quantize)
+    assert model.model.layers[0].self_attn.q_proj.r == 80  # the layer is [64, 64], v_proj [32, 64]
+    assert rel(logits(model), logits(pm)) <= (1e-6 if quantize is None else 0.1)
+    hoptune.save_adapter(model, tmp_path / "again")
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "again").eval()
+    assert rel(logits(again), logits(pm)) <= 1e-6
+    merged = hoptune.merge_and_unload(model, dtype=torch.float32)
+    assert rel(logits(merged), logits(pm)) <= (1e-6 if quantize is None else 0.1)
+
+
 def test_folder_of_named_adapters_says_where_they_are(tmp_path):
     """PEFT saves an adapter not named "default" in a subfolder of that name: the error for the
     parent folder points there instead of only naming the missing file."""
@@ -731,3 +791,41 @@ def test_folder_of_named_adapters_says_where_they_are(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"adapter_config\.json does not exist.*subfolders.*'math'"):
         hoptune.load_adapter(copy.deepcopy(base), tmp_path)
     hoptune.load_adapter(copy.deepcopy(base), tmp_path / "math")
+
+
+@pytest.mark.parametrize("stop_at", ["adapter_model.safetensors", "adapter_config.json"])
+def test_save_stopped_between_the_renames_never_pairs_new_weights_with_the_old_config(
+    stop_at, tmp_path, monkeypatch
+):
+    """Stopped (killed, interrupted) while the new files go in: the old config (another alpha) must
+    never stand beside the new weights, where PEFT and load_adapter would read them with a silently
+    wrong scale. The folder then holds no config, which both refuse, and a new save makes it whole."""
+    hoptune.save_adapter(ours(tiny_model(), "lora"), tmp_path)
+    (tmp_path / "README.md").write_text("mine")
+    other = hoptune.apply_lora(tiny_model(), r=4, alpha=32, init_lora_weights=False)
+    real_replace = os.replace
+
+    def stopped(src, dst):
+        if os.path.basename(dst) == stop_at and STAGE_PREFIX in src:
+            raise SystemExit("killed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", stopped)
+    with pytest.raises(SystemExit):
+        hoptune.save_adapter(other, tmp_path)
+    monkeypatch.undo()
+    if stop_at == "adapter_model.safetensors":  # nothing moved yet: the old adapter whole
+        assert json.loads((tmp_path / "adapter_config.json").read_text())["lora_alpha"] == 8
+        hoptune.load_adapter(tiny_model(), tmp_path)
+    else:
+        assert not (tmp_path / "adapter_config.json").exists()
+        with pytest.raises(FileNotFoundError, match="stopped while it replaced the adapter"):
+            hoptune.load_adapter(tiny_model(), tmp_path)
+        with pytest.raises(ValueError):
+            peft.PeftModel.from_pretrained(tiny_model(), tmp_path)
+    hoptune.save_adapter(other, tmp_path)  # saved again: whole
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert (tmp_path / "README.md").read_text() == "mine"
+    assert rel(logits(hoptune.load_adapter(tiny_model(), tmp_path)), logits(other)) <= 1e-6
+    loaded = peft.PeftModel.from_pretrained(tiny_model(), tmp_path).eval()
+    assert rel(logits(loaded), logits(other)) <= 1e-5

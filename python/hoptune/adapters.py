@@ -37,7 +37,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from hoptune._io import atomic_write
+from hoptune._io import STAGE_PREFIX, replace_files
 from hoptune.nn.lora import LoRALinear
 from hoptune.patch import (
     _check_pattern,
@@ -375,6 +375,14 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
             else []
         )
         hint = f"; adapters are in its subfolders {named}: pass one of those" if named else ""
+        if os.path.isdir(folder) and (
+            os.path.isfile(os.path.join(folder, WEIGHTS_NAME))
+            or any(n.startswith(STAGE_PREFIX) for n in os.listdir(folder))
+        ):
+            hint = (
+                f"; {folder} holds adapter weights without their config (a save_adapter into it stopped "
+                "while it replaced the adapter there, or the config was not copied): save the adapter again"
+            )
         raise FileNotFoundError(f"{path} does not exist{hint}")
     try:
         with open(path, encoding="utf-8") as f:
@@ -407,15 +415,14 @@ def save_adapter(
     dtype: torch.dtype | None = torch.float32,
     base_model_name_or_path: str | os.PathLike | None = None,
 ) -> None:
-    """Write the adapters of ``model`` to ``adapter_dir`` in PEFT's format (each file atomically).
+    """Write the adapters of ``model`` to ``adapter_dir`` in PEFT's format, the two files replaced
+    together (other files in the folder are left alone): both are written and synced before either
+    replaces anything (a full disk leaves the old adapter whole), and a crash while they go in
+    leaves the old adapter, the new one, or weights without a config, which every reader refuses
+    (:func:`read_adapter_config` says what happened).
 
     ``dtype``: of the saved tensors (fp32 like PEFT; None keeps the training dtype).
-    ``base_model_name_or_path``: recorded in the config (default: ``model.config._name_or_path``).
-
-    The config is written to a temporary file (and synced) before the weights replace the old ones,
-    and renamed into place right after them: a failure while writing (a full disk) leaves the
-    previous adapter whole, not new weights beside an old config (same shapes, another alpha: a
-    silently wrong scale). Only a crash between the two renames can still leave such a pair."""
+    ``base_model_name_or_path``: recorded in the config (default: ``model.config._name_or_path``)."""
     if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"dtype must be float32, bfloat16, float16 or None, got {dtype}")
     from safetensors.torch import save_file
@@ -429,16 +436,17 @@ def save_adapter(
         raise ValueError(f"adapter_dir {folder!r} exists and is not a directory")
     os.makedirs(folder, exist_ok=True)
 
-    def write_config_then_weights(tmp_config: str) -> None:
-        with open(tmp_config, "w", encoding="utf-8") as f:
+    def write_config(path: str) -> None:
+        with open(path, "w", encoding="utf-8") as f:
             f.write(cfg_text)
-            f.flush()
-            os.fsync(f.fileno())  # a full disk shows here at the latest, before the weights are replaced
-        atomic_write(
-            os.path.join(folder, WEIGHTS_NAME), lambda p: save_file(state, p, metadata={"format": "pt"})
-        )
 
-    atomic_write(os.path.join(folder, CONFIG_NAME), write_config_then_weights)
+    # the config goes in last and the old one out first: a reader (PEFT included) never sees the new
+    # weights beside the old config (same shapes, another alpha or rank pattern: a silently wrong scale)
+    replace_files(
+        folder,
+        {WEIGHTS_NAME: lambda p: save_file(state, p, metadata={"format": "pt"}), CONFIG_NAME: write_config},
+        last=CONFIG_NAME,
+    )
 
 
 def _warn_unsaved_trainables(model: nn.Module) -> None:
@@ -706,7 +714,10 @@ def load_adapter(
         raise ValueError(f"the adapter in {folder} does not fit {type(model).__name__}: {e}") from e
     in_layers = _layer_filter(cfg)
     if in_layers is not None:
-        selected = {n for n in selected if in_layers(n)}
+        # PEFT filters by layer only the modules an entry matches as a suffix: one that target_modules
+        # names in full is adapted in whatever layer it lies
+        named = set(cfg["target_modules"])
+        selected = {n for n in selected if n in named or in_layers(n)}
     if selected != set(groups):
         extra = sorted(selected - set(groups))
         by = "target_modules" + (" with layers_to_transform" if in_layers is not None else "")
@@ -746,7 +757,7 @@ def load_adapter(
         if blocksize not in BLOCKSIZES:
             raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
         for t in targets:  # the checks apply_lora makes (rank vs layer, NF4 block size), before any change
-            check_target(t.name, t.module, t.r, quantize, blocksize)
+            check_target(t.name, t.module, t.r, quantize, blocksize, rank_above_layer=True)
         replace_with_lora(
             model,
             targets,

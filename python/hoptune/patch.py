@@ -142,7 +142,8 @@ def select_modules(
     include_lora: bool = False,
 ) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of the layers ``target_modules`` picks (PEFT's rules), in model order;
-    with ``include_lora`` existing LoRALinear layers count as linear layers.
+    with ``include_lora`` existing LoRALinear layers count as linear layers, and the modules inside
+    them (``lora_dropout``, which the layer they replaced did not have) are not looked at.
 
     Raises ValueError when nothing matches, or when a match is not a linear layer."""
     if isinstance(exclude_modules, (list, tuple, set, frozenset)) and not exclude_modules:
@@ -161,9 +162,10 @@ def select_modules(
     def linear(mod: nn.Module) -> bool:
         return _is_linear(mod) or _is_bnb_layer(mod) or (include_lora and isinstance(mod, LoRALinear))
 
+    inside = tuple(n + "." for n, _ in lora_layers(model)) if include_lora else ()
     chosen, wrong = [], []
     for name, mod in model.named_modules():
-        if not name or (excl is not None and _matches(excl, name)):
+        if not name or (excl is not None and _matches(excl, name)) or name.startswith(inside):
             continue
         if all_linear:
             if linear(mod) and name not in heads:
@@ -267,10 +269,14 @@ def plan_targets(
     return targets
 
 
-def check_target(name: str, mod: nn.Module, r: int, quantize: str | None, blocksize: int) -> None:
-    """Whether layer ``name`` can take a rank-``r`` adapter (and NF4 quantization) — raises if not."""
+def check_target(
+    name: str, mod: nn.Module, r: int, quantize: str | None, blocksize: int, rank_above_layer: bool = False
+) -> None:
+    """Whether layer ``name`` can take a rank-``r`` adapter (and NF4 quantization) — raises if not.
+    A rank above min(in, out) adds nothing a smaller one could not hold, so apply_lora takes it for
+    a mistake; PEFT accepts it, and ``rank_above_layer`` lets through the adapters PEFT saved so."""
     fan_in, fan_out = layer_features(mod)
-    if r > min(fan_in, fan_out) or r > MAX_RANK:
+    if r > MAX_RANK or (r > min(fan_in, fan_out) and not rank_above_layer):
         raise ValueError(
             f"r={r} is larger than layer {name} allows: it is [{fan_out}, {fan_in}] "
             f"(rank at most min(in, out) = {min(fan_in, fan_out)}, and at most {MAX_RANK})"

@@ -159,6 +159,50 @@ def test_dora_matches_peft_with_dropout():
 
 
 @pytest.mark.parametrize("quantize", [None, "nf4"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_dora_in_autocast_gives_the_autocast_dtype(quantize, dropout):
+    """A float32 DoRA layer inside torch.autocast returns bf16, as its LoRA twin and PEFT's DoRA
+    layer do (it returned float32: twice the activation memory of the layer's output), within
+    twice PEFT's error there."""
+    import peft
+
+    torch.manual_seed(0)
+    base = nn.Sequential()
+    base.add_module("proj", nn.Linear(256, 192))
+    cfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, use_dora=True, target_modules=["proj"])
+    theirs = peft.get_peft_model(copy.deepcopy(base), cfg).base_model.model.proj
+    ours = hoptune.apply_lora(
+        copy.deepcopy(base), r=8, alpha=16, dropout=dropout, use_dora=True, target_modules=["proj"]
+    ).proj
+    if quantize:  # (PEFT's layer gets the dequantized weight: the same base)
+        ours = LoRALinear(
+            nn.Linear(256, 192), r=8, lora_alpha=16, lora_dropout=dropout, use_dora=True, quantize="nf4"
+        )
+        with torch.no_grad():
+            theirs.base_layer.weight.copy_(ours.base_weight(torch.float32))
+            theirs.base_layer.bias.copy_(ours.bias)
+    with torch.no_grad():
+        theirs.lora_B["default"].weight.normal_()
+        ours.lora_A.copy_(theirs.lora_A["default"].weight)
+        ours.lora_B.copy_(theirs.lora_B["default"].weight)
+        theirs.lora_magnitude_vector["default"].weight.mul_(1.3)
+        ours.lora_magnitude.copy_(theirs.lora_magnitude_vector["default"].weight)
+    x = torch.randn(64, 256)
+    for mode in ("train", "eval"):
+        getattr(ours, mode)()
+        getattr(theirs, mode)()
+        torch.manual_seed(1)
+        want = ours(x).double()
+        outs = []
+        for layer in (ours, theirs):
+            torch.manual_seed(1)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                outs.append(layer(x))
+        assert outs[0].dtype == outs[1].dtype == torch.bfloat16, mode
+        assert rel_err(outs[0], want) <= 2 * rel_err(outs[1], want) + 1e-6, mode
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
 def test_dora_init_with_random_b(quantize):
     """init_lora_weights=False (B random): the magnitude starts at ||W + s B A|| as in PEFT, so
     the DoRA layer starts out equal to the plain LoRA layer."""

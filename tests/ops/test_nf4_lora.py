@@ -108,6 +108,16 @@ def test_large_m_gpu(k, n, r):
     _check(8192, k, n, r, torch.bfloat16, "cuda", seed=1)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m", [1, 7, 128, 1000, 4096])
+@pytest.mark.parametrize("k,n,r", [(64, 48, 80), (128, 96, 256), (192, 576, 256), (576, 192, 200)])
+def test_rank_above_the_layer(device, m, k, n, r):
+    """A rank above min(K, N), which PEFT trains and load_adapter therefore takes (SmolLM2-135M's
+    k_proj is [192, 576]): every path (from the codes, merged, fused, on the activations)."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    _check(m, k, n, r, dtype, device, seed=m + r)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("r", [1, 12, 15, 100, 250])
 @pytest.mark.parametrize(

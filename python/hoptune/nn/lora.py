@@ -116,11 +116,9 @@ class LoRALinear(NF4Module):
             raise TypeError(f"base must be an nn.Linear or an NF4Weight, got {type(base).__name__}")
         if not isinstance(r, int) or isinstance(r, bool) or r < 1:
             raise ValueError(f"r must be a positive int, got {r!r}")
-        if r > min(in_features, out_features) or r > MAX_RANK:
-            raise ValueError(
-                f"r={r} is larger than the layer allows (in_features={in_features}, "
-                f"out_features={out_features}, max {MAX_RANK})"
-            )
+        # (a rank above min(in, out) is PEFT's too: apply_lora refuses it, adapters PEFT saved have it)
+        if r > MAX_RANK:
+            raise ValueError(f"r={r} is larger than hoptune's LoRA layers allow (at most {MAX_RANK})")
         if not _is_real(lora_alpha) or not math.isfinite(lora_alpha) or lora_alpha <= 0:
             raise ValueError(f"lora_alpha must be a positive number, got {lora_alpha!r}")
         check_lora_options(
@@ -303,14 +301,21 @@ class LoRALinear(NF4Module):
         if self.use_dora:
             with torch.no_grad():
                 n = self.weight_row_norms(include_lora=True).clamp_min(DORA_EPS)
-            mn = (self.lora_magnitude.float() / n).to(x.dtype)
+            mn = self.lora_magnitude.float() / n
+            # m/n and the bias in the products' dtype: x's, or autocast's (as PEFT's DoRA output, and
+            # the LoRA path's), not promoted to float32
             if dropout_active:  # PEFT's form: x W^T + (m/n - 1) d W^T + (m/n) s B A d, d = dropout(x)
                 d = self.lora_dropout(x)
                 lora = self.scaling * F.linear(F.linear(d, a), b)
-                y = self._base(x, None) + (mn - 1) * self._base(d, None) + mn * lora
+                y = self._base(x, None)
+                mn = mn.to(y.dtype)
+                y = y + (mn - 1) * self._base(d, None) + mn * lora
             else:  # (m/n) (x W^T + s B A x), the LoRA term fused where the base is NF4
-                y = mn * self._lora_sum(x, a, b)
-            return y if bias is None else y + bias
+                y = self._lora_sum(x, a, b)
+                y = mn.to(y.dtype) * y
+            if bias is None:
+                return y
+            return y + (bias if bias.dtype == y.dtype else bias.to(y.dtype))
         if self.quantized and not dropout_active:
             return nf4_call(self, x, a, b, self.scaling, bias)
         y = self._base(x, bias)
