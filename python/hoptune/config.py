@@ -31,13 +31,21 @@ _DEVICE = re.compile(r"auto|(cpu|mps|cuda|xpu)(:\d+)?")
 _COMMENT = re.compile(r"(^|\s)#")
 
 
+def _expand_user(path: Any) -> Any:
+    """``~/x`` as the home folder's ``x``: the shell leaves a ``~`` after an override's ``=`` (and in a
+    YAML file) as it is, and ``output.dir=~/runs/a`` wrote into a folder named ``~`` in the current
+    one (transformers' TrainingArguments expands ``output_dir`` the same way)."""
+    return os.path.expanduser(path) if isinstance(path, str) else path
+
+
 @dataclass
 class ModelConfig:
     path: str = "hoptune/tiny"
     """A local transformers checkpoint folder (nothing is downloaded), or ``hoptune/tiny`` for the
     built-in model."""
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """auto = bf16 on a GPU, fp32 on a CPU."""
+    """auto = bf16 on a GPU, fp32 on a CPU. fp16 trains with dynamic loss scaling (torch.amp.GradScaler):
+    a step whose gradients overflow is skipped and the scale halves; the train metrics log loss_scale."""
     device: str = "auto"
     """auto = cuda when available, else cpu; or cpu, cuda, cuda:N, mps."""
     quantize: Literal["nf4"] | None = "nf4"
@@ -48,6 +56,9 @@ class ModelConfig:
     """transformers' attention implementation (sdpa, eager, flash_attention_2...); null = its default."""
     chat_template: str | None = None
     """A Jinja chat template (inline, or a path to a file) replacing the tokenizer's own."""
+
+    def __post_init__(self) -> None:
+        self.path = _expand_user(self.path)
 
 
 @dataclass
@@ -91,9 +102,18 @@ class DataConfig:
     add_eos: bool = True
     """Append EOS to prompt/completion completions that lack it (it stays in the loss)."""
 
+    def __post_init__(self) -> None:
+        self.train, self.eval, self.general_data = map(
+            _expand_user, (self.train, self.eval, self.general_data)
+        )
+
 
 @dataclass
 class TrainConfig:
+    """A step whose loss or gradient norm is NaN or infinite stops the run, with an error naming the
+    step and its loss logged, before its optimizer step: the weights and the checkpoints stay those of
+    the steps before (with model.dtype=fp16 an overflowing gradient is a skipped step instead)."""
+
     epochs: float = 1.0
     max_steps: int = 0
     """Optimizer steps; 0 = epochs x steps per epoch."""
@@ -131,6 +151,11 @@ class OutputConfig:
     plots: bool = True
     tensorboard: bool = True
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.dir = _expand_user(self.dir)
+        if self.resume != "auto":
+            self.resume = _expand_user(self.resume)
 
 
 @dataclass

@@ -218,3 +218,20 @@ def test_output_dir_that_is_a_file(tmp_path):
     cfg = load_config(None, ["data.train=x.jsonl", f"output.dir={f}"])
     with pytest.raises(ConfigError, match="output.dir=.*notes.txt' is a file, not a folder"):
         check_sft_config(cfg)
+
+
+def test_paths_starting_with_a_tilde_are_in_the_home_folder(tmp_path, monkeypatch):
+    """The shell leaves ``~`` after an override's ``=`` (and YAML leaves it in a file) as it is:
+    ``output.dir=~/runs/a`` wrote into a folder named ``~`` under the current one."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    home = str(tmp_path / "home")
+    path = _yaml(tmp_path, "data:\n  train: ~/data/train.jsonl\noutput:\n  dir: ~/runs/a\n")
+    cfg = load_config(
+        path,
+        ["model.path=~/models/llama", "data.eval=~/data/eval.jsonl", "output.resume=~/runs/a/checkpoints/x"],
+    )
+    assert cfg.model.path == f"{home}/models/llama"
+    assert (cfg.data.train, cfg.data.eval) == (f"{home}/data/train.jsonl", f"{home}/data/eval.jsonl")
+    assert (cfg.output.dir, cfg.output.resume) == (f"{home}/runs/a", f"{home}/runs/a/checkpoints/x")
+    default = load_config(None, [])
+    assert (default.model.path, default.output.resume) == ("hoptune/tiny", "auto")

@@ -133,6 +133,7 @@ def test_resume_refuses_another_eval_set(tmp_path, tokenizer, demo_data):
         ("train.max_grad_norm=0.5", "train.max_grad_norm was 1.0 and is now 0.5"),
         ("model.quantize=nf4", "model.quantize was None and is now 'nf4'"),
         ("model.dtype=fp32", "model.dtype was 'auto' and is now 'fp32'"),
+        ("model.path=/elsewhere/llama", "model.path was 'hoptune/tiny' and is now '/elsewhere/llama'"),
     ],
 )
 def test_resume_refuses_changed_settings(tmp_path, tokenizer, demo_data, override, message):
@@ -148,6 +149,29 @@ def test_resume_refuses_changed_settings(tmp_path, tokenizer, demo_data, overrid
         _run(cfg, tokenizer)
     with open(config_yaml) as f:
         assert f.read() == before
+
+
+def test_resume_compares_the_base_model_folder_not_its_spelling(tmp_path, tokenizer, demo_data, monkeypatch):
+    """A checkpoint's adapter was trained on one base: resuming it on another folder is refused (it
+    went on silently), while the same folder named another way (relative, through a link) resumes."""
+    base = tmp_path / "models" / "base"
+    base.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(base)
+    monkeypatch.chdir(tmp_path)
+    common = ["train.max_steps=2", "train.save_every=1"]
+    _run(small_config(tmp_path, demo_data, *common, f"model.path={base}"), tokenizer)
+    for same in ("models/base", "./models//base/", "link"):
+        again = _run(small_config(tmp_path, demo_data, *common, f"model.path={same}"), tokenizer)
+        assert again.train_losses == []  # (finished: resumed at its last step)
+    other = tmp_path / "models" / "other"
+    other.mkdir()
+    with pytest.raises(ConfigError, match=f"model.path was '{base}' and is now '{other}'"):
+        _run(small_config(tmp_path, demo_data, *common, "model.path=models/other"), tokenizer)
+    # the built-in model under either of its names
+    cfg = small_config(tmp_path / "tiny", demo_data, *common, "model.path=tiny")
+    _run(cfg, tokenizer)
+    cfg = small_config(tmp_path / "tiny", demo_data, *common, "model.path=hoptune/tiny")
+    assert _run(cfg, tokenizer).train_losses == []
 
 
 def test_resume_from_a_checkpoint_without_data_order(tmp_path, tokenizer, demo_data, monkeypatch):

@@ -212,9 +212,20 @@ def optimizer_step(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     params: list[nn.Parameter],
     max_grad_norm: float,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> float:
     """Clip (when max_grad_norm > 0), step, advance the schedule, clear the gradients.
-    Returns the gradient norm before clipping."""
+    Returns the gradient norm before clipping.
+
+    A non-finite gradient norm takes no step: without ``scaler`` it is FloatingPointError (the
+    weights stay those before the step, and NaN weights are never written); with ``scaler`` (fp16's
+    dynamic loss scaling, whose gradients come scaled) it is GradScaler's skipped step, which halves
+    the scale, and the schedule does not advance (as transformers' Trainer does); at a scale of 1 or
+    less, FloatingPointError."""
+    if scaler is not None and not scaler.is_enabled():
+        scaler = None  # (its step() would step on inf / NaN gradients)
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clipping and the reported norm are of the true gradient
     if max_grad_norm > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     else:
@@ -224,11 +235,36 @@ def optimizer_step(
             if grads
             else torch.zeros(())
         )
-    optimizer.step()
-    if scheduler is not None:
+    norm = float(norm)
+    stepped = True
+    if scaler is not None:
+        scale = scaler.get_scale()
+        scaler.step(optimizer)  # (skips optimizer.step when a gradient is inf or NaN)
+        scaler.update()
+        stepped = scaler.get_scale() >= scale  # the scale backs off exactly when the step was skipped
+        if not stepped and scale <= 1.0:
+            # (DeepSpeed's min_loss_scale): gradients that overflow with the loss not scaled up are not
+            # the scale's doing, and halving it on would skip every step to the end without a word
+            optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"the gradient norm is {norm} even at loss scale {scale:g}")
+    elif not math.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(f"the gradient norm is {norm}")
+    else:
+        optimizer.step()
+    if scheduler is not None and stepped:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(norm)
+    return norm
+
+
+def grad_scaler(model: nn.Module, device: torch.device, dtype: torch.dtype) -> torch.amp.GradScaler | None:
+    """A GradScaler (dynamic loss scaling) when ``model`` computes in fp16, else None. fp16 flushes
+    values below 6e-8 to zero, and a step's per-token gradients are divided by its loss tokens: with
+    thousands of them, gradients underflow silently unless the loss is scaled up for the backward."""
+    if dtype != torch.float16 and all(p.dtype != torch.float16 for p in model.parameters()):
+        return None
+    return torch.amp.GradScaler(device.type)
 
 
 # -- model setup ------------------------------------------------------------------------------------
@@ -497,9 +533,10 @@ class Checkpointer:
         optimizer: torch.optim.Optimizer,
         scheduler: Any,
         state: dict[str, Any],
+        scaler: torch.amp.GradScaler | None = None,
     ) -> str:
         """Write checkpoint ``step``; returns its folder. ``state``: JSON-able training state (step,
-        data position, ...), stored with the optimizer, scheduler and RNG states."""
+        data position, ...), stored with the optimizer, scheduler, loss scaler and RNG states."""
         os.makedirs(self.dir, exist_ok=True)
         for n in os.listdir(self.dir):
             if n.startswith(".tmp-"):  # leftovers of an interrupted save, or of the latest pointer's write
@@ -517,6 +554,7 @@ class Checkpointer:
             blob = {
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "scaler": scaler.state_dict() if scaler is not None else None,
                 "rng": rng_state(),
                 "state": state,
             }
@@ -565,9 +603,11 @@ class Checkpointer:
         optimizer: torch.optim.Optimizer | None = None,
         scheduler: Any = None,
         restore_rng: bool = True,
+        scaler: torch.amp.GradScaler | None = None,
     ) -> dict[str, Any]:
-        """Load the weights (and, when given, optimizer and scheduler); returns the training state.
-        Load the weights before building the optimizer or after: parameters are updated in place."""
+        """Load the weights (and, when given, optimizer, scheduler and loss scaler); returns the
+        training state. Load the weights before building the optimizer or after: parameters are
+        updated in place."""
         path = os.path.join(folder, STATE_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{folder} is not a checkpoint (no {STATE_FILE})")
@@ -577,6 +617,8 @@ class Checkpointer:
             optimizer.load_state_dict(blob["optimizer"])
         if scheduler is not None and blob["scheduler"] is not None:
             scheduler.load_state_dict(blob["scheduler"])
+        if scaler is not None and blob.get("scaler"):  # (none in a checkpoint of an earlier version)
+            scaler.load_state_dict(blob["scaler"])
         if restore_rng:
             set_rng_state(blob["rng"])
         return blob["state"]

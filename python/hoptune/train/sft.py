@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -197,12 +198,16 @@ def eval_batches(rows: list[Row], batch_size: int, pad_id: int):
 
 
 def sft_step(
-    model: nn.Module, micro_batches: list[dict[str, Any]], device: torch.device
+    model: nn.Module,
+    micro_batches: list[dict[str, Any]],
+    device: torch.device,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[float, int, int]:
     """Forward + backward of one optimizer step's micro-batches (gradients accumulate in ``.grad``).
 
     Each micro-batch's loss is its masked NLL sum divided by the loss tokens of *all* the
     micro-batches, so the accumulated gradient is that of TRL's SFT loss over the whole step.
+    ``scaler``: fp16's loss scaling (the gradients come scaled, ``loop.optimizer_step`` unscales them).
     Returns (loss of the step, loss tokens, tokens)."""
     n_loss = count_loss_tokens([b["loss_mask"][:, 1:] for b in micro_batches])
     if n_loss == 0:
@@ -216,7 +221,7 @@ def sft_step(
         b = loop.to_device(b, device)
         logprobs, _ = loop.batch_logprobs(model, b)
         loss = sft_loss(logprobs, None, n_loss)
-        loss.backward()
+        (loss if scaler is None else scaler.scale(loss)).backward()
         total += loss.detach()
     return float(total), n_loss, tokens
 
@@ -243,10 +248,10 @@ def _resume_folder(cfg: SFTConfig, ckpt: loop.Checkpointer) -> str | None:
 def _resume_settings(cfg: SFTConfig) -> dict[str, Any]:
     """The settings a resumed run must share with the run that wrote its checkpoint, by config key:
     the optimizer and its schedule (their state comes back from the checkpoint, so a new value would
-    be silently ignored), the seed (the data order), gradient clipping, the base model's precision
-    (quantized or not, and how: the function the weights were trained in) and the adapters (the
-    weights that come back, and their dropout). Checkpoints store them; ``_check_resume`` compares
-    them."""
+    be silently ignored), the seed (the data order), gradient clipping, the base model (its folder)
+    and its precision (quantized or not, and how: the function the weights were trained in) and the
+    adapters (the weights that come back, and their dropout). Checkpoints store them;
+    ``_check_resume`` compares them."""
     t, lo, m = cfg.train, cfg.lora, cfg.model
     adapters = {  # (a full fine-tuning run trains no adapter: its lora.* keys do not matter)
         "lora.r": lo.r,
@@ -270,6 +275,7 @@ def _resume_settings(cfg: SFTConfig) -> dict[str, Any]:
         "train.betas": list(t.betas),
         "train.eps": t.eps,
         "train.max_grad_norm": t.max_grad_norm,
+        "model.path": _base_model_id(m.path),
         "model.dtype": m.dtype,
         "model.quantize": m.quantize,
         # (double quantization changes the base's values only when it is quantized)
@@ -277,6 +283,12 @@ def _resume_settings(cfg: SFTConfig) -> dict[str, Any]:
         "lora.enabled": lo.enabled,
         **(adapters if lo.enabled else {}),
     }
+
+
+def _base_model_id(path: str) -> str:
+    """``model.path`` as a resume compares it: the folder itself (a relative path, a link or another
+    spelling of the same folder is the same base), or the built-in model under either name."""
+    return TINY[0] if path in TINY else os.path.realpath(path)
 
 
 def _check_resume(folder: str, state: dict[str, Any], now: dict[str, Any]) -> None:
@@ -376,7 +388,8 @@ def _train(
     log(f"model: {cfg.model.path} on {device} ({dtype}); {n_train:,} trainable of {n_total:,} parameters")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
-    # 3. optimizer, schedule, resume
+    # 3. optimizer, schedule, loss scaling (fp16), resume
+    scaler = loop.grad_scaler(model, device, dtype)
     optimizer = loop.build_optimizer(
         named, t.lr, t.weight_decay, tuple(t.betas), t.eps, decay_names=loop.decay_parameter_names(model)
     )
@@ -387,7 +400,7 @@ def _train(
     window = {"steps": 0, "loss": 0.0, "loss_tokens": 0, "tokens": 0, "seconds": 0.0}
     if resume_from is not None:
         try:
-            state = loop.Checkpointer.load(resume_from, model, optimizer, scheduler)
+            state = loop.Checkpointer.load(resume_from, model, optimizer, scheduler, scaler=scaler)
         except ValueError as e:  # a checkpoint of an older hoptune, which does not record its settings
             raise ConfigError(
                 f"cannot resume from {resume_from}: its weights do not fit the model this config builds ({e}); "
@@ -433,6 +446,7 @@ def _train(
                 "settings": _resume_settings(cfg),
                 "log_window": dict(window),
             },
+            scaler=scaler,
         )
 
     # 4. the loop
@@ -452,8 +466,27 @@ def _train(
                 for k in range(0, len(idx), t.batch_size)
             ]
             lr = optimizer.param_groups[0]["lr"]
-            loss, n_loss, n_tok = sft_step(model, micro, device)
-            grad_norm = loop.optimizer_step(optimizer, scheduler, params, t.max_grad_norm)
+            loss, n_loss, n_tok = sft_step(model, micro, device, scaler)
+            try:
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"the training loss is {loss}")
+                grad_norm = loop.optimizer_step(optimizer, scheduler, params, t.max_grad_norm, scaler)
+            except FloatingPointError as e:
+                # stopped before the optimizer step: no NaN weights are trained on, nor saved over a good
+                # checkpoint; the step is logged (a resume drops the line) and named
+                optimizer.zero_grad(set_to_none=True)
+                metrics.log(
+                    step + 1, "train", {"loss": loss, "lr": lr, "loss_tokens": n_loss, "tokens": n_tok}
+                )
+                latest = ckpt.latest()
+                kept = (
+                    f"the newest checkpoint, {latest}, is untouched" if latest else "there is no checkpoint"
+                )
+                raise FloatingPointError(
+                    f"training stopped at step {step + 1} of {total}: {e}. No optimizer step was taken and "
+                    f"nothing was saved ({kept}); resumed as it is, the run would likely stop here again: "
+                    "check the data of this step, or train with a lower train.lr in a new output.dir"
+                ) from None
             step += 1
             dt = timer.lap()
             losses.append(loss)
@@ -476,6 +509,7 @@ def _train(
                         "tokens_per_s": window["tokens"] / window["seconds"],
                         "epoch": sampler.epoch_at(step),
                         "gpu_mem_gib": mem,
+                        **({"loss_scale": scaler.get_scale()} if scaler is not None else {}),
                     },
                 )
                 window.update(steps=0, loss=0.0, loss_tokens=0, tokens=0, seconds=0.0)
@@ -488,6 +522,9 @@ def _train(
             if t.save_every and step % t.save_every == 0 and step < total:
                 save(step)
                 timer.lap()
+    except BaseException:
+        metrics.close()  # TensorBoard's writer flushes every 2 minutes: the steps up to the stop stay
+        raise
     finally:
         progress.close()
     if t.save_every and step > start:
@@ -535,7 +572,11 @@ def _logged_eval(path: str, step: int) -> list[dict[str, float]]:
 
 def main(cfg: SFTConfig) -> int:
     t0 = time.time()
-    res = train(cfg)
+    try:
+        res = train(cfg)
+    except FloatingPointError as e:  # a NaN / inf loss or gradient: the message names the step
+        print(f"hoptune sft: error: {e}", file=sys.stderr)
+        return 1
     ev = f", eval loss {res.eval['loss']:.4f}" if res.eval else ""
     last = (
         f"final train loss {res.train_losses[-1]:.4f}" if res.train_losses else "no step run (already done)"
