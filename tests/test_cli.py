@@ -17,7 +17,9 @@ def test_help_and_version(capsys):
     assert main(["--help"]) == 0
     assert "sft CONFIG.yaml" in capsys.readouterr().out
     assert main([]) == 2
-    capsys.readouterr()
+    out, err = capsys.readouterr()
+    # no command is a usage error: on stderr, where `hoptune 2>/dev/null` or a pipe keeps it apart
+    assert not out and "missing command" in err and "sft CONFIG.yaml" in err
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.startswith("hoptune ")
 

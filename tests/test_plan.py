@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
@@ -324,3 +325,115 @@ def test_fallback_chunk_size_is_the_ops_chunk_size():
     from hoptune.plan import _FUSED_CHUNK_BYTES
 
     assert _FUSED_CHUNK_BYTES == CHUNK_BYTES
+
+
+def _saved_bytes_per_token(model, seq: int) -> float:
+    """Bytes the first decoder layer of ``model`` (frozen, bf16) keeps for its backward, per token
+    of one row of ``seq`` tokens: the storages its autograd graph saves, parameters left out."""
+    from transformers.masking_utils import create_causal_mask
+
+    inner = model.model
+    params = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    x = torch.randn(1, seq, model.config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    pos = torch.arange(seq)[None]
+    pe = inner.rotary_emb(x, pos)
+    mask = create_causal_mask(
+        config=model.config, inputs_embeds=x, attention_mask=None, cache=None, position_ids=pos
+    )
+    saved = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params and t is not x:
+            saved[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        inner.layers[0](x, position_embeddings=pe, position_ids=pos, attention_mask=mask)
+    return sum(saved.values()) / seq
+
+
+@pytest.mark.parametrize(
+    "model_type, extra, score_bytes",
+    [
+        ("gemma2", {}, 8),
+        ("gpt_oss", dict(num_local_experts=4, num_experts_per_tok=2, layer_types=["full_attention"]), 2),
+        ("llama", {}, 0),
+    ],
+)
+def test_eager_attention_scores_are_counted(model_type, extra, score_bytes):
+    """transformers runs Gemma 2 and GPT-OSS with eager attention (no SDPA for soft-capped scores or
+    sinks), which keeps each token's scores over the whole row for the backward (Gemma 2: softmax in
+    fp32, its bf16 copy, the tanh of the capping; GPT-OSS: a bf16 softmax): per token they grow with
+    the sequence, as the estimate must. SDPA keeps no scores."""
+    import transformers
+
+    cfg = dict(model_type=model_type, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128, **extra)  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.for_model(**cfg), dtype=torch.bfloat16
+    ).requires_grad_(False)
+    assert model.config._attn_implementation == ("eager" if score_bytes else "sdpa")
+    kept = _saved_bytes_per_token(model, 256) - _saved_bytes_per_token(model, 128)
+    plans = [hoptune.plan(cfg, seq=s, r=4, alternatives=False) for s in (128, 256)]
+    planned = plans[1].layer_activations / 256 - plans[0].layer_activations / 128
+    # (a few constant bytes, e.g. scalars, make the measured difference not quite exact)
+    assert planned == score_bytes * 4 * 128
+    assert kept == pytest.approx(planned, abs=0.01 * 8 * 4 * 128)
+
+
+def _peak_bytes(fn) -> int:
+    """The most bytes of tensors created by ``fn()`` alive at once (what the caching allocator would
+    hold for them), tracked op by op on the CPU."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class Track(TorchDispatchMode):
+        live, now, peak = {}, 0, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    s = t.untyped_storage()
+                    if s.data_ptr() not in Track.live and s.nbytes():
+                        Track.live[s.data_ptr()] = s.nbytes()
+                        Track.now += s.nbytes()
+                        Track.peak = max(Track.peak, Track.now)
+                        weakref.finalize(s, Track._free, s.data_ptr())
+            return out
+
+        @staticmethod
+        def _free(ptr):
+            Track.now -= Track.live.pop(ptr, 0)
+
+    with Track():
+        fn()
+    return Track.peak
+
+
+def test_soft_capped_logits_of_the_hf_stack():
+    """Gemma 2 soft-caps its logits (tanh of logits / cap, saved for the backward): transformers'
+    loss over them holds 2V bytes per token more than over plain logits, as the full estimate says."""
+    import transformers
+
+    seq, vocab = 128, 8192
+    peaks, planned = [], []
+    for cap in (None, 30.0):
+        cfg = dict(model_type="gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=vocab,
+                   final_logit_softcapping=cap)  # fmt: skip
+        model = transformers.AutoModelForCausalLM.from_config(
+            transformers.AutoConfig.for_model(**cfg), dtype=torch.bfloat16
+        )
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.endswith("q_proj.weight"))
+        ids = torch.randint(0, vocab, (1, seq))
+        peaks.append(_peak_bytes(lambda m=model, x=ids: m(input_ids=x, labels=x).loss.backward()))
+        planned.append(hoptune.plan(cfg, seq=seq, r=4, stack="hf", alternatives=False).logits_bytes)
+    assert planned[0] == 14 * vocab * seq
+    assert planned[1] - planned[0] == 2 * vocab * seq
+    assert peaks[1] - peaks[0] == pytest.approx(2 * vocab * seq, rel=0.01)
+    assert "16V bytes per token" in hoptune.plan(cfg, seq=seq, r=4, stack="hf", alternatives=False).table()

@@ -24,6 +24,12 @@ The estimate counts bytes the way the PyTorch caching allocator sees them (what
       attention                             2q (q after RoPE) + 2kv + 2kv (k, v) + 2q (SDPA
                                             output, kept for its backward) + 2q (the contiguous
                                             copy o_proj saves)
+      eager attention (what transformers    2q (q) + 2q + 2q (k, v repeated to every head) + 2q
+        runs for a model without SDPA,      (the copy o_proj saves), and each token's scores
+        e.g. Gemma 2)                       over its row of T = seq tokens: 4hT (fp32 softmax) +
+                                            2hT (bf16 probabilities) + 2hT (tanh of soft-capped
+                                            scores, Gemma 2), h = heads; GPT-OSS: 2hT (a bf16
+                                            softmax)
       gated MLP                             2I (gate) + 2I (up) + 2I (act(gate)) + 2I (product)
       LoRA, per adapted layer               2r (x A^T, saved for the B product); the HF stack
                                             with fp32 adapters also casts x to fp32 per layer:
@@ -36,11 +42,12 @@ The estimate counts bytes the way the PyTorch caching allocator sees them (what
   model output until the step ends); the loss casts them to fp32 (4V) and ``cross_entropy`` keeps
   its fp32 log-softmax (4V); its backward holds the fp32 gradient of the log-softmax (4V) and
   writes the fp32 gradient of the logits (4V): 2V + 4V + 4V + 4V = **14V bytes per token** at the
-  peak. Fused (hoptune's ``fused_linear_logprobs``): one fp32 chunk of logits
-  (``hoptune.ops.logprob.CHUNK_BYTES``), the per-row gradient J in fp32 (4H per token) and the
-  hidden-state gradient made from it (2H per token). With LoRA on the output head (tied or not:
-  it is a target like any linear layer) the head is no plain linear layer and its whole logits
-  are formed, so the default there is the full estimate (an upper bound for hoptune's path).
+  peak; a final soft-cap of the logits (Gemma 2) also keeps its tanh (2V): 16V. Fused (hoptune's
+  ``fused_linear_logprobs``): one fp32 chunk of logits (``hoptune.ops.logprob.CHUNK_BYTES``), the
+  per-row gradient J in fp32 (4H per token) and the hidden-state gradient made from it (2H per
+  token). With LoRA on the output head (tied or not: it is a target like any linear layer) the
+  head is no plain linear layer and its whole logits are formed, so the default there is the
+  full estimate (an upper bound for hoptune's path).
 * **phases**: the *loss* phase (weights, optimizer state, stored activations, logits) and the
   *layer backward* phase (weights, state, stored activations, one recomputed layer, transients,
   the logits still held) and the *optimizer step* (state + all gradients, twice for AdamW's
@@ -163,6 +170,7 @@ class MemoryPlan:
     alternatives: dict[str, float] = field(default_factory=dict)
     # dense parameters in matrices outside nn.Linear (an MoE layer's experts): never NF4, no LoRA
     dense_other_params: int = 0
+    vocab: int = 0
 
     @property
     def weights(self) -> float:
@@ -222,7 +230,9 @@ class MemoryPlan:
             (
                 "logits / log-probs",
                 self.logits_bytes,
-                "14V bytes per token" if self.logits == "full" else "one fp32 chunk + J + dh",
+                f"{self.logits_bytes / max(1, self.batch * self.seq * self.vocab):.0f}V bytes per token"
+                if self.logits == "full"
+                else "one fp32 chunk + J + dh",
             ),
             (
                 "backward transients",
@@ -330,6 +340,10 @@ class _Shape:
     head_linear: tuple[str, int, int, bool] | None = None
     # of other_params: matrices outside nn.Linear besides the embedding (an MoE layer's experts)
     outside_linear: int = 0
+    heads: int = 0
+    # bytes eager attention keeps per score (head x query x key); 0 for SDPA / flash, which keep none
+    score_bytes: int = 0
+    logit_softcap: bool = False  # the model soft-caps its logits (config.final_logit_softcapping)
 
 
 def _shape(config) -> _Shape:
@@ -377,6 +391,14 @@ def _shape(config) -> _Shape:
     nh = text.num_attention_heads
     hd = getattr(text, "head_dim", None) or text.hidden_size // nh
     mt = getattr(text, "model_type", "")
+    score_bytes = 0
+    if getattr(model.config, "_attn_implementation", None) == "eager":
+        # the fp32 softmax and its bf16 copy (saved by the product with v), and the tanh of
+        # soft-capped scores: each (B, heads, T, T); GPT-OSS's eager attention (with its sinks) takes
+        # the softmax in bf16 and keeps only that
+        score_bytes = 4 + 2 + (2 if getattr(text, "attn_logit_softcapping", None) else 0)
+        if mt.startswith("gpt_oss"):
+            score_bytes = 2
     return _Shape(
         layers=text.num_hidden_layers,
         hidden=text.hidden_size,
@@ -392,6 +414,9 @@ def _shape(config) -> _Shape:
         other_params=other,
         head_linear=None if head is None else _linear_dims(head, model.get_submodule(head)),
         outside_linear=outside,
+        heads=nh,
+        score_bytes=score_bytes,
+        logit_softcap=bool(getattr(text, "final_logit_softcapping", None)),
     )
 
 
@@ -577,15 +602,17 @@ def _estimate(
         shape.pre_norms * (4 * H + act * H)
         + shape.post_norms * 4 * H
         + (4 * (shape.q_dim + shape.kv_dim) if shape.qk_norm else 0)
-        + act * (3 * shape.q_dim + 2 * shape.kv_dim)
+        + (act * 4 * shape.q_dim if shape.score_bytes else act * (3 * shape.q_dim + 2 * shape.kv_dim))
         + act * 4 * I
+        + shape.score_bytes * shape.heads * seq
         + lora_per_layer
     ) * n
     final_norm = (4 * H + act * H) * n
     stored = (L * act * H * n if grad_ckpt else L * layer) + final_norm
     # logits
     if logits == "full":
-        logit_peak = 14 * V * n  # bf16 logits + fp32 cast + fp32 log-softmax + two fp32 grads
+        # bf16 logits + fp32 cast + fp32 log-softmax + two fp32 grads (+ the soft-cap's bf16 tanh)
+        logit_peak = (16 if shape.logit_softcap else 14) * V * n
         logits_held = act * V * n  # the bf16 logits stay referenced by the output during backward
     else:
         # one fp32 chunk of logits (no larger than all of them), J (fp32) and the hidden gradient
@@ -641,6 +668,7 @@ def _estimate(
         peak_phase=peak_phase,
         slack=_SLACK * peak,
         dense_other_params=shape.outside_linear,
+        vocab=V,
     )
     if alternatives:
         args = [shape, label, seq, batch, r, target_modules, quantize, double_quant, stack, grad_ckpt, logits]

@@ -279,6 +279,26 @@ def test_prompt_completion_keeps_eos_in_loss(tokenizer):
     assert mask == [0, 0, 0, 0, 0, 1, 1]
 
 
+def test_text_rendered_by_a_chat_template_gets_one_bos(tokenizer):
+    """Text that already starts with BOS (e.g. a conversation rendered with the chat template into
+    "text" or "prompt") is not given a second one: inference sees one BOS, and so must training."""
+    bos = tokenizer.bos_token_id
+    text = tokenizer.apply_chat_template(CHAT[1:3], tokenize=False)
+    assert text.startswith(tokenizer.bos_token)
+    ids, mask = tokenize_record({"text": text}, tokenizer)
+    assert ids[:2] != [bos, bos]
+    assert ids == tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+    prompt = tokenizer.apply_chat_template(CHAT[1:2], tokenize=False, add_generation_prompt=True)
+    ids, mask = tokenize_record({"prompt": prompt, "completion": "7<|end|>"}, tokenizer)
+    assert ids[:2] != [bos, bos]
+    assert masked_text(tokenizer, ids, mask) == ["7<|end|></s>"]
+    # a BOS written twice stays as written; text without one gets the tokenizer's
+    one = tokenizer.convert_tokens_to_ids("1")
+    assert tokenize_record({"text": "<s><s>1"}, tokenizer)[0][:3] == [bos, bos, one]
+    assert tokenize_record({"text": "1"}, tokenizer)[0][:2] == [bos, one]
+
+
 def test_conversational_prompt_completion(tokenizer):
     rec = {"prompt": CHAT[:4], "completion": CHAT[4:]}
     ids, mask = tokenize_record(rec, tokenizer, ChatFormatter(tokenizer))
@@ -345,3 +365,29 @@ def test_template_with_a_syntax_error_is_one_error(tmp_path, tokenizer):
     tokenizer.chat_template = bad  # the tokenizer's own
     with pytest.raises(DataError, match="the tokenizer's chat template is not valid Jinja"):
         load_examples(str(p), tokenizer, max_seq_len=128, skip_bad=True)
+
+
+def test_named_chat_templates_of_the_tokenizer(tmp_path, tokenizer):
+    """A tokenizer may hold named templates (Command R, Hermes 2 Pro: "default", "tool_use"): a
+    record takes the one transformers picks (so TRL's), "tool_use" when it has tools."""
+    default = tokenizer.chat_template
+    assert default.startswith("{{ bos_token }}")
+    tool_use = default.replace(
+        "{{ bos_token }}", "{{ bos_token }}<|system|>tools: {{ tools | length }}<|end|>", 1
+    )
+    tokenizer.chat_template = {"default": default, "tool_use": tool_use}
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    rows = [{"messages": CHAT[1:3]}, {"messages": CHAT[1:3], "tools": tools}]
+    p = tmp_path / "t.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ex, _ = load_examples(str(p), tokenizer, max_seq_len=256)
+    for e, rec in zip(ex, rows):
+        want = tokenizer.apply_chat_template(rec["messages"], tools=rec.get("tools"), return_dict=True)
+        assert e.input_ids == list(want["input_ids"])
+        assert masked_text(tokenizer, e.input_ids, e.loss_mask) == ["7<|end|>"]
+    assert "tools: 1" in tokenizer.decode(ex[1].input_ids)
+    assert "tools" not in tokenizer.decode(ex[0].input_ids)
+
+    tokenizer.chat_template = {"tool_use": tool_use, "rag": default}
+    with pytest.raises(DataError, match="named rag, tool_use, none of them 'default'"):
+        load_examples(str(p), tokenizer, max_seq_len=256)

@@ -121,7 +121,7 @@ def test_bad_sharegpt_records_name_the_line(tmp_path, tokenizer, conversations, 
 # tool calls
 
 
-def _chatml_bpe_tokenizer():
+def _chatml_bpe_tokenizer(eos="<|im_end|>"):
     """A byte-level BPE tokenizer with Qwen's special tokens (so Qwen's real template renders
     with its own turn markers)."""
     tk = Tokenizer(models.BPE(unk_token=None))
@@ -136,7 +136,7 @@ def _chatml_bpe_tokenizer():
         show_progress=False,
     )
     tk.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=eos, pad_token="<|endoftext|>")
 
 
 def _trl_template(name):
@@ -242,3 +242,51 @@ def test_null_content_needs_tool_calls(tmp_path, tokenizer, message, why):
     p = _write(tmp_path / "n.jsonl", [{"messages": CHAT}, rec])
     with pytest.raises(DataError, match=rf"n\.jsonl: 1 example\(s\) cannot be trained on: line 2: {why}"):
         load_examples(p, tokenizer, max_seq_len=128)
+
+
+@pytest.mark.parametrize("name", ["phi3", "phi3_5"])
+@pytest.mark.parametrize("turns", [5, 4, 3], ids=["two_answers", "user_last", "one_answer"])
+def test_phi3_template_closing_eos(name, turns):
+    """Phi-3's template ends a conversation rendered without a generation prompt with the EOS, so a
+    conversation's beginning is not a prefix of the whole; it rewrites no turn, and the masks are
+    TRL's (from its {% generation %} training variant): each turn up to its <|end|>, and the EOS
+    after the last message when that message is the assistant's."""
+    tok = _chatml_bpe_tokenizer(eos="<|endoftext|>")
+    chat = CHAT[:turns]
+    ids, mask = tokenize_record({"messages": chat}, tok, ChatFormatter(tok, _trl_template(name)))
+    ref = tok.apply_chat_template(
+        chat,
+        chat_template=_trl_template(f"{name}_training"),
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+    )
+    assert (ids, mask) == (list(ref["input_ids"]), list(ref["assistant_masks"]))
+    expected = {
+        5: ["7<|end|>\n", "10<|end|>\n<|endoftext|>"],
+        4: ["7<|end|>\n"],
+        3: ["7<|end|>\n<|endoftext|>"],
+    }
+    assert masked_text(tok, ids, mask) == expected[turns]
+
+
+@pytest.mark.parametrize(
+    "rec, why",
+    [
+        ({"messages": CHAT[1:3], "tools": [1]}, "Tools should either be a JSON schema"),
+        ({"messages": CHAT[1:3], "tools": ['{"type": "function"}']}, "Tools should either be a JSON schema"),
+        (
+            {"messages": [CHAT[1], {"role": "assistant", "content": None, "tool_calls": ["add(3, 4)"]}]},
+            "not JSON serializable",
+        ),
+    ],
+    ids=["tools_int", "tools_json_strings", "tool_call_string"],
+)
+def test_conversation_the_template_cannot_render_names_the_line(tmp_path, rec, why):
+    """transformers' ValueError (tools that are no schemas) and a filter's TypeError (tojson of a
+    tool call that is a string) are bad examples listed with their line, not a traceback."""
+    tok = _chatml_bpe_tokenizer()
+    p = _write(tmp_path / "t.jsonl", [{"messages": CHAT[1:3]}, rec])
+    with pytest.raises(DataError, match=rf"t\.jsonl: 1 example\(s\) cannot be trained on: line 2: .*{why}"):
+        load_examples(p, tok, max_seq_len=512, chat_template=_trl_template("qwen2_5"))
+    ex, rep = load_examples(p, tok, max_seq_len=512, chat_template=_trl_template("qwen2_5"), skip_bad=True)
+    assert len(ex) == 1 and [ln for ln, _ in rep.invalid] == [2]

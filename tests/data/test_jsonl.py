@@ -18,6 +18,15 @@ def test_reads_records_with_line_numbers(tmp_path):
     assert recs[1].where.endswith("a.jsonl:3")
 
 
+def test_byte_order_mark_is_not_part_of_line_1(tmp_path):
+    # a UTF-8 file that opens with a byte-order mark (Notepad, PowerShell's Out-File) is valid JSONL
+    p = tmp_path / "bom.jsonl"
+    p.write_bytes(b'\xef\xbb\xbf{"text": "a"}\n{"text": "\xef\xbb\xbfb"}\n')
+    recs, rep = read_jsonl(p)
+    assert [r.data for r in recs] == [{"text": "a"}, {"text": "\ufeffb"}]  # only the file's first one
+    assert not rep.malformed
+
+
 def test_malformed_lines_stop_with_line_numbers(tmp_path):
     lines = ['{"text": "ok"}', '{"text": "cut', '{"text": "ok"}', "[1, 2]", "not json"]
     p = _write(tmp_path / "bad.jsonl", lines)

@@ -19,12 +19,13 @@ they are written (TRL passes them unchanged), extra keys such as ``tool_calls`` 
 How the assistant spans of a chat are found, for any template (with or without
 ``{% generation %}`` markers): render the conversation up to each assistant turn with the
 generation prompt, and up to and including that turn; the text the turn adds is its span (it
-ends with whatever the template closes a turn with, e.g. ``<|eot_id|>``). This needs a template
-that renders a prefix of a conversation as a prefix of the whole; when it does not (some
-templates rewrite earlier turns), the template's ``{% generation %}`` markers are used, and
-without those the example is an error that says so. A template whose generation prompt is
-empty puts the role header into the added text; the span then starts where the message content
-starts.
+ends with whatever the template closes a turn with, e.g. ``<|eot_id|>``; an EOS that the template
+adds only at the end of a conversation, as Phi-3's does, is in the span of the turn that ends the
+conversation only). This needs a template that renders a prefix of a conversation as a prefix of
+the whole, up to such an EOS; when it does not (some templates rewrite earlier turns), the
+template's ``{% generation %}`` markers are used, and without those the example is an error that
+says so. A template whose generation prompt is empty puts the role header into the added text; the
+span then starts where the message content starts.
 """
 
 from __future__ import annotations
@@ -180,45 +181,67 @@ class ChatFormatter:
 
     def __init__(self, tokenizer: Any, chat_template: str | None = None) -> None:
         self.tokenizer = tokenizer
-        self.template = resolve_chat_template(chat_template) or getattr(tokenizer, "chat_template", None)
-        if not self.template:
+        template = resolve_chat_template(chat_template) or getattr(tokenizer, "chat_template", None)
+        # a tokenizer may hold named templates (Command R, Hermes 2 Pro: "default", "tool_use", ...): a
+        # record gets the one transformers (so TRL) picks, "tool_use" for a record with tools, else "default"
+        self.templates = dict(template) if isinstance(template, dict) else {"default": template}
+        if not any(self.templates.values()):
             raise ExampleError(
                 "the tokenizer has no chat template, so chat data cannot be formatted; set "
                 "model.chat_template to a Jinja template (inline or a file), or use prompt/completion data"
             )
+        if not self.templates.get("default"):
+            raise ExampleError(
+                f"the tokenizer's chat templates are named {', '.join(sorted(self.templates))}, none of them "
+                "'default'; set model.chat_template to the one to use (its text or a file)"
+            )
+        self.template = self.templates["default"]
         if not getattr(tokenizer, "is_fast", False):
             raise ExampleError(
                 "chat masks need a fast tokenizer (token offsets); load the tokenizer with use_fast=True"
             )
-        self.has_generation_tags = bool(_GENERATION_TAG.search(self.template))
         self._check_syntax(
             "the chat template (model.chat_template)" if chat_template else "the tokenizer's chat template"
         )
 
+    def _template(self, tools: list | None = None) -> str:
+        """The template a record with ``tools`` (None: no tools) is rendered with."""
+        if tools is not None and self.templates.get("tool_use"):
+            return self.templates["tool_use"]
+        return self.template
+
     def _check_syntax(self, source: str) -> None:
-        """ExampleError when the template is not valid Jinja (a setup error, not one of an example)."""
+        """ExampleError when a template is not valid Jinja (a setup error, not one of an example)."""
         import jinja2
 
-        try:  # the template is compiled on its first use
-            self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": "x"}], tokenize=False, chat_template=self.template
-            )
-        except jinja2.TemplateSyntaxError as e:
-            raise ExampleError(
-                f"{source} is not valid Jinja: {e.message} (template line {e.lineno})"
-            ) from None
-        except Exception:  # the template may refuse this probe conversation; real ones are checked one by one
-            pass
+        for name, template in self.templates.items():
+            try:  # the template is compiled on its first use
+                self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": "x"}], tokenize=False, chat_template=template
+                )
+            except jinja2.TemplateSyntaxError as e:
+                which = f"{source} {name!r}" if len(self.templates) > 1 else source
+                raise ExampleError(
+                    f"{which} is not valid Jinja: {e.message} (template line {e.lineno})"
+                ) from None
+            except Exception:  # it may refuse this probe conversation; real ones are checked one by one
+                pass
 
     def _apply(self, messages: list[dict], **kwargs: Any) -> Any:
-        """``apply_chat_template`` with this template; a conversation the template refuses (its
-        ``raise_exception``, e.g. roles that do not alternate) is an ExampleError."""
+        """``apply_chat_template`` with the record's template; a conversation the template refuses (its
+        ``raise_exception``, e.g. roles that do not alternate) is an ExampleError, and so is one it
+        cannot render: transformers' ValueError for a record's tools that are no function schemas
+        (``"tools": [1]``), a TypeError from a filter such as ``tojson`` given a tool call that is a
+        string."""
         import jinja2
 
         try:
-            return self.tokenizer.apply_chat_template(messages, chat_template=self.template, **kwargs)
+            template = self._template(kwargs.get("tools"))
+            return self.tokenizer.apply_chat_template(messages, chat_template=template, **kwargs)
         except jinja2.TemplateError as e:
             raise ExampleError(f"the chat template refused this conversation: {e}") from None
+        except (ValueError, TypeError) as e:
+            raise ExampleError(f"the chat template cannot render this conversation: {e}") from None
 
     def render(
         self, messages: list[dict], add_generation_prompt: bool, template_kwargs: dict | None = None
@@ -243,9 +266,17 @@ class ChatFormatter:
                 continue
             before = self.render(messages[:i], True, template_kwargs)
             after = self.render(messages[: i + 1], False, template_kwargs)
-            if not after.startswith(before) or not full.startswith(after):
+            if not after.startswith(before):
                 return None
             start, end = len(before), len(after)
+            if not full.startswith(after):
+                # a template may end a conversation rendered without a generation prompt with the EOS
+                # (Phi-3, Phi-3.5): a turn that other messages follow ends before it, as in the whole
+                eos = self.tokenizer.eos_token
+                closed = bool(eos) and after.endswith(eos) and full.endswith(eos)
+                if not closed or not full.startswith(after[: -len(eos)]):
+                    return None
+                end -= len(eos)
             if before == self.render(messages[:i], False, template_kwargs):
                 # no generation prompt: the added text holds the role header too; train from the content on
                 start = self._content_start(messages, i, after, start, end, template_kwargs)
@@ -287,7 +318,7 @@ class ChatFormatter:
         tok = self.tokenizer
         found = self.spans(messages, first_trained, template_kwargs)
         if found is None:
-            if not self.has_generation_tags:
+            if not _GENERATION_TAG.search(self._template((template_kwargs or {}).get("tools"))):
                 raise ExampleError(
                     "the chat template does not render a conversation's beginning the same way as the whole "
                     "conversation (it rewrites earlier turns), so the assistant tokens cannot be located; add "
@@ -331,13 +362,33 @@ class ChatFormatter:
         return ids, mask
 
 
+def _leading(ids: list[int], token: int) -> int:
+    n = 0
+    while n < len(ids) and ids[n] == token:
+        n += 1
+    return n
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    """``tokenizer(text)``'s ids, with the special tokens it adds, but no BOS added in front of a text
+    that already starts with it (text rendered by a chat template, e.g. ``<|begin_of_text|>...``): the
+    model would otherwise train on two BOS where inference sees one."""
+    ids = list(tokenizer(text)["input_ids"])
+    bos, bos_text = tokenizer.bos_token_id, tokenizer.bos_token
+    if bos is None or not bos_text or not text.startswith(bos_text):
+        return ids
+    written = _leading(list(tokenizer(text, add_special_tokens=False)["input_ids"]), bos)
+    added = _leading(ids, bos) - written
+    return ids[added:] if written and added > 0 else ids
+
+
 def tokenize_prompt_completion(
     tokenizer: Any, prompt: str, completion: str, add_eos: bool = True
 ) -> tuple[list[int], list[int]]:
     """(input_ids, loss_mask): the completion starts where the tokenized prompt and the tokenized
     prompt+completion diverge (tokens can merge across the boundary), as in TRL."""
-    p = list(tokenizer(prompt)["input_ids"])
-    full = list(tokenizer(prompt + completion)["input_ids"])
+    p = _encode(tokenizer, prompt)
+    full = _encode(tokenizer, prompt + completion)
     n = 0
     while n < min(len(p), len(full)) and p[n] == full[n]:
         n += 1
@@ -350,7 +401,7 @@ def tokenize_prompt_completion(
 
 
 def tokenize_text(tokenizer: Any, text: str, add_eos: bool = True) -> tuple[list[int], list[int]]:
-    ids = list(tokenizer(text)["input_ids"])
+    ids = _encode(tokenizer, text)
     eos = tokenizer.eos_token_id
     if add_eos and eos is not None and (not ids or ids[-1] != eos):
         ids.append(eos)

@@ -74,8 +74,9 @@ def read_jsonl(path: str | os.PathLike, skip_malformed: bool = False) -> tuple[l
     report = ReadReport(path=path)
     records: list[Record] = []
     # undecodable bytes come through as lone surrogates (U+DC80..U+DCFF), so a bad byte spoils its
-    # line only and the lines around it are read as usual
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+    # line only and the lines around it are read as usual; a UTF-8 byte-order mark opening the file
+    # (Windows editors and PowerShell write one) is dropped, not read as part of line 1
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
         for lineno, raw in enumerate(f, start=1):
             text = raw.strip()
             if not text:
