@@ -156,3 +156,42 @@ def test_replaced_files_keep_their_mode_and_new_ones_get_the_umask_mode(tmp_path
     assert sorted(os.listdir(tmp_path)) == ["config.json", "weights"]  # nothing else left behind
     assert (tmp_path / "config.json").read_text() == "c" and mode(tmp_path / "config.json") == 0o640
     assert (tmp_path / "weights").read_text() == "w" and mode(tmp_path / "weights") == 0o644
+
+
+def test_atomic_dir_puts_back_a_folder_a_kill_left_aside(tmp_path, monkeypatch):
+    """Killed between the two renames (the old folder moved aside, the new one not yet in place),
+    the next call first puts the old folder back: if that call fails too, the old one is there."""
+    final = tmp_path / "model"
+
+    def fill(text):
+        def write(d):
+            Path(d, "w.txt").write_text(text)
+
+        return write
+
+    _io.atomic_dir(final, fill("old"))
+    real_replace = os.replace
+
+    def killed(src, dst):
+        if os.fspath(dst) == os.fspath(final):
+            raise SystemExit("killed")  # (no cleanup runs after a real kill: undo what except did)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed)
+    monkeypatch.setattr(_io.shutil, "rmtree", lambda *a, **k: None)
+    with pytest.raises(SystemExit):
+        _io.atomic_dir(final, fill("new"))
+    monkeypatch.undo()
+    assert not final.exists()
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-old-model-")]
+    assert len(aside) == 1 and (aside[0] / "old" / "w.txt").read_text() == "old"
+
+    def fails(d):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        _io.atomic_dir(final, fails)
+    assert (final / "w.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    _io.atomic_dir(final, fill("new"))
+    assert (final / "w.txt").read_text() == "new"

@@ -90,10 +90,17 @@ def atomic_dir(final: str | os.PathLike, write: Callable[[str], object]) -> None
     is fsynced, given the mode a plain os.makedirs would (mkdtemp makes 0o700), and renamed into
     place, then the parent is fsynced. A folder already at ``final`` is moved aside first and deleted
     after; stopped between the two renames, it goes back. Readers see the old folder or the new
-    one, whole; leftovers of a save that was killed are removed at the next."""
+    one, whole; leftovers of a save that was killed are removed at the next, and a folder that a
+    save killed between the renames left aside (``final`` missing) is first put back."""
     final = os.path.abspath(os.fspath(final))
     parent, name = os.path.split(final)
     os.makedirs(parent, exist_ok=True)
+    if not os.path.lexists(final):
+        for n in sorted(os.listdir(parent)):
+            old = os.path.join(parent, n, "old")
+            if n.startswith(f".tmp-old-{name}-") and os.path.isdir(old):
+                os.replace(old, final)  # (the new folder then replaces it as usual)
+                break
     for n in os.listdir(parent):
         if n.startswith((f".tmp-{name}-", f".tmp-old-{name}-")):
             shutil.rmtree(os.path.join(parent, n), ignore_errors=True)
