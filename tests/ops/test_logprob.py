@@ -104,6 +104,22 @@ def test_token_logprobs_inplace_backward(device):
         token_logprobs(z.clone().requires_grad_(True), y, inplace_backward=True)
 
 
+def test_token_logprobs_inplace_backward_refuses_a_view_of_a_leaf():
+    """The shifted view logits[:, :-1] of a leaf that requires grad (logits detached from the
+    model to take their gradient, say): the in-place backward would write the gradient into the
+    leaf's own values. Refused, as for the leaf itself; a view of computed logits is taken."""
+    z, y = _case((2, 6), 40, torch.float32, "cpu", seed=7)
+    leaf = z.clone().requires_grad_(True)
+    with pytest.raises(ValueError, match="nor a view of one"):
+        token_logprobs(leaf[:, :-1], y[:, 1:], inplace_backward=True)
+    assert torch.equal(leaf.detach(), z)
+    token_logprobs((leaf * 1.0)[:, :-1], y[:, 1:], inplace_backward=True).sum().backward()
+    assert torch.equal(leaf.detach(), z)
+    z64 = z.double().requires_grad_(True)
+    oracle(z64[:, :-1], y[:, 1:])[0].sum().backward()
+    assert err(leaf.grad, z64.grad) <= 1e-5
+
+
 # logits views for the backward versions: (rows shape, vocab, how the logits are laid out)
 BWD_CASES = {
     "rows": ((37,), 20000, "contiguous"),  # several rounds per row, a partial last round and tile
@@ -601,6 +617,57 @@ def test_token_logprobs_compiled(device, inplace):
         outs.append((lp.detach(), zz.grad))
     assert torch.equal(outs[0][0], outs[1][0])
     assert torch.equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+@pytest.mark.parametrize("shift", [False, True])
+def test_token_logprobs_compiled_sequence_lengths(dynamic, shift):
+    """fullgraph compilation survives a change of sequence length, where torch.compile retraces
+    with symbolic sizes and strides (dynamic=None: on the second length), and gives eager's values
+    and dlogits at every length (shift: the logits[:, :-1] view, strided)."""
+
+    def f(z, y):
+        if shift:
+            z, y = z[:, :-1], y[:, 1:]
+        return token_logprobs(z, y, temperature=0.7)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=dynamic)
+    for t in (3, 5, 9):
+        z, y = _case((2, t), 40, torch.float32, "cpu", seed=t)
+        outs = []
+        for fn in (f, compiled):
+            zz = z.clone().requires_grad_(True)
+            lp = fn(zz, y)
+            lp.backward(torch.ones_like(lp))
+            outs.append((lp.detach(), zz.grad))
+        assert torch.equal(outs[0][0], outs[1][0]), t
+        assert torch.equal(outs[0][1], outs[1][1]), t
+
+
+def test_fused_linear_logprobs_compiled_dynamic():
+    """fullgraph compilation with dynamic=True, the arguments left at their defaults: the
+    argument checks compare floats (a symbolic float cannot go through math.isfinite)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(fused_linear_logprobs, backend="aot_eager", fullgraph=True, dynamic=True)
+    for n in (5, 9):
+        hid, w, _, y = _fused_case(n, 16, 50, torch.float32, "cpu", seed=n)
+        outs = []
+        for fn in (fused_linear_logprobs, compiled):
+            h = hid.clone().requires_grad_(True)
+            lp = fn(h, w, y)
+            lp.backward(torch.ones_like(lp))
+            outs.append((lp.detach(), h.grad))
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-6, atol=1e-6)
+
+
+def test_fused_linear_logprobs_infinite_softcap_refused():
+    """softcap = inf would give inf * tanh(0) = nan for every log-prob: refused, naming it."""
+    hid, w, _, y = _fused_case(4, 8, 20, torch.float32, "cpu", seed=0)
+    with pytest.raises(ValueError, match="softcap must be a positive finite number"):
+        fused_linear_logprobs(hid, w, y, softcap=float("inf"))
+    with pytest.raises(ValueError, match="logit_scale must be a finite number"):
+        fused_linear_logprobs(hid, w, y, logit_scale=float("nan"))
 
 
 def test_opcheck():

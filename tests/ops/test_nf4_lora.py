@@ -993,6 +993,28 @@ def test_torch_compile_and_checkpoint(device):
     torch.testing.assert_close(b.grad, gb)
 
 
+def test_torch_compile_dynamic_scale():
+    """fullgraph compilation with dynamic=True, where a float argument (the scale) is symbolic:
+    the scale check compares it (math.isfinite cannot take a symbolic float); eager's values and
+    gradients at every row count."""
+    _, q, a, b, bias = _case(6, 128, 64, 8, torch.float32, "cpu", seed=3)
+
+    def f(x_, a_, b_, scale):
+        return nf4_lora_linear(x_, q, a_, b_, scale, bias)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=True)
+    for m in (3, 5, 9):
+        xm = torch.randn(m, 128, generator=torch.Generator().manual_seed(m))
+        outs = []
+        for fn in (f, compiled):
+            args = [t.clone().requires_grad_(True) for t in (xm, a, b)]
+            y = fn(*args, 0.5)
+            y.sum().backward()
+            outs.append([y.detach()] + [t.grad for t in args])
+        torch.testing.assert_close(outs[1], outs[0])
+
+
 @pytest.mark.parametrize(
     "kw,err,msg",
     [

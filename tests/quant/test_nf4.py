@@ -178,6 +178,22 @@ def test_error_wrong_dtype():
         quantize_nf4([1.0] * 64)
 
 
+def test_error_meta_device():
+    """A weight not loaded yet (meta device, as from an empty-weights init) is named as such, not
+    reported as an .item() failure."""
+    with pytest.raises(ValueError, match="w is on the meta device; load the weights first"):
+        quantize_nf4(torch.empty(4, 64, device="meta"))
+
+
+def test_error_to_a_dtype():
+    """NF4Weight.to moves the codes to a device; given a dtype it says so, not that the packed
+    codes (converted to that dtype) are not uint8."""
+    q = quantize_nf4(torch.randn(4, 64))
+    with pytest.raises(TypeError, match=r"NF4Weight.to takes a device, got the dtype torch.bfloat16"):
+        q.to(torch.bfloat16)
+    assert torch.equal(q.to("cpu").packed, q.packed)
+
+
 def test_error_numel_not_divisible():
     with pytest.raises(ValueError, match="multiple of blocksize=64"):
         quantize_nf4(torch.randn(3, 7))

@@ -89,8 +89,16 @@ def _may_overlap(t: torch.Tensor) -> bool:
     cannot clear counts as overlapping (and is copied), whether or not it does."""
     if t.numel() <= 1:
         return False
+    dims = [(st, n) for st, n in zip(t.stride(), t.shape) if n > 1]
+    # an insertion sort by stride, not sorted(): torch.compile cannot sort symbolic strides (the
+    # dynamic shapes it switches to when the sequence length changes), but it can compare them
+    for i in range(1, len(dims)):
+        j = i
+        while j > 0 and dims[j][0] < dims[j - 1][0]:
+            dims[j - 1], dims[j] = dims[j], dims[j - 1]
+            j -= 1
     span = 1
-    for st, n in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n > 1):
+    for st, n in dims:
         if st < span:
             return True
         span += st * (n - 1)
@@ -364,13 +372,15 @@ def token_logprobs(
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     if logits.shape[-1] == 0:
         raise ValueError("logits has an empty vocabulary dimension")
-    if inplace_backward and logits.is_leaf and logits.requires_grad:
-        # its gradient would be written into it, and autograd would hand the same tensor back as
-        # its .grad: the values the caller holds replaced by their gradient
-        raise ValueError(
-            "inplace_backward=True overwrites the logits with their gradient, so logits must be "
-            "computed by the model (not a leaf tensor that requires grad)"
-        )
+    if inplace_backward and logits.requires_grad:
+        if (logits if logits._base is None else logits._base).is_leaf:
+            # its gradient would be written into it, and autograd would hand the same tensor back
+            # as its .grad: the values the caller holds replaced by their gradient (through a view,
+            # such as the shifted logits[:, :-1], the leaf's own values)
+            raise ValueError(
+                "inplace_backward=True overwrites the logits with their gradient, so logits must be "
+                "computed by the model (not a leaf tensor that requires grad, nor a view of one)"
+            )
     labels = labels.long()
     if logits.stride(-1) != 1 or _may_overlap(logits):
         # (rows that share memory, e.g. from expand() or unfold(), would share their gradient's
@@ -1171,9 +1181,12 @@ def fused_linear_logprobs(
     _check.same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
     if not (temperature > 0 and temperature < float("inf")):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be positive (or None), got {softcap}")
-    if not math.isfinite(logit_scale):  # (every log-prob would be nan, silently)
+    # (comparisons, not math.isfinite: under torch.compile with dynamic shapes a float argument
+    # can be symbolic, which math.isfinite cannot take)
+    if softcap is not None and not (softcap > 0 and softcap < float("inf")):
+        # (inf: softcap * tanh(z / softcap) = inf * 0, every log-prob nan, silently)
+        raise ValueError(f"softcap must be a positive finite number (or None), got {softcap}")
+    if not (-float("inf") < logit_scale < float("inf")):  # (every log-prob would be nan, silently)
         raise ValueError(f"logit_scale must be a finite number, got {logit_scale}")
     labels = labels.long()
     shape = labels.shape

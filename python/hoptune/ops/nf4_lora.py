@@ -487,7 +487,9 @@ def nf4_lora_linear(
     if value is None:
         raise TypeError(f"scale must be a real number, got {scale!r}")
     scale = value
-    if not math.isfinite(scale):  # (every output would be nan)
+    # (every output would be nan; comparisons, not math.isfinite, which a symbolic float of
+    # torch.compile's dynamic shapes cannot take)
+    if not (-math.inf < scale < math.inf):
         raise ValueError(f"scale must be a finite number, got {scale}")
     q = (
         w_nf4.packed,

@@ -130,6 +130,12 @@ class NF4Weight:
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
     def to(self, device: torch.device | str) -> NF4Weight:
+        if isinstance(device, torch.dtype):  # (else: "packed must be uint8 codes", about the copy)
+            raise TypeError(
+                f"NF4Weight.to takes a device, got the dtype {device}; the codes stay NF4 (dequantize("
+                "dtype) returns the weight in another dtype)"
+            )
+
         def mv(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)
 
@@ -173,6 +179,8 @@ def quantize_nf4(
     to exact zeros. Runs the CUDA kernel for tensors on an sm_90 GPU, the reference elsewhere.
     """
     _check.tensor("w", w)
+    if w.is_meta:  # (else the non-finite check below fails on .item() of a meta tensor)
+        raise ValueError("w is on the meta device; load the weights first")
     _check.dtype_in("w", w, FLOAT_DTYPES)
     _check.blocksize("blocksize", blocksize, BLOCKSIZES)
     if double_quant:
