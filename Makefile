@@ -50,7 +50,8 @@ format: $(BIN)/python
 	$(BIN)/ruff format python tests bench
 	$(BIN)/clang-format -i $$(find csrc -name '*.cu' -o -name '*.cuh' -o -name '*.h' -o -name '*.cpp')
 
-wheel: $(VENV)/.torch
+# (the build runs isolated, with pyproject's build requirements: torch is not one of them)
+wheel: $(BIN)/python
 	$(BIN)/python -m pip install -q build
 	$(BIN)/python -m build --wheel --outdir dist .
 

@@ -1,7 +1,7 @@
 """hoptune: Hopper-native LLM post-training.
 
-``import hoptune`` is lean: it imports torch, creates no CUDA context, compiles nothing and does
-not import transformers; the heavier entry points below load on first use.
+``import hoptune`` is lean: it imports neither torch nor transformers, creates no CUDA context and
+compiles nothing; the entry points below load on first use.
 """
 
 from __future__ import annotations
@@ -38,4 +38,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
+    return sorted({*globals(), *_LAZY})  # (a name already loaded is in both)

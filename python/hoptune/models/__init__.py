@@ -17,22 +17,19 @@ def load_tiny(
     log: Callable[[str], None] = print,
 ) -> tuple[Any, Any]:
     """(model, tokenizer) of the built-in tiny model: pretrained (from the cache, pretraining it
-    the first time) or freshly initialised with ``pretrained=False``."""
+    the first time, on ``device``) or freshly initialised with ``pretrained=False``."""
     if not pretrained:
         return build_model().to(device=device, dtype=dtype), build_tokenizer()
     from transformers import LlamaForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    from hoptune.models.pretrain import pretrained_tiny_path
+    from hoptune.loading import _dtype_kwarg
+    from hoptune.models.pretrain import no_hf_progress_bars, pretrained_tiny_path
 
-    path = pretrained_tiny_path(log=log)
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a 39-tensor model needs no loading bar
-    try:
-        model = LlamaForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
+    path = pretrained_tiny_path(log=log, device=device)
+    with no_hf_progress_bars():
+        # (transformers before 4.56 takes torch_dtype=, and passes an unknown dtype= to the model's
+        # constructor, which refuses it)
+        model = LlamaForCausalLM.from_pretrained(path, **{_dtype_kwarg(): dtype}).to(device)
     model.config.use_cache = False
     # the tokenizer is built in code: a cache written by an older version may hold an older one
     return model, build_tokenizer()

@@ -6,7 +6,9 @@ two CPU cores, seconds on a GPU; afterwards it loads from the cache.
 Cache folder: ``$HOPTUNE_CACHE`` or ``~/.cache/hoptune``, one sub-folder per recipe version
 (``tiny-llama-<hash>``), written to a temporary name and renamed into place when complete. Its
 ``pretrain.json`` holds the SHA-256 of every other file: a folder whose files no longer match (a
-truncated copy, a disk error) is set aside and the model pretrained again.
+truncated copy, a disk error) is set aside and the model pretrained again. Two processes that
+need it at once do not both pretrain: the second waits on a lock file next to the folder
+(``tiny-llama-<hash>.lock``) and then loads what the first wrote.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ RECIPE = {
 
 
 def cache_root() -> str:
-    return os.environ.get("HOPTUNE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hoptune")
+    return os.path.expanduser(os.environ.get("HOPTUNE_CACHE") or os.path.join("~", ".cache", "hoptune"))
 
 
 def tiny_cache_dir() -> str:
@@ -123,6 +125,21 @@ def pretrain(
     return model, tokenizer, losses
 
 
+@contextlib.contextmanager
+def no_hf_progress_bars() -> Iterator[None]:
+    """transformers' progress bars off for the block (a 39-tensor model needs no bar to load or
+    save), back as they were after."""
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
 def _sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -168,25 +185,100 @@ def _set_aside(folder: str) -> None:
     shutil.rmtree(bad, ignore_errors=True)
 
 
-def pretrained_tiny_path(log: Callable[[str], None] = print, progress: bool = True) -> str:
-    """The cached pretrained tiny model's folder, pretraining it first if it is not there (or if
-    the cached copy is damaged)."""
-    final = tiny_cache_dir()
-    if os.path.exists(final):
-        problem = cache_problem(final)
-        if problem is None:
-            return final
-        log(f"the cached tiny model at {final} is damaged ({problem}); pretraining it again")
-        _set_aside(final)
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    log(f"pretraining the built-in tiny model on {device} ({RECIPE['steps']} steps; cached at {final}) ...")
-    t0 = time.time()
-    model, tokenizer, losses = pretrain(device=device, log=log, progress=progress)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(final), prefix=".tmp-tiny-")
+def _usable(final: str, log: Callable[[str], None]) -> bool:
+    """Whether the cached model at ``final`` is there and whole; a damaged one is set aside."""
+    if not os.path.exists(final):
+        return False
+    problem = cache_problem(final)
+    if problem is None:
+        return True
+    log(f"the cached tiny model at {final} is damaged ({problem}); pretraining it again")
+    _set_aside(final)
+    return False
+
+
+@contextlib.contextmanager
+def _pretraining_lock(final: str, log: Callable[[str], None]) -> Iterator[None]:
+    """Hold ``<final>.lock`` for the block: a second process waits here (saying so) instead of
+    pretraining the same model at the same time. Where there are no locks (not POSIX, a file
+    system without them, a lock file this user cannot open) the block runs unguarded: both
+    processes pretrain and the rename keeps one copy."""
     try:
-        model.to("cpu").save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        import fcntl
+    except ImportError:
+        yield
+        return
+    try:
+        fd = os.open(final + ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:  # another user's lock file in a shared cache: flock needs no write access
+        try:
+            fd = os.open(final + ".lock", os.O_RDONLY)
+        except OSError:
+            fd = None
+    except OSError:
+        fd = None
+    if fd is None:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another process that is pretraining the tiny model into {final} ...")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # no locks on this file system (some network mounts)
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _unwritable(root: str, e: OSError) -> OSError:
+    why = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e)
+    return OSError(
+        e.errno,
+        f"cannot write the tiny model's cache in {root} ({why}); set HOPTUNE_CACHE to a writable folder",
+    )
+
+
+def pretrained_tiny_path(
+    log: Callable[[str], None] = print, progress: bool = True, device: str | torch.device | None = None
+) -> str:
+    """The cached pretrained tiny model's folder, pretraining it first (on ``device``; None: the GPU
+    when there is one) if it is not there or if the cached copy is damaged."""
+    final = tiny_cache_dir()
+    if _usable(final, log):
+        return final
+    root = os.path.dirname(final)
+    try:
+        os.makedirs(root, exist_ok=True)
+    except OSError as e:
+        raise _unwritable(root, e) from e
+    with _pretraining_lock(final, log):
+        if _usable(final, log):  # another process pretrained it while this one waited
+            return final
+        return _pretrain_into(final, log, progress, device)
+
+
+def _pretrain_into(
+    final: str, log: Callable[[str], None], progress: bool, device: str | torch.device | None
+) -> str:
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    # the temporary folder first: a cache that cannot be written fails now, not after pretraining
+    try:
+        tmp = tempfile.mkdtemp(dir=os.path.dirname(final), prefix=".tmp-tiny-")
+    except OSError as e:
+        raise _unwritable(os.path.dirname(final), e) from e
+    try:
+        log(
+            f"pretraining the built-in tiny model on {device} ({RECIPE['steps']} steps; cached at {final}) ..."
+        )
+        t0 = time.time()
+        model, tokenizer, losses = pretrain(device=device, log=log, progress=progress)
+        with no_hf_progress_bars():
+            model.to("cpu").save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         info = {"recipe": RECIPE, "losses": losses, "seconds": time.time() - t0, "files": _digests(tmp)}
         with open(os.path.join(tmp, "pretrain.json"), "w", encoding="utf-8") as f:
             json.dump(info, f)

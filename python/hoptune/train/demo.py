@@ -42,7 +42,9 @@ def _tiny_model(cfg, device: torch.device, dtype: torch.dtype, trained: str | No
     elif cfg.lora.enabled:
         load_adapter(model, trained, **quant)
     else:
-        model = type(model).from_pretrained(trained, dtype=dtype).to(device)
+        from hoptune.loading import _dtype_kwarg
+
+        model = type(model).from_pretrained(trained, **{_dtype_kwarg(): dtype}).to(device)
     model.eval()
     return model, tok
 
@@ -56,11 +58,6 @@ def run_demo(out_dir: str = "runs/demo", device: str = "auto", overrides: list[s
     from hoptune.train import loop, sft
 
     t0 = time.time()
-    try:
-        dev = loop.resolve_device(device)
-    except (ValueError, RuntimeError) as e:
-        raise ConfigError(f"--device {device}: {e}") from e
-    loop.use_device(dev)
     out_dir = os.path.abspath(out_dir)
     data_dir = os.path.join(out_dir, "data")
     sft_dir = os.path.join(out_dir, "sft")
@@ -73,10 +70,19 @@ def run_demo(out_dir: str = "runs/demo", device: str = "auto", overrides: list[s
             f"data.eval={json.dumps(os.path.join(data_dir, 'eval.jsonl'))}",
             f"data.general_data={json.dumps(os.path.join(data_dir, 'general.jsonl'))}",
             f"output.dir={json.dumps(sft_dir)}",
-            f"model.device={dev}",
+            f"model.device={device}",
             *(overrides or []),
         ],
     )
+    # the device: --device, or an override model.device=... (which the whole demo then uses, as SFT does)
+    try:
+        dev = loop.resolve_device(cfg.model.device)
+    except (ValueError, RuntimeError, TypeError) as e:
+        if cfg.model.device != str(device):
+            raise ConfigError(f"model.device={cfg.model.device}: {e}") from e
+        raise ConfigError(f"--device {device}: {str(e).replace('model.device=cpu', '--device cpu')}") from e
+    loop.use_device(dev)
+    cfg.model.device = str(dev)
     check_sft_config(cfg)
     if cfg.model.path not in sft.TINY:
         raise ConfigError(
@@ -94,8 +100,8 @@ def run_demo(out_dir: str = "runs/demo", device: str = "auto", overrides: list[s
         f"hoptune demo: tiny Llama + QLoRA SFT on {dev} ({torch.get_num_threads()} CPU threads); output in {out_dir}"
     )
 
-    # 1. base model
-    pretrained_tiny_path()
+    # 1. base model (pretrained on the demo's device: --device cpu keeps the GPU out of it)
+    pretrained_tiny_path(device=dev)
 
     # 2. data
     train_pairs, held_pairs = task.split_pairs()

@@ -1,0 +1,203 @@
+"""The built-in tiny model's cache as a new user meets it: where it goes, two processes that need it at
+once, a cache that cannot be written, the device it is pretrained on, older transformers."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+import torch
+
+from hoptune.models import pretrain
+
+
+class Stop(Exception):
+    pass
+
+
+def _fake_pretrain(calls, started=None, go=None):
+    """Stands for pretraining: a fresh tiny model (no steps), after ``go`` is set when given."""
+    from hoptune.models import build_model, build_tokenizer
+
+    def fake(steps=None, device="cpu", log=print, progress=True):
+        calls.append(str(device))
+        if started is not None:
+            started.set()
+            assert go.wait(60), "the test never let pretraining finish"
+        return build_model(), build_tokenizer(), [1.0]
+
+    return fake
+
+
+def test_cache_folder_may_start_with_a_tilde(tmp_path, monkeypatch):
+    """HOPTUNE_CACHE=~/somewhere is the home folder's, as in a shell, not a folder named ~ here."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HOPTUNE_CACHE", "~/models/hoptune")
+    assert pretrain.cache_root() == str(tmp_path / "home" / "models" / "hoptune")
+    monkeypatch.delenv("HOPTUNE_CACHE")
+    assert pretrain.cache_root() == str(tmp_path / "home" / ".cache" / "hoptune")
+
+
+def test_two_processes_needing_the_model_pretrain_it_once(tmp_path, monkeypatch):
+    """While one process pretrains, a second one waits for it (and says so), then loads its copy,
+    instead of pretraining the same model at the same time (twice the minutes on a small CPU)."""
+    monkeypatch.setenv("HOPTUNE_CACHE", str(tmp_path / "cache"))
+    calls, started, go = [], threading.Event(), threading.Event()
+    monkeypatch.setattr(pretrain, "pretrain", _fake_pretrain(calls, started, go))
+    results, second_log = {}, []
+
+    def first():
+        results["first"] = pretrain.pretrained_tiny_path(log=lambda s: None, progress=False)
+
+    def second():
+        results["second"] = pretrain.pretrained_tiny_path(log=second_log.append, progress=False)
+
+    a = threading.Thread(target=first)
+    b = threading.Thread(target=second)  # (flock: two open files conflict within a process too)
+    a.start()
+    try:
+        assert started.wait(60)
+        b.start()
+        for _ in range(600):
+            if any("waiting" in s for s in second_log) or not b.is_alive():
+                break
+            time.sleep(0.05)
+    finally:
+        go.set()
+        a.join(60)
+    if b.ident is not None:  # (started)
+        b.join(60)
+    final = pretrain.tiny_cache_dir()
+    assert results == {"first": final, "second": final}
+    assert len(calls) == 1, calls  # pretrained once
+    assert any("waiting for another process" in s for s in second_log), second_log
+    assert not any("pretraining the built-in" in s for s in second_log), second_log
+    assert pretrain.cache_problem(final) is None
+
+
+def test_a_cache_that_cannot_be_written_fails_before_pretraining(tmp_path, monkeypatch):
+    """The error names the folder and HOPTUNE_CACHE, and comes before the minutes of pretraining."""
+    calls = []
+    monkeypatch.setattr(pretrain, "pretrain", _fake_pretrain(calls))
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    monkeypatch.setenv("HOPTUNE_CACHE", str(not_a_folder / "cache"))
+    with pytest.raises(OSError, match="HOPTUNE_CACHE"):
+        pretrain.pretrained_tiny_path(log=lambda s: None, progress=False)
+
+    # the folder is there but no file can be made in it (a read-only mount; root ignores chmod)
+    monkeypatch.setenv("HOPTUNE_CACHE", str(tmp_path / "cache"))
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "cache"))
+
+    monkeypatch.setattr(pretrain.tempfile, "mkdtemp", refuse)
+    with pytest.raises(OSError, match=r"Permission denied.*set HOPTUNE_CACHE to a writable folder"):
+        pretrain.pretrained_tiny_path(log=lambda s: None, progress=False)
+    assert calls == []
+
+
+def test_demo_with_an_unwritable_cache_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    from hoptune.cli import main
+
+    monkeypatch.setattr(pretrain, "pretrain", _fake_pretrain([]))
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("HOPTUNE_CACHE", str(tmp_path / "file" / "cache"))
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hoptune demo: error:") and "HOPTUNE_CACHE" in err and "Traceback" not in err
+
+
+def test_pretraining_runs_on_the_device_asked_for(tmp_path, monkeypatch):
+    """hoptune demo --device cpu (and model.device=cpu) pretrain the base on the CPU even where a GPU
+    is visible: the user kept the GPU out (busy, or not one this torch can run on)."""
+    from hoptune.models import load_tiny
+    from hoptune.train.demo import run_demo
+
+    monkeypatch.setenv("HOPTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU is visible
+    calls = []
+    fake = _fake_pretrain(calls)
+
+    def stop_after(*a, **k):
+        fake(*a, **k)
+        raise Stop
+
+    monkeypatch.setattr(pretrain, "pretrain", stop_after)
+    with pytest.raises(Stop):
+        run_demo(str(tmp_path / "demo"), "cpu")
+    with pytest.raises(Stop):
+        load_tiny(device="cpu", log=lambda s: None)
+    assert calls == ["cpu", "cpu"]
+
+
+def test_tiny_model_loads_with_transformers_before_4_56(tmp_path, monkeypatch):
+    """transformers 4.46-4.55 (the declared range) take torch_dtype=; their from_pretrained hands an
+    unknown dtype= to the model's constructor, which raises a TypeError."""
+    import transformers
+    from transformers import LlamaForCausalLM
+
+    from hoptune.models import load_tiny
+
+    monkeypatch.setenv("HOPTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(pretrain, "pretrain", _fake_pretrain([]))
+    real = LlamaForCausalLM.from_pretrained.__func__
+
+    def as_before_4_56(cls, path, *args, **kwargs):
+        if "dtype" in kwargs:
+            raise TypeError("LlamaForCausalLM.__init__() got an unexpected keyword argument 'dtype'")
+        kwargs["dtype"] = kwargs.pop("torch_dtype", None)
+        return real(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(transformers, "__version__", "4.46.3")
+    monkeypatch.setattr(LlamaForCausalLM, "from_pretrained", classmethod(as_before_4_56))
+    model, _ = load_tiny(dtype=torch.bfloat16, log=lambda s: None)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert os.path.isdir(pretrain.tiny_cache_dir())
+
+
+def test_caching_and_loading_the_tiny_model_show_no_transformers_bar(tmp_path, monkeypatch, capfd):
+    """The demo's output has its own progress bars; transformers' saving and loading bars (one
+    shard, 39 tensors) only add lines."""
+    from hoptune.models import load_tiny
+
+    monkeypatch.setenv("HOPTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(pretrain, "pretrain", _fake_pretrain([]))
+    capfd.readouterr()
+    load_tiny(log=lambda s: None)
+    err = capfd.readouterr().err
+    assert "%|" not in err, err
+
+
+def test_demo_device_override_is_the_demo_device(tmp_path, monkeypatch):
+    """hoptune demo model.device=cpu (an override of the demo's config, as its help offers) puts the
+    whole demo on the CPU, not only the SFT step: pretraining and scoring went to the GPU before."""
+    from hoptune.train.demo import run_demo
+
+    monkeypatch.setenv("HOPTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    calls = []
+    fake = _fake_pretrain(calls)
+
+    def stop_after(*a, **k):
+        fake(*a, **k)
+        raise Stop
+
+    monkeypatch.setattr(pretrain, "pretrain", stop_after)
+    with pytest.raises(Stop):
+        run_demo(str(tmp_path / "demo"), "auto", ["model.device=cpu"])
+    assert calls == ["cpu"]
+
+
+def test_demo_device_errors_name_the_option_given(tmp_path, monkeypatch):
+    from hoptune.config import ConfigError
+    from hoptune.train.demo import run_demo
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^--device cuda: .*use --device cpu$"):
+        run_demo(str(tmp_path / "demo"), "cuda")
+    with pytest.raises(ConfigError, match=r"^model\.device=cuda: .*use model\.device=cpu$"):
+        run_demo(str(tmp_path / "demo"), "auto", ["model.device=cuda"])
+    assert not (tmp_path / "demo").exists()
