@@ -77,6 +77,29 @@ def test_two_processes_needing_the_model_pretrain_it_once(tmp_path, monkeypatch)
     assert pretrain.cache_problem(final) is None
 
 
+def test_a_killed_pretraining_leaves_no_folder_behind_after_the_next_run(tmp_path, monkeypatch):
+    """A pretraining killed before it cleaned up (SIGKILL, a power cut) leaves its temporary
+    folder; the next run, holding the lock, removes it. Other models' temporary folders and other
+    files in the cache stay."""
+    monkeypatch.setenv("HOPTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(pretrain, "pretrain", _fake_pretrain([]))
+    final = pretrain.tiny_cache_dir()
+    root = os.path.dirname(final)
+    os.makedirs(root)
+    killed = os.path.join(root, f".tmp-{os.path.basename(final)}-k1ll3d")
+    os.makedirs(killed)
+    with open(os.path.join(killed, "model.safetensors"), "wb") as f:
+        f.write(b"\0" * 1024)
+    other = os.path.join(root, ".tmp-tiny-llama-0000000000-x")  # another version's, maybe in use
+    os.makedirs(other)
+    keep = os.path.join(root, "notes.txt")
+    open(keep, "w").close()
+    assert pretrain.pretrained_tiny_path(log=lambda s: None, progress=False) == final
+    assert sorted(os.listdir(root)) == sorted(
+        [os.path.basename(final), os.path.basename(final) + ".lock", os.path.basename(other), "notes.txt"]
+    )
+
+
 def test_a_cache_that_cannot_be_written_fails_before_pretraining(tmp_path, monkeypatch):
     """The error names the folder and HOPTUNE_CACHE, and comes before the minutes of pretraining."""
     calls = []

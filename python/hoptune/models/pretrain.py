@@ -198,15 +198,15 @@ def _usable(final: str, log: Callable[[str], None]) -> bool:
 
 
 @contextlib.contextmanager
-def _pretraining_lock(final: str, log: Callable[[str], None]) -> Iterator[None]:
+def _pretraining_lock(final: str, log: Callable[[str], None]) -> Iterator[bool]:
     """Hold ``<final>.lock`` for the block: a second process waits here (saying so) instead of
     pretraining the same model at the same time. Where there are no locks (not POSIX, a file
     system without them, a lock file this user cannot open) the block runs unguarded: both
-    processes pretrain and the rename keeps one copy."""
+    processes pretrain and the rename keeps one copy. Yields whether the lock is held."""
     try:
         import fcntl
     except ImportError:
-        yield
+        yield False
         return
     try:
         fd = os.open(final + ".lock", os.O_RDWR | os.O_CREAT, 0o666)
@@ -218,17 +218,18 @@ def _pretraining_lock(final: str, log: Callable[[str], None]) -> Iterator[None]:
     except OSError:
         fd = None
     if fd is None:
-        yield
+        yield False
         return
     try:
+        held = True
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             log(f"waiting for another process that is pretraining the tiny model into {final} ...")
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError:  # no locks on this file system (some network mounts)
-            pass
-        yield
+            held = False
+        yield held
     finally:
         os.close(fd)  # releases the lock
 
@@ -254,10 +255,31 @@ def pretrained_tiny_path(
         os.makedirs(root, exist_ok=True)
     except OSError as e:
         raise _unwritable(root, e) from e
-    with _pretraining_lock(final, log):
+    with _pretraining_lock(final, log) as held:
         if _usable(final, log):  # another process pretrained it while this one waited
             return final
+        if held:
+            _remove_leftovers(final)
         return _pretrain_into(final, log, progress, device)
+
+
+def _tmp_prefix(final: str) -> str:
+    return f".tmp-{os.path.basename(final)}-"
+
+
+def _remove_leftovers(final: str) -> None:
+    """Delete the temporary folders of this model's earlier pretraining runs that were killed
+    before they could clean up (only the lock's holder writes one, so under the lock none is in
+    use)."""
+    root = os.path.dirname(final)
+    prefix = _tmp_prefix(final)
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(prefix):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def _pretrain_into(
@@ -267,7 +289,7 @@ def _pretrain_into(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     # the temporary folder first: a cache that cannot be written fails now, not after pretraining
     try:
-        tmp = tempfile.mkdtemp(dir=os.path.dirname(final), prefix=".tmp-tiny-")
+        tmp = tempfile.mkdtemp(dir=os.path.dirname(final), prefix=_tmp_prefix(final))
     except OSError as e:
         raise _unwritable(os.path.dirname(final), e) from e
     try:
