@@ -25,7 +25,13 @@ $(VENV)/.torch: | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
 	touch $@
 
-$(STAMP): $(VENV)/.torch $(SOURCES)
+# the install is redone when HOPTUNE_BUILD_CUDA changes (a file named after its value)
+BUILD_MODE := $(VENV)/.build-cuda-$(HOPTUNE_BUILD_CUDA)
+$(BUILD_MODE): | $(BIN)/python
+	rm -f $(VENV)/.build-cuda-*
+	touch $@
+
+$(STAMP): $(VENV)/.torch $(BUILD_MODE) $(SOURCES)
 	$(BIN)/python -m pip install -q $(BUILD_DEPS)
 	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test]"
 	touch $@
