@@ -390,3 +390,24 @@ def test_written_state_equals_linear4bit_state_dict(dtype, double_quant):
     for k, t in theirs.items():
         assert (ours[k].dtype, ours[k].shape) == (t.dtype, t.shape), k
         assert torch.equal(ours[k], t), k
+
+
+def test_fp64_never_reaches_the_kernels(monkeypatch):
+    """Where the kernels run, fp64 (which they do not read) still takes the reference: the
+    dispatch is checked here with the kernels standing in as available (the GPU test runs it)."""
+    from hoptune import _lib
+    from hoptune.ops import nf4 as nf4_ops
+
+    def no_kernel(*a, **k):
+        raise AssertionError("an fp64 tensor reached the CUDA extension")
+
+    monkeypatch.setattr(_lib, "use_kernel", lambda t, op: True)
+    monkeypatch.setattr(_lib, "extension", no_kernel)
+    w = torch.randn(96, 128, dtype=torch.float64)
+    packed, absmax, bad = nf4_ops.nf4_quantize(w, 64)
+    rpacked, rabsmax = ref.nf4_quantize(w, 64)
+    assert torch.equal(packed, rpacked) and torch.equal(absmax, rabsmax) and bad.item() == 0
+    d = nf4_ops.nf4_dequantize(packed, absmax, None, None, 0.0, 64, 256, [96, 128], torch.float64)
+    assert torch.equal(
+        d, ref.nf4_dequantize(rpacked, rabsmax, None, None, 0.0, 64, 256, [96, 128], torch.float64)
+    )

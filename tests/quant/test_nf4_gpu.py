@@ -146,6 +146,19 @@ def test_cuda_equals_cpu_reference(dtype):
             assert torch.equal(d.cpu().view(torch.uint8), rd.view(torch.uint8))
 
 
+def test_fp64_on_the_gpu_takes_the_reference():
+    """The raw ops with fp64 on a GPU (which the kernels do not read) give the CPU reference's
+    result, not an error from the kernel's dtype table."""
+    w = _weight((96, 200), torch.float64)
+    packed, absmax, bad = nf4_ops.nf4_quantize(w, 64)
+    rpacked, rabsmax = ref.nf4_quantize(w.cpu(), 64)
+    assert packed.is_cuda and bad.item() == 0
+    assert torch.equal(packed.cpu(), rpacked) and torch.equal(absmax.cpu(), rabsmax)
+    d = nf4_ops.nf4_dequantize(packed, absmax, None, None, 0.0, 64, 256, [96, 200], torch.float64)
+    rd = ref.nf4_dequantize(rpacked, rabsmax, None, None, 0.0, 64, 256, [96, 200], torch.float64)
+    assert d.is_cuda and d.dtype == torch.float64 and torch.equal(d.cpu(), rd)
+
+
 def test_unaligned_packed_input():
     w = _weight((256, 512), torch.bfloat16)
     q = quantize_nf4(w)

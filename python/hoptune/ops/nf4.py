@@ -21,7 +21,8 @@ _DEQUANT_VARIANT = 0
 def nf4_quantize(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (numel % blocksize == 0) -> (packed uint8 [n/2], absmax fp32 [n/bs], non_finite int32 [1])."""
     n = x.numel()
-    if not _lib.use_kernel(x, "nf4_quantize"):
+    # (the kernel reads fp32, fp16 and bf16; other dtypes, fp64 among them, take the reference)
+    if x.dtype not in _lib.DTYPE_CODES or not _lib.use_kernel(x, "nf4_quantize"):
         packed, absmax = ref.nf4_quantize(x, blocksize)
         bad = (~torch.isfinite(x)).any().to(torch.int32).reshape(1)
         return packed, absmax, bad
@@ -141,7 +142,7 @@ def dequantize_impl(
     packed, absmax, absmax2, code2, offset, blocksize, blocksize2, shape, dtype
 ) -> torch.Tensor:
     """The body of nf4_dequantize, callable from other ops without a second op dispatch."""
-    if not _lib.use_kernel(packed, "nf4_dequantize"):
+    if dtype not in _lib.DTYPE_CODES or not _lib.use_kernel(packed, "nf4_dequantize"):
         return ref.nf4_dequantize(packed, absmax, absmax2, code2, offset, blocksize, blocksize2, shape, dtype)
     n = packed.numel() * 2
     packed = _aligned(packed)
