@@ -114,6 +114,46 @@ def test_template_that_rewrites_turns(tokenizer):
     assert masked_text(tokenizer, ids, mask) == ["10<|end|>"]
 
 
+# nothing closes an assistant turn: the next message's header ends it (as GLM-4.5's template does)
+UNCLOSED = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+# as TRL's training variant of GLM-4.5's: the turn ends with the header that follows it, in its markers
+UNCLOSED_TAGGED = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}<|assistant|>{% generation %}"
+    "{{ m['content'] }}<|user|>{% endgeneration %}{% else %}"
+    "{% if loop.first or messages[loop.index0 - 1]['role'] != 'assistant' %}<|{{ m['role'] }}|>{% endif %}"
+    "{{ m['content'] }}{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.mark.parametrize("chat", [CHAT, CHAT[1:3]], ids=["two_answers", "one_answer"])
+def test_template_that_closes_no_turn_is_an_error(tmp_path, tokenizer, chat):
+    """A template that renders nothing after an assistant message's content would leave every
+    end-of-turn token out of the loss (the model would not learn to stop): an error naming the line,
+    not a mask that ends at the content. A template that ends the turn with the next header is fine."""
+    with pytest.raises(ExampleError, match=r"renders nothing after the content of assistant message \d"):
+        ChatFormatter(tokenizer, UNCLOSED).tokenize(chat)
+    p = tmp_path / "c.jsonl"
+    p.write_text(json.dumps({"messages": chat}) + "\n")
+    with pytest.raises(
+        DataError, match=r"c\.jsonl: 1 example\(s\) cannot be trained on: line 1: .*end-of-turn"
+    ):
+        load_examples(str(p), tokenizer, max_seq_len=128, chat_template=UNCLOSED)
+    ids, mask = ChatFormatter(tokenizer, UNCLOSED_TAGGED).tokenize(chat)
+    ref = tokenizer.apply_chat_template(
+        chat, chat_template=UNCLOSED_TAGGED, return_dict=True, return_assistant_tokens_mask=True
+    )
+    assert (ids, mask) == (list(ref["input_ids"]), list(ref["assistant_masks"]))
+    assert masked_text(tokenizer, ids, mask)[-1].endswith("<|user|>")
+    # an empty answer or one that ends like the turn does is no such template
+    for answer in ("", "<|end|>", "7\n"):
+        msgs = [*CHAT[1:2], {"role": "assistant", "content": answer}]
+        ids, mask = ChatFormatter(tokenizer).tokenize(msgs)
+        assert masked_text(tokenizer, ids, mask)[-1].endswith("<|end|>")
+
+
 # the generation prompt opens a reasoning block the rendered turn does not have (as DeepSeek-R1
 # distills' templates do): the prompt rendered alone is not a prefix of the conversation
 THINK_PROMPT_TAGGED = (

@@ -290,3 +290,40 @@ def test_conversation_the_template_cannot_render_names_the_line(tmp_path, rec, w
         load_examples(p, tok, max_seq_len=512, chat_template=_trl_template("qwen2_5"))
     ex, rep = load_examples(p, tok, max_seq_len=512, chat_template=_trl_template("qwen2_5"), skip_bad=True)
     assert len(ex) == 1 and [ln for ln, _ in rep.invalid] == [2]
+
+
+# (template, the reason its multi-turn error gives): Qwen3's drops the reasoning of earlier turns,
+# DeepSeek-R1's generation prompt opens a "<think>" its rendered turns lack, GLM-4.5's closes no turn
+_NO_PREFIX_TEMPLATES = [
+    ("qwen3", r"differently once more messages follow \(it rewrites earlier turns", "<|im_end|>\n"),
+    (
+        "deepseek_r1_distill",
+        r"its generation prompt '<｜Assistant｜><think>\\n' is not how it begins the turn",
+        "<｜end▁of▁sentence｜>",
+    ),
+    (
+        "glm4moe",
+        r"renders nothing after the content of assistant message 2 .* would not learn to stop",
+        "<|user|>",
+    ),
+]
+
+
+@pytest.mark.parametrize("name, why, end", _NO_PREFIX_TEMPLATES, ids=[t[0] for t in _NO_PREFIX_TEMPLATES])
+def test_templates_without_prefix_renders_need_generation_markers(tmp_path, name, why, end):
+    """Multi-turn chats with templates whose renders of a conversation's beginnings cannot locate the
+    assistant tokens (the models' own, byte for byte): an error naming the line and why, never a mask
+    that misses an end-of-turn token; with TRL's training variant of the template (its {% generation
+    %} markers), the tokens and mask are TRL's."""
+    tok = _chatml_bpe_tokenizer()
+    p = _write(tmp_path / "c.jsonl", [{"messages": CHAT}])
+    with pytest.raises(DataError, match=rf"c\.jsonl: 1 example\(s\) cannot be trained on: line 1: .*{why}"):
+        load_examples(p, tok, max_seq_len=512, chat_template=_trl_template(name))
+    training = _trl_template(f"{name}_training")
+    ex, _ = load_examples(p, tok, max_seq_len=512, chat_template=training)
+    ref = tok.apply_chat_template(
+        CHAT, chat_template=training, return_dict=True, return_assistant_tokens_mask=True
+    )
+    assert (ex[0].input_ids, ex[0].loss_mask) == (list(ref["input_ids"]), list(ref["assistant_masks"]))
+    spans = masked_text(tok, ex[0].input_ids, ex[0].loss_mask)
+    assert len(spans) == 2 and all(s.endswith(end) for s in spans)

@@ -130,3 +130,32 @@ def test_a_folder_as_data_file_is_named_as_such(tmp_path):
     """A folder given as the data file (a dataset saved by another tool) is not 'missing'."""
     with pytest.raises(DataError, match="is a folder; expected a JSONL file"):
         read_jsonl(tmp_path)
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16", "utf-16-be", "utf-16-le", "utf-32"])
+def test_utf8_utf16_and_utf32_files_are_read(tmp_path, tokenizer, encoding):
+    """JSONL in UTF-8, UTF-16 (PowerShell 5's Out-File and "> file" write it with a byte-order mark)
+    or UTF-32, with a byte-order mark or without, is read as JSON defines it (no line is malformed),
+    with CRLF line ends, a blank line and no newline at the end, and the same line numbers."""
+    rows = [{"prompt": "caf\u00e9 ", "completion": "\u00fcber \U0001f600"}, {"text": "ok"}]
+    text = json.dumps(rows[0], ensure_ascii=False) + "\r\n\r\n" + json.dumps(rows[1])
+    bom = {"utf-16-be": "\ufeff", "utf-16-le": ""}.get(encoding, "")  # utf-16 / utf-32 write their own
+    p = tmp_path / "w.jsonl"
+    p.write_bytes((bom + text).encode(encoding))
+    recs, rep = read_jsonl(p)
+    assert [r.data for r in recs] == rows and [r.line for r in recs] == [1, 3]
+    assert rep.blank == 1 and not rep.malformed
+    examples, _ = load_examples(str(p), tokenizer, max_seq_len=64)
+    assert len(examples) == 2
+
+
+def test_bad_utf16_line_is_malformed_with_its_line(tmp_path, tokenizer):
+    """A lone surrogate in a UTF-16 file spoils its own line only (no UnicodeDecodeError)."""
+    good = '{"text": "a"}\n'.encode("utf-16-le")
+    bad = '{"text": "'.encode("utf-16-le") + b"\x00\xd8" + '"}\n'.encode("utf-16-le")
+    p = tmp_path / "bad16.jsonl"
+    p.write_bytes(b"\xff\xfe" + good + bad + good)
+    with pytest.raises(DataError, match=r"bad16\.jsonl: 1 malformed line\(s\): line 2: not valid UTF-16"):
+        read_jsonl(p)
+    examples, report = load_examples(str(p), tokenizer, max_seq_len=64, skip_bad=True)
+    assert len(examples) == 2 and [ln for ln, _ in report.malformed] == [2]

@@ -22,10 +22,12 @@ generation prompt, and up to and including that turn; the text the turn adds is 
 ends with whatever the template closes a turn with, e.g. ``<|eot_id|>``; an EOS that the template
 adds only at the end of a conversation, as Phi-3's does, is in the span of the turn that ends the
 conversation only). This needs a template that renders a prefix of a conversation as a prefix of
-the whole, up to such an EOS; when it does not (some templates rewrite earlier turns), the
-template's ``{% generation %}`` markers are used, and without those the example is an error that
-says so. A template whose generation prompt is empty puts the role header into the added text; the
-span then starts where the message content starts.
+the whole, up to such an EOS, and that renders some text after an assistant message's content (its
+end-of-turn token, which must be in the loss); when it does not (some templates rewrite earlier
+turns, GLM-4.5's ends a turn with the next message's header), the template's ``{% generation %}``
+markers are used, and without those the example is an error that says why. A template whose
+generation prompt is empty puts the role header into the added text; the span then starts where the
+message content starts.
 """
 
 from __future__ import annotations
@@ -256,9 +258,9 @@ class ChatFormatter:
 
     def spans(
         self, messages: list[dict], first_trained: int = 0, template_kwargs: dict | None = None
-    ) -> tuple[str, list[tuple[int, int]]] | None:
-        """The full text and the character spans of assistant turns at index >= first_trained, or None
-        when the template does not render prefixes as prefixes."""
+    ) -> tuple[str, list[tuple[int, int]]] | str:
+        """The full text and the character spans of assistant turns at index >= first_trained, or why
+        rendering the conversation's beginnings cannot locate them (a string)."""
         full = self.render(messages, False, template_kwargs)
         out = []
         for i, m in enumerate(messages):
@@ -266,8 +268,17 @@ class ChatFormatter:
                 continue
             before = self.render(messages[:i], True, template_kwargs)
             after = self.render(messages[: i + 1], False, template_kwargs)
+            plain = self.render(messages[:i], False, template_kwargs)
             if not after.startswith(before):
-                return None
+                if before.startswith(plain) and after.startswith(plain):
+                    return (
+                        f"its generation prompt {before[len(plain) :]!r} is not how it begins the turn of "
+                        f"assistant message {i} ({after[len(plain) :][: len(before) - len(plain) + 10]!r}...)"
+                    )
+                return (
+                    f"it renders the messages before assistant message {i} differently once that message "
+                    "follows (it rewrites earlier turns)"
+                )
             start, end = len(before), len(after)
             if not full.startswith(after):
                 # a template may end a conversation rendered without a generation prompt with the EOS
@@ -275,15 +286,37 @@ class ChatFormatter:
                 eos = self.tokenizer.eos_token
                 closed = bool(eos) and after.endswith(eos) and full.endswith(eos)
                 if not closed or not full.startswith(after[: -len(eos)]):
-                    return None
+                    return (
+                        f"it renders assistant message {i} (or a message before it) differently once more "
+                        "messages follow (it rewrites earlier turns, e.g. drops their reasoning)"
+                    )
                 end -= len(eos)
-            if before == self.render(messages[:i], False, template_kwargs):
+            if self._unclosed(messages, i, after[:end], template_kwargs):
+                return (
+                    f"it renders nothing after the content of assistant message {i} (no end-of-turn text: "
+                    "the next message's header ends the turn, as in GLM-4.5's), so the loss would have no "
+                    "end-of-turn token and the model would not learn to stop"
+                )
+            if before == plain:
                 # no generation prompt: the added text holds the role header too; train from the content on
                 start = self._content_start(messages, i, after, start, end, template_kwargs)
             if end <= start:
                 raise ExampleError(f"the chat template renders nothing for assistant message {i}")
             out.append((start, end))
         return full, out
+
+    def _unclosed(self, messages: list[dict], i: int, turn: str, template_kwargs: dict | None) -> bool:
+        """Whether the template renders nothing after the content of assistant message ``i`` (``turn``:
+        the conversation rendered up to the end of that message's turn). Checked with a placeholder for
+        the content: a turn may end with text that the content ends with too (a newline), and a template
+        may change the content (drop its reasoning, strip it)."""
+        content = messages[i]["content"]
+        if not isinstance(content, str):
+            return False  # a tool-call turn: its calls follow
+        if content.strip() and not turn.endswith(content.strip()[-1]):
+            return False  # most turns: an end-of-turn token follows the content (no render needed)
+        probe = [*messages[:i], {**messages[i], "content": _PROBE}]
+        return self.render(probe, False, template_kwargs).endswith(_PROBE)
 
     def _content_start(
         self,
@@ -317,13 +350,13 @@ class ChatFormatter:
         ``template_kwargs`` go to every render of the template (a record's: _template_kwargs)."""
         tok = self.tokenizer
         found = self.spans(messages, first_trained, template_kwargs)
-        if found is None:
+        if isinstance(found, str):
             if not _GENERATION_TAG.search(self._template((template_kwargs or {}).get("tools"))):
                 raise ExampleError(
-                    "the chat template does not render a conversation's beginning the same way as the whole "
-                    "conversation (it rewrites earlier turns), so the assistant tokens cannot be located; add "
-                    "{% generation %} ... {% endgeneration %} around the assistant content in the template "
-                    "(model.chat_template), or use prompt/completion data"
+                    f"the assistant tokens cannot be located from the chat template's renders of the "
+                    f"conversation's beginnings: {found}; add {{% generation %}} ... {{% endgeneration %}} "
+                    "around each assistant turn's content and end-of-turn token in the template "
+                    "(model.chat_template, e.g. TRL's training variant of it), or use prompt/completion data"
                 )
             return self._tokenize_with_generation_tags(messages, first_trained, template_kwargs)
         text, spans = found

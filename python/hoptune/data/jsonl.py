@@ -4,14 +4,24 @@ skipped line is counted and reported."""
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import re
 from dataclasses import dataclass, field
 
-_BAD_BYTE = re.compile("[\udc80-\udcff]")
+_BAD_BYTE = re.compile("[\udc00-\udcff]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _escape_bad_bytes(e: UnicodeDecodeError) -> tuple[str, int]:
+    # as "surrogateescape", but for every byte: a UTF-16 decoder's bad bytes (a lone surrogate, an odd
+    # last byte) may be below 0x80, which surrogateescape refuses with a UnicodeDecodeError
+    return "".join(chr(0xDC00 + b) for b in e.object[e.start : e.end]), e.end
+
+
+codecs.register_error("hoptune.escape_bad_bytes", _escape_bad_bytes)
 
 
 def _lone_surrogate(obj: object) -> str | None:
@@ -63,9 +73,10 @@ def _show(lines: list[tuple[int, str]], n: int = 5) -> str:
 def read_jsonl(path: str | os.PathLike, skip_malformed: bool = False) -> tuple[list[Record], ReadReport]:
     """Every JSON object of a JSONL file, in order; blank lines are ignored.
 
-    A line that is not valid UTF-8, not valid JSON, or JSON but not an object, is malformed:
-    DataError listing the malformed lines (all of them are found first, so one run shows every bad
-    line), or, with ``skip_malformed``, skipped and listed in the report."""
+    The file is UTF-8 (a byte-order mark opening it is dropped), UTF-16 or UTF-32. A line that is not
+    valid in the file's encoding, not valid JSON, or JSON but not an object, is malformed: DataError
+    listing the malformed lines (all of them are found first, so one run shows every bad line), or,
+    with ``skip_malformed``, skipped and listed in the report."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise DataError(f"data file {path!r} is a folder; expected a JSONL file (one JSON object per line)")
@@ -73,10 +84,16 @@ def read_jsonl(path: str | os.PathLike, skip_malformed: bool = False) -> tuple[l
         raise DataError(f"data file {path!r} does not exist")
     report = ReadReport(path=path)
     records: list[Record] = []
-    # undecodable bytes come through as lone surrogates (U+DC80..U+DCFF), so a bad byte spoils its
-    # line only and the lines around it are read as usual; a UTF-8 byte-order mark opening the file
-    # (Windows editors and PowerShell write one) is dropped, not read as part of line 1
-    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
+    # the encoding as JSON defines it (RFC 8259 / json.loads of bytes): UTF-8, or UTF-16 / UTF-32 as some
+    # Windows tools write (PowerShell 5's "> file" and Out-File: UTF-16 with a byte-order mark), told
+    # apart by a byte-order mark or by the zero bytes around the first character; a UTF-8 byte-order mark
+    # opening the file (Windows editors and PowerShell write one) is dropped, not read as part of line 1
+    with open(path, "rb") as f:
+        encoding = json.detect_encoding(f.read(4))
+    name = "UTF-" + encoding.split("-")[1]  # utf-8-sig, utf-16-le, ...: the name errors give
+    # undecodable bytes come through as lone surrogates (U+DC00..U+DCFF), so a bad byte spoils its line
+    # only and the lines around it are read as usual
+    with open(path, encoding=encoding, errors="hoptune.escape_bad_bytes") as f:
         for lineno, raw in enumerate(f, start=1):
             text = raw.strip()
             if not text:
@@ -86,7 +103,7 @@ def read_jsonl(path: str | os.PathLike, skip_malformed: bool = False) -> tuple[l
             if bad is not None:
                 byte = ord(bad.group()) - 0xDC00
                 report.malformed.append(
-                    (lineno, f"not valid UTF-8 (byte 0x{byte:02x} at column {bad.start() + 1})")
+                    (lineno, f"not valid {name} (byte 0x{byte:02x} at column {bad.start() + 1})")
                 )
                 continue
             try:
