@@ -10,10 +10,12 @@ A folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` (metada
 ``PeftModel.from_pretrained(base, folder)`` loads what :func:`save_adapter` writes, and
 :func:`load_adapter` loads what ``PeftModel.save_pretrained`` writes (LoRA, rsLoRA, DoRA,
 ``rank_pattern`` / ``alpha_pattern``, ``layers_to_transform``; ``adapter_model.bin`` from
-``safe_serialization=False`` too). A config field hoptune does not implement (``lora_bias``,
-``layer_replication``, ``modules_to_save``...) is an error when it is switched on, and a field it
-does not know at all is an error too unless it holds an off value (null, false, an empty list or
-object: a newer PEFT's default), which loads with a warning. PEFT's copies of base weights
+``safe_serialization=False`` too; keys holding the adapter name "default" as a PeftModel's
+``state_dict()`` has them, ``<path>.lora_A.default.weight``, load as PEFT loads them). A config
+field hoptune does not implement (``lora_bias``, ``layer_replication``, ``modules_to_save``...) is
+an error when it is switched on, and a field it does not know at all is an error too unless it
+holds an off value (null, false, an empty list or object: a newer PEFT's default), which loads
+with a warning. PEFT's copies of base weights
 (``<head>.base_layer.weight`` beside an adapted output head; ``embed_tokens.weight`` /
 ``lm_head.weight`` with ``save_embedding_layers``) load when they equal the model's own weights:
 hoptune never replaces base weights.
@@ -204,12 +206,17 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | os.PathLike 
         base_model_name_or_path = getattr(config, "_name_or_path", None) or getattr(
             config, "name_or_path", None
         )
-    is_causal_lm = (
-        callable(getattr(model, "get_output_embeddings", None)) and model.get_output_embeddings() is not None
-    )
+    # PEFT's task_type picks the PeftModel class from_pretrained builds: CAUSAL_LM's needs a model
+    # that generates (a masked LM, which has output embeddings too, fails to load), an encoder-decoder
+    # is SEQ_2_SEQ_LM's; None gives the plain PeftModel, which fits any model
+    can_generate = getattr(model, "can_generate", None)
+    task_type = None
+    if callable(can_generate) and can_generate():
+        encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+        task_type = "SEQ_2_SEQ_LM" if encoder_decoder else "CAUSAL_LM"
     return {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM" if is_causal_lm else None,
+        "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path or None,
         "revision": None,
         "r": r,
@@ -514,6 +521,12 @@ _LORA_PARTS = {
 }
 
 
+# <module>.<part>.<adapter name>.weight: the key of a LoRA tensor in a PeftModel's state_dict
+_NAMED_KEY = re.compile(
+    r"(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_magnitude_vector)\.(?P<adapter>[^.]+)\.weight"
+)
+
+
 def _unknown_key(path: str, key: str) -> ValueError:
     return ValueError(
         f"{path}: key {key!r} is not a LoRA A/B or DoRA magnitude tensor; hoptune does not support it "
@@ -531,21 +544,46 @@ def _group(
     both checked in load_adapter. Other keys are errors."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
     copies: dict[str, tuple[str, str, bool, torch.Tensor]] = {}
+    seen: dict[tuple[str, str], str] = {}
     for key, t in tensors.items():
         if not key.startswith(PREFIX):
             raise ValueError(
                 f"{path}: key {key!r} does not start with {PREFIX!r}; this is not a PEFT LoRA adapter"
             )
         rest = key[len(PREFIX) :]
+        named = _NAMED_KEY.fullmatch(rest)
+        if named is not None:
+            # a PeftModel's own state_dict key, with the adapter name PEFT's files leave out: PEFT's
+            # from_pretrained loads it under that name (its default "default"), and so does hoptune
+            part = named["part"]
+            plain = f"{named['module']}.{part}{'' if part == 'lora_magnitude_vector' else '.weight'}"
+            if named["adapter"] != "default":
+                raise ValueError(
+                    f"{path}: key {key!r} holds the adapter name {named['adapter']!r} (a PeftModel's "
+                    "state_dict key); PEFT loads it only as that named adapter, and hoptune reads the name "
+                    f"'default' only: save the adapter with PeftModel.save_pretrained, or rename the key to "
+                    f"{PREFIX + plain!r}"
+                )
+            rest = plain
         for suffix, part in _LORA_PARTS.items():
             if rest.endswith("." + suffix):
-                groups.setdefault(rest[: -len(suffix) - 1], {})[part] = t
+                module = rest[: -len(suffix) - 1]
+                if (module, part) in seen:  # else the one read last would win, silently
+                    raise ValueError(
+                        f"{path}: keys {seen[module, part]!r} and {key!r} both hold {part} of {module}"
+                    )
+                seen[module, part] = key
+                groups.setdefault(module, {})[part] = t
                 break
         else:
             module, _, param = rest.rpartition(".")
             under_base = module.endswith(".base_layer")
             module = module.removesuffix(".base_layer")
-            if param not in ("weight", "bias") or not module or module.rsplit(".", 1)[-1].startswith("lora_"):
+            if (
+                param not in ("weight", "bias")
+                or not module
+                or any(c.startswith("lora_") for c in module.split("."))
+            ):
                 raise _unknown_key(path, key)
             copies[key] = (module, param, under_base, t)
     return groups, copies
@@ -606,19 +644,28 @@ def load_adapter(
     quantize: str | None = None,
     double_quant: bool = True,
     blocksize: int = 64,
-    adapter_dtype: torch.dtype = torch.float32,
+    adapter_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Load a PEFT-format LoRA/DoRA adapter from ``adapter_dir`` into ``model`` (in place); return it.
 
     A model without LoRA layers gets them (as :func:`hoptune.apply_lora` would make them, with the
-    ranks and alphas of the file; NF4 layers stay NF4, ``quantize="nf4"`` quantizes dense ones). A
-    model that already has LoRA layers must have exactly the layers, ranks and scales of the
-    adapter: its weights are replaced. ``trainable`` sets ``requires_grad`` of the loaded adapter
+    ranks and alphas of the file, in ``adapter_dtype``, float32 when None; NF4 layers stay NF4,
+    ``quantize="nf4"`` quantizes dense ones). A model that already has LoRA layers must have exactly
+    the layers, ranks and scales of the adapter: its weights are replaced, in the layers' own dtype
+    (an ``adapter_dtype`` other than that, or ``quantize="nf4"`` over a dense base, is an error:
+    such a model's layers are not rebuilt). ``trainable`` sets ``requires_grad`` of the loaded adapter
     (False by default, as in PEFT). Everything is checked first: an adapter for another
     architecture or with other shapes is an error and the model is left unchanged. A model wrapped
     by torch.compile is patched inside its wrapper (and the wrapper returned)."""
     if not isinstance(trainable, bool):
         raise TypeError(f"trainable must be True or False, got {trainable!r}")
+    # checked whether or not the model has LoRA layers yet: those are kept, not rebuilt with these
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+    if adapter_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"adapter_dtype must be float32, bfloat16, float16 or None, got {adapter_dtype}")
     given, model = model, _unwrap(model)
     folder = os.fspath(adapter_dir)
     if not os.path.isdir(folder):
@@ -751,11 +798,21 @@ def load_adapter(
                     f"differs from the adapter's (r={t.r}, scaling={want:g}, dora={cfg['use_dora']}); "
                     "call hoptune.remove_lora(model) first"
                 )
+            # the layers are kept as they are: options that would have built them otherwise are errors,
+            # not silently dropped (the weights would load dense, or in another dtype, than asked)
+            if quantize == "nf4" and not lora.quantized:
+                raise ValueError(
+                    f"quantize='nf4': the model's LoRA layer {t.name} has a dense base, and load_adapter "
+                    "does not re-quantize the layers of a model that has LoRA layers already; call "
+                    "hoptune.remove_lora(model) first, or pass quantize=None"
+                )
+            if adapter_dtype is not None and lora.lora_A.dtype != adapter_dtype:
+                raise ValueError(
+                    f"adapter_dtype={adapter_dtype}: the model's LoRA layer {t.name} holds its adapter in "
+                    f"{lora.lora_A.dtype}, and load_adapter does not convert the LoRA layers a model has "
+                    "already; call hoptune.remove_lora(model) first, or pass adapter_dtype=None"
+                )
     else:
-        if quantize not in (None, "nf4"):
-            raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
-        if blocksize not in BLOCKSIZES:
-            raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
         for t in targets:  # the checks apply_lora makes (rank vs layer, NF4 block size), before any change
             check_target(t.name, t.module, t.r, quantize, blocksize, rank_above_layer=True)
         replace_with_lora(
@@ -767,7 +824,7 @@ def load_adapter(
             quantize=quantize,
             double_quant=double_quant,
             blocksize=blocksize,
-            adapter_dtype=adapter_dtype,
+            adapter_dtype=torch.float32 if adapter_dtype is None else adapter_dtype,
             init_lora_weights=True,
             trainable=trainable,
             progress=False,

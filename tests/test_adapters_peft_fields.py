@@ -1,0 +1,185 @@
+"""PEFT-format adapters, continued: the config's task_type as PEFT reads it, the key forms PEFT's
+loader takes (a PeftModel's own ``.default.`` keys), and load_adapter's options on a model that
+already has LoRA layers (never silently dropped)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import peft
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+import hoptune
+from tests.test_adapters import assert_unchanged, logits, ours, rel, snapshot, tiny_model
+
+
+# -- task_type ---------------------------------------------------------------------------------
+def _bert_mlm():
+    cfg = transformers.BertConfig(
+        vocab_size=128, hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128
+    )
+    torch.manual_seed(0)
+    return transformers.BertForMaskedLM(cfg).eval()
+
+
+def _t5():
+    cfg = transformers.T5Config(
+        vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4, decoder_start_token_id=0
+    )
+    torch.manual_seed(0)
+    return transformers.T5ForConditionalGeneration(cfg).eval()
+
+
+@pytest.mark.parametrize(
+    "make, targets, task_type",
+    [
+        (tiny_model, ["q_proj"], "CAUSAL_LM"),
+        # output embeddings but no generation: PEFT's CAUSAL_LM class failed to load it at all
+        (_bert_mlm, ["query"], None),
+        (_t5, ["q"], "SEQ_2_SEQ_LM"),
+    ],
+)
+def test_task_type_is_one_peft_loads_the_model_with(make, targets, task_type, tmp_path):
+    base = make()
+    torch.manual_seed(1)
+    model = hoptune.apply_lora(
+        copy.deepcopy(base), r=2, alpha=4, target_modules=targets, init_lora_weights=False
+    )
+    hoptune.save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["task_type"] == task_type
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    x = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        if task_type == "SEQ_2_SEQ_LM":
+            kw = dict(input_ids=x, max_new_tokens=4, do_sample=False)
+            assert torch.equal(pm.generate(**kw), model.generate(**kw))
+        else:
+            assert rel(pm(input_ids=x).logits, model(input_ids=x).logits) <= 1e-6
+
+
+# -- keys with the adapter name ----------------------------------------------------------------
+def _peft_with_model_keys(base, folder, use_dora: bool):
+    """A PEFT adapter whose file holds the PeftModel's own state_dict keys (``<m>.lora_A.default.weight``,
+    ``<m>.lora_magnitude_vector.default.weight``), as saved from ``model.state_dict()``."""
+    torch.manual_seed(2)
+    cfg = peft.LoraConfig(
+        target_modules=["q_proj", "down_proj"], r=4, lora_alpha=8, use_dora=use_dora, init_lora_weights=False
+    )
+    pm = peft.get_peft_model(copy.deepcopy(base), cfg).eval()
+    if use_dora:
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_magnitude_vector" in n:
+                    p.mul_(torch.linspace(0.5, 1.5, p.numel()))
+    pm.save_pretrained(folder)
+    state = {k: v.contiguous() for k, v in pm.state_dict().items() if ".lora_" in k}
+    assert state and all(".default." in k for k in state)
+    save_file(state, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    return pm
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_keys_with_the_default_adapter_name_load_as_in_peft(use_dora, tmp_path):
+    """PEFT's from_pretrained loads such keys (they are its model's own): so does load_adapter, with
+    the same result. Before, the file was refused as holding no LoRA tensors."""
+    base = tiny_model()
+    pm = _peft_with_model_keys(base, tmp_path, use_dora)
+    want = logits(pm)
+    assert rel(want, logits(base)) > 1e-3
+    assert rel(logits(peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()), want) <= 1e-6
+    assert rel(logits(hoptune.load_adapter(copy.deepcopy(base), tmp_path)), want) <= 1e-6
+
+
+def test_keys_with_another_adapter_name_are_refused_by_key(tmp_path):
+    """PEFT loads ``.math.`` keys only into an adapter named "math" (as "default" it loads nothing and
+    warns): refused, naming the key and the name it should have."""
+    base = tiny_model()
+    _peft_with_model_keys(base, tmp_path, use_dora=False)
+    path = tmp_path / "adapter_model.safetensors"
+    save_file({k.replace(".default.", ".math."): v for k, v in load_file(path).items()}, path)
+    model = copy.deepcopy(base)
+    snap = snapshot(model)
+    key = "base_model.model.model.layers.0.mlp.down_proj.lora_A.math.weight"
+    with pytest.raises(
+        ValueError, match=rf"key '{key}' holds the adapter name 'math'.*down_proj\.lora_A\.weight'"
+    ):
+        hoptune.load_adapter(model, tmp_path)
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize(
+    "first, second",
+    [
+        ("lora_A.weight", "lora_A.default.weight"),
+        ("lora_magnitude_vector", "lora_magnitude_vector.weight"),  # the older PEFT form beside the new
+    ],
+)
+def test_two_keys_for_one_tensor_are_refused(first, second, tmp_path):
+    """Two keys that name the same tensor: one of them would win, silently."""
+    hoptune.save_adapter(ours(tiny_model(), "dora"), tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(path)
+    stem = "base_model.model.model.layers.0.self_attn.q_proj."
+    tensors[stem + second] = torch.zeros_like(tensors[stem + first])
+    save_file(tensors, path, metadata={"format": "pt"})
+    model = tiny_model()
+    snap = snapshot(model)
+    with pytest.raises(
+        ValueError, match=r"keys .* both hold lora_.* of model\.layers\.0\.self_attn\.q_proj"
+    ) as e:
+        hoptune.load_adapter(model, tmp_path)
+    assert f"'{stem}{first}'" in str(e.value) and f"'{stem}{second}'" in str(e.value)
+    assert_unchanged(model, snap)
+
+
+# -- options on a model that already has LoRA layers ---------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (
+            dict(quantize="nf4"),
+            ValueError,
+            r"quantize='nf4'.*layer model\.layers\.0\.mlp\.down_proj has a dense base.*remove_lora",
+        ),
+        (
+            dict(adapter_dtype=torch.bfloat16),
+            ValueError,
+            r"adapter_dtype=torch\.bfloat16.*mlp\.down_proj holds its adapter in torch\.float32",
+        ),
+        (dict(quantize="int8"), ValueError, r"quantize must be None or 'nf4', got 'int8'"),
+        (dict(blocksize=100), ValueError, r"blocksize must be one of"),
+        (dict(adapter_dtype=torch.int8), TypeError, r"adapter_dtype must be"),
+    ],
+)
+def test_options_the_lora_layers_in_place_do_not_have_are_refused(kwargs, error, match, tmp_path):
+    """These were ignored: the adapter loaded dense, or in fp32, though NF4 or bf16 was asked for."""
+    base = tiny_model()
+    hoptune.save_adapter(ours(base, "lora"), tmp_path)
+    model = hoptune.apply_lora(copy.deepcopy(base), r=4, alpha=8)
+    snap = snapshot(model)
+    with pytest.raises(error, match=match):
+        hoptune.load_adapter(model, tmp_path, **kwargs)
+    assert_unchanged(model, snap)
+
+
+def test_options_the_lora_layers_in_place_have_load(tmp_path):
+    base = tiny_model()
+    src = ours(base, "lora")
+    hoptune.save_adapter(src, tmp_path)
+    nf4 = hoptune.apply_lora(copy.deepcopy(base), r=4, alpha=8, quantize="nf4")
+    hoptune.load_adapter(nf4, tmp_path, quantize="nf4", adapter_dtype=torch.float32)
+    again = hoptune.load_adapter(copy.deepcopy(base), tmp_path, quantize="nf4")
+    assert rel(logits(nf4), logits(again)) <= 1e-7
+    # no adapter_dtype: the layers keep their own
+    bf16 = hoptune.apply_lora(copy.deepcopy(base), r=4, alpha=8, adapter_dtype=torch.bfloat16)
+    hoptune.load_adapter(bf16, tmp_path)
+    q = bf16.model.layers[0].self_attn.q_proj
+    assert q.lora_A.dtype == torch.bfloat16
+    assert torch.equal(q.lora_A, src.model.layers[0].self_attn.q_proj.lora_A.to(torch.bfloat16))
+    # and a new adapter takes the one asked for
+    fresh = hoptune.load_adapter(copy.deepcopy(base), tmp_path, adapter_dtype=torch.bfloat16)
+    assert fresh.model.layers[0].self_attn.q_proj.lora_A.dtype == torch.bfloat16
