@@ -151,6 +151,19 @@ def test_missing_config_file(capsys):
     assert "neither a file nor a shipped config (demo_sft.yaml" in capsys.readouterr().err
 
 
+def test_repository_path_to_a_shipped_config_from_another_folder(tmp_path, monkeypatch, capsys):
+    """README's python/hoptune/configs/... path, typed outside the repository: the error names the
+    shipped config of that name (it listed every shipped file and left the link to the user)."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("python/hoptune/configs/sft_qlora_8b.yaml", "configs/demo_sft"):
+        assert main(["sft", name, "--print-config"]) == 2
+        err = capsys.readouterr().err
+        stem = os.path.basename(name).removesuffix(".yaml")
+        assert f"ships a config of that name: hoptune sft {stem}" in err and len(err.splitlines()) == 1
+        assert main(["sft", stem, "--print-config"]) == 0
+        capsys.readouterr()
+
+
 def test_no_config_names_only_the_config(capsys):
     # the overrides are optional: the usage error must not list them as required
     with pytest.raises(SystemExit) as e:

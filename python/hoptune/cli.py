@@ -36,6 +36,14 @@ def _config_file(name: str) -> str:
         if p.is_file():
             return str(p)
     shipped = sorted(p.name for p in root.iterdir() if p.name.endswith(".yaml"))
+    base = os.path.basename(name)
+    if base in shipped or base + ".yaml" in shipped:
+        # the repository's path to a shipped config (README's examples), run from another folder
+        stem = base.removesuffix(".yaml")
+        raise FileNotFoundError(
+            f"config {name!r} does not exist (relative to {os.getcwd()}); hoptune ships a config of that "
+            f"name: hoptune sft {stem}"
+        )
     raise FileNotFoundError(f"config {name!r} is neither a file nor a shipped config ({', '.join(shipped)})")
 
 

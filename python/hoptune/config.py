@@ -502,6 +502,7 @@ def check_sft_config(cfg: SFTConfig) -> None:
     need(t.lr > 0 and math.isfinite(t.lr), f"train.lr must be a finite number > 0, got {t.lr}")
     need(t.epochs > 0 or t.max_steps > 0, "set train.epochs > 0 or train.max_steps > 0")
     need(math.isfinite(t.epochs), f"train.epochs must be a finite number, got {t.epochs}")
+    need(t.epochs >= 0, f"train.epochs must be >= 0 (0 with train.max_steps > 0), got {t.epochs}")
     need(t.max_steps >= 0, f"train.max_steps must be >= 0, got {t.max_steps}")
     # (the data order seeds a generator with seed x 1_000_003 + epoch, which must fit in 64 bits)
     need(-(2**32) < t.seed < 2**32, f"train.seed must be a 32-bit number (|seed| < 2**32), got {t.seed}")

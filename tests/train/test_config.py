@@ -97,6 +97,8 @@ def test_value_checks():
         ("train.eps=.inf", "train.eps must be a finite number > 0, got inf"),
         ("train.weight_decay=.inf", "train.weight_decay must be a finite number >= 0, got inf"),
         ("train.epochs=.inf", "train.epochs must be a finite number, got inf"),
+        # (passed with train.max_steps set, which makes epochs unused: a sign the config is not what was meant)
+        (("train.max_steps=10", "train.epochs=-1"), r"train.epochs must be >= 0 \(0 with train.max_steps"),
         ("lora.alpha=.nan", "lora.alpha must be a finite number > 0, got nan"),
         ("lora.alpha=-16", "lora.alpha must be a finite number > 0, got -16"),
         ("model.device=gpu", "model.device must be auto, cpu, cuda, cuda:N, mps or xpu .*, got 'gpu'"),
@@ -133,6 +135,7 @@ def test_value_checks_of_train_and_model(override, message):
         "train.seed=4294967295",
         "lora.enabled=false model.quantize=null model.dtype=bf16",
         "model.dtype=fp16",  # (LoRA: the adapters train in fp32)
+        "train.epochs=0 train.max_steps=5",
     ],
 )
 def test_values_at_the_edge_of_the_checks_pass(override):

@@ -10,13 +10,90 @@ from hoptune.train import loop
 
 def test_lr_schedule_warmup_cosine():
     s = loop.LRSchedule(total_steps=110, warmup_steps=10, kind="cosine", min_ratio=0.1)
-    assert s(0) == pytest.approx(1 / 11)
-    assert s(9) == pytest.approx(10 / 11)
+    assert s(0) == 0.0
+    assert s(9) == pytest.approx(9 / 10)
     assert s(10) == pytest.approx(1.0)
     assert s(60) == pytest.approx(0.1 + 0.9 * 0.5)
     assert s(110) == pytest.approx(0.1) and s(500) == pytest.approx(0.1)
     assert loop.LRSchedule(10, 0, "linear")(5) == pytest.approx(0.5)
     assert loop.LRSchedule(10, 2, "constant")(7) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("kind", "total", "warmup", "min_ratio"),
+    [
+        ("linear", 20, 5, 0.0),
+        ("cosine", 20, 5, 0.0),
+        ("cosine", 17, 3, 0.1),
+        ("constant", 12, 4, 0.0),
+        ("linear", 10, 0, 0.0),
+        ("cosine", 7, 1, 0.0),
+        ("cosine", 34, 2, 0.0),  # (warmup_ratio=0.03 of 34 steps, rounded up as transformers does)
+    ],
+)
+def test_lr_schedule_matches_transformers(kind, total, warmup, min_ratio):
+    """The lr of every step, warmup included (it was (step + 1) / (warmup + 1), not transformers'
+    step / warmup), is the one transformers' schedule (TRL's) gives with the same settings."""
+    from transformers import get_scheduler
+
+    def lrs(make):
+        p = torch.nn.Parameter(torch.zeros(2))
+        opt = torch.optim.SGD([p], lr=1.0)
+        sch = make(opt)
+        out = []
+        for _ in range(total):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sch.step()
+        return out
+
+    name = "cosine_with_min_lr" if min_ratio else kind + ("_with_warmup" if kind == "constant" else "")
+    extra = {"scheduler_specific_kwargs": {"min_lr_rate": min_ratio}} if min_ratio else {}
+    theirs = lrs(lambda opt: get_scheduler(name, opt, warmup, total, **extra))
+    ours = lrs(lambda opt: loop.build_scheduler(opt, total, warmup, kind, min_ratio))
+    assert ours == pytest.approx(theirs, abs=1e-12)
+    assert ours[0] == (0.0 if warmup else 1.0)
+
+
+def test_checkpoint_of_the_earlier_warmup_resumes_on_it(tmp_path, small_model):
+    """A checkpoint whose schedule was saved before it matched transformers' warmup resumes on the
+    warmup it started with: the rest of its run goes on at the lrs it would have had."""
+    model = _lora_model(small_model)
+    params = loop.trainable_parameters(model)
+
+    def run(sch, opt, n):
+        out = []
+        for _ in range(n):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sch.step()
+        return out
+
+    opt = loop.build_optimizer(params, 1.0)
+    sch = loop.build_scheduler(opt, 20, 8)
+    sch.lr_lambdas[0].warmup_from_zero = False  # the earlier schedule
+    run(sch, opt, 3)
+    ck = loop.Checkpointer(tmp_path)
+    folder = ck.save(3, model, opt, sch, {"step": 3})
+    pt = os.path.join(folder, loop.STATE_FILE)
+    blob = torch.load(pt, map_location="cpu", weights_only=False)
+    del blob["scheduler"]["lr_lambdas"][0]["warmup_from_zero"]  # (the earlier version saved no such field)
+    torch.save(blob, pt)
+    expected = run(sch, opt, 6)
+    assert expected[0] == pytest.approx(4 / 9)  # (step + 1) / (warmup + 1)
+    opt2 = loop.build_optimizer(params, 1.0)
+    sch2 = loop.build_scheduler(opt2, 20, 8)
+    loop.Checkpointer.load(folder, model, opt2, sch2, restore_rng=False)
+    assert run(sch2, opt2, 6) == pytest.approx(expected)
+    # a checkpoint of this version keeps transformers' warmup
+    opt3 = loop.build_optimizer(params, 1.0)
+    sch3 = loop.build_scheduler(opt3, 20, 8)
+    run(sch3, opt3, 3)
+    folder = ck.save(3, model, opt3, sch3, {"step": 3})
+    opt4 = loop.build_optimizer(params, 1.0)
+    sch4 = loop.build_scheduler(opt4, 20, 8)
+    loop.Checkpointer.load(folder, model, opt4, sch4, restore_rng=False)
+    assert run(sch4, opt4, 2) == pytest.approx([3 / 8, 4 / 8])
 
 
 def test_scheduler_state_round_trip():

@@ -132,7 +132,7 @@ def test_resume_refuses_another_eval_set(tmp_path, tokenizer, demo_data):
         ("lora.dropout=0.1", "lora.dropout was 0.0 and is now 0.1"),
         ("train.max_grad_norm=0.5", "train.max_grad_norm was 1.0 and is now 0.5"),
         ("model.quantize=nf4", "model.quantize was None and is now 'nf4'"),
-        ("model.dtype=fp32", "model.dtype was 'auto' and is now 'fp32'"),
+        ("model.dtype=bf16", "model.dtype \\(resolved\\) was 'fp32' and is now 'bf16'"),
         ("model.path=/elsewhere/llama", "model.path was 'hoptune/tiny' and is now '/elsewhere/llama'"),
     ],
 )
@@ -149,6 +149,25 @@ def test_resume_refuses_changed_settings(tmp_path, tokenizer, demo_data, overrid
         _run(cfg, tokenizer)
     with open(config_yaml) as f:
         assert f.read() == before
+
+
+def test_resume_compares_the_precision_model_dtype_auto_resolves_to(
+    tmp_path, tokenizer, demo_data, monkeypatch
+):
+    """model.dtype=auto is fp32 on a CPU and bf16 on a GPU: a run checkpointed on one and resumed on
+    the other trained its adapter through another function (it went on silently, "auto" == "auto"),
+    refused with the way out; the precision written out resumes, the same setting on the same kind of
+    machine too."""
+    common = ["train.max_steps=2", "train.save_every=1"]
+    _run(small_config(tmp_path, demo_data, *common), tokenizer)  # auto on a CPU: fp32
+    monkeypatch.setattr(loop, "resolve_dtype", lambda name, device: torch.bfloat16)  # auto on a GPU
+    with pytest.raises(
+        ConfigError, match=r"model.dtype \(resolved\) was 'fp32' and is now 'bf16'.*set model.dtype to"
+    ):
+        _run(small_config(tmp_path, demo_data, *common), tokenizer)
+    monkeypatch.undo()
+    assert _run(small_config(tmp_path, demo_data, *common, "model.dtype=fp32"), tokenizer).train_losses == []
+    assert _run(small_config(tmp_path, demo_data, *common), tokenizer).train_losses == []
 
 
 def test_resume_compares_the_base_model_folder_not_its_spelling(tmp_path, tokenizer, demo_data, monkeypatch):
@@ -172,6 +191,43 @@ def test_resume_compares_the_base_model_folder_not_its_spelling(tmp_path, tokeni
     _run(cfg, tokenizer)
     cfg = small_config(tmp_path / "tiny", demo_data, *common, "model.path=hoptune/tiny")
     assert _run(cfg, tokenizer).train_losses == []
+
+
+def test_resume_follows_a_base_folder_that_moved(tmp_path, tokenizer, demo_data, monkeypatch):
+    """A base folder moved since the checkpoint was written resumes from its new place when its files
+    are the same (it was refused, with the advice to use a folder that no longer exists); other files
+    in its place are refused, naming the folder that is gone."""
+
+    def base(folder, weights):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text('{"model_type": "llama"}')
+        (folder / "model.safetensors").write_bytes(weights)
+        return folder
+
+    old = base(tmp_path / "disk1" / "base", bytes(range(256)) * 600)
+    common = ["train.max_steps=2", "train.save_every=1"]
+    _run_killed_at_step(
+        small_config(tmp_path, demo_data, *common, f"model.path={old}"), tokenizer, 2, monkeypatch
+    )
+    moved = tmp_path / "disk2" / "base"
+    moved.parent.mkdir()
+    os.rename(old, moved)
+    lines = []
+    cfg = small_config(tmp_path, demo_data, *common, f"model.path={moved}")
+    res = sft.train(cfg, log=lines.append, model=build_model(seed=0, **SMALL), tokenizer=tokenizer)
+    assert len(res.train_losses) == 1 and any(f"moved to {moved}" in s for s in lines)
+    # (the run's next checkpoint records the new folder)
+    state = loop.Checkpointer.read_state(loop.Checkpointer(cfg.output.dir).latest())
+    assert state["settings"]["model.path"] == str(moved)
+
+    cfg = small_config(tmp_path / "b", demo_data, *common, f"model.path={moved}")
+    _run(cfg, tokenizer)
+    other = base(tmp_path / "disk3" / "base", bytes(range(256)) * 599 + bytes(256))  # (a fine-tune)
+    os.rename(moved, tmp_path / "disk2" / "gone")
+    with pytest.raises(
+        ConfigError, match=f"model.path was '{moved}' and is now '{other}'.*{moved} no longer"
+    ):
+        _run(small_config(tmp_path / "b", demo_data, *common, f"model.path={other}"), tokenizer)
 
 
 def test_resume_from_a_checkpoint_without_data_order(tmp_path, tokenizer, demo_data, monkeypatch):

@@ -25,7 +25,7 @@ def test_warmup_ratio_rounds_up_as_transformers_does(tmp_path, tokenizer, demo_d
     sft.train(cfg, log=lines.append, model=build_model(seed=0, **SMALL), tokenizer=tokenizer)
     assert any("warmup 1," in s for s in lines)
     lrs = [r["lr"] for r in _metrics(cfg.output.dir) if r["split"] == "train"]
-    assert lrs[0] == pytest.approx(1e-3 / 2)  # the first warmup step runs at lr / (warmup + 1)
+    assert lrs[0] == 0.0  # transformers' warmup: step / warmup, from 0
     assert lrs[1] == pytest.approx(1e-3)
 
 

@@ -172,16 +172,26 @@ def build_optimizer(
 @dataclass
 class LRSchedule:
     """The learning-rate multiplier at a step: linear warmup from 0, then cosine (or linear) decay
-    to ``min_ratio``, or constant. A plain object so the scheduler's state pickles."""
+    to ``min_ratio``, or constant. A plain object so the scheduler's state pickles.
+
+    Step for step what transformers' get_{cosine,linear,constant}_schedule_with_warmup (and its
+    cosine with ``min_lr_rate``) give, so TRL's curve: warmup is ``step / warmup_steps``, the first
+    step at lr 0 (it still starts AdamW's moments), full lr from step ``warmup_steps`` on."""
 
     total_steps: int
     warmup_steps: int = 0
     kind: str = "cosine"
     min_ratio: float = 0.0
+    warmup_from_zero: bool = True
+    """False: ``(step + 1) / (warmup_steps + 1)``, the warmup of checkpoints written before the
+    schedule matched transformers' (``Checkpointer.load`` sets it), so that their runs resume on the
+    schedule they started with."""
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
-            return (step + 1) / (self.warmup_steps + 1)
+            if not self.warmup_from_zero:
+                return (step + 1) / (self.warmup_steps + 1)
+            return step / self.warmup_steps
         if self.kind == "constant":
             return 1.0
         span = max(1, self.total_steps - self.warmup_steps)
@@ -617,6 +627,12 @@ class Checkpointer:
             optimizer.load_state_dict(blob["optimizer"])
         if scheduler is not None and blob["scheduler"] is not None:
             scheduler.load_state_dict(blob["scheduler"])
+            # a schedule saved without warmup_from_zero warmed up as (step + 1) / (warmup + 1): the
+            # loaded state leaves the new default in place, and its run would go on at another lr
+            saved = blob["scheduler"].get("lr_lambdas") or []
+            for fn, d in zip(getattr(scheduler, "lr_lambdas", []), saved):
+                if isinstance(fn, LRSchedule) and isinstance(d, dict) and "warmup_from_zero" not in d:
+                    fn.warmup_from_zero = False
         if scaler is not None and blob.get("scaler"):  # (none in a checkpoint of an earlier version)
             scaler.load_state_dict(blob["scaler"])
         if restore_rng:

@@ -12,6 +12,7 @@ Copy this file to make a variant; the shared pieces live in ``hoptune.train.loop
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import sys
@@ -245,13 +246,14 @@ def _resume_folder(cfg: SFTConfig, ckpt: loop.Checkpointer) -> str | None:
     return r
 
 
-def _resume_settings(cfg: SFTConfig) -> dict[str, Any]:
+def _resume_settings(cfg: SFTConfig, dtype: torch.dtype | None = None) -> dict[str, Any]:
     """The settings a resumed run must share with the run that wrote its checkpoint, by config key:
     the optimizer and its schedule (their state comes back from the checkpoint, so a new value would
     be silently ignored), the seed (the data order), gradient clipping, the base model (its folder)
     and its precision (quantized or not, and how: the function the weights were trained in) and the
     adapters (the weights that come back, and their dropout). Checkpoints store them;
-    ``_check_resume`` compares them."""
+    ``_check_resume`` compares them. ``dtype``: what model.dtype resolved to on this machine
+    (``auto`` is bf16 on a GPU and fp32 on a CPU: the same setting, another function)."""
     t, lo, m = cfg.train, cfg.lora, cfg.model
     adapters = {  # (a full fine-tuning run trains no adapter: its lora.* keys do not matter)
         "lora.r": lo.r,
@@ -277,6 +279,7 @@ def _resume_settings(cfg: SFTConfig) -> dict[str, Any]:
         "train.max_grad_norm": t.max_grad_norm,
         "model.path": _base_model_id(m.path),
         "model.dtype": m.dtype,
+        **({"model.dtype (resolved)": _DTYPE_NAMES.get(dtype, str(dtype))} if dtype is not None else {}),
         "model.quantize": m.quantize,
         # (double quantization changes the base's values only when it is quantized)
         **({"model.double_quant": m.double_quant} if m.quantize else {}),
@@ -285,10 +288,44 @@ def _resume_settings(cfg: SFTConfig) -> dict[str, Any]:
     }
 
 
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
 def _base_model_id(path: str) -> str:
     """``model.path`` as a resume compares it: the folder itself (a relative path, a link or another
     spelling of the same folder is the same base), or the built-in model under either name."""
     return TINY[0] if path in TINY else os.path.realpath(path)
+
+
+def _base_fingerprint(path: str) -> str | None:
+    """What identifies a base model folder wherever it lies: its config.json and, for each weights file,
+    its name, size, first and last 64 KiB (a fine-tune of the same architecture has the same config and
+    sizes, not the same bytes). None for the built-in model or a path that is not a folder."""
+    if path in TINY or not os.path.isdir(path):
+        return None
+    h = hashlib.sha256()
+    chunk = 1 << 16
+    for name in sorted(os.listdir(path)):
+        if name != "config.json" and not name.endswith((".safetensors", ".bin")):
+            continue
+        file = os.path.join(path, name)
+        size = os.path.getsize(file)
+        h.update(f"{name}\0{size}\0".encode())
+        with open(file, "rb") as f:
+            h.update(f.read(chunk))
+            if size > chunk:
+                f.seek(max(chunk, size - chunk))
+                h.update(f.read())
+    return h.hexdigest()
+
+
+def _moved_base(state: dict[str, Any], now: dict[str, Any], fp: str | None) -> str | None:
+    """The base folder a checkpoint recorded, when it no longer exists and ``model.path`` now names
+    the same files (``fp``: their ``_base_fingerprint``): the base moved, and the run resumes on it."""
+    was = (state.get("settings") or {}).get("model.path")
+    if was is None or was == now.get("model.path") or was == TINY[0] or os.path.exists(was):
+        return None
+    return was if fp is not None and state.get("base_fingerprint") == fp else None
 
 
 def _check_resume(folder: str, state: dict[str, Any], now: dict[str, Any]) -> None:
@@ -299,7 +336,21 @@ def _check_resume(folder: str, state: dict[str, Any], now: dict[str, Any]) -> No
         was["eval_fingerprint"] = state["eval_fingerprint"]
     was["data_order"] = state.get("data_order", "steps")
     was.update(state.get("settings") or {"train.seed": state.get("seed")})
+    if "model.dtype (resolved)" in was:
+        # the precision trained in is what counts: model.dtype=bf16 resumes a GPU's auto run on a CPU
+        was.pop("model.dtype", None)
     changed = [f"{k} was {was[k]!r} and is now {v!r}" for k, v in now.items() if k in was and was[k] != v]
+    if "model.path" in now and was.get("model.path") not in (None, now["model.path"], TINY[0]):
+        if not os.path.exists(was["model.path"]):
+            changed.append(
+                f"{was['model.path']} no longer exists: a moved base resumes from its new folder when its "
+                "files (config.json, weights) are the ones the run started on"
+            )
+    if any(c.startswith("model.dtype (resolved) ") for c in changed):
+        changed.append(
+            "model.dtype=auto is bf16 on a GPU and fp32 on a CPU: set model.dtype to the precision the "
+            "run was trained in"
+        )
     if changed:
         raise ConfigError(
             f"cannot resume exactly from {folder}: {'; '.join(changed)}. Use the config that run was started "
@@ -368,6 +419,7 @@ def _train(
     # rerun reports instead of evaluating again) must be of the same examples
     eval_fp = fingerprint(eval_rows)
     data_order = "epochs" if sampler.whole_epochs else "steps"
+    base_fp = _base_fingerprint(cfg.model.path)
     if resume_from is not None:
         now = {
             "data_fingerprint": data_fp,
@@ -375,8 +427,14 @@ def _train(
             "rows_per_step": rows_per_step,
             "total_steps": total,
             "data_order": data_order,
-            **_resume_settings(cfg),
+            **_resume_settings(cfg, dtype),
         }
+        moved = _moved_base(prior, now, base_fp)
+        if moved is not None:
+            log(
+                f"model.path: the base {moved} of {resume_from} moved to {now['model.path']} (the same files)"
+            )
+            now["model.path"] = moved
         _check_resume(resume_from, prior, now)
 
     # 2. model
@@ -443,7 +501,8 @@ def _train(
                 "eval_fingerprint": eval_fp,
                 "data_order": data_order,
                 "seed": t.seed,
-                "settings": _resume_settings(cfg),
+                "settings": _resume_settings(cfg, dtype),
+                "base_fingerprint": base_fp,
                 "log_window": dict(window),
             },
             scaler=scaler,
