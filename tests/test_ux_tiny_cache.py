@@ -224,3 +224,23 @@ def test_demo_device_errors_name_the_option_given(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"^model\.device=cuda: .*use model\.device=cpu$"):
         run_demo(str(tmp_path / "demo"), "auto", ["model.device=cuda"])
     assert not (tmp_path / "demo").exists()
+
+
+def test_pretraining_keeps_the_warmup_its_cached_models_were_made_with(monkeypatch):
+    """The cache folder is named after the recipe, so the recipe's model must not change with the SFT
+    schedule (whose warmup follows transformers' from lr 0): pretraining warms up as (s + 1) / (w + 1)."""
+    from hoptune.train import loop
+
+    made = []
+    real = loop.build_scheduler
+
+    def spy(*a, **k):
+        made.append(real(*a, **k))
+        return made[-1]
+
+    monkeypatch.setattr(loop, "build_scheduler", spy)
+    pretrain.pretrain(steps=1, device="cpu", log=lambda s: None, progress=False)
+    (sched,) = made
+    fn = sched.lr_lambdas[0]  # (one per parameter group, all alike)
+    w = pretrain.RECIPE["warmup"]
+    assert fn(0) == 1 / (w + 1) and fn(w - 1) == w / (w + 1)

@@ -102,7 +102,11 @@ def pretrain(
         model.train()
         named = loop.trainable_parameters(model)
         opt = loop.build_optimizer(named, r["lr"], r["weight_decay"], tuple(r["betas"]))
-        sched = loop.build_scheduler(opt, steps, r["warmup"], "cosine", r["min_lr_ratio"])
+        # the warmup the recipe was made with, (s + 1) / (w + 1): the cache folder is named after the
+        # recipe, so its model must not change with the SFT schedule's (which follows transformers')
+        sched = loop.build_scheduler(
+            opt, steps, r["warmup"], "cosine", r["min_lr_ratio"], warmup_from_zero=False
+        )
         rng = random.Random(r["seed"])
         params = [p for _, p in named]
         bar = loop.Progress(steps, enabled=progress, desc="pretrain tiny")

@@ -211,9 +211,10 @@ def build_scheduler(
     warmup_steps: int = 0,
     kind: str = "cosine",
     min_ratio: float = 0.0,
+    warmup_from_zero: bool = True,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, LRSchedule(total_steps, warmup_steps, kind, min_ratio)
+        optimizer, LRSchedule(total_steps, warmup_steps, kind, min_ratio, warmup_from_zero)
     )
 
 
