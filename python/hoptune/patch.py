@@ -261,10 +261,22 @@ def plan_targets(
             f"model already has LoRA layers ({existing[0]}, ... {len(existing)} in all); call "
             "hoptune.remove_lora(model) or hoptune.merge_and_unload(model) first"
         )
+    # nn.MultiheadAttention never calls its out_proj: it reads out_proj.weight and .bias directly, which
+    # an NF4 base does not have (the forward would fail). PEFT selects the layer too ("all-linear");
+    # dense, its adapter is never used there either
+    mha_out = {
+        f"{n}.out_proj".lstrip(".") for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
+    }
     targets = []
     for name, mod in select_modules(model, target_modules, exclude_modules):
         rr = pattern_value(rank_pattern, name, r)
         check_target(name, mod, rr, quantize, blocksize)
+        if name in mha_out and (quantize == "nf4" or isinstance(mod, NF4Linear)):
+            raise ValueError(
+                f"layer {name} is the out_proj of an nn.MultiheadAttention, which reads its weight directly "
+                "(an NF4 base has none, and an adapter there is never used); exclude it "
+                f"(exclude_modules=[{name!r}]) or use quantize=None"
+            )
         targets.append(_Target(name, mod, int(rr), float(pattern_value(alpha_pattern, name, alpha))))
     return targets
 
@@ -279,7 +291,8 @@ def check_target(
     if r > MAX_RANK or (r > min(fan_in, fan_out) and not rank_above_layer):
         raise ValueError(
             f"r={r} is larger than layer {name} allows: it is [{fan_out}, {fan_in}] "
-            f"(rank at most min(in, out) = {min(fan_in, fan_out)}, and at most {MAX_RANK})"
+            f"(rank at most min(in, out) = {min(fan_in, fan_out)}, and at most {MAX_RANK}); give it a "
+            "smaller rank (rank_pattern) or exclude it (exclude_modules)"
         )
     if isinstance(mod, nn.Linear) or _is_conv1d(mod):
         if mod.weight.is_meta:
@@ -502,6 +515,22 @@ def _base_layer(lora: LoRALinear) -> nn.Module:
     return out
 
 
+def _replace_all(model: nn.Module, layers: Iterable[tuple[str, nn.Module]], make) -> None:
+    """Put ``make(module)`` in place of each ``(name, module)``. A failure part way (out of memory
+    while dequantizing, an interrupt) would leave the model part converted, with no record of which
+    layers were: the layers already replaced are put back (the caller's list still holds them, so
+    this keeps nothing in memory twice; the new layers are dropped) and the error propagates."""
+    done: list[tuple[str, nn.Module]] = []
+    try:
+        for name, mod in layers:
+            _set_module(model, name, make(mod))
+            done.append((name, mod))
+    except BaseException:
+        for name, old in reversed(done):
+            _set_module(model, name, old)
+        raise
+
+
 def remove_lora(model: nn.Module) -> nn.Module:
     """Drop the adapters: every ``LoRALinear`` becomes the layer it replaced (``nn.Linear``, a
     ``Conv1D``, or the ``NF4Linear`` that :func:`hoptune.load_model` made) and parameters get back the
@@ -511,8 +540,7 @@ def remove_lora(model: nn.Module) -> nn.Module:
     layers = lora_layers(model)
     if not layers:
         raise ValueError(f"model ({type(model).__name__}) has no LoRA layers to remove")
-    for name, lora in layers:
-        _set_module(model, name, _base_layer(lora))
+    _replace_all(model, layers, _base_layer)
     _restore_requires_grad(model)
     return model
 
@@ -537,12 +565,17 @@ def merge_and_unload(
     if not layers:
         raise ValueError(f"model ({type(model).__name__}) has no LoRA or NF4 layers to merge")
     heads = _output_head_names(model)
-    for name, mod in _progress(layers, len(layers) > 32 if progress is None else progress, "merge"):
+
+    def merged(mod: nn.Module) -> nn.Module:
         new = mod.to_linear(merge=True, dtype=dtype) if isinstance(mod, LoRALinear) else mod.to_linear(dtype)
         if fan_in_fan_out(mod):
             new = _to_conv1d(new.weight.t(), new.bias)
         new.train(mod.training)
-        _set_module(model, name, new)
+        return new
+
+    _replace_all(
+        model, _progress(layers, len(layers) > 32 if progress is None else progress, "merge"), merged
+    )
     config = getattr(model, "config", None)
     get_input = getattr(model, "get_input_embeddings", None)
     emb = get_input() if callable(get_input) and heads & {n for n, _ in layers} else None

@@ -1,0 +1,119 @@
+"""apply_lora / remove_lora / merge_and_unload at the edges: a merge or removal that fails part way,
+a layer whose module reads its weight directly (nn.MultiheadAttention's out_proj), a layer smaller
+than the rank (Qwen2-MoE's shared_expert_gate)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+
+import hoptune
+from hoptune.nn import LoRALinear
+from tests.test_patch import assert_same, ids, logits, snapshot, tiny_model
+
+
+def test_merge_that_fails_part_way_leaves_the_model_as_it_was(monkeypatch):
+    """An error while merging one layer (out of memory, say) must not leave the layers before it
+    merged and the rest still LoRA: the model is as it was, and a second merge gives the result."""
+    model = hoptune.apply_lora(tiny_model("llama"), r=4, init_lora_weights=False)
+    x = ids()
+    want = logits(model, x)
+    snap = snapshot(model)
+    to_linear, calls = LoRALinear.to_linear, []
+
+    def failing(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return to_linear(self, *a, **kw)
+
+    monkeypatch.setattr(LoRALinear, "to_linear", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        hoptune.merge_and_unload(model, dtype=torch.float32)
+    assert len(calls) == 3
+    assert_same(model, snap)  # (module types, tensors and requires_grad)
+    torch.testing.assert_close(logits(model, x), want, atol=0, rtol=0)
+    monkeypatch.setattr(LoRALinear, "to_linear", to_linear)
+    merged = hoptune.merge_and_unload(copy.deepcopy(model), dtype=torch.float32)
+    torch.testing.assert_close(logits(merged, x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_remove_lora_that_fails_part_way_leaves_the_model_as_it_was(monkeypatch):
+    """remove_lora dequantizes the bases apply_lora(quantize="nf4") quantized: an error there (out of
+    memory) must not leave some layers dense and the rest still LoRA."""
+    model = hoptune.apply_lora(tiny_model("llama"), r=4, quantize="nf4", init_lora_weights=False)
+    x = ids()
+    want = logits(model, x)
+    snap = snapshot(model)
+    to_linear, calls = LoRALinear.to_linear, []
+
+    def failing(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return to_linear(self, *a, **kw)
+
+    monkeypatch.setattr(LoRALinear, "to_linear", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        hoptune.remove_lora(model)
+    assert len(calls) == 5
+    assert_same(model, snap)
+    torch.testing.assert_close(logits(model, x), want, atol=0, rtol=0)
+
+
+def tiny_siglip() -> torch.nn.Module:
+    """A SigLIP vision tower: its pooling head holds an nn.MultiheadAttention."""
+    cfg = transformers.SiglipVisionConfig(
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        image_size=16,
+        patch_size=8,
+    )
+    torch.manual_seed(0)
+    return transformers.SiglipVisionModel(cfg).eval()
+
+
+def test_nf4_on_a_multihead_attention_out_proj_is_refused_up_front():
+    """nn.MultiheadAttention reads out_proj.weight itself: with an NF4 base there is no weight, and
+    the forward failed with "'LoRALinear' object has no attribute 'weight'". Refused before any
+    layer is replaced, naming the layer and the way out."""
+    model = tiny_siglip()
+    snap = snapshot(model)
+    with pytest.raises(
+        ValueError, match=r"head\.attention\.out_proj is the out_proj of an nn\.MultiheadAttention"
+    ):
+        hoptune.apply_lora(model, r=4, quantize="nf4")
+    assert_same(model, snap)
+    hoptune.apply_lora(model, r=4, quantize="nf4", exclude_modules=["head.attention.out_proj"])
+    pixels = torch.randn(2, 3, 16, 16)
+    assert model(pixel_values=pixels).pooler_output.shape == (2, 64)
+    # dense, it is selected as PEFT selects it ("all-linear")
+    dense = hoptune.apply_lora(tiny_siglip(), r=4)
+    assert isinstance(dense.head.attention.out_proj, LoRALinear)
+
+
+def test_rank_above_a_layer_names_the_way_out():
+    """Qwen2-MoE's shared_expert_gate has one output: "all-linear" with r > 1 is refused, and the
+    error says how to go on (PEFT would give it rank r)."""
+    cfg = transformers.Qwen2MoeConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+    )
+    model = transformers.Qwen2MoeForCausalLM(cfg)
+    with pytest.raises(ValueError, match=r"shared_expert_gate .*rank_pattern.*exclude_modules"):
+        hoptune.apply_lora(model, r=4)
+    hoptune.apply_lora(model, r=4, rank_pattern={"shared_expert_gate": 1})
+    assert model.model.layers[0].mlp.shared_expert_gate.r == 1
