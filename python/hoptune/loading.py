@@ -51,7 +51,7 @@ from hoptune.nn.nf4_linear import NF4Linear
 from hoptune.ops import nf4 as nf4_ops
 from hoptune.patch import CONV1D_ATTR, _is_conv1d
 from hoptune.quant.bnb_format import QS_SUFFIX, from_bnb_state_dict
-from hoptune.quant.checkpoint import _kept_dense, _skip_names, _skipped
+from hoptune.quant.checkpoint import _check_skips_match, _kept_dense, _skip_names, _skipped
 from hoptune.quant.nf4 import BLOCKSIZES, NF4Weight
 from hoptune.reference.nf4 import dynamic_map
 
@@ -712,8 +712,14 @@ def load_model(
     ``model.safetensors.index.json`` (never a hub name: nothing is fetched).
     ``quantize``: "nf4" makes every linear layer but the output head and ``skip_modules`` an
     :class:`~hoptune.nn.NF4Linear` (``blocksize``, ``double_quant`` as in bitsandbytes); None keeps
-    them dense. A pre-quantized bitsandbytes NF4 checkpoint loads as stored either way (its dense
-    layers stay dense).
+    them dense. ``skip_modules`` entries are matched as transformers matches
+    ``llm_int8_skip_modules``: a regular expression from the start of a module name up to a ``.``
+    or its end (``"model.layers.1"``: that layer, not ``model.layers.11``), or a suffix of the name
+    (``"down_proj"``); an entry that matches no linear layer is an error. Unlike transformers,
+    which quantizes the output head too once ``llm_int8_skip_modules`` is given, the head stays
+    dense here whatever ``skip_modules`` holds. A pre-quantized bitsandbytes NF4 checkpoint loads
+    as stored either way (its dense layers stay dense, its NF4 layers NF4, with a warning for
+    those ``skip_modules`` names).
     ``dtype``: of every other floating-point tensor and of the NF4 layers' compute, but for those
     ``from_pretrained`` keeps otherwise (declared in another dtype by the model, or named by its
     ``_keep_in_fp32_modules`` for float16 or ``_keep_in_fp32_modules_strict``: float32).
@@ -784,6 +790,7 @@ def load_model(
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, **kwargs)
     model.eval()
+    _check_skips_match(model, skip_modules)
 
     # 3. what to do with each key
     meta_state = model.state_dict()
@@ -803,6 +810,14 @@ def load_model(
     if bad:
         raise ValueError(
             f"{folder}: the checkpoint has NF4 weights for {bad[:3]}, which are not linear layers of {type(model).__name__}"
+        )
+    # a pre-quantized checkpoint loads as stored: its NF4 layers cannot be made dense as they were
+    kept_nf4 = sorted(n for n in prequant if _skipped(n, skip_modules))
+    if kept_nf4:
+        warnings.warn(
+            f"{folder} stores {len(kept_nf4)} layers of skip_modules={list(skip_modules)} in NF4 (e.g. "
+            f"{kept_nf4[:3]}); they load as stored, in NF4 (NF4Linear.to_linear() makes one dense)",
+            stacklevel=2,
         )
     to_quantize = set()
     keep_dense = _kept_dense(model)  # (as save_pretrained_nf4 keeps them)
@@ -845,7 +860,8 @@ def load_model(
             if f"{n}.weight{part}" not in entries:
                 raise ValueError(f"{folder}: the NF4 weight {n}.weight lacks its tensor {n}.weight{part}")
         packed, want = entries[f"{n}.weight"], shapes[f"{n}.weight"]
-        if packed.nbytes * 2 != math.prod(want):
+        # an odd count takes (n + 1) // 2 bytes in bitsandbytes: refused later, for its partial block
+        if packed.nbytes != (math.prod(want) + 1) // 2:
             raise ValueError(
                 f"{packed.file}: the NF4 weight {n}.weight holds {packed.nbytes * 2} 4-bit codes but "
                 f"{type(model).__name__} needs {list(want)} (a checkpoint for another configuration?)"
@@ -912,7 +928,10 @@ def load_model(
                     parts_left[owner] -= 1
                     if parts_left[owner] == 0:
                         wkey = f"{owner}.weight"
-                        q = from_bnb_state_dict(pending.pop(owner), wkey)
+                        try:
+                            q = from_bnb_state_dict(pending.pop(owner), wkey)
+                        except (ValueError, TypeError) as err:
+                            raise type(err)(f"{entries[wkey].file}: {err}") from err
                         want = shapes[wkey][::-1] if owner in transposed else shapes[wkey]
                         if tuple(q.shape) != want:
                             raise ValueError(

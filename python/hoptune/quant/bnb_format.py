@@ -108,7 +108,10 @@ def from_bnb_state_dict(state_dict: Mapping[str, torch.Tensor], key: str) -> NF4
         raise ValueError(f"{qs!r}: quant_type must be 'nf4', got {meta['quant_type']!r}")
     blocksize = meta["blocksize"]
     if blocksize not in BLOCKSIZES:
-        raise ValueError(f"{qs!r}: blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+        raise ValueError(
+            f"{qs!r}: blocksize {blocksize!r} is not supported; hoptune reads NF4 weights of blocksize "
+            f"{', '.join(map(str, BLOCKSIZES))}: quantize the dense checkpoint again with one of those"
+        )
     dtype = _DTYPE_NAMES.get(str(meta["dtype"]))
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"{qs!r}: dtype must be one of {sorted(_DTYPE_NAMES)}, got {meta['dtype']!r}")
@@ -121,7 +124,8 @@ def from_bnb_state_dict(state_dict: Mapping[str, torch.Tensor], key: str) -> NF4
     if n % blocksize:
         raise ValueError(
             f"{qs!r}: shape {shape} has {n} elements, not a multiple of blocksize {blocksize}; "
-            "bitsandbytes stores such a weight with a partial last block, which hoptune does not read"
+            "bitsandbytes stores such a weight with a partial last block, which hoptune does not read: "
+            "quantize the dense checkpoint again (load_model keeps such a layer dense)"
         )
     packed = _as_uint8(key, _need(state_dict, key))
     if packed.numel() * 2 != n:

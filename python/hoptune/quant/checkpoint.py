@@ -16,6 +16,15 @@ from hoptune.quant.bnb_format import to_bnb_state_dict
 from hoptune.quant.nf4 import FLOAT_DTYPES, quantize_nf4
 
 _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # transformers' shard names
+# transformers' should_convert_module: an entry of llm_int8_skip_modules matches a module name
+# from its start, as a regular expression, up to a name boundary, or is a suffix of the name
+_BOUNDARY = r"(?:(?<=\.)|(?=\.|$))"
+_SKIP_RULE = (
+    "entries are matched as transformers matches llm_int8_skip_modules: a regular expression from the "
+    "start of a module name up to a '.' or its end ('model.layers.1' skips model.layers.1.*, not "
+    "model.layers.11; 'model.layers.*.mlp' every layer's MLP), or a plain suffix of the name ('lm_head', "
+    "'down_proj'; 'proj' skips every *proj)"
+)
 
 
 def _skip_names(skip_modules: Iterable[str]) -> tuple[str, ...]:
@@ -29,7 +38,35 @@ def _skip_names(skip_modules: Iterable[str]) -> tuple[str, ...]:
     skip = tuple(skip_modules)
     if not all(isinstance(s, str) for s in skip):
         raise TypeError(f"skip_modules must be a list of module names (strings), got {list(skip)!r}")
+    for s in skip:
+        if not s:  # a suffix of every name: transformers would keep the whole model dense
+            raise ValueError(f"skip_modules has an empty entry: {list(skip)!r}")
+        try:
+            re.compile(s)
+        except re.error as e:
+            raise ValueError(
+                f"skip_modules entry {s!r} is not a valid regular expression ({e}); {_SKIP_RULE}"
+            ) from e
     return skip
+
+
+def _check_skips_match(model: nn.Module, skip: Iterable[str]) -> None:
+    """An entry of ``skip_modules`` that matches no linear layer of ``model`` is an error: a
+    misspelt name would otherwise leave quantized the layer it was meant to keep dense. Only the
+    layers count, as in transformers: "layers.1" matches the module model.layers.1 (a suffix) but
+    none of its layers, so it keeps nothing dense."""
+    from hoptune.nn.nf4_linear import NF4Module  # not at the top: hoptune.nn imports hoptune.quant
+    from hoptune.patch import _is_conv1d
+
+    names = [
+        n for n, m in model.named_modules() if n and (isinstance(m, (nn.Linear, NF4Module)) or _is_conv1d(m))
+    ]
+    unmatched = [s for s in skip if not any(_skipped(n, (s,)) for n in names)]
+    if unmatched:
+        raise ValueError(
+            f"skip_modules entries {unmatched} match no linear layer of {type(model).__name__} (it has "
+            f"e.g. {names[-3:]}); {_SKIP_RULE}"
+        )
 
 
 def bnb_quantization_config(
@@ -60,7 +97,10 @@ def bnb_quantization_config(
 
 
 def _skipped(name: str, skip: Iterable[str]) -> bool:
-    return any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in skip)
+    """Whether module ``name`` is in ``skip``, by transformers' rule for llm_int8_skip_modules (and
+    ``_keep_in_fp32_modules``): a checkpoint saved with a skip list must keep dense exactly the
+    layers that transformers builds dense when it loads the file, or it does not load there."""
+    return any(re.match(rf"(?:{s}){_BOUNDARY}", name) or name.endswith(s) for s in skip)
 
 
 def _kept_dense(model: nn.Module) -> tuple[str, ...]:
@@ -90,8 +130,11 @@ def save_pretrained_nf4(
     on ``device`` (default: where each weight lives). Layers that are NF4 already
     (:class:`hoptune.nn.NF4Linear`, as :func:`hoptune.load_model` makes them) are written as they
     are, not re-quantized; they must have been quantized with ``blocksize`` and
-    ``double_quant``. Modules the model keeps in fp32 (``_keep_in_fp32_modules``) stay dense, as
-    transformers never converts them. A model with LoRA layers (or PEFT's) is refused: fold them in
+    ``double_quant``. ``skip_modules`` is matched as transformers matches the
+    ``llm_int8_skip_modules`` it is saved as (a regular expression from the start of a module name
+    up to a ``.``, or a suffix of the name); an entry that matches no linear layer is an error (but
+    the default ``"lm_head"``). Modules the model keeps in fp32 (``_keep_in_fp32_modules``) stay
+    dense, as transformers never converts them. A model with LoRA layers (or PEFT's) is refused: fold them in
     (``hoptune.merge_and_unload``) or take them out (``hoptune.remove_lora``) first. A
     ``torch.compile`` wrapper is saved as the model it wraps. Returns the names of the modules
     stored in NF4.
@@ -108,6 +151,8 @@ def save_pretrained_nf4(
     folder = os.fspath(out_dir)
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ValueError(f"out_dir {folder!r} exists and is not a directory")
+    # all but the default "lm_head", which a model without an output head (a base model) lacks
+    _check_skips_match(model, [s for s in skip if s != "lm_head"])
     keep_fp32 = _kept_dense(model)  # stored in NF4 they would not load into transformers' dense layers
 
     def to_quantize(name: str, mod: nn.Module) -> bool:
