@@ -58,14 +58,16 @@ def use_device(dev: torch.device) -> None:
         torch.cuda.set_device(dev)
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # model.dtype's names
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """'auto' -> bf16 on a GPU (training compute), fp32 on a CPU (bf16 matmuls are slow there)."""
-    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in table:
-        raise ValueError(f"dtype must be one of auto, {', '.join(table)}; got {name!r}")
-    return table[name]
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]
 
 
 def seed_everything(seed: int) -> None:

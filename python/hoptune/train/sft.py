@@ -288,7 +288,7 @@ def _resume_settings(cfg: SFTConfig, dtype: torch.dtype | None = None) -> dict[s
     }
 
 
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_DTYPE_NAMES = {dtype: name for name, dtype in loop.DTYPES.items()}
 
 
 def _base_model_id(path: str) -> str:
