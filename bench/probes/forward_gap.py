@@ -6,9 +6,12 @@ duration of each kernel, the idle gap between consecutive kernels, and the CUDA-
 whole sequence ("covered", as in bench_nf4_lora.py). Sequences: the bf16 GEMM alone; a tiny fill
 kernel then the GEMM (the cost of one kernel boundary); the merged dequantize (W + s B A) then
 the GEMM on its output; the plain dequantize then the GEMM; and the merged dequantize followed by
-each of cuBLASLt's heuristic candidates for the GEMM (the candidate alone too).
+each of cuBLASLt's heuristic candidates for the GEMM (the candidate alone too), the candidates
+searched with each workspace limit of ``--workspaces`` (bytes; a candidate then runs with exactly
+that workspace, so one that needs none can be seen without cuBLAS' memset).
 
     python bench/probes/forward_gap.py --out bench/results/forward_gap_probe.json
+    python bench/probes/forward_gap.py --workspaces 0,33554432 --shapes 4096x4096 --out F
 """
 
 from __future__ import annotations
@@ -79,10 +82,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/forward_gap_probe.json")
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--workspaces", default=str(gemm_ops.TORCH_WORKSPACE_BYTES))
+    ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="KxN,...")
+    ap.add_argument("--max-candidates", type=int, default=gemm_ops.MAX_CANDIDATES)
     args = ap.parse_args()
+    workspaces = [int(v) for v in args.workspaces.split(",")]
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     torch.manual_seed(0)
     rows = []
-    for k, n in SHAPES:
+    for k, n in shapes:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         q = quantize_nf4(w)
         x = torch.randn(M, k, device="cuda", dtype=torch.bfloat16)
@@ -104,35 +112,35 @@ def main() -> None:
         }
         ext, why = gemm_ops.cublaslt_extension()
         assert ext is not None, why
-        plan = ext.CublasLtPlan(ext.cublaslt_handle(), True, False, n, M, k, _lib.DTYPE_CODES[x.dtype])
-        count = plan.search(gemm_ops.MAX_CANDIDATES, gemm_ops.WORKSPACE_BYTES)
-        ws = torch.empty(gemm_ops.WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
         ref = torch.mm(x, w_merged.t())
         descs = {}
-        for i in range(count):
-            try:
-                y.fill_(float("nan"))
-                plan.run(
-                    i, w_merged.data_ptr(), x.data_ptr(), y.data_ptr(), 0.0, ws.data_ptr(), ws.numel(), stream
-                )
-                torch.cuda.synchronize()
-            except RuntimeError:
-                continue
-            err = ((y.float() - ref.float()).abs().max() / ref.abs().max().float()).item()
-            if not err < 1e-2:
-                continue
-            descs[i] = [str(v) for v in plan.describe(i)]
+        ws = torch.empty(max([*workspaces, 256]), dtype=torch.uint8, device="cuda")
+        for wsb in workspaces:
+            plan = ext.CublasLtPlan(ext.cublaslt_handle(), True, False, n, M, k, _lib.DTYPE_CODES[x.dtype])
+            count = plan.search(args.max_candidates, wsb)
+            tag = "" if wsb == gemm_ops.TORCH_WORKSPACE_BYTES else f"ws{wsb}_"
+            for i in range(count):
+                try:
+                    y.fill_(float("nan"))
+                    plan.run(
+                        i, w_merged.data_ptr(), x.data_ptr(), y.data_ptr(), 0.0, ws.data_ptr(), wsb, stream
+                    )
+                    torch.cuda.synchronize()
+                except RuntimeError:
+                    continue
+                err = ((y.float() - ref.float()).abs().max() / ref.abs().max().float()).item()
+                if not err < 1e-2:
+                    continue
+                descs[f"{tag}{i}"] = [str(v) for v in plan.describe(i)]
 
-            def cand(i=i, src=None):
-                wsrc = src() if src is not None else w_merged
-                plan.run(
-                    i, wsrc.data_ptr(), x.data_ptr(), y.data_ptr(), 0.0, ws.data_ptr(), ws.numel(), stream
-                )
+                def cand(i=i, src=None, plan=plan, wsb=wsb):
+                    wsrc = src() if src is not None else w_merged
+                    plan.run(i, wsrc.data_ptr(), x.data_ptr(), y.data_ptr(), 0.0, ws.data_ptr(), wsb, stream)
 
-            seqs[f"cand{i}"] = cand
-            seqs[f"merged_cand{i}"] = lambda cand=cand: cand(
-                src=lambda: nf4_ops.dequantize_lora_kernel(*args_q, a, b, scale)
-            )
+                seqs[f"{tag}cand{i}"] = cand
+                seqs[f"{tag}merged_cand{i}"] = lambda cand=cand: cand(
+                    src=lambda: nf4_ops.dequantize_lora_kernel(*args_q, a, b, scale)
+                )
         row = {"K": k, "N": n, "candidates": descs}
         for name, fn in seqs.items():
             row[name] = timeline(fn, args.reps)
