@@ -5,8 +5,9 @@ reaches it) under torch.profiler, and the kernels' own timestamps give, per sequ
 duration of each kernel, the idle gap between consecutive kernels, and the CUDA-event time of the
 whole sequence ("covered", as in bench_nf4_lora.py). Sequences: the bf16 GEMM alone; a tiny fill
 kernel then the GEMM (the cost of one kernel boundary); the merged dequantize (W + s B A) then
-the GEMM on its output; the plain dequantize then the GEMM; and the merged dequantize followed by
-each of cuBLASLt's heuristic candidates for the GEMM (the candidate alone too), the candidates
+the GEMM on its output; the plain dequantize then the GEMM; the bf16 and merged GEMMs through
+``hoptune.ops.gemm`` (``*_linear``); the op itself with and without that module's choice; and
+the merged dequantize followed by each of cuBLASLt's heuristic candidates for the GEMM (the candidate alone too), the candidates
 searched with each workspace limit of ``--workspaces`` (bytes; a candidate then runs with exactly
 that workspace, so one that needs none can be seen without cuBLAS' memset).
 
@@ -29,11 +30,20 @@ from harness import env_info, table, write_json
 from hoptune import _lib
 from hoptune.ops import gemm as gemm_ops
 from hoptune.ops import nf4 as nf4_ops
+from hoptune.ops import nf4_lora_linear
 from hoptune.quant import quantize_nf4
 
 M, R = 8192, 16
 SHAPES = [(4096, 4096), (8192, 8192)]  # (K, N)
 LEAD_CYCLES = int(3.0 * 2e6)
+
+
+def untuned(fn):
+    previous = gemm_ops.enable(False)
+    try:
+        return fn()
+    finally:
+        gemm_ops.enable(previous)
 
 
 def timeline(fn, reps: int) -> dict:
@@ -109,6 +119,11 @@ def main() -> None:
             "fill_mm": lambda: (tiny.fill_(1.0), torch.mm(x, w.t(), out=y)),
             "merged_mm": lambda: torch.mm(x, nf4_ops.dequantize_lora_kernel(*args_q, a, b, scale).t(), out=y),
             "plain_mm": lambda: torch.mm(x, nf4_ops.dequantize_impl(*args_q, torch.bfloat16).t(), out=y),
+            # through hoptune.ops.gemm's choice, as the op runs its GEMM; then the op itself
+            "bf16_linear": lambda: gemm_ops.linear(x, w),
+            "merged_linear": lambda: gemm_ops.linear(x, nf4_ops.dequantize_lora_kernel(*args_q, a, b, scale)),
+            "op": lambda: nf4_lora_linear(x, q, a, b, scale),
+            "op_untuned": lambda: untuned(lambda: nf4_lora_linear(x, q, a, b, scale)),
         }
         ext, why = gemm_ops.cublaslt_extension()
         assert ext is not None, why

@@ -275,3 +275,120 @@ def test_in_the_qlora_op(n, monkeypatch):
     ops = {key[0] for key, choice in gemm.tuned().items() if choice is not None}
     assert "x@wT" in ops
     assert ("a@b" if n <= 4096 else "acc+a@b") in ops
+
+
+class _FakeExt:
+    """A cuBLASLt extension whose candidates write chosen outputs: ``configs`` the candidates
+    without a workspace (configuration, output offset from PyTorch's), ``torch_config`` the
+    heuristic's first with PyTorch's workspace. Calls are logged so the timing stub can name them."""
+
+    def __init__(self, out, ref, configs, torch_config):
+        self.out, self.ref, self.configs, self.torch_config = out, ref, configs, torch_config
+        self.last = None
+        self.searched = []
+        ext = self
+
+        class Plan:
+            def __init__(self, *args):
+                self.cands = []
+
+            def search(self, count, workspace):
+                ext.searched.append(workspace)
+                self.cands = [c for c, _ in ext.configs] if workspace == 0 else [ext.torch_config]
+                self.offsets = [o for _, o in ext.configs] if workspace == 0 else [0.0]
+                return len(self.cands)
+
+            def count(self):
+                return len(self.cands)
+
+            def describe(self, i):
+                return [*list(self.cands[i]), 0]
+
+            def run(self, i, a, b, d, beta, ws, wsb, stream):
+                assert (ws, wsb) == (0, 0) and d == ext.out.data_ptr()
+                ext.last = i
+                ext.out.copy_(ext.ref + self.offsets[i])
+
+        self.CublasLtPlan = Plan
+
+    def cublaslt_handle(self):
+        return 0
+
+
+def _fake_tune(monkeypatch, configs, torch_config, times):
+    """gemm._tune on a CPU 'problem' with _FakeExt's candidates and these times (ms by candidate
+    index, "torch" for PyTorch's)."""
+    from hoptune import _lib
+
+    out = torch.empty(8, 8, dtype=torch.bfloat16)
+    ref = torch.randn(8, 8).to(torch.bfloat16)
+    ext = _FakeExt(out, ref, configs, torch_config)
+
+    def torch_fn():
+        ext.last = "torch"
+        out.copy_(ref)
+
+    def time_ms(fn, calls=gemm.WINDOW):
+        fn()
+        return times[ext.last]
+
+    monkeypatch.setattr(gemm, "_time_ms", time_ms)
+    monkeypatch.setattr(_lib, "stream", lambda t: 0)
+    choice = gemm._tune(ext, ("x@wT", 8, 8, 8), True, False, 8, 8, 8, 0, 0, torch_fn, out)
+    assert ext.searched[0] == 0  # the candidates are searched for running without a workspace
+    assert torch.equal(out, ref)  # PyTorch's result left in out
+    return choice
+
+
+TORCH_CFG = [66, 24, 35, 1, -1]
+OTHER_CFG = [66, 31, 35, 1, -1]
+
+
+def test_default_is_torch_kernel_without_workspace(monkeypatch):
+    # no candidate 4% faster, PyTorch's configuration second in the list, equal output, 0.7% faster
+    choice = _fake_tune(
+        monkeypatch, [(OTHER_CFG, 0.0), (TORCH_CFG, 0.0)], TORCH_CFG, {"torch": 1.0, 0: 0.98, 1: 0.993}
+    )
+    assert choice is not None
+    _, index, desc = choice
+    assert index == 1 and desc["reason"] == "PyTorch's kernel without the workspace"
+    assert desc["tile"] == TORCH_CFG[1] and desc["workspace"] == 0
+
+
+def test_faster_candidate_wins_over_default(monkeypatch):
+    choice = _fake_tune(
+        monkeypatch, [(TORCH_CFG, 0.0), (OTHER_CFG, 0.0)], TORCH_CFG, {"torch": 1.0, 0: 0.99, 1: 0.95}
+    )
+    assert choice is not None and choice[1] == 1 and choice[2]["reason"] == "faster"
+
+
+@pytest.mark.parametrize(
+    "configs,times,why",
+    [
+        ([(TORCH_CFG, 2.0**-6)], {"torch": 1.0, 0: 0.99}, "output differs from PyTorch's"),
+        ([(TORCH_CFG, 0.0)], {"torch": 1.0, 0: 1.02}, "slower than PyTorch's by more than the slack"),
+        ([(OTHER_CFG, 0.0)], {"torch": 1.0, 0: 0.99}, "another configuration"),
+    ],
+)
+def test_default_refused(monkeypatch, configs, times, why):
+    assert _fake_tune(monkeypatch, configs, TORCH_CFG, times) is None, why
+    key = ("x@wT", 8, 8, 8)
+    assert ("default_candidate" in gemm.measured()[key]) == (why.startswith("slower")), why
+
+
+@pytest.mark.gpu
+def test_default_candidate_gpu(monkeypatch):
+    """With no candidate allowed to win on speed, a large bf16 problem runs PyTorch's own kernel
+    without the workspace: found, kept, and its output equal to PyTorch's bit for bit."""
+    monkeypatch.setattr(gemm, "MIN_GAIN", 1.0)
+    monkeypatch.setattr(gemm, "DEFAULT_SLACK", 10.0)  # (speed is not what this test checks)
+    (x, w), _ref, _low = _operands("linear", 4096, 4096, 4096, torch.bfloat16, "cuda")
+    first = gemm.linear(x, w)
+    poison_cuda_cache()
+    y = gemm.linear(x, w)
+    (key, choice), *rest = gemm.tuned().items()
+    assert not rest and choice is not None, gemm.measured()
+    assert choice["reason"] == "PyTorch's kernel without the workspace" and choice["workspace"] == 0
+    assert gemm.measured()[key]["default_candidate"] == choice["candidate"]
+    expected = torch.nn.functional.linear(x, w)
+    assert torch.equal(y, expected) and torch.equal(first, expected)

@@ -5,9 +5,18 @@ cuBLASLt's candidates was 2-4% faster than that choice on several of the QLoRA l
 (``bench/bench_gemm_algo.py``, ``bench/results/gemm_algo.json``). So the first time a problem
 (operation, rows, N, K, dtype, device) comes, its candidates and PyTorch's own GEMM are timed on
 that call's inputs, and the fastest is kept for the rest of the process when it beats PyTorch's by
-at least ``MIN_GAIN``; otherwise the problem stays with PyTorch. Tuning a problem costs about a
-hundred of its GEMMs and one device synchronization, once; the chosen GEMMs share a 32 MiB
-cuBLASLt workspace per CUDA stream.
+at least ``MIN_GAIN``. Tuning a problem costs about a hundred of its GEMMs and one device
+synchronization, once.
+
+The candidates are searched for running without a workspace. With the workspace PyTorch gives
+cuBLAS, the heuristic's first kernel asks for 4 bytes of it, and cuBLAS clears them with a memset before every GEMM: 0.8 µs, then 1.6 µs idle before the GEMM
+starts, where a kernel boundary costs 0.9-1.2 µs (``bench/probes/forward_gap.py``,
+``results/forward_gap_probe_workspace.json``). Without a workspace the heuristic gives the same
+configuration (tile, stages, cluster) as another kernel (``ssched`` in its name), no memset, and the same output bit for bit. So when no candidate wins by the margin, the
+problem still runs through cuBLASLt if one candidate is that kernel: the configuration the
+heuristic gives first with PyTorch's workspace, an output equal to PyTorch's bit for bit, and a
+measured time no more than ``DEFAULT_SLACK`` above PyTorch's. Otherwise the problem stays with
+PyTorch.
 
 The margin is wide because this short timing (GEMMs back to back on the same operands) has
 flattered candidates that are no faster in use: on the 4096 x 4096 forward it measured 0.969-0.978
@@ -38,16 +47,16 @@ from hoptune import _lib
 MIN_ROWS = 2048
 MAX_ROWS_PER_SHAPE = 16
 MIN_GAIN = 0.04  # a candidate must take at most (1 - MIN_GAIN) of PyTorch's time (see above)
+DEFAULT_SLACK = 0.01  # PyTorch's kernel without the workspace: at most 1% above PyTorch's time
 MAX_CANDIDATES = 16
 ROUNDS = 5  # timing rounds over all contenders
 WINDOW = 4  # calls per timed window
-WORKSPACE_BYTES = 32 << 20  # what PyTorch gives cuBLAS on Hopper
+TORCH_WORKSPACE_BYTES = 32 << 20  # what PyTorch gives cuBLAS on Hopper (to find its kernel)
 _ALIGN = 256  # the alignment cuBLASLt's heuristic assumes by default
 
 _choices: dict[tuple, tuple | None] = {}  # key -> (plan, candidate index, description) or None
 _rows_tuned: dict[tuple, int] = {}
 _measured: dict[tuple, dict] = {}  # key -> PyTorch's and the fastest candidate's times
-_workspaces: dict[tuple[int, int], torch.Tensor] = {}
 
 
 _override: bool | None = None
@@ -75,7 +84,6 @@ def reset() -> None:
     _choices.clear()
     _rows_tuned.clear()
     _measured.clear()
-    _workspaces.clear()
 
 
 @functools.cache
@@ -120,24 +128,16 @@ def tuning_unavailable_reason() -> str | None:
 
 def tuned() -> dict[tuple, dict | None]:
     """The problems seen so far: (op, rows, N, K, dtype, device) -> the chosen cuBLASLt candidate
-    (its configuration and measured time against PyTorch's) or None (PyTorch's GEMM kept)."""
+    (its configuration, measured time against PyTorch's, and ``reason``: "faster", or "PyTorch's
+    kernel without the workspace") or None (PyTorch's GEMM kept)."""
     return {k: (None if v is None else dict(v[2])) for k, v in _choices.items()}
 
 
 def measured() -> dict[tuple, dict]:
-    """For every problem tuned: PyTorch's time, the number of candidates that ran correctly, and
-    the fastest one's index and time (ms, median window), whether kept or not."""
+    """For every problem tuned: PyTorch's time, the number of candidates that ran correctly, the
+    fastest one's index and time (ms, median window), whether kept or not, and where one was found,
+    PyTorch's kernel without the workspace (``default_candidate``, ``default_ms``)."""
     return {k: dict(v) for k, v in _measured.items()}
-
-
-def _workspace(device: torch.device, stream: int, nbytes: int) -> torch.Tensor:
-    """cuBLASLt's workspace for one stream (two streams must not share one)."""
-    key = (device.index, stream)
-    ws = _workspaces.get(key)
-    if ws is None or ws.numel() < nbytes:
-        ws = torch.empty(max(nbytes, _ALIGN), dtype=torch.uint8, device=device)
-        _workspaces[key] = ws
-    return ws
 
 
 def _eligible(a: torch.Tensor, b: torch.Tensor, rows: int) -> bool:
@@ -169,24 +169,36 @@ def _time_ms(fn, calls: int = WINDOW) -> float:
     return start.elapsed_time(end) / calls
 
 
-def _tune(ext, key, transa, transb, m, n, k, a_ptr, b_ptr, torch_fn, out: torch.Tensor):
-    """Times PyTorch's GEMM (torch_fn, writing out) and cuBLASLt's candidates (writing out too,
-    beta = 0) on this call's operands, in ROUNDS rounds of a call and a timed window of WINDOW
-    calls each (the median window per contender); returns (plan, index, description) or None."""
-    handle = ext.cublaslt_handle()
-    plan = ext.CublasLtPlan(handle, transa, transb, m, n, k, _lib.DTYPE_CODES[out.dtype])
-    if plan.search(MAX_CANDIDATES, WORKSPACE_BYTES) == 0:
+def _torch_config(ext, handle, transa, transb, m, n, k, dtype_code) -> list | None:
+    """The configuration (algorithm, tile, stages, split-K, cluster) of the kernel cuBLAS' heuristic
+    gives first with PyTorch's workspace: PyTorch's own GEMM (None if there is none)."""
+    plan = ext.CublasLtPlan(handle, transa, transb, m, n, k, dtype_code)
+    if plan.search(1, TORCH_WORKSPACE_BYTES) == 0:
         return None
+    return list(plan.describe(0))[:5]
+
+
+def _tune(ext, key, transa, transb, m, n, k, a_ptr, b_ptr, torch_fn, out: torch.Tensor):
+    """Times PyTorch's GEMM (torch_fn, writing out) and cuBLASLt's candidates without a workspace
+    (writing out too, beta = 0) on this call's operands, in ROUNDS rounds of a call and a timed
+    window of WINDOW calls each (the median window per contender); returns (plan, index,
+    description) or None."""
+    handle = ext.cublaslt_handle()
+    code = _lib.DTYPE_CODES[out.dtype]
+    plan = ext.CublasLtPlan(handle, transa, transb, m, n, k, code)
+    if plan.search(MAX_CANDIDATES, 0) == 0:
+        return None
+    torch_config = _torch_config(ext, handle, transa, transb, m, n, k, code)
     stream = _lib.stream(out)
-    ws = _workspace(out.device, stream, WORKSPACE_BYTES)
     torch_fn()
     ref = out.clone()
     scale = ref.abs().max().float().clamp_min(1e-30)
     runners = {"torch": torch_fn}
+    default = None  # PyTorch's kernel without the workspace
     for i in range(plan.count()):
 
         def run(i=i):
-            plan.run(i, a_ptr, b_ptr, out.data_ptr(), 0.0, ws.data_ptr(), ws.numel(), stream)
+            plan.run(i, a_ptr, b_ptr, out.data_ptr(), 0.0, 0, 0, stream)
 
         try:
             out.fill_(float("nan"))
@@ -196,6 +208,8 @@ def _tune(ext, key, transa, transb, m, n, k, a_ptr, b_ptr, torch_fn, out: torch.
         err = ((out.float() - ref.float()).abs().max() / scale).item()
         if err < 1e-2:  # the same products summed in another order: bf16 rounding apart
             runners[i] = run
+            if default is None and list(plan.describe(i))[:5] == torch_config and torch.equal(out, ref):
+                default = i
     times: dict = {name: [] for name in runners}
     for _ in range(ROUNDS):  # rounds over all contenders: a clock drift hits them alike
         for name, fn in runners.items():
@@ -205,15 +219,21 @@ def _tune(ext, key, transa, transb, m, n, k, a_ptr, b_ptr, torch_fn, out: torch.
     torch_ms = best.pop("torch")
     torch_fn()  # leave PyTorch's result in out
     _measured[key] = {"candidates": len(best), "torch_ms": torch_ms}
+    if default is not None:
+        _measured[key].update(default_candidate=default, default_ms=best[default])
     if not best:
         return None
     index = min(best, key=best.get)
     _measured[key].update(best_candidate=index, best_ms=best[index])
+    reason = "faster"
     if best[index] > (1.0 - MIN_GAIN) * torch_ms:
-        return None
+        if default is None or best[default] > (1.0 + DEFAULT_SLACK) * torch_ms:
+            return None
+        index, reason = default, "PyTorch's kernel without the workspace"
     algo, tile, stages, splitk, cluster, wsb = plan.describe(index)
     desc = {
         "candidate": index,
+        "reason": reason,
         "algo": algo,
         "tile": tile,
         "stages": stages,
@@ -253,9 +273,7 @@ def _run(key, transa, transb, m, n, k, a, b, out, torch_fn, beta: float) -> bool
         if choice is None:
             return False
     plan, index, _ = choice
-    stream = _lib.stream(out)
-    ws = _workspace(out.device, stream, WORKSPACE_BYTES)
-    plan.run(index, a, b, out.data_ptr(), beta, ws.data_ptr(), ws.numel(), stream)
+    plan.run(index, a, b, out.data_ptr(), beta, 0, 0, _lib.stream(out))
     return True
 
 
