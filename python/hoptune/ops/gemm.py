@@ -9,14 +9,15 @@ at least ``MIN_GAIN``. Tuning a problem costs about a hundred of its GEMMs and o
 synchronization, once.
 
 The candidates are searched for running without a workspace. With the workspace PyTorch gives
-cuBLAS, the heuristic's first kernel asks for 4 bytes of it, and cuBLAS clears them with a memset before every GEMM: 0.8 µs, then 1.6 µs idle before the GEMM
-starts, where a kernel boundary costs 0.9-1.2 µs (``bench/probes/forward_gap.py``,
-``results/forward_gap_probe_workspace.json``). Without a workspace the heuristic gives the same
-configuration (tile, stages, cluster) as another kernel (``ssched`` in its name), no memset, and the same output bit for bit. So when no candidate wins by the margin, the
-problem still runs through cuBLASLt if one candidate is that kernel: the configuration the
-heuristic gives first with PyTorch's workspace, an output equal to PyTorch's bit for bit, and a
-measured time no more than ``DEFAULT_SLACK`` above PyTorch's. Otherwise the problem stays with
-PyTorch.
+cuBLAS, the heuristic's first kernel asks for 4 bytes of it, and cuBLAS clears them with a memset
+before every GEMM: 0.8 µs, then 1.6 µs idle before the GEMM starts, where a kernel boundary costs
+0.9-1.2 µs (``bench/probes/forward_gap.py``, ``results/forward_gap_probe_workspace.json``).
+Without a workspace the heuristic gives the same configuration (tile, stages, cluster) as another
+kernel (``ssched`` in its name): no memset, and the same output bit for bit. So when no candidate
+wins by the margin, the problem still runs through cuBLASLt if one candidate is that kernel: the
+configuration the heuristic gives first with PyTorch's workspace, an output equal to PyTorch's bit
+for bit, and a measured time no more than ``DEFAULT_SLACK`` above PyTorch's. Otherwise the problem
+stays with PyTorch.
 
 The margin is wide because this short timing (GEMMs back to back on the same operands) has
 flattered candidates that are no faster in use: on the 4096 x 4096 forward it measured 0.969-0.978
