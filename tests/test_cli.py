@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import hoptune
 from hoptune.cli import main
 from hoptune.loading import read_safetensors_header
 
@@ -162,6 +163,33 @@ def test_repository_path_to_a_shipped_config_from_another_folder(tmp_path, monke
         assert f"ships a config of that name: hoptune sft {stem}" in err and len(err.splitlines()) == 1
         assert main(["sft", stem, "--print-config"]) == 0
         capsys.readouterr()
+
+
+def test_missing_demo_data_names_the_command_that_writes_it(tmp_path, monkeypatch, capsys):
+    """The shipped demo config reads runs/demo/data, which hoptune demo writes: run before the demo
+    (or in another folder), its missing-file error says so; other missing files keep their error."""
+    monkeypatch.chdir(tmp_path)
+    shipped = os.path.join(os.path.dirname(hoptune.__file__), "configs", "demo_sft.yaml")
+    for config in ("demo_sft", shipped):
+        assert main(["sft", config, "model.device=cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(
+            "hoptune sft: error: data file 'runs/demo/data/train.jsonl' does not exist "
+            f"(relative to {tmp_path}); the demo config's data is written by `hoptune demo`: "
+            "run it in this folder first"
+        )
+        assert len(err.splitlines()) == 1 and "Traceback" not in err
+    # the demo config with data of one's own, and another config naming the demo's paths: no hint
+    assert main(["sft", "demo_sft", "model.device=cpu", "data.train=mine.jsonl"]) == 2
+    assert capsys.readouterr().err == "hoptune sft: error: data file 'mine.jsonl' does not exist\n"
+    other = tmp_path / "c.yaml"
+    other.write_text(
+        "model:\n  device: cpu\ndata:\n  train: runs/demo/data/train.jsonl\n"
+        f"output:\n  dir: {tmp_path / 'run'}\n"
+    )
+    assert main(["sft", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert err == "hoptune sft: error: data file 'runs/demo/data/train.jsonl' does not exist\n"
 
 
 def test_no_config_names_only_the_config(capsys):

@@ -61,14 +61,57 @@ def _sft(argv: list[str]) -> int:
     args = p.parse_intermixed_args(argv)  # options before, between or after the overrides
     from hoptune.config import check_sft_config, dump_config, load_config
 
-    cfg = load_config(_config_file(args.config), args.overrides)
+    config_file = _config_file(args.config)
+    cfg = load_config(config_file, args.overrides)
     if args.print_config:
         check_sft_config(cfg)
         print(dump_config(cfg), end="")
         return 0
+    from hoptune.data.jsonl import DataError
     from hoptune.train import sft
 
-    return sft.main(cfg)
+    try:
+        return sft.main(cfg)
+    except DataError as e:
+        hint = _demo_data_hint(config_file, cfg, e)
+        if hint is None:
+            raise
+        raise DataError(f"{e} {hint}") from e
+
+
+DEMO_CONFIG = "demo_sft.yaml"
+DEMO_DATA_KEYS = ("train", "eval", "general_data")
+
+
+def _demo_data_hint(config_file: str, cfg, error: Exception) -> str | None:
+    """The step that writes the shipped demo config's data, when ``error`` is one of those files
+    missing (``hoptune demo`` writes them under runs/demo/data of the folder it runs in); None for
+    any other config, any other file, or any other data error."""
+    from importlib import resources
+
+    from hoptune.config import load_config
+
+    shipped = str(resources.files("hoptune.configs").joinpath(DEMO_CONFIG))
+    try:
+        if not os.path.samefile(config_file, shipped):
+            return None
+    except OSError:
+        return None
+    defaults = load_config(shipped, []).data
+    for key in DEMO_DATA_KEYS:
+        path = getattr(defaults, key)
+        if (
+            path
+            and getattr(cfg.data, key) == path
+            and not os.path.exists(path)
+            and str(error).startswith(f"data file {path!r} does not exist")
+        ):
+            return (
+                f"(relative to {os.getcwd()}); the demo config's data is written by "
+                "`hoptune demo`: run it in this folder first (it writes runs/demo/data, then "
+                "trains on it), then this command again"
+            )
+    return None
 
 
 def _demo(argv: list[str]) -> int:
