@@ -14,6 +14,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import hoptune
+from hoptune.patch import lora_layers
 from tests.test_adapters import assert_unchanged, logits, ours, rel, snapshot, tiny_model
 
 
@@ -183,3 +184,69 @@ def test_options_the_lora_layers_in_place_have_load(tmp_path):
     # and a new adapter takes the one asked for
     fresh = hoptune.load_adapter(copy.deepcopy(base), tmp_path, adapter_dtype=torch.bfloat16)
     assert fresh.model.layers[0].self_attn.q_proj.lora_A.dtype == torch.bfloat16
+
+
+def _peft_adapter(base, folder, dropout: float):
+    torch.manual_seed(2)
+    cfg = peft.LoraConfig(
+        target_modules="all-linear", r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=False
+    )
+    peft.get_peft_model(copy.deepcopy(base), cfg).save_pretrained(folder)
+
+
+@pytest.mark.parametrize("saved, layers", [(0.1, 0.0), (0.0, 0.05), (0.1, 0.2)])
+def test_a_lora_dropout_other_than_the_layers_is_refused(saved, layers, tmp_path):
+    """The LoRA layers in place keep their dropout: an adapter saved with another lora_dropout
+    loaded silently, and training went on with a dropout it was not saved with."""
+    base = tiny_model()
+    _peft_adapter(base, tmp_path, saved)
+    model = hoptune.apply_lora(copy.deepcopy(base), r=4, alpha=8, dropout=layers)
+    snap = snapshot(model)
+    with pytest.raises(
+        ValueError,
+        match=rf"adapter_config\.json: lora_dropout={saved:g}, but the model's LoRA layer "
+        rf"model\.layers\.\d+\.\S+ has dropout {layers:g}.*remove_lora.*dropout={saved:g}\)",
+    ):
+        hoptune.load_adapter(model, tmp_path, trainable=True)
+    assert_unchanged(model, snap)
+    assert all(m.lora_dropout_p == layers for _, m in lora_layers(model))
+
+
+def test_a_config_without_lora_dropout_means_none_for_the_layers_in_place(tmp_path):
+    """PEFT's default, 0.0, is the adapter's dropout when its config has no lora_dropout."""
+    base = tiny_model()
+    hoptune.save_adapter(ours(base, "lora"), tmp_path)
+    path = tmp_path / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    del cfg["lora_dropout"]
+    path.write_text(json.dumps(cfg))
+    model = hoptune.apply_lora(copy.deepcopy(base), r=4, alpha=8, dropout=0.1)
+    with pytest.raises(ValueError, match=r"lora_dropout=0, but .* has dropout 0\.1"):
+        hoptune.load_adapter(model, tmp_path, trainable=True)
+    hoptune.load_adapter(hoptune.apply_lora(copy.deepcopy(base), r=4, alpha=8), tmp_path, trainable=True)
+    # a frozen adapter (for inference, where dropout does not apply) loads into either
+    hoptune.load_adapter(model, tmp_path)
+    assert all(m.lora_dropout_p == 0.1 for _, m in lora_layers(model))
+
+
+def test_the_same_lora_dropout_loads_into_the_layers_in_place(tmp_path):
+    base = tiny_model()
+    src = ours(base, "lora", dropout=0.1)
+    hoptune.save_adapter(src, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["lora_dropout"] == 0.1
+    model = hoptune.apply_lora(copy.deepcopy(base), r=4, alpha=8, dropout=0.1)
+    hoptune.load_adapter(model, tmp_path)
+    assert rel(logits(model.eval()), logits(src.eval())) <= 1e-7
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_new_layers_take_lora_dropout_from_the_config(dropout, tmp_path):
+    """A model without LoRA layers gets the adapter's dropout, as PEFT builds them."""
+    base = tiny_model()
+    _peft_adapter(base, tmp_path, dropout)
+    model = hoptune.load_adapter(copy.deepcopy(base), tmp_path, trainable=True)
+    layers = lora_layers(model)
+    assert layers and all(m.lora_dropout_p == dropout for _, m in layers)
+    kind = torch.nn.Dropout if dropout else torch.nn.Identity
+    assert all(type(m.lora_dropout) is kind for _, m in layers)
+    assert all(m.lora_dropout.p == dropout for _, m in layers if dropout)

@@ -648,15 +648,17 @@ def load_adapter(
 ) -> nn.Module:
     """Load a PEFT-format LoRA/DoRA adapter from ``adapter_dir`` into ``model`` (in place); return it.
 
-    A model without LoRA layers gets them (as :func:`hoptune.apply_lora` would make them, with the
-    ranks and alphas of the file, in ``adapter_dtype``, float32 when None; NF4 layers stay NF4,
-    ``quantize="nf4"`` quantizes dense ones). A model that already has LoRA layers must have exactly
-    the layers, ranks and scales of the adapter: its weights are replaced, in the layers' own dtype
-    (an ``adapter_dtype`` other than that, or ``quantize="nf4"`` over a dense base, is an error:
-    such a model's layers are not rebuilt). ``trainable`` sets ``requires_grad`` of the loaded adapter
-    (False by default, as in PEFT). Everything is checked first: an adapter for another
-    architecture or with other shapes is an error and the model is left unchanged. A model wrapped
-    by torch.compile is patched inside its wrapper (and the wrapper returned)."""
+    A model without LoRA layers gets them (as :func:`hoptune.apply_lora` would make them, with
+    the ranks, alphas and ``lora_dropout`` of the file, in ``adapter_dtype``, float32 when None;
+    NF4 layers stay NF4, ``quantize="nf4"`` quantizes dense ones). A model that already has LoRA
+    layers must have exactly the layers, ranks and scales of the adapter (and its dropout, when
+    loaded ``trainable``): its weights
+    are replaced, in the layers' own dtype (an ``adapter_dtype`` other than that, or
+    ``quantize="nf4"`` over a dense base, is an error: such a model's layers are not rebuilt).
+    ``trainable`` sets ``requires_grad`` of the loaded adapter (False by default, as in PEFT).
+    Everything is checked first: an adapter for another architecture or with other shapes is an
+    error and the model is left unchanged. A model wrapped by torch.compile is patched inside its
+    wrapper (and the wrapper returned)."""
     if not isinstance(trainable, bool):
         raise TypeError(f"trainable must be True or False, got {trainable!r}")
     # checked whether or not the model has LoRA layers yet: those are kept, not rebuilt with these
@@ -797,6 +799,17 @@ def load_adapter(
                     f"{t.name}: the model's LoRA layer (r={lora.r}, scaling={lora.scaling:g}, dora={lora.use_dora}) "
                     f"differs from the adapter's (r={t.r}, scaling={want:g}, dora={cfg['use_dora']}); "
                     "call hoptune.remove_lora(model) first"
+                )
+            # the layers keep their own dropout: training the adapter (trainable=True) would go on
+            # with another one than it was trained with (for inference dropout does not apply)
+            dropout = float(cfg["lora_dropout"])
+            if trainable and not math.isclose(lora.lora_dropout_p, dropout, rel_tol=1e-6):
+                raise ValueError(
+                    f"{os.path.join(folder, CONFIG_NAME)}: lora_dropout={dropout:g}, but the model's "
+                    f"LoRA layer {t.name} has dropout {lora.lora_dropout_p:g}, and load_adapter "
+                    "does not change the dropout of the LoRA layers a model has already; call "
+                    "hoptune.remove_lora(model) first, or make the layers with "
+                    f"hoptune.apply_lora(..., dropout={dropout:g})"
                 )
             # the layers are kept as they are: options that would have built them otherwise are errors,
             # not silently dropped (the weights would load dense, or in another dtype, than asked)
