@@ -55,7 +55,10 @@ class ModelConfig:
     attn_implementation: str | None = None
     """transformers' attention implementation (sdpa, eager, flash_attention_2...); null = its default."""
     chat_template: str | None = None
-    """A Jinja chat template (inline, or a path to a file) replacing the tokenizer's own."""
+    """A Jinja chat template (inline, or a path to a file) replacing the tokenizer's own, or the
+    name of one of the tokenizer's named templates (``tool_use`` where its chat_template is a dict
+    of them); null = the tokenizer's own ("default" of named ones, "tool_use" for a record with
+    tools)."""
 
     def __post_init__(self) -> None:
         self.path = _expand_user(self.path)
@@ -481,9 +484,10 @@ def check_sft_config(cfg: SFTConfig) -> None:
         _DEVICE.fullmatch(m.device) is not None,
         f"model.device must be auto, cpu, cuda, cuda:N, mps or xpu (with :N as torch.device reads it), got {m.device!r}",
     )
-    if m.chat_template is not None:
-        from hoptune.data.formatting import resolve_chat_template
+    # a value that may name one of the tokenizer's chat templates waits for the tokenizer
+    from hoptune.data.formatting import may_name_a_template, resolve_chat_template
 
+    if m.chat_template is not None and not may_name_a_template(m.chat_template):
         try:
             resolve_chat_template(m.chat_template)
         except (OSError, UnicodeDecodeError) as e:

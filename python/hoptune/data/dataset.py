@@ -91,7 +91,11 @@ def build_examples(
     A record with missing fields, or an example left with no loss token, is collected; unless
     ``skip_bad``, DataError lists them (line numbers and reasons) once all records are seen,
     together with the malformed lines ``report`` already holds (load_examples passes those in),
-    so that one run shows every problem of the file."""
+    so that one run shows every problem of the file.
+
+    ``chat_template``: model.chat_template, the template text, a template file, or the name of
+    one of the tokenizer's named templates (see ``resolve_chat_template``); None: the
+    tokenizer's own."""
     report = report or DataReport(path=records[0].path if records else "<empty>")
     path = report.path
     chat = None

@@ -81,21 +81,54 @@ def record_kind(data: dict) -> str:
     )
 
 
-def resolve_chat_template(template: str | None) -> str | None:
-    """An inline Jinja template, or the contents of the file it names. A value without any Jinja
-    syntax cannot render a conversation, so it must name a file: FileNotFoundError when none exists
-    (a mistyped path is not used as template text)."""
+def named_chat_templates(tokenizer: Any) -> dict:
+    """The tokenizer's named chat templates (its ``chat_template`` when that is a dict, as Command
+    R's or Hermes 2 Pro's ``{"default": ..., "tool_use": ...}``); empty when it has one template or
+    none."""
+    own = getattr(tokenizer, "chat_template", None)
+    return own if isinstance(own, dict) else {}
+
+
+def may_name_a_template(template: str) -> bool:
+    """Whether a ``model.chat_template`` value may be the name of one of the tokenizer's chat
+    templates: no Jinja syntax and no path separator. Such a value can only be checked once the
+    tokenizer is loaded; any other value is checked without it."""
+    return "{" not in template and "/" not in template and os.sep not in template
+
+
+def resolve_chat_template(template: str | None, tokenizer: Any = None) -> str | None:
+    """The template text of a ``model.chat_template`` value, read as transformers'
+    ``get_chat_template`` reads its ``chat_template`` argument: the name of one of the tokenizer's
+    named templates selects that template; any other value is an inline Jinja template, or the path
+    of a file holding one. A value without any Jinja syntax cannot render a conversation, so it
+    must be a name or a file: a mistyped path is FileNotFoundError and a mistyped name ValueError
+    listing the names (neither is used as template text). Without ``tokenizer``, no value is a
+    name."""
     if template is None:
         return None
+    named = named_chat_templates(tokenizer)
+    if template in named:
+        return named[template]
     if "{" in template:
         return template
-    if not os.path.isfile(template):
-        raise FileNotFoundError(
-            f"model.chat_template={template!r}: no such file, and not an inline Jinja template (it has no "
-            "{{ }} or {% %}); give the path of an existing template file, or the template text itself"
+    if os.path.isfile(template):
+        with open(template, encoding="utf-8") as f:
+            return f.read()
+    if not may_name_a_template(template) or tokenizer is None:
+        why = "no such file"
+    elif not named:
+        why = "no such file (nor a name: the tokenizer has no named chat templates)"
+    else:
+        raise ValueError(
+            f"model.chat_template={template!r}: no chat template of the tokenizer has that name "
+            f"(its names: {', '.join(sorted(named))}), no file has that path, and it is not an "
+            "inline Jinja template (it has no {{ }} or {% %}); give one of those names, the path "
+            "of a template file, or the template text itself"
         )
-    with open(template, encoding="utf-8") as f:
-        return f.read()
+    raise FileNotFoundError(
+        f"model.chat_template={template!r}: {why}, and not an inline Jinja template (it has no "
+        "{{ }} or {% %}); give the path of an existing template file, or the template text itself"
+    )
 
 
 # the lists TRL's maybe_convert_to_chatml converts, in its order
@@ -182,10 +215,15 @@ class ChatFormatter:
     """Renders conversations with a tokenizer's chat template and finds the assistant spans."""
 
     def __init__(self, tokenizer: Any, chat_template: str | None = None) -> None:
+        """``chat_template``: model.chat_template (see resolve_chat_template), None for the
+        tokenizer's own."""
         self.tokenizer = tokenizer
-        template = resolve_chat_template(chat_template) or getattr(tokenizer, "chat_template", None)
-        # a tokenizer may hold named templates (Command R, Hermes 2 Pro: "default", "tool_use", ...): a
-        # record gets the one transformers (so TRL) picks, "tool_use" for a record with tools, else "default"
+        own = getattr(tokenizer, "chat_template", None)
+        template = resolve_chat_template(chat_template, tokenizer) or own
+        # a tokenizer may hold named templates (Command R, Hermes 2 Pro: "default", "tool_use"):
+        # a record gets the one transformers (so TRL) picks, "tool_use" for a record with tools,
+        # else "default"; model.chat_template naming one renders every record with it, as
+        # transformers does
         self.templates = dict(template) if isinstance(template, dict) else {"default": template}
         if not any(self.templates.values()):
             raise ExampleError(
@@ -194,17 +232,23 @@ class ChatFormatter:
             )
         if not self.templates.get("default"):
             raise ExampleError(
-                f"the tokenizer's chat templates are named {', '.join(sorted(self.templates))}, none of them "
-                "'default'; set model.chat_template to the one to use (its text or a file)"
+                "the tokenizer's chat templates are named "
+                f"{', '.join(sorted(self.templates))}, none of them 'default'; set "
+                "model.chat_template to the name of the one to use (or to a template, inline or a "
+                "file)"
             )
         self.template = self.templates["default"]
         if not getattr(tokenizer, "is_fast", False):
             raise ExampleError(
                 "chat masks need a fast tokenizer (token offsets); load the tokenizer with use_fast=True"
             )
-        self._check_syntax(
-            "the chat template (model.chat_template)" if chat_template else "the tokenizer's chat template"
-        )
+        if chat_template in named_chat_templates(tokenizer):
+            source = f"the tokenizer's chat template {chat_template!r} (model.chat_template)"
+        elif chat_template:
+            source = "the chat template (model.chat_template)"
+        else:
+            source = "the tokenizer's chat template"
+        self._check_syntax(source)
 
     def _template(self, tools: list | None = None) -> str:
         """The template a record with ``tools`` (None: no tools) is rendered with."""

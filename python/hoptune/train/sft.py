@@ -165,11 +165,15 @@ def load_data(cfg: SFTConfig, tokenizer: Any, log=print) -> tuple[list[Row], lis
     """(train rows, eval rows, reports): examples checked and truncated, eval split or read, the
     replay source mixed in, packing applied to the training rows."""
     d = cfg.data
+    try:  # a name of one of the tokenizer's chat templates is checked only now
+        chat_template = resolve_chat_template(cfg.model.chat_template, tokenizer)
+    except (OSError, ValueError) as e:
+        raise ConfigError(str(e)) from None
     kw = dict(
         max_seq_len=d.max_seq_len,
         truncation=d.truncation,
         add_eos=d.add_eos,
-        chat_template=resolve_chat_template(cfg.model.chat_template),
+        chat_template=chat_template,
         skip_bad=d.skip_bad_examples,
     )
     train, rep = load_examples(d.train, tokenizer, **kw)
