@@ -186,6 +186,55 @@ def test_options_the_lora_layers_in_place_have_load(tmp_path):
     assert fresh.model.layers[0].self_attn.q_proj.lora_A.dtype == torch.bfloat16
 
 
+def _nf4_blocksizes(model) -> set[int]:
+    return {m.weight_nf4.blocksize for _, m in lora_layers(model)}
+
+
+@pytest.mark.parametrize("layers, given", [(64, 256), (256, 64)])
+@pytest.mark.parametrize("quantize", ["nf4", None])
+def test_a_blocksize_other_than_the_nf4_layers_is_refused(layers, given, quantize, tmp_path):
+    """This was ignored: the adapter loaded over NF4 blocks of another size than asked for."""
+    base = tiny_model()
+    hoptune.save_adapter(ours(base, "lora"), tmp_path)
+    model = hoptune.apply_lora(copy.deepcopy(base), r=4, alpha=8, quantize="nf4", blocksize=layers)
+    snap = snapshot(model)
+    with pytest.raises(
+        ValueError,
+        match=rf"blocksize={given}: the model's LoRA layer model\.layers\.0\.\S+ has an NF4 base "
+        rf"of blocksize={layers}, .*remove_lora.*blocksize=None",
+    ):
+        hoptune.load_adapter(model, tmp_path, quantize=quantize, blocksize=given)
+    assert_unchanged(model, snap)
+
+
+def test_the_default_blocksize_loads_into_nf4_layers_of_any(tmp_path):
+    base = tiny_model()
+    hoptune.save_adapter(ours(base, "lora"), tmp_path)
+    want = hoptune.load_adapter(copy.deepcopy(base), tmp_path, quantize="nf4", blocksize=256)
+    assert _nf4_blocksizes(want) == {256}
+    for kwargs in (dict(quantize="nf4"), dict(blocksize=None), dict(quantize="nf4", blocksize=256)):
+        model = hoptune.apply_lora(copy.deepcopy(base), r=4, alpha=8, quantize="nf4", blocksize=256)
+        hoptune.load_adapter(model, tmp_path, **kwargs)
+        assert _nf4_blocksizes(model) == {256}
+        assert rel(logits(model), logits(want)) <= 1e-7
+    # new layers: None means 64, as in apply_lora
+    fresh = hoptune.load_adapter(copy.deepcopy(base), tmp_path, quantize="nf4", blocksize=None)
+    assert _nf4_blocksizes(fresh) == {64}
+
+
+def test_a_blocksize_for_dense_layers_left_dense_is_not_used(tmp_path):
+    """Without quantize="nf4" a dense base stays dense, new or in place: no block size applies."""
+    base = tiny_model()
+    src = ours(base, "lora")
+    hoptune.save_adapter(src, tmp_path)
+    model = hoptune.apply_lora(copy.deepcopy(base), r=4, alpha=8)
+    hoptune.load_adapter(model, tmp_path, blocksize=256)
+    fresh = hoptune.load_adapter(copy.deepcopy(base), tmp_path, blocksize=256)
+    for m in (model, fresh):
+        assert not any(lora.quantized for _, lora in lora_layers(m))
+        assert rel(logits(m), logits(src)) <= 1e-7
+
+
 def _peft_adapter(base, folder, dropout: float):
     torch.manual_seed(2)
     cfg = peft.LoraConfig(

@@ -643,7 +643,7 @@ def load_adapter(
     trainable: bool = False,
     quantize: str | None = None,
     double_quant: bool = True,
-    blocksize: int = 64,
+    blocksize: int | None = None,
     adapter_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Load a PEFT-format LoRA/DoRA adapter from ``adapter_dir`` into ``model`` (in place); return it.
@@ -653,8 +653,11 @@ def load_adapter(
     NF4 layers stay NF4, ``quantize="nf4"`` quantizes dense ones). A model that already has LoRA
     layers must have exactly the layers, ranks and scales of the adapter (and its dropout, when
     loaded ``trainable``): its weights
-    are replaced, in the layers' own dtype (an ``adapter_dtype`` other than that, or
-    ``quantize="nf4"`` over a dense base, is an error: such a model's layers are not rebuilt).
+    are replaced, in the layers' own dtype (an ``adapter_dtype`` other than that, a ``blocksize``
+    other than that of its NF4 layers, or ``quantize="nf4"`` over a dense base, is an error: such a
+    model's layers are not rebuilt). ``blocksize`` is the NF4 block size of the bases
+    ``quantize="nf4"`` quantizes (None, the default: 64); NF4 bases keep their own, and dense
+    bases left dense do not use it.
     ``trainable`` sets ``requires_grad`` of the loaded adapter (False by default, as in PEFT).
     Everything is checked first: an adapter for another architecture or with other shapes is an
     error and the model is left unchanged. A model wrapped by torch.compile is patched inside its
@@ -664,8 +667,8 @@ def load_adapter(
     # checked whether or not the model has LoRA layers yet: those are kept, not rebuilt with these
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
-    if blocksize not in BLOCKSIZES:
-        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+    if blocksize is not None and blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES} or None, got {blocksize!r}")
     if adapter_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"adapter_dtype must be float32, bfloat16, float16 or None, got {adapter_dtype}")
     given, model = model, _unwrap(model)
@@ -825,7 +828,15 @@ def load_adapter(
                     f"{lora.lora_A.dtype}, and load_adapter does not convert the LoRA layers a model has "
                     "already; call hoptune.remove_lora(model) first, or pass adapter_dtype=None"
                 )
+            if blocksize is not None and lora.quantized and lora.weight_nf4.blocksize != blocksize:
+                raise ValueError(
+                    f"blocksize={blocksize}: the model's LoRA layer {t.name} has an NF4 base of "
+                    f"blocksize={lora.weight_nf4.blocksize}, and load_adapter does not re-quantize "
+                    "the layers of a model that has LoRA layers already; call "
+                    "hoptune.remove_lora(model) first, or pass blocksize=None"
+                )
     else:
+        blocksize = 64 if blocksize is None else blocksize  # apply_lora's default
         for t in targets:  # the checks apply_lora makes (rank vs layer, NF4 block size), before any change
             check_target(t.name, t.module, t.r, quantize, blocksize, rank_above_layer=True)
         replace_with_lora(
