@@ -179,6 +179,7 @@ def test_missing_demo_data_names_the_command_that_writes_it(tmp_path, monkeypatc
             "run it in this folder first"
         )
         assert len(err.splitlines()) == 1 and "Traceback" not in err
+        assert os.listdir(tmp_path) == []  # no runs/demo/sft (and lock file) left behind
     # the demo config with data of one's own, and another config naming the demo's paths: no hint
     assert main(["sft", "demo_sft", "model.device=cpu", "data.train=mine.jsonl"]) == 2
     assert capsys.readouterr().err == "hoptune sft: error: data file 'mine.jsonl' does not exist\n"
@@ -190,6 +191,7 @@ def test_missing_demo_data_names_the_command_that_writes_it(tmp_path, monkeypatc
     assert main(["sft", str(other)]) == 2
     err = capsys.readouterr().err
     assert err == "hoptune sft: error: data file 'runs/demo/data/train.jsonl' does not exist\n"
+    assert os.listdir(tmp_path) == ["c.yaml"]
 
 
 def test_no_config_names_only_the_config(capsys):

@@ -303,3 +303,67 @@ def test_a_second_run_on_the_same_output_dir_is_refused(tmp_path, tokenizer, dem
     assert _run(cfg, tokenizer).steps == 1
     with loop.run_lock(run_dir):  # and the finished run let it go
         pass
+
+
+def test_a_run_refused_before_training_leaves_no_folder(tmp_path, tokenizer, demo_data):
+    """A run that stops before its first step (a missing data file, a resume that cannot be exact)
+    removes the output.dir it made, and the parents made with it, lock file and all; a folder that
+    was there before, or that holds anything, stays."""
+    missing = f"data.train={tmp_path / 'missing.jsonl'}"
+    nested = tmp_path / "runs" / "exp" / "run"
+    cfg = small_config(tmp_path, demo_data, missing, f"output.dir={nested}")
+    with pytest.raises(ValueError, match="missing.jsonl' does not exist"):
+        _run(cfg, tokenizer)
+    assert not os.path.exists(tmp_path / "runs")
+
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(ValueError, match="does not exist"):
+        _run(cfg, tokenizer)
+    assert os.listdir(tmp_path / "runs") == []  # (made before the run: kept)
+
+    nested.mkdir(parents=True)
+    with pytest.raises(ValueError, match="does not exist"):
+        _run(cfg, tokenizer)
+    assert os.path.isdir(nested)
+
+    # a resume refused after the checks of the data: the new folder goes, the checkpoint stays
+    done = small_config(tmp_path, demo_data, "train.max_steps=2", "train.save_every=1")
+    _run(done, tokenizer)
+    latest = loop.Checkpointer(done.output.dir).latest()
+    other = tmp_path / "other"
+    cfg = small_config(
+        tmp_path,
+        demo_data,
+        "train.max_steps=2",
+        f"output.resume={latest}",
+        f"output.dir={other}",
+        "lora.r=8",
+    )
+    with pytest.raises(ConfigError, match="lora.r was 4 and is now 8"):
+        _run(cfg, tokenizer)
+    assert not os.path.exists(other) and os.path.isfile(os.path.join(latest, loop.STATE_FILE))
+
+
+def test_a_run_killed_in_training_keeps_its_folder(tmp_path, tokenizer, demo_data, monkeypatch):
+    cfg = small_config(tmp_path, demo_data, f"output.dir={tmp_path / 'runs' / 'run'}")
+    _run_killed_at_step(cfg, tokenizer, 1, monkeypatch)
+    assert os.path.isfile(tmp_path / "runs" / "run" / "config.yaml")
+
+
+def test_run_lock_refuses_a_lock_file_removed_under_it(tmp_path, monkeypatch):
+    """A refused run removes its lock file while it holds it: a second run that opened that file
+    just before and locks it after must not take the removed file for the folder's lock."""
+    fcntl = pytest.importorskip("fcntl")
+    real_flock = fcntl.flock
+
+    def removed_first(fd, op):
+        os.unlink(tmp_path / ".lock")
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", removed_first)
+    with pytest.raises(loop.FolderInUse, match="was removed by a run that stopped as"):
+        with loop.run_lock(str(tmp_path)):
+            pass
+    monkeypatch.setattr(fcntl, "flock", real_flock)
+    with loop.run_lock(str(tmp_path)):
+        pass

@@ -467,8 +467,19 @@ def load_trainable(model: nn.Module, folder: str) -> None:
             params[n].copy_(t)
 
 
+LOCK_FILE = ".lock"  # a run folder's lock file (``run_lock``)
+
+
 class FolderInUse(ValueError):
     """Another process holds the folder's run lock."""
+
+
+def _same_file(fd: int, path: str) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
@@ -481,7 +492,7 @@ def run_lock(folder: str) -> Iterator[None]:
     except ImportError:  # not POSIX
         yield
         return
-    path = os.path.join(folder, ".lock")
+    path = os.path.join(folder, LOCK_FILE)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         locked = True
@@ -495,6 +506,12 @@ def run_lock(folder: str) -> Iterator[None]:
             ) from None
         except OSError:  # no locks on this file system (some network mounts)
             locked = False
+        if locked and not _same_file(fd, path):
+            # a run that stopped before writing anything removes its lock file (and the folder it
+            # made) while holding the lock: a lock taken on that removed file guards nothing
+            raise FolderInUse(
+                f"{folder} was removed by a run that stopped as this one started; start it again"
+            )
         if locked:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())

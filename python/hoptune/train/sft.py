@@ -373,12 +373,61 @@ def train(cfg: SFTConfig, log=print, model: nn.Module | None = None, tokenizer: 
     except (ValueError, RuntimeError) as e:
         raise ConfigError(f"model.device: {e}") from e
     run_dir = os.path.abspath(cfg.output.dir)
-    os.makedirs(run_dir, exist_ok=True)
+    created = _make_run_dir(run_dir)
     try:
         with loop.run_lock(run_dir):
-            return _train(cfg, log, model, tokenizer, device, run_dir)
+            try:
+                return _train(cfg, log, model, tokenizer, device, run_dir)
+            except BaseException:
+                # a run refused before it wrote anything (a missing data file, a resume that cannot
+                # be exact, lora settings that do not fit) leaves no folder of its own behind
+                _remove_unused_run_dir(run_dir, created)
+                raise
     except loop.FolderInUse as e:
         raise ConfigError(f"output.dir: {e}") from e
+
+
+def _make_run_dir(run_dir: str) -> list[str]:
+    """Make ``run_dir`` and its missing parents; returns the folders this call made, innermost
+    first (a folder another process makes at the same moment is not among them)."""
+    missing = []
+    path = run_dir
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    made = []
+    for path in reversed(missing):
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            continue
+        except OSError:  # (a file in the way): os.makedirs below raises what it always did
+            break
+        made.append(path)
+    os.makedirs(run_dir, exist_ok=True)
+    return made[::-1]
+
+
+def _remove_unused_run_dir(run_dir: str, created: list[str]) -> None:
+    """Remove ``run_dir`` and the parents made with it (``created``, innermost first) when this run
+    made it and it holds nothing but its lock file. Called with the lock held: the lock file goes
+    first (``loop.run_lock`` refuses a lock file removed under it), then each folder while empty."""
+    if not created or created[0] != run_dir:
+        return  # a folder that existed before this run is never removed
+    lock = os.path.join(run_dir, loop.LOCK_FILE)
+    try:
+        names = os.listdir(run_dir)
+        if set(names) - {loop.LOCK_FILE}:
+            return
+        if names:
+            os.unlink(lock)
+    except OSError:
+        return
+    for path in created:
+        try:
+            os.rmdir(path)  # only ever an empty folder
+        except OSError:
+            return
 
 
 def _train(
