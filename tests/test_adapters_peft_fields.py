@@ -153,6 +153,7 @@ def test_two_keys_for_one_tensor_are_refused(first, second, tmp_path):
         ),
         (dict(quantize="int8"), ValueError, r"quantize must be None or 'nf4', got 'int8'"),
         (dict(blocksize=100), ValueError, r"blocksize must be one of"),
+        (dict(double_quant="no"), TypeError, r"double_quant must be True, False or None, got 'no'"),
         (dict(adapter_dtype=torch.int8), TypeError, r"adapter_dtype must be"),
     ],
 )
@@ -230,6 +231,64 @@ def test_a_blocksize_for_dense_layers_left_dense_is_not_used(tmp_path):
     model = hoptune.apply_lora(copy.deepcopy(base), r=4, alpha=8)
     hoptune.load_adapter(model, tmp_path, blocksize=256)
     fresh = hoptune.load_adapter(copy.deepcopy(base), tmp_path, blocksize=256)
+    for m in (model, fresh):
+        assert not any(lora.quantized for _, lora in lora_layers(m))
+        assert rel(logits(m), logits(src)) <= 1e-7
+
+
+def _nf4_nested(model) -> set[bool]:
+    return {m.weight_nf4.nested for _, m in lora_layers(model)}
+
+
+def _nf4_lora(base, dq: bool):
+    return hoptune.apply_lora(copy.deepcopy(base), r=4, alpha=8, quantize="nf4", double_quant=dq)
+
+
+@pytest.mark.parametrize("layers", [True, False])
+@pytest.mark.parametrize("quantize", ["nf4", None])
+def test_a_double_quant_other_than_the_nf4_layers_is_refused(layers, quantize, tmp_path):
+    """This was ignored: the adapter loaded over NF4 bases quantized otherwise than asked for."""
+    base = tiny_model()
+    hoptune.save_adapter(ours(base, "lora"), tmp_path)
+    model = _nf4_lora(base, layers)
+    snap = snapshot(model)
+    given = not layers
+    with pytest.raises(
+        ValueError,
+        match=rf"double_quant={given}: the model's LoRA layer model\.layers\.0\.\S+ has an NF4 "
+        rf"base with double_quant={layers}, .*remove_lora.*double_quant=None",
+    ):
+        hoptune.load_adapter(model, tmp_path, quantize=quantize, double_quant=given)
+    assert_unchanged(model, snap)
+
+
+def test_the_default_double_quant_loads_into_nf4_layers_of_either(tmp_path):
+    base = tiny_model()
+    hoptune.save_adapter(ours(base, "lora"), tmp_path)
+    want = hoptune.load_adapter(copy.deepcopy(base), tmp_path, quantize="nf4", double_quant=False)
+    assert _nf4_nested(want) == {False}
+    for kwargs in (
+        dict(quantize="nf4"),
+        dict(double_quant=None),
+        dict(quantize="nf4", double_quant=False),
+    ):
+        model = _nf4_lora(base, False)
+        hoptune.load_adapter(model, tmp_path, **kwargs)
+        assert _nf4_nested(model) == {False}
+        assert rel(logits(model), logits(want)) <= 1e-7
+    # new layers: None means True, as in apply_lora
+    fresh = hoptune.load_adapter(copy.deepcopy(base), tmp_path, quantize="nf4", double_quant=None)
+    assert _nf4_nested(fresh) == {True}
+
+
+def test_a_double_quant_for_dense_layers_left_dense_is_not_used(tmp_path):
+    """Without quantize="nf4" a dense base stays dense, new or in place: no double quantization."""
+    base = tiny_model()
+    src = ours(base, "lora")
+    hoptune.save_adapter(src, tmp_path)
+    model = hoptune.apply_lora(copy.deepcopy(base), r=4, alpha=8)
+    hoptune.load_adapter(model, tmp_path, double_quant=False)
+    fresh = hoptune.load_adapter(copy.deepcopy(base), tmp_path, double_quant=False)
     for m in (model, fresh):
         assert not any(lora.quantized for _, lora in lora_layers(m))
         assert rel(logits(m), logits(src)) <= 1e-7

@@ -642,7 +642,7 @@ def load_adapter(
     *,
     trainable: bool = False,
     quantize: str | None = None,
-    double_quant: bool = True,
+    double_quant: bool | None = None,
     blocksize: int | None = None,
     adapter_dtype: torch.dtype | None = None,
 ) -> nn.Module:
@@ -654,10 +654,10 @@ def load_adapter(
     layers must have exactly the layers, ranks and scales of the adapter (and its dropout, when
     loaded ``trainable``): its weights
     are replaced, in the layers' own dtype (an ``adapter_dtype`` other than that, a ``blocksize``
-    other than that of its NF4 layers, or ``quantize="nf4"`` over a dense base, is an error: such a
-    model's layers are not rebuilt). ``blocksize`` is the NF4 block size of the bases
-    ``quantize="nf4"`` quantizes (None, the default: 64); NF4 bases keep their own, and dense
-    bases left dense do not use it.
+    or ``double_quant`` other than that of its NF4 layers, or ``quantize="nf4"`` over a dense base,
+    is an error: such a model's layers are not rebuilt). ``blocksize`` and ``double_quant`` are the
+    NF4 block size and double quantization of the bases ``quantize="nf4"`` quantizes (None, the
+    default: 64 and True); NF4 bases keep their own, and dense bases left dense do not use them.
     ``trainable`` sets ``requires_grad`` of the loaded adapter (False by default, as in PEFT).
     Everything is checked first: an adapter for another architecture or with other shapes is an
     error and the model is left unchanged. A model wrapped by torch.compile is patched inside its
@@ -669,6 +669,8 @@ def load_adapter(
         raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
     if blocksize is not None and blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES} or None, got {blocksize!r}")
+    if double_quant is not None and not isinstance(double_quant, bool):
+        raise TypeError(f"double_quant must be True, False or None, got {double_quant!r}")
     if adapter_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"adapter_dtype must be float32, bfloat16, float16 or None, got {adapter_dtype}")
     given, model = model, _unwrap(model)
@@ -835,8 +837,17 @@ def load_adapter(
                     "the layers of a model that has LoRA layers already; call "
                     "hoptune.remove_lora(model) first, or pass blocksize=None"
                 )
+            nested = lora.weight_nf4.nested if lora.quantized else None
+            if double_quant is not None and lora.quantized and nested != double_quant:
+                raise ValueError(
+                    f"double_quant={double_quant}: the model's LoRA layer {t.name} has an NF4 base "
+                    f"with double_quant={nested}, and load_adapter does not "
+                    "re-quantize the layers of a model that has LoRA layers already; call "
+                    "hoptune.remove_lora(model) first, or pass double_quant=None"
+                )
     else:
-        blocksize = 64 if blocksize is None else blocksize  # apply_lora's default
+        blocksize = 64 if blocksize is None else blocksize  # apply_lora's defaults
+        double_quant = True if double_quant is None else double_quant
         for t in targets:  # the checks apply_lora makes (rank vs layer, NF4 block size), before any change
             check_target(t.name, t.module, t.r, quantize, blocksize, rank_above_layer=True)
         replace_with_lora(
