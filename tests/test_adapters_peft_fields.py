@@ -223,14 +223,16 @@ def test_the_default_blocksize_loads_into_nf4_layers_of_any(tmp_path):
     assert _nf4_blocksizes(fresh) == {64}
 
 
-def test_a_blocksize_for_dense_layers_left_dense_is_not_used(tmp_path):
-    """Without quantize="nf4" a dense base stays dense, new or in place: no block size applies."""
+@pytest.mark.parametrize("option", [dict(blocksize=256), dict(double_quant=False)])
+def test_nf4_options_for_dense_layers_left_dense_are_not_used(option, tmp_path):
+    """Without quantize="nf4" a dense base stays dense, new or in place: no block size or double
+    quantization applies."""
     base = tiny_model()
     src = ours(base, "lora")
     hoptune.save_adapter(src, tmp_path)
     model = hoptune.apply_lora(copy.deepcopy(base), r=4, alpha=8)
-    hoptune.load_adapter(model, tmp_path, blocksize=256)
-    fresh = hoptune.load_adapter(copy.deepcopy(base), tmp_path, blocksize=256)
+    hoptune.load_adapter(model, tmp_path, **option)
+    fresh = hoptune.load_adapter(copy.deepcopy(base), tmp_path, **option)
     for m in (model, fresh):
         assert not any(lora.quantized for _, lora in lora_layers(m))
         assert rel(logits(m), logits(src)) <= 1e-7
@@ -279,19 +281,6 @@ def test_the_default_double_quant_loads_into_nf4_layers_of_either(tmp_path):
     # new layers: None means True, as in apply_lora
     fresh = hoptune.load_adapter(copy.deepcopy(base), tmp_path, quantize="nf4", double_quant=None)
     assert _nf4_nested(fresh) == {True}
-
-
-def test_a_double_quant_for_dense_layers_left_dense_is_not_used(tmp_path):
-    """Without quantize="nf4" a dense base stays dense, new or in place: no double quantization."""
-    base = tiny_model()
-    src = ours(base, "lora")
-    hoptune.save_adapter(src, tmp_path)
-    model = hoptune.apply_lora(copy.deepcopy(base), r=4, alpha=8)
-    hoptune.load_adapter(model, tmp_path, double_quant=False)
-    fresh = hoptune.load_adapter(copy.deepcopy(base), tmp_path, double_quant=False)
-    for m in (model, fresh):
-        assert not any(lora.quantized for _, lora in lora_layers(m))
-        assert rel(logits(m), logits(src)) <= 1e-7
 
 
 def _peft_adapter(base, folder, dropout: float):
