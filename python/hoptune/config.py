@@ -7,7 +7,10 @@ A config is a tree of dataclasses (sections ``model``, ``lora``, ``data``, ``tra
   did you mean ``train.lr``?);
 * a value of the wrong type is an error that names the key, the expected type and what came;
 * overrides are dotted ``section.key=value`` strings whose value is parsed as YAML
-  (``train.lr=1e-4``, ``lora.target_modules=[q_proj,v_proj]``, ``data.eval=null``).
+  (``train.lr=1e-4``, ``lora.target_modules=[q_proj,v_proj]``, ``data.eval=null``); a mapping
+  given to a section sets the keys it names (``train={lr: 1e-4, epochs: 2}``), the others stay;
+* numbers are read as YAML 1.1 reads them, except that ``0123`` is decimal (not octal) and
+  ``1:30`` is a string (not base 60).
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self.path = _expand_user(self.path)
+        if isinstance(self.chat_template, str) and "{" not in self.chat_template:  # a file, not inline Jinja
+            self.chat_template = _expand_user(self.chat_template)
 
 
 @dataclass
@@ -338,7 +343,7 @@ def _build(cls: type, values: dict, prefix: str = "", root: type | None = None) 
 
 class _YamlLoader(yaml.SafeLoader):
     """SafeLoader that refuses a key written twice in one mapping: YAML readers keep the last one, so a
-    second ``train:`` section would silently drop every key of the first."""
+    second ``train:`` section would silently drop every key of the first. Its numbers are below."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: dict = {}
@@ -353,6 +358,44 @@ class _YamlLoader(yaml.SafeLoader):
                 )
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> Any:
+        # YAML 1.1 reads 0123 as octal (83): a seed or step count written with a leading zero silently
+        # became another number; it is decimal here, as in YAML 1.2 and Python's int("0123")
+        text = str(self.construct_scalar(node)).replace("_", "")
+        if text.lstrip("+-")[:2] not in ("0b", "0x"):
+            try:
+                return int(text)
+            except ValueError:
+                pass
+        return super().construct_yaml_int(node)
+
+
+# YAML 1.1's implicit numbers, less its base-60 forms (1:30 was the int 90, 1:30.5 the float 90.5): such a
+# value stays a string, which a number key refuses
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [
+        (tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+    ]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0x[0-9a-fA-F_]+|[-+]?[0-9][0-9_]*)$"),
+    list("-+0123456789"),
+)
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?
+        |\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+_YamlLoader.add_constructor("tag:yaml.org,2002:int", _YamlLoader.construct_yaml_int)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -369,9 +412,11 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         # would silently cut it
         return key.split("."), text
     try:
-        value = yaml.safe_load(raw) if text else ""
+        value = yaml.load(raw, Loader=_YamlLoader) if text else ""
     except yaml.YAMLError:
         value = raw
+    except ConfigError as e:  # a key written twice in a {...} value
+        raise ConfigError(f"override {item!r}: {e}") from None
     return key.split("."), value
 
 
@@ -383,6 +428,18 @@ def _merge_override(tree: dict, path: list[str], value: Any, cls: type) -> None:
         if part not in hints:
             raise _unknown_key(cur_cls, ".".join(path[: i + 1]), cls)
         if i == len(path) - 1:
+            key = ".".join(path)
+            if dataclasses.is_dataclass(hints[part]) and value is None:
+                first = dataclasses.fields(hints[part])[0].name
+                raise ConfigError(
+                    f"override '{key}=null': {key} is a section; set its keys one by one ({key}.{first}=...)"
+                )
+            if dataclasses.is_dataclass(hints[part]) and isinstance(value, dict):
+                # a mapping sets the keys it names, as that many dotted overrides would: replacing the
+                # section would reset its other keys (from the file) to their defaults
+                for k, v in value.items():
+                    _merge_override(tree, [*path, str(k)], v, cls)
+                return
             node[part] = value
             return
         if not dataclasses.is_dataclass(hints[part]):

@@ -238,3 +238,55 @@ def test_paths_starting_with_a_tilde_are_in_the_home_folder(tmp_path, monkeypatc
     assert (cfg.output.dir, cfg.output.resume) == (f"{home}/runs/a", f"{home}/runs/a/checkpoints/x")
     default = load_config(None, [])
     assert (default.model.path, default.output.resume) == ("hoptune/tiny", "auto")
+
+
+def test_chat_template_file_starting_with_a_tilde_is_in_the_home_folder(tmp_path, monkeypatch):
+    """``model.chat_template=~/chat.jinja`` was refused as "no such file" while the file was there:
+    every other path key reads ``~`` as the home folder."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "chat.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    cfg = load_config(None, ["data.train=x.jsonl", "model.chat_template=~/chat.jinja"])
+    assert cfg.model.chat_template == str(tmp_path / "chat.jinja")
+    check_sft_config(cfg)
+    # an inline template keeps its text (Jinja's ~ joins strings)
+    inline = "{{ '~' ~ messages[0].content }}"
+    assert load_config(None, [f"model.chat_template={inline}"]).model.chat_template == inline
+
+
+def test_a_mapping_override_of_a_section_keeps_its_other_keys(tmp_path):
+    """``train={lr: 1e-4}`` replaced the whole section: the file's other train keys (save_every,
+    eval_every, warmup...) went back to their defaults without a word."""
+    p = _yaml(tmp_path, "train:\n  lr: 2.0e-4\n  save_every: 200\n  warmup_ratio: 0.03\nlora:\n  r: 8\n")
+    cfg = load_config(p, ["train={lr: 1e-4, epochs: 2}", "lora={alpha: 64}"])
+    assert (cfg.train.lr, cfg.train.epochs) == (1e-4, 2.0)
+    assert (cfg.train.save_every, cfg.train.warmup_ratio) == (200, 0.03)
+    assert (cfg.lora.r, cfg.lora.alpha) == (8, 64.0)
+    # a key of the mapping is checked as a dotted override is
+    with pytest.raises(ConfigError, match="unknown config key 'train.learnig_rate'; did you mean 'train.lr'"):
+        load_config(p, ["train={learnig_rate: 1e-4}"])
+    # null would silently reset the section to its defaults
+    with pytest.raises(ConfigError, match=r"override 'train=null': train is a section; set its keys"):
+        load_config(p, ["train=null"])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("0123", None), ("+0099", None), ("-010", None), ("1:30", r"expected int, got '1:30' \(str\)")],
+)
+def test_numbers_with_leading_zeros_are_decimal(tmp_path, text, message):
+    """YAML 1.1 (PyYAML) reads 0123 as octal (83) and 1:30 as base 60 (90): a seed or step count
+    written that way silently became another number."""
+    for cfg_of in (
+        lambda: load_config(None, [f"train.seed={text}"]),
+        lambda: load_config(_yaml(tmp_path, f"train:\n  seed: {text}\n")),
+    ):
+        if message is None:
+            assert cfg_of().train.seed == int(text)
+        else:
+            with pytest.raises(ConfigError, match=message):
+                cfg_of()
+    # what YAML and Python both read as hexadecimal or binary stays so
+    cfg = load_config(None, ["train.seed=0x10", "train.max_steps=0b11"])
+    assert (cfg.train.seed, cfg.train.max_steps) == (16, 3)
+    with pytest.raises(ConfigError, match=r"train.lr: expected float, got '1:30.5' \(str\)"):
+        load_config(None, ["train.lr=1:30.5"])
