@@ -91,6 +91,28 @@ def test_chat_template_file_or_inline(tmp_path, tokenizer):
         ChatFormatter(tokenizer, "templates/chatml.jinja")
 
 
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16"])
+def test_chat_template_file_with_a_byte_order_mark(tmp_path, tokenizer, encoding):
+    """A template file saved with a byte-order mark (Windows editors, PowerShell's "> file" in
+    UTF-16) renders as the same template: the mark is not text that every example would start with
+    (before the BOS)."""
+    path = tmp_path / "t.jinja"
+    path.write_bytes(tokenizer.chat_template.encode(encoding))
+    assert resolve_chat_template(str(path)) == tokenizer.chat_template
+    assert ChatFormatter(tokenizer, str(path)).tokenize(CHAT) == ChatFormatter(tokenizer).tokenize(CHAT)
+    path.write_bytes(NO_GEN_PROMPT.replace("\n", "\r\n").encode(encoding))  # and Windows line ends
+    assert resolve_chat_template(str(path)) == NO_GEN_PROMPT
+
+
+def test_chat_template_file_that_is_not_text_names_the_file(tmp_path):
+    path = tmp_path / "t.jinja"
+    path.write_bytes(b"{{ bos_token }}caf\xe9")  # Latin-1
+    with pytest.raises(
+        ValueError, match=r"model.chat_template='.*t\.jinja' is not UTF-8 text .*save it as UTF-8"
+    ):
+        resolve_chat_template(str(path))
+
+
 def test_generation_tags_agree_with_transformers(tokenizer):
     ids, mask = ChatFormatter(tokenizer, WITH_GENERATION_TAGS).tokenize(CHAT)
     ref = tokenizer.apply_chat_template(

@@ -211,6 +211,41 @@ def test_tool_call_with_null_content_qwen2_5(tmp_path, shape):
     assert tokenize_record(rec, tok, ChatFormatter(tok, _trl_template("qwen2_5_training"))) == (ids, mask)
 
 
+@pytest.mark.parametrize("shape", ["messages", "prompt_completion"])
+def test_tool_call_without_content_key(tmp_path, shape):
+    """OpenAI's fine-tuning files write a tool-call turn with no "content" key at all: it trains as
+    the same turn with ``content: null`` (what TRL's SFTTrainer gets from such a file, the missing
+    key read as null), and the record's messages are not changed."""
+    tok = _chatml_bpe_tokenizer()
+    chat = ChatFormatter(tok, _trl_template("qwen2_5"))
+    no_key = copy.deepcopy(TOOL_CHAT)
+    del no_key[1]["content"]
+    if shape == "messages":
+        rec, ref = {"messages": no_key, "tools": TOOLS}, {"messages": TOOL_CHAT, "tools": TOOLS}
+    else:
+        rec = {"prompt": no_key[:1], "completion": no_key[1:], "tools": TOOLS}
+        ref = {"prompt": TOOL_CHAT[:1], "completion": TOOL_CHAT[1:], "tools": TOOLS}
+    written = copy.deepcopy(rec)
+    assert tokenize_record(rec, tok, chat) == tokenize_record(ref, tok, chat)
+    assert rec == written
+    ex, _ = load_examples(
+        _write(tmp_path / "t.jsonl", [rec]), tok, max_seq_len=2048, chat_template=chat.template
+    )
+    assert (ex[0].input_ids, ex[0].loss_mask) == tokenize_record(ref, tok, chat)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [{"role": "assistant"}, {"role": "user", "tool_calls": TOOL_CHAT[1]["tool_calls"]}],
+    ids=["assistant_no_calls", "user_with_calls"],
+)
+def test_message_without_content_key_needs_tool_calls(tmp_path, tokenizer, message):
+    rec = {"messages": [CHAT[1], message, {"role": "assistant", "content": "7"}]}
+    p = _write(tmp_path / "n.jsonl", [rec])
+    with pytest.raises(DataError, match=r"line 1: messages\[1\] must be an object with 'role' and 'content'"):
+        load_examples(p, tokenizer, max_seq_len=128)
+
+
 # no generation prompt, content and tool calls side by side: the span starts after the role header
 NO_GEN_PROMPT_TOOLS = (
     "{% for m in messages %}{{ m['role'] }}: {% if m['content'] %}{{ m['content'] }}{% endif %}"

@@ -155,6 +155,17 @@ def test_split_and_replay():
     assert mix_replay(train, general, 0.0, seed=0) == (train, 0)
 
 
+@pytest.mark.parametrize("fraction", [1.0, 1.5, -0.1, float("nan")])
+def test_replay_and_split_fractions_out_of_range_are_named(fraction):
+    """A fraction outside [0, 1) is an error naming the argument (not a ZeroDivisionError, nor a
+    replay or a held-out split silently left out)."""
+    ex, general = _examples(10), _examples(3, seed=9)
+    with pytest.raises(ValueError, match=rf"mix_replay: fraction must be in \[0, 1\), got {fraction}"):
+        mix_replay(ex, general, fraction, seed=0)
+    with pytest.raises(ValueError, match=rf"split_eval: fraction must be in \[0, 1\), got {fraction}"):
+        split_eval(ex, fraction, seed=0)
+
+
 def test_step_sampler_is_deterministic_and_covers_epochs():
     s = StepSampler(num_rows=10, rows_per_step=4, seed=7)
     seq = [i for step in range(5) for i in s.rows_for_step(step)]

@@ -178,9 +178,16 @@ def load_examples(
     return examples, report
 
 
+def _check_fraction(function: str, fraction: float, meaning: str) -> None:
+    # 1 divides by zero in mix_replay; above 1 or below 0, nothing would be mixed in or split off, silently
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"{function}: fraction must be in [0, 1), got {fraction} ({meaning})")
+
+
 def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
     """(train, eval): a seeded random ``fraction`` of the examples held out (at least one)."""
-    if fraction <= 0:
+    _check_fraction("split_eval", fraction, "the share of the examples held out: data.eval_fraction")
+    if fraction == 0:
         return examples, []
     n_eval = max(1, round(len(examples) * fraction))
     if n_eval >= len(examples):
@@ -196,7 +203,10 @@ def mix_replay(
 ) -> tuple[list[Example], int]:
     """``train`` plus general examples making up ``fraction`` of the result (drawn without
     replacement while they last, then again from the top). Returns (mixed, number added)."""
-    if fraction <= 0 or not general:
+    _check_fraction(
+        "mix_replay", fraction, "the share of general examples in the result: data.general_fraction"
+    )
+    if fraction == 0 or not general:
         return train, 0
     n_general = round(fraction / (1.0 - fraction) * len(train))
     rng = random.Random(seed)

@@ -11,8 +11,9 @@ The record shapes TRL's SFTTrainer reads:
 * ``{"text": str}``: plain text, every token in the loss (for replay / general data).
 
 A message's content is a string, or null for an assistant message that calls tools (OpenAI's
-``{"role": "assistant", "content": null, "tool_calls": [...]}``). Messages go to the template as
-they are written (TRL passes them unchanged), extra keys such as ``tool_calls`` included.
+``{"role": "assistant", "content": null, "tool_calls": [...]}``; such a message may also leave the
+content out, as OpenAI's fine-tuning files do, and is then read as null). Messages go to the template
+as they are written (TRL passes them unchanged), extra keys such as ``tool_calls`` included.
 
 ``loss_mask[t] = 1`` means token t is a training target (it is predicted from tokens < t).
 
@@ -32,6 +33,7 @@ message content starts.
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import re
@@ -112,8 +114,7 @@ def resolve_chat_template(template: str | None, tokenizer: Any = None) -> str | 
     if "{" in template:
         return template
     if os.path.isfile(template):
-        with open(template, encoding="utf-8") as f:
-            return f.read()
+        return _read_template_file(template)
     if not may_name_a_template(template) or tokenizer is None:
         why = "no such file"
     elif not named:
@@ -129,6 +130,37 @@ def resolve_chat_template(template: str | None, tokenizer: Any = None) -> str | 
         f"model.chat_template={template!r}: {why}, and not an inline Jinja template (it has no "
         "{{ }} or {% %}); give the path of an existing template file, or the template text itself"
     )
+
+
+def _read_template_file(path: str) -> str:
+    """A template file's text: UTF-8, or UTF-16 / UTF-32 with a byte-order mark (PowerShell's
+    "> file" writes UTF-16). The mark is dropped: it is no template text, and Jinja would render it
+    in front of every conversation (before the BOS). Not UTF-8 text: UnicodeDecodeError naming the
+    key and the file (a ValueError, as the other errors of a model.chat_template value)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    encoding = "utf-8-sig"
+    for bom, name in (
+        (codecs.BOM_UTF32_LE, "utf-32"),
+        (codecs.BOM_UTF32_BE, "utf-32"),
+        (codecs.BOM_UTF16_LE, "utf-16"),
+        (codecs.BOM_UTF16_BE, "utf-16"),
+    ):
+        if raw.startswith(bom):
+            encoding = name
+            break
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise UnicodeDecodeError(
+            e.encoding,
+            e.object,
+            e.start,
+            e.end,
+            f"{e.reason}: model.chat_template={path!r} is not UTF-8 text (it is read as a template "
+            "file); save it as UTF-8",
+        ) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # line ends as a text-mode read gives them
 
 
 # the lists TRL's maybe_convert_to_chatml converts, in its order
@@ -170,11 +202,19 @@ def _shown(value: Any) -> str:
 def _check_messages(messages: Any, field: str = "messages", as_written: Any = None) -> list[dict]:
     """``messages`` checked for the template; errors name ``field``. A ShareGPT record's messages
     (``field`` "conversations") are checked after convert_to_chatml, and its errors speak of 'from'
-    and 'value' and show the messages ``as_written`` in the record."""
+    and 'value' and show the messages ``as_written`` in the record.
+
+    An assistant message that calls tools may leave out its content (OpenAI's fine-tuning files do):
+    it gets ``content: None``, as TRL's SFTTrainer reads such a file (datasets fills the missing key
+    with null); the record itself is not changed."""
     role, content = ("from", "value") if field == "conversations" else ("role", "content")
     if not isinstance(messages, list) or not messages:
         raise ExampleError(f"{field!r} must be a non-empty list of {{{role!r}, {content!r}}} objects")
+    out = []
     for i, m in enumerate(messages):
+        if isinstance(m, dict) and "content" not in m and m.get("role") == "assistant" and _calls_tools(m):
+            m = {**m, "content": None}
+        out.append(m)
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             got = m if as_written is None else as_written[i]
             raise ExampleError(f"{field}[{i}] must be an object with {role!r} and {content!r}, got {got!r}")
@@ -183,8 +223,7 @@ def _check_messages(messages: Any, field: str = "messages", as_written: Any = No
         if m["content"] is None:
             # OpenAI's tool-call turn; any other message without content renders as "None" or breaks
             # the template (Qwen2.5's adds it to a string)
-            calls = m.get("tool_calls")
-            if m["role"] != "assistant" or not isinstance(calls, list) or not calls:
+            if m["role"] != "assistant" or not _calls_tools(m):
                 raise ExampleError(
                     f"{field}[{i}]: {content!r} is null, but only an assistant message that calls tools (a "
                     "non-empty 'tool_calls' list) may have no content"
@@ -194,7 +233,12 @@ def _check_messages(messages: Any, field: str = "messages", as_written: Any = No
                 f"{field}[{i}]: {content!r} must be a string (or null in an assistant message that calls "
                 f"tools), got {_shown(m['content'])}"
             )
-    return messages
+    return out
+
+
+def _calls_tools(message: dict) -> bool:
+    calls = message.get("tool_calls")
+    return isinstance(calls, list) and bool(calls)
 
 
 def _no_assistant(messages: list[dict], sharegpt: bool) -> str:
