@@ -389,6 +389,19 @@ def test_activation_checkpointing_is_active(small_model):
         ("GraniteForCausalLM", {"logits_scaling": 8.0}),  # logits / logits_scaling
         ("CohereForCausalLM", {"logit_scale": 0.25}),  # logits * logit_scale
         ("Gemma2ForCausalLM", {"final_logit_softcapping": 3.0, "head_dim": 16}),
+        ("HyperCLOVAXForCausalLM", {"logits_scaling": 0.25}),  # logits * logits_scaling
+        (
+            "FalconH1ForCausalLM",  # logits * lm_head_multiplier
+            dict(
+                lm_head_multiplier=0.25,
+                mamba_d_ssm=64,
+                mamba_n_heads=4,
+                mamba_d_head=16,
+                mamba_d_state=16,
+                mamba_n_groups=1,
+                mamba_chunk_size=16,
+            ),
+        ),
     ],
 )
 def test_batch_logprobs_follows_the_architectures_logits(family, over):

@@ -187,9 +187,8 @@ def test_fp16_overflow_at_unit_scale_stops():
     assert torch.equal(p.detach(), torch.ones(3)) and p.grad is None
 
 
-def test_a_stopped_run_flushes_its_tensorboard_log(tmp_path, tokenizer, demo_data, monkeypatch):
-    """TensorBoard's writer holds up to 2 minutes of points: a run that stops (a NaN, a Ctrl-C)
-    closes it, or the steps that led up to the stop were missing from TensorBoard."""
+def _fake_tensorboard(monkeypatch) -> list:
+    """A TensorBoard writer that records its close() calls (in the list returned)."""
     import sys
     import types
 
@@ -206,6 +205,13 @@ def test_a_stopped_run_flushes_its_tensorboard_log(tmp_path, tokenizer, demo_dat
             closed.append(True)
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    return closed
+
+
+def test_a_stopped_run_flushes_its_tensorboard_log(tmp_path, tokenizer, demo_data, monkeypatch):
+    """TensorBoard's writer holds up to 2 minutes of points: a run that stops (a NaN, a Ctrl-C)
+    closes it, or the steps that led up to the stop were missing from TensorBoard."""
+    closed = _fake_tensorboard(monkeypatch)
     cfg = small_config(tmp_path, demo_data, "output.tensorboard=true")
     _on_step(monkeypatch, 2, lambda model, out: (float("inf"), *out[1:]))
     with pytest.raises(FloatingPointError, match="step 2 of 6: the training loss is inf"):
@@ -219,3 +225,20 @@ def test_a_stopped_run_flushes_its_tensorboard_log(tmp_path, tokenizer, demo_dat
     with pytest.raises(KeyboardInterrupt):
         _run(small_config(tmp_path / "b", demo_data, "output.tensorboard=true"), tokenizer)
     assert closed == [True, True]
+
+
+def test_a_run_stopped_in_its_final_eval_flushes_its_tensorboard_log(
+    tmp_path, tokenizer, demo_data, monkeypatch
+):
+    """Stopped after its last step, in the final eval (Ctrl-C in a long one, an out-of-memory): every
+    step was trained and logged, and the writer was left open with the points of the run's end."""
+    closed = _fake_tensorboard(monkeypatch)
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(loop, "evaluate_nll", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _run(small_config(tmp_path, demo_data, "output.tensorboard=true", "train.max_steps=2"), tokenizer)
+    assert closed == [True]
+    assert os.path.isfile(os.path.join(tmp_path, "run", "adapter", "adapter_model.safetensors"))

@@ -367,3 +367,38 @@ def test_run_lock_refuses_a_lock_file_removed_under_it(tmp_path, monkeypatch):
     monkeypatch.setattr(fcntl, "flock", real_flock)
     with loop.run_lock(str(tmp_path)):
         pass
+
+
+def test_a_model_interrupted_mid_step_resumes_without_its_gradients(
+    tmp_path, tokenizer, demo_data, monkeypatch
+):
+    """A run stopped between a step's backward and its optimizer step (Ctrl-C in a notebook) leaves
+    that step's gradients on the model's parameters: train() again on the same model object resumed
+    with them added to its first step's gradient (transformers' Trainer zeroes them before training),
+    so its adapter was not the one an uninterrupted run trains."""
+    common = ["train.max_steps=2", "train.save_every=1", "train.max_grad_norm=0", "data.eval=null"]
+    full = _run(small_config(tmp_path / "a", demo_data, *common), tokenizer)
+
+    cfg = small_config(tmp_path / "b", demo_data, *common)
+    model = build_model(seed=0, **SMALL)
+    real_step = loop.optimizer_step
+    calls = {"n": 0}
+
+    def dies(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # step 2's gradients accumulated, not yet applied
+            raise KeyboardInterrupt("killed")
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(loop, "optimizer_step", dies)
+    with pytest.raises(KeyboardInterrupt):
+        sft.train(cfg, log=lambda s: None, model=model, tokenizer=tokenizer)
+    monkeypatch.setattr(loop, "optimizer_step", real_step)
+    assert any(p.grad is not None for p in model.parameters())
+    again = sft.train(cfg, log=lambda s: None, model=model, tokenizer=tokenizer)
+    assert again.train_losses == full.train_losses[1:]
+    a = load_file(os.path.join(full.output_dir, "adapter_model.safetensors"))
+    b = load_file(os.path.join(again.output_dir, "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

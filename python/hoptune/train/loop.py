@@ -311,6 +311,10 @@ def _decoder(model: nn.Module) -> nn.Module | None:
     return dec if isinstance(dec, nn.Module) and dec is not model else None
 
 
+# model types whose logits are multiplied by config.logits_scaling (Granite's are divided by it)
+_LOGITS_SCALING_MULTIPLIES = frozenset({"hyperclovax"})
+
+
 def lm_head_logprobs(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Log-probs of ``labels`` ``(N,)`` from final hidden states ``(N, H)`` through the model's output
     head, with the architecture's logit scale / soft-capping. fp32 ``(N,)``."""
@@ -319,7 +323,12 @@ def lm_head_logprobs(model: nn.Module, hidden: torch.Tensor, labels: torch.Tenso
     scale = float(scale) if isinstance(scale, (int, float)) and not isinstance(scale, bool) else 1.0
     divisor = getattr(cfg, "logits_scaling", None)  # Granite: logits / logits_scaling
     if isinstance(divisor, (int, float)) and not isinstance(divisor, bool) and divisor:
-        scale /= float(divisor)
+        # (HyperCLOVA X multiplies by the same key: muP's other convention)
+        mult = getattr(cfg, "model_type", None) in _LOGITS_SCALING_MULTIPLIES
+        scale = scale * float(divisor) if mult else scale / float(divisor)
+    head_mult = getattr(cfg, "lm_head_multiplier", None)  # Falcon-H1: logits * lm_head_multiplier
+    if isinstance(head_mult, (int, float)) and not isinstance(head_mult, bool):
+        scale *= float(head_mult)
     return head_logprobs(
         model.get_output_embeddings(),
         hidden,

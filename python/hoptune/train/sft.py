@@ -505,6 +505,9 @@ def _train(
         named, t.lr, t.weight_decay, tuple(t.betas), t.eps, decay_names=loop.decay_parameter_names(model)
     )
     scheduler = loop.build_scheduler(optimizer, total, warmup, t.lr_schedule, t.min_lr_ratio)
+    # gradients already on the model (a run stopped between a backward and its optimizer step, a
+    # check the caller ran) would be added to the first step's: transformers' Trainer zeroes them too
+    model.zero_grad(set_to_none=True)
     step = 0
     # the steps since the last train log: its loss is their mean, as transformers' Trainer logs it (a
     # checkpoint between two logs keeps them, so a resumed run logs what an uninterrupted one does)
@@ -639,27 +642,31 @@ def _train(
         raise
     finally:
         progress.close()
-    if t.save_every and step > start:
-        save(step)
+    try:
+        if t.save_every and step > start:
+            save(step)
 
-    # 5. outputs, then the final eval: an eval that fails loses no training
-    if loop.has_lora(model):
-        from hoptune.adapters import save_adapter
+        # 5. outputs, then the final eval: an eval that fails loses no training
+        if loop.has_lora(model):
+            from hoptune.adapters import save_adapter
 
-        final = os.path.join(run_dir, "adapter")
-        save_adapter(model, final, base_model_name_or_path=cfg.model.path)
-    else:
-        final = os.path.join(run_dir, "model")
+            final = os.path.join(run_dir, "adapter")
+            save_adapter(model, final, base_model_name_or_path=cfg.model.path)
+        else:
+            final = os.path.join(run_dir, "model")
 
-        def write(tmp: str) -> None:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            def write(tmp: str) -> None:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
 
-        atomic_dir(final, write)  # whole or not at all: with train.save_every=0 the only copy
-    if eval_rows:
-        # a finished run started again: its final eval is in metrics.jsonl already
-        done = [] if step > start else _logged_eval(metrics.path, step)
-        last_eval = done[-1] if done else run_eval(step)
+            atomic_dir(final, write)  # whole or not at all: with train.save_every=0 the only copy
+        if eval_rows:
+            # a finished run started again: its final eval is in metrics.jsonl already
+            done = [] if step > start else _logged_eval(metrics.path, step)
+            last_eval = done[-1] if done else run_eval(step)
+    except BaseException:
+        metrics.close()  # (as above: the points of the run's last steps reach TensorBoard)
+        raise
     metrics.close()
     plots: list[str] = []
     if out.plots:
