@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import bitsandbytes
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
 from torch import nn
 
 from hoptune.nn import NF4Linear
@@ -133,3 +136,82 @@ def test_config_records_the_dtype_of_the_model_as_save_pretrained_does(tmp_path)
     assert ref.dtype == torch.bfloat16 and ours.dtype == ref.dtype
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "nf4", device_map="cpu")
     assert loaded.config.dtype == torch.bfloat16 and loaded.model.norm.weight.dtype == torch.bfloat16
+
+
+def test_embeddings_tied_inside_a_submodel_are_stored_once(tmp_path):
+    # BART ties its encoder's and decoder's embed_tokens to model.shared through BartModel's own
+    # tied keys: written three times, safetensors refused the shared tensors and nothing was saved
+    cfg = transformers.BartConfig(
+        vocab_size=128,
+        d_model=64,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = transformers.BartForConditionalGeneration(cfg).to(torch.bfloat16).eval()
+    assert model.model.encoder.embed_tokens.weight is model.model.shared.weight
+    save_pretrained_nf4(model, tmp_path / "nf4")
+    model.save_pretrained(tmp_path / "ref")
+    ours, ref = (set(load_file(tmp_path / d / "model.safetensors")) for d in ("nf4", "ref"))
+    assert {k for k in ours if "embed_tokens" in k or "shared" in k} == {"model.shared.weight"}
+    assert {k for k in ref if "embed_tokens" in k or "shared" in k} == {"model.shared.weight"}
+    loaded = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "nf4", device_map="cpu")
+    assert loaded.model.decoder.embed_tokens.weight is loaded.model.shared.weight
+    assert torch.equal(loaded.model.shared.weight, model.model.shared.weight)
+
+
+def _bnb_model(tmp_path):
+    """A model that transformers + bitsandbytes quantized on load (its layers are Linear4bit)."""
+    from tests.test_loading import _bnb_checkpoint, tiny_model
+
+    tiny_model().save_pretrained(tmp_path / "dense")
+    return _bnb_checkpoint(tmp_path / "dense", tmp_path / "bnb")
+
+
+def test_layers_bitsandbytes_quantized_are_saved_as_nf4_layers(tmp_path):
+    # skip_modules naming such a layer wrote a config that keeps it dense beside its packed weight
+    # (transformers then refused the checkpoint: size mismatch), and none of them was returned
+    model = _bnb_model(tmp_path)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj is in skip_modules"):
+        save_pretrained_nf4(model, tmp_path / "nf4", double_quant=False, skip_modules=["lm_head", "q_proj"])
+    assert not (tmp_path / "nf4" / "model.safetensors").exists()
+    with pytest.raises(ValueError, match=r"pass blocksize=64, double_quant=False"):
+        save_pretrained_nf4(model, tmp_path / "nf4")
+    names = save_pretrained_nf4(model, tmp_path / "nf4", double_quant=False)
+    assert names == [n for n, m in model.named_modules() if type(m) is bitsandbytes.nn.Linear4bit]
+    ours, ref = (load_file(tmp_path / d / "model.safetensors") for d in ("nf4", "bnb"))
+    assert sorted(ours) == sorted(ref) and all(torch.equal(ours[k], ref[k]) for k in ref)
+
+
+def test_a_layer_bitsandbytes_repacked_for_its_cpu_path_is_refused(tmp_path):
+    # bitsandbytes' CPU inference repacks a layer, and its state then gives other weights: saved as
+    # it was, the checkpoint loaded in transformers with weights that were not the model's
+    model = _bnb_model(tmp_path)
+    if not model.model.layers[0].self_attn.q_proj.support_avx512bf16_for_cpu:
+        pytest.skip("bitsandbytes repacks layers only on a CPU with AVX512-BF16")
+    with torch.no_grad():
+        model(torch.tensor([[1, 5, 7]]))
+    with pytest.raises(
+        ValueError, match=r"cannot save model\.layers\.0\.self_attn\.q_proj.*its CPU inference path"
+    ):
+        save_pretrained_nf4(model, tmp_path / "nf4", double_quant=False)
+    assert not (tmp_path / "nf4" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("skip", [None, 3])
+def test_skip_modules_that_is_no_list_is_refused_naming_it(tmp_path, skip):
+    # None (BitsAndBytesConfig's "pick the head for me") failed with a bare
+    # "'NoneType' object is not iterable"
+    from tests.test_loading import tiny_model
+
+    match = rf"skip_modules must be a list of module names, got {skip!r}: pass \[\] to skip none"
+    with pytest.raises(TypeError, match=match):
+        bnb_quantization_config(skip_modules=skip)
+    with pytest.raises(TypeError, match=match):
+        save_pretrained_nf4(tiny_model(), tmp_path, skip_modules=skip)
+    assert not os.listdir(tmp_path)

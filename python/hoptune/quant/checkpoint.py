@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from hoptune._io import replace_files
-from hoptune.quant.bnb_format import to_bnb_state_dict
+from hoptune.quant.bnb_format import from_bnb_state_dict, is_bnb_quantized, to_bnb_state_dict
 from hoptune.quant.nf4 import FLOAT_DTYPES, quantize_nf4
 
 _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # transformers' shard names
@@ -35,7 +35,13 @@ def _skip_names(skip_modules: Iterable[str]) -> tuple[str, ...]:
             f"skip_modules must be a list of module names, got the string {skip_modules!r}: "
             f"pass [{skip_modules!r}]"
         )
-    skip = tuple(skip_modules)
+    try:
+        skip = tuple(skip_modules)
+    except TypeError:  # None (BitsAndBytesConfig's "the head, found for me") or a single non-string
+        raise TypeError(
+            f"skip_modules must be a list of module names, got {skip_modules!r}: pass [] to skip none, "
+            "or name the layers to keep dense (e.g. ['lm_head'])"
+        ) from None
     if not all(isinstance(s, str) for s in skip):
         raise TypeError(f"skip_modules must be a list of module names (strings), got {list(skip)!r}")
     for s in skip:
@@ -128,16 +134,16 @@ def save_pretrained_nf4(
     then loads it through bitsandbytes. A crash leaves the earlier checkpoint, the new one, or a
     folder without ``config.json``, never files of two saves side by side. Quantizes
     on ``device`` (default: where each weight lives). Layers that are NF4 already
-    (:class:`hoptune.nn.NF4Linear`, as :func:`hoptune.load_model` makes them) are written as they
-    are, not re-quantized; they must have been quantized with ``blocksize`` and
-    ``double_quant``. ``skip_modules`` is matched as transformers matches the
-    ``llm_int8_skip_modules`` it is saved as (a regular expression from the start of a module name
-    up to a ``.``, or a suffix of the name); an entry that matches no linear layer is an error (but
-    the default ``"lm_head"``). Modules the model keeps in fp32 (``_keep_in_fp32_modules``) stay
-    dense, as transformers never converts them. A model with LoRA layers (or PEFT's) is refused: fold them in
-    (``hoptune.merge_and_unload``) or take them out (``hoptune.remove_lora``) first. A
-    ``torch.compile`` wrapper is saved as the model it wraps. Returns the names of the modules
-    stored in NF4.
+    (:class:`hoptune.nn.NF4Linear`, as :func:`hoptune.load_model` makes them, and bitsandbytes'
+    ``Linear4bit``, as transformers makes them) are written as they are, not re-quantized; they must
+    have been quantized with ``blocksize`` and ``double_quant``. ``skip_modules`` is matched as
+    transformers matches the ``llm_int8_skip_modules`` it is saved as (a regular expression from the
+    start of a module name up to a ``.``, or a suffix of the name); an entry that matches no linear
+    layer is an error (but the default ``"lm_head"``). Modules the model keeps in fp32
+    (``_keep_in_fp32_modules``) stay dense, as transformers never converts them. A model with LoRA
+    layers (or PEFT's) is refused: fold them in (``hoptune.merge_and_unload``) or take them out
+    (``hoptune.remove_lora``) first. A ``torch.compile`` wrapper is saved as the model it wraps.
+    Returns the names of the modules stored in NF4.
     """
     from safetensors.torch import save_file
 
@@ -178,6 +184,15 @@ def save_pretrained_nf4(
             "only: fold the adapters in with PEFT's merge_and_unload() (or drop them with unload()) first"
         )
     nf4 = {name: mod.weight_nf4 for name, mod in model.named_modules() if getattr(mod, "quantized", False)}
+    full = model.state_dict()
+    # layers bitsandbytes quantized (transformers' Linear4bit): read from their state as a checkpoint
+    # holds it, then checked and saved as the NF4 layers above are
+    for name, _ in model.named_modules():
+        if name and name not in nf4 and is_bnb_quantized(full, f"{name}.weight"):
+            try:
+                nf4[name] = from_bnb_state_dict(full, f"{name}.weight")
+            except ValueError as err:
+                raise ValueError(f"cannot save {name}, a layer bitsandbytes quantized: {err}") from err
     for name, q in nf4.items():
         if _skipped(name, skip):
             raise ValueError(
@@ -229,21 +244,14 @@ def save_pretrained_nf4(
         # all the layer holds but its bias: the dense weight, or the NF4 buffers and their metadata
         replaced.update(k for k in mod.state_dict(prefix=f"{name}.") if k != f"{name}.bias")
         quantized.append(name)
-    full = model.state_dict()
     for key, t in full.items():
         if key not in replaced and key not in state:
             state[key] = t.detach().cpu().contiguous()
     # tied weights (lm_head / embed_tokens) are stored once, as transformers does; a head that is
     # not one tensor with the embeddings (a checkpoint that stores another one loads untied) stays
     storages = Counter(_storage(t) for t in full.values() if t.numel())
-    for key in getattr(model, "_tied_weights_keys", None) or []:
-        if (
-            isinstance(key, str)
-            and key in state
-            and key in full
-            and getattr(model.config, "tie_word_embeddings", False)
-            and storages[_storage(full[key])] > 1
-        ):
+    for key in _tied_keys(model):
+        if key in state and key in full and storages[_storage(full[key])] > 1:
             state.pop(key)
     config = model.config.to_dict()
     dtype = next(model.parameters()).dtype
@@ -281,6 +289,17 @@ def save_pretrained_nf4(
 
 def _from_peft(mod: nn.Module) -> bool:
     return type(mod).__module__.partition(".")[0] == "peft"
+
+
+def _tied_keys(model: nn.Module) -> list[str]:
+    """The keys transformers ties to another when it loads the model: those of every submodel in
+    transformers 5 (BART's encoder and decoder embed_tokens, tied in BartModel), each as its own
+    config says; in transformers 4 the model's own when its config ties the word embeddings."""
+    keys = getattr(model, "all_tied_weights_keys", None)  # transformers 5: {tied key: source key}
+    if keys is None:
+        tie = getattr(model.config, "tie_word_embeddings", False)
+        keys = (getattr(model, "_tied_weights_keys", None) or []) if tie else []
+    return [k for k in keys if isinstance(k, str)]
 
 
 def _storage(t: torch.Tensor) -> tuple[torch.device, int]:
