@@ -27,6 +27,15 @@ def test_byte_order_mark_is_not_part_of_line_1(tmp_path):
     assert not rep.malformed
 
 
+def test_byte_order_mark_opening_a_later_line_is_dropped(tmp_path):
+    # two files that each open with a mark, joined (cat a.jsonl b.jsonl): the second mark heads line 2
+    p = tmp_path / "joined.jsonl"
+    p.write_bytes(b'\xef\xbb\xbf{"text": "a"}\n\xef\xbb\xbf{"text": "b"}\n\xef\xbb\xbf\n')
+    recs, rep = read_jsonl(p)
+    assert [(r.line, r.data) for r in recs] == [(1, {"text": "a"}), (2, {"text": "b"})]
+    assert not rep.malformed and rep.blank == 1
+
+
 def test_malformed_lines_stop_with_line_numbers(tmp_path):
     lines = ['{"text": "ok"}', '{"text": "cut', '{"text": "ok"}', "[1, 2]", "not json"]
     p = _write(tmp_path / "bad.jsonl", lines)

@@ -73,7 +73,7 @@ def _show(lines: list[tuple[int, str]], n: int = 5) -> str:
 def read_jsonl(path: str | os.PathLike, skip_malformed: bool = False) -> tuple[list[Record], ReadReport]:
     """Every JSON object of a JSONL file, in order; blank lines are ignored.
 
-    The file is UTF-8 (a byte-order mark opening it is dropped), UTF-16 or UTF-32. A line that is not
+    The file is UTF-8 (a byte-order mark opening it, or a line, is dropped), UTF-16 or UTF-32. A line that is not
     valid in the file's encoding, not valid JSON, or JSON but not an object, is malformed: DataError
     listing the malformed lines (all of them are found first, so one run shows every bad line), or,
     with ``skip_malformed``, skipped and listed in the report."""
@@ -95,7 +95,10 @@ def read_jsonl(path: str | os.PathLike, skip_malformed: bool = False) -> tuple[l
     # only and the lines around it are read as usual
     with open(path, encoding=encoding, errors="hoptune.escape_bad_bytes") as f:
         for lineno, raw in enumerate(f, start=1):
-            text = raw.strip()
+            # a byte-order mark heading a later line is where a joined file began (`cat a.jsonl b.jsonl`
+            # of files that each open with one): dropped as the file's first one is, never a character
+            # of the record (json.loads would refuse the line)
+            text = raw.strip().removeprefix("\ufeff").strip()
             if not text:
                 report.blank += 1
                 continue
