@@ -279,7 +279,7 @@ def test_fused_logits_never_cost_more_than_full_ones_on_a_small_model():
 
 
 def test_rank_limit_is_hoptunes_alone():
-    # PEFT (the HF stack) takes any rank a layer allows; hoptune's LoRA layers stop at MAX_RANK
+    # PEFT (the HF stack) takes any rank; hoptune's LoRA layers stop at MAX_RANK
     assert hoptune.plan("llama-3-8b", r=512, stack="hf", alternatives=False).r == 512
     assert hoptune.plan("llama-3-8b", r=256, alternatives=False).r == 256
 
@@ -437,3 +437,45 @@ def test_soft_capped_logits_of_the_hf_stack():
     assert planned[1] - planned[0] == 2 * vocab * seq
     assert peaks[1] - peaks[0] == pytest.approx(2 * vocab * seq, rel=0.01)
     assert "16V bytes per token" in hoptune.plan(cfg, seq=seq, r=4, stack="hf", alternatives=False).table()
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("num_hidden_layers", 0),
+        ("num_hidden_layers", -1),
+        ("vocab_size", 0),
+        ("num_key_value_heads", 0),
+        ("head_dim", 0),
+        ("head_dim", -8),
+    ],
+)
+def test_zero_or_negative_sizes_are_named(tmp_path, capsys, field, value):
+    # transformers builds some of these models (no layers, no vocabulary) or fails deep inside
+    # (a division by zero in the rotary embedding): the error names the field and the file
+    cfg = dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, vocab_size=300)  # fmt: skip
+    cfg[field] = value
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    assert main(["--model", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(path) in err, err
+    assert f"{field} must be a positive int, got {value}" in err, err
+
+
+def test_hf_stack_takes_ranks_above_a_layers_size_as_peft_does():
+    # PEFT (the HF stack) makes lora_A [r, in] and lora_B [out, r] whatever r is; only hoptune's
+    # LoRA layers refuse a rank above min(in, out)
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    small = dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=300)  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**small))
+    model = peft.get_peft_model(model, peft.LoraConfig(r=40, target_modules="all-linear"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    p = hoptune.plan(small, r=40, stack="hf", alternatives=False)
+    assert p.trainable_params == trainable
+    with pytest.raises(ValueError, match="r=40 is larger than layer"):
+        hoptune.plan(small, r=40, alternatives=False)

@@ -353,6 +353,12 @@ def _shape(config) -> _Shape:
     from hoptune.patch import _is_conv1d, _output_head_names
 
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    # transformers builds a model of 0 layers or an empty vocabulary, and fails deep inside on others
+    sizes = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+    for f in (*sizes, "vocab_size"):
+        v = getattr(text, f, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 1:
+            raise ValueError(f"config field {f} must be a positive int, got {v!r}")
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
@@ -584,7 +590,7 @@ def _estimate(
     # adapters, gradients, optimizer
     targets = _targets(shape, target_modules)
     for name, i, o, _ in targets:
-        if r > min(i, o):
+        if stack == "hoptune" and r > min(i, o):  # PEFT (the HF stack) takes any rank
             raise ValueError(f"r={r} is larger than layer {name} allows ([{o}, {i}])")
     trainable = sum(r * (i + o) + (o if use_dora else 0) for _, i, o, _ in targets)
     adapters = ab * trainable
