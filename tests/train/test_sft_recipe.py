@@ -140,3 +140,30 @@ def test_eval_file_and_eval_fraction_note(tmp_path, demo_data, tokenizer):
     assert any("data.eval_fraction=0.2 is not used" in n for n in notes)
     plain, _, _ = sft.load_data(small_config(tmp_path, demo_data), tokenizer, log=notes.append)
     assert len(rows) == len(plain)  # (the training rows are all kept)
+
+
+def test_replay_log_says_what_was_mixed_in(tmp_path, demo_data, tokenizer):
+    """data.general_fraction=0.05 of fewer than 10 examples rounds to no replay example: the log said
+    "(5% of training)" all the same."""
+    from .conftest import write_jsonl
+
+    few = write_jsonl(tmp_path / "few.jsonl", [json.loads(s) for s in open(demo_data["train"])][:8])
+    data = {**demo_data, "train": few}
+    notes = []
+    cfg = small_config(tmp_path, data, f"data.general_data={demo_data['general']}")  # (0.05 by default)
+    rows, _, _ = sft.load_data(cfg, tokenizer, log=notes.append)
+    assert len(rows) == 8
+    replay = [n for n in notes if n.startswith("replay:")]
+    assert len(replay) == 1 and "5%" not in replay[0]
+    assert "no example" in replay[0] and "data.general_fraction=0.05" in replay[0]
+    # mixed in: the share of the training rows it is, not the one asked for
+    notes.clear()
+    cfg = small_config(
+        tmp_path, data, f"data.general_data={demo_data['general']}", "data.general_fraction=0.3"
+    )
+    rows, _, _ = sft.load_data(cfg, tokenizer, log=notes.append)
+    assert len(rows) == 11
+    assert [n for n in notes if n.startswith("replay:")] == [
+        f"replay: 3 examples from {demo_data['general']} mixed in (27% of 11 training examples; "
+        "data.general_fraction=0.3)"
+    ]

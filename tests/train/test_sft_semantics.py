@@ -181,3 +181,40 @@ def test_a_peft_model_is_refused_not_nested(tmp_path, tokenizer, demo_data):
     with pytest.raises(ValueError, match="holds PEFT layers.*hoptune.load_adapter"):
         sft.train(cfg, log=lambda s: None, model=model, tokenizer=tokenizer)
     assert not os.path.exists(os.path.join(cfg.output.dir, "adapter"))
+
+
+def _adapter_base(res):
+    import json
+
+    with open(os.path.join(res.output_dir, "adapter_config.json")) as f:
+        return json.load(f)["base_model_name_or_path"]
+
+
+def test_adapter_of_a_passed_model_names_that_model_as_its_base(tmp_path, tokenizer, demo_data):
+    # model.path at its default (hoptune/tiny) named the built-in model as the base of an adapter
+    # trained on another one: AutoPeftModelForCausalLM would load the wrong base under it
+    model = build_model(seed=0, **SMALL)
+    model.config.name_or_path = "/models/my-llama"
+    lines = []
+    cfg = small_config(tmp_path / "a", demo_data, "train.max_steps=1")
+    res = sft.train(cfg, log=lines.append, model=model, tokenizer=tokenizer)
+    assert _adapter_base(res) == "/models/my-llama"  # as PEFT's get_peft_model records it
+    assert any(s.startswith("model: /models/my-llama on cpu") for s in lines)
+    # a model without a name: no base is better than a wrong one; a path the config names is the base
+    assert sft.base_model_name(cfg, build_model(seed=0, **SMALL)) is None
+    explicit = small_config(tmp_path / "b", demo_data, f"model.path={tmp_path}")
+    assert sft.base_model_name(explicit, model) == str(tmp_path)
+    assert sft.base_model_name(cfg) == "hoptune/tiny"  # (the built-in model, loaded by the recipe)
+
+
+def test_full_finetuning_of_a_model_with_lora_layers_is_refused(tmp_path, tokenizer, demo_data):
+    # lora.enabled=false trained every weight of a model with LoRA layers, then saved the LoRA factors
+    # alone (checkpoints too): the base weights' training was lost, and a resume did not bring it back
+    from hoptune.patch import apply_lora
+
+    model = apply_lora(build_model(seed=0, **SMALL), r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    cfg = _full_config(tmp_path, demo_data, "train.save_every=1")
+    with pytest.raises(ValueError, match=r"lora.enabled=false.*LoRA layers.*merge_and_unload"):
+        sft.train(cfg, log=lambda s: None, model=model, tokenizer=tokenizer)
+    assert not os.path.exists(cfg.output.dir)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora" not in n)

@@ -78,6 +78,17 @@ def load_tokenizer(cfg: SFTConfig) -> Any:
         ) from e
 
 
+def base_model_name(cfg: SFTConfig, model: nn.Module | None = None) -> str | None:
+    """The base an adapter names (its ``base_model_name_or_path``): ``model.path``, or for a model
+    passed in while ``model.path`` is at the built-in model, that model's own name, as PEFT records
+    it (``config._name_or_path``; None when it has none: no base is better than a wrong one)."""
+    if model is None or cfg.model.path not in TINY:
+        return cfg.model.path
+    config = getattr(model, "config", None)
+    name = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
+    return os.fspath(name) if isinstance(name, (str, os.PathLike)) and os.fspath(name) else None
+
+
 def load_base_model(cfg: SFTConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """The base model: NF4 on load for a checkpoint folder with model.quantize=nf4 (QLoRA)."""
     m = cfg.model
@@ -112,7 +123,8 @@ def load_base_model(cfg: SFTConfig, device: torch.device, dtype: torch.dtype) ->
 
 def prepare_model(model: nn.Module, cfg: SFTConfig) -> nn.Module:
     """Adapters (or full fine-tuning), gradient checkpointing, train mode. A model that already has
-    LoRA layers keeps them (and trains whichever of their parameters require grad)."""
+    LoRA layers keeps them (and trains whichever of their parameters require grad); with
+    lora.enabled=false it is refused."""
     lo = cfg.lora
     peft_layers = [n for n, m in model.named_modules() if type(m).__module__.split(".")[0] == "peft"]
     if peft_layers:
@@ -152,6 +164,14 @@ def prepare_model(model: nn.Module, cfg: SFTConfig) -> nn.Module:
                     "module name, a list ([q_proj, v_proj]) matches names"
                 )
             raise ConfigError(f"lora settings do not fit {cfg.model.path}: {e}{hint}") from e
+    elif loop.has_lora(model):
+        # every weight would train, but checkpoints and the output hold an adapter: the LoRA factors
+        # alone (the base weights' training lost, a resume not bringing it back)
+        raise ValueError(
+            "lora.enabled=false (full fine-tuning) but the model holds LoRA layers, whose checkpoints and "
+            "output are the adapter alone. Set lora.enabled=true to train those adapters, or pass a plain "
+            "model (fold them in first with hoptune.merge_and_unload(model))"
+        )
     else:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -188,8 +208,19 @@ def load_data(cfg: SFTConfig, tokenizer: Any, log=print) -> tuple[list[Row], lis
     if d.general_data:
         general, rep_g = load_examples(d.general_data, tokenizer, **kw)
         reports.append(rep_g)
+        n_train = len(train)
         train, added = mix_replay(train, general, d.general_fraction, cfg.train.seed)
-        log(f"replay: {added} examples from {d.general_data} mixed in ({d.general_fraction:.0%} of training)")
+        if added:  # (rounded to whole examples: of few, not quite the share asked for)
+            log(
+                f"replay: {added} examples from {d.general_data} mixed in ({added / len(train):.0%} of "
+                f"{len(train)} training examples; data.general_fraction={d.general_fraction:g})"
+            )
+        elif d.general_fraction:
+            log(
+                f"replay: warning: no example from {d.general_data} mixed in: data.general_fraction="
+                f"{d.general_fraction:g} of {n_train} training examples rounds to none; raise "
+                "data.general_fraction to mix some in"
+            )
     rows = make_rows(train, d.packing, d.max_seq_len)
     if d.packing:
         log(f"packing: {len(train)} examples -> {len(rows)} rows of <= {d.max_seq_len} tokens")
@@ -491,12 +522,16 @@ def _train(
         _check_resume(resume_from, prior, now)
 
     # 2. model
+    base_name = base_model_name(cfg, model)
     if model is None:
         model = load_base_model(cfg, device, dtype)
     prepare_model(model, cfg)
     named = loop.trainable_parameters(model)
     n_train, n_total = loop.count_parameters(model)
-    log(f"model: {cfg.model.path} on {device} ({dtype}); {n_train:,} trainable of {n_total:,} parameters")
+    log(
+        f"model: {base_name or 'the model passed in'} on {device} ({dtype}); {n_train:,} trainable of "
+        f"{n_total:,} parameters"
+    )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
     # 3. optimizer, schedule, loss scaling (fp16), resume
@@ -651,7 +686,7 @@ def _train(
             from hoptune.adapters import save_adapter
 
             final = os.path.join(run_dir, "adapter")
-            save_adapter(model, final, base_model_name_or_path=cfg.model.path)
+            save_adapter(model, final, base_model_name_or_path=base_name)
         else:
             final = os.path.join(run_dir, "model")
 
