@@ -195,3 +195,105 @@ def test_atomic_dir_puts_back_a_folder_a_kill_left_aside(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     _io.atomic_dir(final, fill("new"))
     assert (final / "w.txt").read_text() == "new"
+
+
+def _fill(text):
+    def write(d):
+        Path(d, "w.txt").write_text(text)
+
+    return write
+
+
+def _kill_between_the_renames(final, write, monkeypatch):
+    """atomic_dir(final) killed after the folder there went aside, before the new one went in."""
+    real_replace = os.replace
+
+    def killed(src, dst):
+        if os.fspath(dst) == os.fspath(final):
+            raise SystemExit("killed")
+        return real_replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", killed)
+        m.setattr(_io.shutil, "rmtree", lambda *a, **k: None)
+        with pytest.raises(SystemExit):
+            _io.atomic_dir(final, write)
+    assert not os.path.exists(final)
+
+
+def test_atomic_dir_leaves_the_leftovers_of_a_sibling_with_a_longer_name(tmp_path, monkeypatch):
+    """Saving ``model`` neither deletes the staging folders of ``model-v2`` (a save of it under way)
+    nor takes the folder a killed save of ``model-v2`` left aside for its own: that one goes back
+    to ``model-v2`` at its next save."""
+    v2 = tmp_path / "model-v2"
+    _io.atomic_dir(v2, _fill("v2"))
+    _kill_between_the_renames(v2, _fill("v2 new"), monkeypatch)
+    busy = tmp_path / ".tmp-model-v2-abcd1234"  # (the staging folder of a save of model-v2 under way)
+    busy.mkdir()
+    _io.atomic_dir(tmp_path / "model", _fill("m"))
+    assert (tmp_path / "model" / "w.txt").read_text() == "m"
+    assert busy.is_dir()
+    busy.rmdir()
+
+    def fails(d):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        _io.atomic_dir(v2, fails)
+    assert (v2 / "w.txt").read_text() == "v2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model-v2"]
+
+
+def _text(s):
+    return lambda p: Path(p).write_text(s)
+
+
+def _replace_killed_after(folder, moved, monkeypatch):
+    """replace_files killed right after it renamed the file at ``moved`` (no cleanup runs)."""
+    real_replace, dead = os.replace, []
+
+    def killed(src, dst):
+        if dead:  # (a killed process renames nothing more: the except branch's put-back fails too)
+            raise SystemExit("killed")
+        real_replace(src, dst)
+        if os.fspath(src) == os.fspath(moved) or os.fspath(dst) == os.fspath(moved):
+            dead.append(True)
+            raise SystemExit("killed")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", killed)
+        m.setattr(_io.shutil, "rmtree", lambda *a, **k: None)
+        with pytest.raises(SystemExit):
+            _io.replace_files(
+                folder, {"weights": _text("new w"), "config.json": _text("new c")}, "config.json"
+            )
+
+
+def test_replace_files_puts_back_the_old_last_a_kill_took_out_before_anything_moved(tmp_path, monkeypatch):
+    """Killed right after the old config went out (nothing else moved: the old weights are whole),
+    the next call puts it back first: if that call fails too (a full disk), the old pair is there."""
+    _io.replace_files(tmp_path, {"weights": _text("old w"), "config.json": _text("old c")}, "config.json")
+    _replace_killed_after(tmp_path, tmp_path / "config.json", monkeypatch)
+    assert not (tmp_path / "config.json").exists()
+
+    def full_disk(p):
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        _io.replace_files(tmp_path, {"weights": full_disk, "config.json": _text("c")}, "config.json")
+    assert (tmp_path / "config.json").read_text() == "old c" and (tmp_path / "weights").read_text() == "old w"
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "weights"]
+
+
+def test_replace_files_never_puts_the_old_last_beside_new_files(tmp_path, monkeypatch):
+    """Killed once a new file is in, the old config would describe the new weights: it stays out."""
+    _io.replace_files(tmp_path, {"weights": _text("old w"), "config.json": _text("old c")}, "config.json")
+    _replace_killed_after(tmp_path, tmp_path / "weights", monkeypatch)
+    assert (tmp_path / "weights").read_text() == "new w"
+
+    def full_disk(p):
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        _io.replace_files(tmp_path, {"weights": full_disk, "config.json": _text("c")}, "config.json")
+    assert sorted(os.listdir(tmp_path)) == ["weights"]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Mapping
 
 STAGE_PREFIX = ".tmp-files-"  # replace_files' staging folder, inside the folder whose files it replaces
+_KEPT = "kept-"  # replace_files: the old ``last`` in the staging folder, while no other file has moved
 
 
 def fsync_dir(folder: str) -> None:
@@ -62,6 +64,13 @@ def _mode_for(path: str) -> int:
         return 0o666 & ~_umask()
 
 
+def is_temp_name(entry: str, prefix: str) -> bool:
+    """Whether ``entry`` is a name ``tempfile.mkdtemp(prefix=prefix)`` makes: the prefix, then only
+    mkdtemp's random letters, digits and ``_`` (no ``-``). The prefix alone would also match the
+    temporary folders of a sibling whose name continues it (``.tmp-model-`` those of ``model-v2``)."""
+    return re.fullmatch(re.escape(prefix) + r"[a-z0-9_]+", entry) is not None
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
     """Call ``write(tmp_path)`` for a temporary file beside ``path``, fsync it, then rename it over
     ``path`` (atomic on POSIX) and fsync the folder: readers see the old file or the new one, never
@@ -98,11 +107,11 @@ def atomic_dir(final: str | os.PathLike, write: Callable[[str], object]) -> None
     if not os.path.lexists(final):
         for n in sorted(os.listdir(parent)):
             old = os.path.join(parent, n, "old")
-            if n.startswith(f".tmp-old-{name}-") and os.path.isdir(old):
+            if is_temp_name(n, f".tmp-old-{name}-") and os.path.isdir(old):
                 os.replace(old, final)  # (the new folder then replaces it as usual)
                 break
     for n in os.listdir(parent):
-        if n.startswith((f".tmp-{name}-", f".tmp-old-{name}-")):
+        if is_temp_name(n, f".tmp-{name}-") or is_temp_name(n, f".tmp-old-{name}-"):
             shutil.rmtree(os.path.join(parent, n), ignore_errors=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{name}-")
     aside = None
@@ -137,7 +146,8 @@ def replace_files(
     without ``last`` (which then names neither set); an error while swapping (before any other
     file moved) puts the old ``last`` back. Other files in ``folder`` are not touched. Each file
     gets the permissions of the one it replaces, else those of a new file under the umask;
-    leftovers of a call that was killed are removed at the next."""
+    leftovers of a call that was killed are removed at the next, which first puts back an old
+    ``last`` that the kill left out before any other file moved."""
     folder = os.path.abspath(os.fspath(folder))
     for name in writes:
         if not name or os.path.basename(name) != name or name in (".", ".."):
@@ -145,9 +155,17 @@ def replace_files(
     if writes.get(last) is None:
         raise ValueError(f"last={last!r} must be one of the files written, got {sorted(writes)}")
     os.makedirs(folder, exist_ok=True)
-    for n in os.listdir(folder):
-        if n.startswith(STAGE_PREFIX):
-            shutil.rmtree(os.path.join(folder, n), ignore_errors=True)
+    for n in sorted(os.listdir(folder)):
+        if not n.startswith(STAGE_PREFIX):
+            continue
+        left = os.path.join(folder, n)
+        # a call killed after it took its `last` out, before any other file moved: the old files are
+        # whole, and their `last` goes back before this call deletes its only copy
+        for k in os.listdir(left) if os.path.isdir(left) else []:
+            if k.startswith(_KEPT) and not os.path.lexists(os.path.join(folder, k[len(_KEPT) :])):
+                os.replace(os.path.join(left, k), os.path.join(folder, k[len(_KEPT) :]))
+                fsync_dir(folder)
+        shutil.rmtree(left, ignore_errors=True)
     stage = tempfile.mkdtemp(dir=folder, prefix=STAGE_PREFIX)
     final_last, aside, moved = os.path.join(folder, last), None, False
     try:
@@ -160,9 +178,14 @@ def replace_files(
         fsync_tree(new)
         # from here on, until the new one is in, no `last` names the files of either set
         if os.path.lexists(final_last):
-            os.replace(final_last, os.path.join(stage, "old-" + last))
-            aside = os.path.join(stage, "old-" + last)
+            os.replace(final_last, os.path.join(stage, _KEPT + last))
+            aside = os.path.join(stage, _KEPT + last)
             fsync_dir(folder)
+            # renamed before any other file moves: a `kept-` file in a stage a kill left behind
+            # means the other old files are all in place, and the next call puts it back
+            os.replace(aside, os.path.join(stage, "old-" + last))
+            aside = os.path.join(stage, "old-" + last)
+            fsync_dir(stage)
         for name, write in writes.items():
             path = os.path.join(folder, name)
             if name == last or (write is None and not os.path.lexists(path)):

@@ -577,6 +577,13 @@ class Checkpointer:
         """Write checkpoint ``step``; returns its folder. ``state``: JSON-able training state (step,
         data position, ...), stored with the optimizer, scheduler, loss scaler and RNG states."""
         os.makedirs(self.dir, exist_ok=True)
+        for n in sorted(os.listdir(self.dir)):
+            # a checkpoint that a save of its step again, killed between its two renames, left aside
+            # (``latest`` may name it) goes back first: deleted below, it would be lost
+            m = re.fullmatch(r"\.tmp-old-(step-\d+)-[a-z0-9_]+", n)
+            aside = os.path.join(self.dir, n, "old")
+            if m and os.path.isdir(aside) and not os.path.lexists(os.path.join(self.dir, m[1])):
+                os.replace(aside, os.path.join(self.dir, m[1]))
         for n in os.listdir(self.dir):
             if n.startswith(".tmp-"):  # leftovers of an interrupted save, or of the latest pointer's write
                 path = os.path.join(self.dir, n)
@@ -616,12 +623,12 @@ class Checkpointer:
             path = os.path.join(self.dir, old)
             try:
                 os.replace(
-                    path, os.path.join(tempfile.mkdtemp(dir=self.dir, prefix=f".tmp-old-{old}-"), "old")
+                    path, os.path.join(tempfile.mkdtemp(dir=self.dir, prefix=f".tmp-del-{old}-"), "old")
                 )
             except OSError:
                 shutil.rmtree(path, ignore_errors=True)
         for n in os.listdir(self.dir):
-            if n.startswith(".tmp-old-"):
+            if n.startswith(".tmp-del-"):  # (not ".tmp-old-": those are put back, above)
                 shutil.rmtree(os.path.join(self.dir, n), ignore_errors=True)
         return final
 
