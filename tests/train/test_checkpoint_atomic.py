@@ -51,3 +51,17 @@ def test_a_checkpoint_a_killed_resave_left_aside_survives_the_next_save(
     assert loop.Checkpointer.read_state(ck.latest()) == {"step": 1, "v": "old"}
     loop.Checkpointer.load(ck.latest(), model, opt, restore_rng=False)
     assert sorted(os.listdir(ck.dir)) == [loop.LATEST, "step-00000001"]  # no leftovers
+
+
+def test_latest_finds_a_checkpoint_a_killed_resave_left_aside(tmp_path, small_model, monkeypatch):
+    """A resumed run (``latest`` on a new Checkpointer) continues from the checkpoint a killed re-save
+    set aside, not from an older one or from none."""
+    model = apply_lora(small_model, r=2, alpha=4)
+    opt = loop.build_optimizer(loop.trainable_parameters(model), 1e-2)
+    ck = loop.Checkpointer(tmp_path, keep=3)
+    ck.save(1, model, opt, None, {"step": 1})
+    ck.save(2, model, opt, None, {"step": 2, "v": "old"})
+    _kill_between_the_renames(ck, 2, model, opt, {"step": 2, "v": "new"}, monkeypatch)
+    again = loop.Checkpointer(tmp_path, keep=3)
+    assert again.latest() == os.path.join(again.dir, "step-00000002")
+    assert loop.Checkpointer.read_state(again.latest()) == {"step": 2, "v": "old"}

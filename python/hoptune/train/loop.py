@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hoptune._io import atomic_dir, atomic_write, atomic_write_text
+from hoptune._io import atomic_dir, atomic_write, atomic_write_text, fsync_dir
 from hoptune.losses.logprobs import head_logprobs, token_logprobs_from_logits
 
 # -- device, dtype, seeds --------------------------------------------------------------------------
@@ -555,7 +555,9 @@ class Checkpointer:
         return sorted(names, key=lambda n: int(n[5:]))
 
     def latest(self) -> str | None:
-        """The newest complete checkpoint folder, or None."""
+        """The newest complete checkpoint folder, or None. A checkpoint that a killed save of its
+        step again left aside is put back first (the one ``latest`` names, most often)."""
+        self._put_back_set_aside()
         pointer = os.path.join(self.dir, LATEST)
         if os.path.isfile(pointer):
             with open(pointer, encoding="utf-8") as f:
@@ -564,6 +566,18 @@ class Checkpointer:
                 return os.path.join(self.dir, name)
         steps = self._steps()
         return os.path.join(self.dir, steps[-1]) if steps else None
+
+    def _put_back_set_aside(self) -> None:
+        """A checkpoint that a save of its step again, killed between its two renames, left aside in
+        ``.tmp-old-step-N-*/old`` (``latest`` may name it) goes back under its name."""
+        if not os.path.isdir(self.dir):
+            return
+        for n in sorted(os.listdir(self.dir)):
+            m = re.fullmatch(r"\.tmp-old-(step-\d+)-[a-z0-9_]+", n)
+            aside = os.path.join(self.dir, n, "old")
+            if m and os.path.isdir(aside) and not os.path.lexists(os.path.join(self.dir, m[1])):
+                os.replace(aside, os.path.join(self.dir, m[1]))
+                fsync_dir(self.dir)
 
     def save(
         self,
@@ -577,13 +591,7 @@ class Checkpointer:
         """Write checkpoint ``step``; returns its folder. ``state``: JSON-able training state (step,
         data position, ...), stored with the optimizer, scheduler, loss scaler and RNG states."""
         os.makedirs(self.dir, exist_ok=True)
-        for n in sorted(os.listdir(self.dir)):
-            # a checkpoint that a save of its step again, killed between its two renames, left aside
-            # (``latest`` may name it) goes back first: deleted below, it would be lost
-            m = re.fullmatch(r"\.tmp-old-(step-\d+)-[a-z0-9_]+", n)
-            aside = os.path.join(self.dir, n, "old")
-            if m and os.path.isdir(aside) and not os.path.lexists(os.path.join(self.dir, m[1])):
-                os.replace(aside, os.path.join(self.dir, m[1]))
+        self._put_back_set_aside()  # deleted with the leftovers below, it would be lost
         for n in os.listdir(self.dir):
             if n.startswith(".tmp-"):  # leftovers of an interrupted save, or of the latest pointer's write
                 path = os.path.join(self.dir, n)
