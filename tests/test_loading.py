@@ -506,6 +506,56 @@ def test_moe_checkpoint_in_a_converted_layout_is_refused(tmp_path):
     torch.testing.assert_close(logits(ours), logits(ref), atol=0, rtol=0)
 
 
+def _gemma3_multimodal():
+    text = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=300,
+        max_position_embeddings=64,
+    )
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
+    cfg = transformers.Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=4,
+        image_token_index=299,
+        boi_token_index=297,
+        eoi_token_index=298,
+    )
+    torch.manual_seed(0)
+    return transformers.Gemma3ForConditionalGeneration(cfg).to(torch.bfloat16).eval()
+
+
+def test_incomplete_checkpoint_of_a_model_transformers_only_renames_names_the_missing_tensor(tmp_path):
+    # Gemma 3's conversion mapping in transformers 5 only renames keys (language_model.model. ->
+    # model.language_model.), which load_model does too: a tensor missing from its files is a
+    # missing tensor, not a layout load_model cannot read
+    _gemma3_multimodal().save_pretrained(tmp_path)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    ours = hoptune.load_model(tmp_path, quantize=None, device="cpu", progress=False)
+    want, got = ref.state_dict(), ours.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    sd = load_file(tmp_path / "model.safetensors")
+    gone = next(k for k in sd if k.endswith("layers.1.mlp.up_proj.weight"))
+    sd.pop(gone)
+    sd[gone.replace("layers.1.mlp.up_proj", "layers.0.extra")] = torch.zeros(3)
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="not used by Gemma3ForConditionalGeneration.*extra"):
+        with pytest.raises(ValueError, match=r"lacks 1 tensors.*layers\.1\.mlp\.up_proj\.weight"):
+            hoptune.load_model(tmp_path, quantize=None, device="cpu", progress=False)
+
+
 # -- bad input --------------------------------------------------------------------------------
 def test_missing_path_and_folder_problems(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist.*never downloads"):
@@ -524,6 +574,56 @@ def test_missing_path_and_folder_problems(tmp_path):
         hoptune.load_model(tmp_path, device="cpu")
     with pytest.raises(ValueError, match="quantize must be"):
         hoptune.load_model(tmp_path, quantize="int4", device="cpu")
+
+
+def test_config_dtype_auto_loads_as_from_pretrained(tmp_path):
+    # from_pretrained(path, dtype=...) reads a config.json whose dtype is "auto" (the dtype asked
+    # for wins); building the config alone fails on it (torch has no attribute "auto")
+    tiny_model().save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.pop("dtype", None)
+    cfg["torch_dtype"] = "auto"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    ours = hoptune.load_model(tmp_path, quantize=None, device="cpu", progress=False)
+    assert ours.config.to_dict() == ref.config.to_dict()
+    torch.testing.assert_close(logits(ours), logits(ref), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        ({"rope_parameters": {"rope_type": "linear"}}, "factor"),  # a KeyError in transformers
+        ({"hidden_size": "64"}, "hidden_size"),  # huggingface_hub's validation error
+    ],
+)
+def test_invalid_config_json_names_the_file(tmp_path, edit, match):
+    tiny_model().save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.update(edit)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=rf"cannot read .*config\.json: .*{match}"):
+        hoptune.load_model(tmp_path, device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("device", ["mps", "meta", "xpu"])
+def test_device_other_than_cuda_or_cpu_is_refused_up_front(tmp_path, device):
+    # the reader fills CPU tensors through numpy and CUDA ones through pinned buffers: any other
+    # device failed late (after the model was built) with an error about numpy or the torch build
+    tiny_model().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=f"device must be 'cuda', 'cuda:N' or 'cpu', got '{device}'"):
+        hoptune.load_model(tmp_path, device=device, progress=False)
+
+
+def test_cuda_device_index_beyond_the_visible_ones_is_refused(tmp_path, monkeypatch):
+    tiny_model().save_pretrained(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only machine
+    with pytest.raises(ValueError, match="device='cuda' but no CUDA device is visible; pass device='cpu'"):
+        hoptune.load_model(tmp_path, device="cuda", progress=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"device='cuda:2' but only 1 CUDA device is visible \(cuda:0\)"):
+        hoptune.load_model(tmp_path, device="cuda:2", progress=False)
 
 
 @pytest.mark.parametrize("cut", [0.5, 0.999, 4])

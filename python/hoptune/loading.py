@@ -671,18 +671,22 @@ def _keep_in_fp32(model: nn.Module, dtype: torch.dtype) -> re.Pattern | None:
 
 
 def _converts_keys_on_load(model: nn.Module, absent: Sequence[str]) -> bool:
-    """Whether transformers converts ``model``'s checkpoint keys while loading (renames them, fuses
-    the per-expert weights of an MoE layer into one tensor), which load_model does not do: the
-    model has a conversion mapping in transformers, or a tensor the files lack is a fused expert
-    weight ``(E, out, in)``."""
+    """Whether transformers converts ``model``'s checkpoint tensors while loading (fuses the
+    per-expert weights of an MoE layer into one tensor and the like), which load_model does not
+    do: the model's conversion mapping in transformers does more than rename keys (renamings are
+    applied here, :func:`_model_keys`), or a tensor the files lack is a fused expert weight
+    ``(E, out, in)``."""
     try:
         from transformers import conversion_mapping  # transformers >= 5
+        from transformers.core_model_loading import WeightRenaming
     except ImportError:
         mapped = False
     else:
         get = getattr(conversion_mapping, "get_checkpoint_conversion_mapping", None)
         names = (type(model).__name__, getattr(model.config, "model_type", None))
-        mapped = callable(get) and any(n and get(n) is not None for n in names)
+        mapped = callable(get) and any(
+            n and any(not isinstance(t, WeightRenaming) for t in get(n) or ()) for n in names
+        )
     params = dict(model.named_parameters())
     return mapped or any(k in params and params[k].dim() == 3 for k in absent)
 
@@ -755,9 +759,18 @@ def load_model(
         raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
     skip_modules = _skip_names(skip_modules)
     device = torch.device(device)
+    # the reader fills CPU tensors through numpy and CUDA ones from pinned buffers, nothing else
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"device must be 'cuda', 'cuda:N' or 'cpu', got {str(device)!r}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("device='cuda' but no CUDA device is visible; pass device='cpu'")
+            raise ValueError(f"device={str(device)!r} but no CUDA device is visible; pass device='cpu'")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(
+                f"device={str(device)!r} but only {count} CUDA device{'s are' if count > 1 else ' is'} "
+                f"visible (cuda:0{f' to cuda:{count - 1}' if count > 1 else ''}); check CUDA_VISIBLE_DEVICES"
+            )
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
 
@@ -775,11 +788,20 @@ def load_model(
     ex.shutdown(wait=False)  # the thread ends with its one job
 
     # 2. the model, parameters on meta
+    # (transformers raises KeyError, TypeError, AttributeError or huggingface_hub's validation
+    # errors for invalid values in config.json, e.g. rope parameters without their factor)
+    bad_config: tuple[type[Exception], ...] = (OSError, ValueError, KeyError, TypeError, AttributeError)
+    with contextlib.suppress(ImportError):
+        from huggingface_hub.errors import StrictDataclassError
+
+        bad_config += (StrictDataclassError,)
     try:
+        # the dtype asked for, as from_pretrained passes it: it overrides config.json's own (which
+        # may be "auto", a value only from_pretrained resolves)
         config = AutoConfig.from_pretrained(
-            folder, local_files_only=True, trust_remote_code=trust_remote_code
+            folder, local_files_only=True, trust_remote_code=trust_remote_code, **{_dtype_kwarg(): dtype}
         )
-    except (OSError, ValueError) as e:
+    except bad_config as e:
         raise ValueError(f"cannot read {os.path.join(folder, 'config.json')}: {e}") from e
     bnb = _bnb_config(config)
     if bnb is not None:
