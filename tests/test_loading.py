@@ -576,6 +576,16 @@ def test_missing_path_and_folder_problems(tmp_path):
         hoptune.load_model(tmp_path, quantize="int4", device="cpu")
 
 
+def test_dtype_by_name_as_from_pretrained_takes_it(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    named = hoptune.load_model(tmp_path, quantize=None, device="cpu", dtype="float32", progress=False)
+    typed = hoptune.load_model(tmp_path, quantize=None, device="cpu", dtype=torch.float32, progress=False)
+    assert named.dtype == torch.float32
+    torch.testing.assert_close(logits(named), logits(typed), atol=0, rtol=0)
+    with pytest.raises(TypeError, match=r"dtype must be torch.bfloat16, .* got 'auto'"):
+        hoptune.load_model(tmp_path, quantize=None, device="cpu", dtype="auto")
+
+
 def test_config_dtype_auto_loads_as_from_pretrained(tmp_path):
     # from_pretrained(path, dtype=...) reads a config.json whose dtype is "auto" (the dtype asked
     # for wins); building the config alone fails on it (torch has no attribute "auto")

@@ -701,7 +701,7 @@ def load_model(
     path: str | os.PathLike,
     quantize: str | None = "nf4",
     device: str | torch.device = "cuda",
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | str = torch.bfloat16,
     *,
     blocksize: int = 64,
     double_quant: bool = True,
@@ -724,7 +724,8 @@ def load_model(
     dense here whatever ``skip_modules`` holds. A pre-quantized bitsandbytes NF4 checkpoint loads
     as stored either way (its dense layers stay dense, its NF4 layers NF4, with a warning for
     those ``skip_modules`` names).
-    ``dtype``: of every other floating-point tensor and of the NF4 layers' compute, but for those
+    ``dtype`` (or its name, ``"bfloat16"``): of every other floating-point tensor and of the NF4
+    layers' compute, but for those
     ``from_pretrained`` keeps otherwise (declared in another dtype by the model, or named by its
     ``_keep_in_fp32_modules`` for float16 or ``_keep_in_fp32_modules_strict``: float32).
     Keys are matched as ``from_pretrained`` matches them (its plain renamings, such as GPT-NeoX's
@@ -753,8 +754,13 @@ def load_model(
         raise FileNotFoundError(f"{folder} has no config.json{hint}")
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize must be 'nf4' or None, got {quantize!r}")
-    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise TypeError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
+    names = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    if isinstance(dtype, str) and dtype in names:  # as from_pretrained takes it
+        dtype = names[dtype]
+    if dtype not in names.values():
+        raise TypeError(
+            f"dtype must be torch.bfloat16, torch.float16 or torch.float32 (or its name), got {dtype!r}"
+        )
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
     skip_modules = _skip_names(skip_modules)
