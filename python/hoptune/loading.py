@@ -725,9 +725,9 @@ def load_model(
     as stored either way (its dense layers stay dense, its NF4 layers NF4, with a warning for
     those ``skip_modules`` names).
     ``dtype`` (or its name, ``"bfloat16"``): of every other floating-point tensor and of the NF4
-    layers' compute, but for those
-    ``from_pretrained`` keeps otherwise (declared in another dtype by the model, or named by its
-    ``_keep_in_fp32_modules`` for float16 or ``_keep_in_fp32_modules_strict``: float32).
+    layers' compute, but for those ``from_pretrained`` keeps otherwise (declared in another dtype
+    by the model, or named by its ``_keep_in_fp32_modules`` for float16 or
+    ``_keep_in_fp32_modules_strict``: float32).
     Keys are matched as ``from_pretrained`` matches them (its plain renamings, such as GPT-NeoX's
     ``embed_out``, and a base model's files without ``base_model_prefix``); checkpoints in a
     layout that transformers converts while loading (MoE models whose per-expert weights it fuses,
