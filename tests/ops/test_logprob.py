@@ -4,6 +4,8 @@ the error of PyTorch's fp32 computation on the upcast values (plus 1e-6 for fp32
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -526,6 +528,44 @@ def test_fused_linear_logprobs_16bit_gpu(dtype, n, h, v):
     ours = err(hid.grad, h64.grad)
     print(f"grad error ours {ours:.3g} vs torch fp32 rounded to {dtype}: {ref_err:.3g}")
     assert ours <= 2 * ref_err + 1e-6
+
+
+# (keyword, value, message): scalar arguments of the wrong type, named in the error (not a bare
+# TypeError from int() or a comparison, nor a float ignore_index truncated silently)
+_BAD_SCALARS = [
+    ("ignore_index", None, "ignore_index must be an integer, got None"),
+    ("ignore_index", -100.5, "ignore_index must be an integer, got -100.5"),
+    ("ignore_index", "-100", "ignore_index must be an integer, got '-100'"),
+    ("temperature", None, "temperature must be a real number, got None"),
+    ("temperature", "1.0", "temperature must be a real number, got '1.0'"),
+    ("temperature", torch.tensor([1.0, 2.0]), "temperature must be a real number"),
+]
+
+
+@pytest.mark.parametrize(("kw", "value", "msg"), _BAD_SCALARS)
+def test_token_logprobs_scalar_argument_types(kw, value, msg):
+    z, y = _case((4,), 10, torch.float32, "cpu", seed=1, ignore_frac=0.0)
+    with pytest.raises(TypeError, match=re.escape(msg)):
+        token_logprobs(z, y, **{kw: value})
+    # numbers of other types are taken as their value
+    ref = token_logprobs(z, y, temperature=0.5)
+    got = token_logprobs(z, y, temperature=torch.tensor(0.5), ignore_index=torch.tensor(-100))
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize(
+    ("kw", "value", "msg"),
+    [
+        *_BAD_SCALARS,
+        ("softcap", "30", "softcap must be a real number (or None), got '30'"),
+        ("logit_scale", None, "logit_scale must be a real number, got None"),
+        ("chunk_rows", 1.5, "chunk_rows must be an integer, got 1.5"),
+    ],
+)
+def test_fused_linear_logprobs_scalar_argument_types(kw, value, msg):
+    hid, w, _, y = _fused_case(5, 16, 50, torch.float32, "cpu", seed=2, ignore_frac=0.0)
+    with pytest.raises(TypeError, match=re.escape(msg)):
+        fused_linear_logprobs(hid, w, y, **{kw: value})
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
 from collections.abc import Iterable
 
@@ -54,3 +55,23 @@ def blocksize(name: str, value: int, allowed: Iterable[int]) -> None:
     allowed = tuple(allowed)
     if not isinstance(value, int) or value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def real(name: str, value: object, none: str = "") -> float:
+    """value as a float (a Python or NumPy number, a one-element tensor); ``none``: what the
+    message adds where None is also allowed. Strings are refused, though float() parses them."""
+    if not isinstance(value, (str, bytes)):
+        try:
+            return float(value)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    raise TypeError(f"{name} must be a real number{none}, got {value!r}")
+
+
+def integer(name: str, value: object) -> int:
+    """value as an int (a Python or NumPy integer, a one-element integer tensor); a float is
+    refused, not truncated."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {value!r}") from None

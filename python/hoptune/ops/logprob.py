@@ -368,6 +368,9 @@ def token_logprobs(
             f"labels must have shape {tuple(logits.shape[:-1])} (logits without V), got {tuple(labels.shape)}"
         )
     _check.same_device(logits=logits, labels=labels)
+    if not torch.compiler.is_compiling():  # (traced, they may be symbolic: compared as they are)
+        temperature = _check.real("temperature", temperature)
+        ignore_index = _check.integer("ignore_index", ignore_index)
     if not (temperature > 0 and temperature < float("inf")):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     if logits.shape[-1] == 0:
@@ -1179,6 +1182,12 @@ def fused_linear_logprobs(
         if tuple(bias.shape) != (v,):
             raise ValueError(f"bias must be ({v},), got {tuple(bias.shape)}")
     _check.same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
+    if not torch.compiler.is_compiling():  # (traced, they may be symbolic: compared as they are)
+        temperature = _check.real("temperature", temperature)
+        ignore_index = _check.integer("ignore_index", ignore_index)
+        softcap = None if softcap is None else _check.real("softcap", softcap, " (or None)")
+        logit_scale = _check.real("logit_scale", logit_scale)
+        chunk_rows = _check.integer("chunk_rows", chunk_rows)
     if not (temperature > 0 and temperature < float("inf")):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     # (comparisons, not math.isfinite: under torch.compile with dynamic shapes a float argument

@@ -10,7 +10,11 @@ from __future__ import annotations
 import torch
 
 from hoptune import _lib
+from hoptune.ops import _check
 from hoptune.reference import nf4 as ref
+
+# The blocksizes the quantize kernel takes (hoptune.quant.nf4.BLOCKSIZES).
+QUANT_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 
 # Dequantize kernel version: 0 the default, 1 the same kernel without programmatic dependent
 # launch (bf16 output, nested absmax; for bench/bench_nf4_dequant.py).
@@ -21,6 +25,12 @@ _DEQUANT_VARIANT = 0
 def nf4_quantize(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (numel % blocksize == 0) -> (packed uint8 [n/2], absmax fp32 [n/bs], non_finite int32 [1])."""
     n = x.numel()
+    # (the kernel refuses these; the reference would drop a trailing partial block silently)
+    _check.blocksize("blocksize", blocksize, QUANT_BLOCKSIZES)
+    if n == 0 or n % blocksize:
+        raise ValueError(
+            f"x.numel() must be a positive multiple of blocksize={blocksize}, got {n} (shape {tuple(x.shape)})"
+        )
     # (the kernel reads fp32, fp16 and bf16; other dtypes, fp64 among them, take the reference)
     if x.dtype not in _lib.DTYPE_CODES or not _lib.use_kernel(x, "nf4_quantize"):
         packed, absmax = ref.nf4_quantize(x, blocksize)
