@@ -88,9 +88,37 @@ def test_nf4_state_dict_other_blocksize_is_refused():
     # refused before anything is copied: not the source's codes decoded with this layer's offset
     assert torch.equal(b.dequantize(), before)
     sd["weight_nf4_meta"] = torch.tensor([0.0, 64.0], dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="expected 3 values"):
+    with pytest.raises(RuntimeError, match="expected 5 values"):
         b.load_state_dict(sd)
     assert torch.equal(b.dequantize(), before)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_nf4_state_dict_of_another_shape_is_refused(bias):
+    """A weight [out, in] and one [in, out] (or any other shape of as many elements) have NF4
+    buffers of the same sizes: as nn.Linear does, loading refuses the other shape, and the layer
+    keeps its own weight."""
+    a = NF4Linear.from_linear(nn.Linear(256, 128, bias=bias))
+    for lin in (nn.Linear(128, 256, bias=bias), nn.Linear(512, 64, bias=bias)):
+        b = NF4Linear.from_linear(lin)
+        before = b.dequantize()
+        sd = {k: v for k, v in a.state_dict().items() if k != "bias"}
+        with pytest.raises(RuntimeError, match=r"shape \(128, 256\), this module's"):
+            b.load_state_dict(sd, strict=False)
+        assert torch.equal(b.dequantize(), before)
+    # the same shape loads
+    c = NF4Linear.from_linear(nn.Linear(256, 128, bias=bias))
+    c.load_state_dict(a.state_dict())
+    assert torch.equal(c.dequantize(), a.dequantize())
+
+
+def test_nf4_state_dict_meta_without_shape_still_loads():
+    """A state dict saved before the entry held the shape (offset, blocksize, blocksize2 only)."""
+    a, b = _nf4_pair(NF4Linear.from_linear)
+    sd = a.state_dict()
+    sd["weight_nf4_meta"] = sd["weight_nf4_meta"][:3]
+    b.load_state_dict(sd)
+    assert torch.equal(b.dequantize(), a.dequantize())
 
 
 def _peft_dora_forward(lora: LoRALinear, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -237,6 +265,8 @@ def test_gaussian_init():
         (dict(init_lora_weights="pissa"), "init_lora_weights must be True, False or 'gaussian'"),
         (dict(adapter_dtype=torch.int64), "adapter_dtype must be a floating-point dtype"),
         (dict(adapter_dtype="float32"), "adapter_dtype must be a floating-point dtype"),
+        # (a float8 adapter cannot even be initialized: uniform_ is not implemented for it)
+        (dict(adapter_dtype=torch.float8_e4m3fn), "adapter_dtype must be .*float32 or float64"),
     ],
 )
 def test_lora_linear_bad_arguments(kwargs, match):

@@ -134,8 +134,11 @@ class LoRALinear(NF4Module):
         if quantize == "nf4" and isinstance(base, nn.Linear):
             check_quantizable(base.weight, "base.weight")
             check_blocks(base.weight, "base.weight", blocksize)
-        if not isinstance(adapter_dtype, torch.dtype) or not adapter_dtype.is_floating_point:
-            raise TypeError(f"adapter_dtype must be a floating-point dtype, got {adapter_dtype!r}")
+        if adapter_dtype not in DENSE_DTYPES:  # (float8: no initialization, no matmul on most devices)
+            raise TypeError(
+                "adapter_dtype must be a floating-point dtype (bfloat16, float16, float32 or float64), "
+                f"got {adapter_dtype!r}"
+            )
         if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_features,)):
             got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
             raise ValueError(f"bias must have shape ({out_features},) (out_features), got {got}")

@@ -7,7 +7,8 @@ load, before any adapter exists. :func:`hoptune.apply_lora` wraps its ``NF4Weigh
 ``LoRALinear`` as is (no dequantize, no re-quantize), and :func:`hoptune.remove_lora` gives it back.
 Its buffers have the same names as ``LoRALinear``'s NF4 base (``weight_packed``, ``weight_absmax``,
 ``weight_absmax2``, ``weight_code2``); the state dict adds ``weight_nf4_meta`` (the double
-quantization's offset and the two blocksizes), which loading requires with double quantization.
+quantization's offset, the two blocksizes and the weight's shape), which loading requires with
+double quantization.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ from hoptune.quant.nf4 import (
 
 # buffers that hold NF4 codes and statistics: their dtypes are part of the format
 NF4_BUFFERS = ("weight_packed", "weight_absmax", "weight_absmax2", "weight_code2")
-# the state-dict entry of the rest of an NF4 weight: float64 (offset, blocksize, blocksize2), the
-# offset being the double quantization's (without it, absmax2 and code2 decode to other scales)
+# the state-dict entry of the rest of an NF4 weight: float64 (offset, blocksize, blocksize2, *shape),
+# the offset being the double quantization's (without it, absmax2 and code2 decode to other scales);
+# the shape because the buffers are flat: [out, in] and [in, out] have buffers of the same sizes.
+# (State dicts saved before the shape was added hold the first three values only.)
 NF4_META_KEY = "weight_nf4_meta"
 
 
@@ -153,15 +156,15 @@ class NF4Module(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self._nf4_meta is None:
             return
-        _, _, bs, offset, bs2 = self._nf4_meta
+        shape, _, bs, offset, bs2 = self._nf4_meta
         destination[prefix + NF4_META_KEY] = torch.tensor(
-            [offset, bs, bs2], dtype=torch.float64, device=self.weight_packed.device
+            [offset, bs, bs2, *shape], dtype=torch.float64, device=self.weight_packed.device
         )
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         """The buffers, then the metadata; with double quantization the entry is required: the codes
-        alone would decode to other weights. What would load other weights (other dtypes or
-        blocksizes) is refused before anything is copied, so the layer keeps its own."""
+        alone would decode to other weights. What would load other weights (other dtypes, blocksizes
+        or shapes) is refused before anything is copied, so the layer keeps its own."""
         key = prefix + NF4_META_KEY
         offset = None
         if self._nf4_meta is not None:
@@ -183,11 +186,21 @@ class NF4Module(nn.Module):
                 return
             t = state_dict.get(key)
             if t is not None:
-                if not isinstance(t, torch.Tensor) or t.numel() != 3:
-                    errors.append(f"{key}: expected 3 values (offset, blocksize, blocksize2), got {t!r}")
+                shape, _, bs, _, bs2 = self._nf4_meta
+                if not isinstance(t, torch.Tensor) or t.numel() not in (3, 3 + len(shape)):
+                    errors.append(
+                        f"{key}: expected {3 + len(shape)} values (offset, blocksize, blocksize2, then the "
+                        f"weight's shape), or 3 without the shape, got {t!r}"
+                    )
                     return
-                offset, new_bs, new_bs2 = t.detach().to("cpu", torch.float64).tolist()
-                _, _, bs, _, bs2 = self._nf4_meta
+                offset, new_bs, new_bs2, *new_shape = t.detach().to("cpu", torch.float64).tolist()
+                # (the buffers are flat: a weight of another shape with as many elements would load)
+                if new_shape and tuple(int(n) for n in new_shape) != tuple(shape):
+                    errors.append(
+                        f"{key}: the state dict's NF4 weight has shape {tuple(int(n) for n in new_shape)}, "
+                        f"this module's {tuple(shape)} (load it into a layer of the same shape)"
+                    )
+                    return
                 if (int(new_bs), int(new_bs2)) != (bs, bs2):
                     errors.append(
                         f"{key}: the state dict's NF4 weight has blocksize {int(new_bs)} / blocksize2 "
