@@ -122,6 +122,26 @@ def test_a_cache_that_cannot_be_written_fails_before_pretraining(tmp_path, monke
     assert calls == []
 
 
+def test_a_damaged_cache_that_cannot_be_replaced_names_hoptune_cache(tmp_path, monkeypatch):
+    """A damaged copy in a cache that cannot be written (a read-only mount): the error says the
+    cache cannot be written and what to do, not which temporary name could not be made."""
+    monkeypatch.setenv("HOPTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(pretrain, "pretrain", _fake_pretrain([]))
+    final = pretrain.pretrained_tiny_path(log=lambda s: None, progress=False)
+    with open(os.path.join(final, "model.safetensors"), "r+b") as f:
+        f.truncate(100)
+
+    def refuse(*a, dir=None, prefix="", **k):
+        raise PermissionError(13, "Permission denied", os.path.join(dir, prefix + "x1y2"))
+
+    monkeypatch.setattr(pretrain.tempfile, "mkdtemp", refuse)
+    logs = []
+    with pytest.raises(OSError, match=r"cannot write the tiny model's cache in .*set HOPTUNE_CACHE") as e:
+        pretrain.pretrained_tiny_path(log=logs.append, progress=False)
+    assert e.value.errno == 13 and any("damaged" in s for s in logs)
+    assert os.path.isdir(final)  # (left where it was)
+
+
 def test_demo_with_an_unwritable_cache_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     from hoptune.cli import main
 

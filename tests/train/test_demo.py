@@ -231,3 +231,75 @@ def test_demo_lora_settings_are_checked_before_pretraining(tmp_path, monkeypatch
     monkeypatch.setattr(pretrain, "pretrained_tiny_path", no_pretraining)
     with pytest.raises(ConfigError, match="lora settings"):
         run_demo(str(tmp_path / "demo"), "cpu", [override])
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["output.resume=auto", "output.resume=true", "output.dir={out}/sft2"],
+    ids=["resume-auto", "resume-true", "other-dir"],
+)
+def test_demo_keeps_the_folder_of_an_earlier_run_it_is_not_replacing(tmp_path, monkeypatch, override):
+    """The demo starts fresh by deleting its own SFT folder, but not the checkpoints an override
+    asks it to resume from, nor an earlier run's adapter when the output goes to another folder."""
+    from hoptune.data import demo_task
+    from hoptune.train import demo, sft
+
+    class Stop(Exception):
+        pass
+
+    out = tmp_path / "demo"
+    earlier = out / "sft" / "checkpoint-10"
+    earlier.mkdir(parents=True)
+    (earlier / "state.json").write_text("{}")
+    monkeypatch.setattr(pretrain, "pretrained_tiny_path", lambda **k: None)
+    monkeypatch.setattr(demo, "_tiny_model", lambda *a, **k: (None, None))
+    monkeypatch.setattr(demo_task, "accuracy", lambda *a, **k: 0.0)
+    seen = []
+
+    def train(cfg):
+        seen.append(cfg.output)
+        raise Stop
+
+    monkeypatch.setattr(sft, "train", train)
+    with pytest.raises(Stop):
+        run_demo(str(out), "cpu", [override.format(out=out)])
+    assert seen and (earlier / "state.json").is_file()
+
+
+def test_demo_does_not_delete_a_folder_it_did_not_write(tmp_path, monkeypatch):
+    """--out runs puts the demo's SFT run in runs/sft, hoptune sft's default output.dir: a run of
+    the user's there is not deleted to start the demo fresh (an error at once, before any work);
+    an earlier demo run there is."""
+    from hoptune.config import ConfigError, dump_config, load_config
+    from hoptune.data import demo_task
+    from hoptune.train import demo, sft
+
+    class Stop(Exception):
+        pass
+
+    def no_pretraining(*a, **k):
+        raise AssertionError("the demo started work before checking its output folder")
+
+    out = tmp_path / "runs"
+    user_run = out / "sft" / "adapter"
+    user_run.mkdir(parents=True)
+    (user_run / "adapter_model.safetensors").write_bytes(b"weights")
+    monkeypatch.setattr(pretrain, "pretrained_tiny_path", no_pretraining)
+    with pytest.raises(ConfigError, match=r"--out .*sft holds files that are not the demo's.*another --out"):
+        run_demo(str(out), "cpu")
+    assert (user_run / "adapter_model.safetensors").read_bytes() == b"weights"
+
+    # an earlier demo's run (its config.yaml trains on the demo's data) is replaced
+    cfg = load_config(demo.config_path(), [f"data.train={out / 'data' / 'train.jsonl'}"])
+    (out / "sft" / "config.yaml").write_text(dump_config(cfg))
+    monkeypatch.setattr(pretrain, "pretrained_tiny_path", lambda **k: None)
+    monkeypatch.setattr(demo, "_tiny_model", lambda *a, **k: (None, None))
+    monkeypatch.setattr(demo_task, "accuracy", lambda *a, **k: 0.0)
+
+    def train(cfg):
+        assert not (out / "sft").exists()
+        raise Stop
+
+    monkeypatch.setattr(sft, "train", train)
+    with pytest.raises(Stop):
+        run_demo(str(out), "cpu")

@@ -180,12 +180,19 @@ def cache_problem(folder: str) -> str | None:
 
 def _set_aside(folder: str) -> None:
     """Move a broken cache folder out of the way (a rename first: another process may read it) and
-    delete it."""
-    bad = tempfile.mkdtemp(dir=os.path.dirname(folder), prefix=".bad-tiny-")
+    delete it. A cache that cannot be written (a read-only mount) is an error naming the cache."""
+    root = os.path.dirname(folder)
+    try:
+        bad = tempfile.mkdtemp(dir=root, prefix=".bad-tiny-")
+    except OSError as e:
+        raise _unwritable(root, e) from e
     try:
         os.replace(folder, os.path.join(bad, "old"))
     except FileNotFoundError:  # another process set it aside first
         pass
+    except OSError as e:
+        shutil.rmtree(bad, ignore_errors=True)
+        raise _unwritable(root, e) from e
     shutil.rmtree(bad, ignore_errors=True)
 
 

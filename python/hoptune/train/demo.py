@@ -49,6 +49,29 @@ def _tiny_model(cfg, device: torch.device, dtype: torch.dtype, trained: str | No
     return model, tok
 
 
+def _demo_run(folder: str, train_paths: set[str]) -> bool:
+    """Whether ``folder`` holds nothing or an SFT run of the demo (its config.yaml trains the tiny
+    model on one of ``train_paths``), which the demo may delete to start fresh."""
+    import yaml
+
+    from hoptune.train.loop import LOCK_FILE
+    from hoptune.train.sft import TINY
+
+    try:
+        if not set(os.listdir(folder)) - {LOCK_FILE}:
+            return True
+        with open(os.path.join(folder, "config.yaml"), encoding="utf-8") as f:
+            saved = yaml.safe_load(f)
+        train = saved["data"]["train"]
+        return saved["model"]["path"] in TINY and (
+            train in train_paths or os.path.abspath(train) in train_paths
+        )
+    except FileNotFoundError:
+        return not os.path.lexists(folder)
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return False
+
+
 def run_demo(out_dir: str = "runs/demo", device: str = "auto", overrides: list[str] | None = None) -> dict:
     """Run the demo; returns the accuracies and paths (also printed)."""
     from hoptune.config import ConfigError, check_sft_config, load_config
@@ -95,6 +118,14 @@ def run_demo(out_dir: str = "runs/demo", device: str = "auto", overrides: list[s
 
     with torch.random.fork_rng(devices=[]):  # (apply_lora draws lora_A from the global generator)
         sft.prepare_model(build_model(), cfg)
+    # the demo starts fresh in its own folder: not where an override asks it to resume from, nor
+    # (an earlier run's adapter) when the output goes to another folder, nor over another run
+    fresh = cfg.output.resume is False and os.path.abspath(cfg.output.dir) == sft_dir
+    if fresh and not _demo_run(sft_dir, {os.path.join(data_dir, "train.jsonl"), cfg.data.train}):
+        raise ConfigError(
+            f"--out {out_dir}: {sft_dir} holds files that are not the demo's (another run?); the demo "
+            "writes its SFT run there: use another --out, or remove that folder first"
+        )
     dtype = loop.resolve_dtype(cfg.model.dtype, dev)
     print(
         f"hoptune demo: tiny Llama + QLoRA SFT on {dev} ({torch.get_num_threads()} CPU threads); output in {out_dir}"
@@ -127,7 +158,8 @@ def run_demo(out_dir: str = "runs/demo", device: str = "auto", overrides: list[s
     del base
 
     # 4. SFT through the recipe, with the demo's paths
-    shutil.rmtree(sft_dir, ignore_errors=True)  # the demo always starts fresh
+    if fresh:
+        shutil.rmtree(sft_dir, ignore_errors=True)
     t_sft = time.time()
     res = sft.train(cfg)
     t_sft = time.time() - t_sft
