@@ -510,3 +510,30 @@ def test_merge_of_an_nf4_base_gives_a_frozen_layer():
         assert type(layer) is nn.Linear
         assert not any(p.requires_grad for p in layer.parameters())
     assert attn.v_proj.weight.requires_grad and attn.v_proj.bias.requires_grad  # a dense base: as before
+
+
+@pytest.mark.parametrize("arg", ["rank_pattern", "alpha_pattern"])
+def test_pattern_key_that_matches_no_target_is_named(arg):
+    """A rank_pattern / alpha_pattern key that matches no adapted layer (a typo, or a layer that
+    target_modules leaves out) was ignored without a word; PEFT warns, naming the keys."""
+    pattern = {"q_proj": 2, "qproj": 3, "up_proj": 5}  # (up_proj is not targeted)
+    with pytest.warns(RuntimeWarning, match=rf"{arg} keys .*\['qproj', 'up_proj'\].*ignored"):
+        m = hoptune.apply_lora(tiny_model(), r=4, target_modules=["q_proj", "v_proj"], **{arg: pattern})
+    q = m.model.layers[0].self_attn.q_proj
+    assert (q.r if arg == "rank_pattern" else q.lora_alpha) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every key used: no warning
+        hoptune.apply_lora(tiny_model(), r=4, **{arg: {"q_proj": 2, r"layers\.1\..*": 3}})
+
+
+@pytest.mark.parametrize("exclude", [["o_prj"], r".*\.9\..*"])
+def test_exclude_modules_that_excludes_nothing_is_named(exclude):
+    """An exclude_modules that matches no module (a typo) left every layer adapted without a word;
+    PEFT warns. An empty one (PEFT's default, []) says nothing."""
+    with pytest.warns(UserWarning, match=r"exclude_modules=.* matches no module of LlamaForCausalLM"):
+        m = hoptune.apply_lora(tiny_model(), r=2, exclude_modules=exclude)
+    assert len(lora_names(m)) == 2 * 7
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hoptune.apply_lora(tiny_model(), r=2, exclude_modules=[])
+        hoptune.apply_lora(tiny_model(), r=2, exclude_modules=["o_proj"])

@@ -16,7 +16,8 @@ layers are ``nn.Linear`` and, as in PEFT, transformers' ``Conv1D`` (GPT-2's proj
 layer whose weight is stored transposed, ``[in, out]``); a Conv1D is adapted as a LoRALinear over
 its weight transposed and given back as a Conv1D by :func:`remove_lora` / :func:`merge_and_unload`.
 ``rank_pattern`` / ``alpha_pattern`` keys are regular expressions matched against the end of a
-module name (PEFT's ``(.*\\.)?(key)$``); the first key that matches wins.
+module name (PEFT's ``(.*\\.)?(key)$``); the first key that matches wins. As in PEFT, a key that
+matches no adapted layer, or an ``exclude_modules`` that matches no module, is warned about.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import math
 import re
 import sys
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -267,8 +269,10 @@ def plan_targets(
     mha_out = {
         f"{n}.out_proj".lstrip(".") for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
     }
+    chosen = select_modules(model, target_modules, exclude_modules)
+    _warn_unused(model, exclude_modules, rank_pattern, alpha_pattern, [n for n, _ in chosen])
     targets = []
-    for name, mod in select_modules(model, target_modules, exclude_modules):
+    for name, mod in chosen:
         rr = pattern_value(rank_pattern, name, r)
         check_target(name, mod, rr, quantize, blocksize)
         if name in mha_out and (quantize == "nf4" or isinstance(mod, NF4Linear)):
@@ -279,6 +283,36 @@ def plan_targets(
             )
         targets.append(_Target(name, mod, int(rr), float(pattern_value(alpha_pattern, name, alpha))))
     return targets
+
+
+def _warn_unused(
+    model: nn.Module,
+    exclude_modules: str | Sequence[str] | None,
+    rank_pattern: Mapping[str, int] | None,
+    alpha_pattern: Mapping[str, float] | None,
+    chosen: list[str],
+) -> None:
+    """Warn, as PEFT does, about an ``exclude_modules`` that matches no module and about
+    ``rank_pattern`` / ``alpha_pattern`` keys that match no adapted layer: each is otherwise
+    ignored without a word (a typo, or a layer that target_modules leaves out)."""
+    if exclude_modules and not any(_matches(exclude_modules, n) for n, _ in model.named_modules() if n):
+        warnings.warn(
+            f"exclude_modules={exclude_modules!r} matches no module of {type(model).__name__}, so it "
+            "excludes nothing; check its names (a list matches whole names or their last components, "
+            "a string is a regular expression over the whole name)",
+            UserWarning,
+            stacklevel=4,
+        )
+    for arg, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        unused = [k for k in pattern or {} if not any(pattern_value({k: 1}, n, 0) for n in chosen)]
+        if unused:
+            warnings.warn(
+                f"{arg} keys {unused} match no layer that apply_lora adapts (target_modules, less "
+                "exclude_modules), so they are ignored; a key is a regular expression matched against the "
+                "end of a layer's name",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
 
 def check_target(
