@@ -347,3 +347,31 @@ def test_new_layers_take_lora_dropout_from_the_config(dropout, tmp_path):
     kind = torch.nn.Dropout if dropout else torch.nn.Identity
     assert all(type(m.lora_dropout) is kind for _, m in layers)
     assert all(m.lora_dropout.p == dropout for _, m in layers if dropout)
+
+
+# -- init_lora_weights ---------------------------------------------------------------------------
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_mica_adapter_loaded_trainable_keeps_lora_b_frozen_as_in_peft(existing, tmp_path):
+    """PEFT's MiCA (``init_lora_weights="mica"``) trains lora_A only, and loads lora_B frozen with
+    ``is_trainable=True``: load_adapter made lora_B trainable, and training changed it."""
+    base = tiny_model()
+    torch.manual_seed(2)
+    cfg = peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8, init_lora_weights="mica")
+    pm = peft.get_peft_model(copy.deepcopy(base), cfg)
+    with torch.no_grad():  # trained: a non-zero lora_A
+        for name, p in pm.named_parameters():
+            if "lora_A" in name:
+                p.normal_()
+    pm.save_pretrained(tmp_path)
+    want = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True)
+    assert {n.split(".")[-3]: p.requires_grad for n, p in want.named_parameters() if "lora_" in n} == {
+        "lora_A": True,
+        "lora_B": False,
+    }
+    model = copy.deepcopy(base)
+    if existing:
+        model = hoptune.apply_lora(model, r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    model = hoptune.load_adapter(model, tmp_path, trainable=True)
+    layers = lora_layers(model)
+    assert layers and all(m.lora_A.requires_grad and not m.lora_B.requires_grad for _, m in layers)
+    assert rel(logits(model), logits(want.eval())) <= 1e-6

@@ -658,7 +658,8 @@ def load_adapter(
     is an error: such a model's layers are not rebuilt). ``blocksize`` and ``double_quant`` are the
     NF4 block size and double quantization of the bases ``quantize="nf4"`` quantizes (None, the
     default: 64 and True); NF4 bases keep their own, and dense bases left dense do not use them.
-    ``trainable`` sets ``requires_grad`` of the loaded adapter (False by default, as in PEFT).
+    ``trainable`` sets ``requires_grad`` of the loaded adapter (False by default, as in PEFT; the
+    ``lora_B`` of a MiCA adapter, ``init_lora_weights="mica"``, stays frozen, as in PEFT).
     Everything is checked first: an adapter for another architecture or with other shapes is an
     error and the model is left unchanged. A model wrapped by torch.compile is patched inside its
     wrapper (and the wrapper returned)."""
@@ -866,6 +867,9 @@ def load_adapter(
         )
 
     # 4. copy the weights (cannot fail: shapes were checked)
+    # PEFT's MiCA (init_lora_weights="mica") trains lora_A only: its lora_B stays frozen, loaded trainable too
+    init = cfg.get("init_lora_weights", True)
+    frozen_b = isinstance(init, str) and init.lower() == "mica"
     with torch.no_grad():
         for name, g in groups.items():
             lora = model.get_submodule(name)
@@ -875,5 +879,5 @@ def load_adapter(
                 lora.lora_magnitude.copy_(g["lora_magnitude_vector"])
             for p in (lora.lora_A, lora.lora_B, lora.lora_magnitude):
                 if p is not None:
-                    p.requires_grad_(trainable)
+                    p.requires_grad_(trainable and not (frozen_b and p is lora.lora_B))
     return given
