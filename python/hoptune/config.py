@@ -594,6 +594,14 @@ def check_sft_config(cfg: SFTConfig) -> None:
     need(lo.r >= 1, f"lora.r must be >= 1, got {lo.r}")
     need(math.isfinite(lo.alpha) and lo.alpha > 0, f"lora.alpha must be a finite number > 0, got {lo.alpha}")
     need(0.0 <= lo.dropout < 1.0, f"lora.dropout must be in [0, 1), got {lo.dropout}")
+    # (refused by apply_lora too, but only once the model has loaded)
+    tm = lo.target_modules
+    need(
+        not lo.enabled
+        or (tm.strip() != "" if isinstance(tm, str) else len(tm) > 0 and all(n.strip() for n in tm)),
+        f"lora.target_modules must name the layers to adapt (all-linear, [q_proj, v_proj] or a regular "
+        f"expression), got {tm!r}",
+    )
     need(
         lo.enabled or cfg.model.quantize is None,
         "lora.enabled=false (full fine-tuning) needs model.quantize=null: an NF4 base cannot train",

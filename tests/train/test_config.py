@@ -83,6 +83,25 @@ def test_value_checks():
         check_sft_config(load_config(None))
 
 
+@pytest.mark.parametrize("value", ["[]", "''", "' '", "['']"])
+def test_empty_target_modules_are_refused_before_the_model_loads(value):
+    cfg = load_config(None, ["data.train=x.jsonl", f"lora.target_modules={value}"])
+    with pytest.raises(ConfigError, match="lora.target_modules must name the layers to adapt"):
+        check_sft_config(cfg)
+    # full fine-tuning adapts nothing: the value is not used
+    check_sft_config(
+        load_config(
+            None,
+            [
+                "data.train=x.jsonl",
+                "lora.enabled=false",
+                "model.quantize=null",
+                f"lora.target_modules={value}",
+            ],
+        )
+    )
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
