@@ -625,6 +625,16 @@ def test_device_other_than_cuda_or_cpu_is_refused_up_front(tmp_path, device):
         hoptune.load_model(tmp_path, device=device, progress=False)
 
 
+def test_device_as_an_int_or_an_unknown_name_is_named(tmp_path, monkeypatch):
+    tiny_model().save_pretrained(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only machine
+    # an int is that GPU (torch's own error on a CPU machine named no argument)
+    with pytest.raises(ValueError, match="device='cuda:0' but no CUDA device is visible"):
+        hoptune.load_model(tmp_path, device=0, progress=False)
+    with pytest.raises(ValueError, match="device must be 'cuda', 'cuda:N' or 'cpu', got 'gpu'"):
+        hoptune.load_model(tmp_path, device="gpu", progress=False)
+
+
 def test_cuda_device_index_beyond_the_visible_ones_is_refused(tmp_path, monkeypatch):
     tiny_model().save_pretrained(tmp_path)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only machine

@@ -700,7 +700,7 @@ def _output_heads(model: nn.Module) -> set[str]:
 def load_model(
     path: str | os.PathLike,
     quantize: str | None = "nf4",
-    device: str | torch.device = "cuda",
+    device: str | int | torch.device = "cuda",
     dtype: torch.dtype | str = torch.bfloat16,
     *,
     blocksize: int = 64,
@@ -710,7 +710,8 @@ def load_model(
     trust_remote_code: bool = False,
     progress: bool = True,
 ) -> nn.Module:
-    """Load the causal LM in the local folder ``path`` onto ``device``, quantizing on the way.
+    """Load the causal LM in the local folder ``path`` onto ``device`` ("cuda", "cuda:N", an int N
+    for that GPU, or "cpu"), quantizing on the way.
 
     ``path``: a folder with ``config.json`` and ``model.safetensors`` or a sharded
     ``model.safetensors.index.json`` (never a hub name: nothing is fetched).
@@ -764,7 +765,12 @@ def load_model(
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
     skip_modules = _skip_names(skip_modules)
-    device = torch.device(device)
+    if isinstance(device, int) and not isinstance(device, bool):
+        device = torch.device("cuda", device)  # as from_pretrained's device_map=0: that GPU
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:  # torch.device("gpu"): torch's own message, no argument named
+        raise ValueError(f"device must be 'cuda', 'cuda:N' or 'cpu', got {device!r} ({e})") from None
     # the reader fills CPU tensors through numpy and CUDA ones from pinned buffers, nothing else
     if device.type not in ("cuda", "cpu"):
         raise ValueError(f"device must be 'cuda', 'cuda:N' or 'cpu', got {str(device)!r}")
