@@ -121,7 +121,8 @@ def test_resume_refuses_another_eval_set(tmp_path, tokenizer, demo_data):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("train.max_steps=3", "total_steps was 2 and is now 3"),
+        ("train.max_steps=3", r"total_steps \(train.max_steps, or train.epochs .*\) was 2 and is now 3"),
+        ("train.grad_accum=1", r"rows_per_step \(train.batch_size x train.grad_accum\) was 8 and is now 4"),
         ("train.lr=1e-4", "train.lr was 0.001 and is now 0.0001"),
         ("train.seed=1", "train.seed was 0 and is now 1"),
         ("train.warmup_steps=1", "train.warmup_steps was 0 and is now 1"),

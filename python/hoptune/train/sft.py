@@ -363,6 +363,17 @@ def _moved_base(state: dict[str, Any], now: dict[str, Any], fp: str | None) -> s
     return was if fp is not None and state.get("base_fingerprint") == fp else None
 
 
+# what sets each value a checkpoint records under a name of its own (the others are config keys)
+_RESUME_FIELDS = {
+    "data_fingerprint": "the training rows (data.train, data.general_data, data.general_fraction, "
+    "data.max_seq_len, data.packing, data.eval_fraction and the tokenizer)",
+    "eval_fingerprint": "the held-out rows (data.eval, data.eval_fraction)",
+    "rows_per_step": "train.batch_size x train.grad_accum",
+    "total_steps": "train.max_steps, or train.epochs with the number of rows",
+    "data_order": "train.max_steps (steps) or train.epochs alone (whole epochs)",
+}
+
+
 def _check_resume(folder: str, state: dict[str, Any], now: dict[str, Any]) -> None:
     """ConfigError naming every key of ``now`` whose value differs from the checkpoint's ``state``.
     Settings a checkpoint of an older hoptune does not record are not compared (but its seed is)."""
@@ -374,7 +385,11 @@ def _check_resume(folder: str, state: dict[str, Any], now: dict[str, Any]) -> No
     if "model.dtype (resolved)" in was:
         # the precision trained in is what counts: model.dtype=bf16 resumes a GPU's auto run on a CPU
         was.pop("model.dtype", None)
-    changed = [f"{k} was {was[k]!r} and is now {v!r}" for k, v in now.items() if k in was and was[k] != v]
+    changed = [
+        f"{k}{f' ({_RESUME_FIELDS[k]})' if k in _RESUME_FIELDS else ''} was {was[k]!r} and is now {v!r}"
+        for k, v in now.items()
+        if k in was and was[k] != v
+    ]
     if "model.path" in now and was.get("model.path") not in (None, now["model.path"], TINY[0]):
         if not os.path.exists(was["model.path"]):
             changed.append(
