@@ -94,6 +94,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
     fsync_dir(folder)
 
 
+def put_back_set_aside(final: str | os.PathLike) -> None:
+    """If ``final`` is missing, put back the folder that an :func:`atomic_dir` save of it, killed
+    between its two renames, left aside (``.tmp-old-<name>-*/old`` beside it)."""
+    final = os.path.abspath(os.fspath(final))
+    parent, name = os.path.split(final)
+    if os.path.lexists(final) or not os.path.isdir(parent):
+        return
+    for n in sorted(os.listdir(parent)):
+        old = os.path.join(parent, n, "old")
+        if is_temp_name(n, f".tmp-old-{name}-") and os.path.isdir(old):
+            os.replace(old, final)
+            fsync_dir(parent)
+            return
+
+
 def atomic_dir(final: str | os.PathLike, write: Callable[[str], object]) -> None:
     """The folder form of atomic_write: ``write(tmp)`` fills a hidden folder beside ``final``, which
     is fsynced, given the mode a plain os.makedirs would (mkdtemp makes 0o700), and renamed into
@@ -104,12 +119,7 @@ def atomic_dir(final: str | os.PathLike, write: Callable[[str], object]) -> None
     final = os.path.abspath(os.fspath(final))
     parent, name = os.path.split(final)
     os.makedirs(parent, exist_ok=True)
-    if not os.path.lexists(final):
-        for n in sorted(os.listdir(parent)):
-            old = os.path.join(parent, n, "old")
-            if is_temp_name(n, f".tmp-old-{name}-") and os.path.isdir(old):
-                os.replace(old, final)  # (the new folder then replaces it as usual)
-                break
+    put_back_set_aside(final)  # (the new folder then replaces it as usual)
     for n in os.listdir(parent):
         if is_temp_name(n, f".tmp-{name}-") or is_temp_name(n, f".tmp-old-{name}-"):
             shutil.rmtree(os.path.join(parent, n), ignore_errors=True)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hoptune._io import atomic_dir, atomic_write, atomic_write_text, fsync_dir
+from hoptune._io import atomic_dir, atomic_write, atomic_write_text, put_back_set_aside
 from hoptune.losses.logprobs import head_logprobs, token_logprobs_from_logits
 
 # -- device, dtype, seeds --------------------------------------------------------------------------
@@ -573,11 +573,9 @@ class Checkpointer:
         if not os.path.isdir(self.dir):
             return
         for n in sorted(os.listdir(self.dir)):
-            m = re.fullmatch(r"\.tmp-old-(step-\d+)-[a-z0-9_]+", n)
-            aside = os.path.join(self.dir, n, "old")
-            if m and os.path.isdir(aside) and not os.path.lexists(os.path.join(self.dir, m[1])):
-                os.replace(aside, os.path.join(self.dir, m[1]))
-                fsync_dir(self.dir)
+            m = re.match(r"\.tmp-old-(step-\d+)-", n)
+            if m:
+                put_back_set_aside(os.path.join(self.dir, m[1]))
 
     def save(
         self,
