@@ -51,7 +51,7 @@ from hoptune.nn.nf4_linear import NF4Linear
 from hoptune.ops import nf4 as nf4_ops
 from hoptune.patch import CONV1D_ATTR, _is_conv1d
 from hoptune.quant.bnb_format import QS_SUFFIX, from_bnb_state_dict
-from hoptune.quant.checkpoint import _check_skips_match, _kept_dense, _skip_names, _skipped
+from hoptune.quant.checkpoint import _check_skips_match, _kept_dense, _skip_names, _skipped, _tied_keys
 from hoptune.quant.nf4 import BLOCKSIZES, NF4Weight
 from hoptune.reference.nf4 import dynamic_map
 
@@ -583,19 +583,6 @@ def _dtype_kwarg() -> str:
 
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-
-
-def _tied_keys(model: nn.Module, config) -> dict[str, str]:
-    """``{tied key: source key}`` (lm_head.weight -> model.embed_tokens.weight when tied)."""
-    keys = getattr(model, "all_tied_weights_keys", None)  # transformers 5
-    if keys is not None:
-        return dict(keys)
-    if not getattr(config, "tie_word_embeddings", False):
-        return {}
-    emb = model.get_input_embeddings()
-    src = next((f"{n}.weight" for n, m in model.named_modules() if m is emb), None)
-    old = getattr(model, "_tied_weights_keys", None) or []  # transformers 4: a list of tied keys
-    return {k: src for k in old if src is not None and k != src}
 
 
 def _model_keys(entries: dict[str, _Entry], expected: set[str], model: nn.Module) -> dict[str, _Entry]:

@@ -250,7 +250,7 @@ def save_pretrained_nf4(
     # tied weights (lm_head / embed_tokens) are stored once, as transformers does; a head that is
     # not one tensor with the embeddings (a checkpoint that stores another one loads untied) stays
     storages = Counter(_storage(t) for t in full.values() if t.numel())
-    for key in _tied_keys(model):
+    for key in _tied_keys(model, model.config):
         if key in state and key in full and storages[_storage(full[key])] > 1:
             state.pop(key)
     config = model.config.to_dict()
@@ -291,15 +291,19 @@ def _from_peft(mod: nn.Module) -> bool:
     return type(mod).__module__.partition(".")[0] == "peft"
 
 
-def _tied_keys(model: nn.Module) -> list[str]:
-    """The keys transformers ties to another when it loads the model: those of every submodel in
-    transformers 5 (BART's encoder and decoder embed_tokens, tied in BartModel), each as its own
-    config says; in transformers 4 the model's own when its config ties the word embeddings."""
-    keys = getattr(model, "all_tied_weights_keys", None)  # transformers 5: {tied key: source key}
-    if keys is None:
-        tie = getattr(model.config, "tie_word_embeddings", False)
-        keys = (getattr(model, "_tied_weights_keys", None) or []) if tie else []
-    return [k for k in keys if isinstance(k, str)]
+def _tied_keys(model: nn.Module, config) -> dict[str, str]:
+    """``{tied key: source key}`` (lm_head.weight -> model.embed_tokens.weight when tied): in
+    transformers 5 those of every submodel (BART's encoder and decoder embed_tokens), each as its own
+    config says."""
+    keys = getattr(model, "all_tied_weights_keys", None)  # transformers 5
+    if keys is not None:
+        return dict(keys)
+    if not getattr(config, "tie_word_embeddings", False):
+        return {}
+    emb = model.get_input_embeddings()
+    src = next((f"{n}.weight" for n, m in model.named_modules() if m is emb), None)
+    old = getattr(model, "_tied_weights_keys", None) or []  # transformers 4: a list of tied keys
+    return {k: src for k in old if src is not None and k != src}
 
 
 def _storage(t: torch.Tensor) -> tuple[torch.device, int]:

@@ -12,7 +12,7 @@ from hoptune.ops import _check
 from hoptune.ops import nf4 as nf4_ops
 from hoptune.reference.nf4 import dynamic_map
 
-BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
+BLOCKSIZES = nf4_ops.QUANT_BLOCKSIZES
 NESTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
