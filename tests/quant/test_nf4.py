@@ -411,3 +411,52 @@ def test_fp64_never_reaches_the_kernels(monkeypatch):
     assert torch.equal(
         d, ref.nf4_dequantize(rpacked, rabsmax, None, None, 0.0, 64, 256, [96, 128], torch.float64)
     )
+
+
+STATE_CASES = [
+    "blocksize of another state",
+    "short absmax",
+    "shape of another size",
+    "blocksize not dividing",
+    "absmax2 without code2",
+    "short absmax2",
+    "blocksize2 of another state",
+    "packed not uint8",
+    "nested codes without absmax2",
+]
+
+
+def _state_cases(q):
+    """{name: (args of nf4_dequantize, the text the error must hold)} for states that disagree
+    with themselves: each would make the kernel read past absmax or mislabel the weights."""
+    p, a, a2, c2, off, bs, bs2 = q.packed, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize, q.blocksize2
+    shape = list(q.shape)
+    cases = [
+        ("blocksize of another state", (p, a, a2, c2, off, bs // 2, bs2, shape), "absmax must hold"),
+        ("short absmax", (p, a[:-1], a2, c2, off, bs, bs2, shape), "absmax must hold"),
+        ("shape of another size", (p, a, a2, c2, off, bs, bs2, [shape[0], shape[1] * 2]), "shape"),
+        ("blocksize not dividing", (p, a, a2, c2, off, 96, bs2, shape), "blocksize"),
+        ("absmax2 without code2", (p, a, a2, None, off, bs, bs2, shape), "code2"),
+        ("short absmax2", (p, a, a2[:-1], c2, off, bs, bs2, shape), "absmax2 must hold"),
+        ("blocksize2 of another state", (p, a, a2, c2, off, bs, bs2 * 2, shape), "absmax2 must hold"),
+        ("packed not uint8", (p.to(torch.int16), a, a2, c2, off, bs, bs2, shape), "packed"),
+        ("nested codes without absmax2", (p, a, None, None, off, bs, bs2, shape), "absmax"),
+    ]
+    return {name: (args, text) for name, args, text in cases}
+
+
+@pytest.mark.parametrize("case", STATE_CASES)
+def test_dequantize_ops_refuse_a_state_whose_sizes_disagree(case):
+    """The raw ops (hoptune.ops) check the state's sizes against each other: on the GPU a short
+    absmax (a state read with the wrong blocksize) would be read past its end."""
+    from hoptune.ops import nf4 as nf4_ops
+
+    q = quantize_nf4(_weight((96, 256), torch.bfloat16), blocksize=64, double_quant=True, blocksize2=32)
+    assert q.absmax2.numel() == 12  # (384 blocks in nested blocks of 32)
+    args, text = _state_cases(q)[case]
+    with pytest.raises((ValueError, TypeError), match=text):
+        nf4_ops.nf4_dequantize(*args, torch.bfloat16)
+    a = torch.randn(8, 256, dtype=torch.bfloat16)
+    b = torch.randn(96, 8, dtype=torch.bfloat16)
+    with pytest.raises((ValueError, TypeError), match=text):
+        nf4_ops.nf4_dequantize_lora(*args, a, b, 0.5)

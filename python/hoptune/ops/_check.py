@@ -75,3 +75,44 @@ def integer(name: str, value: object) -> int:
         return operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be an integer, got {value!r}") from None
+
+
+def nf4_state(packed, absmax, absmax2, code2, blocksize, blocksize2, shape) -> None:
+    """An NF4 state as the dequantize ops take it: the sizes agree with each other (the kernels
+    index absmax by them and would read past a short one), one device, the storage dtypes."""
+    tensor("packed", packed)
+    tensor("absmax", absmax)
+    dtype_in("packed", packed, (torch.uint8,))
+    if (absmax2 is None) != (code2 is None):
+        raise ValueError("absmax2 and code2 must both be given (a nested absmax) or both be None")
+    same_device(packed=packed, absmax=absmax, absmax2=absmax2, code2=code2)
+    n = packed.numel() * 2
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel != n:
+        raise ValueError(f"shape {list(shape)} holds {numel} weights, but packed holds {n} (two per byte)")
+    if not isinstance(blocksize, int) or blocksize <= 0 or n % blocksize:
+        raise ValueError(f"blocksize must be a positive divisor of the {n} weights, got {blocksize!r}")
+    nb = n // blocksize
+    if absmax.numel() != nb:
+        raise ValueError(
+            f"absmax must hold one scale per block ({n} weights / blocksize {blocksize} = {nb}), "
+            f"got {absmax.numel()}: blocksize does not match the state"
+        )
+    if absmax2 is None:
+        dtype_in("absmax", absmax, (torch.float32,))
+        return
+    dtype_in("absmax", absmax, (torch.uint8,))
+    dtype_in("absmax2", absmax2, (torch.float32,))
+    dtype_in("code2", code2, (torch.float32,))
+    if code2.numel() != 256:
+        raise ValueError(f"code2 must hold the 256 entries of the nested code, got {code2.numel()}")
+    if not isinstance(blocksize2, int) or blocksize2 <= 0:
+        raise ValueError(f"blocksize2 must be a positive integer, got {blocksize2!r}")
+    nb2 = -(-nb // blocksize2)
+    if absmax2.numel() != nb2:
+        raise ValueError(
+            f"absmax2 must hold one scale per {blocksize2} absmax codes ({nb} codes: {nb2}), "
+            f"got {absmax2.numel()}: blocksize2 does not match the state"
+        )

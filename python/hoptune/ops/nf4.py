@@ -2,7 +2,8 @@
 
 Each is a torch.library custom op with a fake (meta) kernel, so quantized models trace and
 compile; the CUDA kernel runs on sm_90 tensors and the reference (hoptune.reference.nf4)
-everywhere else. The ops assume validated inputs: hoptune.quant checks arguments once.
+everywhere else. hoptune.quant checks its arguments once; the dequantize ops check only that an
+NF4 state's sizes agree with each other (host arithmetic: a kernel would read past a short absmax).
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ def nf4_dequantize(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """packed uint8 [n/2] + absmax (fp32, or uint8 with absmax2/code2/offset) -> ``dtype`` ``shape``."""
+    _check.nf4_state(packed, absmax, absmax2, code2, blocksize, blocksize2, shape)
     return dequantize_impl(packed, absmax, absmax2, code2, offset, blocksize, blocksize2, shape, dtype)
 
 
@@ -195,6 +197,7 @@ def nf4_dequantize_lora(
 ) -> torch.Tensor:
     """The NF4 weight ``shape`` = [N, K] dequantized to lora_A's dtype with ``scale * B @ A`` added
     (lora_A [r, K], lora_B [N, r]): one rounding of w + s B A, w the plain dequantize's output."""
+    _check.nf4_state(packed, absmax, absmax2, code2, blocksize, blocksize2, shape)
     return dequantize_lora_impl(
         packed, absmax, absmax2, code2, offset, blocksize, blocksize2, shape, lora_A, lora_B, scale
     )
