@@ -453,3 +453,39 @@ def test_named_chat_templates_of_the_tokenizer(tmp_path, tokenizer):
     tokenizer.chat_template = {"tool_use": tool_use, "rag": default}
     with pytest.raises(DataError, match="named rag, tool_use, none of them 'default'"):
         load_examples(str(p), tokenizer, max_seq_len=256)
+
+
+def test_empty_completion_trains_the_eos(tmp_path, tokenizer):
+    """An empty completion trains the EOS alone (TRL appends the EOS to the completion), e.g. a
+    prompt the model should answer by stopping; without add_eos it has no loss token."""
+    ids, mask = tokenize_record({"prompt": "3+4=", "completion": ""}, tokenizer)
+    assert tokenizer.convert_ids_to_tokens(ids) == ["<s>", "3", "+", "4", "=", "</s>"]
+    assert mask == [0, 0, 0, 0, 0, 1]
+    p = tmp_path / "e.jsonl"
+    p.write_text(json.dumps({"prompt": "3+4=", "completion": ""}) + "\n")
+    ex, _ = load_examples(str(p), tokenizer, max_seq_len=20)
+    assert (ex[0].input_ids, ex[0].loss_mask) == (ids, mask)
+    with pytest.raises(DataError, match="line 1: no token is in the loss"):
+        load_examples(str(p), tokenizer, max_seq_len=20, add_eos=False)
+
+
+def test_null_fields_are_absent(tmp_path, tokenizer):
+    """A file written from a table of mixed records (pandas' to_json, datasets' to_json) holds every
+    column in every line, null where a record has none: a null field is absent, as TRL reads it, so
+    each record trains as the record without its nulls."""
+    records = [
+        {"messages": CHAT},
+        {"conversations": [{"from": m["role"], "value": m["content"]} for m in CHAT]},
+        {"prompt": "3+4=", "completion": "7"},
+        {"text": "1+1=2"},
+    ]
+    keys = ["messages", "conversations", "prompt", "completion", "text", "tools"]
+    p = tmp_path / "n.jsonl"
+    p.write_text("".join(json.dumps({k: r.get(k) for k in keys}) + "\n" for r in records))
+    ex, _ = load_examples(str(p), tokenizer, max_seq_len=128)
+    chat = ChatFormatter(tokenizer)
+    assert [(e.input_ids, e.loss_mask) for e in ex] == [tokenize_record(r, tokenizer, chat) for r in records]
+
+    p.write_text(json.dumps({"prompt": "3+4=", "completion": None, "messages": None}) + "\n")
+    with pytest.raises(DataError, match=r"line 1: missing field 'completion' \(fields present: prompt; null"):
+        load_examples(str(p), tokenizer, max_seq_len=128)

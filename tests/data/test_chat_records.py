@@ -362,3 +362,94 @@ def test_templates_without_prefix_renders_need_generation_markers(tmp_path, name
     assert (ex[0].input_ids, ex[0].loss_mask) == (list(ref["input_ids"]), list(ref["assistant_masks"]))
     spans = masked_text(tok, ex[0].input_ids, ex[0].loss_mask)
     assert len(spans) == 2 and all(s.endswith(end) for s in spans)
+
+
+# ---------------------------------------------------------------------------------------------
+# content as a list of parts (OpenAI / transformers' multimodal-style messages), text parts only
+
+
+def _parts(messages, split=False):
+    """The messages with each string content written as text parts (two parts when ``split``)."""
+    out = []
+    for m in messages:
+        c = m["content"]
+        texts = [c[:1], c[1:]] if split else [c]
+        out.append({**m, "content": [{"type": "text", "text": t} for t in texts]})
+    return out
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one_part", "two_parts"])
+@pytest.mark.parametrize("shape", ["messages", "prompt_completion"])
+def test_text_parts_train_as_their_text(tmp_path, tokenizer, shape, split):
+    """A template that reads content as a string gets the parts' text joined (not the list's
+    Python text): the tokens and mask of the same chat written with string contents."""
+    parts = _parts(CHAT, split)
+    if shape == "messages":
+        rec, ref = {"messages": parts}, {"messages": CHAT}
+    else:
+        rec, ref = (
+            {"prompt": parts[:4], "completion": parts[4:]},
+            {"prompt": CHAT[:4], "completion": CHAT[4:]},
+        )
+    written = copy.deepcopy(rec)
+    chat = ChatFormatter(tokenizer)
+    ids, mask = tokenize_record(rec, tokenizer, chat)
+    assert (ids, mask) == tokenize_record(ref, tokenizer, chat)
+    assert "type" not in tokenizer.decode(ids)
+    assert rec == written
+    ex, _ = load_examples(_write(tmp_path / "p.jsonl", [rec]), tokenizer, max_seq_len=128)
+    assert (ex[0].input_ids, ex[0].loss_mask) == (ids, mask)
+
+
+@pytest.mark.parametrize("name", ["qwen3_vl", "qwen3_vl_training"])
+def test_text_parts_reach_a_template_that_reads_parts(name):
+    """A template that reads parts (Qwen3-VL's) gets them as written, as TRL passes them: the
+    tokens are transformers' render of the record, the mask that of the string contents."""
+    tok = _chatml_bpe_tokenizer()
+    chat = ChatFormatter(tok, _trl_template(name))
+    parts = _parts(CHAT[1:])
+    ids, mask = tokenize_record({"messages": parts}, tok, chat)
+    assert ids == list(
+        tok.apply_chat_template(parts, chat_template=chat.template, return_dict=True)["input_ids"]
+    )
+    assert (ids, mask) == tokenize_record({"messages": CHAT[1:]}, tok, chat)
+    assert masked_text(tok, ids, mask) == ["7<|im_end|>\n", "10<|im_end|>\n"]
+
+
+def test_text_parts_with_a_template_that_reads_parts_only():
+    """SmolVLM's template renders a content only when it is written as parts: the tokens and mask
+    are TRL's (its {% generation %} training variant of the template)."""
+    tok = _chatml_bpe_tokenizer()
+    parts = _parts(CHAT[1:], split=True)
+    ids, mask = tokenize_record({"messages": parts}, tok, ChatFormatter(tok, _trl_template("smolvlm")))
+    ref = tok.apply_chat_template(
+        parts,
+        chat_template=_trl_template("smolvlm_training"),
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+    )
+    assert (ids, mask) == (list(ref["input_ids"]), list(ref["assistant_masks"]))
+    assert masked_text(tok, ids, mask) == [" 7<end_of_utterance>\n", " 10<end_of_utterance>\n"]
+
+
+@pytest.mark.parametrize(
+    "content, why",
+    [
+        (
+            [{"type": "text", "text": "see"}, {"type": "image_url", "image_url": {"url": "x.png"}}],
+            r"messages\[1\]: 'content' part 1 has type 'image_url'; only text parts",
+        ),
+        ([{"type": "image"}], r"messages\[1\]: 'content' part 0 has type 'image'; only text parts"),
+        (["hi"], r"messages\[1\]: 'content' part 0 must be an object"),
+        ([{"text": "hi"}], r"messages\[1\]: 'content' part 0 must be an object .*'type'"),
+        ([{"type": "text", "text": 7}], r"messages\[1\]: 'content' part 0: 'text' must be a string, got 7"),
+        ([{"type": "text"}], r"messages\[1\]: 'content' part 0: 'text' must be a string, got null"),
+    ],
+)
+def test_bad_content_parts_name_the_line(tmp_path, tokenizer, content, why):
+    rec = {"messages": [CHAT[0], {"role": "user", "content": content}, CHAT[2]]}
+    p = _write(tmp_path / "m.jsonl", [{"messages": CHAT}, rec])
+    with pytest.raises(DataError, match=rf"m\.jsonl: 1 example\(s\) cannot be trained on: line 2: {why}"):
+        load_examples(p, tokenizer, max_seq_len=128)
+    ex, rep = load_examples(p, tokenizer, max_seq_len=128, skip_bad=True)
+    assert len(ex) == 1 and [ln for ln, _ in rep.invalid] == [2]

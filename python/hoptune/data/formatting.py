@@ -13,7 +13,11 @@ The record shapes TRL's SFTTrainer reads:
 A message's content is a string, or null for an assistant message that calls tools (OpenAI's
 ``{"role": "assistant", "content": null, "tool_calls": [...]}``; such a message may also leave the
 content out, as OpenAI's fine-tuning files do, and is then read as null). Messages go to the template
-as they are written (TRL passes them unchanged), extra keys such as ``tool_calls`` included.
+as they are written (TRL passes them unchanged), extra keys such as ``tool_calls`` included. A content
+may also be a list of text parts (``[{"type": "text", "text": ...}]``, OpenAI's and transformers'
+multimodal-style messages; any other part is an error): a template that reads parts (Qwen2-VL's,
+Gemma 3's, SmolVLM's) gets them as written, as TRL passes them; one that reads a string only gets the
+parts' text joined, where TRL would render the list's Python text.
 
 ``loss_mask[t] = 1`` means token t is a training target (it is predicted from tokens < t).
 
@@ -66,8 +70,18 @@ class Example:
         return int(sum(self.loss_mask[1:]))
 
 
+def _without_nulls(data: dict) -> dict:
+    """The record less its null fields: a file written from a table of mixed records (pandas' or
+    datasets' ``to_json``) holds every column in every line, null where the record has none, and TRL
+    reads a null field as absent (``{"text": ..., "messages": null}`` is text)."""
+    return {k: v for k, v in data.items() if v is not None}
+
+
 def record_kind(data: dict) -> str:
-    """'messages' | 'prompt_completion' | 'text'; ExampleError naming the fields otherwise."""
+    """'messages' | 'prompt_completion' | 'text'; ExampleError naming the fields otherwise. A null
+    field is absent."""
+    nulls = sorted(k for k, v in data.items() if v is None)
+    data = _without_nulls(data)
     if "messages" in data or "conversations" in data:
         return "messages"
     if "prompt" in data and "completion" in data:
@@ -75,6 +89,8 @@ def record_kind(data: dict) -> str:
     if "text" in data:
         return "text"
     have = ", ".join(sorted(data)) or "none"
+    if nulls:
+        have += f"; null, so read as absent: {', '.join(nulls)}"
     missing = "completion" if "prompt" in data else ("prompt" if "completion" in data else None)
     hint = f"missing field {missing!r}" if missing else "no known fields"
     raise ExampleError(
@@ -228,12 +244,38 @@ def _check_messages(messages: Any, field: str = "messages", as_written: Any = No
                     f"{field}[{i}]: {content!r} is null, but only an assistant message that calls tools (a "
                     "non-empty 'tool_calls' list) may have no content"
                 )
+        elif isinstance(m["content"], list):
+            _check_parts(m["content"], f"{field}[{i}]: {content!r}")
         elif not isinstance(m["content"], str):
             raise ExampleError(
-                f"{field}[{i}]: {content!r} must be a string (or null in an assistant message that calls "
-                f"tools), got {_shown(m['content'])}"
+                f"{field}[{i}]: {content!r} must be a string (or a list of text parts, or null in an "
+                f"assistant message that calls tools), got {_shown(m['content'])}"
             )
     return out
+
+
+def _check_parts(parts: list, where: str) -> None:
+    """A content written as parts (``[{"type": "text", "text": "..."}]``, OpenAI's and transformers'
+    multimodal-style messages): text parts only, as the model reads text only."""
+    for j, part in enumerate(parts):
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise ExampleError(
+                f"{where} part {j} must be an object with 'type' and 'text' ({{'type': 'text', 'text': "
+                f"...}}), got {_shown(part)}"
+            )
+        if part["type"] != "text":
+            raise ExampleError(
+                f"{where} part {j} has type {part['type']!r}; only text parts ({{'type': 'text', 'text': "
+                "...}) can be trained on: drop the other parts, or write the content as a string"
+            )
+        if not isinstance(part.get("text"), str):
+            raise ExampleError(f"{where} part {j}: 'text' must be a string, got {_shown(part.get('text'))}")
+
+
+def _text(content: Any) -> Any:
+    """A message content as text: text parts joined (as templates that read parts render them, with
+    nothing between them); a string or null as it is."""
+    return "".join(part["text"] for part in content) if isinstance(content, list) else content
 
 
 def _calls_tools(message: dict) -> bool:
@@ -293,6 +335,7 @@ class ChatFormatter:
         else:
             source = "the tokenizer's chat template"
         self._check_syntax(source)
+        self._reads_parts: dict[str, bool] = {}
 
     def _template(self, tools: list | None = None) -> str:
         """The template a record with ``tools`` (None: no tools) is rendered with."""
@@ -325,13 +368,28 @@ class ChatFormatter:
         string."""
         import jinja2
 
+        template = self._template(kwargs.get("tools"))
+        if any(isinstance(m.get("content"), list) for m in messages) and not self._parts_read_by(template):
+            messages = [{**m, "content": _text(m["content"])} for m in messages]
         try:
-            template = self._template(kwargs.get("tools"))
             return self.tokenizer.apply_chat_template(messages, chat_template=template, **kwargs)
         except jinja2.TemplateError as e:
             raise ExampleError(f"the chat template refused this conversation: {e}") from None
         except (ValueError, TypeError) as e:
             raise ExampleError(f"the chat template cannot render this conversation: {e}") from None
+
+    def _parts_read_by(self, template: str) -> bool:
+        """Whether ``template`` renders a content written as text parts as their text (Qwen2-VL's,
+        Gemma 3's, Llama 4's do); one that reads content as a string only would render the list's
+        Python text (or nothing, or fail), so such a template gets the parts' text joined instead."""
+        if template not in self._reads_parts:
+            probe = [{"role": "user", "content": [{"type": "text", "text": _PROBE}]}]
+            try:
+                out = self.tokenizer.apply_chat_template(probe, tokenize=False, chat_template=template)
+            except Exception:  # a template that cannot take a list (e.g. adds it to a string)
+                out = ""
+            self._reads_parts[template] = _PROBE in out and "'text'" not in out and '"text"' not in out
+        return self._reads_parts[template]
 
     def render(
         self, messages: list[dict], add_generation_prompt: bool, template_kwargs: dict | None = None
@@ -398,7 +456,7 @@ class ChatFormatter:
         the conversation rendered up to the end of that message's turn). Checked with a placeholder for
         the content: a turn may end with text that the content ends with too (a newline), and a template
         may change the content (drop its reasoning, strip it)."""
-        content = messages[i]["content"]
+        content = _text(messages[i]["content"])
         if not isinstance(content, str):
             return False  # a tool-call turn: its calls follow
         if content.strip() and not turn.endswith(content.strip()[-1]):
@@ -427,7 +485,7 @@ class ChatFormatter:
             return pos
         # a template that changes the placeholder (or the header with it): the content's last occurrence
         # in the turn, as the header comes before it
-        content = messages[i]["content"]
+        content = _text(messages[i]["content"])
         pos = after.rfind(content, start, end) if content else -1
         return pos if pos >= 0 else start
 
@@ -580,8 +638,9 @@ def _chat_template_kwargs(data: dict) -> dict | None:
 def tokenize_record(
     data: dict, tokenizer: Any, chat: ChatFormatter | None = None, add_eos: bool = True
 ) -> tuple[list[int], list[int]]:
-    """(input_ids, loss_mask) of one record of any supported shape."""
+    """(input_ids, loss_mask) of one record of any supported shape (a null field is absent)."""
     kind = record_kind(data)
+    data = _without_nulls(data)
     if kind == "messages":
         field = "conversations" if "conversations" in data else "messages"
         as_written = data[field]
@@ -607,8 +666,7 @@ def tokenize_record(
                 "'prompt' and 'completion' must both be strings (or both lists of messages), got "
                 f"{type(p).__name__} and {type(c).__name__}"
             )
-        if not c:
-            raise ExampleError("empty 'completion'")
+        # an empty completion trains the EOS alone (TRL appends the EOS to the completion text)
         return tokenize_prompt_completion(tokenizer, p, c, add_eos)
     text = data["text"]
     if not isinstance(text, str) or not text:
