@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import hoptune
 from hoptune._io import STAGE_PREFIX
+from hoptune.adapters import adapter_config, adapter_state_dict
 from hoptune.nn import LoRALinear
 
 VARIANTS = {
@@ -631,6 +632,92 @@ def test_save_and_load_through_torch_compile(tmp_path):
     compiled = torch.compile(copy.deepcopy(base))
     assert hoptune.load_adapter(compiled, tmp_path) is compiled
     assert rel(logits(compiled._orig_mod), want) <= 1e-7
+
+
+def test_peft_adapter_saved_from_a_compiled_model_loads(tmp_path):
+    """get_peft_model on a torch.compile'd model saves keys with ``_orig_mod.``, which PEFT's own
+    loader strips when it matches them to modules (``_orig_mod.`` is the wrapper's, no part of the
+    model's paths): load_adapter refused them as an adapter for another model."""
+    base = tiny_model()
+    torch.manual_seed(2)
+    cfg = peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8, init_lora_weights=False)
+    pm = peft.get_peft_model(torch.compile(copy.deepcopy(base)), cfg)
+    pm.save_pretrained(tmp_path)
+    keys = load_file(tmp_path / "adapter_model.safetensors").keys()
+    assert keys and all(k.startswith("base_model.model._orig_mod.model.layers.") for k in keys)
+    want = logits(pm.base_model.model._orig_mod)  # the adapted model, run uncompiled
+    assert rel(want, logits(base)) > 1e-3
+    assert rel(logits(hoptune.load_adapter(copy.deepcopy(base), tmp_path)), want) <= 1e-6
+    compiled = torch.compile(copy.deepcopy(base))
+    assert hoptune.load_adapter(compiled, tmp_path) is compiled
+    assert rel(logits(compiled._orig_mod), want) <= 1e-6
+
+
+@pytest.fixture
+def process_group():
+    """A one-process gloo group on the CPU, as DistributedDataParallel needs one."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _data_parallel(model):
+    return torch.nn.DataParallel(model)
+
+
+def _ddp(model):
+    return torch.nn.parallel.DistributedDataParallel(model)
+
+
+@pytest.mark.parametrize("wrap", [_data_parallel, _ddp, lambda m: torch.compile(_ddp(m))])
+def test_save_through_a_data_parallel_wrapper(wrap, process_group, tmp_path):
+    """DataParallel / DistributedDataParallel put ``module.`` in front of every module path: the
+    keys held it, and PEFT loaded none of them (a warning, then the base model alone)."""
+    base = tiny_model()
+    model = ours(base, "lora")
+    want = logits(model)
+    wrapped = wrap(model)
+    hoptune.save_adapter(wrapped, tmp_path)
+    state = adapter_state_dict(wrapped)
+    assert state.keys() == load_file(tmp_path / "adapter_model.safetensors").keys()
+    assert all(k.startswith("base_model.model.model.layers.") for k in state)
+    assert adapter_config(wrapped)["task_type"] == "CAUSAL_LM"
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    assert rel(logits(pm), want) <= 1e-6
+
+
+@pytest.mark.parametrize("wrap", [_data_parallel, _ddp])
+def test_load_into_a_data_parallel_wrapper_says_what_to_do(wrap, process_group, saved):
+    """LoRA layers made inside the wrapper would not be synchronized by it; before, the adapter was
+    refused as one for another model."""
+    model = wrap(tiny_model())
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"model is wrapped in \w*DataParallel: load the adapter"):
+        hoptune.load_adapter(model, saved)
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("base_model.model.", "base_model.model.module."),
+        (".layers.0.", "._fsdp_wrapped_module.layers.0._fsdp_wrapped_module."),
+    ],
+)
+def test_keys_saved_through_a_parallel_wrapper_are_refused_naming_it(saved, old, new):
+    """Keys saved from a model inside DataParallel / DistributedDataParallel / FSDP hold the
+    wrapper's ``module.``; PEFT loads none of them. The error said "another model"."""
+    path = saved / "adapter_model.safetensors"
+    save_file({k.replace(old, new): v for k, v in load_file(path).items()}, path, metadata={"format": "pt"})
+    model = tiny_model()
+    snap = snapshot(model)
+    with pytest.raises(
+        ValueError, match=r"module paths of a wrapped model.*'module\.' / '_fsdp_wrapped_module\.'"
+    ):
+        hoptune.load_adapter(model, saved)
+    assert_unchanged(model, snap)
 
 
 # -- loading: PEFT's copies of base weights ----------------------------------------------------

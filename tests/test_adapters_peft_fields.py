@@ -375,3 +375,52 @@ def test_a_mica_adapter_loaded_trainable_keeps_lora_b_frozen_as_in_peft(existing
     layers = lora_layers(model)
     assert layers and all(m.lora_A.requires_grad and not m.lora_B.requires_grad for _, m in layers)
     assert rel(logits(model), logits(want.eval())) <= 1e-6
+
+
+def _peft_mica_adapter(base, folder):
+    torch.manual_seed(2)
+    cfg = peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8, init_lora_weights="mica")
+    pm = peft.get_peft_model(copy.deepcopy(base), cfg)
+    with torch.no_grad():  # trained: a non-zero lora_A
+        for name, p in pm.named_parameters():
+            if "lora_A" in name:
+                p.normal_()
+    pm.save_pretrained(folder)
+
+
+def _grads(pm) -> dict[str, bool]:
+    return {n.split(".")[-3]: p.requires_grad for n, p in pm.named_parameters() if "lora_" in n}
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_a_mica_adapter_saved_again_stays_mica(trainable, tmp_path):
+    """save_adapter wrote init_lora_weights=true for a MiCA adapter load_adapter had read: PEFT and
+    load_adapter then loaded the saved adapter as a plain LoRA, lora_B trainable."""
+    base = tiny_model()
+    _peft_mica_adapter(base, tmp_path / "peft")
+    model = hoptune.load_adapter(copy.deepcopy(base), tmp_path / "peft", trainable=trainable)
+    hoptune.save_adapter(model, tmp_path / "again")
+    cfg = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    assert cfg["init_lora_weights"] == "mica"
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "again", is_trainable=True)
+    assert _grads(pm) == {"lora_A": True, "lora_B": False}
+    assert rel(logits(pm.eval()), logits(model)) <= 1e-6
+    again = hoptune.load_adapter(copy.deepcopy(base), tmp_path / "again", trainable=True)
+    layers = lora_layers(again)
+    assert layers and all(m.lora_A.requires_grad and not m.lora_B.requires_grad for _, m in layers)
+
+
+def test_a_plain_adapter_loaded_over_a_mica_one_saves_as_plain(tmp_path):
+    """The layers keep no trace of a MiCA adapter that another adapter replaced."""
+    base = tiny_model()
+    _peft_mica_adapter(base, tmp_path / "mica")
+    model = hoptune.load_adapter(copy.deepcopy(base), tmp_path / "mica")
+    src = hoptune.apply_lora(
+        copy.deepcopy(base), r=4, alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    hoptune.save_adapter(src, tmp_path / "plain")
+    hoptune.load_adapter(model, tmp_path / "plain", trainable=True)
+    assert all(m.lora_B.requires_grad for _, m in lora_layers(model))
+    hoptune.save_adapter(model, tmp_path / "again")
+    cfg = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    assert cfg["init_lora_weights"] is True

@@ -116,6 +116,9 @@ _OFF: dict[str, tuple] = {
 # PEFT initializations that change the base layer's weight (and are repeated by PEFT when it loads
 # the adapter): the A / B on disk only fit that changed weight, which hoptune does not compute
 _BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq")
+# the LoRALinear attribute holding the init_lora_weights of a loaded adapter that is not PEFT's
+# plain LoRA ("mica": lora_B stays frozen in training), for save_adapter to write it back
+_INIT_ATTR = "peft_init_lora_weights"
 
 
 # -- config -----------------------------------------------------------------------------------
@@ -169,12 +172,29 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
     return "|".join(re.escape(n) for n in sorted(names))
 
 
+_PARALLEL = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside torch.compile's wrapper: its ``_orig_mod.`` is no part of the model's module
-    paths, of which PEFT's keys are made (PEFT ignores keys it does not know: it would load the base
-    model alone)."""
-    inner = getattr(model, "_orig_mod", None)
-    return inner if isinstance(inner, nn.Module) else model
+    """The model inside torch.compile's wrapper and DataParallel / DistributedDataParallel: their
+    ``_orig_mod.`` and ``module.`` are no part of the model's module paths, of which PEFT's keys are
+    made (PEFT ignores keys it does not know: it would load the base model alone)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(model, _PARALLEL):
+            inner = model.module
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _parallel_wrapper(model: nn.Module) -> str | None:
+    """The name of the DataParallel / DistributedDataParallel wrapping ``model``, if one does."""
+    while isinstance(model, nn.Module):
+        if isinstance(model, _PARALLEL):
+            return type(model).__name__
+        model = getattr(model, "_orig_mod", None)
+    return None
 
 
 def adapter_config(model: nn.Module, base_model_name_or_path: str | os.PathLike | None = None) -> dict:
@@ -189,11 +209,13 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | os.PathLike 
     layers = lora_layers(model)
     if not layers:
         raise ValueError(f"model ({type(model).__name__}) has no LoRA layers; call hoptune.apply_lora first")
-    for field in ("use_dora", "use_rslora", "lora_dropout_p"):
-        vals = {getattr(m, field) for _, m in layers}
+    for field in ("use_dora", "use_rslora", "lora_dropout_p", _INIT_ATTR):
+        vals = {getattr(m, field, True) for _, m in layers}
         if len(vals) > 1:
+            name = "init_lora_weights" if field == _INIT_ATTR else field
             raise ValueError(
-                f"the LoRA layers differ in {field} ({sorted(vals)}); PEFT's format holds one value per adapter"
+                f"the LoRA layers differ in {name} ({sorted(vals, key=repr)}); PEFT's format holds one "
+                "value per adapter"
             )
     names = [n for n, _ in layers]
     ranks = {n: m.r for n, m in layers}
@@ -231,7 +253,7 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | os.PathLike 
         "bias": "none",
         "fan_in_fan_out": fan_in_fan_out(layers[-1][1]),  # PEFT's value: that of the last layer
         "modules_to_save": None,
-        "init_lora_weights": True,
+        "init_lora_weights": getattr(first, _INIT_ATTR, True),
         "layers_to_transform": None,
         "layers_pattern": None,
         "inference_mode": True,
@@ -429,7 +451,9 @@ def save_adapter(
     (:func:`read_adapter_config` says what happened).
 
     ``dtype``: of the saved tensors (fp32 like PEFT; None keeps the training dtype).
-    ``base_model_name_or_path``: recorded in the config (default: ``model.config._name_or_path``)."""
+    ``base_model_name_or_path``: recorded in the config (default: ``model.config._name_or_path``).
+    A model wrapped by torch.compile, DataParallel or DistributedDataParallel is saved as the model
+    inside (the wrappers' ``_orig_mod.`` / ``module.`` are not in the keys)."""
     if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"dtype must be float32, bfloat16, float16 or None, got {dtype}")
     from safetensors.torch import save_file
@@ -550,7 +574,9 @@ def _group(
             raise ValueError(
                 f"{path}: key {key!r} does not start with {PREFIX!r}; this is not a PEFT LoRA adapter"
             )
-        rest = key[len(PREFIX) :]
+        # a PeftModel made on a torch.compile'd model saves its keys with the wrapper's "_orig_mod.",
+        # no part of the model's module paths: PEFT strips it when it matches keys to modules
+        rest = key[len(PREFIX) :].removeprefix("_orig_mod.")
         named = _NAMED_KEY.fullmatch(rest)
         if named is not None:
             # a PeftModel's own state_dict key, with the adapter name PEFT's files leave out: PEFT's
@@ -659,10 +685,13 @@ def load_adapter(
     NF4 block size and double quantization of the bases ``quantize="nf4"`` quantizes (None, the
     default: 64 and True); NF4 bases keep their own, and dense bases left dense do not use them.
     ``trainable`` sets ``requires_grad`` of the loaded adapter (False by default, as in PEFT; the
-    ``lora_B`` of a MiCA adapter, ``init_lora_weights="mica"``, stays frozen, as in PEFT).
+    ``lora_B`` of a MiCA adapter, ``init_lora_weights="mica"``, stays frozen, as in PEFT, and
+    :func:`save_adapter` writes that initialization back).
     Everything is checked first: an adapter for another architecture or with other shapes is an
     error and the model is left unchanged. A model wrapped by torch.compile is patched inside its
-    wrapper (and the wrapper returned)."""
+    wrapper (and the wrapper returned); one wrapped in DataParallel / DistributedDataParallel is an
+    error (load before wrapping). Keys PEFT saved from a torch.compile'd model (``_orig_mod.``)
+    load as PEFT matches them."""
     if not isinstance(trainable, bool):
         raise TypeError(f"trainable must be True or False, got {trainable!r}")
     # checked whether or not the model has LoRA layers yet: those are kept, not rebuilt with these
@@ -674,6 +703,13 @@ def load_adapter(
         raise TypeError(f"double_quant must be True, False or None, got {double_quant!r}")
     if adapter_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"adapter_dtype must be float32, bfloat16, float16 or None, got {adapter_dtype}")
+    wrapper = _parallel_wrapper(model)
+    if wrapper is not None:
+        raise ValueError(
+            f"model is wrapped in {wrapper}: load the adapter into the model before wrapping it (LoRA "
+            f"layers made inside {wrapper} are not synchronized by it), or into model.module when that "
+            "has the adapter's LoRA layers already"
+        )
     given, model = model, _unwrap(model)
     folder = os.fspath(adapter_dir)
     if not os.path.isdir(folder):
@@ -688,6 +724,15 @@ def load_adapter(
     modules = dict(model.named_modules())
     missing = [n for n in dict.fromkeys([*groups, *(c[0] for c in copies.values())]) if n not in modules]
     if missing:
+        unwrapped = missing[0].replace("_fsdp_wrapped_module.", "").removeprefix("module.")
+        if unwrapped != missing[0] and unwrapped in modules:
+            raise ValueError(
+                f"the keys of {weights_path} hold the module paths of a wrapped model ({missing[0]!r} for "
+                f"{unwrapped!r}): the adapter was saved from inside DataParallel, DistributedDataParallel "
+                "or FSDP, whose 'module.' / '_fsdp_wrapped_module.' are not part of the model's paths (PEFT "
+                "loads none of these keys); save it again from the unwrapped model, or rename the keys "
+                "without them"
+            )
         have = sorted(
             {n.rsplit(".", 1)[-1] for n, m in modules.items() if _is_linear(m) or isinstance(m, LoRALinear)}
         )
@@ -880,4 +925,8 @@ def load_adapter(
             for p in (lora.lora_A, lora.lora_B, lora.lora_magnitude):
                 if p is not None:
                     p.requires_grad_(trainable and not (frozen_b and p is lora.lora_B))
+            if frozen_b:  # saved again as MiCA, so that PEFT and load_adapter keep lora_B frozen
+                setattr(lora, _INIT_ATTR, "mica")
+            elif hasattr(lora, _INIT_ATTR):
+                delattr(lora, _INIT_ATTR)
     return given
