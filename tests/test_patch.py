@@ -265,6 +265,34 @@ def test_nf4_layers_are_wrapped_without_requantizing():
     assert isinstance(model.model.layers[0].mlp.up_proj, NF4Linear)
 
 
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(blocksize=128), r"blocksize=128 is not used .*mlp\.up_proj, NF4 with blocksize=64"),
+        (
+            dict(double_quant=False),
+            r"double_quant=False is not used .*mlp\.up_proj, NF4 with double_quant=True",
+        ),
+    ],
+)
+def test_nf4_options_an_nf4_layer_does_not_have_are_warned_about(kwargs, match):
+    """NF4 layers are wrapped as they are: a blocksize or double_quant asked for that they do not
+    have used to be dropped without a word; the defaults (None) take the layers' own quietly."""
+    model = tiny_model()
+    mlp = model.model.layers[0].mlp
+    mlp.up_proj = NF4Linear.from_linear(mlp.up_proj)  # blocksize 64, double_quant
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hoptune.apply_lora(copy.deepcopy(model), r=4, quantize="nf4")
+        hoptune.apply_lora(copy.deepcopy(model), r=4, quantize="nf4", blocksize=64, double_quant=True)
+    with pytest.warns(UserWarning, match=match):
+        hoptune.apply_lora(model, r=4, quantize="nf4", **kwargs)
+    assert model.model.layers[0].mlp.up_proj.weight_nf4.blocksize == 64  # kept as it was
+    # the dense layers it quantized took the options
+    q = model.model.layers[0].mlp.down_proj.weight_nf4
+    assert (q.blocksize, q.nested) == (kwargs.get("blocksize", 64), kwargs.get("double_quant", True))
+
+
 def test_layer_reads_replaced_buffers_and_parametrized_factors():
     """The forward takes the NF4 buffers and LoRA factors from the module's dicts (fast), and still
     follows a buffer assigned anew and a factor under a parametrization (no longer in the dict)."""

@@ -117,3 +117,49 @@ def test_rank_above_a_layer_names_the_way_out():
         hoptune.apply_lora(model, r=4)
     hoptune.apply_lora(model, r=4, rank_pattern={"shared_expert_gate": 1})
     assert model.model.layers[0].mlp.shared_expert_gate.r == 1
+
+
+@pytest.mark.parametrize("unload", ["remove_lora", "merge_and_unload"])
+def test_a_linear_subclass_comes_back_as_its_own_class(unload):
+    """nn.MultiheadAttention's out_proj is a NonDynamicallyQuantizableLinear: taking the adapters
+    out gives that class back (as PEFT gives back the base layer itself), not a plain nn.Linear."""
+    model = tiny_siglip()
+    cls = type(model.head.attention.out_proj)
+    assert cls is not torch.nn.Linear
+    pixels = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want = model(pixel_values=pixels).pooler_output
+    hoptune.apply_lora(model, r=4)
+    getattr(hoptune, unload)(model, **({"dtype": None} if unload == "merge_and_unload" else {}))
+    assert type(model.head.attention.out_proj) is cls
+    assert type(model.encoder.layers[0].self_attn.q_proj) is torch.nn.Linear
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=pixels).pooler_output, want, atol=1e-6, rtol=0)
+
+
+class _Doubled(torch.nn.Linear):
+    """A linear subclass with its own forward (as a grouped or routed projection has)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+def test_a_linear_subclass_with_its_own_forward_is_refused():
+    """A LoRALinear computes x W^T + b: in place of a layer that computes something else it changed
+    the model's output silently. Refused before any layer is replaced, naming the layer, its class
+    and the way out."""
+    model = tiny_model("llama")
+    mlp = model.model.layers[1].mlp
+    mlp.down_proj = _Doubled(128, 64, bias=False)
+    snap = snapshot(model)
+    with pytest.raises(
+        ValueError,
+        match=r"model\.layers\.1\.mlp\.down_proj is a .*_Doubled.*own forward.*exclude_modules=\['down_proj'\]",
+    ):
+        hoptune.apply_lora(model, r=4)
+    assert_same(model, snap)
+    x = ids()
+    want = logits(model, x)
+    hoptune.apply_lora(model, r=4, exclude_modules=["model.layers.1.mlp.down_proj"])
+    assert type(model.model.layers[1].mlp.down_proj) is _Doubled
+    torch.testing.assert_close(logits(model, x), want, atol=1e-6, rtol=0)

@@ -15,6 +15,8 @@ shorthand ``"all-linear"`` takes every linear layer but the output head (``lm_he
 layers are ``nn.Linear`` and, as in PEFT, transformers' ``Conv1D`` (GPT-2's projections: a linear
 layer whose weight is stored transposed, ``[in, out]``); a Conv1D is adapted as a LoRALinear over
 its weight transposed and given back as a Conv1D by :func:`remove_lora` / :func:`merge_and_unload`.
+An ``nn.Linear`` subclass comes back as its own class; one with a forward of its own (a routed or
+grouped projection, which a LoRA layer's ``x W^T + b`` would not reproduce) is refused, by name.
 ``rank_pattern`` / ``alpha_pattern`` keys are regular expressions matched against the end of a
 module name (PEFT's ``(.*\\.)?(key)$``); the first key that matches wins. As in PEFT, a key that
 matches no adapted layer, or an ``exclude_modules`` that matches no module, is warned about.
@@ -46,6 +48,14 @@ _TIED_ATTR = "_hoptune_tied"  # per-layer, when quantized: (its tied dense weigh
 # load_model made from one): the model's class holds a Conv1D there, which remove_lora /
 # merge_and_unload give back (NF4 stays NF4 in remove_lora)
 CONV1D_ATTR = "_hoptune_conv1d"
+# per-layer, for a LoRALinear over an nn.Linear subclass (NonDynamicallyQuantizableLinear, the out_proj
+# of nn.MultiheadAttention): (that class, its own plain attributes), which remove_lora /
+# merge_and_unload give back, as PEFT gives back the base layer itself
+_CLASS_ATTR = "_hoptune_linear_class"
+_LINEAR_OWN = frozenset(("training", "in_features", "out_features"))
+# nn.Linear subclasses whose own forward computes x W^T + b all the same (Falcon's adds the bias
+# after the product, rounding in between): a LoRALinear may stand in for them
+_SAME_AS_LINEAR = frozenset(("transformers.models.falcon.modeling_falcon.FalconLinear",))
 
 
 @dataclass(frozen=True)
@@ -328,6 +338,19 @@ def check_target(
             f"(rank at most min(in, out) = {min(fan_in, fan_out)}, and at most {MAX_RANK}); give it a "
             "smaller rank (rank_pattern) or exclude it (exclude_modules)"
         )
+    cls = type(mod)
+    if (
+        isinstance(mod, nn.Linear)
+        and cls.forward is not nn.Linear.forward
+        and f"{cls.__module__}.{cls.__qualname__}" not in _SAME_AS_LINEAR
+    ):
+        # (a grouped or routed projection: a LoRALinear computes x W^T + b in its place, silently
+        # changing the model's output, or returns one tensor where the model expects more)
+        raise ValueError(
+            f"layer {name} is a {cls.__module__}.{cls.__qualname__}, an nn.Linear subclass with its own "
+            "forward, which a LoRA layer (x W^T + b + s B A x) cannot stand in for; exclude it "
+            f"(exclude_modules=[{name.rsplit('.', 1)[-1]!r}] leaves out every layer of that name)"
+        )
     if isinstance(mod, nn.Linear) or _is_conv1d(mod):
         if mod.weight.is_meta:
             raise ValueError(f"layer {name} has its weight on the meta device; load the weights first")
@@ -433,6 +456,11 @@ def replace_with_lora(
                 if new.quantized and uses[id(t.module.weight)] > 1:  # tied (lm_head): kept anyway
                     setattr(new, _TIED_ATTR, (t.module.weight,))
             setattr(new, _ORIGIN_ATTR, origin)
+            if isinstance(t.module, nn.Linear) and type(t.module) is not nn.Linear:
+                own = {
+                    k: v for k, v in vars(t.module).items() if not k.startswith("_") and k not in _LINEAR_OWN
+                }
+                setattr(new, _CLASS_ATTR, (type(t.module), own))
             if fan_in_fan_out(t.module):
                 setattr(new, CONV1D_ATTR, True)
             new.train(t.module.training)
@@ -471,8 +499,8 @@ def apply_lora(
     use_dora: bool = False,
     use_rslora: bool = False,
     quantize: str | None = None,
-    double_quant: bool = True,
-    blocksize: int = 64,
+    double_quant: bool | None = None,
+    blocksize: int | None = None,
     rank_pattern: Mapping[str, int] | None = None,
     alpha_pattern: Mapping[str, float] | None = None,
     adapter_dtype: torch.dtype = torch.float32,
@@ -485,13 +513,18 @@ def apply_lora(
     ``merge_and_unload``); the adapters (``lora_A`` ``[r, in]``, ``lora_B`` ``[out, r]``, and with
     DoRA ``lora_magnitude`` ``[out]``) are trainable, in ``adapter_dtype`` (fp32 like PEFT). Scale
     is ``alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``). ``quantize="nf4"`` quantizes each
-    dense base weight as it is wrapped (QLoRA; lossy); layers that are already NF4 (from
-    :func:`hoptune.load_model`) stay as they are without it. ``init_lora_weights``: PEFT's True
+    dense base weight as it is wrapped (QLoRA; lossy), with ``blocksize`` and ``double_quant``
+    (None, the default: 64 and True); layers that are already NF4 (from :func:`hoptune.load_model`)
+    stay as they are, with their own (a ``blocksize`` or ``double_quant`` given that they do not
+    have is warned about). ``init_lora_weights``: PEFT's True
     (A kaiming-uniform, B zero), ``"gaussian"`` (A normal with std 1/r, B zero) or False (B random
     too: a non-trivial adapter, for tests). A transformers ``Conv1D`` (GPT-2) is adapted as PEFT
     does with ``fan_in_fan_out``: its LoRALinear holds the weight transposed, ``[out, in]`` (a view
     of the layer's own, or its NF4 quantization), and the adapters have the shapes above.
     """
+    asked = {"blocksize": blocksize, "double_quant": double_quant}
+    blocksize = 64 if blocksize is None else blocksize
+    double_quant = True if double_quant is None else double_quant
     targets = plan_targets(
         model, r, alpha, target_modules, exclude_modules, rank_pattern, alpha_pattern, quantize, blocksize
     )
@@ -509,7 +542,32 @@ def apply_lora(
         trainable=True,
         progress=(quantize is not None and len(targets) > 32) if progress is None else progress,
     )
+    _warn_nf4_kept(targets, asked)
     return model
+
+
+def _warn_nf4_kept(targets: list[_Target], asked: Mapping[str, object]) -> None:
+    """Warn when a ``blocksize`` / ``double_quant`` given to apply_lora differs from that of NF4
+    layers, which are wrapped as they are (not re-quantized): the option is not what they use."""
+    for arg, value in asked.items():
+        if value is None:
+            continue
+        other = [
+            (t.name, have)
+            for t in targets
+            if isinstance(t.module, NF4Linear)
+            and (have := getattr(t.module.weight_nf4, "nested" if arg == "double_quant" else arg)) != value
+        ]
+        if other:
+            name, have = other[0]
+            warnings.warn(
+                f"{arg}={value!r} is not used by {len(other)} layer(s) that are NF4 already (e.g. {name}, "
+                f"NF4 with {arg}={have!r}): apply_lora wraps them as they are, without re-quantizing; "
+                f"quantize the model with {arg}={value!r} (hoptune.load_model) to have it, or leave "
+                f"{arg} out",
+                UserWarning,
+                stacklevel=3,
+            )
 
 
 def _restore_requires_grad(model: nn.Module) -> None:
@@ -523,6 +581,16 @@ def _restore_requires_grad(model: nn.Module) -> None:
         # to_linear, for an NF4 layer without an adapter, gives the same)
         p.requires_grad_(flags.get(n, False))
     delattr(model, _STATE_ATTR)
+
+
+def _as_linear_class(lora: LoRALinear, lin: nn.Linear) -> nn.Linear:
+    """``lin`` (a plain nn.Linear) as the nn.Linear subclass the LoRALinear replaced, if it was one,
+    with that layer's own attributes."""
+    cls, own = getattr(lora, _CLASS_ATTR, (None, None))
+    if cls is not None and type(lin) is nn.Linear:
+        lin.__class__ = cls
+        lin.__dict__.update(own)
+    return lin
 
 
 def _base_layer(lora: LoRALinear) -> nn.Module:
@@ -545,6 +613,7 @@ def _base_layer(lora: LoRALinear) -> nn.Module:
             out.bias = lora.bias
     else:
         out = lora.to_linear(merge=False)
+    out = _as_linear_class(lora, out)
     out.train(lora.training)
     return out
 
@@ -604,6 +673,8 @@ def merge_and_unload(
         new = mod.to_linear(merge=True, dtype=dtype) if isinstance(mod, LoRALinear) else mod.to_linear(dtype)
         if fan_in_fan_out(mod):
             new = _to_conv1d(new.weight.t(), new.bias)
+        elif isinstance(mod, LoRALinear):
+            new = _as_linear_class(mod, new)
         new.train(mod.training)
         return new
 
