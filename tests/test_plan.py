@@ -479,3 +479,15 @@ def test_hf_stack_takes_ranks_above_a_layers_size_as_peft_does():
     assert p.trainable_params == trainable
     with pytest.raises(ValueError, match="r=40 is larger than layer"):
         hoptune.plan(small, r=40, alternatives=False)
+
+
+def test_config_path_starting_with_a_tilde_is_in_the_home_folder(tmp_path, monkeypatch, capsys):
+    """The shell leaves ``~`` after ``--model=`` as it is: ``--model=~/ckpt`` was "neither a known
+    model nor a config.json file" while the folder was there (hoptune sft reads ``~`` in its paths
+    as the home folder)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(KNOWN_MODELS["llama-3.2-1b"]))
+    assert main(["--model=~/ckpt", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == "ckpt"
+    assert hoptune.plan("~/ckpt/config.json", alternatives=False).model == "ckpt"

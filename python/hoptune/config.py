@@ -228,7 +228,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
+            return int(value)
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -240,6 +240,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, (_Int, _Float)) and key in _TEXT_KEYS:
+            return value.text  # a folder named 2024 or 0123, as written
     elif dataclasses.is_dataclass(tp):
         if isinstance(value, dict):
             return _build(tp, value, key)
@@ -341,6 +343,37 @@ def _build(cls: type, values: dict, prefix: str = "", root: type | None = None) 
     return cls(**kwargs)
 
 
+# keys whose value is a path or a name: a number written there (a folder named 2024, 0123 or 1.10) is
+# its text as written, not the number YAML reads (refused as not a string, or 0123 -> 123, 1.10 -> 1.1)
+_TEXT_KEYS = {
+    "model.path",
+    "model.chat_template",
+    "data.train",
+    "data.eval",
+    "data.general_data",
+    "output.dir",
+    "output.resume",
+}
+
+
+class _Int(int):
+    """A YAML int that keeps the text it was read from (for ``_TEXT_KEYS``)."""
+
+    text: str
+
+
+class _Float(float):
+    """A YAML float that keeps the text it was read from (for ``_TEXT_KEYS``)."""
+
+    text: str
+
+
+def _with_text(value: Any, node: yaml.ScalarNode) -> Any:
+    out = (_Int if isinstance(value, int) else _Float)(value)
+    out.text = str(node.value)
+    return out
+
+
 class _YamlLoader(yaml.SafeLoader):
     """SafeLoader that refuses a key written twice in one mapping: YAML readers keep the last one, so a
     second ``train:`` section would silently drop every key of the first. Its numbers are below."""
@@ -365,18 +398,21 @@ class _YamlLoader(yaml.SafeLoader):
         text = str(self.construct_scalar(node)).replace("_", "")
         if text.lstrip("+-")[:2] not in ("0b", "0x"):
             try:
-                return int(text)
+                return _with_text(int(text), node)
             except ValueError:
                 pass
-        return super().construct_yaml_int(node)
+        return _with_text(super().construct_yaml_int(node), node)
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> Any:
+        return _with_text(super().construct_yaml_float(node), node)
 
 
 # YAML 1.1's implicit numbers, less its base-60 forms (1:30 was the int 90, 1:30.5 the float 90.5): such a
-# value stays a string, which a number key refuses
+# value stays a string, which a number key refuses. No key takes a date: 2024-01-05 stays a string too
+# (a folder of that name)
+_DROPPED = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:timestamp")
 _YamlLoader.yaml_implicit_resolvers = {
-    first: [
-        (tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
-    ]
+    first: [(tag, rx) for tag, rx in resolvers if tag not in _DROPPED]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _YamlLoader.add_implicit_resolver(
@@ -396,6 +432,7 @@ _YamlLoader.add_implicit_resolver(
     list("-+0123456789."),
 )
 _YamlLoader.add_constructor("tag:yaml.org,2002:int", _YamlLoader.construct_yaml_int)
+_YamlLoader.add_constructor("tag:yaml.org,2002:float", _YamlLoader.construct_yaml_float)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -287,6 +287,8 @@ def _load_config(config: object):
         s = os.fspath(config)
         if s.lower() in KNOWN_MODELS:
             return _load_config(KNOWN_MODELS[s.lower()])[0], s.lower()
+        # (the shell leaves a ~ after --model= as it is; hoptune sft's paths read it as home, too)
+        s = os.path.expanduser(s)
         path = os.path.join(s, "config.json") if os.path.isdir(s) else s
         if not os.path.isfile(path):
             raise ValueError(
@@ -536,7 +538,7 @@ def plan(
     try:
         shape = _shape(cfg)
     except ValueError as e:
-        src = os.fspath(config) if isinstance(config, (str, os.PathLike)) else label
+        src = os.path.expanduser(os.fspath(config)) if isinstance(config, (str, os.PathLike)) else label
         if os.path.isdir(src):
             src = os.path.join(src, "config.json")
         raise ValueError(f"{src}: {e}") from e

@@ -1,6 +1,6 @@
 import pytest
 
-from hoptune.config import ConfigError, SFTConfig, check_sft_config, load_config, parse_override
+from hoptune.config import ConfigError, SFTConfig, check_sft_config, dump_config, load_config, parse_override
 
 
 def _yaml(tmp_path, text):
@@ -309,3 +309,24 @@ def test_numbers_with_leading_zeros_are_decimal(tmp_path, text, message):
     assert (cfg.train.seed, cfg.train.max_steps) == (16, 3)
     with pytest.raises(ConfigError, match=r"train.lr: expected float, got '1:30.5' \(str\)"):
         load_config(None, ["train.lr=1:30.5"])
+
+
+@pytest.mark.parametrize("text", ["2024", "0123", "2024_01", "1.10", "2024-01-05"])
+def test_a_path_of_digits_keeps_its_text(tmp_path, text):
+    """A folder or file named like a number (or a date) was read as one and refused ("expected str,
+    got 2024 (int)"), or would have been written back as another name (0123 -> 123, 1.10 -> 1.1)."""
+    keys = ("model.path", "data.train", "data.eval", "data.general_data", "output.dir", "output.resume")
+    yaml_text = "".join(f"{k.split('.')[0]}:\n  {k.split('.')[1]}: {text}\n" for k in keys[:2])
+    for cfg in (
+        load_config(None, [f"{k}={text}" for k in keys]),
+        load_config(_yaml(tmp_path, yaml_text), [f"{k}={text}" for k in keys[2:]]),
+    ):
+        assert (cfg.model.path, cfg.data.train, cfg.data.eval) == (text, text, text)
+        assert (cfg.data.general_data, cfg.output.dir, cfg.output.resume) == (text, text, text)
+    # a number key still reads numbers as numbers, and refuses a date
+    cfg = load_config(_yaml(tmp_path, "train:\n  seed: 0123\n  lr: 1.10\n"), ["train.max_steps=2_000"])
+    assert (cfg.train.seed, cfg.train.lr, cfg.train.max_steps) == (123, 1.1, 2000)
+    assert type(cfg.train.seed) is int and type(cfg.train.lr) is float
+    assert "seed: 123\n" in dump_config(cfg)
+    with pytest.raises(ConfigError, match=r"train.seed: expected int, got '2024-01-05' \(str\)"):
+        load_config(None, ["train.seed=2024-01-05"])

@@ -1,5 +1,6 @@
 """The demo pipeline end to end with a few steps (the real one: ``hoptune demo`` / ``make demo``)."""
 
+import json
 import os
 
 import pytest
@@ -303,3 +304,37 @@ def test_demo_does_not_delete_a_folder_it_did_not_write(tmp_path, monkeypatch):
     monkeypatch.setattr(sft, "train", train)
     with pytest.raises(Stop):
         run_demo(str(out), "cpu")
+
+
+def test_demo_scores_in_the_chat_format_it_trained(tmp_path, monkeypatch):
+    """With model.chat_template the demo trains on chats in that format: the before and after
+    scores ask the questions in it too, not in the tokenizer's own format."""
+    import torch
+
+    import hoptune.models
+    from hoptune.adapters import save_adapter
+    from hoptune.config import load_config
+    from hoptune.models import build_model, build_tokenizer
+    from hoptune.train import demo
+
+    # (a fresh tiny model in place of the pretrained one: the format is the tokenizer's)
+    monkeypatch.setattr(hoptune.models, "load_tiny", lambda **k: (build_model(), build_tokenizer()))
+    template = (
+        "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|end|>{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    (tmp_path / "chat.jinja").write_text(template)
+    for value in (template, str(tmp_path / "chat.jinja")):
+        cfg = load_config(
+            demo.config_path(), [f"model.chat_template={json.dumps(value)}", "model.quantize=null"]
+        )
+        base, tok = demo._tiny_model(cfg, torch.device("cpu"), torch.float32)
+        assert tok.chat_template == template
+    # and the trained model's (its adapter as saved)
+    save_adapter(base, str(tmp_path / "adapter"))
+    _, tok = demo._tiny_model(cfg, torch.device("cpu"), torch.float32, trained=str(tmp_path / "adapter"))
+    assert tok.chat_template == template
+    # without it, the tokenizer's own
+    cfg = load_config(demo.config_path(), ["model.quantize=null"])
+    _, tok = demo._tiny_model(cfg, torch.device("cpu"), torch.float32)
+    assert tok.chat_template != template and "<|assistant|>" in tok.chat_template

@@ -30,12 +30,20 @@ def _tiny_model(cfg, device: torch.device, dtype: torch.dtype, trained: str | No
     """The pretrained tiny model as ``cfg`` trains it (NF4 base with model.quantize=nf4): as SFT
     starts from it (``cfg``'s fresh adapters, B = 0, so it computes exactly the base, over the same
     NF4 layers), or what the run saved at ``trained`` (its adapter, or the whole model with
-    lora.enabled=false)."""
+    lora.enabled=false). Its tokenizer renders the questions with model.chat_template when set: the
+    format the chats were trained in."""
     from hoptune.adapters import load_adapter
+    from hoptune.config import ConfigError
+    from hoptune.data.formatting import resolve_chat_template
     from hoptune.models import load_tiny
     from hoptune.train.sft import prepare_model
 
     model, tok = load_tiny(device=device, dtype=dtype, log=lambda s: None)
+    if cfg.model.chat_template is not None:
+        try:
+            tok.chat_template = resolve_chat_template(cfg.model.chat_template, tok)
+        except (OSError, ValueError) as e:
+            raise ConfigError(str(e)) from None
     quant = dict(quantize=cfg.model.quantize, double_quant=cfg.model.double_quant)
     if trained is None:
         model = prepare_model(model, cfg)
