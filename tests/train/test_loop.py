@@ -390,6 +390,14 @@ def test_activation_checkpointing_is_active(small_model):
         ("CohereForCausalLM", {"logit_scale": 0.25}),  # logits * logit_scale
         ("Gemma2ForCausalLM", {"final_logit_softcapping": 3.0, "head_dim": 16}),
         ("HyperCLOVAXForCausalLM", {"logits_scaling": 0.25}),  # logits * logits_scaling
+        # soft-capped under its own key (its logits were taken as they come out of the head)
+        ("RecurrentGemmaForCausalLM", {"logits_soft_cap": 1.0, "lru_width": 64, "attention_window_size": 8}),
+        # get_decoder() is its output layer, and its logits come through a prediction head before it
+        # (a TypeError of Linear.forward, or the head left out)
+        (
+            "ModernBertDecoderForCausalLM",
+            dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2),
+        ),
         (
             "FalconH1ForCausalLM",  # logits * lm_head_multiplier
             dict(
@@ -429,7 +437,7 @@ def test_batch_logprobs_follows_the_architectures_logits(family, over):
         lp, labels = loop.batch_logprobs(
             model, {"input_ids": ids, "loss_mask": torch.ones_like(ids, dtype=torch.bool)}
         )
-        ref = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)
+        ref = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)
     ref = ref.reshape(-1, 300).gather(1, labels[:, None]).squeeze(1)
     assert (lp - ref).abs().max().item() < 1e-4
 

@@ -403,3 +403,19 @@ def test_a_model_interrupted_mid_step_resumes_without_its_gradients(
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_refuses_another_model_passed_in(tmp_path, tokenizer, demo_data, monkeypatch):
+    """A run whose model was passed to train() (model.path left at the built-in model) recorded
+    nothing of that model: resumed on another one, its adapter went on training on a base it was
+    not trained on, without a word. Refused now; the same weights passed again resume."""
+    cfg = small_config(tmp_path, demo_data, "train.max_steps=2", "train.save_every=1", "data.eval=null")
+    _run_killed_at_step(cfg, tokenizer, 2, monkeypatch)
+    other = build_model(seed=1, **SMALL)  # the same architecture, other weights
+    with pytest.raises(
+        ConfigError,
+        match=r"cannot resume exactly from .*step-00000001: model_fingerprint \(the frozen weights of "
+        r"the model passed to sft.train.*pass the model that run was started with",
+    ):
+        sft.train(cfg, log=lambda s: None, model=other, tokenizer=tokenizer)
+    assert len(_run(cfg, tokenizer).train_losses) == 1

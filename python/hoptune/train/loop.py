@@ -298,13 +298,20 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
 
 def _decoder(model: nn.Module) -> nn.Module | None:
+    """The model's decoder, whose last hidden states the output layer turns into logits; None when
+    the logits take more than that layer (then the model's own forward gives them)."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    lm_head = getattr(model, "lm_head", None)
+    if isinstance(lm_head, nn.Module) and out is not None and lm_head is not out:
+        return None  # (ModernBERT's decoder: a prediction head named lm_head, then the output layer)
     get = getattr(model, "get_decoder", None)
     if callable(get):
         try:
             dec = get()
         except (AttributeError, NotImplementedError):
             dec = None
-        if isinstance(dec, nn.Module) and dec is not model:
+        if isinstance(dec, nn.Module) and dec is not model and dec is not out:
             return dec
     prefix = getattr(model, "base_model_prefix", None)
     dec = getattr(model, prefix, None) if prefix else None
@@ -329,12 +336,11 @@ def lm_head_logprobs(model: nn.Module, hidden: torch.Tensor, labels: torch.Tenso
     head_mult = getattr(cfg, "lm_head_multiplier", None)  # Falcon-H1: logits * lm_head_multiplier
     if isinstance(head_mult, (int, float)) and not isinstance(head_mult, bool):
         scale *= float(head_mult)
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    if softcap is None:  # RecurrentGemma's name for it
+        softcap = getattr(cfg, "logits_soft_cap", None)
     return head_logprobs(
-        model.get_output_embeddings(),
-        hidden,
-        labels,
-        logit_scale=scale,
-        softcap=getattr(cfg, "final_logit_softcapping", None) or None,
+        model.get_output_embeddings(), hidden, labels, logit_scale=scale, softcap=softcap or None
     )
 
 

@@ -354,6 +354,23 @@ def _base_fingerprint(path: str) -> str | None:
     return h.hexdigest()
 
 
+def _model_fingerprint(model: nn.Module) -> str:
+    """What identifies the base weights of a model passed to ``train`` (``model.path`` at the built-in
+    model names none of them): the name, shape, dtype and first and last 4096 values of each frozen
+    parameter and buffer, as ``prepare_model`` leaves them (a fine-tune of the same architecture has
+    the same names and shapes, not the same values). 16 hex digits."""
+    h = hashlib.sha256()
+    frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
+    for name, t in sorted(frozen + list(model.named_buffers()), key=lambda nt: nt[0]):
+        h.update(f"{name}\0{tuple(t.shape)}\0{t.dtype}\0".encode())
+        if t.is_meta or t.numel() == 0:
+            continue
+        flat = t.detach().reshape(-1)
+        for part in (flat[:4096], flat[-4096:]):
+            h.update(part.contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _moved_base(state: dict[str, Any], now: dict[str, Any], fp: str | None) -> str | None:
     """The base folder a checkpoint recorded, when it no longer exists and ``model.path`` now names
     the same files (``fp``: their ``_base_fingerprint``): the base moved, and the run resumes on it."""
@@ -371,6 +388,8 @@ _RESUME_FIELDS = {
     "rows_per_step": "train.batch_size x train.grad_accum",
     "total_steps": "train.max_steps, or train.epochs with the number of rows",
     "data_order": "train.max_steps (steps) or train.epochs alone (whole epochs)",
+    "model_fingerprint": "the frozen weights of the model passed to sft.train, model.path being the "
+    "built-in model",
 }
 
 
@@ -380,6 +399,8 @@ def _check_resume(folder: str, state: dict[str, Any], now: dict[str, Any]) -> No
     was = {k: state.get(k) for k in ("data_fingerprint", "rows_per_step", "total_steps")}
     if "eval_fingerprint" in state:  # (not recorded by older checkpoints)
         was["eval_fingerprint"] = state["eval_fingerprint"]
+    if state.get("model_fingerprint") is not None:  # (a model passed in; not recorded by older checkpoints)
+        was["model_fingerprint"] = state["model_fingerprint"]
     was["data_order"] = state.get("data_order", "steps")
     was.update(state.get("settings") or {"train.seed": state.get("seed")})
     if "model.dtype (resolved)" in was:
@@ -401,6 +422,8 @@ def _check_resume(folder: str, state: dict[str, Any], now: dict[str, Any]) -> No
             "model.dtype=auto is bf16 on a GPU and fp32 on a CPU: set model.dtype to the precision the "
             "run was trained in"
         )
+    if any(c.startswith("model_fingerprint ") for c in changed):
+        changed.append("pass the model that run was started with (the same base weights)")
     if changed:
         raise ConfigError(
             f"cannot resume exactly from {folder}: {'; '.join(changed)}. Use the config that run was started "
@@ -538,9 +561,17 @@ def _train(
 
     # 2. model
     base_name = base_model_name(cfg, model)
+    passed_in = model is not None
     if model is None:
         model = load_base_model(cfg, device, dtype)
     prepare_model(model, cfg)
+    # a model passed in while model.path is the built-in one: nothing above named its base, its frozen
+    # weights do (a full fine-tuning checkpoint holds every weight: no base to compare)
+    model_fp = (
+        _model_fingerprint(model) if passed_in and cfg.model.path in TINY and cfg.lora.enabled else None
+    )
+    if resume_from is not None and model_fp is not None:
+        _check_resume(resume_from, prior, {"model_fingerprint": model_fp})
     named = loop.trainable_parameters(model)
     n_train, n_total = loop.count_parameters(model)
     log(
@@ -609,6 +640,7 @@ def _train(
                 "seed": t.seed,
                 "settings": _resume_settings(cfg, dtype),
                 "base_fingerprint": base_fp,
+                "model_fingerprint": model_fp,
                 "log_window": dict(window),
             },
             scaler=scaler,
