@@ -4,6 +4,7 @@ which parameters decay), and a second run in a folder that holds a finished one.
 import os
 
 import pytest
+import torch
 
 from hoptune.config import ConfigError
 from hoptune.models.tiny import build_model
@@ -218,3 +219,23 @@ def test_full_finetuning_of_a_model_with_lora_layers_is_refused(tmp_path, tokeni
         sft.train(cfg, log=lambda s: None, model=model, tokenizer=tokenizer)
     assert not os.path.exists(cfg.output.dir)
     assert all(not p.requires_grad for n, p in model.named_parameters() if "lora" not in n)
+
+
+def test_an_nf4_model_keeps_its_own_double_quant_without_a_warning(tmp_path, tokenizer, demo_data):
+    # a base quantized without double quantization (a bitsandbytes checkpoint saved so, which
+    # load_model keeps as stored) trained under the default config warned that the config's
+    # double_quant=true was not used: a warning about a setting the user never made
+    import warnings
+
+    from hoptune.nn import NF4Linear
+
+    model = build_model(seed=0, **SMALL)
+    for mod in list(model.modules()):
+        for child, sub in list(mod.named_children()):
+            if isinstance(sub, torch.nn.Linear) and child != "lm_head":
+                setattr(mod, child, NF4Linear.from_linear(sub, double_quant=False))
+    cfg = small_config(tmp_path, demo_data, "train.max_steps=1", "model.quantize=nf4")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        sft.train(cfg, log=lambda s: None, model=model, tokenizer=tokenizer)
+    assert all(not m.weight_nf4.nested for m in model.modules() if isinstance(m, NF4Linear))

@@ -121,6 +121,12 @@ def load_base_model(cfg: SFTConfig, device: torch.device, dtype: torch.dtype) ->
         raise
 
 
+def _has_nf4(model: nn.Module) -> bool:
+    from hoptune.nn import NF4Linear
+
+    return any(isinstance(m, NF4Linear) for m in model.modules())
+
+
 def prepare_model(model: nn.Module, cfg: SFTConfig) -> nn.Module:
     """Adapters (or full fine-tuning), gradient checkpointing, train mode. A model that already has
     LoRA layers keeps them (and trains whichever of their parameters require grad); with
@@ -150,7 +156,9 @@ def prepare_model(model: nn.Module, cfg: SFTConfig) -> nn.Module:
                 use_dora=lo.use_dora,
                 use_rslora=lo.use_rslora,
                 quantize=cfg.model.quantize,
-                double_quant=cfg.model.double_quant,
+                # for the layers it quantizes: NF4 layers (load_model's, or a checkpoint's as stored)
+                # keep their own, and apply_lora would warn about the config's default
+                double_quant=None if _has_nf4(model) else cfg.model.double_quant,
             )
         except (ValueError, TypeError) as e:
             hint = ""
