@@ -239,3 +239,31 @@ def test_an_nf4_model_keeps_its_own_double_quant_without_a_warning(tmp_path, tok
         warnings.simplefilter("error", UserWarning)
         sft.train(cfg, log=lambda s: None, model=model, tokenizer=tokenizer)
     assert all(not m.weight_nf4.nested for m in model.modules() if isinstance(m, NF4Linear))
+
+
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_the_output_holds_the_tokenizer_with_the_template_it_trained(tmp_path, tokenizer, demo_data, lora):
+    # with model.chat_template the run trained on chats in that format, but its adapter folder held no
+    # tokenizer and the full model's the tokenizer's own template: whoever loads the result chats in
+    # another format than the one trained (TRL saves its tokenizer with the template it set)
+    import json
+
+    from transformers import AutoTokenizer
+
+    overrides = [f"model.chat_template={json.dumps(TEMPLATE)}", "train.max_steps=1"]
+    if not lora:
+        overrides += ["lora.enabled=false", "model.quantize=null"]
+    cfg = small_config(tmp_path, demo_data, *overrides)
+    own = tokenizer.chat_template
+    res = sft.train(cfg, log=lambda s: None, model=build_model(seed=0, **SMALL), tokenizer=tokenizer)
+    assert os.path.basename(res.output_dir) == ("adapter" if lora else "model")
+    saved = AutoTokenizer.from_pretrained(res.output_dir)
+    assert saved.chat_template == TEMPLATE
+    assert saved.get_vocab() == tokenizer.get_vocab()
+    assert tokenizer.chat_template == own  # the tokenizer passed in is left as it was

@@ -742,12 +742,13 @@ def _train(
 
             final = os.path.join(run_dir, "adapter")
             save_adapter(model, final, base_model_name_or_path=base_name)
+            _save_tokenizer_beside(tokenizer, cfg, final)
         else:
             final = os.path.join(run_dir, "model")
 
             def write(tmp: str) -> None:
                 model.save_pretrained(tmp)
-                tokenizer.save_pretrained(tmp)
+                _save_tokenizer(tokenizer, cfg, tmp)
 
             atomic_dir(final, write)  # whole or not at all: with train.save_every=0 the only copy
         if eval_rows:
@@ -768,6 +769,52 @@ def _train(
     for n in notes:
         log(n)
     return SFTResult(run_dir, final, step, losses, last_eval, plots, notes, model, tokenizer)
+
+
+def _save_tokenizer(tokenizer: Any, cfg: SFTConfig, folder: str) -> None:
+    """The tokenizer as the run trained with it, into ``folder``: with ``model.chat_template`` that
+    template (TRL saves its tokenizer with the template it set), else its own. The tokenizer
+    passed in is left as it was."""
+    template = resolve_chat_template(cfg.model.chat_template, tokenizer)
+    if template is None:
+        tokenizer.save_pretrained(folder)
+        return
+    own = tokenizer.__dict__.get("chat_template", _NOT_SET)
+    tokenizer.chat_template = template
+    try:
+        tokenizer.save_pretrained(folder)
+    finally:
+        if own is _NOT_SET:
+            del tokenizer.chat_template
+        else:
+            tokenizer.chat_template = own
+
+
+_NOT_SET = object()
+# tokenizer files that a tokenizer without them leaves alone when it saves: one from an earlier run
+# in the adapter folder would give the tokenizer saved beside it another chat template
+_TOKENIZER_EXTRAS = ("chat_template.jinja", "chat_template.json")
+
+
+def _save_tokenizer_beside(tokenizer: Any, cfg: SFTConfig, adapter_dir: str) -> None:
+    """The tokenizer (``_save_tokenizer``) into the adapter folder, as TRL's output folder holds it
+    (AutoTokenizer reads it from there): its files replaced together, the adapter's left alone."""
+    import functools
+    import shutil
+    import tempfile
+
+    from hoptune._io import replace_files
+
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(adapter_dir))) as tmp:
+        _save_tokenizer(tokenizer, cfg, tmp)
+        names = sorted(n for n in os.listdir(tmp) if os.path.isfile(os.path.join(tmp, n)))
+        writes: dict[str, Any] = {n: functools.partial(shutil.copyfile, os.path.join(tmp, n)) for n in names}
+        for n in _TOKENIZER_EXTRAS:
+            if n not in writes and os.path.isfile(os.path.join(adapter_dir, n)):
+                writes[n] = None
+        if "tokenizer_config.json" not in writes:  # (every tokenizer writes it)
+            raise RuntimeError(f"the tokenizer saved no tokenizer_config.json: {names}")
+        replace_files(adapter_dir, writes, last="tokenizer_config.json")
 
 
 def _logged_eval(path: str, step: int) -> list[dict[str, float]]:
