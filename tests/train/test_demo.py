@@ -338,3 +338,15 @@ def test_demo_scores_in_the_chat_format_it_trained(tmp_path, monkeypatch):
     cfg = load_config(demo.config_path(), ["model.quantize=null"])
     _, tok = demo._tiny_model(cfg, torch.device("cpu"), torch.float32)
     assert tok.chat_template != template and "<|assistant|>" in tok.chat_template
+
+
+def test_out_that_is_a_file_is_named_as_such(tmp_path):
+    # --out naming a file was refused as a folder "that holds files that are not the demo's"
+    from hoptune.config import ConfigError
+    from hoptune.train.demo import run_demo
+
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    with pytest.raises(ConfigError, match=r"notes.txt is a file"):
+        run_demo(str(f), "cpu")
+    assert f.read_text() == "mine"

@@ -90,6 +90,8 @@ def run_demo(out_dir: str = "runs/demo", device: str = "auto", overrides: list[s
 
     t0 = time.time()
     out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"--out {out_dir} is a file; the demo writes a folder there: give a folder's path")
     data_dir = os.path.join(out_dir, "data")
     sft_dir = os.path.join(out_dir, "sft")
     # the config first: a mistyped override stops the demo before any work. The paths are quoted (a
