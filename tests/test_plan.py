@@ -491,3 +491,14 @@ def test_config_path_starting_with_a_tilde_is_in_the_home_folder(tmp_path, monke
     assert main(["--model=~/ckpt", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["model"] == "ckpt"
     assert hoptune.plan("~/ckpt/config.json", alternatives=False).model == "ckpt"
+
+
+def test_cli_targets_take_what_lora_target_modules_takes(capsys):
+    # --targets split every value on commas as names: a regular expression (which lora.target_modules
+    # and plan() take) matched nothing, and ALL-LINEAR (any case, as in PEFT) was refused
+    counts = {}
+    for targets in ("q_proj,v_proj", r".*\.(q|v)_proj", "ALL-LINEAR", "all-linear"):
+        assert main(["--model", "llama-3-8b", "--json", "--targets", targets]) == 0
+        counts[targets] = json.loads(capsys.readouterr().out)["adapted_layers"]
+    assert counts["q_proj,v_proj"] == counts[r".*\.(q|v)_proj"] == 64
+    assert counts["ALL-LINEAR"] == counts["all-linear"] == 224

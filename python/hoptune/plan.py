@@ -715,7 +715,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
     p.add_argument("--r", type=int, default=16, help="LoRA rank (default 16)")
     p.add_argument(
-        "--targets", default="all-linear", help="'all-linear' or comma-separated layer names (q_proj,v_proj)"
+        "--targets",
+        default="all-linear",
+        help="'all-linear', comma-separated layer names (q_proj,v_proj), or a regular expression over the "
+        "full names, as lora.target_modules takes them (.*\\.(q|v)_proj)",
     )
     p.add_argument("--quantize", choices=["nf4", "none"], default="nf4", help="base weights (default nf4)")
     p.add_argument("--no-double-quant", action="store_true", help="NF4 without double quantization")
@@ -733,14 +736,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# characters that make --targets a regular expression (as a string lora.target_modules is one);
+# layer names hold none of them
+_REGEX_CHARS = set("*+?|()[]{}^$\\")
+
+
 def main(argv: list[str] | None = None) -> int:
     """``hoptune plan ...``: prints the table (or JSON); returns the exit status."""
     args = _parser().parse_args(argv)
-    targets = (
-        args.targets
-        if args.targets == "all-linear"
-        else [t.strip() for t in args.targets.split(",") if t.strip()]
-    )
+    targets = args.targets
+    if targets.lower() != "all-linear" and not set(targets) & _REGEX_CHARS:
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
     try:
         result = plan(
             args.model,
