@@ -769,6 +769,33 @@ def test_skip_modules_as_a_bare_string_is_refused(tmp_path):
     assert not os.path.exists(tmp_path / "nf4" / "model.safetensors")
 
 
+@pytest.mark.parametrize("dq", [None, "no"])
+def test_double_quant_that_is_no_bool_is_refused(tmp_path, dq):
+    # None quantized without double quantization, where apply_lora's None means True
+    tiny_model().save_pretrained(tmp_path)
+    with pytest.raises(TypeError, match=rf"double_quant must be True or False, got {dq!r}"):
+        hoptune.load_model(tmp_path, device="cpu", double_quant=dq, progress=False)
+
+
+def test_blocksize_that_is_no_int_is_refused_before_reading_and_numpy_ints_load(tmp_path):
+    # 64.0 passed the check (64.0 == 64) and failed half-way through the load with torch's
+    # "Expected a value of type 'int' for argument 'blocksize'"; a NumPy int failed there with
+    # "blocksize must be one of (64, ...), got np.int64(64)"
+    import numpy as np
+
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "bf16")
+    with pytest.raises(ValueError, match=r"^blocksize must be one of \(64, .*got 64\.0$"):
+        hoptune.load_model(tmp_path / "bf16", device="cpu", blocksize=64.0, progress=False)
+    with pytest.raises(ValueError, match=r"^blocksize must be one of \(64, .*got 64\.0$"):
+        save_pretrained_nf4(model, tmp_path / "nf4", blocksize=64.0)
+    assert not os.path.exists(tmp_path / "nf4" / "model.safetensors")
+    ours = hoptune.load_model(tmp_path / "bf16", device="cpu", blocksize=np.int64(128), progress=False)
+    assert {m.weight_nf4.blocksize for m in nf4_layers(ours).values()} == {128}
+    save_pretrained_nf4(ours, tmp_path / "nf4", blocksize=np.int64(128))
+    assert len(nf4_layers(hoptune.load_model(tmp_path / "nf4", device="cpu", progress=False))) == 14
+
+
 def test_save_pretrained_nf4_refuses_a_tied_head(tmp_path):
     # a head tied to the embeddings is stored once, as the (dense) embeddings: quantizing it
     # used to drop its packed weight from the file, which neither loader could read back

@@ -215,3 +215,27 @@ def test_skip_modules_that_is_no_list_is_refused_naming_it(tmp_path, skip):
     with pytest.raises(TypeError, match=match):
         save_pretrained_nf4(tiny_model(), tmp_path, skip_modules=skip)
     assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("dq", [None, "False", 1])
+def test_double_quant_that_is_no_bool_is_refused_naming_it(tmp_path, dq):
+    # None was taken as False: the layers were stored without double quantization and config.json
+    # held "bnb_4bit_use_double_quant": null, which transformers refuses to load ("must be a boolean")
+    from tests.test_loading import tiny_model
+
+    match = rf"double_quant must be True or False, got {dq!r}"
+    with pytest.raises(TypeError, match=match):
+        bnb_quantization_config(double_quant=dq)
+    with pytest.raises(TypeError, match=match):
+        save_pretrained_nf4(tiny_model(), tmp_path, double_quant=dq)
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("make", [lambda w: w, lambda w: NF4Linear.from_linear(nn.Linear(64, 64))])
+def test_to_bnb_state_dict_of_no_nf4_weight_is_refused_naming_it(make):
+    # a dense tensor (or an NF4 layer) failed with a bare "'Tensor' object has no attribute 'blocksize'"
+    from hoptune.quant import to_bnb_state_dict
+
+    q = make(torch.randn(64, 64))
+    with pytest.raises(TypeError, match=rf"q must be an NF4Weight .*got {type(q).__name__}"):
+        to_bnb_state_dict(q, "model.layers.0.mlp.up_proj.weight")

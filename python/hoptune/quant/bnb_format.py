@@ -38,6 +38,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def to_bnb_state_dict(q: NF4Weight, key: str) -> dict[str, torch.Tensor]:
     """The tensors bitsandbytes/transformers store for weight ``key`` (e.g. ``"...q_proj.weight"``)."""
+    if not isinstance(q, NF4Weight):
+        raise TypeError(
+            f"q must be an NF4Weight (quantize_nf4(w) of a weight, or an NF4Linear's .weight_nf4), got "
+            f"{type(q).__name__}"
+        )
     meta: dict[str, object] = {
         "quant_type": "nf4",
         "blocksize": q.blocksize,
