@@ -916,3 +916,29 @@ def test_save_stopped_between_the_renames_never_pairs_new_weights_with_the_old_c
     assert rel(logits(hoptune.load_adapter(tiny_model(), tmp_path)), logits(other)) <= 1e-6
     loaded = peft.PeftModel.from_pretrained(tiny_model(), tmp_path).eval()
     assert rel(logits(loaded), logits(other)) <= 1e-5
+
+
+def test_values_the_adapter_dtype_cannot_hold_are_refused(saved):
+    """float16 holds up to 65504: a larger value of the file became inf in the layer (the check
+    that the file's values are finite ran on them before the conversion). Refused, naming the
+    tensor, for new layers (adapter_dtype) and for a model's own float16 LoRA layers alike."""
+    key = "model.layers.1.mlp.up_proj.lora_B.weight"
+    _put_tensor(saved, key, torch.full((128, 4), 1e5))
+    model = tiny_model()
+    snap = snapshot(model)
+    with pytest.raises(
+        ValueError,
+        match=r"up_proj\.lora_B\.weight holds values beyond the range of torch\.float16 \(up to 100000\)"
+        r".*adapter_dtype=torch\.float32 or torch\.bfloat16",
+    ):
+        hoptune.load_adapter(model, saved, adapter_dtype=torch.float16)
+    assert_unchanged(model, snap)
+    patched = hoptune.apply_lora(tiny_model(), r=4, alpha=8, adapter_dtype=torch.float16)
+    snap = snapshot(patched)
+    with pytest.raises(ValueError, match=r"up_proj\.lora_B\.weight holds values beyond.*remove_lora"):
+        hoptune.load_adapter(patched, saved)
+    assert_unchanged(patched, snap)
+    # bfloat16 holds them (rounded)
+    loaded = hoptune.load_adapter(tiny_model(), saved, adapter_dtype=torch.bfloat16)
+    up = loaded.model.layers[1].mlp.up_proj
+    assert up.lora_B.dtype == torch.bfloat16 and bool((up.lora_B == torch.tensor(1e5).bfloat16()).all())

@@ -565,3 +565,39 @@ def test_exclude_modules_that_excludes_nothing_is_named(exclude):
         warnings.simplefilter("error")
         hoptune.apply_lora(tiny_model(), r=2, exclude_modules=[])
         hoptune.apply_lora(tiny_model(), r=2, exclude_modules=["o_proj"])
+
+
+def test_parametrized_layer_is_refused_up_front():
+    """A layer whose weight (or bias) is under a torch parametrization is not a plain weight a LoRA
+    layer can freeze and keep: refused by name, before any layer changes (it failed half way, in
+    requires_grad_, with torch's message about leaf variables); without it the layer takes LoRA."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    for tensor_name in ("weight", "bias"):
+        model = tiny_model("qwen2" if tensor_name == "bias" else "llama")  # (qwen2's v_proj has a bias)
+        layer = model.model.layers[1].self_attn.v_proj
+        parametrize.register_parametrization(layer, tensor_name, Doubled())
+        snap = snapshot(model)
+        with pytest.raises(
+            ValueError,
+            match=r"layer model\.layers\.1\.self_attn\.v_proj has a parametrization on its "
+            + tensor_name
+            + r" .*remove_parametrizations\(layer, '"
+            + tensor_name
+            + r"', leave_parametrized=True\)",
+        ):
+            hoptune.apply_lora(model, r=2)
+        assert_same(model, snap)
+        if tensor_name == "bias":
+            continue
+        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+        x = ids()
+        before = logits(model, x)
+        hoptune.apply_lora(model, r=2)
+        torch.testing.assert_close(logits(model, x), before)
+        hoptune.remove_lora(model)
+        assert type(model.model.layers[1].self_attn.v_proj) is nn.Linear

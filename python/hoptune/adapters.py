@@ -662,6 +662,19 @@ def _expected_scaling(alpha: float, r: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
+def _check_fits(weights_path: str, name: str, g: dict[str, torch.Tensor], held: dict, fix: str) -> None:
+    """The tensors ``g`` of module ``name`` go into the dtypes ``held`` (part -> dtype): a value
+    beyond such a dtype's range (float16's 65504) would become inf there, after the file's values
+    were checked finite."""
+    for part, t in g.items():
+        dtype = held[part]
+        if t.dtype != dtype and not torch.isfinite(t.to(dtype)).all():
+            raise ValueError(
+                f"{weights_path}: {name}.{part} holds values beyond the range of {dtype} (up to "
+                f"{float(t.abs().max()):g}), which would become inf in the LoRA layer; {fix}"
+            )
+
+
 def load_adapter(
     model: nn.Module,
     adapter_dir: str | os.PathLike,
@@ -891,7 +904,27 @@ def load_adapter(
                     "re-quantize the layers of a model that has LoRA layers already; call "
                     "hoptune.remove_lora(model) first, or pass double_quant=None"
                 )
+            held = {"lora_A.weight": lora.lora_A.dtype, "lora_B.weight": lora.lora_B.dtype}
+            if lora.lora_magnitude is not None:
+                held["lora_magnitude_vector"] = lora.lora_magnitude.dtype
+            _check_fits(
+                weights_path,
+                t.name,
+                groups[t.name],
+                held,
+                f"the model's LoRA layer {t.name} holds its adapter in {lora.lora_A.dtype}; call "
+                "hoptune.remove_lora(model) first and load with adapter_dtype=torch.float32",
+            )
     else:
+        dtype = torch.float32 if adapter_dtype is None else adapter_dtype
+        for name, g in groups.items():
+            _check_fits(
+                weights_path,
+                name,
+                g,
+                dict.fromkeys(g, dtype),
+                "load it with adapter_dtype=torch.float32 or torch.bfloat16",
+            )
         blocksize = 64 if blocksize is None else blocksize  # apply_lora's defaults
         double_quant = True if double_quant is None else double_quant
         for t in targets:  # the checks apply_lora makes (rank vs layer, NF4 block size), before any change
@@ -905,7 +938,7 @@ def load_adapter(
             quantize=quantize,
             double_quant=double_quant,
             blocksize=blocksize,
-            adapter_dtype=torch.float32 if adapter_dtype is None else adapter_dtype,
+            adapter_dtype=dtype,
             init_lora_weights=True,
             trainable=trainable,
             progress=False,

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from hoptune.nn.lora import LoRALinear, check_lora_options
 from hoptune.nn.nf4_linear import NF4Linear
@@ -337,6 +338,16 @@ def check_target(
             f"r={r} is larger than layer {name} allows: it is [{fan_out}, {fan_in}] "
             f"(rank at most min(in, out) = {min(fan_in, fan_out)}, and at most {MAX_RANK}); give it a "
             "smaller rank (rank_pattern) or exclude it (exclude_modules)"
+        )
+    parametrized = [k for k in ("weight", "bias") if parametrize.is_parametrized(mod, k)]
+    if parametrized:
+        # (a computed weight: a LoRA layer cannot freeze it, nor keep what computes it; the class is
+        # one torch generated, not the model's)
+        raise ValueError(
+            f"layer {name} has a parametrization on its {parametrized[0]} (torch.nn.utils.parametrize), "
+            "which a LoRA layer cannot keep; remove it first, keeping its current values: "
+            f"parametrize.remove_parametrizations(layer, {parametrized[0]!r}, leave_parametrized=True), "
+            "or exclude the layer (exclude_modules)"
         )
     cls = type(mod)
     if (

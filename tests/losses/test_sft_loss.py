@@ -288,3 +288,67 @@ def test_one_batch_equals_accumulated(small_model, tokenizer):
     assert acc == pytest.approx(one, rel=1e-5)
     for n in g_one:
         report_close(g_acc[n], g_one[n], 1e-6, 1e-4, n)
+
+
+def test_loss_functions_name_a_bad_argument():
+    """Arguments that are not tensors or not numbers are errors naming the argument (they failed
+    with an AttributeError / TypeError from inside), and a count of loss tokens below the number
+    the mask holds, which would scale the loss up, is refused where it costs no device sync."""
+    lp = -torch.rand(3)
+    with pytest.raises(TypeError, match="loss_mask must be a torch.Tensor, got list"):
+        sft_loss(lp, [1, 1, 1], 3)
+    with pytest.raises(TypeError, match="logprobs must be a torch.Tensor, got list"):
+        sft_loss([0.1, 0.2])
+    with pytest.raises(TypeError, match=r"loss_masks\[0\] must be a torch.Tensor, got list"):
+        count_loss_tokens([[1, 0]])
+    with pytest.raises(TypeError, match=r"loss_masks\[1\] must be a torch.Tensor, got NoneType"):
+        count_loss_tokens([torch.ones(2), None])
+    with pytest.raises(TypeError, match="loss_masks must be a torch.Tensor or a list of them, got int"):
+        count_loss_tokens(3)
+    for bad in (True, "3", torch.tensor(True)):
+        with pytest.raises(TypeError, match="num_loss_tokens must be a number of tokens"):
+            sft_loss(lp, None, bad)
+    mask = torch.tensor([True, False, True])
+    with pytest.raises(
+        ValueError, match=r"num_loss_tokens must be at least the 2 loss tokens of loss_mask, got 1"
+    ):
+        sft_loss(lp, mask, 1)
+    with pytest.raises(
+        ValueError, match=r"num_loss_tokens must be at least the 3 loss tokens of logprobs, got 2"
+    ):
+        sft_loss(lp, None, torch.tensor(2))
+    assert float(sft_loss(lp, mask, 2)) == pytest.approx(float(-(lp[0] + lp[2]) / 2))
+    assert float(sft_loss(lp, None, 3)) == pytest.approx(float(-lp.sum() / 3))
+    # counts are taken as before: floats that are whole, NumPy integers
+    np = pytest.importorskip("numpy")
+    assert float(sft_loss(lp, mask, np.int64(4))) == pytest.approx(float(-(lp[0] + lp[2]) / 4))
+    assert float(sft_loss(lp, mask, 4.0)) == pytest.approx(float(-(lp[0] + lp[2]) / 4))
+    with pytest.raises(TypeError, match="num_loss_tokens must be a number of tokens"):
+        sft_loss(lp, None, np.True_)
+
+
+def test_token_logprobs_temperature_not_a_number():
+    logits, labels = torch.randn(2, 5), torch.tensor([1, 2])
+    with pytest.raises(TypeError, match="temperature must be a real number, got 'a'"):
+        token_logprobs_from_logits(logits, labels, temperature="a")
+    with pytest.raises(TypeError, match="temperature must be a real number, got None"):
+        token_logprobs_from_logits(logits, labels, temperature=None)
+    with pytest.raises(ValueError, match="temperature must be > 0, got 0"):
+        token_logprobs_from_logits(logits, labels, temperature=0)
+    ref = token_logprobs_from_logits(logits, labels, temperature=0.5)
+    torch.testing.assert_close(token_logprobs_from_logits(logits, labels, temperature=torch.tensor(0.5)), ref)
+
+
+def test_head_logprobs_scalars_not_numbers():
+    """The same message on the fused path (a plain nn.Linear head) and on any other head."""
+    head = torch.nn.Linear(4, 6)
+    hidden, labels = torch.randn(2, 4), torch.tensor([1, 2])
+    for h in (head, torch.nn.Sequential(head)):
+        with pytest.raises(TypeError, match="logit_scale must be a real number, got 'a'"):
+            head_logprobs(h, hidden, labels, logit_scale="a")
+        with pytest.raises(TypeError, match="logit_scale must be a real number, got None"):
+            head_logprobs(h, hidden, labels, logit_scale=None)
+        with pytest.raises(TypeError, match=r"softcap must be a real number \(or None for no cap\), got 'a'"):
+            head_logprobs(h, hidden, labels, softcap="a")
+        with pytest.raises(TypeError, match="temperature must be a real number, got 'a'"):
+            head_logprobs(h, hidden, labels, temperature="a")

@@ -38,6 +38,8 @@ def token_logprobs_from_logits(
         )
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"labels must be int64 or int32 token ids, got {labels.dtype}")
+    if not torch.compiler.is_compiling():  # (traced, it may be symbolic: compared as it is)
+        temperature = _check.real("temperature", temperature)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     vocab = logits.shape[-1]
@@ -73,6 +75,9 @@ def head_logprobs(
     logits go through :func:`token_logprobs_from_logits`. A plain ``nn.Linear`` head of another
     dtype is an error unless autocast is on (then it runs as autocast casts it, as in the model)."""
     _check.tensor("hidden", hidden)
+    if not torch.compiler.is_compiling():  # (traced, they may be symbolic: used as they are)
+        logit_scale = _check.real("logit_scale", logit_scale)
+        softcap = None if softcap is None else _check.real("softcap", softcap, " (or None for no cap)")
     # one meaning on both paths (the fused op refuses 0 and below; `if softcap:` took 0 as no cap)
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be positive (or None for no cap), got {softcap}")
