@@ -540,3 +540,59 @@ def test_merge_inside_autocast_is_still_fp32(use_dora):
         assert torch.equal(lora.lora_delta(), want_d)
         assert torch.equal(lora.merged_weight(torch.float32), want_w)
         assert torch.equal(lora.to_linear(dtype=torch.float32).weight, want_w)
+
+
+def _linear_holding(weight: torch.Tensor) -> nn.Linear:
+    """An nn.Linear(64, 32) whose weight is ``weight``: what a quantized linear layer (bitsandbytes'
+    Linear8bitLt: int8 codes [out, in]; Linear4bit: uint8 codes packed [out * in / 2, 1]) holds."""
+    lin = nn.Linear(64, 32)
+    lin.weight = nn.Parameter(weight, requires_grad=False)
+    return lin
+
+
+@pytest.mark.parametrize(
+    "weight, match",
+    [
+        (
+            torch.full((32, 64), 100, dtype=torch.int8),
+            r"base.weight is torch.int8 \(32, 64\).*floating-point",
+        ),
+        (torch.zeros(1024, 1, dtype=torch.uint8), r"base.weight is torch.uint8 \(1024, 1\).*floating-point"),
+        (torch.zeros(64, 32), r"base.weight has shape \(64, 32\), expected \(32, 64\)"),
+    ],
+    ids=["int8_codes", "packed_codes", "other_shape"],
+)
+@pytest.mark.parametrize("make", ["lora", "nf4_from_linear"])
+def test_layers_refuse_a_base_that_holds_no_linear_weight(weight, match, make):
+    """A linear layer whose weight is not a float [out_features, in_features] tensor (a quantized
+    layer's codes): an error naming the base's weight, not integer codes computed with as weights
+    (silently wrong outputs), nor a shape error in the first forward. NF4Linear.from_linear with a
+    dtype would have quantized the codes cast to floats."""
+    if make == "lora":
+        base, call = "base", lambda lin: LoRALinear(lin, r=4)
+    else:
+        base, call = "linear", lambda lin: NF4Linear.from_linear(lin, dtype=torch.float32)
+    with pytest.raises((TypeError, ValueError), match=match.replace("base", base)):
+        call(_linear_holding(weight))
+
+
+@pytest.mark.parametrize("double_quant", [None, "no", 0])
+def test_nf4_from_linear_double_quant_must_be_a_bool(double_quant):
+    """As LoRALinear's: double_quant=None (apply_lora's "as the layers are") or a string is an error,
+    not a single quantization (None, 0) or a double one ("no") chosen by the value's truth."""
+    with pytest.raises(TypeError, match=f"double_quant must be True or False, got {double_quant!r}"):
+        NF4Linear.from_linear(nn.Linear(128, 64), double_quant=double_quant)
+    assert NF4Linear.from_linear(nn.Linear(128, 64), double_quant=False).weight_absmax2 is None
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_repr_names_the_scaling(use_dora):
+    """The layer's repr tells rsLoRA's scaling (alpha / sqrt(r)) from LoRA's (alpha / r), with DoRA
+    too: two layers that scale their adapters differently do not print the same."""
+    kind = "dora" if use_dora else "lora"
+    reprs = {
+        rs: repr(LoRALinear(nn.Linear(64, 32), r=4, lora_alpha=8, use_dora=use_dora, use_rslora=rs))
+        for rs in (False, True)
+    }
+    assert f"{kind}(r=4, alpha=8" in reprs[False] and "rslora" not in reprs[False]
+    assert "rslora" in reprs[True] and (kind == "lora" or "dora" in reprs[True])

@@ -31,6 +31,7 @@ from hoptune.nn.nf4_linear import (
     NF4Module,
     check_blocks,
     check_input,
+    check_linear_weight,
     nf4_call,
     nf4_device,
     nf4_view,
@@ -109,6 +110,7 @@ class LoRALinear(NF4Module):
             out_features, in_features = base.shape
         elif isinstance(base, nn.Linear):
             out_features, in_features = base.out_features, base.in_features
+            check_linear_weight(base, "base.weight")
             if bias is not None:
                 raise ValueError("bias is taken from the nn.Linear; pass it only with an NF4Weight base")
             bias = base.bias
@@ -346,7 +348,9 @@ class LoRALinear(NF4Module):
 
     def extra_repr(self) -> str:
         base = f"nf4(blocksize={self._nf4_meta[2]})" if self.quantized else str(self.weight.dtype)
-        kind = "dora" if self.use_dora else ("rslora" if self.use_rslora else "lora")
+        kind = "rslora" if self.use_rslora else "lora"
+        if self.use_dora:  # (DoRA's LoRA term takes rsLoRA's scaling too)
+            kind = "dora+rslora" if self.use_rslora else "dora"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, base={base}, "
             f"{kind}(r={self.r}, alpha={self.lora_alpha}, dropout={self.lora_dropout_p}), bias={self.bias is not None}"

@@ -47,6 +47,26 @@ def check_blocks(w: torch.Tensor, name: str, blocksize: int) -> None:
         )
 
 
+def check_linear_weight(linear: nn.Linear, name: str) -> None:
+    """``linear.weight`` (the caller's ``name``) is a floating-point ``[out_features, in_features]``
+    tensor. A quantized ``nn.Linear`` subclass (bitsandbytes' Linear8bitLt, Linear4bit) holds integer
+    codes there: cast to floats they would compute (or be quantized) as if they were the weights."""
+    w = linear.weight
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+        what = f"{w.dtype} {tuple(w.shape)}" if isinstance(w, torch.Tensor) else type(w).__name__
+        raise TypeError(
+            f"{name} is {what} (of a {type(linear).__name__}); a floating-point weight [out_features, "
+            "in_features] is needed: a quantized layer (bitsandbytes' Linear8bitLt or Linear4bit) holds "
+            "codes, not weights (load the model with hoptune.load_model(quantize='nf4'), or dequantize "
+            "the layer first)"
+        )
+    if tuple(w.shape) != (linear.out_features, linear.in_features):
+        raise ValueError(
+            f"{name} has shape {tuple(w.shape)}, expected ({linear.out_features}, {linear.in_features}) "
+            "(out_features, in_features)"
+        )
+
+
 def register_nf4(module: nn.Module, q: NF4Weight) -> None:
     """Store ``q`` on ``module`` as the NF4 buffers (state-dict keys ``weight_packed`` ...) plus
     the Python-side metadata; :func:`nf4_view` rebuilds the ``NF4Weight``."""
@@ -258,6 +278,9 @@ class NF4Linear(NF4Module):
         weight's dtype after dequantization (default: the linear's)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        if not isinstance(double_quant, bool):  # (else its truth would decide: None or "no" alike)
+            raise TypeError(f"double_quant must be True or False, got {double_quant!r}")
+        check_linear_weight(linear, "linear.weight")
         w = linear.weight.detach() if dtype is None else linear.weight.detach().to(dtype)
         check_quantizable(w, "linear.weight", " (pass dtype=torch.float32 or another of them)")
         check_blocks(w, "linear.weight", blocksize)
