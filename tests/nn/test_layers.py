@@ -596,3 +596,21 @@ def test_repr_names_the_scaling(use_dora):
     }
     assert f"{kind}(r=4, alpha=8" in reprs[False] and "rslora" not in reprs[False]
     assert "rslora" in reprs[True] and (kind == "lora" or "dora" in reprs[True])
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_weight_of_an_nf4_layer_says_where_the_weight_is(lora):
+    # code that reads a layer's .weight directly (Mamba's dt_proj.weight @ ...) got "'NF4Linear'
+    # object has no attribute 'weight'", which says neither why nor what to do
+    from hoptune.nn import LoRALinear, NF4Linear
+
+    layer = NF4Linear.from_linear(torch.nn.Linear(128, 64))
+    if lora:
+        layer = LoRALinear(layer.weight_nf4, r=4, lora_alpha=8)
+    with pytest.raises(AttributeError, match=r"NF4.*(dequantize|base_weight)\(\).*skip_modules"):
+        layer.weight  # noqa: B018
+    assert not hasattr(layer, "weight")  # (hasattr still answers False)
+    dense = LoRALinear(torch.nn.Linear(128, 64), r=4, lora_alpha=8)
+    assert dense.weight.shape == (64, 128)
+    with pytest.raises(AttributeError, match="no_such"):
+        layer.no_such  # noqa: B018

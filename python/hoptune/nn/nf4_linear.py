@@ -168,6 +168,21 @@ class NF4Module(nn.Module):
 
     _nf4_meta: tuple | None = None
 
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name != "weight" or self.__dict__.get("_nf4_meta") is None:
+                raise
+        # (a model that reads a layer's weight directly, as Mamba's dt_proj.weight @ x: no dense
+        # weight exists to give it)
+        dense = "dequantize" if hasattr(type(self), "dequantize") else "base_weight"
+        raise AttributeError(
+            f"this {type(self).__name__} holds its weight in NF4 (.weight_nf4; .{dense}() gives it "
+            "dense), so it has no .weight; a model that reads a layer's .weight directly needs that "
+            "layer dense: keep it out of quantization (load_model's skip_modules)"
+        )
+
     def _apply(self, fn, recurse=True):
         # model.to(dtype) / .half() move the NF4 buffers but keep their dtypes (part of the format)
         return apply_keeping_nf4_dtypes(self, super()._apply, fn, recurse)
