@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 
 def test_import_is_lean():
     """import hoptune (and its ops and quant packages) creates no CUDA context and no transformers import."""
@@ -89,3 +91,56 @@ def test_extension_not_built_or_not_loading_are_told_apart(monkeypatch):
             assert mod is None and want in why and str(error) in why, why
     finally:
         _lib._load.cache_clear()
+
+
+def test_extension_built_for_a_newer_cuda_than_the_driver_is_not_used(monkeypatch):
+    """hoptune._C links the CUDA runtime statically: it loads under an older driver, and then every
+    kernel call fails (cudaErrorInsufficientDriver). Such a build is reported, with the versions
+    and the fix, and the ops use the PyTorch reference; a newer driver (or none) keeps it."""
+    import types
+
+    from hoptune import _lib
+
+    monkeypatch.setitem(sys.modules, "hoptune._C", types.ModuleType("hoptune._C"))
+    monkeypatch.setattr(sys.modules["hoptune._C"], "CUDA_RUNTIME_VERSION", 13000, raising=False)
+    driver = {"version": 12080}
+    monkeypatch.setattr(_lib, "_driver_version", lambda: driver["version"], raising=False)
+    _lib._load.cache_clear()
+    try:
+        assert _lib.extension() is None
+        reason = _lib.unavailable_reason()
+        assert reason is not None
+        assert "built with CUDA 13.0" in reason and "supports CUDA up to 12.8" in reason, reason
+        assert "update the driver" in reason and "CUDA 12 toolkit" in reason, reason
+        for version in (13020, None):  # a driver of CUDA 13 (another minor version), no driver at all
+            driver["version"] = version
+            _lib._load.cache_clear()
+            assert _lib.extension() is sys.modules["hoptune._C"], version
+    finally:
+        _lib._load.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("value", "disabled"),
+    [
+        ("1", True),
+        ("true", True),
+        ("YES", True),
+        ("0", False),
+        ("", False),
+        ("false", False),
+        ("No", False),
+        ("off", False),
+    ],
+)
+def test_disable_kernels_reads_false_as_false(monkeypatch, value, disabled):
+    """HOPTUNE_DISABLE_KERNELS=false (a launcher's default, `${DISABLE:-false}`) keeps the kernels,
+    as transformers reads its boolean variables: any value but 0 turned them off before."""
+    from hoptune import _lib
+
+    monkeypatch.setenv("HOPTUNE_DISABLE_KERNELS", value)
+    _lib._disabled.cache_clear()
+    try:
+        assert _lib._disabled() is disabled
+    finally:
+        _lib._disabled.cache_clear()

@@ -297,3 +297,18 @@ def test_replace_files_never_puts_the_old_last_beside_new_files(tmp_path, monkey
     with pytest.raises(OSError, match="No space"):
         _io.replace_files(tmp_path, {"weights": full_disk, "config.json": _text("c")}, "config.json")
     assert sorted(os.listdir(tmp_path)) == ["weights"]
+
+
+def test_atomic_dir_saves_into_the_folder_a_symlink_names(tmp_path):
+    """A save to a symlink to a folder (a run's model folder linked to a larger disk) lands in the
+    folder it names, as a plain save through the link would: not in a new folder put in place of
+    the link, which left the linked folder holding the old files."""
+    target = tmp_path / "disk" / "model"
+    _io.atomic_dir(target, _fill("old"))
+    link = tmp_path / "run" / "model"
+    link.parent.mkdir()
+    link.symlink_to(target, target_is_directory=True)
+    _io.atomic_dir(link, _fill("new"))
+    assert link.is_symlink() and (target / "w.txt").read_text() == "new"
+    assert sorted(p.name for p in link.parent.iterdir()) == ["model"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["model"]

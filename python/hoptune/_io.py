@@ -115,8 +115,11 @@ def atomic_dir(final: str | os.PathLike, write: Callable[[str], object]) -> None
     place, then the parent is fsynced. A folder already at ``final`` is moved aside first and deleted
     after; stopped between the two renames, it goes back. Readers see the old folder or the new
     one, whole; leftovers of a save that was killed are removed at the next, and a folder that a
-    save killed between the renames left aside (``final`` missing) is first put back."""
+    save killed between the renames left aside (``final`` missing) is first put back. A symlink at
+    ``final`` stays: the folder it names is the one replaced (the renames would replace the link)."""
     final = os.path.abspath(os.fspath(final))
+    if os.path.islink(final):
+        final = os.path.realpath(final)
     parent, name = os.path.split(final)
     os.makedirs(parent, exist_ok=True)
     put_back_set_aside(final)  # (the new folder then replaces it as usual)

@@ -37,7 +37,37 @@ def _load() -> tuple[ModuleType | None, str | None]:
         # the module is there but its shared library does not load (a CUDA runtime or C++ library
         # missing or too old on this machine): a different fix than building it
         return None, f"the CUDA extension hoptune._C is installed but failed to load: {e}"
+    # the CUDA runtime is linked statically, so the module loads under any driver; its kernels then
+    # fail on every call (cudaErrorInsufficientDriver) where the driver predates the runtime's major
+    # version (CUDA 13 needs a driver of that major version, minor versions are compatible)
+    built, driver = getattr(_C, "CUDA_RUNTIME_VERSION", None), _driver_version()
+    if isinstance(built, int) and driver is not None and driver // 1000 < built // 1000:
+        return None, (
+            f"the CUDA extension hoptune._C was built with CUDA {_cuda_version(built)}, and this "
+            f"machine's NVIDIA driver supports CUDA up to {_cuda_version(driver)}: update the driver, "
+            f"or reinstall hoptune (pip install .) with a CUDA {driver // 1000} toolkit's nvcc"
+        )
     return _C, None
+
+
+def _cuda_version(v: int) -> str:
+    """12080 -> "12.8" (CUDA's encoding: 1000 * major + 10 * minor)."""
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
+def _driver_version() -> int | None:
+    """The CUDA version the installed NVIDIA driver supports (cuDriverGetVersion, e.g. 12080), or
+    None where there is no driver (a machine without an NVIDIA GPU). Needs no CUDA context."""
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("nvcuda.dll" if os.name == "nt" else "libcuda.so.1")
+        version = ctypes.c_int(0)
+        if lib.cuDriverGetVersion(ctypes.byref(version)) != 0:
+            return None
+    except (OSError, AttributeError):
+        return None
+    return version.value
 
 
 def extension() -> ModuleType | None:
@@ -48,8 +78,10 @@ def extension() -> ModuleType | None:
 @functools.cache
 def _disabled() -> bool:
     """HOPTUNE_DISABLE_KERNELS, read once (an environment lookup costs microseconds of host time
-    per call, and use_kernel runs on every op call)."""
-    return os.environ.get("HOPTUNE_DISABLE_KERNELS", "0") not in ("", "0")
+    per call, and use_kernel runs on every op call). 0, false, no, off or empty leave the kernels
+    on (transformers reads these as false too); any other value turns them off."""
+    value = os.environ.get("HOPTUNE_DISABLE_KERNELS", "").strip().lower()
+    return value not in ("", "0", "false", "no", "off")
 
 
 def unavailable_reason() -> str | None:
