@@ -372,6 +372,57 @@ def test_token_logprobs_ignored_rows_large_logits(device, temperature):
     assert err(leaf.grad, z64.grad) <= 1e-5
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_token_logprobs_ignored_rows_take_no_upstream_nan(device):
+    """An ignored position gets a zero gradient whatever the upstream gradient holds there: a nan
+    or inf (a caller's 0 * inf at a masked position, e.g. exp of a log-ratio times a zero mask)
+    must not reach the logits, as with cross_entropy(ignore_index=...) and the CUDA kernel."""
+    z, y = _case((2, 5), 17, torch.float32, device, seed=3, ignore_frac=0.0)
+    y[0, 1] = y[1, 4] = -100
+    ignored = y == -100
+    grads = []
+    for bad in (float("nan"), float("inf"), 0.0):
+        leaf = z.detach().requires_grad_(True)
+        lp, ent = token_logprobs(leaf, y, return_entropy=True)
+        gl, gh = torch.ones_like(lp), torch.ones_like(ent)
+        gl[ignored], gh[ignored] = bad, -bad
+        torch.autograd.backward((lp, ent), (gl, gh))
+        grads.append(leaf.grad)
+    assert (grads[2][ignored] == 0).all()
+    assert torch.equal(grads[0], grads[2]) and torch.equal(grads[1], grads[2])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(5,), (2, 3)])
+@pytest.mark.parametrize("mode", ["train", "frozen", "no_grad"])
+def test_token_logprobs_in_place_on_the_outputs(device, shape, mode):
+    """The log-probs (and, without a graph, the entropy) take in-place ops, as a fresh tensor
+    does (lp *= mask in training; a frozen reference model's log-probs combined in place with a
+    term that requires grad): they are not views of the op's flat results, which autograd refuses
+    to modify in place. (In training the entropy is saved for the backward, as softmax's output is:
+    modified in place, autograd's version check names it.)"""
+    z, y = _case(shape, 11, torch.float32, device, seed=12)
+    leaf = z.detach().requires_grad_(mode == "train")
+    with torch.set_grad_enabled(mode != "no_grad"):
+        lp, ent = token_logprobs(leaf * 1.0, y, return_entropy=True)
+    want_lp, want_ent = lp.detach().clone(), ent.detach().clone()
+    other = torch.randn(shape, device=device, requires_grad=True)
+    mask = (torch.rand(shape) < 0.5).float().to(device)
+    lp *= mask
+    lp -= other
+    if mode != "train":
+        ent += other
+        assert torch.equal(ent.detach(), want_ent + other.detach())
+    (2 * lp + ent).sum().backward()
+    assert torch.equal(lp.detach(), want_lp * mask - other.detach())
+    assert torch.equal(other.grad, torch.full_like(other, -2.0 if mode == "train" else -1.0))
+    if mode == "train":
+        z64 = z.detach().double().requires_grad_(True)
+        rlp, rent = oracle(z64, y)
+        (2 * rlp * mask.double() + rent).sum().backward()
+        assert err(leaf.grad, z64.grad) <= 1e-5
+
+
 def test_token_logprobs_gradcheck_fp64():
     """fp64 logits (the reference): gradcheck of log-probs and entropy together, with ignored
     positions, a temperature and a shifted 3-D view; the backward is not itself differentiable,
@@ -1061,6 +1112,30 @@ def test_fused_all_rows_ignored(device, path, monkeypatch):
     lp.backward(torch.randn_like(lp))
     assert calls == ([1] if gemm else [])
     assert (lp == 0).all() and (hid.grad == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", ["gemm", "vchunk", "rows"])
+def test_fused_ignored_rows_take_no_upstream_nan(device, path, monkeypatch):
+    """An ignored row's hidden state gets a zero gradient whatever the upstream gradient holds
+    there: a nan or inf must not pass through J's zero row (0 * nan), nor reach the lm_head."""
+    gemm = path == "gemm"
+    _set_vchunk(monkeypatch, "rows" if path == "rows" else "small", on_cpu=device == "cpu", gemm=gemm)
+    dtype = torch.bfloat16 if gemm else torch.float32
+    hid, w, _, y = _fused_case(70, 16, 50, dtype, device, seed=6)
+    ignored = y == -100
+    assert 0 < int(ignored.sum()) < 70
+    grads = []
+    for bad in (float("nan"), float("inf"), 0.0):
+        h_, w_ = hid.detach().requires_grad_(True), w.detach().requires_grad_(True)
+        lp = fused_linear_logprobs(h_, w_, y)
+        g = torch.ones_like(lp)
+        g[ignored] = bad
+        lp.backward(g)
+        grads.append((h_.grad, w_.grad))
+    assert (grads[2][0][ignored] == 0).all()
+    for dh, dw in grads[:2]:
+        assert torch.equal(dh, grads[2][0]) and torch.equal(dw, grads[2][1])
 
 
 @pytest.mark.gpu

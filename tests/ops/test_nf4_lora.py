@@ -861,6 +861,27 @@ def test_in_place_on_the_output(device, m):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m", [2, 300])  # on CUDA: from the codes, and the merged weight
+@pytest.mark.parametrize("lora", [True, False])
+def test_in_place_with_grad_on_an_output_made_under_no_grad(device, m, lora):
+    """An output computed under no_grad (3-D x: a frozen layer's) takes an in-place op once grad
+    mode is back on, as a Linear's does (y += a term that requires grad): it is not a view made
+    under no_grad, which autograd refuses to modify in place."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    x, q, a, b, bias = _case(0, 192, 136, 16, dtype, device, seed=8, x_shape=(2, m // 2))
+    if not lora:
+        a = b = None
+    with torch.no_grad():
+        y = nf4_lora_linear(x, q, a, b, 0.5, bias)
+    want = y.clone()
+    res = torch.randn_like(y).requires_grad_(True)
+    y += res
+    y.mul_(3.0).sum().backward()
+    torch.testing.assert_close(y.detach(), (want + res.detach()) * 3.0, rtol=0, atol=0)
+    assert torch.equal(res.grad, torch.full_like(res, 3.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("compiled", [False, True])
 def test_autocast(device, compiled):
     """Inside torch.autocast, float32 x, factors and bias run in the autocast dtype, as nn.Linear's

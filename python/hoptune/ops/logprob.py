@@ -1035,6 +1035,9 @@ def _fl_backward(ctx, grad_logp, grad_ent, grad_lse, grad_J, traced: bool = True
     dh = dw = db = None
     if grad_logp is None:
         return (None,) * 12
+    # selected away at the ignored rows, not left to J's zero rows: a nan or inf there (a caller's
+    # 0 * inf at a masked position) would make the row's gradient nan (0 * nan)
+    grad_logp = torch.where(labels.reshape(-1) != ctx.meta[1], grad_logp, 0)
     if ctx.needs_input_grad[0]:
         if J.numel() == 0 and labels.numel() > 0:
             raise RuntimeError("fused_linear_logprobs ran its forward without gradients (compute_grad=False)")

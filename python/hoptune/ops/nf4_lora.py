@@ -255,7 +255,10 @@ def _forward(x, q, out_features, lora_A, lora_B, scale, bias, merged_w, fused=No
             y.addmm_(x2 @ lora_A.t(), lora_B.t(), alpha=scale)
         else:
             y = ref.lora_forward(x2, w, lora_A, lora_B, scale, bias)
-    return y if flat else y.view(*x.shape[:-1], out_features)
+    # x's leading shape as a tensor of its own, not a view of the 2-D result (as F.linear's and
+    # matmul's are): a view made under no_grad refuses in-place ops once grad mode is back on, and
+    # the autograd Function's output must not be a view
+    return y if flat else torch.ops.aten._unsafe_view(y, (*x.shape[:-1], out_features))
 
 
 def _warn_unaligned_k(k: int) -> None:
@@ -400,8 +403,7 @@ class _EagerNF4LoraLinear(torch.autograd.Function):
         y, fused = early
         if y is None:
             y = _forward(x, q, out_features, lora_A, lora_B, scale, bias, None, fused)
-        # a view as the output would refuse in-place ops on it (3-D x on the paths that reshape
-        # a 2-D result: the CPU reference, a few rows from the codes): a copy there
+        # a view as the output would refuse in-place ops on it (_forward returns none; a guard)
         return y.clone() if y._is_view() else y
 
     @staticmethod

@@ -32,9 +32,12 @@ def token_logprobs_fwd(
     y = labels.reshape(-1)
     acc = _acc_dtype(logits)
     n = y.numel()
-    logp = torch.zeros(n, dtype=acc, device=logits.device)
+    # allocated in labels' shape and filled through flat views: returned views of flat results
+    # would refuse in-place ops (lp *= mask), as the CUDA path's outputs do not
+    logp = torch.zeros(labels.shape, dtype=acc, device=logits.device)
     ent = torch.zeros_like(logp)
     lse = torch.zeros_like(logp)
+    logp_f, ent_f, lse_f = logp.view(-1), ent.view(-1), lse.view(-1)
     for r0 in range(0, n, _ROWS):
         r1 = min(n, r0 + _ROWS)
         z = z2[r0:r1].to(acc) / temperature
@@ -44,11 +47,10 @@ def token_logprobs_fwd(
         lp = z.gather(1, yc[:, None]).squeeze(1) - ls
         lsm = z - ls[:, None]
         h = -_p_log_p(lsm).sum(-1)  # not lse - sum p z: that cancels when H is small
-        logp[r0:r1] = torch.where(valid, lp, 0)
-        ent[r0:r1] = torch.where(valid, h, 0)
-        lse[r0:r1] = torch.where(valid, ls, 0)
-    shape = labels.shape
-    return logp.view(shape), ent.view(shape), lse.view(shape)
+        logp_f[r0:r1] = torch.where(valid, lp, 0)
+        ent_f[r0:r1] = torch.where(valid, h, 0)
+        lse_f[r0:r1] = torch.where(valid, ls, 0)
+    return logp, ent, lse
 
 
 def token_logprobs_bwd(
@@ -74,14 +76,14 @@ def token_logprobs_bwd(
         r1 = min(n, r0 + _ROWS)
         z = z2[r0:r1].to(acc) / temperature
         validb = y[r0:r1] != ignore_index
-        valid = validb.to(acc)
         lp = z - lse.reshape(-1)[r0:r1].to(acc)[:, None]
         # an ignored row's saved lse is 0: exp(z) may overflow there, and 0 * inf = nan
         p = torch.where(validb[:, None], torch.exp(lp), 0)
-        gl = (gl_all[r0:r1] * valid)[:, None]
+        # selected, not multiplied by the mask: an upstream nan or inf there would give 0 * inf
+        gl = torch.where(validb, gl_all[r0:r1], 0)[:, None]
         d = -gl * p
         if gh_all is not None:
-            gh = (gh_all[r0:r1] * valid)[:, None]
+            gh = torch.where(validb, gh_all[r0:r1], 0)[:, None]
             # (p = 0: 0, also where lp is -inf)
             d = d - gh * torch.where(p > 0, p * (lp + entropy.reshape(-1)[r0:r1].to(acc)[:, None]), 0)
         yc = torch.where(y[r0:r1] != ignore_index, y[r0:r1], 0)
