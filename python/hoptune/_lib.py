@@ -75,13 +75,18 @@ def extension() -> ModuleType | None:
     return _load()[0]
 
 
+def env_off(name: str, default: str) -> bool:
+    """Whether environment variable ``name`` (``default`` when unset) reads as off: 0, false, no,
+    off or empty, in any case (as transformers reads its boolean variables)."""
+    return os.environ.get(name, default).strip().lower() in ("", "0", "false", "no", "off")
+
+
 @functools.cache
 def _disabled() -> bool:
     """HOPTUNE_DISABLE_KERNELS, read once (an environment lookup costs microseconds of host time
     per call, and use_kernel runs on every op call). 0, false, no, off or empty leave the kernels
     on (transformers reads these as false too); any other value turns them off."""
-    value = os.environ.get("HOPTUNE_DISABLE_KERNELS", "").strip().lower()
-    return value not in ("", "0", "false", "no", "off")
+    return not env_off("HOPTUNE_DISABLE_KERNELS", "")
 
 
 def unavailable_reason() -> str | None:

@@ -392,3 +392,19 @@ def test_default_candidate_gpu(monkeypatch):
     assert gemm.measured()[key]["default_candidate"] == choice["candidate"]
     expected = torch.nn.functional.linear(x, w)
     assert torch.equal(y, expected) and torch.equal(first, expected)
+
+
+@pytest.mark.parametrize(
+    "value,enabled",
+    [("1", True), ("", False), ("0", False), ("false", False), ("No", False), ("OFF", False), ("true", True)],
+)
+def test_gemm_tuning_reads_false_as_false(monkeypatch, value, enabled):
+    """HOPTUNE_GEMM_TUNING=false kept the tuning on: only 0 or empty turned it off."""
+    from hoptune.ops import gemm
+
+    monkeypatch.setenv("HOPTUNE_GEMM_TUNING", value)
+    gemm._enabled_by_env.cache_clear()
+    try:
+        assert gemm._enabled_by_env() is enabled
+    finally:
+        gemm._enabled_by_env.cache_clear()

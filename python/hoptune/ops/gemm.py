@@ -38,7 +38,6 @@ made, ``measured()`` the timings behind them, ``reset()`` forgets them.
 from __future__ import annotations
 
 import functools
-import os
 import statistics
 
 import torch
@@ -65,7 +64,7 @@ _override: bool | None = None
 
 @functools.cache
 def _enabled_by_env() -> bool:
-    return os.environ.get("HOPTUNE_GEMM_TUNING", "1") not in ("", "0")
+    return not _lib.env_off("HOPTUNE_GEMM_TUNING", "1")
 
 
 def _enabled() -> bool:
