@@ -12,11 +12,16 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 
 import torch
 
 from hoptune.plan import KNOWN_MODELS
+
+# the process' umask, for the files write_json makes (os.umask reads it only by setting it)
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 # Llama-3-8B shape for benchmarks that build a random-weight model: the sizes `hoptune plan`
 # knows, plus the config fields a transformers LlamaConfig needs (public config.json)
@@ -237,10 +242,22 @@ def _version(mod: str) -> str | None:
     return version
 
 
+def _kernels() -> str:
+    """Which code hoptune's ops ran: without the extension, on another GPU or with
+    HOPTUNE_DISABLE_KERNELS set they run the PyTorch reference under the same names."""
+    from hoptune import _lib
+
+    reason = _lib.unavailable_reason()
+    return "hoptune._C (sm_90 kernels)" if reason is None else f"PyTorch reference: {reason}"
+
+
 def env_info() -> dict:
     props = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
     return {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        # settings read from the environment change what is timed (HOPTUNE_GEMM_TUNING=0, ...)
+        "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("HOPTUNE_")},
+        "kernels": _kernels(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "gpu": torch.cuda.get_device_name() if props else None,
         "sm_count": props.multi_processor_count if props else None,
@@ -256,9 +273,20 @@ def env_info() -> dict:
 
 
 def write_json(path: str, data: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(data, f, indent=1)
+    """``data`` as JSON at ``path``, written beside it and then renamed over it: benchmarks write
+    after each section, and a write that fails (a value JSON cannot hold, an interrupt) leaves the
+    sections written before, not a truncated file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # (mkstemp makes it 0600; open() would give 0644 under umask 022)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
     print(f"wrote {path}")
 
 

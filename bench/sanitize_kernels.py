@@ -197,9 +197,22 @@ CASES = {
 
 
 def main() -> None:
-    import sys
+    import argparse
 
-    for name in sys.argv[1:] or [c for c in CASES if not c.startswith("probe")]:
+    from hoptune import _lib
+
+    ap = argparse.ArgumentParser(description="Small calls of every CUDA kernel, for compute-sanitizer.")
+    ap.add_argument("cases", nargs="*", help=f"any of {', '.join(CASES)} (default: all but probe_*)")
+    args = ap.parse_args()
+    unknown = [c for c in args.cases if c not in CASES]
+    if unknown:
+        ap.error(f"unknown case {', '.join(unknown)}; the cases are {', '.join(CASES)}")
+    cases = args.cases or [c for c in CASES if not c.startswith("probe")]
+    # without the kernels every op runs its PyTorch reference, and the sanitizer finds nothing to report
+    reason = _lib.unavailable_reason()
+    if reason is not None and not all(c.startswith("probe") for c in cases):
+        ap.error(f"hoptune's CUDA kernels cannot run here ({reason}): there is nothing to sanitize")
+    for name in cases:
         CASES[name]()
         torch.cuda.synchronize()
         print("ok", name)
