@@ -119,8 +119,9 @@ def _token_logprobs_impl(
     check_labels: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp, entropy, lse); inplace_backward only tells the backward where to write dlogits;
-    check_labels raises on a label outside [0, V) other than ignore_index (one device sync)."""
-    if check_labels:
+    check_labels (always on the CPU) raises on a label outside [0, V) other than ignore_index
+    (one device sync)."""
+    if check_labels or logits.device.type == "cpu":  # (free on the CPU: no sync)
         _label_stats(labels, ignore_index, logits.shape[-1])
     if not _kernel_runs(logits):
         return ref.token_logprobs_fwd(logits, labels, temperature, ignore_index)
@@ -353,8 +354,10 @@ def token_logprobs(
 
     ``inplace_backward=True`` writes the logits' gradient into the logits tensor itself (saves
     one logits-sized buffer; the logits must not be used after the backward; a leaf tensor that
-    requires grad is refused).
-    ``check_labels`` validates the label range on the host (one device sync).
+    requires grad is refused where a graph is built).
+    ``check_labels`` validates the label range on the host (one device sync). Without it, a label
+    outside [0, V) gives nan on the CUDA kernels; on the CPU the labels are checked anyway (no
+    sync there), so it raises as with the check.
     """
     _check.tensor("logits", logits)
     _check.tensor("labels", labels)
@@ -375,7 +378,7 @@ def token_logprobs(
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     if logits.shape[-1] == 0:
         raise ValueError("logits has an empty vocabulary dimension")
-    if inplace_backward and logits.requires_grad:
+    if inplace_backward and logits.requires_grad and torch.is_grad_enabled():
         if (logits if logits._base is None else logits._base).is_leaf:
             # its gradient would be written into it, and autograd would hand the same tensor back
             # as its .grad: the values the caller holds replaced by their gradient (through a view,
@@ -957,10 +960,12 @@ def _fused_impl(
     """hidden (N, H), weight (V, H), labels (N elements, any shape) -> (logp, entropy, lse, J),
     each (N,) but J (N, H) fp32, d logp_i / d hidden_i (empty without compute_grad; zero rows for
     ignored labels). Without need_entropy the entropy may come back as nan (the fused-GEMM path
-    does not form it). check_labels raises on a label outside [0, V) other than ignore_index.
-    The body of the custom op and of the eager Function."""
+    does not form it). check_labels (always on the CPU) raises on a label outside [0, V) other
+    than ignore_index. The body of the custom op and of the eager Function."""
     # one device-to-host transfer: the valid rows' count, and with check_labels the labels' range
-    valid = _valid_rows(labels, ignore_index, weight.shape[0] if check_labels else 0)
+    # (on the CPU always: free there, and the reference would fail on the label with a bare error)
+    check = check_labels or hidden.device.type == "cpu"
+    valid = _valid_rows(labels, ignore_index, weight.shape[0] if check else 0)
     args = (
         hidden,
         weight,
@@ -1157,7 +1162,8 @@ def fused_linear_logprobs(
     The weight (and bias) gradient is computed only if they require grad (a frozen lm_head, the
     QLoRA case, skips it). ``chunk_rows`` (0 = auto) bounds the fp32 logits held at once.
     ``check_labels`` raises on a label outside [0, V) other than ``ignore_index``; it rides on
-    the host transfer of the valid-row count that the op makes anyway.
+    the host transfer of the valid-row count that the op makes anyway. Without it, such a label
+    gives nan on the CUDA kernels; on the CPU the labels are checked anyway, so it raises.
     """
     _check.tensor("hidden", hidden)
     _check.tensor("weight", weight)
@@ -1171,6 +1177,8 @@ def fused_linear_logprobs(
         )
     if weight.shape[0] == 0:
         raise ValueError("weight has an empty vocabulary dimension (V = 0)")
+    if hidden.shape[-1] == 0:
+        raise ValueError("hidden and weight have an empty hidden dimension (H = 0)")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
     if labels.dtype not in (torch.int64, torch.int32):
@@ -1184,6 +1192,8 @@ def fused_linear_logprobs(
         _check.tensor("bias", bias)
         if tuple(bias.shape) != (v,):
             raise ValueError(f"bias must be ({v},), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:  # (as F.linear: not cast silently)
+            raise TypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
     _check.same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
     if not torch.compiler.is_compiling():  # (traced, they may be symbolic: compared as they are)
         temperature = _check.real("temperature", temperature)
@@ -1191,6 +1201,8 @@ def fused_linear_logprobs(
         softcap = None if softcap is None else _check.real("softcap", softcap, " (or None)")
         logit_scale = _check.real("logit_scale", logit_scale)
         chunk_rows = _check.integer("chunk_rows", chunk_rows)
+    if chunk_rows < 0:
+        raise ValueError(f"chunk_rows must be 0 (auto) or a positive number of rows, got {chunk_rows}")
     if not (temperature > 0 and temperature < float("inf")):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     # (comparisons, not math.isfinite: under torch.compile with dynamic shapes a float argument
@@ -1220,5 +1232,8 @@ def fused_linear_logprobs(
         logp, ent, _, _ = _fused_linear_logprobs(*args)
     else:
         logp, ent, _, _ = _EagerFusedLinearLogprobs.apply(*args)
-    logp, ent = logp.view(shape), ent.view(shape)
+    # the views made with grad on: a view made under no_grad refuses a later in-place op that
+    # autograd records (a reference model's log-probs combined in place with a trained term)
+    with torch.enable_grad():
+        logp, ent = logp.view(shape), ent.view(shape)
     return (logp, ent) if return_entropy else logp
