@@ -28,7 +28,23 @@ from hoptune.quant import quantize_nf4
 FWD_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672)]  # (K, N)
 
 
-def main() -> None:
+def _int_list(p: argparse.ArgumentParser, flag: str, text: str, auto: object = ...) -> list:
+    """``text``'s comma-separated integers (``auto`` read as ``auto`` where given), or a usage error
+    naming ``flag``."""
+    values = []
+    for v in text.split(","):
+        if v == "auto" and auto is not ...:
+            values.append(auto)
+            continue
+        try:
+            values.append(int(v))
+        except ValueError:
+            kind = "integers or auto" if auto is not ... else "integers"
+            p.error(f"{flag}: expected comma-separated {kind}, got {v!r} in {text!r}")
+    return values
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--m", type=int, default=8192)
     p.add_argument("--rank", type=int, default=16)
@@ -46,14 +62,24 @@ def main() -> None:
     )
     p.add_argument("--shapes", default="", help="comma-separated KxN shapes (default: all five)")
     p.add_argument("--out", default="bench/results/nf4_gemm.json")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if (args.splits or args.tiles) and not args.sweep:
+        p.error("--splits and --tiles apply to --sweep only; add --sweep M[,M...] or leave them out")
+    if args.tiles and not args.splits:
+        p.error("--tiles needs --splits (each tile is timed with each K split); add --splits auto")
     shapes = FWD_SHAPES
     if args.shapes:
-        shapes = [tuple(int(v) for v in s_.split("x")) for s_ in args.shapes.split(",")]
+        shapes = []
+        for s_ in args.shapes.split(","):
+            kn = s_.split("x")
+            if len(kn) != 2 or not all(v.isdigit() for v in kn):
+                p.error(f"--shapes: expected comma-separated KxN pairs such as 4096x14336, got {s_!r}")
+            shapes.append((int(kn[0]), int(kn[1])))
     if args.sweep:
-        splits = [None if v == "auto" else int(v) for v in args.splits.split(",")] if args.splits else []
-        tiles = [0 if v == "auto" else int(v) for v in args.tiles.split(",")] if args.tiles else [0]
-        sweep([int(v) for v in args.sweep.split(",")], args.rank, args.out, shapes, splits, tiles)
+        ms = _int_list(p, "--sweep", args.sweep)
+        splits = _int_list(p, "--splits", args.splits, auto=None) if args.splits else []
+        tiles = _int_list(p, "--tiles", args.tiles, auto=0) if args.tiles else [0]
+        sweep(ms, args.rank, args.out, shapes, splits, tiles)
         return
     torch.manual_seed(0)
     m, r, s = args.m, args.rank, 2.0

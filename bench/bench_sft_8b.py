@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tiny", action="store_true", help="a tiny model (tests the logic on a CPU)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch", type=int, default=2, help="sequences per micro-batch (default 2)")
-    p.add_argument("--seq", type=int, default=2048, help="tokens per sequence (default 2048)")
+    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 2048; 64 with --tiny)")
     p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--steps", type=int, default=6, help="timed optimizer steps (default 6)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
@@ -86,20 +86,30 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--attn", default=None, help="attention implementation (default: transformers' choice)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/sft_8b[_tiny].json)")
     args = p.parse_args(argv)
+    for flag in ("steps", "batch", "seq", "accum"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag} must be at least 1, got {value}")
+    if args.warmup < 0:
+        p.error(f"--warmup must be at least 0, got {args.warmup}")
 
     device = loop.resolve_device(args.device)
     cuda = device.type == "cuda"
+    if not cuda and not args.tiny:
+        why = (
+            "no CUDA device is visible" if args.device == "auto" else f"--device {args.device} was asked for"
+        )
+        p.error(
+            f"the 8B model needs a CUDA device ({why}); on a CPU it would take hours: use --tiny for the logic"
+        )
     shape = TINY if args.tiny else LLAMA_8B
-    seq = min(args.seq, 64) if args.tiny else args.seq
+    seq = args.seq or (64 if args.tiny else 2048)
     dtype = torch.bfloat16 if cuda else torch.float32
     out = args.out or os.path.join(
         os.path.dirname(os.path.abspath(__file__)),
         "results",
         "sft_8b_tiny.json" if args.tiny else "sft_8b.json",
     )
-    if not cuda and not args.tiny:
-        print("no GPU: an 8B model on a CPU would take hours; use --tiny for the logic", file=sys.stderr)
-        return {}
     loop.seed_everything(0)
 
     # 1-2. model, adapters, checkpointing
@@ -165,8 +175,13 @@ def main(argv: list[str] | None = None) -> dict:
     med = statistics.median(times)
 
     # 4. report
+    info = env_info()
+    if argv is not None:  # called from Python: this benchmark's arguments, not the caller's command line
+        info["command"] = " ".join(
+            [os.path.basename(sys.executable), os.path.join("bench", os.path.basename(__file__)), *argv]
+        )
     result = {
-        **env_info(),
+        **info,
         "model": "tiny" if args.tiny else "llama-3-8b-shaped",
         "shape": shape,
         "config": {

@@ -8,6 +8,7 @@ of hoptune's step (top functions by own time).
 
 from __future__ import annotations
 
+import argparse
 import cProfile
 import io
 import itertools
@@ -103,7 +104,11 @@ def gaps(m: int, k: int, n: int, steps: int = 5) -> None:
             print(f"  host {ev.key}: {ev.count // steps} per step, {ev.cpu_time_total / steps:.0f} us/step")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("no CUDA device is visible: this script times the host work of a GPU layer step")
     dev = "cuda"
     m, k, n = 8, 256, 256
     dense = nn.Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16)

@@ -85,3 +85,66 @@ def test_sanitize_kernels_refuses_to_run_without_the_kernels(monkeypatch, capsys
     monkeypatch.setattr(sys, "argv", ["sanitize_kernels.py", "probe_cublas"])
     sanitize.main()
     assert ran == ["probe"]
+
+
+def test_profile_host_help_prints_usage_and_runs_nothing(monkeypatch, capsys):
+    profile_host = _bench_module("profile_host")
+    ran = []
+    monkeypatch.setattr(profile_host, "qlora_layer", lambda dense: ran.append("qlora"))
+    monkeypatch.setattr(profile_host, "gaps", lambda **kw: ran.append("gaps"))
+    monkeypatch.setattr(sys, "argv", ["profile_host.py", "--help"])
+    with pytest.raises(SystemExit) as e:
+        profile_host.main()
+    assert e.value.code == 0 and not ran
+    assert "usage: profile_host.py" in capsys.readouterr().out
+
+
+def test_profile_host_without_a_gpu_says_so(monkeypatch, capsys):
+    profile_host = _bench_module("profile_host")
+    monkeypatch.setattr(profile_host.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["profile_host.py"])
+    with pytest.raises(SystemExit) as e:
+        profile_host.main()
+    assert e.value.code == 2
+    assert "no CUDA device is visible" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--splits", "0,auto"], "--splits and --tiles apply to --sweep only"),
+        (["--tiles", "64,128"], "--splits and --tiles apply to --sweep only"),
+        (["--sweep", "64", "--tiles", "64,128"], "--tiles needs --splits"),
+        (["--shapes", "4096"], "--shapes: expected comma-separated KxN pairs"),
+        (["--shapes", "4096x4096,8192xN"], "got '8192xN'"),
+        (["--sweep", "64,1k"], "--sweep: expected comma-separated integers, got '1k'"),
+        (["--sweep", "64", "--splits", "2,x"], "--splits: expected comma-separated integers or auto"),
+    ],
+)
+def test_bench_nf4_gemm_refuses_arguments_it_would_ignore_or_cannot_read(monkeypatch, capsys, argv, message):
+    """Options that only the sweep reads, and lists that do not parse, stop the run before any
+    timing with a message naming the option (not a bare ValueError, nor a run without them)."""
+    gemm = _bench_module("bench_nf4_gemm")
+    ran = []
+    monkeypatch.setattr(gemm, "sweep", lambda *a: ran.append("sweep"))
+
+    def timed_run(*args, **kwargs):
+        ran.append("main")
+        raise RuntimeError("the benchmark started")
+
+    monkeypatch.setattr(gemm.torch, "randn", timed_run)
+    monkeypatch.setattr(sys, "argv", ["bench_nf4_gemm.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        gemm.main()
+    assert e.value.code == 2 and not ran
+    assert message in capsys.readouterr().err
+
+
+def test_bench_nf4_gemm_sweep_reads_its_lists(monkeypatch):
+    gemm = _bench_module("bench_nf4_gemm")
+    calls = []
+    monkeypatch.setattr(gemm, "sweep", lambda *a: calls.append(a))
+    argv = "--sweep 32,64 --splits 0,auto --tiles auto,64 --shapes 8192x28672 --out o".split()
+    monkeypatch.setattr(sys, "argv", ["bench_nf4_gemm.py", *argv])
+    gemm.main()
+    assert calls == [([32, 64], 16, "o", [(8192, 28672)], [0, None], [0, 64])]
