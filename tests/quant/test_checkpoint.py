@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import bitsandbytes
@@ -239,3 +240,75 @@ def test_to_bnb_state_dict_of_no_nf4_weight_is_refused_naming_it(make):
     q = make(torch.randn(64, 64))
     with pytest.raises(TypeError, match=rf"q must be an NF4Weight .*got {type(q).__name__}"):
         to_bnb_state_dict(q, "model.layers.0.mlp.up_proj.weight")
+
+
+def test_a_model_bitsandbytes_quantized_is_saved_with_its_own_skip_list_and_compute_dtype(tmp_path):
+    # the default skip list was ["lm_head"] whatever the model's quantization_config held: the
+    # down_proj layers transformers kept dense were quantized, and the compute dtype written was
+    # that of the first parameter (bfloat16), not the model's (float32)
+    from tests.test_loading import _bnb_checkpoint, tiny_model
+
+    tiny_model().save_pretrained(tmp_path / "dense")
+    model = _bnb_checkpoint(
+        tmp_path / "dense",
+        tmp_path / "bnb",
+        llm_int8_skip_modules=["lm_head", "down_proj"],
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    assert type(model.model.layers[0].mlp.down_proj) is nn.Linear
+    names = save_pretrained_nf4(model, tmp_path / "nf4", double_quant=False)
+    assert names == [n for n, m in model.named_modules() if type(m) is bitsandbytes.nn.Linear4bit]
+    config = json.loads((tmp_path / "nf4" / "config.json").read_text())["quantization_config"]
+    assert config["llm_int8_skip_modules"] == ["lm_head", "down_proj"]
+    assert config["bnb_4bit_compute_dtype"] == "float32"
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "nf4", device_map="cpu")
+    assert type(loaded.model.layers[1].mlp.down_proj) is nn.Linear
+    assert loaded.model.layers[1].mlp.up_proj.compute_dtype == torch.float32
+    ours, ref = (load_file(tmp_path / d / "model.safetensors") for d in ("nf4", "bnb"))
+    assert sorted(ours) == sorted(ref) and all(torch.equal(ours[k], ref[k]) for k in ref)
+
+
+def _tiny_biogpt():
+    cfg = transformers.BioGptConfig(
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    return transformers.BioGptForCausalLM(cfg)
+
+
+def _tiny_gpt_neox_japanese():
+    cfg = transformers.GPTNeoXJapaneseConfig(
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_multiple_size=2,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return transformers.GPTNeoXJapaneseForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("make", [_tiny_biogpt, _tiny_gpt_neox_japanese])
+def test_the_default_keeps_an_output_head_not_named_lm_head_dense(tmp_path, make):
+    # BioGPT's untied output_projection was quantized (transformers keeps the output embeddings
+    # dense); GPT-NeoX-Japanese's tied embed_out was refused, asking to keep it in skip_modules
+    # "as the default does"
+    torch.manual_seed(0)
+    model = make().to(torch.bfloat16).eval()
+    head = model.get_output_embeddings()
+    head_name = next(n for n, m in model.named_modules() if m is head)
+    assert head_name != "lm_head"
+    names = save_pretrained_nf4(model, tmp_path)
+    assert names and head_name not in names
+    config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert head_name in config["llm_int8_skip_modules"]
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu")
+    assert type(loaded.get_output_embeddings()) is nn.Linear
+    assert torch.equal(loaded.get_output_embeddings().weight, head.weight)

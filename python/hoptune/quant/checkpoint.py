@@ -28,6 +28,9 @@ _SKIP_RULE = (
 )
 
 
+_DEFAULT_SKIP = ("lm_head",)  # save_pretrained_nf4's default: the model's own (_default_skips)
+
+
 def _skip_names(skip_modules: Iterable[str]) -> tuple[str, ...]:
     """``skip_modules`` as a tuple of names; a bare string is an error (it would be read as its
     characters, skipping none of the layers it names)."""
@@ -136,12 +139,44 @@ def _kept_dense(model: nn.Module) -> tuple[str, ...]:
     return tuple(sorted(k for k in getattr(model, "_keep_in_fp32_modules", None) or () if isinstance(k, str)))
 
 
+def _model_bnb_config(model: nn.Module) -> dict | None:
+    """The bitsandbytes 4-bit ``quantization_config`` a model transformers quantized on load keeps
+    in its config (as a dict), or None."""
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    if qc is not None and not isinstance(qc, dict):
+        qc = qc.to_dict() if callable(getattr(qc, "to_dict", None)) else None
+    if not qc or qc.get("quant_method") != "bitsandbytes" or not qc.get("load_in_4bit"):
+        return None
+    return qc
+
+
+def _default_skips(model: nn.Module, nf4_names: Iterable[str], plain_names: Iterable[str]) -> tuple[str, ...]:
+    """The layers kept dense when ``skip_modules`` is not given: "lm_head" and the model's output
+    embeddings, whatever their name (transformers' get_keys_to_not_convert: BioGPT's
+    output_projection, GPT-NeoX-Japanese's embed_out). A model transformers + bitsandbytes
+    quantized keeps the layers it has dense instead: those of its ``llm_int8_skip_modules`` (as
+    save_pretrained records them), and the other plain linear layers it left dense."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    skip = ["lm_head", *(n for n, m in model.named_modules() if n and head is not None and m is head)]
+    qc = _model_bnb_config(model)
+    if qc is not None:
+        listed = qc.get("llm_int8_skip_modules")
+        if isinstance(listed, (list, tuple)):  # (None: transformers kept its default, the head)
+            skip = [s for s in listed if isinstance(s, str) and s]
+        # a head transformers quantized (its llm_int8_skip_modules left it out) is saved as it is
+        nf4_names = set(nf4_names)
+        skip = [n for n in skip if n not in nf4_names]
+        skip += [n for n in plain_names if not _skipped(n, skip)]
+    return tuple(dict.fromkeys(skip))
+
+
 def save_pretrained_nf4(
     model: nn.Module,
     out_dir: str | os.PathLike,
     blocksize: int = 64,
     double_quant: bool = True,
-    skip_modules: Iterable[str] = ("lm_head",),
+    skip_modules: Iterable[str] = _DEFAULT_SKIP,
     device: torch.device | str | None = None,
 ) -> list[str]:
     """Save a transformers model with every ``nn.Linear`` and transformers ``Conv1D`` (GPT-2's,
@@ -160,7 +195,10 @@ def save_pretrained_nf4(
     have been quantized with ``blocksize`` and ``double_quant``. ``skip_modules`` is matched as
     transformers matches the ``llm_int8_skip_modules`` it is saved as (a regular expression from the
     start of a module name up to a ``.``, or a suffix of the name); an entry that matches no linear
-    layer is an error (but the default ``"lm_head"``). Modules the model keeps in fp32
+    layer is an error (but ``"lm_head"``). By default the output head stays dense (``lm_head``, or
+    the model's output embeddings by any name, as transformers keeps them); a model transformers +
+    bitsandbytes quantized keeps the layers it has dense (its ``llm_int8_skip_modules``) and is
+    saved with its ``bnb_4bit_compute_dtype``. Modules the model keeps in fp32
     (``_keep_in_fp32_modules``) stay dense, as transformers never converts them. A model with LoRA
     layers (or PEFT's) is refused: fold them in (``hoptune.merge_and_unload``) or take them out
     (``hoptune.remove_lora``) first. A ``torch.compile`` wrapper is saved as the model it wraps.
@@ -174,14 +212,16 @@ def save_pretrained_nf4(
     # torch.compile's wrapper: its "_orig_mod." would prefix every key (transformers then loads none)
     inner = getattr(model, "_orig_mod", None)
     model = inner if isinstance(inner, nn.Module) else model
+    default_skip = skip_modules is _DEFAULT_SKIP
     skip = _skip_names(skip_modules)
     blocksize = _check_blocksize(blocksize)
     _check_double_quant(double_quant)
     folder = os.fspath(out_dir)
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ValueError(f"out_dir {folder!r} exists and is not a directory")
-    # all but the default "lm_head", which a model without an output head (a base model) lacks
-    _check_skips_match(model, [s for s in skip if s != "lm_head"])
+    # all but "lm_head", which a model without an output head (a base model) lacks
+    if not default_skip:
+        _check_skips_match(model, [s for s in skip if s != "lm_head"])
     keep_fp32 = _kept_dense(model)  # stored in NF4 they would not load into transformers' dense layers
 
     def to_quantize(name: str, mod: nn.Module) -> bool:
@@ -216,6 +256,13 @@ def save_pretrained_nf4(
                 nf4[name] = from_bnb_state_dict(full, f"{name}.weight")
             except ValueError as err:
                 raise ValueError(f"cannot save {name}, a layer bitsandbytes quantized: {err}") from err
+    if default_skip:
+        plain = [
+            n
+            for n, m in model.named_modules()
+            if n not in nf4 and (type(m) is nn.Linear or _is_conv1d(m)) and not _skipped(n, keep_fp32)
+        ]
+        skip = _default_skips(model, nf4, plain)
     for name, q in nf4.items():
         if _skipped(name, skip):
             raise ValueError(
@@ -283,7 +330,11 @@ def save_pretrained_nf4(
     config[dtype_key] = str(dtype).replace("torch.", "")
     # as save_pretrained: serving stacks (vLLM, TGI) pick the model class by this field
     config["architectures"] = [type(model).__name__]
-    config["quantization_config"] = bnb_quantization_config(dtype, double_quant, skip)
+    # bitsandbytes computes in the model's own compute dtype (transformers records it), not its dtype
+    qc = _model_bnb_config(model)
+    compute = (qc or {}).get("bnb_4bit_compute_dtype") or dtype
+    compute = getattr(torch, compute, compute) if isinstance(compute, str) else compute
+    config["quantization_config"] = bnb_quantization_config(compute, double_quant, skip)
     config_text = json.dumps(config, indent=2, sort_keys=True)
     # the stop tokens and sampling defaults, written as save_pretrained writes them
     generation = getattr(model, "generation_config", None)
