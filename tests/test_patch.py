@@ -601,3 +601,39 @@ def test_parametrized_layer_is_refused_up_front():
         torch.testing.assert_close(logits(model, x), before)
         hoptune.remove_lora(model)
         assert type(model.model.layers[1].self_attn.v_proj) is nn.Linear
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # (no input requires grad)
+@pytest.mark.parametrize("unload", ["remove_lora", "merge_and_unload"])
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_hooks_on_an_adapted_layer_keep_running(quantize, unload):
+    """Hooks a user put on a layer (register_forward_hook, forward pre-hooks, with kwargs, full
+    backward hooks) run on the LoRA layer that takes its place and on the layer remove_lora /
+    merge_and_unload give back, as PEFT's, which calls the base layer, keeps them; the handles
+    the user holds still remove them."""
+    model = tiny_model()
+    layer = model.model.layers[0].self_attn.q_proj
+    seen = []
+    layer.register_forward_pre_hook(lambda m, args: seen.append("pre"))
+    layer.register_forward_hook(lambda m, args, kwargs, out: seen.append("kw"), with_kwargs=True)
+    layer.register_full_backward_hook(lambda m, gin, gout: seen.append("backward"))
+    gone = layer.register_forward_hook(lambda m, args, out: seen.append("gone"))
+    outputs = []
+    layer.register_forward_hook(lambda m, args, out: outputs.append((args[0].detach(), out.detach())))
+    x = ids()
+    hoptune.apply_lora(model, r=2, quantize=quantize, init_lora_weights=False)
+    gone.remove()
+    model(x).logits.sum().backward()
+    assert seen == ["pre", "kw", "backward"]
+    lora = model.model.layers[0].self_attn.q_proj
+    assert isinstance(lora, LoRALinear) and len(outputs) == 1
+    with torch.no_grad():  # (the output of the LoRA layer, adapter included)
+        torch.testing.assert_close(outputs[0][1], lora.forward(outputs[0][0]), atol=0, rtol=0)
+    seen.clear()
+    if unload == "remove_lora":
+        hoptune.remove_lora(model)
+    else:
+        hoptune.merge_and_unload(model, dtype=torch.float32)
+    assert not isinstance(model.model.layers[0].self_attn.q_proj, LoRALinear)
+    logits(model, x)
+    assert seen == ["pre", "kw"] and len(outputs) == 2

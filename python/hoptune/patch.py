@@ -57,6 +57,20 @@ _LINEAR_OWN = frozenset(("training", "in_features", "out_features"))
 # nn.Linear subclasses whose own forward computes x W^T + b all the same (Falcon's adds the bias
 # after the product, rounding in between): a LoRALinear may stand in for them
 _SAME_AS_LINEAR = frozenset(("transformers.models.falcon.modeling_falcon.FalconLinear",))
+# the hooks a user registers on a layer (register_forward_pre_hook, register_forward_hook, with
+# kwargs or always called, register_full_backward_hook ...): the layer that takes its place holds
+# the same dicts (not copies, so the handles the user holds still remove them), as PEFT, which
+# calls the layer it wraps, keeps them running; and the layer given back holds them again
+_HOOK_ATTRS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+    "_is_full_backward_hook",
+)
 
 
 @dataclass(frozen=True)
@@ -373,6 +387,14 @@ def check_target(
 
 
 # -- replacing layers -------------------------------------------------------------------------
+def _carry_hooks(old: nn.Module, new: nn.Module) -> nn.Module:
+    """``new`` (taking ``old``'s place) with ``old``'s forward and backward hooks (_HOOK_ATTRS)."""
+    for attr in _HOOK_ATTRS:
+        if attr in old.__dict__:
+            setattr(new, attr, old.__dict__[attr])
+    return new
+
+
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -467,6 +489,7 @@ def replace_with_lora(
                 if new.quantized and uses[id(t.module.weight)] > 1:  # tied (lm_head): kept anyway
                     setattr(new, _TIED_ATTR, (t.module.weight,))
             setattr(new, _ORIGIN_ATTR, origin)
+            _carry_hooks(t.module, new)
             if isinstance(t.module, nn.Linear) and type(t.module) is not nn.Linear:
                 own = {
                     k: v for k, v in vars(t.module).items() if not k.startswith("_") and k not in _LINEAR_OWN
@@ -531,7 +554,10 @@ def apply_lora(
     (A kaiming-uniform, B zero), ``"gaussian"`` (A normal with std 1/r, B zero) or False (B random
     too: a non-trivial adapter, for tests). A transformers ``Conv1D`` (GPT-2) is adapted as PEFT
     does with ``fan_in_fan_out``: its LoRALinear holds the weight transposed, ``[out, in]`` (a view
-    of the layer's own, or its NF4 quantization), and the adapters have the shapes above.
+    of the layer's own, or its NF4 quantization), and the adapters have the shapes above. Forward
+    and backward hooks registered on a replaced layer run on its LoRALinear (which they see, with
+    its output, adapter included: PEFT's, on the layer it wraps, see the base's alone), then on the
+    layer :func:`remove_lora` / :func:`merge_and_unload` give back.
     """
     asked = {"blocksize": blocksize, "double_quant": double_quant}
     blocksize = 64 if blocksize is None else blocksize
@@ -626,7 +652,7 @@ def _base_layer(lora: LoRALinear) -> nn.Module:
         out = lora.to_linear(merge=False)
     out = _as_linear_class(lora, out)
     out.train(lora.training)
-    return out
+    return _carry_hooks(lora, out)
 
 
 def _replace_all(model: nn.Module, layers: Iterable[tuple[str, nn.Module]], make) -> None:
@@ -687,7 +713,7 @@ def merge_and_unload(
         elif isinstance(mod, LoRALinear):
             new = _as_linear_class(mod, new)
         new.train(mod.training)
-        return new
+        return _carry_hooks(mod, new)
 
     _replace_all(
         model, _progress(layers, len(layers) > 32 if progress is None else progress, "merge"), merged

@@ -121,6 +121,24 @@ def test_nf4_state_dict_meta_without_shape_still_loads():
     assert torch.equal(b.dequantize(), a.dequantize())
 
 
+def test_nf4_state_dict_meta_without_shape_of_another_size_is_refused():
+    """An old entry without the shape cannot say the weight's shape: NF4 buffers of another size
+    are refused before anything is copied, and the layer keeps its own offset (a caller that
+    catches the error and goes on has the weights it had)."""
+    a = NF4Linear.from_linear(nn.Linear(512, 128))
+    lin = nn.Linear(256, 128)
+    with torch.no_grad():
+        lin.weight.mul_(3)
+    b = NF4Linear.from_linear(lin)
+    sd = a.state_dict()
+    sd["weight_nf4_meta"] = sd["weight_nf4_meta"][:3]
+    before, bias = b.dequantize(), b.bias.clone()
+    with pytest.raises(RuntimeError, match=r"NF4 buffers of other sizes \(weight_packed: .* \(32768,\)"):
+        b.load_state_dict(sd)
+    assert torch.equal(b.dequantize(), before)
+    assert torch.equal(b.bias, bias)
+
+
 def _peft_dora_forward(lora: LoRALinear, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """PEFT's DoRA forward with dropout output d: base(x) + (m/n - 1) d W^T + (m/n) s B A d."""
     w = lora.base_weight(torch.float32)
@@ -426,6 +444,17 @@ def test_nf4_from_linear_names_what_it_cannot_quantize():
     assert q.base_dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_nf4_from_linear_dtype_converts_the_bias_too(dtype):
+    """from_linear(dtype=...) converts the layer as nn.Linear.to(dtype) would: the bias too, not
+    only the weight; without a dtype the bias keeps the linear's."""
+    lin = nn.Linear(128, 64)
+    q = NF4Linear.from_linear(lin, dtype=dtype)
+    assert q.base_dtype == dtype and q.bias.dtype == dtype
+    assert torch.equal(q.bias, lin.bias.detach().to(dtype))
+    assert NF4Linear.from_linear(lin).bias.dtype == torch.float32
+
+
 # -- inputs and conversions: errors that name the argument ---------------------------------------
 LAYERS = {
     "dense": lambda: LoRALinear(nn.Linear(64, 32), r=4, init_lora_weights=False),
@@ -497,6 +526,19 @@ def test_lora_linear_conversions_refuse_other_dtypes(quantize):
             call()
             pytest.fail(f"{name} took a dtype that is not a float")
     assert lora.merged_weight(torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_nf4_base_converts_to_float64():
+    """Over an NF4 base, base_weight and to_linear(merge=False) give float64 as merged_weight and
+    to_linear(merge=True) do (the float32 dequantization, exact in float64)."""
+    lora = LoRALinear(nn.Linear(64, 32), r=4, quantize="nf4", init_lora_weights=False)
+    w = lora.base_weight(torch.float64)
+    assert w.dtype == torch.float64 and torch.equal(w, lora.base_weight(torch.float32).double())
+    for merge in (False, True):
+        lin = lora.to_linear(merge=merge, dtype=torch.float64)
+        assert lin.weight.dtype == lin.bias.dtype == torch.float64
+        expected = lora.merged_weight(torch.float64) if merge else w
+        assert torch.equal(lin.weight, expected)
 
 
 @pytest.mark.parametrize("layer", ["nf4", "nf4_linear"])

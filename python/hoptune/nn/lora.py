@@ -200,6 +200,8 @@ class LoRALinear(NF4Module):
         if dtype is not None:
             check_dtype("dtype", dtype)
         if self.quantized:
+            if dtype == torch.float64:  # (NF4 dequantizes to 16/32-bit floats; float32 is exact in float64)
+                return dequantize_nf4(self.weight_nf4, torch.float32).to(dtype)
             return dequantize_nf4(self.weight_nf4, dtype)
         return self.weight if dtype is None else self.weight.to(dtype)
 

@@ -243,6 +243,22 @@ class NF4Module(nn.Module):
                         "settings)"
                     )
                     return
+            # (an entry without the shape cannot refuse another one: torch would skip these buffers,
+            # copy the rest, and the offset below would still be taken)
+            sized = [
+                f"{prefix}{n}: the state dict holds {tuple(t.shape)}, this module {tuple(mine.shape)}"
+                for n in NF4_BUFFERS
+                if isinstance(t := state_dict.get(prefix + n), torch.Tensor)
+                and (mine := self._buffers.get(n)) is not None
+                and t.shape != mine.shape
+            ]
+            if sized:
+                errors.append(
+                    f"NF4 buffers of other sizes ({'; '.join(sized)}): the state dict's NF4 weight is not "
+                    f"one of this module's shape {tuple(self._nf4_meta[0])} (load it into a layer of the "
+                    "same shape)"
+                )
+                return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
         if key in unexpected:
             unexpected.remove(key)
@@ -290,7 +306,7 @@ class NF4Linear(NF4Module):
         dtype: torch.dtype | None = None,
     ) -> NF4Linear:
         """Quantize ``linear.weight`` (where it lives) into a new ``NF4Linear``; ``dtype`` is the
-        weight's dtype after dequantization (default: the linear's)."""
+        weight's dtype after dequantization, and the bias's (default: the linear's)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         if not isinstance(double_quant, bool):  # (else its truth would decide: None or "no" alike)
@@ -300,7 +316,8 @@ class NF4Linear(NF4Module):
         check_quantizable(w, "linear.weight", " (pass dtype=torch.float32 or another of them)")
         check_blocks(w, "linear.weight", blocksize)
         q = quantize_nf4(w.contiguous(), blocksize=blocksize, double_quant=double_quant)
-        return cls(q, linear.bias)
+        bias = linear.bias
+        return cls(q, bias if bias is None or dtype is None else bias.detach().to(dtype))
 
     @property
     def weight_nf4(self) -> NF4Weight:
