@@ -25,6 +25,25 @@ def test_help_and_version(capsys):
     assert capsys.readouterr().out.startswith("hoptune ")
 
 
+@pytest.mark.parametrize(
+    ("cmd", "option"), [("sft", "--print-config"), ("demo", "--out"), ("plan", "--model")]
+)
+@pytest.mark.parametrize("ask", ["help", "--help", "-h"])
+def test_help_of_a_command_shows_its_options(ask, cmd, option, capsys):
+    # `hoptune help sft` printed the top-level usage instead of what `hoptune sft --help` prints
+    assert main([ask, cmd]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: hoptune {cmd} ") and option in out
+
+
+def test_help_of_a_stub_or_an_unknown_command(capsys):
+    assert main(["help", "dpo"]) == 0
+    assert "not implemented yet" in capsys.readouterr().out
+    assert main(["help", "sfft"]) == 2
+    out, err = capsys.readouterr()
+    assert not out and "unknown command 'sfft'; did you mean 'sft'?" in err
+
+
 @pytest.mark.parametrize("cmd", ["dpo", "grpo", "merge", "bench"])
 def test_not_implemented_yet(cmd, capsys):
     assert main([cmd, "x.yaml"]) == 2

@@ -154,14 +154,29 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _help(cmd: str) -> int:
+    """``hoptune help CMD``: the options of CMD, as ``hoptune CMD --help`` prints them."""
+    if cmd in NOT_YET:
+        print(f"hoptune {cmd}: {NOT_YET[cmd]} is not implemented yet in hoptune {hoptune.__version__}")
+        return 0
+    if cmd not in COMMANDS:
+        return main([cmd])  # the unknown command's error, with its closest name
+    try:
+        return COMMANDS[cmd](["--help"])
+    except SystemExit as e:  # argparse's exit after printing the help
+        return e.code if isinstance(e.code, int) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:  # a usage error, reported as argparse and an unknown command report theirs: on stderr
         print(f"hoptune: missing command\n\n{_usage()}", file=sys.stderr)
         return 2
     if argv[0] in ("-h", "--help", "help"):
-        print(_usage())
-        return 0
+        if len(argv) == 1:
+            print(_usage())
+            return 0
+        return _help(argv[1])
     if argv[0] in ("-V", "--version"):
         print(f"hoptune {hoptune.__version__}")
         return 0

@@ -32,6 +32,9 @@ import yaml
 _NAME_LIST = re.compile(r"\s*[\w.-]+(\s*,\s*[\w.-]+)+\s*")
 _DEVICE = re.compile(r"auto|(cpu|mps|cuda|xpu)(:\d+)?")
 _COMMENT = re.compile(r"(^|\s)#")
+# first characters that make a YAML value something other than its text: anchor, alias, tag, block
+# scalar, directive and the reserved @ and `
+_YAML_MARKS = tuple("&*!|>%@`")
 
 
 def _expand_user(path: Any) -> Any:
@@ -448,12 +451,21 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         # on a command line a '#' is part of the value (runs/exp #2, #1.jsonl), not a YAML comment that
         # would silently cut it
         return key.split("."), text
+    if key in _TEXT_KEYS and text[:1] in _YAML_MARKS:
+        # a path or name starting with an anchor, alias, tag or block mark (&x, *run, !x, |) is its text:
+        # YAML would read it as null, an empty string, or drop its first word
+        return key.split("."), text
     try:
         value = yaml.load(raw, Loader=_YamlLoader) if text else ""
     except yaml.YAMLError:
         value = raw
     except ConfigError as e:  # a key written twice in a {...} value
         raise ConfigError(f"override {item!r}: {e}") from None
+    if value is None and text[:1] == "&" and len(text.split()) == 1:
+        raise ConfigError(
+            f"override {item!r}: YAML reads {text!r} as an anchor with no value (null); write the value "
+            f"after it, null to clear {key}, or quote the text ({key}='{text}')"
+        )
     return key.split("."), value
 
 

@@ -330,3 +330,25 @@ def test_a_path_of_digits_keeps_its_text(tmp_path, text):
     assert "seed: 123\n" in dump_config(cfg)
     with pytest.raises(ConfigError, match=r"train.seed: expected int, got '2024-01-05' \(str\)"):
         load_config(None, ["train.seed=2024-01-05"])
+
+
+@pytest.mark.parametrize(
+    "text", ["&x", "*run", "&x eval.jsonl", "!x", "!!str 5", "|", ">", "%x", "@x", "`x`"]
+)
+def test_a_path_starting_with_a_yaml_indicator_keeps_its_text(text):
+    """An anchor (&x), alias (*run), tag or block mark at the start of a path was read as YAML: the
+    path became null (eval data silently dropped), an empty string, or lost its first word."""
+    keys = ("model.path", "data.train", "data.eval", "data.general_data", "output.dir", "output.resume")
+    cfg = load_config(None, [f"{k}={text}" for k in keys])
+    assert (cfg.model.path, cfg.data.train, cfg.data.eval) == (text, text, text)
+    assert (cfg.data.general_data, cfg.output.dir, cfg.output.resume) == (text, text, text)
+    # quoted, null and plain values read as before
+    cfg = load_config(None, ["data.eval='&x'", "data.train=null", "output.dir=runs/a"])
+    assert (cfg.data.eval, cfg.data.train, cfg.output.dir) == ("&x", None, "runs/a")
+
+
+def test_an_anchor_alone_in_an_override_of_another_key_is_an_error():
+    # YAML reads a bare anchor as null: model.quantize=&x silently loaded the model unquantized
+    with pytest.raises(ConfigError, match=r"override 'model.quantize=&x': .*anchor"):
+        load_config(None, ["model.quantize=&x"])
+    assert load_config(None, ["model.quantize=&x nf4"]).model.quantize == "nf4"
