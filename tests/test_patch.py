@@ -603,6 +603,33 @@ def test_parametrized_layer_is_refused_up_front():
         assert type(model.model.layers[1].self_attn.v_proj) is nn.Linear
 
 
+@pytest.mark.parametrize("target", ["all-linear", ["q_proj", "proj"]])
+def test_modules_inside_a_parametrization_are_not_targets(target):
+    """A parametrization that holds a linear layer (here on the embeddings, outside any target) is
+    not one of the model's layers: "all-linear" and suffix matching (``...parametrizations.weight.0
+    .proj``) leave it as it is, and it keeps computing the weight."""
+    from torch.nn.utils import parametrize
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(64, 64)
+
+        def forward(self, w):
+            return self.proj(w)
+
+    model = tiny_model()
+    parametrize.register_parametrization(model.model.embed_tokens, "weight", Mixed())
+    x = ids()
+    before = logits(model, x)
+    hoptune.apply_lora(model, r=2, target_modules=target)
+    names = lora_names(model)
+    assert names and not [n for n in names if "parametrizations" in n]
+    assert len(names) == (2 * 7 if target == "all-linear" else 2)
+    assert type(model.model.embed_tokens.parametrizations.weight[0].proj) is nn.Linear
+    torch.testing.assert_close(logits(model, x), before)
+
+
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # (no input requires grad)
 @pytest.mark.parametrize("unload", ["remove_lora", "merge_and_unload"])
 @pytest.mark.parametrize("quantize", [None, "nf4"])

@@ -152,12 +152,24 @@ def _check_spec(arg: str, spec: object, allow_none: bool = False) -> None:
         raise TypeError(f"{arg} must be {kinds} of module names, got {spec!r}")
 
 
+def _parametrizations(model: nn.Module) -> tuple[str, ...]:
+    """The name prefixes of the modules inside parametrizations (torch.nn.utils.parametrize:
+    ``<layer>.parametrizations.weight.0``): they compute a layer's tensor, they are not the
+    model's layers."""
+    return tuple(
+        f"{n}.parametrizations.".lstrip(".")
+        for n, m in model.named_modules()
+        if parametrize.is_parametrized(m)
+    )
+
+
 def linear_suffixes(model: nn.Module) -> list[str]:
     """The distinct last name components of the model's linear layers (``q_proj``, ``lm_head``...)."""
+    inside = _parametrizations(model)
     names = {
         n.rsplit(".", 1)[-1]
         for n, m in model.named_modules()
-        if n and (_is_linear(m) or isinstance(m, LoRALinear))
+        if n and (_is_linear(m) or isinstance(m, LoRALinear)) and not n.startswith(inside)
     }
     return sorted(names - {"lora_A", "lora_B"})
 
@@ -190,6 +202,7 @@ def select_modules(
         return _is_linear(mod) or _is_bnb_layer(mod) or (include_lora and isinstance(mod, LoRALinear))
 
     inside = tuple(n + "." for n, _ in lora_layers(model)) if include_lora else ()
+    inside += _parametrizations(model)
     chosen, wrong = [], []
     for name, mod in model.named_modules():
         if not name or (excl is not None and _matches(excl, name)) or name.startswith(inside):

@@ -139,6 +139,33 @@ def test_nf4_state_dict_meta_without_shape_of_another_size_is_refused():
     assert torch.equal(b.bias, bias)
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        NF4Linear.from_linear,
+        lambda lin: LoRALinear(lin, r=4, quantize="nf4", init_lora_weights=False),
+    ],
+    ids=["nf4_linear", "lora_linear"],
+)
+def test_nf4_state_dict_meta_without_shape_of_the_transpose_is_refused(make):
+    """An old entry without the shape cannot tell [128, 256] from [256, 128] (NF4 buffers of the
+    same sizes), but the bias (and the adapter) can: every entry's shape is checked before anything
+    is copied, so the refused load leaves the layer's weight, offset and bias as they were."""
+    a = make(nn.Linear(256, 128))
+    lin = nn.Linear(128, 256)
+    with torch.no_grad():
+        lin.weight.mul_(3)
+    b = make(lin)
+    sd = a.state_dict()
+    sd["weight_nf4_meta"] = sd["weight_nf4_meta"][:3]
+    before = {k: v.clone() for k, v in b.state_dict().items()}
+    meta = b._nf4_meta
+    with pytest.raises(RuntimeError, match=r"size mismatch for bias"):
+        b.load_state_dict(sd)
+    assert b._nf4_meta == meta
+    assert all(torch.equal(v, before[k]) for k, v in b.state_dict().items())
+
+
 def _peft_dora_forward(lora: LoRALinear, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """PEFT's DoRA forward with dropout output d: base(x) + (m/n - 1) d W^T + (m/n) s B A d."""
     w = lora.base_weight(torch.float32)
@@ -539,6 +566,23 @@ def test_nf4_base_converts_to_float64():
         assert lin.weight.dtype == lin.bias.dtype == torch.float64
         expected = lora.merged_weight(torch.float64) if merge else w
         assert torch.equal(lin.weight, expected)
+
+
+def test_nf4_linear_converts_to_float64():
+    """NF4Linear's dequantize and to_linear give float64 as LoRALinear's base_weight and to_linear
+    do over the same NF4 weight (the float32 dequantization, exact in float64); integers are
+    still refused."""
+    q = NF4Linear.from_linear(nn.Linear(64, 32))
+    w = q.dequantize(torch.float64)
+    assert w.dtype == torch.float64 and torch.equal(w, q.dequantize(torch.float32).double())
+    lin = q.to_linear(torch.float64)
+    assert lin.weight.dtype == lin.bias.dtype == torch.float64
+    assert torch.equal(lin.weight, w) and torch.equal(lin.bias, q.bias.double())
+    lora = LoRALinear(q.weight_nf4, r=4, bias=q.bias, init_lora_weights=False)
+    assert torch.equal(w, lora.base_weight(torch.float64))
+    for call in (lambda: q.dequantize(torch.int8), lambda: q.to_linear(torch.int8)):
+        with pytest.raises(TypeError, match="dtype must be bfloat16, float16, float32 or float64"):
+            call()
 
 
 @pytest.mark.parametrize("layer", ["nf4", "nf4_linear"])

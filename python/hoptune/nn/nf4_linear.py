@@ -252,12 +252,28 @@ class NF4Module(nn.Module):
                 and (mine := self._buffers.get(n)) is not None
                 and t.shape != mine.shape
             ]
+            # the other entries (bias, adapter) too, as torch checks them, but before any is copied:
+            # an entry without the shape cannot tell [out, in] from [in, out], the bias can
+            others = [
+                f"size mismatch for {prefix}{n}: copying a param with shape {t.shape} from checkpoint, "
+                f"the shape in current model is {mine.shape}."
+                for n, mine in (*self._parameters.items(), *self._buffers.items())
+                if n not in NF4_BUFFERS
+                and n not in self._non_persistent_buffers_set
+                and mine is not None
+                and not nn.parameter.is_lazy(mine)
+                and isinstance(t := state_dict.get(prefix + n), torch.Tensor)
+                and t.shape != mine.shape
+                and not (mine.dim() == 0 and t.shape == (1,))  # (torch loads these)
+            ]
             if sized:
                 errors.append(
                     f"NF4 buffers of other sizes ({'; '.join(sized)}): the state dict's NF4 weight is not "
                     f"one of this module's shape {tuple(self._nf4_meta[0])} (load it into a layer of the "
                     "same shape)"
                 )
+            errors.extend(others)
+            if sized or others:
                 return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
         if key in unexpected:
@@ -332,7 +348,11 @@ class NF4Linear(NF4Module):
         return self._nf4_meta[1]
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The weight ``[out, in]`` as a dense tensor."""
+        """The weight ``[out, in]`` as a dense tensor (float64 as LoRALinear.base_weight gives it)."""
+        if dtype is not None and dtype not in (*FLOAT_DTYPES, torch.float64):
+            raise TypeError(f"dtype must be bfloat16, float16, float32 or float64, got {dtype!r}")
+        if dtype == torch.float64:  # (NF4 dequantizes to 16/32-bit floats; float32 is exact in float64)
+            return dequantize_nf4(self.weight_nf4, torch.float32).to(dtype)
         return dequantize_nf4(self.weight_nf4, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
