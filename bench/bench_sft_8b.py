@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.warmup < 0:
         p.error(f"--warmup must be at least 0, got {args.warmup}")
 
-    device = loop.resolve_device(args.device)
+    device = loop.resolve_device(args.device, setting="--device")
     cuda = device.type == "cuda"
     if not cuda and not args.tiny:
         why = (

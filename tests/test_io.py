@@ -312,3 +312,14 @@ def test_atomic_dir_saves_into_the_folder_a_symlink_names(tmp_path):
     assert link.is_symlink() and (target / "w.txt").read_text() == "new"
     assert sorted(p.name for p in link.parent.iterdir()) == ["model"]
     assert sorted(p.name for p in target.parent.iterdir()) == ["model"]
+
+
+@pytest.mark.parametrize("length", [241, 242, 255])
+def test_atomic_write_takes_any_file_name_the_folder_does(tmp_path, length):
+    """A file name up to the folder's limit (255 bytes) is written: the temporary file's name must
+    not be the one too long for it."""
+    name = "a" * (length - 5) + ".json"
+    atomic_write_text(tmp_path / name, "{}")
+    atomic_write_text(tmp_path / name, "{1}")  # (replacing it too)
+    assert (tmp_path / name).read_text() == "{1}"
+    assert os.listdir(tmp_path) == [name]  # no temporary file left

@@ -4,6 +4,7 @@ once, a cache that cannot be written, the device it is pretrained on, older tran
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 
@@ -98,6 +99,51 @@ def test_a_killed_pretraining_leaves_no_folder_behind_after_the_next_run(tmp_pat
     assert sorted(os.listdir(root)) == sorted(
         [os.path.basename(final), os.path.basename(final) + ".lock", os.path.basename(other), "notes.txt"]
     )
+
+
+def test_a_damaged_copy_whose_removal_was_killed_is_removed_at_the_next_use(tmp_path, monkeypatch):
+    """A damaged copy is renamed into ``.bad-tiny-*`` and deleted; a kill during the delete left the
+    folder for good. The next use removes it; other files in the cache stay."""
+    monkeypatch.setenv("HOPTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(pretrain, "pretrain", _fake_pretrain([]))
+    final = pretrain.pretrained_tiny_path(log=lambda s: None, progress=False)
+    root = os.path.dirname(final)
+    with open(os.path.join(final, "model.safetensors"), "r+b") as f:
+        f.truncate(100)
+    monkeypatch.setattr(pretrain.shutil, "rmtree", lambda *a, **k: None)  # (killed before it deleted)
+    pretrain.pretrained_tiny_path(log=lambda s: None, progress=False)
+    monkeypatch.undo()
+    monkeypatch.setenv("HOPTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(pretrain, "pretrain", _fake_pretrain([]))
+    (bad,) = [n for n in os.listdir(root) if n.startswith(".bad-tiny-")]
+    assert os.path.isdir(os.path.join(root, bad, "old"))
+    shutil.rmtree(final)  # (the next use pretrains again, holding the lock)
+    keep = os.path.join(root, ".bad-tiny-notes.txt")
+    open(keep, "w").close()
+    assert pretrain.pretrained_tiny_path(log=lambda s: None, progress=False) == final
+    assert sorted(os.listdir(root)) == sorted(
+        [os.path.basename(final), os.path.basename(final) + ".lock", ".bad-tiny-notes.txt"]
+    )
+
+
+def test_setting_a_damaged_copy_aside_survives_its_folder_removed_meanwhile(tmp_path, monkeypatch):
+    """Another process that removes a ``.bad-tiny-*`` folder left behind may remove the one this
+    process has just made for a damaged copy: the copy is still set aside, not left in place."""
+    monkeypatch.setenv("HOPTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(pretrain, "pretrain", _fake_pretrain([]))
+    final = pretrain.pretrained_tiny_path(log=lambda s: None, progress=False)
+    real, made = pretrain.tempfile.mkdtemp, []
+
+    def mkdtemp_then_removed(*a, **k):
+        made.append(real(*a, **k))
+        if len(made) == 1:
+            os.rmdir(made[-1])  # (by the other process, before the rename)
+        return made[-1]
+
+    monkeypatch.setattr(pretrain.tempfile, "mkdtemp", mkdtemp_then_removed)
+    pretrain._set_aside(final)
+    assert not os.path.exists(final) and len(made) == 2
+    assert not [n for n in os.listdir(os.path.dirname(final)) if n.startswith(".bad-tiny-")]
 
 
 def test_a_cache_that_cannot_be_written_fails_before_pretraining(tmp_path, monkeypatch):

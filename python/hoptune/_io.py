@@ -71,6 +71,15 @@ def is_temp_name(entry: str, prefix: str) -> bool:
     return re.fullmatch(re.escape(prefix) + r"[a-z0-9_]+", entry) is not None
 
 
+def _name_max(folder: str) -> int:
+    """The longest file name (in bytes) ``folder`` takes; 255 (most file systems') where unknown."""
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):
+        return 255
+    return limit if limit > 0 else 255  # (-1: no limit told)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
     """Call ``write(tmp_path)`` for a temporary file beside ``path``, fsync it, then rename it over
     ``path`` (atomic on POSIX) and fsync the folder: readers see the old file or the new one, never
@@ -79,7 +88,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    suffix = "-" + os.path.basename(path)
+    if len(".tmp-") + 8 + len(os.fsencode(suffix)) > _name_max(folder):  # (mkstemp adds 8 letters)
+        suffix = ""  # the file's own name is as long as the folder takes: the temporary one is shorter
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
     os.close(fd)
     try:
         write(tmp)

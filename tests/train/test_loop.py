@@ -586,3 +586,18 @@ def test_rng_state_of_a_machine_with_more_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_all)
     loop.set_rng_state(state)
     assert restored == [(0, 0)]
+
+
+def test_resolve_device_without_a_gpu_names_the_callers_setting(monkeypatch):
+    """cuda on a machine without a GPU: the SFT recipe's message names model.device; a caller with
+    another setting (a benchmark's --device) has the message name that one instead, or none."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(
+        ValueError, match=r"'cuda' asked for, but no CUDA device is visible; use model.device=cpu"
+    ):
+        loop.resolve_device("cuda")
+    with pytest.raises(ValueError, match="no CUDA device is visible; use --device cpu$"):
+        loop.resolve_device("cuda", setting="--device")
+    with pytest.raises(ValueError, match="no CUDA device is visible$") as e:
+        loop.resolve_device("cuda:0", setting=None)
+    assert "model.device" not in str(e.value)

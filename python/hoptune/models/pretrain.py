@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from hoptune._io import _umask, fsync_dir, fsync_tree
+from hoptune._io import _umask, fsync_dir, fsync_tree, is_temp_name
 from hoptune.models.tiny import TINY_CONFIG, build_model, build_tokenizer
 
 # bump when the corpus or the recipe changes: a new cache folder is made
@@ -178,22 +178,30 @@ def cache_problem(folder: str) -> str | None:
     return None
 
 
+BAD_PREFIX = ".bad-tiny-"  # the folders damaged copies are set aside in, to be deleted
+
+
 def _set_aside(folder: str) -> None:
     """Move a broken cache folder out of the way (a rename first: another process may read it) and
     delete it. A cache that cannot be written (a read-only mount) is an error naming the cache."""
     root = os.path.dirname(folder)
-    try:
-        bad = tempfile.mkdtemp(dir=root, prefix=".bad-tiny-")
-    except OSError as e:
-        raise _unwritable(root, e) from e
-    try:
-        os.replace(folder, os.path.join(bad, "old"))
-    except FileNotFoundError:  # another process set it aside first
-        pass
-    except OSError as e:
+    for _ in range(3):
+        try:
+            bad = tempfile.mkdtemp(dir=root, prefix=BAD_PREFIX)
+        except OSError as e:
+            raise _unwritable(root, e) from e
+        try:
+            os.replace(folder, os.path.join(bad, "old"))
+        except FileNotFoundError:
+            shutil.rmtree(bad, ignore_errors=True)
+            if os.path.lexists(folder):  # another process removed `bad` as a leftover: again
+                continue
+            # else another process set it aside first
+        except OSError as e:
+            shutil.rmtree(bad, ignore_errors=True)
+            raise _unwritable(root, e) from e
         shutil.rmtree(bad, ignore_errors=True)
-        raise _unwritable(root, e) from e
-    shutil.rmtree(bad, ignore_errors=True)
+        return
 
 
 def _usable(final: str, log: Callable[[str], None]) -> bool:
@@ -271,6 +279,7 @@ def pretrained_tiny_path(
             return final
         if held:
             _remove_leftovers(final)
+            _remove_set_aside(os.path.dirname(final))
         return _pretrain_into(final, log, progress, device)
 
 
@@ -290,6 +299,19 @@ def _remove_leftovers(final: str) -> None:
         return
     for name in names:
         if name.startswith(prefix):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _remove_set_aside(root: str) -> None:
+    """Delete the damaged copies that a process killed while it deleted them left set aside
+    (``.bad-tiny-*``). One that another process is setting aside now may go too: it then sets the
+    copy aside again (see :func:`_set_aside`)."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        if is_temp_name(name, BAD_PREFIX):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 

@@ -31,8 +31,10 @@ from hoptune.losses.logprobs import head_logprobs, token_logprobs_from_logits
 # -- device, dtype, seeds --------------------------------------------------------------------------
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' -> cuda when available, else cpu; anything else as torch reads it."""
+def resolve_device(name: str = "auto", setting: str | None = "model.device") -> torch.device:
+    """'auto' -> cuda when available, else cpu; anything else as torch reads it. ``setting``: the
+    caller's name for the device setting (``model.device``, a command-line ``--device``), which a
+    message names to say how to run on the CPU; None: the caller has none to name."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
@@ -42,7 +44,8 @@ def resolve_device(name: str = "auto") -> torch.device:
     if dev.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
         raise ValueError(f"device {name!r} asked for, but this machine (or torch build) has no XPU device")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but no CUDA device is visible; use model.device=cpu")
+        use = "" if setting is None else f"; use {setting}{' ' if setting.startswith('-') else '='}cpu"
+        raise ValueError(f"device {name!r} asked for, but no CUDA device is visible{use}")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(
             f"device {name!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) are "
