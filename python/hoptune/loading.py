@@ -48,19 +48,18 @@ from torch import nn
 
 from hoptune._io import STAGE_PREFIX
 from hoptune.nn.nf4_linear import NF4Linear
+from hoptune.ops import _check
 from hoptune.ops import nf4 as nf4_ops
 from hoptune.patch import CONV1D_ATTR, _is_conv1d
 from hoptune.quant.bnb_format import QS_SUFFIX, from_bnb_state_dict
 from hoptune.quant.checkpoint import (
-    _check_blocksize,
-    _check_double_quant,
     _check_skips_match,
     _kept_dense,
     _skip_names,
     _skipped,
     _tied_keys,
 )
-from hoptune.quant.nf4 import NF4Weight
+from hoptune.quant.nf4 import BLOCKSIZES, NF4Weight
 from hoptune.reference.nf4 import dynamic_map
 
 SINGLE_FILE = "model.safetensors"
@@ -757,8 +756,8 @@ def load_model(
         raise TypeError(
             f"dtype must be torch.bfloat16, torch.float16 or torch.float32 (or its name), got {dtype!r}"
         )
-    blocksize = _check_blocksize(blocksize)
-    _check_double_quant(double_quant)
+    blocksize = _check.blocksize("blocksize", blocksize, BLOCKSIZES)
+    _check.boolean("double_quant", double_quant)
     skip_modules = _skip_names(skip_modules)
     if isinstance(device, int) and not isinstance(device, bool):
         device = torch.device("cuda", device)  # as from_pretrained's device_map=0: that GPU

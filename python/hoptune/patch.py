@@ -38,6 +38,7 @@ from torch.nn.utils import parametrize
 
 from hoptune.nn.lora import LoRALinear, check_lora_options
 from hoptune.nn.nf4_linear import NF4Linear
+from hoptune.ops import _check
 from hoptune.ops.nf4_lora import MAX_RANK
 from hoptune.quant.nf4 import BLOCKSIZES
 
@@ -291,8 +292,7 @@ def plan_targets(
         raise ValueError(f"alpha must be a positive number, got {alpha!r}")
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
-    if blocksize not in BLOCKSIZES:
-        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+    _check.blocksize("blocksize", blocksize, BLOCKSIZES)
     _check_pattern("rank_pattern", rank_pattern, int)
     _check_pattern("alpha_pattern", alpha_pattern, float)
     existing = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from hoptune.ops import _check
 from hoptune.ops.nf4_lora import nf4_lora_linear_trusted
 from hoptune.quant.nf4 import (
     BLOCKSIZES,
@@ -325,8 +326,7 @@ class NF4Linear(NF4Module):
         weight's dtype after dequantization, and the bias's (default: the linear's)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        if not isinstance(double_quant, bool):  # (else its truth would decide: None or "no" alike)
-            raise TypeError(f"double_quant must be True or False, got {double_quant!r}")
+        _check.boolean("double_quant", double_quant)
         check_linear_weight(linear, "linear.weight")
         w = linear.weight.detach() if dtype is None else linear.weight.detach().to(dtype)
         check_quantizable(w, "linear.weight", " (pass dtype=torch.float32 or another of them)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import operator
 from collections import Counter
 from collections.abc import Iterable
@@ -51,10 +52,20 @@ def contiguous(name: str, t: torch.Tensor) -> None:
         )
 
 
-def blocksize(name: str, value: int, allowed: Iterable[int]) -> None:
+def blocksize(name: str, value: object, allowed: Iterable[int]) -> int:
+    """``value`` as an int (a NumPy integer too); a float such as 64.0 compares equal to 64 but
+    the ops take ints only, and a bool is no size."""
     allowed = tuple(allowed)
-    if not isinstance(value, int) or value not in allowed:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return int(value)
+
+
+def boolean(name: str, value: object) -> bool:
+    """``value`` must be True or False: None or a string would otherwise be read by its truth."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 def real(name: str, value: object, none: str = "") -> float:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import numbers
 import os
 import re
 from collections import Counter
@@ -13,6 +12,7 @@ import torch
 from torch import nn
 
 from hoptune._io import replace_files
+from hoptune.ops import _check
 from hoptune.quant.bnb_format import from_bnb_state_dict, is_bnb_quantized, to_bnb_state_dict
 from hoptune.quant.nf4 import BLOCKSIZES, FLOAT_DTYPES, quantize_nf4
 
@@ -60,25 +60,6 @@ def _skip_names(skip_modules: Iterable[str]) -> tuple[str, ...]:
     return skip
 
 
-def _check_blocksize(blocksize: object) -> int:
-    """``blocksize`` as an int (a NumPy int too); a float such as 64.0 compares equal to 64 but the
-    quantize op takes ints only, so it is refused here, before any weight is read or quantized."""
-    if (
-        isinstance(blocksize, bool)
-        or not isinstance(blocksize, numbers.Integral)
-        or blocksize not in BLOCKSIZES
-    ):
-        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
-    return int(blocksize)
-
-
-def _check_double_quant(double_quant: object) -> None:
-    """``double_quant`` must be a bool: transformers refuses a config whose
-    ``bnb_4bit_use_double_quant`` is not one, and None or a string would be read as its truth value."""
-    if not isinstance(double_quant, bool):
-        raise TypeError(f"double_quant must be True or False, got {double_quant!r}")
-
-
 def _check_skips_match(model: nn.Module, skip: Iterable[str]) -> None:
     """An entry of ``skip_modules`` that matches no linear layer of ``model`` is an error: a
     misspelt name would otherwise leave quantized the layer it was meant to keep dense. Only the
@@ -110,7 +91,7 @@ def bnb_quantization_config(
         raise TypeError(
             f"compute_dtype must be torch.bfloat16, torch.float16 or torch.float32, got {compute_dtype!r}"
         )
-    _check_double_quant(double_quant)
+    _check.boolean("double_quant", double_quant)
     return {
         "quant_method": "bitsandbytes",
         "load_in_4bit": True,
@@ -214,8 +195,8 @@ def save_pretrained_nf4(
     model = inner if isinstance(inner, nn.Module) else model
     default_skip = skip_modules is _DEFAULT_SKIP
     skip = _skip_names(skip_modules)
-    blocksize = _check_blocksize(blocksize)
-    _check_double_quant(double_quant)
+    blocksize = _check.blocksize("blocksize", blocksize, BLOCKSIZES)
+    _check.boolean("double_quant", double_quant)
     folder = os.fspath(out_dir)
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ValueError(f"out_dir {folder!r} exists and is not a directory")
