@@ -432,13 +432,17 @@ def _state_cases(q):
     p, a, a2, c2, off, bs, bs2 = q.packed, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize, q.blocksize2
     shape = list(q.shape)
     cases = [
-        ("blocksize of another state", (p, a, a2, c2, off, bs // 2, bs2, shape), "absmax must hold"),
-        ("short absmax", (p, a[:-1], a2, c2, off, bs, bs2, shape), "absmax must hold"),
+        ("blocksize of another state", (p, a, a2, c2, off, bs * 2, bs2, shape), "absmax must have"),
+        ("short absmax", (p, a[:-1], a2, c2, off, bs, bs2, shape), "absmax must have"),
         ("shape of another size", (p, a, a2, c2, off, bs, bs2, [shape[0], shape[1] * 2]), "shape"),
         ("blocksize not dividing", (p, a, a2, c2, off, 96, bs2, shape), "blocksize"),
         ("absmax2 without code2", (p, a, a2, None, off, bs, bs2, shape), "code2"),
-        ("short absmax2", (p, a, a2[:-1], c2, off, bs, bs2, shape), "absmax2 must hold"),
-        ("blocksize2 of another state", (p, a, a2, c2, off, bs, bs2 * 2, shape), "absmax2 must hold"),
+        ("short absmax2", (p, a, a2[:-1], c2, off, bs, bs2, shape), r"absmax2 must be float32 \[12\]"),
+        (
+            "blocksize2 of another state",
+            (p, a, a2, c2, off, bs, bs2 * 2, shape),
+            r"absmax2 must be float32 \[6\]",
+        ),
         ("packed not uint8", (p.to(torch.int16), a, a2, c2, off, bs, bs2, shape), "packed"),
         ("nested codes without absmax2", (p, a, None, None, off, bs, bs2, shape), "absmax"),
     ]

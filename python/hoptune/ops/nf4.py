@@ -112,8 +112,16 @@ def nf4_dequantize(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """packed uint8 [n/2] + absmax (fp32, or uint8 with absmax2/code2/offset) -> ``dtype`` ``shape``."""
-    _check.nf4_state(packed, absmax, absmax2, code2, blocksize, blocksize2, shape)
+    _check_state(packed, absmax, absmax2, code2, offset, blocksize, blocksize2, shape)
     return dequantize_impl(packed, absmax, absmax2, code2, offset, blocksize, blocksize2, shape, dtype)
+
+
+def _check_state(packed, absmax, absmax2, code2, offset, blocksize, blocksize2, shape) -> None:
+    """NF4Weight's checks of a state given in parts (the sizes agree with each other: a kernel
+    would read past a short absmax); the dtype is the caller's, so any float one stands in."""
+    from hoptune.quant.nf4 import NF4Weight  # (hoptune.quant imports these ops)
+
+    NF4Weight(packed, absmax, torch.Size(shape), torch.float32, blocksize, absmax2, code2, offset, blocksize2)
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -197,7 +205,7 @@ def nf4_dequantize_lora(
 ) -> torch.Tensor:
     """The NF4 weight ``shape`` = [N, K] dequantized to lora_A's dtype with ``scale * B @ A`` added
     (lora_A [r, K], lora_B [N, r]): one rounding of w + s B A, w the plain dequantize's output."""
-    _check.nf4_state(packed, absmax, absmax2, code2, blocksize, blocksize2, shape)
+    _check_state(packed, absmax, absmax2, code2, offset, blocksize, blocksize2, shape)
     return dequantize_lora_impl(
         packed, absmax, absmax2, code2, offset, blocksize, blocksize2, shape, lora_A, lora_B, scale
     )
