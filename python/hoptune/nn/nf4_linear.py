@@ -197,6 +197,16 @@ class NF4Module(nn.Module):
             [offset, bs, bs2, *shape], dtype=torch.float64, device=self.weight_packed.device
         )
 
+    def _nf4_differing(self, state_dict, prefix: str, attr: str) -> list[tuple[str, object, object]]:
+        """(name, the state dict's, this module's) ``attr`` of the NF4 buffers where they differ."""
+        return [
+            (n, getattr(t, attr), getattr(mine, attr))
+            for n in NF4_BUFFERS
+            if isinstance(t := state_dict.get(prefix + n), torch.Tensor)
+            and (mine := self._buffers.get(n)) is not None
+            and getattr(t, attr) != getattr(mine, attr)
+        ]
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         """The buffers, then the metadata; with double quantization the entry is required: the codes
         alone would decode to other weights. What would load other weights (other dtypes, blocksizes
@@ -207,11 +217,8 @@ class NF4Module(nn.Module):
             # the NF4 buffers' dtypes are part of the format: a copy would convert uint8 codes to
             # float statistics (or back) and silently give other weights
             bad = [
-                f"{prefix}{n}: the state dict holds {t.dtype}, this module {mine.dtype}"
-                for n in NF4_BUFFERS
-                if isinstance(t := state_dict.get(prefix + n), torch.Tensor)
-                and (mine := self._buffers.get(n)) is not None
-                and t.dtype != mine.dtype
+                f"{prefix}{n}: the state dict holds {theirs}, this module {mine}"
+                for n, theirs, mine in self._nf4_differing(state_dict, prefix, "dtype")
             ]
             if bad:
                 errors.append(
@@ -247,11 +254,8 @@ class NF4Module(nn.Module):
             # (an entry without the shape cannot refuse another one: torch would skip these buffers,
             # copy the rest, and the offset below would still be taken)
             sized = [
-                f"{prefix}{n}: the state dict holds {tuple(t.shape)}, this module {tuple(mine.shape)}"
-                for n in NF4_BUFFERS
-                if isinstance(t := state_dict.get(prefix + n), torch.Tensor)
-                and (mine := self._buffers.get(n)) is not None
-                and t.shape != mine.shape
+                f"{prefix}{n}: the state dict holds {tuple(theirs)}, this module {tuple(mine)}"
+                for n, theirs, mine in self._nf4_differing(state_dict, prefix, "shape")
             ]
             # the other entries (bias, adapter) too, as torch checks them, but before any is copied:
             # an entry without the shape cannot tell [out, in] from [in, out], the bias can
