@@ -168,3 +168,36 @@ def test_bad_utf16_line_is_malformed_with_its_line(tmp_path, tokenizer):
         read_jsonl(p)
     examples, report = load_examples(str(p), tokenizer, max_seq_len=64, skip_bad=True)
     assert len(examples) == 2 and [ln for ln, _ in report.malformed] == [2]
+
+
+def test_lines_json_cannot_read_are_malformed_with_their_line(tmp_path, tokenizer):
+    """A line nested deeper than the parser can go ('[' * 100000) or holding an integer of more
+    digits than Python converts is a malformed line naming the file and line, not a bare
+    RecursionError / ValueError that stops the run, even when bad lines are to be skipped."""
+    good = json.dumps({"prompt": "1+1=", "completion": "2"})
+    deep = "[" * 100_000
+    deep_closed = '{"text": ' + "[" * 5000 + "]" * 5000 + "}"
+    big = '{"text": "a", "id": ' + "7" * 5000 + "}"
+    p = _write(tmp_path / "d.jsonl", [good, deep, deep_closed, big, '{"text": "ok"}'])
+    with pytest.raises(DataError) as e:
+        read_jsonl(p)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: 3 malformed line(s): line 2: JSON nested too deeply")
+    assert "line 3: JSON nested too deeply" in msg and "line 4: JSON that cannot be read" in msg
+    recs, rep = read_jsonl(p, skip_malformed=True)
+    assert [r.line for r in recs] == [1, 5] and [ln for ln, _ in rep.malformed] == [2, 3, 4]
+    examples, report = load_examples(p, tokenizer, max_seq_len=64, skip_bad=True)
+    assert len(examples) == 2 and [ln for ln, _ in report.malformed] == [2, 3, 4]
+
+
+_NO_RECORD = {"empty": b"", "blank": b"\n \n\r\n", "bom_only": b"\xef\xbb\xbf"}
+
+
+@pytest.mark.parametrize("content", _NO_RECORD.values(), ids=_NO_RECORD.keys())
+def test_a_file_without_records_says_so(tmp_path, tokenizer, content):
+    """A data file with no record at all (an export that wrote nothing) is named as empty, not
+    only as a file of 0 examples."""
+    p = tmp_path / "e.jsonl"
+    p.write_bytes(content)
+    with pytest.raises(DataError, match=r"e\.jsonl: no record \(the file is empty or has only blank"):
+        load_examples(str(p), tokenizer, max_seq_len=64)

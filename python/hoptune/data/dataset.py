@@ -162,6 +162,8 @@ def load_examples(
     """Read a JSONL file and build its examples (see ``build_examples``). Malformed lines are kept
     aside, not raised at once, so that the error lists them with the bad records of the other lines."""
     records, rr = read_jsonl(path, skip_malformed=True)
+    if not records and not rr.malformed:
+        raise DataError(f"{path}: no record (the file is empty or has only blank lines)")
     report = DataReport(path=path, lines=rr.records + len(rr.malformed), malformed=list(rr.malformed))
     examples, report = build_examples(
         records,

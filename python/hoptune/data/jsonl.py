@@ -8,6 +8,7 @@ import codecs
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 
 _BAD_BYTE = re.compile("[\udc00-\udcff]")
@@ -113,6 +114,14 @@ def read_jsonl(path: str | os.PathLike, skip_malformed: bool = False) -> tuple[l
                 obj = json.loads(text)
             except json.JSONDecodeError as e:
                 report.malformed.append((lineno, f"invalid JSON ({e.msg} at column {e.colno})"))
+                continue
+            except RecursionError:
+                # the parser recurses once per level of arrays / objects
+                why = f"JSON nested too deeply (about {sys.getrecursionlimit()} levels or more)"
+                report.malformed.append((lineno, why))
+                continue
+            except ValueError as e:  # valid JSON Python refuses: an integer of > 4300 digits
+                report.malformed.append((lineno, f"JSON that cannot be read ({e})"))
                 continue
             if not isinstance(obj, dict):
                 report.malformed.append((lineno, f"expected a JSON object, got {type(obj).__name__}"))
