@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_gemm_extension import SHAPES, kernel_names
-from harness import bench, env_info, ratio_interleaved, sustained_clocks, table, write_json
+from harness import bench, env_info, ratio_interleaved, require_cuda, sustained_clocks, table, write_json
 
 WORKSPACE = 32 << 20
 MAX_CANDIDATES = 32
@@ -128,6 +128,7 @@ def main() -> None:
     ap.add_argument("--ops", default="fwd,dx")
     ap.add_argument("--seconds", type=float, default=2.0, help="sustained window per GEMM (0: none)")
     args = ap.parse_args()
+    require_cuda(__file__)
     ext = load_extension()
     rows = []
     for op in args.ops.split(","):

@@ -22,7 +22,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import device_ms, env_info, ratio_interleaved, table, write_json
+from harness import device_ms, env_info, ratio_interleaved, require_cuda, table, write_json
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672)]  # (K, N)
 
@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--ranks", default="16,64")
     ap.add_argument("--m", type=int, default=8192)
     args = ap.parse_args()
+    require_cuda(__file__)
     rows = []
     for r in (int(v) for v in args.ranks.split(",")):
         for k, n in SHAPES:

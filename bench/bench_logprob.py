@@ -38,6 +38,7 @@ from harness import (
     env_info,
     peak_extra_gib,
     ratio_interleaved,
+    require_cuda,
     sustained_clocks,
     table,
     write_json,
@@ -418,6 +419,7 @@ def main() -> None:
         help="VCHUNK_COLS:VCHUNK_ROWS pairs for --vchunk-sweep (rows 0: from CHUNK_BYTES)",
     )
     args = ap.parse_args()
+    require_cuda(__file__)
     chunks = [int(c) for c in args.chunks.split(",")]
     res = {"env": env_info(), "copy_TBps": copy_rate_tbps(), "rows": []}
     for v in (128256, 151936):

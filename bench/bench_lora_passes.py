@@ -28,7 +28,7 @@ from unittest import mock
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import bench_graph, device_ms, env_info, table, write_json
+from harness import bench_graph, device_ms, env_info, require_cuda, table, write_json
 from hoptune.ops import nf4 as nf4_ops
 from hoptune.quant import quantize_nf4
 from hoptune.reference import nf4 as ref_nf4
@@ -146,6 +146,7 @@ def main() -> None:
         help="comma-separated: " + ", ".join(sorted(known)),
     )
     args = ap.parse_args()
+    require_cuda(__file__)
     sections = set(args.sections.split(","))
     if not sections <= known:
         ap.error(f"--sections: unknown {sorted(sections - known)}")

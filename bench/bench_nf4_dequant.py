@@ -14,7 +14,7 @@ from functools import partial
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import bench_graph, bench_rotating, copy_rate_tbps, env_info, table, write_json
+from harness import bench_graph, bench_rotating, copy_rate_tbps, env_info, require_cuda, table, write_json
 from hoptune.ops import nf4 as nf4_ops
 from hoptune.quant import dequantize_nf4, quantize_nf4
 
@@ -72,6 +72,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/nf4_dequant.json")
     args = ap.parse_args()
+    require_cuda(__file__)
     try:
         import bitsandbytes.functional as bnbf
     except Exception as e:

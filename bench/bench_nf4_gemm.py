@@ -20,7 +20,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import bench, env_info, ratio_interleaved, table, write_json
+from harness import bench, env_info, ratio_interleaved, require_cuda, table, write_json
 from hoptune.ops import nf4 as nf4_ops
 from hoptune.ops import nf4_lora_linear
 from hoptune.quant import quantize_nf4
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         tiles = _int_list(p, "--tiles", args.tiles, auto=0) if args.tiles else [0]
         sweep(ms, args.rank, args.out, shapes, splits, tiles)
         return
+    require_cuda(__file__)
     torch.manual_seed(0)
     m, r, s = args.m, args.rank, 2.0
     rows = []
@@ -138,6 +139,7 @@ def sweep(ms: list[int], r: int, out: str, shapes, splits: list, tiles: list[int
     without autograd (what the dispatch picks) for each M, on every shape.
     The fused forward with 128 and 256 tokens per CTA and the default K split, or with each tile
     in ``tiles`` (0: fused_tile_n's) and each K split in ``splits``."""
+    require_cuda(__file__)
     torch.manual_seed(0)
     s, dt = 2.0, torch.bfloat16
     rows = []

@@ -45,6 +45,7 @@ from harness import (
     env_info,
     peak_extra_gib,
     ratio_interleaved,
+    require_cuda,
     table,
     write_json,
 )
@@ -450,6 +451,7 @@ def main() -> None:
         "rank_padding (ranks not multiples of 8, padded or not)",
     )
     args = ap.parse_args()
+    require_cuda(__file__)
     R = args.rank
     RANK_PATH_RANKS = tuple(int(v) for v in args.rank_path_ranks.split(","))
     sections = set(args.sections.split(","))

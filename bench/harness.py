@@ -226,6 +226,15 @@ def sustained_clocks(
     return rows
 
 
+def require_cuda(script: str) -> None:
+    """Exit with a message where torch sees no CUDA device: the benchmark times CUDA code."""
+    if not torch.cuda.is_available():
+        raise SystemExit(
+            f"{os.path.basename(script)} needs a CUDA device (an H100 / H200 for the kernels): "
+            f"torch {torch.__version__} sees none"
+        )
+
+
 def _version(mod: str) -> str | None:
     try:
         m = __import__(mod)

@@ -148,3 +148,31 @@ def test_bench_nf4_gemm_sweep_reads_its_lists(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["bench_nf4_gemm.py", *argv])
     gemm.main()
     assert calls == [([32, 64], 16, "o", [(8192, 28672)], [0, None], [0, 64])]
+
+
+_GPU_BENCHES = [
+    "bench_gemm_algo",
+    "bench_gemm_extension",
+    "bench_logprob",
+    "bench_lora_passes",
+    "bench_nf4_dequant",
+    "bench_nf4_gemm",
+    "bench_nf4_lora",
+]
+
+
+@pytest.mark.parametrize("name", _GPU_BENCHES)
+def test_gpu_benchmarks_without_a_cuda_device_say_so(name, monkeypatch, tmp_path):
+    """A benchmark of CUDA code started where torch sees no CUDA device exits with a message
+    saying so (was torch's 'Torch not compiled with CUDA enabled' AssertionError from the middle
+    of the run), and writes no result."""
+    import torch
+
+    mod = _bench_module(name)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "r.json"
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", "--out", str(out)])
+    with pytest.raises(SystemExit) as e:
+        mod.main()
+    assert f"{name}.py needs a CUDA device" in str(e.value)
+    assert not out.exists()
