@@ -189,3 +189,12 @@ def test_step_sampler_whole_epochs():
     small = StepSampler(num_rows=10, rows_per_step=16, seed=7, whole_epochs=True)
     assert small.steps_for_epochs(1) == 1 and sorted(small.rows_for_step(0)) == list(range(10))
     assert StepSampler(30, 1, 0, whole_epochs=True).steps_for_epochs(0.1) == 3  # 0.1 x 30 is 3, not 4
+
+
+def test_step_sampler_stream_epochs_round_as_written():
+    """Steps for a fraction of epochs on the streamed order: 1.1 x 50 rows is 55 steps of one row
+    (1.1 * 50 is 55.00000000000001 in floats: 56 before), as with whole epochs."""
+    assert StepSampler(50, 1, 0).steps_for_epochs(1.1) == 55
+    assert StepSampler(50, 1, 0, whole_epochs=True).steps_for_epochs(1.1) == 55
+    assert StepSampler(50, 1, 0).steps_for_epochs(1.11) == 56  # 55.5 rows: a step more
+    assert StepSampler(10, 4, 0).steps_for_epochs(0.1) == 1

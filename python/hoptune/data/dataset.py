@@ -267,7 +267,7 @@ class StepSampler:
         if self.whole_epochs:
             # the tolerance keeps e.g. 0.1 x 30 (= 3.0000000000000004) at 3 steps
             return max(1, math.ceil(epochs * self.steps_per_epoch - 1e-9))
-        return max(1, math.ceil(epochs * self.num_rows / self.rows_per_step))
+        return max(1, math.ceil(epochs * self.num_rows / self.rows_per_step - 1e-9))
 
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._perm:
