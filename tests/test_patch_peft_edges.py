@@ -12,7 +12,7 @@ import transformers
 
 import hoptune
 from hoptune.nn import LoRALinear
-from tests.test_patch import assert_same, ids, logits, snapshot, tiny_model
+from tests.test_patch import assert_same, ids, logits, lora_names, snapshot, tiny_model
 
 
 def test_merge_that_fails_part_way_leaves_the_model_as_it_was(monkeypatch):
@@ -163,3 +163,44 @@ def test_a_linear_subclass_with_its_own_forward_is_refused():
     hoptune.apply_lora(model, r=4, exclude_modules=["model.layers.1.mlp.down_proj"])
     assert type(model.model.layers[1].mlp.down_proj) is _Doubled
     torch.testing.assert_close(logits(model, x), want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("target", ["all-linear", ["q_proj"], ["o_proj"]])
+def test_a_model_peft_has_wrapped_is_refused(target):
+    """PEFT's LoRA layers hold nn.Linear children (base_layer, lora_A.default, lora_B.default):
+    "all-linear" put hoptune's adapters inside them, an adapter on PEFT's adapter, and a name list
+    called PEFT's layer "not a linear layer". Either way the error says what the model is."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, target_modules=["q_proj"])
+    model = peft.get_peft_model(tiny_model("llama"), config)
+    snap = snapshot(model)
+    match = r"q_proj is a PEFT .*Linear.*merge_and_unload\(\).*load_adapter"
+    with pytest.raises(TypeError, match=match):
+        hoptune.apply_lora(model, r=2, target_modules=target)
+    assert_same(model, snap)
+
+
+@pytest.fixture
+def process_group():
+    """A one-process gloo group on the CPU, as DistributedDataParallel needs one."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_model_inside_distributed_data_parallel_is_refused(process_group, compiled):
+    """DistributedDataParallel all-reduces the gradients of the parameters it was built with: LoRA
+    layers made inside it afterwards were trained apart on every process (silently: its buckets
+    hold the frozen base weights, which get no gradient). As load_adapter, apply_lora refuses."""
+    model = tiny_model("llama")
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    wrapped = torch.compile(ddp) if compiled else ddp
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="DistributedDataParallel: apply LoRA to the model before"):
+        hoptune.apply_lora(wrapped, r=4)
+    assert_same(model, snap)
+    hoptune.apply_lora(model, r=4)  # before wrapping: fine
+    assert len(lora_names(model)) == 14

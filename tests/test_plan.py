@@ -502,3 +502,22 @@ def test_cli_targets_take_what_lora_target_modules_takes(capsys):
         counts[targets] = json.loads(capsys.readouterr().out)["adapted_layers"]
     assert counts["q_proj,v_proj"] == counts[r".*\.(q|v)_proj"] == 64
     assert counts["ALL-LINEAR"] == counts["all-linear"] == 224
+
+
+@pytest.mark.parametrize("target", [["q_proj", "mlp"], r".*mlp.*", ["embed_tokens"]])
+def test_targets_that_are_not_linear_layers_are_refused_as_apply_lora_does(target):
+    # apply_lora (as PEFT) refuses a target_modules that matches a module other than a linear layer
+    # (an MLP block, an embedding); the plan counted only the linear layers matched and estimated
+    # a run that stops at apply_lora
+    import transformers
+
+    small = dict(KNOWN_MODELS["llama-3.2-1b"], hidden_size=64, intermediate_size=128,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 vocab_size=300)  # fmt: skip
+    config = transformers.AutoConfig.for_model(**small)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ValueError, match="not linear layers: model") as applied:
+        hoptune.apply_lora(model, r=4, target_modules=target)
+    with pytest.raises(ValueError, match="not linear layers: model") as planned:
+        hoptune.plan(small, r=4, target_modules=target, alternatives=False)
+    assert str(planned.value) == str(applied.value)  # the same modules named

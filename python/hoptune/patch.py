@@ -8,7 +8,9 @@
 
 Only the model passed is changed, and only after every argument and every targeted layer has
 been checked: a target that matches nothing, a rank larger than a layer or a layer that NF4
-cannot hold is an error before any layer is replaced. Module selection follows PEFT:
+cannot hold is an error before any layer is replaced, as is a model that holds PEFT's LoRA layers
+already or sits inside DistributedDataParallel (wrap it after apply_lora). Module selection
+follows PEFT:
 ``target_modules`` as a list matches a module whose name equals an entry or ends with
 ``"." + entry``; as a string it is a regular expression matched against the whole name; the
 shorthand ``"all-linear"`` takes every linear layer but the output head (``lm_head``). Linear
@@ -98,6 +100,13 @@ def _is_conv1d(mod: nn.Module) -> bool:
     return conv1d is not None and isinstance(mod, conv1d)
 
 
+def _is_peft_layer(mod: nn.Module) -> bool:
+    """A PEFT tuner layer (its LoRA ``Linear``...), or False when peft is not loaded: no model
+    holds one then."""
+    base = getattr(sys.modules.get("peft.tuners.tuners_utils"), "BaseTunerLayer", None)
+    return base is not None and isinstance(mod, base)
+
+
 def _is_linear(mod: nn.Module) -> bool:
     """A layer LoRA goes on: nn.Linear, hoptune's NF4Linear or transformers' Conv1D."""
     return (isinstance(mod, (nn.Linear, NF4Linear)) or _is_conv1d(mod)) and not isinstance(mod, LoRALinear)
@@ -175,6 +184,17 @@ def linear_suffixes(model: nn.Module) -> list[str]:
     return sorted(names - {"lora_A", "lora_B"})
 
 
+def not_linear_error(target_modules: object, wrong: list[tuple[str, str]]) -> ValueError:
+    """The error for a ``target_modules`` that matches ``wrong``, ``(name, class name)`` of modules
+    that are not linear layers (as PEFT, which refuses them too)."""
+    desc = ", ".join(f"{n} ({cls})" for n, cls in wrong[:5])
+    return ValueError(
+        f"target_modules={target_modules!r} matches modules that are not linear layers: {desc}"
+        f"{' ...' if len(wrong) > 5 else ''}; LoRA goes on nn.Linear, transformers Conv1D (or "
+        "hoptune NF4Linear) layers only"
+    )
+
+
 def select_modules(
     model: nn.Module,
     target_modules: str | Sequence[str],
@@ -202,6 +222,18 @@ def select_modules(
     def linear(mod: nn.Module) -> bool:
         return _is_linear(mod) or _is_bnb_layer(mod) or (include_lora and isinstance(mod, LoRALinear))
 
+    peft_layers = [(n, m) for n, m in model.named_modules() if _is_peft_layer(m)]
+    if peft_layers:
+        # (its base_layer, lora_A.default, lora_B.default are nn.Linear: "all-linear" nested
+        # adapters inside PEFT's, and save_adapter wrote them under PEFT's own names)
+        name, mod = peft_layers[0]
+        cls = f"{type(mod).__module__}.{type(mod).__qualname__}"
+        raise TypeError(
+            f"{name} is a PEFT {cls} layer: model already has PEFT's adapters, and hoptune puts "
+            "its LoRA layers on the model without them. Fold them in first (model = "
+            "model.merge_and_unload()), or load the PEFT adapter into the base model with "
+            "hoptune.load_adapter(model, adapter_dir)"
+        )
     inside = tuple(n + "." for n, _ in lora_layers(model)) if include_lora else ()
     inside += _parametrizations(model)
     chosen, wrong = [], []
@@ -214,12 +246,7 @@ def select_modules(
         elif _matches(spec, name):
             (chosen if linear(mod) else wrong).append((name, mod))
     if wrong:
-        desc = ", ".join(f"{n} ({type(m).__name__})" for n, m in wrong[:5])
-        raise ValueError(
-            f"target_modules={target_modules!r} matches modules that are not linear layers: {desc}"
-            f"{' ...' if len(wrong) > 5 else ''}; LoRA goes on nn.Linear, transformers Conv1D (or hoptune "
-            "NF4Linear) layers only"
-        )
+        raise not_linear_error(target_modules, [(n, type(m).__name__) for n, m in wrong])
     if not chosen:
         raise ValueError(
             f"target_modules={target_modules!r} matches no linear layer of {type(model).__name__} "
@@ -281,6 +308,13 @@ def plan_targets(
 ) -> list[_Target]:
     """Select and check every layer to adapt; touches nothing."""
     check_model(model)
+    if any(isinstance(m, nn.parallel.DistributedDataParallel) for m in model.modules()):
+        # (its gradient buckets hold the parameters it was built with, the frozen bases here: the
+        # adapters made inside it would train apart on every process, with no error)
+        raise ValueError(
+            "model is wrapped in DistributedDataParallel: apply LoRA to the model before wrapping "
+            "it (it synchronizes the gradients of the parameters it was built with only)"
+        )
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise ValueError(f"r must be a positive int, got {r!r}")
     if (

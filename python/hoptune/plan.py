@@ -346,6 +346,8 @@ class _Shape:
     # bytes eager attention keeps per score (head x query x key); 0 for SDPA / flash, which keep none
     score_bytes: int = 0
     logit_softcap: bool = False  # the model soft-caps its logits (config.final_logit_softcapping)
+    # (name, class name) of every other module (blocks, embeddings, norms): no LoRA target
+    not_linear: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _shape(config) -> _Shape:
@@ -384,13 +386,16 @@ def _shape(config) -> _Shape:
     head = next(iter(heads), None)
     embed = model.get_input_embeddings().weight
     tied = head is not None and model.get_submodule(head).weight is embed
-    linears, seen = [], set()
+    linears, seen, not_linear = [], set(), []
     for name, m in model.named_modules():
         # (transformers' Conv1D, GPT-2's projections, is a linear layer to LoRA and bitsandbytes too)
-        if (isinstance(m, nn.Linear) or _is_conv1d(m)) and not (tied and name == head):
+        linear = isinstance(m, nn.Linear) or _is_conv1d(m)
+        if linear and not (tied and name == head):
             # a tied head's weight is the embedding: stored once, as the embedding
             linears.append(_linear_dims(name, m))
             seen.update(id(p) for p in m.parameters())
+        elif name and not linear:
+            not_linear.append((name, type(m).__name__))
     other = sum(p.numel() for p in model.parameters() if id(p) not in seen)
     # embeddings (token, and GPT-2's / OPT's learned positions) are no weights outside nn.Linear
     seen.update(id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters())
@@ -425,6 +430,7 @@ def _shape(config) -> _Shape:
         heads=nh,
         score_bytes=score_bytes,
         logit_softcap=bool(getattr(text, "final_logit_softcapping", None)),
+        not_linear=not_linear,
     )
 
 
@@ -463,7 +469,7 @@ def _nf4_bytes(numel: int, double_quant: bool, blocksize: int = 64) -> float:
 
 
 def _targets(shape: _Shape, target_modules: str | Sequence[str]) -> list[tuple[str, int, int, bool]]:
-    from hoptune.patch import _check_spec, _matches
+    from hoptune.patch import _check_spec, _matches, not_linear_error
 
     _check_spec("target_modules", target_modules)
     if isinstance(target_modules, str) and target_modules.lower() == "all-linear":
@@ -481,6 +487,9 @@ def _targets(shape: _Shape, target_modules: str | Sequence[str]) -> list[tuple[s
     if shape.head_linear is not None and all(t[0] != shape.head_linear[0] for t in layers):
         # a tied head: its weight is the embedding's, LoRA wraps it all the same
         layers.append(shape.head_linear)
+    wrong = [(n, cls) for n, cls in shape.not_linear if _matches(spec, n)]
+    if wrong:  # (apply_lora refuses them)
+        raise not_linear_error(target_modules, wrong)
     out = [t for t in layers if _matches(spec, t[0])]
     if not out:
         suffixes = sorted({t[0].rsplit(".", 1)[-1] for t in shape.linears})
