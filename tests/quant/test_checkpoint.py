@@ -312,3 +312,25 @@ def test_the_default_keeps_an_output_head_not_named_lm_head_dense(tmp_path, make
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu")
     assert type(loaded.get_output_embeddings()) is nn.Linear
     assert torch.equal(loaded.get_output_embeddings().weight, head.weight)
+
+
+def test_a_model_quantized_by_another_method_is_refused(tmp_path):
+    # a model transformers loaded in bitsandbytes 8-bit was saved without an error, its int8 codes
+    # written as dense weights under an NF4 quantization_config (no layer in NF4); load_model then
+    # cast the codes to bfloat16: wrong weights, with only an "unused tensors" warning
+    from tests.test_loading import tiny_model
+
+    tiny_model().save_pretrained(tmp_path / "dense")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "dense",
+        quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True),
+        device_map="cpu",
+    )
+    assert type(model.model.layers[0].mlp.up_proj) is bitsandbytes.nn.Linear8bitLt
+    match = (
+        r"model is quantized by another method than bitsandbytes 4-bit \(quantization_config "
+        r"\{'quant_method': 'bitsandbytes', 'load_in_4bit': False, 'load_in_8bit': True\}\)"
+    )
+    with pytest.raises(ValueError, match=match):
+        save_pretrained_nf4(model, tmp_path / "nf4")
+    assert not (tmp_path / "nf4").exists()

@@ -227,6 +227,18 @@ def save_pretrained_nf4(
             f"model holds PEFT modules (e.g. {peft_mods[:3]}); save_pretrained_nf4 writes a base model "
             "only: fold the adapters in with PEFT's merge_and_unload() (or drop them with unload()) first"
         )
+    # another quantization (bitsandbytes 8-bit, GPTQ, ...): its layers are no plain nn.Linear, so
+    # their integer codes would be written as dense weights under an NF4 config
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    if qc and _model_bnb_config(model) is None:
+        qd = qc if isinstance(qc, dict) else getattr(qc, "to_dict", dict)()
+        keys = ("quant_method", "load_in_4bit", "load_in_8bit")
+        what = {k: getattr(qd[k], "value", qd[k]) for k in keys if k in qd}  # (enum -> its string)
+        raise ValueError(
+            f"model is quantized by another method than bitsandbytes 4-bit (quantization_config "
+            f"{what}); save_pretrained_nf4 writes dense and NF4 layers only: load the model "
+            "unquantized (or with hoptune.load_model), then save"
+        )
     nf4 = {name: mod.weight_nf4 for name, mod in model.named_modules() if getattr(mod, "quantized", False)}
     full = model.state_dict()
     # layers bitsandbytes quantized (transformers' Linear4bit): read from their state as a checkpoint
