@@ -334,3 +334,34 @@ def test_a_model_quantized_by_another_method_is_refused(tmp_path):
     with pytest.raises(ValueError, match=match):
         save_pretrained_nf4(model, tmp_path / "nf4")
     assert not (tmp_path / "nf4").exists()
+
+
+def test_layers_of_a_size_nf4_cannot_hold_stay_dense_by_default(tmp_path):
+    """A layer whose weight count is not a multiple of the block size stays dense by default, with
+    a warning, as load_model keeps it (the save of a model load_model gave failed on that layer);
+    the checkpoint lists it in llm_int8_skip_modules, so transformers loads it dense too."""
+    import hoptune
+    from tests.test_loading import ids
+
+    cfg = transformers.LlamaConfig(
+        hidden_size=96, intermediate_size=71, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=128, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "dense")
+    with pytest.warns(UserWarning, match="stays dense"):
+        model = hoptune.load_model(tmp_path / "dense", quantize="nf4", device="cpu")
+    odd = ["gate_proj", "up_proj", "down_proj"]  # 96 x 71 weights
+    assert {type(m) for n, m in model.named_modules() if n.endswith(tuple(odd))} == {nn.Linear}
+    with pytest.warns(UserWarning, match=r"6 layers stay dense: .* not a multiple of blocksize=64"):
+        names = save_pretrained_nf4(model, tmp_path / "nf4")
+    assert sorted({n.rsplit(".", 1)[1] for n in names}) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    skips = json.loads((tmp_path / "nf4" / "config.json").read_text())["quantization_config"]
+    assert "model.layers.1.mlp.down_proj" in skips["llm_int8_skip_modules"]
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "nf4", device_map="cpu")
+    assert type(loaded.model.layers[0].mlp.up_proj) is nn.Linear
+    assert type(loaded.model.layers[0].self_attn.q_proj) is bitsandbytes.nn.Linear4bit
+    # compared through load_model: bitsandbytes' CPU forward takes no such shapes
+    again = hoptune.load_model(tmp_path / "nf4", device="cpu")
+    with torch.no_grad():
+        assert torch.equal(again(ids()).logits, model(ids()).logits)

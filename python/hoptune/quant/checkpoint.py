@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections import Counter
 from collections.abc import Iterable
 
@@ -179,7 +180,8 @@ def save_pretrained_nf4(
     layer is an error (but ``"lm_head"``). By default the output head stays dense (``lm_head``, or
     the model's output embeddings by any name, as transformers keeps them); a model transformers +
     bitsandbytes quantized keeps the layers it has dense (its ``llm_int8_skip_modules``) and is
-    saved with its ``bnb_4bit_compute_dtype``. Modules the model keeps in fp32
+    saved with its ``bnb_4bit_compute_dtype``; a layer whose weight count is not a multiple of
+    ``blocksize`` stays dense, with a warning (as load_model keeps it). Modules the model keeps in fp32
     (``_keep_in_fp32_modules``) stay dense, as transformers never converts them. A model with LoRA
     layers (or PEFT's) is refused: fold them in (``hoptune.merge_and_unload``) or take them out
     (``hoptune.remove_lora``) first. A ``torch.compile`` wrapper is saved as the model it wraps.
@@ -256,6 +258,16 @@ def save_pretrained_nf4(
             if n not in nf4 and (type(m) is nn.Linear or _is_conv1d(m)) and not _skipped(n, keep_fp32)
         ]
         skip = _default_skips(model, nf4, plain)
+        # a weight NF4 blocks do not fill: dense, listed for transformers to keep dense (as load_model)
+        mods = dict(model.named_modules())
+        odd = [n for n in plain if not _skipped(n, skip) and mods[n].weight.numel() % blocksize]
+        if odd:
+            warnings.warn(
+                f"{len(odd)} layers stay dense: their weights are not a multiple of "
+                f"blocksize={blocksize} (e.g. {odd[:3]})",
+                stacklevel=2,
+            )
+            skip = (*skip, *odd)
     for name, q in nf4.items():
         if _skipped(name, skip):
             raise ValueError(
