@@ -655,16 +655,19 @@ def _warn_nf4_kept(targets: list[_Target], asked: Mapping[str, object]) -> None:
 
 
 def _restore_requires_grad(model: nn.Module) -> None:
-    record = getattr(model, _STATE_ATTR, None)
-    if record is None:
-        return
-    flags = record["requires_grad"]
-    for n, p in model.named_parameters():
-        # a name not recorded is a layer that stands for one without that parameter (an NF4 base holds
-        # its weight in buffers): frozen, as that layer was, and as its bias comes back (NF4Linear's
-        # to_linear, for an NF4 layer without an adapter, gives the same)
-        p.requires_grad_(flags.get(n, False))
-    delattr(model, _STATE_ATTR)
+    # the record sits on the module apply_lora was given, which may be a submodule (apply_lora(
+    # model.model), then merge_and_unload(model)): each one restores the parameters under it
+    for mod in model.modules():
+        record = getattr(mod, _STATE_ATTR, None)
+        if record is None:
+            continue
+        flags = record["requires_grad"]
+        for n, p in mod.named_parameters():
+            # a name not recorded is a layer that stands for one without that parameter (an NF4 base
+            # holds its weight in buffers): frozen, as that layer was, and as its bias comes back
+            # (NF4Linear's to_linear, for an NF4 layer without an adapter, gives the same)
+            p.requires_grad_(flags.get(n, False))
+        delattr(mod, _STATE_ATTR)
 
 
 def _as_linear_class(lora: LoRALinear, lin: nn.Linear) -> nn.Linear:
@@ -742,9 +745,12 @@ def merge_and_unload(
     to ``dtype`` (one that replaced a Conv1D becomes a Conv1D holding that weight transposed,
     ``[in, out]``); NF4 layers without an adapter are dequantized too, so ``save_pretrained`` writes
     an ordinary checkpoint. With a ``dtype`` every other floating-point parameter is cast to it as
-    well (buffers, e.g. rotary frequencies, are left alone) and ``config.dtype`` is set; with
-    ``dtype=None`` each layer keeps its base dtype. An output head tied to the input embeddings that
-    had an adapter gets its own merged weight, and ``config.tie_word_embeddings`` becomes False."""
+    well (buffers, e.g. rotary frequencies, are left alone) and ``config.dtype`` is set, but for
+    those ``from_pretrained(dtype=dtype)`` keeps in float32 (``_keep_in_fp32_modules_strict``, e.g.
+    a MoE router, and for float16 ``_keep_in_fp32_modules``): a layer among them merges to float32;
+    with ``dtype=None`` each layer keeps its base dtype. An output head tied to the input embeddings
+    that had an adapter gets its own merged weight, and ``tie_word_embeddings`` becomes False in the
+    config (and in its text config, where a composite config has one)."""
     check_model(model)
     if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"dtype must be float32, bfloat16, float16 or None, got {dtype}")
@@ -752,9 +758,21 @@ def merge_and_unload(
     if not layers:
         raise ValueError(f"model ({type(model).__name__}) has no LoRA or NF4 layers to merge")
     heads = _output_head_names(model)
+    from hoptune.loading import _keep_in_fp32  # (here: hoptune.loading imports this module)
+
+    keep_fp32 = None if dtype is None else _keep_in_fp32(model, dtype)
+
+    def kept(name: str) -> bool:
+        return keep_fp32 is not None and keep_fp32.search(name) is not None
+
+    fp32 = {id(m) for n, m in layers if kept(f"{n}.weight") or kept(f"{n}.bias")}
 
     def merged(mod: nn.Module) -> nn.Module:
-        new = mod.to_linear(merge=True, dtype=dtype) if isinstance(mod, LoRALinear) else mod.to_linear(dtype)
+        to = torch.float32 if id(mod) in fp32 else dtype
+        if isinstance(mod, LoRALinear):
+            new = mod.to_linear(merge=True, dtype=to)
+        else:
+            new = mod.to_linear(to)
         if fan_in_fan_out(mod):
             new = _to_conv1d(new.weight.t(), new.bias)
         elif isinstance(mod, LoRALinear):
@@ -766,9 +784,15 @@ def merge_and_unload(
         model, _progress(layers, len(layers) > 32 if progress is None else progress, "merge"), merged
     )
     config = getattr(model, "config", None)
+    # a composite config (Llava's) has the flag in its text config as well, which transformers 4
+    # reads and Llava's config copies up on loading when its own is False
+    get_text = getattr(config, "get_text_config", None)
+    text = get_text(decoder=True) if callable(get_text) else config
+    configs = (config,) if text is config else (config, text)
+    tied = [c for c in configs if getattr(c, "tie_word_embeddings", False)]
     get_input = getattr(model, "get_input_embeddings", None)
     emb = get_input() if callable(get_input) and heads & {n for n, _ in layers} else None
-    if emb is not None and getattr(config, "tie_word_embeddings", False):
+    if emb is not None and tied:
         # the merged head now has its own weight: a config still saying "tied" would let tie_weights()
         # (resize_token_embeddings, from_pretrained) put the embedding matrix back in its place. Its
         # requires_grad is the embedding matrix's from before apply_lora (_restore_requires_grad).
@@ -777,11 +801,13 @@ def merge_and_unload(
         # trained on the head only), and requires_grad stays as get_peft_model left it (frozen)
         head = model.get_output_embeddings()
         if getattr(head, "weight", None) is not getattr(emb, "weight", None):
-            config.tie_word_embeddings = False
+            for c in tied:
+                c.tie_word_embeddings = False
     if dtype is not None:
-        for p in model.parameters():
-            if p.is_floating_point() and p.dtype != dtype:
-                p.data = p.data.to(dtype)
+        for n, p in model.named_parameters():
+            to = torch.float32 if kept(n) else dtype
+            if p.is_floating_point() and p.dtype != to:
+                p.data = p.data.to(to)
         if config is not None and hasattr(config, "dtype"):
             config.dtype = dtype
     _restore_requires_grad(model)
