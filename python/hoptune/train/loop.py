@@ -323,25 +323,44 @@ def _decoder(model: nn.Module) -> nn.Module | None:
 
 # model types whose logits are multiplied by config.logits_scaling (Granite's are divided by it)
 _LOGITS_SCALING_MULTIPLIES = frozenset({"hyperclovax"})
+# composite models whose forward leaves their text config's logit_scale unused
+_TEXT_LOGIT_SCALE_UNUSED = frozenset({"aya_vision", "cohere2_vision"})
+
+
+def _logits_setting(cfg: Any, key: str, text: bool = True) -> tuple[Any, Any]:
+    """(``key``'s value, the config holding it): the model's config, else (``text``) its text
+    config, where a composite model's forward reads it (Gemma 3n's soft-capping). (None, cfg)
+    when unset."""
+    configs = [cfg]
+    get_text = getattr(cfg, "get_text_config", None)
+    if text and callable(get_text):
+        configs.append(get_text(decoder=True))
+    for c in configs:
+        value = getattr(c, key, None)
+        if value is not None:
+            return value, c
+    return None, cfg
 
 
 def lm_head_logprobs(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Log-probs of ``labels`` ``(N,)`` from final hidden states ``(N, H)`` through the model's output
     head, with the architecture's logit scale / soft-capping. fp32 ``(N,)``."""
     cfg = getattr(model, "config", None)
-    scale = getattr(cfg, "logit_scale", None)  # Cohere: logits * logit_scale
+    text_scale = getattr(cfg, "model_type", None) not in _TEXT_LOGIT_SCALE_UNUSED
+    scale, _ = _logits_setting(cfg, "logit_scale", text_scale)  # Cohere: logits * logit_scale
     scale = float(scale) if isinstance(scale, (int, float)) and not isinstance(scale, bool) else 1.0
-    divisor = getattr(cfg, "logits_scaling", None)  # Granite: logits / logits_scaling
+    divisor, holder = _logits_setting(cfg, "logits_scaling")  # Granite: logits / logits_scaling
     if isinstance(divisor, (int, float)) and not isinstance(divisor, bool) and divisor:
         # (HyperCLOVA X multiplies by the same key: muP's other convention)
-        mult = getattr(cfg, "model_type", None) in _LOGITS_SCALING_MULTIPLIES
+        mult = getattr(holder, "model_type", None) in _LOGITS_SCALING_MULTIPLIES
         scale = scale * float(divisor) if mult else scale / float(divisor)
-    head_mult = getattr(cfg, "lm_head_multiplier", None)  # Falcon-H1: logits * lm_head_multiplier
+    # Falcon-H1: logits * lm_head_multiplier
+    head_mult, _ = _logits_setting(cfg, "lm_head_multiplier")
     if isinstance(head_mult, (int, float)) and not isinstance(head_mult, bool):
         scale *= float(head_mult)
-    softcap = getattr(cfg, "final_logit_softcapping", None)
+    softcap, _ = _logits_setting(cfg, "final_logit_softcapping")
     if softcap is None:  # RecurrentGemma's name for it
-        softcap = getattr(cfg, "logits_soft_cap", None)
+        softcap, _ = _logits_setting(cfg, "logits_soft_cap")
     return head_logprobs(
         model.get_output_embeddings(), hidden, labels, logit_scale=scale, softcap=softcap or None
     )
@@ -361,16 +380,29 @@ def _flatten_packed(model: nn.Module, batch: dict[str, Any]) -> bool:
     return batch["input_ids"].shape[0] > 1 and impl not in _PACKED_ROWS_OK
 
 
+def _first(out: Any, name: str) -> torch.Tensor:
+    """Output ``name`` of a forward: a model whose config has return_dict=False returns a tuple,
+    which (no labels, no cache) starts with it."""
+    return out[0] if isinstance(out, tuple) else getattr(out, name)
+
+
 def batch_logprobs(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of the loss tokens of a batch.
 
-    batch: ``input_ids`` (B, T), ``loss_mask`` (B, T) bool, ``attention_mask`` (B, T) or None,
-    ``position_ids`` (B, T) or None (packed rows), on the model's device.
+    batch: ``input_ids`` (B, T), ``loss_mask`` (B, T) bool or 0/1, ``attention_mask`` (B, T) or
+    None, ``position_ids`` (B, T) or None (packed rows), on the model's device.
     Returns (logprobs fp32 ``(N,)``, labels ``(N,)``) over the N targets ``loss_mask[:, 1:]`` selects,
     in row-major order. The output head runs on those N positions only: prompt positions never
     get logits (a large saving with long prompts and big vocabularies)."""
     ids = batch["input_ids"]
     targets = batch["loss_mask"][:, 1:]
+    if targets.dtype != torch.bool:
+        # an integer mask would index rows (ids[:, 1:][mask] gathers), not select tokens
+        bad = (targets != 0) & (targets != 1)
+        if bool(bad.any()):
+            got = targets[bad][0].item()
+            raise ValueError(f"loss_mask must be bool or hold only 0 and 1, got {got}")
+        targets = targets != 0
     labels = ids[:, 1:][targets]
     kwargs = {"input_ids": ids, "use_cache": False}
     if batch.get("attention_mask") is not None:
@@ -384,9 +416,10 @@ def batch_logprobs(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tenso
         kwargs["position_ids"] = batch["position_ids"].reshape(1, -1)
     decoder = _decoder(model)
     if decoder is not None and model.get_output_embeddings() is not None:
-        hidden = decoder(**kwargs).last_hidden_state.reshape(*rows, -1)  # (B, T, H)
+        hidden = _first(decoder(**kwargs), "last_hidden_state").reshape(*rows, -1)  # (B, T, H)
         return lm_head_logprobs(model, hidden[:, :-1][targets], labels), labels
-    logits = model(**kwargs).logits.reshape(*rows, -1)  # models without a separable decoder: full logits
+    # models without a separable decoder: full logits
+    logits = _first(model(**kwargs), "logits").reshape(*rows, -1)
     return token_logprobs_from_logits(logits[:, :-1][targets], labels), labels
 
 

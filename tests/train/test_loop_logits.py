@@ -1,0 +1,127 @@
+"""batch_logprobs against the model's own logits: composite models, tuple outputs, 0/1 masks."""
+
+import pytest
+import torch
+
+from hoptune.train import loop
+
+V = 300
+PLE = dict(vocab_size_per_layer_input=V, hidden_size_per_layer_input=8)  # (Gemma 4: per-layer)
+TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=V,
+    head_dim=16,
+)
+VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    image_size=28,
+    patch_size=14,
+)
+
+
+def _model_logprobs(model, ids, labels):
+    """log_softmax of the model's own logits at the labels of every next-token position."""
+    out = model(input_ids=ids, use_cache=False)
+    logits = out[0] if isinstance(out, tuple) else out.logits
+    lp = torch.log_softmax(logits[:, :-1].float(), -1).reshape(-1, logits.shape[-1])
+    return lp.gather(1, labels[:, None]).squeeze(1)
+
+
+@pytest.mark.parametrize(
+    "family,text,extra",
+    [
+        # soft-capped by its text config's final_logit_softcapping (Gemma 3n's is 30)
+        (
+            "Gemma4ForConditionalGeneration",
+            dict(final_logit_softcapping=0.5, **PLE),
+            {},
+        ),
+        # logits * text_config.logits_scaling (the text model is HyperCLOVA X)
+        (
+            "HyperCLOVAXVisionV2ForConditionalGeneration",
+            dict(logits_scaling=0.25),
+            dict(
+                vision_config=dict(
+                    depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64
+                )
+            ),
+        ),
+        # its text config's logit_scale is not applied by its forward
+        ("AyaVisionForConditionalGeneration", dict(logit_scale=0.25), dict(vision_config=VISION)),
+    ],
+)
+def test_batch_logprobs_reads_a_composite_models_text_config(family, text, extra):
+    """A composite (multimodal) model keeps the logit soft-cap / scale in its text config: the
+    head's log-probs follow it as the model's forward does (they were taken without it)."""
+    import transformers
+
+    model_cls = getattr(transformers, family, None)
+    if model_cls is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {family}")
+    cfg_cls = getattr(transformers, family.replace("ForConditionalGeneration", "Config"))
+    cfg = cfg_cls(text_config={**TEXT, **text}, **extra)
+    model = model_cls(cfg).eval()
+    assert loop._decoder(model) is not None  # (the path that applies the cap / scale itself)
+    ids = torch.randint(3, V, (2, 12))
+    with torch.no_grad():
+        lp, labels = loop.batch_logprobs(
+            model, {"input_ids": ids, "loss_mask": torch.ones_like(ids, dtype=torch.bool)}
+        )
+        ref = _model_logprobs(model, ids, labels)
+    assert (lp - ref).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("separable", [True, False])
+def test_batch_logprobs_of_a_model_returning_tuples(small_model, separable, monkeypatch):
+    """A decoder or model that returns tuples (return_dict=False in its config) gives the log-probs
+    of the same one returning ModelOutputs (it was AttributeError: 'tuple' object has no attribute
+    'last_hidden_state', or 'logits')."""
+    model = small_model.eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 10))
+    mask = torch.rand(2, 10) < 0.6
+    mask[:, -1] = True
+    batch = {"input_ids": ids, "loss_mask": mask, "attention_mask": torch.ones_like(ids)}
+    if not separable:  # the full-logits path, through the model's forward
+        monkeypatch.setattr(loop, "_decoder", lambda m: None)
+    with torch.no_grad():
+        want, want_labels = loop.batch_logprobs(model, batch)
+        if separable:
+            model.config.return_dict = False
+            assert isinstance(loop._decoder(model)(input_ids=ids, use_cache=False), tuple)
+        else:  # (transformers >= 5 reads its decoder's output by name: a forward of its own)
+            forward = model.forward
+            monkeypatch.setattr(model, "forward", lambda *a, **k: forward(*a, **k).to_tuple())
+            assert isinstance(model(input_ids=ids, use_cache=False), tuple)
+        lp, labels = loop.batch_logprobs(model, batch)
+    assert torch.equal(labels, want_labels)
+    torch.testing.assert_close(lp, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.float32])
+def test_batch_logprobs_of_a_0_1_loss_mask(small_model, dtype):
+    """A loss mask of 0/1 numbers selects the tokens a bool mask does (an int64 one indexed rows:
+    evaluate_nll counted B * (T-1) * (T-1) tokens); any other value is a ValueError."""
+    model = small_model.eval()
+    ids = torch.randint(0, model.config.vocab_size, (3, 11))
+    mask = torch.rand(3, 11) < 0.5
+    mask[:, -1] = True
+    batch = {"input_ids": ids, "loss_mask": mask, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        want, want_labels = loop.batch_logprobs(model, batch)
+        lp, labels = loop.batch_logprobs(model, {**batch, "loss_mask": mask.to(dtype)})
+    assert torch.equal(labels, want_labels)
+    torch.testing.assert_close(lp, want)
+    ev = loop.evaluate_nll(model, [{**batch, "loss_mask": mask.to(dtype)}], torch.device("cpu"))
+    assert ev["tokens"] == int(mask[:, 1:].sum())
+    assert ev["loss"] == pytest.approx(float(-want.sum()) / want.numel(), rel=1e-5)
+    bad = mask.to(dtype).clone()
+    bad[1, 4] = 2
+    with pytest.raises(ValueError, match="loss_mask must be bool or hold only 0 and 1, got 2"):
+        loop.batch_logprobs(model, {**batch, "loss_mask": bad})
