@@ -759,26 +759,7 @@ def load_model(
     blocksize = _check.blocksize("blocksize", blocksize, BLOCKSIZES)
     _check.boolean("double_quant", double_quant)
     skip_modules = _skip_names(skip_modules)
-    if isinstance(device, int) and not isinstance(device, bool):
-        device = torch.device("cuda", device)  # as from_pretrained's device_map=0: that GPU
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:  # torch.device("gpu"): torch's own message, no argument named
-        raise ValueError(f"device must be 'cuda', 'cuda:N' or 'cpu', got {device!r} ({e})") from None
-    # the reader fills CPU tensors through numpy and CUDA ones from pinned buffers, nothing else
-    if device.type not in ("cuda", "cpu"):
-        raise ValueError(f"device must be 'cuda', 'cuda:N' or 'cpu', got {str(device)!r}")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={str(device)!r} but no CUDA device is visible; pass device='cpu'")
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise ValueError(
-                f"device={str(device)!r} but only {count} CUDA device{'s are' if count > 1 else ' is'} "
-                f"visible (cuda:0{f' to cuda:{count - 1}' if count > 1 else ''}); check CUDA_VISIBLE_DEVICES"
-            )
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+    device = _check.device("device", device)
 
     # 1. headers of every file first: a truncated or corrupt file fails before any work
     files = checkpoint_files(folder)

@@ -365,3 +365,23 @@ def test_layers_of_a_size_nf4_cannot_hold_stay_dense_by_default(tmp_path):
     again = hoptune.load_model(tmp_path / "nf4", device="cpu")
     with torch.no_grad():
         assert torch.equal(again(ids()).logits, model(ids()).logits)
+
+
+@pytest.mark.parametrize(
+    ("device", "match"),
+    [
+        ("gpu", "device must be 'cuda', 'cuda:N' or 'cpu', got 'gpu'"),
+        ("meta", "device must be 'cuda', 'cuda:N' or 'cpu', got 'meta'"),
+        ("cuda", "device='cuda' but no CUDA device is visible; pass device='cpu'"),
+    ],
+)
+def test_a_device_it_cannot_quantize_on_is_refused_up_front(tmp_path, device, match):
+    """save_pretrained_nf4's device is checked as load_model's, before any work (was torch's 'not
+    compiled with CUDA' AssertionError from the first layer, or ignored where no layer needed it)."""
+    from tests.test_loading import tiny_model
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible here")
+    with pytest.raises(ValueError, match=match):
+        save_pretrained_nf4(tiny_model(), tmp_path / "nf4", device=device)
+    assert not (tmp_path / "nf4").exists()

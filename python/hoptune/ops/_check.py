@@ -86,3 +86,29 @@ def integer(name: str, value: object) -> int:
         return operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be an integer, got {value!r}") from None
+
+
+def device(name: str, value: object) -> torch.device:
+    """A device to load or quantize weights on: ``cpu``, ``cuda``, ``cuda:N`` or an int (that GPU,
+    as from_pretrained's device_map=0), visible here; ``cuda`` becomes the current GPU."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = torch.device("cuda", value)
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, TypeError) as e:  # torch.device("gpu"): torch's own message, no argument named
+        raise ValueError(f"{name} must be 'cuda', 'cuda:N' or 'cpu', got {value!r} ({e})") from None
+    # the loader fills CPU tensors through numpy and CUDA ones from pinned buffers, nothing else
+    if dev.type not in ("cuda", "cpu"):
+        raise ValueError(f"{name} must be 'cuda', 'cuda:N' or 'cpu', got {str(dev)!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name}={str(dev)!r} but no CUDA device is visible; pass {name}='cpu'")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(
+                f"{name}={str(dev)!r} but only {count} CUDA device{'s are' if count > 1 else ' is'} "
+                f"visible (cuda:0{f' to cuda:{count - 1}' if count > 1 else ''}); check CUDA_VISIBLE_DEVICES"
+            )
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    return dev

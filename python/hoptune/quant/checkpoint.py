@@ -199,6 +199,8 @@ def save_pretrained_nf4(
     skip = _skip_names(skip_modules)
     blocksize = _check.blocksize("blocksize", blocksize, BLOCKSIZES)
     _check.boolean("double_quant", double_quant)
+    if device is not None:
+        device = _check.device("device", device)
     folder = os.fspath(out_dir)
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ValueError(f"out_dir {folder!r} exists and is not a directory")
@@ -306,7 +308,7 @@ def save_pretrained_nf4(
             w = mod.weight.detach()
             if _is_conv1d(mod):  # Conv1D stores W as (in, out): bitsandbytes quantizes W.T, (out, in)
                 w = w.t()
-            dev = w.device if device is None else torch.device(device)
+            dev = w.device if device is None else device
             try:
                 q = quantize_nf4(w.to(dev).contiguous(), blocksize=blocksize, double_quant=double_quant)
             except ValueError as err:
