@@ -1,6 +1,7 @@
 """PEFT-format adapters, continued: the config's task_type as PEFT reads it, the key forms PEFT's
-loader takes (a PeftModel's own ``.default.`` keys), and load_adapter's options on a model that
-already has LoRA layers (never silently dropped)."""
+loader takes (a PeftModel's own ``.default.`` keys), load_adapter's options on a model that
+already has LoRA layers (never silently dropped), PEFT's bias field, and models that hold PEFT's
+own adapter layers."""
 
 from __future__ import annotations
 
@@ -424,3 +425,80 @@ def test_a_plain_adapter_loaded_over_a_mica_one_saves_as_plain(tmp_path):
     hoptune.save_adapter(model, tmp_path / "again")
     cfg = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
     assert cfg["init_lora_weights"] is True
+
+
+# -- bias ----------------------------------------------------------------------------------------
+def _peft_bias_adapter(base, folder, bias: str):
+    torch.manual_seed(2)
+    cfg = peft.LoraConfig(
+        target_modules=["q_proj", "down_proj"],
+        r=4,
+        lora_alpha=8,
+        bias=bias,
+        init_lora_weights=False,
+    )
+    pm = peft.get_peft_model(copy.deepcopy(base), cfg).eval()
+    pm.save_pretrained(folder)
+    assert json.loads((folder / "adapter_config.json").read_text())["bias"] == bias
+    return pm
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_peft_bias_adapter_of_a_model_without_biases_loads(bias, tmp_path):
+    """PEFT's bias="lora_only" / "all" train the model's biases too; a model without any (Llama)
+    has none to save, so the file is a plain LoRA, which PEFT loads. It was refused."""
+    base = tiny_model()
+    pm = _peft_bias_adapter(base, tmp_path, bias)
+    assert all(".lora_" in k for k in load_file(tmp_path / "adapter_model.safetensors"))
+    want = logits(pm)
+    assert rel(want, logits(base)) > 1e-3
+    assert rel(logits(hoptune.load_adapter(copy.deepcopy(base), tmp_path)), want) <= 1e-6
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_peft_bias_adapter_with_biases_is_refused_naming_the_key(bias, tmp_path):
+    """Qwen2's q_proj has a bias, which such an adapter trained and holds: hoptune does not replace
+    base weights, so it says which tensor it cannot load."""
+    base = tiny_model("qwen2")
+    _peft_bias_adapter(base, tmp_path, bias)
+    model = copy.deepcopy(base)
+    snap = snapshot(model)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.base_layer.bias"
+    with pytest.raises(ValueError, match=rf"bias='{bias}'.*'{key}'"):
+        hoptune.load_adapter(model, tmp_path)
+    assert_unchanged(model, snap)
+
+
+def test_a_bias_value_peft_does_not_have_is_refused(tmp_path):
+    hoptune.save_adapter(ours(tiny_model(), "lora"), tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "bias": "some"}))
+    with pytest.raises(ValueError, match=r"bias must be 'none', 'lora_only' or 'all'.*got 'some'"):
+        hoptune.load_adapter(tiny_model(), tmp_path)
+
+
+# -- a model that holds PEFT's adapters ----------------------------------------------------------
+@pytest.mark.parametrize("part", ["peft_model", "its_model"])
+def test_load_into_a_model_with_peft_layers_says_so(part, tmp_path):
+    """Into a PeftModel, or the model inside it (its LoRA layers in place), the errors were that the
+    adapter is for another model, or that its q_proj "is a Linear, not a linear layer"."""
+    base = tiny_model()
+    hoptune.save_adapter(ours(base, "lora"), tmp_path)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    model = pm if part == "peft_model" else pm.base_model.model
+    snap = snapshot(model)
+    peft_linear = r"peft\.tuners\.lora\.layer\.Linear"
+    with pytest.raises(TypeError, match=rf"q_proj is a PEFT {peft_linear} layer.*unload\(\)"):
+        hoptune.load_adapter(model, tmp_path)
+    assert_unchanged(model, snap)
+
+
+def test_save_of_a_model_with_peft_layers_says_to_save_with_peft(tmp_path):
+    """Its error was that the model has no LoRA layers, and to call hoptune.apply_lora."""
+    base = tiny_model()
+    hoptune.save_adapter(ours(base, "lora"), tmp_path / "a")
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a")
+    match = r"q_proj is a PEFT .*Linear layer.*save_pretrained\(adapter_dir\)"
+    with pytest.raises(TypeError, match=match):
+        hoptune.save_adapter(pm, tmp_path / "b")
+    assert not (tmp_path / "b").exists()

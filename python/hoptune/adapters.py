@@ -15,7 +15,8 @@ A folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` (metada
 field hoptune does not implement (``lora_bias``, ``layer_replication``, ``modules_to_save``...) is
 an error when it is switched on, and a field it does not know at all is an error too unless it
 holds an off value (null, false, an empty list or object: a newer PEFT's default), which loads
-with a warning. PEFT's copies of base weights
+with a warning. ``bias="lora_only"`` / ``"all"`` load when the file holds no bias (the adapter of
+a model without biases); trained biases are an error. PEFT's copies of base weights
 (``<head>.base_layer.weight`` beside an adapted output head; ``embed_tokens.weight`` /
 ``lm_head.weight`` with ``save_embedding_layers``) load when they equal the model's own weights:
 hoptune never replaces base weights.
@@ -45,6 +46,7 @@ from hoptune.patch import (
     _check_pattern,
     _check_spec,
     _is_linear,
+    _is_peft_layer,
     _matches,
     _Target,
     check_target,
@@ -77,6 +79,7 @@ _USED = {
     "layers_to_transform",
     "layers_pattern",
     "fan_in_fan_out",
+    "bias",  # "lora_only" / "all" only when the file holds no bias (a model without any)
 }
 # informational, or used only to initialise a fresh adapter (the weights on disk replace that)
 _IGNORED = {
@@ -98,7 +101,6 @@ _IGNORED = {
 }
 # features hoptune does not implement: allowed only with the value that switches them off
 _OFF: dict[str, tuple] = {
-    "bias": ("none",),
     "modules_to_save": (None, []),
     "layer_replication": (None, []),
     "lora_bias": (False,),
@@ -113,6 +115,8 @@ _OFF: dict[str, tuple] = {
     "velora_config": (None,),
     "kasa_config": (None,),
 }
+# PEFT's bias: which biases were trained beside the LoRA factors (and saved with them)
+_BIAS = ("none", "lora_only", "all")
 # PEFT initializations that change the base layer's weight (and are repeated by PEFT when it loads
 # the adapter): the A / B on disk only fit that changed weight, which hoptune does not compute
 _BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq")
@@ -188,6 +192,12 @@ def _unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
+def _peft_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """``(name, layer)`` of the first PEFT tuner layer (its LoRA ``Linear``...) in ``model``; None
+    when there is none (or peft is not loaded: no model holds one then)."""
+    return next(((n, m) for n, m in model.named_modules() if _is_peft_layer(m)), None)
+
+
 def _parallel_wrapper(model: nn.Module) -> str | None:
     """The name of the DataParallel / DistributedDataParallel wrapping ``model``, if one does."""
     while isinstance(model, nn.Module):
@@ -207,6 +217,14 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | os.PathLike 
         )
     model = _unwrap(model)
     layers = lora_layers(model)
+    held = _peft_layer(model) if not layers else None
+    if held is not None:
+        name, mod = held
+        raise TypeError(
+            f"{name} is a PEFT {type(mod).__module__}.{type(mod).__qualname__} layer: model holds "
+            "PEFT's adapters, not hoptune's LoRA layers; PEFT saves them in this format: "
+            "model.save_pretrained(adapter_dir)"
+        )
     if not layers:
         raise ValueError(f"model ({type(model).__name__}) has no LoRA layers; call hoptune.apply_lora first")
     for field in ("use_dora", "use_rslora", "lora_dropout_p", _INIT_ATTR):
@@ -293,6 +311,10 @@ def check_adapter_config(cfg: object, where: str = CONFIG_NAME) -> dict:
     out.setdefault("use_rslora", False)  # FORMATS.md: a missing use_rslora means alpha / r
     out.setdefault("use_dora", False)
     out.setdefault("fan_in_fan_out", False)
+    out.setdefault("bias", "none")
+    if out["bias"] not in _BIAS:
+        got = out["bias"]
+        raise ValueError(f"{where}: bias must be 'none', 'lora_only' or 'all', got {got!r}")
     out["rank_pattern"] = out.get("rank_pattern") or {}
     out["alpha_pattern"] = out.get("alpha_pattern") or {}
     r = out.get("r", 8)
@@ -703,8 +725,8 @@ def load_adapter(
     Everything is checked first: an adapter for another architecture or with other shapes is an
     error and the model is left unchanged. A model wrapped by torch.compile is patched inside its
     wrapper (and the wrapper returned); one wrapped in DataParallel / DistributedDataParallel is an
-    error (load before wrapping). Keys PEFT saved from a torch.compile'd model (``_orig_mod.``)
-    load as PEFT matches them."""
+    error (load before wrapping), and so is a model holding PEFT's adapter layers (a PeftModel).
+    Keys PEFT saved from a torch.compile'd model (``_orig_mod.``) load as PEFT matches them."""
     if not isinstance(trainable, bool):
         raise TypeError(f"trainable must be True or False, got {trainable!r}")
     # checked whether or not the model has LoRA layers yet: those are kept, not rebuilt with these
@@ -724,6 +746,18 @@ def load_adapter(
             "has the adapter's LoRA layers already"
         )
     given, model = model, _unwrap(model)
+    held = _peft_layer(model)
+    if held is not None:
+        # (else its paths, base_model.model.<path>, or its layers, not nn.Linear, read as the
+        # model of another adapter)
+        name, mod = held
+        kind = f"{type(mod).__module__}.{type(mod).__qualname__}"
+        raise TypeError(
+            f"{name} is a PEFT {kind} layer: model holds PEFT's adapters, and load_adapter "
+            "puts hoptune's LoRA layers on the model without them. Load the adapter into the "
+            "base model (a PeftModel's unload() gives it back, merge_and_unload() with PEFT's "
+            "adapters folded in), or with PEFT: model.load_adapter(adapter_dir, adapter_name)"
+        )
     folder = os.fspath(adapter_dir)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"adapter_dir {folder!r} is not a directory")
@@ -732,6 +766,17 @@ def load_adapter(
     groups, copies = _group(_read_weights(folder), weights_path)
     if not groups:
         raise ValueError(f"{weights_path} holds no LoRA tensors")
+    if cfg["bias"] != "none":
+        # PEFT saves with them every tensor whose key holds "bias": a model without biases (Llama)
+        # has none, and its adapter is a plain LoRA, which PEFT loads as such
+        trained = sorted(k for k in copies if "bias" in k[len(PREFIX) :])
+        if trained:
+            more = " ..." if len(trained) > 3 else ""
+            raise ValueError(
+                f"{os.path.join(folder, CONFIG_NAME)}: bias={cfg['bias']!r}: the adapter holds "
+                f"biases trained with it ({trained[:3]}{more}), and hoptune does not replace base "
+                "weights; merge the adapter with PEFT (merge_and_unload) instead"
+            )
 
     # 1. every module of the file exists, is a linear layer, and its tensors fit it
     modules = dict(model.named_modules())
