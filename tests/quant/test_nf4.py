@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import bitsandbytes.functional as bnbf
+import numpy as np
 import pytest
 import torch
 
@@ -192,6 +193,23 @@ def test_error_to_a_dtype():
     with pytest.raises(TypeError, match=r"NF4Weight.to takes a device, got the dtype torch.bfloat16"):
         q.to(torch.bfloat16)
     assert torch.equal(q.to("cpu").packed, q.packed)
+
+
+def test_numpy_blocksizes_and_a_tensor_offset_are_stored_as_python_numbers():
+    """Blocksizes given as NumPy integers and the offset as bitsandbytes holds it (a 0-d tensor)
+    are kept as int and float: the state writes as JSON (to_bnb_state_dict failed with "Object of
+    type int64 is not JSON serializable") and reads back to the same weights."""
+    w = _weight((64, 256), torch.bfloat16, zero_block=False)
+    q = quantize_nf4(w, blocksize=np.int64(128), blocksize2=np.int32(64))
+    assert type(q.blocksize) is int and type(q.blocksize2) is int
+    offset = torch.tensor(q.offset)  # (bitsandbytes' QuantState.offset)
+    nested = dict(absmax2=q.absmax2, code2=q.code2, offset=offset, blocksize2=np.int64(64))
+    built = NF4Weight(q.packed, q.absmax, q.shape, q.dtype, np.int64(128), **nested)
+    assert (type(built.blocksize), type(built.offset), type(built.blocksize2)) == (int, float, int)
+    for x in (q, built):
+        back = from_bnb_state_dict(to_bnb_state_dict(x, "w"), "w")
+        assert (back.blocksize, back.blocksize2, back.offset) == (128, 64, q.offset)
+        assert torch.equal(dequantize_nf4(back), dequantize_nf4(q))
 
 
 def test_error_numel_not_divisible():

@@ -47,7 +47,11 @@ class NF4Weight:
         _check.contiguous("packed", self.packed)
         _check.contiguous("absmax", self.absmax)
         _check.same_device(packed=self.packed, absmax=self.absmax, absmax2=self.absmax2, code2=self.code2)
-        _check.blocksize("blocksize", self.blocksize, BLOCKSIZES)
+        # the fields as Python numbers (a NumPy blocksize, bitsandbytes' 0-d tensor offset): the
+        # quant state is written as JSON, which takes no other numbers
+        bs = _check.blocksize("blocksize", self.blocksize, BLOCKSIZES)
+        object.__setattr__(self, "blocksize", bs)
+        object.__setattr__(self, "offset", _check.real("offset", self.offset))
         n = self.packed.numel() * 2
         if n != math.prod(self.shape):
             raise ValueError(
@@ -67,7 +71,8 @@ class NF4Weight:
             return
         if self.code2 is None:
             raise ValueError("code2 (the nested quant map) is required with absmax2")
-        _check.blocksize("blocksize2", self.blocksize2, NESTED_BLOCKSIZES)
+        bs2 = _check.blocksize("blocksize2", self.blocksize2, NESTED_BLOCKSIZES)
+        object.__setattr__(self, "blocksize2", bs2)
         if self.absmax.dtype != torch.uint8:
             raise TypeError(f"absmax must be uint8 codes with double quantization, got {self.absmax.dtype}")
         nb2 = -(-self.absmax.numel() // self.blocksize2)
@@ -182,9 +187,9 @@ def quantize_nf4(
     if w.is_meta:  # (else the non-finite check below fails on .item() of a meta tensor)
         raise ValueError("w is on the meta device; load the weights first")
     _check.dtype_in("w", w, FLOAT_DTYPES)
-    _check.blocksize("blocksize", blocksize, BLOCKSIZES)
+    blocksize = _check.blocksize("blocksize", blocksize, BLOCKSIZES)
     if double_quant:
-        _check.blocksize("blocksize2", blocksize2, NESTED_BLOCKSIZES)
+        blocksize2 = _check.blocksize("blocksize2", blocksize2, NESTED_BLOCKSIZES)
     if not w.is_contiguous():
         raise ValueError(
             "w must be contiguous: NF4 blocks run along the flattened row-major order; pass w.contiguous() "
