@@ -536,6 +536,46 @@ def test_dense_base_takes_float64():
         LoRALinear(nn.Linear(64, 32), r=4, quantize="nf4")(x)
 
 
+@pytest.mark.parametrize("grad", [True, False])
+def test_lora_linear_refuses_a_parametrized_weight(grad):
+    """A dense base whose weight a parametrization computes (weight_norm): an error naming it, as
+    apply_lora gives, not "you can only change requires_grad flags of leaf variables" (nor, under
+    no_grad, a layer holding the weight as a plain attribute, missing from its state dict and
+    left behind by .to())."""
+    from torch.nn.utils import parametrizations, parametrize
+
+    lin = parametrizations.weight_norm(nn.Linear(64, 32))
+    match = r"base\.weight .*not an nn.Parameter.*remove_parametrizations"
+    with torch.set_grad_enabled(grad), pytest.raises(ValueError, match=match):
+        LoRALinear(lin, r=4)
+    w = lin.weight.detach().clone()
+    parametrize.remove_parametrizations(lin, "weight", leave_parametrized=True)
+    lora = LoRALinear(lin, r=4)
+    assert torch.equal(lora.state_dict()["weight"], w) and not lora.weight.requires_grad
+    # (quantized, the computed weight is all that is kept: nothing to refuse)
+    nf4 = LoRALinear(parametrizations.weight_norm(nn.Linear(64, 32)), r=4, quantize="nf4")
+    assert "weight_packed" in nf4.state_dict()
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_float64_base_merges_in_float64(use_dora):
+    """A float64 dense base merges (and takes DoRA's row norms) in float64: a fresh adapter (B = 0)
+    gives back the weight exactly, a trained one W + s B A to float64 precision (it was summed in
+    float32: errors ~1e-7 on every element)."""
+    lin = nn.Linear(64, 32).double()
+    with torch.no_grad():
+        lin.weight.normal_()  # (not the float32 values nn.Linear's init casts up)
+    w = lin.weight.detach().clone()
+    kw = dict(r=4, use_dora=use_dora, adapter_dtype=torch.float64)
+    assert torch.equal(LoRALinear(lin, **kw).to_linear().weight, w)
+    lora = LoRALinear(lin, **kw, init_lora_weights=False)
+    want = w + lora.scaling * lora.lora_B @ lora.lora_A
+    merged = lora.merged_weight()
+    assert merged.dtype == torch.float64 and rel_err(merged, want) < 1e-14
+    x = torch.randn(5, 64, dtype=torch.float64)
+    assert rel_err(lora.to_linear()(x), lora(x)) < 1e-14
+
+
 @pytest.mark.parametrize("quantize", [None, "nf4"])
 def test_lora_linear_conversions_refuse_other_dtypes(quantize):
     """merged_weight / base_weight / lora_delta / to_linear with an integer dtype (or a dtype's

@@ -111,6 +111,15 @@ class LoRALinear(NF4Module):
         elif isinstance(base, nn.Linear):
             out_features, in_features = base.out_features, base.in_features
             check_linear_weight(base, "base.weight")
+            if quantize != "nf4" and not isinstance(base.weight, nn.Parameter):
+                # (a computed weight: it cannot be frozen, and held as a plain attribute it would be
+                # left out of the state dict and of .to())
+                raise ValueError(
+                    f"base.weight is a {type(base.weight).__name__} computed on each access, not "
+                    "an nn.Parameter (a parametrization, torch.nn.utils.parametrize): a LoRA layer "
+                    "cannot freeze nor keep it; remove it first, keeping its values: parametrize."
+                    "remove_parametrizations(base, 'weight', leave_parametrized=True)"
+                )
             if bias is not None:
                 raise ValueError("bias is taken from the nn.Linear; pass it only with an NF4Weight base")
             bias = base.bias
@@ -227,16 +236,18 @@ class LoRALinear(NF4Module):
 
     @torch.no_grad()
     def weight_row_norms(self, include_lora: bool = True) -> torch.Tensor:
-        """fp32 ``||W + s B A||`` per output row (``||W||`` with include_lora=False), in row chunks so
-        the fp32 temporary stays small (an NF4 base is dequantized once, transiently)."""
+        """fp32 ``||W + s B A||`` per output row (``||W||`` with include_lora=False; fp64 for a
+        float64 base), in row chunks so the fp32 temporary stays small (an NF4 base is dequantized
+        once, transiently)."""
         w = self.base_weight()
-        out = torch.empty(self.out_features, dtype=torch.float32, device=w.device)
-        a = self.lora_A.float()
+        acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+        out = torch.empty(self.out_features, dtype=acc, device=w.device)
+        a = self.lora_A.to(acc)
         for r0 in range(0, self.out_features, _NORM_ROWS):
             r1 = min(self.out_features, r0 + _NORM_ROWS)
-            rows = w[r0:r1].float()
+            rows = w[r0:r1].to(acc)
             if include_lora:
-                rows = rows + self.scaling * (self.lora_B[r0:r1].float() @ a)
+                rows = rows + self.scaling * (self.lora_B[r0:r1].to(acc) @ a)
             out[r0:r1] = torch.linalg.vector_norm(rows, dim=1)
         return out
 
@@ -257,11 +268,13 @@ class LoRALinear(NF4Module):
     def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight of the equivalent plain linear layer: ``W + s B A`` (DoRA: ``m/n * (W + s B A)``)."""
         dtype = dtype or self.base_dtype
-        check_dtype("dtype", dtype)  # (the fp32 sum below would be rounded to any dtype, integers too)
-        w = self.base_weight(torch.float32) + self.lora_delta(torch.float32)
+        check_dtype("dtype", dtype)  # (the sum below would be rounded to any dtype, integers too)
+        # in fp32, or fp64 for a float64 base or result: fp32 would round every weight
+        acc = torch.float64 if torch.float64 in (dtype, self.base_dtype) else torch.float32
+        w = self.base_weight(acc) + self.lora_delta(acc)
         if self.use_dora:
             n = torch.linalg.vector_norm(w, dim=1).clamp_min(DORA_EPS)
-            w = w * (self.lora_magnitude.float() / n)[:, None]
+            w = w * (self.lora_magnitude.to(acc) / n)[:, None]
         return w.to(dtype)
 
     @contextmanager
@@ -308,7 +321,7 @@ class LoRALinear(NF4Module):
         if self.use_dora:
             with torch.no_grad():
                 n = self.weight_row_norms(include_lora=True).clamp_min(DORA_EPS)
-            mn = self.lora_magnitude.float() / n
+            mn = self.lora_magnitude.to(n.dtype) / n
             # m/n and the bias in the products' dtype: x's, or autocast's (as PEFT's DoRA output, and
             # the LoRA path's), not promoted to float32
             if dropout_active:  # PEFT's form: x W^T + (m/n - 1) d W^T + (m/n) s B A d, d = dropout(x)
