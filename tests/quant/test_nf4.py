@@ -482,3 +482,24 @@ def test_dequantize_ops_refuse_a_state_whose_sizes_disagree(case):
     b = torch.randn(96, 8, dtype=torch.bfloat16)
     with pytest.raises((ValueError, TypeError), match=text):
         nf4_ops.nf4_dequantize_lora(*args, a, b, 0.5)
+
+
+def test_quantize_nf4_double_quant_must_be_a_bool():
+    """double_quant="no" quantized with double quantization (read by its truth), where the layers
+    and load_model refuse anything but a bool."""
+    w = torch.randn(4, 64)
+    with pytest.raises(TypeError, match="double_quant must be True or False, got 'no'"):
+        quantize_nf4(w, double_quant="no")
+
+
+def test_nf4_weights_compare_by_identity_and_keep_a_torch_size():
+    """The dataclass's generated == compared the tensors ("Boolean value of Tensor ... is
+    ambiguous" from q in [q2, q]); a shape of NumPy ints is kept as a torch.Size of ints."""
+    w = torch.randn(4, 64)
+    q, q2 = quantize_nf4(w), quantize_nf4(w)
+    assert q == q and q != q2 and q in [q2, q] and len({q, q2}) == 2
+    shaped = NF4Weight(
+        q.packed, q.absmax, (np.int64(4), np.int64(64)), q.dtype, 64, q.absmax2, q.code2, q.offset
+    )
+    assert type(shaped.shape) is torch.Size and all(type(d) is int for d in shaped.shape)
+    assert json.dumps(list(shaped.shape)) == "[4, 64]"

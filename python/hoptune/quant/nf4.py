@@ -17,7 +17,7 @@ NESTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # (== of tensors is no bool: two states are equal when one)
 class NF4Weight:
     """An NF4-quantized tensor in bitsandbytes' layout.
 
@@ -52,6 +52,11 @@ class NF4Weight:
         bs = _check.blocksize("blocksize", self.blocksize, BLOCKSIZES)
         object.__setattr__(self, "blocksize", bs)
         object.__setattr__(self, "offset", _check.real("offset", self.offset))
+        try:
+            shape = torch.Size(_check.integer("shape", d) for d in self.shape)
+        except TypeError:
+            raise TypeError(f"shape must be a sequence of ints, got {self.shape!r}") from None
+        object.__setattr__(self, "shape", shape)
         n = self.packed.numel() * 2
         if n != math.prod(self.shape):
             raise ValueError(
@@ -188,6 +193,7 @@ def quantize_nf4(
         raise ValueError("w is on the meta device; load the weights first")
     _check.dtype_in("w", w, FLOAT_DTYPES)
     blocksize = _check.blocksize("blocksize", blocksize, BLOCKSIZES)
+    _check.boolean("double_quant", double_quant)
     if double_quant:
         blocksize2 = _check.blocksize("blocksize2", blocksize2, NESTED_BLOCKSIZES)
     if not w.is_contiguous():
