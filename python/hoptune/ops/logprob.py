@@ -106,8 +106,11 @@ def _may_overlap(t: torch.Tensor) -> bool:
 
 
 def _kernel_runs(logits: torch.Tensor) -> bool:
-    """Whether the CUDA kernels take these logits (fp64 runs the reference everywhere)."""
-    return logits.dtype != torch.float64 and _lib.use_kernel(logits, "token_logprobs")
+    """Whether the CUDA kernels take these logits (fp64 runs the reference everywhere, and so do
+    zero rows: the launchers refuse an empty view, and the reference has nothing to compute)."""
+    if logits.dtype == torch.float64 or logits.numel() == 0:
+        return False
+    return _lib.use_kernel(logits, "token_logprobs")
 
 
 def _token_logprobs_impl(
@@ -247,6 +250,9 @@ def _tl_bwd_inplace(
     _bwd_impl(
         logits, labels.contiguous(), lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, logits
     )
+    # the kernel wrote through the pointer: as copy_ above, tell autograd, so that a node that saved
+    # the logits (or a second backward through this graph) raises instead of reading the gradient
+    torch.autograd.graph.increment_version(logits)
 
 
 _token_logprobs_backward_inplace = torch.library.custom_op(
@@ -1061,7 +1067,8 @@ def _scale_rows(J: torch.Tensor, grad_logp: torch.Tensor, dtype: torch.dtype) ->
     out = torch.empty(J.shape, dtype=dtype, device=J.device)
     rs = grad_logp.float().contiguous()
     aligned = J.shape[1] % 4 == 0 and J.stride(1) == 1 and J.stride(0) % 4 == 0 and J.data_ptr() % 16 == 0
-    if _lib.use_kernel(J, "fused_linear_logprobs") and aligned:
+    # (no rows: J's pointer is null, which the kernel refuses)
+    if J.shape[0] > 0 and _lib.use_kernel(J, "fused_linear_logprobs") and aligned:
         _lib.extension().scale_rows(
             J.data_ptr(),
             J.stride(0),
