@@ -199,6 +199,11 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _kind(value: Any) -> str:
+    """The type of ``value`` as YAML names it: int, float (not the loader's _Int, _Float)."""
+    return {_Int: "int", _Float: "float"}.get(type(value), type(value).__name__)
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """``value`` checked against (and, for int -> float, converted to) type ``tp``; ConfigError if it
     does not fit."""
@@ -211,7 +216,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, alt, key)
             except ConfigError:
                 pass
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({_kind(value)})")
     if origin is Literal:
         # compare type too: True == 1 must not pass for a Literal[1]
         if any(value == a and type(value) is type(a) for a in typing.get_args(tp)):
@@ -224,7 +229,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is list:
         (inner,) = typing.get_args(tp) or (Any,)
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({_kind(value)})")
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
@@ -250,7 +255,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return _build(tp, value, key)
     else:  # pragma: no cover - a field type this loader does not know
         raise ConfigError(f"{key}: unsupported field type {tp!r}")
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({_kind(value)})")
 
 
 def _all_keys(cls: type, prefix: str = "") -> list[str]:

@@ -352,3 +352,29 @@ def test_an_anchor_alone_in_an_override_of_another_key_is_an_error():
     with pytest.raises(ConfigError, match=r"override 'model.quantize=&x': .*anchor"):
         load_config(None, ["model.quantize=&x"])
     assert load_config(None, ["model.quantize=&x nf4"]).model.quantize == "nf4"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("lora.r=8.0", "lora.r: expected int, got 8.0 (float)"),
+        ("train.max_steps=1500.0", "train.max_steps: expected int, got 1500.0 (float)"),
+        ("train.betas=0.95", "train.betas: expected list[float], got 0.95 (float)"),
+        ("model.device=3", "model.device: expected str, got 3 (int)"),
+        ("model.chat_template=true", "model.chat_template: expected str | null, got True (bool)"),
+        (
+            "model.attn_implementation=7",
+            "model.attn_implementation: expected str | null, got 7 (int)",
+        ),
+    ],
+)
+def test_a_wrong_type_is_named_as_yaml_reads_it(tmp_path, override, message):
+    # the loader's number classes (which keep a number's text) showed in the error: (_Float), (_Int)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert str(e.value) == message
+    key, value = override.split("=")
+    section, leaf = key.split(".")
+    with pytest.raises(ConfigError) as e:
+        load_config(_yaml(tmp_path, f"{section}:\n  {leaf}: {value}\n"))
+    assert str(e.value) == message

@@ -350,3 +350,65 @@ def test_out_that_is_a_file_is_named_as_such(tmp_path):
     with pytest.raises(ConfigError, match=r"notes.txt is a file"):
         run_demo(str(f), "cpu")
     assert f.read_text() == "mine"
+
+
+def test_demo_does_not_overwrite_data_it_did_not_write(tmp_path, monkeypatch):
+    """--out over a project folder: its data/train.jsonl is the user's, not the demo's to write over
+    (an error before any work); the demo's own data from an earlier run is written again."""
+    from hoptune.config import ConfigError
+    from hoptune.train import demo
+
+    class Stop(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Stop  # (the data is written by now)
+
+    monkeypatch.setattr(pretrain, "pretrained_tiny_path", lambda **k: None)
+    monkeypatch.setattr(demo, "_tiny_model", stop)
+    out = tmp_path / "project"
+    mine = out / "data" / "train.jsonl"
+    mine.parent.mkdir(parents=True)
+    text = '{"prompt": "What is 12*7?", "completion": "84"}\n' * 3
+    mine.write_text(text)
+    with pytest.raises((ConfigError, Stop)) as e:
+        run_demo(str(out), "cpu")
+    assert mine.read_text() == text
+    assert e.type is ConfigError and f"{mine} is not the demo's data" in str(e.value)
+
+    # a run over the data the demo wrote itself goes on
+    other = tmp_path / "demo"
+    for _ in range(2):
+        with pytest.raises(Stop):
+            run_demo(str(other), "cpu")
+    assert sorted(os.listdir(other / "data")) == ["eval.jsonl", "general.jsonl", "train.jsonl"]
+
+
+def test_out_is_read_as_the_config_reads_paths(tmp_path, monkeypatch):
+    """--out=~/demo (the shell leaves that ~ alone) is in the home folder, not in a folder named ~;
+    an empty --out (an unset variable) is an error, not the current folder."""
+    import hoptune.config
+    from hoptune.config import ConfigError
+
+    class Stop(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Stop
+
+    seen = []
+    real_load = hoptune.config.load_config
+    monkeypatch.setattr(
+        hoptune.config, "load_config", lambda *a, **k: seen.append(real_load(*a, **k)) or seen[-1]
+    )
+    monkeypatch.setattr(pretrain, "pretrained_tiny_path", stop)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Stop):
+        run_demo("~/demo", "cpu")
+    (cfg,) = seen
+    assert cfg.output.dir == str(tmp_path / "home" / "demo" / "sft")
+    assert cfg.data.train == str(tmp_path / "home" / "demo" / "data" / "train.jsonl")
+    for out in ("", " "):
+        with pytest.raises(ConfigError, match="--out is an empty string"):
+            run_demo(out, "cpu")

@@ -80,6 +80,20 @@ def _demo_run(folder: str, train_paths: set[str]) -> bool:
         return False
 
 
+def _holds_records(path: str, rows: list[dict]) -> bool:
+    """Whether the JSONL file ``path`` holds exactly ``rows`` (an earlier demo run's data)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            n = 0
+            for line in f:  # (stops at the first line that differs: a user's file may be large)
+                if n == len(rows) or json.loads(line) != rows[n]:
+                    return False
+                n += 1
+        return n == len(rows)
+    except (OSError, ValueError):
+        return False
+
+
 def run_demo(out_dir: str = "runs/demo", device: str = "auto", overrides: list[str] | None = None) -> dict:
     """Run the demo; returns the accuracies and paths (also printed)."""
     from hoptune.config import ConfigError, check_sft_config, load_config
@@ -89,7 +103,11 @@ def run_demo(out_dir: str = "runs/demo", device: str = "auto", overrides: list[s
     from hoptune.train import loop, sft
 
     t0 = time.time()
-    out_dir = os.path.abspath(out_dir)
+    # as the config reads output.dir: an empty path (an unset shell variable) would be the current
+    # folder, and the shell leaves the ~ of --out=~/demo as it is
+    if not os.fspath(out_dir).strip():
+        raise ConfigError("--out is an empty string: give a folder's path (default runs/demo)")
+    out_dir = os.path.abspath(os.path.expanduser(out_dir))
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ConfigError(f"--out {out_dir} is a file; the demo writes a folder there: give a folder's path")
     data_dir = os.path.join(out_dir, "data")
@@ -136,6 +154,20 @@ def run_demo(out_dir: str = "runs/demo", device: str = "auto", overrides: list[s
             f"--out {out_dir}: {sft_dir} holds files that are not the demo's (another run?); the demo "
             "writes its SFT run there: use another --out, or remove that folder first"
         )
+    # its data files too: --out may be a project folder with a data/train.jsonl of its own
+    train_pairs, held_pairs = task.split_pairs()
+    data = {
+        "train.jsonl": task.sft_records(train_pairs),
+        "eval.jsonl": task.sft_records(held_pairs),
+        "general.jsonl": task.general_records(200),
+    }
+    for name, rows in data.items():
+        path = os.path.join(data_dir, name)
+        if os.path.lexists(path) and not _holds_records(path, rows):
+            raise ConfigError(
+                f"--out {out_dir}: {path} is not the demo's data; the demo writes its data "
+                "there: use another --out, or remove that file first"
+            )
     dtype = loop.resolve_dtype(cfg.model.dtype, dev)
     print(
         f"hoptune demo: tiny Llama + QLoRA SFT on {dev} ({torch.get_num_threads()} CPU threads); output in {out_dir}"
@@ -145,10 +177,8 @@ def run_demo(out_dir: str = "runs/demo", device: str = "auto", overrides: list[s
     pretrained_tiny_path(device=dev)
 
     # 2. data
-    train_pairs, held_pairs = task.split_pairs()
-    write_jsonl(os.path.join(data_dir, "train.jsonl"), task.sft_records(train_pairs))
-    write_jsonl(os.path.join(data_dir, "eval.jsonl"), task.sft_records(held_pairs))
-    write_jsonl(os.path.join(data_dir, "general.jsonl"), task.general_records(200))
+    for name, rows in data.items():
+        write_jsonl(os.path.join(data_dir, name), rows)
     print(
         f"data: {len(train_pairs)} training chats, {len(held_pairs)} held out, 200 replay records in {data_dir}"
     )
