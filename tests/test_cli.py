@@ -366,3 +366,14 @@ def test_demo_refuses_another_model(tmp_path, capsys, no_demo_work):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--device", "cpu", "model.path=/ckpt/llama"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("hoptune demo: error: model.path='/ckpt/llama': the demo runs on the built-in")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["plan", "--model", "llama-3.1-8b"]])
+def test_output_into_a_closed_pipe_is_no_traceback(args):
+    """`hoptune --help | head -1`: the reader gone, the write fails with EPIPE; as other command
+    line tools, hoptune stops quietly (exit 141, SIGPIPE's), not with a BrokenPipeError traceback."""
+    code = f"import sys; from hoptune.cli import main; sys.exit(main({args!r}))"
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # (closed long before the child has imported hoptune and writes)
+    err = p.stderr.read().decode()
+    assert p.wait() == 141 and err == ""

@@ -168,6 +168,18 @@ def _help(cmd: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # (inside the try: a closed pipe fails here for short output)
+        return code
+    except BrokenPipeError:
+        # the reader of stdout has gone (`hoptune --help | head -1`): stop quietly, as other tools,
+        # with nothing left for the interpreter to flush into the closed pipe at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:  # a usage error, reported as argparse and an unknown command report theirs: on stderr
         print(f"hoptune: missing command\n\n{_usage()}", file=sys.stderr)
@@ -199,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return COMMANDS[cmd](rest)
+    except BrokenPipeError:
+        raise
     except (ConfigError, DataError, OSError) as e:  # OSError: a missing file, a folder that is a file...
         print(f"hoptune {cmd}: error: {e}", file=sys.stderr)
         return 2

@@ -292,6 +292,12 @@ _ALIASES = {
     "save_total_limit": "train.keep_checkpoints",
     "per_device_eval_batch_size": "train.eval_batch_size",
     "adam_epsilon": "train.eps",
+    "steps": "train.max_steps",
+    "num_steps": "train.max_steps",
+    "load_in_4bit": "model.quantize",
+    "bf16": "model.dtype",
+    "fp16": "model.dtype",
+    "save_dir": "output.dir",
 }
 
 

@@ -39,6 +39,12 @@ def test_loads_yaml_and_overrides(tmp_path):
         ("train.save_total_limit", "train.keep_checkpoints"),
         ("train.per_device_eval_batch_size", "train.eval_batch_size"),
         ("data.dataset", "data.train"),  # a key in a section is never answered with a section
+        # other trainers' names that look like another key (train.eps, model.path, output.dir)
+        ("train.steps", "train.max_steps"),
+        ("model.load_in_4bit", "model.quantize"),
+        ("model.bf16", "model.dtype"),
+        ("model.torch_dtype", "model.dtype"),
+        ("output.save_dir", "output.dir"),
     ],
 )
 def test_unknown_key_names_the_nearest(tmp_path, key, suggestion):
