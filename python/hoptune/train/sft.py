@@ -111,9 +111,15 @@ def load_base_model(cfg: SFTConfig, device: torch.device, dtype: torch.dtype) ->
             attn_implementation=m.attn_implementation,
         )
     except (ValueError, ImportError) as e:
-        # transformers refuses an attention implementation it does not know or cannot run here
-        if m.attn_implementation is not None and "attn" in str(e).lower():
-            raise ConfigError(f"model.attn_implementation={m.attn_implementation!r}: {e}") from e
+        # transformers refuses an attention implementation it does not know (ValueError) or whose
+        # package is missing (ImportError: "FlashAttention2 has been toggled on, but ...")
+        missing = isinstance(e, ImportError)
+        if m.attn_implementation is not None and (missing or "attn" in str(e).lower()):
+            why = str(e).strip()
+            if missing:
+                why = why.rstrip(".") + "; install it, or use model.attn_implementation=sdpa "
+                why += "(null: transformers' default)"
+            raise ConfigError(f"model.attn_implementation={m.attn_implementation!r}: {why}") from e
         if isinstance(e, ValueError) and m.path not in TINY:
             # load_model refuses a checkpoint it cannot read (truncated, another configuration, an MoE
             # layout transformers converts while loading) with a message that says why
@@ -121,10 +127,10 @@ def load_base_model(cfg: SFTConfig, device: torch.device, dtype: torch.dtype) ->
         raise
 
 
-def _has_nf4(model: nn.Module) -> bool:
+def _nf4_layers(model: nn.Module) -> list[str]:
     from hoptune.nn import NF4Linear
 
-    return any(isinstance(m, NF4Linear) for m in model.modules())
+    return [n for n, m in model.named_modules() if isinstance(m, NF4Linear)]
 
 
 def prepare_model(model: nn.Module, cfg: SFTConfig) -> nn.Module:
@@ -158,7 +164,7 @@ def prepare_model(model: nn.Module, cfg: SFTConfig) -> nn.Module:
                 quantize=cfg.model.quantize,
                 # for the layers it quantizes: NF4 layers (load_model's, or a checkpoint's as stored)
                 # keep their own, and apply_lora would warn about the config's default
-                double_quant=None if _has_nf4(model) else cfg.model.double_quant,
+                double_quant=None if _nf4_layers(model) else cfg.model.double_quant,
             )
         except (ValueError, TypeError) as e:
             hint = ""
@@ -181,6 +187,16 @@ def prepare_model(model: nn.Module, cfg: SFTConfig) -> nn.Module:
             "model (fold them in first with hoptune.merge_and_unload(model))"
         )
     else:
+        nf4 = _nf4_layers(model)
+        if nf4:
+            # (a pre-quantized checkpoint loads as stored, model.quantize=null too): NF4 weights are
+            # buffers, so the rest alone would train, and model/ would be saved without them
+            src = "" if cfg.model.path in TINY else f"; model.path={cfg.model.path!r} is in NF4"
+            raise ConfigError(
+                "lora.enabled=false (full fine-tuning) but the model holds NF4 layers "
+                f"({nf4[0]}...{src}), whose weights cannot train. Use lora.enabled=true (QLoRA "
+                "over the NF4 base), or a dense checkpoint"
+            )
         for p in model.parameters():
             p.requires_grad_(True)
     if cfg.model.gradient_checkpointing:
@@ -587,6 +603,8 @@ def _train(
         f"{n_total:,} parameters"
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    who = "the model passed in" if passed_in else f"model.path={cfg.model.path!r}"
+    _check_token_ids(model, rows + eval_rows, pad_id, who)
 
     # 3. optimizer, schedule, loss scaling (fp16), resume
     scaler = loop.grad_scaler(model, device, dtype)
@@ -815,6 +833,23 @@ def _save_tokenizer_beside(tokenizer: Any, cfg: SFTConfig, adapter_dir: str) -> 
         if "tokenizer_config.json" not in writes:  # (every tokenizer writes it)
             raise RuntimeError(f"the tokenizer saved no tokenizer_config.json: {names}")
         replace_files(adapter_dir, writes, last="tokenizer_config.json")
+
+
+def _check_token_ids(model: nn.Module, rows: list[Row], pad_id: int, who: str) -> None:
+    """ConfigError when the data or the pad token has an id the model's input embedding has no row
+    for: the first step would fail with a bare IndexError (on a GPU, a device-side assert)."""
+    get = getattr(model, "get_input_embeddings", None)
+    n = getattr(get() if callable(get) else None, "num_embeddings", None)
+    if not isinstance(n, int):
+        return
+    top = max((max(r.input_ids) for r in rows if r.input_ids), default=-1)
+    what = f"the data holds token id {top}" if top >= n else f"the pad token id {pad_id}"
+    if top >= n or pad_id >= n:
+        raise ConfigError(
+            f"{who}: {what}, but the model's input embedding has {n} rows (ids 0 to {n - 1}): "
+            "the tokenizer has tokens the model was not resized for (resize_token_embeddings("
+            "len(tokenizer)) before saving the model), or it is not this model's tokenizer"
+        )
 
 
 def _logged_eval(path: str, step: int) -> list[dict[str, float]]:

@@ -1,0 +1,94 @@
+"""The recipe's checks of the model a config names (or a caller passes): what cannot train, or
+cannot run on this data or machine, is a config error before the first step, not a broken output
+or a bare traceback."""
+
+import os
+
+import pytest
+import torch
+
+from hoptune.config import ConfigError
+from hoptune.models.tiny import build_model
+from hoptune.train import sft
+from tests.conftest import SMALL
+
+from .conftest import small_config
+
+FLASH = "model.attn_implementation=flash_attention_2"
+
+
+def _folder_config(tmp_path, data, base, *overrides):
+    return small_config(tmp_path, data, f"model.path={base}", "train.max_steps=1", *overrides)
+
+
+def test_full_finetuning_of_an_nf4_checkpoint_is_refused(tmp_path, tokenizer, demo_data):
+    # a pre-quantized (bitsandbytes NF4) checkpoint loads as stored, with model.quantize=null too:
+    # lora.enabled=false trained its embeddings, norms and head alone, and wrote a model/ without
+    # any of its linear weights, which no loader reads
+    from hoptune.quant.checkpoint import save_pretrained_nf4
+
+    base = tmp_path / "base-nf4"
+    save_pretrained_nf4(build_model(seed=0, **SMALL), base)
+    tokenizer.save_pretrained(base)
+    cfg = _folder_config(tmp_path, demo_data, base, "lora.enabled=false", "model.quantize=null")
+    with pytest.raises(ConfigError, match=r"lora.enabled=false .*NF4.*lora.enabled=true"):
+        sft.train(cfg, log=lambda s: None)
+    assert not os.path.exists(cfg.output.dir)
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "tiny"])
+def test_an_attention_implementation_not_installed_is_a_config_error(
+    tmp_path, tokenizer, demo_data, monkeypatch, where
+):
+    # transformers raises ImportError for flash_attention_2 without its package: `hoptune sft`
+    # ended in a traceback instead of the one-line error naming the key
+    from transformers.utils import is_flash_attn_2_available
+
+    if is_flash_attn_2_available():
+        pytest.skip("flash-attn is installed here")
+    if where == "tiny":
+        import hoptune.models
+
+        tiny = build_model(seed=0, **SMALL)
+        monkeypatch.setattr(hoptune.models, "load_tiny", lambda **k: (tiny, tokenizer))
+        cfg = small_config(tmp_path, demo_data, FLASH)
+    else:
+        base = tmp_path / "base"
+        build_model(seed=0, **SMALL).save_pretrained(base)
+        tokenizer.save_pretrained(base)
+        cfg = _folder_config(tmp_path, demo_data, base, FLASH)
+    with pytest.raises(ConfigError, match=r"model.attn_implementation='flash_attention_2': .*sdpa"):
+        sft.load_base_model(cfg, torch.device("cpu"), torch.float32)
+
+
+def test_token_ids_beyond_the_embedding_are_a_config_error(tmp_path, tokenizer, demo_data, capsys):
+    # a tokenizer with more tokens than the model has embedding rows (tokens added, the model not
+    # resized): the first step failed with a bare "IndexError: index out of range in self" (on a
+    # GPU, a device-side assert)
+    from hoptune.cli import main
+
+    base = tmp_path / "base"
+    build_model(seed=0, vocab_size=64, **SMALL).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    cfg = _folder_config(tmp_path, demo_data, base)
+    beyond = r"model.path=.*token id (6[4-9]|[7-9]\d)\b.* has 64 rows"
+    with pytest.raises(ConfigError, match=beyond):
+        sft.train(cfg, log=lambda s: None)
+    assert not os.path.exists(cfg.output.dir)
+
+    # `hoptune sft`: one line, exit status 2
+    yaml = tmp_path / "sft.yaml"
+    yaml.write_text("train:\n  max_steps: 1\n  batch_size: 2\n  grad_accum: 1\n")
+    args = [f"model.path={base}", f"data.train={demo_data['train']}", "model.quantize=null"]
+    args += ["model.device=cpu", f"output.dir={tmp_path / 'cli'}", "output.progress=false"]
+    assert main(["sft", str(yaml), *args]) == 2
+    assert "embedding has 64 rows" in capsys.readouterr().err
+
+    # the data's ids fit, a pad token added to the tokenizer does not
+    model = build_model(seed=0, vocab_size=len(tokenizer), **SMALL)
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    assert tokenizer.pad_token_id == model.config.vocab_size
+    pad = rf"passed in: .*pad token id {tokenizer.pad_token_id}\b.* has {len(tokenizer) - 1} rows"
+    with pytest.raises(ConfigError, match=pad):
+        cfg = small_config(tmp_path, demo_data)
+        sft.train(cfg, log=lambda s: None, model=model, tokenizer=tokenizer)
