@@ -92,3 +92,15 @@ def test_token_ids_beyond_the_embedding_are_a_config_error(tmp_path, tokenizer, 
     with pytest.raises(ConfigError, match=pad):
         cfg = small_config(tmp_path, demo_data)
         sft.train(cfg, log=lambda s: None, model=model, tokenizer=tokenizer)
+
+
+def test_a_model_passed_in_on_another_device_is_a_config_error(tmp_path, tokenizer, demo_data):
+    # sft.train does not move a model it is given: one on another device than model.device (a CPU
+    # model on a GPU machine, model.device=auto) failed at the first forward with torch's device
+    # mismatch; a meta model stands in here for one on another device
+    cfg = small_config(tmp_path, demo_data, "model.device=cpu")
+    with torch.device("meta"):
+        model = build_model(seed=0, **SMALL)
+    with pytest.raises(ConfigError, match=r"the model passed in is on meta, but model.device=cpu"):
+        sft.train(cfg, log=lambda s: None, model=model, tokenizer=tokenizer)
+    assert not os.path.exists(cfg.output.dir)

@@ -588,6 +588,8 @@ def _train(
     passed_in = model is not None
     if model is None:
         model = load_base_model(cfg, device, dtype)
+    else:
+        _check_model_device(model, device, cfg.model.device)
     prepare_model(model, cfg)
     # a model passed in while model.path is the built-in one: nothing above named its base, its frozen
     # weights do (a full fine-tuning checkpoint holds every weight: no base to compare)
@@ -833,6 +835,22 @@ def _save_tokenizer_beside(tokenizer: Any, cfg: SFTConfig, adapter_dir: str) -> 
         if "tokenizer_config.json" not in writes:  # (every tokenizer writes it)
             raise RuntimeError(f"the tokenizer saved no tokenizer_config.json: {names}")
         replace_files(adapter_dir, writes, last="tokenizer_config.json")
+
+
+def _check_model_device(model: nn.Module, device: torch.device, setting: str) -> None:
+    """ConfigError when a model passed in is not on ``device`` (it is not moved: its memory is the
+    caller's), which the batches go to: the first forward would fail with a device mismatch."""
+    where = {t.device for t in (*model.parameters(), *model.buffers())}
+    wrong = sorted(
+        str(d)
+        for d in where
+        if d.type != device.type or (device.index is not None and d.index != device.index)
+    )
+    if wrong:
+        raise ConfigError(
+            f"the model passed in is on {', '.join(wrong)}, but model.device={setting} is {device}: "
+            f"move it there first (model.to({str(device)!r})), or set model.device"
+        )
 
 
 def _check_token_ids(model: nn.Module, rows: list[Row], pad_id: int, who: str) -> None:
