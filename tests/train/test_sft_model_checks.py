@@ -104,3 +104,18 @@ def test_a_model_passed_in_on_another_device_is_a_config_error(tmp_path, tokeniz
     with pytest.raises(ConfigError, match=r"the model passed in is on meta, but model.device=cpu"):
         sft.train(cfg, log=lambda s: None, model=model, tokenizer=tokenizer)
     assert not os.path.exists(cfg.output.dir)
+
+
+def test_a_model_passed_in_with_frozen_adapters_says_so(tmp_path, tokenizer, demo_data):
+    # an adapter loaded to run (load_adapter's default trainable=False) leaves nothing to train:
+    # the error said "apply_lora (or lora.enabled=false) must leave some", the wrong way round
+    import hoptune
+
+    model = build_model(seed=0, **SMALL)
+    hoptune.apply_lora(model, r=4)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    cfg = small_config(tmp_path, demo_data)
+    with pytest.raises(ConfigError, match=r"passed in has LoRA layers, all frozen.*trainable=True"):
+        sft.train(cfg, log=lambda s: None, model=model, tokenizer=tokenizer)
+    assert not os.path.exists(cfg.output.dir)

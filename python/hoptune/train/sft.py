@@ -599,6 +599,14 @@ def _train(
     if resume_from is not None and model_fp is not None:
         _check_resume(resume_from, prior, {"model_fingerprint": model_fp})
     named = loop.trainable_parameters(model)
+    if not named and passed_in and cfg.lora.enabled:
+        from hoptune.patch import lora_layers
+
+        if lora_layers(model):  # (load_adapter's default loads an adapter to run, frozen)
+            raise ConfigError(
+                "the model passed in has LoRA layers, all frozen: nothing would train; load the "
+                "adapter to train on with hoptune.load_adapter(model, dir, trainable=True)"
+            )
     n_train, n_total = loop.count_parameters(model)
     log(
         f"model: {base_name or 'the model passed in'} on {device} ({dtype}); {n_train:,} trainable of "
