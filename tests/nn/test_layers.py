@@ -482,6 +482,28 @@ def test_nf4_from_linear_dtype_converts_the_bias_too(dtype):
     assert NF4Linear.from_linear(lin).bias.dtype == torch.float32
 
 
+@pytest.mark.parametrize("tensor", ["weight", "bias"])
+def test_nf4_from_linear_dtype_that_cannot_hold_the_values(tensor):
+    """A float32 value beyond float16's range (65504) is inf once converted to dtype=float16: the
+    error names the dtype and the way out, not "inf or NaN ... check the checkpoint" (the checkpoint
+    is fine), and an overflowing bias is not kept as inf."""
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 64)
+    with torch.no_grad():
+        getattr(lin, tensor)[3] = 7e4 * (1 + torch.rand(()))
+    with pytest.raises(
+        ValueError, match=rf"linear.{tensor} holds values up to .*dtype=torch.float16.*bfloat16"
+    ):
+        NF4Linear.from_linear(lin, dtype=torch.float16)
+    q = NF4Linear.from_linear(lin, dtype=torch.bfloat16)
+    assert torch.isfinite(q.dequantize()).all() and torch.isfinite(q.bias).all()
+    bad = nn.Linear(128, 64)
+    with torch.no_grad():
+        bad.weight[0, 0] = float("inf")  # (inf in the linear itself: the checkpoint's fault)
+    with pytest.raises(ValueError, match="inf or NaN"):
+        NF4Linear.from_linear(bad, dtype=torch.float16)
+
+
 # -- inputs and conversions: errors that name the argument ---------------------------------------
 LAYERS = {
     "dense": lambda: LoRALinear(nn.Linear(64, 32), r=4, init_lora_weights=False),
@@ -722,6 +744,19 @@ def test_repr_names_the_scaling(use_dora):
     }
     assert f"{kind}(r=4, alpha=8" in reprs[False] and "rslora" not in reprs[False]
     assert "rslora" in reprs[True] and (kind == "lora" or "dora" in reprs[True])
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_repr_of_an_nf4_base_names_double_quant(double_quant):
+    """LoRALinear's repr tells a double-quantized NF4 base from a plain one, as NF4Linear's does
+    (they hold the same weight and print the same nf4(...))."""
+    lin = nn.Linear(128, 64)
+    nf4 = NF4Linear.from_linear(lin, blocksize=128, double_quant=double_quant)
+    lora = LoRALinear(lin, r=4, quantize="nf4", blocksize=128, double_quant=double_quant)
+    wrapped = LoRALinear(nf4.weight_nf4, r=4)
+    expected = "nf4(blocksize=128, double_quant)" if double_quant else "nf4(blocksize=128)"
+    for layer in (nf4, lora, wrapped):
+        assert expected in repr(layer), repr(layer)
 
 
 @pytest.mark.parametrize("lora", [False, True])

@@ -362,7 +362,11 @@ class LoRALinear(NF4Module):
         return lin
 
     def extra_repr(self) -> str:
-        base = f"nf4(blocksize={self._nf4_meta[2]})" if self.quantized else str(self.weight.dtype)
+        if self.quantized:  # (as NF4Linear's)
+            dq = ", double_quant" if self.weight_absmax2 is not None else ""
+            base = f"nf4(blocksize={self._nf4_meta[2]}{dq})"
+        else:
+            base = str(self.weight.dtype)
         kind = "rslora" if self.use_rslora else "lora"
         if self.use_dora:  # (DoRA's LoRA term takes rsLoRA's scaling too)
             kind = "dora+rslora" if self.use_rslora else "dora"

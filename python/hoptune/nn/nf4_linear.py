@@ -295,6 +295,20 @@ class NF4Module(nn.Module):
         self._nf4_meta = (shape, dtype, bs, float(offset), bs2)
 
 
+def _check_cast_fits(linear: nn.Linear, w: torch.Tensor, bias: torch.Tensor | None, dtype) -> None:
+    """``linear``'s finite weight and bias stay finite as ``w`` and ``bias`` in ``dtype``: a float32
+    value above 65504 is inf in float16, which quantize_nf4 would blame on the checkpoint."""
+    for name, old, new in (("weight", linear.weight, w), ("bias", linear.bias, bias)):
+        if new is None or bool(torch.isfinite(new).all()) or not bool(torch.isfinite(old).all()):
+            continue
+        big = old.detach().abs().amax().item()
+        raise ValueError(
+            f"linear.{name} holds values up to {big:g} in magnitude, beyond the range of "
+            f"dtype={dtype} (+-{torch.finfo(dtype).max:g}), where they would be inf; pass "
+            f"dtype=torch.bfloat16 or torch.float32, or dtype=None to keep {old.dtype}"
+        )
+
+
 class NF4Linear(NF4Module):
     """Frozen ``y = x deq(W)^T + b`` with W an NF4 weight ``[out, in]``; no trainable parameters
     besides the (frozen by default) bias."""
@@ -335,9 +349,12 @@ class NF4Linear(NF4Module):
         w = linear.weight.detach() if dtype is None else linear.weight.detach().to(dtype)
         check_quantizable(w, "linear.weight", " (pass dtype=torch.float32 or another of them)")
         check_blocks(w, "linear.weight", blocksize)
-        q = quantize_nf4(w.contiguous(), blocksize=blocksize, double_quant=double_quant)
         bias = linear.bias
-        return cls(q, bias if bias is None or dtype is None else bias.detach().to(dtype))
+        if dtype is not None:
+            bias = None if bias is None else bias.detach().to(dtype)
+            _check_cast_fits(linear, w, bias, dtype)
+        q = quantize_nf4(w.contiguous(), blocksize=blocksize, double_quant=double_quant)
+        return cls(q, bias)
 
     @property
     def weight_nf4(self) -> NF4Weight:
