@@ -111,7 +111,8 @@ class DataConfig:
     skip_bad_examples: bool = False
     """Skip (and report) malformed lines and examples with no loss token instead of stopping."""
     add_eos: bool = True
-    """Append EOS to prompt/completion completions that lack it (it stays in the loss)."""
+    """Append EOS where it is missing to prompt/completion completions and to text records (in the
+    loss), as TRL does; chat records end with the template's own end-of-turn token."""
 
     def __post_init__(self) -> None:
         self.train, self.eval, self.general_data = map(
@@ -575,6 +576,11 @@ def dump_config(cfg: Any) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
+# (torch.finfo(torch.float32).max and .tiny, without importing torch here)
+_FLOAT32_MAX = 3.4028234663852886e38
+_FLOAT32_TINY = 1.1754943508222875e-38
+
+
 def check_sft_config(cfg: SFTConfig) -> None:
     """Value checks the types cannot express; ConfigError naming the key."""
 
@@ -630,6 +636,19 @@ def check_sft_config(cfg: SFTConfig) -> None:
     need(len(t.betas) == 2, f"train.betas must be two floats [beta1, beta2], got {t.betas}")
     need(all(0.0 <= b < 1.0 for b in t.betas), f"train.betas must each be in [0, 1), got {t.betas}")
     need(t.eps > 0 and math.isfinite(t.eps), f"train.eps must be a finite number > 0, got {t.eps}")
+    # AdamW's first step moves a weight by up to lr / (1 - beta1), a float32 scalar: beyond
+    # float32's range it stops with "value cannot be converted to type float without overflow"
+    need(
+        t.lr / (1.0 - t.betas[0]) <= _FLOAT32_MAX,
+        f"train.lr={t.lr} is too large: AdamW's first step size, lr / (1 - beta1) = "
+        f"{t.lr / (1.0 - t.betas[0]):.3g}, is beyond float32's range ({_FLOAT32_MAX:.3g})",
+    )
+    # below float32's normal numbers eps is subnormal, then 0: a weight whose gradient is 0
+    # (lora_A's at the first step, lora_B being zero) gets 0 / 0 = NaN
+    need(
+        t.eps >= _FLOAT32_TINY,
+        f"train.eps must be >= {_FLOAT32_TINY:.3g} (float32's smallest normal number), got {t.eps}",
+    )
     need(
         t.weight_decay >= 0 and math.isfinite(t.weight_decay),
         f"train.weight_decay must be a finite number >= 0, got {t.weight_decay}",

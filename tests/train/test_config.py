@@ -167,6 +167,49 @@ def test_values_at_the_edge_of_the_checks_pass(override):
     check_sft_config(load_config(None, ["data.train=x.jsonl", *override.split(" ")]))
 
 
+def _adamw_step_is_finite(t) -> bool:
+    """One AdamW step with ``t``'s settings over random weights, one of them with a zero gradient
+    (lora_A's at the first step, lora_B being zero); raises what AdamW raises."""
+    import torch
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(4, 8)), torch.nn.Parameter(torch.randn(8, 4))
+    opt = torch.optim.AdamW(
+        [a, b], lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay, foreach=False
+    )
+    a.grad, b.grad = torch.zeros_like(a), torch.randn_like(b)
+    opt.step()
+    return bool(a.isfinite().all() and b.isfinite().all())
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        # AdamW stopped at the first step with a bare "value cannot be converted to type float"
+        ("train.lr=1e38", r"train.lr=1e\+38 is too large: .*lr / \(1 - beta1\) = 1e\+39"),
+        (("train.lr=1e37", "train.betas=[0.99, 0.999]"), r"train.lr=1e\+37 is too large"),
+        # 0 in float32: the weights with a zero gradient became NaN
+        ("train.eps=1e-46", r"train.eps must be >= 1.18e-38 .*, got 1e-46"),
+    ],
+)
+def test_values_adamw_cannot_take_are_refused(override, message):
+    overrides = [override] if isinstance(override, str) else list(override)
+    cfg = load_config(None, ["data.train=x.jsonl", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        check_sft_config(cfg)
+    try:  # (what the run would have met)
+        assert not _adamw_step_is_finite(cfg.train)
+    except RuntimeError as e:
+        assert "without overflow" in str(e)
+
+
+@pytest.mark.parametrize("override", ["train.lr=3e37", "train.eps=1.2e-38", "train.lr=0.5"])
+def test_values_adamw_takes_pass(override):
+    cfg = load_config(None, ["data.train=x.jsonl", override])
+    check_sft_config(cfg)
+    assert _adamw_step_is_finite(cfg.train)
+
+
 @pytest.mark.parametrize("device", ["cpu", "cpu:0", "cuda", "cuda:1", "mps:0", "auto"])
 def test_device_forms_torch_reads(device):
     check_sft_config(load_config(None, ["data.train=x.jsonl", f"model.device={device}"]))
