@@ -520,7 +520,6 @@ def test_fused_linear_logprobs_fp32(device, kw, chunk_rows):
         kw.get("scale", 1.0),
     )
     assert err(lp, rlp) <= 1e-5 and err(ent, rent) <= 1e-5
-    assert not ent.requires_grad
     g = torch.randn(45, device=device)
     lp.backward(g)
     rlp.backward(g.double())
@@ -713,10 +712,11 @@ def test_fused_linear_logprobs_in_place_on_the_outputs(device, shape, mode):
     lp *= mask
     lp -= other
     ent += other
-    (2 * lp + ent).sum().backward()
+    # (trained, the entropy carries no gradient: a backward through it raises)
+    (2 * lp + (ent.detach() if mode == "train" else ent)).sum().backward()
     assert torch.equal(lp.detach(), want_lp * mask - other.detach())
     assert torch.equal(ent.detach(), want_ent + other.detach())
-    assert torch.equal(other.grad, torch.full_like(other, -1.0))
+    assert torch.equal(other.grad, torch.full_like(other, -2.0 if mode == "train" else -1.0))
     if mode == "train":
         h64 = hid.detach().double().requires_grad_(True)
         rlp = fused_oracle(h64.reshape(n, 16), w.double(), None, y.reshape(n))[0]
@@ -737,6 +737,56 @@ def test_fused_linear_logprobs_create_graph(device):
     assert err(dh, rdh) <= 1e-5
     with pytest.raises(RuntimeError, match="differentiate twice"):
         (dh * dh).sum().backward()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("trained", ["hidden", "weight"])
+def test_fused_linear_logprobs_entropy_backward_refused(device, trained):
+    """The entropy carries no gradient: a loss with an entropy term raises, naming token_logprobs
+    (it trained silently on the log-prob term alone). For logging (detached, or with the loss on
+    the log-probs alone) it works, and the gradient is the log-probs' own."""
+    hid, w, _, y = _fused_case(9, 16, 40, torch.float32, device, seed=21)
+    leaf = (hid if trained == "hidden" else w).requires_grad_(True)
+    lp, ent = fused_linear_logprobs(hid, w, y, return_entropy=True)
+    with pytest.raises(RuntimeError, match="token_logprobs"):
+        (lp.sum() + 0.1 * ent.sum()).backward()
+    g = torch.randn(9, device=device)
+    for log_ent in (lambda e: e.detach().mean(), lambda e: e.mean()):
+        leaf.grad = None
+        lp, ent = fused_linear_logprobs(hid, w, y, return_entropy=True)
+        lp.backward(g)
+        log_ent(ent).item()
+        h64, w64 = (t.detach().double().requires_grad_(True) for t in (hid, w))
+        rlp, rent = fused_oracle(h64, w64, None, y)
+        rlp.backward(g.double())
+        assert err(ent, rent) <= 1e-5
+        assert err(leaf.grad, (h64 if trained == "hidden" else w64).grad) <= 1e-5
+
+
+@pytest.mark.filterwarnings("ignore:Error detected in")  # (torch's trace of the refused backward)
+def test_fused_linear_logprobs_entropy_backward_refused_compiled():
+    """Under torch.compile as eagerly: an entropy term is refused; a detached entropy works."""
+    hid, w, _, y = _fused_case(7, 16, 40, torch.float32, "cpu", seed=22)
+
+    def loss(h):
+        lp, ent = fused_linear_logprobs(h, w, y, return_entropy=True)
+        return lp.sum() + 0.1 * ent.sum()
+
+    def logged(h):
+        lp, ent = fused_linear_logprobs(h, w, y, return_entropy=True)
+        return lp, ent.detach()
+
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="token_logprobs"):  # (at compile time, wrapped by torch)
+        compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+        compiled(hid.clone().requires_grad_(True)).backward()
+    outs = []
+    for fn in (logged, torch.compile(logged, backend="aot_eager", fullgraph=True)):
+        h = hid.clone().requires_grad_(True)
+        lp, ent = fn(h)
+        lp.sum().backward()
+        outs.append((lp.detach(), ent, h.grad))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -844,6 +894,9 @@ def test_opcheck():
         (hid.requires_grad_(True), w, y, None, 1.0, -100, 0.0, 1.0, 0, True),
         test_utils=("test_schema", "test_faketensor"),
     )
+    # every check, the backward's included, without the entropy (whose backward raises by design)
+    args = (hid, w, y, None, 0.8, -100, 0.0, 1.0, 0, True, False)
+    torch.library.opcheck(torch.ops.hoptune.fused_linear_logprobs, args)
 
 
 @pytest.mark.gpu

@@ -1033,7 +1033,10 @@ def _fl_setup(ctx, inputs, output):
     ctx.meta = (temperature, ignore_index, softcap, logit_scale, chunk_rows, hidden.dtype)
     need_w = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[3])
     ctx.save_for_backward(J, hidden if need_w else None, weight if need_w else None, labels, bias)
-    ctx.mark_non_differentiable(ent, lse, J)
+    # an entropy asked for stays differentiable, so that a backward through it raises (in
+    # _fl_backward) rather than dropping the entropy term of a loss silently
+    need_entropy = inputs[10] if len(inputs) > 10 else True
+    ctx.mark_non_differentiable(lse, J, *(() if need_entropy else (ent,)))
     # the unused outputs' gradients stay None: materialised, J's alone would be (N, H) fp32 zeros
     ctx.set_materialize_grads(False)
 
@@ -1044,6 +1047,12 @@ def _fl_backward(ctx, grad_logp, grad_ent, grad_lse, grad_J, traced: bool = True
     J, hidden, weight, labels, bias = ctx.saved_tensors
     hdtype = ctx.meta[-1]
     dh = dw = db = None
+    if grad_ent is not None:  # (None unless the entropy is in the loss: grads not materialised)
+        raise RuntimeError(
+            "fused_linear_logprobs's entropy carries no gradient: for an entropy term in the "
+            "loss, compute the logits and use token_logprobs(logits, labels, return_entropy=True); "
+            "for logging, detach the entropy (or compute it under torch.no_grad())"
+        )
     if grad_logp is None:
         return (None,) * 12
     # selected away at the ignored rows, not left to J's zero rows: a nan or inf there (a caller's
@@ -1164,13 +1173,15 @@ def fused_linear_logprobs(
     hidden ``(*, H)`` bf16/fp16/fp32, weight ``(V, H)`` (the lm_head), labels ``(*)`` int64,
     bias ``(V,)``. Logits are ``(hidden @ weight^T + bias) * logit_scale``, then soft-capped
     ``softcap * tanh(z / softcap)`` when ``softcap`` is given (Gemma-2), then divided by the
-    temperature. Returns fp32 log-probs shaped like labels (and the entropy, which carries no
-    gradient, with ``return_entropy``). Ignored rows give 0 and no gradient and cost no matmul.
-    The weight (and bias) gradient is computed only if they require grad (a frozen lm_head, the
-    QLoRA case, skips it). ``chunk_rows`` (0 = auto) bounds the fp32 logits held at once.
-    ``check_labels`` raises on a label outside [0, V) other than ``ignore_index``; it rides on
-    the host transfer of the valid-row count that the op makes anyway. Without it, such a label
-    gives nan on the CUDA kernels; on the CPU the labels are checked anyway, so it raises.
+    temperature. Returns fp32 log-probs shaped like labels (and the entropy with
+    ``return_entropy``: it carries no gradient, and a backward through it raises; an entropy term
+    in a loss needs ``token_logprobs`` on the logits; for logging, detach it). Ignored rows give
+    0 and no gradient and cost no matmul. The weight (and bias) gradient is computed only if they
+    require grad (a frozen lm_head, the QLoRA case, skips it). ``chunk_rows`` (0 = auto) bounds
+    the fp32 logits held at once. ``check_labels`` raises on a label outside [0, V) other than
+    ``ignore_index``; it rides on the host transfer of the valid-row count that the op makes
+    anyway. Without it, such a label gives nan on the CUDA kernels; on the CPU the labels are
+    checked anyway, so it raises.
     """
     _check.tensor("hidden", hidden)
     _check.tensor("weight", weight)
