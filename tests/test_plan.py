@@ -521,3 +521,53 @@ def test_targets_that_are_not_linear_layers_are_refused_as_apply_lora_does(targe
     with pytest.raises(ValueError, match="not linear layers: model") as planned:
         hoptune.plan(small, r=4, target_modules=target, alternatives=False)
     assert str(planned.value) == str(applied.value)  # the same modules named
+
+
+@pytest.mark.parametrize("option", ["double_quant", "grad_ckpt", "use_dora", "alternatives"])
+@pytest.mark.parametrize("value", ["no", None, 0])
+def test_boolean_options_must_be_true_or_false(option, value):
+    # a string or None was read by its truth: double_quant="no" planned double quantization,
+    # grad_ckpt="false" gradient checkpointing
+    with pytest.raises(TypeError, match=f"{option} must be True or False, got {value!r}"):
+        hoptune.plan("llama-3.2-1b", **{option: value})
+
+
+@pytest.mark.parametrize("kv_heads", [3, 8])
+def test_key_value_heads_that_do_not_divide_the_heads_are_refused(tmp_path, capsys, kv_heads):
+    # transformers builds such a model, and its attention fails at the first forward (each key /
+    # value head serves num_attention_heads / num_key_value_heads query heads)
+    cfg = dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=kv_heads, vocab_size=300)  # fmt: skip
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    assert main(["--model", str(path), "--r", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(path) in err, err
+    assert f"num_key_value_heads must divide num_attention_heads (4), got {kv_heads}" in err, err
+
+
+@pytest.mark.parametrize("stack", ["hoptune", "hf"])
+@pytest.mark.parametrize(
+    "cfg, field",
+    [
+        (dict(model_type="llama", hidden_size=64, intermediate_size=0, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, vocab_size=300), "intermediate_size"),
+        (dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_inner=0),
+         "n_inner"),
+    ],
+    ids=["llama", "gpt2"],
+)  # fmt: skip
+def test_a_size_of_zero_is_named_not_taken_for_a_rank_error(cfg, field, stack):
+    # transformers builds an MLP of no weights from a width of 0: the hoptune stack blamed the rank
+    # ("r=4 is larger than layer ...gate_proj allows ([0, 64])"), the HF stack planned the model
+    with pytest.raises(ValueError, match=f"config field {field} must be a positive int, got 0"):
+        hoptune.plan(cfg, r=4, stack=stack, alternatives=False)
+
+
+@pytest.mark.parametrize("targets", ["", ",", " , "])
+def test_cli_empty_targets_name_the_option(capsys, targets):
+    # --targets "" reached plan() as target_modules=[]: the error named an argument the command
+    # does not have
+    assert main(["--model", "llama-3.2-1b", "--targets", targets]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--targets must name at least one layer" in err and "target_modules" not in err, err

@@ -363,6 +363,13 @@ def _shape(config) -> _Shape:
         v = getattr(text, f, None)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 1:
             raise ValueError(f"config field {f} must be a positive int, got {v!r}")
+    nh, nkv = getattr(text, "num_attention_heads", None), getattr(text, "num_key_value_heads", None)
+    if isinstance(nh, int) and isinstance(nkv, int) and nh % nkv:
+        # (transformers builds the model; its attention fails at the first forward)
+        raise ValueError(
+            f"config field num_key_value_heads must divide num_attention_heads ({nh}), got {nkv}: "
+            "each key / value head serves num_attention_heads / num_key_value_heads query heads"
+        )
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
@@ -396,6 +403,15 @@ def _shape(config) -> _Shape:
             seen.update(id(p) for p in m.parameters())
         elif name and not linear:
             not_linear.append((name, type(m).__name__))
+    empty = next(((n, i, o) for n, i, o, _ in linears if not i or not o), None)
+    if empty is not None:
+        # transformers builds a layer of no weights from a size of 0 (intermediate_size=0: no MLP)
+        sized = ("_size", "_dim", "n_inner")  # (GPT-2's MLP width: n_inner)
+        fields = text.to_dict().items()
+        zero = [k for k, v in fields if type(v) is int and v == 0 and k.endswith(sized)]
+        n, i, o = empty
+        named = f"; config field {' / '.join(zero)} must be a positive int, got 0" if zero else ""
+        raise ValueError(f"the config makes layer {n} [{o}, {i}], with no weights{named}")
     other = sum(p.numel() for p in model.parameters() if id(p) not in seen)
     # embeddings (token, and GPT-2's / OPT's learned positions) are no weights outside nn.Linear
     seen.update(id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters())
@@ -538,6 +554,16 @@ def plan(
     for name, v in (("seq", seq), ("batch", batch), ("r", r)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
+    from hoptune.ops import _check
+
+    # (a string such as "no" would be read by its truth)
+    for name, v in (
+        ("double_quant", double_quant),
+        ("grad_ckpt", grad_ckpt),
+        ("use_dora", use_dora),
+        ("alternatives", alternatives),
+    ):
+        _check.boolean(name, v)
     if stack == "hoptune":
         from hoptune.ops.nf4_lora import MAX_RANK
 
@@ -756,6 +782,13 @@ def main(argv: list[str] | None = None) -> int:
     targets = args.targets
     if targets.lower() != "all-linear" and not set(targets) & _REGEX_CHARS:
         targets = [t.strip() for t in targets.split(",") if t.strip()]
+        if not targets:
+            print(
+                "hoptune plan: error: --targets must name at least one layer (or be 'all-linear'), "
+                f"got {args.targets!r}",
+                file=sys.stderr,
+            )
+            return 2
     try:
         result = plan(
             args.model,
