@@ -143,11 +143,17 @@ def read_safetensors_header(path: str, exact: bool = False) -> dict[str, _Entry]
         if key == "__metadata__":
             continue
         try:
-            dtype = _DTYPES[info["dtype"]]
+            name = info["dtype"]
             shape = tuple(int(s) for s in info["shape"])
             begin, end = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path}: bad header entry for {key!r}: {info!r} ({e!r})") from e
+        dtype = _DTYPES.get(name) if isinstance(name, str) else None
+        if dtype is None:
+            raise ValueError(
+                f"{path}: tensor {key!r} has dtype {name!r}, which load_model does not read "
+                f"(it reads {', '.join(_DTYPES)})"
+            )
         nbytes = math.prod(shape) * dtype.itemsize
         if end - begin != nbytes or begin < 0:
             raise ValueError(
@@ -464,11 +470,14 @@ class _NF4Stream:
         self.cuda = device.type == "cuda"
         self.blocksize, self.double_quant, self.install = blocksize, double_quant, install
         self.code2 = dynamic_map().to(device) if double_quant else None
-        self.host = torch.empty((max(count, 1), 2), dtype=torch.float32, pin_memory=self.cuda)
+        self.host = torch.empty((max(count, 1), 3), dtype=torch.float32, pin_memory=self.cuda)
         self.n = 0
         self.waiting: deque[tuple] = deque()
 
-    def submit(self, path: str, key: str, owner: str, w: torch.Tensor) -> None:
+    def submit(
+        self, path: str, key: str, owner: str, w: torch.Tensor, stored: torch.Tensor | None = None
+    ) -> None:
+        """``stored``: the weight as read, before its cast to ``w.dtype`` (if another dtype)."""
         if w.numel() == 0 or w.numel() % self.blocksize:
             raise ValueError(
                 f"{path}: cannot quantize {key}: {w.numel()} weights are not a positive multiple of "
@@ -477,7 +486,15 @@ class _NF4Stream:
         packed, absmax, bad = nf4_ops.nf4_quantize(w.detach(), self.blocksize)
         flag = bad.reshape(1).ne(0).to(torch.float32)
         mean = absmax.mean().reshape(1) if self.double_quant else flag.new_zeros(1)
-        stats = torch.cat([mean, flag])
+        # the largest magnitude before a cast that can overflow (float32 -> float16: 1e5 is inf), so
+        # that a non-finite weight is blamed on the dtype asked for rather than on the checkpoint
+        big = flag.new_full((1,), math.inf)
+        # (float16 only: bfloat16 holds float32's range but its last 0.4%, no real weight's)
+        narrowing = stored is not None and w.dtype == torch.float16 and stored.dtype != w.dtype
+        if narrowing and stored.is_floating_point():
+            lo, hi = torch.aminmax(stored.detach())
+            big = torch.maximum(hi, -lo).to(torch.float32).reshape(1)
+        stats = torch.cat([mean, flag, big])
         row = self.host[self.n]
         self.n += 1
         row.copy_(stats, non_blocking=self.cuda)
@@ -501,7 +518,14 @@ class _NF4Stream:
 
     def _finish_one(self) -> None:
         _, row, path, key, owner, packed, absmax, shape, dtype = self.waiting.popleft()
-        offset, bad = row.tolist()
+        offset, bad, big = row.tolist()
+        if bad and math.isfinite(big):
+            wider = "torch.bfloat16 or torch.float32" if dtype == torch.float16 else "torch.float32"
+            raise ValueError(
+                f"{path}: cannot quantize {key}: {key} holds values up to {big:g} in magnitude, "
+                f"beyond the range of dtype={dtype} (+-{torch.finfo(dtype).max:g}), where they "
+                f"would be inf; pass dtype={wider}"
+            )
         try:
             if bad:
                 raise ValueError(
@@ -953,7 +977,8 @@ def load_model(
                         _to_nf4_layer(model, owner, q)
                 elif kind == "quantize":
                     w = t if t.dtype == dtype else t.to(dtype)
-                    nf4.submit(e.file, key, owner, w.t().contiguous() if owner in transposed else w)
+                    w = w.t().contiguous() if owner in transposed else w
+                    nf4.submit(e.file, key, owner, w, t)
                 else:
                     want = torch.float32 if keep_fp32 is not None and keep_fp32.search(key) else dtypes[key]
                     # as from_pretrained: to the dtype the model declares, a tensor stored as ints too

@@ -195,6 +195,15 @@ def save_pretrained_nf4(
     # torch.compile's wrapper: its "_orig_mod." would prefix every key (transformers then loads none)
     inner = getattr(model, "_orig_mod", None)
     model = inner if isinstance(inner, nn.Module) else model
+    # its config goes into config.json: a wrapper (DataParallel, DDP) has none, its model has
+    if not callable(getattr(getattr(model, "config", None), "to_dict", None)):
+        inner = getattr(model, "module", None)
+        wraps = isinstance(inner, nn.Module)
+        hint = f": pass model.module, the {type(inner).__name__} it wraps" if wraps else ""
+        raise TypeError(
+            f"model must be a transformers model (with a config, as from_pretrained makes it), got "
+            f"{type(model).__name__}{hint}"
+        )
     default_skip = skip_modules is _DEFAULT_SKIP
     skip = _skip_names(skip_modules)
     blocksize = _check.blocksize("blocksize", blocksize, BLOCKSIZES)
