@@ -123,6 +123,9 @@ _BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq")
 # the LoRALinear attribute holding the init_lora_weights of a loaded adapter that is not PEFT's
 # plain LoRA ("mica": lora_B stays frozen in training), for save_adapter to write it back
 _INIT_ATTR = "peft_init_lora_weights"
+# the LoRALinear attribute holding (base_model_name_or_path, revision) of a loaded adapter: PEFT's
+# save_pretrained writes a loaded config's values back, and save_adapter does too
+_BASE_ATTR = "peft_base_model"
 
 
 # -- config -----------------------------------------------------------------------------------
@@ -207,7 +210,11 @@ def _parallel_wrapper(model: nn.Module) -> str | None:
     return None
 
 
-def adapter_config(model: nn.Module, base_model_name_or_path: str | os.PathLike | None = None) -> dict:
+def adapter_config(
+    model: nn.Module,
+    base_model_name_or_path: str | os.PathLike | None = None,
+    revision: str | None = None,
+) -> dict:
     """The ``adapter_config.json`` content describing the LoRA layers of ``model``."""
     if isinstance(base_model_name_or_path, os.PathLike):
         base_model_name_or_path = os.fspath(base_model_name_or_path)
@@ -215,6 +222,8 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | os.PathLike 
         raise TypeError(
             f"base_model_name_or_path must be a str, a path or None, got {base_model_name_or_path!r}"
         )
+    if revision is not None and not isinstance(revision, str):
+        raise TypeError(f"revision must be a str or None, got {revision!r}")
     model = _unwrap(model)
     layers = lora_layers(model)
     held = _peft_layer(model) if not layers else None
@@ -241,6 +250,14 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | os.PathLike 
     r = _common(list(ranks.values()))
     alpha = _common(list(alphas.values()))
     first = layers[0][1]
+    # a loaded adapter's base and revision, as PEFT keeps them; its revision is that of its base,
+    # so it is dropped when another base is given
+    loaded = {getattr(m, _BASE_ATTR) for _, m in layers if hasattr(m, _BASE_ATTR)}
+    loaded_name, loaded_revision = loaded.pop() if len(loaded) == 1 else (None, None)
+    if revision is None and base_model_name_or_path in (None, loaded_name):
+        revision = loaded_revision
+    if base_model_name_or_path is None:
+        base_model_name_or_path = loaded_name
     if base_model_name_or_path is None:
         config = getattr(model, "config", None)
         base_model_name_or_path = getattr(config, "_name_or_path", None) or getattr(
@@ -258,7 +275,7 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | os.PathLike 
         "peft_type": "LORA",
         "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path or None,
-        "revision": None,
+        "revision": revision,
         "r": r,
         "lora_alpha": alpha,
         "target_modules": _target_modules(model, names),
@@ -465,6 +482,7 @@ def save_adapter(
     adapter_dir: str | os.PathLike,
     dtype: torch.dtype | None = torch.float32,
     base_model_name_or_path: str | os.PathLike | None = None,
+    revision: str | None = None,
 ) -> None:
     """Write the adapters of ``model`` to ``adapter_dir`` in PEFT's format, the two files replaced
     together (other files in the folder are left alone): both are written and synced before either
@@ -473,7 +491,10 @@ def save_adapter(
     (:func:`read_adapter_config` says what happened).
 
     ``dtype``: of the saved tensors (fp32 like PEFT; None keeps the training dtype).
-    ``base_model_name_or_path``: recorded in the config (default: ``model.config._name_or_path``).
+    ``base_model_name_or_path``: recorded in the config (default: that of the adapter
+    :func:`load_adapter` loaded, else ``model.config._name_or_path``).
+    ``revision``: the base model's revision, recorded in the config (default: that of the loaded
+    adapter, unless another ``base_model_name_or_path`` is given; else null).
     A model wrapped by torch.compile, DataParallel or DistributedDataParallel is saved as the model
     inside (the wrappers' ``_orig_mod.`` / ``module.`` are not in the keys)."""
     if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -481,7 +502,8 @@ def save_adapter(
     from safetensors.torch import save_file
 
     model = _unwrap(model)
-    cfg_text = json.dumps(adapter_config(model, base_model_name_or_path), indent=2, sort_keys=True) + "\n"
+    cfg = adapter_config(model, base_model_name_or_path, revision)
+    cfg_text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
     state = adapter_state_dict(model, dtype)
     _warn_unsaved_trainables(model)
     folder = os.fspath(adapter_dir)
@@ -522,6 +544,21 @@ def _warn_unsaved_trainables(model: nn.Module) -> None:
 
 
 # -- load -------------------------------------------------------------------------------------
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def _check_not_lfs_pointer(path: str) -> None:
+    """A clone made without git-lfs holds a small text pointer in place of each large file."""
+    with open(path, "rb") as f:
+        head = f.read(len(_LFS_POINTER))
+    if head == _LFS_POINTER:
+        raise ValueError(
+            f"{path} is a git-lfs pointer, not the weights: the repository was cloned "
+            "without git-lfs fetching its large files; run `git lfs pull` in it (after "
+            "`git lfs install`), or download the file itself"
+        )
+
+
 def _read_weights(adapter_dir: str) -> dict[str, torch.Tensor]:
     """The adapter's tensors: ``adapter_model.safetensors``, else ``adapter_model.bin`` (what PEFT
     writes with ``safe_serialization=False``), read as PEFT reads it: ``torch.load`` with
@@ -540,6 +577,7 @@ def _read_weights(adapter_dir: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(path, device="cpu")
     except Exception as e:  # safetensors raises its own error types for truncated / corrupt files
+        _check_not_lfs_pointer(path)
         raise ValueError(f"cannot read {path}: {e} (the file may be truncated or corrupt)") from e
 
 
@@ -547,6 +585,7 @@ def _read_bin(path: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated zip, or a pickle that holds more than tensors
+        _check_not_lfs_pointer(path)
         raise ValueError(
             f"cannot read {path}: {e} (the file may be truncated or corrupt, or hold objects "
             "other than tensors)"
@@ -582,12 +621,17 @@ def _unknown_key(path: str, key: str) -> ValueError:
 
 def _group(
     tensors: Mapping[str, torch.Tensor], path: str
-) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, tuple[str, str, bool, torch.Tensor]]]:
+) -> tuple[
+    dict[str, dict[str, torch.Tensor]],
+    dict[str, tuple[str, str, bool, torch.Tensor]],
+    dict[tuple[str, str], str],
+]:
     """``{module path: {part: tensor}}`` of the LoRA tensors (parts ``lora_A.weight``,
     ``lora_B.weight``, ``lora_magnitude_vector``), and ``{key: (module path, "weight" | "bias",
     under base_layer, tensor)}`` of PEFT's copies of base weights: ``<m>.base_layer.weight`` beside
     an output head it adapts, ``<m>.weight`` of an embedding layer (its ``save_embedding_layers``),
-    both checked in load_adapter. Other keys are errors."""
+    both checked in load_adapter; and ``{(module path, part): key}`` of the LoRA tensors, for
+    messages. Other keys are errors."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
     copies: dict[str, tuple[str, str, bool, torch.Tensor]] = {}
     seen: dict[tuple[str, str], str] = {}
@@ -634,7 +678,7 @@ def _group(
             ):
                 raise _unknown_key(path, key)
             copies[key] = (module, param, under_base, t)
-    return groups, copies
+    return groups, copies, seen
 
 
 def _embedding_names(model: nn.Module) -> set[str]:
@@ -763,7 +807,7 @@ def load_adapter(
         raise FileNotFoundError(f"adapter_dir {folder!r} is not a directory")
     cfg = read_adapter_config(folder)
     weights_path = os.path.join(folder, WEIGHTS_NAME)
-    groups, copies = _group(_read_weights(folder), weights_path)
+    groups, copies, keys = _group(_read_weights(folder), weights_path)
     if not groups:
         raise ValueError(f"{weights_path} holds no LoRA tensors")
     if cfg["bias"] != "none":
@@ -821,10 +865,12 @@ def load_adapter(
         r = a.shape[0]
         fan_in, fan_out = layer_features(mod)
         if tuple(a.shape) != (r, fan_in) or tuple(b.shape) != (fan_out, r):
+            key_a, key_b = keys[name, "lora_A.weight"], keys[name, "lora_B.weight"]
             raise ValueError(
-                f"shape mismatch for {name}: the model's layer is [out={fan_out}, in={fan_in}], so lora_A must "
-                f"be [r, {fan_in}] and lora_B [{fan_out}, r]; the adapter has {tuple(a.shape)} and {tuple(b.shape)} "
-                "(an adapter for another model size?)"
+                f"{weights_path}: shape mismatch for {name}: the model's layer is "
+                f"[out={fan_out}, in={fan_in}], so {key_a} must be [r, {fan_in}] and {key_b} "
+                f"[{fan_out}, r]; the file has {tuple(a.shape)} and {tuple(b.shape)} (an adapter "
+                "for another model size?)"
             )
         want_r = pattern_value(cfg["rank_pattern"], name, cfg["r"])
         if r != want_r:
@@ -838,8 +884,9 @@ def load_adapter(
             )
         m = g.get("lora_magnitude_vector")
         if m is not None and tuple(m.shape) != (fan_out,):
+            key, got = keys[name, "lora_magnitude_vector"], tuple(m.shape)
             raise ValueError(
-                f"shape mismatch for {name}: lora_magnitude_vector must be [{fan_out}], got {tuple(m.shape)}"
+                f"{weights_path}: shape mismatch for {name}: {key} must be [{fan_out}], got {got}"
             )
         for part, t in g.items():
             if not t.is_floating_point() or not torch.isfinite(t).all():
@@ -993,6 +1040,11 @@ def load_adapter(
     # PEFT's MiCA (init_lora_weights="mica") trains lora_A only: its lora_B stays frozen, loaded trainable too
     init = cfg.get("init_lora_weights", True)
     frozen_b = isinstance(init, str) and init.lower() == "mica"
+    # informational fields, not checked: a value other than a non-empty str reads as null
+    base = tuple(
+        v if isinstance(v, str) and v else None
+        for v in (cfg.get("base_model_name_or_path"), cfg.get("revision"))
+    )
     with torch.no_grad():
         for name, g in groups.items():
             lora = model.get_submodule(name)
@@ -1007,4 +1059,8 @@ def load_adapter(
                 setattr(lora, _INIT_ATTR, "mica")
             elif hasattr(lora, _INIT_ATTR):
                 delattr(lora, _INIT_ATTR)
+            if base != (None, None):  # saved again by save_adapter, as PEFT saves a loaded config
+                setattr(lora, _BASE_ATTR, base)
+            elif hasattr(lora, _BASE_ATTR):
+                delattr(lora, _BASE_ATTR)
     return given
