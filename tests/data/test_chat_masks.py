@@ -198,6 +198,22 @@ def test_prompt_completion_when_the_generation_prompt_is_not_a_prefix(tokenizer)
     assert masked_text(tokenizer, ids, mask) == ["7<|end|>", "10<|end|>"]
 
 
+def test_no_generation_markers_error_suggests_what_the_record_can_change(tokenizer):
+    """Assistant tokens that cannot be located without {% generation %} markers: the error's way
+    out fits the record. A conversational prompt/completion record fails the same way, so it is
+    told to write prompt and completion as strings, not to use prompt/completion data."""
+    template = THINK_PROMPT_TAGGED.replace("{% generation %}", "")
+    chat = ChatFormatter(tokenizer, template.replace("{% endgeneration %}", ""))
+    with pytest.raises(ExampleError, match=r"prompt '<\|assistant\|><think>\\n'.* or use prompt/"):
+        tokenize_record({"messages": CHAT}, tokenizer, chat)
+    with pytest.raises(ExampleError) as e:
+        tokenize_record({"prompt": CHAT[:2], "completion": CHAT[2:]}, tokenizer, chat)
+    msg = str(e.value)
+    assert "generation prompt '<|assistant|><think>\\n'" in msg
+    assert "use prompt/completion data" not in msg
+    assert "write 'prompt' and 'completion' as strings" in msg
+
+
 TOOLS_TEMPLATE = (
     "{{ bos_token }}{% if tools %}<|system|>{% for t in tools %}{{ t['function']['name'] }};{% endfor %}<|end|>"
     "{% endif %}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
@@ -396,6 +412,22 @@ def test_example_without_loss_token_is_an_error(tmp_path, tokenizer):
     # keeping the end instead keeps the completion
     ex, rep = load_examples(str(p), tokenizer, max_seq_len=20, truncation="left", skip_bad=True)
     assert len(ex) == 3 and rep.truncated == 1
+
+
+def test_report_counts_as_truncated_only_the_examples_kept(tmp_path, tokenizer):
+    """An example whose loss tokens truncation cut is counted as skipped (no loss token), not also
+    as truncated: the summary's counts add up to what happened to each line."""
+    rows = [
+        {"prompt": "a long prompt " * 5, "completion": "x"},  # truncation cuts the completion
+        {"prompt": "3+4=", "completion": "7 " * 20},  # truncated, kept
+        {"prompt": "ok", "completion": "fine"},
+    ]
+    p = tmp_path / "t.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ex, rep = load_examples(str(p), tokenizer, max_seq_len=20, skip_bad=True)
+    assert len(ex) == 2 and [ln for ln, _ in rep.no_loss] == [1]
+    assert rep.truncated == 1, rep.summary()
+    assert "2 examples" in rep.summary() and "; 1 truncated;" in rep.summary()
 
 
 # refuses conversations whose roles do not alternate, as Llama-2 / Mistral templates do

@@ -201,3 +201,22 @@ def test_a_file_without_records_says_so(tmp_path, tokenizer, content):
     p.write_bytes(content)
     with pytest.raises(DataError, match=r"e\.jsonl: no record \(the file is empty or has only blank"):
         load_examples(str(p), tokenizer, max_seq_len=64)
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-16"])
+def test_a_lone_carriage_return_inside_a_record_is_whitespace(tmp_path, tokenizer, encoding):
+    """JSONL lines end at "\\n" (or "\\r\\n"): a lone "\\r" between a record's tokens is JSON
+    whitespace, and the record is one line, as datasets' JSON reader (so TRL) reads it; a file
+    with lone "\\r" line ends (old Mac) still gives one record per line."""
+    rows = [{"prompt": "3+4=", "completion": "7", "id": 1}, {"text": "ok"}, {"text": "b"}]
+    text = '{"prompt": "3+4=",\r"completion": "7",\r "id": 1}\r\n{"text": "ok"}\n\n{"text": "b"}\n'
+    p = tmp_path / "cr.jsonl"
+    p.write_bytes(text.encode(encoding))
+    recs, rep = read_jsonl(p)
+    assert [r.data for r in recs] == rows and [r.line for r in recs] == [1, 2, 4]
+    assert rep.blank == 1 and not rep.malformed
+    examples, _ = load_examples(str(p), tokenizer, max_seq_len=64)
+    assert len(examples) == 3
+    p.write_bytes('{"text": "a"}\r{"text": "b"}\r\r{"text": "c"}\r'.encode(encoding))
+    recs, rep = read_jsonl(p)
+    assert [r.data["text"] for r in recs] == ["a", "b", "c"] and not rep.malformed

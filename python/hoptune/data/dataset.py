@@ -40,7 +40,7 @@ class DataReport:
     malformed: list[tuple[int, str]] = field(default_factory=list)
     invalid: list[tuple[int, str]] = field(default_factory=list)  # missing fields, wrong types
     no_loss: list[tuple[int, str]] = field(default_factory=list)  # no loss token (after truncation)
-    truncated: int = 0
+    truncated: int = 0  # examples kept after truncation
     tokens: int = 0
     loss_tokens: int = 0
 
@@ -117,8 +117,8 @@ def build_examples(
             report.invalid.append((rec.line, str(e)))
             continue
         full_loss = sum(mask[1:])
-        if len(ids) > max_seq_len:
-            report.truncated += 1
+        cut = len(ids) > max_seq_len
+        if cut:
             ids, mask = truncate(ids, mask, max_seq_len, truncation)
         ex = Example(ids, mask, rec.where)
         if ex.num_loss_tokens == 0:
@@ -132,6 +132,7 @@ def build_examples(
             report.no_loss.append((rec.line, why))
             continue
         examples.append(ex)
+        report.truncated += cut  # of the examples kept (one dropped is counted in no_loss only)
         report.tokens += len(ex)
         report.loss_tokens += ex.num_loss_tokens
     report.examples = len(examples)

@@ -498,11 +498,18 @@ class ChatFormatter:
         found = self.spans(messages, first_trained, template_kwargs)
         if isinstance(found, str):
             if not _GENERATION_TAG.search(self._template((template_kwargs or {}).get("tools"))):
+                # conversational prompt/completion (first_trained > 0) is rendered the same way
+                other = (
+                    "write 'prompt' and 'completion' as strings (the prompt as the template "
+                    "renders it, generation prompt included)"
+                    if first_trained
+                    else "use prompt/completion data"
+                )
                 raise ExampleError(
                     f"the assistant tokens cannot be located from the chat template's renders of the "
                     f"conversation's beginnings: {found}; add {{% generation %}} ... {{% endgeneration %}} "
                     "around each assistant turn's content and end-of-turn token in the template "
-                    "(model.chat_template, e.g. TRL's training variant of it), or use prompt/completion data"
+                    f"(model.chat_template, e.g. TRL's training variant of it), or {other}"
                 )
             return self._tokenize_with_generation_tags(messages, first_trained, template_kwargs)
         text, spans = found

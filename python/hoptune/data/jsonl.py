@@ -40,6 +40,17 @@ def _lone_surrogate(obj: object) -> str | None:
     return None
 
 
+def _values_per_cr(text: str) -> list | None:
+    """The JSON values of a line that is no JSON value but one per lone "\\r" line end (a file with
+    old Mac line ends, which datasets' reader reads too), or None."""
+    if "\r" not in text:
+        return None
+    try:
+        return [json.loads(piece) for piece in text.split("\r") if piece.strip()]
+    except (ValueError, RecursionError):
+        return None
+
+
 class DataError(ValueError):
     """Bad training data; the message names the file, the line(s) and what to fix."""
 
@@ -72,7 +83,8 @@ def _show(lines: list[tuple[int, str]], n: int = 5) -> str:
 
 
 def read_jsonl(path: str | os.PathLike, skip_malformed: bool = False) -> tuple[list[Record], ReadReport]:
-    """Every JSON object of a JSONL file, in order; blank lines are ignored.
+    """Every JSON object of a JSONL file, in order; blank lines are ignored. A line ends at "\\n"
+    (JSONL's line end; "\\r\\n" too): a lone "\\r" is whitespace, as JSON reads it.
 
     The file is UTF-8 (a byte-order mark opening it, or a line, is dropped), UTF-16 or UTF-32. A line that is not
     valid in the file's encoding, not valid JSON, or JSON but not an object, is malformed: DataError
@@ -93,8 +105,10 @@ def read_jsonl(path: str | os.PathLike, skip_malformed: bool = False) -> tuple[l
         encoding = json.detect_encoding(f.read(4))
     name = "UTF-" + encoding.split("-")[1]  # utf-8-sig, utf-16-le, ...: the name errors give
     # undecodable bytes come through as lone surrogates (U+DC00..U+DCFF), so a bad byte spoils its line
-    # only and the lines around it are read as usual
-    with open(path, encoding=encoding, errors="hoptune.escape_bad_bytes") as f:
+    # only and the lines around it are read as usual. Lines end at "\n" (a "\r" before it is
+    # stripped): a lone "\r" is JSON whitespace, which may sit between a record's tokens (datasets
+    # reads it so too)
+    with open(path, encoding=encoding, errors="hoptune.escape_bad_bytes", newline="\n") as f:
         for lineno, raw in enumerate(f, start=1):
             # a byte-order mark heading a later line is where a joined file began (`cat a.jsonl b.jsonl`
             # of files that each open with one): dropped as the file's first one is, never a character
@@ -111,10 +125,12 @@ def read_jsonl(path: str | os.PathLike, skip_malformed: bool = False) -> tuple[l
                 )
                 continue
             try:
-                obj = json.loads(text)
+                values = [json.loads(text)]
             except json.JSONDecodeError as e:
-                report.malformed.append((lineno, f"invalid JSON ({e.msg} at column {e.colno})"))
-                continue
+                values = _values_per_cr(text)
+                if values is None:
+                    report.malformed.append((lineno, f"invalid JSON ({e.msg} at column {e.colno})"))
+                    continue
             except RecursionError:
                 # the parser recurses once per level of arrays / objects
                 why = f"JSON nested too deeply (about {sys.getrecursionlimit()} levels or more)"
@@ -123,16 +139,18 @@ def read_jsonl(path: str | os.PathLike, skip_malformed: bool = False) -> tuple[l
             except ValueError as e:  # valid JSON Python refuses: an integer of > 4300 digits
                 report.malformed.append((lineno, f"JSON that cannot be read ({e})"))
                 continue
-            if not isinstance(obj, dict):
-                report.malformed.append((lineno, f"expected a JSON object, got {type(obj).__name__}"))
-                continue
-            lone = _lone_surrogate(obj) if _ESCAPED_SURROGATE.search(text) else None
-            if lone is not None:
-                report.malformed.append(
-                    (lineno, f"invalid Unicode (a lone surrogate \\u{ord(lone):04x}, which is no character)")
-                )
-                continue
-            records.append(Record(obj, path, lineno))
+            for obj in values:
+                if not isinstance(obj, dict):
+                    why = f"expected a JSON object, got {type(obj).__name__}"
+                    report.malformed.append((lineno, why))
+                    continue
+                lone = _lone_surrogate(obj) if _ESCAPED_SURROGATE.search(text) else None
+                if lone is not None:
+                    u = f"\\u{ord(lone):04x}"
+                    why = f"invalid Unicode (a lone surrogate {u}, which is no character)"
+                    report.malformed.append((lineno, why))
+                    continue
+                records.append(Record(obj, path, lineno))
     report.records = len(records)
     if report.malformed and not skip_malformed:
         raise DataError(
