@@ -117,12 +117,21 @@ def build_examples(
             report.invalid.append((rec.line, str(e)))
             continue
         full_loss = sum(mask[1:])
+        no_token, first_only = not ids, bool(mask) and mask[0] == 1 and full_loss == 0
         cut = len(ids) > max_seq_len
         if cut:
             ids, mask = truncate(ids, mask, max_seq_len, truncation)
         ex = Example(ids, mask, rec.where)
         if ex.num_loss_tokens == 0:
-            if full_loss == 0:
+            if no_token and kind == "text":
+                why = "the text tokenizes to no token"
+            elif first_only:
+                # token 0 has no context, so it is never a target (Example.num_loss_tokens)
+                why = (
+                    "its only loss token is the first token, which nothing before it predicts "
+                    f"({len(ids)} token(s); data.add_eos={str(add_eos).lower()})"
+                )
+            elif full_loss == 0:
                 why = "no token is in the loss (empty completion / assistant turns)"
             else:
                 why = (
