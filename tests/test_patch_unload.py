@@ -140,3 +140,38 @@ def test_unload_of_a_model_adapted_through_a_submodule(unload):
         hoptune.merge_and_unload(model, dtype=torch.float32)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == want
     assert not any(hasattr(m, "_hoptune_lora") for m in model.modules())
+
+
+@pytest.mark.parametrize("unload", ["remove_lora", "merge_and_unload"])
+def test_unload_of_a_submodule_of_the_adapted_model(unload):
+    """apply_lora(model), then remove_lora / merge_and_unload(model.model): the parameters under
+    model.model get their requires_grad back from model's record; the rest (lm_head, adapted too)
+    come back with a later remove_lora(model)."""
+    model = tiny_model("llama")
+    model.model.embed_tokens.weight.requires_grad_(False)
+    want = {n: p.requires_grad for n, p in model.named_parameters()}
+    hoptune.apply_lora(model, r=2, target_modules=["q_proj", "lm_head"])
+    if unload == "remove_lora":
+        hoptune.remove_lora(model.model)
+    else:
+        hoptune.merge_and_unload(model.model, dtype=torch.float32)
+    now = {n: p.requires_grad for n, p in model.model.named_parameters()}
+    assert now == {n[len("model.") :]: g for n, g in want.items() if n.startswith("model.")}
+    assert not model.lm_head.base_weight().requires_grad
+    hoptune.remove_lora(model)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == want
+    assert not any(hasattr(m, "_hoptune_lora") for m in model.modules())
+
+
+def test_remove_of_the_model_after_its_only_adapted_submodule():
+    """apply_lora(model) (all-linear: model.model only), remove_lora(model.model), then
+    remove_lora(model) gives back the rest of the record (lm_head) instead of raising."""
+    model = tiny_model("llama")
+    want = {n: p.requires_grad for n, p in model.named_parameters()}
+    hoptune.apply_lora(model, r=2)
+    hoptune.remove_lora(model.model)
+    assert model.model.layers[0].input_layernorm.weight.requires_grad
+    hoptune.remove_lora(model)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == want
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        hoptune.remove_lora(model)

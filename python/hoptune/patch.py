@@ -46,6 +46,9 @@ from hoptune.quant.nf4 import BLOCKSIZES
 
 ALL_LINEAR = "all-linear"
 _STATE_ATTR = "_hoptune_lora"  # per-model record: requires_grad of every parameter before apply_lora
+# per-layer: (that record, the layer's name in the model that holds it), for remove_lora /
+# merge_and_unload of a submodule of that model (a module does not know its parent)
+_OWNER_ATTR = "_hoptune_owner"
 _ORIGIN_ATTR = "_hoptune_origin"  # per-layer: "linear" (was nn.Linear or Conv1D) or "nf4" (NF4Linear)
 _TIED_ATTR = "_hoptune_tied"  # per-layer, when quantized: (its tied dense weight,) for remove_lora
 # on a layer that stands for a transformers Conv1D (a LoRALinear over one, an NF4Linear that
@@ -561,7 +564,10 @@ def replace_with_lora(
         for p in (lora.lora_A, lora.lora_B, lora.lora_magnitude):
             if p is not None:
                 p.requires_grad_(trainable)
-    setattr(model, _STATE_ATTR, {"requires_grad": record})
+    state = {"requires_grad": record}
+    setattr(model, _STATE_ATTR, state)
+    for name, _ in done:
+        setattr(model.get_submodule(name), _OWNER_ATTR, (state, name))
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
@@ -654,20 +660,41 @@ def _warn_nf4_kept(targets: list[_Target], asked: Mapping[str, object]) -> None:
             )
 
 
-def _restore_requires_grad(model: nn.Module) -> None:
+def _restore_requires_grad(model: nn.Module, layers: Iterable[tuple[str, nn.Module]]) -> None:
+    """Give back the requires_grad apply_lora recorded, after ``layers`` (``(name, layer)`` under
+    ``model``) were taken out."""
     # the record sits on the module apply_lora was given, which may be a submodule (apply_lora(
     # model.model), then merge_and_unload(model)): each one restores the parameters under it
+    own = set()
     for mod in model.modules():
-        record = getattr(mod, _STATE_ATTR, None)
-        if record is None:
+        state = getattr(mod, _STATE_ATTR, None)
+        if state is None:
             continue
-        flags = record["requires_grad"]
+        own.add(id(state))
+        flags, done = state["requires_grad"], tuple(state.get("restored", ()))
         for n, p in mod.named_parameters():
+            if n.startswith(done):  # (given back already by a remove of the submodule)
+                continue
             # a name not recorded is a layer that stands for one without that parameter (an NF4 base
             # holds its weight in buffers): frozen, as that layer was, and as its bias comes back
             # (NF4Linear's to_linear, for an NF4 layer without an adapter, gives the same)
             p.requires_grad_(flags.get(n, False))
         delattr(mod, _STATE_ATTR)
+    # or on a module above ``model`` (apply_lora(model), then remove_lora(model.model)): the
+    # parameters under ``model`` are given back from it, and dropped from it for a later remove
+    for name, lora in layers:
+        state, full = getattr(lora, _OWNER_ATTR, (None, ""))
+        prefix = full[: len(full) - len(name)]
+        under = full.endswith(name) and prefix[-1:] in ("", ".")
+        if state is None or id(state) in own or not under:
+            continue
+        own.add(id(state))
+        flags = state["requires_grad"]
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags.get(prefix + n, False))
+        for n in [n for n in flags if n.startswith(prefix)]:
+            del flags[n]
+        state.setdefault("restored", []).append(prefix)
 
 
 def _as_linear_class(lora: LoRALinear, lin: nn.Linear) -> nn.Linear:
@@ -725,13 +752,16 @@ def remove_lora(model: nn.Module) -> nn.Module:
     """Drop the adapters: every ``LoRALinear`` becomes the layer it replaced (``nn.Linear``, a
     ``Conv1D``, or the ``NF4Linear`` that :func:`hoptune.load_model` made) and parameters get back the
     ``requires_grad`` they had before :func:`apply_lora`. A base that ``apply_lora(quantize="nf4")``
-    quantized comes back dequantized (its dense original was not kept). Returns ``model``."""
+    quantized comes back dequantized (its dense original was not kept). ``model`` may be a submodule
+    of the one given to apply_lora: its parameters get theirs back, the rest with a later
+    ``remove_lora`` of the whole model. Returns ``model``."""
     check_model(model)
     layers = lora_layers(model)
-    if not layers:
+    if not layers and not hasattr(model, _STATE_ATTR):
         raise ValueError(f"model ({type(model).__name__}) has no LoRA layers to remove")
+    # (none, with a record: a remove of its submodules took them out, the rest is given back here)
     _replace_all(model, layers, _base_layer)
-    _restore_requires_grad(model)
+    _restore_requires_grad(model, layers)
     return model
 
 
@@ -810,7 +840,7 @@ def merge_and_unload(
                 p.data = p.data.to(to)
         if config is not None and hasattr(config, "dtype"):
             config.dtype = dtype
-    _restore_requires_grad(model)
+    _restore_requires_grad(model, [(n, m) for n, m in layers if isinstance(m, LoRALinear)])
     return model
 
 
