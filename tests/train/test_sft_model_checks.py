@@ -119,3 +119,26 @@ def test_a_model_passed_in_with_frozen_adapters_says_so(tmp_path, tokenizer, dem
     with pytest.raises(ConfigError, match=r"passed in has LoRA layers, all frozen.*trainable=True"):
         sft.train(cfg, log=lambda s: None, model=model, tokenizer=tokenizer)
     assert not os.path.exists(cfg.output.dir)
+
+
+def test_training_a_loaded_adapter_keeps_its_base_and_revision(tmp_path, tokenizer, demo_data):
+    # an adapter loaded with load_adapter(trainable=True) and trained on with model.path left at the
+    # built-in model: its final adapter_config named the model's config._name_or_path (here
+    # a local folder) instead of the loaded base, and dropped its revision; PEFT keeps both
+    import json
+
+    import hoptune
+
+    base = tmp_path / "base"
+    build_model(seed=0, **SMALL).save_pretrained(base)
+    first = hoptune.apply_lora(build_model(seed=0, **SMALL), r=4, init_lora_weights=False)
+    loaded = {"base_model_name_or_path": "org/base", "revision": "abc123"}
+    hoptune.save_adapter(first, tmp_path / "a0", **loaded)
+    model = build_model(seed=0, **SMALL)
+    model.config._name_or_path = str(base)
+    hoptune.load_adapter(model, tmp_path / "a0", trainable=True)
+    cfg = small_config(tmp_path, demo_data, "train.max_steps=1")
+    res = sft.train(cfg, log=lambda s: None, model=model, tokenizer=tokenizer)
+    with open(os.path.join(res.output_dir, "adapter_config.json")) as f:
+        saved = json.load(f)
+    assert {k: saved[k] for k in loaded} == loaded

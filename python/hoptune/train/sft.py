@@ -769,7 +769,10 @@ def _train(
             from hoptune.adapters import save_adapter
 
             final = os.path.join(run_dir, "adapter")
-            save_adapter(model, final, base_model_name_or_path=base_name)
+            # a model passed in without a model.path: save_adapter names the base of an adapter
+            # loaded into it, with its revision (as PEFT keeps them), else the model's own name
+            own = passed_in and cfg.model.path in TINY
+            save_adapter(model, final, base_model_name_or_path=None if own else base_name)
             _save_tokenizer_beside(tokenizer, cfg, final)
         else:
             final = os.path.join(run_dir, "model")
