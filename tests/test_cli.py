@@ -316,7 +316,9 @@ def test_checkpoint_load_model_refuses_is_one_line(
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("device", ["gpu", "cuda:7"], ids=["not-a-device-type", "absent-device"])
+@pytest.mark.parametrize(
+    "device", ["gpu", "cuda:7", "0", "null"], ids=["not-a-device-type", "absent-device", "int", "null"]
+)
 def test_demo_with_a_bad_device_is_one_line(tmp_path, capsys, device):
     if device.startswith("cuda") and torch.cuda.device_count() > 7:
         pytest.skip("cuda:7 exists here")

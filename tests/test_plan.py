@@ -571,3 +571,15 @@ def test_cli_empty_targets_name_the_option(capsys, targets):
     assert main(["--model", "llama-3.2-1b", "--targets", targets]) == 2
     err = capsys.readouterr().err.strip()
     assert "--targets must name at least one layer" in err and "target_modules" not in err, err
+
+
+def test_numpy_integers_are_taken_as_the_library_takes_them():
+    # seq / batch / r of NumPy integers (a sweep over np.arange) were refused as "not a positive
+    # int", where apply_lora and load_model take them
+    import numpy as np
+
+    want = hoptune.plan("llama-3-8b", seq=2048, batch=2, r=16)
+    got = hoptune.plan("llama-3-8b", seq=np.int64(2048), batch=np.int32(2), r=np.int64(16))
+    assert got.peak == want.peak
+    with pytest.raises(ValueError, match=r"seq must be a positive int, got 2048\.0"):
+        hoptune.plan("llama-3-8b", seq=2048.0)

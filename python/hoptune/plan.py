@@ -551,10 +551,17 @@ def plan(
         raise ValueError(f"optimizer must be 'adamw', 'paged_adamw' or 'none', got {optimizer!r}")
     if adapter_dtype not in _DTYPE_BYTES:
         raise ValueError(f"adapter_dtype must be one of {sorted(_DTYPE_BYTES)}, got {adapter_dtype!r}")
-    for name, v in (("seq", seq), ("batch", batch), ("r", r)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
     from hoptune.ops import _check
+
+    sizes = {"seq": seq, "batch": batch, "r": r}
+    for name, v in sizes.items():
+        try:  # (a NumPy integer too, as the rest of the library takes it)
+            sizes[name] = _check.integer(name, v) if not isinstance(v, bool) else 0
+        except TypeError:
+            sizes[name] = 0
+        if sizes[name] < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    seq, batch, r = sizes["seq"], sizes["batch"], sizes["r"]
 
     # (a string such as "no" would be read by its truth)
     for name, v in (

@@ -121,7 +121,7 @@ def run_demo(out_dir: str = "runs/demo", device: str = "auto", overrides: list[s
             f"data.eval={json.dumps(os.path.join(data_dir, 'eval.jsonl'))}",
             f"data.general_data={json.dumps(os.path.join(data_dir, 'general.jsonl'))}",
             f"output.dir={json.dumps(sft_dir)}",
-            f"model.device={device}",
+            f"model.device={json.dumps(str(device))}",  # (as text: --device 0 is no YAML int)
             *(overrides or []),
         ],
     )
