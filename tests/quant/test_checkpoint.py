@@ -387,25 +387,14 @@ def test_a_device_it_cannot_quantize_on_is_refused_up_front(tmp_path, device, ma
     assert not (tmp_path / "nf4").exists()
 
 
-def _tiny_llama():
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
 @pytest.mark.parametrize("wrap", ["plain", "data_parallel"])
 def test_a_model_that_is_no_transformers_model_is_refused_naming_it(tmp_path, wrap):
+    from tests.test_loading import tiny_model
+
     if wrap == "plain":
         model, match = nn.Sequential(nn.Linear(64, 64)), r"transformers model.*got Sequential$"
     else:  # (on a host without GPUs DataParallel only holds the model)
-        model, match = nn.DataParallel(_tiny_llama()), r"got DataParallel.*pass model\.module"
+        model, match = nn.DataParallel(tiny_model()), r"got DataParallel.*pass model\.module"
     with pytest.raises(TypeError, match=match):
         save_pretrained_nf4(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()

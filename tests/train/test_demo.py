@@ -67,8 +67,8 @@ def test_pretrained_cache_written_meanwhile_by_another_process(tmp_path, monkeyp
     assert not [n for n in os.listdir(os.path.dirname(final)) if n.startswith(".tmp-")]
 
 
-def test_demo_paths_are_read_as_written(tmp_path, monkeypatch):
-    """An output folder whose name YAML would read otherwise (a comment, a mapping)."""
+def _demo_config(monkeypatch, out: str):
+    """The config ``run_demo(out, "cpu")`` builds, the demo stopped before any work."""
     import hoptune.config
 
     class Stop(Exception):
@@ -83,10 +83,16 @@ def test_demo_paths_are_read_as_written(tmp_path, monkeypatch):
         hoptune.config, "load_config", lambda *a, **k: seen.append(real_load(*a, **k)) or seen[-1]
     )
     monkeypatch.setattr(pretrain, "pretrained_tiny_path", stop)
-    out = tmp_path / "exp #2: r=8"
     with pytest.raises(Stop):
-        run_demo(str(out), "cpu")
+        run_demo(out, "cpu")
     (cfg,) = seen
+    return cfg
+
+
+def test_demo_paths_are_read_as_written(tmp_path, monkeypatch):
+    """An output folder whose name YAML would read otherwise (a comment, a mapping)."""
+    out = tmp_path / "exp #2: r=8"
+    cfg = _demo_config(monkeypatch, str(out))
     assert cfg.data.train == str(out / "data" / "train.jsonl") and cfg.output.dir == str(out / "sft")
 
 
@@ -387,26 +393,11 @@ def test_demo_does_not_overwrite_data_it_did_not_write(tmp_path, monkeypatch):
 def test_out_is_read_as_the_config_reads_paths(tmp_path, monkeypatch):
     """--out=~/demo (the shell leaves that ~ alone) is in the home folder, not in a folder named ~;
     an empty --out (an unset variable) is an error, not the current folder."""
-    import hoptune.config
     from hoptune.config import ConfigError
 
-    class Stop(Exception):
-        pass
-
-    def stop(*a, **k):
-        raise Stop
-
-    seen = []
-    real_load = hoptune.config.load_config
-    monkeypatch.setattr(
-        hoptune.config, "load_config", lambda *a, **k: seen.append(real_load(*a, **k)) or seen[-1]
-    )
-    monkeypatch.setattr(pretrain, "pretrained_tiny_path", stop)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(Stop):
-        run_demo("~/demo", "cpu")
-    (cfg,) = seen
+    cfg = _demo_config(monkeypatch, "~/demo")
     assert cfg.output.dir == str(tmp_path / "home" / "demo" / "sft")
     assert cfg.data.train == str(tmp_path / "home" / "demo" / "data" / "train.jsonl")
     for out in ("", " "):
