@@ -19,6 +19,15 @@ from hoptune.quant import quantize_nf4
 from tests.conftest import rel_err
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+# the two layers that hold an NF4 weight, each built from a dense nn.Linear
+_NF4_LAYERS = pytest.mark.parametrize(
+    "make",
+    [
+        NF4Linear.from_linear,
+        lambda lin: LoRALinear(lin, r=4, quantize="nf4", init_lora_weights=False),
+    ],
+    ids=["nf4_linear", "lora_linear"],
+)
 
 
 def _nf4_pair(make):
@@ -30,14 +39,7 @@ def _nf4_pair(make):
     return make(lin_a), make(lin_b)
 
 
-@pytest.mark.parametrize(
-    "make",
-    [
-        NF4Linear.from_linear,
-        lambda lin: LoRALinear(lin, r=4, quantize="nf4", init_lora_weights=False),
-    ],
-    ids=["nf4_linear", "lora_linear"],
-)
+@_NF4_LAYERS
 def test_nf4_state_dict_round_trip(make):
     """The state dict carries the whole NF4 weight (the offset too): loading it into a layer
     quantized from other weights gives exactly the source's weights and outputs."""
@@ -139,14 +141,7 @@ def test_nf4_state_dict_meta_without_shape_of_another_size_is_refused():
     assert torch.equal(b.bias, bias)
 
 
-@pytest.mark.parametrize(
-    "make",
-    [
-        NF4Linear.from_linear,
-        lambda lin: LoRALinear(lin, r=4, quantize="nf4", init_lora_weights=False),
-    ],
-    ids=["nf4_linear", "lora_linear"],
-)
+@_NF4_LAYERS
 def test_nf4_state_dict_meta_without_shape_of_the_transpose_is_refused(make):
     """An old entry without the shape cannot tell [128, 256] from [256, 128] (NF4 buffers of the
     same sizes), but the bias (and the adapter) can: every entry's shape is checked before anything
