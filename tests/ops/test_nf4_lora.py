@@ -1036,6 +1036,50 @@ def test_torch_compile_dynamic_scale():
         torch.testing.assert_close(outs[1], outs[0])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_penalty_on_a_gradient_taken_with_create_graph(device, monkeypatch):
+    """A loss with a penalty on dX (taken with create_graph) differentiates through the backward:
+    the gradients of x, A and B by the STYLE rule. The merged weight's kernel gives an output
+    without a graph (its terms in A and B); on the CPU a stand-in (the reference, detached) takes
+    the merged path (N <= 2 M, r = 12: no dY pass) so that the test sees it."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if device == "cpu":
+        real = nf4_ops.dequantize_lora_impl
+        monkeypatch.setattr(nf4_ops, "dequantize_lora_kernel", lambda *args: real(*args).detach())
+        monkeypatch.setattr(nf4_lora_ops, "_merged", lambda x, a: a is not None)
+    x, q, a, b, bias = _case(40, 128, 64, 12, dtype, device, seed=12)
+    w = dequantize_nf4(q)
+    gy = torch.randn(40, 64, dtype=dtype, device=device)
+
+    def grads(fn, dt):
+        ts = [t.detach().to(dt).clone().requires_grad_(True) for t in (x, a, b)]
+        y = fn(*ts)
+        (dx,) = torch.autograd.grad(y, ts[0], gy.to(dt), create_graph=True)
+        ((y * gy.to(dt)).sum() + (dx * dx).sum()).backward()
+        return [dx.detach()] + [t.grad for t in ts]
+
+    def plain(x_, a_, b_):
+        dt = x_.dtype
+        return x_ @ w.to(dt).t() + 0.5 * (x_ @ a_.t()) @ b_.t() + bias.to(dt)
+
+    ours = grads(lambda x_, a_, b_: nf4_lora_linear(x_, q, a_, b_, 0.5, bias), dtype)
+    names = ("dx", "x.grad", "A.grad", "B.grad")
+    _compare(ours, grads(plain, torch.float64), grads(plain, dtype), dtype, names=names)
+
+
+def test_scale_that_requires_grad_refused():
+    """The op gives no gradient for the scale: a scale tensor that requires grad (a learned
+    scale) is refused, not silently detached; without grad mode, or detached, it is taken."""
+    x, q, a, b, bias = _case(4, 128, 64, 8, torch.float32, "cpu", seed=13)
+    s = torch.tensor(0.5, requires_grad=True)
+    with pytest.raises(TypeError, match="scale must not require grad"):
+        nf4_lora_linear(x, q, a, b, s, bias)
+    want = nf4_lora_linear(x, q, a, b, 0.5, bias)
+    with torch.no_grad():
+        assert torch.equal(nf4_lora_linear(x, q, a, b, s, bias), want)
+    assert torch.equal(nf4_lora_linear(x, q, a, b, s.detach(), bias), want)
+
+
 @pytest.mark.parametrize(
     "kw,err,msg",
     [

@@ -270,7 +270,7 @@ def _warn_unaligned_k(k: int) -> None:
     )
 
 
-def _backward_impl(saved, meta, needs, grad_y, inside_op):
+def _backward_impl(saved, meta, needs, grad_y, inside_op, kernels=True):
     x, packed, absmax, absmax2, code2, lora_A, lora_B = saved
     offset, blocksize, blocksize2, n, scale = meta
     need_x, need_A, need_B, need_bias = needs
@@ -283,7 +283,7 @@ def _backward_impl(saved, meta, needs, grad_y, inside_op):
     # dX: with the LoRA product folded into the weight, or added on the activations (dxa @ A,
     # one read and write of dX) when that is cheaper: the merged weight costs a pass over N x K,
     # the addition one over M x K, and dxa is formed for dA anyway
-    kernels = _merged(x, lora_A)
+    kernels = kernels and _merged(x, lora_A)
     merged = kernels and n <= MERGED_DX_MAX_N_PER_ROW * m
     dx = da = db = None
     dxa = None  # s dY B
@@ -409,7 +409,12 @@ class _EagerNF4LoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         needs = tuple(ctx.needs_input_grad[i] for i in (0, 3, 4, 6))
-        dx, da, db, dbias = _backward_impl(ctx.saved_tensors, ctx.meta, needs, grad_y, inside_op=True)
+        # create_graph (a penalty on a gradient): PyTorch's GEMMs, whose graph gives the second
+        # derivatives; the kernels' outputs carry none (the merged weight's terms in A, B)
+        graph = torch.is_grad_enabled()
+        dx, da, db, dbias = _backward_impl(
+            ctx.saved_tensors, ctx.meta, needs, grad_y, inside_op=not graph, kernels=not graph
+        )
         return dx, None, None, da, db, None, dbias, None
 
 
@@ -460,6 +465,9 @@ def nf4_lora_linear(
     # inside torch.autocast the float inputs are all cast to its dtype (_autocast_inputs), as
     # nn.Linear's are: there x (bf16 from an earlier op) and fp32 adapter parameters may meet
     mixed_ok = torch.is_autocast_enabled("cuda" if x.is_cuda else "cpu")
+    if isinstance(scale, torch.Tensor) and scale.requires_grad and torch.is_grad_enabled():
+        # (float() would detach it with only a warning: a learned scale would silently not learn)
+        raise TypeError("scale must not require grad (the op gives it no gradient): pass a float")
     if lora_A is not None:
         _check.tensor("lora_A", lora_A)
         _check.tensor("lora_B", lora_B)
