@@ -200,15 +200,15 @@ def test_numpy_blocksizes_and_a_tensor_offset_are_stored_as_python_numbers():
     are kept as int and float: the state writes as JSON (to_bnb_state_dict failed with "Object of
     type int64 is not JSON serializable") and reads back to the same weights."""
     w = _weight((64, 256), torch.bfloat16, zero_block=False)
-    q = quantize_nf4(w, blocksize=np.int64(128), blocksize2=np.int32(64))
+    q = quantize_nf4(w, blocksize=np.int64(128), blocksize2=np.int32(256))
     assert type(q.blocksize) is int and type(q.blocksize2) is int
     offset = torch.tensor(q.offset)  # (bitsandbytes' QuantState.offset)
-    nested = dict(absmax2=q.absmax2, code2=q.code2, offset=offset, blocksize2=np.int64(64))
+    nested = dict(absmax2=q.absmax2, code2=q.code2, offset=offset, blocksize2=np.int64(256))
     built = NF4Weight(q.packed, q.absmax, q.shape, q.dtype, np.int64(128), **nested)
     assert (type(built.blocksize), type(built.offset), type(built.blocksize2)) == (int, float, int)
     for x in (q, built):
         back = from_bnb_state_dict(to_bnb_state_dict(x, "w"), "w")
-        assert (back.blocksize, back.blocksize2, back.offset) == (128, 64, q.offset)
+        assert (back.blocksize, back.blocksize2, back.offset) == (128, 256, q.offset)
         assert torch.equal(dequantize_nf4(back), dequantize_nf4(q))
 
 
@@ -503,3 +503,46 @@ def test_nf4_weights_compare_by_identity_and_keep_a_torch_size():
     )
     assert type(shaped.shape) is torch.Size and all(type(d) is int for d in shaped.shape)
     assert json.dumps(list(shaped.shape)) == "[4, 64]"
+
+
+@pytest.mark.parametrize("blocksize2", [64, 512])
+def test_writing_a_nested_blocksize_bitsandbytes_cannot_run_is_refused(blocksize2):
+    """bitsandbytes double-quantizes with nested blocksize 256 only; its matmul_4bit (every
+    Linear4bit forward) raises NotImplementedError on another one, so such a checkpoint loaded
+    in transformers but failed at its first forward. The write names blocksize2 instead."""
+    import bitsandbytes as bnb
+
+    w = _weight((128, 256), torch.bfloat16, zero_block=False)
+    q = quantize_nf4(w, blocksize2=blocksize2)
+    nested = bnbf.QuantState(q.absmax2, code=q.code2, blocksize=blocksize2, dtype=torch.float32)
+    st = bnbf.QuantState(
+        absmax=q.absmax,
+        shape=q.shape,
+        code=ref.nf4_code(),
+        blocksize=64,
+        quant_type="nf4",
+        dtype=q.dtype,
+        offset=torch.tensor(q.offset),
+        state2=nested,
+    )
+    x = torch.randn(2, 256, dtype=torch.bfloat16)
+    with pytest.raises(NotImplementedError, match="state2.blocksize != 256"):
+        bnb.matmul_4bit(x, q.packed.view(-1, 1).t(), quant_state=st)
+    with pytest.raises(ValueError, match=rf"blocksize2 must be 256 .*got {blocksize2}"):
+        to_bnb_state_dict(q, "w")
+    # 256 still writes, and bitsandbytes runs it
+    sd = to_bnb_state_dict(quantize_nf4(w), "w")
+    qs = bnbf.QuantState.from_dict({k[2:]: v for k, v in sd.items() if k != "w"}, device="cpu")
+    assert bnb.matmul_4bit(x, sd["w"].t(), quant_state=qs).shape == (2, 128)
+
+
+def test_dtype_given_by_name_is_refused_as_a_string():
+    """A dtype's name (as a YAML config holds it) was refused with "dtype must be bfloat16, float16
+    or float32, got bfloat16", a message that contradicts itself; it shows the string now."""
+    q = quantize_nf4(torch.randn(4, 64))
+    with pytest.raises(TypeError, match=r"dtype must be a torch\.dtype .*got 'bfloat16' \(a str\)"):
+        dequantize_nf4(q, "bfloat16")
+    with pytest.raises(TypeError, match=r"dtype must be a torch\.dtype .*got 'float16' \(a str\)"):
+        NF4Weight(q.packed, q.absmax, q.shape, "float16", 64, q.absmax2, q.code2, q.offset)
+    with pytest.raises(TypeError, match=r"dtype must be a torch\.dtype .*got torch\.float64"):
+        dequantize_nf4(q, torch.float64)

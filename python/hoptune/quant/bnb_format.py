@@ -23,6 +23,7 @@ from hoptune.quant.nf4 import BLOCKSIZES, FLOAT_DTYPES, NESTED_BLOCKSIZES, NF4We
 from hoptune.reference.nf4 import nf4_code
 
 QS_SUFFIX = ".quant_state.bitsandbytes__nf4"
+BNB_BLOCKSIZE2 = 256  # the nested blocksize bitsandbytes writes and runs
 _DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Where the states below come from: bitsandbytes' CPU inference path repacks a layer and its absmax
 # in the weight's dtype (Linear4bit.support_avx512bf16_for_cpu); saving undoes only part of that.
@@ -37,7 +38,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def to_bnb_state_dict(q: NF4Weight, key: str) -> dict[str, torch.Tensor]:
-    """The tensors bitsandbytes/transformers store for weight ``key`` (e.g. ``"...q_proj.weight"``)."""
+    """The tensors bitsandbytes/transformers store for weight ``key`` (e.g. ``"...q_proj.weight"``);
+    a double-quantized ``q`` must have blocksize2=256, the only one bitsandbytes runs."""
     if not isinstance(q, NF4Weight):
         raise TypeError(
             f"q must be an NF4Weight (quantize_nf4(w) of a weight, or an NF4Linear's .weight_nf4), got "
@@ -56,6 +58,14 @@ def to_bnb_state_dict(q: NF4Weight, key: str) -> dict[str, torch.Tensor]:
     }
     if q.nested:
         assert q.absmax2 is not None and q.code2 is not None
+        # bitsandbytes reads another nested blocksize but its matmul_4bit (every Linear4bit
+        # forward) raises NotImplementedError on it; re-nesting would change the weights
+        if q.blocksize2 != BNB_BLOCKSIZE2:
+            raise ValueError(
+                f"q.blocksize2 must be {BNB_BLOCKSIZE2} for a bitsandbytes state (bitsandbytes "
+                f"runs no other nested blocksize), got {q.blocksize2}: quantize with "
+                f"blocksize2={BNB_BLOCKSIZE2}, or double_quant=False"
+            )
         out[f"{key}.nested_absmax"] = q.absmax2
         out[f"{key}.nested_quant_map"] = q.code2.clone()
         meta.update(nested_blocksize=q.blocksize2, nested_dtype="float32", nested_offset=q.offset)

@@ -17,6 +17,13 @@ NESTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
+def _dtype_error(dtype: object) -> str:
+    # a name ("bfloat16") printed bare would read as one of the dtypes allowed
+    got = str(dtype) if isinstance(dtype, torch.dtype) else f"{dtype!r} (a {type(dtype).__name__})"
+    allowed = "torch.bfloat16, torch.float16 or torch.float32"
+    return f"dtype must be a torch.dtype ({allowed}), got {got}"
+
+
 @dataclass(frozen=True, eq=False)  # (== of tensors is no bool: two states are equal when one)
 class NF4Weight:
     """An NF4-quantized tensor in bitsandbytes' layout.
@@ -67,7 +74,7 @@ class NF4Weight:
                 f"absmax must have numel/blocksize = {n // self.blocksize} values, got {self.absmax.numel()}"
             )
         if self.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"dtype must be bfloat16, float16 or float32, got {self.dtype}")
+            raise TypeError(_dtype_error(self.dtype))
         if self.absmax2 is None:
             if self.absmax.dtype != torch.float32:
                 raise TypeError(
@@ -226,7 +233,7 @@ def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tens
         raise TypeError(f"q must be an NF4Weight, got {type(q).__name__}")
     dtype = q.dtype if dtype is None else dtype
     if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
+        raise TypeError(_dtype_error(dtype))
     return nf4_ops.nf4_dequantize(
         q.packed, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize, q.blocksize2, list(q.shape), dtype
     )
