@@ -400,3 +400,21 @@ def test_a_model_that_is_no_transformers_model_is_refused_naming_it(tmp_path, wr
     assert not (tmp_path / "out").exists()
     if wrap == "data_parallel":  # the model it wraps saves
         assert save_pretrained_nf4(model.module, tmp_path / "out")
+
+
+def test_an_nf4_layer_with_a_nested_blocksize_bitsandbytes_cannot_run_is_refused_naming_it(tmp_path):
+    """A layer quantized with blocksize2=64 (bitsandbytes loads such a state but its matmul_4bit
+    refuses it) is refused by name, before anything is written."""
+    from hoptune.quant import quantize_nf4
+    from tests.test_loading import tiny_model
+
+    model = tiny_model()
+    proj = model.model.layers[1].mlp.up_proj
+    w = proj.weight.detach().float()
+    model.model.layers[1].mlp.up_proj = NF4Linear(quantize_nf4(w, blocksize2=64))
+    out = tmp_path / "nf4"
+    with pytest.raises(
+        ValueError, match=r"model\.layers\.1\.mlp\.up_proj is NF4 already with blocksize2=64 .*256"
+    ):
+        save_pretrained_nf4(model, out)
+    assert not out.exists()

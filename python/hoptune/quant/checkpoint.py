@@ -14,7 +14,7 @@ from torch import nn
 
 from hoptune._io import replace_files
 from hoptune.ops import _check
-from hoptune.quant.bnb_format import from_bnb_state_dict, is_bnb_quantized, to_bnb_state_dict
+from hoptune.quant.bnb_format import BNB_BLOCKSIZE2, from_bnb_state_dict, is_bnb_quantized, to_bnb_state_dict
 from hoptune.quant.nf4 import BLOCKSIZES, FLOAT_DTYPES, quantize_nf4
 
 _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # transformers' shard names
@@ -296,6 +296,12 @@ def save_pretrained_nf4(
                 f"{name} is NF4 already with blocksize={q.blocksize}, double_quant={q.nested}, but "
                 f"blocksize={blocksize}, double_quant={double_quant} were asked for; pass "
                 f"blocksize={q.blocksize}, double_quant={q.nested} (NF4 layers are saved as they are)"
+            )
+        if q.nested and q.blocksize2 != BNB_BLOCKSIZE2:
+            raise ValueError(
+                f"{name} is NF4 already with blocksize2={q.blocksize2} (nested absmax blocks), but "
+                f"bitsandbytes runs only blocksize2={BNB_BLOCKSIZE2}; quantize it with "
+                f"blocksize2={BNB_BLOCKSIZE2} (NF4 layers are saved as they are)"
             )
     # a head tied to the input embeddings is stored once, as the embeddings: it cannot be NF4 too
     tied = set()
