@@ -192,6 +192,16 @@ class LRSchedule:
     schedule matched transformers' (``Checkpointer.load`` sets it), so that their runs resume on the
     schedule they started with."""
 
+    def __post_init__(self) -> None:
+        # checked here, not at the first step past warmup: after hours of training, or never for a
+        # min_ratio above 1 (a 'decay' that raises the lr above its peak)
+        if self.kind not in ("cosine", "linear", "constant"):
+            raise ValueError(f"lr_schedule must be cosine, linear or constant, got {self.kind!r}")
+        if not 0.0 <= self.min_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_ratio!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
+
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             if not self.warmup_from_zero:
@@ -277,7 +287,17 @@ def optimizer_step(
 def grad_scaler(model: nn.Module, device: torch.device, dtype: torch.dtype) -> torch.amp.GradScaler | None:
     """A GradScaler (dynamic loss scaling) when ``model`` computes in fp16, else None. fp16 flushes
     values below 6e-8 to zero, and a step's per-token gradients are divided by its loss tokens: with
-    thousands of them, gradients underflow silently unless the loss is scaled up for the backward."""
+    thousands of them, gradients underflow silently unless the loss is scaled up for the backward.
+    Trainable fp16 parameters are refused (GradScaler cannot unscale fp16 gradients)."""
+    fp16 = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float16]
+    if fp16:
+        # (the config refuses model.dtype=fp16 for full fine-tuning; a model passed in may be fp16)
+        raise ValueError(
+            f"trainable parameter {fp16[0]!r} is float16 ({len(fp16)} such): fp16 weights would "
+            "train with no fp32 copy (AdamW's eps, 1e-8, is 0 in fp16) and their loss scaling "
+            "cannot unscale fp16 gradients; cast the model to bf16 or fp32 "
+            "(model.to(torch.bfloat16)), or train LoRA adapters over the fp16 base"
+        )
     if dtype != torch.float16 and all(p.dtype != torch.float16 for p in model.parameters()):
         return None
     return torch.amp.GradScaler(device.type)
