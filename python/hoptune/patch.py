@@ -42,6 +42,7 @@ from hoptune.nn.lora import LoRALinear, check_lora_options
 from hoptune.nn.nf4_linear import NF4Linear
 from hoptune.ops import _check
 from hoptune.ops.nf4_lora import MAX_RANK
+from hoptune.quant.checkpoint import _kept_dense, _skipped
 from hoptune.quant.nf4 import BLOCKSIZES
 
 ALL_LINEAR = "all-linear"
@@ -251,9 +252,18 @@ def select_modules(
     if wrong:
         raise not_linear_error(target_modules, [(n, type(m).__name__) for n, m in wrong])
     if not chosen:
+        hint = ""
+        if isinstance(spec, str) and not all_linear:
+            # ("q_proj" as a list entry names layers, as a string it must match a whole name)
+            example = next((n for n, m in model.named_modules() if n and linear(m)), "")
+            hint = (
+                "; a string is a regular expression matched against the whole name (e.g. "
+                f"{example!r}): pass a list, [{spec!r}], to match names by their last components"
+            )
         raise ValueError(
             f"target_modules={target_modules!r} matches no linear layer of {type(model).__name__} "
             f"(exclude_modules={exclude_modules!r}); its linear layers are named {linear_suffixes(model)}"
+            f"{hint}"
         )
     bnb = [n for n, m in chosen if _is_bnb_layer(m)]
     if bnb:
@@ -291,6 +301,13 @@ def _check_pattern(arg: str, pattern: object, kind: type) -> None:
             not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0
         ):
             raise ValueError(f"{arg}[{k!r}] must be a positive number, got {v!r}")
+
+
+def layer_quantize(model: nn.Module, name: str, quantize: str | None) -> str | None:
+    """``quantize`` for layer ``name``, but None for the model's ``_keep_in_fp32_modules``:
+    transformers + bitsandbytes (and load_model) never quantize them, and a model may read their
+    weight directly (T5's feed-forward reads ``wo.weight``, which an NF4 base does not have)."""
+    return None if quantize is None or _skipped(name, _kept_dense(model)) else quantize
 
 
 def check_model(model: object) -> None:
@@ -349,8 +366,9 @@ def plan_targets(
     targets = []
     for name, mod in chosen:
         rr = pattern_value(rank_pattern, name, r)
-        check_target(name, mod, rr, quantize, blocksize)
-        if name in mha_out and (quantize == "nf4" or isinstance(mod, NF4Linear)):
+        quant = layer_quantize(model, name, quantize)
+        check_target(name, mod, rr, quant, blocksize)
+        if name in mha_out and (quant == "nf4" or isinstance(mod, NF4Linear)):
             raise ValueError(
                 f"layer {name} is the out_proj of an nn.MultiheadAttention, which reads its weight directly "
                 "(an NF4 base has none, and an adapter there is never used); exclude it "
@@ -530,7 +548,11 @@ def replace_with_lora(
                 base = _conv1d_as_linear(t.module) if _is_conv1d(t.module) else t.module
                 try:
                     new = LoRALinear(
-                        base, quantize=quantize, double_quant=double_quant, blocksize=blocksize, **kw
+                        base,
+                        quantize=layer_quantize(model, t.name, quantize),
+                        double_quant=double_quant,
+                        blocksize=blocksize,
+                        **kw,
                     )
                 except (TypeError, ValueError) as e:  # (a weight NF4 cannot hold: say which layer)
                     cls = TypeError if isinstance(e, TypeError) else ValueError
@@ -601,13 +623,15 @@ def apply_lora(
     DoRA ``lora_magnitude`` ``[out]``) are trainable, in ``adapter_dtype`` (fp32 like PEFT). Scale
     is ``alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``). ``quantize="nf4"`` quantizes each
     dense base weight as it is wrapped (QLoRA; lossy), with ``blocksize`` and ``double_quant``
-    (None, the default: 64 and True); layers that are already NF4 (from :func:`hoptune.load_model`)
-    stay as they are, with their own (a ``blocksize`` or ``double_quant`` given that they do not
-    have is warned about). ``init_lora_weights``: PEFT's True
-    (A kaiming-uniform, B zero), ``"gaussian"`` (A normal with std 1/r, B zero) or False (B random
-    too: a non-trivial adapter, for tests). A transformers ``Conv1D`` (GPT-2) is adapted as PEFT
-    does with ``fan_in_fan_out``: its LoRALinear holds the weight transposed, ``[out, in]`` (a view
-    of the layer's own, or its NF4 quantization), and the adapters have the shapes above. Forward
+    (None, the default: 64 and True), but for the model's ``_keep_in_fp32_modules`` (T5's ``wo``),
+    which stay dense as transformers + bitsandbytes and load_model keep them; layers that are
+    already NF4 (from :func:`hoptune.load_model`) stay as they are, with their own (a
+    ``blocksize`` or ``double_quant`` given that they do not have is warned about).
+    ``init_lora_weights``: PEFT's True (A kaiming-uniform, B zero), ``"gaussian"`` (A normal
+    with std 1/r, B zero) or False (B random too: a non-trivial adapter, for tests). A
+    transformers ``Conv1D`` (GPT-2) is adapted as PEFT does with ``fan_in_fan_out``: its
+    LoRALinear holds the weight transposed, ``[out, in]`` (a view of the layer's own, or its NF4
+    quantization), and the adapters have the shapes above. Forward
     and backward hooks registered on a replaced layer run on its LoRALinear (which they see, with
     its output, adapter included: PEFT's, on the layer it wraps, see the base's alone), then on the
     layer :func:`remove_lora` / :func:`merge_and_unload` give back.
