@@ -153,3 +153,24 @@ def test_a_string_target_naming_a_layer_says_it_is_a_whole_name_regex():
     with pytest.raises(ValueError) as e:  # (a list that matches nothing: no such hint)
         hoptune.apply_lora(m, r=2, target_modules=["qproj"])
     assert "regular expression" not in str(e.value)
+
+
+def test_load_adapter_with_nf4_keeps_the_modules_kept_in_fp32_dense(tmp_path):
+    """load_adapter(quantize="nf4") checked each layer's NF4 block size even for the layers kept
+    dense (T5's wo): a wo whose weight count is no multiple of the block size was refused, though
+    apply_lora adapts it over its dense base."""
+    from hoptune.adapters import load_adapter, save_adapter
+
+    def t5():
+        torch.manual_seed(0)
+        dims = dict(d_model=40, d_ff=129, d_kv=10, num_layers=1, num_heads=4)  # wo: 40 x 129
+        cfg = transformers.T5Config(vocab_size=128, decoder_start_token_id=0, **dims)
+        return transformers.T5ForConditionalGeneration(cfg).eval()
+
+    m = hoptune.apply_lora(t5(), r=4, target_modules=["wo"], quantize="nf4", init_lora_weights=False)
+    save_adapter(m, tmp_path / "a")
+    again = load_adapter(t5(), tmp_path / "a", quantize="nf4")
+    ids = torch.randint(0, 128, (2, 7))
+    with torch.no_grad():
+        want = m(input_ids=ids, decoder_input_ids=ids).logits
+        torch.testing.assert_close(again(input_ids=ids, decoder_input_ids=ids).logits, want)

@@ -52,6 +52,7 @@ from hoptune.patch import (
     check_target,
     fan_in_fan_out,
     layer_features,
+    layer_quantize,
     lora_layers,
     pattern_value,
     replace_with_lora,
@@ -1020,7 +1021,8 @@ def load_adapter(
         blocksize = 64 if blocksize is None else blocksize  # apply_lora's defaults
         double_quant = True if double_quant is None else double_quant
         for t in targets:  # the checks apply_lora makes (rank vs layer, NF4 block size), before any change
-            check_target(t.name, t.module, t.r, quantize, blocksize, rank_above_layer=True)
+            quant = layer_quantize(model, t.name, quantize)  # (None for a layer kept dense)
+            check_target(t.name, t.module, t.r, quant, blocksize, rank_above_layer=True)
         replace_with_lora(
             model,
             targets,
