@@ -252,18 +252,11 @@ def select_modules(
     if wrong:
         raise not_linear_error(target_modules, [(n, type(m).__name__) for n, m in wrong])
     if not chosen:
-        hint = ""
-        if isinstance(spec, str) and not all_linear:
-            # ("q_proj" as a list entry names layers, as a string it must match a whole name)
-            example = next((n for n, m in model.named_modules() if n and linear(m)), "")
-            hint = (
-                "; a string is a regular expression matched against the whole name (e.g. "
-                f"{example!r}): pass a list, [{spec!r}], to match names by their last components"
-            )
+        example = next((n for n, m in model.named_modules() if n and linear(m)), "")
         raise ValueError(
             f"target_modules={target_modules!r} matches no linear layer of {type(model).__name__} "
             f"(exclude_modules={exclude_modules!r}); its linear layers are named {linear_suffixes(model)}"
-            f"{hint}"
+            f"{string_target_hint(spec, example)}"
         )
     bnb = [n for n, m in chosen if _is_bnb_layer(m)]
     if bnb:
@@ -301,6 +294,17 @@ def _check_pattern(arg: str, pattern: object, kind: type) -> None:
             not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0
         ):
             raise ValueError(f"{arg}[{k!r}] must be a positive number, got {v!r}")
+
+
+def string_target_hint(spec: object, example: str) -> str:
+    """What to add to 'matches no linear layer' for a string target: "q_proj" as a list entry names
+    layers, as a string (a regular expression, PEFT's rule) it must match a whole name."""
+    if not isinstance(spec, str) or spec.lower() == ALL_LINEAR:
+        return ""
+    return (
+        f"; a string is a regular expression matched against the whole name (e.g. {example!r}): "
+        f"pass a list, [{spec!r}], to match names by their last components"
+    )
 
 
 def layer_quantize(model: nn.Module, name: str, quantize: str | None) -> str | None:

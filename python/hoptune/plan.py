@@ -485,7 +485,7 @@ def _nf4_bytes(numel: int, double_quant: bool, blocksize: int = 64) -> float:
 
 
 def _targets(shape: _Shape, target_modules: str | Sequence[str]) -> list[tuple[str, int, int, bool]]:
-    from hoptune.patch import _check_spec, _matches, not_linear_error
+    from hoptune.patch import _check_spec, _matches, not_linear_error, string_target_hint
 
     _check_spec("target_modules", target_modules)
     if isinstance(target_modules, str) and target_modules.lower() == "all-linear":
@@ -511,6 +511,7 @@ def _targets(shape: _Shape, target_modules: str | Sequence[str]) -> list[tuple[s
         suffixes = sorted({t[0].rsplit(".", 1)[-1] for t in shape.linears})
         raise ValueError(
             f"target_modules={target_modules!r} matches no linear layer; they are named {suffixes}"
+            f"{string_target_hint(spec, shape.linears[0][0] if shape.linears else '')}"
         )
     return out
 
