@@ -5,6 +5,8 @@ The oracle is independent of hoptune's forward: TRL's collator builds the labels
 full logits go through transformers' ``ForCausalLMLoss`` with ``num_items_in_batch`` (what TRL's
 trainer does), and the gradients of every micro-batch are summed."""
 
+import re
+
 import pytest
 import torch
 
@@ -57,6 +59,21 @@ def test_token_logprobs_errors():
     # integer logits are not scores: refused rather than cast
     with pytest.raises(TypeError, match="logits must be a floating-point tensor, got torch.int64"):
         token_logprobs_from_logits(torch.randint(0, 9, (2, 5)), torch.tensor([1, 2]))
+
+
+BAD_LABEL_AT = [((), ()), ((2, 3, 4), (1, 2, 3)), ((3, 2, 2, 5), (2, 0, 1, 4))]
+
+
+@pytest.mark.parametrize("shape,pos", BAD_LABEL_AT)
+def test_token_logprobs_bad_label_position_in_labels_shape(shape, pos):
+    """A label out of range is reported at its position in labels' own shape, whatever the number
+    of leading dims (not at its index in the flattened labels)."""
+    g = torch.Generator().manual_seed(len(shape))
+    logits = torch.randn(*shape, 13, generator=g)
+    labels = torch.randint(0, 13, shape, generator=g)
+    labels[pos] = 13
+    with pytest.raises(ValueError, match=re.escape(f"got 13 at position {pos}")):
+        token_logprobs_from_logits(logits, labels)
 
 
 @pytest.mark.parametrize("shape", [(), (7,), (2, 3), (2, 3, 2)])

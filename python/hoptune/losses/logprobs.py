@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from hoptune.ops import _check
-from hoptune.ops.logprob import FLOAT_DTYPES, fused_linear_logprobs, token_logprobs
+from hoptune.ops.logprob import FLOAT_DTYPES, _label_stats, fused_linear_logprobs, token_logprobs
 
 
 def token_logprobs_from_logits(
@@ -51,9 +51,32 @@ def token_logprobs_from_logits(
         logits = logits.float()  # e.g. float8: computed in fp32
     if logits.dim() in (2, 3):  # as they are: a bad label's position is reported in labels' shape
         return token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index)
+    # the labels' range checked here, so that a bad label is named at its position in labels' own
+    # shape (the op's check would see the flattened labels); traced, the op checks as it runs
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        _label_stats(labels, _check.integer("ignore_index", ignore_index), vocab)
     flat = logits.reshape(-1, vocab)
-    lp = token_logprobs(flat, labels.reshape(-1), temperature=temperature, ignore_index=ignore_index)
+    lp = token_logprobs(
+        flat,
+        labels.reshape(-1),
+        temperature=temperature,
+        ignore_index=ignore_index,
+        check_labels=compiling,
+    )
     return lp.view(labels.shape)
+
+
+def _hooked(module: torch.nn.Module) -> bool:
+    """Whether calling ``module`` runs more than its class's forward: its own hooks (those
+    nn.Module.__call__ checks) or a forward set on the instance."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or "forward" in vars(module)
+    )
 
 
 def head_logprobs(
@@ -72,7 +95,8 @@ def head_logprobs(
     fp64 head). A plain ``nn.Linear`` head of hidden's dtype (bf16/fp16/fp32) goes through
     :func:`hoptune.ops.fused_linear_logprobs` (the logits are never held whole; a frozen head
     gets no weight gradient); any other head module (or an fp64 one) is applied as is and its
-    logits go through :func:`token_logprobs_from_logits`. A plain ``nn.Linear`` head of another
+    logits go through :func:`token_logprobs_from_logits` (so does an ``nn.Linear`` with hooks or
+    an instance ``forward``, which the fused op would skip). A plain ``nn.Linear`` head of another
     dtype is an error unless autocast is on (then it runs as autocast casts it, as in the model)."""
     _check.tensor("hidden", hidden)
     if not torch.compiler.is_compiling():  # (traced, they may be symbolic: used as they are)
@@ -81,7 +105,9 @@ def head_logprobs(
     # one meaning on both paths (the fused op refuses 0 and below; `if softcap:` took 0 as no cap)
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be positive (or None for no cap), got {softcap}")
-    linear = type(head) is torch.nn.Linear
+    # a head with hooks (a user's, or accelerate's, which replaces forward to place the weights)
+    # runs as it is: the fused op reads head.weight and would skip them
+    linear = type(head) is torch.nn.Linear and not _hooked(head)
     if linear and head.weight.dtype != hidden.dtype:
         # checked here, by name: F.linear's own error speaks of mat1 and mat2
         dev = hidden.device.type

@@ -35,6 +35,7 @@ entropy is not formed on this path (return_entropy=True keeps the vocab-chunked 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -409,6 +410,16 @@ def token_logprobs(
 # --------------------------------------------------------------------------------------------
 # fused_linear_logprobs
 # --------------------------------------------------------------------------------------------
+def _autocast_off(device: torch.device):
+    """A context with autocast off on ``device`` where it is on: the fused op's matmuls must give
+    fp32 logits (the kernels read them as such; autocast would round them to 16 bits and hand a
+    buffer of half the size) and its inputs were cast as nn.Linear's already."""
+    t = device.type
+    if torch.amp.is_autocast_available(t) and torch.is_autocast_enabled(t):
+        return torch.autocast(t, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b accumulated and returned in fp32 (bf16/fp16 operands stay on the tensor cores)."""
     if a.dtype == torch.float32 or a.device.type != "cuda":
@@ -968,36 +979,38 @@ def _fused_impl(
     ignored labels). Without need_entropy the entropy may come back as nan (the fused-GEMM path
     does not form it). check_labels (always on the CPU) raises on a label outside [0, V) other
     than ignore_index. The body of the custom op and of the eager Function."""
-    # one device-to-host transfer: the valid rows' count, and with check_labels the labels' range
-    # (on the CPU always: free there, and the reference would fail on the label with a bare error)
-    check = check_labels or hidden.device.type == "cpu"
-    valid = _valid_rows(labels, ignore_index, weight.shape[0] if check else 0)
-    args = (
-        hidden,
-        weight,
-        labels.reshape(-1),
-        bias,
-        temperature,
-        valid,
-        softcap,
-        logit_scale,
-        chunk_rows,
-        compute_grad,
-    )
-    # single pass (exponents relative to the label's logit) where G's dtype can hold unnormalised
-    # values: vocab-chunked by default, else row-chunked; a logit far above the label's
-    # overflows it: then redo relative to the row max, in two passes
-    kernel = _lib.use_kernel(hidden, "fused_linear_logprobs")
-    single = hidden.dtype != torch.float16 and kernel
-    if _gemm_eligible(hidden, weight, bias, softcap, need_entropy, kernel):
-        logp, ent, lse, J, overflow = _forward_gemm(*args, kernel=kernel)
-    elif hidden.dtype != torch.float16 and VCHUNK and (kernel or _VCHUNK_ON_CPU):
-        logp, ent, lse, J, overflow = _forward_vchunk(*args, kernel=kernel)
-    else:
-        logp, ent, lse, J, overflow = _forward(*args, single_pass=single)
-    if overflow is not None and bool(overflow.item()):
-        logp, ent, lse, J, _ = _forward(*args, single_pass=False)
-    return logp, ent, lse, J
+    with _autocast_off(hidden.device):
+        # one device-to-host transfer: the valid rows' count, and with check_labels the labels'
+        # range (on the CPU always: free there, and the reference would fail on the label with a
+        # bare error)
+        check = check_labels or hidden.device.type == "cpu"
+        valid = _valid_rows(labels, ignore_index, weight.shape[0] if check else 0)
+        args = (
+            hidden,
+            weight,
+            labels.reshape(-1),
+            bias,
+            temperature,
+            valid,
+            softcap,
+            logit_scale,
+            chunk_rows,
+            compute_grad,
+        )
+        # single pass (exponents relative to the label's logit) where G's dtype can hold
+        # unnormalised values: vocab-chunked by default, else row-chunked; a logit far above the
+        # label's overflows it: then redo relative to the row max, in two passes
+        kernel = _lib.use_kernel(hidden, "fused_linear_logprobs")
+        single = hidden.dtype != torch.float16 and kernel
+        if _gemm_eligible(hidden, weight, bias, softcap, need_entropy, kernel):
+            logp, ent, lse, J, overflow = _forward_gemm(*args, kernel=kernel)
+        elif hidden.dtype != torch.float16 and VCHUNK and (kernel or _VCHUNK_ON_CPU):
+            logp, ent, lse, J, overflow = _forward_vchunk(*args, kernel=kernel)
+        else:
+            logp, ent, lse, J, overflow = _forward(*args, single_pass=single)
+        if overflow is not None and bool(overflow.item()):
+            logp, ent, lse, J, _ = _forward(*args, single_pass=False)
+        return logp, ent, lse, J
 
 
 # the op torch.compile traces; eager calls go through _EagerFusedLinearLogprobs
@@ -1118,23 +1131,25 @@ def _weight_grad(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dW, db) in fp32, dW = sum_i g_i (d logp_i / d z_i)^T h_i, recomputing each chunk's
     logits; db is empty without a bias."""
-    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-    db = torch.zeros(0 if bias is None else bias.shape[0], dtype=torch.float32, device=weight.device)
-    bias_f = None if bias is None else bias.float().contiguous()
-    labels = labels.reshape(-1)
-    valid = _valid_rows(labels, ignore_index)
-    for rows in _chunks(valid, labels.numel(), _chunk_rows(weight.shape[0], chunk_rows)):
-        hc, yc = hidden[rows], labels[rows].contiguous()
-        rs = grad_logp[rows].float().contiguous()
-        _, _, _, g, coef, _ = _chunk_stats(
-            hc, weight, yc, bias_f, softcap, logit_scale, temperature, True, rs, None
-        )
-        dw += _mm_fp32(g.t(), hc)
-        dw.index_add_(0, yc, hc.float() * coef[:, None])
-        if bias is not None:
-            db += g.float().sum(0)
-            db.index_add_(0, yc, coef)
-    return dw, db
+    with _autocast_off(weight.device):
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        nb = 0 if bias is None else bias.shape[0]
+        db = torch.zeros(nb, dtype=torch.float32, device=weight.device)
+        bias_f = None if bias is None else bias.float().contiguous()
+        labels = labels.reshape(-1)
+        valid = _valid_rows(labels, ignore_index)
+        for rows in _chunks(valid, labels.numel(), _chunk_rows(weight.shape[0], chunk_rows)):
+            hc, yc = hidden[rows], labels[rows].contiguous()
+            rs = grad_logp[rows].float().contiguous()
+            _, _, _, g, coef, _ = _chunk_stats(
+                hc, weight, yc, bias_f, softcap, logit_scale, temperature, True, rs, None
+            )
+            dw += _mm_fp32(g.t(), hc)
+            dw.index_add_(0, yc, hc.float() * coef[:, None])
+            if bias is not None:
+                db += g.float().sum(0)
+                db.index_add_(0, yc, coef)
+        return dw, db
 
 
 _weight_grad_op = torch.library.custom_op(
@@ -1181,12 +1196,22 @@ def fused_linear_logprobs(
     the fp32 logits held at once. ``check_labels`` raises on a label outside [0, V) other than
     ``ignore_index``; it rides on the host transfer of the valid-row count that the op makes
     anyway. Without it, such a label gives nan on the CUDA kernels; on the CPU the labels are
-    checked anyway, so it raises.
+    checked anyway, so it raises. Inside ``torch.autocast`` hidden, weight and bias are cast to
+    its dtype, as ``nn.Linear``'s are (they may then differ in dtype).
     """
     _check.tensor("hidden", hidden)
     _check.tensor("weight", weight)
     _check.tensor("labels", labels)
     _check.dtype_in("hidden", hidden, FLOAT_DTYPES)
+    auto = hidden.device.type
+    if torch.amp.is_autocast_available(auto) and torch.is_autocast_enabled(auto):
+        # as nn.Linear's inside autocast: the float inputs in its dtype (differentiably), so that
+        # they may differ in dtype there; the op itself then runs with autocast off
+        adt = torch.get_autocast_dtype(auto)
+        hidden, weight, bias = (
+            t if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES else t.to(adt)
+            for t in (hidden, weight, bias)
+        )
     if hidden.dim() == 0:
         raise ValueError("hidden must be (*, H), got a 0-dim tensor")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:

@@ -1,0 +1,72 @@
+"""head_logprobs on an nn.Linear head that carries hooks: the head runs as the model runs it
+(hooks and all), not through the fused op, which reads head.weight directly."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from hoptune.losses import head_logprobs, token_logprobs_from_logits
+from hoptune.losses import logprobs as logprobs_mod
+
+
+def _hook_output(m, args, out):
+    return out * 0.5 + 1.0
+
+
+def _hook_input(m, args):
+    return (args[0] * 2.0,)
+
+
+def _override_forward(head):
+    # what accelerate's add_hook_to_module does: an instance attribute in place of forward
+    old = head.forward
+
+    def forward(x):
+        return old(x) * 1.5
+
+    head.forward = functools.update_wrapper(forward, old)
+
+
+@pytest.mark.parametrize("hook", ["forward", "pre", "instance_forward"])
+def test_head_logprobs_runs_a_hooked_linear_head(hook, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 37)
+    hidden = torch.randn(9, 16, generator=g).requires_grad_(True)
+    labels = torch.randint(0, 37, (9,), generator=g)
+    if hook == "forward":
+        head.register_forward_hook(_hook_output)
+    elif hook == "pre":
+        head.register_forward_pre_hook(_hook_input)
+    else:
+        _override_forward(head)
+    ref = token_logprobs_from_logits(head(hidden).double(), labels)
+    got = head_logprobs(head, hidden, labels, logit_scale=1.0)
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-5)
+    up = torch.randn(9, generator=g)
+    (gh,) = torch.autograd.grad((got * up).sum(), hidden)
+    (rh,) = torch.autograd.grad((ref * up.double()).sum(), hidden)
+    torch.testing.assert_close(gh, rh.float(), rtol=0, atol=1e-5)
+
+
+def test_head_logprobs_plain_linear_stays_fused(monkeypatch):
+    """Without hooks the plain head still takes the fused op."""
+    calls = []
+    real = logprobs_mod.fused_linear_logprobs
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(logprobs_mod, "fused_linear_logprobs", spy)
+    head = torch.nn.Linear(8, 11)
+    head_logprobs(head, torch.randn(3, 8), torch.randint(0, 11, (3,)))
+    assert calls == [1]
+    handle = head.register_forward_hook(_hook_output)
+    head_logprobs(head, torch.randn(3, 8), torch.randint(0, 11, (3,)))
+    assert calls == [1]
+    handle.remove()
+    head_logprobs(head, torch.randn(3, 8), torch.randint(0, 11, (3,)))
+    assert calls == [1, 1]
