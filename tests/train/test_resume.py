@@ -419,3 +419,40 @@ def test_resume_refuses_another_model_passed_in(tmp_path, tokenizer, demo_data, 
     ):
         sft.train(cfg, log=lambda s: None, model=other, tokenizer=tokenizer)
     assert len(_run(cfg, tokenizer).train_losses) == 1
+
+
+@pytest.mark.parametrize("first", ["passed", "built-in"])
+def test_resume_refuses_switching_between_a_model_passed_in_and_the_built_in_one(
+    tmp_path, tokenizer, demo_data, monkeypatch, first
+):
+    """A run on a model passed to train() resumed without one (model.path at the built-in model),
+    or the other way round, went on training its adapter on another base without a word: only a
+    model passed in had its weights recorded and compared. Both are refused now; the built-in
+    model again resumes."""
+    # (a stand-in for the pretrained built-in model: other weights than the model passed in)
+    monkeypatch.setattr(sft, "load_base_model", lambda *a: build_model(seed=1, **SMALL))
+    common = ["train.max_steps=2", "train.save_every=1", "data.eval=null"]
+    cfg = small_config(tmp_path, demo_data, *common)
+    passed = build_model(seed=0, **SMALL)
+
+    def run(model):
+        return sft.train(cfg, log=lambda s: None, model=model, tokenizer=tokenizer)
+
+    real_step, calls = sft.sft_step, []
+
+    def dies(*a, **k):  # killed at step 2, after the checkpoint of step 1
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real_step(*a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(sft, "sft_step", dies)
+        with pytest.raises(KeyboardInterrupt):
+            run(passed if first == "passed" else None)
+    with pytest.raises(
+        ConfigError, match=r"cannot resume exactly from .*step-00000001: model_fingerprint \(the"
+    ):
+        run(None if first == "passed" else build_model(seed=0, **SMALL))
+    if first == "built-in":
+        assert len(run(None).train_losses) == 1

@@ -379,10 +379,10 @@ def _base_fingerprint(path: str) -> str | None:
 
 
 def _model_fingerprint(model: nn.Module) -> str:
-    """What identifies the base weights of a model passed to ``train`` (``model.path`` at the built-in
-    model names none of them): the name, shape, dtype and first and last 4096 values of each frozen
-    parameter and buffer, as ``prepare_model`` leaves them (a fine-tune of the same architecture has
-    the same names and shapes, not the same values). 16 hex digits."""
+    """What identifies the base weights while ``model.path`` is the built-in model (which names
+    neither it nor a model passed to ``train``): the name, shape, dtype and first and last 4096
+    values of each frozen parameter and buffer, as ``prepare_model`` leaves them (a fine-tune of the
+    same architecture has the same names and shapes, not the same values). 16 hex digits."""
     h = hashlib.sha256()
     frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
     for name, t in sorted(frozen + list(model.named_buffers()), key=lambda nt: nt[0]):
@@ -412,8 +412,8 @@ _RESUME_FIELDS = {
     "rows_per_step": "train.batch_size x train.grad_accum",
     "total_steps": "train.max_steps, or train.epochs with the number of rows",
     "data_order": "train.max_steps (steps) or train.epochs alone (whole epochs)",
-    "model_fingerprint": "the frozen weights of the model passed to sft.train, model.path being the "
-    "built-in model",
+    "model_fingerprint": "the frozen weights of the model passed to sft.train, else of the "
+    "built-in model, model.path being the built-in model",
 }
 
 
@@ -447,7 +447,10 @@ def _check_resume(folder: str, state: dict[str, Any], now: dict[str, Any]) -> No
             "run was trained in"
         )
     if any(c.startswith("model_fingerprint ") for c in changed):
-        changed.append("pass the model that run was started with (the same base weights)")
+        changed.append(
+            "pass the model that run was started with (the same base weights), or none if it "
+            "trained the built-in model"
+        )
     if changed:
         raise ConfigError(
             f"cannot resume exactly from {folder}: {'; '.join(changed)}. Use the config that run was started "
@@ -591,11 +594,10 @@ def _train(
     else:
         _check_model_device(model, device, cfg.model.device)
     prepare_model(model, cfg)
-    # a model passed in while model.path is the built-in one: nothing above named its base, its frozen
-    # weights do (a full fine-tuning checkpoint holds every weight: no base to compare)
-    model_fp = (
-        _model_fingerprint(model) if passed_in and cfg.model.path in TINY and cfg.lora.enabled else None
-    )
+    # model.path at the built-in model: a model passed in has no other name, and a run on one
+    # resumed on the built-in model (or the other way round) would compare equal; their frozen
+    # weights tell them apart (a full fine-tuning checkpoint holds every weight: no base to compare)
+    model_fp = _model_fingerprint(model) if cfg.model.path in TINY and cfg.lora.enabled else None
     if resume_from is not None and model_fp is not None:
         _check_resume(resume_from, prior, {"model_fingerprint": model_fp})
     named = loop.trainable_parameters(model)
