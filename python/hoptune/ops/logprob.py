@@ -414,8 +414,8 @@ def _autocast_off(device: torch.device):
     """A context with autocast off on ``device`` where it is on: the fused op's matmuls must give
     fp32 logits (the kernels read them as such; autocast would round them to 16 bits and hand a
     buffer of half the size) and its inputs were cast as nn.Linear's already."""
-    t = device.type
-    if torch.amp.is_autocast_available(t) and torch.is_autocast_enabled(t):
+    t = "cuda" if device.type == "cuda" else "cpu"  # (meta: no autocast of its own)
+    if torch.is_autocast_enabled(t):
         return torch.autocast(t, enabled=False)
     return contextlib.nullcontext()
 
@@ -1203,8 +1203,9 @@ def fused_linear_logprobs(
     _check.tensor("weight", weight)
     _check.tensor("labels", labels)
     _check.dtype_in("hidden", hidden, FLOAT_DTYPES)
-    auto = hidden.device.type
-    if torch.amp.is_autocast_available(auto) and torch.is_autocast_enabled(auto):
+    # (torch.amp.is_autocast_available is not traceable in every torch version torch.compile runs)
+    auto = "cuda" if hidden.is_cuda else "cpu"
+    if torch.is_autocast_enabled(auto):
         # as nn.Linear's inside autocast: the float inputs in its dtype (differentiably), so that
         # they may differ in dtype there; the op itself then runs with autocast off
         adt = torch.get_autocast_dtype(auto)
