@@ -109,6 +109,37 @@ def test_integration_training_snippet_trains_every_adapter(checkpoint, tmp_path,
     assert saved == ["adapter_config.json", "adapter_model.safetensors"]
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_readme_qlora_snippet_saves_and_merges(checkpoint, tmp_path):
+    from hoptune.nn import LoRALinear, NF4Linear
+
+    code = _code_block("README.md", "### Fine-tune a local checkpoint with QLoRA")
+    code = code.replace('"/ckpt/Meta-Llama-3-8B"', repr(checkpoint))
+    code = code.replace('device="cuda"', 'device="cpu", progress=False')
+    code = code.replace('"out/adapter"', repr(str(tmp_path / "adapter")))
+    # in place of the loop: trained-looking adapters (B != 0), and the adapted model's logits
+    step = (
+        '[p.data.normal_(0, 0.05) for n, p in model.named_parameters() if n.endswith("lora_B")]; '
+        "x = torch.randint(0, 256, (2, 16)); adapted = model(input_ids=x).logits.float()"
+    )
+    code, n = re.subn(r"^\.\.\. .*$", step, code, flags=re.M)
+    assert n == 1, "the snippet's '...' training loop line moved"
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    merged, x, adapted = scope["merged"], scope["x"], scope["adapted"]
+    kinds = {type(m).__name__ for m in merged.modules() if isinstance(m, (LoRALinear, NF4Linear))}
+    assert not kinds, f"merge_and_unload left {kinds} in the model"
+    assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        out = merged(input_ids=x).logits.float()
+    assert (out - adapted).abs().max() < 0.05 * adapted.abs().max()
+    # the saved adapter on a fresh NF4 base computes the adapted model
+    fresh = hoptune.load_model(checkpoint, quantize="nf4", device="cpu", progress=False)
+    hoptune.load_adapter(fresh, str(tmp_path / "adapter"))
+    with torch.no_grad():
+        assert torch.allclose(fresh(input_ids=x).logits.float(), adapted, atol=1e-5, rtol=1e-5)
+
+
 def test_readme_nf4_snippet_round_trips_through_the_bnb_keys():
     from hoptune.quant import dequantize_nf4, from_bnb_state_dict
 
