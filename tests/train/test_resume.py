@@ -456,3 +456,17 @@ def test_resume_refuses_switching_between_a_model_passed_in_and_the_built_in_one
         run(None if first == "passed" else build_model(seed=0, **SMALL))
     if first == "built-in":
         assert len(run(None).train_losses) == 1
+
+
+def test_resume_takes_target_modules_listed_in_another_order(tmp_path, demo_data):
+    """A list of target modules names a set of layers (PEFT's rule): [q_proj, v_proj] resumes a run
+    started with [v_proj, q_proj] (or with a name listed twice); another set is refused."""
+    cfg = small_config(tmp_path, demo_data)
+    cfg.lora.target_modules = ["v_proj", "q_proj"]
+    state = {"settings": json.loads(json.dumps(sft._resume_settings(cfg)))}
+    for same in (["q_proj", "v_proj"], ("q_proj", "v_proj", "q_proj")):
+        cfg.lora.target_modules = same
+        sft._check_resume("ckpt", state, sft._resume_settings(cfg))
+    cfg.lora.target_modules = ["q_proj", "k_proj"]
+    with pytest.raises(ConfigError, match=r"lora.target_modules was \['v_proj', 'q_proj'\]"):
+        sft._check_resume("ckpt", state, sft._resume_settings(cfg))

@@ -417,6 +417,12 @@ _RESUME_FIELDS = {
 }
 
 
+def _same_setting(key: str, was: Any, now: Any) -> bool:
+    if key == "lora.target_modules" and isinstance(was, list) and isinstance(now, list):
+        return set(was) == set(now)  # a list names a set of layers (PEFT's rule): order aside
+    return was == now
+
+
 def _check_resume(folder: str, state: dict[str, Any], now: dict[str, Any]) -> None:
     """ConfigError naming every key of ``now`` whose value differs from the checkpoint's ``state``.
     Settings a checkpoint of an older hoptune does not record are not compared (but its seed is)."""
@@ -433,7 +439,7 @@ def _check_resume(folder: str, state: dict[str, Any], now: dict[str, Any]) -> No
     changed = [
         f"{k}{f' ({_RESUME_FIELDS[k]})' if k in _RESUME_FIELDS else ''} was {was[k]!r} and is now {v!r}"
         for k, v in now.items()
-        if k in was and was[k] != v
+        if k in was and not _same_setting(k, was[k], v)
     ]
     if "model.path" in now and was.get("model.path") not in (None, now["model.path"], TINY[0]):
         if not os.path.exists(was["model.path"]):
