@@ -198,3 +198,18 @@ def test_step_sampler_stream_epochs_round_as_written():
     assert StepSampler(50, 1, 0, whole_epochs=True).steps_for_epochs(1.1) == 55
     assert StepSampler(50, 1, 0).steps_for_epochs(1.11) == 56  # 55.5 rows: a step more
     assert StepSampler(10, 4, 0).steps_for_epochs(0.1) == 1
+
+
+@pytest.mark.parametrize("num_rows", [3, 10])
+def test_step_sampler_stream_smaller_than_a_step_takes_each_row_once(num_rows):
+    """train.max_steps over fewer rows than a step: each step takes every row once, in a new order
+    each step, as transformers' Trainer does (3 rows, 16 a step took 5, 5 and 6 copies before: an
+    uneven weight on the rows), and counts as one epoch; as with whole epochs."""
+    s = StepSampler(num_rows=num_rows, rows_per_step=16, seed=5)
+    steps = [s.rows_for_step(k) for k in range(4)]
+    assert all(sorted(r) == list(range(num_rows)) for r in steps)
+    assert len({tuple(r) for r in steps}) > 1  # still shuffled, step by step
+    assert [s.epoch_at(k) for k in range(3)] == [0.0, 1.0, 2.0]
+    assert s.steps_for_epochs(2) == 2 and s.steps_for_epochs(0.5) == 1
+    whole = StepSampler(num_rows=num_rows, rows_per_step=16, seed=5, whole_epochs=True)
+    assert steps == [whole.rows_for_step(k) for k in range(4)]

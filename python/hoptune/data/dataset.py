@@ -251,7 +251,8 @@ class StepSampler:
     the epochs are cut into steps of ``rows_per_step`` depends on what sets the run's length:
 
     * ``whole_epochs=False`` (``train.max_steps``): the epochs form one stream, cut into full steps;
-      a step may span two epochs (and then may take a row of each epoch's permutation).
+      a step may span two epochs (and then may take a row of each epoch's permutation). With fewer
+      rows than a step takes, each step is one epoch: every row once, as in transformers' Trainer.
     * ``whole_epochs=True`` (``train.epochs``): each epoch is cut on its own into
       ``ceil(num_rows / rows_per_step)`` steps, the last one taking the rows left over (a smaller
       step), so every row is seen once per epoch and never twice in one step.
@@ -271,13 +272,16 @@ class StepSampler:
         self.shuffle = shuffle
         self.whole_epochs = whole_epochs
         self.steps_per_epoch = math.ceil(num_rows / rows_per_step)
+        # rows a streamed step takes: a step of more rows than there are would take each row several
+        # times, unevenly (3 rows, 16 a step: 5, 5 and 6 copies), weighing the rows unequally
+        self._stream_step = min(rows_per_step, num_rows)
         self._perm: dict[int, list[int]] = {}
 
     def steps_for_epochs(self, epochs: float) -> int:
         if self.whole_epochs:
             # the tolerance keeps e.g. 0.1 x 30 (= 3.0000000000000004) at 3 steps
             return max(1, math.ceil(epochs * self.steps_per_epoch - 1e-9))
-        return max(1, math.ceil(epochs * self.num_rows / self.rows_per_step - 1e-9))
+        return max(1, math.ceil(epochs * self.num_rows / self._stream_step - 1e-9))
 
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._perm:
@@ -294,14 +298,14 @@ class StepSampler:
         if self.whole_epochs:
             epoch, j = divmod(step, self.steps_per_epoch)
             return epoch + min(j * self.rows_per_step, self.num_rows) / self.num_rows
-        return step * self.rows_per_step / self.num_rows
+        return step * self._stream_step / self.num_rows
 
     def rows_for_step(self, step: int) -> list[int]:
         if self.whole_epochs:
             epoch, j = divmod(step, self.steps_per_epoch)
             return self._order(epoch)[j * self.rows_per_step : (j + 1) * self.rows_per_step]
         out = []
-        for k in range(step * self.rows_per_step, (step + 1) * self.rows_per_step):
+        for k in range(step * self._stream_step, (step + 1) * self._stream_step):
             epoch, i = divmod(k, self.num_rows)
             out.append(self._order(epoch)[i])
         return out
