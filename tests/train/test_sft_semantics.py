@@ -267,3 +267,16 @@ def test_the_output_holds_the_tokenizer_with_the_template_it_trained(tmp_path, t
     assert saved.chat_template == TEMPLATE
     assert saved.get_vocab() == tokenizer.get_vocab()
     assert tokenizer.chat_template == own  # the tokenizer passed in is left as it was
+
+
+def test_the_log_gives_the_rows_a_step_takes_from_a_small_dataset(tmp_path, tokenizer, demo_data):
+    """3 rows, 4 x 2 a step: a step takes the 3 rows once, and the log says 3, not 8."""
+    from hoptune.data import demo_task
+
+    from .conftest import write_jsonl
+
+    train = write_jsonl(tmp_path / "three.jsonl", demo_task.sft_records(demo_task.split_pairs()[0][:3]))
+    cfg = small_config(tmp_path, {**demo_data, "train": train}, "train.max_steps=1")
+    lines = []
+    sft.train(cfg, log=lines.append, model=build_model(seed=0, **SMALL), tokenizer=tokenizer)
+    assert any(s.startswith("training: 1 steps x 3 rows (4 x 2 accumulation) from 3 rows") for s in lines)

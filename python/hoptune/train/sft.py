@@ -693,8 +693,8 @@ def _train(
     # 4. the loop
     losses: list[float] = []
     log(  # before the progress bar starts: not printed onto its line
-        f"training: {total} steps x {rows_per_step} rows ({t.batch_size} x {t.grad_accum} accumulation) "
-        f"from {len(rows)} rows, warmup {warmup}, lr {t.lr:g} {t.lr_schedule}"
+        f"training: {total} steps x {min(rows_per_step, len(rows))} rows ({t.batch_size} x "
+        f"{t.grad_accum} accumulation) from {len(rows)} rows, warmup {warmup}, lr {t.lr:g} {t.lr_schedule}"
     )
     progress = loop.Progress(total, initial=step, enabled=out.progress, desc="sft")
     timer = loop.Timer()
