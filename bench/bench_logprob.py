@@ -390,6 +390,17 @@ def gemm_sweep(settings=((32768, 2048), (32768, 4096), (65536, 2048))) -> list[d
     return out
 
 
+def _pairs(ap: argparse.ArgumentParser, flag: str, text: str) -> list[tuple[int, int]]:
+    """``text``'s comma-separated COLS:ROWS integer pairs, or a usage error naming ``flag``."""
+    out = []
+    for item in text.split(","):
+        parts = item.split(":")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            ap.error(f"{flag}: expected COLS:ROWS integer pairs such as 32768:2048, got {item!r}")
+        out.append((int(parts[0]), int(parts[1])))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/logprob.json")
@@ -419,8 +430,17 @@ def main() -> None:
         help="VCHUNK_COLS:VCHUNK_ROWS pairs for --vchunk-sweep (rows 0: from CHUNK_BYTES)",
     )
     args = ap.parse_args()
+    # every list read before any timing: the sweeps that use them start after minutes of it
+    chunks = []
+    for c in args.chunks.split(","):
+        if not c.isdigit():
+            ap.error(f"--chunks: expected comma-separated integers, got {c!r} in {args.chunks!r}")
+        chunks.append(int(c))
+    if 0 not in chunks:
+        ap.error("--chunks: must include 0 (auto, the chunking every ratio to the floor uses)")
+    gemm_settings = _pairs(ap, "--gemm-settings", args.gemm_settings)
+    vchunk_settings = _pairs(ap, "--vchunk-settings", args.vchunk_settings)
     require_cuda(__file__)
-    chunks = [int(c) for c in args.chunks.split(",")]
     res = {"env": env_info(), "copy_TBps": copy_rate_tbps(), "rows": []}
     for v in (128256, 151936):
         row = run_vocab(v, chunks)
@@ -511,14 +531,12 @@ def main() -> None:
         write_json(args.out, res)
         print(table(res["chunk_sweep"], ["V", "chunk_rows", "ms", "peak_GiB"]))
     if args.gemm_sweep:
-        settings = [tuple(int(x) for x in s.split(":")) for s in args.gemm_settings.split(",")]
-        res["gemm_sweep"] = gemm_sweep(settings)
+        res["gemm_sweep"] = gemm_sweep(gemm_settings)
         write_json(args.out, res)
         cols = ["V", "gemm_cols", "gemm_rows", "cols_used", "ms", "over_floor", "over_floor_interleaved"]
         print(table(res["gemm_sweep"], [*cols, "peak_GiB"]))
     if args.vchunk_sweep:
-        settings = [tuple(int(x) for x in s.split(":")) for s in args.vchunk_settings.split(",")]
-        res["vchunk_sweep"] = vchunk_sweep(settings=settings)
+        res["vchunk_sweep"] = vchunk_sweep(settings=vchunk_settings)
         write_json(args.out, res)
         cols = ["V", "path", "vchunk_cols", "vchunk_rows", "ms", "over_floor", "over_floor_interleaved"]
         print(table(res["vchunk_sweep"], [*cols, "peak_GiB"]))

@@ -10,7 +10,9 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -260,6 +262,54 @@ def _kernels() -> str:
     return "hoptune._C (sm_90 kernels)" if reason is None else f"PyTorch reference: {reason}"
 
 
+def _run(argv: Sequence[str]) -> str:
+    """stdout of ``argv``; CalledProcessError where it exits non-zero."""
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True).stdout
+
+
+def _hoptune_commit() -> str:
+    """The commit of the git checkout hoptune was imported from, ``-dirty`` appended where tracked
+    files differ from it (every revision has the same __version__), or why there is none.
+    ``$HOPTUNE_COMMIT`` wins: a copied tree may carry no .git, or a stale one."""
+    if os.environ.get("HOPTUNE_COMMIT"):
+        return os.environ["HOPTUNE_COMMIT"]
+    import hoptune
+
+    pkg = os.path.dirname(os.path.abspath(hoptune.__file__))
+    git = ["git", "-C", pkg]
+    try:
+        tracked = subprocess.run(
+            [*git, "ls-files", "--error-unmatch", "__init__.py"], capture_output=True, timeout=60
+        )
+        if tracked.returncode:
+            return f"unavailable: {pkg}/__init__.py is not a tracked file of a git checkout"
+        sha = _run([*git, "rev-parse", "HEAD"]).strip()
+        dirty = _run([*git, "status", "--porcelain", "--untracked-files=no"]).strip()
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"unavailable: git: {type(e).__name__}"
+    return sha + "-dirty" if dirty else sha
+
+
+_PROC_DRIVER = "/proc/driver/nvidia/version"
+
+
+def _driver() -> str:
+    """The NVIDIA driver's version: nvidia-smi's, else the kernel module's (``_PROC_DRIVER``)."""
+    try:
+        out = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+        return out.split()[0]
+    except (OSError, subprocess.SubprocessError, IndexError) as e:
+        smi = f"nvidia-smi: {type(e).__name__}"
+    try:
+        with open(_PROC_DRIVER) as f:
+            line = f.readline()
+    except OSError as e:
+        return f"unavailable: {smi}; {_PROC_DRIVER}: {type(e).__name__}"
+    # "NVRM version: NVIDIA UNIX ... Kernel Module ...  570.124.06  Release Build ..."
+    found = re.search(r"\b\d+\.\d+(?:\.\d+)*\b", line)
+    return found.group(0) if found else f"unavailable: {smi}; no version in {_PROC_DRIVER}"
+
+
 def env_info() -> dict:
     props = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
     return {
@@ -272,8 +322,10 @@ def env_info() -> dict:
         "sm_count": props.multi_processor_count if props else None,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
+        "driver": _driver() if props else None,
         "python": platform.python_version(),
         "hoptune": _version("hoptune"),
+        "hoptune_commit": _hoptune_commit(),
         "bitsandbytes": _version("bitsandbytes"),
         "peft": _version("peft"),
         "transformers": _version("transformers"),

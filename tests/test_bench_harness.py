@@ -41,6 +41,88 @@ def test_env_info_records_whether_the_kernels_ran_and_the_hoptune_settings(monke
     json.dumps(info)
 
 
+class _FakeRun:
+    """subprocess.run for git and nvidia-smi: ``outputs`` maps a command's words after the program
+    (and git's ``-C DIR``) to (returncode, stdout); a program in ``missing`` is not installed."""
+
+    def __init__(self, outputs, missing=()):
+        self.outputs, self.missing, self.calls = outputs, set(missing), []
+
+    def __call__(self, argv, **kwargs):
+        import subprocess
+
+        self.calls.append(argv)
+        if argv[0] in self.missing:
+            raise FileNotFoundError(2, "No such file or directory", argv[0])
+        words = argv[3:] if argv[0] == "git" else argv[1:]
+        rc, out = self.outputs[" ".join(words)]
+        return subprocess.CompletedProcess(argv, rc, out, "")
+
+
+_SHA = "3f9c2e1d4b5a69788796a5b4c3d2e1f0a9b8c7d6"
+
+
+def _git(status="", tracked=0):
+    return {
+        "ls-files --error-unmatch __init__.py": (tracked, "__init__.py\n" if tracked == 0 else ""),
+        "rev-parse HEAD": (0, _SHA + "\n"),
+        "status --porcelain --untracked-files=no": (0, status),
+    }
+
+
+def test_env_info_records_the_commit_of_the_hoptune_code_that_ran(monkeypatch):
+    """Every revision has the version 0.1.0: the record names the commit of the checkout hoptune
+    was imported from, marked -dirty when tracked files differ from it, or says why it has none."""
+    import hoptune
+
+    harness = _bench_module("harness")
+    monkeypatch.setattr(harness, "_version", lambda mod: "1.0")
+    fake = _FakeRun(_git())
+    monkeypatch.setattr(harness.subprocess, "run", fake)
+    info = harness.env_info()
+    assert info["hoptune_commit"] == _SHA
+    assert fake.calls[0][:3] == ["git", "-C", os.path.dirname(os.path.abspath(hoptune.__file__))]
+    dirty = _FakeRun(_git(status=" M python/hoptune/ops/nf4.py\n"))
+    monkeypatch.setattr(harness.subprocess, "run", dirty)
+    assert harness.env_info()["hoptune_commit"] == _SHA + "-dirty"
+    # an installed copy (not a tracked file of a checkout), or no git at all: said, not left out
+    monkeypatch.setattr(harness.subprocess, "run", _FakeRun(_git(tracked=1)))
+    assert harness.env_info()["hoptune_commit"].startswith("unavailable: ")
+    assert "not a tracked file of a git checkout" in harness.env_info()["hoptune_commit"]
+    monkeypatch.setattr(harness.subprocess, "run", _FakeRun(_git(), missing=["git"]))
+    assert harness.env_info()["hoptune_commit"] == "unavailable: git: FileNotFoundError"
+    json.dumps(harness.env_info())
+    # a copied tree (no .git, or a stale one): the commit given by the one who copied it wins
+    monkeypatch.setenv("HOPTUNE_COMMIT", "abc1234")
+    monkeypatch.setattr(harness.subprocess, "run", _FakeRun(_git(status=" M x.py\n")))
+    assert harness.env_info()["hoptune_commit"] == "abc1234"
+
+
+def test_env_info_records_the_gpu_driver(monkeypatch, tmp_path):
+    """The driver's version, from nvidia-smi or else the kernel module's /proc file; no device, no
+    driver entry to find (None, as the GPU's name)."""
+    harness = _bench_module("harness")
+    smi = {"--query-gpu=driver_version --format=csv,noheader": (0, "580.65.06\n580.65.06\n")}
+    monkeypatch.setattr(harness.subprocess, "run", _FakeRun(smi))
+    assert harness._driver() == "580.65.06"
+    proc = tmp_path / "version"
+    proc.write_text(
+        "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  570.124.06  Release Build"
+        "  (dvs-builder)\n"
+        "GCC version:  gcc version 12.3.0\n"
+    )
+    monkeypatch.setattr(harness, "_PROC_DRIVER", str(proc))
+    monkeypatch.setattr(harness.subprocess, "run", _FakeRun({}, missing=["nvidia-smi"]))
+    assert harness._driver() == "570.124.06"
+    monkeypatch.setattr(harness, "_PROC_DRIVER", str(tmp_path / "absent"))
+    assert harness._driver().startswith("unavailable: nvidia-smi: FileNotFoundError")
+    monkeypatch.setattr(harness, "_version", lambda mod: "1.0")
+    monkeypatch.setattr(harness.subprocess, "run", _FakeRun(_git()))
+    monkeypatch.setattr(harness.torch.cuda, "is_available", lambda: False)
+    info = harness.env_info()
+    assert info["gpu"] is None and info["driver"] is None
+
+
 def test_write_json_keeps_the_earlier_file_when_a_write_fails(tmp_path):
     """Benchmarks write their JSON after each section: a later write that fails (a value JSON
     cannot hold, an interrupt) must leave the sections already written, not a truncated file."""
@@ -176,3 +258,52 @@ def test_gpu_benchmarks_without_a_cuda_device_say_so(name, monkeypatch, tmp_path
         mod.main()
     assert f"{name}.py needs a CUDA device" in str(e.value)
     assert not out.exists()
+
+
+def test_ratio_interleaved_is_the_median_over_rounds_of_ours_over_the_anchor(monkeypatch):
+    """Round i times fn_a then fn_b (fake timings here): the ratio is fn_a / fn_b, the median over
+    the rounds, each call queued behind the 3 ms sleep only when covered."""
+    harness = _bench_module("harness")
+    ours = iter([2.0, 9.0, 3.0, 4.0, 5.0])
+    anchor = iter([1.0, 3.0, 1.0, 8.0, 2.0])
+    times = {"ours": ours, "anchor": anchor}
+    calls = []
+
+    def fake_bench(fn, warmup, rep, lead_ms):
+        calls.append((fn(), warmup, rep, lead_ms))
+        return next(times[calls[-1][0]])
+
+    monkeypatch.setattr(harness, "bench", fake_bench)
+    r = harness.ratio_interleaved(lambda: "ours", lambda: "anchor", rounds=5, rep=4)
+    assert r == 2.5  # rounds: 2, 3, 3, 0.5, 2.5
+    assert [c[0] for c in calls] == ["ours", "anchor"] * 5
+    assert {c[1:] for c in calls} == {(1, 4, 0.0)}
+    calls.clear()
+    times.update(ours=iter([3.0]), anchor=iter([2.0]))
+    r = harness.ratio_interleaved(lambda: "ours", lambda: "anchor", rounds=1, covered=True)
+    assert r == 1.5
+    assert calls[0][3] == 3.0 and calls[1][3] == 3.0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--chunks", "256,512"], "--chunks: must include 0"),
+        (["--chunks", "0,2k"], "--chunks: expected comma-separated integers, got '2k'"),
+        (["--gemm-sweep", "--gemm-settings", "32768x2048"], "--gemm-settings: expected COLS:ROWS"),
+        (["--vchunk-sweep", "--vchunk-settings", "8192:0,16384"], "got '16384'"),
+    ],
+)
+def test_bench_logprob_refuses_arguments_before_timing(monkeypatch, capsys, argv, message):
+    """--chunks without 0 had the run stop on a KeyError ('ours_ms') after timing a whole
+    vocabulary, and settings that do not parse on a bare ValueError after the main tables: now a
+    usage error naming the option, before anything runs."""
+    logprob = _bench_module("bench_logprob")
+    ran = []
+    monkeypatch.setattr(logprob, "require_cuda", lambda script: ran.append("cuda"))
+    monkeypatch.setattr(logprob, "run_vocab", lambda *a: ran.append("run") or {})
+    monkeypatch.setattr(sys, "argv", ["bench_logprob.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        logprob.main()
+    assert e.value.code == 2 and not ran
+    assert message in capsys.readouterr().err
