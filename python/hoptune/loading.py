@@ -709,6 +709,23 @@ def _converts_keys_on_load(model: nn.Module, absent: Sequence[str]) -> bool:
     return mapped or any(k in params and params[k].dim() == 3 for k in absent)
 
 
+def _index_lists(folder: str, absent: Sequence[str], prefix: str) -> str:
+    """Where the index puts the first of ``absent`` it lists (a shard that does not hold what its
+    index says: one of another download or revision), as a clause for the error; else ``""``."""
+    index = os.path.join(folder, INDEX_FILE)
+    if os.path.isfile(os.path.join(folder, SINGLE_FILE)) or not os.path.isfile(index):
+        return ""
+    with open(index, encoding="utf-8") as f:
+        weight_map = json.load(f)["weight_map"]  # (checked by checkpoint_files)
+    for key in absent:
+        # as stored: with or without the base model's prefix
+        bare = key[len(prefix) + 1 :] if prefix and key.startswith(prefix + ".") else key
+        for name in dict.fromkeys((key, bare, f"{prefix}.{key}" if prefix else key)):
+            if name in weight_map:
+                return f"; {INDEX_FILE} lists {name} in {weight_map[name]}, which does not hold it"
+    return ""
+
+
 def _output_heads(model: nn.Module) -> set[str]:
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
@@ -921,6 +938,12 @@ def load_model(
         warnings.warn(
             f"{len(unexpected)} tensors in {folder} are not used by {type(model).__name__}: {unexpected[:5]}",
             stacklevel=2,
+        )
+    if absent:  # said before the read, which on a large model takes minutes
+        raise ValueError(
+            f"{folder} lacks {len(absent)} tensors that {type(model).__name__} needs, e.g. "
+            f"{absent[:5]} (a checkpoint for another architecture, or an incomplete one?)"
+            + _index_lists(folder, absent, getattr(model, "base_model_prefix", "") or "")
         )
 
     # 4. stream: tensors in file order; weights quantized on the GPU as they arrive, without waiting
