@@ -379,3 +379,105 @@ def test_output_into_a_closed_pipe_is_no_traceback(args):
     p.stdout.close()  # (closed long before the child has imported hoptune and writes)
     err = p.stderr.read().decode()
     assert p.wait() == 141 and err == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "hint", "again"),
+    [
+        ([], "run the same command to continue from the newest checkpoint, ", []),
+        (
+            ["output.resume=false"],  # (the same command would refuse the folder's checkpoints)
+            "run it with output.resume=auto to continue from the newest checkpoint, ",
+            ["output.resume=auto"],
+        ),
+    ],
+)
+def test_an_interrupted_run_says_how_to_resume(monkeypatch, capsys, run_config, args, hint, again):
+    """Ctrl-C after a checkpoint: exit 130 and one line naming the checkpoint and what continues
+    from it (it said only 'interrupted'); that command then resumes."""
+    from hoptune.train import loop
+
+    save = loop.Checkpointer.save
+
+    def save_then_interrupt(self, *a, **k):
+        save(self, *a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop.Checkpointer, "save", save_then_interrupt)
+    capsys.readouterr()  # the fixture's own output
+    assert main(["sft", run_config, "train.max_steps=3", *args]) == 130
+    last = capsys.readouterr().err.rstrip("\n").split("\n")[-1]
+    ckpt = os.path.join(os.path.dirname(run_config), "run", "checkpoints", "step-00000001")
+    assert last == f"hoptune sft: interrupted; {hint}{ckpt}"
+    monkeypatch.undo()
+    assert main(["sft", run_config, "train.max_steps=3", *args, *again]) == 0
+    assert f"resumed from {ckpt} at step 1" in capsys.readouterr().out
+
+
+def test_an_interrupted_run_without_checkpoints_starts_over(monkeypatch, capsys, run_config):
+    import hoptune.adapters
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hoptune.adapters, "save_adapter", interrupt)  # the run's last save
+    capsys.readouterr()
+    assert main(["sft", run_config, "train.save_every=0"]) == 130
+    last = capsys.readouterr().err.rstrip("\n").split("\n")[-1]
+    assert last == (
+        "hoptune sft: interrupted; no checkpoint was written (train.save_every=0); the same "
+        "command starts the run over"
+    )
+
+
+def test_ctrl_c_of_the_command(tmp_path, run_config):
+    """The real command, sent SIGINT once it has written a checkpoint: exit 130, the resume line, no
+    traceback, and the checkpoint it names is whole."""
+    import signal
+    import time
+
+    from hoptune.train import loop
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "hoptune.cli", "sft", run_config, "train.max_steps=100000"]
+    # (SIGINT as a terminal sends it, also where the tests run with it ignored)
+    p = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "checkpoints" / "latest").exists():
+            assert p.poll() is None and time.monotonic() < deadline, p.stderr.read()
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        err = p.communicate(timeout=120)[1]
+    finally:
+        p.kill()
+    assert p.returncode == 130 and "Traceback" not in err
+    last = err.rstrip("\n").split("\n")[-1]
+    assert last.startswith("hoptune sft: interrupted; run the same command to continue from the ")
+    latest = loop.Checkpointer(run).latest()
+    assert last.endswith(f", {latest}") and loop.Checkpointer.read_state(latest)["step"] >= 1
+
+
+def test_a_config_that_is_a_folder(tmp_path, capsys):
+    """A folder is named as one (it was 'neither a file nor a shipped config'); a run's folder
+    points at the config.yaml the run wrote."""
+    (tmp_path / "empty").mkdir()
+    assert main(["sft", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    empty = str(tmp_path / "empty")
+    assert err == f"hoptune sft: error: config {empty!r} is a folder, not a YAML file\n"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("train:\n  lr: 1.0e-4\n")
+    assert main(["sft", str(run), "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"hoptune sft: error: config {str(run)!r} is a folder, not a YAML file; the config of the "
+        f"run in it is {str(run / 'config.yaml')!r}\n"
+    )

@@ -44,6 +44,11 @@ def _config_file(name: str) -> str:
             f"config {name!r} does not exist (relative to {os.getcwd()}); hoptune ships a config of that "
             f"name: hoptune sft {stem}"
         )
+    if os.path.isdir(name):
+        # (a run's output folder, say: the config it ran with is its config.yaml)
+        inside = os.path.join(name, "config.yaml")
+        hint = f"; the config of the run in it is {inside!r}" if os.path.isfile(inside) else ""
+        raise IsADirectoryError(f"config {name!r} is a folder, not a YAML file{hint}")
     raise FileNotFoundError(f"config {name!r} is neither a file nor a shipped config ({', '.join(shipped)})")
 
 
@@ -72,11 +77,33 @@ def _sft(argv: list[str]) -> int:
 
     try:
         return sft.main(cfg)
+    except KeyboardInterrupt as e:
+        raise KeyboardInterrupt(_resume_hint(cfg)) from e
     except DataError as e:
         hint = _demo_data_hint(config_file, cfg, e)
         if hint is None:
             raise
         raise DataError(f"{e} {hint}") from e
+
+
+def _resume_hint(cfg) -> str:
+    """How to go on after an interrupted run of ``cfg``: from its newest checkpoint, if any."""
+    from hoptune.train import loop
+
+    try:
+        latest = loop.Checkpointer(cfg.output.dir).latest()
+    except OSError:
+        return ""
+    resume = cfg.output.resume
+    if latest is not None:
+        # (output.resume=false refuses a folder with checkpoints; a path starts from that one again)
+        auto = resume in ("auto", True)
+        again = "run the same command" if auto else "run it with output.resume=auto"
+        return f"{again} to continue from the newest checkpoint, {latest}"
+    if isinstance(resume, str) and resume != "auto":
+        return f"no checkpoint was written; the same command starts again from {resume}"
+    why = " (train.save_every=0)" if cfg.train.save_every == 0 else ""
+    return f"no checkpoint was written{why}; the same command starts the run over"
 
 
 DEMO_CONFIG = "demo_sft.yaml"
@@ -216,8 +243,9 @@ def _main(argv: list[str] | None) -> int:
     except (ConfigError, DataError, OSError) as e:  # OSError: a missing file, a folder that is a file...
         print(f"hoptune {cmd}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"\nhoptune {cmd}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        hint = f"; {e}" if str(e) else ""  # (what `hoptune sft` can tell about resuming)
+        print(f"\nhoptune {cmd}: interrupted{hint}", file=sys.stderr)
         return 130
 
 

@@ -527,7 +527,7 @@ def load_config(
             raise ConfigError(f"config file {path!r} does not exist")
         with open(path, encoding="utf-8") as f:
             try:
-                tree = yaml.load(f, Loader=_YamlLoader) or {}
+                tree = yaml.load(f, Loader=_YamlLoader)
             except yaml.YAMLError as e:
                 raise ConfigError(f"config file {path!r} is not valid YAML: {_yaml_error(e)}") from None
             except ConfigError as e:
@@ -536,10 +536,11 @@ def load_config(
                 raise ConfigError(
                     f"config file {path!r} is not UTF-8 text ({e.reason} at byte {e.start})"
                 ) from None
-        if not isinstance(tree, dict):
-            raise ConfigError(
-                f"config file {path!r} must hold a mapping of sections, got {type(tree).__name__}"
-            )
+        if tree is None:  # an empty file, or comments only
+            tree = {}
+        if not isinstance(tree, dict):  # (an empty list or a 0 too: not an empty config)
+            got = _kind(tree)
+            raise ConfigError(f"config file {path!r} must hold a mapping of sections, got {got}")
     for item in overrides or []:
         keys, value = parse_override(item)
         _merge_override(tree, keys, value, cls)

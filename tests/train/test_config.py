@@ -427,3 +427,30 @@ def test_a_wrong_type_is_named_as_yaml_reads_it(tmp_path, override, message):
     with pytest.raises(ConfigError) as e:
         load_config(_yaml(tmp_path, f"{section}:\n  {leaf}: {value}\n"))
     assert str(e.value) == message
+
+
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [
+        ("[]\n", "list"),
+        ("- train\n", "list"),
+        ("0\n", "int"),
+        ("42\n", "int"),
+        ("1.5\n", "float"),
+        ("false\n", "bool"),
+        ("''\n", "str"),
+        ("lr=1e-4\n", "str"),
+    ],
+)
+def test_a_yaml_file_that_is_not_a_mapping_is_an_error(tmp_path, text, kind):
+    """A file of one list or value is an error naming its YAML type: an empty one ([], 0, false, '')
+    loaded as the defaults, and a number was named by the loader's own class (_Int)."""
+    p = _yaml(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value) == f"config file {p!r} must hold a mapping of sections, got {kind}"
+
+
+@pytest.mark.parametrize("text", ["", "# nothing yet\n", "null\n", "{}\n"])
+def test_an_empty_yaml_file_is_the_defaults(tmp_path, text):
+    assert load_config(_yaml(tmp_path, text)) == SFTConfig()
