@@ -53,8 +53,10 @@ def _model_logprobs(model, ids, labels):
                 )
             ),
         ),
-        # its text config's logit_scale is not applied by its forward
+        # its text config's logit_scale is applied by its forward from transformers 5.25 on
         ("AyaVisionForConditionalGeneration", dict(logit_scale=0.25), dict(vision_config=VISION)),
+        # its text config's logit_scale is not applied by its forward
+        ("Cohere2VisionForConditionalGeneration", dict(logit_scale=0.25), dict(vision_config=VISION)),
     ],
 )
 def test_batch_logprobs_reads_a_composite_models_text_config(family, text, extra):
@@ -125,3 +127,17 @@ def test_batch_logprobs_of_a_0_1_loss_mask(small_model, dtype):
     bad[1, 4] = 2
     with pytest.raises(ValueError, match="loss_mask must be bool or hold only 0 and 1, got 2"):
         loop.batch_logprobs(model, {**batch, "loss_mask": bad})
+
+
+@pytest.mark.parametrize(
+    ("version", "unused"), [("5.24.0", True), ("5.25.0", False), ("5.25.0.dev0", False), ("6.1", False)]
+)
+def test_aya_visions_text_logit_scale_follows_the_transformers_version(monkeypatch, version, unused):
+    """AyaVision's forward multiplies its logits by text_config.logit_scale from transformers 5.25
+    (earlier ones leave it unused): the head's log-probs follow the version installed."""
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", version)
+    assert loop._text_logit_scale_unused("aya_vision") is unused
+    assert loop._text_logit_scale_unused("cohere2_vision") is True
+    assert loop._text_logit_scale_unused("cohere") is False

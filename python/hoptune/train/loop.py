@@ -343,8 +343,24 @@ def _decoder(model: nn.Module) -> nn.Module | None:
 
 # model types whose logits are multiplied by config.logits_scaling (Granite's are divided by it)
 _LOGITS_SCALING_MULTIPLIES = frozenset({"hyperclovax"})
-# composite models whose forward leaves their text config's logit_scale unused
-_TEXT_LOGIT_SCALE_UNUSED = frozenset({"aya_vision", "cohere2_vision"})
+# composite models whose forward leaves their text config's logit_scale unused, before the
+# transformers version that applies it (None: none yet)
+_TEXT_LOGIT_SCALE_UNUSED_BEFORE: dict[str, tuple[int, int] | None] = {
+    "aya_vision": (5, 25),
+    "cohere2_vision": None,
+}
+
+
+def _text_logit_scale_unused(model_type: object) -> bool:
+    if model_type not in _TEXT_LOGIT_SCALE_UNUSED_BEFORE:
+        return False
+    since = _TEXT_LOGIT_SCALE_UNUSED_BEFORE[model_type]
+    if since is None:
+        return True
+    import transformers
+
+    found = re.match(r"(\d+)\.(\d+)", transformers.__version__)
+    return found is not None and (int(found.group(1)), int(found.group(2))) < since
 
 
 def _logits_setting(cfg: Any, key: str, text: bool = True) -> tuple[Any, Any]:
@@ -366,7 +382,7 @@ def lm_head_logprobs(model: nn.Module, hidden: torch.Tensor, labels: torch.Tenso
     """Log-probs of ``labels`` ``(N,)`` from final hidden states ``(N, H)`` through the model's output
     head, with the architecture's logit scale / soft-capping. fp32 ``(N,)``."""
     cfg = getattr(model, "config", None)
-    text_scale = getattr(cfg, "model_type", None) not in _TEXT_LOGIT_SCALE_UNUSED
+    text_scale = not _text_logit_scale_unused(getattr(cfg, "model_type", None))
     scale, _ = _logits_setting(cfg, "logit_scale", text_scale)  # Cohere: logits * logit_scale
     scale = float(scale) if isinstance(scale, (int, float)) and not isinstance(scale, bool) else 1.0
     divisor, holder = _logits_setting(cfg, "logits_scaling")  # Granite: logits / logits_scaling
