@@ -507,6 +507,12 @@ def _merge_override(tree: dict, path: list[str], value: Any, cls: type) -> None:
             raise ConfigError(f"override {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a section")
         cur_cls = hints[part]
         sub = node.get(part)
+        if sub is not None and not isinstance(sub, dict):
+            # (a file's `train: 3`: reported as _build reports it, not replaced by the override)
+            section = ".".join(path[: i + 1])
+            raise ConfigError(
+                f"override {'.'.join(path)}: {section}: expected a mapping of keys, got {sub!r}"
+            )
         if not isinstance(sub, dict):
             sub = {}
             node[part] = sub
@@ -516,7 +522,9 @@ def _merge_override(tree: dict, path: list[str], value: Any, cls: type) -> None:
 def load_config(
     source: str | os.PathLike | dict | None, overrides: list[str] | None = None, cls: type = SFTConfig
 ) -> Any:
-    """A checked config of dataclass type ``cls`` from a YAML file (or a dict) plus dotted overrides."""
+    """A checked config of dataclass type ``cls`` from a YAML file (or a dict) plus dotted
+    overrides. The overrides apply in order: of a key given twice the last wins, as with other
+    command-line tools (``hoptune demo`` puts its own paths before the user's overrides)."""
     if source is None:
         tree: dict = {}
     elif isinstance(source, dict):

@@ -454,3 +454,26 @@ def test_a_yaml_file_that_is_not_a_mapping_is_an_error(tmp_path, text, kind):
 @pytest.mark.parametrize("text", ["", "# nothing yet\n", "null\n", "{}\n"])
 def test_an_empty_yaml_file_is_the_defaults(tmp_path, text):
     assert load_config(_yaml(tmp_path, text)) == SFTConfig()
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "shown"),
+    [
+        ("train: 3\n", ["train.lr=1e-3"], "train: expected a mapping of keys, got 3"),
+        ("lora: true\n", ["lora.r=8"], "lora: expected a mapping of keys, got True"),
+        ("lora: [q_proj]\n", ["lora={r: 8}"], "lora: expected a mapping of keys, got ['q_proj']"),
+    ],
+)
+def test_an_override_into_a_non_mapping_section_is_an_error(tmp_path, text, overrides, shown):
+    """A file's section that is not a mapping (``lora: true``) is an error, but an override of one
+    of its keys silently replaced it with a mapping of that key alone."""
+    p = _yaml(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value) == shown
+    with pytest.raises(ConfigError) as e:
+        load_config(p, overrides)
+    assert shown in str(e.value) and str(e.value).startswith("override ")
+    # an empty section (null) is the defaults: an override fills it
+    cfg = load_config(_yaml(tmp_path, "train:\nlora:\n"), ["train.lr=1e-3", "lora={r: 8}"])
+    assert (cfg.train.lr, cfg.lora.r) == (1e-3, 8)

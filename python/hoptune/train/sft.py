@@ -301,8 +301,28 @@ def _resume_folder(cfg: SFTConfig, ckpt: loop.Checkpointer) -> str | None:
             )
         return None
     if not os.path.isfile(os.path.join(r, loop.STATE_FILE)):
-        raise ConfigError(f"output.resume={r!r} is not a checkpoint folder (no {loop.STATE_FILE})")
+        what = f"output.resume={r!r} is not a checkpoint folder (no {loop.STATE_FILE})"
+        raise ConfigError(f"{what}; {_resume_hint(r)}")
     return r
+
+
+def _resume_hint(r: str) -> str:
+    """What output.resume takes instead of ``r``: the newest checkpoint of the run ``r`` names (its
+    folder, its checkpoints/ or the ``latest`` pointer file in there), else what one looks like."""
+    path = os.path.abspath(r)
+    if os.path.basename(path) == loop.LATEST and os.path.isfile(path):
+        path = os.path.dirname(path)
+    run = os.path.dirname(path) if os.path.basename(path) == "checkpoints" else path
+    try:
+        latest = loop.Checkpointer(run).latest() if os.path.isdir(run) else None
+    except OSError:  # (a folder it may not read: the hint below still holds)
+        latest = None
+    if latest is not None:
+        return f"give one of its run's checkpoints, the newest is output.resume={latest}"
+    return (
+        "give a checkpoint folder (<run>/checkpoints/step-N), or output.resume=auto to continue "
+        "from the newest checkpoint of output.dir"
+    )
 
 
 def _resume_settings(cfg: SFTConfig, dtype: torch.dtype | None = None) -> dict[str, Any]:
@@ -540,9 +560,11 @@ def _train(
     dtype = loop.resolve_dtype(cfg.model.dtype, device)
     ckpt = loop.Checkpointer(run_dir, keep=t.keep_checkpoints)
     resume_from = _resume_folder(cfg, ckpt)
+    # the file a save puts in last: weights without their adapter_config.json are a save that was
+    # killed (no reader loads them), not a finished run
     finished = [
         n
-        for n, f in (("adapter", "adapter_model.safetensors"), ("model", "config.json"))
+        for n, f in (("adapter", "adapter_config.json"), ("model", "config.json"))
         if os.path.isfile(os.path.join(run_dir, n, f))
     ]
     if resume_from is None and finished:
