@@ -685,6 +685,44 @@ def test_missing_and_unexpected_tensors(tmp_path):
             hoptune.load_model(tmp_path, device="cpu", progress=False)
 
 
+def test_folder_of_trainer_state_only_gets_no_hint_at_another_format(tmp_path):
+    # a training run's folder without its weights (DeepSpeed ZeRO-3 keeps them in global_step*/)
+    # holds trainer state: the error named optimizer.pt or the like as if it were the weights
+    tiny_model().config.save_pretrained(tmp_path)
+    for name in ("optimizer.pt", "rng_state_0.pth", "scheduler.pt", "training_args.bin"):
+        torch.save({"state": torch.rand(3)}, tmp_path / name)
+    with pytest.raises(FileNotFoundError) as err:
+        hoptune.load_model(tmp_path, device="cpu", progress=False)
+    assert str(err.value).endswith("nor model.safetensors.index.json"), str(err.value)
+    torch.save(tiny_model().state_dict(), tmp_path / "pytorch_model-00001-of-00002.bin")
+    with pytest.raises(
+        FileNotFoundError, match=r"found pytorch_model-00001-of-00002\.bin: .*safetensors only"
+    ):
+        hoptune.load_model(tmp_path, device="cpu", progress=False)
+
+
+def test_index_naming_shards_in_a_subfolder_loads_as_from_pretrained(tmp_path):
+    tiny_model().save_pretrained(tmp_path, max_shard_size="40KB")
+    index_file = tmp_path / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    (tmp_path / "weights").mkdir()
+    for name in set(index["weight_map"].values()):
+        os.rename(tmp_path / name, tmp_path / "weights" / name)
+    index["weight_map"] = {k: f"weights/{v}" for k, v in index["weight_map"].items()}
+    index_file.write_text(json.dumps(index))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    ours = hoptune.load_model(tmp_path, quantize=None, device="cpu", progress=False)
+    torch.testing.assert_close(logits(ours), logits(ref), atol=0, rtol=0)
+    # a name that leads out of the folder stays an error
+    first = next(iter(index["weight_map"]))
+    (tmp_path.parent / "elsewhere.safetensors").write_bytes(b"")
+    for bad in ("../elsewhere.safetensors", str(tmp_path.parent / "elsewhere.safetensors")):
+        index["weight_map"][first] = bad
+        index_file.write_text(json.dumps(index))
+        with pytest.raises(ValueError, match="must name a file inside the folder"):
+            hoptune.load_model(tmp_path, device="cpu", progress=False)
+
+
 def test_other_quantization_methods_are_refused(tmp_path):
     model = tiny_model()
     model.save_pretrained(tmp_path)

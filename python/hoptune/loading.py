@@ -93,6 +93,9 @@ _DTYPES = {
     "U32": torch.uint32,
     "U64": torch.uint64,
 }
+# weights in another format: transformers' torch files and the original releases' (a training
+# run's optimizer.pt, training_args.bin and the like are no weights)
+_OTHER_WEIGHTS = re.compile(r"pytorch_model.*\.bin(\.index\.json)?|consolidated\..*\.pth")
 # the tensors stored with a bitsandbytes NF4 weight "<name>.weight" (besides itself)
 _BNB_PARTS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", QS_SUFFIX)
 
@@ -203,12 +206,19 @@ def checkpoint_files(folder: str) -> list[str]:
             )
         files = list(dict.fromkeys(weight_map.values()))
         for name in files:
-            if os.path.basename(name) != name:
-                raise ValueError(f"{index}: shard name {name!r} must be a file name inside the folder")
+            # a path below the folder loads, as in transformers (which joins any name to the folder)
+            inside = os.path.normpath(name)
+            if (
+                not name
+                or os.path.isabs(name)
+                or inside == os.pardir
+                or inside.startswith(os.pardir + os.sep)
+            ):
+                raise ValueError(f"{index}: shard name {name!r} must name a file inside the folder")
             if not os.path.isfile(os.path.join(folder, name)):
                 raise FileNotFoundError(f"{index} lists {name}, which is not in {folder}")
         return [os.path.join(folder, name) for name in files]
-    others = [f for f in sorted(os.listdir(folder)) if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+    others = [f for f in sorted(os.listdir(folder)) if _OTHER_WEIGHTS.fullmatch(f)]
     hint = f" (found {others[0]}: load_model reads safetensors only)" if others else ""
     raise FileNotFoundError(f"{folder} has neither {SINGLE_FILE} nor {INDEX_FILE}{hint}")
 
