@@ -49,15 +49,75 @@ def _with_raw_dtype(path, key, name):
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
 
 
-def test_unknown_safetensors_dtype_names_the_dtype_and_tensor(tmp_path):
-    tiny_model().save_pretrained(tmp_path)
-    f = tmp_path / "model.safetensors"
+def _with_extra_tensor(folder, key, name, n=8):
+    """Add an ``n``-byte tensor ``key`` of safetensors dtype ``name`` (1 byte per element) to the
+    checkpoint in ``folder``."""
+    f = folder / "model.safetensors"
     sd = load_file(f)
-    sd["model.layers.0.scale"] = torch.randint(1, 255, (8,), dtype=torch.uint8)  # 1 byte each
+    sd[key] = torch.randint(1, 255, (n,), dtype=torch.uint8)
     save_file(sd, f, metadata={"format": "pt"})
-    _with_raw_dtype(f, "model.layers.0.scale", "F8_E8M0")
+    _with_raw_dtype(f, key, name)
+    return f
+
+
+def test_unused_tensor_of_a_dtype_not_read_is_only_warned_about(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    f = _with_extra_tensor(tmp_path, "model.layers.0.scale", "F8_E8M0")
+    # read_safetensors_header alone refuses it: its callers read every tensor
     match = r"'model\.layers\.0\.scale' has dtype 'F8_E8M0'.*it reads .*BF16"
     with pytest.raises(ValueError, match=match):
         read_safetensors_header(str(f))
-    with pytest.raises(ValueError, match=r"model\.safetensors: tensor 'model\.layers\.0\.scale'"):
+    # as from_pretrained: the model loads and the tensor is reported as unused
+    with pytest.warns(UserWarning, match=r"not used by LlamaForCausalLM.*model\.layers\.0\.scale"):
+        ours = hoptune.load_model(tmp_path, quantize=None, device="cpu", progress=False)
+    theirs = model.state_dict()
+    for key, t in ours.state_dict().items():
+        assert torch.equal(t, theirs[key]), key
+
+
+def test_tensor_of_a_dtype_not_read_that_the_model_uses_is_an_error(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    f = tmp_path / "model.safetensors"
+    sd = load_file(f)
+    key = "model.layers.1.post_attention_layernorm.weight"  # (64,) bfloat16: 128 bytes
+    sd[key] = torch.randint(1, 255, (128,), dtype=torch.uint8)
+    save_file(sd, f, metadata={"format": "pt"})
+    _with_raw_dtype(f, key, "F8_E8M0")
+    match = r"model\.safetensors: tensor 'model\.layers\.1\.post_\w+\.weight' has dtype 'F8_E8M0'"
+    with pytest.raises(ValueError, match=match):
+        hoptune.load_model(tmp_path, device="cpu", progress=False)
+
+
+def test_sub_byte_dtype_not_read_is_checked_against_its_bytes(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    # F4: 4 bits an element, so 8 bytes hold 16 elements, not 8
+    _with_extra_tensor(tmp_path, "model.layers.0.blocks", "F4")
+    match = r"'model\.layers\.0\.blocks' spans 8 bytes but F4 \[8\] needs 4"
+    with pytest.raises(ValueError, match=match):
+        hoptune.load_model(tmp_path, device="cpu", progress=False)
+    odd = tmp_path / "odd"
+    tiny_model().save_pretrained(odd)
+    _with_extra_tensor(odd, "model.layers.0.blocks", "F6_E2M3", n=9)  # 54 bits: not whole bytes
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.blocks' is F6_E2M3 \[9\], 54 bits"):
+        hoptune.load_model(odd, device="cpu", progress=False)
+
+
+def test_name_that_is_no_safetensors_dtype_is_an_error(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    _with_extra_tensor(tmp_path, "model.layers.0.scale", "Q4_K")  # safetensors cannot open the file
+    with pytest.raises(ValueError, match=r"tensor 'model\.layers\.0\.scale' has dtype 'Q4_K'"):
+        hoptune.load_model(tmp_path, device="cpu", progress=False)
+
+
+def test_other_quantized_checkpoint_is_refused_for_its_format_not_a_dtype(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    # an MXFP4 checkpoint's shape: E8M0 scales next to its weights; config.json names the format
+    _with_extra_tensor(tmp_path, "model.layers.0.mlp.up_proj.weight_scale", "F8_E8M0")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    match = "quant_method': 'mxfp4'.*bitsandbytes 4-bit NF4 checkpoints only"
+    with pytest.raises(ValueError, match=match):
         hoptune.load_model(tmp_path, device="cpu", progress=False)

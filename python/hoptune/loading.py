@@ -93,6 +93,17 @@ _DTYPES = {
     "U32": torch.uint32,
     "U64": torch.uint64,
 }
+# the format's other dtypes, which load_model does not read: bits per element (to check the
+# header; a file may hold them in tensors the model does not use, as from_pretrained allows)
+_OTHER_DTYPE_BITS = {
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8,
+    "C64": 64,
+}
 # weights in another format: transformers' torch files and the original releases' (a training
 # run's optimizer.pt, training_args.bin and the like are no weights)
 _OTHER_WEIGHTS = re.compile(r"pytorch_model.*\.bin(\.index\.json)?|consolidated\..*\.pth")
@@ -105,20 +116,26 @@ _BNB_PARTS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", QS
 class _Entry:
     key: str
     file: str
-    dtype: torch.dtype
+    dtype: torch.dtype | str  # a str: the safetensors name of a dtype load_model does not read
     shape: tuple[int, ...]
     start: int  # absolute byte offset in the file
     nbytes: int
 
 
-def read_safetensors_header(path: str, exact: bool = False) -> dict[str, _Entry]:
+def read_safetensors_header(
+    path: str,
+    exact: bool = False,
+    any_dtype: bool = False,
+) -> dict[str, _Entry]:
     """Parse and check the header of one safetensors file (8-byte little-endian length, JSON).
 
     A file too short for what its header promises (a truncated download or copy) is an error that
     names the file; no tensor data is read. ``exact``: the tensors must also tile the data section
     in order, without gaps, overlaps or trailing bytes, as the safetensors library itself requires
     (so ``from_pretrained`` refuses anything else: two keys on the same bytes would load one
-    tensor's values as another's)."""
+    tensor's values as another's). ``any_dtype``: a tensor of a safetensors dtype that load_model
+    does not read (``F8_E8M0``, ``F4``, ...) is returned with that name as its dtype rather than
+    refused."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -152,12 +169,18 @@ def read_safetensors_header(path: str, exact: bool = False) -> dict[str, _Entry]
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path}: bad header entry for {key!r}: {info!r} ({e!r})") from e
         dtype = _DTYPES.get(name) if isinstance(name, str) else None
+        if dtype is None and not (any_dtype and name in _OTHER_DTYPE_BITS):
+            raise ValueError(_unread_dtype(path, key, name))
         if dtype is None:
-            raise ValueError(
-                f"{path}: tensor {key!r} has dtype {name!r}, which load_model does not read "
-                f"(it reads {', '.join(_DTYPES)})"
-            )
-        nbytes = math.prod(shape) * dtype.itemsize
+            bits = math.prod(shape) * _OTHER_DTYPE_BITS[name]
+            if bits % 8:  # (refused by safetensors too)
+                raise ValueError(
+                    f"{path}: {key!r} is {name} {list(shape)}, {bits} bits, which is no whole "
+                    "number of bytes: the header is corrupt"
+                )
+            nbytes, dtype = bits // 8, name
+        else:
+            nbytes = math.prod(shape) * dtype.itemsize
         if end - begin != nbytes or begin < 0:
             raise ValueError(
                 f"{path}: {key!r} spans {end - begin} bytes but {info['dtype']} {list(shape)} needs {nbytes}"
@@ -183,6 +206,13 @@ def read_safetensors_header(path: str, exact: bool = False) -> dict[str, _Entry]
                 "safetensors needs them to cover it exactly: the header is corrupt"
             )
     return out
+
+
+def _unread_dtype(path: str, key: str, name) -> str:
+    return (
+        f"{path}: tensor {key!r} has dtype {name!r}, which load_model does not read "
+        f"(it reads {', '.join(_DTYPES)})"
+    )
 
 
 def checkpoint_files(folder: str) -> list[str]:
@@ -816,7 +846,7 @@ def load_model(
     files = checkpoint_files(folder)
     entries: dict[str, _Entry] = {}
     for f in files:
-        for key, e in read_safetensors_header(f, exact=True).items():
+        for key, e in read_safetensors_header(f, exact=True, any_dtype=True).items():
             if key in entries:
                 raise ValueError(f"tensor {key!r} is stored twice: in {entries[key].file} and {f}")
             entries[key] = e
@@ -900,6 +930,9 @@ def load_model(
     plan: dict[str, tuple[str, str]] = {}  # key -> (what to do, module name)
     for key in entries:
         owner = _bnb_owner(key, prequant)
+        # a tensor of a dtype not read fails only if the model uses it (else: unused, warned below)
+        if isinstance(entries[key].dtype, str) and (owner is not None or key in expected):
+            raise ValueError(_unread_dtype(entries[key].file, key, entries[key].dtype))
         if owner is not None:
             plan[key] = ("bnb", owner)
             continue
