@@ -430,6 +430,30 @@ def test_an_interrupted_run_without_checkpoints_starts_over(monkeypatch, capsys,
     )
 
 
+def test_an_interrupted_final_eval_names_the_saved_adapter(monkeypatch, capsys, run_config):
+    """train.save_every=0, Ctrl-C in the final eval: the adapter is saved whole and no checkpoint
+    kept, so the same command refuses the folder (the hint said it 'starts the run over')."""
+    from hoptune.train import loop
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "evaluate_nll", interrupt)  # (max_steps=1: only the final eval)
+    args = ["sft", run_config, "train.save_every=0", "data.eval_fraction=0.25"]
+    capsys.readouterr()
+    assert main(args) == 130
+    last = capsys.readouterr().err.rstrip("\n").split("\n")[-1]
+    adapter = os.path.join(os.path.dirname(run_config), "run", "adapter")
+    assert last == (
+        f"hoptune sft: interrupted; training had finished: {adapter} is saved whole; no checkpoint "
+        "was kept (train.save_every=0), so the same command refuses that folder: give the run "
+        "another output.dir"
+    )
+    monkeypatch.undo()
+    assert main(args) == 2
+    assert "holds the adapter/ of an earlier run and no checkpoint" in capsys.readouterr().err
+
+
 def test_ctrl_c_of_the_command(tmp_path, run_config):
     """The real command, sent SIGINT once it has written a checkpoint: exit 130, the resume line, no
     traceback, and the checkpoint it names is whole."""

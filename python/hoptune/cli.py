@@ -73,37 +73,17 @@ def _sft(argv: list[str]) -> int:
         print(dump_config(cfg), end="")
         return 0
     from hoptune.data.jsonl import DataError
-    from hoptune.train import sft
+    from hoptune.train import loop, sft
 
     try:
         return sft.main(cfg)
     except KeyboardInterrupt as e:
-        raise KeyboardInterrupt(_resume_hint(cfg)) from e
+        raise KeyboardInterrupt(loop.interrupted_hint(cfg)) from e
     except DataError as e:
         hint = _demo_data_hint(config_file, cfg, e)
         if hint is None:
             raise
         raise DataError(f"{e} {hint}") from e
-
-
-def _resume_hint(cfg) -> str:
-    """How to go on after an interrupted run of ``cfg``: from its newest checkpoint, if any."""
-    from hoptune.train import loop
-
-    try:
-        latest = loop.Checkpointer(cfg.output.dir).latest()
-    except OSError:
-        return ""
-    resume = cfg.output.resume
-    if latest is not None:
-        # (output.resume=false refuses a folder with checkpoints; a path starts from that one again)
-        auto = resume in ("auto", True)
-        again = "run the same command" if auto else "run it with output.resume=auto"
-        return f"{again} to continue from the newest checkpoint, {latest}"
-    if isinstance(resume, str) and resume != "auto":
-        return f"no checkpoint was written; the same command starts again from {resume}"
-    why = " (train.save_every=0)" if cfg.train.save_every == 0 else ""
-    return f"no checkpoint was written{why}; the same command starts the run over"
 
 
 DEMO_CONFIG = "demo_sft.yaml"

@@ -95,7 +95,8 @@ def _holds_records(path: str, rows: list[dict]) -> bool:
 
 
 def run_demo(out_dir: str = "runs/demo", device: str = "auto", overrides: list[str] | None = None) -> dict:
-    """Run the demo; returns the accuracies and paths (also printed)."""
+    """Run the demo; returns the accuracies and paths (also printed). An interrupt (Ctrl-C) is
+    raised again with what the same command does next as its message."""
     from hoptune.config import ConfigError, check_sft_config, load_config
     from hoptune.data import demo_task as task
     from hoptune.data.jsonl import write_jsonl
@@ -173,60 +174,66 @@ def run_demo(out_dir: str = "runs/demo", device: str = "auto", overrides: list[s
         f"hoptune demo: tiny Llama + QLoRA SFT on {dev} ({torch.get_num_threads()} CPU threads); output in {out_dir}"
     )
 
-    # 1. base model (pretrained on the demo's device: --device cpu keeps the GPU out of it)
-    pretrained_tiny_path(device=dev)
+    try:
+        # 1. base model (pretrained on the demo's device: --device cpu keeps the GPU out of it)
+        pretrained_tiny_path(device=dev)
 
-    # 2. data
-    for name, rows in data.items():
-        write_jsonl(os.path.join(data_dir, name), rows)
-    print(
-        f"data: {len(train_pairs)} training chats, {len(held_pairs)} held out, 200 replay records in {data_dir}"
-    )
+        # 2. data
+        for name, rows in data.items():
+            write_jsonl(os.path.join(data_dir, name), rows)
+        print(
+            f"data: {len(train_pairs)} training chats, {len(held_pairs)} held out, "
+            f"200 replay records in {data_dir}"
+        )
 
-    held, seen, minus = task.plus_qa(held_pairs), task.plus_qa(train_pairs), task.minus_qa()
+        held, seen, minus = task.plus_qa(held_pairs), task.plus_qa(train_pairs), task.minus_qa()
 
-    def scores(model, tok) -> dict[str, float]:
-        return {
-            "held": task.accuracy(model, tok, held, dev),
-            "train": task.accuracy(model, tok, seen, dev),
-            "minus": task.accuracy(model, tok, minus, dev),
-        }
+        def scores(model, tok) -> dict[str, float]:
+            return {
+                "held": task.accuracy(model, tok, held, dev),
+                "train": task.accuracy(model, tok, seen, dev),
+                "minus": task.accuracy(model, tok, minus, dev),
+            }
 
-    # 3. before
-    base, tok = _tiny_model(cfg, dev, dtype)
-    before = scores(base, tok)
-    del base
+        # 3. before
+        base, tok = _tiny_model(cfg, dev, dtype)
+        before = scores(base, tok)
+        del base
 
-    # 4. SFT through the recipe, with the demo's paths
-    if fresh:
-        shutil.rmtree(sft_dir, ignore_errors=True)
-    t_sft = time.time()
-    res = sft.train(cfg)
-    t_sft = time.time() - t_sft
+        # 4. SFT through the recipe, with the demo's paths
+        if fresh:
+            shutil.rmtree(sft_dir, ignore_errors=True)
+        t_sft = time.time()
+        res = sft.train(cfg)
+        t_sft = time.time() - t_sft
 
-    # 5. after: the adapter as saved, on a fresh base (or the saved model of a full fine-tuning)
-    tuned, tok = _tiny_model(cfg, dev, dtype, trained=res.output_dir)
-    after = scores(tuned, tok)
+        # 5. after: the adapter as saved, on a fresh base (or the saved model of a full fine-tuning)
+        tuned, tok = _tiny_model(cfg, dev, dtype, trained=res.output_dir)
+        after = scores(tuned, tok)
 
-    rows = [
-        (f"held-out addition questions ({len(held)})", "held"),
-        (f"trained addition questions ({len(seen)})", "train"),
-        (f"subtraction, the base skill ({len(minus)})", "minus"),
-    ]
-    w = max(len(r[0]) for r in rows)
-    print()
-    base_label = "base (NF4)" if cfg.model.quantize else "base"
-    print(f"{'exact-match accuracy':<{w}}  {base_label:>10}  {'after SFT':>9}")
-    for label, key in rows:
-        print(f"{label:<{w}}  {before[key]:>10.1%}  {after[key]:>9.1%}")
-    print()
-    if res.eval:
-        print(f"held-out SFT loss: {res.eval['loss']:.4f}")
-    print(f"adapter (PEFT format): {res.output_dir}" if cfg.lora.enabled else f"model: {res.output_dir}")
-    print(f"plots: {os.path.dirname(res.plots[0]) if res.plots else 'none (' + '; '.join(res.notes) + ')'}")
-    print(f"metrics: {os.path.join(res.run_dir, 'metrics.jsonl')}")
-    total = time.time() - t0
-    print(f"SFT {t_sft:.0f}s, demo total {total:.0f}s")
+        rows = [
+            (f"held-out addition questions ({len(held)})", "held"),
+            (f"trained addition questions ({len(seen)})", "train"),
+            (f"subtraction, the base skill ({len(minus)})", "minus"),
+        ]
+        w = max(len(r[0]) for r in rows)
+        print()
+        base_label = "base (NF4)" if cfg.model.quantize else "base"
+        print(f"{'exact-match accuracy':<{w}}  {base_label:>10}  {'after SFT':>9}")
+        for label, key in rows:
+            print(f"{label:<{w}}  {before[key]:>10.1%}  {after[key]:>9.1%}")
+        print()
+        if res.eval:
+            print(f"held-out SFT loss: {res.eval['loss']:.4f}")
+        what = "adapter (PEFT format)" if cfg.lora.enabled else "model"
+        print(f"{what}: {res.output_dir}")
+        plots = os.path.dirname(res.plots[0]) if res.plots else f"none ({'; '.join(res.notes)})"
+        print(f"plots: {plots}")
+        print(f"metrics: {os.path.join(res.run_dir, 'metrics.jsonl')}")
+        total = time.time() - t0
+        print(f"SFT {t_sft:.0f}s, demo total {total:.0f}s")
+    except KeyboardInterrupt as e:  # (`hoptune demo` prints what the same command does next)
+        raise KeyboardInterrupt(loop.interrupted_hint(cfg, "demo", fresh)) from e
     return {
         "before": before,
         "after": after,

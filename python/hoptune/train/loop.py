@@ -557,6 +557,44 @@ def load_trainable(model: nn.Module, folder: str) -> None:
 LOCK_FILE = ".lock"  # a run folder's lock file (``run_lock``)
 
 
+def saved_output(run_dir: str | os.PathLike) -> str | None:
+    """The ``adapter/`` or ``model/`` folder a finished run saved in ``run_dir``, or None. Only a
+    whole one: the file a save puts in last is there."""
+    for name, last in ((ADAPTER_DIR, "adapter_config.json"), ("model", "config.json")):
+        path = os.path.join(os.fspath(run_dir), name)
+        if os.path.isfile(os.path.join(path, last)):
+            return path
+    return None
+
+
+def interrupted_hint(cfg: Any, what: str = "run", fresh: bool = False) -> str:
+    """What the same command does after an interrupted ``hoptune sft`` (``what="run"``) or
+    ``hoptune demo`` (``what="demo"``; ``fresh``: it replaces its own earlier run in output.dir)
+    of config ``cfg``: continue from the newest checkpoint, or start over, or refuse a run that had
+    saved its output without keeping a checkpoint."""
+    try:
+        latest = Checkpointer(cfg.output.dir).latest()
+    except OSError:
+        latest = None
+    resume = cfg.output.resume
+    if latest is not None:
+        if resume in ("auto", True):
+            return f"run the same command to continue from the newest checkpoint, {latest}"
+        # (output.resume=false refuses a folder with checkpoints; the demo's replaces them)
+        again = f"the same command starts the {what} over; run it" if fresh else "run it"
+        return f"{again} with output.resume=auto to continue from the newest checkpoint, {latest}"
+    if isinstance(resume, str) and resume != "auto":
+        return f"no checkpoint was written; the same command starts again from {resume}"
+    why = " (train.save_every=0)" if cfg.train.save_every == 0 else ""
+    saved = None if fresh else saved_output(cfg.output.dir)
+    if saved is not None:  # (without a checkpoint, a rerun refuses a folder holding its output)
+        return (
+            f"training had finished: {saved} is saved whole; no checkpoint was kept{why}, so the "
+            f"same command refuses that folder: give the {what} another output.dir"
+        )
+    return f"no checkpoint was written{why}; the same command starts the {what} over"
+
+
 class FolderInUse(ValueError):
     """Another process holds the folder's run lock."""
 
@@ -763,9 +801,23 @@ class Checkpointer:
 # -- metrics, progress, plots -----------------------------------------------------------------------
 
 
+NONFINITE = "nonfinite"  # a metrics line's field naming its NaN / inf values, written as null
+
+
+def _metrics_line(rec: dict) -> str:
+    """``rec`` as one line of strict JSON: jq, JSON.parse and others reject json.dumps' NaN and
+    Infinity, so a non-finite value (a stopped step's loss, a skipped fp16 step's grad norm) is
+    null, and ``"nonfinite": {key: "nan" | "inf" | "-inf"}`` keeps what it was."""
+    bad = {k: str(v) for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v)}
+    if bad:
+        rec = {**{k: None if k in bad else v for k, v in rec.items()}, NONFINITE: bad}
+    return json.dumps(rec, allow_nan=False) + "\n"
+
+
 class MetricsLog:
     """Metrics as JSONL lines ``{"step": ..., "split": "train"|"eval", ...}`` (appended and flushed at
-    each call), mirrored to TensorBoard when it is installed and asked for."""
+    each call; strict JSON, NaN / inf as null named in a ``nonfinite`` field), mirrored to
+    TensorBoard when it is installed and asked for."""
 
     def __init__(
         self, path: str | os.PathLike, tensorboard: bool = True, resume_step: int | None = None
@@ -775,7 +827,7 @@ class MetricsLog:
         if resume_step is not None and os.path.isfile(self.path):
             # drop what the interrupted run logged after the checkpoint we resume from
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            atomic_write_text(self.path, "".join(_metrics_line(r) for r in kept))
         elif resume_step is None and os.path.exists(self.path):
             os.remove(self.path)
         self._f = open(self.path, "a", encoding="utf-8")  # closed in close()
@@ -800,7 +852,7 @@ class MetricsLog:
             "split": split,
             **{k: (float(v) if v is not None else None) for k, v in values.items()},
         }
-        self._f.write(json.dumps(rec) + "\n")
+        self._f.write(_metrics_line(rec))
         self._f.flush()
         if self.tb is not None:
             for k, v in values.items():
@@ -814,15 +866,22 @@ class MetricsLog:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a metrics JSONL, with the NaN / inf values its ``nonfinite`` fields name."""
     out = []
     with open(path, encoding="utf-8") as f:
         for line in f:
             line = line.strip()
             if line:
                 try:
-                    out.append(json.loads(line))
+                    rec = json.loads(line)
                 except json.JSONDecodeError:  # a line cut by a crash
                     continue
+                bad = rec.pop(NONFINITE, None) if isinstance(rec, dict) else None
+                if isinstance(bad, dict):
+                    for k, v in bad.items():
+                        if rec.get(k) is None and v in ("nan", "inf", "-inf"):
+                            rec[k] = float(v)
+                out.append(rec)
     return out
 
 
