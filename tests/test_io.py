@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -250,7 +252,7 @@ def _text(s):
 
 def _replace_killed_after(folder, moved, monkeypatch):
     """replace_files killed right after it renamed the file at ``moved`` (no cleanup runs)."""
-    real_replace, dead = os.replace, []
+    real_replace, real_unlink, dead = os.replace, os.unlink, []
 
     def killed(src, dst):
         if dead:  # (a killed process renames nothing more: the except branch's put-back fails too)
@@ -260,8 +262,14 @@ def _replace_killed_after(folder, moved, monkeypatch):
             dead.append(True)
             raise SystemExit("killed")
 
+    def unlink(path, *args, **kwargs):
+        if dead:
+            raise SystemExit("killed")
+        real_unlink(path, *args, **kwargs)
+
     with monkeypatch.context() as m:
         m.setattr(os, "replace", killed)
+        m.setattr(os, "unlink", unlink)
         m.setattr(_io.shutil, "rmtree", lambda *a, **k: None)
         with pytest.raises(SystemExit):
             _io.replace_files(
@@ -286,7 +294,8 @@ def test_replace_files_puts_back_the_old_last_a_kill_took_out_before_anything_mo
 
 
 def test_replace_files_never_puts_the_old_last_beside_new_files(tmp_path, monkeypatch):
-    """Killed once a new file is in, the old config would describe the new weights: it stays out."""
+    """Killed once a new file is in, the old config would describe the new weights: it stays out,
+    and the next call puts the new one in (its only copy is in the staging folder it deletes)."""
     _io.replace_files(tmp_path, {"weights": _text("old w"), "config.json": _text("old c")}, "config.json")
     _replace_killed_after(tmp_path, tmp_path / "weights", monkeypatch)
     assert (tmp_path / "weights").read_text() == "new w"
@@ -296,7 +305,9 @@ def test_replace_files_never_puts_the_old_last_beside_new_files(tmp_path, monkey
 
     with pytest.raises(OSError, match="No space"):
         _io.replace_files(tmp_path, {"weights": full_disk, "config.json": _text("c")}, "config.json")
-    assert sorted(os.listdir(tmp_path)) == ["weights"]
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "weights"]
+    assert (tmp_path / "config.json").read_text() == "new c"
+    assert (tmp_path / "weights").read_text() == "new w"
 
 
 def test_atomic_dir_saves_into_the_folder_a_symlink_names(tmp_path):
@@ -323,3 +334,73 @@ def test_atomic_write_takes_any_file_name_the_folder_does(tmp_path, length):
     atomic_write_text(tmp_path / name, "{1}")  # (replacing it too)
     assert (tmp_path / name).read_text() == "{1}"
     assert os.listdir(tmp_path) == [name]  # no temporary file left
+
+
+def test_atomic_write_saves_into_the_file_a_symlink_names(tmp_path):
+    """A write to a symlink (a run's file linked to another disk) lands in the file it names, as a
+    plain write through the link would: not in a new file put in place of the link, which left the
+    linked file holding the old text."""
+    target = tmp_path / "disk" / "config.yaml"
+    target.parent.mkdir()
+    target.write_text("old")
+    os.chmod(target, 0o640)
+    link = tmp_path / "run" / "config.yaml"
+    link.parent.mkdir()
+    link.symlink_to(target)
+    with umask(0o022):
+        atomic_write_text(link, "new")
+    assert link.is_symlink() and target.read_text() == "new" and mode(target) == 0o640
+    assert os.listdir(link.parent) == os.listdir(target.parent) == ["config.yaml"]
+
+
+def _disk_full(path):
+    """A write that fills the disk: Python's OSError then names no file."""
+    path = os.path.join(path, "w.txt") if os.path.isdir(path) else path
+    with open(path, "w") as f:
+        f.write("part")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _save_three_ways(tmp_path, write):
+    """atomic_write, atomic_dir and replace_files over earlier saves; returns the paths named."""
+    atomic_write_text(tmp_path / "c.json", "old")
+    _io.atomic_dir(tmp_path / "model", _fill("old"))
+    adapter = tmp_path / "adapter"
+    _io.replace_files(adapter, {"w": _text("old w"), "c": _text("old c")}, "c")
+    calls = [
+        (tmp_path / "c.json", lambda: _io.atomic_write(tmp_path / "c.json", write)),
+        (tmp_path / "model", lambda: _io.atomic_dir(tmp_path / "model", write)),
+        (adapter / "w", lambda: _io.replace_files(adapter, {"w": write, "c": _text("c")}, "c")),
+    ]
+    errors = []
+    for path, call in calls:
+        with pytest.raises(Exception) as e:
+            call()
+        errors.append((str(path), e.value))
+    assert (tmp_path / "c.json").read_text() == "old"
+    assert (tmp_path / "model" / "w.txt").read_text() == "old"
+    assert _files(adapter) == {"w": "old w", "c": "old c"}
+    assert sorted(os.listdir(tmp_path)) == ["adapter", "c.json", "model"]  # no temporary file left
+    return errors
+
+
+def _files(folder):
+    return {p.name: p.read_text() for p in Path(folder).iterdir()}
+
+
+def test_a_full_disk_error_names_the_file_it_was_writing(tmp_path):
+    """``[Errno 28] No space left on device`` alone does not say which save filled the disk."""
+    for path, e in _save_three_ways(tmp_path, _disk_full):
+        assert isinstance(e, OSError) and e.errno == errno.ENOSPC
+        assert str(e) == f"[Errno 28] No space left on device: {path!r}"
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes")
+def test_a_writer_error_without_a_path_gets_one_in_a_note(tmp_path):
+    """torch.save on a full disk says only ``unexpected pos 704 vs 598``: a note names the file."""
+
+    def torch_save_full(path):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    for path, e in _save_three_ways(tmp_path, torch_save_full):
+        assert isinstance(e, RuntimeError) and e.__notes__ == [f"(while writing {path})"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -10,7 +11,8 @@ import tempfile
 from collections.abc import Callable, Mapping
 
 STAGE_PREFIX = ".tmp-files-"  # replace_files' staging folder, inside the folder whose files it replaces
-_KEPT = "kept-"  # replace_files: the old ``last`` in the staging folder, while no other file has moved
+_KEPT = "kept-"  # replace_files: the old ``last``, in the staging folder
+_PLAN = "plan.json"  # replace_files: the names it swaps, in the staging folder before any moves
 
 
 def fsync_dir(folder: str) -> None:
@@ -80,12 +82,24 @@ def _name_max(folder: str) -> int:
     return limit if limit > 0 else 255  # (-1: no limit told)
 
 
+def _name_in_error(e: BaseException, path: str) -> None:
+    """Name ``path`` in an error raised while it was written: a full disk's OSError names no file,
+    torch.save's and safetensors' errors neither (a note, where Python has them: 3.11+)."""
+    if isinstance(e, OSError) and e.errno is not None and e.filename is None:
+        e.filename = path
+    elif isinstance(e, Exception) and hasattr(e, "add_note"):
+        e.add_note(f"(while writing {path})")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
     """Call ``write(tmp_path)`` for a temporary file beside ``path``, fsync it, then rename it over
     ``path`` (atomic on POSIX) and fsync the folder: readers see the old file or the new one, never
     a partial one, and after a power cut the new one is there. The file gets the permissions of the
-    one it replaces, or those of a new file under the umask."""
+    one it replaces, or those of a new file under the umask. A symlink at ``path`` stays: the file
+    it names is the one replaced (the rename would replace the link)."""
     path = os.fspath(path)
+    if os.path.islink(path):
+        path = os.path.realpath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     suffix = "-" + os.path.basename(path)
@@ -99,9 +113,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        _name_in_error(e, path)
         raise
     fsync_dir(folder)
 
@@ -149,14 +164,59 @@ def atomic_dir(final: str | os.PathLike, write: Callable[[str], object]) -> None
             os.replace(final, aside)
         os.replace(tmp, final)
         fsync_dir(parent)
-    except BaseException:
+    except BaseException as e:
         if aside is not None and os.path.isdir(aside) and not os.path.exists(final):
             os.replace(aside, final)
         shutil.rmtree(tmp, ignore_errors=True)
+        _name_in_error(e, final)
         raise
     finally:
         if aside is not None:
             shutil.rmtree(os.path.dirname(aside), ignore_errors=True)
+
+
+def _drop_stage(stage: str) -> None:
+    """Delete a replace_files staging folder, its plan first: a plan beside a partly deleted ``new``
+    would let the next call finish the swap with part of the files."""
+    try:
+        os.unlink(os.path.join(stage, _PLAN))
+    except FileNotFoundError:
+        pass
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+def _end_stopped_swap(folder: str, stage: str) -> None:
+    """A replace_files call killed while it swapped files (its plan in ``stage``, its new ``last``
+    not in yet): its old ``last`` goes back if no other file had moved (the old files are whole),
+    else the files it had not moved yet go in, ``last`` after them (all were written and synced
+    before the plan was)."""
+    try:
+        with open(os.path.join(stage, _PLAN), encoding="utf-8") as f:
+            plan = json.load(f)
+        files, remove, last = plan["files"], plan["remove"], plan["last"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no plan: killed before it took anything out
+    new = os.path.join(stage, "new")
+    if not os.path.lexists(os.path.join(new, last)):
+        return  # it had finished
+    moved = any(not os.path.lexists(os.path.join(new, n)) for n in files) or any(
+        os.path.lexists(os.path.join(stage, "old-" + n)) for n in remove
+    )
+    if not moved:
+        kept = os.path.join(stage, _KEPT + last)
+        if os.path.lexists(kept) and not os.path.lexists(os.path.join(folder, last)):
+            os.replace(kept, os.path.join(folder, last))
+            fsync_dir(folder)
+        return
+    for n in files:
+        if os.path.lexists(os.path.join(new, n)):
+            os.replace(os.path.join(new, n), os.path.join(folder, n))
+    for n in remove:
+        if os.path.lexists(os.path.join(folder, n)):
+            os.replace(os.path.join(folder, n), os.path.join(stage, "old-" + n))
+    fsync_dir(folder)
+    os.replace(os.path.join(new, last), os.path.join(folder, last))
+    fsync_dir(folder)
 
 
 def replace_files(
@@ -168,11 +228,11 @@ def replace_files(
     before anything in ``folder`` changes. Then the old ``last`` is taken out, the other files are
     renamed into place (a ``None`` writer removes the file of that name) and the new ``last`` goes
     in after them. Killed at any point, the folder holds the old files, the new ones, or files
-    without ``last`` (which then names neither set); an error while swapping (before any other
-    file moved) puts the old ``last`` back. Other files in ``folder`` are not touched. Each file
-    gets the permissions of the one it replaces, else those of a new file under the umask;
-    leftovers of a call that was killed are removed at the next, which first puts back an old
-    ``last`` that the kill left out before any other file moved."""
+    without ``last`` (which then names neither set) until the next call, which first puts the old
+    ``last`` back if no other file had moved, else moves the rest of the new files in. An error
+    while swapping (before any other file moved) puts the old ``last`` back. Other files in
+    ``folder`` are not touched. Each file gets the permissions of the one it replaces, else those
+    of a new file under the umask; leftovers of a call that was killed are removed at the next."""
     folder = os.path.abspath(os.fspath(folder))
     for name in writes:
         if not name or os.path.basename(name) != name or name in (".", ".."):
@@ -184,13 +244,9 @@ def replace_files(
         if not n.startswith(STAGE_PREFIX):
             continue
         left = os.path.join(folder, n)
-        # a call killed after it took its `last` out, before any other file moved: the old files are
-        # whole, and their `last` goes back before this call deletes its only copy
-        for k in os.listdir(left) if os.path.isdir(left) else []:
-            if k.startswith(_KEPT) and not os.path.lexists(os.path.join(folder, k[len(_KEPT) :])):
-                os.replace(os.path.join(left, k), os.path.join(folder, k[len(_KEPT) :]))
-                fsync_dir(folder)
-        shutil.rmtree(left, ignore_errors=True)
+        if os.path.isdir(left):
+            _end_stopped_swap(folder, left)  # before this call deletes the only copy of a file
+        _drop_stage(left)
     stage = tempfile.mkdtemp(dir=folder, prefix=STAGE_PREFIX)
     final_last, aside, moved = os.path.join(folder, last), None, False
     try:
@@ -198,19 +254,23 @@ def replace_files(
         os.mkdir(new)
         for name, write in writes.items():
             if write is not None:
-                write(os.path.join(new, name))
+                try:
+                    write(os.path.join(new, name))
+                except BaseException as e:
+                    _name_in_error(e, os.path.join(folder, name))
+                    raise
                 os.chmod(os.path.join(new, name), _mode_for(os.path.join(folder, name)))
         fsync_tree(new)
+        files = [n for n, w in writes.items() if w is not None and n != last]
+        remove = [n for n, w in writes.items() if w is None]
+        remove = [n for n in remove if os.path.lexists(os.path.join(folder, n))]
+        plan = {"files": files, "remove": remove, "last": last}
+        atomic_write_text(os.path.join(stage, _PLAN), json.dumps(plan))
         # from here on, until the new one is in, no `last` names the files of either set
         if os.path.lexists(final_last):
             os.replace(final_last, os.path.join(stage, _KEPT + last))
             aside = os.path.join(stage, _KEPT + last)
             fsync_dir(folder)
-            # renamed before any other file moves: a `kept-` file in a stage a kill left behind
-            # means the other old files are all in place, and the next call puts it back
-            os.replace(aside, os.path.join(stage, "old-" + last))
-            aside = os.path.join(stage, "old-" + last)
-            fsync_dir(stage)
         for name, write in writes.items():
             path = os.path.join(folder, name)
             if name == last or (write is None and not os.path.lexists(path)):
@@ -228,7 +288,7 @@ def replace_files(
             os.replace(aside, final_last)
         raise
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        _drop_stage(stage)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
