@@ -15,6 +15,7 @@ from torch import nn
 import hoptune
 from hoptune.nn import LoRALinear
 from tests.test_patch import ids, tiny_model
+from tests.test_patch_unload import tiny_llava
 
 
 def _gpt2() -> nn.Module:
@@ -41,32 +42,11 @@ def _t5() -> nn.Module:
     return transformers.T5ForConditionalGeneration(cfg)
 
 
-def _llava() -> nn.Module:
-    text = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
-    vision = transformers.CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-    )
-    cfg = transformers.LlavaConfig(text_config=text, vision_config=vision, image_token_index=127)
-    return transformers.LlavaForConditionalGeneration(cfg)
-
-
 MODELS = {
     "gpt2": _gpt2,
     "neox": _neox,
     "t5": _t5,
-    "llava": _llava,
+    "llava": lambda: tiny_llava(tie=False),
     "llama_tied": lambda: tiny_model("llama", tie_word_embeddings=True),
 }
 
