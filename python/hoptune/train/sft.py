@@ -560,18 +560,14 @@ def _train(
     dtype = loop.resolve_dtype(cfg.model.dtype, device)
     ckpt = loop.Checkpointer(run_dir, keep=t.keep_checkpoints)
     resume_from = _resume_folder(cfg, ckpt)
-    # the file a save puts in last: weights without their adapter_config.json are a save that was
-    # killed (no reader loads them), not a finished run
-    finished = [
-        n
-        for n, f in (("adapter", "adapter_config.json"), ("model", "config.json"))
-        if os.path.isfile(os.path.join(run_dir, n, f))
-    ]
-    if resume_from is None and finished:
-        # a run without checkpoints (train.save_every=0) would train from scratch over it
+    # a whole adapter/ or model/ (weights without their config are a save that was killed, not a
+    # finished run): a run without checkpoints (train.save_every=0) would train over it
+    finished = loop.saved_output(run_dir)
+    if resume_from is None and finished is not None:
         raise ConfigError(
-            f"output.dir {cfg.output.dir!r} holds the {finished[0]}/ of an earlier run and no checkpoint to "
-            "resume from; training would replace it. Use another output.dir, or remove that folder first"
+            f"output.dir {cfg.output.dir!r} holds the {os.path.basename(finished)}/ of an earlier run "
+            "and no checkpoint to resume from; training would replace it. Use another output.dir, or "
+            "remove that folder first"
         )
     loop.seed_everything(t.seed)
 
