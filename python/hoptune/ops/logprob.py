@@ -35,14 +35,13 @@ entropy is not formed on this path (return_entropy=True keeps the vocab-chunked 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 
 import torch
 
 from hoptune import _lib
-from hoptune.ops import _check
+from hoptune.ops import _amp, _check
 from hoptune.reference import logprob as ref
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -410,16 +409,6 @@ def token_logprobs(
 # --------------------------------------------------------------------------------------------
 # fused_linear_logprobs
 # --------------------------------------------------------------------------------------------
-def _autocast_off(device: torch.device):
-    """A context with autocast off on ``device`` where it is on: the fused op's matmuls must give
-    fp32 logits (the kernels read them as such; autocast would round them to 16 bits and hand a
-    buffer of half the size) and its inputs were cast as nn.Linear's already."""
-    t = "cuda" if device.type == "cuda" else "cpu"  # (meta: no autocast of its own)
-    if torch.is_autocast_enabled(t):
-        return torch.autocast(t, enabled=False)
-    return contextlib.nullcontext()
-
-
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b accumulated and returned in fp32 (bf16/fp16 operands stay on the tensor cores)."""
     if a.dtype == torch.float32 or a.device.type != "cuda":
@@ -979,7 +968,8 @@ def _fused_impl(
     ignored labels). Without need_entropy the entropy may come back as nan (the fused-GEMM path
     does not form it). check_labels (always on the CPU) raises on a label outside [0, V) other
     than ignore_index. The body of the custom op and of the eager Function."""
-    with _autocast_off(hidden.device):
+    # (fp32 logits: the kernels read them as such, and the inputs were cast as nn.Linear's already)
+    with _amp.off(hidden.device):
         # one device-to-host transfer: the valid rows' count, and with check_labels the labels'
         # range (on the CPU always: free there, and the reference would fail on the label with a
         # bare error)
@@ -1131,7 +1121,7 @@ def _weight_grad(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dW, db) in fp32, dW = sum_i g_i (d logp_i / d z_i)^T h_i, recomputing each chunk's
     logits; db is empty without a bias."""
-    with _autocast_off(weight.device):
+    with _amp.off(weight.device):
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         nb = 0 if bias is None else bias.shape[0]
         db = torch.zeros(nb, dtype=torch.float32, device=weight.device)
@@ -1203,16 +1193,10 @@ def fused_linear_logprobs(
     _check.tensor("weight", weight)
     _check.tensor("labels", labels)
     _check.dtype_in("hidden", hidden, FLOAT_DTYPES)
-    # (torch.amp.is_autocast_available is not traceable in every torch version torch.compile runs)
-    auto = "cuda" if hidden.is_cuda else "cpu"
-    if torch.is_autocast_enabled(auto):
-        # as nn.Linear's inside autocast: the float inputs in its dtype (differentiably), so that
-        # they may differ in dtype there; the op itself then runs with autocast off
-        adt = torch.get_autocast_dtype(auto)
-        hidden, weight, bias = (
-            t if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES else t.to(adt)
-            for t in (hidden, weight, bias)
-        )
+    if _amp.enabled(hidden):
+        # as nn.Linear's inside autocast, so that they may differ in dtype there; the op itself
+        # then runs with autocast off
+        hidden, weight, bias = _amp.cast_inputs(hidden, hidden, weight, bias)
     if hidden.dim() == 0:
         raise ValueError("hidden must be (*, H), got a 0-dim tensor")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:

@@ -35,7 +35,7 @@ import math
 import torch
 
 from hoptune import _lib
-from hoptune.ops import _check, gemm
+from hoptune.ops import _amp, _check, gemm
 from hoptune.ops import nf4 as nf4_ops
 from hoptune.reference import nf4_lora as ref
 
@@ -462,9 +462,9 @@ def nf4_lora_linear(
         )
     if (lora_A is None) != (lora_B is None):
         raise ValueError("lora_A and lora_B must be given together (or neither)")
-    # inside torch.autocast the float inputs are all cast to its dtype (_autocast_inputs), as
+    # inside torch.autocast the float inputs are all cast to its dtype (_amp.cast_inputs), as
     # nn.Linear's are: there x (bf16 from an earlier op) and fp32 adapter parameters may meet
-    mixed_ok = torch.is_autocast_enabled("cuda" if x.is_cuda else "cpu")
+    mixed_ok = _amp.enabled(x)
     if isinstance(scale, torch.Tensor) and scale.requires_grad and torch.is_grad_enabled():
         # (float() would detach it with only a warning: a learned scale would silently not learn)
         raise TypeError("scale must not require grad (the op gives it no gradient): pass a float")
@@ -522,8 +522,8 @@ def nf4_lora_linear_trusted(x, q, out_features, lora_A, lora_B, scale: float, bi
     """nf4_lora_linear without the argument checks, for layers that validated their weights when
     they were built (hoptune.nn) and call this every forward; ``q`` is (packed, absmax, absmax2,
     code2, offset, blocksize, blocksize2)."""
-    if torch.is_autocast_enabled("cuda" if x.is_cuda else "cpu"):
-        x, lora_A, lora_B, bias = _autocast_inputs(x, lora_A, lora_B, bias)
+    if _amp.enabled(x):
+        x, lora_A, lora_B, bias = _amp.cast_inputs(x, x, lora_A, lora_B, bias)
     records = _records_graph(x, lora_A, lora_B, bias)
     if records and lora_A is not None and lora_A.shape[0] % RANK_ALIGN and x.is_cuda:
         lora_A, lora_B = _aligned_rank(lora_A, lora_B)
@@ -540,14 +540,6 @@ def nf4_lora_linear_trusted(x, q, out_features, lora_A, lora_B, scale: float, bi
     # nothing to differentiate (no_grad, inference_mode, or no input that requires grad): the
     # forward alone, without the autograd Function's host work (~10 us a call)
     return _forward(x, q, out_features, lora_A, lora_B, scale, bias, w, fused)
-
-
-def _autocast_inputs(x, lora_A, lora_B, bias) -> tuple:
-    """x, the factors and bias in the autocast dtype, as nn.Linear's inputs are cast inside
-    torch.autocast (differentiably: the gradients come back in their own dtypes). Left as they
-    are, the op's GEMMs would meet autocast's casts half-way (a float32 x with a bf16 product)."""
-    dtype = torch.get_autocast_dtype("cuda" if x.is_cuda else "cpu")
-    return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in (x, lora_A, lora_B, bias))
 
 
 def _records_graph(x, lora_A, lora_B, bias) -> bool:
