@@ -36,6 +36,7 @@ from harness import (
     bench_queued,
     copy_rate_tbps,
     env_info,
+    int_list,
     peak_extra_gib,
     ratio_interleaved,
     require_cuda,
@@ -431,11 +432,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     # every list read before any timing: the sweeps that use them start after minutes of it
-    chunks = []
-    for c in args.chunks.split(","):
-        if not c.isdigit():
-            ap.error(f"--chunks: expected comma-separated integers, got {c!r} in {args.chunks!r}")
-        chunks.append(int(c))
+    chunks = int_list(ap, "--chunks", args.chunks)
     if 0 not in chunks:
         ap.error("--chunks: must include 0 (auto, the chunking every ratio to the floor uses)")
     gemm_settings = _pairs(ap, "--gemm-settings", args.gemm_settings)

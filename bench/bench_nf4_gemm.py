@@ -20,28 +20,12 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import bench, env_info, ratio_interleaved, require_cuda, table, write_json
+from harness import bench, env_info, int_list, ratio_interleaved, require_cuda, table, write_json
 from hoptune.ops import nf4 as nf4_ops
 from hoptune.ops import nf4_lora_linear
 from hoptune.quant import quantize_nf4
 
 FWD_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672)]  # (K, N)
-
-
-def _int_list(p: argparse.ArgumentParser, flag: str, text: str, auto: object = ...) -> list:
-    """``text``'s comma-separated integers (``auto`` read as ``auto`` where given), or a usage error
-    naming ``flag``."""
-    values = []
-    for v in text.split(","):
-        if v == "auto" and auto is not ...:
-            values.append(auto)
-            continue
-        try:
-            values.append(int(v))
-        except ValueError:
-            kind = "integers or auto" if auto is not ... else "integers"
-            p.error(f"{flag}: expected comma-separated {kind}, got {v!r} in {text!r}")
-    return values
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,9 +60,9 @@ def main(argv: list[str] | None = None) -> None:
                 p.error(f"--shapes: expected comma-separated KxN pairs such as 4096x14336, got {s_!r}")
             shapes.append((int(kn[0]), int(kn[1])))
     if args.sweep:
-        ms = _int_list(p, "--sweep", args.sweep)
-        splits = _int_list(p, "--splits", args.splits, auto=None) if args.splits else []
-        tiles = _int_list(p, "--tiles", args.tiles, auto=0) if args.tiles else [0]
+        ms = int_list(p, "--sweep", args.sweep)
+        splits = int_list(p, "--splits", args.splits, auto=None) if args.splits else []
+        tiles = int_list(p, "--tiles", args.tiles, auto=0) if args.tiles else [0]
         sweep(ms, args.rank, args.out, shapes, splits, tiles)
         return
     require_cuda(__file__)

@@ -43,6 +43,7 @@ from harness import (
     bench_queued,
     device_ms,
     env_info,
+    int_list,
     peak_extra_gib,
     ratio_interleaved,
     require_cuda,
@@ -451,9 +452,10 @@ def main() -> None:
         "rank_padding (ranks not multiples of 8, padded or not)",
     )
     args = ap.parse_args()
+    ranks = tuple(int_list(ap, "--rank-path-ranks", args.rank_path_ranks))  # (before any timing)
     require_cuda(__file__)
     R = args.rank
-    RANK_PATH_RANKS = tuple(int(v) for v in args.rank_path_ranks.split(","))
+    RANK_PATH_RANKS = ranks
     sections = set(args.sections.split(","))
     known = {"forward", "layer", "dy_pass", "rank_paths", "rank_padding"}
     if not sections <= known:

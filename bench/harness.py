@@ -6,6 +6,7 @@ reports ratios; absolute times are for orientation only (machines are shared and
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -260,6 +261,22 @@ def _kernels() -> str:
 
     reason = _lib.unavailable_reason()
     return "hoptune._C (sm_90 kernels)" if reason is None else f"PyTorch reference: {reason}"
+
+
+def int_list(p: argparse.ArgumentParser, flag: str, text: str, auto: object = ...) -> list:
+    """``text``'s comma-separated integers (``auto`` read as ``auto`` where given), or a usage error
+    naming ``flag``."""
+    values = []
+    for v in text.split(","):
+        if v == "auto" and auto is not ...:
+            values.append(auto)
+            continue
+        try:
+            values.append(int(v))
+        except ValueError:
+            kind = "integers or auto" if auto is not ... else "integers"
+            p.error(f"{flag}: expected comma-separated {kind}, got {v!r} in {text!r}")
+    return values
 
 
 def _run(argv: Sequence[str]) -> str:
