@@ -167,3 +167,30 @@ def test_replay_log_says_what_was_mixed_in(tmp_path, demo_data, tokenizer):
         f"replay: 3 examples from {demo_data['general']} mixed in (27% of 11 training examples; "
         "data.general_fraction=0.3)"
     ]
+
+
+def test_unused_length_and_warmup_settings_are_said(tmp_path, tokenizer, demo_data):
+    """train.max_steps sets the run's length: a train.epochs beside it is not used, and a warmup as
+    long as the run never reaches train.lr; warmup_steps beside warmup_ratio wins. Each is said."""
+    notes = []
+    cfg = small_config(
+        tmp_path,
+        demo_data,
+        "train.max_steps=2",
+        "train.epochs=3",
+        "train.warmup_steps=2",
+        "train.warmup_ratio=0.5",
+        "data.eval=null",
+    )
+    sft.train(cfg, log=notes.append, model=build_model(seed=0, **SMALL), tokenizer=tokenizer)
+    said = "\n".join(notes)
+    assert "train.epochs=3 is not used: train.max_steps=2 sets the run's length" in said
+    assert "train.warmup_ratio=0.5 is not used: train.warmup_steps=2 is set" in said
+    assert "warmup of 2 steps is not shorter than the run (2 steps)" in said
+
+    quiet = []
+    cfg = small_config(
+        tmp_path / "b", demo_data, "train.max_steps=3", "train.warmup_steps=1", "data.eval=null"
+    )
+    sft.train(cfg, log=quiet.append, model=build_model(seed=0, **SMALL), tokenizer=tokenizer)
+    assert not any("is not used" in n or "not shorter" in n for n in quiet)

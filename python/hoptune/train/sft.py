@@ -376,6 +376,26 @@ def _base_model_id(path: str) -> str:
     return TINY[0] if path in TINY else os.path.realpath(path)
 
 
+def _unused_length_settings(t, total: int, warmup: int) -> list[str]:
+    """What of the run's length and warmup settings does not act (as in transformers, where
+    max_steps overrides num_train_epochs and warmup_steps warmup_ratio), said rather than silent."""
+    notes = []
+    if t.max_steps and t.epochs != type(t)().epochs:
+        notes.append(
+            f"train.epochs={t.epochs:g} is not used: train.max_steps={t.max_steps} sets the run's length"
+        )
+    if t.warmup_steps and t.warmup_ratio:
+        notes.append(
+            f"train.warmup_ratio={t.warmup_ratio:g} is not used: train.warmup_steps={t.warmup_steps} is set"
+        )
+    if warmup >= total:
+        notes.append(
+            f"warmup of {warmup} steps is not shorter than the run ({total} steps): the learning rate "
+            f"does not reach train.lr={t.lr:g}"
+        )
+    return notes
+
+
 def _base_fingerprint(path: str) -> str | None:
     """What identifies a base model folder wherever it lies: its config.json and, for each weights file,
     its name, size, first and last 64 KiB (a fine-tune of the same architecture has the same config and
@@ -709,6 +729,8 @@ def _train(
         )
 
     # 4. the loop
+    for note in _unused_length_settings(t, total, warmup):
+        log(note)
     losses: list[float] = []
     log(  # before the progress bar starts: not printed onto its line
         f"training: {total} steps x {min(rows_per_step, len(rows))} rows ({t.batch_size} x "
