@@ -274,6 +274,22 @@ def test_error_shape_mismatch_in_checkpoint():
         from_bnb_state_dict(sd, "w")
 
 
+def test_error_negative_shape_in_checkpoint_and_state():
+    """A shape whose negative sizes multiply to the code count (e.g. (-8, -64) for 512 codes): the
+    checkpoint reader refuses it, and a hand-built NF4Weight, which took it and failed later in a
+    reshape, does too."""
+    sd = _sd()
+    state = json.loads(bytes(sd["w.quant_state.bitsandbytes__nf4"].tolist()))
+    state["shape"] = [-8, -64]
+    sd["w.quant_state.bitsandbytes__nf4"] = torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"shape must be a list of positive ints, got \[-8, -64\]"):
+        from_bnb_state_dict(sd, "w")
+    q = quantize_nf4(torch.randn(8, 64), double_quant=False)
+    with pytest.raises(ValueError, match=r"shape must have sizes >= 0, got \(-8, -64\)"):
+        NF4Weight(q.packed, q.absmax, (-8, -64), torch.float32)
+    assert NF4Weight(q.packed, q.absmax, (8, 64), torch.float32).shape == (8, 64)
+
+
 def test_error_missing_tensor_and_fp4():
     sd = _sd()
     del sd["w.nested_quant_map"]

@@ -63,6 +63,8 @@ class NF4Weight:
             shape = torch.Size(_check.integer("shape", d) for d in self.shape)
         except TypeError:
             raise TypeError(f"shape must be a sequence of ints, got {self.shape!r}") from None
+        if any(d < 0 for d in shape):
+            raise ValueError(f"shape must have sizes >= 0, got {tuple(shape)}")
         object.__setattr__(self, "shape", shape)
         n = self.packed.numel() * 2
         if n != math.prod(self.shape):
