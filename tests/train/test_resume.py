@@ -470,3 +470,18 @@ def test_resume_takes_target_modules_listed_in_another_order(tmp_path, demo_data
     cfg.lora.target_modules = ["q_proj", "k_proj"]
     with pytest.raises(ConfigError, match=r"lora.target_modules was \['v_proj', 'q_proj'\]"):
         sft._check_resume("ckpt", state, sft._resume_settings(cfg))
+
+
+def test_resume_names_an_optimizer_state_that_does_not_fit(tmp_path, tokenizer, demo_data, monkeypatch):
+    """A checkpoint whose optimizer state does not fit (a parameter group of another size) was
+    reported as "its weights do not fit"; the refusal names the optimizer state now."""
+    cfg = small_config(tmp_path, demo_data, "train.max_steps=2", "train.save_every=1", "data.eval=null")
+    _run_killed_at_step(cfg, tokenizer, 2, monkeypatch)
+    path = os.path.join(cfg.output.dir, "checkpoints", "step-00000001", loop.STATE_FILE)
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    blob["optimizer"]["param_groups"][0]["params"].pop()
+    torch.save(blob, path)
+    with pytest.raises(
+        ConfigError, match=r"step-00000001: its optimizer state does not fit .*parameter group"
+    ):
+        _run(cfg, tokenizer)

@@ -782,7 +782,10 @@ class Checkpointer:
         load_trainable(model, folder)
         blob = torch.load(path, map_location="cpu", weights_only=False)
         if optimizer is not None:
-            optimizer.load_state_dict(blob["optimizer"])
+            try:
+                optimizer.load_state_dict(blob["optimizer"])
+            except ValueError as e:  # (the weights above loaded: say which part does not fit)
+                raise ValueError(f"its optimizer state does not fit the optimizer ({e})") from e
         if scheduler is not None and blob["scheduler"] is not None:
             scheduler.load_state_dict(blob["scheduler"])
             # a schedule saved without warmup_from_zero warmed up as (step + 1) / (warmup + 1): the

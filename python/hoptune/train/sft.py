@@ -679,8 +679,9 @@ def _train(
         try:
             state = loop.Checkpointer.load(resume_from, model, optimizer, scheduler, scaler=scaler)
         except ValueError as e:  # a checkpoint of an older hoptune, which does not record its settings
+            what = str(e) if str(e).startswith("its optimizer") else f"its weights do not fit the model ({e})"
             raise ConfigError(
-                f"cannot resume from {resume_from}: its weights do not fit the model this config builds ({e}); "
+                f"cannot resume from {resume_from}: {what}, as this config builds them; "
                 "use the config that run was started with, or a new output.dir"
             ) from e
         step = int(state["step"])
