@@ -628,6 +628,10 @@ def check_sft_config(cfg: SFTConfig) -> None:
         not os.path.exists(cfg.output.dir) or os.path.isdir(cfg.output.dir),
         f"output.dir={cfg.output.dir!r} is a file, not a folder",
     )
+    above = os.path.abspath(cfg.output.dir)  # the nearest part of the path that exists
+    while not os.path.exists(above) and os.path.dirname(above) != above:
+        above = os.path.dirname(above)
+    need(os.path.isdir(above), f"output.dir={cfg.output.dir!r} lies under {above!r}, a file, not a folder")
     need(d.max_seq_len >= 2, f"data.max_seq_len must be >= 2, got {d.max_seq_len}")
     need(0.0 <= d.eval_fraction < 1.0, f"data.eval_fraction must be in [0, 1), got {d.eval_fraction}")
     need(

@@ -289,6 +289,10 @@ def test_output_dir_that_is_a_file(tmp_path):
     cfg = load_config(None, ["data.train=x.jsonl", f"output.dir={f}"])
     with pytest.raises(ConfigError, match="output.dir=.*notes.txt' is a file, not a folder"):
         check_sft_config(cfg)
+    # a folder to make under the file: the raw errno message ("Not a directory") came at its makedirs
+    cfg = load_config(None, ["data.train=x.jsonl", f"output.dir={f / 'run' / 'a'}"])
+    with pytest.raises(ConfigError, match=r"output.dir=.*notes.txt/run/a' lies under .*notes.txt', a file"):
+        check_sft_config(cfg)
 
 
 def test_paths_starting_with_a_tilde_are_in_the_home_folder(tmp_path, monkeypatch):
