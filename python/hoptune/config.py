@@ -205,6 +205,11 @@ def _kind(value: Any) -> str:
     return {_Int: "int", _Float: "float"}.get(type(value), type(value).__name__)
 
 
+def _got(value: Any) -> str:
+    """``value`` and its type as YAML writes them: ``'abc' (str)``, ``null``."""
+    return "null" if value is None else f"{value!r} ({_kind(value)})"
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """``value`` checked against (and, for int -> float, converted to) type ``tp``; ConfigError if it
     does not fit."""
@@ -217,7 +222,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, alt, key)
             except ConfigError:
                 pass
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({_kind(value)})")
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_got(value)}")
     if origin is Literal:
         # compare type too: True == 1 must not pass for a Literal[1]
         if any(value == a and type(value) is type(a) for a in typing.get_args(tp)):
@@ -230,7 +235,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is list:
         (inner,) = typing.get_args(tp) or (Any,)
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({_kind(value)})")
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_got(value)}")
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
@@ -256,7 +261,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return _build(tp, value, key)
     else:  # pragma: no cover - a field type this loader does not know
         raise ConfigError(f"{key}: unsupported field type {tp!r}")
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({_kind(value)})")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_got(value)}")
 
 
 def _all_keys(cls: type, prefix: str = "") -> list[str]:
