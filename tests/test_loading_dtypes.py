@@ -121,3 +121,22 @@ def test_other_quantized_checkpoint_is_refused_for_its_format_not_a_dtype(tmp_pa
     match = "quant_method': 'mxfp4'.*bitsandbytes 4-bit NF4 checkpoints only"
     with pytest.raises(ValueError, match=match):
         hoptune.load_model(tmp_path, device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("fnuz", [torch.float8_e4m3fnuz, torch.float8_e5m2fnuz])
+def test_fnuz_float8_tensor_loads_as_from_pretrained_casts_it(tmp_path, fnuz):
+    """safetensors' FNUZ float8 dtypes (F8_E4M3FNUZ, F8_E5M2FNUZ) were refused for a tensor the
+    model uses; from_pretrained casts it to the model's dtype, and so does load_model now."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_model().save_pretrained(tmp_path)
+    f = tmp_path / "model.safetensors"
+    sd = load_file(f)
+    key = "model.layers.1.post_attention_layernorm.weight"
+    sd[key] = (torch.rand(sd[key].shape) + 0.5).to(fnuz)
+    save_file(sd, f, metadata={"format": "pt"})
+    ours = hoptune.load_model(tmp_path, quantize=None, dtype=torch.bfloat16, device="cpu", progress=False)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    got = ours.state_dict()[key]
+    assert got.dtype == torch.bfloat16 and torch.equal(got, theirs.state_dict()[key])
+    assert torch.equal(got, sd[key].to(torch.bfloat16))

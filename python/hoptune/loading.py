@@ -89,6 +89,8 @@ _DTYPES = {
     "BOOL": torch.bool,
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
     "U16": torch.uint16,
     "U32": torch.uint32,
     "U64": torch.uint64,
@@ -100,8 +102,6 @@ _OTHER_DTYPE_BITS = {
     "F6_E2M3": 6,
     "F6_E3M2": 6,
     "F8_E8M0": 8,
-    "F8_E4M3FNUZ": 8,
-    "F8_E5M2FNUZ": 8,
     "C64": 64,
 }
 # weights in another format: transformers' torch files and the original releases' (a training
