@@ -21,6 +21,7 @@ _LAZY = {
     "apply_lora": "hoptune.patch",
     "remove_lora": "hoptune.patch",
     "merge_and_unload": "hoptune.patch",
+    "disable_adapters": "hoptune.patch",
     "load_model": "hoptune.loading",
     "save_adapter": "hoptune.adapters",
     "load_adapter": "hoptune.adapters",

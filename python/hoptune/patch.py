@@ -32,6 +32,7 @@ import sys
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -791,6 +792,25 @@ def remove_lora(model: nn.Module) -> nn.Module:
     _replace_all(model, layers, _base_layer)
     _restore_requires_grad(model, layers)
     return model
+
+
+@contextmanager
+def disable_adapters(model: nn.Module):
+    """Within the block every LoRA layer of ``model`` computes its base alone, as under PEFT's
+    ``model.disable_adapter()`` (e.g. a DPO reference pass on the same weights); after it (also
+    after an error) each layer is as it was. Yields ``model``."""
+    check_model(model)
+    layers = [m for _, m in lora_layers(model)]
+    if not layers:
+        raise ValueError(f"model ({type(model).__name__}) has no LoRA layers to disable")
+    before = [m.adapters_enabled for m in layers]
+    try:
+        for m in layers:
+            m.adapters_enabled = False
+        yield model
+    finally:
+        for m, on in zip(layers, before):
+            m.adapters_enabled = on
 
 
 def merge_and_unload(
