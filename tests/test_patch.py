@@ -664,3 +664,17 @@ def test_hooks_on_an_adapted_layer_keep_running(quantize, unload):
     assert not isinstance(model.model.layers[0].self_attn.q_proj, LoRALinear)
     logits(model, x)
     assert seen == ["pre", "kw"] and len(outputs) == 2
+
+
+def test_quantize_nf4_keeps_an_explicitly_targeted_output_head_dense():
+    """apply_lora(quantize="nf4") with the output head targeted by name quantized the head, where
+    transformers + bitsandbytes (and load_model) keep it dense under PEFT's adapter: it stays dense
+    now, with its adapter, and the other targets are NF4."""
+    from hoptune.nn import LoRALinear
+
+    model = tiny_model(arch="llama", dtype=torch.bfloat16)
+    hoptune.apply_lora(model, r=4, target_modules=["lm_head", "q_proj"], quantize="nf4")
+    assert isinstance(model.lm_head, LoRALinear) and not model.lm_head.quantized
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    q = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, LoRALinear) and q.quantized

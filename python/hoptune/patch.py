@@ -309,10 +309,15 @@ def string_target_hint(spec: object, example: str) -> str:
 
 
 def layer_quantize(model: nn.Module, name: str, quantize: str | None) -> str | None:
-    """``quantize`` for layer ``name``, but None for the model's ``_keep_in_fp32_modules``:
-    transformers + bitsandbytes (and load_model) never quantize them, and a model may read their
-    weight directly (T5's feed-forward reads ``wo.weight``, which an NF4 base does not have)."""
-    return None if quantize is None or _skipped(name, _kept_dense(model)) else quantize
+    """``quantize`` for layer ``name``, but None for the model's ``_keep_in_fp32_modules`` and its
+    output head (``lm_head``, or the output embeddings by any name): transformers + bitsandbytes
+    (and load_model) never quantize them, and a model may read their weight directly (T5's
+    feed-forward reads ``wo.weight``, which an NF4 base does not have)."""
+    if quantize is None or _skipped(name, (*_kept_dense(model), "lm_head")):
+        return None
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return None if head is not None and model.get_submodule(name) is head else quantize
 
 
 def check_model(model: object) -> None:
