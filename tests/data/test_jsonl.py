@@ -220,3 +220,8 @@ def test_a_lone_carriage_return_inside_a_record_is_whitespace(tmp_path, tokenize
     p.write_bytes('{"text": "a"}\r{"text": "b"}\r\r{"text": "c"}\r'.encode(encoding))
     recs, rep = read_jsonl(p)
     assert [r.data["text"] for r in recs] == ["a", "b", "c"] and not rep.malformed
+    # each such record is named by its own line (all were "line 1"), and a bad one too
+    assert [r.line for r in recs] == [1, 2, 4]
+    p.write_bytes('{"text": "a"}\r\r[1]\r{"text": "c"}\r'.encode(encoding))
+    recs, rep = read_jsonl(p, skip_malformed=True)
+    assert [r.line for r in recs] == [1, 4] and rep.malformed == [(3, "expected a JSON object, got list")]

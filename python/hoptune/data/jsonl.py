@@ -40,13 +40,14 @@ def _lone_surrogate(obj: object) -> str | None:
     return None
 
 
-def _values_per_cr(text: str) -> list | None:
-    """The JSON values of a line that is no JSON value but one per lone "\\r" line end (a file with
-    old Mac line ends, which datasets' reader reads too), or None."""
+def _values_per_cr(text: str, lineno: int) -> list | None:
+    """The (line, JSON value) pairs of a line that is no JSON value but one per lone "\\r" line end
+    (a file with old Mac line ends, which datasets' reader reads too; ``lineno`` is its first line),
+    or None."""
     if "\r" not in text:
         return None
     try:
-        return [json.loads(piece) for piece in text.split("\r") if piece.strip()]
+        return [(lineno + i, json.loads(piece)) for i, piece in enumerate(text.split("\r")) if piece.strip()]
     except (ValueError, RecursionError):
         return None
 
@@ -125,9 +126,9 @@ def read_jsonl(path: str | os.PathLike, skip_malformed: bool = False) -> tuple[l
                 )
                 continue
             try:
-                values = [json.loads(text)]
+                values = [(lineno, json.loads(text))]
             except json.JSONDecodeError as e:
-                values = _values_per_cr(text)
+                values = _values_per_cr(text, lineno)
                 if values is None:
                     report.malformed.append((lineno, f"invalid JSON ({e.msg} at column {e.colno})"))
                     continue
@@ -139,18 +140,18 @@ def read_jsonl(path: str | os.PathLike, skip_malformed: bool = False) -> tuple[l
             except ValueError as e:  # valid JSON Python refuses: an integer of > 4300 digits
                 report.malformed.append((lineno, f"JSON that cannot be read ({e})"))
                 continue
-            for obj in values:
+            for line, obj in values:
                 if not isinstance(obj, dict):
                     why = f"expected a JSON object, got {type(obj).__name__}"
-                    report.malformed.append((lineno, why))
+                    report.malformed.append((line, why))
                     continue
                 lone = _lone_surrogate(obj) if _ESCAPED_SURROGATE.search(text) else None
                 if lone is not None:
                     u = f"\\u{ord(lone):04x}"
                     why = f"invalid Unicode (a lone surrogate {u}, which is no character)"
-                    report.malformed.append((lineno, why))
+                    report.malformed.append((line, why))
                     continue
-                records.append(Record(obj, path, lineno))
+                records.append(Record(obj, path, line))
     report.records = len(records)
     if report.malformed and not skip_malformed:
         raise DataError(
