@@ -13,6 +13,11 @@ on the loss positions, TRL's SFT loss, backward), ``optimizer_step`` (clip, fuse
 schedule); (4) print and write JSON: tokens/s (median step), peak GPU memory of setup and of
 training, the per-step times and losses, the command, GPU, versions and date.
 
+With ``--anchor-script PATH`` (the project's ``bench_anchors.py``, which measures the Hugging Face
+stack: transformers + bitsandbytes NF4 + PEFT, same shape, batch, sequence and rank), that script
+runs after ours in a process of its own on the same GPU, and the JSON gets its end-to-end figures
+(``anchor``) and ours over them (``vs_anchor``): the comparison in one run.
+
 The speed targets belong to the end-to-end benchmark; this one reports.
 """
 
@@ -20,9 +25,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
+import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -47,6 +56,29 @@ TINY = dict(
     tie_word_embeddings=False,
 )
 GiB = 2**30
+ANCHOR_RUN = (2, 2048, 1, 16, False)  # batch, seq, accum, r, no_grad_ckpt of the anchor's e2e step
+ANCHOR_SECTION = "e2e_llama8b"
+
+
+def run_anchor(script: str) -> dict:
+    """Run the anchor script in a process of its own (OUT set to a scratch folder, where it writes
+    anchors.json) and return its end-to-end section, its environment and its wall time."""
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, script], env={**os.environ, "OUT": tmp}, capture_output=True, text=True
+        )
+        wall = time.perf_counter() - t0
+        path = os.path.join(tmp, "anchors.json")
+        if proc.returncode != 0 or not os.path.isfile(path):
+            tail = (proc.stdout + proc.stderr)[-2000:]
+            raise SystemExit(f"the anchor script {script} failed (status {proc.returncode}):\n{tail}")
+        with open(path, encoding="utf-8") as f:
+            res = json.load(f)
+    e2e = res.get(ANCHOR_SECTION)
+    if not isinstance(e2e, dict) or "error" in e2e or "bnb_qlora_tok_per_s" not in e2e:
+        raise SystemExit(f"the anchor script {script} measured no {ANCHOR_SECTION} step: {e2e!r}"[:2000])
+    return {"script": os.path.basename(script), "env": res.get("env"), ANCHOR_SECTION: e2e, "wall_s": wall}
 
 
 @contextlib.contextmanager
@@ -85,6 +117,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-grad-ckpt", action="store_true", help="without activation checkpointing")
     p.add_argument("--attn", default=None, help="attention implementation (default: transformers' choice)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/sft_8b[_tiny].json)")
+    p.add_argument(
+        "--anchor-script",
+        default=None,
+        help="the Hugging Face stack's anchor script (bench_anchors.py), run after ours on the same GPU",
+    )
     args = p.parse_args(argv)
     for flag in ("steps", "batch", "seq", "accum"):
         value = getattr(args, flag)
@@ -92,6 +129,16 @@ def main(argv: list[str] | None = None) -> dict:
             p.error(f"--{flag} must be at least 1, got {value}")
     if args.warmup < 0:
         p.error(f"--warmup must be at least 0, got {args.warmup}")
+    if args.anchor_script is not None:
+        if not os.path.isfile(args.anchor_script):
+            p.error(f"--anchor-script {args.anchor_script!r} is not a file")
+        run = (args.batch, args.seq or 2048, args.accum, args.r, args.no_grad_ckpt)
+        if not args.tiny and run != ANCHOR_RUN:
+            p.error(
+                "--anchor-script measures 2 x 2048 tokens, one micro-batch, r = 16, with activation "
+                f"checkpointing: run with those (got --batch {args.batch} --seq {args.seq or 2048} --accum {args.accum} "
+                f"--r {args.r}{' --no-grad-ckpt' if args.no_grad_ckpt else ''})"
+            )
 
     device = loop.resolve_device(args.device, setting="--device")
     cuda = device.type == "cuda"
@@ -214,6 +261,30 @@ def main(argv: list[str] | None = None) -> dict:
     }
     mem = f", peak GPU memory {train_peak:.2f} GiB (setup {setup_peak:.2f} GiB)" if cuda else ""
     print(f"median step {med:.3f}s: {tokens_per_step / med:,.0f} tokens/s{mem}")
+    if args.anchor_script is not None:
+        del model, opt, sched, params, named
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        anchor = run_anchor(args.anchor_script)
+        e2e = anchor[ANCHOR_SECTION]
+        result["anchor"] = anchor
+        result["vs_anchor"] = {
+            "anchor_tokens_per_s": e2e["bnb_qlora_tok_per_s"],
+            "anchor_peak_gib": e2e.get("bnb_qlora_peak_GiB"),
+            "tokens_per_s_ratio": result["tokens_per_s"] / e2e["bnb_qlora_tok_per_s"],
+            "train_peak_ratio": (
+                train_peak / e2e["bnb_qlora_peak_GiB"]
+                if train_peak is not None and e2e.get("bnb_qlora_peak_GiB")
+                else None
+            ),
+        }
+        v = result["vs_anchor"]
+        peak = f", peak {v['anchor_peak_gib']:.2f} GiB" if v["anchor_peak_gib"] is not None else ""
+        print(
+            f"HF stack (transformers + bitsandbytes + PEFT, same run): {v['anchor_tokens_per_s']:,.0f} "
+            f"tokens/s{peak}; ours {v['tokens_per_s_ratio']:.2f}x its tokens/s"
+        )
     write_json(out, result)
     return result
 

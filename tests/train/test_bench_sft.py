@@ -71,3 +71,40 @@ def test_bench_sft_8b_tiny_keeps_the_seq_asked_for_and_records_its_own_command(t
     assert data["config"]["seq"] == 96 and data["config"]["tokens_per_step"] == 2 * 96
     python = os.path.basename(sys.executable)
     assert data["command"] == " ".join([python, os.path.join("bench", "bench_sft_8b.py"), *argv])
+
+
+def test_bench_sft_8b_runs_the_anchor_script_and_records_the_ratios(tmp_path):
+    """--anchor-script runs the Hugging Face stack's anchor after ours (a process of its own, OUT
+    set) and records its end-to-end step and ours over it; a failing anchor stops the run."""
+    bench_sft_8b = _bench_sft()
+    fake = tmp_path / "anchors.py"
+    fake.write_text(
+        "import json, os\n"
+        "res = {'env': {'gpu': 'test'}, 'e2e_llama8b': {'bnb_qlora_tok_per_s': 500.0, "
+        "'bnb_qlora_peak_GiB': 2.0, 'bnb_qlora_step_ms': 3.0}}\n"
+        "json.dump(res, open(os.path.join(os.environ['OUT'], 'anchors.json'), 'w'))\n"
+    )
+    out = tmp_path / "sft.json"
+    argv = ["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--out", str(out)]
+    data = bench_sft_8b.main([*argv, "--anchor-script", str(fake)])
+    assert data["anchor"]["e2e_llama8b"]["bnb_qlora_step_ms"] == 3.0 and data["anchor"]["env"] == {
+        "gpu": "test"
+    }
+    v = data["vs_anchor"]
+    assert v["anchor_tokens_per_s"] == 500.0 and v["tokens_per_s_ratio"] == pytest.approx(
+        data["tokens_per_s"] / 500
+    )
+    assert v["train_peak_ratio"] is None  # (no GPU peak on a CPU)
+    assert json.loads(out.read_text())["vs_anchor"] == v
+    fake.write_text("raise SystemExit('no bitsandbytes')\n")
+    with pytest.raises(SystemExit, match=r"(?s)anchor script .* failed \(status 1\).*no bitsandbytes"):
+        bench_sft_8b.main([*argv, "--anchor-script", str(fake)])
+
+
+def test_bench_sft_8b_anchor_needs_the_anchor_s_run(tmp_path, capsys):
+    bench_sft_8b = _bench_sft()
+    fake = tmp_path / "anchors.py"
+    fake.write_text("")
+    with pytest.raises(SystemExit) as e:
+        bench_sft_8b.main(["--seq", "1024", "--anchor-script", str(fake), "--out", str(tmp_path / "x.json")])
+    assert e.value.code == 2 and "measures 2 x 2048 tokens" in capsys.readouterr().err
