@@ -36,7 +36,9 @@ def test_an_adapter_save_killed_before_its_config_is_not_a_finished_run(
         _train(cfg, tokenizer)
     monkeypatch.setattr(os, "replace", real_replace)
     adapter = os.path.join(cfg.output.dir, "adapter")
-    assert sorted(os.listdir(adapter)) == ["adapter_model.safetensors"]
+    names = os.listdir(adapter)  # (the tokenizer, saved first, and the weights)
+    assert "adapter_model.safetensors" in names and "tokenizer_config.json" in names
+    assert "adapter_config.json" not in names
     killed_weights = open(os.path.join(adapter, "adapter_model.safetensors"), "rb").read()
 
     res = _train(cfg, tokenizer)  # the same command: the run again, then a whole adapter
@@ -76,3 +78,24 @@ def test_resume_from_a_folder_without_checkpoints_says_what_one_is(tmp_path):
     with pytest.raises(ConfigError) as e:
         sft._resume_folder(cfg, loop.Checkpointer(cfg.output.dir))
     assert "checkpoints/step-N" in str(e.value) and "output.resume=auto" in str(e.value)
+
+
+def test_a_run_killed_while_its_tokenizer_is_saved_is_not_finished(
+    tmp_path, tokenizer, demo_data, monkeypatch
+):
+    # the adapter went in first, the tokenizer beside it after: a kill in between left a whole adapter,
+    # a "finished" run whose rerun was refused, and no tokenizer beside the adapter
+    cfg = small_config(tmp_path, demo_data, "train.max_steps=2")
+    real = sft._save_tokenizer_beside
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(sft, "_save_tokenizer_beside", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _train(cfg, tokenizer)
+    assert loop.saved_output(cfg.output.dir) is None
+    monkeypatch.setattr(sft, "_save_tokenizer_beside", real)
+    res = _train(cfg, tokenizer)  # the same command: the run again, then the whole output
+    names = os.listdir(res.output_dir)
+    assert "adapter_config.json" in names and "tokenizer_config.json" in names

@@ -821,8 +821,9 @@ def _train(
             # a model passed in without a model.path: save_adapter names the base of an adapter
             # loaded into it, with its revision (as PEFT keeps them), else the model's own name
             own = passed_in and cfg.model.path in TINY
-            save_adapter(model, final, base_model_name_or_path=None if own else base_name)
+            # the tokenizer first: the adapter's config, which goes in last, marks a finished run
             _save_tokenizer_beside(tokenizer, cfg, final)
+            save_adapter(model, final, base_model_name_or_path=None if own else base_name)
         else:
             final = os.path.join(run_dir, "model")
 
