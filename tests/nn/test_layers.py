@@ -345,9 +345,10 @@ def test_remove_lora_keeps_tied_weights():
     assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()
 
 
-def test_remove_lora_reties_a_quantized_head():
-    """apply_lora(quantize="nf4") quantizes a tied lm_head; remove_lora gives it back the embedding
-    matrix (not a lossy dequantized copy of its own, trainable although the embeddings were frozen)."""
+def test_remove_lora_reties_a_tied_head_that_nf4_kept_dense():
+    """apply_lora(quantize="nf4") keeps a targeted tied lm_head dense (as transformers +
+    bitsandbytes); remove_lora gives it back the embedding matrix (not a copy of its own,
+    trainable although the embeddings were frozen)."""
     from tests.test_patch import ids, logits, tiny_model
 
     m = tiny_model("llama", tie_word_embeddings=True)
@@ -355,7 +356,7 @@ def test_remove_lora_reties_a_quantized_head():
     emb.requires_grad_(False)
     want = logits(m, ids())
     hoptune.apply_lora(m, r=4, quantize="nf4", target_modules=["lm_head", "q_proj"])
-    assert m.lm_head.quantized
+    assert not m.lm_head.quantized and m.model.layers[0].self_attn.q_proj.quantized
     hoptune.remove_lora(m)
     assert m.lm_head.weight is emb and m.model.embed_tokens.weight is emb
     assert [
