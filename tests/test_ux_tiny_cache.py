@@ -310,3 +310,28 @@ def test_pretraining_keeps_the_warmup_its_cached_models_were_made_with(monkeypat
     fn = sched.lr_lambdas[0]  # (one per parameter group, all alike)
     w = pretrain.RECIPE["warmup"]
     assert fn(0) == 1 / (w + 1) and fn(w - 1) == w / (w + 1)
+
+
+# the recipe version the corpus digest below was recorded for, and that digest
+_CORPUS = (1, "a202166bad8bd9c5042ef9dc37a8f2fc63081dc676f1233a3de13950574557d7")
+
+
+def test_the_cache_key_s_recipe_version_covers_the_corpus():
+    """The cache folder is named after TINY_CONFIG and RECIPE, not after the corpus code: a change to
+    the pretraining corpus or the tokenizer without a RECIPE version bump would leave users on a
+    cached model pretrained on the old one. This digest of the tokenizer's vocabulary and the first
+    batches changes with them: bump RECIPE["version"] and record the new digest here."""
+    import hashlib
+    import json
+    import random
+
+    from hoptune.data.demo_task import pretraining_batch
+    from hoptune.models.tiny import build_tokenizer
+
+    r = pretrain.RECIPE
+    tok = build_tokenizer()
+    rng = random.Random(r["seed"])
+    h = hashlib.sha256(json.dumps(tok.get_vocab(), sort_keys=True).encode())
+    for _ in range(3):
+        h.update(pretraining_batch(tok, rng, r["batch"], r["seq_len"]).numpy().tobytes())
+    assert (r["version"], h.hexdigest()) == _CORPUS, "the corpus changed: bump RECIPE['version']"
