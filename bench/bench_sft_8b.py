@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hoptune
-from harness import LLAMA_8B, env_info, write_json
+from harness import LLAMA_8B, device_breakdown, env_info, write_json
 from hoptune.data.packing import Row, collate
 from hoptune.train import loop
 from hoptune.train.sft import sft_step
@@ -117,6 +117,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-grad-ckpt", action="store_true", help="without activation checkpointing")
     p.add_argument("--attn", default=None, help="attention implementation (default: transformers' choice)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/sft_8b[_tiny].json)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="one more step under torch.profiler: device time by kernel category",
+    )
     p.add_argument(
         "--anchor-script",
         default=None,
@@ -220,6 +225,22 @@ def main(argv: list[str] | None = None) -> dict:
             times.append(dt)
     train_peak = loop.gpu_memory_gib()
     med = statistics.median(times)
+    profile = None
+    if args.profile and not cuda:
+        print("--profile: no CUDA device, so no kernels to time: skipped")
+    if args.profile and cuda:  # (after the peak is read: the profiler's own memory is not counted)
+        micro = [micro_batch() for _ in range(args.accum)]
+
+        def one_step():
+            sft_step(model, micro, device)
+            loop.optimizer_step(opt, sched, params, 1.0)
+
+        profile = device_breakdown(one_step)
+        print(
+            f"profiled step: {profile['wall_ms']:.1f} ms wall, {profile['device_busy_ms']:.1f} ms of kernels"
+        )
+        for cat, ms in profile["by_category_ms"].items():
+            print(f"  {cat:<40} {ms:8.1f} ms")
 
     # 4. report
     info = env_info()
@@ -259,6 +280,8 @@ def main(argv: list[str] | None = None) -> dict:
         "tokens_per_s": tokens_per_step / med,
         "losses": losses,
     }
+    if profile is not None:
+        result["profile"] = profile
     mem = f", peak GPU memory {train_peak:.2f} GiB (setup {setup_peak:.2f} GiB)" if cuda else ""
     print(f"median step {med:.3f}s: {tokens_per_step / med:,.0f} tokens/s{mem}")
     if args.anchor_script is not None:

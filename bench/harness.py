@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -104,6 +105,66 @@ def device_ms(fn: Callable[[], object], calls: int = 10, warmup: int = 3) -> flo
         torch.cuda.synchronize()
     busy_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type.name == "CUDA")
     return busy_us / calls / 1e3
+
+
+# device-time categories of a training step's kernels, by kernel name (the first that matches)
+KERNEL_CATEGORIES = (
+    ("hoptune NF4 dequantize", r"hoptune.*(dequant|merge)"),
+    ("hoptune LoRA passes", r"hoptune.*(dy_pass|lora)"),
+    ("hoptune log-probs", r"hoptune.*logprob"),
+    ("hoptune other", r"hoptune"),
+    ("GEMM (cuBLAS / CUTLASS)", r"nvjet|gemm|cutlass|xmma|cublas|sm90_"),
+    ("attention", r"flash|fmha|attention|_attn"),
+    ("optimizer", r"adam|multi_tensor"),
+    ("memset / copy", r"^Memset|^Memcpy|copy_kernel|CatArrayBatched"),
+    (
+        "elementwise / reductions (PyTorch)",
+        r"elementwise|vectorized|reduce|Reduce|softmax|norm|index|scatter|gather",
+    ),
+)
+
+
+def kernel_category(name: str) -> str:
+    """``name``'s category in KERNEL_CATEGORIES, or "other"."""
+    for cat, pattern in KERNEL_CATEGORIES:
+        if re.search(pattern, name, re.IGNORECASE):
+            return cat
+    return "other"
+
+
+def device_breakdown(fn: Callable[[], object]) -> dict:
+    """One call of ``fn`` under torch.profiler: the summed device time of its kernels (and
+    memsets / copies) per category and the ten longest kernels, with the call's wall time (the
+    difference is the device's idle time inside the call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    per_cat: dict[str, float] = {}
+    per_kernel: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type.name != "CUDA":
+            continue
+        us = e.time_range.elapsed_us()
+        cat = kernel_category(e.name)
+        per_cat[cat] = per_cat.get(cat, 0.0) + us
+        k = per_kernel.setdefault(e.name, [cat, 0.0, 0])
+        k[1] += us
+        k[2] += 1
+    busy = sum(per_cat.values())
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:10]
+    return {
+        "wall_ms": wall * 1e3,
+        "device_busy_ms": busy / 1e3,
+        "by_category_ms": {c: v / 1e3 for c, v in sorted(per_cat.items(), key=lambda kv: -kv[1])},
+        "top_kernels": [
+            {"name": n[:200], "category": c, "ms": us / 1e3, "count": k} for n, (c, us, k) in top
+        ],
+    }
 
 
 def bench_rotating(

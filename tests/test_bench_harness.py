@@ -307,3 +307,34 @@ def test_bench_logprob_refuses_arguments_before_timing(monkeypatch, capsys, argv
         logprob.main()
     assert e.value.code == 2 and not ran
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("name", "category"),
+    [
+        (
+            "void hoptune::(anonymous namespace)::nf4_dequantize_lora_kernel<2, 16>(Args)",
+            "hoptune NF4 dequantize",
+        ),
+        (
+            "void hoptune::(anonymous namespace)::lora_dy_pass_kernel<__nv_bfloat16>(...)",
+            "hoptune LoRA passes",
+        ),
+        ("void hoptune::(anonymous namespace)::token_logprobs_fwd_kernel(...)", "hoptune log-probs"),
+        ("void hoptune::(anonymous namespace)::label_stats_kernel(...)", "hoptune other"),
+        ("nvjet_tst_256x128_64x4_1x2_h_bz_coopB_TNT", "GEMM (cuBLAS / CUTLASS)"),
+        ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<...>", "attention"),
+        (
+            "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>",
+            "elementwise / reductions (PyTorch)",
+        ),
+        (
+            "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>",
+            "optimizer",
+        ),
+        ("Memset (Device)", "memset / copy"),
+        ("some_kernel_nobody_knows", "other"),
+    ],
+)
+def test_kernel_categories_of_a_profiled_step(name, category):
+    assert _bench_module("harness").kernel_category(name) == category

@@ -108,3 +108,10 @@ def test_bench_sft_8b_anchor_needs_the_anchor_s_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         bench_sft_8b.main(["--seq", "1024", "--anchor-script", str(fake), "--out", str(tmp_path / "x.json")])
     assert e.value.code == 2 and "measures 2 x 2048 tokens" in capsys.readouterr().err
+
+
+def test_bench_sft_8b_profile_without_a_gpu_says_it_is_skipped(tmp_path, capsys):
+    bench_sft_8b = _bench_sft()
+    argv = ["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--profile"]
+    data = bench_sft_8b.main([*argv, "--out", str(tmp_path / "x.json")])
+    assert "profile" not in data and "--profile: no CUDA device" in capsys.readouterr().out
