@@ -324,6 +324,7 @@ def test_bench_logprob_refuses_arguments_before_timing(monkeypatch, capsys, argv
         ("void hoptune::(anonymous namespace)::label_stats_kernel(...)", "hoptune other"),
         ("nvjet_tst_256x128_64x4_1x2_h_bz_coopB_TNT", "GEMM (cuBLAS / CUTLASS)"),
         ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<...>", "attention"),
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x128", "attention"),
         (
             "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>",
             "elementwise / reductions (PyTorch)",
