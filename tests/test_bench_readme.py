@@ -117,6 +117,14 @@ def test_sft_section_figures_are_the_json_s():
     assert f"{v['tokens_per_s_ratio']:.2f}x its tokens/s at {v['train_peak_ratio']:.2f}x its peak" in section
     step_ms = d["anchor"]["e2e_llama8b"]["bnb_qlora_step_ms"]
     assert f"a {step_ms:.0f} ms step" in section
+    prof = _result("sft_8b_profile.json")
+    assert f"median step took {prof['median_step_s']:.3f} s" in section
+    assert f"{prof['profile']['device_busy_ms']:.1f} ms of kernels" in section
+    for cat, ms in prof["profile"]["by_category_ms"].items():
+        if ms >= 1.0:
+            assert f"{ms:.1f} ms" in section, cat
+    idle = prof["median_step_s"] * 1e3 - prof["profile"]["device_busy_ms"]
+    assert f"about {idle:.0f} ms a step" in section
 
 
 @pytest.mark.parametrize("name", sorted(os.listdir(RESULTS)))
