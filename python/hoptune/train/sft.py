@@ -447,8 +447,11 @@ def _moved_base(state: dict[str, Any], now: dict[str, Any], fp: str | None) -> s
 # what sets each value a checkpoint records under a name of its own (the others are config keys)
 _RESUME_FIELDS = {
     "data_fingerprint": "the training rows (data.train, data.general_data, data.general_fraction, "
-    "data.max_seq_len, data.packing, data.eval_fraction and the tokenizer)",
-    "eval_fingerprint": "the held-out rows (data.eval, data.eval_fraction)",
+    "data.max_seq_len, data.truncation, data.packing, data.add_eos, data.skip_bad_examples, "
+    "data.eval_fraction, model.chat_template and the tokenizer)",
+    "eval_fingerprint": "the held-out rows (data.eval, data.eval_fraction, and as for the training "
+    "rows data.max_seq_len, data.truncation, data.add_eos, data.skip_bad_examples, "
+    "model.chat_template and the tokenizer)",
     "rows_per_step": "train.batch_size x train.grad_accum",
     "total_steps": "train.max_steps, or train.epochs with the number of rows",
     "data_order": "train.max_steps (steps) or train.epochs alone (whole epochs)",
