@@ -678,3 +678,31 @@ def test_quantize_nf4_keeps_an_explicitly_targeted_output_head_dense():
     assert model.lm_head.weight.dtype == torch.bfloat16
     q = model.model.layers[0].self_attn.q_proj
     assert isinstance(q, LoRALinear) and q.quantized
+    # an adapter loaded again with quantize="nf4" into the layers it built: the head's dense base is
+    # the one that quantize keeps dense, not a layer load_adapter would have had to re-quantize
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        hoptune.save_adapter(model, d)
+        hoptune.load_adapter(model, d, quantize="nf4")
+        fresh = hoptune.load_adapter(tiny_model(arch="llama", dtype=torch.bfloat16), d, quantize="nf4")
+        assert not fresh.lm_head.quantized and fresh.model.layers[0].self_attn.q_proj.quantized
+        hoptune.load_adapter(fresh, d, quantize="nf4")
+
+
+def test_quantize_nf4_keeps_only_the_output_head_dense_not_layers_named_under_lm_head():
+    """XLM-R's output embeddings are lm_head.decoder: lm_head.dense, a hidden layer, is quantized (as
+    load_model and transformers + bitsandbytes do), the decoder kept dense."""
+    cfg = transformers.XLMRobertaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=128,
+        is_decoder=True,
+    )
+    model = transformers.XLMRobertaForCausalLM(cfg)
+    hoptune.apply_lora(
+        model, r=4, target_modules=["lm_head.dense", "lm_head.decoder", "query"], quantize="nf4"
+    )
+    assert model.lm_head.dense.quantized and not model.lm_head.decoder.quantized

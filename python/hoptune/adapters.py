@@ -970,7 +970,8 @@ def load_adapter(
                 )
             # the layers are kept as they are: options that would have built them otherwise are errors,
             # not silently dropped (the weights would load dense, or in another dtype, than asked)
-            if quantize == "nf4" and not lora.quantized:
+            # (a dense base that quantize keeps dense, an output head, is as asked)
+            if quantize == "nf4" and not lora.quantized and layer_quantize(model, t.name, quantize):
                 raise ValueError(
                     f"quantize='nf4': the model's LoRA layer {t.name} has a dense base, and load_adapter "
                     "does not re-quantize the layers of a model that has LoRA layers already; call "

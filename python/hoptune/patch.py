@@ -310,14 +310,17 @@ def string_target_hint(spec: object, example: str) -> str:
 
 def layer_quantize(model: nn.Module, name: str, quantize: str | None) -> str | None:
     """``quantize`` for layer ``name``, but None for the model's ``_keep_in_fp32_modules`` and its
-    output head (``lm_head``, or the output embeddings by any name): transformers + bitsandbytes
-    (and load_model) never quantize them, and a model may read their weight directly (T5's
-    feed-forward reads ``wo.weight``, which an NF4 base does not have)."""
-    if quantize is None or _skipped(name, (*_kept_dense(model), "lm_head")):
+    output head (its output embeddings by whatever name, XLM-R's ``lm_head.decoder``; a layer named
+    ``lm_head`` where the model names none): transformers + bitsandbytes (and load_model) never
+    quantize them, and a model may read their weight directly (T5's feed-forward reads
+    ``wo.weight``, which an NF4 base does not have)."""
+    if quantize is None or _skipped(name, _kept_dense(model)):
         return None
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
-    return None if head is not None and model.get_submodule(name) is head else quantize
+    if head is None:
+        return None if name == "lm_head" or name.endswith(".lm_head") else quantize
+    return None if model.get_submodule(name) is head else quantize
 
 
 def check_model(model: object) -> None:
@@ -633,8 +636,9 @@ def apply_lora(
     DoRA ``lora_magnitude`` ``[out]``) are trainable, in ``adapter_dtype`` (fp32 like PEFT). Scale
     is ``alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``). ``quantize="nf4"`` quantizes each
     dense base weight as it is wrapped (QLoRA; lossy), with ``blocksize`` and ``double_quant``
-    (None, the default: 64 and True), but for the model's ``_keep_in_fp32_modules`` (T5's ``wo``),
-    which stay dense as transformers + bitsandbytes and load_model keep them; layers that are
+    (None, the default: 64 and True), but for the model's ``_keep_in_fp32_modules`` (T5's ``wo``)
+    and its output head when targeted, which stay dense as transformers + bitsandbytes and
+    load_model keep them; layers that are
     already NF4 (from :func:`hoptune.load_model`) stay as they are, with their own (a
     ``blocksize`` or ``double_quant`` given that they do not have is warned about).
     ``init_lora_weights``: PEFT's True (A kaiming-uniform, B zero), ``"gaussian"`` (A normal
