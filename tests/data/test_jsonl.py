@@ -225,3 +225,7 @@ def test_a_lone_carriage_return_inside_a_record_is_whitespace(tmp_path, tokenize
     p.write_bytes('{"text": "a"}\r\r[1]\r{"text": "c"}\r'.encode(encoding))
     recs, rep = read_jsonl(p, skip_malformed=True)
     assert [r.line for r in recs] == [1, 4] and rep.malformed == [(3, "expected a JSON object, got list")]
+    # blank lines first, and "\n" lines after such a group (`cat mac.jsonl unix.jsonl`): counted on
+    p.write_bytes('\r\r{"text": "a"}\r{"text": "b"}\r{"text": "c"}\n{"text": "d"}\n'.encode(encoding))
+    recs, _ = read_jsonl(p)
+    assert [(r.data["text"], r.line) for r in recs] == [("a", 3), ("b", 4), ("c", 5), ("d", 6)]

@@ -40,14 +40,19 @@ def _lone_surrogate(obj: object) -> str | None:
     return None
 
 
-def _values_per_cr(text: str, lineno: int) -> list | None:
+def _values_per_cr(line: str, lineno: int) -> list | None:
     """The (line, JSON value) pairs of a line that is no JSON value but one per lone "\\r" line end
-    (a file with old Mac line ends, which datasets' reader reads too; ``lineno`` is its first line),
-    or None."""
-    if "\r" not in text:
+    (a file with old Mac line ends, which datasets' reader reads too), or None. ``line`` is the
+    line without its "\\n" or "\\r\\n" end, ``lineno`` its first line's number; the pieces
+    between lone "\\r" count as lines, blank ones too."""
+    if "\r" not in line.strip():
         return None
     try:
-        return [(lineno + i, json.loads(piece)) for i, piece in enumerate(text.split("\r")) if piece.strip()]
+        return [
+            (lineno + i, json.loads(piece))
+            for i, piece in enumerate(line.removeprefix("\ufeff").split("\r"))
+            if piece.strip()
+        ]
     except (ValueError, RecursionError):
         return None
 
@@ -108,9 +113,12 @@ def read_jsonl(path: str | os.PathLike, skip_malformed: bool = False) -> tuple[l
     # undecodable bytes come through as lone surrogates (U+DC00..U+DCFF), so a bad byte spoils its line
     # only and the lines around it are read as usual. Lines end at "\n" (a "\r" before it is
     # stripped): a lone "\r" is JSON whitespace, which may sit between a record's tokens (datasets
-    # reads it so too)
+    # reads it so too), unless a line holds one record per lone "\r" (old Mac line ends): then each
+    # "\r" ends a line, and the lines after count them
     with open(path, encoding=encoding, errors="hoptune.escape_bad_bytes", newline="\n") as f:
-        for lineno, raw in enumerate(f, start=1):
+        extra = 0  # lines ended by a lone "\r" so far (in lines split at them below)
+        for n, raw in enumerate(f, start=1):
+            lineno = n + extra
             # a byte-order mark heading a later line is where a joined file began (`cat a.jsonl b.jsonl`
             # of files that each open with one): dropped as the file's first one is, never a character
             # of the record (json.loads would refuse the line)
@@ -128,7 +136,10 @@ def read_jsonl(path: str | os.PathLike, skip_malformed: bool = False) -> tuple[l
             try:
                 values = [(lineno, json.loads(text))]
             except json.JSONDecodeError as e:
-                values = _values_per_cr(text, lineno)
+                line = raw.removesuffix("\n").removesuffix("\r")
+                values = _values_per_cr(line, lineno)
+                if values is not None:
+                    extra += line.count("\r")
                 if values is None:
                     report.malformed.append((lineno, f"invalid JSON ({e.msg} at column {e.colno})"))
                     continue
