@@ -227,7 +227,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         # compare type too: True == 1 must not pass for a Literal[1]
         if any(value == a and type(value) is type(a) for a in typing.get_args(tp)):
             return value
-        raise ConfigError(f"{key}: expected one of {_type_name(tp)}, got {value!r}")
+        raise ConfigError(
+            f"{key}: expected one of {_type_name(tp)}, got {'null' if value is None else repr(value)}"
+        )
     if tp is type(None):
         if value is None:
             return None

@@ -65,6 +65,7 @@ def test_unknown_key_names_the_nearest(tmp_path, key, suggestion):
         ("train.batch_size=2.5", "train.batch_size: expected int, got 2.5"),
         ("train.grad_accum=true", "train.grad_accum: expected int, got True"),
         ("train.lr=null", "train.lr: expected float, got null$"),  # (was "None (NoneType)")
+        ("data.truncation=null", "data.truncation: expected one of 'right' | 'left', got null$"),
         ("data.packing=3", "data.packing: expected bool, got 3"),
         ("model.quantize=nf8", "model.quantize: expected one of 'nf4' | null, got 'nf8'"),
         ("train.betas=0.9", r"train.betas: expected list\[float\]"),
