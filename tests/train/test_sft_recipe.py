@@ -190,7 +190,12 @@ def test_unused_length_and_warmup_settings_are_said(tmp_path, tokenizer, demo_da
 
     quiet = []
     cfg = small_config(
-        tmp_path / "b", demo_data, "train.max_steps=3", "train.warmup_steps=1", "data.eval=null"
+        tmp_path / "b",
+        demo_data,
+        "train.max_steps=3",
+        "train.epochs=0",
+        "train.warmup_steps=1",
+        "data.eval=null",
     )
     sft.train(cfg, log=quiet.append, model=build_model(seed=0, **SMALL), tokenizer=tokenizer)
     assert not any("is not used" in n or "not shorter" in n for n in quiet)

@@ -380,7 +380,7 @@ def _unused_length_settings(t, total: int, warmup: int) -> list[str]:
     """What of the run's length and warmup settings does not act (as in transformers, where
     max_steps overrides num_train_epochs and warmup_steps warmup_ratio), said rather than silent."""
     notes = []
-    if t.max_steps and t.epochs != type(t)().epochs:
+    if t.max_steps and t.epochs not in (0, type(t)().epochs):  # (0: the config check's own advice)
         notes.append(
             f"train.epochs={t.epochs:g} is not used: train.max_steps={t.max_steps} sets the run's length"
         )
@@ -449,7 +449,7 @@ _RESUME_FIELDS = {
     "data_fingerprint": "the training rows (data.train, data.general_data, data.general_fraction, "
     "data.max_seq_len, data.truncation, data.packing, data.add_eos, data.skip_bad_examples, "
     "data.eval_fraction, model.chat_template and the tokenizer)",
-    "eval_fingerprint": "the held-out rows (data.eval, data.eval_fraction, and as for the training "
+    "eval_fingerprint": "the held-out rows (data.eval, or data.train with data.eval_fraction, and as for the training "
     "rows data.max_seq_len, data.truncation, data.add_eos, data.skip_bad_examples, "
     "model.chat_template and the tokenizer)",
     "rows_per_step": "train.batch_size x train.grad_accum",
