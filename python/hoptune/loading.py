@@ -16,9 +16,10 @@ quantization) come back through pinned memory and an event, and each weight is f
 they are there.
 
 Which layers become NF4 (:class:`hoptune.nn.NF4Linear`): every ``nn.Linear`` except the output
-head (``lm_head``, kept in ``dtype`` as bitsandbytes and transformers do) and ``skip_modules``;
-subclasses of ``nn.Linear`` stay as they are, as in transformers + bitsandbytes, which also
-quantize transformers' ``Conv1D`` (GPT-2's projections; its weight, stored (in, out), transposed).
+head (``lm_head``, kept in ``dtype`` as bitsandbytes and transformers do), layers whose weight is
+tied to another's (Zamba2's shared blocks) and ``skip_modules``; subclasses of ``nn.Linear`` stay
+as they are, as in transformers + bitsandbytes, which also quantize transformers' ``Conv1D``
+(GPT-2's projections; its weight, stored (in, out), transposed).
 A checkpoint that is already bitsandbytes-NF4 (``quantization_config`` in ``config.json``, keys
 per ``docs/FORMATS.md`` section 1) loads its layers as stored, with no re-quantization: its NF4
 layers as NF4 and its dense layers dense.
@@ -790,16 +791,16 @@ def load_model(
 
     ``path``: a folder with ``config.json`` and ``model.safetensors`` or a sharded
     ``model.safetensors.index.json`` (never a hub name: nothing is fetched).
-    ``quantize``: "nf4" makes every linear layer but the output head and ``skip_modules`` an
-    :class:`~hoptune.nn.NF4Linear` (``blocksize``, ``double_quant`` as in bitsandbytes); None keeps
-    them dense. ``skip_modules`` entries are matched as transformers matches
-    ``llm_int8_skip_modules``: a regular expression from the start of a module name up to a ``.``
-    or its end (``"model.layers.1"``: that layer, not ``model.layers.11``), or a suffix of the name
-    (``"down_proj"``); an entry that matches no linear layer is an error. Unlike transformers,
-    which quantizes the output head too once ``llm_int8_skip_modules`` is given, the head stays
-    dense here whatever ``skip_modules`` holds. A pre-quantized bitsandbytes NF4 checkpoint loads
-    as stored either way (its dense layers stay dense, its NF4 layers NF4, with a warning for
-    those ``skip_modules`` names).
+    ``quantize``: "nf4" makes every linear layer but the output head, layers with tied weights and
+    ``skip_modules`` an :class:`~hoptune.nn.NF4Linear` (``blocksize``, ``double_quant`` as in
+    bitsandbytes); None keeps them dense. ``skip_modules`` entries are matched as transformers
+    matches ``llm_int8_skip_modules``: a regular expression from the start of a module name up to
+    a ``.`` or its end (``"model.layers.1"``: that layer, not ``model.layers.11``), or a suffix of
+    the name (``"down_proj"``); an entry that matches no linear layer is an error. Unlike
+    transformers, which quantizes the output head too once ``llm_int8_skip_modules`` is given, the
+    head stays dense here whatever ``skip_modules`` holds. A pre-quantized bitsandbytes NF4
+    checkpoint loads as stored either way (its dense layers stay dense, its NF4 layers NF4, with a
+    warning for those ``skip_modules`` names).
     ``dtype`` (or its name, ``"bfloat16"``): of every other floating-point tensor and of the NF4
     layers' compute, but for those ``from_pretrained`` keeps otherwise (declared in another dtype
     by the model, or named by its ``_keep_in_fp32_modules`` for float16 or
@@ -909,6 +910,11 @@ def load_model(
             f"{kept_nf4[:3]}); they load as stored, in NF4 (NF4Linear.to_linear() makes one dense)",
             stacklevel=2,
         )
+    tied = _tied_keys(model, config)
+    # the head and the layers whose weight is tied to another's stay dense, as transformers +
+    # bitsandbytes keep them (get_keys_to_not_convert): tie_weights then shares the one dense
+    # tensor (Zamba2's shared blocks)
+    dense = heads | {k.removesuffix(".weight") for pair in tied.items() for k in pair}
     to_quantize = set()
     keep_dense = _kept_dense(model)  # (as save_pretrained_nf4 keeps them)
     if quantize == "nf4" and bnb is None and not prequant:  # a bitsandbytes checkpoint loads as stored
@@ -916,7 +922,7 @@ def load_model(
             # plain nn.Linear only, as transformers + bitsandbytes: a subclass may compute more
             # (Llama 4's router returns scores and logits)
             plain = type(m) is nn.Linear or n in transposed
-            if not plain or n in heads or _skipped(n, skip_modules + keep_dense):
+            if not plain or n in dense or _skipped(n, skip_modules + keep_dense):
                 continue
             if m.weight.numel() % blocksize:
                 warnings.warn(
@@ -925,7 +931,18 @@ def load_model(
                 )
                 continue
             to_quantize.add(n)
-    tied = _tied_keys(model, config)
+        # a model of nn.Linear subclasses only (Falcon's FalconLinear) would load all dense, unsaid
+        other = transposed | dense
+        sub = [m for n, m in linears.items() if type(m) is not nn.Linear and n not in other]
+        if not to_quantize and sub:
+            kinds = ", ".join(sorted({type(m).__name__ for m in sub}))
+            warnings.warn(
+                f"quantize='nf4': no layer of {type(model).__name__} became NF4: {len(sub)} of its "
+                f"linear layers are {kinds}, subclasses of nn.Linear, which stay dense (as in "
+                "transformers 5 + bitsandbytes); hoptune.apply_lora(model, quantize='nf4', ...) "
+                "quantizes the layers it wraps",
+                stacklevel=2,
+            )
     keep_fp32 = _keep_in_fp32(model, dtype)
     plan: dict[str, tuple[str, str]] = {}  # key -> (what to do, module name)
     for key in entries:
