@@ -9,6 +9,7 @@ particular loss.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -422,6 +423,23 @@ def _first(out: Any, name: str) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else getattr(out, name)
 
 
+def router_aux_coef(model: nn.Module) -> float:
+    """The weight TRL's SFTTrainer gives a Mixture-of-Experts model's load-balancing loss: the
+    ``router_aux_loss_coef`` of a (text) config that has ``output_router_logits``, whatever its
+    value (TRL turns it on); 0.0 for other models, and a coefficient of 0 turns it off. A model
+    whose forward takes no ``output_router_logits`` (Llama 4) computes no such loss: 0.0."""
+    cfg = getattr(model, "config", None)
+    get_text = getattr(cfg, "get_text_config", None)
+    text = get_text(decoder=True) if callable(get_text) else cfg
+    if not hasattr(text, "output_router_logits"):
+        return 0.0
+    forward = getattr(model, "forward", None)
+    if not callable(forward) or "output_router_logits" not in inspect.signature(forward).parameters:
+        return 0.0
+    coef = getattr(text, "router_aux_loss_coef", None)
+    return float(coef) if isinstance(coef, (int, float)) and not isinstance(coef, bool) else 0.0
+
+
 def batch_logprobs(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of the loss tokens of a batch.
 
@@ -430,6 +448,22 @@ def batch_logprobs(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tenso
     Returns (logprobs fp32 ``(N,)``, labels ``(N,)``) over the N targets ``loss_mask[:, 1:]`` selects,
     in row-major order. The output head runs on those N positions only: prompt positions never
     get logits (a large saving with long prompts and big vocabularies)."""
+    lp, labels, _ = _batch_logprobs(model, batch, router_aux=False)
+    return lp, labels
+
+
+def batch_logprobs_and_router_aux(
+    model: nn.Module, batch: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``batch_logprobs`` and the batch's MoE load-balancing loss (0-dim, unweighted): the model's
+    own ``aux_loss``, from its forward with ``output_router_logits=True`` (whose output head runs
+    on the last position only; the log-probs come from its decoder's hidden states, as above)."""
+    return _batch_logprobs(model, batch, router_aux=True)
+
+
+def _batch_logprobs(
+    model: nn.Module, batch: dict[str, Any], router_aux: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     ids = batch["input_ids"]
     targets = batch["loss_mask"][:, 1:]
     if targets.dtype != torch.bool:
@@ -451,12 +485,36 @@ def batch_logprobs(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tenso
         kwargs["input_ids"] = ids.reshape(1, -1)
         kwargs["position_ids"] = batch["position_ids"].reshape(1, -1)
     decoder = _decoder(model)
-    if decoder is not None and model.get_output_embeddings() is not None:
-        hidden = _first(decoder(**kwargs), "last_hidden_state").reshape(*rows, -1)  # (B, T, H)
-        return lm_head_logprobs(model, hidden[:, :-1][targets], labels), labels
+    head = decoder is not None and model.get_output_embeddings() is not None
+    aux = None
+    if router_aux:
+        # the model computes its load-balancing loss itself (each MoE family its own way); its
+        # decoder's output is caught on the way for the head below
+        kwargs["output_router_logits"] = True
+        if head and "logits_to_keep" in inspect.signature(model.forward).parameters:
+            kwargs["logits_to_keep"] = 1
+        seen: list[Any] = []
+        hook = decoder.register_forward_hook(lambda m, a, o: seen.append(o)) if head else None
+        try:
+            out = model(**kwargs)
+        finally:
+            if hook is not None:
+                hook.remove()
+        aux = getattr(out, "aux_loss", None)
+        if not isinstance(aux, torch.Tensor) or (head and not seen):
+            raise ValueError(
+                f"{type(model).__name__} has output_router_logits in its config, but its "
+                "forward with output_router_logits=True returned no aux_loss (or did not run "
+                "its decoder): set its config's router_aux_loss_coef to 0 to train without "
+                "the load-balancing loss"
+            )
+    if head:
+        dec_out = seen[-1] if router_aux else decoder(**kwargs)
+        hidden = _first(dec_out, "last_hidden_state").reshape(*rows, -1)  # (B, T, H)
+        return lm_head_logprobs(model, hidden[:, :-1][targets], labels), labels, aux
     # models without a separable decoder: full logits
-    logits = _first(model(**kwargs), "logits").reshape(*rows, -1)
-    return token_logprobs_from_logits(logits[:, :-1][targets], labels), labels
+    logits = _first(out if router_aux else model(**kwargs), "logits").reshape(*rows, -1)
+    return token_logprobs_from_logits(logits[:, :-1][targets], labels), labels, aux
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

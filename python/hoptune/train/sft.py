@@ -4,8 +4,9 @@
 
 Steps: load model and tokenizer -> put in adapters (NF4 base for QLoRA) -> read, mask, check,
 split, mix and pack the data -> AdamW + warmup/cosine -> for each optimizer step: every
-micro-batch's masked NLL divided by the loss tokens of the *whole* step (TRL's SFT loss), one
-backward per micro-batch, clip, step -> eval, checkpoints, metrics -> final adapter and plots.
+micro-batch's masked NLL divided by the loss tokens of the *whole* step (TRL's SFT loss, with an
+MoE model's load-balancing loss), one backward per micro-batch, clip, step -> eval, checkpoints,
+metrics -> final adapter and plots.
 
 Copy this file to make a variant; the shared pieces live in ``hoptune.train.loop``.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -133,10 +135,11 @@ def _nf4_layers(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, NF4Linear)]
 
 
-def prepare_model(model: nn.Module, cfg: SFTConfig) -> nn.Module:
+def prepare_model(model: nn.Module, cfg: SFTConfig, passed_in: bool = False) -> nn.Module:
     """Adapters (or full fine-tuning), gradient checkpointing, train mode. A model that already has
     LoRA layers keeps them (and trains whichever of their parameters require grad); with
-    lora.enabled=false it is refused."""
+    lora.enabled=false it is refused. ``passed_in``: the model is not ``model.path``'s (a caller
+    built it), and errors name it, not that path."""
     lo = cfg.lora
     peft_layers = [n for n, m in model.named_modules() if type(m).__module__.split(".")[0] == "peft"]
     if peft_layers:
@@ -177,7 +180,15 @@ def prepare_model(model: nn.Module, cfg: SFTConfig) -> nn.Module:
                     "; a string in lora.target_modules is a regular expression matched against the whole "
                     "module name, a list ([q_proj, v_proj]) matches names"
                 )
-            raise ConfigError(f"lora settings do not fit {cfg.model.path}: {e}{hint}") from e
+            elif re.search(r"exclude (?:it|the layer) \(exclude_modules|\(rank_pattern\)", str(e)):
+                # (apply_lora's arguments, which the config has no keys for)
+                hint = (
+                    "; lora.* has no exclude_modules or rank_pattern: name the layers to adapt "
+                    "in lora.target_modules instead, a list ([q_proj, k_proj, v_proj, o_proj, "
+                    "gate_proj, up_proj, down_proj]) or a regular expression"
+                )
+            who = f"the model passed in ({type(model).__name__})" if passed_in else cfg.model.path
+            raise ConfigError(f"lora settings do not fit {who}: {e}{hint}") from e
     elif loop.has_lora(model):
         # every weight would train, but checkpoints and the output hold an adapter: the LoRA factors
         # alone (the base weights' training lost, a resume not bringing it back)
@@ -191,7 +202,8 @@ def prepare_model(model: nn.Module, cfg: SFTConfig) -> nn.Module:
         if nf4:
             # (a pre-quantized checkpoint loads as stored, model.quantize=null too): NF4 weights are
             # buffers, so the rest alone would train, and model/ would be saved without them
-            src = "" if cfg.model.path in TINY else f"; model.path={cfg.model.path!r} is in NF4"
+            own = not passed_in and cfg.model.path not in TINY
+            src = f"; model.path={cfg.model.path!r} is in NF4" if own else ""
             raise ConfigError(
                 "lora.enabled=false (full fine-tuning) but the model holds NF4 layers "
                 f"({nf4[0]}...{src}), whose weights cannot train. Use lora.enabled=true (QLoRA "
@@ -266,7 +278,8 @@ def sft_step(
     """Forward + backward of one optimizer step's micro-batches (gradients accumulate in ``.grad``).
 
     Each micro-batch's loss is its masked NLL sum divided by the loss tokens of *all* the
-    micro-batches, so the accumulated gradient is that of TRL's SFT loss over the whole step.
+    micro-batches, so the accumulated gradient is that of TRL's SFT loss over the whole step; for
+    an MoE model (``loop.router_aux_coef``) plus its load-balancing loss, weighted as TRL does.
     ``scaler``: fp16's loss scaling (the gradients come scaled, ``loop.optimizer_step`` unscales them).
     Returns (loss of the step, loss tokens, tokens)."""
     n_loss = count_loss_tokens([b["loss_mask"][:, 1:] for b in micro_batches])
@@ -274,13 +287,20 @@ def sft_step(
         raise ValueError("an optimizer step has no loss token; the data checks should have caught this")
     total = torch.zeros((), dtype=torch.float32, device=device)  # summed on device: no sync per micro-batch
     tokens = 0
+    coef = loop.router_aux_coef(model)
     for b in micro_batches:
         tokens += int(b["num_tokens"])
         if not bool(b["loss_mask"][:, 1:].any()):
             continue
         b = loop.to_device(b, device)
-        logprobs, _ = loop.batch_logprobs(model, b)
-        loss = sft_loss(logprobs, None, n_loss)
+        if coef:
+            # an MoE model's load-balancing loss, as TRL adds it: weighted by the config's
+            # router_aux_loss_coef and averaged over the step's micro-batches
+            logprobs, _, aux = loop.batch_logprobs_and_router_aux(model, b)
+            loss = sft_loss(logprobs, None, n_loss) + coef * aux.float() / len(micro_batches)
+        else:
+            logprobs, _ = loop.batch_logprobs(model, b)
+            loss = sft_loss(logprobs, None, n_loss)
         (loss if scaler is None else scaler.scale(loss)).backward()
         total += loss.detach()
     return float(total), n_loss, tokens
@@ -640,7 +660,7 @@ def _train(
         model = load_base_model(cfg, device, dtype)
     else:
         _check_model_device(model, device, cfg.model.device)
-    prepare_model(model, cfg)
+    prepare_model(model, cfg, passed_in=passed_in)
     # model.path at the built-in model: a model passed in has no other name, and a run on one
     # resumed on the built-in model (or the other way round) would compare equal; their frozen
     # weights tell them apart (a full fine-tuning checkpoint holds every weight: no base to compare)

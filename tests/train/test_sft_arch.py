@@ -1,0 +1,163 @@
+"""sft.train on models passed in, across architectures (CPU, fp32): a short run trains, saves an
+adapter that PEFT loads on a fresh copy of the base with the same logits, and a step's loss and
+gradients are those TRL computes from the model's own forward (soft-capped or scaled logits, an MoE
+model's load-balancing loss)."""
+
+import copy
+import re
+
+import pytest
+import torch
+
+from hoptune.config import ConfigError
+from hoptune.data.dataset import StepSampler
+from hoptune.data.packing import collate
+from hoptune.train import sft
+
+from .conftest import small_config
+
+V = 128  # (the tiny tokenizer has 95 tokens)
+IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+DECODER = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=V,
+    **IDS,
+)
+ARCHS = {
+    "Qwen2ForCausalLM": DECODER,
+    # tied embeddings, soft-capped logits
+    "Gemma2ForCausalLM": dict(DECODER, head_dim=16, final_logit_softcapping=3.0)
+    | dict(tie_word_embeddings=True),
+    "Phi3ForCausalLM": DECODER,  # fused qkv_proj and gate_up_proj
+    "MistralForCausalLM": DECODER,
+    "CohereForCausalLM": dict(DECODER, logit_scale=0.25),
+    # transformers Conv1D layers; dropout off: the loss comparison runs the same forward twice
+    "GPT2LMHeadModel": dict(n_embd=64, n_layer=2, n_head=4, n_positions=128, vocab_size=V, **IDS)
+    | dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    # output_router_logits off in its config: TRL turns the load-balancing loss on for it
+    "MixtralForCausalLM": dict(DECODER, num_local_experts=4, num_experts_per_tok=2)
+    | dict(router_aux_loss_coef=0.5),
+    # router_aux_loss_coef in its config, but no load-balancing loss in its forward
+    "Llama4ForCausalLM": dict(DECODER, head_dim=16, intermediate_size_mlp=128, num_local_experts=4),
+}
+
+
+# all-linear takes Llama 4's router, an nn.Linear subclass a LoRA layer cannot stand in for
+TARGETS = {"Llama4ForCausalLM": "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"}
+
+
+def _model(family, **over):
+    import transformers
+
+    model_cls = getattr(transformers, family)
+    torch.manual_seed(0)
+    return model_cls(model_cls.config_class(**{**ARCHS.get(family, DECODER), **over})).float()
+
+
+def _lora(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("family", list(ARCHS))
+def test_a_short_run_trains_an_adapter_peft_loads(tmp_path, tokenizer, demo_data, family):
+    import peft
+
+    base = _model(family)
+    model = copy.deepcopy(base)
+    targets = TARGETS.get(family, "all-linear")
+    cfg = small_config(
+        tmp_path, demo_data, "train.max_steps=2", "train.lr=1e-2", f"lora.target_modules={targets}"
+    )
+    res = sft.train(cfg, log=lambda s: None, model=model, tokenizer=tokenizer)
+    assert len(res.train_losses) == 2 and all(torch.isfinite(torch.tensor(res.train_losses)))
+    trained = _lora(model)
+    assert trained and all(p.abs().max() > 0 for n, p in trained.items() if "lora_B" in n)
+
+    ids = torch.randint(3, len(tokenizer), (2, 12))
+    with torch.no_grad():
+        ours = model.eval()(input_ids=ids).logits
+        before = base.eval()(input_ids=ids).logits
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), res.output_dir).eval()
+        theirs = theirs(input_ids=ids).logits
+    assert (ours - before).abs().max() > 1e-3  # the adapter changes the model
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+
+def _trl_step(model, micro, n_loss):
+    """TRL's SFT loss of one step from the model's own forward: per micro-batch transformers'
+    ForCausalLMLoss over the step's loss tokens, plus for an MoE model its router_aux_loss_coef
+    times the load-balancing loss averaged over the micro-batches. Returns (loss, gradients)."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    cfg = model.config
+    moe = hasattr(cfg, "output_router_logits") and cfg.router_aux_loss_coef
+    total = 0.0
+    for b in micro:
+        labels = torch.where(b["loss_mask"], b["input_ids"], -100)
+        kw = {k: b[k] for k in ("attention_mask", "position_ids") if b[k] is not None}
+        if moe:
+            kw["output_router_logits"] = True
+        out = model(input_ids=b["input_ids"], use_cache=False, **kw)
+        loss = ForCausalLMLoss(out.logits, labels, vocab_size=V, num_items_in_batch=n_loss)
+        if moe:
+            loss = loss + cfg.router_aux_loss_coef * out.aux_loss / len(micro)
+        loss.backward()
+        total += float(loss.detach())
+    return total, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("packing", [False, True])
+@pytest.mark.parametrize("family", ["Gemma2ForCausalLM", "CohereForCausalLM", "MixtralForCausalLM"])
+def test_a_steps_loss_and_gradients_are_trls(tmp_path, tokenizer, demo_data, family, packing):
+    """Mixtral's load-balancing loss was left out (hoptune's loss 0.5 x aux below TRL's)."""
+    cfg = small_config(tmp_path, demo_data, f"data.packing={str(packing).lower()}")
+    rows, _, _ = sft.load_data(cfg, tokenizer, log=lambda s: None)
+    t = cfg.train
+    idx = StepSampler(len(rows), t.batch_size * t.grad_accum, t.seed).rows_for_step(0)
+    bs = t.batch_size
+    micro = [collate([rows[i] for i in idx[k : k + bs]], 0) for k in range(0, len(idx), bs)]
+    ours = _model(family)
+    ref = copy.deepcopy(ours)
+    loss, n_loss, _ = sft.sft_step(ours, micro, torch.device("cpu"))
+    ref_loss, ref_grads = _trl_step(ref, micro, n_loss)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    grads = {n: p.grad for n, p in ours.named_parameters() if p.grad is not None}
+    assert grads.keys() == ref_grads.keys()
+    for n, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[n], atol=1e-6, rtol=1e-4, msg=n)
+
+
+def test_lora_settings_that_do_not_fit_name_the_model_passed_in(tmp_path, tokenizer, demo_data):
+    """The error named the built-in model (model.path's default), not the Phi-3 passed in."""
+    cfg = small_config(tmp_path, demo_data, "lora.target_modules=[q_proj,v_proj]")
+    match = r"lora settings do not fit the model passed in \(Phi3"
+    with pytest.raises(ConfigError, match=match) as e:
+        sft.train(cfg, log=lambda s: None, model=_model("Phi3ForCausalLM"), tokenizer=tokenizer)
+    assert "hoptune/tiny" not in str(e.value) and "qkv_proj" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("family", "over"),
+    [
+        # all-linear takes its router, an nn.Linear subclass
+        ("Llama4ForCausalLM", {}),
+        # all-linear takes its shared_expert_gate, [1, 64]: no room for r=4
+        (
+            "Qwen2MoeForCausalLM",
+            dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+            | dict(shared_expert_intermediate_size=32),
+        ),
+    ],
+)
+def test_a_layer_all_linear_cannot_adapt_is_refused_with_a_setting_the_config_has(
+    tmp_path, tokenizer, demo_data, family, over
+):
+    """The remedy named was apply_lora's exclude_modules (or rank_pattern): no config key."""
+    cfg = small_config(tmp_path, demo_data)
+    with pytest.raises(ConfigError, match=r"exclude_modules") as e:
+        sft.train(cfg, log=lambda s: None, model=_model(family, **over), tokenizer=tokenizer)
+    assert re.search(r"name the layers to adapt in lora\.target_modules", str(e.value))
