@@ -154,3 +154,22 @@ def test_model_whose_linear_layers_are_all_subclasses_says_none_became_nf4(tmp_p
     hoptune.apply_lora(quant, r=4, quantize="nf4")  # what the warning offers: it quantizes them
     lora = [m for m in quant.modules() if isinstance(m, LoRALinear)]
     assert len(lora) == 8 and all(m.quantized for m in lora)
+
+
+def test_save_pretrained_nf4_keeps_tied_linear_layers_dense(tmp_path):
+    """save_pretrained_nf4 of Zamba2 quantized the shared block's tied layers, a checkpoint that
+    load_model could not read back (a tied copy's NF4 tensors missing); they are saved dense and
+    listed in llm_int8_skip_modules, and the checkpoint loads as the model it came from."""
+    import json
+
+    from hoptune.quant import save_pretrained_nf4
+
+    ref = _save(tmp_path / "src", "zamba2", torch.bfloat16, tie=True)
+    quant = hoptune.load_model(tmp_path / "src", quantize="nf4", device="cpu", progress=False)
+    save_pretrained_nf4(quant, tmp_path / "out")
+    skips = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert any("shared_transformer" in s for s in skips["llm_int8_skip_modules"])
+    back = hoptune.load_model(tmp_path / "out", device="cpu", progress=False)
+    assert set(nf4_layers(back)) == set(nf4_layers(quant))
+    torch.testing.assert_close(_logits(back), _logits(quant), atol=0, rtol=0)
+    del ref
