@@ -141,14 +141,14 @@ def _default_skips(model: nn.Module, nf4_names: Iterable[str], plain_names: Iter
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     skip = ["lm_head", *(n for n, m in model.named_modules() if n and head is not None and m is head)]
-    # layers whose weight is tied to another's (Zamba2's shared blocks): transformers +
+    # linear layers whose weight is tied to another's (Zamba2's shared blocks): transformers +
     # bitsandbytes keep them dense (get_keys_to_not_convert), and tie_weights shares the dense tensor
-    owners: dict[int, list[str]] = {}
-    for n, m in model.named_modules(remove_duplicate=False):
-        w = getattr(m, "weight", None)
-        if n and isinstance(m, nn.Linear) and isinstance(w, torch.Tensor):
-            owners.setdefault(id(w), []).append(n)
-    skip += [n for names in owners.values() if len(names) > 1 for n in names]
+    tied = {
+        k.removesuffix(".weight")
+        for pair in _tied_keys(model, getattr(model, "config", None)).items()
+        for k in pair
+    }
+    skip += [n for n, m in model.named_modules() if n in tied and isinstance(m, nn.Linear)]
     qc = _model_bnb_config(model)
     if qc is not None:
         listed = qc.get("llm_int8_skip_modules")
