@@ -32,7 +32,7 @@ import sys
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -812,14 +812,10 @@ def disable_adapters(model: nn.Module):
     layers = [m for _, m in lora_layers(model)]
     if not layers:
         raise ValueError(f"model ({type(model).__name__}) has no LoRA layers to disable")
-    before = [m.adapters_enabled for m in layers]
-    try:
+    with ExitStack() as stack:  # each layer's own disable_adapter, undone in reverse order
         for m in layers:
-            m.adapters_enabled = False
+            stack.enter_context(m.disable_adapter())
         yield model
-    finally:
-        for m, on in zip(layers, before):
-            m.adapters_enabled = on
 
 
 def merge_and_unload(
