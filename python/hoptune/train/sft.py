@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -180,8 +179,8 @@ def prepare_model(model: nn.Module, cfg: SFTConfig, passed_in: bool = False) -> 
                     "; a string in lora.target_modules is a regular expression matched against the whole "
                     "module name, a list ([q_proj, v_proj]) matches names"
                 )
-            elif re.search(r"exclude (?:it|the layer) \(exclude_modules|\(rank_pattern\)", str(e)):
-                # (apply_lora's arguments, which the config has no keys for)
+            elif "exclude_modules" in str(e) or "rank_pattern" in str(e):
+                # (apply_lora's advice names its arguments, which the config has no keys for)
                 hint = (
                     "; lora.* has no exclude_modules or rank_pattern: name the layers to adapt "
                     "in lora.target_modules instead, a list ([q_proj, k_proj, v_proj, o_proj, "
