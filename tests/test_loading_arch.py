@@ -15,20 +15,10 @@ import transformers
 import hoptune
 from hoptune.nn import LoRALinear
 from hoptune.quant import dequantize_nf4
+from tests.conftest import TINY_DECODER
 from tests.test_loading import ids, nf4_layers
 
-BASE = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=128,
-    max_position_embeddings=64,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+BASE = dict(TINY_DECODER, max_position_embeddings=64)
 ZAMBA2 = dict(  # a hybrid (attention) block at layers 0 and 2, sharing its weights
     num_hidden_layers=3,
     layers_block_type=["hybrid", "mamba", "hybrid"],

@@ -13,20 +13,13 @@ from hoptune.config import ConfigError
 from hoptune.data.dataset import StepSampler
 from hoptune.data.packing import collate
 from hoptune.train import sft
+from tests.conftest import TINY_DECODER
 
 from .conftest import small_config
 
 V = 128  # (the tiny tokenizer has 95 tokens)
 IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
-DECODER = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=V,
-    **IDS,
-)
+DECODER = dict(TINY_DECODER, vocab_size=V)
 ARCHS = {
     "Qwen2ForCausalLM": DECODER,
     # tied embeddings, soft-capped logits
