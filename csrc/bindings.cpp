@@ -12,6 +12,7 @@
 #include <utility>
 
 #include "hoptune/cublaslt.h"
+#include "hoptune/decoder_ops.cuh"
 #include "hoptune/logprob.cuh"
 #include "hoptune/lora.cuh"
 #include "hoptune/nf4.cuh"
@@ -454,6 +455,99 @@ PYBIND11_MODULE(_C, m) {
       py::arg("m"), py::arg("n"), py::arg("k"), py::arg("scale"), py::arg("shift"),
       py::arg("partial"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
 
+  // A decoder layer's elementwise ops (python/hoptune/ops/decoder.py).
+  m.def(
+      "rms_norm_forward",
+      [](uintptr_t x, int64_t ldx, uintptr_t w, uintptr_t y, int64_t ldy, uintptr_t rstd,
+         int64_t rows, int64_t cols, float eps, int dtype, uintptr_t stream) {
+        hoptune::RmsNormForward a;
+        a.x = ptr<const void*>(x);
+        a.ldx = ldx;
+        a.w = ptr<const void*>(w);
+        a.y = ptr<void*>(y);
+        a.ldy = ldy;
+        a.rstd = ptr<float*>(rstd);
+        a.rows = rows;
+        a.cols = cols;
+        a.eps = eps;
+        a.dtype = static_cast<DType>(dtype);
+        check(hoptune::rms_norm_forward(a, stream_of(stream)), "rms_norm_forward");
+      },
+      py::arg("x"), py::arg("ldx"), py::arg("w"), py::arg("y"), py::arg("ldy"), py::arg("rstd"),
+      py::arg("rows"), py::arg("cols"), py::arg("eps"), py::arg("dtype"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "rms_norm_backward",
+      [](uintptr_t dy, int64_t lddy, uintptr_t x, int64_t ldx, uintptr_t w, uintptr_t rstd,
+         uintptr_t dx, int64_t lddx, int64_t rows, int64_t cols, int dtype, uintptr_t stream) {
+        hoptune::RmsNormBackward a;
+        a.dy = ptr<const void*>(dy);
+        a.lddy = lddy;
+        a.x = ptr<const void*>(x);
+        a.ldx = ldx;
+        a.w = ptr<const void*>(w);
+        a.rstd = ptr<const float*>(rstd);
+        a.dx = ptr<void*>(dx);
+        a.lddx = lddx;
+        a.rows = rows;
+        a.cols = cols;
+        a.dtype = static_cast<DType>(dtype);
+        check(hoptune::rms_norm_backward(a, stream_of(stream)), "rms_norm_backward");
+      },
+      py::arg("dy"), py::arg("lddy"), py::arg("x"), py::arg("ldx"), py::arg("w"), py::arg("rstd"),
+      py::arg("dx"), py::arg("lddx"), py::arg("rows"), py::arg("cols"), py::arg("dtype"),
+      py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "silu_mul_forward",
+      [](uintptr_t gate, uintptr_t up, uintptr_t out, int64_t n, int dtype, uintptr_t stream) {
+        check(
+            hoptune::silu_mul_forward(ptr<const void*>(gate), ptr<const void*>(up), ptr<void*>(out),
+                                      n, static_cast<DType>(dtype), stream_of(stream)),
+            "silu_mul_forward");
+      },
+      py::arg("gate"), py::arg("up"), py::arg("out"), py::arg("n"), py::arg("dtype"),
+      py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "silu_mul_backward",
+      [](uintptr_t dout, uintptr_t gate, uintptr_t up, uintptr_t dgate, uintptr_t dup, int64_t n,
+         int dtype, uintptr_t stream) {
+        check(hoptune::silu_mul_backward(ptr<const void*>(dout), ptr<const void*>(gate),
+                                         ptr<const void*>(up), ptr<void*>(dgate), ptr<void*>(dup),
+                                         n, static_cast<DType>(dtype), stream_of(stream)),
+              "silu_mul_backward");
+      },
+      py::arg("dout"), py::arg("gate"), py::arg("up"), py::arg("dgate"), py::arg("dup"),
+      py::arg("n"), py::arg("dtype"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "rope",
+      [](uintptr_t x, int64_t xb, int64_t xh, int64_t xs, uintptr_t out, int64_t ob, int64_t oh,
+         int64_t os, uintptr_t cos, uintptr_t sin, int64_t cb, int64_t cs, int64_t batch,
+         int64_t heads, int64_t seq, int64_t dim, bool backward, int dtype, uintptr_t stream) {
+        hoptune::Rope a;
+        a.x = ptr<const void*>(x);
+        a.xb = xb;
+        a.xh = xh;
+        a.xs = xs;
+        a.out = ptr<void*>(out);
+        a.ob = ob;
+        a.oh = oh;
+        a.os = os;
+        a.cos = ptr<const void*>(cos);
+        a.sin = ptr<const void*>(sin);
+        a.cb = cb;
+        a.cs = cs;
+        a.batch = batch;
+        a.heads = heads;
+        a.seq = seq;
+        a.dim = dim;
+        a.backward = backward;
+        a.dtype = static_cast<DType>(dtype);
+        check(hoptune::rope(a, stream_of(stream)), "rope");
+      },
+      py::arg("x"), py::arg("xb"), py::arg("xh"), py::arg("xs"), py::arg("out"), py::arg("ob"),
+      py::arg("oh"), py::arg("os"), py::arg("cos"), py::arg("sin"), py::arg("cb"), py::arg("cs"),
+      py::arg("batch"), py::arg("heads"), py::arg("seq"), py::arg("dim"), py::arg("backward"),
+      py::arg("dtype"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   // cuBLASLt with a caller-chosen algorithm (python/hoptune/ops/gemm.py).
   m.def(
       "cublaslt_load", [](const std::string& path) { return hoptune::lt::load(path); },
