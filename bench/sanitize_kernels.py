@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from hoptune.ops import decoder as decoder_ops
 from hoptune.ops import logprob as logprob_ops
 from hoptune.ops import nf4 as nf4_ops
 from hoptune.quant import dequantize_nf4, quantize_nf4
@@ -176,6 +177,22 @@ def nf4_gemm() -> None:
         nf4_ops.fused_gemm_kernel(x, *qa, n, xs, b, bias, tile_n=tile, splits=splits)
 
 
+def decoder() -> None:
+    """rms_norm (warp rows, block rows, rows past the register cache), silu_mul (with a tail),
+    rope (a transposed view, a broadcast table), forward and backward."""
+    for rows, cols in [(5, 64), (3, 1032), (2, 4104 + 64)]:
+        x = torch.randn(rows, cols + 8, device="cuda", dtype=torch.bfloat16)[:, :cols].requires_grad_(True)
+        w = torch.randn(cols, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+        decoder_ops.rms_norm(x, w).sum().backward()
+    g = torch.randn(3, 333, device="cuda", dtype=torch.float16).requires_grad_(True)
+    u = torch.randn(3, 333, device="cuda", dtype=torch.float16).requires_grad_(True)
+    decoder_ops.silu_mul(g, u).sum().backward()
+    q = torch.randn(2, 5, 3 * 64, device="cuda", dtype=torch.bfloat16).view(2, 5, 3, 64).transpose(1, 2)
+    q.requires_grad_(True)
+    cos, sin = (torch.randn(1, 5, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    decoder_ops.rope(q, cos, sin).sum().backward()
+
+
 def probe_cublas() -> None:
     """Not a hoptune kernel: PyTorch reading an fp32-output cuBLAS GEMM's result. If initcheck
     flags this, its reports on kernels that read GEMM outputs (the fused log-prob chunk) come from
@@ -192,6 +209,7 @@ CASES = {
     "logprob_gemm": logprob_gemm,
     "nf4_lora": nf4_lora,
     "nf4_gemm": nf4_gemm,
+    "decoder": decoder,
     "probe_cublas": probe_cublas,
 }
 

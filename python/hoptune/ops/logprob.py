@@ -42,6 +42,7 @@ import torch
 
 from hoptune import _lib
 from hoptune.ops import _amp, _check
+from hoptune.ops._function import eager_function as _eager_function
 from hoptune.reference import logprob as ref
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -283,26 +284,6 @@ def _tl_backward(ctx, grad_logp, grad_entropy, grad_lse, traced: bool = True):
 
 
 _token_logprobs.register_autograd(_tl_backward, setup_context=_tl_setup)
-
-
-def _eager_function(name: str, impl, setup_context, backward) -> type[torch.autograd.Function]:
-    """A custom op's forward (impl, then setup_context) and backward (with traced=False: the
-    bodies of the ops it calls, not the ops) as a plain autograd.Function named ``name`` (its
-    graph nodes read ``<name>Backward``), for eager calls: it costs less host time than the
-    op's dispatch, and the device waits for that host time at both ends of a log-prob call.
-    torch.compile traces the custom op instead."""
-
-    def forward(ctx, *inputs):
-        out = impl(*inputs)
-        setup_context(ctx, inputs, out)
-        return out
-
-    @torch.autograd.function.once_differentiable  # the backward is not itself differentiable
-    def backward_(ctx, *grads):
-        return backward(ctx, *grads, traced=False)
-
-    body = {"forward": staticmethod(forward), "backward": staticmethod(backward_), "__doc__": impl.__doc__}
-    return type(name, (torch.autograd.Function,), body)
 
 
 _EagerTokenLogprobs = _eager_function("TokenLogprobs", _token_logprobs_impl, _tl_setup, _tl_backward)

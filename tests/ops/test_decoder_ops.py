@@ -1,0 +1,240 @@
+"""hoptune.ops.decoder (rms_norm, silu_mul, rope): the references are the transformers modules'
+own computation; the CUDA kernels match them (bit for bit where the ops round alike) and their
+gradients meet the 2x rule against an fp64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hoptune.ops import decoder as ops
+from hoptune.reference import decoder as ref
+from tests.conftest import poison_cuda_cache, rel_err
+
+LOW = [torch.bfloat16, torch.float16]
+
+
+def _grads(fn, inputs, g):
+    """fn(*inputs) and the gradients of <fn, g> for the inputs that require grad."""
+    out = fn(*inputs)
+    grads = torch.autograd.grad(out, [t for t in inputs if t.requires_grad], g)
+    return out, grads
+
+
+def _leaf(t: torch.Tensor, grad: bool = True) -> torch.Tensor:
+    return t.detach().clone().requires_grad_(grad)
+
+
+def _two_x(
+    kernel: torch.Tensor, low: torch.Tensor, exact: torch.Tensor, name: str, slack: float = 1e-6
+) -> None:
+    """The 2x rule: the kernel's error against the fp64 reference is at most twice PyTorch's in
+    the low precision (plus a floor for results PyTorch gets exactly)."""
+    ek, el = rel_err(kernel, exact), rel_err(low, exact)
+    assert ek <= 2 * el + slack, f"{name}: kernel error {ek:.3g} > 2 x PyTorch's {el:.3g}"
+
+
+# -- the references are the transformers modules -------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_references_are_the_llama_modules(dtype):
+    from transformers.models.llama import modeling_llama as ml
+
+    torch.manual_seed(0)
+    norm = ml.LlamaRMSNorm(48, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(48))
+    x = torch.randn(3, 5, 48).to(dtype)
+    assert torch.equal(ref.rms_norm(x, norm.weight, 1e-5), norm(x))
+    g, u = torch.randn(4, 40).to(dtype), torch.randn(4, 40).to(dtype)
+    assert torch.equal(ref.silu_mul(g, u), torch.nn.SiLU()(g) * u)
+    q, k = torch.randn(2, 4, 6, 32).to(dtype), torch.randn(2, 2, 6, 32).to(dtype)
+    cos, sin = torch.randn(2, 6, 32).to(dtype), torch.randn(2, 6, 32).to(dtype)
+    want = ml.apply_rotary_pos_emb(q, k, cos, sin)
+    assert torch.equal(ref.rope(q, cos, sin), want[0]) and torch.equal(ref.rope(k, cos, sin), want[1])
+
+
+# -- CPU: the ops are the references --------------------------------------------------------------
+def test_cpu_runs_the_reference_with_gradients():
+    torch.manual_seed(1)
+    x, w = _leaf(torch.randn(3, 24)), _leaf(torch.randn(24))
+    y = ops.rms_norm(x, w, 1e-6)
+    assert torch.equal(y, ref.rms_norm(x, w, 1e-6))
+    y.sum().backward()
+    assert x.grad is not None and w.grad is not None
+    g, u = _leaf(torch.randn(5, 7)), _leaf(torch.randn(5, 7))
+    ops.silu_mul(g, u).sum().backward()
+    assert g.grad is not None and u.grad is not None
+    q, cos, sin = _leaf(torch.randn(1, 2, 3, 8)), torch.randn(1, 3, 8), torch.randn(1, 3, 8)
+    out = ops.rope(q, cos, sin)
+    assert torch.equal(out, ref.rope(q, cos, sin))
+    out.sum().backward()
+    assert q.grad is not None
+
+
+def test_bad_inputs_are_named():
+    x = torch.randn(2, 16)
+    with pytest.raises(ValueError, match="weight must be 1-D with x's last dimension"):
+        ops.rms_norm(x, torch.randn(8))
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        ops.rms_norm(torch.ones(2, 16, dtype=torch.int64), torch.randn(16))
+    with pytest.raises(TypeError, match="weight must be a torch.Tensor"):
+        ops.rms_norm(x, [1.0] * 16)
+    with pytest.raises(ValueError, match="gate and up must have one shape"):
+        ops.silu_mul(torch.randn(2, 8), torch.randn(2, 9))
+    with pytest.raises(ValueError, match="x must be 4-D"):
+        ops.rope(torch.randn(2, 3, 8), torch.randn(1, 3, 8), torch.randn(1, 3, 8))
+    with pytest.raises(ValueError, match=r"cos and sin must both be \(2 or 1, 3, 8\)"):
+        ops.rope(torch.randn(2, 4, 3, 8), torch.randn(2, 4, 8), torch.randn(2, 4, 8))
+    with pytest.raises(ValueError, match="head_dim must be even"):
+        ops.rope(torch.randn(1, 1, 2, 7), torch.randn(1, 2, 7), torch.randn(1, 2, 7))
+
+
+# -- CUDA kernels ---------------------------------------------------------------------------------
+def _norm_inputs(rows, cols, dtype, layout):
+    torch.manual_seed(rows * 7 + cols)
+    if layout == "slice":  # rows of a wider tensor (a row stride past cols)
+        x = torch.randn(rows, cols + 24, device="cuda")[:, :cols]
+    elif layout == "3d":
+        x = torch.randn(2, rows, cols, device="cuda")
+    else:
+        x = torch.randn(rows, cols, device="cuda")
+    w = 1 + 0.5 * torch.randn(cols, device="cuda")
+    return x.to(dtype), w.to(dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize(
+    "rows,cols,layout",
+    [
+        (1, 8, "plain"),
+        (7, 128, "plain"),
+        (1000, 520, "slice"),
+        (33, 4096, "3d"),
+        (5, 5000, "plain"),
+        (3, 8200, "slice"),
+    ],
+)
+def test_rms_norm_kernel(rows, cols, layout, dtype):
+    x, w = _norm_inputs(rows, cols, dtype, layout)
+    poison_cuda_cache()
+    xk, wk = _leaf(x), _leaf(w)
+    xl, wl = _leaf(x), _leaf(w)
+    x64, w64 = _leaf(x.double()), _leaf(w.double())
+    g = torch.randn(x.shape, device="cuda").to(dtype)
+    yk, (dxk, dwk) = _grads(lambda a, b: ops.rms_norm(a, b, 1e-5), (xk, wk), g)
+    yl, (dxl, dwl) = _grads(lambda a, b: ref.rms_norm(a, b, 1e-5), (xl, wl), g)
+    y64, (dx64, dw64) = _grads(lambda a, b: ref.rms_norm(a, b, 1e-5), (x64, w64), g.double())
+    assert not torch.isnan(yk).any() and not torch.isnan(dxk).any()
+    # the forward is the model's but for the fp32 sum's order: nearly every element equal
+    assert (yk == yl).float().mean() > 0.98, "forward differs from the model's ops beyond rounding"
+    _two_x(yk, yl, y64, "y")
+    _two_x(dxk, dxl, dx64, "dx")
+    _two_x(dwk, dwl, dw64, "dw")
+
+
+@pytest.mark.gpu
+def test_rms_norm_kernel_without_weight_grad_and_no_grad():
+    x, w = _norm_inputs(64, 4096, torch.bfloat16, "plain")
+    xk = _leaf(x)
+    y = ops.rms_norm(xk, w, 1e-6)  # (a frozen norm weight: LoRA's case)
+    (dx,) = torch.autograd.grad(y, [xk], torch.ones_like(y))
+    xr = _leaf(x)
+    (dxr,) = torch.autograd.grad(ref.rms_norm(xr, w, 1e-6), [xr], torch.ones_like(y))
+    assert rel_err(dx, dxr) < 1e-2
+    with torch.no_grad():
+        assert (ops.rms_norm(x, w, 1e-6) == ref.rms_norm(x, w, 1e-6)).float().mean() > 0.98
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize(
+    "shape,layout", [((3, 1001), "plain"), ((64, 14336), "plain"), ((2, 9, 256), "slice")]
+)
+def test_silu_mul_kernel(shape, layout, dtype):
+    torch.manual_seed(sum(shape))
+    if layout == "slice":  # gate and up as halves of one fused projection
+        both = (3 * torch.randn(*shape[:-1], 2 * shape[-1], device="cuda")).to(dtype)
+        gate, up = both[..., : shape[-1]], both[..., shape[-1] :]
+    else:
+        gate = (3 * torch.randn(shape, device="cuda")).to(dtype)
+        up = torch.randn(shape, device="cuda").to(dtype)
+    g = torch.randn(shape, device="cuda").to(dtype)
+    poison_cuda_cache()
+    ok, (dgk, duk) = _grads(ops.silu_mul, (_leaf(gate), _leaf(up)), g)
+    ol, (dgl, dul) = _grads(ref.silu_mul, (_leaf(gate), _leaf(up)), g)
+    _, (dg64, _) = _grads(ref.silu_mul, (_leaf(gate.double()), _leaf(up.double())), g.double())
+    assert torch.equal(ok, ol), "forward is not the model's ops bit for bit"
+    assert torch.equal(duk, dul), "d up is not autograd's bit for bit"
+    _two_x(dgk, dgl, dg64, "d gate")
+    assert not torch.isnan(dgk).any()
+
+
+def _rope_inputs(b, heads, s, d, dtype, layout, table_batch):
+    torch.manual_seed(b * 100 + heads * 10 + s)
+    if layout == "attention":  # the projection's output viewed per head and transposed
+        x = torch.randn(b, s, heads * d, device="cuda").to(dtype).view(b, s, heads, d).transpose(1, 2)
+    else:
+        x = torch.randn(b, heads, s, d, device="cuda").to(dtype)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device="cuda").float() / d))
+    pos = (
+        torch.arange(s, device="cuda").float()[None].expand(table_batch, s)
+        + torch.arange(table_batch, device="cuda").float()[:, None]
+    )
+    freqs = pos[..., None] * inv
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return x, emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize(
+    "b,heads,s,d,layout,table_batch",
+    [
+        (2, 4, 33, 128, "attention", 2),
+        (1, 3, 7, 64, "plain", 1),
+        (2, 1, 5, 16, "attention", 1),
+        (3, 2, 9, 256, "plain", 3),
+    ],
+)
+def test_rope_kernel(b, heads, s, d, layout, table_batch, dtype):
+    x, cos, sin = _rope_inputs(b, heads, s, d, dtype, layout, table_batch)
+    g = torch.randn(b, heads, s, d, device="cuda").to(dtype)
+    poison_cuda_cache()
+    ok, (dk,) = _grads(lambda t: ops.rope(t, cos, sin), (_leaf(x),), g)
+    ol, (dl,) = _grads(lambda t: ref.rope(t, cos, sin), (_leaf(x),), g)
+    assert torch.equal(ok, ol), "forward is not the model's ops bit for bit"
+    assert torch.equal(dk, dl), "backward is not autograd's bit for bit"
+    assert ok.stride() == x.stride() or ok.is_contiguous()
+
+
+@pytest.mark.gpu
+def test_unaligned_and_odd_widths_fall_back_or_copy():
+    torch.manual_seed(3)
+    # an offset view (not 16-byte aligned), a width the kernels do not take (12 % 8 != 0)
+    base = torch.randn(4, 4097, device="cuda").to(torch.bfloat16)
+    x = base[:, 1:]
+    w = torch.randn(4096, device="cuda").to(torch.bfloat16)
+    assert (ops.rms_norm(x, w) == ref.rms_norm(x, w, 1e-6)).float().mean() > 0.98
+    x12, w12 = torch.randn(3, 12, device="cuda").bfloat16(), torch.randn(12, device="cuda").bfloat16()
+    assert torch.equal(ops.rms_norm(x12, w12), ref.rms_norm(x12, w12, 1e-6))
+    flat = torch.randn(1 + 2 * 999, device="cuda").bfloat16()
+    g, u = flat[1:1000], flat[1000:]
+    assert torch.equal(ops.silu_mul(g, u), ref.silu_mul(g, u))
+
+
+@pytest.mark.gpu
+def test_opcheck():
+    torch.manual_seed(4)
+    x = torch.randn(5, 64, device="cuda").bfloat16().requires_grad_(True)
+    w = torch.randn(64, device="cuda").bfloat16()
+    torch.library.opcheck(torch.ops.hoptune.rms_norm, (x, w, 1e-6))
+    g = torch.randn(3, 40, device="cuda").bfloat16().requires_grad_(True)
+    u = torch.randn(3, 40, device="cuda").bfloat16().requires_grad_(True)
+    torch.library.opcheck(torch.ops.hoptune.silu_mul, (g, u))
+    q = torch.randn(1, 2, 3, 32, device="cuda").bfloat16().requires_grad_(True)
+    cos, sin = (
+        torch.randn(1, 3, 32, device="cuda").bfloat16(),
+        torch.randn(1, 3, 32, device="cuda").bfloat16(),
+    )
+    torch.library.opcheck(torch.ops.hoptune.rope, (q, cos, sin))
