@@ -115,6 +115,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--no-grad-ckpt", action="store_true", help="without activation checkpointing")
+    p.add_argument(
+        "--no-fuse",
+        action="store_true",
+        help="keep transformers' RMSNorm / SwiGLU / rotary ops (no hoptune.fuse_decoder_ops)",
+    )
     p.add_argument("--attn", default=None, help="attention implementation (default: transformers' choice)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/sft_8b[_tiny].json)")
     p.add_argument(
@@ -176,6 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
     t_quant = time.perf_counter() - t1
+    fused = None if args.no_fuse else hoptune.fuse_decoder_ops(model)
     if not args.no_grad_ckpt:
         loop.enable_gradient_checkpointing(model)
     model.train()
@@ -267,6 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
             "device": str(device),
             "attn_implementation": model.config._attn_implementation,
             "kernels": hoptune.kernels_available(),
+            "fused_decoder_ops": fused,
         },
         "trainable_params": n_train,
         "total_params": n_total,

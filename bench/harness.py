@@ -112,6 +112,7 @@ KERNEL_CATEGORIES = (
     ("hoptune NF4 dequantize", r"hoptune.*(dequant|merge)"),
     ("hoptune LoRA passes", r"hoptune.*(dy_pass|lora)"),
     ("hoptune log-probs", r"hoptune.*logprob"),
+    ("hoptune decoder ops", r"hoptune.*(rms_norm|silu_mul|rope)"),
     ("hoptune other", r"hoptune"),
     ("attention", r"sdpa|flash|fmha|attention|_attn"),  # (before GEMM: cuDNN's names hold "sm90_")
     ("GEMM (cuBLAS / CUTLASS)", r"nvjet|gemm|cutlass|xmma|cublas|sm90_"),

@@ -22,6 +22,8 @@ _LAZY = {
     "remove_lora": "hoptune.patch",
     "merge_and_unload": "hoptune.patch",
     "disable_adapters": "hoptune.patch",
+    "fuse_decoder_ops": "hoptune.fusion",
+    "unfuse_decoder_ops": "hoptune.fusion",
     "load_model": "hoptune.loading",
     "save_adapter": "hoptune.adapters",
     "load_adapter": "hoptune.adapters",

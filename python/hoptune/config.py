@@ -58,6 +58,10 @@ class ModelConfig:
     """nf4 = QLoRA (frozen NF4 base); null = LoRA over the base in ``dtype``."""
     double_quant: bool = True
     gradient_checkpointing: bool = True
+    fuse_decoder_ops: bool = True
+    """Run the decoder layers' RMSNorm, SwiGLU and rotary embedding as hoptune's fused kernels
+    (hoptune.fuse_decoder_ops: the same values, fewer passes over memory); modules whose computation
+    is not the Llama family's are left as they are."""
     attn_implementation: str | None = None
     """transformers' attention implementation (sdpa, eager, flash_attention_2...); null = its default."""
     chat_template: str | None = None

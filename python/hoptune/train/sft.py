@@ -134,8 +134,8 @@ def _nf4_layers(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, NF4Linear)]
 
 
-def prepare_model(model: nn.Module, cfg: SFTConfig, passed_in: bool = False) -> nn.Module:
-    """Adapters (or full fine-tuning), gradient checkpointing, train mode. A model that already has
+def prepare_model(model: nn.Module, cfg: SFTConfig, passed_in: bool = False, log=None) -> nn.Module:
+    """Adapters (or full fine-tuning), fused decoder ops, gradient checkpointing, train mode. A model that already has
     LoRA layers keeps them (and trains whichever of their parameters require grad); with
     lora.enabled=false it is refused. ``passed_in``: the model is not ``model.path``'s (a caller
     built it), and errors name it, not that path."""
@@ -210,6 +210,12 @@ def prepare_model(model: nn.Module, cfg: SFTConfig, passed_in: bool = False) -> 
             )
         for p in model.parameters():
             p.requires_grad_(True)
+    if cfg.model.fuse_decoder_ops:
+        from hoptune.fusion import fuse_decoder_ops
+
+        fused = fuse_decoder_ops(model)
+        if log is not None:
+            log("fused decoder ops: " + ", ".join(f"{n} {kind}" for kind, n in fused.items()))
     if cfg.model.gradient_checkpointing:
         loop.enable_gradient_checkpointing(model)
     model.train()
@@ -659,7 +665,7 @@ def _train(
         model = load_base_model(cfg, device, dtype)
     else:
         _check_model_device(model, device, cfg.model.device)
-    prepare_model(model, cfg, passed_in=passed_in)
+    prepare_model(model, cfg, passed_in=passed_in, log=log)
     # model.path at the built-in model: a model passed in has no other name, and a run on one
     # resumed on the built-in model (or the other way round) would compare equal; their frozen
     # weights tell them apart (a full fine-tuning checkpoint holds every weight: no base to compare)

@@ -1,0 +1,271 @@
+"""Swap a decoder's elementwise ops for hoptune's fused kernels (hoptune.ops.decoder), in place.
+
+``fuse_decoder_ops(model)`` finds, in a transformers model, the modules whose computation is the
+Llama family's (LlamaRMSNorm, the SwiGLU MLP, apply_rotary_pos_emb: Llama, Mistral, Qwen2/3 and
+the others built from them) and gives each instance a forward that runs the fused op instead.
+Nothing is matched by class name: each kind is first checked on random inputs, the module's own
+forward against the op's reference, and is left alone unless the two agree bit for bit (Gemma's
+``1 + weight`` norm, a GELU MLP or an interleaved rotary embedding do not, and stay as they are).
+The parameters, state dict, hooks and class of every module are untouched, and
+``unfuse_decoder_ops(model)`` restores the original forwards.
+
+The rotary embedding is a function of the model's Python module that its attention forward calls,
+not a module: it is replaced there by a dispatcher that runs the fused op only inside the forward
+of an attention layer of a fused model, and calls the original function everywhere else (other
+models of the same class, an unfused one). The dispatcher stays after unfuse_decoder_ops (a copy
+of a fused model may still use it); outside fused layers it is the original function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import sys
+import types
+
+import torch
+from torch import nn
+
+from hoptune.ops import decoder as ops
+from hoptune.reference import decoder as ref
+
+_KIND = "_hoptune_fused"  # on a fused module: its kind, and the forward it had as an attribute
+_PREV = "_hoptune_prev_forward"
+_EPS_NAMES = ("variance_epsilon", "eps", "epsilon")
+_ROPE_ON: contextvars.ContextVar[bool] = contextvars.ContextVar("hoptune_rope_on", default=False)
+
+KINDS = ("rms_norm", "swiglu", "rope")
+
+
+# -- the forwards ---------------------------------------------------------------------------------
+def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    return ops.rms_norm(hidden_states, self.weight, getattr(self, self._hoptune_eps_name))
+
+
+def _swiglu_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
+
+
+def _attention_forward(self, *args, **kwargs):
+    token = _ROPE_ON.set(True)
+    try:
+        return self._hoptune_prev_call(*args, **kwargs)
+    finally:
+        _ROPE_ON.reset(token)
+
+
+def _rope_dispatcher(original):
+    @functools.wraps(original)
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        extra = list(args) + [v for key, v in kwargs.items() if key != "unsqueeze_dim"]
+        # (position_ids, where a version still takes it, is unused by the function)
+        plain = kwargs.get("unsqueeze_dim", 1) == 1 and len(args) <= 1 and all(v is None for v in extra)
+        if (
+            _ROPE_ON.get()
+            and plain
+            and q.dim() == 4
+            and k.dim() == 4
+            and cos.dim() == 3
+            and cos.shape == sin.shape
+            and cos.shape[-1] == q.shape[-1] == k.shape[-1]
+        ):
+            return ops.rope(q, cos, sin), ops.rope(k, cos, sin)
+        return original(q, k, cos, sin, *args, **kwargs)
+
+    apply_rotary_pos_emb._hoptune_original = original
+    return apply_rotary_pos_emb
+
+
+# -- the checks -----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _eval_mode(mod: nn.Module):
+    """``mod`` in eval mode (dropout off: the check compares two deterministic forwards), then each
+    submodule's own mode back."""
+    modes = [(m, m.training) for m in mod.modules()]
+    mod.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _randn(shape, like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    # (a generator of our own: fusing does not move the caller's random stream)
+    return torch.randn(shape, generator=gen, device="cpu", dtype=torch.float32).to(like.device, like.dtype)
+
+
+def _eps_name(mod: nn.Module) -> str | None:
+    for name in _EPS_NAMES:
+        if isinstance(getattr(mod, name, None), float):
+            return name
+    return None
+
+
+def _is_rms_norm(mod: nn.Module, gen: torch.Generator) -> bool:
+    w = mod._parameters.get("weight")
+    params = [n for n, _ in mod.named_parameters()]
+    if w is None or w.dim() != 1 or params != ["weight"] or _eps_name(mod) is None or list(mod.children()):
+        return False
+    x = _randn((3, w.shape[0]), w, gen)
+    with torch.no_grad(), _eval_mode(mod):
+        try:
+            got = mod(x)
+        except Exception:  # (a module of another signature: not one of these)
+            return False
+        want = ref.rms_norm(x, w, getattr(mod, _eps_name(mod)))
+    return isinstance(got, torch.Tensor) and got.dtype == want.dtype and torch.equal(got, want)
+
+
+def _is_swiglu(mod: nn.Module, gen: torch.Generator) -> bool:
+    parts = [getattr(mod, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+    if not all(isinstance(p, nn.Module) for p in parts) or not callable(getattr(mod, "act_fn", None)):
+        return False
+    k = getattr(parts[0], "in_features", None)
+    like = next(iter(parts[0].parameters()), None)
+    if not isinstance(k, int) or like is None:
+        return False
+    like = like if like.is_floating_point() else torch.empty(0, dtype=torch.bfloat16, device=like.device)
+    dtype = getattr(parts[0], "base_dtype", None)  # (hoptune's LoRA layers: the dtype its input takes)
+    x = _randn((2, k), like, gen)
+    if isinstance(dtype, torch.dtype):
+        x = x.to(dtype)
+    with torch.no_grad(), _eval_mode(mod):
+        try:
+            got = mod(x)
+            want = mod.down_proj(ref.silu_mul(mod.gate_proj(x), mod.up_proj(x)))
+        except Exception:
+            return False
+    return isinstance(got, torch.Tensor) and torch.equal(got, want)
+
+
+def _rope_function_matches(fn, like: torch.Tensor, gen: torch.Generator) -> bool:
+    d = 32
+    q, k = _randn((2, 3, 5, d), like, gen), _randn((2, 1, 5, d), like, gen)
+    cos, sin = _randn((2, 5, d), like, gen), _randn((2, 5, d), like, gen)
+    try:
+        got = fn(q, k, cos, sin)
+    except Exception:
+        return False
+    want = ref.rope(q, cos, sin), ref.rope(k, cos, sin)
+    return (
+        isinstance(got, tuple)
+        and len(got) == 2
+        and all(isinstance(g, torch.Tensor) and torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    )
+
+
+# -- fuse / unfuse --------------------------------------------------------------------------------
+def _set_forward(mod: nn.Module, kind: str, forward) -> None:
+    setattr(mod, _PREV, mod.__dict__.get("forward"))
+    mod.forward = types.MethodType(forward, mod)
+    setattr(mod, _KIND, kind)
+
+
+def _model_param(model: nn.Module) -> torch.Tensor:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p
+    raise ValueError(f"{type(model).__name__} has no floating-point parameters: nothing to fuse")
+
+
+def fuse_decoder_ops(
+    model: nn.Module, rms_norm: bool = True, swiglu: bool = True, rope: bool = True
+) -> dict[str, int]:
+    """Give ``model``'s RMSNorm, SwiGLU MLP and attention layers forwards that run hoptune's fused
+    kernels (one pass each, forward and backward; see hoptune.ops.decoder), where their own
+    computation is the Llama family's (checked on random inputs, bit for bit). Where the kernels
+    cannot run (CPU, fp32, other GPUs) the fused forwards run the same PyTorch ops as before.
+
+    Returns the number of modules fused of each kind ({"rms_norm": n, "swiglu": n, "rope": n});
+    a model fused already is left as it is (its counts returned again). Undo with
+    :func:`unfuse_decoder_ops`.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for name, flag in (("rms_norm", rms_norm), ("swiglu", swiglu), ("rope", rope)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
+    like = _model_param(model)
+    gen = torch.Generator().manual_seed(0)
+    verdict: dict[tuple[str, type], bool] = {}  # one check per class and kind
+
+    def matches(kind: str, mod: nn.Module, check) -> bool:
+        key = (kind, type(mod))
+        if key not in verdict:
+            verdict[key] = check(mod, gen)
+        return verdict[key]
+
+    counts = dict.fromkeys(KINDS, 0)
+    for mod in model.modules():
+        kind = getattr(mod, _KIND, None)
+        if kind is not None:
+            counts[kind] += 1
+            continue
+        # a forward set on the instance by someone else (an offloading hook) is kept: such a norm
+        # or MLP stays as it is; an attention layer's is wrapped (the fused one calls it)
+        hooked = "forward" in mod.__dict__
+        if rms_norm and not hooked and matches("rms_norm", mod, _is_rms_norm):
+            mod._hoptune_eps_name = _eps_name(mod)
+            _set_forward(mod, "rms_norm", _rms_norm_forward)
+            counts["rms_norm"] += 1
+        elif swiglu and not hooked and matches("swiglu", mod, _is_swiglu):
+            _set_forward(mod, "swiglu", _swiglu_forward)
+            counts["swiglu"] += 1
+        elif rope and _fuse_rope(mod, like, gen, verdict):
+            counts["rope"] += 1
+    return counts
+
+
+def _fuse_rope(mod: nn.Module, like: torch.Tensor, gen: torch.Generator, verdict: dict) -> bool:
+    if not type(mod).__name__.endswith("Attention"):
+        return False
+    modname = type(mod).__module__
+    pymod = sys.modules.get(modname)
+    fn = getattr(pymod, "apply_rotary_pos_emb", None)
+    if not callable(fn):
+        return False
+    original = getattr(fn, "_hoptune_original", fn)
+    key = ("rope", modname)
+    if key not in verdict:
+        verdict[key] = _rope_function_matches(original, like, gen)
+    if not verdict[key]:
+        return False
+    if pymod.apply_rotary_pos_emb is original:
+        pymod.apply_rotary_pos_emb = _rope_dispatcher(original)
+    mod._hoptune_prev_call = mod.forward  # (the bound class forward, or a hook's instance forward)
+    _set_forward(mod, "rope", _attention_forward)
+    return True
+
+
+def unfuse_decoder_ops(model: nn.Module) -> int:
+    """Undo :func:`fuse_decoder_ops`: every fused module of ``model`` gets its own forward back, so
+    its attention layers no longer reach the fused rotary embedding. Returns the number of modules
+    restored."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    n = 0
+    for mod in model.modules():
+        kind = mod.__dict__.get(_KIND)
+        if kind is None:
+            continue
+        prev = mod.__dict__.pop(_PREV, None)
+        del mod.__dict__["forward"]
+        if prev is not None:
+            mod.forward = prev
+        del mod.__dict__[_KIND]
+        mod.__dict__.pop("_hoptune_eps_name", None)
+        mod.__dict__.pop("_hoptune_prev_call", None)
+        n += 1
+    return n
+
+
+def fused_counts(model: nn.Module) -> dict[str, int]:
+    """How many modules of ``model`` are fused, by kind."""
+    counts = dict.fromkeys(KINDS, 0)
+    for mod in model.modules():
+        kind = mod.__dict__.get(_KIND)
+        if kind is not None:
+            counts[kind] += 1
+    return counts

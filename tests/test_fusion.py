@@ -1,0 +1,197 @@
+"""hoptune.fuse_decoder_ops: which modules it fuses (by their computation, not their names), that a
+fused model computes what it did, and that unfuse_decoder_ops restores it."""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import pytest
+import torch
+
+import hoptune
+from hoptune import fusion
+from hoptune.ops import decoder as ops
+from tests.conftest import TINY_DECODER, rel_err
+
+
+def _model(kind: str, dtype=torch.float32, device="cpu", seed=0):
+    import transformers
+
+    cfg_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
+    }[kind]
+    torch.manual_seed(seed)
+    model = model_cls(cfg_cls(**TINY_DECODER, head_dim=16))
+    return model.to(device=device, dtype=dtype).train()
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    return out.loss.detach(), {
+        n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None
+    }
+
+
+@pytest.mark.parametrize(
+    "kind,want",
+    [
+        ("llama", {"rms_norm": 5, "swiglu": 2, "rope": 2}),
+        ("qwen3", {"rms_norm": 9, "swiglu": 2, "rope": 2}),  # (per-head q/k norms too)
+        ("gemma", {"rms_norm": 0, "swiglu": 0, "rope": 2}),  # (1 + weight norm, GELU MLP: not Llama's)
+    ],
+)
+def test_fuses_what_computes_as_llama_and_changes_nothing_on_cpu(kind, want):
+    model = _model(kind)
+    ids = torch.randint(3, TINY_DECODER["vocab_size"], (2, 9))
+    loss0, grads0 = _loss_and_grads(model, ids)
+    keys = list(model.state_dict())
+    rng = torch.random.get_rng_state()
+    assert hoptune.fuse_decoder_ops(model) == want
+    assert torch.equal(rng, torch.random.get_rng_state()), "fusing drew from the global generator"
+    assert list(model.state_dict()) == keys
+    assert fusion.fused_counts(model) == want
+    assert hoptune.fuse_decoder_ops(model) == want  # (again: nothing more)
+    loss1, grads1 = _loss_and_grads(model, ids)
+    # on a CPU the fused forwards run the model's own ops: the same numbers
+    assert torch.equal(loss0, loss1)
+    assert grads0.keys() == grads1.keys() and all(torch.equal(grads0[n], grads1[n]) for n in grads0)
+    assert hoptune.unfuse_decoder_ops(model) == sum(want.values())
+    assert fusion.fused_counts(model) == dict.fromkeys(fusion.KINDS, 0)
+    assert all("forward" not in m.__dict__ and not hasattr(m, "_hoptune_prev_call") for m in model.modules())
+    loss2, _ = _loss_and_grads(model, ids)
+    assert torch.equal(loss0, loss2)
+
+
+def test_an_unfused_model_no_longer_runs_the_fused_rope(monkeypatch):
+    model = _model("llama")
+    hoptune.fuse_decoder_ops(model)
+    hoptune.unfuse_decoder_ops(model)
+    pymod = sys.modules[type(model).__module__]
+    assert pymod.apply_rotary_pos_emb._hoptune_original is not None  # (the dispatcher stays)
+    calls = []
+    monkeypatch.setattr(ops, "rope", lambda *a: calls.append(1))
+    with torch.no_grad():
+        model(torch.randint(3, 128, (1, 5)))
+    assert not calls
+
+
+def test_the_fused_ops_run_only_in_the_fused_model(monkeypatch):
+    fused, other = _model("llama"), _model("llama", seed=1)
+    hoptune.fuse_decoder_ops(fused)
+    calls = {"rope": 0, "rms_norm": 0}
+    for name in calls:
+        real = getattr(ops, name)
+
+        def counting(*a, _name=name, _real=real, **k):
+            calls[_name] += 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(ops, name, counting)
+    ids = torch.randint(3, 128, (1, 5))
+    with torch.no_grad():
+        other(ids)
+    assert calls == {"rope": 0, "rms_norm": 0}, "a model not passed to fuse_decoder_ops ran the fused ops"
+    with torch.no_grad():
+        fused(ids)
+    assert calls["rope"] == 2 * 2 and calls["rms_norm"] == 5  # (q and k in each of 2 layers)
+    hoptune.unfuse_decoder_ops(fused)
+
+
+def test_an_instance_forward_set_by_someone_else_is_kept():
+    model = _model("llama")
+    norm = model.model.norm
+    hooked = norm.forward
+    norm.forward = lambda x: hooked(x)  # (as an offloading hook sets it)
+    counts = hoptune.fuse_decoder_ops(model)
+    assert (
+        counts["rms_norm"] == 4
+        and norm.__dict__["forward"] is not None
+        and not hasattr(norm, "_hoptune_fused")
+    )
+    attn = model.model.layers[0].self_attn
+    prev = attn.forward
+    hoptune.unfuse_decoder_ops(model)
+    hoptune.fuse_decoder_ops(model)
+    assert attn.forward is not prev
+    hoptune.unfuse_decoder_ops(model)
+
+
+def test_deepcopy_of_a_fused_model_runs_its_own_modules():
+    model = _model("llama")
+    hoptune.fuse_decoder_ops(model)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+    ids = torch.randint(3, 128, (1, 6))
+    with torch.no_grad():
+        a, b = model(ids).logits, twin(ids).logits
+    assert not torch.equal(a, b), "the copy's fused forwards ran the original's modules"
+    assert twin.model.norm.forward.__self__ is twin.model.norm
+    hoptune.unfuse_decoder_ops(model)
+    hoptune.unfuse_decoder_ops(twin)
+
+
+def test_arguments_are_checked():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        hoptune.fuse_decoder_ops("llama")
+    with pytest.raises(TypeError, match="rope must be True or False"):
+        hoptune.fuse_decoder_ops(_model("llama"), rope="yes")
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        hoptune.unfuse_decoder_ops(None)
+
+
+def test_kinds_can_be_left_out():
+    model = _model("llama")
+    assert hoptune.fuse_decoder_ops(model, rope=False, swiglu=False) == {
+        "rms_norm": 5,
+        "swiglu": 0,
+        "rope": 0,
+    }
+    hoptune.unfuse_decoder_ops(model)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_fused_model_on_the_gpu_with_nf4_lora_and_checkpointing(kind):
+    from hoptune.train import loop
+
+    ids = torch.randint(3, 128, (2, 33), device="cuda")
+    results = []
+    for fuse in (False, True):
+        model = _model(kind, torch.bfloat16, "cuda")
+        torch.manual_seed(5)
+        hoptune.apply_lora(model, r=8, alpha=16, target_modules="all-linear", quantize="nf4")
+        if fuse:
+            assert sum(hoptune.fuse_decoder_ops(model).values()) > 0
+        loop.enable_gradient_checkpointing(model)
+        results.append(_loss_and_grads(model, ids))
+        if fuse:
+            hoptune.unfuse_decoder_ops(model)
+    (l0, g0), (l1, g1) = results
+    assert g0.keys() == g1.keys() and g0
+    # the norms' fp32 sums run in another order: the same numbers to bf16's last bits
+    assert abs(float(l0) - float(l1)) < 1e-2 * abs(float(l0))
+    for n in g0:
+        assert rel_err(g1[n], g0[n]) < 3e-2, n
+
+
+def test_sft_config_fuses_by_default(tmp_path):
+    from hoptune.config import SFTConfig
+    from hoptune.models import build_model
+    from hoptune.train import sft
+
+    lines = []
+    cfg = SFTConfig()
+    cfg.model.quantize = None
+    model = sft.prepare_model(build_model(), cfg, log=lines.append)
+    assert fusion.fused_counts(model)["rms_norm"] > 0
+    assert any(line.startswith("fused decoder ops: ") for line in lines)
+    cfg.model.fuse_decoder_ops = False
+    model = sft.prepare_model(build_model(), cfg)
+    assert fusion.fused_counts(model) == dict.fromkeys(fusion.KINDS, 0)
