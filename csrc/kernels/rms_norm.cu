@@ -46,25 +46,27 @@ __global__ void __launch_bounds__(kThreads) rms_norm_forward_kernel(RmsNormForwa
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (kThreads / kTpr) + threadIdx.x / kTpr;
   if (row >= a.rows) return;  // (uniform within a row's threads: a whole block when kTpr = 128)
   const int lane = threadIdx.x % kTpr;
-  const int64_t nvec = a.cols / 8;
+  const int nvec = static_cast<int>(a.cols / 8);
   const T* x = static_cast<const T*>(a.x) + row * a.ldx;
   const T* w = static_cast<const T*>(a.w);
   T* y = static_cast<T*>(a.y) + row * a.ldy;
 
-  uint4 cache[kCache];
+  // the weight's vectors are loaded with the row's, so the write below waits on no load
+  uint4 cache[kCache] = {}, wcache[kCache] = {};
   float ss = 0.f;
 #pragma unroll
   for (int i = 0; i < kCache; ++i) {
-    const int64_t v = lane + i * kTpr;
+    const int v = lane + i * kTpr;
     if (v < nvec) {
       cache[i] = load16(x + v * 8);
+      wcache[i] = load16(w + v * 8);
       float f[8];
       unpack8<T>(cache[i], f);
 #pragma unroll
       for (int k = 0; k < 8; ++k) ss += f[k] * f[k];
     }
   }
-  for (int64_t v = lane + kCache * kTpr; v < nvec; v += kTpr) {
+  for (int v = lane + kCache * kTpr; v < nvec; v += kTpr) {
     float f[8];
     unpack8<T>(load16(x + v * 8), f);
 #pragma unroll
@@ -75,20 +77,22 @@ __global__ void __launch_bounds__(kThreads) rms_norm_forward_kernel(RmsNormForwa
   const float rstd = rsqrtf(__fmul_rn(ss, __frcp_rn(static_cast<float>(a.cols))) + a.eps);
   if (a.rstd != nullptr && lane == 0) a.rstd[row] = rstd;
 
-  auto write = [&](int64_t v, const uint4& xv) {
+  auto write = [&](int v, const uint4& xv, const uint4& wv) {
     float f[8], g[8];
     unpack8<T>(xv, f);
-    unpack8<T>(load16(w + v * 8), g);
+    unpack8<T>(wv, g);
 #pragma unroll
     for (int k = 0; k < 8; ++k) f[k] = __fmul_rn(g[k], rnd<T>(__fmul_rn(f[k], rstd)));
     store16(y + v * 8, pack8<T>(f));
   };
 #pragma unroll
   for (int i = 0; i < kCache; ++i) {
-    const int64_t v = lane + i * kTpr;
-    if (v < nvec) write(v, cache[i]);
+    const int v = lane + i * kTpr;
+    if (v < nvec) write(v, cache[i], wcache[i]);
   }
-  for (int64_t v = lane + kCache * kTpr; v < nvec; v += kTpr) write(v, load16(x + v * 8));
+  for (int v = lane + kCache * kTpr; v < nvec; v += kTpr) {
+    write(v, load16(x + v * 8), load16(w + v * 8));
+  }
 }
 
 template <typename T, int kTpr, int kCache>
@@ -96,7 +100,7 @@ __global__ void __launch_bounds__(kThreads) rms_norm_backward_kernel(RmsNormBack
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (kThreads / kTpr) + threadIdx.x / kTpr;
   if (row >= a.rows) return;
   const int lane = threadIdx.x % kTpr;
-  const int64_t nvec = a.cols / 8;
+  const int nvec = static_cast<int>(a.cols / 8);
   const T* dy = static_cast<const T*>(a.dy) + row * a.lddy;
   const T* x = static_cast<const T*>(a.x) + row * a.ldx;
   const T* w = static_cast<const T*>(a.w);
@@ -104,7 +108,7 @@ __global__ void __launch_bounds__(kThreads) rms_norm_backward_kernel(RmsNormBack
   const float rstd = a.rstd[row];
 
   // dh = round(dy * w) as autograd's bf16/fp16 product gives it
-  auto grad_h = [&](int64_t v, const uint4& dyv, float (&dh)[8]) {
+  auto grad_h = [&](int v, const uint4& dyv, float (&dh)[8]) {
     float g[8];
     unpack8<T>(dyv, dh);
     unpack8<T>(load16(w + v * 8), g);
@@ -115,7 +119,7 @@ __global__ void __launch_bounds__(kThreads) rms_norm_backward_kernel(RmsNormBack
   float dot = 0.f;
 #pragma unroll
   for (int i = 0; i < kCache; ++i) {
-    const int64_t v = lane + i * kTpr;
+    const int v = lane + i * kTpr;
     if (v < nvec) {
       cx[i] = load16(x + v * 8);
       cdy[i] = load16(dy + v * 8);
@@ -126,7 +130,7 @@ __global__ void __launch_bounds__(kThreads) rms_norm_backward_kernel(RmsNormBack
       for (int k = 0; k < 8; ++k) dot += dh[k] * f[k];
     }
   }
-  for (int64_t v = lane + kCache * kTpr; v < nvec; v += kTpr) {
+  for (int v = lane + kCache * kTpr; v < nvec; v += kTpr) {
     float f[8], dh[8];
     unpack8<T>(load16(x + v * 8), f);
     grad_h(v, load16(dy + v * 8), dh);
@@ -136,7 +140,7 @@ __global__ void __launch_bounds__(kThreads) rms_norm_backward_kernel(RmsNormBack
   dot = row_sum<kTpr>(dot);
   const float c = rstd * rstd * rstd * dot / static_cast<float>(a.cols);
 
-  auto write = [&](int64_t v, const uint4& xv, const uint4& dyv) {
+  auto write = [&](int v, const uint4& xv, const uint4& dyv) {
     float f[8], dh[8];
     unpack8<T>(xv, f);
     grad_h(v, dyv, dh);
@@ -146,10 +150,10 @@ __global__ void __launch_bounds__(kThreads) rms_norm_backward_kernel(RmsNormBack
   };
 #pragma unroll
   for (int i = 0; i < kCache; ++i) {
-    const int64_t v = lane + i * kTpr;
+    const int v = lane + i * kTpr;
     if (v < nvec) write(v, cx[i], cdy[i]);
   }
-  for (int64_t v = lane + kCache * kTpr; v < nvec; v += kTpr) {
+  for (int v = lane + kCache * kTpr; v < nvec; v += kTpr) {
     write(v, load16(x + v * 8), load16(dy + v * 8));
   }
 }
@@ -175,6 +179,7 @@ cudaError_t launch_rows(const Args& a, Launch launch) {
 cudaError_t rms_norm_forward(const RmsNormForward& a, cudaStream_t stream) {
   HOPTUNE_REQUIRE(a.x != nullptr && a.w != nullptr && a.y != nullptr && a.rows >= 1);
   HOPTUNE_REQUIRE(a.cols >= 8 && a.cols % 8 == 0 && a.ldx % 8 == 0 && a.ldy % 8 == 0);
+  HOPTUNE_REQUIRE(a.cols <= 0x7fffffff - 8 * kThreads);  // (32-bit column indices)
   HOPTUNE_REQUIRE(a.ldx >= a.cols && a.ldy >= a.cols);
   HOPTUNE_REQUIRE(aligned16(a.x) && aligned16(a.w) && aligned16(a.y));
   HOPTUNE_REQUIRE(a.dtype == DType::kBFloat16 || a.dtype == DType::kFloat16);
@@ -196,7 +201,7 @@ cudaError_t rms_norm_forward(const RmsNormForward& a, cudaStream_t stream) {
 cudaError_t rms_norm_backward(const RmsNormBackward& a, cudaStream_t stream) {
   HOPTUNE_REQUIRE(a.dy != nullptr && a.x != nullptr && a.w != nullptr && a.rstd != nullptr);
   HOPTUNE_REQUIRE(a.dx != nullptr && a.rows >= 1);
-  HOPTUNE_REQUIRE(a.cols >= 8 && a.cols % 8 == 0);
+  HOPTUNE_REQUIRE(a.cols >= 8 && a.cols % 8 == 0 && a.cols <= 0x7fffffff - 8 * kThreads);
   HOPTUNE_REQUIRE(a.lddy % 8 == 0 && a.ldx % 8 == 0 && a.lddx % 8 == 0);
   HOPTUNE_REQUIRE(a.lddy >= a.cols && a.ldx >= a.cols && a.lddx >= a.cols);
   HOPTUNE_REQUIRE(aligned16(a.dy) && aligned16(a.x) && aligned16(a.w) && aligned16(a.dx));

@@ -21,18 +21,17 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// grid: x over a head's (position, chunk) pairs, y the heads, z the batch (32-bit index math: a
+// 64-bit division per element costs more than the element's loads)
 template <typename T, bool kBackward>
-__global__ void __launch_bounds__(kThreads) rope_kernel(Rope a, int64_t total) {
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (t >= total) return;
-  const int64_t half = a.dim / 2;
-  const int64_t chunks = half / 8;  // 8-element chunks of a half row
-  const int64_t c = (t % chunks) * 8;
-  int64_t r = t / chunks;  // ((b * heads) + h) * seq + s
-  const int64_t s = r % a.seq;
-  r /= a.seq;
-  const int64_t h = r % a.heads;
-  const int64_t b = r / a.heads;
+__global__ void __launch_bounds__(kThreads) rope_kernel(Rope a, int per_head) {
+  const int t = static_cast<int>(blockIdx.x) * kThreads + static_cast<int>(threadIdx.x);
+  if (t >= per_head) return;
+  const int half = static_cast<int>(a.dim / 2);
+  const int chunks = half / 8;  // 8-element chunks of a half row
+  const int64_t s = t / chunks;
+  const int c = (t - static_cast<int>(s) * chunks) * 8;
+  const int64_t h = blockIdx.y, b = blockIdx.z;
   const T* x = static_cast<const T*>(a.x) + b * a.xb + h * a.xh + s * a.xs + c;
   T* out = static_cast<T*>(a.out) + b * a.ob + h * a.oh + s * a.os + c;
   const int64_t tab = b * a.cb + s * a.cs + c;
@@ -74,17 +73,18 @@ cudaError_t rope(const Rope& a, cudaStream_t stream) {
   HOPTUNE_REQUIRE(aligned16(a.x) && aligned16(a.out) && aligned16(a.cos) && aligned16(a.sin));
   for (int64_t s : {a.xb, a.xh, a.xs, a.ob, a.oh, a.os, a.cb, a.cs}) HOPTUNE_REQUIRE(s % 8 == 0);
   HOPTUNE_REQUIRE(a.dtype == DType::kBFloat16 || a.dtype == DType::kFloat16);
-  const int64_t total = a.batch * a.heads * a.seq * (a.dim / 16);
-  const int64_t blocks = (total + kThreads - 1) / kThreads;
-  HOPTUNE_REQUIRE(blocks <= 0x7fffffff);
+  const int64_t per_head = a.seq * (a.dim / 16);
+  HOPTUNE_REQUIRE(per_head <= 0x7fffffff - kThreads && a.heads <= 65535 && a.batch <= 65535);
+  const dim3 grid(static_cast<unsigned>((per_head + kThreads - 1) / kThreads),
+                  static_cast<unsigned>(a.heads), static_cast<unsigned>(a.batch));
   return HOPTUNE_DISPATCH_FLOAT(a.dtype, T, [&] {
     if constexpr (std::is_same_v<T, float>) {
       return cudaErrorInvalidValue;
     } else {
       if (a.backward) {
-        rope_kernel<T, true><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(a, total);
+        rope_kernel<T, true><<<grid, kThreads, 0, stream>>>(a, static_cast<int>(per_head));
       } else {
-        rope_kernel<T, false><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(a, total);
+        rope_kernel<T, false><<<grid, kThreads, 0, stream>>>(a, static_cast<int>(per_head));
       }
       return cudaGetLastError();
     }
