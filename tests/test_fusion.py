@@ -195,3 +195,15 @@ def test_sft_config_fuses_by_default(tmp_path):
     cfg.model.fuse_decoder_ops = False
     model = sft.prepare_model(build_model(), cfg)
     assert fusion.fused_counts(model) == dict.fromkeys(fusion.KINDS, 0)
+
+
+@pytest.mark.gpu
+def test_fused_model_compiles():
+    model = _model("llama", torch.bfloat16, "cuda").eval()
+    hoptune.fuse_decoder_ops(model)
+    ids = torch.randint(3, 128, (2, 16), device="cuda")
+    with torch.no_grad():
+        eager = model(ids).logits
+        compiled = torch.compile(model)(ids).logits
+    assert rel_err(compiled, eager) < 2e-2
+    hoptune.unfuse_decoder_ops(model)
