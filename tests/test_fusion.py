@@ -74,6 +74,7 @@ def test_an_unfused_model_no_longer_runs_the_fused_rope(monkeypatch):
     pymod = sys.modules[type(model).__module__]
     assert pymod.apply_rotary_pos_emb._hoptune_original is not None  # (the dispatcher stays)
     calls = []
+    monkeypatch.setattr(ops, "rope_runs", lambda *a: True)
     monkeypatch.setattr(ops, "rope", lambda *a: calls.append(1))
     with torch.no_grad():
         model(torch.randint(3, 128, (1, 5)))
@@ -85,11 +86,12 @@ def test_the_fused_ops_run_only_in_the_fused_model(monkeypatch):
     hoptune.fuse_decoder_ops(fused)
     calls = {"rope": 0, "rms_norm": 0}
     for name in calls:
-        real = getattr(ops, name)
+        # (as if the kernels ran here: on a CPU the fused forwards run the module's own)
+        monkeypatch.setattr(ops, f"{name}_runs", lambda *a: True)
 
-        def counting(*a, _name=name, _real=real, **k):
+        def counting(*a, _name=name, **k):
             calls[_name] += 1
-            return _real(*a, **k)
+            return getattr(fusion.ref, _name)(*a, **k)
 
         monkeypatch.setattr(ops, name, counting)
     ids = torch.randint(3, 128, (1, 5))
@@ -132,7 +134,7 @@ def test_deepcopy_of_a_fused_model_runs_its_own_modules():
     with torch.no_grad():
         a, b = model(ids).logits, twin(ids).logits
     assert not torch.equal(a, b), "the copy's fused forwards ran the original's modules"
-    assert twin.model.norm.forward.__self__ is twin.model.norm
+    assert twin.model.norm.forward.args[0] is twin.model.norm
     hoptune.unfuse_decoder_ops(model)
     hoptune.unfuse_decoder_ops(twin)
 
@@ -195,6 +197,12 @@ def test_sft_config_fuses_by_default(tmp_path):
     cfg.model.fuse_decoder_ops = False
     model = sft.prepare_model(build_model(), cfg)
     assert fusion.fused_counts(model) == dict.fromkeys(fusion.KINDS, 0)
+    # a model fused by its caller (here: norms only) keeps that choice
+    cfg.model.fuse_decoder_ops = True
+    model = build_model()
+    hoptune.fuse_decoder_ops(model, swiglu=False, rope=False)
+    model = sft.prepare_model(model, cfg, passed_in=True)
+    assert fusion.fused_counts(model)["swiglu"] == 0 and fusion.fused_counts(model)["rms_norm"] > 0
 
 
 @pytest.mark.gpu
@@ -207,3 +215,111 @@ def test_fused_model_compiles():
         compiled = torch.compile(model)(ids).logits
     assert rel_err(compiled, eager) < 2e-2
     hoptune.unfuse_decoder_ops(model)
+
+
+def _kernels_everywhere(monkeypatch) -> dict[str, int]:
+    """The ops' kernel checks as on an H100 (dtypes, shapes) with the kernels' calls counted and
+    run by the references: the fused forwards' choices, testable on a CPU."""
+    from hoptune import _lib
+
+    monkeypatch.setattr(_lib, "use_kernel", lambda t, op: True)
+    calls = dict.fromkeys(("rms_norm", "silu_mul", "rope"), 0)
+    for name in calls:
+
+        def counting(*a, _name=name, **k):
+            calls[_name] += 1
+            return getattr(fusion.ref, _name)(*a, **k)
+
+        monkeypatch.setattr(ops, name, counting)
+    return calls
+
+
+def test_olmo2_keeps_its_norm_and_its_float32_rotary_tables(monkeypatch):
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**TINY_DECODER)).to(torch.bfloat16)
+    ids = torch.randint(3, 128, (1, 7))
+    with torch.no_grad():
+        want = model(ids).logits
+    # its norm rounds after the weight's product: equal to Llama's only while the weight is ones
+    counts = hoptune.fuse_decoder_ops(model)
+    assert counts["rms_norm"] == 0 and counts["swiglu"] == 2
+    calls = _kernels_everywhere(monkeypatch)
+    with torch.no_grad():
+        got = model(ids).logits
+    # its rotary tables are float32 with bf16 q and k: the model's own function runs
+    assert calls["rope"] == 0 and calls["silu_mul"] == 2
+    assert torch.equal(got, want)
+    hoptune.unfuse_decoder_ops(model)
+
+
+class _GatedNorm(torch.nn.Module):
+    """Llama's norm when gate is None (as Mamba2-style gated norms)."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(n))
+        self.variance_epsilon = 1e-6
+
+    def forward(self, hidden_states, gate=None):
+        if gate is not None:
+            hidden_states = hidden_states * torch.sigmoid(gate)
+        return fusion.ref.rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+class _MLP(torch.nn.Module):
+    def __init__(self, n, tail):
+        super().__init__()
+        self.gate_proj, self.up_proj = torch.nn.Linear(n, 2 * n), torch.nn.Linear(n, 2 * n)
+        self.down_proj = torch.nn.Linear(2 * n, n)
+        self.act_fn = torch.nn.SiLU()
+        self.tail = tail
+
+    def forward(self, x):
+        g = self.act_fn(self.gate_proj(x))
+        if self.tail == "clamp":
+            g = g.clamp(max=50.0)
+        y = self.down_proj(g * self.up_proj(x))
+        return torch.nn.functional.dropout(y, 0.5, self.training) if self.tail == "dropout" else y
+
+
+def test_a_norm_called_with_more_arguments_runs_its_own_forward(monkeypatch):
+    model = torch.nn.Sequential(_GatedNorm(16)).to(torch.bfloat16)
+    assert hoptune.fuse_decoder_ops(model)["rms_norm"] == 1
+    calls = _kernels_everywhere(monkeypatch)
+    x, gate = torch.randn(2, 16).bfloat16(), torch.randn(2, 16).bfloat16()
+    assert torch.equal(model[0](x, gate=gate), model[0].__class__.forward(model[0], x, gate=gate))
+    assert calls["rms_norm"] == 0
+    model[0](x)
+    assert calls["rms_norm"] == 1
+
+
+@pytest.mark.parametrize("tail", ["clamp", "dropout"])
+def test_an_mlp_that_is_not_swiglu_alone_is_left(tail):
+    model = torch.nn.Sequential(_MLP(16, tail))
+    assert hoptune.fuse_decoder_ops(model)["swiglu"] == 0
+    assert hoptune.fuse_decoder_ops(torch.nn.Sequential(_MLP(16, None)))["swiglu"] == 1
+
+
+def test_a_fused_model_pickles(tmp_path):
+    model = _model("llama")
+    hoptune.fuse_decoder_ops(model)
+    torch.save(model, tmp_path / "m.pt")
+    back = torch.load(tmp_path / "m.pt", weights_only=False)
+    ids = torch.randint(3, 128, (1, 5))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, model(ids).logits)
+    assert fusion.fused_counts(back) == fusion.fused_counts(model)
+    assert hoptune.unfuse_decoder_ops(back) == 9
+
+
+def test_unfuse_leaves_a_forward_wrapped_after_fusing():
+    model = _model("llama")
+    hoptune.fuse_decoder_ops(model)
+    norm = model.model.norm
+    fused = norm.forward
+    norm.forward = lambda x: fused(x)  # (a hook put on after fusing)
+    assert hoptune.unfuse_decoder_ops(model) == 8
+    with torch.no_grad():
+        model(torch.randint(3, 128, (1, 5)))  # (the hook's forward still finds what it wraps)

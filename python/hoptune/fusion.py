@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import functools
 import sys
-import types
 
 import torch
 from torch import nn
@@ -39,36 +39,74 @@ KINDS = ("rms_norm", "swiglu", "rope")
 
 
 # -- the forwards ---------------------------------------------------------------------------------
-def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    return ops.rms_norm(hidden_states, self.weight, getattr(self, self._hoptune_eps_name))
+# Each runs the fused op where its kernel runs and the module's own forward everywhere else (a CPU,
+# fp32, a weight of another dtype, extra arguments): that forward, not the op's reference, is the
+# model's computation for inputs the check did not cover.
+def _original(self):
+    """The forward the module had before it was fused: an instance one (a hook's) or its class's."""
+    prev = self.__dict__.get(_PREV)
+    return prev if prev is not None else functools.partial(type(self).forward, self)
 
 
-def _swiglu_forward(self, x: torch.Tensor) -> torch.Tensor:
-    return self.down_proj(ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
+def _rms_norm_forward(self, hidden_states, *args, **kwargs):
+    w = self.weight
+    if (
+        args
+        or kwargs
+        or not isinstance(hidden_states, torch.Tensor)
+        or not ops.rms_norm_runs(hidden_states, w)
+    ):
+        return _original(self)(hidden_states, *args, **kwargs)
+    return ops.rms_norm(hidden_states, w, getattr(self, self._hoptune_eps_name))
+
+
+def _swiglu_forward(self, x, *args, **kwargs):
+    if args or kwargs:
+        return _original(self)(x, *args, **kwargs)
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    if not ops.silu_mul_runs(gate, up):
+        return self.down_proj(self.act_fn(gate) * up)  # (the model's own expression)
+    return self.down_proj(ops.silu_mul(gate, up))
 
 
 def _attention_forward(self, *args, **kwargs):
+    if torch.compiler.is_compiling():
+        # (a context variable does not trace: compiled, the attention keeps its own rotary ops,
+        # which the compiler fuses itself)
+        return _original(self)(*args, **kwargs)
     token = _ROPE_ON.set(True)
     try:
-        return self._hoptune_prev_call(*args, **kwargs)
+        return _original(self)(*args, **kwargs)
     finally:
         _ROPE_ON.reset(token)
+
+
+_OURS = (_rms_norm_forward, _swiglu_forward, _attention_forward)
 
 
 def _rope_dispatcher(original):
     @functools.wraps(original)
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        if torch.compiler.is_compiling() or not _ROPE_ON.get():
+            return original(q, k, cos, sin, *args, **kwargs)
         extra = list(args) + [v for key, v in kwargs.items() if key != "unsqueeze_dim"]
         # (position_ids, where a version still takes it, is unused by the function)
         plain = kwargs.get("unsqueeze_dim", 1) == 1 and len(args) <= 1 and all(v is None for v in extra)
+        tensors = all(isinstance(t, torch.Tensor) for t in (q, k, cos, sin))
         if (
-            _ROPE_ON.get()
-            and plain
+            plain
+            and tensors
             and q.dim() == 4
             and k.dim() == 4
+            and q.shape[0] == k.shape[0]
+            and q.shape[2:] == k.shape[2:]
             and cos.dim() == 3
             and cos.shape == sin.shape
-            and cos.shape[-1] == q.shape[-1] == k.shape[-1]
+            and cos.shape[0] in (1, q.shape[0])
+            and tuple(cos.shape[1:]) == tuple(q.shape[2:])
+            and q.shape[-1] % 2 == 0
+            and q.dtype == k.dtype
+            and ops.rope_runs(q, cos, sin)
         ):
             return ops.rope(q, cos, sin), ops.rope(k, cos, sin)
         return original(q, k, cos, sin, *args, **kwargs)
@@ -79,16 +117,15 @@ def _rope_dispatcher(original):
 
 # -- the checks -----------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _eval_mode(mod: nn.Module):
-    """``mod`` in eval mode (dropout off: the check compares two deterministic forwards), then each
-    submodule's own mode back."""
+def _mode(mod: nn.Module, training: bool):
+    """``mod`` in train or eval mode, then each submodule's own mode back."""
     modes = [(m, m.training) for m in mod.modules()]
-    mod.eval()
+    mod.train(training)
     try:
         yield
     finally:
-        for m, training in modes:
-            m.training = training
+        for m, was in modes:
+            m.training = was
 
 
 def _randn(shape, like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -108,13 +145,18 @@ def _is_rms_norm(mod: nn.Module, gen: torch.Generator) -> bool:
     params = [n for n, _ in mod.named_parameters()]
     if w is None or w.dim() != 1 or params != ["weight"] or _eps_name(mod) is None or list(mod.children()):
         return False
-    x = _randn((3, w.shape[0]), w, gen)
-    with torch.no_grad(), _eval_mode(mod):
+    # on a copy with a random weight: a freshly initialised weight of ones makes other norms
+    # (OLMo2's, which rounds after the weight's product) agree with this one
+    probe = copy.deepcopy(mod)
+    with torch.no_grad():
+        probe.weight.copy_(1 + 0.5 * _randn(w.shape, w, gen))
+    x = 4 * _randn((3, w.shape[0]), w, gen)
+    with torch.no_grad(), _mode(probe, False):
         try:
-            got = mod(x)
+            got = probe(x)
         except Exception:  # (a module of another signature: not one of these)
             return False
-        want = ref.rms_norm(x, w, getattr(mod, _eps_name(mod)))
+        want = ref.rms_norm(x, probe.weight, getattr(probe, _eps_name(probe)))
     return isinstance(got, torch.Tensor) and got.dtype == want.dtype and torch.equal(got, want)
 
 
@@ -131,13 +173,27 @@ def _is_swiglu(mod: nn.Module, gen: torch.Generator) -> bool:
     x = _randn((2, k), like, gen)
     if isinstance(dtype, torch.dtype):
         x = x.to(dtype)
-    with torch.no_grad(), _eval_mode(mod):
+
+    def fused(t):
+        return mod.down_proj(ref.silu_mul(mod.gate_proj(t), mod.up_proj(t)))
+
+    devices = list(range(torch.cuda.device_count())) if x.is_cuda else []
+    # eval mode on small and large inputs (a clamp of the activations shows on the large ones), and
+    # train mode with one seed for both (dropout outside the projections shows there)
+    with torch.no_grad():
         try:
-            got = mod(x)
-            want = mod.down_proj(ref.silu_mul(mod.gate_proj(x), mod.up_proj(x)))
+            for training, scale in ((False, 1.0), (False, 40.0), (True, 1.0)):
+                t = x * scale
+                with _mode(mod, training), torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(0)
+                    got = mod(t)
+                    torch.manual_seed(0)
+                    want = fused(t)
+                if not (isinstance(got, torch.Tensor) and torch.equal(got, want)):
+                    return False
         except Exception:
             return False
-    return isinstance(got, torch.Tensor) and torch.equal(got, want)
+    return True
 
 
 def _rope_function_matches(fn, like: torch.Tensor, gen: torch.Generator) -> bool:
@@ -159,8 +215,16 @@ def _rope_function_matches(fn, like: torch.Tensor, gen: torch.Generator) -> bool
 # -- fuse / unfuse --------------------------------------------------------------------------------
 def _set_forward(mod: nn.Module, kind: str, forward) -> None:
     setattr(mod, _PREV, mod.__dict__.get("forward"))
-    mod.forward = types.MethodType(forward, mod)
+    # (a partial, not a bound method: it pickles, and a deep copy binds it to the copied module)
+    mod.forward = functools.partial(forward, mod)
     setattr(mod, _KIND, kind)
+
+
+def _ours(mod: nn.Module) -> bool:
+    """Whether the module's instance forward is the one fuse_decoder_ops set (not a wrapper put on
+    it since)."""
+    fwd = mod.__dict__.get("forward")
+    return isinstance(fwd, functools.partial) and fwd.func in _OURS and fwd.args[:1] == (mod,)
 
 
 def _model_param(model: nn.Module) -> torch.Tensor:
@@ -234,21 +298,21 @@ def _fuse_rope(mod: nn.Module, like: torch.Tensor, gen: torch.Generator, verdict
         return False
     if pymod.apply_rotary_pos_emb is original:
         pymod.apply_rotary_pos_emb = _rope_dispatcher(original)
-    mod._hoptune_prev_call = mod.forward  # (the bound class forward, or a hook's instance forward)
     _set_forward(mod, "rope", _attention_forward)
     return True
 
 
 def unfuse_decoder_ops(model: nn.Module) -> int:
     """Undo :func:`fuse_decoder_ops`: every fused module of ``model`` gets its own forward back, so
-    its attention layers no longer reach the fused rotary embedding. Returns the number of modules
-    restored."""
+    its attention layers no longer reach the fused rotary embedding. A module whose forward was
+    wrapped again after fusing (an offloading hook set since) is left as it is, the hook's
+    wrapping the fused forward. Returns the number of modules restored."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     n = 0
     for mod in model.modules():
         kind = mod.__dict__.get(_KIND)
-        if kind is None:
+        if kind is None or not _ours(mod):
             continue
         prev = mod.__dict__.pop(_PREV, None)
         del mod.__dict__["forward"]
@@ -256,7 +320,6 @@ def unfuse_decoder_ops(model: nn.Module) -> int:
             mod.forward = prev
         del mod.__dict__[_KIND]
         mod.__dict__.pop("_hoptune_eps_name", None)
-        mod.__dict__.pop("_hoptune_prev_call", None)
         n += 1
     return n
 

@@ -238,3 +238,7 @@ def test_opcheck():
         torch.randn(1, 3, 32, device="cuda").bfloat16(),
     )
     torch.library.opcheck(torch.ops.hoptune.rope, (q, cos, sin))
+    # a dense x whose last stride is not 1: the output's layout (contiguous) as the fake kernel's
+    qt = torch.randn(1, 2, 32, 32, device="cuda").bfloat16().transpose(-1, -2).requires_grad_(True)
+    cos32, sin32 = (torch.randn(1, 32, 32, device="cuda").bfloat16() for _ in range(2))
+    torch.library.opcheck(torch.ops.hoptune.rope, (qt, cos32, sin32))

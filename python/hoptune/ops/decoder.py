@@ -59,7 +59,7 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 def _rms_norm_impl(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x (*, H), weight (H,) -> y (*, H), rstd (*) fp32 (the kernel; callers checked the inputs)."""
     cols = x.shape[-1]
-    x2 = _rows(x, cols)
+    x2, weight = _rows(x, cols), _flat(weight)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     _lib.extension().rms_norm_forward(
@@ -83,7 +83,7 @@ def _rms_norm_backward_impl(
 ) -> torch.Tensor:
     """dy, x (*, H), weight (H,), rstd (*) -> dx (*, H)."""
     cols = x.shape[-1]
-    dy2, x2 = _rows(dy, cols), _rows(x, cols)
+    dy2, x2, weight = _rows(dy, cols), _rows(x, cols), _flat(weight)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _lib.extension().rms_norm_backward(
         dy2.data_ptr(),
@@ -146,6 +146,17 @@ def _check_float(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
+def rms_norm_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether rms_norm(x, weight) runs the kernel (else the reference)."""
+    return (
+        x.dtype in KERNEL_DTYPES
+        and weight.dtype == x.dtype
+        and x.shape[-1] % 8 == 0
+        and x.numel() > 0
+        and _lib.use_kernel(x, "rms_norm")
+    )
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """LlamaRMSNorm: ``weight * (x * rsqrt(mean(x^2, -1) + eps))``, the statistics in fp32 and the
     normalized x rounded to x's dtype before the weight's product (as the model does).
@@ -162,16 +173,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
             f"got weight {tuple(weight.shape)} for x {tuple(x.shape)}"
         )
     _check.same_device(x=x, weight=weight)
-    cols = x.shape[-1]
-    if (
-        x.dtype not in KERNEL_DTYPES
-        or weight.dtype != x.dtype
-        or cols % 8
-        or x.numel() == 0
-        or not _lib.use_kernel(x, "rms_norm")
-    ):
+    if not rms_norm_runs(x, weight):
         return ref.rms_norm(x, weight, eps)
-    weight = _flat(weight)
     if torch.compiler.is_compiling():
         return _rms_norm_op(x, weight, float(eps))[0]
     if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
@@ -247,6 +250,17 @@ _silu_mul_op.register_autograd(_silu_mul_backward, setup_context=_silu_mul_setup
 _EagerSiluMul = eager_function("SiluMul", _silu_mul_impl, _silu_mul_setup, _silu_mul_backward)
 
 
+def silu_mul_runs(gate: torch.Tensor, up: torch.Tensor) -> bool:
+    """Whether silu_mul(gate, up) runs the kernel (else the reference)."""
+    return (
+        gate.dtype in KERNEL_DTYPES
+        and up.dtype == gate.dtype
+        and gate.shape == up.shape
+        and gate.numel() > 0
+        and _lib.use_kernel(gate, "silu_mul")
+    )
+
+
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """SwiGLU's elementwise step: ``silu(gate) * up`` (silu(gate) rounded to the dtype before the
     product, as ``act_fn(gate) * up`` is). gate, up (*, I) of one shape -> (*, I)."""
@@ -257,12 +271,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if gate.shape != up.shape:
         raise ValueError(f"gate and up must have one shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
     _check.same_device(gate=gate, up=up)
-    if (
-        gate.dtype not in KERNEL_DTYPES
-        or up.dtype != gate.dtype
-        or gate.numel() == 0
-        or not _lib.use_kernel(gate, "silu_mul")
-    ):
+    if not silu_mul_runs(gate, up):
         return ref.silu_mul(gate, up)
     if torch.compiler.is_compiling():
         return _silu_mul_op(gate, up)
@@ -281,15 +290,23 @@ def _rope_table(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
+def _rope_out(x: torch.Tensor) -> torch.Tensor:
+    """The output of rope / its backward for x: x's layout (empty_like: the attention's transposed
+    view of its projection) where the kernel can write it, else contiguous. Decided from x's shape
+    and strides alone, so the fake kernels give the same layout."""
+    out = torch.empty_like(x)
+    if out.stride(-1) == 1 and all(s % 8 == 0 for s in out.stride()[:3]):
+        return out
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
 def _rope_run(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
+    out = _rope_out(x)
     if not (x.stride(-1) == 1 and _aligned(x) and all(s % 8 == 0 for s in x.stride()[:3])):
         x = x.clone(memory_format=torch.contiguous_format)
     cos, sin = _rope_table(cos), _rope_table(sin)
     if cos.stride() != sin.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
-    out = torch.empty_like(x)  # (x's layout: the attention's transposed view of its projection)
-    if not (all(s % 8 == 0 for s in out.stride()[:3]) and out.stride(-1) == 1):
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     b, h, s, d = x.shape
     _lib.extension().rope(
         x.data_ptr(),
@@ -327,12 +344,12 @@ _rope_backward_op = torch.library.custom_op("hoptune::rope_backward", _rope_back
 
 @_rope_op.register_fake
 def _(x, cos, sin):
-    return torch.empty_like(x)
+    return _rope_out(x)
 
 
 @_rope_backward_op.register_fake
 def _(grad, cos, sin):
-    return torch.empty_like(grad)
+    return _rope_out(grad)
 
 
 def _rope_setup(ctx, inputs, output):
@@ -346,6 +363,20 @@ def _rope_backward(ctx, grad, traced: bool = True):
 
 _rope_op.register_autograd(_rope_backward, setup_context=_rope_setup)
 _EagerRope = eager_function("Rope", _rope_impl, _rope_setup, _rope_backward)
+
+
+def rope_runs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether rope(x, cos, sin) runs the kernel (else the reference); shapes as rope takes them."""
+    return (
+        x.dtype in KERNEL_DTYPES
+        and cos.dtype == x.dtype
+        and sin.dtype == x.dtype
+        and x.shape[-1] % 16 == 0
+        and x.numel() > 0
+        and not cos.requires_grad
+        and not sin.requires_grad
+        and _lib.use_kernel(x, "rope")
+    )
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -373,16 +404,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     if d % 2:
         raise ValueError(f"x's head_dim must be even (its halves are rotated), got {d}")
     _check.same_device(x=x, cos=cos, sin=sin)
-    if (
-        x.dtype not in KERNEL_DTYPES
-        or cos.dtype != x.dtype
-        or sin.dtype != x.dtype
-        or d % 16
-        or x.numel() == 0
-        or cos.requires_grad
-        or sin.requires_grad
-        or not _lib.use_kernel(x, "rope")
-    ):
+    if not rope_runs(x, cos, sin):
         return ref.rope(x, cos, sin)
     if torch.compiler.is_compiling():
         return _rope_op(x, cos, sin)

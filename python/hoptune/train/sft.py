@@ -211,9 +211,11 @@ def prepare_model(model: nn.Module, cfg: SFTConfig, passed_in: bool = False, log
         for p in model.parameters():
             p.requires_grad_(True)
     if cfg.model.fuse_decoder_ops:
-        from hoptune.fusion import fuse_decoder_ops
+        from hoptune.fusion import fuse_decoder_ops, fused_counts
 
-        fused = fuse_decoder_ops(model)
+        fused = fused_counts(model)
+        if not any(fused.values()):  # (a model passed in fused already keeps the caller's choice)
+            fused = fuse_decoder_ops(model)
         if log is not None:
             log("fused decoder ops: " + ", ".join(f"{n} {kind}" for kind, n in fused.items()))
     if cfg.model.gradient_checkpointing:
