@@ -583,3 +583,30 @@ def test_numpy_integers_are_taken_as_the_library_takes_them():
     assert got.peak == want.peak
     with pytest.raises(ValueError, match=r"seq must be a positive int, got 2048\.0"):
         hoptune.plan("llama-3-8b", seq=2048.0)
+
+
+def test_fused_decoder_ops_keep_less_for_llama_and_nothing_changes_for_gemma():
+    from hoptune.plan import plan
+
+    llama = {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 128,
+        "hidden_act": "silu",
+    }
+    # (bf16 adapters: the HF stack then casts no activation to fp32, the one other difference)
+    ours = plan(llama, seq=64, stack="hoptune", adapter_dtype="bf16")
+    hf = plan(llama, seq=64, stack="hf", adapter_dtype="bf16")
+    h, i, n = 64, 128, 64
+    # per token: two norms' fp32 copies (4H each, a 4-byte statistic instead) and act(gate) (2I)
+    assert hf.layer_activations - ours.layer_activations == (2 * (4 * h - 4) + 2 * i) * n
+    gemma = {**llama, "model_type": "gemma", "hidden_act": "gelu_pytorch_tanh", "head_dim": 16}
+    kw = {"seq": 64, "adapter_dtype": "bf16"}
+    assert (
+        plan(gemma, stack="hoptune", **kw).layer_activations
+        == plan(gemma, stack="hf", **kw).layer_activations
+    )

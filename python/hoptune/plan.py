@@ -31,6 +31,9 @@ The estimate counts bytes the way the PyTorch caching allocator sees them (what
                                             scores, Gemma 2), h = heads; GPT-OSS: 2hT (a bf16
                                             softmax)
       gated MLP                             2I (gate) + 2I (up) + 2I (act(gate)) + 2I (product)
+      hoptune's fused ops (Llama, Mistral,  each norm 4 (a statistic per row) instead of its 4H
+        Qwen2 / Qwen3: fuse_decoder_ops,    fp32 copy (q/k norms: none), the MLP 6I (no act(gate))
+        which hoptune sft runs)
       LoRA, per adapted layer               2r (x A^T, saved for the B product); the HF stack
                                             with fp32 adapters also casts x to fp32 per layer:
                                             +4 in + 4r
@@ -59,7 +62,9 @@ Not counted by ``max_memory_allocated`` and shown separately: the CUDA context a
 Checked against the HF stack (transformers + bitsandbytes + PEFT, ``docs/TARGETS.md`` section 5)
 on one H200: Llama-3-8B, batch 2 x 2048, QLoRA r=16 on all linear layers, checkpointing, AdamW,
 bf16 adapters as the anchor script makes them: measured 13.5 GiB, ``--stack hf`` says 13.5;
-Llama-3-70B, 1 x 2048: measured 44.1 GiB, ``--stack hf`` says 44.0.
+Llama-3-70B, 1 x 2048: measured 44.1 GiB, ``--stack hf`` says 44.0. hoptune's own step
+(``bench/bench_sft_8b.py``, the decoder ops fused, fp32 adapters): measured 8.05 GiB, the
+default stack says 7.88 (an underestimate of 2 %: a transient not modelled).
 """
 
 from __future__ import annotations
@@ -346,6 +351,9 @@ class _Shape:
     # bytes eager attention keeps per score (head x query x key); 0 for SDPA / flash, which keep none
     score_bytes: int = 0
     logit_softcap: bool = False  # the model soft-caps its logits (config.final_logit_softcapping)
+    # hoptune.fuse_decoder_ops fuses its norms (Llama's RMSNorm) and its MLP (SiLU-gated)
+    fused_norms: bool = False
+    fused_mlp: bool = False
     # (name, class name) of every other module (blocks, embeddings, norms): no LoRA target
     not_linear: list[tuple[str, str]] = field(default_factory=list)
 
@@ -428,6 +436,8 @@ def _shape(config) -> _Shape:
         score_bytes = 4 + 2 + (2 if getattr(text, "attn_logit_softcapping", None) else 0)
         if mt.startswith("gpt_oss"):
             score_bytes = 2
+    # (the families whose norms and MLP fuse_decoder_ops is known to take: its check decides at run time)
+    llama_family = mt.startswith(_FUSED_FAMILIES) and "moe" not in mt
     return _Shape(
         layers=text.num_hidden_layers,
         hidden=text.hidden_size,
@@ -446,8 +456,13 @@ def _shape(config) -> _Shape:
         heads=nh,
         score_bytes=score_bytes,
         logit_softcap=bool(getattr(text, "final_logit_softcapping", None)),
+        fused_norms=llama_family,
+        fused_mlp=llama_family and getattr(text, "hidden_act", None) in ("silu", "swish"),
         not_linear=not_linear,
     )
+
+
+_FUSED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def _intermediate(text) -> int:
@@ -649,16 +664,21 @@ def _estimate(
     lora_per_layer = sum(act * r for _ in per_layer_targets) / max(1, L)
     if stack == "hf" and ab != act:  # PEFT casts x to the adapter dtype before lora_A
         lora_per_layer += sum(ab * (i + r) for _, i, _, _ in per_layer_targets) / max(1, L)
+    # hoptune fuses the decoder ops by default (hoptune.fuse_decoder_ops): a fused norm keeps its
+    # bf16 input and a 4-byte statistic per row, not an fp32 copy; a fused SwiGLU keeps gate and
+    # up, not act(gate)
+    fused_norms = stack == "hoptune" and shape.fused_norms
+    norm_keep = 4 if fused_norms else 4 * H
     layer = (
-        shape.pre_norms * (4 * H + act * H)
+        shape.pre_norms * (norm_keep + act * H)
         + shape.post_norms * 4 * H
-        + (4 * (shape.q_dim + shape.kv_dim) if shape.qk_norm else 0)
+        + (4 * (shape.q_dim + shape.kv_dim) if shape.qk_norm and not fused_norms else 0)
         + (act * 4 * shape.q_dim if shape.score_bytes else act * (3 * shape.q_dim + 2 * shape.kv_dim))
-        + act * 4 * I
+        + act * (3 if stack == "hoptune" and shape.fused_mlp else 4) * I
         + shape.score_bytes * shape.heads * seq
         + lora_per_layer
     ) * n
-    final_norm = (4 * H + act * H) * n
+    final_norm = (norm_keep + act * H) * n
     stored = (L * act * H * n if grad_ckpt else L * layer) + final_norm
     # logits
     if logits == "full":
