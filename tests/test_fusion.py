@@ -254,6 +254,11 @@ def test_olmo2_keeps_its_norm_and_its_float32_rotary_tables(monkeypatch):
     hoptune.unfuse_decoder_ops(model)
 
 
+def _saved(model, path):
+    torch.save(model, path)
+    return path
+
+
 class _GatedNorm(torch.nn.Module):
     """Llama's norm when gate is None (as Mamba2-style gated norms)."""
 
@@ -304,6 +309,10 @@ def test_an_mlp_that_is_not_swiglu_alone_is_left(tail):
 
 def test_a_fused_model_pickles(tmp_path):
     model = _model("llama")
+    try:  # (the kernels package, where installed, gives transformers' modules parts that do not load)
+        torch.load(_saved(model, tmp_path / "plain.pt"), weights_only=False)
+    except Exception as e:
+        pytest.skip(f"the unfused model does not round-trip through pickle here either: {e!r:.200}")
     hoptune.fuse_decoder_ops(model)
     torch.save(model, tmp_path / "m.pt")
     back = torch.load(tmp_path / "m.pt", weights_only=False)
