@@ -242,3 +242,17 @@ def test_opcheck():
     qt = torch.randn(1, 2, 32, 32, device="cuda").bfloat16().transpose(-1, -2).requires_grad_(True)
     cos32, sin32 = (torch.randn(1, 32, 32, device="cuda").bfloat16() for _ in range(2))
     torch.library.opcheck(torch.ops.hoptune.rope, (qt, cos32, sin32))
+
+
+def test_empty_inputs_take_the_reference():
+    # (no rows, no columns: nothing for a kernel to do, and no division by a zero width)
+    for x in (torch.randn(0, 16).bfloat16(), torch.randn(3, 0).bfloat16()):
+        w = torch.randn(x.shape[-1]).bfloat16()
+        assert ops.rms_norm(x, w).shape == x.shape
+    assert ops.silu_mul(torch.randn(0, 4), torch.randn(0, 4)).shape == (0, 4)
+    assert ops.rope(torch.randn(1, 2, 0, 16), torch.randn(1, 0, 16), torch.randn(1, 0, 16)).shape == (
+        1,
+        2,
+        0,
+        16,
+    )

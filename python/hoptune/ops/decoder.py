@@ -151,8 +151,9 @@ def rms_norm_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
         x.dtype in KERNEL_DTYPES
         and weight.dtype == x.dtype
+        and x.shape[-1] > 0
         and x.shape[-1] % 8 == 0
-        and x.numel() > 0
+        and 0 < x.numel() // x.shape[-1] < 2**31  # (rows: the kernel's grid)
         and _lib.use_kernel(x, "rms_norm")
     )
 
@@ -373,6 +374,10 @@ def rope_runs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
         and sin.dtype == x.dtype
         and x.shape[-1] % 16 == 0
         and x.numel() > 0
+        # (the kernel's grid: a batch and the heads of up to 65535, a head's rows in 32-bit indices)
+        and x.shape[0] <= 65535
+        and x.shape[1] <= 65535
+        and x.shape[2] * x.shape[3] // 16 < 2**31 - 256
         and not cos.requires_grad
         and not sin.requires_grad
         and _lib.use_kernel(x, "rope")
