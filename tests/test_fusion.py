@@ -332,3 +332,59 @@ def test_unfuse_leaves_a_forward_wrapped_after_fusing():
     assert hoptune.unfuse_decoder_ops(model) == 8
     with torch.no_grad():
         model(torch.randint(3, 128, (1, 5)))  # (the hook's forward still finds what it wraps)
+
+
+def test_the_checks_hold_in_every_kernel_dtype():
+    # OLMo2's norm agrees with Llama's in float32 and not in bf16: fused in float32 and then cast,
+    # it would have run the kernel on bf16 inputs
+    import transformers
+
+    model = transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**TINY_DECODER))
+    assert hoptune.fuse_decoder_ops(model)["rms_norm"] == 0
+
+
+def test_a_meta_or_empty_weight_is_no_obstacle_and_no_proof():
+    import transformers
+
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_DECODER))
+    # norms and the rotary function are checked on probes of their own; an MLP's projections
+    # cannot run on the meta device, so it stays as it is
+    assert hoptune.fuse_decoder_ops(model) == {"rms_norm": 5, "swiglu": 0, "rope": 2}
+    norm = _GatedNorm(4)
+    norm.weight = torch.nn.Parameter(torch.empty(0))  # (as ZeRO-3 leaves a partitioned weight)
+    assert hoptune.fuse_decoder_ops(torch.nn.Sequential(norm))["rms_norm"] == 0
+
+
+def test_the_checks_fire_no_hooks_of_the_model():
+    model = _model("llama")
+    calls = []
+    model.model.layers[0].mlp.register_forward_hook(lambda *a: calls.append("mlp"))
+    model.model.norm.register_forward_hook(lambda *a: calls.append("norm"))
+    hoptune.fuse_decoder_ops(model)
+    assert calls == []
+    hoptune.unfuse_decoder_ops(model)
+
+
+def test_a_forward_restored_behind_fusion_counts_as_unfused():
+    model = _model("llama")
+    hoptune.fuse_decoder_ops(model)
+    attn = model.model.layers[0].self_attn
+    attn.forward = type(attn).forward.__get__(attn)  # (what removing a hook set before fusing leaves)
+    assert fusion.fused_counts(model)["rope"] == 1
+    assert hoptune.fuse_decoder_ops(model)["rope"] == 2  # (fused again)
+    assert hoptune.unfuse_decoder_ops(model) == 9
+
+
+def test_a_fused_model_installs_the_dispatcher_it_needs(monkeypatch):
+    # (a fused model unpickled in a new process finds the module's function as transformers left it)
+    model = _model("llama").to(torch.bfloat16)
+    hoptune.fuse_decoder_ops(model)
+    pymod = sys.modules[type(model).__module__]
+    monkeypatch.setattr(pymod, "apply_rotary_pos_emb", pymod.apply_rotary_pos_emb._hoptune_original)
+    monkeypatch.setattr(fusion, "_DISPATCHED", set())
+    calls = _kernels_everywhere(monkeypatch)
+    with torch.no_grad():
+        model(torch.randint(3, 128, (1, 5)))
+    assert calls["rope"] == 4
+    hoptune.unfuse_decoder_ops(model)

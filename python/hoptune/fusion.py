@@ -6,8 +6,11 @@ the others built from them) and gives each instance a forward that runs the fuse
 Nothing is matched by class name: each kind is first checked on random inputs, the module's own
 forward against the op's reference, and is left alone unless the two agree bit for bit (Gemma's
 ``1 + weight`` norm, a GELU MLP or an interleaved rotary embedding do not, and stay as they are).
-The parameters, state dict, hooks and class of every module are untouched, and
-``unfuse_decoder_ops(model)`` restores the original forwards.
+The checks run each class's forward on probes of their own (in float32, bf16 and fp16, on the
+CPU, without the module's hooks; an MLP's projections run on a few random rows). The parameters,
+state dict, hooks and class of every module are untouched, and ``unfuse_decoder_ops(model)``
+restores the original forwards. The fused forwards are bound to their modules: replicas made by
+``nn.DataParallel`` would run the original modules, so unfuse a model before replicating it.
 
 The rotary embedding is a function of the model's Python module that its attention forward calls,
 not a module: it is replaced there by a dispatcher that runs the fused op only inside the forward
@@ -36,6 +39,7 @@ _EPS_NAMES = ("variance_epsilon", "eps", "epsilon")
 _ROPE_ON: contextvars.ContextVar[bool] = contextvars.ContextVar("hoptune_rope_on", default=False)
 
 KINDS = ("rms_norm", "swiglu", "rope")
+_DISPATCHED: set[type] = set()  # attention classes whose module's dispatcher a forward has seen
 
 
 # -- the forwards ---------------------------------------------------------------------------------
@@ -74,6 +78,10 @@ def _attention_forward(self, *args, **kwargs):
         # (a context variable does not trace: compiled, the attention keeps its own rotary ops,
         # which the compiler fuses itself)
         return _original(self)(*args, **kwargs)
+    cls = type(self)
+    if cls not in _DISPATCHED:  # (a fused model unpickled in another process: none installed yet)
+        _dispatcher_for(cls)
+        _DISPATCHED.add(cls)
     token = _ROPE_ON.set(True)
     try:
         return _original(self)(*args, **kwargs)
@@ -140,24 +148,62 @@ def _eps_name(mod: nn.Module) -> str | None:
     return None
 
 
+# the dtypes the kernels run in, and float32: a check passes in all of them (a norm or rotary
+# function can agree with Llama's in one dtype and not in another, and a model's dtype may change
+# after it is fused)
+_CHECK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_CPU = torch.empty(0)
+
+
 def _is_rms_norm(mod: nn.Module, gen: torch.Generator) -> bool:
     w = mod._parameters.get("weight")
     params = [n for n, _ in mod.named_parameters()]
     if w is None or w.dim() != 1 or params != ["weight"] or _eps_name(mod) is None or list(mod.children()):
         return False
-    # on a copy with a random weight: a freshly initialised weight of ones makes other norms
-    # (OLMo2's, which rounds after the weight's product) agree with this one
-    probe = copy.deepcopy(mod)
-    with torch.no_grad():
-        probe.weight.copy_(1 + 0.5 * _randn(w.shape, w, gen))
-    x = 4 * _randn((3, w.shape[0]), w, gen)
-    with torch.no_grad(), _mode(probe, False):
+    # the class's forward on a probe: a shallow copy holding a random weight of its own on the CPU
+    # (the module's weight may be all ones as initialised, which makes OLMo2's norm agree with
+    # this one, or empty, on the meta device, sharded), called without the module's hooks
+    n = w.shape[0]
+    if n == 0:
+        return False
+    probe = copy.copy(mod)
+    eps = getattr(mod, _eps_name(mod))
+    for dtype in _CHECK_DTYPES:
+        like = _CPU.to(dtype)
+        probe._parameters = {"weight": nn.Parameter(1 + 0.5 * _randn((n,), like, gen), requires_grad=False)}
+        x = 4 * _randn((3, n), like, gen)
         try:
-            got = probe(x)
+            with torch.no_grad():
+                got = type(mod).forward(probe, x)
+                want = ref.rms_norm(x, probe.weight, eps)
+            if not (isinstance(got, torch.Tensor) and got.dtype == want.dtype and torch.equal(got, want)):
+                return False
+        except torch.OutOfMemoryError:
+            raise
         except Exception:  # (a module of another signature: not one of these)
             return False
-        want = ref.rms_norm(x, probe.weight, getattr(probe, _eps_name(probe)))
-    return isinstance(got, torch.Tensor) and got.dtype == want.dtype and torch.equal(got, want)
+    return True
+
+
+def _seeded(device: torch.device):
+    """The global generators of the CPU and of ``device`` (a CUDA one) forked and seeded with 0;
+    the caller's states come back after."""
+    devices = (
+        [device.index if device.index is not None else torch.cuda.current_device()]
+        if device.type == "cuda"
+        else []
+    )
+    fork = torch.random.fork_rng(devices=devices)
+
+    @contextlib.contextmanager
+    def seeded():
+        with fork:
+            torch.default_generator.manual_seed(0)
+            for d in devices:
+                torch.cuda.default_generators[d].manual_seed(0)
+            yield
+
+    return seeded()
 
 
 def _is_swiglu(mod: nn.Module, gen: torch.Generator) -> bool:
@@ -166,7 +212,7 @@ def _is_swiglu(mod: nn.Module, gen: torch.Generator) -> bool:
         return False
     k = getattr(parts[0], "in_features", None)
     like = next(iter(parts[0].parameters()), None)
-    if not isinstance(k, int) or like is None:
+    if not isinstance(k, int) or k <= 0 or like is None or like.device.type == "meta":
         return False
     like = like if like.is_floating_point() else torch.empty(0, dtype=torch.bfloat16, device=like.device)
     dtype = getattr(parts[0], "base_dtype", None)  # (hoptune's LoRA layers: the dtype its input takes)
@@ -177,39 +223,45 @@ def _is_swiglu(mod: nn.Module, gen: torch.Generator) -> bool:
     def fused(t):
         return mod.down_proj(ref.silu_mul(mod.gate_proj(t), mod.up_proj(t)))
 
-    devices = list(range(torch.cuda.device_count())) if x.is_cuda else []
     # eval mode on small and large inputs (a clamp of the activations shows on the large ones), and
-    # train mode with one seed for both (dropout outside the projections shows there)
-    with torch.no_grad():
-        try:
+    # train mode with one seed for both (dropout outside the projections shows there); the class's
+    # forward, without the module's own hooks (its projections run on these few random rows)
+    try:
+        with torch.no_grad():
             for training, scale in ((False, 1.0), (False, 40.0), (True, 1.0)):
                 t = x * scale
-                with _mode(mod, training), torch.random.fork_rng(devices=devices):
-                    torch.manual_seed(0)
-                    got = mod(t)
-                    torch.manual_seed(0)
-                    want = fused(t)
+                with _mode(mod, training):
+                    with _seeded(t.device):
+                        got = type(mod).forward(mod, t)
+                    with _seeded(t.device):
+                        want = fused(t)
                 if not (isinstance(got, torch.Tensor) and torch.equal(got, want)):
                     return False
-        except Exception:
-            return False
+    except torch.OutOfMemoryError:
+        raise
+    except Exception:
+        return False
     return True
 
 
-def _rope_function_matches(fn, like: torch.Tensor, gen: torch.Generator) -> bool:
+def _rope_function_matches(fn, gen: torch.Generator) -> bool:
     d = 32
-    q, k = _randn((2, 3, 5, d), like, gen), _randn((2, 1, 5, d), like, gen)
-    cos, sin = _randn((2, 5, d), like, gen), _randn((2, 5, d), like, gen)
-    try:
-        got = fn(q, k, cos, sin)
-    except Exception:
-        return False
-    want = ref.rope(q, cos, sin), ref.rope(k, cos, sin)
-    return (
-        isinstance(got, tuple)
-        and len(got) == 2
-        and all(isinstance(g, torch.Tensor) and torch.equal(g, w) for g, w in zip(got, want, strict=True))
-    )
+    for dtype in _CHECK_DTYPES:
+        like = _CPU.to(dtype)
+        q, k = _randn((2, 3, 5, d), like, gen), _randn((2, 1, 5, d), like, gen)
+        cos, sin = _randn((2, 5, d), like, gen), _randn((2, 5, d), like, gen)
+        try:
+            got = fn(q, k, cos, sin)
+        except Exception:
+            return False
+        want = ref.rope(q, cos, sin), ref.rope(k, cos, sin)
+        if not (
+            isinstance(got, tuple)
+            and len(got) == 2
+            and all(isinstance(g, torch.Tensor) and torch.equal(g, w) for g, w in zip(got, want, strict=True))
+        ):
+            return False
+    return True
 
 
 # -- fuse / unfuse --------------------------------------------------------------------------------
@@ -227,11 +279,21 @@ def _ours(mod: nn.Module) -> bool:
     return isinstance(fwd, functools.partial) and fwd.func in _OURS and fwd.args[:1] == (mod,)
 
 
-def _model_param(model: nn.Module) -> torch.Tensor:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p
-    raise ValueError(f"{type(model).__name__} has no floating-point parameters: nothing to fuse")
+def _kind(mod: nn.Module) -> str | None:
+    """The kind ``mod`` is fused as, or None. A module marked fused whose forward is neither ours
+    nor a wrapper put on since, but its class's own again (a hook removed that had been set before
+    fusing, and restored the forward it found), is no longer fused: its marks are cleared."""
+    kind = mod.__dict__.get(_KIND)
+    if kind is None or _ours(mod):
+        return kind
+    fwd = mod.__dict__.get("forward")
+    if fwd is None or getattr(fwd, "__func__", None) is type(mod).forward:
+        for name in (_KIND, _PREV, "_hoptune_eps_name"):
+            mod.__dict__.pop(name, None)
+        if fwd is not None:
+            del mod.__dict__["forward"]
+        return None
+    return kind
 
 
 def fuse_decoder_ops(
@@ -251,7 +313,6 @@ def fuse_decoder_ops(
     for name, flag in (("rms_norm", rms_norm), ("swiglu", swiglu), ("rope", rope)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {flag!r}")
-    like = _model_param(model)
     gen = torch.Generator().manual_seed(0)
     verdict: dict[tuple[str, type], bool] = {}  # one check per class and kind
 
@@ -263,7 +324,7 @@ def fuse_decoder_ops(
 
     counts = dict.fromkeys(KINDS, 0)
     for mod in model.modules():
-        kind = getattr(mod, _KIND, None)
+        kind = _kind(mod)
         if kind is not None:
             counts[kind] += 1
             continue
@@ -277,27 +338,33 @@ def fuse_decoder_ops(
         elif swiglu and not hooked and matches("swiglu", mod, _is_swiglu):
             _set_forward(mod, "swiglu", _swiglu_forward)
             counts["swiglu"] += 1
-        elif rope and _fuse_rope(mod, like, gen, verdict):
+        elif rope and _fuse_rope(mod, gen, verdict):
             counts["rope"] += 1
     return counts
 
 
-def _fuse_rope(mod: nn.Module, like: torch.Tensor, gen: torch.Generator, verdict: dict) -> bool:
-    if not type(mod).__name__.endswith("Attention"):
-        return False
-    modname = type(mod).__module__
+def _dispatcher_for(cls: type, gen: torch.Generator | None = None, verdict: dict | None = None) -> bool:
+    """Install the rotary dispatcher in the Python module of attention class ``cls`` (once; the
+    module's function checked first); whether it is there."""
+    modname = cls.__module__
     pymod = sys.modules.get(modname)
     fn = getattr(pymod, "apply_rotary_pos_emb", None)
     if not callable(fn):
         return False
-    original = getattr(fn, "_hoptune_original", fn)
+    if getattr(fn, "_hoptune_original", None) is not None:
+        return True
+    verdict = {} if verdict is None else verdict
     key = ("rope", modname)
     if key not in verdict:
-        verdict[key] = _rope_function_matches(original, like, gen)
-    if not verdict[key]:
+        verdict[key] = _rope_function_matches(fn, gen or torch.Generator().manual_seed(0))
+    if verdict[key]:
+        pymod.apply_rotary_pos_emb = _rope_dispatcher(fn)
+    return verdict[key]
+
+
+def _fuse_rope(mod: nn.Module, gen: torch.Generator, verdict: dict) -> bool:
+    if not type(mod).__name__.endswith("Attention") or not _dispatcher_for(type(mod), gen, verdict):
         return False
-    if pymod.apply_rotary_pos_emb is original:
-        pymod.apply_rotary_pos_emb = _rope_dispatcher(original)
     _set_forward(mod, "rope", _attention_forward)
     return True
 
@@ -311,7 +378,7 @@ def unfuse_decoder_ops(model: nn.Module) -> int:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     n = 0
     for mod in model.modules():
-        kind = mod.__dict__.get(_KIND)
+        kind = _kind(mod)
         if kind is None or not _ours(mod):
             continue
         prev = mod.__dict__.pop(_PREV, None)
@@ -328,7 +395,7 @@ def fused_counts(model: nn.Module) -> dict[str, int]:
     """How many modules of ``model`` are fused, by kind."""
     counts = dict.fromkeys(KINDS, 0)
     for mod in model.modules():
-        kind = mod.__dict__.get(_KIND)
+        kind = _kind(mod)
         if kind is not None:
             counts[kind] += 1
     return counts
