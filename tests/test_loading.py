@@ -18,24 +18,12 @@ import hoptune
 from hoptune.loading import _Reader, read_safetensors_header
 from hoptune.nn import LoRALinear, NF4Linear
 from hoptune.quant import dequantize_nf4, from_bnb_state_dict, save_pretrained_nf4
-from tests.conftest import poison_cuda_cache
+from tests.conftest import TINY_DECODER, poison_cuda_cache
 
 
 def tiny_model(arch: str = "llama", tie: bool = False, dtype=torch.bfloat16, seed: int = 0):
     tf = transformers
-    kw = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=tie,
-    )
+    kw = dict(TINY_DECODER, max_position_embeddings=64, tie_word_embeddings=tie)
     cfg_cls, model_cls = {
         "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
         "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),  # biases on q/k/v

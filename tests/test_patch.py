@@ -13,7 +13,7 @@ from torch import nn
 
 import hoptune
 from hoptune.nn import LoRALinear, NF4Linear
-from tests.conftest import rel_err
+from tests.conftest import TINY_DECODER, rel_err
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"]
 LLAMA_TARGETS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
@@ -22,18 +22,7 @@ LLAMA_TARGETS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_pro
 def tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, **over) -> nn.Module:
     """A 2-layer causal LM of family ``arch`` with random weights (hidden 64, vocab 128)."""
     tf = transformers
-    common = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    common = dict(TINY_DECODER, max_position_embeddings=64)
     families = {
         "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, {}),
         "mistral": (tf.MistralConfig, tf.MistralForCausalLM, {}),
