@@ -16,6 +16,11 @@ def tensor(name: str, t: object) -> torch.Tensor:
     return t
 
 
+def floating(name: str, t: torch.Tensor) -> None:
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
 def dtype_in(name: str, t: torch.Tensor, allowed: Iterable[torch.dtype]) -> None:
     allowed = tuple(allowed)
     if t.dtype not in allowed:

@@ -141,11 +141,6 @@ _rms_norm_op.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup
 _EagerRmsNorm = eager_function("RmsNorm", _rms_norm_impl, _rms_norm_setup, _rms_norm_backward)
 
 
-def _check_float(name: str, t: torch.Tensor) -> None:
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-
-
 def rms_norm_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether rms_norm(x, weight) runs the kernel (else the reference)."""
     return (
@@ -166,8 +161,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     """
     _check.tensor("x", x)
     _check.tensor("weight", weight)
-    _check_float("x", x)
-    _check_float("weight", weight)
+    _check.floating("x", x)
+    _check.floating("weight", weight)
     if weight.dim() != 1 or x.dim() < 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(
             f"weight must be 1-D with x's last dimension ({x.shape[-1] if x.dim() else '?'}), "
@@ -267,8 +262,8 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     product, as ``act_fn(gate) * up`` is). gate, up (*, I) of one shape -> (*, I)."""
     _check.tensor("gate", gate)
     _check.tensor("up", up)
-    _check_float("gate", gate)
-    _check_float("up", up)
+    _check.floating("gate", gate)
+    _check.floating("up", up)
     if gate.shape != up.shape:
         raise ValueError(f"gate and up must have one shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
     _check.same_device(gate=gate, up=up)
@@ -392,7 +387,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """
     for name, t in (("x", x), ("cos", cos), ("sin", sin)):
         _check.tensor(name, t)
-        _check_float(name, t)
+        _check.floating(name, t)
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D (batch, heads, seq, head_dim), got shape {tuple(x.shape)}")
     b, _, s, d = x.shape
