@@ -247,6 +247,12 @@ def main(argv: list[str] | None = None) -> dict:
         )
         for cat, ms in profile["by_category_ms"].items():
             print(f"  {cat:<40} {ms:8.1f} ms")
+        idle = profile["idle"]
+        print(f"device idle between kernels: {idle['total_ms']:.1f} ms in {idle['gaps']} gaps; by launch:")
+        for g in idle["by_launch_path"][:8]:
+            print(f"  {g['ms']:7.2f} ms {g['gaps']:5d} gaps  {g['path'][:110]}")
+        for g in idle["host_syncs"]:
+            print(f"  sync x{g['count']}: {g['path'][:110]}")
 
     # 4. report
     info = env_info()

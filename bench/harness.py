@@ -136,7 +136,8 @@ def kernel_category(name: str) -> str:
 def device_breakdown(fn: Callable[[], object]) -> dict:
     """One call of ``fn`` under torch.profiler: the summed device time of its kernels (and
     memsets / copies) per category and per kernel name (longest first), with the call's wall time
-    (the difference is the device's idle time inside the call)."""
+    (the difference is the device's idle time inside the call), and where the device idled
+    (``idle_gaps``)."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -147,7 +148,8 @@ def device_breakdown(fn: Callable[[], object]) -> dict:
         wall = time.perf_counter() - t0
     per_cat: dict[str, float] = {}
     per_kernel: dict[str, list] = {}
-    for e in prof.events():
+    events = prof.events()
+    for e in events:
         if e.device_type.name != "CUDA":
             continue
         us = e.time_range.elapsed_us()
@@ -163,6 +165,69 @@ def device_breakdown(fn: Callable[[], object]) -> dict:
         "device_busy_ms": busy / 1e3,
         "by_category_ms": {c: v / 1e3 for c, v in sorted(per_cat.items(), key=lambda kv: -kv[1])},
         "kernels": [{"name": n[:300], "category": c, "ms": us / 1e3, "count": k} for n, (c, us, k) in top],
+        "idle": idle_gaps(events),
+    }
+
+
+def _launch_path(e) -> str:
+    """The host ops around a kernel's launch: the outermost, then the two innermost (the CUDA
+    runtime call itself left out)."""
+    names = []
+    while e is not None:
+        names.append(e.name)
+        e = e.cpu_parent
+    names = [n for n in names if not n.startswith("cu")] or names
+    if not names:
+        return "?"
+    inner = list(reversed(names[:2]))
+    return " > ".join(
+        inner if len(names) <= 2 else [names[-1], *([] if len(names) == 3 else ["..."]), *inner]
+    )
+
+
+def idle_gaps(events, min_us: float = 5.0, top: int = 12) -> dict:
+    """Where the device idles between the first and last kernel of a profiled call: the gaps of at
+    least ``min_us`` before each kernel, summed by the host ops that launched the kernel after the
+    gap (``_launch_path``), the largest single gaps with the kernels on either side, and the host's
+    device syncs by the ops that made them. A gap after a sync, or where the host launches slower
+    than the device runs, shows here, charged to whoever launched the kernel that ended it."""
+    cpu = {}
+    for e in events:
+        if e.device_type.name == "CPU":
+            cpu.setdefault(e.id, e)
+    dev = sorted((e for e in events if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+    if not dev:
+        return {"total_ms": 0.0, "gaps": 0, "by_launch_path": [], "largest": []}
+    end, prev = dev[0].time_range.end, dev[0]
+    total, n, by_path, largest = 0.0, 0, {}, []
+    for k in dev[1:]:
+        gap = k.time_range.start - end
+        if gap >= min_us:
+            path = _launch_path(cpu.get(k.linked_correlation_id))
+            total += gap
+            n += 1
+            acc = by_path.setdefault(path, [0.0, 0])
+            acc[0] += gap
+            acc[1] += 1
+            largest.append((gap, prev.name[:120], k.name[:120], path))
+        if k.time_range.end > end:
+            end, prev = k.time_range.end, k
+    syncs = {}
+    for e in events:
+        if e.device_type.name == "CPU" and e.name.startswith("cu") and e.name.endswith("Synchronize"):
+            key = _launch_path(e)
+            syncs[key] = syncs.get(key, 0) + 1
+    largest.sort(key=lambda g: -g[0])
+    return {
+        "total_ms": total / 1e3,
+        "gaps": n,
+        "min_gap_us": min_us,
+        "by_launch_path": [
+            {"path": p, "ms": v[0] / 1e3, "gaps": v[1]}
+            for p, v in sorted(by_path.items(), key=lambda kv: -kv[1][0])[:top]
+        ],
+        "largest": [{"us": g, "after": a, "before": b, "launch_path": p} for g, a, b, p in largest[:top]],
+        "host_syncs": [{"path": p, "count": c} for p, c in sorted(syncs.items(), key=lambda kv: -kv[1])],
     }
 
 

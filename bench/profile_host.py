@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import itertools
 import os
 import pstats
 import sys
@@ -22,6 +21,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_nf4_lora import PlainLora, layer_step, qlora_layer
+from harness import idle_gaps
 
 
 def per_call_us(fn, calls: int = 300) -> float:
@@ -75,22 +75,17 @@ def gaps(m: int, k: int, n: int, steps: int = 5) -> None:
         for _ in range(steps):
             f()
         torch.cuda.synchronize()
-    kernels = sorted(
-        (e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start
-    )
+    events = prof.events()
+    kernels = sorted((e for e in events if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
     busy = sum(e.time_range.elapsed_us() for e in kernels)
     span = kernels[-1].time_range.end - kernels[0].time_range.start
-    found = []
-    for a, b in itertools.pairwise(kernels):
-        gap = b.time_range.start - a.time_range.end
-        if gap > 5:
-            found.append((gap, a.name[:60], b.name[:60]))
-    found.sort(reverse=True)
     print(
         f"QLoRA step {m}x{k}x{n}: {steps} steps span {span / steps:.0f} us/step, kernels busy {busy / steps:.0f} us/step"
     )
-    for gap, a, b in found[:12]:
-        print(f"  idle {gap:7.1f} us  after {a}  before {b}")
+    for g in idle_gaps(events)["largest"]:
+        print(
+            f"  idle {g['us']:7.1f} us  after {g['after'][:60]}  before {g['before'][:60]}  ({g['launch_path']})"
+        )
     blocking = (
         "Synchronize",
         "cudaMemcpy",

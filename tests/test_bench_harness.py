@@ -339,3 +339,64 @@ def test_bench_logprob_refuses_arguments_before_timing(monkeypatch, capsys, argv
 )
 def test_kernel_categories_of_a_profiled_step(name, category):
     assert _bench_module("harness").kernel_category(name) == category
+
+
+def test_idle_gaps_charges_each_gap_to_the_launch_of_the_kernel_after_it():
+    """The profile's idle-time breakdown on hand-made events: gaps under the threshold and
+    overlapping kernels are not idle; a gap is summed under the ops that launched the next kernel;
+    the host's syncs are counted by their callers."""
+    from types import SimpleNamespace as NS
+
+    harness = _bench_module("harness")
+    cpu, cuda = NS(name="CPU"), NS(name="CUDA")
+
+    def op(i, name, parent=None):
+        return NS(device_type=cpu, id=i, name=name, cpu_parent=parent)
+
+    step = op(1, "Optimizer.step")
+    bwd = op(2, "CheckpointFunctionBackward")
+    mm = op(3, "aten::mm", bwd)
+    launch = op(4, "cudaLaunchKernel", mm)
+    item = op(5, "aten::item", step)
+    sync = op(6, "cudaStreamSynchronize", op(7, "aten::_local_scalar_dense", item))
+    add = op(8, "aten::add_", step)
+
+    def kernel(name, start, end, corr):
+        return NS(
+            device_type=cuda,
+            id=100 + start,
+            name=name,
+            time_range=NS(start=start, end=end),
+            linked_correlation_id=corr,
+        )
+
+    events = [
+        step,
+        bwd,
+        mm,
+        launch,
+        item,
+        sync,
+        add,
+        kernel("k0", 0, 10, 3),
+        kernel("k1", 12, 30, 3),  # 2 us after k0: under the 5 us threshold
+        kernel("k2", 25, 40, 3),  # overlaps k1
+        kernel("gemm", 100, 150, 4),  # 60 us idle, launched from aten::mm (via the runtime call)
+        kernel("adam", 170, 180, 8),  # 20 us idle, launched by aten::add_
+    ]
+    idle = harness.idle_gaps(events)
+    assert idle["gaps"] == 2 and idle["total_ms"] == pytest.approx(0.080)
+    assert idle["by_launch_path"] == [
+        {"path": "CheckpointFunctionBackward > aten::mm", "ms": pytest.approx(0.060), "gaps": 1},
+        {"path": "Optimizer.step > aten::add_", "ms": pytest.approx(0.020), "gaps": 1},
+    ]
+    assert idle["largest"][0] == {
+        "us": 60,
+        "after": "k2",
+        "before": "gemm",
+        "launch_path": "CheckpointFunctionBackward > aten::mm",
+    }
+    assert idle["host_syncs"] == [
+        {"path": "Optimizer.step > aten::item > aten::_local_scalar_dense", "count": 1}
+    ]
+    assert harness.idle_gaps([step])["total_ms"] == 0.0
