@@ -165,7 +165,7 @@ def device_breakdown(fn: Callable[[], object]) -> dict:
         "device_busy_ms": busy / 1e3,
         "by_category_ms": {c: v / 1e3 for c, v in sorted(per_cat.items(), key=lambda kv: -kv[1])},
         "kernels": [{"name": n[:300], "category": c, "ms": us / 1e3, "count": k} for n, (c, us, k) in top],
-        "idle": idle_gaps(events),
+        "idle": idle_gaps(kernel_spans(prof), events),
     }
 
 
@@ -185,33 +185,47 @@ def _launch_path(e) -> str:
     )
 
 
-def idle_gaps(events, min_us: float = 5.0, top: int = 12) -> dict:
-    """Where the device idles between the first and last kernel of a profiled call: the gaps of at
-    least ``min_us`` before each kernel, summed by the host ops that launched the kernel after the
-    gap (``_launch_path``), the largest single gaps with the kernels on either side, and the host's
-    device syncs by the ops that made them. A gap after a sync, or where the host launches slower
-    than the device runs, shows here, charged to whoever launched the kernel that ended it."""
+def kernel_spans(prof) -> list[tuple[float, float, str, int]]:
+    """(start us, end us, name, the launching host op's id) of each device event of a profile,
+    from the profiler's own records (its FunctionEvents carry the launch link only in newer torch)."""
+    out = []
+    for e in prof.profiler.kineto_results.events():
+        if e.device_type().name == "CUDA":
+            start = e.start_ns() / 1e3
+            out.append((start, start + e.duration_ns() / 1e3, e.name(), e.linked_correlation_id()))
+    return out
+
+
+def idle_gaps(
+    kernels: Sequence[tuple[float, float, str, int]], events, min_us: float = 5.0, top: int = 12
+) -> dict:
+    """Where the device idles between the first and last of ``kernels`` (``kernel_spans``): the
+    gaps of at least ``min_us`` before each kernel, summed by the host ops (of the profile's
+    ``events``) that launched the kernel after the gap (``_launch_path``), the largest single gaps
+    with the kernels on either side, and the host's device syncs by the ops that made them. A gap
+    after a sync, or where the host launches slower than the device runs, shows here, charged to
+    whoever launched the kernel that ended it."""
     cpu = {}
     for e in events:
         if e.device_type.name == "CPU":
             cpu.setdefault(e.id, e)
-    dev = sorted((e for e in events if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+    dev = sorted(kernels)
     if not dev:
-        return {"total_ms": 0.0, "gaps": 0, "by_launch_path": [], "largest": []}
-    end, prev = dev[0].time_range.end, dev[0]
+        return {"total_ms": 0.0, "gaps": 0, "by_launch_path": [], "largest": [], "host_syncs": []}
+    end, prev = dev[0][1], dev[0][2]
     total, n, by_path, largest = 0.0, 0, {}, []
-    for k in dev[1:]:
-        gap = k.time_range.start - end
+    for start, stop, name, corr in dev[1:]:
+        gap = start - end
         if gap >= min_us:
-            path = _launch_path(cpu.get(k.linked_correlation_id))
+            path = _launch_path(cpu.get(corr))
             total += gap
             n += 1
             acc = by_path.setdefault(path, [0.0, 0])
             acc[0] += gap
             acc[1] += 1
-            largest.append((gap, prev.name[:120], k.name[:120], path))
-        if k.time_range.end > end:
-            end, prev = k.time_range.end, k
+            largest.append((gap, prev[:120], name[:120], path))
+        if stop > end:
+            end, prev = stop, name
     syncs = {}
     for e in events:
         if e.device_type.name == "CPU" and e.name.startswith("cu") and e.name.endswith("Synchronize"):

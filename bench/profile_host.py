@@ -21,7 +21,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_nf4_lora import PlainLora, layer_step, qlora_layer
-from harness import idle_gaps
+from harness import idle_gaps, kernel_spans
 
 
 def per_call_us(fn, calls: int = 300) -> float:
@@ -82,7 +82,7 @@ def gaps(m: int, k: int, n: int, steps: int = 5) -> None:
     print(
         f"QLoRA step {m}x{k}x{n}: {steps} steps span {span / steps:.0f} us/step, kernels busy {busy / steps:.0f} us/step"
     )
-    for g in idle_gaps(events)["largest"]:
+    for g in idle_gaps(kernel_spans(prof), events)["largest"]:
         print(
             f"  idle {g['us']:7.1f} us  after {g['after'][:60]}  before {g['before'][:60]}  ({g['launch_path']})"
         )

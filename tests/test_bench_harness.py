@@ -348,7 +348,7 @@ def test_idle_gaps_charges_each_gap_to_the_launch_of_the_kernel_after_it():
     from types import SimpleNamespace as NS
 
     harness = _bench_module("harness")
-    cpu, cuda = NS(name="CPU"), NS(name="CUDA")
+    cpu = NS(name="CPU")
 
     def op(i, name, parent=None):
         return NS(device_type=cpu, id=i, name=name, cpu_parent=parent)
@@ -361,30 +361,15 @@ def test_idle_gaps_charges_each_gap_to_the_launch_of_the_kernel_after_it():
     sync = op(6, "cudaStreamSynchronize", op(7, "aten::_local_scalar_dense", item))
     add = op(8, "aten::add_", step)
 
-    def kernel(name, start, end, corr):
-        return NS(
-            device_type=cuda,
-            id=100 + start,
-            name=name,
-            time_range=NS(start=start, end=end),
-            linked_correlation_id=corr,
-        )
-
-    events = [
-        step,
-        bwd,
-        mm,
-        launch,
-        item,
-        sync,
-        add,
-        kernel("k0", 0, 10, 3),
-        kernel("k1", 12, 30, 3),  # 2 us after k0: under the 5 us threshold
-        kernel("k2", 25, 40, 3),  # overlaps k1
-        kernel("gemm", 100, 150, 4),  # 60 us idle, launched from aten::mm (via the runtime call)
-        kernel("adam", 170, 180, 8),  # 20 us idle, launched by aten::add_
+    events = [step, bwd, mm, launch, item, sync, add]
+    kernels = [
+        (0, 10, "k0", 3),
+        (12, 30, "k1", 3),  # 2 us after k0: under the 5 us threshold
+        (25, 40, "k2", 3),  # overlaps k1
+        (100, 150, "gemm", 4),  # 60 us idle, launched from aten::mm (via the runtime call)
+        (170, 180, "adam", 8),  # 20 us idle, launched by aten::add_
     ]
-    idle = harness.idle_gaps(events)
+    idle = harness.idle_gaps(kernels[::-1], events)
     assert idle["gaps"] == 2 and idle["total_ms"] == pytest.approx(0.080)
     assert idle["by_launch_path"] == [
         {"path": "CheckpointFunctionBackward > aten::mm", "ms": pytest.approx(0.060), "gaps": 1},
@@ -399,4 +384,4 @@ def test_idle_gaps_charges_each_gap_to_the_launch_of_the_kernel_after_it():
     assert idle["host_syncs"] == [
         {"path": "Optimizer.step > aten::item > aten::_local_scalar_dense", "count": 1}
     ]
-    assert harness.idle_gaps([step])["total_ms"] == 0.0
+    assert harness.idle_gaps([], events)["total_ms"] == 0.0
