@@ -307,20 +307,17 @@ class LoRALinear(NF4Module):
             bias = bias.to(x.dtype)
         if not self.adapters_enabled:
             return self._base(x, bias)
+        # (a cast only when the dtypes differ: .to() returning the tensor itself still costs
+        # host time on every call)
         params = self._parameters  # (nn.Module's __getattr__ costs ~1 us per parameter)
         a, b = params.get("lora_A"), params.get("lora_B")
         if a is None or b is None:  # held elsewhere (a parametrization)
             a, b = self.lora_A, self.lora_B
-        dropout_active = self.training and self.lora_dropout_p > 0
-        if self.quantized and not dropout_active and not self.use_dora:
-            # (the op computes with copies in x's dtype: no autograd node per cast)
-            return nf4_call(self, x, a, b, self.scaling, bias)
-        # (a cast only when the dtypes differ: .to() returning the tensor itself still costs
-        # host time on every call)
         if a.dtype != x.dtype:
             a = a.to(x.dtype)
         if b.dtype != x.dtype:
             b = b.to(x.dtype)
+        dropout_active = self.training and self.lora_dropout_p > 0
         if self.use_dora:
             with torch.no_grad():
                 n = self.weight_row_norms(include_lora=True).clamp_min(DORA_EPS)
@@ -339,6 +336,8 @@ class LoRALinear(NF4Module):
             if bias is None:
                 return y
             return y + (bias if bias.dtype == y.dtype else bias.to(y.dtype))
+        if self.quantized and not dropout_active:
+            return nf4_call(self, x, a, b, self.scaling, bias)
         y = self._base(x, bias)
         return y + self.scaling * F.linear(F.linear(self.lora_dropout(x), a), b)
 

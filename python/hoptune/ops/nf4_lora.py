@@ -394,17 +394,13 @@ class _EagerNF4LoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, q, out_features, lora_A, lora_B, scale, bias, early):
-        # early: (y, None, factors) when the caller has already run the merged weight's GEMM, else
-        # (None, fused, factors) with _merged_weight's fused decision; in a tuple, so that y is not
-        # an input returned as is (autograd would make it a view). factors: (A, B) in x's dtype
-        # when lora_A and lora_B are parameters of another dtype, else None; their gradients
-        # are returned in x's dtype and autograd casts them to the parameters'. No copy of W,
-        # dequantized or merged, is saved for the backward.
-        y, fused, factors = early
-        if factors is not None:
-            lora_A, lora_B = factors
+        # early: (y, None) when the caller has already run the merged weight's GEMM, else
+        # (None, fused) with _merged_weight's fused decision; in a tuple, so that y is not an
+        # input returned as is (autograd would make it a view). No copy of W, dequantized or
+        # merged, is saved for the backward.
         ctx.meta = (q[4], q[5], q[6], out_features, scale)
         ctx.save_for_backward(x, *q[:4], lora_A, lora_B)
+        y, fused = early
         if y is None:
             y = _forward(x, q, out_features, lora_A, lora_B, scale, bias, None, fused)
         # a view as the output would refuse in-place ops on it (_forward returns none; a guard)
@@ -529,31 +525,18 @@ def nf4_lora_linear_trusted(x, q, out_features, lora_A, lora_B, scale: float, bi
     if _amp.enabled(x):
         x, lora_A, lora_B, bias = _amp.cast_inputs(x, x, lora_A, lora_B, bias)
     records = _records_graph(x, lora_A, lora_B, bias)
-    compiling = torch.compiler.is_compiling()
-    a, b = lora_A, lora_B  # the factors the products use: in x's dtype
-    if lora_A is not None and (lora_A.dtype != x.dtype or lora_B.dtype != x.dtype):
-        # adapters kept in another dtype than x (float32 factors of a bf16 model, as PEFT keeps
-        # them): the eager Function takes the parameters themselves and computes with detached
-        # copies in x's dtype, its gradients cast back to the parameters' dtype by autograd, so
-        # that the casts record no autograd nodes of their own (two a call, and two more in the
-        # backward: host time in a step whose backward is host-bound); elsewhere cast as inputs
-        if records and not compiling and not (lora_A.shape[0] % RANK_ALIGN and x.is_cuda):
-            a, b = lora_A.detach().to(x.dtype), lora_B.detach().to(x.dtype)
-        else:
-            lora_A, lora_B = a, b = lora_A.to(x.dtype), lora_B.to(x.dtype)
     if records and lora_A is not None and lora_A.shape[0] % RANK_ALIGN and x.is_cuda:
-        lora_A, lora_B = a, b = _aligned_rank(lora_A, lora_B)
-    if compiling:
+        lora_A, lora_B = _aligned_rank(lora_A, lora_B)
+    if torch.compiler.is_compiling():
         return nf4_lora_linear_op(x, *q, out_features, lora_A, lora_B, scale, bias)
     # the merged kernel first: the host work below runs while the device dequantizes
-    w, fused = _merged_weight(x, q, out_features, a, b, scale)
+    w, fused = _merged_weight(x, q, out_features, lora_A, lora_B, scale)
     if records:
         y = None
         if w is not None:  # and the GEMM, before the Function's host work (on detached inputs)
-            bd = None if bias is None else bias.detach()
-            y = _forward(x.detach(), q, out_features, None, None, scale, bd, w)
-        factors = None if a is lora_A else (a, b)
-        return _EagerNF4LoraLinear.apply(x, q, out_features, lora_A, lora_B, scale, bias, (y, fused, factors))
+            b = None if bias is None else bias.detach()
+            y = _forward(x.detach(), q, out_features, None, None, scale, b, w)
+        return _EagerNF4LoraLinear.apply(x, q, out_features, lora_A, lora_B, scale, bias, (y, fused))
     # nothing to differentiate (no_grad, inference_mode, or no input that requires grad): the
     # forward alone, without the autograd Function's host work (~10 us a call)
     return _forward(x, q, out_features, lora_A, lora_B, scale, bias, w, fused)
