@@ -589,6 +589,9 @@ _BAD_SCALARS = [
     ("temperature", None, "temperature must be a real number, got None"),
     ("temperature", "1.0", "temperature must be a real number, got '1.0'"),
     ("temperature", torch.tensor([1.0, 2.0]), "temperature must be a real number"),
+    ("temperature", True, "temperature must be a real number, got True"),
+    ("ignore_index", False, "ignore_index must be an integer, got False"),
+    ("ignore_index", torch.tensor(True), "ignore_index must be an integer, got tensor(True)"),
 ]
 
 

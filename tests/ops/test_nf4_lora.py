@@ -1097,6 +1097,7 @@ def test_scale_that_requires_grad_refused():
         ({"scale": float("nan")}, ValueError, "scale must be a finite number, got nan"),
         ({"scale": float("inf")}, ValueError, "scale must be a finite number, got inf"),
         ({"scale": "0.5"}, TypeError, "scale must be a real number, got '0.5'"),
+        ({"scale": True}, TypeError, "scale must be a real number, got True"),
     ],
 )
 def test_bad_input(kw, err, msg):

@@ -73,10 +73,22 @@ def boolean(name: str, value: object) -> bool:
     return value
 
 
+def _boolean(value: object) -> bool:
+    """A Python, NumPy or torch bool, which float() and operator.index() would take as 0 or 1."""
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, (int, float, torch.SymInt, torch.SymFloat)):  # (a traced number: no getattr)
+        return False
+    if isinstance(value, torch.Tensor):
+        return value.dtype == torch.bool
+    return type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool")
+
+
 def real(name: str, value: object, none: str = "") -> float:
     """value as a float (a Python or NumPy number, a one-element tensor); ``none``: what the
-    message adds where None is also allowed. Strings are refused, though float() parses them."""
-    if not isinstance(value, (str, bytes)):
+    message adds where None is also allowed. Strings and bools are refused, though float() takes
+    them ('2', True)."""
+    if not isinstance(value, (str, bytes)) and not _boolean(value):
         try:
             return float(value)
         except (TypeError, ValueError, RuntimeError):
@@ -86,11 +98,13 @@ def real(name: str, value: object, none: str = "") -> float:
 
 def integer(name: str, value: object) -> int:
     """value as an int (a Python or NumPy integer, a one-element integer tensor); a float is
-    refused, not truncated."""
+    refused, not truncated, and so is a bool."""
     try:
-        return operator.index(value)
+        if not _boolean(value):
+            return operator.index(value)
     except TypeError:
-        raise TypeError(f"{name} must be an integer, got {value!r}") from None
+        pass
+    raise TypeError(f"{name} must be an integer, got {value!r}")
 
 
 def device(name: str, value: object) -> torch.device:

@@ -490,13 +490,7 @@ def nf4_lora_linear(
         if bias.dtype != x.dtype and not (mixed_ok and bias.dtype in FLOAT_DTYPES):
             raise TypeError(f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
     _check.same_device(x=x, w_nf4=w_nf4.packed, lora_A=lora_A, lora_B=lora_B, bias=bias)
-    try:
-        value = float(scale) if not isinstance(scale, (str, bytes)) else None  # (float() parses strings)
-    except (TypeError, ValueError, RuntimeError):
-        value = None
-    if value is None:
-        raise TypeError(f"scale must be a real number, got {scale!r}")
-    scale = value
+    scale = _check.real("scale", scale)
     # (every output would be nan; comparisons, not math.isfinite, which a symbolic float of
     # torch.compile's dynamic shapes cannot take)
     if not (-math.inf < scale < math.inf):
