@@ -211,7 +211,14 @@ def idle_gaps(
             cpu.setdefault(e.id, e)
     dev = sorted(kernels)
     if not dev:
-        return {"total_ms": 0.0, "gaps": 0, "by_launch_path": [], "largest": [], "host_syncs": []}
+        return {
+            "total_ms": 0.0,
+            "gaps": 0,
+            "min_gap_us": min_us,
+            "by_launch_path": [],
+            "largest": [],
+            "host_syncs": [],
+        }
     end, prev = dev[0][1], dev[0][2]
     total, n, by_path, largest = 0.0, 0, {}, []
     for start, stop, name, corr in dev[1:]:

@@ -73,7 +73,7 @@ def boolean(name: str, value: object) -> bool:
     return value
 
 
-def _boolean(value: object) -> bool:
+def _is_bool(value: object) -> bool:
     """A Python, NumPy or torch bool, which float() and operator.index() would take as 0 or 1."""
     if isinstance(value, bool):
         return True
@@ -88,7 +88,7 @@ def real(name: str, value: object, none: str = "") -> float:
     """value as a float (a Python or NumPy number, a one-element tensor); ``none``: what the
     message adds where None is also allowed. Strings and bools are refused, though float() takes
     them ('2', True)."""
-    if not isinstance(value, (str, bytes)) and not _boolean(value):
+    if not isinstance(value, (str, bytes)) and not _is_bool(value):
         try:
             return float(value)
         except (TypeError, ValueError, RuntimeError):
@@ -100,7 +100,7 @@ def integer(name: str, value: object) -> int:
     """value as an int (a Python or NumPy integer, a one-element integer tensor); a float is
     refused, not truncated, and so is a bool."""
     try:
-        if not _boolean(value):
+        if not _is_bool(value):
             return operator.index(value)
     except TypeError:
         pass
