@@ -120,6 +120,14 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="keep transformers' RMSNorm / SwiGLU / rotary ops (no hoptune.fuse_decoder_ops)",
     )
+    p.add_argument(
+        "--alternate-fuse",
+        type=int,
+        default=0,
+        metavar="N",
+        help="then N more steps each with and without the fused decoder ops, alternated in this "
+        "process (the fusion's gain on one machine, one step apart)",
+    )
     p.add_argument("--attn", default=None, help="attention implementation (default: transformers' choice)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/sft_8b[_tiny].json)")
     p.add_argument(
@@ -139,6 +147,10 @@ def main(argv: list[str] | None = None) -> dict:
             p.error(f"--{flag} must be at least 1, got {value}")
     if args.warmup < 0:
         p.error(f"--warmup must be at least 0, got {args.warmup}")
+    if args.alternate_fuse < 0:
+        p.error(f"--alternate-fuse must be at least 0, got {args.alternate_fuse}")
+    if args.alternate_fuse and args.no_fuse:
+        p.error("--alternate-fuse alternates the fused and unfused step itself: leave out --no-fuse")
     if args.anchor_script is not None:
         if not os.path.isfile(args.anchor_script):
             p.error(f"--anchor-script {args.anchor_script!r} is not a file")
@@ -212,7 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
     tokens_per_step = args.batch * seq * args.accum
-    for step in range(total_steps):
+
+    def timed_step() -> tuple[float, float]:
         micro = [micro_batch() for _ in range(args.accum)]
         if cuda:
             torch.cuda.synchronize()
@@ -221,7 +234,10 @@ def main(argv: list[str] | None = None) -> dict:
         loop.optimizer_step(opt, sched, params, 1.0)
         if cuda:
             torch.cuda.synchronize()
-        dt = time.perf_counter() - ts
+        return time.perf_counter() - ts, loss
+
+    for step in range(total_steps):
+        dt, loss = timed_step()
         losses.append(loss)
         tag = "warmup" if step < args.warmup else "timed"
         print(
@@ -253,6 +269,33 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"  {g['ms']:7.2f} ms {g['gaps']:5d} gaps  {g['path'][:110]}")
         for g in idle["host_syncs"]:
             print(f"  sync x{g['count']}: {g['path'][:110]}")
+
+    alternate = None
+    if args.alternate_fuse:
+        # one step apart on the same machine, the model and optimizer carried on: unfused, fused,
+        # unfused, ... after one untimed step of each (the unfused GEMM shapes are the same ones,
+        # but transformers' own ops meet the allocator and the GEMM choice for the first time)
+        runs: dict[str, list[float]] = {"unfused": [], "fused": []}
+        for i in range(2 * (args.alternate_fuse + 1)):
+            kind = "unfused" if i % 2 == 0 else "fused"
+            if kind == "unfused":
+                hoptune.unfuse_decoder_ops(model)
+            else:
+                hoptune.fuse_decoder_ops(model)
+            dt, _ = timed_step()
+            if i >= 2:
+                runs[kind].append(dt)
+        meds = {k: statistics.median(v) for k, v in runs.items()}
+        alternate = {
+            "steps_each": args.alternate_fuse,
+            "step_s": runs,
+            "median_step_s": meds,
+            "unfused_over_fused": meds["unfused"] / meds["fused"],
+        }
+        print(
+            f"alternated, {args.alternate_fuse} steps each: fused {meds['fused']:.3f}s, unfused "
+            f"{meds['unfused']:.3f}s median ({alternate['unfused_over_fused']:.3f}x the fused step's time)"
+        )
 
     # 4. report
     info = env_info()
@@ -295,6 +338,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if profile is not None:
         result["profile"] = profile
+    if alternate is not None:
+        result["alternate_fuse"] = alternate
     mem = f", peak GPU memory {train_peak:.2f} GiB (setup {setup_peak:.2f} GiB)" if cuda else ""
     print(f"median step {med:.3f}s: {tokens_per_step / med:,.0f} tokens/s{mem}")
     if args.anchor_script is not None:

@@ -115,3 +115,30 @@ def test_bench_sft_8b_profile_without_a_gpu_says_it_is_skipped(tmp_path, capsys)
     argv = ["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--profile"]
     data = bench_sft_8b.main([*argv, "--out", str(tmp_path / "x.json")])
     assert "profile" not in data and "--profile: no CUDA device" in capsys.readouterr().out
+
+
+def test_bench_sft_8b_alternates_the_fused_and_unfused_step_in_one_process(tmp_path, capsys, monkeypatch):
+    """--alternate-fuse N: after the timed steps, N more of each kind one step apart (after one
+    untimed step of each), the decoder ops unfused and fused again between them; the JSON records
+    both series and the ratio of their medians; with --no-fuse it is refused."""
+    import hoptune
+
+    bench_sft_8b = _bench_sft()
+    calls = []
+    for name in ("fuse_decoder_ops", "unfuse_decoder_ops"):
+        real = getattr(hoptune, name)
+        monkeypatch.setattr(hoptune, name, lambda m, _real=real, _name=name: calls.append(_name) or _real(m))
+    argv = ["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "0"]
+    data = bench_sft_8b.main([*argv, "--alternate-fuse", "2", "--out", str(tmp_path / "x.json")])
+    alt = data["alternate_fuse"]
+    assert alt["steps_each"] == 2
+    assert len(alt["step_s"]["fused"]) == len(alt["step_s"]["unfused"]) == 2
+    med = alt["median_step_s"]
+    assert alt["unfused_over_fused"] == pytest.approx(med["unfused"] / med["fused"])
+    assert json.loads((tmp_path / "x.json").read_text())["alternate_fuse"]["steps_each"] == 2
+    # fused for the timed steps, then unfused / fused three times each (one untimed pair first)
+    assert calls == ["fuse_decoder_ops"] + ["unfuse_decoder_ops", "fuse_decoder_ops"] * 3
+    assert "alternated, 2 steps each" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench_sft_8b.main([*argv, "--alternate-fuse", "1", "--no-fuse", "--out", str(tmp_path / "y.json")])
+    assert "leave out --no-fuse" in capsys.readouterr().err
