@@ -205,10 +205,14 @@ def idle_gaps(
     with the kernels on either side, and the host's device syncs by the ops that made them. A gap
     after a sync, or where the host launches slower than the device runs, shows here, charged to
     whoever launched the kernel that ended it."""
-    cpu = {}
+    cpu, syncs = {}, {}
     for e in events:
         if e.device_type.name == "CPU":
             cpu.setdefault(e.id, e)
+            if e.name.startswith("cu") and e.name.endswith("Synchronize"):
+                key = _launch_path(e)
+                syncs[key] = syncs.get(key, 0) + 1
+    host_syncs = [{"path": p, "count": c} for p, c in sorted(syncs.items(), key=lambda kv: -kv[1])]
     dev = sorted(kernels)
     if not dev:
         return {
@@ -217,7 +221,7 @@ def idle_gaps(
             "min_gap_us": min_us,
             "by_launch_path": [],
             "largest": [],
-            "host_syncs": [],
+            "host_syncs": host_syncs,
         }
     end, prev = dev[0][1], dev[0][2]
     total, n, by_path, largest = 0.0, 0, {}, []
@@ -233,11 +237,6 @@ def idle_gaps(
             largest.append((gap, prev[:120], name[:120], path))
         if stop > end:
             end, prev = stop, name
-    syncs = {}
-    for e in events:
-        if e.device_type.name == "CPU" and e.name.startswith("cu") and e.name.endswith("Synchronize"):
-            key = _launch_path(e)
-            syncs[key] = syncs.get(key, 0) + 1
     largest.sort(key=lambda g: -g[0])
     return {
         "total_ms": total / 1e3,
@@ -248,7 +247,7 @@ def idle_gaps(
             for p, v in sorted(by_path.items(), key=lambda kv: -kv[1][0])[:top]
         ],
         "largest": [{"us": g, "after": a, "before": b, "launch_path": p} for g, a, b, p in largest[:top]],
-        "host_syncs": [{"path": p, "count": c} for p, c in sorted(syncs.items(), key=lambda kv: -kv[1])],
+        "host_syncs": host_syncs,
     }
 
 
