@@ -18,7 +18,6 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
-#include <type_traits>
 
 #include "hoptune/common/dispatch.h"
 #include "hoptune/common/mma.cuh"
@@ -266,20 +265,16 @@ cudaError_t lora_dy_pass(const void* dy, int64_t ldy, int64_t m, int64_t n, cons
   for (const void* p : ptrs) HOPTUNE_REQUIRE(reinterpret_cast<uintptr_t>(p) % 16 == 0);
   HOPTUNE_CUDA_TRY(cudaMemsetAsync(workspace, 0, static_cast<size_t>(m + n) * rank * 4, stream));
   const DyPassArgs a{dy, ldy, m, n, lora_b, xa, workspace, workspace + m * rank, /*chunks=*/1};
-  return HOPTUNE_DISPATCH_FLOAT(dtype, T, [&]() -> cudaError_t {
-    if constexpr (std::is_same_v<T, float>) {
-      return cudaErrorInvalidValue;
-    } else {
-      switch (rank) {
-        case 8:
-          return launch_dy_pass<T, 1>(a, scale, dxa, db, stream);
-        case 16:
-          return launch_dy_pass<T, 2>(a, scale, dxa, db, stream);
-        case 32:
-          return launch_dy_pass<T, 4>(a, scale, dxa, db, stream);
-        default:
-          return launch_dy_pass<T, 8>(a, scale, dxa, db, stream);
-      }
+  return HOPTUNE_DISPATCH_HALF(dtype, T, [&]() -> cudaError_t {
+    switch (rank) {
+      case 8:
+        return launch_dy_pass<T, 1>(a, scale, dxa, db, stream);
+      case 16:
+        return launch_dy_pass<T, 2>(a, scale, dxa, db, stream);
+      case 32:
+        return launch_dy_pass<T, 4>(a, scale, dxa, db, stream);
+      default:
+        return launch_dy_pass<T, 8>(a, scale, dxa, db, stream);
     }
   });
 }

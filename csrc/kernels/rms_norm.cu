@@ -183,18 +183,14 @@ cudaError_t rms_norm_forward(const RmsNormForward& a, cudaStream_t stream) {
   HOPTUNE_REQUIRE(a.ldx >= a.cols && a.ldy >= a.cols);
   HOPTUNE_REQUIRE(aligned16(a.x) && aligned16(a.w) && aligned16(a.y));
   HOPTUNE_REQUIRE(a.dtype == DType::kBFloat16 || a.dtype == DType::kFloat16);
-  return HOPTUNE_DISPATCH_FLOAT(a.dtype, T, [&] {
-    if constexpr (std::is_same_v<T, float>) {
-      return cudaErrorInvalidValue;
-    } else {
-      return launch_rows(a, [&](auto tpr, int64_t blocks) {
-        constexpr int kTpr = decltype(tpr)::value;
-        // registers for the whole row up to 512 columns a warp, 4096 a block
-        rms_norm_forward_kernel<T, kTpr, kTpr == 32 ? 2 : 4>
-            <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(a);
-        return cudaGetLastError();
-      });
-    }
+  return HOPTUNE_DISPATCH_HALF(a.dtype, T, [&] {
+    return launch_rows(a, [&](auto tpr, int64_t blocks) {
+      constexpr int kTpr = decltype(tpr)::value;
+      // registers for the whole row up to 512 columns a warp, 4096 a block
+      rms_norm_forward_kernel<T, kTpr, kTpr == 32 ? 2 : 4>
+          <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(a);
+      return cudaGetLastError();
+    });
   });
 }
 
@@ -206,17 +202,13 @@ cudaError_t rms_norm_backward(const RmsNormBackward& a, cudaStream_t stream) {
   HOPTUNE_REQUIRE(a.lddy >= a.cols && a.ldx >= a.cols && a.lddx >= a.cols);
   HOPTUNE_REQUIRE(aligned16(a.dy) && aligned16(a.x) && aligned16(a.w) && aligned16(a.dx));
   HOPTUNE_REQUIRE(a.dtype == DType::kBFloat16 || a.dtype == DType::kFloat16);
-  return HOPTUNE_DISPATCH_FLOAT(a.dtype, T, [&] {
-    if constexpr (std::is_same_v<T, float>) {
-      return cudaErrorInvalidValue;
-    } else {
-      return launch_rows(a, [&](auto tpr, int64_t blocks) {
-        constexpr int kTpr = decltype(tpr)::value;
-        rms_norm_backward_kernel<T, kTpr, kTpr == 32 ? 2 : 4>
-            <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(a);
-        return cudaGetLastError();
-      });
-    }
+  return HOPTUNE_DISPATCH_HALF(a.dtype, T, [&] {
+    return launch_rows(a, [&](auto tpr, int64_t blocks) {
+      constexpr int kTpr = decltype(tpr)::value;
+      rms_norm_backward_kernel<T, kTpr, kTpr == 32 ? 2 : 4>
+          <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(a);
+      return cudaGetLastError();
+    });
   });
 }
 

@@ -77,17 +77,13 @@ cudaError_t rope(const Rope& a, cudaStream_t stream) {
   HOPTUNE_REQUIRE(per_head <= 0x7fffffff - kThreads && a.heads <= 65535 && a.batch <= 65535);
   const dim3 grid(static_cast<unsigned>((per_head + kThreads - 1) / kThreads),
                   static_cast<unsigned>(a.heads), static_cast<unsigned>(a.batch));
-  return HOPTUNE_DISPATCH_FLOAT(a.dtype, T, [&] {
-    if constexpr (std::is_same_v<T, float>) {
-      return cudaErrorInvalidValue;
+  return HOPTUNE_DISPATCH_HALF(a.dtype, T, [&] {
+    if (a.backward) {
+      rope_kernel<T, true><<<grid, kThreads, 0, stream>>>(a, static_cast<int>(per_head));
     } else {
-      if (a.backward) {
-        rope_kernel<T, true><<<grid, kThreads, 0, stream>>>(a, static_cast<int>(per_head));
-      } else {
-        rope_kernel<T, false><<<grid, kThreads, 0, stream>>>(a, static_cast<int>(per_head));
-      }
-      return cudaGetLastError();
+      rope_kernel<T, false><<<grid, kThreads, 0, stream>>>(a, static_cast<int>(per_head));
     }
+    return cudaGetLastError();
   });
 }
 

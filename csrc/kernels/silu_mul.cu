@@ -99,14 +99,10 @@ cudaError_t silu_mul_forward(const void* gate, const void* up, void* out, int64_
   HOPTUNE_REQUIRE(dtype == DType::kBFloat16 || dtype == DType::kFloat16);
   unsigned grid = 0;
   HOPTUNE_CUDA_TRY(grid_of(n, &grid));
-  return HOPTUNE_DISPATCH_FLOAT(dtype, T, [&] {
-    if constexpr (std::is_same_v<T, float>) {
-      return cudaErrorInvalidValue;
-    } else {
-      silu_mul_forward_kernel<T><<<grid, kThreads, 0, stream>>>(
-          static_cast<const T*>(gate), static_cast<const T*>(up), static_cast<T*>(out), n);
-      return cudaGetLastError();
-    }
+  return HOPTUNE_DISPATCH_HALF(dtype, T, [&] {
+    silu_mul_forward_kernel<T><<<grid, kThreads, 0, stream>>>(
+        static_cast<const T*>(gate), static_cast<const T*>(up), static_cast<T*>(out), n);
+    return cudaGetLastError();
   });
 }
 
@@ -119,15 +115,11 @@ cudaError_t silu_mul_backward(const void* dout, const void* gate, const void* up
   HOPTUNE_REQUIRE(dtype == DType::kBFloat16 || dtype == DType::kFloat16);
   unsigned grid = 0;
   HOPTUNE_CUDA_TRY(grid_of(n, &grid));
-  return HOPTUNE_DISPATCH_FLOAT(dtype, T, [&] {
-    if constexpr (std::is_same_v<T, float>) {
-      return cudaErrorInvalidValue;
-    } else {
-      silu_mul_backward_kernel<T><<<grid, kThreads, 0, stream>>>(
-          static_cast<const T*>(dout), static_cast<const T*>(gate), static_cast<const T*>(up),
-          static_cast<T*>(dgate), static_cast<T*>(dup), n);
-      return cudaGetLastError();
-    }
+  return HOPTUNE_DISPATCH_HALF(dtype, T, [&] {
+    silu_mul_backward_kernel<T><<<grid, kThreads, 0, stream>>>(
+        static_cast<const T*>(dout), static_cast<const T*>(gate), static_cast<const T*>(up),
+        static_cast<T*>(dgate), static_cast<T*>(dup), n);
+    return cudaGetLastError();
   });
 }
 

@@ -6,24 +6,34 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#define HOPTUNE_DISPATCH_CASE_(dtype, ctype, T, ...) \
+  case ::hoptune::DType::dtype: {                    \
+    using T = ctype;                                 \
+    return __VA_ARGS__();                            \
+  }
+
 // HOPTUNE_DISPATCH_FLOAT(code, T, ...) runs the body with T = float, __half or __nv_bfloat16.
-#define HOPTUNE_DISPATCH_FLOAT(code, T, ...) \
-  [&]() -> cudaError_t {                     \
-    switch (code) {                          \
-      case ::hoptune::DType::kFloat32: {     \
-        using T = float;                     \
-        return __VA_ARGS__();                \
-      }                                      \
-      case ::hoptune::DType::kFloat16: {     \
-        using T = __half;                    \
-        return __VA_ARGS__();                \
-      }                                      \
-      case ::hoptune::DType::kBFloat16: {    \
-        using T = __nv_bfloat16;             \
-        return __VA_ARGS__();                \
-      }                                      \
-    }                                        \
-    return cudaErrorInvalidValue;            \
+#define HOPTUNE_DISPATCH_FLOAT(code, T, ...)                           \
+  [&]() -> cudaError_t {                                               \
+    switch (code) {                                                    \
+      HOPTUNE_DISPATCH_CASE_(kFloat32, float, T, __VA_ARGS__)          \
+      HOPTUNE_DISPATCH_CASE_(kFloat16, __half, T, __VA_ARGS__)         \
+      HOPTUNE_DISPATCH_CASE_(kBFloat16, __nv_bfloat16, T, __VA_ARGS__) \
+    }                                                                  \
+    return cudaErrorInvalidValue;                                      \
+  }()
+
+// HOPTUNE_DISPATCH_HALF(code, T, ...): the 16-bit types only (__half, __nv_bfloat16), for kernels
+// with no float32 instance; any other code is cudaErrorInvalidValue.
+#define HOPTUNE_DISPATCH_HALF(code, T, ...)                            \
+  [&]() -> cudaError_t {                                               \
+    switch (code) {                                                    \
+      HOPTUNE_DISPATCH_CASE_(kFloat16, __half, T, __VA_ARGS__)         \
+      HOPTUNE_DISPATCH_CASE_(kBFloat16, __nv_bfloat16, T, __VA_ARGS__) \
+      default:                                                         \
+        break;                                                         \
+    }                                                                  \
+    return cudaErrorInvalidValue;                                      \
   }()
 
 namespace hoptune {
