@@ -104,6 +104,20 @@ def build(shape: dict, device: torch.device, dtype: torch.dtype, attn: str | Non
     return model
 
 
+def compile_layers(model) -> int:
+    """torch.compile (inductor) on each decoder layer in place; the number compiled. The layers
+    share one traced graph; instance forwards (the fused decoder ops') guard on each layer's own
+    functions, so the recompile limit is raised to cover every layer."""
+    layers = model.model.layers
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 2 * len(layers) + 8))
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="a tiny model (tests the logic on a CPU)")
@@ -128,6 +142,11 @@ def main(argv: list[str] | None = None) -> dict:
         help="then N more steps each with and without the fused decoder ops, alternated in this "
         "process (the fusion's gain on one machine, one step apart)",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile each decoder layer (inductor; the first steps compile)",
+    )
     p.add_argument("--attn", default=None, help="attention implementation (default: transformers' choice)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/sft_8b[_tiny].json)")
     p.add_argument(
@@ -149,6 +168,10 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"--warmup must be at least 0, got {args.warmup}")
     if args.alternate_fuse < 0:
         p.error(f"--alternate-fuse must be at least 0, got {args.alternate_fuse}")
+    if args.alternate_fuse and args.compile:
+        p.error(
+            "--alternate-fuse changes the layers' forwards, which --compile has traced: use one of the two"
+        )
     if args.alternate_fuse and args.no_fuse:
         p.error("--alternate-fuse alternates the fused and unfused step itself: leave out --no-fuse")
     if args.anchor_script is not None:
@@ -197,6 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_grad_ckpt:
         loop.enable_gradient_checkpointing(model)
     model.train()
+    compiled = compile_layers(model) if args.compile else None
     named = loop.trainable_parameters(model)
     n_train, n_total = loop.count_parameters(model)
     setup_peak = loop.gpu_memory_gib()
@@ -323,6 +347,7 @@ def main(argv: list[str] | None = None) -> dict:
             "attn_implementation": model.config._attn_implementation,
             "kernels": hoptune.kernels_available(),
             "fused_decoder_ops": fused,
+            "compiled_layers": compiled,
         },
         "trainable_params": n_train,
         "total_params": n_total,
