@@ -144,3 +144,26 @@ def test_disable_kernels_reads_false_as_false(monkeypatch, value, disabled):
         assert _lib._disabled() is disabled
     finally:
         _lib._disabled.cache_clear()
+
+
+def test_dispatch_checks_trace_under_compile_without_cache_warnings():
+    """The checks every op makes (the extension loaded, the kernels not disabled) run inside a
+    compiled model: torch.compile traces them without its warning on functools' cache wrappers."""
+    import warnings
+
+    import torch
+
+    from hoptune import _lib
+
+    def f(x):
+        on = _lib.extension() is not None and not _lib._disabled()
+        return x + 1 if on else x - 1
+
+    expected = f(torch.ones(2))  # (the first, eager call loads the extension: not traced)
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = torch.compile(f, backend="eager", fullgraph=True)(torch.ones(2))
+    torch._dynamo.reset()
+    assert torch.equal(y, expected)
+    assert not [w for w in caught if "cache" in str(w.message)], [str(w.message) for w in caught]

@@ -23,7 +23,24 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _warned: set[str] = set()
 
 
-@functools.lru_cache(maxsize=1)
+def _memo(fn):
+    """``functools.cache`` as a plain function over a dict (with its ``cache_clear``): torch.compile
+    warns when it traces a call through functools' cache wrappers, as it does the ops' dispatch
+    checks (kernels_run_on) inside a compiled model."""
+    memo: dict = {}
+
+    @functools.wraps(fn)
+    def cached(*args):
+        if args in memo:
+            return memo[args]
+        value = memo[args] = fn(*args)
+        return value
+
+    cached.cache_clear = memo.clear
+    return cached
+
+
+@_memo
 def _load() -> tuple[ModuleType | None, str | None]:
     try:
         # (import_module: `from hoptune import _C` turns a missing module into "cannot import name")
@@ -81,7 +98,7 @@ def env_off(name: str, default: str) -> bool:
     return os.environ.get(name, default).strip().lower() in ("", "0", "false", "no", "off")
 
 
-@functools.cache
+@_memo
 def _disabled() -> bool:
     """HOPTUNE_DISABLE_KERNELS, read once (an environment lookup costs microseconds of host time
     per call, and use_kernel runs on every op call). 0, false, no, off or empty leave the kernels
@@ -111,7 +128,7 @@ def kernels_available() -> bool:
     return unavailable_reason() is None
 
 
-@functools.cache
+@_memo
 def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
