@@ -365,6 +365,18 @@ def main(argv: list[str] | None = None) -> dict:
         result["profile"] = profile
     if alternate is not None:
         result["alternate_fuse"] = alternate
+    if args.compile:
+        from torch._dynamo.utils import counters
+
+        breaks = dict(counters["graph_break"])
+        result["compile"] = {
+            "graph_breaks": sum(breaks.values()),
+            "graph_break_reasons": {k[:300]: v for k, v in breaks.items()},
+            "unique_graphs": counters["stats"].get("unique_graphs"),
+        }
+        print(
+            f"compiled: {result['compile']['unique_graphs']} graphs, {result['compile']['graph_breaks']} graph breaks"
+        )
     mem = f", peak GPU memory {train_peak:.2f} GiB (setup {setup_peak:.2f} GiB)" if cuda else ""
     print(f"median step {med:.3f}s: {tokens_per_step / med:,.0f} tokens/s{mem}")
     if args.anchor_script is not None:
