@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hoptune
-from harness import LLAMA_8B, device_breakdown, env_info, write_json
+from harness import LLAMA_8B, GcPauses, device_breakdown, env_info, write_json
 from hoptune.data.packing import Row, collate
 from hoptune.train import loop
 from hoptune.train.sft import sft_step
@@ -147,6 +147,12 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="torch.compile each decoder layer (inductor; the first steps compile)",
     )
+    p.add_argument(
+        "--no-gc-freeze",
+        action="store_true",
+        help="leave Python's collector as it is (the trainer freezes the objects alive before its loop: "
+        "loop.freeze_gc)",
+    )
     p.add_argument("--attn", default=None, help="attention implementation (default: transformers' choice)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/sft_8b[_tiny].json)")
     p.add_argument(
@@ -248,6 +254,9 @@ def main(argv: list[str] | None = None) -> dict:
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
     tokens_per_step = args.batch * seq * args.accum
+    frozen = False if args.no_gc_freeze else loop.freeze_gc()  # (as the trainer does before its loop)
+    gc_pauses = GcPauses().__enter__()
+    gc_steps: list[list[tuple[int, float]]] = []
 
     def timed_step() -> tuple[float, float]:
         micro = [micro_batch() for _ in range(args.accum)]
@@ -267,10 +276,26 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"step {step + 1}/{total_steps} ({tag}): {dt:.3f}s, {tokens_per_step / dt:,.0f} tok/s, loss {loss:.4f}"
         )
+        pauses = gc_pauses.take()
         if step >= args.warmup:
             times.append(dt)
+            gc_steps.append(pauses)
+    gc_pauses.__exit__(None, None, None)
+    loop.unfreeze_gc(frozen)
     train_peak = loop.gpu_memory_gib()
     med = statistics.median(times)
+    full = [[ms for gen, ms in st if gen == 2] for st in gc_steps]
+    gc_record = {
+        "frozen": frozen,
+        "pause_ms_per_step": [sum(ms for _, ms in st) for st in gc_steps],
+        "full_collections_per_step": [len(f) for f in full],
+        "full_collection_ms": [ms for f in full for ms in f],
+    }
+    print(
+        f"gc ({'objects frozen before the loop' if frozen else 'not frozen'}): "
+        f"{sum(gc_record['full_collections_per_step'])} full collections in the timed steps, "
+        f"{sum(gc_record['full_collection_ms']):.1f} ms; all pauses {sum(gc_record['pause_ms_per_step']):.1f} ms"
+    )
     profile = None
     if args.profile and not cuda:
         print("--profile: no CUDA device, so no kernels to time: skipped")
@@ -357,9 +382,11 @@ def main(argv: list[str] | None = None) -> dict:
         "setup_peak_gib": setup_peak,
         "train_peak_gib": train_peak,
         "step_s": times,
+        "mean_step_s": statistics.fmean(times),
         "median_step_s": med,
         "tokens_per_s": tokens_per_step / med,
         "losses": losses,
+        "gc": gc_record,
     }
     if profile is not None:
         result["profile"] = profile

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -279,6 +280,33 @@ def bench_graph(fns: Sequence[Callable[[], object]], calls: int = 24, rep: int =
         for i in range(calls):
             fns[i % len(fns)]()
     return bench(graph.replay, warmup=2, rep=rep) / calls
+
+
+class GcPauses:
+    """Python's garbage-collector pauses while active (``gc.callbacks``): ``take()`` returns the
+    (generation, ms) of each collection since the last call. Generation 2 is the full collection."""
+
+    def __init__(self) -> None:
+        self._pauses: list[tuple[int, float]] = []
+        self._start: float | None = None
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self._start is not None:
+            self._pauses.append((info["generation"], (time.perf_counter() - self._start) * 1e3))
+            self._start = None
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def take(self) -> list[tuple[int, float]]:
+        out, self._pauses = self._pauses, []
+        return out
 
 
 def peak_extra_gib(fn: Callable[[], object]) -> float:

@@ -142,3 +142,44 @@ def test_bench_sft_8b_alternates_the_fused_and_unfused_step_in_one_process(tmp_p
     with pytest.raises(SystemExit):
         bench_sft_8b.main([*argv, "--alternate-fuse", "1", "--no-fuse", "--out", str(tmp_path / "y.json")])
     assert "leave out --no-fuse" in capsys.readouterr().err
+
+
+def test_bench_sft_tiny_compiled_matches_eager_and_records_gc(tmp_path):
+    """--compile: each decoder layer under torch.compile, the same losses as the eager run (fp32 on
+    the CPU), the graph breaks counted; both runs record the collector's pauses per step."""
+    import torch
+
+    bench_sft_8b = _bench_sft()
+    runs = {}
+    for name, extra in (("eager", ["--no-gc-freeze"]), ("compiled", ["--compile"])):
+        out = tmp_path / f"{name}.json"
+        bench_sft_8b.main(
+            ["--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--out", str(out), *extra]
+        )
+        runs[name] = json.loads(out.read_text())
+    torch._dynamo.reset()
+    eager, compiled = runs["eager"], runs["compiled"]
+    assert compiled["losses"] == pytest.approx(eager["losses"], rel=1e-5)
+    assert compiled["config"]["compiled_layers"] == 2 and eager["config"]["compiled_layers"] is None
+    assert compiled["compile"]["graph_breaks"] == 0 and "compile" not in eager
+    assert eager["gc"]["frozen"] is False and compiled["gc"]["frozen"] is True
+    for run in (eager, compiled):
+        assert len(run["gc"]["pause_ms_per_step"]) == len(run["step_s"]) == 2
+
+
+def test_bench_sft_8b_refuses_compile_with_alternate_fuse(tmp_path, capsys):
+    bench_sft_8b = _bench_sft()
+    with pytest.raises(SystemExit) as e:
+        bench_sft_8b.main(
+            [
+                "--tiny",
+                "--device",
+                "cpu",
+                "--compile",
+                "--alternate-fuse",
+                "2",
+                "--out",
+                str(tmp_path / "x.json"),
+            ]
+        )
+    assert e.value.code == 2 and "--compile" in capsys.readouterr().err

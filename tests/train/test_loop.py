@@ -601,3 +601,34 @@ def test_resolve_device_without_a_gpu_names_the_callers_setting(monkeypatch):
     with pytest.raises(ValueError, match="no CUDA device is visible$") as e:
         loop.resolve_device("cuda:0", setting=None)
     assert "model.device" not in str(e.value)
+
+
+def test_freeze_gc_freezes_and_gives_back():
+    import gc
+
+    assert gc.get_freeze_count() == 0
+    frozen = loop.freeze_gc()
+    try:
+        assert frozen and gc.get_freeze_count() > 0
+    finally:
+        loop.unfreeze_gc(frozen)
+    assert gc.get_freeze_count() == 0
+
+
+def test_freeze_gc_leaves_the_callers_freeze_and_a_disabled_collector_alone():
+    import gc
+
+    gc.freeze()
+    try:
+        mine = gc.get_freeze_count()
+        frozen = loop.freeze_gc()
+        assert not frozen
+        loop.unfreeze_gc(frozen)
+        assert gc.get_freeze_count() == mine  # (not unfrozen by the loop's helper)
+    finally:
+        gc.unfreeze()
+    gc.disable()
+    try:
+        assert not loop.freeze_gc() and gc.get_freeze_count() == 0
+    finally:
+        gc.enable()

@@ -109,6 +109,31 @@ def test_adapter_is_saved_before_the_final_eval(tmp_path, tokenizer, demo_data, 
     assert os.path.isfile(os.path.join(cfg.output.dir, "adapter", "adapter_model.safetensors"))
 
 
+def test_loop_runs_with_the_setup_frozen_and_gives_it_back(tmp_path, tokenizer, demo_data, monkeypatch):
+    """The objects alive before the loop are frozen out of the collector's full collections while
+    it runs (loop.freeze_gc), and given back after it, on a failure too."""
+    import gc
+
+    seen = []
+    step = sft.sft_step
+
+    def counting_step(*a, **k):
+        seen.append(gc.get_freeze_count())
+        if len(seen) == 3:
+            raise RuntimeError("stop here")
+        return step(*a, **k)
+
+    monkeypatch.setattr(sft, "sft_step", counting_step)
+    cfg = small_config(tmp_path, demo_data, "train.max_steps=2")
+    sft.train(cfg, log=lambda s: None, model=build_model(seed=0, **SMALL), tokenizer=tokenizer)
+    assert len(seen) == 2 and all(n > 0 for n in seen)
+    assert gc.get_freeze_count() == 0
+    cfg = small_config(tmp_path / "again", demo_data, "train.max_steps=4")
+    with pytest.raises(RuntimeError, match="stop here"):
+        sft.train(cfg, log=lambda s: None, model=build_model(seed=0, **SMALL), tokenizer=tokenizer)
+    assert gc.get_freeze_count() == 0
+
+
 def test_epochs_cover_each_row_once(tmp_path, tokenizer, demo_data, monkeypatch):
     """train.epochs=1 over 70 rows, 8 rows a step: 9 steps, the last one the 6 rows left over, and
     the run ends exactly at epoch 1 (no step spills into the next epoch)."""

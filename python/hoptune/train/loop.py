@@ -9,6 +9,7 @@ particular loss.
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import json
 import math
@@ -544,6 +545,27 @@ def evaluate_nll(
     if n == 0:
         raise ValueError("evaluation data has no loss token")
     return {"loss": nll / n, "ppl": math.exp(min(nll / n, 50.0)), "tokens": float(n)}
+
+
+def freeze_gc() -> bool:
+    """Before a training loop: collect once, then move every object alive now (the model's modules
+    and parameters, the optimizer, the libraries imported) out of the collector's generations
+    (``gc.freeze``). Python's full collections, which a step's many short-lived objects set off
+    every few steps, then walk only what was made since, instead of pausing one step in several.
+    Returns whether it froze (not where the collector is off or objects are already frozen: the
+    caller's own freeze is left as it is); pass that to ``unfreeze_gc`` after the loop."""
+    if not gc.isenabled() or gc.get_freeze_count():
+        return False
+    gc.collect()
+    gc.freeze()
+    return True
+
+
+def unfreeze_gc(frozen: bool) -> None:
+    """After the loop: the objects ``freeze_gc`` froze back in the collector's care (a model
+    dropped later, in cycles of references, is collected again)."""
+    if frozen:
+        gc.unfreeze()
 
 
 def gpu_memory_gib() -> float | None:

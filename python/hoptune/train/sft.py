@@ -770,6 +770,7 @@ def _train(
     progress = loop.Progress(total, initial=step, enabled=out.progress, desc="sft")
     timer = loop.Timer()
     last_eval = None
+    frozen = loop.freeze_gc()
     try:
         while step < total:
             idx = sampler.rows_for_step(step)
@@ -839,6 +840,7 @@ def _train(
         raise
     finally:
         progress.close()
+        loop.unfreeze_gc(frozen)
     try:
         if t.save_every and step > start:
             save(step)
