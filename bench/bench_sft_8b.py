@@ -118,6 +118,13 @@ def compile_layers(model) -> int:
     return len(layers)
 
 
+def _dynamo_counts() -> tuple[dict, int]:
+    """torch.compile's graph breaks by reason and its graphs so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return dict(counters["graph_break"]), counters["stats"].get("unique_graphs", 0)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="a tiny model (tests the logic on a CPU)")
@@ -227,6 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
         loop.enable_gradient_checkpointing(model)
     model.train()
     compiled = compile_layers(model) if args.compile else None
+    dynamo_before = _dynamo_counts() if args.compile else None
     named = loop.trainable_parameters(model)
     n_train, n_total = loop.count_parameters(model)
     setup_peak = loop.gpu_memory_gib()
@@ -392,14 +400,14 @@ def main(argv: list[str] | None = None) -> dict:
         result["profile"] = profile
     if alternate is not None:
         result["alternate_fuse"] = alternate
-    if args.compile:
-        from torch._dynamo.utils import counters
-
-        breaks = dict(counters["graph_break"])
+    if args.compile:  # (this run's: the counters are the process's)
+        now = _dynamo_counts()
+        breaks = {k: v - dynamo_before[0].get(k, 0) for k, v in now[0].items()}
+        breaks = {k: v for k, v in breaks.items() if v}
         result["compile"] = {
             "graph_breaks": sum(breaks.values()),
             "graph_break_reasons": {k[:300]: v for k, v in breaks.items()},
-            "unique_graphs": counters["stats"].get("unique_graphs"),
+            "unique_graphs": now[1] - dynamo_before[1],
         }
         print(
             f"compiled: {result['compile']['unique_graphs']} graphs, {result['compile']['graph_breaks']} graph breaks"
