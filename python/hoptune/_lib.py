@@ -24,9 +24,10 @@ _warned: set[str] = set()
 
 
 def _memo(fn):
-    """``functools.cache`` as a plain function over a dict (with its ``cache_clear``): torch.compile
-    warns when it traces a call through functools' cache wrappers, as it does the ops' dispatch
-    checks (kernels_run_on) inside a compiled model."""
+    """``functools.cache`` as a plain function over a dict (with its ``cache_clear``). The ops'
+    dispatch checks (kernels_run_on) run inside compiled models, and torch.compile traces a call
+    through functools' cache wrappers into the function itself, with a warning: into the
+    extension's loader, whose import breaks the graph. A dict it reads as a constant."""
     memo: dict = {}
 
     @functools.wraps(fn)
