@@ -166,7 +166,7 @@ def test_bench_sft_tiny_compiled_matches_eager_and_records_gc(tmp_path):
     # layers break the graph themselves; the ops' own checks trace whole: tests/test_import.py)
     record = compiled["compile"]
     assert record["graph_breaks"] == sum(record["graph_break_reasons"].values())
-    assert record["unique_graphs"] >= 0
+    assert isinstance(record["unique_graphs"], int)
     assert "compile" not in eager
     assert eager["gc"]["frozen"] is False and compiled["gc"]["frozen"] is True
     for run in (eager, compiled):
