@@ -135,6 +135,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=6, help="timed optimizer steps (default 6)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--r", type=int, default=16)
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="decoder layers (default: the shape's, 32 for the 8B, 2 with --tiny)",
+    )
     p.add_argument("--no-grad-ckpt", action="store_true", help="without activation checkpointing")
     p.add_argument(
         "--no-fuse",
@@ -173,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="the Hugging Face stack's anchor script (bench_anchors.py), run after ours on the same GPU",
     )
     args = p.parse_args(argv)
-    for flag in ("steps", "batch", "seq", "accum"):
+    for flag in ("steps", "batch", "seq", "accum", "layers"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             p.error(f"--{flag} must be at least 1, got {value}")
@@ -191,6 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
         if not os.path.isfile(args.anchor_script):
             p.error(f"--anchor-script {args.anchor_script!r} is not a file")
         run = (args.batch, args.seq or 2048, args.accum, args.r, args.no_grad_ckpt)
+        if not args.tiny and args.layers not in (None, LLAMA_8B["num_hidden_layers"]):
+            p.error("--anchor-script measures the 8B model's 32 decoder layers: leave out --layers")
         if not args.tiny and run != ANCHOR_RUN:
             p.error(
                 "--anchor-script measures 2 x 2048 tokens, one micro-batch, r = 16, with activation "
@@ -207,7 +215,9 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(
             f"the 8B model needs a CUDA device ({why}); on a CPU it would take hours: use --tiny for the logic"
         )
-    shape = TINY if args.tiny else LLAMA_8B
+    shape = dict(TINY if args.tiny else LLAMA_8B)
+    if args.layers is not None:
+        shape["num_hidden_layers"] = args.layers
     seq = args.seq or (64 if args.tiny else 2048)
     dtype = torch.bfloat16 if cuda else torch.float32
     out = args.out or os.path.join(

@@ -51,7 +51,7 @@ def test_bench_sft_8b_without_a_gpu_fails_and_says_why(tmp_path, capsys, monkeyp
     assert "no CUDA device is visible" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag", ["--steps", "--batch", "--seq", "--accum"])
+@pytest.mark.parametrize("flag", ["--steps", "--batch", "--seq", "--accum", "--layers"])
 def test_bench_sft_8b_refuses_a_count_below_one(tmp_path, capsys, flag):
     bench_sft_8b = _bench_sft()
     out = tmp_path / "sft.json"
@@ -108,6 +108,18 @@ def test_bench_sft_8b_anchor_needs_the_anchor_s_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         bench_sft_8b.main(["--seq", "1024", "--anchor-script", str(fake), "--out", str(tmp_path / "x.json")])
     assert e.value.code == 2 and "measures 2 x 2048 tokens" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        bench_sft_8b.main(["--layers", "4", "--anchor-script", str(fake), "--out", str(tmp_path / "x.json")])
+    assert e.value.code == 2 and "32 decoder layers" in capsys.readouterr().err
+
+
+def test_bench_sft_tiny_takes_a_layer_count(tmp_path):
+    bench_sft_8b = _bench_sft()
+    out = tmp_path / "x.json"
+    argv = ["--tiny", "--device", "cpu", "--layers", "3", "--steps", "1", "--warmup", "0", "--out", str(out)]
+    data = bench_sft_8b.main(argv)
+    assert data["shape"]["num_hidden_layers"] == 3 and bench_sft_8b.TINY["num_hidden_layers"] == 2
+    assert data["trainable_params"] == 3 * 32768  # (r = 16 on the seven projections of each layer)
 
 
 def test_bench_sft_8b_profile_without_a_gpu_says_it_is_skipped(tmp_path, capsys):
