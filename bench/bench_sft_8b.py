@@ -272,8 +272,6 @@ def main(argv: list[str] | None = None) -> dict:
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
     tokens_per_step = args.batch * seq * args.accum
-    frozen = False if args.no_gc_freeze else loop.freeze_gc()  # (as the trainer does before its loop)
-    gc_pauses = GcPauses().__enter__()
     gc_steps: list[list[tuple[int, float]]] = []
 
     def timed_step() -> tuple[float, float]:
@@ -287,19 +285,23 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.synchronize()
         return time.perf_counter() - ts, loss
 
-    for step in range(total_steps):
-        dt, loss = timed_step()
-        losses.append(loss)
-        tag = "warmup" if step < args.warmup else "timed"
-        print(
-            f"step {step + 1}/{total_steps} ({tag}): {dt:.3f}s, {tokens_per_step / dt:,.0f} tok/s, loss {loss:.4f}"
-        )
-        pauses = gc_pauses.take()
-        if step >= args.warmup:
-            times.append(dt)
-            gc_steps.append(pauses)
-    gc_pauses.__exit__(None, None, None)
-    loop.unfreeze_gc(frozen)
+    frozen = False if args.no_gc_freeze else loop.freeze_gc()  # (as the trainer does before its loop)
+    try:
+        with GcPauses() as gc_pauses:
+            for step in range(total_steps):
+                dt, loss = timed_step()
+                losses.append(loss)
+                tag = "warmup" if step < args.warmup else "timed"
+                print(
+                    f"step {step + 1}/{total_steps} ({tag}): {dt:.3f}s, {tokens_per_step / dt:,.0f} tok/s, "
+                    f"loss {loss:.4f}"
+                )
+                pauses = gc_pauses.take()
+                if step >= args.warmup:
+                    times.append(dt)
+                    gc_steps.append(pauses)
+    finally:
+        loop.unfreeze_gc(frozen)
     train_peak = loop.gpu_memory_gib()
     med = statistics.median(times)
     full = [[ms for gen, ms in st if gen == 2] for st in gc_steps]
