@@ -1088,8 +1088,7 @@ cudaError_t nf4_dequantize_lora(const uint8_t* packed, const NF4Absmax& absmax, 
   const bool b16 = rank % 8 == 0 && reinterpret_cast<uintptr_t>(lora_b) % 16 == 0;
   const bool main = (rank <= 64 || (rank <= 128 && b16)) && a.b_vec && rows < (int64_t{1} << 30) &&
                     a.col_pieces < (int64_t{1} << 30);
-  auto run = [&](auto tag) -> cudaError_t {
-    using T = decltype(tag);
+  return HOPTUNE_DISPATCH_HALF(dtype, T, [&] {
     if (!main) return launch(nf4_dequantize_lora_any<T>, false);
     auto pick = [&](auto nested_tag) -> cudaError_t {
       constexpr bool kN = decltype(nested_tag)::value;
@@ -1104,8 +1103,7 @@ cudaError_t nf4_dequantize_lora(const uint8_t* packed, const NF4Absmax& absmax, 
                           : launch(nf4_dequantize_lora_kernel<T, kN, 4, 64, false>, true);
     };
     return nested ? pick(std::true_type{}) : pick(std::false_type{});
-  };
-  return dtype == DType::kBFloat16 ? run(__nv_bfloat16{}) : run(__half{});
+  });
 }
 
 cudaError_t nf4_small_m(const void* x, int64_t ldx, int m, const uint8_t* packed,
@@ -1150,8 +1148,7 @@ cudaError_t nf4_small_m(const void* x, int64_t ldx, int m, const uint8_t* packed
   auto launch = [&](auto* kernel) {
     return launch_pdl(kernel, grid, dim3(kSmallThreads), 0, stream, a);
   };
-  auto run = [&](auto tag) -> cudaError_t {
-    using T = decltype(tag);
+  return HOPTUNE_DISPATCH_HALF(dtype, T, [&] {
     if (nested) {
       if (m <= 8) return launch(nf4_small_m_kernel<T, 1, true>);
       if (m <= 16) return launch(nf4_small_m_kernel<T, 2, true>);
@@ -1160,8 +1157,7 @@ cudaError_t nf4_small_m(const void* x, int64_t ldx, int m, const uint8_t* packed
     if (m <= 8) return launch(nf4_small_m_kernel<T, 1, false>);
     if (m <= 16) return launch(nf4_small_m_kernel<T, 2, false>);
     return launch(nf4_small_m_kernel<T, 4, false>);
-  };
-  return dtype == DType::kBFloat16 ? run(__nv_bfloat16{}) : run(__half{});
+  });
 }
 
 cudaError_t nf4_quantize(const void* x, DType dtype, int64_t n, int blocksize, uint8_t* packed,
