@@ -161,10 +161,15 @@ def main(argv: list[str] | None = None) -> dict:
         help="torch.compile each decoder layer (inductor; the first steps compile)",
     )
     p.add_argument(
-        "--no-gc-freeze",
-        action="store_true",
-        help="leave Python's collector as it is (the trainer freezes the objects alive before its loop: "
-        "loop.freeze_gc)",
+        "--gc",
+        choices=("loop", "frozen", "python"),
+        default="loop",
+        help="Python's collector during the steps. loop: as the trainer runs it (loop.LoopGc: the "
+        "objects alive before the loop frozen, collections only between steps); frozen: those objects "
+        "frozen, the automatic collections left on; python: left as it is",
+    )
+    p.add_argument(
+        "--no-gc-freeze", action="store_const", dest="gc", const="python", help="the same as --gc python"
     )
     p.add_argument("--attn", default=None, help="attention implementation (default: transformers' choice)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/sft_8b[_tiny].json)")
@@ -281,11 +286,19 @@ def main(argv: list[str] | None = None) -> dict:
         ts = time.perf_counter()
         loss, _, _ = sft_step(model, micro, device)
         loop.optimizer_step(opt, sched, params, 1.0)
+        collector.step()  # (no-op unless --gc loop)
         if cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - ts, loss
 
-    frozen = False if args.no_gc_freeze else loop.freeze_gc()  # (as the trainer does before its loop)
+    collector = loop.LoopGc()
+    frozen = False
+    if args.gc == "loop":  # (as the trainer does around its loop)
+        frozen = collector.start().active
+    elif args.gc == "frozen" and gc.isenabled():
+        gc.collect()
+        gc.freeze()
+        frozen = True
     try:
         with GcPauses() as gc_pauses:
             for step in range(total_steps):
@@ -301,18 +314,21 @@ def main(argv: list[str] | None = None) -> dict:
                     times.append(dt)
                     gc_steps.append(pauses)
     finally:
-        loop.unfreeze_gc(frozen)
+        collector.stop()
+        if args.gc == "frozen" and frozen:
+            gc.unfreeze()
     train_peak = loop.gpu_memory_gib()
     med = statistics.median(times)
     full = [[ms for gen, ms in st if gen == 2] for st in gc_steps]
     gc_record = {
+        "policy": args.gc,
         "frozen": frozen,
         "pause_ms_per_step": [sum(ms for _, ms in st) for st in gc_steps],
         "full_collections_per_step": [len(f) for f in full],
         "full_collection_ms": [ms for f in full for ms in f],
     }
     print(
-        f"gc ({'objects frozen before the loop' if frozen else 'not frozen'}): "
+        f"gc ({args.gc}: {'objects frozen before the loop' if frozen else 'not frozen'}): "
         f"{sum(gc_record['full_collections_per_step'])} full collections in the timed steps, "
         f"{sum(gc_record['full_collection_ms']):.1f} ms; all pauses {sum(gc_record['pause_ms_per_step']):.1f} ms"
     )

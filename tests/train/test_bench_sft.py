@@ -181,8 +181,24 @@ def test_bench_sft_tiny_compiled_matches_eager_and_records_gc(tmp_path):
     assert isinstance(record["unique_graphs"], int)
     assert "compile" not in eager
     assert eager["gc"]["frozen"] is False and compiled["gc"]["frozen"] is True
+    assert eager["gc"]["policy"] == "python" and compiled["gc"]["policy"] == "loop"
+    # (--gc loop: the trainer's collection between steps, timed within each step)
+    assert all(ms > 0 for ms in compiled["gc"]["pause_ms_per_step"])
     for run in (eager, compiled):
         assert len(run["gc"]["pause_ms_per_step"]) == len(run["step_s"]) == 2
+
+
+def test_bench_sft_gc_frozen_keeps_the_automatic_collections_and_gives_back(tmp_path):
+    import gc
+
+    bench_sft_8b = _bench_sft()
+    out = tmp_path / "frozen.json"
+    bench_sft_8b.main(
+        ["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--gc", "frozen", "--out", str(out)]
+    )
+    record = json.loads(out.read_text())["gc"]
+    assert record["policy"] == "frozen" and record["frozen"] is True
+    assert gc.get_freeze_count() == 0 and gc.isenabled()
 
 
 def test_bench_sft_8b_refuses_compile_with_alternate_fuse(tmp_path, capsys):

@@ -603,21 +603,38 @@ def test_resolve_device_without_a_gpu_names_the_callers_setting(monkeypatch):
     assert "model.device" not in str(e.value)
 
 
-def test_freeze_gc_freezes_and_gives_back():
+def test_loop_gc_freezes_collects_between_steps_and_gives_back():
     import gc
 
     gc.collect()
     before = gc.get_freeze_count()  # (0, unless the environment froze objects at its start)
     keep = [[] for _ in range(1000)]  # (new objects, tracked by the collector)
-    frozen = loop.freeze_gc()
-    try:
-        assert frozen and gc.get_freeze_count() >= before + len(keep)
-    finally:
-        loop.unfreeze_gc(frozen)
-    assert gc.get_freeze_count() == 0
+    seen = []
+
+    def record(phase, info):
+        if phase == "start":
+            seen.append(info["generation"])
+
+    with loop.LoopGc(full_every=3) as lgc:
+        assert lgc.active and not gc.isenabled()
+        assert gc.get_freeze_count() >= before + len(keep)
+        gc.callbacks.append(record)
+        try:
+            for _ in range(200):  # no automatic collection inside a step, however many objects
+                cycle = []
+                cycle.append(cycle)
+            del cycle
+            assert seen == []
+            for _ in range(6):
+                lgc.step()
+        finally:
+            gc.callbacks.remove(record)
+    assert seen == [1, 1, 2, 1, 1, 2]  # young between steps, all but the frozen every full_every
+    assert gc.isenabled() and gc.get_freeze_count() == 0 and not lgc.active
+    lgc.step()  # (after the loop: nothing)
 
 
-def test_freeze_gc_freezes_beside_an_earlier_freeze_and_not_with_the_collector_off():
+def test_loop_gc_gives_back_on_an_error_freezes_beside_an_earlier_freeze_and_not_with_the_collector_off():
     """Objects already frozen (an environment's own gc.freeze) do not stop it: the loop's objects
     are frozen too, and all are given back after it (Python has no partial unfreeze)."""
     import gc
@@ -626,14 +643,21 @@ def test_freeze_gc_freezes_beside_an_earlier_freeze_and_not_with_the_collector_o
     try:
         before = gc.get_freeze_count()
         keep = [[] for _ in range(1000)]  # (new objects, tracked by the collector)
-        frozen = loop.freeze_gc()
-        assert frozen and gc.get_freeze_count() >= before + len(keep)
-        loop.unfreeze_gc(frozen)
-        assert gc.get_freeze_count() == 0
+        with pytest.raises(RuntimeError, match="a failing step"):
+            with loop.LoopGc():
+                assert gc.get_freeze_count() >= before + len(keep) and not gc.isenabled()
+                raise RuntimeError("a failing step")
+        assert gc.get_freeze_count() == 0 and gc.isenabled()
     finally:
         gc.unfreeze()
     gc.disable()
     try:
-        assert not loop.freeze_gc() and gc.get_freeze_count() == 0
+        with loop.LoopGc() as lgc:
+            assert not lgc.active and gc.get_freeze_count() == 0
+            lgc.step()
+        assert not gc.isenabled()  # (left as it was)
     finally:
         gc.enable()
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="full_every must be an integer >= 1"):
+            loop.LoopGc(full_every=bad)

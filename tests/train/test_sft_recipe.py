@@ -110,15 +110,16 @@ def test_adapter_is_saved_before_the_final_eval(tmp_path, tokenizer, demo_data, 
 
 
 def test_loop_runs_with_the_setup_frozen_and_gives_it_back(tmp_path, tokenizer, demo_data, monkeypatch):
-    """The objects alive before the loop are frozen out of the collector's full collections while
-    it runs (loop.freeze_gc), and given back after it, on a failure too."""
+    """The objects alive before the loop are frozen out of the collector's collections while it
+    runs and the collector collects only between steps (loop.LoopGc); all is given back after the
+    loop, on a failure too."""
     import gc
 
     seen = []
     step = sft.sft_step
 
     def counting_step(*a, **k):
-        seen.append(gc.get_freeze_count())
+        seen.append(gc.get_freeze_count() if not gc.isenabled() else -1)
         if len(seen) == 3:
             raise RuntimeError("stop here")
         return step(*a, **k)
@@ -127,11 +128,11 @@ def test_loop_runs_with_the_setup_frozen_and_gives_it_back(tmp_path, tokenizer, 
     cfg = small_config(tmp_path, demo_data, "train.max_steps=2")
     sft.train(cfg, log=lambda s: None, model=build_model(seed=0, **SMALL), tokenizer=tokenizer)
     assert len(seen) == 2 and all(n > 0 for n in seen)
-    assert gc.get_freeze_count() == 0
+    assert gc.get_freeze_count() == 0 and gc.isenabled()
     cfg = small_config(tmp_path / "again", demo_data, "train.max_steps=4")
     with pytest.raises(RuntimeError, match="stop here"):
         sft.train(cfg, log=lambda s: None, model=build_model(seed=0, **SMALL), tokenizer=tokenizer)
-    assert gc.get_freeze_count() == 0
+    assert gc.get_freeze_count() == 0 and gc.isenabled()
 
 
 def test_epochs_cover_each_row_once(tmp_path, tokenizer, demo_data, monkeypatch):

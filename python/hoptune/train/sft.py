@@ -770,7 +770,7 @@ def _train(
     progress = loop.Progress(total, initial=step, enabled=out.progress, desc="sft")
     timer = loop.Timer()
     last_eval = None
-    frozen = loop.freeze_gc()
+    collector = loop.LoopGc().start()
     try:
         while step < total:
             idx = sampler.rows_for_step(step)
@@ -801,6 +801,7 @@ def _train(
                     "check the data of this step, or train with a lower train.lr in a new output.dir"
                 ) from None
             step += 1
+            collector.step()  # (between steps: none of the collector's pauses inside one)
             dt = timer.lap()
             losses.append(loss)
             mem = loop.gpu_memory_gib()
@@ -840,7 +841,7 @@ def _train(
         raise
     finally:
         progress.close()
-        loop.unfreeze_gc(frozen)
+        collector.stop()
     try:
         if t.save_every and step > start:
             save(step)
