@@ -556,8 +556,9 @@ class LoopGc:
     and the collector's automatic runs stop (``gc.disable``). In their place, ``step()`` collects
     the young generations between steps, when a step's objects are gone (~0.05 ms), and everything
     but the frozen objects every ``full_every`` steps. Without this, a step's many short-lived
-    objects set off ~20 young collections inside it (~3 ms of an 8B QLoRA step on an H200) and a
-    full collection, which walks the whole model's objects, every dozen or so steps (~0.22 s each).
+    objects set off young collections inside it (3-5 ms of pauses in an 8B QLoRA step on an H200)
+    and a full collection, which walks the whole model's objects, every dozen or so steps (0.22-0.30
+    s each).
 
     On exit, also on an error: the frozen objects given back (Python has no partial unfreeze:
     objects frozen earlier by someone else are given back too) and the collector re-enabled. Where
