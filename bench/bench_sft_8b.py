@@ -156,6 +156,15 @@ def main(argv: list[str] | None = None) -> dict:
         "process (the fusion's gain on one machine, one step apart)",
     )
     p.add_argument(
+        "--alternate-saves-first",
+        type=int,
+        default=0,
+        metavar="N",
+        help="then N more steps each with the NF4 op's merged path running its autograd Function "
+        "before its kernels under activation checkpointing (the default: the recompute stops before "
+        "the layer's last projection) and after them, alternated in this process",
+    )
+    p.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile each decoder layer (inductor; the first steps compile)",
@@ -192,6 +201,13 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"--warmup must be at least 0, got {args.warmup}")
     if args.alternate_fuse < 0:
         p.error(f"--alternate-fuse must be at least 0, got {args.alternate_fuse}")
+    if args.alternate_saves_first < 0:
+        p.error(f"--alternate-saves-first must be at least 0, got {args.alternate_saves_first}")
+    if args.alternate_saves_first and (args.compile or args.no_grad_ckpt):
+        p.error(
+            "--alternate-saves-first alternates the eager op's order under activation checkpointing: "
+            "leave out --compile and --no-grad-ckpt"
+        )
     if args.alternate_fuse and args.compile:
         p.error(
             "--alternate-fuse changes the layers' forwards, which --compile has traced: use one of the two"
@@ -355,32 +371,47 @@ def main(argv: list[str] | None = None) -> dict:
         for g in idle["host_syncs"]:
             print(f"  sync x{g['count']}: {g['path'][:110]}")
 
-    alternate = None
-    if args.alternate_fuse:
-        # one step apart on the same machine, the model and optimizer carried on: unfused, fused,
-        # unfused, ... after one untimed step of each (the unfused GEMM shapes are the same ones,
-        # but transformers' own ops meet the allocator and the GEMM choice for the first time)
-        runs: dict[str, list[float]] = {"unfused": [], "fused": []}
-        for i in range(2 * (args.alternate_fuse + 1)):
-            kind = "unfused" if i % 2 == 0 else "fused"
-            if kind == "unfused":
-                hoptune.unfuse_decoder_ops(model)
-            else:
-                hoptune.fuse_decoder_ops(model)
+    def alternated(n: int, kinds: tuple[str, str], set_kind) -> dict:
+        """One step apart on the same machine, the model and optimizer carried on: kinds[0],
+        kinds[1], kinds[0], ... after one untimed step of each."""
+        runs: dict[str, list[float]] = {k: [] for k in kinds}
+        for i in range(2 * (n + 1)):
+            kind = kinds[i % 2]
+            set_kind(kind)
             dt, _ = timed_step()
             if i >= 2:
                 runs[kind].append(dt)
         meds = {k: statistics.median(v) for k, v in runs.items()}
-        alternate = {
-            "steps_each": args.alternate_fuse,
-            "step_s": runs,
-            "median_step_s": meds,
-            "unfused_over_fused": meds["unfused"] / meds["fused"],
-        }
+        ratio = meds[kinds[0]] / meds[kinds[1]]
         print(
-            f"alternated, {args.alternate_fuse} steps each: fused {meds['fused']:.3f}s, unfused "
-            f"{meds['unfused']:.3f}s median ({alternate['unfused_over_fused']:.3f}x the fused step's time)"
+            f"alternated, {n} steps each: {kinds[1]} {meds[kinds[1]]:.3f}s, {kinds[0]} "
+            f"{meds[kinds[0]]:.3f}s median ({ratio:.3f}x the {kinds[1]} step's time)"
         )
+        return {"steps_each": n, "step_s": runs, "median_step_s": meds, f"{kinds[0]}_over_{kinds[1]}": ratio}
+
+    alternate = alternate_saves = None
+    if args.alternate_fuse:
+        # (the unfused GEMM shapes are the same ones, but transformers' own ops meet the allocator
+        # and the GEMM choice for the first time: hence the untimed first steps)
+        alternate = alternated(
+            args.alternate_fuse,
+            ("unfused", "fused"),
+            lambda k: (
+                hoptune.unfuse_decoder_ops(model) if k == "unfused" else hoptune.fuse_decoder_ops(model)
+            ),
+        )
+    if args.alternate_saves_first:
+        from hoptune.ops import nf4_lora as nf4_lora_ops
+
+        def set_saves(kind: str) -> None:
+            nf4_lora_ops.SAVES_FIRST = kind == "saves_first"
+
+        try:
+            alternate_saves = alternated(
+                args.alternate_saves_first, ("launch_first", "saves_first"), set_saves
+            )
+        finally:
+            nf4_lora_ops.SAVES_FIRST = True
 
     # 4. report
     info = env_info()
@@ -428,6 +459,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["profile"] = profile
     if alternate is not None:
         result["alternate_fuse"] = alternate
+    if alternate_saves is not None:
+        result["alternate_saves_first"] = alternate_saves
     if args.compile:  # (this run's: the counters are the process's)
         now = _dynamo_counts()
         breaks = {k: v - dynamo_before[0].get(k, 0) for k, v in now[0].items()}

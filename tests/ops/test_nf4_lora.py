@@ -1154,3 +1154,52 @@ def test_k_not_a_multiple_of_64_warns_once_on_the_gpu(device, monkeypatch):
     ref = x.double() @ w.double().t() + 0.5 * (x.double() @ a.double().t()) @ b.double().t() + bias.double()
     low = x @ w.t() + 0.5 * (x @ a.t()) @ b.t() + bias
     assert rel_err(y, ref) <= 2 * rel_err(low, ref) + 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("saves_first,x_shape", [(True, (96,)), (True, (4, 24)), (False, (96,))])
+def test_checkpoint_recompute_stops_before_the_last_projection(device, saves_first, x_shape, monkeypatch):
+    """Non-reentrant activation checkpointing stops the recompute at the last save the backward
+    needs, packed when the autograd Function returns. Under saved-tensor hooks the merged path
+    runs the Function before any kernel (SAVES_FIRST), so the last projection's merged weight is
+    not formed again in the recompute for an output no one reads: two projections, the weight
+    formed 2 (forward) + 1 (recompute) + 2 (dX) times, not 2 + 2 + 2; values and gradients are
+    those without checkpointing. On the CPU the merged path is taken with the reference's merged
+    weight (the same host logic)."""
+    monkeypatch.setattr(nf4_lora_ops, "SAVES_FIRST", saves_first)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    x, q1, a1, b1, bias1 = _case(96, 128, 192, 12, dtype, device, seed=11, x_shape=x_shape)
+    _, q2, a2, b2, _ = _case(96, 192, 128, 12, dtype, device, seed=12)
+    formed = []
+    kernel = nf4_ops.dequantize_lora_kernel
+
+    def counting(packed, *args):
+        formed.append(packed.shape)
+        if device == "cuda":
+            return kernel(packed, *args)
+        base = {q1.packed.data_ptr(): q1, q2.packed.data_ptr(): q2}[packed.data_ptr()]
+        *_, lora_A, lora_B, scale = args
+        with torch.no_grad():  # (as the kernel's output: no graph)
+            return dequantize_nf4(base, dtype) + scale * lora_B @ lora_A
+
+    monkeypatch.setattr(nf4_ops, "dequantize_lora_kernel", counting)
+    if device == "cpu":
+        monkeypatch.setattr(nf4_lora_ops, "_merged", lambda x_, a_: a_ is not None)
+
+    def chain(t, a1_, b1_, a2_, b2_):
+        return nf4_lora_linear(nf4_lora_linear(t, q1, a1_, b1_, 0.5, bias1), q2, a2_, b2_, 0.25)
+
+    g = torch.randn(*x_shape, 128, generator=torch.Generator().manual_seed(13)).to(dtype).to(device)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, a1, b1, a2, b2)]
+    y_plain = chain(*leaves)
+    y_plain.backward(g)
+    plain = [t.grad for t in leaves]
+    assert len(formed) == 4  # (2 forward, 2 dX)
+    formed.clear()
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, a1, b1, a2, b2)]
+    y = torch.utils.checkpoint.checkpoint(chain, *leaves, use_reentrant=False)
+    torch.testing.assert_close(y, y_plain, rtol=0, atol=0)
+    y.backward(g)
+    for got, want in zip((t.grad for t in leaves), plain):
+        torch.testing.assert_close(got, want)
+    assert len(formed) == (5 if saves_first else 6)

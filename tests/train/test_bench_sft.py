@@ -156,6 +156,38 @@ def test_bench_sft_8b_alternates_the_fused_and_unfused_step_in_one_process(tmp_p
     assert "leave out --no-fuse" in capsys.readouterr().err
 
 
+def test_bench_sft_8b_alternates_the_op_s_order_under_checkpointing(tmp_path, capsys):
+    """--alternate-saves-first N: the NF4 op's switch set for each step (the default given back
+    after), both series and their ratio recorded; refused where it changes nothing."""
+    from hoptune.ops import nf4_lora as nf4_lora_ops
+
+    bench_sft_8b = _bench_sft()
+    seen = []
+    real = bench_sft_8b.sft_step
+
+    def step(*a, **k):
+        seen.append(nf4_lora_ops.SAVES_FIRST)
+        return real(*a, **k)
+
+    argv = ["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "0"]
+    try:
+        bench_sft_8b.sft_step = step
+        data = bench_sft_8b.main([*argv, "--alternate-saves-first", "2", "--out", str(tmp_path / "x.json")])
+    finally:
+        bench_sft_8b.sft_step = real
+    alt = data["alternate_saves_first"]
+    assert len(alt["step_s"]["saves_first"]) == len(alt["step_s"]["launch_first"]) == 2
+    med = alt["median_step_s"]
+    assert alt["launch_first_over_saves_first"] == pytest.approx(med["launch_first"] / med["saves_first"])
+    assert seen == [True] + [False, True] * 3 and nf4_lora_ops.SAVES_FIRST is True
+    for extra in (["--compile"], ["--no-grad-ckpt"]):
+        with pytest.raises(SystemExit):
+            bench_sft_8b.main(
+                [*argv, "--alternate-saves-first", "1", *extra, "--out", str(tmp_path / "y.json")]
+            )
+        assert "leave out --compile and --no-grad-ckpt" in capsys.readouterr().err
+
+
 def test_bench_sft_tiny_compiled_matches_eager_and_records_gc(tmp_path):
     """--compile: each decoder layer under torch.compile, the same losses as the eager run (fp32 on
     the CPU), the graphs and graph breaks counted; both runs record the collector's pauses per

@@ -277,16 +277,20 @@ def _run(key, transa, transb, m, n, k, a, b, out, torch_fn, beta: float) -> bool
     return True
 
 
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (*, K) @ w (N, K)^T as a new tensor (*, N): ``F.linear(x, w)``."""
+def linear(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x (*, K) @ w (N, K)^T as a new tensor (*, N): ``F.linear(x, w)``; with ``out`` (x's
+    leading shape by N, contiguous, x's dtype) written into it, and out returned."""
     k = x.shape[-1]
     n = w.shape[0]
     rows = x.numel() // k if k else 0
     key = ("x@wT", rows, n, k, x.dtype, x.device.index)
     # (operands that do not fit go to PyTorch, whose error names the mismatch)
     if w.dim() != 2 or w.shape[1] != k or not _eligible(x, w, rows) or _torch_kept(key):
-        return torch.nn.functional.linear(x, w)
-    y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+        if out is None:
+            return torch.nn.functional.linear(x, w)
+        torch.mm(x.reshape(rows, k), w.t(), out=out.view(rows, n))
+        return out
+    y = out if out is not None else torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     x2, y2 = x.view(rows, k), y.view(rows, n)
     # column-major: y^T (N x rows) = (w as K x N)^T (x as K x rows)
     if not _run(

@@ -198,30 +198,45 @@ def dy_pass_kernel(
     return dxa, db
 
 
+def _merged_path(x, q, out_features, lora_A) -> bool | None:
+    """True when the merged kernel runs for x (W' = deq(W) + s B A, then one GEMM); None when
+    the fused GEMM takes the call instead; else False: _forward decides."""
+    k = x.shape[-1]
+    if x.numel() <= nf4_ops.small_m_max(out_features, k) * k or not _merged(x, lora_A):
+        return False  # (a few rows: the small-M product reads the codes instead)
+    if x.numel() <= nf4_ops.FUSED_BIG_MAX_M * k and _fused(x.reshape(-1, k), lora_A, out_features, q[5]):
+        return None  # (the fused GEMM reads the codes; _forward need not ask again)
+    return True
+
+
 def _merged_weight(x, q, out_features, lora_A, lora_B, scale) -> tuple[torch.Tensor | None, bool | None]:
     """(W', None), W' = deq(W) + s B A from the merged kernel, when it runs for x; (None, True)
     when the fused GEMM takes the call instead; else (None, None): _forward decides. The eager
     path launches the kernel before the autograd Function's host work, which its device time
     covers."""
-    k = x.shape[-1]
-    if x.numel() <= nf4_ops.small_m_max(out_features, k) * k or not _merged(x, lora_A):
-        return None, None  # (a few rows: the small-M product reads the codes instead)
-    if x.numel() <= nf4_ops.FUSED_BIG_MAX_M * k and _fused(x.reshape(-1, k), lora_A, out_features, q[5]):
-        return None, True  # (the fused GEMM reads the codes; _forward need not ask again)
+    path = _merged_path(x, q, out_features, lora_A)
+    if path is None:
+        return None, True
+    if not path:
+        return None, None
     return nf4_ops.dequantize_lora_kernel(*q, (out_features, x.shape[-1]), lora_A, lora_B, scale), None
 
 
-def _forward(x, q, out_features, lora_A, lora_B, scale, bias, merged_w, fused=None) -> torch.Tensor:
-    """y from the merged weight (_merged_weight's result); else, for a few rows, from the codes
-    directly (nf4_small_m), or for more rows of a wide weight through the fused GEMM (``fused``:
-    True when _merged_weight has already found that it runs, None to decide here); else from
-    deq(W) with the LoRA term applied to the activations."""
+def _forward(x, q, out_features, lora_A, lora_B, scale, bias, merged_w, fused=None, out=None) -> torch.Tensor:
+    """y from the merged weight (_merged_weight's result; written into ``out`` when given);
+    else, for a few rows, from the codes directly (nf4_small_m), or for more rows of a wide
+    weight through the fused GEMM (``fused``: True when _merged_weight has already found that it
+    runs, None to decide here); else from deq(W) with the LoRA term applied to the activations."""
     if merged_w is not None:  # the LoRA term is in the weight: one GEMM
-        if bias is None:  # a fresh tensor of x's leading shape (not a view)
-            return gemm.linear(x, merged_w)
+        if bias is None:  # a fresh tensor of x's leading shape (not a view), or out
+            return gemm.linear(x, merged_w, out=out)
         # written into y of x's leading shape (not a view of a 2-D result: the Function's
         # output must not be a view, or an in-place op on it would be refused)
-        y = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype, device=x.device)
+        y = (
+            out
+            if out is not None
+            else torch.empty(*x.shape[:-1], out_features, dtype=x.dtype, device=x.device)
+        )
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         torch.addmm(bias, x2, merged_w.t(), out=y if x.dim() == 2 else y.view(-1, out_features))
         return y
@@ -394,12 +409,15 @@ class _EagerNF4LoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, q, out_features, lora_A, lora_B, scale, bias, early):
-        # early: (y, None) when the caller has already run the merged weight's GEMM, else
-        # (None, fused) with _merged_weight's fused decision; in a tuple, so that y is not an
-        # input returned as is (autograd would make it a view). No copy of W, dequantized or
-        # merged, is saved for the backward.
+        # early: (y, None) when the caller has already run the merged weight's GEMM, (None,
+        # fused) with _merged_weight's fused decision, or None: y returned unwritten, for the
+        # caller to fill once autograd has packed the saves (_saves_first); in a tuple, so that
+        # y is not an input returned as is (autograd would make it a view). No copy of W,
+        # dequantized or merged, is saved for the backward.
         ctx.meta = (q[4], q[5], q[6], out_features, scale)
         ctx.save_for_backward(x, *q[:4], lora_A, lora_B)
+        if early is None:  # y is written by the caller after autograd has packed the saves
+            return torch.empty(*x.shape[:-1], out_features, dtype=x.dtype, device=x.device)
         y, fused = early
         if y is None:
             y = _forward(x, q, out_features, lora_A, lora_B, scale, bias, None, fused)
@@ -523,6 +541,14 @@ def nf4_lora_linear_trusted(x, q, out_features, lora_A, lora_B, scale: float, bi
         lora_A, lora_B = _aligned_rank(lora_A, lora_B)
     if torch.compiler.is_compiling():
         return nf4_lora_linear_op(x, *q, out_features, lora_A, lora_B, scale, bias)
+    if records and _saves_first() and _merged_path(x, q, out_features, lora_A):
+        # the Function first, its output unwritten: autograd packs its saves as it returns, and
+        # in a checkpointed layer's recompute the last save the backward needs ends the recompute
+        # there (an exception from the hook), before the kernels below are launched for nothing
+        y = _EagerNF4LoraLinear.apply(x, q, out_features, lora_A, lora_B, scale, bias, None)
+        with torch.no_grad():
+            w = nf4_ops.dequantize_lora_kernel(*q, (out_features, x.shape[-1]), lora_A, lora_B, scale)
+            return _forward(x, q, out_features, None, None, scale, bias, w, out=y)
     # the merged kernel first: the host work below runs while the device dequantizes
     w, fused = _merged_weight(x, q, out_features, lora_A, lora_B, scale)
     if records:
@@ -534,6 +560,29 @@ def nf4_lora_linear_trusted(x, q, out_features, lora_A, lora_B, scale: float, bi
     # nothing to differentiate (no_grad, inference_mode, or no input that requires grad): the
     # forward alone, without the autograd Function's host work (~10 us a call)
     return _forward(x, q, out_features, lora_A, lora_B, scale, bias, w, fused)
+
+
+# Whether, under saved-tensor hooks, the merged path runs the autograd Function before any kernel
+# and writes its output after (a switch for measurement: bench_sft_8b.py --alternate-saves-first).
+# Activation checkpointing (non-reentrant, as transformers runs it) recomputes a layer's forward in
+# the backward and stops it at the last save the backward needs, by an exception from that save's
+# hook: in a Llama layer, the down projection's input. Autograd packs an autograd.Function's saves
+# when its forward returns; with the kernels launched before that, as the eager path otherwise
+# does to overlap the Function's host work with the device, that projection's merged dequantize
+# and GEMM ran in every layer's recompute for an output nobody reads.
+SAVES_FIRST = True
+
+# torch's innermost saved-tensor hooks (a private query; where a torch lacks it, the Function runs
+# first whenever autograd records the call)
+_top_saved_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
+def _saves_first() -> bool:
+    """Whether saved-tensor hooks (activation checkpointing's, or any other) see this call's saves:
+    then the Function runs before the merged path's kernels (SAVES_FIRST)."""
+    if not SAVES_FIRST:
+        return False
+    return _top_saved_hooks is None or _top_saved_hooks(False) is not None
 
 
 def _records_graph(x, lora_A, lora_B, bias) -> bool:
