@@ -280,12 +280,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     # 3. steps
-    g = torch.Generator().manual_seed(0)
+    data_gen = torch.Generator().manual_seed(0)
 
     def micro_batch():
         rows = []
         for _ in range(args.batch):
-            ids = torch.randint(3, shape["vocab_size"], (seq,), generator=g).tolist()
+            ids = torch.randint(3, shape["vocab_size"], (seq,), generator=data_gen).tolist()
             rows.append(Row(ids, [1] * seq))
         return collate(rows, pad_id=0)
 
