@@ -315,6 +315,12 @@ def main(argv: list[str] | None = None) -> dict:
         gc.collect()
         gc.freeze()
         frozen = True
+
+    def restore_gc() -> None:  # (after the profile and the alternations, which run under the same policy)
+        collector.stop()
+        if args.gc == "frozen" and frozen and gc.get_freeze_count():
+            gc.unfreeze()
+
     try:
         with GcPauses() as gc_pauses:
             for step in range(total_steps):
@@ -329,10 +335,9 @@ def main(argv: list[str] | None = None) -> dict:
                 if step >= args.warmup:
                     times.append(dt)
                     gc_steps.append(pauses)
-    finally:
-        collector.stop()
-        if args.gc == "frozen" and frozen:
-            gc.unfreeze()
+    except BaseException:
+        restore_gc()
+        raise
     train_peak = loop.gpu_memory_gib()
     med = statistics.median(times)
     full = [[ms for gen, ms in st if gen == 2] for st in gc_steps]
@@ -348,70 +353,80 @@ def main(argv: list[str] | None = None) -> dict:
         f"{sum(gc_record['full_collections_per_step'])} full collections in the timed steps, "
         f"{sum(gc_record['full_collection_ms']):.1f} ms; all pauses {sum(gc_record['pause_ms_per_step']):.1f} ms"
     )
-    profile = None
-    if args.profile and not cuda:
-        print("--profile: no CUDA device, so no kernels to time: skipped")
-    if args.profile and cuda:  # (after the peak is read: the profiler's own memory is not counted)
-        micro = [micro_batch() for _ in range(args.accum)]
+    try:
+        profile = None
+        if args.profile and not cuda:
+            print("--profile: no CUDA device, so no kernels to time: skipped")
+        if args.profile and cuda:  # (after the peak is read: the profiler's own memory is not counted)
+            micro = [micro_batch() for _ in range(args.accum)]
 
-        def one_step():
-            sft_step(model, micro, device)
-            loop.optimizer_step(opt, sched, params, 1.0)
+            def one_step():
+                sft_step(model, micro, device)
+                loop.optimizer_step(opt, sched, params, 1.0)
 
-        profile = device_breakdown(one_step)
-        print(
-            f"profiled step: {profile['wall_ms']:.1f} ms wall, {profile['device_busy_ms']:.1f} ms of kernels"
-        )
-        for cat, ms in profile["by_category_ms"].items():
-            print(f"  {cat:<40} {ms:8.1f} ms")
-        idle = profile["idle"]
-        print(f"device idle between kernels: {idle['total_ms']:.1f} ms in {idle['gaps']} gaps; by launch:")
-        for g in idle["by_launch_path"][:8]:
-            print(f"  {g['ms']:7.2f} ms {g['gaps']:5d} gaps  {g['path'][:110]}")
-        for g in idle["host_syncs"]:
-            print(f"  sync x{g['count']}: {g['path'][:110]}")
-
-    def alternated(n: int, kinds: tuple[str, str], set_kind) -> dict:
-        """One step apart on the same machine, the model and optimizer carried on: kinds[0],
-        kinds[1], kinds[0], ... after one untimed step of each."""
-        runs: dict[str, list[float]] = {k: [] for k in kinds}
-        for i in range(2 * (n + 1)):
-            kind = kinds[i % 2]
-            set_kind(kind)
-            dt, _ = timed_step()
-            if i >= 2:
-                runs[kind].append(dt)
-        meds = {k: statistics.median(v) for k, v in runs.items()}
-        ratio = meds[kinds[0]] / meds[kinds[1]]
-        print(
-            f"alternated, {n} steps each: {kinds[1]} {meds[kinds[1]]:.3f}s, {kinds[0]} "
-            f"{meds[kinds[0]]:.3f}s median ({ratio:.3f}x the {kinds[1]} step's time)"
-        )
-        return {"steps_each": n, "step_s": runs, "median_step_s": meds, f"{kinds[0]}_over_{kinds[1]}": ratio}
-
-    alternate = alternate_saves = None
-    if args.alternate_fuse:
-        # (the unfused GEMM shapes are the same ones, but transformers' own ops meet the allocator
-        # and the GEMM choice for the first time: hence the untimed first steps)
-        alternate = alternated(
-            args.alternate_fuse,
-            ("unfused", "fused"),
-            lambda k: (
-                hoptune.unfuse_decoder_ops(model) if k == "unfused" else hoptune.fuse_decoder_ops(model)
-            ),
-        )
-    if args.alternate_saves_first:
-        from hoptune.ops import nf4_lora as nf4_lora_ops
-
-        def set_saves(kind: str) -> None:
-            nf4_lora_ops.SAVES_FIRST = kind == "saves_first"
-
-        try:
-            alternate_saves = alternated(
-                args.alternate_saves_first, ("launch_first", "saves_first"), set_saves
+            profile = device_breakdown(one_step)
+            print(
+                f"profiled step: {profile['wall_ms']:.1f} ms wall, {profile['device_busy_ms']:.1f} ms of kernels"
             )
-        finally:
-            nf4_lora_ops.SAVES_FIRST = True
+            for cat, ms in profile["by_category_ms"].items():
+                print(f"  {cat:<40} {ms:8.1f} ms")
+            idle = profile["idle"]
+            print(
+                f"device idle between kernels: {idle['total_ms']:.1f} ms in {idle['gaps']} gaps; by launch:"
+            )
+            for g in idle["by_launch_path"][:8]:
+                print(f"  {g['ms']:7.2f} ms {g['gaps']:5d} gaps  {g['path'][:110]}")
+            for g in idle["host_syncs"]:
+                print(f"  sync x{g['count']}: {g['path'][:110]}")
+
+        def alternated(n: int, kinds: tuple[str, str], set_kind) -> dict:
+            """One step apart on the same machine, the model and optimizer carried on: kinds[0],
+            kinds[1], kinds[0], ... after one untimed step of each."""
+            runs: dict[str, list[float]] = {k: [] for k in kinds}
+            for i in range(2 * (n + 1)):
+                kind = kinds[i % 2]
+                set_kind(kind)
+                dt, _ = timed_step()
+                if i >= 2:
+                    runs[kind].append(dt)
+            meds = {k: statistics.median(v) for k, v in runs.items()}
+            ratio = meds[kinds[0]] / meds[kinds[1]]
+            print(
+                f"alternated, {n} steps each: {kinds[1]} {meds[kinds[1]]:.3f}s, {kinds[0]} "
+                f"{meds[kinds[0]]:.3f}s median ({ratio:.3f}x the {kinds[1]} step's time)"
+            )
+            return {
+                "steps_each": n,
+                "step_s": runs,
+                "median_step_s": meds,
+                f"{kinds[0]}_over_{kinds[1]}": ratio,
+            }
+
+        alternate = alternate_saves = None
+        if args.alternate_fuse:
+            # (the unfused GEMM shapes are the same ones, but transformers' own ops meet the allocator
+            # and the GEMM choice for the first time: hence the untimed first steps)
+            alternate = alternated(
+                args.alternate_fuse,
+                ("unfused", "fused"),
+                lambda k: (
+                    hoptune.unfuse_decoder_ops(model) if k == "unfused" else hoptune.fuse_decoder_ops(model)
+                ),
+            )
+        if args.alternate_saves_first:
+            from hoptune.ops import nf4_lora as nf4_lora_ops
+
+            def set_saves(kind: str) -> None:
+                nf4_lora_ops.SAVES_FIRST = kind == "saves_first"
+
+            try:
+                alternate_saves = alternated(
+                    args.alternate_saves_first, ("launch_first", "saves_first"), set_saves
+                )
+            finally:
+                nf4_lora_ops.SAVES_FIRST = True
+    finally:
+        restore_gc()
 
     # 4. report
     info = env_info()

@@ -161,12 +161,15 @@ def test_bench_sft_8b_alternates_the_op_s_order_under_checkpointing(tmp_path, ca
     after), both series and their ratio recorded; refused where it changes nothing."""
     from hoptune.ops import nf4_lora as nf4_lora_ops
 
+    import gc
+
     bench_sft_8b = _bench_sft()
-    seen = []
+    seen, collector_off = [], []
     real = bench_sft_8b.sft_step
 
     def step(*a, **k):
         seen.append(nf4_lora_ops.SAVES_FIRST)
+        collector_off.append(not gc.isenabled())  # (--gc loop, the alternated steps too)
         return real(*a, **k)
 
     argv = ["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "0"]
@@ -180,6 +183,7 @@ def test_bench_sft_8b_alternates_the_op_s_order_under_checkpointing(tmp_path, ca
     med = alt["median_step_s"]
     assert alt["launch_first_over_saves_first"] == pytest.approx(med["launch_first"] / med["saves_first"])
     assert seen == [True] + [False, True] * 3 and nf4_lora_ops.SAVES_FIRST is True
+    assert all(collector_off) and gc.isenabled() and gc.get_freeze_count() == 0
     for extra in (["--compile"], ["--no-grad-ckpt"]):
         with pytest.raises(SystemExit):
             bench_sft_8b.main(
