@@ -159,9 +159,9 @@ def test_bench_sft_8b_alternates_the_fused_and_unfused_step_in_one_process(tmp_p
 def test_bench_sft_8b_alternates_the_op_s_order_under_checkpointing(tmp_path, capsys):
     """--alternate-saves-first N: the NF4 op's switch set for each step (the default given back
     after), both series and their ratio recorded; refused where it changes nothing."""
-    from hoptune.ops import nf4_lora as nf4_lora_ops
-
     import gc
+
+    from hoptune.ops import nf4_lora as nf4_lora_ops
 
     bench_sft_8b = _bench_sft()
     seen, collector_off = [], []

@@ -25,7 +25,8 @@ Elsewhere (CPU, fp32, K not a multiple of 64, ranks above 128) the LoRA terms ar
 activations (hoptune.reference.nf4_lora on CPU; on the GPU, K not a multiple of 64 warns once per
 K). In training on the GPU a rank that is not a
 multiple of 8 is first padded with zero ranks to one (RANK_ALIGN): the same results, aligned
-rank-r GEMMs.
+rank-r GEMMs. Under activation checkpointing the eager merged path runs its autograd Function
+before its kernels, so that a layer's recompute stops before its last projection (SAVES_FIRST).
 """
 
 from __future__ import annotations
