@@ -1156,45 +1156,79 @@ def test_k_not_a_multiple_of_64_warns_once_on_the_gpu(device, monkeypatch):
     assert rel_err(y, ref) <= 2 * rel_err(low, ref) + 1e-6
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("saves_first,x_shape", [(True, (96,)), (True, (4, 24)), (False, (96,))])
-def test_checkpoint_recompute_stops_before_the_last_projection(device, saves_first, x_shape, monkeypatch):
-    """Non-reentrant activation checkpointing stops the recompute at the last save the backward
-    needs, packed when the autograd Function returns. Under saved-tensor hooks the merged path
-    runs the Function before any kernel (SAVES_FIRST), so the last projection's merged weight is
-    not formed again in the recompute for an output no one reads: two projections, the weight
-    formed 2 (forward) + 1 (recompute) + 2 (dX) times, not 2 + 2 + 2; values and gradients are
-    those without checkpointing. On the CPU the merged path is taken with the reference's merged
-    weight (the same host logic)."""
-    monkeypatch.setattr(nf4_lora_ops, "SAVES_FIRST", saves_first)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    x, q1, a1, b1, bias1 = _case(96, 128, 192, 12, dtype, device, seed=11, x_shape=x_shape)
-    _, q2, a2, b2, _ = _case(96, 192, 128, 12, dtype, device, seed=12)
-    formed = []
-    kernel = nf4_ops.dequantize_lora_kernel
+CHECKPOINT_PATHS = [
+    ("merged", (96,), True),
+    ("merged", (4, 24), True),
+    ("merged", (96,), False),
+    ("fused", (4, 64), True),
+    ("fused", (256,), False),
+    ("unfused", (96,), True),
+    ("unfused", (96,), False),
+]
 
-    def counting(packed, *args):
-        formed.append(packed.shape)
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path,x_shape,saves_first", CHECKPOINT_PATHS)
+def test_checkpoint_recompute_stops_before_the_last_projection(
+    device, path, x_shape, saves_first, monkeypatch
+):
+    """Non-reentrant activation checkpointing stops the recompute at the last save the backward
+    needs, packed when the autograd Function returns. Under saved-tensor hooks the op runs the
+    Function before it computes the product (SAVES_FIRST), so the last projection's product is
+    not formed again in the recompute for an output no one reads: two projections, the product
+    (the merged weight, the fused GEMM, or the unfused reference) formed 2 (forward) + 1
+    (recompute) times, not 2 + 2 (plus the merged weight's 2 for dX); values and gradients are
+    those without checkpointing. On the CPU the kernels' paths are taken with PyTorch stand-ins
+    (the same host logic); on the GPU the fused GEMM needs a weight of 2^25 elements."""
+    monkeypatch.setattr(nf4_lora_ops, "SAVES_FIRST", saves_first)
+    if device == "cuda" and path == "unfused":
+        pytest.skip("the unfused path runs on the CPU here (on the GPU: K not a multiple of 64)")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    k, n = (4096, 8192) if device == "cuda" and path == "fused" else (128, 192)
+    x, q1, a1, b1, bias1 = _case(None, k, n, 12, dtype, device, seed=11, x_shape=x_shape)
+    _, q2, a2, b2, _ = _case(1, n, k, 12, dtype, device, seed=12)
+    formed = []
+    merged_kernel, fused_kernel = nf4_ops.dequantize_lora_kernel, nf4_ops.fused_gemm_kernel
+    bases = {q1.packed.data_ptr(): q1, q2.packed.data_ptr(): q2}
+
+    def merged(packed, *args):
+        formed.append("merged")
         if device == "cuda":
-            return kernel(packed, *args)
-        base = {q1.packed.data_ptr(): q1, q2.packed.data_ptr(): q2}[packed.data_ptr()]
+            return merged_kernel(packed, *args)
         *_, lora_A, lora_B, scale = args
         with torch.no_grad():  # (as the kernel's output: no graph)
-            return dequantize_nf4(base, dtype) + scale * lora_B @ lora_A
+            return dequantize_nf4(bases[packed.data_ptr()], dtype) + scale * lora_B @ lora_A
 
-    monkeypatch.setattr(nf4_ops, "dequantize_lora_kernel", counting)
-    if device == "cpu":
+    def fused(x2, packed, *args, out=None):
+        formed.append("fused")
+        if device == "cuda":
+            return fused_kernel(x2, packed, *args, out=out)
+        *_, xs, lora_B, bias = args  # (PyTorch's product, as the kernel forms it)
+        y = x2 @ dequantize_nf4(bases[packed.data_ptr()], dtype).t() + xs @ lora_B.t()
+        y = y if bias is None else y + bias
+        return y if out is None else out.copy_(y)
+
+    monkeypatch.setattr(nf4_ops, "dequantize_lora_kernel", merged)
+    monkeypatch.setattr(nf4_ops, "fused_gemm_kernel", fused)
+    if device == "cpu" and path != "unfused":
         monkeypatch.setattr(nf4_lora_ops, "_merged", lambda x_, a_: a_ is not None)
+        monkeypatch.setattr(nf4_lora_ops, "_fused", lambda *a_: path == "fused")
+    if path == "unfused":
+        lora_forward = nf4_lora_ops.ref.lora_forward
+        monkeypatch.setattr(
+            nf4_lora_ops.ref, "lora_forward", lambda *a_: formed.append("unfused") or lora_forward(*a_)
+        )
 
     def chain(t, a1_, b1_, a2_, b2_):
         return nf4_lora_linear(nf4_lora_linear(t, q1, a1_, b1_, 0.5, bias1), q2, a2_, b2_, 0.25)
 
-    g = torch.randn(*x_shape, 128, generator=torch.Generator().manual_seed(13)).to(dtype).to(device)
+    g = torch.randn(*x_shape, k, generator=torch.Generator().manual_seed(13)).to(dtype).to(device)
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, a1, b1, a2, b2)]
     y_plain = chain(*leaves)
     y_plain.backward(g)
     plain = [t.grad for t in leaves]
-    assert len(formed) == 4  # (2 forward, 2 dX)
+    products = formed.count(path)
+    assert products == (4 if path == "merged" else 2)  # (merged: 2 forward, 2 dX)
     formed.clear()
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, a1, b1, a2, b2)]
     y = torch.utils.checkpoint.checkpoint(chain, *leaves, use_reentrant=False)
@@ -1202,4 +1236,4 @@ def test_checkpoint_recompute_stops_before_the_last_projection(device, saves_fir
     y.backward(g)
     for got, want in zip((t.grad for t in leaves), plain):
         torch.testing.assert_close(got, want)
-    assert len(formed) == (5 if saves_first else 6)
+    assert formed.count(path) == products + (1 if saves_first else 2)

@@ -25,8 +25,8 @@ Elsewhere (CPU, fp32, K not a multiple of 64, ranks above 128) the LoRA terms ar
 activations (hoptune.reference.nf4_lora on CPU; on the GPU, K not a multiple of 64 warns once per
 K). In training on the GPU a rank that is not a
 multiple of 8 is first padded with zero ranks to one (RANK_ALIGN): the same results, aligned
-rank-r GEMMs. Under activation checkpointing the eager merged path runs its autograd Function
-before its kernels, so that a layer's recompute stops before its last projection (SAVES_FIRST).
+rank-r GEMMs. Under activation checkpointing the eager op runs its autograd Function before it
+computes the product, so that a layer's recompute stops before its last projection (SAVES_FIRST).
 """
 
 from __future__ import annotations
@@ -224,10 +224,11 @@ def _merged_weight(x, q, out_features, lora_A, lora_B, scale) -> tuple[torch.Ten
 
 
 def _forward(x, q, out_features, lora_A, lora_B, scale, bias, merged_w, fused=None, out=None) -> torch.Tensor:
-    """y from the merged weight (_merged_weight's result; written into ``out`` when given);
-    else, for a few rows, from the codes directly (nf4_small_m), or for more rows of a wide
-    weight through the fused GEMM (``fused``: True when _merged_weight has already found that it
-    runs, None to decide here); else from deq(W) with the LoRA term applied to the activations."""
+    """y from the merged weight (_merged_weight's result); else, for a few rows, from the codes
+    directly (nf4_small_m), or for more rows of a wide weight through the fused GEMM (``fused``:
+    True when _merged_weight has already found that it runs, None to decide here); else from
+    deq(W) with the LoRA term applied to the activations. ``out`` (x's leading shape by N): y
+    written into it, on the merged path or with ``fused`` True."""
     if merged_w is not None:  # the LoRA term is in the weight: one GEMM
         if bias is None:  # a fresh tensor of x's leading shape (not a view), or out
             return gemm.linear(x, merged_w, out=out)
@@ -259,7 +260,8 @@ def _forward(x, q, out_features, lora_A, lora_B, scale, bias, merged_w, fused=No
         if lora_A is not None and lora_A.shape[0] % 2:  # (without grad: not padded at the op)
             lora_A, lora_B = _aligned_rank(lora_A, lora_B)
         xs = None if lora_A is None else _mm_scaled(x2, lora_A.t(), scale, True)
-        y = nf4_ops.fused_gemm_kernel(x2, *q, out_features, xs, lora_B, bias)
+        y2 = None if out is None else out.view(-1, out_features)
+        y = nf4_ops.fused_gemm_kernel(x2, *q, out_features, xs, lora_B, bias, out=y2)
     else:
         if k % 64 and _lib.kernels_run_on(x2):
             _warn_unaligned_k(k)
@@ -271,10 +273,27 @@ def _forward(x, q, out_features, lora_A, lora_B, scale, bias, merged_w, fused=No
             y.addmm_(x2 @ lora_A.t(), lora_B.t(), alpha=scale)
         else:
             y = ref.lora_forward(x2, w, lora_A, lora_B, scale, bias)
+    if out is not None:
+        if not fused:  # (a caller's slip, not a user's: the paths above that write into out)
+            raise AssertionError("_forward writes into out only on the merged and fused paths")
+        return out
     # x's leading shape as a tensor of its own, not a view of the 2-D result (as F.linear's and
     # matmul's are): a view made under no_grad refuses in-place ops once grad mode is back on, and
     # the autograd Function's output must not be a view
     return y if flat else torch.ops.aten._unsafe_view(y, (*x.shape[:-1], out_features))
+
+
+def _forward_into(y, x, q, out_features, lora_A, lora_B, scale, bias) -> None:
+    """_forward's y written into ``y`` (x's leading shape by N): by the merged weight's GEMM or
+    the fused GEMM directly, else copied (a few rows, or the unfused paths)."""
+    path = _merged_path(x, q, out_features, lora_A)
+    if path:
+        w = nf4_ops.dequantize_lora_kernel(*q, (out_features, x.shape[-1]), lora_A, lora_B, scale)
+        _forward(x, q, out_features, None, None, scale, bias, w, out=y)
+    elif path is None:
+        _forward(x, q, out_features, lora_A, lora_B, scale, bias, None, True, out=y)
+    else:
+        y.copy_(_forward(x, q, out_features, lora_A, lora_B, scale, bias, None))
 
 
 def _warn_unaligned_k(k: int) -> None:
@@ -542,14 +561,14 @@ def nf4_lora_linear_trusted(x, q, out_features, lora_A, lora_B, scale: float, bi
         lora_A, lora_B = _aligned_rank(lora_A, lora_B)
     if torch.compiler.is_compiling():
         return nf4_lora_linear_op(x, *q, out_features, lora_A, lora_B, scale, bias)
-    if records and _saves_first() and _merged_path(x, q, out_features, lora_A):
+    if records and _saves_first():
         # the Function first, its output unwritten: autograd packs its saves as it returns, and
         # in a checkpointed layer's recompute the last save the backward needs ends the recompute
-        # there (an exception from the hook), before the kernels below are launched for nothing
+        # there (an exception from the hook), before the product below is computed for nothing
         y = _EagerNF4LoraLinear.apply(x, q, out_features, lora_A, lora_B, scale, bias, None)
         with torch.no_grad():
-            w = nf4_ops.dequantize_lora_kernel(*q, (out_features, x.shape[-1]), lora_A, lora_B, scale)
-            return _forward(x, q, out_features, None, None, scale, bias, w, out=y)
+            _forward_into(y, x, q, out_features, lora_A, lora_B, scale, bias)
+        return y
     # the merged kernel first: the host work below runs while the device dequantizes
     w, fused = _merged_weight(x, q, out_features, lora_A, lora_B, scale)
     if records:
@@ -563,14 +582,16 @@ def nf4_lora_linear_trusted(x, q, out_features, lora_A, lora_B, scale: float, bi
     return _forward(x, q, out_features, lora_A, lora_B, scale, bias, w, fused)
 
 
-# Whether, under saved-tensor hooks, the merged path runs the autograd Function before any kernel
-# and writes its output after (a switch for measurement: bench_sft_8b.py --alternate-saves-first).
+# Whether, under saved-tensor hooks, the eager op runs its autograd Function before it computes
+# anything and writes the Function's output after (a switch for measurement: bench_sft_8b.py
+# --alternate-saves-first).
 # Activation checkpointing (non-reentrant, as transformers runs it) recomputes a layer's forward in
 # the backward and stops it at the last save the backward needs, by an exception from that save's
 # hook: in a Llama layer, the down projection's input. Autograd packs an autograd.Function's saves
-# when its forward returns; with the kernels launched before that, as the eager path otherwise
-# does to overlap the Function's host work with the device, that projection's merged dequantize
-# and GEMM ran in every layer's recompute for an output nobody reads.
+# when its forward returns; with the product computed before that (the merged dequantize and GEMM
+# launched first, as the eager path otherwise does to overlap the Function's host work with the
+# device, or inside the Function's forward), that projection ran in every layer's recompute for
+# an output nobody reads.
 SAVES_FIRST = True
 
 # torch's innermost saved-tensor hooks (a private query; where a torch lacks it, the Function runs
@@ -580,7 +601,7 @@ _top_saved_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks
 
 def _saves_first() -> bool:
     """Whether saved-tensor hooks (activation checkpointing's, or any other) see this call's saves:
-    then the Function runs before the merged path's kernels (SAVES_FIRST)."""
+    then the Function runs before the product is computed (SAVES_FIRST)."""
     if not SAVES_FIRST:
         return False
     return _top_saved_hooks is None or _top_saved_hooks(False) is not None
