@@ -160,9 +160,9 @@ def main(argv: list[str] | None = None) -> dict:
         type=int,
         default=0,
         metavar="N",
-        help="then N more steps each with the NF4 op's merged path running its autograd Function "
-        "before its kernels under activation checkpointing (the default: the recompute stops before "
-        "the layer's last projection) and after them, alternated in this process",
+        help="then N more steps each with the NF4 op running its autograd Function before it "
+        "computes its product under activation checkpointing (the default: the recompute stops "
+        "before the layer's last projection) and after, alternated in this process",
     )
     p.add_argument(
         "--compile",
