@@ -199,27 +199,16 @@ def dy_pass_kernel(
     return dxa, db
 
 
-def _merged_path(x, q, out_features, lora_A) -> bool | None:
-    """True when the merged kernel runs for x (W' = deq(W) + s B A, then one GEMM); None when
-    the fused GEMM takes the call instead; else False: _forward decides."""
-    k = x.shape[-1]
-    if x.numel() <= nf4_ops.small_m_max(out_features, k) * k or not _merged(x, lora_A):
-        return False  # (a few rows: the small-M product reads the codes instead)
-    if x.numel() <= nf4_ops.FUSED_BIG_MAX_M * k and _fused(x.reshape(-1, k), lora_A, out_features, q[5]):
-        return None  # (the fused GEMM reads the codes; _forward need not ask again)
-    return True
-
-
 def _merged_weight(x, q, out_features, lora_A, lora_B, scale) -> tuple[torch.Tensor | None, bool | None]:
     """(W', None), W' = deq(W) + s B A from the merged kernel, when it runs for x; (None, True)
     when the fused GEMM takes the call instead; else (None, None): _forward decides. The eager
     path launches the kernel before the autograd Function's host work, which its device time
     covers."""
-    path = _merged_path(x, q, out_features, lora_A)
-    if path is None:
-        return None, True
-    if not path:
-        return None, None
+    k = x.shape[-1]
+    if x.numel() <= nf4_ops.small_m_max(out_features, k) * k or not _merged(x, lora_A):
+        return None, None  # (a few rows: the small-M product reads the codes instead)
+    if x.numel() <= nf4_ops.FUSED_BIG_MAX_M * k and _fused(x.reshape(-1, k), lora_A, out_features, q[5]):
+        return None, True  # (the fused GEMM reads the codes; _forward need not ask again)
     return nf4_ops.dequantize_lora_kernel(*q, (out_features, x.shape[-1]), lora_A, lora_B, scale), None
 
 
@@ -286,12 +275,9 @@ def _forward(x, q, out_features, lora_A, lora_B, scale, bias, merged_w, fused=No
 def _forward_into(y, x, q, out_features, lora_A, lora_B, scale, bias) -> None:
     """_forward's y written into ``y`` (x's leading shape by N): by the merged weight's GEMM or
     the fused GEMM directly, else copied (a few rows, or the unfused paths)."""
-    path = _merged_path(x, q, out_features, lora_A)
-    if path:
-        w = nf4_ops.dequantize_lora_kernel(*q, (out_features, x.shape[-1]), lora_A, lora_B, scale)
-        _forward(x, q, out_features, None, None, scale, bias, w, out=y)
-    elif path is None:
-        _forward(x, q, out_features, lora_A, lora_B, scale, bias, None, True, out=y)
+    w, fused = _merged_weight(x, q, out_features, lora_A, lora_B, scale)
+    if w is not None or fused:
+        _forward(x, q, out_features, lora_A, lora_B, scale, bias, w, fused, out=y)
     else:
         y.copy_(_forward(x, q, out_features, lora_A, lora_B, scale, bias, None))
 
