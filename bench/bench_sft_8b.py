@@ -165,6 +165,15 @@ def main(argv: list[str] | None = None) -> dict:
         "before the layer's last projection) and after, alternated in this process",
     )
     p.add_argument(
+        "--alternate-step-end",
+        type=int,
+        default=0,
+        metavar="N",
+        help="then N more steps each with the step's end as the trainer runs it (the optimizer "
+        "launched before the loss and the gradient norm are read, a non-finite step skipped on the "
+        "device) and with those read first, alternated in this process",
+    )
+    p.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile each decoder layer (inductor; the first steps compile)",
@@ -203,6 +212,8 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"--alternate-fuse must be at least 0, got {args.alternate_fuse}")
     if args.alternate_saves_first < 0:
         p.error(f"--alternate-saves-first must be at least 0, got {args.alternate_saves_first}")
+    if args.alternate_step_end < 0:
+        p.error(f"--alternate-step-end must be at least 0, got {args.alternate_step_end}")
     if args.alternate_saves_first and (args.compile or args.no_grad_ckpt):
         p.error(
             "--alternate-saves-first alternates the eager op's order under activation checkpointing: "
@@ -295,13 +306,19 @@ def main(argv: list[str] | None = None) -> dict:
     tokens_per_step = args.batch * seq * args.accum
     gc_steps: list[list[tuple[int, float]]] = []
 
+    def train_step(micro) -> float:
+        """One optimizer step as the trainer takes it: the loss read with the gradient norm, after
+        the optimizer's launches (with loop.SKIP_ON_DEVICE off: the loss read first, as before)."""
+        loss, _, _ = sft_step(model, micro, device, read=not loop.SKIP_ON_DEVICE)
+        loop.optimizer_step(opt, sched, params, 1.0, loss=loss)
+        return float(loss)
+
     def timed_step() -> tuple[float, float]:
         micro = [micro_batch() for _ in range(args.accum)]
         if cuda:
             torch.cuda.synchronize()
         ts = time.perf_counter()
-        loss, _, _ = sft_step(model, micro, device)
-        loop.optimizer_step(opt, sched, params, 1.0)
+        loss = train_step(micro)
         collector.step()  # (no-op unless --gc loop)
         if cuda:
             torch.cuda.synchronize()
@@ -361,8 +378,7 @@ def main(argv: list[str] | None = None) -> dict:
             micro = [micro_batch() for _ in range(args.accum)]
 
             def one_step():
-                sft_step(model, micro, device)
-                loop.optimizer_step(opt, sched, params, 1.0)
+                train_step(micro)
 
             profile = device_breakdown(one_step)
             print(
@@ -402,7 +418,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{kinds[0]}_over_{kinds[1]}": ratio,
             }
 
-        alternate = alternate_saves = None
+        alternate = alternate_saves = alternate_end = None
         if args.alternate_fuse:
             # (the unfused GEMM shapes are the same ones, but transformers' own ops meet the allocator
             # and the GEMM choice for the first time: hence the untimed first steps)
@@ -425,6 +441,15 @@ def main(argv: list[str] | None = None) -> dict:
                 )
             finally:
                 nf4_lora_ops.SAVES_FIRST = True
+        if args.alternate_step_end:
+
+            def set_end(kind: str) -> None:
+                loop.SKIP_ON_DEVICE = kind == "device_skip"
+
+            try:
+                alternate_end = alternated(args.alternate_step_end, ("read_first", "device_skip"), set_end)
+            finally:
+                loop.SKIP_ON_DEVICE = True
     finally:
         restore_gc()
 
@@ -476,6 +501,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["alternate_fuse"] = alternate
     if alternate_saves is not None:
         result["alternate_saves_first"] = alternate_saves
+    if alternate_end is not None:
+        result["alternate_step_end"] = alternate_end
     if args.compile:  # (this run's: the counters are the process's)
         now = _dynamo_counts()
         breaks = {k: v - dynamo_before[0].get(k, 0) for k, v in now[0].items()}

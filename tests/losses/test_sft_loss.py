@@ -307,6 +307,25 @@ def test_one_batch_equals_accumulated(small_model, tokenizer):
         report_close(g_acc[n], g_one[n], 1e-6, 1e-4, n)
 
 
+def test_sft_step_unread_loss_is_the_same_step(small_model, tokenizer):
+    """``read=False`` (the trainer's: the loss read after the optimizer's launches) returns the same
+    loss as a 0-dim float32 tensor, and the same gradients."""
+    model = small_model
+    model.train()
+    micro = [
+        collate([Row(ids, mask) for ids, mask in ex], pad_id=0) for ex in [_examples(tokenizer, 3, seed=3)]
+    ]
+    read, n_loss, n_tok = sft_step(model, micro, torch.device("cpu"))
+    g_read = _grads(model)
+    unread, n_loss2, n_tok2 = sft_step(model, micro, torch.device("cpu"), read=False)
+    g_unread = _grads(model)
+    assert isinstance(read, float) and isinstance(unread, torch.Tensor)
+    assert unread.shape == () and unread.dtype == torch.float32 and float(unread) == read
+    assert (n_loss, n_tok) == (n_loss2, n_tok2) and set(g_read) == set(g_unread)
+    for n in g_read:
+        assert torch.equal(g_read[n], g_unread[n])
+
+
 def test_loss_functions_name_a_bad_argument():
     """Arguments that are not tensors or not numbers are errors naming the argument (they failed
     with an AttributeError / TypeError from inside), and a count of loss tokens below the number

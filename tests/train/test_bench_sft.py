@@ -192,6 +192,37 @@ def test_bench_sft_8b_alternates_the_op_s_order_under_checkpointing(tmp_path, ca
         assert "leave out --compile and --no-grad-ckpt" in capsys.readouterr().err
 
 
+def test_bench_sft_8b_alternates_the_step_s_end(tmp_path, capsys):
+    """--alternate-step-end N: loop.SKIP_ON_DEVICE set for each step (the loss left on the device
+    for optimizer_step to read after its launches, or read by sft_step first), the default given
+    back after, both series and their ratio recorded."""
+    from hoptune.train import loop
+
+    bench_sft_8b = _bench_sft()
+    seen = []
+    real = bench_sft_8b.sft_step
+
+    def step(*a, read=True, **k):
+        seen.append((loop.SKIP_ON_DEVICE, read))
+        return real(*a, read=read, **k)
+
+    argv = ["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "0"]
+    try:
+        bench_sft_8b.sft_step = step
+        data = bench_sft_8b.main([*argv, "--alternate-step-end", "2", "--out", str(tmp_path / "x.json")])
+    finally:
+        bench_sft_8b.sft_step = real
+    alt = data["alternate_step_end"]
+    assert len(alt["step_s"]["device_skip"]) == len(alt["step_s"]["read_first"]) == 2
+    med = alt["median_step_s"]
+    assert alt["read_first_over_device_skip"] == pytest.approx(med["read_first"] / med["device_skip"])
+    assert seen == [(True, False)] + [(False, True), (True, False)] * 3 and loop.SKIP_ON_DEVICE is True
+    assert all(isinstance(x, float) for x in data["losses"])
+    with pytest.raises(SystemExit):
+        bench_sft_8b.main([*argv, "--alternate-step-end", "-1", "--out", str(tmp_path / "y.json")])
+    assert "--alternate-step-end must be at least 0" in capsys.readouterr().err
+
+
 def test_bench_sft_tiny_compiled_matches_eager_and_records_gc(tmp_path):
     """--compile: each decoder layer under torch.compile, the same losses as the eager run (fp32 on
     the CPU), the graphs and graph breaks counted; both runs record the collector's pauses per

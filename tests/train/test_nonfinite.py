@@ -52,14 +52,34 @@ def _adapter(folder):
     return load_file(os.path.join(folder, "adapter", "adapter_model.safetensors"))
 
 
+def _fused_adamw(monkeypatch):
+    """loop.build_optimizer with torch's fused AdamW on the CPU too (as on a GPU, where the trainer's
+    optimizer skips a non-finite step on the device)."""
+    real = loop.build_optimizer
+
+    def build(*a, **k):
+        opt = real(*a, **k)
+        for g in opt.param_groups:
+            g["fused"], g["foreach"] = True, False
+        return opt
+
+    monkeypatch.setattr(loop, "build_optimizer", build)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["read_first", "device_skip"])
 @pytest.mark.parametrize("what", ["loss", "grad"])
-def test_nonfinite_step_stops_the_run_before_its_update(tmp_path, tokenizer, demo_data, monkeypatch, what):
+def test_nonfinite_step_stops_the_run_before_its_update(
+    tmp_path, tokenizer, demo_data, monkeypatch, what, fused
+):
     """A NaN loss (or a finite loss with a NaN gradient: an overflow in the backward) went on
     training without a word; a NaN gradient turned every weight into NaN, saved over the good
-    checkpoints."""
+    checkpoints. With fused AdamW (the GPU's) the skip is decided on the device and the loss and
+    norm are read after the optimizer's launches: the same stop, the same checkpoints."""
     cfg = small_config(
         tmp_path, demo_data, "train.max_steps=6", "train.save_every=1", "train.keep_checkpoints=1"
     )
+    if fused:
+        _fused_adamw(monkeypatch)
     if what == "loss":
         _on_step(monkeypatch, 3, lambda model, out: (float("nan"), *out[1:]))
         message = "step 3 of 6: the training loss is nan"
@@ -78,6 +98,8 @@ def test_nonfinite_step_stops_the_run_before_its_update(tmp_path, tokenizer, dem
 
     # a resume (here: without the fault) continues from step 2 and drops the line of step 3
     monkeypatch.undo()
+    if fused:
+        _fused_adamw(monkeypatch)
     again = _run(cfg, tokenizer)
     assert again.steps == 6 and len(again.train_losses) == 4
     recs = loop.read_metrics(os.path.join(cfg.output.dir, "metrics.jsonl"))
@@ -94,6 +116,73 @@ def test_optimizer_step_refuses_a_nonfinite_gradient():
         loop.optimizer_step(opt, sch, [p], max_grad_norm=1.0)
     assert torch.equal(p.detach(), torch.ones(3)) and p.grad is None
     assert sch.last_epoch == 0
+
+
+def _fused_state(opt, p):
+    st = opt.state[p]
+    return [p.detach().clone()] + [st[k].clone() for k in ("exp_avg", "exp_avg_sq", "step")]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("bad", ["grad_inf", "grad_nan", "loss_nan", "loss_inf_float"])
+def test_fused_adamw_skips_a_nonfinite_step_on_the_device(bad, device):
+    """With torch's fused AdamW the step is launched before the norm and the loss are read: a
+    non-finite one leaves the weights, both moments and the step count as they were (the
+    optimizer's found_inf), the schedule where it was, no gradient behind, and names the cause."""
+    torch.manual_seed(0)
+    torch.set_default_device(device)
+    try:
+        _skip_case(bad)
+    finally:
+        torch.set_default_device(None)
+
+
+def _skip_case(bad):
+    p = torch.nn.Parameter(torch.randn(5, 3))
+    opt = torch.optim.AdamW([p], lr=0.1, weight_decay=0.1, fused=True)
+    sch = loop.build_scheduler(opt, 10, kind="linear")
+    assert loop._skips_on_device(opt)
+    g = torch.randn(5, 3)
+    p.grad = g.clone()
+    norm = loop.optimizer_step(opt, sch, [p], max_grad_norm=1.0, loss=torch.tensor(2.5))
+    assert norm == pytest.approx(torch.linalg.vector_norm(g).item(), rel=1e-6)
+    before, epoch = _fused_state(opt, p), sch.last_epoch
+    p.grad = torch.randn(5, 3)
+    if bad.startswith("grad"):
+        p.grad[1, 2] = float("inf") if bad == "grad_inf" else float("nan")
+        loss, match = torch.tensor(1.0), f"the gradient norm is {'inf' if bad == 'grad_inf' else 'nan'}"
+    else:
+        loss = torch.tensor(float("nan")) if bad == "loss_nan" else float("inf")
+        match = f"the training loss is {'nan' if bad == 'loss_nan' else 'inf'}"
+    with pytest.raises(FloatingPointError, match=match):
+        loop.optimizer_step(opt, sch, [p], max_grad_norm=1.0, loss=loss)
+    for got, want in zip(_fused_state(opt, p), before):
+        assert torch.equal(got, want)
+    assert sch.last_epoch == epoch and p.grad is None and getattr(opt, "found_inf", None) is None
+    # and the next good step is taken
+    p.grad = torch.randn(5, 3)
+    loop.optimizer_step(opt, sch, [p], max_grad_norm=1.0, loss=torch.tensor(1.0))
+    assert not torch.equal(p.detach(), before[0]) and opt.state[p]["step"].item() == 2
+
+
+def test_fused_step_equals_the_step_read_first(monkeypatch):
+    """The device-side skip changes when the norm is read, not the update: the same weights, moments
+    and norms over a few steps as with the norm read before the optimizer's step."""
+    results = []
+    for on_device in (True, False):
+        monkeypatch.setattr(loop, "SKIP_ON_DEVICE", on_device)
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(7, 4))
+        opt = torch.optim.AdamW([p], lr=0.05, fused=True)
+        assert loop._skips_on_device(opt) is on_device
+        norms = []
+        for _ in range(3):
+            p.grad = torch.randn(7, 4) * 3
+            norms.append(loop.optimizer_step(opt, None, [p], max_grad_norm=1.0, loss=torch.tensor(0.5)))
+        results.append((norms, _fused_state(opt, p)))
+    assert results[0][0] == results[1][0]
+    for got, want in zip(results[0][1], results[1][1]):
+        assert torch.equal(got, want)
 
 
 def _first_grad_norm(cfg, tokenizer, dtype):

@@ -241,6 +241,7 @@ def optimizer_step(
     params: list[nn.Parameter],
     max_grad_norm: float,
     scaler: torch.amp.GradScaler | None = None,
+    loss: torch.Tensor | float | None = None,
 ) -> float:
     """Clip (when max_grad_norm > 0), step, advance the schedule, clear the gradients.
     Returns the gradient norm before clipping.
@@ -249,21 +250,47 @@ def optimizer_step(
     weights stay those before the step, and NaN weights are never written); with ``scaler`` (fp16's
     dynamic loss scaling, whose gradients come scaled) it is GradScaler's skipped step, which halves
     the scale, and the schedule does not advance (as transformers' Trainer does); at a scale of 1 or
-    less, FloatingPointError."""
+    less, FloatingPointError. ``loss`` (the step's loss, a tensor on the device or a number): a
+    non-finite one takes no step either (FloatingPointError naming it), whatever the scaler.
+
+    With torch's fused AdamW and no scaler, nothing is read back before the optimizer's kernels are
+    launched: whether the step is taken is decided on the device (the optimizer's ``found_inf``, as
+    GradScaler drives it: a non-finite norm or loss leaves the weights, the moments and the step
+    count as they were), and the norm and the loss come back in one read at the end. So the device
+    does not wait, between the backward and the update, for the host to read and to prepare the
+    optimizer (its Python over every parameter)."""
     if scaler is not None and not scaler.is_enabled():
         scaler = None  # (its step() would step on inf / NaN gradients)
+    on_device = scaler is None and _skips_on_device(optimizer)
+    if loss is not None and not on_device:
+        _check_loss(
+            float(loss)
+        )  # (before GradScaler's unscale_, which a refused step must not leave half done)
     if scaler is not None:
         scaler.unscale_(optimizer)  # clipping and the reported norm are of the true gradient
-    if max_grad_norm > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    else:
-        grads = [p.grad for p in params if p.grad is not None]
-        norm = (
-            torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-            if grads
-            else torch.zeros(())
-        )
-    norm = float(norm)
+    norm_t = _grad_norm(params, max_grad_norm)
+    if on_device:
+        finite = torch.isfinite(norm_t)
+        loss_t = None
+        if loss is not None:
+            loss_t = torch.as_tensor(loss, device=norm_t.device).float()
+            finite = finite & torch.isfinite(loss_t)
+        optimizer.found_inf = (~finite).float()  # (1: the fused kernel leaves everything as it was)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+        optimizer.zero_grad(set_to_none=True)  # (host work while the device steps)
+        read = torch.stack([norm_t.float()] + ([] if loss_t is None else [loss_t])).tolist()
+        norm = read[0]
+        if loss_t is not None:
+            _check_loss(read[1])
+        if not math.isfinite(norm):
+            raise FloatingPointError(f"the gradient norm is {norm}")
+        if scheduler is not None:
+            scheduler.step()
+        return norm
+    norm = float(norm_t)
     stepped = True
     if scaler is not None:
         scale = scaler.get_scale()
@@ -284,6 +311,38 @@ def optimizer_step(
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return norm
+
+
+def _check_loss(loss: float) -> None:
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"the training loss is {loss}")
+
+
+def _grad_norm(params: list[nn.Parameter], max_grad_norm: float) -> torch.Tensor:
+    """The gradients' total norm as a tensor (not read back); clipped to ``max_grad_norm`` when > 0."""
+    if max_grad_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
+# Whether optimizer_step decides a non-finite step's skip on the device where it can (torch's fused
+# AdamW without a scaler), reading the norm and the loss after the optimizer's launches; False: read
+# first, then step (a switch for measurement: bench_sft_8b.py --alternate-step-end).
+SKIP_ON_DEVICE = True
+
+
+def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` is torch's fused Adam / AdamW, whose step skips itself on the device
+    when its ``found_inf`` is 1 (the attribute GradScaler sets; not set by anyone else now)."""
+    return (
+        SKIP_ON_DEVICE
+        and isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
+        and all(g.get("fused") for g in optimizer.param_groups)
+        and getattr(optimizer, "found_inf", None) is None
+    )
 
 
 def grad_scaler(model: nn.Module, device: torch.device, dtype: torch.dtype) -> torch.amp.GradScaler | None:

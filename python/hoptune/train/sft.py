@@ -281,14 +281,17 @@ def sft_step(
     micro_batches: list[dict[str, Any]],
     device: torch.device,
     scaler: torch.amp.GradScaler | None = None,
-) -> tuple[float, int, int]:
+    read: bool = True,
+) -> tuple[float | torch.Tensor, int, int]:
     """Forward + backward of one optimizer step's micro-batches (gradients accumulate in ``.grad``).
 
     Each micro-batch's loss is its masked NLL sum divided by the loss tokens of *all* the
     micro-batches, so the accumulated gradient is that of TRL's SFT loss over the whole step; for
     an MoE model (``loop.router_aux_coef``) plus its load-balancing loss, weighted as TRL does.
     ``scaler``: fp16's loss scaling (the gradients come scaled, ``loop.optimizer_step`` unscales them).
-    Returns (loss of the step, loss tokens, tokens)."""
+    Returns (loss of the step, loss tokens, tokens); the loss a number, or with ``read=False`` a
+    0-dim float32 tensor on the device, not read back (``loop.optimizer_step`` reads it after the
+    optimizer's launches)."""
     n_loss = count_loss_tokens([b["loss_mask"][:, 1:] for b in micro_batches])
     if n_loss == 0:
         raise ValueError("an optimizer step has no loss token; the data checks should have caught this")
@@ -310,7 +313,7 @@ def sft_step(
             loss = sft_loss(logprobs, None, n_loss)
         (loss if scaler is None else scaler.scale(loss)).backward()
         total += loss.detach()
-    return float(total), n_loss, tokens
+    return (float(total) if read else total), n_loss, tokens
 
 
 def _resume_folder(cfg: SFTConfig, ckpt: loop.Checkpointer) -> str | None:
@@ -779,12 +782,11 @@ def _train(
                 for k in range(0, len(idx), t.batch_size)
             ]
             lr = optimizer.param_groups[0]["lr"]
-            loss, n_loss, n_tok = sft_step(model, micro, device, scaler)
-            try:
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"the training loss is {loss}")
-                grad_norm = loop.optimizer_step(optimizer, scheduler, params, t.max_grad_norm, scaler)
+            loss, n_loss, n_tok = sft_step(model, micro, device, scaler, read=False)
+            try:  # (the loss is read with the gradient norm, after the optimizer's launches)
+                grad_norm = loop.optimizer_step(optimizer, scheduler, params, t.max_grad_norm, scaler, loss)
             except FloatingPointError as e:
+                loss = float(loss)
                 # stopped before the optimizer step: no NaN weights are trained on, nor saved over a good
                 # checkpoint; the step is logged (a resume drops the line) and named
                 optimizer.zero_grad(set_to_none=True)
@@ -800,6 +802,7 @@ def _train(
                     f"nothing was saved ({kept}); resumed as it is, the run would likely stop here again: "
                     "check the data of this step, or train with a lower train.lr in a new output.dir"
                 ) from None
+            loss = float(loss)  # (read back by optimizer_step already)
             step += 1
             collector.step()  # (between steps: none of the collector's pauses inside one)
             dt = timer.lap()
