@@ -17,9 +17,8 @@ from .conftest import small_config
 
 
 def _run(cfg, tokenizer, dtype=torch.float32):
-    return sft.train(
-        cfg, log=lambda s: None, model=build_model(seed=0, dtype=dtype, **SMALL), tokenizer=tokenizer
-    )
+    model = build_model(seed=0, dtype=dtype, **SMALL).to(cfg.model.device)
+    return sft.train(cfg, log=lambda s: None, model=model, tokenizer=tokenizer)
 
 
 def _on_step(monkeypatch, n: int, action) -> dict:
@@ -66,7 +65,11 @@ def _fused_adamw(monkeypatch):
     monkeypatch.setattr(loop, "build_optimizer", build)
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["read_first", "device_skip"])
+@pytest.mark.parametrize(
+    "fused",
+    [False, True, pytest.param("cuda", marks=pytest.mark.gpu)],
+    ids=["read_first", "device_skip", "cuda"],
+)
 @pytest.mark.parametrize("what", ["loss", "grad"])
 def test_nonfinite_step_stops_the_run_before_its_update(
     tmp_path, tokenizer, demo_data, monkeypatch, what, fused
@@ -75,10 +78,11 @@ def test_nonfinite_step_stops_the_run_before_its_update(
     training without a word; a NaN gradient turned every weight into NaN, saved over the good
     checkpoints. With fused AdamW (the GPU's) the skip is decided on the device and the loss and
     norm are read after the optimizer's launches: the same stop, the same checkpoints."""
+    device = ["model.device=cuda"] if fused == "cuda" else []
     cfg = small_config(
-        tmp_path, demo_data, "train.max_steps=6", "train.save_every=1", "train.keep_checkpoints=1"
+        tmp_path, demo_data, "train.max_steps=6", "train.save_every=1", "train.keep_checkpoints=1", *device
     )
-    if fused:
+    if fused is True:
         _fused_adamw(monkeypatch)
     if what == "loss":
         _on_step(monkeypatch, 3, lambda model, out: (float("nan"), *out[1:]))
@@ -98,7 +102,7 @@ def test_nonfinite_step_stops_the_run_before_its_update(
 
     # a resume (here: without the fault) continues from step 2 and drops the line of step 3
     monkeypatch.undo()
-    if fused:
+    if fused is True:
         _fused_adamw(monkeypatch)
     again = _run(cfg, tokenizer)
     assert again.steps == 6 and len(again.train_losses) == 4
