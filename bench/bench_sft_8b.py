@@ -371,29 +371,6 @@ def main(argv: list[str] | None = None) -> dict:
         f"{sum(gc_record['full_collection_ms']):.1f} ms; all pauses {sum(gc_record['pause_ms_per_step']):.1f} ms"
     )
     try:
-        profile = None
-        if args.profile and not cuda:
-            print("--profile: no CUDA device, so no kernels to time: skipped")
-        if args.profile and cuda:  # (after the peak is read: the profiler's own memory is not counted)
-            micro = [micro_batch() for _ in range(args.accum)]
-
-            def one_step():
-                train_step(micro)
-
-            profile = device_breakdown(one_step)
-            print(
-                f"profiled step: {profile['wall_ms']:.1f} ms wall, {profile['device_busy_ms']:.1f} ms of kernels"
-            )
-            for cat, ms in profile["by_category_ms"].items():
-                print(f"  {cat:<40} {ms:8.1f} ms")
-            idle = profile["idle"]
-            print(
-                f"device idle between kernels: {idle['total_ms']:.1f} ms in {idle['gaps']} gaps; by launch:"
-            )
-            for g in idle["by_launch_path"][:8]:
-                print(f"  {g['ms']:7.2f} ms {g['gaps']:5d} gaps  {g['path'][:110]}")
-            for g in idle["host_syncs"]:
-                print(f"  sync x{g['count']}: {g['path'][:110]}")
 
         def alternated(n: int, kinds: tuple[str, str], set_kind) -> dict:
             """One step apart on the same machine, the model and optimizer carried on: kinds[0],
@@ -450,6 +427,31 @@ def main(argv: list[str] | None = None) -> dict:
                 alternate_end = alternated(args.alternate_step_end, ("read_first", "device_skip"), set_end)
             finally:
                 loop.SKIP_ON_DEVICE = True
+        profile = None
+        if args.profile and not cuda:
+            print("--profile: no CUDA device, so no kernels to time: skipped")
+        # (after the peak is read: the profiler's own memory is not counted; and after the
+        # alternations, as steps that followed a profiled one have been seen to run slower)
+        if args.profile and cuda:
+            micro = [micro_batch() for _ in range(args.accum)]
+
+            def one_step():
+                train_step(micro)
+
+            profile = device_breakdown(one_step)
+            print(
+                f"profiled step: {profile['wall_ms']:.1f} ms wall, {profile['device_busy_ms']:.1f} ms of kernels"
+            )
+            for cat, ms in profile["by_category_ms"].items():
+                print(f"  {cat:<40} {ms:8.1f} ms")
+            idle = profile["idle"]
+            print(
+                f"device idle between kernels: {idle['total_ms']:.1f} ms in {idle['gaps']} gaps; by launch:"
+            )
+            for g in idle["by_launch_path"][:8]:
+                print(f"  {g['ms']:7.2f} ms {g['gaps']:5d} gaps  {g['path'][:110]}")
+            for g in idle["host_syncs"]:
+                print(f"  sync x{g['count']}: {g['path'][:110]}")
     finally:
         restore_gc()
 
