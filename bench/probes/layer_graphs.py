@@ -7,7 +7,10 @@ eager, then with every decoder layer (its activation checkpointing inside) captu
 ``torch.cuda.make_graphed_callables`` (a forward graph and a backward graph per layer, the
 backward's recompute in it, one memory pool), the rest of the step (embedding, output head and
 loss, optimizer) eager. Static shapes only (2 x 2048 tokens, no padding): a probe, not a trainer
-feature. Reports both medians, their ratio, the peak memory of each and the first steps' losses.
+feature. Reports both medians, their ratio, the peak memory of each, the two kinds one step apart
+in the same process (the layer list switched between them), and one fixed batch's loss and
+gradients with the graphs against eager (and eager against eager again: the backward's own
+spread, its fp32 sums in no fixed order).
 
     python bench/probes/layer_graphs.py --out bench/results/sft_8b_layer_graphs_probe.json
 """
@@ -184,6 +187,9 @@ def main(argv=None) -> dict:
         ref_loss = float(sft_step(model, fixed, device)[0])
         ref_grads = [q.grad.detach().clone() for q in params]
         opt.zero_grad(set_to_none=True)
+        again_loss = float(sft_step(model, fixed, device)[0])  # (eager twice: the backward's own spread)
+        base_errs = _rel_errs(params, ref_grads)
+        opt.zero_grad(set_to_none=True)
 
         calls, samples = [], []
         for i, layer in enumerate(layers):
@@ -206,26 +212,31 @@ def main(argv=None) -> dict:
             return _finish(result, args.out)
         result["capture_s"] = time.perf_counter() - t0
         print(f"captured {len(calls)} layers in {result['capture_s']:.1f} s")
-        for i in range(len(layers)):
-            layers[i] = _Replay(graphed[i], with_mask)
+        eager_layers = list(layers)
+        replays = [_Replay(graphed[i], with_mask) for i in range(len(layers))]
+
+        def use(kind: str) -> None:
+            for i, m in enumerate(replays if kind == "graphs" else eager_layers):
+                layers[i] = m
+
+        use("graphs")
         opt.zero_grad(set_to_none=True)
         got_loss = float(sft_step(model, fixed, device)[0])
-        errs = [
-            (
-                torch.linalg.vector_norm(q.grad.float() - r.float())
-                / torch.linalg.vector_norm(r.float()).clamp_min(1e-30)
-            ).item()
-            for q, r in zip(params, ref_grads)
-        ]
+        errs = _rel_errs(params, ref_grads)
         opt.zero_grad(set_to_none=True)
         result["check"] = {
             "eager_loss": ref_loss,
+            "eager_again_loss": again_loss,
             "graphs_loss": got_loss,
             "grad_rel_err_max": max(errs),
             "grad_rel_err_median": statistics.median(errs),
+            "eager_again_grad_rel_err_max": max(base_errs),
+            "eager_again_grad_rel_err_median": statistics.median(base_errs),
         }
         print(
-            f"check: loss {ref_loss:.6f} eager, {got_loss:.6f} graphs; grads' relative error max {max(errs):.2e}"
+            f"check: loss {ref_loss:.6f} eager, {again_loss:.6f} eager again, {got_loss:.6f} graphs; "
+            f"grads' relative error (max / median) graphs {max(errs):.2e} / {statistics.median(errs):.2e}, "
+            f"eager again {max(base_errs):.2e} / {statistics.median(base_errs):.2e}"
         )
         timed(2)
         reset_peak()
@@ -237,6 +248,25 @@ def main(argv=None) -> dict:
             "losses": g_l,
         }
         result["eager_over_graphs"] = result["eager"]["median_step_s"] / result["graphs"]["median_step_s"]
+        # one step apart in this process, the layer list switched between the two (after one of each)
+        alt = {"eager": [], "graphs": []}
+        for i in range(2 * (args.steps + 1)):
+            kind = ("eager", "graphs")[i % 2]
+            use(kind)
+            t, _ = timed(1)
+            if i >= 2:
+                alt[kind] += t
+        use("graphs")
+        meds = {k: statistics.median(v) for k, v in alt.items()}
+        result["alternated"] = {
+            "step_s": alt,
+            "median_step_s": meds,
+            "eager_over_graphs": meds["eager"] / meds["graphs"],
+        }
+        print(
+            f"alternated, {args.steps} steps each: graphs {meds['graphs']:.3f} s, eager {meds['eager']:.3f} s "
+            f"({meds['eager'] / meds['graphs']:.3f}x)"
+        )
         print(
             f"graphs: median {result['graphs']['median_step_s']:.3f} s, peak {result['graphs']['peak_gib']} GiB; "
             f"eager / graphs {result['eager_over_graphs']:.3f}"
@@ -244,6 +274,17 @@ def main(argv=None) -> dict:
     finally:
         collector.stop()
     return _finish(result, args.out)
+
+
+def _rel_errs(params, refs) -> list[float]:
+    """Each parameter's gradient against ``refs``: |g - ref| / |ref| (Frobenius norms)."""
+    return [
+        (
+            torch.linalg.vector_norm(q.grad.float() - r.float())
+            / torch.linalg.vector_norm(r.float()).clamp_min(1e-30)
+        ).item()
+        for q, r in zip(params, refs)
+    ]
 
 
 def _finish(result: dict, out: str | None) -> dict:
