@@ -284,3 +284,27 @@ def test_bench_sft_8b_refuses_compile_with_alternate_fuse(tmp_path, capsys):
             ]
         )
     assert e.value.code == 2 and "--compile" in capsys.readouterr().err
+
+
+def test_layer_graphs_probe_dry_run_on_the_cpu(tmp_path):
+    """bench/probes/layer_graphs.py's logic on the tiny model (the layers wrapped as the probe wraps
+    them for capture, no capture on a CPU): the wrapped layers give the eager loss and gradients,
+    both kinds alternate, and the JSON records it; without a GPU and without the flag it refuses."""
+    sys.path.insert(0, os.path.abspath(BENCH))
+    sys.path.insert(0, os.path.join(os.path.abspath(BENCH), "probes"))
+    try:
+        import layer_graphs
+    finally:
+        sys.path.pop(0)
+        sys.path.pop(0)
+    out = tmp_path / "lg.json"
+    data = layer_graphs.main(["--dry-run-cpu", "--steps", "1", "--out", str(out)])
+    check = data["check"]
+    assert check["graphs_loss"] == check["eager_loss"] and check["grad_rel_err_max"] == 0.0
+    assert len(data["alternated"]["step_s"]["graphs"]) == len(data["alternated"]["step_s"]["eager"]) == 1
+    assert json.loads(out.read_text())["steps"] == 1
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a CUDA device"):
+            layer_graphs.main(["--steps", "1"])
