@@ -90,6 +90,11 @@ def main(argv=None) -> dict:
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default 32)")
     p.add_argument("--out", default=None, help="JSON path")
     p.add_argument(
+        "--profile",
+        action="store_true",
+        help="then one graphed and one eager step under torch.profiler: kernel time and idle gaps of each",
+    )
+    p.add_argument(
         "--dry-run-cpu",
         action="store_true",
         help="the tiny model on the CPU with the layers wrapped but not captured (the probe's logic only)",
@@ -257,6 +262,24 @@ def main(argv=None) -> dict:
             if i >= 2:
                 alt[kind] += t
         use("graphs")
+        if args.profile and not dry:
+            from harness import device_breakdown
+
+            result["profile"] = {}
+            for kind in ("graphs", "eager"):
+                use(kind)
+                m = micro()
+                prof = device_breakdown(lambda m=m: step(m))
+                prof["kernels"] = prof["kernels"][:40]
+                result["profile"][kind] = prof
+                idle = prof["idle"]
+                print(
+                    f"profiled {kind} step: {prof['wall_ms']:.1f} ms wall, {prof['device_busy_ms']:.1f} ms of "
+                    f"kernels, idle {idle['total_ms']:.1f} ms in {idle['gaps']} gaps; by launch:"
+                )
+                for g in idle["by_launch_path"][:8]:
+                    print(f"  {g['ms']:7.2f} ms {g['gaps']:5d} gaps  {g['path'][:110]}")
+            use("graphs")
         meds = {k: statistics.median(v) for k, v in alt.items()}
         result["alternated"] = {
             "step_s": alt,
