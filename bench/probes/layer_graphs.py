@@ -150,7 +150,10 @@ def main(argv=None) -> dict:
     try:
         timed(2)  # (warm-up: the GEMM choices, the allocator)
         reset_peak()
+        phases = result["phases_unix_s"] = {}  # (to line up with a clock / power log taken beside)
+        phases["eager"] = [time.time()]
         eager_t, eager_l = timed(args.steps)
+        phases["eager"].append(time.time())
         result["eager"] = {
             "step_s": eager_t,
             "median_step_s": statistics.median(eager_t),
@@ -245,7 +248,9 @@ def main(argv=None) -> dict:
         )
         timed(2)
         reset_peak()
+        phases["graphs"] = [time.time()]
         g_t, g_l = timed(args.steps)
+        phases["graphs"].append(time.time())
         result["graphs"] = {
             "step_s": g_t,
             "median_step_s": statistics.median(g_t),
@@ -255,6 +260,7 @@ def main(argv=None) -> dict:
         result["eager_over_graphs"] = result["eager"]["median_step_s"] / result["graphs"]["median_step_s"]
         # one step apart in this process, the layer list switched between the two (after one of each)
         alt = {"eager": [], "graphs": []}
+        phases["alternated"] = [time.time()]
         for i in range(2 * (args.steps + 1)):
             kind = ("eager", "graphs")[i % 2]
             use(kind)
@@ -262,6 +268,7 @@ def main(argv=None) -> dict:
             if i >= 2:
                 alt[kind] += t
         use("graphs")
+        phases["alternated"].append(time.time())
         if args.profile and not dry:
             from harness import device_breakdown
 
