@@ -263,9 +263,8 @@ def optimizer_step(
         scaler = None  # (its step() would step on inf / NaN gradients)
     on_device = scaler is None and _skips_on_device(optimizer)
     if loss is not None and not on_device:
-        _check_loss(
-            float(loss)
-        )  # (before GradScaler's unscale_, which a refused step must not leave half done)
+        # (read first: before GradScaler's unscale_, which a refused step must not leave half done)
+        _check_loss(float(loss))
     if scaler is not None:
         scaler.unscale_(optimizer)  # clipping and the reported norm are of the true gradient
     norm_t = _grad_norm(params, max_grad_norm)
