@@ -148,18 +148,23 @@ def main(argv=None) -> dict:
     result = {**env_info(), "shape": shape, "batch": batch, "seq": seq, "steps": args.steps}
     collector = loop.LoopGc().start()
     try:
-        timed(2)  # (warm-up: the GEMM choices, the allocator)
-        reset_peak()
         phases = result["phases_unix_s"] = {}  # (to line up with a clock / power log taken beside)
-        phases["eager"] = [time.time()]
-        eager_t, eager_l = timed(args.steps)
-        phases["eager"].append(time.time())
-        result["eager"] = {
-            "step_s": eager_t,
-            "median_step_s": statistics.median(eager_t),
-            "peak_gib": peak(),
-            "losses": eager_l,
-        }
+
+        def series(kind: str) -> None:
+            """Two untimed steps (the GEMM choices, the allocator), then the timed ones."""
+            timed(2)
+            reset_peak()
+            phases[kind] = [time.time()]
+            times, losses = timed(args.steps)
+            phases[kind].append(time.time())
+            result[kind] = {
+                "step_s": times,
+                "median_step_s": statistics.median(times),
+                "peak_gib": peak(),
+                "losses": losses,
+            }
+
+        series("eager")
         print(
             f"eager: median {result['eager']['median_step_s']:.3f} s, peak {result['eager']['peak_gib']} GiB"
         )
@@ -246,17 +251,7 @@ def main(argv=None) -> dict:
             f"grads' relative error (max / median) graphs {max(errs):.2e} / {statistics.median(errs):.2e}, "
             f"eager again {max(base_errs):.2e} / {statistics.median(base_errs):.2e}"
         )
-        timed(2)
-        reset_peak()
-        phases["graphs"] = [time.time()]
-        g_t, g_l = timed(args.steps)
-        phases["graphs"].append(time.time())
-        result["graphs"] = {
-            "step_s": g_t,
-            "median_step_s": statistics.median(g_t),
-            "peak_gib": peak(),
-            "losses": g_l,
-        }
+        series("graphs")
         result["eager_over_graphs"] = result["eager"]["median_step_s"] / result["graphs"]["median_step_s"]
         # one step apart in this process, the layer list switched between the two (after one of each)
         alt = {"eager": [], "graphs": []}

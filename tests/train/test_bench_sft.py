@@ -156,6 +156,21 @@ def test_bench_sft_8b_alternates_the_fused_and_unfused_step_in_one_process(tmp_p
     assert "leave out --no-fuse" in capsys.readouterr().err
 
 
+def _alternated_with_spy(bench_sft_8b, spy, argv, tmp_path) -> dict:
+    """bench_sft_8b.main(argv) with ``spy(*args, **kwargs)`` called before each of its sft_step calls."""
+    real = bench_sft_8b.sft_step
+
+    def step(*a, **k):
+        spy(*a, **k)
+        return real(*a, **k)
+
+    try:
+        bench_sft_8b.sft_step = step
+        return bench_sft_8b.main([*argv, "--out", str(tmp_path / "x.json")])
+    finally:
+        bench_sft_8b.sft_step = real
+
+
 def test_bench_sft_8b_alternates_the_op_s_order_under_checkpointing(tmp_path, capsys):
     """--alternate-saves-first N: the NF4 op's switch set for each step (the default given back
     after), both series and their ratio recorded; refused where it changes nothing."""
@@ -165,19 +180,13 @@ def test_bench_sft_8b_alternates_the_op_s_order_under_checkpointing(tmp_path, ca
 
     bench_sft_8b = _bench_sft()
     seen, collector_off = [], []
-    real = bench_sft_8b.sft_step
 
-    def step(*a, **k):
+    def spy(*a, **k):
         seen.append(nf4_lora_ops.SAVES_FIRST)
         collector_off.append(not gc.isenabled())  # (--gc loop, the alternated steps too)
-        return real(*a, **k)
 
     argv = ["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "0"]
-    try:
-        bench_sft_8b.sft_step = step
-        data = bench_sft_8b.main([*argv, "--alternate-saves-first", "2", "--out", str(tmp_path / "x.json")])
-    finally:
-        bench_sft_8b.sft_step = real
+    data = _alternated_with_spy(bench_sft_8b, spy, [*argv, "--alternate-saves-first", "2"], tmp_path)
     alt = data["alternate_saves_first"]
     assert len(alt["step_s"]["saves_first"]) == len(alt["step_s"]["launch_first"]) == 2
     med = alt["median_step_s"]
@@ -200,18 +209,12 @@ def test_bench_sft_8b_alternates_the_step_s_end(tmp_path, capsys):
 
     bench_sft_8b = _bench_sft()
     seen = []
-    real = bench_sft_8b.sft_step
 
-    def step(*a, read=True, **k):
+    def spy(*a, read=True, **k):
         seen.append((loop.SKIP_ON_DEVICE, read))
-        return real(*a, read=read, **k)
 
     argv = ["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "0"]
-    try:
-        bench_sft_8b.sft_step = step
-        data = bench_sft_8b.main([*argv, "--alternate-step-end", "2", "--out", str(tmp_path / "x.json")])
-    finally:
-        bench_sft_8b.sft_step = real
+    data = _alternated_with_spy(bench_sft_8b, spy, [*argv, "--alternate-step-end", "2"], tmp_path)
     alt = data["alternate_step_end"]
     assert len(alt["step_s"]["device_skip"]) == len(alt["step_s"]["read_first"]) == 2
     med = alt["median_step_s"]
