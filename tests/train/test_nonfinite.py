@@ -189,6 +189,23 @@ def test_fused_step_equals_the_step_read_first(monkeypatch):
         assert torch.equal(got, want)
 
 
+def test_a_torch_whose_adam_takes_no_found_inf_gets_the_read_first_order(monkeypatch):
+    """The device-side skip is taken only where torch's functional Adam / AdamW take found_inf
+    (checked once, by signature): elsewhere a non-finite step must still be refused before it."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([p], lr=0.1, fused=True)
+    assert loop._skips_on_device(opt)
+    monkeypatch.setattr(loop, "_found_inf_known", None)
+    monkeypatch.setattr(loop, "_ADAM_FUNCTIONALS", (("torch.optim.adam", "no_such_function"),))
+    assert not loop._skips_on_device(opt)
+    p.grad = torch.tensor([1.0, float("nan"), 0.0])
+    stepped = []
+    monkeypatch.setattr(opt, "step", lambda: stepped.append(1))
+    with pytest.raises(FloatingPointError, match="the gradient norm is nan"):
+        loop.optimizer_step(opt, None, [p], max_grad_norm=1.0, loss=torch.tensor(1.0))
+    assert not stepped and torch.equal(p.detach(), torch.ones(3))
+
+
 def _first_grad_norm(cfg, tokenizer, dtype):
     _run(cfg, tokenizer, dtype)
     return loop.read_metrics(os.path.join(cfg.output.dir, "metrics.jsonl"))[0]["grad_norm"]

@@ -341,7 +341,29 @@ def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
         and isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
         and all(g.get("fused") for g in optimizer.param_groups)
         and getattr(optimizer, "found_inf", None) is None
+        and _adam_takes_found_inf()
     )
+
+
+_found_inf_known: bool | None = None
+
+
+def _adam_takes_found_inf() -> bool:
+    """Whether this torch's functional Adam and AdamW take ``found_inf`` (what their optimizers'
+    step passes on from the attribute): a guard, so that a torch without it would get the
+    read-first order rather than a skip that never happens."""
+    global _found_inf_known
+    if _found_inf_known is None:
+        import importlib
+
+        fns = [getattr(importlib.import_module(m), f, None) for m, f in _ADAM_FUNCTIONALS]
+        _found_inf_known = all(
+            fn is not None and "found_inf" in inspect.signature(fn).parameters for fn in fns
+        )
+    return _found_inf_known
+
+
+_ADAM_FUNCTIONALS = (("torch.optim.adam", "adam"), ("torch.optim.adamw", "adamw"))
 
 
 def grad_scaler(model: nn.Module, device: torch.device, dtype: torch.dtype) -> torch.amp.GradScaler | None:
