@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hoptune
-from harness import LLAMA_8B, GcPauses, device_breakdown, env_info, write_json
+from harness import LLAMA_8B, GcPauses, device_breakdown, env_info, print_breakdown, write_json
 from hoptune.data.packing import Row, collate
 from hoptune.train import loop
 from hoptune.train.sft import sft_step
@@ -439,19 +439,7 @@ def main(argv: list[str] | None = None) -> dict:
                 train_step(micro)
 
             profile = device_breakdown(one_step)
-            print(
-                f"profiled step: {profile['wall_ms']:.1f} ms wall, {profile['device_busy_ms']:.1f} ms of kernels"
-            )
-            for cat, ms in profile["by_category_ms"].items():
-                print(f"  {cat:<40} {ms:8.1f} ms")
-            idle = profile["idle"]
-            print(
-                f"device idle between kernels: {idle['total_ms']:.1f} ms in {idle['gaps']} gaps; by launch:"
-            )
-            for g in idle["by_launch_path"][:8]:
-                print(f"  {g['ms']:7.2f} ms {g['gaps']:5d} gaps  {g['path'][:110]}")
-            for g in idle["host_syncs"]:
-                print(f"  sync x{g['count']}: {g['path'][:110]}")
+            print_breakdown(profile)
     finally:
         restore_gc()
 

@@ -170,6 +170,20 @@ def device_breakdown(fn: Callable[[], object]) -> dict:
     }
 
 
+def print_breakdown(profile: dict, label: str = "profiled step", top: int = 8) -> None:
+    """device_breakdown's result, printed: wall and kernel time, the kernels by category, the idle
+    time with its ``top`` launch paths, and the host syncs."""
+    print(f"{label}: {profile['wall_ms']:.1f} ms wall, {profile['device_busy_ms']:.1f} ms of kernels")
+    for cat, ms in profile["by_category_ms"].items():
+        print(f"  {cat:<40} {ms:8.1f} ms")
+    idle = profile["idle"]
+    print(f"device idle between kernels: {idle['total_ms']:.1f} ms in {idle['gaps']} gaps; by launch:")
+    for g in idle["by_launch_path"][:top]:
+        print(f"  {g['ms']:7.2f} ms {g['gaps']:5d} gaps  {g['path'][:110]}")
+    for g in idle["host_syncs"]:
+        print(f"  sync x{g['count']}: {g['path'][:110]}")
+
+
 def _launch_path(e) -> str:
     """The host ops around a kernel's launch: the outermost, then the two innermost (the CUDA
     runtime call itself left out)."""

@@ -385,3 +385,25 @@ def test_idle_gaps_charges_each_gap_to_the_launch_of_the_kernel_after_it():
         {"path": "Optimizer.step > aten::item > aten::_local_scalar_dense", "count": 1}
     ]
     assert harness.idle_gaps([], events)["total_ms"] == 0.0
+
+
+def test_print_breakdown_prints_the_categories_the_idle_paths_and_the_syncs(capsys):
+    harness = _bench_module("harness")
+    prof = {
+        "wall_ms": 12.5,
+        "device_busy_ms": 10.3,
+        "by_category_ms": {"GEMM (cuBLAS / CUTLASS)": 8.0, "attention": 2.3},
+        "idle": {
+            "total_ms": 1.5,
+            "gaps": 3,
+            "by_launch_path": [{"ms": 1.0, "gaps": 2, "path": "a > b"}, {"ms": 0.5, "gaps": 1, "path": "c"}],
+            "host_syncs": [{"count": 2, "path": "aten::item"}],
+        },
+    }
+    harness.print_breakdown(prof, "profiled eager step", top=1)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "profiled eager step: 12.5 ms wall, 10.3 ms of kernels"
+    assert "GEMM (cuBLAS / CUTLASS)" in out[1] and "8.0 ms" in out[1] and "2.3 ms" in out[2]
+    assert out[3] == "device idle between kernels: 1.5 ms in 3 gaps; by launch:"
+    assert "a > b" in out[4] and not any(line.endswith("  c") for line in out)
+    assert out[5] == "  sync x2: aten::item"

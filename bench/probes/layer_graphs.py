@@ -265,7 +265,7 @@ def main(argv=None) -> dict:
         use("graphs")
         phases["alternated"].append(time.time())
         if args.profile and not dry:
-            from harness import device_breakdown
+            from harness import device_breakdown, print_breakdown
 
             result["profile"] = {}
             for kind in ("graphs", "eager"):
@@ -274,13 +274,7 @@ def main(argv=None) -> dict:
                 prof = device_breakdown(lambda m=m: step(m))
                 prof["kernels"] = prof["kernels"][:40]
                 result["profile"][kind] = prof
-                idle = prof["idle"]
-                print(
-                    f"profiled {kind} step: {prof['wall_ms']:.1f} ms wall, {prof['device_busy_ms']:.1f} ms of "
-                    f"kernels, idle {idle['total_ms']:.1f} ms in {idle['gaps']} gaps; by launch:"
-                )
-                for g in idle["by_launch_path"][:8]:
-                    print(f"  {g['ms']:7.2f} ms {g['gaps']:5d} gaps  {g['path'][:110]}")
+                print_breakdown(prof, f"profiled {kind} step")
             use("graphs")
         meds = {k: statistics.median(v) for k, v in alt.items()}
         result["alternated"] = {
