@@ -1,8 +1,8 @@
 """Probe: the 8B QLoRA step with each checkpointed decoder layer replayed as CUDA graphs.
 
-The eager step's device idles between kernels where the host's launches set the pace (mostly in
-the backward: each layer's recompute and its projections' backward). This probe measures how much
-of the step that host time is: the same model, data and optimizer as ``bench_sft_8b.py``, first
+The eager step's profile shows the device idle between kernels, mostly in the backward (each
+layer's recompute and its projections' backward). This probe measures how much of the step that
+host launch time is: the same model, data and optimizer as ``bench_sft_8b.py``, first
 eager, then with every decoder layer (its activation checkpointing inside) captured by
 ``torch.cuda.make_graphed_callables`` (a forward graph and a backward graph per layer, the
 backward's recompute in it, one memory pool), the rest of the step (embedding, output head and
@@ -13,6 +13,9 @@ gradients with the graphs against eager (and eager against eager again: the back
 spread, its fp32 sums in no fixed order).
 
     python bench/probes/layer_graphs.py --out bench/results/sft_8b_layer_graphs_probe.json
+
+Found (bench/README.md): about as fast as eager, the graphed kernels slower by what the idle
+time had been; the GPU runs at its power cap, so the idle time comes back as a lower clock.
 """
 
 from __future__ import annotations
