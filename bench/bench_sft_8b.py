@@ -143,6 +143,22 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--no-grad-ckpt", action="store_true", help="without activation checkpointing")
     p.add_argument(
+        "--uncheckpointed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with activation checkpointing, the last N decoder layers without it (their activations "
+        "kept, their recompute saved; default 0)",
+    )
+    p.add_argument(
+        "--alternate-uncheckpointed",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="then STEPS more steps each with --uncheckpointed's N layers uncheckpointed and with "
+        "every layer checkpointed, alternated in this process (each kind's peak memory recorded)",
+    )
+    p.add_argument(
         "--no-fuse",
         action="store_true",
         help="keep transformers' RMSNorm / SwiGLU / rotary ops (no hoptune.fuse_decoder_ops)",
@@ -214,6 +230,16 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"--alternate-saves-first must be at least 0, got {args.alternate_saves_first}")
     if args.alternate_step_end < 0:
         p.error(f"--alternate-step-end must be at least 0, got {args.alternate_step_end}")
+    if args.alternate_uncheckpointed < 0:
+        p.error(f"--alternate-uncheckpointed must be at least 0, got {args.alternate_uncheckpointed}")
+    if args.uncheckpointed < 0:
+        p.error(f"--uncheckpointed must be at least 0, got {args.uncheckpointed}")
+    if (args.uncheckpointed or args.alternate_uncheckpointed) and args.no_grad_ckpt:
+        p.error(
+            "--uncheckpointed and --alternate-uncheckpointed choose layers of the checkpointed step: leave out --no-grad-ckpt"
+        )
+    if args.alternate_uncheckpointed and not args.uncheckpointed:
+        p.error("--alternate-uncheckpointed alternates --uncheckpointed N (>= 1) with 0: give N")
     if args.alternate_saves_first and (args.compile or args.no_grad_ckpt):
         p.error(
             "--alternate-saves-first alternates the eager op's order under activation checkpointing: "
@@ -231,6 +257,10 @@ def main(argv: list[str] | None = None) -> dict:
         run = (args.batch, args.seq or 2048, args.accum, args.r, args.no_grad_ckpt)
         if not args.tiny and args.layers not in (None, LLAMA_8B["num_hidden_layers"]):
             p.error("--anchor-script measures the 8B model's 32 decoder layers: leave out --layers")
+        if args.uncheckpointed:
+            p.error(
+                "--anchor-script measures the step with every decoder layer checkpointed: leave out --uncheckpointed"
+            )
         if not args.tiny and run != ANCHOR_RUN:
             p.error(
                 "--anchor-script measures 2 x 2048 tokens, one micro-batch, r = 16, with activation "
@@ -250,6 +280,10 @@ def main(argv: list[str] | None = None) -> dict:
     shape = dict(TINY if args.tiny else LLAMA_8B)
     if args.layers is not None:
         shape["num_hidden_layers"] = args.layers
+    if args.uncheckpointed > shape["num_hidden_layers"]:
+        p.error(
+            f"--uncheckpointed {args.uncheckpointed}: the model has {shape['num_hidden_layers']} decoder layers"
+        )
     seq = args.seq or (64 if args.tiny else 2048)
     dtype = torch.bfloat16 if cuda else torch.float32
     out = args.out or os.path.join(
@@ -273,7 +307,7 @@ def main(argv: list[str] | None = None) -> dict:
     t_quant = time.perf_counter() - t1
     fused = None if args.no_fuse else hoptune.fuse_decoder_ops(model)
     if not args.no_grad_ckpt:
-        loop.enable_gradient_checkpointing(model)
+        loop.enable_gradient_checkpointing(model, args.uncheckpointed)
     model.train()
     compiled = compile_layers(model) if args.compile else None
     dynamo_before = _dynamo_counts() if args.compile else None
@@ -376,10 +410,15 @@ def main(argv: list[str] | None = None) -> dict:
             """One step apart on the same machine, the model and optimizer carried on: kinds[0],
             kinds[1], kinds[0], ... after one untimed step of each."""
             runs: dict[str, list[float]] = {k: [] for k in kinds}
+            peaks: dict[str, float] = {}
             for i in range(2 * (n + 1)):
                 kind = kinds[i % 2]
                 set_kind(kind)
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
                 dt, _ = timed_step()
+                if cuda:
+                    peaks[kind] = max(peaks.get(kind, 0.0), loop.gpu_memory_gib())
                 if i >= 2:
                     runs[kind].append(dt)
             meds = {k: statistics.median(v) for k, v in runs.items()}
@@ -387,15 +426,17 @@ def main(argv: list[str] | None = None) -> dict:
             print(
                 f"alternated, {n} steps each: {kinds[1]} {meds[kinds[1]]:.3f}s, {kinds[0]} "
                 f"{meds[kinds[0]]:.3f}s median ({ratio:.3f}x the {kinds[1]} step's time)"
+                + (f"; peak {', '.join(f'{k} {v:.2f}' for k, v in peaks.items())} GiB" if peaks else "")
             )
             return {
                 "steps_each": n,
                 "step_s": runs,
                 "median_step_s": meds,
+                "peak_gib": peaks or None,
                 f"{kinds[0]}_over_{kinds[1]}": ratio,
             }
 
-        alternate = alternate_saves = alternate_end = None
+        alternate = alternate_saves = alternate_end = alternate_unckpt = None
         if args.alternate_fuse:
             # (the unfused GEMM shapes are the same ones, but transformers' own ops meet the allocator
             # and the GEMM choice for the first time: hence the untimed first steps)
@@ -427,6 +468,18 @@ def main(argv: list[str] | None = None) -> dict:
                 alternate_end = alternated(args.alternate_step_end, ("read_first", "device_skip"), set_end)
             finally:
                 loop.SKIP_ON_DEVICE = True
+        if args.alternate_uncheckpointed:
+            kinds = ("all_checkpointed", f"last_{args.uncheckpointed}_uncheckpointed")
+            try:
+                alternate_unckpt = alternated(
+                    args.alternate_uncheckpointed,
+                    kinds,
+                    lambda k: loop.set_uncheckpointed_layers(
+                        model, 0 if k == kinds[0] else args.uncheckpointed
+                    ),
+                )
+            finally:
+                loop.set_uncheckpointed_layers(model, args.uncheckpointed)
         profile = None
         if args.profile and not cuda:
             print("--profile: no CUDA device, so no kernels to time: skipped")
@@ -464,6 +517,7 @@ def main(argv: list[str] | None = None) -> dict:
             "quantize": "nf4",
             "double_quant": True,
             "grad_ckpt": not args.no_grad_ckpt,
+            "uncheckpointed_layers": args.uncheckpointed,
             "dtype": str(dtype),
             "device": str(device),
             "attn_implementation": model.config._attn_implementation,
@@ -493,6 +547,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["alternate_saves_first"] = alternate_saves
     if alternate_end is not None:
         result["alternate_step_end"] = alternate_end
+    if alternate_unckpt is not None:
+        result["alternate_uncheckpointed"] = alternate_unckpt
     if args.compile:  # (this run's: the counters are the process's)
         now = _dynamo_counts()
         breaks = {k: v - dynamo_before[0].get(k, 0) for k, v in now[0].items()}

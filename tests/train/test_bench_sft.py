@@ -226,6 +226,42 @@ def test_bench_sft_8b_alternates_the_step_s_end(tmp_path, capsys):
     assert "--alternate-step-end must be at least 0" in capsys.readouterr().err
 
 
+def test_bench_sft_8b_alternates_uncheckpointed_layers(tmp_path, capsys):
+    """--uncheckpointed N --alternate-uncheckpointed STEPS: the last N decoder layers without
+    checkpointing for the timed steps, then every layer checkpointed and the N layers not, in turn
+    (the setting given back after); both series recorded; refused with nothing to alternate."""
+    from hoptune.train import loop
+
+    bench_sft_8b = _bench_sft()
+    seen = []
+
+    def spy(model, *a, **k):
+        seen.append(tuple(layer.gradient_checkpointing for layer in loop.decoder_layers(model)))
+
+    argv = ["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--uncheckpointed", "1"]
+    data = _alternated_with_spy(bench_sft_8b, spy, [*argv, "--alternate-uncheckpointed", "2"], tmp_path)
+    alt = data["alternate_uncheckpointed"]
+    assert data["config"]["uncheckpointed_layers"] == 1
+    assert len(alt["step_s"]["all_checkpointed"]) == len(alt["step_s"]["last_1_uncheckpointed"]) == 2
+    assert alt["peak_gib"] is None  # (a CPU run: no GPU memory to read)
+    med = alt["median_step_s"]
+    assert alt["all_checkpointed_over_last_1_uncheckpointed"] == pytest.approx(
+        med["all_checkpointed"] / med["last_1_uncheckpointed"]
+    )
+    assert seen == [(True, False)] + [(True, True), (True, False)] * 3
+    for extra, msg in (
+        (["--alternate-uncheckpointed", "1", "--uncheckpointed", "0"], "give N"),
+        (["--no-grad-ckpt"], "leave out --no-grad-ckpt"),
+        (["--uncheckpointed", "-1"], "--uncheckpointed must be at least 0"),
+    ):
+        with pytest.raises(SystemExit):
+            bench_sft_8b.main([*argv, *extra, "--out", str(tmp_path / "y.json")])
+        assert msg in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # (the tiny model has 2 decoder layers)
+        bench_sft_8b.main([*argv[:-1], "3", "--out", str(tmp_path / "y.json")])
+    assert "the model has 2 decoder layers" in capsys.readouterr().err
+
+
 def test_bench_sft_tiny_compiled_matches_eager_and_records_gc(tmp_path):
     """--compile: each decoder layer under torch.compile, the same losses as the eager run (fp32 on
     the CPU), the graphs and graph breaks counted; both runs record the collector's pauses per

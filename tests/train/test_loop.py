@@ -383,6 +383,56 @@ def test_activation_checkpointing_is_active(small_model):
         torch.testing.assert_close(g_ckpt[n], g_plain[n])
 
 
+def test_uncheckpointed_layers_keep_their_activations(small_model):
+    """enable_gradient_checkpointing(model, n): the last n decoder layers run once (no recompute),
+    the others twice, and the gradients are those of the fully checkpointed run; n can change
+    between steps; a count outside 0..layers, or checkpointing never enabled, is refused."""
+    from hoptune.patch import apply_lora
+
+    model = apply_lora(small_model, r=2, alpha=4, init_lora_weights=False)
+    model.train()
+    layers = loop.decoder_layers(model)
+    assert len(layers) == 2
+    with pytest.raises(ValueError, match="enable checkpointing first"):
+        loop.set_uncheckpointed_layers(model, 1)
+    ids = torch.randint(10, 60, (2, 9))
+    batch = {"input_ids": ids, "loss_mask": torch.ones_like(ids, dtype=torch.bool)}
+    calls = {0: 0, 1: 0}
+    for i, layer in enumerate(layers):
+        real = layer.mlp.forward
+
+        def counting(*a, _i=i, _real=real, **k):
+            calls[_i] += 1
+            return _real(*a, **k)
+
+        layer.mlp.forward = counting
+
+    def grads():
+        calls.update({0: 0, 1: 0})
+        lp, _ = loop.batch_logprobs(model, batch)
+        (-lp.mean()).backward()
+        g = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return g, dict(calls)
+
+    assert loop.enable_gradient_checkpointing(model) == 2
+    g_all, n_all = grads()
+    assert loop.set_uncheckpointed_layers(model, 1) == 1
+    g_one, n_one = grads()
+    assert loop.set_uncheckpointed_layers(model, 2) == 0
+    g_none, n_none = grads()
+    assert (n_all, n_one, n_none) == ({0: 2, 1: 2}, {0: 2, 1: 1}, {0: 1, 1: 1})
+    assert loop.enable_gradient_checkpointing(model, 1) == 1
+    assert [layer.gradient_checkpointing for layer in layers] == [True, False]
+    for n in g_all:
+        torch.testing.assert_close(g_one[n], g_all[n])
+        torch.testing.assert_close(g_none[n], g_all[n])
+    for bad in (3, -1, 1.5, True):
+        with pytest.raises(ValueError, match="uncheckpointed layers"):
+            loop.set_uncheckpointed_layers(model, bad)
+    assert [layer.gradient_checkpointing for layer in layers] == [True, False]  # (left as it was)
+
+
 @pytest.mark.parametrize(
     "family,over",
     [

@@ -388,9 +388,13 @@ def grad_scaler(model: nn.Module, device: torch.device, dtype: torch.dtype) -> t
 # -- model setup ------------------------------------------------------------------------------------
 
 
-def enable_gradient_checkpointing(model: nn.Module) -> None:
+def enable_gradient_checkpointing(model: nn.Module, uncheckpointed: int = 0) -> int:
     """Recompute each decoder layer in the backward (non-reentrant: works with a frozen embedding,
-    i.e. inputs that do not require grad)."""
+    i.e. inputs that do not require grad), except the last ``uncheckpointed`` decoder layers, which
+    keep their activations from the forward to the backward: each such layer's recompute saved
+    (about a third of its step's work with a frozen base) for its activations' memory
+    (``hoptune plan`` estimates it). Returns the number of decoder layers checkpointed."""
+    uncheckpointed = _check_uncheckpointed(uncheckpointed)
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -400,6 +404,38 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         raise TypeError(f"{type(model).__name__} has no activation checkpointing (not a transformers model?)")
     if getattr(model, "config", None) is not None:
         model.config.use_cache = False
+    return set_uncheckpointed_layers(model, uncheckpointed)
+
+
+def _check_uncheckpointed(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"uncheckpointed layers must be an integer >= 0, got {n!r}")
+    return n
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's decoder layers that transformers checkpoints one by one (its
+    GradientCheckpointingLayer modules), in the order they run."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def set_uncheckpointed_layers(model: nn.Module, n: int) -> int:
+    """With checkpointing enabled (``enable_gradient_checkpointing``): the last ``n`` decoder layers
+    run without it, the others with it. Can change between steps. Returns the number checkpointed."""
+    n = _check_uncheckpointed(n)
+    layers = decoder_layers(model)
+    if not layers or not all("_gradient_checkpointing_func" in vars(m) for m in layers):
+        raise ValueError(
+            f"{type(model).__name__} has no checkpointed decoder layers: enable checkpointing first "
+            "(hoptune.train.loop.enable_gradient_checkpointing)"
+        )
+    if n > len(layers):
+        raise ValueError(f"uncheckpointed layers = {n}, but the model has {len(layers)} decoder layers")
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i < len(layers) - n
+    return len(layers) - n
 
 
 def _decoder(model: nn.Module) -> nn.Module | None:
