@@ -18,6 +18,10 @@ stack: transformers + bitsandbytes NF4 + PEFT, same shape, batch, sequence and r
 runs after ours in a process of its own on the same GPU, and the JSON gets its end-to-end figures
 (``anchor``) and ours over them (``vs_anchor``): the comparison in one run.
 
+``--uncheckpointed N``: the last N decoder layers run without activation checkpointing (their
+activations kept, their recompute saved: ``model.uncheckpointed_layers`` in ``hoptune sft``); the
+anchor always checkpoints every layer, and the JSON records N (``config.uncheckpointed_layers``).
+
 The speed targets belong to the end-to-end benchmark; this one reports.
 """
 
@@ -257,10 +261,6 @@ def main(argv: list[str] | None = None) -> dict:
         run = (args.batch, args.seq or 2048, args.accum, args.r, args.no_grad_ckpt)
         if not args.tiny and args.layers not in (None, LLAMA_8B["num_hidden_layers"]):
             p.error("--anchor-script measures the 8B model's 32 decoder layers: leave out --layers")
-        if args.uncheckpointed:
-            p.error(
-                "--anchor-script measures the step with every decoder layer checkpointed: leave out --uncheckpointed"
-            )
         if not args.tiny and run != ANCHOR_RUN:
             p.error(
                 "--anchor-script measures 2 x 2048 tokens, one micro-batch, r = 16, with activation "

@@ -58,6 +58,13 @@ class ModelConfig:
     """nf4 = QLoRA (frozen NF4 base); null = LoRA over the base in ``dtype``."""
     double_quant: bool = True
     gradient_checkpointing: bool = True
+    """Recompute each decoder layer in the backward instead of keeping its activations (the memory of
+    one layer's inputs per layer, for about a third more work per step with a frozen base)."""
+    uncheckpointed_layers: int | Literal["auto"] = 0
+    """With gradient_checkpointing: the last N decoder layers run without it, their activations kept
+    and their recompute saved (``hoptune plan --uncheckpointed N`` estimates the memory). auto = as
+    many as the GPU's free memory holds by ``hoptune plan``'s estimate, with a 10% margin (0 on a
+    CPU); the choice is logged."""
     fuse_decoder_ops: bool = True
     """Run the decoder layers' RMSNorm, SwiGLU and rotary embedding as hoptune's fused kernels
     (hoptune.fuse_decoder_ops: the same values, fewer passes over memory); modules whose computation
@@ -623,6 +630,16 @@ def check_sft_config(cfg: SFTConfig) -> None:
             value is None or value.strip() != "",
             f"{key} is an empty string: give a path (or null where none is allowed)",
         )
+    u = m.uncheckpointed_layers
+    need(
+        u == "auto" or u >= 0,
+        f"model.uncheckpointed_layers must be an integer >= 0 or auto, got {u}",
+    )
+    need(
+        u in ("auto", 0) or m.gradient_checkpointing,
+        f"model.uncheckpointed_layers={u} needs model.gradient_checkpointing=true (without it no layer "
+        "is checkpointed, and every layer keeps its activations)",
+    )
     need(
         _DEVICE.fullmatch(m.device) is not None,
         f"model.device must be auto, cpu, cuda, cuda:N, mps or xpu (with :N as torch.device reads it), got {m.device!r}",

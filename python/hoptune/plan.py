@@ -176,6 +176,8 @@ class MemoryPlan:
     # dense parameters in matrices outside nn.Linear (an MoE layer's experts): never NF4, no LoRA
     dense_other_params: int = 0
     vocab: int = 0
+    # with checkpointing, the last decoder layers that run without it (their activations kept)
+    uncheckpointed: int = 0
 
     @property
     def weights(self) -> float:
@@ -203,12 +205,14 @@ class MemoryPlan:
         head = (
             f"{self.model}: batch {self.batch} x seq {self.seq} ({tok} tokens), {quant} weights, "
             f"{'DoRA' if self.use_dora else 'LoRA'} r={self.r} on {self.adapted_layers} layers, "
-            f"{'gradient checkpointing' if self.grad_ckpt else 'no checkpointing'}, {self.optimizer}, "
+            f"{self._ckpt_words()}, {self.optimizer}, "
             f"{self.logits} logits  [stack: {self.stack}]"
         )
-        act_note = (
-            f"layer inputs, {self.layers} x 2H per token" if self.grad_ckpt else "every layer's activations"
-        )
+        act_note = "every layer's activations"
+        if self.grad_ckpt:
+            act_note = f"layer inputs, {self.layers - self.uncheckpointed} x 2H per token"
+            if self.uncheckpointed:
+                act_note += f", and {self.uncheckpointed} layers' activations"
         rows = []
         if self.quantize:
             rows.append(
@@ -265,6 +269,13 @@ class MemoryPlan:
 
     def __str__(self) -> str:
         return self.table()
+
+    def _ckpt_words(self) -> str:
+        if not self.grad_ckpt:
+            return "no checkpointing"
+        if self.uncheckpointed:
+            return f"gradient checkpointing on {self.layers - self.uncheckpointed} of {self.layers} layers"
+        return "gradient checkpointing"
 
 
 # -- model shape ------------------------------------------------------------------------------
@@ -543,6 +554,7 @@ def plan(
     double_quant: bool = True,
     stack: str = "hoptune",
     grad_ckpt: bool = True,
+    uncheckpointed: int = 0,
     logits: str | None = None,
     optimizer: str = "adamw",
     adapter_dtype: str = "fp32",
@@ -554,7 +566,9 @@ def plan(
     ``config.json`` path or its folder, a dict or a transformers config. ``stack``: "hoptune"
     (fused log-probs by default) or "hf" (transformers + bitsandbytes + PEFT: full fp32 logits).
     ``logits``: "full" or "fused" (default: the stack's). ``optimizer``: "adamw",
-    "paged_adamw" (state in host memory) or "none". Returns a :class:`MemoryPlan`."""
+    "paged_adamw" (state in host memory) or "none". ``uncheckpointed``: with ``grad_ckpt``, the
+    last decoder layers that run without checkpointing (their activations kept, as
+    ``model.uncheckpointed_layers`` in ``hoptune sft``). Returns a :class:`MemoryPlan`."""
     if stack not in ("hoptune", "hf"):
         raise ValueError(f"stack must be 'hoptune' or 'hf', got {stack!r}")
     logits_given = logits
@@ -578,6 +592,8 @@ def plan(
         if sizes[name] < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     seq, batch, r = sizes["seq"], sizes["batch"], sizes["r"]
+    if isinstance(uncheckpointed, bool) or not isinstance(uncheckpointed, int) or uncheckpointed < 0:
+        raise ValueError(f"uncheckpointed must be an int >= 0, got {uncheckpointed!r}")
 
     # (a string such as "no" would be read by its truth)
     for name, v in (
@@ -600,6 +616,12 @@ def plan(
         if os.path.isdir(src):
             src = os.path.join(src, "config.json")
         raise ValueError(f"{src}: {e}") from e
+    if uncheckpointed and not grad_ckpt:
+        raise ValueError(
+            f"uncheckpointed={uncheckpointed} needs grad_ckpt=True (without it no layer is checkpointed)"
+        )
+    if uncheckpointed > shape.layers:
+        raise ValueError(f"uncheckpointed={uncheckpointed}, but {label} has {shape.layers} decoder layers")
     head = shape.head_linear
     if (
         logits_given is None
@@ -611,7 +633,7 @@ def plan(
         logits = "full"
     return _estimate(
         shape, label, seq, batch, r, target_modules, quantize, double_quant, stack, grad_ckpt, logits,
-        optimizer, adapter_dtype, use_dora, alternatives,
+        optimizer, adapter_dtype, use_dora, alternatives, uncheckpointed,
     )  # fmt: skip
 
 
@@ -631,6 +653,7 @@ def _estimate(
     adapter_dtype,
     use_dora,
     alternatives,
+    uncheckpointed=0,
 ) -> MemoryPlan:
     n = batch * seq  # tokens
     H, I, V, L = shape.hidden, shape.intermediate, shape.vocab, shape.layers  # noqa: E741
@@ -679,7 +702,8 @@ def _estimate(
         + lora_per_layer
     ) * n
     final_norm = (norm_keep + act * H) * n
-    stored = (L * act * H * n if grad_ckpt else L * layer) + final_norm
+    u = uncheckpointed if grad_ckpt else 0
+    stored = ((L - u) * act * H * n + u * layer if grad_ckpt else L * layer) + final_norm
     # logits
     if logits == "full":
         # bf16 logits + fp32 cast + fp32 log-softmax + two fp32 grads (+ the soft-cap's bf16 tanh)
@@ -698,7 +722,7 @@ def _estimate(
         "loss": base + stored + logit_peak,
         "layer backward": base
         + stored
-        + (layer if grad_ckpt else 0)
+        + (layer if grad_ckpt and u < L else 0)
         + transients
         + logits_held
         + act * H * n
@@ -740,22 +764,23 @@ def _estimate(
         slack=_SLACK * peak,
         dense_other_params=shape.outside_linear,
         vocab=V,
+        uncheckpointed=u,
     )
     if alternatives:
         args = [shape, label, seq, batch, r, target_modules, quantize, double_quant, stack, grad_ckpt, logits]
-        rest = [optimizer, adapter_dtype, use_dora, False]
+        rest = [optimizer, adapter_dtype, use_dora, False, u]
         alt = {}
         a = list(args)
         a[9] = not grad_ckpt
         alt["without gradient checkpointing" if grad_ckpt else "with gradient checkpointing"] = _estimate(
-            *a, *rest
+            *a, optimizer, adapter_dtype, use_dora, False
         ).peak
         a = list(args)
         a[10] = "full" if logits == "fused" else "fused"
         alt[f"with {a[10]} logits"] = _estimate(*a, *rest).peak
         if optimizer == "adamw":
             alt["with paged AdamW (state in host memory)"] = _estimate(
-                *args, "paged_adamw", adapter_dtype, use_dora, False
+                *args, "paged_adamw", adapter_dtype, use_dora, False, u
             ).peak
         a = list(args)
         a[6] = None if quantize else "nf4"
@@ -792,6 +817,13 @@ def _parser() -> argparse.ArgumentParser:
         "--logits", choices=["full", "fused"], default=None, help="default: full for hf, fused for hoptune"
     )
     p.add_argument("--no-grad-ckpt", action="store_true", help="without gradient checkpointing")
+    p.add_argument(
+        "--uncheckpointed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with checkpointing, the last N decoder layers without it (model.uncheckpointed_layers)",
+    )
     p.add_argument("--optimizer", choices=["adamw", "paged_adamw", "none"], default="adamw")
     p.add_argument("--adapter-dtype", choices=sorted(_DTYPE_BYTES), default="fp32")
     p.add_argument("--dora", action="store_true", help="DoRA adapters")
@@ -828,6 +860,7 @@ def main(argv: list[str] | None = None) -> int:
             double_quant=not args.no_double_quant,
             stack=args.stack,
             grad_ckpt=not args.no_grad_ckpt,
+            uncheckpointed=args.uncheckpointed,
             logits=args.logits,
             optimizer=args.optimizer,
             adapter_dtype=args.adapter_dtype,

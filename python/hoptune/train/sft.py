@@ -220,8 +220,93 @@ def prepare_model(model: nn.Module, cfg: SFTConfig, passed_in: bool = False, log
             log("fused decoder ops: " + ", ".join(f"{n} {kind}" for kind, n in fused.items()))
     if cfg.model.gradient_checkpointing:
         loop.enable_gradient_checkpointing(model)
+        n = cfg.model.uncheckpointed_layers
+        if n == "auto":
+            n, why = auto_uncheckpointed(model, cfg)
+            if log is not None:
+                log(f"model.uncheckpointed_layers=auto: {why}")
+        try:
+            loop.set_uncheckpointed_layers(model, n)
+        except ValueError as e:
+            raise ConfigError(f"model.uncheckpointed_layers={n}: {e}") from None
     model.train()
     return model
+
+
+# model.uncheckpointed_layers=auto plans the step's peak within this fraction of the GPU memory that
+# is free or already this process's (hoptune plan's estimate of the step, allocator slack included)
+AUTO_MEMORY_FRACTION = 0.9
+
+
+def auto_uncheckpointed(
+    model: nn.Module, cfg: SFTConfig, device: torch.device | None = None
+) -> tuple[int, str]:
+    """(n, why): the most decoder layers that can run without checkpointing (the last n) such that
+    ``hoptune plan``'s estimate of the step, with micro-batches of train.batch_size rows of
+    data.max_seq_len tokens, stays within AUTO_MEMORY_FRACTION of the GPU memory this process can
+    have (free, or reserved by it already); 0 on a CPU or where the plan cannot read the model.
+    ``device``: the model's (its first parameter's) when None."""
+    layers = len(loop.decoder_layers(model))
+    if device is None:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+    if device.type != "cuda":
+        return 0, f"on {device.type} every layer stays checkpointed (0 of {layers} without)"
+    from hoptune.plan import plan as plan_step
+
+    lc = cfg.lora
+    if not lc.enabled:
+        return 0, "hoptune plan estimates LoRA training, not full fine-tuning: every layer stays checkpointed"
+    kwargs = dict(
+        seq=cfg.data.max_seq_len,
+        batch=cfg.train.batch_size,
+        r=lc.r,
+        target_modules=lc.target_modules,
+        quantize=cfg.model.quantize,
+        double_quant=cfg.model.double_quant,
+        use_dora=lc.use_dora,
+        alternatives=False,
+    )
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    dtype = getattr(getattr(emb, "weight", None), "dtype", None)
+    if dtype not in (torch.bfloat16, torch.float16):
+        return (
+            0,
+            f"hoptune plan estimates 16-bit models, this one computes in {dtype}: every layer stays checkpointed",
+        )
+
+    def peak(u: int) -> float:  # (the step's planned peak, allocator slack included)
+        p = plan_step(model.config, uncheckpointed=u, **kwargs)
+        if p.layers != layers:
+            raise ValueError(f"it reads {p.layers} decoder layers in the config, the model has {layers}")
+        return p.peak + p.slack
+
+    free, _ = torch.cuda.mem_get_info(device)
+    capacity = AUTO_MEMORY_FRACTION * (free + torch.cuda.memory_reserved(device))
+    try:
+        # the planned peak grows with the count up to layers - 1; with every layer uncheckpointed
+        # none is recomputed, a little below that
+        lo, hi = (layers, layers) if peak(layers) <= capacity else (0, layers - 1)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if peak(mid) <= capacity:
+                lo = mid
+            else:
+                hi = mid - 1
+        n, planned = lo, peak(lo)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        return 0, f"hoptune plan cannot estimate this model ({e}): every layer stays checkpointed"
+    gib = 2**30
+    room = f"{AUTO_MEMORY_FRACTION:.0%} of {capacity / AUTO_MEMORY_FRACTION / gib:.1f} GiB free or held"
+    if planned > capacity:
+        return 0, (
+            f"every layer stays checkpointed, and even so the planned peak, {planned / gib:.1f} GiB with "
+            f"slack, is above {room}: the step may run out of memory (hoptune plan shows what takes it)"
+        )
+    return n, (
+        f"the last {n} of {layers} decoder layers without checkpointing (planned peak "
+        f"{planned / gib:.1f} GiB with slack, within {room})"
+    )
 
 
 def load_data(cfg: SFTConfig, tokenizer: Any, log=print) -> tuple[list[Row], list[Row], list[DataReport]]:
