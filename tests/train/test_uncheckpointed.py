@@ -4,10 +4,10 @@ many as hoptune plan says the GPU's memory holds (auto)."""
 import pytest
 import torch
 
-from hoptune.plan import main as plan_main
-from hoptune.plan import plan
 from hoptune.config import ConfigError, check_sft_config, load_config
 from hoptune.models.tiny import build_model
+from hoptune.plan import main as plan_main
+from hoptune.plan import plan
 from hoptune.train import loop, sft
 from tests.conftest import SMALL
 
