@@ -392,7 +392,7 @@ def enable_gradient_checkpointing(model: nn.Module, uncheckpointed: int = 0) -> 
     """Recompute each decoder layer in the backward (non-reentrant: works with a frozen embedding,
     i.e. inputs that do not require grad), except the last ``uncheckpointed`` decoder layers, which
     keep their activations from the forward to the backward: each such layer's recompute saved
-    (about a third of its step's work with a frozen base) for its activations' memory
+    (about a quarter of its GEMM work with a frozen base) for its activations' memory
     (``hoptune plan`` estimates it). Returns the number of decoder layers checkpointed."""
     uncheckpointed = _check_uncheckpointed(uncheckpointed)
     kwargs = {"use_reentrant": False}
