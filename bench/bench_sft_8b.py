@@ -19,8 +19,10 @@ runs after ours in a process of its own on the same GPU, and the JSON gets its e
 (``anchor``) and ours over them (``vs_anchor``): the comparison in one run.
 
 ``--uncheckpointed N``: the last N decoder layers run without activation checkpointing (their
-activations kept, their recompute saved: ``model.uncheckpointed_layers`` in ``hoptune sft``); the
-anchor always checkpoints every layer, and the JSON records N (``config.uncheckpointed_layers``).
+activations kept, their recompute saved: ``model.uncheckpointed_layers`` in ``hoptune sft``), or
+``auto``: as many as the trainer's auto takes (``hoptune.train.sft.auto_uncheckpointed``), with
+``--reserve-gib`` holding GPU memory from before that choice to the end (a smaller GPU). The
+anchor always checkpoints every layer; the JSON records N (``config.uncheckpointed_layers``).
 
 The speed targets belong to the end-to-end benchmark; this one reports.
 """
@@ -62,6 +64,16 @@ TINY = dict(
 GiB = 2**30
 ANCHOR_RUN = (2, 2048, 1, 16, False)  # batch, seq, accum, r, no_grad_ckpt of the anchor's e2e step
 ANCHOR_SECTION = "e2e_llama8b"
+
+
+def _count_or_auto(text: str):
+    """--uncheckpointed's value: an integer, or auto."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or auto, got {text!r}") from None
 
 
 def run_anchor(script: str) -> dict:
@@ -148,11 +160,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-grad-ckpt", action="store_true", help="without activation checkpointing")
     p.add_argument(
         "--uncheckpointed",
-        type=int,
+        type=_count_or_auto,
         default=0,
         metavar="N",
         help="with activation checkpointing, the last N decoder layers without it (their activations "
-        "kept, their recompute saved; default 0)",
+        "kept, their recompute saved; default 0), or auto: as the trainer's "
+        "model.uncheckpointed_layers=auto sizes it to the GPU's free memory",
+    )
+    p.add_argument(
+        "--reserve-gib",
+        type=float,
+        default=0.0,
+        metavar="GIB",
+        help="hold GIB of GPU memory from before the layers are chosen to the end (a smaller GPU, for "
+        "--uncheckpointed auto)",
     )
     p.add_argument(
         "--alternate-uncheckpointed",
@@ -236,8 +257,10 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"--alternate-step-end must be at least 0, got {args.alternate_step_end}")
     if args.alternate_uncheckpointed < 0:
         p.error(f"--alternate-uncheckpointed must be at least 0, got {args.alternate_uncheckpointed}")
-    if args.uncheckpointed < 0:
-        p.error(f"--uncheckpointed must be at least 0, got {args.uncheckpointed}")
+    if args.uncheckpointed != "auto" and args.uncheckpointed < 0:
+        p.error(f"--uncheckpointed must be at least 0 or auto, got {args.uncheckpointed}")
+    if args.reserve_gib < 0:
+        p.error(f"--reserve-gib must be at least 0, got {args.reserve_gib}")
     if (args.uncheckpointed or args.alternate_uncheckpointed) and args.no_grad_ckpt:
         p.error(
             "--uncheckpointed and --alternate-uncheckpointed choose layers of the checkpointed step: leave out --no-grad-ckpt"
@@ -280,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
     shape = dict(TINY if args.tiny else LLAMA_8B)
     if args.layers is not None:
         shape["num_hidden_layers"] = args.layers
-    if args.uncheckpointed > shape["num_hidden_layers"]:
+    if args.uncheckpointed != "auto" and args.uncheckpointed > shape["num_hidden_layers"]:
         p.error(
             f"--uncheckpointed {args.uncheckpointed}: the model has {shape['num_hidden_layers']} decoder layers"
         )
@@ -306,8 +329,27 @@ def main(argv: list[str] | None = None) -> dict:
         torch.cuda.empty_cache()
     t_quant = time.perf_counter() - t1
     fused = None if args.no_fuse else hoptune.fuse_decoder_ops(model)
+    reserve = None
+    if args.reserve_gib and cuda:
+        reserve = torch.empty(int(args.reserve_gib * GiB), dtype=torch.uint8, device=device)
+    elif args.reserve_gib:
+        print("--reserve-gib: no CUDA device, so no GPU memory to hold: skipped")
+    unckpt, auto_why = args.uncheckpointed, None
+    if unckpt == "auto":  # (as the trainer chooses it, from a config of this run's sizes)
+        from hoptune.config import load_config
+        from hoptune.train.sft import auto_uncheckpointed
+
+        cfg = load_config(
+            None, [f"data.max_seq_len={seq}", f"train.batch_size={args.batch}", f"lora.r={args.r}"]
+        )
+        unckpt, auto_why = auto_uncheckpointed(model, cfg)
+        print(f"--uncheckpointed auto: {auto_why}")
+        if args.alternate_uncheckpointed and not unckpt:
+            p.error(
+                "--uncheckpointed auto chose no layer: --alternate-uncheckpointed has nothing to alternate"
+            )
     if not args.no_grad_ckpt:
-        loop.enable_gradient_checkpointing(model, args.uncheckpointed)
+        loop.enable_gradient_checkpointing(model, unckpt)
     model.train()
     compiled = compile_layers(model) if args.compile else None
     dynamo_before = _dynamo_counts() if args.compile else None
@@ -469,17 +511,15 @@ def main(argv: list[str] | None = None) -> dict:
             finally:
                 loop.SKIP_ON_DEVICE = True
         if args.alternate_uncheckpointed:
-            kinds = ("all_checkpointed", f"last_{args.uncheckpointed}_uncheckpointed")
+            kinds = ("all_checkpointed", f"last_{unckpt}_uncheckpointed")
             try:
                 alternate_unckpt = alternated(
                     args.alternate_uncheckpointed,
                     kinds,
-                    lambda k: loop.set_uncheckpointed_layers(
-                        model, 0 if k == kinds[0] else args.uncheckpointed
-                    ),
+                    lambda k: loop.set_uncheckpointed_layers(model, 0 if k == kinds[0] else unckpt),
                 )
             finally:
-                loop.set_uncheckpointed_layers(model, args.uncheckpointed)
+                loop.set_uncheckpointed_layers(model, unckpt)
         profile = None
         if args.profile and not cuda:
             print("--profile: no CUDA device, so no kernels to time: skipped")
@@ -517,7 +557,9 @@ def main(argv: list[str] | None = None) -> dict:
             "quantize": "nf4",
             "double_quant": True,
             "grad_ckpt": not args.no_grad_ckpt,
-            "uncheckpointed_layers": args.uncheckpointed,
+            "uncheckpointed_layers": unckpt,
+            "uncheckpointed_auto": auto_why,
+            "reserved_gib": args.reserve_gib if reserve is not None else 0.0,
             "dtype": str(dtype),
             "device": str(device),
             "attn_implementation": model.config._attn_implementation,
@@ -564,7 +606,7 @@ def main(argv: list[str] | None = None) -> dict:
     mem = f", peak GPU memory {train_peak:.2f} GiB (setup {setup_peak:.2f} GiB)" if cuda else ""
     print(f"median step {med:.3f}s: {tokens_per_step / med:,.0f} tokens/s{mem}")
     if args.anchor_script is not None:
-        del model, opt, sched, params, named
+        del model, opt, sched, params, named, reserve
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()

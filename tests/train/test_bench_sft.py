@@ -262,6 +262,28 @@ def test_bench_sft_8b_alternates_uncheckpointed_layers(tmp_path, capsys):
     assert "the model has 2 decoder layers" in capsys.readouterr().err
 
 
+def test_bench_sft_8b_uncheckpointed_auto(tmp_path, capsys):
+    """--uncheckpointed auto: the layers chosen as the trainer's auto chooses them (on a CPU: none),
+    the choice and its reason recorded; --reserve-gib has no GPU memory to hold on a CPU."""
+    bench_sft_8b = _bench_sft()
+    argv = ["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--uncheckpointed", "auto"]
+    data = bench_sft_8b.main([*argv, "--reserve-gib", "1", "--out", str(tmp_path / "x.json")])
+    assert data["config"]["uncheckpointed_layers"] == 0 and data["config"]["reserved_gib"] == 0.0
+    assert data["config"]["uncheckpointed_auto"].startswith("on cpu every layer stays checkpointed")
+    out = capsys.readouterr().out
+    assert "--uncheckpointed auto: on cpu" in out and "--reserve-gib: no CUDA device" in out
+    with pytest.raises(SystemExit):
+        bench_sft_8b.main([*argv, "--alternate-uncheckpointed", "1", "--out", str(tmp_path / "y.json")])
+    assert "auto chose no layer" in capsys.readouterr().err
+    for bad, msg in (
+        (["--uncheckpointed", "all"], "expected an integer or auto"),
+        (["--reserve-gib", "-1"], "at least 0"),
+    ):
+        with pytest.raises(SystemExit):
+            bench_sft_8b.main([*argv[:-2], *bad, "--out", str(tmp_path / "y.json")])
+        assert msg in capsys.readouterr().err
+
+
 def test_bench_sft_tiny_compiled_matches_eager_and_records_gc(tmp_path):
     """--compile: each decoder layer under torch.compile, the same losses as the eager run (fp32 on
     the CPU), the graphs and graph breaks counted; both runs record the collector's pauses per

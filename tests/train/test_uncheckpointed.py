@@ -67,22 +67,26 @@ def test_prepare_model_leaves_the_last_layers_uncheckpointed(tmp_path, demo_data
 
 def test_auto_takes_the_most_layers_the_planned_peak_fits(tmp_path, demo_data, monkeypatch):
     """On a GPU (its memory queries stubbed here), auto picks the largest count whose planned peak
-    (hoptune plan, slack included) stays within 90% of the free memory plus what this process holds;
-    none when even that does not fit, said so."""
+    (hoptune plan, slack included) beyond the weights stays within 90% of the free memory plus what
+    this process has cached and not used; none when even that does not fit, said so."""
     cfg = small_config(
         tmp_path, demo_data, "model.gradient_checkpointing=true", "model.uncheckpointed_layers=auto"
     )
     model = build_model(seed=0, **{**SMALL, "num_hidden_layers": 4}).to(torch.bfloat16)
     loop.enable_gradient_checkpointing(model)
     kw = dict(seq=64, batch=4, r=4, quantize=None, alternatives=False)
-    peaks = [(p.peak + p.slack) for p in (plan(model.config, uncheckpointed=u, **kw) for u in range(5))]
+    peaks = [
+        (p.peak + p.slack - p.weights) for p in (plan(model.config, uncheckpointed=u, **kw) for u in range(5))
+    ]
     # (with all 4 uncheckpointed no layer is recomputed: a little below 3)
     assert peaks[0] < peaks[1] < peaks[2] < peaks[4] < peaks[3]
-    held = 1000
+    cached, allocated = 3000, 2000  # (1000 bytes cached and unused count; the allocated ones do not)
+    held = cached - allocated
 
     def with_free(free):
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (free, 10 * free))
-        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: held)
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: cached)
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d=None: allocated)
         return sft.auto_uncheckpointed(model, cfg, device=torch.device("cuda"))
 
     for n, at in ((0, 0), (1, 1), (2, 2), (4, 4), (4, 3)):  # capacity just above the peak at ``at``

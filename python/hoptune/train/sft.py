@@ -242,9 +242,11 @@ def auto_uncheckpointed(
     model: nn.Module, cfg: SFTConfig, device: torch.device | None = None
 ) -> tuple[int, str]:
     """(n, why): the most decoder layers that can run without checkpointing (the last n) such that
-    ``hoptune plan``'s estimate of the step, with micro-batches of train.batch_size rows of
-    data.max_seq_len tokens, stays within AUTO_MEMORY_FRACTION of the GPU memory this process can
-    have (free, or reserved by it already); 0 on a CPU or where the plan cannot read the model.
+    ``hoptune plan``'s estimate of the step (micro-batches of train.batch_size rows of
+    data.max_seq_len tokens, the allocator's slack included), less the model's weights (on the GPU
+    already), stays within AUTO_MEMORY_FRACTION of the GPU memory still to be had: free, or cached
+    by this process and unused. Memory the process holds otherwise is not counted as available.
+    0 on a CPU, for full fine-tuning and 32-bit models, or where the plan cannot read the model.
     ``device``: the model's (its first parameter's) when None."""
     layers = len(loop.decoder_layers(model))
     if device is None:
@@ -275,38 +277,40 @@ def auto_uncheckpointed(
             f"hoptune plan estimates 16-bit models, this one computes in {dtype}: every layer stays checkpointed",
         )
 
-    def peak(u: int) -> float:  # (the step's planned peak, allocator slack included)
+    def need(u: int) -> tuple[float, float]:
+        """(the step's planned peak with the allocator's slack, what it adds to the weights)"""
         p = plan_step(model.config, uncheckpointed=u, **kwargs)
         if p.layers != layers:
             raise ValueError(f"it reads {p.layers} decoder layers in the config, the model has {layers}")
-        return p.peak + p.slack
+        return p.peak + p.slack, p.peak + p.slack - p.weights
 
     free, _ = torch.cuda.mem_get_info(device)
-    capacity = AUTO_MEMORY_FRACTION * (free + torch.cuda.memory_reserved(device))
+    unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    capacity = AUTO_MEMORY_FRACTION * (free + unused)
     try:
         # the planned peak grows with the count up to layers - 1; with every layer uncheckpointed
         # none is recomputed, a little below that
-        lo, hi = (layers, layers) if peak(layers) <= capacity else (0, layers - 1)
+        lo, hi = (layers, layers) if need(layers)[1] <= capacity else (0, layers - 1)
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if peak(mid) <= capacity:
+            if need(mid)[1] <= capacity:
                 lo = mid
             else:
                 hi = mid - 1
-        n, planned = lo, peak(lo)
+        n, (planned, extra) = lo, need(lo)
     except (ValueError, TypeError, KeyError, AttributeError) as e:
         return 0, f"hoptune plan cannot estimate this model ({e}): every layer stays checkpointed"
     gib = 2**30
-    room = f"{AUTO_MEMORY_FRACTION:.0%} of {capacity / AUTO_MEMORY_FRACTION / gib:.1f} GiB free or held"
-    if planned > capacity:
-        return 0, (
-            f"every layer stays checkpointed, and even so the planned peak, {planned / gib:.1f} GiB with "
-            f"slack, is above {room}: the step may run out of memory (hoptune plan shows what takes it)"
-        )
-    return n, (
-        f"the last {n} of {layers} decoder layers without checkpointing (planned peak "
-        f"{planned / gib:.1f} GiB with slack, within {room})"
+    said = (
+        f"planned peak {planned / gib:.1f} GiB with slack, {extra / gib:.1f} GiB of it beyond the "
+        f"weights, against {AUTO_MEMORY_FRACTION:.0%} of {capacity / AUTO_MEMORY_FRACTION / gib:.1f} GiB free"
     )
+    if extra > capacity:
+        return 0, (
+            f"every layer stays checkpointed, and even so the step may run out of memory ({said}; "
+            "hoptune plan shows what takes it)"
+        )
+    return n, f"the last {n} of {layers} decoder layers without checkpointing ({said})"
 
 
 def load_data(cfg: SFTConfig, tokenizer: Any, log=print) -> tuple[list[Row], list[Row], list[DataReport]]:
