@@ -158,3 +158,56 @@ def test_auto_on_the_gpu_uncheckpoints_a_small_model_whole(tmp_path, demo_data):
     (-lp.float().mean()).backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize(
+    "settings,tip",
+    [
+        (
+            ("model.gradient_checkpointing=true", "model.uncheckpointed_layers=1"),
+            "fewer model.uncheckpointed_layers (set to 1, so 1 of 2 decoder layers are not checkpointed)",
+        ),
+        (("model.gradient_checkpointing=false",), "model.gradient_checkpointing=true"),
+    ],
+    ids=["uncheckpointed", "no_checkpointing"],
+)
+@pytest.mark.parametrize("where", ["step", "optimizer"])
+def test_a_step_out_of_memory_says_what_to_change(
+    tmp_path, tokenizer, demo_data, monkeypatch, capsys, settings, tip, where
+):
+    """A step that runs out of GPU memory (raised here on the CPU) ends the run with the same error
+    type, naming the step, the newest checkpoint (untouched) and the settings that shrink a step,
+    this run's own first."""
+    cfg = small_config(tmp_path, demo_data, "train.max_steps=4", "train.save_every=1", *settings)
+    calls = {"n": 0}
+    target = (sft, "sft_step") if where == "step" else (loop, "optimizer_step")
+    real = getattr(*target)
+
+    def fail_third(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*a, **k)
+
+    monkeypatch.setattr(*target, fail_third)
+    with pytest.raises(torch.OutOfMemoryError) as e:
+        sft.train(cfg, log=lambda s: None, model=build_model(seed=0, **SMALL), tokenizer=tokenizer)
+    msg = str(e.value)
+    assert msg.startswith("training step 3 of 4 ran out of GPU memory; nothing was saved for it")
+    assert "the newest checkpoint" in msg and "step-00000002, is untouched" in msg
+    assert tip in msg and "a smaller train.batch_size (now 4)" in msg and "data.max_seq_len (now 64)" in msg
+    assert "model.quantize=nf4" in msg  # (this config trains LoRA over the dense base)
+    assert isinstance(e.value.__cause__, torch.OutOfMemoryError)
+    if where == "step" and len(settings) == 1:  # `hoptune sft`: that message on one line, status 1
+        import shutil
+
+        shutil.rmtree(cfg.output.dir)
+        calls["n"] = 0
+        monkeypatch.setattr(sft, "load_base_model", lambda *a, **k: build_model(seed=0, **SMALL))
+        monkeypatch.setattr(sft, "load_tokenizer", lambda *a, **k: tokenizer, raising=False)
+        assert sft.main(cfg) == 1
+        err = capsys.readouterr().err
+        assert (
+            err.startswith("hoptune sft: error: training step 3 of 4 ran out of GPU memory")
+            and err.count("\n") == 1
+        )

@@ -233,6 +233,46 @@ def prepare_model(model: nn.Module, cfg: SFTConfig, passed_in: bool = False, log
     return model
 
 
+class StepOutOfMemory(torch.OutOfMemoryError):
+    """A training step ran out of GPU memory (a torch.OutOfMemoryError whose message says what to change)."""
+
+
+def out_of_memory(cfg: SFTConfig, model: nn.Module, step: int, total: int, latest) -> StepOutOfMemory:
+    """The error for a training step that ran out of GPU memory: what the step held, that nothing
+    was saved, and the settings that make a step smaller, the ones this run uses first."""
+    m, t = cfg.model, cfg.train
+    where = ""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        gib = 2**30
+        where = (
+            f" (peak {torch.cuda.max_memory_allocated() / gib:.1f} GiB allocated by this run, "
+            f"{torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / gib:.1f} GiB on the GPU)"
+        )
+    layers = loop.decoder_layers(model)
+    whole = [layer for layer in layers if not getattr(layer, "gradient_checkpointing", False)]
+    tips = []
+    if m.gradient_checkpointing and whole:
+        tips.append(
+            f"fewer model.uncheckpointed_layers (set to {m.uncheckpointed_layers}, so {len(whole)} of "
+            f"{len(layers)} decoder layers are not checkpointed)"
+        )
+    elif not m.gradient_checkpointing:
+        tips.append(
+            "model.gradient_checkpointing=true (each layer recomputed instead of keeping its activations)"
+        )
+    tips.append(
+        f"a smaller train.batch_size (now {t.batch_size}) with a larger train.grad_accum: the same rows a step"
+    )
+    tips.append(f"a shorter data.max_seq_len (now {cfg.data.max_seq_len})")
+    if m.quantize is None and cfg.lora.enabled:
+        tips.append("model.quantize=nf4 (QLoRA: the frozen base in 4 bits)")
+    kept = f"the newest checkpoint, {latest}, is untouched" if latest else "there is no checkpoint"
+    return StepOutOfMemory(
+        f"training step {step} of {total} ran out of GPU memory{where}; nothing was saved for it ({kept}). "
+        f"To fit, try {'; '.join(tips)}. `hoptune plan` estimates a step's memory before you run it"
+    )
+
+
 # model.uncheckpointed_layers=auto plans the step's peak within this fraction of the GPU memory that
 # is free or already this process's (hoptune plan's estimate of the step, allocator slack included)
 AUTO_MEMORY_FRACTION = 0.9
@@ -871,9 +911,14 @@ def _train(
                 for k in range(0, len(idx), t.batch_size)
             ]
             lr = optimizer.param_groups[0]["lr"]
-            loss, n_loss, n_tok = sft_step(model, micro, device, scaler, read=False)
+            try:
+                loss, n_loss, n_tok = sft_step(model, micro, device, scaler, read=False)
+            except torch.OutOfMemoryError as e:
+                raise out_of_memory(cfg, model, step + 1, total, ckpt.latest()) from e
             try:  # (the loss is read with the gradient norm, after the optimizer's launches)
                 grad_norm = loop.optimizer_step(optimizer, scheduler, params, t.max_grad_norm, scaler, loss)
+            except torch.OutOfMemoryError as e:
+                raise out_of_memory(cfg, model, step + 1, total, ckpt.latest()) from e
             except FloatingPointError as e:
                 loss = float(loss)
                 # stopped before the optimizer step: no NaN weights are trained on, nor saved over a good
@@ -1069,7 +1114,7 @@ def main(cfg: SFTConfig) -> int:
     t0 = time.time()
     try:
         res = train(cfg)
-    except FloatingPointError as e:  # a NaN / inf loss or gradient: the message names the step
+    except (FloatingPointError, StepOutOfMemory) as e:  # the message names the step and what to do
         print(f"hoptune sft: error: {e}", file=sys.stderr)
         return 1
     ev = f", eval loss {res.eval['loss']:.4f}" if res.eval else ""
