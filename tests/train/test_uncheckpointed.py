@@ -211,3 +211,36 @@ def test_a_step_out_of_memory_says_what_to_change(
             err.startswith("hoptune sft: error: training step 3 of 4 ran out of GPU memory")
             and err.count("\n") == 1
         )
+
+
+@pytest.mark.gpu
+def test_a_real_out_of_memory_on_the_gpu_is_named(tmp_path, tokenizer, demo_data, monkeypatch):
+    """On the GPU, with the device's memory taken by other tensors before the third step, the step
+    fails the way torch fails it, and the run ends with StepOutOfMemory naming that step."""
+    cfg = small_config(
+        tmp_path, demo_data, "model.device=cuda", "train.max_steps=4", "model.gradient_checkpointing=true"
+    )
+    real, calls, filler = sft.sft_step, {"n": 0}, []
+
+    def step_in_a_full_gpu(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            torch.cuda.empty_cache()  # (the cached blocks back to the device, then all of it taken)
+            size = 1 << 34
+            while size >= 1 << 16:
+                try:
+                    filler.append(torch.empty(size, dtype=torch.uint8, device="cuda"))
+                except torch.OutOfMemoryError:
+                    size //= 2
+        return real(*a, **k)
+
+    monkeypatch.setattr(sft, "sft_step", step_in_a_full_gpu)
+    try:
+        with pytest.raises(sft.StepOutOfMemory, match=r"^training step 3 of 4 ran out of GPU memory \(peak"):
+            sft.train(
+                cfg, log=lambda s: None, model=build_model(seed=0, **SMALL).to("cuda"), tokenizer=tokenizer
+            )
+    finally:
+        filler.clear()
+        torch.cuda.empty_cache()
+    assert calls["n"] == 3
