@@ -39,8 +39,9 @@ The estimate counts bytes the way the PyTorch caching allocator sees them (what
                                             +4 in + 4r
   Without checkpointing every layer keeps all of it. With gradient checkpointing (transformers
   checkpoints each decoder layer) a layer keeps only its input, 2H per token (but the last
-  ``uncheckpointed`` layers, which keep all of it), and the backward recomputes one layer at a time: one layer's activations plus the gradients in flight
-  (about 6I + 6H per token) and, for NF4 weights, the dequantized weight of the largest layer (bf16).
+  ``uncheckpointed`` layers, which keep all of it), and the backward recomputes one layer at a
+  time: one layer's activations plus the gradients in flight (about 6I + 6H per token) and, for
+  NF4 weights, the dequantized weight of the largest layer (bf16).
 * **logits**: full (the HF stack): the lm_head writes bf16 logits (2V per token, held by the
   model output until the step ends); the loss casts them to fp32 (4V) and ``cross_entropy`` keeps
   its fp32 log-softmax (4V); its backward holds the fp32 gradient of the log-softmax (4V) and

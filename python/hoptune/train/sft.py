@@ -273,8 +273,8 @@ def out_of_memory(cfg: SFTConfig, model: nn.Module, step: int, total: int, lates
     )
 
 
-# model.uncheckpointed_layers=auto plans the step's peak within this fraction of the GPU memory that
-# is free or already this process's (hoptune plan's estimate of the step, allocator slack included)
+# model.uncheckpointed_layers=auto plans the step's peak beyond the loaded weights (hoptune plan's
+# estimate, allocator slack included) within this fraction of the GPU memory free or cached unused
 AUTO_MEMORY_FRACTION = 0.9
 
 
