@@ -247,20 +247,19 @@ def main(argv: list[str] | None = None) -> dict:
         value = getattr(args, flag)
         if value is not None and value < 1:
             p.error(f"--{flag} must be at least 1, got {value}")
-    if args.warmup < 0:
-        p.error(f"--warmup must be at least 0, got {args.warmup}")
-    if args.alternate_fuse < 0:
-        p.error(f"--alternate-fuse must be at least 0, got {args.alternate_fuse}")
-    if args.alternate_saves_first < 0:
-        p.error(f"--alternate-saves-first must be at least 0, got {args.alternate_saves_first}")
-    if args.alternate_step_end < 0:
-        p.error(f"--alternate-step-end must be at least 0, got {args.alternate_step_end}")
-    if args.alternate_uncheckpointed < 0:
-        p.error(f"--alternate-uncheckpointed must be at least 0, got {args.alternate_uncheckpointed}")
+    for flag in (
+        "warmup",
+        "alternate_fuse",
+        "alternate_saves_first",
+        "alternate_step_end",
+        "alternate_uncheckpointed",
+        "reserve_gib",
+    ):
+        value = getattr(args, flag)
+        if value < 0:
+            p.error(f"--{flag.replace('_', '-')} must be at least 0, got {value}")
     if args.uncheckpointed != "auto" and args.uncheckpointed < 0:
         p.error(f"--uncheckpointed must be at least 0 or auto, got {args.uncheckpointed}")
-    if args.reserve_gib < 0:
-        p.error(f"--reserve-gib must be at least 0, got {args.reserve_gib}")
     if (args.uncheckpointed or args.alternate_uncheckpointed) and args.no_grad_ckpt:
         p.error(
             "--uncheckpointed and --alternate-uncheckpointed choose layers of the checkpointed step: leave out --no-grad-ckpt"
