@@ -144,9 +144,7 @@ def test_bench_sft_8b_alternates_the_fused_and_unfused_step_in_one_process(tmp_p
     data = bench_sft_8b.main([*argv, "--alternate-fuse", "2", "--out", str(tmp_path / "x.json")])
     alt = data["alternate_fuse"]
     assert alt["steps_each"] == 2
-    assert len(alt["step_s"]["fused"]) == len(alt["step_s"]["unfused"]) == 2
-    med = alt["median_step_s"]
-    assert alt["unfused_over_fused"] == pytest.approx(med["unfused"] / med["fused"])
+    _assert_alternated(alt, "unfused", "fused", 2)
     assert json.loads((tmp_path / "x.json").read_text())["alternate_fuse"]["steps_each"] == 2
     # fused for the timed steps, then unfused / fused three times each (one untimed pair first)
     assert calls == ["fuse_decoder_ops"] + ["unfuse_decoder_ops", "fuse_decoder_ops"] * 3
@@ -154,6 +152,13 @@ def test_bench_sft_8b_alternates_the_fused_and_unfused_step_in_one_process(tmp_p
     with pytest.raises(SystemExit):
         bench_sft_8b.main([*argv, "--alternate-fuse", "1", "--no-fuse", "--out", str(tmp_path / "y.json")])
     assert "leave out --no-fuse" in capsys.readouterr().err
+
+
+def _assert_alternated(alt: dict, first: str, second: str, n: int) -> None:
+    """An alternation's record: n timed steps of each kind, and the ratio of their medians."""
+    assert len(alt["step_s"][first]) == len(alt["step_s"][second]) == n
+    med = alt["median_step_s"]
+    assert alt[f"{first}_over_{second}"] == pytest.approx(med[first] / med[second])
 
 
 def _alternated_with_spy(bench_sft_8b, spy, argv, tmp_path) -> dict:
@@ -188,9 +193,7 @@ def test_bench_sft_8b_alternates_the_op_s_order_under_checkpointing(tmp_path, ca
     argv = ["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "0"]
     data = _alternated_with_spy(bench_sft_8b, spy, [*argv, "--alternate-saves-first", "2"], tmp_path)
     alt = data["alternate_saves_first"]
-    assert len(alt["step_s"]["saves_first"]) == len(alt["step_s"]["launch_first"]) == 2
-    med = alt["median_step_s"]
-    assert alt["launch_first_over_saves_first"] == pytest.approx(med["launch_first"] / med["saves_first"])
+    _assert_alternated(alt, "launch_first", "saves_first", 2)
     assert seen == [True] + [False, True] * 3 and nf4_lora_ops.SAVES_FIRST is True
     assert all(collector_off) and gc.isenabled() and gc.get_freeze_count() == 0
     for extra in (["--compile"], ["--no-grad-ckpt"]):
@@ -216,9 +219,7 @@ def test_bench_sft_8b_alternates_the_step_s_end(tmp_path, capsys):
     argv = ["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "0"]
     data = _alternated_with_spy(bench_sft_8b, spy, [*argv, "--alternate-step-end", "2"], tmp_path)
     alt = data["alternate_step_end"]
-    assert len(alt["step_s"]["device_skip"]) == len(alt["step_s"]["read_first"]) == 2
-    med = alt["median_step_s"]
-    assert alt["read_first_over_device_skip"] == pytest.approx(med["read_first"] / med["device_skip"])
+    _assert_alternated(alt, "read_first", "device_skip", 2)
     assert seen == [(True, False)] + [(False, True), (True, False)] * 3 and loop.SKIP_ON_DEVICE is True
     assert all(isinstance(x, float) for x in data["losses"])
     with pytest.raises(SystemExit):
@@ -242,12 +243,8 @@ def test_bench_sft_8b_alternates_uncheckpointed_layers(tmp_path, capsys):
     data = _alternated_with_spy(bench_sft_8b, spy, [*argv, "--alternate-uncheckpointed", "2"], tmp_path)
     alt = data["alternate_uncheckpointed"]
     assert data["config"]["uncheckpointed_layers"] == 1
-    assert len(alt["step_s"]["all_checkpointed"]) == len(alt["step_s"]["last_1_uncheckpointed"]) == 2
+    _assert_alternated(alt, "all_checkpointed", "last_1_uncheckpointed", 2)
     assert alt["peak_gib"] is None  # (a CPU run: no GPU memory to read)
-    med = alt["median_step_s"]
-    assert alt["all_checkpointed_over_last_1_uncheckpointed"] == pytest.approx(
-        med["all_checkpointed"] / med["last_1_uncheckpointed"]
-    )
     assert seen == [(True, False)] + [(True, True), (True, False)] * 3
     for extra, msg in (
         (["--alternate-uncheckpointed", "1", "--uncheckpointed", "0"], "give N"),
