@@ -219,14 +219,13 @@ def prepare_model(model: nn.Module, cfg: SFTConfig, passed_in: bool = False, log
         if log is not None:
             log("fused decoder ops: " + ", ".join(f"{n} {kind}" for kind, n in fused.items()))
     if cfg.model.gradient_checkpointing:
-        loop.enable_gradient_checkpointing(model)
         n = cfg.model.uncheckpointed_layers
         if n == "auto":
             n, why = auto_uncheckpointed(model, cfg)
             if log is not None:
                 log(f"model.uncheckpointed_layers=auto: {why}")
         try:
-            loop.set_uncheckpointed_layers(model, n)
+            loop.enable_gradient_checkpointing(model, n)
         except ValueError as e:
             raise ConfigError(f"model.uncheckpointed_layers={n}: {e}") from None
     model.train()
