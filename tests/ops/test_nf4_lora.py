@@ -1240,3 +1240,100 @@ def test_checkpoint_recompute_stops_before_the_last_projection(
         else:
             torch.testing.assert_close(got, want)
     assert formed.count(path) == products + (1 if saves_first else 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("x_shape", [(96,), (48,), (4, 12)])
+@pytest.mark.parametrize("hooks", ["checkpoint", "save_on_cpu"])
+def test_recompute_keeps_merged_weight(device, x_shape, hooks, monkeypatch):
+    """KEEP_RECOMPUTED_WEIGHT: inside non-reentrant checkpointing the op saves W' = deq(W) + s B A,
+    so the backward takes dX from the recompute's W' and forms no weight of its own. Two
+    projections: W' formed 2 (forward) + 2 (recompute: the second projection's W' is formed
+    before its saves end the recompute) times and no weight in the backward, against 2 + 1 + 2
+    without the switch; with 48 rows (N > 2 M: the backward's dX would take the plain deq(W) and
+    the rank-r term) the backward's plain weights are gone too. Under save_on_cpu's hooks nothing
+    changes (W' is not copied to the host). Values and gradients are those without checkpointing."""
+    monkeypatch.setattr(nf4_lora_ops, "KEEP_RECOMPUTED_WEIGHT", True)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    k, n = 128, 192
+    x, q1, a1, b1, bias1 = _case(None, k, n, 12, dtype, device, seed=21, x_shape=x_shape)
+    _, q2, a2, b2, _ = _case(1, n, k, 12, dtype, device, seed=22)
+    formed = []
+    merged_kernel, plain_impl = nf4_ops.dequantize_lora_kernel, nf4_ops.dequantize_impl
+    bases = {q.packed.data_ptr(): dequantize_nf4(q, dtype) for q in (q1, q2)}  # (before the count)
+
+    def merged(packed, *args):
+        formed.append("merged")
+        if device == "cuda":
+            return merged_kernel(packed, *args)
+        *_, lora_A, lora_B, scale = args
+        with torch.no_grad():  # (as the kernel's output: no graph)
+            return bases[packed.data_ptr()] + scale * lora_B @ lora_A
+
+    def plain(*args):
+        formed.append("plain")
+        return plain_impl(*args)
+
+    monkeypatch.setattr(nf4_ops, "dequantize_lora_kernel", merged)
+    monkeypatch.setattr(nf4_ops, "dequantize_impl", plain)
+    if device == "cpu":  # the kernels' host logic, with PyTorch stand-ins
+        monkeypatch.setattr(nf4_lora_ops, "_merged", lambda x_, a_: a_ is not None)
+        monkeypatch.setattr(nf4_lora_ops, "_fused", lambda *a_: False)
+
+    def chain(t, a1_, b1_, a2_, b2_):
+        return nf4_lora_linear(nf4_lora_linear(t, q1, a1_, b1_, 0.5, bias1), q2, a2_, b2_, 0.25)
+
+    m = x.numel() // k
+    unmerged_dx = [n > 2 * m, k > 2 * m]  # (the two projections: N = 192, then N = 128)
+    g = torch.randn(*x_shape, k, generator=torch.Generator().manual_seed(23)).to(dtype).to(device)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, a1, b1, a2, b2)]
+    y_plain = chain(*leaves)
+    y_plain.backward(g)
+    plain_grads = [t.grad for t in leaves]
+    assert formed.count("merged") == 2 + unmerged_dx.count(False)
+    assert formed.count("plain") == unmerged_dx.count(True)
+    formed.clear()
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, a1, b1, a2, b2)]
+    if hooks == "checkpoint":
+        y = torch.utils.checkpoint.checkpoint(chain, *leaves, use_reentrant=False)
+    else:
+        with torch.autograd.graph.save_on_cpu():
+            y = chain(*leaves)
+    torch.testing.assert_close(y, y_plain, rtol=0, atol=0)
+    y.backward(g)
+    for got, want in zip((t.grad for t in leaves), plain_grads):
+        # (the dY pass sums in fp32 in no fixed order; the merged dX differs from the unmerged
+        # one by rounding: both within the op's tolerance, checked elsewhere)
+        assert rel_err(got, want) < (2e-2 if device == "cuda" else 1e-5)
+    if hooks == "checkpoint":
+        assert formed == ["merged"] * 4
+    else:  # as without hooks
+        assert formed.count("merged") == 2 + unmerged_dx.count(False)
+        assert formed.count("plain") == unmerged_dx.count(True)
+
+
+def test_checkpointing_names_only_the_checkpoint_hooks():
+    """_checkpointing(): True inside torch.utils.checkpoint's forward and its recompute, False
+    under other saved-tensor hooks and without hooks (the check reads the hooks' names, so a torch
+    that renames them fails here, not silently in training)."""
+    seen = []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            seen.append(nf4_lora_ops._checkpointing())
+            ctx.save_for_backward(t)
+            return t * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            (t,) = ctx.saved_tensors  # (unpacked: the recompute runs)
+            return grad * 2 + 0 * t
+
+    t = torch.randn(3, requires_grad=True)
+    torch.utils.checkpoint.checkpoint(lambda u: Probe.apply(u).sin(), t, use_reentrant=False).sum().backward()
+    assert seen == [True, True]  # (the forward, then the recompute)
+    with torch.autograd.graph.save_on_cpu():
+        Probe.apply(t)
+    Probe.apply(t)
+    assert seen == [True, True, False, False]
