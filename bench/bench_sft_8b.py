@@ -206,20 +206,6 @@ def main(argv: list[str] | None = None) -> dict:
         "before the layer's last projection) and after, alternated in this process",
     )
     p.add_argument(
-        "--keep-weights",
-        action="store_true",
-        help="the NF4 op keeps each recomputed projection's merged weight for its backward "
-        "(model.keep_recomputed_weights: no weight pass in the backward of a checkpointed layer)",
-    )
-    p.add_argument(
-        "--alternate-keep-weights",
-        type=int,
-        default=0,
-        metavar="N",
-        help="then N more steps each with and without --keep-weights, alternated in this process "
-        "(each kind's peak memory recorded)",
-    )
-    p.add_argument(
         "--alternate-step-end",
         type=int,
         default=0,
@@ -265,7 +251,6 @@ def main(argv: list[str] | None = None) -> dict:
         "warmup",
         "alternate_fuse",
         "alternate_saves_first",
-        "alternate_keep_weights",
         "alternate_step_end",
         "alternate_uncheckpointed",
         "reserve_gib",
@@ -285,11 +270,6 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(
             "--alternate-saves-first alternates the eager op's order under activation checkpointing: "
             "leave out --compile and --no-grad-ckpt"
-        )
-    if (args.keep_weights or args.alternate_keep_weights) and (args.compile or args.no_grad_ckpt):
-        p.error(
-            "--keep-weights and --alternate-keep-weights change the eager op under activation "
-            "checkpointing: leave out --compile and --no-grad-ckpt"
         )
     if args.alternate_fuse and args.compile:
         p.error(
@@ -419,10 +399,6 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.synchronize()
         return time.perf_counter() - ts, loss
 
-    from hoptune.ops import nf4_lora as nf4_lora_ops
-
-    keep_before = nf4_lora_ops.KEEP_RECOMPUTED_WEIGHT
-    nf4_lora_ops.KEEP_RECOMPUTED_WEIGHT = args.keep_weights
     collector = loop.LoopGc()
     frozen = False
     if args.gc == "loop":  # (as the trainer does around its loop)
@@ -432,11 +408,10 @@ def main(argv: list[str] | None = None) -> dict:
         gc.freeze()
         frozen = True
 
-    def restore() -> None:  # (after the profile and the alternations, which run under the same policy)
+    def restore_gc() -> None:  # (after the profile and the alternations, which run under the same policy)
         collector.stop()
         if args.gc == "frozen" and frozen and gc.get_freeze_count():
             gc.unfreeze()
-        nf4_lora_ops.KEEP_RECOMPUTED_WEIGHT = keep_before
 
     try:
         with GcPauses() as gc_pauses:
@@ -453,7 +428,7 @@ def main(argv: list[str] | None = None) -> dict:
                     times.append(dt)
                     gc_steps.append(pauses)
     except BaseException:
-        restore()
+        restore_gc()
         raise
     train_peak = loop.gpu_memory_gib()
     med = statistics.median(times)
@@ -502,7 +477,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{kinds[0]}_over_{kinds[1]}": ratio,
             }
 
-        alternate = alternate_saves = alternate_end = alternate_unckpt = alternate_keep = None
+        alternate = alternate_saves = alternate_end = alternate_unckpt = None
         if args.alternate_fuse:
             # (the unfused GEMM shapes are the same ones, but transformers' own ops meet the allocator
             # and the GEMM choice for the first time: hence the untimed first steps)
@@ -514,6 +489,7 @@ def main(argv: list[str] | None = None) -> dict:
                 ),
             )
         if args.alternate_saves_first:
+            from hoptune.ops import nf4_lora as nf4_lora_ops
 
             def set_saves(kind: str) -> None:
                 nf4_lora_ops.SAVES_FIRST = kind == "saves_first"
@@ -524,17 +500,6 @@ def main(argv: list[str] | None = None) -> dict:
                 )
             finally:
                 nf4_lora_ops.SAVES_FIRST = True
-        if args.alternate_keep_weights:
-
-            def set_keep(kind: str) -> None:
-                nf4_lora_ops.KEEP_RECOMPUTED_WEIGHT = kind == "keep_weights"
-
-            try:
-                alternate_keep = alternated(
-                    args.alternate_keep_weights, ("weight_pass", "keep_weights"), set_keep
-                )
-            finally:
-                nf4_lora_ops.KEEP_RECOMPUTED_WEIGHT = args.keep_weights
         if args.alternate_step_end:
 
             def set_end(kind: str) -> None:
@@ -568,7 +533,7 @@ def main(argv: list[str] | None = None) -> dict:
             profile = device_breakdown(one_step)
             print_breakdown(profile)
     finally:
-        restore()
+        restore_gc()
 
     # 4. report
     info = env_info()
@@ -593,7 +558,6 @@ def main(argv: list[str] | None = None) -> dict:
             "grad_ckpt": not args.no_grad_ckpt,
             "uncheckpointed_layers": unckpt,
             "uncheckpointed_auto": auto_why,
-            "keep_recomputed_weights": args.keep_weights,
             "reserved_gib": args.reserve_gib if reserve is not None else 0.0,
             "dtype": str(dtype),
             "device": str(device),
@@ -622,8 +586,6 @@ def main(argv: list[str] | None = None) -> dict:
         result["alternate_fuse"] = alternate
     if alternate_saves is not None:
         result["alternate_saves_first"] = alternate_saves
-    if alternate_keep is not None:
-        result["alternate_keep_weights"] = alternate_keep
     if alternate_end is not None:
         result["alternate_step_end"] = alternate_end
     if alternate_unckpt is not None:

@@ -204,33 +204,6 @@ def test_bench_sft_8b_alternates_the_op_s_order_under_checkpointing(tmp_path, ca
         assert "leave out --compile and --no-grad-ckpt" in capsys.readouterr().err
 
 
-def test_bench_sft_8b_alternates_kept_weights(tmp_path, capsys):
-    """--keep-weights / --alternate-keep-weights N: the NF4 op's KEEP_RECOMPUTED_WEIGHT set for the
-    timed steps and then for each alternated step, the value before the run given back after,
-    both series recorded; refused where the eager op under checkpointing does not run."""
-    from hoptune.ops import nf4_lora as nf4_lora_ops
-
-    bench_sft_8b = _bench_sft()
-    seen = []
-
-    def spy(*a, **k):
-        seen.append(nf4_lora_ops.KEEP_RECOMPUTED_WEIGHT)
-
-    argv = ["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "0"]
-    data = _alternated_with_spy(bench_sft_8b, spy, [*argv, "--alternate-keep-weights", "2"], tmp_path)
-    _assert_alternated(data["alternate_keep_weights"], "weight_pass", "keep_weights", 2)
-    assert data["config"]["keep_recomputed_weights"] is False
-    assert seen == [False] + [False, True] * 3 and nf4_lora_ops.KEEP_RECOMPUTED_WEIGHT is False
-    seen.clear()
-    data = _alternated_with_spy(bench_sft_8b, spy, [*argv, "--keep-weights"], tmp_path)
-    assert data["config"]["keep_recomputed_weights"] is True and "alternate_keep_weights" not in data
-    assert seen == [True] and nf4_lora_ops.KEEP_RECOMPUTED_WEIGHT is False
-    for extra in (["--compile"], ["--no-grad-ckpt"]):
-        with pytest.raises(SystemExit):
-            bench_sft_8b.main([*argv, "--keep-weights", *extra, "--out", str(tmp_path / "y.json")])
-        assert "leave out --compile and --no-grad-ckpt" in capsys.readouterr().err
-
-
 def test_bench_sft_8b_alternates_the_step_s_end(tmp_path, capsys):
     """--alternate-step-end N: loop.SKIP_ON_DEVICE set for each step (the loss left on the device
     for optimizer_step to read after its launches, or read by sft_step first), the default given

@@ -272,11 +272,10 @@ def _forward(x, q, out_features, lora_A, lora_B, scale, bias, merged_w, fused=No
     return y if flat else torch.ops.aten._unsafe_view(y, (*x.shape[:-1], out_features))
 
 
-def _forward_into(y, x, q, out_features, lora_A, lora_B, scale, bias, decided=None) -> None:
+def _forward_into(y, x, q, out_features, lora_A, lora_B, scale, bias) -> None:
     """_forward's y written into ``y`` (x's leading shape by N): by the merged weight's GEMM or
-    the fused GEMM directly, else copied (a few rows, or the unfused paths). ``decided``:
-    _merged_weight's result when the caller already has it."""
-    w, fused = decided or _merged_weight(x, q, out_features, lora_A, lora_B, scale)
+    the fused GEMM directly, else copied (a few rows, or the unfused paths)."""
+    w, fused = _merged_weight(x, q, out_features, lora_A, lora_B, scale)
     if w is not None or fused:
         _forward(x, q, out_features, lora_A, lora_B, scale, bias, w, fused, out=y)
     else:
@@ -292,9 +291,7 @@ def _warn_unaligned_k(k: int) -> None:
     )
 
 
-def _backward_impl(saved, meta, needs, grad_y, inside_op, kernels=True, merged_w=None):
-    """dX, dA, dB and dbias. ``merged_w``: W' = deq(W) + s B A as a checkpointed layer's
-    recompute made it (KEEP_RECOMPUTED_WEIGHT), taken for dX instead of a weight pass here."""
+def _backward_impl(saved, meta, needs, grad_y, inside_op, kernels=True):
     x, packed, absmax, absmax2, code2, lora_A, lora_B = saved
     offset, blocksize, blocksize2, n, scale = meta
     need_x, need_A, need_B, need_bias = needs
@@ -308,9 +305,7 @@ def _backward_impl(saved, meta, needs, grad_y, inside_op, kernels=True, merged_w
     # one read and write of dX) when that is cheaper: the merged weight costs a pass over N x K,
     # the addition one over M x K, and dxa is formed for dA anyway
     kernels = kernels and _merged(x, lora_A)
-    if not kernels:
-        merged_w = None  # (create_graph: PyTorch's GEMMs on the weight formed here)
-    merged = merged_w is not None or (kernels and n <= MERGED_DX_MAX_N_PER_ROW * m)
+    merged = kernels and n <= MERGED_DX_MAX_N_PER_ROW * m
     dx = da = db = None
     dxa = None  # s dY B
     if inside_op and kernels and need_A and need_B and _dy_pass_runs(g2, lora_B):
@@ -319,11 +314,7 @@ def _backward_impl(saved, meta, needs, grad_y, inside_op, kernels=True, merged_w
     elif has_lora and (need_A or (need_x and not merged)):
         dxa = _mm_scaled(g2, lora_B, scale, inside_op)
     if need_x:
-        w = (
-            merged_w
-            if merged_w is not None
-            else _weight(q, n, k, x.dtype, lora_A, lora_B, scale, merged, inside_op)
-        )
+        w = _weight(q, n, k, x.dtype, lora_A, lora_B, scale, merged, inside_op)
         if dxa is not None and not merged:
             # the rank-r term written first and taken in by the GEMM's epilogue (beta = 1): one
             # write of dX, not a GEMM followed by a read and write of dX for the addition
@@ -427,16 +418,9 @@ class _EagerNF4LoraLinear(torch.autograd.Function):
         # early: (y, None) when the caller has already run the merged weight's GEMM, (None,
         # fused) with _merged_weight's fused decision, or None: y returned unwritten, for the
         # caller to fill once autograd has packed the saves (_saves_first); in a tuple, so that
-        # y is not an input returned as is (autograd would make it a view). Or an empty list:
-        # as None, and W' from the merged kernel is also saved (inside checkpointing only:
-        # KEEP_RECOMPUTED_WEIGHT), with _merged_weight's result appended to the list for the
-        # caller's GEMM. Otherwise no copy of W, dequantized or merged, is saved for the backward.
+        # y is not an input returned as is (autograd would make it a view). No copy of W,
+        # dequantized or merged, is saved for the backward.
         ctx.meta = (q[4], q[5], q[6], out_features, scale)
-        if isinstance(early, list):
-            decided = _merged_weight(x, q, out_features, lora_A, lora_B, scale)
-            early.append(decided)
-            ctx.save_for_backward(x, *q[:4], lora_A, lora_B, decided[0])
-            return torch.empty(*x.shape[:-1], out_features, dtype=x.dtype, device=x.device)
         ctx.save_for_backward(x, *q[:4], lora_A, lora_B)
         if early is None:  # y is written by the caller after autograd has packed the saves
             return torch.empty(*x.shape[:-1], out_features, dtype=x.dtype, device=x.device)
@@ -452,15 +436,8 @@ class _EagerNF4LoraLinear(torch.autograd.Function):
         # create_graph (a penalty on a gradient): PyTorch's GEMMs, whose graph gives the second
         # derivatives; the kernels' outputs carry none (the merged weight's terms in A, B)
         graph = torch.is_grad_enabled()
-        saved = ctx.saved_tensors
         dx, da, db, dbias = _backward_impl(
-            saved[:7],
-            ctx.meta,
-            needs,
-            grad_y,
-            inside_op=not graph,
-            kernels=not graph,
-            merged_w=saved[7] if len(saved) > 7 else None,
+            ctx.saved_tensors, ctx.meta, needs, grad_y, inside_op=not graph, kernels=not graph
         )
         return dx, None, None, da, db, None, dbias, None
 
@@ -574,11 +551,9 @@ def nf4_lora_linear_trusted(x, q, out_features, lora_A, lora_B, scale: float, bi
         # the Function first, its output unwritten: autograd packs its saves as it returns, and
         # in a checkpointed layer's recompute the last save the backward needs ends the recompute
         # there (an exception from the hook), before the product below is computed for nothing
-        # (with W' among the saves inside checkpointing: the recompute's W' serves the backward)
-        box = [] if KEEP_RECOMPUTED_WEIGHT and _checkpointing() else None
-        y = _EagerNF4LoraLinear.apply(x, q, out_features, lora_A, lora_B, scale, bias, box)
+        y = _EagerNF4LoraLinear.apply(x, q, out_features, lora_A, lora_B, scale, bias, None)
         with torch.no_grad():
-            _forward_into(y, x, q, out_features, lora_A, lora_B, scale, bias, box[0] if box else None)
+            _forward_into(y, x, q, out_features, lora_A, lora_B, scale, bias)
         return y
     # the merged kernel first: the host work below runs while the device dequantizes
     w, fused = _merged_weight(x, q, out_features, lora_A, lora_B, scale)
@@ -616,27 +591,6 @@ def _saves_first() -> bool:
     if not SAVES_FIRST:
         return False
     return _top_saved_hooks is None or _top_saved_hooks(False) is not None
-
-
-# Whether, inside activation checkpointing (torch.utils.checkpoint, non-reentrant), the eager op
-# also saves W' = deq(W) + s B A for its backward. The first forward's saves are dropped by the
-# checkpoint's hook (W' lives only for the GEMM, as without the switch); the recompute's are kept
-# until the layer's backward reads them, so the backward takes dX from the recompute's W' instead
-# of a weight pass of its own (and the merged dX on every shape: MERGED_DX_MAX_N_PER_ROW is
-# about the weight pass it saves). The cost: a recomputed layer holds W' of each projection it
-# computed until that projection's backward (the layer's last projection, whose product the
-# recompute stops before, still makes its own). Set by ``model.keep_recomputed_weights`` in
-# hoptune sft (hoptune.plan counts it); a switch for measurement in bench_sft_8b.py.
-KEEP_RECOMPUTED_WEIGHT = False
-
-_CHECKPOINT_HOOKS = ("_checkpoint_hook.", "_recomputation_hook.")
-
-
-def _checkpointing() -> bool:
-    """Whether the innermost saved-tensor hooks are torch.utils.checkpoint's (its forward's or its
-    recompute's), not another packer such as save_on_cpu, which would copy W' off the GPU."""
-    hooks = None if _top_saved_hooks is None else _top_saved_hooks(False)
-    return hooks is not None and getattr(hooks[0], "__qualname__", "").startswith(_CHECKPOINT_HOOKS)
 
 
 def _records_graph(x, lora_A, lora_B, bias) -> bool:
