@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -111,6 +112,11 @@ def test_chosen_candidate_matches(op, dtype, m, k, n, monkeypatch):
     assert choice is not None and choice["ms"] > 0 and choice["torch_ms"] > 0
     timing = gemm.measured()[key]
     assert timing["best_candidate"] == choice["candidate"] and timing["best_ms"] == choice["ms"]
+    rounds = timing["rounds_ms"]  # every window, PyTorch's first: the medians above come from them
+    assert next(iter(rounds)) == "torch" and len(rounds) == timing["candidates"] + 1
+    assert all(len(t) == gemm.ROUNDS for t in rounds.values())
+    assert statistics.median(rounds["torch"]) == timing["torch_ms"]
+    assert statistics.median(rounds[str(choice["candidate"])]) == choice["ms"]
 
 
 @pytest.mark.gpu
