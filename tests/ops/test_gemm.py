@@ -80,6 +80,22 @@ def test_enable_switch():
     assert gemm._enabled()
 
 
+def test_measured_is_a_copy(monkeypatch):
+    """measured() hands out copies, the timing windows' lists included: a caller that edits them
+    leaves the record as it was."""
+    key = ("x@wT", 8192, 4096, 4096, torch.bfloat16, torch.device("cuda", 0))
+    record = {"candidates": 1, "torch_ms": 0.35, "rounds_ms": {"torch": [0.35, 0.36], "0": [0.34, 0.35]}}
+    monkeypatch.setattr(gemm, "_measured", {key: record})
+    got = gemm.measured()[key]
+    got["rounds_ms"]["torch"].append(9.0)
+    got["torch_ms"] = 9.0
+    assert record == {
+        "candidates": 1,
+        "torch_ms": 0.35,
+        "rounds_ms": {"torch": [0.35, 0.36], "0": [0.34, 0.35]},
+    }
+
+
 def test_cublaslt_extension_reason():
     from hoptune import _lib
 

@@ -37,6 +37,7 @@ made, ``measured()`` the timings behind them, ``reset()`` forgets them.
 
 from __future__ import annotations
 
+import copy
 import functools
 import statistics
 
@@ -138,7 +139,7 @@ def measured() -> dict[tuple, dict]:
     fastest one's index and time (ms, median window), whether kept or not, and where one was found,
     PyTorch's kernel without the workspace (``default_candidate``, ``default_ms``); ``rounds_ms``:
     each contender's windows ("torch", then the candidates' indices as strings), round by round."""
-    return {k: dict(v) for k, v in _measured.items()}
+    return {k: copy.deepcopy(v) for k, v in _measured.items()}  # (the windows' lists too)
 
 
 def _eligible(a: torch.Tensor, b: torch.Tensor, rows: int) -> bool:
