@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 from functools import partial
 
@@ -22,6 +23,12 @@ VARIANTS = (
     0,
     1,
 )  # csrc/kernels/nf4.cu: 0 the default, 1 the same kernel without programmatic dependent launch
+
+# merged dequantize versions (nf4_ops._MERGE_VARIANT): 0 the default, 1 bulk tensor stores at
+# r <= 16; timed at these ranks in alternating rounds
+MERGE_VARIANTS = (0, 1)
+MERGE_RANKS = (8, 16)
+MERGE_ROUNDS = 3
 
 # weights [N, K]: the (K, N) pairs of TARGETS.md §1
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192)]
@@ -54,6 +61,21 @@ def measure(n: int, k: int, copy_tbps: float, bnbf) -> dict:
         lora = [partial(nf4_ops.nf4_dequantize_lora, *_state(q), [n, k], a, b, 2.0) for q in qs]
         row[f"lora{r}_ms"] = bench_graph(lora)
         row[f"lora{r}_frac_copy"] = nbytes / row[f"lora{r}_ms"] / 1e9 / copy_tbps
+    # merged-dequantize kernel versions (nf4_ops._MERGE_VARIANT), alternated round by round
+    for r in MERGE_RANKS:
+        a = torch.randn(r, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
+        b = torch.randn(n, r, device="cuda", dtype=torch.bfloat16) * 0.01
+        lora = [partial(nf4_ops.nf4_dequantize_lora, *_state(q), [n, k], a, b, 2.0) for q in qs]
+        rounds = {v: [] for v in MERGE_VARIANTS}
+        for _ in range(MERGE_ROUNDS):
+            for v in MERGE_VARIANTS:
+                nf4_ops._MERGE_VARIANT = v
+                rounds[v].append(bench_graph(lora))
+        nf4_ops._MERGE_VARIANT = 0
+        for v in MERGE_VARIANTS:
+            row[f"lora{r}_mv{v}_rounds_ms"] = rounds[v]
+            row[f"lora{r}_mv{v}_ms"] = statistics.median(rounds[v])
+            row[f"lora{r}_mv{v}_frac_copy"] = nbytes / row[f"lora{r}_mv{v}_ms"] / 1e9 / copy_tbps
     # one eager call from Python (op dispatch included)
     row["ours_eager_ms"] = bench_rotating(lambda i: partial(dequantize_nf4, qs[i]), copies)
     row["quantize_ms"] = bench_rotating(lambda i: partial(quantize_nf4, ws[i]), copies, rep=5)
@@ -90,6 +112,12 @@ def main() -> None:
         table(
             res["rows"],
             ["N", "K"] + [f"lora{r}_frac_copy" for r in (16, 32, 64)],
+        )
+    )
+    print(
+        table(
+            res["rows"],
+            ["N", "K"] + [f"lora{r}_mv{v}_frac_copy" for r in MERGE_RANKS for v in MERGE_VARIANTS],
         )
     )
     print(

@@ -441,6 +441,12 @@ def main() -> None:
     )
     ap.add_argument("--rank", type=int, default=R, help="LoRA rank of every row (default 16)")
     ap.add_argument(
+        "--merge-variant",
+        type=int,
+        default=0,
+        help="merged dequantize kernel version (hoptune.ops.nf4._MERGE_VARIANT; 0 the default)",
+    )
+    ap.add_argument(
         "--rank-path-ranks",
         default=",".join(map(str, RANK_PATH_RANKS)),
         help="comma-separated ranks of the rank_paths section",
@@ -456,6 +462,7 @@ def main() -> None:
     require_cuda(__file__)
     R = args.rank
     RANK_PATH_RANKS = ranks
+    nf4_ops._MERGE_VARIANT = args.merge_variant
     sections = set(args.sections.split(","))
     known = {"forward", "layer", "dy_pass", "rank_paths", "rank_padding"}
     if not sections <= known:
@@ -479,7 +486,7 @@ def main() -> None:
         have_peft = True
     except Exception:
         have_peft = False
-    res = {"env": env_info(), "r": R}
+    res = {"env": env_info(), "r": R, "merge_variant": args.merge_variant}
     if "forward" in sections:
         res["forward"] = forward_rows(have_bnb)
         write_json(args.out, res)

@@ -101,9 +101,13 @@ def nf4_lora() -> None:
         q = quantize_nf4(torch.randn(n, k, device="cuda", dtype=dt), double_quant=dq)
         a = torch.randn(r, k, device="cuda", dtype=dt)
         b = torch.randn(n, r, device="cuda", dtype=dt)
-        nf4_ops.nf4_dequantize_lora(
-            q.packed, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize, q.blocksize2, [n, k], a, b, 0.5
-        )
+        # every numbered version (1: bulk tensor stores at r <= 16, multiples of 8)
+        for v in range(2):
+            nf4_ops._MERGE_VARIANT = v
+            nf4_ops.nf4_dequantize_lora(
+                q.packed, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize, q.blocksize2, [n, k], a, b, 0.5
+            )
+        nf4_ops._MERGE_VARIANT = 0
     # the small-M product from the codes (nf4_small_m): each of its row tilings, sliced columns
     # (partial sums through the workspace; twice, so the second launch finds the counters reset)
     # and one slice, N not a multiple of 16, K not a multiple of the 128-column step

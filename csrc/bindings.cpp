@@ -79,19 +79,20 @@ PYBIND11_MODULE(_C, m) {
       "nf4_dequantize_lora",
       [](uintptr_t packed, uintptr_t absmax, uintptr_t qabsmax, uintptr_t absmax2, uintptr_t code2,
          float offset, int blocksize2, int64_t rows, int64_t cols, int blocksize, uintptr_t lora_a,
-         uintptr_t lora_b, int rank, float scale, uintptr_t out, int dtype, uintptr_t stream) {
+         uintptr_t lora_b, int rank, float scale, uintptr_t out, int dtype, uintptr_t stream,
+         int variant) {
         const hoptune::NF4Absmax am =
             nf4_absmax(absmax, qabsmax, absmax2, code2, offset, blocksize2);
         check(hoptune::nf4_dequantize_lora(ptr<const uint8_t*>(packed), am, rows, cols, blocksize,
                                            ptr<const void*>(lora_a), ptr<const void*>(lora_b), rank,
                                            scale, ptr<void*>(out), static_cast<DType>(dtype),
-                                           stream_of(stream)),
+                                           stream_of(stream), variant),
               "nf4_dequantize_lora");
       },
       py::arg("packed"), py::arg("absmax"), py::arg("qabsmax"), py::arg("absmax2"),
       py::arg("code2"), py::arg("offset"), py::arg("blocksize2"), py::arg("rows"), py::arg("cols"),
       py::arg("blocksize"), py::arg("lora_a"), py::arg("lora_b"), py::arg("rank"), py::arg("scale"),
-      py::arg("out"), py::arg("dtype"), py::arg("stream"),
+      py::arg("out"), py::arg("dtype"), py::arg("stream"), py::arg("variant") = 0,
       py::call_guard<py::gil_scoped_release>());
 
   m.def(

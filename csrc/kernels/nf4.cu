@@ -9,6 +9,8 @@
 //
 // Quantize runs once per weight at load time: one warp per quant block, two passes over the
 // block (max, then codes); the second pass re-reads from L1.
+#include <cuda.h>  // CUtensorMap (types only: the encoder is found at run time)
+#include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <algorithm>
@@ -38,6 +40,30 @@ constexpr int kDequantThreads = 256;
 __device__ __forceinline__ void pdl_begin() {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   asm volatile("griddepcontrol.wait;" ::: "memory");
+}
+
+// Bulk tensor stores (TMA) from shared memory, one bulk group per store, issued by one thread.
+__device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, const void* smem, int c0,
+                                             int r0) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile(
+      "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];\n"
+      "cp.async.bulk.commit_group;" ::"l"(map),
+      "r"(s), "r"(c0), "r"(r0)
+      : "memory");
+}
+// Wait until at most N of this thread's bulk groups still read their shared memory.
+template <int N>
+__device__ __forceinline__ void tma_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(N) : "memory");
+}
+// Wait until all of this thread's bulk groups are complete (their writes done).
+__device__ __forceinline__ void tma_wait_all() {
+  asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+}
+// Make this thread's shared-memory writes visible to the bulk copies (the async proxy).
+__device__ __forceinline__ void fence_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 }
 
 // Write 8 decoded values (one 16-byte store for bf16/fp16, two for fp32).
@@ -405,6 +431,10 @@ __device__ __forceinline__ void merge_values(uint4 (&o)[2], uint2 codes, float s
 // kNT = 8: 16 elements from the 8 code bytes of codes; kNT = 4 (32-column pieces): 8 elements
 // from the 4 bytes of codes.x.
 constexpr int kPairTableBytes = 256 * 32 * 8;
+constexpr int kTmaBlockBytes = 16 * 128;  // a warp's 16 x 64 block (bf16 / fp16) for a bulk store
+// dynamic shared memory with bulk stores: the pair table, 1024 bytes of alignment slack, two
+// blocks per warp
+constexpr int kTmaSmemBytes = kPairTableBytes + 1024 + kMrgThreads / 32 * 2 * kTmaBlockBytes;
 template <typename T, int kNT>
 __device__ __forceinline__ void merge_values_pairs(uint4 (&o)[kNT / 4], uint2 codes, float sc,
                                                    const float (&acc)[kNT][4], int h, float scale,
@@ -488,11 +518,13 @@ struct MergeLoads {
 // rows, and B's rows are read in 16-byte runs (rank_of).
 // kB16 (rank % 8 == 0, B 16-byte aligned; always at 32 columns): the ranks regrouped (rank_of) so
 // that a lane reads its B values of a row in 16-byte runs (8 bytes at r <= 16).
-template <typename T, bool kNested, int kRegSteps, int kCols = 64, bool kB16 = true>
+template <typename T, bool kNested, int kRegSteps, int kCols = 64, bool kB16 = true,
+          bool kTma = false>
 __global__ void __launch_bounds__(kMrgThreads, kRegSteps <= 2 ? 2 : 1)
-    nf4_dequantize_lora_kernel(MergeArgs a) {
+    nf4_dequantize_lora_kernel(MergeArgs a, const __grid_constant__ CUtensorMap out_map) {
   static_assert(kCols == 64 || (kCols == 32 && kRegSteps > 1 && kB16),
                 "32-column pieces: direct stores, 16-byte B runs");
+  static_assert(!kTma || (kRegSteps == 1 && kCols == 64), "bulk stores: r <= 16, 64 columns");
   constexpr int kNT = kCols / 8;        // MMA n-tiles (8 columns each) per piece
   constexpr int kLaneCols = kCols / 4;  // consecutive columns per lane and row
   extern __shared__ uint32_t s_at[];    // here the pair table (kPairTableBytes; merge_values_pairs)
@@ -500,8 +532,9 @@ __global__ void __launch_bounds__(kMrgThreads, kRegSteps <= 2 ? 2 : 1)
   // kRegSteps == 1: each warp's 16 x 64 block passes through here on its way out (rows of
   // kStageRow bytes), so that one store instruction writes four whole 128-byte rows
   constexpr int kStageRow = 144;  // 128 + 16: the lanes' 16-byte writes fall in distinct banks
-  __shared__ __align__(16) char stage_all[kRegSteps == 1 ? kMrgThreads / 32 : 1]
-                                         [kRegSteps == 1 ? kPieceRows * kStageRow : 16];
+  constexpr bool kStaged = kRegSteps == 1 && !kTma;
+  __shared__ __align__(
+      16) char stage_all[kStaged ? kMrgThreads / 32 : 1][kStaged ? kPieceRows * kStageRow : 16];
   float2* pairs = reinterpret_cast<float2*>(s_at);
   for (int i = threadIdx.x; i < kPairTableBytes / 8; i += kMrgThreads) {
     const int b = i >> 5;
@@ -519,6 +552,14 @@ __global__ void __launch_bounds__(kMrgThreads, kRegSteps <= 2 ? 2 : 1)
   T* __restrict__ out = static_cast<T*>(a.out);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, q = lane & 3;
+  // kTma: two 16 x 64 blocks per warp after the pair table, 128-byte rows in the 128-byte swizzle
+  // of out_map (16-byte chunk c of row r at chunk c ^ (r % 8)), 1024-byte aligned
+  char* tma_stage = nullptr;
+  if constexpr (kTma) {
+    char* after = reinterpret_cast<char*>(s_at) + kPairTableBytes;
+    const uint32_t at = static_cast<uint32_t>(__cvta_generic_to_shared(after));
+    tma_stage = after + ((1024u - (at & 1023u)) & 1023u) + warp * 2 * kTmaBlockBytes;
+  }
   const int64_t cols = a.cols;
   const int rows = static_cast<int>(a.rows);
   const int col_pieces = static_cast<int>(a.col_pieces), walkers = a.walkers;
@@ -604,7 +645,7 @@ __global__ void __launch_bounds__(kMrgThreads, kRegSteps <= 2 ? 2 : 1)
       }
     }
   };
-  auto compute = [&](int piece, const MergeLoads& p, const uint32_t (&bf)[kRegSteps][4]) {
+  auto compute = [&](int piece, const MergeLoads& p, const uint32_t (&bf)[kRegSteps][4], int buf) {
     float acc[kNT][4];
 #pragma unroll
     for (int j = 0; j < kNT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
@@ -614,14 +655,23 @@ __global__ void __launch_bounds__(kMrgThreads, kRegSteps <= 2 ? 2 : 1)
       for (int j = 0; j < kNT; ++j) mma_16816<T>(acc[j], bf[s], afrag[s][j][0], afrag[s][j][1]);
     }
     const int n0 = piece * kPieceRows + g;
-    char* stage = stage_all[kRegSteps == 1 ? warp : 0];
+    char* stage = stage_all[kStaged ? warp : 0];
+    char* block = kTma ? tma_stage + buf * kTmaBlockBytes : nullptr;
+    if constexpr (kTma) {  // the store issued from this block two items ago has read it
+      if (lane == 0) tma_wait_read<1>();
+      __syncwarp();
+    }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int n = n0 + 8 * h;
       const float sc = kNested ? nested_absmax(code2[p.qa[h]], p.amax[h], a.am.offset) : p.amax[h];
       uint4 o[kNT / 4];
       merge_values_pairs<T, kNT>(o, p.codes[h], sc, acc, h, a.scale, pair_table, lane8);
-      if constexpr (kRegSteps == 1) {
+      if constexpr (kTma) {  // row g + 8 h, chunks 2 q and 2 q + 1, swizzled by (g + 8 h) % 8
+        uint4* srow = reinterpret_cast<uint4*>(block + (g + 8 * h) * 128);
+        srow[(2 * q) ^ g] = o[0];
+        srow[(2 * q + 1) ^ g] = o[1];
+      } else if constexpr (kRegSteps == 1) {
         uint4* srow = reinterpret_cast<uint4*>(stage + (g + 8 * h) * kStageRow);
         srow[2 * q] = o[0];
         srow[2 * q + 1] = o[1];
@@ -632,7 +682,11 @@ __global__ void __launch_bounds__(kMrgThreads, kRegSteps <= 2 ? 2 : 1)
         for (int i = 0; i < kNT / 4; ++i) dst[i] = o[i];
       }
     }
-    if constexpr (kRegSteps == 1) {  // lane l stores 16 bytes of row 4 j + l / 8
+    if constexpr (kTma) {  // one bulk store of the block (rows past the weight's are dropped)
+      fence_async_shared();
+      __syncwarp();
+      if (lane == 0) tma_store_2d(&out_map, block, static_cast<int>(kc), piece * kPieceRows);
+    } else if constexpr (kRegSteps == 1) {  // lane l stores 16 bytes of row 4 j + l / 8
       __syncwarp();
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
@@ -653,12 +707,15 @@ __global__ void __launch_bounds__(kMrgThreads, kRegSteps <= 2 ? 2 : 1)
   if (count > 0) load(piece, la, ba);
   for (int i = 0; i < count; i += 2) {
     if (i + 1 < count) load(piece + walkers, lb, bb);
-    compute(piece, la, ba);
+    compute(piece, la, ba, 0);
     if (i + 1 >= count) break;
     piece += walkers;
     if (i + 2 < count) load(piece + walkers, la, ba);
-    compute(piece, lb, bb);
+    compute(piece, lb, bb, 1);
     piece += walkers;
+  }
+  if constexpr (kTma) {  // the bulk stores done before the grid counts as complete
+    if (lane == 0) tma_wait_all();
   }
 }
 
@@ -1026,10 +1083,44 @@ cudaError_t nf4_dequantize(const uint8_t* packed, const NF4Absmax& absmax, int64
   return launch_dequantize<4, 4, 256, true>(packed, absmax, n, blocksize, out, out_dtype, stream);
 }
 
+// The driver's tensor-map encoder, found at run time (the wheel links no driver library); null
+// where the driver has none.
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault,
+                                         &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      f = nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// The map of a row-major [rows, cols] 16-bit matrix for bulk stores of 16 x 64 blocks from
+// shared memory in the 128-byte swizzle; false if it cannot be made.
+bool block_store_map(CUtensorMap* map, void* out, int64_t rows, int64_t cols, DType dtype) {
+  const auto encode = tensor_map_encoder();
+  if (encode == nullptr || rows >= (int64_t{1} << 31) || cols >= (int64_t{1} << 31)) return false;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(cols) * 2};
+  const cuuint32_t box[2] = {kPieceCols, kPieceRows};
+  const cuuint32_t elem[2] = {1, 1};
+  return encode(map,
+                dtype == DType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                          : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+                2, out, dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
 cudaError_t nf4_dequantize_lora(const uint8_t* packed, const NF4Absmax& absmax, int64_t rows,
                                 int64_t cols, int blocksize, const void* lora_a, const void* lora_b,
-                                int rank, float scale, void* out, DType dtype,
-                                cudaStream_t stream) {
+                                int rank, float scale, void* out, DType dtype, cudaStream_t stream,
+                                int variant) {
   HOPTUNE_REQUIRE(packed != nullptr && out != nullptr && lora_a != nullptr && lora_b != nullptr);
   HOPTUNE_REQUIRE(rows > 0 && cols > 0 && cols % 64 == 0 && rank >= 1 && rank <= 256);
   HOPTUNE_REQUIRE(valid_state(absmax, blocksize, rows * cols));
@@ -1061,9 +1152,15 @@ cudaError_t nf4_dequantize_lora(const uint8_t* packed, const NF4Absmax& absmax, 
   const size_t at_bytes = static_cast<size_t>(kMrgCols) * (a.rank_pad / 2 + 4) * 4;
   // main: walkers warps per 64-column piece, as many as stay resident together (the last CTA's
   // spare warps exit); any: a run of items per resident CTA
-  auto launch = [&](auto* kernel, bool main) -> cudaError_t {
-    // (the main kernel reads A from global memory; its shared memory is the pair table)
-    const size_t smem = main ? kPairTableBytes : at_bytes;
+  // variant 1: at r <= 16 (B in 8-byte runs) each warp's block leaves by one bulk tensor store
+  CUtensorMap out_map{};
+  const bool tma = variant == 1 && rank <= 16 && rank % 8 == 0 &&
+                   reinterpret_cast<uintptr_t>(lora_b) % 16 == 0 &&
+                   block_store_map(&out_map, out, rows, cols, dtype);
+  auto launch = [&](auto* kernel, bool main, size_t main_smem = kPairTableBytes) -> cudaError_t {
+    // (the main kernel reads A from global memory; its shared memory is the pair table, and with
+    // bulk stores the staging blocks)
+    const size_t smem = main ? main_smem : at_bytes;
     if (smem > 48 * 1024) {
       const cudaError_t e = cudaFuncSetAttribute(
           kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
@@ -1081,8 +1178,13 @@ cudaError_t nf4_dequantize_lora(const uint8_t* packed, const NF4Absmax& absmax, 
           std::max<int64_t>(1, std::min<int64_t>(warps / a.col_pieces, row_pieces)));
       grid = (a.walkers * a.col_pieces + kMrgThreads / 32 - 1) / (kMrgThreads / 32);
     }
-    return launch_pdl(kernel, dim3(static_cast<unsigned>(grid)), dim3(kMrgThreads), smem, stream,
-                      a);
+    if constexpr (std::is_invocable_v<decltype(kernel), MergeArgs>) {
+      return launch_pdl(kernel, dim3(static_cast<unsigned>(grid)), dim3(kMrgThreads), smem, stream,
+                        a);
+    } else {
+      return launch_pdl(kernel, dim3(static_cast<unsigned>(grid)), dim3(kMrgThreads), smem, stream,
+                        a, out_map);
+    }
   };
   // (B's rows in 16-byte runs: required above r = 64, else the 4-byte word loads)
   const bool b16 = rank % 8 == 0 && reinterpret_cast<uintptr_t>(lora_b) % 16 == 0;
@@ -1093,6 +1195,8 @@ cudaError_t nf4_dequantize_lora(const uint8_t* packed, const NF4Absmax& absmax, 
     auto pick = [&](auto nested_tag) -> cudaError_t {
       constexpr bool kN = decltype(nested_tag)::value;
       if (rank > 64) return launch(nf4_dequantize_lora_kernel<T, kN, 8, 32>, true);
+      if (tma)
+        return launch(nf4_dequantize_lora_kernel<T, kN, 1, 64, true, true>, true, kTmaSmemBytes);
       if (b16) {
         return rank <= 16   ? launch(nf4_dequantize_lora_kernel<T, kN, 1>, true)
                : rank <= 32 ? launch(nf4_dequantize_lora_kernel<T, kN, 2>, true)

@@ -227,6 +227,31 @@ def test_dequantize_lora_kernel(n, k, r, blocksize, double_quant, dtype):
     _check_merged(ours, base, a, b, s)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize(
+    "n,k,r",
+    [(200, 192, 16), (197, 320, 8), (4100, 1024, 16), (1, 64, 16), (2000, 1088, 8), (64, 128, 12)],
+)
+def test_dequantize_lora_versions_agree(n, k, r, double_quant, dtype, monkeypatch):
+    """Every numbered merged-dequantize version equals the default bit for bit (version 1: bulk
+    tensor stores at r <= 16, rows past the last full 16 dropped by the store; r = 12 stays on the
+    default path)."""
+    g = torch.Generator().manual_seed(7 * n + k + r)
+    w = (torch.randn(n, k, generator=g) * 0.05).to(dtype).cuda()
+    a = (torch.randn(r, k, generator=g) * k**-0.5).to(dtype).cuda()
+    b = (torch.randn(n, r, generator=g) * r**-0.5).to(dtype).cuda()
+    q = quantize_nf4(w, double_quant=double_quant)
+    args = (q.packed, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize, q.blocksize2, [n, k], a, b, 0.37)
+    expected = nf4_ops.nf4_dequantize_lora(*args)
+    monkeypatch.setattr(nf4_ops, "_MERGE_VARIANT", 1)
+    poison_cuda_cache()
+    got = nf4_ops.nf4_dequantize_lora(*args)
+    torch.cuda.synchronize()
+    assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+
+
 def _check_merged(ours, base, a, b, s):
     """ours = deq(W) + s B A rounded once to base's dtype: within half an ulp of the exact value
     (plus fp32 round-off), and equal to the reference except near rounding ties."""

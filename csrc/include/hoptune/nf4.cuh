@@ -48,9 +48,11 @@ cudaError_t nf4_dequantize(const uint8_t* packed, const NF4Absmax& absmax, int64
 //   out[i, j] = round(w[i, j] + scale * sum_r lora_b[i, r] * lora_a[r, j]),  w = nf4_dequantize's
 // output in dtype (bf16 or fp16); lora_a [rank, cols] and lora_b [rows, rank] contiguous in dtype,
 // 1 <= rank <= 256, cols % 64 == 0, packed and out 16-byte aligned.
+// `variant` selects a numbered kernel version (0: the default; others kept for measurement).
 cudaError_t nf4_dequantize_lora(const uint8_t* packed, const NF4Absmax& absmax, int64_t rows,
                                 int64_t cols, int blocksize, const void* lora_a, const void* lora_b,
-                                int rank, float scale, void* out, DType dtype, cudaStream_t stream);
+                                int rank, float scale, void* out, DType dtype, cudaStream_t stream,
+                                int variant = 0);
 
 // Small-M product with an NF4 weight [n, k] (row-major), for generation (1 <= m <= 32 rows):
 //   y[i, j] = round(sum_c x[i, c] w[j, c] + scale * sum_r xa[i, r] lora_b[j, r] + bias[j])
