@@ -10,6 +10,7 @@ import argparse
 import os
 import statistics
 import sys
+import time
 from functools import partial
 
 import torch
@@ -24,8 +25,8 @@ VARIANTS = (
     1,
 )  # csrc/kernels/nf4.cu: 0 the default, 1 the same kernel without programmatic dependent launch
 
-# merged dequantize versions (nf4_ops._MERGE_VARIANT): 0 the default, 1 bulk tensor stores at
-# r <= 16; timed at these ranks in alternating rounds
+# merged dequantize versions (nf4_ops._MERGE_VARIANT): 0 the default (bulk tensor stores at
+# r <= 16), 1 the previous row stores; timed at these ranks in alternating rounds
 MERGE_VARIANTS = (0, 1)
 MERGE_RANKS = (8, 16)
 MERGE_ROUNDS = 3
@@ -90,6 +91,32 @@ def measure(n: int, k: int, copy_tbps: float, bnbf) -> dict:
     return row
 
 
+def merge_host_us(calls: int = 2000, rounds: int = 5) -> dict:
+    """Host time per merged-dequantize call of each version (the op's whole call: checks, launch and,
+    in version 0, the bulk-store map) on a 256 x 256 weight at r = 16, calls queued back to back:
+    the median over rounds of the mean per call, in µs."""
+    q = quantize_nf4(torch.randn(256, 256, device="cuda", dtype=torch.bfloat16))
+    a = torch.randn(16, 256, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(256, 16, device="cuda", dtype=torch.bfloat16)
+    call = partial(nf4_ops.nf4_dequantize_lora, *_state(q), [256, 256], a, b, 2.0)
+    times = {v: [] for v in MERGE_VARIANTS}
+    for _ in range(rounds):
+        for v in MERGE_VARIANTS:
+            nf4_ops._MERGE_VARIANT = v
+            for _ in range(50):
+                call()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                call()
+            times[v].append((time.perf_counter() - t0) / calls * 1e6)
+            torch.cuda.synchronize()
+    nf4_ops._MERGE_VARIANT = 0
+    return {f"mv{v}_host_us": statistics.median(t) for v, t in times.items()} | {
+        f"mv{v}_host_rounds_us": t for v, t in times.items()
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/nf4_dequant.json")
@@ -105,7 +132,12 @@ def main() -> None:
         res["rows"].append(measure(n, k, res["copy_TBps"], bnbf))
         print(res["rows"][-1], flush=True)
         torch.cuda.empty_cache()
+    res["merge_host"] = merge_host_us()
     write_json(args.out, res)
+    print(
+        "merged dequantize, host time per call (µs):",
+        {k: round(v, 2) for k, v in res["merge_host"].items() if k.endswith("_us")},
+    )
     print(f"HBM copy rate {res['copy_TBps']:.2f} TB/s; kernel times from CUDA graph replay")
     print(table(res["rows"], ["N", "K", *[f"v{v}_frac_copy" for v in VARIANTS]]))
     print(

@@ -325,7 +325,12 @@ cudaError_t launch_dequantize(const uint8_t* packed, const NF4Absmax& am, int64_
 // before, ran at 0.21-0.27. With rank % 8 == 0 and B 16-byte aligned (kB16) a lane reads its B
 // values in 16-byte runs (8 at r <= 16) instead of 4-byte words, whole 32-byte sectors instead of
 // halves: r = 64 0.77-0.81x the time (176-181 registers), r = 40 0.80-0.85x, r = 32 0.96-0.99x,
-// r = 16 equal. Measured on the way there:
+// r = 16 equal. At r <= 16 with kB16 the block is now written to shared memory in the 128-byte
+// swizzle (16-byte chunk c of row r at c ^ (r % 8): the lanes' writes conflict-free) and leaves by
+// one bulk tensor store (TMA, a map per call) from lane 0, two blocks per warp in turn, so the
+// lanes issue no global stores: 1-3% faster than the row stores on the five weights at r = 8 and
+// 16, every round of three (15.2-15.4 against 15.5-15.7 µs at 4096 x 4096); the row stores remain
+// for other ranks below 16 and as variant 1. Measured on the way there:
 // - A contiguous run of 64 x 128 items per CTA, slab-major, so the resident CTAs wrote all over
 //   the weight: 0.49-0.58. ncu showed it issue-bound: 575 instructions per warp and item, half
 //   of them 64-bit index arithmetic, bounds branches and register moves; trimming those gave
@@ -1152,9 +1157,10 @@ cudaError_t nf4_dequantize_lora(const uint8_t* packed, const NF4Absmax& absmax, 
   const size_t at_bytes = static_cast<size_t>(kMrgCols) * (a.rank_pad / 2 + 4) * 4;
   // main: walkers warps per 64-column piece, as many as stay resident together (the last CTA's
   // spare warps exit); any: a run of items per resident CTA
-  // variant 1: at r <= 16 (B in 8-byte runs) each warp's block leaves by one bulk tensor store
+  // at r <= 16 with B in 8-byte runs each warp's block leaves by one bulk tensor store (1-3%
+  // faster than the staged row stores, which variant 1 keeps, on the five weights of TARGETS.md)
   CUtensorMap out_map{};
-  const bool tma = variant == 1 && rank <= 16 && rank % 8 == 0 &&
+  const bool tma = variant == 0 && rank <= 16 && rank % 8 == 0 &&
                    reinterpret_cast<uintptr_t>(lora_b) % 16 == 0 &&
                    block_store_map(&out_map, out, rows, cols, dtype);
   auto launch = [&](auto* kernel, bool main, size_t main_smem = kPairTableBytes) -> cudaError_t {
