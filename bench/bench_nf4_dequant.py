@@ -28,7 +28,7 @@ VARIANTS = (
 # merged dequantize versions (nf4_ops._MERGE_VARIANT): 0 the default (bulk tensor stores at
 # r <= 16), 1 the previous row stores; timed at these ranks in alternating rounds
 MERGE_VARIANTS = (0, 1)
-MERGE_RANKS = (8, 16)
+MERGE_RANKS = (8, 16, 32, 64)
 MERGE_ROUNDS = 3
 
 # weights [N, K]: the (K, N) pairs of TARGETS.md §1
@@ -136,7 +136,7 @@ def main() -> None:
     write_json(args.out, res)
     print(
         "merged dequantize, host time per call (µs):",
-        {k: round(v, 2) for k, v in res["merge_host"].items() if k.endswith("_us")},
+        {k: round(v, 2) for k, v in res["merge_host"].items() if k.endswith("host_us")},
     )
     print(f"HBM copy rate {res['copy_TBps']:.2f} TB/s; kernel times from CUDA graph replay")
     print(table(res["rows"], ["N", "K", *[f"v{v}_frac_copy" for v in VARIANTS]]))

@@ -95,6 +95,7 @@ def nf4_lora() -> None:
         (True, 128, 197, 320, torch.bfloat16),
         (False, 72, 2000, 1088, torch.float16),
         (True, 8, 300, 512, torch.bfloat16),
+        (True, 24, 300, 512, torch.float16),
         (False, 36, 300, 512, torch.bfloat16),
     ]
     for dq, r, n, k, dt in cases:

@@ -439,6 +439,7 @@ constexpr int kPairTableBytes = 256 * 32 * 8;
 constexpr int kTmaBlockBytes = 16 * 128;  // a warp's 16 x 64 block (bf16 / fp16) for a bulk store
 // dynamic shared memory with bulk stores: the pair table, 1024 bytes of alignment slack, two
 // blocks per warp
+constexpr int kTmaMaxRank = 64;  // ranks (multiples of 8) whose blocks leave by bulk stores
 constexpr int kTmaSmemBytes = kPairTableBytes + 1024 + kMrgThreads / 32 * 2 * kTmaBlockBytes;
 template <typename T, int kNT>
 __device__ __forceinline__ void merge_values_pairs(uint4 (&o)[kNT / 4], uint2 codes, float sc,
@@ -529,7 +530,7 @@ __global__ void __launch_bounds__(kMrgThreads, kRegSteps <= 2 ? 2 : 1)
     nf4_dequantize_lora_kernel(MergeArgs a, const __grid_constant__ CUtensorMap out_map) {
   static_assert(kCols == 64 || (kCols == 32 && kRegSteps > 1 && kB16),
                 "32-column pieces: direct stores, 16-byte B runs");
-  static_assert(!kTma || (kRegSteps == 1 && kCols == 64), "bulk stores: r <= 16, 64 columns");
+  static_assert(!kTma || (kCols == 64 && kB16), "bulk stores: 64 columns, B in runs");
   constexpr int kNT = kCols / 8;        // MMA n-tiles (8 columns each) per piece
   constexpr int kLaneCols = kCols / 4;  // consecutive columns per lane and row
   extern __shared__ uint32_t s_at[];    // here the pair table (kPairTableBytes; merge_values_pairs)
@@ -1160,7 +1161,7 @@ cudaError_t nf4_dequantize_lora(const uint8_t* packed, const NF4Absmax& absmax, 
   // at r <= 16 with B in 8-byte runs each warp's block leaves by one bulk tensor store (1-3%
   // faster than the staged row stores, which variant 1 keeps, on the five weights of TARGETS.md)
   CUtensorMap out_map{};
-  const bool tma = variant == 0 && rank <= 16 && rank % 8 == 0 &&
+  const bool tma = variant == 0 && rank <= kTmaMaxRank && rank % 8 == 0 &&
                    reinterpret_cast<uintptr_t>(lora_b) % 16 == 0 &&
                    block_store_map(&out_map, out, rows, cols, dtype);
   auto launch = [&](auto* kernel, bool main, size_t main_smem = kPairTableBytes) -> cudaError_t {
@@ -1201,8 +1202,14 @@ cudaError_t nf4_dequantize_lora(const uint8_t* packed, const NF4Absmax& absmax, 
     auto pick = [&](auto nested_tag) -> cudaError_t {
       constexpr bool kN = decltype(nested_tag)::value;
       if (rank > 64) return launch(nf4_dequantize_lora_kernel<T, kN, 8, 32>, true);
-      if (tma)
-        return launch(nf4_dequantize_lora_kernel<T, kN, 1, 64, true, true>, true, kTmaSmemBytes);
+      if (tma) {
+        return rank <= 16   ? launch(nf4_dequantize_lora_kernel<T, kN, 1, 64, true, true>, true,
+                                     kTmaSmemBytes)
+               : rank <= 32 ? launch(nf4_dequantize_lora_kernel<T, kN, 2, 64, true, true>, true,
+                                     kTmaSmemBytes)
+                            : launch(nf4_dequantize_lora_kernel<T, kN, 4, 64, true, true>, true,
+                                     kTmaSmemBytes);
+      }
       if (b16) {
         return rank <= 16   ? launch(nf4_dequantize_lora_kernel<T, kN, 1>, true)
                : rank <= 32 ? launch(nf4_dequantize_lora_kernel<T, kN, 2>, true)

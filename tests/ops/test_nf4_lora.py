@@ -232,12 +232,23 @@ def test_dequantize_lora_kernel(n, k, r, blocksize, double_quant, dtype):
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize(
     "n,k,r",
-    [(200, 192, 16), (197, 320, 8), (4100, 1024, 16), (1, 64, 16), (2000, 1088, 8), (64, 128, 12)],
+    [
+        (200, 192, 16),
+        (197, 320, 8),
+        (4100, 1024, 16),
+        (1, 64, 16),
+        (2000, 1088, 8),
+        (64, 128, 12),
+        (197, 320, 32),
+        (300, 512, 24),
+        (2000, 1088, 64),
+        (197, 320, 40),
+    ],
 )
 def test_dequantize_lora_versions_agree(n, k, r, double_quant, dtype, monkeypatch):
     """Every numbered merged-dequantize version equals the default bit for bit (the default's bulk
-    tensor stores at r <= 16 drop the rows past the weight's last; version 1 stores rows from
-    registers; r = 12 takes neither)."""
+    tensor stores at ranks up to 64 that are multiples of 8 drop the rows past the weight's last;
+    version 1 stores from registers; r = 12 takes neither)."""
     g = torch.Generator().manual_seed(7 * n + k + r)
     w = (torch.randn(n, k, generator=g) * 0.05).to(dtype).cuda()
     a = (torch.randn(r, k, generator=g) * k**-0.5).to(dtype).cuda()
