@@ -102,7 +102,7 @@ def nf4_lora() -> None:
         q = quantize_nf4(torch.randn(n, k, device="cuda", dtype=dt), double_quant=dq)
         a = torch.randn(r, k, device="cuda", dtype=dt)
         b = torch.randn(n, r, device="cuda", dtype=dt)
-        # every numbered version (at r <= 16, multiples of 8: 0 bulk tensor stores, 1 row stores)
+        # every numbered version (at ranks 8-32, multiples of 8: 0 bulk tensor stores, 1 the lanes')
         for v in range(2):
             nf4_ops._MERGE_VARIANT = v
             nf4_ops.nf4_dequantize_lora(

@@ -325,12 +325,13 @@ cudaError_t launch_dequantize(const uint8_t* packed, const NF4Absmax& am, int64_
 // before, ran at 0.21-0.27. With rank % 8 == 0 and B 16-byte aligned (kB16) a lane reads its B
 // values in 16-byte runs (8 at r <= 16) instead of 4-byte words, whole 32-byte sectors instead of
 // halves: r = 64 0.77-0.81x the time (176-181 registers), r = 40 0.80-0.85x, r = 32 0.96-0.99x,
-// r = 16 equal. At r <= 16 with kB16 the block is now written to shared memory in the 128-byte
-// swizzle (16-byte chunk c of row r at c ^ (r % 8): the lanes' writes conflict-free) and leaves by
-// one bulk tensor store (TMA, a map per call) from lane 0, two blocks per warp in turn, so the
-// lanes issue no global stores: 1-3% faster than the row stores on the five weights at r = 8 and
-// 16, every round of three (15.2-15.4 against 15.5-15.7 µs at 4096 x 4096); the row stores remain
-// for other ranks below 16 and as variant 1. Measured on the way there:
+// r = 16 equal. At ranks up to 32 with kB16 (kTma) the block is now written to shared memory in the
+// 128-byte swizzle (16-byte chunk c of row r at c ^ (r % 8): the lanes' writes conflict-free) and
+// leaves by one bulk tensor store (TMA, a map per call) from lane 0, two blocks per warp in turn,
+// so the lanes issue no global stores: on the five weights 1-2% faster than the staged row stores
+// at r = 8 and 16 (15.0-15.4 against 15.3-15.7 µs at 4096 x 4096) and 1-4.5% faster than the
+// direct stores at r = 32; at r = 64 equal within 0.6%, so it stays direct. The lanes' stores
+// remain for the other ranks and as variant 1. Measured on the way there:
 // - A contiguous run of 64 x 128 items per CTA, slab-major, so the resident CTAs wrote all over
 //   the weight: 0.49-0.58. ncu showed it issue-bound: 575 instructions per warp and item, half
 //   of them 64-bit index arithmetic, bounds branches and register moves; trimming those gave
@@ -437,9 +438,11 @@ __device__ __forceinline__ void merge_values(uint4 (&o)[2], uint2 codes, float s
 // from the 4 bytes of codes.x.
 constexpr int kPairTableBytes = 256 * 32 * 8;
 constexpr int kTmaBlockBytes = 16 * 128;  // a warp's 16 x 64 block (bf16 / fp16) for a bulk store
+// ranks (multiples of 8) whose blocks leave by bulk stores: 1-4.5% faster than the lanes' stores
+// at r = 8-32; at r = 64 (one CTA per SM) equal within 0.6%, so it keeps its direct stores
+constexpr int kTmaMaxRank = 32;
 // dynamic shared memory with bulk stores: the pair table, 1024 bytes of alignment slack, two
 // blocks per warp
-constexpr int kTmaMaxRank = 64;  // ranks (multiples of 8) whose blocks leave by bulk stores
 constexpr int kTmaSmemBytes = kPairTableBytes + 1024 + kMrgThreads / 32 * 2 * kTmaBlockBytes;
 template <typename T, int kNT>
 __device__ __forceinline__ void merge_values_pairs(uint4 (&o)[kNT / 4], uint2 codes, float sc,
@@ -1158,8 +1161,8 @@ cudaError_t nf4_dequantize_lora(const uint8_t* packed, const NF4Absmax& absmax, 
   const size_t at_bytes = static_cast<size_t>(kMrgCols) * (a.rank_pad / 2 + 4) * 4;
   // main: walkers warps per 64-column piece, as many as stay resident together (the last CTA's
   // spare warps exit); any: a run of items per resident CTA
-  // at r <= 16 with B in 8-byte runs each warp's block leaves by one bulk tensor store (1-3%
-  // faster than the staged row stores, which variant 1 keeps, on the five weights of TARGETS.md)
+  // at ranks up to kTmaMaxRank with B in runs each warp's block leaves by one bulk tensor store
+  // (variant 1 keeps the lanes' stores: staged rows at r <= 16, direct above)
   CUtensorMap out_map{};
   const bool tma = variant == 0 && rank <= kTmaMaxRank && rank % 8 == 0 &&
                    reinterpret_cast<uintptr_t>(lora_b) % 16 == 0 &&
@@ -1203,12 +1206,10 @@ cudaError_t nf4_dequantize_lora(const uint8_t* packed, const NF4Absmax& absmax, 
       constexpr bool kN = decltype(nested_tag)::value;
       if (rank > 64) return launch(nf4_dequantize_lora_kernel<T, kN, 8, 32>, true);
       if (tma) {
-        return rank <= 16   ? launch(nf4_dequantize_lora_kernel<T, kN, 1, 64, true, true>, true,
-                                     kTmaSmemBytes)
-               : rank <= 32 ? launch(nf4_dequantize_lora_kernel<T, kN, 2, 64, true, true>, true,
-                                     kTmaSmemBytes)
-                            : launch(nf4_dequantize_lora_kernel<T, kN, 4, 64, true, true>, true,
-                                     kTmaSmemBytes);
+        return rank <= 16 ? launch(nf4_dequantize_lora_kernel<T, kN, 1, 64, true, true>, true,
+                                   kTmaSmemBytes)
+                          : launch(nf4_dequantize_lora_kernel<T, kN, 2, 64, true, true>, true,
+                                   kTmaSmemBytes);
       }
       if (b16) {
         return rank <= 16   ? launch(nf4_dequantize_lora_kernel<T, kN, 1>, true)

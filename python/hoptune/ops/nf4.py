@@ -21,7 +21,7 @@ QUANT_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 # launch (bf16 output, nested absmax; for bench/bench_nf4_dequant.py).
 _DEQUANT_VARIANT = 0
 # Merged dequantize (nf4_dequantize_lora) kernel version: 0 the default, 1 the same kernel with
-# the previous stores at ranks up to 64 that are multiples of 8: each warp's 16 x 64 block leaves
+# the previous stores at ranks up to 32 that are multiples of 8: each warp's 16 x 64 block leaves
 # from the lanes' registers instead of by one bulk tensor store (TMA); for
 # bench/bench_nf4_dequant.py.
 _MERGE_VARIANT = 0
