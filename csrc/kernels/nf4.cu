@@ -314,24 +314,24 @@ cudaError_t launch_dequantize(const uint8_t* packed, const NF4Absmax& am, int64_
 // fragments from global memory once and keeps them in registers (no shared-memory staging, no
 // barrier). A lane prefetches the next block's codes, absmax and B fragments before it computes the
 // current one; rows past the weight's edge are clamped for the loads and not stored, so the loop
-// has no branches around its loads. At r <= 16 a warp's finished block goes through shared memory
-// (rows 144 bytes apart) and each lane stores 16 bytes of row 4 j + lane / 8, so one store
-// instruction writes four whole 128-byte rows; storing straight from the MMA layout writes half of
-// every 32-byte sector of eight rows, and the warps stalled on the stores (a build without stores
-// ran 1.66x faster). At r = 32 (128 registers) the staging was 1-3% slower and the stores stay
-// direct. On an H200 at r = 16 this runs at 0.64-0.74 of the copy rate (the plain dequantize:
-// 0.77-0.92). Ranks 33-64 (A's fragments in 64 registers) build with 254 registers, one CTA per SM:
-// 0.35-0.47 of the copy rate at r = 64, where the general kernel below, which took those ranks
-// before, ran at 0.21-0.27. With rank % 8 == 0 and B 16-byte aligned (kB16) a lane reads its B
-// values in 16-byte runs (8 at r <= 16) instead of 4-byte words, whole 32-byte sectors instead of
-// halves: r = 64 0.77-0.81x the time (176-181 registers), r = 40 0.80-0.85x, r = 32 0.96-0.99x,
-// r = 16 equal. At ranks up to 32 with kB16 (kTma) the block is now written to shared memory in the
-// 128-byte swizzle (16-byte chunk c of row r at c ^ (r % 8): the lanes' writes conflict-free) and
-// leaves by one bulk tensor store (TMA, a map per call) from lane 0, two blocks per warp in turn,
-// so the lanes issue no global stores: on the five weights 1-2% faster than the staged row stores
-// at r = 8 and 16 (15.0-15.4 against 15.3-15.7 µs at 4096 x 4096) and 1-4.5% faster than the
-// direct stores at r = 32; at r = 64 equal within 0.6%, so it stays direct. The lanes' stores
-// remain for the other ranks and as variant 1. Measured on the way there:
+// has no branches around its loads. At r <= 16 without the bulk stores (below) a warp's finished
+// block goes through shared memory (rows 144 bytes apart) and each lane stores 16 bytes of row 4 j
+// + lane / 8, so one store instruction writes four whole 128-byte rows; storing straight from the
+// MMA layout writes half of every 32-byte sector of eight rows, and the warps stalled on the stores
+// (a build without stores ran 1.66x faster). At r = 32 (128 registers) the staging was 1-3% slower
+// and the stores stay direct. On an H200 at r = 16 this runs at 0.64-0.74 of the copy rate (the
+// plain dequantize: 0.77-0.92). Ranks 33-64 (A's fragments in 64 registers) build with 254
+// registers, one CTA per SM: 0.35-0.47 of the copy rate at r = 64, where the general kernel below,
+// which took those ranks before, ran at 0.21-0.27. With rank % 8 == 0 and B 16-byte aligned (kB16)
+// a lane reads its B values in 16-byte runs (8 at r <= 16) instead of 4-byte words, whole 32-byte
+// sectors instead of halves: r = 64 0.77-0.81x the time (176-181 registers), r = 40 0.80-0.85x, r =
+// 32 0.96-0.99x, r = 16 equal. At ranks up to 32 with kB16 (kTma) the block is now written to
+// shared memory in the 128-byte swizzle (16-byte chunk c of row r at c ^ (r % 8): the lanes' writes
+// conflict-free) and leaves by one bulk tensor store (TMA, a map per call) from lane 0, two blocks
+// per warp in turn, so the lanes issue no global stores: on the five weights 0.4-2% faster than the
+// staged row stores at r = 8 and 16 (15.17-15.21 against 15.47-15.48 µs at 4096 x 4096, r = 16) and
+// 1-4.3% faster than the direct stores at r = 32; at r = 64 within 0.7%, so it stays direct. The
+// lanes' stores remain for the other ranks and as variant 1. Measured on the way there:
 // - A contiguous run of 64 x 128 items per CTA, slab-major, so the resident CTAs wrote all over
 //   the weight: 0.49-0.58. ncu showed it issue-bound: 575 instructions per warp and item, half
 //   of them 64-bit index arithmetic, bounds branches and register moves; trimming those gave
@@ -438,8 +438,9 @@ __device__ __forceinline__ void merge_values(uint4 (&o)[2], uint2 codes, float s
 // from the 4 bytes of codes.x.
 constexpr int kPairTableBytes = 256 * 32 * 8;
 constexpr int kTmaBlockBytes = 16 * 128;  // a warp's 16 x 64 block (bf16 / fp16) for a bulk store
-// ranks (multiples of 8) whose blocks leave by bulk stores: 1-4.5% faster than the lanes' stores
-// at r = 8-32; at r = 64 (one CTA per SM) equal within 0.6%, so it keeps its direct stores
+// ranks (multiples of 8) whose blocks leave by bulk stores: 0.4-4.3% faster than the lanes' stores
+// at r = 8-32; at r = 64 (one CTA per SM) within 0.7% (slower on four of five weights), so it
+// keeps its direct stores
 constexpr int kTmaMaxRank = 32;
 // dynamic shared memory with bulk stores: the pair table, 1024 bytes of alignment slack, two
 // blocks per warp
