@@ -9,8 +9,6 @@
 //
 // Quantize runs once per weight at load time: one warp per quant block, two passes over the
 // block (max, then codes); the second pass re-reads from L1.
-#include <cuda.h>  // CUtensorMap (types only: the encoder is found at run time)
-#include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <algorithm>
@@ -19,6 +17,7 @@
 #include "hoptune/common/dispatch.h"
 #include "hoptune/common/mma.cuh"
 #include "hoptune/common/occupancy.h"
+#include "hoptune/common/tma.cuh"
 #include "hoptune/nf4.cuh"
 
 namespace hoptune {
@@ -40,30 +39,6 @@ constexpr int kDequantThreads = 256;
 __device__ __forceinline__ void pdl_begin() {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   asm volatile("griddepcontrol.wait;" ::: "memory");
-}
-
-// Bulk tensor stores (TMA) from shared memory, one bulk group per store, issued by one thread.
-__device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, const void* smem, int c0,
-                                             int r0) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile(
-      "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];\n"
-      "cp.async.bulk.commit_group;" ::"l"(map),
-      "r"(s), "r"(c0), "r"(r0)
-      : "memory");
-}
-// Wait until at most N of this thread's bulk groups still read their shared memory.
-template <int N>
-__device__ __forceinline__ void tma_wait_read() {
-  asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(N) : "memory");
-}
-// Wait until all of this thread's bulk groups are complete (their writes done).
-__device__ __forceinline__ void tma_wait_all() {
-  asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
-}
-// Make this thread's shared-memory writes visible to the bulk copies (the async proxy).
-__device__ __forceinline__ void fence_async_shared() {
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 }
 
 // Write 8 decoded values (one 16-byte store for bf16/fp16, two for fp32).
@@ -1093,40 +1068,6 @@ cudaError_t nf4_dequantize(const uint8_t* packed, const NF4Absmax& absmax, int64
   return launch_dequantize<4, 4, 256, true>(packed, absmax, n, blocksize, out, out_dtype, stream);
 }
 
-// The driver's tensor-map encoder, found at run time (the wheel links no driver library); null
-// where the driver has none.
-PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault,
-                                         &found) != cudaSuccess ||
-        found != cudaDriverEntryPointSuccess) {
-      cudaGetLastError();
-      f = nullptr;
-    }
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
-  }();
-  return fn;
-}
-
-// The map of a row-major [rows, cols] 16-bit matrix for bulk stores of 16 x 64 blocks from
-// shared memory in the 128-byte swizzle; false if it cannot be made.
-bool block_store_map(CUtensorMap* map, void* out, int64_t rows, int64_t cols, DType dtype) {
-  const auto encode = tensor_map_encoder();
-  if (encode == nullptr || rows >= (int64_t{1} << 31) || cols >= (int64_t{1} << 31)) return false;
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(cols) * 2};
-  const cuuint32_t box[2] = {kPieceCols, kPieceRows};
-  const cuuint32_t elem[2] = {1, 1};
-  return encode(map,
-                dtype == DType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-                                          : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-                2, out, dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-}
-
 cudaError_t nf4_dequantize_lora(const uint8_t* packed, const NF4Absmax& absmax, int64_t rows,
                                 int64_t cols, int blocksize, const void* lora_a, const void* lora_b,
                                 int rank, float scale, void* out, DType dtype, cudaStream_t stream,
@@ -1167,7 +1108,8 @@ cudaError_t nf4_dequantize_lora(const uint8_t* packed, const NF4Absmax& absmax, 
   CUtensorMap out_map{};
   const bool tma = variant == 0 && rank <= kTmaMaxRank && rank % 8 == 0 &&
                    reinterpret_cast<uintptr_t>(lora_b) % 16 == 0 &&
-                   block_store_map(&out_map, out, rows, cols, dtype);
+                   tensor_map_2d(&out_map, out, rows, cols, cols, dtype == DType::kBFloat16,
+                                 kPieceRows, kPieceCols);
   auto launch = [&](auto* kernel, bool main, size_t main_smem = kPairTableBytes) -> cudaError_t {
     // (the main kernel reads A from global memory; its shared memory is the pair table, and with
     // bulk stores the staging blocks)
