@@ -31,7 +31,6 @@ import contextlib
 import copy
 import math
 import os
-import statistics
 import sys
 from unittest import mock
 
@@ -56,11 +55,6 @@ from hoptune.ops import gemm, nf4_lora_linear
 from hoptune.ops import nf4 as nf4_ops
 from hoptune.ops import nf4_lora as nf4_lora_ops
 from hoptune.quant import quantize_nf4
-
-# lora_dy_pass versions (0 the default: dY's tiles by bulk tensor loads at r <= 32; 1 copied by
-# the threads), timed in alternating rounds in the dy_pass section
-DY_PASS_VARIANTS = (0, 1)
-DY_PASS_ROUNDS = 3
 
 FWD_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672)]  # (K, N)
 LAYER_SHAPES = [(4096, 4096), (4096, 14336), (8192, 28672)]
@@ -426,16 +420,6 @@ def dy_pass_rows() -> list[dict]:
             xa = torch.randn(m, r, device=dev, dtype=torch.bfloat16)
             row = {"M": m, "N": n, "r": r}
             row["dev_dy_pass_ms"] = device_ms(lambda: nf4_lora_ops.dy_pass_kernel(g, b, xa, 2.0))
-            # the kernel's versions (nf4_lora_ops._DY_PASS_VARIANT) in alternating rounds
-            rounds = {v: [] for v in DY_PASS_VARIANTS}
-            for _ in range(DY_PASS_ROUNDS):
-                for v in DY_PASS_VARIANTS:
-                    nf4_lora_ops._DY_PASS_VARIANT = v
-                    rounds[v].append(device_ms(lambda: nf4_lora_ops.dy_pass_kernel(g, b, xa, 2.0)))
-            nf4_lora_ops._DY_PASS_VARIANT = 0
-            for v in DY_PASS_VARIANTS:
-                row[f"dev_dy_pass_v{v}_rounds_ms"] = rounds[v]
-                row[f"dev_dy_pass_v{v}_ms"] = statistics.median(rounds[v])
             row["dev_cublas_pair_ms"] = device_ms(
                 lambda: (nf4_lora_ops._mm_scaled(g, b, 2.0, True), g.t() @ xa)
             )
@@ -559,17 +543,7 @@ def main() -> None:
             "q_ours_over_bf16_frozen",
             "dev_ratio",
         ],
-        "dy_pass": [
-            "N",
-            "r",
-            "dev_dy_pass_ms",
-            "dev_dy_pass_v0_ms",
-            "dev_dy_pass_v1_ms",
-            "dev_cublas_pair_ms",
-            "ratio",
-            "dy_pass_TBps",
-            "used",
-        ],
+        "dy_pass": ["N", "r", "dev_dy_pass_ms", "dev_cublas_pair_ms", "ratio", "dy_pass_TBps", "used"],
         "rank_paths": ["K", "N", "r", "merged_by_default"]
         + [f"{w}_{p}_covered" for w in ("layer", "fwd") for p in ("default", "merged", "unmerged")],
     }

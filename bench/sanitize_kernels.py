@@ -134,22 +134,15 @@ def nf4_lora() -> None:
     # the one-pass dY kernel of the backward: every rank, a row tail, strided dY, one chunk
     from hoptune.ops import nf4_lora as nf4_lora_ops
 
-    # (each version: 0 dY's tiles by bulk tensor loads at r <= 32, 1 copied by the threads)
-    for v in range(2):
-        nf4_lora_ops._DY_PASS_VARIANT = v
-        for m, n, r, dt in [
-            (1, 64, 8, torch.bfloat16),
-            (77, 320, 16, torch.float16),
-            (300, 192, 32, torch.bfloat16),
-        ]:
-            dy = torch.randn(m, n + 8, device="cuda", dtype=dt)[:, :n]
-            nf4_lora_ops.dy_pass_kernel(
-                dy,
-                torch.randn(n, r, device="cuda", dtype=dt),
-                torch.randn(m, r, device="cuda", dtype=dt),
-                0.5,
-            )
-    nf4_lora_ops._DY_PASS_VARIANT = 0
+    for m, n, r, dt in [
+        (1, 64, 8, torch.bfloat16),
+        (77, 320, 16, torch.float16),
+        (300, 192, 32, torch.bfloat16),
+    ]:
+        dy = torch.randn(m, n + 8, device="cuda", dtype=dt)[:, :n]
+        nf4_lora_ops.dy_pass_kernel(
+            dy, torch.randn(n, r, device="cuda", dtype=dt), torch.randn(m, r, device="cuda", dtype=dt), 0.5
+        )
     dy = torch.randn(130, 128, device="cuda", dtype=torch.float16)
     nf4_lora_ops.dy_pass_kernel(
         dy,

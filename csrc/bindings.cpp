@@ -173,17 +173,16 @@ PYBIND11_MODULE(_C, m) {
       "lora_dy_pass",
       [](uintptr_t dy, int64_t ldy, int64_t rows, int64_t n, uintptr_t lora_b, uintptr_t xa,
          int rank, float scale, uintptr_t workspace, uintptr_t dxa, uintptr_t db, int dtype,
-         uintptr_t stream, int variant) {
+         uintptr_t stream) {
         check(hoptune::lora_dy_pass(ptr<const void*>(dy), ldy, rows, n, ptr<const void*>(lora_b),
                                     ptr<const void*>(xa), rank, scale, ptr<float*>(workspace),
                                     ptr<void*>(dxa), ptr<void*>(db), static_cast<DType>(dtype),
-                                    stream_of(stream), variant),
+                                    stream_of(stream)),
               "lora_dy_pass");
       },
       py::arg("dy"), py::arg("ldy"), py::arg("rows"), py::arg("n"), py::arg("lora_b"),
       py::arg("xa"), py::arg("rank"), py::arg("scale"), py::arg("workspace"), py::arg("dxa"),
-      py::arg("db"), py::arg("dtype"), py::arg("stream"), py::arg("variant") = 0,
-      py::call_guard<py::gil_scoped_release>());
+      py::arg("db"), py::arg("dtype"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
 
   m.def(
       "nf4_quantize",

@@ -13,9 +13,7 @@
 // end; a second kernel rounds them to the outputs. The reductions grow with the rank and shrink
 // with the rows a CTA covers: on an H200 (M = 8192, N = 4096-28672), kRb * r = 128 rather than
 // 64, with the grid sized to the resident CTAs, took 3-11% off at r = 16 and 19-27% at r = 32
-// (r = 8 was slower so). At r <= 32 each dY tile now arrives by one bulk tensor load (TMA, a map
-// per call, the 128-byte swizzle being swizzled<8>'s layout) awaited on a per-stage mbarrier,
-// instead of 32 16-byte copies per thread group (variant 1 keeps those).
+// (r = 8 was slower so).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -24,7 +22,6 @@
 #include "hoptune/common/dispatch.h"
 #include "hoptune/common/mma.cuh"
 #include "hoptune/common/occupancy.h"
-#include "hoptune/common/tma.cuh"
 #include "hoptune/lora.cuh"
 
 namespace hoptune {
@@ -78,30 +75,16 @@ struct DyPassArgs {
   int chunks;      // 64-column chunks per CTA
 };
 
-// Shared memory of the kernel: kStages dY tiles, kStages chunks of B, the CTA's rows of xa, and
-// with bulk loads (kTma) 1024 bytes of alignment slack and one mbarrier per stage.
-template <int kR8, bool kTma>
-constexpr size_t dy_pass_smem() {
-  return static_cast<size_t>(kStages) * (kTile * kTile * 2 + kTile * 8 * kR8 * 2) +
-         row_blocks(kR8) * kTile * 8 * kR8 * 2 + (kTma ? 1024 + 8 * kStages : 0);
-}
-
-// kTma: each dY tile arrives by one bulk tensor load (dy_map, 64 x 64 boxes in the 128-byte
-// swizzle, which is swizzled<8>'s layout), issued by thread 0 and awaited on the stage's
-// mbarrier; rows past m come as zeros. Otherwise the threads copy it in 16-byte pieces.
-template <typename T, int kR8, bool kTma>
-__global__ void __launch_bounds__(kThreads)
-    lora_dy_pass_kernel(DyPassArgs a, const __grid_constant__ CUtensorMap dy_map) {
+template <typename T, int kR8>
+__global__ void __launch_bounds__(kThreads) lora_dy_pass_kernel(DyPassArgs a) {
   constexpr int kRank = 8 * kR8;
   constexpr int kRb = row_blocks(kR8);
   constexpr int kRows = kRb * kTile;
   constexpr uint32_t kXBytes = kTile * kTile * 2, kBBytes = kTile * kRank * 2;
   extern __shared__ __align__(128) unsigned char smem[];
-  const uint32_t base = smem_addr(smem);
-  const uint32_t xs = kTma ? (base + 1023u) & ~1023u : base;  // kStages dY tiles
-  const uint32_t bs = xs + kStages * kXBytes;                 // kStages chunks of B
-  const uint32_t qs = bs + kStages * kBBytes;                 // the CTA's rows of xa
-  const uint32_t bars = qs + kRows * kRank * 2;               // kTma: an mbarrier per stage
+  const uint32_t xs = smem_addr(smem);         // kStages dY tiles
+  const uint32_t bs = xs + kStages * kXBytes;  // kStages chunks of B
+  const uint32_t qs = bs + kStages * kBBytes;  // the CTA's rows of xa
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kRows;
@@ -118,23 +101,12 @@ __global__ void __launch_bounds__(kThreads)
     const int lc = t / kRb, rb = t % kRb, slot = t % kStages;
     const int64_t col = (chunk0 + lc) * kTile;
     const int64_t row0 = m0 + rb * kTile;
-    if constexpr (kTma) {
-      if (tid == 0) {  // (a block wholly past m is neither loaded nor computed: a bare arrival)
-        const bool live = row0 < a.m;
-        mbar_arrive_expect_tx(bars + 8 * slot, live ? kXBytes : 0u);
-        if (live) {
-          tma_load_2d(xs + slot * kXBytes, &dy_map, bars + 8 * slot, static_cast<int>(col),
-                      static_cast<int>(row0));
-        }
-      }
-    } else {
 #pragma unroll
-      for (int i = 0; i < kTile * 8 / kThreads; ++i) {
-        const int idx = tid + i * kThreads, r = idx >> 3, ch = idx & 7;
-        const bool ok = row0 + r < a.m;
-        const T* src = dy + (ok ? (row0 + r) * a.ldy + col + ch * 8 : 0);
-        cp_async_16(xs + slot * kXBytes + swizzled<8>(r, ch), src, ok);
-      }
+    for (int i = 0; i < kTile * 8 / kThreads; ++i) {
+      const int idx = tid + i * kThreads, r = idx >> 3, ch = idx & 7;
+      const bool ok = row0 + r < a.m;
+      const T* src = dy + (ok ? (row0 + r) * a.ldy + col + ch * 8 : 0);
+      cp_async_16(xs + slot * kXBytes + swizzled<8>(r, ch), src, ok);
     }
     if (rb == 0) {
       const int bslot = lc % kStages;
@@ -146,12 +118,6 @@ __global__ void __launch_bounds__(kThreads)
     }
   };
 
-  if constexpr (kTma) {
-    if (tid == 0) {
-      for (int s = 0; s < kStages; ++s) mbar_init(bars + 8 * s, 1);
-    }
-    __syncthreads();  // (the barriers initialized before any thread waits on them)
-  }
   // xa's rows for the whole CTA, with the first group
   for (int idx = tid; idx < kRows * kR8; idx += kThreads) {
     const int r = idx / kR8, ch = idx % kR8;
@@ -183,15 +149,13 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();  // tile t has landed for every thread; slot (t - 1) % kStages is free
     if (t + kStages - 1 < tiles) issue(t + kStages - 1);
     cp_async_commit();
-    if constexpr (kTma) mbar_wait(bars + 8 * (t % kStages), (t / kStages) & 1);
 
     const int lc = t / kRb, rb_t = t % kRb;
     const uint32_t x_tile = xs + (t % kStages) * kXBytes;
     const uint32_t b_tile = bs + (lc % kStages) * kBBytes;
-    const bool live = !kTma || m0 + rb_t * kTile < a.m;
 #pragma unroll
     for (int rb = 0; rb < kRb; ++rb) {
-      if (rb != rb_t || !live) continue;  // (a static index into acc_x keeps it in registers)
+      if (rb != rb_t) continue;  // (a static index into acc_x keeps it in registers)
 #pragma unroll
       for (int ks = 0; ks < kTile / 16; ++ks) {
         // dxa: rows 16 warp .. +15 of the tile times B's rows 16 ks .. +15 (the tile's columns)
@@ -254,13 +218,14 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-template <typename T, int kR8, bool kTma>
-cudaError_t launch_dy_pass(const DyPassArgs& base, const CUtensorMap& dy_map, float scale,
-                           void* dxa, void* db, cudaStream_t stream) {
+template <typename T, int kR8>
+cudaError_t launch_dy_pass(const DyPassArgs& base, float scale, void* dxa, void* db,
+                           cudaStream_t stream) {
   constexpr int kRb = row_blocks(kR8);
   constexpr int kRank = 8 * kR8;
-  constexpr size_t smem = dy_pass_smem<kR8, kTma>();
-  auto* kernel = lora_dy_pass_kernel<T, kR8, kTma>;
+  const size_t smem = static_cast<size_t>(kStages) * (kTile * kTile * 2 + kTile * kRank * 2) +
+                      kRb * kTile * kRank * 2;
+  auto* kernel = lora_dy_pass_kernel<T, kR8>;
   if (smem > 48 * 1024) {
     HOPTUNE_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(smem)));
@@ -276,7 +241,7 @@ cudaError_t launch_dy_pass(const DyPassArgs& base, const CUtensorMap& dy_map, fl
   const int64_t col_ctas = (chunks + a.chunks - 1) / a.chunks;
   if (row_ctas > 0x7fffffff || col_ctas > 65535) return cudaErrorInvalidConfiguration;
   kernel<<<dim3(static_cast<unsigned>(row_ctas), static_cast<unsigned>(col_ctas)), kThreads, smem,
-           stream>>>(a, dy_map);
+           stream>>>(a);
   HOPTUNE_CUDA_TRY(cudaGetLastError());
   const int64_t total = (a.m + a.n) * kRank;
   const int64_t grid =
@@ -290,7 +255,7 @@ cudaError_t launch_dy_pass(const DyPassArgs& base, const CUtensorMap& dy_map, fl
 
 cudaError_t lora_dy_pass(const void* dy, int64_t ldy, int64_t m, int64_t n, const void* lora_b,
                          const void* xa, int rank, float scale, float* workspace, void* dxa,
-                         void* db, DType dtype, cudaStream_t stream, int variant) {
+                         void* db, DType dtype, cudaStream_t stream) {
   HOPTUNE_REQUIRE(dy != nullptr && lora_b != nullptr && xa != nullptr && workspace != nullptr &&
                   dxa != nullptr && db != nullptr);
   HOPTUNE_REQUIRE(m >= 1 && n >= kTile && n % kTile == 0 && ldy >= n && ldy % 8 == 0);
@@ -300,23 +265,16 @@ cudaError_t lora_dy_pass(const void* dy, int64_t ldy, int64_t m, int64_t n, cons
   for (const void* p : ptrs) HOPTUNE_REQUIRE(reinterpret_cast<uintptr_t>(p) % 16 == 0);
   HOPTUNE_CUDA_TRY(cudaMemsetAsync(workspace, 0, static_cast<size_t>(m + n) * rank * 4, stream));
   const DyPassArgs a{dy, ldy, m, n, lora_b, xa, workspace, workspace + m * rank, /*chunks=*/1};
-  // variant 0 at r <= 32: dY's tiles by bulk tensor loads (where the map can be made)
-  CUtensorMap dy_map{};
-  const bool tma = variant == 0 && rank <= 32 &&
-                   tensor_map_2d(&dy_map, dy, m, n, ldy, dtype == DType::kBFloat16, kTile, kTile);
   return HOPTUNE_DISPATCH_HALF(dtype, T, [&]() -> cudaError_t {
     switch (rank) {
       case 8:
-        return tma ? launch_dy_pass<T, 1, true>(a, dy_map, scale, dxa, db, stream)
-                   : launch_dy_pass<T, 1, false>(a, dy_map, scale, dxa, db, stream);
+        return launch_dy_pass<T, 1>(a, scale, dxa, db, stream);
       case 16:
-        return tma ? launch_dy_pass<T, 2, true>(a, dy_map, scale, dxa, db, stream)
-                   : launch_dy_pass<T, 2, false>(a, dy_map, scale, dxa, db, stream);
+        return launch_dy_pass<T, 2>(a, scale, dxa, db, stream);
       case 32:
-        return tma ? launch_dy_pass<T, 4, true>(a, dy_map, scale, dxa, db, stream)
-                   : launch_dy_pass<T, 4, false>(a, dy_map, scale, dxa, db, stream);
+        return launch_dy_pass<T, 4>(a, scale, dxa, db, stream);
       default:
-        return launch_dy_pass<T, 8, false>(a, dy_map, scale, dxa, db, stream);
+        return launch_dy_pass<T, 8>(a, scale, dxa, db, stream);
     }
   });
 }

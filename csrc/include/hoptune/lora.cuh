@@ -16,10 +16,9 @@ namespace hoptune {
 // lora_b [n, rank], xa [m, rank], dxa and db contiguous; every pointer 16-byte aligned;
 // rank in {8, 16, 32, 64}; n % 64 == 0; m >= 1. workspace: fp32 [(m + n) * rank], overwritten.
 // Sums are reduced across CTAs with fp32 atomics, so their order (and a last bit) may vary
-// between runs. `variant` selects a numbered kernel version (0: the default; 1: dY's tiles copied
-// by the threads instead of bulk tensor loads, kept for measurement).
+// between runs.
 cudaError_t lora_dy_pass(const void* dy, int64_t ldy, int64_t m, int64_t n, const void* lora_b,
                          const void* xa, int rank, float scale, float* workspace, void* dxa,
-                         void* db, DType dtype, cudaStream_t stream, int variant = 0);
+                         void* db, DType dtype, cudaStream_t stream);
 
 }  // namespace hoptune

@@ -148,9 +148,6 @@ MERGED_DX_MAX_N_PER_ROW = 2.0
 # for N >= 14336, 1.08x at N = 4096; r = 64 1.58-1.70x.
 DY_PASS_RANKS = (8, 16, 32, 64)
 DY_PASS_MIN_N = {8: 64, 16: 64, 32: 8192}
-# lora_dy_pass kernel version: 0 the default (dY's tiles by bulk tensor loads at r <= 32), 1 the
-# tiles copied by the threads (for bench/bench_nf4_lora.py, dy_pass).
-_DY_PASS_VARIANT = 0
 
 
 def _dy_pass_runs(g2: torch.Tensor, lora_B: torch.Tensor) -> bool:
@@ -198,7 +195,6 @@ def dy_pass_kernel(
         db.data_ptr(),
         _lib.DTYPE_CODES[g2.dtype],
         _lib.stream(g2),
-        _DY_PASS_VARIANT,
     )
     return dxa, db
 

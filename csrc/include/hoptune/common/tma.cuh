@@ -1,6 +1,6 @@
 // Tensor memory accelerator (TMA, sm_90) helpers: 2-D tensor maps made on the host through the
-// driver entry point the runtime hands out (so the library links no driver library), bulk tensor
-// loads completing on an mbarrier, and bulk tensor stores from shared memory.
+// driver entry point the runtime hands out (so the library links no driver library), and bulk
+// tensor stores from shared memory.
 #pragma once
 #ifdef __CUDACC__
 #include <cuda.h>  // CUtensorMap and its enums (types only)
@@ -69,40 +69,6 @@ __device__ __forceinline__ void tma_wait_all() {
 // Make this thread's shared-memory writes visible to the bulk copies (the async proxy).
 __device__ __forceinline__ void fence_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-}
-
-// An mbarrier in shared memory (8 bytes, 8-byte aligned) expecting `count` arrivals per phase;
-// the CTA synchronizes before its first use.
-__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
-  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-}
-// One arrival that also expects `bytes` more to land in this phase (by bulk loads).
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
-               : "memory");
-}
-// Wait until the phase of parity `parity` has completed.
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  asm volatile(
-      "{\n"
-      ".reg .pred done;\n"
-      "MBAR_WAIT_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra MBAR_WAIT_%=;\n"
-      "}" ::"r"(bar),
-      "r"(parity)
-      : "memory");
-}
-// Bulk tensor load of the box at (column c0, row r0) into shared memory at dst (1024-byte
-// aligned), its bytes counted on the mbarrier bar.
-__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, uint32_t bar,
-                                            int c0, int r0) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, "
-      "%4}], [%2];" ::"r"(dst),
-      "l"(map), "r"(bar), "r"(c0), "r"(r0)
-      : "memory");
 }
 
 }  // namespace hoptune
