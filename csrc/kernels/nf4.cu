@@ -294,19 +294,20 @@ cudaError_t launch_dequantize(const uint8_t* packed, const NF4Absmax& am, int64_
 // + lane / 8, so one store instruction writes four whole 128-byte rows; storing straight from the
 // MMA layout writes half of every 32-byte sector of eight rows, and the warps stalled on the stores
 // (a build without stores ran 1.66x faster). At r = 32 (128 registers) the staging was 1-3% slower
-// and the stores stay direct. On an H200 at r = 16 this runs at 0.64-0.74 of the copy rate (the
-// plain dequantize: 0.77-0.92). Ranks 33-64 (A's fragments in 64 registers) build with 254
-// registers, one CTA per SM: 0.35-0.47 of the copy rate at r = 64, where the general kernel below,
-// which took those ranks before, ran at 0.21-0.27. With rank % 8 == 0 and B 16-byte aligned (kB16)
-// a lane reads its B values in 16-byte runs (8 at r <= 16) instead of 4-byte words, whole 32-byte
-// sectors instead of halves: r = 64 0.77-0.81x the time (176-181 registers), r = 40 0.80-0.85x, r =
-// 32 0.96-0.99x, r = 16 equal. At ranks up to 32 with kB16 (kTma) the block is now written to
-// shared memory in the 128-byte swizzle (16-byte chunk c of row r at c ^ (r % 8): the lanes' writes
-// conflict-free) and leaves by one bulk tensor store (TMA, a map per call) from lane 0, two blocks
-// per warp in turn, so the lanes issue no global stores: on the five weights 0.4-2% faster than the
-// staged row stores at r = 8 and 16 (15.17-15.21 against 15.47-15.48 µs at 4096 x 4096, r = 16) and
-// 1-4.3% faster than the direct stores at r = 32; at r = 64 within 0.7%, so it stays direct. The
-// lanes' stores remain for the other ranks and as variant 1. Measured on the way there:
+// and the stores stay direct. On an H200 at r = 16 this ran at 0.64-0.74 of the copy rate (the
+// plain dequantize: 0.77-0.92); with the bulk stores below, 0.66-0.76. Ranks 33-64 (A's fragments
+// in 64 registers) build with 254 registers, one CTA per SM: 0.35-0.47 of the copy rate at r = 64,
+// where the general kernel below, which took those ranks before, ran at 0.21-0.27. With rank % 8 ==
+// 0 and B 16-byte aligned (kB16) a lane reads its B values in 16-byte runs (8 at r <= 16) instead
+// of 4-byte words, whole 32-byte sectors instead of halves: r = 64 0.77-0.81x the time (176-181
+// registers), r = 40 0.80-0.85x, r = 32 0.96-0.99x, r = 16 equal. At ranks up to 32 with kB16
+// (kTma) the block is now written to shared memory in the 128-byte swizzle (16-byte chunk c of row
+// r at c ^ (r % 8): the lanes' writes conflict-free) and leaves by one bulk tensor store (TMA, a
+// map per call) from lane 0, two blocks per warp in turn, so the lanes issue no global stores: on
+// the five weights 0.4-2% faster than the staged row stores at r = 8 and 16 (15.17-15.21
+// against 15.47-15.48 µs at 4096 x 4096, r = 16) and 1-4.3% faster than the direct stores at r =
+// 32; at r = 64 within 0.7%, so it stays direct. The lanes' stores remain for the other ranks and
+// as variant 1. Measured on the way there:
 // - A contiguous run of 64 x 128 items per CTA, slab-major, so the resident CTAs wrote all over
 //   the weight: 0.49-0.58. ncu showed it issue-bound: 575 instructions per warp and item, half
 //   of them 64-bit index arithmetic, bounds branches and register moves; trimming those gave
