@@ -10,13 +10,21 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from functools import partial
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import bench_graph, bench_rotating, copy_rate_tbps, env_info, require_cuda, table, write_json
+from harness import (
+    bench_graph,
+    bench_rotating,
+    copy_rate_tbps,
+    env_info,
+    per_call_us,
+    require_cuda,
+    table,
+    write_json,
+)
 from hoptune.ops import nf4 as nf4_ops
 from hoptune.quant import dequantize_nf4, quantize_nf4
 
@@ -95,7 +103,9 @@ def measure(n: int, k: int, copy_tbps: float, bnbf) -> dict:
 def merge_host_us(calls: int = 2000, rounds: int = 5) -> dict:
     """Host time per merged-dequantize call of each version (the op's whole call: checks, launch and,
     in version 0, the bulk-store map) on a 256 x 256 weight at r = 16, calls queued back to back:
-    the median over rounds of the mean per call, in µs."""
+    the median over rounds of the mean per call, in µs (``per_call_us``: its last drain is timed too,
+    a few ns per call more than in results/nf4_dequant_bulk_stores.json, which stopped the clock
+    before it)."""
     q = quantize_nf4(torch.randn(256, 256, device="cuda", dtype=torch.bfloat16))
     a = torch.randn(16, 256, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(256, 16, device="cuda", dtype=torch.bfloat16)
@@ -104,14 +114,7 @@ def merge_host_us(calls: int = 2000, rounds: int = 5) -> dict:
     for _ in range(rounds):
         for v in MERGE_VARIANTS:
             nf4_ops._MERGE_VARIANT = v
-            for _ in range(50):
-                call()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                call()
-            times[v].append((time.perf_counter() - t0) / calls * 1e6)
-            torch.cuda.synchronize()
+            times[v].append(per_call_us(call, calls, warmup=50))
     nf4_ops._MERGE_VARIANT = 0
     return {f"mv{v}_host_us": statistics.median(t) for v, t in times.items()} | {
         f"mv{v}_host_rounds_us": t for v, t in times.items()

@@ -280,6 +280,19 @@ def bench_rotating(
     return bench(step, warmup=warmup, rep=rep)
 
 
+def per_call_us(fn: Callable[[], object], calls: int = 300, warmup: int = 20) -> float:
+    """Mean microseconds per call of ``calls`` calls queued back to back after ``warmup`` (the device
+    drained before and after): the host's time per call where the device work is small."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / calls * 1e6
+
+
 def bench_graph(fns: Sequence[Callable[[], object]], calls: int = 24, rep: int = 10) -> float:
     """Median milliseconds per call with launch overhead removed: ``calls`` calls cycling through
     ``fns`` (e.g. one per input copy, so L2 doesn't serve repeats) captured in one CUDA graph."""

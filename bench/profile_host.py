@@ -21,18 +21,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_nf4_lora import PlainLora, layer_step, qlora_layer
-from harness import idle_gaps, kernel_spans
-
-
-def per_call_us(fn, calls: int = 300) -> float:
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / calls * 1e6
+from harness import idle_gaps, kernel_spans, per_call_us
 
 
 def gaps(m: int, k: int, n: int, steps: int = 5) -> None:
