@@ -1102,19 +1102,23 @@ cudaError_t nf4_dequantize_lora(const uint8_t* packed, const NF4Absmax& absmax, 
   a.walkers = 1;
   a.out = out;
   const size_t at_bytes = static_cast<size_t>(kMrgCols) * (a.rank_pad / 2 + 4) * 4;
-  // main: walkers warps per 64-column piece, as many as stay resident together (the last CTA's
-  // spare warps exit); any: a run of items per resident CTA
-  // at ranks up to kTmaMaxRank with B in runs each warp's block leaves by one bulk tensor store
-  // (variant 1 keeps the lanes' stores: staged rows at r <= 16, direct above)
+  // (B's rows in 16-byte runs: required above r = 64, else the 4-byte word loads)
+  const bool b16 = rank % 8 == 0 && reinterpret_cast<uintptr_t>(lora_b) % 16 == 0;
+  const bool main = (rank <= 64 || (rank <= 128 && b16)) && a.b_vec && rows < (int64_t{1} << 30) &&
+                    a.col_pieces < (int64_t{1} << 30);
+  // in the main kernel, at ranks up to kTmaMaxRank with B in runs, each warp's block leaves by one
+  // bulk tensor store (variant 1 keeps the lanes' stores: staged rows at r <= 16, direct above);
+  // the map is encoded only where it is used
   CUtensorMap out_map{};
-  const bool tma = variant == 0 && rank <= kTmaMaxRank && rank % 8 == 0 &&
-                   reinterpret_cast<uintptr_t>(lora_b) % 16 == 0 &&
+  const bool tma = variant == 0 && main && b16 && rank <= kTmaMaxRank &&
                    tensor_map_2d(&out_map, out, rows, cols, cols, dtype == DType::kBFloat16,
                                  kPieceRows, kPieceCols);
-  auto launch = [&](auto* kernel, bool main, size_t main_smem = kPairTableBytes) -> cudaError_t {
+  // main: walkers warps per 64-column piece, as many as stay resident together (the last CTA's
+  // spare warps exit); any: a run of items per resident CTA
+  auto launch = [&](auto* kernel, bool is_main, size_t main_smem = kPairTableBytes) -> cudaError_t {
     // (the main kernel reads A from global memory; its shared memory is the pair table, and with
     // bulk stores the staging blocks)
-    const size_t smem = main ? main_smem : at_bytes;
+    const size_t smem = is_main ? main_smem : at_bytes;
     if (smem > 48 * 1024) {
       const cudaError_t e = cudaFuncSetAttribute(
           kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
@@ -1125,7 +1129,7 @@ cudaError_t nf4_dequantize_lora(const uint8_t* packed, const NF4Absmax& absmax, 
         resident_ctas(reinterpret_cast<const void*>(kernel), kMrgThreads, smem, &resident);
     if (e != cudaSuccess) return e;
     int64_t grid = std::min<int64_t>(a.items, resident);
-    if (main) {
+    if (is_main) {
       const int64_t warps = static_cast<int64_t>(resident) * (kMrgThreads / 32);
       const int64_t row_pieces = (rows + kPieceRows - 1) / kPieceRows;
       a.walkers = static_cast<int>(
@@ -1140,10 +1144,6 @@ cudaError_t nf4_dequantize_lora(const uint8_t* packed, const NF4Absmax& absmax, 
                         a, out_map);
     }
   };
-  // (B's rows in 16-byte runs: required above r = 64, else the 4-byte word loads)
-  const bool b16 = rank % 8 == 0 && reinterpret_cast<uintptr_t>(lora_b) % 16 == 0;
-  const bool main = (rank <= 64 || (rank <= 128 && b16)) && a.b_vec && rows < (int64_t{1} << 30) &&
-                    a.col_pieces < (int64_t{1} << 30);
   return HOPTUNE_DISPATCH_HALF(dtype, T, [&] {
     if (!main) return launch(nf4_dequantize_lora_any<T>, false);
     auto pick = [&](auto nested_tag) -> cudaError_t {
