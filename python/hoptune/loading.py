@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from hoptune._io import STAGE_PREFIX
-from hoptune.nn.nf4_linear import NF4Linear
+from hoptune.nn.nf4_linear import NF4_META_KEY, NF4Linear
 from hoptune.ops import _check
 from hoptune.ops import nf4 as nf4_ops
 from hoptune.patch import CONV1D_ATTR, _is_conv1d
@@ -110,6 +110,12 @@ _OTHER_DTYPE_BITS = {
 _OTHER_WEIGHTS = re.compile(r"pytorch_model.*\.bin(\.index\.json)?|consolidated\..*\.pth")
 # the tensors stored with a bitsandbytes NF4 weight "<name>.weight" (besides itself)
 _BNB_PARTS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", QS_SUFFIX)
+# an NF4 layer as hoptune's own state dict holds it (NF4Linear's buffers, as transformers'
+# save_pretrained and Trainer checkpoints write a model from load_model): the codes, the absmax,
+# with double quantization the nested absmax and map, and the metadata entry
+_OWN_PARTS = ("weight_packed", "weight_absmax", "weight_absmax2", "weight_code2", NF4_META_KEY)
+# the adapter entries of a LoRALinear's state dict
+_LORA_PARTS = ("lora_A", "lora_B", "lora_magnitude")
 
 
 # -- safetensors headers ----------------------------------------------------------------------
@@ -714,6 +720,44 @@ def _bnb_owner(key: str, prequant: set[str]) -> str | None:
     return None
 
 
+def _own_owner(key: str, own: set[str]) -> str | None:
+    """The module whose NF4 weight in hoptune's own state-dict form ``key`` is part of, if any."""
+    mod, _, part = key.rpartition(".")
+    return mod if part in _OWN_PARTS and mod in own else None
+
+
+def _own_nf4_weight(parts: dict[str, torch.Tensor], owner: str, shape: tuple, dtype: torch.dtype, file: str):
+    """The NF4Weight of ``owner`` from its entries in hoptune's own state-dict form (``parts``: every
+    entry of it the checkpoint holds); ``shape``: the one the model needs."""
+    meta = parts[f"{owner}.{NF4_META_KEY}"].detach().to("cpu", torch.float64).flatten().tolist()
+    if len(meta) not in (3, 3 + len(shape)):
+        raise ValueError(
+            f"{file}: {owner}.{NF4_META_KEY} must hold {3 + len(shape)} values (offset, blocksize, "
+            f"blocksize2, then the weight's shape), got {len(meta)}"
+        )
+    offset, bs, bs2, *stored = meta
+    if stored and tuple(int(d) for d in stored) != tuple(shape):
+        raise ValueError(
+            f"{file}: the NF4 weight of {owner} has shape {[int(d) for d in stored]} but the model needs "
+            f"{list(shape)} (a checkpoint for another configuration?)"
+        )
+    nested = parts.get(f"{owner}.weight_absmax2")
+    try:
+        return NF4Weight(
+            parts[f"{owner}.weight_packed"].flatten(),
+            parts[f"{owner}.weight_absmax"].flatten(),
+            torch.Size(shape),
+            dtype,
+            int(bs),
+            None if nested is None else nested.flatten(),
+            parts.get(f"{owner}.weight_code2"),
+            float(offset),
+            int(bs2),
+        )
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"{file}: the NF4 weight of {owner}: {err}") from err
+
+
 def _keep_in_fp32(model: nn.Module, dtype: torch.dtype) -> re.Pattern | None:
     """The tensors that stay float32 in a ``dtype`` model, as transformers' ``from_pretrained``
     decides: ``_keep_in_fp32_modules`` for float16 only (it guards bf16 weights from fp16's range),
@@ -800,7 +844,9 @@ def load_model(
     transformers, which quantizes the output head too once ``llm_int8_skip_modules`` is given, the
     head stays dense here whatever ``skip_modules`` holds. A pre-quantized bitsandbytes NF4
     checkpoint loads as stored either way (its dense layers stay dense, its NF4 layers NF4, with a
-    warning for those ``skip_modules`` names).
+    warning for those ``skip_modules`` names), and so does a model from ``load_model`` saved with
+    transformers' ``save_pretrained`` (its NF4 layers in hoptune's own state-dict form; LoRA
+    factors saved with it are named in a warning and not loaded).
     ``dtype`` (or its name, ``"bfloat16"``): of every other floating-point tensor and of the NF4
     layers' compute, but for those ``from_pretrained`` keeps otherwise (declared in another dtype
     by the model, or named by its ``_keep_in_fp32_modules`` for float16 or
@@ -902,8 +948,31 @@ def load_model(
         raise ValueError(
             f"{folder}: the checkpoint has NF4 weights for {bad[:3]}, which are not linear layers of {type(model).__name__}"
         )
+    # NF4 layers in hoptune's own state-dict form (a model from load_model saved by transformers'
+    # save_pretrained, e.g. in a Trainer checkpoint): loaded as stored too
+    own = {k[: -len(".weight_packed")] for k in entries if k.endswith(".weight_packed")}
+    bad = sorted(n for n in own if n not in linears or n in prequant)
+    if bad:
+        raise ValueError(
+            f"{folder}: the checkpoint has NF4 weights for {bad[:3]}, which are not linear layers of "
+            f"{type(model).__name__} (or are stored twice, in bitsandbytes' form too)"
+        )
+    for n in sorted(own):
+        for part in ("weight_absmax", NF4_META_KEY):
+            if f"{n}.{part}" not in entries:
+                raise ValueError(f"{folder}: the NF4 weight of {n} lacks its tensor {n}.{part}")
+        if (f"{n}.weight_absmax2" in entries) != (f"{n}.weight_code2" in entries):
+            raise ValueError(
+                f"{folder}: the NF4 weight of {n} has only one of {n}.weight_absmax2 and {n}.weight_code2 "
+                "(double quantization needs both)"
+            )
+        if f"{n}.weight" in entries:
+            raise ValueError(
+                f"{folder}: {n} is stored both dense ({n}.weight) and in NF4 ({n}.weight_packed)"
+            )
+    prequant_all = prequant | own
     # a pre-quantized checkpoint loads as stored: its NF4 layers cannot be made dense as they were
-    kept_nf4 = sorted(n for n in prequant if _skipped(n, skip_modules))
+    kept_nf4 = sorted(n for n in prequant_all if _skipped(n, skip_modules))
     if kept_nf4:
         warnings.warn(
             f"{folder} stores {len(kept_nf4)} layers of skip_modules={list(skip_modules)} in NF4 (e.g. "
@@ -917,7 +986,7 @@ def load_model(
     dense = heads | {k.removesuffix(".weight") for pair in tied.items() for k in pair}
     to_quantize = set()
     keep_dense = _kept_dense(model)  # (as save_pretrained_nf4 keeps them)
-    if quantize == "nf4" and bnb is None and not prequant:  # a bitsandbytes checkpoint loads as stored
+    if quantize == "nf4" and bnb is None and not prequant_all:  # an NF4 checkpoint loads as stored
         for n, m in linears.items():
             # plain nn.Linear only, as transformers + bitsandbytes: a subclass may compute more
             # (Llama 4's router returns scores and logits)
@@ -948,10 +1017,16 @@ def load_model(
     for key in entries:
         owner = _bnb_owner(key, prequant)
         # a tensor of a dtype not read fails only if the model uses it (else: unused, warned below)
-        if isinstance(entries[key].dtype, str) and (owner is not None or key in expected):
+        own_owner = _own_owner(key, own)
+        if isinstance(entries[key].dtype, str) and (
+            owner is not None or own_owner is not None or key in expected
+        ):
             raise ValueError(_unread_dtype(entries[key].file, key, entries[key].dtype))
         if owner is not None:
             plan[key] = ("bnb", owner)
+            continue
+        if own_owner is not None:
+            plan[key] = ("own", own_owner)
             continue
         if key not in expected:
             continue  # unused
@@ -976,12 +1051,19 @@ def load_model(
                 f"{packed.file}: the NF4 weight {n}.weight holds {packed.nbytes * 2} 4-bit codes but "
                 f"{type(model).__name__} needs {list(want)} (a checkpoint for another configuration?)"
             )
+    for n in sorted(own):
+        packed, want = entries[f"{n}.weight_packed"], shapes[f"{n}.weight"]
+        if packed.nbytes != math.prod(want) // 2:
+            raise ValueError(
+                f"{packed.file}: the NF4 weight {n}.weight_packed holds {packed.nbytes * 2} 4-bit codes but "
+                f"{type(model).__name__} needs {list(want)} (a checkpoint for another configuration?)"
+            )
     ignore = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
     unexpected = sorted(
         k for k in entries if k not in plan and k not in tied and not any(p.search(k) for p in ignore)
     )
     # what the model needs but the files do not hold (of a tied pair, one is enough)
-    planned = set(plan)
+    planned = set(plan) | {f"{n}.weight" for n in own}
     absent = sorted(
         k for k in to_read - planned if not any(k in pair and planned & set(pair) for pair in tied.items())
     )
@@ -994,6 +1076,21 @@ def load_model(
             "transformers.AutoModelForCausalLM.from_pretrained(path, dtype=...), then "
             "hoptune.apply_lora(model, quantize='nf4', ...) quantizes the linear layers it wraps"
         )
+    # LoRA factors as a model with hoptune's LoRA layers saves them (save_pretrained, a Trainer
+    # checkpoint): load_model makes the base model, which has no place for them
+    lora = sorted(
+        k for k in unexpected if k.rpartition(".")[2] in _LORA_PARTS and k.rpartition(".")[0] in linears
+    )
+    if lora:
+        warnings.warn(
+            f"{folder} holds the LoRA factors of {len({k.rpartition('.')[0] for k in lora})} layers "
+            f"(e.g. {lora[:3]}), as save_pretrained writes a model with hoptune's LoRA layers; load_model "
+            "loads the base model only. To train on, hoptune.apply_lora(model, ...) with the settings of "
+            "that run, then model.load_state_dict(safetensors.torch.load_file(...), strict=False) reads "
+            "them in; hoptune.save_adapter(model, dir) writes an adapter that load_adapter and PEFT read",
+            stacklevel=2,
+        )
+        unexpected = [k for k in unexpected if k not in set(lora)]
     if unexpected:
         warnings.warn(
             f"{len(unexpected)} tensors in {folder} are not used by {type(model).__name__}: {unexpected[:5]}",
@@ -1007,7 +1104,9 @@ def load_model(
         )
 
     # 4. stream: tensors in file order; weights quantized on the GPU as they arrive, without waiting
-    parts_left = {n: sum(1 for k, (kind, o) in plan.items() if kind == "bnb" and o == n) for n in prequant}
+    parts_left = {
+        n: sum(1 for k, (kind, o) in plan.items() if kind in ("bnb", "own") and o == n) for n in prequant_all
+    }
     pending: dict[str, dict[str, torch.Tensor]] = {}
     file_index = {f: i for i, f in enumerate(files)}
     order = sorted(plan, key=lambda k: (file_index[entries[k].file], entries[k].start))
@@ -1058,6 +1157,14 @@ def load_model(
                         if q.dtype != dtype:  # the dtype it dequantizes to, as for the layers quantized here
                             q = replace(q, dtype=dtype)
                         _to_nf4_layer(model, owner, q)
+                elif kind == "own":
+                    pending.setdefault(owner, {})[key] = t
+                    parts_left[owner] -= 1
+                    if parts_left[owner] == 0:
+                        want = shapes[f"{owner}.weight"]
+                        want = want[::-1] if owner in transposed else want
+                        q = _own_nf4_weight(pending.pop(owner), owner, want, dtype, e.file)
+                        _to_nf4_layer(model, owner, q)
                 elif kind == "quantize":
                     w = t if t.dtype == dtype else t.to(dtype)
                     w = w.t().contiguous() if owner in transposed else w
@@ -1080,7 +1187,7 @@ def load_model(
                 bar.close()
 
     # 5. tie, move the buffers built on the CPU, and check nothing is left on meta
-    loaded = set(plan) | {f"{n}.weight" for n in prequant}
+    loaded = set(plan) | {f"{n}.weight" for n in prequant_all}
     if tied:
         try:  # transformers 5: ties whichever of the pair was in the checkpoint
             model.tie_weights(missing_keys=expected - loaded, recompute_mapping=False)
