@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -484,5 +485,81 @@ def test_resume_names_an_optimizer_state_that_does_not_fit(tmp_path, tokenizer, 
     torch.save(blob, path)
     with pytest.raises(
         ConfigError, match=r"step-00000001: its optimizer state does not fit .*parameter group"
+    ):
+        _run(cfg, tokenizer)
+
+
+def _cut(path, size):
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+def _write(path, text):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+@pytest.mark.parametrize(
+    "damage, file",
+    [
+        (lambda d: _cut(os.path.join(d, loop.STATE_FILE), 100), loop.STATE_FILE),
+        (lambda d: _cut(os.path.join(d, loop.STATE_FILE), 0), loop.STATE_FILE),
+        (lambda d: _write(os.path.join(d, loop.STATE_JSON), '{"step": 3,'), loop.STATE_JSON),
+        (lambda d: _write(os.path.join(d, loop.STATE_JSON), "[]"), loop.STATE_JSON),
+        (
+            lambda d: _cut(os.path.join(d, loop.ADAPTER_DIR, "adapter_model.safetensors"), 50),
+            "adapter/adapter_model.safetensors",
+        ),
+    ],
+)
+def test_a_damaged_checkpoint_is_named_with_the_one_before_it(
+    tmp_path, tokenizer, demo_data, monkeypatch, damage, file
+):
+    """A checkpoint file cut short or edited after it was saved raised a raw traceback (torch.load,
+    json), or was reported as weights that do not fit the config."""
+    cfg = small_config(
+        tmp_path,
+        demo_data,
+        "train.max_steps=4",
+        "train.save_every=1",
+        "train.keep_checkpoints=3",
+        "data.eval=null",
+    )
+    _run_killed_at_step(cfg, tokenizer, 4, monkeypatch)
+    ckpts = os.path.join(cfg.output.dir, "checkpoints")
+    damage(os.path.join(ckpts, "step-00000003"))
+    want = (
+        rf"cannot resume from .*step-00000003: the checkpoint is damaged, {re.escape(file)} cannot be read "
+        rf"\(.*\); resume from the checkpoint before it with output\.resume=.*step-00000002$"
+    )
+    with pytest.raises(ConfigError, match=want):
+        _run(cfg, tokenizer)
+    # that one resumes, and the run finishes
+    cfg = small_config(
+        tmp_path,
+        demo_data,
+        "train.max_steps=4",
+        "train.save_every=1",
+        "train.keep_checkpoints=3",
+        "data.eval=null",
+        f"output.resume={os.path.join(ckpts, 'step-00000002')}",
+    )
+    assert _run(cfg, tokenizer).steps == 4
+
+
+def test_a_checkpoint_damaged_after_the_resume_checks_is_named(tmp_path, tokenizer, demo_data, monkeypatch):
+    cfg = small_config(tmp_path, demo_data, "train.max_steps=2", "train.save_every=1", "data.eval=null")
+    _run_killed_at_step(cfg, tokenizer, 2, monkeypatch)
+    real = loop.Checkpointer.read_state
+
+    def read_then_cut(folder):  # (cut between the state's read and the load, as by another process)
+        state = real(folder)
+        _cut(os.path.join(folder, loop.STATE_FILE), 100)
+        return state
+
+    monkeypatch.setattr(loop.Checkpointer, "read_state", staticmethod(read_then_cut))
+    with pytest.raises(
+        ConfigError,
+        match=r"step-00000001: the checkpoint is damaged, trainer_state\.pt cannot be read.*new output\.dir$",
     ):
         _run(cfg, tokenizer)

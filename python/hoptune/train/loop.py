@@ -870,6 +870,23 @@ def run_lock(folder: str) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read (cut short, corrupted or edited after it was saved);
+    the message names the file."""
+
+
+def _torch_load_state(folder: str) -> dict[str, Any]:
+    """``trainer_state.pt``'s contents; CheckpointError when it cannot be unpickled."""
+    path = os.path.join(folder, STATE_FILE)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # (a cut or corrupt pickle fails in many ways: each means the same here)
+        raise CheckpointError(f"{STATE_FILE} cannot be read ({type(e).__name__}: {e})") from e
+    if not isinstance(blob, dict) or "state" not in blob:
+        raise CheckpointError(f"{STATE_FILE} holds no training state (got {type(blob).__name__})")
+    return blob
+
+
 class Checkpointer:
     """Checkpoints under ``<run>/checkpoints/step-XXXXXXXX/`` (weights or PEFT adapter,
     ``trainer_state.pt`` with optimizer, scheduler, RNG and data position, and a readable
@@ -980,14 +997,55 @@ class Checkpointer:
         return final
 
     @staticmethod
+    def check_files(folder: str) -> None:
+        """Raise CheckpointError naming the file when one of the checkpoint's files cannot be read:
+        the training state's JSON, the zip container of ``trainer_state.pt`` (its directory, not its
+        contents) and the safetensors headers of the weights (saves are atomic, so this is a file
+        changed or cut after it was written). Cheap: no tensor is read."""
+        import zipfile
+
+        from hoptune.loading import read_safetensors_header
+
+        def bad(path: str, e: BaseException) -> CheckpointError:
+            return CheckpointError(
+                f"{os.path.relpath(path, folder)} cannot be read ({type(e).__name__}: {e})"
+            )
+
+        path = os.path.join(folder, STATE_JSON)
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    state = json.load(f)
+            except (ValueError, UnicodeDecodeError) as e:  # (JSONDecodeError is a ValueError)
+                raise bad(path, e) from e
+            if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+                raise bad(path, ValueError(f"expected an object with an int 'step', got {str(state)[:80]!r}"))
+        path = os.path.join(folder, STATE_FILE)
+        try:
+            with zipfile.ZipFile(path):
+                pass
+        except (OSError, zipfile.BadZipFile) as e:
+            raise bad(path, e) from e
+        for sub in (ADAPTER_DIR, ""):
+            d = os.path.join(folder, sub)
+            names = sorted(n for n in os.listdir(d) if n.endswith(".safetensors")) if os.path.isdir(d) else []
+            for n in names:
+                try:
+                    read_safetensors_header(os.path.join(d, n), exact=True)
+                except (OSError, ValueError) as e:
+                    raise bad(os.path.join(d, n), e) from e
+
+    @staticmethod
     def read_state(folder: str) -> dict[str, Any]:
         """The training state of a checkpoint (its ``trainer_state.json``), without loading anything
-        else: what a resume checks before it builds the model."""
+        else: what a resume checks before it builds the model. A file that cannot be read raises
+        CheckpointError (``check_files``)."""
+        Checkpointer.check_files(folder)
         path = os.path.join(folder, STATE_JSON)
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
                 return json.load(f)
-        return torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=False)["state"]
+        return _torch_load_state(folder)["state"]
 
     @staticmethod
     def load(
@@ -1004,8 +1062,9 @@ class Checkpointer:
         path = os.path.join(folder, STATE_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{folder} is not a checkpoint (no {STATE_FILE})")
+        Checkpointer.check_files(folder)  # (a damaged file named before anything is loaded)
+        blob = _torch_load_state(folder)
         load_trainable(model, folder)
-        blob = torch.load(path, map_location="cpu", weights_only=False)
         if optimizer is not None:
             try:
                 optimizer.load_state_dict(blob["optimizer"])

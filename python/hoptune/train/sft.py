@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -464,6 +465,32 @@ def _resume_folder(cfg: SFTConfig, ckpt: loop.Checkpointer) -> str | None:
     return r
 
 
+def _damaged(folder: str, e: Exception) -> ConfigError:
+    """The error for a checkpoint with a file that cannot be read, naming the one before it."""
+    parent, name = os.path.split(os.path.normpath(folder))
+    m = re.fullmatch(r"step-(\d+)", name)
+    earlier = sorted(
+        (int(n[5:]), n)
+        for n in (os.listdir(parent) if m and os.path.isdir(parent) else [])
+        if re.fullmatch(r"step-\d+", n)
+        and int(n[5:]) < int(m[1])
+        and os.path.isfile(os.path.join(parent, n, loop.STATE_FILE))
+    )
+    hint = (
+        f"resume from the checkpoint before it with output.resume={os.path.join(parent, earlier[-1][1])}"
+        if earlier
+        else "start again with a new output.dir"
+    )
+    return ConfigError(f"cannot resume from {folder}: the checkpoint is damaged, {e}; {hint}")
+
+
+def _read_checkpoint_state(folder: str) -> dict[str, Any]:
+    try:
+        return loop.Checkpointer.read_state(folder)
+    except loop.CheckpointError as e:
+        raise _damaged(folder, e) from e
+
+
 def _resume_hint(r: str) -> str:
     """What output.resume takes instead of ``r``: the newest checkpoint of the run ``r`` names (its
     folder, its checkpoints/ or the ``latest`` pointer file in there), else what one looks like."""
@@ -760,7 +787,7 @@ def _train(
     for r in reports:
         log("data: " + r.summary())
     rows_per_step = t.batch_size * t.grad_accum
-    prior = None if resume_from is None else loop.Checkpointer.read_state(resume_from)
+    prior = None if resume_from is None else _read_checkpoint_state(resume_from)
     # train.epochs: whole epochs, each seen once (its last step smaller); train.max_steps: a stream of
     # rows. A checkpoint that records no data order comes from a version that always streamed: its
     # run resumes as it started
@@ -839,6 +866,8 @@ def _train(
     if resume_from is not None:
         try:
             state = loop.Checkpointer.load(resume_from, model, optimizer, scheduler, scaler=scaler)
+        except loop.CheckpointError as e:  # (checked before the model was built; changed since)
+            raise _damaged(resume_from, e) from e
         except ValueError as e:  # a checkpoint of an older hoptune, which does not record its settings
             what = str(e) if str(e).startswith("its optimizer") else f"its weights do not fit the model ({e})"
             raise ConfigError(
