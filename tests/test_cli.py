@@ -506,3 +506,36 @@ def test_a_config_that_is_a_folder(tmp_path, capsys):
         f"hoptune sft: error: config {str(run)!r} is a folder, not a YAML file; the config of the "
         f"run in it is {str(run / 'config.yaml')!r}\n"
     )
+
+
+def test_a_config_kept_in_its_output_dir_is_not_overwritten(tmp_path, capsys, run_config):
+    """exp/config.yaml with output.dir: exp (a common layout) was replaced by the resolved dump, its
+    comments gone; the run's resolved config goes beside it now, and a run's own is rewritten."""
+    from hoptune.train.sft import RESOLVED_HEADER
+
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    mine = open(run_config).read().replace(str(tmp_path / "run"), ".") + "# my notes\n"
+    (exp / "config.yaml").write_text(mine)
+    capsys.readouterr()
+    cwd = os.getcwd()
+    os.chdir(exp)  # (output.dir: . is this folder)
+    try:
+        assert main(["sft", "config.yaml"]) == 0
+        assert (exp / "config.yaml").read_text() == mine  # byte for byte
+        resolved = (exp / "config.resolved.yaml").read_text()
+        assert resolved.startswith(RESOLVED_HEADER) and "max_steps: 1" in resolved
+        assert "is a config a run did not write (kept as it is)" in capsys.readouterr().out
+        assert main(["sft", "config.yaml"]) == 0  # the finished run started again: still kept
+        assert (exp / "config.yaml").read_text() == mine
+    finally:
+        os.chdir(cwd)
+    # a run's own config.yaml, with the header or as an earlier version wrote it (a bare dump), is the
+    # one the run rewrites
+    run = tmp_path / "run"
+    assert main(["sft", run_config]) == 0
+    own = (run / "config.yaml").read_text()
+    assert own.startswith(RESOLVED_HEADER) and not (run / "config.resolved.yaml").exists()
+    (run / "config.yaml").write_text(own.removeprefix(RESOLVED_HEADER))
+    assert main(["sft", run_config]) == 0
+    assert (run / "config.yaml").read_text() == own and not (run / "config.resolved.yaml").exists()

@@ -465,6 +465,34 @@ def _resume_folder(cfg: SFTConfig, ckpt: loop.Checkpointer) -> str | None:
     return r
 
 
+# the first line of the resolved config a run writes into output.dir
+RESOLVED_HEADER = "# the resolved config of the hoptune sft run in this folder, written by the run\n"
+
+
+def _config_path(run_dir: str) -> str:
+    """Where the run writes its resolved config: ``config.yaml``, unless one is there that no run
+    wrote (a config kept in the folder it names as output.dir, comments and all), which is never
+    overwritten: then ``config.resolved.yaml``. A run's own is one with the header, or (written
+    before the header was) exactly a dump of the config it holds."""
+    path = os.path.join(run_dir, "config.yaml")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return path
+    except (OSError, UnicodeDecodeError):
+        return os.path.join(run_dir, "config.resolved.yaml")
+    if text.startswith(RESOLVED_HEADER):
+        return path
+    import yaml
+
+    try:
+        own = yaml.safe_dump(yaml.safe_load(text), sort_keys=False) == text
+    except yaml.YAMLError:
+        own = False
+    return path if own else os.path.join(run_dir, "config.resolved.yaml")
+
+
 def _damaged(folder: str, e: Exception) -> ConfigError:
     """The error for a checkpoint with a file that cannot be read, naming the one before it."""
     parent, name = os.path.split(os.path.normpath(folder))
@@ -881,7 +909,13 @@ def _train(
     # written once every check has passed: a refused run leaves the config of the run in output.dir
     from hoptune._io import atomic_write_text
 
-    atomic_write_text(os.path.join(run_dir, "config.yaml"), dump_config(cfg))
+    config_path = _config_path(run_dir)
+    if os.path.basename(config_path) != "config.yaml":
+        log(
+            f"{os.path.join(run_dir, 'config.yaml')} is a config a run did not write (kept as it is); "
+            f"the run's resolved config goes to {config_path}"
+        )
+    atomic_write_text(config_path, RESOLVED_HEADER + dump_config(cfg))
     metrics = loop.MetricsLog(
         os.path.join(run_dir, "metrics.jsonl"), out.tensorboard, resume_step=step if resume_from else None
     )
