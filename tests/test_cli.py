@@ -67,7 +67,11 @@ def test_plan_dispatches(capsys):
         (["train.learnig_rate=1e-4"], "unknown config key 'train.learnig_rate'; did you mean 'train.lr'?"),
         (["train.lr=fast"], "train.lr: expected float, got 'fast' (str)"),
         (["train.batch_size=two"], "train.batch_size: expected int, got 'two' (str)"),
-        (["data.train=/no/such.jsonl"], "data file '/no/such.jsonl' does not exist"),
+        (["data.train=/no/such.jsonl"], "data file '/no/such.jsonl' does not exist (data.train)"),
+        (
+            ["data.train=/", "data.general_data=/no/such.jsonl"],  # (train: exists)
+            "data file '/no/such.jsonl' does not exist (data.general_data)",
+        ),
     ],
 )
 def test_bad_config_is_one_line(tmp_path, capsys, args, message):
@@ -194,14 +198,17 @@ def test_missing_demo_data_names_the_command_that_writes_it(tmp_path, monkeypatc
         err = capsys.readouterr().err
         assert err.startswith(
             "hoptune sft: error: data file 'runs/demo/data/train.jsonl' does not exist "
-            f"(relative to {tmp_path}); the demo config's data is written by `hoptune demo`: "
-            "run it in this folder first"
+            f"(data.train, relative to the current folder, {tmp_path}); the demo config's data is "
+            "written by `hoptune demo`: run it in this folder first"
         )
         assert len(err.splitlines()) == 1 and "Traceback" not in err
         assert os.listdir(tmp_path) == []  # no runs/demo/sft (and lock file) left behind
     # the demo config with data of one's own, and another config naming the demo's paths: no hint
     assert main(["sft", "demo_sft", "model.device=cpu", "data.train=mine.jsonl"]) == 2
-    assert capsys.readouterr().err == "hoptune sft: error: data file 'mine.jsonl' does not exist\n"
+    assert capsys.readouterr().err == (
+        "hoptune sft: error: data file 'mine.jsonl' does not exist (data.train, relative to the "
+        f"current folder, {tmp_path})\n"
+    )
     other = tmp_path / "c.yaml"
     other.write_text(
         "model:\n  device: cpu\ndata:\n  train: runs/demo/data/train.jsonl\n"
@@ -209,7 +216,14 @@ def test_missing_demo_data_names_the_command_that_writes_it(tmp_path, monkeypatc
     )
     assert main(["sft", str(other)]) == 2
     err = capsys.readouterr().err
-    assert err == "hoptune sft: error: data file 'runs/demo/data/train.jsonl' does not exist\n"
+    assert err == (
+        "hoptune sft: error: data file 'runs/demo/data/train.jsonl' does not exist (data.train, "
+        f"relative to the current folder, {tmp_path})\n"
+    )
+    assert main(["sft", str(other), f"data.train={tmp_path / 'c.yaml'}", "data.eval=e.jsonl"]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"data file 'e.jsonl' does not exist (data.eval, relative to the current folder, {tmp_path})\n"
+    )
     assert os.listdir(tmp_path) == ["c.yaml"]
 
 

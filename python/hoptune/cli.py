@@ -83,7 +83,7 @@ def _sft(argv: list[str]) -> int:
         hint = _demo_data_hint(config_file, cfg, e)
         if hint is None:
             raise
-        raise DataError(f"{e} {hint}") from e
+        raise DataError(f"{e}; {hint}") from e
 
 
 DEMO_CONFIG = "demo_sft.yaml"
@@ -111,12 +111,11 @@ def _demo_data_hint(config_file: str, cfg, error: Exception) -> str | None:
             path
             and getattr(cfg.data, key) == path
             and not os.path.exists(path)
-            and str(error).startswith(f"data file {path!r} does not exist")
+            and str(error).startswith(f"data file {path!r} does not exist (data.{key}")
         ):
             return (
-                f"(relative to {os.getcwd()}); the demo config's data is written by "
-                "`hoptune demo`: run it in this folder first (it writes runs/demo/data, then "
-                "trains on it), then this command again"
+                "the demo config's data is written by `hoptune demo`: run it in this folder first "
+                "(it writes runs/demo/data, then trains on it), then this command again"
             )
     return None
 

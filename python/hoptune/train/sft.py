@@ -37,6 +37,7 @@ from hoptune.data.dataset import (
     split_eval,
 )
 from hoptune.data.formatting import resolve_chat_template
+from hoptune.data.jsonl import DataError
 from hoptune.data.packing import Row, collate, rows_from_examples
 from hoptune.losses.sft import count_loss_tokens, sft_loss
 from hoptune.train import loop
@@ -357,6 +358,11 @@ def load_data(cfg: SFTConfig, tokenizer: Any, log=print) -> tuple[list[Row], lis
     """(train rows, eval rows, reports): examples checked and truncated, eval split or read, the
     replay source mixed in, packing applied to the training rows."""
     d = cfg.data
+    for key in ("train", "eval", "general_data"):  # (named by key: three paths may be set)
+        path = getattr(d, key)
+        if path and not os.path.exists(path):
+            where = "" if os.path.isabs(path) else f", relative to the current folder, {os.getcwd()}"
+            raise DataError(f"data file {path!r} does not exist (data.{key}{where})")
     try:  # a name of one of the tokenizer's chat templates is checked only now
         chat_template = resolve_chat_template(cfg.model.chat_template, tokenizer)
     except (OSError, ValueError) as e:
