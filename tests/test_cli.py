@@ -130,6 +130,11 @@ def run_config(tmp_path, small_model, tokenizer):
     [
         (["model.attn_implementation=bogus"], "model.attn_implementation='bogus': "),
         (["lora.target_modules=q_proj"], "target_modules='q_proj' matches no linear layer"),
+        (["lora.target_modules=q_proj"], "in a config a list is lora.target_modules=[q_proj, v_proj]"),
+        (
+            ["lora.r=200"],
+            "(rank at most min(in, out) = 64, and at most 256); lower lora.r, or name the layers to adapt",
+        ),
         (["data.train=LATIN1"], "line 1: not valid UTF-8 (byte 0xe9 at column 47)"),
         pytest.param(
             ["model.device=cuda"],

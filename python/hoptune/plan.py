@@ -806,13 +806,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--targets",
         default="all-linear",
-        help="'all-linear', comma-separated layer names (q_proj,v_proj), or a regular expression over the "
-        "full names, as lora.target_modules takes them (.*\\.(q|v)_proj)",
+        help="'all-linear' (default), layer names (q_proj,v_proj; one name, q_proj, is a list of one, "
+        "as [q_proj] in a config's lora.target_modules), or a regular expression over the full names "
+        "(.*\\.(q|v)_proj)",
     )
     p.add_argument("--quantize", choices=["nf4", "none"], default="nf4", help="base weights (default nf4)")
     p.add_argument("--no-double-quant", action="store_true", help="NF4 without double quantization")
     p.add_argument(
-        "--stack", choices=["hoptune", "hf"], default="hoptune", help="model the HF stack or hoptune"
+        "--stack",
+        choices=["hoptune", "hf"],
+        default="hoptune",
+        help="model the HF stack or hoptune (default hoptune)",
     )
     p.add_argument(
         "--logits", choices=["full", "fused"], default=None, help="default: full for hf, fused for hoptune"
@@ -825,8 +829,18 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="with checkpointing, the last N decoder layers without it (model.uncheckpointed_layers)",
     )
-    p.add_argument("--optimizer", choices=["adamw", "paged_adamw", "none"], default="adamw")
-    p.add_argument("--adapter-dtype", choices=sorted(_DTYPE_BYTES), default="fp32")
+    p.add_argument(
+        "--optimizer",
+        choices=["adamw", "paged_adamw", "none"],
+        default="adamw",
+        help="the optimizer whose state is counted (paged_adamw: kept in CPU memory; default adamw)",
+    )
+    p.add_argument(
+        "--adapter-dtype",
+        choices=sorted(_DTYPE_BYTES),
+        default="fp32",
+        help="the adapters' dtype (default fp32)",
+    )
     p.add_argument("--dora", action="store_true", help="DoRA adapters")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return p

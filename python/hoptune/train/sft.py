@@ -171,17 +171,28 @@ def prepare_model(model: nn.Module, cfg: SFTConfig, passed_in: bool = False, log
                 double_quant=None if _nf4_layers(model) else cfg.model.double_quant,
             )
         except (ValueError, TypeError) as e:
-            hint = ""
+            hint, msg = "", str(e)
             if (
                 isinstance(lo.target_modules, str)
                 and lo.target_modules.lower() != ALL_LINEAR
-                and "target_modules" in str(e)
+                and "target_modules" in msg
             ):
                 hint = (
-                    "; a string in lora.target_modules is a regular expression matched against the whole "
+                    "; in a config a list is lora.target_modules=[q_proj, v_proj] (on the command line "
+                    "lora.target_modules=q_proj,v_proj, or [q_proj] for one name)"
+                    if "a string is a regular expression" in msg
+                    else "; a string in lora.target_modules is a regular expression matched against the whole "
                     "module name, a list ([q_proj, v_proj]) matches names"
                 )
-            elif "exclude_modules" in str(e) or "rank_pattern" in str(e):
+            elif "is larger than layer" in msg and "; give it a smaller rank" in msg:
+                # (apply_lora's advice names its own arguments, which the config has no keys for)
+                msg = msg.split("; give it a smaller rank")[0]
+                hint = (
+                    "; lower lora.r, or name the layers to adapt in lora.target_modules instead, a list "
+                    "([q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]) or a regular "
+                    "expression (lora.* has no exclude_modules or rank_pattern)"
+                )
+            elif "exclude_modules" in msg or "rank_pattern" in msg:
                 # (apply_lora's advice names its arguments, which the config has no keys for)
                 hint = (
                     "; lora.* has no exclude_modules or rank_pattern: name the layers to adapt "
@@ -189,7 +200,7 @@ def prepare_model(model: nn.Module, cfg: SFTConfig, passed_in: bool = False, log
                     "gate_proj, up_proj, down_proj]) or a regular expression"
                 )
             who = f"the model passed in ({type(model).__name__})" if passed_in else cfg.model.path
-            raise ConfigError(f"lora settings do not fit {who}: {e}{hint}") from e
+            raise ConfigError(f"lora settings do not fit {who}: {msg}{hint}") from e
     elif loop.has_lora(model):
         # every weight would train, but checkpoints and the output hold an adapter: the LoRA factors
         # alone (the base weights' training lost, a resume not bringing it back)
