@@ -558,3 +558,35 @@ def test_a_config_kept_in_its_output_dir_is_not_overwritten(tmp_path, capsys, ru
     (run / "config.yaml").write_text(own.removeprefix(RESOLVED_HEADER))
     assert main(["sft", run_config]) == 0
     assert (run / "config.yaml").read_text() == own and not (run / "config.resolved.yaml").exists()
+
+
+def test_an_output_dir_that_cannot_be_written_is_named(tmp_path, capsys, run_config, monkeypatch):
+    """An errno text ('[Errno 13] Permission denied: .../.lock') did not name output.dir."""
+    import contextlib
+
+    from hoptune.train import loop
+
+    capsys.readouterr()
+    run = tmp_path / "run"
+    if os.geteuid() != 0:  # (root writes into a read-only folder)
+        run.mkdir(mode=0o555)
+        assert main(["sft", run_config]) == 2
+        err = capsys.readouterr().err
+        assert err == (
+            f"hoptune sft: error: output.dir {str(run)!r} cannot be written: Permission denied "
+            f"({run / '.lock'})\n"
+        )
+
+    @contextlib.contextmanager
+    def refused(folder):  # (as os.open of the lock file in a read-only folder)
+        raise PermissionError(13, "Permission denied", os.path.join(folder, loop.LOCK_FILE))
+        yield
+
+    monkeypatch.setattr(loop, "run_lock", refused)
+    run = tmp_path / "new" / "run"  # (the folders made for it go again)
+    assert main(["sft", run_config, f"output.dir={run}"]) == 2
+    assert not (tmp_path / "new").exists()
+    err = capsys.readouterr().err
+    assert err == (
+        f"hoptune sft: error: output.dir {str(run)!r} cannot be written: Permission denied ({run / '.lock'})\n"
+    )

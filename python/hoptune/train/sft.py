@@ -13,6 +13,7 @@ Copy this file to make a variant; the shared pieces live in ``hoptune.train.loop
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -748,9 +749,12 @@ def train(cfg: SFTConfig, log=print, model: nn.Module | None = None, tokenizer: 
     except (ValueError, RuntimeError) as e:
         raise ConfigError(f"model.device: {e}") from e
     run_dir = os.path.abspath(cfg.output.dir)
-    created = _make_run_dir(run_dir)
+    entered, created = False, []
     try:
+        created = _make_run_dir(run_dir)
+        # (a folder that cannot be made, or cannot take the lock file, is named as output.dir)
         with loop.run_lock(run_dir):
+            entered = True
             try:
                 return _train(cfg, log, model, tokenizer, device, run_dir)
             except BaseException:
@@ -760,6 +764,15 @@ def train(cfg: SFTConfig, log=print, model: nn.Module | None = None, tokenizer: 
                 raise
     except loop.FolderInUse as e:
         raise ConfigError(f"output.dir: {e}") from e
+    except OSError as e:
+        if entered:  # (in the run: its own message)
+            raise
+        for path in created:  # (the folders made for it, empty)
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+        why = e.strerror or type(e).__name__
+        where = f" ({e.filename})" if e.filename and os.path.abspath(e.filename) != run_dir else ""
+        raise ConfigError(f"output.dir {cfg.output.dir!r} cannot be written: {why}{where}") from e
 
 
 def _make_run_dir(run_dir: str) -> list[str]:
