@@ -238,6 +238,12 @@ def test_fp16_overflow_skips_the_step_and_resume_keeps_the_scale(tmp_path, token
     assert math.isinf(recs[1]["grad_norm"]) and all(math.isfinite(r["grad_norm"]) for r in recs[2:])
     lrs = [r["lr"] for r in recs]
     assert lrs[2] == lrs[1] and lrs[1] < lrs[0]  # the skipped step did not advance the schedule
+    # and the run's summary says so (it showed only in metrics.jsonl)
+    assert [n for n in full.notes if "skipped" in n] == [
+        "fp16 loss scaling skipped 1 of the 6 steps this run took (their gradients overflowed: no update, "
+        "the loss scale halved, the schedule held); metrics.jsonl names them (grad_norm null). A few at the "
+        "start are usual; many mean the scale keeps overflowing: bf16 (model.dtype=bf16) has fp32's range"
+    ]
 
     cfg = small_config(tmp_path / "b", demo_data, *common)
     calls = _on_step(monkeypatch, 2, _poison_grad(float("inf")))
@@ -254,6 +260,7 @@ def test_fp16_overflow_skips_the_step_and_resume_keeps_the_scale(tmp_path, token
     monkeypatch.undo()
     second = _run(cfg, tokenizer, torch.float16)
     assert second.train_losses == full.train_losses[3:]
+    assert not [n for n in second.notes if "skipped" in n]  # (steps 4-6: none skipped)
     resumed = [
         r for r in loop.read_metrics(os.path.join(second.run_dir, "metrics.jsonl")) if r["split"] == "train"
     ]

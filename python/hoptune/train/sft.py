@@ -950,6 +950,7 @@ def _train(
         os.path.join(run_dir, "metrics.jsonl"), out.tensorboard, resume_step=step if resume_from else None
     )
     notes = [metrics.tb_note] if metrics.tb_note else []
+    skipped = 0  # fp16: steps GradScaler skipped (gradients that overflowed at the current scale)
     params = [p for _, p in named]
     eval_bs = t.eval_batch_size or t.batch_size
 
@@ -1009,6 +1010,8 @@ def _train(
                 raise out_of_memory(cfg, model, step + 1, total, ckpt.latest()) from e
             try:  # (the loss is read with the gradient norm, after the optimizer's launches)
                 grad_norm = loop.optimizer_step(optimizer, scheduler, params, t.max_grad_norm, scaler, loss)
+                if scaler is not None and not math.isfinite(grad_norm):
+                    skipped += 1  # (GradScaler's skipped step: the scale halves, nothing is updated)
             except torch.OutOfMemoryError as e:
                 raise out_of_memory(cfg, model, step + 1, total, ckpt.latest()) from e
             except FloatingPointError as e:
@@ -1102,6 +1105,13 @@ def _train(
         metrics.close()  # (as above: the points of the run's last steps reach TensorBoard)
         raise
     metrics.close()
+    if skipped:
+        notes.append(
+            f"fp16 loss scaling skipped {skipped} of the {step - start} steps this run took (their "
+            "gradients overflowed: no update, the loss scale halved, the schedule held); metrics.jsonl "
+            "names them (grad_norm null). A few at the start are usual; many mean the scale keeps "
+            "overflowing: bf16 (model.dtype=bf16) has fp32's range"
+        )
     plots: list[str] = []
     if out.plots:
         plots, note = loop.plot_metrics(
