@@ -229,3 +229,46 @@ def test_a_lone_carriage_return_inside_a_record_is_whitespace(tmp_path, tokenize
     p.write_bytes('\r\r{"text": "a"}\r{"text": "b"}\r{"text": "c"}\n{"text": "d"}\n'.encode(encoding))
     recs, _ = read_jsonl(p)
     assert [(r.data["text"], r.line) for r in recs] == [("a", 3), ("b", 4), ("c", 5), ("d", 6)]
+
+
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize("indent", [None, 2])
+def test_a_json_array_is_named_as_one(tmp_path, skip, indent):
+    """An array of records (one line, or indented over many) was 'N malformed line(s) ... or set
+    data.skip_bad_examples=true', which then skipped everything."""
+    path = tmp_path / "d.json"
+    rows = [{"prompt": f"q{i}", "completion": "a"} for i in range(3)]
+    path.write_text("\ufeff\n " + json.dumps(rows, indent=indent) + "\n")
+    with pytest.raises(
+        DataError, match=r"holds a JSON array, not JSONL: hoptune reads one JSON object per line"
+    ):
+        read_jsonl(path, skip_malformed=skip)
+    # an array as one bad line among records is a malformed line as before
+    path.write_text(json.dumps(rows[0]) + "\n[1, 2]\n")
+    records, report = read_jsonl(path, skip_malformed=True)
+    assert len(records) == 1 and report.malformed == [(2, "expected a JSON object, got list")]
+
+
+@pytest.mark.parametrize(
+    "head, kind",
+    [
+        (b"\x1f\x8b\x08\x00", "gzip-compressed"),
+        (b"\x28\xb5\x2f\xfd", "zstd-compressed"),
+        (b"PK\x03\x04", "a zip archive"),
+    ],
+)
+def test_a_compressed_file_is_named_as_one(tmp_path, head, kind):
+    path = tmp_path / "d.jsonl.x"
+    path.write_bytes(head + bytes(range(256)))
+    with pytest.raises(DataError, match=rf"is {kind}, not a JSONL text file; hoptune reads plain JSONL"):
+        read_jsonl(path, skip_malformed=True)
+
+
+def test_a_gzip_file_as_written_by_gzip(tmp_path):
+    import gzip
+
+    path = tmp_path / "d.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write('{"prompt": "q", "completion": "a"}\n')
+    with pytest.raises(DataError, match=r"is gzip-compressed"):
+        read_jsonl(path)

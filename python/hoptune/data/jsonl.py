@@ -108,7 +108,14 @@ def read_jsonl(path: str | os.PathLike, skip_malformed: bool = False) -> tuple[l
     # apart by a byte-order mark or by the zero bytes around the first character; a UTF-8 byte-order mark
     # opening the file (Windows editors and PowerShell write one) is dropped, not read as part of line 1
     with open(path, "rb") as f:
-        encoding = json.detect_encoding(f.read(4))
+        head = f.read(4)
+    for magic, kind in _COMPRESSED:
+        if head.startswith(magic):
+            raise DataError(
+                f"data file {path!r} is {kind}, not a JSONL text file; hoptune reads plain JSONL (one JSON "
+                "object per line): decompress or convert it first"
+            )
+    encoding = json.detect_encoding(head)
     name = "UTF-" + encoding.split("-")[1]  # utf-8-sig, utf-16-le, ...: the name errors give
     # undecodable bytes come through as lone surrogates (U+DC00..U+DCFF), so a bad byte spoils its line
     # only and the lines around it are read as usual. Lines end at "\n" (a "\r" before it is
@@ -164,12 +171,40 @@ def read_jsonl(path: str | os.PathLike, skip_malformed: bool = False) -> tuple[l
                     continue
                 records.append(Record(obj, path, line))
     report.records = len(records)
+    if not records and report.malformed and _opens_with_bracket(path, encoding):
+        # (skipping its lines would leave nothing: said whatever skip_malformed is)
+        raise DataError(
+            f"data file {path!r} holds a JSON array, not JSONL: hoptune reads one JSON object per line. "
+            'Convert it, e.g. python -c "import json,sys; [print(json.dumps(r)) for r in '
+            'json.load(open(sys.argv[1]))]" in.json > out.jsonl'
+        )
     if report.malformed and not skip_malformed:
         raise DataError(
             f"{path}: {len(report.malformed)} malformed line(s): {_show(report.malformed)}. Fix them, or set "
             "data.skip_bad_examples=true to skip and report them"
         )
     return records, report
+
+
+# files that are no JSONL text, by their first bytes
+_COMPRESSED = (
+    (b"\x1f\x8b", "gzip-compressed"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed"),
+    (b"BZh", "bzip2-compressed"),
+    (b"\xfd7zX", "xz-compressed"),
+    (b"PK\x03\x04", "a zip archive"),
+    (b"PAR1", "a Parquet file"),
+)
+
+
+def _opens_with_bracket(path: str, encoding: str) -> bool:
+    """Whether the file's first character other than whitespace (and a byte-order mark) is "["."""
+    with open(path, encoding=encoding, errors="replace") as f:
+        while chunk := f.read(4096):
+            text = chunk.lstrip().lstrip("\ufeff").lstrip()
+            if text:
+                return text[0] == "["
+    return False
 
 
 def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
