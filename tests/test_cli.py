@@ -292,8 +292,32 @@ def test_checkpoint_folder_without_a_tokenizer_is_one_line(tmp_path, capsys, run
     assert main(["sft", run_config, f"model.path={weights_only}"]) == 2
     err = capsys.readouterr().err
     last = err.rstrip("\n").split("\n")[-1]
-    assert last.startswith(f"hoptune sft: error: model.path={str(weights_only)!r}: cannot load its tokenizer")
+    assert last == (
+        f"hoptune sft: error: model.path={str(weights_only)!r}: cannot load its tokenizer; the folder "
+        "needs the tokenizer files (tokenizer.json, tokenizer_config.json) saved with the model"
+    )  # (without transformers' "(Couldn't instantiate the backend tokenizer from one of: )")
     assert "Traceback" not in err
+
+
+def test_a_model_path_without_config_json_is_named(tmp_path, capsys, run_config):
+    """'<folder> has no config.json' did not name model.path, nor an adapter folder passed as one."""
+    from hoptune.train import loop
+
+    capsys.readouterr()
+    assert main(["sft", run_config, f"model.path={tmp_path}"]) == 2
+    assert capsys.readouterr().err == (
+        f"hoptune sft: error: model.path={str(tmp_path)!r} has no config.json; it takes a checkpoint "
+        "folder as save_pretrained writes it (config.json + safetensors + tokenizer files)\n"
+    )
+    assert main(["sft", run_config]) == 0  # a finished run: its adapter/ as the model
+    capsys.readouterr()
+    adapter = loop.saved_output(tmp_path / "run")
+    assert main(["sft", run_config, f"model.path={adapter}", f"output.dir={tmp_path / 'run2'}"]) == 2
+    assert capsys.readouterr().err == (
+        f"hoptune sft: error: model.path={adapter!r} is a LoRA adapter folder (its base: "
+        f"{str(tmp_path / 'base')!r}), not a model; model.path takes the base model's folder (config.json "
+        "+ safetensors + tokenizer files)\n"
+    )
 
 
 @pytest.mark.parametrize("case", ["truncated", "moe"])

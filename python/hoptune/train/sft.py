@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import os
 import re
@@ -70,15 +71,35 @@ def load_tokenizer(cfg: SFTConfig) -> Any:
             f"model.path={cfg.model.path!r} is not a folder; hoptune trains local checkpoints (config.json + "
             "safetensors + tokenizer files) and never downloads, or the built-in model with model.path=hoptune/tiny"
         )
+    path = cfg.model.path
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        adapter = os.path.join(path, "adapter_config.json")
+        if os.path.isfile(adapter):  # (a run's adapter/ passed as the model)
+            base = None
+            try:
+                with open(adapter, encoding="utf-8") as f:
+                    base = json.load(f).get("base_model_name_or_path")
+            except (OSError, ValueError, AttributeError):
+                pass
+            named = f" (its base: {base!r})" if base else ""
+            raise ConfigError(
+                f"model.path={path!r} is a LoRA adapter folder{named}, not a model; model.path takes the "
+                "base model's folder (config.json + safetensors + tokenizer files)"
+            )
+        raise ConfigError(
+            f"model.path={path!r} has no config.json; it takes a checkpoint folder as save_pretrained "
+            "writes it (config.json + safetensors + tokenizer files)"
+        )
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(cfg.model.path)
+        return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:  # no tokenizer files, or files transformers cannot read
         why = str(e).strip().split("\n")[0]
+        why = "" if why.rstrip().endswith("from one of:") else f" ({why})"  # (an empty list of files)
         raise ConfigError(
-            f"model.path={cfg.model.path!r}: cannot load its tokenizer ({why}); the folder needs the "
-            "tokenizer files (tokenizer.json, tokenizer_config.json) saved with the model"
+            f"model.path={path!r}: cannot load its tokenizer{why}; the folder needs the tokenizer files "
+            "(tokenizer.json, tokenizer_config.json) saved with the model"
         ) from e
 
 
