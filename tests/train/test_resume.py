@@ -563,3 +563,25 @@ def test_a_checkpoint_damaged_after_the_resume_checks_is_named(tmp_path, tokeniz
         match=r"step-00000001: the checkpoint is damaged, trainer_state\.pt cannot be read.*new output\.dir$",
     ):
         _run(cfg, tokenizer)
+
+
+def test_data_changed_under_the_same_config_is_said_so(tmp_path, tokenizer, demo_data, monkeypatch):
+    """A data file whose contents changed (the config as it was) was refused with 'Use the config
+    that run was started with', as if a key had changed."""
+    cfg = small_config(tmp_path, demo_data, "train.max_steps=3", "train.save_every=1")
+    _run_killed_at_step(cfg, tokenizer, 2, monkeypatch)
+    with open(demo_data["train"]) as f:
+        lines = f.readlines()
+    with open(demo_data["train"], "w") as f:
+        f.writelines(lines[:-1])
+    with pytest.raises(ConfigError) as e:
+        _run(cfg, tokenizer)
+    msg = str(e.value)
+    assert "data_fingerprint (the training rows" in msg and "eval_fingerprint" not in msg
+    assert msg.endswith(
+        "The config is as that run's: the data its files hold changed since (or the tokenizer). Restore "
+        "them, or train on the new data in a new output.dir"
+    )
+    with open(demo_data["train"], "w") as f:  # restored: the run resumes
+        f.writelines(lines)
+    assert _run(cfg, tokenizer).steps == 3

@@ -753,10 +753,16 @@ def _check_resume(folder: str, state: dict[str, Any], now: dict[str, Any]) -> No
             "trained the built-in model"
         )
     if changed:
-        raise ConfigError(
-            f"cannot resume exactly from {folder}: {'; '.join(changed)}. Use the config that run was started "
-            "with (see its config.yaml), or a new output.dir"
-        )
+        keys = [k for k, v in now.items() if k in was and not _same_setting(k, was[k], v)]
+        if keys and set(keys) <= {"data_fingerprint", "eval_fingerprint"}:
+            # every config key as the run's: the files' contents (or the tokenizer) changed
+            what = (
+                "The config is as that run's: the data its files hold changed since (or the tokenizer). "
+                "Restore them, or train on the new data in a new output.dir"
+            )
+        else:
+            what = "Use the config that run was started with (see its config.yaml), or a new output.dir"
+        raise ConfigError(f"cannot resume exactly from {folder}: {'; '.join(changed)}. {what}")
 
 
 def train(cfg: SFTConfig, log=print, model: nn.Module | None = None, tokenizer: Any = None) -> SFTResult:
