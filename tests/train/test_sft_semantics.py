@@ -280,3 +280,21 @@ def test_the_log_gives_the_rows_a_step_takes_from_a_small_dataset(tmp_path, toke
     lines = []
     sft.train(cfg, log=lines.append, model=build_model(seed=0, **SMALL), tokenizer=tokenizer)
     assert any(s.startswith("training: 1 steps x 3 rows (4 x 2 accumulation) from 3 rows") for s in lines)
+
+
+def test_the_data_log_says_what_is_held_out(tmp_path, tokenizer, demo_data):
+    """data.eval_fraction's split was not logged, and data.eval naming data.train's file (an eval loss
+    on training rows) went unsaid."""
+    cfg = small_config(tmp_path, demo_data, "data.eval=null", "data.eval_fraction=0.25")
+    lines = []
+    train, evals, _ = sft.load_data(cfg, tokenizer, log=lines.append)
+    assert (
+        evals
+        and f"data.eval_fraction=0.25: {len(evals)} of the {len(train) + len(evals)} examples held out for eval"
+        in lines
+    )
+    assert not [s for s in lines if "same file" in s]
+    lines = []
+    cfg = small_config(tmp_path, demo_data, f"data.eval={demo_data['train']}")
+    sft.load_data(cfg, tokenizer, log=lines.append)
+    assert [s for s in lines if s.startswith("warning: data.eval is the same file as data.train")]

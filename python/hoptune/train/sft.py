@@ -414,8 +414,18 @@ def load_data(cfg: SFTConfig, tokenizer: Any, log=print) -> tuple[list[Row], lis
         reports.append(rep_e)
         if d.eval_fraction:
             log(f"data.eval is set: data.eval_fraction={d.eval_fraction} is not used (nothing is split off)")
+        with contextlib.suppress(OSError):
+            if os.path.samefile(d.eval, d.train):
+                log(
+                    f"warning: data.eval is the same file as data.train ({d.train}): its eval loss is on "
+                    "rows the run trains on, which says nothing of held-out data (data.eval_fraction "
+                    "holds some out instead)"
+                )
     else:
+        n = len(train)
         train, evals = split_eval(train, d.eval_fraction, cfg.train.seed)
+        if evals:
+            log(f"data.eval_fraction={d.eval_fraction}: {len(evals)} of the {n} examples held out for eval")
     if d.general_data:
         general, rep_g = load_examples(d.general_data, tokenizer, **kw)
         reports.append(rep_g)
