@@ -614,3 +614,15 @@ def test_an_output_dir_that_cannot_be_written_is_named(tmp_path, capsys, run_con
     assert err == (
         f"hoptune sft: error: output.dir {str(run)!r} cannot be written: Permission denied ({run / '.lock'})\n"
     )
+
+
+def test_print_config_lists_the_defaults_without_data_train(tmp_path, capsys):
+    """--print-config of an empty config (the way to list the keys) was refused for data.train."""
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert main(["sft", str(empty), "--print-config"]) == 0
+    out, err = capsys.readouterr()
+    assert "data:\n  train: null\n" in out and "lora:\n" in out
+    assert err == "hoptune sft: note: data.train is not set; a run needs it\n"
+    assert main(["sft", str(empty), "--print-config", "train.lr=-1"]) == 2  # the other checks still run
+    assert capsys.readouterr().err == "hoptune sft: error: train.lr must be a finite number > 0, got -1.0\n"
