@@ -570,7 +570,9 @@ def test_dtype_by_name_as_from_pretrained_takes_it(tmp_path):
     typed = hoptune.load_model(tmp_path, quantize=None, device="cpu", dtype=torch.float32, progress=False)
     assert named.dtype == torch.float32
     torch.testing.assert_close(logits(named), logits(typed), atol=0, rtol=0)
-    with pytest.raises(TypeError, match=r"dtype must be torch.bfloat16, .* got 'auto'"):
+    short = hoptune.load_model(tmp_path, quantize=None, device="cpu", dtype="fp32", progress=False)
+    assert short.dtype == torch.float32  # (the config's spelling, model.dtype: fp32)
+    with pytest.raises(TypeError, match=r"dtype must be torch\.float32, torch\.bfloat16 .* got 'auto'"):
         hoptune.load_model(tmp_path, quantize=None, device="cpu", dtype="auto")
 
 

@@ -175,3 +175,27 @@ def test_remove_of_the_model_after_its_only_adapted_submodule():
     assert {n: p.requires_grad for n, p in model.named_parameters()} == want
     with pytest.raises(ValueError, match="no LoRA layers"):
         hoptune.remove_lora(model)
+
+
+def test_merge_and_unload_and_save_adapter_take_dtype_names(tmp_path):
+    """dtype="bfloat16" was refused with 'dtype must be float32, bfloat16, float16 or None, got
+    bfloat16' (str(torch.bfloat16) reads the same)."""
+    from safetensors.torch import load_file
+
+    from tests.test_loading import tiny_model as tiny_llama
+
+    model = tiny_llama(dtype=torch.float32)
+    hoptune.apply_lora(model, r=4)
+    by_name = hoptune.merge_and_unload(copy.deepcopy(model), dtype="bf16")
+    by_type = hoptune.merge_and_unload(copy.deepcopy(model), dtype=torch.bfloat16)
+    assert by_name.dtype == torch.bfloat16
+    for (n, a), (_, b) in zip(by_name.named_parameters(), by_type.named_parameters()):
+        assert torch.equal(a, b), n
+    with pytest.raises(
+        TypeError, match=r"dtype must be torch\.float32, .*\(or its name, .*\) or None, got 'bfloat'"
+    ):
+        hoptune.merge_and_unload(copy.deepcopy(model), dtype="bfloat")
+    hoptune.save_adapter(model, tmp_path / "a", dtype="bfloat16")
+    assert {t.dtype for t in load_file(tmp_path / "a" / "adapter_model.safetensors").values()} == {
+        torch.bfloat16
+    }

@@ -42,6 +42,7 @@ from torch import nn
 
 from hoptune._io import STAGE_PREFIX, replace_files
 from hoptune.nn.lora import LoRALinear
+from hoptune.ops import _check
 from hoptune.patch import (
     _check_pattern,
     _check_spec,
@@ -498,8 +499,7 @@ def save_adapter(
     adapter, unless another ``base_model_name_or_path`` is given; else null).
     A model wrapped by torch.compile, DataParallel or DistributedDataParallel is saved as the model
     inside (the wrappers' ``_orig_mod.`` / ``module.`` are not in the keys)."""
-    if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"dtype must be float32, bfloat16, float16 or None, got {dtype}")
+    dtype = _check.float_dtype("dtype", dtype, none=True)
     from safetensors.torch import save_file
 
     model = _unwrap(model)
@@ -781,8 +781,7 @@ def load_adapter(
         raise ValueError(f"blocksize must be one of {BLOCKSIZES} or None, got {blocksize!r}")
     if double_quant is not None and not isinstance(double_quant, bool):
         raise TypeError(f"double_quant must be True, False or None, got {double_quant!r}")
-    if adapter_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"adapter_dtype must be float32, bfloat16, float16 or None, got {adapter_dtype}")
+    adapter_dtype = _check.float_dtype("adapter_dtype", adapter_dtype, none=True)
     wrapper = _parallel_wrapper(model)
     if wrapper is not None:
         raise ValueError(

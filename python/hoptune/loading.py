@@ -877,13 +877,7 @@ def load_model(
         raise FileNotFoundError(f"{folder} has no config.json{hint}")
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize must be 'nf4' or None, got {quantize!r}")
-    names = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-    if isinstance(dtype, str) and dtype in names:  # as from_pretrained takes it
-        dtype = names[dtype]
-    if dtype not in names.values():
-        raise TypeError(
-            f"dtype must be torch.bfloat16, torch.float16 or torch.float32 (or its name), got {dtype!r}"
-        )
+    dtype = _check.float_dtype("dtype", dtype)  # (or its name, as from_pretrained takes it)
     blocksize = _check.blocksize("blocksize", blocksize, BLOCKSIZES)
     _check.boolean("double_quant", double_quant)
     skip_modules = _skip_names(skip_modules)

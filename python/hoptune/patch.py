@@ -835,8 +835,7 @@ def merge_and_unload(
     that had an adapter gets its own merged weight, and ``tie_word_embeddings`` becomes False in the
     config (and in its text config, where a composite config has one)."""
     check_model(model)
-    if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"dtype must be float32, bfloat16, float16 or None, got {dtype}")
+    dtype = _check.float_dtype("dtype", dtype, none=True)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRALinear, NF4Linear))]
     if not layers:
         raise ValueError(f"model ({type(model).__name__}) has no LoRA or NF4 layers to merge")

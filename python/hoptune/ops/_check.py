@@ -66,6 +66,33 @@ def blocksize(name: str, value: object, allowed: Iterable[int]) -> int:
     return int(value)
 
 
+# the floating-point dtypes a model computes in, by torch's names and the configs' short ones
+FLOAT_DTYPE_NAMES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+
+def float_dtype(name: str, value: object, none: bool = False) -> torch.dtype | None:
+    """``value``: torch.float32, torch.bfloat16 or torch.float16, or its name ("bfloat16", "bf16",
+    ...); None too when ``none``."""
+    if value is None and none:
+        return None
+    if isinstance(value, str) and value in FLOAT_DTYPE_NAMES:
+        return FLOAT_DTYPE_NAMES[value]
+    if isinstance(value, torch.dtype) and value in FLOAT_DTYPE_NAMES.values():
+        return value
+    also = " or None" if none else ""
+    raise TypeError(
+        f"{name} must be torch.float32, torch.bfloat16 or torch.float16 (or its name, 'bfloat16' or "
+        f"'bf16'){also}, got {value!r}"
+    )
+
+
 def boolean(name: str, value: object) -> bool:
     """``value`` must be True or False: None or a string would otherwise be read by its truth."""
     if not isinstance(value, bool):
