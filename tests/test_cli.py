@@ -48,6 +48,13 @@ def test_help_of_a_stub_or_an_unknown_command(capsys):
 def test_not_implemented_yet(cmd, capsys):
     assert main([cmd, "x.yaml"]) == 2
     assert "not implemented yet" in capsys.readouterr().err
+    assert main([cmd, "--help"]) == 0  # (as `hoptune help CMD`: it was exit 2 on stderr)
+    assert "not implemented yet" in capsys.readouterr().out
+
+
+def test_plan_names_the_known_model_a_typo_is_near(capsys):
+    assert main(["plan", "--model", "llama3-8b"]) == 2
+    assert capsys.readouterr().err.rstrip().endswith("; did you mean 'llama-3-8b'?")
 
 
 def test_unknown_command(capsys):

@@ -207,6 +207,8 @@ def _main(argv: list[str] | None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd in NOT_YET:
+        if rest and rest[0] in ("-h", "--help"):  # (as `hoptune help CMD`)
+            return _help(cmd)
         print(
             f"hoptune {cmd}: {NOT_YET[cmd]} is not implemented yet in hoptune {hoptune.__version__}",
             file=sys.stderr,

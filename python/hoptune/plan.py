@@ -308,9 +308,13 @@ def _load_config(config: object):
         s = os.path.expanduser(s)
         path = os.path.join(s, "config.json") if os.path.isdir(s) else s
         if not os.path.isfile(path):
+            import difflib
+
+            near = difflib.get_close_matches(s.lower(), list(KNOWN_MODELS), n=1, cutoff=0.8)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
             raise ValueError(
-                f"config {s!r} is neither a known model ({sorted(KNOWN_MODELS)}) nor a config.json file or a "
-                "folder holding one"
+                f"model {s!r} is neither a known model ({sorted(KNOWN_MODELS)}) nor a config.json file or a "
+                f"folder holding one{hint}"
             )
         try:
             with open(path, encoding="utf-8") as f:
@@ -619,7 +623,8 @@ def plan(
         raise ValueError(f"{src}: {e}") from e
     if uncheckpointed and not grad_ckpt:
         raise ValueError(
-            f"uncheckpointed={uncheckpointed} needs grad_ckpt=True (without it no layer is checkpointed)"
+            f"uncheckpointed={uncheckpointed} needs gradient checkpointing (grad_ckpt=True; hoptune plan "
+            "without --no-grad-ckpt): without it no layer is checkpointed"
         )
     if uncheckpointed > shape.layers:
         raise ValueError(f"uncheckpointed={uncheckpointed}, but {label} has {shape.layers} decoder layers")

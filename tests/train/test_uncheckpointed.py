@@ -125,7 +125,10 @@ def test_plan_counts_uncheckpointed_layers():
     ):
         with pytest.raises(ValueError, match=msg):
             plan("llama-3-8b", uncheckpointed=bad, **kw)
-    with pytest.raises(ValueError, match="needs grad_ckpt=True"):
+    with pytest.raises(
+        ValueError,
+        match=r"needs gradient checkpointing \(grad_ckpt=True; hoptune plan without --no-grad-ckpt\)",
+    ):
         plan("llama-3-8b", uncheckpointed=2, grad_ckpt=False, **kw)
 
 
