@@ -347,6 +347,11 @@ def _unknown_key(cls: type, key: str, root: type) -> ConfigError:
     if guess is None:
         close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
         guess = close[0] if close else None
+    if leaf in ("overwrite", "overwrite_output_dir"):  # (transformers' overwrite_output_dir)
+        return ConfigError(
+            f"unknown config key {key!r}; a run never overwrites another: a new output.dir starts a "
+            "run, the same one continues it (output.resume=auto) or refuses to (output.resume=false)"
+        )
     hint = f"did you mean {guess!r}?" if guess else f"valid keys here: {', '.join(siblings)}"
     return ConfigError(f"unknown config key {key!r}; {hint}")
 

@@ -483,3 +483,12 @@ def test_an_override_into_a_non_mapping_section_is_an_error(tmp_path, text, over
     # an empty section (null) is the defaults: an override fills it
     cfg = load_config(_yaml(tmp_path, "train:\nlora:\n"), ["train.lr=1e-3", "lora={r: 8}"])
     assert (cfg.train.lr, cfg.lora.r) == (1e-3, 8)
+
+
+@pytest.mark.parametrize("key", ["output.overwrite", "train.overwrite_output_dir"])
+def test_an_overwrite_key_says_how_runs_and_folders_go(key):
+    """output.overwrite was answered 'did you mean output.progress?'."""
+    with pytest.raises(
+        ConfigError, match=rf"unknown config key '{key}'; a run never overwrites another: a new"
+    ):
+        load_config(None, [f"{key}=true"])
