@@ -585,3 +585,29 @@ def test_data_changed_under_the_same_config_is_said_so(tmp_path, tokenizer, demo
     with open(demo_data["train"], "w") as f:  # restored: the run resumes
         f.writelines(lines)
     assert _run(cfg, tokenizer).steps == 3
+
+
+def test_a_newest_checkpoint_without_its_state_file_is_passed_over_aloud(
+    tmp_path, tokenizer, demo_data, monkeypatch
+):
+    """The run resumed from the checkpoint before it without a word."""
+    cfg = small_config(
+        tmp_path,
+        demo_data,
+        "train.max_steps=4",
+        "train.save_every=1",
+        "train.keep_checkpoints=3",
+        "data.eval=null",
+    )
+    _run_killed_at_step(cfg, tokenizer, 4, monkeypatch)
+    ckpts = os.path.join(cfg.output.dir, "checkpoints")
+    os.remove(os.path.join(ckpts, "step-00000003", loop.STATE_FILE))
+    lines = []
+    res = sft.train(cfg, log=lines.append, model=build_model(seed=0, **SMALL), tokenizer=tokenizer)
+    assert res.steps == 4
+    said = [s for s in lines if "names step-00000003" in s]
+    assert said == [
+        f"{os.path.join(ckpts, loop.LATEST)} names step-00000003, which has no {loop.STATE_FILE}: resuming "
+        "from the newest checkpoint that has one, step-00000002"
+    ]
+    assert f"resumed from {os.path.join(ckpts, 'step-00000002')} at step 2" in lines

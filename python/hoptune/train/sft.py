@@ -494,12 +494,19 @@ def sft_step(
     return (float(total) if read else total), n_loss, tokens
 
 
-def _resume_folder(cfg: SFTConfig, ckpt: loop.Checkpointer) -> str | None:
+def _resume_folder(cfg: SFTConfig, ckpt: loop.Checkpointer, log=print) -> str | None:
     r = cfg.output.resume
     latest = ckpt.latest()
     if r is True or r == "auto":
         if latest is None and r is True:
             raise ConfigError(f"output.resume=true but {ckpt.dir} has no checkpoint")
+        named = _latest_named(ckpt)
+        if named is not None and latest is not None and os.path.basename(latest) != named:
+            # (a checkpoint whose state file went: said, not resumed from an older one in silence)
+            log(
+                f"{os.path.join(ckpt.dir, loop.LATEST)} names {named}, which has no {loop.STATE_FILE}: "
+                f"resuming from the newest checkpoint that has one, {os.path.basename(latest)}"
+            )
         return latest
     if r is False:
         if latest is not None:
@@ -512,6 +519,16 @@ def _resume_folder(cfg: SFTConfig, ckpt: loop.Checkpointer) -> str | None:
         what = f"output.resume={r!r} is not a checkpoint folder (no {loop.STATE_FILE})"
         raise ConfigError(f"{what}; {_resume_hint(r)}")
     return r
+
+
+def _latest_named(ckpt: loop.Checkpointer) -> str | None:
+    """The checkpoint folder the ``latest`` pointer names, when that folder exists."""
+    try:
+        with open(os.path.join(ckpt.dir, loop.LATEST), encoding="utf-8") as f:
+            name = f.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return name if name and os.path.isdir(os.path.join(ckpt.dir, name)) else None
 
 
 # the first line of the resolved config a run writes into output.dir
@@ -862,7 +879,7 @@ def _train(
     loop.use_device(device)
     dtype = loop.resolve_dtype(cfg.model.dtype, device)
     ckpt = loop.Checkpointer(run_dir, keep=t.keep_checkpoints)
-    resume_from = _resume_folder(cfg, ckpt)
+    resume_from = _resume_folder(cfg, ckpt, log)
     # a whole adapter/ or model/ (weights without their config are a save that was killed, not a
     # finished run): a run without checkpoints (train.save_every=0) would train over it
     finished = loop.saved_output(run_dir)
