@@ -611,3 +611,32 @@ def test_a_newest_checkpoint_without_its_state_file_is_passed_over_aloud(
         "from the newest checkpoint that has one, step-00000002"
     ]
     assert f"resumed from {os.path.join(ckpts, 'step-00000002')} at step 2" in lines
+
+
+def test_a_state_file_with_other_objects_runs_no_code(tmp_path, tokenizer, demo_data, monkeypatch):
+    """trainer_state.pt was unpickled with weights_only=False: a checkpoint from elsewhere
+    (output.resume=<its folder>) could run code."""
+    cfg = small_config(tmp_path, demo_data, "train.max_steps=2", "train.save_every=1", "data.eval=null")
+    _run_killed_at_step(cfg, tokenizer, 2, monkeypatch)
+    path = os.path.join(cfg.output.dir, "checkpoints", "step-00000001", loop.STATE_FILE)
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    blob["state"]["extra"] = _Called()
+    torch.save(blob, path)
+    _Called.calls = 0
+    with pytest.raises(
+        ConfigError, match=r"trainer_state\.pt cannot be read .*holds objects other than the optimizer"
+    ):
+        _run(cfg, tokenizer)
+    assert _Called.calls == 0
+
+
+class _Called:
+    calls = 0
+
+    def __reduce__(self):
+        return (_Called._ran, ())
+
+    @staticmethod
+    def _ran():
+        _Called.calls += 1
+        return "ran"

@@ -875,13 +875,34 @@ class CheckpointError(ValueError):
     the message names the file."""
 
 
+def _state_globals() -> list[Any]:
+    """What a ``trainer_state.pt`` holds besides tensors and plain containers: NumPy's RNG state
+    (an array of uint32)."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core  # (NumPy 2 / 1)
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def _torch_load_state(folder: str) -> dict[str, Any]:
-    """``trainer_state.pt``'s contents; CheckpointError when it cannot be unpickled."""
+    """``trainer_state.pt``'s contents, unpickled with torch's ``weights_only`` (tensors, containers
+    and NumPy's RNG state only: a checkpoint from elsewhere runs no code); CheckpointError when it
+    cannot be read."""
     path = os.path.join(folder, STATE_FILE)
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_state_globals()):
+            blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # (a cut or corrupt pickle fails in many ways: each means the same here)
-        raise CheckpointError(f"{STATE_FILE} cannot be read ({type(e).__name__}: {e})") from e
+        why = (
+            str(e).split("\n")[0]
+            if "Unsupported global" not in str(e)
+            else (
+                "it holds objects other than the optimizer, scheduler and RNG states a run saves ("
+                + next((ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln), "")
+                + "); it is loaded with torch.load(weights_only=True), which runs no code from the file"
+            )
+        )
+        raise CheckpointError(f"{STATE_FILE} cannot be read ({type(e).__name__}: {why})") from e
     if not isinstance(blob, dict) or "state" not in blob:
         raise CheckpointError(f"{STATE_FILE} holds no training state (got {type(blob).__name__})")
     return blob
