@@ -499,6 +499,16 @@ def _write(path, text):
         f.write(text)
 
 
+def _three_checkpoints(tmp_path, tokenizer, demo_data, monkeypatch):
+    """A 4-step run killed in its 4th step, its checkpoints of steps 1-3 kept: (config, checkpoints/)."""
+    cfg = small_config(tmp_path, demo_data, *_FOUR_STEPS)
+    _run_killed_at_step(cfg, tokenizer, 4, monkeypatch)
+    return cfg, os.path.join(cfg.output.dir, "checkpoints")
+
+
+_FOUR_STEPS = ("train.max_steps=4", "train.save_every=1", "train.keep_checkpoints=3", "data.eval=null")
+
+
 @pytest.mark.parametrize(
     "damage, file",
     [
@@ -517,16 +527,7 @@ def test_a_damaged_checkpoint_is_named_with_the_one_before_it(
 ):
     """A checkpoint file cut short or edited after it was saved raised a raw traceback (torch.load,
     json), or was reported as weights that do not fit the config."""
-    cfg = small_config(
-        tmp_path,
-        demo_data,
-        "train.max_steps=4",
-        "train.save_every=1",
-        "train.keep_checkpoints=3",
-        "data.eval=null",
-    )
-    _run_killed_at_step(cfg, tokenizer, 4, monkeypatch)
-    ckpts = os.path.join(cfg.output.dir, "checkpoints")
+    cfg, ckpts = _three_checkpoints(tmp_path, tokenizer, demo_data, monkeypatch)
     damage(os.path.join(ckpts, "step-00000003"))
     want = (
         rf"cannot resume from .*step-00000003: the checkpoint is damaged, {re.escape(file)} cannot be read "
@@ -536,13 +537,7 @@ def test_a_damaged_checkpoint_is_named_with_the_one_before_it(
         _run(cfg, tokenizer)
     # that one resumes, and the run finishes
     cfg = small_config(
-        tmp_path,
-        demo_data,
-        "train.max_steps=4",
-        "train.save_every=1",
-        "train.keep_checkpoints=3",
-        "data.eval=null",
-        f"output.resume={os.path.join(ckpts, 'step-00000002')}",
+        tmp_path, demo_data, *_FOUR_STEPS, f"output.resume={os.path.join(ckpts, 'step-00000002')}"
     )
     assert _run(cfg, tokenizer).steps == 4
 
@@ -591,16 +586,7 @@ def test_a_newest_checkpoint_without_its_state_file_is_passed_over_aloud(
     tmp_path, tokenizer, demo_data, monkeypatch
 ):
     """The run resumed from the checkpoint before it without a word."""
-    cfg = small_config(
-        tmp_path,
-        demo_data,
-        "train.max_steps=4",
-        "train.save_every=1",
-        "train.keep_checkpoints=3",
-        "data.eval=null",
-    )
-    _run_killed_at_step(cfg, tokenizer, 4, monkeypatch)
-    ckpts = os.path.join(cfg.output.dir, "checkpoints")
+    cfg, ckpts = _three_checkpoints(tmp_path, tokenizer, demo_data, monkeypatch)
     os.remove(os.path.join(ckpts, "step-00000003", loop.STATE_FILE))
     lines = []
     res = sft.train(cfg, log=lines.append, model=build_model(seed=0, **SMALL), tokenizer=tokenizer)
