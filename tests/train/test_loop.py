@@ -711,3 +711,37 @@ def test_loop_gc_gives_back_on_an_error_freezes_beside_an_earlier_freeze_and_not
     for bad in (0, -1, True, 2.0):
         with pytest.raises(ValueError, match="full_every must be an integer >= 1"):
             loop.LoopGc(full_every=bad)
+
+
+def _respell(src, dst, old: bytes, new: bytes) -> None:
+    """A copy of the torch.save file ``src`` whose pickle names ``new`` where it named ``old``."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            zout.writestr(info, data.replace(old, new) if info.filename.endswith("data.pkl") else data)
+
+
+def test_state_files_of_any_numpy_load_with_weights_only(tmp_path):
+    """trainer_state.pt is read with weights_only: NumPy's RNG state, an ndarray in the files of
+    earlier versions, is pickled under numpy.core (NumPy 1) or numpy._core (NumPy 2) and must load
+    under either; new files hold it as plain numbers."""
+    import numpy as np
+
+    state = loop.rng_state()
+    assert isinstance(state["numpy"][1], list)  # (no NumPy object in a new file)
+    for i, key in enumerate(
+        [np.random.get_state()[1], state["numpy"][1]]
+    ):  # an earlier version's, a new one's
+        blob = {"optimizer": {}, "scheduler": None, "scaler": None, "state": {"step": 1}}
+        blob["rng"] = dict(state, numpy=("MT19937", key, 3, 0, 0.0))
+        for spelling in (b"numpy._core.multiarray", b"numpy.core.multiarray"):
+            folder = tmp_path / f"{i}-{spelling.decode()}"
+            folder.mkdir()
+            torch.save(blob, tmp_path / "saved.pt")
+            _respell(tmp_path / "saved.pt", folder / loop.STATE_FILE, b"numpy._core.multiarray", spelling)
+            got = loop._torch_load_state(str(folder))["rng"]["numpy"]
+            assert got[0] == "MT19937" and list(got[1]) == list(np.asarray(key)) and got[2] == 3
+            loop.set_rng_state(loop._torch_load_state(str(folder))["rng"])
+            assert np.random.get_state()[2] == 3

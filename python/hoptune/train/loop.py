@@ -92,7 +92,10 @@ def rng_state() -> dict[str, Any]:
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        # as plain numbers (its key a list, not an ndarray): the state file then unpickles with
+        # weights_only under any NumPy version
+        name, key, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = (name, key.tolist(), int(pos), int(has_gauss), float(cached))
     except ImportError:  # pragma: no cover
         pass
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -876,12 +879,34 @@ class CheckpointError(ValueError):
 
 
 def _state_globals() -> list[Any]:
-    """What a ``trainer_state.pt`` holds besides tensors and plain containers: NumPy's RNG state
-    (an array of uint32)."""
-    import numpy as np
+    """What a ``trainer_state.pt`` of an earlier version holds besides tensors and plain containers:
+    NumPy's RNG state as an array of uint32, pickled under the name of the NumPy that saved it
+    (``numpy.core`` in 1.x, ``numpy._core`` in 2.x), each name allowed whichever NumPy reads it."""
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover
+        return []
+    import importlib
 
-    core = getattr(np, "_core", None) or np.core  # (NumPy 2 / 1)
-    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    names = []
+    for mod in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        try:
+            with warnings.catch_warnings():  # (NumPy 2 warns on numpy.core)
+                warnings.simplefilter("ignore")
+                fn = importlib.import_module(mod)._reconstruct
+        except (ImportError, AttributeError):
+            continue
+        names.append((fn, f"{mod}._reconstruct"))
+    if not names:  # pragma: no cover
+        return [np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    out: list[Any] = [np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    try:  # (torch < 2.6 takes objects only: the running NumPy's own name)
+        with torch.serialization.safe_globals(names):
+            pass
+        out += names
+    except (TypeError, AttributeError, ValueError):
+        out.append(names[0][0])
+    return out
 
 
 def _torch_load_state(folder: str) -> dict[str, Any]:
@@ -889,8 +914,9 @@ def _torch_load_state(folder: str) -> dict[str, Any]:
     and NumPy's RNG state only: a checkpoint from elsewhere runs no code); CheckpointError when it
     cannot be read."""
     path = os.path.join(folder, STATE_FILE)
+    allowed = _state_globals()  # (outside the try: a fault here is not a damaged file)
     try:
-        with torch.serialization.safe_globals(_state_globals()):
+        with torch.serialization.safe_globals(allowed):
             blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # (a cut or corrupt pickle fails in many ways: each means the same here)
         why = (
