@@ -243,6 +243,10 @@ def test_a_json_array_is_named_as_one(tmp_path, skip, indent):
         DataError, match=r"holds a JSON array, not JSONL: hoptune reads one JSON object per line"
     ):
         read_jsonl(path, skip_malformed=skip)
+    # one object a line between the brackets: the last line parses as a record, the others do not
+    path.write_text("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n")
+    with pytest.raises(DataError, match=r"holds a JSON array, not JSONL"):
+        read_jsonl(path, skip_malformed=skip)
     # an array as one bad line among records is a malformed line as before
     path.write_text(json.dumps(rows[0]) + "\n[1, 2]\n")
     records, report = read_jsonl(path, skip_malformed=True)

@@ -520,6 +520,10 @@ _FOUR_STEPS = ("train.max_steps=4", "train.save_every=1", "train.keep_checkpoint
             lambda d: _cut(os.path.join(d, loop.ADAPTER_DIR, "adapter_model.safetensors"), 50),
             "adapter/adapter_model.safetensors",
         ),
+        (
+            lambda d: _cut(os.path.join(d, loop.ADAPTER_DIR, "adapter_config.json"), 40),
+            "adapter/adapter_config.json",
+        ),
     ],
 )
 def test_a_damaged_checkpoint_is_named_with_the_one_before_it(
@@ -574,8 +578,9 @@ def test_data_changed_under_the_same_config_is_said_so(tmp_path, tokenizer, demo
     msg = str(e.value)
     assert "data_fingerprint (the training rows" in msg and "eval_fingerprint" not in msg
     assert msg.endswith(
-        "The config is as that run's: the data its files hold changed since (or the tokenizer). Restore "
-        "them, or train on the new data in a new output.dir"
+        "No setting a checkpoint records changed: the rows differ, by the data.* keys or "
+        "model.chat_template of the config, the contents of the data files, or the tokenizer. Train on "
+        "the rows of that run, or on these in a new output.dir"
     )
     with open(demo_data["train"], "w") as f:  # restored: the run resumes
         f.writelines(lines)

@@ -171,8 +171,9 @@ def read_jsonl(path: str | os.PathLike, skip_malformed: bool = False) -> tuple[l
                     continue
                 records.append(Record(obj, path, line))
     report.records = len(records)
-    if not records and report.malformed and _opens_with_bracket(path, encoding):
-        # (skipping its lines would leave nothing: said whatever skip_malformed is)
+    if report.malformed and _opens_with_bracket(path, encoding):
+        # (no JSONL file opens so; skipping its lines would keep at most the objects that sat alone
+        # on a line: said whatever skip_malformed is)
         raise DataError(
             f"data file {path!r} holds a JSON array, not JSONL: hoptune reads one JSON object per line. "
             'Convert it, e.g. python -c "import json,sys; [print(json.dumps(r)) for r in '

@@ -1046,9 +1046,10 @@ class Checkpointer:
     @staticmethod
     def check_files(folder: str) -> None:
         """Raise CheckpointError naming the file when one of the checkpoint's files cannot be read:
-        the training state's JSON, the zip container of ``trainer_state.pt`` (its directory, not its
-        contents) and the safetensors headers of the weights (saves are atomic, so this is a file
-        changed or cut after it was written). Cheap: no tensor is read."""
+        the training state's JSON and the adapter's config (parsed), the zip container of
+        ``trainer_state.pt`` (its directory, not its contents) and the safetensors headers of the
+        weights (saves are atomic, so this is a file changed or cut after it was written). Cheap: no
+        tensor is read."""
         import zipfile
 
         from hoptune.loading import read_safetensors_header
@@ -1073,6 +1074,13 @@ class Checkpointer:
                 pass
         except (OSError, zipfile.BadZipFile) as e:
             raise bad(path, e) from e
+        path = os.path.join(folder, ADAPTER_DIR, "adapter_config.json")
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    json.load(f)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise bad(path, e) from e
         for sub in (ADAPTER_DIR, ""):
             d = os.path.join(folder, sub)
             names = sorted(n for n in os.listdir(d) if n.endswith(".safetensors")) if os.path.isdir(d) else []

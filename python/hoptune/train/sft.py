@@ -782,10 +782,12 @@ def _check_resume(folder: str, state: dict[str, Any], now: dict[str, Any]) -> No
     if changed:
         keys = [k for k, v in now.items() if k in was and not _same_setting(k, was[k], v)]
         if keys and set(keys) <= {"data_fingerprint", "eval_fingerprint"}:
-            # every config key as the run's: the files' contents (or the tokenizer) changed
+            # no recorded setting differs: the data.* keys and model.chat_template (not recorded), the
+            # files' contents or the tokenizer made other rows
             what = (
-                "The config is as that run's: the data its files hold changed since (or the tokenizer). "
-                "Restore them, or train on the new data in a new output.dir"
+                "No setting a checkpoint records changed: the rows differ, by the data.* keys or "
+                "model.chat_template of the config, the contents of the data files, or the tokenizer. "
+                "Train on the rows of that run, or on these in a new output.dir"
             )
         else:
             what = "Use the config that run was started with (see its config.yaml), or a new output.dir"
