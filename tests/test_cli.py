@@ -597,6 +597,7 @@ def test_an_output_dir_that_cannot_be_written_is_named(tmp_path, capsys, run_con
 
     from hoptune.train import loop
 
+    real_mkdir = os.mkdir
     capsys.readouterr()
     run = tmp_path / "run"
     if os.geteuid() != 0:  # (root writes into a read-only folder)
@@ -612,6 +613,18 @@ def test_an_output_dir_that_cannot_be_written_is_named(tmp_path, capsys, run_con
     def refused(folder):  # (as os.open of the lock file in a read-only folder)
         raise PermissionError(13, "Permission denied", os.path.join(folder, loop.LOCK_FILE))
         yield
+
+    # a parent made on the way, then the folder itself refused: the parent goes again too
+    def mkdir(path, *a, **k):  # (os.makedirs makes each folder with os.mkdir too)
+        if str(path).endswith(os.path.join("deep", "run")):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_mkdir(path, *a, **k)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    assert main(["sft", run_config, f"output.dir={tmp_path / 'made' / 'deep' / 'run'}"]) == 2
+    assert "cannot be written: Permission denied" in capsys.readouterr().err
+    assert not (tmp_path / "made").exists()
+    monkeypatch.undo()
 
     monkeypatch.setattr(loop, "run_lock", refused)
     run = tmp_path / "new" / "run"  # (the folders made for it go again)

@@ -196,6 +196,9 @@ def test_merge_and_unload_and_save_adapter_take_dtype_names(tmp_path):
     ):
         hoptune.merge_and_unload(copy.deepcopy(model), dtype="bfloat")
     hoptune.save_adapter(model, tmp_path / "a", dtype="bfloat16")
+    bf16 = tiny_llama(dtype=torch.float32)
+    hoptune.apply_lora(bf16, r=4, adapter_dtype="bf16")  # (apply_lora too)
+    assert {p.dtype for n, p in bf16.named_parameters() if "lora_" in n} == {torch.bfloat16}
     assert {t.dtype for t in load_file(tmp_path / "a" / "adapter_model.safetensors").values()} == {
         torch.bfloat16
     }

@@ -536,8 +536,7 @@ def replace_with_lora(
         use_rslora=use_rslora,
         double_quant=double_quant,
     )
-    if adapter_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"adapter_dtype must be float32, bfloat16 or float16, got {adapter_dtype}")
+    adapter_dtype = _check.float_dtype("adapter_dtype", adapter_dtype)
     # every name of a shared Parameter: a tied head that merge_and_unload unties gets the flag of
     # the matrix it shared under its own name (a fresh nn.Linear's True otherwise)
     record = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}

@@ -313,7 +313,7 @@ def _load_config(config: object):
             near = difflib.get_close_matches(s.lower(), list(KNOWN_MODELS), n=1, cutoff=0.8)
             hint = f"; did you mean {near[0]!r}?" if near else ""
             raise ValueError(
-                f"model {s!r} is neither a known model ({sorted(KNOWN_MODELS)}) nor a config.json file or a "
+                f"{s!r} is neither a known model ({sorted(KNOWN_MODELS)}) nor a config.json file or a "
                 f"folder holding one{hint}"
             )
         try:

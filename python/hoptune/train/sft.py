@@ -72,6 +72,24 @@ def load_tokenizer(cfg: SFTConfig) -> Any:
             "safetensors + tokenizer files) and never downloads, or the built-in model with model.path=hoptune/tiny"
         )
     path = cfg.model.path
+    # (called only when the model too comes from model.path: a folder that is no model is said so)
+    _check_model_folder(path)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:  # no tokenizer files, or files transformers cannot read
+        why = str(e).strip().split("\n")[0]
+        why = "" if why.rstrip().endswith("from one of:") else f" ({why})"  # (an empty list of files)
+        raise ConfigError(
+            f"model.path={path!r}: cannot load its tokenizer{why}; the folder needs the tokenizer files "
+            "(tokenizer.json, tokenizer_config.json) saved with the model"
+        ) from e
+
+
+def _check_model_folder(path: str) -> None:
+    """ConfigError when the folder ``model.path`` names has no config.json (an adapter folder named
+    as one)."""
     if not os.path.isfile(os.path.join(path, "config.json")):
         adapter = os.path.join(path, "adapter_config.json")
         if os.path.isfile(adapter):  # (a run's adapter/ passed as the model)
@@ -90,17 +108,6 @@ def load_tokenizer(cfg: SFTConfig) -> Any:
             f"model.path={path!r} has no config.json; it takes a checkpoint folder as save_pretrained "
             "writes it (config.json + safetensors + tokenizer files)"
         )
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:  # no tokenizer files, or files transformers cannot read
-        why = str(e).strip().split("\n")[0]
-        why = "" if why.rstrip().endswith("from one of:") else f" ({why})"  # (an empty list of files)
-        raise ConfigError(
-            f"model.path={path!r}: cannot load its tokenizer{why}; the folder needs the tokenizer files "
-            "(tokenizer.json, tokenizer_config.json) saved with the model"
-        ) from e
 
 
 def base_model_name(cfg: SFTConfig, model: nn.Module | None = None) -> str | None:
@@ -848,7 +855,13 @@ def _make_run_dir(run_dir: str) -> list[str]:
         except OSError:  # (a file in the way): os.makedirs below raises what it always did
             break
         made.append(path)
-    os.makedirs(run_dir, exist_ok=True)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError:
+        for path in reversed(made):  # (the parents made on the way, empty: not left behind)
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+        raise
     return made[::-1]
 
 
