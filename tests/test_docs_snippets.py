@@ -224,3 +224,25 @@ def test_config_keys_named_in_docs_exist():
     assert len(named) > 30
     unknown = sorted((doc, k) for doc, k in named if k not in keys and k not in not_keys)
     assert not unknown, f"config keys the docs name that config.py does not have: {unknown}"
+
+
+def test_training_demo_adapter_snippet_runs(tmp_path, monkeypatch, capsys):
+    """TRAINING.md's Python lines for the demo's adapter (the trained adapter and its base stand in:
+    a fresh adapter over the built-in model's random initialisation), and the generation config
+    they rely on: generate() stops at <|end|>, which ends each chat turn, as well as at </s>."""
+    import hoptune.models as models
+    from hoptune.models import build_model, build_tokenizer
+
+    tok = build_tokenizer()
+    assert build_model().generation_config.eos_token_id == [
+        tok.eos_token_id,
+        tok.convert_tokens_to_ids("<|end|>"),
+    ]
+    base = build_model()
+    hoptune.apply_lora(base, r=4, target_modules="all-linear")
+    hoptune.save_adapter(base, tmp_path / "adapter")
+    monkeypatch.setattr(models, "load_tiny", lambda: (build_model(), build_tokenizer()))
+    code = _code_block("docs/TRAINING.md", "The demo's adapter in Python")
+    assert '"runs/demo/sft/adapter"' in code
+    exec(code.replace('"runs/demo/sft/adapter"', repr(str(tmp_path / "adapter"))), {})
+    assert capsys.readouterr().out.endswith("\n")  # (its print ran: a random model answers anything)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from hoptune.models.tiny import CHAT_TEMPLATE, TINY_CONFIG, build_model, build_tokenizer
+from hoptune.models.tiny import CHAT_TEMPLATE, TINY_CONFIG, build_model, build_tokenizer, stop_at_end_of_turn
 
 
 def load_tiny(
@@ -31,6 +31,7 @@ def load_tiny(
         # constructor, which refuses it)
         model = LlamaForCausalLM.from_pretrained(path, **{_dtype_kwarg(): dtype}).to(device)
     model.config.use_cache = False
+    stop_at_end_of_turn(model)  # (a cache written by an earlier version stops at </s> alone)
     # the tokenizer is built in code: a cache written by an older version may hold an older one
     return model, build_tokenizer()
 

@@ -75,4 +75,11 @@ def build_model(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: 
         # fork_rng(devices=[]) does not put back
         torch.default_generator.manual_seed(seed)
         model = LlamaForCausalLM(config)
+    stop_at_end_of_turn(model)
     return model.to(dtype)
+
+
+def stop_at_end_of_turn(model: Any) -> None:
+    """``generate()`` stops at a chat turn's end (``<|end|>``) as well as at ``</s>``: the chat
+    template ends each turn with the former, which a generation config with ``</s>`` alone runs past."""
+    model.generation_config.eos_token_id = [2, SPECIAL_TOKENS.index("<|end|>")]
