@@ -33,7 +33,7 @@ $(BUILD_MODE): | $(BIN)/python
 
 $(STAMP): $(VENV)/.torch $(BUILD_MODE) $(SOURCES)
 	$(BIN)/python -m pip install -q $(BUILD_DEPS)
-	@echo "installing hoptune (HOPTUNE_BUILD_CUDA=$(HOPTUNE_BUILD_CUDA): where nvcc is found the CUDA extension compiles, 3-5 minutes on 2 cores, without output)"
+	@echo "installing hoptune (HOPTUNE_BUILD_CUDA=$(HOPTUNE_BUILD_CUDA): where nvcc is found the CUDA extension compiles, some minutes on 2 cores, without output)"
 	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test]"
 	touch $@
 
