@@ -900,13 +900,9 @@ def _state_globals() -> list[Any]:
     if not names:  # pragma: no cover
         return [np.ndarray, np.dtype, type(np.dtype(np.uint32))]
     out: list[Any] = [np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-    try:  # (torch < 2.6 takes objects only: the running NumPy's own name)
-        with torch.serialization.safe_globals(names):
-            pass
-        out += names
-    except (TypeError, AttributeError, ValueError):
-        out.append(names[0][0])
-    return out
+    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
+    # (torch takes (object, name) pairs from 2.6; before, objects only: the running NumPy's name)
+    return [*out, *names] if (major, minor) >= (2, 6) else [*out, names[0][0]]
 
 
 def _torch_load_state(folder: str) -> dict[str, Any]:
