@@ -930,6 +930,20 @@ def _torch_load_state(folder: str) -> dict[str, Any]:
     return blob
 
 
+def step_folders(parent: str) -> list[str]:
+    """The names of the whole checkpoints in ``parent`` (``step-<digits>`` folders holding their
+    state file), oldest first. A folder the user keeps beside them (``step-00000500-best``) is not
+    one of them, so it is never pruned."""
+    if not os.path.isdir(parent):
+        return []
+    names = [
+        n
+        for n in os.listdir(parent)
+        if re.fullmatch(r"step-\d+", n) and os.path.isfile(os.path.join(parent, n, STATE_FILE))
+    ]
+    return sorted(names, key=lambda n: int(n[5:]))
+
+
 class Checkpointer:
     """Checkpoints under ``<run>/checkpoints/step-XXXXXXXX/`` (weights or PEFT adapter,
     ``trainer_state.pt`` with optimizer, scheduler, RNG and data position, and a readable
@@ -945,26 +959,23 @@ class Checkpointer:
         self.keep = max(1, keep)
 
     def _steps(self) -> list[str]:
-        if not os.path.isdir(self.dir):
-            return []
-        # step-<digits> only: a folder the user keeps beside them (step-00000500-best) is not pruned
-        names = [
-            n
-            for n in os.listdir(self.dir)
-            if re.fullmatch(r"step-\d+", n) and os.path.isfile(os.path.join(self.dir, n, STATE_FILE))
-        ]
-        return sorted(names, key=lambda n: int(n[5:]))
+        return step_folders(self.dir)
+
+    def pointed(self) -> str | None:
+        """The folder name the ``latest`` pointer file holds, or None (no file, or an empty one)."""
+        try:
+            with open(os.path.join(self.dir, LATEST), encoding="utf-8") as f:
+                return f.read().strip() or None
+        except (OSError, UnicodeDecodeError):
+            return None
 
     def latest(self) -> str | None:
         """The newest complete checkpoint folder, or None. A checkpoint that a killed save of its
         step again left aside is put back first (the one ``latest`` names, most often)."""
         self._put_back_set_aside()
-        pointer = os.path.join(self.dir, LATEST)
-        if os.path.isfile(pointer):
-            with open(pointer, encoding="utf-8") as f:
-                name = f.read().strip()
-            if name and os.path.isfile(os.path.join(self.dir, name, STATE_FILE)):
-                return os.path.join(self.dir, name)
+        name = self.pointed()
+        if name and os.path.isfile(os.path.join(self.dir, name, STATE_FILE)):
+            return os.path.join(self.dir, name)
         steps = self._steps()
         return os.path.join(self.dir, steps[-1]) if steps else None
 

@@ -507,8 +507,13 @@ def _resume_folder(cfg: SFTConfig, ckpt: loop.Checkpointer, log=print) -> str | 
     if r is True or r == "auto":
         if latest is None and r is True:
             raise ConfigError(f"output.resume=true but {ckpt.dir} has no checkpoint")
-        named = _latest_named(ckpt)
-        if named is not None and latest is not None and os.path.basename(latest) != named:
+        named = ckpt.pointed()
+        if (
+            named
+            and latest
+            and os.path.basename(latest) != named
+            and os.path.isdir(os.path.join(ckpt.dir, named))
+        ):
             # (a checkpoint whose state file went: said, not resumed from an older one in silence)
             log(
                 f"{os.path.join(ckpt.dir, loop.LATEST)} names {named}, which has no {loop.STATE_FILE}: "
@@ -526,16 +531,6 @@ def _resume_folder(cfg: SFTConfig, ckpt: loop.Checkpointer, log=print) -> str | 
         what = f"output.resume={r!r} is not a checkpoint folder (no {loop.STATE_FILE})"
         raise ConfigError(f"{what}; {_resume_hint(r)}")
     return r
-
-
-def _latest_named(ckpt: loop.Checkpointer) -> str | None:
-    """The checkpoint folder the ``latest`` pointer names, when that folder exists."""
-    try:
-        with open(os.path.join(ckpt.dir, loop.LATEST), encoding="utf-8") as f:
-            name = f.read().strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return name if name and os.path.isdir(os.path.join(ckpt.dir, name)) else None
 
 
 # the first line of the resolved config a run writes into output.dir
@@ -570,15 +565,9 @@ def _damaged(folder: str, e: Exception) -> ConfigError:
     """The error for a checkpoint with a file that cannot be read, naming the one before it."""
     parent, name = os.path.split(os.path.normpath(folder))
     m = re.fullmatch(r"step-(\d+)", name)
-    earlier = sorted(
-        (int(n[5:]), n)
-        for n in (os.listdir(parent) if m and os.path.isdir(parent) else [])
-        if re.fullmatch(r"step-\d+", n)
-        and int(n[5:]) < int(m[1])
-        and os.path.isfile(os.path.join(parent, n, loop.STATE_FILE))
-    )
+    earlier = [n for n in loop.step_folders(parent) if m and int(n[5:]) < int(m[1])]
     hint = (
-        f"resume from the checkpoint before it with output.resume={os.path.join(parent, earlier[-1][1])}"
+        f"resume from the checkpoint before it with output.resume={os.path.join(parent, earlier[-1])}"
         if earlier
         else "start again with a new output.dir"
     )
