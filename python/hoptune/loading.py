@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from hoptune._io import STAGE_PREFIX
-from hoptune.nn.nf4_linear import NF4_META_KEY, NF4Linear
+from hoptune.nn.nf4_linear import NF4_META_KEY, NF4Linear, read_nf4_meta
 from hoptune.ops import _check
 from hoptune.ops import nf4 as nf4_ops
 from hoptune.patch import CONV1D_ATTR, _is_conv1d
@@ -729,16 +729,14 @@ def _own_owner(key: str, own: set[str]) -> str | None:
 def _own_nf4_weight(parts: dict[str, torch.Tensor], owner: str, shape: tuple, dtype: torch.dtype, file: str):
     """The NF4Weight of ``owner`` from its entries in hoptune's own state-dict form (``parts``: every
     entry of it the checkpoint holds); ``shape``: the one the model needs."""
-    meta = parts[f"{owner}.{NF4_META_KEY}"].detach().to("cpu", torch.float64).flatten().tolist()
-    if len(meta) not in (3, 3 + len(shape)):
+    key = f"{owner}.{NF4_META_KEY}"
+    try:
+        offset, bs, bs2, stored = read_nf4_meta(parts[key], len(shape), key)
+    except ValueError as err:
+        raise ValueError(f"{file}: {err}") from err
+    if stored and stored != tuple(shape):
         raise ValueError(
-            f"{file}: {owner}.{NF4_META_KEY} must hold {3 + len(shape)} values (offset, blocksize, "
-            f"blocksize2, then the weight's shape), got {len(meta)}"
-        )
-    offset, bs, bs2, *stored = meta
-    if stored and tuple(int(d) for d in stored) != tuple(shape):
-        raise ValueError(
-            f"{file}: the NF4 weight of {owner} has shape {[int(d) for d in stored]} but the model needs "
+            f"{file}: the NF4 weight of {owner} has shape {list(stored)} but the model needs "
             f"{list(shape)} (a checkpoint for another configuration?)"
         )
     nested = parts.get(f"{owner}.weight_absmax2")
@@ -748,11 +746,11 @@ def _own_nf4_weight(parts: dict[str, torch.Tensor], owner: str, shape: tuple, dt
             parts[f"{owner}.weight_absmax"].flatten(),
             torch.Size(shape),
             dtype,
-            int(bs),
+            bs,
             None if nested is None else nested.flatten(),
             parts.get(f"{owner}.weight_code2"),
-            float(offset),
-            int(bs2),
+            offset,
+            bs2,
         )
     except (ValueError, TypeError) as err:
         raise type(err)(f"{file}: the NF4 weight of {owner}: {err}") from err

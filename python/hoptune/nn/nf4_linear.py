@@ -68,6 +68,18 @@ def check_linear_weight(linear: nn.Linear, name: str) -> None:
         )
 
 
+def read_nf4_meta(t: object, ndim: int, key: str) -> tuple[float, int, int, tuple[int, ...]]:
+    """(offset, blocksize, blocksize2, shape) of a ``weight_nf4_meta`` entry (``key``) of a weight
+    of ``ndim`` dims; the shape is () in an entry saved before it held one."""
+    if not isinstance(t, torch.Tensor) or t.numel() not in (3, 3 + ndim):
+        raise ValueError(
+            f"{key}: expected {3 + ndim} values (offset, blocksize, blocksize2, then the weight's "
+            f"shape), or 3 without the shape, got {t!r}"
+        )
+    offset, bs, bs2, *shape = t.detach().to("cpu", torch.float64).tolist()
+    return offset, int(bs), int(bs2), tuple(int(n) for n in shape)
+
+
 def register_nf4(module: nn.Module, q: NF4Weight) -> None:
     """Store ``q`` on ``module`` as the NF4 buffers (state-dict keys ``weight_packed`` ...) plus
     the Python-side metadata; :func:`nf4_view` rebuilds the ``NF4Weight``."""
@@ -230,24 +242,22 @@ class NF4Module(nn.Module):
             t = state_dict.get(key)
             if t is not None:
                 shape, _, bs, _, bs2 = self._nf4_meta
-                if not isinstance(t, torch.Tensor) or t.numel() not in (3, 3 + len(shape)):
-                    errors.append(
-                        f"{key}: expected {3 + len(shape)} values (offset, blocksize, blocksize2, then the "
-                        f"weight's shape), or 3 without the shape, got {t!r}"
-                    )
+                try:
+                    offset, new_bs, new_bs2, new_shape = read_nf4_meta(t, len(shape), key)
+                except ValueError as e:
+                    errors.append(str(e))
                     return
-                offset, new_bs, new_bs2, *new_shape = t.detach().to("cpu", torch.float64).tolist()
                 # (the buffers are flat: a weight of another shape with as many elements would load)
-                if new_shape and tuple(int(n) for n in new_shape) != tuple(shape):
+                if new_shape and new_shape != tuple(shape):
                     errors.append(
-                        f"{key}: the state dict's NF4 weight has shape {tuple(int(n) for n in new_shape)}, "
+                        f"{key}: the state dict's NF4 weight has shape {new_shape}, "
                         f"this module's {tuple(shape)} (load it into a layer of the same shape)"
                     )
                     return
-                if (int(new_bs), int(new_bs2)) != (bs, bs2):
+                if (new_bs, new_bs2) != (bs, bs2):
                     errors.append(
-                        f"{key}: the state dict's NF4 weight has blocksize {int(new_bs)} / blocksize2 "
-                        f"{int(new_bs2)}, this module's {bs} / {bs2} (quantize the module with the same "
+                        f"{key}: the state dict's NF4 weight has blocksize {new_bs} / blocksize2 "
+                        f"{new_bs2}, this module's {bs} / {bs2} (quantize the module with the same "
                         "settings)"
                     )
                     return
