@@ -69,15 +69,16 @@ def _sft(argv: list[str]) -> int:
     config_file = _config_file(args.config)
     cfg = load_config(config_file, args.overrides)
     if args.print_config:
-        if cfg.data.train is None:  # (the keys and defaults listed all the same: a run needs it)
-            import dataclasses
+        import dataclasses
 
-            check_sft_config(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train="-")))
-            print(dump_config(cfg), end="")
-            print("hoptune sft: note: data.train is not set; a run needs it", file=sys.stderr)
-            return 0
-        check_sft_config(cfg)
+        # (without data.train the keys and defaults are listed all the same: a run needs it)
+        unset = cfg.data.train is None
+        check_sft_config(
+            dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train="-")) if unset else cfg
+        )
         print(dump_config(cfg), end="")
+        if unset:
+            print("hoptune sft: note: data.train is not set; a run needs it", file=sys.stderr)
         return 0
     from hoptune.data.jsonl import DataError
     from hoptune.train import loop, sft

@@ -109,7 +109,7 @@ def read_jsonl(path: str | os.PathLike, skip_malformed: bool = False) -> tuple[l
     # opening the file (Windows editors and PowerShell write one) is dropped, not read as part of line 1
     with open(path, "rb") as f:
         head = f.read(4)
-    for magic, kind in _COMPRESSED:
+    for magic, kind in _NOT_TEXT:
         if head.startswith(magic):
             raise DataError(
                 f"data file {path!r} is {kind}, not a JSONL text file; hoptune reads plain JSONL (one JSON "
@@ -187,8 +187,8 @@ def read_jsonl(path: str | os.PathLike, skip_malformed: bool = False) -> tuple[l
     return records, report
 
 
-# files that are no JSONL text, by their first bytes
-_COMPRESSED = (
+# files that are no JSONL text (compressed, an archive, Parquet), by their first bytes
+_NOT_TEXT = (
     (b"\x1f\x8b", "gzip-compressed"),
     (b"\x28\xb5\x2f\xfd", "zstd-compressed"),
     (b"BZh", "bzip2-compressed"),

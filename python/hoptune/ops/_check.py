@@ -66,14 +66,12 @@ def blocksize(name: str, value: object, allowed: Iterable[int]) -> int:
     return int(value)
 
 
-# the floating-point dtypes a model computes in, by torch's names and the configs' short ones
+# the floating-point dtypes a model computes in, by the configs' short names (model.dtype) and
+# torch's
+SHORT_DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FLOAT_DTYPE_NAMES = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp32": torch.float32,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
+    **{str(d).removeprefix("torch."): d for d in SHORT_DTYPE_NAMES.values()},
+    **SHORT_DTYPE_NAMES,
 }
 
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from hoptune._io import atomic_dir, atomic_write, atomic_write_text, put_back_set_aside
 from hoptune.losses.logprobs import head_logprobs, token_logprobs_from_logits
+from hoptune.ops import _check
 
 # -- device, dtype, seeds --------------------------------------------------------------------------
 
@@ -63,7 +64,7 @@ def use_device(dev: torch.device) -> None:
         torch.cuda.set_device(dev)
 
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # model.dtype's names
+DTYPES = _check.SHORT_DTYPE_NAMES  # model.dtype's names
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
