@@ -148,8 +148,9 @@ def test_resume_refuses_changed_settings(tmp_path, tokenizer, demo_data, overrid
     with open(config_yaml) as f:
         before = f.read()
     cfg = small_config(tmp_path, demo_data, "train.max_steps=2", "train.save_every=1", override)
-    with pytest.raises(ConfigError, match=f"cannot resume exactly from .*step-00000002: {message}"):
+    with pytest.raises(ConfigError, match=f"cannot resume exactly from .*step-00000002: {message}") as e:
         _run(cfg, tokenizer)
+    assert str(e.value).endswith("or start afresh in a new output.dir")
     with open(config_yaml) as f:
         assert f.read() == before
 
@@ -285,12 +286,12 @@ def test_full_fine_tuning_resume_ignores_lora_keys(tmp_path, demo_data):
     assert not any(k.startswith("lora.") and k != "lora.enabled" for k in settings)
     state = {"settings": settings}
     full.lora.r = 64  # (changed after the checkpoint: no effect on a full fine-tuning run)
-    sft._check_resume("ckpt", state, sft._resume_settings(full))
+    sft._check_resume("ckpt", state, sft._resume_settings(full), "in a new output.dir")
     lora_run = small_config(tmp_path, demo_data)
     state = {"settings": sft._resume_settings(lora_run)}
     lora_run.lora.r = 64
     with pytest.raises(ConfigError, match="lora.r was 4 and is now 64"):
-        sft._check_resume("ckpt", state, sft._resume_settings(lora_run))
+        sft._check_resume("ckpt", state, sft._resume_settings(lora_run), "in a new output.dir")
 
 
 def test_a_second_run_on_the_same_output_dir_is_refused(tmp_path, tokenizer, demo_data):
@@ -342,9 +343,11 @@ def test_a_run_refused_before_training_leaves_no_folder(tmp_path, tokenizer, dem
         f"output.dir={other}",
         "lora.r=8",
     )
-    with pytest.raises(ConfigError, match="lora.r was 4 and is now 8"):
+    with pytest.raises(ConfigError, match="lora.r was 4 and is now 8") as e:
         _run(cfg, tokenizer)
     assert not os.path.exists(other) and os.path.isfile(os.path.join(latest, loop.STATE_FILE))
+    # (already a new output.dir: starting afresh there means leaving output.resume out)
+    assert str(e.value).endswith("or start afresh without output.resume")
 
 
 def test_a_run_killed_in_training_keeps_its_folder(tmp_path, tokenizer, demo_data, monkeypatch):
@@ -468,10 +471,10 @@ def test_resume_takes_target_modules_listed_in_another_order(tmp_path, demo_data
     state = {"settings": json.loads(json.dumps(sft._resume_settings(cfg)))}
     for same in (["q_proj", "v_proj"], ("q_proj", "v_proj", "q_proj")):
         cfg.lora.target_modules = same
-        sft._check_resume("ckpt", state, sft._resume_settings(cfg))
+        sft._check_resume("ckpt", state, sft._resume_settings(cfg), "in a new output.dir")
     cfg.lora.target_modules = ["q_proj", "k_proj"]
     with pytest.raises(ConfigError, match=r"lora.target_modules was \['v_proj', 'q_proj'\]"):
-        sft._check_resume("ckpt", state, sft._resume_settings(cfg))
+        sft._check_resume("ckpt", state, sft._resume_settings(cfg), "in a new output.dir")
 
 
 def test_resume_names_an_optimizer_state_that_does_not_fit(tmp_path, tokenizer, demo_data, monkeypatch):
@@ -631,3 +634,39 @@ class _Called:
     def _ran():
         _Called.calls += 1
         return "ran"
+
+
+def test_a_checkpoints_folder_that_cannot_be_written_is_refused_before_training(
+    tmp_path, tokenizer, demo_data, monkeypatch
+):
+    """A checkpoints/ that cannot take a checkpoint (here a file by that name) failed with an OS
+    error at the first save, after training up to it; now the run is refused before it trains, and
+    a run that saves no checkpoints is not concerned."""
+    cfg = small_config(tmp_path, demo_data, "train.max_steps=2", "train.save_every=1")
+    os.makedirs(cfg.output.dir)
+    with open(os.path.join(cfg.output.dir, "checkpoints"), "w") as f:
+        f.write("not a folder")
+    monkeypatch.setattr(sft, "sft_step", lambda *a, **k: pytest.fail("trained before the refusal"))
+    with pytest.raises(
+        ConfigError,
+        match=r"its checkpoints/ cannot be written \(Not a directory\), and the run saves one every train.save_every=1 steps; make it writable, or use another output.dir$",
+    ):
+        _run(cfg, tokenizer)
+    monkeypatch.undo()
+    assert (
+        _run(small_config(tmp_path, demo_data, "train.max_steps=2", "train.save_every=0"), tokenizer).steps
+        == 2
+    )
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_checkpoints_folder_is_refused_before_training(tmp_path, tokenizer, demo_data):
+    cfg = small_config(tmp_path, demo_data, "train.max_steps=2", "train.save_every=1")
+    ckpts = os.path.join(cfg.output.dir, "checkpoints")
+    os.makedirs(ckpts)
+    os.chmod(ckpts, 0o555)
+    try:
+        with pytest.raises(ConfigError, match=r"its checkpoints/ cannot be written \(Permission denied\)"):
+            _run(cfg, tokenizer)
+    finally:
+        os.chmod(ckpts, 0o755)

@@ -990,6 +990,12 @@ class Checkpointer:
             if m:
                 put_back_set_aside(os.path.join(self.dir, m[1]))
 
+    def check_writable(self) -> None:
+        """Raise OSError now if checkpoints cannot be written into an existing ``checkpoints/``
+        (read-only, or a file by that name), instead of at the first save, after training up to it."""
+        if os.path.lexists(self.dir):
+            os.rmdir(tempfile.mkdtemp(dir=self.dir, prefix=".tmp-probe-"))
+
     def save(
         self,
         step: int,

@@ -561,7 +561,17 @@ def _config_path(run_dir: str) -> str:
     return path if own else os.path.join(run_dir, "config.resolved.yaml")
 
 
-def _damaged(folder: str, e: Exception) -> ConfigError:
+def _afresh(cfg: SFTConfig, ckpt: loop.Checkpointer) -> str:
+    """How a refused resume starts over instead: another run's checkpoint named by output.resume
+    into an output.dir with none of its own (a new output.dir already) by leaving output.resume
+    out, else in a new output.dir."""
+    r = cfg.output.resume
+    if isinstance(r, str) and r != "auto" and ckpt.latest() is None:
+        return "without output.resume"
+    return "in a new output.dir"
+
+
+def _damaged(folder: str, e: Exception, afresh: str) -> ConfigError:
     """The error for a checkpoint with a file that cannot be read, naming the one before it."""
     parent, name = os.path.split(os.path.normpath(folder))
     m = re.fullmatch(r"step-(\d+)", name)
@@ -569,16 +579,16 @@ def _damaged(folder: str, e: Exception) -> ConfigError:
     hint = (
         f"resume from the checkpoint before it with output.resume={os.path.join(parent, earlier[-1])}"
         if earlier
-        else "start again with a new output.dir"
+        else f"start again {afresh}"
     )
     return ConfigError(f"cannot resume from {folder}: the checkpoint is damaged, {e}; {hint}")
 
 
-def _read_checkpoint_state(folder: str) -> dict[str, Any]:
+def _read_checkpoint_state(folder: str, afresh: str) -> dict[str, Any]:
     try:
         return loop.Checkpointer.read_state(folder)
     except loop.CheckpointError as e:
-        raise _damaged(folder, e) from e
+        raise _damaged(folder, e, afresh) from e
 
 
 def _resume_hint(r: str) -> str:
@@ -741,9 +751,10 @@ def _same_setting(key: str, was: Any, now: Any) -> bool:
     return was == now
 
 
-def _check_resume(folder: str, state: dict[str, Any], now: dict[str, Any]) -> None:
+def _check_resume(folder: str, state: dict[str, Any], now: dict[str, Any], afresh: str) -> None:
     """ConfigError naming every key of ``now`` whose value differs from the checkpoint's ``state``.
-    Settings a checkpoint of an older hoptune does not record are not compared (but its seed is)."""
+    Settings a checkpoint of an older hoptune does not record are not compared (but its seed is).
+    ``afresh``: how to start over instead (``_afresh``)."""
     was = {k: state.get(k) for k in ("data_fingerprint", "rows_per_step", "total_steps")}
     if "eval_fingerprint" in state:  # (not recorded by older checkpoints)
         was["eval_fingerprint"] = state["eval_fingerprint"]
@@ -783,10 +794,10 @@ def _check_resume(folder: str, state: dict[str, Any], now: dict[str, Any]) -> No
             what = (
                 "No setting a checkpoint records changed: the rows differ, by the data.* keys or "
                 "model.chat_template of the config, the contents of the data files, or the tokenizer. "
-                "Train on the rows of that run, or on these in a new output.dir"
+                f"Train on the rows of that run, or on these {afresh}"
             )
         else:
-            what = "Use the config that run was started with (see its config.yaml), or a new output.dir"
+            what = f"Use the config that run was started with (see its config.yaml), or start afresh {afresh}"
         raise ConfigError(f"cannot resume exactly from {folder}: {'; '.join(changed)}. {what}")
 
 
@@ -884,6 +895,16 @@ def _train(
     dtype = loop.resolve_dtype(cfg.model.dtype, device)
     ckpt = loop.Checkpointer(run_dir, keep=t.keep_checkpoints)
     resume_from = _resume_folder(cfg, ckpt, log)
+    afresh = _afresh(cfg, ckpt)
+    if t.save_every:
+        try:
+            ckpt.check_writable()
+        except OSError as e:
+            raise ConfigError(
+                f"output.dir {cfg.output.dir!r}: its checkpoints/ cannot be written "
+                f"({e.strerror or type(e).__name__}), and the run saves one every train.save_every="
+                f"{t.save_every} steps; make it writable, or use another output.dir"
+            ) from e
     # a whole adapter/ or model/ (weights without their config are a save that was killed, not a
     # finished run): a run without checkpoints (train.save_every=0) would train over it
     finished = loop.saved_output(run_dir)
@@ -903,7 +924,7 @@ def _train(
     for r in reports:
         log("data: " + r.summary())
     rows_per_step = t.batch_size * t.grad_accum
-    prior = None if resume_from is None else _read_checkpoint_state(resume_from)
+    prior = None if resume_from is None else _read_checkpoint_state(resume_from, afresh)
     # train.epochs: whole epochs, each seen once (its last step smaller); train.max_steps: a stream of
     # rows. A checkpoint that records no data order comes from a version that always streamed: its
     # run resumes as it started
@@ -932,7 +953,7 @@ def _train(
                 f"model.path: the base {moved} of {resume_from} moved to {now['model.path']} (the same files)"
             )
             now["model.path"] = moved
-        _check_resume(resume_from, prior, now)
+        _check_resume(resume_from, prior, now, afresh)
 
     # 2. model
     base_name = base_model_name(cfg, model)
@@ -947,7 +968,7 @@ def _train(
     # weights tell them apart (a full fine-tuning checkpoint holds every weight: no base to compare)
     model_fp = _model_fingerprint(model) if cfg.model.path in TINY and cfg.lora.enabled else None
     if resume_from is not None and model_fp is not None:
-        _check_resume(resume_from, prior, {"model_fingerprint": model_fp})
+        _check_resume(resume_from, prior, {"model_fingerprint": model_fp}, afresh)
     named = loop.trainable_parameters(model)
     if not named and passed_in and cfg.lora.enabled:
         from hoptune.patch import lora_layers
@@ -983,12 +1004,12 @@ def _train(
         try:
             state = loop.Checkpointer.load(resume_from, model, optimizer, scheduler, scaler=scaler)
         except loop.CheckpointError as e:  # (checked before the model was built; changed since)
-            raise _damaged(resume_from, e) from e
+            raise _damaged(resume_from, e, afresh) from e
         except ValueError as e:  # a checkpoint of an older hoptune, which does not record its settings
             what = str(e) if str(e).startswith("its optimizer") else f"its weights do not fit the model ({e})"
             raise ConfigError(
                 f"cannot resume from {resume_from}: {what}, as this config builds them; "
-                "use the config that run was started with, or a new output.dir"
+                f"use the config that run was started with, or start afresh {afresh}"
             ) from e
         step = int(state["step"])
         window.update(state.get("log_window") or {})
