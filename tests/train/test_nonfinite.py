@@ -359,3 +359,21 @@ def test_a_run_stopped_in_its_final_eval_flushes_its_tensorboard_log(
         _run(small_config(tmp_path, demo_data, "output.tensorboard=true", "train.max_steps=2"), tokenizer)
     assert closed == [True]
     assert os.path.isfile(os.path.join(tmp_path, "run", "adapter", "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize(("name", "dtype"), [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_fp16_on_a_cpu_is_remarked_on_at_the_start(tmp_path, tokenizer, demo_data, name, dtype):
+    """model.dtype=fp16 on a CPU trained without a word (slow there, and its overflows skip steps);
+    bf16 is a choice the resume check itself suggests there, so it goes without one."""
+    cfg = small_config(tmp_path, demo_data, "train.max_steps=1", "data.eval=null", f"model.dtype={name}")
+    lines = []
+    sft.train(cfg, log=lines.append, model=build_model(seed=0, dtype=dtype, **SMALL), tokenizer=tokenizer)
+    said = [s for s in lines if "on a CPU" in s]
+    assert said == (
+        [
+            "model.dtype=fp16 on a CPU: its matmuls are slow there, and fp16 overflows where bf16 and fp32 "
+            "do not (loss scaling skips those steps); model.dtype=auto trains in fp32 on a CPU"
+        ]
+        if name == "fp16"
+        else []
+    )

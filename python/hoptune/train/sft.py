@@ -893,6 +893,11 @@ def _train(
     t, out = cfg.train, cfg.output
     loop.use_device(device)
     dtype = loop.resolve_dtype(cfg.model.dtype, device)
+    if dtype == torch.float16 and device.type == "cpu":
+        log(
+            "model.dtype=fp16 on a CPU: its matmuls are slow there, and fp16 overflows where bf16 and "
+            "fp32 do not (loss scaling skips those steps); model.dtype=auto trains in fp32 on a CPU"
+        )
     ckpt = loop.Checkpointer(run_dir, keep=t.keep_checkpoints)
     resume_from = _resume_folder(cfg, ckpt, log)
     afresh = _afresh(cfg, ckpt)
