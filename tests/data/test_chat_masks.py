@@ -81,6 +81,28 @@ def test_content_inside_the_role_header_is_not_trained(tokenizer):
         assert masked_text(tokenizer, ids, mask) == [answer + "\n"], answer
 
 
+def test_a_template_that_changes_the_content_without_a_generation_prompt_is_refused(tokenizer):
+    """No generation prompt, and the template upper-cases the content (so neither the content nor
+    the placeholder is found in the turn): the mask fell back to the turn's start and trained the
+    header "### Assistant: ". Now the example says why its assistant tokens cannot be located; the
+    same template with {% generation %} markers trains the content alone."""
+    upper = (
+        "{% for m in messages %}### {{ m['role'] | capitalize }}: {{ m['content'] | upper }}\n{% endfor %}"
+    )
+    msgs = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "yes"}]
+    with pytest.raises(
+        ExampleError, match="it changes the content of assistant message 1 as it renders it.*generation"
+    ):
+        ChatFormatter(tokenizer, upper).tokenize(msgs)
+    tagged = (
+        "{% for m in messages %}### {{ m['role'] | capitalize }}: {% if m['role'] == 'assistant' %}"
+        "{% generation %}{{ m['content'] | upper }}\n{% endgeneration %}{% else %}{{ m['content'] | upper }}\n"
+        "{% endif %}{% endfor %}"
+    )
+    ids, mask = ChatFormatter(tokenizer, tagged).tokenize(msgs)
+    assert masked_text(tokenizer, ids, mask) == ["YES\n"]
+
+
 def test_chat_template_file_or_inline(tmp_path, tokenizer):
     path = tmp_path / "t.jinja"
     path.write_text(NO_GEN_PROMPT)
@@ -459,6 +481,27 @@ def test_template_with_a_syntax_error_is_one_error(tmp_path, tokenizer):
     tokenizer.chat_template = bad  # the tokenizer's own
     with pytest.raises(DataError, match="the tokenizer's chat template is not valid Jinja"):
         load_examples(str(p), tokenizer, max_seq_len=128, skip_bad=True)
+
+
+@pytest.mark.parametrize("record", [{"prompt": "ab", "completion": "cd"}, {"messages": CHAT}])
+def test_a_config_template_with_a_syntax_error_is_refused_before_the_data(
+    tmp_path, tokenizer, monkeypatch, record
+):
+    """model.chat_template that is not valid Jinja went through a run without chat records (and
+    was saved with the adapter, where apply_chat_template then failed); with chat records it was
+    found at the first one, after the lines before it. Now it is one error before any line is read."""
+    from hoptune.config import ConfigError, load_config
+    from hoptune.train import sft
+
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps(record) + "\n")
+    cfg = load_config(None, [f"data.train={p}", "data.eval=null", "model.chat_template={{%bad"])
+    monkeypatch.setattr(sft, "load_examples", lambda *a, **k: pytest.fail("read the data first"))
+    with pytest.raises(
+        ConfigError,
+        match=r"^the chat template \(model.chat_template\) is not valid Jinja: .*\(template line 1\)$",
+    ):
+        sft.load_data(cfg, tokenizer, log=lambda *_: None)
 
 
 def test_named_chat_templates_of_the_tokenizer(tmp_path, tokenizer):

@@ -47,6 +47,15 @@ def test_malformed_lines_stop_with_line_numbers(tmp_path):
     assert "line 5" in msg and "data.skip_bad_examples=true" in msg
 
 
+def test_a_raw_control_character_is_named_once(tmp_path):
+    """A raw tab inside a JSON string is not JSON (datasets refuses it too); its message read
+    "Invalid control character at at column 11"."""
+    p = _write(tmp_path / "tab.jsonl", ['{"text": "a\tb"}'])
+    with pytest.raises(DataError) as e:
+        read_jsonl(p)
+    assert "line 1: invalid JSON (Invalid control character at column 12)" in str(e.value)
+
+
 def test_malformed_lines_skipped_when_asked(tmp_path, tokenizer):
     p = _write(tmp_path / "bad.jsonl", ['{"prompt": "1+1=", "completion": "2"}', "{oops", '{"text": "x"}'])
     recs, rep = read_jsonl(p, skip_malformed=True)

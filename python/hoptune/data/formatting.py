@@ -297,6 +297,24 @@ def _no_assistant(messages: list[dict], sharegpt: bool) -> str:
     )
 
 
+def template_syntax_error(tokenizer: Any, template: str) -> str | None:
+    """Why ``template`` is not valid Jinja as transformers compiles it for ``tokenizer`` ("message
+    (template line N)"), or None. A template is compiled on its first use: a probe conversation is
+    rendered, and anything else it raises (a template may refuse that conversation) is not a syntax
+    error."""
+    import jinja2
+
+    try:
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": "x"}], tokenize=False, chat_template=template
+        )
+    except jinja2.TemplateSyntaxError as e:
+        return f"{e.message} (template line {e.lineno})"
+    except Exception:  # (real conversations are checked one by one)
+        pass
+    return None
+
+
 class ChatFormatter:
     """Renders conversations with a tokenizer's chat template and finds the assistant spans."""
 
@@ -345,20 +363,11 @@ class ChatFormatter:
 
     def _check_syntax(self, source: str) -> None:
         """ExampleError when a template is not valid Jinja (a setup error, not one of an example)."""
-        import jinja2
-
         for name, template in self.templates.items():
-            try:  # the template is compiled on its first use
-                self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": "x"}], tokenize=False, chat_template=template
-                )
-            except jinja2.TemplateSyntaxError as e:
+            bad = template_syntax_error(self.tokenizer, template)
+            if bad:
                 which = f"{source} {name!r}" if len(self.templates) > 1 else source
-                raise ExampleError(
-                    f"{which} is not valid Jinja: {e.message} (template line {e.lineno})"
-                ) from None
-            except Exception:  # it may refuse this probe conversation; real ones are checked one by one
-                pass
+                raise ExampleError(f"{which} is not valid Jinja: {bad}")
 
     def _apply(self, messages: list[dict], **kwargs: Any) -> Any:
         """``apply_chat_template`` with the record's template; a conversation the template refuses (its
@@ -445,7 +454,14 @@ class ChatFormatter:
                 )
             if before == plain:
                 # no generation prompt: the added text holds the role header too; train from the content on
-                start = self._content_start(messages, i, after, start, end, template_kwargs)
+                content_start = self._content_start(messages, i, after, start, end, template_kwargs)
+                if content_start is None:
+                    return (
+                        f"it has no generation prompt, and it changes the content of assistant message {i} "
+                        "as it renders it (neither the content nor a placeholder for it is found in the "
+                        "turn), so where the role header ends is not known"
+                    )
+                start = content_start
             if end <= start:
                 raise ExampleError(f"the chat template renders nothing for assistant message {i}")
             out.append((start, end))
@@ -472,9 +488,11 @@ class ChatFormatter:
         start: int,
         end: int,
         template_kwargs: dict | None = None,
-    ) -> int:
+    ) -> int | None:
         """Where the content of assistant message ``i`` starts in ``after`` (the conversation rendered up
-        to and including it), given that its turn spans ``after[start:end]``, header included.
+        to and including it), given that its turn spans ``after[start:end]``, header included; None
+        when neither a placeholder nor the content itself is found there (a template that changes
+        the content, e.g. upper-cases it: training from the turn's start would train its header).
 
         The turn is rendered again with a placeholder for the content: the header is the text before
         the placeholder, whatever the content is (searching for the content itself would stop inside a
@@ -487,7 +505,7 @@ class ChatFormatter:
         # in the turn, as the header comes before it
         content = _text(messages[i]["content"])
         pos = after.rfind(content, start, end) if content else -1
-        return pos if pos >= 0 else start
+        return pos if pos >= 0 else None
 
     def tokenize(
         self, messages: list[dict], first_trained: int = 0, template_kwargs: dict | None = None

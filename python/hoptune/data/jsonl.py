@@ -148,7 +148,9 @@ def read_jsonl(path: str | os.PathLike, skip_malformed: bool = False) -> tuple[l
                 if values is not None:
                     extra += line.count("\r")
                 if values is None:
-                    report.malformed.append((lineno, f"invalid JSON ({e.msg} at column {e.colno})"))
+                    # (json's messages may end in "at": "Invalid control character at")
+                    what = e.msg[: -len(" at")] if e.msg.endswith(" at") else e.msg
+                    report.malformed.append((lineno, f"invalid JSON ({what} at column {e.colno})"))
                     continue
             except RecursionError:
                 # the parser recurses once per level of arrays / objects

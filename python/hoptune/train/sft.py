@@ -38,7 +38,7 @@ from hoptune.data.dataset import (
     mix_replay,
     split_eval,
 )
-from hoptune.data.formatting import resolve_chat_template
+from hoptune.data.formatting import resolve_chat_template, template_syntax_error
 from hoptune.data.jsonl import DataError
 from hoptune.data.packing import Row, collate, rows_from_examples
 from hoptune.losses.sft import count_loss_tokens, sft_loss
@@ -407,6 +407,10 @@ def load_data(cfg: SFTConfig, tokenizer: Any, log=print) -> tuple[list[Row], lis
         chat_template = resolve_chat_template(cfg.model.chat_template, tokenizer)
     except (OSError, ValueError) as e:
         raise ConfigError(str(e)) from None
+    # before any example is read, chat data or not: the run saves the template with its adapter
+    bad = template_syntax_error(tokenizer, chat_template) if isinstance(chat_template, str) else None
+    if bad:
+        raise ConfigError(f"the chat template (model.chat_template) is not valid Jinja: {bad}")
     kw = dict(
         max_seq_len=d.max_seq_len,
         truncation=d.truncation,
