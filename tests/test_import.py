@@ -30,6 +30,26 @@ def test_lazy_attributes():
         raise AssertionError("expected AttributeError")
 
 
+def test_subpackages_and_decoder_ops_after_a_bare_import():
+    """The README names hoptune.quant.save_pretrained_nf4 after ``import hoptune`` and the decoder
+    ops as hoptune.ops.rms_norm / silu_mul / rope: both were AttributeErrors (the ops lived in
+    hoptune.ops.decoder only, and a subpackage needed its own import)."""
+    code = (
+        "import sys, torch, hoptune\n"
+        "assert callable(hoptune.quant.save_pretrained_nf4)\n"
+        "assert callable(hoptune.ops.nf4_lora_linear)\n"
+        "for name in ('rms_norm', 'silu_mul', 'rope'):\n"
+        "    assert getattr(hoptune.ops, name) is getattr(hoptune.ops.decoder, name), name\n"
+        "    assert hasattr(torch.ops.hoptune, name), name\n"
+        "assert 'ops' in dir(hoptune) and 'plan' in dir(hoptune) and callable(hoptune.plan)\n"
+        "assert not torch.cuda.is_initialized() and 'transformers' not in sys.modules\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
 def test_unavailable_reason_is_explained():
     from hoptune import _lib
 

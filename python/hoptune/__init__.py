@@ -31,9 +31,31 @@ _LAZY = {
 }
 
 
+# subpackages reachable as attributes after a bare ``import hoptune`` (``hoptune.quant.save_pretrained_nf4``,
+# ``hoptune.ops.rms_norm``), imported on first use like the names above ("plan" is the function)
+_SUBMODULES = frozenset(
+    {
+        "adapters",
+        "config",
+        "data",
+        "fusion",
+        "loading",
+        "losses",
+        "models",
+        "nn",
+        "ops",
+        "patch",
+        "quant",
+        "train",
+    }
+)
+
+
 def __getattr__(name: str) -> Any:
     mod = _LAZY.get(name)
     if mod is None:
+        if name in _SUBMODULES:
+            return importlib.import_module(f"hoptune.{name}")  # (the import sets the attribute)
         raise AttributeError(f"module 'hoptune' has no attribute {name!r}")
     value = getattr(importlib.import_module(mod), name)
     globals()[name] = value
@@ -41,4 +63,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})  # (a name already loaded is in both)
+    return sorted({*globals(), *_LAZY, *_SUBMODULES})  # (a name already loaded is in both)
