@@ -63,14 +63,22 @@ def test_nf4_state_dict_round_trip(make):
 
 def test_nf4_state_dict_without_meta_is_refused():
     """A state dict without the metadata (saved before it existed) cannot say which offset its
-    double-quantized statistics need: strict loading reports the key as missing."""
+    double-quantized statistics need: refused before anything is copied, strict or not. Before,
+    strict loading copied the codes and then reported the key as missing, and strict=False loaded
+    them decoded with the layer's old offset (other weights, without a word)."""
     a, b = _nf4_pair(NF4Linear.from_linear)
     sd = a.state_dict()
     del sd["weight_nf4_meta"]
-    with pytest.raises(RuntimeError, match="weight_nf4_meta"):
-        b.load_state_dict(sd)
-    missing, _ = b.load_state_dict(sd, strict=False)
-    assert missing == ["weight_nf4_meta"]
+    before = b.dequantize()
+    for strict in (True, False):
+        with pytest.raises(
+            RuntimeError, match="weight_nf4_meta: missing, and the state dict holds this double-quantized"
+        ):
+            b.load_state_dict(sd, strict=strict)
+        assert torch.equal(b.dequantize(), before)
+    # a state dict without this layer's NF4 buffers (other entries only) has no codes to decode
+    b.load_state_dict({"bias": a.bias.detach().clone()}, strict=False)
+    assert torch.equal(b.dequantize(), before) and torch.equal(b.bias, a.bias)
     # without double quantization there is no offset to lose
     single = [NF4Linear(quantize_nf4(torch.randn(64, 128), double_quant=False)) for _ in range(2)]
     sd = single[0].state_dict()

@@ -240,6 +240,18 @@ class NF4Module(nn.Module):
                 )
                 return
             t = state_dict.get(key)
+            if t is None and self.weight_absmax2 is not None:
+                # double-quantized codes without their offset would decode to other weights (with the
+                # layer's old offset): refused before anything is copied, strict or not
+                held = [prefix + n for n in NF4_BUFFERS if prefix + n in state_dict]
+                if held:
+                    errors.append(
+                        f"{key}: missing, and the state dict holds this double-quantized layer's NF4 "
+                        f"buffers ({', '.join(held)}): without that entry (the double quantization's "
+                        "offset) the codes would decode to other weights; load a state dict that "
+                        "holds it, as a hoptune model's state_dict() and save_pretrained write it"
+                    )
+                    return
             if t is not None:
                 shape, _, bs, _, bs2 = self._nf4_meta
                 try:
