@@ -4,6 +4,12 @@ import sys
 import pytest
 
 
+def _passes_in_a_fresh_interpreter(code: str) -> None:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
 def test_import_is_lean():
     """import hoptune (and its ops and quant packages) creates no CUDA context and no transformers import."""
     code = (
@@ -13,9 +19,7 @@ def test_import_is_lean():
         "assert 'hoptune._C' not in sys.modules, 'the extension was loaded at import'\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "ok"
+    _passes_in_a_fresh_interpreter(code)
 
 
 def test_lazy_attributes():
@@ -45,9 +49,7 @@ def test_subpackages_and_decoder_ops_after_a_bare_import():
         "assert not torch.cuda.is_initialized() and 'transformers' not in sys.modules\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "ok"
+    _passes_in_a_fresh_interpreter(code)
 
 
 def test_unavailable_reason_is_explained():
