@@ -2,6 +2,7 @@
 which parameters decay), and a second run in a folder that holds a finished one."""
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -298,3 +299,31 @@ def test_the_data_log_says_what_is_held_out(tmp_path, tokenizer, demo_data):
     cfg = small_config(tmp_path, demo_data, f"data.eval={demo_data['train']}")
     sft.load_data(cfg, tokenizer, log=lines.append)
     assert [s for s in lines if s.startswith("warning: data.eval is the same file as data.train")]
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_examples_beyond_the_models_positions_are_warned_of(tmp_path, tokenizer, demo_data, packing):
+    """An example longer than the model's max_position_embeddings trained at positions the model
+    never saw, without a word. A packed row's positions restart at each document, so the longest
+    document counts there, not the row."""
+    cfg = small_config(tmp_path, demo_data, "train.max_steps=1", "data.eval=null", f"data.packing={packing}")
+    rows, _, _ = sft.load_data(cfg, tokenizer, log=lambda *_: None)
+    docs = [max(r.position_ids) + 1 if r.position_ids else len(r) for r in rows]
+    if packing:
+        assert max(docs) < max(len(r) for r in rows)  # (rows of several documents)
+    for n, said in ((10**6, False), (max(docs) - 1, True), (max(docs), False)):
+        model = build_model(seed=0, **SMALL)
+        model.config.max_position_embeddings = n
+        lines = []
+        sft.train(cfg, log=lines.append, model=model, tokenizer=tokenizer)
+        warned = [s for s in lines if "max_position_embeddings" in s]
+        assert warned == (
+            [
+                f"warning: the data has examples of up to {max(docs)} tokens, beyond the "
+                f"max_position_embeddings={n} of the model passed in: the model was not trained at those "
+                f"positions; lower data.max_seq_len to {n} unless the model is known to hold good beyond it"
+            ]
+            if said
+            else []
+        ), n
+        shutil.rmtree(cfg.output.dir)

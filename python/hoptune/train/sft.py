@@ -995,6 +995,7 @@ def _train(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     who = "the model passed in" if passed_in else f"model.path={cfg.model.path!r}"
     _check_token_ids(model, rows + eval_rows, pad_id, who)
+    _warn_beyond_positions(model, rows + eval_rows, who, log)
 
     # 3. optimizer, schedule, loss scaling (fp16), resume
     scaler = loop.grad_scaler(model, device, dtype)
@@ -1288,6 +1289,26 @@ def _check_token_ids(model: nn.Module, rows: list[Row], pad_id: int, who: str) -
             f"{who}: {what}, but the model's input embedding has {n} rows (ids 0 to {n - 1}): "
             "the tokenizer has tokens the model was not resized for (resize_token_embeddings("
             "len(tokenizer)) before saving the model), or it is not this model's tokenizer"
+        )
+
+
+def _warn_beyond_positions(model: nn.Module, rows: list[Row], who: str, log) -> None:
+    """A warning when a row puts tokens at positions beyond the model's ``max_position_embeddings``
+    (a packed row's positions restart at each document): positions it was not trained at, where
+    rotary embeddings without scaling extrapolate poorly. Not an error: some models hold good beyond
+    that value, and transformers does not refuse such inputs either."""
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(n, int) or n <= 0:
+        return
+    longest = max(
+        (max(r.position_ids) + 1 if r.position_ids else len(r.input_ids) for r in rows if r.input_ids),
+        default=0,
+    )
+    if longest > n:
+        log(
+            f"warning: the data has examples of up to {longest} tokens, beyond the "
+            f"max_position_embeddings={n} of {who}: the model was not trained at those positions; "
+            f"lower data.max_seq_len to {n} unless the model is known to hold good beyond it"
         )
 
 
