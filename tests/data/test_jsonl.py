@@ -285,3 +285,21 @@ def test_a_gzip_file_as_written_by_gzip(tmp_path):
         f.write('{"prompt": "q", "completion": "a"}\n')
     with pytest.raises(DataError, match=r"is gzip-compressed"):
         read_jsonl(path)
+
+
+def test_examples_cut_to_max_seq_len_get_no_indexing_errors_warning(tmp_path, tokenizer):
+    """transformers warned "Token indices sequence length is longer than the specified maximum
+    sequence length for this model (... > 256). Running this sequence through the model will result
+    in indexing errors" for a long example, which the data step then cut to data.max_seq_len. The
+    warning stays for the user's own calls."""
+    key = "sequence-length-is-longer-than-the-specified-maximum"  # (transformers' flag of that warning)
+    text = "1+2=3 " * 100
+    assert len(tokenizer(text, verbose=False)["input_ids"]) > tokenizer.model_max_length
+    p = tmp_path / "long.jsonl"
+    p.write_text(json.dumps({"text": text}) + "\n")
+    examples, report = load_examples(str(p), tokenizer, max_seq_len=64)
+    assert report.truncated == 1 and len(examples[0]) == 64
+    # (transformers sets this flag whenever it warns, or would have)
+    assert key not in tokenizer.deprecation_warnings
+    tokenizer(text)
+    assert tokenizer.deprecation_warnings.get(key) is True

@@ -10,9 +10,11 @@ never be all-ignored.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,7 +99,48 @@ def build_examples(
     one of the tokenizer's named templates (see ``resolve_chat_template``); None: the
     tokenizer's own."""
     report = report or DataReport(path=records[0].path if records else "<empty>")
-    path = report.path
+    with _no_too_long_warning(tokenizer):
+        examples = _examples(records, tokenizer, max_seq_len, truncation, add_eos, chat_template, report)
+    report.examples = len(examples)
+    bad = sorted(report.invalid + report.no_loss)
+    if not skip_bad and (report.malformed or bad):
+        problems = []
+        if report.malformed:
+            problems.append(f"{len(report.malformed)} malformed line(s): {_details(report.malformed)}")
+        if bad:
+            problems.append(f"{len(bad)} example(s) cannot be trained on: {_details(bad)}")
+        raise DataError(
+            f"{report.path}: {'. '.join(problems)}. Fix them, or set data.skip_bad_examples=true to skip "
+            "and report them"
+        )
+    return examples, report
+
+
+# transformers warns (once per tokenizer) that a text tokenized beyond the tokenizer's
+# model_max_length "will result in indexing errors": the examples here are cut to data.max_seq_len
+# after tokenizing, and the trainer warns of rows beyond the model's positions itself
+_TOO_LONG_WARNING = "sequence-length-is-longer-than-the-specified-maximum"
+
+
+@contextlib.contextmanager
+def _no_too_long_warning(tokenizer: Any) -> Iterator[None]:
+    warned = getattr(tokenizer, "deprecation_warnings", None)
+    if not isinstance(warned, dict):
+        yield
+        return
+    before = warned.get(_TOO_LONG_WARNING)
+    warned[_TOO_LONG_WARNING] = True
+    try:
+        yield
+    finally:
+        if before is None:  # (the user's own long texts still get the warning)
+            warned.pop(_TOO_LONG_WARNING, None)
+        else:
+            warned[_TOO_LONG_WARNING] = before
+
+
+def _examples(records, tokenizer, max_seq_len, truncation, add_eos, chat_template, report) -> list[Example]:
+    """build_examples' loop: the examples kept; the others go into ``report``."""
     chat = None
     examples: list[Example] = []
     for rec in records:
@@ -144,19 +187,7 @@ def build_examples(
         report.truncated += cut  # of the examples kept (one dropped is counted in no_loss only)
         report.tokens += len(ex)
         report.loss_tokens += ex.num_loss_tokens
-    report.examples = len(examples)
-    bad = sorted(report.invalid + report.no_loss)
-    if not skip_bad and (report.malformed or bad):
-        problems = []
-        if report.malformed:
-            problems.append(f"{len(report.malformed)} malformed line(s): {_details(report.malformed)}")
-        if bad:
-            problems.append(f"{len(bad)} example(s) cannot be trained on: {_details(bad)}")
-        raise DataError(
-            f"{path}: {'. '.join(problems)}. Fix them, or set data.skip_bad_examples=true to skip and "
-            "report them"
-        )
-    return examples, report
+    return examples
 
 
 def load_examples(
