@@ -756,6 +756,17 @@ def _own_nf4_weight(parts: dict[str, torch.Tensor], owner: str, shape: tuple, dt
         raise type(err)(f"{file}: the NF4 weight of {owner}: {err}") from err
 
 
+def _check_codes(entries: dict, key: str, want: tuple, model: nn.Module, round_up: bool) -> None:
+    """ValueError when the packed NF4 codes ``key`` (two per byte; an odd count rounded up when
+    ``round_up``) are not as many as a weight of shape ``want`` holds."""
+    packed = entries[key]
+    if packed.nbytes != (math.prod(want) + round_up) // 2:
+        raise ValueError(
+            f"{packed.file}: the NF4 weight {key} holds {packed.nbytes * 2} 4-bit codes but "
+            f"{type(model).__name__} needs {list(want)} (a checkpoint for another configuration?)"
+        )
+
+
 def _keep_in_fp32(model: nn.Module, dtype: torch.dtype) -> re.Pattern | None:
     """The tensors that stay float32 in a ``dtype`` model, as transformers' ``from_pretrained``
     decides: ``_keep_in_fp32_modules`` for float16 only (it guards bf16 weights from fp16's range),
@@ -1036,20 +1047,10 @@ def load_model(
         for part in ("", ".absmax", ".quant_map", QS_SUFFIX):
             if f"{n}.weight{part}" not in entries:
                 raise ValueError(f"{folder}: the NF4 weight {n}.weight lacks its tensor {n}.weight{part}")
-        packed, want = entries[f"{n}.weight"], shapes[f"{n}.weight"]
         # an odd count takes (n + 1) // 2 bytes in bitsandbytes: refused later, for its partial block
-        if packed.nbytes != (math.prod(want) + 1) // 2:
-            raise ValueError(
-                f"{packed.file}: the NF4 weight {n}.weight holds {packed.nbytes * 2} 4-bit codes but "
-                f"{type(model).__name__} needs {list(want)} (a checkpoint for another configuration?)"
-            )
+        _check_codes(entries, f"{n}.weight", shapes[f"{n}.weight"], model, round_up=True)
     for n in sorted(own):
-        packed, want = entries[f"{n}.weight_packed"], shapes[f"{n}.weight"]
-        if packed.nbytes != math.prod(want) // 2:
-            raise ValueError(
-                f"{packed.file}: the NF4 weight {n}.weight_packed holds {packed.nbytes * 2} 4-bit codes but "
-                f"{type(model).__name__} needs {list(want)} (a checkpoint for another configuration?)"
-            )
+        _check_codes(entries, f"{n}.weight_packed", shapes[f"{n}.weight"], model, round_up=False)
     ignore = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
     unexpected = sorted(
         k for k in entries if k not in plan and k not in tied and not any(p.search(k) for p in ignore)
