@@ -889,6 +889,7 @@ def _state_globals() -> list[Any]:
         return []
     import importlib
 
+    out: list[Any] = [np.ndarray, np.dtype, type(np.dtype(np.uint32))]
     names = []
     for mod in ("numpy._core.multiarray", "numpy.core.multiarray"):
         try:
@@ -899,8 +900,7 @@ def _state_globals() -> list[Any]:
             continue
         names.append((fn, f"{mod}._reconstruct"))
     if not names:  # pragma: no cover
-        return [np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-    out: list[Any] = [np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+        return out
     major, minor = (int(v) for v in torch.__version__.split(".")[:2])
     # (torch takes (object, name) pairs from 2.6; before, objects only: the running NumPy's name)
     return [*out, *names] if (major, minor) >= (2, 6) else [*out, names[0][0]]
