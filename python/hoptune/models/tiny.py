@@ -82,4 +82,4 @@ def build_model(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: 
 def stop_at_end_of_turn(model: Any) -> None:
     """``generate()`` stops at a chat turn's end (``<|end|>``) as well as at ``</s>``: the chat
     template ends each turn with the former, which a generation config with ``</s>`` alone runs past."""
-    model.generation_config.eos_token_id = [2, SPECIAL_TOKENS.index("<|end|>")]
+    model.generation_config.eos_token_id = [SPECIAL_TOKENS.index("</s>"), SPECIAL_TOKENS.index("<|end|>")]
