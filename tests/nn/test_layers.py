@@ -442,6 +442,24 @@ def test_lora_linear_nf4_base_in_autocast(use_dora, dropout):
         assert rel_err(o, d) < 2e-2, name
 
 
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_dora_norms_inside_autocast_are_computed_in_fp32(quantize):
+    """DoRA's ||W + s B A|| inside torch.autocast is the fp32 value computed outside it (autocast
+    would run B @ A in bf16), and the layer's forward there leaves the adapter its gradients: the
+    norms' cast of A, made under no_grad, was cached by autocast before torch 2.10 and reused by
+    the forward's products, which then gave A no gradient at all."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(128, 64), r=4, quantize=quantize, use_dora=True, init_lora_weights=False)
+    want = layer.weight_row_norms()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer.weight_row_norms()
+        y = layer(torch.randn(3, 128))
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    y.float().square().sum().backward()
+    assert layer.lora_A.grad is not None and layer.lora_B.grad is not None
+    assert layer.lora_A.grad.abs().sum() > 0 and layer.lora_B.grad.abs().sum() > 0
+
+
 def test_lora_linear_nf4_base_with_a_bias_of_another_shape():
     q = quantize_nf4(torch.randn(32, 64))
     with pytest.raises(ValueError, match=r"bias must have shape \(32,\)"):

@@ -81,6 +81,13 @@ def check_lora_options(dropout_name: str, dropout, init_lora_weights, **flags) -
 _NORM_ROWS = 2048  # rows per chunk when computing DoRA norms (bounds the transient memory)
 
 
+def _autocast_off(device: torch.device):
+    """A context with autocast off on ``device``'s type (where torch has autocast for it)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return nullcontext()
+
+
 class LoRALinear(NF4Module):
     """Frozen base weight (``weight`` dense, or NF4 buffers ``weight_packed``/``weight_absmax``...)
     plus trainable ``lora_A`` ``[r, in]``, ``lora_B`` ``[out, r]`` and, with DoRA,
@@ -242,26 +249,23 @@ class LoRALinear(NF4Module):
         w = self.base_weight()
         acc = torch.float64 if w.dtype == torch.float64 else torch.float32
         out = torch.empty(self.out_features, dtype=acc, device=w.device)
-        a = self.lora_A.to(acc)
-        for r0 in range(0, self.out_features, _NORM_ROWS):
-            r1 = min(self.out_features, r0 + _NORM_ROWS)
-            rows = w[r0:r1].to(acc)
-            if include_lora:
-                rows = rows + self.scaling * (self.lora_B[r0:r1].to(acc) @ a)
-            out[r0:r1] = torch.linalg.vector_norm(rows, dim=1)
+        # autocast off: it would run B @ A in its own dtype, and (torch < 2.10) cache its cast of
+        # A made here, without grad, for the forward's own products, which then give A no gradient
+        with _autocast_off(self.lora_A.device):
+            a = self.lora_A.to(acc)
+            for r0 in range(0, self.out_features, _NORM_ROWS):
+                r1 = min(self.out_features, r0 + _NORM_ROWS)
+                rows = w[r0:r1].to(acc)
+                if include_lora:
+                    rows = rows + self.scaling * (self.lora_B[r0:r1].to(acc) @ a)
+                out[r0:r1] = torch.linalg.vector_norm(rows, dim=1)
         return out
 
     def lora_delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``s * B @ A`` as a dense ``[out, in]`` tensor, computed in ``dtype`` (also inside an
         autocast block, which would otherwise round the product to its own dtype)."""
         check_dtype("dtype", dtype)
-        device = self.lora_A.device.type
-        off = (
-            torch.autocast(device, enabled=False)
-            if torch.amp.is_autocast_available(device)
-            else nullcontext()
-        )
-        with off:
+        with _autocast_off(self.lora_A.device):
             return (self.scaling * (self.lora_B.to(dtype) @ self.lora_A.to(dtype))).to(dtype)
 
     @torch.no_grad()
