@@ -353,6 +353,27 @@ def _saved_bytes_per_token(model, seq: int) -> float:
     return sum(saved.values()) / seq
 
 
+def _cpu_sdpa_keeps_scores() -> bool:
+    """Whether causal SDPA with grouped KV heads (as transformers calls it) saves per-token bytes
+    that grow with the row on this CPU (torch 2.7's CPU kernel falls back to the math path)."""
+    import torch.nn.functional as F
+
+    def saved(seq):
+        q = torch.randn(1, 4, seq, 16, dtype=torch.bfloat16, requires_grad=True)
+        kv = torch.randn(2, 1, 2, seq, 16, dtype=torch.bfloat16, requires_grad=True)
+        sizes = {}
+
+        def pack(t):
+            sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            F.scaled_dot_product_attention(q, kv[0], kv[1], is_causal=True, enable_gqa=True)
+        return sum(sizes.values()) / seq
+
+    return saved(256) - saved(128) > 1
+
+
 @pytest.mark.parametrize(
     "model_type, extra, score_bytes",
     [
@@ -374,6 +395,10 @@ def test_eager_attention_scores_are_counted(model_type, extra, score_bytes):
         transformers.AutoConfig.for_model(**cfg), dtype=torch.bfloat16
     ).requires_grad_(False)
     assert model.config._attn_implementation == ("eager" if score_bytes else "sdpa")
+    if not score_bytes and _cpu_sdpa_keeps_scores():
+        pytest.skip(
+            "this torch's CPU SDPA keeps the scores for grouped KV heads (math fallback), as the GPU's kernels do not"
+        )
     kept = _saved_bytes_per_token(model, 256) - _saved_bytes_per_token(model, 128)
     plans = [hoptune.plan(cfg, seq=s, r=4, alternatives=False) for s in (128, 256)]
     planned = plans[1].layer_activations / 256 - plans[0].layer_activations / 128
