@@ -65,7 +65,7 @@ def checkpoint(tmp_path):
 
 
 def _checkpointing_as_transformers_4(monkeypatch) -> None:
-    """``gradient_checkpointing_enable`` as transformers 4.x (which pyproject allows) has it:
+    """``gradient_checkpointing_enable`` as transformers 4.x has it:
     reentrant unless told otherwise, and no gradient hook on the input embeddings (transformers 5
     adds one for every model; 4.x only for a model holding PEFT adapters)."""
     from transformers import PreTrainedModel

@@ -223,7 +223,7 @@ def test_pretraining_runs_on_the_device_asked_for(tmp_path, monkeypatch):
 
 
 def test_tiny_model_loads_with_transformers_before_4_56(tmp_path, monkeypatch):
-    """transformers 4.46-4.55 (the declared range) take torch_dtype=; their from_pretrained hands an
+    """transformers 4.46-4.55 take torch_dtype=; their from_pretrained hands an
     unknown dtype= to the model's constructor, which raises a TypeError."""
     import transformers
     from transformers import LlamaForCausalLM
