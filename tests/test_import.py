@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -50,6 +51,22 @@ def test_subpackages_and_decoder_ops_after_a_bare_import():
         "print('ok')\n"
     )
     _passes_in_a_fresh_interpreter(code)
+
+
+@pytest.mark.parametrize("version, refused", [("2.5.1+cu124", True), ("2.6.0", True), ("1.13.1", True),
+                                               ("2.7.1+cu126", False), ("2.13.0+cpu", False), ("2.16.0a0+git1", False), ("3.0.0", False)])  # fmt: skip
+def test_a_torch_below_the_floor_is_one_clear_error(version, refused):
+    """torch 2.5 / 2.6 refused the ops' list[int] annotations with a schema error from deep inside
+    torch.library at ``import hoptune.ops``; below pyproject's floor the import says so instead."""
+    from hoptune.ops import _torch_floor
+
+    if refused:
+        with pytest.raises(
+            ImportError, match=rf"hoptune needs torch >= 2\.7; this is torch {re.escape(version)}"
+        ):
+            _torch_floor.check(version)
+    else:
+        _torch_floor.check(version)
 
 
 def test_unavailable_reason_is_explained():

@@ -3,6 +3,7 @@
 Importing this package registers the ops; it creates no CUDA context.
 """
 
+from hoptune.ops import _torch_floor  # noqa: F401  (first: a torch below the floor is refused)
 from hoptune.ops.decoder import rms_norm, rope, silu_mul
 from hoptune.ops.logprob import fused_linear_logprobs, token_logprobs
 from hoptune.ops.nf4 import nf4_dequantize, nf4_quantize, nf4_quantize_nested
