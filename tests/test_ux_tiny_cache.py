@@ -222,31 +222,6 @@ def test_pretraining_runs_on_the_device_asked_for(tmp_path, monkeypatch):
     assert calls == ["cpu", "cpu"]
 
 
-def test_tiny_model_loads_with_transformers_before_4_56(tmp_path, monkeypatch):
-    """transformers 4.46-4.55 take torch_dtype=; their from_pretrained hands an
-    unknown dtype= to the model's constructor, which raises a TypeError."""
-    import transformers
-    from transformers import LlamaForCausalLM
-
-    from hoptune.models import load_tiny
-
-    monkeypatch.setenv("HOPTUNE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(pretrain, "pretrain", _fake_pretrain([]))
-    real = LlamaForCausalLM.from_pretrained.__func__
-
-    def as_before_4_56(cls, path, *args, **kwargs):
-        if "dtype" in kwargs:
-            raise TypeError("LlamaForCausalLM.__init__() got an unexpected keyword argument 'dtype'")
-        kwargs["dtype"] = kwargs.pop("torch_dtype", None)
-        return real(cls, path, *args, **kwargs)
-
-    monkeypatch.setattr(transformers, "__version__", "4.46.3")
-    monkeypatch.setattr(LlamaForCausalLM, "from_pretrained", classmethod(as_before_4_56))
-    model, _ = load_tiny(dtype=torch.bfloat16, log=lambda s: None)
-    assert next(model.parameters()).dtype == torch.bfloat16
-    assert os.path.isdir(pretrain.tiny_cache_dir())
-
-
 def test_caching_and_loading_the_tiny_model_show_no_transformers_bar(tmp_path, monkeypatch, capfd):
     """The demo's output has its own progress bars; transformers' saving and loading bars (one
     shard, 39 tensors) only add lines."""

@@ -655,14 +655,6 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
         raise KeyError(key)
 
 
-def _dtype_kwarg() -> str:
-    """``dtype`` (transformers >= 4.56) or ``torch_dtype`` (older) for from_config / configs."""
-    import transformers
-
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-
-
 def _model_keys(entries: dict[str, _Entry], expected: set[str], model: nn.Module) -> dict[str, _Entry]:
     """Key names as the model has them, as transformers' loader makes them. First the plain
     renamings of the model's conversion mapping (transformers >= 5: GPT-NeoX's ``embed_out`` is
@@ -703,7 +695,7 @@ def _renamer(model: nn.Module):
         from transformers.core_model_loading import WeightRenaming, apply_renamings
 
         renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
-    except Exception:  # transformers 4 (no renamings but the prefix), or another form of this API:
+    except Exception:  # another form of this API:
         # the keys stay as stored, and a checkpoint that needed a renaming is refused by name later
         return lambda key: key
     if not renamings:
@@ -917,14 +909,14 @@ def load_model(
         # the dtype asked for, as from_pretrained passes it: it overrides config.json's own (which
         # may be "auto", a value only from_pretrained resolves)
         config = AutoConfig.from_pretrained(
-            folder, local_files_only=True, trust_remote_code=trust_remote_code, **{_dtype_kwarg(): dtype}
+            folder, local_files_only=True, trust_remote_code=trust_remote_code, dtype=dtype
         )
     except bad_config as e:
         raise ValueError(f"cannot read {os.path.join(folder, 'config.json')}: {e}") from e
     bnb = _bnb_config(config)
     if bnb is not None:
         del config.quantization_config  # the loaded model is hoptune NF4, not bitsandbytes
-    kwargs = {_dtype_kwarg(): dtype, "trust_remote_code": trust_remote_code}
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     with _parameters_on_meta():
@@ -1182,9 +1174,9 @@ def load_model(
     # 5. tie, move the buffers built on the CPU, and check nothing is left on meta
     loaded = set(plan) | {f"{n}.weight" for n in prequant_all}
     if tied:
-        try:  # transformers 5: ties whichever of the pair was in the checkpoint
+        try:  # ties whichever of the pair was in the checkpoint
             model.tie_weights(missing_keys=expected - loaded, recompute_mapping=False)
-        except TypeError:  # transformers 4
+        except TypeError:  # a model's own tie_weights() without them (remote code)
             model.tie_weights()
     for mod in model.modules():
         for name, buf in mod._buffers.items():
@@ -1198,7 +1190,7 @@ def load_model(
             f"{folder} lacks {len(left)} tensors that {type(model).__name__} needs, e.g. {left[:5]} "
             "(a checkpoint for another architecture, or an incomplete one?)"
         )
-    setattr(config, "dtype" if _dtype_kwarg() == "dtype" else "torch_dtype", dtype)
+    config.dtype = dtype
     _load_generation_config(model, folder)
     return model
 
@@ -1231,10 +1223,6 @@ def _init_non_persistent_buffers(model: nn.Module) -> None:
     guarded init functions skip, and every other module is skipped whole (NF4 layers included)."""
     if not hasattr(model, "initialize_weights"):
         return
-    try:
-        from transformers import initialization  # noqa: F401  (transformers >= 5: guarded init)
-    except ImportError:
-        return  # transformers 4 computes them once, in the build, as here
     for t in model.state_dict(keep_vars=True).values():
         t._is_hf_initialized = True
     todo = False

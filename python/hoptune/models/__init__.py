@@ -22,14 +22,11 @@ def load_tiny(
         return build_model().to(device=device, dtype=dtype), build_tokenizer()
     from transformers import LlamaForCausalLM
 
-    from hoptune.loading import _dtype_kwarg
     from hoptune.models.pretrain import no_hf_progress_bars, pretrained_tiny_path
 
     path = pretrained_tiny_path(log=log, device=device)
     with no_hf_progress_bars():
-        # (transformers before 4.56 takes torch_dtype=, and passes an unknown dtype= to the model's
-        # constructor, which refuses it)
-        model = LlamaForCausalLM.from_pretrained(path, **{_dtype_kwarg(): dtype}).to(device)
+        model = LlamaForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     model.config.use_cache = False
     stop_at_end_of_turn(model)  # (a cache written by an earlier version stops at </s> alone)
     # the tokenizer is built in code: a cache written by an older version may hold an older one

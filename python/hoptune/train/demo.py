@@ -50,9 +50,7 @@ def _tiny_model(cfg, device: torch.device, dtype: torch.dtype, trained: str | No
     elif cfg.lora.enabled:
         load_adapter(model, trained, **quant)
     else:
-        from hoptune.loading import _dtype_kwarg
-
-        model = type(model).from_pretrained(trained, **{_dtype_kwarg(): dtype}).to(device)
+        model = type(model).from_pretrained(trained, dtype=dtype).to(device)
     model.eval()
     return model, tok
 

@@ -899,11 +899,7 @@ def _state_globals() -> list[Any]:
         except (ImportError, AttributeError):
             continue
         names.append((fn, f"{mod}._reconstruct"))
-    if not names:  # pragma: no cover
-        return out
-    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
-    # (torch takes (object, name) pairs from 2.6; before, objects only: the running NumPy's name)
-    return [*out, *names] if (major, minor) >= (2, 6) else [*out, names[0][0]]
+    return [*out, *names]  # (object, name) pairs, which torch takes from 2.6
 
 
 def _torch_load_state(folder: str) -> dict[str, Any]:
