@@ -534,7 +534,7 @@ def env_info() -> dict:
         # settings read from the environment change what is timed (HOPTUNE_GEMM_TUNING=0, ...)
         "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("HOPTUNE_")},
         "kernels": _kernels(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "gpu": torch.cuda.get_device_name() if props else None,
         "sm_count": props.multi_processor_count if props else None,
         "torch": torch.__version__,

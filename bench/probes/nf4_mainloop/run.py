@@ -180,7 +180,7 @@ def main() -> None:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "nvcc": nvcc.strip().splitlines()[-1] if nvcc else None,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "m": M,
         "checks": [],
         "timing": [],
