@@ -327,6 +327,35 @@ def test_a_config_without_lora_dropout_means_none_for_the_layers_in_place(tmp_pa
     assert all(m.lora_dropout_p == 0.1 for _, m in lora_layers(model))
 
 
+@pytest.mark.parametrize("rslora", [False, True])
+def test_a_config_without_r_or_alpha_takes_peft_defaults(rslora, tmp_path):
+    """A hand-written adapter_config.json may leave out r, lora_alpha and use_rslora: PEFT's
+    LoraConfig defaults (r 8, lora_alpha 8, use_rslora false) apply, so the same scale as PEFT's."""
+    base = tiny_model()
+    torch.manual_seed(4)
+    src = hoptune.apply_lora(
+        copy.deepcopy(base),
+        r=8,
+        alpha=32,
+        use_rslora=rslora,
+        target_modules=["q_proj", "v_proj"],
+        init_lora_weights=False,
+    )
+    hoptune.save_adapter(src, tmp_path)
+    path = tmp_path / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    for field in ("r", "lora_alpha", "use_rslora"):
+        del cfg[field]
+    path.write_text(json.dumps(cfg))
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    model = hoptune.load_adapter(copy.deepcopy(base), tmp_path).eval()
+    layers = lora_layers(model)
+    assert layers and all(m.r == 8 and m.scaling == 1.0 for _, m in layers)
+    assert rel(logits(model), logits(pm)) <= 1e-6
+    # and the scale matters here: the adapter as saved (alpha 32) gives other logits
+    assert rel(logits(src.eval()), logits(pm)) > 1e-3
+
+
 def test_the_same_lora_dropout_loads_into_the_layers_in_place(tmp_path):
     base = tiny_model()
     src = ours(base, "lora", dropout=0.1)

@@ -373,6 +373,44 @@ def test_llama3_style_bpe():
     assert mask.index(1) == n
 
 
+def test_a_token_straddling_the_answers_start_is_trained():
+    """A token made of the template's space and the answer's first letters ("Ġanswer") is the
+    answer's first token: it is predicted when the answer starts, so it is in the loss."""
+    tok = _bpe_tokenizer()
+    chat = [
+        {"role": "user", "content": "What is the answer?"},
+        {"role": "assistant", "content": "answer is forty two."},
+    ]
+    ids, mask = ChatFormatter(tok, NO_GEN_PROMPT).tokenize(chat)
+    first = mask.index(1)
+    assert tok.convert_ids_to_tokens(ids[first]) == "Ġanswer"
+    assert masked_text(tok, ids, mask) == [" answer is forty two."]
+
+
+@pytest.mark.parametrize(
+    "prompt, completion, trained",
+    [
+        # "for" + "ty" merge into "Ġforty": the completion starts at that token, not after the
+        # prompt's own 5 tokens (which would drop "Ġforty" from the loss)
+        ("The answer is for", "ty two.", ["Ġforty", "Ġtwo", ".", "<|eot_id|>"]),
+        ("The ans", "wer is forty two.", ["Ġanswer", "Ġis", "Ġforty", "Ġtwo", ".", "<|eot_id|>"]),
+        ("Hello there, how are", " you?", ["Ġyou", "?", "<|eot_id|>"]),
+    ],
+)
+def test_prompt_completion_merging_across_the_boundary(prompt, completion, trained):
+    """Tokens that merge across the prompt's end: the completion starts where the tokenized prompt
+    and prompt + completion diverge, as TRL's SFT tokenization (trl.data_utils.common_prefix_length)."""
+    from trl.data_utils import common_prefix_length
+
+    tok = _bpe_tokenizer()
+    ids, mask = tokenize_prompt_completion(tok, prompt, completion)
+    assert [t for t, m in zip(tok.convert_ids_to_tokens(ids), mask) if m] == trained
+    assert mask == sorted(mask)  # one span, to the end
+    full = tok(prompt + completion)["input_ids"]
+    n = common_prefix_length(tok(prompt)["input_ids"], full)
+    assert ids[: len(full)] == full and mask[: len(full)] == [0] * n + [1] * (len(full) - n)
+
+
 def test_prompt_completion_keeps_eos_in_loss(tokenizer):
     ids, mask = tokenize_prompt_completion(tokenizer, "3+4=", "7")
     assert tokenizer.convert_ids_to_tokens(ids) == ["<s>", "3", "+", "4", "=", "7", "</s>"]

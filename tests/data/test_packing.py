@@ -19,6 +19,9 @@ def test_best_fit_decreasing():
     assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in b) <= 10 for b in bins)
     assert len(bins) == 4  # 36 tokens: the optimum is 4 bins of 10
+    # best fit: the 4 goes beside the 6 (free 4), not beside the 5 (free 5), which leaves room
+    # for the 3 and the 2; worst fit (the most free space) or first-fit by bin space opens a third bin
+    assert best_fit_decreasing([6, 5, 4, 3, 2], 10) == [[0, 2], [1, 3, 4]]
     with pytest.raises(ValueError, match="truncate it first"):
         best_fit_decreasing([11], 10)
 
@@ -37,7 +40,8 @@ def _examples(n, seed=0):
     for i in range(n):
         length = int(torch.randint(4, 20, (1,), generator=g))
         ids = torch.randint(10, 60, (length,), generator=g).tolist()
-        p = int(torch.randint(1, length - 1, (1,), generator=g))
+        # p = 0: a text record's mask, the first token too (it is still never a target in a row)
+        p = int(torch.randint(0, length - 1, (1,), generator=g))
         out.append(Example(ids, [0] * p + [1] * (length - p), f"x:{i}"))
     return out
 

@@ -327,3 +327,38 @@ def test_examples_beyond_the_models_positions_are_warned_of(tmp_path, tokenizer,
             else []
         ), n
         shutil.rmtree(cfg.output.dir)
+
+
+def test_step_loss_of_text_rows_counts_the_predicted_tokens():
+    """Text records train on every token, the first included in their mask: the loss still counts
+    only the tokens a position predicts (mask[1:], T - 1 per row), as TRL's shifted labels do, over
+    every micro-batch of the step."""
+    from hoptune.data import collate
+    from hoptune.data.formatting import Example
+    from hoptune.data.packing import rows_from_examples
+
+    torch.manual_seed(0)
+    model = build_model(seed=0, **SMALL).float().eval()
+    g = torch.Generator().manual_seed(1)
+    lengths = [[7, 4], [9]]
+    micro = [
+        collate(
+            rows_from_examples(
+                [Example(torch.randint(3, 60, (t,), generator=g).tolist(), [1] * t) for t in mb]
+            ),
+            0,
+        )
+        for mb in lengths
+    ]
+    loss, n_loss, tokens = sft.sft_step(model, micro, torch.device("cpu"))
+    assert n_loss == (7 - 1) + (4 - 1) + (9 - 1) and tokens == 7 + 4 + 9
+    total = 0.0
+    with torch.no_grad():
+        for mb, b in zip(lengths, micro):
+            lp = torch.log_softmax(
+                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.double(), -1
+            )
+            for i, t in enumerate(mb):
+                ids = b["input_ids"][i, :t]
+                total -= float(lp[i, : t - 1].gather(1, ids[1:, None]).sum())
+    assert loss == pytest.approx(total / n_loss, rel=1e-5)
