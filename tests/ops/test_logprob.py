@@ -528,6 +528,46 @@ def test_fused_linear_logprobs_fp32(device, kw, chunk_rows):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ignore_index", [5, -1])
+def test_an_ignore_index_other_than_minus_100(device, ignore_index):
+    """ignore_index is the caller's: a token id (a pad id used as the ignore label) or another
+    negative number; -100 is then an out-of-range label, and the token id ``ignore_index`` itself is
+    ignored wherever it stands, in both ops and their gradients."""
+    z, y = _case((6, 7), 50, torch.float32, device, seed=11)
+    y = torch.where(y == -100, ignore_index, y)
+    if ignore_index >= 0:
+        y[0, :3] = ignore_index
+    ignored = y == ignore_index
+    assert ignored.any() and (~ignored).any()
+    z.requires_grad_(True)
+    lp, ent = token_logprobs(z, y, ignore_index=ignore_index, return_entropy=True)
+    z64 = z.detach().double().requires_grad_(True)
+    rlp, rent = oracle(z64, y, ignore_index=ignore_index)
+    assert err(lp, rlp) <= 1e-5 and err(ent, rent) <= 1e-5
+    g = torch.randn(6, 7, device=device)
+    lp.backward(g)
+    rlp.backward(g.double())
+    assert err(z.grad, z64.grad) <= 1e-5 and (z.grad[ignored] == 0).all()
+    with pytest.raises(ValueError, match=rf"or ignore_index={ignore_index}; got -100"):
+        token_logprobs(z, torch.where(ignored, -100, y), ignore_index=ignore_index)
+
+    hid, w, _, y2 = _fused_case(21, 32, 50, torch.float32, device, seed=12)
+    y2 = torch.where(y2 == -100, ignore_index, y2)
+    if ignore_index >= 0:
+        y2[:4] = ignore_index
+    hid.requires_grad_(True)
+    lp2 = fused_linear_logprobs(hid, w, y2, ignore_index=ignore_index, chunk_rows=8)
+    h64 = hid.detach().double().requires_grad_(True)
+    z2 = h64 @ w.double().t()
+    r2 = oracle(z2, y2, ignore_index=ignore_index)[0]
+    assert err(lp2, r2) <= 1e-5
+    g2 = torch.randn(21, device=device)
+    lp2.backward(g2)
+    r2.backward(g2.double())
+    assert err(hid.grad, h64.grad) <= 1e-5 and (hid.grad[y2 == ignore_index] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_fused_linear_logprobs_weight_and_bias_grad(device):
     hid, w, b, y = _fused_case(33, 32, 300, torch.float32, device, seed=9)
     for t in (hid, w, b):

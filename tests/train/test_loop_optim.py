@@ -63,3 +63,57 @@ def test_scheduler_settings_are_checked_before_the_first_step(kwargs, match):
         loop.build_scheduler(opt, **args)
     with pytest.raises(ValueError, match=match):
         loop.LRSchedule(**args)
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 0.5, 100.0])
+def test_optimizer_step_reports_the_norm_before_clipping_and_clips_to_it(max_grad_norm):
+    """The norm reported is the gradients' total norm before clipping (as transformers' Trainer logs
+    grad_norm), with clipping off too; the step takes the clipped gradients."""
+    a = torch.nn.Parameter(torch.zeros(3))
+    b = torch.nn.Parameter(torch.zeros(2, 2))
+    a.grad = torch.tensor([3.0, 0.0, 4.0])
+    b.grad = torch.tensor([[0.0, 12.0], [0.0, 0.0]])
+    total = 13.0  # sqrt(9 + 16 + 144)
+    opt = torch.optim.SGD([a, b], lr=1.0)
+    norm = loop.optimizer_step(opt, None, [a, b], max_grad_norm)
+    assert norm == pytest.approx(total)
+    shrink = max_grad_norm / total if 0 < max_grad_norm < total else 1.0
+    # (clip_grad_norm_ scales by max / (norm + 1e-6))
+    torch.testing.assert_close(a.detach(), -torch.tensor([3.0, 0.0, 4.0]) * shrink, rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        b.detach(), -torch.tensor([[0.0, 12.0], [0.0, 0.0]]) * shrink, rtol=1e-5, atol=0
+    )
+    assert a.grad is None and b.grad is None
+
+
+def test_the_configs_adamw_settings_reach_the_optimizer(tmp_path, tokenizer, demo_data, monkeypatch):
+    """train.betas, train.eps, train.weight_decay and train.lr are the AdamW's (transformers'
+    adam_beta1/2, adam_epsilon, weight_decay, learning_rate)."""
+    from hoptune.models.tiny import build_model
+    from tests.conftest import SMALL
+
+    seen = []
+    build = loop.build_optimizer
+
+    def spy(*a, **k):
+        opt = build(*a, **k)
+        seen.append(opt)
+        return opt
+
+    monkeypatch.setattr(loop, "build_optimizer", spy)
+    cfg = small_config(
+        tmp_path,
+        demo_data,
+        "train.max_steps=1",
+        "train.betas=[0.8,0.95]",
+        "train.eps=1e-6",
+        "train.weight_decay=0.05",
+        "train.lr=3e-4",
+        "train.warmup_ratio=0",
+    )
+    sft.train(cfg, log=lambda s: None, model=build_model(seed=0, **SMALL), tokenizer=tokenizer)
+    (opt,) = seen
+    assert isinstance(opt, torch.optim.AdamW)
+    for g in opt.param_groups:
+        assert tuple(g["betas"]) == (0.8, 0.95) and g["eps"] == 1e-6 and g["initial_lr"] == 3e-4
+    assert sorted({g["weight_decay"] for g in opt.param_groups if g["params"]}) in ([0.05], [0.0, 0.05])
