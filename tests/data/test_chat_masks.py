@@ -213,8 +213,13 @@ def test_prompt_completion_when_the_generation_prompt_is_not_a_prefix(tokenizer)
     tokens in the loss."""
     chat = ChatFormatter(tokenizer, THINK_PROMPT_TAGGED)
     rec = {"prompt": CHAT[:4], "completion": CHAT[4:]}
-    ids, mask = tokenize_record(rec, tokenizer, chat)
+    cut = []
+    ids, mask = tokenize_record(rec, tokenizer, chat, prompt_cut=cut)
     assert masked_text(tokenizer, ids, mask) == ["10<|end|>"]
+    assert cut == ["<think>\n"]  # the generation prompt's end, which the rendered turn lacks
+    cut = []
+    ChatFormatter(tokenizer, WITH_GENERATION_TAGS).tokenize(CHAT, 4, prompt_cut=cut)
+    assert cut == []
     rec = {"prompt": CHAT[:2], "completion": CHAT[2:]}
     ids, mask = tokenize_record(rec, tokenizer, chat)
     assert masked_text(tokenizer, ids, mask) == ["7<|end|>", "10<|end|>"]
@@ -403,12 +408,35 @@ def test_prompt_completion_merging_across_the_boundary(prompt, completion, train
     from trl.data_utils import common_prefix_length
 
     tok = _bpe_tokenizer()
-    ids, mask = tokenize_prompt_completion(tok, prompt, completion)
+    cut = []
+    ids, mask = tokenize_prompt_completion(tok, prompt, completion, prompt_cut=cut)
     assert [t for t, m in zip(tok.convert_ids_to_tokens(ids), mask) if m] == trained
+    # what the prompt alone tokenizes to beyond the common prefix (TRL warns of it)
+    assert cut == {"The answer is for": [" for"], "The ans": [" ans"]}.get(prompt, [])
     assert mask == sorted(mask)  # one span, to the end
     full = tok(prompt + completion)["input_ids"]
     n = common_prefix_length(tok(prompt)["input_ids"], full)
     assert ids[: len(full)] == full and mask[: len(full)] == [0] * n + [1] * (len(full) - n)
+
+
+def test_the_data_report_names_prompts_that_are_not_a_prefix(tmp_path):
+    """load_examples' report (the line hoptune sft prints per file) counts the records whose prompt,
+    tokenized alone, is not a prefix of their tokens, and shows the first three with their lines."""
+    tok = _bpe_tokenizer()
+    recs = [
+        {"prompt": "The answer is for", "completion": "ty two."},
+        {"prompt": "Hello there, how are", "completion": " you?"},
+        {"prompt": "The ans", "completion": "wer is forty two."},
+    ]
+    path = tmp_path / "pc.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    examples, report = load_examples(str(path), tok, max_seq_len=64)
+    assert len(examples) == 3 and report.prompt_cut == [(1, " for"), (3, " ans")]
+    assert "2 prompts not a prefix of the tokens of prompt + completion (line 1: ' for'; line 3: ' ans'" in (
+        report.summary()
+    )
+    path.write_text(json.dumps(recs[1]) + "\n")
+    assert "prefix" not in load_examples(str(path), tok, max_seq_len=64)[1].summary()
 
 
 def test_prompt_completion_keeps_eos_in_loss(tokenizer):

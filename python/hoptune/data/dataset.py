@@ -43,6 +43,9 @@ class DataReport:
     invalid: list[tuple[int, str]] = field(default_factory=list)  # missing fields, wrong types
     no_loss: list[tuple[int, str]] = field(default_factory=list)  # no loss token (after truncation)
     truncated: int = 0  # examples kept after truncation
+    # prompt/completion records whose prompt, tokenized alone, is not a prefix of their tokens: (line,
+    # the prompt's end beyond the common prefix)
+    prompt_cut: list[tuple[int, str]] = field(default_factory=list)
     tokens: int = 0
     loss_tokens: int = 0
 
@@ -56,6 +59,16 @@ class DataReport:
         ]
         if self.truncated:
             parts.append(f"{self.truncated} truncated")
+        if self.prompt_cut:
+            k = len(self.prompt_cut)
+            shown = "; ".join(f"line {ln}: {end!r}" for ln, end in self.prompt_cut[:3])
+            parts.append(
+                f"{k} prompt{'s' if k > 1 else ''} not a prefix of the tokens of prompt + completion "
+                f"({shown}{'; ...' if k > 3 else ''}: the prompt's end as tokenized alone): the loss starts "
+                "where the two diverge, and the model trains on a context other than the prompt's own "
+                "tokens, which inference gives it; end prompts on a token boundary (tokens merge across "
+                "it), or use a chat template that renders the prompt alone as in the conversation"
+            )
         if self.malformed:
             parts.append(f"{len(self.malformed)} malformed lines skipped ({_lines(self.malformed)})")
         if self.invalid:
@@ -154,8 +167,9 @@ def _examples(records, tokenizer, max_seq_len, truncation, add_eos, chat_templat
                 chat = ChatFormatter(tokenizer, chat_template)
             except ExampleError as e:
                 raise DataError(f"{rec.where}: {e}") from None
+        prompt_ends: list[str] = []
         try:
-            ids, mask = tokenize_record(rec.data, tokenizer, chat, add_eos)
+            ids, mask = tokenize_record(rec.data, tokenizer, chat, add_eos, prompt_ends)
         except ExampleError as e:
             report.invalid.append((rec.line, str(e)))
             continue
@@ -185,6 +199,7 @@ def _examples(records, tokenizer, max_seq_len, truncation, add_eos, chat_templat
             continue
         examples.append(ex)
         report.truncated += cut  # of the examples kept (one dropped is counted in no_loss only)
+        report.prompt_cut.extend((rec.line, end) for end in prompt_ends)
         report.tokens += len(ex)
         report.loss_tokens += ex.num_loss_tokens
     return examples

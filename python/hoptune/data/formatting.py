@@ -508,10 +508,17 @@ class ChatFormatter:
         return pos if pos >= 0 else None
 
     def tokenize(
-        self, messages: list[dict], first_trained: int = 0, template_kwargs: dict | None = None
+        self,
+        messages: list[dict],
+        first_trained: int = 0,
+        template_kwargs: dict | None = None,
+        prompt_cut: list[str] | None = None,
     ) -> tuple[list[int], list[int]]:
         """(input_ids, loss_mask) of a conversation; loss on assistant turns >= first_trained.
-        ``template_kwargs`` go to every render of the template (a record's: _template_kwargs)."""
+        ``template_kwargs`` go to every render of the template (a record's: _template_kwargs).
+        ``prompt_cut``: where the tokenized prompt (``messages[:first_trained]`` with the generation
+        prompt) is not a prefix of the conversation's tokens, its end beyond the common prefix is
+        appended there as text (see tokenize_prompt_completion)."""
         tok = self.tokenizer
         found = self.spans(messages, first_trained, template_kwargs)
         if isinstance(found, str):
@@ -529,7 +536,7 @@ class ChatFormatter:
                     "around each assistant turn's content and end-of-turn token in the template "
                     f"(model.chat_template, e.g. TRL's training variant of it), or {other}"
                 )
-            return self._tokenize_with_generation_tags(messages, first_trained, template_kwargs)
+            return self._tokenize_with_generation_tags(messages, first_trained, template_kwargs, prompt_cut)
         text, spans = found
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
@@ -544,7 +551,7 @@ class ChatFormatter:
                     break
         return ids, mask
 
-    def _tokenize_with_generation_tags(self, messages, first_trained, template_kwargs=None):
+    def _tokenize_with_generation_tags(self, messages, first_trained, template_kwargs=None, prompt_cut=None):
         out = self._apply(
             messages,
             tokenize=True,
@@ -563,6 +570,8 @@ class ChatFormatter:
             while n < min(len(p), len(ids)) and p[n] == ids[n]:
                 n += 1
             mask = [0] * n + mask[n:]
+            if n < len(p) and prompt_cut is not None:
+                prompt_cut.append(self.tokenizer.decode(p[n:]))
         return ids, mask
 
 
@@ -587,15 +596,20 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 
 
 def tokenize_prompt_completion(
-    tokenizer: Any, prompt: str, completion: str, add_eos: bool = True
+    tokenizer: Any, prompt: str, completion: str, add_eos: bool = True, prompt_cut: list[str] | None = None
 ) -> tuple[list[int], list[int]]:
     """(input_ids, loss_mask): the completion starts where the tokenized prompt and the tokenized
-    prompt+completion diverge (tokens can merge across the boundary), as in TRL."""
+    prompt+completion diverge (tokens can merge across the boundary), as in TRL. Where they diverge
+    before the prompt's end, the prompt's own last tokens are not in the sequence (the model trains
+    on a context it will not see at inference, where the prompt is tokenized alone): their text is
+    appended to ``prompt_cut`` when given (TRL warns of it)."""
     p = _encode(tokenizer, prompt)
     full = _encode(tokenizer, prompt + completion)
     n = 0
     while n < min(len(p), len(full)) and p[n] == full[n]:
         n += 1
+    if n < len(p) and prompt_cut is not None:
+        prompt_cut.append(tokenizer.decode(p[n:]))
     mask = [0] * n + [1] * (len(full) - n)
     eos = tokenizer.eos_token_id
     if add_eos and eos is not None and (not full or full[-1] != eos):
@@ -661,9 +675,15 @@ def _chat_template_kwargs(data: dict) -> dict | None:
 
 
 def tokenize_record(
-    data: dict, tokenizer: Any, chat: ChatFormatter | None = None, add_eos: bool = True
+    data: dict,
+    tokenizer: Any,
+    chat: ChatFormatter | None = None,
+    add_eos: bool = True,
+    prompt_cut: list[str] | None = None,
 ) -> tuple[list[int], list[int]]:
-    """(input_ids, loss_mask) of one record of any supported shape (a null field is absent)."""
+    """(input_ids, loss_mask) of one record of any supported shape (a null field is absent).
+    ``prompt_cut``: a prompt/completion record whose tokenized prompt is not a prefix of its tokens
+    appends the prompt's end there (see tokenize_prompt_completion)."""
     kind = record_kind(data)
     data = _without_nulls(data)
     if kind == "messages":
@@ -685,14 +705,14 @@ def tokenize_record(
                 raise ExampleError("the completion has no assistant message, so nothing to train on")
             if chat is None:
                 raise ExampleError("conversational prompt/completion data needs a ChatFormatter")
-            return chat.tokenize(prompt + completion, len(prompt), _template_kwargs(data))
+            return chat.tokenize(prompt + completion, len(prompt), _template_kwargs(data), prompt_cut)
         if not isinstance(p, str) or not isinstance(c, str):
             raise ExampleError(
                 "'prompt' and 'completion' must both be strings (or both lists of messages), got "
                 f"{type(p).__name__} and {type(c).__name__}"
             )
         # an empty completion trains the EOS alone (TRL appends the EOS to the completion text)
-        return tokenize_prompt_completion(tokenizer, p, c, add_eos)
+        return tokenize_prompt_completion(tokenizer, p, c, add_eos, prompt_cut)
     text = data["text"]
     if not isinstance(text, str) or not text:
         raise ExampleError("'text' must be a non-empty string")
