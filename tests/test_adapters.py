@@ -555,6 +555,30 @@ def test_patterns_for_nested_paths_roundtrip_with_peft(kwargs, tmp_path):
 
 
 @pytest.mark.parametrize(
+    "pattern", [{"p_proj": 2}, {"mlp.up_proj": 2}, {"up_proj|o_proj": 2}, {"layers.1.*": 2}]
+)
+def test_rank_pattern_keys_match_as_in_peft(pattern):
+    """A pattern key matches the end of a layer's path at a dot (PEFT's get_pattern_key:
+    ``(.*\\.)?(key)$``): "p_proj" is not the end of "mlp.up_proj"."""
+    import warnings
+
+    base = tiny_model()
+    pm = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(target_modules="all-linear", r=4, rank_pattern=pattern)
+    )
+    want = {
+        n.removeprefix("base_model.model."): m.r["default"]
+        for n, m in pm.named_modules()
+        if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict)
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (a key that matches no layer is warned of)
+        model = hoptune.apply_lora(copy.deepcopy(base), r=4, rank_pattern=pattern)
+    got = {n: m.r for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    assert got == want and len(set(got.values())) == (1 if "p_proj" in pattern else 2)
+
+
+@pytest.mark.parametrize(
     "target, adapted",
     [
         (r"x\.proj", ["x.proj"]),  # the list ["x.proj"] would select y.x.proj too

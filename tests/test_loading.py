@@ -304,6 +304,14 @@ def test_plan_chunks_shares_reads_and_splits_big_tensors(tmp_path):
     assert sum(n for c in chunks for *_, n in c.pieces) == sum(e.nbytes for e in entries)
     chunks, _ = _plan_chunks(entries, chunk=1000, max_gap=100, max_pieces=2)
     assert [len(c.pieces) for c in chunks] == [2, 1, 1, 1, 1]
+    # a gap wider than max_gap inside one chunk's reach starts another read (its bytes are not read)
+    path = str(tmp_path / "y.safetensors")
+    _write_raw(path, [("e", "U8", (10,), 0), ("f", "U8", (10,), 500)], 510)
+    entries = sorted(read_safetensors_header(path).values(), key=lambda e: e.start)
+    chunks, _ = _plan_chunks(entries, chunk=1000, max_gap=100)
+    assert [(c.end - c.start, len(c.pieces)) for c in chunks] == [(10, 1), (10, 1)]
+    chunks, _ = _plan_chunks(entries, chunk=1000, max_gap=490)
+    assert [(c.end - c.start, len(c.pieces)) for c in chunks] == [(510, 2)]
 
 
 @pytest.mark.parametrize("how", sorted(READERS))
