@@ -92,22 +92,38 @@ def test_finished_run_without_checkpoints_is_not_overwritten(tmp_path, tokenizer
 def test_logged_loss_is_the_mean_since_the_last_log(tmp_path, tokenizer, demo_data, monkeypatch):
     # as transformers' Trainer logs it: the loss of train.log_every=3 is the mean of those three steps,
     # not the last step's alone; a run killed between two logs and resumed logs the same values
+    # (and loss_tokens, tokens and tokens_per_s are those of the window's steps: each step timed 0.5 s)
     common = ["train.max_steps=7", "train.log_every=3", "train.save_every=2"]
-    res = sft.train(
-        small_config(tmp_path / "a", demo_data, *common),
-        log=lambda s: None,
-        model=build_model(seed=0, **SMALL),
-        tokenizer=tokenizer,
-    )
+    counts = []
+    real_step = sft.sft_step
+
+    def counted(*a, **k):
+        out = real_step(*a, **k)
+        counts.append(out[1:])
+        return out
+
+    with monkeypatch.context() as m:
+        m.setattr(sft, "sft_step", counted)
+        m.setattr(loop.Timer, "lap", lambda self: 0.5)
+        res = sft.train(
+            small_config(tmp_path / "a", demo_data, *common),
+            log=lambda s: None,
+            model=build_model(seed=0, **SMALL),
+            tokenizer=tokenizer,
+        )
     train = [r for r in _metrics(res.run_dir) if r["split"] == "train"]
     assert [r["step"] for r in train] == [3, 6, 7]
     losses = res.train_losses
     assert train[0]["loss"] == pytest.approx(sum(losses[0:3]) / 3, rel=1e-12)
     assert train[1]["loss"] == pytest.approx(sum(losses[3:6]) / 3, rel=1e-12)
     assert train[2]["loss"] == pytest.approx(losses[6], rel=1e-12)
+    assert len(counts) == 7 and len({c[1] for c in counts}) > 1
+    for r, (a, b) in zip(train, [(0, 3), (3, 6), (6, 7)]):
+        assert r["loss_tokens"] == sum(c[0] for c in counts[a:b])
+        assert r["tokens"] == sum(c[1] for c in counts[a:b])
+        assert r["tokens_per_s"] == pytest.approx(r["tokens"] / (0.5 * (b - a)), rel=1e-12)
 
     cfg_b = small_config(tmp_path / "b", demo_data, *common)
-    real_step = sft.sft_step
     calls = {"n": 0}
 
     def dies(*a, **k):
