@@ -199,6 +199,26 @@ def test_atomic_dir_puts_back_a_folder_a_kill_left_aside(tmp_path, monkeypatch):
     assert (final / "w.txt").read_text() == "new"
 
 
+def test_atomic_dir_puts_the_old_folder_back_when_the_new_one_cannot_go_in(tmp_path, monkeypatch):
+    """The second rename failing (an error, not a kill) leaves the folder that was there, whole, and
+    no leftovers: the old folder was set aside, and it must not be deleted with the aside folder."""
+    final = tmp_path / "model"
+    _io.atomic_dir(final, _fill("old"))
+    real_replace = os.replace
+
+    def refused(src, dst):
+        if os.fspath(dst) == os.fspath(final) and ".tmp-old-" not in os.fspath(src):
+            raise OSError("rename refused")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", refused)
+    with pytest.raises(OSError, match="rename refused"):
+        _io.atomic_dir(final, _fill("new"))
+    monkeypatch.undo()
+    assert (final / "w.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
 def _fill(text):
     def write(d):
         Path(d, "w.txt").write_text(text)
