@@ -1124,6 +1124,7 @@ def test_scale_that_requires_grad_refused():
         ({"a_shape": (8, 64)}, ValueError, r"lora_A must be \[r, in_features=128\]"),
         ({"b_shape": (64, 4)}, ValueError, r"lora_B must be \[out_features=64, r=8\]"),
         ({"r0": True}, ValueError, "r = 0"),
+        ({"r257": True}, ValueError, "rank r = 257 exceeds the supported maximum 256"),
         ({"only_a": True}, ValueError, "given together"),
         ({"a_dtype": "float64"}, TypeError, "lora_A must have x's dtype"),
         ({"bias_shape": (63,)}, ValueError, r"bias must be \[out_features=64\]"),
@@ -1148,6 +1149,8 @@ def test_bad_input(kw, err, msg):
         b = torch.randn(kw["b_shape"])
     if kw.get("r0"):
         a, b = torch.randn(0, 128), torch.randn(64, 0)
+    if kw.get("r257"):
+        a, b = torch.randn(257, 128), torch.randn(64, 257)
     if kw.get("a_dtype"):
         a = a.double()
     if kw.get("bias_shape"):
