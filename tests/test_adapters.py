@@ -829,6 +829,56 @@ def test_peft_adapter_with_layers_to_transform_loads(extra, adapted_layers, tmp_
     assert {int(n.split(".")[2]) for n in _adapted(model)} == adapted_layers
 
 
+class _Experts(torch.nn.Module):
+    """model.layers.<i>.{proj, experts.<j>.proj} and model.sublayers.<i>.proj: a layer index
+    followed by an expert index, and a component that ends with "layers"."""
+
+    def __init__(self):
+        super().__init__()
+
+        def block():
+            b = torch.nn.Module()
+            b.proj = torch.nn.Linear(8, 8)
+            b.experts = torch.nn.ModuleList(torch.nn.Module() for _ in range(3))
+            for e in b.experts:
+                e.proj = torch.nn.Linear(8, 8)
+            return b
+
+        self.model = torch.nn.Module()
+        self.model.layers = torch.nn.ModuleList(block() for _ in range(3))
+        self.model.sublayers = torch.nn.ModuleList(block() for _ in range(3))
+
+    def forward(self, x):
+        for b in [*self.model.layers, *self.model.sublayers]:
+            x = x + b.proj(x) + sum(e.proj(x) for e in b.experts)
+        return x
+
+
+@pytest.mark.parametrize("pattern", [None, "layers", ["sublayers"]])
+@pytest.mark.parametrize("layers", [[1], [2, 0]])
+def test_layers_to_transform_takes_the_layer_index_as_peft(pattern, layers, tmp_path):
+    """The layer index is the first number after a name component (not an expert's index after
+    it), and a layers_pattern names a whole component ("layers" is not the end of "sublayers")."""
+    torch.manual_seed(0)
+    base = _Experts().eval()
+    cfg = peft.LoraConfig(
+        target_modules=["proj"],
+        layers_to_transform=layers,
+        layers_pattern=pattern,
+        r=2,
+        lora_alpha=4,
+        init_lora_weights=False,
+    )
+    pm = peft.get_peft_model(copy.deepcopy(base), cfg).eval()
+    pm.save_pretrained(tmp_path)
+    model = hoptune.load_adapter(copy.deepcopy(base), tmp_path).eval()
+    assert _adapted(model) == _adapted(pm)
+    assert any(".experts." in n for n in _adapted(pm)) and len(_adapted(pm)) < 24
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        assert rel(model(x), pm(x)) <= 1e-6
+
+
 def test_peft_adapter_with_layers_to_transform_and_a_full_path_loads(tmp_path):
     """PEFT filters by layers_to_transform only the modules a target_modules entry matches as a
     suffix: a module the list names in full is adapted in any layer, and so it is in hoptune."""

@@ -153,6 +153,8 @@ def test_split_and_replay():
     assert len(held) == 10 and len(train) == 40
     assert not {e.where for e in train} & {e.where for e in held}
     assert split_eval(ex, 0.2, seed=0)[1] == held  # deterministic
+    # the share rounded to the nearest whole number of examples, at least one
+    assert [len(split_eval(ex[:20], f, seed=0)[1]) for f in (0.33, 0.01, 0.274)] == [7, 1, 5]
     general = _examples(3, seed=9)
     mixed, added = mix_replay(train, general, 0.2, seed=0)
     assert added == 10 and len(mixed) == 50  # 10 of 50 = 20%, drawn again once the 3 are used
