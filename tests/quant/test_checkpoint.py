@@ -261,11 +261,14 @@ def test_a_model_bitsandbytes_quantized_is_saved_with_its_own_skip_list_and_comp
     config = json.loads((tmp_path / "nf4" / "config.json").read_text())["quantization_config"]
     assert config["llm_int8_skip_modules"] == ["lm_head", "down_proj"]
     assert config["bnb_4bit_compute_dtype"] == "float32"
+    assert config["bnb_4bit_use_double_quant"] is False  # as saved: no nested absmax in the file
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "nf4", device_map="cpu")
+    assert loaded.config.quantization_config.bnb_4bit_use_double_quant is False
     assert type(loaded.model.layers[1].mlp.down_proj) is nn.Linear
     assert loaded.model.layers[1].mlp.up_proj.compute_dtype == torch.float32
     ours, ref = (load_file(tmp_path / d / "model.safetensors") for d in ("nf4", "bnb"))
     assert sorted(ours) == sorted(ref) and all(torch.equal(ours[k], ref[k]) for k in ref)
+    assert not any(k.endswith("nested_absmax") for k in ours)
 
 
 def _tiny_biogpt():
