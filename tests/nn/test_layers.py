@@ -291,6 +291,25 @@ def test_dora_init_with_random_b(quantize):
     assert rel_err(dora(x), plain) < 1e-5
 
 
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_dora_row_norms_over_several_chunks(quantize, monkeypatch):
+    """The row norms are computed in chunks of rows (bounded memory): every row, across the chunks
+    and in a last partial one, is that of the whole weight."""
+    import hoptune.nn.lora as lora_mod
+
+    monkeypatch.setattr(lora_mod, "_NORM_ROWS", 16)
+    dora = LoRALinear(nn.Linear(128, 70), r=4, use_dora=True, quantize=quantize, init_lora_weights=False)
+    w = dora.base_weight(torch.float32) + dora.lora_delta()
+    assert rel_err(dora.weight_row_norms(), torch.linalg.vector_norm(w, dim=1)) < 1e-6
+    assert (
+        rel_err(
+            dora.weight_row_norms(include_lora=False),
+            torch.linalg.vector_norm(dora.base_weight(torch.float32), dim=1),
+        )
+        < 1e-6
+    )
+
+
 def test_gaussian_init():
     lora = LoRALinear(nn.Linear(512, 256), r=8, init_lora_weights="gaussian")
     assert not lora.lora_B.any()

@@ -88,6 +88,19 @@ def test_quantize_codes_and_absmax(dtype):
         assert (q.packed[zero] == 0x77).all()
 
 
+@pytest.mark.parametrize("chunk", [64 * 3, 100, 64 * 1000])
+def test_reference_in_chunks_equals_one_pass(chunk, monkeypatch):
+    """The reference quantizes and dequantizes in chunks of whole blocks (bounded memory): any chunk
+    size, a last partial chunk among them, gives the codes, absmax and values of one pass."""
+    w = _weight((10, 320), torch.bfloat16)  # 50 blocks of 64
+    one = quantize_nf4(w, double_quant=True)
+    want = dequantize_nf4(one)
+    monkeypatch.setattr(ref, "_CHUNK", chunk)
+    q = quantize_nf4(w, double_quant=True)
+    assert torch.equal(q.packed, one.packed) and torch.equal(q.absmax, one.absmax)
+    assert torch.equal(dequantize_nf4(q), want)
+
+
 def test_all_zero_block_dequantizes_to_exact_zeros():
     w = _weight((4, 256), torch.bfloat16)
     w[1] = 0
