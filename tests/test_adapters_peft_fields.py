@@ -356,6 +356,24 @@ def test_a_config_without_r_or_alpha_takes_peft_defaults(rslora, tmp_path):
     assert rel(logits(src.eval()), logits(pm)) > 1e-3
 
 
+def test_an_adapter_of_a_rank_above_the_limit_is_refused_saying_so(tmp_path):
+    """PEFT saves any rank; hoptune's LoRA layers take at most 256. Loading such an adapter is refused
+    naming the layer and its rank, without apply_lora's advice (its rank is the file's), and the
+    model is left as it was."""
+    base = tiny_model()
+    peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(target_modules=["q_proj"], r=300)
+    ).save_pretrained(tmp_path)
+    model = copy.deepcopy(base)
+    snap = snapshot(model)
+    with pytest.raises(
+        ValueError, match=r"layer model\.layers\.0\.self_attn\.q_proj has a rank-300 adapter"
+    ) as e:
+        hoptune.load_adapter(model, tmp_path)
+    assert "rank_pattern" not in str(e.value) and "cannot load this adapter" in str(e.value)
+    assert_unchanged(model, snap)
+
+
 def test_the_same_lora_dropout_loads_into_the_layers_in_place(tmp_path):
     base = tiny_model()
     src = ours(base, "lora", dropout=0.1)
