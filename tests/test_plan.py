@@ -50,6 +50,12 @@ def test_components_and_options_move_the_right_way():
     assert no_ckpt.peak == pytest.approx(ours.alternatives["without gradient checkpointing"])
     paged = hoptune.plan("llama-3-8b", batch=2, optimizer="paged_adamw")
     assert paged.optimizer_state == 0 and paged.peak < ours.peak
+    # AdamW: two moments of the adapters' size, gradients of it, and in its step the gradients
+    # twice (foreach temporaries); paged: the gradients once
+    assert ours.gradients == ours.adapters and ours.optimizer_state == 2 * ours.adapters
+    base = ours.weights + ours.adapters
+    assert ours.phases["optimizer step"] == pytest.approx(base + ours.optimizer_state + 2 * ours.gradients)
+    assert paged.phases["optimizer step"] == pytest.approx(base + paged.gradients)
     bf16 = hoptune.plan("llama-3-8b", batch=2, quantize=None)
     assert bf16.weights > 2.5 * ours.weights
     single = hoptune.plan("llama-3-8b", batch=2, double_quant=False)
@@ -76,6 +82,18 @@ def test_config_sources(tmp_path):
     assert a.peak == b.peak == c.peak == d.peak
     # tied embeddings: the head is the embedding, counted once
     assert a.params == pytest.approx(1.236e9, rel=0.01)
+    # biases counted (Qwen2's q, k and v projections have them): the parameters of the model itself
+    qwen = transformers.Qwen2Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    model = transformers.AutoModelForCausalLM.from_config(qwen)
+    assert hoptune.plan(qwen, seq=16, alternatives=False).params == sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("tied", [True, False])
