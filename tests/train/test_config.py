@@ -64,6 +64,7 @@ def test_unknown_key_names_the_nearest(tmp_path, key, suggestion):
         ("train.lr=abc", r"train.lr: expected float, got 'abc' \(str\)"),
         ("train.batch_size=2.5", "train.batch_size: expected int, got 2.5"),
         ("train.grad_accum=true", "train.grad_accum: expected int, got True"),
+        ("train.lr=true", r"train.lr: expected float, got True \(bool\)"),  # (not read as 1.0)
         ("train.lr=null", "train.lr: expected float, got null$"),  # (was "None (NoneType)")
         ("data.truncation=null", "data.truncation: expected one of 'right' | 'left', got null$"),
         ("data.packing=3", "data.packing: expected bool, got 3"),
