@@ -14,6 +14,7 @@ pytest.importorskip("transformers")
 
 import hoptune
 from hoptune.plan import KNOWN_MODELS, GiB, MemoryPlan, main
+from tests.conftest import TINY_DECODER
 
 # measured by ../anchors (bench_anchors.py e2e_llama8b, bench_70b.py): torch.cuda.max_memory_allocated
 # of a transformers + bitsandbytes NF4 (double quant) + PEFT step, LoRA r=16 on all seven projections,
@@ -83,15 +84,7 @@ def test_config_sources(tmp_path):
     # tied embeddings: the head is the embedding, counted once
     assert a.params == pytest.approx(1.236e9, rel=0.01)
     # biases counted (Qwen2's q, k and v projections have them): the parameters of the model itself
-    qwen = transformers.Qwen2Config(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
+    qwen = transformers.Qwen2Config(**TINY_DECODER, tie_word_embeddings=False)
     model = transformers.AutoModelForCausalLM.from_config(qwen)
     assert hoptune.plan(qwen, seq=16, alternatives=False).params == sum(p.numel() for p in model.parameters())
 
