@@ -43,6 +43,7 @@ from torch import nn
 from hoptune._io import STAGE_PREFIX, replace_files
 from hoptune.nn.lora import LoRALinear
 from hoptune.ops import _check
+from hoptune.ops.nf4_lora import MAX_RANK
 from hoptune.patch import (
     _check_pattern,
     _check_spec,
@@ -1021,6 +1022,12 @@ def load_adapter(
         blocksize = 64 if blocksize is None else blocksize  # apply_lora's defaults
         double_quant = True if double_quant is None else double_quant
         for t in targets:  # the checks apply_lora makes (rank vs layer, NF4 block size), before any change
+            if t.r > MAX_RANK:  # (the file's rank: apply_lora's advice to lower it does not apply)
+                raise ValueError(
+                    f"{weights_path}: layer {t.name} has a rank-{t.r} adapter, above {MAX_RANK}, the most "
+                    "hoptune's LoRA layers take: hoptune cannot load this adapter (PEFT can, and its "
+                    "merge_and_unload folds it into the base model)"
+                )
             quant = layer_quantize(model, t.name, quantize)  # (None for a layer kept dense)
             check_target(t.name, t.module, t.r, quant, blocksize, rank_above_layer=True)
         replace_with_lora(

@@ -428,13 +428,6 @@ def check_target(
     A rank above min(in, out) adds nothing a smaller one could not hold, so apply_lora takes it for
     a mistake; PEFT accepts it, and ``rank_above_layer`` lets through the adapters PEFT saved so."""
     fan_in, fan_out = layer_features(mod)
-    if r > MAX_RANK and rank_above_layer:
-        # (an adapter being loaded: its rank is given, so apply_lora's advice below does not apply)
-        raise ValueError(
-            f"layer {name} has a rank-{r} adapter, above {MAX_RANK}, the most hoptune's LoRA layers "
-            "take: hoptune cannot load this adapter (PEFT can, and its merge_and_unload folds it into "
-            "the base model)"
-        )
     if r > MAX_RANK or (r > min(fan_in, fan_out) and not rank_above_layer):
         raise ValueError(
             f"r={r} is larger than layer {name} allows: it is [{fan_out}, {fan_in}] "
