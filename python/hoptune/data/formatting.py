@@ -518,7 +518,7 @@ class ChatFormatter:
         ``template_kwargs`` go to every render of the template (a record's: _template_kwargs).
         ``prompt_cut``: where the tokenized prompt (``messages[:first_trained]`` with the generation
         prompt) is not a prefix of the conversation's tokens, its end beyond the common prefix is
-        appended there as text (see tokenize_prompt_completion)."""
+        appended there as text (see _completion_start)."""
         tok = self.tokenizer
         found = self.spans(messages, first_trained, template_kwargs)
         if isinstance(found, str):
@@ -566,13 +566,24 @@ class ChatFormatter:
             # prompt the rendered turn lacks (e.g. an opened "<think>") is not counted into the prompt
             prefix = self.render(messages[:first_trained], True, template_kwargs)
             p = self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
-            n = 0
-            while n < min(len(p), len(ids)) and p[n] == ids[n]:
-                n += 1
+            n = _completion_start(self.tokenizer, p, ids, prompt_cut)
             mask = [0] * n + mask[n:]
-            if n < len(p) and prompt_cut is not None:
-                prompt_cut.append(self.tokenizer.decode(p[n:]))
         return ids, mask
+
+
+def _completion_start(
+    tokenizer: Any, prompt: list[int], full: list[int], prompt_cut: list[str] | None
+) -> int:
+    """Where the completion starts in ``full``: where it and the tokenized ``prompt`` diverge (TRL's
+    common prefix). Where that is before the prompt's end, the prompt's last tokens are not in the
+    sequence (the model trains on a context it will not see at inference, where the prompt is
+    tokenized alone): their text is appended to ``prompt_cut`` when given (TRL warns of it)."""
+    n = 0
+    while n < min(len(prompt), len(full)) and prompt[n] == full[n]:
+        n += 1
+    if n < len(prompt) and prompt_cut is not None:
+        prompt_cut.append(tokenizer.decode(prompt[n:]))
+    return n
 
 
 def _leading(ids: list[int], token: int) -> int:
@@ -599,17 +610,10 @@ def tokenize_prompt_completion(
     tokenizer: Any, prompt: str, completion: str, add_eos: bool = True, prompt_cut: list[str] | None = None
 ) -> tuple[list[int], list[int]]:
     """(input_ids, loss_mask): the completion starts where the tokenized prompt and the tokenized
-    prompt+completion diverge (tokens can merge across the boundary), as in TRL. Where they diverge
-    before the prompt's end, the prompt's own last tokens are not in the sequence (the model trains
-    on a context it will not see at inference, where the prompt is tokenized alone): their text is
-    appended to ``prompt_cut`` when given (TRL warns of it)."""
-    p = _encode(tokenizer, prompt)
+    prompt+completion diverge (tokens can merge across the boundary), as in TRL; ``prompt_cut``: see
+    _completion_start."""
     full = _encode(tokenizer, prompt + completion)
-    n = 0
-    while n < min(len(p), len(full)) and p[n] == full[n]:
-        n += 1
-    if n < len(p) and prompt_cut is not None:
-        prompt_cut.append(tokenizer.decode(p[n:]))
+    n = _completion_start(tokenizer, _encode(tokenizer, prompt), full, prompt_cut)
     mask = [0] * n + [1] * (len(full) - n)
     eos = tokenizer.eos_token_id
     if add_eos and eos is not None and (not full or full[-1] != eos):
@@ -683,7 +687,7 @@ def tokenize_record(
 ) -> tuple[list[int], list[int]]:
     """(input_ids, loss_mask) of one record of any supported shape (a null field is absent).
     ``prompt_cut``: a prompt/completion record whose tokenized prompt is not a prefix of its tokens
-    appends the prompt's end there (see tokenize_prompt_completion)."""
+    appends the prompt's end there (see _completion_start)."""
     kind = record_kind(data)
     data = _without_nulls(data)
     if kind == "messages":
