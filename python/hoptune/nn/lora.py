@@ -21,7 +21,7 @@ has such rows): DoRA uses n = max(n, eps) so such a row gives 0 instead of NaN.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,7 @@ from hoptune.nn.nf4_linear import (
     nf4_view,
     register_nf4,
 )
+from hoptune.ops import _amp
 from hoptune.ops.nf4_lora import MAX_RANK
 from hoptune.quant.nf4 import FLOAT_DTYPES, NF4Weight, check_quantizable, dequantize_nf4, quantize_nf4
 
@@ -79,13 +80,6 @@ def check_lora_options(dropout_name: str, dropout, init_lora_weights, **flags) -
 
 
 _NORM_ROWS = 2048  # rows per chunk when computing DoRA norms (bounds the transient memory)
-
-
-def _autocast_off(device: torch.device):
-    """A context with autocast off on ``device``'s type (where torch has autocast for it)."""
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return nullcontext()
 
 
 class LoRALinear(NF4Module):
@@ -251,7 +245,7 @@ class LoRALinear(NF4Module):
         out = torch.empty(self.out_features, dtype=acc, device=w.device)
         # autocast off: it would run B @ A in its own dtype, and (torch < 2.10) cache its cast of
         # A made here, without grad, for the forward's own products, which then give A no gradient
-        with _autocast_off(self.lora_A.device):
+        with _amp.off(self.lora_A.device):
             a = self.lora_A.to(acc)
             for r0 in range(0, self.out_features, _NORM_ROWS):
                 r1 = min(self.out_features, r0 + _NORM_ROWS)
@@ -265,7 +259,7 @@ class LoRALinear(NF4Module):
         """``s * B @ A`` as a dense ``[out, in]`` tensor, computed in ``dtype`` (also inside an
         autocast block, which would otherwise round the product to its own dtype)."""
         check_dtype("dtype", dtype)
-        with _autocast_off(self.lora_A.device):
+        with _amp.off(self.lora_A.device):
             return (self.scaling * (self.lora_B.to(dtype) @ self.lora_A.to(dtype))).to(dtype)
 
     @torch.no_grad()
