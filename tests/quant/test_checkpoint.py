@@ -204,6 +204,25 @@ def test_a_layer_bitsandbytes_repacked_for_its_cpu_path_is_refused(tmp_path):
     assert not (tmp_path / "nf4" / "model.safetensors").exists()
 
 
+def test_a_model_bitsandbytes_quantized_in_fp4_is_refused_naming_a_layer(tmp_path):
+    # its layers are bitsandbytes 4-bit layers too, but of the FP4 code: saved under an NF4 config
+    # their codes would decode to other weights
+    from tests.test_loading import tiny_model
+
+    tiny_model().save_pretrained(tmp_path / "dense")
+    cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "dense", quantization_config=cfg, device_map="cpu"
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"cannot save model\.layers\.0\.self_attn\.q_proj, a layer bitsandbytes quantized: "
+        r"'model\.layers\.0\.self_attn\.q_proj\.weight' is quantized as FP4; hoptune reads NF4 only",
+    ):
+        save_pretrained_nf4(model, tmp_path / "nf4", double_quant=False)
+    assert not (tmp_path / "nf4").exists()
+
+
 @pytest.mark.parametrize("skip", [None, 3])
 def test_skip_modules_that_is_no_list_is_refused_naming_it(tmp_path, skip):
     # None (BitsAndBytesConfig's "pick the head for me") failed with a bare

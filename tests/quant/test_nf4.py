@@ -353,6 +353,71 @@ def test_nested_dtype_other_than_float32_is_refused(nested_dtype):
         from_bnb_state_dict(sd, "w")
 
 
+def _grown(sd, name, extra):
+    """``sd`` with ``extra`` values appended to tensor ``name`` (flattened, its dtype kept)."""
+    t = sd[name].reshape(-1)
+    return {**sd, name: torch.cat([t, t[:extra]])}
+
+
+QS = r"'w\.quant_state\.bitsandbytes__nf4': "
+
+
+@pytest.mark.parametrize(
+    "corrupt, match",
+    [
+        (
+            lambda sd: _with_meta(sd, blocksize=32),
+            QS + r"blocksize 32 is not supported; hoptune reads",
+        ),
+        (
+            lambda sd: _with_meta(sd, dtype="float64"),
+            QS + r"dtype must be one of \['bfloat16', 'float16', 'float32'\], got 'float64'",
+        ),
+        (
+            lambda sd: _with_meta(sd, quant_type="fp4"),
+            QS + r"quant_type must be 'nf4', got 'fp4'",
+        ),
+        (
+            lambda sd: {
+                **sd,
+                "w.quant_state.bitsandbytes__nf4": torch.tensor(list(b"[1, 2]"), dtype=torch.uint8),
+            },
+            r"'w\.quant_state\.bitsandbytes__nf4' must hold a JSON object, got list",
+        ),
+        (lambda sd: _grown(sd, "w", 1), r"'w' holds 257 bytes but shape \[8, 64\] needs 256"),
+        (lambda sd: _grown(sd, "w.absmax", 1), r"w\.absmax has 9 values, expected 8"),
+        (
+            lambda sd: _with_meta(sd, nested_blocksize=100),
+            QS + r"nested_blocksize must be one of",
+        ),
+        (
+            lambda sd: _with_meta(sd, nested_offset=float("nan")),
+            QS + r"nested_offset must be a finite number, got nan",
+        ),
+        (
+            lambda sd: {**sd, "w.absmax": sd["w.absmax"].float()},
+            r"w\.absmax must be uint8 codes with double quantization, got torch\.float32",
+        ),
+        (
+            lambda sd: _grown(sd, "w.nested_absmax", 1),
+            r"w\.nested_absmax must be float32 \[1\], got torch\.float32 \(2,\)",
+        ),
+        (
+            lambda sd: {**sd, "w.nested_quant_map": sd["w.nested_quant_map"][:255]},
+            r"w\.nested_quant_map must be float32 \[256\], got torch\.float32 \(255,\)",
+        ),
+    ],
+)
+def test_each_bad_part_of_a_bitsandbytes_state_is_refused_naming_it(corrupt, match):
+    """Each part of a double-quantized weight's state (8 x 64: 8 absmax codes, 1 nested absmax) is
+    checked where it is read, so the error names the key and what it should hold; NF4Weight's own
+    checks, which would catch some later, name none of the checkpoint's keys."""
+    sd = _sd()
+    assert from_bnb_state_dict(sd, "w").shape == (8, 64)
+    with pytest.raises(ValueError, match=match):
+        from_bnb_state_dict(corrupt(sd), "w")
+
+
 def test_nested_dtype_is_required():
     # bitsandbytes' QuantState.from_dict reads it unconditionally (KeyError without it)
     sd = _with_meta(_sd(), nested_dtype=None)
