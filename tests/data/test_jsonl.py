@@ -108,14 +108,23 @@ def test_wrong_types(tmp_path, tokenizer):
 
 def test_lone_surrogate_escapes_are_malformed(tmp_path, tokenizer):
     r"""JSON may spell a lone UTF-16 surrogate (\ud800), which is no character: such a line is
-    malformed, with its line number, instead of a crash in the tokenizer. A surrogate pair (an
-    emoji written with ensure_ascii) is fine."""
-    lines = ['{"text": "ok \\ud83d\\ude00"}', '{"prompt": "a\\ud800", "completion": "b"}', '{"text": "y"}']
+    malformed, with its line number, instead of a crash in the tokenizer, wherever it sits: in a
+    value, a key, or a list's item. A surrogate pair (an emoji written with ensure_ascii) is fine."""
+    lines = [
+        '{"text": "ok \\ud83d\\ude00"}',
+        '{"prompt": "a\\ud800", "completion": "b"}',
+        '{"text": "y"}',
+        '{"text": "z", "note\\udc00": 1}',
+        '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\\udbff"}]}',
+    ]
     p = _write(tmp_path / "s.jsonl", lines)
-    with pytest.raises(DataError, match=r"1 malformed line\(s\): line 2: .*surrogate"):
+    with pytest.raises(
+        DataError,
+        match=r"3 malformed line\(s\): line 2: .*surrogate \\ud800.*; line 4: .*\\udc00.*; line 5: .*\\udbff",
+    ):
         read_jsonl(p)
     examples, report = load_examples(p, tokenizer, max_seq_len=64, skip_bad=True)
-    assert len(examples) == 2 and [ln for ln, _ in report.malformed] == [2]
+    assert len(examples) == 2 and [ln for ln, _ in report.malformed] == [2, 4, 5]
 
 
 def test_malformed_lines_and_bad_records_in_one_error(tmp_path, tokenizer):
@@ -248,7 +257,8 @@ def test_a_json_array_is_named_as_one(tmp_path, skip, indent):
     data.skip_bad_examples=true', which then skipped everything."""
     path = tmp_path / "d.json"
     rows = [{"prompt": f"q{i}", "completion": "a"} for i in range(3)]
-    path.write_text("\ufeff\n " + json.dumps(rows, indent=indent) + "\n")
+    # (a byte-order mark opening the file, and one opening a later line, as `cat` of two files gives)
+    path.write_text("\ufeff\n\ufeff " + json.dumps(rows, indent=indent) + "\n")
     with pytest.raises(
         DataError, match=r"holds a JSON array, not JSONL: hoptune reads one JSON object per line"
     ):

@@ -28,7 +28,7 @@ from hoptune.data.formatting import (
     tokenize_record,
     truncate,
 )
-from hoptune.data.jsonl import DataError, Record, read_jsonl
+from hoptune.data.jsonl import DataError, Record, read_jsonl, show_lines
 from hoptune.data.packing import Row, pack_examples, rows_from_examples
 
 
@@ -85,11 +85,6 @@ def _lines(items: list[tuple[int, str]], n: int = 5) -> str:
     return s + (", ..." if len(items) > n else "")
 
 
-def _details(items: list[tuple[int, str]], n: int = 5) -> str:
-    s = "; ".join(f"line {ln}: {why}" for ln, why in items[:n])
-    return s + (f"; ... and {len(items) - n} more" if len(items) > n else "")
-
-
 def build_examples(
     records: list[Record],
     tokenizer: Any,
@@ -119,9 +114,9 @@ def build_examples(
     if not skip_bad and (report.malformed or bad):
         problems = []
         if report.malformed:
-            problems.append(f"{len(report.malformed)} malformed line(s): {_details(report.malformed)}")
+            problems.append(f"{len(report.malformed)} malformed line(s): {show_lines(report.malformed)}")
         if bad:
-            problems.append(f"{len(bad)} example(s) cannot be trained on: {_details(bad)}")
+            problems.append(f"{len(bad)} example(s) cannot be trained on: {show_lines(bad)}")
         raise DataError(
             f"{report.path}: {'. '.join(problems)}. Fix them, or set data.skip_bad_examples=true to skip "
             "and report them"

@@ -82,7 +82,8 @@ class ReadReport:
     malformed: list[tuple[int, str]] = field(default_factory=list)  # (line, reason)
 
 
-def _show(lines: list[tuple[int, str]], n: int = 5) -> str:
+def show_lines(lines: list[tuple[int, str]], n: int = 5) -> str:
+    """The first ``n`` of (line, reason) as "line 3: why; line 7: why", then how many more."""
     shown = "; ".join(f"line {ln}: {why}" for ln, why in lines[:n])
     more = f"; ... and {len(lines) - n} more" if len(lines) > n else ""
     return shown + more
@@ -183,7 +184,7 @@ def read_jsonl(path: str | os.PathLike, skip_malformed: bool = False) -> tuple[l
         )
     if report.malformed and not skip_malformed:
         raise DataError(
-            f"{path}: {len(report.malformed)} malformed line(s): {_show(report.malformed)}. Fix them, or set "
+            f"{path}: {len(report.malformed)} malformed line(s): {show_lines(report.malformed)}. Fix them, or set "
             "data.skip_bad_examples=true to skip and report them"
         )
     return records, report
