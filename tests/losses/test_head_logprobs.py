@@ -70,3 +70,22 @@ def test_head_logprobs_plain_linear_stays_fused(monkeypatch):
     handle.remove()
     head_logprobs(head, torch.randn(3, 8), torch.randint(0, 11, (3,)))
     assert calls == [1, 1]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_head_logprobs_plain_linear_is_the_log_softmax_of_the_heads_logits(bias):
+    """The fused path (a plain nn.Linear head) scores the head's own logits, its bias included, with
+    the scale, soft-cap and temperature: against the fp64 computation."""
+    g = torch.Generator().manual_seed(1)
+    head = torch.nn.Linear(16, 37, bias=bias)
+    if bias:
+        with torch.no_grad():
+            head.bias.copy_(torch.randn(37, generator=g) * 3)
+    hidden = torch.randn(9, 16, generator=g)
+    labels = torch.randint(0, 37, (9,), generator=g)
+    got = head_logprobs(head, hidden, labels, logit_scale=0.7, softcap=5.0, temperature=0.9)
+    b = None if head.bias is None else head.bias.double()
+    z = torch.nn.functional.linear(hidden.double(), head.weight.double(), b)
+    z = 5.0 * torch.tanh(z * 0.7 / 5.0) / 0.9
+    ref = torch.log_softmax(z, -1).gather(-1, labels[:, None]).squeeze(-1)
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-5)

@@ -95,6 +95,28 @@ def test_token_logprobs_any_leading_shape(shape):
     )
 
 
+@pytest.mark.parametrize("shape", [(), (5,), (2, 3, 4)])
+def test_token_logprobs_ignore_index_other_than_minus_100_at_any_shape(shape):
+    """ignore_index (3 here, a token id of the vocabulary) gives 0.0 at its positions whatever the
+    logits' dims: 1-D and 4-D logits take the flattened path, 2-D the op's own."""
+    g = torch.Generator().manual_seed(len(shape))
+    logits = torch.randn(*shape, 11, dtype=torch.float64, generator=g)
+    labels = torch.randint(0, 11, shape, generator=g)
+    labels.view(-1)[0] = 3
+    got = token_logprobs_from_logits(logits, labels, ignore_index=3)
+    ref = torch.log_softmax(logits, -1).gather(-1, labels[..., None]).squeeze(-1)
+    torch.testing.assert_close(got, torch.where(labels != 3, ref, 0.0), rtol=0, atol=1e-12)
+
+
+def test_token_logprobs_of_float8_logits_are_those_of_their_fp32_values():
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(4, 3, 11, generator=g) * 3).to(torch.float8_e4m3fn)
+    labels = torch.randint(0, 11, (4, 3), generator=g)
+    got = token_logprobs_from_logits(logits, labels)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, token_logprobs_from_logits(logits.float(), labels))
+
+
 def test_head_logprobs_fp64():
     """An fp64 nn.Linear head (the fused op takes 16/32-bit only) runs through its logits: the
     fp64 oracle's values, with the scale, soft-cap and temperature, and gradcheck."""
