@@ -644,7 +644,7 @@ def test_cuda_device_index_beyond_the_visible_ones_is_refused(tmp_path, monkeypa
         hoptune.load_model(tmp_path, device="cuda:2", progress=False)
 
 
-@pytest.mark.parametrize("cut", [0.5, 0.999, 4])
+@pytest.mark.parametrize("cut", [0.5, 0.999, 4, 100])  # (100: inside the header)
 def test_truncated_file_names_the_file(tmp_path, cut):
     tiny_model().save_pretrained(tmp_path, max_shard_size="40KB")
     shard = sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))[1]

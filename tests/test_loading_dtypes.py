@@ -8,6 +8,7 @@ import struct
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 import hoptune
@@ -121,6 +122,19 @@ def test_other_quantized_checkpoint_is_refused_for_its_format_not_a_dtype(tmp_pa
     match = "quant_method': 'mxfp4'.*bitsandbytes 4-bit NF4 checkpoints only"
     with pytest.raises(ValueError, match=match):
         hoptune.load_model(tmp_path, device="cpu", progress=False)
+
+
+def test_bitsandbytes_fp4_checkpoint_is_refused_by_its_config(tmp_path):
+    # bitsandbytes' other 4-bit code: the same keys as NF4, another table
+    tiny_model().save_pretrained(tmp_path / "dense")
+    cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4")
+    qm = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "dense", quantization_config=cfg, device_map="cpu"
+    )
+    qm.save_pretrained(tmp_path / "fp4")
+    match = "'bnb_4bit_quant_type': 'fp4'.*bitsandbytes 4-bit NF4 checkpoints only"
+    with pytest.raises(ValueError, match=match):
+        hoptune.load_model(tmp_path / "fp4", device="cpu", progress=False)
 
 
 @pytest.mark.parametrize("fnuz", [torch.float8_e4m3fnuz, torch.float8_e5m2fnuz])

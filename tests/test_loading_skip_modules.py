@@ -25,6 +25,7 @@ ENTRIES = [
     "model.layers.0.self_attn.[qk]_proj",
     "proj",  # a plain suffix: every *proj
     "mlp.gate",  # neither gate_proj (no boundary) nor a suffix
+    "model.layers.0.mlp.gate",  # from the start, but gate_proj goes on past a name boundary
 ]
 
 
