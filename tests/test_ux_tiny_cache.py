@@ -235,6 +235,41 @@ def test_caching_and_loading_the_tiny_model_show_no_transformers_bar(tmp_path, m
     assert "%|" not in err, err
 
 
+def test_transformers_bars_are_back_as_they_were_after_the_tiny_model(tmp_path, monkeypatch):
+    from transformers.utils import logging as hf_logging
+
+    monkeypatch.setenv("HOPTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(pretrain, "pretrain", _fake_pretrain([]))
+    was = hf_logging.is_progress_bar_enabled()
+    try:
+        for on in (True, False):
+            (hf_logging.enable_progress_bar if on else hf_logging.disable_progress_bar)()
+            with pretrain.no_hf_progress_bars():
+                assert not hf_logging.is_progress_bar_enabled()
+            assert hf_logging.is_progress_bar_enabled() is on
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
+def test_a_pretrained_model_that_cannot_be_renamed_into_place_is_an_error(tmp_path, monkeypatch):
+    # (a rename fails quietly only when another process has put its own copy there first)
+    monkeypatch.setenv("HOPTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(pretrain, "pretrain", _fake_pretrain([]))
+    final = pretrain.tiny_cache_dir()
+    real = os.replace
+
+    def replace(src, dst):
+        if os.fspath(dst) == final:
+            raise PermissionError(13, "Permission denied", final)
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(PermissionError):
+        pretrain.pretrained_tiny_path(log=lambda s: None, progress=False)
+    assert not os.path.exists(final)
+    assert [n for n in os.listdir(tmp_path / "cache") if not n.endswith(".lock")] == []
+
+
 def test_demo_device_override_is_the_demo_device(tmp_path, monkeypatch):
     """hoptune demo model.device=cpu (an override of the demo's config, as its help offers) puts the
     whole demo on the CPU, not only the SFT step: pretraining and scoring went to the GPU before."""
@@ -285,6 +320,45 @@ def test_pretraining_keeps_the_warmup_its_cached_models_were_made_with(monkeypat
     fn = sched.lr_lambdas[0]  # (one per parameter group, all alike)
     w = pretrain.RECIPE["warmup"]
     assert fn(0) == 1 / (w + 1) and fn(w - 1) == w / (w + 1)
+
+
+def test_pretraining_leaves_the_callers_random_stream_as_it_was():
+    # it seeds its own: a caller's later draws (its LoRA init, its data order) must not depend on
+    # whether the tiny model was pretrained in this process or loaded from the cache
+    torch.manual_seed(5)
+    want = torch.rand(4)
+    torch.manual_seed(5)
+    pretrain.pretrain(steps=1, device="cpu", log=lambda s: None, progress=False)
+    assert torch.equal(torch.rand(4), want)
+
+
+def test_the_cache_folder_is_named_after_the_recipe_and_the_model_config(monkeypatch):
+    # a cached model pretrained by another recipe (more steps, another lr) or for another config is
+    # another model: it must not be loaded in place of this one
+    from hoptune.models import tiny
+
+    before = pretrain.tiny_cache_dir()
+    monkeypatch.setitem(pretrain.RECIPE, "steps", pretrain.RECIPE["steps"] + 1)
+    recipe = pretrain.tiny_cache_dir()
+    monkeypatch.undo()
+    monkeypatch.setitem(tiny.TINY_CONFIG, "hidden_size", tiny.TINY_CONFIG["hidden_size"] * 2)
+    assert len({before, recipe, pretrain.tiny_cache_dir()}) == 3
+
+
+def test_a_lock_file_of_another_user_in_a_shared_cache_still_locks(tmp_path, monkeypatch):
+    # flock needs no write access: a lock file this user may only read is opened read-only, and two
+    # processes still do not pretrain at once
+    real = os.open
+
+    def open_(path, flags, *args):
+        if str(path).endswith(".lock") and flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied", path)
+        return real(path, flags, *args)
+
+    (tmp_path / "tiny.lock").write_text("")
+    monkeypatch.setattr(os, "open", open_)
+    with pretrain._pretraining_lock(str(tmp_path / "tiny"), print) as held:
+        assert held
 
 
 # the recipe version the corpus digest below was recorded for, and that digest

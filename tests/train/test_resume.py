@@ -294,6 +294,21 @@ def test_full_fine_tuning_resume_ignores_lora_keys(tmp_path, demo_data):
         sft._check_resume("ckpt", state, sft._resume_settings(lora_run), "in a new output.dir")
 
 
+def test_double_quant_is_compared_on_resume_for_a_quantized_base_only(tmp_path, demo_data):
+    """model.double_quant changes the base's weights only when the base is quantized: a dense run
+    resumes whatever it says, an NF4 run does not."""
+    for quantize, same in (("null", True), ("nf4", False)):
+        cfg = small_config(tmp_path, demo_data, f"model.quantize={quantize}")
+        state = {"settings": sft._resume_settings(cfg)}
+        cfg.model.double_quant = not cfg.model.double_quant
+        now = sft._resume_settings(cfg)
+        if same:
+            sft._check_resume("ckpt", state, now, "in a new output.dir")
+            continue
+        with pytest.raises(ConfigError, match="model.double_quant was True and is now False"):
+            sft._check_resume("ckpt", state, now, "in a new output.dir")
+
+
 def test_a_second_run_on_the_same_output_dir_is_refused(tmp_path, tokenizer, demo_data):
     """Two runs writing one output.dir would resume from, prune and overwrite each other's
     checkpoints: the second is refused while the first holds the folder, and runs once it is free."""
