@@ -313,6 +313,45 @@ def test_replace_files_puts_back_the_old_last_a_kill_took_out_before_anything_mo
     assert sorted(os.listdir(tmp_path)) == ["config.json", "weights"]
 
 
+def test_replace_files_puts_the_old_last_back_when_the_first_rename_fails(tmp_path, monkeypatch):
+    """An error renaming the first new file in (the old config already out, nothing else moved):
+    the old config goes back, so the old pair is whole and named, and the error is raised."""
+    _io.replace_files(tmp_path, {"weights": _text("old w"), "config.json": _text("old c")}, "config.json")
+    real = os.replace
+
+    def refuse(src, dst):
+        if os.fspath(dst) == os.fspath(tmp_path / "weights"):
+            raise PermissionError(13, "Permission denied", dst)
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(PermissionError):
+        _io.replace_files(tmp_path, {"weights": _text("w"), "config.json": _text("c")}, "config.json")
+    assert (tmp_path / "config.json").read_text() == "old c" and (tmp_path / "weights").read_text() == "old w"
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "weights"]
+
+
+@pytest.mark.parametrize(
+    "writes, last, match",
+    [
+        (
+            {"sub/w": _text("w"), "c": _text("c")},
+            "c",
+            r"writes must name files inside the folder, got 'sub/w'",
+        ),
+        ({"..": _text("w"), "c": _text("c")}, "c", r"writes must name files inside the folder, got '\.\.'"),
+        ({"": _text("w"), "c": _text("c")}, "c", r"writes must name files inside the folder, got ''"),
+        ({"w": _text("w"), "c": None}, "c", r"last='c' must be one of the files written"),
+        ({"w": _text("w")}, "c", r"last='c' must be one of the files written, got \['w'\]"),
+    ],
+)
+def test_replace_files_refuses_names_outside_the_folder_and_a_last_not_written(tmp_path, writes, last, match):
+    (tmp_path / "c").write_text("old c")
+    with pytest.raises(ValueError, match=match):
+        _io.replace_files(tmp_path / "ckpt", writes, last)
+    assert sorted(os.listdir(tmp_path)) == ["c"]
+
+
 def test_replace_files_never_puts_the_old_last_beside_new_files(tmp_path, monkeypatch):
     """Killed once a new file is in, the old config would describe the new weights: it stays out,
     and the next call puts the new one in (its only copy is in the staging folder it deletes)."""

@@ -294,6 +294,28 @@ def test_full_fine_tuning_resume_ignores_lora_keys(tmp_path, demo_data):
         sft._check_resume("ckpt", state, sft._resume_settings(lora_run), "in a new output.dir")
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.eps=1e-6", "train.eps was 1e-08 and is now 1e-06"),
+        ("train.warmup_ratio=0.1", "train.warmup_ratio was 0.0 and is now 0.1"),
+        ("train.min_lr_ratio=0.5", "train.min_lr_ratio was 0.0 and is now 0.5"),
+        ("lora.alpha=16", "lora.alpha was 8.0 and is now 16.0"),
+        ("lora.use_rslora=true", "lora.use_rslora was False and is now True"),
+        ("lora.use_dora=true", "lora.use_dora was False and is now True"),
+        ("lora.target_modules=[q_proj]", r"lora.target_modules was '\S+' and is now \['q_proj'\]"),
+        ("lora.enabled=false", "lora.enabled was True and is now False"),
+    ],
+)
+def test_each_setting_a_checkpoint_depends_on_is_compared(tmp_path, demo_data, override, message):
+    """The keys the run-based test above leaves out, compared as a resume compares them (the
+    checkpoint's settings after their JSON round trip)."""
+    state = {"settings": json.loads(json.dumps(sft._resume_settings(small_config(tmp_path, demo_data))))}
+    now = sft._resume_settings(small_config(tmp_path, demo_data, override))
+    with pytest.raises(ConfigError, match=f"cannot resume exactly from ckpt: {message}"):
+        sft._check_resume("ckpt", state, now, "in a new output.dir")
+
+
 def test_double_quant_is_compared_on_resume_for_a_quantized_base_only(tmp_path, demo_data):
     """model.double_quant changes the base's weights only when the base is quantized: a dense run
     resumes whatever it says, an NF4 run does not."""

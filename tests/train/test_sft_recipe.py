@@ -225,3 +225,7 @@ def test_unused_length_and_warmup_settings_are_said(tmp_path, tokenizer, demo_da
     )
     sft.train(cfg, log=quiet.append, model=build_model(seed=0, **SMALL), tokenizer=tokenizer)
     assert not any("is not used" in n or "not shorter" in n for n in quiet)
+    # train.epochs at its default beside max_steps was not set by the user: nothing to say
+    cfg = small_config(tmp_path / "c", demo_data, "train.max_steps=3")
+    assert cfg.train.epochs == type(cfg.train)().epochs
+    assert sft._unused_length_settings(cfg.train, total=3, warmup=0) == []
