@@ -535,6 +535,9 @@ STATE_CASES = [
     "blocksize2 of another state",
     "packed not uint8",
     "nested codes without absmax2",
+    "packed longer than the shape",
+    "packed not contiguous",
+    "code2 of 255 values",
 ]
 
 
@@ -557,6 +560,17 @@ def _state_cases(q):
         ),
         ("packed not uint8", (p.to(torch.int16), a, a2, c2, off, bs, bs2, shape), "packed"),
         ("nested codes without absmax2", (p, a, None, None, off, bs, bs2, shape), "absmax"),
+        (
+            "packed longer than the shape",
+            (torch.cat([p, p[:32]]), a, a2, c2, off, bs, bs2, shape),
+            r"packed holds 24640 codes but shape \(96, 256\) has 24576 elements",
+        ),
+        (
+            "packed not contiguous",
+            (torch.stack([p, p], 1)[:, 0], a, a2, c2, off, bs, bs2, shape),
+            "packed must be contiguous",
+        ),
+        ("code2 of 255 values", (p, a, a2, c2[:-1], off, bs, bs2, shape), r"code2 must be float32 \[256\]"),
     ]
     return {name: (args, text) for name, args, text in cases}
 

@@ -463,6 +463,17 @@ def test_resume_refuses_another_model_passed_in(tmp_path, tokenizer, demo_data, 
     assert len(_run(cfg, tokenizer).train_losses) == 1
 
 
+def test_the_model_fingerprint_covers_both_ends_of_each_frozen_tensor():
+    # a fine-tune of the same architecture differs anywhere in its tensors, not at their starts only
+    model = build_model(seed=0, **SMALL).requires_grad_(False)
+    emb = model.get_input_embeddings().weight
+    assert emb.numel() > 4096  # (its last value is not among its first 4096)
+    before = sft._model_fingerprint(model)
+    with torch.no_grad():
+        emb.view(-1)[-1] += 1.0
+    assert sft._model_fingerprint(model) != before
+
+
 @pytest.mark.parametrize("first", ["passed", "built-in"])
 def test_resume_refuses_switching_between_a_model_passed_in_and_the_built_in_one(
     tmp_path, tokenizer, demo_data, monkeypatch, first
