@@ -418,6 +418,40 @@ def test_eager_attention_scores_are_counted(model_type, extra, score_bytes):
     assert kept == pytest.approx(planned, abs=0.01 * 8 * 4 * 128)
 
 
+@pytest.mark.parametrize(
+    "model_type, like, planned_extra",
+    [
+        # Qwen3 normalises q and k per head (fp32 copies: 4 x (64 + 32) bytes a token); measured
+        # with each head's fp32 statistic too (4 x (4 + 2)), which the estimate leaves out
+        ("qwen3", "qwen2", 4 * (64 + 32)),
+        # Gemma 2 has a norm after attention and after the MLP (4H each), and eager attention's
+        # scores (8 bytes x 4 heads x 128 tokens, the test above)
+        ("gemma2", "gemma", 2 * 4 * 64 + 8 * 4 * 128),
+    ],
+)
+def test_the_extra_norms_of_a_layer_are_counted_as_transformers_keeps_them(model_type, like, planned_extra):
+    import transformers
+
+    if like == "gemma" and _cpu_sdpa_keeps_scores():  # (Gemma runs SDPA, Gemma 2 eager attention)
+        pytest.skip(
+            "this torch's CPU SDPA keeps the scores for grouped KV heads (math fallback), as the GPU's kernels do not"
+        )
+    seq, r = 128, 4
+
+    def both(mt):
+        cfg = dict(model_type=mt, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128)  # fmt: skip
+        model = transformers.AutoModelForCausalLM.from_config(
+            transformers.AutoConfig.for_model(**cfg), dtype=torch.bfloat16
+        ).requires_grad_(False)
+        p = hoptune.plan(cfg, seq=seq, r=r, stack="hf", adapter_dtype="bf16", alternatives=False)
+        return _saved_bytes_per_token(model, seq), p.layer_activations / seq
+
+    (kept, planned), (kept_like, planned_like) = both(model_type), both(like)
+    assert planned - planned_like == planned_extra
+    assert kept - kept_like == pytest.approx(planned_extra, abs=32)
+
+
 def _peak_bytes(fn) -> int:
     """The most bytes of tensors created by ``fn()`` alive at once (what the caching allocator would
     hold for them), tracked op by op on the CPU."""
@@ -646,3 +680,58 @@ def test_fused_decoder_ops_keep_less_for_llama_and_nothing_changes_for_gemma():
         plan(gemma, stack="hoptune", **kw).layer_activations
         == plan(gemma, stack="hf", **kw).layer_activations
     )
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_nf4_weight_bytes_are_those_of_the_layers_load_model_makes(tmp_path, double_quant):
+    # what the quantized linear layers of a loaded model hold: codes, statistics (with double
+    # quantization the nested absmax, rounded up to whole blocks of 256, and the 1 KiB table) and
+    # their biases (Qwen2's q/k/v), exactly
+    import transformers
+
+    from hoptune.nn import NF4Linear
+
+    cfg = transformers.Qwen2Config(**TINY_DECODER)
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(cfg).save_pretrained(tmp_path)
+    model = hoptune.load_model(
+        tmp_path, device="cpu", dtype=torch.bfloat16, double_quant=double_quant, progress=False
+    )
+    layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    assert len(layers) == 14 and sum(m.bias is not None for m in layers) == 6
+    held = sum(m.weight_nf4.nbytes + (0 if m.bias is None else m.bias.nbytes) for m in layers)
+    p = hoptune.plan(cfg, double_quant=double_quant, alternatives=False)
+    assert p.weights_quantized == held
+
+
+def test_the_hf_stack_with_fp32_adapters_keeps_the_fp32_copy_of_each_adapted_layers_input():
+    # PEFT casts x to the adapter dtype before lora_A: 4 bytes per input feature and 4 per rank
+    # for every adapted layer (Llama-3-8B: q, k, v, o, gate and up take 4096 features, down 14336)
+    kw = dict(seq=2048, batch=1, r=16, stack="hf", alternatives=False)
+    fp32, bf16 = (hoptune.plan("llama-3-8b", adapter_dtype=d, **kw) for d in ("fp32", "bf16"))
+    per_token = 4 * (6 * 4096 + 14336) + 4 * 7 * 16
+    assert fp32.layer_activations - bf16.layer_activations == per_token * 2048
+
+
+@pytest.mark.parametrize("stack, final_norm", [("hf", 4 * 64 + 2 * 64), ("hoptune", 4 + 2 * 64)])
+def test_checkpointed_layers_keep_their_inputs_and_the_final_norm_its_own(stack, final_norm):
+    # with checkpointing each decoder layer keeps its input (2H a token); the final norm, outside
+    # the layers, keeps an fp32 copy of its input (fused: a 4-byte statistic) and its output, the
+    # head's input
+    cfg = dict(TINY_DECODER, model_type="llama")
+    p = hoptune.plan(cfg, seq=32, batch=2, stack=stack, alternatives=False)
+    assert p.stored_activations == (2 * 2 * 64 + final_norm) * 64
+
+
+def test_the_layer_backward_holds_the_full_logits_and_one_layers_adapter_gradients():
+    cfg = dict(TINY_DECODER, model_type="llama")  # 2 layers, 7 adapted each, V = 128
+    kw = dict(seq=32, batch=2, optimizer="none", alternatives=False)
+    n, vocab = 64, 128
+    full, fused = (hoptune.plan(cfg, logits=how, **kw) for how in ("full", "fused"))
+    # the bf16 logits the model's output keeps referenced until the step ends
+    assert full.phases["layer backward"] - fused.phases["layer backward"] == 2 * vocab * n
+    r16, r8 = (hoptune.plan(cfg, r=r, logits="fused", **kw) for r in (16, 8))
+    more = r16.adapters - r8.adapters
+    # the adapters, the recomputed layer's x A^T (2r bytes a token per adapted layer) and the
+    # adapter gradients of the one layer in backward (half of them: one of two layers)
+    assert r16.phases["layer backward"] - r8.phases["layer backward"] == more + 2 * 8 * 7 * n + more / 2

@@ -61,6 +61,41 @@ def test_nf4_state_dict_round_trip(make):
     assert torch.equal(c(x), a(x))
 
 
+def test_strict_loading_reports_the_nf4_metadata_entry_missing_or_unexpected():
+    # a double-quantized layer needs the entry (its offset): strict loading of a state dict without
+    # its NF4 entries names it with them; a layer with a dense base has no such entry to take
+    a, _ = _nf4_pair(NF4Linear.from_linear)
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*\"weight_nf4_meta\""):
+        a.load_state_dict({"bias": a.bias.detach().clone()})
+    q = _nf4_pair(lambda lin: LoRALinear(lin, r=4, quantize="nf4"))[0]
+    dense = LoRALinear(nn.Linear(256, 128), r=4)
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\).*\"weight_nf4_meta\""):
+        dense.load_state_dict({**dense.state_dict(), "weight_nf4_meta": q.state_dict()["weight_nf4_meta"]})
+    dense.load_state_dict(
+        {**dense.state_dict(), "weight_nf4_meta": q.state_dict()["weight_nf4_meta"]}, strict=False
+    )
+
+
+def test_nf4_linear_takes_a_2d_weight_and_a_bias_of_its_rows():
+    with pytest.raises(
+        ValueError, match=r"weight must be a 2-D \[out, in\] NF4Weight, got shape \(2, 4, 64\)"
+    ):
+        NF4Linear(quantize_nf4(torch.randn(2, 4, 64)))
+    q = quantize_nf4(torch.randn(4, 64))
+    with pytest.raises(ValueError, match=r"bias must be a tensor of shape \(4,\), got \(64,\)"):
+        NF4Linear(q, torch.randn(64))
+    with pytest.raises(ValueError, match=r"bias must be a tensor of shape \(4,\), got list"):
+        NF4Linear(q, [0.0] * 4)
+
+
+def test_to_linear_gives_a_frozen_layer_of_the_same_function():
+    layer = NF4Linear.from_linear(nn.Linear(64, 32))
+    lin = layer.to_linear()
+    assert type(lin) is nn.Linear and not any(p.requires_grad for p in lin.parameters())
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(lin(x), layer(x))
+
+
 def test_nf4_state_dict_without_meta_is_refused():
     """A state dict without the metadata (saved before it existed) cannot say which offset its
     double-quantized statistics need: refused before anything is copied, strict or not. Before,

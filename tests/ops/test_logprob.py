@@ -346,8 +346,20 @@ def test_token_logprobs_bad_input(device):
         token_logprobs(z, y.float())
     with pytest.raises(TypeError, match="logits must be"):
         token_logprobs(z.int(), y.clamp(0, 9))
-    with pytest.raises(ValueError, match="temperature"):
-        token_logprobs(z, y.clamp(0, 9), temperature=0.0)
+    for t in (0.0, float("inf"), float("nan")):  # (inf: every log-prob -log V, silently)
+        with pytest.raises(ValueError, match="temperature must be a positive finite number"):
+            token_logprobs(z, y.clamp(0, 9), temperature=t)
+
+
+def test_fused_chunks_hold_at_least_64_rows_for_any_vocabulary():
+    # CHUNK_BYTES of fp32 logits hold fewer than 64 rows of a vocabulary above 512k: the chunk is
+    # then 64 rows (above the budget), never 0 rows (no progress)
+    from hoptune.ops.logprob import CHUNK_BYTES, _chunk_rows
+
+    assert _chunk_rows(CHUNK_BYTES // (4 * 64), 0) == 64
+    assert _chunk_rows(4 * CHUNK_BYTES, 0) == 64
+    assert _chunk_rows(32000, 0) == CHUNK_BYTES // (4 * 32000) // 64 * 64
+    assert _chunk_rows(32000, 7) == 7
 
 
 @pytest.mark.parametrize("device", DEVICES)

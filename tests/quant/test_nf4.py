@@ -190,6 +190,8 @@ def test_error_wrong_dtype():
         quantize_nf4(torch.ones(64, dtype=torch.int32))
     with pytest.raises(TypeError, match="w must be a torch.Tensor"):
         quantize_nf4([1.0] * 64)
+    with pytest.raises(TypeError, match="q must be an NF4Weight, got Tensor"):
+        dequantize_nf4(torch.randn(64))
 
 
 def test_error_meta_device():
@@ -228,6 +230,21 @@ def test_numpy_blocksizes_and_a_tensor_offset_are_stored_as_python_numbers():
 def test_error_numel_not_divisible():
     with pytest.raises(ValueError, match="multiple of blocksize=64"):
         quantize_nf4(torch.randn(3, 7))
+    with pytest.raises(ValueError, match=r"a positive multiple of blocksize=64, got 0 \(shape \(0, 64\)\)"):
+        quantize_nf4(torch.randn(0, 64))
+
+
+def test_repr_says_shape_dtype_blocksizes_and_size():
+    q = quantize_nf4(torch.randn(128, 64, dtype=torch.bfloat16))
+    assert repr(q) == (
+        "NF4Weight(shape=(128, 64), dtype=torch.bfloat16, blocksize=64, double_quant(blocksize2=256), "
+        f"device=cpu, {q.nbytes / 2**20:.2f} MiB)"
+    )
+    # 4096 bytes of codes, 128 uint8 absmax, one fp32 nested absmax, the 1 KiB nested table
+    assert q.nbytes == 4096 + 128 + 4 + 1024
+    plain = quantize_nf4(torch.randn(128, 64), blocksize=128, double_quant=False)
+    assert repr(plain).startswith("NF4Weight(shape=(128, 64), dtype=torch.float32, blocksize=128, device=cpu")
+    assert plain.nbytes == 4096 + 4 * 64
 
 
 def test_error_blocksize():
