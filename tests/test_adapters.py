@@ -555,7 +555,14 @@ def test_patterns_for_nested_paths_roundtrip_with_peft(kwargs, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "pattern", [{"p_proj": 2}, {"mlp.up_proj": 2}, {"up_proj|o_proj": 2}, {"layers.1.*": 2}]
+    "pattern",
+    [
+        {"p_proj": 2},
+        {"mlp.up_proj": 2},
+        {"up_proj|o_proj": 2},
+        {"layers.1.*": 2},
+        {"q_proj": 2, r"layers\.0\.self_attn\.q_proj": 8},  # (both match: the first key wins)
+    ],
 )
 def test_rank_pattern_keys_match_as_in_peft(pattern):
     """A pattern key matches the end of a layer's path at a dot (PEFT's get_pattern_key:
@@ -1016,3 +1023,35 @@ def test_values_the_adapter_dtype_cannot_hold_are_refused(saved):
     loaded = hoptune.load_adapter(tiny_model(), saved, adapter_dtype=torch.bfloat16)
     up = loaded.model.layers[1].mlp.up_proj
     assert up.lora_B.dtype == torch.bfloat16 and bool((up.lora_B == torch.tensor(1e5).bfloat16()).all())
+
+
+def test_saved_patterns_are_as_short_as_peft_writes_them():
+    """A value every layer of one name shares is keyed by the name; a value that differs between
+    layers of one name is keyed by the anchored paths of the layers that differ from the default
+    only; whole numbers stay ints (PEFT's own files read ``"lora_alpha": 8``)."""
+    model = hoptune.apply_lora(
+        tiny_model(),
+        r=4,
+        alpha=8,
+        rank_pattern={"q_proj": 8},
+        alpha_pattern={"model.layers.1.mlp.down_proj": 16},
+    )
+    cfg = adapter_config(model)
+    # (a model built from its config has the name "": no base model, as PEFT writes null)
+    assert model.config._name_or_path == "" and cfg["base_model_name_or_path"] is None
+    assert (cfg["r"], cfg["lora_alpha"], type(cfg["lora_alpha"])) == (4, 8, int)
+    assert cfg["rank_pattern"] == {"q_proj": 8}
+    assert cfg["alpha_pattern"] == {r"^model\.layers\.1\.mlp\.down_proj": 16}
+
+
+@pytest.mark.parametrize("setting", [dict(use_rslora=True), dict(use_dora=True), dict(lora_dropout=0.1)])
+def test_layers_that_differ_in_a_setting_peft_holds_once_are_refused(setting):
+    # a layer put in by hand with another setting: one adapter_config cannot say both, and writing
+    # the first layer's would load the others wrongly
+    model = hoptune.apply_lora(tiny_model(), r=4, alpha=8)
+    attn = model.model.layers[1].self_attn
+    attn.v_proj = LoRALinear(attn.v_proj.to_linear(merge=False), r=4, lora_alpha=8, **setting)
+    with pytest.raises(
+        ValueError, match=r"the LoRA layers differ in \w+ \(.*\); PEFT's format holds one value"
+    ):
+        adapter_config(model)

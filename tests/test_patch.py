@@ -68,6 +68,29 @@ def lora_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
+def test_all_linear_is_read_in_any_case_as_peft_reads_it():
+    # PEFT compares target_modules.lower() with "all-linear": any spelling, the output head left out
+    a, b = tiny_model(), tiny_model()
+    hoptune.apply_lora(a, r=4, target_modules="all-linear")
+    hoptune.apply_lora(b, r=4, target_modules="All-Linear")
+    assert lora_names(b) == lora_names(a) and "lm_head" not in lora_names(b)
+
+
+def test_a_model_bitsandbytes_quantized_is_refused_with_the_loader_that_reads_it(tmp_path):
+    from tests.test_loading import _bnb_checkpoint
+    from tests.test_loading import tiny_model as dense_model
+
+    dense_model().save_pretrained(tmp_path / "dense")
+    model = _bnb_checkpoint(tmp_path / "dense", tmp_path / "bnb")
+    with pytest.raises(
+        TypeError,
+        match=r"model\.layers\.0\.self_attn\.q_proj is a bitsandbytes Linear4bit; .*hoptune\.load_model\(path, "
+        r"quantize='nf4'\)",
+    ):
+        hoptune.apply_lora(model, r=4)
+    assert not lora_names(model)
+
+
 # -- every family -----------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCHS)
 def test_apply_all_linear_every_family(arch):
