@@ -183,6 +183,16 @@ def test_rank_and_alpha_patterns():
         (dict(dropout=1.0), "dropout must be a number in"),
         (dict(target_modules=[]), "target_modules must be"),
         (dict(rank_pattern={"q_proj": 0}), r"rank_pattern\['q_proj'\] must be a positive int"),
+        (dict(rank_pattern={"q_proj": True}), r"rank_pattern\['q_proj'\] must be a positive int, got True"),
+        (
+            dict(alpha_pattern={"q_proj": float("inf")}),
+            r"alpha_pattern\['q_proj'\] must be a positive number, got inf",
+        ),
+        (
+            dict(alpha_pattern={"q_proj": True}),
+            r"alpha_pattern\['q_proj'\] must be a positive number, got True",
+        ),
+        (dict(rank_pattern={"": 2}), r"rank_pattern keys must be non-empty strings"),
         (dict(target_modules="(unclosed"), "not a valid regular expression"),
     ],
 )
@@ -718,3 +728,15 @@ def test_quantize_nf4_keeps_only_the_output_head_dense_not_layers_named_under_lm
         model, r=4, target_modules=["lm_head.dense", "lm_head.decoder", "query"], quantize="nf4"
     )
     assert model.lm_head.dense.quantized and not model.lm_head.decoder.quantized
+
+
+def test_a_layer_named_lm_head_stays_dense_in_a_model_that_names_no_output_head():
+    # as transformers + bitsandbytes keep it (and load_model): a model without get_output_embeddings
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(64, 64)
+            self.lm_head = nn.Linear(64, 128)
+
+    m = hoptune.apply_lora(Model(), r=4, quantize="nf4", target_modules=["proj", "lm_head"])
+    assert m.proj.quantized and not m.lm_head.quantized
