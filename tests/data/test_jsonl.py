@@ -314,3 +314,18 @@ def test_examples_cut_to_max_seq_len_get_no_indexing_errors_warning(tmp_path, to
     assert key not in tokenizer.deprecation_warnings
     tokenizer(text)
     assert tokenizer.deprecation_warnings.get(key) is True
+
+
+def test_the_data_report_counts_the_tokens_of_the_examples_kept(tmp_path, tokenizer):
+    lines = [
+        json.dumps({"prompt": "What is 2+2?", "completion": " 4"}),
+        json.dumps({"text": "a plain text row"}),
+        json.dumps({"prompt": "no completion"}),  # (invalid: skipped, not counted)
+        "{oops",  # (malformed: skipped, a line all the same)
+    ]
+    p = _write(tmp_path / "d.jsonl", lines)
+    examples, report = load_examples(p, tokenizer, max_seq_len=64, skip_bad=True)
+    assert len(examples) == 2 and [ln for ln, _ in report.invalid] == [3] and report.lines == 4
+    tokens, loss = sum(len(e) for e in examples), sum(e.num_loss_tokens for e in examples)
+    assert (report.tokens, report.loss_tokens) == (tokens, loss) and 0 < loss < tokens
+    assert f"2 examples, {tokens} tokens ({loss} in the loss)" in report.summary()

@@ -6,9 +6,17 @@ import random
 import pytest
 import torch
 
-from hoptune.data import StepSampler, best_fit_decreasing, collate, mix_replay, pack_examples, split_eval
+from hoptune.data import (
+    DataError,
+    StepSampler,
+    best_fit_decreasing,
+    collate,
+    mix_replay,
+    pack_examples,
+    split_eval,
+)
 from hoptune.data.formatting import Example
-from hoptune.data.packing import rows_from_examples
+from hoptune.data.packing import Row, rows_from_examples
 from hoptune.train.sft import sft_step
 from tests.conftest import report_close
 
@@ -155,6 +163,9 @@ def test_split_and_replay():
     assert split_eval(ex, 0.2, seed=0)[1] == held  # deterministic
     # the share rounded to the nearest whole number of examples, at least one
     assert [len(split_eval(ex[:20], f, seed=0)[1]) for f in (0.33, 0.01, 0.274)] == [7, 1, 5]
+    # a share that rounds to every example leaves none to train on: an error, not an empty run
+    with pytest.raises(DataError, match=r"data.eval_fraction=0.75 leaves no training example out of 2"):
+        split_eval(ex[:2], 0.75, seed=0)
     general = _examples(3, seed=9)
     mixed, added = mix_replay(train, general, 0.2, seed=0)
     assert added == 10 and len(mixed) == 50  # 10 of 50 = 20%, drawn again once the 3 are used
@@ -219,3 +230,22 @@ def test_step_sampler_stream_smaller_than_a_step_takes_each_row_once(num_rows):
     assert s.steps_for_epochs(2) == 2 and s.steps_for_epochs(0.5) == 1
     whole = StepSampler(num_rows=num_rows, rows_per_step=16, seed=5, whole_epochs=True)
     assert steps == [whole.rows_for_step(k) for k in range(4)]
+
+
+def test_the_data_fingerprint_tells_rows_apart_by_their_cuts_masks_and_positions():
+    # a resumed run compares it: the same tokens cut into other rows, another mask or other
+    # positions (another packing) are other training data
+    from hoptune.data.dataset import fingerprint
+
+    base = [Row([1, 2, 3], [0, 1, 1], [0, 1, 0]), Row([4], [1])]
+    others = [
+        [Row([1, 2], [0, 1], [0, 1]), Row([3, 4], [1, 1])],
+        [Row([1, 2, 3], [0, 0, 1], [0, 1, 0]), Row([4], [1])],
+        [Row([1, 2, 3], [0, 1, 1], [0, 1, 2]), Row([4], [1])],
+        [Row([1, 2, 3], [0, 1, 1], None), Row([4], [1])],
+    ]
+    fp = fingerprint(base)
+    assert fingerprint([Row([1, 2, 3], [0, 1, 1], [0, 1, 0]), Row([4], [1])]) == fp
+    assert len({fp, *(fingerprint(rows) for rows in others)}) == 1 + len(others)
+    # (the bytes of these two are the same but for each row's length, which the hash takes first)
+    assert fingerprint([Row([1], [1]), Row([0], [0])]) != fingerprint([Row([1, 1], [0, 0])])

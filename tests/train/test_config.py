@@ -458,6 +458,23 @@ def test_a_yaml_file_that_is_not_a_mapping_is_an_error(tmp_path, text, kind):
     assert str(e.value) == f"config file {p!r} must hold a mapping of sections, got {kind}"
 
 
+@pytest.mark.parametrize("item", ["train..lr=1", ".lr=1", "train.=1"])
+def test_an_override_key_with_an_empty_part_is_named(item):
+    with pytest.raises(ConfigError, match=r"is not a dotted name like train\.lr"):
+        load_config(None, [item])
+
+
+def test_a_config_file_that_is_not_utf8_is_named_as_such(tmp_path):
+    # (a file saved as Latin-1 by an editor: a comment's "é")
+    p = tmp_path / "c.yaml"
+    p.write_bytes("# r\xe9glages\ntrain:\n  lr: 1e-4\n".encode("latin-1"))
+    with pytest.raises(
+        ConfigError,
+        match=r"config file '.*c\.yaml' is not UTF-8 text \(invalid continuation byte at byte 3\)",
+    ):
+        load_config(str(p))
+
+
 @pytest.mark.parametrize("text", ["", "# nothing yet\n", "null\n", "{}\n"])
 def test_an_empty_yaml_file_is_the_defaults(tmp_path, text):
     assert load_config(_yaml(tmp_path, text)) == SFTConfig()
