@@ -265,6 +265,23 @@ def test_tools_are_rendered(tokenizer, as_json):
     assert tokenize_record(rec, tokenizer, ChatFormatter(tokenizer, TOOLS_TEMPLATE)) == (ids, mask)
 
 
+@pytest.mark.parametrize("tools", [[], "[]"])
+def test_an_empty_tools_list_reaches_the_template_as_trl_passes_it(tokenizer, tools):
+    # TRL's SFTTrainer gives a record's tools to apply_chat_template as they are: a template that
+    # tests `tools is not none` (Llama 3.1's) renders its tool preamble for an empty list too
+    template = (
+        "{{ bos_token }}{% if tools is not none %}<|system|>tools: {{ tools | length }}<|end|>{% endif %}"
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    ids, mask = tokenize_record(
+        {"messages": CHAT[1:3], "tools": tools}, tokenizer, ChatFormatter(tokenizer, template)
+    )
+    want = tokenizer.apply_chat_template(CHAT[1:3], tools=[], chat_template=template, return_dict=True)
+    assert ids == list(want["input_ids"]) and tokenizer.decode(ids).startswith("<s><|system|>tools: 0<|end|>")
+    assert masked_text(tokenizer, ids, mask) == ["7<|end|>"]
+
+
 # reads a switch from the record's chat_template_kwargs, as Qwen3's enable_thinking: off, the generation
 # prompt and every assistant turn open with an empty reasoning block
 THINK_SWITCH = (

@@ -115,3 +115,11 @@ def test_the_config_option_takes_a_name(tmp_path, monkeypatch, named):
     # a path is still checked with the config
     with pytest.raises(ConfigError, match="'templates/chatml.jinja': no such file"):
         check_sft_config(_cfg(tmp_path, "templates/chatml.jinja"))
+
+
+def test_a_record_with_an_empty_tools_list_gets_tool_use_as_in_transformers(tmp_path, named):
+    # transformers picks "tool_use" for tools that are not None; TRL passes a record's [] as it is
+    ex, _ = load_examples(_jsonl(tmp_path, [{"messages": CHAT, "tools": []}]), named, max_seq_len=256)
+    want = named.apply_chat_template(CHAT, tools=[], return_dict=True)
+    assert ex[0].input_ids == list(want["input_ids"])
+    assert "tools: 0" in named.decode(ex[0].input_ids)

@@ -637,7 +637,9 @@ def _template_kwargs(data: dict) -> dict:
 
 
 def _tools(data: dict) -> list | None:
-    """A record's "tools" (function schemas for the chat template), a list or its JSON text as TRL reads it."""
+    """A record's "tools" (function schemas for the chat template), a list or its JSON text as TRL reads it.
+    An empty list stays one: TRL's SFTTrainer passes it to the template as it is, and a template that
+    tests ``tools is not none`` (Llama 3.1's) renders its tool preamble for it."""
     tools = data.get("tools")
     if isinstance(tools, str):
         try:
@@ -646,7 +648,7 @@ def _tools(data: dict) -> list | None:
             raise ExampleError(f"'tools' is a string but not JSON: {e}") from None
     if tools is not None and not isinstance(tools, list):
         raise ExampleError(f"'tools' must be a list of function schemas, got {type(tools).__name__}")
-    return tools or None
+    return tools
 
 
 # apply_chat_template arguments the formatter sets itself on each render
