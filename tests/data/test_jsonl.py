@@ -79,15 +79,21 @@ def test_lines_that_are_not_utf8_are_malformed(tmp_path, tokenizer):
 
 
 def test_missing_fields_are_clear(tmp_path, tokenizer):
-    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "only a prompt"}, {"question": "q", "answer": "a"}]
+    rows = [
+        {"prompt": "a", "completion": "b"},
+        {"prompt": "only a prompt"},
+        {"question": "q", "answer": "a"},
+        {"completion": "only a completion"},
+    ]
     p = _write(tmp_path / "m.jsonl", [json.dumps(r) for r in rows])
     with pytest.raises(DataError) as e:
         load_examples(p, tokenizer, max_seq_len=64)
     msg = str(e.value)
     assert "line 2: missing field 'completion'" in msg
     assert "line 3: no known fields (fields present: answer, question)" in msg
+    assert "line 4: missing field 'prompt'" in msg
     examples, rep = load_examples(p, tokenizer, max_seq_len=64, skip_bad=True)
-    assert len(examples) == 1 and len(rep.invalid) == 2
+    assert len(examples) == 1 and len(rep.invalid) == 3
 
 
 def test_missing_file(tmp_path):

@@ -81,6 +81,8 @@ def test_nf4_linear_takes_a_2d_weight_and_a_bias_of_its_rows():
         ValueError, match=r"weight must be a 2-D \[out, in\] NF4Weight, got shape \(2, 4, 64\)"
     ):
         NF4Linear(quantize_nf4(torch.randn(2, 4, 64)))
+    with pytest.raises(ValueError, match=r"base must be a 2-D \[out, in\] NF4Weight, got shape \(2, 4, 64\)"):
+        LoRALinear(quantize_nf4(torch.randn(2, 4, 64)), r=2)
     q = quantize_nf4(torch.randn(4, 64))
     with pytest.raises(ValueError, match=r"bias must be a tensor of shape \(4,\), got \(64,\)"):
         NF4Linear(q, torch.randn(64))
