@@ -371,11 +371,30 @@ def test_gaussian_init():
         (dict(adapter_dtype="float32"), "adapter_dtype must be a floating-point dtype"),
         # (a float8 adapter cannot even be initialized: uniform_ is not implemented for it)
         (dict(adapter_dtype=torch.float8_e4m3fn), "adapter_dtype must be .*float32 or float64"),
+        (dict(lora_alpha=float("inf")), "lora_alpha must be a positive number, got inf"),
+        (dict(quantize="int8"), "quantize must be None or 'nf4', got 'int8'"),
+        (dict(bias=torch.zeros(32)), "bias is taken from the nn.Linear; pass it only with an NF4Weight base"),
     ],
 )
 def test_lora_linear_bad_arguments(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         LoRALinear(nn.Linear(64, 32), **kwargs)
+
+
+def test_lora_linear_keeps_the_base_bias_frozen_and_says_where_its_weight_is():
+    lin = nn.Linear(64, 32)
+    dense = LoRALinear(lin, r=2)
+    assert dense.bias is lin.bias and not dense.bias.requires_grad  # (the layer's own, not a copy)
+    with pytest.raises(
+        AttributeError,
+        match=r"this LoRALinear has a dense base, so it has no \.weight_nf4; its weight is \.weight",
+    ):
+        getattr(dense, "weight_nf4")  # noqa: B009
+    nf4 = LoRALinear(quantize_nf4(torch.randn(32, 64)), r=2, bias=torch.randn(32))
+    assert not nf4.bias.requires_grad and [n for n, p in nf4.named_parameters() if p.requires_grad] == [
+        "lora_A",
+        "lora_B",
+    ]
 
 
 @pytest.mark.parametrize(

@@ -198,7 +198,7 @@ class LoRALinear(NF4Module):
     @property
     def weight_nf4(self) -> NF4Weight:
         if not self.quantized:
-            raise AttributeError("this LoRALinear has a dense base; use .weight")
+            raise AttributeError("weight_nf4")  # (NF4Module.__getattr__ words it)
         return nf4_view(self)
 
     @property

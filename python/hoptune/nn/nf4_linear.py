@@ -185,7 +185,14 @@ class NF4Module(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name != "weight" or self.__dict__.get("_nf4_meta") is None:
+            dense_base = self.__dict__.get("_nf4_meta") is None
+            if name == "weight_nf4" and dense_base:
+                # (a weight_nf4 property that raises AttributeError lands here, its message lost)
+                raise AttributeError(
+                    f"this {type(self).__name__} has a dense base, so it has no .weight_nf4; its weight "
+                    "is .weight"
+                ) from None
+            if name != "weight" or dense_base:
                 raise
         # (a model that reads a layer's weight directly, as Mamba's dt_proj.weight @ x: no dense
         # weight exists to give it)
