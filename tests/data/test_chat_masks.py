@@ -14,6 +14,8 @@ from hoptune.data.formatting import (
     resolve_chat_template,
     tokenize_prompt_completion,
     tokenize_record,
+    tokenize_text,
+    truncate,
 )
 
 CHAT = [
@@ -647,3 +649,35 @@ def test_null_fields_are_absent(tmp_path, tokenizer):
     p.write_text(json.dumps({"prompt": "3+4=", "completion": None, "messages": None}) + "\n")
     with pytest.raises(DataError, match=r"line 1: missing field 'completion' \(fields present: prompt; null"):
         load_examples(str(p), tokenizer, max_seq_len=128)
+
+
+def test_an_eos_the_data_already_ends_with_is_not_added_again(tokenizer):
+    # as TRL, which appends the EOS only to a text that does not end with it
+    eos = tokenizer.eos_token_id
+    ids, mask = tokenize_prompt_completion(tokenizer, "2+2=", " 4" + tokenizer.eos_token)
+    assert ids[-1] == eos and ids[-2] != eos and mask[-1] == 1
+    assert tokenize_prompt_completion(tokenizer, "2+2=", " 4") == (ids, mask)
+    text_ids, text_mask = tokenize_text(tokenizer, "a row" + tokenizer.eos_token)
+    assert text_ids[-1] == eos and text_ids[-2] != eos
+    assert tokenize_text(tokenizer, "a row") == (text_ids, text_mask)
+
+
+@pytest.mark.parametrize(
+    "record, match",
+    [
+        ({"text": ""}, "'text' must be a non-empty string"),
+        (
+            {"prompt": CHAT[1:2], "completion": [{"role": "user", "content": "and?"}]},
+            "the completion has no assistant message, so nothing to train on",
+        ),
+    ],
+)
+def test_records_with_nothing_to_train_on_are_named(tokenizer, record, match):
+    with pytest.raises(ExampleError, match=match):
+        tokenize_record(record, tokenizer, ChatFormatter(tokenizer))
+
+
+def test_truncation_takes_right_or_left_only():
+    assert truncate([1, 2, 3], [0, 1, 1], 2, "left") == ([2, 3], [1, 1])
+    with pytest.raises(ValueError, match="truncation must be 'right' or 'left', got 'middle'"):
+        truncate([1, 2, 3], [0, 1, 1], 2, "middle")
