@@ -872,3 +872,17 @@ def test_weight_of_an_nf4_layer_says_where_the_weight_is(lora):
     assert dense.weight.shape == (64, 128)
     with pytest.raises(AttributeError, match="no_such"):
         layer.no_such  # noqa: B018
+
+
+def test_a_failed_move_leaves_the_nf4_weight_in_the_layer():
+    # (the NF4 buffers are taken out while the rest of the layer moves: a move that fails on the way,
+    # as .cuda() without a GPU, must put them back)
+    layer = NF4Linear.from_linear(nn.Linear(64, 32))
+    before = layer.dequantize()
+
+    def fails(t):
+        raise RuntimeError("no such device")
+
+    with pytest.raises(RuntimeError, match="no such device"):
+        layer._apply(fails)
+    assert torch.equal(layer.dequantize(), before)

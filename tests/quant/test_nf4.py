@@ -555,6 +555,8 @@ STATE_CASES = [
     "packed longer than the shape",
     "packed not contiguous",
     "code2 of 255 values",
+    "absmax2 not contiguous",
+    "offset not finite",
 ]
 
 
@@ -588,6 +590,12 @@ def _state_cases(q):
             "packed must be contiguous",
         ),
         ("code2 of 255 values", (p, a, a2, c2[:-1], off, bs, bs2, shape), r"code2 must be float32 \[256\]"),
+        (
+            "absmax2 not contiguous",
+            (p, a, torch.stack([a2, a2], 1)[:, 0], c2, off, bs, bs2, shape),
+            "absmax2 must be contiguous",
+        ),
+        ("offset not finite", (p, a, a2, c2, float("nan"), bs, bs2, shape), "offset must be finite, got nan"),
     ]
     return {name: (args, text) for name, args, text in cases}
 
