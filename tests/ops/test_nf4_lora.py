@@ -1129,6 +1129,11 @@ def test_scale_that_requires_grad_refused():
         ({"a_dtype": "float64"}, TypeError, "lora_A must have x's dtype"),
         ({"bias_shape": (63,)}, ValueError, r"bias must be \[out_features=64\]"),
         ({"w": "dense"}, TypeError, "w_nf4 must be an NF4Weight"),
+        (
+            {"w": "3-D"},
+            ValueError,
+            r"w_nf4 must be 2-D \[out_features, in_features\], got shape \(2, 32, 128\)",
+        ),
         ({"device": "meta"}, ValueError, r"one device.*\(lora_A differs\)"),
         ({"x_device": "meta"}, ValueError, r"one device.*\(x differs\)"),
         ({"scale": float("nan")}, ValueError, "scale must be a finite number, got nan"),
@@ -1156,8 +1161,10 @@ def test_bad_input(kw, err, msg):
     if kw.get("bias_shape"):
         bias = torch.randn(kw["bias_shape"])
     w = q
-    if kw.get("w"):
+    if kw.get("w") == "dense":
         w = torch.randn(64, 128)
+    elif kw.get("w") == "3-D":
+        w = quantize_nf4(torch.randn(2, 32, 128))
     if kw.get("device"):
         a = a.to("meta")
     if kw.get("x_device"):
