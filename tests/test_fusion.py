@@ -121,6 +121,13 @@ def test_an_instance_forward_set_by_someone_else_is_kept():
     hoptune.fuse_decoder_ops(model)
     assert attn.forward is not prev
     hoptune.unfuse_decoder_ops(model)
+    # an attention layer's own instance forward, set before fusing, is wrapped and then given back
+    own = attn.forward
+    attn.forward = lambda *a, **k: own(*a, **k)
+    mine = attn.forward
+    assert hoptune.fuse_decoder_ops(model)["rope"] == 2 and attn.forward is not mine
+    hoptune.unfuse_decoder_ops(model)
+    assert attn.forward is mine
 
 
 def test_deepcopy_of_a_fused_model_runs_its_own_modules():
@@ -341,6 +348,22 @@ def test_the_checks_hold_in_every_kernel_dtype():
 
     model = transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**TINY_DECODER))
     assert hoptune.fuse_decoder_ops(model)["rms_norm"] == 0
+
+
+def test_a_rotary_function_that_agrees_in_float32_only_is_not_fused():
+    # (OLMo2's way: the rotation in float32, then cast; its rounding differs in bf16 and fp16)
+    from hoptune import fusion
+    from hoptune.reference import decoder as ref
+
+    def in_float32(q, k, cos, sin):
+        return tuple(ref.rope(t.float(), cos.float(), sin.float()).to(t.dtype) for t in (q, k))
+
+    def llama(q, k, cos, sin):
+        return ref.rope(q, cos, sin), ref.rope(k, cos, sin)
+
+    gen = torch.Generator().manual_seed(0)
+    assert fusion._rope_function_matches(llama, gen)
+    assert not fusion._rope_function_matches(in_float32, gen)
 
 
 def test_a_meta_or_empty_weight_is_no_obstacle_and_no_proof():
