@@ -1195,3 +1195,15 @@ def test_tied_head_stored_with_other_values_stays_apart_as_from_pretrained(tmp_p
     assert (ref.lm_head.weight is ref.model.embed_tokens.weight) == same
     assert torch.equal(ours.lm_head.weight, sd["lm_head.weight"])
     torch.testing.assert_close(logits(ours), logits(ref), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("part", ["absmax", "quant_map", "quant_state.bitsandbytes__nf4"])
+def test_a_bitsandbytes_weight_without_one_of_its_tensors_names_it(tmp_path, part):
+    save_pretrained_nf4(tiny_model(), tmp_path, double_quant=False)
+    path = tmp_path / "model.safetensors"
+    sd = load_file(path)
+    key = "model.layers.1.self_attn.q_proj.weight"
+    del sd[f"{key}.{part}"]
+    save_file(sd, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"the NF4 weight {key} lacks its tensor {key}\.{part}$"):
+        hoptune.load_model(tmp_path, device="cpu", progress=False)

@@ -1029,6 +1029,10 @@ def load_model(
         # equal, and keeps them apart otherwise, as from_pretrained does
         mod_name = key.rpartition(".")[0]
         if entries[key].shape != shapes[key]:
+            if any(key + part in entries for part in _BNB_PARTS):
+                # bitsandbytes' other tensors of a weight whose quant state is missing: its packed
+                # codes are no dense weight of another configuration
+                raise ValueError(f"{folder}: the NF4 weight {key} lacks its tensor {key}{QS_SUFFIX}")
             raise ValueError(
                 f"{entries[key].file}: {key} has shape {list(entries[key].shape)} but "
                 f"{type(model).__name__} needs {list(shapes[key])} (a checkpoint for another configuration?)"
