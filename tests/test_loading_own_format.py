@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import hoptune
 from hoptune.nn import LoRALinear, NF4Linear
+from hoptune.quant import quantize_nf4, to_bnb_state_dict
 from tests.conftest import poison_cuda_cache
 from tests.test_conv1d import tiny_gpt2
 from tests.test_loading import ids, logits, nf4_layers, tiny_model
@@ -140,6 +141,18 @@ Q = "model.layers.1.self_attn.k_proj"
             ),
             ValueError,
             r"NF4 weights for \['model\.layers\.0\.mlp\.act'\], which are not linear layers",
+        ),
+        (  # a layer in both forms, hoptune's and bitsandbytes'
+            lambda sd: sd.update(to_bnb_state_dict(quantize_nf4(torch.randn(32, 64)), f"{Q}.weight")),
+            ValueError,
+            rf"NF4 weights for \['{Q}'\], .*\(or are stored twice, in bitsandbytes' form too\)",
+        ),
+        (  # bitsandbytes' form for a module that is no linear layer
+            lambda sd: sd.update(
+                to_bnb_state_dict(quantize_nf4(torch.randn(8, 64)), "model.layers.0.mlp.act.weight")
+            ),
+            ValueError,
+            r"NF4 weights for \['model\.layers\.0\.mlp\.act'\], which are not linear layers of Qwen2ForCausalLM$",
         ),
     ],
 )
