@@ -745,3 +745,53 @@ def test_state_files_of_any_numpy_load_with_weights_only(tmp_path):
             assert got[0] == "MT19937" and list(got[1]) == list(np.asarray(key)) and got[2] == 3
             loop.set_rng_state(loop._torch_load_state(str(folder))["rng"])
             assert np.random.get_state()[2] == 3
+
+
+def test_the_parameters_decayed_are_those_transformers_trainer_decays():
+    # by name (biases, norms, however they are spelt) and by LayerNorm class, as TRL's trainer
+    import transformers
+    from torch import nn
+
+    from tests.conftest import TINY_DECODER
+
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+            self.Final_RMSNorm = nn.Linear(8, 8, bias=False)  # (a name only, in capitals)
+            self.ln = nn.LayerNorm(8)  # (a class only)
+            self.norm = nn.Linear(8, 8)
+            self.norm_gate = nn.Linear(8, 8, bias=False)  # ("norm" not as a whole component)
+
+    models = [
+        transformers.Qwen3ForCausalLM(
+            transformers.Qwen3Config(**TINY_DECODER, head_dim=16)
+        ),  # q_norm, k_norm
+        transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)),
+        Custom(),
+    ]
+    for model in models:
+        names = {n for n, _ in model.named_parameters()}  # (a tied head: its weight once, as wte)
+        want = set(transformers.Trainer.get_decay_parameter_names(None, model)) & names
+        assert loop.decay_parameter_names(model) == want
+        assert any(not n.endswith("bias") for n in names - want)  # (a norm's weight left out)
+
+
+def test_the_parameter_count_counts_nf4_weights_as_their_dense_ones():
+    import hoptune
+    from hoptune.models.tiny import build_model
+    from tests.conftest import SMALL
+
+    dense = hoptune.apply_lora(build_model(seed=0, **SMALL), r=4)
+    nf4 = hoptune.apply_lora(build_model(seed=0, **SMALL), r=4, quantize="nf4")
+    assert loop.count_parameters(nf4) == loop.count_parameters(dense)
+
+
+def test_a_training_state_without_an_int_step_is_named(tmp_path):
+    # (the step is what a resume goes by: a file that holds another one is damaged)
+    (tmp_path / loop.STATE_JSON).write_text('{"step": "3"}')
+    with pytest.raises(
+        loop.CheckpointError,
+        match=rf"{loop.STATE_JSON} cannot be read \(ValueError: expected an object with an int 'step'",
+    ):
+        loop.Checkpointer.check_files(str(tmp_path))

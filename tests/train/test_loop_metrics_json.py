@@ -49,3 +49,9 @@ def test_older_files_with_nan_literals_still_read(tmp_path):
     path.write_text('{"step": 1, "split": "train", "loss": NaN, "grad_norm": Infinity}\n')
     (r,) = loop.read_metrics(path)
     assert math.isnan(r["loss"]) and r["grad_norm"] == math.inf
+
+
+def test_a_metrics_line_cut_by_a_crash_is_passed_over(tmp_path):
+    p = tmp_path / "metrics.jsonl"
+    p.write_text('{"step": 1, "split": "train", "loss": 2.5}\n{"step": 2, "split": "tr')
+    assert loop.read_metrics(p) == [{"step": 1, "split": "train", "loss": 2.5}]

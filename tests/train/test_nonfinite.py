@@ -301,6 +301,23 @@ def test_fp16_overflow_at_unit_scale_stops():
     assert torch.equal(p.detach(), torch.ones(3)) and p.grad is None
 
 
+def test_a_disabled_loss_scaler_still_refuses_a_nan_gradient():
+    # a GradScaler built where it cannot run is disabled: its step() would step on NaN gradients,
+    # so the step goes on as with no scaler (the weights stay, FloatingPointError)
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = loop.build_optimizer([("p", p)], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    (p.sum() * float("nan")).backward()
+    with pytest.raises(FloatingPointError, match="the gradient norm is nan"):
+        loop.optimizer_step(opt, None, [p], 1.0, scaler)
+    assert torch.equal(p.detach(), torch.ones(3)) and p.grad is None
+
+
+def test_an_optimizer_needs_a_parameter_to_train():
+    with pytest.raises(ValueError, match="no trainable parameter"):
+        loop.build_optimizer([], lr=0.1)
+
+
 def _fake_tensorboard(monkeypatch) -> list:
     """A TensorBoard writer that records its close() calls (in the list returned)."""
     import sys
