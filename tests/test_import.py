@@ -94,6 +94,13 @@ def test_kernel_stream_refuses_a_tensor_off_the_current_device(monkeypatch):
     monkeypatch.setattr(_lib, "_current_device", lambda: 1)
     assert _lib.stream(OnSecondGPU()) == 1001
 
+    class OnFirstGPU:  # and one on cuda:0 while cuda:1 is current
+        def get_device(self):
+            return 0
+
+    with pytest.raises(RuntimeError, match=r"cuda:1.*cuda:0.*torch\.cuda\.set_device\(0\)"):
+        _lib.stream(OnFirstGPU())
+
 
 def test_extension_not_built_or_not_loading_are_told_apart(monkeypatch):
     """No hoptune._C at all (a pure-Python install) and a hoptune._C whose library fails to load
@@ -151,6 +158,16 @@ def test_extension_built_for_a_newer_cuda_than_the_driver_is_not_used(monkeypatc
         assert reason is not None
         assert "built with CUDA 13.0" in reason and "supports CUDA up to 12.8" in reason, reason
         assert "update the driver" in reason and "CUDA 12 toolkit" in reason, reason
+        monkeypatch.setattr(sys.modules["hoptune._C"], "CUDA_RUNTIME_VERSION", 12090)
+        driver["version"] = 11080
+        _lib._load.cache_clear()
+        assert "built with CUDA 12.9" in _lib.unavailable_reason()
+        assert "CUDA up to 11.8" in _lib.unavailable_reason()
+        for version in (12020, 12100, None):  # an older or newer minor version of CUDA 12, no driver
+            driver["version"] = version
+            _lib._load.cache_clear()
+            assert _lib.extension() is sys.modules["hoptune._C"], version
+        monkeypatch.setattr(sys.modules["hoptune._C"], "CUDA_RUNTIME_VERSION", 13000)
         for version in (13020, None):  # a driver of CUDA 13 (another minor version), no driver at all
             driver["version"] = version
             _lib._load.cache_clear()
@@ -206,3 +223,83 @@ def test_dispatch_checks_trace_under_compile_without_cache_warnings():
     torch._dynamo.reset()
     assert torch.equal(y, expected)
     assert not [w for w in caught if "cache" in str(w.message)], [str(w.message) for w in caught]
+
+
+def test_cuda_version_reads_cudas_encoding():
+    """CUDA's version numbers (1000 * major + 10 * minor) read as major.minor in the messages,
+    minor versions of two digits among them."""
+    from hoptune import _lib
+
+    assert _lib._cuda_version(12080) == "12.8"
+    assert _lib._cuda_version(12100) == "12.10"
+    assert _lib._cuda_version(13000) == "13.0"
+
+
+@pytest.mark.parametrize("value", [" 0 ", "false\n", " 1", "yes "])
+def test_disable_kernels_reads_a_value_with_spaces_around_it(monkeypatch, value):
+    """HOPTUNE_DISABLE_KERNELS is read with surrounding whitespace dropped (a value from a file or
+    a YAML block), as transformers reads its boolean variables."""
+    from hoptune import _lib
+
+    monkeypatch.setenv("HOPTUNE_DISABLE_KERNELS", value)
+    _lib._disabled.cache_clear()
+    try:
+        assert _lib._disabled() is (value.strip() in ("1", "yes"))
+    finally:
+        _lib._disabled.cache_clear()
+
+
+def test_disabled_kernels_take_the_reference_on_cuda_silently(monkeypatch):
+    """With HOPTUNE_DISABLE_KERNELS set, a CUDA tensor (stood in here) takes the PyTorch reference
+    without the warning meant for a GPU the kernels do not support."""
+    import warnings
+
+    from hoptune import _lib
+
+    class OnGPU:  # stands for a CUDA tensor on an sm_90 GPU (this test runs without one)
+        is_cuda = True
+
+        def get_device(self):
+            return 0
+
+    monkeypatch.setattr(_lib, "_warned", set())
+    monkeypatch.setattr(_lib, "_disabled", lambda: True)
+    monkeypatch.setattr(_lib, "_capability", lambda index: (9, 0))
+    monkeypatch.setattr(_lib.torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not _lib.use_kernel(OnGPU(), "nf4_dequantize")
+    assert not caught, [str(w.message) for w in caught]
+
+
+def test_warn_once_warns_once_per_key(monkeypatch):
+    """warn_once warns the first time a key is seen, not again for it; another key warns."""
+    import warnings
+
+    from hoptune import _lib
+
+    monkeypatch.setattr(_lib, "_warned", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for key in ("a", "a", "b", "a"):
+            _lib.warn_once(key, f"message {key}")
+    assert [str(w.message) for w in caught] == ["message a", "message b"]
+
+
+def test_dtype_codes_match_the_kernels_enum():
+    """The dtype codes the ops pass to the kernels are those of csrc's DType enum (fp32 0, fp16
+    1, bf16 2): a swap would have the kernels read bf16 as fp16."""
+    import pathlib
+
+    import torch
+
+    from hoptune import _lib
+
+    header = pathlib.Path(__file__).parents[1] / "csrc/include/hoptune/common/check.h"
+    enum = re.search(r"enum class DType : int \{([^}]*)\}", header.read_text()).group(1)
+    codes = {name.strip(): int(v) for name, v in (item.split("=") for item in enum.split(","))}
+    assert _lib.DTYPE_CODES == {
+        torch.float32: codes["kFloat32"],
+        torch.float16: codes["kFloat16"],
+        torch.bfloat16: codes["kBFloat16"],
+    }
