@@ -34,3 +34,33 @@ def test_nf4_quantize_blocksizes_match_quantize_nf4():
     from hoptune.quant.nf4 import BLOCKSIZES
 
     assert nf4_ops.QUANT_BLOCKSIZES == BLOCKSIZES
+
+
+@pytest.mark.parametrize("blocksize", [64, 128, 256, 512, 1024, 2048, 4096])
+def test_nf4_quantize_takes_every_blocksize_bitsandbytes_stores(blocksize):
+    """Each blocksize bitsandbytes writes (64 to 4096) is taken: the reference's codes and absmax."""
+    from hoptune.reference import nf4 as ref
+
+    x = torch.randn(2, 4096)
+    packed, absmax, bad = nf4_quantize(x, blocksize)
+    want_packed, want_absmax = ref.nf4_quantize(x, blocksize)
+    assert absmax.shape == (8192 // blocksize,) and int(bad) == 0
+    assert torch.equal(packed, want_packed) and torch.equal(absmax, want_absmax)
+
+
+def test_nf4_ops_fake_kernels_match_the_real_outputs():
+    """The ops' fake kernels (what torch.compile traces) give the real outputs' shapes and dtypes:
+    quantize, nested quantize, dequantize to a 16-bit dtype, and the merged dequantize."""
+    from hoptune.quant import quantize_nf4
+
+    w = torch.randn(96, 256, dtype=torch.bfloat16)
+    q = quantize_nf4(w, blocksize=64, double_quant=True, blocksize2=32)
+    state = (q.packed, q.absmax, q.absmax2, q.code2, q.offset, 64, 32, [96, 256])
+    a, b = torch.randn(8, 256, dtype=torch.bfloat16), torch.randn(96, 8, dtype=torch.bfloat16)
+    for op, args in (
+        (torch.ops.hoptune.nf4_quantize, (w, 64)),
+        (torch.ops.hoptune.nf4_quantize_nested, (torch.rand(300), q.code2, 0.25, 256)),
+        (torch.ops.hoptune.nf4_dequantize, (*state, torch.bfloat16)),
+        (torch.ops.hoptune.nf4_dequantize_lora, (*state, a, b, 0.5)),
+    ):
+        torch.library.opcheck(op, args, test_utils="test_faketensor")
