@@ -171,6 +171,32 @@ def test_fused_gemm_pads_odd_ranks_without_grad(r, monkeypatch):
     assert rel_err(y, exact) <= 2 * rel_err(low, exact) + 1e-6
 
 
+def test_kernel_paths_need_16_bit_x_and_factors_of_its_dtype(monkeypatch):
+    """Where the kernels run (stood in here: the dispatch rules alone, no kernel runs), the merged
+    weight takes 16-bit x with factors of x's dtype, K % 64 == 0 and r <= 128; the product from
+    the codes 1 to small_m_max rows (not an empty x); the fused GEMM factors of x's dtype too."""
+    from hoptune import _lib
+
+    monkeypatch.setattr(_lib, "use_kernel", lambda t, op: True)
+    bf16 = torch.bfloat16
+    x = torch.empty(300, 256, dtype=bf16)
+    assert nf4_lora_ops._merged(x, torch.empty(128, 256, dtype=bf16))
+    assert not nf4_lora_ops._merged(x, torch.empty(136, 256, dtype=bf16))
+    assert not nf4_lora_ops._merged(x, torch.empty(16, 256, dtype=torch.float16))
+    assert not nf4_lora_ops._merged(x.float(), torch.empty(16, 256))
+    assert not nf4_lora_ops._merged(torch.empty(300, 288, dtype=bf16), torch.empty(16, 288, dtype=bf16))
+    assert not nf4_lora_ops._merged(x, None)
+    a = torch.empty(16, 256, dtype=bf16)
+    assert nf4_lora_ops._from_codes(x[:1], a, 64) and nf4_lora_ops._from_codes(x[:12], None, 64)
+    assert not nf4_lora_ops._from_codes(x[:0], a, 64)
+    assert not nf4_lora_ops._from_codes(x[:13], a, 64)  # (12 rows at most on a small weight)
+    assert not nf4_lora_ops._from_codes(x[:1], a.half(), 64)
+    x2 = torch.empty(200, 4096, dtype=bf16)
+    a = torch.empty(16, 4096, dtype=bf16)
+    assert nf4_lora_ops._fused(x2, a, 8192, 64) and nf4_lora_ops._fused(x2, None, 8192, 64)
+    assert not nf4_lora_ops._fused(x2, a.half(), 8192, 64)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("r,merged", [(8, True), (128, True), (136, False), (256, False)])
 @pytest.mark.parametrize("bias", [True, False])
@@ -316,6 +342,21 @@ def test_main_kernel_factors_keeps_or_realigns():
     b_words = buf[2 : 2 + 24 * 16].view(24, 16)  # 4 bytes in: 4-byte aligned, not 16
     assert b_words.data_ptr() % 16 != 0
     assert nf4_ops.main_kernel_factors(a, b_words)[1] is b_words
+
+
+def test_main_kernel_factors_at_the_ends_of_the_main_form():
+    """r = 64, the largest rank taken with B only 4-byte aligned, passes as it is; r = 128, the
+    largest the main form takes, with B misaligned is copied to an aligned B (not padded)."""
+    for r, offset, copied in ((64, 2, False), (128, 1, True)):
+        a = torch.randn(r, 64, dtype=torch.bfloat16)
+        buf = torch.randn(24 * r + 8, dtype=torch.bfloat16)
+        b = buf[offset : offset + 24 * r].view(24, r)
+        assert b.data_ptr() % 16 != 0
+        ap, bp = nf4_ops.main_kernel_factors(a, b)
+        assert ap is a and torch.equal(bp, b)
+        assert (bp is not b) == copied, r
+        if copied:
+            assert bp.data_ptr() % 16 == 0 and bp.shape == (24, r)
 
 
 @pytest.mark.gpu
@@ -547,6 +588,17 @@ def test_fused_gemm_dispatch_rule():
     assert nf4_ops.fused_small_m_max(4096) == 16
 
 
+def test_fused_gemm_runs_on_whole_quant_blocks_per_row_and_n_a_multiple_of_8():
+    """The fused GEMM decodes whole quant blocks within a weight row and writes N in runs of 8: a
+    blocksize that does not divide K (blocks across rows) or an N not a multiple of 8 takes
+    another path (the dispatch rule alone: no kernel runs here)."""
+    x = torch.empty(200, 4160, dtype=torch.bfloat16)  # K = 65 x 64
+    assert nf4_ops.fused_gemm_runs(x, 8192, 64)
+    assert not nf4_ops.fused_gemm_runs(x, 8192, 4096)  # 4160 % 4096: blocks span rows
+    assert nf4_ops.fused_gemm_runs(x, 8200, 64)
+    assert not nf4_ops.fused_gemm_runs(x, 8196, 64)  # N % 8 == 4
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "m,r,k,n",
@@ -725,6 +777,24 @@ def test_dy_pass_skips_a_gradient_broadcast_over_the_tokens():
     assert not nf4_lora_ops._dy_pass_runs(torch.empty(256, dtype=torch.bfloat16).expand(4, 256), b)
 
 
+def test_dy_pass_skips_layouts_and_dtypes_it_does_not_read():
+    """The one-pass dY kernel reads dY in B's dtype, rows of N % 64 == 0 elements with unit
+    stride, a multiple of 8 elements apart, 16-byte aligned, and a contiguous B 16-byte aligned:
+    anything else takes the two GEMMs (the dispatch rule alone: no kernel runs here)."""
+    n, r = 256, 16
+    b = torch.empty(n, r, dtype=torch.bfloat16)
+    g = torch.empty(4, n, dtype=torch.bfloat16)
+    assert nf4_lora_ops._dy_pass_runs(g, b)
+    assert not nf4_lora_ops._dy_pass_runs(g.new_empty(4, n + 32), b.new_empty(n + 32, r))  # N % 64
+    assert not nf4_lora_ops._dy_pass_runs(g.half(), b)
+    assert not nf4_lora_ops._dy_pass_runs(torch.empty(4, 2 * n, dtype=torch.bfloat16)[:, ::2], b)
+    assert not nf4_lora_ops._dy_pass_runs(torch.empty(4, n + 4, dtype=torch.bfloat16)[:, :n], b)
+    assert not nf4_lora_ops._dy_pass_runs(torch.empty(4 * n + 1, dtype=torch.bfloat16)[1:].view(4, n), b)
+    b_off = torch.empty(n * r + 1, dtype=torch.bfloat16)[1:].view(n, r)
+    assert not nf4_lora_ops._dy_pass_runs(g, b_off)
+    assert nf4_lora_ops._dy_pass_runs(g, b.t().contiguous().t())  # (strided: copied, aligned, first)
+
+
 @pytest.mark.gpu
 def test_backward_with_dy_broadcast_over_the_tokens():
     """A loss of y.sum(0) hands the backward dY with rows 0 apart (N % 64 == 0, r = 16: where the
@@ -778,6 +848,27 @@ def test_kernel_operands_copy_what_the_kernels_refuse(case):
     x2, _, b2, _, _ = nf4_ops._kernel_operands(x, packed, b, None, None)
     assert x2.stride() == (k, 1) and x2.data_ptr() % 16 == 0 and torch.equal(x2, x)
     assert b2.is_contiguous() and b2.data_ptr() % 16 == 0 and torch.equal(b2, b)
+
+
+def test_kernel_operands_copy_rows_apart_by_other_than_multiples_of_8():
+    """x whose rows are K + 4 elements apart (a slice of wider rows: the TMA needs rows a multiple
+    of 8 elements apart), B 8 bytes past a 16-byte boundary, and xa and bias given as strided views
+    reach the kernels as contiguous, aligned copies of the same values."""
+    k, n, r = 256, 64, 16
+    x = torch.randn(3, k + 4, dtype=torch.bfloat16)[:, :k]
+    assert x.stride() == (k + 4, 1) and x.data_ptr() % 16 == 0
+    b = torch.randn(n * r + 8, dtype=torch.bfloat16)[4 : 4 + n * r].view(n, r)
+    assert b.data_ptr() % 4 == 0 and b.data_ptr() % 16 != 0
+    xa = torch.randn(r, 3).t()
+    bias = torch.randn(n, 2, dtype=torch.bfloat16)[:, 0]
+    assert not xa.is_contiguous() and not bias.is_contiguous()
+    packed = torch.zeros(n * k // 2, dtype=torch.uint8)
+    x2, p2, b2, xa2, bias2 = nf4_ops._kernel_operands(x, packed, b, xa, bias)
+    assert x2.stride() == (k, 1) and torch.equal(x2, x)
+    assert p2 is packed
+    assert b2.data_ptr() % 16 == 0 and torch.equal(b2, b)
+    assert xa2.is_contiguous() and torch.equal(xa2, xa)
+    assert bias2.is_contiguous() and torch.equal(bias2, bias)
 
 
 @pytest.mark.gpu
@@ -986,6 +1077,53 @@ def test_autocast_mixed_dtypes(device):
             nf4_lora_linear(x, q, a.bfloat16(), b.bfloat16(), 0.5, bias.double())
 
 
+@pytest.mark.parametrize("op", ["eager", "custom op"])
+@pytest.mark.parametrize("lora", [True, False])
+def test_gradients_of_any_subset_of_trainable_inputs(op, lora):
+    """Whichever of x, A, B and bias require grad (B alone, A frozen with x trained, the bias
+    alone, with or without an adapter), an eager call is recorded as the op's own autograd node
+    and each gets the gradient it gets when all four do, the others none; through the eager Function
+    and through the custom op's registered autograd."""
+    x, q, a, b, bias = _case(6, 128, 64, 8, torch.float32, "cpu", seed=21)
+    if not lora:
+        a = b = None
+    g = torch.randn(6, 64)
+
+    def call(x_, a_, b_, bias_):
+        if op == "eager":
+            return nf4_lora_linear(x_, q, a_, b_, 0.5, bias_)
+        return torch.ops.hoptune.nf4_lora_linear(x_, *_q_args(q), 64, a_, b_, 0.5, bias_)
+
+    def grads(trained):
+        ts = [
+            None if t is None else t.detach().clone().requires_grad_(i in trained)
+            for i, t in enumerate((x, a, b, bias))
+        ]
+        y = call(*ts)
+        if op == "eager":  # (not a graph of PyTorch's ops on the reference path)
+            assert type(y.grad_fn).__name__ == "_EagerNF4LoraLinearBackward", trained
+        y.backward(g)
+        return [None if t is None else t.grad for t in ts]
+
+    every = grads({0, 1, 2, 3})
+    assert all(t is not None for t in every[:: 1 if lora else 3])
+    for trained in ({2}, {1}, {0, 2}, {3}, {0, 3}):
+        if not lora and trained & {1, 2}:
+            continue
+        got = grads(trained)
+        for i, (o, w) in enumerate(zip(got, every)):
+            if i in trained:
+                torch.testing.assert_close(o, w, msg=f"input {i} of {sorted(trained)}")
+            else:
+                assert o is None, (i, trained)
+
+
+def test_default_scale_is_1():
+    """scale defaults to 1.0 (the LoRA term B A x added as it is)."""
+    x, q, a, b, bias = _case(5, 128, 64, 8, torch.float32, "cpu", seed=22)
+    assert torch.equal(nf4_lora_linear(x, q, a, b, bias=bias), nf4_lora_linear(x, q, a, b, 1.0, bias))
+
+
 def test_no_lora_and_frozen_weight():
     """No adapter: y = x deq(W)^T + bias, and x's gradient through the frozen NF4 weight."""
     x, q, _, _, bias = _case(9, 128, 64, 8, torch.float32, "cpu", seed=0)
@@ -1175,6 +1313,72 @@ def test_bad_input(kw, err, msg):
             nf4_lora_linear(x, w, a, None, scale, bias)
         else:
             nf4_lora_linear(x, w, a, b, scale, bias)
+
+
+def _bad_args(case):
+    """(x, w, lora_A, lora_B, scale, bias) of a call with one bad argument, for test_bad_argument."""
+    x, q, a, b, bias = _case(4, 128, 64, 8, torch.float32, "cpu", seed=1)
+    if case == "x 0-D":
+        x = x[0, 0]
+    elif case == "lora_B 3-D":
+        b = b[..., None]
+    elif case == "lora_B float64":
+        b = b.double()
+    elif case == "bias 2-D":
+        bias = bias[:, None]
+    elif case == "bias on meta":
+        bias = bias.to("meta")
+    elif case == "w_nf4 elsewhere":
+        x, a, b, bias = (t.to("meta") for t in (x, a, b, bias))
+    return x, q, a, b, -float("inf") if case == "scale -inf" else 0.5, bias
+
+
+@pytest.mark.parametrize(
+    "case,err,msg",
+    [
+        ("x 0-D", ValueError, r"x must have last dim in_features=128 .*got shape \(\)"),
+        ("lora_B 3-D", ValueError, r"lora_B must be \[out_features=64, r=8\], got \(64, 8, 1\)"),
+        ("lora_B float64", TypeError, "lora_B must have x's dtype torch.float32, got torch.float64"),
+        ("bias 2-D", ValueError, r"bias must be \[out_features=64\], got \(64, 1\)"),
+        ("bias on meta", ValueError, r"one device.*\(bias differs\)"),
+        ("w_nf4 elsewhere", ValueError, r"one device.*w_nf4 on cpu.*\(w_nf4 differs\)"),
+        ("scale -inf", ValueError, "scale must be a finite number, got -inf"),
+    ],
+)
+def test_bad_argument_is_refused_naming_it(case, err, msg):
+    """Each argument the checks cover, bad in a way test_bad_input does not try, is refused with
+    an error naming it (not an IndexError, a broadcast bias, or outputs of -inf)."""
+    with pytest.raises(err, match=msg):
+        nf4_lora_linear(*_bad_args(case))
+
+
+def test_autocast_refuses_a_float64_factor():
+    """Inside torch.autocast mixed float dtypes are taken, but float64 (which autocast does not
+    cast) still is not: the factor is named, as outside autocast."""
+    x, q, a, b, bias = _case(4, 128, 64, 8, torch.float32, "cpu", seed=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for name, a_, b_ in (("lora_A", a.double(), b), ("lora_B", a, b.double())):
+            with pytest.raises(TypeError, match=f"{name} must have x's dtype torch.float32"):
+                nf4_lora_linear(x, q, a_, b_, 0.5, bias)
+
+
+def test_autocast_casts_the_float_inputs_it_casts_and_leaves_the_rest():
+    """The ops' autocast cast (hoptune.ops._amp): float32 and the other 16-bit dtype go to the
+    autocast dtype, as nn.Linear's inputs do; float64, integer tensors and None stay as they are."""
+    from hoptune.ops import _amp
+
+    ref = torch.randn(2, 3)
+    ts = (torch.randn(3), torch.randn(3).half(), torch.randn(3).double(), torch.arange(3), None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _amp.cast_inputs(ref, *ts)
+    assert [None if t is None else t.dtype for t in out] == [
+        torch.bfloat16,
+        torch.bfloat16,
+        torch.float64,
+        torch.int64,
+        None,
+    ]
+    assert out[2] is ts[2] and out[3] is ts[3]
 
 
 @pytest.mark.parametrize("device", DEVICES)
