@@ -1,6 +1,7 @@
 """Packing: best-fit decreasing, per-document positions, and the same loss and gradient as
 unpacked batches (documents must not attend to each other)."""
 
+import itertools
 import random
 
 import pytest
@@ -249,3 +250,68 @@ def test_the_data_fingerprint_tells_rows_apart_by_their_cuts_masks_and_positions
     assert len({fp, *(fingerprint(rows) for rows in others)}) == 1 + len(others)
     # (the bytes of these two are the same but for each row's length, which the hash takes first)
     assert fingerprint([Row([1], [1]), Row([0], [0])]) != fingerprint([Row([1, 1], [0, 0])])
+
+
+def test_an_item_of_exactly_the_capacity_fills_a_bin_of_its_own():
+    """An item as long as the capacity is taken (not refused as too long) and fills its bin alone;
+    one token more is refused, naming the item."""
+    assert best_fit_decreasing([3, 10, 7], 10) == [[1], [2, 0]]
+    with pytest.raises(ValueError, match="item 1 has length 11 > capacity 10"):
+        best_fit_decreasing([3, 11], 10)
+
+
+def test_documents_keep_their_data_order_inside_a_row():
+    """A packed row holds its documents in the order of the data (not longest first), each with its
+    own tokens, positions from 0 and its first token never a target."""
+    g = torch.Generator().manual_seed(11)
+    lengths = [3, 9, 5, 7, 2]
+    ex = [
+        Example(torch.randint(10, 60, (n,), generator=g).tolist(), [1] * n, f"x:{i}")
+        for i, n in enumerate(lengths)
+    ]
+    rows = pack_examples(ex, 12)
+    seen = []
+    for r in rows:
+        starts = [i for i, p in enumerate(r.position_ids) if p == 0] + [len(r)]
+        docs = [r.input_ids[a:b] for a, b in itertools.pairwise(starts)]
+        idx = [next(i for i, e in enumerate(ex) if e.input_ids == d) for d in docs]
+        assert idx == sorted(idx) and len(idx) == r.num_docs
+        assert r.loss_mask == [m for i in idx for m in [0] + [1] * (lengths[i] - 1)]
+        seen += idx
+    assert sorted(seen) == list(range(len(ex))) and any(r.num_docs > 1 for r in rows)
+
+
+def test_collate_pads_on_the_right_and_marks_only_the_real_tokens():
+    """Unpacked rows: pad ids after each row's tokens, an attention mask of ones over exactly the
+    row's tokens, no target on padding; packed rows: padding continues the last document's
+    positions (1, 2, ... past its last one) and there is no attention mask."""
+    rows = [Row([5, 6, 7, 8], [0, 1, 1, 1]), Row([9, 10], [0, 1])]
+    b = collate(rows, pad_id=3)
+    assert b["input_ids"].tolist() == [[5, 6, 7, 8], [9, 10, 3, 3]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert b["loss_mask"].dtype == torch.bool and b["loss_mask"].tolist() == [
+        [False, True, True, True],
+        [False, True, False, False],
+    ]
+    assert b["position_ids"] is None and int(b["num_tokens"]) == 6
+
+    packed = [
+        Row([5, 6, 7, 8, 9], [0, 1, 0, 1, 1], [0, 1, 0, 1, 2], num_docs=2),
+        Row([4, 5, 6], [0, 1, 1], [0, 1, 2]),
+        Row([7, 8, 9, 4], [0, 1, 0, 1], [0, 1, 0, 1], num_docs=2),
+    ]
+    b = collate(packed, pad_id=0)
+    assert b["attention_mask"] is None
+    assert b["position_ids"].tolist() == [[0, 1, 0, 1, 2], [0, 1, 2, 3, 4], [0, 1, 0, 1, 2]]
+    assert b["input_ids"][1].tolist() == [4, 5, 6, 0, 0] and not b["loss_mask"][1, 3:].any()
+
+
+def test_collate_refuses_packed_and_unpacked_rows_together():
+    """A batch is all packed rows or all unpacked ones: mixing them (either one first) is an error
+    naming the problem, not positions silently dropped or a failure inside torch."""
+    packed, unpacked = Row([5, 6], [0, 1], [0, 1]), Row([7, 8, 9], [0, 1, 1])
+    for rows in ([packed, unpacked], [unpacked, packed]):
+        with pytest.raises(ValueError, match="cannot mix packed and unpacked rows"):
+            collate(rows, pad_id=0)
+    with pytest.raises(ValueError, match="collate needs at least one row"):
+        collate([], pad_id=0)
