@@ -442,3 +442,158 @@ def test_demo_scores_exact_answers_up_to_the_end_of_turn(tokenizer):
     assert demo_task.greedy_answers(model, tok, ["a", "b", "c"]) == ["1", "12", "3"]
     assert demo_task.accuracy(model, tok, [("a", "1"), ("b", "1"), ("c", "3")]) == pytest.approx(2 / 3)
     assert demo_task.accuracy(model, tok, [("b", "12")]) == 1.0
+
+
+def test_demo_reports_each_score_of_each_model(tmp_path, monkeypatch, capsys):
+    """The before/after table and the returned scores: each question set scored on its own (held-out
+    additions, trained additions, subtractions), the base in the first column, the model as SFT
+    saved it (loaded from its output folder) in the second; then the held-out loss and the paths."""
+    from hoptune.data import demo_task
+    from hoptune.train import demo, sft
+    from hoptune.train.sft import SFTResult
+
+    run = tmp_path / "demo" / "sft"
+    loaded = []
+
+    def tiny_model(cfg, dev, dtype, trained=None):
+        loaded.append(trained)
+        return ("tuned" if trained else "base"), None
+
+    def accuracy(model, tok, qa, device="cpu"):
+        # (a score that tells the model and the question set apart: 30, 70 or 55 questions)
+        return {"base": 0.0, "tuned": 0.5}[model] + len(qa) / 1000
+
+    def train(cfg):
+        return SFTResult(str(run), str(run / "adapter"), 3, [1.0], {"loss": 0.25}, [], ["no plotting here"])
+
+    monkeypatch.setattr(pretrain, "pretrained_tiny_path", lambda **k: None)
+    monkeypatch.setattr(demo, "_tiny_model", tiny_model)
+    monkeypatch.setattr(demo_task, "accuracy", accuracy)
+    monkeypatch.setattr(sft, "train", train)
+    res = run_demo(str(tmp_path / "demo"), "cpu")
+    assert loaded == [None, str(run / "adapter")]
+    assert res["before"] == pytest.approx({"held": 0.03, "train": 0.07, "minus": 0.055})
+    assert res["after"] == pytest.approx({"held": 0.53, "train": 0.57, "minus": 0.555})
+    assert res["adapter"] == str(run / "adapter")
+    out = capsys.readouterr().out
+    table = [line.split() for line in out.splitlines() if "questions (" in line or "base skill" in line]
+    assert [row[-3:] for row in table] == [
+        ["(30)", "3.0%", "53.0%"],
+        ["(70)", "7.0%", "57.0%"],
+        ["(55)", "5.5%", "55.5%"],
+    ]
+    assert "base (NF4)" in out and "held-out SFT loss: 0.2500" in out
+    assert f"adapter (PEFT format): {run / 'adapter'}" in out and "plots: none (no plotting here)" in out
+    assert f"metrics: {run / 'metrics.jsonl'}" in out
+    # (the data as the report counts it)
+    data = tmp_path / "demo" / "data"
+    lines = {n: len((data / f"{n}.jsonl").read_text().splitlines()) for n in ("train", "eval", "general")}
+    assert lines == {"train": 70, "eval": 30, "general": 200}
+    assert "data: 70 training chats, 30 held out, 200 replay records" in out
+
+
+def test_demo_after_model_is_the_adapter_on_an_nf4_base(tmp_path, monkeypatch):
+    """The trained adapter is loaded onto a fresh base quantized as the config trains it (NF4 by
+    default), as SFT trained it: not onto a dense base."""
+    import torch
+
+    import hoptune.models
+    from hoptune.adapters import save_adapter
+    from hoptune.config import load_config
+    from hoptune.models import build_model, build_tokenizer
+    from hoptune.nn import LoRALinear
+    from hoptune.train import demo
+
+    monkeypatch.setattr(hoptune.models, "load_tiny", lambda **k: (build_model(), build_tokenizer()))
+    cfg = load_config(demo.config_path(), ["lora.target_modules=[q_proj,v_proj]", "lora.r=8"])
+    base, _ = demo._tiny_model(cfg, torch.device("cpu"), torch.float32)
+    save_adapter(base, str(tmp_path / "adapter"))
+    tuned, _ = demo._tiny_model(cfg, torch.device("cpu"), torch.float32, trained=str(tmp_path / "adapter"))
+    layers = [m for m in tuned.modules() if isinstance(m, LoRALinear)]
+    assert len(layers) == 8 and all(m.quantized for m in layers)
+    assert not tuned.training
+
+
+def test_demo_data_is_recognised_only_when_it_is_exactly_the_demos(tmp_path):
+    """The demo writes over a data file only when it holds exactly the demo's records: not one that
+    holds them and more, a part of them, nothing, or other text."""
+    from hoptune.data import demo_task
+    from hoptune.data.jsonl import write_jsonl
+    from hoptune.train import demo
+
+    rows = demo_task.sft_records(demo_task.split_pairs()[1])
+    path = tmp_path / "eval.jsonl"
+    write_jsonl(str(path), rows)
+    assert demo._holds_records(str(path), rows)
+    write_jsonl(str(path), rows + rows[:1])
+    assert not demo._holds_records(str(path), rows)
+    write_jsonl(str(path), rows[:-1])
+    assert not demo._holds_records(str(path), rows)
+    path.write_text("")
+    assert not demo._holds_records(str(path), rows)
+    path.write_text("not json\n")
+    assert not demo._holds_records(str(path), rows)
+    assert not demo._holds_records(str(tmp_path / "missing.jsonl"), rows)
+
+
+def test_demo_replaces_only_its_own_sft_runs(tmp_path):
+    """The SFT folder the demo may delete to start fresh: none yet, an empty one (or one holding only
+    a run's lock file), or a run of the tiny model on the demo's training data; not a run of the
+    tiny model on other data, of another model, or a folder without a run's config."""
+    from hoptune.config import dump_config, load_config
+    from hoptune.train import demo
+    from hoptune.train.loop import LOCK_FILE
+
+    data = str(tmp_path / "data" / "train.jsonl")
+    folder = tmp_path / "sft"
+    assert demo._demo_run(str(folder), {data})
+    folder.mkdir()
+    assert demo._demo_run(str(folder), {data})
+    (folder / LOCK_FILE).write_text("")
+    assert demo._demo_run(str(folder), {data})
+    for overrides, ours in (
+        ([f"data.train={data}"], True),
+        ([f"data.train={tmp_path / 'mine.jsonl'}"], False),
+        ([f"data.train={data}", f"model.path={tmp_path / 'llama'}"], False),
+    ):
+        (folder / "config.yaml").write_text(dump_config(load_config(demo.config_path(), overrides)))
+        assert demo._demo_run(str(folder), {data}) is ours, overrides
+    (folder / "config.yaml").unlink()
+    (folder / "adapter").mkdir()
+    assert not demo._demo_run(str(folder), {data})
+
+
+def test_demo_refuses_a_folder_where_its_data_file_goes(tmp_path, monkeypatch):
+    """A folder at the path of one of the demo's data files is refused before any work (not a
+    failure to write it after pretraining)."""
+    from hoptune.config import ConfigError
+
+    def no_pretraining(*a, **k):
+        raise AssertionError("pretraining started")
+
+    monkeypatch.setattr(pretrain, "pretrained_tiny_path", no_pretraining)
+    out = tmp_path / "demo"
+    (out / "data" / "general.jsonl").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"general.jsonl is not the demo's data"):
+        run_demo(str(out), "cpu")
+
+
+def test_tiny_model_options_and_the_callers_random_stream():
+    """build_model: the dtype asked for, no KV cache by default (the configs train it with
+    checkpointing), overrides of its sizes taken; it leaves the caller's random stream as it was; the
+    chat template's generation prompt opens the assistant's turn."""
+    import torch
+
+    from hoptune.models import build_model, build_tokenizer
+
+    torch.manual_seed(5)
+    state = torch.random.get_rng_state()
+    m = build_model(seed=3, dtype=torch.bfloat16, num_hidden_layers=1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
+    assert m.config.use_cache is False and len(m.model.layers) == 1
+    tok = build_tokenizer()
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 3+4?"}], tokenize=False, add_generation_prompt=True
+    )
+    assert prompt == "<s><|user|>What is 3+4?<|end|><|assistant|>"
