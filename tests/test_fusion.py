@@ -62,7 +62,10 @@ def test_fuses_what_computes_as_llama_and_changes_nothing_on_cpu(kind, want):
     assert grads0.keys() == grads1.keys() and all(torch.equal(grads0[n], grads1[n]) for n in grads0)
     assert hoptune.unfuse_decoder_ops(model) == sum(want.values())
     assert fusion.fused_counts(model) == dict.fromkeys(fusion.KINDS, 0)
-    assert all("forward" not in m.__dict__ and not hasattr(m, "_hoptune_prev_call") for m in model.modules())
+    # (nothing of fusion's left on the modules: no forward, no marks)
+    assert not [
+        (n, a) for n, m in model.named_modules() for a in m.__dict__ if a == "forward" or "hoptune" in a
+    ]
     loss2, _ = _loss_and_grads(model, ids)
     assert torch.equal(loss0, loss2)
 
@@ -162,6 +165,9 @@ def test_kinds_can_be_left_out():
         "swiglu": 0,
         "rope": 0,
     }
+    hoptune.unfuse_decoder_ops(model)
+    assert hoptune.fuse_decoder_ops(model, rms_norm=False) == {"rms_norm": 0, "swiglu": 2, "rope": 2}
+    assert fusion.fused_counts(model)["rms_norm"] == 0
     hoptune.unfuse_decoder_ops(model)
 
 
@@ -410,4 +416,102 @@ def test_a_fused_model_installs_the_dispatcher_it_needs(monkeypatch):
     with torch.no_grad():
         model(torch.randint(3, 128, (1, 5)))
     assert calls["rope"] == 4
+    hoptune.unfuse_decoder_ops(model)
+
+
+def test_fusing_leaves_every_module_in_the_mode_it_was_in():
+    """The checks run the MLPs in eval and train mode; afterwards each module is back in its own
+    mode: a model in eval mode stays in eval mode (no dropout switched on), and a submodule set apart
+    keeps its mode."""
+    model = _model("llama").eval()
+    hoptune.fuse_decoder_ops(model)
+    assert not any(m.training for m in model.modules())
+    hoptune.unfuse_decoder_ops(model)
+    model.train()
+    model.model.layers[1].mlp.eval()
+    hoptune.fuse_decoder_ops(model)
+    assert [n for n, m in model.named_modules() if not m.training] == [
+        "model.layers.1.mlp",
+        "model.layers.1.mlp.gate_proj",
+        "model.layers.1.mlp.up_proj",
+        "model.layers.1.mlp.down_proj",
+        "model.layers.1.mlp.act_fn",
+    ]
+    hoptune.unfuse_decoder_ops(model)
+
+
+def test_a_norm_whose_output_has_another_dtype_is_left():
+    """A norm whose values are Llama's but returned in float32 for bf16 inputs (its output dtype is
+    part of what it computes) is not fused: the fused op would return x's dtype."""
+
+    class Float32Out(_GatedNorm):
+        def forward(self, hidden_states):
+            return super().forward(hidden_states).float()
+
+    assert hoptune.fuse_decoder_ops(torch.nn.Sequential(Float32Out(16)))["rms_norm"] == 0
+    assert hoptune.fuse_decoder_ops(torch.nn.Sequential(_GatedNorm(16)))["rms_norm"] == 1
+
+
+def test_the_rotary_dispatcher_runs_the_fused_op_only_on_the_layout_it_takes(monkeypatch):
+    """Inside a fused attention layer the dispatcher runs the fused rope for q, k (B, H, S, D) with
+    cos and sin broadcast over dim 1; called with unsqueeze_dim=2 (q and k as (B, S, H, D)) it runs
+    the original function, even where the shapes would pass for the other layout."""
+    from hoptune.reference import decoder as ref
+
+    def llama(q, k, cos, sin, unsqueeze_dim=1):
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        return tuple(t * cos + ref.rotate_half(t) * sin for t in (q, k))
+
+    calls = _kernels_everywhere(monkeypatch)
+    dispatch = fusion._rope_dispatcher(llama)
+    q, k = torch.randn(1, 4, 4, 16).bfloat16(), torch.randn(1, 4, 4, 16).bfloat16()  # (S = H = 4)
+    cos, sin = torch.randn(1, 4, 16).bfloat16(), torch.randn(1, 4, 16).bfloat16()
+    token = fusion._ROPE_ON.set(True)
+    try:
+        got = dispatch(q, k, cos, sin, unsqueeze_dim=2)
+        assert calls["rope"] == 0
+        assert all(torch.equal(g, w) for g, w in zip(got, llama(q, k, cos, sin, unsqueeze_dim=2)))
+        got = dispatch(q, k, cos, sin)
+        assert calls["rope"] == 2
+        assert all(torch.equal(g, w) for g, w in zip(got, llama(q, k, cos, sin)))
+    finally:
+        fusion._ROPE_ON.reset(token)
+
+
+def test_fusing_again_does_not_wrap_the_rotary_function_again():
+    """The dispatcher is installed once in a model's Python module: fusing other models (or the same
+    one again) leaves it wrapping transformers' own function, not another dispatcher."""
+    for _ in range(3):
+        model = _model("llama")
+        hoptune.fuse_decoder_ops(model)
+        hoptune.unfuse_decoder_ops(model)
+    fn = sys.modules[type(model).__module__].apply_rotary_pos_emb
+    assert fn._hoptune_original is not None
+    assert getattr(fn._hoptune_original, "_hoptune_original", None) is None
+
+
+def test_a_fused_norm_runs_with_its_own_eps(monkeypatch):
+    """The fused norm passes the module's own epsilon (here 1e-3, not Llama's default 1e-6) to the
+    op: the same numbers as the module's forward, on rows small enough for eps to matter."""
+    norm = _GatedNorm(16)
+    norm.variance_epsilon = 1e-3
+    model = torch.nn.Sequential(norm).to(torch.bfloat16)
+    assert hoptune.fuse_decoder_ops(model)["rms_norm"] == 1
+    calls = _kernels_everywhere(monkeypatch)
+    x = (0.01 * torch.randn(3, 16)).bfloat16()
+    assert torch.equal(model(x), type(norm).forward(norm, x)) and calls["rms_norm"] == 1
+    hoptune.unfuse_decoder_ops(model)
+
+
+def test_a_fused_attention_layer_still_runs_the_forward_set_on_it_before():
+    """An attention layer whose forward was set on the instance (an offloading hook's) before fusing:
+    the fused forward calls that one, not the class's, so the hook keeps running."""
+    model = _model("llama")
+    attn = model.model.layers[0].self_attn
+    own, calls = attn.forward, []
+    attn.forward = lambda *a, **k: calls.append(1) or own(*a, **k)
+    assert hoptune.fuse_decoder_ops(model)["rope"] == 2
+    with torch.no_grad():
+        model(torch.randint(3, 128, (1, 5)))
+    assert calls == [1]
     hoptune.unfuse_decoder_ops(model)

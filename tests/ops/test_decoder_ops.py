@@ -89,6 +89,62 @@ def test_bad_inputs_are_named():
         ops.rope(torch.randn(1, 1, 2, 7), torch.randn(1, 2, 7), torch.randn(1, 2, 7))
 
 
+def test_more_bad_inputs_are_named():
+    """Inputs the ops would otherwise broadcast or promote into a result of another shape or dtype
+    (or fail on inside torch) are refused, naming the argument."""
+    x = torch.randn(4, 16)
+    with pytest.raises(ValueError, match="weight must be 1-D with x's last dimension"):
+        ops.rms_norm(x, torch.randn(16, 1))
+    with pytest.raises(ValueError, match=r"weight must be 1-D with x's last dimension \(\?\)"):
+        ops.rms_norm(torch.tensor(1.5), torch.randn(1))
+    with pytest.raises(TypeError, match="weight must be a floating-point tensor"):
+        ops.rms_norm(x, torch.randint(1, 5, (16,)))
+    with pytest.raises(ValueError, match="gate and up must have one shape"):
+        ops.silu_mul(torch.randn(2, 8), torch.randn(1, 8))
+    with pytest.raises(TypeError, match="gate must be a floating-point tensor"):
+        ops.silu_mul(torch.randint(-3, 3, (2, 8)), torch.randn(2, 8))
+    q = torch.randn(2, 4, 3, 8)
+    with pytest.raises(ValueError, match=r"cos and sin must both be \(2 or 1, 3, 8\)"):
+        ops.rope(q, torch.randn(1, 3, 8), torch.randn(2, 3, 8))
+    with pytest.raises(ValueError, match=r"cos and sin must both be \(2 or 1, 3, 8\)"):
+        ops.rope(q, torch.randn(2, 1, 8), torch.randn(2, 1, 8))
+    with pytest.raises(ValueError, match=r"cos and sin must both be \(2 or 1, 3, 8\)"):
+        ops.rope(q, torch.tensor(0.5), torch.tensor(0.5))
+
+
+def test_rms_norm_default_eps_is_llamas():
+    """Without eps, rms_norm uses 1e-6 (LlamaRMSNorm's default): visible on rows of small values."""
+    x, w = 1e-3 * torch.randn(3, 32), 1 + 0.5 * torch.randn(32)
+    assert torch.equal(ops.rms_norm(x, w), ref.rms_norm(x, w, 1e-6))
+    assert not torch.equal(ops.rms_norm(x, w), ref.rms_norm(x, w, 1e-5))
+
+
+def test_kernels_take_only_the_inputs_they_are_written_for(monkeypatch):
+    """Which inputs the kernels would take where they run (as on an H100: the device check
+    answered yes): bf16 / fp16 throughout, a norm row width a multiple of 8, a rotary head dim a
+    multiple of 16, tables that need no gradient; anything else runs the reference."""
+    from hoptune import _lib
+
+    monkeypatch.setattr(_lib, "use_kernel", lambda t, op: True)
+    bf = torch.bfloat16
+    x, w = torch.randn(3, 16).to(bf), torch.randn(16).to(bf)
+    assert ops.rms_norm_runs(x, w)
+    assert not ops.rms_norm_runs(x.float(), w.float())
+    assert not ops.rms_norm_runs(x, w.float())  # (a weight of another dtype)
+    assert not ops.rms_norm_runs(torch.randn(3, 12).to(bf), torch.randn(12).to(bf))
+    g = torch.randn(2, 8).to(bf)
+    assert ops.silu_mul_runs(g, torch.randn(2, 8).to(bf))
+    assert not ops.silu_mul_runs(g, torch.randn(2, 8).half())
+    q = torch.randn(1, 2, 3, 16).to(bf)
+    cos, sin = torch.randn(1, 3, 16).to(bf), torch.randn(1, 3, 16).to(bf)
+    assert ops.rope_runs(q, cos, sin)
+    assert not ops.rope_runs(q, cos, sin.float()) and not ops.rope_runs(q, cos.float(), sin)
+    assert not ops.rope_runs(q, cos.requires_grad_(), sin)
+    assert not ops.rope_runs(q, cos.detach(), sin.requires_grad_())
+    q8 = torch.randn(1, 2, 3, 8).to(bf)
+    assert not ops.rope_runs(q8, torch.randn(1, 3, 8).to(bf), torch.randn(1, 3, 8).to(bf))
+
+
 # -- CUDA kernels ---------------------------------------------------------------------------------
 def _norm_inputs(rows, cols, dtype, layout):
     torch.manual_seed(rows * 7 + cols)
