@@ -374,6 +374,18 @@ def test_an_adapter_of_a_rank_above_the_limit_is_refused_saying_so(tmp_path):
     assert_unchanged(model, snap)
 
 
+def test_an_adapter_of_the_largest_rank_loads(tmp_path):
+    """A rank of exactly 256, the most hoptune's LoRA layers take, loads, with PEFT's outputs."""
+    base = tiny_model()
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(target_modules=["q_proj"], r=256, lora_alpha=16, init_lora_weights=False)
+    pm = peft.get_peft_model(copy.deepcopy(base), cfg).eval()
+    pm.save_pretrained(tmp_path)
+    model = hoptune.load_adapter(copy.deepcopy(base), tmp_path)
+    assert model.model.layers[0].self_attn.q_proj.r == 256
+    assert rel(logits(model), logits(pm)) <= 1e-5
+
+
 def test_the_same_lora_dropout_loads_into_the_layers_in_place(tmp_path):
     base = tiny_model()
     src = ours(base, "lora", dropout=0.1)
@@ -438,6 +450,26 @@ def _peft_mica_adapter(base, folder):
 
 def _grads(pm) -> dict[str, bool]:
     return {n.split(".")[-3]: p.requires_grad for n, p in pm.named_parameters() if "lora_" in n}
+
+
+@pytest.mark.parametrize("init", ["mica", "MiCA", "MICA"])
+def test_which_mica_spellings_keep_lora_b_frozen_as_in_peft(init, tmp_path):
+    """PEFT freezes lora_B for init_lora_weights="mica" exactly (its MiCA variant); another
+    spelling ("MiCA") loads with lora_B trainable there, as a plain LoRA's: load_adapter's
+    trainable lora_B follows PEFT's for each."""
+    base = tiny_model()
+    _peft_mica_adapter(base, tmp_path)
+    path = tmp_path / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["init_lora_weights"] = init
+    path.write_text(json.dumps(cfg))
+    want = _grads(peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True))
+    assert want == {"lora_A": True, "lora_B": init != "mica"}
+    model = hoptune.load_adapter(copy.deepcopy(base), tmp_path, trainable=True)
+    layers = lora_layers(model)
+    assert layers and all(
+        m.lora_A.requires_grad and m.lora_B.requires_grad == want["lora_B"] for _, m in layers
+    )
 
 
 @pytest.mark.parametrize("trainable", [False, True])

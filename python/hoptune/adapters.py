@@ -1047,8 +1047,10 @@ def load_adapter(
 
     # 4. copy the weights (cannot fail: shapes were checked)
     # PEFT's MiCA (init_lora_weights="mica") trains lora_A only: its lora_B stays frozen, loaded trainable too
+    # (the exact value, as PEFT selects its MiCA variant, which freezes lora_B: with "MiCA" PEFT
+    # trains and loads lora_B as a plain LoRA's)
     init = cfg.get("init_lora_weights", True)
-    frozen_b = isinstance(init, str) and init.lower() == "mica"
+    frozen_b = init == "mica"
     # informational fields, not checked: a value other than a non-empty str reads as null
     base = tuple(
         v if isinstance(v, str) and v else None
