@@ -89,3 +89,44 @@ def test_head_logprobs_plain_linear_is_the_log_softmax_of_the_heads_logits(bias)
     z = 5.0 * torch.tanh(z * 0.7 / 5.0) / 0.9
     ref = torch.log_softmax(z, -1).gather(-1, labels[:, None]).squeeze(-1)
     torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-5)
+
+
+class _ScaledLinear(torch.nn.Linear):
+    """An nn.Linear subclass with its own forward (as a quantized or wrapped head may have)."""
+
+    def forward(self, x):
+        return super().forward(x) * 0.5 - 0.25
+
+
+def test_head_logprobs_runs_a_linear_subclass_with_its_own_forward():
+    """A head whose class derives from nn.Linear is applied through its own forward, not through
+    the fused op (which reads head.weight and would skip that forward)."""
+    g = torch.Generator().manual_seed(2)
+    torch.manual_seed(2)
+    head = _ScaledLinear(16, 37)
+    hidden = torch.randn(9, 16, generator=g)
+    labels = torch.randint(0, 37, (9,), generator=g)
+    ref = token_logprobs_from_logits(head(hidden).double(), labels)
+    got = head_logprobs(head, hidden, labels)
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["full_backward", "full_backward_pre"])
+def test_head_logprobs_runs_a_head_with_backward_hooks(kind):
+    """A plain nn.Linear head with a backward hook runs as a module, so that the hook sees the
+    gradient of the head's output in the backward (the fused op would never call it)."""
+    g = torch.Generator().manual_seed(3)
+    head = torch.nn.Linear(16, 37)
+    seen = []
+
+    def hook(module, *grads):
+        seen.append(grads[-1][0].shape)
+
+    if kind == "full_backward":
+        head.register_full_backward_hook(hook)
+    else:
+        head.register_full_backward_pre_hook(hook)
+    hidden = torch.randn(9, 16, generator=g).requires_grad_(True)
+    labels = torch.randint(0, 37, (9,), generator=g)
+    head_logprobs(head, hidden, labels).sum().backward()
+    assert seen == [torch.Size([9, 37])]

@@ -192,6 +192,20 @@ def test_shift_for_next_token():
     assert shift_for_next_token(ids, mask).tolist() == [[-100, 7, 8]]
 
 
+def test_shift_for_next_token_fills_with_the_given_ignore_index():
+    """Positions outside the loss take the ignore_index given (a collator's own, e.g. -1), and
+    token_logprobs_from_logits with the same ignore_index gives them 0."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 11, (2, 6), generator=g, dtype=torch.int32)
+    mask = torch.tensor([[0, 1, 1, 0, 1, 1], [0, 0, 0, 1, 1, 0]])
+    labels = shift_for_next_token(ids, mask, ignore_index=-1)
+    assert labels.dtype == torch.int64
+    want = torch.where(mask[:, 1:].bool(), ids[:, 1:].long(), -1)
+    assert torch.equal(labels, want)
+    lp = token_logprobs_from_logits(torch.randn(2, 5, 11, generator=g), labels, ignore_index=-1)
+    assert (lp[labels == -1] == 0).all() and (lp[labels != -1] < 0).all()
+
+
 def test_head_logprobs_bad_arguments():
     """A plain nn.Linear head whose dtype differs from hidden's: an error naming both (F.linear's
     speaks of mat1 and mat2); under autocast the head runs as autocast casts it, as it does
@@ -363,6 +377,9 @@ def test_loss_functions_name_a_bad_argument():
         count_loss_tokens([torch.ones(2), None])
     with pytest.raises(TypeError, match="loss_masks must be a torch.Tensor or a list of them, got int"):
         count_loss_tokens(3)
+    for bad in ("", "10", b"1"):  # (iterable, but not masks: "" would count 0 tokens)
+        with pytest.raises(TypeError, match=f"a list of them, got {type(bad).__name__}"):
+            count_loss_tokens(bad)
     for bad in (True, "3", torch.tensor(True)):
         with pytest.raises(TypeError, match="num_loss_tokens must be a number of tokens"):
             sft_loss(lp, None, bad)

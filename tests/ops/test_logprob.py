@@ -106,6 +106,22 @@ def test_token_logprobs_inplace_backward(device):
         token_logprobs(z.clone().requires_grad_(True), y, inplace_backward=True)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_token_logprobs_inplace_backward_into_a_shifted_view(device):
+    """inplace_backward=True on the shifted view logits[:, :-1] (strided, rows apart in memory,
+    none shared) writes the gradient into the logits buffer itself, not into a copy: the view's
+    elements hold dlogits after the backward and the last position, outside the view, is untouched."""
+    z, y = _case((2, 7), 30, torch.float32, device, seed=8, ignore_frac=0.0)
+    leaf = z.clone().requires_grad_(True)
+    logits = leaf * 1.0
+    token_logprobs(logits[:, :-1], y[:, 1:], temperature=0.8, inplace_backward=True).sum().backward()
+    z64 = z.double().requires_grad_(True)
+    oracle(z64[:, :-1], y[:, 1:], 0.8)[0].sum().backward()
+    assert err(leaf.grad, z64.grad) <= 1e-5
+    assert err(logits.detach()[:, :-1], z64.grad[:, :-1]) <= 1e-5  # the buffer now holds dlogits
+    assert torch.equal(logits.detach()[:, -1], z[:, -1])
+
+
 def test_token_logprobs_inplace_backward_refuses_a_view_of_a_leaf():
     """The shifted view logits[:, :-1] of a leaf that requires grad (logits detached from the
     model to take their gradient, say): the in-place backward would write the gradient into the
@@ -593,6 +609,20 @@ def test_fused_linear_logprobs_weight_and_bias_grad(device):
         assert err(a.grad, r.grad) <= 1e-5
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_linear_logprobs_bias_grad_of_a_frozen_weight(device):
+    """Only the bias trained (the weight frozen, the hidden states a constant): the bias gets its
+    gradient, the weight none."""
+    hid, w, b, y = _fused_case(33, 32, 300, torch.float32, device, seed=10)
+    b.requires_grad_(True)
+    lp = fused_linear_logprobs(hid, w, y, bias=b, temperature=0.9, chunk_rows=10)
+    g = torch.randn(33, device=device)
+    lp.backward(g)
+    b64 = b.detach().double().requires_grad_(True)
+    fused_oracle(hid.double(), w.double(), b64, y, temperature=0.9)[0].backward(g.double())
+    assert w.grad is None and err(b.grad, b64.grad) <= 1e-5
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,h,v", [(300, 256, 32001), (1000, 512, 50304)])
@@ -931,6 +961,44 @@ def test_fused_linear_logprobs_compiled_dynamic():
         torch.testing.assert_close(outs[1], outs[0], rtol=1e-6, atol=1e-6)
 
 
+def test_fused_linear_logprobs_integer_weight_refused():
+    """An integer lm_head weight beside float hidden states is the dtype error naming weight (not
+    an error from inside a matmul)."""
+    hid, w, _, y = _fused_case(5, 16, 50, torch.float32, "cpu", seed=2, ignore_frac=0.0)
+    for dtype in (torch.int64, torch.int8):
+        with pytest.raises(TypeError, match=f"weight must have hidden's dtype torch.float32, got {dtype}"):
+            fused_linear_logprobs(hid, w.to(dtype), y)
+
+
+def test_fused_linear_logprobs_no_grad_forms_no_hidden_gradient(monkeypatch):
+    """Under torch.no_grad the forward does not form d logp / d hidden (an (N, H) fp32 buffer) even
+    for hidden states that require grad: no backward can follow."""
+    seen = []
+    orig = logprob_ops._forward
+
+    def spy(*args, **kw):
+        seen.append(args[9])  # compute_grad
+        return orig(*args, **kw)
+
+    monkeypatch.setattr(logprob_ops, "_forward", spy)
+    hid, w, _, y = _fused_case(6, 16, 50, torch.float32, "cpu", seed=3)
+    hid.requires_grad_(True)
+    with torch.no_grad():
+        lp = fused_linear_logprobs(hid, w, y)
+    assert seen == [False] and not lp.requires_grad
+    fused_linear_logprobs(hid, w, y)
+    assert seen == [False, True]
+
+
+def test_fused_linear_logprobs_zero_softcap_refused():
+    """softcap=0 is not "no cap" (that is None): refused, as a negative one is, rather than run
+    uncapped."""
+    hid, w, _, y = _fused_case(5, 16, 50, torch.float32, "cpu", seed=2, ignore_frac=0.0)
+    for cap in (0.0, 0, -0.0):
+        with pytest.raises(ValueError, match=r"softcap must be a positive finite number \(or None\), got"):
+            fused_linear_logprobs(hid, w, y, softcap=cap)
+
+
 def test_fused_linear_logprobs_infinite_softcap_refused():
     """softcap = inf would give inf * tanh(0) = nan for every log-prob: refused, naming it."""
     hid, w, _, y = _fused_case(4, 8, 20, torch.float32, "cpu", seed=0)
@@ -1161,6 +1229,28 @@ def _check_overflow_result(hid, w, y, lp):
     assert err(hid.grad, h64.grad) <= 2e-2 * h64.grad.abs().max().item()
 
 
+def test_fused_vchunk_masked_vocabulary_cpu(monkeypatch):
+    """A bias of -inf on part of the vocabulary (tokens masked out of the head): the vocab-chunked
+    walk adds nothing for them to the entropy's sums, so the rows need no two-pass redo, and the
+    log-probs, entropy and hidden-state gradient match the fp64 oracle."""
+    _set_vchunk(monkeypatch, "small", on_cpu=True)
+    calls = _spy_fallback(monkeypatch)
+    hid, w, b, y = _fused_case(50, 32, 300, torch.float32, "cpu", seed=11)
+    b[torch.randperm(300, generator=torch.Generator().manual_seed(1))[:60]] = float("-inf")
+    y = torch.where((y >= 0) & torch.isinf(b[y.clamp(min=0)]), -100, y)  # (a masked label: log p = -inf)
+    hid.requires_grad_(True)
+    lp, ent = fused_linear_logprobs(hid, w, y, bias=b, return_entropy=True)
+    assert calls == []  # no row-chunked redo
+    up = torch.randn(50, generator=torch.Generator().manual_seed(2))
+    (lp * up).sum().backward()
+    h64 = hid.detach().double().requires_grad_(True)
+    rlp = fused_oracle(h64, w.double(), b.double(), y)[0]
+    (rlp * up.double()).sum().backward()
+    lsm = torch.log_softmax(h64.detach() @ w.double().t() + b.double(), -1)
+    rent = -torch.where(lsm > -float("inf"), lsm.exp() * lsm, 0).sum(-1) * (y != -100)
+    assert err(lp, rlp) <= 1e-5 and err(ent, rent) <= 1e-5 and err(hid.grad, h64.grad) <= 1e-5
+
+
 @pytest.mark.parametrize("gap,redo", [(40.0, False), (80.0, True), (200.0, True)])
 def test_fused_vchunk_overflow_cpu(gap, redo, monkeypatch):
     """A label logit more than 64 below its row's largest flags the vocab-chunked forward (at 80
@@ -1385,6 +1475,28 @@ def test_fused_gemm_routing_cpu(monkeypatch):
     assert calls == []
     lp = fused_linear_logprobs(hid, w, y)
     assert calls == [1] and torch.isfinite(lp).all()
+
+
+@pytest.mark.parametrize("h", [12, 20])
+def test_fused_gemm_routing_needs_rows_of_whole_16_bytes_cpu(monkeypatch, h):
+    """bf16 hidden states whose rows are not a multiple of 8 elements (16 bytes, what the fused
+    GEMM's loads need) keep the vocab-chunked path, also beside an lm_head weight whose rows are
+    padded to 16 bytes (a view of a wider buffer): the log-probs and the hidden-state gradient
+    come out as for any other H, not a stride error."""
+    _set_vchunk(monkeypatch, "small", on_cpu=True, gemm=True)
+    calls = _spy_gemm(monkeypatch)
+    hid, w, _, y = _fused_case(40, h, 300, torch.bfloat16, "cpu", seed=3)
+    w = torch.zeros(300, h + 4, dtype=w.dtype).copy_(torch.nn.functional.pad(w, (0, 4)))[:, :h]
+    assert w.stride(0) % 8 == 0 and w.data_ptr() % 16 == 0
+    hid.requires_grad_(True)
+    lp = fused_linear_logprobs(hid, w, y)
+    assert calls == []
+    up = torch.randn(40, generator=torch.Generator().manual_seed(4))
+    (lp * up).sum().backward()
+    h64 = hid.detach().double().requires_grad_(True)
+    ref = fused_oracle(h64, w.double(), None, y)[0]
+    (ref * up.double()).sum().backward()
+    assert err(lp, ref) <= 2e-2 and err(hid.grad, h64.grad) <= 2e-2
 
 
 @pytest.mark.parametrize("device", DEVICES)
