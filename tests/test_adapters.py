@@ -227,6 +227,20 @@ def test_load_into_a_patched_model_replaces_weights(tmp_path):
     assert_unchanged(other_rank, snap)
 
 
+@pytest.mark.parametrize("layers", [dict(alpha=16), dict(alpha=8, use_rslora=True)])
+def test_load_into_lora_layers_of_another_scale_is_refused(tmp_path, layers):
+    """LoRA layers in place with the adapter's rank but another scaling (another alpha, or rsLoRA's
+    alpha / sqrt(r) for the adapter's alpha / r) are refused, not given weights that they would
+    scale differently from the adapter's training."""
+    base = tiny_model()
+    hoptune.save_adapter(ours(base, "lora", seed=4), tmp_path)  # r=4, alpha=8: scaling 2
+    model = hoptune.apply_lora(copy.deepcopy(base), r=4, **layers)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"scaling=(4|2).*differs from the adapter's \(r=4, scaling=2"):
+        hoptune.load_adapter(model, tmp_path)
+    assert_unchanged(model, snap)
+
+
 # -- bad adapters: clear errors, model unchanged ----------------------------------------------
 @pytest.fixture
 def saved(tmp_path):
@@ -483,6 +497,36 @@ def test_peft_adapter_on_the_output_head_loads(arch, tmp_path):
     model = copy.deepcopy(base)
     snap = snapshot(model)
     with pytest.raises(ValueError, match="lm_head.base_layer.weight.*differs from the model's"):
+        hoptune.load_adapter(model, tmp_path)
+    assert_unchanged(model, snap)
+
+
+def test_peft_head_copy_in_fp32_loads_into_a_bf16_model(tmp_path):
+    """PEFT's fp32 copy of the output head's weight (saved from the fp32 model) matches the same
+    model loaded in bf16: the copy is compared in the coarser dtype, so the bf16 head, the fp32
+    values rounded, is the model's own head and the adapter loads."""
+    base = tiny_model()
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(target_modules=["q_proj", "lm_head"], r=4, lora_alpha=8, init_lora_weights=False)
+    pm = peft.get_peft_model(copy.deepcopy(base), cfg).eval()
+    pm.save_pretrained(tmp_path)
+    stored = load_file(tmp_path / "adapter_model.safetensors")["base_model.model.lm_head.base_layer.weight"]
+    assert stored.dtype == torch.float32 and not torch.equal(stored.bfloat16().float(), stored)
+    model = hoptune.load_adapter(copy.deepcopy(base).to(torch.bfloat16), tmp_path)
+    assert isinstance(model.lm_head, LoRALinear)
+    assert rel(logits(model), logits(pm)) <= 0.05
+
+
+def test_base_weight_copy_of_an_nf4_layer_is_refused_saying_so(tmp_path):
+    """PEFT's copy of a layer's base weight cannot be compared with a layer the model holds in
+    NF4: the adapter is refused naming the copy and the NF4 layer, and the model is unchanged."""
+    base = tiny_model()
+    hoptune.save_adapter(ours(base, "lora"), tmp_path)
+    key = "model.layers.0.self_attn.q_proj"
+    _put_tensor(tmp_path, f"{key}.base_layer.weight", base.get_submodule(key).weight.detach().clone())
+    model = hoptune.apply_lora(copy.deepcopy(base), r=4, alpha=8, quantize="nf4")
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=rf"{key}\.base_layer\.weight is PEFT's copy.*model's NF4 {key}"):
         hoptune.load_adapter(model, tmp_path)
     assert_unchanged(model, snap)
 
@@ -808,6 +852,17 @@ def test_bad_copies_of_base_weights_are_refused(saved, key, value, match):
 def test_bad_tensors_name_the_key(saved, key, value, match):
     _put_tensor(saved, f"model.layers.0.self_attn.q_proj.{key}", value)
     assert_refused(saved, match)
+
+
+@pytest.mark.parametrize("shape", [(1,), (32,), (64, 1)])
+def test_dora_magnitude_of_another_shape_is_refused(tmp_path, shape):
+    """A DoRA adapter whose lora_magnitude_vector is not [out] of its layer (one value that would
+    broadcast over every output, a vector of another layer's size, a column) is refused naming
+    the key, before the model is changed."""
+    hoptune.save_adapter(ours(tiny_model(), "dora"), tmp_path)
+    key = "model.layers.0.self_attn.q_proj.lora_magnitude_vector"
+    _put_tensor(tmp_path, key, torch.rand(shape) + 0.5)
+    assert_refused(tmp_path, rf"shape mismatch for .*q_proj.*{key}.* must be \[64\]")
 
 
 @pytest.mark.parametrize(

@@ -57,6 +57,38 @@ def test_resave_keeps_the_loaded_base_and_revision_as_peft_does(tmp_path):
     )
 
 
+def test_an_adapter_without_a_base_loaded_over_one_with_it_saves_without_it(tmp_path):
+    """A model's LoRA layers forget the base model and revision of the adapter they held before:
+    an adapter whose config records none, loaded over one that did, is saved again without them
+    (the model's own name, here none), not with the earlier adapter's."""
+    base = tiny_model()
+    _peft_adapter(base, tmp_path / "peft")
+    plain = ours(base, "lora", seed=6, target_modules=["q_proj", "v_proj"])
+    hoptune.save_adapter(plain, tmp_path / "plain")
+    assert _config(tmp_path / "plain")["base_model_name_or_path"] is None
+    model = hoptune.load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    hoptune.load_adapter(model, tmp_path / "plain")
+    hoptune.save_adapter(model, tmp_path / "again")
+    got = _config(tmp_path / "again")
+    assert (got["base_model_name_or_path"], got["revision"]) == (None, None)
+
+
+def test_an_empty_base_in_the_config_reads_as_none(tmp_path):
+    """base_model_name_or_path "" in a loaded adapter's config records no base: the adapter saved
+    again names the model's own base, not an empty one."""
+    base = tiny_model()
+    hoptune.save_adapter(ours(base, "lora", seed=7), tmp_path / "a")
+    path = tmp_path / "a" / "adapter_config.json"
+    cfg = _config(tmp_path / "a")
+    cfg["base_model_name_or_path"] = ""
+    path.write_text(json.dumps(cfg))
+    model = copy.deepcopy(base)
+    model.config._name_or_path = BASE
+    hoptune.load_adapter(model, tmp_path / "a")
+    hoptune.save_adapter(model, tmp_path / "again")
+    assert _config(tmp_path / "again")["base_model_name_or_path"] == BASE
+
+
 def test_resave_with_the_same_base_keeps_the_revision_another_base_drops_it(tmp_path):
     base = tiny_model()
     _peft_adapter(base, tmp_path / "peft")

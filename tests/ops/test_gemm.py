@@ -252,6 +252,115 @@ def test_empty_operands_are_not_eligible(monkeypatch):
     assert not gemm._eligible(_aligned_bf16(m, 64), _aligned_bf16(0, 64), m)  # linear: N = 0
 
 
+def test_operands_that_keep_pytorchs_gemm(monkeypatch):
+    """The eligibility rule for each condition alone (as on a GPU where the kernels run: no GEMM
+    runs here): operands of two dtypes, fp32, a column view, an operand off 256-byte alignment,
+    deterministic algorithms asked for, and tuning turned off go to PyTorch; a 256-byte aligned,
+    contiguous bf16 or fp16 pair of at least MIN_ROWS rows is eligible."""
+    from hoptune import _lib
+
+    monkeypatch.setattr(_lib, "kernels_run_on", lambda t: True)
+    gemm.enable(True)
+    m = gemm.MIN_ROWS
+    a, b = _aligned_bf16(m, 64), _aligned_bf16(64, 128)
+    assert gemm._eligible(a, b, m)
+    assert gemm._eligible(a.view(torch.float16), b.view(torch.float16), m)
+    assert not gemm._eligible(a, b, m - 1)
+    assert not gemm._eligible(a, b.view(torch.float16), m)  # two dtypes
+    assert not gemm._eligible(a.float(), b.float(), m)
+    assert not gemm._eligible(a, _aligned_bf16(128, 64).t(), m)  # not contiguous
+    buf = _aligned_bf16(m * 64 + 8)
+    assert not gemm._eligible(buf[8:].view(m, 64), b, m)  # 16 bytes past the alignment
+    assert not gemm._eligible(a, _aligned_bf16(64 * 128 + 8)[8:].view(64, 128), m)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert not gemm._eligible(a, b, m)
+    monkeypatch.undo()
+    monkeypatch.setattr(_lib, "kernels_run_on", lambda t: True)
+    gemm.enable(False)
+    assert not gemm._eligible(a, b, m)
+    gemm.enable(True)
+    assert gemm._eligible(a, b, m)
+
+
+def test_linear_writes_into_out_on_the_cpu(monkeypatch):
+    """linear(x, w, out=out) where PyTorch's GEMM runs (the CPU) writes the product into out, of
+    x's leading shape, and returns out itself."""
+    monkeypatch.setattr(gemm, "MIN_ROWS", 1)
+    (x, w), _, _ = _operands("linear", 0, 24, 40, torch.float32, "cpu", x_shape=(3, 5))
+    out = torch.full((3, 5, 40), float("nan"))
+    got = gemm.linear(x, w, out=out)
+    assert got is out
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, w), rtol=0, atol=0)
+
+
+class _RecordingPlan:
+    def __init__(self):
+        self.runs = []
+
+    def run(self, index, a, b, d, beta, ws, wsb, stream):
+        self.runs.append((index, beta))
+
+
+def test_a_chosen_candidate_runs_and_a_kept_pytorch_does_not(monkeypatch):
+    """Once a problem is measured, a chosen candidate runs for it (PyTorch's GEMM does not), and a
+    problem where PyTorch's GEMM was kept runs PyTorch's, as without this module. (The rule alone,
+    as on a GPU where the kernels run, with a stand-in plan.)"""
+    from hoptune import _lib
+
+    monkeypatch.setattr(_lib, "kernels_run_on", lambda t: True)
+    monkeypatch.setattr(_lib, "stream", lambda t: 0)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    gemm.enable(True)
+    m = gemm.MIN_ROWS
+    x, w = _aligned_bf16(m, 64), _aligned_bf16(32, 64)
+    x.copy_(torch.randn(m, 64))
+    w.copy_(torch.randn(32, 64))
+    key = ("x@wT", m, 32, 64, torch.bfloat16, None)
+    plan = _RecordingPlan()
+    gemm._choices[key] = (plan, 3, {"candidate": 3})
+    gemm.linear(x, w)
+    assert plan.runs == [(3, 0.0)]
+    gemm._choices[key] = None
+    y = gemm.linear(x, w)
+    assert plan.runs == [(3, 0.0)]
+    assert torch.equal(y, torch.nn.functional.linear(x, w))
+
+
+def test_rows_per_shape_cap_and_reset(monkeypatch):
+    """At most MAX_ROWS_PER_SHAPE row counts of one weight shape are measured (the others keep
+    PyTorch's GEMM unmeasured); reset() forgets them, so the next row count is measured again."""
+    tuned = []
+
+    def fake_tune(ext, key, *args):
+        tuned.append(key[1])
+        return None
+
+    monkeypatch.setattr(gemm, "_cublaslt", lambda: (object(), None))
+    monkeypatch.setattr(gemm, "_tune", fake_tune)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    out = torch.empty(2, 2)
+    cap = gemm.MAX_ROWS_PER_SHAPE
+    for rows in range(1, cap + 3):
+        key = ("a@b", rows, 64, 32, torch.bfloat16, 0)
+        assert not gemm._run(key, False, False, 32, rows, 64, 0, 0, out, None, 0.0)
+    assert tuned == list(range(1, cap + 1))
+    gemm.reset()
+    assert gemm.tuned() == {}
+    gemm._run(
+        ("a@b", cap + 5, 64, 32, torch.bfloat16, 0), False, False, 32, cap + 5, 64, 0, 0, out, None, 0.0
+    )
+    assert tuned[-1] == cap + 5
+
+
+def test_a_candidate_off_by_a_few_percent_is_not_a_contender(monkeypatch):
+    """A candidate whose output differs from PyTorch's by a few percent of its largest value (not
+    bf16 rounding: another result) is left out however fast it is."""
+    offset = 0.1  # 3-7% of the largest of 64 standard normal values
+    choice = _fake_tune(monkeypatch, [(OTHER_CFG, offset)], TORCH_CFG, {"torch": 1.0, 0: 0.5})
+    assert choice is None
+    assert gemm.measured()[("x@wT", 8, 8, 8)]["candidates"] == 0
+
+
 @pytest.mark.gpu
 def test_empty_operands_gpu(monkeypatch):
     """Rows above MIN_ROWS but an operand without elements: PyTorch's empty or zero product (acc
