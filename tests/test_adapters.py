@@ -384,6 +384,9 @@ def test_bad_bin_adapters_are_refused(saved):
         ValueError, match="adapter_model.bin must hold a dict of tensor names to tensors, got list"
     ):
         hoptune.load_adapter(model, saved)
+    torch.save({**state, 7: next(iter(state.values()))}, bin_path)  # a key that is no name
+    with pytest.raises(ValueError, match="adapter_model.bin must hold a dict of tensor names to tensors"):
+        hoptune.load_adapter(model, saved)
     assert_unchanged(model, snap)
 
 
@@ -1110,3 +1113,17 @@ def test_layers_that_differ_in_a_setting_peft_holds_once_are_refused(setting):
         ValueError, match=r"the LoRA layers differ in \w+ \(.*\); PEFT's format holds one value"
     ):
         adapter_config(model)
+
+
+def test_adapter_state_dict_in_fp32_or_kept_dtype():
+    """adapter_state_dict gives fp32 CPU tensors by default (as PEFT saves), a dtype asked for, or
+    with dtype=None the layers' own dtype (bf16 here), the same values each time."""
+    model = ours(tiny_model(), "dora").to(torch.bfloat16)
+    kept = adapter_state_dict(model, dtype=None)
+    assert kept and {t.dtype for t in kept.values()} == {torch.bfloat16}
+    for dtype in (torch.float32, torch.float16):
+        got = adapter_state_dict(model) if dtype == torch.float32 else adapter_state_dict(model, dtype)
+        assert got.keys() == kept.keys()
+        for key, t in got.items():
+            assert t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous(), key
+            assert torch.equal(t, kept[key].to(dtype)), key

@@ -367,6 +367,26 @@ def test_token_logprobs_bad_input(device):
             token_logprobs(z, y.clamp(0, 9), temperature=t)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_int32_labels_give_what_int64_labels_give(device):
+    """int32 labels (accepted beside int64) give both ops the log-probs and gradients of the same
+    labels in int64, ignored positions included (the kernels read int64 labels)."""
+    z, y = _case((3, 9), 40, torch.float32, device, seed=12)
+    _, _, b, _ = _fused_case(27, 32, 40, torch.float32, device, seed=12)
+    hid, w, _, _ = _fused_case(27, 32, 40, torch.float32, device, seed=13)
+    outs = []
+    for labels in (y, y.int()):
+        zl = z.clone().requires_grad_(True)
+        lp = token_logprobs(zl, labels, temperature=0.7)
+        lp.sum().backward()
+        hl, wl = hid.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        lpf = fused_linear_logprobs(hl, wl, labels.reshape(-1), bias=b, temperature=0.7)
+        lpf.sum().backward()
+        outs.append((lp, zl.grad, lpf, hl.grad, wl.grad))
+    for name, a, c in zip(("logp", "dlogits", "fused logp", "dhidden", "dweight"), *outs):
+        assert torch.equal(a, c), name
+
+
 def test_fused_chunks_hold_at_least_64_rows_for_any_vocabulary():
     # CHUNK_BYTES of fp32 logits hold fewer than 64 rows of a vocabulary above 512k: the chunk is
     # then 64 rows (above the budget), never 0 rows (no progress)
@@ -733,8 +753,9 @@ def test_fused_linear_logprobs_bad_input(device):
     with pytest.raises(ValueError, match="hidden must be"):
         fused_linear_logprobs(hid[0, 0], w, y[0])
     # only 0 means auto: a negative count is refused, not taken as auto
-    with pytest.raises(ValueError, match="chunk_rows must be 0 \\(auto\\) or a positive"):
-        fused_linear_logprobs(hid, w, y, chunk_rows=-5)
+    for rows in (-5, -1):
+        with pytest.raises(ValueError, match="chunk_rows must be 0 \\(auto\\) or a positive"):
+            fused_linear_logprobs(hid, w, y, chunk_rows=rows)
     # an empty hidden dimension, named (not a bare reshape error)
     with pytest.raises(ValueError, match=r"empty hidden dimension \(H = 0\)"):
         fused_linear_logprobs(hid[:, :0], w[:, :0], y)
