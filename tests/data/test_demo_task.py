@@ -114,3 +114,15 @@ def test_accuracy_ignores_surrounding_spaces_and_is_zero_for_no_questions(tokeni
     qa = [("What is 3+4?", "7"), ("What is 1+1?", "2")]
     assert demo_task.accuracy(model, tokenizer, qa) == pytest.approx(0.5)
     assert demo_task.accuracy(model, tokenizer, []) == 0.0
+
+
+def test_answers_end_at_the_end_of_turn_and_are_compared_whole(tokenizer):
+    """The demo's accuracy: greedy tokens up to <|end|> (or </s>), compared whole with the answer:
+    "12" is not "1", and what follows the end of the turn is not part of the answer."""
+    end, eos = "<|end|>", tokenizer.eos_token
+    model = _Scripted(
+        tokenizer, {"a": ["1", end, "2", "3"], "b": ["1", "2", end, "3"], "c": ["3", eos, "1", "1"]}
+    )
+    assert demo_task.greedy_answers(model, tokenizer, ["a", "b", "c"]) == ["1", "12", "3"]
+    assert demo_task.accuracy(model, tokenizer, [("a", "1"), ("b", "1"), ("c", "3")]) == pytest.approx(2 / 3)
+    assert demo_task.accuracy(model, tokenizer, [("b", "12")]) == 1.0

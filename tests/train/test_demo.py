@@ -405,45 +405,6 @@ def test_out_is_read_as_the_config_reads_paths(tmp_path, monkeypatch):
             run_demo(out, "cpu")
 
 
-def test_demo_scores_exact_answers_up_to_the_end_of_turn(tokenizer):
-    """The demo's accuracy: greedy tokens up to <|end|> (or </s>), compared whole with the answer:
-    "12" is not "1", and what follows the end of the turn is not part of the answer."""
-    import torch
-
-    from hoptune.data import demo_task
-
-    tok = tokenizer
-    end, eos = tok.convert_tokens_to_ids("<|end|>"), tok.eos_token_id
-    one, two, three = (tok.convert_tokens_to_ids(c) for c in "123")
-    scripts = {"a": [one, end, two, three], "b": [one, two, end, three], "c": [three, eos, one, one]}
-
-    class Scripted(torch.nn.Module):
-        """Greedy next tokens from a script per question (its prompt's length picks the step)."""
-
-        def __init__(self, questions):
-            super().__init__()
-            self.prompt = {}
-            for q in questions:
-                p = tok.apply_chat_template(
-                    [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
-                )
-                self.prompt[tuple(tok(p, add_special_tokens=False)["input_ids"])] = scripts[q]
-
-        def forward(self, input_ids, use_cache=False):
-            logits = torch.zeros(*input_ids.shape, len(tok))
-            for row, ids in enumerate(input_ids.tolist()):
-                for n in range(len(ids), 0, -1):
-                    if tuple(ids[:n]) in self.prompt:
-                        logits[row, -1, self.prompt[tuple(ids[:n])][len(ids) - n]] = 1.0
-                        break
-            return type("Out", (), {"logits": logits})()
-
-    model = Scripted(list(scripts))
-    assert demo_task.greedy_answers(model, tok, ["a", "b", "c"]) == ["1", "12", "3"]
-    assert demo_task.accuracy(model, tok, [("a", "1"), ("b", "1"), ("c", "3")]) == pytest.approx(2 / 3)
-    assert demo_task.accuracy(model, tok, [("b", "12")]) == 1.0
-
-
 def test_demo_reports_each_score_of_each_model(tmp_path, monkeypatch, capsys):
     """The before/after table and the returned scores: each question set scored on its own (held-out
     additions, trained additions, subtractions), the base in the first column, the model as SFT
