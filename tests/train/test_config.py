@@ -147,6 +147,23 @@ def test_empty_target_modules_are_refused_before_the_model_loads(value):
             ("lora.enabled=false", "model.quantize=null", "model.dtype=fp16"),
             "full fine-tuning.* with model.dtype=fp16",
         ),
+        ("data.max_seq_len=1", "data.max_seq_len must be >= 2, got 1"),
+        ("data.general_fraction=1.0", r"data.general_fraction must be in \[0, 1\), got 1.0"),
+        ("train.batch_size=0", "train.batch_size must be >= 1, got 0"),
+        ("train.grad_accum=0", "train.grad_accum must be >= 1, got 0"),
+        (("train.epochs=0", "train.max_steps=0"), "set train.epochs > 0 or train.max_steps > 0"),
+        ("train.max_steps=-1", "train.max_steps must be >= 0, got -1"),
+        ("train.betas=[0.9, 0.99, 0.999]", r"train.betas must be two floats \[beta1, beta2\]"),
+        ("train.warmup_steps=-1", "train.warmup_steps must be >= 0, got -1"),
+        ("train.warmup_ratio=1.0", r"train.warmup_ratio must be in \[0, 1\), got 1.0"),
+        ("train.min_lr_ratio=1.5", r"train.min_lr_ratio must be in \[0, 1\], got 1.5"),
+        ("train.max_grad_norm=-1", "train.max_grad_norm must be >= 0, got -1"),
+        ("train.save_every=-1", r"train.save_every must be >= 0 \(0 = no checkpoints\), got -1"),
+        ("train.keep_checkpoints=0", "train.keep_checkpoints must be >= 1, got 0"),
+        ("lora.r=0", "lora.r must be >= 1, got 0"),
+        ("lora.dropout=1.0", r"lora.dropout must be in \[0, 1\), got 1.0"),
+        # an empty path would train on nothing found, without a word
+        ("data.train=", "data.train is an empty string"),
     ],
 )
 def test_value_checks_of_train_and_model(override, message):
@@ -164,6 +181,16 @@ def test_value_checks_of_train_and_model(override, message):
         "lora.enabled=false model.quantize=null model.dtype=bf16",
         "model.dtype=fp16",  # (LoRA: the adapters train in fp32)
         "train.epochs=0 train.max_steps=5",
+        "data.max_seq_len=2",
+        "train.min_lr_ratio=1.0",  # (a constant learning rate after warmup)
+        "train.max_grad_norm=0",  # 0 = no clipping
+        "train.save_every=0 train.warmup_steps=0 train.max_steps=0",
+        "train.warmup_ratio=0.99 data.general_fraction=0.99 lora.dropout=0.99",
+        "lora.r=1 train.batch_size=1 train.grad_accum=1 train.keep_checkpoints=1",
+        # eval data from a file rather than a split
+        "train.eval_every=10 data.eval=eval.jsonl",
+        # auto is resolved to 0 without checkpointing: no contradiction
+        "model.uncheckpointed_layers=auto model.gradient_checkpointing=false",
     ],
 )
 def test_values_at_the_edge_of_the_checks_pass(override):
@@ -510,3 +537,72 @@ def test_an_overwrite_key_says_how_runs_and_folders_go(key):
         ConfigError, match=rf"unknown config key '{key}'; a run never overwrites another: a new"
     ):
         load_config(None, [f"{key}=true"])
+
+
+@pytest.mark.parametrize("device", ["cuda:10", "xpu", "xpu:1"])
+def test_device_forms_with_more_digits_or_xpu_pass(device):
+    check_sft_config(load_config(None, ["data.train=x.jsonl", f"model.device={device}"]))
+
+
+def test_general_data_starting_with_a_tilde_is_in_the_home_folder(tmp_path, monkeypatch):
+    """data.general_data is a path like data.train: ``~`` is the home folder."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(None, ["data.general_data=~/general.jsonl"])
+    assert cfg.data.general_data == str(tmp_path / "general.jsonl")
+
+
+def test_a_section_set_to_null_names_its_first_key():
+    with pytest.raises(
+        ConfigError, match=r"train is a section; set its keys one by one \(train\.epochs=\.\.\.\)"
+    ):
+        load_config(None, ["train=null"])
+    with pytest.raises(ConfigError, match=r"\(lora\.enabled=\.\.\.\)"):
+        load_config(None, ["lora=null"])
+
+
+def test_an_override_given_twice_keeps_the_last(tmp_path):
+    """Overrides apply in order: the last value of a key wins, over the file's too."""
+    p = _yaml(tmp_path, "train:\n  lr: 1.0e-3\n")
+    cfg = load_config(p, ["train.lr=1e-4", "train.lr=3e-4", "train={lr: 5e-4}", "train.lr=2e-5"])
+    assert cfg.train.lr == 2e-5
+    assert load_config(p, ["train.lr=2e-5", "train={lr: 5e-4}"]).train.lr == 5e-4
+
+
+def test_a_config_path_that_is_a_folder_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file '.*' does not exist"):
+        load_config(str(tmp_path))
+
+
+def test_an_empty_section_in_a_yaml_file_is_its_defaults(tmp_path):
+    """``train:`` with no keys below it (YAML's null) is the section's defaults, not an error."""
+    cfg = load_config(_yaml(tmp_path, "model:\ntrain:\n  lr: 1.0e-3\noutput:\n"))
+    assert cfg.model == SFTConfig().model and cfg.output == SFTConfig().output
+    assert cfg.train.lr == 1e-3
+
+
+def test_an_unknown_top_level_key_with_no_near_name_lists_the_sections():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["zz=1"])
+    assert str(e.value) == "unknown config key 'zz'; valid keys here: model, lora, data, train, output"
+
+
+@pytest.mark.parametrize(
+    ("key", "suggestion"),
+    [
+        ("num_train_epochs", "train.epochs"),
+        ("train.num_train_epochs", "train.epochs"),
+        ("adam_epsilon", "train.eps"),
+    ],
+)
+def test_other_trainers_names_at_any_level_name_the_key(key, suggestion):
+    with pytest.raises(ConfigError, match=f"unknown config key '{key}'; did you mean '{suggestion}'"):
+        load_config(None, [f"{key}=1"])
+
+
+def test_a_chat_template_file_that_is_not_utf8_is_a_config_error(tmp_path):
+    """Checked with the config, before the model loads: a ConfigError naming the key and the file."""
+    p = tmp_path / "chat.jinja"
+    p.write_bytes("{# r\xe9ponse #}{{ messages[0].content }}".encode("latin-1"))
+    cfg = load_config(None, ["data.train=x.jsonl", f"model.chat_template={p}"])
+    with pytest.raises(ConfigError, match=r"model.chat_template='.*chat\.jinja' is not UTF-8 text"):
+        check_sft_config(cfg)
