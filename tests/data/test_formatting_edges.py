@@ -10,6 +10,7 @@ from hoptune.data.formatting import (
     tokenize_record,
 )
 from tests.data.test_chat_masks import CHAT, NO_GEN_PROMPT, masked_text
+from tests.data.test_chat_records import _parts
 
 
 def test_a_name_like_value_without_a_tokenizer_is_a_missing_file():
@@ -49,10 +50,6 @@ def test_a_syntax_error_in_one_of_two_named_templates_names_it(tokenizer):
     tokenizer.chat_template = {"default": good, "tool_use": "{% for m in messages %}{{ m.content }"}
     with pytest.raises(ExampleError, match=r"^the tokenizer's chat template 'tool_use' is not valid Jinja"):
         ChatFormatter(tokenizer)
-
-
-def _parts(messages):
-    return [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in messages]
 
 
 def test_text_parts_with_a_template_that_writes_content_as_json(tokenizer):
