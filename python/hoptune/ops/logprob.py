@@ -13,7 +13,9 @@ g_i * J_i for any upstream gradient g, the backward is one scaling: the lm_head 
 total (as many GEMMs as the logits forward + input gradient of a plain lm_head) and the extra
 memory is J (rows x H, fp32) plus one chunk of fp32 logits. The one-hot part of the gradient (the
 largest term) is added to J in fp32 and only the softmax part passes through the 16-bit GEMM
-operand, so the hidden-state gradient is rounded to 16 bits once.
+operand, so the hidden-state gradient is rounded to 16 bits once. The label's own softmax term
+joins the one-hot part as (1 - p_y) from the fp32 log-prob (its entry in G is zeroed): rounded
+in G, a confident token's p_y (above 1 - 2^-9 in bf16) would be 1 and its whole pull lost.
 
 Chunks: by default (CUDA, bf16/fp32) rows go in blocks of R (VCHUNK_ROWS, or CHUNK_BYTES // (4 *
 VCHUNK_COLS)) and each block walks the vocabulary in chunks of VCHUNK_COLS columns, so the weight
@@ -474,6 +476,27 @@ def _chunk_stats(hc, weight, yc, bias_f, softcap, logit_scale, temperature, want
     return lp, en, ls, g, coef, norm
 
 
+def _drop_label_entry(g: torch.Tensor, col: torch.Tensor, inside: torch.Tensor | None = None) -> None:
+    """Zero G's label entry (``col`` (rows,): the label's column in G; only rows where ``inside``,
+    when given), in place; the caller then scales label_coef by (1 - p_y) (``_one_minus_p``).
+
+    G holds -p * dz'/dz in hidden's dtype, the label's entry included, and label_coef the one-hot
+    part in fp32, so the label's column sums to (1 - p_y) dz'/dz. Rounded to 16 bits, p_y of a
+    confident token (above 1 - 2^-9 in bf16) is 1 and the whole (1 - p_y) W_y pull is lost, where
+    PyTorch's log_softmax backward keeps it to bf16's relative precision. Taken out of G and
+    folded into label_coef from the fp32 log-prob, it stays exact to fp32."""
+    if inside is None:
+        g.scatter_(1, col[:, None], 0)
+    else:
+        c = col.clamp(0, g.shape[1] - 1)[:, None]
+        g.scatter_(1, c, torch.where(inside[:, None], 0, g.gather(1, c)))
+
+
+def _one_minus_p(logp: torch.Tensor) -> torch.Tensor:
+    """1 - p_y from the label's fp32 log-prob, without cancellation."""
+    return torch.expm1(logp).neg_()
+
+
 def _fused_outputs(hidden: torch.Tensor, compute_grad: bool, valid, accumulate_j: bool):
     """(logp, entropy, lse) (N,) fp32 and J (N, H) fp32 (empty without compute_grad): what every
     fused forward fills block by block. Zeros where some rows are ignored (valid not None: those
@@ -524,6 +547,8 @@ def _forward(
         )
         logp[rows], ent[rows], lse[rows] = lp, en, ls
         if compute_grad:
+            _drop_label_entry(g, yc)
+            coef.mul_(_one_minus_p(lp))
             jc = _mm_fp32(g, weight)
             if norm is not None:
                 jc.mul_(norm[:, None])
@@ -685,14 +710,18 @@ def _forward_vchunk(
                 kernel,
             )
             if compute_grad:
+                local = yc - v0
+                _drop_label_entry(g, local, (local >= 0) & (local < wc.shape[0]))
                 _addmm_fp32(acc, g, wc)
             del logits, g
         log_s0 = torch.log(s0)
-        logp[rows] = zy - zref - log_s0
+        lp = zy - zref - log_s0
+        logp[rows] = lp
         lse[rows] = zref + log_s0
         ent[rows] = log_s0 - s1 / s0
         if compute_grad:
-            # normalise the softmax part, then add the one-hot part in fp32
+            # normalise the softmax part, then add the label's whole term in fp32
+            coef.mul_(_one_minus_p(lp))
             acc.mul_(s0.reciprocal()[:, None]).addcmul_(coef[:, None], wy)
             _store_block_acc(J, rows, acc)
     return logp, ent, lse, J, overflow
@@ -1112,9 +1141,11 @@ def _weight_grad(
         for rows in _chunks(valid, labels.numel(), _chunk_rows(weight.shape[0], chunk_rows)):
             hc, yc = hidden[rows], labels[rows].contiguous()
             rs = grad_logp[rows].float().contiguous()
-            _, _, _, g, coef, _ = _chunk_stats(
+            lp, _, _, g, coef, _ = _chunk_stats(
                 hc, weight, yc, bias_f, softcap, logit_scale, temperature, True, rs, None
             )
+            _drop_label_entry(g, yc)
+            coef.mul_(_one_minus_p(lp))
             dw += _mm_fp32(g.t(), hc)
             dw.index_add_(0, yc, hc.float() * coef[:, None])
             if bias is not None:
