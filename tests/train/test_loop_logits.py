@@ -1,5 +1,7 @@
 """batch_logprobs against the model's own logits: composite models, tuple outputs, 0/1 masks."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -141,3 +143,90 @@ def test_aya_visions_text_logit_scale_follows_the_transformers_version(monkeypat
     assert loop._text_logit_scale_unused("aya_vision") is unused
     assert loop._text_logit_scale_unused("cohere2_vision") is True
     assert loop._text_logit_scale_unused("cohere") is False
+
+
+def _bert_decoder():
+    import transformers
+
+    cfg = transformers.BertConfig(
+        vocab_size=V,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        is_decoder=True,
+    )
+    torch.manual_seed(0)
+    return transformers.BertLMHeadModel(cfg).eval()
+
+
+def _logits_times(model, factor):
+    """The model with its logits multiplied by ``factor`` in its forward (a transform hoptune does
+    not know of, as a new architecture's muP multiplier would be)."""
+    forward = model.forward
+
+    def scaled(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits = out.logits * factor
+        return out
+
+    model.forward = scaled
+    return model
+
+
+@pytest.mark.parametrize("case", ["bert", "unknown_multiplier"])
+def test_batch_logprobs_of_logits_that_are_not_the_head_on_the_decoder(small_model, case):
+    """BERT as a decoder (its logits take a prediction-head transform between the encoder and the
+    output layer) and a model whose forward scales its logits by a factor no config key names:
+    the output layer on the decoder's hidden states would give other log-probs (0.35-0.5 nats off
+    for BERT, every logit a factor off for the other), so the first batch checks it against the
+    model's own logits, says so once and takes the model's logits from then on."""
+    model = _bert_decoder() if case == "bert" else _logits_times(small_model.eval(), 0.2)
+    assert loop._decoder(model) is not None  # (the path the check turns away from)
+    ids = torch.randint(3, V if case == "bert" else model.config.vocab_size, (2, 10))
+    mask = torch.rand(2, 10) < 0.7
+    mask[:, -1] = True
+    batch = {"input_ids": ids, "loss_mask": mask}
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match=f"{type(model).__name__}: its logits are not its output layer"):
+            lp, labels = loop.batch_logprobs(model, batch)
+        want = _model_logprobs(model, ids, ids[:, 1:].reshape(-1))[mask[:, 1:].reshape(-1)]
+        torch.testing.assert_close(lp, want)
+        assert torch.equal(labels, ids[:, 1:][mask[:, 1:]])
+        assert loop._HEAD_PATH_OK[model] is False
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # said once
+            again, _ = loop.batch_logprobs(model, batch)
+    torch.testing.assert_close(again, want)
+
+
+def test_the_head_check_runs_once_and_draws_no_random_numbers(small_model, monkeypatch):
+    """A model whose logits are the output layer on its decoder keeps that path; the check runs
+    once per model, and in training mode with dropout it leaves the random state as it found it,
+    so a run's dropout masks do not depend on whether this process checked the model already (a
+    resumed run checks it again)."""
+    import copy
+
+    model = small_model.train()
+    model.config.attention_dropout = 0.5
+    for m in model.modules():
+        if hasattr(m, "attention_dropout"):
+            m.attention_dropout = 0.5
+    twin = copy.deepcopy(model)
+    calls = []
+    real = loop._head_mismatch
+    monkeypatch.setattr(loop, "_head_mismatch", lambda *a: calls.append(1) or real(*a))
+    ids = torch.randint(0, model.config.vocab_size, (2, 10))
+    batch = {"input_ids": ids, "loss_mask": torch.ones_like(ids, dtype=torch.bool)}
+    with torch.no_grad():
+        torch.manual_seed(1)
+        first, _ = loop.batch_logprobs(model, batch)
+        after_first = torch.get_rng_state()
+        assert loop._HEAD_PATH_OK[model] is True and calls == [1]
+        loop._HEAD_PATH_OK[twin] = True  # (as if checked earlier: no check now)
+        torch.manual_seed(1)
+        same, _ = loop.batch_logprobs(twin, batch)
+        assert torch.equal(torch.get_rng_state(), after_first)
+        torch.testing.assert_close(same, first, rtol=0, atol=0)
+        loop.batch_logprobs(model, batch)
+    assert calls == [1]

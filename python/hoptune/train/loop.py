@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import time
 import warnings
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -500,9 +501,9 @@ def _logits_setting(cfg: Any, key: str, text: bool = True) -> tuple[Any, Any]:
     return None, cfg
 
 
-def lm_head_logprobs(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Log-probs of ``labels`` ``(N,)`` from final hidden states ``(N, H)`` through the model's output
-    head, with the architecture's logit scale / soft-capping. fp32 ``(N,)``."""
+def _head_settings(model: nn.Module) -> tuple[float, float | None]:
+    """(logit scale, soft-cap or None): what the model's forward does to its output layer's
+    logits, by architecture (the model's config)."""
     cfg = getattr(model, "config", None)
     text_scale = not _text_logit_scale_unused(getattr(cfg, "model_type", None))
     scale, _ = _logits_setting(cfg, "logit_scale", text_scale)  # Cohere: logits * logit_scale
@@ -519,9 +520,74 @@ def lm_head_logprobs(model: nn.Module, hidden: torch.Tensor, labels: torch.Tenso
     softcap, _ = _logits_setting(cfg, "final_logit_softcapping")
     if softcap is None:  # RecurrentGemma's name for it
         softcap, _ = _logits_setting(cfg, "logits_soft_cap")
-    return head_logprobs(
-        model.get_output_embeddings(), hidden, labels, logit_scale=scale, softcap=softcap or None
-    )
+    return scale, softcap or None
+
+
+def lm_head_logprobs(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Log-probs of ``labels`` ``(N,)`` from final hidden states ``(N, H)`` through the model's output
+    head, with the architecture's logit scale / soft-capping. fp32 ``(N,)``."""
+    scale, softcap = _head_settings(model)
+    return head_logprobs(model.get_output_embeddings(), hidden, labels, logit_scale=scale, softcap=softcap)
+
+
+# models checked once: whether their logits are their output layer on their decoder's output
+_HEAD_PATH_OK: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+_HEAD_CHECK_TOKENS = 16
+
+
+def _head_mismatch(model: nn.Module, decoder: nn.Module, ids: torch.Tensor) -> str | None:
+    """How the model's own logits for ``ids`` (1, T) differ from its output layer applied to its
+    decoder's output with the architecture's scale and soft-cap (``_head_settings``), or None when
+    they agree to the rounding of the logits' dtype. One forward, without gradients, leaving the
+    random state as it was (dropout draws nothing that training would have drawn)."""
+    seen: list[Any] = []
+    hook = decoder.register_forward_hook(lambda m, a, o: seen.append(o))
+    devices = [ids.device] if ids.device.type == "cuda" else []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            out = model(input_ids=ids, use_cache=False)
+            if not seen:
+                return "its forward did not run its decoder"
+            hidden = _first(seen[-1], "last_hidden_state")
+            ref = _first(out, "logits")
+            ours = model.get_output_embeddings()(hidden)
+    finally:
+        hook.remove()
+    if not isinstance(ref, torch.Tensor) or not isinstance(ours, torch.Tensor) or ref.shape != ours.shape:
+        got = tuple(ours.shape) if isinstance(ours, torch.Tensor) else type(ours).__name__
+        want = tuple(ref.shape) if isinstance(ref, torch.Tensor) else type(ref).__name__
+        return f"its logits have shape {want}, its output layer on its decoder's output gives {got}"
+    scale, softcap = _head_settings(model)
+    eps = max(torch.finfo(ref.dtype).eps, torch.finfo(ours.dtype).eps)
+    ours = ours.float() * scale
+    if softcap is not None:
+        ours = softcap * torch.tanh(ours / softcap)
+    ref = ref.float()
+    top = float(ref.abs().max())
+    diff = float((ours - ref).abs().max())
+    if diff <= 4 * eps * max(top, 1.0):  # (a nan on either side fails this)
+        return None
+    return f"they differ by up to {diff:.3g} (largest logit {top:.3g})"
+
+
+def _head_path_ok(model: nn.Module, decoder: nn.Module, ids: torch.Tensor) -> bool:
+    """Whether the loss may take the output layer on the decoder's hidden states (checked once
+    per model, on the first row of its first batch); if not, says why, once, and the model's
+    own logits are used from then on."""
+    ok = _HEAD_PATH_OK.get(model)
+    if ok is None:
+        why = _head_mismatch(model, decoder, ids[:1, :_HEAD_CHECK_TOKENS])
+        ok = why is None
+        _HEAD_PATH_OK[model] = ok
+        if not ok:
+            warnings.warn(
+                f"{type(model).__name__}: its logits are not its output layer applied to its "
+                f"decoder's last hidden states ({why}), so the loss takes the model's own logits "
+                "(computed at every position: more memory than the output layer on the loss "
+                "positions only)",
+                stacklevel=3,
+            )
+    return ok
 
 
 # attention implementations that find packed documents from position ids in every row of a batch
@@ -607,6 +673,7 @@ def _batch_logprobs(
         kwargs["position_ids"] = batch["position_ids"].reshape(1, -1)
     decoder = _decoder(model)
     head = decoder is not None and model.get_output_embeddings() is not None
+    head = head and _head_path_ok(model, decoder, ids)
     aux = None
     if router_aux:
         # the model computes its load-balancing loss itself (each MoE family its own way); its
