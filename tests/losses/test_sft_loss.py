@@ -170,6 +170,10 @@ def test_sft_loss_bad_arguments():
     lp = -torch.rand(2, 3)
     with pytest.raises(ValueError, match="loss_mask must be bool or hold only 0 and 1, got 0.5"):
         sft_loss(lp, torch.full((2, 3), 0.5))
+    # (a mask passed as the log-probs summed as a count: sft_loss(tensor([True, False])) was -0.5)
+    for not_logprobs in (torch.tensor([True, False]), torch.tensor([-1, -2])):
+        with pytest.raises(TypeError, match="logprobs must be a floating-point tensor, got torch"):
+            sft_loss(not_logprobs)
     with pytest.raises(ValueError, match="loss_masks must be bool or hold only 0 and 1, got 2"):
         count_loss_tokens([torch.ones(2, 3), torch.tensor([[0, 2, 1]])])
     with pytest.raises(ValueError, match="num_loss_tokens must be a whole number of tokens, got 2.5"):
@@ -249,6 +253,14 @@ def test_shift_for_next_token_bad_arguments():
         shift_for_next_token(torch.zeros(2, 3), mask)
     with pytest.raises(ValueError, match=r"input_ids on cpu, loss_mask on meta"):
         shift_for_next_token(torch.zeros(2, 3, dtype=torch.long), mask.to("meta"))
+    # a mask of other values than 0 and 1 was taken as bool: 0.5 and 2 selected the token, as
+    # sft_loss and the trainer's batches refuse them
+    ids = torch.tensor([[5, 6, 7]])
+    for bad, shown in ((torch.tensor([[0, 0.5, 1]]), "0.5"), (torch.tensor([[1, 1, 2]]), "2")):
+        with pytest.raises(ValueError, match=f"loss_mask must be bool or hold only 0 and 1, got {shown}"):
+            shift_for_next_token(ids, bad)
+    for ok in (torch.tensor([[1, 0, 1]]), torch.tensor([[1.0, 0.0, 1.0]])):
+        assert shift_for_next_token(ids, ok).tolist() == [[-100, 7]]
 
 
 def _examples(tokenizer, n, seed):

@@ -150,5 +150,6 @@ def shift_for_next_token(
             f"loss_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(loss_mask.shape)}"
         )
     _check.same_device(input_ids=input_ids, loss_mask=loss_mask)
+    keep = _check.zero_one_mask("loss_mask", loss_mask[:, 1:])
     labels = input_ids[:, 1:].long()
-    return torch.where(loss_mask[:, 1:].bool(), labels, torch.full_like(labels, ignore_index))
+    return torch.where(keep, labels, torch.full_like(labels, ignore_index))

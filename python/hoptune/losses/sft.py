@@ -19,11 +19,7 @@ def _mask_count(name: str, mask: torch.Tensor) -> torch.Tensor:
     """The number of loss tokens in ``mask`` (0-dim). A mask of another dtype than bool must hold
     only 0 and 1: a 0.5 has no meaning in TRL's loss, and it would weight the sum while the count
     rounds it (one device sync, for such masks only)."""
-    if mask.dtype != torch.bool:
-        bad = (mask != 0) & (mask != 1)
-        if bool(bad.any()):
-            raise ValueError(f"{name} must be bool or hold only 0 and 1, got {mask[bad][0].item()}")
-    return (mask != 0).sum()
+    return _check.zero_one_mask(name, mask).sum()
 
 
 def _whole_number(n: int | float | torch.Tensor) -> int:
@@ -60,6 +56,7 @@ def sft_loss(
     than the log-probs' own precision).
     """
     _check.tensor("logprobs", logprobs)
+    _check.floating("logprobs", logprobs)  # (a bool or integer tensor would sum as counts)
     acc = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
     if loss_mask is not None:
         _check.tensor("loss_mask", loss_mask)

@@ -21,6 +21,17 @@ def floating(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
+def zero_one_mask(name: str, mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` as bool: a mask of another dtype must hold only 0 and 1 (a 0.5 or a 2 has no
+    meaning as a token selection; one device sync, for such masks only)."""
+    if mask.dtype == torch.bool:
+        return mask
+    bad = (mask != 0) & (mask != 1)
+    if bool(bad.any()):
+        raise ValueError(f"{name} must be bool or hold only 0 and 1, got {mask[bad][0].item()}")
+    return mask != 0
+
+
 def dtype_in(name: str, t: torch.Tensor, allowed: Iterable[torch.dtype]) -> None:
     allowed = tuple(allowed)
     if t.dtype not in allowed:

@@ -652,14 +652,8 @@ def _batch_logprobs(
     model: nn.Module, batch: dict[str, Any], router_aux: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     ids = batch["input_ids"]
-    targets = batch["loss_mask"][:, 1:]
-    if targets.dtype != torch.bool:
-        # an integer mask would index rows (ids[:, 1:][mask] gathers), not select tokens
-        bad = (targets != 0) & (targets != 1)
-        if bool(bad.any()):
-            got = targets[bad][0].item()
-            raise ValueError(f"loss_mask must be bool or hold only 0 and 1, got {got}")
-        targets = targets != 0
+    # (as bool: an integer mask would index rows, ids[:, 1:][mask] gathers, not select tokens)
+    targets = _check.zero_one_mask("loss_mask", batch["loss_mask"][:, 1:])
     labels = ids[:, 1:][targets]
     kwargs = {"input_ids": ids, "use_cache": False}
     if batch.get("attention_mask") is not None:
