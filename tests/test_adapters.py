@@ -282,7 +282,7 @@ def assert_refused(folder, match):
         ({"lora_bias": True}, "lora_bias=True is not supported"),
         ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
         ({"layers_to_transform": [0]}, "layers_to_transform"),
-        ({"fan_in_fan_out": True}, "fan_in_fan_out"),
+        ({"fan_in_fan_out": 1}, "fan_in_fan_out must be true or false"),
         ({"peft_type": "IA3"}, "peft_type must be 'LORA'"),
         ({"r": 8}, "has rank 4 but the config"),
         ({"use_dora": True}, "lacks lora_magnitude_vector"),
@@ -942,6 +942,37 @@ def test_layers_to_transform_takes_the_layer_index_as_peft(pattern, layers, tmp_
     x = torch.randn(5, 8)
     with torch.no_grad():
         assert rel(model(x), pm(x)) <= 1e-6
+
+
+def test_layers_pattern_that_matches_without_the_layer_index_selects_as_peft(tmp_path):
+    r"""A layers_pattern with a '|' outside a group ("h|layers": PEFT's regex reads as ``(?:^|.*?\.)h``
+    or ``layers\.(?P<idx>\d+)\.``) matches GPT-2's ``transformer.h.0.attn.c_attn`` without capturing
+    the layer index: PEFT takes that as not in layers_to_transform and adapts only the output head
+    the list names in full. Such an adapter loads as in PEFT (it was a TypeError), with a warning
+    naming the layers the pattern left out."""
+    cfg = transformers.GPT2Config(
+        n_embd=64, n_layer=2, n_head=4, vocab_size=128, bos_token_id=0, eos_token_id=0
+    )
+    torch.manual_seed(0)
+    base = transformers.GPT2LMHeadModel(cfg).eval()
+    lora = peft.LoraConfig(
+        target_modules=["c_attn", "lm_head"],
+        layers_to_transform=[0, 1],
+        layers_pattern="h|layers",
+        r=4,
+        lora_alpha=8,
+        init_lora_weights=False,
+    )
+    pm = peft.get_peft_model(copy.deepcopy(base), lora).eval()
+    assert _adapted(pm) == ["lm_head"]
+    pm.save_pretrained(tmp_path)
+    left_out = r"\['transformer\.h\.0\.attn\.c_attn', 'transformer\.h\.1\.attn\.c_attn'\]"
+    with pytest.warns(
+        UserWarning, match=rf"layers_pattern='h\|layers' matches {left_out} without .* not adapted"
+    ):
+        model = hoptune.load_adapter(copy.deepcopy(base), tmp_path)
+    assert _adapted(model) == ["lm_head"]
+    assert rel(logits(model), logits(pm)) <= 1e-6
 
 
 def test_peft_adapter_with_layers_to_transform_and_a_full_path_loads(tmp_path):

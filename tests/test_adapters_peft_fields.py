@@ -534,16 +534,52 @@ def test_peft_bias_adapter_of_a_model_without_biases_loads(bias, tmp_path):
     assert rel(logits(hoptune.load_adapter(copy.deepcopy(base), tmp_path)), want) <= 1e-6
 
 
+def _gpt2():
+    cfg = transformers.GPT2Config(
+        n_embd=64, n_layer=2, n_head=4, vocab_size=128, bos_token_id=0, eos_token_id=0
+    )
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
 @pytest.mark.parametrize("bias", ["lora_only", "all"])
-def test_peft_bias_adapter_with_biases_is_refused_naming_the_key(bias, tmp_path):
-    """Qwen2's q_proj has a bias, which such an adapter trained and holds: hoptune does not replace
-    base weights, so it says which tensor it cannot load."""
+@pytest.mark.parametrize("arch, targets", [("qwen2", ["q_proj", "down_proj"]), ("gpt2", ["c_attn"])])
+def test_peft_bias_adapter_with_untrained_biases_loads(bias, arch, targets, tmp_path):
+    """PEFT's bias="lora_only" saves the biases of the layers it adapts (``<layer>.base_layer.bias``),
+    "all" every bias of the model (GPT-2's LayerNorms too), whether or not training changed them:
+    biases equal to the model's load, as in PEFT, also into the model's LoRA layers. They were
+    refused as trained."""
+    base = tiny_model("qwen2") if arch == "qwen2" else _gpt2()
+    torch.manual_seed(2)
+    cfg = peft.LoraConfig(target_modules=targets, r=4, lora_alpha=8, bias=bias, init_lora_weights=False)
+    pm = peft.get_peft_model(copy.deepcopy(base), cfg).eval()
+    pm.save_pretrained(tmp_path)
+    keys = load_file(tmp_path / "adapter_model.safetensors").keys()
+    assert any(k.endswith(".base_layer.bias") for k in keys)
+    assert any(k.endswith(".bias") and ".base_layer." not in k for k in keys) == (bias == "all")
+    x = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    want = logits(peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval(), x)
+    assert rel(want, logits(base, x)) > 1e-3
+    model = hoptune.load_adapter(copy.deepcopy(base), tmp_path)
+    assert rel(logits(model, x), want) <= 1e-6
+    assert rel(logits(hoptune.load_adapter(model, tmp_path), x), want) <= 1e-6
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_peft_bias_adapter_with_trained_biases_is_refused_naming_the_key(bias, tmp_path):
+    """Qwen2's q_proj has a bias, which such an adapter trained and holds: a bias that differs from
+    the model's is refused (hoptune does not replace base weights), naming that key only."""
     base = tiny_model("qwen2")
-    _peft_bias_adapter(base, tmp_path, bias)
+    torch.manual_seed(2)
+    cfg = peft.LoraConfig(target_modules=["q_proj", "down_proj"], r=4, lora_alpha=8, bias=bias)
+    pm = peft.get_peft_model(copy.deepcopy(base), cfg).eval()
+    with torch.no_grad():  # what training with bias=... does to it
+        pm.base_model.model.model.layers[0].self_attn.q_proj.base_layer.bias.add_(0.1)
+    pm.save_pretrained(tmp_path)
     model = copy.deepcopy(base)
     snap = snapshot(model)
     key = "base_model.model.model.layers.0.self_attn.q_proj.base_layer.bias"
-    with pytest.raises(ValueError, match=rf"bias='{bias}'.*'{key}'"):
+    with pytest.raises(ValueError, match=rf"bias='{bias}'.*differ from the model's \(\['{key}'\]\)"):
         hoptune.load_adapter(model, tmp_path)
     assert_unchanged(model, snap)
 

@@ -15,16 +15,17 @@ A folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` (metada
 field hoptune does not implement (``lora_bias``, ``layer_replication``, ``modules_to_save``...) is
 an error when it is switched on, and a field it does not know at all is an error too unless it
 holds an off value (null, false, an empty list or object: a newer PEFT's default), which loads
-with a warning. ``bias="lora_only"`` / ``"all"`` load when the file holds no bias (the adapter of
-a model without biases); trained biases are an error. PEFT's copies of base weights
-(``<head>.base_layer.weight`` beside an adapted output head; ``embed_tokens.weight`` /
-``lm_head.weight`` with ``save_embedding_layers``) load when they equal the model's own weights:
-hoptune never replaces base weights.
+with a warning. With ``bias="lora_only"`` / ``"all"`` PEFT saves the biases whether or not they were
+trained: those equal to the model's own load, trained ones that differ are an error. PEFT's copies
+of base weights (``<head>.base_layer.weight`` beside an adapted output head;
+``embed_tokens.weight`` / ``lm_head.weight`` with ``save_embedding_layers``) load when they equal
+the model's own weights: hoptune never replaces base weights.
 
 transformers' ``Conv1D`` layers (GPT-2) have the tensors above too (``[in, out]`` is the layer's
 own weight, not the adapter's); ``fan_in_fan_out`` in the config is PEFT's record of such layers:
 PEFT sets it per layer it adapts, in model order, True for a Conv1D and False for an nn.Linear,
-and saves the last value. It never changes how the tensors are read.
+and saves the last value. It never changes how the tensors are read (true without any Conv1D
+layer loads with a warning, as in PEFT).
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ _USED = {
     "layers_to_transform",
     "layers_pattern",
     "fan_in_fan_out",
-    "bias",  # "lora_only" / "all" only when the file holds no bias (a model without any)
+    "bias",  # "lora_only" / "all" only with the model's own biases (untrained) in the file
 }
 # informational, or used only to initialise a fresh adapter (the weights on disk replace that)
 _IGNORED = {
@@ -410,10 +411,13 @@ def _check_layers(cfg: dict, where: str) -> None:
             raise ValueError(f"{where}: layers_pattern {p!r} is not a valid regular expression: {e}") from e
 
 
-def _layer_filter(cfg: dict) -> Callable[[str], bool] | None:
-    """PEFT's layers_to_transform: None when every layer counts, else whether a module path lies in one
+def _layer_filter(cfg: dict) -> Callable[[str], bool | None] | None:
+    r"""PEFT's layers_to_transform: None when every layer counts, else whether a module path lies in one
     of the layers it names. The layer index is the number after the first ``<layers_pattern>.`` in the
-    path, or without a pattern the first number that follows a name component (``model.layers.3.``)."""
+    path, or without a pattern the first number that follows a name component (``model.layers.3.``).
+    The first pattern that matches decides; one that matches without capturing the index (a ``|``
+    outside a group: ``h|layers`` reads as ``(?:^|.*?\.)h`` or ``layers\.(?P<idx>\d+)\.``) gives
+    None, a path PEFT takes as not in the layers."""
     idx = cfg.get("layers_to_transform")
     if idx is None or idx == []:
         return None
@@ -429,7 +433,7 @@ def _layer_filter(cfg: dict) -> Callable[[str], bool] | None:
         for rx in regexes:
             m = rx.match(name)
             if m is not None:
-                return int(m["idx"]) in wanted
+                return None if m["idx"] is None else int(m["idx"]) in wanted
         return False
 
     return in_layers
@@ -697,12 +701,19 @@ def _embedding_names(model: nn.Module) -> set[str]:
 
 
 def _check_base_copy(
-    key: str, name: str, mod: nn.Module, param: str, stored: torch.Tensor, path: str
-) -> None:
+    key: str,
+    name: str,
+    mod: nn.Module,
+    param: str,
+    stored: torch.Tensor,
+    path: str,
+    may_differ: bool = False,
+) -> bool:
     """``key`` is PEFT's copy of the ``param`` of layer ``name``; the adapter fits the model only when
     that copy is the model's own tensor (compared in the coarser of the two dtypes: a bf16 model
-    loaded from the fp32 weights PEFT saved matches)."""
-    if getattr(mod, "quantized", False):
+    loaded from the fp32 weights PEFT saved matches). Returns whether it is; a copy that differs is
+    an error unless ``may_differ`` (a bias PEFT trained, which the caller refuses with the others)."""
+    if param == "weight" and getattr(mod, "quantized", False):  # (an NF4 layer's bias is dense)
         raise ValueError(
             f"{path}: {key} is PEFT's copy of the layer's {param}, which cannot be checked against the "
             f"model's NF4 {name}; load this adapter on a model whose {name} is not quantized"
@@ -717,13 +728,16 @@ def _check_base_copy(
         raise ValueError(f"{path}: {key} must hold floating-point values, got {stored.dtype}")
     own = own.detach()
     dtype = max((stored.dtype, own.dtype), key=lambda d: torch.finfo(d).eps)
-    if stored.shape != own.shape or not torch.equal(stored.to(own.device, dtype), own.to(dtype)):
+    if stored.shape == own.shape and torch.equal(stored.to(own.device, dtype), own.to(dtype)):
+        return True
+    if not may_differ:
         raise ValueError(
             f"{path}: {key} (PEFT's copy of the layer's {param}, shape {list(stored.shape)}) differs from the "
             f"model's {name}.{param} (shape {list(own.shape)}); hoptune does not replace base weights: load "
             "the adapter on the model it was trained on (PEFT saves such a copy when the vocabulary was resized "
             "or the layer trained; that adapter needs the same resized or trained layer)"
         )
+    return False
 
 
 def _expected_scaling(alpha: float, r: int, use_rslora: bool) -> float:
@@ -811,18 +825,6 @@ def load_adapter(
     groups, copies, keys = _group(_read_weights(folder), weights_path)
     if not groups:
         raise ValueError(f"{weights_path} holds no LoRA tensors")
-    if cfg["bias"] != "none":
-        # PEFT saves with them every tensor whose key holds "bias": a model without biases (Llama)
-        # has none, and its adapter is a plain LoRA, which PEFT loads as such
-        trained = sorted(k for k in copies if "bias" in k[len(PREFIX) :])
-        if trained:
-            more = " ..." if len(trained) > 3 else ""
-            raise ValueError(
-                f"{os.path.join(folder, CONFIG_NAME)}: bias={cfg['bias']!r}: the adapter holds "
-                f"biases trained with it ({trained[:3]}{more}), and hoptune does not replace base "
-                "weights; merge the adapter with PEFT (merge_and_unload) instead"
-            )
-
     # 1. every module of the file exists, is a linear layer, and its tensors fit it
     modules = dict(model.named_modules())
     missing = [n for n in dict.fromkeys([*groups, *(c[0] for c in copies.values())]) if n not in modules]
@@ -895,22 +897,39 @@ def load_adapter(
         alpha = float(pattern_value(cfg["alpha_pattern"], name, cfg["lora_alpha"]))
         targets.append(_Target(name, mod, int(r), alpha))
     if cfg["fan_in_fan_out"] and not any(fan_in_fan_out(t.module) for t in targets):
-        # PEFT writes true only when a Conv1D is among the layers it adapts (given true for nn.Linear
-        # layers it warns and reads false); false it writes for Conv1D layers too (an nn.Linear adapted
-        # last; a GPT-2 whose Conv1D bitsandbytes made Linear4bit): the tensors read the same either way
-        raise ValueError(
-            f"{folder}: fan_in_fan_out=true says the adapter was trained on transformers Conv1D layers "
-            f"(GPT-2's, weight [in, out]), but none of the layers it adapts in {type(model).__name__} is "
-            f"one ({targets[0].name} is a {type(targets[0].module).__name__}): an adapter for another model? "
-            "Set fan_in_fan_out to false in its config if it is meant for this one (lora_A / lora_B are "
-            "read the same either way)"
+        # PEFT writes true only when a Conv1D is among the layers it adapts; given true for nn.Linear
+        # layers it warns and reads false, and so does hoptune. False it writes for Conv1D layers too
+        # (an nn.Linear adapted last; a GPT-2 whose Conv1D bitsandbytes made Linear4bit): the tensors
+        # read the same either way
+        warnings.warn(
+            f"{os.path.join(folder, CONFIG_NAME)}: fan_in_fan_out=true, but none of the layers the "
+            f"adapter adapts in {type(model).__name__} is a transformers Conv1D ({targets[0].name} is a "
+            f"{type(targets[0].module).__name__}): as in PEFT it is ignored for nn.Linear layers (lora_A / "
+            "lora_B are read the same either way); was the adapter trained on another model?",
+            stacklevel=2,
         )
     embeddings = _embedding_names(model)
+    trained = []
     for key, (name, param, under_base, t) in copies.items():
-        # PEFT writes base_layer copies for the layers it adapts, whole copies for the embedding layers
-        if name not in (groups if under_base else embeddings):
+        # PEFT writes base_layer copies for the layers it adapts, whole copies for the embedding layers,
+        # and with bias="all" the bias of every other module
+        other_bias = cfg["bias"] == "all" and param == "bias" and not under_base and name not in groups
+        if not other_bias and name not in (groups if under_base else embeddings):
             raise _unknown_key(weights_path, key)
-        _check_base_copy(key[len(PREFIX) :], name, modules[name], param, t, weights_path)
+        # with bias="lora_only" / "all" PEFT saves the biases whether or not they were trained: those
+        # still equal to the model's load as in PEFT (a model without biases, Llama, has none to save)
+        trainable_bias = cfg["bias"] != "none" and param == "bias"
+        if not _check_base_copy(
+            key[len(PREFIX) :], name, modules[name], param, t, weights_path, may_differ=trainable_bias
+        ):
+            trained.append(key)
+    if trained:
+        more = " ..." if len(trained) > 3 else ""
+        raise ValueError(
+            f"{os.path.join(folder, CONFIG_NAME)}: bias={cfg['bias']!r}: the adapter holds biases "
+            f"trained with it, which differ from the model's ({trained[:3]}{more}), and hoptune does not "
+            "replace base weights; merge the adapter with PEFT (merge_and_unload) instead"
+        )
 
     # 2. the config selects exactly the modules the file has weights for
     try:
@@ -923,7 +942,19 @@ def load_adapter(
         # PEFT filters by layer only the modules an entry matches as a suffix: one that target_modules
         # names in full is adapted in whatever layer it lies
         named = set(cfg["target_modules"])
-        selected = {n for n in selected if n in named or in_layers(n)}
+        found = {n: in_layers(n) for n in selected if n not in named}
+        unindexed = sorted(n for n, v in found.items() if v is None)
+        if unindexed:
+            # PEFT adapts none of these, silently: the adapter was most likely meant for them
+            warnings.warn(
+                f"{os.path.join(folder, CONFIG_NAME)}: layers_pattern={cfg['layers_pattern']!r} matches "
+                f"{unindexed[:3]}{' ...' if len(unindexed) > 3 else ''} without capturing the layer index "
+                "(a '|' outside a group), so, as in PEFT, they are not in layers_to_transform and were not "
+                "adapted; to select the layers of each alternative, train with them in a list or a group "
+                "(e.g. ['h', 'layers'] or '(?:h|layers)')",
+                stacklevel=2,
+            )
+        selected = {n for n in selected if n in named or found[n]}
     if selected != set(groups):
         extra = sorted(selected - set(groups))
         by = "target_modules" + (" with layers_to_transform" if in_layers is not None else "")
