@@ -557,6 +557,34 @@ def test_template_that_refuses_a_conversation_names_the_line(tmp_path, tokenizer
     assert len(ex) == 1 and [ln for ln, _ in rep.invalid] == [2]
 
 
+# refuses a conversation without a user message (as Qwen3.5's and Qwen3.6's templates do)
+NEEDS_A_USER = (
+    "{% if messages | selectattr('role', 'equalto', 'user') | list | length == 0 %}"
+    "{{ raise_exception('No user query found in messages.') }}{% endif %}"
+)
+
+
+def test_a_beginning_the_template_refuses_is_not_a_refusal_of_the_conversation(tokenizer):
+    """A conversation that opens with the assistant's greeting renders whole, but its beginning up to
+    the greeting holds no user message, and the template refuses that: with {% generation %} markers
+    the markers give the mask (transformers' and TRL's); without them the error names the beginning
+    that was refused and asks for markers (it is not the conversation that the template refuses)."""
+    chat = [CHAT[0], {"role": "assistant", "content": "Hi!"}, *CHAT[1:3]]
+    tagged = NEEDS_A_USER + WITH_GENERATION_TAGS
+    ids, mask = ChatFormatter(tokenizer, tagged).tokenize(chat)
+    ref = tokenizer.apply_chat_template(
+        chat, chat_template=tagged, return_dict=True, return_assistant_tokens_mask=True
+    )
+    assert (ids, mask) == (list(ref["input_ids"]), list(ref["assistant_masks"]))
+    assert masked_text(tokenizer, ids, mask) == ["Hi!<|end|>", "7<|end|>"]
+    with pytest.raises(
+        ExampleError,
+        match=r"refuses the conversation's beginning messages\[:1\] \(No user query found in messages\.\), "
+        r"though it renders the whole conversation; add \{% generation %\}",
+    ):
+        ChatFormatter(tokenizer, NEEDS_A_USER + tokenizer.chat_template).tokenize(chat)
+
+
 def test_template_with_a_syntax_error_is_one_error(tmp_path, tokenizer):
     p = tmp_path / "c.jsonl"
     p.write_text(json.dumps({"messages": CHAT}) + "\n")
@@ -627,6 +655,20 @@ def test_empty_completion_trains_the_eos(tmp_path, tokenizer):
     assert (ex[0].input_ids, ex[0].loss_mask) == (ids, mask)
     with pytest.raises(DataError, match="line 1: no token is in the loss"):
         load_examples(str(p), tokenizer, max_seq_len=20, add_eos=False)
+
+
+def test_empty_completion_after_a_prompt_ending_with_the_eos_trains_an_eos(tmp_path, tokenizer):
+    """A prompt that ends with the EOS text and an empty completion: the EOS is appended to the
+    completion (TRL appends it to a completion text that does not end with it), not taken to be there
+    already because the prompt's last token is an EOS."""
+    rec = {"prompt": "3+4=" + tokenizer.eos_token, "completion": ""}
+    ids, mask = tokenize_record(rec, tokenizer)
+    assert tokenizer.convert_ids_to_tokens(ids) == ["<s>", "3", "+", "4", "=", "</s>", "</s>"]
+    assert mask == [0, 0, 0, 0, 0, 0, 1]
+    p = tmp_path / "e.jsonl"
+    p.write_text(json.dumps(rec) + "\n")
+    ex, _ = load_examples(str(p), tokenizer, max_seq_len=20)
+    assert (ex[0].input_ids, ex[0].loss_mask) == (ids, mask)
 
 
 def test_null_fields_are_absent(tmp_path, tokenizer):

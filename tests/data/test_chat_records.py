@@ -11,7 +11,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from hoptune.data import DataError, load_examples
-from hoptune.data.formatting import ChatFormatter, convert_to_chatml, record_kind, tokenize_record
+from hoptune.data.formatting import (
+    ChatFormatter,
+    ExampleError,
+    convert_to_chatml,
+    record_kind,
+    tokenize_record,
+)
 from tests.data.test_chat_masks import CHAT, masked_text
 
 
@@ -364,6 +370,34 @@ def test_templates_without_prefix_renders_need_generation_markers(tmp_path, name
     assert len(spans) == 2 and all(s.endswith(end) for s in spans)
 
 
+@pytest.mark.parametrize("shape", ["messages", "prompt_completion"])
+def test_glm4_5_tool_call_turn_needs_generation_markers(shape):
+    """GLM-4.5's template renders nothing after a turn's tool calls: the <|observation|> that ends
+    such a turn is the header of the tool message that follows (none when the calls end the record).
+    As for an answer, the error asks for {% generation %} markers rather than a mask that misses the
+    end-of-turn token; with TRL's training variant the tokens and mask are TRL's, <|observation|>
+    included."""
+    tok = _chatml_bpe_tokenizer()
+    rec = (
+        {"messages": TOOL_CHAT[:3], "tools": TOOLS}
+        if shape == "messages"
+        else {"prompt": TOOL_CHAT[:1], "completion": TOOL_CHAT[1:2], "tools": TOOLS}
+    )
+    with pytest.raises(
+        ExampleError,
+        match=r"renders nothing after the tool calls of assistant message 1 .*\{% generation %\}",
+    ):
+        tokenize_record(rec, tok, ChatFormatter(tok, _trl_template("glm4moe")))
+    training = _trl_template("glm4moe_training")
+    ids, mask = tokenize_record(rec, tok, ChatFormatter(tok, training))
+    messages = rec.get("messages") or rec["prompt"] + rec["completion"]
+    ref = tok.apply_chat_template(
+        messages, tools=TOOLS, chat_template=training, return_dict=True, return_assistant_tokens_mask=True
+    )
+    assert (ids, mask) == (list(ref["input_ids"]), list(ref["assistant_masks"]))
+    assert masked_text(tok, ids, mask)[-1].endswith("</tool_call><|observation|>")
+
+
 # ---------------------------------------------------------------------------------------------
 # content as a list of parts (OpenAI / transformers' multimodal-style messages), text parts only
 
@@ -430,6 +464,26 @@ def test_text_parts_with_a_template_that_reads_parts_only():
     )
     assert (ids, mask) == (list(ref["input_ids"]), list(ref["assistant_masks"]))
     assert masked_text(tok, ids, mask) == [" 7<end_of_utterance>\n", " 10<end_of_utterance>\n"]
+
+
+def test_text_parts_with_a_template_without_generation_prompt_that_reads_parts_only():
+    """LLaVA-NeXT's template reads a content as parts only (``message['content'][0]['text']``) and has
+    no generation prompt: the placeholder that finds where the content starts in the turn is written
+    as parts too. The tokens are TRL's; the mask starts at the content (the space before it is the
+    turn's header, as with any template without a generation prompt) and holds the space the turn ends
+    with, where TRL's training variant of the template trains the first space and not the last."""
+    tok = _chatml_bpe_tokenizer()
+    parts = _parts(CHAT[1:])
+    ids, mask = tokenize_record({"messages": parts}, tok, ChatFormatter(tok, _trl_template("llava_next")))
+    ref = tok.apply_chat_template(
+        parts,
+        chat_template=_trl_template("llava_next_training"),
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+    )
+    assert ids == list(ref["input_ids"])
+    assert masked_text(tok, ids, mask) == ["7</s> ", "10</s> "]
+    assert masked_text(tok, ref["input_ids"], ref["assistant_masks"]) == [" 7</s>", " 10</s>"]
 
 
 @pytest.mark.parametrize(

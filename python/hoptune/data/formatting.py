@@ -27,12 +27,13 @@ generation prompt, and up to and including that turn; the text the turn adds is 
 ends with whatever the template closes a turn with, e.g. ``<|eot_id|>``; an EOS that the template
 adds only at the end of a conversation, as Phi-3's does, is in the span of the turn that ends the
 conversation only). This needs a template that renders a prefix of a conversation as a prefix of
-the whole, up to such an EOS, and that renders some text after an assistant message's content (its
-end-of-turn token, which must be in the loss); when it does not (some templates rewrite earlier
-turns, GLM-4.5's ends a turn with the next message's header), the template's ``{% generation %}``
-markers are used, and without those the example is an error that says why. A template whose
-generation prompt is empty puts the role header into the added text; the span then starts where the
-message content starts.
+the whole, up to such an EOS, that renders some text after an assistant message's content (its
+end-of-turn token, which must be in the loss; a turn of tool calls is judged by an answer in its
+place), and that renders those beginnings at all; when it does not (some templates rewrite earlier
+turns, GLM-4.5's ends a turn with the next message's header, Qwen3.5's refuses a beginning without a
+user message), the template's ``{% generation %}`` markers are used, and without those the example is
+an error that says why. A template whose generation prompt is empty puts the role header into the
+added text; the span then starts where the message content starts.
 """
 
 from __future__ import annotations
@@ -51,6 +52,15 @@ _PROBE = "\ue000hoptune-content\ue000"
 
 class ExampleError(ValueError):
     """A record that cannot become a training example (missing fields, no loss token...)."""
+
+
+class _Refused(ExampleError):
+    """The chat template refused the messages it was given (its ``raise_exception``) or could not render
+    them; ``why`` is the template's (or transformers') own message."""
+
+    def __init__(self, message: str, why: str) -> None:
+        super().__init__(message)
+        self.why = why
 
 
 @dataclass
@@ -278,6 +288,13 @@ def _text(content: Any) -> Any:
     return "".join(part["text"] for part in content) if isinstance(content, list) else content
 
 
+def _probe_content(content: Any) -> Any:
+    """The placeholder for a message's content, in the content's shape: a template that reads a content
+    as parts only (LLaVA-NeXT's ``message['content'][0]['text']``) cannot render a string in its place,
+    and one that reads a string gets the parts' text joined (see ChatFormatter._apply)."""
+    return [{"type": "text", "text": _PROBE}] if isinstance(content, list) else _PROBE
+
+
 def _calls_tools(message: dict) -> bool:
     calls = message.get("tool_calls")
     return isinstance(calls, list) and bool(calls)
@@ -383,9 +400,9 @@ class ChatFormatter:
         try:
             return self.tokenizer.apply_chat_template(messages, chat_template=template, **kwargs)
         except jinja2.TemplateError as e:
-            raise ExampleError(f"the chat template refused this conversation: {e}") from None
+            raise _Refused(f"the chat template refused this conversation: {e}", str(e)) from None
         except (ValueError, TypeError) as e:
-            raise ExampleError(f"the chat template cannot render this conversation: {e}") from None
+            raise _Refused(f"the chat template cannot render this conversation: {e}", str(e)) from None
 
     def _parts_read_by(self, template: str) -> bool:
         """Whether ``template`` renders a content written as text parts as their text (Qwen2-VL's,
@@ -421,9 +438,18 @@ class ChatFormatter:
         for i, m in enumerate(messages):
             if m["role"] != "assistant" or i < first_trained:
                 continue
-            before = self.render(messages[:i], True, template_kwargs)
-            after = self.render(messages[: i + 1], False, template_kwargs)
-            plain = self.render(messages[:i], False, template_kwargs)
+            renders = []
+            for n, generation_prompt in ((i, True), (i + 1, False), (i, False)):
+                try:
+                    renders.append(self.render(messages[:n], generation_prompt, template_kwargs))
+                except _Refused as e:
+                    # the whole conversation rendered: a template may refuse a beginning of it (Qwen3.5's
+                    # and Qwen3.6's refuse one without a user message, e.g. up to a greeting)
+                    return (
+                        f"it refuses the conversation's beginning messages[:{n}] ({e.why}), though it "
+                        "renders the whole conversation"
+                    )
+            before, after, plain = renders
             if not after.startswith(before):
                 if before.startswith(plain) and after.startswith(plain):
                     return (
@@ -447,8 +473,9 @@ class ChatFormatter:
                     )
                 end -= len(eos)
             if self._unclosed(messages, i, after[:end], template_kwargs):
+                what = "tool calls" if _calls_tools(m) else "content"
                 return (
-                    f"it renders nothing after the content of assistant message {i} (no end-of-turn text: "
+                    f"it renders nothing after the {what} of assistant message {i} (no end-of-turn text: "
                     "the next message's header ends the turn, as in GLM-4.5's), so the loss would have no "
                     "end-of-turn token and the model would not learn to stop"
                 )
@@ -471,13 +498,20 @@ class ChatFormatter:
         """Whether the template renders nothing after the content of assistant message ``i`` (``turn``:
         the conversation rendered up to the end of that message's turn). Checked with a placeholder for
         the content: a turn may end with text that the content ends with too (a newline), and a template
-        may change the content (drop its reasoning, strip it)."""
-        content = _text(messages[i]["content"])
-        if not isinstance(content, str):
-            return False  # a tool-call turn: its calls follow
-        if content.strip() and not turn.endswith(content.strip()[-1]):
-            return False  # most turns: an end-of-turn token follows the content (no render needed)
-        probe = [*messages[:i], {**messages[i], "content": _PROBE}]
+        may change the content (drop its reasoning, strip it).
+
+        A turn that calls tools is judged by an answer in its place (the placeholder, no calls): its
+        rendered calls end it whatever the template closes a turn with, and a template that closes no
+        answer ends a turn of calls with the next message's header too (GLM-4.5's ``<|observation|>``,
+        rendered with the tool message, or not at all where the calls end the record)."""
+        message = messages[i]
+        if _calls_tools(message):
+            message = {k: v for k, v in message.items() if k != "tool_calls"}
+        else:
+            content = _text(message["content"])
+            if content.strip() and not turn.endswith(content.strip()[-1]):
+                return False  # most turns: an end-of-turn token follows the content (no render needed)
+        probe = [*messages[:i], {**message, "content": _probe_content(message["content"])}]
         return self.render(probe, False, template_kwargs).endswith(_PROBE)
 
     def _content_start(
@@ -497,7 +531,8 @@ class ChatFormatter:
         The turn is rendered again with a placeholder for the content: the header is the text before
         the placeholder, whatever the content is (searching for the content itself would stop inside a
         header that happens to contain it, e.g. the answer "A" in "### Assistant: A")."""
-        probe = self.render([*messages[:i], {**messages[i], "content": _PROBE}], False, template_kwargs)
+        placeholder = {**messages[i], "content": _probe_content(messages[i]["content"])}
+        probe = self.render([*messages[:i], placeholder], False, template_kwargs)
         pos = probe.find(_PROBE, start)
         if 0 <= pos <= end and probe[:pos] == after[:pos]:
             return pos
@@ -616,7 +651,9 @@ def tokenize_prompt_completion(
     n = _completion_start(tokenizer, _encode(tokenizer, prompt), full, prompt_cut)
     mask = [0] * n + [1] * (len(full) - n)
     eos = tokenizer.eos_token_id
-    if add_eos and eos is not None and (not full or full[-1] != eos):
+    # the EOS is appended unless the completion ends with one (TRL: unless the completion text ends with
+    # the EOS text); an EOS that ends the prompt, before an empty completion, is not the completion's
+    if add_eos and eos is not None and (n >= len(full) or full[-1] != eos):
         full.append(eos)
         mask.append(1)
     return full, mask
