@@ -181,7 +181,18 @@ def test_an_nf4_model_saves_as_it_is(tmp_path, tie):
     tiny_model("qwen2", tie).save_pretrained(tmp_path / "bf16")  # qwen2: biases on q/k/v
     model = hoptune.load_model(tmp_path / "bf16", device="cpu", skip_modules=["down_proj"], progress=False)
     packed = {n: m.weight_packed for n, m in nf4_layers(model).items()}
-    names = save_pretrained_nf4(model, tmp_path / "nf4")
+    # by default the layers load_model kept dense stay dense (down_proj was quantized, unsaid)
+    assert sorted(save_pretrained_nf4(model, tmp_path / "as_loaded")) == sorted(packed)
+    config = json.loads((tmp_path / "as_loaded" / "config.json").read_text())["quantization_config"]
+    assert [s for s in config["llm_int8_skip_modules"] if "down_proj" in s] == [
+        "model.layers.0.mlp.down_proj",
+        "model.layers.1.mlp.down_proj",
+    ]
+    again = hoptune.load_model(tmp_path / "as_loaded", device="cpu", progress=False)
+    assert sorted(nf4_layers(again)) == sorted(packed)
+    assert type(again.model.layers[1].mlp.down_proj) is torch.nn.Linear
+    # named skip_modules quantize them
+    names = save_pretrained_nf4(model, tmp_path / "nf4", skip_modules=["lm_head"])
     assert len(packed) == 12 and len(names) == 14  # the NF4 layers as they are, down_proj quantized
     sd = load_file(tmp_path / "nf4" / "model.safetensors")
     assert not [k for k in sd if "weight_" in k or "nf4_meta" in k]  # no raw NF4 buffers
@@ -853,13 +864,24 @@ def test_save_pretrained_nf4_errors_name_the_layer(tmp_path):
         ValueError, match=r"cannot quantize model\.layers\.1\.mlp\.down_proj\.weight .*inf or NaN"
     ):
         save_pretrained_nf4(model, tmp_path)
+    assert not os.path.exists(tmp_path / "model.safetensors")
+
+
+@pytest.mark.parametrize("skip", [None, ["lm_head"], ["o_proj"]])
+def test_save_pretrained_nf4_keeps_a_layer_nf4_cannot_hold_dense_whatever_skip_modules_holds(tmp_path, skip):
+    # it stayed dense with skip_modules left at its default only: with any list given the save
+    # failed ("cannot quantize ...extra.weight ... blocksize=64"), where load_model keeps it dense
     model = tiny_model()
     model.model.layers[0].mlp.extra = torch.nn.Linear(3, 5)  # 15 weights: no whole NF4 block
-    with pytest.raises(
-        ValueError, match=r"cannot quantize model\.layers\.0\.mlp\.extra\.weight .*blocksize=64"
-    ):  # (with skip_modules given; by default such a layer stays dense, with a warning)
-        save_pretrained_nf4(model, tmp_path, skip_modules=["lm_head"])
-    assert not os.path.exists(tmp_path / "model.safetensors")
+    kw = {} if skip is None else {"skip_modules": skip}
+    with pytest.warns(
+        UserWarning, match=r"1 layers stay dense: .*blocksize=64 .*model\.layers\.0\.mlp\.extra"
+    ):
+        names = save_pretrained_nf4(model, tmp_path, **kw)
+    assert "model.layers.0.mlp.extra" not in names and len(names) == (13 if skip == ["o_proj"] else 14)
+    config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert config["llm_int8_skip_modules"] == [*(skip or ["lm_head"]), "model.layers.0.mlp.extra"]
+    assert "model.layers.0.mlp.extra.weight" in load_file(tmp_path / "model.safetensors")
 
 
 def test_prequantized_bnb_checkpoint_keeps_its_dense_layers_dense(tmp_path):
@@ -880,6 +902,32 @@ def test_prequantized_bnb_checkpoint_keeps_its_dense_layers_dense(tmp_path):
         layer = ours.model.layers[i].mlp.down_proj
         assert type(layer) is torch.nn.Linear
         assert torch.equal(layer.weight, sd[f"model.layers.{i}.mlp.down_proj.weight"])
+
+
+@pytest.mark.parametrize("skip", [["lm_head", "down_proj"], []])
+def test_prequantized_bnb_checkpoint_saves_back_as_it_was_by_default(tmp_path, skip):
+    # load_model drops the checkpoint's quantization_config, and save_pretrained_nf4's defaults then
+    # quantized the down_proj layers it kept dense (writing llm_int8_skip_modules ['lm_head']), and
+    # refused a head stored in NF4: "lm_head is in skip_modules=['lm_head'] but is NF4 already"
+    import bitsandbytes
+
+    tiny_model().save_pretrained(tmp_path / "bf16")
+    _bnb_checkpoint(
+        tmp_path / "bf16",
+        tmp_path / "nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+        llm_int8_skip_modules=skip,
+    )
+    ours = hoptune.load_model(tmp_path / "nf4", device="cpu", progress=False)
+    save_pretrained_nf4(ours, tmp_path / "again")
+    theirs, again = (load_file(tmp_path / d / "model.safetensors") for d in ("nf4", "again"))
+    assert sorted(again) == sorted(theirs) and all(torch.equal(again[k], theirs[k]) for k in theirs)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again", device_map="cpu")
+    want = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "nf4", device_map="cpu")
+    types = [{n: type(m) for n, m in x.named_modules()} for x in (loaded, want)]
+    assert types[0] == types[1]
+    assert (type(want.lm_head) is bitsandbytes.nn.Linear4bit) == (skip == [])
 
 
 def test_single_file_is_read_before_an_index_as_transformers_does(tmp_path):

@@ -39,6 +39,26 @@ def test_inf_stored_in_the_checkpoint_still_blames_the_checkpoint(tmp_path):
         hoptune.load_model(tmp_path, dtype=torch.float16, device="cpu", progress=False)
 
 
+def test_absmax_whose_mean_overflows_float32_names_the_tensor_and_double_quant(tmp_path):
+    # finite weights, but the mean of their block maxima is inf in float32: the error named an
+    # internal field of the NF4 weight ("offset must be finite, got inf")
+    model = tiny_model(dtype=torch.float32)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight.fill_(3e38)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(
+        ValueError,
+        match=r"cannot quantize model\.layers\.0\.self_attn\.o_proj\.weight: double_quant=True .*mean "
+        r"of their block maxima .*overflows float32 .*pass double_quant=False",
+    ):
+        hoptune.load_model(tmp_path, dtype=torch.float32, device="cpu", progress=False)
+    ours = hoptune.load_model(tmp_path, dtype=torch.float32, device="cpu", progress=False, double_quant=False)
+    assert torch.equal(
+        ours.model.layers[0].self_attn.o_proj.dequantize(torch.float32),
+        model.model.layers[0].self_attn.o_proj.weight,
+    )
+
+
 def _with_raw_dtype(path, key, name):
     """Rewrite the safetensors file ``path`` with tensor ``key`` recorded as dtype ``name``."""
     data = path.read_bytes()

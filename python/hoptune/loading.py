@@ -60,7 +60,7 @@ from hoptune.quant.checkpoint import (
     _skipped,
     _tied_keys,
 )
-from hoptune.quant.nf4 import BLOCKSIZES, NF4Weight
+from hoptune.quant.nf4 import BLOCKSIZES, NF4Weight, check_nested_offset
 from hoptune.reference.nf4 import dynamic_map
 
 SINGLE_FILE = "model.safetensors"
@@ -581,6 +581,7 @@ class _NF4Stream:
             if not self.double_quant:
                 q = NF4Weight(packed, absmax, shape, dtype, self.blocksize)
             else:
+                check_nested_offset(offset)
                 qabsmax, absmax2 = nf4_ops.nf4_quantize_nested(absmax, self.code2, offset, _BLOCKSIZE2)
                 q = NF4Weight(
                     packed,

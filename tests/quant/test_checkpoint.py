@@ -370,14 +370,17 @@ def test_layers_of_a_size_nf4_cannot_hold_stay_dense_by_default(tmp_path):
         num_key_value_heads=4, vocab_size=128, max_position_embeddings=64,
     )  # fmt: skip
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "dense")
+    dense = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    dense.save_pretrained(tmp_path / "dense")
     with pytest.warns(UserWarning, match="stays dense"):
         model = hoptune.load_model(tmp_path / "dense", quantize="nf4", device="cpu")
     odd = ["gate_proj", "up_proj", "down_proj"]  # 96 x 71 weights
     assert {type(m) for n, m in model.named_modules() if n.endswith(tuple(odd))} == {nn.Linear}
     with pytest.warns(UserWarning, match=r"6 layers stay dense: .* not a multiple of blocksize=64"):
-        names = save_pretrained_nf4(model, tmp_path / "nf4")
+        names = save_pretrained_nf4(dense, tmp_path / "from_dense")
     assert sorted({n.rsplit(".", 1)[1] for n in names}) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    # a model with NF4 layers keeps the layers it has dense, as they are
+    assert save_pretrained_nf4(model, tmp_path / "nf4") == names
     skips = json.loads((tmp_path / "nf4" / "config.json").read_text())["quantization_config"]
     assert "model.layers.1.mlp.down_proj" in skips["llm_int8_skip_modules"]
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "nf4", device_map="cpu")

@@ -313,6 +313,19 @@ def test_error_non_finite(bad):
         quantize_nf4(w)
 
 
+def test_absmax_whose_mean_overflows_float32_is_refused_naming_double_quant():
+    # finite fp32 weights whose block maxima sum beyond float32 (4 x 3e38): the error named an
+    # internal field ("offset must be finite, got inf"); bitsandbytes stores that offset, and NaN
+    # comes back from its dequantize
+    w = torch.full((4, 64), 3e38)
+    with pytest.raises(
+        ValueError,
+        match=r"double_quant=True .*mean of their block maxima .*overflows float32 .*double_quant=False",
+    ):
+        quantize_nf4(w)
+    assert torch.equal(dequantize_nf4(quantize_nf4(w, double_quant=False)), w)
+
+
 def test_error_mixed_devices():
     q = quantize_nf4(torch.randn(4, 64), double_quant=False)
     with pytest.raises(ValueError, match="one device"):

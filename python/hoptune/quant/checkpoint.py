@@ -136,8 +136,11 @@ def _default_skips(model: nn.Module, nf4_names: Iterable[str], plain_names: Iter
     """The layers kept dense when ``skip_modules`` is not given: "lm_head" and the model's output
     embeddings, whatever their name (transformers' get_keys_to_not_convert: BioGPT's
     output_projection, GPT-NeoX-Japanese's embed_out). A model transformers + bitsandbytes
-    quantized keeps the layers it has dense instead: those of its ``llm_int8_skip_modules`` (as
-    save_pretrained records them), and the other plain linear layers it left dense."""
+    quantized starts from its ``llm_int8_skip_modules`` instead (as save_pretrained records them).
+    A model with NF4 layers already (``nf4_names``: from load_model, or transformers + bitsandbytes)
+    is saved as it is: those layers stay NF4 (a head the checkpoint stored in NF4 too), and its
+    other plain linear layers (``plain_names``) stay dense, as the checkpoint or load_model's
+    ``skip_modules`` left them."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     skip = ["lm_head", *(n for n, m in model.named_modules() if n and head is not None and m is head)]
@@ -154,9 +157,13 @@ def _default_skips(model: nn.Module, nf4_names: Iterable[str], plain_names: Iter
         listed = qc.get("llm_int8_skip_modules")
         if isinstance(listed, (list, tuple)):  # (None: transformers kept its default, the head)
             skip = [s for s in listed if isinstance(s, str) and s]
-        # a head transformers quantized (its llm_int8_skip_modules left it out) is saved as it is
-        nf4_names = set(nf4_names)
-        skip = [n for n in skip if n not in nf4_names]
+    # a head stored in NF4 (a checkpoint saved with llm_int8_skip_modules=[]) is saved as it is,
+    # whether transformers or load_model (which keeps no quantization_config) loaded it
+    nf4_names = set(nf4_names)
+    skip = [n for n in skip if n not in nf4_names]
+    # load_model keeps no record of the checkpoint's skip list (or of its own skip_modules): the
+    # dense layers of a model that has NF4 ones are those the two kept dense
+    if nf4_names or qc is not None:
         skip += [n for n in plain_names if not _skipped(n, skip)]
     return tuple(dict.fromkeys(skip))
 
@@ -186,13 +193,17 @@ def save_pretrained_nf4(
     transformers matches the ``llm_int8_skip_modules`` it is saved as (a regular expression from the
     start of a module name up to a ``.``, or a suffix of the name); an entry that matches no linear
     layer is an error (but ``"lm_head"``). By default the output head stays dense (``lm_head``, or
-    the model's output embeddings by any name, as transformers keeps them); a model transformers +
-    bitsandbytes quantized keeps the layers it has dense (its ``llm_int8_skip_modules``) and is
-    saved with its ``bnb_4bit_compute_dtype``; a layer whose weight count is not a multiple of
-    ``blocksize`` stays dense, with a warning (as load_model keeps it). Modules the model keeps in fp32
-    (``_keep_in_fp32_modules``) stay dense, as transformers never converts them. A model with LoRA
-    layers (or PEFT's) is refused: fold them in (``hoptune.merge_and_unload``) or take them out
-    (``hoptune.remove_lora``) first. A ``torch.compile`` wrapper is saved as the model it wraps.
+    the model's output embeddings by any name, as transformers keeps them); a model with NF4 layers
+    already (from load_model, or transformers + bitsandbytes) keeps by default the layers it has
+    dense (those its checkpoint's ``llm_int8_skip_modules`` or load_model's ``skip_modules`` kept
+    dense), and its NF4 layers, the head included, stay NF4: a loaded checkpoint is saved as it was.
+    A model transformers + bitsandbytes quantized is saved with its ``bnb_4bit_compute_dtype``. A
+    layer whose weight count is not a multiple of ``blocksize`` stays dense, with a warning, whatever
+    ``skip_modules`` holds (as load_model keeps it), and is listed in the saved skip list. Modules
+    the model keeps in fp32 (``_keep_in_fp32_modules``) stay dense, as transformers never converts
+    them. A model with LoRA layers (or PEFT's) is refused: fold them in
+    (``hoptune.merge_and_unload``) or take them out (``hoptune.remove_lora``) first. A
+    ``torch.compile`` wrapper is saved as the model it wraps.
     Returns the names of the modules stored in NF4.
     """
     from safetensors.torch import save_file
@@ -270,23 +281,24 @@ def save_pretrained_nf4(
                 nf4[name] = from_bnb_state_dict(full, f"{name}.weight")
             except ValueError as err:
                 raise ValueError(f"cannot save {name}, a layer bitsandbytes quantized: {err}") from err
+    mods = dict(model.named_modules())
+    plain = [
+        n
+        for n, m in mods.items()
+        if n and n not in nf4 and (type(m) is nn.Linear or _is_conv1d(m)) and not _skipped(n, keep_fp32)
+    ]
     if default_skip:
-        plain = [
-            n
-            for n, m in model.named_modules()
-            if n not in nf4 and (type(m) is nn.Linear or _is_conv1d(m)) and not _skipped(n, keep_fp32)
-        ]
         skip = _default_skips(model, nf4, plain)
-        # a weight NF4 blocks do not fill: dense, listed for transformers to keep dense (as load_model)
-        mods = dict(model.named_modules())
-        odd = [n for n in plain if not _skipped(n, skip) and mods[n].weight.numel() % blocksize]
-        if odd:
-            warnings.warn(
-                f"{len(odd)} layers stay dense: their weights are not a multiple of "
-                f"blocksize={blocksize} (e.g. {odd[:3]})",
-                stacklevel=2,
-            )
-            skip = (*skip, *odd)
+    # a weight NF4 blocks do not fill: dense, listed for transformers to keep dense, whatever
+    # skip_modules holds (as load_model keeps it dense whatever its skip_modules hold)
+    odd = [n for n in plain if not _skipped(n, skip) and mods[n].weight.numel() % blocksize]
+    if odd:
+        warnings.warn(
+            f"{len(odd)} layers stay dense: their weights are not a multiple of "
+            f"blocksize={blocksize} (e.g. {odd[:3]})",
+            stacklevel=2,
+        )
+        skip = (*skip, *odd)
     for name, q in nf4.items():
         if _skipped(name, skip):
             raise ValueError(

@@ -188,6 +188,17 @@ def check_quantizable(w: torch.Tensor, name: str, dtype_hint: str = "") -> None:
         )
 
 
+def check_nested_offset(offset: float) -> None:
+    """The error for a double quantization whose offset, the mean of the block maxima (absmax), is
+    not finite: fp32 weights near float32's limit are finite, but their absmax sum to inf (blocks
+    of 3e38); bitsandbytes stores that offset, and its dequantize then gives NaN."""
+    if not math.isfinite(offset):
+        raise ValueError(
+            f"double_quant=True cannot store these weights: the mean of their block maxima (absmax), "
+            f"its offset, overflows float32 ({offset}); pass double_quant=False"
+        )
+
+
 def quantize_nf4(
     w: torch.Tensor, blocksize: int = 64, double_quant: bool = True, blocksize2: int = 256
 ) -> NF4Weight:
@@ -222,6 +233,7 @@ def quantize_nf4(
     # offset: torch's mean on the tensor's device, as bitsandbytes computes it (CUDA and CPU sums
     # differ in order, so a CPU quantization may differ from a CUDA one by one nested code).
     offset = float(absmax.mean().item())
+    check_nested_offset(offset)
     code2 = dynamic_map().to(w.device)
     qabsmax, absmax2 = nf4_ops.nf4_quantize_nested(absmax, code2, offset, blocksize2)
     return NF4Weight(
