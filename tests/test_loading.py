@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 import hoptune
 from hoptune.loading import _Reader, read_safetensors_header
 from hoptune.nn import LoRALinear, NF4Linear
-from hoptune.quant import dequantize_nf4, from_bnb_state_dict, save_pretrained_nf4
+from hoptune.quant import dequantize_nf4, from_bnb_state_dict, quantize_nf4, save_pretrained_nf4
 from tests.conftest import TINY_DECODER, poison_cuda_cache
 
 
@@ -214,7 +214,7 @@ def test_save_pretrained_nf4_refuses_lora_and_other_nf4_settings(tmp_path):
         match=r"layers\.0\.self_attn\.q_proj is NF4 already with blocksize=128, double_quant=True, but "
         r"blocksize=64, double_quant=True were asked for; pass blocksize=128",
     ):
-        save_pretrained_nf4(model, out)
+        save_pretrained_nf4(model, out, blocksize=64)
     with pytest.raises(ValueError, match=r"q_proj is in skip_modules=\['lm_head', 'q_proj'\] but is NF4"):
         save_pretrained_nf4(model, out, blocksize=128, skip_modules=["lm_head", "q_proj"])
     want = logits(model)
@@ -226,6 +226,31 @@ def test_save_pretrained_nf4_refuses_lora_and_other_nf4_settings(tmp_path):
     assert len(save_pretrained_nf4(model, out, blocksize=128)) == 14
     loaded = hoptune.load_model(out, device="cpu", progress=False)
     torch.testing.assert_close(logits(loaded), want, atol=0, rtol=0)
+
+
+def test_save_pretrained_nf4_takes_the_nf4_layers_settings_by_default(tmp_path):
+    """By default the blocksize and double quantization of the NF4 layers the model holds: a model
+    loaded with blocksize=128 and no double quantization saved as it is (64 and True were asked for,
+    and refused); layers of two settings need them named."""
+    tiny_model().save_pretrained(tmp_path / "bf16")
+    model = hoptune.load_model(
+        tmp_path / "bf16", device="cpu", blocksize=128, double_quant=False, progress=False
+    )
+    save_pretrained_nf4(model, tmp_path / "nf4")
+    config = json.loads((tmp_path / "nf4" / "config.json").read_text())["quantization_config"]
+    assert config["bnb_4bit_use_double_quant"] is False
+    loaded = hoptune.load_model(tmp_path / "nf4", device="cpu", progress=False)
+    assert {n: (m.weight_nf4.blocksize, m.weight_nf4.nested) for n, m in nf4_layers(loaded).items()} == {
+        n: (128, False) for n in nf4_layers(model)
+    }
+    torch.testing.assert_close(logits(loaded), logits(model), atol=0, rtol=0)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    model.model.layers[0].self_attn.q_proj = NF4Linear(quantize_nf4(q_proj.dequantize(), blocksize=64))
+    with pytest.raises(
+        ValueError, match=r"NF4 layers were quantized with blocksize \[64, 128\].*pass blocksize"
+    ):
+        save_pretrained_nf4(model, tmp_path / "mixed")
+    assert not (tmp_path / "mixed" / "model.safetensors").exists()
 
 
 def _stream_all(reader, path):

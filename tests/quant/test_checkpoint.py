@@ -182,11 +182,15 @@ def test_layers_bitsandbytes_quantized_are_saved_as_nf4_layers(tmp_path):
         save_pretrained_nf4(model, tmp_path / "nf4", double_quant=False, skip_modules=["lm_head", "q_proj"])
     assert not (tmp_path / "nf4" / "model.safetensors").exists()
     with pytest.raises(ValueError, match=r"pass blocksize=64, double_quant=False"):
-        save_pretrained_nf4(model, tmp_path / "nf4")
-    names = save_pretrained_nf4(model, tmp_path / "nf4", double_quant=False)
-    assert names == [n for n, m in model.named_modules() if type(m) is bitsandbytes.nn.Linear4bit]
-    ours, ref = (load_file(tmp_path / d / "model.safetensors") for d in ("nf4", "bnb"))
-    assert sorted(ours) == sorted(ref) and all(torch.equal(ours[k], ref[k]) for k in ref)
+        save_pretrained_nf4(model, tmp_path / "nf4", double_quant=True)
+    # by default with the layers' own settings (the default double_quant=True was refused for them)
+    for out, kw in (("nf4", {"double_quant": False}), ("as_held", {})):
+        names = save_pretrained_nf4(model, tmp_path / out, **kw)
+        assert names == [n for n, m in model.named_modules() if type(m) is bitsandbytes.nn.Linear4bit]
+        ours, ref = (load_file(tmp_path / d / "model.safetensors") for d in (out, "bnb"))
+        assert sorted(ours) == sorted(ref) and all(torch.equal(ours[k], ref[k]) for k in ref)
+        config = json.loads((tmp_path / out / "config.json").read_text())["quantization_config"]
+        assert config["bnb_4bit_use_double_quant"] is False
 
 
 def test_a_layer_bitsandbytes_repacked_for_its_cpu_path_is_refused(tmp_path):
@@ -240,12 +244,18 @@ def test_skip_modules_that_is_no_list_is_refused_naming_it(tmp_path, skip):
 @pytest.mark.parametrize("dq", [None, "False", 1])
 def test_double_quant_that_is_no_bool_is_refused_naming_it(tmp_path, dq):
     # None was taken as False: the layers were stored without double quantization and config.json
-    # held "bnb_4bit_use_double_quant": null, which transformers refuses to load ("must be a boolean")
+    # held "bnb_4bit_use_double_quant": null, which transformers refuses to load ("must be a boolean");
+    # save_pretrained_nf4 takes None as its default (the NF4 layers' own setting, else True)
     from tests.test_loading import tiny_model
 
     match = rf"double_quant must be True or False, got {dq!r}"
     with pytest.raises(TypeError, match=match):
         bnb_quantization_config(double_quant=dq)
+    if dq is None:
+        save_pretrained_nf4(tiny_model(), tmp_path, double_quant=dq)
+        config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+        assert config["bnb_4bit_use_double_quant"] is True
+        return
     with pytest.raises(TypeError, match=match):
         save_pretrained_nf4(tiny_model(), tmp_path, double_quant=dq)
     assert not os.listdir(tmp_path)

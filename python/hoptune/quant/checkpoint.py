@@ -168,11 +168,23 @@ def _default_skips(model: nn.Module, nf4_names: Iterable[str], plain_names: Iter
     return tuple(dict.fromkeys(skip))
 
 
+def _setting(name: str, given: object, held: set, default: object) -> object:
+    """``given``, else the one value the model's NF4 layers hold, else ``default`` (no NF4 layer)."""
+    if given is not None:
+        return given
+    if len(held) > 1:
+        raise ValueError(
+            f"the model's NF4 layers were quantized with {name} {sorted(held)}, and one checkpoint holds "
+            f"one; pass {name} (the layers of another {name} are refused by name)"
+        )
+    return next(iter(held)) if held else default
+
+
 def save_pretrained_nf4(
     model: nn.Module,
     out_dir: str | os.PathLike,
-    blocksize: int = 64,
-    double_quant: bool = True,
+    blocksize: int | None = None,
+    double_quant: bool | None = None,
     skip_modules: Iterable[str] = _DEFAULT_SKIP,
     device: torch.device | str | None = None,
 ) -> list[str]:
@@ -189,7 +201,8 @@ def save_pretrained_nf4(
     on ``device`` (default: where each weight lives). Layers that are NF4 already
     (:class:`hoptune.nn.NF4Linear`, as :func:`hoptune.load_model` makes them, and bitsandbytes'
     ``Linear4bit``, as transformers makes them) are written as they are, not re-quantized; they must
-    have been quantized with ``blocksize`` and ``double_quant``. ``skip_modules`` is matched as
+    have been quantized with ``blocksize`` and ``double_quant``, which by default (None) are theirs
+    (64 and True for a model without NF4 layers, bitsandbytes' and load_model's defaults). ``skip_modules`` is matched as
     transformers matches the ``llm_int8_skip_modules`` it is saved as (a regular expression from the
     start of a module name up to a ``.``, or a suffix of the name); an entry that matches no linear
     layer is an error (but ``"lm_head"``). By default the output head stays dense (``lm_head``, or
@@ -225,8 +238,10 @@ def save_pretrained_nf4(
         )
     default_skip = skip_modules is _DEFAULT_SKIP
     skip = _skip_names(skip_modules)
-    blocksize = _check.blocksize("blocksize", blocksize, BLOCKSIZES)
-    _check.boolean("double_quant", double_quant)
+    if blocksize is not None:
+        blocksize = _check.blocksize("blocksize", blocksize, BLOCKSIZES)
+    if double_quant is not None:
+        _check.boolean("double_quant", double_quant)
     if device is not None:
         device = _check.device("device", device)
     folder = os.fspath(out_dir)
@@ -281,6 +296,9 @@ def save_pretrained_nf4(
                 nf4[name] = from_bnb_state_dict(full, f"{name}.weight")
             except ValueError as err:
                 raise ValueError(f"cannot save {name}, a layer bitsandbytes quantized: {err}") from err
+    # by default the settings of the NF4 layers the model has (one checkpoint's: all alike)
+    blocksize = _setting("blocksize", blocksize, {q.blocksize for q in nf4.values()}, 64)
+    double_quant = _setting("double_quant", double_quant, {q.nested for q in nf4.values()}, True)
     mods = dict(model.named_modules())
     plain = [
         n
