@@ -174,16 +174,35 @@ def _logits_times(model, factor):
     return model
 
 
-@pytest.mark.parametrize("case", ["bert", "unknown_multiplier"])
+def _electra_decoder():
+    import transformers
+
+    cfg = transformers.ElectraConfig(
+        vocab_size=V,
+        embedding_size=128,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        is_decoder=True,
+    )
+    torch.manual_seed(0)
+    return transformers.ElectraForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("case", ["bert", "electra", "unknown_multiplier"])
 def test_batch_logprobs_of_logits_that_are_not_the_head_on_the_decoder(small_model, case):
     """BERT as a decoder (its logits take a prediction-head transform between the encoder and the
-    output layer) and a model whose forward scales its logits by a factor no config key names:
-    the output layer on the decoder's hidden states would give other log-probs (0.35-0.5 nats off
-    for BERT, every logit a factor off for the other), so the first batch checks it against the
-    model's own logits, says so once and takes the model's logits from then on."""
-    model = _bert_decoder() if case == "bert" else _logits_times(small_model.eval(), 0.2)
+    output layer), ELECTRA's generator (whose head projects the hidden states to another width
+    first: the output layer cannot take them) and a model whose forward scales its logits by a
+    factor no config key names: the output layer on the decoder's hidden states would give other
+    log-probs (0.35-0.5 nats off for BERT, every logit a factor off for the last) or fail, so the
+    first batch checks it against the model's own logits, says so once and takes the model's
+    logits from then on."""
+    make = {"bert": _bert_decoder, "electra": _electra_decoder}
+    model = make[case]() if case in make else _logits_times(small_model.eval(), 0.2)
     assert loop._decoder(model) is not None  # (the path the check turns away from)
-    ids = torch.randint(3, V if case == "bert" else model.config.vocab_size, (2, 10))
+    ids = torch.randint(3, V if case in make else model.config.vocab_size, (2, 10))
     mask = torch.rand(2, 10) < 0.7
     mask[:, -1] = True
     batch = {"input_ids": ids, "loss_mask": mask}

@@ -550,7 +550,15 @@ def _head_mismatch(model: nn.Module, decoder: nn.Module, ids: torch.Tensor) -> s
                 return "its forward did not run its decoder"
             hidden = _first(seen[-1], "last_hidden_state")
             ref = _first(out, "logits")
-            ours = model.get_output_embeddings()(hidden)
+            head = model.get_output_embeddings()
+            width = getattr(head, "in_features", None)
+            if isinstance(hidden, torch.Tensor) and isinstance(width, int) and hidden.shape[-1] != width:
+                # (ELECTRA's and RemBERT's heads project the hidden states to another width first)
+                return f"its decoder's hidden states have {hidden.shape[-1]} features, its output layer takes {width}"
+            try:
+                ours = head(hidden)
+            except (RuntimeError, TypeError, ValueError) as e:
+                return f"its output layer does not take its decoder's output ({type(e).__name__}: {e})"
     finally:
         hook.remove()
     if not isinstance(ref, torch.Tensor) or not isinstance(ours, torch.Tensor) or ref.shape != ours.shape:
