@@ -154,3 +154,34 @@ def test_a_layer_all_linear_cannot_adapt_is_refused_with_a_setting_the_config_ha
     with pytest.raises(ConfigError, match=r"exclude_modules") as e:
         sft.train(cfg, log=lambda s: None, model=_model(family, **over), tokenizer=tokenizer)
     assert re.search(r"name the layers to adapt in lora\.target_modules", str(e.value))
+
+
+def test_adapters_that_get_no_gradient_are_named(tmp_path, tokenizer, demo_data):
+    """Mamba's mixer reads dt_proj's weight directly (``dt_proj.weight @ x``), so the adapter
+    all-linear puts on dt_proj never gets a gradient and never trains, without a word: the first
+    step names such tensors (while it runs, and among the run's notes); the other layers train."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.MambaConfig(
+        vocab_size=V, hidden_size=64, state_size=8, num_hidden_layers=2, expand=2, **IDS
+    )
+    model = transformers.MambaForCausalLM(cfg).float()
+    seen = []
+    run = small_config(tmp_path, demo_data, "train.max_steps=2", "train.lr=1e-2")
+    res = sft.train(run, log=seen.append, model=model, tokenizer=tokenizer)
+    (note,) = [n for n in res.notes if "got no gradient" in n]
+    dead = sorted(n for n, p in model.named_parameters() if p.requires_grad and "dt_proj" in n)
+    assert len(dead) == 4 and f"{len(dead)} of the " in note and dead[0] in note
+    assert note in seen  # (the run's closing notes)
+    trained = _lora(model)
+    assert all(p.abs().max() > 0 for n, p in trained.items() if "lora_B" in n and "dt_proj" not in n)
+    assert all(p.abs().max() == 0 for n, p in trained.items() if "lora_B" in n and "dt_proj" in n)
+    # a model whose adapters all train gets no such note
+    res = sft.train(
+        small_config(tmp_path / "qwen2", demo_data, "train.max_steps=1"),
+        log=lambda s: None,
+        model=_model("Qwen2ForCausalLM"),
+        tokenizer=tokenizer,
+    )
+    assert not [n for n in res.notes if "got no gradient" in n]

@@ -240,6 +240,22 @@ def build_scheduler(
     )
 
 
+def untrained_note(named: list[tuple[str, nn.Parameter]]) -> str | None:
+    """After a step's backward: a note naming the trainable tensors that got no gradient, None when
+    every one got one. Nothing on the path to the loss uses such a tensor, so it never trains: an
+    adapter whose base layer the model reads the weight of directly (Mamba's ``dt_proj``:
+    ``dt_proj.weight @ x``), a layer whose output the loss does not depend on."""
+    dead = [n for n, p in named if p.grad is None]
+    if not dead:
+        return None
+    return (
+        f"{len(dead)} of the {len(named)} trainable tensors got no gradient in the first step (e.g. "
+        f"{dead[:3]}): nothing on the way to the loss uses them, so they do not train (a layer whose "
+        "weight the model reads directly, as Mamba's dt_proj, or whose output the loss does not "
+        "depend on); leave their layers out of lora.target_modules"
+    )
+
+
 def optimizer_step(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,

@@ -1097,6 +1097,11 @@ def _train(
                 loss, n_loss, n_tok = sft_step(model, micro, device, scaler, read=False)
             except torch.OutOfMemoryError as e:
                 raise out_of_memory(cfg, model, step + 1, total, ckpt.latest()) from e
+            if step == start:
+                note = loop.untrained_note(named)
+                if note:  # said when it is seen, and again at the end
+                    progress.write(note)
+                    notes.append(note)
             try:  # (the loss is read with the gradient norm, after the optimizer's launches)
                 grad_norm = loop.optimizer_step(optimizer, scheduler, params, t.max_grad_norm, scaler, loss)
                 if scaler is not None and not math.isfinite(grad_norm):
