@@ -450,18 +450,24 @@ def test_text_parts_reach_a_template_that_reads_parts(name):
     assert masked_text(tok, ids, mask) == ["7<|im_end|>\n", "10<|im_end|>\n"]
 
 
+def _trl_training_render(tok, messages, name):
+    """transformers' render of ``messages`` with TRL's {% generation %} variant of template ``name``:
+    its ids and assistant mask."""
+    return tok.apply_chat_template(
+        messages,
+        chat_template=_trl_template(f"{name}_training"),
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+    )
+
+
 def test_text_parts_with_a_template_that_reads_parts_only():
     """SmolVLM's template renders a content only when it is written as parts: the tokens and mask
     are TRL's (its {% generation %} training variant of the template)."""
     tok = _chatml_bpe_tokenizer()
     parts = _parts(CHAT[1:], split=True)
     ids, mask = tokenize_record({"messages": parts}, tok, ChatFormatter(tok, _trl_template("smolvlm")))
-    ref = tok.apply_chat_template(
-        parts,
-        chat_template=_trl_template("smolvlm_training"),
-        return_dict=True,
-        return_assistant_tokens_mask=True,
-    )
+    ref = _trl_training_render(tok, parts, "smolvlm")
     assert (ids, mask) == (list(ref["input_ids"]), list(ref["assistant_masks"]))
     assert masked_text(tok, ids, mask) == [" 7<end_of_utterance>\n", " 10<end_of_utterance>\n"]
 
@@ -475,12 +481,7 @@ def test_text_parts_with_a_template_without_generation_prompt_that_reads_parts_o
     tok = _chatml_bpe_tokenizer()
     parts = _parts(CHAT[1:])
     ids, mask = tokenize_record({"messages": parts}, tok, ChatFormatter(tok, _trl_template("llava_next")))
-    ref = tok.apply_chat_template(
-        parts,
-        chat_template=_trl_template("llava_next_training"),
-        return_dict=True,
-        return_assistant_tokens_mask=True,
-    )
+    ref = _trl_training_render(tok, parts, "llava_next")
     assert ids == list(ref["input_ids"])
     assert masked_text(tok, ids, mask) == ["7</s> ", "10</s> "]
     assert masked_text(tok, ref["input_ids"], ref["assistant_masks"]) == [" 7</s>", " 10</s>"]

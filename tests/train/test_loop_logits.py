@@ -145,19 +145,27 @@ def test_aya_visions_text_logit_scale_follows_the_transformers_version(monkeypat
     assert loop._text_logit_scale_unused("cohere") is False
 
 
-def _bert_decoder():
+def _encoder_as_decoder(family: str):
+    """BertLMHeadModel / ElectraForCausalLM, tiny, as a decoder (ELECTRA's embeddings 128 wide, its
+    hidden states 64: its head projects them back)."""
     import transformers
 
-    cfg = transformers.BertConfig(
+    config_cls, model_cls = {
+        "bert": (transformers.BertConfig, transformers.BertLMHeadModel),
+        "electra": (transformers.ElectraConfig, transformers.ElectraForCausalLM),
+    }[family]
+    extra = {"embedding_size": 128} if family == "electra" else {}
+    cfg = config_cls(
         vocab_size=V,
         hidden_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         intermediate_size=128,
         is_decoder=True,
+        **extra,
     )
     torch.manual_seed(0)
-    return transformers.BertLMHeadModel(cfg).eval()
+    return model_cls(cfg).eval()
 
 
 def _logits_times(model, factor):
@@ -174,22 +182,6 @@ def _logits_times(model, factor):
     return model
 
 
-def _electra_decoder():
-    import transformers
-
-    cfg = transformers.ElectraConfig(
-        vocab_size=V,
-        embedding_size=128,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        is_decoder=True,
-    )
-    torch.manual_seed(0)
-    return transformers.ElectraForCausalLM(cfg).eval()
-
-
 @pytest.mark.parametrize("case", ["bert", "electra", "unknown_multiplier"])
 def test_batch_logprobs_of_logits_that_are_not_the_head_on_the_decoder(small_model, case):
     """BERT as a decoder (its logits take a prediction-head transform between the encoder and the
@@ -199,10 +191,10 @@ def test_batch_logprobs_of_logits_that_are_not_the_head_on_the_decoder(small_mod
     log-probs (0.35-0.5 nats off for BERT, every logit a factor off for the last) or fail, so the
     first batch checks it against the model's own logits, says so once and takes the model's
     logits from then on."""
-    make = {"bert": _bert_decoder, "electra": _electra_decoder}
-    model = make[case]() if case in make else _logits_times(small_model.eval(), 0.2)
+    encoder = case in ("bert", "electra")
+    model = _encoder_as_decoder(case) if encoder else _logits_times(small_model.eval(), 0.2)
     assert loop._decoder(model) is not None  # (the path the check turns away from)
-    ids = torch.randint(3, V if case in make else model.config.vocab_size, (2, 10))
+    ids = torch.randint(3, V if encoder else model.config.vocab_size, (2, 10))
     mask = torch.rand(2, 10) < 0.7
     mask[:, -1] = True
     batch = {"input_ids": ids, "loss_mask": mask}
