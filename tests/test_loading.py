@@ -468,6 +468,34 @@ def test_keep_in_fp32_modules_stay_dense_with_nf4(tmp_path, monkeypatch):
     assert type(attn.o_proj) is torch.nn.Linear and isinstance(attn.q_proj, NF4Linear)
 
 
+def test_strict_fp32_linear_is_quantized_from_float32_as_bitsandbytes(tmp_path, monkeypatch):
+    """A plain linear layer in _keep_in_fp32_modules_strict (HY-V4's indexer.weights_proj) is
+    quantized by transformers + bitsandbytes from its float32 weight, and computes in float32;
+    load_model quantized the weight cast to the model's dtype (other absmax, other codes: up to
+    2e-3 off in the weights) and computed in bf16."""
+    import bitsandbytes
+
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "_keep_in_fp32_modules_strict", ["o_proj"])
+    tiny_model(dtype=torch.float32).save_pretrained(tmp_path)
+    cfg = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.bfloat16, quantization_config=cfg, device_map="cpu"
+    )
+    ours = hoptune.load_model(tmp_path, device="cpu", dtype=torch.bfloat16, progress=False)
+    for i in range(2):
+        theirs = ref.model.layers[i].self_attn.o_proj.weight
+        mine = ours.model.layers[i].self_attn.o_proj
+        assert theirs.quant_state.dtype == torch.float32 and mine.base_dtype == torch.float32
+        want = bitsandbytes.functional.dequantize_4bit(theirs.data, theirs.quant_state).float()
+        assert torch.equal(mine.dequantize(torch.float32), want)
+        assert ours.model.layers[i].self_attn.q_proj.base_dtype == torch.bfloat16
+
+
 def test_router_kept_in_fp32_as_from_pretrained(tmp_path):
     if not hasattr(transformers, "Dots1ForCausalLM"):
         pytest.skip("this transformers has no Dots1")

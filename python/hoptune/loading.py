@@ -1156,7 +1156,11 @@ def load_model(
                         q = _own_nf4_weight(pending.pop(owner), owner, want, dtype, e.file)
                         _to_nf4_layer(model, owner, q)
                 elif kind == "quantize":
-                    w = t if t.dtype == dtype else t.to(dtype)
+                    # a layer the model keeps in float32 (_keep_in_fp32_modules_strict) is quantized
+                    # from its float32 weight and computes in float32, as transformers + bitsandbytes
+                    strict = keep_fp32 is not None and keep_fp32.search(key)
+                    want = torch.float32 if strict else dtype
+                    w = t if t.dtype == want else t.to(want)
                     w = w.t().contiguous() if owner in transposed else w
                     nf4.submit(e.file, key, owner, w, t)
                 else:
