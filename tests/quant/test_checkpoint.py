@@ -346,6 +346,42 @@ def test_the_default_keeps_an_output_head_not_named_lm_head_dense(tmp_path, make
     assert torch.equal(loaded.get_output_embeddings().weight, head.weight)
 
 
+@pytest.mark.parametrize("source", ["dense", "load_model"])
+def test_a_prediction_head_named_lm_head_quantizes_as_in_transformers(tmp_path, source):
+    """RoBERTa's lm_head is a prediction head (dense, layer norm, then the output layer
+    lm_head.decoder): transformers + bitsandbytes quantize lm_head.dense and keep the decoder dense.
+    The default skip list's "lm_head" kept lm_head.dense dense as well, and a model from load_model
+    (which quantizes it, as transformers does) could not be saved: "lm_head.dense is in
+    skip_modules=['lm_head', 'lm_head.decoder'] but is NF4 already"."""
+    import hoptune
+
+    cfg = transformers.RobertaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        is_decoder=True,
+    )
+    torch.manual_seed(0)
+    transformers.RobertaForCausalLM(cfg).save_pretrained(tmp_path / "dense")
+    bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    want = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "dense", quantization_config=bnb, device_map="cpu", dtype=torch.bfloat16
+    )
+    if source == "dense":
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.bfloat16)
+    else:
+        model = hoptune.load_model(tmp_path / "dense", device="cpu", progress=False)
+        assert isinstance(model.lm_head.dense, NF4Linear)
+    names = save_pretrained_nf4(model, tmp_path / "nf4")
+    assert "lm_head.dense" in names and "lm_head.decoder" not in names
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "nf4", device_map="cpu")
+    types = [{n: type(m) for n, m in x.named_modules()} for x in (loaded, want)]
+    assert types[0] == types[1]
+    assert type(want.lm_head.dense) is bitsandbytes.nn.Linear4bit
+
+
 def test_a_model_quantized_by_another_method_is_refused(tmp_path):
     # a model transformers loaded in bitsandbytes 8-bit was saved without an error, its int8 codes
     # written as dense weights under an NF4 quantization_config (no layer in NF4); load_model then

@@ -141,9 +141,16 @@ def _default_skips(model: nn.Module, nf4_names: Iterable[str], plain_names: Iter
     is saved as it is: those layers stay NF4 (a head the checkpoint stored in NF4 too), and its
     other plain linear layers (``plain_names``) stay dense, as the checkpoint or load_model's
     ``skip_modules`` left them."""
+    from hoptune.patch import _is_conv1d  # (not at the top: hoptune.patch imports hoptune.quant)
+
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
-    skip = ["lm_head", *(n for n, m in model.named_modules() if n and head is not None and m is head)]
+    lm = dict(model.named_modules()).get("lm_head")
+    # RoBERTa's lm_head is a prediction head (dense, norm, then the output layer, lm_head.decoder):
+    # "lm_head" would keep its dense layer dense too, which transformers + bitsandbytes quantize
+    whole = lm is not None and lm is not head and not isinstance(lm, nn.Linear) and not _is_conv1d(lm)
+    skip = [] if whole else ["lm_head"]
+    skip += [n for n, m in model.named_modules() if n and head is not None and m is head]
     # linear layers whose weight is tied to another's (Zamba2's shared blocks): transformers +
     # bitsandbytes keep them dense (get_keys_to_not_convert), and tie_weights shares the dense tensor
     tied = {
@@ -160,7 +167,7 @@ def _default_skips(model: nn.Module, nf4_names: Iterable[str], plain_names: Iter
     # a head stored in NF4 (a checkpoint saved with llm_int8_skip_modules=[]) is saved as it is,
     # whether transformers or load_model (which keeps no quantization_config) loaded it
     nf4_names = set(nf4_names)
-    skip = [n for n in skip if n not in nf4_names]
+    skip = [s for s in skip if not any(_skipped(n, [s]) for n in nf4_names)]
     # load_model keeps no record of the checkpoint's skip list (or of its own skip_modules): the
     # dense layers of a model that has NF4 ones are those the two kept dense
     if nf4_names or qc is not None:
