@@ -218,12 +218,21 @@ def test_the_head_check_runs_once_and_draws_no_random_numbers(small_model, monke
     resumed run checks it again)."""
     import copy
 
+    import hoptune
+
     model = small_model.train()
     model.config.attention_dropout = 0.5
     for m in model.modules():
         if hasattr(m, "attention_dropout"):
             m.attention_dropout = 0.5
+    # an adapted output layer with dropout: checked in training mode, its second call would draw
+    # another mask than the model's call did, and the path would be refused
+    targets = ["q_proj", "lm_head"]
+    hoptune.apply_lora(model, r=2, alpha=4, dropout=0.5, target_modules=targets, init_lora_weights=False)
+    model.model.layers[0].mlp.eval()  # (a module a user froze in eval mode stays so)
     twin = copy.deepcopy(model)
+    modes = {n: m.training for n, m in model.named_modules()}
+    assert not modes["model.layers.0.mlp"] and modes["model.layers.0.self_attn.q_proj"]
     calls = []
     real = loop._head_mismatch
     monkeypatch.setattr(loop, "_head_mismatch", lambda *a: calls.append(1) or real(*a))
@@ -234,6 +243,7 @@ def test_the_head_check_runs_once_and_draws_no_random_numbers(small_model, monke
         first, _ = loop.batch_logprobs(model, batch)
         after_first = torch.get_rng_state()
         assert loop._HEAD_PATH_OK[model] is True and calls == [1]
+        assert {n: m.training for n, m in model.named_modules()} == modes
         loop._HEAD_PATH_OK[twin] = True  # (as if checked earlier: no check now)
         torch.manual_seed(1)
         same, _ = loop.batch_logprobs(twin, batch)

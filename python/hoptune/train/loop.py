@@ -554,11 +554,14 @@ _HEAD_CHECK_TOKENS = 16
 def _head_mismatch(model: nn.Module, decoder: nn.Module, ids: torch.Tensor) -> str | None:
     """How the model's own logits for ``ids`` (1, T) differ from its output layer applied to its
     decoder's output with the architecture's scale and soft-cap (``_head_settings``), or None when
-    they agree to the rounding of the logits' dtype. One forward, without gradients, leaving the
-    random state as it was (dropout draws nothing that training would have drawn)."""
+    they agree to the rounding of the logits' dtype. One forward, without gradients, in eval mode
+    (an adapted output layer's dropout would draw another mask for the second call), leaving every
+    module's mode and the random state as they were (nothing that training would have drawn)."""
     seen: list[Any] = []
     hook = decoder.register_forward_hook(lambda m, a, o: seen.append(o))
     devices = [ids.device] if ids.device.type == "cuda" else []
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             out = model(input_ids=ids, use_cache=False)
@@ -577,6 +580,8 @@ def _head_mismatch(model: nn.Module, decoder: nn.Module, ids: torch.Tensor) -> s
                 return f"its output layer does not take its decoder's output ({type(e).__name__}: {e})"
     finally:
         hook.remove()
+        for m, training in modes:
+            m.training = training
     if not isinstance(ref, torch.Tensor) or not isinstance(ours, torch.Tensor) or ref.shape != ours.shape:
         got = tuple(ours.shape) if isinstance(ours, torch.Tensor) else type(ours).__name__
         want = tuple(ref.shape) if isinstance(ref, torch.Tensor) else type(ref).__name__
