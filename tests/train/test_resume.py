@@ -85,6 +85,31 @@ def test_resume_is_exact(tmp_path, tokenizer, demo_data, monkeypatch, packing):
     assert [r["step"] for r in recs if r["split"] == "eval"] == [5, 10, 15, 20]
 
 
+def test_a_run_resumed_from_an_earlier_checkpoint_and_stopped_resumes_from_there(
+    tmp_path, tokenizer, demo_data, monkeypatch
+):
+    """Checkpoints 2 and 4, the run killed in step 6; resumed on purpose from step 2 and killed again
+    before its next save; then output.resume=auto. metrics.jsonl was cut back to step 2 by that
+    resume, but latest still named step 4, so auto went on from step 4 and step 4's line (and any
+    eval there) was missing for good. latest now names the checkpoint a run resumes from."""
+    common = ["train.max_steps=8", "train.save_every=2", "train.keep_checkpoints=3"]
+    full = _run(small_config(tmp_path / "a", demo_data, *common), tokenizer)
+    cfg = small_config(tmp_path / "b", demo_data, *common)
+    _run_killed_at_step(cfg, tokenizer, 6, monkeypatch)
+    ck = loop.Checkpointer(cfg.output.dir)
+    assert loop.step_folders(ck.dir) == ["step-00000002", "step-00000004"]
+    back = small_config(
+        tmp_path / "b", demo_data, *common, f"output.resume={os.path.join(ck.dir, 'step-00000002')}"
+    )
+    _run_killed_at_step(back, tokenizer, 2, monkeypatch)  # (killed in step 4: no save)
+    assert os.path.basename(ck.latest()) == "step-00000002"
+    assert "step-00000002" in loop.interrupted_hint(back)
+    again = _run(cfg, tokenizer)
+    assert again.train_losses == full.train_losses[2:]
+    recs = loop.read_metrics(os.path.join(cfg.output.dir, "metrics.jsonl"))
+    assert [r["step"] for r in recs if r["split"] == "train"] == list(range(1, 9))
+
+
 def test_resume_refuses_other_data(tmp_path, tokenizer, demo_data):
     cfg = small_config(tmp_path, demo_data, "train.max_steps=2", "train.save_every=1")
     _run(cfg, tokenizer)

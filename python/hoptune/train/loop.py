@@ -1066,6 +1066,17 @@ class Checkpointer:
         steps = self._steps()
         return os.path.join(self.dir, steps[-1]) if steps else None
 
+    def resumed_from(self, folder: str) -> None:
+        """A run resumed from ``folder``: when it is one of this run's checkpoints, ``latest`` names
+        it, so that a run stopped before its next save resumes (``output.resume=auto``, and the
+        interruption's hint) from there as well, where metrics.jsonl was cut back to, and not from
+        a later checkpoint of the run this one went back from (removed at the next save)."""
+        if os.path.dirname(os.path.realpath(folder)) != os.path.realpath(self.dir):
+            return
+        name = os.path.basename(os.path.realpath(folder))
+        if self.pointed() != name:
+            atomic_write_text(os.path.join(self.dir, LATEST), name + "\n")
+
     def _put_back_set_aside(self) -> None:
         """A checkpoint that a save of its step again, killed between its two renames, left aside in
         ``.tmp-old-step-N-*/old`` (``latest`` may name it) goes back under its name."""

@@ -1023,6 +1023,7 @@ def _train(
             ) from e
         step = int(state["step"])
         window.update(state.get("log_window") or {})
+        ckpt.resumed_from(resume_from)
         log(f"resumed from {resume_from} at step {step}")
     start = step
     # written once every check has passed: a refused run leaves the config of the run in output.dir
