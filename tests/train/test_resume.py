@@ -121,9 +121,13 @@ def test_resume_refuses_other_data(tmp_path, tokenizer, demo_data):
         "data.max_seq_len=12",
         "data.truncation=left",
     )
-    # (the explanation names the settings that changed here: it named neither)
-    with pytest.raises(ConfigError, match=r"cannot resume exactly.*data_fingerprint.*data\.truncation"):
+    # the explanation names the settings that changed here, from the run's config.yaml (it named
+    # every data.* key that could have, and said that no setting changed)
+    with pytest.raises(ConfigError, match=r"cannot resume exactly.*data_fingerprint") as e:
         _run(cfg, tokenizer)
+    msg = str(e.value)
+    assert "data.max_seq_len was 64 and is now 12; data.truncation was 'right' and is now 'left'" in msg
+    assert "No setting a checkpoint records changed" not in msg and "data.packing was" not in msg
     cfg = small_config(tmp_path, demo_data, "train.max_steps=2", "output.resume=false")
     with pytest.raises(ConfigError, match="already has checkpoints"):
         _run(cfg, tokenizer)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from hoptune._io import atomic_dir
-from hoptune.config import ConfigError, SFTConfig, check_sft_config, dump_config
+from hoptune.config import ConfigError, SFTConfig, check_sft_config, config_to_dict, dump_config, load_config
 from hoptune.data.dataset import (
     DataReport,
     StepSampler,
@@ -755,10 +755,34 @@ def _same_setting(key: str, was: Any, now: Any) -> bool:
     return was == now
 
 
-def _check_resume(folder: str, state: dict[str, Any], now: dict[str, Any], afresh: str) -> None:
+def _row_settings_changed(folder: str, cfg: SFTConfig) -> list[str]:
+    """The settings that make the rows (data.*, model.chat_template), which a checkpoint does not
+    record, whose values in ``cfg`` differ from those in the resolved config of the run that wrote
+    checkpoint ``folder`` (``<run>/config.yaml``, written once a run's checks pass), each said as
+    "key was X and is now Y"; [] when that file is not there or cannot be read."""
+    checkpoints = os.path.dirname(os.path.abspath(folder))
+    if os.path.basename(checkpoints) != "checkpoints":
+        return []
+    try:
+        was = config_to_dict(load_config(_config_path(os.path.dirname(checkpoints))))
+    except (ConfigError, OSError):
+        return []
+    now = config_to_dict(cfg)
+    keys = [("data", k) for k in now["data"]] + [("model", "chat_template")]
+    return [
+        f"{a}.{b} was {was[a].get(b)!r} and is now {now[a][b]!r}"
+        for a, b in keys
+        if was[a].get(b) != now[a][b]
+    ]
+
+
+def _check_resume(
+    folder: str, state: dict[str, Any], now: dict[str, Any], afresh: str, rows_by: list[str] | None = None
+) -> None:
     """ConfigError naming every key of ``now`` whose value differs from the checkpoint's ``state``.
     Settings a checkpoint of an older hoptune does not record are not compared (but its seed is).
-    ``afresh``: how to start over instead (``_afresh``)."""
+    ``afresh``: how to start over instead (``_afresh``); ``rows_by``: the row-making settings that
+    differ from the run's config.yaml (``_row_settings_changed``), named when the rows differ."""
     was = {k: state.get(k) for k in ("data_fingerprint", "rows_per_step", "total_steps")}
     if "eval_fingerprint" in state:  # (not recorded by older checkpoints)
         was["eval_fingerprint"] = state["eval_fingerprint"]
@@ -795,11 +819,18 @@ def _check_resume(folder: str, state: dict[str, Any], now: dict[str, Any], afres
         if keys and set(keys) <= {"data_fingerprint", "eval_fingerprint"}:
             # no recorded setting differs: the data.* keys and model.chat_template (not recorded), the
             # files' contents or the tokenizer made other rows
-            what = (
-                "No setting a checkpoint records changed: the rows differ, by the data.* keys or "
-                "model.chat_template of the config, the contents of the data files, or the tokenizer. "
-                f"Train on the rows of that run, or on these {afresh}"
-            )
+            if rows_by:
+                what = (
+                    f"The rows differ, and of the settings that make them (which a checkpoint does not "
+                    f"record) against that run's config.yaml: {'; '.join(rows_by)}. Train on the rows "
+                    f"of that run, or on these {afresh}"
+                )
+            else:
+                what = (
+                    "No setting a checkpoint records changed: the rows differ, by the data.* keys or "
+                    "model.chat_template of the config, the contents of the data files, or the tokenizer. "
+                    f"Train on the rows of that run, or on these {afresh}"
+                )
         else:
             what = f"Use the config that run was started with (see its config.yaml), or start afresh {afresh}"
         raise ConfigError(f"cannot resume exactly from {folder}: {'; '.join(changed)}. {what}")
@@ -962,7 +993,7 @@ def _train(
                 f"model.path: the base {moved} of {resume_from} moved to {now['model.path']} (the same files)"
             )
             now["model.path"] = moved
-        _check_resume(resume_from, prior, now, afresh)
+        _check_resume(resume_from, prior, now, afresh, _row_settings_changed(resume_from, cfg))
 
     # 2. model
     base_name = base_model_name(cfg, model)
