@@ -59,6 +59,30 @@ def _model_logprobs(model, ids, labels):
         ("AyaVisionForConditionalGeneration", dict(logit_scale=0.25), dict(vision_config=VISION)),
         # its text config's logit_scale is not applied by its forward
         ("Cohere2VisionForConditionalGeneration", dict(logit_scale=0.25), dict(vision_config=VISION)),
+        # logits * text_config.output_multiplier, then soft-capped
+        (
+            "MuseGlimmerForConditionalGeneration",
+            dict(
+                output_multiplier=0.2,
+                final_logit_softcapping=3.0,
+                sliding_window=16,
+                bos_token_id=1,
+                eos_token_id=2,
+            ),
+            dict(
+                vision_config=dict(
+                    hidden_size=32,
+                    intermediate_size=64,
+                    num_hidden_layers=1,
+                    num_attention_heads=2,
+                    pos_emb_height=4,
+                    pos_emb_width=4,
+                    max_position_embeddings=64,
+                ),
+                out_hidden_size=64,
+                projector_hidden_size=64,
+            ),
+        ),
     ],
 )
 def test_batch_logprobs_reads_a_composite_models_text_config(family, text, extra):
@@ -80,6 +104,7 @@ def test_batch_logprobs_reads_a_composite_models_text_config(family, text, extra
         )
         ref = _model_logprobs(model, ids, labels)
     assert (lp - ref).abs().max().item() < 1e-4
+    assert loop._HEAD_PATH_OK[model] is True  # (by the output layer, not the model's own logits)
 
 
 @pytest.mark.parametrize("separable", [True, False])

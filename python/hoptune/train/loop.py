@@ -529,10 +529,12 @@ def _head_settings(model: nn.Module) -> tuple[float, float | None]:
         # (HyperCLOVA X multiplies by the same key: muP's other convention)
         mult = getattr(holder, "model_type", None) in _LOGITS_SCALING_MULTIPLIES
         scale = scale * float(divisor) if mult else scale / float(divisor)
-    # Falcon-H1: logits * lm_head_multiplier
-    head_mult, _ = _logits_setting(cfg, "lm_head_multiplier")
-    if isinstance(head_mult, (int, float)) and not isinstance(head_mult, bool):
-        scale *= float(head_mult)
+    # Falcon-H1: logits * lm_head_multiplier; MuseGlimmer / MuseSpark: logits * output_multiplier
+    # (their text config's), before the soft-cap
+    for key in ("lm_head_multiplier", "output_multiplier"):
+        mult, _ = _logits_setting(cfg, key)
+        if isinstance(mult, (int, float)) and not isinstance(mult, bool):
+            scale *= float(mult)
     softcap, _ = _logits_setting(cfg, "final_logit_softcapping")
     if softcap is None:  # RecurrentGemma's name for it
         softcap, _ = _logits_setting(cfg, "logits_soft_cap")
