@@ -358,8 +358,24 @@ def _dispatcher_for(cls: type, gen: torch.Generator | None = None, verdict: dict
     if key not in verdict:
         verdict[key] = _rope_function_matches(fn, gen or torch.Generator().manual_seed(0))
     if verdict[key]:
-        pymod.apply_rotary_pos_emb = _rope_dispatcher(fn)
+        pymod.apply_rotary_pos_emb = _installed(fn, _rope_dispatcher(fn))
     return verdict[key]
+
+
+def _installed(fn, dispatcher):
+    """What takes the module's ``apply_rotary_pos_emb``: the dispatcher itself, or, where the
+    function is a module (transformers with the ``kernels`` package makes it one, its class built
+    around the function), a new instance of that class that runs the dispatcher. kernels rebuilds
+    each attention layer's own copy of the function on unpickling as ``type(<the module's
+    attribute>)()``: a plain function there broke ``torch.load`` of every model of the module's
+    classes, fused or not. The dispatcher falls back to the original instance, which routes calls to
+    a kernelized model's own copy as before."""
+    if not isinstance(fn, nn.Module):
+        return dispatcher
+    inst = type(fn)()
+    object.__setattr__(inst, "forward", dispatcher)  # (nn.Module.__call__ runs the instance's)
+    object.__setattr__(inst, "_hoptune_original", fn)  # (an attribute, not a submodule)
+    return inst
 
 
 def _fuse_rope(mod: nn.Module, gen: torch.Generator, verdict: dict) -> bool:
