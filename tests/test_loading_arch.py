@@ -163,3 +163,39 @@ def test_save_pretrained_nf4_keeps_tied_linear_layers_dense(tmp_path):
     assert set(nf4_layers(back)) == set(nf4_layers(quant))
     torch.testing.assert_close(_logits(back), _logits(quant), atol=0, rtol=0)
     del ref
+
+
+@pytest.mark.parametrize("how", ["load_model", "apply_lora"])
+def test_a_mixer_that_reads_dt_proj_runs_with_nf4_as_under_bitsandbytes(tmp_path, how):
+    """FalconMamba's mixer reads dt_proj.weight directly unless config._is_quantized is set (as
+    transformers' quantizers set it; then it calls the layer): an NF4 dt_proj has no .weight, so the
+    forward failed after load_model(quantize="nf4") or apply_lora(quantize="nf4"). The flag is set
+    where NF4 layers are made; the logits are those of the model holding the dequantized weights,
+    and the saved config does not hold the flag."""
+    cfg = transformers.AutoConfig.for_model(
+        "falcon_mamba", hidden_size=64, num_hidden_layers=2, vocab_size=128, time_step_rank=64, state_size=16
+    )
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "dense")
+    if how == "load_model":
+        model = hoptune.load_model(tmp_path / "dense", device="cpu", dtype=torch.float32, progress=False)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32)
+        hoptune.apply_lora(model, r=4, quantize="nf4", init_lora_weights=False)
+        for _, lora in model.named_modules():
+            if isinstance(lora, LoRALinear):
+                torch.nn.init.zeros_(lora.lora_B)  # (the base alone, for the comparison)
+    mixer = model.backbone.layers[0].mixer
+    assert getattr(mixer.dt_proj, "quantized", False) and model.config._is_quantized is True
+    dense = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32)
+    for name, mod in model.named_modules():
+        if getattr(mod, "quantized", False) and not isinstance(mod, LoRALinear):
+            w = mod.dequantize(torch.float32)
+            dense.get_submodule(name.removesuffix(".base_layer")).weight.data.copy_(w)
+        elif isinstance(mod, LoRALinear):
+            dense.get_submodule(name).weight.data.copy_(dequantize_nf4(mod.weight_nf4, torch.float32))
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, dense(x).logits, rtol=1e-5, atol=1e-5)
+    model.config.save_pretrained(tmp_path / "saved")
+    assert "_is_quantized" not in (tmp_path / "saved" / "config.json").read_text()

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from hoptune._io import STAGE_PREFIX
-from hoptune.nn.nf4_linear import NF4_META_KEY, NF4Linear, read_nf4_meta
+from hoptune.nn.nf4_linear import NF4_META_KEY, NF4Linear, mark_quantized, read_nf4_meta
 from hoptune.ops import _check
 from hoptune.ops import nf4 as nf4_ops
 from hoptune.patch import CONV1D_ATTR, _is_conv1d
@@ -1200,6 +1200,7 @@ def load_model(
             "(a checkpoint for another architecture, or an incomplete one?)"
         )
     config.dtype = dtype
+    mark_quantized(model)
     _load_generation_config(model, folder)
     return model
 

@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from hoptune.nn.lora import LoRALinear, check_lora_options
-from hoptune.nn.nf4_linear import NF4Linear
+from hoptune.nn.nf4_linear import NF4Linear, mark_quantized
 from hoptune.ops import _check
 from hoptune.ops.nf4_lora import MAX_RANK
 from hoptune.quant.checkpoint import _kept_dense, _skipped
@@ -602,6 +602,7 @@ def replace_with_lora(
     setattr(model, _STATE_ATTR, state)
     for name, _ in done:
         setattr(model.get_submodule(name), _OWNER_ATTR, (state, name))
+    mark_quantized(model)
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:

@@ -430,3 +430,18 @@ class NF4Linear(NF4Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"nf4(blocksize={self._nf4_meta[2]}{dq}), bias={self.bias is not None}"
         )
+
+
+def mark_quantized(model: nn.Module) -> None:
+    """When ``model`` holds NF4 layers, set ``config._is_quantized`` on the transformers models in
+    it, as transformers' quantizers do (its config writer leaves the key out). Models read it:
+    FalconMamba's and Jamba's mixers then call ``dt_proj`` instead of reading ``dt_proj.weight``
+    (which an NF4 layer does not have: their forward failed), and flash attention takes the
+    config's dtype for fp32 inputs instead of the first linear layer's ``.weight.dtype``."""
+    if not any(getattr(m, "quantized", False) for m in model.modules()):
+        return
+    from transformers import PreTrainedModel  # (not at the top: the layer needs no transformers)
+
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel):
+            m.config._is_quantized = True
