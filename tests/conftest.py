@@ -100,3 +100,27 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||a - e|| / ||e|| in float64."""
     a, e = actual.detach().double(), expected.detach().double().to(actual.device)
     return float((a - e).norm() / e.norm().clamp_min(1e-300))
+
+
+def encoder_as_decoder(family: str, vocab: int = 128, layers: int = 2):
+    """A tiny BERT-family causal LM (``is_decoder``): "bert" (BertLMHeadModel), "electra" (its
+    embeddings 128 wide, its hidden states 64: its head projects them back) or "roberta"."""
+    import transformers
+
+    config_cls, model_cls = {
+        "bert": (transformers.BertConfig, transformers.BertLMHeadModel),
+        "electra": (transformers.ElectraConfig, transformers.ElectraForCausalLM),
+        "roberta": (transformers.RobertaConfig, transformers.RobertaForCausalLM),
+    }[family]
+    extra = {"embedding_size": 128} if family == "electra" else {}
+    cfg = config_cls(
+        vocab_size=vocab,
+        hidden_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=128,
+        is_decoder=True,
+        **extra,
+    )
+    torch.manual_seed(0)
+    return model_cls(cfg).eval()

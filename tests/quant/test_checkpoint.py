@@ -354,17 +354,9 @@ def test_a_prediction_head_named_lm_head_quantizes_as_in_transformers(tmp_path, 
     (which quantizes it, as transformers does) could not be saved: "lm_head.dense is in
     skip_modules=['lm_head', 'lm_head.decoder'] but is NF4 already"."""
     import hoptune
+    from tests.conftest import encoder_as_decoder
 
-    cfg = transformers.RobertaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        is_decoder=True,
-    )
-    torch.manual_seed(0)
-    transformers.RobertaForCausalLM(cfg).save_pretrained(tmp_path / "dense")
+    encoder_as_decoder("roberta", layers=1).save_pretrained(tmp_path / "dense")
     bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
     want = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "dense", quantization_config=bnb, device_map="cpu", dtype=torch.bfloat16

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hoptune.train import loop
+from tests.conftest import encoder_as_decoder
 
 V = 300
 PLE = dict(vocab_size_per_layer_input=V, hidden_size_per_layer_input=8)  # (Gemma 4: per-layer)
@@ -170,29 +171,6 @@ def test_aya_visions_text_logit_scale_follows_the_transformers_version(monkeypat
     assert loop._text_logit_scale_unused("cohere") is False
 
 
-def _encoder_as_decoder(family: str):
-    """BertLMHeadModel / ElectraForCausalLM, tiny, as a decoder (ELECTRA's embeddings 128 wide, its
-    hidden states 64: its head projects them back)."""
-    import transformers
-
-    config_cls, model_cls = {
-        "bert": (transformers.BertConfig, transformers.BertLMHeadModel),
-        "electra": (transformers.ElectraConfig, transformers.ElectraForCausalLM),
-    }[family]
-    extra = {"embedding_size": 128} if family == "electra" else {}
-    cfg = config_cls(
-        vocab_size=V,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        is_decoder=True,
-        **extra,
-    )
-    torch.manual_seed(0)
-    return model_cls(cfg).eval()
-
-
 def _logits_times(model, factor):
     """The model with its logits multiplied by ``factor`` in its forward (a transform hoptune does
     not know of, as a new architecture's muP multiplier would be)."""
@@ -217,7 +195,7 @@ def test_batch_logprobs_of_logits_that_are_not_the_head_on_the_decoder(small_mod
     first batch checks it against the model's own logits, says so once and takes the model's
     logits from then on."""
     encoder = case in ("bert", "electra")
-    model = _encoder_as_decoder(case) if encoder else _logits_times(small_model.eval(), 0.2)
+    model = encoder_as_decoder(case, vocab=V) if encoder else _logits_times(small_model.eval(), 0.2)
     assert loop._decoder(model) is not None  # (the path the check turns away from)
     ids = torch.randint(3, V if encoder else model.config.vocab_size, (2, 10))
     mask = torch.rand(2, 10) < 0.7
