@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from hoptune.nn import NF4Linear
-from hoptune.quant import bnb_quantization_config, save_pretrained_nf4
+from hoptune.quant import bnb_quantization_config, dequantize_nf4, quantize_nf4, save_pretrained_nf4
 
 
 def _tiny_deepseek_v32(seed=0):
@@ -481,3 +481,42 @@ def test_an_nf4_layer_with_a_nested_blocksize_bitsandbytes_cannot_run_is_refused
     ):
         save_pretrained_nf4(model, out)
     assert not out.exists()
+
+
+def test_keys_transformers_renames_on_loading_are_written_as_it_reads_them(tmp_path):
+    """Laguna's checkpoints name its shared experts ``shared_expert.``, which transformers renames to
+    ``shared_experts.`` as it loads them (and its routed experts it fuses into one tensor). Written
+    under the in-memory names, a quantized shared expert's packed weight was renamed on loading but
+    not its quant-state tensors: transformers built it without its quantization state and its
+    forward failed ("quant_state is required"). The keys are written as save_pretrained writes them."""
+    if not hasattr(transformers, "LagunaForCausalLM"):
+        pytest.skip(f"transformers {transformers.__version__} has no Laguna")
+    cfg = transformers.LagunaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=16,
+    )
+    torch.manual_seed(0)
+    transformers.LagunaForCausalLM(cfg).save_pretrained(tmp_path / "dense")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32)
+    names = save_pretrained_nf4(model, tmp_path / "nf4")
+    shared = [n for n in names if ".shared_experts." in n]
+    assert shared
+    keys = load_file(tmp_path / "nf4" / "model.safetensors").keys()
+    on_disk = shared[0].replace(".shared_experts.", ".shared_expert.")
+    assert f"{on_disk}.weight.absmax" in keys and f"{shared[0]}.weight" not in keys
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "nf4", device_map="cpu")
+    layer = loaded.get_submodule(shared[0])
+    assert type(layer) is bitsandbytes.nn.Linear4bit and layer.weight.quant_state is not None
+    theirs = bitsandbytes.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    want = dequantize_nf4(quantize_nf4(model.get_submodule(shared[0]).weight.detach()), torch.float32)
+    assert torch.equal(theirs.float(), want)

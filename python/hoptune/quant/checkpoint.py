@@ -187,6 +187,32 @@ def _setting(name: str, given: object, held: set, default: object) -> object:
     return next(iter(held)) if held else default
 
 
+def _checkpoint_keys(model: nn.Module, state: dict[str, torch.Tensor], quantized: list[str]) -> dict:
+    """``state`` under the keys ``from_pretrained`` reads. transformers 5 renames some checkpoints'
+    keys as it loads them (Laguna's ``shared_expert.`` becomes ``shared_experts.``) and converts
+    others (MoE experts fused into one tensor); its save_pretrained reverts both, and so does this:
+    written under the in-memory names, such a layer's packed weight was renamed on loading but not
+    its quant-state tensors, and transformers built it without its quantization state. A conversion
+    that would reshape an NF4 layer's packed weight (not only rename it) is refused by name."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # (a transformers that converts no keys)
+        return state
+    out = revert_weight_conversion(model, state)
+    if out is state or not quantized:
+        return out
+    suffix = ".weight.quant_state.bitsandbytes__nf4"
+    held = {k[: -len(suffix)]: k for k in out if k.endswith(suffix)}
+    whole = all(f"{p}.weight" in out and f"{p}.weight.absmax" in out for p in held)
+    if len(held) != len(quantized) or not whole:
+        raise ValueError(
+            f"{type(model).__name__}: transformers converts (not only renames) the weights of some of "
+            f"its NF4 layers on saving and loading (e.g. {quantized[:3]}), which packed NF4 weights "
+            "cannot take; keep those layers dense (skip_modules)"
+        )
+    return out
+
+
 def save_pretrained_nf4(
     model: nn.Module,
     out_dir: str | os.PathLike,
@@ -390,6 +416,7 @@ def save_pretrained_nf4(
     for key in _tied_keys(model, model.config):
         if key in state and key in full and storages[_storage(full[key])] > 1:
             state.pop(key)
+    state = _checkpoint_keys(model, state, quantized)
     config = model.config.to_dict()
     dtype = next(model.parameters()).dtype
     # the model's dtype, as save_pretrained records it (the config may still hold the one it was built in)
