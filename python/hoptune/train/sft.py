@@ -821,9 +821,9 @@ def _check_resume(
             # files' contents or the tokenizer made other rows
             if rows_by:
                 what = (
-                    f"The rows differ, and of the settings that make them (which a checkpoint does not "
-                    f"record) against that run's config.yaml: {'; '.join(rows_by)}. Train on the rows "
-                    f"of that run, or on these {afresh}"
+                    f"The rows differ; of the settings that make them (a checkpoint does not record "
+                    f"them), these differ from that run's config.yaml: {'; '.join(rows_by)}. Train on "
+                    f"the rows of that run, or on these {afresh}"
                 )
             else:
                 what = (
