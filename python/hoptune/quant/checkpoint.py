@@ -145,7 +145,7 @@ def _default_skips(model: nn.Module, nf4_names: Iterable[str], plain_names: Iter
 
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
-    lm = dict(model.named_modules()).get("lm_head")
+    lm = dict(model.named_children()).get("lm_head")
     # RoBERTa's lm_head is a prediction head (dense, norm, then the output layer, lm_head.decoder):
     # "lm_head" would keep its dense layer dense too, which transformers + bitsandbytes quantize
     whole = lm is not None and lm is not head and not isinstance(lm, nn.Linear) and not _is_conv1d(lm)

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from hoptune._io import atomic_dir, atomic_write, atomic_write_text, put_back_set_aside
+from hoptune.fusion import _mode
 from hoptune.losses.logprobs import head_logprobs, token_logprobs_from_logits
 from hoptune.ops import _check
 
@@ -562,10 +563,8 @@ def _head_mismatch(model: nn.Module, decoder: nn.Module, ids: torch.Tensor) -> s
     seen: list[Any] = []
     hook = decoder.register_forward_hook(lambda m, a, o: seen.append(o))
     devices = [ids.device] if ids.device.type == "cuda" else []
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), _mode(model, False):
             out = model(input_ids=ids, use_cache=False)
             if not seen:
                 return "its forward did not run its decoder"
@@ -582,8 +581,6 @@ def _head_mismatch(model: nn.Module, decoder: nn.Module, ids: torch.Tensor) -> s
                 return f"its output layer does not take its decoder's output ({type(e).__name__}: {e})"
     finally:
         hook.remove()
-        for m, training in modes:
-            m.training = training
     if not isinstance(ref, torch.Tensor) or not isinstance(ours, torch.Tensor) or ref.shape != ours.shape:
         got = tuple(ours.shape) if isinstance(ours, torch.Tensor) else type(ours).__name__
         want = tuple(ref.shape) if isinstance(ref, torch.Tensor) else type(ref).__name__
