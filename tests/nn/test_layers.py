@@ -858,16 +858,25 @@ def test_repr_of_an_nf4_base_names_double_quant(double_quant):
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_weight_of_an_nf4_layer_says_where_the_weight_is(lora):
-    # code that reads a layer's .weight directly (Mamba's dt_proj.weight @ ...) got "'NF4Linear'
-    # object has no attribute 'weight'", which says neither why nor what to do
+    # code that computes with a layer's .weight directly (Mamba's dt_proj.weight @ ...) got
+    # "'NF4Linear' object has no attribute 'weight'", which says neither why nor what to do; code
+    # that reads only its dtype or device (HunYuan-MoE's router, the Mamba-2 mixers' fused-kernel
+    # call) failed too, where transformers + bitsandbytes run: .weight answers those and refuses
+    # the rest with the message
     from hoptune.nn import LoRALinear, NF4Linear
 
-    layer = NF4Linear.from_linear(torch.nn.Linear(128, 64))
+    layer = NF4Linear.from_linear(torch.nn.Linear(128, 64), dtype=torch.bfloat16)
     if lora:
         layer = LoRALinear(layer.weight_nf4, r=4, lora_alpha=8)
-    with pytest.raises(AttributeError, match=r"NF4.*(dequantize|base_weight)\(\).*skip_modules"):
-        layer.weight  # noqa: B018
-    assert not hasattr(layer, "weight")  # (hasattr still answers False)
+    w = layer.weight
+    assert isinstance(w, torch.Tensor) and not isinstance(w, torch.nn.Parameter)
+    assert (w.dtype, w.device, tuple(w.shape)) == (torch.bfloat16, torch.device("cpu"), (64, 128))
+    assert not w.requires_grad
+    x = torch.randn(2, 128, dtype=torch.bfloat16)
+    for use in (lambda: x @ w.T, lambda: torch.nn.functional.linear(x, w), lambda: w.float(), lambda: w.data):
+        with pytest.raises(RuntimeError, match=r"NF4.*(dequantize|base_weight)\(\).*skip_modules"):
+            use()
+    assert "weight" not in layer.state_dict()  # (nothing registered)
     dense = LoRALinear(torch.nn.Linear(128, 64), r=4, lora_alpha=8)
     assert dense.weight.shape == (64, 128)
     with pytest.raises(AttributeError, match="no_such"):

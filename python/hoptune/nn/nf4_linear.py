@@ -174,6 +174,48 @@ def _apply_keeping_dtype(fn: Callable, t: torch.Tensor) -> torch.Tensor:
     return fn(t) if probe.dtype == t.dtype else t.to(probe.device)
 
 
+# what the stand-in for an NF4 layer's .weight answers (torch.overrides.resolve_name of the call)
+_STAND_IN_METADATA = frozenset(
+    f"torch.Tensor.{n}"
+    for n in (
+        "dtype.__get__", "device.__get__", "shape.__get__", "ndim.__get__", "is_cuda.__get__",
+        "is_meta.__get__", "is_cpu.__get__", "layout.__get__", "requires_grad.__get__",
+        "is_leaf.__get__", "grad.__get__", "size", "dim", "numel", "nelement", "get_device",
+        "is_floating_point", "is_complex", "element_size", "__len__",
+    )
+)  # fmt: skip
+
+
+class NF4WeightStandIn(torch.Tensor):
+    """What an NF4 layer gives for ``.weight``: a tensor of the weight's dtype (the one it
+    dequantizes to), device and shape ``[out, in]`` that holds no values (one element, expanded)
+    and refuses any computation with the layer's message. Code that reads ``.weight.dtype`` or
+    ``.weight.device`` runs as with a dense layer; code that would compute with the weight fails
+    saying what to do, where bitsandbytes' ``Params4bit`` (uint8 codes) computes garbage or fails
+    on shapes."""
+
+    @staticmethod
+    def __new__(cls, shape, dtype: torch.dtype, device: torch.device, message: str):
+        base = torch.empty((), dtype=dtype, device=device).expand(*shape)
+        t = torch.Tensor._make_subclass(cls, base, False)
+        t._message = message
+        return t
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if torch.overrides.resolve_name(func) in _STAND_IN_METADATA:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+        stand_in = next(a for a in (*args, *(kwargs or {}).values()) if isinstance(a, cls))
+        raise RuntimeError(stand_in._message)
+
+    def __repr__(self) -> str:
+        return f"NF4WeightStandIn(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
+
+    def __reduce_ex__(self, protocol):  # (never saved or copied as if it were a weight)
+        raise RuntimeError(self._message)
+
+
 class NF4Module(nn.Module):
     """A module that may hold an NF4 weight as the buffers of ``register_nf4`` (``_nf4_meta`` None
     when it does not): casts keep the buffers' dtypes, and the state dict carries the rest of the
@@ -194,13 +236,22 @@ class NF4Module(nn.Module):
                 ) from None
             if name != "weight" or dense_base:
                 raise
-        # (a model that reads a layer's weight directly, as Mamba's dt_proj.weight @ x: no dense
-        # weight exists to give it)
+        # A model may read a layer's .weight for its dtype or device only (HunYuan-MoE's router:
+        # `if self.wg.weight.dtype == torch.float32`), or pass it to a fused kernel it then does not
+        # call (the Mamba-2 mixers' out_proj.weight, in training without a cache), both of which run
+        # under transformers + bitsandbytes. No dense weight exists to compute with (Mamba's
+        # dt_proj.weight @ x): the stand-in answers dtype, device and shape and names the way out
+        # on anything else.
         dense = "dequantize" if hasattr(type(self), "dequantize") else "base_weight"
-        raise AttributeError(
+        shape, dtype = self._nf4_meta[0], self._nf4_meta[1]
+        return NF4WeightStandIn(
+            shape,
+            dtype,
+            nf4_device(self),
             f"this {type(self).__name__} holds its weight in NF4 (.weight_nf4; .{dense}() gives it "
-            "dense), so it has no .weight; a model that reads a layer's .weight directly needs that "
-            "layer dense: keep it out of quantization (load_model's skip_modules)"
+            "dense), so its .weight gives the weight's dtype, device and shape only; a model that "
+            "computes with a layer's .weight directly needs that layer dense: keep it out of "
+            "quantization (load_model's skip_modules)",
         )
 
     def _apply(self, fn, recurse=True):
