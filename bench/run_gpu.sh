@@ -36,7 +36,7 @@ for stage in $STAGES; do
       [ $rc -eq 0 ] || { note "build failed"; tail -40 "$OUT/logs/build.log"; break; }
       ;;
     tests)
-      python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests >"$OUT/logs/gpu_tests.log" 2>&1
+      HOPTUNE_REQUIRE_GPU_TESTS=1 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests >"$OUT/logs/gpu_tests.log" 2>&1
       note "gpu tests rc=$?: $(tail -1 "$OUT/logs/gpu_tests.log")"
       grep -E "^(FAILED|ERROR)" "$OUT/logs/gpu_tests.log" | head -20 | tee -a "$SUMMARY"
       ;;
