@@ -48,6 +48,44 @@ def test_nf4_quantize_takes_every_blocksize_bitsandbytes_stores(blocksize):
     assert torch.equal(packed, want_packed) and torch.equal(absmax, want_absmax)
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nf4_quantize_nested_refuses_what_its_kernel_cannot_read(device):
+    """The public nested quantize took any code2, blocksize2 and absmax: the kernel reads 256 code
+    values (a shorter code2 was read past its end), a power-of-two blocksize2, and at least one
+    block maximum; each is refused by name on every device."""
+    from hoptune.ops import nf4_quantize_nested
+    from hoptune.reference.nf4 import dynamic_map
+
+    code2, absmax = dynamic_map().to(device), torch.rand(300, device=device)
+    for kwargs, msg in (
+        (dict(code2=code2[:100]), "code2 must hold the 256 values"),
+        (dict(blocksize2=100), "blocksize2 must be one of"),
+        (dict(blocksize2=0), "blocksize2 must be one of"),
+        (dict(absmax=absmax[:0]), "absmax must hold at least one"),
+    ):
+        args = dict(absmax=absmax, code2=code2, offset=0.25, blocksize2=256) | kwargs
+        with pytest.raises(ValueError, match=msg):
+            nf4_quantize_nested(**args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_nf4_quantize_nested_reads_any_float_absmax_as_fp32(device, dtype):
+    """absmax in another float dtype is quantized from its fp32 values, as the reference does (the
+    kernel read a 16-bit absmax's bytes as fp32: other values, and past its end)."""
+    from hoptune.ops import nf4_quantize_nested
+    from hoptune.reference import nf4 as ref
+
+    absmax = torch.rand(1000, device=device).to(dtype)
+    code2 = ref.dynamic_map()
+    qa, a2 = nf4_quantize_nested(absmax, code2.to(device), 0.5, 256)
+    want_qa, want_a2 = ref.nf4_quantize_nested(absmax.cpu().float(), code2, 0.5, 256)
+    assert torch.equal(qa.cpu(), want_qa) and torch.equal(a2.cpu(), want_a2)
+
+
 def test_nf4_ops_fake_kernels_match_the_real_outputs():
     """The ops' fake kernels (what torch.compile traces) give the real outputs' shapes and dtypes:
     quantize, nested quantize, dequantize to a 16-bit dtype, and the merged dequantize."""

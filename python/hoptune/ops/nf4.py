@@ -16,6 +16,8 @@ from hoptune.reference import nf4 as ref
 
 # The blocksizes the quantize kernel takes (hoptune.quant.nf4.BLOCKSIZES).
 QUANT_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
+# The second-level blocksizes of double quantization (hoptune.quant.nf4.NESTED_BLOCKSIZES).
+NESTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 # Dequantize kernel version: 0 the default, 1 the same kernel without programmatic dependent
 # launch (bf16 output, nested absmax; for bench/bench_nf4_dequant.py).
@@ -74,10 +76,16 @@ def nf4_quantize_nested(
     absmax: torch.Tensor, code2: torch.Tensor, offset: float, blocksize2: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """absmax fp32 [nb] -> (qabsmax uint8 [nb], absmax2 fp32 [ceil(nb/bs2)])."""
+    # (the kernel reads 256 code values, absmax as fp32 and a power-of-two blocksize2)
+    blocksize2 = _check.blocksize("blocksize2", blocksize2, NESTED_BLOCKSIZES)
+    if code2.numel() != 256:
+        raise ValueError(f"code2 must hold the 256 values of the 8-bit dynamic code, got {code2.numel()}")
+    if absmax.numel() == 0:
+        raise ValueError("absmax must hold at least one block maximum, got an empty tensor")
     if not _lib.use_kernel(absmax, "nf4_quantize_nested"):
         return ref.nf4_quantize_nested(absmax, code2, offset, blocksize2)
     nb = absmax.numel()
-    absmax = absmax.contiguous()
+    absmax = absmax.to(torch.float32).contiguous()  # (the reference computes in fp32 too)
     code2 = code2.to(device=absmax.device, dtype=torch.float32).contiguous()
     qabsmax = torch.empty(nb, dtype=torch.uint8, device=absmax.device)
     absmax2 = torch.empty(-(-nb // blocksize2), dtype=torch.float32, device=absmax.device)

@@ -13,7 +13,7 @@ from hoptune.ops import nf4 as nf4_ops
 from hoptune.reference.nf4 import dynamic_map
 
 BLOCKSIZES = nf4_ops.QUANT_BLOCKSIZES
-NESTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+NESTED_BLOCKSIZES = nf4_ops.NESTED_BLOCKSIZES
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
