@@ -326,6 +326,39 @@ def test_a_chosen_candidate_runs_and_a_kept_pytorch_does_not(monkeypatch):
     assert torch.equal(y, torch.nn.functional.linear(x, w))
 
 
+def test_an_out_cublaslt_cannot_write_takes_pytorchs_gemm(monkeypatch):
+    """linear(x, w, out=out) gave out's pointer to the chosen candidate whatever out's layout: a
+    strided or misaligned out would have been written as a contiguous rows x N block. Such an out
+    (and one of another dtype) now takes PyTorch's GEMM, which writes it as it is laid out. (The
+    rule alone, with a stand-in plan, as in the test above.)"""
+    from hoptune import _lib
+
+    monkeypatch.setattr(_lib, "kernels_run_on", lambda t: True)
+    monkeypatch.setattr(_lib, "stream", lambda t: 0)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    gemm.enable(True)
+    m = gemm.MIN_ROWS
+    x, w = _aligned_bf16(m, 64), _aligned_bf16(32, 64)
+    x.copy_(torch.randn(m, 64))
+    w.copy_(torch.randn(32, 64))
+    plan = _RecordingPlan()
+    gemm._choices[("x@wT", m, 32, 64, torch.bfloat16, None)] = (plan, 3, {"candidate": 3})
+    want = torch.nn.functional.linear(x, w)
+    wide = _aligned_bf16(m, 64)
+    flat = _aligned_bf16(m * 32 + 8, 1).view(-1)
+    for name, out in {
+        "strided": wide[:, :32],
+        "misaligned": flat[1 : 1 + m * 32].view(m, 32),
+    }.items():
+        out.fill_(float("nan"))
+        assert gemm.linear(x, w, out=out) is out
+        assert plan.runs == [], name
+        torch.testing.assert_close(out, want, rtol=0, atol=0, msg=name)
+    out = _aligned_bf16(m, 32)
+    gemm.linear(x, w, out=out)
+    assert plan.runs == [(3, 0.0)]  # (an out it can write takes the candidate)
+
+
 def test_rows_per_shape_cap_and_reset(monkeypatch):
     """At most MAX_ROWS_PER_SHAPE row counts of one weight shape are measured (the others keep
     PyTorch's GEMM unmeasured); reset() forgets them, so the next row count is measured again."""

@@ -290,8 +290,16 @@ def linear(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) ->
     n = w.shape[0]
     rows = x.numel() // k if k else 0
     key = ("x@wT", rows, n, k, x.dtype, x.device.index)
-    # (operands that do not fit go to PyTorch, whose error names the mismatch)
-    if w.dim() != 2 or w.shape[1] != k or not _eligible(x, w, rows) or _torch_kept(key):
+    # (operands that do not fit go to PyTorch, whose error names the mismatch; so does an out that
+    # cuBLASLt could not write as rows x N from its pointer)
+    out_fits = out is None or (
+        out.shape == (*x.shape[:-1], n)
+        and out.dtype == x.dtype
+        and out.device == x.device
+        and out.is_contiguous()
+        and out.data_ptr() % _ALIGN == 0
+    )
+    if w.dim() != 2 or w.shape[1] != k or not out_fits or not _eligible(x, w, rows) or _torch_kept(key):
         if out is None:
             return torch.nn.functional.linear(x, w)
         torch.mm(x.reshape(rows, k), w.t(), out=out.view(rows, n))
