@@ -873,7 +873,13 @@ def test_weight_of_an_nf4_layer_says_where_the_weight_is(lora):
     assert (w.dtype, w.device, tuple(w.shape)) == (torch.bfloat16, torch.device("cpu"), (64, 128))
     assert not w.requires_grad
     x = torch.randn(2, 128, dtype=torch.bfloat16)
-    for use in (lambda: x @ w.T, lambda: torch.nn.functional.linear(x, w), lambda: w.float(), lambda: w.data):
+    for use in (
+        lambda: x @ w.T,
+        lambda: torch.nn.functional.linear(x, w),
+        lambda: w.float(),
+        lambda: w.data,
+        lambda: torch.cat([w, w]),
+    ):
         with pytest.raises(RuntimeError, match=r"NF4.*(dequantize|base_weight)\(\).*skip_modules"):
             use()
     assert "weight" not in layer.state_dict()  # (nothing registered)

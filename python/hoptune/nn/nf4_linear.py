@@ -206,8 +206,10 @@ class NF4WeightStandIn(torch.Tensor):
         if torch.overrides.resolve_name(func) in _STAND_IN_METADATA:
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **(kwargs or {}))
-        stand_in = next(a for a in (*args, *(kwargs or {}).values()) if isinstance(a, cls))
-        raise RuntimeError(stand_in._message)
+        # (the stand-in may sit inside a list argument, as in torch.cat([w, ...]))
+        flat = torch.utils._pytree.tree_leaves((args, kwargs or {}))
+        stand_in = next((a for a in flat if isinstance(a, cls)), None)
+        raise RuntimeError(getattr(stand_in, "_message", "an NF4 layer's .weight holds no values"))
 
     def __repr__(self) -> str:
         return f"NF4WeightStandIn(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
