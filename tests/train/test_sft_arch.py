@@ -185,3 +185,50 @@ def test_adapters_that_get_no_gradient_are_named(tmp_path, tokenizer, demo_data)
         tokenizer=tokenizer,
     )
     assert not [n for n in res.notes if "got no gradient" in n]
+
+
+def test_qlora_of_a_checkpoint_keeps_the_layers_load_model_keeps_dense(tmp_path, tokenizer, demo_data):
+    """load_model keeps dense a layer whose weight count is not a multiple of NF4's block size
+    (transformers + bitsandbytes pad its last block, a layout NF4 layers do not take), with a
+    warning; the trainer's apply_lora then quantized it anyway with model.quantize=nf4 and refused
+    it ("not a multiple of blocksize"), so `hoptune sft` failed on such a checkpoint (Gemma 3n's
+    altup.correction_coefs, 4 x 4). The adapters go over the layers as load_model left them."""
+    import transformers
+
+    # head_dim 10: k_proj and v_proj hold 20 x 40 = 800 weights
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**dict(DECODER, hidden_size=40))).save_pretrained(
+        tmp_path / "base"
+    )
+    cfg = small_config(
+        tmp_path, demo_data, f"model.path={tmp_path / 'base'}", "model.quantize=nf4", "train.max_steps=2"
+    )
+    with pytest.warns(UserWarning, match=r"k_proj stays dense: its 800 weights"):
+        res = sft.train(cfg, log=lambda s: None, tokenizer=tokenizer)
+    assert len(res.train_losses) == 2 and all(torch.isfinite(torch.tensor(res.train_losses)))
+    attn = res.model.model.layers[0].self_attn
+    assert attn.q_proj.quantized and attn.o_proj.quantized
+    assert not attn.k_proj.quantized and not attn.v_proj.quantized
+    assert all(p.abs().max() > 0 for n, p in _lora(res.model).items() if "lora_B" in n)
+
+
+def test_qlora_of_a_checkpoint_keeps_tied_layers_dense_and_shared(tmp_path, tokenizer, demo_data):
+    """Zamba2's shared block, at layers 0 and 2, is one set of weights: load_model keeps those tied
+    layers dense and shared (as transformers + bitsandbytes do), and the trainer's apply_lora then
+    quantized each copy on its own with model.quantize=nf4 (two NF4 copies, untied, numerics other
+    than the Hugging Face stack's)."""
+    import transformers
+
+    from tests.test_loading_arch import BASE, ZAMBA2
+
+    torch.manual_seed(0)
+    transformers.Zamba2ForCausalLM(transformers.Zamba2Config(**{**BASE, **ZAMBA2})).save_pretrained(
+        tmp_path / "base"
+    )
+    cfg = small_config(
+        tmp_path, demo_data, f"model.path={tmp_path / 'base'}", "model.quantize=nf4", "train.max_steps=1"
+    )
+    res = sft.train(cfg, log=lambda s: None, tokenizer=tokenizer)
+    a, b = (res.model.model.layers[i].shared_transformer.self_attn.q_proj for i in (0, 2))
+    assert not a.quantized and not b.quantized and a.weight is b.weight
+    assert res.model.model.layers[1].mamba.in_proj.quantized  # (the other layers NF4)

@@ -185,6 +185,11 @@ def prepare_model(model: nn.Module, cfg: SFTConfig, passed_in: bool = False, log
     elif lo.enabled:
         from hoptune.patch import ALL_LINEAR, apply_lora
 
+        # a model with NF4 layers already (load_model's, or a checkpoint's as stored) has every layer
+        # transformers + bitsandbytes quantize in NF4, and the others dense on purpose: a weight NF4
+        # blocks cannot fill (which apply_lora's quantize refuses) or one tied to another's (which it
+        # would quantize twice, untied); its adapters go over the layers as they are
+        quantize = None if _nf4_layers(model) else cfg.model.quantize
         try:  # apply_lora checks every argument and layer before it changes anything
             apply_lora(
                 model,
@@ -194,10 +199,10 @@ def prepare_model(model: nn.Module, cfg: SFTConfig, passed_in: bool = False, log
                 target_modules=lo.target_modules,
                 use_dora=lo.use_dora,
                 use_rslora=lo.use_rslora,
-                quantize=cfg.model.quantize,
+                quantize=quantize,
                 # for the layers it quantizes: NF4 layers (load_model's, or a checkpoint's as stored)
                 # keep their own, and apply_lora would warn about the config's default
-                double_quant=None if _nf4_layers(model) else cfg.model.double_quant,
+                double_quant=None if quantize is None else cfg.model.double_quant,
             )
         except (ValueError, TypeError) as e:
             hint, msg = "", str(e)
