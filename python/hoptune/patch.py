@@ -47,6 +47,11 @@ from hoptune.quant.checkpoint import _kept_dense, _skipped
 from hoptune.quant.nf4 import BLOCKSIZES
 
 ALL_LINEAR = "all-linear"
+# model types whose layers of these names PEFT refuses to adapt (peft.tuners.tuners_utils.
+# _check_lora_target_modules_mamba: the Mamba kernels read out_proj's weight directly), in
+# get_peft_model and PeftModel.from_pretrained alike: an adapter holding them does not load in PEFT
+PEFT_MAMBA_TYPES = frozenset({"falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h"})
+PEFT_MAMBA_REFUSED = frozenset({"out_proj", "conv1d"})
 _STATE_ATTR = "_hoptune_lora"  # per-model record: requires_grad of every parameter before apply_lora
 # per-layer: (that record, the layer's name in the model that holds it), for remove_lora /
 # merge_and_unload of a submodule of that model (a module does not know its parent)
@@ -375,6 +380,7 @@ def plan_targets(
         f"{n}.out_proj".lstrip(".") for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
     }
     chosen = select_modules(model, target_modules, exclude_modules)
+    chosen = _peft_loadable(model, chosen, target_modules)
     _warn_unused(model, exclude_modules, rank_pattern, alpha_pattern, [n for n, _ in chosen])
     targets = []
     for name, mod in chosen:
@@ -389,6 +395,30 @@ def plan_targets(
             )
         targets.append(_Target(name, mod, int(rr), float(pattern_value(alpha_pattern, name, alpha))))
     return targets
+
+
+def _peft_loadable(
+    model: nn.Module, chosen: list[tuple[str, nn.Module]], target_modules: object
+) -> list[tuple[str, nn.Module]]:
+    """``chosen`` without the layers PEFT refuses to adapt in its Mamba models (``out_proj``): left
+    out of "all-linear" with a warning (PeftModel.from_pretrained refuses an adapter that holds
+    them, and PEFT's own "all-linear" raises on them), an error when named."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in PEFT_MAMBA_TYPES:
+        return chosen
+    refused = [n for n, _ in chosen if n.rsplit(".", 1)[-1] in PEFT_MAMBA_REFUSED]
+    if not refused:
+        return chosen
+    kept = [(n, m) for n, m in chosen if n not in set(refused)]
+    last = sorted({n.rsplit(".", 1)[-1] for n in refused})
+    why = (
+        f"PEFT does not adapt {last} in {config.model_type} models (the Mamba kernels read the weight "
+        "directly), and PeftModel.from_pretrained refuses an adapter that holds them"
+    )
+    if not (isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR) or not kept:
+        raise ValueError(f"layer {refused[0]}: {why}; exclude it (exclude_modules={last!r})")
+    warnings.warn(f"all-linear leaves out {len(refused)} layers ({refused[0]}, ...): {why}", stacklevel=4)
+    return kept
 
 
 def _warn_unused(

@@ -232,3 +232,37 @@ def test_qlora_of_a_checkpoint_keeps_tied_layers_dense_and_shared(tmp_path, toke
     a, b = (res.model.model.layers[i].shared_transformer.self_attn.q_proj for i in (0, 2))
     assert not a.quantized and not b.quantized and a.weight is b.weight
     assert res.model.model.layers[1].mamba.in_proj.quantized  # (the other layers NF4)
+
+
+def test_a_mamba_adapter_loads_in_peft(tmp_path, tokenizer, demo_data):
+    """PEFT refuses LoRA on the out_proj of its Mamba models (Mamba, Mamba2, FalconMamba, FalconH1,
+    NemotronH), in PeftModel.from_pretrained too: all-linear adapted it, and the run's adapter/ did
+    not load in PEFT ("Module 'out_proj' is incompatible with Mamba-based models"). all-linear leaves
+    it out, with a warning; naming it is a config error."""
+    import peft
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.MambaConfig(
+        vocab_size=V, hidden_size=64, state_size=8, num_hidden_layers=2, expand=2, **IDS
+    )
+    base = transformers.MambaForCausalLM(cfg).float()
+    model = copy.deepcopy(base)
+    run = small_config(tmp_path, demo_data, "train.max_steps=2", "train.lr=1e-2")
+    with pytest.warns(
+        UserWarning, match=r"all-linear leaves out 2 layers \(backbone\.layers\.0\.mixer\.out_proj"
+    ):
+        res = sft.train(run, log=lambda s: None, model=model, tokenizer=tokenizer)
+    assert not any("out_proj" in n for n in _lora(model))
+    ids = torch.randint(3, len(tokenizer), (2, 12))
+    with torch.no_grad():
+        ours = model.eval()(input_ids=ids).logits
+        theirs = (
+            peft.PeftModel.from_pretrained(copy.deepcopy(base), res.output_dir).eval()(input_ids=ids).logits
+        )
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+    named = small_config(
+        tmp_path / "named", demo_data, "train.max_steps=1", "lora.target_modules=[in_proj,out_proj]"
+    )
+    with pytest.raises(ConfigError, match=r"out_proj.*PeftModel\.from_pretrained refuses"):
+        sft.train(named, log=lambda s: None, model=copy.deepcopy(base), tokenizer=tokenizer)
