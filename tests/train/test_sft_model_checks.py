@@ -142,3 +142,32 @@ def test_training_a_loaded_adapter_keeps_its_base_and_revision(tmp_path, tokeniz
     with open(os.path.join(res.output_dir, "adapter_config.json")) as f:
         saved = json.load(f)
     assert {k: saved[k] for k in loaded} == loaded
+
+
+def test_a_model_without_activation_checkpointing_names_the_setting_to_change(tmp_path, tokenizer, demo_data):
+    """transformers' models that do not support activation checkpointing (OpenAI GPT, CTRL, XLNet,
+    CPM-Ant...) refuse it: with model.gradient_checkpointing=true (the default) the run's error blamed
+    model.uncheckpointed_layers=0, a setting that cannot help, and came after the adapters were put
+    in the model passed in. It names model.gradient_checkpointing, before the model changes; with it
+    off the model trains."""
+    import transformers
+
+    from hoptune.patch import lora_layers
+
+    torch.manual_seed(0)
+    config = transformers.OpenAIGPTConfig(n_embd=64, n_layer=2, n_head=4, n_positions=128, vocab_size=128)
+    model = transformers.OpenAIGPTLMHeadModel(config)
+    cfg = small_config(tmp_path, demo_data, "train.max_steps=1", "model.gradient_checkpointing=true")
+    with pytest.raises(
+        ConfigError, match=r"model\.gradient_checkpointing=true.*set model\.gradient_checkpointing=false"
+    ) as e:
+        sft.train(cfg, log=lambda s: None, model=model, tokenizer=tokenizer)
+    assert "uncheckpointed_layers" not in str(e.value)
+    assert not lora_layers(model)
+    res = sft.train(
+        small_config(tmp_path / "off", demo_data, "train.max_steps=1"),
+        log=lambda s: None,
+        model=model,
+        tokenizer=tokenizer,
+    )
+    assert len(res.train_losses) == 1

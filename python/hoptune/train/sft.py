@@ -180,6 +180,14 @@ def prepare_model(model: nn.Module, cfg: SFTConfig, passed_in: bool = False, log
             "LoRA layers. Pass the plain base model, or load a PEFT adapter to train on with "
             "hoptune.load_adapter(model, adapter_dir, trainable=True)"
         )
+    if cfg.model.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", True) is False:
+        # (said before the model changes; transformers' own refusal, raised once the adapters were in,
+        # was reported as one of model.uncheckpointed_layers, whatever its value)
+        who = "the model passed in" if passed_in else cfg.model.path
+        raise ConfigError(
+            f"model.gradient_checkpointing=true, but {who} ({type(model).__name__}) does not support "
+            "activation checkpointing in transformers; set model.gradient_checkpointing=false"
+        )
     if lo.enabled and loop.has_lora(model):
         pass  # adapters already in place (e.g. hoptune.load_adapter(..., trainable=True)): train those
     elif lo.enabled:
