@@ -57,6 +57,12 @@ class ModelConfig:
     quantize: Literal["nf4"] | None = "nf4"
     """nf4 = QLoRA (frozen NF4 base); null = LoRA over the base in ``dtype``."""
     double_quant: bool = True
+    skip_modules: list[str] | None = None
+    """With model.quantize=nf4, layers of a checkpoint folder that stay dense (load_model's
+    skip_modules, matched as transformers matches llm_int8_skip_modules: [dt_proj] keeps every
+    layer named so): for a model that computes with a layer's weight directly, which an NF4 layer
+    cannot give it (Mamba's dt_proj, under transformers + bitsandbytes too). null = none beyond
+    those load_model keeps dense itself."""
     gradient_checkpointing: bool = True
     """Recompute each decoder layer in the backward instead of keeping its activations (the memory of
     one layer's inputs per layer, for about a third more work per step with a frozen base)."""

@@ -266,3 +266,41 @@ def test_a_mamba_adapter_loads_in_peft(tmp_path, tokenizer, demo_data):
     )
     with pytest.raises(ConfigError, match=r"out_proj.*PeftModel\.from_pretrained refuses"):
         sft.train(named, log=lambda s: None, model=copy.deepcopy(base), tokenizer=tokenizer)
+
+
+def test_skip_modules_keeps_a_layer_the_model_reads_directly_dense(tmp_path, tokenizer, demo_data):
+    """Mamba's mixer computes with dt_proj.weight itself, which an NF4 layer cannot give it (nor can
+    transformers + bitsandbytes'): its error names load_model's skip_modules, which `hoptune sft` had
+    no key for. model.skip_modules=[dt_proj] keeps those layers dense and the run trains; the
+    built-in model refuses the key, and a resume with other layers kept dense is refused."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.MambaConfig(
+        vocab_size=V, hidden_size=64, state_size=8, num_hidden_layers=2, expand=2, **IDS
+    )
+    transformers.MambaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    args = (
+        f"model.path={tmp_path / 'base'}",
+        "model.quantize=nf4",
+        "train.max_steps=2",
+        "train.save_every=1",
+    )
+    with pytest.raises(RuntimeError, match=r"dense: keep it out of quantization.*model\.skip_modules"):
+        sft.train(small_config(tmp_path / "plain", demo_data, *args), log=lambda s: None, tokenizer=tokenizer)
+    run = small_config(tmp_path, demo_data, *args, "model.skip_modules=[dt_proj]")
+    res = sft.train(run, log=lambda s: None, tokenizer=tokenizer)
+    mixer = res.model.backbone.layers[0].mixer
+    assert mixer.in_proj.quantized and not mixer.dt_proj.quantized
+    assert len(res.train_losses) == 2 and all(torch.isfinite(torch.tensor(res.train_losses)))
+    other = small_config(
+        tmp_path, demo_data, *args, "model.skip_modules=[dt_proj,x_proj]", "output.resume=auto"
+    )
+    with pytest.raises(ConfigError, match=r"model\.skip_modules"):
+        sft.train(other, log=lambda s: None, tokenizer=tokenizer)
+    with pytest.raises(ConfigError, match=r"model\.skip_modules=\['dt_proj'\] names layers of a checkpoint"):
+        sft.train(
+            small_config(tmp_path / "tiny", demo_data, "model.skip_modules=[dt_proj]"),
+            log=lambda s: None,
+            tokenizer=tokenizer,
+        )

@@ -253,7 +253,7 @@ class NF4Module(nn.Module):
             f"this {type(self).__name__} holds its weight in NF4 (.weight_nf4; .{dense}() gives it "
             "dense), so its .weight gives the weight's dtype, device and shape only; a model that "
             "computes with a layer's .weight directly needs that layer dense: keep it out of "
-            "quantization (load_model's skip_modules)",
+            "quantization (load_model's skip_modules, hoptune sft's model.skip_modules)",
         )
 
     def _apply(self, fn, recurse=True):

@@ -128,6 +128,12 @@ def load_base_model(cfg: SFTConfig, device: torch.device, dtype: torch.dtype) ->
         if m.path in TINY:
             from hoptune.models import load_tiny
 
+            if m.skip_modules:
+                raise ConfigError(
+                    f"model.skip_modules={m.skip_modules!r} names layers of a checkpoint folder to keep "
+                    f"dense, and model.path={m.path!r} is the built-in model: leave it null"
+                )
+
             model, _ = load_tiny(device=device, dtype=dtype, log=print)
             if m.attn_implementation is not None:
                 model.set_attn_implementation(m.attn_implementation)
@@ -140,6 +146,7 @@ def load_base_model(cfg: SFTConfig, device: torch.device, dtype: torch.dtype) ->
             device=device,
             dtype=dtype,
             double_quant=m.double_quant,
+            skip_modules=m.skip_modules or (),
             attn_implementation=m.attn_implementation,
         )
     except (ValueError, ImportError) as e:
@@ -664,6 +671,8 @@ def _resume_settings(cfg: SFTConfig, dtype: torch.dtype | None = None) -> dict[s
         "model.quantize": m.quantize,
         # (double quantization changes the base's values only when it is quantized)
         **({"model.double_quant": m.double_quant} if m.quantize else {}),
+        # (the layers kept dense: only where some are named, as a run before the key compares)
+        **({"model.skip_modules": list(m.skip_modules)} if m.quantize and m.skip_modules else {}),
         "lora.enabled": lo.enabled,
         **(adapters if lo.enabled else {}),
     }
