@@ -566,6 +566,31 @@ def test_moe_checkpoint_in_a_converted_layout_is_refused(tmp_path):
     torch.testing.assert_close(logits(ours), logits(ref), atol=0, rtol=0)
 
 
+def test_a_checkpoint_transformers_reshapes_while_loading_is_named_so(tmp_path):
+    """Inkling 2 stores its vocabulary padded (128 rows here) and transformers cuts it to
+    unpadded_vocab_size while loading: load_model called that "a checkpoint for another
+    configuration?"; it is named as the converted layout it is, with the route that loads it."""
+    cfg = transformers.AutoConfig.for_model(
+        "inkling2_text",
+        vocab_size=128,
+        unpadded_vocab_size=120,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    with pytest.raises(ValueError) as err:
+        hoptune.load_model(tmp_path, quantize=None, device="cpu", progress=False)
+    msg = str(err.value)
+    assert "in the layout that transformers converts while loading" in msg
+    assert "of shape [128, 64] where the model has [120, 64]" in msg and "another configuration" not in msg
+    transformers.AutoModelForCausalLM.from_pretrained(tmp_path)  # (the route the message gives)
+
+
 def _gemma3_multimodal():
     text = dict(
         hidden_size=64,

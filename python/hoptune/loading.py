@@ -796,6 +796,18 @@ def _converts_keys_on_load(model: nn.Module, absent: Sequence[str]) -> bool:
     return mapped or any(k in params and params[k].dim() == 3 for k in absent)
 
 
+def _converted_layout(folder: str, model: nn.Module, have: object, want: object) -> str:
+    """The error for a checkpoint in a layout transformers converts while loading."""
+    return (
+        f"{folder} stores {type(model).__name__} in the layout that transformers converts while "
+        f"loading (per-expert weights fused into one tensor and the like): the files have e.g. "
+        f"{have} where the model has {want}. load_model does not support this "
+        "architecture's checkpoint layout yet; load it with "
+        "transformers.AutoModelForCausalLM.from_pretrained(path, dtype=...), then "
+        "hoptune.apply_lora(model, quantize='nf4', ...) quantizes the linear layers it wraps"
+    )
+
+
 def _index_lists(folder: str, absent: Sequence[str], prefix: str) -> str:
     """Where the index puts the first of ``absent`` it lists (a shard that does not hold what its
     index says: one of another download or revision), as a clause for the error; else ``""``."""
@@ -1034,6 +1046,13 @@ def load_model(
                 # bitsandbytes' other tensors of a weight whose quant state is missing: its packed
                 # codes are no dense weight of another configuration
                 raise ValueError(f"{folder}: the NF4 weight {key} lacks its tensor {key}{QS_SUFFIX}")
+            if _converts_keys_on_load(model, ()):
+                # (transformers reshapes such tensors while loading: Inkling's padded vocabulary)
+                raise ValueError(
+                    _converted_layout(
+                        folder, model, f"{key} of shape {list(entries[key].shape)}", f"{list(shapes[key])}"
+                    )
+                )
             raise ValueError(
                 f"{entries[key].file}: {key} has shape {list(entries[key].shape)} but "
                 f"{type(model).__name__} needs {list(shapes[key])} (a checkpoint for another configuration?)"
@@ -1058,14 +1077,7 @@ def load_model(
         k for k in to_read - planned if not any(k in pair and planned & set(pair) for pair in tied.items())
     )
     if absent and unexpected and _converts_keys_on_load(model, absent):
-        raise ValueError(
-            f"{folder} stores {type(model).__name__} in the layout that transformers converts while "
-            f"loading (per-expert weights fused into one tensor and the like): the files have e.g. "
-            f"{unexpected[:3]} where the model has {absent[:3]}. load_model does not support this "
-            "architecture's checkpoint layout yet; load it with "
-            "transformers.AutoModelForCausalLM.from_pretrained(path, dtype=...), then "
-            "hoptune.apply_lora(model, quantize='nf4', ...) quantizes the linear layers it wraps"
-        )
+        raise ValueError(_converted_layout(folder, model, unexpected[:3], absent[:3]))
     # LoRA factors as a model with hoptune's LoRA layers saves them (save_pretrained, a Trainer
     # checkpoint): load_model makes the base model, which has no place for them
     lora = sorted(
