@@ -570,16 +570,10 @@ def test_a_checkpoint_transformers_reshapes_while_loading_is_named_so(tmp_path):
     """Inkling 2 stores its vocabulary padded (128 rows here) and transformers cuts it to
     unpadded_vocab_size while loading: load_model called that "a checkpoint for another
     configuration?"; it is named as the converted layout it is, with the route that loads it."""
+    from tests.conftest import TINY_DECODER
+
     cfg = transformers.AutoConfig.for_model(
-        "inkling2_text",
-        vocab_size=128,
-        unpadded_vocab_size=120,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
+        "inkling2_text", **TINY_DECODER, unpadded_vocab_size=120, head_dim=16
     )
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)

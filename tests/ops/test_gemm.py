@@ -301,10 +301,9 @@ class _RecordingPlan:
         self.runs.append((index, beta))
 
 
-def test_a_chosen_candidate_runs_and_a_kept_pytorch_does_not(monkeypatch):
-    """Once a problem is measured, a chosen candidate runs for it (PyTorch's GEMM does not), and a
-    problem where PyTorch's GEMM was kept runs PyTorch's, as without this module. (The rule alone,
-    as on a GPU where the kernels run, with a stand-in plan.)"""
+def _chosen_candidate(monkeypatch):
+    """(x, w, key, plan): an x @ w^T problem of MIN_ROWS rows with a stand-in plan chosen for it,
+    as on a GPU where the kernels run (the rule alone)."""
     from hoptune import _lib
 
     monkeypatch.setattr(_lib, "kernels_run_on", lambda t: True)
@@ -318,6 +317,14 @@ def test_a_chosen_candidate_runs_and_a_kept_pytorch_does_not(monkeypatch):
     key = ("x@wT", m, 32, 64, torch.bfloat16, None)
     plan = _RecordingPlan()
     gemm._choices[key] = (plan, 3, {"candidate": 3})
+    return x, w, key, plan
+
+
+def test_a_chosen_candidate_runs_and_a_kept_pytorch_does_not(monkeypatch):
+    """Once a problem is measured, a chosen candidate runs for it (PyTorch's GEMM does not), and a
+    problem where PyTorch's GEMM was kept runs PyTorch's, as without this module. (The rule alone,
+    as on a GPU where the kernels run, with a stand-in plan.)"""
+    x, w, key, plan = _chosen_candidate(monkeypatch)
     gemm.linear(x, w)
     assert plan.runs == [(3, 0.0)]
     gemm._choices[key] = None
@@ -331,18 +338,8 @@ def test_an_out_cublaslt_cannot_write_takes_pytorchs_gemm(monkeypatch):
     strided or misaligned out would have been written as a contiguous rows x N block. Such an out
     (and one of another dtype) now takes PyTorch's GEMM, which writes it as it is laid out. (The
     rule alone, with a stand-in plan, as in the test above.)"""
-    from hoptune import _lib
-
-    monkeypatch.setattr(_lib, "kernels_run_on", lambda t: True)
-    monkeypatch.setattr(_lib, "stream", lambda t: 0)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    gemm.enable(True)
-    m = gemm.MIN_ROWS
-    x, w = _aligned_bf16(m, 64), _aligned_bf16(32, 64)
-    x.copy_(torch.randn(m, 64))
-    w.copy_(torch.randn(32, 64))
-    plan = _RecordingPlan()
-    gemm._choices[("x@wT", m, 32, 64, torch.bfloat16, None)] = (plan, 3, {"candidate": 3})
+    x, w, _, plan = _chosen_candidate(monkeypatch)
+    m = x.shape[0]
     want = torch.nn.functional.linear(x, w)
     wide = _aligned_bf16(m, 64)
     flat = _aligned_bf16(m * 32 + 8, 1).view(-1)
