@@ -298,9 +298,19 @@ def test_skip_modules_keeps_a_layer_the_model_reads_directly_dense(tmp_path, tok
     )
     with pytest.raises(ConfigError, match=r"model\.skip_modules"):
         sft.train(other, log=lambda s: None, tokenizer=tokenizer)
+    with pytest.raises(
+        ConfigError, match=r"model\.skip_modules=\['dt_proj'\] keeps layers out of NF4.*quantizes none"
+    ):
+        sft.train(
+            small_config(
+                tmp_path / "dense", demo_data, *args, "model.quantize=null", "model.skip_modules=[dt_proj]"
+            ),
+            log=lambda s: None,
+            tokenizer=tokenizer,
+        )
     with pytest.raises(ConfigError, match=r"model\.skip_modules=\['dt_proj'\] names layers of a checkpoint"):
         sft.train(
-            small_config(tmp_path / "tiny", demo_data, "model.skip_modules=[dt_proj]"),
+            small_config(tmp_path / "tiny", demo_data, "model.quantize=nf4", "model.skip_modules=[dt_proj]"),
             log=lambda s: None,
             tokenizer=tokenizer,
         )

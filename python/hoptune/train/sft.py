@@ -124,6 +124,11 @@ def base_model_name(cfg: SFTConfig, model: nn.Module | None = None) -> str | Non
 def load_base_model(cfg: SFTConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """The base model: NF4 on load for a checkpoint folder with model.quantize=nf4 (QLoRA)."""
     m = cfg.model
+    if m.skip_modules and (m.quantize is None or not cfg.lora.enabled):
+        raise ConfigError(
+            f"model.skip_modules={m.skip_modules!r} keeps layers out of NF4 quantization, and this run "
+            "quantizes none (model.quantize=null or lora.enabled=false): leave it null"
+        )
     try:
         if m.path in TINY:
             from hoptune.models import load_tiny
