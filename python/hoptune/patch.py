@@ -409,7 +409,7 @@ def _peft_loadable(
     refused = [n for n, _ in chosen if n.rsplit(".", 1)[-1] in PEFT_MAMBA_REFUSED]
     if not refused:
         return chosen
-    kept = [(n, m) for n, m in chosen if n not in set(refused)]
+    kept = [(n, m) for n, m in chosen if n.rsplit(".", 1)[-1] not in PEFT_MAMBA_REFUSED]
     last = sorted({n.rsplit(".", 1)[-1] for n in refused})
     why = (
         f"PEFT does not adapt {last} in {config.model_type} models (the Mamba kernels read the weight "

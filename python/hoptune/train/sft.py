@@ -129,15 +129,14 @@ def load_base_model(cfg: SFTConfig, device: torch.device, dtype: torch.dtype) ->
             f"model.skip_modules={m.skip_modules!r} keeps layers out of NF4 quantization, and this run "
             "quantizes none (model.quantize=null or lora.enabled=false): leave it null"
         )
+    if m.skip_modules and m.path in TINY:
+        raise ConfigError(
+            f"model.skip_modules={m.skip_modules!r} names layers of a checkpoint folder to keep "
+            f"dense, and model.path={m.path!r} is the built-in model: leave it null"
+        )
     try:
         if m.path in TINY:
             from hoptune.models import load_tiny
-
-            if m.skip_modules:
-                raise ConfigError(
-                    f"model.skip_modules={m.skip_modules!r} names layers of a checkpoint folder to keep "
-                    f"dense, and model.path={m.path!r} is the built-in model: leave it null"
-                )
 
             model, _ = load_tiny(device=device, dtype=dtype, log=print)
             if m.attn_implementation is not None:
