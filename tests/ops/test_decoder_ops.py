@@ -143,58 +143,100 @@ def test_kernels_take_only_the_inputs_they_are_written_for(monkeypatch):
 
 
 # -- CUDA kernels ---------------------------------------------------------------------------------
-def _norm_inputs(rows, cols, dtype, layout):
-    torch.manual_seed(rows * 7 + cols)
-    if layout == "slice":  # rows of a wider tensor (a row stride past cols)
-        x = torch.randn(rows, cols + 24, device="cuda")[:, :cols]
-    elif layout == "3d":
-        x = torch.randn(2, rows, cols, device="cuda")
+def _laid_out(t: torch.Tensor, layout: str, grad: bool = False) -> torch.Tensor:
+    """t's values in the layout ``layout`` names, as a view of a fresh leaf (requires_grad as
+    ``grad``): the view itself must reach the op, since .to and .clone (so _leaf) give back a
+    contiguous tensor for a strided one. "plain": a clone (dense strides such as the attention's
+    transposed view kept); "padN": the rows of a wider tensor (a row stride of cols + N, an
+    aligned start); "misaligned": contiguous, one element past an aligned start (2 bytes off the
+    kernels' 16-byte alignment in bf16 / fp16); "broadcast": t's first row expanded (stride 0)."""
+    t = t.detach()
+    cols = t.shape[-1]
+    if layout.startswith("pad"):
+        base = t.new_zeros(*t.shape[:-1], cols + int(layout[3:]))
+        base[..., :cols] = t
+        out = base.requires_grad_(grad)[..., :cols]
+        assert out.stride(-2) == base.shape[-1] and out.data_ptr() % 16 == 0
+    elif layout == "misaligned":
+        out = torch.cat((t.new_zeros(1), t.reshape(-1))).requires_grad_(grad)[1:].view(t.shape)
+        assert out.is_contiguous() and out.data_ptr() % 16 == t.element_size()
+    elif layout == "broadcast":
+        out = t[..., :1, :].clone().requires_grad_(grad).expand(t.shape)
+        assert out.stride(-2) == 0
     else:
-        x = torch.randn(rows, cols, device="cuda")
-    w = 1 + 0.5 * torch.randn(cols, device="cuda")
+        assert layout == "plain", layout
+        out = t.clone().requires_grad_(grad)
+    return out
+
+
+def _shape_id(v):
+    """A case's id part for a shape: 2x33x4096 (the others pytest's own)."""
+    return "x".join(map(str, v)) if isinstance(v, tuple) else None
+
+
+def _norm_inputs(shape, dtype):
+    torch.manual_seed(shape[-2] * 7 + shape[-1])
+    x = torch.randn(shape, device="cuda")
+    w = 1 + 0.5 * torch.randn(shape[-1], device="cuda")
     return x.to(dtype), w.to(dtype)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize(
-    "rows,cols,layout",
+    "shape,x_layout,dy_layout",
     [
-        (1, 8, "plain"),
-        (7, 128, "plain"),
-        (1000, 520, "slice"),
-        (33, 4096, "3d"),
-        (5, 5000, "plain"),
-        (3, 8200, "slice"),
+        ((1, 8), "plain", "plain"),
+        ((7, 128), "plain", "pad8"),
+        ((1000, 520), "pad24", "plain"),
+        ((2, 33, 4096), "plain", "plain"),
+        ((5, 5000), "plain", "plain"),
+        ((3, 8200), "pad24", "pad8"),
+        # layouts the kernels do not take, copied: a row stride not a multiple of 8, a start off
+        # alignment, rows closer than the width (one row broadcast; dy as y.sum(0)'s backward)
+        ((64, 128), "pad4", "pad4"),
+        ((9, 1024), "misaligned", "misaligned"),
+        ((16, 520), "broadcast", "broadcast"),
     ],
+    ids=_shape_id,
 )
-def test_rms_norm_kernel(rows, cols, layout, dtype):
-    x, w = _norm_inputs(rows, cols, dtype, layout)
+def test_rms_norm_kernel(shape, x_layout, dy_layout, dtype):
+    """x and dy strided ("padN": read in place with their own row strides, the outputs
+    contiguous) or in layouts that must be copied first."""
+    x, w = _norm_inputs(shape, dtype)
+    g = _laid_out(torch.randn(shape, device="cuda").to(dtype), dy_layout)
+    xk, xl, x64 = (_laid_out(t, x_layout, grad=True) for t in (x, x, x.double()))
+    wk, wl, w64 = _leaf(w), _leaf(w), _leaf(w.double())
     poison_cuda_cache()
-    xk, wk = _leaf(x), _leaf(w)
-    xl, wl = _leaf(x), _leaf(w)
-    x64, w64 = _leaf(x.double()), _leaf(w.double())
-    g = torch.randn(x.shape, device="cuda").to(dtype)
     yk, (dxk, dwk) = _grads(lambda a, b: ops.rms_norm(a, b, 1e-5), (xk, wk), g)
     yl, (dxl, dwl) = _grads(lambda a, b: ref.rms_norm(a, b, 1e-5), (xl, wl), g)
     y64, (dx64, dw64) = _grads(lambda a, b: ref.rms_norm(a, b, 1e-5), (x64, w64), g.double())
     assert not torch.isnan(yk).any() and not torch.isnan(dxk).any()
     # the forward is the model's but for the fp32 sum's order: nearly every element equal
     assert (yk == yl).float().mean() > 0.98, "forward differs from the model's ops beyond rounding"
+    # so is the weight's gradient, autograd's own sum of the rounded products dy * round(x * rstd)
+    # (an fp32 product unrounded is more accurate, so the 2x rule alone would pass it)
+    assert (dwk == dwl).float().mean() > 0.98, "weight gradient differs from autograd's beyond rounding"
     _two_x(yk, yl, y64, "y")
     _two_x(dxk, dxl, dx64, "dx")
     _two_x(dwk, dwl, dw64, "dw")
 
 
 @pytest.mark.gpu
-def test_rms_norm_kernel_without_weight_grad_and_no_grad():
-    x, w = _norm_inputs(64, 4096, torch.bfloat16, "plain")
-    xk = _leaf(x)
-    y = ops.rms_norm(xk, w, 1e-6)  # (a frozen norm weight: LoRA's case)
-    (dx,) = torch.autograd.grad(y, [xk], torch.ones_like(y))
-    xr = _leaf(x)
-    (dxr,) = torch.autograd.grad(ref.rms_norm(xr, w, 1e-6), [xr], torch.ones_like(y))
-    assert rel_err(dx, dxr) < 1e-2
+@pytest.mark.parametrize("frozen", ["weight", "x"])
+def test_rms_norm_kernel_one_input_frozen_and_no_grad(frozen):
+    """A frozen norm weight (LoRA's case) or a frozen x (a full fine-tune's norm over frozen
+    embeddings): the input that trains still gets the model's gradient."""
+    x, w = _norm_inputs((64, 4096), torch.bfloat16)
+    g = torch.randn_like(x)
+    (xk, wk), (xr, wr) = ((_leaf(x, frozen != "x"), _leaf(w, frozen != "weight")) for _ in range(2))
+    poison_cuda_cache()
+    _, (dk,) = _grads(lambda a, b: ops.rms_norm(a, b, 1e-6), (xk, wk), g)
+    _, (dr,) = _grads(lambda a, b: ref.rms_norm(a, b, 1e-6), (xr, wr), g)
+    if frozen == "weight":
+        assert rel_err(dk, dr) < 1e-2
+    else:  # (autograd's own sum, as in test_rms_norm_kernel)
+        assert (dk == dr).float().mean() > 0.98
     with torch.no_grad():
         assert (ops.rms_norm(x, w, 1e-6) == ref.rms_norm(x, w, 1e-6)).float().mean() > 0.98
 
@@ -202,21 +244,33 @@ def test_rms_norm_kernel_without_weight_grad_and_no_grad():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize(
-    "shape,layout", [((3, 1001), "plain"), ((64, 14336), "plain"), ((2, 9, 256), "slice")]
+    "shape,gate_layout,up_layout",
+    [
+        ((3, 1001), "plain", "plain"),
+        ((64, 14336), "plain", "plain"),
+        # gate and up as halves of one fused projection's rows, or one of them so (or off
+        # alignment) and the other as the kernel takes it: each copied on its own
+        ((2, 9, 256), "pad256", "pad256"),
+        ((2, 9, 256), "plain", "pad256"),
+        ((2, 9, 256), "pad256", "plain"),
+        ((3, 1001), "plain", "misaligned"),
+        ((3, 1001), "misaligned", "plain"),
+    ],
+    ids=_shape_id,
 )
-def test_silu_mul_kernel(shape, layout, dtype):
+def test_silu_mul_kernel(shape, gate_layout, up_layout, dtype):
     torch.manual_seed(sum(shape))
-    if layout == "slice":  # gate and up as halves of one fused projection
-        both = (3 * torch.randn(*shape[:-1], 2 * shape[-1], device="cuda")).to(dtype)
-        gate, up = both[..., : shape[-1]], both[..., shape[-1] :]
-    else:
-        gate = (3 * torch.randn(shape, device="cuda")).to(dtype)
-        up = torch.randn(shape, device="cuda").to(dtype)
+    gate = (3 * torch.randn(shape, device="cuda")).to(dtype)
+    up = torch.randn(shape, device="cuda").to(dtype)
     g = torch.randn(shape, device="cuda").to(dtype)
+
+    def inputs(to=dtype):
+        return _laid_out(gate.to(to), gate_layout, grad=True), _laid_out(up.to(to), up_layout, grad=True)
+
     poison_cuda_cache()
-    ok, (dgk, duk) = _grads(ops.silu_mul, (_leaf(gate), _leaf(up)), g)
-    ol, (dgl, dul) = _grads(ref.silu_mul, (_leaf(gate), _leaf(up)), g)
-    _, (dg64, _) = _grads(ref.silu_mul, (_leaf(gate.double()), _leaf(up.double())), g.double())
+    ok, (dgk, duk) = _grads(ops.silu_mul, inputs(), g)
+    ol, (dgl, dul) = _grads(ref.silu_mul, inputs(), g)
+    _, (dg64, _) = _grads(ref.silu_mul, inputs(torch.float64), g.double())
     assert torch.equal(ok, ol), "forward is not the model's ops bit for bit"
     assert torch.equal(duk, dul), "d up is not autograd's bit for bit"
     _two_x(dgk, dgl, dg64, "d gate")
@@ -242,20 +296,28 @@ def _rope_inputs(b, heads, s, d, dtype, layout, table_batch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize(
-    "b,heads,s,d,layout,table_batch",
+    "b,heads,s,d,layout,table_batch,sin_layout",
     [
-        (2, 4, 33, 128, "attention", 2),
-        (1, 3, 7, 64, "plain", 1),
-        (2, 1, 5, 16, "attention", 1),
-        (3, 2, 9, 256, "plain", 3),
+        (2, 4, 33, 128, "attention", 2, "plain"),
+        (1, 3, 7, 64, "plain", 1, "plain"),
+        (2, 1, 5, 16, "attention", 1, "plain"),
+        (3, 2, 9, 256, "plain", 3, "plain"),
+        # x (and its gradient) contiguous but off alignment: copied
+        (2, 3, 7, 64, "misaligned", 2, "plain"),
+        # sin the rows of a wider table, a layout the kernel takes but strides other than cos's
+        (2, 3, 7, 64, "plain", 2, "pad16"),
+        (1, 2, 5, 32, "attention", 1, "pad16"),
     ],
 )
-def test_rope_kernel(b, heads, s, d, layout, table_batch, dtype):
+def test_rope_kernel(b, heads, s, d, layout, table_batch, sin_layout, dtype):
     x, cos, sin = _rope_inputs(b, heads, s, d, dtype, layout, table_batch)
     g = torch.randn(b, heads, s, d, device="cuda").to(dtype)
+    x_layout = "misaligned" if layout == "misaligned" else "plain"
+    g, sin = _laid_out(g, x_layout), _laid_out(sin, sin_layout)
+    assert sin_layout == "plain" or sin.stride() != cos.stride()
     poison_cuda_cache()
-    ok, (dk,) = _grads(lambda t: ops.rope(t, cos, sin), (_leaf(x),), g)
-    ol, (dl,) = _grads(lambda t: ref.rope(t, cos, sin), (_leaf(x),), g)
+    ok, (dk,) = _grads(lambda t: ops.rope(t, cos, sin), (_laid_out(x, x_layout, grad=True),), g)
+    ol, (dl,) = _grads(lambda t: ref.rope(t, cos, sin), (_laid_out(x, x_layout, grad=True),), g)
     assert torch.equal(ok, ol), "forward is not the model's ops bit for bit"
     assert torch.equal(dk, dl), "backward is not autograd's bit for bit"
     assert ok.stride() == x.stride() or ok.is_contiguous()
