@@ -208,6 +208,75 @@ def test_graph_capture_uses_torch(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("op", ["linear", "mm"])
+def test_noncontiguous_b_after_a_choice_takes_torch(op, monkeypatch):
+    """A candidate reads b as a dense row-major block from its pointer. Its tuning self-check
+    would refuse it on a column-major b, so the case that matters is a problem chosen on a
+    contiguous b, then called (same key) with b column-major (a weight stored transposed, 256-byte
+    aligned): PyTorch's GEMM runs it, with the product by the rule."""
+    monkeypatch.setattr(gemm, "MIN_GAIN", -10.0)
+    (a, b), ref, low = _operands(op, 2048, 256, 384, torch.bfloat16, "cuda")
+    _call(op, (a, b))
+    (_, choice), *rest = gemm.tuned().items()
+    assert not rest and choice is not None
+    b_cols = b.t().contiguous().t()  # the same values, column-major
+    assert not b_cols.is_contiguous() and b_cols.data_ptr() % 256 == 0
+    poison_cuda_cache()
+    _check_rule(_call(op, (a, b_cols)), ref, low, f"{op} column-major b")
+    assert len(gemm.tuned()) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["linear", "mm", "acc"])
+def test_a_choice_is_per_dtype(op, monkeypatch):
+    """The same shapes in bf16, then fp16: two problems, each tuned and chosen on its own (a
+    candidate chosen for bf16 would read fp16 operands' bits as bf16)."""
+    monkeypatch.setattr(gemm, "MIN_GAIN", -10.0)
+    for dtype in (torch.bfloat16, torch.float16):
+        args, ref, low = _operands(op, 2048, 256, 384, dtype, "cuda")
+        poison_cuda_cache()
+        _check_rule(_call(op, args), ref, low, f"{op} {dtype}")
+    choices = gemm.tuned()
+    assert sorted(str(key[4]) for key in choices) == ["torch.bfloat16", "torch.float16"]
+    assert all(choice is not None for choice in choices.values())
+
+
+@pytest.mark.gpu
+def test_misaligned_acc_after_a_choice_takes_torch(monkeypatch):
+    """acc += a @ b chosen with a 256-byte aligned acc, then called (same key) with an acc that is
+    contiguous but 2 bytes past that alignment (a view into a buffer): cuBLASLt's plan assumes the
+    alignment, so PyTorch's addmm_ runs it, with the sum by the rule; an aligned acc still takes
+    the candidate. (A spy on the chosen plan: a misaligned pointer is never handed on to cuBLASLt,
+    whose misaligned access would end the process' CUDA context.)"""
+    monkeypatch.setattr(gemm, "MIN_GAIN", -10.0)
+    (a, b, acc), ref, low = _operands("acc", 2048, 256, 384, torch.bfloat16, "cuda")
+    _call("acc", (a, b, acc))
+    (key, choice), *rest = gemm.tuned().items()
+    assert not rest and choice is not None
+    plan, index, desc = gemm._choices[key]
+    runs = []
+
+    class Spy:
+        def run(self, *args):
+            runs.append(args[3] % 256)
+            if args[3] % 256 == 0:
+                plan.run(*args)
+
+    gemm._choices[key] = (Spy(), index, desc)
+    buf = torch.empty(acc.numel() + 128, dtype=acc.dtype, device="cuda")
+    off = buf[1 : 1 + acc.numel()].view(acc.shape).copy_(acc)
+    assert off.is_contiguous() and off.data_ptr() % 256 == 2
+    poison_cuda_cache()
+    assert gemm.mm(a, b, acc=off) is off
+    assert runs == []
+    _check_rule(off, ref, low, "misaligned acc")
+    aligned = acc.clone()
+    poison_cuda_cache()
+    _check_rule(gemm.mm(a, b, acc=aligned), ref, low, "aligned acc")
+    assert runs == [0]
+
+
+@pytest.mark.gpu
 def test_mismatched_operands_raise():
     """Operands that do not fit reach PyTorch's error, never a cuBLASLt call on them (rows above
     MIN_ROWS, so the tuned path would otherwise take them)."""
