@@ -1702,3 +1702,30 @@ def test_fused_gemm_noncontiguous_gpu(layout, monkeypatch):
     poison_cuda_cache()
     _check_fused_16bit("cuda", torch.bfloat16, 500, 256, 32001, entropy=False, hid=view)
     assert calls == [1]
+
+
+@pytest.mark.gpu
+def test_fused_gemm_misaligned_hidden_gpu(monkeypatch):
+    """Hidden states contiguous but 2 bytes past 16-byte alignment (a view into a buffer), rows
+    256 elements apart (a stride the GEMM takes), no ignored label (so the row block is a slice of
+    them, not a gathered copy): the walk copies the block to an aligned one, whose base TMA needs
+    (the kernels refuse a misaligned one). Same results as the aligned input."""
+    _set_vchunk(monkeypatch, "default", gemm=True)
+    seen = []  # the walk's hidden: misaligned as given
+    orig = logprob_ops._forward_gemm
+
+    def spy(hidden, *args, **kw):
+        seen.append(hidden.data_ptr() % 16)
+        return orig(hidden, *args, **kw)
+
+    monkeypatch.setattr(logprob_ops, "_forward_gemm", spy)
+
+    def view(h0):
+        buf = torch.zeros(h0.numel() + 8, dtype=h0.dtype, device=h0.device)
+        v = buf[1 : 1 + h0.numel()].view(h0.shape).copy_(h0)
+        assert v.is_contiguous() and v.data_ptr() % 16 == 2 and v.stride(0) == 256
+        return v
+
+    poison_cuda_cache()
+    _check_fused_16bit("cuda", torch.bfloat16, 500, 256, 32001, entropy=False, hid=view, ignore_frac=0.0)
+    assert seen == [2]

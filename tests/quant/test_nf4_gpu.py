@@ -159,18 +159,41 @@ def test_fp64_on_the_gpu_takes_the_reference():
     assert d.is_cuda and d.dtype == torch.float64 and torch.equal(d.cpu(), rd)
 
 
-def test_unaligned_packed_input():
+@pytest.mark.parametrize("offset", [1, 8])
+def test_unaligned_packed_input(offset):
+    """A packed tensor at an odd byte offset, or 8 bytes past 16-byte alignment (aligned for
+    8-byte loads, not for the kernels' 16-byte ones, which they refuse), goes through an aligned
+    copy."""
     w = _weight((256, 512), torch.bfloat16)
     q = quantize_nf4(w)
     base = dequantize_nf4(q)
-    # a packed tensor at an odd byte offset goes through an aligned copy
-    buf = torch.empty(q.packed.numel() + 1, dtype=torch.uint8, device="cuda")
-    buf[1:] = q.packed
+    buf = torch.empty(q.packed.numel() + offset, dtype=torch.uint8, device="cuda")
+    buf[offset:] = q.packed
+    assert buf[offset:].data_ptr() % 16 == offset
     poison_cuda_cache()
     d = nf4_ops.nf4_dequantize(
-        buf[1:], q.absmax, q.absmax2, q.code2, q.offset, 64, 256, [256, 512], torch.bfloat16
+        buf[offset:], q.absmax, q.absmax2, q.code2, q.offset, 64, 256, [256, 512], torch.bfloat16
     )
     assert torch.equal(d, base)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("layout", ["transposed", "column_slice"])
+def test_quantize_non_contiguous_input(dtype, layout):
+    """The raw op on a non-contiguous x (a transposed weight; a column slice of a wider one) quantizes
+    x in its row-major order, as on x.contiguous() and as the CPU reference, bit for bit: the
+    kernel reads a dense row-major block from its pointer, so it must get a contiguous copy.
+    (quantize_nf4 refuses such an x; the op itself takes it.)"""
+    w = _weight((192, 512), dtype)
+    x = w.t() if layout == "transposed" else w[:, :320]
+    assert not x.is_contiguous()
+    poison_cuda_cache()
+    packed, absmax, bad = nf4_ops.nf4_quantize(x, 64)
+    cpacked, cabsmax, _ = nf4_ops.nf4_quantize(x.contiguous(), 64)
+    rpacked, rabsmax = ref.nf4_quantize(x.cpu(), 64)
+    assert bad.item() == 0
+    assert torch.equal(packed, cpacked) and torch.equal(absmax, cabsmax)
+    assert torch.equal(packed.cpu(), rpacked) and torch.equal(absmax.cpu(), rabsmax)
 
 
 def test_large_index_no_overflow():
