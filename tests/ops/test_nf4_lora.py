@@ -904,6 +904,138 @@ def test_misaligned_x_and_B_reach_the_kernels_as_copies(m, k, n, case):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize(
+    "m,k,n,kernel",
+    [
+        (8, 320, 200, "nf4_small_m"),  # a few rows: from the codes
+        (64, 4096, 8192, "nf4_lora_gemm"),  # the fused GEMM (a weight of 2^25 elements)
+    ],
+)
+def test_x_rows_apart_by_other_than_multiples_of_8_reach_the_kernels_as_copies(m, k, n, kernel, monkeypatch):
+    """x as a slice of rows K + 4 elements apart (16-byte aligned start, unit column stride: not a
+    multiple of 8 apart, which the kernels' row loads need) reaches the small-M kernel and the fused
+    GEMM as a contiguous copy (rows K apart), not as an operand their launchers refuse; y and the
+    gradients (x's through its wider base) by the STYLE rule."""
+    dtype = torch.bfloat16
+    x, q, a, b, bias = _case(m, k, n, 16, dtype, "cuda", seed=m + 31)
+    ext = nf4_ops._lib.extension()
+    strides = []
+    real = getattr(ext, kernel)
+
+    def spy(*args):
+        strides.append(args[1])  # (x, its row stride, ...)
+        return real(*args)
+
+    monkeypatch.setattr(ext, kernel, spy)
+    base = torch.zeros(m, k + 4, dtype=dtype, device="cuda")
+    base[:, :k] = x
+    base.requires_grad_(True)
+    x_view = base[:, :k]
+    assert x_view.stride() == (k + 4, 1) and x_view.data_ptr() % 16 == 0
+    a_, b_ = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    gy = torch.randn(m, n, dtype=dtype, device="cuda")
+    poison_cuda_cache()
+    y = nf4_lora_linear(x_view, q, a_, b_, 0.75, bias)
+    y.backward(gy)
+    assert strides == [k]
+    ours = (y.detach(), base.grad[:, :k], a_.grad, b_.grad)
+    assert not base.grad[:, k:].any()
+    _compare_to_plain(ours, x, a, b, gy, dequantize_nf4(q), bias, dtype)
+
+
+@pytest.mark.gpu
+def test_dy_pass_skips_a_misaligned_dY(monkeypatch):
+    """An upstream gradient 2 bytes past a 16-byte boundary (a view at an offset, rows N elements
+    apart: a multiple of 8), on a shape where an aligned dY takes the dY pass: the two GEMMs take
+    it (the pass reads dY in 16-byte pieces and its launcher refuses it), and the gradients meet
+    the STYLE rule. Autograd hands the Function's backward dY as given (checked: the test would
+    otherwise not reach the case)."""
+    m, k, n, r = 300, 256, 384, 16
+    dtype = torch.bfloat16
+    x, q, a, b, bias = _case(m, k, n, r, dtype, "cuda", seed=32)
+    gy = torch.randn(m, n, dtype=dtype, device="cuda")
+    g_off = torch.cat([gy.new_zeros(1), gy.flatten()])[1:].view(m, n)
+    assert g_off.stride() == (n, 1) and g_off.data_ptr() % 16 == 2
+    calls, seen = [], []
+    real = nf4_lora_ops.dy_pass_kernel
+    monkeypatch.setattr(nf4_lora_ops, "dy_pass_kernel", lambda *a_: calls.append(1) or real(*a_))
+    real_impl = nf4_lora_ops._backward_impl
+
+    def spy(saved, meta, needs, grad_y, *args, **kw):
+        seen.append(grad_y.data_ptr() % 16)
+        return real_impl(saved, meta, needs, grad_y, *args, **kw)
+
+    monkeypatch.setattr(nf4_lora_ops, "_backward_impl", spy)
+    fn = lambda x_, a_, b_: nf4_lora_linear(x_, q, a_, b_, 0.75, bias)  # noqa: E731
+    poison_cuda_cache()
+    ours = _run(fn, x, a, b, g_off)
+    assert seen == [2] and not calls
+    _compare_to_plain(ours, x, a, b, gy, dequantize_nf4(q), bias, dtype)
+    _run(fn, x, a, b, gy)  # (the same call with dY aligned: the dY pass)
+    assert seen == [2, 0] and calls == [1]
+
+
+@pytest.mark.gpu
+def test_dy_pass_takes_a_transposed_B(monkeypatch):
+    """lora_B as the transpose of an (r, N) tensor (column-major), on a shape where the backward
+    takes the dY pass: the pass reads B's rows from its pointer, so B reaches it as a contiguous
+    copy; y and the gradients (dA takes s dY B from the pass) by the STYLE rule."""
+    m, k, n, r = 300, 256, 384, 16
+    dtype = torch.bfloat16
+    x, q, a, b, bias = _case(m, k, n, r, dtype, "cuda", seed=33)
+    given = []
+    real = nf4_lora_ops.dy_pass_kernel
+
+    def spy(g2, lora_B, *args):
+        given.append(lora_B.stride())
+        return real(g2, lora_B, *args)
+
+    monkeypatch.setattr(nf4_lora_ops, "dy_pass_kernel", spy)
+    b_leaf = b.t().contiguous().requires_grad_(True)  # (r, N)
+    b_view = b_leaf.t()
+    assert b_view.stride() == (1, n)
+    x_, a_ = x.clone().requires_grad_(True), a.clone().requires_grad_(True)
+    gy = torch.randn(m, n, dtype=dtype, device="cuda")
+    poison_cuda_cache()
+    y = nf4_lora_linear(x_, q, a_, b_view, 0.75, bias)
+    y.backward(gy)
+    assert given == [(1, n)]  # (the pass ran, given B as the caller's view)
+    ours = (y.detach(), x_.grad, a_.grad, b_leaf.grad.t())
+    _compare_to_plain(ours, x, a, b, gy, dequantize_nf4(q), bias, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("r", [16, 64])
+def test_merged_weight_takes_a_transposed_A(r, monkeypatch):
+    """lora_A as the transpose of a (K, r) tensor (column-major) on the merged path (the forward's
+    weight and, with N <= 2 M, dX's): at these ranks main_kernel_factors passes the factors as
+    given (no padding, B aligned), and the kernel reads A's rows from its pointer, so A reaches it
+    as a contiguous copy; y and the gradients by the STYLE rule."""
+    m, k, n = 300, 256, 384
+    dtype = torch.bfloat16
+    x, q, a, b, bias = _case(m, k, n, r, dtype, "cuda", seed=34 + r)
+    given = []
+    real = nf4_ops.dequantize_lora_kernel
+
+    def spy(*args):
+        given.append(args[8].stride())  # (7 NF4 state fields, shape, lora_A, lora_B, scale)
+        return real(*args)
+
+    monkeypatch.setattr(nf4_ops, "dequantize_lora_kernel", spy)
+    a_leaf = a.t().contiguous().requires_grad_(True)  # (K, r)
+    a_view = a_leaf.t()
+    assert a_view.stride() == (1, r)
+    x_, b_ = x.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    gy = torch.randn(m, n, dtype=dtype, device="cuda")
+    poison_cuda_cache()
+    y = nf4_lora_linear(x_, q, a_view, b_, 0.75, bias)
+    y.backward(gy)
+    assert given == [(1, r)] * 2  # (forward and dX)
+    ours = (y.detach(), x_.grad, a_leaf.grad.t(), b_.grad)
+    _compare_to_plain(ours, x, a, b, gy, dequantize_nf4(q), bias, dtype)
+
+
+@pytest.mark.gpu
 def test_dequantize_lora_offset_absmax_codes():
     """The 8-bit absmax codes as a view at an odd offset: the same weight."""
     g = torch.Generator().manual_seed(0)
