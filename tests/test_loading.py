@@ -727,6 +727,36 @@ def test_cuda_device_index_beyond_the_visible_ones_is_refused(tmp_path, monkeypa
         hoptune.load_model(tmp_path, device="cuda:2", progress=False)
 
 
+def test_cuda_without_an_index_is_the_current_gpu(monkeypatch):
+    """device='cuda' (or an int, or torch.device('cuda')) resolves to a GPU index: 'cuda' to the
+    current GPU's, as torch places a tensor made with device='cuda', so that the loader's
+    comparisons with its tensors' devices (cuda:N) and its `with torch.cuda.device(device)` on
+    the reader's thread name that GPU. Stood in here: two visible GPUs, the second current."""
+    from hoptune.ops import _check
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert _check.device("device", "cuda") == torch.device("cuda", 1)
+    assert _check.device("device", torch.device("cuda")) == torch.device("cuda", 1)
+    assert _check.device("device", "cuda:0") == torch.device("cuda", 0)
+    assert _check.device("device", 0) == torch.device("cuda", 0)
+    assert _check.device("device", "cpu") == torch.device("cpu")
+
+
+@pytest.mark.gpu
+def test_cuda_without_an_index_is_the_current_gpu_on_the_gpu():
+    """On a GPU machine: 'cuda' is the current GPU's index, the device a tensor made with
+    device='cuda' lands on."""
+    from hoptune.ops import _check
+
+    dev = _check.device("device", "cuda")
+    assert dev.index is not None and dev == torch.empty(0, device="cuda").device
+    with torch.cuda.device(0):
+        assert _check.device("device", "cuda") == torch.device("cuda", 0)
+        assert _check.device("device", torch.device("cuda")) == torch.device("cuda", 0)
+
+
 @pytest.mark.parametrize("cut", [0.5, 0.999, 4, 100])  # (100: inside the header)
 def test_truncated_file_names_the_file(tmp_path, cut):
     tiny_model().save_pretrained(tmp_path, max_shard_size="40KB")
