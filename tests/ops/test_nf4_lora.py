@@ -30,7 +30,9 @@ def _case(m, k, n, r, dtype, device, seed, bias=True, x_shape=None):
 
 
 def _run(fn, x, a, b, g):
-    x = x.detach().clone().requires_grad_(True)
+    # (x's own strides, gaps included: .clone() of a strided view gives a contiguous tensor)
+    x = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device).copy_(x)
+    x.requires_grad_(True)
     a = a.detach().clone().requires_grad_(True)
     b = b.detach().clone().requires_grad_(True)
     y = fn(x, a, b)
