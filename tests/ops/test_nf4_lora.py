@@ -978,63 +978,48 @@ def test_dy_pass_skips_a_misaligned_dY(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_dy_pass_takes_a_transposed_B(monkeypatch):
-    """lora_B as the transpose of an (r, N) tensor (column-major), on a shape where the backward
-    takes the dY pass: the pass reads B's rows from its pointer, so B reaches it as a contiguous
-    copy; y and the gradients (dA takes s dY B from the pass) by the STYLE rule."""
-    m, k, n, r = 300, 256, 384, 16
-    dtype = torch.bfloat16
-    x, q, a, b, bias = _case(m, k, n, r, dtype, "cuda", seed=33)
-    given = []
-    real = nf4_lora_ops.dy_pass_kernel
-
-    def spy(g2, lora_B, *args):
-        given.append(lora_B.stride())
-        return real(g2, lora_B, *args)
-
-    monkeypatch.setattr(nf4_lora_ops, "dy_pass_kernel", spy)
-    b_leaf = b.t().contiguous().requires_grad_(True)  # (r, N)
-    b_view = b_leaf.t()
-    assert b_view.stride() == (1, n)
-    x_, a_ = x.clone().requires_grad_(True), a.clone().requires_grad_(True)
-    gy = torch.randn(m, n, dtype=dtype, device="cuda")
-    poison_cuda_cache()
-    y = nf4_lora_linear(x_, q, a_, b_view, 0.75, bias)
-    y.backward(gy)
-    assert given == [(1, n)]  # (the pass ran, given B as the caller's view)
-    ours = (y.detach(), x_.grad, a_.grad, b_leaf.grad.t())
-    _compare_to_plain(ours, x, a, b, gy, dequantize_nf4(q), bias, dtype)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("r", [16, 64])
-def test_merged_weight_takes_a_transposed_A(r, monkeypatch):
-    """lora_A as the transpose of a (K, r) tensor (column-major) on the merged path (the forward's
-    weight and, with N <= 2 M, dX's): at these ranks main_kernel_factors passes the factors as
-    given (no padding, B aligned), and the kernel reads A's rows from its pointer, so A reaches it
-    as a contiguous copy; y and the gradients by the STYLE rule."""
+@pytest.mark.parametrize(
+    "factor,r,kernel,calls",
+    [
+        ("B", 16, "dy_pass_kernel", 1),
+        ("A", 16, "dequantize_lora_kernel", 2),
+        ("A", 64, "dequantize_lora_kernel", 2),
+    ],
+)
+def test_a_transposed_factor_reaches_its_kernel_as_a_copy(factor, r, kernel, calls, monkeypatch):
+    """lora_B as the transpose of an (r, N) tensor (column-major) on a shape where the backward
+    takes the dY pass (dA takes s dY B from it), or lora_A as the transpose of a (K, r) one on the
+    merged weight (the forward's and, with N <= 2 M, dX's; at ranks 16 and 64 main_kernel_factors
+    passes the factors as given: no padding, B aligned). Each kernel reads the factor's rows from
+    its pointer, so the factor must reach it as a contiguous copy; y and the gradients by the STYLE
+    rule."""
     m, k, n = 300, 256, 384
     dtype = torch.bfloat16
-    x, q, a, b, bias = _case(m, k, n, r, dtype, "cuda", seed=34 + r)
-    given = []
-    real = nf4_ops.dequantize_lora_kernel
+    x, q, a, b, bias = _case(m, k, n, r, dtype, "cuda", seed=33 if factor == "B" else 34 + r)
+    module, arg = (
+        (nf4_lora_ops, 1) if factor == "B" else (nf4_ops, 8)
+    )  # (g2, lora_B, ...) / (7 state fields, shape, lora_A, ...)
+    real, given = getattr(module, kernel), []
 
     def spy(*args):
-        given.append(args[8].stride())  # (7 NF4 state fields, shape, lora_A, lora_B, scale)
+        given.append(args[arg].stride())
         return real(*args)
 
-    monkeypatch.setattr(nf4_ops, "dequantize_lora_kernel", spy)
-    a_leaf = a.t().contiguous().requires_grad_(True)  # (K, r)
-    a_view = a_leaf.t()
-    assert a_view.stride() == (1, r)
-    x_, b_ = x.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    monkeypatch.setattr(module, kernel, spy)
+    i = 1 if factor == "A" else 2
+    leaves = [t.clone() for t in (x, a, b)]
+    leaves[i] = leaves[i].t().contiguous()  # (K, r) or (r, N)
+    views = [t.requires_grad_(True) for t in leaves]
+    views[i] = leaves[i].t()
+    assert views[i].stride() == (1, views[i].shape[0])
     gy = torch.randn(m, n, dtype=dtype, device="cuda")
     poison_cuda_cache()
-    y = nf4_lora_linear(x_, q, a_view, b_, 0.75, bias)
+    y = nf4_lora_linear(views[0], q, views[1], views[2], 0.75, bias)
     y.backward(gy)
-    assert given == [(1, r)] * 2  # (forward and dX)
-    ours = (y.detach(), x_.grad, a_leaf.grad.t(), b_.grad)
-    _compare_to_plain(ours, x, a, b, gy, dequantize_nf4(q), bias, dtype)
+    assert given == [views[i].stride()] * calls  # (the kernel ran, given the caller's view)
+    grads = [t.grad for t in leaves]
+    grads[i] = grads[i].t()
+    _compare_to_plain((y.detach(), *grads), x, a, b, gy, dequantize_nf4(q), bias, dtype)
 
 
 @pytest.mark.gpu
