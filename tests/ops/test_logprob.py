@@ -1095,14 +1095,17 @@ def _set_vchunk(monkeypatch, knobs, on_cpu=False, gemm=False):
     monkeypatch.setattr(logprob_ops, "_GEMM_ON_CPU", on_cpu and gemm)
 
 
-def _spy_gemm(monkeypatch) -> list:
-    """Counts the forwards that took the fused-GEMM walk."""
+def _spy_gemm(monkeypatch, offsets: list | None = None) -> list:
+    """Counts the forwards that took the fused-GEMM walk (and appends to ``offsets`` how many bytes
+    past 16-byte alignment each one's hidden states start)."""
     calls = []
     orig = logprob_ops._forward_gemm
 
-    def spy(*args, **kw):
+    def spy(hidden, *args, **kw):
         calls.append(1)
-        return orig(*args, **kw)
+        if offsets is not None:
+            offsets.append(hidden.data_ptr() % 16)
+        return orig(hidden, *args, **kw)
 
     monkeypatch.setattr(logprob_ops, "_forward_gemm", spy)
     return calls
@@ -1685,47 +1688,31 @@ def test_fused_gemm_all_rows_gpu(knobs, n, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("layout", ["padded_rows", "transposed"])
+@pytest.mark.parametrize("layout", ["padded_rows", "transposed", "misaligned"])
 def test_fused_gemm_noncontiguous_gpu(layout, monkeypatch):
-    """Hidden states as a view with padded rows (taken as is: TMA-compatible strides) and as a
-    transposed copy (made contiguous first): same results as the contiguous input."""
+    """Hidden states as a view with padded rows (taken as is: TMA-compatible strides), as a
+    transposed copy (made contiguous first), and contiguous but 2 bytes past 16-byte alignment with
+    no ignored label, so that the row blocks are slices of them (each copied to an aligned block:
+    the kernels refuse a misaligned base): same results as the contiguous input."""
     _set_vchunk(monkeypatch, "default", gemm=True)
-    calls = _spy_gemm(monkeypatch)
+    offsets = []
+    calls = _spy_gemm(monkeypatch, offsets)
 
     def view(h0):
         if layout == "padded_rows":
             wide = torch.zeros(h0.shape[0], h0.shape[1] + 8, dtype=h0.dtype, device=h0.device)
             wide[:, : h0.shape[1]] = h0
             return wide[:, : h0.shape[1]]
+        if layout == "misaligned":
+            v = torch.cat((h0.new_zeros(1), h0.flatten()))[1:].view(h0.shape)
+            assert v.data_ptr() % 16 == 2 and v.stride(0) == 256
+            return v
         return h0.t().contiguous().t()
 
     poison_cuda_cache()
-    _check_fused_16bit("cuda", torch.bfloat16, 500, 256, 32001, entropy=False, hid=view)
+    ignore_frac = 0.0 if layout == "misaligned" else 0.25
+    _check_fused_16bit(
+        "cuda", torch.bfloat16, 500, 256, 32001, entropy=False, hid=view, ignore_frac=ignore_frac
+    )
     assert calls == [1]
-
-
-@pytest.mark.gpu
-def test_fused_gemm_misaligned_hidden_gpu(monkeypatch):
-    """Hidden states contiguous but 2 bytes past 16-byte alignment (a view into a buffer), rows
-    256 elements apart (a stride the GEMM takes), no ignored label (so the row block is a slice of
-    them, not a gathered copy): the walk copies the block to an aligned one, whose base TMA needs
-    (the kernels refuse a misaligned one). Same results as the aligned input."""
-    _set_vchunk(monkeypatch, "default", gemm=True)
-    seen = []  # the walk's hidden: misaligned as given
-    orig = logprob_ops._forward_gemm
-
-    def spy(hidden, *args, **kw):
-        seen.append(hidden.data_ptr() % 16)
-        return orig(hidden, *args, **kw)
-
-    monkeypatch.setattr(logprob_ops, "_forward_gemm", spy)
-
-    def view(h0):
-        buf = torch.zeros(h0.numel() + 8, dtype=h0.dtype, device=h0.device)
-        v = buf[1 : 1 + h0.numel()].view(h0.shape).copy_(h0)
-        assert v.is_contiguous() and v.data_ptr() % 16 == 2 and v.stride(0) == 256
-        return v
-
-    poison_cuda_cache()
-    _check_fused_16bit("cuda", torch.bfloat16, 500, 256, 32001, entropy=False, hid=view, ignore_frac=0.0)
-    assert seen == [2]
+    assert layout != "misaligned" or offsets == [2]  # (the walk was given them misaligned)
