@@ -208,25 +208,6 @@ def test_graph_capture_uses_torch(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("op", ["linear", "mm"])
-def test_noncontiguous_b_after_a_choice_takes_torch(op, monkeypatch):
-    """A candidate reads b as a dense row-major block from its pointer. Its tuning self-check
-    would refuse it on a column-major b, so the case that matters is a problem chosen on a
-    contiguous b, then called (same key) with b column-major (a weight stored transposed, 256-byte
-    aligned): PyTorch's GEMM runs it, with the product by the rule."""
-    monkeypatch.setattr(gemm, "MIN_GAIN", -10.0)
-    (a, b), ref, low = _operands(op, 2048, 256, 384, torch.bfloat16, "cuda")
-    _call(op, (a, b))
-    (_, choice), *rest = gemm.tuned().items()
-    assert not rest and choice is not None
-    b_cols = b.t().contiguous().t()  # the same values, column-major
-    assert not b_cols.is_contiguous() and b_cols.data_ptr() % 256 == 0
-    poison_cuda_cache()
-    _check_rule(_call(op, (a, b_cols)), ref, low, f"{op} column-major b")
-    assert len(gemm.tuned()) == 1
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("op", ["linear", "mm", "acc"])
 def test_a_choice_is_per_dtype(op, monkeypatch):
     """The same shapes in bf16, then fp16: two problems, each tuned and chosen on its own (a
@@ -239,41 +220,6 @@ def test_a_choice_is_per_dtype(op, monkeypatch):
     choices = gemm.tuned()
     assert sorted(str(key[4]) for key in choices) == ["torch.bfloat16", "torch.float16"]
     assert all(choice is not None for choice in choices.values())
-
-
-@pytest.mark.gpu
-def test_misaligned_acc_after_a_choice_takes_torch(monkeypatch):
-    """acc += a @ b chosen with a 256-byte aligned acc, then called (same key) with an acc that is
-    contiguous but 2 bytes past that alignment (a view into a buffer): cuBLASLt's plan assumes the
-    alignment, so PyTorch's addmm_ runs it, with the sum by the rule; an aligned acc still takes
-    the candidate. (A spy on the chosen plan: a misaligned pointer is never handed on to cuBLASLt,
-    whose misaligned access would end the process' CUDA context.)"""
-    monkeypatch.setattr(gemm, "MIN_GAIN", -10.0)
-    (a, b, acc), ref, low = _operands("acc", 2048, 256, 384, torch.bfloat16, "cuda")
-    _call("acc", (a, b, acc))
-    (key, choice), *rest = gemm.tuned().items()
-    assert not rest and choice is not None
-    plan, index, desc = gemm._choices[key]
-    runs = []
-
-    class Spy:
-        def run(self, *args):
-            runs.append(args[3] % 256)
-            if args[3] % 256 == 0:
-                plan.run(*args)
-
-    gemm._choices[key] = (Spy(), index, desc)
-    buf = torch.empty(acc.numel() + 128, dtype=acc.dtype, device="cuda")
-    off = buf[1 : 1 + acc.numel()].view(acc.shape).copy_(acc)
-    assert off.is_contiguous() and off.data_ptr() % 256 == 2
-    poison_cuda_cache()
-    assert gemm.mm(a, b, acc=off) is off
-    assert runs == []
-    _check_rule(off, ref, low, "misaligned acc")
-    aligned = acc.clone()
-    poison_cuda_cache()
-    _check_rule(gemm.mm(a, b, acc=aligned), ref, low, "aligned acc")
-    assert runs == [0]
 
 
 @pytest.mark.gpu
@@ -370,9 +316,10 @@ class _RecordingPlan:
         self.runs.append((index, beta))
 
 
-def _chosen_candidate(monkeypatch):
+def _chosen_candidate(monkeypatch, op="x@wT"):
     """(x, w, key, plan): an x @ w^T problem of MIN_ROWS rows with a stand-in plan chosen for it,
-    as on a GPU where the kernels run (the rule alone)."""
+    as on a GPU where the kernels run (the rule alone); with op="acc+a@b" (a, b, key, plan) of an
+    acc += a @ b problem, b (64, 32)."""
     from hoptune import _lib
 
     monkeypatch.setattr(_lib, "kernels_run_on", lambda t: True)
@@ -380,10 +327,10 @@ def _chosen_candidate(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     gemm.enable(True)
     m = gemm.MIN_ROWS
-    x, w = _aligned_bf16(m, 64), _aligned_bf16(32, 64)
+    x, w = _aligned_bf16(m, 64), _aligned_bf16(*((32, 64) if op == "x@wT" else (64, 32)))
     x.copy_(torch.randn(m, 64))
-    w.copy_(torch.randn(32, 64))
-    key = ("x@wT", m, 32, 64, torch.bfloat16, None)
+    w.copy_(torch.randn(w.shape))
+    key = (op, m, *((32, 64) if op == "x@wT" else (64, 32)), torch.bfloat16, None)
     plan = _RecordingPlan()
     gemm._choices[key] = (plan, 3, {"candidate": 3})
     return x, w, key, plan
@@ -400,6 +347,33 @@ def test_a_chosen_candidate_runs_and_a_kept_pytorch_does_not(monkeypatch):
     y = gemm.linear(x, w)
     assert plan.runs == [(3, 0.0)]
     assert torch.equal(y, torch.nn.functional.linear(x, w))
+
+
+def test_a_chosen_candidate_gets_only_operands_it_reads(monkeypatch):
+    """A candidate reads its operands and the accumulator as dense blocks from their pointers (its
+    tuning self-check refuses other layouts, so the case is a problem chosen before): a later call
+    of that problem with a column-major weight or b, or with an accumulator off 256-byte alignment,
+    takes PyTorch's GEMM; an aligned accumulator still takes the candidate. (The rule alone, with a
+    stand-in plan.)"""
+    x, w, _, plan = _chosen_candidate(monkeypatch)
+    w_cols = _aligned_bf16(64, 32).copy_(w.t()).t()  # the same values, column-major
+    assert not w_cols.is_contiguous() and torch.equal(w_cols, w)
+    assert torch.equal(gemm.linear(x, w_cols), torch.nn.functional.linear(x, w))
+    assert plan.runs == []
+    a, b, _, plan = _chosen_candidate(monkeypatch, "acc+a@b")
+    m = a.shape[0]
+    acc = _aligned_bf16(m, 32).copy_(torch.randn(m, 32))
+    want = acc.clone().addmm_(a, b)
+    b_cols = _aligned_bf16(32, 64).copy_(b.t()).t()
+    assert not b_cols.is_contiguous() and torch.equal(b_cols, b)
+    got = _aligned_bf16(m, 32).copy_(acc)
+    assert gemm.mm(a, b_cols, acc=got) is got and torch.equal(got, want)
+    off = _aligned_bf16(m * 32 + 8, 1).view(-1)[1 : 1 + m * 32].view(m, 32).copy_(acc)
+    assert off.is_contiguous() and off.data_ptr() % 256 == 2
+    assert gemm.mm(a, b, acc=off) is off and torch.equal(off, want)
+    assert plan.runs == []
+    gemm.mm(a, b, acc=_aligned_bf16(m, 32).copy_(acc))
+    assert plan.runs == [(3, 1.0)]
 
 
 def test_an_out_cublaslt_cannot_write_takes_pytorchs_gemm(monkeypatch):
