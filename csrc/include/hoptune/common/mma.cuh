@@ -1,5 +1,6 @@
 // Warp-level tensor-core and async-copy helpers (PTX of sm_80 and later, used on sm_90a):
-// mma.sync m16n8k16 with fp32 accumulators, ldmatrix, cp.async and a vector reduction.
+// mma.sync m16n8k16 with fp32 accumulators, ldmatrix, cp.async, a vector reduction, the swizzle
+// of small tiles and an accumulator tile's reduction into fp32 memory.
 #pragma once
 #ifdef __CUDACC__
 #include <cuda_bf16.h>
@@ -80,6 +81,35 @@ __device__ __forceinline__ void cp_async_wait() {
 __device__ __forceinline__ void red_add_v4(float* p, float a, float b, float c, float d) {
   asm volatile("red.global.add.v4.f32 [%0], {%1,%2,%3,%4};" ::"l"(p), "f"(a), "f"(b), "f"(c), "f"(d)
                : "memory");
+}
+
+// Byte offset of 16-byte chunk `chunk` of row `row` in a tile whose rows are kW16 chunks wide
+// (kW16 in {1, 2, 4, 8}): the chunk index XORed with the row bits that select the 128-byte line's
+// position, so 8 consecutive rows at one logical chunk hit 8 different bank groups.
+template <int kW16>
+__device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
+  constexpr int shift = kW16 == 8 ? 0 : kW16 == 4 ? 1 : kW16 == 2 ? 2 : 3;
+  return static_cast<uint32_t>(row * kW16 * 16 + ((chunk ^ ((row >> shift) & (kW16 - 1))) * 16));
+}
+
+// Adds a 16 x 8 accumulator tile (mma layout: lane l holds row l / 4 and row l / 4 + 8 at columns
+// 2 (l % 4), +1) into fp32 memory at `origin` (row stride ld): lanes pair up so that each issues
+// one 16-byte reduction of four consecutive columns. Rows at or past `rows` are skipped.
+__device__ __forceinline__ void red_tile(float* origin, int64_t ld, const float (&d)[4], int lane,
+                                         int rows) {
+  const int g = lane >> 2, tq = lane & 3;
+  const bool odd = tq & 1;
+  // even lanes keep row g and send their row g + 8 pair; odd lanes the other way round
+  const float s0 = __shfl_xor_sync(0xffffffffu, odd ? d[0] : d[2], 1);
+  const float s1 = __shfl_xor_sync(0xffffffffu, odd ? d[1] : d[3], 1);
+  const int row = odd ? g + 8 : g;
+  if (row >= rows) return;
+  float* p = origin + row * ld + (odd ? 2 * tq - 2 : 2 * tq);
+  if (odd) {
+    red_add_v4(p, s0, s1, d[2], d[3]);
+  } else {
+    red_add_v4(p, d[0], d[1], s0, s1);
+  }
 }
 
 }  // namespace hoptune
