@@ -128,6 +128,21 @@ def untuned(fn):
     return run
 
 
+def three_passes(fn):
+    """fn with the backward's LoRA gradients from x A^T, the dY pass and dA (three passes, x read
+    twice) instead of the one-pass kernel (nf4_lora.ONE_PASS_GRADS off)."""
+
+    def run():
+        previous = nf4_lora_ops.ONE_PASS_GRADS
+        nf4_lora_ops.ONE_PASS_GRADS = False
+        try:
+            return fn()
+        finally:
+            nf4_lora_ops.ONE_PASS_GRADS = previous
+
+    return run
+
+
 def _forward_case(k: int, n: int):
     """A bf16 weight [n, k], its NF4 copy and rank-R LoRA factors (B non-zero)."""
     w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
@@ -295,6 +310,12 @@ def layer_rows(have_bnb: bool, have_peft: bool, breakdown: bool = False) -> list
         row["ratio_interleaved"] = ratio_interleaved(step(ours), step(dense))
         row["ratio_covered"] = ratio_interleaved(step(ours), step(dense), covered=True)
         row["ratio_covered_untuned"] = ratio_interleaved(untuned(step(ours)), step(dense), covered=True)
+        row["one_pass_grads"] = nf4_lora_ops._grads_run(x, g, ours.lora_A, ours.lora_B)
+        if row["one_pass_grads"]:
+            row["ratio_covered_three_passes"] = ratio_interleaved(
+                three_passes(step(ours)), step(dense), covered=True
+            )
+            row["ratio_interleaved_three_passes"] = ratio_interleaved(three_passes(step(ours)), step(dense))
         row["dev_bf16_frozen_ms"] = device_ms(step(dense), calls=5)
         row["dev_ours_qlora_ms"] = device_ms(step(ours), calls=5)
         row["dev_ratio"] = row["dev_ours_qlora_ms"] / row["dev_bf16_frozen_ms"]
@@ -431,6 +452,33 @@ def dy_pass_rows() -> list[dict]:
     return rows
 
 
+def grads_rows() -> list[dict]:
+    """Device time of the one-pass LoRA gradient kernel (dA and dB from one read of x and dY)
+    against what the backward runs without it: s x A^T (cuBLAS), the dY pass (dxa, dB) and
+    dA = dxa^T x (cuBLAS), at M = 8192, r = 16, K = N where the kernel's rule holds."""
+    rows = []
+    m, r = 8192, 16
+    for k in (2048, 4096):
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        g = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        a = torch.randn(r, k, device=dev, dtype=torch.bfloat16) * k**-0.5
+        b = torch.randn(k, r, device=dev, dtype=torch.bfloat16) * r**-0.5
+        row = {"M": m, "K": k, "N": k, "r": r}
+
+        def three():
+            xa = nf4_lora_ops._mm_scaled(x, a.t(), 2.0, True)
+            dxa, db = nf4_lora_ops.dy_pass_kernel(g, b, xa, 2.0)
+            return dxa.t() @ x, db
+
+        row["dev_one_pass_ms"] = device_ms(lambda: nf4_lora_ops.grads_kernel(x, g, a, b, 2.0))
+        row["dev_three_passes_ms"] = device_ms(three)
+        row["ratio"] = row["dev_one_pass_ms"] / row["dev_three_passes_ms"]
+        row["one_pass_TBps"] = 2 * m * k * 2 / (row["dev_one_pass_ms"] * 1e-3) / 1e12
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
 def main() -> None:
     global R, RANK_PATH_RANKS
     ap = argparse.ArgumentParser()
@@ -453,8 +501,8 @@ def main() -> None:
     )
     ap.add_argument(
         "--sections",
-        default="forward,layer,dy_pass",
-        help="comma-separated: forward, layer, dy_pass, rank_paths (merged vs unmerged LoRA at r = 64-256), "
+        default="forward,layer,dy_pass,grads",
+        help="comma-separated: forward, layer, dy_pass, grads (the one-pass LoRA gradients), rank_paths (merged vs unmerged LoRA at r = 64-256), "
         "rank_padding (ranks not multiples of 8, padded or not)",
     )
     args = ap.parse_args()
@@ -464,7 +512,7 @@ def main() -> None:
     RANK_PATH_RANKS = ranks
     nf4_ops._MERGE_VARIANT = args.merge_variant
     sections = set(args.sections.split(","))
-    known = {"forward", "layer", "dy_pass", "rank_paths", "rank_padding"}
+    known = {"forward", "layer", "dy_pass", "grads", "rank_paths", "rank_padding"}
     if not sections <= known:
         ap.error(f"--sections: unknown {sorted(sections - known)}")
     if args.small_m:
@@ -495,6 +543,9 @@ def main() -> None:
         write_json(args.out, res)
     if "dy_pass" in sections:
         res["dy_pass"] = dy_pass_rows()
+        write_json(args.out, res)
+    if "grads" in sections:
+        res["grads"] = grads_rows()
         write_json(args.out, res)
     if "rank_paths" in sections:
         res["rank_paths"] = rank_path_rows()

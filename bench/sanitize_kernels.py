@@ -150,6 +150,17 @@ def nf4_lora() -> None:
         torch.randn(130, 64, device="cuda", dtype=torch.float16),
         2.0,
     )
+    # the one-pass LoRA gradients (a cluster kernel): clusters of 1 and 2, a row tail, strided rows
+    for m, k, dt in [(33, 512, torch.bfloat16), (70, 1024, torch.float16)]:
+        x = torch.randn(m, k + 8, device="cuda", dtype=dt)[:, :k]
+        dy = torch.randn(m, k + 8, device="cuda", dtype=dt)[:, :k]
+        nf4_lora_ops.grads_kernel(
+            x,
+            dy,
+            torch.randn(16, k, device="cuda", dtype=dt),
+            torch.randn(k, 16, device="cuda", dtype=dt),
+            0.5,
+        )
 
 
 def nf4_gemm() -> None:

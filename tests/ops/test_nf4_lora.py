@@ -797,6 +797,143 @@ def test_dy_pass_skips_layouts_and_dtypes_it_does_not_read():
     assert nf4_lora_ops._dy_pass_runs(g, b.t().contiguous().t())  # (strided: copied, aligned, first)
 
 
+def _grads_case(m, k, r, dtype, seed, pad=8):
+    """x and dY (M, K) as views of rows K + pad apart, A (r, K), B (K, r) (N = K)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k + pad, generator=g).to(dtype).cuda()[:, :k]
+    dy = torch.randn(m, k + pad, generator=g).to(dtype).cuda()[:, :k]
+    a = (torch.randn(r, k, generator=g) * k**-0.5).to(dtype).cuda()
+    b = (torch.randn(k, r, generator=g) * r**-0.5).to(dtype).cuda()
+    return x, dy, a, b
+
+
+def _grads_want(x, dy, a, b, s, dt):
+    """(dA, dB) = ((s dY B)^T x, dY^T (s x A^T)) in dtype dt."""
+    x, dy, a, b = (t.to(dt) for t in (x, dy, a, b))
+    return ((dy @ b) * s).t() @ x, dy.t() @ ((x @ a.t()) * s)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "m,k",
+    [(1, 512), (33, 1024), (1000, 2048), (4099, 4096), (4099, 1024), (70, 4096), (8192, 4096)],
+)
+def test_grads_kernel(m, k, dtype):
+    """dA and dB from one read of x and dY, on every cluster size (K = N = 512, 1024, 2048, 4096),
+    row tails, fewer row blocks than clusters (M = 1, 33, 70) and many per cluster, x and dY rows
+    K + 8 apart; within 2x torch's error in dtype against float64."""
+    x, dy, a, b = _grads_case(m, k, 16, dtype, seed=m + k)
+    assert nf4_lora_ops._grads_run(x, dy, a, b)
+    poison_cuda_cache()
+    ours = nf4_lora_ops.grads_kernel(x, dy, a, b, 0.75)
+    want = _grads_want(x, dy, a, b, 0.75, torch.float64)
+    low = _grads_want(x, dy, a, b, 0.75, dtype)
+    _compare(ours, want, low, dtype, names=("dA", "dB"))
+
+
+@pytest.mark.gpu
+def test_grads_kernel_takes_transposed_factors():
+    """A as the transpose of a (K, r) tensor and B of an (r, N) one: the kernel reads each factor's
+    rows from its pointer, so they reach it as contiguous copies; the result is the same."""
+    x, dy, a, b = _grads_case(700, 1024, 16, torch.bfloat16, seed=5)
+    a_t, b_t = a.t().contiguous().t(), b.t().contiguous().t()
+    assert not a_t.is_contiguous() and not b_t.is_contiguous()
+    assert nf4_lora_ops._grads_run(x, dy, a_t, b_t)
+    ours = nf4_lora_ops.grads_kernel(x, dy, a_t, b_t, 0.75)
+    want = _grads_want(x, dy, a, b, 0.75, torch.float64)
+    low = _grads_want(x, dy, a, b, 0.75, torch.bfloat16)
+    _compare(ours, want, low, torch.bfloat16, names=("dA", "dB"))
+
+
+@pytest.mark.gpu
+def test_grads_kernel_refuses_a_shape_outside_its_rule():
+    """K = N = 768 (1.5 clusters' columns) or r = 8: an error naming the kernel, not a wrong
+    answer or a fault."""
+    x, dy, a, b = _grads_case(64, 768, 16, torch.bfloat16, seed=6)
+    with pytest.raises(RuntimeError, match="lora_grads"):
+        nf4_lora_ops.grads_kernel(x, dy, a, b, 0.5)
+    x, dy, a, b = _grads_case(64, 512, 8, torch.bfloat16, seed=7)
+    with pytest.raises(RuntimeError, match="lora_grads"):
+        nf4_lora_ops.grads_kernel(x, dy, a, b, 0.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "m,k,n,frozen_x,runs",
+    [
+        (700, 1024, 1024, False, True),  # dX on the merged weight (N <= 2 M)
+        (300, 1024, 1024, False, False),  # dX needs dxa (N > 2 M): the three passes
+        (300, 1024, 1024, True, True),  # no dX at all
+        (700, 1024, 1536, False, False),  # K != N
+    ],
+)
+def test_backward_takes_the_one_pass_grads(m, k, n, frozen_x, runs, monkeypatch):
+    """The eager backward takes dA and dB from the one-pass kernel where its rule holds and dX
+    needs no s dY B, and the gradients meet the STYLE rule either way."""
+    calls = []
+    real = nf4_lora_ops.grads_kernel
+    monkeypatch.setattr(nf4_lora_ops, "grads_kernel", lambda *a_: calls.append(1) or real(*a_))
+    dtype = torch.bfloat16
+    x, q, a, b, bias = _case(m, k, n, 16, dtype, "cuda", seed=m + n)
+    gy = torch.randn(m, n, dtype=dtype, device="cuda")
+    poison_cuda_cache()
+    if frozen_x:  # x without a gradient: dA and dB alone
+        a_, b_ = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        nf4_lora_linear(x, q, a_, b_, 0.75, bias).backward(gy)
+        want = _grads_want(x, gy, a, b, 0.75, torch.float64)
+        low = _grads_want(x, gy, a, b, 0.75, dtype)
+        _compare((a_.grad, b_.grad), want, low, dtype, names=("dA", "dB"))
+    else:
+        ours = _run(lambda x_, a2, b2: nf4_lora_linear(x_, q, a2, b2, 0.75, bias), x, a, b, gy)
+        _compare_to_plain(ours, x, a, b, gy, dequantize_nf4(q), bias, dtype)
+    assert bool(calls) == runs
+
+
+@pytest.mark.parametrize(
+    "k,n,r,dtype,runs",
+    [
+        (4096, 4096, 16, torch.bfloat16, True),
+        (512, 512, 16, torch.float16, True),
+        (4096, 4096, 8, torch.bfloat16, False),  # the kernel's one rank is 16
+        (4096, 14336, 16, torch.bfloat16, False),  # K != N
+        (3072, 3072, 16, torch.bfloat16, False),  # 6 CTAs a cluster
+        (8192, 8192, 16, torch.bfloat16, False),  # 16: above the portable cluster size
+        (1000, 1000, 16, torch.bfloat16, False),
+        (4096, 4096, 16, torch.float32, False),
+    ],
+)
+def test_one_pass_grads_rule(k, n, r, dtype, runs):
+    """Where the one-pass gradient kernel's shape rule holds (the dispatch rule alone: no kernel
+    runs here)."""
+    x = torch.empty(4, k, dtype=dtype)
+    g = torch.empty(4, n, dtype=dtype)
+    a, b = torch.empty(r, k, dtype=dtype), torch.empty(n, r, dtype=dtype)
+    assert nf4_lora_ops._grads_run(x, g, a, b) == runs
+
+
+def test_one_pass_grads_skips_layouts_it_does_not_read():
+    """x and dY rows unit-stride, at least a row and a multiple of 8 elements apart, 16-byte
+    aligned; the factors contiguous and 4-byte aligned or strided (then copied), all of one dtype;
+    anything else takes the three passes (the dispatch rule alone)."""
+    k, r = 512, 16
+    bf = torch.bfloat16
+    x, g = torch.empty(4, k, dtype=bf), torch.empty(4, k, dtype=bf)
+    a, b = torch.empty(r, k, dtype=bf), torch.empty(k, r, dtype=bf)
+    assert nf4_lora_ops._grads_run(x, g, a, b)
+    assert nf4_lora_ops._grads_run(torch.empty(4, k + 8, dtype=bf)[:, :k], g, a, b)
+    assert not nf4_lora_ops._grads_run(torch.empty(4, k + 4, dtype=bf)[:, :k], g, a, b)
+    assert not nf4_lora_ops._grads_run(x, torch.empty(4, 2 * k, dtype=bf)[:, ::2], a, b)
+    assert not nf4_lora_ops._grads_run(x, torch.empty(k, dtype=bf).expand(4, k), a, b)
+    assert not nf4_lora_ops._grads_run(torch.empty(4 * k + 1, dtype=bf)[1:].view(4, k), g, a, b)
+    assert not nf4_lora_ops._grads_run(x, torch.empty(4 * k + 4, dtype=bf)[4:].view(4, k), a, b)
+    assert not nf4_lora_ops._grads_run(x, g.half(), a, b)
+    assert not nf4_lora_ops._grads_run(x, g, a.half(), b)
+    a_off = torch.empty(r * k + 1, dtype=bf)[1:].view(r, k)
+    assert not nf4_lora_ops._grads_run(x, g, a_off, b)
+    assert nf4_lora_ops._grads_run(x, g, a.t().contiguous().t(), b.t().contiguous().t())
+
+
 @pytest.mark.gpu
 def test_backward_with_dy_broadcast_over_the_tokens():
     """A loss of y.sum(0) hands the backward dY with rows 0 apart (N % 64 == 0, r = 16: where the

@@ -20,7 +20,9 @@ The backward takes dX = dY @ W' when N <= 2 M, else dY @ deq(W) + (s dY B) @ A (
 written first and added in the GEMM's epilogue; MERGED_DX_MAX_N_PER_ROW); the other LoRA terms
 are x @ A^T, dY @ B and the two reductions over the tokens dA = (s dY B)^T x and dB = s dY^T (x
 A^T). In eager mode on CUDA, for N >= DY_PASS_MIN_N[r] (r = 8, 16, 32) and N % 64 == 0, dY @ B
-and dB come from one read of dY (lora_dy_pass) instead of two GEMMs.
+and dB come from one read of dY (lora_dy_pass) instead of two GEMMs; where K == N = 512 C (C = 1,
+2, 4, 8), r = 16 and dX needs no dY B (merged weight, or a frozen x), dA and dB come from one read
+of x and dY instead (lora_grads, a cluster kernel: ONE_PASS_GRADS).
 Elsewhere (CPU, fp32, K not a multiple of 64, ranks above 128) the LoRA terms are applied to the
 activations (hoptune.reference.nf4_lora on CPU; on the GPU, K not a multiple of 64 warns once per
 K). In training on the GPU a rank that is not a
@@ -199,6 +201,73 @@ def dy_pass_kernel(
     return dxa, db
 
 
+# Both factor gradients from one read of x and of dY (lora_grads, a cluster kernel: docs/
+# KERNELS.md) instead of x A^T, the dY pass and dA (x read twice): in eager mode on CUDA where its
+# shape rule holds (r = 16, K == N = 512 C for C in 1, 2, 4, 8) and dX takes the merged weight
+# (which needs no dxa).
+ONE_PASS_GRADS = True
+ONE_PASS_GRADS_RANK = 16
+_ONE_PASS_CLUSTERS = (1, 2, 4, 8)
+
+
+def _grads_run(x2: torch.Tensor, g2: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> bool:
+    """Whether dA and dB come from grads_kernel: the shape rule above, one 16-bit dtype for x, dY
+    and both factors, x's and dY's rows unit-stride, at least a row apart, a multiple of 8
+    elements apart and 16-byte aligned, contiguous factors 4-byte aligned (strided ones are
+    copied)."""
+    k, n = x2.shape[1], g2.shape[1]
+    return (
+        ONE_PASS_GRADS
+        and lora_A.shape[0] == ONE_PASS_GRADS_RANK
+        and k == n
+        and k % 512 == 0
+        and k // 512 in _ONE_PASS_CLUSTERS
+        and x2.shape[0] >= 1
+        and x2.dtype == g2.dtype == lora_A.dtype == lora_B.dtype
+        and x2.dtype in nf4_ops.LORA_DTYPES
+        and all(
+            t.stride(1) == 1 and t.stride(0) >= t.shape[1] and t.stride(0) % 8 == 0 and t.data_ptr() % 16 == 0
+            for t in (x2, g2)
+        )
+        and all(not t.is_contiguous() or t.data_ptr() % 4 == 0 for t in (lora_A, lora_B))
+    )
+
+
+def grads_kernel(
+    x2: torch.Tensor, g2: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dA, dB) = ((s g2 B)^T x2, g2^T (s x2 A^T)) for x2 (M, K), g2 (M, N), from one read of each
+    (the CUDA kernel lora_grads; fp32 sums, s x2 A^T and s g2 B rounded once each, as the GEMMs
+    that would form them round them). The caller has checked _grads_run."""
+    m, k = x2.shape
+    n = g2.shape[1]
+    r = lora_A.shape[0]
+    a = lora_A.contiguous()
+    b = lora_B.contiguous()
+    work = torch.empty((k + n) * r, dtype=torch.float32, device=x2.device)
+    da = torch.empty(r, k, dtype=x2.dtype, device=x2.device)
+    db = torch.empty(n, r, dtype=x2.dtype, device=x2.device)
+    _lib.extension().lora_grads(
+        x2.data_ptr(),
+        x2.stride(0),
+        g2.data_ptr(),
+        g2.stride(0),
+        m,
+        k,
+        n,
+        a.data_ptr(),
+        b.data_ptr(),
+        r,
+        float(scale),
+        work.data_ptr(),
+        da.data_ptr(),
+        db.data_ptr(),
+        _lib.DTYPE_CODES[x2.dtype],
+        _lib.stream(x2),
+    )
+    return da, db
+
+
 def _merged_weight(x, q, out_features, lora_A, lora_B, scale) -> tuple[torch.Tensor | None, bool | None]:
     """(W', None), W' = deq(W) + s B A from the merged kernel, when it runs for x; (None, True)
     when the fused GEMM takes the call instead; else (None, None): _forward decides. The eager
@@ -308,7 +377,16 @@ def _backward_impl(saved, meta, needs, grad_y, inside_op, kernels=True):
     merged = kernels and n <= MERGED_DX_MAX_N_PER_ROW * m
     dx = da = db = None
     dxa = None  # s dY B
-    if inside_op and kernels and need_A and need_B and _dy_pass_runs(g2, lora_B):
+    if (
+        inside_op
+        and kernels
+        and need_A
+        and need_B
+        and (merged or not need_x)
+        and _grads_run(x2, g2, lora_A, lora_B)
+    ):
+        da, db = grads_kernel(x2, g2, lora_A, lora_B, scale)  # (dX needs no dxa)
+    elif inside_op and kernels and need_A and need_B and _dy_pass_runs(g2, lora_B):
         # eager CUDA: dxa and dB from one read of dY (xa = s x A^T first: the forward keeps only x)
         dxa, db = dy_pass_kernel(g2, lora_B, _mm_scaled(x2, lora_A.t(), scale, True), scale)
     elif has_lora and (need_A or (need_x and not merged)):
@@ -328,7 +406,7 @@ def _backward_impl(saved, meta, needs, grad_y, inside_op, kernels=True):
         dx = dx.view(x.shape)
     # the token reductions, one cuBLAS GEMM each (M cut into 2048-row slices with fp32 partial
     # sums was slower on every shape measured: bench/bench_lora_passes.py)
-    if has_lora and need_A:
+    if has_lora and need_A and da is None:
         da = dxa.t() @ x2
     if has_lora and need_B and db is None:
         db = g2.t() @ _mm_scaled(x2, lora_A.t(), scale, inside_op)  # s x A^T: the forward keeps only x

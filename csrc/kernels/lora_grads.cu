@@ -1,0 +1,372 @@
+// Both LoRA factor gradients of a layer's backward from one read of x and of dY:
+//   xa  = round(s x A^T)   [m, r]      dxa = round(s dY B)   [m, r]     (row sums over K, N)
+//   dA  = round(dxa^T x)   [r, K]      dB  = round(dY^T xa)  [N, r]     (sums over the rows)
+// cuBLAS' x A^T and dxa^T x and the dY pass (lora.cu) read x twice and dY once; the row sums a
+// row's dA and dB terms need are local to the row, but span all of K (or N). Here a cluster of C
+// CTAs (C = K / 512 = N / 512) shares each block of 32 rows: CTA j loads columns [512 j, 512 j +
+// 512) of the block's x and dY (cp.async, a 3-stage ring of XOR-swizzled tiles), forms its share
+// of both row sums on tensor cores (mma.sync m16n8k16; A's and B's fragments held in registers),
+// and the cluster sums the shares through distributed shared memory (reduce-scatter: each CTA
+// sums its 32 / C rows over the cluster and writes them, rounded, into every CTA's smem), with a
+// cluster barrier on each side. Each CTA then adds the block's dY^T xa and dxa^T x for its columns
+// into fp32 accumulators it keeps in registers across all the row blocks its cluster takes
+// (persistent clusters, one wave), so partial sums leave once per CTA (16-byte reductions at L2)
+// and a last small kernel rounds them (dA transposed) to the outputs.
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <atomic>
+
+#include "hoptune/common/dispatch.h"
+#include "hoptune/common/mma.cuh"
+#include "hoptune/common/occupancy.h"
+#include "hoptune/lora.cuh"
+
+namespace hoptune {
+namespace {
+
+namespace cg = cooperative_groups;
+
+constexpr int kThreads = 256;  // eight warps
+constexpr int kWarps = kThreads / 32;
+constexpr int kCols = 512;  // x's and dY's columns per CTA: 64 a warp
+constexpr int kRows = 32;   // rows per block
+constexpr int kStages = 3;
+constexpr int kRank = 16;
+constexpr uint32_t kTileBytes = kRows * kCols * 2;             // 32 KiB
+constexpr uint32_t kStageBytes = 2 * kTileBytes;               // x's tile, then dY's
+constexpr uint32_t kPartBytes = kRows * kRank * 4;             // [rows, r] fp32
+constexpr uint32_t kFullBytes = kRows * kRank * 2;             // [rows, r] rounded
+constexpr uint32_t kWarpOff = kStages * kStageBytes;           // each warp's share
+constexpr uint32_t kExchOff = kWarpOff + kWarps * kPartBytes;  // [2 buffers][xa, dxa] fp32
+constexpr uint32_t kFullOff = kExchOff + 4 * kPartBytes;       // [2 buffers][xa, dxa] rounded
+constexpr uint32_t kSmemBytes = kFullOff + 4 * kFullBytes;     // 220 KiB
+constexpr int kMaxCluster = 8;                                 // (the portable cluster size)
+
+// Byte offset of 16-byte chunk c (0-63) of row `row` in a tile of 1 KiB rows: within each
+// 128-byte line the chunk index XORed with the row's low bits (conflict-free ldmatrix, plain or
+// transposed).
+__device__ __forceinline__ uint32_t tile_off(int row, int c) {
+  return static_cast<uint32_t>(row * (kCols * 2) + (c >> 3) * 128 + (((c & 7) ^ (row & 7)) << 4));
+}
+
+struct GradsArgs {
+  const void* x;
+  int64_t ldx;
+  const void* dy;
+  int64_t ldy;
+  int64_t m, k;
+  const uint16_t* lora_a;  // [r, k]
+  const uint16_t* lora_b;  // [n, r]
+  float scale;
+  float* acc_dat;  // [k, r] fp32, zeroed: dA transposed
+  float* acc_db;   // [n, r] fp32, zeroed
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) lora_grads_kernel(GradsArgs a) {
+  extern __shared__ __align__(1024) unsigned char smem[];
+  cg::cluster_group cluster = cg::this_cluster();
+  const int csize = static_cast<int>(cluster.num_blocks());
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int64_t cid = blockIdx.x / csize, clusters = gridDim.x / csize;
+  const int64_t blocks = (a.m + kRows - 1) / kRows;
+  const int nblk = blocks > cid ? static_cast<int>((blocks - 1 - cid) / clusters + 1) : 0;
+
+  const uint32_t base = smem_addr(smem);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, tq = lane & 3, q = lane >> 3, r8 = lane & 7, l16 = lane & 15;
+  const T* x = static_cast<const T*>(a.x) + rank * kCols;
+  const T* dy = static_cast<const T*>(a.dy) + rank * kCols;
+
+  auto issue = [&](int it) {
+    const int64_t row0 = (cid + it * clusters) * kRows;
+    const uint32_t st = base + (it % kStages) * kStageBytes;
+#pragma unroll
+    for (int i = 0; i < kRows * (kCols / 8) / kThreads; ++i) {
+      const int idx = tid + i * kThreads, r = idx >> 6, c = idx & 63;
+      const bool ok = row0 + r < a.m;
+      const int64_t row = ok ? row0 + r : 0;
+      cp_async_16(st + tile_off(r, c), x + row * a.ldx + c * 8, ok);
+      cp_async_16(st + kTileBytes + tile_off(r, c), dy + row * a.ldy + c * 8, ok);
+    }
+  };
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < nblk) issue(s);
+    cp_async_commit();
+  }
+
+  // The row sums' constant operand, as B fragments (k = 2 tq, 2 tq + 1 and + 8; n = g): warps 0-3
+  // A^T over a quarter of this CTA's K columns each (xa), warps 4-7 B over a quarter of its N (dxa)
+  const int prod = warp >> 2, kq = warp & 3;
+  uint32_t fb[8][2][2];
+  {
+    const int64_t col0 = static_cast<int64_t>(rank) * kCols + kq * 128 + 2 * tq;
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk)
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int64_t col = col0 + kk * 16 + h * 8;
+          const int n = nt * 8 + g;
+          if (prod == 0) {
+            fb[kk][nt][h] = *reinterpret_cast<const uint32_t*>(a.lora_a + n * a.k + col);
+          } else {
+            fb[kk][nt][h] = static_cast<uint32_t>(a.lora_b[col * kRank + n]) |
+                            (static_cast<uint32_t>(a.lora_b[(col + 1) * kRank + n]) << 16);
+          }
+        }
+  }
+
+  float acc_a[4][2][4], acc_b[4][2][4];  // dA^T and dB: this warp's 64 columns x r
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_a[mt][nt][e] = acc_b[mt][nt][e] = 0.f;
+
+  float* warp_part = reinterpret_cast<float*>(smem + kWarpOff);
+  const int own = kRows / csize;  // rows of the row sums this CTA reduces for the cluster
+  for (int it = 0; it < nblk; ++it) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // block it has landed; slot (it - 1) % kStages is free
+    if (it + kStages - 1 < nblk) issue(it + kStages - 1);
+    cp_async_commit();
+    const uint32_t st = base + (it % kStages) * kStageBytes;
+    const int buf = it & 1;
+    float* exch = reinterpret_cast<float*>(smem + kExchOff) + buf * 2 * (kRows * kRank);
+    const uint32_t full = base + kFullOff + buf * 2 * kFullBytes;  // xa, then dxa
+
+    {  // this warp's share of xa (or dxa): its 128 columns
+      const uint32_t tile = st + prod * kTileBytes;
+      float p[2][2][4];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) p[mt][nt][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < 8; ++kk)
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          uint32_t af[4];
+          ldmatrix_x4(af, tile + tile_off(mt * 16 + l16, (kq * 8 + kk) * 2 + (lane >> 4)));
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt) mma_16816<T>(p[mt][nt], af, fb[kk][nt][0], fb[kk][nt][1]);
+        }
+      float* wp = warp_part + warp * (kRows * kRank);
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          const int row = mt * 16 + g, col = nt * 8 + 2 * tq;
+          *reinterpret_cast<float2*>(wp + row * kRank + col) =
+              make_float2(p[mt][nt][0], p[mt][nt][1]);
+          *reinterpret_cast<float2*>(wp + (row + 8) * kRank + col) =
+              make_float2(p[mt][nt][2], p[mt][nt][3]);
+        }
+    }
+    __syncthreads();
+    {  // the CTA's share: four elements a thread, summed over the product's four warps
+      const int pr = tid >> 7, e = (tid & 127) * 4;
+      const float* wp = warp_part + pr * 4 * (kRows * kRank) + e;
+      float4 s = *reinterpret_cast<const float4*>(wp);
+#pragma unroll
+      for (int w = 1; w < 4; ++w) {
+        const float4 v = *reinterpret_cast<const float4*>(wp + w * (kRows * kRank));
+        s.x += v.x, s.y += v.y, s.z += v.z, s.w += v.w;
+      }
+      *reinterpret_cast<float4*>(exch + pr * (kRows * kRank) + e) = s;
+    }
+    cluster.sync();  // every CTA's share is written
+    // this CTA's rows of both sums over the cluster, rounded into every CTA's `full`: the first
+    // 2 (32 / C) r / 4 threads read a float4 of those rows from every CTA (all the loads issued
+    // before the sum, a warp's loads from one CTA in contiguous runs) and write the rounded sum
+    // into every CTA
+    {
+      const int per_prod = own * kRank / 4;  // float4s
+      if (tid < 2 * per_prod) {
+        const int pr = tid / per_prod;
+        const int e = rank * own * kRank + (tid % per_prod) * 4;
+        float4* mine = reinterpret_cast<float4*>(exch + pr * (kRows * kRank) + e);
+        float4 v[kMaxCluster];
+#pragma unroll
+        for (int src = 0; src < kMaxCluster; ++src)
+          if (src < csize) v[src] = *cluster.map_shared_rank(mine, src);
+        float4 s = v[0];
+#pragma unroll
+        for (int src = 1; src < kMaxCluster; ++src)
+          if (src < csize) s.x += v[src].x, s.y += v[src].y, s.z += v[src].z, s.w += v[src].w;
+        const T h0 = from_float<T>(a.scale * s.x), h1 = from_float<T>(a.scale * s.y);
+        const T h2 = from_float<T>(a.scale * s.z), h3 = from_float<T>(a.scale * s.w);
+        uint2 packed;
+        packed.x = static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&h0)) |
+                   (static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&h1)) << 16);
+        packed.y = static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&h2)) |
+                   (static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&h3)) << 16);
+        const int row = e / kRank, col = e % kRank;
+        uint2* dst = reinterpret_cast<uint2*>(smem + (full - base) + pr * kFullBytes +
+                                              swizzled<2>(row, col / 8) + (col % 8) * 2);
+#pragma unroll
+        for (int d = 0; d < kMaxCluster; ++d)
+          if (d < csize) *cluster.map_shared_rank(dst, d) = packed;
+      }
+    }
+    cluster.sync();  // xa and dxa of the block are in every CTA
+#pragma unroll
+    for (int ks = 0; ks < kRows / 16; ++ks) {
+      uint32_t bxa[2][2], bdxa[2][2];
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        ldmatrix_x2_trans(bxa[nt][0], bxa[nt][1], full + swizzled<2>(ks * 16 + l16, nt));
+        ldmatrix_x2_trans(bdxa[nt][0], bdxa[nt][1],
+                          full + kFullBytes + swizzled<2>(ks * 16 + l16, nt));
+      }
+      const int tr = ks * 16 + (q >> 1) * 8 + r8;
+#pragma unroll
+      for (int mt = 0; mt < 4; ++mt) {
+        // the tiles' columns 64 warp + 16 mt .. +15, transposed: rows of dA^T and of dB
+        const int ch = warp * 8 + mt * 2 + (q & 1);
+        uint32_t ax[4], ay[4];
+        ldmatrix_x4_trans(ax, st + tile_off(tr, ch));
+        ldmatrix_x4_trans(ay, st + kTileBytes + tile_off(tr, ch));
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          mma_16816<T>(acc_a[mt][nt], ax, bdxa[nt][0], bdxa[nt][1]);
+          mma_16816<T>(acc_b[mt][nt], ay, bxa[nt][0], bxa[nt][1]);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+  const int64_t col = static_cast<int64_t>(rank) * kCols + warp * 64;
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      red_tile(a.acc_dat + (col + mt * 16) * kRank + nt * 8, kRank, acc_a[mt][nt], lane, 16);
+      red_tile(a.acc_db + (col + mt * 16) * kRank + nt * 8, kRank, acc_b[mt][nt], lane, 16);
+    }
+}
+
+// da[i, c] = round(acc_dat[c, i]) (r x k), db = round(acc_db) (n x r).
+template <typename T>
+__global__ void __launch_bounds__(256) lora_grads_finish(const float* acc_dat, const float* acc_db,
+                                                         int64_t k, int64_t n, T* da, T* db) {
+  const int64_t na = k * kRank, total = na + n * kRank;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += stride) {
+    if (i < na) {
+      da[i] = from_float<T>(acc_dat[(i % k) * kRank + i / k]);
+    } else {
+      db[i - na] = from_float<T>(acc_db[i - na]);
+    }
+  }
+}
+
+// Clusters of `csize` CTAs of the kernel for T resident at once on the current device, cached.
+template <typename T>
+cudaError_t active_clusters(int csize, int* out) {
+  constexpr int kDevices = 16;
+  static std::atomic<int> cache[kDevices][kMaxCluster + 1];
+  int device = 0;
+  HOPTUNE_CUDA_TRY(cudaGetDevice(&device));
+  if (device < kDevices && cache[device][csize].load(std::memory_order_relaxed) > 0) {
+    *out = cache[device][csize].load(std::memory_order_relaxed);
+    return cudaSuccess;
+  }
+  cudaLaunchConfig_t cfg = {};
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(csize);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.gridDim = dim3(static_cast<unsigned>(csize));
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = kSmemBytes;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  int n = 0;
+  HOPTUNE_CUDA_TRY(cudaOccupancyMaxActiveClusters(&n, lora_grads_kernel<T>, &cfg));
+  if (n < 1) return cudaErrorInvalidConfiguration;
+  if (device < kDevices) cache[device][csize].store(n, std::memory_order_relaxed);
+  *out = n;
+  return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t launch_grads(const GradsArgs& a, int csize, int64_t n, void* da, void* db,
+                         cudaStream_t stream) {
+  auto* kernel = lora_grads_kernel<T>;
+  HOPTUNE_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(kSmemBytes)));
+  int clusters = 0;
+  HOPTUNE_CUDA_TRY(active_clusters<T>(csize, &clusters));
+  const int64_t blocks = (a.m + kRows - 1) / kRows;
+  const int64_t grid = std::min<int64_t>(clusters, blocks) * csize;
+  cudaLaunchConfig_t cfg = {};
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(csize);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.gridDim = dim3(static_cast<unsigned>(grid));
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = kSmemBytes;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  HOPTUNE_CUDA_TRY(cudaLaunchKernelEx(&cfg, kernel, a));
+  const int64_t total = (a.k + n) * kRank;
+  const int64_t fgrid =
+      std::min<int64_t>((total + 255) / 256, 4 * static_cast<int64_t>(sm_count()));
+  lora_grads_finish<T><<<static_cast<unsigned>(fgrid), 256, 0, stream>>>(
+      a.acc_dat, a.acc_db, a.k, n, static_cast<T*>(da), static_cast<T*>(db));
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+bool lora_grads_shape(int64_t k, int64_t n, int rank) {
+  return rank == kRank && k == n && k % kCols == 0 && k / kCols >= 1 && k / kCols <= kMaxCluster &&
+         ((k / kCols) & (k / kCols - 1)) == 0;
+}
+
+cudaError_t lora_grads(const void* x, int64_t ldx, const void* dy, int64_t ldy, int64_t m,
+                       int64_t k, int64_t n, const void* lora_a, const void* lora_b, int rank,
+                       float scale, float* workspace, void* da, void* db, DType dtype,
+                       cudaStream_t stream) {
+  HOPTUNE_REQUIRE(x != nullptr && dy != nullptr && lora_a != nullptr && lora_b != nullptr &&
+                  workspace != nullptr && da != nullptr && db != nullptr);
+  HOPTUNE_REQUIRE(m >= 1 && lora_grads_shape(k, n, rank));
+  HOPTUNE_REQUIRE(ldx >= k && ldx % 8 == 0 && ldy >= n && ldy % 8 == 0);
+  HOPTUNE_REQUIRE(dtype == DType::kBFloat16 || dtype == DType::kFloat16);
+  const void* ptrs[] = {x, dy, workspace};
+  for (const void* p : ptrs) HOPTUNE_REQUIRE(reinterpret_cast<uintptr_t>(p) % 16 == 0);
+  const void* small[] = {lora_a, lora_b, da, db};
+  for (const void* p : small) HOPTUNE_REQUIRE(reinterpret_cast<uintptr_t>(p) % 4 == 0);
+  HOPTUNE_CUDA_TRY(cudaMemsetAsync(workspace, 0, static_cast<size_t>(k + n) * rank * 4, stream));
+  const GradsArgs a{x,
+                    ldx,
+                    dy,
+                    ldy,
+                    m,
+                    k,
+                    static_cast<const uint16_t*>(lora_a),
+                    static_cast<const uint16_t*>(lora_b),
+                    scale,
+                    workspace,
+                    workspace + k * rank};
+  const int csize = static_cast<int>(k / kCols);
+  return HOPTUNE_DISPATCH_HALF(
+      dtype, T, [&]() -> cudaError_t { return launch_grads<T>(a, csize, n, da, db, stream); });
+}
+
+}  // namespace hoptune
