@@ -271,6 +271,24 @@ __global__ void __launch_bounds__(256) lora_grads_finish(const float* acc_dat, c
   }
 }
 
+// The kernel's launch configuration: `grid` CTAs in clusters of `csize` (the attribute written
+// into *attr, which must outlive the launch).
+cudaLaunchConfig_t cluster_launch(int64_t grid, int csize, cudaStream_t stream,
+                                  cudaLaunchAttribute* attr) {
+  attr->id = cudaLaunchAttributeClusterDimension;
+  attr->val.clusterDim.x = static_cast<unsigned>(csize);
+  attr->val.clusterDim.y = 1;
+  attr->val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(grid));
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = kSmemBytes;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cfg;
+}
+
 // Clusters of `csize` CTAs of the kernel for T resident at once on the current device, cached.
 template <typename T>
 cudaError_t active_clusters(int csize, int* out) {
@@ -282,17 +300,8 @@ cudaError_t active_clusters(int csize, int* out) {
     *out = cache[device][csize].load(std::memory_order_relaxed);
     return cudaSuccess;
   }
-  cudaLaunchConfig_t cfg = {};
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned>(csize);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.gridDim = dim3(static_cast<unsigned>(csize));
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = kSmemBytes;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t cfg = cluster_launch(csize, csize, nullptr, &attr);
   int n = 0;
   HOPTUNE_CUDA_TRY(cudaOccupancyMaxActiveClusters(&n, lora_grads_kernel<T>, &cfg));
   if (n < 1) return cudaErrorInvalidConfiguration;
@@ -311,18 +320,8 @@ cudaError_t launch_grads(const GradsArgs& a, int csize, int64_t n, void* da, voi
   HOPTUNE_CUDA_TRY(active_clusters<T>(csize, &clusters));
   const int64_t blocks = (a.m + kRows - 1) / kRows;
   const int64_t grid = std::min<int64_t>(clusters, blocks) * csize;
-  cudaLaunchConfig_t cfg = {};
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned>(csize);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.gridDim = dim3(static_cast<unsigned>(grid));
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = kSmemBytes;
-  cfg.stream = stream;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t cfg = cluster_launch(grid, csize, stream, &attr);
   HOPTUNE_CUDA_TRY(cudaLaunchKernelEx(&cfg, kernel, a));
   const int64_t total = (a.k + n) * kRank;
   const int64_t fgrid =
