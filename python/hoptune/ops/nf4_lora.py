@@ -225,12 +225,18 @@ def _grads_run(x2: torch.Tensor, g2: torch.Tensor, lora_A: torch.Tensor, lora_B:
         and x2.shape[0] >= 1
         and x2.dtype == g2.dtype == lora_A.dtype == lora_B.dtype
         and x2.dtype in nf4_ops.LORA_DTYPES
-        and all(
-            t.stride(1) == 1 and t.stride(0) >= t.shape[1] and t.stride(0) % 8 == 0 and t.data_ptr() % 16 == 0
-            for t in (x2, g2)
-        )
-        and all(not t.is_contiguous() or t.data_ptr() % 4 == 0 for t in (lora_A, lora_B))
+        and _rows_read_whole(x2)
+        and _rows_read_whole(g2)
+        and (not lora_A.is_contiguous() or lora_A.data_ptr() % 4 == 0)
+        and (not lora_B.is_contiguous() or lora_B.data_ptr() % 4 == 0)
     )
+
+
+def _rows_read_whole(t: torch.Tensor) -> bool:
+    """t (rows, cols)'s rows unit-stride, at least a row and a multiple of 8 elements apart, the
+    first 16-byte aligned: the layout the one-pass kernel loads in 16-byte pieces."""
+    s0 = t.stride(0)
+    return t.stride(1) == 1 and s0 >= t.shape[1] and s0 % 8 == 0 and t.data_ptr() % 16 == 0
 
 
 def grads_kernel(
