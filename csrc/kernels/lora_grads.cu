@@ -11,7 +11,9 @@
 // cluster barrier on each side. Each CTA then adds the block's dY^T xa and dxa^T x for its columns
 // into fp32 accumulators it keeps in registers across all the row blocks its cluster takes
 // (persistent clusters, one wave), so partial sums leave once per CTA (16-byte reductions at L2)
-// and a last small kernel rounds them (dA transposed) to the outputs.
+// and a last small kernel rounds them (dA transposed) to the outputs. The barriers are split
+// (arrive, then wait) and the blocks pipelined across them: block i + 1's share is formed while
+// block i's second barrier is pending, block i's column sums while block i + 1's first one is.
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -50,6 +52,15 @@ constexpr int kMaxCluster = 8;                                 // (the portable 
 // transposed).
 __device__ __forceinline__ uint32_t tile_off(int row, int c) {
   return static_cast<uint32_t>(row * (kCols * 2) + (c >> 3) * 128 + (((c & 7) ^ (row & 7)) << 4));
+}
+
+// Split cluster barrier: arrive (release: this thread's earlier writes, shared memory of the
+// cluster included, are seen after the matching wait) and wait (acquire).
+__device__ __forceinline__ void cluster_arrive() {
+  asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void cluster_wait() {
+  asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
 
 struct GradsArgs {
@@ -132,16 +143,10 @@ __global__ void __launch_bounds__(kThreads, 1) lora_grads_kernel(GradsArgs a) {
 
   float* warp_part = reinterpret_cast<float*>(smem + kWarpOff);
   const int own = kRows / csize;  // rows of the row sums this CTA reduces for the cluster
-  for (int it = 0; it < nblk; ++it) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();  // block it has landed; slot (it - 1) % kStages is free
-    if (it + kStages - 1 < nblk) issue(it + kStages - 1);
-    cp_async_commit();
+  // block it's share of both row sums into exch[it % 2] (tile it landed and visible)
+  auto share = [&](int it) {
     const uint32_t st = base + (it % kStages) * kStageBytes;
-    const int buf = it & 1;
-    float* exch = reinterpret_cast<float*>(smem + kExchOff) + buf * 2 * (kRows * kRank);
-    const uint32_t full = base + kFullOff + buf * 2 * kFullBytes;  // xa, then dxa
-
+    float* exch = reinterpret_cast<float*>(smem + kExchOff) + (it & 1) * 2 * (kRows * kRank);
     {  // this warp's share of xa (or dxa): its 128 columns
       const uint32_t tile = st + prod * kTileBytes;
       float p[2][2][4];
@@ -184,7 +189,11 @@ __global__ void __launch_bounds__(kThreads, 1) lora_grads_kernel(GradsArgs a) {
       }
       *reinterpret_cast<float4*>(exch + pr * (kRows * kRank) + e) = s;
     }
-    cluster.sync();  // every CTA's share is written
+  };
+  // block it's rows of both sums over the cluster into every CTA's full[it % 2]
+  auto reduce = [&](int it) {
+    float* exch = reinterpret_cast<float*>(smem + kExchOff) + (it & 1) * 2 * (kRows * kRank);
+    const uint32_t full = base + kFullOff + (it & 1) * 2 * kFullBytes;
     // this CTA's rows of both sums over the cluster, rounded into every CTA's `full`: the first
     // 2 (32 / C) r / 4 threads read a float4 of those rows from every CTA (all the loads issued
     // before the sum, a warp's loads from one CTA in contiguous runs) and write the rounded sum
@@ -218,7 +227,11 @@ __global__ void __launch_bounds__(kThreads, 1) lora_grads_kernel(GradsArgs a) {
           if (d < csize) *cluster.map_shared_rank(dst, d) = packed;
       }
     }
-    cluster.sync();  // xa and dxa of the block are in every CTA
+  };
+  // block it's column sums (tile it, full[it % 2])
+  auto colsum = [&](int it) {
+    const uint32_t st = base + (it % kStages) * kStageBytes;
+    const uint32_t full = base + kFullOff + (it & 1) * 2 * kFullBytes;
 #pragma unroll
     for (int ks = 0; ks < kRows / 16; ++ks) {
       uint32_t bxa[2][2], bdxa[2][2];
@@ -243,6 +256,35 @@ __global__ void __launch_bounds__(kThreads, 1) lora_grads_kernel(GradsArgs a) {
         }
       }
     }
+  };
+
+  // Software-pipelined: block it + 1's share is formed while block it's second cluster barrier is
+  // pending, and block it's column sums while block it + 1's first one is. Each thread's arrives
+  // and waits alternate (one phase in flight), as barrier.cluster requires. Block i + 2's tiles
+  // load under both (the ring holds blocks i, i + 1 and i + 2: the wait for one group below).
+  static_assert(kStages == 3, "the pipelined loop keeps three blocks' tiles in the ring");
+  if (nblk > 0) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    share(0);
+    cluster_arrive();
+  }
+  for (int it = 0; it < nblk; ++it) {
+    cluster_wait();  // every CTA's share of block it is written
+    reduce(it);
+    cluster_arrive();
+    const bool next = it + 1 < nblk;
+    if (next) {
+      __syncthreads();  // colsum(it - 1) is done: slot (it + 2) % kStages is free
+      if (it + kStages - 1 < nblk) issue(it + kStages - 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+      __syncthreads();  // block it + 1 has landed for every thread
+      share(it + 1);
+    }
+    cluster_wait();  // block it's row sums are in every CTA
+    if (next) cluster_arrive();
+    colsum(it);
   }
   cp_async_wait<0>();
   const int64_t col = static_cast<int64_t>(rank) * kCols + warp * 64;
