@@ -150,8 +150,8 @@ def nf4_lora() -> None:
         torch.randn(130, 64, device="cuda", dtype=torch.float16),
         2.0,
     )
-    # the one-pass LoRA gradients (a cluster kernel): clusters of 1 and 2, a row tail, strided rows
-    for m, k, dt in [(33, 512, torch.bfloat16), (70, 1024, torch.float16)]:
+    # the one-pass LoRA gradients (a cluster kernel): clusters of 2 and 8, row tails, strided rows
+    for m, k, dt in [(33, 1024, torch.bfloat16), (200, 4096, torch.float16)]:
         x = torch.randn(m, k + 8, device="cuda", dtype=dt)[:, :k]
         dy = torch.randn(m, k + 8, device="cuda", dtype=dt)[:, :k]
         nf4_lora_ops.grads_kernel(

@@ -3,17 +3,20 @@
 //   dA  = round(dxa^T x)   [r, K]      dB  = round(dY^T xa)  [N, r]     (sums over the rows)
 // cuBLAS' x A^T and dxa^T x and the dY pass (lora.cu) read x twice and dY once; the row sums a
 // row's dA and dB terms need are local to the row, but span all of K (or N). Here a cluster of C
-// CTAs (C = K / 512 = N / 512) shares each block of 32 rows: CTA j loads columns [512 j, 512 j +
-// 512) of the block's x and dY (cp.async, a 3-stage ring of XOR-swizzled tiles), forms its share
-// of both row sums on tensor cores (mma.sync m16n8k16; A's and B's fragments held in registers),
-// and the cluster sums the shares through distributed shared memory (reduce-scatter: each CTA
-// sums its 32 / C rows over the cluster and writes them, rounded, into every CTA's smem), with a
-// cluster barrier on each side. Each CTA then adds the block's dY^T xa and dxa^T x for its columns
-// into fp32 accumulators it keeps in registers across all the row blocks its cluster takes
-// (persistent clusters, one wave), so partial sums leave once per CTA (16-byte reductions at L2)
-// and a last small kernel rounds them (dA transposed) to the outputs. The barriers are split
-// (arrive, then wait) and the blocks pipelined across them: block i + 1's share is formed while
-// block i's second barrier is pending, block i's column sums while block i + 1's first one is.
+// CTAs (C = K / 512 = N / 512, 2 to 8) shares each block of 32 rows: CTA j loads columns [512 j,
+// 512 j + 512) of the block's x and dY (cp.async, a 3-stage ring of XOR-swizzled tiles), forms its
+// share of both row sums on tensor cores (mma.sync m16n8k16; A's and B's fragments held in
+// registers), and the cluster sums the shares through distributed shared memory as a
+// reduce-scatter: each CTA pushes the rows CTA d owns (32 / C of them) into d's shared memory,
+// each CTA sums its rows over the cluster, rounds them once and pushes them into every CTA. The
+// pushes are asynchronous remote stores (st.async) that complete a transaction barrier (mbarrier)
+// in the receiving CTA, so no cluster barrier or memory fence sits in the loop (a version with two
+// cluster barriers a block ran 1.37x as long), and block i + 1's share is formed while block i's
+// sums are on their way. Each CTA then adds the block's dY^T xa and dxa^T x for its columns into
+// fp32 accumulators it keeps in registers across all the row blocks its cluster takes (persistent
+// clusters, one wave), so partial sums leave once per CTA (16-byte reductions at L2) and a last
+// small kernel rounds them (dA transposed) to the outputs. st.async needs a cluster of two or
+// more CTAs: K = 512 is not taken.
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -42,9 +45,10 @@ constexpr uint32_t kStageBytes = 2 * kTileBytes;               // x's tile, then
 constexpr uint32_t kPartBytes = kRows * kRank * 4;             // [rows, r] fp32
 constexpr uint32_t kFullBytes = kRows * kRank * 2;             // [rows, r] rounded
 constexpr uint32_t kWarpOff = kStages * kStageBytes;           // each warp's share
-constexpr uint32_t kExchOff = kWarpOff + kWarps * kPartBytes;  // [2 buffers][xa, dxa] fp32
+constexpr uint32_t kExchOff = kWarpOff + kWarps * kPartBytes;  // [2][src CTA][xa, dxa][own rows]
 constexpr uint32_t kFullOff = kExchOff + 4 * kPartBytes;       // [2 buffers][xa, dxa] rounded
-constexpr uint32_t kSmemBytes = kFullOff + 4 * kFullBytes;     // 220 KiB
+constexpr uint32_t kBarOff = kFullOff + 4 * kFullBytes;        // [2] exchange, [2] full mbarriers
+constexpr uint32_t kSmemBytes = kBarOff + 32;                  // 220 KiB
 constexpr int kMaxCluster = 8;                                 // (the portable cluster size)
 
 // Byte offset of 16-byte chunk c (0-63) of row `row` in a tile of 1 KiB rows: within each
@@ -54,13 +58,56 @@ __device__ __forceinline__ uint32_t tile_off(int row, int c) {
   return static_cast<uint32_t>(row * (kCols * 2) + (c >> 3) * 128 + (((c & 7) ^ (row & 7)) << 4));
 }
 
-// Split cluster barrier: arrive (release: this thread's earlier writes, shared memory of the
-// cluster included, are seen after the matching wait) and wait (acquire).
+// Cluster barrier, once at the start (mbarriers initialized before any CTA pushes to them) and once
+// at the end (no CTA leaves while a push to it may be pending).
 __device__ __forceinline__ void cluster_arrive() {
   asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
 }
 __device__ __forceinline__ void cluster_wait() {
   asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+
+// Transaction barriers (mbarrier) in this CTA's shared memory, completed by the cluster's
+// asynchronous remote stores (st.async ... complete_tx): a phase ends when its one arrival (with
+// the bytes it expects) is in and those bytes have landed.
+__device__ __forceinline__ void mbar_init(uint32_t bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_expect(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], "
+        "%2;\n"
+        " selp.u32 %0, 1, 0, p;\n}"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+// The address in CTA `rank` of the cluster of this CTA's shared address `addr`.
+__device__ __forceinline__ uint32_t cluster_addr(uint32_t addr, int rank) {
+  uint32_t out;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(out) : "r"(addr), "r"(rank));
+  return out;
+}
+__device__ __forceinline__ void push(uint32_t addr, float4 v, uint32_t bar) {
+  asm volatile(
+      "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.f32 [%0], {%1, %2, %3, %4}, "
+      "[%5];" ::"r"(addr),
+      "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w), "r"(bar)
+      : "memory");
+}
+__device__ __forceinline__ void push(uint32_t addr, uint2 v, uint32_t bar) {
+  asm volatile(
+      "st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.b32 [%0], {%1, %2}, [%3];" ::"r"(
+          addr),
+      "r"(v.x), "r"(v.y), "r"(bar)
+      : "memory");
 }
 
 struct GradsArgs {
@@ -143,10 +190,13 @@ __global__ void __launch_bounds__(kThreads, 1) lora_grads_kernel(GradsArgs a) {
 
   float* warp_part = reinterpret_cast<float*>(smem + kWarpOff);
   const int own = kRows / csize;  // rows of the row sums this CTA reduces for the cluster
-  // block it's share of both row sums into exch[it % 2] (tile it landed and visible)
+  const uint32_t exch_bar = base + kBarOff, full_bar = exch_bar + 16;  // [2] each, 8 bytes
+  constexpr uint32_t kExchBytes = 2 * kPartBytes;                      // a block's, from all CTAs
+  constexpr uint32_t kFullPair = 2 * kFullBytes;
+  // block it's share of both row sums, its rows of CTA d pushed into CTA d's exch[it % 2][rank]
+  // (tile it landed and visible)
   auto share = [&](int it) {
     const uint32_t st = base + (it % kStages) * kStageBytes;
-    float* exch = reinterpret_cast<float*>(smem + kExchOff) + (it & 1) * 2 * (kRows * kRank);
     {  // this warp's share of xa (or dxa): its 128 columns
       const uint32_t tile = st + prod * kTileBytes;
       float p[2][2][4];
@@ -187,46 +237,44 @@ __global__ void __launch_bounds__(kThreads, 1) lora_grads_kernel(GradsArgs a) {
         const float4 v = *reinterpret_cast<const float4*>(wp + w * (kRows * kRank));
         s.x += v.x, s.y += v.y, s.z += v.z, s.w += v.w;
       }
-      *reinterpret_cast<float4*>(exch + pr * (kRows * kRank) + e) = s;
+      const int row = e / kRank, dst = row / own;
+      const uint32_t slot = base + kExchOff + (it & 1) * kExchBytes +
+                            (((rank * 2 + pr) * own + row % own) * kRank + e % kRank) * 4;
+      push(cluster_addr(slot, dst), s, cluster_addr(exch_bar + (it & 1) * 8, dst));
     }
   };
-  // block it's rows of both sums over the cluster into every CTA's full[it % 2]
+  // block it's rows of both sums over the cluster (own rows from every CTA, in exch[it % 2]) into
+  // every CTA's full[it % 2]: the first 2 (32 / C) r / 4 threads sum a float4 of those rows over
+  // the CTAs, round it and push it to every CTA
   auto reduce = [&](int it) {
-    float* exch = reinterpret_cast<float*>(smem + kExchOff) + (it & 1) * 2 * (kRows * kRank);
-    const uint32_t full = base + kFullOff + (it & 1) * 2 * kFullBytes;
-    // this CTA's rows of both sums over the cluster, rounded into every CTA's `full`: the first
-    // 2 (32 / C) r / 4 threads read a float4 of those rows from every CTA (all the loads issued
-    // before the sum, a warp's loads from one CTA in contiguous runs) and write the rounded sum
-    // into every CTA
-    {
-      const int per_prod = own * kRank / 4;  // float4s
-      if (tid < 2 * per_prod) {
-        const int pr = tid / per_prod;
-        const int e = rank * own * kRank + (tid % per_prod) * 4;
-        float4* mine = reinterpret_cast<float4*>(exch + pr * (kRows * kRank) + e);
-        float4 v[kMaxCluster];
+    const int per_prod = own * kRank / 4;  // float4s
+    if (tid >= 2 * per_prod) return;
+    const uint32_t bar = exch_bar + (it & 1) * 8;
+    mbar_wait(bar, (it >> 1) & 1);
+    if (tid == 0 && it + 2 < nblk) mbar_expect(bar, kExchBytes);  // block it + 2's
+    const int pr = tid / per_prod, e = (tid % per_prod) * 4;
+    const float* exch = reinterpret_cast<const float*>(smem + kExchOff + (it & 1) * kExchBytes) +
+                        pr * own * kRank + e;
+    float4 s = *reinterpret_cast<const float4*>(exch);
 #pragma unroll
-        for (int src = 0; src < kMaxCluster; ++src)
-          if (src < csize) v[src] = *cluster.map_shared_rank(mine, src);
-        float4 s = v[0];
-#pragma unroll
-        for (int src = 1; src < kMaxCluster; ++src)
-          if (src < csize) s.x += v[src].x, s.y += v[src].y, s.z += v[src].z, s.w += v[src].w;
-        const T h0 = from_float<T>(a.scale * s.x), h1 = from_float<T>(a.scale * s.y);
-        const T h2 = from_float<T>(a.scale * s.z), h3 = from_float<T>(a.scale * s.w);
-        uint2 packed;
-        packed.x = static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&h0)) |
-                   (static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&h1)) << 16);
-        packed.y = static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&h2)) |
-                   (static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&h3)) << 16);
-        const int row = e / kRank, col = e % kRank;
-        uint2* dst = reinterpret_cast<uint2*>(smem + (full - base) + pr * kFullBytes +
-                                              swizzled<2>(row, col / 8) + (col % 8) * 2);
-#pragma unroll
-        for (int d = 0; d < kMaxCluster; ++d)
-          if (d < csize) *cluster.map_shared_rank(dst, d) = packed;
+    for (int src = 1; src < kMaxCluster; ++src)
+      if (src < csize) {
+        const float4 v = *reinterpret_cast<const float4*>(exch + src * 2 * own * kRank);
+        s.x += v.x, s.y += v.y, s.z += v.z, s.w += v.w;
       }
-    }
+    const T h0 = from_float<T>(a.scale * s.x), h1 = from_float<T>(a.scale * s.y);
+    const T h2 = from_float<T>(a.scale * s.z), h3 = from_float<T>(a.scale * s.w);
+    uint2 packed;
+    packed.x = static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&h0)) |
+               (static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&h1)) << 16);
+    packed.y = static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&h2)) |
+               (static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&h3)) << 16);
+    const int row = rank * own + e / kRank, col = e % kRank;
+    const uint32_t dst = base + kFullOff + (it & 1) * kFullPair + pr * kFullBytes +
+                         swizzled<2>(row, col / 8) + (col % 8) * 2;
+#pragma unroll
+    for (int d = 0; d < kMaxCluster; ++d)
+      if (d < csize) push(cluster_addr(dst, d), packed, cluster_addr(full_bar + (it & 1) * 8, d));
   };
   // block it's column sums (tile it, full[it % 2])
   auto colsum = [&](int it) {
@@ -258,23 +306,36 @@ __global__ void __launch_bounds__(kThreads, 1) lora_grads_kernel(GradsArgs a) {
     }
   };
 
-  // Software-pipelined: block it + 1's share is formed while block it's second cluster barrier is
-  // pending, and block it's column sums while block it + 1's first one is. Each thread's arrives
-  // and waits alternate (one phase in flight), as barrier.cluster requires. Block i + 2's tiles
-  // load under both (the ring holds blocks i, i + 1 and i + 2: the wait for one group below).
+  // No cluster barrier per block: the shares and the rounded sums travel as asynchronous remote
+  // stores that complete transaction barriers in the receiving CTA (each used by every other block,
+  // re-armed by thread 0 once its phase is seen). Block it + 1's share is formed while block it's
+  // rounded sums are on their way, and block it + 2's tiles load under both (the ring holds blocks
+  // it, it + 1 and it + 2: the wait for one group below). No buffer is pushed to before its reader
+  // is done with it (nor can a barrier's next phase complete before every waiter has seen this
+  // one): CTA d's exch[b] gets block it + 2's shares from senders that have waited for block it's
+  // sums, which d pushed after reading block it's shares; its full[b] gets block it + 2's sums from
+  // CTAs that have d's block it + 2 share, which d pushes after its column sums of block it (a
+  // __syncthreads between).
   static_assert(kStages == 3, "the pipelined loop keeps three blocks' tiles in the ring");
+  if (tid == 0) {
+#pragma unroll
+    for (int b = 0; b < 2; ++b) mbar_init(exch_bar + b * 8), mbar_init(full_bar + b * 8);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+#pragma unroll
+    for (int b = 0; b < 2; ++b)
+      if (b < nblk)
+        mbar_expect(exch_bar + b * 8, kExchBytes), mbar_expect(full_bar + b * 8, kFullPair);
+  }
+  cluster_arrive();
+  cluster_wait();  // every CTA's barriers are set up before anything is pushed to them
   if (nblk > 0) {
     cp_async_wait<kStages - 2>();
     __syncthreads();
     share(0);
-    cluster_arrive();
   }
   for (int it = 0; it < nblk; ++it) {
-    cluster_wait();  // every CTA's share of block it is written
     reduce(it);
-    cluster_arrive();
-    const bool next = it + 1 < nblk;
-    if (next) {
+    if (it + 1 < nblk) {
       __syncthreads();  // colsum(it - 1) is done: slot (it + 2) % kStages is free
       if (it + kStages - 1 < nblk) issue(it + kStages - 1);
       cp_async_commit();
@@ -282,11 +343,14 @@ __global__ void __launch_bounds__(kThreads, 1) lora_grads_kernel(GradsArgs a) {
       __syncthreads();  // block it + 1 has landed for every thread
       share(it + 1);
     }
-    cluster_wait();  // block it's row sums are in every CTA
-    if (next) cluster_arrive();
+    const uint32_t bar = full_bar + (it & 1) * 8;
+    mbar_wait(bar, (it >> 1) & 1);  // block it's row sums are in this CTA
+    if (tid == 0 && it + 2 < nblk) mbar_expect(bar, kFullPair);
     colsum(it);
   }
   cp_async_wait<0>();
+  cluster_arrive();  // (waited after the reductions: no CTA leaves while a push to it may be
+                     // pending)
   const int64_t col = static_cast<int64_t>(rank) * kCols + warp * 64;
 #pragma unroll
   for (int mt = 0; mt < 4; ++mt)
@@ -295,6 +359,7 @@ __global__ void __launch_bounds__(kThreads, 1) lora_grads_kernel(GradsArgs a) {
       red_tile(a.acc_dat + (col + mt * 16) * kRank + nt * 8, kRank, acc_a[mt][nt], lane, 16);
       red_tile(a.acc_db + (col + mt * 16) * kRank + nt * 8, kRank, acc_b[mt][nt], lane, 16);
     }
+  cluster_wait();
 }
 
 // da[i, c] = round(acc_dat[c, i]) (r x k), db = round(acc_db) (n x r).
@@ -376,7 +441,7 @@ cudaError_t launch_grads(const GradsArgs& a, int csize, int64_t n, void* da, voi
 }  // namespace
 
 bool lora_grads_shape(int64_t k, int64_t n, int rank) {
-  return rank == kRank && k == n && k % kCols == 0 && k / kCols >= 1 && k / kCols <= kMaxCluster &&
+  return rank == kRank && k == n && k % kCols == 0 && k / kCols >= 2 && k / kCols <= kMaxCluster &&
          ((k / kCols) & (k / kCols - 1)) == 0;
 }
 

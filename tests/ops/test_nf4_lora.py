@@ -817,10 +817,10 @@ def _grads_want(x, dy, a, b, s, dt):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "m,k",
-    [(1, 512), (33, 1024), (1000, 2048), (4099, 4096), (4099, 1024), (70, 4096), (8192, 4096)],
+    [(1, 1024), (33, 1024), (1000, 2048), (4099, 4096), (4099, 1024), (70, 4096), (8192, 4096)],
 )
 def test_grads_kernel(m, k, dtype):
-    """dA and dB from one read of x and dY, on every cluster size (K = N = 512, 1024, 2048, 4096),
+    """dA and dB from one read of x and dY, on every cluster size (K = N = 1024, 2048, 4096),
     row tails, fewer row blocks than clusters (M = 1, 33, 70) and many per cluster, x and dY rows
     K + 8 apart; within 2x torch's error in dtype against float64."""
     x, dy, a, b = _grads_case(m, k, 16, dtype, seed=m + k)
@@ -848,12 +848,13 @@ def test_grads_kernel_takes_transposed_factors():
 
 @pytest.mark.gpu
 def test_grads_kernel_refuses_a_shape_outside_its_rule():
-    """K = N = 768 (1.5 clusters' columns) or r = 8: an error naming the kernel, not a wrong
-    answer or a fault."""
-    x, dy, a, b = _grads_case(64, 768, 16, torch.bfloat16, seed=6)
-    with pytest.raises(RuntimeError, match="lora_grads"):
-        nf4_lora_ops.grads_kernel(x, dy, a, b, 0.5)
-    x, dy, a, b = _grads_case(64, 512, 8, torch.bfloat16, seed=7)
+    """K = N = 768 (1.5 clusters' columns), 512 (a cluster of one CTA) or r = 8: an error naming
+    the kernel, not a wrong answer or a fault."""
+    for k in (768, 512):
+        x, dy, a, b = _grads_case(64, k, 16, torch.bfloat16, seed=6)
+        with pytest.raises(RuntimeError, match="lora_grads"):
+            nf4_lora_ops.grads_kernel(x, dy, a, b, 0.5)
+    x, dy, a, b = _grads_case(64, 1024, 8, torch.bfloat16, seed=7)
     with pytest.raises(RuntimeError, match="lora_grads"):
         nf4_lora_ops.grads_kernel(x, dy, a, b, 0.5)
 
@@ -894,7 +895,8 @@ def test_backward_takes_the_one_pass_grads(m, k, n, frozen_x, runs, monkeypatch)
     "k,n,r,dtype,runs",
     [
         (4096, 4096, 16, torch.bfloat16, True),
-        (512, 512, 16, torch.float16, True),
+        (1024, 1024, 16, torch.float16, True),
+        (512, 512, 16, torch.bfloat16, False),  # one CTA: no remote stores to complete
         (4096, 4096, 8, torch.bfloat16, False),  # the kernel's one rank is 16
         (4096, 14336, 16, torch.bfloat16, False),  # K != N
         (3072, 3072, 16, torch.bfloat16, False),  # 6 CTAs a cluster
@@ -916,7 +918,7 @@ def test_one_pass_grads_skips_layouts_it_does_not_read():
     """x and dY rows unit-stride, at least a row and a multiple of 8 elements apart, 16-byte
     aligned; the factors contiguous and 4-byte aligned or strided (then copied), all of one dtype;
     anything else takes the three passes (the dispatch rule alone)."""
-    k, r = 512, 16
+    k, r = 1024, 16
     bf = torch.bfloat16
     x, g = torch.empty(4, k, dtype=bf), torch.empty(4, k, dtype=bf)
     a, b = torch.empty(r, k, dtype=bf), torch.empty(k, r, dtype=bf)

@@ -25,7 +25,7 @@ cudaError_t lora_dy_pass(const void* dy, int64_t ldy, int64_t m, int64_t n, cons
 //   da[i, c] = round(sum_t dxa[t, i] * x[t, c])   [rank, k],  dxa = round(scale * dy @ lora_b)
 //   db[c, i] = round(sum_t dy[t, c] * xa[t, i])   [n, rank],  xa  = round(scale * x @ lora_a^T)
 // Every sum in fp32; xa and dxa rounded to the dtype once, as the two GEMMs that form them would.
-// lora_grads_shape(k, n, rank) must hold: rank 16 and k == n == 512 C for C in {1, 2, 4, 8}.
+// lora_grads_shape(k, n, rank) must hold: rank 16 and k == n == 512 C for C in {2, 4, 8}.
 // dtype bf16 or fp16 for x, dy, lora_a [rank, k], lora_b [n, rank], da and db (those four
 // contiguous, 4-byte aligned); x and dy rows ldx and ldy elements apart (multiples of 8), x, dy and
 // workspace 16-byte aligned; m >= 1. workspace: fp32 [(k + n) * rank], overwritten. Sums are

@@ -20,8 +20,8 @@ The backward takes dX = dY @ W' when N <= 2 M, else dY @ deq(W) + (s dY B) @ A (
 written first and added in the GEMM's epilogue; MERGED_DX_MAX_N_PER_ROW); the other LoRA terms
 are x @ A^T, dY @ B and the two reductions over the tokens dA = (s dY B)^T x and dB = s dY^T (x
 A^T). In eager mode on CUDA, for N >= DY_PASS_MIN_N[r] (r = 8, 16, 32) and N % 64 == 0, dY @ B
-and dB come from one read of dY (lora_dy_pass) instead of two GEMMs; where K == N = 512 C (C = 1,
-2, 4, 8), r = 16 and dX needs no dY B (merged weight, or a frozen x), dA and dB come from one read
+and dB come from one read of dY (lora_dy_pass) instead of two GEMMs; where K == N = 512 C (C = 2,
+4, 8), r = 16 and dX needs no dY B (merged weight, or a frozen x), dA and dB come from one read
 of x and dY instead (lora_grads, a cluster kernel: ONE_PASS_GRADS).
 Elsewhere (CPU, fp32, K not a multiple of 64, ranks above 128) the LoRA terms are applied to the
 activations (hoptune.reference.nf4_lora on CPU; on the GPU, K not a multiple of 64 warns once per
@@ -203,11 +203,12 @@ def dy_pass_kernel(
 
 # Both factor gradients from one read of x and of dY (lora_grads, a cluster kernel: docs/
 # KERNELS.md) instead of x A^T, the dY pass and dA (x read twice): in eager mode on CUDA where its
-# shape rule holds (r = 16, K == N = 512 C for C in 1, 2, 4, 8) and dX takes the merged weight
+# shape rule holds (r = 16, K == N = 512 C for C in 2, 4, 8: its CTAs push to each other with
+# asynchronous remote stores, which need a cluster of two or more) and dX takes the merged weight
 # (which needs no dxa).
 ONE_PASS_GRADS = True
 ONE_PASS_GRADS_RANK = 16
-_ONE_PASS_CLUSTERS = (1, 2, 4, 8)
+_ONE_PASS_CLUSTERS = (2, 4, 8)
 
 
 def _grads_run(x2: torch.Tensor, g2: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> bool:
