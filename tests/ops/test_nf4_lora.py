@@ -896,7 +896,7 @@ def test_backward_takes_the_one_pass_grads(m, k, n, frozen_x, runs, monkeypatch)
     [
         (4096, 4096, 16, torch.bfloat16, True),
         (1024, 1024, 16, torch.float16, True),
-        (512, 512, 16, torch.bfloat16, False),  # one CTA: no remote stores to complete
+        (512, 512, 16, torch.bfloat16, False),  # a cluster of one CTA: st.async needs two
         (4096, 4096, 8, torch.bfloat16, False),  # the kernel's one rank is 16
         (4096, 14336, 16, torch.bfloat16, False),  # K != N
         (3072, 3072, 16, torch.bfloat16, False),  # 6 CTAs a cluster
