@@ -479,6 +479,24 @@ def grads_rows() -> list[dict]:
     return rows
 
 
+def grads_sweep_rows(ks=(2048, 4096), ms=(1024, 2048, 4096, 8192, 16384, 32768)) -> list[dict]:
+    """Device time of the one-pass LoRA gradient kernel alone against M (K = N, r = 16): the slope
+    is its cost per row block, the intercept its fixed cost (launches, the first tiles, the last
+    reductions)."""
+    rows = []
+    for k in ks:
+        for m in ms:
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            g = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            a = torch.randn(16, k, device=dev, dtype=torch.bfloat16) * k**-0.5
+            b = torch.randn(k, 16, device=dev, dtype=torch.bfloat16) * 0.25
+            t = device_ms(lambda: nf4_lora_ops.grads_kernel(x, g, a, b, 2.0))
+            row = {"M": m, "K": k, "ms": t, "TBps": 2 * m * k * 2 / (t * 1e-3) / 1e12}
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
 def main() -> None:
     global R, RANK_PATH_RANKS
     ap = argparse.ArgumentParser()
@@ -502,7 +520,8 @@ def main() -> None:
     ap.add_argument(
         "--sections",
         default="forward,layer,dy_pass,grads",
-        help="comma-separated: forward, layer, dy_pass, grads (the one-pass LoRA gradients), rank_paths (merged vs unmerged LoRA at r = 64-256), "
+        help="comma-separated: forward, layer, dy_pass, grads (the one-pass LoRA gradients), grads_sweep (that "
+        "kernel alone against M), rank_paths (merged vs unmerged LoRA at r = 64-256), "
         "rank_padding (ranks not multiples of 8, padded or not)",
     )
     args = ap.parse_args()
@@ -512,7 +531,7 @@ def main() -> None:
     RANK_PATH_RANKS = ranks
     nf4_ops._MERGE_VARIANT = args.merge_variant
     sections = set(args.sections.split(","))
-    known = {"forward", "layer", "dy_pass", "grads", "rank_paths", "rank_padding"}
+    known = {"forward", "layer", "dy_pass", "grads", "grads_sweep", "rank_paths", "rank_padding"}
     if not sections <= known:
         ap.error(f"--sections: unknown {sorted(sections - known)}")
     if args.small_m:
@@ -546,6 +565,9 @@ def main() -> None:
         write_json(args.out, res)
     if "grads" in sections:
         res["grads"] = grads_rows()
+        write_json(args.out, res)
+    if "grads_sweep" in sections:
+        res["grads_sweep"] = grads_sweep_rows()
         write_json(args.out, res)
     if "rank_paths" in sections:
         res["rank_paths"] = rank_path_rows()
