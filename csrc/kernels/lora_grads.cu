@@ -407,6 +407,10 @@ cudaError_t active_clusters(int csize, int* out) {
     *out = cache[device][csize].load(std::memory_order_relaxed);
     return cudaSuccess;
   }
+  // (set once per device here, with the count: a graph capture then makes no such call)
+  HOPTUNE_CUDA_TRY(cudaFuncSetAttribute(lora_grads_kernel<T>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(kSmemBytes)));
   cudaLaunchAttribute attr;
   const cudaLaunchConfig_t cfg = cluster_launch(csize, csize, nullptr, &attr);
   int n = 0;
@@ -421,9 +425,7 @@ template <typename T>
 cudaError_t launch_grads(const GradsArgs& a, int csize, int64_t n, void* da, void* db,
                          cudaStream_t stream) {
   auto* kernel = lora_grads_kernel<T>;
-  HOPTUNE_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(kSmemBytes)));
-  int clusters = 0;
+  int clusters = 0;  // (the kernel's shared memory attribute set with it)
   HOPTUNE_CUDA_TRY(active_clusters<T>(csize, &clusters));
   const int64_t blocks = (a.m + kRows - 1) / kRows;
   const int64_t grid = std::min<int64_t>(clusters, blocks) * csize;

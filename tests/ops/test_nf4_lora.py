@@ -833,6 +833,26 @@ def test_grads_kernel(m, k, dtype):
 
 
 @pytest.mark.gpu
+def test_grads_kernel_in_a_cuda_graph():
+    """Captured in a CUDA graph (the workspace's memset, the kernel and its rounding kernel) and
+    replayed on new inputs copied in: right on each replay."""
+    x, dy, a, b = _grads_case(1000, 2048, 16, torch.bfloat16, seed=50)
+    nf4_lora_ops.grads_kernel(x, dy, a, b, 0.5)  # (the extension loaded and the kernel set up)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = nf4_lora_ops.grads_kernel(x, dy, a, b, 0.5)
+    for seed in (51, 52):
+        x2, dy2, a2, b2 = _grads_case(1000, 2048, 16, torch.bfloat16, seed=seed)
+        for dst, src in ((x, x2), (dy, dy2), (a, a2), (b, b2)):
+            dst.copy_(src)
+        graph.replay()
+        torch.cuda.synchronize()
+        want = _grads_want(x, dy, a, b, 0.5, torch.float64)
+        low = _grads_want(x, dy, a, b, 0.5, torch.bfloat16)
+        _compare(outs, want, low, torch.bfloat16, names=("dA", "dB"))
+
+
+@pytest.mark.gpu
 def test_grads_kernel_takes_transposed_factors():
     """A as the transpose of a (K, r) tensor and B of an (r, N) one: the kernel reads each factor's
     rows from its pointer, so they reach it as contiguous copies; the result is the same."""
