@@ -845,6 +845,8 @@ def test_grads_kernel_in_a_cuda_graph():
         x2, dy2, a2, b2 = _grads_case(1000, 2048, 16, torch.bfloat16, seed=seed)
         for dst, src in ((x, x2), (dy, dy2), (a, a2), (b, b2)):
             dst.copy_(src)
+        for o in outs:  # (poisoned: the replay must write them)
+            o.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
         want = _grads_want(x, dy, a, b, 0.5, torch.float64)
