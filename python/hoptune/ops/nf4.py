@@ -142,13 +142,19 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t.clone() if t.data_ptr() % 16 else t
 
 
+def rows_read_whole(t: torch.Tensor) -> bool:
+    """t (rows, cols)'s rows unit-stride, at least a row and a multiple of 8 elements apart, the
+    first 16-byte aligned: the layout the kernels load in 16-byte pieces."""
+    s0 = t.stride(0)
+    return t.stride(1) == 1 and s0 >= t.shape[1] and s0 % 8 == 0 and t.data_ptr() % 16 == 0
+
+
 def _kernel_operands(x2, packed, lora_B, xa, bias) -> tuple:
     """The products' operands as their kernels take them: x2 (M, K) with unit column stride, rows
     at least K and a multiple of 8 elements apart and 16-byte aligned (else a contiguous copy),
     packed and lora_B 16-byte aligned (the fused GEMM reads B's rows in 4-byte pairs), lora_B, xa
     and bias contiguous (or None)."""
-    k = x2.shape[1]
-    if x2.stride(1) != 1 or x2.stride(0) < k or x2.stride(0) % 8 or x2.data_ptr() % 16:
+    if not rows_read_whole(x2):
         # a copy: contiguous() returns x2 itself when it is contiguous but misaligned (a view at
         # an offset), or a single row whose stride PyTorch ignores (a (K, 1) column transposed)
         x2 = x2.clone(memory_format=torch.contiguous_format)

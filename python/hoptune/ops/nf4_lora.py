@@ -162,10 +162,7 @@ def _dy_pass_runs(g2: torch.Tensor, lora_B: torch.Tensor) -> bool:
         and g2.shape[0] >= 1
         and g2.shape[1] % 64 == 0
         and g2.dtype == lora_B.dtype
-        and g2.stride(1) == 1
-        and g2.stride(0) >= g2.shape[1]
-        and g2.stride(0) % 8 == 0
-        and g2.data_ptr() % 16 == 0
+        and nf4_ops.rows_read_whole(g2)
         and (not lora_B.is_contiguous() or lora_B.data_ptr() % 16 == 0)
     )
 
@@ -226,18 +223,11 @@ def _grads_run(x2: torch.Tensor, g2: torch.Tensor, lora_A: torch.Tensor, lora_B:
         and x2.shape[0] >= 1
         and x2.dtype == g2.dtype == lora_A.dtype == lora_B.dtype
         and x2.dtype in nf4_ops.LORA_DTYPES
-        and _rows_read_whole(x2)
-        and _rows_read_whole(g2)
+        and nf4_ops.rows_read_whole(x2)
+        and nf4_ops.rows_read_whole(g2)
         and (not lora_A.is_contiguous() or lora_A.data_ptr() % 4 == 0)
         and (not lora_B.is_contiguous() or lora_B.data_ptr() % 4 == 0)
     )
-
-
-def _rows_read_whole(t: torch.Tensor) -> bool:
-    """t (rows, cols)'s rows unit-stride, at least a row and a multiple of 8 elements apart, the
-    first 16-byte aligned: the layout the one-pass kernel loads in 16-byte pieces."""
-    s0 = t.stride(0)
-    return t.stride(1) == 1 and s0 >= t.shape[1] and s0 % 8 == 0 and t.data_ptr() % 16 == 0
 
 
 def grads_kernel(
