@@ -515,7 +515,7 @@ def grads_sweep_rows(ks=(2048, 4096), ms=(1024, 2048, 4096, 8192, 16384, 32768))
 
 
 def main() -> None:
-    global R, RANK_PATH_RANKS
+    global R, RANK_PATH_RANKS, LAYER_SHAPES
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/nf4_lora.json")
     ap.add_argument("--breakdown", action="store_true", help="profile the layer step per kernel")
@@ -523,6 +523,11 @@ def main() -> None:
         "--small-m", action="store_true", help="only the generation-sized M table (each forward path)"
     )
     ap.add_argument("--rank", type=int, default=R, help="LoRA rank of every row (default 16)")
+    ap.add_argument(
+        "--layer-shapes",
+        default=",".join(f"{k}x{n}" for k, n in LAYER_SHAPES),
+        help="comma-separated KxN shapes of the layer section (default: TARGETS.md's three)",
+    )
     ap.add_argument(
         "--merge-variant",
         type=int,
@@ -543,9 +548,15 @@ def main() -> None:
     )
     args = ap.parse_args()
     ranks = tuple(int_list(ap, "--rank-path-ranks", args.rank_path_ranks))  # (before any timing)
+    try:
+        layer_shapes = [tuple(int(v) for v in s.split("x")) for s in args.layer_shapes.split(",")]
+        assert layer_shapes and all(len(t) == 2 and min(t) > 0 for t in layer_shapes)
+    except (ValueError, AssertionError):
+        ap.error(f"--layer-shapes: expected KxN[,KxN...] of positive integers, got {args.layer_shapes!r}")
     require_cuda(__file__)
     R = args.rank
     RANK_PATH_RANKS = ranks
+    LAYER_SHAPES = layer_shapes
     nf4_ops._MERGE_VARIANT = args.merge_variant
     sections = set(args.sections.split(","))
     known = {"forward", "layer", "dy_pass", "grads", "grads_sweep", "rank_paths", "rank_padding"}
