@@ -12,9 +12,6 @@
   the ratio: ratio_covered_untuned (ours with it off) and, for the forward,
   ratio_covered_vs_tuned_bf16 (against the bf16 x @ W^T through the same choice); the choices made
   are listed under ``gemm_choices``;
-* where the one-pass gradient kernel runs (K == N): the layer with it run on the current stream
-  before dX's weight and GEMM instead of beside them on a second one (ratio_covered_serial_grads)
-  and with the three passes it replaces (ratio_covered_three_passes, ratio_interleaved_...);
 * the backward's one-pass dY kernel (dxa and dB) against the two cuBLAS GEMMs it replaces, per
   rank (device time).
 * the layer against bitsandbytes + LoRA head to head as well (both ratios), since the per-call
@@ -131,30 +128,19 @@ def untuned(fn):
     return run
 
 
-def _flag_off(fn, name: str):
-    """fn with the module flag nf4_lora.<name> off."""
-
-    def run():
-        previous = getattr(nf4_lora_ops, name)
-        setattr(nf4_lora_ops, name, False)
-        try:
-            return fn()
-        finally:
-            setattr(nf4_lora_ops, name, previous)
-
-    return run
-
-
 def three_passes(fn):
     """fn with the backward's LoRA gradients from x A^T, the dY pass and dA (three passes, x read
     twice) instead of the one-pass kernel (nf4_lora.ONE_PASS_GRADS off)."""
-    return _flag_off(fn, "ONE_PASS_GRADS")
 
+    def run():
+        previous = nf4_lora_ops.ONE_PASS_GRADS
+        nf4_lora_ops.ONE_PASS_GRADS = False
+        try:
+            return fn()
+        finally:
+            nf4_lora_ops.ONE_PASS_GRADS = previous
 
-def serial_grads(fn):
-    """fn with the one-pass kernel run before dX's weight and GEMM on the current stream, not
-    beside them on a second one (nf4_lora.GRADS_SIDE_STREAM off)."""
-    return _flag_off(fn, "GRADS_SIDE_STREAM")
+    return run
 
 
 def _forward_case(k: int, n: int):
@@ -330,9 +316,6 @@ def layer_rows(have_bnb: bool, have_peft: bool, breakdown: bool = False) -> list
                 three_passes(step(ours)), step(dense), covered=True
             )
             row["ratio_interleaved_three_passes"] = ratio_interleaved(three_passes(step(ours)), step(dense))
-            row["ratio_covered_serial_grads"] = ratio_interleaved(
-                serial_grads(step(ours)), step(dense), covered=True
-            )
         row["dev_bf16_frozen_ms"] = device_ms(step(dense), calls=5)
         row["dev_ours_qlora_ms"] = device_ms(step(ours), calls=5)
         row["dev_ratio"] = row["dev_ours_qlora_ms"] / row["dev_bf16_frozen_ms"]
@@ -636,7 +619,6 @@ def main() -> None:
             "ratio_interleaved",
             "ratio_covered",
             "ratio_covered_untuned",
-            "ratio_covered_serial_grads",
             "bnb_lora_ms",
             "peft_qlora_ms",
             "ours_over_bnb_interleaved",

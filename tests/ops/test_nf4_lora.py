@@ -891,15 +891,12 @@ def test_grads_kernel_refuses_a_shape_outside_its_rule():
         (700, 1024, 1536, False, False),  # K != N
     ],
 )
-@pytest.mark.parametrize("side_stream", [True, False])
-def test_backward_takes_the_one_pass_grads(m, k, n, frozen_x, runs, side_stream, monkeypatch):
+def test_backward_takes_the_one_pass_grads(m, k, n, frozen_x, runs, monkeypatch):
     """The eager backward takes dA and dB from the one-pass kernel where its rule holds and dX
-    needs no s dY B (on the second stream beside dX's weight and GEMM when dX is needed and
-    GRADS_SIDE_STREAM is on), and the gradients meet the STYLE rule either way."""
+    needs no s dY B, and the gradients meet the STYLE rule either way."""
     calls = []
-    real = nf4_lora_ops._grads_launch
-    monkeypatch.setattr(nf4_lora_ops, "_grads_launch", lambda *a_: calls.append(a_[-1]) or real(*a_))
-    monkeypatch.setattr(nf4_lora_ops, "GRADS_SIDE_STREAM", side_stream)
+    real = nf4_lora_ops.grads_kernel
+    monkeypatch.setattr(nf4_lora_ops, "grads_kernel", lambda *a_: calls.append(1) or real(*a_))
     dtype = torch.bfloat16
     x, q, a, b, bias = _case(m, k, n, 16, dtype, "cuda", seed=m + n)
     gy = torch.randn(m, n, dtype=dtype, device="cuda")
@@ -914,17 +911,16 @@ def test_backward_takes_the_one_pass_grads(m, k, n, frozen_x, runs, side_stream,
         ours = _run(lambda x_, a2, b2: nf4_lora_linear(x_, q, a2, b2, 0.75, bias), x, a, b, gy)
         _compare_to_plain(ours, x, a, b, gy, dequantize_nf4(q), bias, dtype)
     assert bool(calls) == runs
-    if runs:  # (the launch's stream: the second one only beside dX)
-        beside = side_stream and not frozen_x
-        side = nf4_lora_ops._side_streams.get(torch.cuda.current_device())
-        assert (side is not None and calls == [side.cuda_stream]) == beside
 
 
 @pytest.mark.gpu
-def test_backward_beside_dx_in_a_cuda_graph():
-    """The layer's forward and backward captured in a CUDA graph with the one-pass kernel on the
-    second stream (forked and joined inside the capture), replayed on new inputs copied in, the
-    outputs and gradients poisoned before each replay: right on each replay."""
+def test_backward_with_the_one_pass_grads_in_a_cuda_graph(monkeypatch):
+    """The layer's forward and backward (dA and dB from the one-pass kernel, dX from the merged
+    weight) captured in a CUDA graph, replayed on new inputs copied in, the output and gradients
+    poisoned before each replay: right on each replay."""
+    calls = []
+    real = nf4_lora_ops.grads_kernel
+    monkeypatch.setattr(nf4_lora_ops, "grads_kernel", lambda *a_: calls.append(1) or real(*a_))
     m, k, n, dtype = 700, 1024, 1024, torch.bfloat16
     x, q, a, b, bias = _case(m, k, n, 16, dtype, "cuda", seed=60)
     gy = torch.randn(m, n, dtype=dtype, device="cuda")
@@ -938,7 +934,7 @@ def test_backward_beside_dx_in_a_cuda_graph():
             nf4_lora_linear(x, q, a, b, 0.75, bias).backward(gy)
             x.grad = a.grad = b.grad = None
     torch.cuda.current_stream().wait_stream(warm)
-    assert torch.cuda.current_device() in nf4_lora_ops._side_streams
+    assert calls  # (the one-pass kernel's path)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = nf4_lora_linear(x, q, a, b, 0.75, bias)
