@@ -20,7 +20,16 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import bench, env_info, int_list, ratio_interleaved, require_cuda, table, write_json
+from harness import (
+    bench,
+    env_info,
+    int_list,
+    ratio_interleaved,
+    require_cuda,
+    shape_list,
+    table,
+    write_json,
+)
 from hoptune.ops import nf4 as nf4_ops
 from hoptune.ops import nf4_lora_linear
 from hoptune.quant import quantize_nf4
@@ -53,12 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--tiles needs --splits (each tile is timed with each K split); add --splits auto")
     shapes = FWD_SHAPES
     if args.shapes:
-        shapes = []
-        for s_ in args.shapes.split(","):
-            kn = s_.split("x")
-            if len(kn) != 2 or not all(v.isdigit() for v in kn):
-                p.error(f"--shapes: expected comma-separated KxN pairs such as 4096x14336, got {s_!r}")
-            shapes.append((int(kn[0]), int(kn[1])))
+        shapes = shape_list(p, "--shapes", args.shapes)
     if args.sweep:
         ms = int_list(p, "--sweep", args.sweep)
         splits = int_list(p, "--splits", args.splits, auto=None) if args.splits else []

@@ -47,6 +47,7 @@ from harness import (
     peak_extra_gib,
     ratio_interleaved,
     require_cuda,
+    shape_list,
     table,
     write_json,
 )
@@ -531,11 +532,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     ranks = tuple(int_list(ap, "--rank-path-ranks", args.rank_path_ranks))  # (before any timing)
-    try:
-        layer_shapes = [tuple(int(v) for v in s.split("x")) for s in args.layer_shapes.split(",")]
-        assert layer_shapes and all(len(t) == 2 and min(t) > 0 for t in layer_shapes)
-    except (ValueError, AssertionError):
-        ap.error(f"--layer-shapes: expected KxN[,KxN...] of positive integers, got {args.layer_shapes!r}")
+    layer_shapes = shape_list(ap, "--layer-shapes", args.layer_shapes)
     require_cuda(__file__)
     R = args.rank
     RANK_PATH_RANKS = ranks

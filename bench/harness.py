@@ -479,6 +479,17 @@ def int_list(p: argparse.ArgumentParser, flag: str, text: str, auto: object = ..
     return values
 
 
+def shape_list(p: argparse.ArgumentParser, flag: str, text: str) -> list[tuple[int, int]]:
+    """``text``'s comma-separated KxN pairs of positive integers, or a usage error naming ``flag``."""
+    shapes = []
+    for s in text.split(","):
+        kn = s.split("x")
+        if len(kn) != 2 or not all(v.isdigit() and int(v) > 0 for v in kn):
+            p.error(f"{flag}: expected comma-separated KxN pairs such as 4096x14336, got {s!r}")
+        shapes.append((int(kn[0]), int(kn[1])))
+    return shapes
+
+
 def _run(argv: Sequence[str]) -> str:
     """stdout of ``argv``; CalledProcessError where it exits non-zero."""
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True).stdout

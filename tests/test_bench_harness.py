@@ -288,6 +288,27 @@ def test_ratio_interleaved_is_the_median_over_rounds_of_ours_over_the_anchor(mon
 @pytest.mark.parametrize(
     "argv, message",
     [
+        (["--layer-shapes", "4096"], "--layer-shapes: expected comma-separated KxN pairs"),
+        (["--layer-shapes", "4096x4096,2048x0"], "got '2048x0'"),
+        (["--layer-shapes", "4096x4096,"], "got ''"),
+    ],
+)
+def test_bench_nf4_lora_refuses_layer_shapes_it_cannot_read(monkeypatch, capsys, argv, message):
+    """--layer-shapes that do not parse stop the run before any timing with a usage error naming
+    the option."""
+    lora = _bench_module("bench_nf4_lora")
+    ran = []
+    monkeypatch.setattr(lora, "require_cuda", lambda script: ran.append("cuda"))
+    monkeypatch.setattr(sys, "argv", ["bench_nf4_lora.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        lora.main()
+    assert e.value.code == 2 and not ran
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
         (["--chunks", "256,512"], "--chunks: must include 0"),
         (["--chunks", "0,2k"], "--chunks: expected comma-separated integers, got '2k'"),
         (["--gemm-sweep", "--gemm-settings", "32768x2048"], "--gemm-settings: expected COLS:ROWS"),
