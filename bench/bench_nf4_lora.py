@@ -22,6 +22,7 @@
     python bench/bench_nf4_lora.py --out bench/results/nf4_lora.json
     python bench/bench_nf4_lora.py --rank 64 --sections layer --out bench/results/nf4_lora_r64.json
     python bench/bench_nf4_lora.py --sections rank_paths --out bench/results/nf4_lora_rank_paths.json
+    python bench/bench_nf4_lora.py --sections layer --layer-shapes 2048x2048 --out /tmp/layer_2048.json
 """
 
 from __future__ import annotations
