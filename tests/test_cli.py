@@ -515,12 +515,14 @@ def test_ctrl_c_of_the_command(tmp_path, run_config):
 
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "hoptune.cli", "sft", run_config, "train.max_steps=100000"]
-    # (SIGINT as a terminal sends it, also where the tests run with it ignored)
+    # (SIGINT as a terminal sends it, also where the tests run with it ignored; the fault handler
+    # prints every thread's Python stack on the SIGABRT below)
     p = subprocess.Popen(
         cmd,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"},
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
@@ -529,7 +531,12 @@ def test_ctrl_c_of_the_command(tmp_path, run_config):
             assert p.poll() is None and time.monotonic() < deadline, p.stderr.read()
             time.sleep(0.05)
         p.send_signal(signal.SIGINT)
-        err = p.communicate(timeout=120)[1]
+        try:
+            err = p.communicate(timeout=120)[1]
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGABRT)
+            stacks = p.communicate(timeout=60)[1]
+            pytest.fail(f"the command went on 120 s after SIGINT; its stacks at SIGABRT:\n{stacks}")
     finally:
         p.kill()
     assert p.returncode == 130 and "Traceback" not in err

@@ -17,7 +17,9 @@ import os
 import random
 import re
 import shutil
+import signal
 import tempfile
+import threading
 import time
 import warnings
 import weakref
@@ -743,6 +745,7 @@ def evaluate_nll(
     nll, n = 0.0, 0
     try:
         for b in batches:
+            check_interrupt()  # (an eval inside the training loop stops at a batch's end)
             b = to_device(b, device)
             if not bool(b["loss_mask"][:, 1:].any()):
                 continue
@@ -804,6 +807,67 @@ class LoopGc:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class InterruptLatch:
+    """Ctrl-C (SIGINT) in a training loop, taken where the loop can stop cleanly.
+
+    Python raises KeyboardInterrupt wherever the main thread is when the signal comes: inside a
+    library's ``with lock:`` (left held: the next user of the lock waits forever), or inside Python
+    code that C code calls and whose errors it clears (the interrupt is lost and training goes on).
+    Between ``start()`` and ``stop()`` the first Ctrl-C is only recorded, and ``check()`` (called by
+    the loop between steps, micro-batches and eval batches, and by :func:`check_interrupt` from code
+    that has no latch at hand) raises KeyboardInterrupt there. A second Ctrl-C raises at once, as
+    Python's own handler does.
+
+    Active only in the main thread and while SIGINT has Python's default handler: a handler
+    installed by the program that runs the loop is left alone (``active`` is False). ``stop()``
+    puts the handler back and returns whether a Ctrl-C came after the last ``check()``: the caller
+    raises KeyboardInterrupt for it where it is not already stopping on an error."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.hits = 0
+        self._prev: Any = None
+
+    def start(self) -> InterruptLatch:
+        if self.active or threading.current_thread() is not threading.main_thread():
+            return self
+        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            return self
+        self.hits = 0
+        self._prev = signal.signal(signal.SIGINT, self._handler)
+        self.active = True
+        _LATCHES.append(self)
+        return self
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.hits += 1
+        if self.hits > 1:
+            raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.active and self.hits:
+            raise KeyboardInterrupt
+
+    def stop(self) -> bool:
+        if not self.active:
+            return False
+        self.active = False
+        signal.signal(signal.SIGINT, self._prev)
+        with contextlib.suppress(ValueError):
+            _LATCHES.remove(self)
+        return self.hits > 0
+
+
+_LATCHES: list[InterruptLatch] = []
+
+
+def check_interrupt() -> None:
+    """Raise KeyboardInterrupt if a Ctrl-C came while an :class:`InterruptLatch` is active (a no-op
+    otherwise): the safe points of code that runs inside a training loop."""
+    for latch in _LATCHES:
+        latch.check()
 
 
 def gpu_memory_gib() -> float | None:

@@ -512,6 +512,7 @@ def sft_step(
     tokens = 0
     coef = loop.router_aux_coef(model)
     for b in micro_batches:
+        loop.check_interrupt()  # (a Ctrl-C in the training loop stops here, between micro-batches)
         tokens += int(b["num_tokens"])
         if not bool(b["loss_mask"][:, 1:].any()):
             continue
@@ -1142,9 +1143,13 @@ def _train(
     progress = loop.Progress(total, initial=step, enabled=out.progress, desc="sft")
     timer = loop.Timer()
     last_eval = None
+    # a Ctrl-C in the loop is taken between steps, micro-batches and eval batches (a second one at
+    # once): raised wherever the signal comes, it can be lost in a library, or leave its lock held
+    latch = loop.InterruptLatch().start()
     collector = loop.LoopGc().start()
     try:
         while step < total:
+            latch.check()
             idx = sampler.rows_for_step(step)
             micro = [  # grad_accum micro-batches (fewer in an epoch's smaller last step)
                 collate([rows[i] for i in idx[k : k + t.batch_size]], pad_id)
@@ -1224,8 +1229,12 @@ def _train(
         metrics.close()  # TensorBoard's writer flushes every 2 minutes: the steps up to the stop stay
         raise
     finally:
+        interrupted = latch.stop()
         progress.close()
         collector.stop()
+    if interrupted:  # (a Ctrl-C in the last step, after its last check)
+        metrics.close()
+        raise KeyboardInterrupt
     try:
         if t.save_every and step > start:
             save(step)
