@@ -91,28 +91,39 @@ def test_inactive_outside_the_main_thread():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def _sigint_in_forward(monkeypatch, at, training=True):
+    """Raise a real SIGINT in the ``at``-th forward (1-based) of the model in that mode (training,
+    or eval); returns the modes of the forwards started and of those that finished."""
+    real = loop.batch_logprobs
+    started, finished = [], []
+
+    def forward(model, *a, **k):
+        started.append(model.training)
+        if model.training == training and started.count(training) == at:
+            signal.raise_signal(signal.SIGINT)
+        out = real(model, *a, **k)
+        finished.append(model.training)  # (reached: the SIGINT did not raise in the forward)
+        return out
+
+    monkeypatch.setattr(loop, "batch_logprobs", forward)
+    return started, finished
+
+
+def _train_until_interrupted(cfg, tokenizer):
+    with pytest.raises(KeyboardInterrupt):
+        sft.train(cfg, log=lambda s: None, model=build_model(seed=0, **SMALL), tokenizer=tokenizer)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    return loop.Checkpointer(cfg.output.dir).latest()
+
+
 def test_sft_stops_at_the_next_micro_batch(tmp_path, tokenizer, demo_data, monkeypatch):
     """A SIGINT in step 3's first micro-batch: the micro-batch finishes, the run stops before the
     second one, nothing of step 3 is saved, the handler is Python's again, and the checkpoint of step
     2 is the newest (the same command resumes from it)."""
-    cfg = small_config(tmp_path, demo_data, "train.save_every=1", "train.grad_accum=2")
-    real = loop.batch_logprobs
-    calls, done = [], []
-
-    def forward(*a, **k):
-        calls.append(1)
-        if len(calls) == 5:  # step 3's first micro-batch (two a step)
-            signal.raise_signal(signal.SIGINT)
-        out = real(*a, **k)
-        done.append(1)  # (reached: the SIGINT did not raise in the forward)
-        return out
-
-    monkeypatch.setattr(loop, "batch_logprobs", forward)
-    with pytest.raises(KeyboardInterrupt):
-        sft.train(cfg, log=lambda s: None, model=build_model(seed=0, **SMALL), tokenizer=tokenizer)
-    assert len(calls) == len(done) == 5  # the micro-batch it came in finished; the next one did not start
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    latest = loop.Checkpointer(cfg.output.dir).latest()
+    cfg = small_config(tmp_path, demo_data, "train.save_every=1", "train.grad_accum=2", "data.eval=null")
+    started, finished = _sigint_in_forward(monkeypatch, 5)  # step 3's first micro-batch (two a step)
+    latest = _train_until_interrupted(cfg, tokenizer)
+    assert len(started) == len(finished) == 5  # the micro-batch it came in finished, the next did not start
     assert os.path.basename(latest) == "step-00000002"
     assert loop.Checkpointer.read_state(latest)["step"] == 2
     train = [
@@ -127,24 +138,9 @@ def test_sft_stops_in_an_eval_inside_the_loop(tmp_path, tokenizer, demo_data, mo
     cfg = small_config(
         tmp_path, demo_data, "train.save_every=1", "train.eval_every=2", "train.eval_batch_size=2"
     )
-    real = loop.batch_logprobs
-    evals, done = [], []
-
-    def forward(model, *a, **k):
-        if not model.training:
-            evals.append(1)
-            if len(evals) == 1:
-                signal.raise_signal(signal.SIGINT)
-        out = real(model, *a, **k)
-        done.append(model.training)
-        return out
-
-    monkeypatch.setattr(loop, "batch_logprobs", forward)
-    with pytest.raises(KeyboardInterrupt):
-        sft.train(cfg, log=lambda s: None, model=build_model(seed=0, **SMALL), tokenizer=tokenizer)
-    assert evals == [1] and done.count(False) == 1  # (that eval batch finished, no other began)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    latest = loop.Checkpointer(cfg.output.dir).latest()
+    started, finished = _sigint_in_forward(monkeypatch, 1, training=False)
+    latest = _train_until_interrupted(cfg, tokenizer)
+    assert started.count(False) == finished.count(False) == 1  # that eval batch finished, no other began
     assert loop.Checkpointer.read_state(latest)["step"] == 1  # (step 2's save comes after its eval)
 
 
@@ -152,21 +148,8 @@ def test_a_ctrl_c_in_the_last_step_stops_before_the_final_save(tmp_path, tokeniz
     """The last step's last micro-batch gets the SIGINT after its check: the loop ends, and the run
     still stops (no adapter written) rather than losing the Ctrl-C."""
     cfg = small_config(tmp_path, demo_data, "train.max_steps=2", "train.save_every=1", "data.eval=null")
-    real = loop.batch_logprobs
-    calls, done = [], []
-
-    def forward(*a, **k):
-        calls.append(1)
-        if len(calls) == 4:  # step 2's second (last) micro-batch
-            signal.raise_signal(signal.SIGINT)
-        out = real(*a, **k)
-        done.append(1)  # (reached: the SIGINT did not raise in the forward)
-        return out
-
-    monkeypatch.setattr(loop, "batch_logprobs", forward)
-    with pytest.raises(KeyboardInterrupt):
-        sft.train(cfg, log=lambda s: None, model=build_model(seed=0, **SMALL), tokenizer=tokenizer)
-    assert len(calls) == len(done) == 4
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    started, finished = _sigint_in_forward(monkeypatch, 4)  # step 2's second (last) micro-batch
+    latest = _train_until_interrupted(cfg, tokenizer)
+    assert len(started) == len(finished) == 4
     assert not os.path.exists(os.path.join(cfg.output.dir, "adapter"))
-    assert loop.Checkpointer.read_state(loop.Checkpointer(cfg.output.dir).latest())["step"] == 1
+    assert loop.Checkpointer.read_state(latest)["step"] == 1

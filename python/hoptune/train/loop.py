@@ -815,15 +815,15 @@ class InterruptLatch:
     Python raises KeyboardInterrupt wherever the main thread is when the signal comes: inside a
     library's ``with lock:`` (left held: the next user of the lock waits forever), or inside Python
     code that C code calls and whose errors it clears (the interrupt is lost and training goes on).
-    Between ``start()`` and ``stop()`` the first Ctrl-C is only recorded, and ``check()`` (called by
-    the loop between steps, micro-batches and eval batches, and by :func:`check_interrupt` from code
-    that has no latch at hand) raises KeyboardInterrupt there. A second Ctrl-C raises at once, as
-    Python's own handler does.
+    Between ``start()`` and ``stop()`` the first Ctrl-C is only recorded, and ``check()`` raises
+    KeyboardInterrupt at the loop's safe points (through :func:`check_interrupt`, which SFT's
+    ``sft_step`` calls before each micro-batch and :func:`evaluate_nll` before each batch). A second
+    Ctrl-C raises at once, as Python's own handler does.
 
     Active only in the main thread and while SIGINT has Python's default handler: a handler
     installed by the program that runs the loop is left alone (``active`` is False). ``stop()``
-    puts the handler back and returns whether a Ctrl-C came after the last ``check()``: the caller
-    raises KeyboardInterrupt for it where it is not already stopping on an error."""
+    puts the handler back and returns whether a Ctrl-C came while the latch was active: a loop that
+    ended without an error raises KeyboardInterrupt for it (one that came after the last check)."""
 
     def __init__(self) -> None:
         self.active = False

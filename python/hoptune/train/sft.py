@@ -1143,13 +1143,13 @@ def _train(
     progress = loop.Progress(total, initial=step, enabled=out.progress, desc="sft")
     timer = loop.Timer()
     last_eval = None
-    # a Ctrl-C in the loop is taken between steps, micro-batches and eval batches (a second one at
-    # once): raised wherever the signal comes, it can be lost in a library, or leave its lock held
+    # a Ctrl-C in the loop is taken before each micro-batch and eval batch (sft_step's and
+    # evaluate_nll's checks; a second one at once): raised wherever the signal comes, it can be lost
+    # in a library, or leave its lock held
     latch = loop.InterruptLatch().start()
     collector = loop.LoopGc().start()
     try:
         while step < total:
-            latch.check()
             idx = sampler.rows_for_step(step)
             micro = [  # grad_accum micro-batches (fewer in an epoch's smaller last step)
                 collate([rows[i] for i in idx[k : k + t.batch_size]], pad_id)
