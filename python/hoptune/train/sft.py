@@ -504,7 +504,8 @@ def sft_step(
     ``scaler``: fp16's loss scaling (the gradients come scaled, ``loop.optimizer_step`` unscales them).
     Returns (loss of the step, loss tokens, tokens); the loss a number, or with ``read=False`` a
     0-dim float32 tensor on the device, not read back (``loop.optimizer_step`` reads it after the
-    optimizer's launches)."""
+    optimizer's launches). Inside a ``loop.InterruptLatch`` a Ctrl-C raises KeyboardInterrupt before
+    the next micro-batch."""
     n_loss = count_loss_tokens([b["loss_mask"][:, 1:] for b in micro_batches])
     if n_loss == 0:
         raise ValueError("an optimizer step has no loss token; the data checks should have caught this")
