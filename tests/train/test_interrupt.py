@@ -20,7 +20,7 @@ def _default_sigint():
     prev = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, prev)
-    assert not loop._LATCHES
+    assert loop._ACTIVE_LATCH is None
 
 
 def test_the_first_ctrl_c_is_recorded_and_raised_at_check():
@@ -74,6 +74,21 @@ def test_a_handler_of_the_program_is_left_alone():
     latch.check()  # (inactive: nothing to raise)
     assert latch.stop() is False
     assert signal.getsignal(signal.SIGINT) is mine
+
+
+def test_one_latch_at_a_time():
+    """A latch started inside an active one stays inactive; the outer one takes the Ctrl-C."""
+    outer = loop.InterruptLatch().start()
+    try:
+        inner = loop.InterruptLatch().start()
+        assert not inner.active and loop._ACTIVE_LATCH is outer
+        signal.raise_signal(signal.SIGINT)
+        inner.check()  # (inactive)
+        with pytest.raises(KeyboardInterrupt):
+            loop.check_interrupt()
+        assert inner.stop() is False and loop._ACTIVE_LATCH is outer
+    finally:
+        outer.stop()
 
 
 def test_inactive_outside_the_main_thread():

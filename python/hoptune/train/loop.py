@@ -831,6 +831,7 @@ class InterruptLatch:
         self._prev: Any = None
 
     def start(self) -> InterruptLatch:
+        global _ACTIVE_LATCH
         if self.active or threading.current_thread() is not threading.main_thread():
             return self
         if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
@@ -838,7 +839,7 @@ class InterruptLatch:
         self.hits = 0
         self._prev = signal.signal(signal.SIGINT, self._handler)
         self.active = True
-        _LATCHES.append(self)
+        _ACTIVE_LATCH = self  # (one at most: a second one finds this one's handler, not Python's)
         return self
 
     def _handler(self, signum: int, frame: Any) -> None:
@@ -851,23 +852,23 @@ class InterruptLatch:
             raise KeyboardInterrupt
 
     def stop(self) -> bool:
+        global _ACTIVE_LATCH
         if not self.active:
             return False
         self.active = False
         signal.signal(signal.SIGINT, self._prev)
-        with contextlib.suppress(ValueError):
-            _LATCHES.remove(self)
+        _ACTIVE_LATCH = None
         return self.hits > 0
 
 
-_LATCHES: list[InterruptLatch] = []
+_ACTIVE_LATCH: InterruptLatch | None = None
 
 
 def check_interrupt() -> None:
     """Raise KeyboardInterrupt if a Ctrl-C came while an :class:`InterruptLatch` is active (a no-op
     otherwise): the safe points of code that runs inside a training loop."""
-    for latch in _LATCHES:
-        latch.check()
+    if _ACTIVE_LATCH is not None:
+        _ACTIVE_LATCH.check()
 
 
 def gpu_memory_gib() -> float | None:
