@@ -26,6 +26,9 @@ VARIANTS = {
     "patterns": dict(
         r=4, lora_alpha=8, rank_pattern={"q_proj": 2, "down_proj": 8}, alpha_pattern={"v_proj": 3}
     ),
+    # PEFT takes any alpha: a negative one negates the update, 0 turns a layer's LoRA term off
+    "negated": dict(r=4, lora_alpha=-8, alpha_pattern={"v_proj": 0}),
+    "dora_negated": dict(r=4, lora_alpha=-6, use_dora=True, use_rslora=True),
 }
 
 
@@ -113,7 +116,7 @@ def test_our_adapter_loads_in_peft(variant, tmp_path):
 def test_peft_adapter_loads_in_hoptune(variant, tmp_path):
     base = tiny_model()
     pm = peft_model(base, variant)
-    if variant == "dora":
+    if "dora" in variant:
         with torch.no_grad():
             for name, p in pm.named_parameters():
                 if "lora_magnitude_vector" in name:
@@ -126,6 +129,8 @@ def test_peft_adapter_loads_in_hoptune(variant, tmp_path):
     if variant == "patterns":
         assert layers[0].self_attn.q_proj.r == 2 and layers[1].mlp.down_proj.r == 8
         assert layers[0].self_attn.v_proj.scaling == pytest.approx(3 / 4)
+    if variant == "negated":
+        assert layers[0].self_attn.q_proj.scaling == -2 and layers[0].self_attn.v_proj.scaling == 0
     assert not any(p.requires_grad for p in model.parameters())  # PEFT's default: inference
     hoptune.remove_lora(model)
     model2 = hoptune.load_adapter(model, tmp_path, trainable=True)
@@ -287,8 +292,8 @@ def assert_refused(folder, match):
         ({"r": 8}, "has rank 4 but the config"),
         ({"use_dora": True}, "lacks lora_magnitude_vector"),
         ({"target_modules": ["q_proj"]}, "target_modules selects"),
-        ({"alpha_pattern": {"q_proj": "x"}}, r"alpha_pattern\['q_proj'\] must be a positive number"),
-        ({"alpha_pattern": {"q_proj": -1}}, r"alpha_pattern\['q_proj'\] must be a positive number"),
+        ({"alpha_pattern": {"q_proj": "x"}}, r"alpha_pattern\['q_proj'\] must be a finite number"),
+        ({"lora_alpha": "16"}, "lora_alpha must be a finite number, got '16'"),
         ({"rank_pattern": {"q_proj": "4"}}, r"rank_pattern\['q_proj'\] must be a positive int"),
         ({"rank_pattern": {"(": 4}}, "rank_pattern key '\\(' is not a valid regular expression"),
         # initializations that change the base weights (PEFT recomputes them on load): the A / B on

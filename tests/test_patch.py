@@ -178,7 +178,8 @@ def test_rank_and_alpha_patterns():
         (dict(r=65), "r=65 is larger than layer"),
         (dict(rank_pattern={"k_proj": 40}), r"r=40 is larger than layer model\.layers\.0\.self_attn\.k_proj"),
         (dict(r=0), "r must be a positive int"),
-        (dict(alpha=-1), "alpha must be a positive number"),
+        (dict(alpha=float("nan")), "alpha must be a finite number, got nan"),
+        (dict(alpha="32"), "alpha must be a finite number, got '32'"),
         (dict(quantize="int8"), "quantize must be None or 'nf4'"),
         (dict(dropout=1.0), "dropout must be a number in"),
         (dict(target_modules=[]), "target_modules must be"),
@@ -186,11 +187,11 @@ def test_rank_and_alpha_patterns():
         (dict(rank_pattern={"q_proj": True}), r"rank_pattern\['q_proj'\] must be a positive int, got True"),
         (
             dict(alpha_pattern={"q_proj": float("inf")}),
-            r"alpha_pattern\['q_proj'\] must be a positive number, got inf",
+            r"alpha_pattern\['q_proj'\] must be a finite number, got inf",
         ),
         (
             dict(alpha_pattern={"q_proj": True}),
-            r"alpha_pattern\['q_proj'\] must be a positive number, got True",
+            r"alpha_pattern\['q_proj'\] must be a finite number, got True",
         ),
         (dict(rank_pattern={"": 2}), r"rank_pattern keys must be non-empty strings"),
         (dict(target_modules="(unclosed"), "not a valid regular expression"),

@@ -343,8 +343,8 @@ def check_adapter_config(cfg: object, where: str = CONFIG_NAME) -> dict:
         raise ValueError(f"{where}: r must be a positive int, got {r!r}")
     out["r"] = r
     a = out["lora_alpha"]
-    if not isinstance(a, (int, float)) or isinstance(a, bool) or not math.isfinite(a) or a <= 0:
-        raise ValueError(f"{where}: lora_alpha must be a positive number, got {a!r}")
+    if not isinstance(a, (int, float)) or isinstance(a, bool) or not math.isfinite(a):
+        raise ValueError(f"{where}: lora_alpha must be a finite number, got {a!r}")
     for field in ("use_rslora", "use_dora", "fan_in_fan_out"):
         if not isinstance(out[field], bool):
             raise ValueError(f"{where}: {field} must be true or false, got {out[field]!r}")

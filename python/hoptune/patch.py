@@ -296,10 +296,9 @@ def _check_pattern(arg: str, pattern: object, kind: type) -> None:
             raise ValueError(f"{arg} key {k!r} is not a valid regular expression: {e}") from e
         if kind is int and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise ValueError(f"{arg}[{k!r}] must be a positive int, got {v!r}")
-        if kind is float and (
-            not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0
-        ):
-            raise ValueError(f"{arg}[{k!r}] must be a positive number, got {v!r}")
+        if kind is float and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)):
+            # (any finite alpha, as PEFT: 0 turns the LoRA term off, a negative one negates it)
+            raise ValueError(f"{arg}[{k!r}] must be a finite number, got {v!r}")
 
 
 def string_target_hint(spec: object, example: str) -> str:
@@ -355,13 +354,8 @@ def plan_targets(
         )
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise ValueError(f"r must be a positive int, got {r!r}")
-    if (
-        not isinstance(alpha, (int, float))
-        or isinstance(alpha, bool)
-        or not math.isfinite(alpha)
-        or alpha <= 0
-    ):
-        raise ValueError(f"alpha must be a positive number, got {alpha!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
     _check.blocksize("blocksize", blocksize, BLOCKSIZES)
@@ -664,7 +658,8 @@ def apply_lora(
     Every other parameter is frozen (and given back its ``requires_grad`` by ``remove_lora`` /
     ``merge_and_unload``); the adapters (``lora_A`` ``[r, in]``, ``lora_B`` ``[out, r]``, and with
     DoRA ``lora_magnitude`` ``[out]``) are trainable, in ``adapter_dtype`` (fp32 like PEFT). Scale
-    is ``alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``). ``quantize="nf4"`` quantizes each
+    is ``alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``); ``alpha`` is any finite number, as
+    in PEFT (negative: the update negated; 0: no LoRA term). ``quantize="nf4"`` quantizes each
     dense base weight as it is wrapped (QLoRA; lossy), with ``blocksize`` and ``double_quant``
     (None, the default: 64 and True), but for the model's ``_keep_in_fp32_modules`` (T5's ``wo``)
     and its output head when targeted, which stay dense as transformers + bitsandbytes and

@@ -110,6 +110,35 @@ def test_large_m_gpu(k, n, r):
     _check(8192, k, n, r, torch.bfloat16, "cuda", seed=1)
 
 
+# every path of the op: (m, k, n, r)
+_SCALE_PATHS = [
+    (8, 320, 200, 16),  # a few rows: from the codes
+    (100, 256, 384, 16),  # dX unmerged (N > 2 M): dxa and dB from the dY pass
+    (2100, 256, 384, 16),  # the merged weight
+    (1000, 1024, 1024, 16),  # dA and dB from the one-pass kernel (K == N, r = 16)
+    (2100, 256, 384, 256),  # the LoRA terms on the activations (r above MERGED_MAX_RANK)
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scale", [-1.5, 0.0])
+@pytest.mark.parametrize("m,k,n,r", _SCALE_PATHS)
+def test_negative_and_zero_scale(device, scale, m, k, n, r):
+    """Any finite scale, as PEFT takes any lora_alpha: a negative one negates the LoRA term, 0 turns
+    it off (dA and dB then exactly zero: the rule's tolerance is 0 against a zero reference)."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    _check(m, k, n, r, dtype, device, seed=m + r, scale=scale)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scale", [-1.5, 0.0])
+def test_negative_and_zero_scale_fused_gpu(scale):
+    """The same on the fused NF4 GEMM (the codes decoded in its mainloop)."""
+    x, q, *_ = _case(64, 4096, 8192, 16, torch.bfloat16, "cuda", seed=2)
+    assert nf4_ops.fused_gemm_runs(x, 8192, q.blocksize)  # (the path this test is for)
+    _check(64, 4096, 8192, 16, torch.bfloat16, "cuda", seed=2, scale=scale)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("m", [1, 7, 128, 1000, 4096])
 @pytest.mark.parametrize("k,n,r", [(64, 48, 80), (128, 96, 256), (192, 576, 256), (576, 192, 200)])

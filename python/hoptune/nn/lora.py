@@ -131,8 +131,8 @@ class LoRALinear(NF4Module):
         # (a rank above min(in, out) is PEFT's too: apply_lora refuses it, adapters PEFT saved have it)
         if r > MAX_RANK:
             raise ValueError(f"r={r} is larger than hoptune's LoRA layers allow (at most {MAX_RANK})")
-        if not _is_real(lora_alpha) or not math.isfinite(lora_alpha) or lora_alpha <= 0:
-            raise ValueError(f"lora_alpha must be a positive number, got {lora_alpha!r}")
+        if not _is_real(lora_alpha) or not math.isfinite(lora_alpha):
+            raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
         check_lora_options(
             "lora_dropout",
             lora_dropout,
