@@ -12,6 +12,10 @@
   the ratio: ratio_covered_untuned (ours with it off) and, for the forward,
   ratio_covered_vs_tuned_bf16 (against the bf16 x @ W^T through the same choice); the choices made
   are listed under ``gemm_choices``;
+* where the one-pass gradient kernel runs (K == N): the layer with it run on the current stream
+  before dX's weight and GEMM instead of on a second stream beside the GEMM
+  (ratio_covered_serial_grads, ratio_interleaved_serial_grads) and with the three passes it
+  replaces (ratio_covered_three_passes, ratio_interleaved_three_passes);
 * the backward's one-pass dY kernel (dxa and dB) against the two cuBLAS GEMMs it replaces, per
   rank (device time).
 * the layer against bitsandbytes + LoRA head to head as well (both ratios), since the per-call
@@ -130,19 +134,30 @@ def untuned(fn):
     return run
 
 
-def three_passes(fn):
-    """fn with the backward's LoRA gradients from x A^T, the dY pass and dA (three passes, x read
-    twice) instead of the one-pass kernel (nf4_lora.ONE_PASS_GRADS off)."""
+def _flag_off(fn, name: str):
+    """fn with the module flag nf4_lora.<name> off."""
 
     def run():
-        previous = nf4_lora_ops.ONE_PASS_GRADS
-        nf4_lora_ops.ONE_PASS_GRADS = False
+        previous = getattr(nf4_lora_ops, name)
+        setattr(nf4_lora_ops, name, False)
         try:
             return fn()
         finally:
-            nf4_lora_ops.ONE_PASS_GRADS = previous
+            setattr(nf4_lora_ops, name, previous)
 
     return run
+
+
+def three_passes(fn):
+    """fn with the backward's LoRA gradients from x A^T, the dY pass and dA (three passes, x read
+    twice) instead of the one-pass kernel (nf4_lora.ONE_PASS_GRADS off)."""
+    return _flag_off(fn, "ONE_PASS_GRADS")
+
+
+def serial_grads(fn):
+    """fn with the one-pass kernel run before dX's weight and GEMM on the current stream, not on a
+    second stream beside the GEMM (nf4_lora.GRADS_BESIDE_DX off)."""
+    return _flag_off(fn, "GRADS_BESIDE_DX")
 
 
 def _forward_case(k: int, n: int):
@@ -318,6 +333,10 @@ def layer_rows(have_bnb: bool, have_peft: bool, breakdown: bool = False) -> list
                 three_passes(step(ours)), step(dense), covered=True
             )
             row["ratio_interleaved_three_passes"] = ratio_interleaved(three_passes(step(ours)), step(dense))
+            row["ratio_covered_serial_grads"] = ratio_interleaved(
+                serial_grads(step(ours)), step(dense), covered=True
+            )
+            row["ratio_interleaved_serial_grads"] = ratio_interleaved(serial_grads(step(ours)), step(dense))
         row["dev_bf16_frozen_ms"] = device_ms(step(dense), calls=5)
         row["dev_ours_qlora_ms"] = device_ms(step(ours), calls=5)
         row["dev_ratio"] = row["dev_ours_qlora_ms"] / row["dev_bf16_frozen_ms"]
@@ -617,6 +636,7 @@ def main() -> None:
             "ratio_interleaved",
             "ratio_covered",
             "ratio_covered_untuned",
+            "ratio_covered_serial_grads",
             "bnb_lora_ms",
             "peft_qlora_ms",
             "ours_over_bnb_interleaved",

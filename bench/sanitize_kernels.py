@@ -161,6 +161,15 @@ def nf4_lora() -> None:
             torch.randn(k, 16, device="cuda", dtype=dt),
             0.5,
         )
+    # and inside the layer's backward, on the second stream beside dX's GEMM (M = 700, K = N = 1024:
+    # dX from the merged weight)
+    assert nf4_lora_ops.GRADS_BESIDE_DX
+    q = quantize_nf4(torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16))
+    x = torch.randn(700, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    a = torch.randn(16, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(1024, 16, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    nf4_lora_linear(x, q, a, b, 0.5).backward(torch.randn(700, 1024, device="cuda", dtype=torch.bfloat16))
+    torch.cuda.synchronize()
 
 
 def nf4_gemm() -> None:

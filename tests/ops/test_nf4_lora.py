@@ -920,12 +920,15 @@ def test_grads_kernel_refuses_a_shape_outside_its_rule():
         (700, 1024, 1536, False, False),  # K != N
     ],
 )
-def test_backward_takes_the_one_pass_grads(m, k, n, frozen_x, runs, monkeypatch):
+@pytest.mark.parametrize("beside", [True, False])
+def test_backward_takes_the_one_pass_grads(m, k, n, frozen_x, runs, beside, monkeypatch):
     """The eager backward takes dA and dB from the one-pass kernel where its rule holds and dX
-    needs no s dY B, and the gradients meet the STYLE rule either way."""
+    needs no s dY B (on the second stream beside dX's GEMM when dX is needed and GRADS_BESIDE_DX is
+    on), and the gradients meet the STYLE rule either way."""
     calls = []
-    real = nf4_lora_ops.grads_kernel
-    monkeypatch.setattr(nf4_lora_ops, "grads_kernel", lambda *a_: calls.append(1) or real(*a_))
+    real = nf4_lora_ops._grads_launch
+    monkeypatch.setattr(nf4_lora_ops, "_grads_launch", lambda *a_: calls.append(a_[-1]) or real(*a_))
+    monkeypatch.setattr(nf4_lora_ops, "GRADS_BESIDE_DX", beside)
     dtype = torch.bfloat16
     x, q, a, b, bias = _case(m, k, n, 16, dtype, "cuda", seed=m + n)
     gy = torch.randn(m, n, dtype=dtype, device="cuda")
@@ -940,16 +943,24 @@ def test_backward_takes_the_one_pass_grads(m, k, n, frozen_x, runs, monkeypatch)
         ours = _run(lambda x_, a2, b2: nf4_lora_linear(x_, q, a2, b2, 0.75, bias), x, a, b, gy)
         _compare_to_plain(ours, x, a, b, gy, dequantize_nf4(q), bias, dtype)
     assert bool(calls) == runs
+    if runs:  # (the launch's stream: the second one only beside dX's GEMM)
+        on_side = beside and not frozen_x
+        side = nf4_lora_ops._side_streams.get(torch.cuda.current_device())
+        assert (side is not None and calls == [side.cuda_stream]) == on_side
+        assert on_side or calls == [torch.cuda.current_stream().cuda_stream]
 
 
 @pytest.mark.gpu
-def test_backward_with_the_one_pass_grads_in_a_cuda_graph(monkeypatch):
+@pytest.mark.parametrize("beside", [True, False])
+def test_backward_with_the_one_pass_grads_in_a_cuda_graph(beside, monkeypatch):
     """The layer's forward and backward (dA and dB from the one-pass kernel, dX from the merged
     weight) captured in a CUDA graph, replayed on new inputs copied in, the output and gradients
-    poisoned before each replay: right on each replay."""
+    poisoned before each replay: right on each replay. Beside dX's GEMM the second stream is forked
+    and joined inside the capture."""
     calls = []
-    real = nf4_lora_ops.grads_kernel
-    monkeypatch.setattr(nf4_lora_ops, "grads_kernel", lambda *a_: calls.append(1) or real(*a_))
+    real = nf4_lora_ops._grads_launch
+    monkeypatch.setattr(nf4_lora_ops, "_grads_launch", lambda *a_: calls.append(a_[-1]) or real(*a_))
+    monkeypatch.setattr(nf4_lora_ops, "GRADS_BESIDE_DX", beside)
     m, k, n, dtype = 700, 1024, 1024, torch.bfloat16
     x, q, a, b, bias = _case(m, k, n, 16, dtype, "cuda", seed=60)
     gy = torch.randn(m, n, dtype=dtype, device="cuda")
@@ -964,6 +975,7 @@ def test_backward_with_the_one_pass_grads_in_a_cuda_graph(monkeypatch):
             x.grad = a.grad = b.grad = None
     torch.cuda.current_stream().wait_stream(warm)
     assert calls  # (the one-pass kernel's path)
+    assert (nf4_lora_ops._side_streams.get(torch.cuda.current_device()) is not None) or not beside
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = nf4_lora_linear(x, q, a, b, 0.75, bias)

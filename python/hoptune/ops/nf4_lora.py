@@ -236,33 +236,63 @@ def grads_kernel(
     """(dA, dB) = ((s g2 B)^T x2, g2^T (s x2 A^T)) for x2 (M, K), g2 (M, N), from one read of each
     (the CUDA kernel lora_grads; fp32 sums, s x2 A^T and s g2 B rounded once each, as the GEMMs
     that would form them round them). The caller has checked _grads_run."""
-    m, k = x2.shape
-    n = g2.shape[1]
-    r = lora_A.shape[0]
-    a = lora_A.contiguous()
-    b = lora_B.contiguous()
+    bufs = _grads_buffers(x2, g2, lora_A, lora_B)
+    _grads_launch(x2, g2, bufs, scale, _lib.stream(x2))
+    return bufs[3], bufs[4]
+
+
+def _grads_buffers(x2, g2, lora_A, lora_B) -> tuple[torch.Tensor, ...]:
+    """grads_kernel's operands and outputs: (A and B contiguous, the fp32 workspace, dA, dB)."""
+    k, n, r = x2.shape[1], g2.shape[1], lora_A.shape[0]
     work = torch.empty((k + n) * r, dtype=torch.float32, device=x2.device)
     da = torch.empty(r, k, dtype=x2.dtype, device=x2.device)
     db = torch.empty(n, r, dtype=x2.dtype, device=x2.device)
+    return lora_A.contiguous(), lora_B.contiguous(), work, da, db
+
+
+def _grads_launch(x2, g2, bufs, scale: float, stream: int) -> None:
+    """lora_grads on the stream handle ``stream``, into _grads_buffers' tensors."""
+    a, b, work, da, db = bufs
     _lib.extension().lora_grads(
         x2.data_ptr(),
         x2.stride(0),
         g2.data_ptr(),
         g2.stride(0),
-        m,
-        k,
-        n,
+        x2.shape[0],
+        x2.shape[1],
+        g2.shape[1],
         a.data_ptr(),
         b.data_ptr(),
-        r,
+        a.shape[0],
         float(scale),
         work.data_ptr(),
         da.data_ptr(),
         db.data_ptr(),
         _lib.DTYPE_CODES[x2.dtype],
-        _lib.stream(x2),
+        stream,
     )
-    return da, db
+
+
+# The one-pass kernel beside dX's GEMM: dX's merged weight and GEMM on the current stream, then the
+# kernel on a second stream that waits only for the weight, so the GEMM's CTAs take the SMs first
+# and the kernel's clusters start on those its last wave leaves idle (the GEMM's tiles are not a
+# whole number of waves), its memset and rounding kernel too. The current stream waits for the
+# second one before the backward returns; every tensor the kernel touches is allocated on the
+# current stream before the fork. Launched before the weight instead (an earlier version), the
+# kernel shared the bandwidth with the dequantize and held SMs the GEMM then waited for
+# (docs/KERNELS.md). bench_nf4_lora.py's ratio_covered_serial_grads has it off.
+GRADS_BESIDE_DX = True
+_side_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
+    """The device's second stream; None while a CUDA graph is being captured and none exists yet
+    (no stream is created inside a capture: the kernel then runs on the current stream)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    s = _side_streams.get(index)
+    if s is None and not torch.cuda.is_current_stream_capturing():
+        s = _side_streams[index] = torch.cuda.Stream(device=index)
+    return s
 
 
 def _merged_weight(x, q, out_features, lora_A, lora_B, scale) -> tuple[torch.Tensor | None, bool | None]:
@@ -374,21 +404,36 @@ def _backward_impl(saved, meta, needs, grad_y, inside_op, kernels=True):
     merged = kernels and n <= MERGED_DX_MAX_N_PER_ROW * m
     dx = da = db = None
     dxa = None  # s dY B
-    if (
+    one_pass = (
         inside_op
         and kernels
         and need_A
         and need_B
         and (merged or not need_x)
         and _grads_run(x2, g2, lora_A, lora_B)
-    ):
+    )
+    side = _side_stream(x2.device) if one_pass and need_x and GRADS_BESIDE_DX else None
+    if side is not None:  # dX from the merged weight (one_pass: merged), the kernel beside its GEMM
+        bufs = _grads_buffers(x2, g2, lora_A, lora_B)  # (before the fork: see GRADS_BESIDE_DX)
+        main = torch.cuda.current_stream(x2.device)
+        w = _weight(q, n, k, x.dtype, lora_A, lora_B, scale, True, inside_op)
+        weight_done = torch.cuda.Event()
+        weight_done.record(main)
+        dx = gemm.mm(g2, w).view(x.shape)
+        side.wait_event(weight_done)
+        try:
+            _grads_launch(x2, g2, bufs, scale, side.cuda_stream)
+        finally:  # (the join: bufs, x and dY live until the current stream has waited for it)
+            main.wait_stream(side)
+        da, db = bufs[3], bufs[4]
+    elif one_pass:
         da, db = grads_kernel(x2, g2, lora_A, lora_B, scale)  # (dX needs no dxa)
     elif inside_op and kernels and need_A and need_B and _dy_pass_runs(g2, lora_B):
         # eager CUDA: dxa and dB from one read of dY (xa = s x A^T first: the forward keeps only x)
         dxa, db = dy_pass_kernel(g2, lora_B, _mm_scaled(x2, lora_A.t(), scale, True), scale)
     elif has_lora and (need_A or (need_x and not merged)):
         dxa = _mm_scaled(g2, lora_B, scale, inside_op)
-    if need_x:
+    if need_x and dx is None:
         w = _weight(q, n, k, x.dtype, lora_A, lora_B, scale, merged, inside_op)
         if dxa is not None and not merged:
             # the rank-r term written first and taken in by the GEMM's epilogue (beta = 1): one
