@@ -14,8 +14,9 @@
   are listed under ``gemm_choices``;
 * where the one-pass gradient kernel runs (K == N): the layer with it run on the current stream
   before dX's weight and GEMM instead of on a second stream beside the GEMM
-  (ratio_covered_serial_grads, ratio_interleaved_serial_grads) and with the three passes it
-  replaces (ratio_covered_three_passes, ratio_interleaved_three_passes);
+  (ratio_covered_serial_grads, ratio_interleaved_serial_grads,
+  q_ours_serial_grads_over_bf16_frozen) and with the three passes it replaces
+  (ratio_covered_three_passes, ratio_interleaved_three_passes);
 * the backward's one-pass dY kernel (dxa and dB) against the two cuBLAS GEMMs it replaces, per
   rank (device time).
 * the layer against bitsandbytes + LoRA head to head as well (both ratios), since the per-call
@@ -337,6 +338,10 @@ def layer_rows(have_bnb: bool, have_peft: bool, breakdown: bool = False) -> list
                 serial_grads(step(ours)), step(dense), covered=True
             )
             row["ratio_interleaved_serial_grads"] = ratio_interleaved(serial_grads(step(ours)), step(dense))
+            row["q_ours_qlora_serial_grads_ms"] = bench_queued(serial_grads(step(ours)), calls=5)
+            row["q_ours_serial_grads_over_bf16_frozen"] = (
+                row["q_ours_qlora_serial_grads_ms"] / row["q_bf16_frozen_ms"]
+            )
         row["dev_bf16_frozen_ms"] = device_ms(step(dense), calls=5)
         row["dev_ours_qlora_ms"] = device_ms(step(ours), calls=5)
         row["dev_ratio"] = row["dev_ours_qlora_ms"] / row["dev_bf16_frozen_ms"]

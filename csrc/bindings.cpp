@@ -52,6 +52,24 @@ hoptune::NF4Absmax nf4_absmax(uintptr_t absmax, uintptr_t qabsmax, uintptr_t abs
   return am;
 }
 
+// An event of the current device for stream_wait: one per device and host thread, created on first
+// use and kept (a wait takes the event's last record when it is queued, so the next record may
+// reuse it; per thread, so two threads' records and waits do not interleave).
+cudaError_t wait_event_for_current_device(cudaEvent_t* out) {
+  constexpr int kDevices = 64;
+  thread_local cudaEvent_t events[kDevices] = {};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (device < 0 || device >= kDevices) return cudaErrorInvalidDevice;
+  if (events[device] == nullptr) {
+    err = cudaEventCreateWithFlags(&events[device], cudaEventDisableTiming);
+    if (err != cudaSuccess) return err;
+  }
+  *out = events[device];
+  return cudaSuccess;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -565,6 +583,18 @@ PYBIND11_MODULE(_C, m) {
       py::arg("oh"), py::arg("os"), py::arg("cos"), py::arg("sin"), py::arg("cb"), py::arg("cs"),
       py::arg("batch"), py::arg("heads"), py::arg("seq"), py::arg("dim"), py::arg("backward"),
       py::arg("dtype"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  // `waiter` waits for the work queued on `stream` so far (a fork or join of two streams of the
+  // current device, also inside a CUDA graph capture): one call instead of an event's creation,
+  // record and wait from Python.
+  m.def(
+      "stream_wait",
+      [](uintptr_t waiter, uintptr_t stream) {
+        cudaEvent_t ev = nullptr;
+        check(wait_event_for_current_device(&ev), "stream_wait");
+        check(cudaEventRecord(ev, stream_of(stream)), "stream_wait");
+        check(cudaStreamWaitEvent(stream_of(waiter), ev, 0), "stream_wait");
+      },
+      py::arg("waiter"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   // cuBLASLt with a caller-chosen algorithm (python/hoptune/ops/gemm.py).
   m.def(
       "cublaslt_load", [](const std::string& path) { return hoptune::lt::load(path); },

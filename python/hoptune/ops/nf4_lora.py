@@ -415,16 +415,14 @@ def _backward_impl(saved, meta, needs, grad_y, inside_op, kernels=True):
     side = _side_stream(x2.device) if one_pass and need_x and GRADS_BESIDE_DX else None
     if side is not None:  # dX from the merged weight (one_pass: merged), the kernel beside its GEMM
         bufs = _grads_buffers(x2, g2, lora_A, lora_B)  # (before the fork: see GRADS_BESIDE_DX)
-        main = torch.cuda.current_stream(x2.device)
+        ext, main, other = _lib.extension(), _lib.stream(x2), side.cuda_stream
         w = _weight(q, n, k, x.dtype, lora_A, lora_B, scale, True, inside_op)
-        weight_done = torch.cuda.Event()
-        weight_done.record(main)
+        ext.stream_wait(other, main)  # the fork, after the weight and before the GEMM
         dx = gemm.mm(g2, w).view(x.shape)
-        side.wait_event(weight_done)
         try:
-            _grads_launch(x2, g2, bufs, scale, side.cuda_stream)
+            _grads_launch(x2, g2, bufs, scale, other)
         finally:  # (the join: bufs, x and dY live until the current stream has waited for it)
-            main.wait_stream(side)
+            ext.stream_wait(main, other)
         da, db = bufs[3], bufs[4]
     elif one_pass:
         da, db = grads_kernel(x2, g2, lora_A, lora_B, scale)  # (dX needs no dxa)
