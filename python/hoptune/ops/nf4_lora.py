@@ -22,7 +22,8 @@ are x @ A^T, dY @ B and the two reductions over the tokens dA = (s dY B)^T x and
 A^T). In eager mode on CUDA, for N >= DY_PASS_MIN_N[r] (r = 8, 16, 32) and N % 64 == 0, dY @ B
 and dB come from one read of dY (lora_dy_pass) instead of two GEMMs; where K == N = 512 C (C = 2,
 4, 8), r = 16 and dX needs no dY B (merged weight, or a frozen x), dA and dB come from one read
-of x and dY instead (lora_grads, a cluster kernel: ONE_PASS_GRADS).
+of x and dY instead (lora_grads, a cluster kernel: ONE_PASS_GRADS), beside dX's GEMM on a second
+stream when dX is needed, in the SMs that the GEMM's last wave leaves idle (GRADS_BESIDE_DX).
 Elsewhere (CPU, fp32, K not a multiple of 64, ranks above 128) the LoRA terms are applied to the
 activations (hoptune.reference.nf4_lora on CPU; on the GPU, K not a multiple of 64 warns once per
 K). In training on the GPU a rank that is not a
