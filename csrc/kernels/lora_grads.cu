@@ -15,8 +15,10 @@
 // sums are on their way. Each CTA then adds the block's dY^T xa and dxa^T x for its columns into
 // fp32 accumulators it keeps in registers across all the row blocks its cluster takes (persistent
 // clusters, one wave), so partial sums leave once per CTA (16-byte reductions at L2) and a last
-// small kernel rounds them (dA transposed) to the outputs. st.async needs a cluster of two or
-// more CTAs: K = 512 is not taken.
+// small kernel rounds them (dA transposed) to the outputs. A cluster's first three row blocks are
+// fixed (cid, cid + clusters, ...), the rest come from a counter, one at a time: clusters that
+// start late (the op runs this kernel beside dX's GEMM, in the SMs its last wave leaves) take
+// fewer blocks. st.async needs a cluster of two or more CTAs: K = 512 is not taken.
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -47,9 +49,11 @@ constexpr uint32_t kFullBytes = kRows * kRank * 2;             // [rows, r] roun
 constexpr uint32_t kWarpOff = kStages * kStageBytes;           // each warp's share
 constexpr uint32_t kExchOff = kWarpOff + kWarps * kPartBytes;  // [2][src CTA][xa, dxa][own rows]
 constexpr uint32_t kFullOff = kExchOff + 4 * kPartBytes;       // [2 buffers][xa, dxa] rounded
-constexpr uint32_t kBarOff = kFullOff + 4 * kFullBytes;        // [2] exchange, [2] full mbarriers
+constexpr uint32_t kIdxOff = kFullOff + 4 * kFullBytes;        // [2] a later block's index
+constexpr uint32_t kBarOff = kIdxOff + 16;                     // [2] exchange, [2] full mbarriers
 constexpr uint32_t kSmemBytes = kBarOff + 32;                  // 220 KiB
-constexpr int kMaxCluster = 8;                                 // (the portable cluster size)
+constexpr int kStaticBlocks = 3;  // each cluster's first row blocks: cid, cid + clusters, ...
+constexpr int kMaxCluster = 8;    // (the portable cluster size)
 
 // Byte offset of 16-byte chunk c (0-63) of row `row` in a tile of 1 KiB rows: within each
 // 128-byte line the chunk index XORed with the row's low bits (conflict-free ldmatrix, plain or
@@ -119,8 +123,9 @@ struct GradsArgs {
   const uint16_t* lora_a;  // [r, k]
   const uint16_t* lora_b;  // [n, r]
   float scale;
-  float* acc_dat;  // [k, r] fp32, zeroed: dA transposed
-  float* acc_db;   // [n, r] fp32, zeroed
+  float* acc_dat;          // [k, r] fp32, zeroed: dA transposed
+  float* acc_db;           // [n, r] fp32, zeroed
+  unsigned int* next_blk;  // zeroed: the row blocks after the clusters' first ones, handed out
 };
 
 template <typename T>
@@ -131,7 +136,14 @@ __global__ void __launch_bounds__(kThreads, 1) lora_grads_kernel(GradsArgs a) {
   const int rank = static_cast<int>(cluster.block_rank());
   const int64_t cid = blockIdx.x / csize, clusters = gridDim.x / csize;
   const int64_t blocks = (a.m + kRows - 1) / kRows;
-  const int nblk = blocks > cid ? static_cast<int>((blocks - 1 - cid) / clusters + 1) : 0;
+  // The row blocks a cluster takes: its first kStaticBlocks by a fixed rule (cid + i clusters),
+  // then one at a time from a counter in global memory (rank 0's thread 0 takes each a block
+  // ahead and pushes it to the cluster with a block's row sums, three blocks before its loads are
+  // issued), so clusters that start early (e.g. in a GEMM's last wave) take more blocks. b0 is the
+  // current block, b1 and b2 the next two; an index >= blocks ends the sequence (the counter only
+  // grows, so every later one does too).
+  int64_t b0 = cid, b1 = cid + clusters, b2 = cid + 2 * clusters;
+  int64_t ahead = blocks;  // (rank 0, thread 0: the index it pushes next)
 
   const uint32_t base = smem_addr(smem);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -139,8 +151,8 @@ __global__ void __launch_bounds__(kThreads, 1) lora_grads_kernel(GradsArgs a) {
   const T* x = static_cast<const T*>(a.x) + rank * kCols;
   const T* dy = static_cast<const T*>(a.dy) + rank * kCols;
 
-  auto issue = [&](int it) {
-    const int64_t row0 = (cid + it * clusters) * kRows;
+  auto issue = [&](int it, int64_t blk) {
+    const int64_t row0 = blk * kRows;
     const uint32_t st = base + (it % kStages) * kStageBytes;
 #pragma unroll
     for (int i = 0; i < kRows * (kCols / 8) / kThreads; ++i) {
@@ -151,11 +163,12 @@ __global__ void __launch_bounds__(kThreads, 1) lora_grads_kernel(GradsArgs a) {
       cp_async_16(st + kTileBytes + tile_off(r, c), dy + row * a.ldy + c * 8, ok);
     }
   };
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < nblk) issue(s);
-    cp_async_commit();
-  }
+  static_assert(kStages == 3 && kStaticBlocks == kStages,
+                "the first blocks' loads precede the loop");
+  if (b0 < blocks) issue(0, b0);
+  cp_async_commit();
+  if (b1 < blocks) issue(1, b1);
+  cp_async_commit();
 
   // The row sums' constant operand, as B fragments (k = 2 tq, 2 tq + 1 and + 8; n = g): warps 0-3
   // A^T over a quarter of this CTA's K columns each (xa), warps 4-7 B over a quarter of its N (dxa)
@@ -193,6 +206,7 @@ __global__ void __launch_bounds__(kThreads, 1) lora_grads_kernel(GradsArgs a) {
   const uint32_t exch_bar = base + kBarOff, full_bar = exch_bar + 16;  // [2] each, 8 bytes
   constexpr uint32_t kExchBytes = 2 * kPartBytes;                      // a block's, from all CTAs
   constexpr uint32_t kFullPair = 2 * kFullBytes;
+  constexpr uint32_t kFullExpect = kFullPair + 8;  // the rows' sums and rank 0's block index
   // block it's share of both row sums, its rows of CTA d pushed into CTA d's exch[it % 2][rank]
   // (tile it landed and visible)
   auto share = [&](int it) {
@@ -251,7 +265,7 @@ __global__ void __launch_bounds__(kThreads, 1) lora_grads_kernel(GradsArgs a) {
     if (tid >= 2 * per_prod) return;
     const uint32_t bar = exch_bar + (it & 1) * 8;
     mbar_wait(bar, (it >> 1) & 1);
-    if (tid == 0 && it + 2 < nblk) mbar_expect(bar, kExchBytes);  // block it + 2's
+    if (tid == 0 && b2 < blocks) mbar_expect(bar, kExchBytes);  // block it + 2's
     const int pr = tid / per_prod, e = (tid % per_prod) * 4;
     const float* exch = reinterpret_cast<const float*>(smem + kExchOff + (it & 1) * kExchBytes) +
                         pr * own * kRank + e;
@@ -275,6 +289,15 @@ __global__ void __launch_bounds__(kThreads, 1) lora_grads_kernel(GradsArgs a) {
 #pragma unroll
     for (int d = 0; d < kMaxCluster; ++d)
       if (d < csize) push(cluster_addr(dst, d), packed, cluster_addr(full_bar + (it & 1) * 8, d));
+    if (rank == 0 && tid == 0) {  // block it + 3's index, with block it's sums, to every CTA
+      const uint32_t slot = base + kIdxOff + (it & 1) * 8;
+      const uint2 v = make_uint2(static_cast<uint32_t>(ahead), static_cast<uint32_t>(ahead >> 32));
+#pragma unroll
+      for (int d = 0; d < kMaxCluster; ++d)
+        if (d < csize) push(cluster_addr(slot, d), v, cluster_addr(full_bar + (it & 1) * 8, d));
+      if (ahead < blocks)
+        ahead = kStaticBlocks * clusters + static_cast<int64_t>(atomicAdd(a.next_blk, 1u));
+    }
   };
   // block it's column sums (tile it, full[it % 2])
   auto colsum = [&](int it) {
@@ -323,30 +346,35 @@ __global__ void __launch_bounds__(kThreads, 1) lora_grads_kernel(GradsArgs a) {
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
 #pragma unroll
     for (int b = 0; b < 2; ++b)
-      if (b < nblk)
-        mbar_expect(exch_bar + b * 8, kExchBytes), mbar_expect(full_bar + b * 8, kFullPair);
+      if ((b == 0 ? b0 : b1) < blocks)
+        mbar_expect(exch_bar + b * 8, kExchBytes), mbar_expect(full_bar + b * 8, kFullExpect);
+    if (rank == 0 && b2 < blocks)  // block 3's index (the first handed out), pushed in block 0
+      ahead = kStaticBlocks * clusters + static_cast<int64_t>(atomicAdd(a.next_blk, 1u));
   }
   cluster_arrive();
   cluster_wait();  // every CTA's barriers are set up before anything is pushed to them
-  if (nblk > 0) {
+  if (b0 < blocks) {
     cp_async_wait<kStages - 2>();
     __syncthreads();
     share(0);
   }
-  for (int it = 0; it < nblk; ++it) {
+  for (int it = 0; b0 < blocks; ++it) {
     reduce(it);
-    if (it + 1 < nblk) {
+    if (b1 < blocks) {
       __syncthreads();  // colsum(it - 1) is done: slot (it + 2) % kStages is free
-      if (it + kStages - 1 < nblk) issue(it + kStages - 1);
+      if (b2 < blocks) issue(it + kStages - 1, b2);
       cp_async_commit();
       cp_async_wait<1>();
       __syncthreads();  // block it + 1 has landed for every thread
       share(it + 1);
     }
     const uint32_t bar = full_bar + (it & 1) * 8;
-    mbar_wait(bar, (it >> 1) & 1);  // block it's row sums are in this CTA
-    if (tid == 0 && it + 2 < nblk) mbar_expect(bar, kFullPair);
+    mbar_wait(bar, (it >> 1) & 1);  // block it's row sums (and block it + 3's index) are here
+    if (tid == 0 && b2 < blocks) mbar_expect(bar, kFullExpect);
+    const uint2 nv = *reinterpret_cast<const uint2*>(smem + kIdxOff + (it & 1) * 8);
     colsum(it);
+    b0 = b1, b1 = b2;
+    b2 = static_cast<int64_t>(nv.x) | (static_cast<int64_t>(nv.y) << 32);
   }
   cp_async_wait<0>();
   cluster_arrive();  // (waited after the reductions: no CTA leaves while a push to it may be
@@ -460,7 +488,8 @@ cudaError_t lora_grads(const void* x, int64_t ldx, const void* dy, int64_t ldy, 
   for (const void* p : ptrs) HOPTUNE_REQUIRE(reinterpret_cast<uintptr_t>(p) % 16 == 0);
   const void* small[] = {lora_a, lora_b, da, db};
   for (const void* p : small) HOPTUNE_REQUIRE(reinterpret_cast<uintptr_t>(p) % 4 == 0);
-  HOPTUNE_CUDA_TRY(cudaMemsetAsync(workspace, 0, static_cast<size_t>(k + n) * rank * 4, stream));
+  HOPTUNE_CUDA_TRY(
+      cudaMemsetAsync(workspace, 0, (static_cast<size_t>(k + n) * rank + 4) * 4, stream));
   const GradsArgs a{x,
                     ldx,
                     dy,
@@ -471,7 +500,8 @@ cudaError_t lora_grads(const void* x, int64_t ldx, const void* dy, int64_t ldy, 
                     static_cast<const uint16_t*>(lora_b),
                     scale,
                     workspace,
-                    workspace + k * rank};
+                    workspace + k * rank,
+                    reinterpret_cast<unsigned int*>(workspace + (k + n) * rank)};
   const int csize = static_cast<int>(k / kCols);
   return HOPTUNE_DISPATCH_HALF(
       dtype, T, [&]() -> cudaError_t { return launch_grads<T>(a, csize, n, da, db, stream); });

@@ -846,12 +846,22 @@ def _grads_want(x, dy, a, b, s, dt):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "m,k",
-    [(1, 1024), (33, 1024), (1000, 2048), (4099, 4096), (4099, 1024), (70, 4096), (8192, 4096)],
+    [
+        (1, 1024),
+        (33, 1024),
+        (1000, 2048),
+        (4099, 4096),
+        (4099, 1024),
+        (70, 4096),
+        (8192, 4096),
+        (100001, 1024),
+    ],
 )
 def test_grads_kernel(m, k, dtype):
     """dA and dB from one read of x and dY, on every cluster size (K = N = 1024, 2048, 4096),
-    row tails, fewer row blocks than clusters (M = 1, 33, 70) and many per cluster, x and dY rows
-    K + 8 apart; within 2x torch's error in dtype against float64."""
+    row tails, fewer row blocks than clusters (M = 1, 33, 70) and many per cluster (past each
+    cluster's first three, from the counter: M = 8192 and 100001), x and dY rows K + 8 apart;
+    within 2x torch's error in dtype against float64."""
     x, dy, a, b = _grads_case(m, k, 16, dtype, seed=m + k)
     assert nf4_lora_ops._grads_run(x, dy, a, b)
     poison_cuda_cache()
@@ -863,15 +873,15 @@ def test_grads_kernel(m, k, dtype):
 
 @pytest.mark.gpu
 def test_grads_kernel_in_a_cuda_graph():
-    """Captured in a CUDA graph (the workspace's memset, the kernel and its rounding kernel) and
-    replayed on new inputs copied in: right on each replay."""
-    x, dy, a, b = _grads_case(1000, 2048, 16, torch.bfloat16, seed=50)
+    """Captured in a CUDA graph (the workspace's memset, which resets the row blocks' counter, the
+    kernel and its rounding kernel) and replayed on new inputs copied in: right on each replay."""
+    x, dy, a, b = _grads_case(5000, 2048, 16, torch.bfloat16, seed=50)
     nf4_lora_ops.grads_kernel(x, dy, a, b, 0.5)  # (the extension loaded and the kernel set up)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         outs = nf4_lora_ops.grads_kernel(x, dy, a, b, 0.5)
     for seed in (51, 52):
-        x2, dy2, a2, b2 = _grads_case(1000, 2048, 16, torch.bfloat16, seed=seed)
+        x2, dy2, a2, b2 = _grads_case(5000, 2048, 16, torch.bfloat16, seed=seed)
         for dst, src in ((x, x2), (dy, dy2), (a, a2), (b, b2)):
             dst.copy_(src)
         for o in outs:  # (poisoned: the replay must write them)

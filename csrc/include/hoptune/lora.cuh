@@ -28,7 +28,7 @@ cudaError_t lora_dy_pass(const void* dy, int64_t ldy, int64_t m, int64_t n, cons
 // lora_grads_shape(k, n, rank) must hold: rank 16 and k == n == 512 C for C in {2, 4, 8}.
 // dtype bf16 or fp16 for x, dy, lora_a [rank, k], lora_b [n, rank], da and db (those four
 // contiguous, 4-byte aligned); x and dy rows ldx and ldy elements apart (multiples of 8), x, dy and
-// workspace 16-byte aligned; m >= 1. workspace: fp32 [(k + n) * rank], overwritten. Sums are
+// workspace 16-byte aligned; m >= 1. workspace: fp32 [(k + n) * rank + 4], overwritten. Sums are
 // reduced across CTAs with fp32 atomics: their order (and a last bit) may vary between runs.
 bool lora_grads_shape(int64_t k, int64_t n, int rank);
 cudaError_t lora_grads(const void* x, int64_t ldx, const void* dy, int64_t ldy, int64_t m,

@@ -245,7 +245,7 @@ def grads_kernel(
 def _grads_buffers(x2, g2, lora_A, lora_B) -> tuple[torch.Tensor, ...]:
     """grads_kernel's operands and outputs: (A and B contiguous, the fp32 workspace, dA, dB)."""
     k, n, r = x2.shape[1], g2.shape[1], lora_A.shape[0]
-    work = torch.empty((k + n) * r, dtype=torch.float32, device=x2.device)
+    work = torch.empty((k + n) * r + 4, dtype=torch.float32, device=x2.device)  # (+ a counter)
     da = torch.empty(r, k, dtype=x2.dtype, device=x2.device)
     db = torch.empty(n, r, dtype=x2.dtype, device=x2.device)
     return lora_A.contiguous(), lora_B.contiguous(), work, da, db
