@@ -609,6 +609,7 @@ PYBIND11_MODULE(_C, m) {
            }),
            py::arg("handle"), py::arg("transa"), py::arg("transb"), py::arg("m"), py::arg("n"),
            py::arg("k"), py::arg("dtype"))
+      .def("set_sm_count", &Plan::set_sm_count, py::arg("sms"))
       .def("search", &Plan::search, py::arg("max_count"), py::arg("workspace_bytes"))
       .def("count", &Plan::count)
       .def("describe", &Plan::describe, py::arg("index"))

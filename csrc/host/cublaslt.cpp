@@ -17,7 +17,8 @@ constexpr int kCudaR16BF = 14;
 constexpr int kComputeF32 = 68;  // CUBLAS_COMPUTE_32F
 constexpr int kDescTransA = 3;   // CUBLASLT_MATMUL_DESC_TRANSA
 constexpr int kDescTransB = 4;
-constexpr int kPrefMaxWorkspace = 1;  // CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES
+constexpr int kDescSmCountTarget = 15;  // CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET
+constexpr int kPrefMaxWorkspace = 1;    // CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES
 constexpr int kOpN = 0;
 constexpr int kOpT = 1;
 // CUBLASLT_ALGO_CONFIG_{ID, TILE_ID, STAGES_ID, SPLITK_NUM, CLUSTER_SHAPE_ID}
@@ -176,6 +177,16 @@ void Plan::release() noexcept {
   if (layout_a_ != nullptr) g_api.layout_destroy(layout_a_);
   if (desc_ != nullptr) g_api.desc_destroy(desc_);
   layout_d_ = layout_b_ = layout_a_ = desc_ = nullptr;
+}
+
+void Plan::set_sm_count(int sms) {
+  if (sms < 0)
+    throw std::invalid_argument("cuBLASLt plan: sm_count must be >= 0 (0: the device's)");
+  const int32_t v = sms;
+  require(g_api.desc_set(desc_, kDescSmCountTarget, &v, sizeof(v)),
+          "cublasLtMatmulDescSetAttribute");
+  algos_.clear();
+  workspace_.clear();
 }
 
 int Plan::search(int max_count, size_t workspace_bytes) {

@@ -31,6 +31,10 @@ class Plan {
   Plan(const Plan&) = delete;
   Plan& operator=(const Plan&) = delete;
 
+  // The number of SMs the GEMM is to run on (CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET; 0: the
+  // device's), for a GEMM that shares the device with a kernel on another stream. Clears the
+  // candidates: search again after it.
+  void set_sm_count(int sms);
   // Asks the heuristic for up to max_count algorithms that need at most workspace_bytes; returns
   // how many it gave (in its own order of preference).
   int search(int max_count, size_t workspace_bytes);
