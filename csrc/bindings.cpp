@@ -206,16 +206,24 @@ PYBIND11_MODULE(_C, m) {
       "lora_grads",
       [](uintptr_t x, int64_t ldx, uintptr_t dy, int64_t ldy, int64_t rows, int64_t k, int64_t n,
          uintptr_t lora_a, uintptr_t lora_b, int rank, float scale, uintptr_t workspace,
-         uintptr_t da, uintptr_t db, int dtype, uintptr_t stream) {
+         uintptr_t da, uintptr_t db, int dtype, uintptr_t stream, bool zeroed) {
         check(hoptune::lora_grads(ptr<const void*>(x), ldx, ptr<const void*>(dy), ldy, rows, k, n,
                                   ptr<const void*>(lora_a), ptr<const void*>(lora_b), rank, scale,
-                                  ptr<float*>(workspace), ptr<void*>(da), ptr<void*>(db),
+                                  ptr<float*>(workspace), zeroed, ptr<void*>(da), ptr<void*>(db),
                                   static_cast<DType>(dtype), stream_of(stream)),
               "lora_grads");
       },
       py::arg("x"), py::arg("ldx"), py::arg("dy"), py::arg("ldy"), py::arg("rows"), py::arg("k"),
       py::arg("n"), py::arg("lora_a"), py::arg("lora_b"), py::arg("rank"), py::arg("scale"),
       py::arg("workspace"), py::arg("da"), py::arg("db"), py::arg("dtype"), py::arg("stream"),
+      py::arg("zeroed") = false, py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "lora_grads_zero",
+      [](uintptr_t workspace, int64_t k, int64_t n, int rank, uintptr_t stream) {
+        check(hoptune::lora_grads_zero(ptr<float*>(workspace), k, n, rank, stream_of(stream)),
+              "lora_grads_zero");
+      },
+      py::arg("workspace"), py::arg("k"), py::arg("n"), py::arg("rank"), py::arg("stream"),
       py::call_guard<py::gil_scoped_release>());
 
   m.def(

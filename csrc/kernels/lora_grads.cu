@@ -15,10 +15,12 @@
 // sums are on their way. Each CTA then adds the block's dY^T xa and dxa^T x for its columns into
 // fp32 accumulators it keeps in registers across all the row blocks its cluster takes (persistent
 // clusters, one wave), so partial sums leave once per CTA (16-byte reductions at L2) and a last
-// small kernel rounds them (dA transposed) to the outputs. A cluster's first three row blocks are
-// fixed (cid, cid + clusters, ...), the rest come from a counter, one at a time: clusters that
-// start late (the op runs this kernel beside dX's GEMM, in the SMs its last wave leaves) take
-// fewer blocks. st.async needs a cluster of two or more CTAs: K = 512 is not taken.
+// small kernel rounds them (dA transposed) to the outputs: launched programmatically, once every
+// CTA has left its loop, so its launch overlaps those reductions (it waits for this kernel's end).
+// A cluster's first three row blocks are fixed (cid, cid + clusters, ...), the rest come from a
+// counter, one at a time: clusters that start late (the op runs this kernel beside dX's GEMM, in
+// the SMs its last wave leaves) take fewer blocks. st.async needs a cluster of two or more CTAs: K
+// = 512 is not taken.
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -377,6 +379,9 @@ __global__ void __launch_bounds__(kThreads, 1) lora_grads_kernel(GradsArgs a) {
     b2 = static_cast<int64_t>(nv.x) | (static_cast<int64_t>(nv.y) << 32);
   }
   cp_async_wait<0>();
+  // the rounding kernel (launched programmatically) may be scheduled once every CTA is here: its
+  // launch overlaps the reductions below, and it waits for this grid's end before reading
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   cluster_arrive();  // (waited after the reductions: no CTA leaves while a push to it may be
                      // pending)
   const int64_t col = static_cast<int64_t>(rank) * kCols + warp * 64;
@@ -394,6 +399,7 @@ __global__ void __launch_bounds__(kThreads, 1) lora_grads_kernel(GradsArgs a) {
 template <typename T>
 __global__ void __launch_bounds__(256) lora_grads_finish(const float* acc_dat, const float* acc_db,
                                                          int64_t k, int64_t n, T* da, T* db) {
+  asm volatile("griddepcontrol.wait;" ::: "memory");  // the main kernel's sums are all in
   const int64_t na = k * kRank, total = na + n * kRank;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
@@ -463,9 +469,20 @@ cudaError_t launch_grads(const GradsArgs& a, int csize, int64_t n, void* da, voi
   const int64_t total = (a.k + n) * kRank;
   const int64_t fgrid =
       std::min<int64_t>((total + 255) / 256, 4 * static_cast<int64_t>(sm_count()));
-  lora_grads_finish<T><<<static_cast<unsigned>(fgrid), 256, 0, stream>>>(
-      a.acc_dat, a.acc_db, a.k, n, static_cast<T*>(da), static_cast<T*>(db));
-  return cudaGetLastError();
+  cudaLaunchConfig_t fcfg = {};
+  fcfg.gridDim = dim3(static_cast<unsigned>(fgrid));
+  fcfg.blockDim = dim3(256);
+  fcfg.stream = stream;
+  cudaLaunchAttribute fattr;
+  fattr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  fattr.val.programmaticStreamSerializationAllowed = 1;
+  fcfg.attrs = &fattr;
+  fcfg.numAttrs = 1;
+  const float* acc_dat = a.acc_dat;
+  const float* acc_db = a.acc_db;
+  HOPTUNE_CUDA_TRY(cudaLaunchKernelEx(&fcfg, lora_grads_finish<T>, acc_dat, acc_db, a.k, n,
+                                      static_cast<T*>(da), static_cast<T*>(db)));
+  return cudaSuccess;
 }
 
 }  // namespace
@@ -475,9 +492,14 @@ bool lora_grads_shape(int64_t k, int64_t n, int rank) {
          ((k / kCols) & (k / kCols - 1)) == 0;
 }
 
+cudaError_t lora_grads_zero(float* workspace, int64_t k, int64_t n, int rank, cudaStream_t stream) {
+  HOPTUNE_REQUIRE(workspace != nullptr && k >= 1 && n >= 1 && rank >= 1);
+  return cudaMemsetAsync(workspace, 0, (static_cast<size_t>(k + n) * rank + 4) * 4, stream);
+}
+
 cudaError_t lora_grads(const void* x, int64_t ldx, const void* dy, int64_t ldy, int64_t m,
                        int64_t k, int64_t n, const void* lora_a, const void* lora_b, int rank,
-                       float scale, float* workspace, void* da, void* db, DType dtype,
+                       float scale, float* workspace, bool zeroed, void* da, void* db, DType dtype,
                        cudaStream_t stream) {
   HOPTUNE_REQUIRE(x != nullptr && dy != nullptr && lora_a != nullptr && lora_b != nullptr &&
                   workspace != nullptr && da != nullptr && db != nullptr);
@@ -488,8 +510,7 @@ cudaError_t lora_grads(const void* x, int64_t ldx, const void* dy, int64_t ldy, 
   for (const void* p : ptrs) HOPTUNE_REQUIRE(reinterpret_cast<uintptr_t>(p) % 16 == 0);
   const void* small[] = {lora_a, lora_b, da, db};
   for (const void* p : small) HOPTUNE_REQUIRE(reinterpret_cast<uintptr_t>(p) % 4 == 0);
-  HOPTUNE_CUDA_TRY(
-      cudaMemsetAsync(workspace, 0, (static_cast<size_t>(k + n) * rank + 4) * 4, stream));
+  if (!zeroed) HOPTUNE_CUDA_TRY(lora_grads_zero(workspace, k, n, rank, stream));
   const GradsArgs a{x,
                     ldx,
                     dy,

@@ -8,6 +8,7 @@ import statistics
 import pytest
 import torch
 
+from hoptune import _lib
 from hoptune.ops import gemm
 from tests.conftest import poison_cuda_cache, rel_err
 
@@ -465,6 +466,35 @@ def test_plan_rejects_bad_arguments():
         plan.run(plan.count(), 0, 0, 0, 0.0, 0, 0, 0)
     with pytest.raises(ValueError, match="max_count"):
         plan.search(0, 1 << 20)
+    with pytest.raises(ValueError, match="sm_count"):
+        plan.set_sm_count(-1)
+
+
+@pytest.mark.gpu
+def test_plan_with_an_sm_count_target():
+    """A plan told to target fewer SMs than the device has (set_sm_count) still offers candidates,
+    and each one's product matches torch.mm's by the bf16 rounding; setting it drops the earlier
+    search's candidates."""
+    ext, why = gemm.cublaslt_extension()
+    assert ext is not None, why
+    torch.manual_seed(3)
+    m, n, k = 1000, 768, 520  # (dims no tile divides)
+    a = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    want = torch.mm(a.double(), b.double())
+    low = torch.mm(a, b).double()
+    plan = ext.CublasLtPlan(ext.cublaslt_handle(), False, False, k, m, n, _lib.DTYPE_CODES[torch.bfloat16])
+    assert plan.search(4, 0) > 0
+    plan.set_sm_count(max(torch.cuda.get_device_properties(0).multi_processor_count - 8, 1))
+    assert plan.count() == 0
+    assert plan.search(4, 0) > 0
+    for i in range(plan.count()):
+        out = torch.full((m, k), float("nan"), device="cuda", dtype=torch.bfloat16)
+        plan.run(
+            i, b.data_ptr(), a.data_ptr(), out.data_ptr(), 0.0, 0, 0, torch.cuda.current_stream().cuda_stream
+        )
+        err = (out.double() - want).abs().max().item()
+        assert err <= 2 * (low - want).abs().max().item() + 1e-6, (i, err)
 
 
 @pytest.mark.gpu

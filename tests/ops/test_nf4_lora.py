@@ -937,7 +937,9 @@ def test_backward_takes_the_one_pass_grads(m, k, n, frozen_x, runs, beside, monk
     on), and the gradients meet the STYLE rule either way."""
     calls = []
     real = nf4_lora_ops._grads_launch
-    monkeypatch.setattr(nf4_lora_ops, "_grads_launch", lambda *a_: calls.append(a_[-1]) or real(*a_))
+    monkeypatch.setattr(
+        nf4_lora_ops, "_grads_launch", lambda *a_, **kw: calls.append(a_[-1]) or real(*a_, **kw)
+    )
     monkeypatch.setattr(nf4_lora_ops, "GRADS_BESIDE_DX", beside)
     dtype = torch.bfloat16
     x, q, a, b, bias = _case(m, k, n, 16, dtype, "cuda", seed=m + n)
@@ -969,7 +971,9 @@ def test_backward_with_the_one_pass_grads_in_a_cuda_graph(beside, monkeypatch):
     and joined inside the capture."""
     calls = []
     real = nf4_lora_ops._grads_launch
-    monkeypatch.setattr(nf4_lora_ops, "_grads_launch", lambda *a_: calls.append(a_[-1]) or real(*a_))
+    monkeypatch.setattr(
+        nf4_lora_ops, "_grads_launch", lambda *a_, **kw: calls.append(a_[-1]) or real(*a_, **kw)
+    )
     monkeypatch.setattr(nf4_lora_ops, "GRADS_BESIDE_DX", beside)
     m, k, n, dtype = 700, 1024, 1024, torch.bfloat16
     x, q, a, b, bias = _case(m, k, n, 16, dtype, "cuda", seed=60)

@@ -28,12 +28,15 @@ cudaError_t lora_dy_pass(const void* dy, int64_t ldy, int64_t m, int64_t n, cons
 // lora_grads_shape(k, n, rank) must hold: rank 16 and k == n == 512 C for C in {2, 4, 8}.
 // dtype bf16 or fp16 for x, dy, lora_a [rank, k], lora_b [n, rank], da and db (those four
 // contiguous, 4-byte aligned); x and dy rows ldx and ldy elements apart (multiples of 8), x, dy and
-// workspace 16-byte aligned; m >= 1. workspace: fp32 [(k + n) * rank + 4], overwritten. Sums are
-// reduced across CTAs with fp32 atomics: their order (and a last bit) may vary between runs.
+// workspace 16-byte aligned; m >= 1. workspace: fp32 [(k + n) * rank + 4], overwritten; zeroed
+// first on `stream` unless `zeroed` (lora_grads_zero ran on it, on this stream or ordered before
+// it). Sums are reduced across CTAs with fp32 atomics: their order (and a last bit) may vary
+// between runs.
 bool lora_grads_shape(int64_t k, int64_t n, int rank);
+cudaError_t lora_grads_zero(float* workspace, int64_t k, int64_t n, int rank, cudaStream_t stream);
 cudaError_t lora_grads(const void* x, int64_t ldx, const void* dy, int64_t ldy, int64_t m,
                        int64_t k, int64_t n, const void* lora_a, const void* lora_b, int rank,
-                       float scale, float* workspace, void* da, void* db, DType dtype,
+                       float scale, float* workspace, bool zeroed, void* da, void* db, DType dtype,
                        cudaStream_t stream);
 
 }  // namespace hoptune

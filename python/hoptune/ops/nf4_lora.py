@@ -251,8 +251,9 @@ def _grads_buffers(x2, g2, lora_A, lora_B) -> tuple[torch.Tensor, ...]:
     return lora_A.contiguous(), lora_B.contiguous(), work, da, db
 
 
-def _grads_launch(x2, g2, bufs, scale: float, stream: int) -> None:
-    """lora_grads on the stream handle ``stream``, into _grads_buffers' tensors."""
+def _grads_launch(x2, g2, bufs, scale: float, stream: int, zeroed: bool = False) -> None:
+    """lora_grads on the stream handle ``stream``, into _grads_buffers' tensors (the workspace
+    zeroed first on that stream, unless ``zeroed``: _grads_zero ran on it, ordered before)."""
     a, b, work, da, db = bufs
     _lib.extension().lora_grads(
         x2.data_ptr(),
@@ -271,18 +272,28 @@ def _grads_launch(x2, g2, bufs, scale: float, stream: int) -> None:
         db.data_ptr(),
         _lib.DTYPE_CODES[x2.dtype],
         stream,
+        zeroed,
     )
+
+
+def _grads_zero(x2, g2, bufs, stream: int) -> None:
+    """Zeroes lora_grads' workspace (of _grads_buffers) on the stream handle ``stream``."""
+    _lib.extension().lora_grads_zero(bufs[2].data_ptr(), x2.shape[1], g2.shape[1], bufs[0].shape[0], stream)
 
 
 # The one-pass kernel beside dX's GEMM: dX's merged weight and GEMM on the current stream, then the
 # kernel on a second stream that waits only for the weight, so the GEMM's CTAs take the SMs first
 # and the kernel's clusters start on those its last wave leaves idle (the GEMM's tiles are not a
-# whole number of waves), its memset and rounding kernel too. The current stream waits for the
-# second one before the backward returns; every tensor the kernel touches is allocated on the
-# current stream before the fork. Launched before the weight instead (an earlier version), the
-# kernel shared the bandwidth with the dequantize and held SMs the GEMM then waited for
-# (docs/KERNELS.md). bench_nf4_lora.py's ratio_covered_serial_grads has it off.
+# whole number of waves), its rounding kernel too. Its workspace is zeroed on the second stream
+# before the weight (a first fork), beside the dequantize (GRADS_ZERO_FIRST): zeroed after the
+# second fork, the memset waited for an SM in the GEMM's last wave and held the kernel back. The
+# current stream waits for the second one before the backward returns; every tensor the kernel
+# touches is allocated on the current stream before the first fork. Launched before the weight
+# instead (an earlier version), the kernel shared the bandwidth with the dequantize and held SMs
+# the GEMM then waited for (docs/KERNELS.md). bench_nf4_lora.py's ratio_covered_serial_grads has
+# it off.
 GRADS_BESIDE_DX = True
+GRADS_ZERO_FIRST = True
 _side_streams: dict[int, torch.cuda.Stream] = {}
 
 
@@ -415,13 +426,18 @@ def _backward_impl(saved, meta, needs, grad_y, inside_op, kernels=True):
     )
     side = _side_stream(x2.device) if one_pass and need_x and GRADS_BESIDE_DX else None
     if side is not None:  # dX from the merged weight (one_pass: merged), the kernel beside its GEMM
-        bufs = _grads_buffers(x2, g2, lora_A, lora_B)  # (before the fork: see GRADS_BESIDE_DX)
+        bufs = _grads_buffers(x2, g2, lora_A, lora_B)  # (before the forks: see GRADS_BESIDE_DX)
         ext, main, other = _lib.extension(), _lib.stream(x2), side.cuda_stream
-        w = _weight(q, n, k, x.dtype, lora_A, lora_B, scale, True, inside_op)
-        ext.stream_wait(other, main)  # the fork, after the weight and before the GEMM
-        dx = gemm.mm(g2, w).view(x.shape)
+        zero_first = GRADS_ZERO_FIRST
+        if zero_first:
+            ext.stream_wait(other, main)  # the first fork: bufs are the second stream's to zero
         try:
-            _grads_launch(x2, g2, bufs, scale, other)
+            if zero_first:
+                _grads_zero(x2, g2, bufs, other)
+            w = _weight(q, n, k, x.dtype, lora_A, lora_B, scale, True, inside_op)
+            ext.stream_wait(other, main)  # the (second) fork, after the weight and before the GEMM
+            dx = gemm.mm(g2, w).view(x.shape)
+            _grads_launch(x2, g2, bufs, scale, other, zeroed=zero_first)
         finally:  # (the join: bufs, x and dY live until the current stream has waited for it)
             ext.stream_wait(main, other)
         da, db = bufs[3], bufs[4]
