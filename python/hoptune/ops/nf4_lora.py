@@ -285,15 +285,14 @@ def _grads_zero(x2, g2, bufs, stream: int) -> None:
 # kernel on a second stream that waits only for the weight, so the GEMM's CTAs take the SMs first
 # and the kernel's clusters start on those its last wave leaves idle (the GEMM's tiles are not a
 # whole number of waves), its rounding kernel too. Its workspace is zeroed on the second stream
-# before the weight (a first fork), beside the dequantize (GRADS_ZERO_FIRST): zeroed after the
-# second fork, the memset waited for an SM in the GEMM's last wave and held the kernel back. The
+# before the weight (a first fork), beside the dequantize: zeroed after the second fork, the
+# memset waited for an SM in the GEMM's last wave and held the kernel back (docs/KERNELS.md). The
 # current stream waits for the second one before the backward returns; every tensor the kernel
 # touches is allocated on the current stream before the first fork. Launched before the weight
 # instead (an earlier version), the kernel shared the bandwidth with the dequantize and held SMs
 # the GEMM then waited for (docs/KERNELS.md). bench_nf4_lora.py's ratio_covered_serial_grads has
 # it off.
 GRADS_BESIDE_DX = True
-GRADS_ZERO_FIRST = True
 _side_streams: dict[int, torch.cuda.Stream] = {}
 
 
@@ -428,16 +427,13 @@ def _backward_impl(saved, meta, needs, grad_y, inside_op, kernels=True):
     if side is not None:  # dX from the merged weight (one_pass: merged), the kernel beside its GEMM
         bufs = _grads_buffers(x2, g2, lora_A, lora_B)  # (before the forks: see GRADS_BESIDE_DX)
         ext, main, other = _lib.extension(), _lib.stream(x2), side.cuda_stream
-        zero_first = GRADS_ZERO_FIRST
-        if zero_first:
-            ext.stream_wait(other, main)  # the first fork: bufs are the second stream's to zero
+        ext.stream_wait(other, main)  # the first fork: bufs are the second stream's to zero
         try:
-            if zero_first:
-                _grads_zero(x2, g2, bufs, other)
+            _grads_zero(x2, g2, bufs, other)
             w = _weight(q, n, k, x.dtype, lora_A, lora_B, scale, True, inside_op)
-            ext.stream_wait(other, main)  # the (second) fork, after the weight and before the GEMM
+            ext.stream_wait(other, main)  # the second fork, after the weight and before the GEMM
             dx = gemm.mm(g2, w).view(x.shape)
-            _grads_launch(x2, g2, bufs, scale, other, zeroed=zero_first)
+            _grads_launch(x2, g2, bufs, scale, other, zeroed=True)
         finally:  # (the join: bufs, x and dY live until the current stream has waited for it)
             ext.stream_wait(main, other)
         da, db = bufs[3], bufs[4]
