@@ -29,6 +29,7 @@
 #include <atomic>
 
 #include "hoptune/common/dispatch.h"
+#include "hoptune/common/launch.cuh"
 #include "hoptune/common/mma.cuh"
 #include "hoptune/common/occupancy.h"
 #include "hoptune/lora.cuh"
@@ -469,20 +470,8 @@ cudaError_t launch_grads(const GradsArgs& a, int csize, int64_t n, void* da, voi
   const int64_t total = (a.k + n) * kRank;
   const int64_t fgrid =
       std::min<int64_t>((total + 255) / 256, 4 * static_cast<int64_t>(sm_count()));
-  cudaLaunchConfig_t fcfg = {};
-  fcfg.gridDim = dim3(static_cast<unsigned>(fgrid));
-  fcfg.blockDim = dim3(256);
-  fcfg.stream = stream;
-  cudaLaunchAttribute fattr;
-  fattr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  fattr.val.programmaticStreamSerializationAllowed = 1;
-  fcfg.attrs = &fattr;
-  fcfg.numAttrs = 1;
-  const float* acc_dat = a.acc_dat;
-  const float* acc_db = a.acc_db;
-  HOPTUNE_CUDA_TRY(cudaLaunchKernelEx(&fcfg, lora_grads_finish<T>, acc_dat, acc_db, a.k, n,
-                                      static_cast<T*>(da), static_cast<T*>(db)));
-  return cudaSuccess;
+  return launch_pdl(lora_grads_finish<T>, dim3(static_cast<unsigned>(fgrid)), dim3(256), 0, stream,
+                    a.acc_dat, a.acc_db, a.k, n, static_cast<T*>(da), static_cast<T*>(db));
 }
 
 }  // namespace

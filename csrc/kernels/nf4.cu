@@ -15,6 +15,7 @@
 #include <type_traits>
 
 #include "hoptune/common/dispatch.h"
+#include "hoptune/common/launch.cuh"
 #include "hoptune/common/mma.cuh"
 #include "hoptune/common/occupancy.h"
 #include "hoptune/common/tma.cuh"
@@ -33,9 +34,9 @@ __device__ __forceinline__ float nested_absmax(float code, float absmax2, float 
 
 constexpr int kDequantThreads = 256;
 
-// Programmatic dependent launch, in a kernel started by launch_pdl: let the next kernel in the
-// stream begin launching now, then wait until the previous kernel's writes are visible (the
-// block's setup above the call overlaps that kernel's tail).
+// Programmatic dependent launch, in a kernel started by launch_pdl (common/launch.cuh): let the
+// next kernel in the stream begin launching now, then wait until the previous kernel's writes are
+// visible (the block's setup above the call overlaps that kernel's tail).
 __device__ __forceinline__ void pdl_begin() {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -216,24 +217,6 @@ inline bool valid_state(const NF4Absmax& am, int blocksize, int64_t n) {
   return is_pow2(blocksize) && blocksize >= 64 && blocksize <= 4096 && n % blocksize == 0 &&
          (nested ? (am.absmax2 != nullptr && am.code2 != nullptr && is_pow2(am.blocksize2))
                  : am.absmax != nullptr);
-}
-
-// Launch with programmatic dependent launch allowed: the kernel may be scheduled while the previous
-// kernel in the stream drains, and must call pdl_begin() before it reads memory.
-template <typename... Params, typename... Args>
-cudaError_t launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
-                       cudaStream_t stream, Args... args) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
 }
 
 template <typename OutT, bool kNested, int kBytes, int kUnroll, int kThreads, bool kPdl>
