@@ -564,7 +564,8 @@ def _fake_tune(monkeypatch, configs, torch_config, times):
 
     def time_ms(fn, calls=gemm.WINDOW):
         fn()
-        return times[ext.last]
+        t = times[ext.last]  # a time, or a list of one per round (taken in order)
+        return t.pop(0) if isinstance(t, list) else t
 
     monkeypatch.setattr(gemm, "_time_ms", time_ms)
     monkeypatch.setattr(_lib, "stream", lambda t: 0)
@@ -594,6 +595,46 @@ def test_faster_candidate_wins_over_default(monkeypatch):
         monkeypatch, [(TORCH_CFG, 0.0), (OTHER_CFG, 0.0)], TORCH_CFG, {"torch": 1.0, 0: 0.99, 1: 0.95}
     )
     assert choice is not None and choice[1] == 1 and choice[2]["reason"] == "faster"
+
+
+def test_judged_by_same_round_ratios(monkeypatch):
+    """A clock that dropped in the middle round (windows an H100 process timed, PyTorch's GEMM
+    and its kernel without the workspace): the medians are 3.5% apart and kept PyTorch's GEMM with
+    its memset; the same-round ratios (median 0.998) keep the kernel without the workspace."""
+    torch_ms = [0.3525, 0.3526, 0.3546, 0.3937, 0.3892]
+    default_ms = [0.3520, 0.3519, 0.3671, 0.3908, 0.3886]
+    assert statistics.median(default_ms) > (1 + gemm.DEFAULT_SLACK) * statistics.median(torch_ms)
+    times = {"torch": list(torch_ms), 0: list(default_ms)}
+    choice = _fake_tune(monkeypatch, [(TORCH_CFG, 0.0)], TORCH_CFG, times)
+    assert choice is not None and choice[2]["reason"] == "PyTorch's kernel without the workspace"
+    assert choice[2]["ratio"] == pytest.approx(0.3886 / 0.3892) and choice[2]["ms"] == 0.3671
+    record = gemm.measured()[("x@wT", 8, 8, 8)]
+    assert record["default_ratio"] == record["best_ratio"] == choice[2]["ratio"]
+    assert record["rounds_ms"] == {"torch": torch_ms, "0": default_ms}
+    # and the other way: 2% slower in four rounds of five is refused, though the medians (the
+    # clock slower in PyTorch's middle window than in the candidate's) made it 6% faster
+    torch_ms = [0.350, 0.350, 0.380, 0.380, 0.380]
+    slow = [0.357, 0.357, 0.357, 0.3876, 0.3876]
+    assert statistics.median(slow) < (1 - gemm.MIN_GAIN) * statistics.median(torch_ms)
+    times = {"torch": list(torch_ms), 0: list(slow)}
+    assert _fake_tune(monkeypatch, [(TORCH_CFG, 0.0)], TORCH_CFG, times) is None
+    assert gemm.measured()[("x@wT", 8, 8, 8)]["best_ratio"] == pytest.approx(1.02)
+
+
+def test_rounds_alternate_order(monkeypatch):
+    """The contenders are timed in turn forward and backward, so a steady drift within a round
+    reaches PyTorch's window first in one round and last in the next."""
+    order = []
+
+    class Times(dict):  # the order the windows' times are asked for
+        def __getitem__(self, k):
+            order.append(k)
+            return dict.__getitem__(self, k)
+
+    monkeypatch.setattr(gemm, "ROUNDS", 3)
+    times = Times({"torch": 1.0, 0: 0.99, 1: 0.98})
+    _fake_tune(monkeypatch, [(OTHER_CFG, 0.0), (TORCH_CFG, 0.0)], TORCH_CFG, times)
+    assert order == ["torch", 0, 1, 1, 0, "torch", "torch", 0, 1]
 
 
 @pytest.mark.parametrize(
