@@ -428,3 +428,34 @@ def test_print_breakdown_prints_the_categories_the_idle_paths_and_the_syncs(caps
     assert out[3] == "device idle between kernels: 1.5 ms in 3 gaps; by launch:"
     assert "a > b" in out[4] and not any(line.endswith("  c") for line in out)
     assert out[5] == "  sync x2: aten::item"
+
+
+def test_dx_sm_target_probe_tells_the_device_sleep_apart():
+    """The SM-target probe's timelines leave out the device sleep queued before each call: its
+    kernel is torch's spin_kernel (a filter on "sleep" alone kept it, and every timeline came back
+    empty), or any event longer than 1 ms; the GEMM, the kernel and its rounding kernel stay."""
+    sys.path.insert(0, os.path.join(BENCH, "probes"))
+    sys.path.insert(0, BENCH)
+    try:
+        probe = importlib.import_module("dx_sm_target")
+    finally:
+        sys.path.remove(BENCH)
+        sys.path.remove(os.path.join(BENCH, "probes"))
+
+    class Range:
+        def __init__(self, start, end):
+            self.start, self.end = start, end
+
+    class Event:
+        def __init__(self, name, dur):
+            self.name, self.time_range = name, Range(100.0, 100.0 + dur)
+
+    assert probe._lead(Event("void at::cuda::(anonymous namespace)::spin_kernel(long)", 3000.0))
+    assert probe._lead(Event("spin_kernel", 10.0))  # (by its name, whatever its length)
+    assert probe._lead(Event("some_other_kernel", 1500.0))  # (by its length)
+    for name, dur in (
+        ("nvjet_sm90_tst_256x128_64x4_1x2_h_ssched_bz_coopA_NNT", 345.0),
+        ("void hoptune::(anonymous namespace)::lora_grads_kernel<__nv_bfloat16>(...)", 91.0),
+        ("void hoptune::(anonymous namespace)::lora_grads_finish<__nv_bfloat16>(...)", 2.0),
+    ):
+        assert not probe._lead(Event(name, dur)), name
