@@ -108,6 +108,12 @@ def device_ms(fn: Callable[[], object], calls: int = 10, warmup: int = 3) -> flo
     return busy_us / calls / 1e3
 
 
+def is_device_sleep(name: str) -> bool:
+    """Whether a profiled device kernel is the device sleep a timed call is queued behind
+    (torch.cuda._sleep's kernel, named spin_kernel)."""
+    return "spin" in name or "sleep" in name
+
+
 # device-time categories of a training step's kernels, by kernel name (the first that matches)
 KERNEL_CATEGORIES = (
     ("hoptune NF4 dequantize", r"hoptune.*(dequant|merge)"),

@@ -24,17 +24,17 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from harness import bench, env_info, require_cuda, shape_list, write_json
+from harness import bench, env_info, is_device_sleep, require_cuda, shape_list, write_json
 from hoptune import _lib
 from hoptune.ops import gemm
 from hoptune.ops import nf4_lora as L
 
 
 def _lead(e) -> bool:
-    """The device sleep queued before each profiled call: torch.cuda._sleep's kernel is named
-    spin_kernel (a filter on "sleep" alone kept it, so no step matched the expected count and the
-    timelines came back empty), or any event longer than 1 ms."""
-    return "sleep" in e.name or "spin" in e.name or e.time_range.end - e.time_range.start > 1000.0
+    """The device sleep queued before each profiled call (harness.is_device_sleep: a filter on
+    "sleep" alone kept torch's spin_kernel, so no step matched the expected count and the timelines
+    came back empty), or any event longer than 1 ms."""
+    return is_device_sleep(e.name) or e.time_range.end - e.time_range.start > 1000.0
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from harness import env_info, table, write_json
+from harness import env_info, is_device_sleep, table, write_json
 from hoptune import _lib
 from hoptune.ops import gemm as gemm_ops
 from hoptune.ops import nf4 as nf4_ops
@@ -67,7 +67,7 @@ def timeline(fn, reps: int) -> dict:
     )
     groups: list[list] = []
     for e in kernels:
-        if "spin" in e.name or "sleep" in e.name:
+        if is_device_sleep(e.name):
             groups.append([])
         elif groups:
             groups[-1].append(e)

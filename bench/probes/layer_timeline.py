@@ -25,7 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import bench_nf4_lora as B
-from harness import env_info, require_cuda, shape_list, write_json
+from harness import env_info, is_device_sleep, require_cuda, shape_list, write_json
 
 LEAD_CYCLES = 6_000_000  # ~3 ms at the boards' clocks: longer than a step's host work
 
@@ -46,7 +46,7 @@ def timeline(fn, steps: int) -> list[list[dict]]:
     out, cur = [], None
     for e in ev:
         dur = e.time_range.end - e.time_range.start
-        if "sleep" in e.name or "spin" in e.name or dur > 1000.0:
+        if is_device_sleep(e.name) or dur > 1000.0:
             cur = []
             out.append(cur)
             continue
