@@ -108,10 +108,11 @@ def device_ms(fn: Callable[[], object], calls: int = 10, warmup: int = 3) -> flo
     return busy_us / calls / 1e3
 
 
-def is_device_sleep(name: str) -> bool:
+def is_device_sleep(name: str, dur_us: float = 0.0) -> bool:
     """Whether a profiled device kernel is the device sleep a timed call is queued behind
-    (torch.cuda._sleep's kernel, named spin_kernel)."""
-    return "spin" in name or "sleep" in name
+    (torch.cuda._sleep's kernel, named spin_kernel), or, given its duration, longer than 1 ms
+    (longer than any kernel of a timed call)."""
+    return "spin" in name or "sleep" in name or dur_us > 1000.0
 
 
 # device-time categories of a training step's kernels, by kernel name (the first that matches)

@@ -34,7 +34,7 @@ def _lead(e) -> bool:
     """The device sleep queued before each profiled call (harness.is_device_sleep: a filter on
     "sleep" alone kept torch's spin_kernel, so no step matched the expected count and the timelines
     came back empty), or any event longer than 1 ms."""
-    return is_device_sleep(e.name) or e.time_range.end - e.time_range.start > 1000.0
+    return is_device_sleep(e.name, e.time_range.end - e.time_range.start)
 
 
 def main() -> None:

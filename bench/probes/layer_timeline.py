@@ -46,7 +46,7 @@ def timeline(fn, steps: int) -> list[list[dict]]:
     out, cur = [], None
     for e in ev:
         dur = e.time_range.end - e.time_range.start
-        if is_device_sleep(e.name) or dur > 1000.0:
+        if is_device_sleep(e.name, dur):
             cur = []
             out.append(cur)
             continue
