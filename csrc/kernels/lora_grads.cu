@@ -12,15 +12,16 @@
 // pushes are asynchronous remote stores (st.async) that complete a transaction barrier (mbarrier)
 // in the receiving CTA, so no cluster barrier or memory fence sits in the loop (a version with two
 // cluster barriers a block ran 1.37x as long), and block i + 1's share is formed while block i's
-// sums are on their way. Each CTA then adds the block's dY^T xa and dxa^T x for its columns into
-// fp32 accumulators it keeps in registers across all the row blocks its cluster takes (persistent
-// clusters, one wave), so partial sums leave once per CTA (16-byte reductions at L2) and a last
-// small kernel rounds them (dA transposed) to the outputs: launched programmatically, once every
-// CTA has left its loop, so its launch overlaps those reductions (it waits for this kernel's end).
-// A cluster's first three row blocks are fixed (cid, cid + clusters, ...), the rest come from a
-// counter, one at a time: clusters that start late (the op runs this kernel beside dX's GEMM, in
-// the SMs its last wave leaves) take fewer blocks. st.async needs a cluster of two or more CTAs: K
-// = 512 is not taken.
+// sums are on their way. A ninth warp does the cluster's sums (waits for the shares, sums, rounds,
+// pushes), so the eight that load and multiply wait only for the rounded sums. Each CTA then adds
+// the block's dY^T xa and dxa^T x for its columns into fp32 accumulators it keeps in registers
+// across all the row blocks its cluster takes (persistent clusters, one wave), so partial sums
+// leave once per CTA (16-byte reductions at L2) and a last small kernel rounds them (dA transposed)
+// to the outputs: launched programmatically, once every CTA has left its loop, so its launch
+// overlaps those reductions (it waits for this kernel's end). A cluster's first three row blocks
+// are fixed (cid, cid + clusters, ...), the rest come from a counter, one at a time: clusters that
+// start late (the op runs this kernel beside dX's GEMM, in the SMs its last wave leaves) take fewer
+// blocks. st.async needs a cluster of two or more CTAs: K = 512 is not taken.
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -39,8 +40,9 @@ namespace {
 
 namespace cg = cooperative_groups;
 
-constexpr int kThreads = 256;  // eight warps
-constexpr int kWarps = kThreads / 32;
+constexpr int kWarps = 8;  // eight warps load and multiply; a ninth sums the cluster's shares
+constexpr int kCompute = kWarps * 32;
+constexpr int kThreads = kCompute + 32;
 constexpr int kCols = 512;  // x's and dY's columns per CTA: 64 a warp
 constexpr int kRows = 32;   // rows per block
 constexpr int kStages = 3;
@@ -140,13 +142,17 @@ __global__ void __launch_bounds__(kThreads, 1) lora_grads_kernel(GradsArgs a) {
   const int64_t cid = blockIdx.x / csize, clusters = gridDim.x / csize;
   const int64_t blocks = (a.m + kRows - 1) / kRows;
   // The row blocks a cluster takes: its first kStaticBlocks by a fixed rule (cid + i clusters),
-  // then one at a time from a counter in global memory (rank 0's thread 0 takes each a block
+  // then one at a time from a counter in global memory (rank 0's summing warp takes each a block
   // ahead and pushes it to the cluster with a block's row sums, three blocks before its loads are
   // issued), so clusters that start early (e.g. in a GEMM's last wave) take more blocks. b0 is the
   // current block, b1 and b2 the next two; an index >= blocks ends the sequence (the counter only
   // grows, so every later one does too).
   int64_t b0 = cid, b1 = cid + clusters, b2 = cid + 2 * clusters;
-  int64_t ahead = blocks;  // (rank 0, thread 0: the index it pushes next)
+  // (rank 0, the summing warp's lane 0: the index it pushes next, and the counter's value for the
+  // one after, read a block later)
+  int64_t ahead = blocks;
+  unsigned int taken = 0;
+  bool fresh = false;
 
   const uint32_t base = smem_addr(smem);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -154,12 +160,13 @@ __global__ void __launch_bounds__(kThreads, 1) lora_grads_kernel(GradsArgs a) {
   const T* x = static_cast<const T*>(a.x) + rank * kCols;
   const T* dy = static_cast<const T*>(a.dy) + rank * kCols;
 
-  auto issue = [&](int it, int64_t blk) {
+  auto issue = [&](int it, int64_t blk) {  // (by the first eight warps)
+    if (tid >= kCompute) return;
     const int64_t row0 = blk * kRows;
     const uint32_t st = base + (it % kStages) * kStageBytes;
 #pragma unroll
-    for (int i = 0; i < kRows * (kCols / 8) / kThreads; ++i) {
-      const int idx = tid + i * kThreads, r = idx >> 6, c = idx & 63;
+    for (int i = 0; i < kRows * (kCols / 8) / kCompute; ++i) {
+      const int idx = tid + i * kCompute, r = idx >> 6, c = idx & 63;
       const bool ok = row0 + r < a.m;
       const int64_t row = ok ? row0 + r : 0;
       cp_async_16(st + tile_off(r, c), x + row * a.ldx + c * 8, ok);
@@ -177,7 +184,7 @@ __global__ void __launch_bounds__(kThreads, 1) lora_grads_kernel(GradsArgs a) {
   // A^T over a quarter of this CTA's K columns each (xa), warps 4-7 B over a quarter of its N (dxa)
   const int prod = warp >> 2, kq = warp & 3;
   uint32_t fb[8][2][2];
-  {
+  if (warp < kWarps) {
     const int64_t col0 = static_cast<int64_t>(rank) * kCols + kq * 128 + 2 * tq;
 #pragma unroll
     for (int kk = 0; kk < 8; ++kk)
@@ -205,7 +212,10 @@ __global__ void __launch_bounds__(kThreads, 1) lora_grads_kernel(GradsArgs a) {
       for (int e = 0; e < 4; ++e) acc_a[mt][nt][e] = acc_b[mt][nt][e] = 0.f;
 
   float* warp_part = reinterpret_cast<float*>(smem + kWarpOff);
-  const int own = kRows / csize;  // rows of the row sums this CTA reduces for the cluster
+  const int own = kRows / csize;         // rows of the row sums this CTA reduces for the cluster
+  const int own_shift = __ffs(own) - 1;  // (a power of two)
+  // the first eight warps' barrier (the summing warp runs its own loop)
+  auto sync_compute = []() { asm volatile("bar.sync 1, %0;" ::"n"(kCompute) : "memory"); };
   const uint32_t exch_bar = base + kBarOff, full_bar = exch_bar + 16;  // [2] each, 8 bytes
   constexpr uint32_t kExchBytes = 2 * kPartBytes;                      // a block's, from all CTAs
   constexpr uint32_t kFullPair = 2 * kFullBytes;
@@ -244,7 +254,7 @@ __global__ void __launch_bounds__(kThreads, 1) lora_grads_kernel(GradsArgs a) {
               make_float2(p[mt][nt][2], p[mt][nt][3]);
         }
     }
-    __syncthreads();
+    sync_compute();
     {  // the CTA's share: four elements a thread, summed over the product's four warps
       const int pr = tid >> 7, e = (tid & 127) * 4;
       const float* wp = warp_part + pr * 4 * (kRows * kRank) + e;
@@ -254,52 +264,54 @@ __global__ void __launch_bounds__(kThreads, 1) lora_grads_kernel(GradsArgs a) {
         const float4 v = *reinterpret_cast<const float4*>(wp + w * (kRows * kRank));
         s.x += v.x, s.y += v.y, s.z += v.z, s.w += v.w;
       }
-      const int row = e / kRank, dst = row / own;
+      const int row = e / kRank, dst = row >> own_shift;
       const uint32_t slot = base + kExchOff + (it & 1) * kExchBytes +
-                            (((rank * 2 + pr) * own + row % own) * kRank + e % kRank) * 4;
+                            (((rank * 2 + pr) * own + (row & (own - 1))) * kRank + e % kRank) * 4;
       push(cluster_addr(slot, dst), s, cluster_addr(exch_bar + (it & 1) * 8, dst));
     }
   };
   // block it's rows of both sums over the cluster (own rows from every CTA, in exch[it % 2]) into
-  // every CTA's full[it % 2]: the first 2 (32 / C) r / 4 threads sum a float4 of those rows over
-  // the CTAs, round it and push it to every CTA
+  // every CTA's full[it % 2], by the summing warp: 2 (32 / C) r / 4 float4s of those rows (32 to
+  // 128), each summed over the CTAs by a lane, rounded and pushed to every CTA
   auto reduce = [&](int it) {
     const int per_prod = own * kRank / 4;  // float4s
-    if (tid >= 2 * per_prod) return;
     const uint32_t bar = exch_bar + (it & 1) * 8;
     mbar_wait(bar, (it >> 1) & 1);
-    if (tid == 0 && b2 < blocks) mbar_expect(bar, kExchBytes);  // block it + 2's
-    const int pr = tid / per_prod, e = (tid % per_prod) * 4;
-    const float* exch = reinterpret_cast<const float*>(smem + kExchOff + (it & 1) * kExchBytes) +
-                        pr * own * kRank + e;
-    float4 s = *reinterpret_cast<const float4*>(exch);
+    if (lane == 0 && b2 < blocks) mbar_expect(bar, kExchBytes);  // block it + 2's
+    const uint32_t fbar = full_bar + (it & 1) * 8;
+    for (int i = lane; i < 2 * per_prod; i += 32) {
+      const int pr = i >> (own_shift + 2), e = (i & (per_prod - 1)) * 4;
+      const float* exch = reinterpret_cast<const float*>(smem + kExchOff + (it & 1) * kExchBytes) +
+                          pr * own * kRank + e;
+      float4 s = *reinterpret_cast<const float4*>(exch);
 #pragma unroll
-    for (int src = 1; src < kMaxCluster; ++src)
-      if (src < csize) {
-        const float4 v = *reinterpret_cast<const float4*>(exch + src * 2 * own * kRank);
-        s.x += v.x, s.y += v.y, s.z += v.z, s.w += v.w;
-      }
-    const T h0 = from_float<T>(a.scale * s.x), h1 = from_float<T>(a.scale * s.y);
-    const T h2 = from_float<T>(a.scale * s.z), h3 = from_float<T>(a.scale * s.w);
-    uint2 packed;
-    packed.x = static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&h0)) |
-               (static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&h1)) << 16);
-    packed.y = static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&h2)) |
-               (static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&h3)) << 16);
-    const int row = rank * own + e / kRank, col = e % kRank;
-    const uint32_t dst = base + kFullOff + (it & 1) * kFullPair + pr * kFullBytes +
-                         swizzled<2>(row, col / 8) + (col % 8) * 2;
+      for (int src = 1; src < kMaxCluster; ++src)
+        if (src < csize) {
+          const float4 v = *reinterpret_cast<const float4*>(exch + src * 2 * own * kRank);
+          s.x += v.x, s.y += v.y, s.z += v.z, s.w += v.w;
+        }
+      const T h0 = from_float<T>(a.scale * s.x), h1 = from_float<T>(a.scale * s.y);
+      const T h2 = from_float<T>(a.scale * s.z), h3 = from_float<T>(a.scale * s.w);
+      uint2 packed;
+      packed.x = static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&h0)) |
+                 (static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&h1)) << 16);
+      packed.y = static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&h2)) |
+                 (static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&h3)) << 16);
+      const int row = rank * own + e / kRank, col = e % kRank;
+      const uint32_t dst = base + kFullOff + (it & 1) * kFullPair + pr * kFullBytes +
+                           swizzled<2>(row, col / 8) + (col % 8) * 2;
 #pragma unroll
-    for (int d = 0; d < kMaxCluster; ++d)
-      if (d < csize) push(cluster_addr(dst, d), packed, cluster_addr(full_bar + (it & 1) * 8, d));
-    if (rank == 0 && tid == 0) {  // block it + 3's index, with block it's sums, to every CTA
+      for (int d = 0; d < kMaxCluster; ++d)
+        if (d < csize) push(cluster_addr(dst, d), packed, cluster_addr(fbar, d));
+    }
+    if (rank == 0 && lane == 0) {  // block it + 3's index, with block it's sums, to every CTA
+      if (fresh) ahead = kStaticBlocks * clusters + static_cast<int64_t>(taken), fresh = false;
       const uint32_t slot = base + kIdxOff + (it & 1) * 8;
       const uint2 v = make_uint2(static_cast<uint32_t>(ahead), static_cast<uint32_t>(ahead >> 32));
 #pragma unroll
       for (int d = 0; d < kMaxCluster; ++d)
-        if (d < csize) push(cluster_addr(slot, d), v, cluster_addr(full_bar + (it & 1) * 8, d));
-      if (ahead < blocks)
-        ahead = kStaticBlocks * clusters + static_cast<int64_t>(atomicAdd(a.next_blk, 1u));
+        if (d < csize) push(cluster_addr(slot, d), v, cluster_addr(fbar, d));
+      if (ahead < blocks) taken = atomicAdd(a.next_blk, 1u), fresh = true;  // (read at the next)
     }
   };
   // block it's column sums (tile it, full[it % 2])
@@ -334,14 +346,16 @@ __global__ void __launch_bounds__(kThreads, 1) lora_grads_kernel(GradsArgs a) {
 
   // No cluster barrier per block: the shares and the rounded sums travel as asynchronous remote
   // stores that complete transaction barriers in the receiving CTA (each used by every other block,
-  // re-armed by thread 0 once its phase is seen). Block it + 1's share is formed while block it's
-  // rounded sums are on their way, and block it + 2's tiles load under both (the ring holds blocks
-  // it, it + 1 and it + 2: the wait for one group below). No buffer is pushed to before its reader
-  // is done with it (nor can a barrier's next phase complete before every waiter has seen this
-  // one): CTA d's exch[b] gets block it + 2's shares from senders that have waited for block it's
-  // sums, which d pushed after reading block it's shares; its full[b] gets block it + 2's sums from
-  // CTAs that have d's block it + 2 share, which d pushes after its column sums of block it (a
-  // __syncthreads between).
+  // re-armed once its phase is seen: full[b] by thread 0, exch[b] by the summing warp). Block it +
+  // 1's share is formed while block it's rounded sums are on their way, and block it + 2's tiles
+  // load under both (the ring holds blocks it, it + 1 and it + 2: the wait for one group below). No
+  // buffer is pushed to before its reader is done with it (nor can a barrier's next phase complete
+  // before every waiter has seen this one): CTA d's exch[b] gets block it + 2's shares from senders
+  // that have waited for block it's sums, which d pushed after reading block it's shares; its
+  // full[b] gets block it + 2's sums from CTAs that have d's block it + 2 share, which d pushes
+  // after its column sums of block it (a barrier between). The summing warp waits for block it's
+  // sums as well before it sums block it + 1's shares: they carry block it + 3's index, which it
+  // needs, and so its wait on full[b] never lags a phase (block it + 2's sums need its own).
   static_assert(kStages == 3, "the pipelined loop keeps three blocks' tiles in the ring");
   if (tid == 0) {
 #pragma unroll
@@ -351,24 +365,36 @@ __global__ void __launch_bounds__(kThreads, 1) lora_grads_kernel(GradsArgs a) {
     for (int b = 0; b < 2; ++b)
       if ((b == 0 ? b0 : b1) < blocks)
         mbar_expect(exch_bar + b * 8, kExchBytes), mbar_expect(full_bar + b * 8, kFullExpect);
-    if (rank == 0 && b2 < blocks)  // block 3's index (the first handed out), pushed in block 0
-      ahead = kStaticBlocks * clusters + static_cast<int64_t>(atomicAdd(a.next_blk, 1u));
   }
+  if (tid == kCompute && rank == 0 && b2 < blocks)  // block 3's index (the first handed out)
+    ahead = kStaticBlocks * clusters + static_cast<int64_t>(atomicAdd(a.next_blk, 1u));
   cluster_arrive();
-  cluster_wait();  // every CTA's barriers are set up before anything is pushed to them
+  cluster_wait();        // every CTA's barriers are set up before anything is pushed to them
+  if (warp == kWarps) {  // the summing warp
+    for (int it = 0; b0 < blocks; ++it) {
+      reduce(it);
+      mbar_wait(full_bar + (it & 1) * 8, (it >> 1) & 1);
+      const uint2 nv = *reinterpret_cast<const uint2*>(smem + kIdxOff + (it & 1) * 8);
+      b0 = b1, b1 = b2;
+      b2 = static_cast<int64_t>(nv.x) | (static_cast<int64_t>(nv.y) << 32);
+    }
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    cluster_arrive();
+    cluster_wait();
+    return;
+  }
   if (b0 < blocks) {
     cp_async_wait<kStages - 2>();
-    __syncthreads();
+    sync_compute();
     share(0);
   }
   for (int it = 0; b0 < blocks; ++it) {
-    reduce(it);
     if (b1 < blocks) {
-      __syncthreads();  // colsum(it - 1) is done: slot (it + 2) % kStages is free
+      sync_compute();  // colsum(it - 1) is done: slot (it + 2) % kStages is free
       if (b2 < blocks) issue(it + kStages - 1, b2);
       cp_async_commit();
       cp_async_wait<1>();
-      __syncthreads();  // block it + 1 has landed for every thread
+      sync_compute();  // block it + 1 has landed for every thread
       share(it + 1);
     }
     const uint32_t bar = full_bar + (it & 1) * 8;
