@@ -47,6 +47,8 @@ constexpr int kCols = 512;  // x's and dY's columns per CTA: 64 a warp
 constexpr int kRows = 32;   // rows per block
 constexpr int kStages = 3;
 constexpr int kRank = 16;
+constexpr int kQuadShift = 2;  // log2(kRank / 4): the float4s of a row of the row sums
+static_assert(kRank / 4 == 1 << kQuadShift, "the summing warp's indices are shifts");
 constexpr uint32_t kTileBytes = kRows * kCols * 2;             // 32 KiB
 constexpr uint32_t kStageBytes = 2 * kTileBytes;               // x's tile, then dY's
 constexpr uint32_t kPartBytes = kRows * kRank * 4;             // [rows, r] fp32
@@ -280,7 +282,7 @@ __global__ void __launch_bounds__(kThreads, 1) lora_grads_kernel(GradsArgs a) {
     if (lane == 0 && b2 < blocks) mbar_expect(bar, kExchBytes);  // block it + 2's
     const uint32_t fbar = full_bar + (it & 1) * 8;
     for (int i = lane; i < 2 * per_prod; i += 32) {
-      const int pr = i >> (own_shift + 2), e = (i & (per_prod - 1)) * 4;
+      const int pr = i >> (own_shift + kQuadShift), e = (i & (per_prod - 1)) * 4;
       const float* exch = reinterpret_cast<const float*>(smem + kExchOff + (it & 1) * kExchBytes) +
                           pr * own * kRank + e;
       float4 s = *reinterpret_cast<const float4*>(exch);
